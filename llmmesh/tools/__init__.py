@@ -1,0 +1,1 @@
+"""Setup-time tools run by the Makefile."""

@@ -1,0 +1,50 @@
+"""Generate Python stubs (with .pyi) for every proto under protos/ into the repository root.
+
+Generated modules land in llmmesh/<service>/v1/ and are ignored by git: protos/ is the single
+source of truth, and `make lint` fails if a generated file is ever tracked.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+
+from grpc_tools import protoc
+
+ROOT = Path(__file__).resolve().parents[2]
+PROTOS = ROOT / "protos"
+BIN = Path(sys.executable).parent
+
+
+def main() -> int:
+    files = sorted(PROTOS.rglob("*.proto"))
+    include = str(resources.files("grpc_tools") / "_proto")
+    args = [
+        "grpc_tools.protoc",
+        f"-I{PROTOS}",
+        f"-I{include}",
+        f"--plugin=protoc-gen-mypy={BIN / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={BIN / 'protoc-gen-mypy_grpc'}",
+        f"--python_out={ROOT}",
+        f"--mypy_out={ROOT}",
+        f"--grpc_python_out={ROOT}",
+        f"--mypy_grpc_out={ROOT}",
+        *(str(f) for f in files),
+    ]
+    rc = protoc.main(args)
+    if rc != 0:
+        return int(rc)
+    # Package markers for every generated directory (llmmesh/<service>/ and .../v1/).
+    for f in files:
+        rel = f.relative_to(PROTOS).parent
+        for depth in range(1, len(rel.parts) + 1):
+            init = ROOT.joinpath(*rel.parts[:depth]) / "__init__.py"
+            if not init.exists():
+                init.write_text('"""Generated from protos/."""\n')
+    (ROOT / "llmmesh" / "py.typed").touch()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
