@@ -1,0 +1,1 @@
+"""Plumbing shared by every llmmesh service: settings, telemetry, gRPC server lifecycle, errors."""
