@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import xxhash
 
 
@@ -39,14 +40,16 @@ def full_blocks(num_tokens: int, block_size: int) -> int:
     return num_tokens // block_size
 
 
-def chain_hash(parent: int, block_tokens: Sequence[int] | np.ndarray, seed: int, salt: bytes = b"") -> int:
+def chain_hash(
+    parent: int, block_tokens: Sequence[int] | npt.NDArray[np.uint32], seed: int, salt: bytes = b""
+) -> int:
     """Hash of one block given its parent's hash."""
     body = np.asarray(block_tokens, dtype="<u4").tobytes()
     return int(xxhash.xxh3_64_intdigest(parent.to_bytes(8, "little") + salt + body, seed=seed))
 
 
 def block_hashes(
-    tokens: Sequence[int] | np.ndarray,
+    tokens: Sequence[int] | npt.NDArray[np.uint32],
     config: BlockConfig,
     salt: bytes = b"",
     limit: int | None = None,

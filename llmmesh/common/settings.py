@@ -3,6 +3,8 @@ own env prefix; these are the pieces they have in common. Built once in `main`, 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -19,9 +21,7 @@ class KvBlockSettings(BaseSettings):
         gt=0,
         description="Tokens per KV block (TensorRT-LLM `tokens_per_block`).",
     )
-    hash_seed: int = Field(
-        default=0, ge=0, lt=2**64, description="Seed of the chained block hash."
-    )
+    hash_seed: int = Field(default=0, ge=0, lt=2**64, description="Seed of the chained block hash.")
 
     def block_config(self) -> BlockConfig:
         return BlockConfig(block_size=self.block_size, hash_seed=self.hash_seed)
@@ -33,7 +33,9 @@ class ServiceSettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore")
 
-    host: str = Field(default="127.0.0.1", description="Interface the gRPC and metrics servers bind.")
+    host: str = Field(
+        default="127.0.0.1", description="Interface the gRPC and metrics servers bind."
+    )
     drain_seconds: float = Field(
         default=30.0, ge=0, description="On SIGTERM, how long in-flight RPCs may take to finish."
     )
@@ -46,3 +48,7 @@ class ServiceSettings(BaseSettings):
     )
     log_level: str = Field(default="INFO", description="Python logging level.")
     log_json: bool = Field(default=True, description="Emit one JSON object per log line.")
+    ready_file: Path | None = Field(
+        default=None,
+        description="If set, the bound ports are written here as JSON once serving (for port 0).",
+    )

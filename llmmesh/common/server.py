@@ -1,0 +1,118 @@
+"""Canonical grpc.aio server lifecycle shared by every service.
+
+start: register servicers, health (SERVING for "" and each service name) and reflection, bind.
+stop (SIGTERM/SIGINT): health NOT_SERVING first so balancers stop sending, then `server.stop`
+with a grace period so in-flight RPCs (token streams included) finish, then the service's own
+shutdown hook.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger(__name__)
+
+# Generous message size: prompt token ids for long contexts travel in Admit/Lookup.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),
+)
+
+
+@dataclass(frozen=True)
+class ServiceRegistration:
+    """One gRPC service: its full name (for health and reflection) and how to add it."""
+
+    full_name: str
+    add_to_server: Callable[[grpc.aio.Server], None]
+
+
+class ManagedServer:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        services: Sequence[ServiceRegistration],
+        drain_seconds: float,
+    ) -> None:
+        self._host = host
+        self._requested_port = port
+        self._services = services
+        self._drain_seconds = drain_seconds
+        self._server = grpc.aio.server(options=SERVER_OPTIONS)
+        self._health = health_aio.HealthServicer()
+        self.port = 0
+
+    async def start(self) -> int:
+        for svc in self._services:
+            svc.add_to_server(self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        names = [s.full_name for s in self._services]
+        reflection.enable_server_reflection(
+            (
+                *names,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self._server,
+        )
+        self.port = self._server.add_insecure_port(f"{self._host}:{self._requested_port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {self._host}:{self._requested_port}")
+        await self._server.start()
+        await self._set_all(health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def _set_all(
+        self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
+    ) -> None:
+        await self._health.set("", status)
+        for svc in self._services:
+            await self._health.set(svc.full_name, status)
+
+    async def stop(self) -> None:
+        await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self._server.stop(self._drain_seconds)
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+
+async def run_until_signal(
+    server: ManagedServer,
+    *,
+    service: str,
+    metrics_port: int,
+    ready_file: Path | None,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Run a started server until SIGTERM/SIGINT, then drain and stop."""
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    if ready_file is not None:
+        tmp = ready_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"grpc_port": server.port, "metrics_port": metrics_port}))
+        tmp.replace(ready_file)
+    log.info("serving", extra={"grpc_port": server.port, "metrics_port": metrics_port})
+    await stop_requested.wait()
+    log.info("draining", extra={"service": service})
+    await server.stop()
+    if on_stop is not None:
+        await on_stop()
+    log.info("stopped")

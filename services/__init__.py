@@ -1,0 +1,1 @@
+"""llmmesh services: gateway, orchestrator, kv_registry, autoscaler."""

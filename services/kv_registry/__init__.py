@@ -1,0 +1,1 @@
+"""Cluster-wide index of which replica holds which KV-cache blocks."""

@@ -1,0 +1,54 @@
+"""`python -m services.kv_registry`: build settings once, wire core → servicer → server."""
+
+from __future__ import annotations
+
+import uvloop
+
+from llmmesh.common.server import ManagedServer, ServiceRegistration, run_until_signal
+from llmmesh.common.settings import KvBlockSettings
+from llmmesh.common.telemetry import setup_logging, setup_tracing, start_metrics_server
+from llmmesh.kvregistry.v1 import kvregistry_pb2, kvregistry_pb2_grpc
+from services.kv_registry.core import KvRegistry
+from services.kv_registry.servicer import KvRegistryServicer
+from services.kv_registry.settings import KvRegistrySettings
+
+SERVICE = kvregistry_pb2.DESCRIPTOR.services_by_name["KvRegistryService"].full_name
+
+
+async def main(settings: KvRegistrySettings, blocks: KvBlockSettings) -> None:
+    setup_logging("kv_registry", settings.log_level, settings.log_json)
+    provider = setup_tracing("kv_registry", settings.otlp_endpoint, settings.trace_sample_ratio)
+    core = KvRegistry(
+        blocks.block_config(),
+        max_entries=settings.max_entries,
+        max_events_per_request=settings.max_events_per_request,
+    )
+    servicer = KvRegistryServicer(core)
+    server = ManagedServer(
+        host=settings.host,
+        port=settings.grpc_port,
+        services=[
+            ServiceRegistration(
+                SERVICE,
+                lambda s: kvregistry_pb2_grpc.add_KvRegistryServiceServicer_to_server(servicer, s),
+            )
+        ],
+        drain_seconds=settings.drain_seconds,
+    )
+    metrics_port = start_metrics_server(settings.host, settings.metrics_port)
+    await server.start()
+
+    async def on_stop() -> None:
+        provider.shutdown()
+
+    await run_until_signal(
+        server,
+        service="kv_registry",
+        metrics_port=metrics_port,
+        ready_file=settings.ready_file,
+        on_stop=on_stop,
+    )
+
+
+if __name__ == "__main__":
+    uvloop.run(main(KvRegistrySettings(), KvBlockSettings()))
