@@ -1,0 +1,1 @@
+"""Replica counts per pool from engine load and KV use."""

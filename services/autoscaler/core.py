@@ -1,0 +1,158 @@
+"""Autoscaler core: engine signals per pool → desired replicas, with the reason in words.
+
+Policy (minimal; later issues add SLO-driven capacity models and stabilisation):
+    desired = clamp(ceil((active + waiting) / target_per_replica), min, max)
+    +1 when pool KV use > kv_high_watermark, never scaling down while KV use is that high.
+A pool with no replica reporting keeps its current count: missing signals never scale down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from prometheus_client import Gauge
+from prometheus_client.parser import text_string_to_metric_families
+
+from services.autoscaler.settings import AutoscalerSettings, ScrapeTarget
+
+log = logging.getLogger(__name__)
+
+_DESIRED = Gauge("llmmesh_autoscaler_desired_replicas", "Recommended replicas.", ["pool"])
+_CURRENT = Gauge("llmmesh_autoscaler_current_replicas", "Replicas known.", ["pool"])
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSample:
+    active: float
+    waiting: float
+    kv_used: float
+    kv_max: float
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSignals:
+    active: float
+    waiting: float
+    kv_utilization: float | None
+    reporting: int
+
+
+@dataclass(frozen=True, slots=True)
+class Recommendation:
+    pool: str
+    current: int
+    desired: int
+    reason: str
+    signals: PoolSignals
+    computed_at: float
+
+
+def parse_engine_metrics(text: str) -> EngineSample | None:
+    """Read the TensorRT-LLM backend's request and KV block gauges; None if absent or not finite."""
+    values: dict[tuple[str, str], float] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name not in ("nv_trt_llm_request_metrics", "nv_trt_llm_kv_cache_block_metrics"):
+            continue
+        for s in fam.samples:
+            label = s.labels.get("request_type") or s.labels.get("kv_cache_block_type") or ""
+            values[(fam.name, label)] = values.get((fam.name, label), 0.0) + float(s.value)
+    needed = {
+        "active": ("nv_trt_llm_request_metrics", "active"),
+        "waiting": ("nv_trt_llm_request_metrics", "waiting"),
+        "kv_used": ("nv_trt_llm_kv_cache_block_metrics", "used"),
+        "kv_max": ("nv_trt_llm_kv_cache_block_metrics", "max"),
+    }
+    got = {k: values.get(key) for k, key in needed.items()}
+    if any(v is None or not math.isfinite(v) for v in got.values()):
+        return None
+    return EngineSample(**{k: float(v) for k, v in got.items() if v is not None})
+
+
+def recommend(
+    pool: str,
+    current: int,
+    samples: Sequence[EngineSample],
+    settings: AutoscalerSettings,
+    now: float,
+) -> Recommendation:
+    if not samples:
+        sig = PoolSignals(0.0, 0.0, None, 0)
+        return Recommendation(
+            pool, current, current, "no replica reported metrics: holding", sig, now
+        )
+    active = sum(s.active for s in samples)
+    waiting = sum(s.waiting for s in samples)
+    kv_max = sum(s.kv_max for s in samples)
+    kv_util = sum(s.kv_used for s in samples) / kv_max if kv_max > 0 else None
+    sig = PoolSignals(active, waiting, kv_util, len(samples))
+    load = active + waiting
+    desired = math.ceil(load / settings.target_requests_per_replica)
+    reason = f"load {load:g} requests / {settings.target_requests_per_replica:g} per replica"
+    if kv_util is not None and kv_util > settings.kv_high_watermark:
+        desired = max(desired, current + 1)
+        reason += f"; KV use {kv_util:.2f} > {settings.kv_high_watermark:.2f}"
+    clamped = min(max(desired, settings.min_replicas), settings.max_replicas)
+    if clamped != desired:
+        reason += f"; clamped to [{settings.min_replicas}, {settings.max_replicas}]"
+    return Recommendation(pool, current, clamped, reason, sig, now)
+
+
+def fetch_text(url: str, timeout_s: float) -> str:
+    with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        return str(resp.read().decode("utf-8", errors="replace"))
+
+
+class Autoscaler:
+    def __init__(
+        self, settings: AutoscalerSettings, fetch: Callable[[str, float], str] = fetch_text
+    ):
+        self._settings = settings
+        self._fetch = fetch
+        self._latest: dict[str, Recommendation] = {}
+
+    async def _scrape(self, target: ScrapeTarget) -> EngineSample | None:
+        try:
+            text = await asyncio.to_thread(
+                self._fetch, target.metrics_url, self._settings.scrape_timeout_s
+            )
+        except OSError as exc:
+            log.info("scrape failed", extra={"replica": target.replica_id, "error": repr(exc)})
+            return None
+        return parse_engine_metrics(text)
+
+    async def evaluate(self) -> Mapping[str, Recommendation]:
+        targets = self._settings.targets
+        samples = await asyncio.gather(*(self._scrape(t) for t in targets))
+        pools: dict[str, list[EngineSample]] = {}
+        counts: dict[str, int] = {}
+        for t, s in zip(targets, samples, strict=True):
+            counts[t.pool] = counts.get(t.pool, 0) + 1
+            pools.setdefault(t.pool, [])
+            if s is not None:
+                pools[t.pool].append(s)
+        now = time.time()
+        for pool, got in pools.items():
+            rec = recommend(pool, counts[pool], got, self._settings, now)
+            if pool not in self._latest or self._latest[pool].desired != rec.desired:
+                log.info(
+                    "recommendation",
+                    extra={"pool": pool, "desired": rec.desired, "reason": rec.reason},
+                )
+            self._latest[pool] = rec
+            _DESIRED.labels(pool).set(rec.desired)
+            _CURRENT.labels(pool).set(rec.current)
+        return dict(self._latest)
+
+    def latest(self) -> list[Recommendation]:
+        return list(self._latest.values())
+
+    async def run(self) -> None:
+        while True:
+            await self.evaluate()
+            await asyncio.sleep(self._settings.interval_s)

@@ -1,0 +1,1 @@
+"""Ingress: validation, tokenization, admission, streaming from the chosen Triton replica."""

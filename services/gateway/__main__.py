@@ -1,0 +1,68 @@
+"""`python -m services.gateway`: build settings once, wire core → servicer → server."""
+
+from __future__ import annotations
+
+import grpc
+import uvloop
+
+from llmmesh.common.server import ManagedServer, ServiceRegistration, run_until_signal
+from llmmesh.common.settings import KvBlockSettings
+from llmmesh.common.telemetry import setup_logging, setup_tracing, start_metrics_server
+from llmmesh.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from llmmesh.orchestrator.v1 import orchestrator_pb2_grpc
+from services.gateway.core import GatewayCore
+from services.gateway.models import ServedModel
+from services.gateway.servicer import GatewayServicer
+from services.gateway.settings import GatewaySettings
+from services.gateway.triton_stream import TritonPool
+
+SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+
+
+async def main(settings: GatewaySettings, blocks: KvBlockSettings) -> None:
+    setup_logging("gateway", settings.log_level, settings.log_json)
+    provider = setup_tracing("gateway", settings.otlp_endpoint, settings.trace_sample_ratio)
+    if not settings.models:
+        raise SystemExit("gateway: no models configured (set LLMMESH_GATEWAY_MODELS)")
+    models = [ServedModel.load(m) for m in settings.models]
+    channel = grpc.aio.insecure_channel(settings.orchestrator_address)
+    triton = TritonPool()
+    core = GatewayCore(
+        settings,
+        models,
+        orchestrator_pb2_grpc.OrchestratorServiceStub(channel),
+        triton,
+        blocks.block_size,
+    )
+    servicer = GatewayServicer(core)
+    server = ManagedServer(
+        host=settings.host,
+        port=settings.grpc_port,
+        services=[
+            ServiceRegistration(
+                SERVICE,
+                lambda s: gateway_pb2_grpc.add_GatewayServiceServicer_to_server(servicer, s),
+            )
+        ],
+        drain_seconds=settings.drain_seconds,
+    )
+    metrics_port = start_metrics_server(settings.host, settings.metrics_port)
+    await server.start()
+
+    async def on_stop() -> None:
+        await core.drain_background()
+        await triton.close()
+        await channel.close(None)
+        provider.shutdown()
+
+    await run_until_signal(
+        server,
+        service="gateway",
+        metrics_port=metrics_port,
+        ready_file=settings.ready_file,
+        on_stop=on_stop,
+    )
+
+
+if __name__ == "__main__":
+    uvloop.run(main(GatewaySettings(), KvBlockSettings()))

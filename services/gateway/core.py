@@ -1,0 +1,469 @@
+"""Gateway core: validate → tokenize → admit (orchestrator) → stream from the replica → detokenize.
+
+One core serves every front (gRPC now, OpenAI HTTP later); fronts only convert types.
+
+Invariants:
+- Every granted lease is completed exactly once, whatever happens to the stream (a background
+  task reports it, so client cancellation cannot skip it).
+- Closing the event iterator (client cancel, deadline, stop string) cancels the Triton request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from opentelemetry import trace
+from prometheus_client import Counter, Gauge, Histogram
+
+from llmmesh.common.errors import ServiceError, from_rpc_error
+from llmmesh.common.telemetry import inject_trace_metadata
+from llmmesh.orchestrator.v1 import orchestrator_pb2 as orch_pb
+from llmmesh.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
+from services.gateway.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    OrchestratorUnavailable,
+    ReplicaFailed,
+)
+from services.gateway.models import IncrementalDecoder, ServedModel
+from services.gateway.settings import GatewaySettings
+from services.gateway.triton_stream import EngineRequest, TritonPool, TritonStreamError
+
+log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("llmmesh.gateway")
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_TTFT = Histogram(
+    "llmmesh_gateway_time_to_first_token_seconds",
+    "Time to first token.",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
+_ITL = Histogram(
+    "llmmesh_gateway_inter_token_latency_seconds",
+    "Gap between tokens.",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
+_DURATION = Histogram(
+    "llmmesh_gateway_request_duration_seconds",
+    "Whole request.",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
+_REQUESTS = Counter("llmmesh_gateway_requests_total", "Requests by outcome.", ["model", "outcome"])
+_TOKENS = Counter("llmmesh_gateway_tokens_total", "Tokens processed.", ["model", "kind"])
+_IN_FLIGHT = Gauge("llmmesh_gateway_in_flight_requests", "Requests being served.", ["model"])
+
+
+class Priority(enum.Enum):
+    INTERACTIVE = orch_pb.PRIORITY_INTERACTIVE
+    STANDARD = orch_pb.PRIORITY_STANDARD
+    BATCH = orch_pb.PRIORITY_BATCH
+
+
+class FinishReason(enum.Enum):
+    STOP = "stop"
+    LENGTH = "length"
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    model: str
+    request_id: str
+    prompt_text: str | None = None
+    prompt_ids: Sequence[int] | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    priority: Priority = Priority.STANDARD
+    tenant: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    text: str
+    token_ids: list[int]
+    offset: int
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    queue_ms: float
+    ttft_ms: float
+    total_ms: float
+    mean_itl_ms: float
+    replica_id: str
+
+
+Event = Delta | Completion
+
+
+@dataclass(frozen=True, slots=True)
+class _Validated:
+    model: ServedModel
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    stop: tuple[str, ...]
+    seed: int | None
+
+
+class StopMatcher:
+    """Holds back just enough text that a stop string split across deltas is still caught."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self._stops = stops
+        self._hold = max((len(s) for s in stops), default=1) - 1
+        self._pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string was reached."""
+        self._pending += text
+        if self._stops:
+            cut = min(
+                (i for i in (self._pending.find(s) for s in self._stops) if i >= 0), default=-1
+            )
+            if cut >= 0:
+                out, self._pending = self._pending[:cut], ""
+                return out, True
+        if self._hold and len(self._pending) > self._hold:
+            out, self._pending = self._pending[: -self._hold], self._pending[-self._hold :]
+            return out, False
+        if self._hold:
+            return "", False
+        out, self._pending = self._pending, ""
+        return out, False
+
+    def flush(self) -> str:
+        out, self._pending = self._pending, ""
+        return out
+
+
+class GatewayCore:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        models: Sequence[ServedModel],
+        orchestrator: orch_grpc.OrchestratorServiceAsyncStub,
+        triton: TritonPool,
+        block_size: int,
+    ) -> None:
+        self._settings = settings
+        self._block_size = block_size
+        self._models = {m.name: m for m in models}
+        self._orch = orchestrator
+        self._triton = triton
+        self._background: set[asyncio.Task[None]] = set()
+
+    def models(self) -> list[ServedModel]:
+        return list(self._models.values())
+
+    # -- validation -------------------------------------------------------------------------
+    def validate(self, req: GenerationRequest) -> _Validated:
+        s = self._settings
+        if len(req.request_id) > s.max_request_id_chars:
+            raise InvalidRequest(
+                f"longer than {s.max_request_id_chars} characters", field="request_id"
+            )
+        model = self._models.get(req.model)
+        if model is None:
+            if not req.model:
+                raise InvalidRequest("must be set", field="model")
+            raise ModelNotFound(f"unknown model {req.model!r}", field="model")
+        ms = model.settings
+        if req.prompt_ids is not None:
+            ids = list(req.prompt_ids)
+            bad = next((t for t in ids if t < 0 or t >= model.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequest(
+                    f"token id {bad} outside vocabulary [0, {model.vocab_size})",
+                    field="prompt.token_ids",
+                )
+        elif req.prompt_text is not None:
+            if len(req.prompt_text) > s.max_prompt_chars:
+                raise InvalidRequest(
+                    f"longer than {s.max_prompt_chars} characters", field="prompt.text"
+                )
+            ids = model.encode(req.prompt_text)
+        else:
+            raise InvalidRequest("text or token_ids is required", field="prompt")
+        if not ids:
+            raise InvalidRequest("must not be empty", field="prompt")
+        if len(ids) >= ms.context_length:
+            raise InvalidRequest(
+                f"{len(ids)} tokens; the model's context is {ms.context_length} tokens",
+                field="prompt",
+            )
+        sp = req.sampling
+        max_tokens = ms.default_max_tokens if sp.max_tokens is None else sp.max_tokens
+        if max_tokens < 1:
+            raise InvalidRequest("must be at least 1", field="sampling.max_tokens")
+        if max_tokens > ms.max_completion_tokens:
+            raise InvalidRequest(
+                f"must be at most {ms.max_completion_tokens}", field="sampling.max_tokens"
+            )
+        max_tokens = (
+            min(max_tokens, ms.context_length - len(ids)) if sp.max_tokens is None else max_tokens
+        )
+        if len(ids) + max_tokens > ms.context_length:
+            raise InvalidRequest(
+                f"prompt ({len(ids)}) + max_tokens ({max_tokens}) exceeds the context of {ms.context_length} tokens",
+                field="sampling.max_tokens",
+            )
+        temperature = 1.0 if sp.temperature is None else sp.temperature
+        if not (math.isfinite(temperature) and 0.0 <= temperature <= 2.0):
+            raise InvalidRequest("must be in [0, 2]", field="sampling.temperature")
+        top_p = 1.0 if sp.top_p is None else sp.top_p
+        if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
+            raise InvalidRequest("must be in (0, 1]", field="sampling.top_p")
+        top_k = 0 if sp.top_k is None else sp.top_k
+        if not 0 <= top_k <= model.vocab_size:
+            raise InvalidRequest(f"must be in [0, {model.vocab_size}]", field="sampling.top_k")
+        if len(sp.stop) > s.max_stop_strings:
+            raise InvalidRequest(
+                f"at most {s.max_stop_strings} stop strings", field="sampling.stop"
+            )
+        if any(not x for x in sp.stop):
+            raise InvalidRequest("stop strings must be non-empty", field="sampling.stop")
+        if sp.seed is not None and not 0 <= sp.seed < 2**64:
+            raise InvalidRequest("must fit in 64 unsigned bits", field="sampling.seed")
+        return _Validated(model, ids, max_tokens, temperature, top_p, top_k, sp.stop, sp.seed)
+
+    # -- generation -------------------------------------------------------------------------
+    async def generate(
+        self, req: GenerationRequest, timeout_s: float | None
+    ) -> AsyncIterator[Event]:
+        start = time.perf_counter()
+        deadline = start + (
+            timeout_s if timeout_s is not None else self._settings.request_timeout_s
+        )
+        outcome = "error"
+        model_label = req.model if req.model in self._models else "unknown"
+        _IN_FLIGHT.labels(model_label).inc()
+        try:
+            with _tracer.start_as_current_span("gateway.generate") as span:
+                span.set_attribute("llmmesh.request_id", req.request_id)
+                v = self.validate(req)
+                _TOKENS.labels(v.model.name, "prompt").inc(len(v.prompt_ids))
+                lease = await self._admit(req, v, deadline)
+                span.set_attribute("llmmesh.replica", lease.replica.id)
+                async for ev in self._stream(req, v, lease, start, deadline):
+                    yield ev
+                outcome = "success"
+        except ServiceError as err:
+            outcome = type(err).__name__
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"
+            raise
+        finally:
+            _IN_FLIGHT.labels(model_label).dec()
+            _REQUESTS.labels(model_label, outcome).inc()
+            _DURATION.labels(model_label).observe(time.perf_counter() - start)
+
+    async def _admit(
+        self, req: GenerationRequest, v: _Validated, deadline: float
+    ) -> orch_pb.AdmitResponse:
+        metadata = tuple(inject_trace_metadata([]))
+        try:
+            return await self._orch.Admit(
+                orch_pb.AdmitRequest(
+                    request_id=req.request_id,
+                    model=v.model.settings.triton_model,
+                    prompt_token_ids=v.prompt_ids,
+                    max_tokens=v.max_tokens,
+                    priority=req.priority.value,
+                    tenant=req.tenant,
+                ),
+                timeout=max(deadline - time.perf_counter(), 0.001),
+                metadata=metadata,
+            )
+        except grpc.aio.AioRpcError as err:
+            if err.code() == grpc.StatusCode.UNAVAILABLE and "replica" not in (err.details() or ""):
+                raise OrchestratorUnavailable(f"orchestrator: {err.details()}") from err
+            raise from_rpc_error(err, "admission") from err
+
+    async def _stream(
+        self,
+        req: GenerationRequest,
+        v: _Validated,
+        lease: orch_pb.AdmitResponse,
+        start: float,
+        deadline: float,
+    ) -> AsyncIterator[Event]:
+        replica = lease.replica
+        model = v.model
+        decoder = IncrementalDecoder(model)
+        stops = StopMatcher(v.stop)
+        completion_tokens = 0
+        cached_blocks = 0
+        first_at: float | None = None
+        last_at = start
+        itl_sum = 0.0
+        finish: FinishReason | None = None
+        outcome = orch_pb.OUTCOME_REQUEST_ERROR
+        error = ""
+        engine_req = EngineRequest(
+            request_id=req.request_id,
+            model=model.settings.triton_model,
+            input_ids=v.prompt_ids,
+            max_tokens=v.max_tokens,
+            end_id=model.end_id,
+            temperature=v.temperature,
+            top_p=v.top_p,
+            top_k=v.top_k,
+            seed=v.seed,
+        )
+        try:
+            with _tracer.start_as_current_span("triton.stream") as span:
+                span.set_attribute("llmmesh.replica", replica.id)
+                metadata = inject_trace_metadata([])
+                chunks = self._triton.stream(
+                    replica.grpc_address,
+                    engine_req,
+                    timeout_s=max(deadline - time.perf_counter(), 0.001),
+                    metadata=metadata,
+                )
+                async with contextlib.aclosing(chunks):
+                    async for chunk in chunks:
+                        if chunk.kv_cache_reused_blocks is not None:
+                            cached_blocks = chunk.kv_cache_reused_blocks
+                        ids = chunk.token_ids
+                        if model.end_id in ids:
+                            ids = ids[: ids.index(model.end_id)]
+                            finish = FinishReason.STOP
+                        ids = ids[: v.max_tokens - completion_tokens]
+                        if ids:
+                            now = time.perf_counter()
+                            if first_at is None:
+                                first_at = now
+                                _TTFT.labels(model.name).observe(now - start)
+                            else:
+                                gap = (now - last_at) / len(ids)
+                                for _ in ids:
+                                    _ITL.labels(model.name).observe(gap)
+                                itl_sum += now - last_at
+                            last_at = now
+                            offset = completion_tokens
+                            completion_tokens += len(ids)
+                            text, stopped = stops.feed(decoder.push(ids))
+                            if stopped:
+                                finish = FinishReason.STOP
+                            elif completion_tokens >= v.max_tokens:
+                                finish = FinishReason.LENGTH
+                            if finish is not None and not stopped:
+                                text += stops.feed(decoder.flush())[0] + stops.flush()
+                            yield Delta(text, ids, offset, finish)
+                        if finish is not None or chunk.final:
+                            break
+                if finish is None:
+                    finish = FinishReason.STOP
+                    tail = stops.feed(decoder.flush())[0] + stops.flush()
+                    if tail:
+                        yield Delta(tail, [], completion_tokens, finish)
+            outcome = orch_pb.OUTCOME_SUCCESS
+        except TritonStreamError as err:
+            error = str(err)
+            outcome = (
+                orch_pb.OUTCOME_REPLICA_ERROR
+                if err.replica_fault
+                else orch_pb.OUTCOME_REQUEST_ERROR
+            )
+            raise ReplicaFailed(f"replica {replica.id} failed: {err}") from err
+        except grpc.aio.AioRpcError as err:
+            outcome = orch_pb.OUTCOME_CANCELLED
+            error = str(err.details())
+            raise from_rpc_error(err, f"replica {replica.id}") from err
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = orch_pb.OUTCOME_CANCELLED
+            raise
+        finally:
+            ttft_ms = (first_at - start) * 1000 if first_at is not None else None
+            self._report(
+                lease.lease_id,
+                outcome,
+                len(v.prompt_ids),
+                completion_tokens,
+                cached_blocks,
+                ttft_ms,
+                error,
+            )
+            _TOKENS.labels(model.name, "completion").inc(completion_tokens)
+        yield Completion(
+            finish_reason=finish,
+            prompt_tokens=len(v.prompt_ids),
+            completion_tokens=completion_tokens,
+            cached_prompt_tokens=min(cached_blocks * self._block_size, len(v.prompt_ids)),
+            queue_ms=lease.queue_ms,
+            ttft_ms=(first_at - start) * 1000 if first_at is not None else 0.0,
+            total_ms=(time.perf_counter() - start) * 1000,
+            mean_itl_ms=(itl_sum / (completion_tokens - 1) * 1000)
+            if completion_tokens > 1
+            else 0.0,
+            replica_id=replica.id,
+        )
+
+    def _report(
+        self,
+        lease_id: str,
+        outcome: orch_pb.Outcome.ValueType,
+        prompt_tokens: int,
+        completion_tokens: int,
+        reused_blocks: int,
+        ttft_ms: float | None,
+        error: str,
+    ) -> None:
+        req = orch_pb.CompleteRequest(
+            lease_id=lease_id,
+            outcome=outcome,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            kv_cache_reused_blocks=reused_blocks,
+            error_message=error,
+        )
+        if ttft_ms is not None:
+            req.time_to_first_token_ms = ttft_ms
+
+        async def send() -> None:
+            for attempt in range(3):
+                try:
+                    await self._orch.Complete(req, timeout=5.0)
+                    return
+                except grpc.aio.AioRpcError as err:
+                    log.warning(
+                        "complete failed",
+                        extra={"lease_id": lease_id, "attempt": attempt, "error": err.code().name},
+                    )
+            # The orchestrator reclaims leases it never hears about after lease_timeout_s.
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain_background(self) -> None:
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)

@@ -1,0 +1,75 @@
+"""Served models: tokenizer, limits, and incremental detokenization."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tokenizers import Tokenizer
+
+from services.gateway.settings import ModelSettings
+
+
+@dataclass
+class ServedModel:
+    settings: ModelSettings
+    tokenizer: Tokenizer
+    end_id: int
+    vocab_size: int
+
+    @classmethod
+    def load(cls, settings: ModelSettings) -> ServedModel:
+        if not settings.tokenizer_path.is_file():
+            raise FileNotFoundError(
+                f"tokenizer for model {settings.name!r} not found at {settings.tokenizer_path}"
+            )
+        tok = Tokenizer.from_file(str(settings.tokenizer_path))
+        end_id = settings.end_id
+        if end_id is None:
+            found = tok.token_to_id(settings.eos_token)
+            if found is None:
+                raise ValueError(
+                    f"model {settings.name!r}: EOS token {settings.eos_token!r} not in vocabulary"
+                )
+            end_id = int(found)
+        return cls(settings, tok, end_id, int(tok.get_vocab_size(with_added_tokens=True)))
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+
+class IncrementalDecoder:
+    """Turns a growing token sequence into text deltas without splitting multi-byte characters.
+
+    Invariant: the concatenation of every returned delta plus `flush()` equals
+    `decode(all tokens)` for tokenizers whose decode is prefix-stable past `prefix_offset`.
+    """
+
+    def __init__(self, model: ServedModel) -> None:
+        self._model = model
+        self._ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def push(self, new_ids: Sequence[int]) -> str:
+        self._ids.extend(new_ids)
+        prefix = self._model.decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._model.decode(self._ids[self._prefix_offset :])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+            return full[len(prefix) :]
+        return ""
+
+    def flush(self) -> str:
+        prefix = self._model.decode(self._ids[self._prefix_offset : self._read_offset])
+        full = self._model.decode(self._ids[self._prefix_offset :])
+        self._prefix_offset = self._read_offset = len(self._ids)
+        return full[len(prefix) :] if len(full) > len(prefix) else ""

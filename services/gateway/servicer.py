@@ -1,0 +1,108 @@
+"""gRPC adapter: protobuf ↔ gateway core."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from opentelemetry import context as otel_context
+
+from llmmesh.common.errors import ServiceError, abort
+from llmmesh.common.telemetry import extract_trace_context, request_id_var
+from llmmesh.gateway.v1 import gateway_pb2 as pb
+from llmmesh.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from services.gateway.core import (
+    Completion,
+    FinishReason,
+    GatewayCore,
+    GenerationRequest,
+    Priority,
+    Sampling,
+)
+
+Ctx = grpc.aio.ServicerContext[object, object]
+
+_PRIORITY = {
+    pb.PRIORITY_UNSPECIFIED: Priority.STANDARD,
+    pb.PRIORITY_INTERACTIVE: Priority.INTERACTIVE,
+    pb.PRIORITY_STANDARD: Priority.STANDARD,
+    pb.PRIORITY_BATCH: Priority.BATCH,
+}
+_FINISH = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
+
+
+def request_from_pb(request: pb.GenerateRequest) -> GenerationRequest:
+    sp = request.sampling
+    which = request.WhichOneof("prompt")
+    return GenerationRequest(
+        model=request.model,
+        request_id=request.request_id or uuid.uuid4().hex,
+        prompt_text=request.text if which == "text" else None,
+        prompt_ids=list(request.token_ids.ids) if which == "token_ids" else None,
+        sampling=Sampling(
+            max_tokens=sp.max_tokens if sp.HasField("max_tokens") else None,
+            temperature=sp.temperature if sp.HasField("temperature") else None,
+            top_p=sp.top_p if sp.HasField("top_p") else None,
+            top_k=sp.top_k if sp.HasField("top_k") else None,
+            stop=tuple(sp.stop),
+            seed=sp.seed if sp.HasField("seed") else None,
+        ),
+        priority=_PRIORITY.get(request.priority, Priority.STANDARD),
+    )
+
+
+class GatewayServicer(pb_grpc.GatewayServiceServicer):
+    def __init__(self, core: GatewayCore):
+        self._core = core
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: Ctx
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        req = request_from_pb(request)
+        request_id_var.set(req.request_id)
+        token = otel_context.attach(extract_trace_context(context.invocation_metadata()))
+        try:
+            async for ev in self._core.generate(req, context.time_remaining()):
+                if isinstance(ev, Completion):
+                    yield pb.GenerateResponse(
+                        request_id=req.request_id,
+                        complete=pb.GenerationComplete(
+                            finish_reason=_FINISH[ev.finish_reason],
+                            usage=pb.Usage(
+                                prompt_tokens=ev.prompt_tokens,
+                                completion_tokens=ev.completion_tokens,
+                                cached_prompt_tokens=ev.cached_prompt_tokens,
+                            ),
+                            timings=pb.Timings(
+                                queue_ms=ev.queue_ms,
+                                time_to_first_token_ms=ev.ttft_ms,
+                                total_ms=ev.total_ms,
+                                mean_inter_token_ms=ev.mean_itl_ms,
+                            ),
+                            replica_id=ev.replica_id,
+                        ),
+                    )
+                else:
+                    delta = pb.TokenDelta(text=ev.text, token_ids=ev.token_ids, offset=ev.offset)
+                    if ev.finish_reason is not None:
+                        delta.finish_reason = _FINISH[ev.finish_reason]
+                    yield pb.GenerateResponse(request_id=req.request_id, delta=delta)
+        except ServiceError as err:
+            await abort(context, err)
+        finally:
+            otel_context.detach(token)
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: Ctx
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelInfo(
+                    name=m.name,
+                    context_length=m.settings.context_length,
+                    max_completion_tokens=m.settings.max_completion_tokens,
+                )
+                for m in self._core.models()
+            ]
+        )

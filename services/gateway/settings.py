@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import SettingsConfigDict
+
+from llmmesh.common.settings import ServiceSettings
+
+
+class ModelSettings(BaseModel):
+    """One served model."""
+
+    name: str = Field(min_length=1, description="Served model name clients ask for.")
+    tokenizer_path: Path = Field(description="HF `tokenizer.json` of the model.")
+    triton_model: str = Field(
+        default="tensorrt_llm", description="Triton model name on the replicas."
+    )
+    context_length: int = Field(default=8192, gt=1, description="Max prompt + completion tokens.")
+    max_completion_tokens: int = Field(
+        default=4096, gt=0, description="Upper bound for max_tokens."
+    )
+    default_max_tokens: int = Field(
+        default=256, gt=0, description="max_tokens when the request has none."
+    )
+    end_id: int | None = Field(
+        default=None,
+        ge=0,
+        description="End-of-sequence token id; the tokenizer's EOS token when unset.",
+    )
+    eos_token: str = Field(
+        default="<|im_end|>", description="EOS token text used when end_id is unset."
+    )
+
+
+class GatewaySettings(ServiceSettings):
+    """Gateway settings (env prefix LLMMESH_GATEWAY_)."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMMESH_GATEWAY_", extra="ignore")
+
+    grpc_port: int = Field(
+        default=50051, ge=0, le=65535, description="gRPC port; 0 picks a free one."
+    )
+    http_port: int = Field(default=8080, ge=0, le=65535, description="OpenAI-compatible HTTP port.")
+    metrics_port: int = Field(
+        default=9101, ge=0, le=65535, description="Prometheus port; 0 picks a free one."
+    )
+    orchestrator_address: str = Field(
+        default="127.0.0.1:50052", description="host:port of the orchestrator."
+    )
+    models: list[ModelSettings] = Field(
+        default_factory=list, description="Served models (JSON in the environment)."
+    )
+    request_timeout_s: float = Field(
+        default=600.0, gt=0, description="Deadline applied when the client sets none."
+    )
+    max_prompt_chars: int = Field(
+        default=1_000_000,
+        gt=0,
+        description="Prompts longer than this are rejected before tokenizing.",
+    )
+    max_stop_strings: int = Field(default=8, ge=0, description="Most stop strings per request.")
+    max_request_id_chars: int = Field(default=256, gt=0, description="Longest accepted request id.")

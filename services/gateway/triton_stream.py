@@ -1,0 +1,158 @@
+"""Token streaming from one Triton replica through the TensorRT-LLM tensor interface.
+
+Uses the gRPC stubs that tritonclient ships (`tritonclient.grpc.service_pb2_grpc`) on our own
+grpc.aio channels: tritonclient's aio `stream_infer` cannot set the reserved request parameter
+`triton_enable_empty_final_response`, which is how a decoupled stream's end is signalled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+
+class TritonStreamError(Exception):
+    """The replica reported an error or the stream broke."""
+
+    def __init__(self, message: str, *, replica_fault: bool):
+        super().__init__(message)
+        self.replica_fault = replica_fault
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    request_id: str
+    model: str
+    input_ids: Sequence[int]
+    max_tokens: int
+    end_id: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineChunk:
+    token_ids: list[int]
+    final: bool
+    kv_cache_reused_blocks: int | None = None
+
+
+def _scalar(
+    req: service_pb2.ModelInferRequest, name: str, dtype: str, value: npt.NDArray[Any]
+) -> None:
+    t = req.inputs.add()
+    t.name = name
+    t.datatype = dtype
+    t.shape.extend([1, 1])
+    req.raw_input_contents.append(value.tobytes())
+
+
+def build_request(er: EngineRequest) -> service_pb2.ModelInferRequest:
+    req = service_pb2.ModelInferRequest(model_name=er.model, id=er.request_id)
+    ids = np.asarray(er.input_ids, dtype=np.int32)
+    t = req.inputs.add()
+    t.name = "input_ids"
+    t.datatype = "INT32"
+    t.shape.extend([1, len(ids)])
+    req.raw_input_contents.append(ids.tobytes())
+    _scalar(req, "input_lengths", "INT32", np.array([len(ids)], dtype=np.int32))
+    _scalar(req, "request_output_len", "INT32", np.array([er.max_tokens], dtype=np.int32))
+    _scalar(req, "streaming", "BOOL", np.array([True], dtype=np.bool_))
+    _scalar(req, "end_id", "INT32", np.array([er.end_id], dtype=np.int32))
+    _scalar(req, "pad_id", "INT32", np.array([er.end_id], dtype=np.int32))
+    _scalar(req, "temperature", "FP32", np.array([er.temperature], dtype=np.float32))
+    _scalar(req, "runtime_top_p", "FP32", np.array([er.top_p], dtype=np.float32))
+    _scalar(req, "runtime_top_k", "INT32", np.array([er.top_k], dtype=np.int32))
+    if er.seed is not None:
+        _scalar(req, "seed", "UINT64", np.array([er.seed], dtype=np.uint64))
+    _scalar(req, "return_perf_metrics", "BOOL", np.array([True], dtype=np.bool_))
+    for name in ("output_ids", "kv_cache_reused_blocks"):
+        req.outputs.add().name = name
+    req.parameters["triton_enable_empty_final_response"].bool_param = True
+    return req
+
+
+def parse_response(resp: service_pb2.ModelInferResponse) -> EngineChunk:
+    tokens: list[int] = []
+    reused: int | None = None
+    for i, out in enumerate(resp.outputs):
+        if i >= len(resp.raw_output_contents):
+            break
+        raw = resp.raw_output_contents[i]
+        if out.name == "output_ids":
+            tokens = np.frombuffer(raw, dtype=np.int32).tolist()
+        elif out.name == "kv_cache_reused_blocks" and raw:
+            reused = int(np.frombuffer(raw, dtype=np.int32)[0])
+    final_param = resp.parameters.get("triton_final_response")
+    final = bool(final_param.bool_param) if final_param is not None else False
+    return EngineChunk(tokens, final, reused)
+
+
+class TritonPool:
+    """One channel per replica address, reused across requests."""
+
+    def __init__(self) -> None:
+        self._stubs: dict[
+            str, tuple[grpc.aio.Channel, service_pb2_grpc.GRPCInferenceServiceStub]
+        ] = {}
+
+    def stub(self, address: str) -> service_pb2_grpc.GRPCInferenceServiceStub:
+        entry = self._stubs.get(address)
+        if entry is None:
+            channel = grpc.aio.insecure_channel(
+                address, options=(("grpc.max_receive_message_length", 64 * 1024 * 1024),)
+            )
+            entry = (channel, service_pb2_grpc.GRPCInferenceServiceStub(channel))
+            self._stubs[address] = entry
+        return entry[1]
+
+    async def stream(
+        self,
+        address: str,
+        request: EngineRequest,
+        *,
+        timeout_s: float | None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> AsyncGenerator[EngineChunk, None]:
+        """Yields chunks until the final one. Closing the iterator cancels the Triton request."""
+        call = self.stub(address).ModelStreamInfer(timeout=timeout_s, metadata=tuple(metadata))
+        try:
+            await call.write(build_request(request))
+            await call.done_writing()
+            while True:
+                msg = await call.read()
+                if msg is grpc.aio.EOF:  # type: ignore[attr-defined]
+                    raise TritonStreamError(
+                        "stream ended before the final response", replica_fault=True
+                    )
+                if msg.error_message:
+                    raise TritonStreamError(msg.error_message, replica_fault=False)
+                chunk = parse_response(msg.infer_response)
+                yield chunk
+                if chunk.final:
+                    return
+        except grpc.aio.AioRpcError as err:
+            code = err.code()
+            if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+            raise TritonStreamError(
+                f"replica {address}: {code.name}: {err.details()}",
+                replica_fault=code
+                in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN),
+            ) from err
+        finally:
+            if not call.done():
+                call.cancel()
+
+    async def close(self) -> None:
+        for channel, _ in self._stubs.values():
+            await channel.close(None)
+        self._stubs.clear()

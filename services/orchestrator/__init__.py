@@ -1,0 +1,1 @@
+"""Admission and replica choice across Triton replicas. Decides; never relays tokens."""

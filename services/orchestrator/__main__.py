@@ -1,0 +1,61 @@
+"""`python -m services.orchestrator`: build settings once, wire core → servicer → server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import uvloop
+
+from llmmesh.common.server import ManagedServer, ServiceRegistration, run_until_signal
+from llmmesh.common.telemetry import setup_logging, setup_tracing, start_metrics_server
+from llmmesh.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from services.orchestrator.core import Orchestrator
+from services.orchestrator.probe import TritonProbe
+from services.orchestrator.servicer import OrchestratorServicer
+from services.orchestrator.settings import OrchestratorSettings
+
+SERVICE = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name
+
+
+async def main(settings: OrchestratorSettings) -> None:
+    setup_logging("orchestrator", settings.log_level, settings.log_json)
+    provider = setup_tracing("orchestrator", settings.otlp_endpoint, settings.trace_sample_ratio)
+    probe = TritonProbe()
+    core = Orchestrator(settings, probe)
+    servicer = OrchestratorServicer(core)
+    server = ManagedServer(
+        host=settings.host,
+        port=settings.grpc_port,
+        services=[
+            ServiceRegistration(
+                SERVICE,
+                lambda s: orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server(
+                    servicer, s
+                ),
+            )
+        ],
+        drain_seconds=settings.drain_seconds,
+    )
+    metrics_port = start_metrics_server(settings.host, settings.metrics_port)
+    await server.start()
+    health_task = asyncio.create_task(core.run_health_loop())
+
+    async def on_stop() -> None:
+        health_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await health_task
+        await probe.close()
+        provider.shutdown()
+
+    await run_until_signal(
+        server,
+        service="orchestrator",
+        metrics_port=metrics_port,
+        ready_file=settings.ready_file,
+        on_stop=on_stop,
+    )
+
+
+if __name__ == "__main__":
+    uvloop.run(main(OrchestratorSettings()))

@@ -1,0 +1,37 @@
+"""Readiness of a Triton replica over its gRPC health API."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import tritonclient.grpc.aio as triton
+
+from services.orchestrator.settings import ReplicaSpec
+
+
+class TritonProbe:
+    """Ready = server ready and every model the replica should serve ready."""
+
+    def __init__(self) -> None:
+        self._clients: dict[str, triton.InferenceServerClient] = {}
+
+    def _client(self, address: str) -> triton.InferenceServerClient:
+        client = self._clients.get(address)
+        if client is None:
+            client = triton.InferenceServerClient(url=address)
+            self._clients[address] = client
+        return client
+
+    async def ready(self, replica: ReplicaSpec, models: Sequence[str], timeout_s: float) -> bool:
+        client = self._client(replica.grpc_address)
+        if not await client.is_server_ready(client_timeout=timeout_s):
+            return False
+        for model in models:
+            if not await client.is_model_ready(model, client_timeout=timeout_s):
+                return False
+        return True
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()

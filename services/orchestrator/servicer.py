@@ -1,0 +1,87 @@
+"""gRPC adapter: protobuf ↔ orchestrator core."""
+
+from __future__ import annotations
+
+import grpc
+from opentelemetry import trace
+
+from llmmesh.common.errors import ServiceError, abort
+from llmmesh.common.telemetry import extract_trace_context, request_id_var
+from llmmesh.orchestrator.v1 import orchestrator_pb2 as pb
+from llmmesh.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from services.orchestrator.core import AdmissionRequest, Orchestrator, Outcome, Priority
+
+Ctx = grpc.aio.ServicerContext[object, object]
+
+_PRIORITY = {
+    pb.PRIORITY_UNSPECIFIED: Priority.STANDARD,
+    pb.PRIORITY_INTERACTIVE: Priority.INTERACTIVE,
+    pb.PRIORITY_STANDARD: Priority.STANDARD,
+    pb.PRIORITY_BATCH: Priority.BATCH,
+}
+_OUTCOME = {
+    pb.OUTCOME_UNSPECIFIED: Outcome.REQUEST_ERROR,
+    pb.OUTCOME_SUCCESS: Outcome.SUCCESS,
+    pb.OUTCOME_CANCELLED: Outcome.CANCELLED,
+    pb.OUTCOME_REPLICA_ERROR: Outcome.REPLICA_ERROR,
+    pb.OUTCOME_REQUEST_ERROR: Outcome.REQUEST_ERROR,
+}
+_tracer = trace.get_tracer("llmmesh.orchestrator")
+
+
+class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
+    def __init__(self, core: Orchestrator):
+        self._core = core
+
+    async def Admit(self, request: pb.AdmitRequest, context: Ctx) -> pb.AdmitResponse:
+        request_id_var.set(request.request_id)
+        parent = extract_trace_context(context.invocation_metadata())
+        with _tracer.start_as_current_span("orchestrator.admit", context=parent) as span:
+            req = AdmissionRequest(
+                request_id=request.request_id,
+                model=request.model,
+                prompt_token_ids=request.prompt_token_ids,
+                max_tokens=request.max_tokens,
+                priority=_PRIORITY.get(request.priority, Priority.STANDARD),
+                tenant=request.tenant,
+            )
+            try:
+                lease = await self._core.admit(req, context.time_remaining())
+            except ServiceError as err:
+                span.set_attribute("llmmesh.rejected", type(err).__name__)
+                await abort(context, err)
+                raise
+            span.set_attribute("llmmesh.replica", lease.replica.id)
+            span.set_attribute("llmmesh.queue_ms", lease.queue_s * 1000)
+        return pb.AdmitResponse(
+            lease_id=lease.lease_id,
+            replica=pb.Replica(
+                id=lease.replica.id,
+                grpc_address=lease.replica.grpc_address,
+                pool=lease.replica.pool,
+            ),
+            queue_ms=lease.queue_s * 1000.0,
+        )
+
+    async def Complete(self, request: pb.CompleteRequest, context: Ctx) -> pb.CompleteResponse:
+        self._core.complete(request.lease_id, _OUTCOME.get(request.outcome, Outcome.REQUEST_ERROR))
+        return pb.CompleteResponse()
+
+    async def ListReplicas(
+        self, request: pb.ListReplicasRequest, context: Ctx
+    ) -> pb.ListReplicasResponse:
+        return pb.ListReplicasResponse(
+            replicas=[
+                pb.ReplicaStatus(
+                    replica=pb.Replica(
+                        id=st.spec.id, grpc_address=st.spec.grpc_address, pool=st.spec.pool
+                    ),
+                    healthy=st.healthy,
+                    in_flight=st.in_flight,
+                    completed=st.completed,
+                    failures=st.failures,
+                )
+                for st in self._core.replicas()
+            ],
+            queue_depth=self._core.queue_depth,
+        )

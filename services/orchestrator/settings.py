@@ -1,0 +1,58 @@
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+from pydantic_settings import SettingsConfigDict
+
+from llmmesh.common.settings import ServiceSettings
+
+
+class ReplicaSpec(BaseModel):
+    """One Triton replica known statically."""
+
+    id: str = Field(
+        min_length=1, description="Stable replica id; engines publish KV events under it."
+    )
+    grpc_address: str = Field(min_length=3, description="host:port of Triton's gRPC endpoint.")
+    pool: str = Field(default="default", description="Replica pool (e.g. short, long).")
+    model_version: str = Field(default="v1", description="Model version this replica serves.")
+    models: list[str] = Field(
+        default_factory=lambda: ["tensorrt_llm"], description="Triton model names served."
+    )
+
+
+class OrchestratorSettings(ServiceSettings):
+    """Orchestrator settings (env prefix LLMMESH_ORCHESTRATOR_)."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMMESH_ORCHESTRATOR_", extra="ignore")
+
+    grpc_port: int = Field(
+        default=50052, ge=0, le=65535, description="gRPC port; 0 picks a free one."
+    )
+    metrics_port: int = Field(
+        default=9102, ge=0, le=65535, description="Prometheus port; 0 picks a free one."
+    )
+    replicas: list[ReplicaSpec] = Field(
+        default_factory=list, description="Static replica list (JSON in the environment)."
+    )
+    max_queue: int = Field(
+        default=1024, gt=0, description="Admission queue bound across all models."
+    )
+    max_in_flight_per_replica: int = Field(
+        default=64,
+        gt=0,
+        description="Leases one replica may hold at once (its in-flight batch cap).",
+    )
+    default_queue_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long Admit waits in the queue when the call has no deadline.",
+    )
+    health_interval_s: float = Field(
+        default=1.0, gt=0, description="Seconds between replica readiness probes."
+    )
+    health_timeout_s: float = Field(
+        default=1.0, gt=0, description="Timeout of one readiness probe."
+    )
+    lease_timeout_s: float = Field(
+        default=3600.0, gt=0, description="A lease never completed after this long is reclaimed."
+    )
