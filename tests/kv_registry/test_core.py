@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import pytest
+
+from llmmesh.kvblocks import BlockConfig, block_hashes
+from services.kv_registry.core import Cleared, KvRegistry, Removed, Stored
+from services.kv_registry.errors import BatchTooLarge, BlockConfigMismatch
+
+CFG = BlockConfig(block_size=4, hash_seed=7)
+PROMPT = list(range(100, 118))  # 4 full blocks + 2 tokens
+HASHES = block_hashes(PROMPT, CFG)
+
+
+def make() -> KvRegistry:
+    return KvRegistry(CFG, max_entries=1000, max_events_per_request=100)
+
+
+def test_partial_block_is_not_indexed() -> None:
+    assert len(HASHES) == 4
+
+
+@pytest.mark.parametrize(
+    ("stored_blocks", "expected"),
+    [
+        (4, 4),
+        (2, 2),
+        (0, 0),
+    ],
+)
+def test_lookup_counts_leading_blocks(stored_blocks: int, expected: int) -> None:
+    reg = make()
+    if stored_blocks:
+        reg.ingest("r0", "e", CFG, [Stored(0, tuple(HASHES[:stored_blocks]))])
+    res = reg.lookup(PROMPT)
+    assert res.prompt_blocks == 4
+    got = {m.replica_id: m.matched_blocks for m in res.matches}
+    assert got.get("r0", 0) == expected
+
+
+def test_match_stops_at_first_missing_block() -> None:
+    reg = make()
+    reg.ingest("r0", "e", CFG, [Stored(0, (HASHES[0], HASHES[2], HASHES[3]))])
+    assert [(m.replica_id, m.matched_blocks) for m in reg.lookup(PROMPT).matches] == [("r0", 1)]
+
+
+def test_matches_are_ordered_by_length() -> None:
+    reg = make()
+    reg.ingest("short", "e", CFG, [Stored(0, tuple(HASHES[:1]))])
+    reg.ingest("long", "e", CFG, [Stored(0, tuple(HASHES[:3]))])
+    assert [(m.replica_id, m.matched_blocks) for m in reg.lookup(PROMPT).matches] == [("long", 3), ("short", 1)]
+
+
+def test_removed_and_cleared() -> None:
+    reg = make()
+    reg.ingest("r0", "e", CFG, [Stored(0, tuple(HASHES)), Removed(1, (HASHES[1],))])
+    assert reg.lookup(PROMPT).matches[0].matched_blocks == 1
+    reg.ingest("r0", "e", CFG, [Cleared(2)])
+    assert reg.lookup(PROMPT).matches == ()
+    assert reg.entries == 0
+
+
+def test_gap_requires_resync_until_snapshot() -> None:
+    reg = make()
+    assert not reg.ingest("r0", "e", CFG, [Stored(0, (HASHES[0],))]).resync_required
+    res = reg.ingest("r0", "e", CFG, [Stored(5, (HASHES[1],))])
+    assert res.resync_required
+    assert reg.lookup(PROMPT).matches[0].matched_blocks == 1  # gap event not applied
+    res = reg.ingest("r0", "e", CFG, [Cleared(9), Stored(10, tuple(HASHES))])
+    assert not res.resync_required
+    assert res.next_sequence == 11
+    assert reg.lookup(PROMPT).matches[0].matched_blocks == 4
+
+
+def test_duplicate_events_are_ignored() -> None:
+    reg = make()
+    reg.ingest("r0", "e", CFG, [Stored(0, (HASHES[0],)), Removed(1, (HASHES[0],))])
+    res = reg.ingest("r0", "e", CFG, [Stored(0, (HASHES[0],))])
+    assert res.next_sequence == 2
+    assert reg.lookup(PROMPT).matches == ()
+
+
+def test_new_epoch_discards_previous_state() -> None:
+    reg = make()
+    reg.ingest("r0", "epoch-1", CFG, [Stored(0, tuple(HASHES))])
+    reg.ingest("r0", "epoch-2", CFG, [Stored(0, (HASHES[0],))])
+    assert reg.lookup(PROMPT).matches[0].matched_blocks == 1
+    assert reg.entries == 1
+
+
+def test_block_config_mismatch_is_rejected() -> None:
+    reg = make()
+    with pytest.raises(BlockConfigMismatch, match="block_size"):
+        reg.ingest("r0", "e", BlockConfig(8, 7), [])
+
+
+def test_batch_bound() -> None:
+    reg = KvRegistry(CFG, max_entries=10, max_events_per_request=1)
+    with pytest.raises(BatchTooLarge):
+        reg.ingest("r0", "e", CFG, [Cleared(0), Cleared(1)])
+
+
+def test_entry_bound_drops_oldest_of_fullest_replica() -> None:
+    reg = KvRegistry(CFG, max_entries=3, max_events_per_request=100)
+    reg.ingest("r0", "e", CFG, [Stored(0, tuple(HASHES))])
+    assert reg.entries == 3
+    assert reg.block_count("r0") == 3
+    # the oldest (first) block went: the prefix no longer matches from block 0
+    assert reg.lookup(PROMPT).matches == ()
+
+
+def test_drop_replica() -> None:
+    reg = make()
+    reg.ingest("r0", "e", CFG, [Stored(0, tuple(HASHES))])
+    assert reg.drop_replica("r0")
+    assert reg.lookup(PROMPT).matches == ()
+    assert not reg.drop_replica("r0")
