@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+from prometheus_client.parser import text_string_to_metric_families
+
+from llmmesh.gateway.v1 import gateway_pb2_grpc
+from llmmesh.kvregistry.v1 import kvregistry_pb2_grpc
+from llmmesh.localmesh import LocalMesh, MeshOptions
+from llmmesh.orchestrator.v1 import orchestrator_pb2_grpc
+
+
+class Mesh:
+    """A started local mesh plus stubs over real channels."""
+
+    def __init__(self, mesh: LocalMesh, channels: list[grpc.aio.Channel]):
+        self.mesh = mesh
+        self._channels = channels
+        self.gateway = gateway_pb2_grpc.GatewayServiceStub(channels[0])
+        self.orchestrator = orchestrator_pb2_grpc.OrchestratorServiceStub(channels[1])
+        self.kv_registry = kvregistry_pb2_grpc.KvRegistryServiceStub(channels[2])
+
+    async def close(self) -> None:
+        for ch in self._channels:
+            await ch.close(None)
+
+
+async def start_mesh(tokenizer_path: Path, **kw: object) -> Mesh:
+    mesh = LocalMesh(MeshOptions(tokenizer_path=tokenizer_path, **kw))  # type: ignore[arg-type]
+    try:
+        await mesh.start()
+    except BaseException:
+        for svc in mesh.services.values():
+            print(f"--- {svc.name} log ---\n{svc.log_tail()}")
+        await mesh.stop()
+        raise
+    chans = [grpc.aio.insecure_channel(mesh.services[n].address) for n in ("gateway", "orchestrator", "kv_registry")]
+    return Mesh(mesh, chans)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def mesh(tokenizer_path: Path) -> AsyncIterator[Mesh]:
+    m = await start_mesh(tokenizer_path, replicas=2, time_scale=1.0)
+    yield m
+    await m.close()
+    await m.mesh.stop()
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = float(s.value)
+    return out
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for (n, lbls), v in scrape(url).items():
+        if n == name and all(dict(lbls).get(k) == val for k, val in labels.items()):
+            total += v
+    return total
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 15.0, what: str = "") -> None:
+    """Poll a condition until it holds (the system converges asynchronously)."""
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not reached within {timeout_s}s: {what}")
+        await asyncio.sleep(0.05)
