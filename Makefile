@@ -42,7 +42,7 @@ protos: $(STAMPS)/protos ## Regenerate gRPC stubs from protos/
 lint: setup ## ruff format --check, ruff check, mypy --strict, generated stubs untracked
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy llmmesh services tests
+	$(VENV)/bin/mypy llmmesh services bench tests
 	@if git ls-files --error-unmatch 'llmmesh/*/v1/*_pb2*' >/dev/null 2>&1; then \
 		echo "generated stubs are tracked by git; they must be generated from protos/"; exit 1; fi
 

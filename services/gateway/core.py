@@ -220,13 +220,17 @@ class GatewayCore:
             )
         sp = req.sampling
         if sp.max_tokens is None:
-            max_tokens = min(ms.default_max_tokens, ms.max_completion_tokens, ms.context_length - len(ids))
+            max_tokens = min(
+                ms.default_max_tokens, ms.max_completion_tokens, ms.context_length - len(ids)
+            )
         else:
             max_tokens = sp.max_tokens
         if max_tokens < 1:
             raise InvalidRequest("must be at least 1", field="sampling.max_tokens")
         if max_tokens > ms.max_completion_tokens:
-            raise InvalidRequest(f"must be at most {ms.max_completion_tokens}", field="sampling.max_tokens")
+            raise InvalidRequest(
+                f"must be at most {ms.max_completion_tokens}", field="sampling.max_tokens"
+            )
         if len(ids) + max_tokens > ms.context_length:
             raise InvalidRequest(
                 f"prompt ({len(ids)}) + max_tokens ({max_tokens}) exceeds the context of {ms.context_length} tokens",

@@ -11,6 +11,7 @@ from llmmesh.common.server import ManagedServer, ServiceRegistration, run_until_
 from llmmesh.common.telemetry import setup_logging, setup_tracing, start_metrics_server
 from llmmesh.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from services.orchestrator.core import Orchestrator
+from services.orchestrator.discovery import discover
 from services.orchestrator.probe import TritonProbe
 from services.orchestrator.servicer import OrchestratorServicer
 from services.orchestrator.settings import OrchestratorSettings
@@ -40,11 +41,22 @@ async def main(settings: OrchestratorSettings) -> None:
     metrics_port = start_metrics_server(settings.host, settings.metrics_port)
     await server.start()
     health_task = asyncio.create_task(core.run_health_loop())
+    discovery_task: asyncio.Task[None] | None = None
+    if settings.replica_dns:
+
+        async def rediscover() -> None:
+            while True:
+                core.sync_replicas(await discover(settings))
+                await asyncio.sleep(settings.dns_interval_s)
+
+        discovery_task = asyncio.create_task(rediscover())
 
     async def on_stop() -> None:
-        health_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await health_task
+        for task in (health_task, discovery_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await probe.close()
         provider.shutdown()
 

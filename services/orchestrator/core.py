@@ -78,6 +78,7 @@ class AdmissionRequest:
 class ReplicaState:
     spec: ReplicaSpec
     healthy: bool = False
+    removed: bool = False  # left the replica set; forgotten once its last lease ends
     in_flight: int = 0
     completed: int = 0
     failures: int = 0
@@ -176,7 +177,12 @@ class Orchestrator:
         cap = self._settings.max_in_flight_per_replica
         best: ReplicaState | None = None
         for st in self._replicas.values():
-            if not st.healthy or st.in_flight >= cap or req.model not in st.spec.models:
+            if (
+                not st.healthy
+                or st.removed
+                or st.in_flight >= cap
+                or req.model not in st.spec.models
+            ):
                 continue
             if best is None or (st.in_flight, st.completed) < (best.in_flight, best.completed):
                 best = st
@@ -219,7 +225,33 @@ class Orchestrator:
             heapq.heappush(self._queue, w)
 
     def _model_has_healthy(self, model: str) -> bool:
-        return any(st.healthy and model in st.spec.models for st in self._replicas.values())
+        return any(
+            st.healthy and not st.removed and model in st.spec.models
+            for st in self._replicas.values()
+        )
+
+    def sync_replicas(self, specs: Sequence[ReplicaSpec]) -> None:
+        """Make the replica set equal to `specs`: new replicas start unhealthy until probed;
+        vanished ones stop receiving work and are forgotten once their last lease ends."""
+        wanted = {s.id: s for s in specs}
+        for rid, spec in wanted.items():
+            st = self._replicas.get(rid)
+            if st is None:
+                self._replicas[rid] = ReplicaState(spec)
+                _HEALTHY.labels(spec.id, spec.pool).set(0)
+                _IN_FLIGHT.labels(spec.id, spec.pool).set(0)
+                log.info("replica added", extra={"replica": rid, "address": spec.grpc_address})
+            else:
+                st.removed = False
+                if st.spec != spec and st.in_flight == 0:
+                    st.spec, st.healthy = spec, False
+        for rid, st in list(self._replicas.items()):
+            if rid not in wanted:
+                st.removed = True
+                if st.in_flight == 0:
+                    del self._replicas[rid]
+                    log.info("replica removed", extra={"replica": rid})
+        self._dispatch()
 
     # -- completion -----------------------------------------------------------------------
     def complete(self, lease_id: str, outcome: Outcome) -> bool:
@@ -234,6 +266,8 @@ class Orchestrator:
             if outcome is Outcome.REPLICA_ERROR:
                 st.failures += 1
                 self._set_health(st, False, reason="request failed on replica")
+            if st.removed and st.in_flight == 0:
+                del self._replicas[st.spec.id]
         now = time.monotonic()
         gap = max(now - self._last_completion, 1e-3)
         self._drain_rate = 0.8 * self._drain_rate + 0.2 * (1.0 / gap)
@@ -270,7 +304,7 @@ class Orchestrator:
                 ok = False
             self._set_health(st, ok, reason="readiness probe")
 
-        await asyncio.gather(*(one(st) for st in self._replicas.values()))
+        await asyncio.gather(*(one(st) for st in list(self._replicas.values()) if not st.removed))
         self._reclaim_expired()
 
     def _reclaim_expired(self) -> None:
@@ -286,7 +320,7 @@ class Orchestrator:
 
     # -- introspection --------------------------------------------------------------------
     def replicas(self) -> list[ReplicaState]:
-        return list(self._replicas.values())
+        return [st for st in self._replicas.values() if not st.removed]
 
     @property
     def queue_depth(self) -> int:

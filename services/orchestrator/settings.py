@@ -20,6 +20,24 @@ class ReplicaSpec(BaseModel):
     )
 
 
+class DnsTarget(BaseModel):
+    """A headless Service whose A records are Triton pods (Kubernetes discovery)."""
+
+    host: str = Field(
+        min_length=1,
+        description="Headless Service FQDN, e.g. triton-v1-short.llmmesh.svc.cluster.local.",
+    )
+    port: int = Field(default=8001, gt=0, le=65535, description="Triton gRPC port on each pod.")
+    metrics_port: int = Field(
+        default=8002, gt=0, le=65535, description="Triton metrics port on each pod."
+    )
+    pool: str = Field(default="default", description="Pool of the replicas behind this Service.")
+    model_version: str = Field(default="v1", description="Model version served by these replicas.")
+    models: list[str] = Field(
+        default_factory=lambda: ["tensorrt_llm"], description="Triton model names served."
+    )
+
+
 class OrchestratorSettings(ServiceSettings):
     """Orchestrator settings (env prefix LLMMESH_ORCHESTRATOR_)."""
 
@@ -34,6 +52,11 @@ class OrchestratorSettings(ServiceSettings):
     replicas: list[ReplicaSpec] = Field(
         default_factory=list, description="Static replica list (JSON in the environment)."
     )
+    replica_dns: list[DnsTarget] = Field(
+        default_factory=list,
+        description="Headless Services resolved periodically into replicas (JSON); added to `replicas`.",
+    )
+    dns_interval_s: float = Field(default=5.0, gt=0, description="Seconds between DNS resolutions.")
     max_queue: int = Field(
         default=1024, gt=0, description="Admission queue bound across all models."
     )

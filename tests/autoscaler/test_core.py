@@ -5,7 +5,9 @@ import pytest
 from services.autoscaler.core import Autoscaler, EngineSample, parse_engine_metrics, recommend
 from services.autoscaler.settings import AutoscalerSettings, ScrapeTarget
 
-S = AutoscalerSettings(target_requests_per_replica=10, kv_high_watermark=0.8, min_replicas=1, max_replicas=4)
+S = AutoscalerSettings(
+    target_requests_per_replica=10, kv_high_watermark=0.8, min_replicas=1, max_replicas=4
+)
 
 
 def metrics(active: float, waiting: float, used: float, total: float) -> str:
@@ -39,7 +41,9 @@ def test_parse_missing_or_nan_is_none(text: str) -> None:
         (2, [EngineSample(5, 0, 90, 100)], 3, "KV use 0.90"),
     ],
 )
-def test_recommend(current: int, samples: list[EngineSample], desired: int, reason_part: str) -> None:
+def test_recommend(
+    current: int, samples: list[EngineSample], desired: int, reason_part: str
+) -> None:
     rec = recommend("p", current, samples, S, 0.0)
     assert rec.desired == desired
     assert reason_part in rec.reason
@@ -50,7 +54,10 @@ async def test_unreachable_replica_never_scales_down() -> None:
         raise ConnectionRefusedError(url)
 
     settings = AutoscalerSettings(
-        targets=[ScrapeTarget(replica_id=f"r{i}", metrics_url=f"http://127.0.0.1:1/m{i}") for i in range(3)],
+        targets=[
+            ScrapeTarget(replica_id=f"r{i}", metrics_url=f"http://127.0.0.1:1/m{i}")
+            for i in range(3)
+        ],
         min_replicas=1,
     )
     recs = await Autoscaler(settings, fetch).evaluate()

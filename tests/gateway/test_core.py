@@ -16,7 +16,11 @@ MODEL = "smollm2"
 
 @pytest.fixture(scope="module")
 def model(tokenizer_path: Path) -> ServedModel:
-    return ServedModel.load(ModelSettings(name=MODEL, tokenizer_path=tokenizer_path, context_length=64, max_completion_tokens=32))
+    return ServedModel.load(
+        ModelSettings(
+            name=MODEL, tokenizer_path=tokenizer_path, context_length=64, max_completion_tokens=32
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +47,11 @@ def gen(**kw: object) -> GenerationRequest:
         (gen(prompt_text="word " * 100), InvalidRequest, "prompt"),
         (gen(sampling=Sampling(max_tokens=0)), InvalidRequest, "sampling.max_tokens"),
         (gen(sampling=Sampling(max_tokens=33)), InvalidRequest, "sampling.max_tokens"),
-        (gen(prompt_text="word " * 40, sampling=Sampling(max_tokens=30)), InvalidRequest, "sampling.max_tokens"),
+        (
+            gen(prompt_text="word " * 40, sampling=Sampling(max_tokens=30)),
+            InvalidRequest,
+            "sampling.max_tokens",
+        ),
         (gen(sampling=Sampling(temperature=-0.1)), InvalidRequest, "sampling.temperature"),
         (gen(sampling=Sampling(temperature=float("nan"))), InvalidRequest, "sampling.temperature"),
         (gen(sampling=Sampling(temperature=2.5)), InvalidRequest, "sampling.temperature"),
@@ -82,7 +90,9 @@ def test_valid_request_defaults(core: GatewayCore, model: ServedModel) -> None:
         (("END", "!"), ["hi", "!"], "hi", True),
     ],
 )
-def test_stop_matcher(stops: tuple[str, ...], chunks: list[str], emitted: str, stopped: bool) -> None:
+def test_stop_matcher(
+    stops: tuple[str, ...], chunks: list[str], emitted: str, stopped: bool
+) -> None:
     m = StopMatcher(stops)
     out = ""
     hit = False
@@ -96,7 +106,9 @@ def test_stop_matcher(stops: tuple[str, ...], chunks: list[str], emitted: str, s
     assert (out, hit) == (emitted, stopped)
 
 
-@pytest.mark.parametrize("text", ["The capital of France is Paris.", "naïve café ☕ 日本語", "a  b\n\tc"])
+@pytest.mark.parametrize(
+    "text", ["The capital of France is Paris.", "naïve café ☕ 日本語", "a  b\n\tc"]
+)
 def test_incremental_decoder_reassembles_text(model: ServedModel, text: str) -> None:
     ids = model.encode(text)
     dec = IncrementalDecoder(model)

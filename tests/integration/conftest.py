@@ -41,7 +41,10 @@ async def start_mesh(tokenizer_path: Path, **kw: object) -> Mesh:
             print(f"--- {svc.name} log ---\n{svc.log_tail()}")
         await mesh.stop()
         raise
-    chans = [grpc.aio.insecure_channel(mesh.services[n].address) for n in ("gateway", "orchestrator", "kv_registry")]
+    chans = [
+        grpc.aio.insecure_channel(mesh.services[n].address)
+        for n in ("gateway", "orchestrator", "kv_registry")
+    ]
     return Mesh(mesh, chans)
 
 
@@ -72,7 +75,9 @@ def metric(url: str, name: str, **labels: str) -> float:
     return total
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 15.0, what: str = "") -> None:
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout_s: float = 15.0, what: str = ""
+) -> None:
     """Poll a condition until it holds (the system converges asynchronously)."""
     deadline = time.monotonic() + timeout_s
     while not await check():

@@ -29,7 +29,9 @@ async def fmesh(tokenizer_path: Path) -> AsyncIterator[Mesh]:
 
 
 def long_request() -> pb.GenerateRequest:
-    return pb.GenerateRequest(model=MODEL, text="Count slowly", sampling=pb.SamplingParams(max_tokens=3000))
+    return pb.GenerateRequest(
+        model=MODEL, text="Count slowly", sampling=pb.SamplingParams(max_tokens=3000)
+    )
 
 
 async def test_graceful_drain_finishes_in_flight_stream(fmesh: Mesh, tokenizer_path: Path) -> None:
@@ -54,7 +56,9 @@ async def test_graceful_drain_finishes_in_flight_stream(fmesh: Mesh, tokenizer_p
         from llmmesh.gateway.v1 import gateway_pb2_grpc
 
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
-        req = pb.GenerateRequest(model=MODEL, text="Drain me", sampling=pb.SamplingParams(max_tokens=60))
+        req = pb.GenerateRequest(
+            model=MODEL, text="Drain me", sampling=pb.SamplingParams(max_tokens=60)
+        )
         call = stub.Generate(req, timeout=60)
         first = await call.read()
         assert first.HasField("delta")
@@ -91,7 +95,9 @@ async def test_replica_dying_mid_stream_gives_clear_error(fmesh: Mesh) -> None:
 
     await eventually(marked_unhealthy, what="orchestrator marks the dead replica unhealthy")
     # The surviving replica still serves.
-    req = pb.GenerateRequest(model=MODEL, text="still there?", sampling=pb.SamplingParams(max_tokens=4))
+    req = pb.GenerateRequest(
+        model=MODEL, text="still there?", sampling=pb.SamplingParams(max_tokens=4)
+    )
     msgs = [m async for m in fmesh.gateway.Generate(req, timeout=30)]
     assert msgs[-1].complete.replica_id != busy
 

@@ -19,8 +19,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")
 MODEL = "smollm2-135m-instruct"
 
 
-async def collect(mesh: Mesh, request: pb.GenerateRequest, timeout: float = 60) -> list[pb.GenerateResponse]:
-    return [m async for m in mesh.gateway.Generate(request, timeout=timeout)]
+async def collect(
+    mesh: Mesh, request: pb.GenerateRequest, deadline_s: float = 60
+) -> list[pb.GenerateResponse]:
+    return [m async for m in mesh.gateway.Generate(request, timeout=deadline_s)]
 
 
 async def test_list_models(mesh: Mesh) -> None:
@@ -52,7 +54,9 @@ async def test_stream_matches_emulator_tokens(mesh: Mesh) -> None:
 
 
 async def test_text_prompt_streams_text(mesh: Mesh) -> None:
-    req = pb.GenerateRequest(model=MODEL, text="The capital of France is", sampling=pb.SamplingParams(max_tokens=12))
+    req = pb.GenerateRequest(
+        model=MODEL, text="The capital of France is", sampling=pb.SamplingParams(max_tokens=12)
+    )
     msgs = await collect(mesh, req)
     text = "".join(m.delta.text for m in msgs if m.HasField("delta"))
     assert text.strip()
@@ -66,14 +70,20 @@ async def test_text_prompt_streams_text(mesh: Mesh) -> None:
         (pb.GenerateRequest(model="nope", text="hi"), grpc.StatusCode.NOT_FOUND, "model"),
         (pb.GenerateRequest(model=MODEL, text=""), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
         (pb.GenerateRequest(model=MODEL), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
-        (pb.GenerateRequest(model=MODEL, text="hi " * 9000), grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
+        (
+            pb.GenerateRequest(model=MODEL, text="hi " * 9000),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "prompt",
+        ),
         (
             pb.GenerateRequest(model=MODEL, text="hi", sampling=pb.SamplingParams(max_tokens=0)),
             grpc.StatusCode.INVALID_ARGUMENT,
             "sampling.max_tokens",
         ),
         (
-            pb.GenerateRequest(model=MODEL, text="hi", sampling=pb.SamplingParams(max_tokens=100000)),
+            pb.GenerateRequest(
+                model=MODEL, text="hi", sampling=pb.SamplingParams(max_tokens=100000)
+            ),
             grpc.StatusCode.INVALID_ARGUMENT,
             "sampling.max_tokens",
         ),
@@ -89,16 +99,20 @@ async def test_text_prompt_streams_text(mesh: Mesh) -> None:
         ),
     ],
 )
-async def test_bad_input(mesh: Mesh, request_: pb.GenerateRequest, code: grpc.StatusCode, field: str) -> None:
+async def test_bad_input(
+    mesh: Mesh, request_: pb.GenerateRequest, code: grpc.StatusCode, field: str
+) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await collect(mesh, request_, timeout=10)
+        await collect(mesh, request_, deadline_s=10)
     assert info.value.code() == code
     assert field in (info.value.details() or "")
 
 
 async def test_kv_events_reach_registry_and_repeat_hits_cache(mesh: Mesh) -> None:
     prompt = list(range(2000, 2000 + 32 * 6))  # 6 full blocks
-    req = pb.GenerateRequest(model=MODEL, token_ids=pb.TokenIds(ids=prompt), sampling=pb.SamplingParams(max_tokens=4))
+    req = pb.GenerateRequest(
+        model=MODEL, token_ids=pb.TokenIds(ids=prompt), sampling=pb.SamplingParams(max_tokens=4)
+    )
     first = (await collect(mesh, req))[-1].complete
 
     async def indexed() -> bool:
@@ -117,7 +131,9 @@ async def test_kv_events_reach_registry_and_repeat_hits_cache(mesh: Mesh) -> Non
 
 
 async def test_cancel_frees_replica_slot(mesh: Mesh) -> None:
-    req = pb.GenerateRequest(model=MODEL, text="Tell me a long story", sampling=pb.SamplingParams(max_tokens=4000))
+    req = pb.GenerateRequest(
+        model=MODEL, text="Tell me a long story", sampling=pb.SamplingParams(max_tokens=4000)
+    )
     call = mesh.gateway.Generate(req, timeout=120)
     got = 0
     async for msg in call:
@@ -135,7 +151,8 @@ async def test_cancel_frees_replica_slot(mesh: Mesh) -> None:
 
     async def engines_idle() -> bool:
         return all(
-            metric(t.metrics_url, "nv_trt_llm_request_metrics", request_type="active") == 0 for t in mesh.mesh.tritons
+            metric(t.metrics_url, "nv_trt_llm_request_metrics", request_type="active") == 0
+            for t in mesh.mesh.tritons
         )
 
     await eventually(engines_idle, what="engines report 0 active requests")

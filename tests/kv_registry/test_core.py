@@ -47,7 +47,10 @@ def test_matches_are_ordered_by_length() -> None:
     reg = make()
     reg.ingest("short", "e", CFG, [Stored(0, tuple(HASHES[:1]))])
     reg.ingest("long", "e", CFG, [Stored(0, tuple(HASHES[:3]))])
-    assert [(m.replica_id, m.matched_blocks) for m in reg.lookup(PROMPT).matches] == [("long", 3), ("short", 1)]
+    assert [(m.replica_id, m.matched_blocks) for m in reg.lookup(PROMPT).matches] == [
+        ("long", 3),
+        ("short", 1),
+    ]
 
 
 def test_removed_and_cleared() -> None:

@@ -26,8 +26,18 @@ def settings(n: int = 2, cap: int = 2, queue: int = 4) -> OrchestratorSettings:
     )
 
 
-def req(rid: str = "x", priority: Priority = Priority.STANDARD, model: str = "tensorrt_llm") -> AdmissionRequest:
-    return AdmissionRequest(request_id=rid, model=model, prompt_token_ids=[1, 2, 3], max_tokens=4, priority=priority)
+def req(
+    rid: str = "x", priority: Priority = Priority.STANDARD, model: str = "tensorrt_llm"
+) -> AdmissionRequest:
+    return AdmissionRequest(
+        request_id=rid, model=model, prompt_token_ids=[1, 2, 3], max_tokens=4, priority=priority
+    )
+
+
+async def assert_queued(core: Orchestrator, depth: int) -> None:
+    """One loop tick lets freshly created admit tasks reach the queue."""
+    await asyncio.sleep(0)
+    assert core.queue_depth == depth
 
 
 async def ready_core(n: int = 2, cap: int = 2, queue: int = 4) -> tuple[Orchestrator, FakeProbe]:
@@ -77,8 +87,7 @@ async def test_queue_waits_for_a_slot_then_grants() -> None:
     core, _ = await ready_core(n=1, cap=1)
     first = await core.admit(req("a"), 1.0)
     waiting = asyncio.create_task(core.admit(req("b"), 5.0))
-    while core.queue_depth == 0:
-        await asyncio.sleep(0)
+    await assert_queued(core, 1)
     assert not waiting.done()
     core.complete(first.lease_id, Outcome.SUCCESS)
     second = await waiting
@@ -90,11 +99,9 @@ async def test_priority_order_in_queue() -> None:
     core, _ = await ready_core(n=1, cap=1)
     first = await core.admit(req("a"), 1.0)
     batch = asyncio.create_task(core.admit(req("batch", Priority.BATCH), 5.0))
-    while core.queue_depth < 1:
-        await asyncio.sleep(0)
+    await assert_queued(core, 1)
     interactive = asyncio.create_task(core.admit(req("int", Priority.INTERACTIVE), 5.0))
-    while core.queue_depth < 2:
-        await asyncio.sleep(0)
+    await assert_queued(core, 2)
     core.complete(first.lease_id, Outcome.SUCCESS)
     granted = await interactive
     assert not batch.done()
@@ -106,8 +113,7 @@ async def test_queue_full_gives_retry_after() -> None:
     core, _ = await ready_core(n=1, cap=1, queue=1)
     await core.admit(req("a"), 1.0)
     queued = asyncio.create_task(core.admit(req("b"), 5.0))
-    while core.queue_depth == 0:
-        await asyncio.sleep(0)
+    await assert_queued(core, 1)
     with pytest.raises(QueueFull) as info:
         await core.admit(req("c"), 1.0)
     assert info.value.retry_after_s is not None
@@ -122,8 +128,7 @@ async def test_queue_timeout_and_cancellation_leave_queue() -> None:
         await core.admit(req("b"), 0.01)
     assert core.queue_depth == 0
     task = asyncio.create_task(core.admit(req("c"), 5.0))
-    while core.queue_depth == 0:
-        await asyncio.sleep(0)
+    await assert_queued(core, 1)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -146,8 +151,7 @@ async def test_waiters_fail_when_last_replica_goes_down() -> None:
     core, probe = await ready_core(n=1, cap=1)
     await core.admit(req("a"), 1.0)
     waiting = asyncio.create_task(core.admit(req("b"), 5.0))
-    while core.queue_depth == 0:
-        await asyncio.sleep(0)
+    await assert_queued(core, 1)
     probe.ready_ids.clear()
     await core.probe_once()
     with pytest.raises(NoReplicaReady):
@@ -159,3 +163,19 @@ async def test_unknown_model_is_unavailable() -> None:
     core, _ = await ready_core()
     with pytest.raises(NoReplicaReady):
         await core.admit(req(model="other"), 1.0)
+
+
+async def test_sync_replicas_adds_and_drains_removed() -> None:
+    core, probe = await ready_core(n=2, cap=4)
+    lease = await core.admit(req(), 1.0)
+    gone = lease.replica.id
+    keep = next(st.spec for st in core.replicas() if st.spec.id != gone)
+    new = ReplicaSpec(id="r9", grpc_address="127.0.0.1:9009")
+    core.sync_replicas([keep, new])
+    assert {st.spec.id for st in core.replicas()} == {keep.id, "r9"}
+    probe.ready_ids.add("r9")
+    await core.probe_once()
+    for i in range(4):
+        assert (await core.admit(req(str(i)), 1.0)).replica.id != gone
+    # the removed replica's lease still completes cleanly
+    assert core.complete(lease.lease_id, Outcome.SUCCESS)

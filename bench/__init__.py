@@ -1,0 +1,1 @@
+"""llmmesh benchmarks: each prints a table and writes JSON under bench-results/."""

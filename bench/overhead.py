@@ -1,0 +1,255 @@
+"""`make bench-overhead`: what the mesh adds on top of Triton.
+
+Same run, same engines (emulated Triton replicas on this machine):
+- direct: the gateway's own Triton streaming client straight to a replica (no gateway process,
+  no orchestrator);
+- mesh: the gateway's gRPC API (gateway → orchestrator Admit → Triton stream → relay);
+- bare: a bare grpc.aio server streaming the same number of messages per request, with no work
+  per message: the ceiling for relay throughput in one Python process.
+At 1, 32 and 128 concurrent streams: TTFT p50/p99 (direct vs mesh, and the difference) and
+tokens/s relayed; ratios are against numbers measured in this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import grpc
+
+from llmmesh.gateway.v1 import gateway_pb2 as pb
+from llmmesh.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from llmmesh.localmesh import MODEL_NAME, LocalMesh, MeshOptions
+from services.gateway.triton_stream import EngineRequest, TritonPool
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Sample:
+    ttft_s: float
+    tokens: int
+    total_s: float
+
+
+@dataclass
+class Row:
+    path: str
+    concurrency: int
+    requests: int
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    tokens_per_s: float
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+async def run_level(
+    one: Callable[[int], Awaitable[Sample]], concurrency: int, requests: int
+) -> tuple[list[Sample], float]:
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(requests):
+        queue.put_nowait(i)
+    out: list[Sample] = []
+
+    async def worker() -> None:
+        while not queue.empty():
+            out.append(await one(queue.get_nowait()))
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return out, time.perf_counter() - start
+
+
+class BareStreamer:
+    """A bare grpc.aio server that streams `n` GenerateResponse messages per call."""
+
+    def __init__(self, tokens: int):
+        self.tokens = tokens
+        self.server = grpc.aio.server()
+        self.port = 0
+
+    async def start(self) -> None:
+        tokens = self.tokens
+
+        async def generate(
+            request: pb.GenerateRequest, context: object
+        ) -> AsyncIterator[pb.GenerateResponse]:
+            for i in range(tokens):
+                yield pb.GenerateResponse(
+                    request_id=request.request_id,
+                    delta=pb.TokenDelta(text="x", token_ids=[i], offset=i),
+                )
+
+        handler = grpc.method_handlers_generic_handler(
+            "llmmesh.gateway.v1.GatewayService",
+            {
+                "Generate": grpc.unary_stream_rpc_method_handler(
+                    generate,
+                    request_deserializer=pb.GenerateRequest.FromString,
+                    response_serializer=pb.GenerateResponse.SerializeToString,
+                )
+            },
+        )
+        self.server.add_generic_rpc_handlers((handler,))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    prompt = list(range(1000, 1000 + args.prompt_tokens))
+    mesh = LocalMesh(MeshOptions(replicas=args.replicas, time_scale=args.time_scale, log_json=True))
+    await mesh.start()
+    rows: list[Row] = []
+    try:
+        gw_channel = grpc.aio.insecure_channel(mesh.services["gateway"].address)
+        gateway = pb_grpc.GatewayServiceStub(gw_channel)
+        pool = TritonPool()
+        bare = BareStreamer(args.output_tokens)
+        await bare.start()
+        bare_channel = grpc.aio.insecure_channel(f"127.0.0.1:{bare.port}")
+        bare_stub = pb_grpc.GatewayServiceStub(bare_channel)
+
+        async def via_stub(stub: pb_grpc.GatewayServiceAsyncStub, i: int) -> Sample:
+            req = pb.GenerateRequest(
+                model=MODEL_NAME,
+                token_ids=pb.TokenIds(ids=prompt),
+                sampling=pb.SamplingParams(max_tokens=args.output_tokens, seed=i),
+                request_id=f"bench-{time.perf_counter_ns()}",
+            )
+            start = time.perf_counter()
+            first = 0.0
+            n = 0
+            async for msg in stub.Generate(req, timeout=300):
+                if msg.HasField("delta") and msg.delta.token_ids:
+                    if n == 0:
+                        first = time.perf_counter() - start
+                    n += len(msg.delta.token_ids)
+            return Sample(first, n, time.perf_counter() - start)
+
+        async def direct(i: int) -> Sample:
+            address = mesh.tritons[i % len(mesh.tritons)].grpc_address
+            er = EngineRequest(
+                f"d{i}-{time.perf_counter_ns()}",
+                "tensorrt_llm",
+                prompt,
+                args.output_tokens,
+                2,
+                1.0,
+                1.0,
+                0,
+                i,
+            )
+            start = time.perf_counter()
+            first = 0.0
+            n = 0
+            async for chunk in pool.stream(address, er, timeout_s=300):
+                if chunk.token_ids:
+                    if n == 0:
+                        first = time.perf_counter() - start
+                    n += len(chunk.token_ids)
+            return Sample(first, n, time.perf_counter() - start)
+
+        paths: dict[str, Callable[[int], Awaitable[Sample]]] = {
+            "triton-direct": direct,
+            "mesh (gateway gRPC)": lambda i: via_stub(gateway, i),
+            "bare grpc.aio": lambda i: via_stub(bare_stub, i),
+        }
+        # Warm up channels, tokenizers and engines.
+        for fn in paths.values():
+            await run_level(fn, 2, 4)
+        for conc in args.concurrency:
+            requests = max(args.min_requests, conc * args.rounds)
+            for name, fn in paths.items():
+                samples, wall = await run_level(fn, conc, requests)
+                ttfts = [s.ttft_s * 1000 for s in samples]
+                rows.append(
+                    Row(
+                        name,
+                        conc,
+                        requests,
+                        pct(ttfts, 0.5),
+                        pct(ttfts, 0.99),
+                        sum(s.tokens for s in samples) / wall,
+                    )
+                )
+                print(f"  measured {name} x{conc}", flush=True)
+        await pool.close()
+        await gw_channel.close(None)
+        await bare_channel.close(None)
+        await bare.server.stop(None)
+    finally:
+        await mesh.stop()
+
+    summary = []
+    print()
+    print(
+        f"{'streams':>7} | {'path':<20} | {'TTFT p50 ms':>11} | {'TTFT p99 ms':>11} | {'tokens/s':>9}"
+    )
+    print("-" * 72)
+    for r in rows:
+        print(
+            f"{r.concurrency:>7} | {r.path:<20} | {r.ttft_p50_ms:>11.2f} | {r.ttft_p99_ms:>11.2f} | {r.tokens_per_s:>9.0f}"
+        )
+    print()
+    print(
+        f"{'streams':>7} | {'added TTFT p50 ms':>17} | {'added TTFT p99 ms':>17} | {'mesh/direct tok/s':>17} | {'mesh/bare tok/s':>15}"
+    )
+    print("-" * 86)
+    by = {(r.path, r.concurrency): r for r in rows}
+    for conc in args.concurrency:
+        d, m, b = (
+            by[("triton-direct", conc)],
+            by[("mesh (gateway gRPC)", conc)],
+            by[("bare grpc.aio", conc)],
+        )
+        s = {
+            "concurrency": conc,
+            "added_ttft_p50_ms": m.ttft_p50_ms - d.ttft_p50_ms,
+            "added_ttft_p99_ms": m.ttft_p99_ms - d.ttft_p99_ms,
+            "mesh_over_direct_throughput": m.tokens_per_s / d.tokens_per_s,
+            "mesh_over_bare_throughput": m.tokens_per_s / b.tokens_per_s,
+        }
+        summary.append(s)
+        print(
+            f"{conc:>7} | {s['added_ttft_p50_ms']:>17.2f} | {s['added_ttft_p99_ms']:>17.2f} | "
+            f"{s['mesh_over_direct_throughput']:>17.2f} | {s['mesh_over_bare_throughput']:>15.2f}"
+        )
+    out_dir = ROOT / "bench-results"
+    out_dir.mkdir(exist_ok=True)
+    out = out_dir / "overhead.json"
+    out.write_text(
+        json.dumps(
+            {"args": vars(args), "rows": [asdict(r) for r in rows], "summary": summary}, indent=2
+        )
+    )
+    print(f"\nwrote {out}")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument(
+        "--time-scale", type=float, default=0.1, help="Emulator time scale (engine speed)."
+    )
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 128])
+    parser.add_argument("--rounds", type=int, default=2, help="Requests per stream at each level.")
+    parser.add_argument("--min-requests", type=int, default=32)
+    import uvloop
+
+    return uvloop.run(main_async(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
