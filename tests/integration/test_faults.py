@@ -6,6 +6,7 @@ import asyncio
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
@@ -26,6 +27,19 @@ async def fmesh(tokenizer_path: Path) -> AsyncIterator[Mesh]:
     yield m
     await m.close()
     await m.mesh.stop()
+
+
+async def read_one(call: object) -> pb.GenerateResponse | None:
+    """Next message of a server-streaming call, None at the end of the stream."""
+    msg = await call.read()  # type: ignore[attr-defined]
+    return None if msg is grpc.aio.EOF else cast(pb.GenerateResponse, msg)  # type: ignore[attr-defined]
+
+
+async def read_all(call: object) -> list[pb.GenerateResponse]:
+    out = []
+    while (msg := await read_one(call)) is not None:
+        out.append(msg)
+    return out
 
 
 def long_request() -> pb.GenerateRequest:
@@ -60,10 +74,11 @@ async def test_graceful_drain_finishes_in_flight_stream(fmesh: Mesh, tokenizer_p
             model=MODEL, text="Drain me", sampling=pb.SamplingParams(max_tokens=60)
         )
         call = stub.Generate(req, timeout=60)
-        first = await call.read()
+        first = await read_one(call)
+        assert first is not None
         assert first.HasField("delta")
         gw2.signal(signal.SIGTERM)
-        rest = [m async for m in call]
+        rest = await read_all(call)
         assert rest[-1].HasField("complete")
         assert rest[-1].complete.usage.completion_tokens == 60
         # A new request after SIGTERM is refused, not hung.
@@ -77,15 +92,15 @@ async def test_graceful_drain_finishes_in_flight_stream(fmesh: Mesh, tokenizer_p
 
 async def test_replica_dying_mid_stream_gives_clear_error(fmesh: Mesh) -> None:
     call = fmesh.gateway.Generate(long_request(), timeout=60)
-    first = await call.read()
+    first = await read_one(call)
+    assert first is not None
     assert first.HasField("delta")
     resp = await fmesh.orchestrator.ListReplicas(orch_pb.ListReplicasRequest(), timeout=5)
     busy = next(r.replica.id for r in resp.replicas if r.in_flight > 0)
     idx = fmesh.mesh.replica_ids.index(busy)
     fmesh.mesh.tritons[idx].kill()
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        async for _ in call:
-            pass
+        await read_all(call)
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert busy in (info.value.details() or "")
 

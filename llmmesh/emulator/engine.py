@@ -1,0 +1,262 @@
+"""The engine: a scheduler driven by a background thread in (scaled) real time.
+
+Each iteration: check cancellations (every `cancellation_check_period_ms`), run one scheduler step,
+wait until `start + modelled_duration * time_scale`, then hand the step's tokens to the request sinks
+and its KV events to `on_events`. Every sink call happens on the engine thread, so one request's
+callbacks never reorder; sinks must not block for long, and a sink that raises has its request
+cancelled. (A separate delivery thread was tried: under the GIL it made the Python backend slower.)
+Time comes from a `Clock`, so tests can run the same loop on virtual time, or call `run_step()`
+themselves without starting the thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from llmmesh.emulator.cost_model import get_profile
+from llmmesh.emulator.events import KvEvent
+from llmmesh.emulator.kv_cache import PagedKvCache
+from llmmesh.emulator.scheduler import (
+    EngineMetrics,
+    GenerationRequest,
+    RequestRejectedError,
+    Scheduler,
+    SchedulerConfig,
+    StepResult,
+    TokenOutput,
+)
+from llmmesh.emulator.settings import EmulatorSettings
+from llmmesh.kvblocks import BlockConfig
+
+log = logging.getLogger(__name__)
+
+
+class Clock(Protocol):
+    def monotonic_ns(self) -> int: ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+
+class RealClock:
+    def monotonic_ns(self) -> int:
+        return time.monotonic_ns()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class VirtualClock:
+    """Time advances only when someone sleeps: the engine runs as fast as the CPU allows while its
+    timestamps follow the cost model exactly."""
+
+    def __init__(self, start_ns: int = 1) -> None:
+        self._now = start_ns
+        self._lock = threading.Lock()
+
+    def monotonic_ns(self) -> int:
+        with self._lock:
+            return self._now
+
+    def sleep(self, seconds: float) -> None:
+        with self._lock:
+            self._now += max(0, int(seconds * 1e9))
+
+
+class RequestSink(Protocol):
+    """Where one request's results go. Exactly one of on_token(finished=True), on_error or
+    on_cancelled ends a request."""
+
+    def on_token(self, output: TokenOutput) -> None: ...
+
+    def on_error(self, message: str) -> None: ...
+
+    def on_cancelled(self) -> None: ...
+
+    def is_cancelled(self) -> bool: ...
+
+
+EventCallback = Callable[[Sequence[KvEvent]], None]
+
+
+class Engine:
+    def __init__(
+        self,
+        settings: EmulatorSettings,
+        block_config: BlockConfig,
+        *,
+        clock: Clock | None = None,
+        on_events: EventCallback | None = None,
+    ) -> None:
+        self.settings = settings
+        self.block_config = block_config
+        self.epoch = uuid.uuid4().hex
+        self.clock: Clock = clock if clock is not None else RealClock()
+        self.on_events = on_events
+        self.scheduler = Scheduler(
+            SchedulerConfig(settings.max_batch_size, settings.max_num_tokens),
+            PagedKvCache(settings.num_kv_blocks, block_config),
+            get_profile(settings.cost_profile),
+            settings,
+            time_scale=settings.time_scale,
+        )
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._sinks: dict[str, RequestSink] = {}
+        # Sinks of cancelled requests, told on the engine thread after any token already
+        # produced for them, so a request's callbacks never reorder.
+        self._cancelled: list[RequestSink] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._cancel_period_ns = int(settings.cancellation_check_period_ms * 1e6)
+        self._next_cancel_check = 0
+        self._anchor_ns: int | None = None
+        self._last_step_ns = 0
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        self._thread = threading.Thread(target=self._run, name="emulator-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the loop; requests still in flight end with an error."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        with self._lock:
+            left = list(self._sinks.items())
+            self._sinks.clear()
+            for rid, _ in left:
+                self.scheduler.cancel(rid)
+        self._notify_cancelled()
+        for _, sink in left:
+            _call(sink.on_error, "engine stopped")
+
+    # ----------------------------------------------------------------- requests
+    def submit(self, request: GenerationRequest, sink: RequestSink) -> None:
+        """Queue a request; raises `RequestRejectedError` if it is invalid or can never fit."""
+        with self._wake:
+            if self._stopping:
+                raise RequestRejectedError("engine is stopping")
+            self.scheduler.submit(request, self.clock.monotonic_ns())
+            self._sinks[request.request_id] = sink
+            self._wake.notify_all()
+
+    def cancel(self, request_id: str) -> bool:
+        """Cancel now: the batch slot and KV blocks are freed at once; the sink's on_cancelled()
+        runs on the engine thread. False if the request is not in flight."""
+        with self._wake:
+            sink = self._sinks.pop(request_id, None)
+            if sink is None:
+                return False
+            self.scheduler.cancel(request_id)
+            self._cancelled.append(sink)
+            self._wake.notify_all()
+        return True
+
+    def metrics(self) -> EngineMetrics:
+        with self._lock:
+            return self.scheduler.metrics()
+
+    def snapshot(self) -> list[KvEvent]:
+        """Cleared + stored events for every cached block, numbered in this epoch's sequence."""
+        with self._lock:
+            return self.scheduler.cache.snapshot()
+
+    # ----------------------------------------------------------------- loop
+    def run_step(self) -> StepResult | None:
+        """One iteration: cancellation check, step, wait, delivery. None when idle."""
+        self._check_cancellations()
+        self._notify_cancelled()
+        now = self.clock.monotonic_ns()
+        # Pace against the previous step's deadline, so the time spent delivering its tokens
+        # counts towards this step (up to one step's worth; beyond that the engine runs late).
+        anchor = self._anchor_ns
+        start = anchor if anchor is not None and 0 <= now - anchor <= self._last_step_ns else now
+        with self._lock:
+            if not self.scheduler.has_work:
+                self._anchor_ns = None
+                return None
+            result = self.scheduler.step(start)
+        self._last_step_ns = int(result.duration_s * self.settings.time_scale * 1e9)
+        deadline = start + self._last_step_ns
+        remaining = deadline - self.clock.monotonic_ns()
+        if remaining > 0:
+            self.clock.sleep(remaining / 1e9)
+        self._anchor_ns = deadline
+        self._deliver(result)
+        self._notify_cancelled()
+        return result
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self.scheduler.has_work and not self._cancelled:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            try:
+                self.run_step()
+            except Exception:  # keep serving other requests; the failing step is logged
+                log.exception("engine step failed")
+
+    def _deliver(self, result: StepResult) -> None:
+        with self._lock:
+            targets: list[tuple[TokenOutput, RequestSink]] = []
+            for out in result.outputs:
+                sink = (
+                    self._sinks.pop(out.request_id, None)
+                    if out.finished
+                    else self._sinks.get(out.request_id)
+                )
+                if sink is not None:  # None: cancelled while the step ran
+                    targets.append((out, sink))
+        for out, sink in targets:
+            try:
+                sink.on_token(out)
+            except Exception:
+                log.exception("sink of request %s failed; cancelling it", out.request_id)
+                if not out.finished:
+                    self.cancel(out.request_id)
+        if result.events and self.on_events is not None:
+            try:
+                self.on_events(result.events)
+            except Exception:
+                log.exception("KV event callback failed")
+
+    def _notify_cancelled(self) -> None:
+        with self._lock:
+            sinks, self._cancelled = self._cancelled, []
+        for sink in sinks:
+            _call(sink.on_cancelled)
+
+    def _check_cancellations(self) -> None:
+        now = self.clock.monotonic_ns()
+        if now < self._next_cancel_check:
+            return
+        self._next_cancel_check = now + self._cancel_period_ns
+        with self._lock:
+            sinks = list(self._sinks.items())
+        for rid, sink in sinks:
+            try:
+                cancelled = sink.is_cancelled()
+            except Exception:
+                log.exception("is_cancelled() of request %s failed; cancelling it", rid)
+                cancelled = True
+            if cancelled:
+                self.cancel(rid)
+
+
+def _call(fn: Callable[..., None], *args: object) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("request sink callback failed")

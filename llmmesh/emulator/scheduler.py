@@ -1,0 +1,285 @@
+"""Iteration-level (in-flight batching) scheduler over the paged KV cache.
+
+One `step()` is one engine iteration:
+
+1. admit waiting requests first-come-first-served while the batch has room (`max_batch_size`), the
+   iteration's token budget (`max_num_tokens`) allows the prompt, and the KV cache can reserve the
+   whole sequence; the first request that does not fit blocks the ones behind it (FCFS);
+2. run prefill for the newly admitted requests (producing their first token) and one decode token
+   for every request that was already running;
+3. retire finished requests (their blocks stay cached for reuse).
+
+`cancel()` takes effect immediately (slot and blocks are freed at once). A request that could never
+run (longer than the whole cache, or than `max_num_tokens` without chunked context) is rejected by
+`submit()` with `RequestRejectedError`. The scheduler is pure and single-threaded: time comes in as
+an argument and the modelled duration of the step goes out in `StepResult.duration_s`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from llmmesh.emulator.cost_model import CostProfile, StepShape, decode_shape, prefill_shape
+from llmmesh.emulator.events import KvEvent
+from llmmesh.emulator.kv_cache import PagedKvCache, SequenceBlocks
+from llmmesh.emulator.tokens import TokenStream, VocabRange
+
+
+class RequestRejectedError(ValueError):
+    """The request is invalid or can never be scheduled on this engine."""
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    max_new_tokens: int
+    seed: int = 0
+    end_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_batch_size: int
+    max_num_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTimes:
+    """Monotonic-clock timestamps in ns (TensorRT-LLM's `*_time_ns` perf metrics); 0 = not yet."""
+
+    arrival_ns: int
+    first_scheduled_ns: int
+    first_token_ns: int
+    last_token_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenOutput:
+    request_id: str
+    index: int
+    token_id: int
+    finished: bool
+    blocks: SequenceBlocks
+    times: RequestTimes
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    outputs: list[TokenOutput]
+    events: list[KvEvent]
+    duration_s: float
+    num_context: int
+    num_generation: int
+    shape: StepShape
+
+    @property
+    def num_scheduled(self) -> int:
+        return self.num_context + self.num_generation
+
+
+@dataclass(frozen=True, slots=True)
+class EngineMetrics:
+    """Values of the TensorRT-LLM backend gauges."""
+
+    active: int
+    max_active: int
+    scheduled: int
+    context: int
+    waiting: int
+    kv_max_blocks: int
+    kv_free_blocks: int
+    kv_used_blocks: int
+    kv_tokens_per_block: int
+    kv_reused_blocks: int
+
+    def request_metrics(self) -> dict[str, float]:
+        """`nv_trt_llm_request_metrics` by `request_type`."""
+        return {
+            "active": self.active,
+            "max": self.max_active,
+            "scheduled": self.scheduled,
+            "context": self.context,
+            "waiting": self.waiting,
+        }
+
+    def kv_cache_block_metrics(self) -> dict[str, float]:
+        """`nv_trt_llm_kv_cache_block_metrics` by `kv_cache_block_type`."""
+        return {
+            "max": self.kv_max_blocks,
+            "free": self.kv_free_blocks,
+            "used": self.kv_used_blocks,
+            "tokens_per": self.kv_tokens_per_block,
+            "reused": self.kv_reused_blocks,
+            "fraction": self.kv_used_blocks / self.kv_max_blocks,
+        }
+
+
+@dataclass(slots=True)
+class _Running:
+    req: GenerationRequest
+    tokens: TokenStream
+    arrival_ns: int
+    first_scheduled_ns: int = 0
+    first_token_ns: int = 0
+    last_token_ns: int = 0
+    generated: int = 0
+    context_tokens: int = 0
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        cache: PagedKvCache,
+        cost: CostProfile,
+        vocab: VocabRange,
+        *,
+        time_scale: float = 1.0,
+    ) -> None:
+        """`time_scale` only affects the token timestamps (modelled duration * time_scale)."""
+        self.config = config
+        self.time_scale = time_scale
+        self.cache = cache
+        self.cost = cost
+        self.vocab = vocab
+        self._waiting: OrderedDict[str, _Running] = OrderedDict()
+        self._running: OrderedDict[str, _Running] = OrderedDict()
+        self._last_scheduled = 0
+        self._last_context = 0
+
+    # ----------------------------------------------------------------- requests
+    def validate(self, req: GenerationRequest) -> None:
+        """Raise `RequestRejectedError` unless the request could run on an idle engine."""
+        n = len(req.prompt_ids)
+        if n == 0:
+            raise RequestRejectedError("input_ids must hold at least one token")
+        if req.max_new_tokens <= 0:
+            raise RequestRejectedError(
+                f"request_output_len must be positive, got {req.max_new_tokens}"
+            )
+        if n > self.config.max_num_tokens:
+            raise RequestRejectedError(
+                f"prompt of {n} tokens exceeds max_num_tokens={self.config.max_num_tokens} "
+                "(chunked context is not enabled)"
+            )
+        need = self.cache.blocks_for_tokens(n + req.max_new_tokens)
+        if need > self.cache.num_blocks:
+            raise RequestRejectedError(
+                f"prompt ({n}) + request_output_len ({req.max_new_tokens}) tokens need {need} KV "
+                f"blocks of {self.cache.block_size} tokens, the cache holds {self.cache.num_blocks}"
+            )
+        if req.request_id in self._waiting or req.request_id in self._running:
+            raise RequestRejectedError(f"request id {req.request_id!r} is already in flight")
+
+    def submit(self, req: GenerationRequest, now_ns: int = 0) -> None:
+        self.validate(req)
+        tokens = TokenStream.for_prompt(req.seed, req.prompt_ids, self.vocab, req.end_id)
+        self._waiting[req.request_id] = _Running(req, tokens, arrival_ns=now_ns)
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a waiting or running request now; False if it is not in flight."""
+        if self._waiting.pop(request_id, None) is not None:
+            return True
+        if self._running.pop(request_id, None) is not None:
+            self.cache.release(request_id)
+            return True
+        return False
+
+    def in_flight(self) -> list[str]:
+        return [*self._running, *self._waiting]
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # ----------------------------------------------------------------- iteration
+    def step(self, now_ns: int = 0) -> StepResult:
+        shape = StepShape()
+        outputs: list[TokenOutput] = []
+        # Decode for sequences that were running before this step.
+        decoding = list(self._running.values())
+        for r in decoding:
+            shape = shape + decode_shape(r.context_tokens)
+        budget = self.config.max_num_tokens - len(decoding)
+        # Admission + prefill, FCFS.
+        admitted: list[_Running] = []
+        while self._waiting and len(self._running) < self.config.max_batch_size:
+            rid, r = next(iter(self._waiting.items()))
+            cached = len(self.cache.match_prefix(r.req.prompt_ids)) * self.cache.block_size
+            new_tokens = len(r.req.prompt_ids) - cached
+            if new_tokens > budget:
+                break
+            blocks = self.cache.try_admit(rid, r.req.prompt_ids, r.req.max_new_tokens)
+            if blocks is None:
+                break
+            del self._waiting[rid]
+            self._running[rid] = r
+            budget -= new_tokens
+            r.first_scheduled_ns = now_ns
+            r.context_tokens = len(r.req.prompt_ids)
+            shape = shape + prefill_shape(new_tokens, blocks.reused_blocks * self.cache.block_size)
+            admitted.append(r)
+        duration = self.cost.step_time_s(shape)
+        done_ns = now_ns + int(duration * self.time_scale * 1e9)
+        for r in decoding + admitted:
+            outputs.append(self._emit(r, done_ns))
+        self._last_scheduled = len(decoding) + len(admitted)
+        self._last_context = len(admitted)
+        return StepResult(
+            outputs=outputs,
+            events=self.cache.drain_events(),
+            duration_s=duration,
+            num_context=len(admitted),
+            num_generation=len(decoding),
+            shape=shape,
+        )
+
+    def _emit(self, r: _Running, t_ns: int) -> TokenOutput:
+        rid = r.req.request_id
+        tok = r.tokens.token(r.generated)
+        index = r.generated
+        r.generated += 1
+        finished = r.generated >= r.req.max_new_tokens
+        if r.first_token_ns == 0:
+            r.first_token_ns = t_ns
+        r.last_token_ns = t_ns
+        # The sampled token joins the sequence (its KV is written when it is next fed back).
+        self.cache.append_token(rid, tok)
+        r.context_tokens += 1
+        blocks = self.cache.sequence_blocks(rid)
+        if finished:
+            del self._running[rid]
+            self.cache.release(rid)
+        return TokenOutput(
+            request_id=rid,
+            index=index,
+            token_id=tok,
+            finished=finished,
+            blocks=blocks,
+            times=RequestTimes(r.arrival_ns, r.first_scheduled_ns, r.first_token_ns, t_ns),
+        )
+
+    def metrics(self) -> EngineMetrics:
+        idle = not self.has_work
+        return EngineMetrics(
+            active=len(self._running),
+            max_active=self.config.max_batch_size,
+            scheduled=0 if idle else self._last_scheduled,
+            context=0 if idle else self._last_context,
+            waiting=len(self._waiting),
+            kv_max_blocks=self.cache.num_blocks,
+            kv_free_blocks=self.cache.num_free,
+            kv_used_blocks=self.cache.num_used,
+            kv_tokens_per_block=self.cache.block_size,
+            kv_reused_blocks=self.cache.reused_blocks_total,
+        )

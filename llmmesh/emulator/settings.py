@@ -1,0 +1,110 @@
+"""Settings of the engine emulator (the `tensorrt_llm` Python-backend model in
+`model_repository/emulator`). Read from `LLMMESH_EMULATOR_*` in the Triton process environment.
+Block identity (block size, hash seed) is *not* here: it comes from
+`llmmesh.common.settings.KvBlockSettings` (`LLMMESH_KV_*`), shared with the KV registry."""
+
+from __future__ import annotations
+
+import socket
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from llmmesh.emulator.cost_model import PROFILES
+
+DEFAULT_COST_PROFILE = "llama-3.1-8b-h100-bf16"
+
+
+class EmulatorSettings(BaseSettings):
+    """Engine emulator knobs; defaults describe one Llama-3.1-8B BF16 replica on one H100 SXM."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMMESH_EMULATOR_", extra="ignore")
+
+    replica_id: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        description="Name of this replica in KV events (the pod name in Kubernetes); default: hostname.",
+    )
+    kv_registry_address: str | None = Field(
+        default=None,
+        description="host:port of the kv_registry gRPC service; KV event publishing is off when unset.",
+    )
+    max_batch_size: int = Field(
+        default=64,
+        gt=0,
+        description="Most sequences in flight at once (TensorRT-LLM `max_batch_size`).",
+    )
+    num_kv_blocks: int = Field(
+        default=12800,
+        gt=0,
+        description=(
+            "KV-cache capacity in blocks. Default: (80e9 B HBM - 16.06e9 B weights - ~4e9 B "
+            "activations/runtime) * 0.9 (`kv_cache_free_gpu_mem_fraction`) / (131072 B/token * 32 "
+            "tokens/block) ~= 12.8k blocks."
+        ),
+    )
+    max_num_tokens: int = Field(
+        default=8192,
+        gt=0,
+        description=(
+            "Most tokens one iteration may process (prefill tokens + one per decoding sequence), "
+            "TensorRT-LLM `max_num_tokens`. Without chunked context a longer prompt is rejected."
+        ),
+    )
+    cost_profile: str = Field(
+        default=DEFAULT_COST_PROFILE,
+        description=f"Named step-time model, one of: {', '.join(sorted(PROFILES))}.",
+    )
+    time_scale: float = Field(
+        default=1.0,
+        ge=0,
+        description="Multiplier on modelled step time before sleeping (0.01 = 100x faster, 0 = no waiting).",
+    )
+    vocab_min: int = Field(
+        default=100,
+        ge=0,
+        description="Smallest generated token id (SmolLM2's special tokens are ids 0..16).",
+    )
+    vocab_max: int = Field(
+        default=49152,
+        gt=0,
+        description="One past the largest generated token id (SmolLM2 vocabulary size 49152).",
+    )
+    cancellation_check_period_ms: float = Field(
+        default=20.0,
+        gt=0,
+        description="How often the engine asks Triton whether in-flight requests were cancelled.",
+    )
+    metrics_interval_ms: float = Field(
+        default=100.0,
+        gt=0,
+        description="How often the model copies engine statistics into the nv_trt_llm_* gauges.",
+    )
+    publish_max_batch: int = Field(
+        default=512,
+        gt=0,
+        description="Most KV events per PublishEvents call.",
+    )
+    publish_interval_ms: float = Field(
+        default=20.0,
+        gt=0,
+        description="How long the publisher waits to fill a batch before sending what it has.",
+    )
+    publish_queue_size: int = Field(
+        default=65536,
+        gt=0,
+        description="Bound of the publisher queue; on overflow events are dropped and a snapshot is sent.",
+    )
+    publish_timeout_s: float = Field(
+        default=2.0, gt=0, description="Deadline of one PublishEvents call."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> EmulatorSettings:
+        if self.vocab_min >= self.vocab_max:
+            raise ValueError(f"vocab_min ({self.vocab_min}) must be < vocab_max ({self.vocab_max})")
+        if self.cost_profile not in PROFILES:
+            raise ValueError(
+                f"unknown cost_profile {self.cost_profile!r}; known: {', '.join(sorted(PROFILES))}"
+            )
+        return self

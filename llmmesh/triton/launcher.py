@@ -1,0 +1,368 @@
+"""Run a real `tritonserver` (the 2.51 binary shipped in the nvidia-pytriton wheel).
+
+    python -m llmmesh.triton.launcher install-stub
+    python -m llmmesh.triton.launcher serve --model-repository model_repository/emulator
+
+Requirements the environment must meet, all handled here:
+- the Python backend stub for this interpreter's version is copied into backends/python
+  (`install_python_backend_stub`, idempotent; copying keeps the stub's RPATH working);
+- `LD_LIBRARY_PATH` starts with this interpreter's LIBDIR, else the stub loads another libpython
+  and dies with "'_thread.RLock' object has no attribute '_recursion_count'";
+- `PYTHONPATH` holds the repository root and this environment's site-packages, so models import
+  `llmmesh` and its dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import filecmp
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+_POLL_INTERVAL_S = 0.1
+
+
+def pytriton_tritonserver_dir() -> Path:
+    """`<site-packages>/pytriton/tritonserver` (found without importing pytriton)."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("nvidia-pytriton is not installed in this environment")
+    return Path(next(iter(spec.submodule_search_locations))) / "tritonserver"
+
+
+def tritonserver_binary() -> Path:
+    return pytriton_tritonserver_dir() / "bin" / "tritonserver"
+
+
+def backend_directory() -> Path:
+    return pytriton_tritonserver_dir() / "backends"
+
+
+def install_python_backend_stub() -> Path:
+    """Copy the Python backend stub built for this interpreter's X.Y into backends/python/.
+    Idempotent; returns the installed path."""
+    base = pytriton_tritonserver_dir()
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    src = base / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not src.is_file():
+        raise RuntimeError(f"no Python backend stub for Python {version} at {src}")
+    dst = base / "backends" / "python" / "triton_python_backend_stub"
+    if dst.is_file() and filecmp.cmp(src, dst, shallow=False):
+        return dst
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copy2(src, tmp)
+    tmp.chmod(0o755)
+    os.replace(tmp, dst)
+    return dst
+
+
+def tritonserver_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment plus what tritonserver and the Python backend stub need,
+    then `extra` (which wins)."""
+    env = dict(os.environ)
+    libdir = str(sysconfig.get_config_var("LIBDIR"))
+    env["LD_LIBRARY_PATH"] = _prepend(libdir, env.get("LD_LIBRARY_PATH"))
+    site = sysconfig.get_paths()["purelib"]
+    pythonpath = _prepend(site, env.get("PYTHONPATH"))
+    env["PYTHONPATH"] = _prepend(str(REPO_ROOT), pythonpath)
+    env.update(extra or {})
+    return env
+
+
+def _prepend(entry: str, path: str | None) -> str:
+    parts = [p for p in (path or "").split(os.pathsep) if p and p != entry]
+    return os.pathsep.join([entry, *parts])
+
+
+@dataclass(frozen=True)
+class TritonPorts:
+    grpc: int
+    http: int
+    metrics: int
+
+    @classmethod
+    def free(cls) -> TritonPorts:
+        from llmmesh.netutil import free_port
+
+        return cls(grpc=free_port(), http=free_port(), metrics=free_port())
+
+
+class TritonStartError(RuntimeError):
+    pass
+
+
+class TritonServer:
+    """One tritonserver process. Use `start()/stop()` (async), `start_sync()/stop_sync()`, or
+    `async with` / `with`."""
+
+    def __init__(
+        self,
+        model_repository: Path,
+        ports: TritonPorts,
+        env: Mapping[str, str] | None = None,
+        log_path: Path | None = None,
+        *,
+        host: str = "127.0.0.1",
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.model_repository = Path(model_repository).resolve()
+        self.ports = ports
+        self.host = host
+        self.env = tritonserver_env(env)
+        self.log_path = log_path
+        self.extra_args = tuple(extra_args)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+    # ----------------------------------------------------------------- addresses
+    @property
+    def _connect_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self._connect_host}:{self.ports.grpc}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self._connect_host}:{self.ports.http}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._connect_host}:{self.ports.metrics}/metrics"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def command(self) -> list[str]:
+        return [
+            str(tritonserver_binary()),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backend_directory()}",
+            f"--grpc-address={self.host}",
+            f"--grpc-port={self.ports.grpc}",
+            f"--http-address={self.host}",
+            f"--http-port={self.ports.http}",
+            f"--metrics-address={self.host}",
+            f"--metrics-port={self.ports.metrics}",
+            "--allow-metrics=true",
+            "--allow-gpu-metrics=false",
+            "--allow-cpu-metrics=false",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            *self.extra_args,
+        ]
+
+    # ----------------------------------------------------------------- lifecycle
+    def _spawn(self) -> None:
+        if self._proc is not None:
+            raise RuntimeError("tritonserver already started")
+        install_python_backend_stub()
+        if self.log_path is None:
+            fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(name)
+        self._log = self.log_path.open("wb")
+        self._proc = subprocess.Popen(
+            self.command(),
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: stop() reaches the backend stubs
+        )
+
+    def _check_ready(self) -> bool:
+        """One readiness probe; raises if the process has exited."""
+        assert self._proc is not None
+        rc = self._proc.poll()
+        if rc is not None:
+            raise TritonStartError(
+                f"tritonserver exited with code {rc} before becoming ready; log tail:\n"
+                + self.log_tail()
+            )
+        try:
+            with urllib.request.urlopen(f"{self.http_url}/v2/health/ready", timeout=1.0) as r:
+                return bool(r.status == 200)
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def _timeout_error(self, ready_timeout_s: float) -> TritonStartError:
+        return TritonStartError(
+            f"tritonserver not ready after {ready_timeout_s:.0f}s; log tail:\n" + self.log_tail()
+        )
+
+    async def start(self, ready_timeout_s: float = 120.0) -> None:
+        """Spawn and poll /v2/health/ready until ready; on failure the process is stopped and the
+        error carries the log tail."""
+        self._spawn()
+        deadline = time.monotonic() + ready_timeout_s
+        try:
+            while not await asyncio.to_thread(self._check_ready):
+                if time.monotonic() > deadline:
+                    raise self._timeout_error(ready_timeout_s)
+                await asyncio.sleep(_POLL_INTERVAL_S)
+        except BaseException:
+            await self.stop(grace_s=5.0)
+            raise
+
+    def start_sync(self, ready_timeout_s: float = 120.0) -> None:
+        self._spawn()
+        deadline = time.monotonic() + ready_timeout_s
+        try:
+            while not self._check_ready():
+                if time.monotonic() > deadline:
+                    raise self._timeout_error(ready_timeout_s)
+                time.sleep(_POLL_INTERVAL_S)
+        except BaseException:
+            self.stop_sync(grace_s=5.0)
+            raise
+
+    async def stop(self, grace_s: float = 15.0) -> int:
+        """SIGTERM, wait up to `grace_s`, then SIGKILL the process group. Returns the exit code
+        (0 if never started)."""
+        if self._proc is None:
+            return 0
+        self._signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            await asyncio.to_thread(self._proc.wait, grace_s)
+        return self._finish()
+
+    def stop_sync(self, grace_s: float = 15.0) -> int:
+        if self._proc is None:
+            return 0
+        self._signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(grace_s)
+        return self._finish()
+
+    def kill(self) -> int:
+        """SIGKILL the server and its backend stubs at once (fault injection: a replica dying)."""
+        if self._proc is None:
+            return 0
+        return self._finish()
+
+    def _signal(self, sig: signal.Signals) -> None:
+        assert self._proc is not None
+        if self._proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, sig)
+
+    def _finish(self) -> int:
+        assert self._proc is not None
+        # Still running after the grace period: kill the whole group (server and backend stubs)
+        # while the leader is unreaped, so the group id cannot have been reused.
+        self._signal(signal.SIGKILL)
+        rc = self._proc.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+        return rc
+
+    def log_tail(self, max_bytes: int = 8000) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            return f.read().decode(errors="replace")
+
+    # ----------------------------------------------------------------- context managers
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def __enter__(self) -> Self:
+        self.start_sync()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop_sync()
+
+
+# --------------------------------------------------------------------- CLI
+def _serve(args: argparse.Namespace) -> int:
+    ports = TritonPorts(grpc=args.grpc_port, http=args.http_port, metrics=args.metrics_port)
+    server = TritonServer(
+        Path(args.model_repository),
+        ports,
+        log_path=Path(args.log_file) if args.log_file else None,
+        host=args.host,
+    )
+    stop_requested = False
+
+    def _on_signal(signum: int, frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    server.start_sync(args.ready_timeout)
+    print(
+        f"tritonserver ready (pid {server.pid}): grpc {server.grpc_address}, "
+        f"http {server.http_url}, metrics {server.metrics_url}; log {server.log_path}",
+        flush=True,
+    )
+    while not stop_requested and server.is_running:
+        time.sleep(_POLL_INTERVAL_S)
+    if not server.is_running:
+        print(f"tritonserver exited; log tail:\n{server.log_tail()}", file=sys.stderr)
+    return server.stop_sync()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llmmesh.triton.launcher")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("install-stub", help="copy the Python backend stub for this interpreter")
+    serve = sub.add_parser("serve", help="run tritonserver in the foreground until SIGINT/SIGTERM")
+    serve.add_argument("--model-repository", default=str(REPO_ROOT / "model_repository/emulator"))
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--log-file", default=None)
+    serve.add_argument("--ready-timeout", type=float, default=120.0)
+    args = parser.parse_args(argv)
+    if args.cmd == "install-stub":
+        print(install_python_backend_stub())
+        return 0
+    return _serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import os
+import socket
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from llmmesh.netutil import free_port
+from llmmesh.triton.launcher import (
+    REPO_ROOT,
+    TritonPorts,
+    TritonServer,
+    TritonStartError,
+    install_python_backend_stub,
+    tritonserver_env,
+)
+
+
+def running(server: TritonServer) -> bool:
+    return server.is_running
+
+
+def test_free_port_is_bindable() -> None:
+    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_install_stub_is_idempotent() -> None:
+    first = install_python_backend_stub()
+    mtime = first.stat().st_mtime_ns
+    assert install_python_backend_stub() == first
+    assert first.stat().st_mtime_ns == mtime  # identical: not copied again
+    assert os.access(first, os.X_OK)
+
+
+def test_env_has_libdir_and_pythonpath(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", "/somewhere")
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/lib")
+    env = tritonserver_env({"LLMMESH_EMULATOR_TIME_SCALE": "0.5"})
+    libdir = str(sysconfig.get_config_var("LIBDIR"))
+    assert env["LD_LIBRARY_PATH"].split(os.pathsep) == [libdir, "/opt/lib"]
+    paths = env["PYTHONPATH"].split(os.pathsep)
+    assert paths == [str(REPO_ROOT), sysconfig.get_paths()["purelib"], "/somewhere"]
+    assert env["LLMMESH_EMULATOR_TIME_SCALE"] == "0.5"
+
+
+def test_addresses_and_command(tmp_path: Path) -> None:
+    server = TritonServer(tmp_path, TritonPorts(grpc=1, http=2, metrics=3))
+    assert server.grpc_address == "127.0.0.1:1"
+    assert server.http_url == "http://127.0.0.1:2"
+    assert server.metrics_url == "http://127.0.0.1:3/metrics"
+    assert (server.pid, server.is_running) == (None, False)
+    cmd = server.command()
+    assert "--grpc-address=127.0.0.1" in cmd
+    assert "--metrics-port=3" in cmd
+    assert f"--model-repository={tmp_path.resolve()}" in cmd
+
+
+@pytest.mark.integration
+async def test_early_exit_raises_with_log_tail(tmp_path: Path) -> None:
+    model = tmp_path / "repo" / "broken"
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text('name: "broken"\nbackend: "no_such_backend"\n')
+    server = TritonServer(tmp_path / "repo", TritonPorts.free(), log_path=tmp_path / "log")
+    with pytest.raises(TritonStartError, match="exited with code") as info:
+        await server.start(ready_timeout_s=60)
+    assert "broken" in str(info.value)
+    assert not server.is_running
+
+
+@pytest.mark.integration
+async def test_start_kill_and_stop(tmp_path: Path) -> None:
+    (tmp_path / "repo").mkdir()
+    server = TritonServer(tmp_path / "repo", TritonPorts.free())
+    await server.start(ready_timeout_s=60)
+    pid = server.pid
+    assert pid is not None
+    assert server.is_running
+    assert server.kill() == -9
+    assert not running(server)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # reaped, not a zombie
+    assert await server.stop() == -9  # already dead: stop() just reports it

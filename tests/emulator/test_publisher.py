@@ -1,0 +1,224 @@
+"""The publisher against an in-process gRPC KvRegistryService that records what it gets."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+
+from llmmesh.emulator.events import AllBlocksCleared, BlocksStored, KvEvent, StoredBlock
+from llmmesh.emulator.kv_cache import PagedKvCache
+from llmmesh.emulator.publisher import KvEventPublisher, event_to_proto
+from llmmesh.kvblocks import BlockConfig
+from llmmesh.kvregistry.v1 import kvregistry_pb2, kvregistry_pb2_grpc
+
+CFG = BlockConfig(block_size=4, hash_seed=3)
+
+
+class FakeRegistry(kvregistry_pb2_grpc.KvRegistryServiceServicer):
+    """Accepts gap-free streams; a `cleared` event restarts the stream at its sequence."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests: list[kvregistry_pb2.PublishEventsRequest] = []
+        self.next_sequence = 0
+        self.held: set[int] = set()
+        self.fail = False
+        self.force_resync = 0
+        self.gate = threading.Event()  # cleared: calls block until it is set again
+        self.gate.set()
+
+    def PublishEvents(
+        self, request: kvregistry_pb2.PublishEventsRequest, context: grpc.ServicerContext
+    ) -> kvregistry_pb2.PublishEventsResponse:
+        self.gate.wait()
+        with self.lock:
+            if self.fail:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "registry down")
+            self.requests.append(request)
+            if self.force_resync:
+                self.force_resync -= 1
+                return kvregistry_pb2.PublishEventsResponse(
+                    next_sequence=self.next_sequence, resync_required=True
+                )
+            for ev in request.events:
+                kind = ev.WhichOneof("kind")
+                if kind == "cleared":
+                    self.held.clear()
+                    self.next_sequence = ev.sequence
+                if ev.sequence != self.next_sequence:
+                    return kvregistry_pb2.PublishEventsResponse(
+                        next_sequence=self.next_sequence, resync_required=True
+                    )
+                self.next_sequence += 1
+                if kind == "stored":
+                    self.held.update(b.block_hash for b in ev.stored.blocks)
+                elif kind == "removed":
+                    self.held.difference_update(ev.removed.block_hashes)
+            return kvregistry_pb2.PublishEventsResponse(next_sequence=self.next_sequence)
+
+    def Lookup(
+        self, request: kvregistry_pb2.LookupRequest, context: grpc.ServicerContext
+    ) -> kvregistry_pb2.LookupResponse:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "not used by the publisher")
+
+    def kinds(self) -> list[str]:
+        with self.lock:
+            return [str(e.WhichOneof("kind")) for r in self.requests for e in r.events]
+
+
+@pytest.fixture
+def registry() -> Iterator[tuple[FakeRegistry, str]]:
+    reg = FakeRegistry()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    kvregistry_pb2_grpc.add_KvRegistryServiceServicer_to_server(reg, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield reg, f"127.0.0.1:{port}"
+    server.stop(grace=None)
+
+
+def wait_for(cond: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+class Harness:
+    """A cache whose events go through a publisher, with the cache lock the engine would hold."""
+
+    def __init__(self, target: str, **kw: float) -> None:
+        self.cache = PagedKvCache(64, CFG)
+        self.lock = threading.Lock()
+        self.pub = KvEventPublisher(
+            target,
+            replica_id="replica-0",
+            epoch="epoch-1",
+            block_config=CFG,
+            snapshot=self.snapshot,
+            **kw,  # type: ignore[arg-type]
+        )
+
+    def snapshot(self) -> list[KvEvent]:
+        with self.lock:
+            return self.cache.snapshot()
+
+    def admit(self, sid: str, prompt: list[int]) -> None:
+        with self.lock:
+            self.cache.try_admit(sid, prompt, 0)
+            events = self.cache.drain_events()
+        self.pub.publish(events)
+
+
+def test_event_to_proto() -> None:
+    ev = KvEvent(3, BlocksStored(None, (StoredBlock(9, (1, 2, 3, 4)),)))
+    msg = event_to_proto(ev)
+    assert msg.sequence == 3
+    assert not msg.stored.HasField("parent_hash")
+    assert list(msg.stored.blocks[0].token_ids) == [1, 2, 3, 4]
+    msg = event_to_proto(KvEvent(4, BlocksStored(9, (StoredBlock(10, (5, 6, 7, 8)),))))
+    assert msg.stored.parent_hash == 9
+    assert event_to_proto(KvEvent(5, AllBlocksCleared())).WhichOneof("kind") == "cleared"
+
+
+def test_starts_with_a_snapshot_then_streams(registry: tuple[FakeRegistry, str]) -> None:
+    reg, target = registry
+    h = Harness(target)
+    h.pub.start()
+    try:
+        wait_for(lambda: reg.kinds()[:1] == ["cleared"])
+        h.admit("a", list(range(9)))
+        h.admit("b", list(range(100, 105)))
+        wait_for(lambda: len(reg.held) == 3)
+    finally:
+        h.pub.stop()
+    req = reg.requests[0]
+    assert (req.replica_id, req.epoch, req.block_size, req.hash_seed) == (
+        "replica-0",
+        "epoch-1",
+        4,
+        3,
+    )
+    assert reg.kinds() == ["cleared", "stored", "stored"]
+    assert reg.next_sequence == h.cache.next_sequence
+
+
+def test_resync_required_triggers_a_snapshot(registry: tuple[FakeRegistry, str]) -> None:
+    reg, target = registry
+    h = Harness(target)
+    h.pub.start()
+    try:
+        wait_for(lambda: reg.next_sequence == 1)
+        reg.force_resync = 1
+        h.admit("a", list(range(9)))  # rejected with resync_required
+        wait_for(lambda: h.pub.snapshots == 2 and len(reg.held) == 2)
+        h.admit("b", list(range(50, 55)))
+        wait_for(lambda: len(reg.held) == 3)
+    finally:
+        h.pub.stop()
+    assert reg.next_sequence == h.cache.next_sequence
+
+
+def test_unreachable_registry_then_recovery(registry: tuple[FakeRegistry, str]) -> None:
+    reg, target = registry
+    reg.fail = True
+    h = Harness(target, max_backoff_s=0.05)
+    h.pub.start()
+    try:
+        h.admit("a", list(range(9)))
+        wait_for(lambda: h.pub.failures >= 2)
+        reg.fail = False
+        wait_for(lambda: len(reg.held) == 2)
+        h.admit("b", list(range(50, 55)))
+        wait_for(lambda: len(reg.held) == 3)
+    finally:
+        h.pub.stop()
+    assert reg.next_sequence == h.cache.next_sequence
+
+
+def test_overflow_drops_events_and_resyncs(registry: tuple[FakeRegistry, str]) -> None:
+    reg, target = registry
+    h = Harness(target, queue_size=2, max_batch=1)
+    h.pub.start()
+    try:
+        wait_for(lambda: reg.next_sequence == 1)
+        reg.gate.clear()  # the registry stalls: the publisher thread is stuck in a call
+        h.admit("s0", [0] * 4 + [0])
+        wait_for(lambda: h.pub.queued == 0)  # s0's event is in flight
+        for i in range(1, 6):
+            h.admit(f"s{i}", [i] * 4 + [0])
+        assert h.pub.dropped_events > 0
+        reg.gate.set()
+        wait_for(lambda: len(reg.held) == 6)
+    finally:
+        h.pub.stop()
+    assert h.pub.snapshots == 2
+    assert reg.next_sequence == h.cache.next_sequence
+
+
+def test_stop_flushes_queued_events(registry: tuple[FakeRegistry, str]) -> None:
+    reg, target = registry
+    h = Harness(target, interval_s=30.0, max_batch=1000)
+    h.pub.start()
+    wait_for(lambda: reg.next_sequence == 1)
+    h.admit("a", list(range(9)))
+    h.pub.stop()  # does not wait 30 s for the batch to fill
+    assert len(reg.held) == 2
+
+
+def test_publish_never_blocks_when_registry_hangs() -> None:
+    # Nothing listens on this address: calls fail, publish() still returns at once.
+    h = Harness("127.0.0.1:1", rpc_timeout_s=0.2, max_backoff_s=0.05)
+    h.pub.start()
+    try:
+        t = time.monotonic()
+        for i in range(200):
+            h.admit(f"s{i}", [i % 7] * 5)
+        assert time.monotonic() - t < 2.0
+    finally:
+        h.pub.stop(timeout_s=2.0)
