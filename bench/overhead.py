@@ -151,7 +151,7 @@ async def main_async(args: argparse.Namespace) -> int:
             start = time.perf_counter()
             first = 0.0
             n = 0
-            async for chunk in pool.stream(address, er, timeout_s=300):
+            async for chunk in pool.stream(address, "", er, timeout_s=300):
                 if chunk.token_ids:
                     if n == 0:
                         first = time.perf_counter() - start

@@ -158,6 +158,7 @@ class LocalMesh:
                 "LLMMESH_ORCHESTRATOR_GRPC_PORT": str(o.orchestrator_port),
                 "LLMMESH_ORCHESTRATOR_METRICS_PORT": "0",
                 "LLMMESH_ORCHESTRATOR_HEALTH_INTERVAL_S": "0.25",
+                "LLMMESH_ORCHESTRATOR_KV_REGISTRY_ADDRESS": self.services["kv_registry"].address,
                 "LLMMESH_ORCHESTRATOR_REPLICAS": json.dumps(
                     [
                         {"id": rid, "grpc_address": t.grpc_address}

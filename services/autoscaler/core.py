@@ -19,12 +19,17 @@ from dataclasses import dataclass
 from prometheus_client import Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
+from llmmesh.common.discovery import discover_pods
 from services.autoscaler.settings import AutoscalerSettings, ScrapeTarget
 
 log = logging.getLogger(__name__)
 
-_DESIRED = Gauge("llmmesh_autoscaler_desired_replicas", "Recommended replicas.", ["pool"])
-_CURRENT = Gauge("llmmesh_autoscaler_current_replicas", "Replicas known.", ["pool"])
+_DESIRED = Gauge(
+    "llmmesh_autoscaler_desired_replicas", "Recommended replicas.", ["pool", "model_version"]
+)
+_CURRENT = Gauge(
+    "llmmesh_autoscaler_current_replicas", "Replicas known.", ["pool", "model_version"]
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +51,7 @@ class PoolSignals:
 @dataclass(frozen=True, slots=True)
 class Recommendation:
     pool: str
+    model_version: str
     current: int
     desired: int
     reason: str
@@ -76,6 +82,7 @@ def parse_engine_metrics(text: str) -> EngineSample | None:
 
 def recommend(
     pool: str,
+    model_version: str,
     current: int,
     samples: Sequence[EngineSample],
     settings: AutoscalerSettings,
@@ -84,7 +91,7 @@ def recommend(
     if not samples:
         sig = PoolSignals(0.0, 0.0, None, 0)
         return Recommendation(
-            pool, current, current, "no replica reported metrics: holding", sig, now
+            pool, model_version, current, current, "no replica reported metrics: holding", sig, now
         )
     active = sum(s.active for s in samples)
     waiting = sum(s.waiting for s in samples)
@@ -100,53 +107,77 @@ def recommend(
     clamped = min(max(desired, settings.min_replicas), settings.max_replicas)
     if clamped != desired:
         reason += f"; clamped to [{settings.min_replicas}, {settings.max_replicas}]"
-    return Recommendation(pool, current, clamped, reason, sig, now)
+    return Recommendation(pool, model_version, current, clamped, reason, sig, now)
 
 
-def fetch_text(url: str, timeout_s: float) -> str:
-    with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+def fetch_text(url: str, timeout_s: float, host: str = "") -> str:
+    request = urllib.request.Request(url, headers={"Host": host} if host else {})
+    with urllib.request.urlopen(request, timeout=timeout_s) as resp:
         return str(resp.read().decode("utf-8", errors="replace"))
 
 
 class Autoscaler:
     def __init__(
-        self, settings: AutoscalerSettings, fetch: Callable[[str, float], str] = fetch_text
+        self, settings: AutoscalerSettings, fetch: Callable[[str, float, str], str] = fetch_text
     ):
         self._settings = settings
         self._fetch = fetch
-        self._latest: dict[str, Recommendation] = {}
+        self._latest: dict[tuple[str, str], Recommendation] = {}
 
     async def _scrape(self, target: ScrapeTarget) -> EngineSample | None:
         try:
             text = await asyncio.to_thread(
-                self._fetch, target.metrics_url, self._settings.scrape_timeout_s
+                self._fetch, target.metrics_url, self._settings.scrape_timeout_s, target.host_header
             )
         except OSError as exc:
             log.info("scrape failed", extra={"replica": target.replica_id, "error": repr(exc)})
             return None
         return parse_engine_metrics(text)
 
-    async def evaluate(self) -> Mapping[str, Recommendation]:
-        targets = self._settings.targets
+    async def targets(self) -> list[ScrapeTarget]:
+        pods = await discover_pods(self._settings.replica_dns)
+        return [
+            *self._settings.targets,
+            *(
+                ScrapeTarget(
+                    replica_id=p.replica_id,
+                    metrics_url=p.metrics_url,
+                    pool=p.target.pool,
+                    model_version=p.target.model_version,
+                    host_header=p.metrics_host,
+                )
+                for p in pods
+            ),
+        ]
+
+    async def evaluate(self) -> Mapping[tuple[str, str], Recommendation]:
+        targets = await self.targets()
         samples = await asyncio.gather(*(self._scrape(t) for t in targets))
-        pools: dict[str, list[EngineSample]] = {}
-        counts: dict[str, int] = {}
+        pools: dict[tuple[str, str], list[EngineSample]] = {}
+        counts: dict[tuple[str, str], int] = {}
         for t, s in zip(targets, samples, strict=True):
-            counts[t.pool] = counts.get(t.pool, 0) + 1
-            pools.setdefault(t.pool, [])
+            key = (t.pool, t.model_version)
+            counts[key] = counts.get(key, 0) + 1
+            pools.setdefault(key, [])
             if s is not None:
-                pools[t.pool].append(s)
+                pools[key].append(s)
         now = time.time()
-        for pool, got in pools.items():
-            rec = recommend(pool, counts[pool], got, self._settings, now)
-            if pool not in self._latest or self._latest[pool].desired != rec.desired:
+        for (pool, version), got in pools.items():
+            rec = recommend(pool, version, counts[(pool, version)], got, self._settings, now)
+            previous = self._latest.get((pool, version))
+            if previous is None or previous.desired != rec.desired:
                 log.info(
                     "recommendation",
-                    extra={"pool": pool, "desired": rec.desired, "reason": rec.reason},
+                    extra={
+                        "pool": pool,
+                        "model_version": version,
+                        "desired": rec.desired,
+                        "reason": rec.reason,
+                    },
                 )
-            self._latest[pool] = rec
-            _DESIRED.labels(pool).set(rec.desired)
-            _CURRENT.labels(pool).set(rec.current)
+            self._latest[(pool, version)] = rec
+            _DESIRED.labels(pool, version).set(rec.desired)
+            _CURRENT.labels(pool, version).set(rec.current)
         return dict(self._latest)
 
     def latest(self) -> list[Recommendation]:

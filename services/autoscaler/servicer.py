@@ -30,6 +30,7 @@ class AutoscalerServicer(pb_grpc.AutoscalerServiceServicer):
             out.pools.append(
                 pb.PoolRecommendation(
                     pool=rec.pool,
+                    model_version=rec.model_version,
                     current_replicas=rec.current,
                     desired_replicas=rec.desired,
                     reason=rec.reason,

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
+from llmmesh.common.discovery import DnsTarget
 from llmmesh.common.settings import ServiceSettings
 
 
@@ -14,6 +15,10 @@ class ScrapeTarget(BaseModel):
         min_length=8, description="URL of the replica's /metrics (Triton port 8002)."
     )
     pool: str = Field(default="default", description="Pool the replica belongs to.")
+    model_version: str = Field(default="v1", description="Model version the replica serves.")
+    host_header: str = Field(
+        default="", description="Host header for the scrape (headless Service host:port)."
+    )
 
 
 class AutoscalerSettings(ServiceSettings):
@@ -29,6 +34,10 @@ class AutoscalerSettings(ServiceSettings):
     )
     targets: list[ScrapeTarget] = Field(
         default_factory=list, description="Replicas to scrape (JSON)."
+    )
+    replica_dns: list[DnsTarget] = Field(
+        default_factory=list,
+        description="Headless Services whose pods are scraped (the orchestrator's list), besides `targets`.",
     )
     interval_s: float = Field(default=5.0, gt=0, description="Seconds between evaluations.")
     scrape_timeout_s: float = Field(default=2.0, gt=0, description="Timeout of one metrics scrape.")

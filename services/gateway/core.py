@@ -23,7 +23,17 @@ import grpc
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram
 
-from llmmesh.common.errors import ServiceError, from_rpc_error
+from llmmesh.common.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unauthenticated,
+    Unavailable,
+    from_rpc_error,
+)
 from llmmesh.common.telemetry import inject_trace_metadata
 from llmmesh.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from llmmesh.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
@@ -40,7 +50,7 @@ from services.gateway.triton_stream import EngineRequest, TritonPool, TritonStre
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("llmmesh.gateway")
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 5, 10, 30)
 _TTFT = Histogram(
     "llmmesh_gateway_time_to_first_token_seconds",
     "Time to first token.",
@@ -62,6 +72,26 @@ _DURATION = Histogram(
 _REQUESTS = Counter("llmmesh_gateway_requests_total", "Requests by outcome.", ["model", "outcome"])
 _TOKENS = Counter("llmmesh_gateway_tokens_total", "Tokens processed.", ["model", "kind"])
 _IN_FLIGHT = Gauge("llmmesh_gateway_in_flight_requests", "Requests being served.", ["model"])
+
+
+def outcome_label(err: ServiceError) -> str:
+    """Bounded label set for `llmmesh_gateway_requests_total{outcome}` (dashboards and SLO rules
+    count success, cancelled and invalid as good)."""
+    if isinstance(err, InvalidArgument | NotFound):
+        return "invalid"
+    if isinstance(err, Unauthenticated):
+        return "unauthenticated"
+    if isinstance(err, ResourceExhausted):
+        return "rejected"
+    if isinstance(err, ReplicaFailed):
+        return "replica_error"
+    if isinstance(err, DeadlineExceeded):
+        return "deadline"
+    if isinstance(err, Cancelled):
+        return "cancelled"
+    if isinstance(err, Unavailable):
+        return "unavailable"
+    return "error"
 
 
 class Priority(enum.Enum):
@@ -277,7 +307,7 @@ class GatewayCore:
                     yield ev
                 outcome = "success"
         except ServiceError as err:
-            outcome = type(err).__name__
+            outcome = outcome_label(err)
             raise
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"
@@ -298,8 +328,9 @@ class GatewayCore:
                     model=v.model.settings.triton_model,
                     prompt_token_ids=v.prompt_ids,
                     max_tokens=v.max_tokens,
-                    priority=req.priority.value,
+                    priority=Priority.BATCH.value if self._settings.shadow else req.priority.value,
                     tenant=req.tenant,
+                    model_version=self._settings.model_version,
                 ),
                 timeout=max(deadline - time.perf_counter(), 0.001),
                 metadata=metadata,
@@ -346,6 +377,7 @@ class GatewayCore:
                 metadata = inject_trace_metadata([])
                 chunks = self._triton.stream(
                     replica.grpc_address,
+                    replica.authority,
                     engine_req,
                     timeout_s=max(deadline - time.perf_counter(), 0.001),
                     metadata=metadata,

@@ -48,6 +48,14 @@ class GatewaySettings(ServiceSettings):
     orchestrator_address: str = Field(
         default="127.0.0.1:50052", description="host:port of the orchestrator."
     )
+    model_version: str = Field(
+        default="",
+        description="Model version this gateway admits for (canary subsets); any when empty.",
+    )
+    shadow: bool = Field(
+        default=False,
+        description="Shadow gateway for mirrored traffic: every request admitted as batch.",
+    )
     models: list[ModelSettings] = Field(
         default_factory=list, description="Served models (JSON in the environment)."
     )

@@ -97,33 +97,41 @@ def parse_response(resp: service_pb2.ModelInferResponse) -> EngineChunk:
 
 
 class TritonPool:
-    """One channel per replica address, reused across requests."""
+    """One channel per (replica address, authority), reused across requests. The authority is
+    the headless Service host in Kubernetes, so the mesh applies that Service's policies while
+    the connection still goes to the pod the orchestrator picked."""
 
     def __init__(self) -> None:
         self._stubs: dict[
-            str, tuple[grpc.aio.Channel, service_pb2_grpc.GRPCInferenceServiceStub]
+            tuple[str, str], tuple[grpc.aio.Channel, service_pb2_grpc.GRPCInferenceServiceStub]
         ] = {}
 
-    def stub(self, address: str) -> service_pb2_grpc.GRPCInferenceServiceStub:
-        entry = self._stubs.get(address)
+    def stub(self, address: str, authority: str = "") -> service_pb2_grpc.GRPCInferenceServiceStub:
+        entry = self._stubs.get((address, authority))
         if entry is None:
-            channel = grpc.aio.insecure_channel(
-                address, options=(("grpc.max_receive_message_length", 64 * 1024 * 1024),)
-            )
+            options: list[tuple[str, str | int]] = [
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024)
+            ]
+            if authority:
+                options.append(("grpc.default_authority", authority))
+            channel = grpc.aio.insecure_channel(address, options=options)
             entry = (channel, service_pb2_grpc.GRPCInferenceServiceStub(channel))
-            self._stubs[address] = entry
+            self._stubs[(address, authority)] = entry
         return entry[1]
 
     async def stream(
         self,
         address: str,
+        authority: str,
         request: EngineRequest,
         *,
         timeout_s: float | None,
         metadata: Sequence[tuple[str, str]] = (),
     ) -> AsyncGenerator[EngineChunk, None]:
         """Yields chunks until the final one. Closing the iterator cancels the Triton request."""
-        call = self.stub(address).ModelStreamInfer(timeout=timeout_s, metadata=tuple(metadata))
+        call = self.stub(address, authority).ModelStreamInfer(
+            timeout=timeout_s, metadata=tuple(metadata)
+        )
         try:
             await call.write(build_request(request))
             await call.done_writing()

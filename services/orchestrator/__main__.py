@@ -12,6 +12,8 @@ from llmmesh.common.telemetry import setup_logging, setup_tracing, start_metrics
 from llmmesh.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from services.orchestrator.core import Orchestrator
 from services.orchestrator.discovery import discover
+from services.orchestrator.policy import load_policy
+from services.orchestrator.prefix import RegistryPrefixIndex
 from services.orchestrator.probe import TritonProbe
 from services.orchestrator.servicer import OrchestratorServicer
 from services.orchestrator.settings import OrchestratorSettings
@@ -22,8 +24,14 @@ SERVICE = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].fu
 async def main(settings: OrchestratorSettings) -> None:
     setup_logging("orchestrator", settings.log_level, settings.log_json)
     provider = setup_tracing("orchestrator", settings.otlp_endpoint, settings.trace_sample_ratio)
+    policy = load_policy(settings.policy_file)
     probe = TritonProbe()
-    core = Orchestrator(settings, probe)
+    prefix = (
+        RegistryPrefixIndex(settings.kv_registry_address, settings.kv_lookup_timeout_s)
+        if settings.kv_registry_address
+        else None
+    )
+    core = Orchestrator(settings, probe, policy, prefix)
     servicer = OrchestratorServicer(core)
     server = ManagedServer(
         host=settings.host,
@@ -58,6 +66,8 @@ async def main(settings: OrchestratorSettings) -> None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await probe.close()
+        if prefix is not None:
+            await prefix.close()
         provider.shutdown()
 
     await run_until_signal(

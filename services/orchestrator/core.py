@@ -6,6 +6,8 @@ Invariants:
 - A replica never holds more than `max_in_flight_per_replica` leases.
 - A waiter leaves the queue exactly once: granted a lease, timed out, cancelled, or failed
   because no replica for its model remains healthy.
+- A replica is eligible iff its last readiness probe passed, it is not ejected, and it serves the
+  request's model, model version and a pool the prompt length fits (policy file).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Protocol
 from prometheus_client import Counter, Gauge, Histogram
 
 from services.orchestrator.errors import BadAdmission, NoReplicaReady, QueueFull, QueueTimeout
+from services.orchestrator.policy import Policy
+from services.orchestrator.prefix import NO_MATCHES, PrefixIndex, PrefixMatches
 from services.orchestrator.settings import OrchestratorSettings, ReplicaSpec
 
 log = logging.getLogger(__name__)
@@ -49,6 +53,19 @@ _IN_FLIGHT = Gauge(
 _HEALTHY = Gauge(
     "llmmesh_orchestrator_replica_healthy", "1 if the replica is ready.", ["replica", "pool"]
 )
+_PREFIX_HIT = Counter(
+    "llmmesh_orchestrator_prefix_hit_blocks_total",
+    "Prompt blocks cached on the chosen replica.",
+    ["replica"],
+)
+_PROMPT_BLOCKS = Counter(
+    "llmmesh_orchestrator_prompt_blocks_total", "Full prompt blocks routed.", ["replica"]
+)
+_EJECTIONS = Counter(
+    "llmmesh_orchestrator_ejections_total",
+    "Replicas ejected after repeated errors.",
+    ["replica", "pool"],
+)
 
 
 class Priority(enum.IntEnum):
@@ -72,16 +89,26 @@ class AdmissionRequest:
     max_tokens: int
     priority: Priority = Priority.STANDARD
     tenant: str = ""
+    model_version: str = ""
 
 
 @dataclass(slots=True)
 class ReplicaState:
     spec: ReplicaSpec
-    healthy: bool = False
+    ready: bool = False  # last readiness probe passed
     removed: bool = False  # left the replica set; forgotten once its last lease ends
     in_flight: int = 0
     completed: int = 0
     failures: int = 0
+    consecutive_errors: int = 0
+    ejections: int = 0
+    ejected_until: float = 0.0
+
+    def ejected(self, now: float) -> bool:
+        return now < self.ejected_until
+
+    def healthy(self, now: float) -> bool:
+        return self.ready and not self.removed and not self.ejected(now)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +124,7 @@ class _Waiter:
     priority: int
     seq: int
     request: AdmissionRequest = field(compare=False)
+    prefix: PrefixMatches = field(compare=False)
     enqueued_at: float = field(compare=False)
     future: asyncio.Future[Lease] = field(compare=False)
 
@@ -108,9 +136,18 @@ class ReplicaProbe(Protocol):
 
 
 class Orchestrator:
-    def __init__(self, settings: OrchestratorSettings, probe: ReplicaProbe) -> None:
+    def __init__(
+        self,
+        settings: OrchestratorSettings,
+        probe: ReplicaProbe,
+        policy: Policy | None = None,
+        prefix_index: PrefixIndex | None = None,
+    ) -> None:
         self._settings = settings
         self._probe = probe
+        self._policy = policy or Policy()
+        self._prefix = prefix_index
+        self._reprobes: set[asyncio.Task[None]] = set()
         self._replicas: dict[str, ReplicaState] = {r.id: ReplicaState(r) for r in settings.replicas}
         self._leases: dict[str, Lease] = {}
         self._queue: list[_Waiter] = []
@@ -127,20 +164,28 @@ class Orchestrator:
             raise BadAdmission("must be non-empty", field="model")
         if req.max_tokens <= 0:
             raise BadAdmission("must be positive", field="max_tokens")
+        if self._policy.pools_for(len(req.prompt_token_ids)) == []:
+            _REJECTIONS.labels(req.model, "too_long").inc()
+            raise BadAdmission(
+                f"{len(req.prompt_token_ids)} tokens exceed every pool's max_prompt_tokens",
+                field="prompt_token_ids",
+            )
         start = time.monotonic()
-        serving = [r for r in self._replicas.values() if req.model in r.spec.models]
-        if not any(r.healthy for r in serving):
+        if not self._servable(req):
             _REJECTIONS.labels(req.model, "no_replica").inc()
-            raise NoReplicaReady(f"no ready replica serves model {req.model!r}")
+            raise NoReplicaReady(self._unavailable_reason(req))
+        prefix = NO_MATCHES
+        if self._prefix is not None and self._policy.routing.prefix_weight > 0:
+            prefix = await self._prefix.lookup(req.prompt_token_ids)
         if not self._queue:
-            lease = self._try_grant(req, start)
+            lease = self._try_grant(req, prefix, start)
             if lease is not None:
                 return lease
         if len(self._queue) >= self._settings.max_queue:
             _REJECTIONS.labels(req.model, "queue_full").inc()
             raise QueueFull("admission queue is full", retry_after_s=self.retry_after_s())
         fut: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(int(req.priority), next(self._seq), req, start, fut)
+        waiter = _Waiter(int(req.priority), next(self._seq), req, prefix, start, fut)
         heapq.heappush(self._queue, waiter)
         _QUEUE_DEPTH.labels(req.model).inc()
         wait_s = (
@@ -163,6 +208,10 @@ class Orchestrator:
                 self.complete(fut.result().lease_id, Outcome.CANCELLED)
             raise
 
+    def _unavailable_reason(self, req: AdmissionRequest) -> str:
+        version = f" version {req.model_version!r}" if req.model_version else ""
+        return f"no ready replica serves model {req.model!r}{version} for a {len(req.prompt_token_ids)}-token prompt"
+
     def _withdraw(self, waiter: _Waiter) -> bool:
         """Remove a waiter that is still queued; False if it already left the queue."""
         if waiter.future.done():
@@ -173,23 +222,56 @@ class Orchestrator:
         waiter.future.cancel()
         return True
 
-    def _pick(self, req: AdmissionRequest) -> ReplicaState | None:
-        cap = self._settings.max_in_flight_per_replica
+    def _cap(self, st: ReplicaState) -> int:
+        pool = self._policy.pools.get(st.spec.pool)
+        if pool is not None and pool.max_in_flight_per_replica is not None:
+            return pool.max_in_flight_per_replica
+        return self._settings.max_in_flight_per_replica
+
+    def _eligible(self, req: AdmissionRequest) -> list[ReplicaState]:
+        """Healthy replicas for the request, from its preferred pool; a larger pool when the
+        preferred one has no healthy replica (a long pool can serve a short prompt)."""
+        now = time.monotonic()
+        candidates = [
+            st
+            for st in self._replicas.values()
+            if st.healthy(now)
+            and req.model in st.spec.models
+            and (not req.model_version or st.spec.model_version == req.model_version)
+        ]
+        pools = self._policy.pools_for(len(req.prompt_token_ids))
+        if pools is None:
+            return candidates
+        for pool in pools:
+            in_pool = [st for st in candidates if st.spec.pool == pool]
+            if in_pool:
+                return in_pool
+        # Replicas in pools the policy does not name take any prompt length.
+        return [st for st in candidates if st.spec.pool not in self._policy.pools]
+
+    def _servable(self, req: AdmissionRequest) -> bool:
+        return bool(self._eligible(req))
+
+    def _pick(self, req: AdmissionRequest, prefix: PrefixMatches) -> ReplicaState | None:
+        routing = self._policy.routing
         best: ReplicaState | None = None
-        for st in self._replicas.values():
-            if (
-                not st.healthy
-                or st.removed
-                or st.in_flight >= cap
-                or req.model not in st.spec.models
-            ):
+        best_key: tuple[float, int, int] | None = None
+        for st in self._eligible(req):
+            cap = self._cap(st)
+            if st.in_flight >= cap:
                 continue
-            if best is None or (st.in_flight, st.completed) < (best.in_flight, best.completed):
-                best = st
+            score = routing.prefix_weight * prefix.fraction(st.spec.id) - routing.load_weight * (
+                st.in_flight / cap
+            )
+            key = (-score, st.in_flight, st.completed)
+            if best_key is None or key < best_key:
+                best, best_key = st, key
         return best
 
-    def _try_grant(self, req: AdmissionRequest, enqueued_at: float) -> Lease | None:
-        st = self._pick(req)
+    def _try_grant(
+        self, req: AdmissionRequest, prefix: PrefixMatches, enqueued_at: float
+    ) -> Lease | None:
+        st = self._pick(req, prefix)
         if st is None:
             return None
         now = time.monotonic()
@@ -199,6 +281,9 @@ class Orchestrator:
         self._leases[lease.lease_id] = lease
         _DECISIONS.labels(req.model, st.spec.id, st.spec.pool).inc()
         _QUEUE_WAIT.labels(req.model).observe(lease.queue_s)
+        if prefix.prompt_blocks:
+            _PROMPT_BLOCKS.labels(st.spec.id).inc(prefix.prompt_blocks)
+            _PREFIX_HIT.labels(st.spec.id).inc(prefix.matched_blocks.get(st.spec.id, 0))
         return lease
 
     def _dispatch(self) -> None:
@@ -208,13 +293,13 @@ class Orchestrator:
             waiter = heapq.heappop(self._queue)
             if waiter.future.done():
                 continue
-            lease = self._try_grant(waiter.request, waiter.enqueued_at)
+            lease = self._try_grant(waiter.request, waiter.prefix, waiter.enqueued_at)
             if lease is None:
-                if not self._model_has_healthy(waiter.request.model):
+                if not self._servable(waiter.request):
                     _QUEUE_DEPTH.labels(waiter.request.model).dec()
                     _REJECTIONS.labels(waiter.request.model, "no_replica").inc()
                     waiter.future.set_exception(
-                        NoReplicaReady(f"no ready replica serves model {waiter.request.model!r}")
+                        NoReplicaReady(self._unavailable_reason(waiter.request))
                     )
                     continue
                 blocked.append(waiter)
@@ -223,12 +308,6 @@ class Orchestrator:
             waiter.future.set_result(lease)
         for w in blocked:
             heapq.heappush(self._queue, w)
-
-    def _model_has_healthy(self, model: str) -> bool:
-        return any(
-            st.healthy and not st.removed and model in st.spec.models
-            for st in self._replicas.values()
-        )
 
     def sync_replicas(self, specs: Sequence[ReplicaSpec]) -> None:
         """Make the replica set equal to `specs`: new replicas start unhealthy until probed;
@@ -244,7 +323,7 @@ class Orchestrator:
             else:
                 st.removed = False
                 if st.spec != spec and st.in_flight == 0:
-                    st.spec, st.healthy = spec, False
+                    st.spec, st.ready = spec, False
         for rid, st in list(self._replicas.items()):
             if rid not in wanted:
                 st.removed = True
@@ -265,7 +344,10 @@ class Orchestrator:
             _IN_FLIGHT.labels(st.spec.id, st.spec.pool).set(st.in_flight)
             if outcome is Outcome.REPLICA_ERROR:
                 st.failures += 1
-                self._set_health(st, False, reason="request failed on replica")
+                self._record_error(st, reason="request failed on replica")
+                self._reprobe(st)
+            elif outcome is Outcome.SUCCESS:
+                st.consecutive_errors = 0
             if st.removed and st.in_flight == 0:
                 del self._replicas[st.spec.id]
         now = time.monotonic()
@@ -282,29 +364,63 @@ class Orchestrator:
         return min(max(len(self._queue) / self._drain_rate, 0.1), 60.0)
 
     # -- health ---------------------------------------------------------------------------
-    def _set_health(self, st: ReplicaState, healthy: bool, *, reason: str) -> None:
-        if st.healthy != healthy:
+    def _record_error(self, st: ReplicaState, *, reason: str) -> None:
+        """Count a failure; eject after `consecutive_errors` in a row unless the pool's ejection
+        budget (`max_ejection_percent`) is spent."""
+        st.consecutive_errors += 1
+        hp = self._policy.health
+        now = time.monotonic()
+        if st.consecutive_errors < hp.consecutive_errors or st.ejected(now):
+            return
+        pool = [x for x in self._replicas.values() if x.spec.pool == st.spec.pool and not x.removed]
+        ejected = sum(1 for x in pool if x.ejected(now))
+        if (ejected + 1) * 100 > hp.max_ejection_percent * len(pool):
             log.warning(
-                "replica health changed",
-                extra={"replica": st.spec.id, "healthy": healthy, "reason": reason},
+                "ejection budget spent", extra={"replica": st.spec.id, "pool": st.spec.pool}
             )
-        st.healthy = healthy
-        _HEALTHY.labels(st.spec.id, st.spec.pool).set(1 if healthy else 0)
-        # Grants to waiters when a replica comes back; fails waiters whose model lost its last one.
+            return
+        st.ejections += 1
+        st.ejected_until = now + hp.base_ejection_seconds * st.ejections
+        _EJECTIONS.labels(st.spec.id, st.spec.pool).inc()
+        log.warning(
+            "replica ejected",
+            extra={"replica": st.spec.id, "reason": reason, "for_s": st.ejected_until - now},
+        )
+        self._update_health_gauge(st)
+
+    def _update_health_gauge(self, st: ReplicaState) -> None:
+        _HEALTHY.labels(st.spec.id, st.spec.pool).set(1 if st.healthy(time.monotonic()) else 0)
+
+    def _set_ready(self, st: ReplicaState, ready: bool) -> None:
+        if st.ready != ready:
+            log.warning("replica readiness changed", extra={"replica": st.spec.id, "ready": ready})
+        st.ready = ready
+        if ready:
+            st.consecutive_errors = 0
+        else:
+            self._record_error(st, reason="readiness probe failed")
+        self._update_health_gauge(st)
+        # Grants to waiters when a replica comes back; fails waiters that lost their last one.
         self._dispatch()
 
-    async def probe_once(self) -> None:
-        async def one(st: ReplicaState) -> None:
-            try:
-                ok = await self._probe.ready(
-                    st.spec, st.spec.models, self._settings.health_timeout_s
-                )
-            except Exception as exc:  # a probe failure means not ready, whatever the cause
-                log.debug("probe failed", extra={"replica": st.spec.id, "error": repr(exc)})
-                ok = False
-            self._set_health(st, ok, reason="readiness probe")
+    async def _probe_replica(self, st: ReplicaState) -> None:
+        try:
+            ok = await self._probe.ready(st.spec, st.spec.models, self._settings.health_timeout_s)
+        except Exception as exc:  # a probe failure means not ready, whatever the cause
+            log.debug("probe failed", extra={"replica": st.spec.id, "error": repr(exc)})
+            ok = False
+        self._set_ready(st, ok)
 
-        await asyncio.gather(*(one(st) for st in list(self._replicas.values()) if not st.removed))
+    def _reprobe(self, st: ReplicaState) -> None:
+        """Probe a replica that just failed a request now, not at the next health round."""
+        task = asyncio.get_running_loop().create_task(self._probe_replica(st))
+        self._reprobes.add(task)
+        task.add_done_callback(self._reprobes.discard)
+
+    async def probe_once(self) -> None:
+        await asyncio.gather(
+            *(self._probe_replica(st) for st in list(self._replicas.values()) if not st.removed)
+        )
         self._reclaim_expired()
 
     def _reclaim_expired(self) -> None:

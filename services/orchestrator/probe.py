@@ -13,17 +13,18 @@ class TritonProbe:
     """Ready = server ready and every model the replica should serve ready."""
 
     def __init__(self) -> None:
-        self._clients: dict[str, triton.InferenceServerClient] = {}
+        self._clients: dict[tuple[str, str], triton.InferenceServerClient] = {}
 
-    def _client(self, address: str) -> triton.InferenceServerClient:
-        client = self._clients.get(address)
+    def _client(self, address: str, authority: str) -> triton.InferenceServerClient:
+        client = self._clients.get((address, authority))
         if client is None:
-            client = triton.InferenceServerClient(url=address)
-            self._clients[address] = client
+            args = [("grpc.default_authority", authority)] if authority else None
+            client = triton.InferenceServerClient(url=address, channel_args=args)
+            self._clients[(address, authority)] = client
         return client
 
     async def ready(self, replica: ReplicaSpec, models: Sequence[str], timeout_s: float) -> bool:
-        client = self._client(replica.grpc_address)
+        client = self._client(replica.grpc_address, replica.authority)
         if not await client.is_server_ready(client_timeout=timeout_s):
             return False
         for model in models:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import grpc
 from opentelemetry import trace
 
@@ -10,6 +12,7 @@ from llmmesh.common.telemetry import extract_trace_context, request_id_var
 from llmmesh.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from services.orchestrator.core import AdmissionRequest, Orchestrator, Outcome, Priority
+from services.orchestrator.settings import ReplicaSpec
 
 Ctx = grpc.aio.ServicerContext[object, object]
 
@@ -29,6 +32,16 @@ _OUTCOME = {
 _tracer = trace.get_tracer("llmmesh.orchestrator")
 
 
+def replica_to_pb(spec: ReplicaSpec) -> pb.Replica:
+    return pb.Replica(
+        id=spec.id,
+        grpc_address=spec.grpc_address,
+        pool=spec.pool,
+        model_version=spec.model_version,
+        authority=spec.authority,
+    )
+
+
 class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     def __init__(self, core: Orchestrator):
         self._core = core
@@ -44,6 +57,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                 max_tokens=request.max_tokens,
                 priority=_PRIORITY.get(request.priority, Priority.STANDARD),
                 tenant=request.tenant,
+                model_version=request.model_version,
             )
             try:
                 lease = await self._core.admit(req, context.time_remaining())
@@ -70,18 +84,18 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     async def ListReplicas(
         self, request: pb.ListReplicasRequest, context: Ctx
     ) -> pb.ListReplicasResponse:
-        return pb.ListReplicasResponse(
-            replicas=[
-                pb.ReplicaStatus(
-                    replica=pb.Replica(
-                        id=st.spec.id, grpc_address=st.spec.grpc_address, pool=st.spec.pool
-                    ),
-                    healthy=st.healthy,
-                    in_flight=st.in_flight,
-                    completed=st.completed,
-                    failures=st.failures,
-                )
-                for st in self._core.replicas()
-            ],
-            queue_depth=self._core.queue_depth,
-        )
+        now = time.monotonic()
+        out = pb.ListReplicasResponse(queue_depth=self._core.queue_depth)
+        for st in self._core.replicas():
+            status = pb.ReplicaStatus(
+                replica=replica_to_pb(st.spec),
+                healthy=st.healthy(now),
+                in_flight=st.in_flight,
+                completed=st.completed,
+                failures=st.failures,
+                consecutive_errors=st.consecutive_errors,
+            )
+            if st.ejected(now):
+                status.ejected_for_s = st.ejected_until - now
+            out.replicas.append(status)
+        return out

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
+from llmmesh.common.discovery import DnsTarget
 from llmmesh.common.settings import ServiceSettings
 
 
@@ -18,23 +21,9 @@ class ReplicaSpec(BaseModel):
     models: list[str] = Field(
         default_factory=lambda: ["tensorrt_llm"], description="Triton model names served."
     )
-
-
-class DnsTarget(BaseModel):
-    """A headless Service whose A records are Triton pods (Kubernetes discovery)."""
-
-    host: str = Field(
-        min_length=1,
-        description="Headless Service FQDN, e.g. triton-v1-short.llmmesh.svc.cluster.local.",
-    )
-    port: int = Field(default=8001, gt=0, le=65535, description="Triton gRPC port on each pod.")
-    metrics_port: int = Field(
-        default=8002, gt=0, le=65535, description="Triton metrics port on each pod."
-    )
-    pool: str = Field(default="default", description="Pool of the replicas behind this Service.")
-    model_version: str = Field(default="v1", description="Model version served by these replicas.")
-    models: list[str] = Field(
-        default_factory=lambda: ["tensorrt_llm"], description="Triton model names served."
+    authority: str = Field(
+        default="",
+        description="HTTP/2 :authority for dialing the replica (headless Service host:port).",
     )
 
 
@@ -55,6 +44,19 @@ class OrchestratorSettings(ServiceSettings):
     replica_dns: list[DnsTarget] = Field(
         default_factory=list,
         description="Headless Services resolved periodically into replicas (JSON); added to `replicas`.",
+    )
+    kv_registry_address: str | None = Field(
+        default=None,
+        description="host:port of kv_registry for prefix lookups; prefix-blind routing when unset.",
+    )
+    kv_lookup_timeout_s: float = Field(
+        default=0.05,
+        gt=0,
+        description="Budget of one prefix lookup; on timeout the request routes by load.",
+    )
+    policy_file: Path | None = Field(
+        default=None,
+        description="Scheduling policy YAML (pools, routing weights, ejection); defaults in code.",
     )
     dns_interval_s: float = Field(default=5.0, gt=0, description="Seconds between DNS resolutions.")
     max_queue: int = Field(

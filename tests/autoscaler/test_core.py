@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from llmmesh.common.discovery import DnsTarget
 from services.autoscaler.core import Autoscaler, EngineSample, parse_engine_metrics, recommend
 from services.autoscaler.settings import AutoscalerSettings, ScrapeTarget
 
@@ -44,13 +45,13 @@ def test_parse_missing_or_nan_is_none(text: str) -> None:
 def test_recommend(
     current: int, samples: list[EngineSample], desired: int, reason_part: str
 ) -> None:
-    rec = recommend("p", current, samples, S, 0.0)
+    rec = recommend("p", "v1", current, samples, S, 0.0)
     assert rec.desired == desired
     assert reason_part in rec.reason
 
 
 async def test_unreachable_replica_never_scales_down() -> None:
-    def fetch(url: str, timeout: float) -> str:
+    def fetch(url: str, timeout: float, host: str) -> str:
         raise ConnectionRefusedError(url)
 
     settings = AutoscalerSettings(
@@ -61,5 +62,24 @@ async def test_unreachable_replica_never_scales_down() -> None:
         min_replicas=1,
     )
     recs = await Autoscaler(settings, fetch).evaluate()
-    assert recs["default"].desired == 3
-    assert recs["default"].signals.reporting == 0
+    assert recs[("default", "v1")].desired == 3
+    assert recs[("default", "v1")].signals.reporting == 0
+
+
+async def test_dns_targets_are_scraped_with_the_service_host() -> None:
+    seen: list[tuple[str, str]] = []
+
+    def fetch(url: str, timeout: float, host: str) -> str:
+        seen.append((url, host))
+        return metrics(30, 0, 1, 100)
+
+    settings = AutoscalerSettings(
+        replica_dns=[
+            DnsTarget(host="localhost", pool="short", model_version="v2", metrics_port=8002)
+        ],
+        target_requests_per_replica=10,
+        max_replicas=8,
+    )
+    recs = await Autoscaler(settings, fetch).evaluate()
+    assert ("http://127.0.0.1:8002/metrics", "localhost:8002") in seen
+    assert recs[("short", "v2")].desired == 3

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 
 import pytest
 
 from services.orchestrator.core import AdmissionRequest, Orchestrator, Outcome, Priority
 from services.orchestrator.errors import BadAdmission, NoReplicaReady, QueueFull, QueueTimeout
+from services.orchestrator.policy import HealthPolicy, Policy, PoolPolicy, RoutingPolicy
+from services.orchestrator.prefix import PrefixIndex, PrefixMatches
 from services.orchestrator.settings import OrchestratorSettings, ReplicaSpec
 
 
@@ -27,10 +30,19 @@ def settings(n: int = 2, cap: int = 2, queue: int = 4) -> OrchestratorSettings:
 
 
 def req(
-    rid: str = "x", priority: Priority = Priority.STANDARD, model: str = "tensorrt_llm"
+    rid: str = "x",
+    priority: Priority = Priority.STANDARD,
+    model: str = "tensorrt_llm",
+    prompt_len: int = 3,
+    version: str = "",
 ) -> AdmissionRequest:
     return AdmissionRequest(
-        request_id=rid, model=model, prompt_token_ids=[1, 2, 3], max_tokens=4, priority=priority
+        request_id=rid,
+        model=model,
+        prompt_token_ids=list(range(prompt_len)),
+        max_tokens=4,
+        priority=priority,
+        model_version=version,
     )
 
 
@@ -40,10 +52,20 @@ async def assert_queued(core: Orchestrator, depth: int) -> None:
     assert core.queue_depth == depth
 
 
-async def ready_core(n: int = 2, cap: int = 2, queue: int = 4) -> tuple[Orchestrator, FakeProbe]:
+async def ready_core(
+    n: int = 2,
+    cap: int = 2,
+    queue: int = 4,
+    policy: Policy | None = None,
+    prefix: PrefixIndex | None = None,
+    specs: list[ReplicaSpec] | None = None,
+) -> tuple[Orchestrator, FakeProbe]:
     probe = FakeProbe()
-    core = Orchestrator(settings(n, cap, queue), probe)
-    probe.ready_ids = {f"r{i}" for i in range(n)}
+    s = settings(n, cap, queue)
+    if specs is not None:
+        s.replicas = specs
+    core = Orchestrator(s, probe, policy, prefix)
+    probe.ready_ids = {r.id for r in s.replicas}
     await core.probe_once()
     return core, probe
 
@@ -135,16 +157,47 @@ async def test_queue_timeout_and_cancellation_leave_queue() -> None:
     assert core.queue_depth == 0
 
 
-async def test_replica_error_marks_unhealthy_until_probe_passes() -> None:
-    core, _ = await ready_core(n=2, cap=8)
-    lease = await core.admit(req(), 1.0)
-    core.complete(lease.lease_id, Outcome.REPLICA_ERROR)
-    bad = lease.replica.id
-    assert {st.spec.id: st.healthy for st in core.replicas()}[bad] is False
-    for i in range(3):
-        assert (await core.admit(req(str(i)), 1.0)).replica.id != bad
-    await core.probe_once()
-    assert all(st.healthy for st in core.replicas())
+@pytest.mark.parametrize(
+    ("errors", "threshold", "ejected"),
+    [
+        (1, 3, False),
+        (2, 3, False),
+        (3, 3, True),
+        (1, 1, True),
+    ],
+)
+async def test_consecutive_replica_errors_eject(errors: int, threshold: int, ejected: bool) -> None:
+    policy = Policy(health=HealthPolicy(consecutive_errors=threshold, base_ejection_seconds=60))
+    core, _ = await ready_core(n=2, cap=8, policy=policy)
+    bad = "r0"
+    for _ in range(errors):
+        lease = await core.admit(req(), 1.0)
+        while lease.replica.id != bad:  # steer a lease onto r0
+            core.complete(lease.lease_id, Outcome.SUCCESS)
+            lease = await core.admit(req(), 1.0)
+        core.complete(lease.lease_id, Outcome.REPLICA_ERROR)
+    assert {st.spec.id: st.healthy(time.monotonic()) for st in core.replicas()}[bad] is (
+        not ejected
+    )
+    if ejected:
+        for i in range(3):
+            assert (await core.admit(req(str(i)), 1.0)).replica.id != bad
+
+
+async def test_success_resets_consecutive_errors() -> None:
+    core, _ = await ready_core(n=1, cap=8, policy=Policy(health=HealthPolicy(consecutive_errors=2)))
+    for outcome in (Outcome.REPLICA_ERROR, Outcome.SUCCESS, Outcome.REPLICA_ERROR):
+        core.complete((await core.admit(req(), 1.0)).lease_id, outcome)
+    assert core.replicas()[0].healthy(time.monotonic())
+
+
+async def test_ejection_budget_keeps_half_the_pool() -> None:
+    policy = Policy(health=HealthPolicy(consecutive_errors=1, max_ejection_percent=50))
+    core, probe = await ready_core(n=2, cap=8, policy=policy)
+    probe.ready_ids.clear()
+    await core.probe_once()  # both fail their probe: only one may be ejected
+    now = time.monotonic()
+    assert sum(st.ejected(now) for st in core.replicas()) == 1
 
 
 async def test_waiters_fail_when_last_replica_goes_down() -> None:
@@ -179,3 +232,89 @@ async def test_sync_replicas_adds_and_drains_removed() -> None:
         assert (await core.admit(req(str(i)), 1.0)).replica.id != gone
     # the removed replica's lease still completes cleanly
     assert core.complete(lease.lease_id, Outcome.SUCCESS)
+
+
+class FixedPrefix:
+    def __init__(self, matches: PrefixMatches):
+        self.matches = matches
+
+    async def lookup(self, token_ids: Sequence[int]) -> PrefixMatches:
+        return self.matches
+
+
+@pytest.mark.parametrize(
+    ("matched", "loads", "prefix_weight", "expected"),
+    [
+        ({"r1": 4}, {}, 1.0, "r1"),  # cached prefix wins on equal load
+        ({"r1": 4}, {"r1": 6}, 1.0, "r1"),  # 1.0 - 6/8 = 0.25 > 0 - 0
+        ({"r1": 1}, {"r1": 6}, 1.0, "r0"),  # 0.25 - 0.75 < 0
+        ({"r1": 4}, {}, 0.0, "r0"),  # prefix-blind: ties go to fewest completed, then order
+    ],
+)
+async def test_prefix_and_load_score(
+    matched: dict[str, int], loads: dict[str, int], prefix_weight: float, expected: str
+) -> None:
+    policy = Policy(routing=RoutingPolicy(prefix_weight=prefix_weight, load_weight=1.0))
+    core, _ = await ready_core(
+        n=2, cap=8, policy=policy, prefix=FixedPrefix(PrefixMatches(4, matched))
+    )
+    for rid, n in loads.items():
+        for i in range(n):
+            lease = await core.admit(req(f"load{i}", model="tensorrt_llm"), 1.0)
+            while lease.replica.id != rid:
+                lease = await core.admit(req(f"load{i}"), 1.0)
+    for st in core.replicas():  # drop the steering leases that landed elsewhere
+        if st.spec.id not in loads:
+            st.in_flight = 0
+    assert (await core.admit(req("probe"), 1.0)).replica.id == expected
+
+
+POOLS = Policy(
+    pools={
+        "short": PoolPolicy(max_prompt_tokens=100, max_in_flight_per_replica=2),
+        "long": PoolPolicy(max_prompt_tokens=1000),
+    }
+)
+POOL_SPECS = [
+    ReplicaSpec(id="s0", grpc_address="a:1", pool="short"),
+    ReplicaSpec(id="l0", grpc_address="a:2", pool="long"),
+]
+
+
+@pytest.mark.parametrize(
+    ("prompt_len", "expected"), [(10, "s0"), (100, "s0"), (101, "l0"), (1000, "l0")]
+)
+async def test_pools_by_prompt_length(prompt_len: int, expected: str) -> None:
+    core, _ = await ready_core(policy=POOLS, specs=POOL_SPECS)
+    assert (await core.admit(req(prompt_len=prompt_len), 1.0)).replica.id == expected
+
+
+async def test_prompt_longer_than_every_pool_is_rejected() -> None:
+    core, _ = await ready_core(policy=POOLS, specs=POOL_SPECS)
+    with pytest.raises(BadAdmission, match="prompt_token_ids"):
+        await core.admit(req(prompt_len=1001), 1.0)
+
+
+async def test_short_prompt_falls_back_to_long_pool_and_pool_cap_applies() -> None:
+    core, probe = await ready_core(policy=POOLS, specs=POOL_SPECS, cap=8)
+    assert [(await core.admit(req(str(i)), 1.0)).replica.id for i in range(2)] == ["s0", "s0"]
+    # short pool at its cap of 2: the third short request waits rather than spilling over
+    task = asyncio.create_task(core.admit(req("w"), 5.0))
+    await assert_queued(core, 1)
+    task.cancel()
+    probe.ready_ids.discard("s0")
+    await core.probe_once()
+    assert (await core.admit(req("x"), 1.0)).replica.id == "l0"
+
+
+async def test_model_version_filter() -> None:
+    specs = [
+        ReplicaSpec(id="v1", grpc_address="a:1", model_version="v1"),
+        ReplicaSpec(id="v2", grpc_address="a:2", model_version="v2"),
+    ]
+    core, _ = await ready_core(specs=specs, cap=8)
+    assert {(await core.admit(req(str(i), version="v2"), 1.0)).replica.id for i in range(3)} == {
+        "v2"
+    }
+    with pytest.raises(NoReplicaReady, match="v3"):
+        await core.admit(req(version="v3"), 1.0)

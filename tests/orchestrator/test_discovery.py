@@ -1,15 +1,15 @@
 from __future__ import annotations
 
-from services.orchestrator.discovery import discover, replicas_from_dns
-from services.orchestrator.settings import DnsTarget, OrchestratorSettings, ReplicaSpec
+from llmmesh.common.discovery import DiscoveredPod, DnsTarget
+from services.orchestrator.discovery import discover, replicas_from_pods
+from services.orchestrator.settings import OrchestratorSettings, ReplicaSpec
 
 
-def test_replicas_from_dns_ids_are_stable_per_pod() -> None:
+def test_replicas_from_pods_ids_and_authority() -> None:
     t = DnsTarget(host="triton.svc", pool="short", model_version="v2")
-    specs = replicas_from_dns(t, ["10.0.0.2", "10.0.0.1"])
-    assert [(s.id, s.grpc_address, s.pool, s.model_version) for s in specs] == [
-        ("short-v2-10.0.0.2", "10.0.0.2:8001", "short", "v2"),
-        ("short-v2-10.0.0.1", "10.0.0.1:8001", "short", "v2"),
+    specs = replicas_from_pods([DiscoveredPod(t, "10.0.0.2")])
+    assert [(s.id, s.grpc_address, s.authority, s.pool, s.model_version) for s in specs] == [
+        ("short-v2-10.0.0.2", "10.0.0.2:8001", "triton.svc:8001", "short", "v2")
     ]
 
 
