@@ -1,0 +1,261 @@
+"""The manifests agree with each other, with the services' settings, with protos/ and with
+docs/conventions.md: hosts, subsets, canary weights, ports, principals, methods, circuit breaking,
+mTLS, retries, replica discovery, autoscaling, shutdown timing, tracing."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+
+import tests.mesh.meshrules as r
+from tests.mesh.meshcheck import (
+    COMPONENTS,
+    OVERLAYS,
+    ComponentSettings,
+    Doc,
+    Mesh,
+    component_settings,
+    conventions_ports,
+    principal,
+    proto_methods,
+)
+
+Rule = Callable[[Mesh], list[str]]
+RULES: dict[str, Rule] = {
+    "hosts": r.check_hosts,
+    "subsets": r.check_subsets,
+    "canary": r.check_canary,
+    "authorization": r.check_authorization,
+    "destination_rules": r.check_destination_rules,
+    "mtls": r.check_mtls,
+    "replica_discovery": r.check_replica_discovery,
+    "autoscaling": r.check_autoscaling,
+    "capacity": r.check_capacity,
+    "workloads": r.check_workloads,
+    "tracing": r.check_tracing,
+    "gateway_models": r.check_gateway_models,
+    "retries_and_timeouts": r.check_retries_and_timeouts,
+}
+
+
+@pytest.fixture(scope="module")
+def settings() -> dict[str, ComponentSettings]:
+    return {c.key: component_settings(c)[0] for c in COMPONENTS}
+
+
+def _mesh(rendered: dict[str, list[Doc]], overlay: str) -> Mesh:
+    return Mesh(copy.deepcopy(rendered[overlay]))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("rule", sorted(RULES))
+def test_rule(rule: str, overlay: str, rendered: dict[str, list[Doc]]) -> None:
+    problems = RULES[rule](_mesh(rendered, overlay))
+    assert not problems, f"{overlay}:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_service_env_var_is_a_settings_field(
+    overlay: str, rendered: dict[str, list[Doc]], settings: dict[str, ComponentSettings]
+) -> None:
+    missing = [c.settings_class for c in COMPONENTS if settings[c.key].fields is None]
+    problems = r.check_settings_fields(_mesh(rendered, overlay), settings)
+    assert not problems, "\n".join(problems)
+    if missing:
+        pytest.skip(f"settings classes not importable, env vars unchecked: {missing}")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ports_match_the_services_settings(
+    overlay: str, rendered: dict[str, list[Doc]], settings: dict[str, ComponentSettings]
+) -> None:
+    sources = {c.key: component_settings(c)[1] for c in COMPONENTS}
+    print("ports compared with:", sources)  # shown with -rP; tells settings class vs conventions.md
+    problems = r.check_ports(_mesh(rendered, overlay), settings)
+    assert not problems, "\n".join(problems)
+
+
+def test_conventions_and_protos_are_parsed() -> None:
+    methods = proto_methods()
+    assert "/llmmesh.orchestrator.v1.OrchestratorService/Admit" in methods
+    assert methods["/llmmesh.gateway.v1.GatewayService/Generate"].server_streaming
+    assert not methods["/llmmesh.kvregistry.v1.KvRegistryService/Lookup"].server_streaming
+    documented = conventions_ports()
+    assert documented["gateway"] == {"grpc": 50051, "http": 8080, "metrics": 9101}
+    for comp in COMPONENTS:
+        facts, _source = component_settings(comp)
+        assert {"grpc", "metrics"} <= set(facts.ports), comp
+        # The settings' defaults are the documented ports (when the class imports).
+        assert facts.ports == documented[comp.conventions_name], comp
+
+
+# --- the call graph of docs/conventions.md is allowed, and nothing around it -----------------
+
+GATEWAY = principal("llmmesh-gateway")
+ORCHESTRATOR = principal("llmmesh-orchestrator")
+AUTOSCALER = principal("llmmesh-autoscaler")
+TRITON = principal("llmmesh-triton")
+KV_REGISTRY = principal("llmmesh-kv-registry")
+INGRESS = "cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"
+PROMETHEUS = "cluster.local/ns/monitoring/sa/prometheus"
+KEDA = "cluster.local/ns/keda/sa/keda-operator"
+
+GW_LABELS = {"app": "llmmesh-gateway", "app.kubernetes.io/component": "gateway", "version": "v1"}
+SHADOW_LABELS = {"app": "llmmesh-gateway-shadow", "app.kubernetes.io/component": "gateway"}
+ORCH_LABELS = {"app": "llmmesh-orchestrator"}
+KV_LABELS = {"app": "llmmesh-kv-registry"}
+AS_LABELS = {"app": "llmmesh-autoscaler"}
+TRITON_LABELS = {"app": "triton-llama3-8b", "app.kubernetes.io/component": "triton"}
+GW = "/llmmesh.gateway.v1.GatewayService/"
+ORCH = "/llmmesh.orchestrator.v1.OrchestratorService/"
+KV = "/llmmesh.kvregistry.v1.KvRegistryService/"
+TRI = "/inference.GRPCInferenceService/"
+EXT = "/externalscaler.ExternalScaler/"
+
+ALLOWED = [
+    (INGRESS, GW_LABELS, 50051, GW + "Generate", "POST"),
+    (INGRESS, GW_LABELS, 50051, GW + "ListModels", "POST"),
+    (INGRESS, GW_LABELS, 8080, "/v1/chat/completions", "POST"),
+    (INGRESS, SHADOW_LABELS, 50051, GW + "Generate", "POST"),
+    (GATEWAY, ORCH_LABELS, 50052, ORCH + "Admit", "POST"),
+    (GATEWAY, ORCH_LABELS, 50052, ORCH + "Complete", "POST"),
+    (GATEWAY, TRITON_LABELS, 8001, TRI + "ModelStreamInfer", "POST"),
+    (ORCHESTRATOR, TRITON_LABELS, 8001, TRI + "ServerReady", "POST"),
+    (ORCHESTRATOR, TRITON_LABELS, 8002, "/metrics", "GET"),
+    (ORCHESTRATOR, KV_LABELS, 50053, KV + "Lookup", "POST"),
+    (TRITON, KV_LABELS, 50053, KV + "PublishEvents", "POST"),
+    (AUTOSCALER, ORCH_LABELS, 50052, ORCH + "ListReplicas", "POST"),
+    (AUTOSCALER, TRITON_LABELS, 8002, "/metrics", "GET"),
+    (KEDA, AS_LABELS, 50054, EXT + "GetMetrics", "POST"),
+    (PROMETHEUS, GW_LABELS, 9101, "/metrics", "GET"),
+    (PROMETHEUS, ORCH_LABELS, 9102, "/metrics", "GET"),
+    (PROMETHEUS, KV_LABELS, 9103, "/metrics", "GET"),
+    (PROMETHEUS, AS_LABELS, 9104, "/metrics", "GET"),
+    (PROMETHEUS, TRITON_LABELS, 8002, "/metrics", "GET"),
+]
+DENIED = [
+    (INGRESS, ORCH_LABELS, 50052, ORCH + "Admit", "POST"),  # clients never reach the control plane
+    (INGRESS, TRITON_LABELS, 8001, TRI + "ModelStreamInfer", "POST"),
+    (GATEWAY, KV_LABELS, 50053, KV + "Lookup", "POST"),
+    (GATEWAY, ORCH_LABELS, 50052, ORCH + "ListReplicas", "POST"),
+    (GATEWAY, TRITON_LABELS, 8001, TRI + "ModelInfer", "POST"),  # only the streaming entry point
+    (TRITON, ORCH_LABELS, 50052, ORCH + "Admit", "POST"),
+    (TRITON, KV_LABELS, 50053, KV + "Lookup", "POST"),
+    (AUTOSCALER, KV_LABELS, 50053, KV + "Lookup", "POST"),
+    (AUTOSCALER, ORCH_LABELS, 50052, ORCH + "Admit", "POST"),
+    (KV_REGISTRY, ORCH_LABELS, 50052, ORCH + "Admit", "POST"),
+    (ORCHESTRATOR, TRITON_LABELS, 8001, TRI + "ModelStreamInfer", "POST"),
+    (PROMETHEUS, GW_LABELS, 50051, GW + "Generate", "POST"),
+    (PROMETHEUS, GW_LABELS, 9101, "/debug", "GET"),
+    (KEDA, ORCH_LABELS, 50052, ORCH + "ListReplicas", "POST"),
+    ("cluster.local/ns/other/sa/default", GW_LABELS, 50051, GW + "Generate", "POST"),
+]
+
+
+@pytest.mark.parametrize(("source", "labels", "port", "path", "method"), ALLOWED)
+def test_call_graph_edge_is_allowed(
+    source: str,
+    labels: dict[str, str],
+    port: int,
+    path: str,
+    method: str,
+    rendered: dict[str, list[Doc]],
+) -> None:
+    assert r.authz_allows(_mesh(rendered, "prod"), source, labels, port, path, method)
+
+
+@pytest.mark.parametrize(("source", "labels", "port", "path", "method"), DENIED)
+def test_everything_else_is_denied(
+    source: str,
+    labels: dict[str, str],
+    port: int,
+    path: str,
+    method: str,
+    rendered: dict[str, list[Doc]],
+) -> None:
+    assert not r.authz_allows(_mesh(rendered, "prod"), source, labels, port, path, method)
+
+
+# --- the rules notice broken documents -----------------------------------------------------------
+
+
+def _doc(mesh: Mesh, kind: str, name: str) -> Doc:
+    found = mesh.get(kind, name)
+    assert found is not None
+    return found
+
+
+def test_weights_not_summing_to_100_are_caught(rendered: dict[str, list[Doc]]) -> None:
+    mesh = _mesh(rendered, "prod")
+    _doc(mesh, "VirtualService", "llmmesh-gateway")["spec"]["http"][1]["route"][1]["weight"] = 5
+    problems = r.check_canary(mesh)
+    assert any("sum to 105" in p for p in problems), problems
+    assert any("disagree on the canary split" in p for p in problems), problems
+
+
+def test_subset_selecting_no_pod_is_caught(rendered: dict[str, list[Doc]]) -> None:
+    mesh = _mesh(rendered, "prod")
+    _doc(mesh, "DestinationRule", "llmmesh-gateway")["spec"]["subsets"][1]["labels"] = {
+        "version": "v3"
+    }
+    assert any("subset v2" in p for p in r.check_subsets(mesh))
+
+
+def test_host_without_service_is_caught(rendered: dict[str, list[Doc]]) -> None:
+    mesh = _mesh(rendered, "prod")
+    _doc(mesh, "DestinationRule", "llmmesh-autoscaler")["spec"]["host"] = (
+        "autoscaler.llmmesh.svc.cluster.local"
+    )
+    assert any("names no Service" in p for p in r.check_hosts(mesh))
+
+
+def test_unknown_principal_and_method_are_caught(rendered: dict[str, list[Doc]]) -> None:
+    mesh = _mesh(rendered, "prod")
+    pol = _doc(mesh, "AuthorizationPolicy", "allow-orchestrator")
+    pol["spec"]["rules"][0]["from"][0]["source"]["principals"] = [principal("llmmesh-gatewya")]
+    pol["spec"]["rules"][0]["to"][0]["operation"]["paths"].append(ORCH + "Admitt")
+    problems = r.check_authorization(mesh)
+    assert any("names no ServiceAccount" in p for p in problems), problems
+    assert any("Admitt is not in protos/" in p for p in problems), problems
+
+
+def test_missing_outlier_detection_is_caught(rendered: dict[str, list[Doc]]) -> None:
+    mesh = _mesh(rendered, "prod")
+    del _doc(mesh, "DestinationRule", "llmmesh-kv-registry")["spec"]["trafficPolicy"][
+        "outlierDetection"
+    ]
+    assert any("outlierDetection" in p for p in r.check_destination_rules(mesh))
+
+
+def test_permissive_mtls_is_caught(rendered: dict[str, list[Doc]]) -> None:
+    mesh = _mesh(rendered, "prod")
+    _doc(mesh, "PeerAuthentication", "default")["spec"]["mtls"]["mode"] = "PERMISSIVE"
+    assert r.check_mtls(mesh)
+
+
+def test_port_drift_is_caught(
+    rendered: dict[str, list[Doc]], settings: dict[str, ComponentSettings]
+) -> None:
+    mesh = _mesh(rendered, "prod")
+    cm = mesh.configmap_by_prefix("llmmesh-orchestrator-env")
+    assert cm is not None
+    cm["data"]["LLMMESH_ORCHESTRATOR_GRPC_PORT"] = "50099"
+    problems = r.check_ports(mesh, settings)
+    assert any("LLMMESH_ORCHESTRATOR_GRPC_PORT=50099" in p for p in problems), problems
+
+
+def test_retrying_a_stream_on_unavailable_is_caught(rendered: dict[str, list[Doc]]) -> None:
+    mesh = _mesh(rendered, "prod")
+    vs = _doc(mesh, "VirtualService", "llmmesh-gateway")
+    vs["spec"]["http"][1]["retries"]["retryOn"] = "connect-failure,unavailable"
+    problems = r.check_retries_and_timeouts(mesh)
+    assert any("only be retried before it started" in p for p in problems), problems
+
+
+def test_envoy_limit_below_admission_capacity_is_caught(rendered: dict[str, list[Doc]]) -> None:
+    mesh = _mesh(rendered, "prod")
+    dr = _doc(mesh, "DestinationRule", "triton-llama3-8b-v1-short")
+    dr["spec"]["trafficPolicy"]["connectionPool"]["http"]["http2MaxRequests"] = 100
+    assert any("http2MaxRequests 100" in p for p in r.check_capacity(mesh))
