@@ -45,7 +45,7 @@ from services.gateway.errors import (
 )
 from services.gateway.models import IncrementalDecoder, ServedModel
 from services.gateway.settings import GatewaySettings
-from services.gateway.triton_stream import EngineRequest, TritonPool, TritonStreamError
+from services.gateway.triton_stream import EngineClient, EngineRequest, TritonStreamError
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("llmmesh.gateway")
@@ -199,7 +199,7 @@ class GatewayCore:
         settings: GatewaySettings,
         models: Sequence[ServedModel],
         orchestrator: orch_grpc.OrchestratorServiceAsyncStub,
-        triton: TritonPool,
+        triton: EngineClient,
         block_size: int,
     ) -> None:
         self._settings = settings
@@ -301,10 +301,21 @@ class GatewayCore:
                 span.set_attribute("llmmesh.request_id", req.request_id)
                 v = self.validate(req)
                 _TOKENS.labels(v.model.name, "prompt").inc(len(v.prompt_ids))
-                lease = await self._admit(req, v, deadline)
-                span.set_attribute("llmmesh.replica", lease.replica.id)
-                async for ev in self._stream(req, v, lease, start, deadline):
-                    yield ev
+                attempts = self._settings.retries_before_first_token + 1
+                for attempt in range(attempts):
+                    lease = await self._admit(req, v, deadline)
+                    span.set_attribute("llmmesh.replica", lease.replica.id)
+                    started = False
+                    try:
+                        async for ev in self._stream(req, v, lease, start, deadline):
+                            started = True
+                            yield ev
+                        break
+                    except ReplicaFailed as err:
+                        # Nothing reached the client yet: a new Admit picks another replica.
+                        if started or attempt + 1 >= attempts:
+                            raise
+                        log.warning("retrying on another replica", extra={"error": str(err)})
                 outcome = "success"
         except ServiceError as err:
             outcome = outcome_label(err)

@@ -62,6 +62,11 @@ class GatewaySettings(ServiceSettings):
     request_timeout_s: float = Field(
         default=600.0, gt=0, description="Deadline applied when the client sets none."
     )
+    retries_before_first_token: int = Field(
+        default=1,
+        ge=0,
+        description="When a replica fails before the first token, admit again this many times (never after).",
+    )
     max_prompt_chars: int = Field(
         default=1_000_000,
         gt=0,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -94,6 +94,20 @@ def parse_response(resp: service_pb2.ModelInferResponse) -> EngineChunk:
     final_param = resp.parameters.get("triton_final_response")
     final = bool(final_param.bool_param) if final_param is not None else False
     return EngineChunk(tokens, final, reused)
+
+
+class EngineClient(Protocol):
+    """Streams one request's tokens from one replica (TritonPool in production)."""
+
+    def stream(
+        self,
+        address: str,
+        authority: str,
+        request: EngineRequest,
+        *,
+        timeout_s: float | None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> AsyncGenerator[EngineChunk, None]: ...
 
 
 class TritonPool:
