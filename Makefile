@@ -43,8 +43,8 @@ lint: setup ## ruff format --check, ruff check, mypy --strict, generated stubs u
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy llmmesh services bench tests
-	@if git ls-files --error-unmatch 'llmmesh/*/v1/*_pb2*' >/dev/null 2>&1; then \
-		echo "generated stubs are tracked by git; they must be generated from protos/"; exit 1; fi
+	@tracked="$$(git ls-files 'llmmesh/*_pb2*')"; if [ -n "$$tracked" ]; then \
+		echo "generated stubs are tracked by git (they are generated from protos/): $$tracked"; exit 1; fi
 
 format: setup ## Apply ruff formatting and autofixes
 	$(VENV)/bin/ruff format .

@@ -10,11 +10,14 @@ import uvloop
 from llmmesh.autoscaler.v1 import autoscaler_pb2, autoscaler_pb2_grpc
 from llmmesh.common.server import ManagedServer, ServiceRegistration, run_until_signal
 from llmmesh.common.telemetry import setup_logging, setup_tracing, start_metrics_server
+from llmmesh.keda import externalscaler_pb2, externalscaler_pb2_grpc
 from services.autoscaler.core import Autoscaler
+from services.autoscaler.keda import KedaScalerServicer
 from services.autoscaler.servicer import AutoscalerServicer
 from services.autoscaler.settings import AutoscalerSettings
 
 SERVICE = autoscaler_pb2.DESCRIPTOR.services_by_name["AutoscalerService"].full_name
+KEDA_SERVICE = externalscaler_pb2.DESCRIPTOR.services_by_name["ExternalScaler"].full_name
 
 
 async def main(settings: AutoscalerSettings) -> None:
@@ -22,6 +25,7 @@ async def main(settings: AutoscalerSettings) -> None:
     provider = setup_tracing("autoscaler", settings.otlp_endpoint, settings.trace_sample_ratio)
     core = Autoscaler(settings)
     servicer = AutoscalerServicer(core)
+    keda = KedaScalerServicer(core, settings)
     server = ManagedServer(
         host=settings.host,
         port=settings.grpc_port,
@@ -29,7 +33,11 @@ async def main(settings: AutoscalerSettings) -> None:
             ServiceRegistration(
                 SERVICE,
                 lambda s: autoscaler_pb2_grpc.add_AutoscalerServiceServicer_to_server(servicer, s),
-            )
+            ),
+            ServiceRegistration(
+                KEDA_SERVICE,
+                lambda s: externalscaler_pb2_grpc.add_ExternalScalerServicer_to_server(keda, s),
+            ),
         ],
         drain_seconds=settings.drain_seconds,
     )
