@@ -9,6 +9,7 @@ from typing import Any, cast
 
 import pytest
 
+from llmmesh.common.telemetry import setup_tracing
 from llmmesh.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from services.gateway.core import (
     Completion,
@@ -29,11 +30,19 @@ MODEL = "smollm2"
 class FakeOrchestrator:
     def __init__(self) -> None:
         self.admits: list[orch_pb.AdmitRequest] = []
+        self.admit_metadata: list[tuple[tuple[str, str], ...]] = []
         self.completes: list[orch_pb.CompleteRequest] = []
         self.completed = asyncio.Event()
 
-    async def Admit(self, request: orch_pb.AdmitRequest, **_: object) -> orch_pb.AdmitResponse:
+    async def Admit(
+        self,
+        request: orch_pb.AdmitRequest,
+        *,
+        metadata: tuple[tuple[str, str], ...] = (),
+        **_: object,
+    ) -> orch_pb.AdmitResponse:
         self.admits.append(request)
+        self.admit_metadata.append(metadata)
         n = len(self.admits)
         return orch_pb.AdmitResponse(
             lease_id=f"lease-{n}",
@@ -54,6 +63,7 @@ class FakeEngine:
     def __init__(self, scripts: Sequence[Sequence[EngineChunk | Exception]]):
         self.scripts = scripts
         self.requests: list[tuple[str, EngineRequest]] = []
+        self.metadata: list[Sequence[tuple[str, str]]] = []
 
     async def stream(
         self,
@@ -65,6 +75,7 @@ class FakeEngine:
         metadata: Sequence[tuple[str, str]] = (),
     ) -> AsyncGenerator[EngineChunk, None]:
         self.requests.append((address, request))
+        self.metadata.append(metadata)
         for item in self.scripts[len(self.requests) - 1]:
             if isinstance(item, Exception):
                 raise item
@@ -190,3 +201,19 @@ async def test_model_version_and_shadow_reach_admission(model: ServedModel) -> N
     await run(core, sampling=Sampling(max_tokens=1))
     assert orch.admits[0].model_version == "v2"
     assert orch.admits[0].priority == orch_pb.PRIORITY_BATCH
+
+
+def trace_id(metadata: Sequence[tuple[str, str]]) -> str:
+    parent = dict(metadata)["traceparent"]
+    version, tid, span, flags = parent.split("-")
+    assert (version, len(tid), len(span)) == ("00", 32, 16)
+    assert int(flags, 16) & 1  # sampled
+    return tid
+
+
+async def test_trace_context_reaches_orchestrator_and_triton(model: ServedModel) -> None:
+    setup_tracing("gateway-test", None, 1.0)
+    engine = FakeEngine([[chunk(model.encode("x")[0]), chunk(final=True)]])
+    core, orch = make(model, engine)
+    await run(core, sampling=Sampling(max_tokens=1))
+    assert trace_id(orch.admit_metadata[0]) == trace_id(engine.metadata[0])
