@@ -12,6 +12,7 @@ PROMPT ?= The capital of France is
 GATEWAY ?= 127.0.0.1:50051
 
 -include mesh/mesh.mk
+-include bench/bench.mk
 
 .PHONY: help setup protos lint format typecheck test test-unit test-integration run generate bench-overhead clean
 

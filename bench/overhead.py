@@ -105,7 +105,10 @@ class BareStreamer:
 
 
 async def main_async(args: argparse.Namespace) -> int:
-    prompt = list(range(1000, 1000 + args.prompt_tokens))
+    def prompt(i: int) -> list[int]:
+        # Distinct prompts: this benchmark measures relay cost, not prefix routing.
+        return [100 + (i * 7919 + k) % 40000 for k in range(args.prompt_tokens)]
+
     mesh = LocalMesh(MeshOptions(replicas=args.replicas, time_scale=args.time_scale, log_json=True))
     await mesh.start()
     rows: list[Row] = []
@@ -121,7 +124,7 @@ async def main_async(args: argparse.Namespace) -> int:
         async def via_stub(stub: pb_grpc.GatewayServiceAsyncStub, i: int) -> Sample:
             req = pb.GenerateRequest(
                 model=MODEL_NAME,
-                token_ids=pb.TokenIds(ids=prompt),
+                token_ids=pb.TokenIds(ids=prompt(i)),
                 sampling=pb.SamplingParams(max_tokens=args.output_tokens, seed=i),
                 request_id=f"bench-{time.perf_counter_ns()}",
             )
