@@ -143,7 +143,7 @@ async def main_async(args: argparse.Namespace) -> int:
             er = EngineRequest(
                 f"d{i}-{time.perf_counter_ns()}",
                 "tensorrt_llm",
-                prompt,
+                prompt(i),
                 args.output_tokens,
                 2,
                 1.0,
