@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmmesh.netutil import free_port
-from llmmesh.triton.launcher import TritonPorts, TritonServer
+from llmmesh.triton.launcher import TritonPorts, TritonServer, TritonStartError
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATOR_REPOSITORY = ROOT / "model_repository" / "emulator"
@@ -106,6 +106,13 @@ class MeshOptions:
     log_json: bool = True
     extra_env: dict[str, str] = field(default_factory=dict)
     emulator_env: dict[str, str] = field(default_factory=dict)
+    # Pool of each replica (index i -> replica-i) in the orchestrator's replica list; every
+    # replica is in the orchestrator's default pool when unset.
+    replica_pools: list[str] | None = None
+    # Extra environment for the orchestrator only (e.g. LLMMESH_ORCHESTRATOR_PROFILE).
+    orchestrator_env: dict[str, str] = field(default_factory=dict)
+    # The gateway's context length for the model (prompt + completion tokens).
+    context_length: int = 8192
 
 
 class LocalMesh:
@@ -158,13 +165,22 @@ class LocalMesh:
                 "LLMMESH_ORCHESTRATOR_GRPC_PORT": str(o.orchestrator_port),
                 "LLMMESH_ORCHESTRATOR_METRICS_PORT": "0",
                 "LLMMESH_ORCHESTRATOR_HEALTH_INTERVAL_S": "0.25",
+                "LLMMESH_ORCHESTRATOR_METRICS_INTERVAL_S": "0.25",
                 "LLMMESH_ORCHESTRATOR_KV_REGISTRY_ADDRESS": self.services["kv_registry"].address,
                 "LLMMESH_ORCHESTRATOR_REPLICAS": json.dumps(
                     [
-                        {"id": rid, "grpc_address": t.grpc_address}
-                        for rid, t in zip(self.replica_ids, self.tritons, strict=True)
+                        {
+                            "id": rid,
+                            "grpc_address": t.grpc_address,
+                            "metrics_url": t.metrics_url,
+                            **self._replica_pool(i),
+                        }
+                        for i, (rid, t) in enumerate(
+                            zip(self.replica_ids, self.tritons, strict=True)
+                        )
                     ]
                 ),
+                **o.orchestrator_env,
             },
             self.workdir,
         )
@@ -182,7 +198,7 @@ class LocalMesh:
                         {
                             "name": MODEL_NAME,
                             "tokenizer_path": str(o.tokenizer_path),
-                            "context_length": 8192,
+                            "context_length": o.context_length,
                         }
                     ]
                 ),
@@ -209,12 +225,36 @@ class LocalMesh:
         self.services["autoscaler"] = asc
         await asyncio.gather(gw.start(), asc.start())
 
+    def _replica_pool(self, index: int) -> dict[str, str]:
+        pools = self.options.replica_pools
+        if pools is None:
+            return {}
+        if len(pools) != self.options.replicas:
+            raise ValueError(
+                f"replica_pools names {len(pools)} pools for {self.options.replicas} replicas"
+            )
+        return {"pool": pools[index]}
+
     async def add_replica(self) -> TritonServer:
         index = len(self.replica_ids)
         rid = f"replica-{index}"
         self.replica_ids.append(rid)
+        self.tritons.append(self._triton(rid))
+        for attempt in range(3):
+            try:
+                await self.tritons[index].start()
+                return self.tritons[index]
+            except TritonStartError:
+                # A free port picked before launch can be taken by another process before
+                # Triton binds it: retry with new ports.
+                if attempt == 2:
+                    raise
+                self.tritons[index] = self._triton(rid)
+        raise AssertionError("unreachable")
+
+    def _triton(self, rid: str) -> TritonServer:
         kv = self.services["kv_registry"]
-        server = TritonServer(
+        return TritonServer(
             EMULATOR_REPOSITORY,
             TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port()),
             env={
@@ -226,9 +266,6 @@ class LocalMesh:
             },
             log_path=self.workdir / f"{rid}.triton.log",
         )
-        self.tritons.append(server)
-        await server.start()
-        return server
 
     async def stop(self) -> None:
         for name in ("gateway", "autoscaler", "orchestrator", "kv_registry"):

@@ -17,9 +17,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import Gauge
-from prometheus_client.parser import text_string_to_metric_families
 
 from llmmesh.common.discovery import discover_pods
+from llmmesh.common.engine_metrics import EngineSample, parse_engine_metrics
 from services.autoscaler.settings import AutoscalerSettings, ScrapeTarget
 
 log = logging.getLogger(__name__)
@@ -30,14 +30,6 @@ _DESIRED = Gauge(
 _CURRENT = Gauge(
     "llmmesh_autoscaler_current_replicas", "Replicas known.", ["pool", "model_version"]
 )
-
-
-@dataclass(frozen=True, slots=True)
-class EngineSample:
-    active: float
-    waiting: float
-    kv_used: float
-    kv_max: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,27 +49,6 @@ class Recommendation:
     reason: str
     signals: PoolSignals
     computed_at: float
-
-
-def parse_engine_metrics(text: str) -> EngineSample | None:
-    """Read the TensorRT-LLM backend's request and KV block gauges; None if absent or not finite."""
-    values: dict[tuple[str, str], float] = {}
-    for fam in text_string_to_metric_families(text):
-        if fam.name not in ("nv_trt_llm_request_metrics", "nv_trt_llm_kv_cache_block_metrics"):
-            continue
-        for s in fam.samples:
-            label = s.labels.get("request_type") or s.labels.get("kv_cache_block_type") or ""
-            values[(fam.name, label)] = values.get((fam.name, label), 0.0) + float(s.value)
-    needed = {
-        "active": ("nv_trt_llm_request_metrics", "active"),
-        "waiting": ("nv_trt_llm_request_metrics", "waiting"),
-        "kv_used": ("nv_trt_llm_kv_cache_block_metrics", "used"),
-        "kv_max": ("nv_trt_llm_kv_cache_block_metrics", "max"),
-    }
-    got = {k: values.get(key) for k, key in needed.items()}
-    if any(v is None or not math.isfinite(v) for v in got.values()):
-        return None
-    return EngineSample(**{k: float(v) for k, v in got.items() if v is not None})
 
 
 def recommend(

@@ -49,6 +49,7 @@ async def main(settings: OrchestratorSettings) -> None:
     metrics_port = start_metrics_server(settings.host, settings.metrics_port)
     await server.start()
     health_task = asyncio.create_task(core.run_health_loop())
+    metrics_task = asyncio.create_task(core.run_metrics_loop())
     discovery_task: asyncio.Task[None] | None = None
     if settings.replica_dns:
 
@@ -60,7 +61,7 @@ async def main(settings: OrchestratorSettings) -> None:
         discovery_task = asyncio.create_task(rediscover())
 
     async def on_stop() -> None:
-        for task in (health_task, discovery_task):
+        for task in (health_task, metrics_task, discovery_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

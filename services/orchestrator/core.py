@@ -17,17 +17,24 @@ import enum
 import heapq
 import itertools
 import logging
+import math
+import random
 import time
+import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from llmmesh.common.engine_metrics import EngineSample, parse_engine_metrics
 from services.orchestrator.errors import BadAdmission, NoReplicaReady, QueueFull, QueueTimeout
 from services.orchestrator.policy import Policy
 from services.orchestrator.prefix import NO_MATCHES, PrefixIndex, PrefixMatches
+from services.orchestrator.scheduling.contracts import ReplicaView, RequestView
+from services.orchestrator.scheduling.framework import Scheduler, build_profile
+from services.orchestrator.scheduling.registry import default_registry
 from services.orchestrator.settings import OrchestratorSettings, ReplicaSpec
 
 log = logging.getLogger(__name__)
@@ -103,6 +110,8 @@ class ReplicaState:
     consecutive_errors: int = 0
     ejections: int = 0
     ejected_until: float = 0.0
+    sample: EngineSample | None = None
+    sample_at: float = 0.0
 
     def ejected(self, now: float) -> bool:
         return now < self.ejected_until
@@ -122,11 +131,19 @@ class Lease:
 @dataclass(order=True)
 class _Waiter:
     priority: int
+    finish_tag: float  # start-time fair queuing across tenants within the class
     seq: int
     request: AdmissionRequest = field(compare=False)
+    start_tag: float = field(compare=False)
     prefix: PrefixMatches = field(compare=False)
     enqueued_at: float = field(compare=False)
     future: asyncio.Future[Lease] = field(compare=False)
+
+
+def fetch_text(url: str, host: str, timeout_s: float) -> str:
+    request = urllib.request.Request(url, headers={"Host": host} if host else {})
+    with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+        return str(resp.read().decode("utf-8", errors="replace"))
 
 
 class ReplicaProbe(Protocol):
@@ -142,11 +159,23 @@ class Orchestrator:
         probe: ReplicaProbe,
         policy: Policy | None = None,
         prefix_index: PrefixIndex | None = None,
+        rng: random.Random | None = None,
+        fetch_metrics: Callable[[str, str, float], str] | None = None,
     ) -> None:
         self._settings = settings
         self._probe = probe
         self._policy = policy or Policy()
         self._prefix = prefix_index
+        self._scheduler = Scheduler(
+            build_profile(
+                settings.profile, default_registry(), self._policy.plugins, self._policy.profiles
+            ),
+            rng,
+        )
+        self._known_pools = frozenset(self._policy.pools)
+        self._fetch_metrics = fetch_metrics or fetch_text
+        self._vtime: dict[int, float] = {}
+        self._tenant_finish: dict[tuple[int, str], float] = {}
         self._reprobes: set[asyncio.Task[None]] = set()
         self._replicas: dict[str, ReplicaState] = {r.id: ReplicaState(r) for r in settings.replicas}
         self._leases: dict[str, Lease] = {}
@@ -175,7 +204,7 @@ class Orchestrator:
             _REJECTIONS.labels(req.model, "no_replica").inc()
             raise NoReplicaReady(self._unavailable_reason(req))
         prefix = NO_MATCHES
-        if self._prefix is not None and self._policy.routing.prefix_weight > 0:
+        if self._prefix is not None:
             prefix = await self._prefix.lookup(req.prompt_token_ids)
         if not self._queue:
             lease = self._try_grant(req, prefix, start)
@@ -185,7 +214,15 @@ class Orchestrator:
             _REJECTIONS.labels(req.model, "queue_full").inc()
             raise QueueFull("admission queue is full", retry_after_s=self.retry_after_s())
         fut: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(int(req.priority), next(self._seq), req, prefix, start, fut)
+        prio = int(req.priority)
+        start_tag = max(
+            self._vtime.get(prio, 0.0), self._tenant_finish.get((prio, req.tenant), 0.0)
+        )
+        finish_tag = start_tag + (
+            len(req.prompt_token_ids) + req.max_tokens
+        ) / self._policy.admission.weight(req.tenant)
+        self._tenant_finish[(prio, req.tenant)] = finish_tag
+        waiter = _Waiter(prio, finish_tag, next(self._seq), req, start_tag, prefix, start, fut)
         heapq.heappush(self._queue, waiter)
         _QUEUE_DEPTH.labels(req.model).inc()
         wait_s = (
@@ -222,51 +259,61 @@ class Orchestrator:
         waiter.future.cancel()
         return True
 
-    def _cap(self, st: ReplicaState) -> int:
+    def _cap(self, st: ReplicaState, now: float) -> int:
         pool = self._policy.pools.get(st.spec.pool)
+        cap = self._settings.max_in_flight_per_replica
         if pool is not None and pool.max_in_flight_per_replica is not None:
-            return pool.max_in_flight_per_replica
-        return self._settings.max_in_flight_per_replica
+            cap = pool.max_in_flight_per_replica
+        sample = self._fresh_sample(st, now)
+        if sample is not None and sample.max_batch:
+            cap = min(cap, max(1, math.ceil(sample.max_batch * self._policy.capacity.overcommit)))
+        return cap
 
-    def _eligible(self, req: AdmissionRequest) -> list[ReplicaState]:
-        """Healthy replicas for the request, from its preferred pool; a larger pool when the
-        preferred one has no healthy replica (a long pool can serve a short prompt)."""
-        now = time.monotonic()
-        candidates = [
-            st
-            for st in self._replicas.values()
-            if st.healthy(now)
-            and req.model in st.spec.models
-            and (not req.model_version or st.spec.model_version == req.model_version)
-        ]
+    def _fresh_sample(self, st: ReplicaState, now: float) -> EngineSample | None:
+        if st.sample is None or now - st.sample_at > self._settings.metrics_max_age_s:
+            return None
+        return st.sample
+
+    def _view(self, st: ReplicaState, now: float) -> ReplicaView:
+        sample = self._fresh_sample(st, now)
+        return ReplicaView(
+            id=st.spec.id,
+            pool=st.spec.pool,
+            model_version=st.spec.model_version,
+            models=tuple(st.spec.models),
+            ready=st.ready,
+            ejected=st.ejected(now),
+            in_flight=st.in_flight,
+            cap=self._cap(st, now),
+            engine_active=sample.active if sample else None,
+            engine_waiting=sample.waiting if sample else None,
+            kv_utilization=sample.kv_utilization if sample else None,
+        )
+
+    def _request_view(self, req: AdmissionRequest, prefix: PrefixMatches) -> RequestView:
         pools = self._policy.pools_for(len(req.prompt_token_ids))
-        if pools is None:
-            return candidates
-        for pool in pools:
-            in_pool = [st for st in candidates if st.spec.pool == pool]
-            if in_pool:
-                return in_pool
-        # Replicas in pools the policy does not name take any prompt length.
-        return [st for st in candidates if st.spec.pool not in self._policy.pools]
+        return RequestView(
+            model=req.model,
+            model_version=req.model_version,
+            prompt_tokens=len(req.prompt_token_ids),
+            max_tokens=req.max_tokens,
+            prefix_blocks=prefix.matched_blocks,
+            prompt_blocks=prefix.prompt_blocks,
+            pools=None if pools is None else tuple(pools),
+            known_pools=self._known_pools,
+        )
 
     def _servable(self, req: AdmissionRequest) -> bool:
-        return bool(self._eligible(req))
+        """Some replica passes the profile's filters, at capacity or not."""
+        now = time.monotonic()
+        views = [self._view(st, now) for st in self._replicas.values() if not st.removed]
+        return bool(self._scheduler.filter(self._request_view(req, NO_MATCHES), views))
 
     def _pick(self, req: AdmissionRequest, prefix: PrefixMatches) -> ReplicaState | None:
-        routing = self._policy.routing
-        best: ReplicaState | None = None
-        best_key: tuple[float, int, int] | None = None
-        for st in self._eligible(req):
-            cap = self._cap(st)
-            if st.in_flight >= cap:
-                continue
-            score = routing.prefix_weight * prefix.fraction(st.spec.id) - routing.load_weight * (
-                st.in_flight / cap
-            )
-            key = (-score, st.in_flight, st.completed)
-            if best_key is None or key < best_key:
-                best, best_key = st, key
-        return best
+        now = time.monotonic()
+        views = [self._view(st, now) for st in self._replicas.values() if not st.removed]
+        decision = self._scheduler.decide(self._request_view(req, prefix), views)
+        return None if decision.replica is None else self._replicas.get(decision.replica.id)
 
     def _try_grant(
         self, req: AdmissionRequest, prefix: PrefixMatches, enqueued_at: float
@@ -305,9 +352,22 @@ class Orchestrator:
                 blocked.append(waiter)
                 continue
             _QUEUE_DEPTH.labels(waiter.request.model).dec()
+            self._vtime[waiter.priority] = max(
+                self._vtime.get(waiter.priority, 0.0), waiter.start_tag
+            )
             waiter.future.set_result(lease)
+        self._prune_tenants()
         for w in blocked:
             heapq.heappush(self._queue, w)
+
+    def _prune_tenants(self) -> None:
+        """Forget tenants whose last finish tag the class clock passed: they are idle and would
+        start at the class clock anyway. Keeps the map bounded by the active tenants."""
+        if len(self._tenant_finish) > 4096:
+            for key in [
+                k for k, f in self._tenant_finish.items() if f <= self._vtime.get(k[0], 0.0)
+            ]:
+                del self._tenant_finish[key]
 
     def sync_replicas(self, specs: Sequence[ReplicaSpec]) -> None:
         """Make the replica set equal to `specs`: new replicas start unhealthy until probed;
@@ -428,6 +488,38 @@ class Orchestrator:
         for lease_id in [lid for lid, lease in self._leases.items() if lease.granted_at < deadline]:
             log.warning("lease reclaimed", extra={"lease_id": lease_id})
             self.complete(lease_id, Outcome.REQUEST_ERROR)
+
+    async def scrape_once(self) -> None:
+        async def one(st: ReplicaState) -> None:
+            try:
+                text = await asyncio.to_thread(
+                    self._fetch_metrics,
+                    st.spec.metrics_url,
+                    st.spec.metrics_host,
+                    self._settings.health_timeout_s,
+                )
+            except OSError as exc:
+                log.debug(
+                    "metrics scrape failed", extra={"replica": st.spec.id, "error": repr(exc)}
+                )
+                return
+            sample = parse_engine_metrics(text)
+            if sample is not None:
+                st.sample, st.sample_at = sample, time.monotonic()
+
+        await asyncio.gather(
+            *(
+                one(st)
+                for st in list(self._replicas.values())
+                if st.spec.metrics_url and not st.removed
+            )
+        )
+        self._dispatch()  # KV use or capacity may have changed what waiters can get
+
+    async def run_metrics_loop(self) -> None:
+        while True:
+            await self.scrape_once()
+            await asyncio.sleep(self._settings.metrics_interval_s)
 
     async def run_health_loop(self) -> None:
         while True:

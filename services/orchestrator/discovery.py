@@ -13,6 +13,8 @@ def replica_from_pod(pod: DiscoveredPod) -> ReplicaSpec:
         id=pod.replica_id,
         grpc_address=pod.grpc_address,
         authority=pod.grpc_authority,
+        metrics_url=pod.metrics_url,
+        metrics_host=pod.metrics_host,
         pool=pod.target.pool,
         model_version=pod.target.model_version,
         models=list(pod.target.models),

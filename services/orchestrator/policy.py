@@ -12,6 +12,10 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from services.orchestrator.scheduling.config import PluginConfig, ProfileConfig
+from services.orchestrator.scheduling.framework import validate_all
+from services.orchestrator.scheduling.registry import PluginConfigError, default_registry
+
 
 class PoolPolicy(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -24,13 +28,33 @@ class PoolPolicy(BaseModel):
     )
 
 
-class RoutingPolicy(BaseModel):
-    """score(replica) = prefix_weight * cached-prefix fraction - load_weight * in-flight fraction."""
+class CapacityPolicy(BaseModel):
+    """Per-replica lease caps from what the engine reports, so its in-flight batcher stays full
+    but does not thrash: cap = min(configured cap, ceil(reported max batch * overcommit))."""
 
     model_config = ConfigDict(extra="forbid")
 
-    prefix_weight: float = Field(default=1.0, ge=0)
-    load_weight: float = Field(default=1.0, ge=0)
+    overcommit: float = Field(
+        default=1.5,
+        ge=1.0,
+        description="Leases per batch slot: >1 keeps a short queue at the engine.",
+    )
+
+
+class AdmissionPolicy(BaseModel):
+    """Inside a priority class, tenants share by weighted fair queuing (start-time fair queuing
+    over request cost = prompt tokens + max tokens)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tenant_weights: dict[str, float] = Field(
+        default_factory=dict, description="Share weight per tenant."
+    )
+    default_tenant_weight: float = Field(default=1.0, gt=0)
+
+    def weight(self, tenant: str) -> float:
+        w = self.tenant_weights.get(tenant, self.default_tenant_weight)
+        return w if w > 0 else self.default_tenant_weight
 
 
 class HealthPolicy(BaseModel):
@@ -57,14 +81,25 @@ class Policy(BaseModel):
         default_factory=dict,
         description="Length-bucketed pools; a request goes to the smallest pool its prompt fits.",
     )
-    routing: RoutingPolicy = Field(default_factory=RoutingPolicy)
     health: HealthPolicy = Field(default_factory=HealthPolicy)
+    capacity: CapacityPolicy = Field(default_factory=CapacityPolicy)
+    admission: AdmissionPolicy = Field(default_factory=AdmissionPolicy)
+    plugins: list[PluginConfig] = Field(
+        default_factory=list, description="Plugin instances added to the built-ins."
+    )
+    profiles: dict[str, ProfileConfig] = Field(
+        default_factory=dict,
+        description="Profiles added to the built-ins (default, round-robin, least-loaded, prefix-only).",
+    )
 
     @model_validator(mode="after")
     def _distinct_bounds(self) -> Policy:
         bounds = [p.max_prompt_tokens for p in self.pools.values()]
         if len(bounds) != len(set(bounds)):
             raise ValueError("pools must have distinct max_prompt_tokens")
+        names = [p.name for p in self.plugins]
+        if len(names) != len(set(names)):
+            raise ValueError("plugin names must be unique")
         return self
 
     def pools_for(self, prompt_tokens: int) -> list[str] | None:
@@ -91,9 +126,14 @@ def load_policy(path: Path | None) -> Policy:
     except (OSError, yaml.YAMLError) as exc:
         raise PolicyError(f"{path}: {exc}") from exc
     try:
-        return Policy.model_validate(raw if raw is not None else {})
+        policy = Policy.model_validate(raw if raw is not None else {})
     except ValidationError as exc:
         details = "; ".join(
             f"{'.'.join(str(x) for x in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
         )
         raise PolicyError(f"{path}: {details}") from exc
+    try:
+        validate_all(default_registry(), policy.plugins, policy.profiles)
+    except PluginConfigError as exc:
+        raise PolicyError(f"{path}: {exc}") from exc
+    return policy

@@ -25,6 +25,12 @@ class ReplicaSpec(BaseModel):
         default="",
         description="HTTP/2 :authority for dialing the replica (headless Service host:port).",
     )
+    metrics_url: str = Field(
+        default="", description="Triton /metrics URL (engine load and KV use); none when empty."
+    )
+    metrics_host: str = Field(
+        default="", description="Host header for the metrics scrape (headless Service)."
+    )
 
 
 class OrchestratorSettings(ServiceSettings):
@@ -57,6 +63,18 @@ class OrchestratorSettings(ServiceSettings):
     policy_file: Path | None = Field(
         default=None,
         description="Scheduling policy YAML (pools, routing weights, ejection); defaults in code.",
+    )
+    profile: str = Field(
+        default="default",
+        description="Scheduling profile (built-in: default, round-robin, least-loaded, prefix-only, or the policy file's).",
+    )
+    metrics_interval_s: float = Field(
+        default=1.0, gt=0, description="Seconds between replica metrics scrapes."
+    )
+    metrics_max_age_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="Engine metrics older than this are ignored (treated as unknown).",
     )
     dns_interval_s: float = Field(default=5.0, gt=0, description="Seconds between DNS resolutions.")
     max_queue: int = Field(

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from llmmesh.common.discovery import DnsTarget
-from services.autoscaler.core import Autoscaler, EngineSample, parse_engine_metrics, recommend
+from llmmesh.common.engine_metrics import EngineSample, parse_engine_metrics
+from services.autoscaler.core import Autoscaler, recommend
 from services.autoscaler.settings import AutoscalerSettings, ScrapeTarget
 
 S = AutoscalerSettings(

@@ -8,8 +8,15 @@ import pytest
 
 from services.orchestrator.core import AdmissionRequest, Orchestrator, Outcome, Priority
 from services.orchestrator.errors import BadAdmission, NoReplicaReady, QueueFull, QueueTimeout
-from services.orchestrator.policy import HealthPolicy, Policy, PoolPolicy, RoutingPolicy
+from services.orchestrator.policy import (
+    AdmissionPolicy,
+    CapacityPolicy,
+    HealthPolicy,
+    Policy,
+    PoolPolicy,
+)
 from services.orchestrator.prefix import PrefixIndex, PrefixMatches
+from services.orchestrator.scheduling.config import PluginConfig
 from services.orchestrator.settings import OrchestratorSettings, ReplicaSpec
 
 
@@ -243,30 +250,36 @@ class FixedPrefix:
 
 
 @pytest.mark.parametrize(
-    ("matched", "loads", "prefix_weight", "expected"),
+    ("profile", "matched", "expected"),
     [
-        ({"r1": 4}, {}, 1.0, "r1"),  # cached prefix wins on equal load
-        ({"r1": 4}, {"r1": 6}, 1.0, "r1"),  # 1.0 - 6/8 = 0.25 > 0 - 0
-        ({"r1": 1}, {"r1": 6}, 1.0, "r0"),  # 0.25 - 0.75 < 0
-        ({"r1": 4}, {}, 0.0, "r0"),  # prefix-blind: ties go to fewest completed, then order
+        ("prefix-only", {"r1": 4}, {"r1"}),
+        ("default", {"r1": 4}, {"r1"}),
+        ("default", {}, {"r0", "r1"}),
+        ("round-robin", {"r1": 4}, {"r0"}),  # ignores the prefix: first in id order
     ],
 )
-async def test_prefix_and_load_score(
-    matched: dict[str, int], loads: dict[str, int], prefix_weight: float, expected: str
+async def test_profiles_route_by_prefix(
+    profile: str, matched: dict[str, int], expected: set[str]
 ) -> None:
-    policy = Policy(routing=RoutingPolicy(prefix_weight=prefix_weight, load_weight=1.0))
-    core, _ = await ready_core(
-        n=2, cap=8, policy=policy, prefix=FixedPrefix(PrefixMatches(4, matched))
+    probe = FakeProbe()
+    s = settings(n=2, cap=8)
+    s.profile = profile
+    core = Orchestrator(s, probe, Policy(), FixedPrefix(PrefixMatches(4, matched)))
+    probe.ready_ids = {"r0", "r1"}
+    await core.probe_once()
+    assert (await core.admit(req("probe"), 1.0)).replica.id in expected
+
+
+async def test_hot_spot_guard_spreads_a_shared_prefix() -> None:
+    """Every request shares the prefix cached on r1: the default profile stops piling onto it."""
+    probe = FakeProbe()
+    core = Orchestrator(
+        settings(n=2, cap=64), probe, Policy(), FixedPrefix(PrefixMatches(4, {"r1": 4}))
     )
-    for rid, n in loads.items():
-        for i in range(n):
-            lease = await core.admit(req(f"load{i}", model="tensorrt_llm"), 1.0)
-            while lease.replica.id != rid:
-                lease = await core.admit(req(f"load{i}"), 1.0)
-    for st in core.replicas():  # drop the steering leases that landed elsewhere
-        if st.spec.id not in loads:
-            st.in_flight = 0
-    assert (await core.admit(req("probe"), 1.0)).replica.id == expected
+    probe.ready_ids = {"r0", "r1"}
+    await core.probe_once()
+    picks = [(await core.admit(req(str(i)), 1.0)).replica.id for i in range(40)]
+    assert 0 < picks.count("r0") < picks.count("r1")
 
 
 POOLS = Policy(
@@ -295,13 +308,28 @@ async def test_prompt_longer_than_every_pool_is_rejected() -> None:
         await core.admit(req(prompt_len=1001), 1.0)
 
 
-async def test_short_prompt_falls_back_to_long_pool_and_pool_cap_applies() -> None:
-    core, probe = await ready_core(policy=POOLS, specs=POOL_SPECS, cap=8)
+NO_LENDING = Policy(
+    pools=POOLS.pools,
+    plugins=[PluginConfig(name="pool", type="pool-filter", params={"lend_below_utilization": 0})],
+)
+
+
+@pytest.mark.parametrize(("policy", "third"), [(POOLS, "l0"), (NO_LENDING, None)])
+async def test_full_short_pool_borrows_idle_long_pool_or_waits(
+    policy: Policy, third: str | None
+) -> None:
+    core, _ = await ready_core(policy=policy, specs=POOL_SPECS, cap=8)
     assert [(await core.admit(req(str(i)), 1.0)).replica.id for i in range(2)] == ["s0", "s0"]
-    # short pool at its cap of 2: the third short request waits rather than spilling over
+    if third is not None:  # the short pool is at its cap of 2 and the long pool idle: it lends
+        assert (await core.admit(req("w"), 1.0)).replica.id == third
+        return
     task = asyncio.create_task(core.admit(req("w"), 5.0))
     await assert_queued(core, 1)
     task.cancel()
+
+
+async def test_short_prompt_goes_to_long_pool_when_short_pool_is_down() -> None:
+    core, probe = await ready_core(policy=POOLS, specs=POOL_SPECS, cap=8)
     probe.ready_ids.discard("s0")
     await core.probe_once()
     assert (await core.admit(req("x"), 1.0)).replica.id == "l0"
@@ -318,3 +346,95 @@ async def test_model_version_filter() -> None:
     }
     with pytest.raises(NoReplicaReady, match="v3"):
         await core.admit(req(version="v3"), 1.0)
+
+
+def tenant_req(rid: str, tenant: str, priority: Priority = Priority.STANDARD) -> AdmissionRequest:
+    return AdmissionRequest(
+        request_id=rid,
+        model="tensorrt_llm",
+        prompt_token_ids=[1] * 10,
+        max_tokens=10,
+        priority=priority,
+        tenant=tenant,
+    )
+
+
+@pytest.mark.parametrize(
+    ("weights", "expected"),
+    [
+        # equal weights: the late tenant b is served second, not after all of a's backlog
+        ({}, ["a1", "b1", "a2", "b2", "a3", "a4"]),
+        # b weighs 2 (finish tags b1=10, a1=b2=20, a2=40): b's requests cost half as much virtual time
+        ({"b": 2.0}, ["b1", "a1", "b2", "a2", "a3", "a4"]),
+    ],
+)
+async def test_weighted_fair_queuing_across_tenants(
+    weights: dict[str, float], expected: list[str]
+) -> None:
+    policy = Policy(admission=AdmissionPolicy(tenant_weights=weights))
+    core, _ = await ready_core(n=1, cap=1, policy=policy, queue=16)
+    lease = await core.admit(tenant_req("hold", "z"), 1.0)
+    waiting = {
+        rid: asyncio.create_task(core.admit(tenant_req(rid, rid[0]), 5.0))
+        for rid in expected_order_input()
+    }
+    await assert_queued(core, 6)
+    order: list[str] = []
+    for _ in range(6):
+        core.complete(lease.lease_id, Outcome.SUCCESS)
+        await asyncio.wait(waiting.values(), return_when=asyncio.FIRST_COMPLETED)
+        rid = next(r for r, t in waiting.items() if t.done())
+        lease = waiting.pop(rid).result()
+        order.append(rid)
+    assert order == expected
+
+
+def expected_order_input() -> list[str]:
+    """Arrival order: all of tenant a's backlog first, then tenant b."""
+    return ["a1", "a2", "a3", "a4", "b1", "b2"]
+
+
+async def test_engine_metrics_cap_and_kv_watermark() -> None:
+    texts = {
+        "http://r0": metrics_text(active=2, waiting=0, used=95, total=100, max_batch=4),
+        "http://r1": metrics_text(active=0, waiting=0, used=10, total=100, max_batch=2),
+    }
+
+    def fetch(url: str, host: str, timeout_s: float) -> str:
+        return texts[url]
+
+    probe = FakeProbe()
+    s = settings(n=2, cap=64)
+    s.replicas = [
+        ReplicaSpec(id="r0", grpc_address="a:1", metrics_url="http://r0"),
+        ReplicaSpec(id="r1", grpc_address="a:2", metrics_url="http://r1"),
+    ]
+    core = Orchestrator(
+        s, probe, Policy(capacity=CapacityPolicy(overcommit=1.5)), fetch_metrics=fetch
+    )
+    probe.ready_ids = {"r0", "r1"}
+    await core.probe_once()
+    await core.scrape_once()
+    # r0 is above the 0.9 KV watermark; r1's cap is ceil(2 * 1.5) = 3 from its reported batch
+    picks = [(await core.admit(req(str(i)), 1.0)).replica.id for i in range(3)]
+    assert picks == ["r1", "r1", "r1"]
+    task = asyncio.create_task(core.admit(req("w"), 5.0))
+    await assert_queued(core, 1)
+    texts["http://r0"] = metrics_text(active=2, waiting=0, used=50, total=100, max_batch=4)
+    await core.scrape_once()  # r0 dropped below the watermark: the waiter gets it
+    assert (await task).replica.id == "r0"
+
+
+def metrics_text(active: int, waiting: int, used: int, total: int, max_batch: int) -> str:
+    rows = [
+        ("nv_trt_llm_request_metrics", "request_type", "active", active),
+        ("nv_trt_llm_request_metrics", "request_type", "waiting", waiting),
+        ("nv_trt_llm_request_metrics", "request_type", "max", max_batch),
+        ("nv_trt_llm_kv_cache_block_metrics", "kv_cache_block_type", "used", used),
+        ("nv_trt_llm_kv_cache_block_metrics", "kv_cache_block_type", "max", total),
+    ]
+    out = []
+    for family in ("nv_trt_llm_request_metrics", "nv_trt_llm_kv_cache_block_metrics"):
+        out.append(f"# TYPE {family} gauge")
+        out.extend(f'{f}{{{label}="{value}"}} {n}' for f, label, value, n in rows if f == family)
+    return "\n".join(out) + "\n"

@@ -24,7 +24,11 @@ def test_mesh_policy_file_loads() -> None:
     [
         ("pools: {short: {max_prompt_tokens: 0}}", "pools.short.max_prompt_tokens"),
         ("pools: {a: {max_prompt_tokens: 5}, b: {max_prompt_tokens: 5}}", "distinct"),
-        ("routing: {prefix_wieght: 1}", "routing.prefix_wieght"),
+        ("routing: {prefix_weight: 1}", "routing"),
+        ("plugins: [{name: p, type: no-such-plugin}]", "unknown plugin type"),
+        ("plugins: [{name: q, type: queue-depth-scorer, params: {saturation: 0}}]", "saturation"),
+        ("profiles: {x: {filters: [prefix], picker: max-score}}", "not a filter"),
+        ("profiles: {x: {picker: nobody}}", "unknown plugin 'nobody'"),
         ("health: {consecutive_errors: 0}", "health.consecutive_errors"),
         ("version: 2", "version"),
         ("pools: [", "policy.yaml"),

@@ -1,0 +1,51 @@
+"""Reading the TensorRT-LLM backend's Prometheus gauges (the emulator exports the same names)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+_FAMILIES = ("nv_trt_llm_request_metrics", "nv_trt_llm_kv_cache_block_metrics")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSample:
+    """One scrape of one engine. Request counts and KV blocks as the backend reports them."""
+
+    active: float
+    waiting: float
+    kv_used: float
+    kv_max: float
+    max_batch: float | None = None
+    kv_free: float | None = None
+
+    @property
+    def kv_utilization(self) -> float | None:
+        return self.kv_used / self.kv_max if self.kv_max > 0 else None
+
+
+def parse_engine_metrics(text: str) -> EngineSample | None:
+    """None when a required gauge is absent or not finite (never guess a signal)."""
+    values: dict[tuple[str, str], float] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name not in _FAMILIES:
+            continue
+        for s in fam.samples:
+            label = s.labels.get("request_type") or s.labels.get("kv_cache_block_type") or ""
+            values[(fam.name, label)] = values.get((fam.name, label), 0.0) + float(s.value)
+
+    def get(family: str, label: str) -> float | None:
+        v = values.get((family, label))
+        return v if v is not None and math.isfinite(v) else None
+
+    active = get(_FAMILIES[0], "active")
+    waiting = get(_FAMILIES[0], "waiting")
+    used = get(_FAMILIES[1], "used")
+    total = get(_FAMILIES[1], "max")
+    if active is None or waiting is None or used is None or total is None:
+        return None
+    return EngineSample(
+        active, waiting, used, total, get(_FAMILIES[0], "max"), get(_FAMILIES[1], "free")
+    )

@@ -1,0 +1,1 @@
+"""Scheduling policy framework: filters, scorers and a picker composed into named profiles."""

@@ -1,0 +1,87 @@
+"""Plugin contracts. Every plugin module implements one of these Protocols, declares a `TYPE`
+string and a pydantic `Params` model (all fields defaulted), and is registered once in
+`registry.py`.
+
+Invariants the framework enforces, so plugins need not:
+- Filters return a subset of the replicas they were given (order kept).
+- Scorers are pure: same inputs, same scores; one score per replica; the framework clamps each to
+  [0, 1], multiplies by the profile's weight, sums, and times every call.
+- A picker returns one of the candidates it was given, or None when given none.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol, runtime_checkable
+
+from pydantic import BaseModel
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaView:
+    """What plugins may know about a replica: a snapshot, never the live state."""
+
+    id: str
+    pool: str
+    model_version: str
+    models: tuple[str, ...]
+    ready: bool
+    ejected: bool
+    in_flight: int
+    cap: int
+    # Engine metrics (None when the replica reported none recently).
+    engine_active: float | None = None
+    engine_waiting: float | None = None
+    kv_utilization: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    model: str
+    model_version: str
+    prompt_tokens: int
+    max_tokens: int
+    # Leading prompt blocks each replica holds (exact or predicted), and the prompt's full blocks.
+    prefix_blocks: Mapping[str, int] = field(default_factory=dict)
+    prompt_blocks: int = 0
+    # Pools that fit the prompt, smallest first; None when no pools are configured.
+    pools: tuple[str, ...] | None = None
+    # Pools the policy names (replicas in other pools take any prompt length).
+    known_pools: frozenset[str] = frozenset()
+
+
+class PluginParams(BaseModel):
+    """Base of every plugin's parameters; unknown keys are errors."""
+
+    model_config = {"extra": "forbid", "frozen": True}
+
+
+@runtime_checkable
+class Filter(Protocol):
+    TYPE: ClassVar[str]
+
+    def filter(
+        self, request: RequestView, replicas: Sequence[ReplicaView]
+    ) -> Sequence[ReplicaView]: ...
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    TYPE: ClassVar[str]
+
+    def score(self, request: RequestView, replicas: Sequence[ReplicaView]) -> Sequence[float]: ...
+
+
+@runtime_checkable
+class Picker(Protocol):
+    TYPE: ClassVar[str]
+
+    def pick(
+        self,
+        request: RequestView,
+        replicas: Sequence[ReplicaView],
+        scores: Sequence[float],
+        rng: random.Random,
+    ) -> ReplicaView | None: ...

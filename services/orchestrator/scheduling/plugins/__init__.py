@@ -1,0 +1,1 @@
+"""Scheduling plugins, one per module; each is documented in a `<module>.md` beside it."""

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+from pydantic import Field
+
+from services.orchestrator.scheduling.contracts import PluginParams, ReplicaView, RequestView
+
+
+class Params(PluginParams):
+    max_kv_utilization: float = Field(
+        default=0.9, gt=0.0, le=1.0, description="Skip replicas above this KV use."
+    )
+
+
+class KvWatermarkFilter:
+    """Skips replicas whose KV cache is nearly full (new work would evict or wait)."""
+
+    TYPE: ClassVar[str] = "kv-watermark-filter"
+
+    def __init__(self, params: Params):
+        self.params = params
+
+    def filter(
+        self, request: RequestView, replicas: Sequence[ReplicaView]
+    ) -> Sequence[ReplicaView]:
+        limit = self.params.max_kv_utilization
+        return [r for r in replicas if r.kv_utilization is None or r.kv_utilization <= limit]
