@@ -1,13 +1,10 @@
 from __future__ import annotations
 
-import asyncio
-import time
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-import pytest
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -15,6 +12,9 @@ from llmmesh.gateway.v1 import gateway_pb2_grpc
 from llmmesh.kvregistry.v1 import kvregistry_pb2_grpc
 from llmmesh.localmesh import LocalMesh, MeshOptions
 from llmmesh.orchestrator.v1 import orchestrator_pb2_grpc
+from tests.helpers import eventually
+
+__all__ = ["Mesh", "eventually", "metric", "scrape", "start_mesh"]
 
 
 class Mesh:
@@ -73,14 +73,3 @@ def metric(url: str, name: str, **labels: str) -> float:
         if n == name and all(dict(lbls).get(k) == val for k, val in labels.items()):
             total += v
     return total
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout_s: float = 15.0, what: str = ""
-) -> None:
-    """Poll a condition until it holds (the system converges asynchronously)."""
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not reached within {timeout_s}s: {what}")
-        await asyncio.sleep(0.05)

@@ -165,3 +165,32 @@ async def test_concurrent_streams_spread_over_replicas(mesh: Mesh) -> None:
     replicas = {r[-1].complete.replica_id for r in results}
     assert replicas == set(mesh.mesh.replica_ids)
     assert all(r[-1].complete.usage.completion_tokens == 8 for r in results)
+
+
+async def test_repeated_long_prefix_returns_to_its_replica_and_ttft_drops(mesh: Mesh) -> None:
+    # 4000 tokens: ~125 blocks; the cost model prices this prefill at ~130 ms on the emulated H100.
+    system = [100 + (i * 31) % 40000 for i in range(4000)]
+    first = pb.GenerateRequest(
+        model=MODEL,
+        token_ids=pb.TokenIds(ids=[*system, 7, 8, 9]),
+        sampling=pb.SamplingParams(max_tokens=4),
+    )
+    cold = (await collect(mesh, first))[-1].complete
+
+    async def indexed() -> bool:
+        resp = await mesh.kv_registry.Lookup(kv_pb.LookupRequest(token_ids=system), timeout=5)
+        return any(
+            m.replica_id == cold.replica_id and m.matched_blocks == len(system) // 32
+            for m in resp.matches
+        )
+
+    await eventually(indexed, what="the long prefix is indexed on the replica that served it")
+    second = pb.GenerateRequest(
+        model=MODEL,
+        token_ids=pb.TokenIds(ids=[*system, 10, 11, 12]),
+        sampling=pb.SamplingParams(max_tokens=4),
+    )
+    warm = (await collect(mesh, second))[-1].complete
+    assert warm.replica_id == cold.replica_id
+    assert warm.usage.cached_prompt_tokens == (len(system) // 32) * 32
+    assert warm.timings.time_to_first_token_ms < 0.5 * cold.timings.time_to_first_token_ms

@@ -1,0 +1,21 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], timeout_s: float = 15.0, what: str = ""
+) -> None:
+    """Poll a condition until it holds: the system under test converges asynchronously, and the
+    test must not guess how long that takes."""
+    deadline = time.monotonic() + timeout_s
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not reached within {timeout_s}s: {what}")
+        await asyncio.sleep(0.02)

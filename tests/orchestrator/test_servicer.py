@@ -1,0 +1,87 @@
+"""Admission over a real channel: settings → core → server on port 0 → stub."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from llmmesh.common.errors import RETRY_AFTER_KEY
+from llmmesh.common.server import ManagedServer, ServiceRegistration
+from llmmesh.orchestrator.v1 import orchestrator_pb2 as pb
+from llmmesh.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from services.orchestrator.core import Orchestrator
+from services.orchestrator.servicer import OrchestratorServicer
+from tests.helpers import eventually
+from tests.orchestrator.test_core import FakeProbe, settings
+
+
+@pytest_asyncio.fixture
+async def stub() -> AsyncIterator[pb_grpc.OrchestratorServiceAsyncStub]:
+    probe = FakeProbe()
+    core = Orchestrator(settings(n=1, cap=1, queue=1), probe)
+    probe.ready_ids = {"r0"}
+    await core.probe_once()
+    server = ManagedServer(
+        host="127.0.0.1",
+        port=0,
+        services=[
+            ServiceRegistration(
+                "llmmesh.orchestrator.v1.OrchestratorService",
+                lambda s: pb_grpc.add_OrchestratorServiceServicer_to_server(
+                    OrchestratorServicer(core), s
+                ),
+            )
+        ],
+        drain_seconds=0,
+    )
+    port = await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield pb_grpc.OrchestratorServiceStub(channel)
+    await server.stop()
+
+
+async def queue_depth_is(stub: pb_grpc.OrchestratorServiceAsyncStub, depth: int) -> bool:
+    return (await stub.ListReplicas(pb.ListReplicasRequest(), timeout=5)).queue_depth == depth
+
+
+def admit(rid: str) -> pb.AdmitRequest:
+    return pb.AdmitRequest(
+        request_id=rid, model="tensorrt_llm", prompt_token_ids=[1, 2, 3], max_tokens=4
+    )
+
+
+async def test_full_queue_is_resource_exhausted_with_retry_after(
+    stub: pb_grpc.OrchestratorServiceAsyncStub,
+) -> None:
+    held = await stub.Admit(admit("a"), timeout=5)
+    queued = asyncio.ensure_future(stub.Admit(admit("b"), timeout=10))
+
+    await eventually(lambda: queue_depth_is(stub, 1), what="b waits in the one-slot queue")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Admit(admit("c"), timeout=5)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    trailers: dict[str, str] = dict(info.value.trailing_metadata() or ())  # type: ignore[arg-type]
+    assert float(trailers[RETRY_AFTER_KEY]) > 0
+    await stub.Complete(
+        pb.CompleteRequest(lease_id=held.lease_id, outcome=pb.OUTCOME_SUCCESS), timeout=5
+    )
+    granted = await queued
+    assert granted.replica.id == "r0"
+
+
+async def test_deadline_in_queue_and_cancellation(
+    stub: pb_grpc.OrchestratorServiceAsyncStub,
+) -> None:
+    await stub.Admit(admit("a"), timeout=5)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Admit(admit("late"), timeout=0.2)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    call = stub.Admit(admit("gone"), timeout=10)
+    await eventually(lambda: queue_depth_is(stub, 1), what="the request waits in the queue")
+    call.cancel()
+    await eventually(lambda: queue_depth_is(stub, 0), what="cancellation removed it from the queue")
+    assert (await stub.ListReplicas(pb.ListReplicasRequest(), timeout=5)).replicas[0].in_flight == 1
