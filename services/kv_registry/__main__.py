@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+
 import uvloop
 
 from llmmesh.common.server import ManagedServer, ServiceRegistration, run_until_signal
@@ -9,7 +12,7 @@ from llmmesh.common.settings import KvBlockSettings
 from llmmesh.common.telemetry import setup_logging, setup_tracing, start_metrics_server
 from llmmesh.kvregistry.v1 import kvregistry_pb2, kvregistry_pb2_grpc
 from services.kv_registry.core import KvRegistry
-from services.kv_registry.servicer import KvRegistryServicer
+from services.kv_registry.servicer import KvRegistryServicer, run_maintenance
 from services.kv_registry.settings import KvRegistrySettings
 
 SERVICE = kvregistry_pb2.DESCRIPTOR.services_by_name["KvRegistryService"].full_name
@@ -18,11 +21,7 @@ SERVICE = kvregistry_pb2.DESCRIPTOR.services_by_name["KvRegistryService"].full_n
 async def main(settings: KvRegistrySettings, blocks: KvBlockSettings) -> None:
     setup_logging("kv_registry", settings.log_level, settings.log_json)
     provider = setup_tracing("kv_registry", settings.otlp_endpoint, settings.trace_sample_ratio)
-    core = KvRegistry(
-        blocks.block_config(),
-        max_entries=settings.max_entries,
-        max_events_per_request=settings.max_events_per_request,
-    )
+    core = KvRegistry.from_settings(settings, blocks.block_config())
     servicer = KvRegistryServicer(core)
     server = ManagedServer(
         host=settings.host,
@@ -37,8 +36,14 @@ async def main(settings: KvRegistrySettings, blocks: KvBlockSettings) -> None:
     )
     metrics_port = start_metrics_server(settings.host, settings.metrics_port)
     await server.start()
+    maintenance = asyncio.create_task(
+        run_maintenance(core, settings.maintenance_interval_s, settings.maintenance_batch)
+    )
 
     async def on_stop() -> None:
+        maintenance.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await maintenance
         provider.shutdown()
 
     await run_until_signal(

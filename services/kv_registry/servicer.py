@@ -2,28 +2,54 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Sequence
+
 import grpc
 
-from llmmesh.common.errors import ServiceError, abort
+from llmmesh.common.errors import InvalidArgument, ServiceError, abort
 from llmmesh.kvblocks import BlockConfig
 from llmmesh.kvregistry.v1 import kvregistry_pb2 as pb
 from llmmesh.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
-from services.kv_registry.core import Cleared, Event, KvRegistry, Removed, Stored
+from services.kv_registry.core import Cleared, Event, KvRegistry, Removed, Source, Stored
 from services.kv_registry.errors import BlockConfigMismatch
 
 Ctx = grpc.aio.ServicerContext[object, object]
 
+log = logging.getLogger(__name__)
+
+SOURCE_PB = {Source.EXACT: pb.MATCH_SOURCE_EXACT, Source.PREDICTED: pb.MATCH_SOURCE_PREDICTED}
+
 
 def event_from_pb(ev: pb.KvEvent) -> Event:
-    kind = ev.WhichOneof("kind")
-    if kind == "stored":
-        parent = ev.stored.parent_hash if ev.stored.HasField("parent_hash") else None
-        return Stored(ev.sequence, tuple(b.block_hash for b in ev.stored.blocks), parent)
-    if kind == "removed":
+    # Hot path of PublishEvents (a snapshot is one event per block): `stored` first, one
+    # wrapper per field access, no generator.
+    if ev.HasField("stored"):
+        stored = ev.stored
+        blocks = stored.blocks
+        if len(blocks) == 1:
+            hashes: tuple[int, ...] = (blocks[0].block_hash,)
+        else:
+            hashes = tuple([b.block_hash for b in blocks])
+        parent = stored.parent_hash if stored.HasField("parent_hash") else None
+        return Stored(ev.sequence, hashes, parent)
+    if ev.HasField("removed"):
         return Removed(ev.sequence, tuple(ev.removed.block_hashes))
-    if kind == "cleared":
+    if ev.HasField("cleared"):
         return Cleared(ev.sequence)
     raise BlockConfigMismatch(f"event {ev.sequence} has no kind", field="events")
+
+
+def prompt_hashes(
+    core: KvRegistry, token_ids: Sequence[int], block_hashes: Sequence[int]
+) -> Sequence[int]:
+    """The prompt's block hashes from whichever of the two fields is set."""
+    if len(block_hashes):
+        if len(token_ids):
+            raise InvalidArgument("set token_ids or block_hashes, not both", field="block_hashes")
+        return list(block_hashes)
+    return core.hash_tokens(token_ids)
 
 
 class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
@@ -47,7 +73,15 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
         )
 
     async def Lookup(self, request: pb.LookupRequest, context: Ctx) -> pb.LookupResponse:
-        res = self._core.lookup(request.token_ids)
+        try:
+            if len(request.block_hashes):
+                hashes = prompt_hashes(self._core, request.token_ids, request.block_hashes)
+                res = self._core.lookup_hashes(hashes)
+            else:
+                res = self._core.lookup(request.token_ids)
+        except ServiceError as err:
+            await abort(context, err)
+            raise
         bs = self._core.block_config.block_size
         return pb.LookupResponse(
             block_size=bs,
@@ -57,7 +91,75 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
                     replica_id=m.replica_id,
                     matched_blocks=m.matched_blocks,
                     matched_tokens=m.matched_blocks * bs,
+                    source=SOURCE_PB[m.source],
                 )
                 for m in res.matches
             ],
         )
+
+    async def RecordRouting(
+        self, request: pb.RecordRoutingRequest, context: Ctx
+    ) -> pb.RecordRoutingResponse:
+        try:
+            hashes = prompt_hashes(self._core, request.token_ids, request.block_hashes)
+            ttl = request.ttl_s if request.HasField("ttl_s") else None
+            res = self._core.record_routing(request.replica_id, hashes, ttl_s=ttl)
+        except ServiceError as err:
+            await abort(context, err)
+            raise
+        return pb.RecordRoutingResponse(
+            prompt_blocks=res.prompt_blocks,
+            predicted_blocks=res.predicted_blocks,
+            source=SOURCE_PB[res.source],
+            recorded_blocks=res.recorded_blocks,
+        )
+
+    async def ReportReuse(
+        self, request: pb.ReportReuseRequest, context: Ctx
+    ) -> pb.ReportReuseResponse:
+        try:
+            hashes = prompt_hashes(self._core, request.token_ids, request.block_hashes)
+            if len(request.token_ids):
+                prompt_tokens: int | None = len(request.token_ids)
+            elif request.HasField("prompt_tokens"):
+                prompt_tokens = request.prompt_tokens
+            else:
+                prompt_tokens = None
+            predicted = request.predicted_blocks if request.HasField("predicted_blocks") else None
+            res = self._core.report_reuse(
+                request.replica_id,
+                hashes,
+                request.reported_reused_blocks,
+                prompt_tokens=prompt_tokens,
+                predicted_blocks=predicted,
+            )
+        except ServiceError as err:
+            await abort(context, err)
+            raise
+        return pb.ReportReuseResponse(
+            reusable_blocks=res.reusable_blocks,
+            predicted_blocks=res.predicted_blocks,
+            reported_reused_blocks=res.reported_reused_blocks,
+            source=SOURCE_PB[res.source],
+            predicted_capacity=res.predicted_capacity,
+            dropped_blocks=res.dropped_blocks,
+        )
+
+    async def DropReplica(
+        self, request: pb.DropReplicaRequest, context: Ctx
+    ) -> pb.DropReplicaResponse:
+        if not request.replica_id:
+            await abort(context, InvalidArgument("must be non-empty", field="replica_id"))
+        return pb.DropReplicaResponse(dropped=self._core.drop_replica(request.replica_id))
+
+
+async def run_maintenance(core: KvRegistry, interval_s: float, batch: int) -> None:
+    """Background steps until cancelled: each holds the event loop for at most `batch` entries;
+    steps repeat without sleeping while there is a backlog."""
+    while True:
+        try:
+            busy = core.maintain(batch) >= batch
+        except Exception:  # a bug here must not stop cleanup forever
+            log.exception("kv_registry maintenance step failed")
+            busy = False
+        await asyncio.sleep(0 if busy else interval_s)

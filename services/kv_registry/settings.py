@@ -26,3 +26,34 @@ class KvRegistrySettings(ServiceSettings):
     max_events_per_request: int = Field(
         default=100_000, gt=0, description="PublishEvents batches larger than this are rejected."
     )
+    predicted_ttl_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="Lifetime of a predicted entry (approximate mode) when RecordRouting sets no ttl_s.",
+    )
+    predicted_capacity: int = Field(
+        default=32_768,
+        ge=0,
+        description="Most predicted entries per approximate replica (LRU); ReportReuse corrections adapt the bound below this.",
+    )
+    predicted_shrink: float = Field(
+        default=0.25,
+        gt=0,
+        le=1,
+        description="Correction step: a fully missed prediction shrinks a replica's predicted capacity by this fraction.",
+    )
+    hash_cache_size: int = Field(
+        default=4096,
+        ge=0,
+        description="Prompts whose block hashes are kept (LRU): Lookup, RecordRouting and ReportReuse of one request hash it once.",
+    )
+    maintenance_interval_s: float = Field(
+        default=0.05,
+        gt=0,
+        description="Period of the background step that sweeps cleared replicas, compacts logs and expires predictions.",
+    )
+    maintenance_batch: int = Field(
+        default=4096,
+        gt=0,
+        description="Index entries handled per background step (bounds how long one step holds the event loop).",
+    )

@@ -8,6 +8,7 @@ import contextlib
 import uvloop
 
 from llmmesh.common.server import ManagedServer, ServiceRegistration, run_until_signal
+from llmmesh.common.settings import KvBlockSettings
 from llmmesh.common.telemetry import setup_logging, setup_tracing, start_metrics_server
 from llmmesh.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from services.orchestrator.core import Orchestrator
@@ -21,13 +22,15 @@ from services.orchestrator.settings import OrchestratorSettings
 SERVICE = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name
 
 
-async def main(settings: OrchestratorSettings) -> None:
+async def main(settings: OrchestratorSettings, blocks: KvBlockSettings) -> None:
     setup_logging("orchestrator", settings.log_level, settings.log_json)
     provider = setup_tracing("orchestrator", settings.otlp_endpoint, settings.trace_sample_ratio)
     policy = load_policy(settings.policy_file)
     probe = TritonProbe()
     prefix = (
-        RegistryPrefixIndex(settings.kv_registry_address, settings.kv_lookup_timeout_s)
+        RegistryPrefixIndex(
+            settings.kv_registry_address, blocks.block_config(), settings.kv_lookup_timeout_s
+        )
         if settings.kv_registry_address
         else None
     )
@@ -81,4 +84,4 @@ async def main(settings: OrchestratorSettings) -> None:
 
 
 if __name__ == "__main__":
-    uvloop.run(main(OrchestratorSettings()))
+    uvloop.run(main(OrchestratorSettings(), KvBlockSettings()))

@@ -22,7 +22,7 @@ import random
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -146,6 +146,16 @@ def fetch_text(url: str, host: str, timeout_s: float) -> str:
         return str(resp.read().decode("utf-8", errors="replace"))
 
 
+@dataclass(slots=True)
+class _Prediction:
+    """What approximate mode needs at completion: the prompt's block hashes, and how many blocks
+    the registry predicted the replica held."""
+
+    hashes: tuple[int, ...]
+    prompt_tokens: int
+    predicted: int = 0
+
+
 class ReplicaProbe(Protocol):
     async def ready(
         self, replica: ReplicaSpec, models: Sequence[str], timeout_s: float
@@ -166,6 +176,8 @@ class Orchestrator:
         self._probe = probe
         self._policy = policy or Policy()
         self._prefix = prefix_index
+        self._predictions: dict[str, _Prediction] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self._scheduler = Scheduler(
             build_profile(
                 settings.profile, default_registry(), self._policy.plugins, self._policy.profiles
@@ -331,7 +343,27 @@ class Orchestrator:
         if prefix.prompt_blocks:
             _PROMPT_BLOCKS.labels(st.spec.id).inc(prefix.prompt_blocks)
             _PREFIX_HIT.labels(st.spec.id).inc(prefix.matched_blocks.get(st.spec.id, 0))
+        if self._prefix is not None and prefix.hashes:
+            self._predictions[lease.lease_id] = _Prediction(
+                prefix.hashes, len(req.prompt_token_ids)
+            )
+            self._background(self._record_routing(lease.lease_id, st.spec.id, prefix.hashes))
         return lease
+
+    async def _record_routing(
+        self, lease_id: str, replica_id: str, hashes: tuple[int, ...]
+    ) -> None:
+        """Approximate mode: the routing decision becomes predicted blocks on the replica."""
+        assert self._prefix is not None
+        predicted = await self._prefix.record_routing(replica_id, hashes)
+        pred = self._predictions.get(lease_id)
+        if pred is not None:
+            pred.predicted = predicted
+
+    def _background(self, coro: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _dispatch(self) -> None:
         """Grant queued requests, highest priority first, while replicas have room."""
@@ -386,6 +418,8 @@ class Orchestrator:
                     st.spec, st.ready = spec, False
         for rid, st in list(self._replicas.items()):
             if rid not in wanted:
+                if not st.removed:
+                    self._drop_from_index(rid)
                 st.removed = True
                 if st.in_flight == 0:
                     del self._replicas[rid]
@@ -393,10 +427,19 @@ class Orchestrator:
         self._dispatch()
 
     # -- completion -----------------------------------------------------------------------
-    def complete(self, lease_id: str, outcome: Outcome) -> bool:
+    def complete(self, lease_id: str, outcome: Outcome, reused_blocks: int | None = None) -> bool:
+        """Release a lease. `reused_blocks` is the engine's kv_cache_reused_blocks, given only
+        when the engine ran the prompt: it corrects the registry's predictions."""
         lease = self._leases.pop(lease_id, None)
         if lease is None:
             return False
+        pred = self._predictions.pop(lease_id, None)
+        if pred is not None and reused_blocks is not None and self._prefix is not None:
+            self._background(
+                self._prefix.report_reuse(
+                    lease.replica.id, pred.hashes, reused_blocks, pred.prompt_tokens, pred.predicted
+                )
+            )
         st = self._replicas.get(lease.replica.id)
         if st is not None:
             st.in_flight -= 1
@@ -448,12 +491,18 @@ class Orchestrator:
         )
         self._update_health_gauge(st)
 
+    def _drop_from_index(self, replica_id: str) -> None:
+        if self._prefix is not None:
+            self._background(self._prefix.drop_replica(replica_id))
+
     def _update_health_gauge(self, st: ReplicaState) -> None:
         _HEALTHY.labels(st.spec.id, st.spec.pool).set(1 if st.healthy(time.monotonic()) else 0)
 
     def _set_ready(self, st: ReplicaState, ready: bool) -> None:
         if st.ready != ready:
             log.warning("replica readiness changed", extra={"replica": st.spec.id, "ready": ready})
+            if not ready:
+                self._drop_from_index(st.spec.id)  # its cache is gone or unreachable
         st.ready = ready
         if ready:
             st.consecutive_errors = 0

@@ -78,7 +78,11 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         )
 
     async def Complete(self, request: pb.CompleteRequest, context: Ctx) -> pb.CompleteResponse:
-        self._core.complete(request.lease_id, _OUTCOME.get(request.outcome, Outcome.REQUEST_ERROR))
+        outcome = _OUTCOME.get(request.outcome, Outcome.REQUEST_ERROR)
+        ran_prompt = outcome is Outcome.SUCCESS or request.HasField("time_to_first_token_ms")
+        self._core.complete(
+            request.lease_id, outcome, request.kv_cache_reused_blocks if ran_prompt else None
+        )
         return pb.CompleteResponse()
 
     async def ListReplicas(

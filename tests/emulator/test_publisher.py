@@ -73,7 +73,7 @@ class FakeRegistry(kvregistry_pb2_grpc.KvRegistryServiceServicer):
 
 @pytest.fixture
 def registry() -> Iterator[tuple[FakeRegistry, str]]:
-    reg = FakeRegistry()
+    reg = FakeRegistry()  # type: ignore[abstract]  # serves PublishEvents and Lookup only
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     kvregistry_pb2_grpc.add_KvRegistryServiceServicer_to_server(reg, server)
     port = server.add_insecure_port("127.0.0.1:0")

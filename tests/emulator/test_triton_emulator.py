@@ -74,7 +74,7 @@ class Replica:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def replica(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Replica]:
-    registry = RecordingRegistry()
+    registry = RecordingRegistry()  # type: ignore[abstract]  # PublishEvents and Lookup only
     grpc_server = grpc.aio.server()
     kvregistry_pb2_grpc.add_KvRegistryServiceServicer_to_server(registry, grpc_server)
     port = grpc_server.add_insecure_port("127.0.0.1:0")

@@ -125,6 +125,9 @@ ALLOWED = [
     (ORCHESTRATOR, TRITON_LABELS, 8001, TRI + "ServerReady", "POST"),
     (ORCHESTRATOR, TRITON_LABELS, 8002, "/metrics", "GET"),
     (ORCHESTRATOR, KV_LABELS, 50053, KV + "Lookup", "POST"),
+    (ORCHESTRATOR, KV_LABELS, 50053, KV + "RecordRouting", "POST"),
+    (ORCHESTRATOR, KV_LABELS, 50053, KV + "ReportReuse", "POST"),
+    (ORCHESTRATOR, KV_LABELS, 50053, KV + "DropReplica", "POST"),
     (TRITON, KV_LABELS, 50053, KV + "PublishEvents", "POST"),
     (AUTOSCALER, ORCH_LABELS, 50052, ORCH + "ListReplicas", "POST"),
     (AUTOSCALER, TRITON_LABELS, 8002, "/metrics", "GET"),
@@ -143,6 +146,7 @@ DENIED = [
     (GATEWAY, TRITON_LABELS, 8001, TRI + "ModelInfer", "POST"),  # only the streaming entry point
     (TRITON, ORCH_LABELS, 50052, ORCH + "Admit", "POST"),
     (TRITON, KV_LABELS, 50053, KV + "Lookup", "POST"),
+    (TRITON, KV_LABELS, 50053, KV + "RecordRouting", "POST"),  # engines only publish events
     (AUTOSCALER, KV_LABELS, 50053, KV + "Lookup", "POST"),
     (AUTOSCALER, ORCH_LABELS, 50052, ORCH + "Admit", "POST"),
     (KV_REGISTRY, ORCH_LABELS, 50052, ORCH + "Admit", "POST"),

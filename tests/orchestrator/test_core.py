@@ -242,11 +242,42 @@ async def test_sync_replicas_adds_and_drains_removed() -> None:
 
 
 class FixedPrefix:
+    """In-process PrefixIndex: fixed lookup answers; records the approximate-mode calls."""
+
     def __init__(self, matches: PrefixMatches):
         self.matches = matches
+        self.calls: list[tuple[str, ...]] = []
+        self.reports: list[tuple[str, int, int, int]] = []
+        self.called = asyncio.Event()
 
     async def lookup(self, token_ids: Sequence[int]) -> PrefixMatches:
         return self.matches
+
+    async def record_routing(self, replica_id: str, hashes: Sequence[int]) -> int:
+        self.calls.append(("record", replica_id))
+        self.called.set()
+        return 3
+
+    async def report_reuse(
+        self,
+        replica_id: str,
+        hashes: Sequence[int],
+        reported: int,
+        prompt_tokens: int,
+        predicted: int,
+    ) -> None:
+        self.reports.append((replica_id, reported, prompt_tokens, predicted))
+        self.called.set()
+
+    async def drop_replica(self, replica_id: str) -> None:
+        self.calls.append(("drop", replica_id))
+        self.called.set()
+
+    async def settle(self, n: int) -> None:
+        """Wait until n approximate-mode calls happened (they run as background tasks)."""
+        while len(self.calls) + len(self.reports) < n:
+            self.called.clear()
+            await self.called.wait()
 
 
 @pytest.mark.parametrize(
@@ -438,3 +469,23 @@ def metrics_text(active: int, waiting: int, used: int, total: int, max_batch: in
         out.append(f"# TYPE {family} gauge")
         out.extend(f'{f}{{{label}="{value}"}} {n}' for f, label, value, n in rows if f == family)
     return "\n".join(out) + "\n"
+
+
+async def test_approximate_mode_records_reports_and_drops() -> None:
+    index = FixedPrefix(PrefixMatches(4, {}, hashes=(11, 12, 13, 14)))
+    probe = FakeProbe()
+    core = Orchestrator(settings(n=1, cap=8), probe, Policy(), index)
+    probe.ready_ids = {"r0"}
+    await core.probe_once()
+    ran = await core.admit(req("ran"), 1.0)
+    failed = await core.admit(req("failed"), 1.0)
+    await index.settle(2)
+    assert index.calls == [("record", "r0"), ("record", "r0")]
+    core.complete(ran.lease_id, Outcome.SUCCESS, reused_blocks=2)
+    core.complete(failed.lease_id, Outcome.REQUEST_ERROR, reused_blocks=None)  # never prefilled
+    await index.settle(3)
+    assert index.reports == [("r0", 2, 3, 3)]  # reported 2 of the 3 predicted, 3-token prompt
+    probe.ready_ids.clear()
+    await core.probe_once()
+    await index.settle(4)
+    assert index.calls[-1] == ("drop", "r0")

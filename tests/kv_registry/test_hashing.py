@@ -1,0 +1,68 @@
+"""The registry's fast block hashing is `llmmesh.kvblocks.block_hashes`, bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llmmesh.kvblocks import BlockConfig
+from llmmesh.kvblocks import block_hashes as reference
+from llmmesh.kvhashing import block_hashes, hashes_from_bytes, token_bytes
+
+
+@pytest.mark.parametrize(
+    ("tokens", "config", "salt", "limit"),
+    [
+        ([], BlockConfig(4, 0), b"", None),
+        ([1, 2, 3], BlockConfig(4, 0), b"", None),  # partial block only: no hash
+        (list(range(16)), BlockConfig(4, 0), b"", None),
+        (list(range(18)), BlockConfig(4, 7), b"", None),
+        (list(range(18)), BlockConfig(4, 2**64 - 1), b"", None),
+        (list(range(64)), BlockConfig(32, 5), b"", None),
+        (list(range(64)), BlockConfig(16, 5), b"lora:abc", None),
+        (list(range(64)), BlockConfig(16, 5), b"", 2),
+        (list(range(64)), BlockConfig(16, 5), b"", 0),
+        (list(range(64)), BlockConfig(16, 5), b"", 100),
+        ([2**32 - 1, 0, 2**31, 7], BlockConfig(2, 3), b"", None),
+        (list(range(100_000, 100_000 + 4096)), BlockConfig(32, 11), b"", None),
+    ],
+)
+def test_parity_with_kvblocks(
+    tokens: list[int], config: BlockConfig, salt: bytes, limit: int | None
+) -> None:
+    assert block_hashes(tokens, config, salt, limit) == reference(tokens, config, salt, limit)
+
+
+@given(
+    st.lists(st.integers(0, 2**32 - 1), max_size=200),
+    st.integers(1, 40),
+    st.integers(0, 2**64 - 1),
+    st.binary(max_size=8),
+)
+def test_parity_property(tokens: list[int], block_size: int, seed: int, salt: bytes) -> None:
+    config = BlockConfig(block_size, seed)
+    assert block_hashes(tokens, config, salt) == reference(tokens, config, salt)
+
+
+def test_bytes_entry_point() -> None:
+    tokens = list(range(40))
+    config = BlockConfig(8, 1)
+    assert token_bytes(tokens) == b"".join(t.to_bytes(4, "little") for t in tokens)
+    assert hashes_from_bytes(token_bytes(tokens), config) == reference(tokens, config)
+
+
+def test_registry_hashes_a_prompt_once() -> None:
+    from services.kv_registry.core import KvRegistry
+
+    config = BlockConfig(4, 2)
+    reg = KvRegistry(config, max_entries=10, max_events_per_request=10, hash_cache_size=2)
+    a, b, c = list(range(10)), list(range(10, 19)), list(range(3))
+    first = reg.hash_tokens(a)
+    assert list(first) == reference(a, config)
+    assert reg.hash_tokens(a) is first  # cached
+    assert reg.hash_tokens([*a, 99]) == first  # another trailing partial block: same blocks
+    assert list(reg.hash_tokens(b)) == reference(b, config)
+    assert reg.hash_tokens(c) == ()
+    assert reg.hash_tokens(a) is not first  # evicted (2 prompts kept), hashed again
+    assert reg.hash_tokens(a) == first

@@ -1,0 +1,235 @@
+"""KvRegistryService over a real gRPC channel (settings → core → server on port 0 → stub),
+including the engine emulator's own publisher against it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from llmmesh.common.server import ManagedServer, ServiceRegistration
+from llmmesh.common.settings import KvBlockSettings
+from llmmesh.emulator.kv_cache import PagedKvCache
+from llmmesh.emulator.publisher import KvEventPublisher
+from llmmesh.kvblocks import BlockConfig, block_hashes
+from llmmesh.kvregistry.v1 import kvregistry_pb2 as pb
+from llmmesh.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
+from services.kv_registry.core import KvRegistry
+from services.kv_registry.servicer import KvRegistryServicer, run_maintenance
+from services.kv_registry.settings import KvRegistrySettings
+
+BLOCKS = KvBlockSettings(block_size=4, hash_seed=9)
+CFG = BLOCKS.block_config()
+PROMPT = list(range(300, 318))  # 4 full blocks + 2 tokens
+HASHES = block_hashes(PROMPT, CFG)
+SERVICE = pb.DESCRIPTOR.services_by_name["KvRegistryService"].full_name
+
+
+@dataclass
+class Registry:
+    stub: pb_grpc.KvRegistryServiceAsyncStub
+    core: KvRegistry
+    address: str
+
+
+@pytest_asyncio.fixture
+async def registry() -> AsyncIterator[Registry]:
+    settings = KvRegistrySettings(
+        grpc_port=0, max_entries=10_000, predicted_capacity=100, maintenance_interval_s=0.01
+    )
+    core = KvRegistry.from_settings(settings, BLOCKS.block_config())
+    servicer = KvRegistryServicer(core)
+    server = ManagedServer(
+        host="127.0.0.1",
+        port=settings.grpc_port,
+        services=[
+            ServiceRegistration(
+                SERVICE, lambda s: pb_grpc.add_KvRegistryServiceServicer_to_server(servicer, s)
+            )
+        ],
+        drain_seconds=0,
+    )
+    port = await server.start()
+    maintenance = asyncio.create_task(
+        run_maintenance(core, settings.maintenance_interval_s, settings.maintenance_batch)
+    )
+    address = f"127.0.0.1:{port}"
+    async with grpc.aio.insecure_channel(address) as channel:
+        yield Registry(pb_grpc.KvRegistryServiceStub(channel), core, address)
+    maintenance.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await maintenance
+    await server.stop()
+
+
+def stored(seq: int, hashes: list[int]) -> pb.KvEvent:
+    ev = pb.KvEvent(sequence=seq)
+    ev.stored.blocks.extend(pb.StoredBlock(block_hash=h) for h in hashes)
+    return ev
+
+
+def publish(replica: str, *events: pb.KvEvent, block_size: int = 4) -> pb.PublishEventsRequest:
+    return pb.PublishEventsRequest(
+        replica_id=replica, epoch="e", block_size=block_size, hash_seed=9, events=events
+    )
+
+
+def summary(resp: pb.LookupResponse) -> list[tuple[str, int, int, int]]:
+    return [(m.replica_id, m.matched_blocks, m.matched_tokens, m.source) for m in resp.matches]
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [pb.LookupRequest(token_ids=PROMPT), pb.LookupRequest(block_hashes=HASHES)],
+    ids=["token_ids", "block_hashes"],
+)
+async def test_publish_then_lookup(registry: Registry, request_: pb.LookupRequest) -> None:
+    resp = await registry.stub.PublishEvents(publish("r0", stored(0, HASHES[:3])))
+    assert (resp.next_sequence, resp.resync_required) == (1, False)
+    got = await registry.stub.Lookup(request_)
+    assert (got.block_size, got.prompt_blocks) == (4, 4)
+    assert summary(got) == [("r0", 3, 12, pb.MATCH_SOURCE_EXACT)]
+
+
+async def test_gap_asks_for_resync(registry: Registry) -> None:
+    await registry.stub.PublishEvents(publish("r0", stored(0, HASHES[:1])))
+    resp = await registry.stub.PublishEvents(publish("r0", stored(4, HASHES[1:2])))
+    assert (resp.next_sequence, resp.resync_required) == (1, True)
+    snapshot = pb.KvEvent(sequence=7)
+    snapshot.cleared.SetInParent()
+    resp = await registry.stub.PublishEvents(publish("r0", snapshot, stored(8, HASHES)))
+    assert (resp.next_sequence, resp.resync_required) == (9, False)
+
+
+async def test_approximate_mode_round_trip(registry: Registry) -> None:
+    stub = registry.stub
+    routed = await stub.RecordRouting(pb.RecordRoutingRequest(replica_id="p0", token_ids=PROMPT))
+    assert (
+        routed.prompt_blocks,
+        routed.predicted_blocks,
+        routed.source,
+        routed.recorded_blocks,
+    ) == (4, 0, pb.MATCH_SOURCE_PREDICTED, 4)
+    got = await stub.Lookup(pb.LookupRequest(token_ids=PROMPT))
+    assert summary(got) == [("p0", 4, 16, pb.MATCH_SOURCE_PREDICTED)]
+    again = await stub.RecordRouting(
+        pb.RecordRoutingRequest(replica_id="p0", block_hashes=HASHES, ttl_s=30)
+    )
+    assert again.predicted_blocks == 4
+    report = await stub.ReportReuse(
+        pb.ReportReuseRequest(
+            replica_id="p0",
+            block_hashes=HASHES,
+            prompt_tokens=len(PROMPT),
+            reported_reused_blocks=2,
+            predicted_blocks=again.predicted_blocks,
+        )
+    )
+    assert (
+        report.reusable_blocks,
+        report.predicted_blocks,
+        report.reported_reused_blocks,
+        report.source,
+        report.predicted_capacity,
+    ) == (4, 4, 2, pb.MATCH_SOURCE_PREDICTED, 87)
+    dropped = await stub.DropReplica(pb.DropReplicaRequest(replica_id="p0"))
+    assert dropped.dropped
+    assert not (await stub.DropReplica(pb.DropReplicaRequest(replica_id="p0"))).dropped
+    assert not (await stub.Lookup(pb.LookupRequest(token_ids=PROMPT))).matches
+
+
+async def test_report_for_an_exact_replica_only_counts(registry: Registry) -> None:
+    await registry.stub.PublishEvents(publish("r0", stored(0, HASHES)))
+    report = await registry.stub.ReportReuse(
+        pb.ReportReuseRequest(replica_id="r0", token_ids=PROMPT, reported_reused_blocks=4)
+    )
+    assert (report.predicted_blocks, report.reported_reused_blocks, report.source) == (
+        4,
+        4,
+        pb.MATCH_SOURCE_EXACT,
+    )
+
+
+@pytest.mark.parametrize(
+    ("call", "detail"),
+    [
+        (
+            lambda s: s.Lookup(pb.LookupRequest(token_ids=PROMPT, block_hashes=HASHES)),
+            "block_hashes",
+        ),
+        (lambda s: s.PublishEvents(publish("r0", block_size=8)), "block_size"),
+        (lambda s: s.PublishEvents(publish("", stored(0, HASHES))), "replica_id"),
+        (lambda s: s.RecordRouting(pb.RecordRoutingRequest(token_ids=PROMPT)), "replica_id"),
+        (
+            lambda s: s.RecordRouting(
+                pb.RecordRoutingRequest(replica_id="p0", token_ids=PROMPT, ttl_s=-1)
+            ),
+            "ttl_s",
+        ),
+        (lambda s: s.ReportReuse(pb.ReportReuseRequest(token_ids=PROMPT)), "replica_id"),
+        (lambda s: s.DropReplica(pb.DropReplicaRequest()), "replica_id"),
+    ],
+)
+async def test_invalid_arguments(
+    registry: Registry,
+    call: Callable[[pb_grpc.KvRegistryServiceAsyncStub], object],
+    detail: str,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call(registry.stub)  # type: ignore[misc]
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert detail in (err.value.details() or "")
+
+
+async def eventually(check: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_engine_publisher_and_lookup_agree(registry: Registry) -> None:
+    """The emulator's KV cache and publisher (snapshot at start, then its event stream) against
+    the real service: the registry's lookup is the engine's own prefix match."""
+    cache = PagedKvCache(12, CFG)
+    publisher = KvEventPublisher(
+        registry.address,
+        replica_id="engine-0",
+        epoch="boot-1",
+        block_config=BlockConfig(CFG.block_size, CFG.hash_seed),
+        snapshot=cache.snapshot,
+        interval_s=0.001,
+    )
+    publisher.start()
+    try:
+        prompts = [[i * 1000 + t for t in range(4 * (i % 3 + 1) + 1)] for i in range(8)]
+        for i, prompt in enumerate(prompts):  # 8 prompts through a 12-block cache: evictions
+            assert cache.try_admit(f"s{i}", prompt, 2) is not None
+            publisher.publish(cache.drain_events())
+            cache.release(f"s{i}")
+
+        def engine(prompt: list[int]) -> int:
+            hashes = block_hashes(prompt, CFG)
+            return next((i for i, h in enumerate(hashes) if not cache.is_cached(h)), len(hashes))
+
+        def agree() -> bool:
+            return (
+                all(
+                    {m.replica_id: m.matched_blocks for m in registry.core.lookup(p).matches}
+                    == ({"engine-0": engine(p)} if engine(p) else {})
+                    for p in prompts
+                )
+                and registry.core.block_count("engine-0") == cache.num_cached
+            )
+
+        await eventually(agree, "registry in sync with the engine")
+        assert any(engine(p) == 0 for p in prompts)  # some prompts were evicted
+        assert any(engine(p) > 0 for p in prompts)
+    finally:
+        await asyncio.to_thread(publisher.stop)
