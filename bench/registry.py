@@ -40,9 +40,9 @@ import numpy as np
 import numpy.typing as npt
 
 from llmmesh.kvblocks import BlockConfig
+from llmmesh.kvhashing import hashes_from_bytes
 from llmmesh.kvregistry.v1 import kvregistry_pb2 as pb
 from services.kv_registry.core import Cleared, Event, KvRegistry, LookupResult, Removed, Stored
-from llmmesh.kvhashing import hashes_from_bytes
 from services.kv_registry.naive import NaiveKvRegistry
 from services.kv_registry.servicer import event_from_pb
 

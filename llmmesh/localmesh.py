@@ -30,7 +30,10 @@ MODEL_NAME = "smollm2-135m-instruct"
 
 
 class ServiceProcess:
-    """A `python -m services.<name>` child process reporting its ports through a ready file."""
+    """A `python -m services.<name>` child process reporting its ports through a ready file.
+
+    Its HTTP port (the gateway's OpenAI API) is any free one unless the environment given here
+    names one (`LLMMESH_<NAME>_HTTP_PORT`); services without one ignore the setting."""
 
     def __init__(self, name: str, env: Mapping[str, str], workdir: Path):
         self.name = name
@@ -40,6 +43,7 @@ class ServiceProcess:
         self.proc: asyncio.subprocess.Process | None = None
         self.grpc_port = 0
         self.metrics_port = 0
+        self.http_port = 0  # 0: the service serves no HTTP API
 
     @property
     def address(self) -> str:
@@ -52,7 +56,12 @@ class ServiceProcess:
     async def start(self, timeout_s: float = 60.0) -> None:
         self._ready_file.unlink(missing_ok=True)
         prefix = f"LLMMESH_{self.name.upper()}_"
-        env = {**os.environ, **self._env, f"{prefix}READY_FILE": str(self._ready_file)}
+        env = {
+            **os.environ,
+            f"{prefix}HTTP_PORT": "0",
+            **self._env,
+            f"{prefix}READY_FILE": str(self._ready_file),
+        }
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
         log = self._log_path.open("ab")
         self.proc = await asyncio.create_subprocess_exec(
@@ -70,6 +79,14 @@ class ServiceProcess:
             await asyncio.sleep(0.05)  # polling a file the child writes once it serves
         ports = json.loads(self._ready_file.read_text())
         self.grpc_port, self.metrics_port = int(ports["grpc_port"]), int(ports["metrics_port"])
+        self.http_port = int(ports.get("http_port", 0))
+
+    @property
+    def http_base_url(self) -> str:
+        """Base URL of the service's HTTP API (the gateway's OpenAI API: `<base>/v1/...`)."""
+        if not self.http_port:
+            raise RuntimeError(f"{self.name} serves no HTTP API")
+        return f"http://127.0.0.1:{self.http_port}"
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -100,6 +117,7 @@ class MeshOptions:
     workdir: Path | None = None
     # Service ports: 0 = any free port (tests); `make run` uses the services' defaults.
     gateway_port: int = 0
+    gateway_http_port: int = 0
     orchestrator_port: int = 0
     kv_registry_port: int = 0
     autoscaler_port: int = 0
@@ -191,6 +209,7 @@ class LocalMesh:
             {
                 **common,
                 "LLMMESH_GATEWAY_GRPC_PORT": str(o.gateway_port),
+                "LLMMESH_GATEWAY_HTTP_PORT": str(o.gateway_http_port),
                 "LLMMESH_GATEWAY_METRICS_PORT": "0",
                 "LLMMESH_GATEWAY_ORCHESTRATOR_ADDRESS": orch.address,
                 "LLMMESH_GATEWAY_MODELS": json.dumps(
@@ -268,18 +287,30 @@ class LocalMesh:
         )
 
     async def stop(self) -> None:
-        for name in ("gateway", "autoscaler", "orchestrator", "kv_registry"):
+        """Front to back: no new requests, then engines (which flush their last KV events to
+        the registry while it still runs), then the registry."""
+        for name in ("gateway", "autoscaler", "orchestrator"):
             svc = self.services.get(name)
             if svc is not None:
                 await svc.stop()
         await asyncio.gather(
             *(t.stop() for t in self.tritons if t.is_running), return_exceptions=True
         )
+        kv = self.services.get("kv_registry")
+        if kv is not None:
+            await kv.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
 
     def endpoints(self) -> dict[str, str]:
         out = {f"{name} gRPC": svc.address for name, svc in self.services.items()}
+        out.update(
+            {
+                f"{name} HTTP (OpenAI API)": f"{svc.http_base_url}/v1"
+                for name, svc in self.services.items()
+                if svc.http_port
+            }
+        )
         out.update(
             {
                 f"{name} metrics": f"http://127.0.0.1:{svc.metrics_port}/metrics"
@@ -299,6 +330,7 @@ async def _run(args: argparse.Namespace) -> int:
             time_scale=args.time_scale,
             workdir=Path(args.workdir),
             gateway_port=50051,
+            gateway_http_port=8080,
             orchestrator_port=50052,
             kv_registry_port=50053,
             autoscaler_port=50054,

@@ -13,6 +13,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import heapq
 import itertools
@@ -316,9 +317,15 @@ class Orchestrator:
         )
 
     def _servable(self, req: AdmissionRequest) -> bool:
-        """Some replica passes the profile's filters, at capacity or not."""
+        """Some replica could serve the request once load allows: it passes the profile's filters
+        judged without load (no leases, unknown KV use). A busy cluster queues; only a missing,
+        unhealthy or unsuitable one is UNAVAILABLE."""
         now = time.monotonic()
-        views = [self._view(st, now) for st in self._replicas.values() if not st.removed]
+        views = [
+            dataclasses.replace(self._view(st, now), in_flight=0, kv_utilization=None)
+            for st in self._replicas.values()
+            if not st.removed
+        ]
         return bool(self._scheduler.filter(self._request_view(req, NO_MATCHES), views))
 
     def _pick(self, req: AdmissionRequest, prefix: PrefixMatches) -> ReplicaState | None:

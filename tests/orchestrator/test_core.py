@@ -489,3 +489,24 @@ async def test_approximate_mode_records_reports_and_drops() -> None:
     await core.probe_once()
     await index.settle(4)
     assert index.calls[-1] == ("drop", "r0")
+
+
+async def test_busy_kv_queues_instead_of_unavailable() -> None:
+    """Every replica above the KV watermark is a load condition: wait, don't fail."""
+    texts = {"http://r0": metrics_text(active=8, waiting=4, used=99, total=100, max_batch=8)}
+
+    def fetch(url: str, host: str, timeout_s: float) -> str:
+        return texts[url]
+
+    probe = FakeProbe()
+    s = settings(n=1, cap=64)
+    s.replicas = [ReplicaSpec(id="r0", grpc_address="a:1", metrics_url="http://r0")]
+    core = Orchestrator(s, probe, Policy(), fetch_metrics=fetch)
+    probe.ready_ids = {"r0"}
+    await core.probe_once()
+    await core.scrape_once()
+    task = asyncio.create_task(core.admit(req("w"), 5.0))
+    await assert_queued(core, 1)
+    texts["http://r0"] = metrics_text(active=8, waiting=0, used=40, total=100, max_batch=8)
+    await core.scrape_once()
+    assert (await task).replica.id == "r0"

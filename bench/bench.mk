@@ -1,0 +1,19 @@
+# Benchmarks built on the `bench` load generator (python -m bench --help). Each prints its tables
+# and writes JSON under bench-results/ (git-ignored). Included by the Makefile.
+BENCH_ARGS ?=
+
+.PHONY: bench-routing bench-pools bench-run
+
+bench-routing: setup ## Scheduling profiles vs round-robin: shared-prefix + Mooncake replay at 80% load (~8 min)
+	$(PY) -m bench routing $(BENCH_ARGS)
+
+bench-pools: setup ## FIFO vs short/long pools on a mixed long/short workload at 80% load (~6 min)
+	$(PY) -m bench pools $(BENCH_ARGS)
+
+bench-run: setup ## Replay a workload against a running mesh: make bench-run BENCH_ARGS="--workload mooncake ..."
+	$(PY) -m bench run --gateway $(GATEWAY) $(BENCH_ARGS)
+
+.PHONY: bench-registry
+
+bench-registry: setup ## kv_registry core in-process: lookup latency, ingest rate, memory at 1M blocks x 16 replicas vs the previous core (~3 min)
+	$(PY) -m bench.registry $(BENCH_ARGS)

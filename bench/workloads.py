@@ -1,0 +1,365 @@
+"""Workload sources: each turns a description or a trace into a list of `Request`s.
+
+A `Request` carries its arrival time (seconds from the start of the run, before any replay time
+scale), the prompt as token ids (token ids, not text, so prefix sharing is exact), the completion
+length and free-form metadata. Token ids are synthesised deterministically:
+
+- `block_tokens(namespace, key, n)`: `n` ids in [VOCAB_MIN, VOCAB_MAX) drawn from a PCG64 stream
+  seeded with `(namespace, key)`. Equal `(namespace, key)` give identical blocks; different keys
+  give independent draws (a collision of two 512-token blocks has probability ~ 49052^-512).
+- Mooncake: hash id `h` (one per 512-token block) maps to `block_tokens(NS_MOONCAKE, h, 512)`;
+  a prompt is the concatenation of its blocks cut to `input_length`, so two requests share
+  exactly the leading blocks whose hash ids they share.
+- Shared prefix (as llm-d's benchmark): G groups, each with a system prompt of S tokens; every
+  request is its group's system prompt followed by a question of Q tokens of its own.
+- Azure LLM inference trace (2023, conversation): no content, only lengths, so every prompt is
+  unique (no sharing).
+
+Transforms (`time_window`, `scale_time`, `warp_load`) return new lists and never touch prompts.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import math
+import random
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+
+# SmolLM2 vocabulary without its special tokens (the emulator generates from the same range).
+VOCAB_MIN = 100
+VOCAB_MAX = 49152
+MOONCAKE_BLOCK_TOKENS = 512
+
+# Namespaces keep the sources' token streams apart.
+NS_MOONCAKE = 1
+NS_SHARED_PREFIX = 2
+NS_AZURE = 3
+NS_MIXED = 4
+NS_UNIQUE = 5
+
+ROOT = Path(__file__).resolve().parents[1]
+TRACES = ROOT.parent / "shared" / "traces"
+MOONCAKE_TRACE = TRACES / "mooncake_synthetic_trace.jsonl.gz"
+AZURE_TRACE = TRACES / "azure_llm_2023_conv.csv"
+
+Meta = dict[str, str | int | float]
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    arrival_s: float
+    prompt_token_ids: Sequence[int] = field(repr=False)
+    max_tokens: int
+    meta: Meta = field(default_factory=dict)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+# ------------------------------------------------------------------------------ token synthesis
+@lru_cache(maxsize=65536)
+def _block(namespace: int, key: int, n: int) -> bytes:
+    rng = np.random.Generator(np.random.PCG64([namespace, key]))
+    return rng.integers(VOCAB_MIN, VOCAB_MAX, size=n, dtype=np.uint32).astype("<u4").tobytes()
+
+
+def block_tokens(namespace: int, key: int, n: int) -> array[int]:
+    """`n` deterministic token ids for `(namespace, key)` (see the module docstring)."""
+    if namespace < 0 or key < 0 or n < 0:
+        raise ValueError("namespace, key and n must be non-negative")
+    out = array("I")
+    out.frombytes(_block(namespace, key, n))
+    return out
+
+
+def mooncake_prompt(hash_ids: Sequence[int], input_length: int) -> array[int]:
+    """Blocks of `hash_ids` (512 tokens each) concatenated and cut to `input_length` tokens."""
+    need = math.ceil(input_length / MOONCAKE_BLOCK_TOKENS)
+    if need > len(hash_ids):
+        raise ValueError(
+            f"input_length {input_length} needs {need} blocks of {MOONCAKE_BLOCK_TOKENS} tokens, "
+            f"the request has {len(hash_ids)} hash ids"
+        )
+    out = array("I")
+    for h in hash_ids[:need]:
+        out.extend(block_tokens(NS_MOONCAKE, h, MOONCAKE_BLOCK_TOKENS))
+    del out[input_length:]
+    return out
+
+
+def unique_tokens(namespace: int, index: int, n: int) -> array[int]:
+    """Tokens no other (namespace, index) shares, for prompts without reuse."""
+    return block_tokens(NS_UNIQUE, namespace * 1_000_003 + index, n)
+
+
+def _unit(seed: int, key: int) -> float:
+    """Deterministic number in [0, 1) for sampling decisions."""
+    return xxhash.xxh3_64_intdigest(f"{seed}:{key}".encode()) / 2.0**64
+
+
+# ------------------------------------------------------------------------------ Mooncake
+@dataclass(frozen=True, slots=True)
+class MooncakeOptions:
+    max_input_tokens: int | None = None  # longer prompts are truncated (or dropped, see below)
+    drop_long: bool = False  # drop prompts above max_input_tokens instead of truncating them
+    max_output_tokens: int | None = None  # completions are capped at this length
+    sample_fraction: float = 1.0  # keep this share of prefix families (by first hash id)
+    sample_seed: int = 0
+    start_s: float = 0.0  # trace-time window [start_s, start_s + duration_s)
+    duration_s: float | None = None
+    limit: int | None = None  # at most this many requests (after every other filter)
+
+
+def read_mooncake(path: Path) -> Iterator[dict[str, Any]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def mooncake(path: Path = MOONCAKE_TRACE, options: MooncakeOptions | None = None) -> list[Request]:
+    """Mooncake trace: `timestamp` (ms), `input_length`, `output_length`, `hash_ids`.
+
+    Sampling is by prefix family (the first hash id): requests that share any prefix share their
+    first block, so a kept family keeps all of its reuse and the sample's hit-rate oracle stays
+    meaningful. Truncation keeps a prompt's leading blocks, so sharing within the cap is intact.
+    """
+    o = options or MooncakeOptions()
+    if not 0 < o.sample_fraction <= 1:
+        raise ValueError("sample_fraction must be in (0, 1]")
+    out: list[Request] = []
+    t0: float | None = None
+    for row in read_mooncake(path):
+        ts = float(row["timestamp"]) / 1000.0
+        if ts < o.start_s or (o.duration_s is not None and ts >= o.start_s + o.duration_s):
+            continue
+        hash_ids = [int(h) for h in row["hash_ids"]]
+        if o.sample_fraction < 1 and _unit(o.sample_seed, hash_ids[0]) >= o.sample_fraction:
+            continue
+        input_length = int(row["input_length"])
+        output_length = int(row["output_length"])
+        truncated = 0
+        if o.max_input_tokens is not None and input_length > o.max_input_tokens:
+            if o.drop_long:
+                continue
+            truncated = input_length
+            input_length = o.max_input_tokens
+        max_tokens = output_length
+        if o.max_output_tokens is not None:
+            max_tokens = min(max_tokens, o.max_output_tokens)
+        if t0 is None:
+            t0 = ts
+        meta: Meta = {"family": hash_ids[0], "trace_output_length": output_length}
+        if truncated:
+            meta["trace_input_length"] = truncated
+        out.append(
+            Request(ts - t0, mooncake_prompt(hash_ids, input_length), max(1, max_tokens), meta)
+        )
+        if o.limit is not None and len(out) >= o.limit:
+            break
+    return out
+
+
+# ------------------------------------------------------------------------------ shared prefix
+def poisson_arrivals(n: int, rate: float, rng: random.Random) -> list[float]:
+    """`n` arrival times of a Poisson process of `rate` per second, the first at 0."""
+    if rate <= 0:
+        raise ValueError("rate must be positive")
+    t, out = 0.0, []
+    for i in range(n):
+        if i:
+            t += rng.expovariate(rate)
+        out.append(t)
+    return out
+
+
+def shared_prefix(
+    *,
+    groups: int,
+    prompts_per_group: int,
+    system_tokens: int,
+    question_tokens: int,
+    output_tokens: int,
+    rate: float,
+    seed: int = 0,
+) -> list[Request]:
+    """G groups x prompts_per_group requests, shuffled, Poisson arrivals at `rate` per second.
+
+    Prompt = the group's system prompt (S tokens, shared by the group) + a question (Q tokens of
+    its own)."""
+    if groups <= 0 or prompts_per_group <= 0 or system_tokens < 0 or question_tokens <= 0:
+        raise ValueError("groups, prompts_per_group and question_tokens must be positive")
+    rng = random.Random(seed)
+    order = [(g, k) for g in range(groups) for k in range(prompts_per_group)]
+    rng.shuffle(order)
+    times = poisson_arrivals(len(order), rate, rng)
+    out: list[Request] = []
+    for i, ((g, k), t) in enumerate(zip(order, times, strict=True)):
+        prompt = block_tokens(NS_SHARED_PREFIX, g, system_tokens)
+        prompt.extend(unique_tokens(NS_SHARED_PREFIX, i, question_tokens))
+        out.append(Request(t, prompt, output_tokens, {"group": g, "index_in_group": k}))
+    return out
+
+
+# ------------------------------------------------------------------------------ mixed long/short
+@dataclass(frozen=True, slots=True)
+class LengthClass:
+    """Prompt and completion lengths drawn uniformly from inclusive ranges."""
+
+    name: str
+    prompt_tokens: tuple[int, int]
+    output_tokens: tuple[int, int]
+
+    def draw(self, rng: random.Random) -> tuple[int, int]:
+        return rng.randint(*self.prompt_tokens), rng.randint(*self.output_tokens)
+
+
+def mixed_lengths(
+    *,
+    requests: int,
+    long_fraction: float,
+    short: LengthClass,
+    long: LengthClass,
+    rate: float,
+    seed: int = 0,
+) -> list[Request]:
+    """Unique prompts (no sharing); each request is of the long class with probability
+    `long_fraction`, otherwise short; Poisson arrivals. `meta["class"]` names the class."""
+    if not 0 <= long_fraction <= 1:
+        raise ValueError("long_fraction must be in [0, 1]")
+    rng = random.Random(seed)
+    times = poisson_arrivals(requests, rate, rng)
+    out: list[Request] = []
+    for i, t in enumerate(times):
+        cls = long if rng.random() < long_fraction else short
+        n, m = cls.draw(rng)
+        out.append(Request(t, unique_tokens(NS_MIXED, i, n), m, {"class": cls.name}))
+    return out
+
+
+# ------------------------------------------------------------------------------ Azure
+@dataclass(frozen=True, slots=True)
+class AzureOptions:
+    max_input_tokens: int | None = None  # longer prompts are truncated
+    max_output_tokens: int | None = None
+    start_s: float = 0.0
+    duration_s: float | None = None
+    limit: int | None = None
+
+
+def _parse_azure_time(text: str) -> float:
+    # "2023-11-16 18:15:46.6805900": seven fractional digits, more than fromisoformat takes.
+    head, _, frac = text.strip().partition(".")
+    base = datetime.fromisoformat(head).replace(tzinfo=UTC).timestamp()
+    return base + (float("0." + frac) if frac else 0.0)
+
+
+def azure(path: Path = AZURE_TRACE, options: AzureOptions | None = None) -> list[Request]:
+    """Azure LLM inference trace: TIMESTAMP, ContextTokens, GeneratedTokens (unique prompts)."""
+    o = options or AzureOptions()
+    out: list[Request] = []
+    t0: float | None = None
+    with path.open(newline="") as f:
+        for i, row in enumerate(csv.DictReader(f)):
+            ts = _parse_azure_time(row["TIMESTAMP"])
+            if t0 is None:
+                t0 = ts
+            rel = ts - t0
+            if rel < o.start_s or (o.duration_s is not None and rel >= o.start_s + o.duration_s):
+                continue
+            n = max(1, int(row["ContextTokens"]))
+            m = max(1, int(row["GeneratedTokens"]))
+            meta: Meta = {"trace_input_length": n, "trace_output_length": m}
+            if o.max_input_tokens is not None:
+                n = min(n, o.max_input_tokens)
+            if o.max_output_tokens is not None:
+                m = min(m, o.max_output_tokens)
+            out.append(Request(rel, unique_tokens(NS_AZURE, i, n), m, meta))
+            if o.limit is not None and len(out) >= o.limit:
+                break
+    if out:
+        first = out[0].arrival_s
+        out = [replace(r, arrival_s=r.arrival_s - first) for r in out]
+    return out
+
+
+# ------------------------------------------------------------------------------ transforms
+def scale_time(requests: Iterable[Request], factor: float) -> list[Request]:
+    """Arrival times multiplied by `factor` (0.1 = replay ten times faster)."""
+    if factor <= 0:
+        raise ValueError("time scale factor must be positive")
+    return [replace(r, arrival_s=r.arrival_s * factor) for r in requests]
+
+
+LoadMultiplier = Callable[[float], float]
+
+
+def warp_load(
+    requests: Sequence[Request], multiplier: LoadMultiplier, *, step_s: float = 0.01
+) -> list[Request]:
+    """Time-warp arrivals so the arrival rate at replay time tau is `multiplier(tau)` times the
+    rate the list had at the corresponding original time.
+
+    Original time t and replay time tau are related by t = integral_0^tau m(u) du (m > 0), so a
+    stretch where m = 2 holds twice as many arrivals per second. The request mix is unchanged.
+    `step_s` is the integration step in replay seconds."""
+    if not requests:
+        return []
+    out: list[Request] = []
+    tau, covered = 0.0, 0.0  # covered = original time reached at replay time tau
+    for r in sorted(requests, key=lambda x: x.arrival_s):
+        while covered < r.arrival_s:
+            m = multiplier(tau + step_s / 2)
+            if m <= 0:
+                raise ValueError(f"load multiplier must be positive, got {m} at {tau:.3f}s")
+            advance = m * step_s
+            if covered + advance >= r.arrival_s:
+                tau += (r.arrival_s - covered) / m
+                covered = r.arrival_s
+                break
+            covered += advance
+            tau += step_s
+        out.append(replace(r, arrival_s=tau))
+    return out
+
+
+def day_shape(period_s: float, trough: float, peak: float) -> LoadMultiplier:
+    """A day-shaped multiplier: `trough` at tau = 0 (night), `peak` at period/2, raised cosine."""
+    if period_s <= 0 or trough <= 0 or peak <= 0:
+        raise ValueError("period, trough and peak must be positive")
+
+    def m(tau: float) -> float:
+        return trough + (peak - trough) * (1 - math.cos(2 * math.pi * tau / period_s)) / 2
+
+    return m
+
+
+def describe(requests: Sequence[Request]) -> dict[str, float]:
+    """Counts and means for printing and for the results JSON."""
+    if not requests:
+        return {"requests": 0}
+    span = requests[-1].arrival_s - requests[0].arrival_s
+    prompt = sum(r.prompt_tokens for r in requests)
+    output = sum(r.max_tokens for r in requests)
+    return {
+        "requests": len(requests),
+        "span_s": span,
+        "rate_per_s": (len(requests) - 1) / span if span > 0 else 0.0,
+        "mean_prompt_tokens": prompt / len(requests),
+        "mean_output_tokens": output / len(requests),
+        "max_prompt_tokens": max(r.prompt_tokens for r in requests),
+        "offered_output_tokens_per_s": output / span if span > 0 else 0.0,
+    }

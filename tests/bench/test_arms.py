@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bench.arms import Arm, MeshSpec, mesh_options
+from bench.calibrate import EngineShape
+from bench.pools import arms as pool_arms
+from llmmesh.localmesh import LocalMesh, MeshOptions
+
+
+def test_profile_and_policy_reach_the_orchestrator_only(tmp_path: Path) -> None:
+    policy = {"pools": {"short": {"max_prompt_tokens": 2048}}}
+    arm = Arm("p", profile="prefix-only", policy=policy, replica_pools=["short", "long"])
+    opts = mesh_options(
+        arm, MeshSpec(replicas=2, time_scale=3.0, shape=EngineShape(num_kv_blocks=99)), tmp_path
+    )
+    assert opts.orchestrator_env["LLMMESH_ORCHESTRATOR_PROFILE"] == "prefix-only"
+    path = Path(opts.orchestrator_env["LLMMESH_ORCHESTRATOR_POLICY_FILE"])
+    assert yaml.safe_load(path.read_text()) == policy
+    assert opts.replica_pools == ["short", "long"]
+    assert opts.emulator_env["LLMMESH_EMULATOR_NUM_KV_BLOCKS"] == "99"
+    assert opts.time_scale == 3.0
+    assert "LLMMESH_ORCHESTRATOR_PROFILE" not in opts.extra_env
+
+
+def test_default_arm_sets_nothing(tmp_path: Path) -> None:
+    opts = mesh_options(Arm("fifo"), MeshSpec(replicas=4, time_scale=1.0), tmp_path)
+    assert opts.orchestrator_env == {}
+    assert opts.replica_pools is None
+
+
+def test_pool_arms() -> None:
+    fifo, pools = pool_arms(4, 1)
+    assert fifo.policy is None
+    assert fifo.replica_pools is None
+    assert pools.replica_pools == ["short", "long", "long", "long"]
+    assert pools.policy is not None
+    assert set(pools.policy["pools"]) == {"short", "long"}
+    with pytest.raises(ValueError, match="short-replicas"):
+        pool_arms(4, 4)
+
+
+@pytest.mark.parametrize(
+    ("pools", "expected"),
+    [(None, {}), (["short", "long"], {"pool": "long"})],
+)
+def test_localmesh_replica_pool(
+    tmp_path: Path, pools: list[str] | None, expected: dict[str, str]
+) -> None:
+    mesh = LocalMesh(MeshOptions(replicas=2, workdir=tmp_path, replica_pools=pools))
+    assert mesh._replica_pool(1) == expected
+
+
+def test_localmesh_replica_pools_must_name_every_replica(tmp_path: Path) -> None:
+    mesh = LocalMesh(MeshOptions(replicas=3, workdir=tmp_path, replica_pools=["a"]))
+    with pytest.raises(ValueError, match="1 pools for 3 replicas"):
+        mesh._replica_pool(0)

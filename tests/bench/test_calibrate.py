@@ -1,0 +1,59 @@
+from __future__ import annotations
+
+import pytest
+
+from bench import calibrate
+from bench.workloads import Request, block_tokens
+
+SMALL = calibrate.EngineShape(
+    num_kv_blocks=256, max_batch_size=8, max_num_tokens=1024, block_size=16
+)
+
+
+def _reqs(n: int, prompt: int = 64, out: int = 4, gap: float = 1.0) -> list[Request]:
+    return [Request(i * gap, block_tokens(9, i, prompt), out) for i in range(n)]
+
+
+def test_shared_working_set_counts_blocks_in_two_or_more_prompts() -> None:
+    head = list(block_tokens(9, 1000, 32))  # two 16-token blocks shared by everyone
+    reqs = [Request(0, head + list(block_tokens(9, i, 16)), 1) for i in range(3)]
+    reqs.append(Request(0, list(block_tokens(9, 77, 48)), 1))
+    assert calibrate.shared_working_set_blocks(reqs, 16) == 2
+
+
+def test_rr_capacity_is_limited_by_the_slowest_replica() -> None:
+    # Replica 0 gets the long prompts (even indices), replica 1 the short ones.
+    reqs = [Request(i, block_tokens(9, i, 900 if i % 2 == 0 else 32), 4) for i in range(8)]
+    cap = calibrate.rr_capacity(reqs, 2, SMALL)
+    slow, fast = cap.per_replica_requests_per_s
+    assert slow < fast
+    assert cap.requests_per_s == pytest.approx(2 * slow)
+    assert cap.output_tokens_per_s == pytest.approx(cap.requests_per_s * 4)
+
+
+def test_plan_load_sets_time_scale_from_capacity_and_duration() -> None:
+    reqs = _reqs(21)  # 20 s of natural arrivals
+    plan = calibrate.plan_load(reqs, replicas=2, shape=SMALL, load=0.5, duration_s=10.0)
+    assert plan.arrival_time_factor == pytest.approx(0.5)
+    assert plan.requests[-1].arrival_s == pytest.approx(10.0)
+    assert plan.offered_wall_req_s == pytest.approx(2.0)
+    # offered = load * capacity / TIME_SCALE
+    assert plan.offered_wall_req_s == pytest.approx(
+        plan.load * plan.capacity_model_req_s / plan.emulator_time_scale
+    )
+    assert plan.capacity_wall_req_s == pytest.approx(4.0)
+    assert plan.predicted_rr_ttft_mean_s > 0
+
+
+def test_open_loop_prediction_with_explicit_assignment() -> None:
+    reqs = _reqs(6, gap=10.0)  # far apart: every request finds an idle engine
+    rr = calibrate.simulate_open_loop(reqs, 2, SMALL)
+    one = calibrate.simulate_open_loop(reqs, 2, SMALL, assign=[0] * 6)
+    assert rr.ttft_s == pytest.approx(one.ttft_s)
+    assert all(t > 0 for t in rr.ttft_s)
+
+
+def test_engine_shape_env() -> None:
+    env = SMALL.env()
+    assert env["LLMMESH_EMULATOR_NUM_KV_BLOCKS"] == "256"
+    assert env["LLMMESH_EMULATOR_MAX_NUM_TOKENS"] == "1024"

@@ -1,0 +1,245 @@
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench import workloads as wl
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "equal"),
+    [
+        ((wl.NS_MOONCAKE, 7, 512), (wl.NS_MOONCAKE, 7, 512), True),
+        ((wl.NS_MOONCAKE, 7, 512), (wl.NS_MOONCAKE, 8, 512), False),
+        ((wl.NS_MOONCAKE, 0, 512), (wl.NS_MOONCAKE, 1, 512), False),
+        ((wl.NS_MOONCAKE, 7, 512), (wl.NS_SHARED_PREFIX, 7, 512), False),
+        ((wl.NS_AZURE, 123456789, 64), (wl.NS_AZURE, 123456789, 64), True),
+    ],
+)
+def test_block_tokens_equal_keys_give_identical_blocks(
+    a: tuple[int, int, int], b: tuple[int, int, int], equal: bool
+) -> None:
+    x, y = wl.block_tokens(*a), wl.block_tokens(*b)
+    assert (list(x) == list(y)) is equal
+    assert len(x) == a[2]
+    assert all(wl.VOCAB_MIN <= t < wl.VOCAB_MAX for t in x)
+
+
+def test_block_tokens_is_a_prefix_stream() -> None:
+    # A shorter draw of the same key is the head of the longer one (partial trailing blocks).
+    assert list(wl.block_tokens(1, 5, 100)) == list(wl.block_tokens(1, 5, 512))[:100]
+
+
+@pytest.mark.parametrize(
+    ("ids_a", "len_a", "ids_b", "len_b", "shared_tokens"),
+    [
+        ([1, 2, 3], 1536, [1, 2, 3], 1536, 1536),  # equal ids -> identical prompts
+        ([1, 2, 3], 1536, [1, 2, 4], 1536, 1024),  # share exactly the first two blocks
+        ([1, 2], 1000, [1, 2], 700, 700),  # partial last block is a prefix of the full one
+        ([1, 2], 1024, [2, 1], 1024, 0),  # same blocks, other order: nothing shared at the head
+        ([9], 10, [10], 10, 0),
+    ],
+)
+def test_mooncake_prompt_shares_exactly_the_common_hash_ids(
+    ids_a: list[int], len_a: int, ids_b: list[int], len_b: int, shared_tokens: int
+) -> None:
+    a, b = wl.mooncake_prompt(ids_a, len_a), wl.mooncake_prompt(ids_b, len_b)
+    assert (len(a), len(b)) == (len_a, len_b)
+    common = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        common += 1
+    assert common == shared_tokens
+
+
+def test_mooncake_prompt_needs_enough_hash_ids() -> None:
+    with pytest.raises(ValueError, match="needs 3 blocks"):
+        wl.mooncake_prompt([1, 2], 1025)
+
+
+def _trace(tmp_path: Path, rows: list[dict[str, object]]) -> Path:
+    path = tmp_path / "trace.jsonl.gz"
+    with gzip.open(path, "wt") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+ROWS: list[dict[str, object]] = [
+    {"timestamp": 1000, "input_length": 1024, "output_length": 10, "hash_ids": [1, 2]},
+    {"timestamp": 1500, "input_length": 1500, "output_length": 300, "hash_ids": [1, 2, 3]},
+    {"timestamp": 4000, "input_length": 600, "output_length": 5, "hash_ids": [7, 8]},
+    {"timestamp": 9000, "input_length": 512, "output_length": 1, "hash_ids": [1]},
+]
+
+
+@pytest.mark.parametrize(
+    ("options", "arrivals", "lengths", "max_tokens"),
+    [
+        (wl.MooncakeOptions(), [0.0, 0.5, 3.0, 8.0], [1024, 1500, 600, 512], [10, 300, 5, 1]),
+        (
+            wl.MooncakeOptions(max_input_tokens=1024, max_output_tokens=20),
+            [0.0, 0.5, 3.0, 8.0],
+            [1024, 1024, 600, 512],
+            [10, 20, 5, 1],
+        ),
+        (
+            wl.MooncakeOptions(max_input_tokens=1024, drop_long=True),
+            [0.0, 3.0, 8.0],
+            [1024, 600, 512],
+            [10, 5, 1],
+        ),
+        (wl.MooncakeOptions(start_s=1.2, duration_s=3.0), [0.0, 2.5], [1500, 600], [300, 5]),
+        (wl.MooncakeOptions(limit=2), [0.0, 0.5], [1024, 1500], [10, 300]),
+    ],
+)
+def test_mooncake_source(
+    tmp_path: Path,
+    options: wl.MooncakeOptions,
+    arrivals: list[float],
+    lengths: list[int],
+    max_tokens: list[int],
+) -> None:
+    reqs = wl.mooncake(_trace(tmp_path, ROWS), options)
+    assert [r.arrival_s for r in reqs] == pytest.approx(arrivals)
+    assert [r.prompt_tokens for r in reqs] == lengths
+    assert [r.max_tokens for r in reqs] == max_tokens
+
+
+def test_mooncake_truncation_is_recorded_and_keeps_the_prefix(tmp_path: Path) -> None:
+    full = wl.mooncake(_trace(tmp_path, ROWS))
+    cut = wl.mooncake(_trace(tmp_path, ROWS), wl.MooncakeOptions(max_input_tokens=1024))
+    assert cut[1].meta["trace_input_length"] == 1500
+    assert "trace_input_length" not in cut[0].meta
+    assert list(cut[1].prompt_token_ids) == list(full[1].prompt_token_ids)[:1024]
+
+
+def test_mooncake_sampling_keeps_prefix_families_whole(tmp_path: Path) -> None:
+    rows = [
+        {"timestamp": i * 10, "input_length": 512, "output_length": 1, "hash_ids": [i % 20]}
+        for i in range(200)
+    ]
+    path = _trace(tmp_path, rows)
+    kept = wl.mooncake(path, wl.MooncakeOptions(sample_fraction=0.3, sample_seed=4))
+    families = {r.meta["family"] for r in kept}
+    assert 0 < len(families) < 20
+    # Every request of a kept family is kept (10 per family).
+    assert len(kept) == 10 * len(families)
+    again = wl.mooncake(path, wl.MooncakeOptions(sample_fraction=0.3, sample_seed=4))
+    assert [r.meta for r in again] == [r.meta for r in kept]
+
+
+def test_shared_prefix_groups_share_the_system_prompt_only() -> None:
+    reqs = wl.shared_prefix(
+        groups=3,
+        prompts_per_group=4,
+        system_tokens=64,
+        question_tokens=16,
+        output_tokens=8,
+        rate=5.0,
+        seed=3,
+    )
+    assert len(reqs) == 12
+    assert all(r.prompt_tokens == 80 and r.max_tokens == 8 for r in reqs)
+    by_group: dict[object, list[wl.Request]] = {}
+    for r in reqs:
+        by_group.setdefault(r.meta["group"], []).append(r)
+    assert sorted(len(v) for v in by_group.values()) == [4, 4, 4]
+    heads = {tuple(v[0].prompt_token_ids[:64]) for v in by_group.values()}
+    assert len(heads) == 3
+    for v in by_group.values():
+        assert {tuple(r.prompt_token_ids[:64]) for r in v} == {tuple(v[0].prompt_token_ids[:64])}
+    questions = {tuple(r.prompt_token_ids[64:]) for r in reqs}
+    assert len(questions) == 12
+    times = [r.arrival_s for r in reqs]
+    assert times[0] == 0.0
+    assert times == sorted(times)
+
+
+def test_poisson_arrivals_mean_rate() -> None:
+    import random
+
+    times = wl.poisson_arrivals(20001, 4.0, random.Random(0))
+    assert (len(times) - 1) / times[-1] == pytest.approx(4.0, rel=0.03)
+
+
+def test_mixed_lengths_classes() -> None:
+    short = wl.LengthClass("short", (10, 20), (1, 2))
+    long = wl.LengthClass("long", (100, 120), (5, 6))
+    reqs = wl.mixed_lengths(
+        requests=400, long_fraction=0.25, short=short, long=long, rate=1.0, seed=2
+    )
+    longs = [r for r in reqs if r.meta["class"] == "long"]
+    shorts = [r for r in reqs if r.meta["class"] == "short"]
+    assert 60 < len(longs) < 140
+    assert all(100 <= r.prompt_tokens <= 120 and 5 <= r.max_tokens <= 6 for r in longs)
+    assert all(10 <= r.prompt_tokens <= 20 and 1 <= r.max_tokens <= 2 for r in shorts)
+    assert len({tuple(r.prompt_token_ids) for r in reqs}) == 400
+
+
+def test_azure_source(tmp_path: Path) -> None:
+    path = tmp_path / "azure.csv"
+    path.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2023-11-16 18:15:46.6805900,374,44\n"
+        "2023-11-16 18:15:50.9951690,396,109\n"
+        "2023-11-16 18:15:51.2224670,9000,55\n"
+    )
+    reqs = wl.azure(path)
+    assert [r.arrival_s for r in reqs] == pytest.approx([0.0, 4.314579, 4.541877])
+    assert [r.prompt_tokens for r in reqs] == [374, 396, 9000]
+    assert [r.max_tokens for r in reqs] == [44, 109, 55]
+    assert len({tuple(r.prompt_token_ids[:32]) for r in reqs}) == 3
+    capped = wl.azure(path, wl.AzureOptions(max_input_tokens=1000, max_output_tokens=50, start_s=1))
+    assert [r.arrival_s for r in capped] == pytest.approx([0.0, 0.227298])
+    assert [(r.prompt_tokens, r.max_tokens) for r in capped] == [(396, 50), (1000, 50)]
+    assert capped[1].meta["trace_input_length"] == 9000
+
+
+def _at(times: list[float]) -> list[wl.Request]:
+    return [wl.Request(t, [1, 2, 3], 1) for t in times]
+
+
+def test_scale_time() -> None:
+    assert [r.arrival_s for r in wl.scale_time(_at([0, 1, 3]), 0.5)] == [0, 0.5, 1.5]
+    with pytest.raises(ValueError, match="positive"):
+        wl.scale_time(_at([0]), 0)
+
+
+@pytest.mark.parametrize(
+    ("multiplier", "times", "expected"),
+    [
+        (lambda t: 1.0, [0, 1, 2.5], [0, 1, 2.5]),
+        (lambda t: 2.0, [0, 1, 2.5], [0, 0.5, 1.25]),  # twice the rate: half the gaps
+        (lambda t: 0.5, [0, 1, 2], [0, 2, 4]),
+        # Rate 1 for the first replay second, then 4: original t=3 is reached at 1 + 2/4.
+        (lambda t: 1.0 if t < 1 else 4.0, [0, 0.5, 1, 3], [0, 0.5, 1, 1.5]),
+    ],
+)
+def test_warp_load(
+    multiplier: wl.LoadMultiplier, times: list[float], expected: list[float]
+) -> None:
+    out = wl.warp_load(_at(times), multiplier, step_s=0.001)
+    assert [r.arrival_s for r in out] == pytest.approx(expected, abs=2e-3)
+
+
+def test_day_shape() -> None:
+    m = wl.day_shape(100.0, 0.2, 1.0)
+    assert m(0) == pytest.approx(0.2)
+    assert m(50) == pytest.approx(1.0)
+    assert m(25) == pytest.approx(0.6)
+    assert m(100) == pytest.approx(0.2)
+
+
+def test_describe() -> None:
+    d = wl.describe([wl.Request(0, [1] * 10, 4), wl.Request(2, [1] * 30, 6)])
+    assert d["requests"] == 2
+    assert d["mean_prompt_tokens"] == 20
+    assert d["offered_output_tokens_per_s"] == 5
+    assert d["rate_per_s"] == 0.5
+    assert math.isclose(d["span_s"], 2)
