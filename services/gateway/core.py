@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -37,12 +38,17 @@ from llmmesh.common.errors import (
 from llmmesh.common.telemetry import inject_trace_metadata
 from llmmesh.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from llmmesh.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
+from services.gateway.auth import Authenticator, PriorityClass, Tenant
+from services.gateway.chat_template import ChatTemplateError
 from services.gateway.errors import (
+    ContextLengthExceeded,
     InvalidRequest,
     ModelNotFound,
     OrchestratorUnavailable,
+    RateLimited,
     ReplicaFailed,
 )
+from services.gateway.limits import TenantLimits
 from services.gateway.models import IncrementalDecoder, ServedModel
 from services.gateway.settings import GatewaySettings
 from services.gateway.triton_stream import EngineClient, EngineRequest, TritonStreamError
@@ -72,6 +78,13 @@ _DURATION = Histogram(
 _REQUESTS = Counter("llmmesh_gateway_requests_total", "Requests by outcome.", ["model", "outcome"])
 _TOKENS = Counter("llmmesh_gateway_tokens_total", "Tokens processed.", ["model", "kind"])
 _IN_FLIGHT = Gauge("llmmesh_gateway_in_flight_requests", "Requests being served.", ["model"])
+# Tenant labels come from the tenants file only (bounded); nothing when authentication is off.
+_TENANT_TOKENS = Counter(
+    "llmmesh_gateway_tenant_tokens_total", "Tokens per tenant.", ["tenant", "kind"]
+)
+_RATE_LIMITED = Counter(
+    "llmmesh_gateway_rate_limited_total", "Requests refused by a tenant limit.", ["tenant", "limit"]
+)
 
 
 def outcome_label(err: ServiceError) -> str:
@@ -100,6 +113,13 @@ class Priority(enum.Enum):
     BATCH = orch_pb.PRIORITY_BATCH
 
 
+_PRIORITY_OF_CLASS = {
+    PriorityClass.INTERACTIVE: Priority.INTERACTIVE,
+    PriorityClass.STANDARD: Priority.STANDARD,
+    PriorityClass.BATCH: Priority.BATCH,
+}
+
+
 class FinishReason(enum.Enum):
     STOP = "stop"
     LENGTH = "length"
@@ -115,15 +135,31 @@ class Sampling:
     seed: int | None = None
 
 
+CHAT_ROLES = frozenset({"system", "user", "assistant"})
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str  # one of CHAT_ROLES
+    content: str
+
+
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
+    """One prompt: token ids, text, or chat messages (rendered with the model's chat template
+    and `add_generation_prompt`), checked in that order."""
+
     model: str
     request_id: str
     prompt_text: str | None = None
     prompt_ids: Sequence[int] | None = None
+    messages: Sequence[ChatMessage] | None = None
     sampling: Sampling = field(default_factory=Sampling)
     priority: Priority = Priority.STANDARD
+    # Without authentication: a hint (OpenAI `user`). With it: replaced by the key's tenant.
     tenant: str = ""
+    # Bearer token from the client (HTTP Authorization / gRPC `authorization` metadata).
+    api_key: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,8 +237,10 @@ class GatewayCore:
         orchestrator: orch_grpc.OrchestratorServiceAsyncStub,
         triton: EngineClient,
         block_size: int,
+        auth: Authenticator | None = None,
     ) -> None:
         self._settings = settings
+        self._auth = auth
         self._block_size = block_size
         self._models = {m.name: m for m in models}
         self._orch = orchestrator
@@ -212,6 +250,11 @@ class GatewayCore:
     def models(self) -> list[ServedModel]:
         return list(self._models.values())
 
+    def authenticate(self, api_key: str | None) -> Tenant | None:
+        """The key's tenant; None when authentication is off (no tenants file). Raises
+        Unauthenticated for a missing or unknown key."""
+        return None if self._auth is None else self._auth.authenticate(api_key)
+
     # -- validation -------------------------------------------------------------------------
     def validate(self, req: GenerationRequest) -> _Validated:
         s = self._settings
@@ -219,12 +262,15 @@ class GatewayCore:
             raise InvalidRequest(
                 f"longer than {s.max_request_id_chars} characters", field="request_id"
             )
+        if not req.request_id.isprintable():
+            raise InvalidRequest("must be printable characters", field="request_id")
         model = self._models.get(req.model)
         if model is None:
             if not req.model:
                 raise InvalidRequest("must be set", field="model")
             raise ModelNotFound(f"unknown model {req.model!r}", field="model")
         ms = model.settings
+        prompt_field = "prompt"
         if req.prompt_ids is not None:
             ids = list(req.prompt_ids)
             bad = next((t for t in ids if t < 0 or t >= model.vocab_size), None)
@@ -239,14 +285,17 @@ class GatewayCore:
                     f"longer than {s.max_prompt_chars} characters", field="prompt.text"
                 )
             ids = model.encode(req.prompt_text)
+        elif req.messages is not None:
+            prompt_field = "messages"
+            ids = model.encode(self._render_chat(model, req.messages))
         else:
             raise InvalidRequest("text or token_ids is required", field="prompt")
         if not ids:
-            raise InvalidRequest("must not be empty", field="prompt")
+            raise InvalidRequest("must not be empty", field=prompt_field)
         if len(ids) >= ms.context_length:
-            raise InvalidRequest(
+            raise ContextLengthExceeded(
                 f"{len(ids)} tokens; the model's context is {ms.context_length} tokens",
-                field="prompt",
+                field=prompt_field,
             )
         sp = req.sampling
         if sp.max_tokens is None:
@@ -262,7 +311,7 @@ class GatewayCore:
                 f"must be at most {ms.max_completion_tokens}", field="sampling.max_tokens"
             )
         if len(ids) + max_tokens > ms.context_length:
-            raise InvalidRequest(
+            raise ContextLengthExceeded(
                 f"prompt ({len(ids)}) + max_tokens ({max_tokens}) exceeds the context of {ms.context_length} tokens",
                 field="sampling.max_tokens",
             )
@@ -285,10 +334,41 @@ class GatewayCore:
             raise InvalidRequest("must fit in 64 unsigned bits", field="sampling.seed")
         return _Validated(model, ids, max_tokens, temperature, top_p, top_k, sp.stop, sp.seed)
 
+    def _render_chat(self, model: ServedModel, messages: Sequence[ChatMessage]) -> str:
+        if model.chat_template is None:
+            raise InvalidRequest(
+                f"model {model.name!r} has no chat template; send a text prompt instead",
+                field="messages",
+            )
+        if not messages:
+            raise InvalidRequest("must not be empty", field="messages")
+        chars = 0
+        for i, m in enumerate(messages):
+            if m.role not in CHAT_ROLES:
+                raise InvalidRequest(
+                    f"must be one of {', '.join(sorted(CHAT_ROLES))}", field=f"messages[{i}].role"
+                )
+            chars += len(m.content)
+        if chars > self._settings.max_prompt_chars:
+            raise InvalidRequest(
+                f"longer than {self._settings.max_prompt_chars} characters in all",
+                field="messages",
+            )
+        try:
+            text = model.chat_template.render(
+                [{"role": m.role, "content": m.content} for m in messages],
+                add_generation_prompt=True,
+            )
+        except ChatTemplateError as err:
+            raise InvalidRequest(
+                f"rejected by the model's chat template: {err}", field="messages"
+            ) from err
+        return text
+
     # -- generation -------------------------------------------------------------------------
     async def generate(
         self, req: GenerationRequest, timeout_s: float | None
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         start = time.perf_counter()
         deadline = start + (
             timeout_s if timeout_s is not None else self._settings.request_timeout_s
@@ -299,23 +379,45 @@ class GatewayCore:
         try:
             with _tracer.start_as_current_span("gateway.generate") as span:
                 span.set_attribute("llmmesh.request_id", req.request_id)
+                tenant = self.authenticate(req.api_key)
+                if tenant is not None:
+                    req = dataclasses.replace(
+                        req, tenant=tenant.name, priority=_PRIORITY_OF_CLASS[tenant.priority]
+                    )
+                    span.set_attribute("llmmesh.tenant", tenant.name)
                 v = self.validate(req)
+                limits = None if tenant is None else tenant.limits
+                if limits is not None:
+                    try:
+                        limits.admit(len(v.prompt_ids))
+                    except RateLimited as err:
+                        _RATE_LIMITED.labels(limits.tenant, err.limit).inc()
+                        raise
+                    _TENANT_TOKENS.labels(limits.tenant, "prompt").inc(len(v.prompt_ids))
                 _TOKENS.labels(v.model.name, "prompt").inc(len(v.prompt_ids))
                 attempts = self._settings.retries_before_first_token + 1
-                for attempt in range(attempts):
-                    lease = await self._admit(req, v, deadline)
-                    span.set_attribute("llmmesh.replica", lease.replica.id)
-                    started = False
-                    try:
-                        async for ev in self._stream(req, v, lease, start, deadline):
-                            started = True
-                            yield ev
-                        break
-                    except ReplicaFailed as err:
-                        # Nothing reached the client yet: a new Admit picks another replica.
-                        if started or attempt + 1 >= attempts:
-                            raise
-                        log.warning("retrying on another replica", extra={"error": str(err)})
+                leased = False
+                try:
+                    for attempt in range(attempts):
+                        lease = await self._admit(req, v, deadline)
+                        leased = True
+                        span.set_attribute("llmmesh.replica", lease.replica.id)
+                        started = False
+                        try:
+                            async for ev in self._stream(req, v, lease, start, deadline, limits):
+                                started = True
+                                yield ev
+                            break
+                        except ReplicaFailed as err:
+                            # Nothing reached the client yet: a new Admit picks another replica.
+                            if started or attempt + 1 >= attempts:
+                                raise
+                            log.warning("retrying on another replica", extra={"error": str(err)})
+                except ServiceError:
+                    if limits is not None and not leased:
+                        # Never served (queue full, no replica, ...): the tenant keeps its budget.
+                        limits.refund(len(v.prompt_ids))
+                    raise
                 outcome = "success"
         except ServiceError as err:
             outcome = outcome_label(err)
@@ -358,6 +460,7 @@ class GatewayCore:
         lease: orch_pb.AdmitResponse,
         start: float,
         deadline: float,
+        limits: TenantLimits | None = None,
     ) -> AsyncIterator[Event]:
         replica = lease.replica
         model = v.model
@@ -402,6 +505,9 @@ class GatewayCore:
                             ids = ids[: ids.index(model.end_id)]
                             finish = FinishReason.STOP
                         ids = ids[: v.max_tokens - completion_tokens]
+                        if ids and limits is not None:
+                            limits.charge(len(ids))
+                            _TENANT_TOKENS.labels(limits.tenant, "completion").inc(len(ids))
                         if ids:
                             now = time.perf_counter()
                             if first_at is None:

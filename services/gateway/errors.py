@@ -1,10 +1,21 @@
 """Gateway errors; gRPC mapping lives in llmmesh.common.errors (HTTP status on each class)."""
 
-from llmmesh.common.errors import InvalidArgument, NotFound, Unavailable
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from llmmesh.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+
+if TYPE_CHECKING:
+    from services.gateway.limits import RateLimitSnapshot
 
 
 class InvalidRequest(InvalidArgument):
     pass
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """Prompt (plus max_tokens) does not fit the model's context window."""
 
 
 class ModelNotFound(NotFound):
@@ -17,3 +28,19 @@ class ReplicaFailed(Unavailable):
 
 class OrchestratorUnavailable(Unavailable):
     pass
+
+
+class RateLimited(ResourceExhausted):
+    """A tenant's requests/min or tokens/min limit; `snapshot` feeds `x-ratelimit-*` headers."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        limit: str,
+        retry_after_s: float | None = None,
+        snapshot: RateLimitSnapshot | None = None,
+    ):
+        super().__init__(message, retry_after_s=retry_after_s)
+        self.limit = limit  # "requests" | "tokens"
+        self.snapshot = snapshot

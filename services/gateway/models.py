@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from tokenizers import Tokenizer
 
+from services.gateway.chat_template import ChatTemplate
 from services.gateway.settings import ModelSettings
 
 
@@ -16,6 +17,8 @@ class ServedModel:
     tokenizer: Tokenizer
     end_id: int
     vocab_size: int
+    # Renders chat messages (OpenAI /v1/chat/completions); None: the model has no chat template.
+    chat_template: ChatTemplate | None = None
 
     @classmethod
     def load(cls, settings: ModelSettings) -> ServedModel:
@@ -32,7 +35,14 @@ class ServedModel:
                     f"model {settings.name!r}: EOS token {settings.eos_token!r} not in vocabulary"
                 )
             end_id = int(found)
-        return cls(settings, tok, end_id, int(tok.get_vocab_size(with_added_tokens=True)))
+        if settings.chat_template_path is not None:
+            template: ChatTemplate | None = ChatTemplate.from_file(
+                settings.chat_template_path,
+                special_tokens_from=settings.tokenizer_path.parent / "tokenizer_config.json",
+            )
+        else:
+            template = ChatTemplate.for_tokenizer(settings.tokenizer_path)
+        return cls(settings, tok, end_id, int(tok.get_vocab_size(with_added_tokens=True)), template)
 
     @property
     def name(self) -> str:

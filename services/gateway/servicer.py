@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 from opentelemetry import context as otel_context
 
 from llmmesh.common.errors import ServiceError, abort
 from llmmesh.common.telemetry import extract_trace_context, request_id_var
 from llmmesh.gateway.v1 import gateway_pb2 as pb
 from llmmesh.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from services.gateway.auth import bearer_token
 from services.gateway.core import (
     Completion,
     FinishReason,
@@ -20,8 +23,34 @@ from services.gateway.core import (
     Priority,
     Sampling,
 )
+from services.gateway.errors import InvalidRequest
 
 Ctx = grpc.aio.ServicerContext[object, object]
+M = TypeVar("M", bound=Message)
+SERVICE = pb.DESCRIPTOR.services_by_name["GatewayService"].full_name
+
+
+class Undecodable:
+    """A request whose bytes are not a valid message (bad wire format, invalid UTF-8 in a
+    string). The generated handlers would answer UNKNOWN; these get INVALID_ARGUMENT."""
+
+    def __init__(self, message_type: str, error: str):
+        self.message_type = message_type
+        self.error = error
+
+    def as_error(self) -> InvalidRequest:
+        return InvalidRequest(f"not a valid {self.message_type}: {self.error}")
+
+
+def _lenient(message_type: type[M]) -> Callable[[bytes], M | Undecodable]:
+    def parse(data: bytes) -> M | Undecodable:
+        try:
+            return message_type.FromString(data)
+        except DecodeError as err:
+            return Undecodable(message_type.DESCRIPTOR.full_name, str(err))
+
+    return parse
+
 
 _PRIORITY = {
     pb.PRIORITY_UNSPECIFIED: Priority.STANDARD,
@@ -32,7 +61,15 @@ _PRIORITY = {
 _FINISH = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
 
 
-def request_from_pb(request: pb.GenerateRequest) -> GenerationRequest:
+def api_key_from(context: Ctx) -> str | None:
+    """Bearer token from the `authorization` metadata."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            return bearer_token(value)
+    return None
+
+
+def request_from_pb(request: pb.GenerateRequest, api_key: str | None = None) -> GenerationRequest:
     sp = request.sampling
     which = request.WhichOneof("prompt")
     return GenerationRequest(
@@ -49,6 +86,7 @@ def request_from_pb(request: pb.GenerateRequest) -> GenerationRequest:
             seed=sp.seed if sp.HasField("seed") else None,
         ),
         priority=_PRIORITY.get(request.priority, Priority.STANDARD),
+        api_key=api_key,
     )
 
 
@@ -57,9 +95,12 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         self._core = core
 
     async def Generate(
-        self, request: pb.GenerateRequest, context: Ctx
+        self, request: pb.GenerateRequest | Undecodable, context: Ctx
     ) -> AsyncIterator[pb.GenerateResponse]:
-        req = request_from_pb(request)
+        if isinstance(request, Undecodable):
+            await abort(context, request.as_error())
+            return
+        req = request_from_pb(request, api_key_from(context))
         request_id_var.set(req.request_id)
         token = otel_context.attach(extract_trace_context(context.invocation_metadata()))
         try:
@@ -94,8 +135,14 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             otel_context.detach(token)
 
     async def ListModels(
-        self, request: pb.ListModelsRequest, context: Ctx
+        self, request: pb.ListModelsRequest | Undecodable, context: Ctx
     ) -> pb.ListModelsResponse:
+        try:
+            self._core.authenticate(api_key_from(context))
+            if isinstance(request, Undecodable):
+                raise request.as_error()
+        except ServiceError as err:
+            await abort(context, err)
         return pb.ListModelsResponse(
             models=[
                 pb.ModelInfo(
@@ -106,3 +153,21 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 for m in self._core.models()
             ]
         )
+
+
+def add_to_server(servicer: GatewayServicer, server: grpc.aio.Server) -> None:
+    """Like the generated `add_GatewayServiceServicer_to_server`, with deserializers that turn
+    undecodable bytes into INVALID_ARGUMENT instead of UNKNOWN."""
+    handlers = {
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            servicer.Generate,
+            request_deserializer=_lenient(pb.GenerateRequest),
+            response_serializer=pb.GenerateResponse.SerializeToString,
+        ),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            servicer.ListModels,
+            request_deserializer=_lenient(pb.ListModelsRequest),
+            response_serializer=pb.ListModelsResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))

@@ -31,6 +31,15 @@ class ModelSettings(BaseModel):
     eos_token: str = Field(
         default="<|im_end|>", description="EOS token text used when end_id is unset."
     )
+    chat_template_path: Path | None = Field(
+        default=None,
+        description=(
+            "Chat template (Jinja) for /v1/chat/completions: a `.jinja` file, or a "
+            "`tokenizer_config.json` with a `chat_template` key. When unset: `chat_template.jinja`, "
+            "then `tokenizer_config.json`, next to the tokenizer; no chat endpoint for the model "
+            "when neither has one."
+        ),
+    )
 
 
 class GatewaySettings(ServiceSettings):
@@ -41,7 +50,17 @@ class GatewaySettings(ServiceSettings):
     grpc_port: int = Field(
         default=50051, ge=0, le=65535, description="gRPC port; 0 picks a free one."
     )
-    http_port: int = Field(default=8080, ge=0, le=65535, description="OpenAI-compatible HTTP port.")
+    http_port: int = Field(
+        default=8080,
+        ge=0,
+        le=65535,
+        description="OpenAI-compatible HTTP port (/v1/chat/completions, ...); 0 picks a free one.",
+    )
+    http_max_body_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        gt=0,
+        description="Largest accepted HTTP request body; larger bodies get 413 before being read.",
+    )
     metrics_port: int = Field(
         default=9101, ge=0, le=65535, description="Prometheus port; 0 picks a free one."
     )
@@ -74,3 +93,10 @@ class GatewaySettings(ServiceSettings):
     )
     max_stop_strings: int = Field(default=8, ge=0, description="Most stop strings per request.")
     max_request_id_chars: int = Field(default=256, gt=0, description="Longest accepted request id.")
+    tenants_file: Path | None = Field(
+        default=None,
+        description=(
+            "Tenants, API key digests and limits (YAML/JSON, schema in services/gateway/auth.py). "
+            "Unset: authentication and per-tenant limits are off."
+        ),
+    )

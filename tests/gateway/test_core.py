@@ -61,6 +61,8 @@ def gen(**kw: object) -> GenerationRequest:
         (gen(sampling=Sampling(stop=("",))), InvalidRequest, "sampling.stop"),
         (gen(sampling=Sampling(stop=tuple("abcdefghij"))), InvalidRequest, "sampling.stop"),
         (gen(request_id="x" * 300), InvalidRequest, "request_id"),
+        (gen(request_id="a\nb"), InvalidRequest, "request_id"),
+        (gen(request_id="a\udcffb"), InvalidRequest, "request_id"),
     ],
 )
 def test_bad_input_names_the_field(

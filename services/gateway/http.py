@@ -1,0 +1,290 @@
+"""OpenAI-compatible HTTP front (aiohttp), served beside the gRPC server on the same core.
+
+Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
+`GET /v1/models/{model}`. Handlers are adapters: parse (`openai_api`) → `GatewayCore.generate`
+→ OpenAI shapes. Everything else (validation, tokenization, chat template, admission,
+streaming, metrics) happens in the core, exactly as for gRPC.
+
+- Status codes come from the error hierarchy (`ServiceError.http_status`), bodies are OpenAI's
+  `{"error": {"message", "type", "param", "code"}}`; 429s carry `Retry-After` (seconds) and
+  `retry-after-ms`.
+- Request headers: `x-request-id` (echoed; generated when absent), `x-request-timeout` (seconds,
+  the request's deadline, as `grpc-timeout` is for gRPC; the gateway default otherwise),
+  `traceparent`/`tracestate` (W3C trace context).
+- Streaming (`"stream": true`): Server-Sent Events, `data: {chunk}\\n\\n` ... `data: [DONE]\\n\\n`.
+  Response headers are sent with the first token, so admission errors (429, 503, ...) keep
+  their status; an error after that is sent as a `data: {"error": ...}` event and the stream
+  ends without `[DONE]`.
+- A client disconnect cancels the handler (`handler_cancellation`), which closes the core's
+  event stream: the Triton request is cancelled and the lease completed as cancelled.
+- Bodies larger than `http_max_body_bytes` get 413 without being read further.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from opentelemetry import context as otel_context
+
+from llmmesh.common.errors import Internal, ServiceError
+from llmmesh.common.telemetry import extract_trace_context, request_id_var
+from services.gateway.auth import bearer_token
+from services.gateway.core import Completion, Delta, Event, GatewayCore
+from services.gateway.errors import InvalidRequest, ModelNotFound
+from services.gateway.openai_api import (
+    SSE_DONE,
+    Kind,
+    OpenAIRequest,
+    Shapes,
+    dumps,
+    error_body,
+    error_headers,
+    model_card,
+    model_list,
+    parse_chat_request,
+    parse_completion_request,
+    plain_error,
+    sse,
+)
+from services.gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+TIMEOUT_HEADER = "x-request-timeout"
+REQUEST_ID_HEADER = "x-request-id"
+_JSON = "application/json"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json_response(
+    status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(status=status, body=dumps(body), content_type=_JSON, headers=headers)
+
+
+def error_response(
+    err: ServiceError, request: OpenAIRequest | None = None, request_id: str | None = None
+) -> web.Response:
+    status, body = error_body(err, request)
+    headers = error_headers(err)
+    if request_id:
+        headers[REQUEST_ID_HEADER] = request_id
+    return _json_response(status, body, headers)
+
+
+def parse_timeout(value: str | None) -> float | None:
+    """`x-request-timeout`: seconds (decimal), > 0."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise InvalidRequest("must be a number of seconds", field=TIMEOUT_HEADER) from None
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise InvalidRequest("must be a positive number of seconds", field=TIMEOUT_HEADER)
+    return seconds
+
+
+@web.middleware
+async def _errors_as_openai(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Unknown routes, wrong methods and unexpected failures still answer with OpenAI's error
+    shape (never an HTML page, never a hung connection)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
+        message = f"{exc.reason}: {request.method} {request.path}"
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return _json_response(exc.status, plain_error(message, kind), headers)
+    except ServiceError as err:
+        return error_response(err)
+    except Exception:
+        log.exception("unhandled error in HTTP handler")
+        return _json_response(500, plain_error("internal error", "server_error"))
+
+
+class OpenAIHttpFront:
+    def __init__(self, core: GatewayCore, settings: GatewaySettings):
+        self._core = core
+        self._settings = settings
+        self._created = int(time.time())
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    def app(self) -> web.Application:
+        app = web.Application(
+            client_max_size=self._settings.http_max_body_bytes, middlewares=[_errors_as_openai]
+        )
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/v1/models/{model:.+}", self.get_model)
+        return app
+
+    # -- lifecycle --------------------------------------------------------------------------
+    async def start(self) -> int:
+        self._runner = web.AppRunner(
+            self.app(),
+            handler_cancellation=True,
+            shutdown_timeout=self._settings.drain_seconds,
+            access_log=None,
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._settings.host, self._settings.http_port)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests (streams included) finish within
+        `drain_seconds`, then cancel what is left."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- routes -----------------------------------------------------------------------------
+    def _authenticate(self, request: web.Request) -> None:
+        self._core.authenticate(bearer_token(request.headers.get("Authorization")))
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        self._authenticate(request)  # errors become OpenAI errors in the middleware
+        return _json_response(200, model_list(self._core.models(), self._created))
+
+    async def get_model(self, request: web.Request) -> web.Response:
+        self._authenticate(request)
+        name = request.match_info["model"]
+        for m in self._core.models():
+            if m.name == name:
+                return _json_response(200, model_card(m, self._created))
+        return error_response(ModelNotFound(f"unknown model {name!r}", field="model"))
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, Kind.CHAT)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, Kind.COMPLETION)
+
+    # -- generation -------------------------------------------------------------------------
+    async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+        created = int(time.time())
+        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        if not (request_id.isascii() and request_id.isprintable()):
+            return error_response(InvalidRequest("must be printable ASCII", field="request_id"))
+        request_id_var.set(request_id)
+        try:
+            timeout_s = parse_timeout(request.headers.get(TIMEOUT_HEADER))
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                return _json_response(
+                    413,
+                    plain_error(
+                        f"request body larger than {self._settings.http_max_body_bytes} bytes",
+                        "invalid_request_error",
+                    ),
+                )
+            parse = parse_chat_request if kind is Kind.CHAT else parse_completion_request
+            api_key = bearer_token(request.headers.get("Authorization"))
+            oreq = parse(body, request_id=request_id, api_key=api_key)
+        except ServiceError as err:
+            return error_response(err, None, request_id)
+        token = otel_context.attach(
+            extract_trace_context((k.lower(), v) for k, v in request.headers.items())
+        )
+        try:
+            events = self._core.generate(oreq.generation, timeout_s)
+            async with contextlib.aclosing(events):
+                try:
+                    first = await anext(events)
+                except ServiceError as err:
+                    return error_response(err, oreq, request_id)
+                except StopAsyncIteration:
+                    return error_response(Internal("empty generation"), oreq, request_id)
+                shapes = Shapes(oreq, created)
+                if oreq.stream:
+                    return await self._stream(request, oreq, shapes, first, events)
+                return await self._collect(oreq, shapes, first, events)
+        finally:
+            otel_context.detach(token)
+
+    async def _collect(
+        self, oreq: OpenAIRequest, shapes: Shapes, first: Event, events: AsyncIterator[Event]
+    ) -> web.Response:
+        parts: list[str] = []
+        done: Completion | None = None
+
+        def take(ev: Event) -> None:
+            nonlocal done
+            if isinstance(ev, Completion):
+                done = ev
+            else:
+                parts.append(ev.text)
+
+        take(first)
+        try:
+            async for ev in events:
+                take(ev)
+        except ServiceError as err:
+            return error_response(err, oreq, oreq.generation.request_id)
+        if done is None:
+            return error_response(Internal("generation ended without completion"), oreq)
+        return _json_response(
+            200,
+            shapes.response("".join(parts), done),
+            {REQUEST_ID_HEADER: oreq.generation.request_id},
+        )
+
+    async def _stream(
+        self,
+        request: web.Request,
+        oreq: OpenAIRequest,
+        shapes: Shapes,
+        first: Event,
+        events: AsyncIterator[Event],
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(
+            status=200,
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                REQUEST_ID_HEADER: oreq.generation.request_id,
+            },
+        )
+        await resp.prepare(request)
+        try:
+            for chunk in shapes.opening_chunks():
+                await resp.write(sse(chunk))
+            await self._write_event(resp, shapes, first)
+            try:
+                async for ev in events:
+                    await self._write_event(resp, shapes, ev)
+            except ServiceError as err:
+                _, body = error_body(err, oreq)
+                await resp.write(sse(body))
+            else:
+                await resp.write(SSE_DONE)
+            await resp.write_eof()
+        except ConnectionResetError:
+            # The client went away: leaving closes the event stream (aclosing), which cancels
+            # the generation.
+            log.info("client disconnected mid-stream")
+        return resp
+
+    @staticmethod
+    async def _write_event(resp: web.StreamResponse, shapes: Shapes, ev: Event) -> None:
+        if isinstance(ev, Delta):
+            if ev.text:
+                await resp.write(sse(shapes.text_chunk(ev.text)))
+        else:
+            for chunk in shapes.closing_chunks(ev):
+                await resp.write(sse(chunk))

@@ -1,0 +1,673 @@
+"""OpenAI API shapes: request bodies → the core's `GenerationRequest`, core events → OpenAI
+responses, stream chunks and error bodies. Pure functions; the aiohttp front (`http.py`) only
+moves bytes.
+
+Requests are checked the way OpenAI checks them: JSON object bodies only, exact JSON types (no
+string → number coercion, booleans are not integers), unknown fields rejected, and fields the
+engine cannot honour accepted only at their neutral value (`n` 1, `logprobs` false, penalties
+0, `response_format` text, ...). Every error names the offending parameter (`param`).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic_core import from_json
+
+from llmmesh.common.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unauthenticated,
+)
+from services.gateway.core import (
+    ChatMessage,
+    Completion,
+    FinishReason,
+    GenerationRequest,
+    Priority,
+    Sampling,
+)
+from services.gateway.errors import (
+    ContextLengthExceeded,
+    InvalidRequest,
+    ModelNotFound,
+    RateLimited,
+)
+from services.gateway.limits import RateLimitSnapshot
+from services.gateway.models import ServedModel
+
+MAX_USER_CHARS = 256
+_MAX_NAME_IN_MESSAGE = 64
+
+
+class Kind(enum.Enum):
+    CHAT = "chat"
+    COMPLETION = "completion"
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAIRequest:
+    kind: Kind
+    generation: GenerationRequest
+    stream: bool
+    include_usage: bool
+    # Which of max_tokens / max_completion_tokens the client used (errors name that one).
+    max_tokens_param: str = "max_tokens"
+    user: str | None = None
+
+
+# -- JSON helpers ---------------------------------------------------------------------------
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= _MAX_NAME_IN_MESSAGE else name[:_MAX_NAME_IN_MESSAGE] + "…"
+
+
+def _bad_type(param: str, expected: str, value: object) -> InvalidRequest:
+    return InvalidRequest(
+        f"invalid type: expected {expected}, got {_type_name(value)}", field=param
+    )
+
+
+def _int(value: object, param: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad_type(param, "an integer", value)
+    return value
+
+
+def _number(value: object, param: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _bad_type(param, "a number", value)
+    out = float(value) if isinstance(value, float) else _int_to_float(value, param)
+    if not math.isfinite(out):
+        raise InvalidRequest("must be a finite number", field=param)
+    return out
+
+
+def _int_to_float(value: int, param: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise InvalidRequest("must be a finite number", field=param) from None
+
+
+def _bool(value: object, param: str) -> bool:
+    if not isinstance(value, bool):
+        raise _bad_type(param, "a boolean", value)
+    return value
+
+
+def _str(value: object, param: str) -> str:
+    if not isinstance(value, str):
+        raise _bad_type(param, "a string", value)
+    return value
+
+
+def _object(value: object, param: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _bad_type(param, "an object", value)
+    return value
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object (strict JSON: UTF-8, no NaN/Infinity, bounded nesting)."""
+    if not body.strip():
+        raise InvalidRequest("the request body is empty; expected a JSON object")
+    try:
+        data = from_json(body, allow_inf_nan=False)
+    except ValueError as err:
+        raise InvalidRequest(f"the request body is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"the request body must be a JSON object, got {_type_name(data)}")
+    return data
+
+
+def _never(_: Any) -> bool:
+    return False
+
+
+def _zero(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and value == 0
+
+
+# Known OpenAI parameters this gateway cannot honour: accepted only at their neutral value.
+_NEUTRAL_CHAT: dict[str, Callable[[Any], bool]] = {
+    "frequency_penalty": _zero,
+    "presence_penalty": _zero,
+    "logit_bias": lambda v: v == {},
+    "logprobs": lambda v: v is False,
+    "top_logprobs": _zero,
+    "response_format": lambda v: v == {"type": "text"},
+    "tools": lambda v: v == [],
+    "tool_choice": lambda v: v == "none",
+    "functions": lambda v: v == [],
+    "function_call": lambda v: v == "none",
+    "modalities": lambda v: v == ["text"],
+    "audio": _never,
+    "prediction": _never,
+    "web_search_options": _never,
+    "reasoning_effort": _never,
+    "verbosity": _never,
+    "moderation": _never,
+    "prompt_cache_options": _never,
+}
+_NEUTRAL_COMPLETION: dict[str, Callable[[Any], bool]] = {
+    "frequency_penalty": _zero,
+    "presence_penalty": _zero,
+    "logit_bias": lambda v: v == {},
+    "logprobs": _never,
+    "best_of": lambda v: v == 1 and not isinstance(v, bool),
+    "echo": lambda v: v is False,
+    "suffix": lambda v: v == "",
+}
+# Known OpenAI parameters with no effect here: type-checked, then ignored.
+_IGNORED_CHAT: dict[str, Callable[[Any, str], object]] = {
+    "metadata": _object,
+    "store": _bool,
+    "service_tier": _str,
+    "parallel_tool_calls": _bool,
+    "prompt_cache_key": _str,
+    "prompt_cache_retention": _str,
+    "safety_identifier": _str,
+}
+_SUPPORTED_CHAT = frozenset(
+    {
+        "model",
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "seed",
+        "user",
+        "n",
+        "stream",
+        "stream_options",
+    }
+)
+_SUPPORTED_COMPLETION = frozenset(
+    {
+        "model",
+        "prompt",
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "seed",
+        "user",
+        "n",
+        "stream",
+        "stream_options",
+    }
+)
+_MESSAGE_KEYS = frozenset({"role", "content", "name"})
+# Assistant message fields for tool use / audio: accepted only when null.
+_MESSAGE_NULL_ONLY = frozenset({"tool_calls", "function_call", "audio", "refusal", "tool_call_id"})
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def _check_fields(
+    body: Mapping[str, Any],
+    supported: frozenset[str],
+    neutral: Mapping[str, Callable[[Any], bool]],
+    ignored: Mapping[str, Callable[[Any, str], object]],
+) -> None:
+    for key, value in body.items():
+        if key in supported:
+            continue
+        if key in neutral:
+            if value is not None and not neutral[key](value):
+                raise InvalidRequest(
+                    "not supported by this server (only its neutral value is accepted)", field=key
+                )
+        elif key in ignored:
+            if value is not None:
+                ignored[key](value, key)
+        else:
+            raise InvalidRequest(
+                f"unrecognized request argument supplied: {_short(key)}", field=_short(key)
+            )
+
+
+def _parse_stop(value: object) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(_str(s, f"stop[{i}]") for i, s in enumerate(value))
+    raise _bad_type("stop", "a string or an array of strings", value)
+
+
+def _common(
+    body: Mapping[str, Any], kind: Kind
+) -> tuple[str, Sampling, bool, bool, str | None, str]:
+    if "model" not in body or body["model"] is None:
+        raise InvalidRequest("is required", field="model")
+    model = _str(body["model"], "model")
+    n = body.get("n")
+    if n is not None and _int(n, "n") != 1:
+        raise InvalidRequest("only n=1 is supported", field="n")
+    stream = body.get("stream")
+    stream = False if stream is None else _bool(stream, "stream")
+    include_usage = False
+    options = body.get("stream_options")
+    if options is not None:
+        opts = _object(options, "stream_options")
+        if not stream:
+            raise InvalidRequest("only allowed when stream is true", field="stream_options")
+        for key, value in opts.items():
+            if key == "include_usage":
+                include_usage = value is not None and _bool(value, "stream_options.include_usage")
+            elif key == "include_obfuscation":
+                if value is not None:
+                    _bool(value, "stream_options.include_obfuscation")
+            else:
+                raise InvalidRequest(
+                    f"unrecognized argument: {_short(key)}", field=f"stream_options.{_short(key)}"
+                )
+    user = body.get("user")
+    if user is not None:
+        user = _str(user, "user")
+        if len(user) > MAX_USER_CHARS:
+            raise InvalidRequest(f"longer than {MAX_USER_CHARS} characters", field="user")
+    max_param = "max_tokens"
+    max_tokens = body.get("max_tokens")
+    if kind is Kind.CHAT and body.get("max_completion_tokens") is not None:
+        if max_tokens is not None:
+            raise InvalidRequest(
+                "set max_completion_tokens or max_tokens, not both", field="max_tokens"
+            )
+        max_param, max_tokens = "max_completion_tokens", body["max_completion_tokens"]
+    temperature = body.get("temperature")
+    top_p = body.get("top_p")
+    seed = body.get("seed")
+    sampling = Sampling(
+        max_tokens=None if max_tokens is None else _int(max_tokens, max_param),
+        temperature=None if temperature is None else _number(temperature, "temperature"),
+        top_p=None if top_p is None else _number(top_p, "top_p"),
+        stop=_parse_stop(body.get("stop")),
+        seed=None if seed is None else _int(seed, "seed"),
+    )
+    return model, sampling, stream, include_usage, user, max_param
+
+
+def _parse_content(value: object, param: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts: list[str] = []
+        for j, part in enumerate(value):
+            p = _object(part, f"{param}[{j}]")
+            kind = p.get("type")
+            if kind != "text":
+                raise InvalidRequest(
+                    "only text content parts are supported", field=f"{param}[{j}].type"
+                )
+            for key in p:
+                if key not in ("type", "text"):
+                    raise InvalidRequest(
+                        f"unrecognized argument: {_short(key)}", field=f"{param}[{j}].{_short(key)}"
+                    )
+            texts.append(_str(p.get("text"), f"{param}[{j}].text"))
+        return "\n".join(texts)
+    if value is None:
+        raise InvalidRequest("is required", field=param)
+    raise _bad_type(param, "a string or an array of content parts", value)
+
+
+def _parse_messages(value: object) -> list[ChatMessage]:
+    if value is None:
+        raise InvalidRequest("is required", field="messages")
+    if not isinstance(value, list):
+        raise _bad_type("messages", "an array", value)
+    if not value:
+        raise InvalidRequest("must not be empty", field="messages")
+    out: list[ChatMessage] = []
+    for i, raw in enumerate(value):
+        p = f"messages[{i}]"
+        msg = _object(raw, p)
+        role = msg.get("role")
+        if role is None:
+            raise InvalidRequest("is required", field=f"{p}.role")
+        role = _str(role, f"{p}.role")
+        if role in ("tool", "function"):
+            raise InvalidRequest(f"{role!r} messages are not supported", field=f"{p}.role")
+        if role not in _ROLES:
+            raise InvalidRequest(
+                f"must be one of {', '.join(_ROLES)}; got {_short(role)!r}", field=f"{p}.role"
+            )
+        for key, item in msg.items():
+            if key in _MESSAGE_NULL_ONLY:
+                if item is not None:
+                    raise InvalidRequest("not supported by this server", field=f"{p}.{key}")
+            elif key not in _MESSAGE_KEYS:
+                raise InvalidRequest(
+                    f"unrecognized argument: {_short(key)}", field=f"{p}.{_short(key)}"
+                )
+        name = msg.get("name")
+        if name is not None:
+            _str(name, f"{p}.name")
+        out.append(ChatMessage(_ROLES[role], _parse_content(msg.get("content"), f"{p}.content")))
+    return out
+
+
+def _parse_prompt(value: object) -> tuple[str | None, list[int] | None]:
+    """A completions prompt: a string, token ids, or a one-element array of either."""
+    if value is None:
+        raise InvalidRequest("is required", field="prompt")
+    if isinstance(value, str):
+        return value, None
+    if not isinstance(value, list):
+        raise _bad_type("prompt", "a string or an array", value)
+    if not value:
+        raise InvalidRequest("must not be empty", field="prompt")
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return None, list(value)
+    if len(value) > 1:
+        raise InvalidRequest("batched prompts (more than one) are not supported", field="prompt")
+    only = value[0]
+    if isinstance(only, str):
+        return only, None
+    if isinstance(only, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in only):
+        return None, list(only)
+    raise _bad_type("prompt[0]", "a string or an array of token ids", only)
+
+
+def parse_chat_request(
+    body: bytes, *, request_id: str, api_key: str | None = None
+) -> OpenAIRequest:
+    data = parse_json_object(body)
+    _check_fields(data, _SUPPORTED_CHAT, _NEUTRAL_CHAT, _IGNORED_CHAT)
+    model, sampling, stream, include_usage, user, max_param = _common(data, Kind.CHAT)
+    messages = _parse_messages(data.get("messages"))
+    return OpenAIRequest(
+        kind=Kind.CHAT,
+        generation=GenerationRequest(
+            model=model,
+            request_id=request_id,
+            messages=messages,
+            sampling=sampling,
+            priority=Priority.STANDARD,
+            tenant=user or "",
+            api_key=api_key,
+        ),
+        stream=stream,
+        include_usage=include_usage,
+        max_tokens_param=max_param,
+        user=user,
+    )
+
+
+def parse_completion_request(
+    body: bytes, *, request_id: str, api_key: str | None = None
+) -> OpenAIRequest:
+    data = parse_json_object(body)
+    _check_fields(data, _SUPPORTED_COMPLETION, _NEUTRAL_COMPLETION, {})
+    model, sampling, stream, include_usage, user, max_param = _common(data, Kind.COMPLETION)
+    text, ids = _parse_prompt(data.get("prompt"))
+    return OpenAIRequest(
+        kind=Kind.COMPLETION,
+        generation=GenerationRequest(
+            model=model,
+            request_id=request_id,
+            prompt_text=text,
+            prompt_ids=ids,
+            sampling=sampling,
+            priority=Priority.STANDARD,
+            tenant=user or "",
+            api_key=api_key,
+        ),
+        stream=stream,
+        include_usage=include_usage,
+        max_tokens_param=max_param,
+        user=user,
+    )
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+def openai_param(field: str | None, request: OpenAIRequest | None) -> str | None:
+    """The OpenAI parameter a core error field refers to."""
+    if field is None:
+        return None
+    if field == "request_id":
+        return "x-request-id"
+    if field == "prompt" or field.startswith("prompt."):
+        return "messages" if request is not None and request.kind is Kind.CHAT else "prompt"
+    if field == "sampling.max_tokens":
+        return request.max_tokens_param if request is not None else "max_tokens"
+    if field.startswith("sampling."):
+        return field.removeprefix("sampling.")
+    return field
+
+
+def error_code(err: ServiceError) -> str | None:
+    if isinstance(err, ContextLengthExceeded):
+        return "context_length_exceeded"
+    if isinstance(err, ModelNotFound):
+        return "model_not_found"
+    if isinstance(err, Unauthenticated):
+        return "invalid_api_key"
+    if isinstance(err, ResourceExhausted):
+        return "rate_limit_exceeded"
+    if isinstance(err, DeadlineExceeded):
+        return "timeout"
+    if isinstance(err, Cancelled):
+        return "cancelled"
+    return None
+
+
+def error_type(err: ServiceError) -> str:
+    if isinstance(err, Unauthenticated):
+        return "authentication_error"
+    if isinstance(err, ResourceExhausted):
+        return "rate_limit_error"
+    if isinstance(err, NotFound):
+        return "not_found_error"
+    if err.http_status < 500:
+        return "invalid_request_error"
+    return "server_error"
+
+
+def error_body(
+    err: ServiceError, request: OpenAIRequest | None = None
+) -> tuple[int, dict[str, Any]]:
+    """HTTP status and OpenAI error JSON for a domain error."""
+    param = openai_param(err.field, request)
+    message = str(err)
+    if err.field and message.startswith(f"{err.field}: "):
+        message = message[len(err.field) + 2 :]
+    if param:
+        message = f"{param}: {message}"
+    return err.http_status, {
+        "error": {
+            "message": message,
+            "type": error_type(err),
+            "param": param,
+            "code": error_code(err),
+        }
+    }
+
+
+def plain_error(message: str, type_: str, code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's reset format: `20ms`, `1.5s`, `6m0s`."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    if seconds < 60:
+        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+    minutes, rest = divmod(math.ceil(seconds), 60)
+    return f"{minutes}m{rest}s"
+
+
+def ratelimit_headers(snapshot: RateLimitSnapshot) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, state in (("requests", snapshot.requests), ("tokens", snapshot.tokens)):
+        if state is not None:
+            out[f"x-ratelimit-limit-{name}"] = str(state.limit)
+            out[f"x-ratelimit-remaining-{name}"] = str(state.remaining)
+            out[f"x-ratelimit-reset-{name}"] = duration(state.reset_s)
+    return out
+
+
+def error_headers(err: ServiceError) -> dict[str, str]:
+    """Retry-After / retry-after-ms (when the error says), x-ratelimit-* for tenant limits,
+    WWW-Authenticate for 401."""
+    out: dict[str, str] = {}
+    if err.retry_after_s is not None:
+        seconds = max(err.retry_after_s, 0.0)
+        out["Retry-After"] = str(max(1, math.ceil(seconds)))
+        out["retry-after-ms"] = str(max(1, math.ceil(seconds * 1000)))
+    if isinstance(err, RateLimited) and err.snapshot is not None:
+        out.update(ratelimit_headers(err.snapshot))
+    if isinstance(err, Unauthenticated):
+        out["WWW-Authenticate"] = "Bearer"
+    return out
+
+
+# -- responses ------------------------------------------------------------------------------
+
+
+def usage(c: Completion) -> dict[str, Any]:
+    return {
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.completion_tokens,
+        "total_tokens": c.prompt_tokens + c.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": c.cached_prompt_tokens},
+    }
+
+
+def _finish(reason: FinishReason) -> str:
+    return reason.value  # "stop" | "length", as OpenAI names them
+
+
+class Shapes:
+    """Response objects for one request (chat or text completion)."""
+
+    def __init__(self, request: OpenAIRequest, created: int):
+        self.request = request
+        self.created = created
+        chat = request.kind is Kind.CHAT
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{request.generation.request_id}"
+        self._object = "chat.completion" if chat else "text_completion"
+        self._chunk_object = "chat.completion.chunk" if chat else "text_completion"
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.request.generation.model,
+            "system_fingerprint": None,
+        }
+
+    def response(self, text: str, done: Completion) -> dict[str, Any]:
+        if self.request.kind is Kind.CHAT:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": _finish(done.finish_reason),
+            }
+        else:
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": _finish(done.finish_reason),
+            }
+        return {**self._head(self._object), "choices": [choice], "usage": usage(done)}
+
+    def _chunk(self, choice: dict[str, Any] | None) -> dict[str, Any]:
+        out = {**self._head(self._chunk_object), "choices": [] if choice is None else [choice]}
+        if self.request.include_usage:
+            out["usage"] = None
+        return out
+
+    def _choice(self, text: str | None, finish: FinishReason | None, role: bool) -> dict[str, Any]:
+        base: dict[str, Any] = {"index": 0}
+        if self.request.kind is Kind.CHAT:
+            delta: dict[str, Any] = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            base["delta"] = delta
+        else:
+            base["text"] = text or ""
+        base["logprobs"] = None
+        base["finish_reason"] = None if finish is None else _finish(finish)
+        return base
+
+    def opening_chunks(self) -> list[dict[str, Any]]:
+        """Chat streams open with the assistant role (as OpenAI's do)."""
+        if self.request.kind is Kind.CHAT:
+            return [self._chunk(self._choice("", None, role=True))]
+        return []
+
+    def text_chunk(self, text: str) -> dict[str, Any]:
+        return self._chunk(self._choice(text, None, role=False))
+
+    def closing_chunks(self, done: Completion) -> list[dict[str, Any]]:
+        out = [self._chunk(self._choice(None, done.finish_reason, role=False))]
+        if self.request.include_usage:
+            last = self._chunk(None)
+            last["usage"] = usage(done)
+            out.append(last)
+        return out
+
+
+def sse(obj: Mapping[str, Any]) -> bytes:
+    return b"data: " + dumps(obj) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def dumps(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def model_card(model: ServedModel, created: int) -> dict[str, Any]:
+    return {
+        "id": model.name,
+        "object": "model",
+        "created": created,
+        "owned_by": "llmmesh",
+        "context_length": model.settings.context_length,
+        "max_completion_tokens": model.settings.max_completion_tokens,
+    }
+
+
+def model_list(models: Sequence[ServedModel], created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [model_card(m, created) for m in models]}

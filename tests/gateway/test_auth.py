@@ -1,0 +1,325 @@
+"""Tenants, API keys and per-tenant limits: config validation, key checks, token buckets, and
+the core applying them (tenant and priority to Admit, isolation between tenants under load)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any, cast
+
+import pydantic
+import pytest
+
+from llmmesh.common.errors import Unauthenticated
+from llmmesh.orchestrator.v1 import orchestrator_pb2 as orch_pb
+from services.gateway.auth import Authenticator, PriorityClass, TenantsFile, bearer_token, hash_key
+from services.gateway.core import Completion, GatewayCore, GenerationRequest, Sampling
+from services.gateway.errors import RateLimited
+from services.gateway.limits import TenantLimits, TokenBucket
+from services.gateway.models import ServedModel
+from services.gateway.settings import GatewaySettings, ModelSettings
+from services.gateway.triton_stream import EngineChunk, EngineRequest
+from tests.gateway.test_streaming import FakeOrchestrator
+
+MODEL = "smollm2"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def tenants(*entries: dict[str, Any]) -> TenantsFile:
+    return TenantsFile.model_validate({"tenants": list(entries)})
+
+
+def tenant(name: str, key: str, **kw: Any) -> dict[str, Any]:
+    return {"name": name, "api_keys_sha256": [hash_key(key)], **kw}
+
+
+# -- configuration --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"tenants": []},
+        {"tenants": [{"name": "a", "api_keys_sha256": []}]},
+        {"tenants": [{"name": "a", "api_keys_sha256": ["abc"]}]},
+        {"tenants": [{"name": "", "api_keys_sha256": [hash_key("k")]}]},
+        {"tenants": [tenant("a", "k", priority="urgent")]},
+        {"tenants": [tenant("a", "k", requests_per_minute=0)]},
+        {"tenants": [tenant("a", "k", tokens_per_minute=-5)]},
+        {"tenants": [tenant("a", "k", api_key="plaintext")]},
+        {"tenants": [tenant("a", "k"), tenant("a", "other")]},
+        {"tenants": [tenant("a", "k"), tenant("b", "k")]},
+        {"tenant": [tenant("a", "k")]},
+    ],
+)
+def test_invalid_tenants_files_are_refused(data: dict[str, Any]) -> None:
+    with pytest.raises(pydantic.ValidationError):
+        TenantsFile.model_validate(data)
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_tenants_file_formats(tmp_path: Path, suffix: str) -> None:
+    data = {"tenants": [tenant("acme", "sk-1", priority="interactive", requests_per_minute=5)]}
+    path = tmp_path / f"tenants{suffix}"
+    path.write_text(json.dumps(data))  # JSON is valid YAML too
+    auth = Authenticator.from_file(path)
+    t = auth.authenticate("sk-1")
+    assert (t.name, t.priority) == ("acme", PriorityClass.INTERACTIVE)
+
+
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [
+        (None, None),
+        ("", None),
+        ("Bearer sk-1", "sk-1"),
+        ("bearer   sk-1 ", "sk-1"),
+        ("Bearer", None),
+        ("Basic dXNlcjpwYXNz", None),
+        ("sk-1", None),
+    ],
+)
+def test_bearer_token(header: str | None, token: str | None) -> None:
+    assert bearer_token(header) == token
+
+
+def test_keys_map_to_their_tenant_and_unknown_keys_fail() -> None:
+    auth = Authenticator(
+        tenants(
+            {"name": "a", "api_keys_sha256": [hash_key("ka1"), hash_key("ka2").upper()]},
+            tenant("b", "kb"),
+        )
+    )
+    assert auth.authenticate("ka1").name == "a"
+    assert auth.authenticate("ka2").name == "a"
+    assert auth.authenticate("kb").name == "b"
+    for bad in (None, "", "kc", "ka1 ", "x" * 10_000, "\ud800"):
+        with pytest.raises(Unauthenticated):
+            auth.authenticate(bad)
+
+
+# -- token buckets --------------------------------------------------------------------------
+
+
+def test_bucket_refills_continuously() -> None:
+    clock = Clock()
+    b = TokenBucket(60, clock)
+    assert b.level() == 60
+    b.take(60)
+    assert b.wait_s(1) == pytest.approx(1.0)
+    clock.now += 30
+    assert b.level() == pytest.approx(30)
+    clock.now += 100
+    assert b.level() == 60  # capped
+    assert b.wait_s(61) == float("inf")
+
+
+def test_requests_limit_and_retry_after() -> None:
+    clock = Clock()
+    lim = TenantLimits("a", requests_per_minute=2, tokens_per_minute=None, clock=clock)
+    lim.admit(10)
+    lim.admit(10)
+    with pytest.raises(RateLimited) as info:
+        lim.admit(10)
+    assert info.value.limit == "requests"
+    assert info.value.retry_after_s == pytest.approx(30.0)
+    snap = info.value.snapshot
+    assert snap is not None
+    assert snap.requests is not None
+    assert (snap.requests.limit, snap.requests.remaining) == (2, 0)
+    assert snap.tokens is None
+    clock.now += 30
+    lim.admit(10)
+
+
+def test_completion_tokens_overdraw_and_block_the_next_request() -> None:
+    clock = Clock()
+    lim = TenantLimits("a", requests_per_minute=None, tokens_per_minute=600, clock=clock)
+    lim.admit(100)
+    lim.charge(700)  # a stream is never cut: the bucket goes to -200
+    with pytest.raises(RateLimited) as info:
+        lim.admit(10)
+    assert info.value.limit == "tokens"
+    assert info.value.retry_after_s == pytest.approx(21.0)  # (200 + 10) / 10 per second
+    clock.now += 21
+    lim.admit(10)
+
+
+def test_prompt_over_the_whole_budget_has_no_retry_after() -> None:
+    lim = TenantLimits("a", requests_per_minute=None, tokens_per_minute=100, clock=Clock())
+    with pytest.raises(RateLimited) as info:
+        lim.admit(101)
+    assert info.value.retry_after_s is None
+
+
+def test_refused_admission_takes_nothing_and_refund_gives_back() -> None:
+    lim = TenantLimits("a", requests_per_minute=1, tokens_per_minute=100, clock=Clock())
+    with pytest.raises(RateLimited):
+        lim.admit(101)
+    lim.admit(50)
+    lim.refund(50)
+    lim.admit(100)
+
+
+# -- through the core -----------------------------------------------------------------------
+
+
+class CountingEngine:
+    """Every request streams `n` tokens."""
+
+    def __init__(self, token: int, n: int):
+        self.token = token
+        self.n = n
+
+    async def stream(
+        self,
+        address: str,
+        authority: str,
+        request: EngineRequest,
+        *,
+        timeout_s: float | None,
+        metadata: Any = (),
+    ) -> Any:
+        for _ in range(min(self.n, request.max_tokens)):
+            await asyncio.sleep(0)  # interleave concurrent streams
+            yield EngineChunk([self.token], False)
+        yield EngineChunk([], True)
+
+
+class RejectingOrchestrator(FakeOrchestrator):
+    async def Admit(self, request: orch_pb.AdmitRequest, **_: object) -> orch_pb.AdmitResponse:
+        import grpc
+
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(),
+            details="queue full",
+            debug_error_string="",
+        )
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer_path: Path) -> ServedModel:
+    return ServedModel.load(ModelSettings(name=MODEL, tokenizer_path=tokenizer_path))
+
+
+def make_core(
+    model: ServedModel, auth: Authenticator | None, n_tokens: int = 4, orch: Any = None
+) -> tuple[GatewayCore, FakeOrchestrator]:
+    orch = orch or FakeOrchestrator()
+    engine = CountingEngine(model.encode(" a")[0], n_tokens)
+    core = GatewayCore(
+        GatewaySettings(models=[model.settings]), [model], cast(Any, orch), engine, 32, auth
+    )
+    return core, orch
+
+
+async def run(core: GatewayCore, key: str | None, **kw: Any) -> Completion:
+    req = GenerationRequest(
+        model=MODEL,
+        request_id="r",
+        prompt_text="Hello",
+        api_key=key,
+        sampling=Sampling(max_tokens=4),
+        **kw,
+    )
+    events = [ev async for ev in core.generate(req, 10.0)]
+    final = events[-1]
+    assert isinstance(final, Completion)
+    return final
+
+
+async def test_auth_off_keeps_the_request_tenant_and_priority(model: ServedModel) -> None:
+    from services.gateway.core import Priority
+
+    core, orch = make_core(model, None)
+    await run(core, None, tenant="user-7", priority=Priority.BATCH)
+    assert orch.admits[0].tenant == "user-7"
+    assert orch.admits[0].priority == orch_pb.PRIORITY_BATCH
+
+
+async def test_tenant_and_priority_class_reach_admission(model: ServedModel) -> None:
+    auth = Authenticator(tenants(tenant("acme", "sk-acme", priority="interactive")))
+    core, orch = make_core(model, auth)
+    await run(core, "sk-acme", tenant="spoofed")
+    assert orch.admits[0].tenant == "acme"
+    assert orch.admits[0].priority == orch_pb.PRIORITY_INTERACTIVE
+
+
+@pytest.mark.parametrize("key", [None, "wrong"])
+async def test_missing_or_unknown_key_is_refused_before_anything(
+    model: ServedModel, key: str | None
+) -> None:
+    auth = Authenticator(tenants(tenant("acme", "sk-acme")))
+    core, orch = make_core(model, auth)
+    with pytest.raises(Unauthenticated):
+        await run(core, key)
+    assert orch.admits == []
+
+
+async def test_one_tenant_cannot_spend_anothers_quota_under_concurrent_load(
+    model: ServedModel,
+) -> None:
+    clock = Clock()  # frozen: no refill during the test
+    auth = Authenticator(
+        tenants(
+            tenant("greedy", "sk-g", requests_per_minute=5),
+            tenant("polite", "sk-p", requests_per_minute=5),
+        ),
+        clock=clock,
+    )
+    core, orch = make_core(model, auth)
+    greedy = [run(core, "sk-g") for _ in range(40)]
+    polite = [run(core, "sk-p") for _ in range(5)]
+    results = await asyncio.gather(*greedy, *polite, return_exceptions=True)
+    g, p = results[:40], results[40:]
+    assert sum(isinstance(r, Completion) for r in g) == 5
+    assert all(isinstance(r, RateLimited) for r in g if not isinstance(r, Completion))
+    assert all(isinstance(r, Completion) for r in p)
+    assert sum(a.tenant == "polite" for a in orch.admits) == 5
+    assert sum(a.tenant == "greedy" for a in orch.admits) == 5
+
+
+async def test_completion_tokens_of_one_tenant_do_not_drain_another(model: ServedModel) -> None:
+    clock = Clock()
+    auth = Authenticator(
+        tenants(
+            tenant("a", "sk-a", tokens_per_minute=60),
+            tenant("b", "sk-b", tokens_per_minute=60),
+        ),
+        clock=clock,
+    )
+    core, _ = make_core(model, auth, n_tokens=4)
+    # Each request: ~1-2 prompt tokens + 4 completion tokens; a's budget runs out first.
+    served_a = 0
+    refused: RateLimited | None = None
+    while refused is None:
+        try:
+            await run(core, "sk-a")
+            served_a += 1
+        except RateLimited as err:
+            refused = err
+    assert refused.limit == "tokens"
+    assert 5 <= served_a <= 12
+    for _ in range(served_a):
+        await run(core, "sk-b")
+
+
+async def test_orchestrator_rejection_refunds_the_tenant(model: ServedModel) -> None:
+    auth = Authenticator(tenants(tenant("a", "sk-a", requests_per_minute=1)), clock=Clock())
+    core, _ = make_core(model, auth, orch=RejectingOrchestrator())
+    from llmmesh.common.errors import ResourceExhausted
+
+    for _ in range(3):
+        with pytest.raises(ResourceExhausted) as info:
+            await run(core, "sk-a")
+        assert not isinstance(info.value, RateLimited)  # the queue, not the tenant limit

@@ -1,0 +1,381 @@
+"""The OpenAI HTTP front on a real aiohttp server (port 0) over the real core, with in-process
+fakes of the orchestrator and the engine: status codes and headers, SSE framing, errors after
+the first token, deadlines, and client disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
+from typing import Any, cast
+
+import aiohttp
+import grpc
+import pytest
+import pytest_asyncio
+
+from llmmesh.orchestrator.v1 import orchestrator_pb2 as orch_pb
+from services.gateway.auth import Authenticator, TenantsFile, hash_key
+from services.gateway.core import GatewayCore
+from services.gateway.http import OpenAIHttpFront, parse_timeout
+from services.gateway.models import ServedModel
+from services.gateway.settings import GatewaySettings, ModelSettings
+from services.gateway.triton_stream import EngineChunk, EngineRequest, TritonStreamError
+from tests.gateway.test_streaming import FakeOrchestrator
+
+MODEL = "smollm2"
+
+
+class ScriptedEngine:
+    """Yields the given token ids one chunk each; `hold` keeps the stream open (until cancelled)
+    after them, `fail` raises a replica fault after them."""
+
+    def __init__(self, ids: list[int], *, hold: bool = False, fail: bool = False):
+        self.ids = ids
+        self.hold = hold
+        self.fail = fail
+        self.requests: list[tuple[EngineRequest, float | None]] = []
+        self.started = asyncio.Event()
+        self.closed = asyncio.Event()
+
+    async def stream(
+        self,
+        address: str,
+        authority: str,
+        request: EngineRequest,
+        *,
+        timeout_s: float | None,
+        metadata: Any = (),
+    ) -> AsyncGenerator[EngineChunk, None]:
+        self.requests.append((request, timeout_s))
+        self.started.set()
+        try:
+            for t in self.ids:
+                yield EngineChunk([t], False)
+            if self.fail:
+                raise TritonStreamError("connection reset", replica_fault=True)
+            if self.hold:
+                await asyncio.Event().wait()
+            yield EngineChunk([], True)
+        finally:
+            self.closed.set()
+
+
+class RejectingOrchestrator(FakeOrchestrator):
+    def __init__(self, code: grpc.StatusCode, retry_after: str | None = None):
+        super().__init__()
+        self.code = code
+        self.retry_after = retry_after
+
+    async def Admit(self, request: orch_pb.AdmitRequest, **_: object) -> orch_pb.AdmitResponse:
+        trailing = grpc.aio.Metadata()
+        if self.retry_after is not None:
+            trailing.add("retry-after", self.retry_after)
+        raise grpc.aio.AioRpcError(
+            self.code, grpc.aio.Metadata(), trailing, details="queue full", debug_error_string=""
+        )
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer_path: Path) -> ServedModel:
+    return ServedModel.load(ModelSettings(name=MODEL, tokenizer_path=tokenizer_path))
+
+
+class Front:
+    def __init__(self, front: OpenAIHttpFront, orch: FakeOrchestrator):
+        self.front = front
+        self.orch = orch
+        self.url = f"http://127.0.0.1:{front.port}"
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+async def serve(
+    model: ServedModel,
+    engine: ScriptedEngine,
+    orch: FakeOrchestrator | None = None,
+    auth: Authenticator | None = None,
+) -> Front:
+    orch = orch or FakeOrchestrator()
+    settings = GatewaySettings(models=[model.settings], http_port=0, drain_seconds=5)
+    core = GatewayCore(settings, [model], cast(Any, orch), engine, 32, auth)
+    front = OpenAIHttpFront(core, settings)
+    await front.start()
+    return Front(front, orch)
+
+
+def body(**kw: Any) -> dict[str, Any]:
+    return {"model": MODEL, "prompt": "Hello", **kw}
+
+
+async def sse_events(resp: aiohttp.ClientResponse) -> list[str]:
+    raw = (await resp.read()).decode()
+    assert raw.endswith("\n\n")
+    events = raw.split("\n\n")[:-1]
+    assert all(e.startswith("data: ") for e in events)
+    return [e.removeprefix("data: ") for e in events]
+
+
+async def test_completion_round_trip(model: ServedModel, session: aiohttp.ClientSession) -> None:
+    ids = model.encode(" one two")
+    f = await serve(model, ScriptedEngine(ids))
+    try:
+        async with session.post(f"{f.url}/v1/completions", json=body(max_tokens=len(ids))) as r:
+            assert r.status == 200
+            assert r.headers["x-request-id"]
+            data = await r.json()
+        assert data["choices"][0]["text"] == model.decode(ids)
+        assert data["usage"]["completion_tokens"] == len(ids)
+    finally:
+        await f.front.stop()
+
+
+async def test_sse_framing(model: ServedModel, session: aiohttp.ClientSession) -> None:
+    ids = model.encode(" one two three")
+    f = await serve(model, ScriptedEngine(ids))
+    try:
+        req = body(max_tokens=len(ids), stream=True, stream_options={"include_usage": True})
+        async with session.post(f"{f.url}/v1/completions", json=req) as r:
+            assert r.status == 200
+            assert r.headers["Content-Type"].startswith("text/event-stream")
+            events = await sse_events(r)
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == model.decode(ids)
+        assert chunks[-1]["choices"] == []
+        assert chunks[-1]["usage"]["completion_tokens"] == len(ids)
+    finally:
+        await f.front.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_admission_rejection_is_429_with_retry_after(
+    model: ServedModel, session: aiohttp.ClientSession, stream: bool
+) -> None:
+    orch = RejectingOrchestrator(grpc.StatusCode.RESOURCE_EXHAUSTED, retry_after="2.400")
+    f = await serve(model, ScriptedEngine([]), orch)
+    try:
+        async with session.post(f"{f.url}/v1/completions", json=body(stream=stream)) as r:
+            assert r.status == 429
+            assert r.headers["Retry-After"] == "3"
+            assert r.headers["retry-after-ms"] == "2400"
+            err = (await r.json())["error"]
+        assert err["type"] == "rate_limit_error"
+        assert err["code"] == "rate_limit_exceeded"
+    finally:
+        await f.front.stop()
+
+
+async def test_no_replica_is_503(model: ServedModel, session: aiohttp.ClientSession) -> None:
+    orch = RejectingOrchestrator(grpc.StatusCode.UNAVAILABLE)
+    f = await serve(model, ScriptedEngine([]), orch)
+    try:
+        async with session.post(f"{f.url}/v1/chat/completions", json=chat_body()) as r:
+            assert r.status == 503
+            assert (await r.json())["error"]["type"] == "server_error"
+    finally:
+        await f.front.stop()
+
+
+def chat_body(**kw: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], **kw}
+
+
+async def test_failure_after_first_token_is_an_error_event(
+    model: ServedModel, session: aiohttp.ClientSession
+) -> None:
+    ids = model.encode(" one two")
+    f = await serve(model, ScriptedEngine(ids, fail=True))
+    try:
+        async with session.post(
+            f"{f.url}/v1/chat/completions", json=chat_body(stream=True, max_tokens=50)
+        ) as r:
+            assert r.status == 200
+            events = await sse_events(r)
+        assert "[DONE]" not in events
+        err = json.loads(events[-1])["error"]
+        assert err["type"] == "server_error"
+        assert "replica" in err["message"]
+    finally:
+        await f.front.stop()
+
+
+async def test_failure_after_first_token_non_stream_is_503(
+    model: ServedModel, session: aiohttp.ClientSession
+) -> None:
+    f = await serve(model, ScriptedEngine(model.encode(" one two"), fail=True))
+    try:
+        async with session.post(f"{f.url}/v1/completions", json=body(max_tokens=50)) as r:
+            assert r.status == 503
+    finally:
+        await f.front.stop()
+
+
+async def test_timeout_header_becomes_the_deadline(
+    model: ServedModel, session: aiohttp.ClientSession
+) -> None:
+    engine = ScriptedEngine(model.encode(" x"))
+    f = await serve(model, engine)
+    try:
+        headers = {"x-request-timeout": "2.5"}
+        async with session.post(
+            f"{f.url}/v1/completions", json=body(max_tokens=1), headers=headers
+        ) as r:
+            assert r.status == 200
+        ((_, timeout_s),) = engine.requests
+        assert timeout_s is not None
+        assert 0 < timeout_s <= 2.5
+    finally:
+        await f.front.stop()
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        (None, True),
+        ("1", True),
+        ("0.25", True),
+        ("0", False),
+        ("-1", False),
+        ("nan", False),
+        ("inf", False),
+        ("x", False),
+    ],
+)
+def test_parse_timeout(value: str | None, ok: bool) -> None:
+    if ok:
+        parse_timeout(value)
+    else:
+        with pytest.raises(Exception, match="x-request-timeout"):
+            parse_timeout(value)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_client_disconnect_cancels_the_generation(
+    model: ServedModel, session: aiohttp.ClientSession, stream: bool
+) -> None:
+    engine = ScriptedEngine(model.encode(" one"), hold=True)
+    f = await serve(model, engine)
+    try:
+        url = f"{f.url}/v1/completions"
+        if stream:
+            resp = await session.post(url, json=body(max_tokens=100, stream=True))
+            assert resp.status == 200
+            first = await resp.content.readline()
+            assert first.startswith(b"data: ")
+            resp.close()  # drops the connection
+        else:
+            # No response before the generation ends: the client gives up while waiting.
+            call = asyncio.create_task(session.post(url, json=body(max_tokens=100)))
+            await asyncio.wait_for(engine.started.wait(), 10)
+            call.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await call
+        await asyncio.wait_for(engine.closed.wait(), 10)
+        await asyncio.wait_for(f.orch.completed.wait(), 10)
+        assert f.orch.completes[0].outcome == orch_pb.OUTCOME_CANCELLED
+    finally:
+        await f.front.stop()
+
+
+async def test_stop_drains_an_in_flight_stream(
+    model: ServedModel, session: aiohttp.ClientSession
+) -> None:
+    ids = model.encode(" one two three four")
+    gate = asyncio.Event()
+
+    class GatedEngine(ScriptedEngine):
+        async def stream(self, *args: Any, **kw: Any) -> AsyncGenerator[EngineChunk, None]:
+            inner = super().stream(*args, **kw)
+            async for i, chunk in _enumerate(inner):
+                if i == 1:
+                    await gate.wait()
+                yield chunk
+
+    f = await serve(model, GatedEngine(ids))
+    async with session.post(
+        f"{f.url}/v1/completions", json=body(max_tokens=len(ids), stream=True)
+    ) as r:
+        assert r.status == 200
+        assert (await r.content.readuntil(b"\n\n")).startswith(b"data: {")
+        stopping = asyncio.create_task(f.front.stop())
+        gate.set()
+        events = await sse_events(r)
+    await stopping
+    assert events[-1] == "[DONE]"
+
+
+async def _enumerate(
+    it: AsyncGenerator[EngineChunk, None],
+) -> AsyncIterator[tuple[int, EngineChunk]]:
+    i = 0
+    async for x in it:
+        yield i, x
+        i += 1
+
+
+def acme_auth(**limits: int) -> Authenticator:
+    return Authenticator(
+        TenantsFile.model_validate(
+            {"tenants": [{"name": "acme", "api_keys_sha256": [hash_key("sk-acme")], **limits}]}
+        )
+    )
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", "Basic c2stYWNtZQ=="])
+async def test_missing_or_bad_key_is_401(
+    model: ServedModel, session: aiohttp.ClientSession, authorization: str | None
+) -> None:
+    f = await serve(model, ScriptedEngine(model.encode(" x")), auth=acme_auth())
+    headers = {"Authorization": authorization} if authorization else {}
+    try:
+        for method, path, payload in (
+            ("POST", "/v1/completions", body(max_tokens=1)),
+            ("POST", "/v1/chat/completions", chat_body(max_tokens=1, stream=True)),
+            ("GET", "/v1/models", None),
+            ("GET", f"/v1/models/{MODEL}", None),
+        ):
+            async with session.request(
+                method, f"{f.url}{path}", json=payload, headers=headers
+            ) as r:
+                assert r.status == 401, path
+                assert r.headers["WWW-Authenticate"] == "Bearer"
+                err = (await r.json())["error"]
+                assert (err["type"], err["code"]) == ("authentication_error", "invalid_api_key")
+        assert f.orch.admits == []
+    finally:
+        await f.front.stop()
+
+
+async def test_tenant_over_its_limit_gets_429_with_ratelimit_headers(
+    model: ServedModel, session: aiohttp.ClientSession
+) -> None:
+    engine = ScriptedEngine(model.encode(" x"))
+    f = await serve(model, engine, auth=acme_auth(requests_per_minute=2, tokens_per_minute=1000))
+    headers = {"Authorization": "Bearer sk-acme"}
+    try:
+        for _ in range(2):
+            async with session.post(
+                f"{f.url}/v1/completions", json=body(max_tokens=1), headers=headers
+            ) as r:
+                assert r.status == 200
+        async with session.post(
+            f"{f.url}/v1/completions", json=body(max_tokens=1), headers=headers
+        ) as r:
+            assert r.status == 429
+            assert int(r.headers["Retry-After"]) >= 1
+            assert 0 < int(r.headers["retry-after-ms"]) <= 30_000
+            assert r.headers["x-ratelimit-limit-requests"] == "2"
+            assert r.headers["x-ratelimit-remaining-requests"] == "0"
+            assert r.headers["x-ratelimit-reset-requests"].endswith("s")
+            assert r.headers["x-ratelimit-limit-tokens"] == "1000"
+            err = (await r.json())["error"]
+            assert (err["type"], err["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+        assert [a.tenant for a in f.orch.admits] == ["acme", "acme"]
+    finally:
+        await f.front.stop()
