@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import urllib.request
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -49,3 +50,11 @@ def parse_engine_metrics(text: str) -> EngineSample | None:
     return EngineSample(
         active, waiting, used, total, get(_FAMILIES[0], "max"), get(_FAMILIES[1], "free")
     )
+
+
+def fetch_metrics_text(url: str, host: str, timeout_s: float) -> str:
+    """GET a Prometheus text page; `host` overrides the Host header (a headless Service's name
+    when scraping a pod by IP through the mesh)."""
+    request = urllib.request.Request(url, headers={"Host": host} if host else {})
+    with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+        return str(resp.read().decode("utf-8", errors="replace"))

@@ -12,14 +12,13 @@ import asyncio
 import logging
 import math
 import time
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client import Gauge
 
 from llmmesh.common.discovery import discover_pods
-from llmmesh.common.engine_metrics import EngineSample, parse_engine_metrics
+from llmmesh.common.engine_metrics import EngineSample, fetch_metrics_text, parse_engine_metrics
 from services.autoscaler.settings import AutoscalerSettings, ScrapeTarget
 
 log = logging.getLogger(__name__)
@@ -81,15 +80,11 @@ def recommend(
     return Recommendation(pool, model_version, current, clamped, reason, sig, now)
 
 
-def fetch_text(url: str, timeout_s: float, host: str = "") -> str:
-    request = urllib.request.Request(url, headers={"Host": host} if host else {})
-    with urllib.request.urlopen(request, timeout=timeout_s) as resp:
-        return str(resp.read().decode("utf-8", errors="replace"))
-
-
 class Autoscaler:
     def __init__(
-        self, settings: AutoscalerSettings, fetch: Callable[[str, float, str], str] = fetch_text
+        self,
+        settings: AutoscalerSettings,
+        fetch: Callable[[str, str, float], str] = fetch_metrics_text,
     ):
         self._settings = settings
         self._fetch = fetch
@@ -98,7 +93,7 @@ class Autoscaler:
     async def _scrape(self, target: ScrapeTarget) -> EngineSample | None:
         try:
             text = await asyncio.to_thread(
-                self._fetch, target.metrics_url, self._settings.scrape_timeout_s, target.host_header
+                self._fetch, target.metrics_url, target.host_header, self._settings.scrape_timeout_s
             )
         except OSError as exc:
             log.info("scrape failed", extra={"replica": target.replica_id, "error": repr(exc)})

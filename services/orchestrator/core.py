@@ -21,7 +21,6 @@ import logging
 import math
 import random
 import time
-import urllib.request
 import uuid
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from typing import Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from llmmesh.common.engine_metrics import EngineSample, parse_engine_metrics
+from llmmesh.common.engine_metrics import EngineSample, fetch_metrics_text, parse_engine_metrics
 from services.orchestrator.errors import BadAdmission, NoReplicaReady, QueueFull, QueueTimeout
 from services.orchestrator.policy import Policy
 from services.orchestrator.prefix import NO_MATCHES, PrefixIndex, PrefixMatches
@@ -141,12 +140,6 @@ class _Waiter:
     future: asyncio.Future[Lease] = field(compare=False)
 
 
-def fetch_text(url: str, host: str, timeout_s: float) -> str:
-    request = urllib.request.Request(url, headers={"Host": host} if host else {})
-    with urllib.request.urlopen(request, timeout=timeout_s) as resp:
-        return str(resp.read().decode("utf-8", errors="replace"))
-
-
 @dataclass(slots=True)
 class _Prediction:
     """What approximate mode needs at completion: the prompt's block hashes, and how many blocks
@@ -186,7 +179,7 @@ class Orchestrator:
             rng,
         )
         self._known_pools = frozenset(self._policy.pools)
-        self._fetch_metrics = fetch_metrics or fetch_text
+        self._fetch_metrics = fetch_metrics or fetch_metrics_text
         self._vtime: dict[int, float] = {}
         self._tenant_finish: dict[tuple[int, str], float] = {}
         self._reprobes: set[asyncio.Task[None]] = set()

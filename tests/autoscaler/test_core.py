@@ -52,7 +52,7 @@ def test_recommend(
 
 
 async def test_unreachable_replica_never_scales_down() -> None:
-    def fetch(url: str, timeout: float, host: str) -> str:
+    def fetch(url: str, host: str, timeout: float) -> str:
         raise ConnectionRefusedError(url)
 
     settings = AutoscalerSettings(
@@ -70,7 +70,7 @@ async def test_unreachable_replica_never_scales_down() -> None:
 async def test_dns_targets_are_scraped_with_the_service_host() -> None:
     seen: list[tuple[str, str]] = []
 
-    def fetch(url: str, timeout: float, host: str) -> str:
+    def fetch(url: str, host: str, timeout: float) -> str:
         seen.append((url, host))
         return metrics(30, 0, 1, 100)
 

@@ -19,7 +19,7 @@ from tests.autoscaler.test_core import metrics
 LOADS = {"http://r0/metrics": metrics(35, 5, 1, 100), "http://r1/metrics": metrics(0, 0, 0, 100)}
 
 
-def fetch(url: str, timeout: float, host: str) -> str:
+def fetch(url: str, host: str, timeout: float) -> str:
     return LOADS[url]
 
 
