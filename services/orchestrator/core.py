@@ -206,9 +206,6 @@ class Orchestrator:
                 field="prompt_token_ids",
             )
         start = time.monotonic()
-        if not self._servable(req):
-            _REJECTIONS.labels(req.model, "no_replica").inc()
-            raise NoReplicaReady(self._unavailable_reason(req))
         prefix = NO_MATCHES
         if self._prefix is not None:
             prefix = await self._prefix.lookup(req.prompt_token_ids)
@@ -216,6 +213,10 @@ class Orchestrator:
             lease = self._try_grant(req, prefix, start)
             if lease is not None:
                 return lease
+        # Only a request that cannot be granted now pays for the servability check.
+        if not self._servable(req):
+            _REJECTIONS.labels(req.model, "no_replica").inc()
+            raise NoReplicaReady(self._unavailable_reason(req))
         if len(self._queue) >= self._settings.max_queue:
             _REJECTIONS.labels(req.model, "queue_full").inc()
             raise QueueFull("admission queue is full", retry_after_s=self.retry_after_s())
