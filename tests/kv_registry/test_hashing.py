@@ -1,4 +1,5 @@
-"""The registry's fast block hashing is `llmmesh.kvblocks.block_hashes`, bit for bit."""
+"""`llmmesh.kvblocks.block_hashes` (the fast path every component uses) equals the hash's
+definition, a fold of `chain_hash` over the full blocks, bit for bit."""
 
 from __future__ import annotations
 
@@ -6,9 +7,19 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmmesh.kvblocks import BlockConfig
-from llmmesh.kvblocks import block_hashes as reference
-from llmmesh.kvhashing import block_hashes, hashes_from_bytes, token_bytes
+from llmmesh.kvblocks import BlockConfig, block_hashes, chain_hash, hashes_from_bytes, token_bytes
+
+
+def reference(
+    tokens: list[int], config: BlockConfig, salt: bytes = b"", limit: int | None = None
+) -> list[int]:
+    out: list[int] = []
+    h, bs = config.hash_seed, config.block_size
+    n = len(tokens) // bs if limit is None else min(len(tokens) // bs, max(0, limit))
+    for i in range(n):
+        h = chain_hash(h, tokens[i * bs : (i + 1) * bs], config.hash_seed, salt)
+        out.append(h)
+    return out
 
 
 @pytest.mark.parametrize(
