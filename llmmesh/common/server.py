@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,20 +99,26 @@ async def run_until_signal(
     metrics_port: int,
     ready_file: Path | None,
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    extra_ports: Mapping[str, int] | None = None,
+    drain_with: Sequence[Callable[[], Awaitable[None]]] = (),
 ) -> None:
-    """Run a started server until SIGTERM/SIGINT, then drain and stop."""
+    """Run a started server until SIGTERM/SIGINT, then drain and stop.
+
+    `extra_ports` (e.g. an HTTP front's) join the ready file and the log; `drain_with` are other
+    fronts' stop functions, drained in parallel with the gRPC server before `on_stop` runs."""
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
+    ports = {"grpc_port": server.port, **(extra_ports or {}), "metrics_port": metrics_port}
     if ready_file is not None:
         tmp = ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"grpc_port": server.port, "metrics_port": metrics_port}))
+        tmp.write_text(json.dumps(ports))
         tmp.replace(ready_file)
-    log.info("serving", extra={"grpc_port": server.port, "metrics_port": metrics_port})
+    log.info("serving", extra=ports)
     await stop_requested.wait()
     log.info("draining", extra={"service": service})
-    await server.stop()
+    await asyncio.gather(server.stop(), *(stop() for stop in drain_with))
     if on_stop is not None:
         await on_stop()
     log.info("stopped")

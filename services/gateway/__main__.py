@@ -3,16 +3,12 @@ HTTP front → both servers, which start together and drain together on SIGTERM.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-import signal
-from pathlib import Path
 
 import grpc
 import uvloop
 
-from llmmesh.common.server import ManagedServer, ServiceRegistration
+from llmmesh.common.server import ManagedServer, ServiceRegistration, run_until_signal
 from llmmesh.common.settings import KvBlockSettings
 from llmmesh.common.telemetry import setup_logging, setup_tracing, start_metrics_server
 from llmmesh.gateway.v1 import gateway_pb2
@@ -27,12 +23,6 @@ from services.gateway.triton_stream import TritonPool
 
 SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 log = logging.getLogger(__name__)
-
-
-def write_ready_file(path: Path, ports: dict[str, int]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(ports))
-    tmp.replace(path)
 
 
 async def main(settings: GatewaySettings, blocks: KvBlockSettings) -> None:
@@ -70,25 +60,25 @@ async def main(settings: GatewaySettings, blocks: KvBlockSettings) -> None:
     )
     http = OpenAIHttpFront(core, settings)
     metrics_port = start_metrics_server(settings.host, settings.metrics_port)
-    loop = asyncio.get_running_loop()
-    stop_requested = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop_requested.set)
     await server.start()
     await http.start()
-    ports = {"grpc_port": server.port, "http_port": http.port, "metrics_port": metrics_port}
-    if settings.ready_file is not None:
-        write_ready_file(settings.ready_file, ports)
-    log.info("serving", extra=ports)
-    await stop_requested.wait()
+
+    async def on_stop() -> None:
+        await core.drain_background()
+        await triton.close()
+        await channel.close(None)
+        provider.shutdown()
+
     # Both fronts stop accepting at once and drain their in-flight streams in parallel.
-    log.info("draining", extra={"service": "gateway"})
-    await asyncio.gather(server.stop(), http.stop())
-    await core.drain_background()
-    await triton.close()
-    await channel.close(None)
-    provider.shutdown()
-    log.info("stopped")
+    await run_until_signal(
+        server,
+        service="gateway",
+        metrics_port=metrics_port,
+        ready_file=settings.ready_file,
+        on_stop=on_stop,
+        extra_ports={"http_port": http.port},
+        drain_with=[http.stop],
+    )
 
 
 if __name__ == "__main__":
