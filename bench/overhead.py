@@ -47,6 +47,63 @@ class Row:
     tokens_per_s: float
 
 
+def distinct_prompt(i: int, tokens: int) -> list[int]:
+    """Distinct prompts: the benchmarks measure relay cost, not prefix routing."""
+    return [100 + (i * 7919 + k) % 40000 for k in range(tokens)]
+
+
+async def grpc_sample(
+    stub: pb_grpc.GatewayServiceAsyncStub,
+    prompt: list[int],
+    max_tokens: int,
+    seed: int,
+    request_id: str = "",
+) -> Sample:
+    """One Generate call timed at the client; without a request id (an idempotency key) unless
+    one is given."""
+    req = pb.GenerateRequest(
+        model=MODEL_NAME,
+        token_ids=pb.TokenIds(ids=prompt),
+        sampling=pb.SamplingParams(max_tokens=max_tokens, seed=seed),
+        request_id=request_id,
+    )
+    start = time.perf_counter()
+    first = 0.0
+    n = 0
+    async for msg in stub.Generate(req, timeout=300):
+        if msg.HasField("delta") and msg.delta.token_ids:
+            if n == 0:
+                first = time.perf_counter() - start
+            n += len(msg.delta.token_ids)
+    return Sample(first, n, time.perf_counter() - start)
+
+
+async def direct_sample(
+    pool: TritonPool, address: str, prompt: list[int], max_tokens: int, seed: int
+) -> Sample:
+    """One stream straight to a Triton replica with the gateway's own client."""
+    er = EngineRequest(
+        f"d{seed}-{time.perf_counter_ns()}",
+        "tensorrt_llm",
+        prompt,
+        max_tokens,
+        2,
+        1.0,
+        1.0,
+        0,
+        seed,
+    )
+    start = time.perf_counter()
+    first = 0.0
+    n = 0
+    async for chunk in pool.stream(address, "", er, timeout_s=300):
+        if chunk.token_ids:
+            if n == 0:
+                first = time.perf_counter() - start
+            n += len(chunk.token_ids)
+    return Sample(first, n, time.perf_counter() - start)
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))]
@@ -106,8 +163,7 @@ class BareStreamer:
 
 async def main_async(args: argparse.Namespace) -> int:
     def prompt(i: int) -> list[int]:
-        # Distinct prompts: this benchmark measures relay cost, not prefix routing.
-        return [100 + (i * 7919 + k) % 40000 for k in range(args.prompt_tokens)]
+        return distinct_prompt(i, args.prompt_tokens)
 
     mesh = LocalMesh(MeshOptions(replicas=args.replicas, time_scale=args.time_scale, log_json=True))
     await mesh.start()
@@ -122,44 +178,11 @@ async def main_async(args: argparse.Namespace) -> int:
         bare_stub = pb_grpc.GatewayServiceStub(bare_channel)
 
         async def via_stub(stub: pb_grpc.GatewayServiceAsyncStub, i: int) -> Sample:
-            req = pb.GenerateRequest(
-                model=MODEL_NAME,
-                token_ids=pb.TokenIds(ids=prompt(i)),
-                sampling=pb.SamplingParams(max_tokens=args.output_tokens, seed=i),
-                request_id=f"bench-{time.perf_counter_ns()}",
-            )
-            start = time.perf_counter()
-            first = 0.0
-            n = 0
-            async for msg in stub.Generate(req, timeout=300):
-                if msg.HasField("delta") and msg.delta.token_ids:
-                    if n == 0:
-                        first = time.perf_counter() - start
-                    n += len(msg.delta.token_ids)
-            return Sample(first, n, time.perf_counter() - start)
+            return await grpc_sample(stub, prompt(i), args.output_tokens, i)
 
         async def direct(i: int) -> Sample:
             address = mesh.tritons[i % len(mesh.tritons)].grpc_address
-            er = EngineRequest(
-                f"d{i}-{time.perf_counter_ns()}",
-                "tensorrt_llm",
-                prompt(i),
-                args.output_tokens,
-                2,
-                1.0,
-                1.0,
-                0,
-                i,
-            )
-            start = time.perf_counter()
-            first = 0.0
-            n = 0
-            async for chunk in pool.stream(address, "", er, timeout_s=300):
-                if chunk.token_ids:
-                    if n == 0:
-                        first = time.perf_counter() - start
-                    n += len(chunk.token_ids)
-            return Sample(first, n, time.perf_counter() - start)
+            return await direct_sample(pool, address, prompt(i), args.output_tokens, i)
 
         paths: dict[str, Callable[[int], Awaitable[Sample]]] = {
             "triton-direct": direct,

@@ -24,7 +24,11 @@ async def generate(args: argparse.Namespace) -> int:
         sampling = pb.SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
         if args.seed is not None:
             sampling.seed = args.seed
-        request = pb.GenerateRequest(model=args.model, text=args.prompt, sampling=sampling)
+        request = pb.GenerateRequest(
+            model=args.model, text=args.prompt, sampling=sampling, request_id=args.request_id
+        )
+        if args.resume_from is not None:
+            request.resume_from = args.resume_from
         try:
             async for msg in stub.Generate(request, timeout=args.timeout):
                 if msg.HasField("delta"):
@@ -56,6 +60,17 @@ def main() -> int:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--timeout", type=float, default=120.0)
+    gen.add_argument(
+        "--request-id",
+        default="",
+        help="Idempotency key: the same id and prompt re-attach to the same generation.",
+    )
+    gen.add_argument(
+        "--resume-from",
+        type=int,
+        default=None,
+        help="With --request-id: continue after this many completion tokens.",
+    )
     args = parser.parse_args()
     return asyncio.run(generate(args))
 

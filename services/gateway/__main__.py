@@ -20,6 +20,7 @@ from services.gateway.models import ServedModel
 from services.gateway.servicer import GatewayServicer, add_to_server
 from services.gateway.settings import GatewaySettings
 from services.gateway.triton_stream import TritonPool
+from services.gateway.usage import UsageLog
 
 SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 log = logging.getLogger(__name__)
@@ -36,6 +37,14 @@ async def main(settings: GatewaySettings, blocks: KvBlockSettings) -> None:
         log.warning("authentication is off (no LLMMESH_GATEWAY_TENANTS_FILE)")
     else:
         log.info("authentication on", extra={"tenants": sorted(auth.tenants)})
+    usage = (
+        None
+        if settings.usage_log_path is None
+        else UsageLog(settings.usage_log_path, settings.usage_queue_size)
+    )
+    if usage is not None:
+        await usage.start()
+        log.info("usage log on", extra={"path": str(settings.usage_log_path)})
     channel = grpc.aio.insecure_channel(settings.orchestrator_address)
     triton = TritonPool()
     core = GatewayCore(
@@ -45,6 +54,7 @@ async def main(settings: GatewaySettings, blocks: KvBlockSettings) -> None:
         triton,
         blocks.block_size,
         auth,
+        usage,
     )
     servicer = GatewayServicer(core)
     server = ManagedServer(
@@ -64,7 +74,11 @@ async def main(settings: GatewaySettings, blocks: KvBlockSettings) -> None:
     await http.start()
 
     async def on_stop() -> None:
-        await core.drain_background()
+        # Fronts drained: end what only the idempotency store still runs, then write out
+        # every usage record (fsync) before the process exits.
+        await core.close()
+        if usage is not None:
+            await usage.close()
         await triton.close()
         await channel.close(None)
         provider.shutdown()

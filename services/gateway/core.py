@@ -1,11 +1,17 @@
 """Gateway core: validate → tokenize → admit (orchestrator) → stream from the replica → detokenize.
 
-One core serves every front (gRPC now, OpenAI HTTP later); fronts only convert types.
+One core serves every front (gRPC and OpenAI HTTP); fronts only convert types.
 
 Invariants:
 - Every granted lease is completed exactly once, whatever happens to the stream (a background
   task reports it, so client cancellation cannot skip it).
-- Closing the event iterator (client cancel, deadline, stop string) cancels the Triton request.
+- Closing the event iterator of a request without a client request id (client cancel, deadline,
+  stop string) cancels the Triton request at once. With a client request id the generation
+  belongs to the idempotency store (`resume.py`): it outlives its last client by the grace
+  period, and is cancelled then unless a retry re-attached.
+- Every generation ends in exactly one usage record (`usage.py`) and one
+  `llmmesh_gateway_requests_total` increment; a request refused before a generation starts
+  (authentication, id conflict, full store, unknown resume) gets one too.
 """
 
 from __future__ import annotations
@@ -14,11 +20,14 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import hashlib
+import json
 import logging
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import grpc
 from opentelemetry import trace
@@ -47,11 +56,32 @@ from services.gateway.errors import (
     OrchestratorUnavailable,
     RateLimited,
     ReplicaFailed,
+    RequestIdConflict,
 )
+from services.gateway.events import Completion, Delta, Event, FinishReason
 from services.gateway.limits import TenantLimits
 from services.gateway.models import IncrementalDecoder, ServedModel
+from services.gateway.resume import Key, ResumeStore
 from services.gateway.settings import GatewaySettings
 from services.gateway.triton_stream import EngineClient, EngineRequest, TritonStreamError
+from services.gateway.usage import UsageRecord
+
+__all__ = [
+    "CHAT_ROLES",
+    "ChatMessage",
+    "Completion",
+    "Delta",
+    "Event",
+    "FinishReason",
+    "GatewayCore",
+    "GenerationRequest",
+    "Priority",
+    "Sampling",
+    "StopMatcher",
+    "UsageSink",
+    "outcome_label",
+    "request_digest",
+]
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("llmmesh.gateway")
@@ -75,7 +105,11 @@ _DURATION = Histogram(
     ["model"],
     buckets=_LATENCY_BUCKETS,
 )
-_REQUESTS = Counter("llmmesh_gateway_requests_total", "Requests by outcome.", ["model", "outcome"])
+# tenant: the authenticated tenant (names from the tenants file: bounded), "" without
+# authentication (never the client's `user` hint).
+_REQUESTS = Counter(
+    "llmmesh_gateway_requests_total", "Requests by outcome.", ["model", "outcome", "tenant"]
+)
 _TOKENS = Counter("llmmesh_gateway_tokens_total", "Tokens processed.", ["model", "kind"])
 _IN_FLIGHT = Gauge("llmmesh_gateway_in_flight_requests", "Requests being served.", ["model"])
 # Tenant labels come from the tenants file only (bounded); nothing when authentication is off.
@@ -90,7 +124,7 @@ _RATE_LIMITED = Counter(
 def outcome_label(err: ServiceError) -> str:
     """Bounded label set for `llmmesh_gateway_requests_total{outcome}` (dashboards and SLO rules
     count success, cancelled and invalid as good)."""
-    if isinstance(err, InvalidArgument | NotFound):
+    if isinstance(err, InvalidArgument | NotFound | RequestIdConflict):
         return "invalid"
     if isinstance(err, Unauthenticated):
         return "unauthenticated"
@@ -118,11 +152,6 @@ _PRIORITY_OF_CLASS = {
     PriorityClass.STANDARD: Priority.STANDARD,
     PriorityClass.BATCH: Priority.BATCH,
 }
-
-
-class FinishReason(enum.Enum):
-    STOP = "stop"
-    LENGTH = "length"
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,30 +189,42 @@ class GenerationRequest:
     tenant: str = ""
     # Bearer token from the client (HTTP Authorization / gRPC `authorization` metadata).
     api_key: str | None = field(default=None, repr=False)
+    # The client chose `request_id`: it is an idempotency key (resume.py).
+    keyed: bool = False
+    # Resume a keyed generation after this completion token offset (gRPC `resume_from`,
+    # HTTP `Last-Event-ID` / `x-resume-from`).
+    resume_from: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Delta:
-    text: str
-    token_ids: list[int]
-    offset: int
-    finish_reason: FinishReason | None = None
+def request_digest(req: GenerationRequest) -> str:
+    """Identity of a request body for idempotency: what decides the generated tokens (model,
+    prompt, sampling), not how they are delivered (stream, priority, deadline)."""
+    sp = req.sampling
+    canonical = {
+        "model": req.model,
+        "prompt_text": req.prompt_text,
+        "prompt_ids": None if req.prompt_ids is None else list(req.prompt_ids),
+        "messages": None if req.messages is None else [[m.role, m.content] for m in req.messages],
+        "sampling": [sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, list(sp.stop), sp.seed],
+    }
+    data = json.dumps(canonical, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return hashlib.sha256(data.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-@dataclass(frozen=True, slots=True)
-class Completion:
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    cached_prompt_tokens: int
-    queue_ms: float
-    ttft_ms: float
-    total_ms: float
-    mean_itl_ms: float
-    replica_id: str
+class UsageSink(Protocol):
+    def submit(self, record: UsageRecord) -> None: ...
 
 
-Event = Delta | Completion
+@dataclass(slots=True)
+class _Progress:
+    """What a generation got to, for its usage record whatever way it ends."""
+
+    tenant: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    first_token_s: float | None = None
+    replica: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,14 +279,22 @@ class GatewayCore:
         triton: EngineClient,
         block_size: int,
         auth: Authenticator | None = None,
+        usage: UsageSink | None = None,
     ) -> None:
         self._settings = settings
         self._auth = auth
+        self._usage = usage
         self._block_size = block_size
         self._models = {m.name: m for m in models}
         self._orch = orchestrator
         self._triton = triton
         self._background: set[asyncio.Task[None]] = set()
+        self._resume = ResumeStore(
+            retention_s=settings.resume_retention_s,
+            grace_s=settings.resume_grace_s,
+            max_entries=settings.resume_max_entries,
+            max_tokens=settings.resume_max_tokens,
+        )
 
     def models(self) -> list[ServedModel]:
         return list(self._models.values())
@@ -256,14 +305,16 @@ class GatewayCore:
         return None if self._auth is None else self._auth.authenticate(api_key)
 
     # -- validation -------------------------------------------------------------------------
+    def _check_request_id(self, request_id: str) -> None:
+        limit = self._settings.max_request_id_chars
+        if len(request_id) > limit:
+            raise InvalidRequest(f"longer than {limit} characters", field="request_id")
+        if not request_id.isprintable():
+            raise InvalidRequest("must be printable characters", field="request_id")
+
     def validate(self, req: GenerationRequest) -> _Validated:
         s = self._settings
-        if len(req.request_id) > s.max_request_id_chars:
-            raise InvalidRequest(
-                f"longer than {s.max_request_id_chars} characters", field="request_id"
-            )
-        if not req.request_id.isprintable():
-            raise InvalidRequest("must be printable characters", field="request_id")
+        self._check_request_id(req.request_id)
         model = self._models.get(req.model)
         if model is None:
             if not req.model:
@@ -369,11 +420,62 @@ class GatewayCore:
     async def generate(
         self, req: GenerationRequest, timeout_s: float | None
     ) -> AsyncGenerator[Event, None]:
+        """The request's events. Keyed requests go through the idempotency store (attach to the
+        generation under their id, or start it); others generate directly."""
+        events = (
+            self._generate_keyed(req, timeout_s)
+            if req.keyed or req.resume_from is not None
+            else self._generate_once(req, timeout_s)
+        )
+        async with contextlib.aclosing(events):
+            async for ev in events:
+                yield ev
+
+    def _reserve(self, req: GenerationRequest) -> int:
+        """Completion tokens a keyed generation may produce: its max_tokens bound."""
+        model = self._models.get(req.model)
+        if model is None:
+            return 1  # fails validation before producing anything
+        ms = model.settings
+        wanted = req.sampling.max_tokens
+        return max(
+            1, min(ms.default_max_tokens if wanted is None else wanted, ms.max_completion_tokens)
+        )
+
+    async def _generate_keyed(
+        self, req: GenerationRequest, timeout_s: float | None
+    ) -> AsyncGenerator[Event, None]:
+        start = time.perf_counter()
+        progress = _Progress()
+        try:
+            if not req.keyed:
+                raise InvalidRequest("needs a client-chosen request id", field="resume_from")
+            self._check_request_id(req.request_id)
+            tenant = self.authenticate(req.api_key)
+            progress.tenant = "" if tenant is None else tenant.name
+            gen, index = self._resume.open(
+                Key(progress.tenant, req.request_id),
+                request_digest(req),
+                req.resume_from,
+                self._reserve(req),
+                lambda: self._generate_once(req, timeout_s),
+            )
+        except ServiceError as err:
+            self._account(req, progress, outcome_label(err), start)
+            raise
+        async with contextlib.aclosing(gen.follow(index)) as events:
+            async for ev in events:
+                yield ev
+
+    async def _generate_once(
+        self, req: GenerationRequest, timeout_s: float | None
+    ) -> AsyncGenerator[Event, None]:
         start = time.perf_counter()
         deadline = start + (
             timeout_s if timeout_s is not None else self._settings.request_timeout_s
         )
         outcome = "error"
+        progress = _Progress()
         model_label = req.model if req.model in self._models else "unknown"
         _IN_FLIGHT.labels(model_label).inc()
         try:
@@ -384,8 +486,10 @@ class GatewayCore:
                     req = dataclasses.replace(
                         req, tenant=tenant.name, priority=_PRIORITY_OF_CLASS[tenant.priority]
                     )
+                    progress.tenant = tenant.name
                     span.set_attribute("llmmesh.tenant", tenant.name)
                 v = self.validate(req)
+                progress.prompt_tokens = len(v.prompt_ids)
                 limits = None if tenant is None else tenant.limits
                 if limits is not None:
                     try:
@@ -404,7 +508,9 @@ class GatewayCore:
                         span.set_attribute("llmmesh.replica", lease.replica.id)
                         started = False
                         try:
-                            async for ev in self._stream(req, v, lease, start, deadline, limits):
+                            async for ev in self._stream(
+                                req, v, lease, start, deadline, progress, limits
+                            ):
                                 started = True
                                 yield ev
                             break
@@ -427,8 +533,34 @@ class GatewayCore:
             raise
         finally:
             _IN_FLIGHT.labels(model_label).dec()
-            _REQUESTS.labels(model_label, outcome).inc()
-            _DURATION.labels(model_label).observe(time.perf_counter() - start)
+            self._account(req, progress, outcome, start)
+
+    def _account(
+        self, req: GenerationRequest, progress: _Progress, outcome: str, start: float
+    ) -> None:
+        """The request's metrics and usage record; once per request."""
+        model_label = req.model if req.model in self._models else "unknown"
+        duration_s = time.perf_counter() - start
+        _REQUESTS.labels(model_label, outcome, progress.tenant).inc()
+        _DURATION.labels(model_label).observe(duration_s)
+        if self._usage is not None:
+            self._usage.submit(
+                UsageRecord(
+                    time=time.time(),
+                    request_id=req.request_id,
+                    tenant=progress.tenant,
+                    model=model_label,
+                    outcome=outcome,
+                    prompt_tokens=progress.prompt_tokens,
+                    completion_tokens=progress.completion_tokens,
+                    cached_prompt_tokens=progress.cached_prompt_tokens,
+                    ttft_ms=None
+                    if progress.first_token_s is None
+                    else (progress.first_token_s - start) * 1000,
+                    duration_ms=duration_s * 1000,
+                    replica=progress.replica,
+                )
+            )
 
     async def _admit(
         self, req: GenerationRequest, v: _Validated, deadline: float
@@ -460,9 +592,11 @@ class GatewayCore:
         lease: orch_pb.AdmitResponse,
         start: float,
         deadline: float,
+        progress: _Progress,
         limits: TenantLimits | None = None,
     ) -> AsyncIterator[Event]:
         replica = lease.replica
+        progress.replica = replica.id
         model = v.model
         decoder = IncrementalDecoder(model)
         stops = StopMatcher(v.stop)
@@ -511,7 +645,7 @@ class GatewayCore:
                         if ids:
                             now = time.perf_counter()
                             if first_at is None:
-                                first_at = now
+                                first_at = progress.first_token_s = now
                                 _TTFT.labels(model.name).observe(now - start)
                             else:
                                 gap = (now - last_at) / len(ids)
@@ -521,6 +655,7 @@ class GatewayCore:
                             last_at = now
                             offset = completion_tokens
                             completion_tokens += len(ids)
+                            progress.completion_tokens = completion_tokens
                             text, stopped = stops.feed(decoder.push(ids))
                             if stopped:
                                 finish = FinishReason.STOP
@@ -564,6 +699,7 @@ class GatewayCore:
                 error,
             )
             _TOKENS.labels(model.name, "completion").inc(completion_tokens)
+            progress.cached_prompt_tokens = min(cached_blocks * self._block_size, len(v.prompt_ids))
         yield Completion(
             finish_reason=finish,
             prompt_tokens=len(v.prompt_ids),
@@ -618,3 +754,9 @@ class GatewayCore:
     async def drain_background(self) -> None:
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def close(self) -> None:
+        """After the fronts drained: cancel keyed generations nobody follows any more (their
+        grace periods), then wait for every lease report."""
+        await self._resume.close()
+        await self.drain_background()

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from llmmesh.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+import grpc
+
+from llmmesh.common.errors import (
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+)
 
 if TYPE_CHECKING:
     from services.gateway.limits import RateLimitSnapshot
@@ -44,3 +52,14 @@ class RateLimited(ResourceExhausted):
         super().__init__(message, retry_after_s=retry_after_s)
         self.limit = limit  # "requests" | "tokens"
         self.snapshot = snapshot
+
+
+class RequestIdConflict(ServiceError):
+    """A client request id (idempotency key) reused for a different request body."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    http_status = 409
+
+
+class ResumeStoreFull(ResourceExhausted):
+    """The idempotency store cannot hold another keyed generation (services/gateway/resume.py)."""

@@ -11,18 +11,29 @@ streaming, metrics) happens in the core, exactly as for gRPC.
 - Request headers: `x-request-id` (echoed; generated when absent), `x-request-timeout` (seconds,
   the request's deadline, as `grpc-timeout` is for gRPC; the gateway default otherwise),
   `traceparent`/`tracestate` (W3C trace context).
+- `Idempotency-Key`, or a client-sent `x-request-id` (unless `http_request_id_is_key` is off:
+  behind Envoy, which stamps x-request-id on every request), is the request id and an
+  idempotency key (`resume.py`): resending the request re-attaches to the same generation (a
+  non-streaming retry gets the same completion); the same key with a different body is 409
+  `request_id_conflict`. Streams of keyed requests carry
+  `id: <completion tokens sent so far>` on every event, so a reconnecting client resumes with
+  the standard `Last-Event-ID` header (or `x-resume-from`, same meaning): the stream continues
+  after that offset, without the opening role chunk. A resume the gateway can no longer serve
+  is 404.
 - Streaming (`"stream": true`): Server-Sent Events, `data: {chunk}\\n\\n` ... `data: [DONE]\\n\\n`.
   Response headers are sent with the first token, so admission errors (429, 503, ...) keep
   their status; an error after that is sent as a `data: {"error": ...}` event and the stream
   ends without `[DONE]`.
 - A client disconnect cancels the handler (`handler_cancellation`), which closes the core's
-  event stream: the Triton request is cancelled and the lease completed as cancelled.
+  event stream: without `x-request-id` the Triton request is cancelled and the lease completed
+  as cancelled at once; with one, after the resume grace period unless a retry re-attached.
 - Bodies larger than `http_max_body_bytes` get 413 without being read further.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -59,6 +70,10 @@ log = logging.getLogger(__name__)
 
 TIMEOUT_HEADER = "x-request-timeout"
 REQUEST_ID_HEADER = "x-request-id"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+LAST_EVENT_ID_HEADER = "Last-Event-ID"
+RESUME_HEADER = "x-resume-from"
+_MAX_OFFSET_DIGITS = 10
 _JSON = "application/json"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -90,6 +105,19 @@ def parse_timeout(value: str | None) -> float | None:
     if not (math.isfinite(seconds) and seconds > 0):
         raise InvalidRequest("must be a positive number of seconds", field=TIMEOUT_HEADER)
     return seconds
+
+
+def parse_resume(value: str | None) -> int | None:
+    """`Last-Event-ID` / `x-resume-from`: a completion token offset (decimal, >= 0)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not (value.isascii() and value.isdigit() and len(value) <= _MAX_OFFSET_DIGITS):
+        raise InvalidRequest(
+            "must be a completion token offset (the id of the last event received)",
+            field="resume_from",
+        )
+    return int(value)
 
 
 @web.middleware
@@ -176,12 +204,18 @@ class OpenAIHttpFront:
     # -- generation -------------------------------------------------------------------------
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         created = int(time.time())
-        request_id = request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        supplied_id = request.headers.get(IDEMPOTENCY_HEADER)
+        if not supplied_id and self._settings.http_request_id_is_key:
+            supplied_id = request.headers.get(REQUEST_ID_HEADER)
+        request_id = supplied_id or request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         if not (request_id.isascii() and request_id.isprintable()):
             return error_response(InvalidRequest("must be printable ASCII", field="request_id"))
         request_id_var.set(request_id)
         try:
             timeout_s = parse_timeout(request.headers.get(TIMEOUT_HEADER))
+            resume_from = parse_resume(
+                request.headers.get(LAST_EVENT_ID_HEADER, request.headers.get(RESUME_HEADER))
+            )
             try:
                 body = await request.read()
             except web.HTTPRequestEntityTooLarge:
@@ -195,6 +229,13 @@ class OpenAIHttpFront:
             parse = parse_chat_request if kind is Kind.CHAT else parse_completion_request
             api_key = bearer_token(request.headers.get("Authorization"))
             oreq = parse(body, request_id=request_id, api_key=api_key)
+            if supplied_id or resume_from is not None:
+                oreq = dataclasses.replace(
+                    oreq,
+                    generation=dataclasses.replace(
+                        oreq.generation, keyed=bool(supplied_id), resume_from=resume_from
+                    ),
+                )
         except ServiceError as err:
             return error_response(err, None, request_id)
         token = otel_context.attach(
@@ -261,13 +302,16 @@ class OpenAIHttpFront:
             },
         )
         await resp.prepare(request)
+        gen = oreq.generation
+        ids = gen.keyed
         try:
-            for chunk in shapes.opening_chunks():
-                await resp.write(sse(chunk))
-            await self._write_event(resp, shapes, first)
+            if gen.resume_from is None:
+                for chunk in shapes.opening_chunks():
+                    await resp.write(sse(chunk, 0 if ids else None))
+            await self._write_event(resp, shapes, first, ids)
             try:
                 async for ev in events:
-                    await self._write_event(resp, shapes, ev)
+                    await self._write_event(resp, shapes, ev, ids)
             except ServiceError as err:
                 _, body = error_body(err, oreq)
                 await resp.write(sse(body))
@@ -281,10 +325,13 @@ class OpenAIHttpFront:
         return resp
 
     @staticmethod
-    async def _write_event(resp: web.StreamResponse, shapes: Shapes, ev: Event) -> None:
+    async def _write_event(resp: web.StreamResponse, shapes: Shapes, ev: Event, ids: bool) -> None:
+        """Deltas without text (a character still incomplete) are not sent: the next one's
+        event id covers their tokens."""
         if isinstance(ev, Delta):
             if ev.text:
-                await resp.write(sse(shapes.text_chunk(ev.text)))
+                await resp.write(sse(shapes.text_chunk(ev.text), ev.end if ids else None))
         else:
+            event_id = ev.completion_tokens if ids else None
             for chunk in shapes.closing_chunks(ev):
-                await resp.write(sse(chunk))
+                await resp.write(sse(chunk, event_id))

@@ -40,6 +40,7 @@ from services.gateway.errors import (
     InvalidRequest,
     ModelNotFound,
     RateLimited,
+    RequestIdConflict,
 )
 from services.gateway.limits import RateLimitSnapshot
 from services.gateway.models import ServedModel
@@ -459,6 +460,8 @@ def openai_param(field: str | None, request: OpenAIRequest | None) -> str | None
         return None
     if field == "request_id":
         return "x-request-id"
+    if field == "resume_from":
+        return "last-event-id"
     if field == "prompt" or field.startswith("prompt."):
         return "messages" if request is not None and request.kind is Kind.CHAT else "prompt"
     if field == "sampling.max_tokens":
@@ -473,6 +476,8 @@ def error_code(err: ServiceError) -> str | None:
         return "context_length_exceeded"
     if isinstance(err, ModelNotFound):
         return "model_not_found"
+    if isinstance(err, RequestIdConflict):
+        return "request_id_conflict"
     if isinstance(err, Unauthenticated):
         return "invalid_api_key"
     if isinstance(err, ResourceExhausted):
@@ -647,8 +652,12 @@ class Shapes:
         return out
 
 
-def sse(obj: Mapping[str, Any]) -> bytes:
-    return b"data: " + dumps(obj) + b"\n\n"
+def sse(obj: Mapping[str, Any], event_id: int | None = None) -> bytes:
+    """One Server-Sent Event; `event_id` (the completion token offset reached) lets a
+    reconnecting client resume with `Last-Event-ID`."""
+    if event_id is None:
+        return b"data: " + dumps(obj) + b"\n\n"
+    return b"id: %d\ndata: %s\n\n" % (event_id, dumps(obj))
 
 
 SSE_DONE = b"data: [DONE]\n\n"

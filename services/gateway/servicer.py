@@ -87,6 +87,8 @@ def request_from_pb(request: pb.GenerateRequest, api_key: str | None = None) -> 
         ),
         priority=_PRIORITY.get(request.priority, Priority.STANDARD),
         api_key=api_key,
+        keyed=bool(request.request_id),
+        resume_from=request.resume_from if request.HasField("resume_from") else None,
     )
 
 

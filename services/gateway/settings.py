@@ -100,3 +100,56 @@ class GatewaySettings(ServiceSettings):
             "Unset: authentication and per-tenant limits are off."
         ),
     )
+    http_request_id_is_key: bool = Field(
+        default=True,
+        description=(
+            "Whether an HTTP client's x-request-id is an idempotency key (as `Idempotency-Key` "
+            "always is). Turn off behind Envoy/Istio, which sets x-request-id on every request."
+        ),
+    )
+    resume_retention_s: float = Field(
+        default=60.0,
+        ge=0,
+        description=(
+            "How long a finished generation with a client request id stays resumable "
+            "(same id and body: replayed, not generated again)."
+        ),
+    )
+    resume_grace_s: float = Field(
+        default=10.0,
+        ge=0,
+        description=(
+            "How long a generation with a client request id keeps running after its last "
+            "client disconnected, waiting for a retry to re-attach; then it is cancelled."
+        ),
+    )
+    resume_max_entries: int = Field(
+        default=10_000,
+        gt=0,
+        description="Most generations (running and finished) held for request-id retries.",
+    )
+    resume_max_tokens: int = Field(
+        default=1_000_000,
+        gt=0,
+        description=(
+            "Most completion tokens held for request-id retries (about 210 bytes each when the "
+            "engine streams one token per response; a running generation reserves its "
+            "max_tokens); when full, finished ones are evicted oldest first, then new keyed "
+            "requests get RESOURCE_EXHAUSTED."
+        ),
+    )
+    usage_log_path: Path | None = Field(
+        default=None,
+        description=(
+            "Append-only JSON-lines usage log, one record per finished request "
+            "(services/gateway/usage.py). Unset: no log (the metrics are kept either way)."
+        ),
+    )
+    usage_queue_size: int = Field(
+        default=10_000,
+        gt=0,
+        description=(
+            "Usage records waiting for the log writer; beyond it records are left out of the "
+            "log and counted as dropped (never blocking a request)."
+        ),
+    )

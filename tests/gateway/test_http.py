@@ -18,7 +18,8 @@ import pytest_asyncio
 from llmmesh.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from services.gateway.auth import Authenticator, TenantsFile, hash_key
 from services.gateway.core import GatewayCore
-from services.gateway.http import OpenAIHttpFront, parse_timeout
+from services.gateway.errors import InvalidRequest
+from services.gateway.http import OpenAIHttpFront, parse_resume, parse_timeout
 from services.gateway.models import ServedModel
 from services.gateway.settings import GatewaySettings, ModelSettings
 from services.gateway.triton_stream import EngineChunk, EngineRequest, TritonStreamError
@@ -377,5 +378,116 @@ async def test_tenant_over_its_limit_gets_429_with_ratelimit_headers(
             err = (await r.json())["error"]
             assert (err["type"], err["code"]) == ("rate_limit_error", "rate_limit_exceeded")
         assert [a.tenant for a in f.orch.admits] == ["acme", "acme"]
+    finally:
+        await f.front.stop()
+
+
+# -- idempotency keys and SSE resume --------------------------------------------------------
+
+
+async def serve_with(model: ServedModel, engine: ScriptedEngine, **settings: Any) -> Front:
+    orch = FakeOrchestrator()
+    s = GatewaySettings(models=[model.settings], http_port=0, drain_seconds=5, **settings)
+    core = GatewayCore(s, [model], cast(Any, orch), engine, 32)
+    front = OpenAIHttpFront(core, s)
+    await front.start()
+    return Front(front, orch)
+
+
+def split_events(raw: str) -> list[tuple[int | None, str]]:
+    out: list[tuple[int | None, str]] = []
+    for event in raw.split("\n\n")[:-1]:
+        lines = event.split("\n")
+        event_id = int(lines[0].removeprefix("id: ")) if lines[0].startswith("id: ") else None
+        out.append((event_id, lines[-1].removeprefix("data: ")))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, None),
+        ("0", 0),
+        ("17", 17),
+        (" 5 ", 5),
+        ("-1", "err"),
+        ("x", "err"),
+        ("1" * 11, "err"),
+    ],
+)
+def test_parse_resume(value: str | None, expected: int | str | None) -> None:
+    if expected == "err":
+        with pytest.raises(InvalidRequest) as info:
+            parse_resume(value)
+        assert info.value.field == "resume_from"
+    else:
+        assert parse_resume(value) == expected
+
+
+@pytest.mark.parametrize("header", ["x-request-id", "Idempotency-Key"])
+async def test_keyed_stream_has_event_ids_and_resumes_from_last_event_id(
+    model: ServedModel, session: aiohttp.ClientSession, header: str
+) -> None:
+    ids = model.encode(" one two three four five")
+    engine = ScriptedEngine(ids)
+    f = await serve_with(model, engine)
+    try:
+        url = f"{f.url}/v1/completions"
+        req = body(max_tokens=len(ids), stream=True)
+        async with session.post(url, json=req, headers={header: "k-1"}) as r:
+            assert r.headers["x-request-id"] == "k-1"
+            full = split_events((await r.read()).decode())
+        assert full[-1] == (None, "[DONE]")
+        numbered = [e for e in full if e[0] is not None]
+        assert [e[0] for e in numbered] == sorted(e[0] for e in numbered if e[0] is not None)
+        assert numbered[-1][0] == len(ids)
+        cut = numbered[1][0]
+        assert cut is not None
+        resumed_headers = {header: "k-1", "Last-Event-ID": str(cut)}
+        async with session.post(url, json=req, headers=resumed_headers) as r:
+            rest = split_events((await r.read()).decode())
+        assert rest == full[2:]
+        assert len(engine.requests) == 1
+    finally:
+        await f.front.stop()
+
+
+async def test_x_request_id_is_no_key_when_the_setting_is_off(
+    model: ServedModel, session: aiohttp.ClientSession
+) -> None:
+    ids = model.encode(" one two")
+    engine = ScriptedEngine(ids)
+    f = await serve_with(model, engine, http_request_id_is_key=False)
+    try:
+        url = f"{f.url}/v1/completions"
+        for prompt in ("Hello", "Other"):  # another body under the same id is no conflict
+            req = body(prompt=prompt, max_tokens=len(ids), stream=True)
+            async with session.post(url, json=req, headers={"x-request-id": "envoy-1"}) as r:
+                assert r.status == 200
+                assert r.headers["x-request-id"] == "envoy-1"
+                assert (await r.read()).startswith(b"data: ")  # no event ids
+        assert len(engine.requests) == 2
+        async with session.post(
+            url, json=body(max_tokens=2), headers={"x-request-id": "envoy-1", "Last-Event-ID": "1"}
+        ) as r:
+            assert r.status == 400
+            assert (await r.json())["error"]["param"] == "last-event-id"
+    finally:
+        await f.front.stop()
+
+
+async def test_conflicting_body_is_409(model: ServedModel, session: aiohttp.ClientSession) -> None:
+    ids = model.encode(" one")
+    f = await serve_with(model, ScriptedEngine(ids))
+    try:
+        url = f"{f.url}/v1/completions"
+        headers = {"Idempotency-Key": "k-2"}
+        async with session.post(url, json=body(max_tokens=1), headers=headers) as r:
+            assert r.status == 200
+        async with session.post(url, json=body(max_tokens=1, seed=3), headers=headers) as r:
+            assert r.status == 409
+            err = (await r.json())["error"]
+        assert err["code"] == "request_id_conflict"
+        assert err["type"] == "invalid_request_error"
     finally:
         await f.front.stop()

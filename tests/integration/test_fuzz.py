@@ -212,7 +212,9 @@ async def check_http_answer(resp: aiohttp.ClientResponse) -> None:
         assert events[-1] == "", raw[-200:]
         assert events[-2] == "data: [DONE]", raw[-500:]
         for e in events[:-2]:
-            assert "error" not in json.loads(e.removeprefix("data: "))
+            # Streams of keyed requests (x-request-id) carry an `id:` line per event.
+            data = e.split("\n")[-1] if e.startswith("id: ") else e
+            assert "error" not in json.loads(data.removeprefix("data: "))
     else:
         body = json.loads(raw)
         assert body["choices"][0]["finish_reason"] in ("stop", "length")
@@ -283,6 +285,8 @@ _OK_CODES = {
     grpc.StatusCode.OK,
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.NOT_FOUND,
+    # A request id drawn again with another body: the id is an idempotency key.
+    grpc.StatusCode.ALREADY_EXISTS,
 }
 
 

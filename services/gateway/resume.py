@@ -1,0 +1,333 @@
+"""Idempotent request ids: re-attach to a running or recently finished generation.
+
+A client-chosen request id is an idempotency key within its tenant (the authenticated tenant;
+"" when authentication is off, so then every client shares one key space). Per key the store
+holds the digest of the request body and the generation's event log:
+
+- same key, same digest: attach. The log is replayed from the requested token offset, then the
+  live generation is followed; nothing is generated again.
+- same key, different digest: `RequestIdConflict` (gRPC ALREADY_EXISTS, HTTP 409).
+- unknown key with a positive resume offset: `NOT_FOUND` (expired, evicted or never seen);
+  without one: a fresh generation under that key.
+
+Lifetime:
+- A running generation outlives its last subscriber by `grace_s`; if nobody re-attaches within
+  it, it is cancelled (its lease completed as cancelled) and forgotten.
+- A generation that fails or is cancelled is forgotten at once: retrying its id starts afresh.
+- A finished generation is kept `retention_s` after it finished, then forgotten.
+
+Bounds: at most `max_entries` entries and `max_tokens` completion tokens. A new generation
+reserves its `max_tokens` when it starts (shrunk to what it produced when it finishes), so a
+running one never outgrows its share. Room is made by evicting finished entries, oldest first;
+when that is not enough the keyed request is refused with `ResumeStoreFull` (RESOURCE_EXHAUSTED,
+retry-after), never served unkeyed: the client relies on its id not to generate twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+
+from prometheus_client import Counter, Gauge
+
+from llmmesh.common.errors import Cancelled, Internal, NotFound, ServiceError
+from services.gateway.errors import InvalidRequest, RequestIdConflict, ResumeStoreFull
+from services.gateway.events import Delta, Event
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+EventSource = Callable[[], AsyncGenerator[Event, None]]
+
+# Retry-after for a full store: finished entries age out and running ones finish continuously.
+FULL_RETRY_AFTER_S = 1.0
+
+_REQUESTS = Counter(
+    "llmmesh_gateway_resume_requests_total",
+    "Keyed requests by what the idempotency store did (new, attached, replayed, conflict, "
+    "not_found, full).",
+    ["result"],
+)
+_EVICTIONS = Counter(
+    "llmmesh_gateway_resume_evictions_total",
+    "Generations forgotten by the idempotency store (expired, capacity, abandoned).",
+    ["reason"],
+)
+_ENTRIES = Gauge("llmmesh_gateway_resume_entries", "Generations held by the idempotency store.")
+_TOKENS = Gauge(
+    "llmmesh_gateway_resume_tokens",
+    "Completion tokens held or reserved by the idempotency store.",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Key:
+    tenant: str
+    request_id: str
+
+
+class Generation:
+    """One keyed generation: its event log, its producer task and its subscribers."""
+
+    def __init__(self, store: ResumeStore, key: Key, digest: str, reserved: int):
+        self.key = key
+        self.digest = digest
+        self.reserved = reserved
+        self.events: list[Event] = []
+        self.tokens = 0
+        self.done = False
+        self.error: ServiceError | None = None
+        self.finished_at: float | None = None
+        self._store = store
+        self._subscribers = 0
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._grace: asyncio.TimerHandle | None = None
+
+    @property
+    def subscribers(self) -> int:
+        return self._subscribers
+
+    # -- producer ---------------------------------------------------------------------------
+    def start(self, source: EventSource) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._produce(source()))
+        self._task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        # A task cancelled before it ever ran never reached _end in _produce.
+        if not self.done:
+            self._end(Cancelled("the generation was cancelled"))
+
+    async def _produce(self, events: AsyncGenerator[Event, None]) -> None:
+        try:
+            async with contextlib.aclosing(events):
+                async for ev in events:
+                    self.events.append(ev)
+                    if isinstance(ev, Delta):
+                        self.tokens += len(ev.token_ids)
+                    self._notify()
+        except ServiceError as err:
+            self._end(err)
+        except asyncio.CancelledError:
+            self._end(Cancelled("the generation was cancelled"))
+            raise
+        except Exception:
+            log.exception("keyed generation failed", extra={"request_id": self.key.request_id})
+            self._end(Internal("the generation failed"))
+        else:
+            self._end(None)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _end(self, error: ServiceError | None) -> None:
+        self.done = True
+        self.error = error
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+        self._store._ended(self)
+        self._notify()
+
+    def cancel(self) -> asyncio.Task[None] | None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            return self._task
+        return None
+
+    # -- subscribers ------------------------------------------------------------------------
+    def start_index(self, resume_from: int | None) -> int:
+        """Index in the log of the first event after token offset `resume_from`: 0, or the end
+        of a delta already produced."""
+        if not resume_from:
+            return 0
+        for i, ev in enumerate(self.events):
+            if isinstance(ev, Delta) and ev.end == resume_from:
+                return i + 1
+        raise InvalidRequest(
+            f"{resume_from} is not the end of a delta of this generation "
+            f"({self.tokens} tokens generated so far)",
+            field="resume_from",
+        )
+
+    async def follow(self, start: int) -> AsyncGenerator[Event, None]:
+        """The log from `start`, then live events until the generation ends; its error, if
+        any, is raised after the events produced before it."""
+        self._attach()
+        try:
+            i = start
+            while True:
+                while i < len(self.events):
+                    yield self.events[i]
+                    i += 1
+                if self.done:
+                    if self.error is not None:
+                        raise self.error
+                    return
+                await self._changed.wait()
+        finally:
+            self._detach()
+
+    def _attach(self) -> None:
+        self._subscribers += 1
+        if self._grace is not None:
+            self._grace.cancel()
+            self._grace = None
+
+    def _detach(self) -> None:
+        self._subscribers -= 1
+        if self._subscribers == 0 and not self.done:
+            self._grace = asyncio.get_running_loop().call_later(self._store.grace_s, self._abandon)
+
+    def _abandon(self) -> None:
+        self._grace = None
+        if self._subscribers == 0 and not self.done:
+            # Forgotten first: a retry from now on starts a fresh generation rather than
+            # attaching to one being cancelled.
+            self._store._forget(self)
+            self.cancel()
+            _EVICTIONS.labels("abandoned").inc()
+
+
+class ResumeStore:
+    """Keyed generations, bounded by entries and tokens (module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        retention_s: float,
+        grace_s: float,
+        max_entries: int,
+        max_tokens: int,
+        clock: Clock = time.monotonic,
+    ):
+        self.retention_s = retention_s
+        self.grace_s = grace_s
+        self.max_entries = max_entries
+        self.max_tokens = max_tokens
+        self._clock = clock
+        self._entries: dict[Key, Generation] = {}
+        # Finished entries in the order they finished: expiry and eviction order.
+        self._finished: OrderedDict[Key, Generation] = OrderedDict()
+        self._tokens = 0
+
+    @property
+    def entries(self) -> int:
+        return len(self._entries)
+
+    @property
+    def tokens(self) -> int:
+        """Completion tokens held (finished entries) plus reserved (running ones)."""
+        return self._tokens
+
+    def get(self, key: Key) -> Generation | None:
+        self.sweep()
+        return self._entries.get(key)
+
+    def open(
+        self,
+        key: Key,
+        digest: str,
+        resume_from: int | None,
+        reserve_tokens: int,
+        source: EventSource,
+    ) -> tuple[Generation, int]:
+        """The generation for `key` and the log index to follow it from, starting `source`
+        when the key is new. Raises RequestIdConflict, NotFound, InvalidRequest (bad offset) or
+        ResumeStoreFull."""
+        self.sweep()
+        gen = self._entries.get(key)
+        if gen is not None:
+            if not hmac.compare_digest(gen.digest, digest):
+                _REQUESTS.labels("conflict").inc()
+                raise RequestIdConflict(
+                    "already used for a different request (model, prompt or sampling differ); "
+                    "use a new id for a new request",
+                    field="request_id",
+                )
+            start = gen.start_index(resume_from)
+            _REQUESTS.labels("replayed" if gen.done else "attached").inc()
+            return gen, start
+        if resume_from:
+            _REQUESTS.labels("not_found").inc()
+            raise NotFound(
+                "no generation with this id to resume (finished longer ago than the "
+                "retention, evicted, or never started); send the request without a resume "
+                "offset to generate again",
+                field="resume_from",
+            )
+        self._make_room(reserve_tokens)
+        gen = Generation(self, key, digest, reserve_tokens)
+        self._entries[key] = gen
+        self._tokens += reserve_tokens
+        self._publish()
+        gen.start(source)
+        _REQUESTS.labels("new").inc()
+        return gen, 0
+
+    def _make_room(self, tokens: int) -> None:
+        def fits() -> bool:
+            return (
+                len(self._entries) < self.max_entries and self._tokens + tokens <= self.max_tokens
+            )
+
+        while not fits() and self._finished:
+            _, oldest = self._finished.popitem(last=False)
+            self._forget(oldest)
+            _EVICTIONS.labels("capacity").inc()
+        if not fits():
+            _REQUESTS.labels("full").inc()
+            raise ResumeStoreFull(
+                f"the idempotency store is full ({len(self._entries)} generations, "
+                f"{self._tokens} tokens held); retry later, or send no request id",
+                retry_after_s=FULL_RETRY_AFTER_S,
+            )
+
+    def sweep(self) -> None:
+        """Forget finished entries older than the retention."""
+        horizon = self._clock() - self.retention_s
+        while self._finished:
+            oldest = next(iter(self._finished.values()))
+            assert oldest.finished_at is not None
+            if oldest.finished_at > horizon:
+                break
+            self._finished.popitem(last=False)
+            self._forget(oldest)
+            _EVICTIONS.labels("expired").inc()
+
+    def _ended(self, gen: Generation) -> None:
+        if self._entries.get(gen.key) is not gen:
+            return
+        if gen.error is not None:
+            self._forget(gen)
+            return
+        gen.finished_at = self._clock()
+        self._tokens += gen.tokens - gen.reserved
+        gen.reserved = gen.tokens
+        self._finished[gen.key] = gen
+        self._publish()
+
+    def _forget(self, gen: Generation) -> None:
+        if self._entries.get(gen.key) is gen:
+            del self._entries[gen.key]
+            self._finished.pop(gen.key, None)
+            self._tokens -= gen.reserved
+            self._publish()
+
+    def _publish(self) -> None:
+        _ENTRIES.set(len(self._entries))
+        _TOKENS.set(self._tokens)
+
+    async def close(self) -> None:
+        """Cancel the generations still running (after the fronts drained: nobody follows
+        them) and wait for them to end."""
+        tasks = [t for t in (g.cancel() for g in list(self._entries.values())) if t is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)

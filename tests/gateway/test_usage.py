@@ -1,0 +1,126 @@
+"""Usage records: the JSON-lines log (bounded queue, drops counted, fsync on close) and the
+core's one record per request, keyed or not, over in-process fakes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from prometheus_client import REGISTRY
+
+from services.gateway.core import GatewayCore, GenerationRequest, Sampling
+from services.gateway.errors import RequestIdConflict
+from services.gateway.models import ServedModel
+from services.gateway.settings import GatewaySettings, ModelSettings
+from services.gateway.usage import UsageLog, UsageRecord
+from tests.gateway.test_streaming import MODEL, FakeEngine, FakeOrchestrator, chunk
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer_path: Path) -> ServedModel:
+    return ServedModel.load(ModelSettings(name=MODEL, tokenizer_path=tokenizer_path))
+
+
+def record(i: int) -> UsageRecord:
+    return UsageRecord(
+        time=1.0 + i,
+        request_id=f"r{i}",
+        tenant="acme",
+        model="m",
+        outcome="success",
+        prompt_tokens=3,
+        completion_tokens=i,
+        cached_prompt_tokens=0,
+        ttft_ms=1.5,
+        duration_ms=9.0,
+        replica="r0",
+    )
+
+
+def logged(result: str) -> float:
+    value = REGISTRY.get_sample_value("llmmesh_gateway_usage_log_records_total", {"result": result})
+    return value or 0.0
+
+
+async def test_log_appends_json_lines_and_keeps_everything_queued_on_close(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "usage" / "usage.jsonl"
+    path.parent.mkdir()
+    path.write_bytes(b'{"earlier": true}\n')  # append-only: never truncated
+    log = UsageLog(path, queue_size=1000)
+    await log.start()
+    for i in range(500):
+        log.submit(record(i))
+    await log.close()
+    lines = path.read_bytes().splitlines()
+    assert json.loads(lines[0]) == {"earlier": True}
+    rows = [json.loads(line) for line in lines[1:]]
+    assert [r["request_id"] for r in rows] == [f"r{i}" for i in range(500)]
+    assert rows[7]["completion_tokens"] == 7
+    assert rows[7]["tenant"] == "acme"
+
+
+async def test_a_full_queue_drops_and_counts_without_blocking(tmp_path: Path) -> None:
+    log = UsageLog(tmp_path / "usage.jsonl", queue_size=4)
+    await log.start()
+    dropped = logged("dropped")
+    # No await between the submits: the writer cannot run, the queue holds 4.
+    for i in range(10):
+        log.submit(record(i))
+    assert logged("dropped") == dropped + 6
+    await log.close()
+    assert len((tmp_path / "usage.jsonl").read_bytes().splitlines()) == 4
+    log.submit(record(99))  # after close: counted, not lost silently
+    assert logged("dropped") == dropped + 7
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.records: list[UsageRecord] = []
+
+    def submit(self, record: UsageRecord) -> None:
+        self.records.append(record)
+
+
+async def test_core_writes_one_record_per_generation(model: ServedModel) -> None:
+    ids = model.encode(" one two three")
+    engine = FakeEngine([[chunk(t) for t in ids] + [chunk(final=True)]])
+    orch = FakeOrchestrator()
+    sink = Sink()
+    core = GatewayCore(
+        GatewaySettings(models=[model.settings]),
+        [model],
+        cast(Any, orch),
+        engine,
+        32,
+        usage=sink,
+    )
+    req = GenerationRequest(
+        model=MODEL,
+        request_id="key-1",
+        prompt_text="Hello",
+        sampling=Sampling(max_tokens=len(ids)),
+        keyed=True,
+    )
+    first = [ev async for ev in core.generate(req, 10.0)]
+    again = [ev async for ev in core.generate(req, 10.0)]  # replayed, not generated
+    assert first == again
+    assert len(engine.requests) == 1
+    other = GenerationRequest(model=MODEL, request_id="key-1", prompt_text="Bye", keyed=True)
+    with pytest.raises(RequestIdConflict):
+        await anext(core.generate(other, 10.0))
+    await core.close()
+    assert [(r.request_id, r.outcome) for r in sink.records] == [
+        ("key-1", "success"),
+        ("key-1", "invalid"),
+    ]
+    ok = sink.records[0]
+    assert ok.prompt_tokens == len(model.encode("Hello"))
+    assert ok.completion_tokens == len(ids)
+    assert ok.ttft_ms is not None
+    assert 0 <= ok.ttft_ms <= ok.duration_ms
+    assert ok.replica == "r1"
+    assert len(orch.completes) == 1
