@@ -29,7 +29,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -313,6 +313,23 @@ class TritonServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop_sync()
+
+
+async def start_on_free_ports(
+    make: Callable[[], TritonServer], *, attempts: int = 3, ready_timeout_s: float = 120.0
+) -> TritonServer:
+    """Start a server built by `make` (which picks free ports each call) and return it ready.
+    A port that was free a moment before launch can be taken by another process before Triton
+    binds it, so a failed start is retried on new ports, `attempts` times in all."""
+    for attempt in range(attempts):
+        server = make()
+        try:
+            await server.start(ready_timeout_s)
+            return server
+        except TritonStartError:
+            if attempt == attempts - 1:
+                raise
+    raise ValueError(f"attempts must be positive, got {attempts}")
 
 
 # --------------------------------------------------------------------- CLI

@@ -5,14 +5,21 @@ Invariants:
   (Complete, or reclamation after `lease_timeout_s`).
 - A replica never holds more than `max_in_flight_per_replica` leases.
 - A waiter leaves the queue exactly once: granted a lease, timed out, cancelled, or failed
-  because no replica for its model remains healthy.
-- A replica is eligible iff its last readiness probe passed, it is not ejected, and it serves the
-  request's model, model version and a pool the prompt length fits (policy file).
+  because no replica for its model remains healthy (a waiter for a scale-from-zero pool instead
+  fails once its activation timeout passes with no replica ready).
+- A replica is eligible iff its last readiness probe passed, it is not ejected or draining, and it
+  serves the request's model, model version and a pool the prompt length fits (policy file).
+- The replica set is the static list plus DNS discovery (`sync_replicas`) plus registered
+  replicas (`register_replica`); discovery never removes a registered replica, and only
+  `deregister_replica` does.
+- Each queued request counts in `llmmesh_orchestrator_pool_queue_depth` under the pool and model
+  version it was attributed to when it entered the queue, until it leaves the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import enum
 import heapq
@@ -29,8 +36,15 @@ from typing import Protocol
 from prometheus_client import Counter, Gauge, Histogram
 
 from llmmesh.common.engine_metrics import EngineSample, fetch_metrics_text, parse_engine_metrics
-from services.orchestrator.errors import BadAdmission, NoReplicaReady, QueueFull, QueueTimeout
-from services.orchestrator.policy import Policy
+from services.orchestrator.errors import (
+    BadAdmission,
+    NoReplicaReady,
+    QueueFull,
+    QueueTimeout,
+    ReplicaConflict,
+    UnknownReplica,
+)
+from services.orchestrator.policy import Policy, ScaleFromZeroPolicy
 from services.orchestrator.prefix import NO_MATCHES, PrefixIndex, PrefixMatches
 from services.orchestrator.scheduling.contracts import ReplicaView, RequestView
 from services.orchestrator.scheduling.framework import Scheduler, build_profile
@@ -68,6 +82,16 @@ _PREFIX_HIT = Counter(
 _PROMPT_BLOCKS = Counter(
     "llmmesh_orchestrator_prompt_blocks_total", "Full prompt blocks routed.", ["replica"]
 )
+_POOL_QUEUE_DEPTH = Gauge(
+    "llmmesh_orchestrator_pool_queue_depth",
+    "Requests waiting for admission, by the pool (and model version) they would run in.",
+    ["pool", "model_version"],
+)
+_POOL_READY = Gauge(
+    "llmmesh_orchestrator_pool_ready_replicas",
+    "Replicas the orchestrator routes to (ready, not ejected, not draining).",
+    ["pool", "model_version"],
+)
 _EJECTIONS = Counter(
     "llmmesh_orchestrator_ejections_total",
     "Replicas ejected after repeated errors.",
@@ -104,6 +128,8 @@ class ReplicaState:
     spec: ReplicaSpec
     ready: bool = False  # last readiness probe passed
     removed: bool = False  # left the replica set; forgotten once its last lease ends
+    draining: bool = False  # DrainReplica: no new leases
+    registered: bool = False  # added by RegisterReplica; discovery leaves it alone
     in_flight: int = 0
     completed: int = 0
     failures: int = 0
@@ -119,6 +145,9 @@ class ReplicaState:
     def healthy(self, now: float) -> bool:
         return self.ready and not self.removed and not self.ejected(now)
 
+    def routable(self, now: float) -> bool:
+        return self.healthy(now) and not self.draining
+
 
 @dataclass(frozen=True, slots=True)
 class Lease:
@@ -126,6 +155,26 @@ class Lease:
     replica: ReplicaSpec
     queue_s: float
     granted_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    ready: bool  # the orchestrator's readiness probe passed: the replica receives work
+    created: bool  # the replica was not known before
+
+
+@dataclass(frozen=True, slots=True)
+class DrainResult:
+    in_flight: int
+    drained: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Activation:
+    """The scale-from-zero pool a request waits for when no replica can serve it."""
+
+    pool: str
+    timeout_s: float
 
 
 @dataclass(order=True)
@@ -138,6 +187,8 @@ class _Waiter:
     prefix: PrefixMatches = field(compare=False)
     enqueued_at: float = field(compare=False)
     future: asyncio.Future[Lease] = field(compare=False)
+    pool_key: tuple[str, str] = field(compare=False)  # (pool, model_version) it counts under
+    activation: _Activation | None = field(compare=False)
 
 
 @dataclass(slots=True)
@@ -184,6 +235,8 @@ class Orchestrator:
         self._tenant_finish: dict[tuple[int, str], float] = {}
         self._reprobes: set[asyncio.Task[None]] = set()
         self._replicas: dict[str, ReplicaState] = {r.id: ReplicaState(r) for r in settings.replicas}
+        self._idle: dict[str, asyncio.Event] = {}  # set when the replica's in_flight reaches 0
+        self._pool_gauge_keys: set[tuple[str, str]] = set()
         self._leases: dict[str, Lease] = {}
         self._queue: list[_Waiter] = []
         self._seq = itertools.count()
@@ -192,6 +245,7 @@ class Orchestrator:
         for st in self._replicas.values():
             _HEALTHY.labels(st.spec.id, st.spec.pool).set(0)
             _IN_FLIGHT.labels(st.spec.id, st.spec.pool).set(0)
+        self._refresh_pool_gauges()
 
     # -- admission --------------------------------------------------------------------------
     async def admit(self, req: AdmissionRequest, timeout_s: float | None) -> Lease:
@@ -214,7 +268,11 @@ class Orchestrator:
             if lease is not None:
                 return lease
         # Only a request that cannot be granted now pays for the servability check.
-        if not self._servable(req):
+        candidates = self._candidates(req)
+        # A request a scale-from-zero pool would serve waits for it whenever it finds no
+        # replica, now or later in the queue (its last replica drained or failed).
+        activation = self._activation(req)
+        if not candidates and activation is None:
             _REJECTIONS.labels(req.model, "no_replica").inc()
             raise NoReplicaReady(self._unavailable_reason(req))
         if len(self._queue) >= self._settings.max_queue:
@@ -229,14 +287,42 @@ class Orchestrator:
             len(req.prompt_token_ids) + req.max_tokens
         ) / self._policy.admission.weight(req.tenant)
         self._tenant_finish[(prio, req.tenant)] = finish_tag
-        waiter = _Waiter(prio, finish_tag, next(self._seq), req, start_tag, prefix, start, fut)
+        waiter = _Waiter(
+            prio,
+            finish_tag,
+            next(self._seq),
+            req,
+            start_tag,
+            prefix,
+            start,
+            fut,
+            self._attribute(req, candidates),
+            activation,
+        )
         heapq.heappush(self._queue, waiter)
         _QUEUE_DEPTH.labels(req.model).inc()
+        _POOL_QUEUE_DEPTH.labels(*waiter.pool_key).inc()
         wait_s = (
             self._settings.default_queue_timeout_s if timeout_s is None else max(timeout_s, 0.0)
         )
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), wait_s)
+            left = wait_s
+            # In steps of the activation timeout: at the end of each, a request that still finds
+            # no replica gives up; one that finds a busy replica waits on, like any request.
+            while activation is not None and activation.timeout_s < left:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(fut), activation.timeout_s)
+                except TimeoutError:
+                    if not self._servable(req) and self._withdraw(waiter):
+                        _REJECTIONS.labels(req.model, "activation_timeout").inc()
+                        raise NoReplicaReady(
+                            f"pool {activation.pool!r} has no ready replica; none became ready "
+                            f"within {activation.timeout_s:g} s"
+                        ) from None
+                    if fut.done():
+                        return fut.result()
+                    left -= activation.timeout_s
+            return await asyncio.wait_for(asyncio.shield(fut), left)
         except TimeoutError:
             if self._withdraw(waiter):
                 _REJECTIONS.labels(req.model, "queue_timeout").inc()
@@ -262,9 +348,47 @@ class Orchestrator:
             return False
         self._queue.remove(waiter)
         heapq.heapify(self._queue)
-        _QUEUE_DEPTH.labels(waiter.request.model).dec()
+        self._dequeued(waiter)
         waiter.future.cancel()
         return True
+
+    @staticmethod
+    def _dequeued(waiter: _Waiter) -> None:
+        _QUEUE_DEPTH.labels(waiter.request.model).dec()
+        _POOL_QUEUE_DEPTH.labels(*waiter.pool_key).dec()
+
+    def _activation(self, req: AdmissionRequest) -> _Activation | None:
+        """The first scale-from-zero pool (in the request's pool preference) that would serve
+        the request's model and version, or None."""
+        declared = self._policy.scale_from_zero
+        if not declared:
+            return None
+        fitting = self._policy.pools_for(len(req.prompt_token_ids))
+        order = list(declared) if fitting is None else fitting + list(declared)
+        for pool in order:
+            sfz = declared.get(pool)
+            if sfz is None or (
+                fitting is not None and pool in self._known_pools and pool not in fitting
+            ):
+                continue
+            if req.model in sfz.models and req.model_version in ("", sfz.model_version):
+                return _Activation(pool, sfz.activation_timeout_s)
+        return None
+
+    def _attribute(
+        self, req: AdmissionRequest, candidates: Sequence[ReplicaView]
+    ) -> tuple[str, str]:
+        """(pool, model_version) a queued request counts under: the first eligible replica's
+        pool, else the scale-from-zero pool it waits for; the request's model version when it
+        names one, else that replica's (or that pool's declared) version."""
+        if candidates:
+            first = candidates[0]
+            return first.pool, req.model_version or first.model_version
+        activation = self._activation(req)
+        if activation is None:
+            return "", req.model_version
+        sfz: ScaleFromZeroPolicy = self._policy.scale_from_zero[activation.pool]
+        return activation.pool, req.model_version or sfz.model_version
 
     def _cap(self, st: ReplicaState, now: float) -> int:
         pool = self._policy.pools.get(st.spec.pool)
@@ -310,21 +434,29 @@ class Orchestrator:
             known_pools=self._known_pools,
         )
 
-    def _servable(self, req: AdmissionRequest) -> bool:
-        """Some replica could serve the request once load allows: it passes the profile's filters
-        judged without load (no leases, unknown KV use). A busy cluster queues; only a missing,
-        unhealthy or unsuitable one is UNAVAILABLE."""
+    def _candidates(self, req: AdmissionRequest) -> Sequence[ReplicaView]:
+        """Replicas that could serve the request once load allows, preferred pool first: those
+        passing the profile's filters judged without load (no leases, unknown KV use). A busy
+        cluster queues; only a missing, unhealthy or unsuitable one is UNAVAILABLE (or, for a
+        scale-from-zero pool, waits for activation)."""
         now = time.monotonic()
         views = [
             dataclasses.replace(self._view(st, now), in_flight=0, kv_utilization=None)
             for st in self._replicas.values()
-            if not st.removed
+            if not st.removed and not st.draining
         ]
-        return bool(self._scheduler.filter(self._request_view(req, NO_MATCHES), views))
+        return self._scheduler.filter(self._request_view(req, NO_MATCHES), views)
+
+    def _servable(self, req: AdmissionRequest) -> bool:
+        return bool(self._candidates(req))
 
     def _pick(self, req: AdmissionRequest, prefix: PrefixMatches) -> ReplicaState | None:
         now = time.monotonic()
-        views = [self._view(st, now) for st in self._replicas.values() if not st.removed]
+        views = [
+            self._view(st, now)
+            for st in self._replicas.values()
+            if not st.removed and not st.draining
+        ]
         decision = self._scheduler.decide(self._request_view(req, prefix), views)
         return None if decision.replica is None else self._replicas.get(decision.replica.id)
 
@@ -375,8 +507,9 @@ class Orchestrator:
                 continue
             lease = self._try_grant(waiter.request, waiter.prefix, waiter.enqueued_at)
             if lease is None:
-                if not self._servable(waiter.request):
-                    _QUEUE_DEPTH.labels(waiter.request.model).dec()
+                # A waiter for a scale-from-zero pool stays until its activation timeout.
+                if waiter.activation is None and not self._servable(waiter.request):
+                    self._dequeued(waiter)
                     _REJECTIONS.labels(waiter.request.model, "no_replica").inc()
                     waiter.future.set_exception(
                         NoReplicaReady(self._unavailable_reason(waiter.request))
@@ -384,7 +517,7 @@ class Orchestrator:
                     continue
                 blocked.append(waiter)
                 continue
-            _QUEUE_DEPTH.labels(waiter.request.model).dec()
+            self._dequeued(waiter)
             self._vtime[waiter.priority] = max(
                 self._vtime.get(waiter.priority, 0.0), waiter.start_tag
             )
@@ -403,29 +536,102 @@ class Orchestrator:
                 del self._tenant_finish[key]
 
     def sync_replicas(self, specs: Sequence[ReplicaSpec]) -> None:
-        """Make the replica set equal to `specs`: new replicas start unhealthy until probed;
-        vanished ones stop receiving work and are forgotten once their last lease ends."""
+        """Make the non-registered replica set equal to `specs`: new replicas start unhealthy
+        until probed; vanished ones stop receiving work and are forgotten once their last lease
+        ends. Registered replicas are left alone (an id both registered and discovered stays
+        registered)."""
         wanted = {s.id: s for s in specs}
         for rid, spec in wanted.items():
             st = self._replicas.get(rid)
+            if st is not None and st.registered and not st.removed:
+                continue
             if st is None:
                 self._replicas[rid] = ReplicaState(spec)
                 _HEALTHY.labels(spec.id, spec.pool).set(0)
                 _IN_FLIGHT.labels(spec.id, spec.pool).set(0)
                 log.info("replica added", extra={"replica": rid, "address": spec.grpc_address})
             else:
-                st.removed = False
+                st.removed = st.registered = st.draining = False
                 if st.spec != spec and st.in_flight == 0:
                     st.spec, st.ready = spec, False
         for rid, st in list(self._replicas.items()):
-            if rid not in wanted:
+            if rid not in wanted and not st.registered:
                 if not st.removed:
                     self._drop_from_index(rid)
                 st.removed = True
                 if st.in_flight == 0:
                     del self._replicas[rid]
                     log.info("replica removed", extra={"replica": rid})
+        self._refresh_pool_gauges()
         self._dispatch()
+
+    # -- registered replicas (actuators) --------------------------------------------------
+    async def register_replica(self, spec: ReplicaSpec) -> Registration:
+        """Add (or confirm) a replica at run time and probe it once now. Idempotent;
+        registering a draining replica again cancels the drain."""
+        st = self._replicas.get(spec.id)
+        created = st is None or st.removed
+        if st is None:
+            st = ReplicaState(spec, registered=True)
+            self._replicas[spec.id] = st
+            _HEALTHY.labels(spec.id, spec.pool).set(0)
+            _IN_FLIGHT.labels(spec.id, spec.pool).set(0)
+        else:
+            if not st.registered and not st.removed:
+                raise ReplicaConflict(
+                    f"{spec.id!r} is a static or discovered replica", field="replica.id"
+                )
+            if st.spec != spec:
+                if st.in_flight:
+                    raise ReplicaConflict(
+                        f"replica {spec.id!r} has {st.in_flight} live leases; drain and "
+                        "deregister it before changing its spec",
+                        field="replica",
+                    )
+                st.spec, st.ready = spec, False
+            st.registered, st.removed, st.draining = True, False, False
+        if created:
+            log.info("replica registered", extra={"replica": spec.id, "address": spec.grpc_address})
+        await self._probe_replica(st)
+        self._refresh_pool_gauges()
+        return Registration(ready=st.routable(time.monotonic()), created=created)
+
+    def _live(self, replica_id: str) -> ReplicaState:
+        st = self._replicas.get(replica_id)
+        if st is None or st.removed:
+            raise UnknownReplica(f"no replica {replica_id!r}", field="replica_id")
+        return st
+
+    async def drain_replica(self, replica_id: str, wait_s: float) -> DrainResult:
+        """Stop new leases on the replica now; wait up to `wait_s` for its leases to end."""
+        st = self._live(replica_id)
+        if not st.draining:
+            st.draining = True
+            log.info("replica draining", extra={"replica": replica_id, "in_flight": st.in_flight})
+            self._refresh_pool_gauges()
+            self._dispatch()  # waiters it was the last replica for fail now
+        if st.in_flight > 0 and wait_s > 0:
+            idle = self._idle.setdefault(replica_id, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(idle.wait(), wait_s)
+        return DrainResult(in_flight=st.in_flight, drained=st.in_flight == 0)
+
+    def deregister_replica(self, replica_id: str) -> int:
+        """Forget a registered replica now; returns its leases still live (they end normally)."""
+        st = self._live(replica_id)
+        if not st.registered:
+            raise ReplicaConflict(
+                f"{replica_id!r} is a static or discovered replica; it leaves by configuration",
+                field="replica_id",
+            )
+        st.removed = True
+        self._drop_from_index(replica_id)
+        if st.in_flight == 0:
+            del self._replicas[replica_id]
+        log.info("replica deregistered", extra={"replica": replica_id, "in_flight": st.in_flight})
+        self._refresh_pool_gauges()
+        self._dispatch()
+        return st.in_flight
 
     # -- completion -----------------------------------------------------------------------
     def complete(self, lease_id: str, outcome: Outcome, reused_blocks: int | None = None) -> bool:
@@ -446,6 +652,8 @@ class Orchestrator:
             st.in_flight -= 1
             st.completed += 1
             _IN_FLIGHT.labels(st.spec.id, st.spec.pool).set(st.in_flight)
+            if st.in_flight == 0 and (idle := self._idle.pop(st.spec.id, None)) is not None:
+                idle.set()
             if outcome is Outcome.REPLICA_ERROR:
                 st.failures += 1
                 self._record_error(st, reason="request failed on replica")
@@ -498,6 +706,23 @@ class Orchestrator:
 
     def _update_health_gauge(self, st: ReplicaState) -> None:
         _HEALTHY.labels(st.spec.id, st.spec.pool).set(1 if st.healthy(time.monotonic()) else 0)
+        self._refresh_pool_gauges()
+
+    def _refresh_pool_gauges(self) -> None:
+        """Routable replicas per (pool, model version); declared scale-from-zero pools and pools
+        seen before report 0 when they have none."""
+        now = time.monotonic()
+        counts = {
+            (pool, sfz.model_version): 0 for pool, sfz in self._policy.scale_from_zero.items()
+        }
+        counts.update(dict.fromkeys(self._pool_gauge_keys, 0))
+        for st in self._replicas.values():
+            if not st.removed:
+                key = (st.spec.pool, st.spec.model_version)
+                counts[key] = counts.get(key, 0) + (1 if st.routable(now) else 0)
+        for key, n in counts.items():
+            _POOL_READY.labels(*key).set(n)
+        self._pool_gauge_keys = set(counts)
 
     def _set_ready(self, st: ReplicaState, ready: bool) -> None:
         if st.ready != ready:
@@ -583,3 +808,7 @@ class Orchestrator:
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    @property
+    def drain_max_wait_s(self) -> float:
+        return self._settings.drain_max_wait_s

@@ -1,6 +1,13 @@
 """Orchestrator errors; gRPC mapping lives in llmmesh.common.errors."""
 
-from llmmesh.common.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
+from llmmesh.common.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 
 
 class QueueFull(ResourceExhausted):
@@ -17,3 +24,15 @@ class QueueTimeout(DeadlineExceeded):
 
 class BadAdmission(InvalidArgument):
     pass
+
+
+class BadReplicaSpec(InvalidArgument):
+    pass
+
+
+class UnknownReplica(NotFound):
+    pass
+
+
+class ReplicaConflict(FailedPrecondition):
+    """The call would change a replica it may not change (static or discovered; leases live)."""

@@ -28,6 +28,26 @@ class PoolPolicy(BaseModel):
     )
 
 
+class ScaleFromZeroPolicy(BaseModel):
+    """A pool an actuator starts on demand (activator): a request that only this pool could
+    serve, and that finds none of its replicas ready, waits in the admission queue (bounded, up
+    to its deadline) for one to become ready instead of failing at once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    activation_timeout_s: float = Field(
+        gt=0,
+        description="How long a waiting request gives the pool to get a ready replica; then UNAVAILABLE.",
+    )
+    model_version: str = Field(
+        min_length=1,
+        description="Model version the pool's replicas serve (they may not exist yet).",
+    )
+    models: list[str] = Field(
+        min_length=1, description="Triton model names the pool's replicas serve."
+    )
+
+
 class CapacityPolicy(BaseModel):
     """Per-replica lease caps from what the engine reports, so its in-flight batcher stays full
     but does not thrash: cap = min(configured cap, ceil(reported max batch * overcommit))."""
@@ -80,6 +100,10 @@ class Policy(BaseModel):
     pools: dict[str, PoolPolicy] = Field(
         default_factory=dict,
         description="Length-bucketed pools; a request goes to the smallest pool its prompt fits.",
+    )
+    scale_from_zero: dict[str, ScaleFromZeroPolicy] = Field(
+        default_factory=dict,
+        description="Pools (by name) that may have no replica and are started on demand.",
     )
     health: HealthPolicy = Field(default_factory=HealthPolicy)
     capacity: CapacityPolicy = Field(default_factory=CapacityPolicy)

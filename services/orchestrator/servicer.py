@@ -6,12 +6,14 @@ import time
 
 import grpc
 from opentelemetry import trace
+from pydantic import ValidationError
 
 from llmmesh.common.errors import ServiceError, abort
 from llmmesh.common.telemetry import extract_trace_context, request_id_var
 from llmmesh.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from services.orchestrator.core import AdmissionRequest, Orchestrator, Outcome, Priority
+from services.orchestrator.errors import BadReplicaSpec
 from services.orchestrator.settings import ReplicaSpec
 
 Ctx = grpc.aio.ServicerContext[object, object]
@@ -40,6 +42,24 @@ def replica_to_pb(spec: ReplicaSpec) -> pb.Replica:
         model_version=spec.model_version,
         authority=spec.authority,
     )
+
+
+def spec_from_pb(replica: pb.ReplicaSpec) -> ReplicaSpec:
+    """RegisterReplica's spec, validated as a static one is; errors name `replica.<field>`."""
+    try:
+        return ReplicaSpec(
+            id=replica.id,
+            grpc_address=replica.grpc_address,
+            metrics_url=replica.metrics_url,
+            pool=replica.pool,
+            model_version=replica.model_version,
+            models=list(replica.models),
+            authority=replica.authority,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"] if isinstance(x, str))
+        raise BadReplicaSpec(first["msg"], field=f"replica.{where}") from None
 
 
 class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
@@ -98,8 +118,47 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                 completed=st.completed,
                 failures=st.failures,
                 consecutive_errors=st.consecutive_errors,
+                draining=st.draining,
+                registered=st.registered,
             )
             if st.ejected(now):
                 status.ejected_for_s = st.ejected_until - now
             out.replicas.append(status)
         return out
+
+    async def RegisterReplica(
+        self, request: pb.RegisterReplicaRequest, context: Ctx
+    ) -> pb.RegisterReplicaResponse:
+        try:
+            reg = await self._core.register_replica(spec_from_pb(request.replica))
+        except ServiceError as err:
+            await abort(context, err)
+            raise
+        return pb.RegisterReplicaResponse(ready=reg.ready, created=reg.created)
+
+    async def DrainReplica(
+        self, request: pb.DrainReplicaRequest, context: Ctx
+    ) -> pb.DrainReplicaResponse:
+        remaining = context.time_remaining()
+        # Answer a moment before the deadline so the caller gets the result, not an expiry.
+        wait_s = (
+            self._core.drain_max_wait_s
+            if remaining is None
+            else max(remaining - min(1.0, remaining * 0.1), 0.0)
+        )
+        try:
+            result = await self._core.drain_replica(request.replica_id, wait_s)
+        except ServiceError as err:
+            await abort(context, err)
+            raise
+        return pb.DrainReplicaResponse(in_flight=result.in_flight, drained=result.drained)
+
+    async def DeregisterReplica(
+        self, request: pb.DeregisterReplicaRequest, context: Ctx
+    ) -> pb.DeregisterReplicaResponse:
+        try:
+            in_flight = self._core.deregister_replica(request.replica_id)
+        except ServiceError as err:
+            await abort(context, err)
+            raise
+        return pb.DeregisterReplicaResponse(in_flight=in_flight)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from llmmesh.common.discovery import DnsTarget
@@ -10,16 +10,22 @@ from llmmesh.common.settings import ServiceSettings
 
 
 class ReplicaSpec(BaseModel):
-    """One Triton replica known statically."""
+    """One Triton replica: from the static list, DNS discovery, or RegisterReplica."""
 
     id: str = Field(
         min_length=1, description="Stable replica id; engines publish KV events under it."
     )
     grpc_address: str = Field(min_length=3, description="host:port of Triton's gRPC endpoint.")
-    pool: str = Field(default="default", description="Replica pool (e.g. short, long).")
-    model_version: str = Field(default="v1", description="Model version this replica serves.")
+    pool: str = Field(
+        default="default", min_length=1, description="Replica pool (e.g. short, long)."
+    )
+    model_version: str = Field(
+        default="v1", min_length=1, description="Model version this replica serves."
+    )
     models: list[str] = Field(
-        default_factory=lambda: ["tensorrt_llm"], description="Triton model names served."
+        default_factory=lambda: ["tensorrt_llm"],
+        min_length=1,
+        description="Triton model names served.",
     )
     authority: str = Field(
         default="",
@@ -31,6 +37,21 @@ class ReplicaSpec(BaseModel):
     metrics_host: str = Field(
         default="", description="Host header for the metrics scrape (headless Service)."
     )
+
+    @field_validator("grpc_address")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be host:port")
+        return value
+
+    @field_validator("models")
+    @classmethod
+    def _named_models(cls, value: list[str]) -> list[str]:
+        if any(not m for m in value):
+            raise ValueError("model names must be non-empty")
+        return value
 
 
 class OrchestratorSettings(ServiceSettings):
@@ -98,4 +119,9 @@ class OrchestratorSettings(ServiceSettings):
     )
     lease_timeout_s: float = Field(
         default=3600.0, gt=0, description="A lease never completed after this long is reclaimed."
+    )
+    drain_max_wait_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long DrainReplica waits for in-flight leases when the call has no deadline.",
     )

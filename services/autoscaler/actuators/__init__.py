@@ -1,0 +1,1 @@
+"""Actuators: what turns a pool's desired replica count into running replicas."""

@@ -1,0 +1,486 @@
+"""Local actuator: Triton replicas as processes on this machine (the local mesh, a dev box).
+
+Scale-up launches `tritonserver` on free ports, waits until Triton reports its models ready, then
+registers the replica with the orchestrator (RegisterReplica, repeated until the orchestrator's
+own probe passes). Scale-down cancels replicas still starting first, then drains the ready one
+with the fewest leases (DrainReplica: no new work, in-flight streams finish), SIGTERMs it, and
+deregisters it.
+
+Invariants:
+- Every replica is in exactly one state: starting, ready, stopping (draining or torn down), and
+  leaves the pool's list only once its process has exited.
+- A replica counts as ready only after the orchestrator reported it routable.
+- A failed start is logged, kept as the pool's `last_error`, and retried with backoff; the
+  replica stays `starting` meanwhile, so a later scale-down cancels it instead of waiting.
+- Every background task is tracked; `close` cancels starts, drains the rest, and waits for all.
+- Pools are reconciled under a per-pool lock, so concurrent `apply` calls never pick the same
+  replica twice; a later `apply` supersedes an earlier one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import logging
+import tempfile
+import time
+from collections import deque
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import grpc
+from pydantic import BaseModel, ConfigDict, Field
+
+from llmmesh.netutil import free_port
+from llmmesh.orchestrator.v1 import orchestrator_pb2 as orch_pb
+from llmmesh.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
+from llmmesh.triton.launcher import TritonPorts, TritonServer, start_on_free_ports
+from services.autoscaler.actuators.contracts import PoolKey, ReplicaCounts
+
+log = logging.getLogger(__name__)
+
+_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+_POLL_S = 0.2  # between RegisterReplica attempts while the orchestrator's probe has not passed
+_MAX_BACKOFF_S = 60.0
+_HISTORY = 256  # stopped replicas kept for `replicas()`
+
+
+class ManagedPool(BaseModel):
+    """One pool whose replicas this actuator starts and stops."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pool: str = Field(min_length=1, description="Orchestrator pool name of the replicas.")
+    model_version: str = Field(min_length=1, description="Model version the replicas serve.")
+    model_repository: Path = Field(
+        description="Triton model repository (model_repository/emulator, or a real-model one)."
+    )
+    models: list[str] = Field(
+        min_length=1, description="Triton model names that must be ready (and are registered)."
+    )
+    engine_env: dict[str, str] = Field(
+        default_factory=dict, description="Extra environment for this pool's Triton processes."
+    )
+    initial_replicas: int = Field(
+        default=0,
+        ge=0,
+        description="Replicas started when the actuator is first used, before any `apply`.",
+    )
+
+
+class LocalActuatorSettings(BaseModel):
+    """Settings of the local actuator (`LLMMESH_AUTOSCALER_LOCAL_ACTUATOR`, JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    orchestrator_address: str = Field(
+        min_length=3, description="host:port of the orchestrator replicas are registered with."
+    )
+    kv_registry_address: str | None = Field(
+        default=None,
+        description="host:port of kv_registry the engines publish KV events to; none when unset.",
+    )
+    pools: list[ManagedPool] = Field(min_length=1, description="Pools this actuator manages.")
+    engine_env: dict[str, str] = Field(
+        default_factory=dict, description="Environment for every Triton process (pools add to it)."
+    )
+    replica_id_prefix: str = Field(
+        default="local",
+        min_length=1,
+        description="Replica ids are <pool>-<model_version>-<prefix>-<n>; unique per actuator.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address Triton binds and is dialed at.")
+    log_dir: Path | None = Field(
+        default=None, description="Directory of the Triton logs; a temporary one when unset."
+    )
+    ready_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="Launch to Triton-ready, and again ready to orchestrator-routable.",
+    )
+    drain_timeout_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="How long a replica's in-flight streams may take to finish before SIGTERM.",
+    )
+    stop_grace_s: float = Field(
+        default=30.0, gt=0, description="SIGTERM to SIGKILL when a Triton process does not exit."
+    )
+    port_attempts: int = Field(
+        default=3, ge=1, description="Launches on fresh free ports when a port was taken."
+    )
+    retry_backoff_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="Wait after a failed start before the next; doubles up to 60 s.",
+    )
+    rpc_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Deadline of RegisterReplica, DeregisterReplica, ListReplicas.",
+    )
+
+
+class ReplicaState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    STOPPING = "stopping"  # draining, or a cancelled start being torn down
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True, slots=True)
+class ManagedReplica:
+    """A snapshot of one replica this actuator started."""
+
+    id: str
+    key: PoolKey
+    state: ReplicaState
+    grpc_address: str  # empty until its Triton process is up
+    exit_code: int | None  # set once stopped
+
+
+class StartFailed(RuntimeError):
+    pass
+
+
+class _Replica:
+    def __init__(self, replica_id: str, key: PoolKey, seq: int) -> None:
+        self.id = replica_id
+        self.key = key
+        self.seq = seq
+        self.state = ReplicaState.STARTING
+        self.server: TritonServer | None = None
+        self.registered = False
+        self.task: asyncio.Task[None] | None = None
+        self.exit_code: int | None = None
+
+    def snapshot(self) -> ManagedReplica:
+        return ManagedReplica(
+            id=self.id,
+            key=self.key,
+            state=self.state,
+            grpc_address=self.server.grpc_address if self.server is not None else "",
+            exit_code=self.exit_code,
+        )
+
+
+class _Pool:
+    def __init__(self, spec: ManagedPool) -> None:
+        self.spec = spec
+        self.key = PoolKey(spec.pool, spec.model_version)
+        self.replicas: list[_Replica] = []
+        self.lock = asyncio.Lock()
+        self.last_error: str | None = None
+
+    def counts(self) -> ReplicaCounts:
+        by = [r.state for r in self.replicas]
+        return ReplicaCounts(
+            ready=by.count(ReplicaState.READY),
+            starting=by.count(ReplicaState.STARTING),
+            draining=by.count(ReplicaState.STOPPING),
+        )
+
+
+class LocalActuator:
+    TYPE: ClassVar[str] = "local"
+
+    def __init__(self, settings: LocalActuatorSettings) -> None:
+        self._settings = settings
+        self._pools = {p.key: p for p in (_Pool(spec) for spec in settings.pools)}
+        if len(self._pools) != len(settings.pools):
+            raise ValueError("pools: each (pool, model_version) may be listed once")
+        self._ids = itertools.count()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopped: deque[ManagedReplica] = deque(maxlen=_HISTORY)
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: orch_grpc.OrchestratorServiceAsyncStub | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._started_initial = False
+        self._closed = False
+
+    # -- the Actuator contract ------------------------------------------------------------
+    async def observe(self) -> Mapping[PoolKey, ReplicaCounts]:
+        await self._start_initial()
+        for pool in self._pools.values():
+            for r in pool.replicas:
+                if r.state is ReplicaState.READY and r.server and not r.server.is_running:
+                    log.warning("replica process exited", extra={"replica": r.id})
+                    r.state = ReplicaState.STOPPING
+                    r.task = self._track(self._lost(pool, r))
+        return {key: pool.counts() for key, pool in self._pools.items()}
+
+    async def apply(self, key: PoolKey, desired: int, reason: str) -> None:
+        pool = self._pools.get(key)
+        if pool is None:
+            raise ValueError(f"pool {key.pool!r} version {key.model_version!r} is not managed here")
+        if self._closed:
+            return
+        self._started_initial = True  # an explicit count supersedes the initial one
+        async with pool.lock:
+            await self._reconcile(pool, max(desired, 0), reason)
+
+    async def close(self) -> None:
+        self._closed = True
+        for pool in self._pools.values():
+            async with pool.lock:
+                await self._reconcile(pool, 0, "actuator closing")
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._channel is not None:
+            await self._channel.close(None)
+            self._channel = self._stub = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    # -- introspection ----------------------------------------------------------------------
+    def replicas(self) -> list[ManagedReplica]:
+        """Every replica this actuator started: live ones, then the most recent stopped ones."""
+        live = [r.snapshot() for pool in self._pools.values() for r in pool.replicas]
+        return live + list(self._stopped)
+
+    def last_error(self, key: PoolKey) -> str | None:
+        """The pool's most recent failed start, cleared by the next successful one."""
+        return self._pools[key].last_error
+
+    # -- reconciliation -------------------------------------------------------------------
+    async def _start_initial(self) -> None:
+        if self._started_initial or self._closed:
+            return
+        self._started_initial = True
+        for pool in self._pools.values():
+            if pool.spec.initial_replicas:
+                async with pool.lock:
+                    await self._reconcile(pool, pool.spec.initial_replicas, "initial replicas")
+
+    async def _reconcile(self, pool: _Pool, desired: int, reason: str) -> None:
+        active = [
+            r for r in pool.replicas if r.state in (ReplicaState.STARTING, ReplicaState.READY)
+        ]
+        if desired == len(active):
+            return
+        log.info(
+            "scaling pool",
+            extra={
+                "pool": pool.key.pool,
+                "model_version": pool.key.model_version,
+                "from": len(active),
+                "to": desired,
+                "reason": reason,
+            },
+        )
+        if desired > len(active):
+            for _ in range(desired - len(active)):
+                self._start(pool)
+            return
+        excess = len(active) - desired
+        starting = sorted(
+            (r for r in active if r.state is ReplicaState.STARTING), key=lambda r: -r.seq
+        )
+        for r in starting[:excess]:
+            r.state = ReplicaState.STOPPING
+            assert r.task is not None
+            r.task.cancel()  # its task tears the process down and leaves the pool
+        excess -= min(excess, len(starting))
+        if not excess:
+            return
+        in_flight = await self._in_flight()
+        ready = sorted(
+            (r for r in active if r.state is ReplicaState.READY),
+            key=lambda r: (in_flight.get(r.id, 0), -r.seq),
+        )
+        for r in ready[:excess]:
+            r.state = ReplicaState.STOPPING
+            r.task = self._track(self._drain(pool, r))
+
+    def _start(self, pool: _Pool) -> None:
+        n = next(self._ids)
+        rid = f"{pool.key.pool}-{pool.key.model_version}-{self._settings.replica_id_prefix}-{n}"
+        r = _Replica(rid, pool.key, n)
+        pool.replicas.append(r)
+        r.task = self._track(self._run_start(pool, r))
+
+    def _track(self, coro: Coroutine[object, object, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- one replica's life ---------------------------------------------------------------
+    async def _run_start(self, pool: _Pool, r: _Replica) -> None:
+        backoff = self._settings.retry_backoff_s
+        try:
+            while True:
+                try:
+                    await self._launch(pool, r)
+                except (StartFailed, grpc.aio.AioRpcError, OSError) as exc:
+                    pool.last_error = f"{r.id}: {exc}"
+                    log.warning(
+                        "replica start failed; retrying",
+                        extra={"replica": r.id, "error": str(exc), "retry_in_s": backoff},
+                    )
+                    await _uncancellable(self._teardown(r))
+                    r.server = None
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, _MAX_BACKOFF_S)
+                    continue
+                pool.last_error = None
+                r.state = ReplicaState.READY
+                log.info("replica ready", extra={"replica": r.id})
+                return
+        except asyncio.CancelledError:
+            await _uncancellable(self._teardown(r))
+            self._forget(pool, r)
+            raise
+
+    async def _launch(self, pool: _Pool, r: _Replica) -> None:
+        s = self._settings
+        try:
+            r.server = await start_on_free_ports(
+                lambda: self._triton(pool, r.id),
+                attempts=s.port_attempts,
+                ready_timeout_s=s.ready_timeout_s,
+            )
+        except RuntimeError as exc:  # TritonStartError: exited or not ready in time
+            raise StartFailed(str(exc)) from exc
+        spec = orch_pb.ReplicaSpec(
+            id=r.id,
+            grpc_address=r.server.grpc_address,
+            metrics_url=r.server.metrics_url,
+            pool=pool.key.pool,
+            model_version=pool.key.model_version,
+            models=pool.spec.models,
+        )
+        deadline = time.monotonic() + s.ready_timeout_s
+        while True:
+            try:
+                resp = await self._orchestrator().RegisterReplica(
+                    orch_pb.RegisterReplicaRequest(replica=spec), timeout=s.rpc_timeout_s
+                )
+            except grpc.aio.AioRpcError as err:
+                if err.code() not in _RETRYABLE or time.monotonic() > deadline:
+                    raise
+            else:
+                r.registered = True
+                if resp.ready:
+                    return
+            if not r.server.is_running:
+                raise StartFailed(f"tritonserver exited; log tail:\n{r.server.log_tail()}")
+            if time.monotonic() > deadline:
+                raise StartFailed(
+                    f"the orchestrator did not report it ready within {s.ready_timeout_s:g} s"
+                )
+            await asyncio.sleep(_POLL_S)
+
+    async def _drain(self, pool: _Pool, r: _Replica) -> None:
+        try:
+            if r.registered:
+                await self._drain_leases(r)
+            await self._teardown(r)
+        finally:
+            self._forget(pool, r)
+
+    async def _lost(self, pool: _Pool, r: _Replica) -> None:
+        """A ready replica whose process died: nothing to drain, deregister it."""
+        try:
+            await self._teardown(r)
+        finally:
+            self._forget(pool, r)
+
+    async def _drain_leases(self, r: _Replica) -> None:
+        """DrainReplica until the replica holds no lease or `drain_timeout_s` passes."""
+        deadline = time.monotonic() + self._settings.drain_timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                resp = await self._orchestrator().DrainReplica(
+                    orch_pb.DrainReplicaRequest(replica_id=r.id), timeout=left
+                )
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.NOT_FOUND:
+                    return
+                log.warning("drain call failed", extra={"replica": r.id, "error": err.details()})
+                await asyncio.sleep(min(_POLL_S, max(left, 0.0)))
+                continue
+            if resp.drained:
+                return
+        log.warning("drain timed out; stopping with leases live", extra={"replica": r.id})
+
+    async def _teardown(self, r: _Replica) -> None:
+        """SIGTERM the process (Triton finishes what it runs), then deregister."""
+        if r.server is not None:
+            r.exit_code = await r.server.stop(grace_s=self._settings.stop_grace_s)
+            log.info("replica stopped", extra={"replica": r.id, "exit_code": r.exit_code})
+        if r.registered:
+            try:
+                await self._orchestrator().DeregisterReplica(
+                    orch_pb.DeregisterReplicaRequest(replica_id=r.id),
+                    timeout=self._settings.rpc_timeout_s,
+                )
+            except grpc.aio.AioRpcError as err:
+                if err.code() != grpc.StatusCode.NOT_FOUND:
+                    # The orchestrator keeps probing it and finds it gone; routing never resumes.
+                    log.warning(
+                        "deregister failed", extra={"replica": r.id, "error": err.details()}
+                    )
+            r.registered = False
+
+    def _forget(self, pool: _Pool, r: _Replica) -> None:
+        r.state = ReplicaState.STOPPED
+        if r in pool.replicas:
+            pool.replicas.remove(r)
+            self._stopped.append(r.snapshot())
+
+    # -- collaborators ----------------------------------------------------------------------
+    def _orchestrator(self) -> orch_grpc.OrchestratorServiceAsyncStub:
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(self._settings.orchestrator_address)
+            self._stub = orch_grpc.OrchestratorServiceStub(self._channel)
+        return self._stub
+
+    async def _in_flight(self) -> dict[str, int]:
+        """Leases per replica from the orchestrator; empty when it cannot be asked."""
+        try:
+            resp = await self._orchestrator().ListReplicas(
+                orch_pb.ListReplicasRequest(), timeout=self._settings.rpc_timeout_s
+            )
+        except grpc.aio.AioRpcError as err:
+            log.warning("ListReplicas failed", extra={"error": err.details()})
+            return {}
+        return {st.replica.id: st.in_flight for st in resp.replicas}
+
+    def _log_dir(self) -> Path:
+        if self._settings.log_dir is not None:
+            self._settings.log_dir.mkdir(parents=True, exist_ok=True)
+            return self._settings.log_dir
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="llmmesh-actuator-")
+        return Path(self._tmp.name)
+
+    def _triton(self, pool: _Pool, replica_id: str) -> TritonServer:
+        s = self._settings
+        env = {**s.engine_env, **pool.spec.engine_env, "LLMMESH_EMULATOR_REPLICA_ID": replica_id}
+        if s.kv_registry_address:
+            env["LLMMESH_EMULATOR_KV_REGISTRY_ADDRESS"] = s.kv_registry_address
+        host = s.host
+        return TritonServer(
+            pool.spec.model_repository,
+            TritonPorts(grpc=free_port(host), http=free_port(host), metrics=free_port(host)),
+            env=env,
+            log_path=self._log_dir() / f"{replica_id}.triton.log",
+            host=host,
+        )
+
+
+async def _uncancellable(coro: Coroutine[object, object, None]) -> None:
+    """Run cleanup to its end even if the caller is cancelled meanwhile (then re-cancel)."""
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await task
+        raise
