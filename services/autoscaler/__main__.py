@@ -11,21 +11,72 @@ from llmmesh.autoscaler.v1 import autoscaler_pb2, autoscaler_pb2_grpc
 from llmmesh.common.server import ManagedServer, ServiceRegistration, run_until_signal
 from llmmesh.common.telemetry import setup_logging, setup_tracing, start_metrics_server
 from llmmesh.keda import externalscaler_pb2, externalscaler_pb2_grpc
+from services.autoscaler.actuators.contracts import Actuator, PoolKey
+from services.autoscaler.actuators.local import LocalActuator
 from services.autoscaler.core import Autoscaler
 from services.autoscaler.keda import KedaScalerServicer
 from services.autoscaler.servicer import AutoscalerServicer
 from services.autoscaler.settings import AutoscalerSettings
+from services.autoscaler.signals import (
+    EngineTarget,
+    PromQLConfig,
+    PromQLSource,
+    ScrapeSource,
+    SignalSource,
+    target_discovery,
+)
 
 SERVICE = autoscaler_pb2.DESCRIPTOR.services_by_name["AutoscalerService"].full_name
 KEDA_SERVICE = externalscaler_pb2.DESCRIPTOR.services_by_name["ExternalScaler"].full_name
 
 
+def build_source(settings: AutoscalerSettings) -> SignalSource:
+    if settings.source == "promql":
+        assert settings.prometheus_url is not None  # AutoscalerSettings validates it
+        return PromQLSource(
+            PromQLConfig(
+                base_url=settings.prometheus_url,
+                timeout_s=settings.prometheus_timeout_s,
+                rate_window_s=settings.rate_window_s,
+                max_age_s=settings.signal_max_age_s,
+                engine_selector=settings.promql_engine_selector,
+                orchestrator_selector=settings.promql_orchestrator_selector,
+                gateway_selector=settings.promql_gateway_selector,
+            ),
+            settings.pool_models(),
+        )
+    static = [
+        EngineTarget(t.replica_id, t.metrics_url, PoolKey(t.pool, t.model_version), t.host_header)
+        for t in settings.targets
+    ]
+    return ScrapeSource(
+        targets=target_discovery(static, settings.replica_dns),
+        orchestrator_url=settings.orchestrator_metrics_url,
+        gateway_url=settings.gateway_metrics_url,
+        pool_models=settings.pool_models(),
+        pools=[p.key for p in settings.pools]
+        + [
+            PoolKey(p.pool, p.model_version)
+            for p in (settings.local_actuator.pools if settings.local_actuator else [])
+        ],
+        timeout_s=settings.scrape_timeout_s,
+        rate_window_s=settings.rate_window_s,
+        max_age_s=settings.signal_max_age_s,
+    )
+
+
+def build_actuator(settings: AutoscalerSettings) -> Actuator | None:
+    if settings.local_actuator is None:
+        return None
+    return LocalActuator(settings.local_actuator)
+
+
 async def main(settings: AutoscalerSettings) -> None:
     setup_logging("autoscaler", settings.log_level, settings.log_json)
     provider = setup_tracing("autoscaler", settings.otlp_endpoint, settings.trace_sample_ratio)
-    core = Autoscaler(settings)
+    core = Autoscaler(settings, build_source(settings), build_actuator(settings))
     servicer = AutoscalerServicer(core)
-    keda = KedaScalerServicer(core, settings)
+    keda = KedaScalerServicer(core)
     server = ManagedServer(
         host=settings.host,
         port=settings.grpc_port,
@@ -49,6 +100,7 @@ async def main(settings: AutoscalerSettings) -> None:
         loop_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await loop_task
+        await core.close()
         provider.shutdown()
 
     await run_until_signal(

@@ -1,155 +1,238 @@
-"""Autoscaler core: engine signals per pool → desired replicas, with the reason in words.
+"""Autoscaler core: the loop source → policy per pool → log, metrics, history → actuator.
 
-Policy (minimal; later issues add SLO-driven capacity models and stabilisation):
-    desired = clamp(ceil((active + waiting) / target_per_replica), min, max)
-    +1 when pool KV use > kv_high_watermark, never scaling down while KV use is that high.
-A pool with no replica reporting keeps its current count: missing signals never scale down.
+Invariants:
+- One evaluation decides every pool known from the configuration, the signals or the actuator; a
+  pool without signals gets all-unknown signals (the policy holds it).
+- `current` is what the actuator reports provisioned (ready + starting); without an actuator (KEDA
+  or an HPA act on `desired`) it is the engine replicas known to the source, else the last desired.
+- The history is bounded (`decision_history`); sequence numbers increase by one per decision.
+- A failing source or actuator is logged and the loop goes on: the last decisions stay served.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
-from llmmesh.common.discovery import discover_pods
-from llmmesh.common.engine_metrics import EngineSample, fetch_metrics_text, parse_engine_metrics
-from services.autoscaler.settings import AutoscalerSettings, ScrapeTarget
+from services.autoscaler.actuators.contracts import Actuator, PoolKey, ReplicaCounts
+from services.autoscaler.policy import Decision, PolicyConfig, PoolState, decide
+from services.autoscaler.settings import AutoscalerSettings
+from services.autoscaler.signals import PoolSignals, SignalSource
 
 log = logging.getLogger(__name__)
 
+_LABELS = ["pool", "model_version"]
 _DESIRED = Gauge(
-    "llmmesh_autoscaler_desired_replicas", "Recommended replicas.", ["pool", "model_version"]
+    "llmmesh_autoscaler_desired_replicas",
+    "Replicas the policy wants (an HPA external metric with target AverageValue 1).",
+    _LABELS,
 )
 _CURRENT = Gauge(
-    "llmmesh_autoscaler_current_replicas", "Replicas known.", ["pool", "model_version"]
+    "llmmesh_autoscaler_current_replicas", "Replicas provisioned (ready + starting).", _LABELS
 )
+_READY = Gauge("llmmesh_autoscaler_ready_replicas", "Replicas ready (actuator).", _LABELS)
+_STARTING = Gauge("llmmesh_autoscaler_starting_replicas", "Replicas starting (actuator).", _LABELS)
+_DRAINING = Gauge("llmmesh_autoscaler_draining_replicas", "Replicas draining (actuator).", _LABELS)
+_PANIC = Gauge("llmmesh_autoscaler_panic", "1 while the pool is in panic mode.", _LABELS)
+_DECISIONS = Counter(
+    "llmmesh_autoscaler_decisions_total",
+    "Evaluations by direction and cause.",
+    [*_LABELS, "direction", "cause"],
+)
+_ERRORS = Counter("llmmesh_autoscaler_errors_total", "Source or actuator failures.", ["stage"])
 
 
 @dataclass(frozen=True, slots=True)
-class PoolSignals:
-    active: float
-    waiting: float
-    kv_utilization: float | None
-    reporting: int
+class Recorded:
+    """A decision as kept and served: which pool, when, and the counts by state."""
 
-
-@dataclass(frozen=True, slots=True)
-class Recommendation:
-    pool: str
-    model_version: str
-    current: int
-    desired: int
-    reason: str
-    signals: PoolSignals
-    computed_at: float
-
-
-def recommend(
-    pool: str,
-    model_version: str,
-    current: int,
-    samples: Sequence[EngineSample],
-    settings: AutoscalerSettings,
-    now: float,
-) -> Recommendation:
-    if not samples:
-        sig = PoolSignals(0.0, 0.0, None, 0)
-        return Recommendation(
-            pool, model_version, current, current, "no replica reported metrics: holding", sig, now
-        )
-    active = sum(s.active for s in samples)
-    waiting = sum(s.waiting for s in samples)
-    kv_max = sum(s.kv_max for s in samples)
-    kv_util = sum(s.kv_used for s in samples) / kv_max if kv_max > 0 else None
-    sig = PoolSignals(active, waiting, kv_util, len(samples))
-    load = active + waiting
-    desired = math.ceil(load / settings.target_requests_per_replica)
-    reason = f"load {load:g} requests / {settings.target_requests_per_replica:g} per replica"
-    if kv_util is not None and kv_util > settings.kv_high_watermark:
-        desired = max(desired, current + 1)
-        reason += f"; KV use {kv_util:.2f} > {settings.kv_high_watermark:.2f}"
-    clamped = min(max(desired, settings.min_replicas), settings.max_replicas)
-    if clamped != desired:
-        reason += f"; clamped to [{settings.min_replicas}, {settings.max_replicas}]"
-    return Recommendation(pool, model_version, current, clamped, reason, sig, now)
+    sequence: int
+    key: PoolKey
+    decided_at: float
+    decision: Decision
+    counts: ReplicaCounts | None
+    changed: bool
 
 
 class Autoscaler:
     def __init__(
         self,
         settings: AutoscalerSettings,
-        fetch: Callable[[str, str, float], str] = fetch_metrics_text,
+        source: SignalSource,
+        actuator: Actuator | None = None,
+        clock: Callable[[], float] = time.time,
     ):
         self._settings = settings
-        self._fetch = fetch
-        self._latest: dict[tuple[str, str], Recommendation] = {}
+        self._source = source
+        self._actuator = actuator
+        self._clock = clock
+        self._states: dict[PoolKey, PoolState] = {}
+        self._latest: dict[PoolKey, Recorded] = {}
+        self._history: deque[Recorded] = deque(maxlen=settings.decision_history)
+        self._seq = itertools.count(1)
+        self._updated = asyncio.Event()
 
-    async def _scrape(self, target: ScrapeTarget) -> EngineSample | None:
+    def policy_for(self, key: PoolKey) -> PolicyConfig:
+        return self._settings.policy_for(key)
+
+    async def _signals(self, now: float) -> Mapping[PoolKey, PoolSignals]:
         try:
-            text = await asyncio.to_thread(
-                self._fetch, target.metrics_url, target.host_header, self._settings.scrape_timeout_s
-            )
-        except OSError as exc:
-            log.info("scrape failed", extra={"replica": target.replica_id, "error": repr(exc)})
+            return await self._source.collect(now)
+        except Exception:  # a source bug must not stop the loop: every pool holds
+            log.exception("signal source failed")
+            _ERRORS.labels("source").inc()
+            return {}
+
+    async def _counts(self) -> Mapping[PoolKey, ReplicaCounts] | None:
+        if self._actuator is None:
             return None
-        return parse_engine_metrics(text)
+        try:
+            return await self._actuator.observe()
+        except Exception:
+            log.exception("actuator observe failed")
+            _ERRORS.labels("observe").inc()
+            return None
 
-    async def targets(self) -> list[ScrapeTarget]:
-        pods = await discover_pods(self._settings.replica_dns)
-        return [
-            *self._settings.targets,
-            *(
-                ScrapeTarget(
-                    replica_id=p.replica_id,
-                    metrics_url=p.metrics_url,
-                    pool=p.target.pool,
-                    model_version=p.target.model_version,
-                    host_header=p.metrics_host,
-                )
-                for p in pods
-            ),
-        ]
+    def _current(
+        self, key: PoolKey, sig: PoolSignals, counts: Mapping[PoolKey, ReplicaCounts] | None
+    ) -> int:
+        if counts is not None and key in counts:
+            return counts[key].provisioned
+        if self._actuator is None and sig.replicas_known is not None:
+            return sig.replicas_known
+        last = self._latest.get(key)
+        return last.decision.desired if last is not None else self.policy_for(key).min_replicas
 
-    async def evaluate(self) -> Mapping[tuple[str, str], Recommendation]:
-        targets = await self.targets()
-        samples = await asyncio.gather(*(self._scrape(t) for t in targets))
-        pools: dict[tuple[str, str], list[EngineSample]] = {}
-        counts: dict[tuple[str, str], int] = {}
-        for t, s in zip(targets, samples, strict=True):
-            key = (t.pool, t.model_version)
-            counts[key] = counts.get(key, 0) + 1
-            pools.setdefault(key, [])
-            if s is not None:
-                pools[key].append(s)
-        now = time.time()
-        for (pool, version), got in pools.items():
-            rec = recommend(pool, version, counts[(pool, version)], got, self._settings, now)
-            previous = self._latest.get((pool, version))
-            if previous is None or previous.desired != rec.desired:
-                log.info(
-                    "recommendation",
-                    extra={
-                        "pool": pool,
-                        "model_version": version,
-                        "desired": rec.desired,
-                        "reason": rec.reason,
+    async def evaluate(self) -> list[Recorded]:
+        """One round over every pool; returns this round's decisions."""
+        now = self._clock()
+        signals = await self._signals(now)
+        counts = await self._counts()
+        keys = (
+            set(signals)
+            | {p.key for p in self._settings.pools}
+            | set(counts or {})
+            | set(self._latest)
+        )
+        out: list[Recorded] = []
+        for key in sorted(keys):
+            sig = signals.get(key) or PoolSignals(sampled_at=now)
+            if key not in signals and key in self._latest:
+                # Unread this round: keep the last sample time so it turns stale, not fresh.
+                sig = PoolSignals(sampled_at=self._latest[key].decision.signals.sampled_at)
+            current = self._current(key, sig, counts)
+            state = self._states.setdefault(key, PoolState())
+            decision = decide(
+                self.policy_for(key), state, sig, current, now, self._settings.signal_max_age_s
+            )
+            out.append(self._record(key, now, decision, counts.get(key) if counts else None))
+        self._updated.set()
+        self._updated = asyncio.Event()
+        if self._actuator is not None:
+            for rec in out:
+                if counts is not None and rec.key not in counts:
+                    continue  # a pool the actuator does not manage
+                try:
+                    await self._actuator.apply(rec.key, rec.decision.desired, rec.decision.reason)
+                except Exception:
+                    log.exception("actuator apply failed", extra={"pool": rec.key.pool})
+                    _ERRORS.labels("apply").inc()
+        return out
+
+    def _record(
+        self, key: PoolKey, now: float, d: Decision, counts: ReplicaCounts | None
+    ) -> Recorded:
+        prev = self._latest.get(key)
+        changed = prev is None or (prev.decision.desired, prev.decision.cause) != (
+            d.desired,
+            d.cause,
+        )
+        rec = Recorded(next(self._seq), key, now, d, counts, changed)
+        self._latest[key] = rec
+        self._history.append(rec)
+        labels = (key.pool, key.model_version)
+        _DESIRED.labels(*labels).set(d.desired)
+        _CURRENT.labels(*labels).set(d.current)
+        _PANIC.labels(*labels).set(1 if d.panic else 0)
+        if counts is not None:
+            _READY.labels(*labels).set(counts.ready)
+            _STARTING.labels(*labels).set(counts.starting)
+            _DRAINING.labels(*labels).set(counts.draining)
+        _DECISIONS.labels(*labels, d.direction, d.cause.value).inc()
+        if changed:
+            s = d.signals
+            log.info(
+                "scaling decision",
+                extra={
+                    "pool": key.pool,
+                    "model_version": key.model_version,
+                    "current": d.current,
+                    "desired": d.desired,
+                    "cause": d.cause.value,
+                    "reason": d.reason,
+                    "panic": d.panic,
+                    "signals": {
+                        "age_s": round(s.age_s(now), 3),
+                        "reporting": s.reporting_replicas,
+                        "active": s.engine_active,
+                        "waiting": s.engine_waiting,
+                        "kv_utilization": s.kv_utilization,
+                        "queue_depth": s.queue_depth,
+                        "queue_wait_p90_s": s.queue_wait_p90_s,
+                        "ttft_p90_s": s.ttft_p90_s,
+                        "itl_p90_s": s.itl_p90_s,
+                        "arrival_rate": s.arrival_rate,
+                        "prompt_tokens_rate": s.prompt_tokens_rate,
+                        "completion_tokens_rate": s.completion_tokens_rate,
                     },
-                )
-            self._latest[(pool, version)] = rec
-            _DESIRED.labels(pool, version).set(rec.desired)
-            _CURRENT.labels(pool, version).set(rec.current)
-        return dict(self._latest)
+                },
+            )
+        return rec
 
-    def latest(self) -> list[Recommendation]:
-        return list(self._latest.values())
+    def latest(self) -> list[Recorded]:
+        return [self._latest[k] for k in sorted(self._latest)]
+
+    def desired(self, key: PoolKey) -> int:
+        """The latest desired count; a pool never decided yet holds its policy's minimum."""
+        rec = self._latest.get(key)
+        return rec.decision.desired if rec is not None else self.policy_for(key).min_replicas
+
+    def decisions(
+        self,
+        *,
+        pool: str | None = None,
+        model_version: str | None = None,
+        after_sequence: int = 0,
+        limit: int = 0,
+        changes_only: bool = False,
+    ) -> list[Recorded]:
+        out = [
+            r
+            for r in self._history
+            if r.sequence > after_sequence
+            and (pool is None or r.key.pool == pool)
+            and (model_version is None or r.key.model_version == model_version)
+            and (r.changed or not changes_only)
+        ]
+        return out[-limit:] if limit > 0 else out
+
+    async def wait_for_update(self) -> None:
+        """Returns after the next evaluation."""
+        await self._updated.wait()
 
     async def run(self) -> None:
         while True:
             await self.evaluate()
             await asyncio.sleep(self._settings.interval_s)
+
+    async def close(self) -> None:
+        await self._source.close()
+        if self._actuator is not None:
+            await self._actuator.close()

@@ -1,14 +1,14 @@
 """KEDA external scaler (`externalscaler.ExternalScaler`) over the autoscaler core.
 
-A ScaledObject's trigger metadata names the pool and model version. The metric is the
-recommended replica count with a per-replica target of 1, so the HPA that KEDA drives computes
-desired = ceil(value / 1) = the recommendation; IsActive is true while it is above zero.
-A pool the autoscaler has no signal for yet holds at `min_replicas`.
+A ScaledObject's trigger metadata names the pool and model version. The metric is the core's
+desired replica count with a per-replica target of 1 (KEDA's default metric type AverageValue), so
+the HPA that KEDA drives computes desired = ceil(value / 1) = the core's decision; IsActive is true
+while it is above zero (KEDA scales 0 <-> 1 on it). A pool not decided yet holds its policy's
+`min_replicas`. StreamIsActive pushes a change after the evaluation that made it.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -16,13 +16,13 @@ import grpc
 from llmmesh.common.errors import InvalidArgument, ServiceError, abort
 from llmmesh.keda import externalscaler_pb2 as pb
 from llmmesh.keda import externalscaler_pb2_grpc as pb_grpc
+from services.autoscaler.actuators.contracts import PoolKey
 from services.autoscaler.core import Autoscaler
-from services.autoscaler.settings import AutoscalerSettings
 
 Ctx = grpc.aio.ServicerContext[object, object]
 
 
-def pool_key(ref: pb.ScaledObjectRef) -> tuple[str, str]:
+def pool_key(ref: pb.ScaledObjectRef) -> PoolKey:
     pool = ref.scalerMetadata.get("pool", "")
     version = ref.scalerMetadata.get("model_version", "")
     if not pool:
@@ -31,7 +31,7 @@ def pool_key(ref: pb.ScaledObjectRef) -> tuple[str, str]:
         raise InvalidArgument(
             "trigger metadata must name the model version", field="scalerMetadata.model_version"
         )
-    return pool, version
+    return PoolKey(pool, version)
 
 
 def metric_name(pool: str, version: str) -> str:
@@ -39,15 +39,11 @@ def metric_name(pool: str, version: str) -> str:
 
 
 class KedaScalerServicer(pb_grpc.ExternalScalerServicer):
-    def __init__(self, core: Autoscaler, settings: AutoscalerSettings):
+    def __init__(self, core: Autoscaler):
         self._core = core
-        self._settings = settings
 
-    def _desired(self, key: tuple[str, str]) -> int:
-        for rec in self._core.latest():
-            if (rec.pool, rec.model_version) == key:
-                return rec.desired
-        return self._settings.min_replicas
+    def _desired(self, key: PoolKey) -> int:
+        return self._core.desired(key)
 
     async def IsActive(self, request: pb.ScaledObjectRef, context: Ctx) -> pb.IsActiveResponse:
         try:
@@ -70,20 +66,22 @@ class KedaScalerServicer(pb_grpc.ExternalScalerServicer):
             if active != last:
                 yield pb.IsActiveResponse(result=active)
                 last = active
-            await asyncio.sleep(self._settings.interval_s)
+            await self._core.wait_for_update()
 
     async def GetMetricSpec(
         self, request: pb.ScaledObjectRef, context: Ctx
     ) -> pb.GetMetricSpecResponse:
         try:
-            pool, version = pool_key(request)
+            key = pool_key(request)
         except ServiceError as err:
             await abort(context, err)
             raise
         return pb.GetMetricSpecResponse(
             metricSpecs=[
                 pb.MetricSpec(
-                    metricName=metric_name(pool, version), targetSize=1, targetSizeFloat=1.0
+                    metricName=metric_name(key.pool, key.model_version),
+                    targetSize=1,
+                    targetSizeFloat=1.0,
                 )
             ]
         )
@@ -92,15 +90,15 @@ class KedaScalerServicer(pb_grpc.ExternalScalerServicer):
         self, request: pb.GetMetricsRequest, context: Ctx
     ) -> pb.GetMetricsResponse:
         try:
-            pool, version = pool_key(request.scaledObjectRef)
+            key = pool_key(request.scaledObjectRef)
         except ServiceError as err:
             await abort(context, err)
             raise
-        desired = self._desired((pool, version))
+        desired = self._desired(key)
         return pb.GetMetricsResponse(
             metricValues=[
                 pb.MetricValue(
-                    metricName=metric_name(pool, version),
+                    metricName=metric_name(key.pool, key.model_version),
                     metricValue=desired,
                     metricValueFloat=float(desired),
                 )

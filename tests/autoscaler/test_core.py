@@ -1,70 +1,123 @@
+"""The autoscaler loop with a fake source, a fake actuator and a fake clock; the gRPC API over a
+real channel."""
+
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
 import pytest
+import pytest_asyncio
+from prometheus_client import REGISTRY
+from pydantic import ValidationError
 
+from llmmesh.autoscaler.v1 import autoscaler_pb2 as pb
+from llmmesh.autoscaler.v1 import autoscaler_pb2_grpc as pb_grpc
 from llmmesh.common.discovery import DnsTarget
-from llmmesh.common.engine_metrics import EngineSample, parse_engine_metrics
-from services.autoscaler.core import Autoscaler, recommend
-from services.autoscaler.settings import AutoscalerSettings, ScrapeTarget
+from llmmesh.common.server import ManagedServer, ServiceRegistration
+from services.autoscaler.__main__ import build_source
+from services.autoscaler.actuators.contracts import PoolKey, ReplicaCounts
+from services.autoscaler.core import Autoscaler
+from services.autoscaler.policy import Cause
+from services.autoscaler.servicer import AutoscalerServicer
+from services.autoscaler.settings import AutoscalerSettings
+from services.autoscaler.signals import PromQLSource, ScrapeSource, target_discovery
+from tests.autoscaler.fakes import FakeActuator, FakeClock, FakeSource, engine_page
+from tests.autoscaler.test_policy import BASE, sig
 
-S = AutoscalerSettings(
-    target_requests_per_replica=10, kv_high_watermark=0.8, min_replicas=1, max_replicas=4
-)
-
-
-def metrics(active: float, waiting: float, used: float, total: float) -> str:
-    return f"""# HELP nv_trt_llm_request_metrics TRT LLM request metrics
-# TYPE nv_trt_llm_request_metrics gauge
-nv_trt_llm_request_metrics{{model="tensorrt_llm",request_type="active",version="1"}} {active}
-nv_trt_llm_request_metrics{{model="tensorrt_llm",request_type="waiting",version="1"}} {waiting}
-# HELP nv_trt_llm_kv_cache_block_metrics TRT LLM KV cache block metrics
-# TYPE nv_trt_llm_kv_cache_block_metrics gauge
-nv_trt_llm_kv_cache_block_metrics{{kv_cache_block_type="used",model="tensorrt_llm",version="1"}} {used}
-nv_trt_llm_kv_cache_block_metrics{{kv_cache_block_type="max",model="tensorrt_llm",version="1"}} {total}
-"""
+KEY = PoolKey("short", "v1")
+POLICY: dict[str, Any] = {**BASE, "min_replicas": 1, "max_replicas": 8}
 
 
-def test_parse_engine_metrics() -> None:
-    assert parse_engine_metrics(metrics(3, 2, 10, 100)) == EngineSample(3, 2, 10, 100)
+def settings(**kw: Any) -> AutoscalerSettings:
+    return AutoscalerSettings(default_policy=POLICY, signal_max_age_s=30, interval_s=0.01, **kw)
 
 
-@pytest.mark.parametrize("text", ["", "# nothing\n", metrics(float("nan"), 0, 1, 2)])
-def test_parse_missing_or_nan_is_none(text: str) -> None:
-    assert parse_engine_metrics(text) is None
+def metric(name: str, **labels: str) -> float | None:
+    return REGISTRY.get_sample_value(name, labels)
 
 
-@pytest.mark.parametrize(
-    ("current", "samples", "desired", "reason_part"),
-    [
-        (2, [], 2, "holding"),
-        (1, [EngineSample(25, 0, 1, 100)], 3, "load 25"),
-        (3, [EngineSample(0, 0, 0, 100)], 1, "load 0"),
-        (2, [EngineSample(100, 100, 0, 100)], 4, "clamped"),
-        (2, [EngineSample(5, 0, 90, 100)], 3, "KV use 0.90"),
-    ],
-)
-def test_recommend(
-    current: int, samples: list[EngineSample], desired: int, reason_part: str
-) -> None:
-    rec = recommend("p", "v1", current, samples, S, 0.0)
-    assert rec.desired == desired
-    assert reason_part in rec.reason
+async def test_without_actuator_current_is_the_known_replicas() -> None:
+    clock, source = FakeClock(), FakeSource()
+    core = Autoscaler(settings(), source, clock=clock)
+    source.signals[KEY] = sig(clock.t, 2, load=40)
+    (rec,) = await core.evaluate()
+    assert (rec.key, rec.decision.current, rec.decision.desired) == (KEY, 2, 4)
+    assert core.desired(KEY) == 4
+    labels = {"pool": "short", "model_version": "v1"}
+    assert metric("llmmesh_autoscaler_desired_replicas", **labels) == 4
+    assert metric("llmmesh_autoscaler_current_replicas", **labels) == 2
+    assert (
+        metric("llmmesh_autoscaler_decisions_total", **labels, direction="up", cause="scale_up")
+        or 0
+    ) >= 1
 
 
-async def test_unreachable_replica_never_scales_down() -> None:
-    def fetch(url: str, host: str, timeout: float) -> str:
-        raise ConnectionRefusedError(url)
-
-    settings = AutoscalerSettings(
-        targets=[
-            ScrapeTarget(replica_id=f"r{i}", metrics_url=f"http://127.0.0.1:1/m{i}")
-            for i in range(3)
-        ],
-        min_replicas=1,
+async def test_actuator_drives_and_starting_replicas_block_scale_down() -> None:
+    clock, source = FakeClock(), FakeSource()
+    actuator = FakeActuator({KEY: ReplicaCounts(ready=1)})
+    core = Autoscaler(settings(), source, actuator, clock=clock)
+    source.signals[KEY] = sig(clock.t, 1, load=30)
+    (rec,) = await core.evaluate()
+    assert rec.decision.desired == 3
+    assert actuator.applied[-1][:2] == (KEY, 3)
+    assert rec.decision.reason in actuator.applied[-1][2]
+    # Two replicas are starting (not reporting): the load vanished, but nothing scales down yet.
+    clock.t += 10
+    source.signals[KEY] = sig(clock.t, 1, load=0, replicas_known=1)
+    (rec,) = await core.evaluate()
+    assert (rec.decision.current, rec.decision.desired, rec.decision.cause) == (
+        3,
+        3,
+        Cause.UNKNOWN_HOLD,
     )
-    recs = await Autoscaler(settings, fetch).evaluate()
-    assert recs[("default", "v1")].desired == 3
-    assert recs[("default", "v1")].signals.reporting == 0
+    assert rec.counts == ReplicaCounts(ready=1, starting=2)
+    actuator.finish_starts()
+    clock.t += 10
+    source.signals[KEY] = sig(clock.t, 3, load=0)
+    (rec,) = await core.evaluate()
+    assert (rec.decision.current, rec.decision.desired) == (3, 1)
+    assert actuator.applied[-1][:2] == (KEY, 1)
+
+
+async def test_a_failing_source_holds_every_pool_then_turns_stale() -> None:
+    clock, source = FakeClock(), FakeSource()
+    core = Autoscaler(settings(), source, clock=clock)
+    source.signals[KEY] = sig(clock.t, 3, load=30)
+    await core.evaluate()
+    source.fail = True
+    clock.t += 5
+    (rec,) = await core.evaluate()
+    assert (rec.decision.desired, rec.decision.cause) == (3, Cause.UNKNOWN_HOLD)
+    clock.t += 60
+    (rec,) = await core.evaluate()
+    assert (rec.decision.desired, rec.decision.cause) == (3, Cause.STALE_HOLD)
+
+
+async def test_configured_pool_without_signals_holds_its_minimum() -> None:
+    s = settings(
+        pools=[{"pool": "long", "model_version": "v2", "policy": {**POLICY, "min_replicas": 2}}]
+    )
+    core = Autoscaler(s, FakeSource(), clock=FakeClock())
+    assert core.desired(PoolKey("long", "v2")) == 2
+    (rec,) = await core.evaluate()
+    assert (rec.decision.desired, rec.decision.cause) == (2, Cause.UNKNOWN_HOLD)
+
+
+async def test_history_is_bounded_and_filterable() -> None:
+    clock, source = FakeClock(), FakeSource()
+    core = Autoscaler(settings(decision_history=3), source, clock=clock)
+    other = PoolKey("long", "v1")
+    for i in range(3):
+        clock.t += 1
+        source.signals = {KEY: sig(clock.t, 2, load=20 * (i + 1)), other: sig(clock.t, 1, load=10)}
+        await core.evaluate()
+    kept = core.decisions()
+    assert [r.sequence for r in kept] == [4, 5, 6]
+    assert [r.sequence for r in core.decisions(pool="short")] == [4, 6]  # pools in key order
+    assert [r.sequence for r in core.decisions(after_sequence=5)] == [6]
+    assert len(core.decisions(limit=1)) == 1
 
 
 async def test_dns_targets_are_scraped_with_the_service_host() -> None:
@@ -72,15 +125,88 @@ async def test_dns_targets_are_scraped_with_the_service_host() -> None:
 
     def fetch(url: str, host: str, timeout: float) -> str:
         seen.append((url, host))
-        return metrics(30, 0, 1, 100)
+        return engine_page(30, 0, 1, 100)
 
-    settings = AutoscalerSettings(
-        replica_dns=[
-            DnsTarget(host="localhost", pool="short", model_version="v2", metrics_port=8002)
-        ],
-        target_requests_per_replica=10,
-        max_replicas=8,
+    dns = [DnsTarget(host="localhost", pool="short", model_version="v2", metrics_port=8002)]
+    source = ScrapeSource(
+        targets=target_discovery([], dns),
+        orchestrator_url=None,
+        gateway_url=None,
+        pool_models={},
+        timeout_s=1,
+        rate_window_s=60,
+        max_age_s=30,
+        fetch=fetch,
     )
-    recs = await Autoscaler(settings, fetch).evaluate()
+    got = await source.collect(0.0)
     assert ("http://127.0.0.1:8002/metrics", "localhost:8002") in seen
-    assert recs[("short", "v2")].desired == 3
+    assert got[PoolKey("short", "v2")].engine_active == 30.0
+
+
+def test_source_choice() -> None:
+    assert isinstance(build_source(settings()), ScrapeSource)
+    promql = settings(source="promql", prometheus_url="http://127.0.0.1:1")
+    assert isinstance(build_source(promql), PromQLSource)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"source": "promql"}, "prometheus_url"),
+        ({"pools": [{"pool": "a", "model_version": "v1"}] * 2}, "listed once"),
+        ({"default_policy": {"min_replicas": 3, "max_replicas": 1}}, "min_replicas"),
+    ],
+)
+def test_invalid_settings_are_clear_errors(env: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        AutoscalerSettings(**env)
+
+
+@pytest_asyncio.fixture
+async def api() -> AsyncIterator[tuple[pb_grpc.AutoscalerServiceAsyncStub, FakeSource, Autoscaler]]:
+    clock, source = FakeClock(), FakeSource()
+    core = Autoscaler(settings(), source, FakeActuator({KEY: ReplicaCounts(2)}), clock=clock)
+    servicer = AutoscalerServicer(core)
+    server = ManagedServer(
+        host="127.0.0.1",
+        port=0,
+        services=[
+            ServiceRegistration(
+                "llmmesh.autoscaler.v1.AutoscalerService",
+                lambda s: pb_grpc.add_AutoscalerServiceServicer_to_server(servicer, s),
+            )
+        ],
+        drain_seconds=0,
+    )
+    port = await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield pb_grpc.AutoscalerServiceStub(channel), source, core
+    await server.stop()
+
+
+async def test_grpc_recommendations_and_decisions(
+    api: tuple[pb_grpc.AutoscalerServiceAsyncStub, FakeSource, Autoscaler],
+) -> None:
+    stub, source, core = api
+    source.signals[KEY] = sig(1000.0, 2, load=40, arrival_rate=None)
+    await core.evaluate()
+    await core.evaluate()
+    resp = await stub.GetRecommendations(pb.GetRecommendationsRequest())
+    (rec,) = resp.pools
+    assert (rec.pool, rec.model_version, rec.desired_replicas) == ("short", "v1", 4)
+    assert (rec.ready_replicas, rec.starting_replicas) == (2, 2)
+    assert rec.cause == "steady"
+    assert rec.reason
+    assert rec.signals.active_requests == 40.0
+    assert not rec.signals.HasField("arrival_rate")  # unknown stays unset
+    assert not rec.HasField("capacity_replicas")
+    assert rec.HasField("target_replicas")
+    every = await stub.ListDecisions(pb.ListDecisionsRequest())
+    assert [d.sequence for d in every.decisions] == [1, 2]
+    changes = await stub.ListDecisions(pb.ListDecisionsRequest(changes_only=True, pool="short"))
+    assert [d.sequence for d in changes.decisions] == [
+        1,
+        2,
+    ]  # scale_up, then steady at 4
+    none = await stub.ListDecisions(pb.ListDecisionsRequest(pool="long"))
+    assert list(none.decisions) == []

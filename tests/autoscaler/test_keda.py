@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
 from collections.abc import AsyncIterator
 
 import grpc
@@ -11,36 +13,32 @@ import pytest_asyncio
 from llmmesh.common.server import ManagedServer, ServiceRegistration
 from llmmesh.keda import externalscaler_pb2 as pb
 from llmmesh.keda import externalscaler_pb2_grpc as pb_grpc
+from services.autoscaler.actuators.contracts import PoolKey
 from services.autoscaler.core import Autoscaler
 from services.autoscaler.keda import KedaScalerServicer, metric_name
-from services.autoscaler.settings import AutoscalerSettings, ScrapeTarget
-from tests.autoscaler.test_core import metrics
+from services.autoscaler.settings import AutoscalerSettings
+from tests.autoscaler.fakes import FakeClock, FakeSource
+from tests.autoscaler.test_policy import BASE, sig
 
-LOADS = {"http://r0/metrics": metrics(35, 5, 1, 100), "http://r1/metrics": metrics(0, 0, 0, 100)}
-
-
-def fetch(url: str, host: str, timeout: float) -> str:
-    return LOADS[url]
+SOURCE = FakeSource()
+CLOCK = FakeClock()
+CORE: list[Autoscaler] = []
 
 
 @pytest_asyncio.fixture
 async def stub() -> AsyncIterator[pb_grpc.ExternalScalerAsyncStub]:
     settings = AutoscalerSettings(
-        targets=[
-            ScrapeTarget(
-                replica_id="r0", metrics_url="http://r0/metrics", pool="short", model_version="v1"
-            ),
-            ScrapeTarget(
-                replica_id="r1", metrics_url="http://r1/metrics", pool="long", model_version="v1"
-            ),
-        ],
-        target_requests_per_replica=10,
-        min_replicas=0,
-        interval_s=0.01,
+        default_policy={**BASE, "min_replicas": 0, "scale_to_zero_idle_s": 0}, interval_s=0.01
     )
-    core = Autoscaler(settings, fetch)
+    # short: one replica carrying 40 requests (target 10) -> 4; long: idle at 1 -> 0.
+    SOURCE.signals = {
+        PoolKey("short", "v1"): sig(CLOCK.t, 1, load=35, engine_waiting=5.0),
+        PoolKey("long", "v1"): sig(CLOCK.t, 1),
+    }
+    core = Autoscaler(settings, SOURCE, clock=CLOCK)
     await core.evaluate()
-    servicer = KedaScalerServicer(core, settings)
+    CORE[:] = [core]
+    servicer = KedaScalerServicer(core)
     server = ManagedServer(
         host="127.0.0.1",
         port=0,
@@ -94,6 +92,19 @@ async def test_stream_is_active_sends_current_state(stub: pb_grpc.ExternalScaler
     call.cancel()
 
 
+async def test_hpa_with_target_one_yields_exactly_desired(
+    stub: pb_grpc.ExternalScalerAsyncStub,
+) -> None:
+    """KEDA's HPA (AverageValue target from GetMetricSpec) computes ceil(value / target)."""
+    spec = (await stub.GetMetricSpec(ref("short"))).metricSpecs[0]
+    value = (
+        await stub.GetMetrics(
+            pb.GetMetricsRequest(scaledObjectRef=ref("short"), metricName=spec.metricName)
+        )
+    ).metricValues[0]
+    assert math.ceil(value.metricValueFloat / spec.targetSizeFloat) == 4
+
+
 @pytest.mark.parametrize("metadata", [{}, {"pool": "short"}, {"model_version": "v1"}])
 async def test_missing_metadata_is_invalid_argument(
     stub: pb_grpc.ExternalScalerAsyncStub, metadata: dict[str, str]
@@ -102,3 +113,23 @@ async def test_missing_metadata_is_invalid_argument(
         await stub.IsActive(pb.ScaledObjectRef(name="x", namespace="y", scalerMetadata=metadata))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "scalerMetadata" in (info.value.details() or "")
+
+
+async def test_stream_is_active_pushes_a_change_after_an_evaluation(
+    stub: pb_grpc.ExternalScalerAsyncStub,
+) -> None:
+    call = stub.StreamIsActive(ref("long"))
+    first = await call.read()
+    assert isinstance(first, pb.IsActiveResponse)
+    assert first.result is False
+    # Requests queue for the pool at zero replicas: the next evaluation scales it from zero.
+    SOURCE.signals[PoolKey("long", "v1")] = sig(CLOCK.t, 0, queue_depth=2.0)
+    # The stream is waiting for an evaluation; run them until it has answered.
+    read = asyncio.ensure_future(call.read())
+    while not read.done():
+        await CORE[0].evaluate()
+        await asyncio.wait({read}, timeout=0.05)
+    second = read.result()
+    assert isinstance(second, pb.IsActiveResponse)
+    assert second.result is True
+    call.cancel()

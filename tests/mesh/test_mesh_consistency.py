@@ -131,6 +131,7 @@ ALLOWED = [
     (TRITON, KV_LABELS, 50053, KV + "PublishEvents", "POST"),
     (AUTOSCALER, ORCH_LABELS, 50052, ORCH + "ListReplicas", "POST"),
     (AUTOSCALER, TRITON_LABELS, 8002, "/metrics", "GET"),
+    (AUTOSCALER, ORCH_LABELS, 9102, "/metrics", "GET"),
     (KEDA, AS_LABELS, 50054, EXT + "GetMetrics", "POST"),
     (PROMETHEUS, GW_LABELS, 9101, "/metrics", "GET"),
     (PROMETHEUS, ORCH_LABELS, 9102, "/metrics", "GET"),

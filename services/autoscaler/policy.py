@@ -1,0 +1,545 @@
+"""Scaling policy: a pool's signals → desired replicas, with the reason (formulae: POLICY.md).
+
+Pure: no I/O, no clock; `now` is passed in and all memory lives in `PoolState`, which the core
+keeps per pool. Invariants:
+- Unknown (missing, NaN, stale) inputs never lower the count: a decision with unknown inputs
+  only holds or scales up when a known signal demands it.
+- `min_replicas <= desired <= max_replicas`, except that a pool with `min_replicas == 0` reaches 0
+  only after `scale_to_zero_idle_s` with no arrivals, nothing in flight and nothing queued.
+- A pool at 0 with requests queued for it gets at least one replica at once (no window applies).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from llmmesh.emulator.cost_model import (
+    PROFILES,
+    CostProfile,
+    StepShape,
+    decode_shape,
+    get_profile,
+    prefill_shape,
+)
+from services.autoscaler.signals import PoolSignals
+
+# HPA's stabilization/rate memory and KPA's panic window need at most this many points per pool.
+MAX_HISTORY = 4096
+
+
+class CostConfig(BaseModel):
+    """The engine's cost profile and the request shape assumed when the gateway has no data."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    profile: str = Field(
+        default="llama-3.1-8b-h100-bf16",
+        description=f"Step-time model (llmmesh.emulator.cost_model), one of: {', '.join(sorted(PROFILES))}.",
+    )
+    time_scale: float = Field(
+        default=1.0,
+        gt=0,
+        description="Multiplier on modelled step time (the emulator's LLMMESH_EMULATOR_TIME_SCALE; 1 for real engines).",
+    )
+    max_batch_size: int = Field(
+        default=64, gt=0, description="Engine max_batch_size (sequences decoded together)."
+    )
+    prompt_tokens: float = Field(
+        default=512, gt=0, description="Mean prompt length when the observed one is unknown."
+    )
+    completion_tokens: float = Field(
+        default=256, gt=0, description="Mean completion length when the observed one is unknown."
+    )
+    utilization: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="Fraction of the SLO-sustainable rate planned per replica (headroom).",
+    )
+
+    @model_validator(mode="after")
+    def _known_profile(self) -> Self:
+        get_profile(self.profile)
+        return self
+
+
+TargetSignal = Literal["requests_per_replica", "queue_per_replica", "kv_utilization"]
+
+
+class PolicyConfig(BaseModel):
+    """Scaling policy of one pool. Defaults: HPA (tolerance, windows, rate policies), Knative KPA
+    (panic threshold and window), KEDA (cooldown before zero); see POLICY.md."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min_replicas: int = Field(default=1, ge=0, description="Floor; 0 allows scale to zero.")
+    max_replicas: int = Field(default=16, gt=0, description="Ceiling.")
+    target_signal: TargetSignal = Field(
+        default="requests_per_replica",
+        description="Signal tracked per replica: engine active+waiting plus orchestrator queue, queued only, or KV use.",
+    )
+    target_value: float = Field(
+        default=16.0, gt=0, description="Target of `target_signal` per replica (KV use: in (0, 1])."
+    )
+    tolerance: float = Field(
+        default=0.1, ge=0, lt=1, description="No target-tracking change while |ratio - 1| <= this."
+    )
+    slo_ttft_s: float = Field(default=2.0, gt=0, description="Time-to-first-token SLO (p90).")
+    slo_itl_s: float = Field(default=0.05, gt=0, description="Inter-token latency SLO (p90).")
+    correction_min: float = Field(
+        default=1.0, gt=0, description="Lower bound of the observed-latency/SLO correction."
+    )
+    correction_max: float = Field(
+        default=2.0, gt=0, description="Upper bound of the observed-latency/SLO correction."
+    )
+    scale_up_window_s: float = Field(
+        default=0.0, ge=0, description="Scale-up stabilization: min of recommendations over it."
+    )
+    scale_down_window_s: float = Field(
+        default=300.0, ge=0, description="Scale-down stabilization: max of recommendations over it."
+    )
+    scale_up_period_s: float = Field(
+        default=15.0, gt=0, description="Period of the scale-up rate limit."
+    )
+    scale_up_max_pods: int = Field(
+        default=4, ge=1, description="Replicas one period may add (or the percentage, if more)."
+    )
+    scale_up_max_percent: float = Field(
+        default=100.0, ge=0, description="Percent of the period-start count one period may add."
+    )
+    scale_down_period_s: float = Field(
+        default=15.0, gt=0, description="Period of the scale-down rate limit."
+    )
+    scale_down_max_percent: float = Field(
+        default=100.0,
+        gt=0,
+        le=100,
+        description="Percent of the period-start count one period may remove.",
+    )
+    panic_threshold: float = Field(
+        default=2.0, gt=1, description="Panic when recommended / current >= this."
+    )
+    panic_window_s: float = Field(
+        default=6.0, ge=0, description="In panic, desired = max of recommendations over it."
+    )
+    panic_hold_s: float = Field(
+        default=60.0, ge=0, description="Panic ends this long after the last trigger."
+    )
+    scale_to_zero_idle_s: float = Field(
+        default=300.0, ge=0, description="Idle time before a min-0 pool goes to zero."
+    )
+    cooldown_s: float = Field(
+        default=30.0, ge=0, description="No scale-down this soon after any change."
+    )
+    forecast: bool = Field(
+        default=False, description="Plan capacity for Holt's forecast of the arrival rate."
+    )
+    forecast_alpha: float = Field(default=0.5, gt=0, le=1, description="Holt level smoothing.")
+    forecast_beta: float = Field(default=0.3, gt=0, le=1, description="Holt trend smoothing.")
+    forecast_horizon_s: float = Field(
+        default=60.0, ge=0, description="Forecast horizon (about a replica's start time)."
+    )
+    cost: CostConfig = Field(default_factory=CostConfig, description="Capacity model inputs.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Self:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})"
+            )
+        if self.correction_min > self.correction_max:
+            raise ValueError("correction_min > correction_max")
+        if self.target_signal == "kv_utilization" and self.target_value > 1:
+            raise ValueError("target_value for kv_utilization must be in (0, 1]")
+        return self
+
+
+# --- capacity model -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaCapacity:
+    """What one replica sustains at the SLO for a request shape (derivation: POLICY.md)."""
+
+    requests_per_s: float
+    batch: int
+    decode_step_s: float
+    prefill_s: float
+    meets_slo: bool
+
+
+def replica_capacity(
+    cost: CostConfig, slo_ttft_s: float, slo_itl_s: float, prompt: float, completion: float
+) -> ReplicaCapacity:
+    profile: CostProfile = get_profile(cost.profile)
+    p, c = max(1, round(prompt)), max(1, round(completion))
+    context = p + c // 2
+    prefill_s = profile.step_time_s(prefill_shape(p, 0)) * cost.time_scale
+
+    def decode_s(batch: int) -> float:
+        one = decode_shape(context)
+        shape = StepShape(
+            one.new_tokens * batch, one.attention_pairs * batch, one.kv_tokens * batch
+        )
+        return profile.step_time_s(shape) * cost.time_scale
+
+    batch = 1
+    for b in range(1, cost.max_batch_size + 1):
+        if decode_s(b) > slo_itl_s:
+            break
+        batch = b
+    step = decode_s(batch)
+    meets = step <= slo_itl_s and prefill_s + step <= slo_ttft_s
+    rate = 1.0 / (prefill_s + c * step / batch)
+    return ReplicaCapacity(rate, batch, step, prefill_s, meets)
+
+
+# --- state and decisions ------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Holt:
+    """Holt's double exponential smoothing with the trend per second (irregular intervals)."""
+
+    level: float
+    trend: float
+    at: float
+
+    def update(self, x: float, now: float, alpha: float, beta: float) -> None:
+        dt = now - self.at
+        if dt <= 0:
+            return
+        prev = self.level
+        self.level = alpha * x + (1 - alpha) * (self.level + self.trend * dt)
+        self.trend = beta * (self.level - prev) / dt + (1 - beta) * self.trend
+        self.at = now
+
+    def forecast(self, horizon_s: float) -> float:
+        return max(0.0, self.level + self.trend * horizon_s)
+
+
+@dataclass(slots=True)
+class PoolState:
+    """A pool's policy memory; the core keeps one per pool and passes it to every `decide`."""
+
+    recommendations: deque[tuple[float, int]] = field(
+        default_factory=lambda: deque(maxlen=MAX_HISTORY)
+    )
+    changes: deque[tuple[float, int, int]] = field(
+        default_factory=lambda: deque(maxlen=MAX_HISTORY)
+    )
+    last_change_at: float | None = None
+    panic_until: float | None = None
+    panic_floor: int = 0
+    idle_since: float | None = None
+    holt: Holt | None = None
+
+
+class Cause(StrEnum):
+    """Why the decision is what it is (bounded: a metric label)."""
+
+    STEADY = "steady"
+    SCALE_UP = "scale_up"
+    SCALE_DOWN = "scale_down"
+    STABILIZING = "stabilizing"
+    COOLDOWN = "cooldown"
+    RATE_LIMIT = "rate_limit"
+    PANIC = "panic"
+    FROM_ZERO = "from_zero"
+    TO_ZERO = "to_zero"
+    UNKNOWN_HOLD = "unknown_hold"
+    STALE_HOLD = "stale_hold"
+
+
+@dataclass(frozen=True, slots=True)
+class Estimates:
+    """Intermediate results of one evaluation (None: not computed, an input was unknown)."""
+
+    capacity_replicas: float | None = None
+    target_replicas: float | None = None
+    correction: float | None = None
+    forecast_arrival_rate: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    current: int
+    desired: int
+    cause: Cause
+    reason: str
+    signals: PoolSignals
+    estimates: Estimates = Estimates()
+    panic: bool = False
+
+    @property
+    def direction(self) -> Literal["up", "down", "hold"]:
+        if self.desired > self.current:
+            return "up"
+        return "down" if self.desired < self.current else "hold"
+
+
+def _window(points: deque[tuple[float, int]], since: float) -> list[int]:
+    return [n for t, n in points if t >= since]
+
+
+def _prune(state: PoolState, now: float, keep_s: float) -> None:
+    while state.recommendations and state.recommendations[0][0] < now - keep_s:
+        state.recommendations.popleft()
+    while state.changes and state.changes[0][0] < now - keep_s:
+        state.changes.popleft()
+
+
+def _capacity(
+    cfg: PolicyConfig, sig: PoolSignals, state: PoolState, now: float, notes: list[str]
+) -> tuple[float | None, float | None, float | None]:
+    """(replicas, correction, forecast rate) from the capacity model; replicas None if unknown."""
+    rate = sig.arrival_rate
+    if rate is None:
+        return None, None, None
+    forecast = None
+    if cfg.forecast:
+        if state.holt is None:
+            state.holt = Holt(rate, 0.0, now)
+        else:
+            state.holt.update(rate, now, cfg.forecast_alpha, cfg.forecast_beta)
+        forecast = state.holt.forecast(cfg.forecast_horizon_s)
+    planned = max(rate, forecast or 0.0)
+    prompt, completion = cfg.cost.prompt_tokens, cfg.cost.completion_tokens
+    if rate > 0 and sig.prompt_tokens_rate is not None and sig.completion_tokens_rate is not None:
+        prompt = sig.prompt_tokens_rate / rate or prompt
+        completion = sig.completion_tokens_rate / rate or completion
+    cap = replica_capacity(cfg.cost, cfg.slo_ttft_s, cfg.slo_itl_s, prompt, completion)
+    ratios = [
+        obs / slo
+        for obs, slo in ((sig.ttft_p90_s, cfg.slo_ttft_s), (sig.itl_p90_s, cfg.slo_itl_s))
+        if obs is not None
+    ]
+    correction = min(max(max(ratios), cfg.correction_min), cfg.correction_max) if ratios else 1.0
+    replicas = planned / (cap.requests_per_s * cfg.cost.utilization) * correction
+    notes.append(
+        f"capacity {planned:.3g} req/s / ({cap.requests_per_s:.3g} req/s/replica x "
+        f"{cfg.cost.utilization:g}) x correction {correction:.2f} = {replicas:.2f}"
+        + ("" if cap.meets_slo else " (SLO infeasible even at batch 1)")
+    )
+    return replicas, correction, forecast
+
+
+def _target(cfg: PolicyConfig, sig: PoolSignals, current: int, notes: list[str]) -> float | None:
+    """HPA target tracking: replicas = current x metric / target (average metrics: total / target),
+    None when an input is unknown; `current` within tolerance of the result is kept."""
+    if cfg.target_signal == "kv_utilization":
+        if sig.kv_utilization is None or current == 0:
+            return None
+        ratio = sig.kv_utilization / cfg.target_value
+        metric = f"KV use {sig.kv_utilization:.2f}"
+    else:
+        parts = (
+            (sig.queue_depth, sig.in_flight)
+            if cfg.target_signal == "requests_per_replica"
+            else (sig.queue_depth, sig.engine_waiting)
+        )
+        if all(p is None for p in parts):
+            return None
+        # An unknown part counts 0 here: a lower bound, enough to scale up (`_required` keeps
+        # it from scaling down).
+        total = sum(p or 0.0 for p in parts)
+        if current == 0:
+            raw = total / cfg.target_value
+            notes.append(f"target {total:g} / {cfg.target_value:g} = {raw:.2f}")
+            return raw
+        ratio = total / current / cfg.target_value
+        metric = f"{cfg.target_signal} {total / current:.3g}"
+    if abs(ratio - 1) <= cfg.tolerance:
+        notes.append(f"target: {metric} within tolerance of {cfg.target_value:g}")
+        return float(current)
+    raw = current * ratio
+    notes.append(f"target {metric} vs {cfg.target_value:g}: {current} x {ratio:.2f} = {raw:.2f}")
+    return raw
+
+
+def _required(cfg: PolicyConfig, sig: PoolSignals, current: int) -> list[tuple[str, float | None]]:
+    """Inputs that must be known before the count may go down."""
+    out: list[tuple[str, float | None]] = [
+        ("arrival rate", sig.arrival_rate),
+        ("orchestrator queue", sig.queue_depth),
+    ]
+    if current > 0:
+        if cfg.target_signal == "kv_utilization":
+            out.append(("KV use", sig.kv_utilization))
+        elif cfg.target_signal == "queue_per_replica":
+            out.append(("engine waiting", sig.engine_waiting))
+        else:
+            out.append(("engine requests", sig.in_flight))
+    return out
+
+
+def decide(
+    cfg: PolicyConfig,
+    state: PoolState,
+    sig: PoolSignals,
+    current: int,
+    now: float,
+    max_age_s: float,
+) -> Decision:
+    """One evaluation of one pool (see POLICY.md for every step)."""
+    _prune(
+        state,
+        now,
+        max(
+            cfg.scale_down_window_s,
+            cfg.scale_up_window_s,
+            cfg.panic_window_s,
+            cfg.scale_up_period_s,
+            cfg.scale_down_period_s,
+        ),
+    )
+    in_panic = state.panic_until is not None and now < state.panic_until
+
+    def done(desired: int, cause: Cause, reason: str, est: Estimates = Estimates()) -> Decision:
+        if desired != current:
+            state.changes.append((now, current, desired))
+            state.last_change_at = now
+        return Decision(current, desired, cause, reason, sig, est, in_panic)
+
+    if sig.age_s(now) > max_age_s:
+        state.idle_since = None
+        return done(
+            current,
+            Cause.STALE_HOLD,
+            f"signals {sig.age_s(now):.0f}s old (> {max_age_s:g}s): holding {current}",
+        )
+
+    notes: list[str] = []
+    cap_replicas, correction, forecast = _capacity(cfg, sig, state, now, notes)
+    tgt_replicas = _target(cfg, sig, current, notes)
+    extra = Estimates(cap_replicas, tgt_replicas, correction, forecast)
+    unknown = [name for name, value in _required(cfg, sig, current) if value is None]
+    partial = sig.reporting_replicas is not None and sig.reporting_replicas < current
+    if partial:
+        unknown.append(f"{current - (sig.reporting_replicas or 0)} replica(s) not reporting")
+
+    # From zero: queued requests wait in the orchestrator for a replica (activator); no window.
+    queued = sig.queue_depth or 0.0
+    if current == 0 and queued > 0:
+        state.idle_since = None
+        want = max(1, math.ceil(max(cap_replicas or 0.0, tgt_replicas or 0.0)))
+        want = min(want, cfg.max_replicas)
+        state.recommendations.append((now, want))
+        return done(want, Cause.FROM_ZERO, f"{queued:g} request(s) queued at 0 replicas", extra)
+
+    known = [v for v in (cap_replicas, tgt_replicas) if v is not None]
+    if not known:
+        state.idle_since = None
+        return done(
+            current,
+            Cause.UNKNOWN_HOLD,
+            f"unknown: {', '.join(unknown)}; holding {current}",
+            extra,
+        )
+    rec = min(max(math.ceil(max(known) - 1e-9), cfg.min_replicas), cfg.max_replicas)
+    reason = "; ".join(notes)
+
+    # Scale to zero only after a full idle period with every input known to be zero.
+    idle = (
+        sig.arrival_rate == 0
+        and sig.queue_depth == 0
+        and (sig.in_flight == 0 or (sig.in_flight is None and current == 0))
+        and not partial
+    )
+    if idle:
+        state.idle_since = now if state.idle_since is None else state.idle_since
+    else:
+        state.idle_since = None
+    if rec == 0 and cfg.min_replicas == 0:
+        idle_for = now - state.idle_since if state.idle_since is not None else 0.0
+        if idle_for < cfg.scale_to_zero_idle_s or not idle:
+            rec = 1 if current > 0 else 0
+            reason += f"; idle {idle_for:.0f}s < {cfg.scale_to_zero_idle_s:g}s: keeping {rec}"
+        elif current > 0:
+            state.recommendations.append((now, 0))
+            return done(0, Cause.TO_ZERO, f"idle for {idle_for:.0f}s: scale to zero", extra)
+    state.recommendations.append((now, rec))
+
+    # Panic (KPA): a burst far above the current count scales up on the short window at once,
+    # and nothing scales down until it has been calm for panic_hold_s.
+    if current > 0 and rec >= cfg.panic_threshold * current:
+        state.panic_until = now + cfg.panic_hold_s
+        in_panic = True
+    elif in_panic is False:
+        state.panic_until = None
+    if in_panic:
+        recent = _window(state.recommendations, now - cfg.panic_window_s) or [rec]
+        want = max(max(recent), current, state.panic_floor)
+        want = min(want, cfg.max_replicas)
+        state.panic_floor = want
+        return done(
+            want,
+            Cause.PANIC,
+            f"panic until {state.panic_until:.0f} (recommended {rec} >= "
+            f"{cfg.panic_threshold:g} x {current} at trigger); {reason}",
+            extra,
+        )
+    state.panic_floor = 0
+
+    # Stabilization (HPA): up to the min over the up-window, down to the max over the down-window.
+    lower = min(_window(state.recommendations, now - cfg.scale_up_window_s) or [rec])
+    upper = max(_window(state.recommendations, now - cfg.scale_down_window_s) or [rec])
+    desired = min(max(current, lower), upper)
+    cause = Cause.SCALE_UP if desired > current else Cause.STEADY
+    if desired < current:
+        cause = Cause.SCALE_DOWN
+    if desired != rec:
+        reason += (
+            f"; stabilized {rec} -> {desired} (up-window min {lower}, down-window max {upper})"
+        )
+        if desired == current:
+            cause = Cause.STABILIZING
+
+    # Unknown inputs never lower the count.
+    if desired < current and unknown:
+        return done(
+            current,
+            Cause.UNKNOWN_HOLD,
+            f"unknown: {', '.join(unknown)}; not scaling down; {reason}",
+            extra,
+        )
+    if desired < current and state.last_change_at is not None:
+        since = now - state.last_change_at
+        if since < cfg.cooldown_s:
+            return done(
+                current,
+                Cause.COOLDOWN,
+                f"cooldown: last change {since:.0f}s ago < {cfg.cooldown_s:g}s; {reason}",
+                extra,
+            )
+
+    # Rate limits (HPA policies), relative to the count at the start of the period.
+    if desired > current:
+        added = sum(
+            b - a for t, a, b in state.changes if t >= now - cfg.scale_up_period_s and b > a
+        )
+        base = max(0, current - added)
+        limit = max(
+            math.ceil(base * (1 + cfg.scale_up_max_percent / 100)), base + cfg.scale_up_max_pods
+        )
+        if desired > limit:
+            reason += f"; rate limit: at most {limit} in {cfg.scale_up_period_s:g}s"
+            desired, cause = max(current, limit), Cause.RATE_LIMIT
+    elif desired < current:
+        removed = sum(
+            a - b for t, a, b in state.changes if t >= now - cfg.scale_down_period_s and a > b
+        )
+        base = current + removed
+        limit = math.floor(base * (1 - cfg.scale_down_max_percent / 100))
+        if desired < limit:
+            reason += f"; rate limit: at least {limit} in {cfg.scale_down_period_s:g}s"
+            desired, cause = min(current, limit), Cause.RATE_LIMIT
+    if desired > current and unknown:
+        reason += f"; unknown: {', '.join(unknown)}"
+    return done(desired, cause, reason, extra)

@@ -1,0 +1,285 @@
+"""Table-driven policy tests: each case is a pool's config and a timeline of evaluations on a fake
+clock, with the desired count and cause expected after each step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from services.autoscaler.policy import (
+    Cause,
+    CostConfig,
+    PolicyConfig,
+    PoolState,
+    decide,
+    replica_capacity,
+)
+from services.autoscaler.signals import PoolSignals
+
+MAX_AGE = 30.0
+# Target tracking on 10 requests per replica; no windows, cooldown or rate limits unless a case
+# sets them, so each case shows one mechanism.
+BASE: dict[str, Any] = {
+    "target_value": 10,
+    "scale_down_window_s": 0,
+    "cooldown_s": 0,
+    "panic_threshold": 100,
+    "scale_up_max_pods": 100,
+    "scale_to_zero_idle_s": 60,
+}
+
+
+def sig(t: float, current: int, **kw: Any) -> PoolSignals:
+    """Fully known idle signals at `t`, overridden by `kw`; `load` sets engine active requests."""
+    values: dict[str, Any] = {
+        "sampled_at": t,
+        "replicas_known": current,
+        "reporting_replicas": current,
+        "engine_active": float(kw.pop("load", 0.0)),
+        "engine_waiting": 0.0,
+        "kv_utilization": 0.0,
+        "queue_depth": 0.0,
+        "arrival_rate": 0.0,
+        "prompt_tokens_rate": 0.0,
+        "completion_tokens_rate": 0.0,
+    }
+    values.update(kw)
+    return PoolSignals(**values)
+
+
+@dataclass
+class Step:
+    t: float
+    current: int
+    desired: int
+    cause: Cause
+    signals: dict[str, Any] = field(default_factory=dict)
+
+
+CASES: dict[str, tuple[dict[str, Any], list[Step]]] = {
+    "steady at target": ({}, [Step(0, 2, 2, Cause.STEADY, {"load": 20})]),
+    "within tolerance": ({}, [Step(0, 2, 2, Cause.STEADY, {"load": 21})]),
+    "scale up at once": ({}, [Step(0, 2, 3, Cause.SCALE_UP, {"load": 30})]),
+    "queue counts as demand": (
+        {},
+        [Step(0, 2, 3, Cause.SCALE_UP, {"load": 20, "queue_depth": 10.0})],
+    ),
+    "down window holds the max": (
+        {"scale_down_window_s": 300},
+        [
+            Step(0, 4, 4, Cause.STEADY, {"load": 40}),
+            Step(100, 4, 4, Cause.STABILIZING, {"load": 10}),
+            Step(301, 4, 1, Cause.SCALE_DOWN, {"load": 10}),
+        ],
+    ),
+    "up window holds the min": (
+        {"scale_up_window_s": 30},
+        [
+            Step(0, 2, 2, Cause.STEADY, {"load": 20}),
+            Step(10, 2, 2, Cause.STABILIZING, {"load": 40}),
+            Step(31, 2, 4, Cause.SCALE_UP, {"load": 40}),
+        ],
+    ),
+    "panic scales on the short window and holds": (
+        {"panic_threshold": 2, "panic_hold_s": 60, "scale_down_window_s": 0},
+        [
+            Step(0, 2, 8, Cause.PANIC, {"load": 80}),
+            Step(10, 8, 8, Cause.PANIC, {"load": 0}),
+            Step(61, 8, 1, Cause.SCALE_DOWN, {"load": 0}),
+        ],
+    ),
+    "max clamps": ({"max_replicas": 5}, [Step(0, 4, 5, Cause.SCALE_UP, {"load": 200})]),
+    "min clamps": ({"min_replicas": 3}, [Step(0, 3, 3, Cause.STEADY, {"load": 0})]),
+    "cooldown after a change": (
+        {"cooldown_s": 30},
+        [
+            Step(0, 2, 4, Cause.SCALE_UP, {"load": 40}),
+            Step(10, 4, 4, Cause.COOLDOWN, {"load": 10}),
+            Step(41, 4, 1, Cause.SCALE_DOWN, {"load": 10}),
+        ],
+    ),
+    "scale-up rate limit": (
+        {"scale_up_max_pods": 1, "scale_up_max_percent": 0, "scale_up_period_s": 15},
+        [
+            Step(0, 2, 3, Cause.RATE_LIMIT, {"load": 50}),
+            Step(5, 3, 3, Cause.RATE_LIMIT, {"load": 50}),
+            Step(16, 3, 4, Cause.RATE_LIMIT, {"load": 50}),
+        ],
+    ),
+    "scale-down rate limit": (
+        {"scale_down_max_percent": 50},
+        [Step(0, 4, 2, Cause.RATE_LIMIT, {"load": 0})],
+    ),
+    "to zero after the idle period": (
+        {"min_replicas": 0},
+        [
+            Step(0, 1, 1, Cause.STEADY),
+            Step(30, 1, 1, Cause.STEADY),
+            Step(61, 1, 0, Cause.TO_ZERO),
+            Step(62, 0, 0, Cause.STEADY),
+        ],
+    ),
+    "an arrival restarts the idle period": (
+        {"min_replicas": 0},
+        [
+            Step(0, 1, 1, Cause.STEADY),
+            Step(30, 1, 1, Cause.STEADY, {"arrival_rate": 0.01}),
+            Step(61, 1, 1, Cause.STEADY),
+            Step(121, 1, 0, Cause.TO_ZERO),
+        ],
+    ),
+    "unknown queue blocks zero": (
+        {"min_replicas": 0},
+        [
+            Step(0, 1, 1, Cause.STEADY, {"queue_depth": None}),
+            Step(61, 1, 1, Cause.STEADY, {"queue_depth": None}),
+        ],
+    ),
+    "from zero at once when requests queue": (
+        {"min_replicas": 0, "scale_up_window_s": 60},
+        [Step(0, 0, 1, Cause.FROM_ZERO, {"queue_depth": 3.0, "reporting_replicas": 0})],
+    ),
+    "from zero sized by the queue": (
+        {"min_replicas": 0},
+        [Step(0, 0, 3, Cause.FROM_ZERO, {"queue_depth": 25.0, "reporting_replicas": 0})],
+    ),
+    "zero stays zero without demand": ({"min_replicas": 0}, [Step(0, 0, 0, Cause.STEADY)]),
+    "unknown arrival rate holds": (
+        {},
+        [Step(0, 3, 3, Cause.UNKNOWN_HOLD, {"arrival_rate": None})],
+    ),
+    "unknown engines hold": (
+        {},
+        [Step(0, 3, 3, Cause.UNKNOWN_HOLD, {"engine_active": None, "engine_waiting": None})],
+    ),
+    "nothing known holds": (
+        {},
+        [Step(0, 3, 3, Cause.UNKNOWN_HOLD, {"arrival_rate": None, "queue_depth": None})],
+    ),
+    "unknown input still scales up on a known one": (
+        {},
+        [Step(0, 2, 4, Cause.SCALE_UP, {"arrival_rate": None, "load": 40})],
+    ),
+    "a replica not reporting blocks scale-down": (
+        {},
+        [Step(0, 3, 3, Cause.UNKNOWN_HOLD, {"reporting_replicas": 2})],
+    ),
+    "stale signals hold": (
+        {},
+        [Step(100, 3, 3, Cause.STALE_HOLD, {"sampled_at": 100 - MAX_AGE - 1})],
+    ),
+    # Dynamo #6985: at zero traffic latency percentiles are NaN (unknown); that alone must not
+    # block a scale-down, since no latency means nothing to correct.
+    "no latency at zero traffic still scales down": (
+        {},
+        [Step(0, 3, 1, Cause.SCALE_DOWN, {"ttft_p90_s": None, "itl_p90_s": None})],
+    ),
+    "KV use target": (
+        {"target_signal": "kv_utilization", "target_value": 0.5},
+        [Step(0, 2, 3, Cause.SCALE_UP, {"kv_utilization": 0.7})],
+    ),
+    "queue per replica target": (
+        {"target_signal": "queue_per_replica", "target_value": 2},
+        [Step(0, 2, 4, Cause.SCALE_UP, {"engine_waiting": 4.0, "queue_depth": 4.0})],
+    ),
+}
+
+
+@pytest.mark.parametrize(("overrides", "steps"), list(CASES.values()), ids=list(CASES))
+def test_policy_timeline(overrides: dict[str, Any], steps: list[Step]) -> None:
+    cfg = PolicyConfig(**{**BASE, **overrides})
+    state = PoolState()
+    for step in steps:
+        kw = dict(step.signals)
+        s = sig(kw.pop("sampled_at", step.t), step.current, **kw)
+        d = decide(cfg, state, s, step.current, step.t, MAX_AGE)
+        assert (d.desired, d.cause) == (step.desired, step.cause), f"t={step.t}: {d.reason}"
+        assert d.reason
+
+
+def capacity_replicas(cfg: PolicyConfig, rate: float, prompt: float, completion: float) -> float:
+    cap = replica_capacity(cfg.cost, cfg.slo_ttft_s, cfg.slo_itl_s, prompt, completion)
+    return rate / (cap.requests_per_s * cfg.cost.utilization)
+
+
+@pytest.mark.parametrize(
+    ("ttft", "itl", "correction"),
+    [(None, None, 1.0), (1.0, 0.01, 1.0), (3.0, None, 1.5), (None, 0.5, 2.0), (100.0, 1.0, 2.0)],
+)
+def test_capacity_model_with_latency_correction(
+    ttft: float | None, itl: float | None, correction: float
+) -> None:
+    cfg = PolicyConfig(**BASE, max_replicas=1000, slo_ttft_s=2.0, slo_itl_s=0.05)
+    rate, prompt, completion = 100.0, 400.0, 200.0
+    s = sig(
+        0,
+        1,
+        arrival_rate=rate,
+        prompt_tokens_rate=rate * prompt,
+        completion_tokens_rate=rate * completion,
+        ttft_p90_s=ttft,
+        itl_p90_s=itl,
+    )
+    d = decide(cfg, PoolState(), s, 1, 0, MAX_AGE)
+    expected = capacity_replicas(cfg, rate, prompt, completion) * correction
+    assert d.estimates.correction == pytest.approx(correction)
+    assert d.estimates.capacity_replicas == pytest.approx(expected)
+    assert d.desired == math.ceil(expected)
+
+
+@pytest.mark.parametrize(("slo_itl", "batch_at_most"), [(0.05, 64), (0.0075, 63), (0.001, 1)])
+def test_replica_capacity_batch_meets_the_itl_slo(slo_itl: float, batch_at_most: int) -> None:
+    cost = CostConfig()
+    cap = replica_capacity(cost, 2.0, slo_itl, 512, 256)
+    assert 1 <= cap.batch <= batch_at_most
+    assert cap.meets_slo is (cap.decode_step_s <= slo_itl)
+    # One more sequence would break the ITL SLO, unless the batch is already the engine's max.
+    if cap.batch < cost.max_batch_size and cap.meets_slo:
+        bigger = replica_capacity(
+            cost.model_copy(update={"max_batch_size": cap.batch}), 2.0, 1, 512, 256
+        )
+        assert bigger.decode_step_s <= cap.decode_step_s
+    assert cap.requests_per_s == pytest.approx(
+        1 / (cap.prefill_s + 256 * cap.decode_step_s / cap.batch)
+    )
+
+
+def test_time_scale_scales_capacity() -> None:
+    slow = replica_capacity(CostConfig(time_scale=1.0), 2.0, 0.05, 512, 256)
+    fast = replica_capacity(CostConfig(time_scale=0.01), 2.0, 0.05 * 0.01, 512, 256)
+    assert fast.requests_per_s == pytest.approx(slow.requests_per_s * 100)
+
+
+def test_forecast_leads_a_rising_arrival_rate() -> None:
+    cfg = PolicyConfig(**BASE, forecast=True, forecast_horizon_s=30, max_replicas=1000)
+    state = PoolState()
+    rates = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    for i, r in enumerate(rates):
+        d = decide(cfg, state, sig(i * 5.0, 1, arrival_rate=r), 1, i * 5.0, MAX_AGE)
+    assert d.estimates.forecast_arrival_rate is not None
+    assert d.estimates.forecast_arrival_rate > rates[-1]
+    without = decide(
+        PolicyConfig(**BASE, max_replicas=1000), PoolState(), sig(0, 1, arrival_rate=6.0), 1, 0, 30
+    )
+    assert d.estimates.capacity_replicas is not None
+    assert without.estimates.capacity_replicas is not None
+    assert d.estimates.capacity_replicas > without.estimates.capacity_replicas
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"min_replicas": 5, "max_replicas": 2}, "min_replicas"),
+        ({"target_signal": "kv_utilization", "target_value": 2}, "kv_utilization"),
+        ({"cost": {"profile": "nope"}}, "unknown cost profile"),
+        ({"panic_threshold": 0.5}, "panic_threshold"),
+        ({"bogus": 1}, "bogus"),
+    ],
+)
+def test_invalid_config_is_a_clear_error(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        PolicyConfig(**fields)

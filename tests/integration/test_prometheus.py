@@ -1,0 +1,308 @@
+"""The autoscaler's PromQL source against a real Prometheus (Debian's package, unpacked by `make
+setup` into .build/prometheus) scraping the local mesh: after load it reads the same signals as
+the direct-scrape source, and NaN/empty answers are unknown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import yaml
+
+from llmmesh.gateway.v1 import gateway_pb2 as pb
+from llmmesh.netutil import free_port
+from services.autoscaler.actuators.contracts import PoolKey
+from services.autoscaler.signals import (
+    EngineTarget,
+    PoolSignals,
+    PromQLConfig,
+    PromQLSource,
+    ScrapeSource,
+)
+from tests.integration.conftest import Mesh, eventually, metric
+
+pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMETHEUS = ROOT / ".build" / "prometheus" / "usr" / "bin" / "prometheus"
+MODEL = "smollm2-135m-instruct"
+KEY = PoolKey("default", "v1")
+SCRAPE_S = 1
+MAX_AGE_S = 10.0
+MIN_SAMPLES = 20
+
+
+@dataclass
+class Prometheus:
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+def prometheus_config(mesh: Mesh) -> dict[str, object]:
+    """Scrape jobs like mesh/observability/prometheus: engine series get the target labels pool,
+    model_version and replica (the orchestrator's replica id)."""
+    services = mesh.mesh.services
+
+    def hostport(url: str) -> str:
+        return url.split("//", 1)[1].split("/", 1)[0]
+
+    return {
+        "global": {"scrape_interval": f"{SCRAPE_S}s", "scrape_timeout": f"{SCRAPE_S}s"},
+        "scrape_configs": [
+            {
+                "job_name": "triton",
+                "static_configs": [
+                    {
+                        "targets": [hostport(t.metrics_url)],
+                        "labels": {
+                            "pool": KEY.pool,
+                            "model_version": KEY.model_version,
+                            "replica": rid,
+                        },
+                    }
+                    for rid, t in zip(mesh.mesh.replica_ids, mesh.mesh.tritons, strict=True)
+                ],
+            },
+            *(
+                {
+                    "job_name": name,
+                    "static_configs": [{"targets": [f"127.0.0.1:{services[name].metrics_port}"]}],
+                }
+                for name in ("orchestrator", "gateway")
+            ),
+        ],
+    }
+
+
+def ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as resp:
+            return int(resp.status) == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def running_prometheus(mesh: Mesh) -> Iterator[Prometheus]:
+    if not PROMETHEUS.is_file():
+        pytest.fail(f"{PROMETHEUS} missing: run `make setup` (unpacks Debian's prometheus package)")
+    with tempfile.TemporaryDirectory(prefix="llmmesh-prom-") as tmp:
+        work = Path(tmp)
+        config = work / "prometheus.yml"
+        config.write_text(yaml.safe_dump(prometheus_config(mesh)))
+        log = work / "prometheus.log"
+        proc: subprocess.Popen[bytes] | None = None
+        try:
+            for _ in range(3):
+                # A port picked free can be taken before Prometheus binds it: then it exits.
+                port = free_port()
+                with log.open("ab") as out:
+                    proc = subprocess.Popen(
+                        [
+                            str(PROMETHEUS),
+                            f"--config.file={config}",
+                            f"--storage.tsdb.path={work / 'data'}",
+                            f"--web.listen-address=127.0.0.1:{port}",
+                        ],
+                        stdout=out,
+                        stderr=out,
+                    )
+                url = f"http://127.0.0.1:{port}"
+                deadline = time.monotonic() + 60
+                while proc.poll() is None and not ready(url) and time.monotonic() < deadline:
+                    time.sleep(0.1)  # polling the readiness endpoint of a child process
+                if proc.poll() is None and ready(url):
+                    yield Prometheus(url, proc, log)
+                    return
+                proc.kill()
+                proc.wait()
+            pytest.fail(f"prometheus did not start:\n{log.read_text(errors='replace')[-4000:]}")
+        finally:
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def prometheus(mesh: Mesh) -> AsyncIterator[Prometheus]:
+    with running_prometheus(mesh) as p:
+        yield p
+
+
+def promql(prom: Prometheus, window_s: float) -> PromQLSource:
+    return PromQLSource(
+        PromQLConfig(
+            base_url=prom.url,
+            timeout_s=5,
+            rate_window_s=window_s,
+            max_age_s=MAX_AGE_S,
+            engine_selector='job="triton"',
+            orchestrator_selector='job="orchestrator"',
+            gateway_selector='job="gateway"',
+        ),
+        {KEY: MODEL},
+    )
+
+
+def scrape_source(mesh: Mesh) -> ScrapeSource:
+    services = mesh.mesh.services
+    targets = [
+        EngineTarget(rid, t.metrics_url, KEY)
+        for rid, t in zip(mesh.mesh.replica_ids, mesh.mesh.tritons, strict=True)
+    ]
+
+    async def discover() -> list[EngineTarget]:
+        return targets
+
+    return ScrapeSource(
+        targets=discover,
+        orchestrator_url=f"http://127.0.0.1:{services['orchestrator'].metrics_port}/metrics",
+        gateway_url=f"http://127.0.0.1:{services['gateway'].metrics_port}/metrics",
+        pool_models={KEY: MODEL},
+        timeout_s=5,
+        rate_window_s=3600,  # every point the test took: the PromQL window is chosen to match
+        max_age_s=MAX_AGE_S,
+    )
+
+
+async def generate(mesh: Mesh, n: int, max_tokens: int) -> None:
+    async def one(i: int) -> None:
+        req = pb.GenerateRequest(
+            model=MODEL,
+            token_ids=pb.TokenIds(ids=list(range(2000 + i, 2064 + i))),
+            sampling=pb.SamplingParams(max_tokens=max_tokens, seed=i),
+        )
+        async for _ in mesh.gateway.Generate(req, timeout=60):
+            pass
+
+    await asyncio.gather(*(one(i) for i in range(n)))
+
+
+async def vector_len(source: PromQLSource, query: str) -> int:
+    got = await source.query(query)
+    return len(got or [])
+
+
+def close(a: float | None, b: float | None, rel: float, abs_: float = 1e-9) -> bool:
+    if a is None or b is None:
+        return a is b
+    return math.isclose(a, b, rel_tol=rel, abs_tol=abs_)
+
+
+@pytest.mark.timeout(300)
+async def test_promql_source_matches_scrape_source(mesh: Mesh, prometheus: Prometheus) -> None:
+    gw_metrics = f"http://127.0.0.1:{mesh.mesh.services['gateway'].metrics_port}/metrics"
+    probe = promql(prometheus, 60)
+    # The model's series exist (one request) and Prometheus has them before the measurement.
+    await generate(mesh, 1, 4)
+    await eventually(
+        lambda: _has(probe, 'llmmesh_gateway_tokens_total{job="gateway"}'),
+        timeout_s=60,
+        what="prometheus scraped the gateway",
+    )
+    await eventually(
+        lambda: _has(probe, 'llmmesh_orchestrator_decisions_total{job="orchestrator"}'),
+        timeout_s=60,
+        what="prometheus scraped the orchestrator",
+    )
+    scrape = scrape_source(mesh)
+    start = time.time()
+    await scrape.collect(start)
+
+    async def scraping() -> None:
+        # The direct source reads at Prometheus' pace, as the autoscaler loop would.
+        while True:
+            await asyncio.sleep(SCRAPE_S)
+            await scrape.collect(time.time())
+
+    collector = asyncio.create_task(scraping())
+    try:
+
+        async def covered() -> bool:
+            # Rates over a window of a few scrapes are mostly extrapolation: measure over one
+            # that Prometheus sampled MIN_SAMPLES times since the direct source's first point.
+            window = math.ceil(time.time() - start)
+            got = await probe.query(f'count_over_time(up{{job="gateway"}}[{window}s])')
+            return got is not None and len(got) == 1 and (got[0][1] or 0) >= MIN_SAMPLES
+
+        await eventually(covered, timeout_s=120, what=f"{MIN_SAMPLES} scrapes in the window")
+        await generate(mesh, 24, 16)
+        requests = metric(gw_metrics, "llmmesh_gateway_requests_total")
+
+        async def prometheus_caught_up() -> bool:
+            got = await probe.query('sum(llmmesh_gateway_requests_total{job="gateway"})')
+            return got is not None and len(got) == 1 and got[0][1] == requests
+
+        await eventually(prometheus_caught_up, timeout_s=60, what="prometheus saw every request")
+        await eventually(lambda: _idle(probe), timeout_s=60, what="prometheus saw the engines idle")
+    finally:
+        collector.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await collector
+    now = time.time()
+    direct = (await scrape.collect(now))[KEY]
+    # The same window for both: from the direct source's first point to now.
+    via_prom = (await promql(prometheus, now - start).collect(now))[KEY]
+
+    assert direct.reporting_replicas == via_prom.reporting_replicas == len(mesh.mesh.tritons)
+    assert direct.replicas_known == via_prom.replicas_known
+    assert (direct.engine_active, direct.engine_waiting) == (0.0, 0.0)
+    assert (via_prom.engine_active, via_prom.engine_waiting) == (0.0, 0.0)
+    assert close(direct.kv_utilization, via_prom.kv_utilization, rel=1e-6)
+    if direct.queue_depth is not None:
+        assert direct.queue_depth == via_prom.queue_depth == 0.0
+    assert direct.arrival_rate is not None
+    assert direct.arrival_rate > 0
+    assert direct.prompt_tokens_rate is not None
+    assert direct.prompt_tokens_rate > 0
+    # Rates: Prometheus extrapolates to the window's edges (half a scrape interval each).
+    for name in ("arrival_rate", "prompt_tokens_rate", "completion_tokens_rate"):
+        a, b = getattr(direct, name), getattr(via_prom, name)
+        assert close(a, b, rel=0.25), f"{name}: direct {a} vs prometheus {b}"
+    # Percentiles: the same bucket increases, interpolated the same way.
+    for name in ("ttft_p90_s", "itl_p90_s", "queue_wait_p90_s"):
+        a, b = getattr(direct, name), getattr(via_prom, name)
+        assert close(a, b, rel=0.15, abs_=1e-3), f"{name}: direct {a} vs prometheus {b}"
+    assert direct.ttft_p90_s is not None
+
+
+async def test_nan_and_empty_answers_are_unknown(mesh: Mesh, prometheus: Prometheus) -> None:
+    source = promql(prometheus, 60)
+    assert await source.query("0 / 0") == [({}, None)]
+    assert await source.query("llmmesh_no_such_metric") == []
+    assert await source.query("this is not promql") is None  # a 400 answer: unknown, no raise
+    # No request in the last window: rates are 0 and every percentile is NaN -> unknown.
+    idle = promql(prometheus, SCRAPE_S * 2)
+    await eventually(lambda: _idle(idle), timeout_s=60, what="engines idle")
+
+    async def quiet() -> bool:
+        s: PoolSignals = (await idle.collect(time.time()))[KEY]
+        return s.arrival_rate == 0.0
+
+    await eventually(quiet, timeout_s=60, what="no admissions in the window")
+    s = (await idle.collect(time.time()))[KEY]
+    assert (s.ttft_p90_s, s.itl_p90_s) == (None, None)
+
+
+async def _has(source: PromQLSource, query: str) -> bool:
+    return await vector_len(source, query) > 0
+
+
+async def _idle(source: PromQLSource) -> bool:
+    s = (await source.collect(time.time())).get(KEY)
+    return s is not None and s.engine_active == 0.0 and s.engine_waiting == 0.0
