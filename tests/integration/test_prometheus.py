@@ -7,11 +7,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +44,7 @@ MIN_SAMPLES = 20
 @dataclass
 class Prometheus:
     url: str
-    proc: subprocess.Popen[bytes]
+    proc: asyncio.subprocess.Process
     log: Path
 
 
@@ -93,8 +92,18 @@ def ready(url: str) -> bool:
         return False
 
 
-@contextlib.contextmanager
-def running_prometheus(mesh: Mesh) -> Iterator[Prometheus]:
+async def wait_ready(proc: asyncio.subprocess.Process, url: str, timeout_s: float) -> bool:
+    """Poll the readiness endpoint (off the event loop) until ready, exited or timed out."""
+    deadline = time.monotonic() + timeout_s
+    while proc.returncode is None and time.monotonic() < deadline:
+        if await asyncio.to_thread(ready, url):
+            return True
+        await asyncio.sleep(0.1)  # polling a child process's readiness endpoint
+    return False
+
+
+@contextlib.asynccontextmanager
+async def running_prometheus(mesh: Mesh) -> AsyncIterator[Prometheus]:
     if not PROMETHEUS.is_file():
         pytest.fail(f"{PROMETHEUS} missing: run `make setup` (unpacks Debian's prometheus package)")
     with tempfile.TemporaryDirectory(prefix="llmmesh-prom-") as tmp:
@@ -102,45 +111,41 @@ def running_prometheus(mesh: Mesh) -> Iterator[Prometheus]:
         config = work / "prometheus.yml"
         config.write_text(yaml.safe_dump(prometheus_config(mesh)))
         log = work / "prometheus.log"
-        proc: subprocess.Popen[bytes] | None = None
+        proc: asyncio.subprocess.Process | None = None
         try:
             for _ in range(3):
                 # A port picked free can be taken before Prometheus binds it: then it exits.
                 port = free_port()
                 with log.open("ab") as out:
-                    proc = subprocess.Popen(
-                        [
-                            str(PROMETHEUS),
-                            f"--config.file={config}",
-                            f"--storage.tsdb.path={work / 'data'}",
-                            f"--web.listen-address=127.0.0.1:{port}",
-                        ],
+                    proc = await asyncio.create_subprocess_exec(
+                        str(PROMETHEUS),
+                        f"--config.file={config}",
+                        f"--storage.tsdb.path={work / 'data'}",
+                        f"--web.listen-address=127.0.0.1:{port}",
                         stdout=out,
                         stderr=out,
                     )
                 url = f"http://127.0.0.1:{port}"
-                deadline = time.monotonic() + 60
-                while proc.poll() is None and not ready(url) and time.monotonic() < deadline:
-                    time.sleep(0.1)  # polling the readiness endpoint of a child process
-                if proc.poll() is None and ready(url):
+                if await wait_ready(proc, url, 60.0):
                     yield Prometheus(url, proc, log)
                     return
-                proc.kill()
-                proc.wait()
+                if proc.returncode is None:
+                    proc.kill()
+                await proc.wait()
             pytest.fail(f"prometheus did not start:\n{log.read_text(errors='replace')[-4000:]}")
         finally:
-            if proc is not None and proc.poll() is None:
+            if proc is not None and proc.returncode is None:
                 proc.terminate()
                 try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
+                    await asyncio.wait_for(proc.wait(), 15)
+                except TimeoutError:
                     proc.kill()
-                    proc.wait()
+                    await proc.wait()
 
 
 @pytest_asyncio.fixture(loop_scope="session")
 async def prometheus(mesh: Mesh) -> AsyncIterator[Prometheus]:
-    with running_prometheus(mesh) as p:
+    async with running_prometheus(mesh) as p:
         yield p
 
 
