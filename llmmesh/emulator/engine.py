@@ -124,13 +124,18 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="emulator-engine", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop the loop; requests still in flight end with an error."""
+    def stop(self, timeout_s: float = 5.0) -> bool:
+        """Stop the loop, waiting at most `timeout_s` for the step in progress; requests still in
+        flight end with an error. True if the engine thread has ended."""
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
+        ended = True
         if self._thread is not None:
             self._thread.join(timeout_s)
+            ended = not self._thread.is_alive()
+            if not ended:
+                log.warning("engine thread did not stop within %.1fs", timeout_s)
         with self._lock:
             left = list(self._sinks.items())
             self._sinks.clear()
@@ -139,6 +144,7 @@ class Engine:
         self._notify_cancelled()
         for _, sink in left:
             _call(sink.on_error, "engine stopped")
+        return ended
 
     # ----------------------------------------------------------------- requests
     def submit(self, request: GenerationRequest, sink: RequestSink) -> None:

@@ -12,13 +12,15 @@ whenever the registry cannot have a gap-free stream:
 - after a failed call (registry unreachable; retried with exponential backoff),
 - when the registry answers `resync_required`.
 Queued events numbered before the snapshot are discarded; later ones follow it without a gap.
-`stop()` flushes what is queued (one attempt) and closes the channel.
+`stop()` flushes what is queued (one attempt per batch, no snapshot, no retry) within a deadline,
+then closes the channel, which cancels a call still in flight, so it never outlasts its timeout.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -30,6 +32,8 @@ from llmmesh.kvblocks import BlockConfig
 from llmmesh.kvregistry.v1 import kvregistry_pb2, kvregistry_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+_CLOSE_GRACE_S = 1.0  # how long stop() waits for the thread after closing the channel
 
 
 def event_to_proto(ev: KvEvent) -> kvregistry_pb2.KvEvent:
@@ -78,6 +82,7 @@ class KvEventPublisher:
         self._queue: deque[KvEvent] = deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._flush_deadline = 0.0  # monotonic; set by stop()
         self._overflowed = False
         self._need_snapshot = True
         self._min_sequence = 0
@@ -120,15 +125,28 @@ class KvEventPublisher:
         with self._cond:
             return len(self._queue)
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Flush queued events (one attempt), stop the thread and close the channel."""
+    def stop(self, timeout_s: float = 5.0) -> bool:
+        """Flush queued events for at most `timeout_s` (one attempt per batch; nothing is sent if
+        a snapshot is due, since the queue alone would leave a gap), then close the channel, which
+        cancels a call still in flight. True if the thread has ended."""
         with self._cond:
             self._stopping = True
+            self._flush_deadline = time.monotonic() + max(0.0, timeout_s)
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s)
         if self._channel is not None:
             self._channel.close()
+        if thread is not None and thread.is_alive():
+            # Closing the channel fails a call in flight at once; the thread then returns.
+            thread.join(_CLOSE_GRACE_S)
+        ended = thread is None or not thread.is_alive()
+        if not ended:
+            log.warning("KV event publisher thread did not stop within %.1fs", timeout_s)
+        elif self.queued:
+            log.info("KV event publisher stopped with %d events unsent", self.queued)
+        return ended
 
     # ----------------------------------------------------------------- thread
     def _run(self) -> None:
@@ -157,8 +175,13 @@ class KvEventPublisher:
                     backoff = min(backoff * 2, self._max_backoff_s)
 
     def _next_batches(self) -> list[list[KvEvent]] | None:
-        """Wait for work; None when stopping with nothing left to do."""
+        """Wait for work; None when stopping with nothing left to do (or nothing that may be
+        sent: a snapshot is not taken once stopping, nor anything sent past the deadline)."""
         with self._cond:
+            if self._stopping and (
+                self._need_snapshot or self._overflowed or time.monotonic() >= self._flush_deadline
+            ):
+                return None
             if self._overflowed:
                 self._overflowed = False
                 self._need_snapshot = True
@@ -206,8 +229,14 @@ class KvEventPublisher:
             hash_seed=self.block_config.hash_seed,
             events=[event_to_proto(e) for e in batch],
         )
+        timeout = self._rpc_timeout_s
+        with self._cond:
+            if self._stopping:  # the final flush never outlasts stop()'s deadline
+                timeout = min(timeout, max(0.0, self._flush_deadline - time.monotonic()))
+        if timeout <= 0:
+            return "failed"
         try:
-            resp = stub.PublishEvents(req, timeout=self._rpc_timeout_s)
+            resp = stub.PublishEvents(req, timeout=timeout)
         except grpc.RpcError as exc:
             self.failures += 1
             if self.failures == 1 or self.failures % 100 == 0:

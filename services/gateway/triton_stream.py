@@ -7,6 +7,7 @@ grpc.aio channels: tritonclient's aio `stream_infer` cannot set the reserved req
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -15,6 +16,9 @@ import grpc
 import numpy as np
 import numpy.typing as npt
 from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+# Seconds to wait for a finished stream's end of stream (it follows the final response at once).
+END_OF_STREAM_TIMEOUT_S = 5.0
 
 
 class TritonStreamError(Exception):
@@ -158,9 +162,11 @@ class TritonPool:
                 if msg.error_message:
                     raise TritonStreamError(msg.error_message, replica_fault=False)
                 chunk = parse_response(msg.infer_response)
-                yield chunk
                 if chunk.final:
+                    await _read_to_end(call)
+                    yield chunk
                     return
+                yield chunk
         except grpc.aio.AioRpcError as err:
             code = err.code()
             if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -178,3 +184,20 @@ class TritonPool:
         for channel, _ in self._stubs.values():
             await channel.close(None)
         self._stubs.clear()
+
+
+async def _read_to_end(call: grpc.aio.StreamStreamCall[Any, Any]) -> None:
+    """Read a finished stream's end of stream and status instead of cancelling it.
+
+    Invariant: a stream is never cancelled after its final response. Triton 2.51's gRPC frontend
+    leaks the state of a decoupled stream cancelled in that window (its cancellation callback
+    never comes), which keeps the model loaded at shutdown: the server then waits out its exit
+    timeout and exits 1. `done_writing` was sent with the request, so the stream ends at once;
+    the bound only guards a misbehaving replica (then `stream`'s cleanup cancels it)."""
+    try:
+        async with asyncio.timeout(END_OF_STREAM_TIMEOUT_S):
+            while await call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                pass
+            await call.code()
+    except (TimeoutError, grpc.aio.AioRpcError):
+        pass

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -52,7 +54,7 @@ def test_addresses_and_command(tmp_path: Path) -> None:
     assert server.grpc_address == "127.0.0.1:1"
     assert server.http_url == "http://127.0.0.1:2"
     assert server.metrics_url == "http://127.0.0.1:3/metrics"
-    assert (server.pid, server.is_running) == (None, False)
+    assert (server.pid, server.is_running, server.returncode) == (None, False, None)
     cmd = server.command()
     assert "--grpc-address=127.0.0.1" in cmd
     assert "--metrics-port=3" in cmd
@@ -84,3 +86,39 @@ async def test_start_kill_and_stop(tmp_path: Path) -> None:
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # reaped, not a zombie
     assert await server.stop() == -9  # already dead: stop() just reports it
+    assert server.returncode == -9
+
+
+class _ExitsLeavingAChild(TritonServer):
+    """A "server" that starts a child in its process group and exits 1 without stopping it, as
+    tritonserver does with its backend stubs when its exit timeout expires."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        super().__init__(tmp_path, TritonPorts(grpc=1, http=2, metrics=3))
+        self.child_pid_file = tmp_path / "child.pid"
+
+    def command(self) -> list[str]:
+        return ["/bin/sh", "-c", f"sleep 3600 & echo $! > {self.child_pid_file}; exit 1"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+async def test_stop_reports_the_exit_status_and_kills_left_over_children(tmp_path: Path) -> None:
+    server = _ExitsLeavingAChild(tmp_path)
+    server._spawn()
+    assert server._proc is not None
+    server._proc.wait()  # the leader has exited; its child lives on in the group
+    child = int(server.child_pid_file.read_text())
+    assert _alive(child)
+    assert await server.stop() == 1
+    assert server.returncode == 1
+    deadline = time.monotonic() + 10
+    while _alive(child):
+        assert time.monotonic() < deadline, "left-over child not killed"
+        await asyncio.sleep(0.01)

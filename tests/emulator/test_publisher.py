@@ -222,3 +222,30 @@ def test_publish_never_blocks_when_registry_hangs() -> None:
         assert time.monotonic() - t < 2.0
     finally:
         h.pub.stop(timeout_s=2.0)
+
+
+def test_stop_is_bounded_when_a_call_hangs(registry: tuple[FakeRegistry, str]) -> None:
+    reg, target = registry
+    reg.gate.clear()  # the registry accepts calls but never answers them
+    h = Harness(target, rpc_timeout_s=3600.0)
+    h.pub.start()
+    try:
+        wait_for(lambda: h.pub.snapshots == 1)  # the first snapshot is being sent
+        h.admit("a", list(range(9)))
+        # The flush gives up at the deadline and closing the channel ends the hung call: the
+        # thread is gone when stop() returns, not an hour later.
+        assert h.pub.stop(timeout_s=0.2) is True
+        assert h.pub._thread is not None
+        assert not h.pub._thread.is_alive()
+    finally:
+        reg.gate.set()
+
+
+def test_stop_sends_no_snapshot(registry: tuple[FakeRegistry, str]) -> None:
+    reg, target = registry
+    h = Harness(target, interval_s=30.0)
+    h.admit("a", list(range(9)))
+    h.pub.start()  # the first thing due is a snapshot
+    assert h.pub.stop() is True
+    assert h.pub.snapshots in (0, 1)  # taken only if the thread got there before stop()
+    assert len(reg.requests) == h.pub.snapshots

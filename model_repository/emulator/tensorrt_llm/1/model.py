@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Callable
 from typing import Any
 
 
@@ -48,6 +49,10 @@ log = logging.getLogger("llmmesh.emulator.model")
 
 REQUEST_TYPES = ("active", "max", "scheduled", "context", "waiting")
 KV_BLOCK_TYPES = ("max", "free", "used", "tokens_per", "reused", "fraction")
+# finalize(): at most STOP_TIMEOUT_S for the engine step in progress and for the metrics thread,
+# FLUSH_TIMEOUT_S for the final KV-event flush; together well inside Triton's 30 s exit timeout.
+STOP_TIMEOUT_S = 2.0
+FLUSH_TIMEOUT_S = 2.0
 
 
 def _error_response(message: str) -> Any:
@@ -133,7 +138,14 @@ class TritonPythonModel:
 
     def _metrics_loop(self) -> None:
         period = self.settings.metrics_interval_ms / 1000
+        parent = os.getppid()  # tritonserver
         while not self._stop_metrics.wait(period):
+            if os.getppid() != parent:
+                # tritonserver is gone (it exited on its exit timeout without unloading us):
+                # setting a gauge is a call to it that never returns, and a thread stuck in one
+                # keeps the stub from shutting itself down, leaving an orphan process.
+                log.warning("tritonserver exited; stopping the nv_trt_llm_* metrics thread")
+                return
             try:
                 self._update_metrics()
             except Exception:
@@ -184,8 +196,32 @@ class TritonPythonModel:
         )
 
     def finalize(self) -> None:
+        """Stop the metrics thread, the engine and the publisher, each with a bounded wait (well
+        inside Triton's exit timeout), so unloading never hangs on the model. Triton calls this
+        only once nothing holds the model any more (every request's final response sent)."""
         self._stop_metrics.set()
-        self.engine.stop()
+        engine_ok = _bounded("engine", lambda: self.engine.stop(timeout_s=STOP_TIMEOUT_S))
+        publisher_ok = True
         if self.publisher is not None:
-            self.publisher.stop()
-        self._metrics_thread.join(timeout=2.0)
+            publisher = self.publisher
+            publisher_ok = _bounded(
+                "KV event publisher", lambda: publisher.stop(timeout_s=FLUSH_TIMEOUT_S)
+            )
+        self._metrics_thread.join(timeout=STOP_TIMEOUT_S)
+        metrics_ok = not self._metrics_thread.is_alive()
+        log.info(
+            "engine emulator stopped: replica=%s engine=%s publisher=%s metrics=%s",
+            self.settings.replica_id,
+            "ok" if engine_ok else "NOT STOPPED",
+            "ok" if publisher_ok else "NOT STOPPED",
+            "ok" if metrics_ok else "NOT STOPPED",
+        )
+
+
+def _bounded(what: str, stop: Callable[[], bool]) -> bool:
+    """Run one bounded stop step; a failure is logged, never raised (the next steps still run)."""
+    try:
+        return stop()
+    except Exception:
+        log.exception("stopping the %s failed", what)
+        return False
