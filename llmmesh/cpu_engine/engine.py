@@ -1,0 +1,227 @@
+"""The CPU engine: a `BatchScheduler` driven by one background thread.
+
+Threads: callers (`submit`, `metrics`, `stop`) only touch an inbox and a metrics snapshot under a
+lock, so they never wait for a forward pass; the engine thread owns the scheduler and the model.
+Each iteration: move the inbox into the scheduler, check cancellations (every
+`cancellation_check_period_ms`), run one step, then hand every output to its request's sink (on
+the engine thread, so a request's callbacks never reorder). A sink that raises gets its request
+cancelled. Invariant: requests waiting (inbox + scheduler queue) never exceed `max_queue_size`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Protocol
+
+from llmmesh.cpu_engine.scheduler import (
+    BatchModel,
+    BatchScheduler,
+    CpuRequest,
+    RequestRejectedError,
+    SchedulerConfig,
+    StepResult,
+    TokenOutput,
+)
+from llmmesh.cpu_engine.settings import CpuEngineSettings
+from llmmesh.emulator.scheduler import EngineMetrics
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RequestRejectedError):
+    """The waiting queue is full; the client should retry later (or on another replica)."""
+
+
+class EngineStoppedError(RequestRejectedError):
+    """The engine is stopping and takes no new requests."""
+
+
+class RequestSink(Protocol):
+    """Where one request's results go. Exactly one of on_token(finished=True), on_error or
+    on_cancelled ends a request."""
+
+    def on_token(self, output: TokenOutput) -> None: ...
+
+    def on_error(self, message: str) -> None: ...
+
+    def on_cancelled(self) -> None: ...
+
+    def is_cancelled(self) -> bool: ...
+
+
+class CpuEngine:
+    def __init__(
+        self,
+        settings: CpuEngineSettings,
+        model: BatchModel,
+        *,
+        kv_block_tokens: int,
+        clock_ns: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        self.settings = settings
+        self.scheduler = BatchScheduler(
+            SchedulerConfig(
+                max_batch_size=settings.max_batch_size,
+                max_seq_len=settings.max_seq_len,
+                max_prefill_tokens=settings.max_prefill_tokens,
+                kv_token_budget=settings.kv_token_budget,
+                kv_block_tokens=kv_block_tokens,
+            ),
+            model,
+            clock_ns=clock_ns,
+        )
+        self._clock_ns = clock_ns
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._inbox: deque[tuple[CpuRequest, RequestSink, int]] = deque()
+        self._queued = 0  # scheduler.num_waiting as of the engine thread's last update
+        self._sinks: dict[str, RequestSink] = {}  # engine thread only
+        self._metrics = self.scheduler.metrics()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._cancel_period_ns = int(settings.cancellation_check_period_ms * 1e6)
+        self._next_cancel_check = 0
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        self._thread = threading.Thread(target=self._run, name="cpu-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop after the current iteration; requests still in flight end with an error."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                log.error("engine thread did not stop within %.1fs", timeout_s)
+                return
+        with self._lock:
+            left = [sink for _, sink, _ in self._inbox]
+            self._inbox.clear()
+        left.extend(self._sinks.values())
+        self._sinks.clear()
+        for sink in left:
+            _call(sink.on_error, "engine stopped")
+
+    # ----------------------------------------------------------------- requests
+    def submit(self, request: CpuRequest, sink: RequestSink) -> None:
+        """Queue a request. Raises `RequestRejectedError` (invalid, can never fit),
+        `QueueFullError` or `EngineStoppedError`."""
+        # Limits are checked here, in the caller's thread; the duplicate-id check is repeated at
+        # intake on the engine thread, which owns the scheduler.
+        self.scheduler.validate(request)
+        with self._wake:
+            if self._stopping:
+                raise EngineStoppedError("engine is stopping")
+            waiting = len(self._inbox) + self._queued
+            if waiting >= self.settings.max_queue_size:
+                raise QueueFullError(
+                    f"RESOURCE_EXHAUSTED: {waiting} requests already wait for a batch slot "
+                    f"(max_queue_size={self.settings.max_queue_size}); retry later"
+                )
+            self._inbox.append((request, sink, self._clock_ns()))
+            self._wake.notify_all()
+
+    def metrics(self) -> EngineMetrics:
+        """The nv_trt_llm_* gauge values as of the last iteration (plus the inbox)."""
+        with self._lock:
+            m = self._metrics
+            inbox = len(self._inbox)
+        return dataclasses.replace(m, waiting=m.waiting + inbox) if inbox else m
+
+    # ----------------------------------------------------------------- loop
+    def run_once(self) -> StepResult | None:
+        """One iteration on the calling thread (the engine thread, or a test that never
+        started it): intake, cancellation check, step, delivery. None when idle."""
+        self._intake()
+        self._check_cancellations()
+        if not self.scheduler.has_work:
+            self._publish()
+            return None
+        result = self.scheduler.step()
+        self._publish()
+        self._deliver(result)
+        return result
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._stopping and not self._inbox and not self.scheduler.has_work:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            try:
+                self.run_once()
+            except Exception:  # keep serving; the failing iteration is logged
+                log.exception("engine iteration failed")
+
+    def _intake(self) -> None:
+        with self._lock:
+            batch = list(self._inbox)
+            self._inbox.clear()
+        for request, sink, arrival in batch:
+            try:
+                self.scheduler.submit(request, arrival)
+            except RequestRejectedError as exc:  # e.g. a duplicate request id
+                _call(sink.on_error, str(exc))
+                continue
+            self._sinks[request.request_id] = sink
+        with self._lock:
+            self._queued = self.scheduler.num_waiting
+
+    def _publish(self) -> None:
+        m = self.scheduler.metrics()
+        with self._lock:
+            self._metrics = m
+            self._queued = self.scheduler.num_waiting
+
+    def _deliver(self, result: StepResult) -> None:
+        for rid, message in result.failed:
+            sink = self._sinks.pop(rid, None)
+            if sink is not None:
+                _call(sink.on_error, message)
+        for out in result.outputs:
+            sink = self._sinks.pop(out.request_id) if out.finished else self._sinks[out.request_id]
+            try:
+                sink.on_token(out)
+            except Exception:
+                log.exception("sink of request %s failed; cancelling it", out.request_id)
+                if not out.finished:
+                    self._cancel(out.request_id)
+
+    def _cancel(self, request_id: str) -> None:
+        """Free the slot now and end the stream with an empty final response."""
+        sink = self._sinks.pop(request_id, None)
+        self.scheduler.cancel(request_id)
+        if sink is not None:
+            _call(sink.on_cancelled)
+
+    def _check_cancellations(self) -> None:
+        now = self._clock_ns()
+        if now < self._next_cancel_check:
+            return
+        self._next_cancel_check = now + self._cancel_period_ns
+        for rid, sink in list(self._sinks.items()):
+            try:
+                cancelled = sink.is_cancelled()
+            except Exception:
+                log.exception("is_cancelled() of request %s failed; cancelling it", rid)
+                cancelled = True
+            if cancelled:
+                self._cancel(rid)
+
+
+def _call(fn: Callable[..., None], *args: object) -> None:
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("request sink callback failed")

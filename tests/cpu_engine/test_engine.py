@@ -1,0 +1,147 @@
+"""The threaded CPU engine on the weightless model: queue bound, cancellation, delivery, stop."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import pytest
+
+from llmmesh.cpu_engine.engine import CpuEngine, EngineStoppedError, QueueFullError
+from llmmesh.cpu_engine.scheduler import RequestRejectedError, TokenOutput
+from llmmesh.cpu_engine.settings import CpuEngineSettings
+from tests.cpu_engine.fakes import FakeBatchModel, expected, req
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.outputs: list[TokenOutput] = []
+        self.errors: list[str] = []
+        self.cancelled = False
+        self.cancel_requested = False
+        self.raise_on_token = False
+        self.done = threading.Event()
+
+    def on_token(self, output: TokenOutput) -> None:
+        self.outputs.append(output)
+        if output.token_id is not None:
+            self.tokens.append(output.token_id)
+        if output.finished:
+            self.done.set()
+        if self.raise_on_token:
+            raise RuntimeError("client gone")
+
+    def on_error(self, message: str) -> None:
+        self.errors.append(message)
+        self.done.set()
+
+    def on_cancelled(self) -> None:
+        self.cancelled = True
+        self.done.set()
+
+    def is_cancelled(self) -> bool:
+        return self.cancel_requested
+
+
+def engine(
+    *, max_batch_size: int = 8, max_queue_size: int = 64
+) -> tuple[CpuEngine, FakeBatchModel]:
+    model = FakeBatchModel()
+    settings = CpuEngineSettings(
+        max_seq_len=256,
+        kv_token_budget=4096,
+        max_batch_size=max_batch_size,
+        max_queue_size=max_queue_size,
+    )
+    # Virtual time: 1 s passes per clock read, so every iteration checks cancellations.
+    clock = itertools.count(start=1, step=10**9)
+    return CpuEngine(settings, model, kv_block_tokens=16, clock_ns=lambda: next(clock)), model
+
+
+def drain(e: CpuEngine, limit: int = 10_000) -> None:
+    for _ in range(limit):
+        if e.run_once() is None:
+            return
+    raise AssertionError("engine did not go idle")
+
+
+def test_requests_complete_through_the_sinks() -> None:
+    e, _ = engine()
+    sinks = {rid: RecordingSink() for rid in ("a", "b")}
+    e.submit(req("a", [1, 2, 3], 5), sinks["a"])
+    e.submit(req("b", [4, 5], 7), sinks["b"])
+    drain(e)
+    assert sinks["a"].tokens == expected([1, 2, 3], 5)
+    assert sinks["b"].tokens == expected([4, 5], 7)
+    assert all(s.done.is_set() and not s.errors for s in sinks.values())
+
+
+def test_a_full_queue_rejects_with_a_clear_error_and_frees_up() -> None:
+    e, _ = engine(max_batch_size=1, max_queue_size=2)
+    for rid in ("a", "b"):
+        e.submit(req(rid, [1], 3), RecordingSink())
+    with pytest.raises(QueueFullError, match=r"RESOURCE_EXHAUSTED.*max_queue_size=2"):
+        e.submit(req("c", [1], 3), RecordingSink())
+    assert e.metrics().waiting == 2
+    e.run_once()  # a is admitted: one place in the queue again
+    e.submit(req("c", [1], 3), RecordingSink())
+    with pytest.raises(QueueFullError):
+        e.submit(req("d", [1], 3), RecordingSink())
+    drain(e)
+    assert e.metrics().waiting == 0
+
+
+def test_invalid_requests_are_rejected_at_submit() -> None:
+    e, _ = engine()
+    with pytest.raises(RequestRejectedError, match="max_seq_len"):
+        e.submit(req("a", [1] * 200, 100), RecordingSink())
+
+
+def test_cancellation_frees_the_slot_and_ends_the_stream() -> None:
+    e, model = engine(max_batch_size=1)
+    a, b = RecordingSink(), RecordingSink()
+    e.submit(req("a", [1, 2], 100), a)
+    e.submit(req("b", [3], 2), b)
+    e.run_once()
+    e.run_once()
+    a.cancel_requested = True
+    drain(e)
+    assert a.cancelled
+    assert not a.errors
+    assert not any(o.finished for o in a.outputs)
+    assert "a" in model.removed
+    assert b.tokens == expected([3], 2)
+
+
+def test_a_sink_that_raises_gets_its_request_cancelled() -> None:
+    e, model = engine()
+    a, b = RecordingSink(), RecordingSink()
+    a.raise_on_token = True
+    e.submit(req("a", [1, 2], 50), a)
+    e.submit(req("b", [3], 4), b)
+    drain(e)
+    assert len(a.outputs) == 1
+    assert "a" in model.removed
+    assert b.tokens == expected([3], 4)
+
+
+def test_the_engine_thread_serves_and_stop_ends_what_is_left() -> None:
+    e, _ = engine(max_batch_size=2)
+    e.start()
+    done = RecordingSink()
+    e.submit(req("a", [1, 2, 3], 4), done)
+    assert done.done.wait(30), "the engine thread did not finish the request"
+    assert done.tokens == expected([1, 2, 3], 4)
+    e.stop()
+    with pytest.raises(EngineStoppedError):
+        e.submit(req("b", [1], 2), RecordingSink())
+
+
+def test_stop_errors_requests_in_flight() -> None:
+    e, _ = engine()
+    a = RecordingSink()
+    e.submit(req("a", [1], 50), a)
+    e.run_once()
+    e.stop()
+    assert a.errors == ["engine stopped"]
