@@ -16,7 +16,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
 
 from llmmesh.cpu_engine.scheduler import (
     BatchModel,
@@ -28,7 +27,9 @@ from llmmesh.cpu_engine.scheduler import (
     TokenOutput,
 )
 from llmmesh.cpu_engine.settings import CpuEngineSettings
-from llmmesh.emulator.scheduler import EngineMetrics
+from llmmesh.triton.inflight import CancellationPoll, call_sink, cancelled_requests
+from llmmesh.triton.inflight import RequestSink as _RequestSink
+from llmmesh.triton.trtllm_io import EngineMetrics
 
 log = logging.getLogger(__name__)
 
@@ -41,17 +42,8 @@ class EngineStoppedError(RequestRejectedError):
     """The engine is stopping and takes no new requests."""
 
 
-class RequestSink(Protocol):
-    """Where one request's results go. Exactly one of on_token(finished=True), on_error or
-    on_cancelled ends a request."""
-
-    def on_token(self, output: TokenOutput) -> None: ...
-
-    def on_error(self, message: str) -> None: ...
-
-    def on_cancelled(self) -> None: ...
-
-    def is_cancelled(self) -> bool: ...
+#: Where one request's results go (`llmmesh.triton.inflight.RequestSink`).
+RequestSink = _RequestSink[TokenOutput]
 
 
 class CpuEngine:
@@ -84,8 +76,7 @@ class CpuEngine:
         self._metrics = self.scheduler.metrics()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._cancel_period_ns = int(settings.cancellation_check_period_ms * 1e6)
-        self._next_cancel_check = 0
+        self._cancel_poll = CancellationPoll(settings.cancellation_check_period_ms)
 
     # ----------------------------------------------------------------- lifecycle
     def start(self) -> None:
@@ -110,7 +101,7 @@ class CpuEngine:
         left.extend(self._sinks.values())
         self._sinks.clear()
         for sink in left:
-            _call(sink.on_error, "engine stopped")
+            call_sink(sink.on_error, "engine stopped")
 
     # ----------------------------------------------------------------- requests
     def submit(self, request: CpuRequest, sink: RequestSink) -> None:
@@ -172,7 +163,7 @@ class CpuEngine:
             try:
                 self.scheduler.submit(request, arrival)
             except RequestRejectedError as exc:  # e.g. a duplicate request id
-                _call(sink.on_error, str(exc))
+                call_sink(sink.on_error, str(exc))
                 continue
             self._sinks[request.request_id] = sink
         with self._lock:
@@ -188,7 +179,7 @@ class CpuEngine:
         for rid, message in result.failed:
             sink = self._sinks.pop(rid, None)
             if sink is not None:
-                _call(sink.on_error, message)
+                call_sink(sink.on_error, message)
         for out in result.outputs:
             sink = self._sinks.pop(out.request_id) if out.finished else self._sinks[out.request_id]
             try:
@@ -203,25 +194,10 @@ class CpuEngine:
         sink = self._sinks.pop(request_id, None)
         self.scheduler.cancel(request_id)
         if sink is not None:
-            _call(sink.on_cancelled)
+            call_sink(sink.on_cancelled)
 
     def _check_cancellations(self) -> None:
-        now = self._clock_ns()
-        if now < self._next_cancel_check:
+        if not self._cancel_poll.due(self._clock_ns()):
             return
-        self._next_cancel_check = now + self._cancel_period_ns
-        for rid, sink in list(self._sinks.items()):
-            try:
-                cancelled = sink.is_cancelled()
-            except Exception:
-                log.exception("is_cancelled() of request %s failed; cancelling it", rid)
-                cancelled = True
-            if cancelled:
-                self._cancel(rid)
-
-
-def _call(fn: Callable[..., None], *args: object) -> None:
-    try:
-        fn(*args)
-    except Exception:
-        log.exception("request sink callback failed")
+        for rid in cancelled_requests(list(self._sinks.items())):
+            self._cancel(rid)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -31,7 +30,10 @@ from typing import Protocol
 import torch
 
 from llmmesh.cpu_engine.sampling import Sampler, SamplingParams, token_logprob
-from llmmesh.emulator.scheduler import EngineMetrics
+from llmmesh.triton.inflight import RequestQueues
+from llmmesh.triton.inflight import RequestRejectedError as RequestRejectedError
+from llmmesh.triton.trtllm_io import EngineMetrics
+from llmmesh.triton.trtllm_io import RequestTimes as RequestTimes
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +53,6 @@ class BatchModel(Protocol):
     def remove(self, seq_id: str) -> None:
         """Forget a sequence (finished or cancelled); unknown ids are ignored."""
         ...
-
-
-class RequestRejectedError(ValueError):
-    """The request is invalid or can never run on this engine."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,16 +76,6 @@ class SchedulerConfig:
     max_prefill_tokens: int
     kv_token_budget: int
     kv_block_tokens: int  # unit of the KV gauges
-
-
-@dataclass(frozen=True, slots=True)
-class RequestTimes:
-    """Monotonic-clock timestamps in ns (TensorRT-LLM's `*_time_ns` perf metrics); 0 = not yet."""
-
-    arrival_ns: int
-    first_scheduled_ns: int
-    first_token_ns: int
-    last_token_ns: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +108,7 @@ class _Sequence:
     last_token: int = -1
 
 
-class BatchScheduler:
+class BatchScheduler(RequestQueues[_Sequence]):
     def __init__(
         self,
         config: SchedulerConfig,
@@ -128,11 +116,10 @@ class BatchScheduler:
         *,
         clock_ns: Callable[[], int] = time.monotonic_ns,
     ) -> None:
+        super().__init__()
         self.config = config
         self._model = model
         self._clock_ns = clock_ns
-        self._waiting: OrderedDict[str, _Sequence] = OrderedDict()
-        self._running: OrderedDict[str, _Sequence] = OrderedDict()
         self._last_scheduled = 0
         self._last_context = 0
 
@@ -141,12 +128,7 @@ class BatchScheduler:
         """Raise `RequestRejectedError` unless the request could run on an idle engine."""
         c = self.config
         n = len(req.prompt_ids)
-        if n == 0:
-            raise RequestRejectedError("input_ids must hold at least one token")
-        if req.max_new_tokens <= 0:
-            raise RequestRejectedError(
-                f"request_output_len must be positive, got {req.max_new_tokens}"
-            )
+        self._check_lengths(n, req.max_new_tokens)
         if n > c.max_prefill_tokens:
             raise RequestRejectedError(
                 f"prompt of {n} tokens exceeds max_prefill_tokens={c.max_prefill_tokens}"
@@ -161,8 +143,7 @@ class BatchScheduler:
                 f"prompt + request_output_len ({req.reserved_tokens} tokens) exceeds "
                 f"kv_token_budget={c.kv_token_budget}"
             )
-        if req.request_id in self._waiting or req.request_id in self._running:
-            raise RequestRejectedError(f"request id {req.request_id!r} is already in flight")
+        self._check_not_in_flight(req.request_id)
 
     def submit(self, req: CpuRequest, now_ns: int | None = None) -> None:
         """Queue a validated request (the caller bounds the queue)."""
@@ -170,29 +151,8 @@ class BatchScheduler:
         arrival = self._clock_ns() if now_ns is None else now_ns
         self._waiting[req.request_id] = _Sequence(req, Sampler(req.sampling), arrival)
 
-    def cancel(self, request_id: str) -> bool:
-        """Drop a waiting or running request now; False if it is not in flight."""
-        if self._waiting.pop(request_id, None) is not None:
-            return True
-        if self._running.pop(request_id, None) is not None:
-            self._model.remove(request_id)
-            return True
-        return False
-
-    def in_flight(self) -> list[str]:
-        return [*self._running, *self._waiting]
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self._waiting or self._running)
-
-    @property
-    def num_running(self) -> int:
-        return len(self._running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self._waiting)
+    def _release(self, request_id: str) -> None:
+        self._model.remove(request_id)
 
     def reserved_tokens(self) -> int:
         """KV rows the running batch may grow to (padded to its longest sequence)."""

@@ -32,6 +32,8 @@ from llmmesh.emulator.scheduler import (
 )
 from llmmesh.emulator.settings import EmulatorSettings
 from llmmesh.kvblocks import BlockConfig
+from llmmesh.triton.inflight import CancellationPoll, call_sink, cancelled_requests
+from llmmesh.triton.inflight import RequestSink as _RequestSink
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +69,8 @@ class VirtualClock:
             self._now += max(0, int(seconds * 1e9))
 
 
-class RequestSink(Protocol):
-    """Where one request's results go. Exactly one of on_token(finished=True), on_error or
-    on_cancelled ends a request."""
-
-    def on_token(self, output: TokenOutput) -> None: ...
-
-    def on_error(self, message: str) -> None: ...
-
-    def on_cancelled(self) -> None: ...
-
-    def is_cancelled(self) -> bool: ...
+#: Where one request's results go (`llmmesh.triton.inflight.RequestSink`).
+RequestSink = _RequestSink[TokenOutput]
 
 
 EventCallback = Callable[[Sequence[KvEvent]], None]
@@ -112,8 +105,7 @@ class Engine:
         self._cancelled: list[RequestSink] = []
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._cancel_period_ns = int(settings.cancellation_check_period_ms * 1e6)
-        self._next_cancel_check = 0
+        self._cancel_poll = CancellationPoll(settings.cancellation_check_period_ms)
         self._anchor_ns: int | None = None
         self._last_step_ns = 0
 
@@ -143,7 +135,7 @@ class Engine:
                 self.scheduler.cancel(rid)
         self._notify_cancelled()
         for _, sink in left:
-            _call(sink.on_error, "engine stopped")
+            call_sink(sink.on_error, "engine stopped")
         return ended
 
     # ----------------------------------------------------------------- requests
@@ -242,27 +234,12 @@ class Engine:
         with self._lock:
             sinks, self._cancelled = self._cancelled, []
         for sink in sinks:
-            _call(sink.on_cancelled)
+            call_sink(sink.on_cancelled)
 
     def _check_cancellations(self) -> None:
-        now = self.clock.monotonic_ns()
-        if now < self._next_cancel_check:
+        if not self._cancel_poll.due(self.clock.monotonic_ns()):
             return
-        self._next_cancel_check = now + self._cancel_period_ns
         with self._lock:
             sinks = list(self._sinks.items())
-        for rid, sink in sinks:
-            try:
-                cancelled = sink.is_cancelled()
-            except Exception:
-                log.exception("is_cancelled() of request %s failed; cancelling it", rid)
-                cancelled = True
-            if cancelled:
-                self.cancel(rid)
-
-
-def _call(fn: Callable[..., None], *args: object) -> None:
-    try:
-        fn(*args)
-    except Exception:
-        log.exception("request sink callback failed")
+        for rid in cancelled_requests(sinks):
+            self.cancel(rid)

@@ -17,17 +17,16 @@ an argument and the modelled duration of the step goes out in `StepResult.durati
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 from llmmesh.emulator.cost_model import CostProfile, StepShape, decode_shape, prefill_shape
 from llmmesh.emulator.events import KvEvent
 from llmmesh.emulator.kv_cache import PagedKvCache, SequenceBlocks
 from llmmesh.emulator.tokens import TokenStream, VocabRange
-
-
-class RequestRejectedError(ValueError):
-    """The request is invalid or can never be scheduled on this engine."""
+from llmmesh.triton.inflight import RequestQueues
+from llmmesh.triton.inflight import RequestRejectedError as RequestRejectedError
+from llmmesh.triton.trtllm_io import EngineMetrics as EngineMetrics
+from llmmesh.triton.trtllm_io import RequestTimes as RequestTimes
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,16 +42,6 @@ class GenerationRequest:
 class SchedulerConfig:
     max_batch_size: int
     max_num_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class RequestTimes:
-    """Monotonic-clock timestamps in ns (TensorRT-LLM's `*_time_ns` perf metrics); 0 = not yet."""
-
-    arrival_ns: int
-    first_scheduled_ns: int
-    first_token_ns: int
-    last_token_ns: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,43 +68,6 @@ class StepResult:
         return self.num_context + self.num_generation
 
 
-@dataclass(frozen=True, slots=True)
-class EngineMetrics:
-    """Values of the TensorRT-LLM backend gauges."""
-
-    active: int
-    max_active: int
-    scheduled: int
-    context: int
-    waiting: int
-    kv_max_blocks: int
-    kv_free_blocks: int
-    kv_used_blocks: int
-    kv_tokens_per_block: int
-    kv_reused_blocks: int
-
-    def request_metrics(self) -> dict[str, float]:
-        """`nv_trt_llm_request_metrics` by `request_type`."""
-        return {
-            "active": self.active,
-            "max": self.max_active,
-            "scheduled": self.scheduled,
-            "context": self.context,
-            "waiting": self.waiting,
-        }
-
-    def kv_cache_block_metrics(self) -> dict[str, float]:
-        """`nv_trt_llm_kv_cache_block_metrics` by `kv_cache_block_type`."""
-        return {
-            "max": self.kv_max_blocks,
-            "free": self.kv_free_blocks,
-            "used": self.kv_used_blocks,
-            "tokens_per": self.kv_tokens_per_block,
-            "reused": self.kv_reused_blocks,
-            "fraction": self.kv_used_blocks / self.kv_max_blocks,
-        }
-
-
 @dataclass(slots=True)
 class _Running:
     req: GenerationRequest
@@ -128,7 +80,7 @@ class _Running:
     context_tokens: int = 0
 
 
-class Scheduler:
+class Scheduler(RequestQueues[_Running]):
     def __init__(
         self,
         config: SchedulerConfig,
@@ -139,13 +91,12 @@ class Scheduler:
         time_scale: float = 1.0,
     ) -> None:
         """`time_scale` only affects the token timestamps (modelled duration * time_scale)."""
+        super().__init__()
         self.config = config
         self.time_scale = time_scale
         self.cache = cache
         self.cost = cost
         self.vocab = vocab
-        self._waiting: OrderedDict[str, _Running] = OrderedDict()
-        self._running: OrderedDict[str, _Running] = OrderedDict()
         self._last_scheduled = 0
         self._last_context = 0
 
@@ -153,12 +104,7 @@ class Scheduler:
     def validate(self, req: GenerationRequest) -> None:
         """Raise `RequestRejectedError` unless the request could run on an idle engine."""
         n = len(req.prompt_ids)
-        if n == 0:
-            raise RequestRejectedError("input_ids must hold at least one token")
-        if req.max_new_tokens <= 0:
-            raise RequestRejectedError(
-                f"request_output_len must be positive, got {req.max_new_tokens}"
-            )
+        self._check_lengths(n, req.max_new_tokens)
         if n > self.config.max_num_tokens:
             raise RequestRejectedError(
                 f"prompt of {n} tokens exceeds max_num_tokens={self.config.max_num_tokens} "
@@ -170,37 +116,15 @@ class Scheduler:
                 f"prompt ({n}) + request_output_len ({req.max_new_tokens}) tokens need {need} KV "
                 f"blocks of {self.cache.block_size} tokens, the cache holds {self.cache.num_blocks}"
             )
-        if req.request_id in self._waiting or req.request_id in self._running:
-            raise RequestRejectedError(f"request id {req.request_id!r} is already in flight")
+        self._check_not_in_flight(req.request_id)
 
     def submit(self, req: GenerationRequest, now_ns: int = 0) -> None:
         self.validate(req)
         tokens = TokenStream.for_prompt(req.seed, req.prompt_ids, self.vocab, req.end_id)
         self._waiting[req.request_id] = _Running(req, tokens, arrival_ns=now_ns)
 
-    def cancel(self, request_id: str) -> bool:
-        """Drop a waiting or running request now; False if it is not in flight."""
-        if self._waiting.pop(request_id, None) is not None:
-            return True
-        if self._running.pop(request_id, None) is not None:
-            self.cache.release(request_id)
-            return True
-        return False
-
-    def in_flight(self) -> list[str]:
-        return [*self._running, *self._waiting]
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self._waiting or self._running)
-
-    @property
-    def num_running(self) -> int:
-        return len(self._running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self._waiting)
+    def _release(self, request_id: str) -> None:
+        self.cache.release(request_id)
 
     # ----------------------------------------------------------------- iteration
     def step(self, now_ns: int = 0) -> StepResult:
