@@ -17,3 +17,13 @@ bench-run: setup ## Replay a workload against a running mesh: make bench-run BEN
 
 bench-registry: setup ## kv_registry core in-process: lookup latency, ingest rate, memory at 1M blocks x 16 replicas vs the previous core (~3 min)
 	$(PY) -m bench.registry $(BENCH_ARGS)
+
+.PHONY: bench-gateway
+
+bench-gateway: setup ## Gateway fronts: OpenAI HTTP (SSE) vs gRPC vs Triton direct: added TTFT, tokens/s, gateway CPU per token (1/32 streams, ~1 min)
+	$(PY) -m bench.gateway $(BENCH_ARGS)
+
+.PHONY: bench-autoscale
+
+bench-autoscale: setup ## Static-for-peak vs autoscaler (local actuator) on a compressed day of the Azure trace: replica-seconds, TTFT-SLO, scale events, PNG (~16 min)
+	$(PY) -m bench.autoscale $(BENCH_ARGS)
