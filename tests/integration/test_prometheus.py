@@ -254,6 +254,18 @@ async def test_promql_source_matches_scrape_source(mesh: Mesh, prometheus: Prome
             return got is not None and len(got) == 1 and got[0][1] == requests
 
         await eventually(prometheus_caught_up, timeout_s=60, what="prometheus saw every request")
+        orch_metrics = f"http://127.0.0.1:{mesh.mesh.services['orchestrator'].metrics_port}/metrics"
+        admitted = metric(orch_metrics, "llmmesh_orchestrator_decisions_total")
+
+        async def prometheus_saw_admissions() -> bool:
+            # Each target is scraped on its own schedule: the orchestrator's last scrape may
+            # predate the requests even when the gateway's does not.
+            got = await probe.query('sum(llmmesh_orchestrator_decisions_total{job="orchestrator"})')
+            return got is not None and len(got) == 1 and got[0][1] == admitted
+
+        await eventually(
+            prometheus_saw_admissions, timeout_s=60, what="prometheus saw every admission"
+        )
         await eventually(lambda: _idle(probe), timeout_s=60, what="prometheus saw the engines idle")
     finally:
         collector.cancel()
