@@ -266,6 +266,8 @@ class LocalMesh:
             },
             self.workdir,
         )
+        self.services["gateway"] = gw
+        await gw.start()  # first: the autoscaler reads the gateway's TTFT/ITL and token rates
         asc = ServiceProcess(
             "autoscaler",
             {
@@ -276,19 +278,23 @@ class LocalMesh:
                 "LLMMESH_AUTOSCALER_ORCHESTRATOR_METRICS_URL": (
                     f"http://127.0.0.1:{orch.metrics_port}/metrics"
                 ),
+                "LLMMESH_AUTOSCALER_GATEWAY_METRICS_URL": (
+                    f"http://127.0.0.1:{gw.metrics_port}/metrics"
+                ),
                 "LLMMESH_AUTOSCALER_TARGETS": json.dumps(
                     [
-                        {"replica_id": rid, "metrics_url": t.metrics_url}
-                        for rid, t in zip(self.replica_ids, self.tritons, strict=True)
+                        {"replica_id": rid, "metrics_url": t.metrics_url, **self._replica_pool(i)}
+                        for i, (rid, t) in enumerate(
+                            zip(self.replica_ids, self.tritons, strict=True)
+                        )
                     ]
                 ),
                 **self._local_actuator_env(),
             },
             self.workdir,
         )
-        self.services["gateway"] = gw
         self.services["autoscaler"] = asc
-        await asyncio.gather(gw.start(), asc.start())
+        await asc.start()
 
     def _scale_from_zero_env(self) -> dict[str, str]:
         """The orchestrator's policy file declaring the autoscaled pools scale-from-zero."""
@@ -348,6 +354,8 @@ class LocalMesh:
                     {
                         "pool": p.pool,
                         "model_version": p.model_version,
+                        # The gateway labels its latency and token metrics with the served name.
+                        "model": MODEL_NAME,
                         "policy": {
                             **p.policy,
                             "min_replicas": p.min_replicas,

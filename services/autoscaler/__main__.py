@@ -11,13 +11,14 @@ from llmmesh.autoscaler.v1 import autoscaler_pb2, autoscaler_pb2_grpc
 from llmmesh.common.server import ManagedServer, ServiceRegistration, run_until_signal
 from llmmesh.common.telemetry import setup_logging, setup_tracing, start_metrics_server
 from llmmesh.keda import externalscaler_pb2, externalscaler_pb2_grpc
-from services.autoscaler.actuators.contracts import Actuator, PoolKey
-from services.autoscaler.actuators.local import LocalActuator
+from services.autoscaler.actuators.contracts import PoolKey
+from services.autoscaler.actuators.local import LocalActuator, ReplicaState
 from services.autoscaler.core import Autoscaler
 from services.autoscaler.keda import KedaScalerServicer
 from services.autoscaler.servicer import AutoscalerServicer
 from services.autoscaler.settings import AutoscalerSettings
 from services.autoscaler.signals import (
+    Discover,
     EngineTarget,
     PromQLConfig,
     PromQLSource,
@@ -30,7 +31,24 @@ SERVICE = autoscaler_pb2.DESCRIPTOR.services_by_name["AutoscalerService"].full_n
 KEDA_SERVICE = externalscaler_pb2.DESCRIPTOR.services_by_name["ExternalScaler"].full_name
 
 
-def build_source(settings: AutoscalerSettings) -> SignalSource:
+def with_managed_replicas(base: Discover, actuator: LocalActuator) -> Discover:
+    """`base` plus the engines the local actuator runs and the orchestrator routes to (ready
+    ones: a starting or draining replica is not part of the pool's serving capacity)."""
+
+    async def discover() -> list[EngineTarget]:
+        managed = [
+            EngineTarget(r.id, r.metrics_url, r.key)
+            for r in actuator.replicas()
+            if r.state is ReplicaState.READY and r.metrics_url
+        ]
+        return [*await base(), *managed]
+
+    return discover
+
+
+def build_source(
+    settings: AutoscalerSettings, actuator: LocalActuator | None = None
+) -> SignalSource:
     if settings.source == "promql":
         assert settings.prometheus_url is not None  # AutoscalerSettings validates it
         return PromQLSource(
@@ -49,8 +67,9 @@ def build_source(settings: AutoscalerSettings) -> SignalSource:
         EngineTarget(t.replica_id, t.metrics_url, PoolKey(t.pool, t.model_version), t.host_header)
         for t in settings.targets
     ]
+    targets = target_discovery(static, settings.replica_dns)
     return ScrapeSource(
-        targets=target_discovery(static, settings.replica_dns),
+        targets=targets if actuator is None else with_managed_replicas(targets, actuator),
         orchestrator_url=settings.orchestrator_metrics_url,
         gateway_url=settings.gateway_metrics_url,
         pool_models=settings.pool_models(),
@@ -65,7 +84,7 @@ def build_source(settings: AutoscalerSettings) -> SignalSource:
     )
 
 
-def build_actuator(settings: AutoscalerSettings) -> Actuator | None:
+def build_actuator(settings: AutoscalerSettings) -> LocalActuator | None:
     if settings.local_actuator is None:
         return None
     return LocalActuator(settings.local_actuator)
@@ -74,7 +93,8 @@ def build_actuator(settings: AutoscalerSettings) -> Actuator | None:
 async def main(settings: AutoscalerSettings) -> None:
     setup_logging("autoscaler", settings.log_level, settings.log_json)
     provider = setup_tracing("autoscaler", settings.otlp_endpoint, settings.trace_sample_ratio)
-    core = Autoscaler(settings, build_source(settings), build_actuator(settings))
+    actuator = build_actuator(settings)
+    core = Autoscaler(settings, build_source(settings, actuator), actuator)
     servicer = AutoscalerServicer(core)
     keda = KedaScalerServicer(core)
     server = ManagedServer(

@@ -52,10 +52,12 @@ async def mesh(tokenizer_path: Path) -> AsyncIterator[Mesh]:
     await m.mesh.stop()
 
 
-async def decisions(mesh: Mesh) -> list[as_pb.PoolRecommendation]:
+async def decisions(mesh: Mesh, changes_only: bool = True) -> list[as_pb.PoolRecommendation]:
     async with grpc.aio.insecure_channel(mesh.mesh.services["autoscaler"].address) as ch:
         resp = await as_grpc.AutoscalerServiceStub(ch).ListDecisions(
-            as_pb.ListDecisionsRequest(pool=POOL, model_version=VERSION, changes_only=True),
+            as_pb.ListDecisionsRequest(
+                pool=POOL, model_version=VERSION, changes_only=changes_only, limit=1024
+            ),
             timeout=5,
         )
     return list(resp.decisions)
@@ -94,8 +96,17 @@ async def test_scale_from_zero_serves_then_back_to_zero(mesh: Mesh) -> None:
 
     causes = [d.cause for d in await decisions(mesh)]
     assert "from_zero" in causes
+    # A second request, once the gateway's latency series exist: its TTFT is an increase the
+    # autoscaler can see (a series' first sample carries none, as in Prometheus).
+    again = [m async for m in mesh.gateway.Generate(req, timeout=300)]
+    assert again[-1].complete.usage.completion_tokens == 16
 
     await eventually(at_zero, timeout_s=120, what="the idle pool went back to zero")
     assert "to_zero" in [d.cause for d in await decisions(mesh)]
+    history = await decisions(mesh, changes_only=False)
+    # While it ran, the actuator's replica was scraped (engine gauges) and the gateway's
+    # latency histograms fed the decisions.
+    assert any(d.signals.reporting_replicas == 1 for d in history)
+    assert any(d.signals.HasField("ttft_p90_seconds") for d in history)
     listed = await mesh.orchestrator.ListReplicas(orch_pb.ListReplicasRequest(), timeout=5)
     assert done.replica_id not in [r.replica.id for r in listed.replicas]

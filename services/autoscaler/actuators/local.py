@@ -141,6 +141,7 @@ class ManagedReplica:
     state: ReplicaState
     grpc_address: str  # empty until its Triton process is up
     exit_code: int | None  # set once stopped
+    metrics_url: str = ""  # Triton's /metrics; empty until its Triton process is up
 
 
 class StartFailed(RuntimeError):
@@ -165,6 +166,7 @@ class _Replica:
             state=self.state,
             grpc_address=self.server.grpc_address if self.server is not None else "",
             exit_code=self.exit_code,
+            metrics_url=self.server.metrics_url if self.server is not None else "",
         )
 
 
