@@ -11,7 +11,6 @@ import pytest
 import pytest_asyncio
 from prometheus_client import REGISTRY
 
-from llmmesh.common.server import ManagedServer, ServiceRegistration
 from llmmesh.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from services.orchestrator.core import Orchestrator, Outcome
@@ -23,9 +22,9 @@ from services.orchestrator.errors import (
     UnknownReplica,
 )
 from services.orchestrator.policy import Policy, PoolPolicy, ScaleFromZeroPolicy
-from services.orchestrator.servicer import OrchestratorServicer
 from services.orchestrator.settings import ReplicaSpec
 from tests.helpers import eventually
+from tests.orchestrator.serving import serve
 from tests.orchestrator.test_core import FakeProbe, assert_queued, req, settings
 
 
@@ -284,23 +283,8 @@ async def test_queued_request_counts_under_its_replicas_pool_and_version() -> No
 async def served() -> AsyncIterator[tuple[pb_grpc.OrchestratorServiceAsyncStub, FakeProbe]]:
     probe = FakeProbe()
     core = Orchestrator(settings(n=1), probe, sfz_policy(30))
-    server = ManagedServer(
-        host="127.0.0.1",
-        port=0,
-        services=[
-            ServiceRegistration(
-                "llmmesh.orchestrator.v1.OrchestratorService",
-                lambda s: pb_grpc.add_OrchestratorServiceServicer_to_server(
-                    OrchestratorServicer(core), s
-                ),
-            )
-        ],
-        drain_seconds=0,
-    )
-    port = await server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield pb_grpc.OrchestratorServiceStub(channel), probe
-    await server.stop()
+    async with serve(core) as stub:
+        yield stub, probe
 
 
 def pb_spec(rid: str = "auto-0", **kw: object) -> pb.ReplicaSpec:

@@ -10,12 +10,11 @@ import pytest
 import pytest_asyncio
 
 from llmmesh.common.errors import RETRY_AFTER_KEY
-from llmmesh.common.server import ManagedServer, ServiceRegistration
 from llmmesh.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from services.orchestrator.core import Orchestrator
-from services.orchestrator.servicer import OrchestratorServicer
 from tests.helpers import eventually
+from tests.orchestrator.serving import serve
 from tests.orchestrator.test_core import FakeProbe, settings
 
 
@@ -25,23 +24,8 @@ async def stub() -> AsyncIterator[pb_grpc.OrchestratorServiceAsyncStub]:
     core = Orchestrator(settings(n=1, cap=1, queue=1), probe)
     probe.ready_ids = {"r0"}
     await core.probe_once()
-    server = ManagedServer(
-        host="127.0.0.1",
-        port=0,
-        services=[
-            ServiceRegistration(
-                "llmmesh.orchestrator.v1.OrchestratorService",
-                lambda s: pb_grpc.add_OrchestratorServiceServicer_to_server(
-                    OrchestratorServicer(core), s
-                ),
-            )
-        ],
-        drain_seconds=0,
-    )
-    port = await server.start()
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        yield pb_grpc.OrchestratorServiceStub(channel)
-    await server.stop()
+    async with serve(core) as stub:
+        yield stub
 
 
 async def queue_depth_is(stub: pb_grpc.OrchestratorServiceAsyncStub, depth: int) -> bool:

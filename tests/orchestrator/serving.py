@@ -1,0 +1,36 @@
+"""An orchestrator core served on an ephemeral port, with a stub over a real channel."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+
+from llmmesh.common.server import ManagedServer, ServiceRegistration
+from llmmesh.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from services.orchestrator.core import Orchestrator
+from services.orchestrator.servicer import OrchestratorServicer
+
+
+@contextlib.asynccontextmanager
+async def serve(core: Orchestrator) -> AsyncIterator[pb_grpc.OrchestratorServiceAsyncStub]:
+    server = ManagedServer(
+        host="127.0.0.1",
+        port=0,
+        services=[
+            ServiceRegistration(
+                "llmmesh.orchestrator.v1.OrchestratorService",
+                lambda s: pb_grpc.add_OrchestratorServiceServicer_to_server(
+                    OrchestratorServicer(core), s
+                ),
+            )
+        ],
+        drain_seconds=0,
+    )
+    port = await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield pb_grpc.OrchestratorServiceStub(channel)
+    finally:
+        await server.stop()
