@@ -96,17 +96,21 @@ async def test_scale_from_zero_serves_then_back_to_zero(mesh: Mesh) -> None:
 
     causes = [d.cause for d in await decisions(mesh)]
     assert "from_zero" in causes
-    # A second request, once the gateway's latency series exist: its TTFT is an increase the
-    # autoscaler can see (a series' first sample carries none, as in Prometheus).
-    again = [m async for m in mesh.gateway.Generate(req, timeout=300)]
-    assert again[-1].complete.usage.completion_tokens == 16
+
+    async def ttft_seen() -> bool:
+        # More requests until one's TTFT lands between two of the autoscaler's gateway reads (a
+        # series' first sample carries no increase, as in Prometheus).
+        again = [m async for m in mesh.gateway.Generate(req, timeout=300)]
+        assert again[-1].complete.usage.completion_tokens == 16
+        history = await decisions(mesh, changes_only=False)
+        return any(d.signals.HasField("ttft_p90_seconds") for d in history)
+
+    await eventually(ttft_seen, timeout_s=120, what="the gateway's TTFT reached the decisions")
 
     await eventually(at_zero, timeout_s=120, what="the idle pool went back to zero")
     assert "to_zero" in [d.cause for d in await decisions(mesh)]
+    # While it ran, the replica the actuator started was scraped (engine gauges).
     history = await decisions(mesh, changes_only=False)
-    # While it ran, the actuator's replica was scraped (engine gauges) and the gateway's
-    # latency histograms fed the decisions.
     assert any(d.signals.reporting_replicas == 1 for d in history)
-    assert any(d.signals.HasField("ttft_p90_seconds") for d in history)
     listed = await mesh.orchestrator.ListReplicas(orch_pb.ListReplicasRequest(), timeout=5)
     assert done.replica_id not in [r.replica.id for r in listed.replicas]
