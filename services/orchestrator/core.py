@@ -296,7 +296,7 @@ class Orchestrator:
             prefix,
             start,
             fut,
-            self._attribute(req, candidates),
+            self._attribute(req, candidates, activation),
             activation,
         )
         heapq.heappush(self._queue, waiter)
@@ -376,7 +376,10 @@ class Orchestrator:
         return None
 
     def _attribute(
-        self, req: AdmissionRequest, candidates: Sequence[ReplicaView]
+        self,
+        req: AdmissionRequest,
+        candidates: Sequence[ReplicaView],
+        activation: _Activation | None,
     ) -> tuple[str, str]:
         """(pool, model_version) a queued request counts under: the first eligible replica's
         pool, else the scale-from-zero pool it waits for; the request's model version when it
@@ -384,7 +387,6 @@ class Orchestrator:
         if candidates:
             first = candidates[0]
             return first.pool, req.model_version or first.model_version
-        activation = self._activation(req)
         if activation is None:
             return "", req.model_version
         sfz: ScaleFromZeroPolicy = self._policy.scale_from_zero[activation.pool]
