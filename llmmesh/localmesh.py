@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from llmmesh.netutil import free_port
 from llmmesh.triton.launcher import TritonPorts, TritonServer, start_on_free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -409,7 +408,7 @@ class LocalMesh:
         kv = self.services["kv_registry"]
         return TritonServer(
             EMULATOR_REPOSITORY,
-            TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port()),
+            TritonPorts.free(),
             env={
                 **self._common_env(),
                 "LLMMESH_EMULATOR_REPLICA_ID": rid,
@@ -430,7 +429,7 @@ class LocalMesh:
         threads = max(1, (os.cpu_count() or 1) // n)
         return TritonServer(
             SMOLLM2_REPOSITORY,
-            TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port()),
+            TritonPorts.free(),
             env={
                 **self._common_env(),
                 "LLMMESH_CPU_ENGINE_NUM_THREADS": str(threads),

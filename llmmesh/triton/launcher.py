@@ -98,10 +98,10 @@ class TritonPorts:
     metrics: int
 
     @classmethod
-    def free(cls) -> TritonPorts:
+    def free(cls, host: str = "127.0.0.1") -> TritonPorts:
         from llmmesh.netutil import free_port
 
-        return cls(grpc=free_port(), http=free_port(), metrics=free_port())
+        return cls(grpc=free_port(host), http=free_port(host), metrics=free_port(host))
 
 
 class TritonStartError(RuntimeError):

@@ -35,7 +35,6 @@ from typing import ClassVar
 import grpc
 from pydantic import BaseModel, ConfigDict, Field
 
-from llmmesh.netutil import free_port
 from llmmesh.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from llmmesh.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 from llmmesh.triton.launcher import TritonPorts, TritonServer, start_on_free_ports
@@ -470,7 +469,7 @@ class LocalActuator:
         host = s.host
         return TritonServer(
             pool.spec.model_repository,
-            TritonPorts(grpc=free_port(host), http=free_port(host), metrics=free_port(host)),
+            TritonPorts.free(host),
             env=env,
             log_path=self._log_dir() / f"{replica_id}.triton.log",
             host=host,
