@@ -265,9 +265,11 @@ def _parse_stop(value: object) -> tuple[str, ...]:
     raise _bad_type("stop", "a string or an array of strings", value)
 
 
-def _common(
-    body: Mapping[str, Any], kind: Kind
-) -> tuple[str, Sampling, bool, bool, str | None, str]:
+# model, sampling, stream, include_usage, user, the max-tokens parameter's name
+_Common = tuple[str, Sampling, bool, bool, str | None, str]
+
+
+def _common(body: Mapping[str, Any], kind: Kind) -> _Common:
     if "model" not in body or body["model"] is None:
         raise InvalidRequest("is required", field="model")
     model = _str(body["model"], "model")
@@ -400,19 +402,26 @@ def _parse_prompt(value: object) -> tuple[str | None, list[int] | None]:
     raise _bad_type("prompt[0]", "a string or an array of token ids", only)
 
 
-def parse_chat_request(
-    body: bytes, *, request_id: str, api_key: str | None = None
+def _request(
+    kind: Kind,
+    common: _Common,
+    *,
+    request_id: str,
+    api_key: str | None,
+    messages: list[ChatMessage] | None = None,
+    prompt_text: str | None = None,
+    prompt_ids: list[int] | None = None,
 ) -> OpenAIRequest:
-    data = parse_json_object(body)
-    _check_fields(data, _SUPPORTED_CHAT, _NEUTRAL_CHAT, _IGNORED_CHAT)
-    model, sampling, stream, include_usage, user, max_param = _common(data, Kind.CHAT)
-    messages = _parse_messages(data.get("messages"))
+    """The request as the core takes it, from the body's parsed common fields and prompt."""
+    model, sampling, stream, include_usage, user, max_param = common
     return OpenAIRequest(
-        kind=Kind.CHAT,
+        kind=kind,
         generation=GenerationRequest(
             model=model,
             request_id=request_id,
             messages=messages,
+            prompt_text=prompt_text,
+            prompt_ids=prompt_ids,
             sampling=sampling,
             priority=Priority.STANDARD,
             tenant=user or "",
@@ -425,29 +434,35 @@ def parse_chat_request(
     )
 
 
+def parse_chat_request(
+    body: bytes, *, request_id: str, api_key: str | None = None
+) -> OpenAIRequest:
+    data = parse_json_object(body)
+    _check_fields(data, _SUPPORTED_CHAT, _NEUTRAL_CHAT, _IGNORED_CHAT)
+    common = _common(data, Kind.CHAT)
+    return _request(
+        Kind.CHAT,
+        common,
+        request_id=request_id,
+        api_key=api_key,
+        messages=_parse_messages(data.get("messages")),
+    )
+
+
 def parse_completion_request(
     body: bytes, *, request_id: str, api_key: str | None = None
 ) -> OpenAIRequest:
     data = parse_json_object(body)
     _check_fields(data, _SUPPORTED_COMPLETION, _NEUTRAL_COMPLETION, {})
-    model, sampling, stream, include_usage, user, max_param = _common(data, Kind.COMPLETION)
+    common = _common(data, Kind.COMPLETION)
     text, ids = _parse_prompt(data.get("prompt"))
-    return OpenAIRequest(
-        kind=Kind.COMPLETION,
-        generation=GenerationRequest(
-            model=model,
-            request_id=request_id,
-            prompt_text=text,
-            prompt_ids=ids,
-            sampling=sampling,
-            priority=Priority.STANDARD,
-            tenant=user or "",
-            api_key=api_key,
-        ),
-        stream=stream,
-        include_usage=include_usage,
-        max_tokens_param=max_param,
-        user=user,
+    return _request(
+        Kind.COMPLETION,
+        common,
+        request_id=request_id,
+        api_key=api_key,
+        prompt_text=text,
+        prompt_ids=ids,
     )
 
 
