@@ -26,12 +26,20 @@ from pathlib import Path
 import aiohttp
 import grpc
 
-from bench.overhead import Sample, direct_sample, distinct_prompt, grpc_sample, pct, run_level
+from bench.overhead import (
+    Sample,
+    direct_sample,
+    distinct_prompt,
+    grpc_sample,
+    parser,
+    pct,
+    run_level,
+)
+from bench.report import write_json
 from llmmesh.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from llmmesh.localmesh import MODEL_NAME, LocalMesh, MeshOptions
 from services.gateway.triton_stream import TritonPool
 
-ROOT = Path(__file__).resolve().parents[1]
 DIRECT, GRPC, KEYED, HTTP = "triton-direct", "gateway gRPC", "gRPC keyed", "gateway HTTP"
 BUDGET = 1.5
 
@@ -215,38 +223,23 @@ async def main_async(args: argparse.Namespace) -> int:
         print(
             f"{conc:>7} | {added_p50:>27} | {added_p99:>27} | {tps:>30} | {ratio:>13.2f} | {verdict:>8}"
         )
-    out_dir = ROOT / "bench-results"
-    out_dir.mkdir(exist_ok=True)
-    out = out_dir / "gateway.json"
-    out.write_text(
-        json.dumps(
-            {
-                "args": vars(args),
-                "budget_http_over_grpc": BUDGET,
-                "rows": [asdict(r) for r in rows],
-                "summary": summary,
-            },
-            indent=2,
-        )
+    out = write_json(
+        "gateway.json",
+        {
+            "args": vars(args),
+            "budget_http_over_grpc": BUDGET,
+            "rows": [asdict(r) for r in rows],
+            "summary": summary,
+        },
     )
     print(f"\nwrote {out}")
     return 0
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument(
-        "--time-scale", type=float, default=0.1, help="Emulator time scale (engine speed)."
-    )
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--output-tokens", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--rounds", type=int, default=2, help="Requests per stream at each level.")
-    parser.add_argument("--min-requests", type=int, default=32)
     import uvloop
 
-    return uvloop.run(main_async(parser.parse_args()))
+    return uvloop.run(main_async(parser(__doc__, [1, 32]).parse_args()))
 
 
 if __name__ == "__main__":

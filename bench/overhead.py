@@ -14,20 +14,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import grpc
 
+from bench.report import write_json
 from llmmesh.gateway.v1 import gateway_pb2 as pb
 from llmmesh.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from llmmesh.localmesh import MODEL_NAME, LocalMesh, MeshOptions
 from services.gateway.triton_stream import EngineRequest, TritonPool
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -249,32 +246,33 @@ async def main_async(args: argparse.Namespace) -> int:
             f"{conc:>7} | {s['added_ttft_p50_ms']:>17.2f} | {s['added_ttft_p99_ms']:>17.2f} | "
             f"{s['mesh_over_direct_throughput']:>17.2f} | {s['mesh_over_bare_throughput']:>15.2f}"
         )
-    out_dir = ROOT / "bench-results"
-    out_dir.mkdir(exist_ok=True)
-    out = out_dir / "overhead.json"
-    out.write_text(
-        json.dumps(
-            {"args": vars(args), "rows": [asdict(r) for r in rows], "summary": summary}, indent=2
-        )
+    out = write_json(
+        "overhead.json",
+        {"args": vars(args), "rows": [asdict(r) for r in rows], "summary": summary},
     )
     print(f"\nwrote {out}")
     return 0
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--replicas", type=int, default=2)
-    parser.add_argument(
+def parser(doc: str | None, concurrency: list[int]) -> argparse.ArgumentParser:
+    """The arguments `bench.overhead` and `bench.gateway` share."""
+    p = argparse.ArgumentParser(description=doc)
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument(
         "--time-scale", type=float, default=0.1, help="Emulator time scale (engine speed)."
     )
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--output-tokens", type=int, default=64)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 128])
-    parser.add_argument("--rounds", type=int, default=2, help="Requests per stream at each level.")
-    parser.add_argument("--min-requests", type=int, default=32)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--output-tokens", type=int, default=64)
+    p.add_argument("--concurrency", type=int, nargs="+", default=concurrency)
+    p.add_argument("--rounds", type=int, default=2, help="Requests per stream at each level.")
+    p.add_argument("--min-requests", type=int, default=32)
+    return p
+
+
+def main() -> int:
     import uvloop
 
-    return uvloop.run(main_async(parser.parse_args()))
+    return uvloop.run(main_async(parser(__doc__, [1, 32, 128]).parse_args()))
 
 
 if __name__ == "__main__":
