@@ -59,7 +59,7 @@ lint: setup ## ruff format --check, ruff check, mypy --strict, generated stubs u
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy llmmesh services bench tests
-	@tracked="$$(git ls-files 'llmmesh/*_pb2*')"; if [ -n "$$tracked" ]; then \
+	@tracked="$$(git ls-files 'llmmesh/generated' 'llmmesh/*_pb2*')"; if [ -n "$$tracked" ]; then \
 		echo "generated stubs are tracked by git (they are generated from protos/): $$tracked"; exit 1; fi
 
 format: setup ## Apply ruff formatting and autofixes

@@ -19,9 +19,9 @@ from bench.client import GatewayClient
 from bench.replay import Progress, Result, replay
 from bench.report import eprint
 from bench.workloads import Request
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 from llmmesh.localmesh import LocalMesh, MeshOptions
-from llmmesh.orchestrator.v1 import orchestrator_pb2 as orch_pb
-from llmmesh.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
 TRITON_STOP_GRACE_S = 3.0

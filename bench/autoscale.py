@@ -64,11 +64,11 @@ from bench.report import (
     summarize,
     write_json,
 )
-from llmmesh.autoscaler.v1 import autoscaler_pb2 as as_pb
-from llmmesh.autoscaler.v1 import autoscaler_pb2_grpc as as_grpc
+from llmmesh.generated.autoscaler.v1 import autoscaler_pb2 as as_pb
+from llmmesh.generated.autoscaler.v1 import autoscaler_pb2_grpc as as_grpc
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 from llmmesh.localmesh import AutoscaledPool, LocalMesh, MeshOptions
-from llmmesh.orchestrator.v1 import orchestrator_pb2 as orch_pb
-from llmmesh.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 from services.autoscaler.policy import CostConfig, PolicyConfig, replica_capacity
 
 POOL, VERSION = "default", "v1"

@@ -9,8 +9,8 @@ import grpc
 
 from bench.replay import Chunk, Final, RequestError
 from bench.workloads import Request
-from llmmesh.gateway.v1 import gateway_pb2 as pb
-from llmmesh.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
+from llmmesh.generated.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from llmmesh.localmesh import MODEL_NAME
 
 _PRIORITIES = {

@@ -36,7 +36,7 @@ from bench.overhead import (
     run_level,
 )
 from bench.report import write_json
-from llmmesh.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from llmmesh.generated.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from llmmesh.localmesh import MODEL_NAME, LocalMesh, MeshOptions
 from services.gateway.triton_stream import TritonPool
 

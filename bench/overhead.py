@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 import grpc
 
 from bench.report import write_json
-from llmmesh.gateway.v1 import gateway_pb2 as pb
-from llmmesh.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
+from llmmesh.generated.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from llmmesh.localmesh import MODEL_NAME, LocalMesh, MeshOptions
 from services.gateway.triton_stream import EngineRequest, TritonPool
 

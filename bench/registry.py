@@ -39,8 +39,8 @@ from typing import Protocol
 import numpy as np
 import numpy.typing as npt
 
+from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
 from llmmesh.kvblocks import BlockConfig, hashes_from_bytes
-from llmmesh.kvregistry.v1 import kvregistry_pb2 as pb
 from services.kv_registry.core import Cleared, Event, KvRegistry, LookupResult, Removed, Stored
 from services.kv_registry.naive import NaiveKvRegistry
 from services.kv_registry.servicer import event_from_pb

@@ -8,8 +8,8 @@ import sys
 
 import grpc
 
-from llmmesh.gateway.v1 import gateway_pb2 as pb
-from llmmesh.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
+from llmmesh.generated.gateway.v1 import gateway_pb2_grpc as pb_grpc
 
 
 async def generate(args: argparse.Namespace) -> int:

@@ -7,11 +7,27 @@ wire status.
 
 from __future__ import annotations
 
-from typing import cast
+import enum
+from typing import ClassVar, cast
 
 import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 RETRY_AFTER_KEY = "retry-after"
+# The standard rich-error trailer (google.rpc.Status), as grpcio-status and grpcurl read it.
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+ERROR_DOMAIN = "llmmesh"
+
+
+class Reason(enum.StrEnum):
+    """Why a call failed, for callers that act on it: sent as `google.rpc.ErrorInfo.reason`
+    (domain `llmmesh`) in the status details, so nobody parses message text."""
+
+    NO_REPLICA = "NO_REPLICA"  # no ready replica serves the model, version and prompt length
+    QUEUE_FULL = "QUEUE_FULL"  # the admission queue is at its bound
+    QUEUE_TIMEOUT = "QUEUE_TIMEOUT"  # no replica slot before the call's deadline
+    ACTIVATION_TIMEOUT = "ACTIVATION_TIMEOUT"  # a scale-from-zero pool did not become ready
 
 
 class ServiceError(Exception):
@@ -19,12 +35,20 @@ class ServiceError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     http_status: int = 500
+    # The typed reason this class always carries (None: the status code says enough).
+    default_reason: ClassVar[Reason | None] = None
 
     def __init__(
-        self, message: str, *, field: str | None = None, retry_after_s: float | None = None
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        retry_after_s: float | None = None,
+        reason: Reason | None = None,
     ):
         self.field = field
         self.retry_after_s = retry_after_s
+        self.reason = reason or self.default_reason
         super().__init__(f"{field}: {message}" if field else message)
 
 
@@ -88,10 +112,35 @@ _FROM_GRPC: dict[grpc.StatusCode, type[ServiceError]] = {
 }
 
 
-def trailing_metadata(err: ServiceError) -> tuple[tuple[str, str], ...]:
-    if err.retry_after_s is None:
-        return ()
-    return ((RETRY_AFTER_KEY, f"{err.retry_after_s:.3f}"),)
+def trailing_metadata(err: ServiceError) -> tuple[tuple[str, str | bytes], ...]:
+    out: list[tuple[str, str | bytes]] = []
+    if err.retry_after_s is not None:
+        out.append((RETRY_AFTER_KEY, f"{err.retry_after_s:.3f}"))
+    if err.reason is not None:
+        detail = any_pb2.Any()
+        detail.Pack(error_details_pb2.ErrorInfo(reason=err.reason.value, domain=ERROR_DOMAIN))
+        status = status_pb2.Status(code=err.code.value[0], message=str(err), details=[detail])
+        out.append((STATUS_DETAILS_KEY, status.SerializeToString()))
+    return tuple(out)
+
+
+def _reason(value: object) -> Reason | None:
+    """The llmmesh ErrorInfo reason in a serialized google.rpc.Status, if any."""
+    if not isinstance(value, bytes):
+        return None
+    status = status_pb2.Status()
+    try:
+        status.ParseFromString(value)
+    except Exception:  # a malformed trailer carries no reason
+        return None
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info) and info.domain == ERROR_DOMAIN:
+            try:
+                return Reason(info.reason)
+            except ValueError:
+                return None
+    return None
 
 
 async def abort(context: grpc.aio.ServicerContext[object, object], err: ServiceError) -> None:
@@ -104,11 +153,14 @@ def from_rpc_error(err: grpc.aio.AioRpcError, what: str) -> ServiceError:
     """Re-raise a downstream RPC failure as a domain error, keeping its status and retry-after."""
     cls = _FROM_GRPC.get(err.code(), Unavailable)
     retry: float | None = None
+    reason: Reason | None = None
     for item in err.trailing_metadata() or ():
-        key, value = cast(tuple[str, str], item)
+        key, value = cast(tuple[str, str | bytes], item)
         if key == RETRY_AFTER_KEY:
             try:
                 retry = float(value)
             except (TypeError, ValueError):
                 retry = None
-    return cls(f"{what}: {err.details()}", retry_after_s=retry)
+        elif key == STATUS_DETAILS_KEY:
+            reason = _reason(value)
+    return cls(f"{what}: {err.details()}", retry_after_s=retry, reason=reason)

@@ -28,8 +28,8 @@ from typing import Literal
 import grpc
 
 from llmmesh.emulator.events import AllBlocksCleared, BlocksRemoved, BlocksStored, KvEvent
+from llmmesh.generated.kvregistry.v1 import kvregistry_pb2, kvregistry_pb2_grpc
 from llmmesh.kvblocks import BlockConfig
-from llmmesh.kvregistry.v1 import kvregistry_pb2, kvregistry_pb2_grpc
 
 log = logging.getLogger(__name__)
 

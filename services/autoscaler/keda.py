@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from llmmesh.common.errors import InvalidArgument, ServiceError, abort
-from llmmesh.keda import externalscaler_pb2 as pb
-from llmmesh.keda import externalscaler_pb2_grpc as pb_grpc
+from llmmesh.generated.keda import externalscaler_pb2 as pb
+from llmmesh.generated.keda import externalscaler_pb2_grpc as pb_grpc
 from services.autoscaler.actuators.contracts import PoolKey
 from services.autoscaler.core import Autoscaler
 

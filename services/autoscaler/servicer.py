@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 
-from llmmesh.autoscaler.v1 import autoscaler_pb2 as pb
-from llmmesh.autoscaler.v1 import autoscaler_pb2_grpc as pb_grpc
+from llmmesh.generated.autoscaler.v1 import autoscaler_pb2 as pb
+from llmmesh.generated.autoscaler.v1 import autoscaler_pb2_grpc as pb_grpc
 from services.autoscaler.core import Autoscaler, Recorded
 from services.autoscaler.signals import PoolSignals
 

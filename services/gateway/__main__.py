@@ -11,8 +11,8 @@ import uvloop
 from llmmesh.common.server import ManagedServer, ServiceRegistration, run_until_signal
 from llmmesh.common.settings import KvBlockSettings
 from llmmesh.common.telemetry import setup_logging, setup_tracing, start_metrics_server
-from llmmesh.gateway.v1 import gateway_pb2
-from llmmesh.orchestrator.v1 import orchestrator_pb2_grpc
+from llmmesh.generated.gateway.v1 import gateway_pb2
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc
 from services.gateway.auth import Authenticator
 from services.gateway.core import GatewayCore
 from services.gateway.http import OpenAIHttpFront

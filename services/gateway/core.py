@@ -45,8 +45,8 @@ from llmmesh.common.errors import (
     from_rpc_error,
 )
 from llmmesh.common.telemetry import inject_trace_metadata
-from llmmesh.orchestrator.v1 import orchestrator_pb2 as orch_pb
-from llmmesh.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 from services.gateway.auth import Authenticator, PriorityClass, Tenant
 from services.gateway.chat_template import ChatTemplateError
 from services.gateway.errors import (

@@ -12,8 +12,8 @@ from opentelemetry import context as otel_context
 
 from llmmesh.common.errors import ServiceError, abort
 from llmmesh.common.telemetry import extract_trace_context, request_id_var
-from llmmesh.gateway.v1 import gateway_pb2 as pb
-from llmmesh.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
+from llmmesh.generated.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from services.gateway.auth import bearer_token
 from services.gateway.core import (
     Completion,

@@ -10,7 +10,7 @@ import uvloop
 from llmmesh.common.server import ManagedServer, ServiceRegistration, run_until_signal
 from llmmesh.common.settings import KvBlockSettings
 from llmmesh.common.telemetry import setup_logging, setup_tracing, start_metrics_server
-from llmmesh.kvregistry.v1 import kvregistry_pb2, kvregistry_pb2_grpc
+from llmmesh.generated.kvregistry.v1 import kvregistry_pb2, kvregistry_pb2_grpc
 from services.kv_registry.core import KvRegistry
 from services.kv_registry.servicer import KvRegistryServicer, run_maintenance
 from services.kv_registry.settings import KvRegistrySettings

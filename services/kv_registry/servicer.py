@@ -9,9 +9,9 @@ from collections.abc import Sequence
 import grpc
 
 from llmmesh.common.errors import InvalidArgument, ServiceError, abort
+from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
+from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
 from llmmesh.kvblocks import BlockConfig
-from llmmesh.kvregistry.v1 import kvregistry_pb2 as pb
-from llmmesh.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
 from services.kv_registry.core import Cleared, Event, KvRegistry, Removed, Source, Stored
 from services.kv_registry.errors import BlockConfigMismatch
 

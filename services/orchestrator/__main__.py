@@ -10,7 +10,7 @@ import uvloop
 from llmmesh.common.server import ManagedServer, ServiceRegistration, run_until_signal
 from llmmesh.common.settings import KvBlockSettings
 from llmmesh.common.telemetry import setup_logging, setup_tracing, start_metrics_server
-from llmmesh.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from services.orchestrator.core import Orchestrator
 from services.orchestrator.discovery import discover
 from services.orchestrator.policy import load_policy

@@ -5,21 +5,28 @@ from llmmesh.common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Reason,
     ResourceExhausted,
     Unavailable,
 )
 
 
 class QueueFull(ResourceExhausted):
-    pass
+    default_reason = Reason.QUEUE_FULL
 
 
 class NoReplicaReady(Unavailable):
-    pass
+    default_reason = Reason.NO_REPLICA
+
+
+class ActivationTimeout(NoReplicaReady):
+    """A scale-from-zero pool had no ready replica within its activation timeout."""
+
+    default_reason = Reason.ACTIVATION_TIMEOUT
 
 
 class QueueTimeout(DeadlineExceeded):
-    pass
+    default_reason = Reason.QUEUE_TIMEOUT
 
 
 class BadAdmission(InvalidArgument):

@@ -14,9 +14,9 @@ from typing import Protocol
 
 import grpc
 
+from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
+from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
 from llmmesh.kvblocks import BlockConfig, block_hashes
-from llmmesh.kvregistry.v1 import kvregistry_pb2 as pb
-from llmmesh.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from pydantic import ValidationError
 
 from llmmesh.common.errors import ServiceError, abort
 from llmmesh.common.telemetry import extract_trace_context, request_id_var
-from llmmesh.orchestrator.v1 import orchestrator_pb2 as pb
-from llmmesh.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from services.orchestrator.core import AdmissionRequest, Orchestrator, Outcome, Priority
 from services.orchestrator.errors import BadReplicaSpec
 from services.orchestrator.settings import ReplicaSpec

@@ -12,10 +12,10 @@ import pytest_asyncio
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
-from llmmesh.autoscaler.v1 import autoscaler_pb2 as pb
-from llmmesh.autoscaler.v1 import autoscaler_pb2_grpc as pb_grpc
 from llmmesh.common.discovery import DnsTarget
 from llmmesh.common.server import ManagedServer, ServiceRegistration
+from llmmesh.generated.autoscaler.v1 import autoscaler_pb2 as pb
+from llmmesh.generated.autoscaler.v1 import autoscaler_pb2_grpc as pb_grpc
 from services.autoscaler.__main__ import build_source
 from services.autoscaler.actuators.contracts import PoolKey, ReplicaCounts
 from services.autoscaler.core import Autoscaler

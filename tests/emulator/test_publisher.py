@@ -13,8 +13,8 @@ import pytest
 from llmmesh.emulator.events import AllBlocksCleared, BlocksStored, KvEvent, StoredBlock
 from llmmesh.emulator.kv_cache import PagedKvCache
 from llmmesh.emulator.publisher import KvEventPublisher, event_to_proto
+from llmmesh.generated.kvregistry.v1 import kvregistry_pb2, kvregistry_pb2_grpc
 from llmmesh.kvblocks import BlockConfig
-from llmmesh.kvregistry.v1 import kvregistry_pb2, kvregistry_pb2_grpc
 
 CFG = BlockConfig(block_size=4, hash_seed=3)
 

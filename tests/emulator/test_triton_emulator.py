@@ -25,8 +25,8 @@ from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 
 from llmmesh.emulator.settings import EmulatorSettings
 from llmmesh.emulator.tokens import expected_output_ids
+from llmmesh.generated.kvregistry.v1 import kvregistry_pb2, kvregistry_pb2_grpc
 from llmmesh.kvblocks import BlockConfig, block_hashes
-from llmmesh.kvregistry.v1 import kvregistry_pb2, kvregistry_pb2_grpc
 from llmmesh.triton.launcher import TritonPorts, TritonServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]

@@ -20,7 +20,7 @@ import pytest
 import pytest_asyncio
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from llmmesh.kvregistry.v1 import kvregistry_pb2_grpc
+from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc
 from llmmesh.triton.launcher import TritonPorts, TritonServer
 from tests.emulator.test_triton_emulator import REPO, RecordingRegistry, build
 

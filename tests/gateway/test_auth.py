@@ -12,7 +12,7 @@ import pydantic
 import pytest
 
 from llmmesh.common.errors import Unauthenticated
-from llmmesh.orchestrator.v1 import orchestrator_pb2 as orch_pb
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from services.gateway.auth import Authenticator, PriorityClass, TenantsFile, bearer_token, hash_key
 from services.gateway.core import Completion, GatewayCore, GenerationRequest, Sampling
 from services.gateway.errors import RateLimited

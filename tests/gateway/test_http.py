@@ -15,7 +15,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from llmmesh.orchestrator.v1 import orchestrator_pb2 as orch_pb
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from services.gateway.auth import Authenticator, TenantsFile, hash_key
 from services.gateway.core import GatewayCore
 from services.gateway.errors import InvalidRequest

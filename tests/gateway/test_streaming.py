@@ -10,7 +10,7 @@ from typing import Any, cast
 import pytest
 
 from llmmesh.common.telemetry import setup_tracing
-from llmmesh.orchestrator.v1 import orchestrator_pb2 as orch_pb
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from services.gateway.core import (
     Completion,
     Delta,

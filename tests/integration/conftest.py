@@ -8,10 +8,10 @@ import grpc
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmmesh.gateway.v1 import gateway_pb2_grpc
-from llmmesh.kvregistry.v1 import kvregistry_pb2_grpc
+from llmmesh.generated.gateway.v1 import gateway_pb2_grpc
+from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc
 from llmmesh.localmesh import LocalMesh, MeshOptions
-from llmmesh.orchestrator.v1 import orchestrator_pb2_grpc
 from tests.helpers import eventually
 
 __all__ = ["Mesh", "eventually", "metric", "scrape", "start_mesh"]

@@ -12,11 +12,11 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from llmmesh.autoscaler.v1 import autoscaler_pb2 as as_pb
-from llmmesh.autoscaler.v1 import autoscaler_pb2_grpc as as_grpc
-from llmmesh.gateway.v1 import gateway_pb2 as gw_pb
+from llmmesh.generated.autoscaler.v1 import autoscaler_pb2 as as_pb
+from llmmesh.generated.autoscaler.v1 import autoscaler_pb2_grpc as as_grpc
+from llmmesh.generated.gateway.v1 import gateway_pb2 as gw_pb
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from llmmesh.localmesh import MODEL_NAME, AutoscaledPool
-from llmmesh.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from tests.integration.conftest import Mesh, eventually, start_mesh
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]

@@ -12,8 +12,8 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from llmmesh.gateway.v1 import gateway_pb2 as pb
-from llmmesh.orchestrator.v1 import orchestrator_pb2 as orch_pb
+from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from tests.integration.conftest import Mesh, eventually, start_mesh
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
@@ -67,7 +67,7 @@ async def test_graceful_drain_finishes_in_flight_stream(fmesh: Mesh, tokenizer_p
     (fmesh.mesh.workdir / "gw2").mkdir()
     await gw2.start()
     async with grpc.aio.insecure_channel(gw2.address) as ch:
-        from llmmesh.gateway.v1 import gateway_pb2_grpc
+        from llmmesh.generated.gateway.v1 import gateway_pb2_grpc
 
         stub = gateway_pb2_grpc.GatewayServiceStub(ch)
         req = pb.GenerateRequest(

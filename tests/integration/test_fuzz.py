@@ -20,7 +20,7 @@ import pytest_asyncio
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from llmmesh.gateway.v1 import gateway_pb2 as pb
+from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
 from llmmesh.localmesh import MODEL_NAME
 from tests.integration.conftest import Mesh, start_mesh
 

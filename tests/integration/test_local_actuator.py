@@ -14,9 +14,9 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from llmmesh.gateway.v1 import gateway_pb2 as gw_pb
+from llmmesh.generated.gateway.v1 import gateway_pb2 as gw_pb
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.localmesh import EMULATOR_REPOSITORY, MODEL_NAME
-from llmmesh.orchestrator.v1 import orchestrator_pb2 as pb
 from services.autoscaler.actuators.contracts import PoolKey, ReplicaCounts
 from services.autoscaler.actuators.local import (
     LocalActuator,

@@ -9,9 +9,9 @@ import pytest
 
 from llmmesh.emulator.settings import EmulatorSettings
 from llmmesh.emulator.tokens import expected_output_ids
-from llmmesh.gateway.v1 import gateway_pb2 as pb
-from llmmesh.kvregistry.v1 import kvregistry_pb2 as kv_pb
-from llmmesh.orchestrator.v1 import orchestrator_pb2 as orch_pb
+from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
+from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as kv_pb
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from tests.integration.conftest import Mesh, eventually, metric
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]

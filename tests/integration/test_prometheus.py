@@ -18,7 +18,7 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from llmmesh.gateway.v1 import gateway_pb2 as pb
+from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
 from llmmesh.netutil import free_port
 from services.autoscaler.actuators.contracts import PoolKey
 from services.autoscaler.signals import (

@@ -15,10 +15,10 @@ import pytest_asyncio
 
 from llmmesh.emulator.settings import EmulatorSettings
 from llmmesh.emulator.tokens import expected_output_ids
-from llmmesh.gateway.v1 import gateway_pb2 as pb
-from llmmesh.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
+from llmmesh.generated.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from llmmesh.localmesh import MODEL_NAME, ServiceProcess
-from llmmesh.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from services.gateway.auth import hash_key
 from services.gateway.models import ServedModel
 from services.gateway.settings import ModelSettings

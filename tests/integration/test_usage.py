@@ -14,8 +14,8 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from llmmesh.gateway.v1 import gateway_pb2 as pb
-from llmmesh.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
+from llmmesh.generated.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from llmmesh.localmesh import MODEL_NAME, ServiceProcess
 from services.gateway.auth import hash_key
 from tests.integration.conftest import Mesh, metric, start_mesh

@@ -16,9 +16,9 @@ from llmmesh.common.server import ManagedServer, ServiceRegistration
 from llmmesh.common.settings import KvBlockSettings
 from llmmesh.emulator.kv_cache import PagedKvCache
 from llmmesh.emulator.publisher import KvEventPublisher
+from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
+from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
 from llmmesh.kvblocks import BlockConfig, block_hashes
-from llmmesh.kvregistry.v1 import kvregistry_pb2 as pb
-from llmmesh.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
 from services.kv_registry.core import KvRegistry
 from services.kv_registry.servicer import KvRegistryServicer, run_maintenance
 from services.kv_registry.settings import KvRegistrySettings

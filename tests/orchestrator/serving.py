@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from llmmesh.common.server import ManagedServer, ServiceRegistration
-from llmmesh.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from services.orchestrator.core import Orchestrator
 from services.orchestrator.servicer import OrchestratorServicer
 

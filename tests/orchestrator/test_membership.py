@@ -11,8 +11,8 @@ import pytest
 import pytest_asyncio
 from prometheus_client import REGISTRY
 
-from llmmesh.orchestrator.v1 import orchestrator_pb2 as pb
-from llmmesh.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from services.orchestrator.core import Orchestrator, Outcome
 from services.orchestrator.errors import (
     NoReplicaReady,

@@ -10,8 +10,8 @@ import pytest
 import pytest_asyncio
 
 from llmmesh.common.errors import RETRY_AFTER_KEY
-from llmmesh.orchestrator.v1 import orchestrator_pb2 as pb
-from llmmesh.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from services.orchestrator.core import Orchestrator
 from tests.helpers import eventually
 from tests.orchestrator.serving import serve
