@@ -15,13 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
+from llmmesh.common.topology import PoolKey
 
-@dataclass(frozen=True, slots=True, order=True)
-class PoolKey:
-    """A replica pool: the orchestrator pool name and the model version its replicas serve."""
-
-    pool: str
-    model_version: str
+__all__ = ["Actuator", "PoolKey", "ReplicaCounts"]
 
 
 @dataclass(frozen=True, slots=True)
