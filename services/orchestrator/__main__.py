@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 
 import uvloop
 
@@ -11,13 +12,22 @@ from llmmesh.common.server import ManagedServer, ServiceRegistration, run_until_
 from llmmesh.common.settings import KvBlockSettings
 from llmmesh.common.telemetry import setup_logging, setup_tracing, start_metrics_server
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
-from services.orchestrator.core import Orchestrator
+from services.orchestrator.director import Orchestrator
 from services.orchestrator.discovery import discover
 from services.orchestrator.policy import load_policy
 from services.orchestrator.prefix import RegistryPrefixIndex
 from services.orchestrator.probe import TritonProbe
 from services.orchestrator.servicer import OrchestratorServicer
 from services.orchestrator.settings import OrchestratorSettings
+
+
+async def every(interval_s: float, step: Callable[[], Awaitable[None]]) -> None:
+    """Run `step`, then wait `interval_s`, forever: the service's periodic upkeep (the director
+    itself never sleeps)."""
+    while True:
+        await step()
+        await asyncio.sleep(interval_s)
+
 
 SERVICE = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name
 
@@ -51,17 +61,15 @@ async def main(settings: OrchestratorSettings, blocks: KvBlockSettings) -> None:
     )
     metrics_port = start_metrics_server(settings.host, settings.metrics_port)
     await server.start()
-    health_task = asyncio.create_task(core.run_health_loop())
-    metrics_task = asyncio.create_task(core.run_metrics_loop())
+    health_task = asyncio.create_task(every(settings.health_interval_s, core.probe_once))
+    metrics_task = asyncio.create_task(every(settings.metrics_interval_s, core.scrape_once))
     discovery_task: asyncio.Task[None] | None = None
     if settings.replica_dns:
 
         async def rediscover() -> None:
-            while True:
-                core.sync_replicas(await discover(settings))
-                await asyncio.sleep(settings.dns_interval_s)
+            core.sync_replicas(await discover(settings))
 
-        discovery_task = asyncio.create_task(rediscover())
+        discovery_task = asyncio.create_task(every(settings.dns_interval_s, rediscover))
 
     async def on_stop() -> None:
         for task in (health_task, metrics_task, discovery_task):

@@ -9,7 +9,7 @@ import grpc
 
 from llmmesh.common.server import ManagedServer, ServiceRegistration
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from services.orchestrator.core import Orchestrator
+from services.orchestrator.director import Orchestrator
 from services.orchestrator.servicer import OrchestratorServicer
 
 

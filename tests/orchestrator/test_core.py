@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from services.orchestrator.core import AdmissionRequest, Orchestrator, Outcome, Priority
+from services.orchestrator.director import Orchestrator
+from services.orchestrator.domain import AdmissionRequest, Outcome, Priority
 from services.orchestrator.errors import BadAdmission, NoReplicaReady, QueueFull, QueueTimeout
 from services.orchestrator.policy import (
     AdmissionPolicy,

@@ -13,7 +13,8 @@ from prometheus_client import REGISTRY
 
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from services.orchestrator.core import Orchestrator, Outcome
+from services.orchestrator.director import Orchestrator
+from services.orchestrator.domain import Outcome
 from services.orchestrator.errors import (
     NoReplicaReady,
     QueueFull,

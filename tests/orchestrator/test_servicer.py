@@ -9,10 +9,13 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from llmmesh.common.errors import RETRY_AFTER_KEY
+from llmmesh.common.discovery import DnsTarget
+from llmmesh.common.errors import RETRY_AFTER_KEY, Reason, from_rpc_error
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from services.orchestrator.core import Orchestrator
+from services.orchestrator.director import Orchestrator
+from services.orchestrator.discovery import discover
+from services.orchestrator.settings import OrchestratorSettings
 from tests.helpers import eventually
 from tests.orchestrator.serving import serve
 from tests.orchestrator.test_core import FakeProbe, settings
@@ -69,3 +72,46 @@ async def test_deadline_in_queue_and_cancellation(
     call.cancel()
     await eventually(lambda: queue_depth_is(stub, 0), what="cancellation removed it from the queue")
     assert (await stub.ListReplicas(pb.ListReplicasRequest(), timeout=5)).replicas[0].in_flight == 1
+
+
+async def test_rejections_carry_a_typed_reason(
+    stub: pb_grpc.OrchestratorServiceAsyncStub,
+) -> None:
+    held = await stub.Admit(admit("a"), timeout=5)
+    queued = asyncio.ensure_future(stub.Admit(admit("b"), timeout=10))
+    await eventually(lambda: queue_depth_is(stub, 1), what="b waits in the one-slot queue")
+    with pytest.raises(grpc.aio.AioRpcError) as full:
+        await stub.Admit(admit("c"), timeout=5)
+    assert from_rpc_error(full.value, "admit").reason is Reason.QUEUE_FULL
+    unknown = pb.AdmitRequest(request_id="d", model="nope", prompt_token_ids=[1], max_tokens=1)
+    with pytest.raises(grpc.aio.AioRpcError) as none:
+        await stub.Admit(unknown, timeout=5)
+    assert none.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert from_rpc_error(none.value, "admit").reason is Reason.NO_REPLICA
+    await stub.Complete(
+        pb.CompleteRequest(lease_id=held.lease_id, outcome=pb.OUTCOME_SUCCESS), timeout=5
+    )
+    await queued
+
+
+async def test_admit_returns_every_field_of_a_dns_discovered_replica() -> None:
+    """In Kubernetes the gateway must dial the headless Service's authority, not the bare pod
+    IP (else the sidecar passes the stream through in plaintext and STRICT mTLS refuses it)."""
+    target = DnsTarget(host="localhost", port=18001, pool="short", model_version="v7")
+    cfg = OrchestratorSettings(replica_dns=[target])
+    probe = FakeProbe()
+    core = Orchestrator(cfg, probe)
+    discovered = await discover(cfg)
+    core.sync_replicas(discovered)
+    probe.ready_ids = {s.id for s in discovered}
+    await core.probe_once()
+    (spec,) = discovered
+    async with serve(core) as stub:
+        lease = await stub.Admit(admit("x"), timeout=5)
+    assert lease.replica == pb.Replica(
+        id=spec.id,
+        grpc_address="127.0.0.1:18001",
+        pool="short",
+        model_version="v7",
+        authority="localhost:18001",
+    )

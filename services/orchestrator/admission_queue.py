@@ -1,0 +1,131 @@
+"""The bounded admission queue: priority classes, start-time fair queuing across tenants within a
+class, scale-from-zero activation waits. Pure data structure: no clock, no I/O; the director
+stamps times and resolves the waiters' futures.
+
+Invariants:
+- Waiters leave in (priority, finish tag, arrival) order; a tenant's finish tag advances by its
+  request's tokens divided by its weight, so tenants share a class in proportion to weight.
+- A waiter leaves the queue exactly once (`pop_ready` handing it to the director, or `withdraw`).
+- The per-tenant finish-tag map stays bounded by the active tenants (`prune`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from services.orchestrator.domain import AdmissionRequest, Lease
+from services.orchestrator.prefix import PrefixMatches
+
+# Tenants remembered per class before idle ones are forgotten.
+_TENANT_MEMORY = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class Activation:
+    """The scale-from-zero pool a request waits for when no replica can serve it."""
+
+    pool: str
+    timeout_s: float
+
+
+@dataclass(order=True)
+class Waiter:
+    priority: int
+    finish_tag: float  # start-time fair queuing across tenants within the class
+    seq: int
+    request: AdmissionRequest = field(compare=False)
+    start_tag: float = field(compare=False)
+    prefix: PrefixMatches = field(compare=False)
+    enqueued_at: float = field(compare=False)
+    future: asyncio.Future[Lease] = field(compare=False)
+    pool_key: tuple[str, str] = field(compare=False)  # (pool, model_version) it counts under
+    activation: Activation | None = field(compare=False)
+
+
+class AdmissionQueue:
+    def __init__(self, max_size: int, weight: Callable[[str], float]) -> None:
+        self._max = max_size
+        self._weight = weight
+        self._heap: list[Waiter] = []
+        self._seq = itertools.count()
+        self._vtime: dict[int, float] = {}
+        self._tenant_finish: dict[tuple[int, str], float] = {}
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    @property
+    def full(self) -> bool:
+        return len(self._heap) >= self._max
+
+    def push(
+        self,
+        req: AdmissionRequest,
+        prefix: PrefixMatches,
+        enqueued_at: float,
+        future: asyncio.Future[Lease],
+        pool_key: tuple[str, str],
+        activation: Activation | None,
+    ) -> Waiter:
+        prio = int(req.priority)
+        start_tag = max(
+            self._vtime.get(prio, 0.0), self._tenant_finish.get((prio, req.tenant), 0.0)
+        )
+        finish_tag = start_tag + (len(req.prompt_token_ids) + req.max_tokens) / self._weight(
+            req.tenant
+        )
+        self._tenant_finish[(prio, req.tenant)] = finish_tag
+        waiter = Waiter(
+            prio,
+            finish_tag,
+            next(self._seq),
+            req,
+            start_tag,
+            prefix,
+            enqueued_at,
+            future,
+            pool_key,
+            activation,
+        )
+        heapq.heappush(self._heap, waiter)
+        return waiter
+
+    def withdraw(self, waiter: Waiter) -> bool:
+        """Remove a waiter that is still queued; False if it already left the queue."""
+        if waiter.future.done():
+            return False
+        self._heap.remove(waiter)
+        heapq.heapify(self._heap)
+        waiter.future.cancel()
+        return True
+
+    def drain_in_order(self) -> list[Waiter]:
+        """Take every live waiter out, in service order; the caller grants some and `restore`s
+        the rest."""
+        out: list[Waiter] = []
+        while self._heap:
+            w = heapq.heappop(self._heap)
+            if not w.future.done():
+                out.append(w)
+        return out
+
+    def restore(self, waiters: list[Waiter]) -> None:
+        for w in waiters:
+            heapq.heappush(self._heap, w)
+
+    def served(self, waiter: Waiter) -> None:
+        """The waiter was granted: its class clock advances to its start tag."""
+        self._vtime[waiter.priority] = max(self._vtime.get(waiter.priority, 0.0), waiter.start_tag)
+
+    def prune(self) -> None:
+        """Forget tenants whose last finish tag the class clock passed: they are idle and would
+        start at the class clock anyway."""
+        if len(self._tenant_finish) > _TENANT_MEMORY:
+            for key in [
+                k for k, f in self._tenant_finish.items() if f <= self._vtime.get(k[0], 0.0)
+            ]:
+                del self._tenant_finish[key]

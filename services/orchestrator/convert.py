@@ -1,0 +1,100 @@
+"""The orchestrator's one protobuf ↔ domain boundary: one function per message. The servicer
+calls these and nothing else builds or reads an orchestrator protobuf message."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
+from services.orchestrator.domain import AdmissionRequest, Lease, Outcome, Priority
+from services.orchestrator.errors import BadReplicaSpec
+from services.orchestrator.replicas import ReplicaState
+from services.orchestrator.settings import ReplicaSpec
+
+_PRIORITY = {
+    pb.PRIORITY_UNSPECIFIED: Priority.STANDARD,
+    pb.PRIORITY_INTERACTIVE: Priority.INTERACTIVE,
+    pb.PRIORITY_STANDARD: Priority.STANDARD,
+    pb.PRIORITY_BATCH: Priority.BATCH,
+}
+_OUTCOME = {
+    pb.OUTCOME_UNSPECIFIED: Outcome.REQUEST_ERROR,
+    pb.OUTCOME_SUCCESS: Outcome.SUCCESS,
+    pb.OUTCOME_CANCELLED: Outcome.CANCELLED,
+    pb.OUTCOME_REPLICA_ERROR: Outcome.REPLICA_ERROR,
+    pb.OUTCOME_REQUEST_ERROR: Outcome.REQUEST_ERROR,
+}
+
+
+def admission_from_pb(request: pb.AdmitRequest) -> AdmissionRequest:
+    return AdmissionRequest(
+        request_id=request.request_id,
+        model=request.model,
+        prompt_token_ids=request.prompt_token_ids,
+        max_tokens=request.max_tokens,
+        priority=_PRIORITY.get(request.priority, Priority.STANDARD),
+        tenant=request.tenant,
+        model_version=request.model_version,
+    )
+
+
+def replica_to_pb(spec: ReplicaSpec) -> pb.Replica:
+    """Every field a client needs to dial the replica (the authority above all: without it a
+    mesh sidecar sees a bare pod IP and the stream bypasses mTLS)."""
+    return pb.Replica(
+        id=spec.id,
+        grpc_address=spec.grpc_address,
+        pool=spec.pool,
+        model_version=spec.model_version,
+        authority=spec.authority,
+    )
+
+
+def lease_to_pb(lease: Lease) -> pb.AdmitResponse:
+    return pb.AdmitResponse(
+        lease_id=lease.lease_id,
+        replica=replica_to_pb(lease.replica),
+        queue_ms=lease.queue_s * 1000.0,
+    )
+
+
+def outcome_from_pb(request: pb.CompleteRequest) -> tuple[Outcome, int | None]:
+    """The outcome, and the engine's reused KV blocks when the engine ran the prompt (success,
+    or a first token was seen)."""
+    outcome = _OUTCOME.get(request.outcome, Outcome.REQUEST_ERROR)
+    ran_prompt = outcome is Outcome.SUCCESS or request.HasField("time_to_first_token_ms")
+    return outcome, request.kv_cache_reused_blocks if ran_prompt else None
+
+
+def status_to_pb(st: ReplicaState, now: float) -> pb.ReplicaStatus:
+    status = pb.ReplicaStatus(
+        replica=replica_to_pb(st.spec),
+        healthy=st.healthy(now),
+        in_flight=st.in_flight,
+        completed=st.completed,
+        failures=st.failures,
+        consecutive_errors=st.consecutive_errors,
+        draining=st.draining,
+        registered=st.registered,
+    )
+    if st.ejected(now):
+        status.ejected_for_s = st.ejected_until - now
+    return status
+
+
+def spec_from_pb(replica: pb.ReplicaSpec) -> ReplicaSpec:
+    """RegisterReplica's spec, validated as a static one is; errors name `replica.<field>`."""
+    try:
+        return ReplicaSpec(
+            id=replica.id,
+            grpc_address=replica.grpc_address,
+            metrics_url=replica.metrics_url,
+            pool=replica.pool,
+            model_version=replica.model_version,
+            models=list(replica.models),
+            authority=replica.authority,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(x) for x in first["loc"] if isinstance(x, str))
+        raise BadReplicaSpec(first["msg"], field=f"replica.{where}") from None

@@ -1,0 +1,442 @@
+"""The director: composes the orchestrator's components into `admit`, `complete` and `tick`.
+
+Components (each with the injected clock): the admission queue (`admission_queue.py`), the
+replica set (`replicas.py`), health and the engine sampler (`health.py`), the lease table
+(`leases.py`), prefix feedback (`feedback.py`), scheduling (`scheduling/`), metrics
+(`metrics.py`). The director reads no clock and sleeps on no timer of its own: waits are
+`asyncio` timeouts on the running loop, so a virtual-time loop runs this exact code.
+
+Invariants:
+- A replica's `in_flight` equals the number of live leases on it; every lease ends exactly once
+  (Complete, or reclamation after `lease_timeout_s`).
+- A replica never holds more leases than its cap (`max_in_flight_per_replica`, the pool's, or
+  the engine's batch size times overcommit).
+- A waiter leaves the queue exactly once: granted a lease, timed out, cancelled, or failed
+  because no replica for its model remains healthy (a waiter for a scale-from-zero pool instead
+  fails once its activation timeout passes with no replica ready).
+- A replica is eligible iff its last readiness probe passed, it is not ejected or draining, and it
+  serves the request's model, model version and a pool the prompt length fits (policy file).
+- Each queued request counts in `llmmesh_orchestrator_pool_queue_depth` under the pool and model
+  version it was attributed to when it entered the queue, until it leaves the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import math
+import random
+import time
+from collections.abc import Sequence
+
+from llmmesh.common.engine_metrics import fetch_metrics_text
+from services.orchestrator import metrics
+from services.orchestrator.admission_queue import Activation, AdmissionQueue, Waiter
+from services.orchestrator.domain import (
+    AdmissionRequest,
+    Clock,
+    DrainResult,
+    Lease,
+    Outcome,
+    Registration,
+)
+from services.orchestrator.errors import (
+    ActivationTimeout,
+    BadAdmission,
+    NoReplicaReady,
+    QueueFull,
+    QueueTimeout,
+)
+from services.orchestrator.feedback import PrefixFeedback
+from services.orchestrator.health import EngineSampler, FetchMetrics, Health, ReplicaProbe
+from services.orchestrator.leases import LeaseTable
+from services.orchestrator.policy import Policy
+from services.orchestrator.prefix import NO_MATCHES, PrefixIndex, PrefixMatches
+from services.orchestrator.replicas import ReplicaSet, ReplicaState
+from services.orchestrator.scheduling.contracts import ReplicaView, RequestView
+from services.orchestrator.scheduling.framework import Scheduler, build_profile
+from services.orchestrator.scheduling.registry import default_registry
+from services.orchestrator.settings import OrchestratorSettings, ReplicaSpec
+
+log = logging.getLogger(__name__)
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        settings: OrchestratorSettings,
+        probe: ReplicaProbe,
+        policy: Policy | None = None,
+        prefix_index: PrefixIndex | None = None,
+        rng: random.Random | None = None,
+        fetch_metrics: FetchMetrics | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._settings = settings
+        self._policy = policy or Policy()
+        self._clock = clock
+        self._scheduler = Scheduler(
+            build_profile(
+                settings.profile, default_registry(), self._policy.plugins, self._policy.profiles
+            ),
+            rng,
+        )
+        self._known_pools = frozenset(self._policy.pools)
+        self._queue = AdmissionQueue(settings.max_queue, self._policy.admission.weight)
+        self._replicas = ReplicaSet(settings.replicas)
+        self._health = Health(
+            self._policy.health, self._replicas, probe, settings.health_timeout_s, clock
+        )
+        self._sampler = EngineSampler(
+            fetch_metrics or fetch_metrics_text,
+            settings.health_timeout_s,
+            settings.metrics_max_age_s,
+            clock,
+        )
+        self._leases = LeaseTable(settings.lease_timeout_s, clock)
+        self._feedback = PrefixFeedback(prefix_index)
+        self._reprobes: set[asyncio.Task[None]] = set()
+        self._pool_gauge_keys: set[tuple[str, str]] = set()
+        self._refresh_pool_gauges()
+
+    # -- admission --------------------------------------------------------------------------
+    async def admit(self, req: AdmissionRequest, timeout_s: float | None) -> Lease:
+        if not req.model:
+            raise BadAdmission("must be non-empty", field="model")
+        if req.max_tokens <= 0:
+            raise BadAdmission("must be positive", field="max_tokens")
+        if self._policy.pools_for(len(req.prompt_token_ids)) == []:
+            metrics.record_rejection(req.model, "too_long")
+            raise BadAdmission(
+                f"{len(req.prompt_token_ids)} tokens exceed every pool's max_prompt_tokens",
+                field="prompt_token_ids",
+            )
+        start = self._clock()
+        prefix = await self._feedback.lookup(req.prompt_token_ids)
+        if not len(self._queue):
+            lease = self._try_grant(req, prefix, start)
+            if lease is not None:
+                return lease
+        # Only a request that cannot be granted now pays for the servability check.
+        candidates = self._candidates(req)
+        # A request a scale-from-zero pool would serve waits for it whenever it finds no
+        # replica, now or later in the queue (its last replica drained or failed).
+        activation = self._activation(req)
+        if not candidates and activation is None:
+            metrics.record_rejection(req.model, "no_replica")
+            raise NoReplicaReady(self._unavailable_reason(req))
+        if self._queue.full:
+            metrics.record_rejection(req.model, "queue_full")
+            raise QueueFull("admission queue is full", retry_after_s=self.retry_after_s())
+        fut: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        waiter = self._queue.push(
+            req, prefix, start, fut, self._attribute(req, candidates, activation), activation
+        )
+        metrics.record_enqueued(req.model, waiter.pool_key)
+        wait_s = (
+            self._settings.default_queue_timeout_s if timeout_s is None else max(timeout_s, 0.0)
+        )
+        return await self._wait(waiter, wait_s)
+
+    async def _wait(self, waiter: Waiter, wait_s: float) -> Lease:
+        req, fut, activation = waiter.request, waiter.future, waiter.activation
+        try:
+            left = wait_s
+            # In steps of the activation timeout: at the end of each, a request that still finds
+            # no replica gives up; one that finds a busy replica waits on, like any request.
+            while activation is not None and activation.timeout_s < left:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(fut), activation.timeout_s)
+                except TimeoutError:
+                    if not self._servable(req) and self._withdraw(waiter):
+                        metrics.record_rejection(req.model, "activation_timeout")
+                        raise ActivationTimeout(
+                            f"pool {activation.pool!r} has no ready replica; none became ready "
+                            f"within {activation.timeout_s:g} s"
+                        ) from None
+                    if fut.done():
+                        return fut.result()
+                    left -= activation.timeout_s
+            return await asyncio.wait_for(asyncio.shield(fut), left)
+        except TimeoutError:
+            if self._withdraw(waiter):
+                metrics.record_rejection(req.model, "queue_timeout")
+                raise QueueTimeout(f"no replica slot within {wait_s:.3f}s") from None
+            return fut.result()  # granted in the same tick the timer fired
+        except asyncio.CancelledError:
+            if (
+                not self._withdraw(waiter)
+                and fut.done()
+                and not fut.cancelled()
+                and fut.exception() is None
+            ):
+                self.complete(fut.result().lease_id, Outcome.CANCELLED)
+            raise
+
+    def _unavailable_reason(self, req: AdmissionRequest) -> str:
+        version = f" version {req.model_version!r}" if req.model_version else ""
+        return f"no ready replica serves model {req.model!r}{version} for a {len(req.prompt_token_ids)}-token prompt"
+
+    def _withdraw(self, waiter: Waiter) -> bool:
+        """Remove a waiter that is still queued; False if it already left the queue."""
+        if not self._queue.withdraw(waiter):
+            return False
+        metrics.record_dequeued(waiter.request.model, waiter.pool_key)
+        return True
+
+    def _activation(self, req: AdmissionRequest) -> Activation | None:
+        """The first scale-from-zero pool (in the request's pool preference) that would serve
+        the request's model and version, or None."""
+        declared = self._policy.scale_from_zero
+        if not declared:
+            return None
+        fitting = self._policy.pools_for(len(req.prompt_token_ids))
+        order = list(declared) if fitting is None else fitting + list(declared)
+        for pool in order:
+            sfz = declared.get(pool)
+            if sfz is None or (
+                fitting is not None and pool in self._known_pools and pool not in fitting
+            ):
+                continue
+            if req.model in sfz.models and req.model_version in ("", sfz.model_version):
+                return Activation(pool, sfz.activation_timeout_s)
+        return None
+
+    def _attribute(
+        self,
+        req: AdmissionRequest,
+        candidates: Sequence[ReplicaView],
+        activation: Activation | None,
+    ) -> tuple[str, str]:
+        """(pool, model_version) a queued request counts under: the first eligible replica's
+        pool, else the scale-from-zero pool it waits for; the request's model version when it
+        names one, else that replica's (or that pool's declared) version."""
+        if candidates:
+            first = candidates[0]
+            return first.pool, req.model_version or first.model_version
+        if activation is None:
+            return "", req.model_version
+        sfz = self._policy.scale_from_zero[activation.pool]
+        return activation.pool, req.model_version or sfz.model_version
+
+    # -- scheduling views ---------------------------------------------------------------------
+    def _cap(self, st: ReplicaState, now: float) -> int:
+        pool = self._policy.pools.get(st.spec.pool)
+        cap = self._settings.max_in_flight_per_replica
+        if pool is not None and pool.max_in_flight_per_replica is not None:
+            cap = pool.max_in_flight_per_replica
+        sample = self._sampler.fresh(st, now)
+        if sample is not None and sample.max_batch:
+            cap = min(cap, max(1, math.ceil(sample.max_batch * self._policy.capacity.overcommit)))
+        return cap
+
+    def _view(self, st: ReplicaState, now: float) -> ReplicaView:
+        sample = self._sampler.fresh(st, now)
+        return ReplicaView(
+            id=st.spec.id,
+            pool=st.spec.pool,
+            model_version=st.spec.model_version,
+            models=tuple(st.spec.models),
+            ready=st.ready,
+            ejected=st.ejected(now),
+            in_flight=st.in_flight,
+            cap=self._cap(st, now),
+            engine_active=sample.active if sample else None,
+            engine_waiting=sample.waiting if sample else None,
+            kv_utilization=sample.kv_utilization if sample else None,
+        )
+
+    def _request_view(self, req: AdmissionRequest, prefix: PrefixMatches) -> RequestView:
+        pools = self._policy.pools_for(len(req.prompt_token_ids))
+        return RequestView(
+            model=req.model,
+            model_version=req.model_version,
+            prompt_tokens=len(req.prompt_token_ids),
+            max_tokens=req.max_tokens,
+            prefix_blocks=prefix.matched_blocks,
+            prompt_blocks=prefix.prompt_blocks,
+            pools=None if pools is None else tuple(pools),
+            known_pools=self._known_pools,
+        )
+
+    def _candidates(self, req: AdmissionRequest) -> Sequence[ReplicaView]:
+        """Replicas that could serve the request once load allows, preferred pool first: those
+        passing the profile's filters judged without load (no leases, unknown KV use). A busy
+        cluster queues; only a missing, unhealthy or unsuitable one is UNAVAILABLE (or, for a
+        scale-from-zero pool, waits for activation)."""
+        now = self._clock()
+        views = [
+            dataclasses.replace(self._view(st, now), in_flight=0, kv_utilization=None)
+            for st in self._replicas.assignable()
+        ]
+        return self._scheduler.filter(self._request_view(req, NO_MATCHES), views)
+
+    def _servable(self, req: AdmissionRequest) -> bool:
+        return bool(self._candidates(req))
+
+    def _pick(self, req: AdmissionRequest, prefix: PrefixMatches) -> ReplicaState | None:
+        now = self._clock()
+        views = [self._view(st, now) for st in self._replicas.assignable()]
+        decision = self._scheduler.decide(self._request_view(req, prefix), views)
+        return None if decision.replica is None else self._replicas.get(decision.replica.id)
+
+    def _try_grant(
+        self, req: AdmissionRequest, prefix: PrefixMatches, enqueued_at: float
+    ) -> Lease | None:
+        st = self._pick(req, prefix)
+        if st is None:
+            return None
+        self._replicas.acquire(st)
+        lease = self._leases.grant(st.spec, enqueued_at)
+        metrics.record_grant(
+            req.model,
+            st.spec.id,
+            st.spec.pool,
+            lease.queue_s,
+            prefix.prompt_blocks,
+            prefix.matched_blocks.get(st.spec.id, 0),
+        )
+        self._feedback.routed(lease.lease_id, st.spec.id, prefix, len(req.prompt_token_ids))
+        return lease
+
+    def _dispatch(self) -> None:
+        """Grant queued requests, highest priority first, while replicas have room."""
+        blocked: list[Waiter] = []
+        for waiter in self._queue.drain_in_order():
+            lease = self._try_grant(waiter.request, waiter.prefix, waiter.enqueued_at)
+            if lease is None:
+                # A waiter for a scale-from-zero pool stays until its activation timeout.
+                if waiter.activation is None and not self._servable(waiter.request):
+                    metrics.record_dequeued(waiter.request.model, waiter.pool_key)
+                    metrics.record_rejection(waiter.request.model, "no_replica")
+                    waiter.future.set_exception(
+                        NoReplicaReady(self._unavailable_reason(waiter.request))
+                    )
+                    continue
+                blocked.append(waiter)
+                continue
+            metrics.record_dequeued(waiter.request.model, waiter.pool_key)
+            self._queue.served(waiter)
+            waiter.future.set_result(lease)
+        self._queue.prune()
+        self._queue.restore(blocked)
+
+    # -- membership ---------------------------------------------------------------------------
+    def sync_replicas(self, specs: Sequence[ReplicaSpec]) -> None:
+        """Make the non-registered replica set equal to `specs` (see `ReplicaSet.sync`)."""
+        for rid in self._replicas.sync(specs).dropped:
+            self._feedback.drop_replica(rid)
+        self._refresh_pool_gauges()
+        self._dispatch()
+
+    async def register_replica(self, spec: ReplicaSpec) -> Registration:
+        """Add (or confirm) a replica at run time and probe it once now. Idempotent;
+        registering a draining replica again cancels the drain."""
+        st, created = self._replicas.register(spec)
+        await self._probe_replica(st)
+        self._refresh_pool_gauges()
+        return Registration(ready=st.routable(self._clock()), created=created)
+
+    async def drain_replica(self, replica_id: str, wait_s: float) -> DrainResult:
+        """Stop new leases on the replica now; wait up to `wait_s` for its leases to end."""
+        st, started = self._replicas.start_drain(replica_id)
+        if started:
+            self._refresh_pool_gauges()
+            self._dispatch()  # waiters it was the last replica for fail now
+        await self._replicas.wait_idle(st, wait_s)
+        return DrainResult(in_flight=st.in_flight, drained=st.in_flight == 0)
+
+    def deregister_replica(self, replica_id: str) -> int:
+        """Forget a registered replica now; returns its leases still live (they end normally)."""
+        st = self._replicas.deregister(replica_id)
+        self._feedback.drop_replica(replica_id)
+        self._refresh_pool_gauges()
+        self._dispatch()
+        return st.in_flight
+
+    # -- completion -----------------------------------------------------------------------
+    def complete(self, lease_id: str, outcome: Outcome, reused_blocks: int | None = None) -> bool:
+        """Release a lease. `reused_blocks` is the engine's kv_cache_reused_blocks, given only
+        when the engine ran the prompt: it corrects the registry's predictions."""
+        lease = self._leases.pop(lease_id)
+        if lease is None:
+            return False
+        self._feedback.completed(lease_id, lease.replica.id, reused_blocks)
+        st = self._replicas.release(lease.replica.id)
+        if st is not None:
+            if outcome is Outcome.REPLICA_ERROR:
+                st.failures += 1
+                self._health.record_error(st, reason="request failed on replica")
+                self._refresh_pool_gauges()
+                self._reprobe(st)
+            elif outcome is Outcome.SUCCESS:
+                self._health.record_success(st)
+            self._replicas.forget_if_gone(st)
+        self._dispatch()
+        return True
+
+    def retry_after_s(self) -> float:
+        """Seconds until the queue would have drained at the recent completion rate."""
+        return self._leases.retry_after_s(len(self._queue))
+
+    # -- health ---------------------------------------------------------------------------
+    def _refresh_pool_gauges(self) -> None:
+        """Routable replicas per (pool, model version); declared scale-from-zero pools and pools
+        seen before report 0 when they have none."""
+        now = self._clock()
+        counts = {
+            (pool, sfz.model_version): 0 for pool, sfz in self._policy.scale_from_zero.items()
+        }
+        counts.update(dict.fromkeys(self._pool_gauge_keys, 0))
+        for st in self._replicas.live():
+            key = (st.spec.pool, st.spec.model_version)
+            counts[key] = counts.get(key, 0) + (1 if st.routable(now) else 0)
+        for key, n in counts.items():
+            metrics.record_pool_ready(*key, n)
+        self._pool_gauge_keys = set(counts)
+
+    async def _probe_replica(self, st: ReplicaState) -> None:
+        ok = await self._health.probe(st)
+        if self._health.set_ready(st, ok):
+            self._feedback.drop_replica(st.spec.id)  # its cache is gone or unreachable
+        self._refresh_pool_gauges()
+        # Grants to waiters when a replica comes back; fails waiters that lost their last one.
+        self._dispatch()
+
+    def _reprobe(self, st: ReplicaState) -> None:
+        """Probe a replica that just failed a request now, not at the next health round."""
+        task = asyncio.get_running_loop().create_task(self._probe_replica(st))
+        self._reprobes.add(task)
+        task.add_done_callback(self._reprobes.discard)
+
+    async def probe_once(self) -> None:
+        """One health round: probe every replica, then `tick`."""
+        await asyncio.gather(*(self._probe_replica(st) for st in list(self._replicas.live())))
+        self.tick()
+
+    def tick(self) -> None:
+        """Time-driven upkeep: reclaim leases never completed within `lease_timeout_s`."""
+        for lease_id in self._leases.expired():
+            log.warning("lease reclaimed", extra={"lease_id": lease_id})
+            self.complete(lease_id, Outcome.REQUEST_ERROR)
+
+    async def scrape_once(self) -> None:
+        await self._sampler.scrape(list(self._replicas.live()))
+        self._dispatch()  # KV use or capacity may have changed what waiters can get
+
+    # -- introspection --------------------------------------------------------------------
+    def replicas(self) -> list[ReplicaState]:
+        return list(self._replicas.live())
+
+    def now(self) -> float:
+        """The director's clock (for adapters that report ages, e.g. ejection time left)."""
+        return self._clock()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def drain_max_wait_s(self) -> float:
+        return self._settings.drain_max_wait_s

@@ -1,0 +1,77 @@
+"""Prefix feedback: prefix lookups for routing, and the approximate-mode loop with kv_registry
+(record each routing decision as predicted blocks; correct it with what the engine reports).
+
+Invariants:
+- Without a prefix index every call is a no-op and lookups match nothing (prefix-blind routing).
+- A prediction lives from its lease's grant to its completion: bounded by the live leases.
+- Registry calls run in the background and never delay admission or completion; their tasks are
+  tracked until done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Coroutine, Sequence
+from dataclasses import dataclass
+
+from services.orchestrator.prefix import NO_MATCHES, PrefixIndex, PrefixMatches
+
+
+@dataclass(slots=True)
+class _Prediction:
+    """What approximate mode needs at completion: the prompt's block hashes, and how many blocks
+    the registry predicted the replica held."""
+
+    hashes: tuple[int, ...]
+    prompt_tokens: int
+    predicted: int = 0
+
+
+class PrefixFeedback:
+    def __init__(self, index: PrefixIndex | None) -> None:
+        self._index = index
+        self._predictions: dict[str, _Prediction] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def lookup(self, token_ids: Sequence[int]) -> PrefixMatches:
+        if self._index is None:
+            return NO_MATCHES
+        return await self._index.lookup(token_ids)
+
+    def routed(
+        self, lease_id: str, replica_id: str, prefix: PrefixMatches, prompt_tokens: int
+    ) -> None:
+        """A lease was granted: the routing becomes predicted blocks on the replica."""
+        if self._index is None or not prefix.hashes:
+            return
+        self._predictions[lease_id] = _Prediction(prefix.hashes, prompt_tokens)
+        self._background(self._record_routing(self._index, lease_id, replica_id, prefix.hashes))
+
+    async def _record_routing(
+        self, index: PrefixIndex, lease_id: str, replica_id: str, hashes: tuple[int, ...]
+    ) -> None:
+        predicted = await index.record_routing(replica_id, hashes)
+        pred = self._predictions.get(lease_id)
+        if pred is not None:
+            pred.predicted = predicted
+
+    def completed(self, lease_id: str, replica_id: str, reused_blocks: int | None) -> None:
+        """A lease ended. `reused_blocks` is the engine's kv_cache_reused_blocks, given only when
+        the engine ran the prompt: it corrects the registry's predictions."""
+        pred = self._predictions.pop(lease_id, None)
+        if pred is not None and reused_blocks is not None and self._index is not None:
+            self._background(
+                self._index.report_reuse(
+                    replica_id, pred.hashes, reused_blocks, pred.prompt_tokens, pred.predicted
+                )
+            )
+
+    def drop_replica(self, replica_id: str) -> None:
+        """The replica's cached blocks are gone or unreachable."""
+        if self._index is not None:
+            self._background(self._index.drop_replica(replica_id))
+
+    def _background(self, coro: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,91 @@
+"""The orchestrator's Prometheus metrics and the only functions that update them.
+
+Components call `record_*`; none touches a metric object. Names come from
+`llmmesh.common.metric_names`.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from llmmesh.common import metric_names as names
+
+_QUEUE_DEPTH = Gauge(names.ORCH_QUEUE_DEPTH, "Requests waiting for admission.", ["model"])
+_QUEUE_WAIT = Histogram(
+    names.ORCH_QUEUE_WAIT,
+    "Time from Admit to lease.",
+    ["model"],
+    buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
+)
+_DECISIONS = Counter(names.ORCH_DECISIONS, "Leases granted.", ["model", "replica", "pool"])
+_REJECTIONS = Counter(names.ORCH_REJECTIONS, "Admissions refused.", ["model", "reason"])
+_IN_FLIGHT = Gauge(names.ORCH_REPLICA_IN_FLIGHT, "Live leases per replica.", ["replica", "pool"])
+_HEALTHY = Gauge(names.ORCH_REPLICA_HEALTHY, "1 if the replica is ready.", ["replica", "pool"])
+_PREFIX_HIT = Counter(
+    names.ORCH_PREFIX_HIT_BLOCKS, "Prompt blocks cached on the chosen replica.", ["replica"]
+)
+_PROMPT_BLOCKS = Counter(names.ORCH_PROMPT_BLOCKS, "Full prompt blocks routed.", ["replica"])
+_POOL_QUEUE_DEPTH = Gauge(
+    names.ORCH_POOL_QUEUE_DEPTH,
+    "Requests waiting for admission, by the pool (and model version) they would run in.",
+    ["pool", "model_version"],
+)
+_POOL_READY = Gauge(
+    names.ORCH_POOL_READY,
+    "Replicas the orchestrator routes to (ready, not ejected, not draining).",
+    ["pool", "model_version"],
+)
+_EJECTIONS = Counter(
+    names.ORCH_EJECTIONS, "Replicas ejected after repeated errors.", ["replica", "pool"]
+)
+
+
+def record_replica_known(replica: str, pool: str) -> None:
+    """A replica entered the set: it reports unhealthy with no leases until probed."""
+    _HEALTHY.labels(replica, pool).set(0)
+    _IN_FLIGHT.labels(replica, pool).set(0)
+
+
+def record_in_flight(replica: str, pool: str, in_flight: int) -> None:
+    _IN_FLIGHT.labels(replica, pool).set(in_flight)
+
+
+def record_healthy(replica: str, pool: str, healthy: bool) -> None:
+    _HEALTHY.labels(replica, pool).set(1 if healthy else 0)
+
+
+def record_ejection(replica: str, pool: str) -> None:
+    _EJECTIONS.labels(replica, pool).inc()
+
+
+def record_pool_ready(pool: str, model_version: str, ready: int) -> None:
+    _POOL_READY.labels(pool, model_version).set(ready)
+
+
+def record_enqueued(model: str, pool_key: tuple[str, str]) -> None:
+    _QUEUE_DEPTH.labels(model).inc()
+    _POOL_QUEUE_DEPTH.labels(*pool_key).inc()
+
+
+def record_dequeued(model: str, pool_key: tuple[str, str]) -> None:
+    _QUEUE_DEPTH.labels(model).dec()
+    _POOL_QUEUE_DEPTH.labels(*pool_key).dec()
+
+
+def record_rejection(model: str, reason: str) -> None:
+    _REJECTIONS.labels(model, reason).inc()
+
+
+def record_grant(
+    model: str,
+    replica: str,
+    pool: str,
+    queue_s: float,
+    prompt_blocks: int,
+    hit_blocks: int,
+) -> None:
+    _DECISIONS.labels(model, replica, pool).inc()
+    _QUEUE_WAIT.labels(model).observe(queue_s)
+    if prompt_blocks:
+        _PROMPT_BLOCKS.labels(replica).inc(prompt_blocks)
+        _PREFIX_HIT.labels(replica).inc(hit_blocks)

@@ -1,0 +1,191 @@
+"""The replica set: static, discovered and registered replicas, their drain flags and load.
+
+Invariants:
+- The set is the static list plus DNS discovery (`sync`) plus registered replicas (`register`);
+  discovery never removes a registered replica, and only `deregister` does.
+- A replica that leaves the set is marked `removed` at once (never routed to again) and forgotten
+  once its last lease ends (`release`).
+- A replica's `in_flight` equals the number of live leases on it (the lease table keeps it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from llmmesh.common.engine_metrics import EngineSample
+from services.orchestrator import metrics
+from services.orchestrator.errors import ReplicaConflict, UnknownReplica
+from services.orchestrator.settings import ReplicaSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ReplicaState:
+    spec: ReplicaSpec
+    ready: bool = False  # last readiness probe passed
+    removed: bool = False  # left the replica set; forgotten once its last lease ends
+    draining: bool = False  # DrainReplica: no new leases
+    registered: bool = False  # added by RegisterReplica; discovery leaves it alone
+    in_flight: int = 0
+    completed: int = 0
+    failures: int = 0
+    consecutive_errors: int = 0
+    ejections: int = 0
+    ejected_until: float = 0.0
+    sample: EngineSample | None = None
+    sample_at: float = 0.0
+
+    def ejected(self, now: float) -> bool:
+        return now < self.ejected_until
+
+    def healthy(self, now: float) -> bool:
+        return self.ready and not self.removed and not self.ejected(now)
+
+    def routable(self, now: float) -> bool:
+        return self.healthy(now) and not self.draining
+
+
+@dataclass(frozen=True, slots=True)
+class Membership:
+    """What a change to the set did, for the director's follow-up (index drops, gauges)."""
+
+    dropped: tuple[str, ...] = ()  # replicas that left: their cached blocks no longer count
+
+
+class ReplicaSet:
+    def __init__(self, static: Sequence[ReplicaSpec]) -> None:
+        self._replicas: dict[str, ReplicaState] = {}
+        self._idle: dict[str, asyncio.Event] = {}  # set when the replica's in_flight reaches 0
+        for spec in static:
+            self._add(ReplicaState(spec))
+
+    def _add(self, st: ReplicaState) -> None:
+        self._replicas[st.spec.id] = st
+        metrics.record_replica_known(st.spec.id, st.spec.pool)
+
+    def get(self, replica_id: str) -> ReplicaState | None:
+        return self._replicas.get(replica_id)
+
+    def live(self) -> Iterator[ReplicaState]:
+        """Replicas in the set (not removed)."""
+        return (st for st in self._replicas.values() if not st.removed)
+
+    def assignable(self) -> Iterator[ReplicaState]:
+        """Replicas that may take new leases if healthy (not removed, not draining)."""
+        return (st for st in self._replicas.values() if not st.removed and not st.draining)
+
+    def known(self, replica_id: str) -> ReplicaState:
+        st = self._replicas.get(replica_id)
+        if st is None or st.removed:
+            raise UnknownReplica(f"no replica {replica_id!r}", field="replica_id")
+        return st
+
+    def sync(self, specs: Sequence[ReplicaSpec]) -> Membership:
+        """Make the non-registered set equal to `specs`: new replicas start unready until probed;
+        vanished ones stop receiving work and are forgotten once their last lease ends.
+        Registered replicas are left alone (an id both registered and discovered stays
+        registered)."""
+        wanted = {s.id: s for s in specs}
+        for rid, spec in wanted.items():
+            st = self._replicas.get(rid)
+            if st is not None and st.registered and not st.removed:
+                continue
+            if st is None:
+                self._add(ReplicaState(spec))
+                log.info("replica added", extra={"replica": rid, "address": spec.grpc_address})
+            else:
+                st.removed = st.registered = st.draining = False
+                if st.spec != spec and st.in_flight == 0:
+                    st.spec, st.ready = spec, False
+        dropped: list[str] = []
+        for rid, st in list(self._replicas.items()):
+            if rid not in wanted and not st.registered:
+                if not st.removed:
+                    dropped.append(rid)
+                st.removed = True
+                if st.in_flight == 0:
+                    del self._replicas[rid]
+                    log.info("replica removed", extra={"replica": rid})
+        return Membership(tuple(dropped))
+
+    def register(self, spec: ReplicaSpec) -> tuple[ReplicaState, bool]:
+        """Add (or confirm) a registered replica; returns it and whether it is new. Registering a
+        draining replica again cancels the drain."""
+        st = self._replicas.get(spec.id)
+        created = st is None or st.removed
+        if st is None:
+            st = ReplicaState(spec, registered=True)
+            self._add(st)
+        else:
+            if not st.registered and not st.removed:
+                raise ReplicaConflict(
+                    f"{spec.id!r} is a static or discovered replica", field="replica.id"
+                )
+            if st.spec != spec:
+                if st.in_flight:
+                    raise ReplicaConflict(
+                        f"replica {spec.id!r} has {st.in_flight} live leases; drain and "
+                        "deregister it before changing its spec",
+                        field="replica",
+                    )
+                st.spec, st.ready = spec, False
+            st.registered, st.removed, st.draining = True, False, False
+        if created:
+            log.info("replica registered", extra={"replica": spec.id, "address": spec.grpc_address})
+        return st, created
+
+    def start_drain(self, replica_id: str) -> tuple[ReplicaState, bool]:
+        """Stop new leases on the replica; returns it and whether this call started the drain."""
+        st = self.known(replica_id)
+        if st.draining:
+            return st, False
+        st.draining = True
+        log.info("replica draining", extra={"replica": replica_id, "in_flight": st.in_flight})
+        return st, True
+
+    async def wait_idle(self, st: ReplicaState, wait_s: float) -> None:
+        """Wait up to `wait_s` for the replica's leases to end."""
+        if st.in_flight > 0 and wait_s > 0:
+            idle = self._idle.setdefault(st.spec.id, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(idle.wait(), wait_s)
+
+    def deregister(self, replica_id: str) -> ReplicaState:
+        """Forget a registered replica now; its live leases end normally."""
+        st = self.known(replica_id)
+        if not st.registered:
+            raise ReplicaConflict(
+                f"{replica_id!r} is a static or discovered replica; it leaves by configuration",
+                field="replica_id",
+            )
+        st.removed = True
+        if st.in_flight == 0:
+            del self._replicas[replica_id]
+        log.info("replica deregistered", extra={"replica": replica_id, "in_flight": st.in_flight})
+        return st
+
+    def acquire(self, st: ReplicaState) -> None:
+        st.in_flight += 1
+        metrics.record_in_flight(st.spec.id, st.spec.pool, st.in_flight)
+
+    def release(self, replica_id: str) -> ReplicaState | None:
+        """A lease on the replica ended; wakes drain waiters at zero. Returns the replica, or
+        None when it was already forgotten."""
+        st = self._replicas.get(replica_id)
+        if st is None:
+            return None
+        st.in_flight -= 1
+        st.completed += 1
+        metrics.record_in_flight(st.spec.id, st.spec.pool, st.in_flight)
+        if st.in_flight == 0 and (idle := self._idle.pop(st.spec.id, None)) is not None:
+            idle.set()
+        return st
+
+    def forget_if_gone(self, st: ReplicaState) -> None:
+        if st.removed and st.in_flight == 0:
+            self._replicas.pop(st.spec.id, None)
