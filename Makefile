@@ -55,9 +55,10 @@ setup: $(STAMPS)/prometheus
 
 protos: $(STAMPS)/protos ## Regenerate gRPC stubs from protos/
 
-lint: setup ## ruff format --check, ruff check, mypy --strict, generated stubs untracked
+lint: setup ## ruff format --check, ruff check, mypy --strict, import-linter layering contracts, generated stubs untracked
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(VENV)/bin/mypy llmmesh services bench tests
 	@tracked="$$(git ls-files 'llmmesh/generated' 'llmmesh/*_pb2*')"; if [ -n "$$tracked" ]; then \
 		echo "generated stubs are tracked by git (they are generated from protos/): $$tracked"; exit 1; fi

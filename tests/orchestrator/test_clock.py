@@ -1,0 +1,69 @@
+"""The director and its components run on the injected clock alone: lease reclamation, ejection
+expiry and retry-after advance when the clock does, without any real time passing."""
+
+from __future__ import annotations
+
+from services.orchestrator.director import Orchestrator
+from services.orchestrator.domain import Outcome
+from services.orchestrator.leases import LeaseTable
+from services.orchestrator.policy import HealthPolicy, Policy
+from services.orchestrator.settings import ReplicaSpec
+from tests.orchestrator.test_core import FakeProbe, req, settings
+
+
+class ManualClock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+async def test_leases_are_reclaimed_when_the_virtual_clock_passes_the_timeout() -> None:
+    clock, probe = ManualClock(), FakeProbe()
+    cfg = settings(n=1, cap=1)
+    cfg.lease_timeout_s = 60.0
+    core = Orchestrator(cfg, probe, clock=clock)
+    probe.ready_ids = {"r0"}
+    await core.probe_once()
+    lease = await core.admit(req("a"), timeout_s=1)
+    assert lease.granted_at == clock.t
+    clock.t += 59.0
+    core.tick()
+    assert core.replicas()[0].in_flight == 1
+    clock.t += 2.0
+    core.tick()
+    assert core.replicas()[0].in_flight == 0
+    assert not core.complete(lease.lease_id, Outcome.SUCCESS)  # already ended, exactly once
+
+
+async def test_ejection_lasts_exactly_its_virtual_duration() -> None:
+    clock, probe = ManualClock(), FakeProbe()
+    policy = Policy(
+        health=HealthPolicy(
+            consecutive_errors=1, base_ejection_seconds=30.0, max_ejection_percent=50
+        )
+    )
+    core = Orchestrator(settings(n=2, cap=4), probe, policy, clock=clock)
+    probe.ready_ids = {"r0", "r1"}
+    await core.probe_once()
+    lease = await core.admit(req("a"), timeout_s=1)
+    core.complete(lease.lease_id, Outcome.REPLICA_ERROR)
+    bad = next(st for st in core.replicas() if st.spec.id == lease.replica.id)
+    assert bad.ejected(clock.t)
+    assert bad.ejected_until == clock.t + 30.0
+    clock.t += 30.0
+    assert not bad.ejected(clock.t)
+
+
+def test_retry_after_follows_the_virtual_completion_rate() -> None:
+    clock = ManualClock()
+    table = LeaseTable(3600.0, clock)
+    spec = ReplicaSpec(id="r", grpc_address="127.0.0.1:1")
+    assert table.retry_after_s(10) == 1.0  # no completions seen yet
+    for _ in range(50):
+        lease = table.grant(spec, clock.t)
+        clock.t += 0.5  # two completions per second
+        assert table.pop(lease.lease_id) is lease
+    assert abs(table.retry_after_s(10) - 5.0) < 0.05
+    assert table.retry_after_s(10_000) == 60.0  # bounded
