@@ -46,7 +46,7 @@ async def test_bound_withdraw_and_restore() -> None:
     assert q.withdraw(a)
     assert futs[0].cancelled()
     assert not q.withdraw(a)  # leaves exactly once
-    assert not q.full
+    assert len(q) == 1
     taken = q.drain_in_order()
     assert [w.request.request_id for w in taken] == ["b"]
     q.restore(taken)
