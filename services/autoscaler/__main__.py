@@ -12,7 +12,7 @@ from llmmesh.common.telemetry import setup_logging, setup_tracing, start_metrics
 from llmmesh.generated.autoscaler.v1 import autoscaler_pb2, autoscaler_pb2_grpc
 from llmmesh.generated.keda import externalscaler_pb2, externalscaler_pb2_grpc
 from services.autoscaler.actuators.contracts import PoolKey
-from services.autoscaler.actuators.local import LocalActuator, ReplicaState
+from services.autoscaler.actuators.local import LocalActuator, ReplicaPhase
 from services.autoscaler.core import Autoscaler
 from services.autoscaler.keda import KedaScalerServicer
 from services.autoscaler.servicer import AutoscalerServicer
@@ -39,7 +39,7 @@ def with_managed_replicas(base: Discover, actuator: LocalActuator) -> Discover:
         managed = [
             EngineTarget(r.id, r.metrics_url, r.key)
             for r in actuator.replicas()
-            if r.state is ReplicaState.READY and r.metrics_url
+            if r.phase is ReplicaPhase.READY and r.metrics_url
         ]
         return [*await base(), *managed]
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Gauge
 
 from services.autoscaler.actuators.contracts import Actuator, PoolKey, ReplicaCounts
-from services.autoscaler.policy import Decision, PolicyConfig, PoolState, decide
+from services.autoscaler.policy import PolicyConfig, PoolState, ScaleDecision, decide
 from services.autoscaler.settings import AutoscalerSettings
 from services.autoscaler.signals import PoolSignals, SignalSource
 
@@ -56,7 +56,7 @@ class Recorded:
     sequence: int
     key: PoolKey
     decided_at: float
-    decision: Decision
+    decision: ScaleDecision
     counts: ReplicaCounts | None
     changed: bool
 
@@ -147,7 +147,7 @@ class Autoscaler:
         return out
 
     def _record(
-        self, key: PoolKey, now: float, d: Decision, counts: ReplicaCounts | None
+        self, key: PoolKey, now: float, d: ScaleDecision, counts: ReplicaCounts | None
     ) -> Recorded:
         prev = self._latest.get(key)
         changed = prev is None or (prev.decision.desired, prev.decision.cause) != (

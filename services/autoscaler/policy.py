@@ -268,7 +268,9 @@ class Estimates:
 
 
 @dataclass(frozen=True, slots=True)
-class Decision:
+class ScaleDecision:
+    """One pool's desired replica count and why (not the orchestrator's routing decision)."""
+
     current: int
     desired: int
     cause: Cause
@@ -386,7 +388,7 @@ def decide(
     current: int,
     now: float,
     max_age_s: float,
-) -> Decision:
+) -> ScaleDecision:
     """One evaluation of one pool (see POLICY.md for every step)."""
     _prune(
         state,
@@ -401,11 +403,13 @@ def decide(
     )
     in_panic = state.panic_until is not None and now < state.panic_until
 
-    def done(desired: int, cause: Cause, reason: str, est: Estimates = Estimates()) -> Decision:
+    def done(
+        desired: int, cause: Cause, reason: str, est: Estimates = Estimates()
+    ) -> ScaleDecision:
         if desired != current:
             state.changes.append((now, current, desired))
             state.last_change_at = now
-        return Decision(current, desired, cause, reason, sig, est, in_panic)
+        return ScaleDecision(current, desired, cause, reason, sig, est, in_panic)
 
     if sig.age_s(now) > max_age_s:
         state.idle_since = None

@@ -22,7 +22,7 @@ from services.autoscaler.actuators.local import (
     LocalActuator,
     LocalActuatorSettings,
     ManagedPool,
-    ReplicaState,
+    ReplicaPhase,
 )
 from services.orchestrator.policy import Policy, ScaleFromZeroPolicy
 from tests.integration.conftest import Mesh, eventually, metric, start_mesh
@@ -193,8 +193,8 @@ async def test_scale_down_drains_streams_before_stopping(rig: Rig) -> None:
 
     await eventually(both_busy, what="streams on both replicas")
     await rig.actuator.apply(AUTO, 1, "test: scale down under load")
-    (victim,) = [r for r in rig.actuator.replicas() if r.state is ReplicaState.STOPPING]
-    (keeper,) = [r for r in rig.actuator.replicas() if r.state is ReplicaState.READY]
+    (victim,) = [r for r in rig.actuator.replicas() if r.phase is ReplicaPhase.STOPPING]
+    (keeper,) = [r for r in rig.actuator.replicas() if r.phase is ReplicaPhase.READY]
     assert await counts(rig) == ReplicaCounts(ready=1, draining=1)
 
     # New work goes to the other replica while the victim's streams finish.
@@ -204,7 +204,7 @@ async def test_scale_down_drains_streams_before_stopping(rig: Rig) -> None:
 
     async def victim_stopped() -> bool:
         return any(
-            r.id == victim.id and r.state is ReplicaState.STOPPED for r in rig.actuator.replicas()
+            r.id == victim.id and r.phase is ReplicaPhase.STOPPED for r in rig.actuator.replicas()
         )
 
     await eventually(victim_stopped, timeout_s=120, what="the drained replica stopped")

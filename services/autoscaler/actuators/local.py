@@ -7,7 +7,7 @@ with the fewest leases (DrainReplica: no new work, in-flight streams finish), SI
 deregisters it.
 
 Invariants:
-- Every replica is in exactly one state: starting, ready, stopping (draining or torn down), and
+- Every replica is in exactly one phase: starting, ready, stopping (draining or torn down), and
   leaves the pool's list only once its process has exited.
 - A replica counts as ready only after the orchestrator reported it routable.
 - A failed start is logged, kept as the pool's `last_error`, and retried with backoff; the
@@ -124,7 +124,10 @@ class LocalActuatorSettings(BaseModel):
     )
 
 
-class ReplicaState(enum.Enum):
+class ReplicaPhase(enum.Enum):
+    """Where a replica this actuator started is in its process lifecycle (the orchestrator's
+    routing view of a replica is its own `ReplicaState`)."""
+
     STARTING = "starting"
     READY = "ready"
     STOPPING = "stopping"  # draining, or a cancelled start being torn down
@@ -137,7 +140,7 @@ class ManagedReplica:
 
     id: str
     key: PoolKey
-    state: ReplicaState
+    phase: ReplicaPhase
     grpc_address: str  # empty until its Triton process is up
     exit_code: int | None  # set once stopped
     metrics_url: str = ""  # Triton's /metrics; empty until its Triton process is up
@@ -152,7 +155,7 @@ class _Replica:
         self.id = replica_id
         self.key = key
         self.seq = seq
-        self.state = ReplicaState.STARTING
+        self.phase = ReplicaPhase.STARTING
         self.server: TritonServer | None = None
         self.registered = False
         self.task: asyncio.Task[None] | None = None
@@ -162,7 +165,7 @@ class _Replica:
         return ManagedReplica(
             id=self.id,
             key=self.key,
-            state=self.state,
+            phase=self.phase,
             grpc_address=self.server.grpc_address if self.server is not None else "",
             exit_code=self.exit_code,
             metrics_url=self.server.metrics_url if self.server is not None else "",
@@ -178,11 +181,11 @@ class _Pool:
         self.last_error: str | None = None
 
     def counts(self) -> ReplicaCounts:
-        by = [r.state for r in self.replicas]
+        by = [r.phase for r in self.replicas]
         return ReplicaCounts(
-            ready=by.count(ReplicaState.READY),
-            starting=by.count(ReplicaState.STARTING),
-            draining=by.count(ReplicaState.STOPPING),
+            ready=by.count(ReplicaPhase.READY),
+            starting=by.count(ReplicaPhase.STARTING),
+            draining=by.count(ReplicaPhase.STOPPING),
         )
 
 
@@ -208,9 +211,9 @@ class LocalActuator:
         await self._start_initial()
         for pool in self._pools.values():
             for r in pool.replicas:
-                if r.state is ReplicaState.READY and r.server and not r.server.is_running:
+                if r.phase is ReplicaPhase.READY and r.server and not r.server.is_running:
                     log.warning("replica process exited", extra={"replica": r.id})
-                    r.state = ReplicaState.STOPPING
+                    r.phase = ReplicaPhase.STOPPING
                     r.task = self._track(self._lost(pool, r))
         return {key: pool.counts() for key, pool in self._pools.items()}
 
@@ -260,7 +263,7 @@ class LocalActuator:
 
     async def _reconcile(self, pool: _Pool, desired: int, reason: str) -> None:
         active = [
-            r for r in pool.replicas if r.state in (ReplicaState.STARTING, ReplicaState.READY)
+            r for r in pool.replicas if r.phase in (ReplicaPhase.STARTING, ReplicaPhase.READY)
         ]
         if desired == len(active):
             return
@@ -280,10 +283,10 @@ class LocalActuator:
             return
         excess = len(active) - desired
         starting = sorted(
-            (r for r in active if r.state is ReplicaState.STARTING), key=lambda r: -r.seq
+            (r for r in active if r.phase is ReplicaPhase.STARTING), key=lambda r: -r.seq
         )
         for r in starting[:excess]:
-            r.state = ReplicaState.STOPPING
+            r.phase = ReplicaPhase.STOPPING
             assert r.task is not None
             r.task.cancel()  # its task tears the process down and leaves the pool
         excess -= min(excess, len(starting))
@@ -291,11 +294,11 @@ class LocalActuator:
             return
         in_flight = await self._in_flight()
         ready = sorted(
-            (r for r in active if r.state is ReplicaState.READY),
+            (r for r in active if r.phase is ReplicaPhase.READY),
             key=lambda r: (in_flight.get(r.id, 0), -r.seq),
         )
         for r in ready[:excess]:
-            r.state = ReplicaState.STOPPING
+            r.phase = ReplicaPhase.STOPPING
             r.task = self._track(self._drain(pool, r))
 
     def _start(self, pool: _Pool) -> None:
@@ -330,7 +333,7 @@ class LocalActuator:
                     backoff = min(backoff * 2, _MAX_BACKOFF_S)
                     continue
                 pool.last_error = None
-                r.state = ReplicaState.READY
+                r.phase = ReplicaPhase.READY
                 log.info("replica ready", extra={"replica": r.id})
                 return
         except asyncio.CancelledError:
@@ -430,7 +433,7 @@ class LocalActuator:
             r.registered = False
 
     def _forget(self, pool: _Pool, r: _Replica) -> None:
-        r.state = ReplicaState.STOPPED
+        r.phase = ReplicaPhase.STOPPED
         if r in pool.replicas:
             pool.replicas.remove(r)
             self._stopped.append(r.snapshot())
