@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from bench.workloads import Request
-from llmmesh.emulator.cost_model import get_profile
+from llmmesh.accelerators import DEFAULT_PROFILE, get_profile
 from llmmesh.emulator.kv_cache import PagedKvCache
 from llmmesh.emulator.scheduler import GenerationRequest, Scheduler, SchedulerConfig
 from llmmesh.emulator.settings import EmulatorSettings
@@ -41,7 +41,7 @@ class EngineShape:
     max_batch_size: int = 64
     max_num_tokens: int = 8192
     block_size: int = 32
-    cost_profile: str = "llama-3.1-8b-h100-bf16"
+    cost_profile: str = DEFAULT_PROFILE
 
     def env(self) -> dict[str, str]:
         return {

@@ -1,8 +1,7 @@
 """TensorRT-LLM engine emulator: paged KV cache with prefix reuse, in-flight batching scheduler,
-first-principles step-time model, deterministic tokens and a KV event stream. Pure Python; the
+the step-time model of `llmmesh.accelerators`, deterministic tokens and a KV event stream. Pure Python; the
 Triton adapter lives in model_repository/emulator/tensorrt_llm/1/model.py."""
 
-from llmmesh.emulator.cost_model import PROFILES, CostProfile, StepShape, get_profile
 from llmmesh.emulator.engine import Clock, Engine, RealClock, RequestSink, VirtualClock
 from llmmesh.emulator.events import (
     AllBlocksCleared,
@@ -26,12 +25,10 @@ from llmmesh.emulator.settings import EmulatorSettings
 from llmmesh.emulator.tokens import TokenStream, expected_output_ids
 
 __all__ = [
-    "PROFILES",
     "AllBlocksCleared",
     "BlocksRemoved",
     "BlocksStored",
     "Clock",
-    "CostProfile",
     "EmulatorSettings",
     "Engine",
     "EngineMetrics",
@@ -46,11 +43,9 @@ __all__ = [
     "SchedulerConfig",
     "SequenceBlocks",
     "StepResult",
-    "StepShape",
     "StoredBlock",
     "TokenOutput",
     "TokenStream",
     "VirtualClock",
     "expected_output_ids",
-    "get_profile",
 ]

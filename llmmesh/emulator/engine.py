@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from llmmesh.emulator.cost_model import get_profile
+from llmmesh.accelerators import get_profile
 from llmmesh.emulator.events import KvEvent
 from llmmesh.emulator.kv_cache import PagedKvCache
 from llmmesh.emulator.scheduler import (

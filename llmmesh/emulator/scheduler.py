@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from llmmesh.emulator.cost_model import CostProfile, StepShape, decode_shape, prefill_shape
+from llmmesh.accelerators import CostProfile, StepShape, decode_shape, prefill_shape
 from llmmesh.emulator.events import KvEvent
 from llmmesh.emulator.kv_cache import PagedKvCache, SequenceBlocks
 from llmmesh.emulator.tokens import TokenStream, VocabRange

@@ -10,9 +10,7 @@ import socket
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from llmmesh.emulator.cost_model import PROFILES
-
-DEFAULT_COST_PROFILE = "llama-3.1-8b-h100-bf16"
+from llmmesh.accelerators import DEFAULT_PROFILE, PROFILES
 
 
 class EmulatorSettings(BaseSettings):
@@ -52,7 +50,7 @@ class EmulatorSettings(BaseSettings):
         ),
     )
     cost_profile: str = Field(
-        default=DEFAULT_COST_PROFILE,
+        default=DEFAULT_PROFILE,
         description=f"Named step-time model, one of: {', '.join(sorted(PROFILES))}.",
     )
     time_scale: float = Field(

@@ -19,11 +19,11 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from llmmesh.emulator.cost_model import (
+from llmmesh.accelerators import (
+    DEFAULT_PROFILE,
     PROFILES,
     CostProfile,
-    StepShape,
-    decode_shape,
+    decode_batch_shape,
     get_profile,
     prefill_shape,
 )
@@ -39,8 +39,8 @@ class CostConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     profile: str = Field(
-        default="llama-3.1-8b-h100-bf16",
-        description=f"Step-time model (llmmesh.emulator.cost_model), one of: {', '.join(sorted(PROFILES))}.",
+        default=DEFAULT_PROFILE,
+        description=f"Step-time model (llmmesh.accelerators), one of: {', '.join(sorted(PROFILES))}.",
     )
     time_scale: float = Field(
         default=1.0,
@@ -183,11 +183,7 @@ def replica_capacity(
     prefill_s = profile.step_time_s(prefill_shape(p, 0)) * cost.time_scale
 
     def decode_s(batch: int) -> float:
-        one = decode_shape(context)
-        shape = StepShape(
-            one.new_tokens * batch, one.attention_pairs * batch, one.kv_tokens * batch
-        )
-        return profile.step_time_s(shape) * cost.time_scale
+        return profile.step_time_s(decode_batch_shape(context, batch)) * cost.time_scale
 
     batch = 1
     for b in range(1, cost.max_batch_size + 1):

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 
-from llmmesh.emulator.cost_model import (
+from llmmesh.accelerators import (
     LLAMA_3_1_8B_H100_BF16,
     StepShape,
     decode_shape,

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from llmmesh.emulator.cost_model import decode_shape, get_profile, prefill_shape
+from llmmesh.accelerators import decode_shape, get_profile, prefill_shape
 from services.orchestrator.scheduling.contracts import PluginParams, ReplicaView, RequestView
 
 

@@ -1,4 +1,9 @@
-"""Step-time model of one in-flight-batching iteration, derived from first principles.
+"""Accelerator cost profiles: a model on an accelerator, and the step-time model of one
+in-flight-batching iteration on it, derived from first principles.
+
+Shared by the engine emulator (how long a step takes), the estimated-wait scheduling plugin (a
+replica's predicted time to first token) and the autoscaler's capacity model (what one replica
+sustains at the SLO); none of them owns it.
 
 An iteration runs every scheduled token through the model once: the prompt tokens of newly admitted
 requests (prefill / context phase) and one token per decoding sequence (generation phase), fused in
@@ -44,6 +49,7 @@ Resulting figures (a plausibility check, not a calibration against measurements)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +77,15 @@ def prefill_shape(new_tokens: int, cached_tokens: int) -> StepShape:
 def decode_shape(context_tokens: int) -> StepShape:
     """One decode token of a sequence that holds `context_tokens` tokens (including the new one)."""
     return StepShape(new_tokens=1, attention_pairs=context_tokens, kv_tokens=context_tokens)
+
+
+def decode_batch_shape(context_tokens: int, batch: int) -> StepShape:
+    """One decode token of each of `batch` sequences that all hold `context_tokens` tokens."""
+    return StepShape(
+        new_tokens=batch,
+        attention_pairs=context_tokens * batch,
+        kv_tokens=context_tokens * batch,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +148,8 @@ LLAMA_3_1_8B_H100_BF16 = CostProfile(
 )
 
 PROFILES: dict[str, CostProfile] = {p.name: p for p in (LLAMA_3_1_8B_H100_BF16,)}
+#: The profile every consumer assumes unless configured otherwise.
+DEFAULT_PROFILE: Final = LLAMA_3_1_8B_H100_BF16.name
 
 
 def get_profile(name: str) -> CostProfile:

@@ -2,15 +2,17 @@ from __future__ import annotations
 
 import pytest
 
-from llmmesh.emulator.cost_model import (
-    LLAMA_3_1_8B_H100_BF16 as LLAMA,
-)
-from llmmesh.emulator.cost_model import (
+from llmmesh.accelerators import (
+    DEFAULT_PROFILE,
     PROFILES,
     StepShape,
+    decode_batch_shape,
     decode_shape,
     get_profile,
     prefill_shape,
+)
+from llmmesh.accelerators import (
+    LLAMA_3_1_8B_H100_BF16 as LLAMA,
 )
 
 
@@ -23,6 +25,7 @@ def decode_batch(batch: int, context: int) -> StepShape:
 
 def test_profile_constants_derive_from_the_model_card() -> None:
     assert PROFILES["llama-3.1-8b-h100-bf16"] is LLAMA
+    assert get_profile(DEFAULT_PROFILE) is LLAMA
     assert LLAMA.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2 == 131072
     assert LLAMA.weight_bytes == pytest.approx(16.06e9)
     with pytest.raises(ValueError, match="unknown cost profile"):
@@ -46,6 +49,11 @@ def test_step_time(shape: StepShape, expected_ms: float, bound: str) -> None:
     assert LLAMA.step_time_s(shape) * 1e3 == pytest.approx(expected_ms, abs=0.01)
     mem, comp = LLAMA.memory_time_s(shape), LLAMA.compute_time_s(shape)
     assert (mem > comp) == (bound == "memory")
+
+
+@pytest.mark.parametrize(("batch", "context"), [(1, 1), (3, 100), (64, 1024)])
+def test_decode_batch_shape_is_batch_single_decodes(batch: int, context: int) -> None:
+    assert decode_batch_shape(context, batch) == decode_batch(batch, context)
 
 
 def test_empty_step_costs_nothing() -> None:
