@@ -14,6 +14,14 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, Field
 
+from llmmesh.common.topology import (
+    DEFAULT_MODEL_VERSION,
+    DEFAULT_POOL,
+    TRITON_GRPC_PORT,
+    TRITON_METRICS_PORT,
+    TRITON_MODEL,
+)
+
 log = logging.getLogger(__name__)
 
 
@@ -24,14 +32,18 @@ class DnsTarget(BaseModel):
         min_length=1,
         description="Headless Service FQDN, e.g. triton-v1-short.llmmesh.svc.cluster.local.",
     )
-    port: int = Field(default=8001, gt=0, le=65535, description="Triton gRPC port on each pod.")
-    metrics_port: int = Field(
-        default=8002, gt=0, le=65535, description="Triton metrics port on each pod."
+    port: int = Field(
+        default=TRITON_GRPC_PORT, gt=0, le=65535, description="Triton gRPC port on each pod."
     )
-    pool: str = Field(default="default", description="Pool of the replicas behind this Service.")
-    model_version: str = Field(default="v1", description="Model version served by these replicas.")
+    metrics_port: int = Field(
+        default=TRITON_METRICS_PORT, gt=0, le=65535, description="Triton metrics port on each pod."
+    )
+    pool: str = Field(default=DEFAULT_POOL, description="Pool of the replicas behind this Service.")
+    model_version: str = Field(
+        default=DEFAULT_MODEL_VERSION, description="Model version served by these replicas."
+    )
     models: list[str] = Field(
-        default_factory=lambda: ["tensorrt_llm"], description="Triton model names served."
+        default_factory=lambda: [TRITON_MODEL], description="Triton model names served."
     )
 
 

@@ -7,6 +7,7 @@ from pydantic_settings import SettingsConfigDict
 
 from llmmesh.common.discovery import DnsTarget
 from llmmesh.common.settings import ServiceSettings
+from llmmesh.common.topology import DEFAULT_MODEL_VERSION, DEFAULT_POOL, TRITON_METRICS_PORT
 from services.autoscaler.actuators.contracts import PoolKey
 from services.autoscaler.actuators.local import LocalActuatorSettings
 from services.autoscaler.policy import PolicyConfig
@@ -17,10 +18,13 @@ class ScrapeTarget(BaseModel):
 
     replica_id: str = Field(min_length=1, description="Replica id (the orchestrator's).")
     metrics_url: str = Field(
-        min_length=8, description="URL of the replica's /metrics (Triton port 8002)."
+        min_length=8,
+        description=f"URL of the replica's /metrics (Triton port {TRITON_METRICS_PORT}).",
     )
-    pool: str = Field(default="default", description="Pool the replica belongs to.")
-    model_version: str = Field(default="v1", description="Model version the replica serves.")
+    pool: str = Field(default=DEFAULT_POOL, description="Pool the replica belongs to.")
+    model_version: str = Field(
+        default=DEFAULT_MODEL_VERSION, description="Model version the replica serves."
+    )
     host_header: str = Field(
         default="", description="Host header for the scrape (headless Service host:port)."
     )

@@ -6,6 +6,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
 from llmmesh.common.settings import ServiceSettings
+from llmmesh.common.topology import TRITON_MODEL
 
 
 class ModelSettings(BaseModel):
@@ -14,7 +15,7 @@ class ModelSettings(BaseModel):
     name: str = Field(min_length=1, description="Served model name clients ask for.")
     tokenizer_path: Path = Field(description="HF `tokenizer.json` of the model.")
     triton_model: str = Field(
-        default="tensorrt_llm", description="Triton model name on the replicas."
+        default=TRITON_MODEL, description="Triton model name on the replicas."
     )
     context_length: int = Field(default=8192, gt=1, description="Max prompt + completion tokens.")
     max_completion_tokens: int = Field(

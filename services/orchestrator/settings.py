@@ -7,6 +7,7 @@ from pydantic_settings import SettingsConfigDict
 
 from llmmesh.common.discovery import DnsTarget
 from llmmesh.common.settings import ServiceSettings
+from llmmesh.common.topology import DEFAULT_MODEL_VERSION, DEFAULT_POOL, TRITON_MODEL
 
 
 class ReplicaSpec(BaseModel):
@@ -17,13 +18,15 @@ class ReplicaSpec(BaseModel):
     )
     grpc_address: str = Field(min_length=3, description="host:port of Triton's gRPC endpoint.")
     pool: str = Field(
-        default="default", min_length=1, description="Replica pool (e.g. short, long)."
+        default=DEFAULT_POOL, min_length=1, description="Replica pool (e.g. short, long)."
     )
     model_version: str = Field(
-        default="v1", min_length=1, description="Model version this replica serves."
+        default=DEFAULT_MODEL_VERSION,
+        min_length=1,
+        description="Model version this replica serves.",
     )
     models: list[str] = Field(
-        default_factory=lambda: ["tensorrt_llm"],
+        default_factory=lambda: [TRITON_MODEL],
         min_length=1,
         description="Triton model names served.",
     )
