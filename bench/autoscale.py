@@ -64,6 +64,7 @@ from bench.report import (
     summarize,
     write_json,
 )
+from llmmesh.common.topology import DEFAULT_MODEL_VERSION, DEFAULT_POOL
 from llmmesh.generated.autoscaler.v1 import autoscaler_pb2 as as_pb
 from llmmesh.generated.autoscaler.v1 import autoscaler_pb2_grpc as as_grpc
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
@@ -71,7 +72,7 @@ from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 from llmmesh.localmesh import AutoscaledPool, LocalMesh, MeshOptions
 from services.autoscaler.policy import CostConfig, PolicyConfig, replica_capacity
 
-POOL, VERSION = "default", "v1"
+POOL, VERSION = DEFAULT_POOL, DEFAULT_MODEL_VERSION
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 import grpc
 
 from bench.report import write_json
+from llmmesh.common.topology import TRITON_MODEL
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
 from llmmesh.generated.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from llmmesh.localmesh import MODEL_NAME, LocalMesh, MeshOptions
@@ -81,7 +82,7 @@ async def direct_sample(
     """One stream straight to a Triton replica with the gateway's own client."""
     er = EngineRequest(
         f"d{seed}-{time.perf_counter_ns()}",
-        "tensorrt_llm",
+        TRITON_MODEL,
         prompt,
         max_tokens,
         2,

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-_FAMILIES = ("nv_trt_llm_request_metrics", "nv_trt_llm_kv_cache_block_metrics")
+from llmmesh.common.metric_names import TRTLLM_KV_CACHE_BLOCK_METRICS, TRTLLM_REQUEST_METRICS
+
+_FAMILIES = (TRTLLM_REQUEST_METRICS, TRTLLM_KV_CACHE_BLOCK_METRICS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,14 +43,19 @@ def parse_engine_metrics(text: str) -> EngineSample | None:
         v = values.get((family, label))
         return v if v is not None and math.isfinite(v) else None
 
-    active = get(_FAMILIES[0], "active")
-    waiting = get(_FAMILIES[0], "waiting")
-    used = get(_FAMILIES[1], "used")
-    total = get(_FAMILIES[1], "max")
+    active = get(TRTLLM_REQUEST_METRICS, "active")
+    waiting = get(TRTLLM_REQUEST_METRICS, "waiting")
+    used = get(TRTLLM_KV_CACHE_BLOCK_METRICS, "used")
+    total = get(TRTLLM_KV_CACHE_BLOCK_METRICS, "max")
     if active is None or waiting is None or used is None or total is None:
         return None
     return EngineSample(
-        active, waiting, used, total, get(_FAMILIES[0], "max"), get(_FAMILIES[1], "free")
+        active,
+        waiting,
+        used,
+        total,
+        get(TRTLLM_REQUEST_METRICS, "max"),
+        get(TRTLLM_KV_CACHE_BLOCK_METRICS, "free"),
     )
 
 

@@ -9,9 +9,9 @@ import uvloop
 
 from llmmesh.common.server import ManagedServer, ServiceRegistration, run_until_signal
 from llmmesh.common.telemetry import setup_logging, setup_tracing, start_metrics_server
+from llmmesh.common.topology import PoolKey
 from llmmesh.generated.autoscaler.v1 import autoscaler_pb2, autoscaler_pb2_grpc
 from llmmesh.generated.keda import externalscaler_pb2, externalscaler_pb2_grpc
-from services.autoscaler.actuators.contracts import PoolKey
 from services.autoscaler.actuators.local import LocalActuator, ReplicaPhase
 from services.autoscaler.core import Autoscaler
 from services.autoscaler.keda import KedaScalerServicer

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 from prometheus_client import Counter, Gauge
 
-from services.autoscaler.actuators.contracts import Actuator, PoolKey, ReplicaCounts
+from llmmesh.common import metric_names as names
+from llmmesh.common.topology import PoolKey
+from services.autoscaler.actuators.contracts import Actuator, ReplicaCounts
 from services.autoscaler.policy import PolicyConfig, PoolState, ScaleDecision, decide
 from services.autoscaler.settings import AutoscalerSettings
 from services.autoscaler.signals import PoolSignals, SignalSource
@@ -30,23 +32,21 @@ log = logging.getLogger(__name__)
 
 _LABELS = ["pool", "model_version"]
 _DESIRED = Gauge(
-    "llmmesh_autoscaler_desired_replicas",
+    names.AS_DESIRED_REPLICAS,
     "Replicas the policy wants (an HPA external metric with target AverageValue 1).",
     _LABELS,
 )
-_CURRENT = Gauge(
-    "llmmesh_autoscaler_current_replicas", "Replicas provisioned (ready + starting).", _LABELS
-)
-_READY = Gauge("llmmesh_autoscaler_ready_replicas", "Replicas ready (actuator).", _LABELS)
-_STARTING = Gauge("llmmesh_autoscaler_starting_replicas", "Replicas starting (actuator).", _LABELS)
-_DRAINING = Gauge("llmmesh_autoscaler_draining_replicas", "Replicas draining (actuator).", _LABELS)
-_PANIC = Gauge("llmmesh_autoscaler_panic", "1 while the pool is in panic mode.", _LABELS)
+_CURRENT = Gauge(names.AS_CURRENT_REPLICAS, "Replicas provisioned (ready + starting).", _LABELS)
+_READY = Gauge(names.AS_READY_REPLICAS, "Replicas ready (actuator).", _LABELS)
+_STARTING = Gauge(names.AS_STARTING_REPLICAS, "Replicas starting (actuator).", _LABELS)
+_DRAINING = Gauge(names.AS_DRAINING_REPLICAS, "Replicas draining (actuator).", _LABELS)
+_PANIC = Gauge(names.AS_PANIC, "1 while the pool is in panic mode.", _LABELS)
 _DECISIONS = Counter(
-    "llmmesh_autoscaler_decisions_total",
+    names.AS_DECISIONS,
     "Evaluations by direction and cause.",
     [*_LABELS, "direction", "cause"],
 )
-_ERRORS = Counter("llmmesh_autoscaler_errors_total", "Source or actuator failures.", ["stage"])
+_ERRORS = Counter(names.AS_ERRORS, "Source or actuator failures.", ["stage"])
 
 
 @dataclass(frozen=True, slots=True)

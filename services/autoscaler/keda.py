@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator
 import grpc
 
 from llmmesh.common.errors import InvalidArgument, ServiceError, abort
+from llmmesh.common.topology import PoolKey
 from llmmesh.generated.keda import externalscaler_pb2 as pb
 from llmmesh.generated.keda import externalscaler_pb2_grpc as pb_grpc
-from services.autoscaler.actuators.contracts import PoolKey
 from services.autoscaler.core import Autoscaler
 
 Ctx = grpc.aio.ServicerContext[object, object]

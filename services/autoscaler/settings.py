@@ -7,8 +7,12 @@ from pydantic_settings import SettingsConfigDict
 
 from llmmesh.common.discovery import DnsTarget
 from llmmesh.common.settings import ServiceSettings
-from llmmesh.common.topology import DEFAULT_MODEL_VERSION, DEFAULT_POOL, TRITON_METRICS_PORT
-from services.autoscaler.actuators.contracts import PoolKey
+from llmmesh.common.topology import (
+    DEFAULT_MODEL_VERSION,
+    DEFAULT_POOL,
+    TRITON_METRICS_PORT,
+    PoolKey,
+)
 from services.autoscaler.actuators.local import LocalActuatorSettings
 from services.autoscaler.policy import PolicyConfig
 

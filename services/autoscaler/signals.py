@@ -26,22 +26,20 @@ from typing import Protocol
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from llmmesh.common import metric_names as names
 from llmmesh.common.discovery import DnsTarget, discover_pods
 from llmmesh.common.engine_metrics import EngineSample, fetch_metrics_text, parse_engine_metrics
-from services.autoscaler.actuators.contracts import PoolKey
+from llmmesh.common.topology import PoolKey
 
 log = logging.getLogger(__name__)
 
 QUANTILE = 0.9
 
-# Metric names read by both sources (docs/conventions.md).
-ORCH_POOL_QUEUE = "llmmesh_orchestrator_pool_queue_depth"
-ORCH_LEASES = "llmmesh_orchestrator_replica_in_flight"
-ORCH_QUEUE_WAIT = "llmmesh_orchestrator_queue_wait_seconds"
-ORCH_DECISIONS = "llmmesh_orchestrator_decisions"  # counter family name (samples end in _total)
-GW_TTFT = "llmmesh_gateway_time_to_first_token_seconds"
-GW_ITL = "llmmesh_gateway_inter_token_latency_seconds"
-GW_TOKENS = "llmmesh_gateway_tokens"  # counter family name (samples end in _total)
+
+def family(name: str) -> str:
+    """The metric family a parsed page names `name` under: a counter's family has no `_total`
+    (its samples do); any other family is named as its metric."""
+    return name.removesuffix("_total")
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,28 +395,30 @@ class ScrapeSource:
         for target, text in zip(targets, engine_pages, strict=True):
             obs.engines.setdefault(target.key, EngineAggregate()).add(_engine_sample(text))
         orch_ok = orch_text is not None and self._track(
-            now, orch_text, (ORCH_DECISIONS, ORCH_QUEUE_WAIT)
+            now, orch_text, (family(names.ORCH_DECISIONS), names.ORCH_QUEUE_WAIT)
         )
-        gw_ok = gw_text is not None and self._track(now, gw_text, (GW_TTFT, GW_ITL, GW_TOKENS))
+        gw_ok = gw_text is not None and self._track(
+            now, gw_text, (names.GATEWAY_TTFT, names.GATEWAY_ITL, family(names.GATEWAY_TOKENS))
+        )
         self._prune(now)
         # A rate needs two reads within the window: until then it is unknown, not 0.
         orch_rates = self._warm("orchestrator", now, orch_ok)
         gw_rates = self._warm("gateway", now, gw_ok)
         if orch_ok and orch_text is not None:
-            obs.queue_depth = _pool_gauge(orch_text, ORCH_POOL_QUEUE)
-            obs.leases = self._replica_gauge(orch_text, ORCH_LEASES)
+            obs.queue_depth = _pool_gauge(orch_text, names.ORCH_POOL_QUEUE_DEPTH)
+            obs.leases = self._replica_gauge(orch_text, names.ORCH_REPLICA_IN_FLIGHT)
         if orch_rates:
             obs.admissions = {}
             for (model, replica, pool), rate in self._rates(
-                now, f"{ORCH_DECISIONS}_total", ("model", "replica", "pool")
+                now, names.ORCH_DECISIONS, ("model", "replica", "pool")
             ).items():
                 key = self._replica_keys.get(replica) or self._sole_version(pool)
                 if key is not None:
                     obs.admissions[(model, key)] = obs.admissions.get((model, key), 0.0) + rate
-        waits = self._quantiles(now, ORCH_QUEUE_WAIT) if orch_ok else {}
-        ttft = self._quantiles(now, GW_TTFT) if gw_ok else {}
-        itl = self._quantiles(now, GW_ITL) if gw_ok else {}
-        tokens = self._rates(now, f"{GW_TOKENS}_total", ("model", "kind")) if gw_ok else {}
+        waits = self._quantiles(now, names.ORCH_QUEUE_WAIT) if orch_ok else {}
+        ttft = self._quantiles(now, names.GATEWAY_TTFT) if gw_ok else {}
+        itl = self._quantiles(now, names.GATEWAY_ITL) if gw_ok else {}
+        tokens = self._rates(now, names.GATEWAY_TOKENS, ("model", "kind")) if gw_ok else {}
         models = {*waits, *ttft, *itl, *(m for m, _ in tokens)}
         for m in models:
             obs.models[m] = ModelSignals(
@@ -570,7 +570,7 @@ class PromQueries:
             )
             return f"sum by (pool, model_version) (last_over_time({family}{{{sel}}}[{age}]))"
 
-        req, kv = "nv_trt_llm_request_metrics", "nv_trt_llm_kv_cache_block_metrics"
+        req, kv = names.TRTLLM_REQUEST_METRICS, names.TRTLLM_KV_CACHE_BLOCK_METRICS
         replica_version = (
             "max by (replica, model_version) "
             f'(last_over_time({req}{{request_type="active"}}[{age}])) * 0 + 1'
@@ -594,24 +594,24 @@ class PromQueries:
             kv_max=engine("max", kv, "kv_cache_block_type"),
             queue_depth=(
                 f"sum by (pool, model_version) "
-                f"(last_over_time({ORCH_POOL_QUEUE}{{{c.orchestrator_selector}}}[{age}]))"
+                f"(last_over_time({names.ORCH_POOL_QUEUE_DEPTH}{{{c.orchestrator_selector}}}[{age}]))"
             ),
             leases=(
                 f"sum by (pool, model_version) "
-                f"(last_over_time({ORCH_LEASES}{{{c.orchestrator_selector}}}[{age}]) "
+                f"(last_over_time({names.ORCH_REPLICA_IN_FLIGHT}{{{c.orchestrator_selector}}}[{age}]) "
                 f"* on (replica) group_left (model_version) ({replica_version}))"
             ),
             orchestrator_up=f"max(last_over_time(up{{{c.orchestrator_selector}}}[{age}]))",
             admissions=(
                 f"sum by (model, pool, model_version) "
-                f"(rate({ORCH_DECISIONS}_total{{{c.orchestrator_selector}}}[{w}]) "
+                f"(rate({names.ORCH_DECISIONS}{{{c.orchestrator_selector}}}[{w}]) "
                 f"* on (replica) group_left (model_version) ({replica_version}))"
             ),
-            queue_wait_p90=quantile(ORCH_QUEUE_WAIT, c.orchestrator_selector),
+            queue_wait_p90=quantile(names.ORCH_QUEUE_WAIT, c.orchestrator_selector),
             gateway_up=f"max(last_over_time(up{{{c.gateway_selector}}}[{age}]))",
-            ttft_p90=quantile(GW_TTFT, c.gateway_selector),
-            itl_p90=quantile(GW_ITL, c.gateway_selector),
-            tokens=f"sum by (model, kind) (rate({GW_TOKENS}_total{{{c.gateway_selector}}}[{w}]))",
+            ttft_p90=quantile(names.GATEWAY_TTFT, c.gateway_selector),
+            itl_p90=quantile(names.GATEWAY_ITL, c.gateway_selector),
+            tokens=f"sum by (model, kind) (rate({names.GATEWAY_TOKENS}{{{c.gateway_selector}}}[{w}]))",
         )
 
 

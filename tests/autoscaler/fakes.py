@@ -5,19 +5,22 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
-from services.autoscaler.actuators.contracts import PoolKey, ReplicaCounts
+from llmmesh.common import metric_names as names
+from llmmesh.common.topology import TRITON_MODEL, PoolKey
+from services.autoscaler.actuators.contracts import ReplicaCounts
 from services.autoscaler.signals import PoolSignals
 
 
 def engine_page(active: float, waiting: float, used: float, total: float) -> str:
-    return f"""# HELP nv_trt_llm_request_metrics TRT LLM request metrics
-# TYPE nv_trt_llm_request_metrics gauge
-nv_trt_llm_request_metrics{{model="tensorrt_llm",request_type="active",version="1"}} {active}
-nv_trt_llm_request_metrics{{model="tensorrt_llm",request_type="waiting",version="1"}} {waiting}
-# HELP nv_trt_llm_kv_cache_block_metrics TRT LLM KV cache block metrics
-# TYPE nv_trt_llm_kv_cache_block_metrics gauge
-nv_trt_llm_kv_cache_block_metrics{{kv_cache_block_type="used",model="tensorrt_llm",version="1"}} {used}
-nv_trt_llm_kv_cache_block_metrics{{kv_cache_block_type="max",model="tensorrt_llm",version="1"}} {total}
+    req, kv, model = names.TRTLLM_REQUEST_METRICS, names.TRTLLM_KV_CACHE_BLOCK_METRICS, TRITON_MODEL
+    return f"""# HELP {req} TRT LLM request metrics
+# TYPE {req} gauge
+{req}{{model="{model}",request_type="active",version="1"}} {active}
+{req}{{model="{model}",request_type="waiting",version="1"}} {waiting}
+# HELP {kv} TRT LLM KV cache block metrics
+# TYPE {kv} gauge
+{kv}{{kv_cache_block_type="used",model="{model}",version="1"}} {used}
+{kv}{{kv_cache_block_type="max",model="{model}",version="1"}} {total}
 """
 
 
@@ -39,35 +42,23 @@ def orchestrator_page(
     leases: Mapping[tuple[str, str], float] | None = None,
 ) -> str:
     """`decisions`, `leases`: (replica, pool) -> counter / gauge value."""
-    out = [
-        "# HELP llmmesh_orchestrator_decisions_total Leases granted.",
-        "# TYPE llmmesh_orchestrator_decisions_total counter",
-    ]
-    for (replica, pool), v in decisions.items():
-        out.append(
-            f'llmmesh_orchestrator_decisions_total{{model="{model}",pool="{pool}",replica="{replica}"}} {v}'
-        )
-    if leases is not None:
-        out += [
-            "# HELP llmmesh_orchestrator_replica_in_flight Live leases per replica.",
-            "# TYPE llmmesh_orchestrator_replica_in_flight gauge",
-        ]
-        for (replica, pool), v in leases.items():
-            out.append(
-                f'llmmesh_orchestrator_replica_in_flight{{pool="{pool}",replica="{replica}"}} {v}'
-            )
-    if pool_queue is not None:
-        out += [
-            "# HELP llmmesh_orchestrator_pool_queue_depth Queued per pool.",
-            "# TYPE llmmesh_orchestrator_pool_queue_depth gauge",
-        ]
-        for key, v in pool_queue.items():
-            out.append(
-                f'llmmesh_orchestrator_pool_queue_depth{{model_version="{key.model_version}",pool="{key.pool}"}} {v}'
-            )
-    return (
-        "\n".join(out) + "\n" + histogram("llmmesh_orchestrator_queue_wait_seconds", model, waits)
+    decided, leased, queued = (
+        names.ORCH_DECISIONS,
+        names.ORCH_REPLICA_IN_FLIGHT,
+        names.ORCH_POOL_QUEUE_DEPTH,
     )
+    out = [f"# HELP {decided} Leases granted.", f"# TYPE {decided} counter"]
+    for (replica, pool), v in decisions.items():
+        out.append(f'{decided}{{model="{model}",pool="{pool}",replica="{replica}"}} {v}')
+    if leases is not None:
+        out += [f"# HELP {leased} Live leases per replica.", f"# TYPE {leased} gauge"]
+        for (replica, pool), v in leases.items():
+            out.append(f'{leased}{{pool="{pool}",replica="{replica}"}} {v}')
+    if pool_queue is not None:
+        out += [f"# HELP {queued} Queued per pool.", f"# TYPE {queued} gauge"]
+        for key, v in pool_queue.items():
+            out.append(f'{queued}{{model_version="{key.model_version}",pool="{key.pool}"}} {v}')
+    return "\n".join(out) + "\n" + histogram(names.ORCH_QUEUE_WAIT, model, waits)
 
 
 def gateway_page(
@@ -76,12 +67,13 @@ def gateway_page(
     ttft: Sequence[tuple[str, float]],
     model: str = "m",
 ) -> str:
+    tokens = names.GATEWAY_TOKENS
     return (
-        "# HELP llmmesh_gateway_tokens_total Tokens.\n"
-        "# TYPE llmmesh_gateway_tokens_total counter\n"
-        f'llmmesh_gateway_tokens_total{{kind="prompt",model="{model}"}} {prompt}\n'
-        f'llmmesh_gateway_tokens_total{{kind="completion",model="{model}"}} {completion}\n'
-        + histogram("llmmesh_gateway_time_to_first_token_seconds", model, ttft)
+        f"# HELP {tokens} Tokens.\n"
+        f"# TYPE {tokens} counter\n"
+        f'{tokens}{{kind="prompt",model="{model}"}} {prompt}\n'
+        f'{tokens}{{kind="completion",model="{model}"}} {completion}\n'
+        + histogram(names.GATEWAY_TTFT, model, ttft)
     )
 
 

@@ -12,12 +12,14 @@ import pytest_asyncio
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
+from llmmesh.common import metric_names as names
 from llmmesh.common.discovery import DnsTarget
 from llmmesh.common.server import ManagedServer, ServiceRegistration
+from llmmesh.common.topology import PoolKey
 from llmmesh.generated.autoscaler.v1 import autoscaler_pb2 as pb
 from llmmesh.generated.autoscaler.v1 import autoscaler_pb2_grpc as pb_grpc
 from services.autoscaler.__main__ import build_source
-from services.autoscaler.actuators.contracts import PoolKey, ReplicaCounts
+from services.autoscaler.actuators.contracts import ReplicaCounts
 from services.autoscaler.core import Autoscaler
 from services.autoscaler.policy import Cause
 from services.autoscaler.servicer import AutoscalerServicer
@@ -46,12 +48,9 @@ async def test_without_actuator_current_is_the_known_replicas() -> None:
     assert (rec.key, rec.decision.current, rec.decision.desired) == (KEY, 2, 4)
     assert core.desired(KEY) == 4
     labels = {"pool": "short", "model_version": "v1"}
-    assert metric("llmmesh_autoscaler_desired_replicas", **labels) == 4
-    assert metric("llmmesh_autoscaler_current_replicas", **labels) == 2
-    assert (
-        metric("llmmesh_autoscaler_decisions_total", **labels, direction="up", cause="scale_up")
-        or 0
-    ) >= 1
+    assert metric(names.AS_DESIRED_REPLICAS, **labels) == 4
+    assert metric(names.AS_CURRENT_REPLICAS, **labels) == 2
+    assert (metric(names.AS_DECISIONS, **labels, direction="up", cause="scale_up") or 0) >= 1
 
 
 async def test_actuator_drives_and_starting_replicas_block_scale_down() -> None:

@@ -11,9 +11,9 @@ import pytest
 import pytest_asyncio
 
 from llmmesh.common.server import ManagedServer, ServiceRegistration
+from llmmesh.common.topology import PoolKey
 from llmmesh.generated.keda import externalscaler_pb2 as pb
 from llmmesh.generated.keda import externalscaler_pb2_grpc as pb_grpc
-from services.autoscaler.actuators.contracts import PoolKey
 from services.autoscaler.core import Autoscaler
 from services.autoscaler.keda import KedaScalerServicer, metric_name
 from services.autoscaler.settings import AutoscalerSettings

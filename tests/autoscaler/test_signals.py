@@ -9,7 +9,7 @@ from collections.abc import Mapping
 
 import pytest
 
-from services.autoscaler.actuators.contracts import PoolKey
+from llmmesh.common.topology import PoolKey
 from services.autoscaler.signals import (
     CounterTrack,
     EngineTarget,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from llmmesh.common.topology import TRITON_MODEL
 from llmmesh.localmesh import ENGINE_REPOSITORIES, LocalMesh, MeshOptions
 
 
@@ -41,4 +42,4 @@ def test_an_override_for_an_unknown_pool_is_an_error(tmp_path: Path) -> None:
 
 def test_every_engine_has_a_model_repository() -> None:
     for name, repo in ENGINE_REPOSITORIES.items():
-        assert (repo / "tensorrt_llm" / "config.pbtxt").is_file(), name
+        assert (repo / TRITON_MODEL / "config.pbtxt").is_file(), name

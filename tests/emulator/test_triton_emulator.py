@@ -23,6 +23,8 @@ import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 
+from llmmesh.common import metric_names as names
+from llmmesh.common.topology import TRITON_MODEL
 from llmmesh.emulator.settings import EmulatorSettings
 from llmmesh.emulator.tokens import expected_output_ids
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2, kvregistry_pb2_grpc
@@ -32,7 +34,7 @@ from llmmesh.triton.launcher import TritonPorts, TritonServer
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
 REPO = Path(__file__).resolve().parents[2] / "model_repository" / "emulator"
-MODEL = "tensorrt_llm"
+MODEL = TRITON_MODEL
 BLOCKS = BlockConfig(block_size=16, hash_seed=0)
 NUM_KV_BLOCKS = 2048
 MAX_NUM_TOKENS = 1024
@@ -246,14 +248,14 @@ async def test_repeated_prompt_reuses_blocks_and_publishes_them(replica: Replica
 
 async def test_trtllm_metrics_are_exported(replica: Replica) -> None:
     expected = {
-        ("nv_trt_llm_request_metrics", "max"): 64.0,
-        ("nv_trt_llm_request_metrics", "active"): 0.0,
-        ("nv_trt_llm_request_metrics", "waiting"): 0.0,
-        ("nv_trt_llm_kv_cache_block_metrics", "max"): float(NUM_KV_BLOCKS),
-        ("nv_trt_llm_kv_cache_block_metrics", "tokens_per"): float(BLOCKS.block_size),
-        ("nv_trt_llm_kv_cache_block_metrics", "used"): 0.0,
-        ("nv_trt_llm_kv_cache_block_metrics", "free"): float(NUM_KV_BLOCKS),
-        ("nv_trt_llm_kv_cache_block_metrics", "fraction"): 0.0,
+        (names.TRTLLM_REQUEST_METRICS, "max"): 64.0,
+        (names.TRTLLM_REQUEST_METRICS, "active"): 0.0,
+        (names.TRTLLM_REQUEST_METRICS, "waiting"): 0.0,
+        (names.TRTLLM_KV_CACHE_BLOCK_METRICS, "max"): float(NUM_KV_BLOCKS),
+        (names.TRTLLM_KV_CACHE_BLOCK_METRICS, "tokens_per"): float(BLOCKS.block_size),
+        (names.TRTLLM_KV_CACHE_BLOCK_METRICS, "used"): 0.0,
+        (names.TRTLLM_KV_CACHE_BLOCK_METRICS, "free"): float(NUM_KV_BLOCKS),
+        (names.TRTLLM_KV_CACHE_BLOCK_METRICS, "fraction"): 0.0,
     }
     url = replica.server.metrics_url
 
@@ -280,7 +282,7 @@ async def test_cancelling_a_stream_frees_its_slot(replica: Replica) -> None:
 
     async def busy() -> bool:
         m = await asyncio.to_thread(scrape, url)
-        return m[("nv_trt_llm_request_metrics", "active")] == 1
+        return m[(names.TRTLLM_REQUEST_METRICS, "active")] == 1
 
     await eventually(busy, "the long request is active")
     call.cancel()
@@ -288,8 +290,8 @@ async def test_cancelling_a_stream_frees_its_slot(replica: Replica) -> None:
     async def freed() -> bool:
         m = await asyncio.to_thread(scrape, url)
         return (
-            m[("nv_trt_llm_request_metrics", "active")] == 0
-            and m[("nv_trt_llm_kv_cache_block_metrics", "used")] == 0
+            m[(names.TRTLLM_REQUEST_METRICS, "active")] == 0
+            and m[(names.TRTLLM_KV_CACHE_BLOCK_METRICS, "used")] == 0
         )
 
     await eventually(freed, "active back to 0 and blocks released after cancel")

@@ -14,10 +14,12 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from llmmesh.common import metric_names as names
+from llmmesh.common.topology import TRITON_MODEL, PoolKey
 from llmmesh.generated.gateway.v1 import gateway_pb2 as gw_pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.localmesh import EMULATOR_REPOSITORY, MODEL_NAME
-from services.autoscaler.actuators.contracts import PoolKey, ReplicaCounts
+from services.autoscaler.actuators.contracts import ReplicaCounts
 from services.autoscaler.actuators.local import (
     LocalActuator,
     LocalActuatorSettings,
@@ -47,12 +49,12 @@ async def rig(tokenizer_path: Path, tmp_path_factory: pytest.TempPathFactory) ->
         scale_from_zero={
             # Far longer than a replica's start on a loaded machine: the test scales it up.
             "auto": ScaleFromZeroPolicy(
-                activation_timeout_s=600, model_version="v1", models=["tensorrt_llm"]
+                activation_timeout_s=600, model_version="v1", models=[TRITON_MODEL]
             ),
             "cold": ScaleFromZeroPolicy(
                 activation_timeout_s=COLD_ACTIVATION_S,
                 model_version="cold-v1",
-                models=["tensorrt_llm"],
+                models=[TRITON_MODEL],
             ),
         }
     )
@@ -75,7 +77,7 @@ async def rig(tokenizer_path: Path, tmp_path_factory: pytest.TempPathFactory) ->
                     pool="auto",
                     model_version="v1",
                     model_repository=EMULATOR_REPOSITORY,
-                    models=["tensorrt_llm"],
+                    models=[TRITON_MODEL],
                 )
             ],
         )
@@ -91,7 +93,7 @@ async def rig(tokenizer_path: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def admit(model_version: str) -> pb.AdmitRequest:
     return pb.AdmitRequest(
         request_id=f"admit-{model_version}",
-        model="tensorrt_llm",
+        model=TRITON_MODEL,
         prompt_token_ids=[1, 2, 3, 4],
         max_tokens=8,
         model_version=model_version,
@@ -151,7 +153,7 @@ async def test_scale_from_zero_admit_waits_then_routes_to_the_started_replica(ri
     await eventually(queued, what="the Admit waits for the empty scale-from-zero pool")
     orch = rig.mesh.mesh.services["orchestrator"]
     metrics_url = f"http://127.0.0.1:{orch.metrics_port}/metrics"
-    assert metric(metrics_url, "llmmesh_orchestrator_pool_queue_depth", pool="auto") == 1
+    assert metric(metrics_url, names.ORCH_POOL_QUEUE_DEPTH, pool="auto") == 1
 
     await rig.actuator.apply(AUTO, 1, "test: scale from zero")
     assert (await counts(rig)).starting == 1
@@ -166,7 +168,7 @@ async def test_scale_from_zero_admit_waits_then_routes_to_the_started_replica(ri
     )
     status = (await replicas(rig))[started.id]
     assert (status.registered, status.healthy, status.draining) == (True, True, False)
-    assert metric(metrics_url, "llmmesh_orchestrator_pool_ready_replicas", pool="auto") == 1
+    assert metric(metrics_url, names.ORCH_POOL_READY, pool="auto") == 1
 
     # The gateway's traffic goes to it too, and the same apply is a no-op.
     assert (await generate(rig, "after-scale-up", 16)).replica_id == started.id

@@ -7,6 +7,7 @@ import asyncio
 import grpc
 import pytest
 
+from llmmesh.common import metric_names as names
 from llmmesh.emulator.settings import EmulatorSettings
 from llmmesh.emulator.tokens import expected_output_ids
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
@@ -152,7 +153,7 @@ async def test_cancel_frees_replica_slot(mesh: Mesh) -> None:
 
     async def engines_idle() -> bool:
         return all(
-            metric(t.metrics_url, "nv_trt_llm_request_metrics", request_type="active") == 0
+            metric(t.metrics_url, names.TRTLLM_REQUEST_METRICS, request_type="active") == 0
             for t in mesh.mesh.tritons
         )
 

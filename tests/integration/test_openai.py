@@ -18,6 +18,7 @@ import pytest_asyncio
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
+from llmmesh.common import metric_names as names
 from llmmesh.emulator.settings import EmulatorSettings
 from llmmesh.emulator.tokens import expected_output_ids
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
@@ -286,7 +287,7 @@ async def test_deadline_header_bounds_the_request(client: AsyncOpenAI) -> None:
 
 async def test_client_disconnect_cancels_generation(client: AsyncOpenAI, omesh: Mesh) -> None:
     gw_metrics = f"http://127.0.0.1:{omesh.mesh.services['gateway'].metrics_port}/metrics"
-    cancelled_before = metric(gw_metrics, "llmmesh_gateway_requests_total", outcome="cancelled")
+    cancelled_before = metric(gw_metrics, names.GATEWAY_REQUESTS, outcome="cancelled")
     stream = await client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "Tell me a very long story"}],
@@ -308,14 +309,14 @@ async def test_client_disconnect_cancels_generation(client: AsyncOpenAI, omesh: 
 
     async def engines_idle() -> bool:
         return all(
-            metric(t.metrics_url, "nv_trt_llm_request_metrics", request_type="active") == 0
+            metric(t.metrics_url, names.TRTLLM_REQUEST_METRICS, request_type="active") == 0
             for t in omesh.mesh.tritons
         )
 
     await eventually(engines_idle, what="engines report 0 active requests")
 
     async def counted() -> bool:
-        now = metric(gw_metrics, "llmmesh_gateway_requests_total", outcome="cancelled")
+        now = metric(gw_metrics, names.GATEWAY_REQUESTS, outcome="cancelled")
         return now > cancelled_before
 
     await eventually(counted, what="the gateway counts the request as cancelled")

@@ -18,9 +18,10 @@ import pytest
 import pytest_asyncio
 import yaml
 
+from llmmesh.common import metric_names as names
+from llmmesh.common.topology import DEFAULT_MODEL_VERSION, DEFAULT_POOL, PoolKey
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
 from llmmesh.netutil import free_port
-from services.autoscaler.actuators.contracts import PoolKey
 from services.autoscaler.signals import (
     EngineTarget,
     PoolSignals,
@@ -35,7 +36,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = ROOT / ".build" / "prometheus" / "usr" / "bin" / "prometheus"
 MODEL = "smollm2-135m-instruct"
-KEY = PoolKey("default", "v1")
+KEY = PoolKey(DEFAULT_POOL, DEFAULT_MODEL_VERSION)
 SCRAPE_S = 1
 MAX_AGE_S = 10.0
 MIN_SAMPLES = 20
@@ -216,12 +217,12 @@ async def test_promql_source_matches_scrape_source(mesh: Mesh, prometheus: Prome
     # The model's series exist (one request) and Prometheus has them before the measurement.
     await generate(mesh, 1, 4)
     await eventually(
-        lambda: _has(probe, 'llmmesh_gateway_tokens_total{job="gateway"}'),
+        lambda: _has(probe, f'{names.GATEWAY_TOKENS}{{job="gateway"}}'),
         timeout_s=60,
         what="prometheus scraped the gateway",
     )
     await eventually(
-        lambda: _has(probe, 'llmmesh_orchestrator_decisions_total{job="orchestrator"}'),
+        lambda: _has(probe, f'{names.ORCH_DECISIONS}{{job="orchestrator"}}'),
         timeout_s=60,
         what="prometheus scraped the orchestrator",
     )
@@ -247,20 +248,20 @@ async def test_promql_source_matches_scrape_source(mesh: Mesh, prometheus: Prome
 
         await eventually(covered, timeout_s=120, what=f"{MIN_SAMPLES} scrapes in the window")
         await generate(mesh, 24, 16)
-        requests = metric(gw_metrics, "llmmesh_gateway_requests_total")
+        requests = metric(gw_metrics, names.GATEWAY_REQUESTS)
 
         async def prometheus_caught_up() -> bool:
-            got = await probe.query('sum(llmmesh_gateway_requests_total{job="gateway"})')
+            got = await probe.query(f'sum({names.GATEWAY_REQUESTS}{{job="gateway"}})')
             return got is not None and len(got) == 1 and got[0][1] == requests
 
         await eventually(prometheus_caught_up, timeout_s=60, what="prometheus saw every request")
         orch_metrics = f"http://127.0.0.1:{mesh.mesh.services['orchestrator'].metrics_port}/metrics"
-        admitted = metric(orch_metrics, "llmmesh_orchestrator_decisions_total")
+        admitted = metric(orch_metrics, names.ORCH_DECISIONS)
 
         async def prometheus_saw_admissions() -> bool:
             # Each target is scraped on its own schedule: the orchestrator's last scrape may
             # predate the requests even when the gateway's does not.
-            got = await probe.query('sum(llmmesh_orchestrator_decisions_total{job="orchestrator"})')
+            got = await probe.query(f'sum({names.ORCH_DECISIONS}{{job="orchestrator"}})')
             return got is not None and len(got) == 1 and got[0][1] == admitted
 
         await eventually(

@@ -12,6 +12,7 @@ import pytest
 import pytest_asyncio
 from openai import AsyncOpenAI, Omit, omit
 
+from llmmesh.common import metric_names as names
 from llmmesh.localmesh import MODEL_NAME
 from tests.integration.conftest import Mesh, eventually, metric, start_mesh
 
@@ -99,7 +100,7 @@ async def test_a_closed_stream_frees_its_batch_slot(client: AsyncOpenAI, real_me
     url = real_mesh.mesh.tritons[0].metrics_url
 
     async def active_is(n: int) -> bool:
-        return metric(url, "nv_trt_llm_request_metrics", request_type="active") == n
+        return metric(url, names.TRTLLM_REQUEST_METRICS, request_type="active") == n
 
     stream = await client.chat.completions.create(
         model=MODEL_NAME,
@@ -118,6 +119,6 @@ async def test_a_closed_stream_frees_its_batch_slot(client: AsyncOpenAI, real_me
 
 async def test_the_replica_exports_the_tensorrt_llm_gauges(real_mesh: Mesh) -> None:
     url = real_mesh.mesh.tritons[0].metrics_url
-    assert metric(url, "nv_trt_llm_request_metrics", request_type="max") == 8
-    assert metric(url, "nv_trt_llm_kv_cache_block_metrics", kv_cache_block_type="max") > 0
-    assert metric(url, "nv_trt_llm_kv_cache_block_metrics", kv_cache_block_type="tokens_per") > 0
+    assert metric(url, names.TRTLLM_REQUEST_METRICS, request_type="max") == 8
+    assert metric(url, names.TRTLLM_KV_CACHE_BLOCK_METRICS, kv_cache_block_type="max") > 0
+    assert metric(url, names.TRTLLM_KV_CACHE_BLOCK_METRICS, kv_cache_block_type="tokens_per") > 0

@@ -13,6 +13,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from llmmesh.common import metric_names as names
 from llmmesh.emulator.settings import EmulatorSettings
 from llmmesh.emulator.tokens import expected_output_ids
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
@@ -74,12 +75,12 @@ def model(tokenizer_path: Path) -> ServedModel:
 
 def decisions(mesh: Mesh) -> float:
     url = f"http://127.0.0.1:{mesh.mesh.services['orchestrator'].metrics_port}/metrics"
-    return metric(url, "llmmesh_orchestrator_decisions_total")
+    return metric(url, names.ORCH_DECISIONS)
 
 
 def resume_metric(mesh: Mesh, result: str) -> float:
     url = f"http://127.0.0.1:{mesh.mesh.services['gateway'].metrics_port}/metrics"
-    return metric(url, "llmmesh_gateway_resume_requests_total", result=result)
+    return metric(url, names.GATEWAY_RESUME_REQUESTS, result=result)
 
 
 def request(
@@ -333,8 +334,8 @@ async def test_keyed_stream_abandoned_past_the_grace_is_cancelled(
 
     async def counted() -> bool:
         return (
-            metric(url, "llmmesh_gateway_requests_total", outcome="cancelled") == 1
-            and metric(url, "llmmesh_gateway_resume_evictions_total", reason="abandoned") == 1
+            metric(url, names.GATEWAY_REQUESTS, outcome="cancelled") == 1
+            and metric(url, names.GATEWAY_RESUME_EVICTIONS, reason="abandoned") == 1
         )
 
     await eventually(counted, what="counted as cancelled and abandoned")

@@ -14,6 +14,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from llmmesh.common import metric_names as names
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
 from llmmesh.generated.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from llmmesh.localmesh import MODEL_NAME, ServiceProcess
@@ -120,7 +121,7 @@ async def test_every_request_in_flight_at_sigterm_has_one_record(
         # Every request is admitted and streaming; with MAX_TOKENS tokens to go they are still
         # in flight when the signal lands (one finishing first would need its record too).
         await asyncio.wait_for(all_started.wait(), 120)
-        in_flight = metric(metrics_url, "llmmesh_gateway_in_flight_requests")
+        in_flight = metric(metrics_url, names.GATEWAY_IN_FLIGHT)
         gw.signal(signal.SIGTERM)
         results = await asyncio.gather(*tasks)
     for raw in results[:N_HTTP]:

@@ -35,10 +35,11 @@ from typing import ClassVar
 import grpc
 from pydantic import BaseModel, ConfigDict, Field
 
+from llmmesh.common.topology import PoolKey
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 from llmmesh.triton.launcher import TritonPorts, TritonServer, start_on_free_ports
-from services.autoscaler.actuators.contracts import PoolKey, ReplicaCounts
+from services.autoscaler.actuators.contracts import ReplicaCounts
 
 log = logging.getLogger(__name__)
 
