@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import logging
 
-import grpc
 import uvloop
 
 from llmmesh.common.server import ManagedServer, ServiceRegistration, run_until_signal
 from llmmesh.common.settings import KvBlockSettings
 from llmmesh.common.telemetry import setup_logging, setup_tracing, start_metrics_server
 from llmmesh.generated.gateway.v1 import gateway_pb2
-from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc
 from services.gateway.auth import Authenticator
 from services.gateway.core import GatewayCore
 from services.gateway.http import OpenAIHttpFront
 from services.gateway.models import ServedModel
+from services.gateway.orchestrator_client import OrchestratorClient
 from services.gateway.servicer import GatewayServicer, add_to_server
 from services.gateway.settings import GatewaySettings
 from services.gateway.triton_stream import TritonPool
@@ -45,12 +44,12 @@ async def main(settings: GatewaySettings, blocks: KvBlockSettings) -> None:
     if usage is not None:
         await usage.start()
         log.info("usage log on", extra={"path": str(settings.usage_log_path)})
-    channel = grpc.aio.insecure_channel(settings.orchestrator_address)
+    orchestrator = OrchestratorClient.connect(settings.orchestrator_address)
     triton = TritonPool()
     core = GatewayCore(
         settings,
         models,
-        orchestrator_pb2_grpc.OrchestratorServiceStub(channel),
+        orchestrator,
         triton,
         blocks.block_size,
         auth,
@@ -80,7 +79,7 @@ async def main(settings: GatewaySettings, blocks: KvBlockSettings) -> None:
         if usage is not None:
             await usage.close()
         await triton.close()
-        await channel.close(None)
+        await orchestrator.close()
         provider.shutdown()
 
     # Both fronts stop accepting at once and drain their in-flight streams in parallel.

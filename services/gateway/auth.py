@@ -30,12 +30,13 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llmmesh.common.errors import Unauthenticated
+from llmmesh.common.topology import Priority
 from services.gateway.limits import Clock, TenantLimits
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -43,9 +44,22 @@ MAX_CREDENTIAL_CHARS = 4096
 
 
 class PriorityClass(enum.Enum):
+    """The tenants file's priority vocabulary; `priority` is what admission uses."""
+
     INTERACTIVE = "interactive"
     STANDARD = "standard"
     BATCH = "batch"
+
+    @property
+    def priority(self) -> Priority:
+        return _PRIORITY_OF_CLASS[self]
+
+
+_PRIORITY_OF_CLASS: Final = {
+    PriorityClass.INTERACTIVE: Priority.INTERACTIVE,
+    PriorityClass.STANDARD: Priority.STANDARD,
+    PriorityClass.BATCH: Priority.BATCH,
+}
 
 
 class TenantConfig(BaseModel):

@@ -35,7 +35,12 @@ class ReplicaFailed(Unavailable):
 
 
 class OrchestratorUnavailable(Unavailable):
-    pass
+    """The orchestrator was not reached (UNAVAILABLE without a typed reason)."""
+
+
+class NoReplica(Unavailable):
+    """The orchestrator has no ready replica for the request (reason NO_REPLICA), or a
+    scale-from-zero pool did not become ready in time (ACTIVATION_TIMEOUT)."""
 
 
 class RateLimited(ResourceExhausted):

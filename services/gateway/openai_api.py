@@ -27,12 +27,12 @@ from llmmesh.common.errors import (
     ServiceError,
     Unauthenticated,
 )
+from llmmesh.common.topology import Priority
 from services.gateway.core import (
     ChatMessage,
     Completion,
     FinishReason,
     GenerationRequest,
-    Priority,
     Sampling,
 )
 from services.gateway.errors import (

@@ -34,9 +34,8 @@ from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
-from prometheus_client import Counter, Gauge
-
 from llmmesh.common.errors import Cancelled, Internal, NotFound, ServiceError
+from services.gateway import metrics
 from services.gateway.errors import InvalidRequest, RequestIdConflict, ResumeStoreFull
 from services.gateway.events import Delta, Event
 
@@ -47,23 +46,6 @@ EventSource = Callable[[], AsyncGenerator[Event, None]]
 
 # Retry-after for a full store: finished entries age out and running ones finish continuously.
 FULL_RETRY_AFTER_S = 1.0
-
-_REQUESTS = Counter(
-    "llmmesh_gateway_resume_requests_total",
-    "Keyed requests by what the idempotency store did (new, attached, replayed, conflict, "
-    "not_found, full).",
-    ["result"],
-)
-_EVICTIONS = Counter(
-    "llmmesh_gateway_resume_evictions_total",
-    "Generations forgotten by the idempotency store (expired, capacity, abandoned).",
-    ["reason"],
-)
-_ENTRIES = Gauge("llmmesh_gateway_resume_entries", "Generations held by the idempotency store.")
-_TOKENS = Gauge(
-    "llmmesh_gateway_resume_tokens",
-    "Completion tokens held or reserved by the idempotency store.",
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +175,7 @@ class Generation:
             # attaching to one being cancelled.
             self._store._forget(self)
             self.cancel()
-            _EVICTIONS.labels("abandoned").inc()
+            metrics.record_resume_eviction("abandoned")
 
 
 class ResumeStore:
@@ -246,17 +228,17 @@ class ResumeStore:
         gen = self._entries.get(key)
         if gen is not None:
             if not hmac.compare_digest(gen.digest, digest):
-                _REQUESTS.labels("conflict").inc()
+                metrics.record_resume_request("conflict")
                 raise RequestIdConflict(
                     "already used for a different request (model, prompt or sampling differ); "
                     "use a new id for a new request",
                     field="request_id",
                 )
             start = gen.start_index(resume_from)
-            _REQUESTS.labels("replayed" if gen.done else "attached").inc()
+            metrics.record_resume_request("replayed" if gen.done else "attached")
             return gen, start
         if resume_from:
-            _REQUESTS.labels("not_found").inc()
+            metrics.record_resume_request("not_found")
             raise NotFound(
                 "no generation with this id to resume (finished longer ago than the "
                 "retention, evicted, or never started); send the request without a resume "
@@ -269,7 +251,7 @@ class ResumeStore:
         self._tokens += reserve_tokens
         self._publish()
         gen.start(source)
-        _REQUESTS.labels("new").inc()
+        metrics.record_resume_request("new")
         return gen, 0
 
     def _make_room(self, tokens: int) -> None:
@@ -281,9 +263,9 @@ class ResumeStore:
         while not fits() and self._finished:
             _, oldest = self._finished.popitem(last=False)
             self._forget(oldest)
-            _EVICTIONS.labels("capacity").inc()
+            metrics.record_resume_eviction("capacity")
         if not fits():
-            _REQUESTS.labels("full").inc()
+            metrics.record_resume_request("full")
             raise ResumeStoreFull(
                 f"the idempotency store is full ({len(self._entries)} generations, "
                 f"{self._tokens} tokens held); retry later, or send no request id",
@@ -300,7 +282,7 @@ class ResumeStore:
                 break
             self._finished.popitem(last=False)
             self._forget(oldest)
-            _EVICTIONS.labels("expired").inc()
+            metrics.record_resume_eviction("expired")
 
     def _ended(self, gen: Generation) -> None:
         if self._entries.get(gen.key) is not gen:
@@ -322,8 +304,7 @@ class ResumeStore:
             self._publish()
 
     def _publish(self) -> None:
-        _ENTRIES.set(len(self._entries))
-        _TOKENS.set(self._tokens)
+        metrics.record_resume_store(len(self._entries), self._tokens)
 
     async def close(self) -> None:
         """Cancel the generations still running (after the fronts drained: nobody follows

@@ -12,6 +12,7 @@ from opentelemetry import context as otel_context
 
 from llmmesh.common.errors import ServiceError, abort
 from llmmesh.common.telemetry import extract_trace_context, request_id_var
+from llmmesh.common.topology import Priority
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
 from llmmesh.generated.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from services.gateway.auth import bearer_token
@@ -20,7 +21,6 @@ from services.gateway.core import (
     FinishReason,
     GatewayCore,
     GenerationRequest,
-    Priority,
     Sampling,
 )
 from services.gateway.errors import InvalidRequest

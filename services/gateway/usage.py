@@ -2,9 +2,9 @@
 
 Every request the gateway answers (success or not) ends in one `UsageRecord`: request id,
 tenant, model, outcome, prompt/completion/cached tokens, time to first token, duration, replica.
-The records feed the Prometheus metrics in `core.py` (`llmmesh_gateway_requests_total{model,
-outcome,tenant}`, the token counters and the latency histograms) and, when
-`LLMMESH_GATEWAY_USAGE_LOG_PATH` is set, an append-only JSON-lines file.
+The same accounting feeds the Prometheus metrics in `metrics.py`
+(`llmmesh_gateway_requests_total{model,outcome,tenant}`, the token counters and the latency
+histograms) and, when `LLMMESH_GATEWAY_USAGE_LOG_PATH` is set, an append-only JSON-lines file.
 
 The file is written by one background task fed by a bounded queue (`usage_queue_size`):
 `submit` never blocks the event loop. When the queue is full the record is left out of the
@@ -27,15 +27,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from prometheus_client import Counter
+from services.gateway import metrics
 
 log = logging.getLogger(__name__)
 
-_RECORDS = Counter(
-    "llmmesh_gateway_usage_log_records_total",
-    "Usage records by what happened to them in the usage log (written, dropped, write_error).",
-    ["result"],
-)
 _BATCH = 512
 
 
@@ -86,7 +81,7 @@ class UsageLog:
 
     @staticmethod
     def _drop(record: UsageRecord, why: str) -> None:
-        _RECORDS.labels("dropped").inc()
+        metrics.record_usage_log("dropped")
         log.warning(
             "usage record not logged: %s", why, extra={"usage_request_id": record.request_id}
         )
@@ -99,10 +94,10 @@ class UsageLog:
             data = b"".join(r.to_json() + b"\n" for r in batch)
             try:
                 await asyncio.to_thread(self._write, data)
-                _RECORDS.labels("written").inc(len(batch))
+                metrics.record_usage_log("written", len(batch))
             except OSError:
                 log.exception("usage log write failed", extra={"path": str(self.path)})
-                _RECORDS.labels("write_error").inc(len(batch))
+                metrics.record_usage_log("write_error", len(batch))
             finally:
                 for _ in batch:
                     self._queue.task_done()

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pydantic
 import pytest
 
-from llmmesh.common.errors import Unauthenticated
-from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
+from llmmesh.common.errors import Reason, ResourceExhausted, Unauthenticated
+from llmmesh.common.topology import Priority
 from services.gateway.auth import Authenticator, PriorityClass, TenantsFile, bearer_token, hash_key
 from services.gateway.core import Completion, GatewayCore, GenerationRequest, Sampling
 from services.gateway.errors import RateLimited
@@ -20,9 +20,7 @@ from services.gateway.limits import TenantLimits, TokenBucket
 from services.gateway.models import ServedModel
 from services.gateway.settings import GatewaySettings, ModelSettings
 from services.gateway.triton_stream import EngineChunk, EngineRequest
-from tests.gateway.test_streaming import FakeOrchestrator
-
-MODEL = "smollm2"
+from tests.gateway.conftest import MODEL, FakeAdmission
 
 
 class Clock:
@@ -194,32 +192,20 @@ class CountingEngine:
         yield EngineChunk([], True)
 
 
-class RejectingOrchestrator(FakeOrchestrator):
-    async def Admit(self, request: orch_pb.AdmitRequest, **_: object) -> orch_pb.AdmitResponse:
-        import grpc
-
-        raise grpc.aio.AioRpcError(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            grpc.aio.Metadata(),
-            grpc.aio.Metadata(),
-            details="queue full",
-            debug_error_string="",
-        )
-
-
 @pytest.fixture(scope="module")
 def model(tokenizer_path: Path) -> ServedModel:
     return ServedModel.load(ModelSettings(name=MODEL, tokenizer_path=tokenizer_path))
 
 
 def make_core(
-    model: ServedModel, auth: Authenticator | None, n_tokens: int = 4, orch: Any = None
-) -> tuple[GatewayCore, FakeOrchestrator]:
-    orch = orch or FakeOrchestrator()
+    model: ServedModel,
+    auth: Authenticator | None,
+    n_tokens: int = 4,
+    orch: FakeAdmission | None = None,
+) -> tuple[GatewayCore, FakeAdmission]:
+    orch = orch or FakeAdmission()
     engine = CountingEngine(model.encode(" a")[0], n_tokens)
-    core = GatewayCore(
-        GatewaySettings(models=[model.settings]), [model], cast(Any, orch), engine, 32, auth
-    )
+    core = GatewayCore(GatewaySettings(models=[model.settings]), [model], orch, engine, 32, auth)
     return core, orch
 
 
@@ -239,12 +225,24 @@ async def run(core: GatewayCore, key: str | None, **kw: Any) -> Completion:
 
 
 async def test_auth_off_keeps_the_request_tenant_and_priority(model: ServedModel) -> None:
-    from services.gateway.core import Priority
-
     core, orch = make_core(model, None)
     await run(core, None, tenant="user-7", priority=Priority.BATCH)
     assert orch.admits[0].tenant == "user-7"
-    assert orch.admits[0].priority == orch_pb.PRIORITY_BATCH
+    assert orch.admits[0].priority is Priority.BATCH
+
+
+@pytest.mark.parametrize(
+    ("name", "priority"),
+    [
+        ("interactive", Priority.INTERACTIVE),
+        ("standard", Priority.STANDARD),
+        ("batch", Priority.BATCH),
+    ],
+)
+def test_priority_class_of_the_tenants_file_is_an_admission_priority(
+    name: str, priority: Priority
+) -> None:
+    assert PriorityClass(name).priority is priority
 
 
 async def test_tenant_and_priority_class_reach_admission(model: ServedModel) -> None:
@@ -252,7 +250,7 @@ async def test_tenant_and_priority_class_reach_admission(model: ServedModel) -> 
     core, orch = make_core(model, auth)
     await run(core, "sk-acme", tenant="spoofed")
     assert orch.admits[0].tenant == "acme"
-    assert orch.admits[0].priority == orch_pb.PRIORITY_INTERACTIVE
+    assert orch.admits[0].priority is Priority.INTERACTIVE
 
 
 @pytest.mark.parametrize("key", [None, "wrong"])
@@ -316,9 +314,8 @@ async def test_completion_tokens_of_one_tenant_do_not_drain_another(model: Serve
 
 async def test_orchestrator_rejection_refunds_the_tenant(model: ServedModel) -> None:
     auth = Authenticator(tenants(tenant("a", "sk-a", requests_per_minute=1)), clock=Clock())
-    core, _ = make_core(model, auth, orch=RejectingOrchestrator())
-    from llmmesh.common.errors import ResourceExhausted
-
+    queue_full = ResourceExhausted("queue full", retry_after_s=1.0, reason=Reason.QUEUE_FULL)
+    core, _ = make_core(model, auth, orch=FakeAdmission(reject=queue_full))
     for _ in range(3):
         with pytest.raises(ResourceExhausted) as info:
             await run(core, "sk-a")

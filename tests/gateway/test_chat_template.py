@@ -13,7 +13,7 @@ from services.gateway.core import ChatMessage, GatewayCore, GenerationRequest, S
 from services.gateway.errors import ContextLengthExceeded, InvalidRequest
 from services.gateway.models import ServedModel
 from services.gateway.settings import GatewaySettings, ModelSettings
-from services.gateway.triton_stream import TritonPool
+from tests.gateway.conftest import FakeAdmission, FakeEngine
 
 SMOL_SYSTEM = (
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -163,7 +163,9 @@ def model(tokenizer_path: Path) -> ServedModel:
 
 @pytest.fixture(scope="module")
 def core(model: ServedModel) -> GatewayCore:
-    return GatewayCore(GatewaySettings(models=[model.settings]), [model], None, TritonPool(), 32)  # type: ignore[arg-type]
+    return GatewayCore(
+        GatewaySettings(models=[model.settings]), [model], FakeAdmission(), FakeEngine([]), 32
+    )
 
 
 def chat(*messages: tuple[str, str], **kw: object) -> GenerationRequest:
@@ -212,7 +214,9 @@ def test_model_without_template_rejects_chat(tmp_path: Path, tokenizer_path: Pat
     lone.write_bytes(tokenizer_path.read_bytes())
     bare = ServedModel.load(ModelSettings(name=MODEL, tokenizer_path=lone))
     assert bare.chat_template is None
-    core = GatewayCore(GatewaySettings(models=[bare.settings]), [bare], None, TritonPool(), 32)  # type: ignore[arg-type]
+    core = GatewayCore(
+        GatewaySettings(models=[bare.settings]), [bare], FakeAdmission(), FakeEngine([]), 32
+    )
     with pytest.raises(InvalidRequest, match="no chat template") as info:
         core.validate(chat(("user", "hi")))
     assert info.value.field == "messages"

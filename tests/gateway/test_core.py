@@ -5,11 +5,12 @@ from pathlib import Path
 import pytest
 
 from llmmesh.common.errors import ServiceError
-from services.gateway.core import GatewayCore, GenerationRequest, Sampling, StopMatcher
+from services.gateway.core import GatewayCore, GenerationRequest, Sampling
 from services.gateway.errors import InvalidRequest, ModelNotFound
 from services.gateway.models import IncrementalDecoder, ServedModel
 from services.gateway.settings import GatewaySettings, ModelSettings
-from services.gateway.triton_stream import TritonPool
+from services.gateway.stream_state import StopMatcher
+from tests.gateway.conftest import FakeAdmission, FakeEngine
 
 MODEL = "smollm2"
 
@@ -25,8 +26,9 @@ def model(tokenizer_path: Path) -> ServedModel:
 
 @pytest.fixture(scope="module")
 def core(model: ServedModel) -> GatewayCore:
-    # The orchestrator stub is never reached by validation.
-    return GatewayCore(GatewaySettings(models=[model.settings]), [model], None, TritonPool(), 32)  # type: ignore[arg-type]
+    return GatewayCore(
+        GatewaySettings(models=[model.settings]), [model], FakeAdmission(), FakeEngine([]), 32
+    )
 
 
 def gen(**kw: object) -> GenerationRequest:

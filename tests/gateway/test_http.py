@@ -1,5 +1,5 @@
 """The OpenAI HTTP front on a real aiohttp server (port 0) over the real core, with in-process
-fakes of the orchestrator and the engine: status codes and headers, SSE framing, errors after
+fakes of admission and the engine: status codes and headers, SSE framing, errors after
 the first token, deadlines, and client disconnects."""
 
 from __future__ import annotations
@@ -8,24 +8,22 @@ import asyncio
 import json
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import aiohttp
-import grpc
 import pytest
 import pytest_asyncio
 
-from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
+from llmmesh.common.errors import Reason, ResourceExhausted, ServiceError
+from services.gateway.admission import Outcome
 from services.gateway.auth import Authenticator, TenantsFile, hash_key
 from services.gateway.core import GatewayCore
-from services.gateway.errors import InvalidRequest
+from services.gateway.errors import InvalidRequest, NoReplica, OrchestratorUnavailable
 from services.gateway.http import OpenAIHttpFront, parse_resume, parse_timeout
 from services.gateway.models import ServedModel
 from services.gateway.settings import GatewaySettings, ModelSettings
 from services.gateway.triton_stream import EngineChunk, EngineRequest, TritonStreamError
-from tests.gateway.test_streaming import FakeOrchestrator
-
-MODEL = "smollm2"
+from tests.gateway.conftest import MODEL, FakeAdmission
 
 
 class ScriptedEngine:
@@ -63,28 +61,13 @@ class ScriptedEngine:
             self.closed.set()
 
 
-class RejectingOrchestrator(FakeOrchestrator):
-    def __init__(self, code: grpc.StatusCode, retry_after: str | None = None):
-        super().__init__()
-        self.code = code
-        self.retry_after = retry_after
-
-    async def Admit(self, request: orch_pb.AdmitRequest, **_: object) -> orch_pb.AdmitResponse:
-        trailing = grpc.aio.Metadata()
-        if self.retry_after is not None:
-            trailing.add("retry-after", self.retry_after)
-        raise grpc.aio.AioRpcError(
-            self.code, grpc.aio.Metadata(), trailing, details="queue full", debug_error_string=""
-        )
-
-
 @pytest.fixture(scope="module")
 def model(tokenizer_path: Path) -> ServedModel:
     return ServedModel.load(ModelSettings(name=MODEL, tokenizer_path=tokenizer_path))
 
 
 class Front:
-    def __init__(self, front: OpenAIHttpFront, orch: FakeOrchestrator):
+    def __init__(self, front: OpenAIHttpFront, orch: FakeAdmission):
         self.front = front
         self.orch = orch
         self.url = f"http://127.0.0.1:{front.port}"
@@ -99,12 +82,12 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 async def serve(
     model: ServedModel,
     engine: ScriptedEngine,
-    orch: FakeOrchestrator | None = None,
+    orch: FakeAdmission | None = None,
     auth: Authenticator | None = None,
 ) -> Front:
-    orch = orch or FakeOrchestrator()
+    orch = orch or FakeAdmission()
     settings = GatewaySettings(models=[model.settings], http_port=0, drain_seconds=5)
-    core = GatewayCore(settings, [model], cast(Any, orch), engine, 32, auth)
+    core = GatewayCore(settings, [model], orch, engine, 32, auth)
     front = OpenAIHttpFront(core, settings)
     await front.start()
     return Front(front, orch)
@@ -158,7 +141,9 @@ async def test_sse_framing(model: ServedModel, session: aiohttp.ClientSession) -
 async def test_admission_rejection_is_429_with_retry_after(
     model: ServedModel, session: aiohttp.ClientSession, stream: bool
 ) -> None:
-    orch = RejectingOrchestrator(grpc.StatusCode.RESOURCE_EXHAUSTED, retry_after="2.400")
+    orch = FakeAdmission(
+        reject=ResourceExhausted("queue full", retry_after_s=2.4, reason=Reason.QUEUE_FULL)
+    )
     f = await serve(model, ScriptedEngine([]), orch)
     try:
         async with session.post(f"{f.url}/v1/completions", json=body(stream=stream)) as r:
@@ -172,9 +157,17 @@ async def test_admission_rejection_is_429_with_retry_after(
         await f.front.stop()
 
 
-async def test_no_replica_is_503(model: ServedModel, session: aiohttp.ClientSession) -> None:
-    orch = RejectingOrchestrator(grpc.StatusCode.UNAVAILABLE)
-    f = await serve(model, ScriptedEngine([]), orch)
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        NoReplica("admission: no ready replica", reason=Reason.NO_REPLICA),
+        OrchestratorUnavailable("orchestrator: connection refused"),
+    ],
+)
+async def test_no_replica_or_no_orchestrator_is_503(
+    model: ServedModel, session: aiohttp.ClientSession, refusal: ServiceError
+) -> None:
+    f = await serve(model, ScriptedEngine([]), FakeAdmission(reject=refusal))
     try:
         async with session.post(f"{f.url}/v1/chat/completions", json=chat_body()) as r:
             assert r.status == 503
@@ -278,8 +271,8 @@ async def test_client_disconnect_cancels_the_generation(
             with pytest.raises(asyncio.CancelledError):
                 await call
         await asyncio.wait_for(engine.closed.wait(), 10)
-        await asyncio.wait_for(f.orch.completed.wait(), 10)
-        assert f.orch.completes[0].outcome == orch_pb.OUTCOME_CANCELLED
+        [report] = await asyncio.wait_for(f.orch.wait_reports(1), 10)
+        assert report.outcome is Outcome.CANCELLED
     finally:
         await f.front.stop()
 
@@ -386,9 +379,9 @@ async def test_tenant_over_its_limit_gets_429_with_ratelimit_headers(
 
 
 async def serve_with(model: ServedModel, engine: ScriptedEngine, **settings: Any) -> Front:
-    orch = FakeOrchestrator()
+    orch = FakeAdmission()
     s = GatewaySettings(models=[model.settings], http_port=0, drain_seconds=5, **settings)
-    core = GatewayCore(s, [model], cast(Any, orch), engine, 32)
+    core = GatewayCore(s, [model], orch, engine, 32)
     front = OpenAIHttpFront(core, s)
     await front.start()
     return Front(front, orch)

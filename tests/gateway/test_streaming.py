@@ -1,16 +1,16 @@
-"""Gateway core streaming logic against in-process fakes of the orchestrator and the engine."""
+"""Gateway core streaming logic against in-process fakes of admission and the engine."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
 from llmmesh.common.telemetry import setup_tracing
-from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
+from llmmesh.common.topology import Priority
+from services.gateway.admission import Outcome
 from services.gateway.core import (
     Completion,
     Delta,
@@ -22,64 +22,8 @@ from services.gateway.core import (
 from services.gateway.errors import ReplicaFailed
 from services.gateway.models import ServedModel
 from services.gateway.settings import GatewaySettings, ModelSettings
-from services.gateway.triton_stream import EngineChunk, EngineRequest, TritonStreamError
-
-MODEL = "smollm2"
-
-
-class FakeOrchestrator:
-    def __init__(self) -> None:
-        self.admits: list[orch_pb.AdmitRequest] = []
-        self.admit_metadata: list[tuple[tuple[str, str], ...]] = []
-        self.completes: list[orch_pb.CompleteRequest] = []
-        self.completed = asyncio.Event()
-
-    async def Admit(
-        self,
-        request: orch_pb.AdmitRequest,
-        *,
-        metadata: tuple[tuple[str, str], ...] = (),
-        **_: object,
-    ) -> orch_pb.AdmitResponse:
-        self.admits.append(request)
-        self.admit_metadata.append(metadata)
-        n = len(self.admits)
-        return orch_pb.AdmitResponse(
-            lease_id=f"lease-{n}",
-            replica=orch_pb.Replica(id=f"r{n}", grpc_address=f"127.0.0.1:{n}"),
-        )
-
-    async def Complete(
-        self, request: orch_pb.CompleteRequest, **_: object
-    ) -> orch_pb.CompleteResponse:
-        self.completes.append(request)
-        self.completed.set()
-        return orch_pb.CompleteResponse()
-
-
-class FakeEngine:
-    """Plays scripted chunk lists per attempt; an exception in the script is raised there."""
-
-    def __init__(self, scripts: Sequence[Sequence[EngineChunk | Exception]]):
-        self.scripts = scripts
-        self.requests: list[tuple[str, EngineRequest]] = []
-        self.metadata: list[Sequence[tuple[str, str]]] = []
-
-    async def stream(
-        self,
-        address: str,
-        authority: str,
-        request: EngineRequest,
-        *,
-        timeout_s: float | None,
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> AsyncGenerator[EngineChunk, None]:
-        self.requests.append((address, request))
-        self.metadata.append(metadata)
-        for item in self.scripts[len(self.requests) - 1]:
-            if isinstance(item, Exception):
-                raise item
-            yield item
+from services.gateway.triton_stream import TritonStreamError
+from tests.gateway.conftest import MODEL, FakeAdmission, FakeEngine, chunk, fake_replica
 
 
 @pytest.fixture(scope="module")
@@ -89,21 +33,17 @@ def model(tokenizer_path: Path) -> ServedModel:
 
 def make(
     model: ServedModel, engine: FakeEngine, **settings: Any
-) -> tuple[GatewayCore, FakeOrchestrator]:
-    orch = FakeOrchestrator()
+) -> tuple[GatewayCore, FakeAdmission]:
+    admission = FakeAdmission()
     core = GatewayCore(
-        GatewaySettings(models=[model.settings], **settings), [model], cast(Any, orch), engine, 32
+        GatewaySettings(models=[model.settings], **settings), [model], admission, engine, 32
     )
-    return core, orch
+    return core, admission
 
 
 async def run(core: GatewayCore, **kw: Any) -> list[Delta | Completion]:
     req = GenerationRequest(model=MODEL, request_id="r", prompt_text="Hello", **kw)
     return [ev async for ev in core.generate(req, 10.0)]
-
-
-def chunk(*ids: int, final: bool = False) -> EngineChunk:
-    return EngineChunk(list(ids), final)
 
 
 async def test_length_finish_and_completion_reported(model: ServedModel) -> None:
@@ -117,9 +57,12 @@ async def test_length_finish_and_completion_reported(model: ServedModel) -> None
     assert "".join(d.text for d in deltas) == model.decode(ids)
     assert final.finish_reason is FinishReason.LENGTH
     assert final.completion_tokens == len(ids)
-    await orch.completed.wait()
-    assert orch.completes[0].outcome == orch_pb.OUTCOME_SUCCESS
-    assert orch.completes[0].completion_tokens == len(ids)
+    [report] = await orch.wait_reports(1)
+    assert report.lease_id == "lease-1"
+    assert report.outcome is Outcome.SUCCESS
+    assert report.completion_tokens == len(ids)
+    assert report.prompt_tokens == final.prompt_tokens
+    assert report.ttft_ms is not None
 
 
 async def test_end_id_stops_and_is_not_emitted(model: ServedModel) -> None:
@@ -159,12 +102,17 @@ async def test_replica_failure_before_first_token_retries_elsewhere(model: Serve
     assert isinstance(final, Completion)
     assert final.replica_id == "r2"
     assert len(orch.admits) == 2
-    while len(orch.completes) < 2:
-        orch.completed.clear()
-        await orch.completed.wait()
-    assert sorted(c.outcome for c in orch.completes) == sorted(
-        [orch_pb.OUTCOME_REPLICA_ERROR, orch_pb.OUTCOME_SUCCESS]
-    )
+    reports = await orch.wait_reports(2)
+    assert [(r.lease_id, r.outcome) for r in reports] == [
+        ("lease-1", Outcome.REPLICA_ERROR),
+        ("lease-2", Outcome.SUCCESS),
+    ]
+    assert "connection reset" in reports[0].error
+    assert reports[0].ttft_ms is None
+    # Each attempt streams from its own lease's replica, dialled with the lease's authority.
+    assert engine.targets == [
+        (fake_replica(n).grpc_address, fake_replica(n).authority) for n in (1, 2)
+    ]
 
 
 async def test_replica_failure_after_first_token_is_not_retried(model: ServedModel) -> None:
@@ -200,7 +148,8 @@ async def test_model_version_and_shadow_reach_admission(model: ServedModel) -> N
     core, orch = make(model, engine, model_version="v2", shadow=True)
     await run(core, sampling=Sampling(max_tokens=1))
     assert orch.admits[0].model_version == "v2"
-    assert orch.admits[0].priority == orch_pb.PRIORITY_BATCH
+    assert orch.admits[0].priority is Priority.BATCH
+    assert orch.admits[0].model == model.settings.triton_model
 
 
 def trace_id(metadata: Sequence[tuple[str, str]]) -> str:
@@ -216,4 +165,4 @@ async def test_trace_context_reaches_orchestrator_and_triton(model: ServedModel)
     engine = FakeEngine([[chunk(model.encode("x")[0]), chunk(final=True)]])
     core, orch = make(model, engine)
     await run(core, sampling=Sampling(max_tokens=1))
-    assert trace_id(orch.admit_metadata[0]) == trace_id(engine.metadata[0])
+    assert orch.admit_trace_ids[0] == trace_id(engine.metadata[0]) != "0" * 32

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, cast
 
 import pytest
 from prometheus_client import REGISTRY
@@ -15,7 +14,7 @@ from services.gateway.errors import RequestIdConflict
 from services.gateway.models import ServedModel
 from services.gateway.settings import GatewaySettings, ModelSettings
 from services.gateway.usage import UsageLog, UsageRecord
-from tests.gateway.test_streaming import MODEL, FakeEngine, FakeOrchestrator, chunk
+from tests.gateway.conftest import MODEL, FakeAdmission, FakeEngine, chunk
 
 
 @pytest.fixture(scope="module")
@@ -88,15 +87,10 @@ class Sink:
 async def test_core_writes_one_record_per_generation(model: ServedModel) -> None:
     ids = model.encode(" one two three")
     engine = FakeEngine([[chunk(t) for t in ids] + [chunk(final=True)]])
-    orch = FakeOrchestrator()
+    orch = FakeAdmission()
     sink = Sink()
     core = GatewayCore(
-        GatewaySettings(models=[model.settings]),
-        [model],
-        cast(Any, orch),
-        engine,
-        32,
-        usage=sink,
+        GatewaySettings(models=[model.settings]), [model], orch, engine, 32, usage=sink
     )
     req = GenerationRequest(
         model=MODEL,
@@ -123,4 +117,4 @@ async def test_core_writes_one_record_per_generation(model: ServedModel) -> None
     assert ok.ttft_ms is not None
     assert 0 <= ok.ttft_ms <= ok.duration_ms
     assert ok.replica == "r1"
-    assert len(orch.completes) == 1
+    assert [r.lease_id for r in orch.reports] == ["lease-1"]

@@ -1,0 +1,71 @@
+"""What the gateway core needs from admission, in domain types: a lease on one replica for each
+generation attempt, and one report when that attempt ends.
+
+`orchestrator_client.OrchestratorClient` implements it over gRPC; tests use an in-process fake.
+Neither the core nor this module knows the orchestrator's wire types.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from llmmesh.common.topology import Priority, ReplicaAddress
+
+__all__ = ["AdmissionClient", "AdmissionRequest", "Lease", "LeaseReport", "Outcome"]
+
+
+class Outcome(enum.Enum):
+    """How a leased attempt ended, as the orchestrator accounts it."""
+
+    SUCCESS = "success"
+    CANCELLED = "cancelled"  # the client went away or the deadline passed
+    REPLICA_ERROR = "replica_error"  # attributable to the replica: counts against its health
+    REQUEST_ERROR = "request_error"  # not attributable to the replica
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionRequest:
+    request_id: str
+    model: str  # the Triton model name the replica must serve
+    prompt_token_ids: Sequence[int]
+    max_tokens: int
+    priority: Priority
+    tenant: str
+    model_version: str  # "" = any version
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    lease_id: str
+    replica: ReplicaAddress
+    queue_ms: float  # time the request waited in the admission queue
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseReport:
+    lease_id: str
+    outcome: Outcome
+    prompt_tokens: int
+    completion_tokens: int
+    kv_cache_reused_blocks: int
+    ttft_ms: float | None  # None when no token was produced
+    error: str = ""
+
+
+class AdmissionClient(Protocol):
+    async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
+        """A lease, or a `ServiceError`: `NoReplica`, `OrchestratorUnavailable`, or the
+        refusal's own class (queue full: RESOURCE_EXHAUSTED with retry-after; queue timeout:
+        DEADLINE_EXCEEDED)."""
+        ...
+
+    def complete(self, report: LeaseReport) -> None:
+        """Report a lease's end without blocking the caller; called exactly once per lease."""
+        ...
+
+    async def drain(self) -> None:
+        """Wait until every report handed to `complete` was delivered or given up on."""
+        ...

@@ -1,0 +1,69 @@
+"""A generation request as the fronts hand it to the core, and its idempotency digest."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from llmmesh.common.topology import Priority
+
+__all__ = ["CHAT_ROLES", "ChatMessage", "GenerationRequest", "Sampling", "request_digest"]
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+CHAT_ROLES = frozenset({"system", "user", "assistant"})
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    role: str  # one of CHAT_ROLES
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    """One prompt: token ids, text, or chat messages (rendered with the model's chat template
+    and `add_generation_prompt`), checked in that order."""
+
+    model: str
+    request_id: str
+    prompt_text: str | None = None
+    prompt_ids: Sequence[int] | None = None
+    messages: Sequence[ChatMessage] | None = None
+    sampling: Sampling = field(default_factory=Sampling)
+    priority: Priority = Priority.STANDARD
+    # Without authentication: a hint (OpenAI `user`). With it: replaced by the key's tenant.
+    tenant: str = ""
+    # Bearer token from the client (HTTP Authorization / gRPC `authorization` metadata).
+    api_key: str | None = field(default=None, repr=False)
+    # The client chose `request_id`: it is an idempotency key (resume.py).
+    keyed: bool = False
+    # Resume a keyed generation after this completion token offset (gRPC `resume_from`,
+    # HTTP `Last-Event-ID` / `x-resume-from`).
+    resume_from: int | None = None
+
+
+def request_digest(req: GenerationRequest) -> str:
+    """Identity of a request body for idempotency: what decides the generated tokens (model,
+    prompt, sampling), not how they are delivered (stream, priority, deadline)."""
+    sp = req.sampling
+    canonical = {
+        "model": req.model,
+        "prompt_text": req.prompt_text,
+        "prompt_ids": None if req.prompt_ids is None else list(req.prompt_ids),
+        "messages": None if req.messages is None else [[m.role, m.content] for m in req.messages],
+        "sampling": [sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, list(sp.stop), sp.seed],
+    }
+    data = json.dumps(canonical, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    return hashlib.sha256(data.encode("utf-8", "surrogatepass")).hexdigest()

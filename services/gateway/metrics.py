@@ -1,0 +1,147 @@
+"""The gateway's Prometheus metrics and the only code that updates them.
+
+Modules call `record_*` (or, on the per-token path, the children `StreamMetrics` resolved once
+per attempt); none touches a metric object. Names come from `llmmesh.common.metric_names`.
+
+Label bounds: `model` is a served model name or "unknown"; `tenant` comes from the tenants file
+only ("" without authentication, never the client's `user` hint).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from llmmesh.common import metric_names as names
+from llmmesh.common.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+    Unauthenticated,
+    Unavailable,
+)
+from services.gateway.errors import ReplicaFailed, RequestIdConflict
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 5, 10, 30)
+
+_TTFT = Histogram(names.GATEWAY_TTFT, "Time to first token.", ["model"], buckets=_LATENCY_BUCKETS)
+_ITL = Histogram(names.GATEWAY_ITL, "Gap between tokens.", ["model"], buckets=_LATENCY_BUCKETS)
+_DURATION = Histogram(names.GATEWAY_DURATION, "Whole request.", ["model"], buckets=_LATENCY_BUCKETS)
+# outcome: `outcome_label`'s bounded set.
+_REQUESTS = Counter(names.GATEWAY_REQUESTS, "Requests by outcome.", ["model", "outcome", "tenant"])
+_TOKENS = Counter(names.GATEWAY_TOKENS, "Tokens processed.", ["model", "kind"])
+_IN_FLIGHT = Gauge(names.GATEWAY_IN_FLIGHT, "Requests being served.", ["model"])
+# Only with authentication (a tenant from the tenants file).
+_TENANT_TOKENS = Counter(names.GATEWAY_TENANT_TOKENS, "Tokens per tenant.", ["tenant", "kind"])
+_RATE_LIMITED = Counter(
+    names.GATEWAY_RATE_LIMITED, "Requests refused by a tenant limit.", ["tenant", "limit"]
+)
+_RESUME_REQUESTS = Counter(
+    names.GATEWAY_RESUME_REQUESTS,
+    "Keyed requests by what the idempotency store did (new, attached, replayed, conflict, "
+    "not_found, full).",
+    ["result"],
+)
+_RESUME_EVICTIONS = Counter(
+    names.GATEWAY_RESUME_EVICTIONS,
+    "Generations forgotten by the idempotency store (expired, capacity, abandoned).",
+    ["reason"],
+)
+_RESUME_ENTRIES = Gauge(names.GATEWAY_RESUME_ENTRIES, "Generations held by the idempotency store.")
+_RESUME_TOKENS = Gauge(
+    names.GATEWAY_RESUME_TOKENS, "Completion tokens held or reserved by the idempotency store."
+)
+_USAGE_RECORDS = Counter(
+    names.GATEWAY_USAGE_RECORDS,
+    "Usage records by what happened to them in the usage log (written, dropped, write_error).",
+    ["result"],
+)
+
+
+# -- requests -------------------------------------------------------------------------------
+def outcome_label(err: ServiceError) -> str:
+    """Bounded label set for `llmmesh_gateway_requests_total{outcome}` (dashboards and SLO rules
+    count success, cancelled and invalid as good)."""
+    if isinstance(err, InvalidArgument | NotFound | RequestIdConflict):
+        return "invalid"
+    if isinstance(err, Unauthenticated):
+        return "unauthenticated"
+    if isinstance(err, ResourceExhausted):
+        return "rejected"
+    if isinstance(err, ReplicaFailed):
+        return "replica_error"
+    if isinstance(err, DeadlineExceeded):
+        return "deadline"
+    if isinstance(err, Cancelled):
+        return "cancelled"
+    if isinstance(err, Unavailable):
+        return "unavailable"
+    return "error"
+
+
+def record_in_flight(model: str, delta: int) -> None:
+    """+1 when a generation starts being served, -1 when it ends."""
+    _IN_FLIGHT.labels(model).inc(delta)
+
+
+def record_request(model: str, outcome: str, tenant: str, duration_s: float) -> None:
+    """Once per request, whatever way it ends."""
+    _REQUESTS.labels(model, outcome, tenant).inc()
+    _DURATION.labels(model).observe(duration_s)
+
+
+def record_rate_limited(tenant: str, limit: str) -> None:
+    _RATE_LIMITED.labels(tenant, limit).inc()
+
+
+def record_prompt_tokens(model: str, tenant: str | None, tokens: int) -> None:
+    """A validated prompt; `tenant` only with authentication."""
+    _TOKENS.labels(model, "prompt").inc(tokens)
+    if tenant is not None:
+        _TENANT_TOKENS.labels(tenant, "prompt").inc(tokens)
+
+
+def record_completion_tokens(model: str, tokens: int) -> None:
+    """What one attempt streamed, when it ends."""
+    _TOKENS.labels(model, "completion").inc(tokens)
+
+
+class StreamMetrics:
+    """One attempt's per-token metric updates, with their label children resolved once."""
+
+    __slots__ = ("observe_itl", "observe_ttft", "tenant_completion")
+
+    def __init__(self, model: str, tenant: str | None) -> None:
+        self.observe_ttft = _TTFT.labels(model).observe
+        self.observe_itl = _ITL.labels(model).observe
+        # A no-op without authentication (no tenant label).
+        self.tenant_completion: Callable[[float], None] = (
+            _ignore if tenant is None else _TENANT_TOKENS.labels(tenant, "completion").inc
+        )
+
+
+def _ignore(amount: float) -> None:
+    pass
+
+
+# -- idempotency store ----------------------------------------------------------------------
+def record_resume_request(result: str) -> None:
+    _RESUME_REQUESTS.labels(result).inc()
+
+
+def record_resume_eviction(reason: str) -> None:
+    _RESUME_EVICTIONS.labels(reason).inc()
+
+
+def record_resume_store(entries: int, tokens: int) -> None:
+    _RESUME_ENTRIES.set(entries)
+    _RESUME_TOKENS.set(tokens)
+
+
+# -- usage log ------------------------------------------------------------------------------
+def record_usage_log(result: str, records: int = 1) -> None:
+    _USAGE_RECORDS.labels(result).inc(records)

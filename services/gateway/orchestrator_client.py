@@ -1,0 +1,161 @@
+"""The gateway's one boundary with the orchestrator: `AdmissionClient` over gRPC.
+
+The only gateway module that imports the orchestrator's stubs. It converts domain ↔ protobuf
+(one function per message) and maps failed calls to the gateway's errors by status code and
+typed reason (`google.rpc.ErrorInfo` in the status details), never by message text.
+
+Invariant: every report handed to `complete` is sent (up to `COMPLETE_ATTEMPTS` tries) by a
+background task, so a cancelled request still releases its lease; `drain` waits for them. The
+orchestrator reclaims a lease it never hears about after its lease timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Final
+
+import grpc
+
+from llmmesh.common.errors import Reason, ServiceError, from_rpc_error
+from llmmesh.common.telemetry import inject_trace_metadata
+from llmmesh.common.topology import Priority, ReplicaAddress
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from services.gateway.admission import AdmissionRequest, Lease, LeaseReport, Outcome
+from services.gateway.errors import NoReplica, OrchestratorUnavailable
+
+log = logging.getLogger(__name__)
+
+COMPLETE_ATTEMPTS: Final = 3
+COMPLETE_TIMEOUT_S: Final = 5.0
+# Shortest Admit deadline sent: a spent deadline still makes a call that fails as expired.
+_MIN_TIMEOUT_S: Final = 0.001
+
+_PRIORITY: Final = {
+    Priority.INTERACTIVE: pb.PRIORITY_INTERACTIVE,
+    Priority.STANDARD: pb.PRIORITY_STANDARD,
+    Priority.BATCH: pb.PRIORITY_BATCH,
+}
+_OUTCOME: Final = {
+    Outcome.SUCCESS: pb.OUTCOME_SUCCESS,
+    Outcome.CANCELLED: pb.OUTCOME_CANCELLED,
+    Outcome.REPLICA_ERROR: pb.OUTCOME_REPLICA_ERROR,
+    Outcome.REQUEST_ERROR: pb.OUTCOME_REQUEST_ERROR,
+}
+_NO_REPLICA_REASONS: Final = frozenset({Reason.NO_REPLICA, Reason.ACTIVATION_TIMEOUT})
+
+
+# -- conversions: one function per message -------------------------------------------------
+def admit_request_to_pb(request: AdmissionRequest) -> pb.AdmitRequest:
+    return pb.AdmitRequest(
+        request_id=request.request_id,
+        model=request.model,
+        prompt_token_ids=request.prompt_token_ids,
+        max_tokens=request.max_tokens,
+        priority=_PRIORITY[request.priority],
+        tenant=request.tenant,
+        model_version=request.model_version,
+    )
+
+
+def replica_from_pb(replica: pb.Replica) -> ReplicaAddress:
+    """Every field of `Replica`: the authority above all (without it a mesh sidecar sees a bare
+    pod address and the stream bypasses the Service's mTLS)."""
+    return ReplicaAddress(
+        id=replica.id,
+        grpc_address=replica.grpc_address,
+        pool=replica.pool,
+        model_version=replica.model_version,
+        authority=replica.authority,
+    )
+
+
+def lease_from_pb(response: pb.AdmitResponse) -> Lease:
+    return Lease(
+        lease_id=response.lease_id,
+        replica=replica_from_pb(response.replica),
+        queue_ms=response.queue_ms,
+    )
+
+
+def complete_request_to_pb(report: LeaseReport) -> pb.CompleteRequest:
+    req = pb.CompleteRequest(
+        lease_id=report.lease_id,
+        outcome=_OUTCOME[report.outcome],
+        prompt_tokens=report.prompt_tokens,
+        completion_tokens=report.completion_tokens,
+        kv_cache_reused_blocks=report.kv_cache_reused_blocks,
+        error_message=report.error,
+    )
+    if report.ttft_ms is not None:
+        req.time_to_first_token_ms = report.ttft_ms
+    return req
+
+
+def admit_error(err: grpc.aio.AioRpcError) -> ServiceError:
+    """A failed Admit as a gateway error. UNAVAILABLE is told apart by its typed reason: none
+    means the orchestrator itself was not reached."""
+    mapped = from_rpc_error(err, "admission")
+    if err.code() == grpc.StatusCode.UNAVAILABLE:
+        if mapped.reason is None:
+            return OrchestratorUnavailable(f"orchestrator: {err.details()}")
+        if mapped.reason in _NO_REPLICA_REASONS:
+            return NoReplica(str(mapped), retry_after_s=mapped.retry_after_s, reason=mapped.reason)
+    return mapped
+
+
+# -- client ---------------------------------------------------------------------------------
+class OrchestratorClient:
+    """`AdmissionClient` on an orchestrator channel (`connect` opens and owns one)."""
+
+    def __init__(
+        self,
+        stub: pb_grpc.OrchestratorServiceAsyncStub,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self._stub = stub
+        self._channel = channel  # closed by `close` when this client opened it
+        self._pending: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    def connect(cls, address: str) -> OrchestratorClient:
+        channel = grpc.aio.insecure_channel(address)
+        return cls(pb_grpc.OrchestratorServiceStub(channel), channel)
+
+    async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
+        try:
+            response = await self._stub.Admit(
+                admit_request_to_pb(request),
+                timeout=max(timeout_s, _MIN_TIMEOUT_S),
+                metadata=tuple(inject_trace_metadata([])),
+            )
+        except grpc.aio.AioRpcError as err:
+            raise admit_error(err) from err
+        return lease_from_pb(response)
+
+    def complete(self, report: LeaseReport) -> None:
+        task = asyncio.get_running_loop().create_task(self._send(complete_request_to_pb(report)))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _send(self, req: pb.CompleteRequest) -> None:
+        for attempt in range(COMPLETE_ATTEMPTS):
+            try:
+                await self._stub.Complete(req, timeout=COMPLETE_TIMEOUT_S)
+                return
+            except grpc.aio.AioRpcError as err:
+                log.warning(
+                    "complete failed",
+                    extra={"lease_id": req.lease_id, "attempt": attempt, "error": err.code().name},
+                )
+
+    async def drain(self) -> None:
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Drain the reports, then close the channel this client opened."""
+        await self.drain()
+        if self._channel is not None:
+            await self._channel.close(None)

@@ -1,0 +1,215 @@
+"""Per-attempt streaming state: engine chunks in, `Delta`s and one `Completion` out.
+
+`StreamState` owns what one attempt on one replica accumulates: incremental detokenization,
+stop-string matching, the completion token count and its max_tokens bound, first-token and
+inter-token timing, the engine's reused-KV-block report, tenant completion charges, and the
+request's usage `Progress`. It is on the per-token path: per chunk, `push` allocates only the
+`Delta` it returns, the text pieces, and a token list only when the chunk is cut (end id,
+max_tokens); metric label children are resolved once per attempt.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from services.gateway.admission import LeaseReport, Outcome
+from services.gateway.events import Completion, Delta, FinishReason
+from services.gateway.limits import TenantLimits
+from services.gateway.metrics import StreamMetrics, record_completion_tokens
+from services.gateway.models import IncrementalDecoder, ServedModel
+from services.gateway.triton_stream import EngineChunk
+
+__all__ = ["Progress", "StopMatcher", "StreamState"]
+
+
+@dataclass(slots=True)
+class Progress:
+    """What a generation got to, for its usage record whatever way it ends (kept current after
+    every delta: a request closed mid-stream is accounted before its stream is finalized)."""
+
+    tenant: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    first_token_s: float | None = None
+    replica: str = ""
+
+
+class StopMatcher:
+    """Holds back just enough text that a stop string split across deltas is still caught."""
+
+    __slots__ = ("_hold", "_pending", "_stops")
+
+    def __init__(self, stops: tuple[str, ...]):
+        self._stops = stops
+        self._hold = max((len(s) for s in stops), default=1) - 1
+        self._pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Text safe to emit now, and whether a stop string was reached."""
+        self._pending += text
+        if self._stops:
+            cut = min(
+                (i for i in (self._pending.find(s) for s in self._stops) if i >= 0), default=-1
+            )
+            if cut >= 0:
+                out, self._pending = self._pending[:cut], ""
+                return out, True
+        if self._hold and len(self._pending) > self._hold:
+            out, self._pending = self._pending[: -self._hold], self._pending[-self._hold :]
+            return out, False
+        if self._hold:
+            return "", False
+        out, self._pending = self._pending, ""
+        return out, False
+
+    def flush(self) -> str:
+        out, self._pending = self._pending, ""
+        return out
+
+
+class StreamState:
+    """One attempt's state (module docstring). Invariants: `completion_tokens` never exceeds
+    `max_tokens`; once `finish` is set no further chunk is pushed; the delta that sets `finish`
+    carries all remaining text, except at a stop string, where the text ends before it."""
+
+    __slots__ = (
+        "_block_size",
+        "_decoder",
+        "_end_id",
+        "_itl_sum",
+        "_last_at",
+        "_limits",
+        "_max_tokens",
+        "_metrics",
+        "_model_name",
+        "_progress",
+        "_start",
+        "_stops",
+        "cached_blocks",
+        "completion_tokens",
+        "finish",
+        "first_at",
+        "prompt_tokens",
+    )
+
+    def __init__(
+        self,
+        model: ServedModel,
+        *,
+        prompt_tokens: int,
+        max_tokens: int,
+        stop: tuple[str, ...],
+        block_size: int,
+        start: float,
+        progress: Progress,
+        limits: TenantLimits | None,
+    ) -> None:
+        self._model_name = model.name
+        self._end_id = model.end_id
+        self._max_tokens = max_tokens
+        self._block_size = block_size
+        self._start = start  # perf_counter() when the request arrived
+        self._progress = progress
+        self._limits = limits
+        self._metrics = StreamMetrics(model.name, None if limits is None else limits.tenant)
+        self._decoder = IncrementalDecoder(model)
+        self._stops = StopMatcher(stop)
+        self._last_at = start
+        self._itl_sum = 0.0
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.cached_blocks = 0  # KV blocks the engine reported reused for the prompt
+        self.first_at: float | None = None
+        self.finish: FinishReason | None = None
+
+    def push(self, chunk: EngineChunk) -> Delta | None:
+        """The delta for one engine chunk (None when it brings no token). Sets `finish` at the
+        end id, a stop string or max_tokens."""
+        if chunk.kv_cache_reused_blocks is not None:
+            self.cached_blocks = chunk.kv_cache_reused_blocks
+        ids = chunk.token_ids
+        if self._end_id in ids:
+            ids = ids[: ids.index(self._end_id)]
+            self.finish = FinishReason.STOP
+        offset = self.completion_tokens
+        if len(ids) > self._max_tokens - offset:
+            ids = ids[: self._max_tokens - offset]
+        n = len(ids)
+        if not n:
+            return None
+        if self._limits is not None:
+            self._limits.charge(n)
+            self._metrics.tenant_completion(n)
+        now = time.perf_counter()
+        if self.first_at is None:
+            self.first_at = self._progress.first_token_s = now
+            self._metrics.observe_ttft(now - self._start)
+        else:
+            gap = (now - self._last_at) / n
+            observe_itl = self._metrics.observe_itl
+            for _ in ids:
+                observe_itl(gap)
+            self._itl_sum += now - self._last_at
+        self._last_at = now
+        self.completion_tokens = self._progress.completion_tokens = offset + n
+        stops = self._stops
+        text, stopped = stops.feed(self._decoder.push(ids))
+        if stopped:
+            self.finish = FinishReason.STOP
+        elif self.completion_tokens >= self._max_tokens:
+            self.finish = FinishReason.LENGTH
+        if self.finish is not None and not stopped:
+            text += stops.feed(self._decoder.flush())[0] + stops.flush()
+        return Delta(text, ids, offset, self.finish)
+
+    def end(self) -> Delta | None:
+        """The stream ended without a finish: finish STOP, and the text still held back (None
+        when there is none, or when a finish was already set)."""
+        if self.finish is not None:
+            return None
+        self.finish = FinishReason.STOP
+        tail = self._stops.feed(self._decoder.flush())[0] + self._stops.flush()
+        return Delta(tail, [], self.completion_tokens, self.finish) if tail else None
+
+    @property
+    def ttft_ms(self) -> float | None:
+        return None if self.first_at is None else (self.first_at - self._start) * 1000
+
+    @property
+    def cached_prompt_tokens(self) -> int:
+        return min(self.cached_blocks * self._block_size, self.prompt_tokens)
+
+    def report(self, lease_id: str, outcome: Outcome, error: str) -> LeaseReport:
+        return LeaseReport(
+            lease_id=lease_id,
+            outcome=outcome,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            kv_cache_reused_blocks=self.cached_blocks,
+            ttft_ms=self.ttft_ms,
+            error=error,
+        )
+
+    def close(self) -> None:
+        """The attempt ended (any way): count its completion tokens, settle its progress."""
+        record_completion_tokens(self._model_name, self.completion_tokens)
+        self._progress.cached_prompt_tokens = self.cached_prompt_tokens
+
+    def completion(self, queue_ms: float, replica_id: str) -> Completion:
+        """The summary after a finished stream (`end` was called)."""
+        assert self.finish is not None
+        n = self.completion_tokens
+        ttft_ms = self.ttft_ms
+        return Completion(
+            finish_reason=self.finish,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=n,
+            cached_prompt_tokens=self.cached_prompt_tokens,
+            queue_ms=queue_ms,
+            ttft_ms=0.0 if ttft_ms is None else ttft_ms,
+            total_ms=(time.perf_counter() - self._start) * 1000,
+            mean_itl_ms=self._itl_sum / (n - 1) * 1000 if n > 1 else 0.0,
+            replica_id=replica_id,
+        )

@@ -1,0 +1,98 @@
+"""Shared in-process fakes for the gateway core's two collaborators: admission (the
+`AdmissionClient` protocol, in domain types) and the engine (`EngineClient`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Sequence
+
+from opentelemetry import trace
+
+from llmmesh.common.errors import ServiceError
+from llmmesh.common.topology import ReplicaAddress
+from services.gateway.admission import AdmissionRequest, Lease, LeaseReport
+from services.gateway.triton_stream import EngineChunk, EngineRequest
+
+MODEL = "smollm2"
+
+
+def fake_replica(n: int) -> ReplicaAddress:
+    """The replica of the n-th lease (1-based)."""
+    return ReplicaAddress(
+        id=f"r{n}",
+        grpc_address=f"127.0.0.1:{n}",
+        pool="pool-a",
+        model_version="v7",
+        authority=f"replica-{n}.triton:8001",
+    )
+
+
+class FakeAdmission:
+    """Grants lease `lease-n` on `fake_replica(n)` for the n-th Admit, or raises `reject`.
+    Records every request, the caller's trace id at the time, and every report."""
+
+    def __init__(self, reject: ServiceError | None = None, queue_ms: float = 0.0) -> None:
+        self.reject = reject
+        self.queue_ms = queue_ms
+        self.admits: list[AdmissionRequest] = []
+        self.timeouts: list[float] = []
+        self.admit_trace_ids: list[str] = []  # 32 hex digits; all zeros outside a span
+        self.reports: list[LeaseReport] = []
+        self._reported = asyncio.Event()
+
+    async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
+        self.admits.append(request)
+        self.timeouts.append(timeout_s)
+        span = trace.get_current_span().get_span_context()
+        self.admit_trace_ids.append(format(span.trace_id, "032x"))
+        if self.reject is not None:
+            raise self.reject
+        n = len(self.admits)
+        return Lease(lease_id=f"lease-{n}", replica=fake_replica(n), queue_ms=self.queue_ms)
+
+    def complete(self, report: LeaseReport) -> None:
+        self.reports.append(report)
+        self._reported.set()
+
+    async def drain(self) -> None:
+        pass
+
+    async def wait_reports(self, n: int) -> list[LeaseReport]:
+        """The reports once there are at least n (a stream closed by its consumer reports when
+        its generator is finalized)."""
+        while len(self.reports) < n:
+            self._reported.clear()
+            await self._reported.wait()
+        return self.reports
+
+
+class FakeEngine:
+    """Plays one scripted chunk list per stream call, in order; an exception in a script is
+    raised at that point."""
+
+    def __init__(self, scripts: Sequence[Sequence[EngineChunk | Exception]]):
+        self.scripts = scripts
+        self.requests: list[EngineRequest] = []
+        self.targets: list[tuple[str, str]] = []  # (address, authority) per call
+        self.metadata: list[Sequence[tuple[str, str]]] = []
+
+    async def stream(
+        self,
+        address: str,
+        authority: str,
+        request: EngineRequest,
+        *,
+        timeout_s: float | None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> AsyncGenerator[EngineChunk, None]:
+        self.requests.append(request)
+        self.targets.append((address, authority))
+        self.metadata.append(metadata)
+        for item in self.scripts[len(self.requests) - 1]:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+
+def chunk(*ids: int, final: bool = False) -> EngineChunk:
+    return EngineChunk(list(ids), final)

@@ -1,0 +1,266 @@
+"""`OrchestratorClient` over a real grpc.aio channel (ephemeral port) against a tiny fake
+OrchestratorService: every field converted both ways, refusals mapped by their typed reason
+(never by message text), retry-after kept, Complete retried in the background."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import pytest_asyncio
+from opentelemetry.sdk.trace import TracerProvider
+
+from llmmesh.common.errors import (
+    DeadlineExceeded,
+    Reason,
+    ResourceExhausted,
+    ServiceError,
+    Unavailable,
+    abort,
+)
+from llmmesh.common.topology import Priority, ReplicaAddress
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from services.gateway.admission import AdmissionRequest, LeaseReport, Outcome
+from services.gateway.errors import NoReplica, OrchestratorUnavailable
+from services.gateway.orchestrator_client import COMPLETE_ATTEMPTS, OrchestratorClient
+
+Ctx = grpc.aio.ServicerContext[object, object]
+
+REPLICA = pb.Replica(
+    id="r-9",
+    grpc_address="10.0.0.9:8001",
+    pool="long-context",
+    model_version="v3",
+    authority="triton-long.llm.svc.cluster.local:8001",
+)
+
+
+class FakeOrchestratorService(pb_grpc.OrchestratorServiceServicer):
+    """Grants lease-9 on REPLICA unless told to refuse; Complete fails `complete_failures`
+    times with UNAVAILABLE before it accepts."""
+
+    def __init__(self) -> None:
+        self.admits: list[pb.AdmitRequest] = []
+        self.admit_metadata: list[dict[str, str]] = []
+        self.refusal: ServiceError | None = None  # sent with its typed reason and retry-after
+        self.plain_refusal: tuple[grpc.StatusCode, str] | None = None  # no status details
+        self.completes: list[pb.CompleteRequest] = []
+        self.complete_failures = 0
+
+    async def Admit(self, request: pb.AdmitRequest, context: Ctx) -> pb.AdmitResponse:
+        self.admits.append(request)
+        self.admit_metadata.append(
+            {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        )
+        if self.refusal is not None:
+            await abort(context, self.refusal)
+        if self.plain_refusal is not None:
+            await context.abort(*self.plain_refusal)
+        return pb.AdmitResponse(lease_id="lease-9", replica=REPLICA, queue_ms=12.5)
+
+    async def Complete(self, request: pb.CompleteRequest, context: Ctx) -> pb.CompleteResponse:
+        self.completes.append(request)
+        if len(self.completes) <= self.complete_failures:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "busy")
+        return pb.CompleteResponse()
+
+    # Not used by the gateway.
+    async def ListReplicas(
+        self, request: pb.ListReplicasRequest, context: Ctx
+    ) -> pb.ListReplicasResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not faked")
+
+    async def RegisterReplica(
+        self, request: pb.RegisterReplicaRequest, context: Ctx
+    ) -> pb.RegisterReplicaResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not faked")
+
+    async def DrainReplica(
+        self, request: pb.DrainReplicaRequest, context: Ctx
+    ) -> pb.DrainReplicaResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not faked")
+
+    async def DeregisterReplica(
+        self, request: pb.DeregisterReplicaRequest, context: Ctx
+    ) -> pb.DeregisterReplicaResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not faked")
+
+
+@dataclass
+class Served:
+    service: FakeOrchestratorService
+    client: OrchestratorClient
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def served() -> AsyncIterator[Served]:
+    service = FakeOrchestratorService()
+    server = grpc.aio.server()
+    pb_grpc.add_OrchestratorServiceServicer_to_server(service, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    client = OrchestratorClient.connect(f"127.0.0.1:{port}")
+    try:
+        yield Served(service, client)
+    finally:
+        await client.close()
+        await server.stop(None)
+
+
+def admission(**kw: object) -> AdmissionRequest:
+    base: dict[str, object] = {
+        "request_id": "req-1",
+        "model": "tensorrt_llm",
+        "prompt_token_ids": [5, 6, 7],
+        "max_tokens": 16,
+        "priority": Priority.BATCH,
+        "tenant": "acme",
+        "model_version": "v3",
+    }
+    base.update(kw)
+    return AdmissionRequest(**base)  # type: ignore[arg-type]
+
+
+async def test_admit_round_trip_carries_every_field(served: Served) -> None:
+    tracer = TracerProvider().get_tracer("test")
+    with tracer.start_as_current_span("caller") as span:
+        lease = await served.client.admit(admission(), timeout_s=5.0)
+    assert lease.lease_id == "lease-9"
+    assert lease.queue_ms == 12.5
+    assert lease.replica == ReplicaAddress(
+        id="r-9",
+        grpc_address="10.0.0.9:8001",
+        pool="long-context",
+        model_version="v3",
+        authority="triton-long.llm.svc.cluster.local:8001",
+    )
+    [sent] = served.service.admits
+    assert (sent.request_id, sent.model, list(sent.prompt_token_ids)) == (
+        "req-1",
+        "tensorrt_llm",
+        [5, 6, 7],
+    )
+    assert (sent.max_tokens, sent.tenant, sent.model_version) == (16, "acme", "v3")
+    assert sent.priority == pb.PRIORITY_BATCH
+    # The caller's trace continues in the orchestrator.
+    traceparent = served.service.admit_metadata[0]["traceparent"]
+    assert traceparent.split("-")[1] == format(span.get_span_context().trace_id, "032x")
+
+
+@pytest.mark.parametrize(
+    ("priority", "wire"),
+    [
+        (Priority.INTERACTIVE, pb.PRIORITY_INTERACTIVE),
+        (Priority.STANDARD, pb.PRIORITY_STANDARD),
+        (Priority.BATCH, pb.PRIORITY_BATCH),
+    ],
+)
+async def test_priority_reaches_the_wire(
+    served: Served, priority: Priority, wire: pb.Priority.ValueType
+) -> None:
+    await served.client.admit(admission(priority=priority), timeout_s=5.0)
+    assert served.service.admits[0].priority == wire
+
+
+@pytest.mark.parametrize("reason", [Reason.NO_REPLICA, Reason.ACTIVATION_TIMEOUT])
+async def test_unavailable_with_a_replica_reason_is_no_replica(
+    served: Served, reason: Reason
+) -> None:
+    served.service.refusal = Unavailable("nothing ready", reason=reason)
+    with pytest.raises(NoReplica) as info:
+        await served.client.admit(admission(), timeout_s=5.0)
+    assert info.value.reason is reason
+    assert info.value.http_status == 503
+    assert info.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_unavailable_without_reason_is_the_orchestrator_whatever_the_text(
+    served: Served,
+) -> None:
+    # The message names a replica, the status carries no reason: only the reason counts.
+    served.service.plain_refusal = (grpc.StatusCode.UNAVAILABLE, "no ready replica")
+    with pytest.raises(OrchestratorUnavailable) as info:
+        await served.client.admit(admission(), timeout_s=5.0)
+    assert info.value.reason is None
+    assert not isinstance(info.value, NoReplica)
+
+
+async def test_nothing_listening_is_orchestrator_unavailable(tmp_path: Path) -> None:
+    client = OrchestratorClient.connect(f"unix:{tmp_path / 'absent.sock'}")
+    try:
+        with pytest.raises(OrchestratorUnavailable):
+            await client.admit(admission(), timeout_s=5.0)
+    finally:
+        await client.close()
+
+
+async def test_queue_full_keeps_retry_after_and_reason(served: Served) -> None:
+    served.service.refusal = ResourceExhausted(
+        "admission queue full", retry_after_s=2.4, reason=Reason.QUEUE_FULL
+    )
+    with pytest.raises(ResourceExhausted) as info:
+        await served.client.admit(admission(), timeout_s=5.0)
+    assert info.value.retry_after_s == pytest.approx(2.4)
+    assert info.value.reason is Reason.QUEUE_FULL
+    assert info.value.http_status == 429
+
+
+async def test_queue_timeout_is_deadline_exceeded(served: Served) -> None:
+    served.service.refusal = DeadlineExceeded("no slot", reason=Reason.QUEUE_TIMEOUT)
+    with pytest.raises(DeadlineExceeded) as info:
+        await served.client.admit(admission(), timeout_s=5.0)
+    assert info.value.reason is Reason.QUEUE_TIMEOUT
+
+
+@pytest.mark.parametrize(
+    ("outcome", "wire"),
+    [
+        (Outcome.SUCCESS, pb.OUTCOME_SUCCESS),
+        (Outcome.CANCELLED, pb.OUTCOME_CANCELLED),
+        (Outcome.REPLICA_ERROR, pb.OUTCOME_REPLICA_ERROR),
+        (Outcome.REQUEST_ERROR, pb.OUTCOME_REQUEST_ERROR),
+    ],
+)
+async def test_complete_carries_every_field(
+    served: Served, outcome: Outcome, wire: pb.Outcome.ValueType
+) -> None:
+    served.client.complete(
+        LeaseReport(
+            lease_id="lease-9",
+            outcome=outcome,
+            prompt_tokens=40,
+            completion_tokens=7,
+            kv_cache_reused_blocks=1,
+            ttft_ms=31.5,
+            error="boom",
+        )
+    )
+    await served.client.drain()
+    [sent] = served.service.completes
+    assert (sent.lease_id, sent.outcome, sent.error_message) == ("lease-9", wire, "boom")
+    assert (sent.prompt_tokens, sent.completion_tokens, sent.kv_cache_reused_blocks) == (40, 7, 1)
+    assert sent.HasField("time_to_first_token_ms")
+    assert sent.time_to_first_token_ms == 31.5
+
+
+async def test_complete_without_a_token_sends_no_ttft(served: Served) -> None:
+    served.client.complete(LeaseReport("lease-9", Outcome.CANCELLED, 40, 0, 0, None))
+    await served.client.drain()
+    assert not served.service.completes[0].HasField("time_to_first_token_ms")
+
+
+async def test_complete_is_retried_then_given_up(served: Served) -> None:
+    served.service.complete_failures = 1
+    served.client.complete(LeaseReport("lease-1", Outcome.SUCCESS, 1, 1, 0, 1.0))
+    await served.client.drain()
+    assert [c.lease_id for c in served.service.completes] == ["lease-1", "lease-1"]
+
+    served.service.completes.clear()
+    served.service.complete_failures = COMPLETE_ATTEMPTS + 1
+    served.client.complete(LeaseReport("lease-2", Outcome.SUCCESS, 1, 1, 0, 1.0))
+    await served.client.drain()
+    assert [c.lease_id for c in served.service.completes] == ["lease-2"] * COMPLETE_ATTEMPTS
