@@ -71,8 +71,8 @@ class StopMatcher:
 
 class StreamState:
     """One attempt's state (module docstring). Invariants: `completion_tokens` never exceeds
-    `max_tokens`; once `finish` is set no further chunk is pushed; the delta that sets `finish`
-    carries all remaining text, except at a stop string, where the text ends before it."""
+    `max_tokens`; once `finish` is set no further chunk is pushed; the last delta carries all
+    the text still held back, except at a stop string, where the text ends before it."""
 
     __slots__ = (
         "_block_size",
@@ -138,7 +138,11 @@ class StreamState:
             ids = ids[: self._max_tokens - offset]
         n = len(ids)
         if not n:
-            return None
+            if self.finish is None:
+                return None
+            # The end id came without text: the text still held back ends the stream.
+            tail = self._stops.feed(self._decoder.flush())[0] + self._stops.flush()
+            return Delta(tail, [], offset, self.finish) if tail else None
         if self._limits is not None:
             self._limits.charge(n)
             self._metrics.tenant_completion(n)

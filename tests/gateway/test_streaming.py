@@ -76,6 +76,21 @@ async def test_end_id_stops_and_is_not_emitted(model: ServedModel) -> None:
     assert [t for e in events if isinstance(e, Delta) for t in e.token_ids] == ids
 
 
+async def test_end_id_alone_still_delivers_the_text_held_for_stop_strings(
+    model: ServedModel,
+) -> None:
+    # Triton streams one token per response: the end id comes alone, after the last text.
+    ids = model.encode(" alpha beta gamma")
+    engine = FakeEngine([[*(chunk(t) for t in ids), chunk(model.end_id, final=True)]])
+    core, _ = make(model, engine)
+    events = await run(core, sampling=Sampling(max_tokens=50, stop=("zzzz",)))
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == model.decode(ids)
+    final = events[-1]
+    assert isinstance(final, Completion)
+    assert final.finish_reason is FinishReason.STOP
+    assert final.completion_tokens == len(ids)
+
+
 async def test_stop_string_truncates_text(model: ServedModel) -> None:
     ids = model.encode(" alpha beta gamma delta")
     engine = FakeEngine([[chunk(t) for t in ids] + [chunk(final=True)]])
