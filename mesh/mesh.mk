@@ -26,5 +26,8 @@ mesh-render: mesh-setup ## Render mesh/overlays/{dev,prod} into .build/mesh/<ove
 		echo "$(MESH_OUT)/$$o.yaml: $$(grep -c '^kind:' $(MESH_OUT)/$$o.yaml) documents"; \
 	done
 
-mesh-test: mesh-setup ## Validate mesh/: schemas (../shared), consistency, dashboards, alerts
-	LLMMESH_KUBECTL=$(MESH_KUBECTL) $(PY) -m pytest tests/mesh $(PYTEST_ARGS)
+# MESHCHECK_ARGS: e.g. --shared /path/to/shared, --target prod, -v (python -m llmmesh.tools.meshcheck --help).
+MESHCHECK_ARGS ?=
+
+mesh-test: mesh-setup ## Lint mesh/ with meshcheck: render, schemas (../shared), consistency, dashboards, alerts, README
+	LLMMESH_KUBECTL=$(MESH_KUBECTL) $(PY) -m llmmesh.tools.meshcheck $(MESHCHECK_ARGS)

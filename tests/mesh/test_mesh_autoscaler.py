@@ -6,10 +6,11 @@ import json
 
 import pytest
 
+from llmmesh.tools.meshcheck.common import OVERLAYS, Doc
+from llmmesh.tools.meshcheck.index import Mesh
 from services.autoscaler.actuators.contracts import PoolKey
 from services.autoscaler.policy import PolicyConfig
 from services.autoscaler.settings import PoolConfig
-from tests.mesh.meshcheck import OVERLAYS, Doc, Mesh
 
 PREFIX = "LLMMESH_AUTOSCALER_"
 

@@ -1,59 +1,43 @@
-"""The manifests agree with each other, with the services' settings, with protos/ and with
-docs/conventions.md: hosts, subsets, canary weights, ports, principals, methods, circuit breaking,
-mTLS, retries, replica discovery, autoscaling, shutdown timing, tracing."""
+"""Every meshcheck rule passes on both overlays (the manifests agree with each other, with the
+services' settings, with protos/ and with docs/conventions.md), the authorization policies allow
+exactly the call graph, and the rules notice broken documents."""
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
-
 import pytest
 
-import tests.mesh.meshrules as r
-from tests.mesh.meshcheck import (
+from llmmesh.tools.meshcheck.common import OVERLAYS, Doc
+from llmmesh.tools.meshcheck.index import principal
+from llmmesh.tools.meshcheck.project import (
     COMPONENTS,
-    OVERLAYS,
     ComponentSettings,
-    Doc,
-    Mesh,
     component_settings,
     conventions_ports,
-    principal,
     proto_methods,
 )
-
-Rule = Callable[[Mesh], list[str]]
-RULES: dict[str, Rule] = {
-    "hosts": r.check_hosts,
-    "subsets": r.check_subsets,
-    "canary": r.check_canary,
-    "authorization": r.check_authorization,
-    "destination_rules": r.check_destination_rules,
-    "mtls": r.check_mtls,
-    "replica_discovery": r.check_replica_discovery,
-    "autoscaling": r.check_autoscaling,
-    "capacity": r.check_capacity,
-    "workloads": r.check_workloads,
-    "tracing": r.check_tracing,
-    "gateway_models": r.check_gateway_models,
-    "retries_and_timeouts": r.check_retries_and_timeouts,
-}
-
-
-@pytest.fixture(scope="module")
-def settings() -> dict[str, ComponentSettings]:
-    return {c.key: component_settings(c)[0] for c in COMPONENTS}
-
-
-def _mesh(rendered: dict[str, list[Doc]], overlay: str) -> Mesh:
-    return Mesh(copy.deepcopy(rendered[overlay]))
+from llmmesh.tools.meshcheck.rules import RULES, ports, routing, security, workloads
+from llmmesh.tools.meshcheck.runner import apply_rules
+from tests.mesh.helpers import doc, mesh_of
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 @pytest.mark.parametrize("rule", sorted(RULES))
 def test_rule(rule: str, overlay: str, rendered: dict[str, list[Doc]]) -> None:
-    problems = RULES[rule](_mesh(rendered, overlay))
+    problems = RULES[rule](mesh_of(rendered, overlay))
     assert not problems, f"{overlay}:\n" + "\n".join(problems)
+
+
+def test_a_rule_that_cannot_evaluate_is_a_finding(
+    rendered: dict[str, list[Doc]], settings: dict[str, ComponentSettings]
+) -> None:
+    mesh = mesh_of(rendered, "prod")
+    mesh.docs = [d for d in mesh.docs if d["metadata"]["name"] != "llmmesh-orchestrator"]
+    problems = apply_rules("prod", mesh, settings)
+    capacity = [p for p in problems if p.check == "capacity"]
+    assert capacity, problems
+    assert "cannot evaluate this overlay: MissingObject: Deployment llmmesh-orchestrator" in str(
+        capacity[0]
+    )
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -61,7 +45,7 @@ def test_every_service_env_var_is_a_settings_field(
     overlay: str, rendered: dict[str, list[Doc]], settings: dict[str, ComponentSettings]
 ) -> None:
     missing = [c.settings_class for c in COMPONENTS if settings[c.key].fields is None]
-    problems = r.check_settings_fields(_mesh(rendered, overlay), settings)
+    problems = ports.check_settings_fields(mesh_of(rendered, overlay), settings)
     assert not problems, "\n".join(problems)
     if missing:
         pytest.skip(f"settings classes not importable, env vars unchecked: {missing}")
@@ -73,7 +57,7 @@ def test_ports_match_the_services_settings(
 ) -> None:
     sources = {c.key: component_settings(c)[1] for c in COMPONENTS}
     print("ports compared with:", sources)  # shown with -rP; tells settings class vs conventions.md
-    problems = r.check_ports(_mesh(rendered, overlay), settings)
+    problems = ports.check_ports(mesh_of(rendered, overlay), settings)
     assert not problems, "\n".join(problems)
 
 
@@ -168,7 +152,7 @@ def test_call_graph_edge_is_allowed(
     method: str,
     rendered: dict[str, list[Doc]],
 ) -> None:
-    assert r.authz_allows(_mesh(rendered, "prod"), source, labels, port, path, method)
+    assert security.authz_allows(mesh_of(rendered, "prod"), source, labels, port, path, method)
 
 
 @pytest.mark.parametrize(("source", "labels", "port", "path", "method"), DENIED)
@@ -180,87 +164,81 @@ def test_everything_else_is_denied(
     method: str,
     rendered: dict[str, list[Doc]],
 ) -> None:
-    assert not r.authz_allows(_mesh(rendered, "prod"), source, labels, port, path, method)
+    assert not security.authz_allows(mesh_of(rendered, "prod"), source, labels, port, path, method)
 
 
 # --- the rules notice broken documents -----------------------------------------------------------
 
 
-def _doc(mesh: Mesh, kind: str, name: str) -> Doc:
-    found = mesh.get(kind, name)
-    assert found is not None
-    return found
-
-
 def test_weights_not_summing_to_100_are_caught(rendered: dict[str, list[Doc]]) -> None:
-    mesh = _mesh(rendered, "prod")
-    _doc(mesh, "VirtualService", "llmmesh-gateway")["spec"]["http"][1]["route"][1]["weight"] = 5
-    problems = r.check_canary(mesh)
+    mesh = mesh_of(rendered, "prod")
+    doc(mesh, "VirtualService", "llmmesh-gateway")["spec"]["http"][1]["route"][1]["weight"] = 5
+    problems = routing.check_canary(mesh)
     assert any("sum to 105" in p for p in problems), problems
     assert any("disagree on the canary split" in p for p in problems), problems
 
 
 def test_subset_selecting_no_pod_is_caught(rendered: dict[str, list[Doc]]) -> None:
-    mesh = _mesh(rendered, "prod")
-    _doc(mesh, "DestinationRule", "llmmesh-gateway")["spec"]["subsets"][1]["labels"] = {
+    mesh = mesh_of(rendered, "prod")
+    doc(mesh, "DestinationRule", "llmmesh-gateway")["spec"]["subsets"][1]["labels"] = {
         "version": "v3"
     }
-    assert any("subset v2" in p for p in r.check_subsets(mesh))
+    assert any("subset v2" in p for p in routing.check_subsets(mesh))
 
 
 def test_host_without_service_is_caught(rendered: dict[str, list[Doc]]) -> None:
-    mesh = _mesh(rendered, "prod")
-    _doc(mesh, "DestinationRule", "llmmesh-autoscaler")["spec"]["host"] = (
+    mesh = mesh_of(rendered, "prod")
+    doc(mesh, "DestinationRule", "llmmesh-autoscaler")["spec"]["host"] = (
         "autoscaler.llmmesh.svc.cluster.local"
     )
-    assert any("names no Service" in p for p in r.check_hosts(mesh))
+    assert any("names no Service" in p for p in routing.check_hosts(mesh))
 
 
 def test_unknown_principal_and_method_are_caught(rendered: dict[str, list[Doc]]) -> None:
-    mesh = _mesh(rendered, "prod")
-    pol = _doc(mesh, "AuthorizationPolicy", "allow-orchestrator")
+    mesh = mesh_of(rendered, "prod")
+    pol = doc(mesh, "AuthorizationPolicy", "allow-orchestrator")
     pol["spec"]["rules"][0]["from"][0]["source"]["principals"] = [principal("llmmesh-gatewya")]
     pol["spec"]["rules"][0]["to"][0]["operation"]["paths"].append(ORCH + "Admitt")
-    problems = r.check_authorization(mesh)
+    problems = security.check_authorization(mesh)
     assert any("names no ServiceAccount" in p for p in problems), problems
     assert any("Admitt is not in protos/" in p for p in problems), problems
 
 
 def test_missing_outlier_detection_is_caught(rendered: dict[str, list[Doc]]) -> None:
-    mesh = _mesh(rendered, "prod")
-    del _doc(mesh, "DestinationRule", "llmmesh-kv-registry")["spec"]["trafficPolicy"][
+    mesh = mesh_of(rendered, "prod")
+    del doc(mesh, "DestinationRule", "llmmesh-kv-registry")["spec"]["trafficPolicy"][
         "outlierDetection"
     ]
-    assert any("outlierDetection" in p for p in r.check_destination_rules(mesh))
+    assert any("outlierDetection" in p for p in security.check_destination_rules(mesh))
 
 
 def test_permissive_mtls_is_caught(rendered: dict[str, list[Doc]]) -> None:
-    mesh = _mesh(rendered, "prod")
-    _doc(mesh, "PeerAuthentication", "default")["spec"]["mtls"]["mode"] = "PERMISSIVE"
-    assert r.check_mtls(mesh)
+    mesh = mesh_of(rendered, "prod")
+    doc(mesh, "PeerAuthentication", "default")["spec"]["mtls"]["mode"] = "PERMISSIVE"
+    assert security.check_mtls(mesh)
 
 
 def test_port_drift_is_caught(
     rendered: dict[str, list[Doc]], settings: dict[str, ComponentSettings]
 ) -> None:
-    mesh = _mesh(rendered, "prod")
+    mesh = mesh_of(rendered, "prod")
     cm = mesh.configmap_by_prefix("llmmesh-orchestrator-env")
     assert cm is not None
     cm["data"]["LLMMESH_ORCHESTRATOR_GRPC_PORT"] = "50099"
-    problems = r.check_ports(mesh, settings)
+    problems = ports.check_ports(mesh, settings)
     assert any("LLMMESH_ORCHESTRATOR_GRPC_PORT=50099" in p for p in problems), problems
 
 
 def test_retrying_a_stream_on_unavailable_is_caught(rendered: dict[str, list[Doc]]) -> None:
-    mesh = _mesh(rendered, "prod")
-    vs = _doc(mesh, "VirtualService", "llmmesh-gateway")
+    mesh = mesh_of(rendered, "prod")
+    vs = doc(mesh, "VirtualService", "llmmesh-gateway")
     vs["spec"]["http"][1]["retries"]["retryOn"] = "connect-failure,unavailable"
-    problems = r.check_retries_and_timeouts(mesh)
+    problems = routing.check_retries_and_timeouts(mesh)
     assert any("only be retried before it started" in p for p in problems), problems
 
 
 def test_envoy_limit_below_admission_capacity_is_caught(rendered: dict[str, list[Doc]]) -> None:
-    mesh = _mesh(rendered, "prod")
-    dr = _doc(mesh, "DestinationRule", "triton-llama3-8b-v1-short")
+    mesh = mesh_of(rendered, "prod")
+    dr = doc(mesh, "DestinationRule", "triton-llama3-8b-v1-short")
     dr["spec"]["trafficPolicy"]["connectionPool"]["http"]["http2MaxRequests"] = 100
-    assert any("http2MaxRequests 100" in p for p in r.check_capacity(mesh))
+    assert any("http2MaxRequests 100" in p for p in workloads.check_capacity(mesh))

@@ -9,8 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.mesh import meshcheck
-from tests.mesh.meshcheck import OVERLAYS, Doc, Finding, MeshSetupError, SchemaValidator, render
+from llmmesh.tools.meshcheck import render as render_module
+from llmmesh.tools.meshcheck.common import (
+    OVERLAYS,
+    TARGETS,
+    Doc,
+    Finding,
+    MeshSetupError,
+    RenderError,
+)
+from llmmesh.tools.meshcheck.render import render, shared_dir
+from llmmesh.tools.meshcheck.rules.security import check_namespaces
+from llmmesh.tools.meshcheck.schemas import SchemaValidator, validate_all
+from tests.mesh.helpers import doc, mesh_of
 
 SHARED_SCHEMA_KINDS = {
     "Deployment",
@@ -37,13 +48,13 @@ def _find(docs: list[Doc], kind: str, name: str) -> Doc:
     raise AssertionError(f"{kind}/{name} not rendered")
 
 
-@pytest.mark.parametrize("target", [*OVERLAYS, "base"])
+@pytest.mark.parametrize("target", TARGETS)
 def test_every_document_validates(
     target: str, rendered: dict[str, list[Doc]], validator: SchemaValidator
 ) -> None:
     docs = rendered[target]
     assert docs, f"{target} rendered no documents"
-    findings = [f for d in docs for f in validator.validate(d)]
+    findings = validate_all(validator, docs)
     assert not findings, "schema violations:\n" + "\n".join(map(str, findings))
 
 
@@ -63,12 +74,13 @@ def test_kinds_use_the_shared_schemas(
             assert d["apiVersion"].endswith("/v1"), f"{d['kind']}: use the v1 API"
 
 
-def test_namespace_is_set(rendered: dict[str, list[Doc]]) -> None:
-    for d in rendered["prod"]:
-        if d["kind"] == "Namespace":
-            continue
-        ns = d["metadata"].get("namespace")
-        assert ns in ("llmmesh", "istio-system"), f"{d['kind']}/{d['metadata']['name']}: {ns}"
+def test_object_outside_the_namespaces_is_caught(rendered: dict[str, list[Doc]]) -> None:
+    mesh = mesh_of(rendered, "prod")
+    doc(mesh, "ConfigMap", "llmmesh-grafana-dashboards")["metadata"]["namespace"] = "default"
+    [problem] = check_namespaces(mesh)
+    assert problem.startswith(
+        "ConfigMap default/llmmesh-grafana-dashboards (v1): namespace default"
+    )
 
 
 # --- the validator reports the document and the path -------------------------------------------
@@ -166,7 +178,7 @@ def test_unknown_kind_is_reported(validator: SchemaValidator) -> None:
 
 def test_render_failure_names_the_problem(tmp_path: Path) -> None:
     (tmp_path / "kustomization.yaml").write_text("resources: [missing.yaml]\n")
-    with pytest.raises(AssertionError, match=r"(?s)kubectl kustomize .*missing\.yaml"):
+    with pytest.raises(RenderError, match=r"(?s)kubectl kustomize .*missing\.yaml"):
         render(tmp_path)
 
 
@@ -175,10 +187,9 @@ def test_missing_kubectl_fails_clearly(monkeypatch: pytest.MonkeyPatch, tmp_path
     monkeypatch.setattr("shutil.which", lambda _name: None)
     monkeypatch.setattr("sys.executable", str(tmp_path / "python"))
     with pytest.raises(MeshSetupError, match="kubectl not found"):
-        meshcheck.kubectl()
+        render_module.kubectl()
 
 
-def test_missing_shared_fails_clearly(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(meshcheck, "SHARED", tmp_path)
+def test_missing_shared_fails_clearly(tmp_path: Path) -> None:
     with pytest.raises(MeshSetupError, match="schemas not found"):
-        meshcheck.shared_dir()
+        shared_dir(tmp_path)

@@ -1,67 +1,48 @@
-"""mesh/README.md states the numbers the manifests use, and walks the canary rollout."""
+"""mesh/README.md states the numbers the manifests use and walks the canary rollout (meshcheck's
+README rules, run on the real overlays by test_mesh_consistency.test_rule); the rules notice when
+the manifests and the README drift apart."""
 
 from __future__ import annotations
 
-import re
+import shutil
+from pathlib import Path
 
-from tests.mesh.meshcheck import MESH, Doc, Mesh
-
-README = MESH / "README.md"
-
-
-def _text() -> str:
-    return README.read_text()
+from llmmesh.tools.meshcheck.common import MESH, Doc
+from llmmesh.tools.meshcheck.index import Mesh
+from llmmesh.tools.meshcheck.rules import readme
+from tests.mesh.helpers import doc, mesh_of
 
 
-def test_circuit_breaking_table_matches_the_destination_rules(
-    rendered: dict[str, list[Doc]],
+def test_changed_circuit_breaker_is_caught(rendered: dict[str, list[Doc]]) -> None:
+    mesh = mesh_of(rendered, "prod")
+    dr = doc(mesh, "DestinationRule", "triton-llama3-8b-v2-long")
+    dr["spec"]["trafficPolicy"]["connectionPool"]["http"]["http2MaxRequests"] = 999
+    [problem] = readme.check_circuit_breaking_table(mesh)
+    assert problem.startswith("README circuit-breaking table lacks or misstates: ")
+    assert "| `triton-llama3-8b-v2-long` | 128 | 999 |" in problem
+
+
+def test_changed_mirror_percentage_is_caught(rendered: dict[str, list[Doc]]) -> None:
+    mesh = mesh_of(rendered, "prod")
+    vs = doc(mesh, "VirtualService", "llmmesh-gateway")
+    for route in vs["spec"]["http"]:
+        if "mirror" in route:
+            route["mirrorPercentage"]["value"] = 42.5
+    [problem] = readme.check_mirror_percentage(mesh)
+    assert "lacks `42.5`" in problem
+
+
+def test_walkthrough_gaps_and_unknown_alerts_are_caught(
+    rendered: dict[str, list[Doc]], tmp_path: Path
 ) -> None:
-    text = _text()
-    for dr in Mesh(rendered["prod"]).in_namespace("DestinationRule"):
-        tp = dr["spec"]["trafficPolicy"]
-        pool, od = tp["connectionPool"], tp["outlierDetection"]
-        cells = [
-            f"`{dr['metadata']['name']}`",
-            pool["tcp"]["maxConnections"],
-            pool["http"]["http2MaxRequests"],
-            pool["http"]["http1MaxPendingRequests"],
-            od["consecutiveLocalOriginFailures"],
-            od["consecutive5xxErrors"],
-            od["interval"],
-            od["baseEjectionTime"],
-            od["maxEjectionPercent"],
-        ]
-        row = "| " + " | ".join(str(c) for c in cells) + " |"
-        assert row in text, f"README circuit-breaking table lacks or misstates:\n{row}"
-
-
-def test_mirror_percentages_match_the_overlays(rendered: dict[str, list[Doc]]) -> None:
-    row = next(line for line in _text().splitlines() if line.startswith("| `mirrorPercentage`"))
-    for overlay in ("prod", "dev"):
-        vs = Mesh(rendered[overlay]).get("VirtualService", "llmmesh-gateway")
-        assert vs is not None
-        pcts = {r["mirrorPercentage"]["value"] for r in vs["spec"]["http"] if "mirror" in r}
-        assert len(pcts) == 1
-        assert f"`{float(pcts.pop())}`" in row, (overlay, row)
-
-
-def test_canary_walkthrough() -> None:
-    text = _text()
-    for needle in (
-        "kubectl apply -k mesh/overlays/prod",
-        "x-llmmesh-canary: always",
-        "**3. 5 % canary**",
-        "**4. 25 % canary**",
-        "**5. 100 %**",
-        "**Roll back**",
-        "Error ratio by model version",
-        "Traffic share by model version",
-        "Desired vs ready replicas",
-        "ORIGINAL_DST",
-        ":authority",
-    ):
-        assert needle in text, needle
-    for name in re.findall(r"`(Llmmesh\w+)`", text):
-        assert name in (MESH / "observability" / "prometheus" / "alert-rules.yaml").read_text(), (
-            name
-        )
+    root = tmp_path / "mesh"
+    root.mkdir()
+    text = (MESH / readme.README).read_text()
+    text = text.replace("**Roll back**", "**Revert**") + "\nSee `LlmmeshNoSuchAlert`.\n"
+    (root / readme.README).write_text(text)
+    shutil.copytree(MESH / "observability", root / "observability")
+    problems = readme.check_walkthrough(Mesh(rendered["prod"], root))
+    assert problems == [
+        "README does not mention '**Roll back**'",
+        "README names alert LlmmeshNoSuchAlert, which PrometheusRule llmmesh does not define",
+    ]

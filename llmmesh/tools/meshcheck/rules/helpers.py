@@ -1,0 +1,73 @@
+"""Lookups the rules share: named ports, component and Triton Deployments, environments, the
+orchestrator policy and the istiod values."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from llmmesh.tools.meshcheck.common import Doc, require
+from llmmesh.tools.meshcheck.index import Mesh
+from llmmesh.tools.meshcheck.project import Component
+
+# The ports tritonserver is started with (--http-port, --grpc-port, --metrics-port).
+TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+
+
+def port_by_name(ports: Iterable[Mapping[str, Any]], name: str) -> Mapping[str, Any] | None:
+    return next((p for p in ports if p.get("name") == name), None)
+
+
+def service_port_numbers(svc: Doc) -> set[int]:
+    return {int(p["port"]) for p in svc["spec"]["ports"]}
+
+
+def component_deployments(mesh: Mesh, comp: Component) -> list[Doc]:
+    return [
+        d
+        for d in mesh.in_namespace("Deployment")
+        if d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/name")
+        == comp.k8s_name
+    ]
+
+
+def triton_deployments(mesh: Mesh) -> list[Doc]:
+    return [
+        d
+        for d in mesh.in_namespace("Deployment")
+        if d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component")
+        == "triton"
+    ]
+
+
+def policy_of(mesh: Mesh) -> dict[str, Any]:
+    cm = require(
+        mesh.configmap_by_prefix("llmmesh-orchestrator-policy"),
+        "ConfigMap llmmesh-orchestrator-policy",
+    )
+    loaded: dict[str, Any] = yaml.safe_load(cm["data"]["policy.yaml"])
+    return loaded
+
+
+def env_of(mesh: Mesh, deployment: str) -> dict[str, str]:
+    dep = require(mesh.get("Deployment", deployment), f"Deployment {deployment}")
+    return mesh.container_env(dep, mesh.main_container(dep))
+
+
+def orchestrator_env(mesh: Mesh) -> dict[str, str]:
+    return env_of(mesh, "llmmesh-orchestrator")
+
+
+def gateway_env(mesh: Mesh) -> dict[str, str]:
+    return env_of(mesh, "llmmesh-gateway-v1")
+
+
+def istiod_values(root: Path) -> dict[str, Any]:
+    """The Helm values istiod is installed with (mesh/istio-system/istiod-values.yaml)."""
+    loaded: dict[str, Any] = yaml.safe_load(
+        (root / "istio-system" / "istiod-values.yaml").read_text()
+    )
+    return loaded
