@@ -2,8 +2,15 @@
 SmolLM2-135M-Instruct on CPU, chosen per pool: `MeshOptions.engine`, `pool_engines`), orchestrator,
 gateway and autoscaler. Used by `make run` and by the integration tests.
 
-Services bind the ports they are given (0 = any free port) and report the bound ports through a
-ready file; Triton replicas get free ports picked just before launch.
+Every child is configured by a settings object of its own class (the services' settings, the
+emulator's, the CPU engine's); its environment is derived from that object
+(`llmmesh.common.settings.to_env`), so no variable name is spelt here. Services bind the ports
+they are given (0 = any free port) and report the bound ports through a ready file; Triton
+replicas get free ports picked just before launch.
+
+A launcher: it imports the services' settings classes and the orchestrator's policy model, which
+the shared library (llmmesh.common and the other library modules) never does; nothing in
+services imports it.
 """
 
 from __future__ import annotations
@@ -17,12 +24,32 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
+from pydantic_settings import BaseSettings
+
+from llmmesh.common.components import AUTOSCALER, GATEWAY, KV_REGISTRY, ORCHESTRATOR, Component
+from llmmesh.common.settings import (
+    ENV_ROOT,
+    KvBlockSettings,
+    ServiceSettings,
+    split_env,
+    to_env,
+    with_env,
+)
+from llmmesh.common.topology import DEFAULT_MODEL_VERSION, TRITON_MODEL
+from llmmesh.emulator.settings import EmulatorSettings
 from llmmesh.triton.launcher import TritonPorts, TritonServer, start_on_free_ports
+from services.autoscaler.actuators.local import LocalActuatorSettings, ManagedPool
+from services.autoscaler.policy import PolicyConfig
+from services.autoscaler.settings import AutoscalerSettings, PoolConfig, ScrapeTarget
+from services.gateway.settings import GatewaySettings, ModelSettings
+from services.kv_registry.settings import KvRegistrySettings
+from services.orchestrator.policy import Policy, ScaleFromZeroPolicy
+from services.orchestrator.settings import OrchestratorSettings, ReplicaSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 EMULATOR_REPOSITORY = ROOT / "model_repository" / "emulator"
@@ -40,19 +67,52 @@ ENGINE_READY_TIMEOUT_S: dict[str, float] = {"emulator": 120.0, "smollm2": 600.0}
 DEFAULT_TOKENIZER = ROOT / ".build" / "models" / "smollm2-135m-instruct" / "tokenizer.json"
 CPU_ENGINE_CACHE = ROOT / ".build" / "models" / "smollm2-135m-instruct" / "cpu-engine"
 MODEL_NAME = "smollm2-135m-instruct"
+# How long a child service may take to finish in-flight RPCs on SIGTERM (local runs stop fast).
+DRAIN_SECONDS = 10.0
+# The orchestrator probes and scrapes its replicas this often (seconds; fast for tests).
+PROBE_INTERVAL_S = 0.25
+AUTOSCALER_INTERVAL_S = 1.0
+
+#: Each service's settings class, where its env prefix and default ports are declared.
+SERVICE_SETTINGS: dict[Component, type[ServiceSettings]] = {
+    GATEWAY: GatewaySettings,
+    ORCHESTRATOR: OrchestratorSettings,
+    KV_REGISTRY: KvRegistrySettings,
+    AUTOSCALER: AutoscalerSettings,
+}
+
+
+def default_port(component: Component, port: str = "grpc_port") -> int:
+    """A service's default port (`grpc_port`, `metrics_port`, the gateway's `http_port`), as
+    its settings class declares it."""
+    default = SERVICE_SETTINGS[component].model_fields[port].default
+    if not isinstance(default, int):
+        raise TypeError(f"{component.name}.{port} has no integer default")
+    return default
 
 
 class ServiceProcess:
-    """A `python -m services.<name>` child process reporting its ports through a ready file.
+    """A `python -m services.<name>` child process configured by one settings object of the
+    service's class: its `LLMMESH_<NAME>_*` environment is derived from that object (`to_env`),
+    so no variable name is spelt by hand. It reports its bound ports through the ready file the
+    settings name (set here); `env` holds what it shares with the other children (block
+    identity, variables of no llmmesh component)."""
 
-    Its HTTP port (the gateway's OpenAI API) is any free one unless the environment given here
-    names one (`LLMMESH_<NAME>_HTTP_PORT`); services without one ignore the setting."""
-
-    def __init__(self, name: str, env: Mapping[str, str], workdir: Path):
-        self.name = name
-        self._env = env
-        self._ready_file = workdir / f"{name}.ready.json"
-        self._log_path = workdir / f"{name}.log"
+    def __init__(
+        self,
+        component: Component,
+        settings: ServiceSettings,
+        workdir: Path,
+        env: Mapping[str, str] | None = None,
+    ):
+        if not isinstance(settings, SERVICE_SETTINGS[component]):
+            raise TypeError(f"{component.name} is configured by {SERVICE_SETTINGS[component]}")
+        self.name = component.name
+        self.component = component
+        self._ready_file = workdir / f"{self.name}.ready.json"
+        self.settings = settings.model_copy(update={"ready_file": self._ready_file})
+        self._env = dict(env or {})
+        self._log_path = workdir / f"{self.name}.log"
         self.proc: asyncio.subprocess.Process | None = None
         self.grpc_port = 0
         self.metrics_port = 0
@@ -63,22 +123,25 @@ class ServiceProcess:
         return f"127.0.0.1:{self.grpc_port}"
 
     @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+    @property
     def log_path(self) -> Path:
         return self._log_path
 
+    def environment(self) -> dict[str, str]:
+        """The child's environment: this process's, the shared variables, then the settings."""
+        env = {**os.environ, **self._env, **to_env(self.settings)}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+        return env
+
     async def start(self, timeout_s: float = 60.0) -> None:
         self._ready_file.unlink(missing_ok=True)
-        prefix = f"LLMMESH_{self.name.upper()}_"
-        env = {
-            **os.environ,
-            f"{prefix}HTTP_PORT": "0",
-            **self._env,
-            f"{prefix}READY_FILE": str(self._ready_file),
-        }
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+        env = self.environment()
         log = self._log_path.open("ab")
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", f"services.{self.name}", env=env, stdout=log, stderr=log, cwd=ROOT
+            sys.executable, "-m", self.component.module, env=env, stdout=log, stderr=log, cwd=ROOT
         )
         log.close()
         deadline = time.monotonic() + timeout_s
@@ -128,13 +191,13 @@ class AutoscaledPool:
     orchestrator declares it scale-from-zero, so requests wait for its first replica."""
 
     pool: str
-    model_version: str = "v1"
+    model_version: str = DEFAULT_MODEL_VERSION
     min_replicas: int = 0
     max_replicas: int = 2
     # Started by the actuator at its first evaluation, before the policy decides.
     initial_replicas: int = 0
     model_repository: Path = EMULATOR_REPOSITORY
-    models: tuple[str, ...] = ("tensorrt_llm",)
+    models: tuple[str, ...] = (TRITON_MODEL,)
     activation_timeout_s: float = 60.0
     # The autoscaler's policy for the pool (services.autoscaler.policy.PolicyConfig fields);
     # min/max replicas above override its bounds.
@@ -143,6 +206,10 @@ class AutoscaledPool:
 
 @dataclass
 class MeshOptions:
+    """What the local mesh runs. The `*_env` mappings are `LLMMESH_*` variables written by hand;
+    each is checked against the settings class of its prefix (a name that is no field of it is a
+    ValueError, where the child would ignore it) and overrides what the mesh sets itself."""
+
     replicas: int = 2
     time_scale: float = 1.0
     tokenizer_path: Path = DEFAULT_TOKENIZER
@@ -154,12 +221,15 @@ class MeshOptions:
     kv_registry_port: int = 0
     autoscaler_port: int = 0
     log_json: bool = True
+    # For every child: service and engine settings by their prefix, block identity
+    # (LLMMESH_KV_*); variables of no llmmesh component are passed on as they are.
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Emulator replicas only (LLMMESH_EMULATOR_*), also those the local actuator starts.
     emulator_env: dict[str, str] = field(default_factory=dict)
     # Pool of each replica (index i -> replica-i) in the orchestrator's replica list; every
     # replica is in the orchestrator's default pool when unset.
     replica_pools: list[str] | None = None
-    # Extra environment for the orchestrator only (e.g. LLMMESH_ORCHESTRATOR_PROFILE).
+    # The orchestrator only (LLMMESH_ORCHESTRATOR_*, e.g. PROFILE).
     orchestrator_env: dict[str, str] = field(default_factory=dict)
     # The gateway's context length for the model (prompt + completion tokens).
     context_length: int = 8192
@@ -169,8 +239,25 @@ class MeshOptions:
     # those named in `replica_pools`).
     engine: EngineName = "emulator"
     pool_engines: dict[str, EngineName] = field(default_factory=dict)
-    # Extra environment for real-model replicas only (LLMMESH_CPU_ENGINE_*).
+    # Real-model replicas only (LLMMESH_CPU_ENGINE_*).
     cpu_engine_env: dict[str, str] = field(default_factory=dict)
+
+
+S = TypeVar("S", bound=BaseSettings)
+Svc = TypeVar("Svc", bound=ServiceSettings)
+
+
+def _check_only(cls: type[BaseSettings], env: Mapping[str, str], option: str) -> None:
+    """Every variable in `env` (the MeshOptions field `option`) names a field of `cls`."""
+    _, rest = split_env(env, [cls])
+    if rest:
+        raise ValueError(f"MeshOptions.{option}: not {cls.__name__} settings: {sorted(rest)}")
+
+
+def _only(settings: S, env: Mapping[str, str], option: str) -> S:
+    """`settings` with `env` (the MeshOptions field `option`, only its class's) applied."""
+    _check_only(type(settings), env, option)
+    return with_env(settings, env)
 
 
 class LocalMesh:
@@ -186,124 +273,126 @@ class LocalMesh:
         self.tritons: list[TritonServer] = []
         self.replica_ids: list[str] = []
         self.services: dict[str, ServiceProcess] = {}
+        self._extra, passthrough = split_env(
+            options.extra_env, [*SERVICE_SETTINGS.values(), KvBlockSettings, EmulatorSettings]
+        )
+        stray = {k: v for k, v in passthrough.items() if k.upper().startswith(ENV_ROOT)}
+        if stray:
+            # Imported here: the package imports torch, which only real-model meshes need.
+            from llmmesh.cpu_engine.settings import CpuEngineSettings
 
-    def _common_env(self) -> dict[str, str]:
-        return {
-            "LLMMESH_KV_BLOCK_SIZE": os.environ.get("LLMMESH_KV_BLOCK_SIZE", "32"),
-            **{
-                f"LLMMESH_{s}_LOG_JSON": str(self.options.log_json).lower()
-                for s in ("GATEWAY", "ORCHESTRATOR", "KV_REGISTRY", "AUTOSCALER")
-            },
-            **{
-                f"LLMMESH_{s}_DRAIN_SECONDS": "10"
-                for s in ("GATEWAY", "ORCHESTRATOR", "KV_REGISTRY", "AUTOSCALER")
-            },
-            **self.options.extra_env,
-        }
+            _, unknown = split_env(stray, [CpuEngineSettings])
+            if unknown:
+                raise ValueError(
+                    f"MeshOptions.extra_env: no llmmesh component reads {sorted(unknown)}"
+                )
+        _check_only(OrchestratorSettings, options.orchestrator_env, "orchestrator_env")
+        _check_only(EmulatorSettings, options.emulator_env, "emulator_env")
+        if options.cpu_engine_env:
+            from llmmesh.cpu_engine.settings import CpuEngineSettings
+
+            _check_only(CpuEngineSettings, options.cpu_engine_env, "cpu_engine_env")
+        # Every child's environment beyond its own settings: block identity, and the extra
+        # variables of no llmmesh component.
+        blocks = with_env(KvBlockSettings(), self._extra.get(KvBlockSettings, {}))
+        self._shared_env = {**passthrough, **to_env(blocks)}
+
+    def _configure(self, settings: Svc, own_env: Mapping[str, str] = {}, option: str = "") -> Svc:
+        """A service's settings: `settings`, what every local service gets, then `extra_env`,
+        then `own_env` (the MeshOptions field `option`, for this service only)."""
+        settings = settings.model_copy(
+            update={"log_json": self.options.log_json, "drain_seconds": DRAIN_SECONDS}
+        )
+        settings = with_env(settings, self._extra.get(type(settings), {}))
+        return _only(settings, own_env, option) if own_env else settings
+
+    def _service(self, component: Component, settings: ServiceSettings) -> ServiceProcess:
+        svc = ServiceProcess(component, settings, self.workdir, self._shared_env)
+        self.services[component.name] = svc
+        return svc
 
     async def start(self) -> None:
         o = self.options
-        common = self._common_env()
-        kv = ServiceProcess(
-            "kv_registry",
-            {
-                **common,
-                "LLMMESH_KV_REGISTRY_GRPC_PORT": str(o.kv_registry_port),
-                "LLMMESH_KV_REGISTRY_METRICS_PORT": "0",
-            },
-            self.workdir,
+        kv = self._service(
+            KV_REGISTRY,
+            self._configure(KvRegistrySettings(grpc_port=o.kv_registry_port, metrics_port=0)),
         )
-        self.services["kv_registry"] = kv
         await kv.start()
         await asyncio.gather(*(self.add_replica() for _ in range(o.replicas)))
-        orch = ServiceProcess(
-            "orchestrator",
-            {
-                **common,
-                "LLMMESH_ORCHESTRATOR_GRPC_PORT": str(o.orchestrator_port),
-                "LLMMESH_ORCHESTRATOR_METRICS_PORT": "0",
-                "LLMMESH_ORCHESTRATOR_HEALTH_INTERVAL_S": "0.25",
-                "LLMMESH_ORCHESTRATOR_METRICS_INTERVAL_S": "0.25",
-                "LLMMESH_ORCHESTRATOR_KV_REGISTRY_ADDRESS": self.services["kv_registry"].address,
-                "LLMMESH_ORCHESTRATOR_REPLICAS": json.dumps(
-                    [
-                        {
-                            "id": rid,
-                            "grpc_address": t.grpc_address,
-                            "metrics_url": t.metrics_url,
-                            **self._replica_pool(i),
-                        }
-                        for i, (rid, t) in enumerate(
-                            zip(self.replica_ids, self.tritons, strict=True)
-                        )
-                    ]
-                ),
-                **self._scale_from_zero_env(),
-                **o.orchestrator_env,
-            },
-            self.workdir,
+        orch_settings = self._configure(
+            OrchestratorSettings(
+                grpc_port=o.orchestrator_port,
+                metrics_port=0,
+                health_interval_s=PROBE_INTERVAL_S,
+                metrics_interval_s=PROBE_INTERVAL_S,
+                kv_registry_address=kv.address,
+                replicas=[
+                    ReplicaSpec(
+                        id=rid,
+                        grpc_address=t.grpc_address,
+                        metrics_url=t.metrics_url,
+                        **self._replica_pool(i),
+                    )
+                    for i, (rid, t) in enumerate(zip(self.replica_ids, self.tritons, strict=True))
+                ],
+            ),
+            o.orchestrator_env,
+            "orchestrator_env",
         )
-        self.services["orchestrator"] = orch
+        if o.autoscaled_pools:
+            if orch_settings.policy_file is not None:
+                raise ValueError("autoscaled_pools writes the orchestrator's policy file itself")
+            orch_settings = orch_settings.model_copy(
+                update={"policy_file": self._scale_from_zero_policy(o.autoscaled_pools)}
+            )
+        orch = self._service(ORCHESTRATOR, orch_settings)
         await orch.start()
-        gw = ServiceProcess(
-            "gateway",
-            {
-                **common,
-                "LLMMESH_GATEWAY_GRPC_PORT": str(o.gateway_port),
-                "LLMMESH_GATEWAY_HTTP_PORT": str(o.gateway_http_port),
-                "LLMMESH_GATEWAY_METRICS_PORT": "0",
-                "LLMMESH_GATEWAY_ORCHESTRATOR_ADDRESS": orch.address,
-                "LLMMESH_GATEWAY_MODELS": json.dumps(
-                    [
-                        {
-                            "name": MODEL_NAME,
-                            "tokenizer_path": str(o.tokenizer_path),
-                            "context_length": o.context_length,
-                        }
-                    ]
-                ),
-            },
-            self.workdir,
+        gw = self._service(
+            GATEWAY,
+            self._configure(
+                GatewaySettings(
+                    grpc_port=o.gateway_port,
+                    http_port=o.gateway_http_port,
+                    metrics_port=0,
+                    orchestrator_address=orch.address,
+                    models=[
+                        ModelSettings(
+                            name=MODEL_NAME,
+                            tokenizer_path=o.tokenizer_path,
+                            context_length=o.context_length,
+                        )
+                    ],
+                )
+            ),
         )
-        self.services["gateway"] = gw
         await gw.start()  # first: the autoscaler reads the gateway's TTFT/ITL and token rates
-        asc = ServiceProcess(
-            "autoscaler",
-            {
-                **common,
-                "LLMMESH_AUTOSCALER_GRPC_PORT": str(o.autoscaler_port),
-                "LLMMESH_AUTOSCALER_METRICS_PORT": "0",
-                "LLMMESH_AUTOSCALER_INTERVAL_S": "1",
-                "LLMMESH_AUTOSCALER_ORCHESTRATOR_METRICS_URL": (
-                    f"http://127.0.0.1:{orch.metrics_port}/metrics"
-                ),
-                "LLMMESH_AUTOSCALER_GATEWAY_METRICS_URL": (
-                    f"http://127.0.0.1:{gw.metrics_port}/metrics"
-                ),
-                "LLMMESH_AUTOSCALER_TARGETS": json.dumps(
-                    [
-                        {"replica_id": rid, "metrics_url": t.metrics_url, **self._replica_pool(i)}
+        actuator, pools = self._local_actuator()
+        asc = self._service(
+            AUTOSCALER,
+            self._configure(
+                AutoscalerSettings(
+                    grpc_port=o.autoscaler_port,
+                    metrics_port=0,
+                    interval_s=AUTOSCALER_INTERVAL_S,
+                    orchestrator_metrics_url=orch.metrics_url,
+                    gateway_metrics_url=gw.metrics_url,
+                    targets=[
+                        ScrapeTarget(
+                            replica_id=rid, metrics_url=t.metrics_url, **self._replica_pool(i)
+                        )
                         for i, (rid, t) in enumerate(
                             zip(self.replica_ids, self.tritons, strict=True)
                         )
-                    ]
-                ),
-                **self._local_actuator_env(),
-            },
-            self.workdir,
+                    ],
+                    local_actuator=actuator,
+                    pools=pools,
+                )
+            ),
         )
-        self.services["autoscaler"] = asc
         await asc.start()
 
-    def _scale_from_zero_env(self) -> dict[str, str]:
+    def _scale_from_zero_policy(self, pools: Sequence[AutoscaledPool]) -> Path:
         """The orchestrator's policy file declaring the autoscaled pools scale-from-zero."""
-        pools = self.options.autoscaled_pools
-        if not pools:
-            return {}
-        if "LLMMESH_ORCHESTRATOR_POLICY_FILE" in self.options.orchestrator_env:
-            raise ValueError("autoscaled_pools writes the orchestrator's policy file itself")
-        from services.orchestrator.policy import Policy, ScaleFromZeroPolicy
-
         policy = Policy(
             scale_from_zero={
                 p.pool: ScaleFromZeroPolicy(
@@ -316,24 +405,26 @@ class LocalMesh:
         )
         path = self.workdir / "orchestrator-policy.json"  # JSON is YAML
         path.write_text(policy.model_dump_json(include={"scale_from_zero"}))
-        return {"LLMMESH_ORCHESTRATOR_POLICY_FILE": str(path)}
+        return path
 
-    def _local_actuator_env(self) -> dict[str, str]:
-        """The autoscaler runs the local actuator over the autoscaled pools."""
+    def _emulator(self, **fields: object) -> EmulatorSettings:
+        """An emulator replica's settings: `fields`, the mesh's time scale, then `extra_env`
+        and `emulator_env`."""
+        o = self.options
+        settings = EmulatorSettings.model_validate({"time_scale": o.time_scale, **fields})
+        settings = with_env(settings, self._extra.get(EmulatorSettings, {}))
+        return _only(settings, o.emulator_env, "emulator_env")
+
+    def _local_actuator(self) -> tuple[LocalActuatorSettings | None, list[PoolConfig]]:
+        """The autoscaler's local actuator over the autoscaled pools, and their policies."""
         pools = self.options.autoscaled_pools
         if not pools:
-            return {}
-        from services.autoscaler.actuators.local import LocalActuatorSettings, ManagedPool
-
-        orch = self.services["orchestrator"]
+            return None, []
         actuator = LocalActuatorSettings(
-            orchestrator_address=orch.address,
-            kv_registry_address=self.services["kv_registry"].address,
-            engine_env={
-                **self._common_env(),
-                "LLMMESH_EMULATOR_TIME_SCALE": str(self.options.time_scale),
-                **self.options.emulator_env,
-            },
+            orchestrator_address=self.services[ORCHESTRATOR.name].address,
+            kv_registry_address=self.services[KV_REGISTRY.name].address,
+            # The actuator sets each replica's id and registry address itself.
+            engine_env={**self._shared_env, **to_env(self._emulator())},
             log_dir=self.workdir,
             pools=[
                 ManagedPool(
@@ -346,28 +437,18 @@ class LocalMesh:
                 for p in pools
             ],
         )
-        return {
-            "LLMMESH_AUTOSCALER_LOCAL_ACTUATOR": actuator.model_dump_json(),
-            "LLMMESH_AUTOSCALER_POOLS": json.dumps(
-                [
-                    {
-                        "pool": p.pool,
-                        "model_version": p.model_version,
-                        # The gateway labels its latency and token metrics with the served name.
-                        "model": MODEL_NAME,
-                        "policy": {
-                            **p.policy,
-                            "min_replicas": p.min_replicas,
-                            "max_replicas": p.max_replicas,
-                        },
-                    }
-                    for p in pools
-                ]
-            ),
-            "LLMMESH_AUTOSCALER_ORCHESTRATOR_METRICS_URL": (
-                f"http://127.0.0.1:{orch.metrics_port}/metrics"
-            ),
-        }
+        return actuator, [
+            PoolConfig(
+                pool=p.pool,
+                model_version=p.model_version,
+                # The gateway labels its latency and token metrics with the served name.
+                model=MODEL_NAME,
+                policy=PolicyConfig.model_validate(
+                    {**p.policy, "min_replicas": p.min_replicas, "max_replicas": p.max_replicas}
+                ),
+            )
+            for p in pools
+        ]
 
     def _replica_pool(self, index: int) -> dict[str, str]:
         pools = self.options.replica_pools
@@ -405,17 +486,13 @@ class LocalMesh:
     def _triton(self, rid: str) -> TritonServer:
         if self.replica_engine(self.replica_ids.index(rid)) == "smollm2":
             return self._cpu_engine_triton(rid)
-        kv = self.services["kv_registry"]
+        settings = self._emulator(
+            replica_id=rid, kv_registry_address=self.services[KV_REGISTRY.name].address
+        )
         return TritonServer(
             EMULATOR_REPOSITORY,
             TritonPorts.free(),
-            env={
-                **self._common_env(),
-                "LLMMESH_EMULATOR_REPLICA_ID": rid,
-                "LLMMESH_EMULATOR_KV_REGISTRY_ADDRESS": kv.address,
-                "LLMMESH_EMULATOR_TIME_SCALE": str(self.options.time_scale),
-                **self.options.emulator_env,
-            },
+            env={**self._shared_env, **to_env(settings)},
             log_path=self.workdir / f"{rid}.triton.log",
         )
 
@@ -424,18 +501,20 @@ class LocalMesh:
         gets no kv_registry address. torch threads are split between the real-model replicas,
         and the dequantized weights are cached under .build/ (the first start writes them),
         unless `cpu_engine_env` says otherwise."""
+        # Imported here: the package imports torch, which only real-model meshes need.
+        from llmmesh.cpu_engine.settings import CpuEngineSettings
+
         o = self.options
         n = sum(self.replica_engine(i) == "smollm2" for i in range(o.replicas)) or 1
         threads = max(1, (os.cpu_count() or 1) // n)
+        settings = CpuEngineSettings.model_validate(
+            {"num_threads": threads, "cache_dir": CPU_ENGINE_CACHE}
+        )
+        settings = _only(settings, o.cpu_engine_env, "cpu_engine_env")
         return TritonServer(
             SMOLLM2_REPOSITORY,
             TritonPorts.free(),
-            env={
-                **self._common_env(),
-                "LLMMESH_CPU_ENGINE_NUM_THREADS": str(threads),
-                "LLMMESH_CPU_ENGINE_CACHE_DIR": str(CPU_ENGINE_CACHE),
-                **o.cpu_engine_env,
-            },
+            env={**self._shared_env, **to_env(settings)},
             log_path=self.workdir / f"{rid}.triton.log",
         )
 
@@ -483,11 +562,11 @@ async def _run(args: argparse.Namespace) -> int:
             time_scale=args.time_scale,
             engine=args.engine,
             workdir=Path(args.workdir),
-            gateway_port=50051,
-            gateway_http_port=8080,
-            orchestrator_port=50052,
-            kv_registry_port=50053,
-            autoscaler_port=50054,
+            gateway_port=default_port(GATEWAY),
+            gateway_http_port=default_port(GATEWAY, "http_port"),
+            orchestrator_port=default_port(ORCHESTRATOR),
+            kv_registry_port=default_port(KV_REGISTRY),
+            autoscaler_port=default_port(AUTOSCALER),
             log_json=False,
         )
     )

@@ -8,13 +8,16 @@ import grpc
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
+from llmmesh.common.components import GATEWAY
+from llmmesh.common.settings import settings_of
 from llmmesh.generated.gateway.v1 import gateway_pb2_grpc
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc
-from llmmesh.localmesh import LocalMesh, MeshOptions
+from llmmesh.localmesh import MODEL_NAME, LocalMesh, MeshOptions, ServiceProcess
+from services.gateway.settings import GatewaySettings, ModelSettings
 from tests.helpers import eventually
 
-__all__ = ["Mesh", "eventually", "metric", "scrape", "start_mesh"]
+__all__ = ["Mesh", "eventually", "gateway_process", "metric", "scrape", "start_mesh"]
 
 
 class Mesh:
@@ -54,6 +57,25 @@ async def mesh(tokenizer_path: Path) -> AsyncIterator[Mesh]:
     yield m
     await m.close()
     await m.mesh.stop()
+
+
+def gateway_process(
+    mesh: Mesh, workdir: Path, tokenizer_path: Path, **fields: object
+) -> ServiceProcess:
+    """Another gateway (not started) in front of `mesh`'s orchestrator, on free ports, serving
+    the mesh's model; `fields` are further `GatewaySettings`."""
+    settings = settings_of(
+        GatewaySettings,
+        **{
+            "grpc_port": 0,
+            "http_port": 0,
+            "metrics_port": 0,
+            "orchestrator_address": mesh.mesh.services["orchestrator"].address,
+            "models": [ModelSettings(name=MODEL_NAME, tokenizer_path=tokenizer_path)],
+            **fields,
+        },
+    )
+    return ServiceProcess(GATEWAY, settings, workdir)
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -14,11 +14,12 @@ import pytest_asyncio
 
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
-from tests.integration.conftest import Mesh, eventually, start_mesh
+from llmmesh.localmesh import MODEL_NAME
+from tests.integration.conftest import Mesh, eventually, gateway_process, start_mesh
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
-MODEL = "smollm2-135m-instruct"
+MODEL = MODEL_NAME
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -50,21 +51,8 @@ def long_request() -> pb.GenerateRequest:
 
 async def test_graceful_drain_finishes_in_flight_stream(fmesh: Mesh, tokenizer_path: Path) -> None:
     # Drain is tested on a second gateway process so the rest of the module keeps one.
-    from llmmesh.localmesh import MODEL_NAME, ServiceProcess
-
-    orch = fmesh.mesh.services["orchestrator"]
-    gw2 = ServiceProcess(
-        "gateway",
-        {
-            "LLMMESH_GATEWAY_GRPC_PORT": "0",
-            "LLMMESH_GATEWAY_METRICS_PORT": "0",
-            "LLMMESH_GATEWAY_ORCHESTRATOR_ADDRESS": orch.address,
-            "LLMMESH_GATEWAY_DRAIN_SECONDS": "30",
-            "LLMMESH_GATEWAY_MODELS": f'[{{"name": "{MODEL_NAME}", "tokenizer_path": "{tokenizer_path}"}}]',
-        },
-        fmesh.mesh.workdir / "gw2",
-    )
     (fmesh.mesh.workdir / "gw2").mkdir()
+    gw2 = gateway_process(fmesh, fmesh.mesh.workdir / "gw2", tokenizer_path, drain_seconds=30.0)
     await gw2.start()
     async with grpc.aio.insecure_channel(gw2.address) as ch:
         from llmmesh.generated.gateway.v1 import gateway_pb2_grpc

@@ -13,11 +13,12 @@ from llmmesh.emulator.tokens import expected_output_ids
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as kv_pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
+from llmmesh.localmesh import MODEL_NAME
 from tests.integration.conftest import Mesh, eventually, metric
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
-MODEL = "smollm2-135m-instruct"
+MODEL = MODEL_NAME
 
 
 async def collect(

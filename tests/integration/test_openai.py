@@ -28,7 +28,7 @@ from llmmesh.localmesh import MODEL_NAME, ServiceProcess
 from services.gateway.auth import hash_key
 from services.gateway.models import ServedModel
 from services.gateway.settings import ModelSettings
-from tests.integration.conftest import Mesh, eventually, metric, start_mesh
+from tests.integration.conftest import Mesh, eventually, gateway_process, metric, start_mesh
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
@@ -361,21 +361,9 @@ async def test_undecodable_request_id_header_is_400(omesh: Mesh) -> None:
 
 async def test_http_and_grpc_drain_together(omesh: Mesh, tokenizer_path: Path) -> None:
     """SIGTERM: an HTTP stream in flight finishes with [DONE]; then the process exits 0."""
-    orch = omesh.mesh.services["orchestrator"]
     workdir = omesh.mesh.workdir / "gw-drain"
     workdir.mkdir()
-    gw = ServiceProcess(
-        "gateway",
-        {
-            "LLMMESH_GATEWAY_GRPC_PORT": "0",
-            "LLMMESH_GATEWAY_HTTP_PORT": "0",
-            "LLMMESH_GATEWAY_METRICS_PORT": "0",
-            "LLMMESH_GATEWAY_ORCHESTRATOR_ADDRESS": orch.address,
-            "LLMMESH_GATEWAY_DRAIN_SECONDS": "30",
-            "LLMMESH_GATEWAY_MODELS": f'[{{"name": "{MODEL}", "tokenizer_path": "{tokenizer_path}"}}]',
-        },
-        workdir,
-    )
+    gw = gateway_process(omesh, workdir, tokenizer_path, drain_seconds=30.0)
     await gw.start()
     assert gw.http_port
     body = {"model": MODEL, "prompt": "Drain me", "max_tokens": 60, "stream": True}
@@ -423,17 +411,8 @@ async def tenant_gateway(omesh: Mesh, tokenizer_path: Path) -> AsyncIterator[Ser
             }
         )
     )
-    gw = ServiceProcess(
-        "gateway",
-        {
-            "LLMMESH_GATEWAY_GRPC_PORT": "0",
-            "LLMMESH_GATEWAY_METRICS_PORT": "0",
-            "LLMMESH_GATEWAY_ORCHESTRATOR_ADDRESS": omesh.mesh.services["orchestrator"].address,
-            "LLMMESH_GATEWAY_TENANTS_FILE": str(tenants_file),
-            "LLMMESH_GATEWAY_DRAIN_SECONDS": "5",
-            "LLMMESH_GATEWAY_MODELS": f'[{{"name": "{MODEL}", "tokenizer_path": "{tokenizer_path}"}}]',
-        },
-        workdir,
+    gw = gateway_process(
+        omesh, workdir, tokenizer_path, tenants_file=tenants_file, drain_seconds=5.0
     )
     await gw.start()
     yield gw

@@ -21,6 +21,7 @@ import yaml
 from llmmesh.common import metric_names as names
 from llmmesh.common.topology import DEFAULT_MODEL_VERSION, DEFAULT_POOL, PoolKey
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
+from llmmesh.localmesh import MODEL_NAME
 from llmmesh.netutil import free_port
 from services.autoscaler.signals import (
     EngineTarget,
@@ -35,7 +36,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = ROOT / ".build" / "prometheus" / "usr" / "bin" / "prometheus"
-MODEL = "smollm2-135m-instruct"
+MODEL = MODEL_NAME
 KEY = PoolKey(DEFAULT_POOL, DEFAULT_MODEL_VERSION)
 SCRAPE_S = 1
 MAX_AGE_S = 10.0

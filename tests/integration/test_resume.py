@@ -23,7 +23,7 @@ from llmmesh.localmesh import MODEL_NAME, ServiceProcess
 from services.gateway.auth import hash_key
 from services.gateway.models import ServedModel
 from services.gateway.settings import ModelSettings
-from tests.integration.conftest import Mesh, eventually, metric, start_mesh
+from tests.integration.conftest import Mesh, eventually, gateway_process, metric, start_mesh
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
@@ -279,20 +279,13 @@ async def test_sse_resume_with_last_event_id(rmesh: Mesh, model: ServedModel) ->
 async def forgetful_gateway(rmesh: Mesh, tokenizer_path: Path) -> AsyncIterator[ServiceProcess]:
     workdir = rmesh.mesh.workdir / "gw-forgetful"
     workdir.mkdir()
-    gw = ServiceProcess(
-        "gateway",
-        {
-            "LLMMESH_GATEWAY_GRPC_PORT": "0",
-            "LLMMESH_GATEWAY_METRICS_PORT": "0",
-            "LLMMESH_GATEWAY_ORCHESTRATOR_ADDRESS": rmesh.mesh.services["orchestrator"].address,
-            "LLMMESH_GATEWAY_RESUME_RETENTION_S": "0",
-            "LLMMESH_GATEWAY_RESUME_GRACE_S": "0",
-            "LLMMESH_GATEWAY_DRAIN_SECONDS": "5",
-            "LLMMESH_GATEWAY_MODELS": json.dumps(
-                [{"name": MODEL, "tokenizer_path": str(tokenizer_path)}]
-            ),
-        },
+    gw = gateway_process(
+        rmesh,
         workdir,
+        tokenizer_path,
+        resume_retention_s=0.0,
+        resume_grace_s=0.0,
+        drain_seconds=5.0,
     )
     await gw.start()
     yield gw

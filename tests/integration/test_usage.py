@@ -17,9 +17,9 @@ import pytest_asyncio
 from llmmesh.common import metric_names as names
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
 from llmmesh.generated.gateway.v1 import gateway_pb2_grpc as pb_grpc
-from llmmesh.localmesh import MODEL_NAME, ServiceProcess
+from llmmesh.localmesh import MODEL_NAME
 from services.gateway.auth import hash_key
-from tests.integration.conftest import Mesh, metric, start_mesh
+from tests.integration.conftest import Mesh, gateway_process, metric, start_mesh
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
@@ -47,20 +47,13 @@ async def test_every_request_in_flight_at_sigterm_has_one_record(
         json.dumps({"tenants": [{"name": "acme", "api_keys_sha256": [hash_key("sk-acme")]}]})
     )
     log_path = workdir / "usage" / "usage.jsonl"
-    gw = ServiceProcess(
-        "gateway",
-        {
-            "LLMMESH_GATEWAY_GRPC_PORT": "0",
-            "LLMMESH_GATEWAY_METRICS_PORT": "0",
-            "LLMMESH_GATEWAY_ORCHESTRATOR_ADDRESS": umesh.mesh.services["orchestrator"].address,
-            "LLMMESH_GATEWAY_TENANTS_FILE": str(tenants),
-            "LLMMESH_GATEWAY_USAGE_LOG_PATH": str(log_path),
-            "LLMMESH_GATEWAY_DRAIN_SECONDS": "60",
-            "LLMMESH_GATEWAY_MODELS": json.dumps(
-                [{"name": MODEL, "tokenizer_path": str(tokenizer_path)}]
-            ),
-        },
+    gw = gateway_process(
+        umesh,
         workdir,
+        tokenizer_path,
+        tenants_file=tenants,
+        usage_log_path=log_path,
+        drain_seconds=60.0,
     )
     await gw.start()
     metrics_url = f"http://127.0.0.1:{gw.metrics_port}/metrics"
