@@ -19,9 +19,11 @@ from bench.client import GatewayClient
 from bench.replay import Progress, Result, replay
 from bench.report import eprint
 from bench.workloads import Request
+from llmmesh.common.settings import KvBlockSettings, settings_of, to_env
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 from llmmesh.localmesh import LocalMesh, MeshOptions
+from services.orchestrator.settings import OrchestratorSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 TRITON_STOP_GRACE_S = 3.0
@@ -93,22 +95,22 @@ def fresh_dir(path: Path) -> Path:
 
 
 def mesh_options(arm: Arm, spec: MeshSpec, workdir: Path) -> MeshOptions:
-    orch_env: dict[str, str] = {}
+    orch: dict[str, object] = {}
     if arm.profile is not None:
-        orch_env["LLMMESH_ORCHESTRATOR_PROFILE"] = arm.profile
+        orch["profile"] = arm.profile
     if arm.policy is not None:
         workdir.mkdir(parents=True, exist_ok=True)
         policy_path = workdir / "policy.yaml"
         policy_path.write_text(yaml.safe_dump(arm.policy, sort_keys=False))
-        orch_env["LLMMESH_ORCHESTRATOR_POLICY_FILE"] = str(policy_path)
+        orch["policy_file"] = policy_path
     return MeshOptions(
         replicas=spec.replicas,
         time_scale=spec.time_scale,
         workdir=workdir,
         emulator_env=spec.shape.env(),
-        extra_env={"LLMMESH_KV_BLOCK_SIZE": str(spec.shape.block_size)},
+        extra_env=to_env(settings_of(KvBlockSettings, block_size=spec.shape.block_size)),
         replica_pools=arm.replica_pools,
-        orchestrator_env=orch_env,
+        orchestrator_env=to_env(settings_of(OrchestratorSettings, **orch)),
         context_length=spec.context_length,
     )
 

@@ -64,6 +64,7 @@ from bench.report import (
     summarize,
     write_json,
 )
+from llmmesh.common.settings import KvBlockSettings, settings_of, to_env
 from llmmesh.common.topology import DEFAULT_MODEL_VERSION, DEFAULT_POOL
 from llmmesh.generated.autoscaler.v1 import autoscaler_pb2 as as_pb
 from llmmesh.generated.autoscaler.v1 import autoscaler_pb2_grpc as as_grpc
@@ -71,6 +72,7 @@ from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 from llmmesh.localmesh import AutoscaledPool, LocalMesh, MeshOptions
 from services.autoscaler.policy import CostConfig, PolicyConfig, replica_capacity
+from services.autoscaler.settings import AutoscalerSettings
 
 POOL, VERSION = DEFAULT_POOL, DEFAULT_MODEL_VERSION
 
@@ -321,8 +323,8 @@ async def main_async(args: argparse.Namespace) -> int:
         "time_scale": pl.time_scale,
         "emulator_env": shape.env(),
         "extra_env": {
-            "LLMMESH_KV_BLOCK_SIZE": str(shape.block_size),
-            "LLMMESH_AUTOSCALER_RATE_WINDOW_S": str(args.rate_window),
+            **to_env(settings_of(KvBlockSettings, block_size=shape.block_size)),
+            **to_env(settings_of(AutoscalerSettings, rate_window_s=args.rate_window)),
         },
         "context_length": args.max_input_tokens + args.max_output_tokens + 64,
     }

@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 
 from bench.workloads import Request
 from llmmesh.accelerators import DEFAULT_PROFILE, get_profile
+from llmmesh.common.settings import settings_of, to_env
 from llmmesh.emulator.kv_cache import PagedKvCache
 from llmmesh.emulator.scheduler import GenerationRequest, Scheduler, SchedulerConfig
 from llmmesh.emulator.settings import EmulatorSettings
@@ -44,12 +45,16 @@ class EngineShape:
     cost_profile: str = DEFAULT_PROFILE
 
     def env(self) -> dict[str, str]:
-        return {
-            "LLMMESH_EMULATOR_NUM_KV_BLOCKS": str(self.num_kv_blocks),
-            "LLMMESH_EMULATOR_MAX_BATCH_SIZE": str(self.max_batch_size),
-            "LLMMESH_EMULATOR_MAX_NUM_TOKENS": str(self.max_num_tokens),
-            "LLMMESH_EMULATOR_COST_PROFILE": self.cost_profile,
-        }
+        """The emulator variables of this shape (and only those)."""
+        return to_env(
+            settings_of(
+                EmulatorSettings,
+                num_kv_blocks=self.num_kv_blocks,
+                max_batch_size=self.max_batch_size,
+                max_num_tokens=self.max_num_tokens,
+                cost_profile=self.cost_profile,
+            )
+        )
 
     def scheduler(self) -> Scheduler:
         settings = EmulatorSettings(

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,6 +27,7 @@ from typing import Any, TextIO
 
 from bench.replay import Result
 from bench.workloads import Request
+from llmmesh.common.settings import KvBlockSettings
 from llmmesh.kvblocks import BlockConfig, block_hashes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,8 @@ RESULTS_DIR = ROOT / "bench-results"
 
 
 def block_size_from_env() -> int:
-    return int(os.environ.get("LLMMESH_KV_BLOCK_SIZE", "32"))
+    """The KV block size the engines of a mesh started from this process use."""
+    return KvBlockSettings().block_size
 
 
 def percentile(values: Sequence[float], q: float) -> float:

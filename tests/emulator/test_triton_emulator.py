@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import InferResult, service_pb2, service_pb2_grpc
 
 from llmmesh.common import metric_names as names
+from llmmesh.common.settings import KvBlockSettings, settings_of, to_env
 from llmmesh.common.topology import TRITON_MODEL
 from llmmesh.emulator.settings import EmulatorSettings
 from llmmesh.emulator.tokens import expected_output_ids
@@ -86,16 +87,24 @@ async def replica(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Rep
         REPO,
         TritonPorts.free(),
         env={
-            "LLMMESH_EMULATOR_REPLICA_ID": "emu-test",
-            "LLMMESH_EMULATOR_KV_REGISTRY_ADDRESS": f"127.0.0.1:{port}",
-            "LLMMESH_EMULATOR_TIME_SCALE": "0.01",
-            "LLMMESH_EMULATOR_NUM_KV_BLOCKS": str(NUM_KV_BLOCKS),
-            "LLMMESH_EMULATOR_MAX_NUM_TOKENS": str(MAX_NUM_TOKENS),
-            "LLMMESH_EMULATOR_METRICS_INTERVAL_MS": "20",
-            "LLMMESH_EMULATOR_CANCELLATION_CHECK_PERIOD_MS": "5",
-            "LLMMESH_EMULATOR_PUBLISH_INTERVAL_MS": "5",
-            "LLMMESH_KV_BLOCK_SIZE": str(BLOCKS.block_size),
-            "LLMMESH_KV_HASH_SEED": str(BLOCKS.hash_seed),
+            **to_env(
+                settings_of(
+                    EmulatorSettings,
+                    replica_id="emu-test",
+                    kv_registry_address=f"127.0.0.1:{port}",
+                    time_scale=0.01,
+                    num_kv_blocks=NUM_KV_BLOCKS,
+                    max_num_tokens=MAX_NUM_TOKENS,
+                    metrics_interval_ms=20.0,
+                    cancellation_check_period_ms=5.0,
+                    publish_interval_ms=5.0,
+                )
+            ),
+            **to_env(
+                settings_of(
+                    KvBlockSettings, block_size=BLOCKS.block_size, hash_seed=BLOCKS.hash_seed
+                )
+            ),
         },
         log_path=log,
     )

@@ -20,6 +20,8 @@ import pytest
 import pytest_asyncio
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from llmmesh.common.settings import settings_of, to_env
+from llmmesh.emulator.settings import EmulatorSettings
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc
 from llmmesh.triton.launcher import TritonPorts, TritonServer
 from tests.emulator.test_triton_emulator import REPO, RecordingRegistry, build
@@ -44,14 +46,17 @@ def replica(log: Path, registry_address: str) -> TritonServer:
     return TritonServer(
         REPO,
         TritonPorts.free(),
-        env={
-            "LLMMESH_EMULATOR_REPLICA_ID": "emu-shutdown",
-            "LLMMESH_EMULATOR_KV_REGISTRY_ADDRESS": registry_address,
-            "LLMMESH_EMULATOR_TIME_SCALE": "0.01",
-            "LLMMESH_EMULATOR_NUM_KV_BLOCKS": "2048",
-            "LLMMESH_EMULATOR_CANCELLATION_CHECK_PERIOD_MS": "5",
-            "LLMMESH_EMULATOR_PUBLISH_INTERVAL_MS": "5",
-        },
+        env=to_env(
+            settings_of(
+                EmulatorSettings,
+                replica_id="emu-shutdown",
+                kv_registry_address=registry_address,
+                time_scale=0.01,
+                num_kv_blocks=2048,
+                cancellation_check_period_ms=5.0,
+                publish_interval_ms=5.0,
+            )
+        ),
         log_path=log,
     )
 
