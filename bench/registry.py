@@ -1,6 +1,6 @@
-"""`make bench-registry`: the kv_registry core in-process, new vs the previous implementation.
+"""`make bench-registry`: the kv_registry core in-process against the straightforward oracle.
 
-The baseline is the previous core (`services/kv_registry/naive.py`: a set of replica ids per
+The baseline is the straightforward core (`tests/kv_registry/naive.py`: a set of replica ids per
 block, an OrderedDict per replica, `llmmesh.kvblocks.block_hashes` per lookup), measured in the
 same run on the same data. Every (implementation, scenario) runs in its own forked process, so
 memory deltas and garbage-collector state do not leak between them.
@@ -38,12 +38,16 @@ from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
+from prometheus_client import CollectorRegistry
 
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
 from llmmesh.kvblocks import BlockConfig, hashes_from_bytes
-from services.kv_registry.core import Cleared, Event, KvRegistry, LookupResult, Removed, Stored
-from services.kv_registry.naive import NaiveKvRegistry
+from services.kv_registry.contracts import Cleared, Event, LookupResult, Removed, Stored
+from services.kv_registry.core import KvRegistry
+from services.kv_registry.metrics import PrometheusMetrics
 from services.kv_registry.servicer import event_from_pb
+from services.kv_registry.settings import KvRegistrySettings
+from tests.kv_registry.naive import NaiveKvRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 LOOKUP_TARGET_US = 200.0
@@ -97,10 +101,16 @@ def make_dataset(args: argparse.Namespace) -> Dataset:
     )
 
 
+def new_registry(cfg: BlockConfig, settings: KvRegistrySettings) -> KvRegistry:
+    """The registry as the service builds it (Prometheus metrics, on a private registry)."""
+    metrics = PrometheusMetrics(CollectorRegistry())
+    return KvRegistry(settings, cfg, clock=time.monotonic, metrics=metrics)
+
+
 def make_registry(impl: str, cfg: BlockConfig) -> Registry:
     if impl == "baseline":
         return NaiveKvRegistry(cfg, max_entries=10**9, max_events_per_request=10**6)
-    return KvRegistry(cfg, max_entries=10**9, max_events_per_request=10**6)
+    return new_registry(cfg, KvRegistrySettings(max_entries=10**9, max_events_per_request=10**6))
 
 
 def rss_bytes() -> int:
@@ -341,11 +351,11 @@ def measure_approximate(replicas: int, samples: int) -> dict[str, float]:
     """16 predicted replicas, each at its capacity (65,536 entries), random 128-block prompts."""
     data = DATA
     assert data is not None
-    reg = KvRegistry(
+    reg = new_registry(
         data.config,
-        max_entries=10**9,
-        max_events_per_request=10**6,
-        predicted_capacity=65_536,
+        KvRegistrySettings(
+            max_entries=10**9, max_events_per_request=10**6, predicted_capacity=65_536
+        ),
     )
     n = len(data.hashes)
     rng = np.random.default_rng(17)

@@ -1,17 +1,21 @@
-"""`python -m services.kv_registry`: build settings once, wire core → servicer → server."""
+"""`python -m services.kv_registry`: build settings and metrics once, wire core → servicer →
+server."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import uvloop
+from prometheus_client import REGISTRY
 
 from llmmesh.common.server import ManagedServer, ServiceRegistration, run_until_signal
 from llmmesh.common.settings import KvBlockSettings
 from llmmesh.common.telemetry import setup_logging, setup_tracing, start_metrics_server
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2, kvregistry_pb2_grpc
 from services.kv_registry.core import KvRegistry
+from services.kv_registry.metrics import PrometheusMetrics
 from services.kv_registry.servicer import KvRegistryServicer, run_maintenance
 from services.kv_registry.settings import KvRegistrySettings
 
@@ -21,7 +25,9 @@ SERVICE = kvregistry_pb2.DESCRIPTOR.services_by_name["KvRegistryService"].full_n
 async def main(settings: KvRegistrySettings, blocks: KvBlockSettings) -> None:
     setup_logging("kv_registry", settings.log_level, settings.log_json)
     provider = setup_tracing("kv_registry", settings.otlp_endpoint, settings.trace_sample_ratio)
-    core = KvRegistry.from_settings(settings, blocks.block_config())
+    metrics = PrometheusMetrics(REGISTRY)
+    core = KvRegistry(settings, blocks.block_config(), clock=time.monotonic, metrics=metrics)
+    metrics.watch(core)
     servicer = KvRegistryServicer(core)
     server = ManagedServer(
         host=settings.host,

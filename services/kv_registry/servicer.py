@@ -12,7 +12,8 @@ from llmmesh.common.errors import InvalidArgument, ServiceError, abort
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
 from llmmesh.kvblocks import BlockConfig
-from services.kv_registry.core import Cleared, Event, KvRegistry, Removed, Source, Stored
+from services.kv_registry.contracts import Cleared, Event, Removed, Source, Stored
+from services.kv_registry.core import KvRegistry
 from services.kv_registry.errors import BlockConfigMismatch
 
 Ctx = grpc.aio.ServicerContext[object, object]

@@ -4,21 +4,24 @@ corrected by the engine's reported reuse; exact data takes precedence; restart s
 from __future__ import annotations
 
 import pytest
-from prometheus_client import REGISTRY
+from prometheus_client import CollectorRegistry
 
 from llmmesh.common.errors import InvalidArgument
+from llmmesh.common.metric_names import (
+    KV_CONFIRMED_BLOCKS,
+    KV_PREDICTED_BLOCKS,
+    KV_REPORTED_PROMPT_BLOCKS,
+    KV_REPORTED_REUSED_BLOCKS,
+)
 from llmmesh.kvblocks import BlockConfig, block_hashes
-from services.kv_registry.core import Cleared, KvRegistry, Source, Stored
+from services.kv_registry.contracts import Cleared, Source, Stored
+from services.kv_registry.core import KvRegistry
+from services.kv_registry.metrics import NO_METRICS, PrometheusMetrics, RegistryMetrics
+from services.kv_registry.settings import KvRegistrySettings
+from tests.kv_registry.support import ManualClock as Clock
+from tests.kv_registry.support import make_registry
 
 CFG = BlockConfig(block_size=4, hash_seed=3)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def chain(start: int, blocks: int) -> list[int]:
@@ -28,25 +31,24 @@ def chain(start: int, blocks: int) -> list[int]:
 A, B, C = chain(0, 4), chain(1000, 4), chain(2000, 4)
 
 
-def make(clock: Clock | None = None, capacity: int = 1000, ttl: float = 60.0) -> KvRegistry:
-    return KvRegistry(
-        CFG,
+def make(
+    clock: Clock | None = None,
+    capacity: int = 1000,
+    ttl: float = 60.0,
+    metrics: RegistryMetrics = NO_METRICS,
+) -> KvRegistry:
+    settings = KvRegistrySettings(
         max_entries=100_000,
         max_events_per_request=1000,
         predicted_ttl_s=ttl,
         predicted_capacity=capacity,
         predicted_shrink=0.25,
-        clock=clock or Clock(),
     )
+    return make_registry(CFG, settings, clock=clock, metrics=metrics)
 
 
 def matched(reg: KvRegistry, hashes: list[int]) -> dict[str, tuple[int, Source]]:
     return {m.replica_id: (m.matched_blocks, m.source) for m in reg.lookup_hashes(hashes).matches}
-
-
-def sample(name: str, replica: str, source: str = "predicted") -> float:
-    value = REGISTRY.get_sample_value(name, {"replica": replica, "source": source})
-    return value or 0.0
 
 
 def test_recorded_routing_is_a_predicted_match() -> None:
@@ -91,9 +93,8 @@ def test_report_corrects_the_model(
     a_after: int,
 ) -> None:
     reg = make()
-    reg._replicas.clear()
     reg.record_routing("p0", B)  # creates the replica
-    reg._replicas["p0"].capacity = capacity
+    reg.predicted.replicas["p0"].capacity = capacity
     for prompt in before[1:]:
         reg.record_routing("p0", prompt)
     reg.record_routing("p0", A)
@@ -155,7 +156,7 @@ def test_ttl_expiry() -> None:
     clock.now += 2
     assert matched(reg, A) == {"p1": (4, Source.PREDICTED)}  # expired entries never answer
     assert reg.entries == 8  # ... and are removed by the next maintenance step
-    reg.maintain()
+    reg.maintain(1000)
     assert reg.entries == 4
     assert reg.block_count("p0") == 0
 
@@ -249,7 +250,7 @@ def test_drop_predicted_replica() -> None:
 
 
 def test_predicted_entries_count_toward_the_global_bound() -> None:
-    reg = KvRegistry(CFG, max_entries=6, max_events_per_request=10, clock=Clock())
+    reg = make_registry(CFG, KvRegistrySettings(max_entries=6, max_events_per_request=10))
     reg.ingest("exact", "e", CFG, [Stored(0, tuple(A))])
     reg.record_routing("approx", B)
     assert reg.entries == 6
@@ -257,19 +258,19 @@ def test_predicted_entries_count_toward_the_global_bound() -> None:
 
 
 def test_hit_rate_metrics() -> None:
-    reg = make()
+    prom = CollectorRegistry()
+    reg = make(metrics=PrometheusMetrics(prom))
     names = [
-        "llmmesh_kv_registry_reported_prompt_blocks_total",
-        "llmmesh_kv_registry_predicted_blocks_total",
-        "llmmesh_kv_registry_reported_reused_blocks_total",
-        "llmmesh_kv_registry_confirmed_blocks_total",
+        KV_REPORTED_PROMPT_BLOCKS,
+        KV_PREDICTED_BLOCKS,
+        KV_REPORTED_REUSED_BLOCKS,
+        KV_CONFIRMED_BLOCKS,
     ]
-    before = [sample(n, "p-metrics") for n in names]
-    reg.record_routing("p-metrics", A)
-    reg.report_reuse("p-metrics", A, 1, prompt_tokens=17, predicted_blocks=3)
-    reg.report_reuse("p-metrics", B, 4, prompt_tokens=17, predicted_blocks=0)
-    after = [sample(n, "p-metrics") for n in names]
-    assert [a - b for a, b in zip(after, before, strict=True)] == [8, 3, 5, 1]
+    reg.record_routing("p0", A)
+    reg.report_reuse("p0", A, 1, prompt_tokens=17, predicted_blocks=3)
+    reg.report_reuse("p0", B, 4, prompt_tokens=17, predicted_blocks=0)
+    labels = {"replica": "p0", "source": "predicted"}
+    assert [prom.get_sample_value(n, labels) for n in names] == [8, 3, 5, 1]
 
 
 @pytest.mark.parametrize(

@@ -3,16 +3,21 @@ from __future__ import annotations
 import pytest
 
 from llmmesh.kvblocks import BlockConfig, block_hashes
-from services.kv_registry.core import Cleared, KvRegistry, Removed, Stored
+from services.kv_registry.contracts import Cleared, Removed, Stored
+from services.kv_registry.core import KvRegistry
 from services.kv_registry.errors import BatchTooLarge, BlockConfigMismatch
+from services.kv_registry.settings import KvRegistrySettings
+from tests.kv_registry.support import make_registry
 
 CFG = BlockConfig(block_size=4, hash_seed=7)
 PROMPT = list(range(100, 118))  # 4 full blocks + 2 tokens
 HASHES = block_hashes(PROMPT, CFG)
 
 
-def make() -> KvRegistry:
-    return KvRegistry(CFG, max_entries=1000, max_events_per_request=100)
+def make(max_entries: int = 1000, max_events: int = 100) -> KvRegistry:
+    return make_registry(
+        CFG, KvRegistrySettings(max_entries=max_entries, max_events_per_request=max_events)
+    )
 
 
 def test_partial_block_is_not_indexed() -> None:
@@ -97,13 +102,13 @@ def test_block_config_mismatch_is_rejected() -> None:
 
 
 def test_batch_bound() -> None:
-    reg = KvRegistry(CFG, max_entries=10, max_events_per_request=1)
+    reg = make(max_entries=10, max_events=1)
     with pytest.raises(BatchTooLarge):
         reg.ingest("r0", "e", CFG, [Cleared(0), Cleared(1)])
 
 
 def test_entry_bound_drops_oldest_of_fullest_replica() -> None:
-    reg = KvRegistry(CFG, max_entries=3, max_events_per_request=100)
+    reg = make(max_entries=3)
     reg.ingest("r0", "e", CFG, [Stored(0, tuple(HASHES))])
     assert reg.entries == 3
     assert reg.block_count("r0") == 3

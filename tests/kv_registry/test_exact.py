@@ -1,5 +1,6 @@
 """Exact mode: event streams, gaps and resync, epochs, drops, lazy cleanup, bounds; and the
-bitmask core against the previous implementation (services/kv_registry/naive.py) as an oracle."""
+bitmask index against the straightforward implementation (tests/kv_registry/naive.py) as an
+oracle."""
 
 from __future__ import annotations
 
@@ -10,16 +11,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmmesh.kvblocks import BlockConfig, block_hashes
-from services.kv_registry import core as core_module
-from services.kv_registry.core import Cleared, Event, KvRegistry, Removed, Source, Stored
-from services.kv_registry.naive import NaiveKvRegistry
+from services.kv_registry import bitmask, exact
+from services.kv_registry.contracts import Cleared, Event, Removed, Source, Stored
+from services.kv_registry.core import KvRegistry
+from services.kv_registry.settings import KvRegistrySettings
+from tests.kv_registry.naive import NaiveKvRegistry
+from tests.kv_registry.support import make_registry
 
 CFG = BlockConfig(block_size=4, hash_seed=7)
 H = block_hashes(list(range(1000, 1000 + 4 * 8)), CFG)  # one 8-block chain
 
 
 def make(max_entries: int = 10_000) -> KvRegistry:
-    return KvRegistry(CFG, max_entries=max_entries, max_events_per_request=10_000)
+    return make_registry(
+        CFG, KvRegistrySettings(max_entries=max_entries, max_events_per_request=10_000)
+    )
 
 
 def matched(reg: KvRegistry, hashes: Sequence[int] = H) -> dict[str, int]:
@@ -93,7 +99,7 @@ def test_lookups_keep_answering_during_resync() -> None:
 
 @pytest.mark.parametrize("size", [3, 40])  # inline sweep and lazy sweep (limit patched to 8)
 def test_new_epoch_discards_previous_lifetime(size: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(core_module, "_INLINE_SWEEP", 8)
+    monkeypatch.setattr(bitmask, "_INLINE_SWEEP", 8)
     hashes = block_hashes(list(range(4 * size)), CFG)
     reg = make()
     reg.ingest("r0", "epoch-1", CFG, [S(0, tuple(hashes))])
@@ -108,7 +114,7 @@ def test_new_epoch_discards_previous_lifetime(size: int, monkeypatch: pytest.Mon
 
 @pytest.mark.parametrize("size", [3, 40])
 def test_drop_replica(size: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(core_module, "_INLINE_SWEEP", 8)
+    monkeypatch.setattr(bitmask, "_INLINE_SWEEP", 8)
     hashes = block_hashes(list(range(4 * size)), CFG)
     reg = make()
     reg.ingest("r0", "e", CFG, [S(0, tuple(hashes))])
@@ -125,7 +131,7 @@ def test_drop_replica(size: int, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_clearing_a_large_replica_is_lazy(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(core_module, "_INLINE_SWEEP", 16)
+    monkeypatch.setattr(bitmask, "_INLINE_SWEEP", 16)
     hashes = block_hashes(list(range(4 * 1000)), CFG)  # more than one amortized step
     reg = make()
     reg.ingest("r0", "e", CFG, [S(0, tuple(hashes))])
@@ -143,8 +149,8 @@ def test_clearing_a_large_replica_is_lazy(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_removed_blocks_are_compacted_out_of_the_log(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(core_module, "_COMPACT_SLACK", 4)
-    monkeypatch.setattr(core_module, "_SEGMENT", 8)
+    monkeypatch.setattr(exact, "_COMPACT_SLACK", 4)
+    monkeypatch.setattr(exact, "_SEGMENT", 8)
     reg = make()
     seq = 0
     prev: tuple[int, ...] = ()
@@ -159,7 +165,7 @@ def test_removed_blocks_are_compacted_out_of_the_log(monkeypatch: pytest.MonkeyP
     drain(reg)
     assert reg.block_count("r0") == 3
     assert reg.unique_blocks <= 3 + 2 * 3 + 4  # stale entries are bounded, not accumulated
-    rep = reg._replicas["r0"]
+    rep = reg.exact.replicas["r0"]
     assert rep.log_len <= 2 * rep.count + 4
 
 
@@ -207,8 +213,8 @@ op_st = st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(st.lists(op_st, max_size=25))
 def test_same_answers_as_the_previous_implementation(ops: list[tuple[object, ...]]) -> None:
-    saved = (core_module._INLINE_SWEEP, core_module._SEGMENT, core_module._COMPACT_SLACK)
-    core_module._INLINE_SWEEP, core_module._SEGMENT, core_module._COMPACT_SLACK = 2, 3, 1
+    saved = (bitmask._INLINE_SWEEP, exact._SEGMENT, exact._COMPACT_SLACK)
+    bitmask._INLINE_SWEEP, exact._SEGMENT, exact._COMPACT_SLACK = 2, 3, 1
     try:
         new = make()
         old = NaiveKvRegistry(CFG, max_entries=10_000, max_events_per_request=10_000)
@@ -253,7 +259,11 @@ def test_same_answers_as_the_previous_implementation(ops: list[tuple[object, ...
                 assert new.block_count(rid) == old.block_count(rid)
         drain(new)
         assert new.garbage_entries == 0
-        held = {h for h in ALL if any(new._index.get(h, 0) & r.held for r in new._by_held.values())}
+        store = new.exact.store
+        held = {
+            h for h in ALL if any(store.index.get(h, 0) & r.held for r in store.by_held.values())
+        }
         assert held == set(old._holders)
+        assert new.predicted.entries == new.predicted.unique_blocks == 0
     finally:
-        core_module._INLINE_SWEEP, core_module._SEGMENT, core_module._COMPACT_SLACK = saved
+        bitmask._INLINE_SWEEP, exact._SEGMENT, exact._COMPACT_SLACK = saved

@@ -8,6 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from llmmesh.kvblocks import BlockConfig, block_hashes, chain_hash, hashes_from_bytes, token_bytes
+from services.kv_registry.settings import KvRegistrySettings
+from tests.kv_registry.support import make_registry
 
 
 def reference(
@@ -64,10 +66,9 @@ def test_bytes_entry_point() -> None:
 
 
 def test_registry_hashes_a_prompt_once() -> None:
-    from services.kv_registry.core import KvRegistry
-
     config = BlockConfig(4, 2)
-    reg = KvRegistry(config, max_entries=10, max_events_per_request=10, hash_cache_size=2)
+    settings = KvRegistrySettings(max_entries=10, max_events_per_request=10, hash_cache_size=2)
+    reg = make_registry(config, settings)
     a, b, c = list(range(10)), list(range(10, 19)), list(range(3))
     first = reg.hash_tokens(a)
     assert list(first) == reference(a, config)

@@ -1,66 +1,81 @@
-"""Random mixes of exact and approximate operations keep the core's bookkeeping consistent, and
-lookups equal a brute-force recomputation from the per-replica state."""
+"""Random mixes of exact and approximate operations keep both indexes' bookkeeping consistent,
+and lookups equal a brute-force recomputation from the per-replica state."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TypeVar
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmmesh.kvblocks import BlockConfig, block_hashes
-from services.kv_registry import core as core_module
-from services.kv_registry.core import Cleared, Event, KvRegistry, Removed, Source, Stored
+from services.kv_registry import bitmask, exact
+from services.kv_registry.bitmask import BitmaskIndex, Slot
+from services.kv_registry.contracts import Cleared, Event, Removed, Source, Stored
+from services.kv_registry.core import KvRegistry
+from services.kv_registry.settings import KvRegistrySettings
+from tests.kv_registry.support import ManualClock, make_registry
 
 CFG = BlockConfig(block_size=2, hash_seed=1)
 CHAINS = [block_hashes(list(range(k * 50, k * 50 + 12)), CFG) for k in range(4)]  # 6 blocks
 ALL = [h for c in CHAINS for h in c]
 REPLICAS = ["a", "b", "c"]
+R = TypeVar("R", bound=Slot)
+SMALL = KvRegistrySettings(max_entries=100, max_events_per_request=10)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
+def held_by(store: BitmaskIndex[R], rep: Slot) -> set[int]:
+    return {h for h, mask in store.index.items() if mask & rep.held}
 
 
-def check(reg: KvRegistry, clock: Clock) -> None:
-    idx = reg._index
+def check_store(store: BitmaskIndex[R], replicas: Mapping[str, R]) -> None:
     live = 0
-    total = 0
-    for rid, rep in reg._replicas.items():
-        assert reg._by_held[rep.held] is rep
+    for rep in replicas.values():
+        assert store.by_held[rep.held] is rep
         live |= rep.held
-        held = {h for h, mask in idx.items() if mask & rep.held}
+        assert rep.count == len(held_by(store, rep)), rep.id
+    assert store.live == live
+    assert store.entries == sum(r.count for r in replicas.values())
+
+
+def check(reg: KvRegistry, clock: ManualClock) -> None:
+    ex, pr = reg.exact, reg.predicted
+    check_store(ex.store, ex.replicas)
+    check_store(pr.store, pr.replicas)
+    for rep in ex.replicas.values():
+        log = [h for seg in rep.log for h in seg]
+        assert len(log) == len(set(log)) == rep.log_len  # each hash logged once
+        assert {h for h, mask in ex.store.index.items() if mask & rep.logged} == set(log)
+        assert held_by(ex.store, rep) <= set(log)
         if rep.exact:
-            log = [h for seg in rep.log for h in seg]
-            assert len(log) == len(set(log)) == rep.log_len  # each hash logged once
-            assert {h for h, mask in idx.items() if mask & rep.logged} == set(log)
-            assert held <= set(log)
-            assert not rep.pred
+            assert rep.id not in pr.replicas  # an exact replica has no predictions
         else:
-            assert set(rep.pred) == held
-            assert not rep.log
-            assert rep.log_len == 0
-        assert rep.count == len(held), rid
-        total += rep.count
-    assert reg._live == live
-    assert reg.entries == total
+            assert rep.count == rep.log_len == 0  # one that is not exact holds nothing here
+    for prep in pr.replicas.values():
+        assert set(prep.pred) == held_by(pr.store, prep)
+    assert set(ex.replicas) | set(pr.replicas) <= set(reg.replica_ids())
+    assert reg.entries == ex.entries + pr.entries
     for chain in CHAINS:
         for length in (1, 3, 6):
             prompt = chain[:length]
             want: dict[str, tuple[int, Source]] = {}
-            for rid, rep in reg._replicas.items():
+            for rid in reg.replica_ids():
+                e_rep, p_rep = ex.replicas.get(rid), pr.replicas.get(rid)
                 k = 0
                 for h in prompt:
-                    if not idx.get(h, 0) & rep.held:
-                        break
-                    if not rep.exact and rep.pred[h] <= clock.now:
+                    held_exact = e_rep is not None and ex.store.index.get(h, 0) & e_rep.held
+                    held_predicted = (
+                        p_rep is not None
+                        and pr.store.index.get(h, 0) & p_rep.held
+                        and p_rep.pred[h] > clock.now
+                    )
+                    if not (held_exact or held_predicted):
                         break
                     k += 1
                 if k:
-                    want[rid] = (k, rep.source)
+                    want[rid] = (k, Source.EXACT if ex.is_exact(rid) else Source.PREDICTED)
             got = {
                 m.replica_id: (m.matched_blocks, m.source)
                 for m in reg.lookup_hashes(prompt).matches
@@ -73,6 +88,7 @@ op_st = st.one_of(
     st.tuples(
         st.just("ingest"),
         st.sampled_from(REPLICAS),
+        st.sampled_from(["e1", "e2"]),  # a new epoch makes an exact replica predicted again
         st.integers(-1, 2),
         st.lists(
             st.one_of(
@@ -108,24 +124,24 @@ op_st = st.one_of(
 def test_bookkeeping_and_lookups_stay_consistent(
     ops: list[tuple[object, ...]], capacity: int
 ) -> None:
-    saved = (core_module._INLINE_SWEEP, core_module._SEGMENT, core_module._COMPACT_SLACK)
-    core_module._INLINE_SWEEP, core_module._SEGMENT, core_module._COMPACT_SLACK = 2, 3, 1
+    saved = (bitmask._INLINE_SWEEP, exact._SEGMENT, exact._COMPACT_SLACK)
+    bitmask._INLINE_SWEEP, exact._SEGMENT, exact._COMPACT_SLACK = 2, 3, 1
     try:
-        clock = Clock()
-        reg = KvRegistry(
-            CFG,
+        clock = ManualClock(0.0)
+        limits = KvRegistrySettings(
             max_entries=25,
             max_events_per_request=100,
             predicted_ttl_s=10.0,
             predicted_capacity=capacity,
-            clock=clock,
         )
+        reg = make_registry(CFG, limits, clock=clock)
         expected: dict[str, int] = {}
         for op in ops:
             kind = op[0]
             if kind == "ingest":
-                _, rid, offset, specs = op
+                _, rid, epoch, offset, specs = op
                 assert isinstance(rid, str)
+                assert isinstance(epoch, str)
                 assert isinstance(offset, int)
                 assert isinstance(specs, list)
                 seq = max(0, expected.get(rid, 0) + offset)
@@ -138,7 +154,7 @@ def test_bookkeeping_and_lookups_stay_consistent(
                         if what == "removed"
                         else Cleared(seq + i)
                     )
-                expected[rid] = reg.ingest(rid, "e", CFG, events).next_sequence
+                expected[rid] = reg.ingest(rid, epoch, CFG, events).next_sequence
             elif kind == "record":
                 _, rid, c, n, ttl = op
                 assert isinstance(rid, str)
@@ -169,20 +185,32 @@ def test_bookkeeping_and_lookups_stay_consistent(
             pass
         check(reg, clock)
         assert reg.garbage_entries == 0
-        live_bits = reg._live | (reg._live << 1)
-        assert all(mask & ~live_bits == 0 for mask in reg._index.values())  # nothing stale
-        for rep in reg._replicas.values():
-            if not rep.exact:
-                assert rep.count <= rep.capacity
+        for store in (reg.exact.store, reg.predicted.store):
+            live_bits = store.live | (store.live << 1)
+            assert all(mask & ~live_bits == 0 for mask in store.index.values())  # nothing stale
+        for rep in reg.predicted.replicas.values():
+            assert rep.count <= rep.capacity
     finally:
-        core_module._INLINE_SWEEP, core_module._SEGMENT, core_module._COMPACT_SLACK = saved
+        bitmask._INLINE_SWEEP, exact._SEGMENT, exact._COMPACT_SLACK = saved
 
 
 def test_check_catches_a_corrupted_index() -> None:
-    clock = Clock()
-    reg = KvRegistry(CFG, max_entries=100, max_events_per_request=10, clock=clock)
+    clock = ManualClock(0.0)
+    reg = make_registry(CFG, SMALL, clock=clock)
     reg.record_routing("a", CHAINS[0])
     check(reg, clock)
-    reg._index[CHAINS[1][0]] = reg._replicas["a"].held  # a block "a" never got
+    store = reg.predicted.store
+    store.index[CHAINS[1][0]] = reg.predicted.replicas["a"].held  # a block "a" never got
+    with pytest.raises(AssertionError):
+        check(reg, clock)
+
+
+def test_check_catches_predictions_left_on_an_exact_replica() -> None:
+    clock = ManualClock(0.0)
+    reg = make_registry(CFG, SMALL, clock=clock)
+    reg.record_routing("a", CHAINS[0])
+    reg.ingest("a", "e", CFG, [Stored(0, (CHAINS[1][0],))])
+    check(reg, clock)
+    reg.predicted.record("a", CHAINS[2], 5.0)  # bypasses the registry's mode check
     with pytest.raises(AssertionError):
         check(reg, clock)

@@ -14,10 +14,19 @@ from llmmesh.emulator.events import KvEvent
 from llmmesh.emulator.kv_cache import PagedKvCache
 from llmmesh.emulator.publisher import event_to_proto
 from llmmesh.kvblocks import BlockConfig, block_hashes
-from services.kv_registry.core import Event, KvRegistry
+from services.kv_registry.contracts import Event
+from services.kv_registry.core import KvRegistry
 from services.kv_registry.servicer import event_from_pb
+from services.kv_registry.settings import KvRegistrySettings
+from tests.kv_registry.support import make_registry
 
 CFG = BlockConfig(block_size=4, hash_seed=11)
+
+
+def fresh_registry() -> KvRegistry:
+    return make_registry(
+        CFG, KvRegistrySettings(max_entries=100_000, max_events_per_request=100_000)
+    )
 
 
 def wire(events: list[KvEvent]) -> list[Event]:
@@ -38,7 +47,7 @@ class Cluster:
     def __init__(self, replicas: int, num_blocks: int, seed: int) -> None:
         self.rng = random.Random(seed)
         self.caches = {f"r{i}": PagedKvCache(num_blocks, CFG) for i in range(replicas)}
-        self.registry = KvRegistry(CFG, max_entries=100_000, max_events_per_request=100_000)
+        self.registry = fresh_registry()
         # a few shared "system prompts" and per-request suffixes: prefixes overlap across replicas
         self.systems = [[self.rng.randrange(50_000) for _ in range(4 * k + 2)] for k in (2, 3, 5)]
         self.seq = 0
@@ -101,7 +110,7 @@ def test_parity_survives_gaps(lost: str) -> None:
         cluster.serve(rid, cluster.prompt())
         cluster.publish(rid)
     if lost == "registry restart":
-        cluster.registry = KvRegistry(CFG, max_entries=100_000, max_events_per_request=100_000)
+        cluster.registry = fresh_registry()
     else:
         cluster.serve("r0", [7] * 4 * 3)
         assert cluster.caches["r0"].drain_events()  # a batch the registry never saw

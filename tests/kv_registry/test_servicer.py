@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
 import pytest
 import pytest_asyncio
+from prometheus_client import CollectorRegistry
 
 from llmmesh.common.server import ManagedServer, ServiceRegistration
 from llmmesh.common.settings import KvBlockSettings
@@ -20,6 +22,7 @@ from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
 from llmmesh.kvblocks import BlockConfig, block_hashes
 from services.kv_registry.core import KvRegistry
+from services.kv_registry.metrics import PrometheusMetrics
 from services.kv_registry.servicer import KvRegistryServicer, run_maintenance
 from services.kv_registry.settings import KvRegistrySettings
 
@@ -42,7 +45,8 @@ async def registry() -> AsyncIterator[Registry]:
     settings = KvRegistrySettings(
         grpc_port=0, max_entries=10_000, predicted_capacity=100, maintenance_interval_s=0.01
     )
-    core = KvRegistry.from_settings(settings, BLOCKS.block_config())
+    metrics = PrometheusMetrics(CollectorRegistry())
+    core = KvRegistry(settings, BLOCKS.block_config(), clock=time.monotonic, metrics=metrics)
     servicer = KvRegistryServicer(core)
     server = ManagedServer(
         host="127.0.0.1",

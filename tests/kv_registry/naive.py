@@ -1,8 +1,9 @@
-"""Reference implementation: the registry core as it was before the bitmask index (set of replica
-ids per block, an OrderedDict per replica, `llmmesh.kvblocks.block_hashes` per lookup).
+"""The exact index written the obvious way: a set of replica ids per block, an OrderedDict per
+replica, `llmmesh.kvblocks.block_hashes` per lookup; no metrics.
 
-Not used by the service. Kept as the baseline of `make bench-registry` (measured in the same run)
-and as the oracle of differential tests. Metrics were removed; behaviour is unchanged.
+The oracle of the differential tests (tests/kv_registry/test_exact.py) and the baseline of
+`make bench-registry` (bench/registry.py). Same answers as `services.kv_registry.core.KvRegistry`
+for replicas that publish events.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from llmmesh.kvblocks import BlockConfig, block_hashes
-from services.kv_registry.core import (
+from services.kv_registry.contracts import (
     Cleared,
     Event,
     IngestResult,

@@ -1,0 +1,31 @@
+"""Shared by the kv_registry tests: a manual clock and the registry built as the service builds
+it, on that clock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from llmmesh.kvblocks import BlockConfig
+from services.kv_registry.core import KvRegistry
+from services.kv_registry.metrics import NO_METRICS, RegistryMetrics
+from services.kv_registry.settings import KvRegistrySettings
+
+
+class ManualClock:
+    """Seconds that pass only when a test moves `now`."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_registry(
+    config: BlockConfig,
+    settings: KvRegistrySettings,
+    *,
+    clock: Callable[[], float] | None = None,
+    metrics: RegistryMetrics = NO_METRICS,
+) -> KvRegistry:
+    return KvRegistry(settings, config, clock=clock or ManualClock(), metrics=metrics)
