@@ -27,10 +27,9 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import grpc
 from opentelemetry import trace
 
-from llmmesh.common.errors import ServiceError, from_rpc_error
+from llmmesh.common.errors import ServiceError
 from llmmesh.common.telemetry import inject_trace_metadata
 from llmmesh.common.topology import Priority
 from services.gateway import metrics
@@ -57,7 +56,12 @@ from services.gateway.models import ServedModel
 from services.gateway.resume import Key, ResumeStore
 from services.gateway.settings import GatewaySettings
 from services.gateway.stream_state import Progress, StreamState
-from services.gateway.triton_stream import EngineClient, EngineRequest, TritonStreamError
+from services.gateway.triton_stream import (
+    EngineCallStopped,
+    EngineClient,
+    EngineRequest,
+    TritonStreamError,
+)
 from services.gateway.usage import UsageRecord
 
 __all__ = [
@@ -449,11 +453,10 @@ class GatewayCore:
             error = str(err)
             outcome = Outcome.REPLICA_ERROR if err.replica_fault else Outcome.REQUEST_ERROR
             raise ReplicaFailed(f"replica {replica.id} failed: {err}") from err
-        except grpc.aio.AioRpcError as err:
-            # The engine client passes on only its own cancellation and deadline.
+        except EngineCallStopped as err:
             outcome = Outcome.CANCELLED
-            error = str(err.details())
-            raise from_rpc_error(err, f"replica {replica.id}") from err
+            error = str(err.error)
+            raise err.error from err
         except (asyncio.CancelledError, GeneratorExit):
             outcome = Outcome.CANCELLED
             raise

@@ -17,6 +17,8 @@ import numpy as np
 import numpy.typing as npt
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from llmmesh.common.errors import ServiceError, from_rpc_error
+
 # Seconds to wait for a finished stream's end of stream (it follows the final response at once).
 END_OF_STREAM_TIMEOUT_S = 5.0
 
@@ -27,6 +29,15 @@ class TritonStreamError(Exception):
     def __init__(self, message: str, *, replica_fault: bool):
         super().__init__(message)
         self.replica_fault = replica_fault
+
+
+class EngineCallStopped(Exception):
+    """The call ended on our side (its deadline, or a cancellation), not by a replica fault;
+    `error` is the status to pass on to the client."""
+
+    def __init__(self, error: ServiceError):
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +112,9 @@ def parse_response(resp: service_pb2.ModelInferResponse) -> EngineChunk:
 
 
 class EngineClient(Protocol):
-    """Streams one request's tokens from one replica (TritonPool in production)."""
+    """Streams one request's tokens from one replica (TritonPool in production). Failures are
+    `TritonStreamError` (the replica's) or `EngineCallStopped` (our deadline or cancellation);
+    no transport exception reaches the caller."""
 
     def stream(
         self,
@@ -170,7 +183,7 @@ class TritonPool:
         except grpc.aio.AioRpcError as err:
             code = err.code()
             if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise
+                raise EngineCallStopped(from_rpc_error(err, f"replica {address}")) from err
             raise TritonStreamError(
                 f"replica {address}: {code.name}: {err.details()}",
                 replica_fault=code

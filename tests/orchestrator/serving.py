@@ -14,7 +14,8 @@ from services.orchestrator.servicer import OrchestratorServicer
 
 
 @contextlib.asynccontextmanager
-async def serve(core: Orchestrator) -> AsyncIterator[pb_grpc.OrchestratorServiceAsyncStub]:
+async def served(core: Orchestrator) -> AsyncIterator[str]:
+    """The core's OrchestratorService on an ephemeral port; yields its address."""
     server = ManagedServer(
         host="127.0.0.1",
         port=0,
@@ -30,7 +31,12 @@ async def serve(core: Orchestrator) -> AsyncIterator[pb_grpc.OrchestratorService
     )
     port = await server.start()
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield pb_grpc.OrchestratorServiceStub(channel)
+        yield f"127.0.0.1:{port}"
     finally:
         await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def serve(core: Orchestrator) -> AsyncIterator[pb_grpc.OrchestratorServiceAsyncStub]:
+    async with served(core) as address, grpc.aio.insecure_channel(address) as channel:
+        yield pb_grpc.OrchestratorServiceStub(channel)

@@ -1,0 +1,71 @@
+"""The gateway↔orchestrator contract end to end: the real orchestrator core and servicer on an
+ephemeral port, the gateway's real `OrchestratorClient` over a real channel. Every `Replica`
+field the orchestrator knows must reach the gateway's lease; in Kubernetes the `authority` is
+what makes the sidecar apply the headless Service's mTLS policy to the Triton stream."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from llmmesh.common.discovery import DnsTarget
+from llmmesh.common.topology import TRITON_MODEL, Priority, ReplicaAddress
+from services.gateway.admission import AdmissionRequest, LeaseReport, Outcome
+from services.gateway.orchestrator_client import OrchestratorClient
+from services.orchestrator.director import Orchestrator
+from services.orchestrator.discovery import discover
+from services.orchestrator.settings import OrchestratorSettings
+from tests.orchestrator.serving import served
+from tests.orchestrator.test_core import FakeProbe
+
+
+async def test_gateway_lease_carries_every_field_of_a_dns_discovered_replica() -> None:
+    # The target port is only written into addresses; nothing listens on or dials it.
+    target = DnsTarget(host="localhost", port=18001, pool="long", model_version="v7")
+    cfg = OrchestratorSettings(replica_dns=[target])
+    probe = FakeProbe()
+    core = Orchestrator(cfg, probe)
+    discovered = await discover(cfg)
+    core.sync_replicas(discovered)
+    probe.ready_ids = {s.id for s in discovered}
+    await core.probe_once()
+    (spec,) = discovered
+    request = AdmissionRequest(
+        request_id="contract-1",
+        model=TRITON_MODEL,
+        prompt_token_ids=[1, 2, 3],
+        max_tokens=4,
+        priority=Priority.INTERACTIVE,
+        tenant="t",
+        model_version="v7",
+    )
+
+    async with served(core) as address:
+        client = OrchestratorClient.connect(address)
+        try:
+            lease = await client.admit(request, timeout_s=5)
+            assert spec.id in {st.spec.id for st in core.replicas() if st.in_flight == 1}
+            client.complete(
+                LeaseReport(
+                    lease_id=lease.lease_id,
+                    outcome=Outcome.SUCCESS,
+                    prompt_tokens=3,
+                    completion_tokens=4,
+                    kv_cache_reused_blocks=0,
+                    ttft_ms=1.0,
+                )
+            )
+            await client.drain()
+        finally:
+            await client.close()
+
+    expected = ReplicaAddress(
+        id=spec.id,
+        grpc_address="127.0.0.1:18001",
+        pool="long",
+        model_version="v7",
+        authority="localhost:18001",
+    )
+    assert lease.replica == expected
+    # Every field of the domain address is set: a field added later must be carried too.
+    assert all(getattr(lease.replica, f.name) for f in dataclasses.fields(ReplicaAddress))
+    assert [st.in_flight for st in core.replicas()] == [0]
