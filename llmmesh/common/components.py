@@ -49,6 +49,11 @@ class Component:
         return f"services.{self.name}"
 
     @property
+    def settings_class(self) -> str:
+        """Name of the pydantic-settings class in `services.<name>.settings`."""
+        return "".join(part.capitalize() for part in self.name.split("_")) + "Settings"
+
+    @property
     def env_prefix(self) -> str:
         return f"{ENV_ROOT}{self.name.upper()}_"
 

@@ -35,6 +35,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+from llmmesh.common.topology import TRITON_GRPC_PORT, TRITON_HTTP_PORT, TRITON_METRICS_PORT
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _POLL_INTERVAL_S = 0.1
 
@@ -384,9 +386,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve = sub.add_parser("serve", help="run tritonserver in the foreground until SIGINT/SIGTERM")
     serve.add_argument("--model-repository", default=str(REPO_ROOT / "model_repository/emulator"))
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--grpc-port", type=int, default=8001)
-    serve.add_argument("--http-port", type=int, default=8000)
-    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--grpc-port", type=int, default=TRITON_GRPC_PORT)
+    serve.add_argument("--http-port", type=int, default=TRITON_HTTP_PORT)
+    serve.add_argument("--metrics-port", type=int, default=TRITON_METRICS_PORT)
     serve.add_argument("--log-file", default=None)
     serve.add_argument("--ready-timeout", type=float, default=120.0)
     args = parser.parse_args(argv)

@@ -60,6 +60,11 @@ def test_every_service_package_is_catalogued_once() -> None:
 def test_catalogue_matches_code_protos_and_manifests(c: Component) -> None:
     assert importlib.util.find_spec(f"{c.module}.__main__") is not None
     assert env_prefix(SERVICE_SETTINGS[c]) == c.env_prefix
+    settings_class = SERVICE_SETTINGS[c]
+    assert (settings_class.__module__, settings_class.__name__) == (
+        f"{c.module}.settings",
+        c.settings_class,
+    )
     proto = c.proto_package.split(".")[1]
     assert (ROOT / "protos" / "llmmesh" / proto / "v1").is_dir()
     assert c.k8s_object in named(manifests(BASE / f"{c.k8s_name}.yaml"), "Service")

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
+from llmmesh.common.components import COMPONENTS
 from llmmesh.tools.meshcheck.common import OVERLAYS, Doc
 from llmmesh.tools.meshcheck.index import principal
 from llmmesh.tools.meshcheck.project import (
-    COMPONENTS,
     ComponentSettings,
     component_settings,
     conventions_ports,
@@ -44,7 +44,7 @@ def test_a_rule_that_cannot_evaluate_is_a_finding(
 def test_every_service_env_var_is_a_settings_field(
     overlay: str, rendered: dict[str, list[Doc]], settings: dict[str, ComponentSettings]
 ) -> None:
-    missing = [c.settings_class for c in COMPONENTS if settings[c.key].fields is None]
+    missing = [c.settings_class for c in COMPONENTS if settings[c.name].fields is None]
     problems = ports.check_settings_fields(mesh_of(rendered, overlay), settings)
     assert not problems, "\n".join(problems)
     if missing:
@@ -55,7 +55,7 @@ def test_every_service_env_var_is_a_settings_field(
 def test_ports_match_the_services_settings(
     overlay: str, rendered: dict[str, list[Doc]], settings: dict[str, ComponentSettings]
 ) -> None:
-    sources = {c.key: component_settings(c)[1] for c in COMPONENTS}
+    sources = {c.name: component_settings(c)[1] for c in COMPONENTS}
     print("ports compared with:", sources)  # shown with -rP; tells settings class vs conventions.md
     problems = ports.check_ports(mesh_of(rendered, overlay), settings)
     assert not problems, "\n".join(problems)
@@ -72,7 +72,7 @@ def test_conventions_and_protos_are_parsed() -> None:
         facts, _source = component_settings(comp)
         assert {"grpc", "metrics"} <= set(facts.ports), comp
         # The settings' defaults are the documented ports (when the class imports).
-        assert facts.ports == documented[comp.conventions_name], comp
+        assert facts.ports == documented[comp.name], comp
 
 
 # --- the call graph of docs/conventions.md is allowed, and nothing around it -----------------

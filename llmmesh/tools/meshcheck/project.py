@@ -17,6 +17,7 @@ from functools import cache
 from typing import Any
 
 from llmmesh.common import metric_names
+from llmmesh.common.components import Component
 from llmmesh.tools.meshcheck.common import REPO
 
 # Principals outside namespace llmmesh that the AuthorizationPolicies may name (mesh/README.md,
@@ -110,52 +111,6 @@ def grpc_service_known(service: str) -> bool:
     )
 
 
-@dataclass(frozen=True)
-class Component:
-    key: str  # kv_registry
-    module: str  # services.kv_registry
-    settings_class: str  # KvRegistrySettings
-    env_prefix: str  # LLMMESH_KV_REGISTRY_
-    k8s_name: str  # llmmesh-kv-registry
-    conventions_name: str  # kv_registry
-
-
-COMPONENTS = (
-    Component(
-        "gateway",
-        "services.gateway",
-        "GatewaySettings",
-        "LLMMESH_GATEWAY_",
-        "llmmesh-gateway",
-        "gateway",
-    ),
-    Component(
-        "orchestrator",
-        "services.orchestrator",
-        "OrchestratorSettings",
-        "LLMMESH_ORCHESTRATOR_",
-        "llmmesh-orchestrator",
-        "orchestrator",
-    ),
-    Component(
-        "kv_registry",
-        "services.kv_registry",
-        "KvRegistrySettings",
-        "LLMMESH_KV_REGISTRY_",
-        "llmmesh-kv-registry",
-        "kv_registry",
-    ),
-    Component(
-        "autoscaler",
-        "services.autoscaler",
-        "AutoscalerSettings",
-        "LLMMESH_AUTOSCALER_",
-        "llmmesh-autoscaler",
-        "autoscaler",
-    ),
-)
-
-
 @cache
 def conventions_text() -> str:
     return (REPO / "docs" / "conventions.md").read_text()
@@ -224,7 +179,7 @@ def component_settings(comp: Component) -> tuple[ComponentSettings, str]:
     except (
         Exception
     ) as exc:  # ImportError, AttributeError, missing fields: use the documented ports
-        ports = conventions_ports()[comp.conventions_name]
+        ports = conventions_ports()[comp.name]
         return (
             ComponentSettings(dict(ports), None, comp.env_prefix),
             f"docs/conventions.md (settings class not importable: {type(exc).__name__}: {exc})",

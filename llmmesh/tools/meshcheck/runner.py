@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from llmmesh.common.components import COMPONENTS
 from llmmesh.tools.meshcheck.common import MESH, OVERLAYS, TARGETS, RenderError, target_dir
 from llmmesh.tools.meshcheck.index import Mesh
-from llmmesh.tools.meshcheck.project import COMPONENTS, ComponentSettings, component_settings
+from llmmesh.tools.meshcheck.project import ComponentSettings, component_settings
 from llmmesh.tools.meshcheck.render import render, shared_dir
 from llmmesh.tools.meshcheck.rules import RULES, SETTINGS_RULES
 from llmmesh.tools.meshcheck.schemas import schema_validator, validate_all
@@ -38,7 +39,7 @@ class Report:
 
 def settings_facts() -> tuple[dict[str, ComponentSettings], dict[str, str]]:
     """Each component's settings facts, and where they came from (settings class or docs)."""
-    facts = {c.key: component_settings(c) for c in COMPONENTS}
+    facts = {c.name: component_settings(c) for c in COMPONENTS}
     return {k: f for k, (f, _) in facts.items()}, {k: src for k, (_, src) in facts.items()}
 
 

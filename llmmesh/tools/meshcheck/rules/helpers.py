@@ -9,9 +9,9 @@ from typing import Any
 
 import yaml
 
+from llmmesh.common.components import Component
 from llmmesh.tools.meshcheck.common import Doc, require
 from llmmesh.tools.meshcheck.index import Mesh
-from llmmesh.tools.meshcheck.project import Component
 
 # The ports tritonserver is started with (--http-port, --grpc-port, --metrics-port).
 TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
@@ -30,7 +30,7 @@ def component_deployments(mesh: Mesh, comp: Component) -> list[Doc]:
         d
         for d in mesh.in_namespace("Deployment")
         if d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/name")
-        == comp.k8s_name
+        == comp.k8s_object
     ]
 
 

@@ -13,9 +13,10 @@ from typing import Any
 
 import yaml
 
+from llmmesh.common.components import COMPONENTS
 from llmmesh.tools.meshcheck.common import Doc, doc_id, require
 from llmmesh.tools.meshcheck.index import Mesh
-from llmmesh.tools.meshcheck.project import COMPONENTS, llmmesh_metrics
+from llmmesh.tools.meshcheck.project import llmmesh_metrics
 from llmmesh.tools.meshcheck.rules.helpers import component_deployments, istiod_values
 
 # Metrics from outside llmmesh that the dashboards and rules may use.

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from llmmesh.common.components import COMPONENTS
 from llmmesh.tools.meshcheck.common import doc_id
 from llmmesh.tools.meshcheck.index import Mesh
-from llmmesh.tools.meshcheck.project import (
-    COMPONENTS,
-    ComponentSettings,
-)
+from llmmesh.tools.meshcheck.project import ComponentSettings
 from llmmesh.tools.meshcheck.rules.helpers import (
     TRITON_PORTS,
     component_deployments,
@@ -25,10 +23,10 @@ def check_ports(mesh: Mesh, settings: Mapping[str, ComponentSettings]) -> list[s
     problems: list[str] = []
     named = {"grpc": "grpc", "metrics": "http-metrics", "http": "http-openai"}
     for comp in COMPONENTS:
-        facts = settings[comp.key]
+        facts = settings[comp.name]
         deps = component_deployments(mesh, comp)
         if not deps:
-            problems.append(f"{comp.k8s_name}: no Deployment")
+            problems.append(f"{comp.k8s_object}: no Deployment")
         for dep in deps:
             container = mesh.main_container(dep)
             env = mesh.container_env(dep, container)
@@ -55,7 +53,7 @@ def check_ports(mesh: Mesh, settings: Mapping[str, ComponentSettings]) -> list[s
                         f"{doc_id(dep)}: {probe} must be a gRPC health probe on {facts.ports['grpc']}"
                     )
         for svc in mesh.in_namespace("Service"):
-            if svc["spec"].get("selector", {}).get("app", "").startswith(comp.k8s_name):
+            if svc["spec"].get("selector", {}).get("app", "").startswith(comp.k8s_object):
                 for key, expected in facts.ports.items():
                     sport = port_by_name(svc["spec"]["ports"], named[key])
                     if sport is None or int(sport["port"]) != expected:
@@ -81,7 +79,7 @@ def check_settings_fields(mesh: Mesh, settings: Mapping[str, ComponentSettings])
     class (pydantic-settings ignores unknown ones silently). Skipped for a class not importable."""
     unknown: dict[str, set[str]] = {}
     for comp in COMPONENTS:
-        facts = settings[comp.key]
+        facts = settings[comp.name]
         if facts.fields is None:
             continue
         for dep in component_deployments(mesh, comp):

@@ -7,11 +7,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from llmmesh.common.components import GATEWAY
 from llmmesh.tools.meshcheck.common import REPO, doc_id, go_duration_ms, require
 from llmmesh.tools.meshcheck.index import Mesh, labels_match, service_host
-from llmmesh.tools.meshcheck.project import (
-    COMPONENTS,
-)
 from llmmesh.tools.meshcheck.rules.helpers import (
     TRITON_PORTS,
     component_deployments,
@@ -129,7 +127,7 @@ def check_autoscaling(mesh: Mesh) -> list[str]:
     for dep in triton_deployments(mesh):
         if dep["metadata"]["name"] not in scaled:
             problems.append(f"{doc_id(dep)}: no ScaledObject")
-    for dep in component_deployments(mesh, COMPONENTS[0]):
+    for dep in component_deployments(mesh, GATEWAY):
         if dep["metadata"]["name"] not in scaled:
             problems.append(f"{doc_id(dep)}: gateway Deployment without HPA")
     for dep in mesh.in_namespace("Deployment"):
@@ -328,7 +326,7 @@ def check_gateway_models(mesh: Mesh) -> list[str]:
     versions = {
         d["spec"]["template"]["metadata"]["labels"]["version"] for d in triton_deployments(mesh)
     }
-    for dep in component_deployments(mesh, COMPONENTS[0]):
+    for dep in component_deployments(mesh, GATEWAY):
         tpl = dep["spec"]["template"]
         c = mesh.main_container(dep)
         env = mesh.container_env(dep, c)

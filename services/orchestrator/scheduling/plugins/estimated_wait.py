@@ -6,13 +6,13 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from llmmesh.accelerators import decode_shape, get_profile, prefill_shape
+from llmmesh.accelerators import DEFAULT_PROFILE, decode_shape, get_profile, prefill_shape
 from services.orchestrator.scheduling.contracts import PluginParams, ReplicaView, RequestView
 
 
 class Params(PluginParams):
     cost_profile: str = Field(
-        default="llama-3.1-8b-h100-bf16", description="Engine cost profile (model + GPU)."
+        default=DEFAULT_PROFILE, description="Engine cost profile (model + GPU)."
     )
     ttft_slo_ms: float = Field(
         default=1000.0, gt=0, description="Predicted TTFT at which the score reaches 0."
