@@ -1,9 +1,10 @@
 """OpenAI-compatible HTTP front (aiohttp), served beside the gRPC server on the same core.
 
 Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
-`GET /v1/models/{model}`. Handlers are adapters: parse (`openai_api`) → `GatewayCore.generate`
-→ OpenAI shapes. Everything else (validation, tokenization, chat template, admission,
-streaming, metrics) happens in the core, exactly as for gRPC.
+`GET /v1/models/{model}`. Handlers are adapters: parse (`openai_request`) →
+`GatewayCore.generate` → OpenAI shapes (`openai_response`). Everything else (validation,
+tokenization, chat template, admission, streaming, metrics) happens in the core, exactly as
+for gRPC.
 
 - Status codes come from the error hierarchy (`ServiceError.http_status`), bodies are OpenAI's
   `{"error": {"message", "type", "param", "code"}}`; 429s carry `Retry-After` (seconds) and
@@ -49,18 +50,20 @@ from llmmesh.common.telemetry import extract_trace_context, request_id_var
 from services.gateway.auth import bearer_token
 from services.gateway.core import Completion, Delta, Event, GatewayCore
 from services.gateway.errors import InvalidRequest, ModelNotFound
-from services.gateway.openai_api import (
-    SSE_DONE,
+from services.gateway.openai_request import (
     Kind,
     OpenAIRequest,
+    parse_chat_request,
+    parse_completion_request,
+)
+from services.gateway.openai_response import (
+    SSE_DONE,
     Shapes,
     dumps,
     error_body,
     error_headers,
     model_card,
     model_list,
-    parse_chat_request,
-    parse_completion_request,
     plain_error,
     sse,
 )
