@@ -15,17 +15,11 @@ from llmmesh.generated.keda import externalscaler_pb2, externalscaler_pb2_grpc
 from services.autoscaler.actuators.local import LocalActuator, ReplicaPhase
 from services.autoscaler.core import Autoscaler
 from services.autoscaler.keda import KedaScalerServicer
+from services.autoscaler.promql import PromQLConfig, PromQLSource
+from services.autoscaler.scrape import Discover, EngineTarget, ScrapeSource, target_discovery
 from services.autoscaler.servicer import AutoscalerServicer
 from services.autoscaler.settings import AutoscalerSettings
-from services.autoscaler.signals import (
-    Discover,
-    EngineTarget,
-    PromQLConfig,
-    PromQLSource,
-    ScrapeSource,
-    SignalSource,
-    target_discovery,
-)
+from services.autoscaler.signals import SignalSource
 
 SERVICE = autoscaler_pb2.DESCRIPTOR.services_by_name["AutoscalerService"].full_name
 KEDA_SERVICE = externalscaler_pb2.DESCRIPTOR.services_by_name["ExternalScaler"].full_name

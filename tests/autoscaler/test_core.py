@@ -22,9 +22,10 @@ from services.autoscaler.__main__ import build_source
 from services.autoscaler.actuators.contracts import ReplicaCounts
 from services.autoscaler.core import Autoscaler
 from services.autoscaler.policy import Cause
+from services.autoscaler.promql import PromQLSource
+from services.autoscaler.scrape import ScrapeSource, target_discovery
 from services.autoscaler.servicer import AutoscalerServicer
 from services.autoscaler.settings import AutoscalerSettings
-from services.autoscaler.signals import PromQLSource, ScrapeSource, target_discovery
 from tests.autoscaler.fakes import FakeActuator, FakeClock, FakeSource, engine_page
 from tests.autoscaler.test_policy import BASE, sig
 

@@ -23,13 +23,9 @@ from llmmesh.common.topology import DEFAULT_MODEL_VERSION, DEFAULT_POOL, PoolKey
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
 from llmmesh.localmesh import MODEL_NAME
 from llmmesh.netutil import free_port
-from services.autoscaler.signals import (
-    EngineTarget,
-    PoolSignals,
-    PromQLConfig,
-    PromQLSource,
-    ScrapeSource,
-)
+from services.autoscaler.promql import PromQLConfig, PromQLSource
+from services.autoscaler.scrape import EngineTarget, ScrapeSource
+from services.autoscaler.signals import PoolSignals
 from tests.integration.conftest import Mesh, eventually, metric
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]

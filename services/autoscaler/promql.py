@@ -1,0 +1,301 @@
+"""The PromQL signal source: reads the same signals from a Prometheus server's HTTP API
+(`/api/v1/query`), one instant query per signal, all in `PromQueries`.
+
+Invariants:
+- `collect` never raises: a query Prometheus cannot answer (unreachable, an error, a malformed
+  body) is logged and read as no answer; a NaN or infinite sample is unknown.
+- Gauges are read with last_over_time over the staleness limit, so older samples are absent;
+  rates and percentiles come from `rate` over the rate window, at `QUANTILE`.
+- The orchestrator's queue depth, leases and admission rate count only while its `up` is 1, the
+  gateway's token rates only while the gateway's is. Prometheus cannot tell an unexported gauge
+  from one without series: both read 0 for the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from llmmesh.common import metric_names as names
+from llmmesh.common.topology import PoolKey
+from services.autoscaler.signals import (
+    QUANTILE,
+    EngineAggregate,
+    ModelSignals,
+    Observation,
+    PoolSignals,
+    assemble,
+    finite,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PromQLConfig:
+    base_url: str
+    timeout_s: float
+    rate_window_s: float
+    max_age_s: float
+    engine_selector: str
+    orchestrator_selector: str
+    gateway_selector: str
+
+
+@dataclass(frozen=True, slots=True)
+class PromQueries:
+    """Every query the PromQL source runs, in one place. Engine series carry the target labels
+    `pool`, `model_version` and `replica` (mesh/observability/prometheus/scrape-configs.yaml);
+    gauges are read with last_over_time over the staleness limit, so older samples are absent."""
+
+    engines_known: str
+    engines_reporting: str
+    engine_active: str
+    engine_waiting: str
+    kv_used: str
+    kv_max: str
+    queue_depth: str
+    leases: str
+    orchestrator_up: str
+    admissions: str
+    queue_wait_p90: str
+    gateway_up: str
+    ttft_p90: str
+    itl_p90: str
+    tokens: str
+
+    @classmethod
+    def build(cls, c: PromQLConfig) -> PromQueries:
+        age = f"{max(1, math.ceil(c.max_age_s))}s"
+        w = f"{max(1, math.ceil(c.rate_window_s))}s"
+
+        def engine(kind: str, family: str, label: str) -> str:
+            sel = (
+                f'{c.engine_selector},{label}="{kind}"'
+                if c.engine_selector
+                else f'{label}="{kind}"'
+            )
+            return f"sum by (pool, model_version) (last_over_time({family}{{{sel}}}[{age}]))"
+
+        req, kv = names.TRTLLM_REQUEST_METRICS, names.TRTLLM_KV_CACHE_BLOCK_METRICS
+        replica_version = (
+            "max by (replica, model_version) "
+            f'(last_over_time({req}{{request_type="active"}}[{age}])) * 0 + 1'
+        )
+
+        def quantile(family: str, selector: str) -> str:
+            return (
+                f"histogram_quantile({QUANTILE}, sum by (model, le) "
+                f"(rate({family}_bucket{{{selector}}}[{w}])))"
+            )
+
+        return cls(
+            engines_known=f"count by (pool, model_version) (up{{{c.engine_selector}}})",
+            engines_reporting=(
+                "count by (pool, model_version) "
+                f'(last_over_time({req}{{{c.engine_selector},request_type="active"}}[{age}]))'
+            ),
+            engine_active=engine("active", req, "request_type"),
+            engine_waiting=engine("waiting", req, "request_type"),
+            kv_used=engine("used", kv, "kv_cache_block_type"),
+            kv_max=engine("max", kv, "kv_cache_block_type"),
+            queue_depth=(
+                f"sum by (pool, model_version) "
+                f"(last_over_time({names.ORCH_POOL_QUEUE_DEPTH}{{{c.orchestrator_selector}}}[{age}]))"
+            ),
+            leases=(
+                f"sum by (pool, model_version) "
+                f"(last_over_time({names.ORCH_REPLICA_IN_FLIGHT}{{{c.orchestrator_selector}}}[{age}]) "
+                f"* on (replica) group_left (model_version) ({replica_version}))"
+            ),
+            orchestrator_up=f"max(last_over_time(up{{{c.orchestrator_selector}}}[{age}]))",
+            admissions=(
+                f"sum by (model, pool, model_version) "
+                f"(rate({names.ORCH_DECISIONS}{{{c.orchestrator_selector}}}[{w}]) "
+                f"* on (replica) group_left (model_version) ({replica_version}))"
+            ),
+            queue_wait_p90=quantile(names.ORCH_QUEUE_WAIT, c.orchestrator_selector),
+            gateway_up=f"max(last_over_time(up{{{c.gateway_selector}}}[{age}]))",
+            ttft_p90=quantile(names.GATEWAY_TTFT, c.gateway_selector),
+            itl_p90=quantile(names.GATEWAY_ITL, c.gateway_selector),
+            tokens=f"sum by (model, kind) (rate({names.GATEWAY_TOKENS}{{{c.gateway_selector}}}[{w}]))",
+        )
+
+
+Vector = list[tuple[dict[str, str], float | None]]
+HttpGet = Callable[[str, float], bytes]
+
+
+def http_get(url: str, timeout_s: float) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        return bytes(resp.read())
+
+
+class PromQLError(RuntimeError):
+    pass
+
+
+def parse_vector(body: bytes) -> Vector:
+    """An instant-query answer as (labels, value); non-finite values (NaN) become None."""
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:
+        raise PromQLError(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict) or doc.get("status") != "success":
+        err = doc.get("error") if isinstance(doc, dict) else None
+        raise PromQLError(f"query failed: {err or 'malformed answer'}")
+    data = doc.get("data")
+    if not isinstance(data, dict):
+        raise PromQLError("answer without data")
+    kind, result = data.get("resultType"), data.get("result")
+    if kind == "scalar" and isinstance(result, list) and len(result) == 2:
+        return [({}, _number(result[1]))]
+    if kind != "vector" or not isinstance(result, list):
+        raise PromQLError(f"expected an instant vector, got {kind!r}")
+    out: Vector = []
+    for item in result:
+        if not isinstance(item, dict):
+            raise PromQLError("malformed vector element")
+        metric, value = item.get("metric", {}), item.get("value")
+        if not isinstance(metric, dict) or not isinstance(value, list) or len(value) != 2:
+            raise PromQLError("malformed vector element")
+        out.append(({str(k): str(v) for k, v in metric.items()}, _number(value[1])))
+    return out
+
+
+def _number(text: object) -> float | None:
+    try:
+        return finite(float(str(text)))
+    except ValueError:
+        return None
+
+
+class PromQLSource:
+    """Reads the same signals from a Prometheus server's HTTP API (`/api/v1/query`)."""
+
+    def __init__(
+        self, config: PromQLConfig, pool_models: Mapping[PoolKey, str], get: HttpGet = http_get
+    ):
+        self._config = config
+        self._queries = PromQueries.build(config)
+        self._pool_models = dict(pool_models)
+        self._get = get
+
+    @property
+    def queries(self) -> PromQueries:
+        return self._queries
+
+    async def query(self, promql: str) -> Vector | None:
+        """One instant query; None when Prometheus cannot be asked or answers an error."""
+        url = (
+            f"{self._config.base_url.rstrip('/')}/api/v1/query?"
+            f"{urllib.parse.urlencode({'query': promql})}"
+        )
+        try:
+            body = await asyncio.to_thread(self._get, url, self._config.timeout_s)
+            return parse_vector(body)
+        except (OSError, PromQLError) as exc:
+            log.info("promql query failed", extra={"query": promql, "error": repr(exc)})
+            return None
+
+    async def collect(self, now: float) -> Mapping[PoolKey, PoolSignals]:
+        q = self._queries
+        names = [
+            q.engines_known,
+            q.engines_reporting,
+            q.engine_active,
+            q.engine_waiting,
+            q.kv_used,
+            q.kv_max,
+            q.queue_depth,
+            q.leases,
+            q.orchestrator_up,
+            q.admissions,
+            q.queue_wait_p90,
+            q.gateway_up,
+            q.ttft_p90,
+            q.itl_p90,
+            q.tokens,
+        ]
+        (
+            known,
+            rep,
+            active,
+            waiting,
+            used,
+            kmax,
+            queue,
+            lease,
+            orch_up,
+            adm,
+            waits,
+            gw_up,
+            ttft,
+            itl,
+            tok,
+        ) = await asyncio.gather(*(self.query(n) for n in names))
+        obs = Observation()
+        kn, rp = _by_pool(known), _by_pool(rep)
+        act, wai, use, mx = _by_pool(active), _by_pool(waiting), _by_pool(used), _by_pool(kmax)
+        for key in set(kn) | set(rp):
+            reporting = int(rp.get(key, 0))
+            agg = EngineAggregate(known=max(int(kn.get(key, 0)), reporting))
+            if reporting and key in act and key in wai and key in use and key in mx:
+                agg.reporting = reporting
+                agg.active, agg.waiting = act[key], wai[key]
+                agg.kv_used, agg.kv_max = use[key], mx[key]
+            obs.engines[key] = agg
+        orch_alive = _scalar(orch_up) == 1.0
+        if orch_alive and queue is not None:
+            # Prometheus cannot tell an unexported gauge from one without series: both read 0.
+            obs.queue_depth = _by_pool(queue)
+        if orch_alive and lease is not None:
+            obs.leases = _by_pool(lease)
+        if orch_alive and adm is not None:
+            obs.admissions = {}
+            for labels, value in adm:
+                if value is not None:
+                    key = PoolKey(labels.get("pool", ""), labels.get("model_version", ""))
+                    obs.admissions[(labels.get("model", ""), key)] = value
+        gw_alive = _scalar(gw_up) == 1.0
+        w8, tt, it = _by_model(waits), _by_model(ttft), _by_model(itl)
+        tokens: dict[tuple[str, str], float] = {}
+        for labels, value in tok or []:
+            if value is not None:
+                tokens[(labels.get("model", ""), labels.get("kind", ""))] = value
+        for m in {*w8, *tt, *it, *(m for m, _ in tokens)}:
+            obs.models[m] = ModelSignals(
+                queue_wait_p90_s=w8.get(m),
+                ttft_p90_s=tt.get(m),
+                itl_p90_s=it.get(m),
+                prompt_tokens_rate=tokens.get((m, "prompt"), 0.0) if gw_alive else None,
+                completion_tokens_rate=tokens.get((m, "completion"), 0.0) if gw_alive else None,
+            )
+        return assemble(obs, self._pool_models, now)
+
+    async def close(self) -> None:
+        return None
+
+
+def _by_pool(vector: Vector | None) -> dict[PoolKey, float]:
+    out: dict[PoolKey, float] = {}
+    for labels, value in vector or []:
+        if value is not None:
+            out[PoolKey(labels.get("pool", ""), labels.get("model_version", ""))] = value
+    return out
+
+
+def _by_model(vector: Vector | None) -> dict[str, float]:
+    return {labels.get("model", ""): v for labels, v in vector or [] if v is not None}
+
+
+def _scalar(vector: Vector | None) -> float | None:
+    if not vector:
+        return None
+    return vector[0][1]

@@ -1,0 +1,179 @@
+"""The direct-scrape source: page parsing, reset-aware counter increases, histogram percentiles,
+staleness, attribution to pools, and unreachable or malformed pages as unknown."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import pytest
+
+from llmmesh.common.topology import PoolKey
+from services.autoscaler.scrape import CounterTrack, EngineTarget, ScrapeSource, histogram_quantile
+from tests.autoscaler.fakes import engine_page, gateway_page, orchestrator_page
+
+SHORT, LONG = PoolKey("short", "v1"), PoolKey("long", "v1")
+WINDOW, MAX_AGE = 60.0, 30.0
+
+
+@pytest.mark.parametrize(
+    ("values", "increase"),
+    [
+        ([0, 5, 10], 10),
+        ([10, 15, 3], 8),  # reset: 10 -> 15 (+5), restart at 0 -> 3 (+3)
+        ([4, 4, 4], 0),
+        ([1, math.nan, 6], 5),  # a NaN sample is skipped
+    ],
+)
+def test_counter_increase_is_reset_aware(values: list[float], increase: float) -> None:
+    track = CounterTrack(16)
+    for i, v in enumerate(values):
+        track.add(float(i), v)
+    got = track.increase(2.0, 10.0, 5.0)
+    assert got is not None
+    assert got[0] == pytest.approx(increase)
+
+
+def test_counter_increase_unknown_when_stale_or_single() -> None:
+    track = CounterTrack(16)
+    track.add(0.0, 1.0)
+    assert track.increase(0.0, 10.0, 5.0) is None  # one point
+    track.add(1.0, 2.0)
+    assert track.increase(7.0, 10.0, 5.0) is None  # newest point 6 s old > 5 s
+    assert track.increase(20.0, 100.0, 50.0) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("buckets", "q", "expected"),
+    [
+        ([(0.1, 0), (1.0, 10), (math.inf, 10)], 0.5, 0.55),
+        ([(0.1, 10), (1.0, 10), (math.inf, 10)], 0.9, 0.09),
+        ([(0.1, 0), (1.0, 0), (math.inf, 10)], 0.9, 1.0),  # beyond the last finite bound
+        ([(0.1, 0), (1.0, 0), (math.inf, 0)], 0.9, None),  # no observations
+        ([(0.1, 1), (1.0, 2)], 0.9, None),  # no +Inf bucket
+    ],
+)
+def test_histogram_quantile(
+    buckets: list[tuple[float, float]], q: float, expected: float | None
+) -> None:
+    got = histogram_quantile(q, buckets)
+    assert got == (pytest.approx(expected) if expected is not None else None)
+
+
+class Pages:
+    """Metrics pages by URL; a missing URL fails like a refused connection."""
+
+    def __init__(self) -> None:
+        self.pages: dict[str, str] = {}
+
+    def __call__(self, url: str, host: str, timeout: float) -> str:
+        if url not in self.pages:
+            raise ConnectionRefusedError(url)
+        return self.pages[url]
+
+
+def scrape_source(pages: Pages, pool_models: Mapping[PoolKey, str] | None = None) -> ScrapeSource:
+    targets = [
+        EngineTarget("r0", "http://r0/metrics", SHORT),
+        EngineTarget("r1", "http://r1/metrics", SHORT),
+        EngineTarget("r2", "http://r2/metrics", LONG),
+    ]
+
+    async def discover() -> list[EngineTarget]:
+        return targets
+
+    return ScrapeSource(
+        targets=discover,
+        orchestrator_url="http://orch/metrics",
+        gateway_url="http://gw/metrics",
+        pool_models=pool_models or {},
+        timeout_s=1.0,
+        rate_window_s=WINDOW,
+        max_age_s=MAX_AGE,
+        fetch=pages,
+    )
+
+
+def ttft(fast: float, slow: float) -> list[tuple[str, float]]:
+    return [("0.1", fast), ("1.0", fast + slow), ("+Inf", fast + slow)]
+
+
+async def test_scrape_source_rates_percentiles_and_attribution() -> None:
+    pages = Pages()
+    pages.pages["http://r0/metrics"] = engine_page(3, 1, 10, 100)
+    pages.pages["http://r1/metrics"] = engine_page(1, 0, 30, 100)
+    pages.pages["http://r2/metrics"] = engine_page(0, 0, 0, 100)
+    src = scrape_source(pages)
+
+    def round_(decisions: dict[tuple[str, str], float], prompt: float, fast: float) -> None:
+        pages.pages["http://orch/metrics"] = orchestrator_page(decisions, {SHORT: 2.0})
+        pages.pages["http://gw/metrics"] = gateway_page(prompt, prompt / 2, ttft(fast, 0))
+
+    round_({("r0", "short"): 100, ("r2", "long"): 50}, 1000, 5)
+    first = await src.collect(0.0)
+    assert first[SHORT].arrival_rate is None  # one read: no rate yet (unknown, not 0)
+    assert first[SHORT].prompt_tokens_rate is None
+    assert first[SHORT].ttft_p90_s is None
+    # 10 s later: short got 30 admissions, long 10; the gateway counted 800 prompt tokens; the
+    # orchestrator restarted its counter for r2 (50 -> 10 means 10 since the restart).
+    round_({("r0", "short"): 130, ("r2", "long"): 10}, 1800, 15)
+    got = await src.collect(10.0)
+    short, long = got[SHORT], got[LONG]
+    assert (short.replicas_known, short.reporting_replicas) == (2, 2)
+    assert (short.engine_active, short.engine_waiting) == (4.0, 1.0)
+    assert short.kv_utilization == pytest.approx(0.2)
+    assert short.queue_depth == 2.0
+    assert long.queue_depth == 0.0  # the gauge is exported, the pool has no series
+    assert short.arrival_rate == pytest.approx(3.0)
+    assert long.arrival_rate == pytest.approx(1.0)
+    # The only model seen is the pools' model; its token rate splits 3:1 by admissions.
+    assert short.prompt_tokens_rate == pytest.approx(80.0 * 0.75)
+    assert long.prompt_tokens_rate == pytest.approx(80.0 * 0.25)
+    assert short.completion_tokens_rate == pytest.approx(40.0 * 0.75)
+    assert short.ttft_p90_s == pytest.approx(0.09)  # all 10 new observations below 0.1 s
+
+
+async def test_scrape_source_unreachable_and_stale_are_unknown() -> None:
+    pages = Pages()
+    pages.pages["http://r0/metrics"] = engine_page(3, 1, 10, 100)
+    pages.pages["http://r1/metrics"] = engine_page(math.nan, 0, 30, 100)
+    pages.pages["http://orch/metrics"] = orchestrator_page({("r0", "short"): 1}, None)
+    src = scrape_source(pages)
+    await src.collect(0.0)
+    got = await src.collect(5.0)
+    short, long = got[SHORT], got[LONG]
+    assert (short.replicas_known, short.reporting_replicas) == (2, 1)  # r1's NaN: not reporting
+    assert (long.replicas_known, long.reporting_replicas) == (1, 0)  # r2 refused
+    assert (long.engine_active, long.kv_utilization) == (None, None)
+    assert short.queue_depth is None  # the per-pool gauge is not exported
+    assert (short.prompt_tokens_rate, short.ttft_p90_s) == (None, None)  # gateway down
+    # The orchestrator goes away: its rates turn unknown once the last point is too old.
+    del pages.pages["http://orch/metrics"]
+    assert (await src.collect(5.0 + MAX_AGE + 1))[SHORT].arrival_rate is None
+
+
+async def test_scrape_source_garbage_page_is_unknown() -> None:
+    pages = Pages()
+    for r in ("r0", "r1", "r2"):
+        pages.pages[f"http://{r}/metrics"] = "this is { not prometheus"
+    pages.pages["http://orch/metrics"] = "}}}"
+    src = scrape_source(pages)
+    got = await src.collect(0.0)
+    assert got[SHORT].reporting_replicas == 0
+    assert got[SHORT].arrival_rate is None
+
+
+async def test_leases_count_replicas_the_targets_do_not_list() -> None:
+    """Replicas an actuator started are not engine targets: the orchestrator's leases on them
+    stand in for the engines' request counts (attributed to the pool's only version)."""
+    pages = Pages()
+    pages.pages["http://orch/metrics"] = orchestrator_page(
+        {}, {}, leases={("short-v1-local-0", "short"): 4, ("r2", "long"): 0, ("x", "gone"): 9}
+    )
+    src = scrape_source(pages)
+    got = await src.collect(0.0)
+    assert got[SHORT].engine_active is None  # no engine of short could be read
+    assert got[SHORT].leases_in_flight == 4.0
+    assert got[SHORT].in_flight == 4.0
+    assert got[LONG].leases_in_flight == 0.0
+    assert PoolKey("gone", "v1") not in got  # a pool with no known version is not guessed
