@@ -6,14 +6,17 @@ Same run, same engines (emulated Triton replicas on this machine):
 - mesh: the gateway's gRPC API (gateway → orchestrator Admit → Triton stream → relay);
 - bare: a bare grpc.aio server streaming the same number of messages per request, with no work
   per message: the ceiling for relay throughput in one Python process.
-At 1, 32 and 128 concurrent streams: TTFT p50/p99 (direct vs mesh, and the difference) and
-tokens/s relayed; ratios are against numbers measured in this run.
+At 1, 32 and 128 concurrent streams: TTFT p50/p99 (direct vs mesh, and the difference), tokens/s
+relayed, and the CPU time the gateway and orchestrator processes spent per token (/proc: unlike
+latency and throughput it does not move with what else the machine runs); ratios are against
+numbers measured in this run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass
@@ -43,6 +46,9 @@ class Row:
     ttft_p50_ms: float
     ttft_p99_ms: float
     tokens_per_s: float
+    # CPU time the mesh's own processes spent per relayed token (from /proc; mesh path only)
+    gateway_cpu_us_per_token: float | None = None
+    orchestrator_cpu_us_per_token: float | None = None
 
 
 def distinct_prompt(i: int, tokens: int) -> list[int]:
@@ -159,6 +165,13 @@ class BareStreamer:
         await self.server.start()
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process so far (/proc/<pid>/stat fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def main_async(args: argparse.Namespace) -> int:
     def prompt(i: int) -> list[int]:
         return distinct_prompt(i, args.prompt_tokens)
@@ -187,14 +200,26 @@ async def main_async(args: argparse.Namespace) -> int:
             "mesh (gateway gRPC)": lambda i: via_stub(gateway, i),
             "bare grpc.aio": lambda i: via_stub(bare_stub, i),
         }
+        pids = {}
+        for svc in ("gateway", "orchestrator"):
+            proc = mesh.services[svc].proc
+            assert proc is not None
+            pids[svc] = proc.pid
         # Warm up channels, tokenizers and engines.
         for fn in paths.values():
             await run_level(fn, 2, 4)
         for conc in args.concurrency:
             requests = max(args.min_requests, conc * args.rounds)
             for name, fn in paths.items():
+                cpu_before = {svc: cpu_seconds(pid) for svc, pid in pids.items()}
                 samples, wall = await run_level(fn, conc, requests)
+                tokens = sum(s.tokens for s in samples)
+                cpu = {
+                    svc: (cpu_seconds(pid) - cpu_before[svc]) / max(tokens, 1) * 1e6
+                    for svc, pid in pids.items()
+                }
                 ttfts = [s.ttft_s * 1000 for s in samples]
+                mesh_path = name == "mesh (gateway gRPC)"
                 rows.append(
                     Row(
                         name,
@@ -202,7 +227,9 @@ async def main_async(args: argparse.Namespace) -> int:
                         requests,
                         pct(ttfts, 0.5),
                         pct(ttfts, 0.99),
-                        sum(s.tokens for s in samples) / wall,
+                        tokens / wall,
+                        cpu["gateway"] if mesh_path else None,
+                        cpu["orchestrator"] if mesh_path else None,
                     )
                 )
                 print(f"  measured {name} x{conc}", flush=True)
@@ -217,11 +244,19 @@ async def main_async(args: argparse.Namespace) -> int:
     print()
     print(
         f"{'streams':>7} | {'path':<20} | {'TTFT p50 ms':>11} | {'TTFT p99 ms':>11} | {'tokens/s':>9}"
+        f" | {'gateway CPU µs/token':>20} | {'orchestrator CPU µs/token':>25}"
     )
-    print("-" * 72)
+    print("-" * 124)
     for r in rows:
+        gw = "" if r.gateway_cpu_us_per_token is None else f"{r.gateway_cpu_us_per_token:.1f}"
+        orch = (
+            ""
+            if r.orchestrator_cpu_us_per_token is None
+            else f"{r.orchestrator_cpu_us_per_token:.1f}"
+        )
         print(
             f"{r.concurrency:>7} | {r.path:<20} | {r.ttft_p50_ms:>11.2f} | {r.ttft_p99_ms:>11.2f} | {r.tokens_per_s:>9.0f}"
+            f" | {gw:>20} | {orch:>25}"
         )
     print()
     print(
