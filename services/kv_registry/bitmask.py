@@ -198,3 +198,29 @@ class BitmaskIndex(Generic[R]):
                 break
             k += 1
         return k
+
+
+class StoreBacked(Generic[R]):
+    """The accounting half of `contracts.PrefixIndex` (entries, garbage, sweeping), answered by
+    the index's own `store`."""
+
+    store: BitmaskIndex[R]
+
+    def sweep(self, budget: int) -> int:
+        return self.store.sweep(budget)
+
+    @property
+    def has_garbage(self) -> bool:
+        return self.store.has_garbage
+
+    @property
+    def entries(self) -> int:
+        return self.store.entries
+
+    @property
+    def garbage_entries(self) -> int:
+        return self.store.garbage_entries
+
+    @property
+    def unique_blocks(self) -> int:
+        return len(self.store.index)

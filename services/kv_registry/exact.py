@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from itertools import chain
 from typing import NamedTuple
 
-from services.kv_registry.bitmask import BitmaskIndex, Slot
+from services.kv_registry.bitmask import BitmaskIndex, Slot, StoreBacked
 from services.kv_registry.contracts import (
     Cleared,
     Event,
@@ -67,7 +67,7 @@ class Applied(NamedTuple):
     mode_changed: bool  # the replica became exact, or stopped being exact
 
 
-class ExactIndex:
+class ExactIndex(StoreBacked[ExactReplica]):
     """Implements `contracts.PrefixIndex` (the registry validates requests before calling)."""
 
     def __init__(self, metrics: RegistryMetrics) -> None:
@@ -244,25 +244,6 @@ class ExactIndex:
             return False
         self._retire(rep, drop=True)
         return True
-
-    def sweep(self, budget: int) -> int:
-        return self.store.sweep(budget)
-
-    @property
-    def has_garbage(self) -> bool:
-        return self.store.has_garbage
-
-    @property
-    def entries(self) -> int:
-        return self.store.entries
-
-    @property
-    def garbage_entries(self) -> int:
-        return self.store.garbage_entries
-
-    @property
-    def unique_blocks(self) -> int:
-        return len(self.store.index)
 
     # -- upkeep -----------------------------------------------------------------------------
     @property

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from services.kv_registry.bitmask import BitmaskIndex, Slot
+from services.kv_registry.bitmask import BitmaskIndex, Slot, StoreBacked
 from services.kv_registry.contracts import Ranked, RoutingResult, Source
 from services.kv_registry.metrics import EvictionReason, RegistryMetrics, ReplicaMetrics
 
@@ -46,7 +46,7 @@ class Correction(NamedTuple):
     dropped: int  # entries the smaller capacity dropped at once
 
 
-class PredictedIndex:
+class PredictedIndex(StoreBacked[PredictedReplica]):
     """Implements `contracts.PrefixIndex` (the registry validates requests before calling)."""
 
     def __init__(
@@ -265,25 +265,6 @@ class PredictedIndex:
         rep.pred = OrderedDict()
         self.store.retire(rep, source, size, drop=True)
         return True
-
-    def sweep(self, budget: int) -> int:
-        return self.store.sweep(budget)
-
-    @property
-    def has_garbage(self) -> bool:
-        return self.store.has_garbage
-
-    @property
-    def entries(self) -> int:
-        return self.store.entries
-
-    @property
-    def garbage_entries(self) -> int:
-        return self.store.garbage_entries
-
-    @property
-    def unique_blocks(self) -> int:
-        return len(self.store.index)
 
     # -- upkeep -----------------------------------------------------------------------------
     def maintain(self, budget: int) -> int:

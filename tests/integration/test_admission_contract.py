@@ -11,24 +11,12 @@ from llmmesh.common.discovery import DnsTarget
 from llmmesh.common.topology import TRITON_MODEL, Priority, ReplicaAddress
 from services.gateway.admission import AdmissionRequest, LeaseReport, Outcome
 from services.gateway.orchestrator_client import OrchestratorClient
-from services.orchestrator.director import Orchestrator
-from services.orchestrator.discovery import discover
-from services.orchestrator.settings import OrchestratorSettings
-from tests.orchestrator.serving import served
-from tests.orchestrator.test_core import FakeProbe
+from tests.orchestrator.serving import dns_discovered, served
 
 
 async def test_gateway_lease_carries_every_field_of_a_dns_discovered_replica() -> None:
-    # The target port is only written into addresses; nothing listens on or dials it.
     target = DnsTarget(host="localhost", port=18001, pool="long", model_version="v7")
-    cfg = OrchestratorSettings(replica_dns=[target])
-    probe = FakeProbe()
-    core = Orchestrator(cfg, probe)
-    discovered = await discover(cfg)
-    core.sync_replicas(discovered)
-    probe.ready_ids = {s.id for s in discovered}
-    await core.probe_once()
-    (spec,) = discovered
+    core, spec = await dns_discovered(target)
     request = AdmissionRequest(
         request_id="contract-1",
         model=TRITON_MODEL,

@@ -7,10 +7,14 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from llmmesh.common.discovery import DnsTarget
 from llmmesh.common.server import ManagedServer, ServiceRegistration
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from services.orchestrator.director import Orchestrator
+from services.orchestrator.discovery import discover
 from services.orchestrator.servicer import OrchestratorServicer
+from services.orchestrator.settings import OrchestratorSettings, ReplicaSpec
+from tests.orchestrator.test_core import FakeProbe
 
 
 @contextlib.asynccontextmanager
@@ -40,3 +44,17 @@ async def served(core: Orchestrator) -> AsyncIterator[str]:
 async def serve(core: Orchestrator) -> AsyncIterator[pb_grpc.OrchestratorServiceAsyncStub]:
     async with served(core) as address, grpc.aio.insecure_channel(address) as channel:
         yield pb_grpc.OrchestratorServiceStub(channel)
+
+
+async def dns_discovered(target: DnsTarget) -> tuple[Orchestrator, ReplicaSpec]:
+    """A core whose one replica was discovered through `target` (resolving to one address) and
+    probed ready. The target's port is only written into addresses; nothing dials it."""
+    cfg = OrchestratorSettings(replica_dns=[target])
+    probe = FakeProbe()
+    core = Orchestrator(cfg, probe)
+    discovered = await discover(cfg)
+    core.sync_replicas(discovered)
+    probe.ready_ids = {s.id for s in discovered}
+    await core.probe_once()
+    (spec,) = discovered
+    return core, spec

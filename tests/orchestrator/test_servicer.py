@@ -14,10 +14,8 @@ from llmmesh.common.errors import RETRY_AFTER_KEY, Reason, from_rpc_error
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from services.orchestrator.director import Orchestrator
-from services.orchestrator.discovery import discover
-from services.orchestrator.settings import OrchestratorSettings
 from tests.helpers import eventually
-from tests.orchestrator.serving import serve
+from tests.orchestrator.serving import dns_discovered, serve
 from tests.orchestrator.test_core import FakeProbe, settings
 
 
@@ -98,14 +96,7 @@ async def test_admit_returns_every_field_of_a_dns_discovered_replica() -> None:
     """In Kubernetes the gateway must dial the headless Service's authority, not the bare pod
     IP (else the sidecar passes the stream through in plaintext and STRICT mTLS refuses it)."""
     target = DnsTarget(host="localhost", port=18001, pool="short", model_version="v7")
-    cfg = OrchestratorSettings(replica_dns=[target])
-    probe = FakeProbe()
-    core = Orchestrator(cfg, probe)
-    discovered = await discover(cfg)
-    core.sync_replicas(discovered)
-    probe.ready_ids = {s.id for s in discovered}
-    await core.probe_once()
-    (spec,) = discovered
+    core, spec = await dns_discovered(target)
     async with serve(core) as stub:
         lease = await stub.Admit(admit("x"), timeout=5)
     assert lease.replica == pb.Replica(
