@@ -1,5 +1,5 @@
 """What the gateway core needs from admission, in domain types: a lease on one replica for each
-generation attempt, and one report when that attempt ends.
+generation attempt, one report when that attempt ends, and what could be placed now (readiness).
 
 `orchestrator_client.OrchestratorClient` implements it over gRPC; tests use an in-process fake.
 Neither the core nor this module knows the orchestrator's wire types.
@@ -14,7 +14,14 @@ from typing import Protocol
 
 from llmmesh.common.topology import Priority, ReplicaAddress
 
-__all__ = ["AdmissionClient", "AdmissionRequest", "Lease", "LeaseReport", "Outcome"]
+__all__ = [
+    "AdmissionClient",
+    "AdmissionRequest",
+    "AdmissionStatus",
+    "Lease",
+    "LeaseReport",
+    "Outcome",
+]
 
 
 class Outcome(enum.Enum):
@@ -55,6 +62,15 @@ class LeaseReport:
     error: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class AdmissionStatus:
+    """The orchestrator's replica view at one moment."""
+
+    replicas: int  # known to the orchestrator
+    ready_replicas: int  # healthy (probed ready, not ejected) and not draining: can take a lease
+    queue_depth: int  # requests waiting for admission
+
+
 class AdmissionClient(Protocol):
     async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
         """A lease, or a `ServiceError`: `NoReplica`, `OrchestratorUnavailable`, or the
@@ -68,4 +84,8 @@ class AdmissionClient(Protocol):
 
     async def drain(self) -> None:
         """Wait until every report handed to `complete` was delivered or given up on."""
+        ...
+
+    async def status(self, *, timeout_s: float) -> AdmissionStatus:
+        """What the orchestrator could place now, or `OrchestratorUnavailable`."""
         ...

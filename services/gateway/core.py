@@ -53,6 +53,7 @@ from services.gateway.generation import (
 )
 from services.gateway.limits import TenantLimits
 from services.gateway.models import ServedModel
+from services.gateway.readiness import Readiness, ReadinessCheck
 from services.gateway.resume import Key, ResumeStore
 from services.gateway.settings import GatewaySettings
 from services.gateway.stream_state import Progress, StreamState
@@ -122,9 +123,16 @@ class GatewayCore:
             max_entries=settings.resume_max_entries,
             max_tokens=settings.resume_max_tokens,
         )
+        self._readiness = ReadinessCheck(
+            admission, [m.name for m in models], settings.readiness_timeout_s
+        )
 
     def models(self) -> list[ServedModel]:
         return list(self._models.values())
+
+    async def readiness(self) -> Readiness:
+        """Whether a request could be served now (readiness.py)."""
+        return await self._readiness.check()
 
     def authenticate(self, api_key: str | None) -> Tenant | None:
         """The key's tenant; None when authentication is off (no tenants file). Raises

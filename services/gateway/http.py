@@ -1,7 +1,14 @@
 """OpenAI-compatible HTTP front (aiohttp), served beside the gRPC server on the same core.
 
 Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
-`GET /v1/models/{model}`. Handlers are adapters: parse (`openai_request`) →
+`GET /v1/models/{model}`, and the health routes routers and balancers expect (as vLLM, SGLang
+and TGI serve them; no authentication, HEAD too):
+- `GET /health`: liveness. 200 `{"status": "ok"}` while the gateway accepts requests, 503
+  `{"status": "draining"}` once shutdown began.
+- `GET /ready`: readiness. 200 `{"status": "ready", ...}` when the orchestrator answers and
+  knows a replica that can take a lease (`readiness.py`); else 503 `{"status": "not_ready",
+  "reason": ...}` (or `draining`). Bodies carry the served models and the replica counts.
+Handlers are adapters: parse (`openai_request`) →
 `GatewayCore.generate` → OpenAI shapes (`openai_response`). Everything else (validation,
 tokenization, chat template, admission, streaming, metrics) happens in the core, exactly as
 for gRPC.
@@ -149,6 +156,7 @@ class OpenAIHttpFront:
         self._settings = settings
         self._created = int(time.time())
         self._runner: web.AppRunner | None = None
+        self._draining = False
         self.port = 0
 
     def app(self) -> web.Application:
@@ -159,6 +167,8 @@ class OpenAIHttpFront:
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/v1/models", self.list_models)
         app.router.add_get("/v1/models/{model:.+}", self.get_model)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/ready", self.ready)
         return app
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -178,6 +188,7 @@ class OpenAIHttpFront:
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests (streams included) finish within
         `drain_seconds`, then cancel what is left."""
+        self._draining = True
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -185,6 +196,25 @@ class OpenAIHttpFront:
     # -- routes -----------------------------------------------------------------------------
     def _authenticate(self, request: web.Request) -> None:
         self._core.authenticate(bearer_token(request.headers.get("Authorization")))
+
+    async def health(self, request: web.Request) -> web.Response:
+        if self._draining:
+            return _json_response(503, {"status": "draining"})
+        return _json_response(200, {"status": "ok"})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        if self._draining:
+            return _json_response(503, {"status": "draining"})
+        r = await self._core.readiness()
+        body: dict[str, Any] = {"status": "ready" if r.ready else "not_ready"}
+        if not r.ready:
+            body["reason"] = r.reason
+        body["models"] = list(r.models)
+        if r.status is not None:
+            body["replicas"] = r.status.replicas
+            body["ready_replicas"] = r.status.ready_replicas
+            body["queue_depth"] = r.status.queue_depth
+        return _json_response(200 if r.ready else 503, body)
 
     async def list_models(self, request: web.Request) -> web.Response:
         self._authenticate(request)  # errors become OpenAI errors in the middleware

@@ -22,7 +22,13 @@ from llmmesh.common.telemetry import inject_trace_metadata
 from llmmesh.common.topology import Priority, ReplicaAddress
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from services.gateway.admission import AdmissionRequest, Lease, LeaseReport, Outcome
+from services.gateway.admission import (
+    AdmissionRequest,
+    AdmissionStatus,
+    Lease,
+    LeaseReport,
+    Outcome,
+)
 from services.gateway.errors import NoReplica, OrchestratorUnavailable
 
 log = logging.getLogger(__name__)
@@ -93,6 +99,14 @@ def complete_request_to_pb(report: LeaseReport) -> pb.CompleteRequest:
     return req
 
 
+def status_from_pb(response: pb.ListReplicasResponse) -> AdmissionStatus:
+    return AdmissionStatus(
+        replicas=len(response.replicas),
+        ready_replicas=sum(1 for r in response.replicas if r.healthy and not r.draining),
+        queue_depth=response.queue_depth,
+    )
+
+
 def admit_error(err: grpc.aio.AioRpcError) -> ServiceError:
     """A failed Admit as a gateway error. UNAVAILABLE is told apart by its typed reason: none
     means the orchestrator itself was not reached."""
@@ -149,6 +163,17 @@ class OrchestratorClient:
                     "complete failed",
                     extra={"lease_id": req.lease_id, "attempt": attempt, "error": err.code().name},
                 )
+
+    async def status(self, *, timeout_s: float) -> AdmissionStatus:
+        try:
+            response = await self._stub.ListReplicas(
+                pb.ListReplicasRequest(), timeout=max(timeout_s, _MIN_TIMEOUT_S)
+            )
+        except grpc.aio.AioRpcError as err:
+            raise OrchestratorUnavailable(
+                f"orchestrator: {err.code().name}: {err.details()}"
+            ) from err
+        return status_from_pb(response)
 
     async def drain(self) -> None:
         if self._pending:

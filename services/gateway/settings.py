@@ -82,6 +82,14 @@ class GatewaySettings(ServiceSettings):
     request_timeout_s: float = Field(
         default=600.0, gt=0, description="Deadline applied when the client sets none."
     )
+    readiness_timeout_s: float = Field(
+        default=1.0,
+        gt=0,
+        description=(
+            "How long the readiness route (GET /ready) waits for the orchestrator's replica view "
+            "before answering not ready."
+        ),
+    )
     retries_before_first_token: int = Field(
         default=1,
         ge=0,

@@ -10,7 +10,7 @@ from opentelemetry import trace
 
 from llmmesh.common.errors import ServiceError
 from llmmesh.common.topology import ReplicaAddress
-from services.gateway.admission import AdmissionRequest, Lease, LeaseReport
+from services.gateway.admission import AdmissionRequest, AdmissionStatus, Lease, LeaseReport
 from services.gateway.triton_stream import EngineChunk, EngineRequest
 
 MODEL = "smollm2"
@@ -39,6 +39,12 @@ class FakeAdmission:
         self.admit_trace_ids: list[str] = []  # 32 hex digits; all zeros outside a span
         self.reports: list[LeaseReport] = []
         self._reported = asyncio.Event()
+        # The replica view `status` answers (or raises); `status_gate`, when set, holds every
+        # call until it is set, so tests can see concurrent readiness checks share one call.
+        self.view: AdmissionStatus | ServiceError = AdmissionStatus(1, 1, 0)
+        self.status_gate: asyncio.Event | None = None
+        self.status_calls = 0
+        self.status_entered = asyncio.Event()  # set once a call reached the fake
 
     async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
         self.admits.append(request)
@@ -56,6 +62,15 @@ class FakeAdmission:
 
     async def drain(self) -> None:
         pass
+
+    async def status(self, *, timeout_s: float) -> AdmissionStatus:
+        self.status_calls += 1
+        self.status_entered.set()
+        if self.status_gate is not None:
+            await self.status_gate.wait()
+        if isinstance(self.view, ServiceError):
+            raise self.view
+        return self.view
 
     async def wait_reports(self, n: int) -> list[LeaseReport]:
         """The reports once there are at least n (a stream closed by its consumer reports when

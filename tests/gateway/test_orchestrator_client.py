@@ -24,7 +24,7 @@ from llmmesh.common.errors import (
 from llmmesh.common.topology import Priority, ReplicaAddress
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from services.gateway.admission import AdmissionRequest, LeaseReport, Outcome
+from services.gateway.admission import AdmissionRequest, AdmissionStatus, LeaseReport, Outcome
 from services.gateway.errors import NoReplica, OrchestratorUnavailable
 from services.gateway.orchestrator_client import COMPLETE_ATTEMPTS, OrchestratorClient
 
@@ -50,6 +50,7 @@ class FakeOrchestratorService(pb_grpc.OrchestratorServiceServicer):
         self.plain_refusal: tuple[grpc.StatusCode, str] | None = None  # no status details
         self.completes: list[pb.CompleteRequest] = []
         self.complete_failures = 0
+        self.replicas = pb.ListReplicasResponse()
 
     async def Admit(self, request: pb.AdmitRequest, context: Ctx) -> pb.AdmitResponse:
         self.admits.append(request)
@@ -68,11 +69,11 @@ class FakeOrchestratorService(pb_grpc.OrchestratorServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "busy")
         return pb.CompleteResponse()
 
-    # Not used by the gateway.
+    # Not used by the gateway (ListReplicas above is its readiness check).
     async def ListReplicas(
         self, request: pb.ListReplicasRequest, context: Ctx
     ) -> pb.ListReplicasResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not faked")
+        return self.replicas
 
     async def RegisterReplica(
         self, request: pb.RegisterReplicaRequest, context: Ctx
@@ -264,3 +265,27 @@ async def test_complete_is_retried_then_given_up(served: Served) -> None:
     served.client.complete(LeaseReport("lease-2", Outcome.SUCCESS, 1, 1, 0, 1.0))
     await served.client.drain()
     assert [c.lease_id for c in served.service.completes] == ["lease-2"] * COMPLETE_ATTEMPTS
+
+
+async def test_status_counts_replicas_that_can_take_a_lease(served: Served) -> None:
+    served.service.replicas = pb.ListReplicasResponse(
+        replicas=[
+            pb.ReplicaStatus(replica=REPLICA, healthy=True),
+            pb.ReplicaStatus(replica=REPLICA, healthy=True, draining=True),
+            pb.ReplicaStatus(replica=REPLICA, healthy=False, ejected_for_s=3.0),
+        ],
+        queue_depth=7,
+    )
+    status = await served.client.status(timeout_s=5.0)
+    assert status == AdmissionStatus(replicas=3, ready_replicas=1, queue_depth=7)
+
+
+async def test_status_of_an_unreachable_orchestrator_is_orchestrator_unavailable(
+    tmp_path: Path,
+) -> None:
+    client = OrchestratorClient.connect(f"unix:{tmp_path / 'absent.sock'}")
+    try:
+        with pytest.raises(OrchestratorUnavailable):
+            await client.status(timeout_s=5.0)
+    finally:
+        await client.close()
