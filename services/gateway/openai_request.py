@@ -8,6 +8,11 @@ Requests are checked the way OpenAI checks them: JSON object bodies only, exact 
 string → number coercion, booleans are not integers), unknown fields rejected, and fields the
 engine cannot honour accepted only at their neutral value (`n` 1, `logprobs` false, penalties
 0, `response_format` text, ...). Every error names the offending parameter (`param`).
+
+vLLM's and SGLang's sampling extensions are known too: routers in front of OpenAI servers
+(vllm-router, SGLang's model gateway) forward every request with them set to their defaults, so
+they are accepted at that neutral value (`ignore_eos` false, `skip_special_tokens` true, ...)
+and refused otherwise, like the OpenAI parameters above.
 """
 
 from __future__ import annotations
@@ -164,6 +169,29 @@ _NEUTRAL_COMPLETION: dict[str, Callable[[Any], bool]] = {
     "echo": lambda v: v is False,
     "suffix": lambda v: v == "",
 }
+# vLLM / SGLang extensions, at the value that means "as a plain OpenAI request": what routers
+# forward when the client did not set them. Both request kinds.
+_NEUTRAL_EXTENSIONS: dict[str, Callable[[Any], bool]] = {
+    "ignore_eos": lambda v: v is False,
+    "no_stop_trim": lambda v: v is False,
+    "skip_special_tokens": lambda v: v is True,  # the gateway's detokenizer skips them
+    "spaces_between_special_tokens": lambda v: v is True,
+    "return_hidden_states": lambda v: v is False,
+    "min_tokens": _zero,
+    "repetition_penalty": lambda v: v == 1 and not isinstance(v, bool),
+}
+_NEUTRAL_CHAT_EXTENSIONS: dict[str, Callable[[Any], bool]] = {
+    "echo": lambda v: v is False,
+    "continue_final_message": lambda v: v is False,
+    "add_generation_prompt": lambda v: v is True,  # the chat template always gets it
+}
+# Reasoning output switches: with no reasoning parser there is no reasoning to include,
+# separate or stream, so either value means the same here.
+_IGNORED_CHAT_EXTENSIONS: dict[str, Callable[[Any, str], object]] = {
+    "include_reasoning": _bool,
+    "separate_reasoning": _bool,
+    "stream_reasoning": _bool,
+}
 # Known OpenAI parameters with no effect here: type-checked, then ignored.
 _IGNORED_CHAT: dict[str, Callable[[Any, str], object]] = {
     "metadata": _object,
@@ -205,6 +233,9 @@ _SUPPORTED_COMPLETION = frozenset(
         "stream_options",
     }
 )
+_CHAT_NEUTRAL = _NEUTRAL_CHAT | _NEUTRAL_EXTENSIONS | _NEUTRAL_CHAT_EXTENSIONS
+_CHAT_IGNORED = _IGNORED_CHAT | _IGNORED_CHAT_EXTENSIONS
+_COMPLETION_NEUTRAL = _NEUTRAL_COMPLETION | _NEUTRAL_EXTENSIONS
 _MESSAGE_KEYS = frozenset({"role", "content", "name"})
 # Assistant message fields for tool use / audio: accepted only when null.
 _MESSAGE_NULL_ONLY = frozenset({"tool_calls", "function_call", "audio", "refusal", "tool_call_id"})
@@ -417,7 +448,7 @@ def parse_chat_request(
     body: bytes, *, request_id: str, api_key: str | None = None
 ) -> OpenAIRequest:
     data = parse_json_object(body)
-    _check_fields(data, _SUPPORTED_CHAT, _NEUTRAL_CHAT, _IGNORED_CHAT)
+    _check_fields(data, _SUPPORTED_CHAT, _CHAT_NEUTRAL, _CHAT_IGNORED)
     common = _common(data, Kind.CHAT)
     return _request(
         Kind.CHAT,
@@ -432,7 +463,7 @@ def parse_completion_request(
     body: bytes, *, request_id: str, api_key: str | None = None
 ) -> OpenAIRequest:
     data = parse_json_object(body)
-    _check_fields(data, _SUPPORTED_COMPLETION, _NEUTRAL_COMPLETION, {})
+    _check_fields(data, _SUPPORTED_COMPLETION, _COMPLETION_NEUTRAL, {})
     common = _common(data, Kind.COMPLETION)
     text, ids = _parse_prompt(data.get("prompt"))
     return _request(

@@ -60,6 +60,37 @@ def completion(**kw: Any) -> bytes:
             False,
             False,
         ),
+        # What vllm-router 0.1.17 adds to every chat request it forwards (captured).
+        (
+            chat(
+                stream=True,
+                logprobs=False,
+                no_stop_trim=False,
+                ignore_eos=False,
+                continue_final_message=False,
+                skip_special_tokens=True,
+                separate_reasoning=True,
+                stream_reasoning=True,
+                return_hidden_states=False,
+                include_reasoning=True,
+            ),
+            Sampling(),
+            True,
+            False,
+        ),
+        (
+            chat(
+                add_generation_prompt=True,
+                echo=False,
+                min_tokens=0,
+                repetition_penalty=1.0,
+                spaces_between_special_tokens=True,
+                include_reasoning=False,
+            ),
+            Sampling(),
+            False,
+            False,
+        ),
     ],
 )
 def test_valid_chat_requests(
@@ -126,6 +157,23 @@ def test_completion_prompts(prompt: object, text: str | None, ids: list[int] | N
     assert r.kind is Kind.COMPLETION
     assert r.generation.prompt_text == text
     assert r.generation.prompt_ids == ids
+
+
+def test_completion_accepts_what_vllm_router_forwards() -> None:
+    """The fields vllm-router 0.1.17 adds to every completion request (captured), at the values
+    it sends."""
+    body = completion(
+        prompt="hi",
+        max_tokens=8,
+        stream=True,
+        echo=False,
+        no_stop_trim=False,
+        ignore_eos=False,
+        skip_special_tokens=True,
+        return_hidden_states=False,
+    )
+    r = parse_completion_request(body, request_id="r")
+    assert (r.generation.prompt_text, r.generation.sampling.max_tokens) == ("hi", 8)
 
 
 # -- invalid requests: 400 naming the parameter --------------------------------------------
@@ -209,6 +257,17 @@ def raw(text: str | bytes) -> bytes:
         (chat(store="yes"), "store"),
         (chat(metadata=[]), "metadata"),
         (chat(audio={"voice": "x"}), "audio"),
+        # vLLM / SGLang extensions away from their neutral value
+        (chat(ignore_eos=True), "ignore_eos"),
+        (chat(no_stop_trim=True), "no_stop_trim"),
+        (chat(skip_special_tokens=False), "skip_special_tokens"),
+        (chat(continue_final_message=True), "continue_final_message"),
+        (chat(add_generation_prompt=False), "add_generation_prompt"),
+        (chat(echo=True), "echo"),
+        (chat(min_tokens=3), "min_tokens"),
+        (chat(repetition_penalty=1.2), "repetition_penalty"),
+        (chat(return_hidden_states=True), "return_hidden_states"),
+        (chat(include_reasoning="yes"), "include_reasoning"),
     ],
 )
 def test_invalid_chat_requests_name_the_param(body: bytes, param: str | None) -> None:
@@ -233,6 +292,8 @@ def test_invalid_chat_requests_name_the_param(body: bytes, param: str | None) ->
         (completion(prompt=[True]), "prompt[0]"),
         (completion(prompt=[{"a": 1}]), "prompt[0]"),
         (completion(echo=True), "echo"),
+        (completion(ignore_eos=True), "ignore_eos"),
+        (completion(continue_final_message=False), "continue_final_message"),
         (completion(best_of=2), "best_of"),
         (completion(logprobs=2), "logprobs"),
         (completion(suffix="x"), "suffix"),
