@@ -1,6 +1,7 @@
 """Canonical grpc.aio server lifecycle shared by every service.
 
-start: register servicers, health (SERVING for "" and each service name) and reflection, bind.
+start: register servicers, health (SERVING for "" and each service name) and reflection (both
+`grpc.reflection.v1` and `v1alpha`, see `llmmesh.common.reflection`), bind.
 stop (SIGTERM/SIGINT): health NOT_SERVING first so balancers stop sending, then `server.stop`
 with a grace period so in-flight RPCs (token streams included) finish, then the service's own
 shutdown hook.
@@ -19,7 +20,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+
+from llmmesh.common.reflection import enable_server_reflection
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +64,8 @@ class ManagedServer:
             svc.add_to_server(self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         names = [s.full_name for s in self._services]
-        reflection.enable_server_reflection(
-            (
-                *names,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            self._server,
+        enable_server_reflection(
+            (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), self._server
         )
         self.port = self._server.add_insecure_port(f"{self._host}:{self._requested_port}")
         if self.port == 0:
