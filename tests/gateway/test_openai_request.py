@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from services.gateway import openai_request
 from services.gateway.core import ChatMessage, Sampling
 from services.gateway.errors import InvalidRequest
 from services.gateway.openai_request import Kind, parse_chat_request, parse_completion_request
@@ -313,3 +316,23 @@ def test_overlong_unknown_field_name_is_shortened() -> None:
         parse_chat_request(chat(**{"k" * 10_000: 1}), request_id="r")
     assert info.value.field is not None
     assert len(info.value.field) < 100
+
+
+def test_readme_table_names_every_field_the_parser_knows() -> None:
+    """README.md's OpenAI compatibility table is the user's list: it names every field the
+    parser supports, accepts at a neutral value or ignores, and nothing else."""
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = text.split("## OpenAI API compatibility", 1)[1].split("\n## ", 1)[0]
+    documented: set[str] = set()
+    for line in section.splitlines():
+        cells = line.split("|")
+        if line.startswith("| `") and len(cells) > 2:
+            documented.update(re.findall(r"`([a-z_]+)`", cells[1]))
+    known = (
+        set(openai_request._SUPPORTED_CHAT)
+        | set(openai_request._SUPPORTED_COMPLETION)
+        | set(openai_request._CHAT_NEUTRAL)
+        | set(openai_request._CHAT_IGNORED)
+        | set(openai_request._COMPLETION_NEUTRAL)
+    )
+    assert documented == known
