@@ -9,6 +9,7 @@ TOKENIZER := .build/models/smollm2-135m-instruct/tokenizer.json
 PROTOS := $(shell find protos -name '*.proto')
 PYTEST_ARGS ?=
 PROMPT ?= The capital of France is
+GENERATE_ARGS ?=
 GATEWAY ?= 127.0.0.1:50051
 ENGINE ?= smollm2
 REPLICAS ?= 2
@@ -79,8 +80,8 @@ test-integration: setup ## Integration tests only (real tritonserver and service
 run: setup ## Start the local mesh in the foreground: REPLICAS Triton replicas of ENGINE (smollm2 | emulator) + 4 services
 	$(PY) -m llmmesh.localmesh --engine $(ENGINE) --replicas $(REPLICAS)
 
-generate: setup ## Stream a completion through the running mesh: make generate PROMPT="..."
-	$(PY) -m llmmesh.cli generate --address $(GATEWAY) "$(PROMPT)"
+generate: setup ## Stream an answer through the running mesh (chat for instruct models): make generate PROMPT="..." [GENERATE_ARGS="--raw ..."; =--help lists the options]
+	$(PY) -m llmmesh.cli generate --address $(GATEWAY) $(GENERATE_ARGS) "$(PROMPT)"
 
 bench-overhead: setup ## TTFT and relay cost: mesh vs Triton direct vs bare grpc.aio (1/32/128 streams)
 	$(PY) -m bench.overhead

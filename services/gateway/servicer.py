@@ -17,6 +17,7 @@ from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
 from llmmesh.generated.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from services.gateway.auth import bearer_token
 from services.gateway.core import (
+    ChatMessage,
     Completion,
     FinishReason,
     GatewayCore,
@@ -70,6 +71,8 @@ def api_key_from(context: Ctx) -> str | None:
 
 
 def request_from_pb(request: pb.GenerateRequest, api_key: str | None = None) -> GenerationRequest:
+    """The one gRPC → domain conversion. Only shapes change here: the core validates (roles,
+    empty prompts, chat on a model without a template) and names the field."""
     sp = request.sampling
     which = request.WhichOneof("prompt")
     return GenerationRequest(
@@ -77,6 +80,11 @@ def request_from_pb(request: pb.GenerateRequest, api_key: str | None = None) -> 
         request_id=request.request_id or uuid.uuid4().hex,
         prompt_text=request.text if which == "text" else None,
         prompt_ids=list(request.token_ids.ids) if which == "token_ids" else None,
+        messages=(
+            tuple(ChatMessage(role=m.role, content=m.content) for m in request.messages.messages)
+            if which == "messages"
+            else None
+        ),
         sampling=Sampling(
             max_tokens=sp.max_tokens if sp.HasField("max_tokens") else None,
             temperature=sp.temperature if sp.HasField("temperature") else None,
@@ -151,6 +159,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                     name=m.name,
                     context_length=m.settings.context_length,
                     max_completion_tokens=m.settings.max_completion_tokens,
+                    supports_chat=m.chat_template is not None,
                 )
                 for m in self._core.models()
             ]

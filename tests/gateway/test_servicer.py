@@ -1,0 +1,130 @@
+"""The gRPC front: protobuf → domain conversion (`request_from_pb`), chat requests through a real
+gRPC server, and ListModels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+
+from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
+from llmmesh.generated.gateway.v1 import gateway_pb2_grpc as pb_grpc
+from services.gateway.core import ChatMessage
+from services.gateway.models import ServedModel
+from services.gateway.servicer import request_from_pb
+from tests.gateway.conftest import chunk
+from tests.gateway.grpc_front import BARE_MODEL, CHAT_MODEL, chat_and_bare_models, grpc_gateway
+
+
+@pytest.fixture(scope="module")
+def models(tokenizer_path: Path) -> tuple[ServedModel, ServedModel]:
+    return chat_and_bare_models(tokenizer_path)
+
+
+def chat_request(model: str, *messages: tuple[str, str]) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        model=model,
+        messages=pb.ChatMessages(messages=[pb.ChatMessage(role=r, content=c) for r, c in messages]),
+        sampling=pb.SamplingParams(max_tokens=8),
+    )
+
+
+def test_messages_become_chat_messages_in_order() -> None:
+    req = request_from_pb(chat_request(CHAT_MODEL, ("system", "Be brief."), ("user", "Hi")))
+    assert list(req.messages or ()) == [
+        ChatMessage("system", "Be brief."),
+        ChatMessage("user", "Hi"),
+    ]
+    assert req.prompt_text is None
+    assert req.prompt_ids is None
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        pb.GenerateRequest(model=CHAT_MODEL, text="Hi"),
+        pb.GenerateRequest(model=CHAT_MODEL, token_ids=pb.TokenIds(ids=[1, 2])),
+    ],
+)
+def test_raw_prompts_carry_no_messages(request_: pb.GenerateRequest) -> None:
+    req = request_from_pb(request_)
+    assert req.messages is None
+    assert (req.prompt_text, req.prompt_ids) in (("Hi", None), (None, [1, 2]))
+
+
+def test_an_empty_message_list_is_chat_not_a_missing_prompt() -> None:
+    request = pb.GenerateRequest(model=CHAT_MODEL)
+    request.messages.SetInParent()
+    req = request_from_pb(request)
+    assert req.messages is not None
+    assert list(req.messages) == []
+
+
+async def test_chat_prompt_is_the_rendered_template(
+    models: tuple[ServedModel, ServedModel],
+) -> None:
+    chat, _ = models
+    assert chat.chat_template is not None
+    answer = chat.encode("Rayleigh scattering.")
+    script = [chunk(*answer), chunk(chat.end_id, final=True)]
+    request = chat_request(CHAT_MODEL, ("system", "S"), ("user", "Why is the sky blue?"))
+    async with (
+        grpc_gateway(models, [script]) as front,
+        grpc.aio.insecure_channel(front.address) as ch,
+    ):
+        stub = pb_grpc.GatewayServiceStub(ch)
+        responses = [r async for r in stub.Generate(request, timeout=10)]
+    rendered = chat.chat_template.render(
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "Why is the sky blue?"}]
+    )
+    assert rendered.endswith("<|im_start|>assistant\n")
+    assert list(front.engine.requests[0].input_ids) == chat.encode(rendered)
+    text = "".join(r.delta.text for r in responses if r.HasField("delta"))
+    assert text == "Rayleigh scattering."
+    complete = responses[-1].complete
+    assert complete.usage.prompt_tokens == len(chat.encode(rendered))
+    assert complete.finish_reason == pb.FINISH_REASON_STOP
+
+
+@pytest.mark.parametrize(
+    ("model", "messages", "details"),
+    [
+        (
+            CHAT_MODEL,
+            [("user", "ok"), ("tool", "x")],
+            "messages[1].role: must be one of assistant, system, user",
+        ),
+        (CHAT_MODEL, [], "messages: must not be empty"),
+        (BARE_MODEL, [("user", "hi")], "messages: model 'bare' has no chat template"),
+    ],
+)
+async def test_bad_chat_requests_are_invalid_argument_naming_the_field(
+    models: tuple[ServedModel, ServedModel],
+    model: str,
+    messages: list[tuple[str, str]],
+    details: str,
+) -> None:
+    request = chat_request(model, *messages)
+    request.messages.SetInParent()
+    async with grpc_gateway(models) as front, grpc.aio.insecure_channel(front.address) as ch:
+        stub = pb_grpc.GatewayServiceStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            [r async for r in stub.Generate(request, timeout=10)]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (info.value.details() or "").startswith(details)
+    assert front.engine.requests == []
+
+
+async def test_list_models_says_which_models_chat(
+    models: tuple[ServedModel, ServedModel],
+) -> None:
+    async with grpc_gateway(models) as front, grpc.aio.insecure_channel(front.address) as ch:
+        stub = pb_grpc.GatewayServiceStub(ch)
+        listed = await stub.ListModels(pb.ListModelsRequest(), timeout=10)
+    assert [(m.name, m.supports_chat) for m in listed.models] == [
+        (CHAT_MODEL, True),
+        (BARE_MODEL, False),
+    ]
+    assert listed.models[0].context_length == 256
+    assert listed.models[0].max_completion_tokens == 64
