@@ -177,3 +177,19 @@ async def test_v1_reflection_method_answers_a_real_client(address: str) -> None:
         "grpc.reflection.v1alpha.ServerReflection",
         SERVICE,
     }
+
+
+async def test_generate_with_chat_messages_from_json(address: str, model: ServedModel) -> None:
+    """The README's grpcurl chat example: `messages` in JSON, rendered with the chat template."""
+    request = {
+        "model": MODEL,
+        "messages": {"messages": [{"role": "user", "content": "Hi"}]},
+        "sampling": {"max_tokens": MAX_TOKENS},
+    }
+    out = await grpcurl("-d", json.dumps(request), address, f"{SERVICE}/Generate")
+    *deltas, final = json_stream(out)
+    assert len(deltas) == MAX_TOKENS
+    assert final["complete"]["finish_reason"] == "FINISH_REASON_LENGTH"
+    # The prompt is the rendered template, far longer than the one-token message.
+    assert model.chat_template is not None
+    assert final["complete"]["usage"]["prompt_tokens"] > len(model.encode("Hi")) + 4
