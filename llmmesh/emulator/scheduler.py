@@ -170,7 +170,7 @@ class Scheduler(RequestQueues[_Running]):
 
     def _emit(self, r: _Running, t_ns: int) -> TokenOutput:
         rid = r.req.request_id
-        tok = r.tokens.token(r.generated)
+        tok = r.tokens.next()
         index = r.generated
         r.generated += 1
         finished = r.generated >= r.req.max_new_tokens

@@ -1,16 +1,25 @@
-"""Deterministic output tokens.
+"""Deterministic output tokens that behave like an autoregressive model's.
 
-Token i of a request is a pure function of (seed, prompt, i), so any test can predict the exact
-stream: `token(i) = vocab_min + xxh3_64(le64(seed) || le64(h(prompt)) || le64(i)) mod (vocab_max -
-vocab_min)`, where h(prompt) = xxh3_64 of the prompt as little-endian uint32 words. A token equal to
-`end_id` is replaced by the next id in the range, so generation never stops early and the output
-length always equals `request_output_len` (like Dynamo's mocker engine).
+Each token is a pure function of (seed, the whole context so far: the prompt plus every token
+generated before it), as a greedy real model's next token is a function of its context:
+
+    token(seed, ctx) = vocab_min + xxh3_64(le32(ctx[0]) || ... || le32(ctx[-1]), seed)
+                       mod (vocab_max - vocab_min)
+
+and a token equal to `end_id` is replaced by the next id in the range, so generation never stops
+early and the output length always equals `request_output_len` (like Dynamo's mocker engine).
+The generated token joins the context of the next one.
+
+So a request continued elsewhere with the prompt plus the tokens generated so far as its new
+prompt produces exactly the rest of the uninterrupted stream (the gateway's request migration
+relies on this, and tests check it): `expected_output_ids(seed, prompt + out[:k], n - k) ==
+out[k:]`. A `TokenStream` keeps a rolling xxh3 state over the context, so each token costs O(1)
+whatever the context length (the digest of a streaming xxh3 state does not rehash the input).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -27,41 +36,54 @@ class VocabRange(Protocol):
     def vocab_max(self) -> int: ...
 
 
-@dataclass(frozen=True, slots=True)
-class TokenStream:
-    """Generator of one request's output tokens."""
+def _context_bytes(ids: Sequence[int]) -> bytes:
+    return np.asarray(ids, dtype="<u4").tobytes()
 
-    seed: int
-    prompt_hash: int
-    vocab_min: int
-    vocab_max: int
-    end_id: int | None = None
+
+class TokenStream:
+    """One request's output tokens: `next()` returns the token for the context so far and
+    appends it to the context."""
+
+    __slots__ = ("_end_id", "_span", "_state", "_vocab_min")
+
+    def __init__(
+        self,
+        seed: int,
+        prompt_ids: Sequence[int],
+        vocab_min: int,
+        vocab_max: int,
+        end_id: int | None = None,
+    ) -> None:
+        if not 0 <= seed < 2**64:
+            raise ValueError(f"seed must fit in 64 unsigned bits, got {seed}")
+        if vocab_max - vocab_min < 2:
+            raise ValueError("vocabulary range must hold at least two ids")
+        self._vocab_min = vocab_min
+        self._span = vocab_max - vocab_min
+        self._end_id = end_id
+        self._state = xxhash.xxh3_64(_context_bytes(prompt_ids), seed=seed)
 
     @classmethod
     def for_prompt(
         cls, seed: int, prompt_ids: Sequence[int], vocab: VocabRange, end_id: int | None = None
     ) -> TokenStream:
-        if not 0 <= seed < 2**64:
-            raise ValueError(f"seed must fit in 64 unsigned bits, got {seed}")
-        if vocab.vocab_max - vocab.vocab_min < 2:
-            raise ValueError("vocabulary range must hold at least two ids")
-        return cls(seed, prompt_hash(prompt_ids), vocab.vocab_min, vocab.vocab_max, end_id)
+        return cls(seed, prompt_ids, vocab.vocab_min, vocab.vocab_max, end_id)
 
-    def token(self, index: int) -> int:
-        key = (
-            self.seed.to_bytes(8, "little")
-            + self.prompt_hash.to_bytes(8, "little")
-            + index.to_bytes(8, "little")
-        )
-        span = self.vocab_max - self.vocab_min
-        tok = self.vocab_min + xxhash.xxh3_64_intdigest(key) % span
-        if tok == self.end_id:
-            tok = self.vocab_min + (tok - self.vocab_min + 1) % span
-        return int(tok)
+    def next(self) -> int:
+        span = self._span
+        tok = self._vocab_min + self._state.intdigest() % span
+        if tok == self._end_id:
+            tok = self._vocab_min + (tok - self._vocab_min + 1) % span
+        self._state.update(tok.to_bytes(4, "little"))
+        return tok
 
 
-def prompt_hash(prompt_ids: Sequence[int]) -> int:
-    return int(xxhash.xxh3_64_intdigest(np.asarray(prompt_ids, dtype="<u4").tobytes()))
+def next_token(
+    seed: int, context: Sequence[int], vocab: VocabRange, end_id: int | None = None
+) -> int:
+    """The token the emulator generates after `context` (prompt plus tokens generated so far),
+    computed from scratch: what `TokenStream.next` computes incrementally."""
+    return TokenStream.for_prompt(seed, context, vocab, end_id).next()
 
 
 def expected_output_ids(
@@ -73,4 +95,4 @@ def expected_output_ids(
 ) -> list[int]:
     """The `n` tokens the emulator generates for `prompt_ids` with `seed` (0 when unset)."""
     stream = TokenStream.for_prompt(seed, prompt_ids, settings, end_id)
-    return [stream.token(i) for i in range(n)]
+    return [stream.next() for _ in range(n)]
