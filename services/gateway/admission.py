@@ -42,6 +42,8 @@ class AdmissionRequest:
     priority: Priority
     tenant: str
     model_version: str  # "" = any version
+    # Replica ids not to lease (replicas that already failed this request: request migration).
+    exclude_replicas: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,6 +62,7 @@ def admit_request_to_pb(request: AdmissionRequest) -> pb.AdmitRequest:
         priority=_PRIORITY[request.priority],
         tenant=request.tenant,
         model_version=request.model_version,
+        exclude_replicas=sorted(request.exclude_replicas),
     )
 
 

@@ -35,6 +35,7 @@ def admission_from_pb(request: pb.AdmitRequest) -> AdmissionRequest:
         priority=_PRIORITY.get(request.priority, Priority.STANDARD),
         tenant=request.tenant,
         model_version=request.model_version,
+        exclude_replicas=frozenset(request.exclude_replicas),
     )
 
 

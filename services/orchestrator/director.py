@@ -14,8 +14,9 @@ Invariants:
 - A waiter leaves the queue exactly once: granted a lease, timed out, cancelled, or failed
   because no replica for its model remains healthy (a waiter for a scale-from-zero pool instead
   fails once its activation timeout passes with no replica ready).
-- A replica is eligible iff its last readiness probe passed, it is not ejected or draining, and it
-  serves the request's model, model version and a pool the prompt length fits (policy file).
+- A replica is eligible iff its last readiness probe passed, it is not ejected or draining, it
+  serves the request's model, model version and a pool the prompt length fits (policy file),
+  and the request does not exclude it (`exclude_replicas`: a replica that already failed it).
 - Each queued request counts in `llmmesh_orchestrator_pool_queue_depth` under the pool and model
   version it was attributed to when it entered the queue, until it leaves the queue.
 """
@@ -176,7 +177,12 @@ class Orchestrator:
 
     def _unavailable_reason(self, req: AdmissionRequest) -> str:
         version = f" version {req.model_version!r}" if req.model_version else ""
-        return f"no ready replica serves model {req.model!r}{version} for a {len(req.prompt_token_ids)}-token prompt"
+        excluded = (
+            f" (excluding {', '.join(sorted(req.exclude_replicas))})"
+            if req.exclude_replicas
+            else ""
+        )
+        return f"no ready replica serves model {req.model!r}{version} for a {len(req.prompt_token_ids)}-token prompt{excluded}"
 
     def _withdraw(self, waiter: Waiter) -> bool:
         """Remove a waiter that is still queued; False if it already left the queue."""
@@ -268,16 +274,21 @@ class Orchestrator:
         now = self._clock()
         views = [
             dataclasses.replace(self._view(st, now), in_flight=0, kv_utilization=None)
-            for st in self._replicas.assignable()
+            for st in self._assignable(req)
         ]
         return self._scheduler.filter(self._request_view(req, NO_MATCHES), views)
+
+    def _assignable(self, req: AdmissionRequest) -> list[ReplicaState]:
+        """The replica set's assignable replicas, less those the request excludes."""
+        excluded = req.exclude_replicas
+        return [st for st in self._replicas.assignable() if st.spec.id not in excluded]
 
     def _servable(self, req: AdmissionRequest) -> bool:
         return bool(self._candidates(req))
 
     def _pick(self, req: AdmissionRequest, prefix: PrefixMatches) -> ReplicaState | None:
         now = self._clock()
-        views = [self._view(st, now) for st in self._replicas.assignable()]
+        views = [self._view(st, now) for st in self._assignable(req)]
         decision = self._scheduler.decide(self._request_view(req, prefix), views)
         return None if decision.replica is None else self._replicas.get(decision.replica.id)
 

@@ -41,6 +41,8 @@ class AdmissionRequest:
     priority: Priority = Priority.STANDARD
     tenant: str = ""
     model_version: str = ""
+    # Replica ids never leased for this request (a replica that failed it).
+    exclude_replicas: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

@@ -121,6 +121,7 @@ def admission(**kw: object) -> AdmissionRequest:
         "priority": Priority.BATCH,
         "tenant": "acme",
         "model_version": "v3",
+        "exclude_replicas": frozenset({"r-2", "r-1"}),
     }
     base.update(kw)
     return AdmissionRequest(**base)  # type: ignore[arg-type]
@@ -147,6 +148,7 @@ async def test_admit_round_trip_carries_every_field(served: Served) -> None:
     )
     assert (sent.max_tokens, sent.tenant, sent.model_version) == (16, "acme", "v3")
     assert sent.priority == pb.PRIORITY_BATCH
+    assert list(sent.exclude_replicas) == ["r-1", "r-2"]
     # The caller's trace continues in the orchestrator.
     traceparent = served.service.admit_metadata[0]["traceparent"]
     assert traceparent.split("-")[1] == format(span.get_span_context().trace_id, "032x")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Sequence
 
@@ -378,6 +379,35 @@ async def test_model_version_filter() -> None:
     }
     with pytest.raises(NoReplicaReady, match="v3"):
         await core.admit(req(version="v3"), 1.0)
+
+
+async def test_excluded_replicas_are_never_leased() -> None:
+    core, _ = await ready_core(n=3, cap=8)
+    avoid = dataclasses.replace(req(), exclude_replicas=frozenset({"r0", "r2"}))
+    assert {(await core.admit(avoid, 1.0)).replica.id for _ in range(4)} == {"r1"}
+    # Queued requests are granted only on a replica they do not exclude.
+    core, _ = await ready_core(n=2, cap=1)
+    held = await core.admit(req("held"), 1.0)
+    other = "r1" if held.replica.id == "r0" else "r0"
+    busy = await core.admit(req("busy"), 1.0)
+    assert busy.replica.id == other
+    waiting = asyncio.create_task(
+        core.admit(
+            dataclasses.replace(req("w"), exclude_replicas=frozenset({held.replica.id})), 5.0
+        )
+    )
+    await assert_queued(core, 1)
+    core.complete(held.lease_id, Outcome.SUCCESS)  # frees the excluded replica: still waits
+    await assert_queued(core, 1)
+    core.complete(busy.lease_id, Outcome.SUCCESS)
+    assert (await waiting).replica.id == other
+
+
+async def test_excluding_every_replica_is_unavailable_naming_them() -> None:
+    core, _ = await ready_core(n=2)
+    every = dataclasses.replace(req(), exclude_replicas=frozenset({"r0", "r1"}))
+    with pytest.raises(NoReplicaReady, match="excluding r0, r1"):
+        await core.admit(every, 1.0)
 
 
 def tenant_req(rid: str, tenant: str, priority: Priority = Priority.STANDARD) -> AdmissionRequest:

@@ -106,3 +106,17 @@ async def test_admit_returns_every_field_of_a_dns_discovered_replica() -> None:
         model_version="v7",
         authority="localhost:18001",
     )
+
+
+async def test_excluded_replica_on_the_wire(stub: pb_grpc.OrchestratorServiceAsyncStub) -> None:
+    """`exclude_replicas` reaches the director: excluding the only replica is NO_REPLICA."""
+    req = admit("x")
+    req.exclude_replicas.append("r0")
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Admit(req, timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert from_rpc_error(info.value, "admit").reason is Reason.NO_REPLICA
+    assert "excluding r0" in (info.value.details() or "")
+    req.ClearField("exclude_replicas")
+    req.exclude_replicas.append("r9")
+    assert (await stub.Admit(req, timeout=5)).replica.id == "r0"
