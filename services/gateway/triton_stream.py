@@ -18,17 +18,35 @@ import numpy.typing as npt
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from llmmesh.common.errors import ServiceError, from_rpc_error
+from services.gateway.faults import (
+    REPLICA_FAULT,
+    REQUEST_FAULT,
+    STREAM_BROKEN,
+    Fault,
+    classify_message,
+    classify_status,
+)
 
 # Seconds to wait for a finished stream's end of stream (it follows the final response at once).
 END_OF_STREAM_TIMEOUT_S = 5.0
 
 
 class TritonStreamError(Exception):
-    """The replica reported an error or the stream broke."""
+    """The replica reported an error or the stream broke; `fault` says whose fault it is
+    (`services.gateway.faults`, the one place that decides)."""
 
-    def __init__(self, message: str, *, replica_fault: bool):
+    def __init__(
+        self, message: str, fault: Fault | None = None, *, replica_fault: bool | None = None
+    ):
         super().__init__(message)
-        self.replica_fault = replica_fault
+        if fault is None:  # callers that only know whether the replica is to blame
+            fault = REPLICA_FAULT if replica_fault else REQUEST_FAULT
+        self.fault = fault
+
+    @property
+    def replica_fault(self) -> bool:
+        """The replica cannot serve: the orchestrator counts it toward ejection."""
+        return self.fault.replica_fault
 
 
 class EngineCallStopped(Exception):
@@ -170,10 +188,11 @@ class TritonPool:
                 msg = await call.read()
                 if msg is grpc.aio.EOF:  # type: ignore[attr-defined]
                     raise TritonStreamError(
-                        "stream ended before the final response", replica_fault=True
+                        f"replica {address}: stream ended before the final response",
+                        STREAM_BROKEN,
                     )
                 if msg.error_message:
-                    raise TritonStreamError(msg.error_message, replica_fault=False)
+                    raise TritonStreamError(msg.error_message, classify_message(msg.error_message))
                 chunk = parse_response(msg.infer_response)
                 if chunk.final:
                     await _read_to_end(call)
@@ -185,9 +204,7 @@ class TritonPool:
             if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise EngineCallStopped(from_rpc_error(err, f"replica {address}")) from err
             raise TritonStreamError(
-                f"replica {address}: {code.name}: {err.details()}",
-                replica_fault=code
-                in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN),
+                f"replica {address}: {code.name}: {err.details()}", classify_status(code)
             ) from err
         finally:
             if not call.done():

@@ -1,0 +1,123 @@
+"""Fault classification: the one place that decides whether a failed engine call says the
+replica cannot serve (a replica fault: the orchestrator counts it toward ejection), that the
+replica is overloaded (back-pressure: try elsewhere or later, never a fault), or that the request
+itself was bad (never the replica's fault). Our own deadline or cancellation is none of these;
+`triton_stream` reports it as `EngineCallStopped` before classification.
+
+In-stream errors (a `ModelStreamInfer` response with `error_message`) carry no status code, only
+text, so they are matched against the table below; the texts are those Triton 2.51 and its
+Python backend answer (observed on the real tritonserver: `tests/gateway/test_faults.py` lists
+them), the TensorRT-LLM executor's, and our engines' (emulator, CPU engine). An in-stream error
+no rule matches is a request error, as before: a client's bad input must never eject a replica.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+import grpc
+
+
+class FaultKind(StrEnum):
+    REPLICA = "replica"  # the replica cannot serve: counts toward its ejection
+    BACK_PRESSURE = "back_pressure"  # the replica is full now: not a fault
+    REQUEST = "request"  # the request was refused: never the replica's fault
+
+
+class FaultReason(StrEnum):
+    STREAM_BROKEN = "stream_broken"  # EOF before the final response
+    TRANSPORT = "transport"  # gRPC UNAVAILABLE / INTERNAL / UNKNOWN
+    BACKEND_DEAD = "backend_dead"  # the Python-backend stub (or engine worker) is gone
+    MODEL_UNAVAILABLE = "model_unavailable"  # model unknown, unloaded, not ready
+    ENGINE_STOPPING = "engine_stopping"  # the engine or server is shutting down
+    ENGINE_INTERNAL = "engine_internal"  # the engine failed on its own side
+    QUEUE_FULL = "queue_full"  # the engine's waiting queue is full
+    INVALID_REQUEST = "invalid_request"  # a gRPC status that blames the request
+    REQUEST_REFUSED = "request_refused"  # an in-stream error no rule names a replica fault
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    kind: FaultKind
+    reason: FaultReason
+
+    @property
+    def replica_fault(self) -> bool:
+        return self.kind is FaultKind.REPLICA
+
+
+# Status codes of a failed ModelStreamInfer call (CANCELLED and DEADLINE_EXCEEDED are ours and
+# never get here). Any code not listed is a request error (INVALID_ARGUMENT, NOT_FOUND, ...).
+_STATUS: dict[grpc.StatusCode, Fault] = {
+    grpc.StatusCode.UNAVAILABLE: Fault(FaultKind.REPLICA, FaultReason.TRANSPORT),
+    grpc.StatusCode.INTERNAL: Fault(FaultKind.REPLICA, FaultReason.TRANSPORT),
+    grpc.StatusCode.UNKNOWN: Fault(FaultKind.REPLICA, FaultReason.TRANSPORT),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Fault(FaultKind.BACK_PRESSURE, FaultReason.QUEUE_FULL),
+}
+
+# In-stream error texts, first match wins (case-insensitive). Back-pressure rules come first: a
+# queue-full message may also say "RESOURCE_EXHAUSTED" or "try again", never a fault.
+_MESSAGES: tuple[tuple[re.Pattern[str], Fault], ...] = tuple(
+    (re.compile(pattern, re.IGNORECASE), Fault(kind, reason))
+    for pattern, kind, reason in (
+        # Engine queue full: the CPU engine ("RESOURCE_EXHAUSTED: N requests already wait for a
+        # batch slot (max_queue_size=M); retry later"), the TensorRT-LLM executor ("Maximum
+        # queue size of N has been reached, please try again later").
+        (r"^RESOURCE_EXHAUSTED\b", FaultKind.BACK_PRESSURE, FaultReason.QUEUE_FULL),
+        (r"maximum queue size .* reached", FaultKind.BACK_PRESSURE, FaultReason.QUEUE_FULL),
+        (r"\bqueue (is )?full\b", FaultKind.BACK_PRESSURE, FaultReason.QUEUE_FULL),
+        # Triton Python backend, stub process dead: "Stub process 'tensorrt_llm_0_0' is not
+        # healthy." (2.51, observed); "... is unhealthy and it will be restarted" (newer).
+        (r"stub process\b.*\b(not healthy|unhealthy)", FaultKind.REPLICA, FaultReason.BACKEND_DEAD),
+        (r"failed to (re)?start the stub process", FaultKind.REPLICA, FaultReason.BACKEND_DEAD),
+        (r"\bstub process\b.*\b(exited|died|crashed)", FaultKind.REPLICA, FaultReason.BACKEND_DEAD),
+        # Triton core, model not served: "Request for unknown model: 'm' is not found"
+        # (observed), "... has no available versions", "... version N is not at ready state".
+        # The gateway asks for the model the replica is registered to serve, so this is the
+        # replica's fault (unloaded, failed to load), not the client's.
+        (r"request for unknown model", FaultKind.REPLICA, FaultReason.MODEL_UNAVAILABLE),
+        (r"is not at ready state", FaultKind.REPLICA, FaultReason.MODEL_UNAVAILABLE),
+        (
+            r"\bmodel\b.*\b(is not ready|unavailable|is unloading|unloaded)",
+            FaultKind.REPLICA,
+            FaultReason.MODEL_UNAVAILABLE,
+        ),
+        # Shutting down: our engines ("engine is stopping"), Triton ("Server is stopping" /
+        # "Server is not ready"), TensorRT-LLM ("... shutting down", "Shutdown called").
+        (r"\bengine is stopping\b", FaultKind.REPLICA, FaultReason.ENGINE_STOPPING),
+        (r"\bserver is (stopping|not ready)\b", FaultKind.REPLICA, FaultReason.ENGINE_STOPPING),
+        (r"\bshutting down\b|\bshutdown called\b", FaultKind.REPLICA, FaultReason.ENGINE_STOPPING),
+        # An engine failure that is not about the request: our engines' catch-all ("internal
+        # error: ..."), CUDA failures, executor failures.
+        (r"^internal error\b", FaultKind.REPLICA, FaultReason.ENGINE_INTERNAL),
+        (
+            r"\bCUDA (error|runtime error)\b|out of memory",
+            FaultKind.REPLICA,
+            FaultReason.ENGINE_INTERNAL,
+        ),
+        (r"executor worker\b.*\b(died|exited|failed)", FaultKind.REPLICA, FaultReason.BACKEND_DEAD),
+    )
+)
+
+STREAM_BROKEN = Fault(FaultKind.REPLICA, FaultReason.STREAM_BROKEN)
+_REFUSED = Fault(FaultKind.REQUEST, FaultReason.REQUEST_REFUSED)
+# For callers that only know whose fault it is (e.g. the gateway's stall timeout).
+REPLICA_FAULT = Fault(FaultKind.REPLICA, FaultReason.STREAM_BROKEN)
+REQUEST_FAULT = _REFUSED
+_INVALID = Fault(FaultKind.REQUEST, FaultReason.INVALID_REQUEST)
+
+
+def classify_status(code: grpc.StatusCode) -> Fault:
+    """The fault a ModelStreamInfer call that ended with `code` (not CANCELLED or
+    DEADLINE_EXCEEDED, which are our own) stands for."""
+    return _STATUS.get(code, _INVALID)
+
+
+def classify_message(message: str) -> Fault:
+    """The fault an in-stream error message stands for; unmatched text is a request error."""
+    for pattern, fault in _MESSAGES:
+        if pattern.search(message):
+            return fault
+    return _REFUSED

@@ -1,0 +1,108 @@
+"""Fault classification (services/gateway/faults.py), table-driven. The in-stream texts marked
+"observed" are what the real tritonserver 2.51 (nvidia-pytriton) answered on ModelStreamInfer:
+after its Python-backend stub was killed, for a model it does not serve, and what our engines
+answer for invalid or oversized requests."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from services.gateway.faults import (
+    FaultKind,
+    FaultReason,
+    classify_message,
+    classify_status,
+)
+from services.gateway.triton_stream import TritonStreamError
+
+R, B, Q = FaultKind.REPLICA, FaultKind.BACK_PRESSURE, FaultKind.REQUEST
+
+MESSAGES = [
+    # observed, Triton 2.51 Python backend after its stub process was SIGKILLed
+    ("Stub process 'tensorrt_llm_0_0' is not healthy.", R, FaultReason.BACKEND_DEAD),
+    # newer Python backends
+    ("Stub process 'm_0_0' is unhealthy and it will be restarted.", R, FaultReason.BACKEND_DEAD),
+    ("Failed to restart the stub process: x", R, FaultReason.BACKEND_DEAD),
+    # observed, Triton core for a model it does not serve
+    ("Request for unknown model: 'tensorrt_llm' is not found", R, FaultReason.MODEL_UNAVAILABLE),
+    (
+        "Request for unknown model: 'tensorrt_llm' has no available versions",
+        R,
+        FaultReason.MODEL_UNAVAILABLE,
+    ),
+    (
+        "Request for unknown model: 'tensorrt_llm' version 1 is not at ready state",
+        R,
+        FaultReason.MODEL_UNAVAILABLE,
+    ),
+    # shutting down: our engines, Triton, TensorRT-LLM
+    ("engine is stopping", R, FaultReason.ENGINE_STOPPING),
+    ("Server is stopping", R, FaultReason.ENGINE_STOPPING),
+    ("Executor is shutting down", R, FaultReason.ENGINE_STOPPING),
+    # our engines' catch-all for a failure that is not the request's
+    ("internal error: RuntimeError('boom')", R, FaultReason.ENGINE_INTERNAL),
+    ("CUDA error: an illegal memory access was encountered", R, FaultReason.ENGINE_INTERNAL),
+    # back-pressure: CPU engine, TensorRT-LLM executor
+    (
+        "RESOURCE_EXHAUSTED: 9 requests already wait for a batch slot (max_queue_size=8); "
+        "retry later",
+        B,
+        FaultReason.QUEUE_FULL,
+    ),
+    (
+        "Maximum queue size of 128 has been reached, please try again later",
+        B,
+        FaultReason.QUEUE_FULL,
+    ),
+    # the client's bad input: observed from the emulator behind Triton 2.51
+    ("input_ids must hold at least one token", Q, FaultReason.REQUEST_REFUSED),
+    (
+        "prompt (3) + request_output_len (1000000000) tokens need 31250001 KV blocks of 32 "
+        "tokens, the cache holds 12800",
+        Q,
+        FaultReason.REQUEST_REFUSED,
+    ),
+    (
+        "prompt of 9000 tokens exceeds max_num_tokens=8192 (chunked context is not enabled)",
+        Q,
+        FaultReason.REQUEST_REFUSED,
+    ),
+    (
+        "unexpected shape for input 'input_ids' for model 'tensorrt_llm'",
+        Q,
+        FaultReason.REQUEST_REFUSED,
+    ),
+    ("something nobody listed", Q, FaultReason.REQUEST_REFUSED),
+]
+
+
+@pytest.mark.parametrize(("message", "kind", "reason"), MESSAGES)
+def test_in_stream_errors(message: str, kind: FaultKind, reason: FaultReason) -> None:
+    fault = classify_message(message)
+    assert (fault.kind, fault.reason) == (kind, reason)
+    assert fault.replica_fault == (kind is R)
+    err = TritonStreamError(message, fault)
+    assert err.replica_fault == (kind is R)
+
+
+STATUSES = [
+    (grpc.StatusCode.UNAVAILABLE, R),
+    (grpc.StatusCode.INTERNAL, R),
+    (grpc.StatusCode.UNKNOWN, R),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, B),
+    (grpc.StatusCode.INVALID_ARGUMENT, Q),
+    (grpc.StatusCode.NOT_FOUND, Q),
+    (grpc.StatusCode.FAILED_PRECONDITION, Q),
+    (grpc.StatusCode.UNIMPLEMENTED, Q),
+]
+
+
+@pytest.mark.parametrize(("code", "kind"), STATUSES)
+def test_status_codes(code: grpc.StatusCode, kind: FaultKind) -> None:
+    assert classify_status(code).kind is kind
+
+
+def test_callers_that_only_know_whose_fault_it_is() -> None:
+    assert TritonStreamError("stalled", replica_fault=True).replica_fault
+    assert not TritonStreamError("bad", replica_fault=False).replica_fault
