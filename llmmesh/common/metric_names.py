@@ -24,6 +24,7 @@ GATEWAY_RESUME_EVICTIONS: Final = "llmmesh_gateway_resume_evictions_total"
 GATEWAY_RESUME_ENTRIES: Final = "llmmesh_gateway_resume_entries"
 GATEWAY_RESUME_TOKENS: Final = "llmmesh_gateway_resume_tokens"
 GATEWAY_USAGE_RECORDS: Final = "llmmesh_gateway_usage_log_records_total"
+GATEWAY_MIGRATIONS: Final = "llmmesh_gateway_migrations_total"
 
 # -- orchestrator ---------------------------------------------------------------------------
 ORCH_QUEUE_DEPTH: Final = "llmmesh_orchestrator_queue_depth"

@@ -13,6 +13,19 @@ Invariants:
 - Every generation ends in exactly one usage record (`usage.py`) and one
   `llmmesh_gateway_requests_total` increment; a request refused before a generation starts
   (authentication, id conflict, full store, unknown resume) gets one too.
+
+Request migration: when the replica fails a request (a `TritonStreamError`; after the first
+token only a replica fault, or no token within `stall_timeout_s`), the core admits it again,
+excluding every replica that failed it, and continues on the new lease with the prompt plus the
+tokens generated so far as its input and the remaining max_tokens; the same `StreamState`
+carries on, so the client's stream, token offsets, stop-string matching, detokenization and
+usage continue as if nothing happened. Before the first token this is bounded by
+`retries_before_first_token`, after it by `max_migrations`; each is counted
+(`llmmesh_gateway_migrations_total{phase,outcome}`), logged with the request id and added to
+the request's span as a `migration` event. A greedy continuation equals the uninterrupted
+output (the engine's next token is a function of its context); at temperature > 0 it is a
+continuation sampled given the context so far, not a replay (a seeded request is reproducible
+only when no migration happened).
 """
 
 from __future__ import annotations
@@ -51,7 +64,6 @@ from services.gateway.generation import (
     Sampling,
     request_digest,
 )
-from services.gateway.limits import TenantLimits
 from services.gateway.models import ServedModel
 from services.gateway.readiness import Readiness, ReadinessCheck
 from services.gateway.resume import Key, ResumeStore
@@ -82,9 +94,22 @@ __all__ = [
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("llmmesh.gateway")
 
+# `llmmesh_gateway_migrations_total{phase}`
+_BEFORE_FIRST_TOKEN = "before_first_token"
+_MID_STREAM = "mid_stream"
+
 
 class UsageSink(Protocol):
     def submit(self, record: UsageRecord) -> None: ...
+
+
+class _AttemptFailed(Exception):
+    """One attempt's replica failed; `error` is what the client gets if it is not retried."""
+
+    def __init__(self, error: ReplicaFailed, *, replica_fault: bool):
+        super().__init__(str(error))
+        self.error = error
+        self.replica_fault = replica_fault
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,28 +360,22 @@ class GatewayCore:
                 metrics.record_prompt_tokens(
                     v.model.name, None if limits is None else limits.tenant, len(v.prompt_ids)
                 )
-                attempts = self._settings.retries_before_first_token + 1
-                leased = False
+                state = StreamState(
+                    v.model,
+                    prompt_tokens=len(v.prompt_ids),
+                    max_tokens=v.max_tokens,
+                    stop=v.stop,
+                    block_size=self._block_size,
+                    start=start,
+                    progress=progress,
+                    limits=limits,
+                )
+                leases: list[Lease] = []
                 try:
-                    for attempt in range(attempts):
-                        lease = await self._admit(req, v, deadline)
-                        leased = True
-                        span.set_attribute("llmmesh.replica", lease.replica.id)
-                        started = False
-                        try:
-                            async for ev in self._stream(
-                                req, v, lease, start, deadline, progress, limits
-                            ):
-                                started = True
-                                yield ev
-                            break
-                        except ReplicaFailed as err:
-                            # Nothing reached the client yet: a new Admit picks another replica.
-                            if started or attempt + 1 >= attempts:
-                                raise
-                            log.warning("retrying on another replica", extra={"error": str(err)})
+                    async for ev in self._attempts(req, v, state, deadline, span, leases):
+                        yield ev
                 except ServiceError:
-                    if limits is not None and not leased:
+                    if limits is not None and not leases:
                         # Never served (queue full, no replica, ...): the tenant keeps its budget.
                         limits.refund(len(v.prompt_ids))
                     raise
@@ -397,16 +416,116 @@ class GatewayCore:
                 )
             )
 
-    async def _admit(self, req: GenerationRequest, v: _Validated, deadline: float) -> Lease:
+    async def _attempts(
+        self,
+        req: GenerationRequest,
+        v: _Validated,
+        state: StreamState,
+        deadline: float,
+        span: trace.Span,
+        leases: list[Lease],
+    ) -> AsyncIterator[Event]:
+        """The request's attempts: admit, stream, and on a replica failure admit again elsewhere
+        and continue (module docstring: request migration). Every granted lease is appended to
+        `leases`."""
+        s = self._settings
+        excluded: set[str] = set()
+        retries = migrations = 0
+        failed: _AttemptFailed | None = None  # the last attempt's failure, being recovered from
+        phase = ""
+        while True:
+            try:
+                lease = await self._admit(req, v, state, deadline, excluded)
+            except ServiceError as err:
+                if failed is None:
+                    raise
+                metrics.record_migration(phase, "admission_failed")
+                log.warning(
+                    "no replica to continue on",
+                    extra={"request_id": req.request_id, "phase": phase, "error": str(err)},
+                )
+                if phase == _BEFORE_FIRST_TOKEN:
+                    raise  # as if it were the first admission: nothing was sent yet
+                raise ReplicaFailed(
+                    f"{failed.error}; no other replica could continue it: {err}"
+                ) from err
+            if failed is not None:
+                metrics.record_migration(phase, "migrated")
+                log.warning(
+                    "request migrated",
+                    extra={
+                        "request_id": req.request_id,
+                        "phase": phase,
+                        "replica": lease.replica.id,
+                        "tokens": state.completion_tokens,
+                    },
+                )
+                span.add_event(
+                    "migration.admitted",
+                    {"llmmesh.replica": lease.replica.id, "llmmesh.phase": phase},
+                )
+            leases.append(lease)
+            span.set_attribute("llmmesh.replica", lease.replica.id)
+            try:
+                async for ev in self._stream(req, v, lease, state, deadline, leases):
+                    yield ev
+                return
+            except _AttemptFailed as err:
+                failed = err
+                if state.completion_tokens == 0:
+                    # Nothing reached the client yet: any engine failure is retried elsewhere.
+                    phase, allowed = _BEFORE_FIRST_TOKEN, retries < s.retries_before_first_token
+                    retries += 1
+                else:
+                    if not err.replica_fault:
+                        raise err.error from err.__cause__
+                    phase, allowed = _MID_STREAM, migrations < s.max_migrations
+                    migrations += 1
+                if err.replica_fault:
+                    excluded.add(lease.replica.id)
+                span.add_event(
+                    "migration",
+                    {
+                        "llmmesh.replica": lease.replica.id,
+                        "llmmesh.phase": phase,
+                        "llmmesh.tokens": state.completion_tokens,
+                        "llmmesh.error": str(err.error),
+                        "llmmesh.allowed": allowed,
+                    },
+                )
+                if not allowed:
+                    metrics.record_migration(phase, "limit_reached")
+                    raise err.error from err.__cause__
+                log.warning(
+                    "replica failed; admitting the request again elsewhere",
+                    extra={
+                        "request_id": req.request_id,
+                        "phase": phase,
+                        "replica": lease.replica.id,
+                        "tokens": state.completion_tokens,
+                        "error": str(err.error),
+                    },
+                )
+                state.begin_attempt(time.perf_counter())
+
+    async def _admit(
+        self,
+        req: GenerationRequest,
+        v: _Validated,
+        state: StreamState,
+        deadline: float,
+        excluded: set[str],
+    ) -> Lease:
         return await self._admission.admit(
             AdmissionRequest(
                 request_id=req.request_id,
                 model=v.model.settings.triton_model,
-                prompt_token_ids=v.prompt_ids,
-                max_tokens=v.max_tokens,
+                prompt_token_ids=state.continuation(v.prompt_ids),
+                max_tokens=state.remaining,
                 priority=Priority.BATCH if self._settings.shadow else req.priority,
                 tenant=req.tenant,
                 model_version=self._settings.model_version,
+                exclude_replicas=frozenset(excluded),
             ),
             timeout_s=deadline - time.perf_counter(),
         )
@@ -416,24 +535,15 @@ class GatewayCore:
         req: GenerationRequest,
         v: _Validated,
         lease: Lease,
-        start: float,
+        state: StreamState,
         deadline: float,
-        progress: Progress,
-        limits: TenantLimits | None = None,
+        leases: Sequence[Lease],
     ) -> AsyncIterator[Event]:
-        """One attempt on the leased replica; its lease is reported once, however it ends."""
+        """One attempt on the leased replica, continuing `state`; its lease is reported once,
+        however it ends. A replica failure is `_AttemptFailed`."""
         replica = lease.replica
-        progress.replica = replica.id
-        state = StreamState(
-            v.model,
-            prompt_tokens=len(v.prompt_ids),
-            max_tokens=v.max_tokens,
-            stop=v.stop,
-            block_size=self._block_size,
-            start=start,
-            progress=progress,
-            limits=limits,
-        )
+        state.serve_on(replica.id)
+        stall = self._settings.stall_timeout_s or None
         outcome = Outcome.REQUEST_ERROR
         error = ""
         try:
@@ -442,12 +552,25 @@ class GatewayCore:
                 chunks = self._triton.stream(
                     replica.grpc_address,
                     replica.authority,
-                    self._engine_request(req, v),
+                    self._engine_request(req, v, state),
                     timeout_s=max(deadline - time.perf_counter(), 0.001),
                     metadata=inject_trace_metadata([]),
                 )
                 async with contextlib.aclosing(chunks):
-                    async for chunk in chunks:
+                    while True:
+                        try:
+                            if stall is not None and state.completion_tokens:
+                                async with asyncio.timeout(stall):
+                                    chunk = await anext(chunks)
+                            else:
+                                chunk = await anext(chunks)
+                        except StopAsyncIteration:
+                            break
+                        except TimeoutError:
+                            raise TritonStreamError(
+                                f"no token within the stall timeout ({stall:g} s)",
+                                replica_fault=True,
+                            ) from None
                         delta = state.push(chunk)
                         if delta is not None:
                             yield delta
@@ -460,7 +583,10 @@ class GatewayCore:
         except TritonStreamError as err:
             error = str(err)
             outcome = Outcome.REPLICA_ERROR if err.replica_fault else Outcome.REQUEST_ERROR
-            raise ReplicaFailed(f"replica {replica.id} failed: {err}") from err
+            raise _AttemptFailed(
+                ReplicaFailed(f"replica {replica.id} failed: {err}"),
+                replica_fault=err.replica_fault,
+            ) from err
         except EngineCallStopped as err:
             outcome = Outcome.CANCELLED
             error = str(err.error)
@@ -470,16 +596,18 @@ class GatewayCore:
             raise
         finally:
             self._admission.complete(state.report(lease.lease_id, outcome, error))
-            state.close()
-        yield state.completion(lease.queue_ms, replica.id)
+            state.end_attempt()
+        yield state.completion(sum(x.queue_ms for x in leases), replica.id)
 
     @staticmethod
-    def _engine_request(req: GenerationRequest, v: _Validated) -> EngineRequest:
+    def _engine_request(req: GenerationRequest, v: _Validated, state: StreamState) -> EngineRequest:
+        """The attempt's engine request: a continuation's input is the prompt plus the tokens
+        generated so far, its max_tokens what remains."""
         return EngineRequest(
             request_id=req.request_id,
             model=v.model.settings.triton_model,
-            input_ids=v.prompt_ids,
-            max_tokens=v.max_tokens,
+            input_ids=state.continuation(v.prompt_ids),
+            max_tokens=state.remaining,
             end_id=v.model.end_id,
             temperature=v.temperature,
             top_p=v.top_p,

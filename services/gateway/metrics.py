@@ -55,6 +55,13 @@ _RESUME_ENTRIES = Gauge(names.GATEWAY_RESUME_ENTRIES, "Generations held by the i
 _RESUME_TOKENS = Gauge(
     names.GATEWAY_RESUME_TOKENS, "Completion tokens held or reserved by the idempotency store."
 )
+# phase: before_first_token | mid_stream; outcome: `record_migration`'s bounded set.
+_MIGRATIONS = Counter(
+    names.GATEWAY_MIGRATIONS,
+    "Requests moved to another replica after theirs failed, by phase (before_first_token, "
+    "mid_stream) and outcome (migrated, limit_reached, admission_failed).",
+    ["phase", "outcome"],
+)
 _USAGE_RECORDS = Counter(
     names.GATEWAY_USAGE_RECORDS,
     "Usage records by what happened to them in the usage log (written, dropped, write_error).",
@@ -126,6 +133,13 @@ class StreamMetrics:
 
 def _ignore(amount: float) -> None:
     pass
+
+
+# -- request migration ----------------------------------------------------------------------
+def record_migration(phase: str, outcome: str) -> None:
+    """A replica failed a request: `migrated` (re-admitted on another replica), `limit_reached`
+    (no attempt left: the client gets UNAVAILABLE) or `admission_failed` (no other replica)."""
+    _MIGRATIONS.labels(phase, outcome).inc()
 
 
 # -- idempotency store ----------------------------------------------------------------------

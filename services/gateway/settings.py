@@ -93,7 +93,29 @@ class GatewaySettings(ServiceSettings):
     retries_before_first_token: int = Field(
         default=1,
         ge=0,
-        description="When a replica fails before the first token, admit again this many times (never after).",
+        description=(
+            "When a replica fails before the first token, admit again this many times, on "
+            "another replica."
+        ),
+    )
+    max_migrations: int = Field(
+        default=2,
+        ge=0,
+        description=(
+            "When a replica fails after the first token (a replica fault, or no token within "
+            "stall_timeout_s), continue the request on another replica this many times: the "
+            "prompt plus the tokens generated so far, the remaining max_tokens, the same client "
+            "stream. 0: such a failure ends the stream with UNAVAILABLE."
+        ),
+    )
+    stall_timeout_s: float = Field(
+        default=30.0,
+        ge=0,
+        description=(
+            "Once a request has its first token: longest wait for the replica's next token (a "
+            "continuation's first one included) before the stream is cancelled as a replica "
+            "fault and migrated. 0: off."
+        ),
     )
     max_prompt_chars: int = Field(
         default=1_000_000,

@@ -1,11 +1,20 @@
-"""Per-attempt streaming state: engine chunks in, `Delta`s and one `Completion` out.
+"""Per-request streaming state: engine chunks in, `Delta`s and one `Completion` out.
 
-`StreamState` owns what one attempt on one replica accumulates: incremental detokenization,
-stop-string matching, the completion token count and its max_tokens bound, first-token and
-inter-token timing, the engine's reused-KV-block report, tenant completion charges, and the
-request's usage `Progress`. It is on the per-token path: per chunk, `push` allocates only the
-`Delta` it returns, the text pieces, and a token list only when the chunk is cut (end id,
-max_tokens); metric label children are resolved once per attempt.
+`StreamState` owns what a generation accumulates across its attempts (a request migrated to
+another replica continues the same state): incremental detokenization, stop-string matching,
+the completion token ids and count and its max_tokens bound, first-token and inter-token timing,
+the engine's reused-KV-block report, tenant completion charges, and the request's usage
+`Progress`. Per attempt (`begin_attempt` .. `end_attempt`) it also keeps what that attempt's
+lease report needs: its prompt (the original prompt plus the tokens generated before it), its
+completion tokens, reused KV blocks and first-token time.
+
+Usage counts each token once: `completion_tokens` is the request's total; the prompt is the
+original one; `cached_prompt_tokens` is what the attempt that prefilled the original prompt
+reported (a continuation's reuse of its longer prompt only goes into its lease report).
+
+It is on the per-token path: per chunk, `push` allocates only the `Delta` it returns, the text
+pieces, and a token list only when the chunk is cut (end id, max_tokens); metric label children
+are resolved once per request.
 """
 
 from __future__ import annotations
@@ -70,12 +79,18 @@ class StopMatcher:
 
 
 class StreamState:
-    """One attempt's state (module docstring). Invariants: `completion_tokens` never exceeds
-    `max_tokens`; once `finish` is set no further chunk is pushed; the last delta carries all
-    the text still held back, except at a stop string, where the text ends before it."""
+    """One generation's state (module docstring). Invariants: `completion_tokens` never exceeds
+    `max_tokens` and equals `len(generated)`; once `finish` is set no further chunk is pushed;
+    the last delta carries all the text still held back, except at a stop string, where the
+    text ends before it."""
 
     __slots__ = (
+        "_attempt_cached",
+        "_attempt_first_at",
+        "_attempt_start",
+        "_attempt_tokens0",
         "_block_size",
+        "_continuing",
         "_decoder",
         "_end_id",
         "_itl_sum",
@@ -91,6 +106,7 @@ class StreamState:
         "completion_tokens",
         "finish",
         "first_at",
+        "generated",
         "prompt_tokens",
     )
 
@@ -123,12 +139,40 @@ class StreamState:
         self.cached_blocks = 0  # KV blocks the engine reported reused for the prompt
         self.first_at: float | None = None
         self.finish: FinishReason | None = None
+        self.generated: list[int] = []  # every completion token id so far, in order
+        self.begin_attempt(start)
+
+    # -- attempts ---------------------------------------------------------------------------
+    def begin_attempt(self, start: float) -> None:
+        """A new attempt starts (perf_counter() `start`); the first one begins at construction."""
+        self._attempt_start = start
+        self._attempt_tokens0 = self.completion_tokens
+        self._attempt_cached = 0
+        self._attempt_first_at: float | None = None
+        # A continuation's prompt is the original plus what was generated: its KV reuse is
+        # not the original prompt's.
+        self._continuing = self.completion_tokens > 0
+
+    def serve_on(self, replica_id: str) -> None:
+        """The current attempt's replica (the usage record names the last one)."""
+        self._progress.replica = replica_id
+
+    @property
+    def remaining(self) -> int:
+        """Completion tokens still allowed (the continuation's max_tokens)."""
+        return self._max_tokens - self.completion_tokens
+
+    def continuation(self, prompt_ids: list[int]) -> list[int]:
+        """The next attempt's input: the prompt plus every token generated so far."""
+        return prompt_ids + self.generated if self.generated else prompt_ids
 
     def push(self, chunk: EngineChunk) -> Delta | None:
         """The delta for one engine chunk (None when it brings no token). Sets `finish` at the
         end id, a stop string or max_tokens."""
         if chunk.kv_cache_reused_blocks is not None:
-            self.cached_blocks = chunk.kv_cache_reused_blocks
+            self._attempt_cached = chunk.kv_cache_reused_blocks
+            if not self._continuing:
+                self.cached_blocks = chunk.kv_cache_reused_blocks
         ids = chunk.token_ids
         if self._end_id in ids:
             ids = ids[: ids.index(self._end_id)]
@@ -147,6 +191,8 @@ class StreamState:
             self._limits.charge(n)
             self._metrics.tenant_completion(n)
         now = time.perf_counter()
+        if self._attempt_first_at is None:
+            self._attempt_first_at = now
         if self.first_at is None:
             self.first_at = self._progress.first_token_s = now
             self._metrics.observe_ttft(now - self._start)
@@ -158,6 +204,7 @@ class StreamState:
             self._itl_sum += now - self._last_at
         self._last_at = now
         self.completion_tokens = self._progress.completion_tokens = offset + n
+        self.generated.extend(ids)
         stops = self._stops
         text, stopped = stops.feed(self._decoder.push(ids))
         if stopped:
@@ -186,19 +233,22 @@ class StreamState:
         return min(self.cached_blocks * self._block_size, self.prompt_tokens)
 
     def report(self, lease_id: str, outcome: Outcome, error: str) -> LeaseReport:
+        """The current attempt's lease report: its own prompt (with the tokens generated
+        before it), completion tokens, reused blocks and first-token time."""
+        first = self._attempt_first_at
         return LeaseReport(
             lease_id=lease_id,
             outcome=outcome,
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            kv_cache_reused_blocks=self.cached_blocks,
-            ttft_ms=self.ttft_ms,
+            prompt_tokens=self.prompt_tokens + self._attempt_tokens0,
+            completion_tokens=self.completion_tokens - self._attempt_tokens0,
+            kv_cache_reused_blocks=self._attempt_cached,
+            ttft_ms=None if first is None else (first - self._attempt_start) * 1000,
             error=error,
         )
 
-    def close(self) -> None:
-        """The attempt ended (any way): count its completion tokens, settle its progress."""
-        record_completion_tokens(self._model_name, self.completion_tokens)
+    def end_attempt(self) -> None:
+        """The attempt ended (any way): count its completion tokens, settle the progress."""
+        record_completion_tokens(self._model_name, self.completion_tokens - self._attempt_tokens0)
         self._progress.cached_prompt_tokens = self.cached_prompt_tokens
 
     def completion(self, queue_ms: float, replica_id: str) -> Completion:

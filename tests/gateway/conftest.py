@@ -81,15 +81,24 @@ class FakeAdmission:
         return self.reports
 
 
+class Hang:
+    """A script item: the replica stops sending (the stream stays open) until `release` is set
+    (never, unless a test sets it)."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+
 class FakeEngine:
     """Plays one scripted chunk list per stream call, in order; an exception in a script is
-    raised at that point."""
+    raised at that point, a `Hang` waits there. Counts streams cancelled by the caller."""
 
-    def __init__(self, scripts: Sequence[Sequence[EngineChunk | Exception]]):
+    def __init__(self, scripts: Sequence[Sequence[EngineChunk | Exception | Hang]]):
         self.scripts = scripts
         self.requests: list[EngineRequest] = []
         self.targets: list[tuple[str, str]] = []  # (address, authority) per call
         self.metadata: list[Sequence[tuple[str, str]]] = []
+        self.cancelled = 0
 
     async def stream(
         self,
@@ -103,11 +112,18 @@ class FakeEngine:
         self.requests.append(request)
         self.targets.append((address, authority))
         self.metadata.append(metadata)
-        for item in self.scripts[len(self.requests) - 1]:
-            if isinstance(item, Exception):
-                raise item
-            yield item
+        try:
+            for item in self.scripts[len(self.requests) - 1]:
+                if isinstance(item, Exception):
+                    raise item
+                if isinstance(item, Hang):
+                    await item.release.wait()
+                    continue
+                yield item
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
 
 
-def chunk(*ids: int, final: bool = False) -> EngineChunk:
-    return EngineChunk(list(ids), final)
+def chunk(*ids: int, final: bool = False, reused: int | None = None) -> EngineChunk:
+    return EngineChunk(list(ids), final, reused)

@@ -130,12 +130,15 @@ async def test_replica_failure_before_first_token_retries_elsewhere(model: Serve
     ]
 
 
-async def test_replica_failure_after_first_token_is_not_retried(model: ServedModel) -> None:
+async def test_replica_failure_after_first_token_without_migration_is_unavailable(
+    model: ServedModel,
+) -> None:
+    # With migration (test_migration.py) the request would continue on another replica.
     ids = model.encode(" ok then")
     engine = FakeEngine(
         [[chunk(ids[0]), TritonStreamError("connection reset", replica_fault=True)]]
     )
-    core, orch = make(model, engine)
+    core, orch = make(model, engine, max_migrations=0)
     got: list[Delta | Completion] = []
 
     async def consume() -> None:

@@ -1,0 +1,293 @@
+"""Request migration: a replica failing mid-stream, the request continued on another replica,
+the client's stream uninterrupted (in-process fakes of admission and the engine)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+
+from llmmesh.common import metric_names as names
+from services.gateway.admission import Outcome
+from services.gateway.core import (
+    Completion,
+    Delta,
+    FinishReason,
+    GatewayCore,
+    GenerationRequest,
+    Sampling,
+)
+from services.gateway.errors import NoReplica, ReplicaFailed
+from services.gateway.models import ServedModel
+from services.gateway.settings import GatewaySettings, ModelSettings
+from services.gateway.triton_stream import EngineChunk, TritonStreamError
+from services.gateway.usage import UsageRecord
+from tests.gateway.conftest import MODEL, FakeAdmission, FakeEngine, Hang, chunk
+
+Event = Delta | Completion
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer_path: Path) -> ServedModel:
+    return ServedModel.load(ModelSettings(name=MODEL, tokenizer_path=tokenizer_path))
+
+
+class Usage:
+    def __init__(self) -> None:
+        self.records: list[UsageRecord] = []
+
+    def submit(self, record: UsageRecord) -> None:
+        self.records.append(record)
+
+
+def make(
+    model: ServedModel, engine: FakeEngine, **settings: Any
+) -> tuple[GatewayCore, FakeAdmission, Usage]:
+    admission, usage = FakeAdmission(), Usage()
+    core = GatewayCore(
+        GatewaySettings(models=[model.settings], **settings),
+        [model],
+        admission,
+        engine,
+        32,
+        usage=usage,
+    )
+    return core, admission, usage
+
+
+def fault(message: str = "connection reset") -> TritonStreamError:
+    return TritonStreamError(message, replica_fault=True)
+
+
+def tokens(*ids: int) -> list[EngineChunk]:
+    """One chunk per token, as Triton streams them."""
+    return [chunk(t) for t in ids]
+
+
+def migrations(phase: str, outcome: str) -> float:
+    value = REGISTRY.get_sample_value(
+        names.GATEWAY_MIGRATIONS, {"phase": phase, "outcome": outcome}
+    )
+    return value or 0.0
+
+
+PROMPT = list(range(100, 170))  # 70 tokens: 2 blocks of 32 and some
+
+
+def request(**sampling: Any) -> GenerationRequest:
+    return GenerationRequest(
+        model=MODEL, request_id="req-7", prompt_ids=PROMPT, sampling=Sampling(**sampling)
+    )
+
+
+async def collect(core: GatewayCore, req: GenerationRequest) -> list[Event]:
+    return [ev async for ev in core.generate(req, 10.0)]
+
+
+def deltas(events: list[Event]) -> list[Delta]:
+    return [e for e in events if isinstance(e, Delta)]
+
+
+def assert_one_contiguous_stream(events: list[Event], ids: list[int]) -> None:
+    """Offsets continue across the migration; every token once, in order."""
+    offset = 0
+    for d in deltas(events):
+        assert d.offset == offset
+        offset = d.end
+    assert [t for d in deltas(events) for t in d.token_ids] == ids
+    assert isinstance(events[-1], Completion)
+    assert sum(isinstance(e, Completion) for e in events) == 1
+
+
+async def test_mid_stream_fault_continues_on_another_replica(model: ServedModel) -> None:
+    # Text held back for a stop string and an unfinished character cross the boundary too.
+    ids = model.encode(" alpha beta 🦙 gamma delta")
+    k = ids.index(model.encode(" 🦙")[1])  # the emoji's second byte token: mid-character
+    engine = FakeEngine(
+        [
+            [chunk(ids[0], reused=1), *tokens(*ids[1:k]), fault()],
+            [chunk(ids[k], reused=3), *tokens(*ids[k + 1 :]), chunk(final=True)],
+        ]
+    )
+    core, orch, usage = make(model, engine)
+    before = migrations("mid_stream", "migrated")
+    events = await collect(core, request(max_tokens=len(ids), stop=("zzzz",)))
+
+    assert_one_contiguous_stream(events, ids)
+    assert "".join(d.text for d in deltas(events)) == model.decode(ids)
+    final = events[-1]
+    assert isinstance(final, Completion)
+    assert final.finish_reason is FinishReason.LENGTH
+    assert (final.prompt_tokens, final.completion_tokens) == (len(PROMPT), len(ids))
+    # Cached tokens as the attempt that prefilled the original prompt reported (1 block).
+    assert final.cached_prompt_tokens == 32
+    assert final.replica_id == "r2"
+    # The continuation: prompt + tokens so far, the remaining max_tokens, not on r1.
+    second = orch.admits[1]
+    assert list(second.prompt_token_ids) == PROMPT + ids[:k]
+    assert second.max_tokens == len(ids) - k
+    assert second.exclude_replicas == {"r1"}
+    assert orch.admits[0].exclude_replicas == frozenset()
+    assert list(engine.requests[1].input_ids) == PROMPT + ids[:k]
+    assert engine.requests[1].max_tokens == len(ids) - k
+    assert engine.requests[1].request_id == engine.requests[0].request_id
+    # One report per lease, each with its own attempt's numbers.
+    reports = await orch.wait_reports(2)
+    assert [(r.lease_id, r.outcome) for r in reports] == [
+        ("lease-1", Outcome.REPLICA_ERROR),
+        ("lease-2", Outcome.SUCCESS),
+    ]
+    assert [(r.prompt_tokens, r.completion_tokens) for r in reports] == [
+        (len(PROMPT), k),
+        (len(PROMPT) + k, len(ids) - k),
+    ]
+    assert [r.kv_cache_reused_blocks for r in reports] == [1, 3]
+    assert all(r.ttft_ms is not None for r in reports)
+    # Usage counts every token once, under the original prompt and the last replica.
+    [record] = usage.records
+    assert (record.outcome, record.prompt_tokens, record.completion_tokens) == (
+        "success",
+        len(PROMPT),
+        len(ids),
+    )
+    assert record.replica == "r2"
+    assert migrations("mid_stream", "migrated") == before + 1
+
+
+async def test_several_migrations_exclude_every_failed_replica(model: ServedModel) -> None:
+    ids = model.encode(" one two three four five six")
+    engine = FakeEngine(
+        [
+            [*tokens(*ids[:2]), fault()],
+            [*tokens(*ids[2:3]), fault("INTERNAL: boom")],
+            [*tokens(*ids[3:]), chunk(final=True)],
+        ]
+    )
+    core, orch, _ = make(model, engine, max_migrations=2)
+    events = await collect(core, request(max_tokens=len(ids)))
+    assert_one_contiguous_stream(events, ids)
+    assert [set(a.exclude_replicas) for a in orch.admits] == [set(), {"r1"}, {"r1", "r2"}]
+    assert [len(r.input_ids) for r in engine.requests] == [len(PROMPT) + n for n in (0, 2, 3)]
+    assert [r.max_tokens for r in engine.requests] == [len(ids) - n for n in (0, 2, 3)]
+
+
+async def test_migration_limit_then_unavailable(model: ServedModel) -> None:
+    ids = model.encode(" one two three four")
+    engine = FakeEngine([[*tokens(ids[0]), fault()], [*tokens(ids[1]), fault("gone again")]])
+    core, orch, usage = make(model, engine, max_migrations=1)
+    before = migrations("mid_stream", "limit_reached")
+    got: list[Event] = []
+
+    async def consume() -> None:
+        async for ev in core.generate(request(max_tokens=len(ids)), 10.0):
+            got.append(ev)
+
+    with pytest.raises(ReplicaFailed, match="r2 failed: gone again"):
+        await consume()
+    assert [t for d in deltas(got) for t in d.token_ids] == ids[:2]
+    assert len(orch.admits) == 2
+    assert migrations("mid_stream", "limit_reached") == before + 1
+    [record] = usage.records
+    assert (record.outcome, record.completion_tokens) == ("replica_error", 2)
+
+
+async def test_no_migration_when_disabled(model: ServedModel) -> None:
+    ids = model.encode(" ok then")
+    engine = FakeEngine([[chunk(ids[0]), fault()]])
+    core, orch, _ = make(model, engine, max_migrations=0)
+    with pytest.raises(ReplicaFailed, match="r1"):
+        await collect(core, request())
+    assert len(orch.admits) == 1
+
+
+async def test_request_errors_are_not_migrated(model: ServedModel) -> None:
+    ids = model.encode(" ok then")
+    engine = FakeEngine(
+        [[chunk(ids[0]), TritonStreamError("bad sampling parameter", replica_fault=False)]]
+    )
+    core, orch, _ = make(model, engine)
+    with pytest.raises(ReplicaFailed, match="bad sampling parameter"):
+        await collect(core, request())
+    assert len(orch.admits) == 1
+
+
+async def test_partially_matched_stop_string_still_stops_after_migration(
+    model: ServedModel,
+) -> None:
+    ids = model.encode(" alpha beta gamma delta epsilon")
+    # " beta" (the stop string's start) arrives before the failure, " gamma" after it.
+    engine = FakeEngine([[*tokens(*ids[:2]), fault()], [*tokens(*ids[2:]), chunk(final=True)]])
+    core, orch, _ = make(model, engine)
+    events = await collect(core, request(max_tokens=50, stop=("beta gamma",)))
+    assert "".join(d.text for d in deltas(events)) == " alpha "
+    final = events[-1]
+    assert isinstance(final, Completion)
+    assert final.finish_reason is FinishReason.STOP
+    assert final.completion_tokens == 3  # the stop string's last token, then no more read
+    assert len(orch.admits) == 2
+
+
+async def test_stall_timeout_migrates_and_cancels_the_stalled_stream(
+    model: ServedModel,
+) -> None:
+    ids = model.encode(" one two three four")
+    engine = FakeEngine([[*tokens(*ids[:2]), Hang()], [*tokens(*ids[2:]), chunk(final=True)]])
+    core, orch, _ = make(model, engine, stall_timeout_s=0.05)
+    events = await collect(core, request(max_tokens=len(ids)))
+    assert_one_contiguous_stream(events, ids)
+    assert engine.cancelled == 1
+    assert orch.admits[1].exclude_replicas == {"r1"}
+    report = (await orch.wait_reports(2))[0]
+    assert report.outcome is Outcome.REPLICA_ERROR
+    assert "stall timeout" in report.error
+
+
+async def test_failure_before_first_token_excludes_the_replica(model: ServedModel) -> None:
+    ids = model.encode(" ok")
+    engine = FakeEngine([[fault()], [*tokens(*ids), chunk(final=True)]])
+    core, orch, _ = make(model, engine, max_migrations=0)  # before the first token: retries
+    before = migrations("before_first_token", "migrated")
+    events = await collect(core, request(max_tokens=len(ids)))
+    assert_one_contiguous_stream(events, ids)
+    assert orch.admits[1].exclude_replicas == {"r1"}
+    assert list(orch.admits[1].prompt_token_ids) == PROMPT
+    assert migrations("before_first_token", "migrated") == before + 1
+
+
+async def test_no_replica_left_to_continue_on_is_unavailable(model: ServedModel) -> None:
+    ids = model.encode(" one two")
+    engine = FakeEngine([[chunk(ids[0]), fault()]])
+    core, orch, _ = make(model, engine)
+    before = migrations("mid_stream", "admission_failed")
+    events = core.generate(request(max_tokens=len(ids)), 10.0)
+    first = await anext(events)
+    assert isinstance(first, Delta)
+    orch.reject = NoReplica("no ready replica (excluding r1)")
+    with pytest.raises(ReplicaFailed, match=r"replica r1 failed.*no other replica"):
+        await anext(events)
+    assert migrations("mid_stream", "admission_failed") == before + 1
+
+
+async def test_resume_store_across_a_migration(model: ServedModel) -> None:
+    ids = model.encode(" one two three four five")
+    engine = FakeEngine([[*tokens(*ids[:2]), fault()], [*tokens(*ids[2:]), chunk(final=True)]])
+    core, _, _ = make(model, engine)
+    req = GenerationRequest(
+        model=MODEL,
+        request_id="key-1",
+        prompt_ids=PROMPT,
+        sampling=Sampling(max_tokens=len(ids)),
+        keyed=True,
+    )
+    whole = await collect(core, req)
+    assert_one_contiguous_stream(whole, ids)
+    # Resuming from an offset before the migration and from one after it: the rest, once.
+    for offset in (1, 3):
+        rest = await collect(core, dataclasses.replace(req, resume_from=offset))
+        assert [t for d in deltas(rest) for t in d.token_ids] == ids[offset:]
+        assert deltas(rest)[0].offset == offset
+        assert rest[-1] == whole[-1]
+    assert len(engine.requests) == 2  # nothing generated again
