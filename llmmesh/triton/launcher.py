@@ -10,6 +10,14 @@ Requirements the environment must meet, all handled here:
   and dies with "'_thread.RLock' object has no attribute '_recursion_count'";
 - `PYTHONPATH` holds the repository root and this environment's site-packages, so models import
   `llmmesh` and its dependencies.
+
+Lifetime: tritonserver runs in its own process group (so `stop()` reaches its Python backend
+stubs) and dies with the thread that started it, whatever ends that thread's process, SIGKILL
+included (`llmmesh.common.process.die_with_parent`; start servers from the main or event-loop
+thread, never from a worker thread that may exit first). Its backend stubs are not ours to tie:
+each stub watches its parent and exits within about a second once tritonserver is gone (the
+Python backend's parent health check; `tests/integration/test_lifecycle.py` checks it after a
+SIGKILL of the process that started the mesh).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+from llmmesh.common.process import die_with_parent, wait_for_exit
 from llmmesh.common.topology import TRITON_GRPC_PORT, TRITON_HTTP_PORT, TRITON_METRICS_PORT
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -132,6 +141,22 @@ class TritonServer:
         self.extra_args = tuple(extra_args)
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._log_mode = "wb"
+
+    def respawned(self) -> TritonServer:
+        """A new, unstarted server like this one: same repository, ports, environment and log
+        file (appended to, so the log keeps what the previous process wrote before it died).
+        Used to restart a dead replica where its peers know it."""
+        server = TritonServer(
+            self.model_repository,
+            self.ports,
+            self.env,
+            self.log_path,
+            host=self.host,
+            extra_args=self.extra_args,
+        )
+        server._log_mode = "ab"
+        return server
 
     # ----------------------------------------------------------------- addresses
     @property
@@ -192,7 +217,7 @@ class TritonServer:
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
             os.close(fd)
             self.log_path = Path(name)
-        self._log = self.log_path.open("wb")
+        self._log = self.log_path.open(self._log_mode)
         self._proc = subprocess.Popen(
             self.command(),
             env=self.env,
@@ -200,6 +225,7 @@ class TritonServer:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: stop() reaches the backend stubs
+            preexec_fn=die_with_parent,  # no tritonserver outlives the thread that started it
         )
 
     def _check_ready(self) -> bool:
@@ -247,6 +273,15 @@ class TritonServer:
         except BaseException:
             self.stop_sync(grace_s=5.0)
             raise
+
+    async def wait(self) -> int:
+        """Wait until the process exits on its own (it is not stopped here), then clean up after
+        it as `stop()` does (what is left of its process group is killed, the log closed); its
+        exit status."""
+        if self._proc is None:
+            raise RuntimeError("tritonserver not started")
+        await wait_for_exit(self._proc)
+        return self._finish()
 
     async def stop(self, grace_s: float = 15.0) -> int:
         """SIGTERM, wait up to `grace_s`, then SIGKILL the process group. Returns the exit status
