@@ -78,19 +78,36 @@ async def test_graceful_drain_finishes_in_flight_stream(fmesh: Mesh, tokenizer_p
     assert await asyncio.wait_for(gw2.proc.wait(), 30) == 0
 
 
-async def test_replica_dying_mid_stream_gives_clear_error(fmesh: Mesh) -> None:
-    call = fmesh.gateway.Generate(long_request(), timeout=60)
-    first = await read_one(call)
-    assert first is not None
-    assert first.HasField("delta")
-    resp = await fmesh.orchestrator.ListReplicas(orch_pb.ListReplicasRequest(), timeout=5)
-    busy = next(r.replica.id for r in resp.replicas if r.in_flight > 0)
-    idx = fmesh.mesh.replica_ids.index(busy)
-    fmesh.mesh.tritons[idx].kill()
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await read_all(call)
-    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert busy in (info.value.details() or "")
+async def test_replica_dying_mid_stream_gives_clear_error(
+    fmesh: Mesh, tokenizer_path: Path
+) -> None:
+    # A gateway without request migration (with it, tests/integration/test_migration.py, the
+    # stream would continue on the other replica).
+    (fmesh.mesh.workdir / "gw-no-migration").mkdir()
+    gw = gateway_process(
+        fmesh, fmesh.mesh.workdir / "gw-no-migration", tokenizer_path, max_migrations=0
+    )
+    await gw.start()
+    try:
+        async with grpc.aio.insecure_channel(gw.address) as ch:
+            from llmmesh.generated.gateway.v1 import gateway_pb2_grpc
+
+            call = gateway_pb2_grpc.GatewayServiceStub(ch).Generate(long_request(), timeout=60)
+            first = await read_one(call)
+            assert first is not None
+            assert first.HasField("delta")
+            resp = await fmesh.orchestrator.ListReplicas(orch_pb.ListReplicasRequest(), timeout=5)
+            busy = next(r.replica.id for r in resp.replicas if r.in_flight > 0)
+            idx = fmesh.mesh.replica_ids.index(busy)
+            fmesh.mesh.tritons[idx].kill()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await read_all(call)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert busy in (info.value.details() or "")
+    finally:
+        gw.signal(signal.SIGTERM)
+        if gw.proc is not None:
+            await asyncio.wait_for(gw.proc.wait(), 30)
 
     async def marked_unhealthy() -> bool:
         r = await fmesh.orchestrator.ListReplicas(orch_pb.ListReplicasRequest(), timeout=5)
