@@ -1,0 +1,202 @@
+"""Restart dead child processes with exponential backoff, as a kubelet restarts containers.
+
+A `Supervisor` watches named units. A unit is two coroutines: `wait()` returns when its process
+exits (with the exit status), `restart()` starts it again and returns once it is ready (raising
+when it cannot). When a unit exits while the supervisor runs, the supervisor waits the backoff
+delay, restarts it, and watches it again; a failed restart counts as another failure.
+
+The backoff policy (`RestartPolicy`, applied by `Backoff`):
+- the first restart after `initial_backoff_s`, each further one `multiplier` times later, at most
+  `max_backoff_s`;
+- a unit that stayed up `reset_after_s` is healthy again: its next failure starts from the
+  initial delay;
+- more than `max_quick_failures` failures in a row, each before the unit stayed up
+  `reset_after_s` (a crash loop), and the supervisor gives up on it: logged as an error and kept
+  in `given_up`, the unit stays down.
+
+Exits the supervisor caused itself do not count: `close()` (before a graceful shutdown) stops
+every watch first. Clock and sleep are injected, so the policy is tested on a virtual clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """How dead children are restarted (see the module docstring)."""
+
+    initial_backoff_s: float = 0.1
+    multiplier: float = 2.0
+    max_backoff_s: float = 30.0
+    reset_after_s: float = 60.0
+    max_quick_failures: int = 5
+
+    def __post_init__(self) -> None:
+        if self.initial_backoff_s < 0 or self.max_backoff_s < self.initial_backoff_s:
+            raise ValueError("need 0 <= initial_backoff_s <= max_backoff_s")
+        if self.multiplier < 1:
+            raise ValueError("multiplier must be >= 1")
+        if self.reset_after_s <= 0 or self.max_quick_failures < 1:
+            raise ValueError("need reset_after_s > 0 and max_quick_failures >= 1")
+
+
+class Backoff:
+    """The restart policy's state for one unit: `started()` when it came up, `failed()` when it
+    went down (or could not be started); `failed()` returns the delay before the next start, or
+    None once the unit is in a crash loop."""
+
+    def __init__(self, policy: RestartPolicy, clock: Clock) -> None:
+        self._policy = policy
+        self._clock = clock
+        self._started_at = clock()
+        self.failures = 0  # in a row, each before the unit stayed up reset_after_s
+
+    def started(self) -> None:
+        self._started_at = self._clock()
+
+    def failed(self) -> float | None:
+        p = self._policy
+        if self._clock() - self._started_at >= p.reset_after_s:
+            self.failures = 0
+        self.failures += 1
+        # A failure ends the "up" period; a failed restart is a failure right at its start.
+        self._started_at = self._clock()
+        if self.failures > p.max_quick_failures:
+            return None
+        return min(p.initial_backoff_s * p.multiplier ** (self.failures - 1), p.max_backoff_s)
+
+
+@dataclass
+class _Unit:
+    name: str
+    wait: Callable[[], Awaitable[int | None]]
+    restart: Callable[[], Awaitable[None]]
+    backoff: Backoff
+    task: asyncio.Task[None] | None = None
+    restarts: int = 0
+
+
+@dataclass
+class RestartEvent:
+    """One completed restart: the unit, its exit status, and how long it was down (exit seen
+    to ready again)."""
+
+    name: str
+    exit_code: int | None
+    down_s: float
+
+
+@dataclass
+class Supervisor:
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
+    clock: Clock = time.monotonic
+    sleep: Sleep = asyncio.sleep
+    _units: dict[str, _Unit] = field(default_factory=dict)
+    #: Units the supervisor gave up on (crash loop) -> why.
+    given_up: dict[str, str] = field(default_factory=dict)
+    #: Every completed restart, oldest first.
+    history: list[RestartEvent] = field(default_factory=list)
+    _closed: bool = False
+
+    def watch(
+        self,
+        name: str,
+        wait: Callable[[], Awaitable[int | None]],
+        restart: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Supervise a running unit from now on (a unit of that name is replaced)."""
+        if self._closed:
+            raise RuntimeError("supervisor is closed")
+        old = self._units.pop(name, None)
+        if old is not None and old.task is not None:
+            old.task.cancel()
+        unit = _Unit(name, wait, restart, Backoff(self.policy, self.clock))
+        unit.task = asyncio.get_running_loop().create_task(
+            self._run(unit), name=f"supervise {name}"
+        )
+        self._units[name] = unit
+        self.given_up.pop(name, None)
+
+    def restarts(self, name: str) -> int:
+        unit = self._units.get(name)
+        return unit.restarts if unit is not None else 0
+
+    async def close(self) -> None:
+        """Stop supervising (children keep running): call before stopping them on purpose. A
+        restart in progress is cancelled; its half-started unit is the restart's to clean up."""
+        self._closed = True
+        tasks = [u.task for u in self._units.values() if u.task is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+    async def _run(self, unit: _Unit) -> None:
+        while True:
+            try:
+                code = await unit.wait()
+            except Exception as exc:  # nothing to watch (never started): a bug, not a crash
+                self.given_up[unit.name] = f"cannot watch it: {exc!r}"
+                log.error("cannot watch %s: %r", unit.name, exc, extra={"child": unit.name})
+                return
+            down_at = self.clock()
+            log.warning(
+                "%s exited (status %s); restarting it",
+                unit.name,
+                code,
+                extra={"child": unit.name, "exit_code": code},
+            )
+            while True:
+                delay = unit.backoff.failed()
+                if delay is None:
+                    why = (
+                        f"{unit.backoff.failures} failures in a row, each within "
+                        f"{self.policy.reset_after_s:g} s of its start (last exit code {code})"
+                    )
+                    self.given_up[unit.name] = why
+                    log.error(
+                        "%s is in a crash loop (%s): not restarting it",
+                        unit.name,
+                        why,
+                        extra={"child": unit.name},
+                    )
+                    return
+                log.info("restarting %s in %.2f s", unit.name, delay, extra={"child": unit.name})
+                await self.sleep(delay)
+                try:
+                    await unit.restart()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning(
+                        "restarting %s failed: %s",
+                        unit.name,
+                        exc,
+                        extra={"child": unit.name, "error": str(exc)},
+                    )
+                    continue
+                break
+            unit.backoff.started()
+            unit.restarts += 1
+            event = RestartEvent(unit.name, code, self.clock() - down_at)
+            self.history.append(event)
+            log.warning(
+                "%s restarted and ready again (restart %d, down %.2f s)",
+                unit.name,
+                unit.restarts,
+                event.down_s,
+                extra={"child": unit.name, "restarts": unit.restarts, "down_s": event.down_s},
+            )

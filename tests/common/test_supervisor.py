@@ -1,0 +1,191 @@
+"""The supervisor's restart policy on a virtual clock: backoff, its cap and reset, the crash-loop
+bound, failed restarts, and no restart after `close()`. No process is started here."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from llmmesh.supervisor import Backoff, RestartPolicy, Supervisor
+
+POLICY = RestartPolicy(
+    initial_backoff_s=1.0, multiplier=2.0, max_backoff_s=5.0, reset_after_s=60.0,
+    max_quick_failures=5,
+)  # fmt: skip
+
+
+class Clock:
+    """Virtual time: `sleep` advances it at once."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, s: float) -> None:
+        self.sleeps.append(s)
+        self.now += s
+        await asyncio.sleep(0)
+
+
+class Unit:
+    """A fake child: `crash()` ends its current run; `restart()` may be told to fail."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.starts: list[float] = []
+        self.fail_next = 0
+
+    async def wait(self) -> int:
+        return await self._exit
+
+    def crash(self, code: int = -9) -> None:
+        self._exit.set_result(code)
+
+    async def restart(self) -> None:
+        self.starts.append(self._clock.now)
+        if self.fail_next:
+            self.fail_next -= 1
+            raise RuntimeError("port taken")
+        self._exit = asyncio.get_running_loop().create_future()
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def test_backoff_doubles_up_to_the_cap_and_resets_after_a_stable_run() -> None:
+    clock = Clock()
+    b = Backoff(POLICY, clock)
+    assert [b.failed() for _ in range(5)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert b.failed() is None  # the sixth quick failure: a crash loop
+    b = Backoff(POLICY, clock)
+    assert b.failed() == 1.0
+    assert b.failed() == 2.0
+    b.started()
+    clock.now += 60.0  # up long enough: healthy again
+    assert b.failed() == 1.0
+    b.started()
+    clock.now += 59.0  # not long enough
+    assert b.failed() == 2.0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"initial_backoff_s": -1.0},
+        {"initial_backoff_s": 10.0, "max_backoff_s": 5.0},
+        {"multiplier": 0.5},
+        {"max_quick_failures": 0},
+        {"reset_after_s": 0.0},
+    ],
+)
+def test_policy_rejects_nonsense(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match=r"need|must"):
+        RestartPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+async def test_a_dead_unit_is_restarted_with_backoff_and_logged_in_history() -> None:
+    clock = Clock()
+    sup = Supervisor(POLICY, clock=clock, sleep=clock.sleep)
+    unit = Unit(clock)
+    sup.watch("orchestrator", unit.wait, unit.restart)
+    for expected in (1, 2, 3):
+        unit.crash()
+        await settle()
+        assert sup.restarts("orchestrator") == expected
+    assert clock.sleeps == [1.0, 2.0, 4.0]
+    assert [e.down_s for e in sup.history] == [1.0, 2.0, 4.0]
+    assert {e.exit_code for e in sup.history} == {-9}
+    # Stable for reset_after_s: the next crash starts from the initial delay again.
+    clock.now += 60.0
+    unit.crash()
+    await settle()
+    assert clock.sleeps[-1] == 1.0
+    await sup.close()
+
+
+async def test_a_failed_restart_counts_as_a_failure() -> None:
+    clock = Clock()
+    sup = Supervisor(POLICY, clock=clock, sleep=clock.sleep)
+    unit = Unit(clock)
+    unit.fail_next = 2
+    sup.watch("replica-0", unit.wait, unit.restart)
+    unit.crash()
+    await settle()
+    assert clock.sleeps == [1.0, 2.0, 4.0]  # two failed restarts, then one that held
+    assert len(unit.starts) == 3
+    assert sup.restarts("replica-0") == 1
+    assert sup.history[0].down_s == 7.0
+    await sup.close()
+
+
+async def test_a_crash_loop_is_given_up_and_reported() -> None:
+    clock = Clock()
+    sup = Supervisor(POLICY, clock=clock, sleep=clock.sleep)
+    unit = Unit(clock)
+    sup.watch("kv_registry", unit.wait, unit.restart)
+    for _ in range(5):
+        unit.crash(1)
+        await settle()
+    assert sup.restarts("kv_registry") == 5
+    assert not sup.given_up
+    unit.crash(1)  # the sixth exit, each within reset_after_s of its start
+    await settle()
+    assert sup.restarts("kv_registry") == 5
+    assert "6 failures in a row" in sup.given_up["kv_registry"]
+    assert len(unit.starts) == 5
+    await sup.close()
+
+
+async def test_exits_after_close_are_not_restarted() -> None:
+    clock = Clock()
+    sup = Supervisor(POLICY, clock=clock, sleep=clock.sleep)
+    unit = Unit(clock)
+    sup.watch("gateway", unit.wait, unit.restart)
+    await sup.close()
+    unit.crash(0)  # a graceful stop after supervision ended
+    await settle()
+    assert unit.starts == []
+    with pytest.raises(RuntimeError):
+        sup.watch("gateway", unit.wait, unit.restart)
+
+
+async def test_close_cancels_a_restart_waiting_out_its_backoff() -> None:
+    clock = Clock()
+    stalled = asyncio.Event()
+
+    async def never(_: float) -> None:
+        stalled.set()
+        await asyncio.Event().wait()
+
+    sup = Supervisor(POLICY, clock=clock, sleep=never)
+    unit = Unit(clock)
+    sup.watch("autoscaler", unit.wait, unit.restart)
+    unit.crash()
+    await stalled.wait()
+    await sup.close()
+    assert unit.starts == []
+
+
+async def test_a_unit_that_cannot_be_watched_is_reported_not_restarted() -> None:
+    clock = Clock()
+    sup = Supervisor(POLICY, clock=clock, sleep=clock.sleep)
+    restarted: list[str] = []
+
+    async def wait() -> int:
+        raise RuntimeError("not started")
+
+    async def restart() -> None:
+        restarted.append("x")
+
+    sup.watch("gateway", wait, restart)
+    await settle()
+    assert "not started" in sup.given_up["gateway"]
+    assert restarted == []
+    await sup.close()
