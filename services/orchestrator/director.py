@@ -251,6 +251,7 @@ class Orchestrator:
             engine_active=sample.active if sample else None,
             engine_waiting=sample.waiting if sample else None,
             kv_utilization=sample.kv_utilization if sample else None,
+            recent_failures=self._health.recent_failures(st, now),
         )
 
     def _request_view(self, req: AdmissionRequest, prefix: PrefixMatches) -> RequestView:

@@ -2,10 +2,16 @@
 fresh sample). Every time comes from the injected clock.
 
 Invariants:
-- A replica is ejected after `consecutive_errors` failures in a row, for
-  `base_ejection_seconds * ejections`, unless that would eject more than
+- A replica is ejected after `consecutive_errors` failures in a row, or when at least
+  `failure_percentage` of its recent requests failed on it (over at least
+  `failure_min_requests` of its last `failure_window_requests` outcomes, none older than
+  `failure_window_s`), for `base_ejection_seconds * ejections`, unless that would eject more than
   `max_ejection_percent` of its pool (the pool keeps serving rather than going dark).
-- A success or a passed probe resets the consecutive-error count.
+- A successful request resets the consecutive-error count, and so does a replica coming back to
+  ready; a passed probe of a replica that was ready does not:
+  Triton answers ServerReady and ModelReady true while its Python-backend stub is dead (observed
+  on 2.51), so only the requests can tell, and the re-probe after each failure must not erase
+  them. An ejection starts a fresh failure window.
 - An engine sample older than `metrics_max_age_s` is unknown, never stale data.
 """
 
@@ -50,16 +56,38 @@ class Health:
         self._timeout_s = probe_timeout_s
         self._clock = clock
 
+    def _window(self, st: ReplicaState, now: float) -> None:
+        """Drop outcomes older than the window or beyond its length."""
+        hp = self._policy
+        q = st.outcomes
+        while q and (now - q[0][0] > hp.failure_window_s or len(q) > hp.failure_window_requests):
+            q.popleft()
+
     def record_success(self, st: ReplicaState) -> None:
         st.consecutive_errors = 0
+        now = self._clock()
+        st.outcomes.append((now, False))
+        self._window(st, now)
 
-    def record_error(self, st: ReplicaState, *, reason: str) -> None:
-        """Count a failure; eject after `consecutive_errors` in a row unless the pool's ejection
-        budget is spent."""
+    def recent_failures(self, st: ReplicaState, now: float) -> int:
+        """Requests that failed on the replica within the window (the scorers' load penalty)."""
+        self._window(st, now)
+        return sum(1 for _, failed in st.outcomes if failed)
+
+    def record_error(self, st: ReplicaState, *, reason: str, request: bool = True) -> None:
+        """Count a failure (`request`: a request that failed on the replica, else a failed
+        probe); eject after `consecutive_errors` in a row or on the failure share of recent
+        requests, unless the pool's ejection budget is spent."""
         st.consecutive_errors += 1
         hp = self._policy
         now = self._clock()
-        if st.consecutive_errors < hp.consecutive_errors or st.ejected(now):
+        if request:
+            st.outcomes.append((now, True))
+            self._window(st, now)
+        if st.ejected(now):
+            return
+        why = self._ejection_cause(st)
+        if why is None:
             return
         pool = [x for x in self._replicas.live() if x.spec.pool == st.spec.pool]
         ejected = sum(1 for x in pool if x.ejected(now))
@@ -70,12 +98,28 @@ class Health:
             return
         st.ejections += 1
         st.ejected_until = now + hp.base_ejection_seconds * st.ejections
+        st.outcomes.clear()
         metrics.record_ejection(st.spec.id, st.spec.pool)
         metrics.record_healthy(st.spec.id, st.spec.pool, st.healthy(now))
         log.warning(
             "replica ejected",
-            extra={"replica": st.spec.id, "reason": reason, "for_s": st.ejected_until - now},
+            extra={
+                "replica": st.spec.id,
+                "reason": reason,
+                "cause": why,
+                "for_s": st.ejected_until - now,
+            },
         )
+
+    def _ejection_cause(self, st: ReplicaState) -> str | None:
+        hp = self._policy
+        if st.consecutive_errors >= hp.consecutive_errors:
+            return "consecutive_errors"
+        total = len(st.outcomes)
+        failed = sum(1 for _, f in st.outcomes if f)
+        if total >= hp.failure_min_requests and failed * 100 >= hp.failure_percentage * total:
+            return "failure_percentage"
+        return None
 
     def set_ready(self, st: ReplicaState, ready: bool) -> bool:
         """Record a probe result; True when the replica just stopped being ready (its cached
@@ -83,11 +127,11 @@ class Health:
         lost = st.ready and not ready
         if st.ready != ready:
             log.warning("replica readiness changed", extra={"replica": st.spec.id, "ready": ready})
+        if ready and not st.ready:
+            st.consecutive_errors = 0  # back from not ready: its probe failures are over
         st.ready = ready
-        if ready:
-            st.consecutive_errors = 0
-        else:
-            self.record_error(st, reason="readiness probe failed")
+        if not ready:
+            self.record_error(st, reason="readiness probe failed", request=False)
         metrics.record_healthy(st.spec.id, st.spec.pool, st.healthy(self._clock()))
         return lost
 

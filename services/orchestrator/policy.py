@@ -78,7 +78,12 @@ class AdmissionPolicy(BaseModel):
 
 
 class HealthPolicy(BaseModel):
-    """Ejection after repeated failures, as Envoy's outlier detection does."""
+    """Ejection after repeated failures, as Envoy's outlier detection does: after
+    `consecutive_errors` in a row, or when the replica's failure share over its recent requests
+    (the last `failure_window_requests` outcomes younger than `failure_window_s`) reaches
+    `failure_percentage` with at least `failure_min_requests` of them (Envoy's
+    failure-percentage ejection). The same window's failures count as load to the scorers, so a
+    replica that answers errors fast never looks idle."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -90,6 +95,25 @@ class HealthPolicy(BaseModel):
     )
     max_ejection_percent: float = Field(
         default=50.0, ge=0, le=100, description="Never eject more than this share of a pool."
+    )
+    failure_percentage: float = Field(
+        default=50.0,
+        gt=0,
+        le=100,
+        description="Eject when this share (%) of the replica's recent requests failed on it.",
+    )
+    failure_min_requests: int = Field(
+        default=5,
+        ge=1,
+        description="Recent requests a replica needs before its failure share can eject it.",
+    )
+    failure_window_requests: int = Field(
+        default=50, ge=1, description="Outcomes the failure share is computed over (the latest)."
+    )
+    failure_window_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="Outcomes older than this (seconds) leave the failure share and the load penalty.",
     )
 
 

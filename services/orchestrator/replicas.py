@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llmmesh.common.engine_metrics import EngineSample
 from services.orchestrator import metrics
@@ -37,6 +38,9 @@ class ReplicaState:
     consecutive_errors: int = 0
     ejections: int = 0
     ejected_until: float = 0.0
+    # Recent request outcomes (completion time, failed on the replica), oldest first: the
+    # failure-share window of `Health`.
+    outcomes: deque[tuple[float, bool]] = field(default_factory=deque)
     sample: EngineSample | None = None
     sample_at: float = 0.0
 

@@ -35,6 +35,9 @@ class ReplicaView:
     engine_active: float | None = None
     engine_waiting: float | None = None
     kv_utilization: float | None = None
+    # Requests that failed on the replica recently (policy `health.failure_window_s`): a replica
+    # that answers errors fast holds few leases but is no idle replica; load scorers count these.
+    recent_failures: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,5 +28,6 @@ class HotSpotGuard:
     def score(self, request: RequestView, replicas: Sequence[ReplicaView]) -> Sequence[float]:
         if not replicas:
             return []
-        floor = min(r.in_flight for r in replicas)
-        return [1.0 - min(1.0, (r.in_flight - floor) / self.params.tolerance) for r in replicas]
+        loads = [r.in_flight + r.recent_failures for r in replicas]
+        floor = min(loads)
+        return [1.0 - min(1.0, (x - floor) / self.params.tolerance) for x in loads]

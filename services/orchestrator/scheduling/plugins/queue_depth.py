@@ -17,8 +17,10 @@ class Params(PluginParams):
 
 
 def load(r: ReplicaView) -> float:
+    """Requests on the replica, plus those that failed on it recently: a replica that fails
+    fast must not look idle."""
     engine = (r.engine_active or 0.0) + (r.engine_waiting or 0.0)
-    return max(float(r.in_flight), engine)
+    return max(float(r.in_flight), engine) + r.recent_failures
 
 
 class QueueDepthScorer:
