@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
@@ -59,7 +60,7 @@ async def test_killed_replica_mid_stream_the_stream_continues_exactly(mmesh: Mes
     msgs: list[pb.GenerateResponse] = []
     killed = ""
     while (msg := await call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
-        msgs.append(msg)
+        msgs.append(cast(pb.GenerateResponse, msg))
         got = sum(len(m.delta.token_ids) for m in msgs if m.HasField("delta"))
         if not killed and got >= KILL_AFTER:
             killed = await serving_replica(mmesh)

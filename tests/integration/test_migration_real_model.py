@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import cast
 
 import grpc
 import pytest
@@ -60,7 +61,7 @@ async def test_migrated_greedy_text_equals_the_uninterrupted_answer(real_mesh: M
     msgs: list[pb.GenerateResponse] = []
     killed = ""
     while (msg := await call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
-        msgs.append(msg)
+        msgs.append(cast(pb.GenerateResponse, msg))
         if not killed and len(ids_and_text(msgs)[0]) >= KILL_AFTER:
             resp = await real_mesh.orchestrator.ListReplicas(
                 orch_pb.ListReplicasRequest(), timeout=5
