@@ -10,7 +10,14 @@ from services.orchestrator.settings import ReplicaSpec
 
 
 class TritonProbe:
-    """Ready = server ready and every model the replica should serve ready."""
+    """Ready = server ready and every model the replica should serve (`ReplicaSpec.models`,
+    default `TRITON_MODEL`) ready.
+
+    Not enough on its own: Triton 2.51 keeps answering ServerReady and ModelReady true after the
+    model's Python-backend stub died (observed: every request then fails with "Stub process
+    '<model>_0_0' is not healthy."). Such a replica is caught by its requests instead: the
+    gateway classifies that error as a replica fault (`services.gateway.faults`) and `Health`
+    ejects on consecutive errors or the failure share."""
 
     def __init__(self) -> None:
         self._clients: dict[tuple[str, str], triton.InferenceServerClient] = {}

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from llmmesh.common.components import GATEWAY
+from llmmesh.common.topology import TRITON_MODEL
 from llmmesh.tools.meshcheck.common import REPO, doc_id, go_duration_ms, require
 from llmmesh.tools.meshcheck.index import Mesh, labels_match, service_host
 from llmmesh.tools.meshcheck.rules.helpers import (
@@ -266,14 +267,23 @@ def check_workloads(mesh: Mesh) -> list[str]:
             gpu = c["resources"].get("limits", {}).get("nvidia.com/gpu")
             if gpu is None or c["resources"].get("requests", {}).get("nvidia.com/gpu") != gpu:
                 problems.append(f"{where}: needs nvidia.com/gpu in requests and limits")
-            for probe in ("startupProbe", "readinessProbe"):
-                get = c.get(probe, {}).get("httpGet", {})
-                if (
-                    get.get("path") != "/v2/health/ready"
-                    or int(get.get("port", 0)) != TRITON_PORTS["http"]
-                ):
+            get = c.get("startupProbe", {}).get("httpGet", {})
+            if (
+                get.get("path") != "/v2/health/ready"
+                or int(get.get("port", 0)) != TRITON_PORTS["http"]
+            ):
+                problems.append(
+                    f"{where}: startupProbe must GET /v2/health/ready on {TRITON_PORTS['http']}"
+                )
+            # Triton 2.51 answers its health and model-ready routes with 200 while the model's
+            # backend is dead: readiness and liveness must run a request through the model.
+            generate = f"127.0.0.1:{TRITON_PORTS['http']}/v2/models/{TRITON_MODEL}/generate"
+            for probe in ("readinessProbe", "livenessProbe"):
+                command = " ".join(c.get(probe, {}).get("exec", {}).get("command", []))
+                if generate not in command:
                     problems.append(
-                        f"{where}: {probe} must GET /v2/health/ready on {TRITON_PORTS['http']}"
+                        f"{where}: {probe} must run a request through the model "
+                        f"(exec, POST http://{generate})"
                     )
             startup = c.get("startupProbe", {})
             if (
