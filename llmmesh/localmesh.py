@@ -8,6 +8,15 @@ emulator's, the CPU engine's); its environment is derived from that object
 they are given (0 = any free port) and report the bound ports through a ready file; Triton
 replicas get free ports picked just before launch.
 
+Lifecycle: every child dies with the mesh's process whatever ends it, SIGKILL included (each is
+spawned with `llmmesh.common.process.die_with_parent`; so start the mesh from the main thread or
+the event loop's thread); `stop()` (and SIGTERM/SIGINT of `python -m llmmesh.localmesh`) stops
+them gracefully, front to back. While it runs, a `llmmesh.supervisor.Supervisor` restarts a child
+that exits (Triton replica, orchestrator, kv_registry, gateway, autoscaler) with backoff, on the
+ports it had, so its peers reconnect to the same address; a restarted Triton replica is back in
+the orchestrator's rotation once its readiness probe passes (server and models ready).
+`MeshOptions.supervise=False` leaves dead children dead (tests of the failure itself).
+
 A launcher: it imports the services' settings classes and the orchestrator's policy model, which
 the shared library (llmmesh.common and the other library modules) never does; nothing in
 services imports it.
@@ -19,6 +28,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import sys
@@ -32,6 +42,7 @@ from typing import Literal, TypeVar
 from pydantic_settings import BaseSettings
 
 from llmmesh.common.components import AUTOSCALER, GATEWAY, KV_REGISTRY, ORCHESTRATOR, Component
+from llmmesh.common.process import die_with_parent
 from llmmesh.common.settings import (
     ENV_ROOT,
     KvBlockSettings,
@@ -42,6 +53,7 @@ from llmmesh.common.settings import (
 )
 from llmmesh.common.topology import DEFAULT_MODEL_VERSION, TRITON_MODEL
 from llmmesh.emulator.settings import EmulatorSettings
+from llmmesh.supervisor import RestartPolicy, Supervisor
 from llmmesh.triton.launcher import TritonPorts, TritonServer, start_on_free_ports
 from services.autoscaler.actuators.local import LocalActuatorSettings, ManagedPool
 from services.autoscaler.policy import PolicyConfig
@@ -141,7 +153,14 @@ class ServiceProcess:
         env = self.environment()
         log = self._log_path.open("ab")
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", self.component.module, env=env, stdout=log, stderr=log, cwd=ROOT
+            sys.executable,
+            "-m",
+            self.component.module,
+            env=env,
+            stdout=log,
+            stderr=log,
+            cwd=ROOT,
+            preexec_fn=die_with_parent,  # dies with the mesh, whatever ends it
         )
         log.close()
         deadline = time.monotonic() + timeout_s
@@ -151,11 +170,30 @@ class ServiceProcess:
                     f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
                 )
             if time.monotonic() > deadline:
+                self.proc.kill()  # not left running behind the error (a retry starts another)
+                await self.proc.wait()
                 raise TimeoutError(f"{self.name} not ready after {timeout_s}s:\n{self.log_tail()}")
             await asyncio.sleep(0.05)  # polling a file the child writes once it serves
         ports = json.loads(self._ready_file.read_text())
         self.grpc_port, self.metrics_port = int(ports["grpc_port"]), int(ports["metrics_port"])
         self.http_port = int(ports.get("http_port", 0))
+
+    async def restart(self, timeout_s: float = 60.0) -> None:
+        """Start again, after the process exited, on the ports it had bound (its peers dial
+        those), and wait until it is ready."""
+        if self.proc is not None and self.proc.returncode is None:
+            raise RuntimeError(f"{self.name} is still running")
+        ports: dict[str, int] = {"grpc_port": self.grpc_port, "metrics_port": self.metrics_port}
+        if self.http_port:
+            ports["http_port"] = self.http_port
+        self.settings = self.settings.model_copy(update=ports)
+        await self.start(timeout_s)
+
+    async def wait(self) -> int:
+        """Wait until the process exits; its exit status."""
+        if self.proc is None:
+            raise RuntimeError(f"{self.name} not started")
+        return await self.proc.wait()
 
     @property
     def http_base_url(self) -> str:
@@ -241,6 +279,10 @@ class MeshOptions:
     pool_engines: dict[str, EngineName] = field(default_factory=dict)
     # Real-model replicas only (LLMMESH_CPU_ENGINE_*).
     cpu_engine_env: dict[str, str] = field(default_factory=dict)
+    # Restart children that exit while the mesh runs (False: tests of a failure itself), and
+    # how (backoff, crash-loop bound).
+    supervise: bool = True
+    restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
 
 
 S = TypeVar("S", bound=BaseSettings)
@@ -273,6 +315,8 @@ class LocalMesh:
         self.tritons: list[TritonServer] = []
         self.replica_ids: list[str] = []
         self.services: dict[str, ServiceProcess] = {}
+        self.supervisor = Supervisor(options.restart_policy)
+        self._started = False
         self._extra, passthrough = split_env(
             options.extra_env, [*SERVICE_SETTINGS.values(), KvBlockSettings, EmulatorSettings]
         )
@@ -390,6 +434,27 @@ class LocalMesh:
             ),
         )
         await asc.start()
+        self._started = True
+        if o.supervise:
+            for svc in self.services.values():
+                self.supervisor.watch(svc.name, svc.wait, svc.restart)
+            for index in range(len(self.tritons)):
+                self._supervise_replica(index)
+
+    def _supervise_replica(self, index: int) -> None:
+        """Restart replica-`index` on its ports (the orchestrator's replica list and the
+        autoscaler's targets keep its address) when its tritonserver exits."""
+        timeout = ENGINE_READY_TIMEOUT_S[self.replica_engine(index)]
+
+        async def wait() -> int:
+            return await self.tritons[index].wait()
+
+        async def restart() -> None:
+            server = self.tritons[index].respawned()
+            self.tritons[index] = server
+            await server.start(ready_timeout_s=timeout)
+
+        self.supervisor.watch(self.replica_ids[index], wait, restart)
 
     def _scale_from_zero_policy(self, pools: Sequence[AutoscaledPool]) -> Path:
         """The orchestrator's policy file declaring the autoscaled pools scale-from-zero."""
@@ -471,7 +536,10 @@ class LocalMesh:
             return self.tritons[index]
 
         timeout = ENGINE_READY_TIMEOUT_S[self.replica_engine(index)]
-        return await start_on_free_ports(fresh, ready_timeout_s=timeout)
+        server = await start_on_free_ports(fresh, ready_timeout_s=timeout)
+        if self._started and self.options.supervise:
+            self._supervise_replica(index)
+        return server
 
     def replica_engine(self, index: int) -> EngineName:
         """The engine replica-`index` runs: its pool's override, else `options.engine`."""
@@ -520,7 +588,9 @@ class LocalMesh:
 
     async def stop(self) -> None:
         """Front to back: no new requests, then engines (which flush their last KV events to
-        the registry while it still runs), then the registry."""
+        the registry while it still runs), then the registry. Supervision ends first: these
+        exits are not failures."""
+        await self.supervisor.close()
         for name in ("gateway", "autoscaler", "orchestrator"):
             svc = self.services.get(name)
             if svc is not None:
@@ -556,17 +626,20 @@ class LocalMesh:
 
 
 async def _run(args: argparse.Namespace) -> int:
+    def port(component: Component, name: str = "grpc_port") -> int:
+        return 0 if args.any_ports else default_port(component, name)
+
     mesh = LocalMesh(
         MeshOptions(
             replicas=args.replicas,
             time_scale=args.time_scale,
             engine=args.engine,
             workdir=Path(args.workdir),
-            gateway_port=default_port(GATEWAY),
-            gateway_http_port=default_port(GATEWAY, "http_port"),
-            orchestrator_port=default_port(ORCHESTRATOR),
-            kv_registry_port=default_port(KV_REGISTRY),
-            autoscaler_port=default_port(AUTOSCALER),
+            gateway_port=port(GATEWAY),
+            gateway_http_port=port(GATEWAY, "http_port"),
+            orchestrator_port=port(ORCHESTRATOR),
+            kv_registry_port=port(KV_REGISTRY),
+            autoscaler_port=port(AUTOSCALER),
             log_json=False,
         )
     )
@@ -605,7 +678,14 @@ def main() -> int:
         default="smollm2",
         help="What the Triton replicas serve: SmolLM2-135M-Instruct on CPU, or the emulator.",
     )
+    parser.add_argument(
+        "--any-ports",
+        action="store_true",
+        help="Bind every service to a free port instead of the default ports.",
+    )
     args = parser.parse_args()
+    # The supervisor's restarts and crash loops, on stderr.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import uvloop
 
     return uvloop.run(_run(args))

@@ -24,7 +24,8 @@ MODEL = MODEL_NAME
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def fmesh(tokenizer_path: Path) -> AsyncIterator[Mesh]:
-    m = await start_mesh(tokenizer_path, replicas=2, time_scale=1.0)
+    # Dead replicas stay dead here: these tests are about the failure, not the restart.
+    m = await start_mesh(tokenizer_path, replicas=2, time_scale=1.0, supervise=False)
     yield m
     await m.close()
     await m.mesh.stop()

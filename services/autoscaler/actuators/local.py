@@ -15,6 +15,9 @@ Invariants:
 - Every background task is tracked; `close` cancels starts, drains the rest, and waits for all.
 - Pools are reconciled under a per-pool lock, so concurrent `apply` calls never pick the same
   replica twice; a later `apply` supersedes an earlier one.
+- Its Triton processes die with the autoscaler process, whatever ends it (SIGKILL included):
+  `TritonServer` spawns them with `die_with_parent`, from the event loop's thread (every launch
+  runs in a task on it; never move one to a worker thread, whose exit would kill the replica).
 """
 
 from __future__ import annotations
