@@ -60,6 +60,9 @@ def record_ejection(replica: str, pool: str) -> None:
 
 def record_pool_ready(pool: str, model_version: str, ready: int) -> None:
     _POOL_READY.labels(pool, model_version).set(ready)
+    # A known pool's queue depth is a series (0) before anything queues: dashboards and the
+    # autoscaler's PromQL source read 0, not "no data".
+    _POOL_QUEUE_DEPTH.labels(pool, model_version)
 
 
 def record_enqueued(model: str, pool_key: tuple[str, str]) -> None:
