@@ -18,6 +18,12 @@ thread, never from a worker thread that may exit first). Its backend stubs are n
 each stub watches its parent and exits within about a second once tritonserver is gone (the
 Python backend's parent health check; `tests/integration/test_lifecycle.py` checks it after a
 SIGKILL of the process that started the mesh).
+
+Shared memory: the Python backend keeps one region per model instance in /dev/shm, which a
+killed tritonserver leaves behind (1 MiB or more each; a container's /dev/shm is often 64 MiB, so
+a restart loop would fill it). Each server gets its own region prefix
+(`llmmesh_triton_<launcher pid>_<n>_`): its regions are removed once it has exited, and regions
+of launchers that are gone (killed before they could clean up) when the next server starts.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ import asyncio
 import contextlib
 import filecmp
 import importlib.util
+import itertools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -48,6 +56,10 @@ from llmmesh.common.topology import TRITON_GRPC_PORT, TRITON_HTTP_PORT, TRITON_M
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _POLL_INTERVAL_S = 0.1
+SHM_DIR = Path("/dev/shm")
+_SHM_PREFIX = "llmmesh_triton_"
+_SHM_OWNER = re.compile(rf"^{_SHM_PREFIX}(\d+)_")
+_server_numbers = itertools.count()
 
 
 def pytriton_tritonserver_dir() -> Path:
@@ -142,6 +154,8 @@ class TritonServer:
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._log_mode = "wb"
+        # This server's Python backend shared-memory regions: /dev/shm/<prefix><uuid>.
+        self.shm_prefix = f"{_SHM_PREFIX}{os.getpid()}_{next(_server_numbers)}_"
 
     def respawned(self) -> TritonServer:
         """A new, unstarted server like this one: same repository, ports, environment and log
@@ -205,6 +219,7 @@ class TritonServer:
             "--allow-cpu-metrics=false",
             "--exit-on-error=true",
             "--strict-readiness=true",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             *self.extra_args,
         ]
 
@@ -213,6 +228,7 @@ class TritonServer:
         if self._proc is not None:
             raise RuntimeError("tritonserver already started")
         install_python_backend_stub()
+        remove_stale_shm_regions()
         if self.log_path is None:
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
             os.close(fd)
@@ -328,6 +344,7 @@ class TritonServer:
         # left alive keep the group id from being reused; with none, this finds no process.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._proc.pid, signal.SIGKILL)
+        _remove_shm(f"{self.shm_prefix}*")
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -365,6 +382,32 @@ class TritonServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop_sync()
+
+
+def _remove_shm(pattern: str) -> None:
+    if not SHM_DIR.is_dir():
+        return
+    for region in SHM_DIR.glob(pattern):
+        with contextlib.suppress(OSError):
+            region.unlink()
+
+
+def remove_stale_shm_regions() -> None:
+    """Remove the shared-memory regions of servers started by launcher processes that no longer
+    exist (a launcher killed with its servers; regions of live launchers are theirs to remove)."""
+    if not SHM_DIR.is_dir():
+        return
+    owners: dict[int, bool] = {}
+    for region in SHM_DIR.glob(f"{_SHM_PREFIX}*"):
+        m = _SHM_OWNER.match(region.name)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        if pid not in owners:
+            owners[pid] = Path(f"/proc/{pid}").exists()
+        if not owners[pid]:
+            with contextlib.suppress(OSError):
+                region.unlink()
 
 
 async def start_on_free_ports(

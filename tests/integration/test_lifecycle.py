@@ -24,6 +24,7 @@ from llmmesh.common.process import die_with_parent
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from llmmesh.localmesh import MODEL_NAME, ROOT, AutoscaledPool
+from llmmesh.triton.launcher import SHM_DIR, remove_stale_shm_regions
 from tests.integration.conftest import Mesh, eventually, start_mesh
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
@@ -140,9 +141,14 @@ async def test_children_die_when_the_mesh_process_is_sigkilled(tmp_path: Path) -
     proc, tree = await _mesh_process(tmp_path)
     kinds = _kinds(tree)
     assert {"tritonserver", "stub", "gateway", "orchestrator", "kv_registry"} <= set(kinds), tree
+    regions = f"llmmesh_triton_{proc.pid}_*"
+    assert list(SHM_DIR.glob(regions))  # the stub's shared memory, named after its launcher
     proc.kill()
     assert await proc.wait() == -signal.SIGKILL
     took = await _all_gone(tree, 10.0)
+    # Nobody was left to remove them; the next launch of a server does (here: by hand).
+    remove_stale_shm_regions()
+    assert not list(SHM_DIR.glob(regions))
     print(
         f"\nSIGKILL of the mesh: {len(tree)} descendants ({', '.join(kinds)}) gone in {took:.2f} s"
     )
@@ -234,6 +240,7 @@ async def test_a_killed_replica_is_restarted_on_its_ports_and_routed_to_again(sm
     assert old.pid is not None
     stubs = [p for p, cmd in descendants(old.pid).items() if STUB in cmd]
     assert stubs
+    assert list(SHM_DIR.glob(f"{old.shm_prefix}*"))
     t0 = time.monotonic()
     os.kill(old.pid, signal.SIGKILL)
 
@@ -254,6 +261,7 @@ async def test_a_killed_replica_is_restarted_on_its_ports_and_routed_to_again(sm
     assert new.ports == old.ports
     assert new.grpc_address == old.grpc_address
     assert not any(_alive(p) for p in stubs)  # the old stubs died with their server
+    assert not list(SHM_DIR.glob(f"{old.shm_prefix}*"))  # and their shared memory is gone
     n = 0
 
     async def routed_to_it() -> bool:
