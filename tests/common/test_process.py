@@ -1,4 +1,5 @@
-"""die_with_parent: a grandchild started with it is killed when its parent is SIGKILLed."""
+"""die_with_parent: a grandchild started with it is killed when its parent is SIGKILLed;
+wait_for_exit awaits a child's exit."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 import time
 
 import pytest
+
+from llmmesh.common.process import wait_for_exit
 
 # The middle process starts a long sleeper with die_with_parent, prints its pid, then waits.
 _PARENT = """
@@ -48,3 +51,11 @@ def test_child_dies_when_its_parent_is_killed() -> None:
         if _alive(child):
             os.kill(child, signal.SIGKILL)
         parent.stdout.close()
+
+
+async def test_wait_for_exit_returns_the_exit_status() -> None:
+    # A Popen child, as TritonServer starts from async code (Popen itself returns at once).
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])  # noqa: ASYNC220
+    assert await wait_for_exit(proc) == 3
+    assert proc.returncode == 3
+    assert await wait_for_exit(proc) == 3  # already reaped: answered at once
