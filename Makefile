@@ -15,6 +15,7 @@ ENGINE ?= smollm2
 REPLICAS ?= 2
 
 -include mesh/mesh.mk
+-include mesh/image.mk
 -include bench/bench.mk
 
 .PHONY: help setup protos lint format typecheck test test-unit test-integration run generate bench-overhead bench-cpu-engine clean
