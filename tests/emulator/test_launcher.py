@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
 import sysconfig
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from llmmesh.netutil import free_port
+from llmmesh.triton import launcher
 from llmmesh.triton.launcher import (
     REPO_ROOT,
     TritonPorts,
@@ -122,3 +124,55 @@ async def test_stop_reports_the_exit_status_and_kills_left_over_children(tmp_pat
     while _alive(child):
         assert time.monotonic() < deadline, "left-over child not killed"
         await asyncio.sleep(0.01)
+
+
+async def test_wait_returns_once_the_server_exits_on_its_own_and_cleans_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(launcher, "SHM_DIR", tmp_path)
+    server = _ExitsLeavingAChild(tmp_path)
+    region = tmp_path / f"{server.shm_prefix}some-uuid"
+    region.write_bytes(b"")  # what its backend stub would have left
+    server._spawn()
+    child = int(_wait_for_file(server.child_pid_file))
+    assert await server.wait() == 1  # no stop(): it ended by itself
+    assert not server.is_running
+    assert not region.exists()
+    deadline = time.monotonic() + 10
+    while _alive(child):  # the rest of its group is killed, as stop() does
+        assert time.monotonic() < deadline, "left-over child not killed"
+        await asyncio.sleep(0.01)
+
+
+def _wait_for_file(path: Path) -> str:
+    deadline = time.monotonic() + 10
+    while not path.exists() or not path.read_text().strip():
+        assert time.monotonic() < deadline, f"{path} not written"
+        time.sleep(0.01)
+    return path.read_text().strip()
+
+
+def test_respawned_has_the_same_ports_env_and_log_and_its_own_shm_prefix(tmp_path: Path) -> None:
+    server = TritonServer(
+        tmp_path, TritonPorts(grpc=1, http=2, metrics=3), {"X": "1"}, tmp_path / "t.log"
+    )
+    again = server.respawned()
+    assert (again.ports, again.env, again.log_path) == (server.ports, server.env, server.log_path)
+    assert again.shm_prefix != server.shm_prefix
+    assert f"--backend-config=python,shm-region-prefix-name={again.shm_prefix}" in again.command()
+    assert again.pid is None
+
+
+def test_stale_shm_regions_of_dead_launchers_are_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(launcher, "SHM_DIR", tmp_path)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a launcher that no longer exists
+    dead = tmp_path / f"llmmesh_triton_{gone.pid}_0_uuid"
+    live = tmp_path / f"llmmesh_triton_{os.getpid()}_0_uuid"
+    other = tmp_path / "triton_python_backend_shm_region_uuid"  # not ours
+    for f in (dead, live, other):
+        f.write_bytes(b"")
+    launcher.remove_stale_shm_regions()
+    assert (dead.exists(), live.exists(), other.exists()) == (False, True, True)
