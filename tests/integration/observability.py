@@ -82,6 +82,7 @@ class Target:
 class Shipped:
     dashboards: dict[str, dict[str, Any]]
     rule_groups: list[dict[str, Any]]
+    autoscaler_env: dict[str, str]  # the llmmesh-autoscaler container's environment
 
     def targets(self) -> list[Target]:
         return [
@@ -98,7 +99,13 @@ class Shipped:
 def shipped(overlay: str = SHIPPED_OVERLAY) -> Shipped:
     """Dashboards and rule groups of the rendered overlay (kubectl kustomize, like meshcheck)."""
     manifests = Manifests(render(target_dir(overlay)))
-    return Shipped(obs.dashboards(manifests), obs.alert_rules(manifests)["spec"]["groups"])
+    autoscaler = manifests.get("Deployment", "llmmesh-autoscaler")
+    assert autoscaler is not None
+    return Shipped(
+        obs.dashboards(manifests),
+        obs.alert_rules(manifests)["spec"]["groups"],
+        manifests.container_env(autoscaler, manifests.main_container(autoscaler)),
+    )
 
 
 def selectors(expr: str) -> list[str]:

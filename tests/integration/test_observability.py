@@ -26,11 +26,14 @@ import pytest_asyncio
 
 from llmmesh.common import metric_names as names
 from llmmesh.common.components import GATEWAY, KV_REGISTRY, ORCHESTRATOR
-from llmmesh.common.topology import DEFAULT_MODEL_VERSION, DEFAULT_POOL
+from llmmesh.common.settings import settings_of, with_env
+from llmmesh.common.topology import DEFAULT_MODEL_VERSION, DEFAULT_POOL, PoolKey
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
 from llmmesh.generated.gateway.v1 import gateway_pb2_grpc
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as opb
 from llmmesh.localmesh import MODEL_NAME, ServiceProcess
+from services.autoscaler.__main__ import build_source
+from services.autoscaler.settings import AutoscalerSettings, PoolConfig
 from tests.integration.conftest import Mesh, eventually, gateway_process, metric, start_mesh
 from tests.integration.observability import (
     Prometheus,
@@ -259,6 +262,7 @@ async def test_every_panel_and_rule_against_prometheus(
             )
             problems = await _check_panels(prom, manifests.dashboards, manifests.targets())
             problems += await _check_rules(prom, rules)
+            problems += await _check_autoscaler(prom, manifests.autoscaler_env)
     finally:
         await channel.close(None)
         await shadow.stop()
@@ -339,6 +343,33 @@ async def _check_rules(prom: Prometheus, rules: list[dict[str, object]]) -> list
         f"{len(rules)} rules ({records} recording, {len(rules) - records} alerting): promtool "
         "check ok, loaded and evaluated by prometheus"
     )
+    return problems
+
+
+async def _check_autoscaler(prom: Prometheus, env: dict[str, str]) -> list[str]:
+    """The autoscaler, configured as shipped (its ConfigMap: source, selectors, windows; the
+    Prometheus URL and the pool map are the local ones), reads the gateway's latency signals and
+    the engines' and orchestrator's."""
+    settings = with_env(settings_of(AutoscalerSettings), env)
+    if settings.source != "promql":
+        return [f"shipped autoscaler: source {settings.source}, not promql"]
+    # The shipped pools and served model are the cluster's; locally one pool serves MODEL_NAME.
+    assert settings.pools
+    assert all(p.model for p in settings.pools)
+    pool = PoolConfig(pool=DEFAULT_POOL, model_version=DEFAULT_MODEL_VERSION, model=MODEL_NAME)
+    local = settings.model_copy(update={"prometheus_url": prom.url, "pools": [pool]})
+    key = PoolKey(DEFAULT_POOL, DEFAULT_MODEL_VERSION)
+    got = (await build_source(local).collect(time.time())).get(key)
+    print(f"shipped autoscaler config reads, for {key}: {got}")
+    if got is None:
+        return [f"shipped autoscaler: no signals for pool {key}"]
+    problems = [
+        f"shipped autoscaler: {name} unknown"
+        for name in ("ttft_p90_s", "itl_p90_s", "completion_tokens_rate", "arrival_rate")
+        if getattr(got, name) is None
+    ]
+    if got.reporting_replicas != 2:
+        problems.append(f"shipped autoscaler: {got.reporting_replicas} engines report, not 2")
     return problems
 
 

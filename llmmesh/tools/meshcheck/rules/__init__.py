@@ -41,6 +41,7 @@ RULES: dict[str, Rule] = {
     "metrics": observability.check_metrics,
     "scrape": observability.check_scrape,
     "alerts": observability.check_alerts,
+    "autoscaler_signals": observability.check_autoscaler_signals,
     "readme_circuit_breaking": readme.check_circuit_breaking_table,
     "readme_mirror_percentage": readme.check_mirror_percentage,
     "readme_walkthrough": readme.check_walkthrough,

@@ -308,3 +308,126 @@ def check_tracing(mesh: Mesh) -> list[str]:
             f"sampling rates disagree (Telemetry percent vs services' ratio x 100): {sorted(rates)}"
         )
     return problems
+
+
+# The autoscaler's PromQL selectors (LLMMESH_AUTOSCALER_PROMQL_<KIND>_SELECTOR): the workloads each
+# must select, by pod template labels. Gateways: serving only (mirrored traffic is no load signal).
+AUTOSCALER_ENV = "LLMMESH_AUTOSCALER_"
+AUTOSCALER_SELECTS = {
+    "ENGINE": {"app.kubernetes.io/component": "triton"},
+    "ORCHESTRATOR": {"app.kubernetes.io/component": "orchestrator"},
+    "GATEWAY": {"app.kubernetes.io/component": "gateway", "llmmesh.io/role": "serving"},
+}
+# Target labels of the `llmmesh` scrape job and the pod labels they are relabelled from.
+SCRAPE_POD_LABELS = {
+    "app": "app",
+    "role": "llmmesh.io/role",
+    "pool": "llmmesh.io/pool",
+    "model_version": "version",
+}
+MATCHER = re.compile(r'\s*([a-zA-Z_]\w*)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"\s*(?:,|$)')
+
+
+def parse_matchers(selector: str) -> list[tuple[str, str, str]] | None:
+    """`label="v",other=~"re"` as (label, op, value); None when it does not parse."""
+    out: list[tuple[str, str, str]] = []
+    pos = 0
+    while pos < len(selector):
+        m = MATCHER.match(selector, pos)
+        if m is None or m.end() == pos:
+            return None
+        out.append((m[1], m[2], m[3]))
+        pos = m.end()
+    return out
+
+
+def _matches(op: str, value: str, actual: str) -> bool:
+    if op in ("=", "!="):
+        return (actual == value) == (op == "=")
+    return (re.fullmatch(value, actual) is not None) == (op == "=~")
+
+
+def check_autoscaler_signals(mesh: Mesh) -> list[str]:
+    """The autoscaler reads its signals from Prometheus (SOURCE=promql, PROMETHEUS_URL), so the
+    gateways' TTFT/ITL histograms of every serving pod feed its SLO inputs; its engine,
+    orchestrator and gateway selectors are set, use labels the `llmmesh` scrape job produces, and
+    select exactly the Triton, orchestrator and serving gateway pods."""
+    problems: list[str] = []
+    dep = require(mesh.get("Deployment", "llmmesh-autoscaler"), "Deployment llmmesh-autoscaler")
+    env = mesh.container_env(dep, mesh.main_container(dep))
+    if env.get(f"{AUTOSCALER_ENV}SOURCE") != "promql":
+        problems.append(
+            f"{AUTOSCALER_ENV}SOURCE must be promql: the gateways' TTFT/ITL (the SLO inputs) come "
+            "from every serving gateway pod's histograms through Prometheus"
+        )
+    if not env.get(f"{AUTOSCALER_ENV}PROMETHEUS_URL", "").strip():
+        problems.append(f"{AUTOSCALER_ENV}PROMETHEUS_URL is empty")
+    problems.extend(_autoscaler_pools(mesh, env))
+    job = require(scrape_jobs(mesh).get("llmmesh"), "scrape job llmmesh")
+    produced = {r["target_label"] for r in job["relabel_configs"] if "target_label" in r}
+    templates = mesh.pod_templates()
+    for kind, wanted in AUTOSCALER_SELECTS.items():
+        name = f"{AUTOSCALER_ENV}PROMQL_{kind}_SELECTOR"
+        selector = env.get(name, "")
+        matchers = parse_matchers(selector) if selector.strip() else []
+        if not matchers:
+            problems.append(f"{name} is {'empty' if matchers == [] else 'not label matchers'}")
+            continue
+        bad = [
+            label
+            for label, op, value in matchers
+            if not (label == "job" and op == "=" and value == "llmmesh") and label not in produced
+        ]
+        if bad:
+            problems.append(
+                f"{name}: {bad} are not labels of the llmmesh scrape job (job must be llmmesh)"
+            )
+            continue
+        selected = {
+            d["metadata"]["name"]
+            for d, tpl in templates
+            if all(
+                _matches(
+                    op, value, tpl["metadata"].get("labels", {}).get(SCRAPE_POD_LABELS[lbl], "")
+                )
+                for lbl, op, value in matchers
+                if lbl in SCRAPE_POD_LABELS
+            )
+        }
+        expected = {d["metadata"]["name"] for d in mesh.deployments_selected(wanted)}
+        if not expected or selected != expected:
+            problems.append(
+                f"{name} {selector!r} selects the pods of {sorted(selected)}, "
+                f"expected {sorted(expected)}"
+            )
+    return problems
+
+
+def _autoscaler_pools(mesh: Mesh, env: dict[str, str]) -> list[str]:
+    """POOLS names every pool of REPLICA_DNS with a served model of the gateways: gateway series
+    carry the served name, the orchestrator's the Triton model, so without the map the gateway's
+    TTFT/ITL are attributed to no pool."""
+    gateway = require(mesh.get("Deployment", "llmmesh-gateway-v1"), "Deployment llmmesh-gateway-v1")
+    served = {
+        m["name"]
+        for m in json.loads(
+            mesh.container_env(gateway, mesh.main_container(gateway)).get(
+                "LLMMESH_GATEWAY_MODELS", "[]"
+            )
+        )
+    }
+    dns = json.loads(env.get(f"{AUTOSCALER_ENV}REPLICA_DNS", "[]"))
+    wanted = {(d["pool"], d["model_version"]) for d in dns}
+    pools = json.loads(env.get(f"{AUTOSCALER_ENV}POOLS", "[]"))
+    listed = {(p["pool"], p["model_version"]): p.get("model", "") for p in pools}
+    problems = [
+        f"{AUTOSCALER_ENV}POOLS: no entry for pool {pool} ({version}) of REPLICA_DNS"
+        for pool, version in sorted(wanted - set(listed))
+    ]
+    problems.extend(
+        f"{AUTOSCALER_ENV}POOLS: pool {pool} ({version}) model {model!r} is not a served model "
+        f"of the gateways {sorted(served)}"
+        for (pool, version), model in sorted(listed.items())
+        if model not in served
+    )
+    return problems
