@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from llmmesh.common.errors import ServiceError
 from llmmesh.common.telemetry import inject_trace_metadata
@@ -339,7 +340,7 @@ class GatewayCore:
         model_label = req.model if req.model in self._models else "unknown"
         metrics.record_in_flight(model_label, 1)
         try:
-            with _tracer.start_as_current_span("gateway.generate") as span:
+            with _tracer.start_as_current_span("gateway.generate", kind=SpanKind.SERVER) as span:
                 span.set_attribute("llmmesh.request_id", req.request_id)
                 tenant = self.authenticate(req.api_key)
                 if tenant is not None:
@@ -547,7 +548,7 @@ class GatewayCore:
         outcome = Outcome.REQUEST_ERROR
         error = ""
         try:
-            with _tracer.start_as_current_span("triton.stream") as span:
+            with _tracer.start_as_current_span("triton.stream", kind=SpanKind.CLIENT) as span:
                 span.set_attribute("llmmesh.replica", replica.id)
                 chunks = self._triton.stream(
                     replica.grpc_address,

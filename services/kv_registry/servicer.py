@@ -7,8 +7,11 @@ import logging
 from collections.abc import Sequence
 
 import grpc
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from llmmesh.common.errors import InvalidArgument, ServiceError, abort
+from llmmesh.common.telemetry import extract_trace_context
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
 from llmmesh.kvblocks import BlockConfig
@@ -19,6 +22,7 @@ from services.kv_registry.errors import BlockConfigMismatch
 Ctx = grpc.aio.ServicerContext[object, object]
 
 log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("llmmesh.kv_registry")
 
 SOURCE_PB = {Source.EXACT: pb.MATCH_SOURCE_EXACT, Source.PREDICTED: pb.MATCH_SOURCE_PREDICTED}
 
@@ -74,6 +78,13 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
         )
 
     async def Lookup(self, request: pb.LookupRequest, context: Ctx) -> pb.LookupResponse:
+        parent = extract_trace_context(context.invocation_metadata())
+        with _tracer.start_as_current_span(
+            "kv_registry.lookup", context=parent, kind=SpanKind.SERVER
+        ):
+            return await self._lookup(request, context)
+
+    async def _lookup(self, request: pb.LookupRequest, context: Ctx) -> pb.LookupResponse:
         try:
             if len(request.block_hashes):
                 hashes = prompt_hashes(self._core, request.token_ids, request.block_hashes)

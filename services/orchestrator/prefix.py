@@ -14,6 +14,7 @@ from typing import Protocol
 
 import grpc
 
+from llmmesh.common.telemetry import inject_trace_metadata
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
 from llmmesh.kvblocks import BlockConfig, block_hashes
@@ -68,7 +69,9 @@ class RegistryPrefixIndex:
             return NO_MATCHES
         try:
             resp = await self._stub.Lookup(
-                pb.LookupRequest(block_hashes=hashes), timeout=self._timeout_s
+                pb.LookupRequest(block_hashes=hashes),
+                timeout=self._timeout_s,
+                metadata=tuple(inject_trace_metadata([])),
             )
         except grpc.aio.AioRpcError as err:
             log.debug("prefix lookup failed", extra={"error": err.code().name})

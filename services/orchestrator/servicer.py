@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
 from llmmesh.common.errors import ServiceError, abort
 from llmmesh.common.telemetry import extract_trace_context, request_id_var
@@ -30,7 +31,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     async def Admit(self, request: pb.AdmitRequest, context: Ctx) -> pb.AdmitResponse:
         request_id_var.set(request.request_id)
         parent = extract_trace_context(context.invocation_metadata())
-        with _tracer.start_as_current_span("orchestrator.admit", context=parent) as span:
+        with _tracer.start_as_current_span(
+            "orchestrator.admit", context=parent, kind=SpanKind.SERVER
+        ) as span:
             try:
                 lease = await self._core.admit(admission_from_pb(request), context.time_remaining())
             except ServiceError as err:

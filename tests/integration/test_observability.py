@@ -431,17 +431,6 @@ async def test_one_request_is_one_trace(traced: tuple[Mesh, TraceReceiver]) -> N
     assert stream.attributes.get("llmmesh.replica") == replica, tree
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "instrumentation missing in files owned by the request path: kv_registry's Lookup "
-        "has no span (services/kv_registry/servicer.py does not extract the trace context), "
-        "the orchestrator's Lookup call sends no trace context (services/orchestrator/prefix.py "
-        "passes no inject_trace_metadata), and no span has a kind (gateway.generate and "
-        "orchestrator.admit should be SERVER, triton.stream and the Admit call CLIENT; "
-        "services/gateway/core.py, services/orchestrator/servicer.py)"
-    ),
-)
 @pytest.mark.timeout(60)
 async def test_trace_has_kv_lookup_and_span_kinds(traced: tuple[Mesh, TraceReceiver]) -> None:
     mesh, receiver = traced
