@@ -201,7 +201,7 @@ class GatewayCore:
             prompt_field = "messages"
             ids = model.encode(self._render_chat(model, req.messages))
         else:
-            raise InvalidRequest("text or token_ids is required", field="prompt")
+            raise InvalidRequest("text, token_ids or messages is required", field="prompt")
         if not ids:
             raise InvalidRequest("must not be empty", field=prompt_field)
         if len(ids) >= ms.context_length:
