@@ -46,13 +46,19 @@ _prctl = _load_prctl()
 
 
 def die_with_parent() -> None:
+    set_parent_death_signal(signal.SIGKILL)
+
+
+def set_parent_death_signal(sig: int) -> None:
+    """In a forked child (a `preexec_fn`): have the kernel send `sig` to this process when the
+    thread that forked it exits; if the parent is already gone, send it now."""
     if _prctl is None:
         return
     parent = os.getppid()
-    if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+    if _prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), sig)
 
 
 async def wait_for_exit(proc: subprocess.Popen[bytes]) -> int:

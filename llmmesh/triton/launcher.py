@@ -14,10 +14,16 @@ Requirements the environment must meet, all handled here:
 Lifetime: tritonserver runs in its own process group (so `stop()` reaches its Python backend
 stubs) and dies with the thread that started it, whatever ends that thread's process, SIGKILL
 included (`llmmesh.common.process.die_with_parent`; start servers from the main or event-loop
-thread, never from a worker thread that may exit first). Its backend stubs are not ours to tie:
-each stub watches its parent and exits within about a second once tritonserver is gone (the
-Python backend's parent health check; `tests/integration/test_lifecycle.py` checks it after a
-SIGKILL of the process that started the mesh).
+thread, never from a worker thread that may exit first). Its backend stubs are tritonserver's
+children, which PR_SET_PDEATHSIG does not reach, and their own parent check is not enough: it
+asks whether tritonserver's pid exists (`kill(pid, 0)`), which a dead tritonserver that nobody
+has reaped yet still passes, so a stub lives on for as long as the init process that adopted
+tritonserver leaves it a zombie (seen here: stubs still up 15 s after a SIGTERM of a benchmark).
+So each server gets a watchdog, a tiny process in a session of its own that the launcher's death signals (SIGTERM
+through PR_SET_PDEATHSIG): it then SIGKILLs the server's whole process group, stubs included, and
+exits; it exits by itself once the group is gone, and `stop()` ends it with the server
+(`tests/integration/test_lifecycle.py` checks that nothing is left after a SIGKILL or SIGTERM of
+the process that started the mesh).
 
 Shared memory: the Python backend keeps one region per model instance in /dev/shm, which a
 killed tritonserver leaves behind (1 MiB or more each; a container's /dev/shm is often 64 MiB, so
@@ -51,7 +57,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
-from llmmesh.common.process import die_with_parent, wait_for_exit
+from llmmesh.common.process import die_with_parent, set_parent_death_signal, wait_for_exit
 from llmmesh.common.topology import TRITON_GRPC_PORT, TRITON_HTTP_PORT, TRITON_METRICS_PORT
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -60,6 +66,36 @@ SHM_DIR = Path("/dev/shm")
 _SHM_PREFIX = "llmmesh_triton_"
 _SHM_OWNER = re.compile(rf"^{_SHM_PREFIX}(\d+)_")
 _server_numbers = itertools.count()
+
+# The group watchdog (argv: the process group to guard). SIGTERM, held blocked from before exec
+# until its handler is in place, means the launcher is gone: kill the group. Polls the group,
+# and exits once it is empty. Runs with -I -S: no site, no llmmesh imports, starts in ~20 ms.
+_WATCHDOG = """
+import os, signal, sys, time
+group = int(sys.argv[1])
+def reap(*_):
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except OSError:
+        pass
+    os._exit(0)
+signal.signal(signal.SIGTERM, reap)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+while True:
+    time.sleep(1.0)
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        os._exit(0)
+    except OSError:
+        pass
+"""
+
+
+def _watchdog_preexec() -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    set_parent_death_signal(signal.SIGTERM)
 
 
 def pytriton_tritonserver_dir() -> Path:
@@ -152,6 +188,7 @@ class TritonServer:
         self.log_path = log_path
         self.extra_args = tuple(extra_args)
         self._proc: subprocess.Popen[bytes] | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._log_mode = "wb"
         # This server's Python backend shared-memory regions: /dev/shm/<prefix><uuid>.
@@ -243,6 +280,18 @@ class TritonServer:
             start_new_session=True,  # its own process group: stop() reaches the backend stubs
             preexec_fn=die_with_parent,  # no tritonserver outlives the thread that started it
         )
+        # Its backend stubs (not started yet: tritonserver has still to load its models) are
+        # killed with its group should this process die first.
+        try:
+            self._watchdog = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(self._proc.pid)],
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # out of reach of the group's and the terminal's signals
+                preexec_fn=_watchdog_preexec,
+            )
+        except BaseException:
+            self._finish()
+            raise
 
     def _check_ready(self) -> bool:
         """One readiness probe; raises if the process has exited."""
@@ -345,6 +394,10 @@ class TritonServer:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self._proc.pid, signal.SIGKILL)
         _remove_shm(f"{self.shm_prefix}*")
+        if self._watchdog is not None:
+            self._watchdog.kill()
+            self._watchdog.wait()
+            self._watchdog = None
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -392,6 +445,15 @@ def _remove_shm(pattern: str) -> None:
             region.unlink()
 
 
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a dead launcher nobody has reaped yet)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
 def remove_stale_shm_regions() -> None:
     """Remove the shared-memory regions of servers started by launcher processes that no longer
     exist (a launcher killed with its servers; regions of live launchers are theirs to remove)."""
@@ -404,7 +466,7 @@ def remove_stale_shm_regions() -> None:
             continue
         pid = int(m.group(1))
         if pid not in owners:
-            owners[pid] = Path(f"/proc/{pid}").exists()
+            owners[pid] = _alive(pid)
         if not owners[pid]:
             with contextlib.suppress(OSError):
                 region.unlink()

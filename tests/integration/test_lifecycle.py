@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -71,10 +72,37 @@ def descendants(root: int) -> dict[int, str]:
 
 
 # ----------------------------------------------------------------------------- the mesh's own process
-async def _mesh_process(workdir: Path) -> tuple[asyncio.subprocess.Process, dict[int, str]]:
-    """`python -m llmmesh.localmesh` (one emulator replica, free ports) started and up; its
-    descendants once up."""
-    proc = await asyncio.create_subprocess_exec(
+# A parent that adopts orphans (PR_SET_CHILD_SUBREAPER) and never reaps them, as an init process
+# that reaps late or not at all: it starts the mesh, prints the mesh's pid, and sleeps.
+_LAZY_INIT = """
+import ctypes, subprocess, sys, time
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+mesh = subprocess.Popen(sys.argv[1:])
+print("mesh", mesh.pid, flush=True)
+time.sleep(3600)
+"""
+
+
+@dataclass
+class MeshRun:
+    proc: asyncio.subprocess.Process  # the mesh, or the lazy init above it
+    pid: int  # the mesh's process
+
+    async def kill(self, sig: int = signal.SIGKILL) -> None:
+        os.kill(self.pid, sig)
+        if self.proc.pid == self.pid:
+            await self.proc.wait()
+
+    async def close(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+        await self.proc.wait()
+
+
+async def _spawn_mesh(workdir: Path, *, lazy_init: bool = False) -> MeshRun:
+    """`python -m llmmesh.localmesh` (one emulator replica, free ports), just started; under
+    `_LAZY_INIT` with `lazy_init`."""
+    mesh = [
         sys.executable,
         "-m",
         "llmmesh.localmesh",
@@ -82,17 +110,33 @@ async def _mesh_process(workdir: Path) -> tuple[asyncio.subprocess.Process, dict
         "--replicas=1",
         "--any-ports",
         f"--workdir={workdir}",
+    ]
+    argv = [sys.executable, "-c", _LAZY_INIT, *mesh] if lazy_init else mesh
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         cwd=ROOT,
         preexec_fn=die_with_parent,  # should this test die first
     )
-    assert proc.stdout is not None
+    pid = proc.pid
+    if lazy_init:
+        assert proc.stdout is not None
+        pid = int((await proc.stdout.readline()).split()[1])
+    return MeshRun(proc, pid)
+
+
+async def _mesh_process(
+    workdir: Path, *, lazy_init: bool = False
+) -> tuple[MeshRun, dict[int, str]]:
+    """The mesh's process once up, and its descendants then."""
+    run = await _spawn_mesh(workdir, lazy_init=lazy_init)
+    stdout = run.proc.stdout
+    assert stdout is not None
     seen: list[str] = []
 
     async def up() -> None:
-        assert proc.stdout is not None
-        while line := (await proc.stdout.readline()).decode():
+        while line := (await stdout.readline()).decode():
             seen.append(line)
             if "local mesh is up" in line:
                 return
@@ -101,10 +145,11 @@ async def _mesh_process(workdir: Path) -> tuple[asyncio.subprocess.Process, dict
     try:
         await asyncio.wait_for(up(), 120)
     except BaseException:
-        proc.kill()
-        await proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(run.pid, signal.SIGKILL)
+        await run.close()
         raise
-    return proc, descendants(proc.pid)
+    return run, descendants(run.pid)
 
 
 def _kinds(tree: dict[int, str]) -> list[str]:
@@ -137,15 +182,22 @@ async def _all_gone(tree: dict[int, str], timeout_s: float) -> float:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-async def test_children_die_when_the_mesh_process_is_sigkilled(tmp_path: Path) -> None:
-    proc, tree = await _mesh_process(tmp_path)
-    kinds = _kinds(tree)
-    assert {"tritonserver", "stub", "gateway", "orchestrator", "kv_registry"} <= set(kinds), tree
-    regions = f"llmmesh_triton_{proc.pid}_*"
-    assert list(SHM_DIR.glob(regions))  # the stub's shared memory, named after its launcher
-    proc.kill()
-    assert await proc.wait() == -signal.SIGKILL
-    took = await _all_gone(tree, 10.0)
+@pytest.mark.parametrize("lazy_init", [False, True], ids=["reaping-init", "lazy-init"])
+async def test_children_die_when_the_mesh_process_is_sigkilled(
+    tmp_path: Path, lazy_init: bool
+) -> None:
+    """With a lazy init, the killed tritonserver stays a zombie, which its backend stub's own
+    parent check takes for alive: only the server's group watchdog ends the stub."""
+    run, tree = await _mesh_process(tmp_path, lazy_init=lazy_init)
+    try:
+        kinds = _kinds(tree)
+        assert {"tritonserver", "stub", "gateway", "orchestrator", "kv_registry"} <= set(kinds)
+        regions = f"llmmesh_triton_{run.pid}_*"
+        assert list(SHM_DIR.glob(regions))  # the stub's shared memory, named after its launcher
+        await run.kill()
+        took = await _all_gone(tree, 10.0)
+    finally:
+        await run.close()
     # Nobody was left to remove them; the next launch of a server does (here: by hand).
     remove_stale_shm_regions()
     assert not list(SHM_DIR.glob(regions))
@@ -155,7 +207,8 @@ async def test_children_die_when_the_mesh_process_is_sigkilled(tmp_path: Path) -
 
 
 async def test_sigterm_stops_the_mesh_gracefully(tmp_path: Path) -> None:
-    proc, tree = await _mesh_process(tmp_path)
+    run, tree = await _mesh_process(tmp_path)
+    proc = run.proc
     assert "tritonserver" in _kinds(tree)
     t0 = time.monotonic()
     proc.send_signal(signal.SIGTERM)
