@@ -2,14 +2,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import subprocess
+import sys
 import sysconfig
 import time
 from pathlib import Path
 
 import pytest
 
+from llmmesh.common.process import die_with_parent
 from llmmesh.netutil import free_port
 from llmmesh.triton import launcher
 from llmmesh.triton.launcher import (
@@ -176,3 +179,47 @@ def test_stale_shm_regions_of_dead_launchers_are_removed(
         f.write_bytes(b"")
     launcher.remove_stale_shm_regions()
     assert (dead.exists(), live.exists(), other.exists()) == (False, True, True)
+
+
+# A launcher process: one "server" (sh) whose group holds a child that ignores its parent's death,
+# as a backend stub does while tritonserver is an unreaped zombie.
+_LAUNCHER = """
+import sys, time
+from pathlib import Path
+from llmmesh.triton.launcher import TritonPorts, TritonServer
+class Server(TritonServer):
+    def command(self):
+        return ["/bin/sh", "-c", f"sleep 3600 & echo $! > {sys.argv[1]}; exec sleep 3600"]
+server = Server(Path(sys.argv[2]), TritonPorts(grpc=1, http=2, metrics=3), log_path=Path(sys.argv[3]))
+server._spawn()
+print(server.pid, flush=True)
+time.sleep(3600)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_servers_whole_group_dies_with_its_launcher(tmp_path: Path) -> None:
+    child_file = tmp_path / "child.pid"
+    launcher_proc = subprocess.Popen(
+        [sys.executable, "-c", _LAUNCHER, str(child_file), str(tmp_path), str(tmp_path / "log")],
+        stdout=subprocess.PIPE,
+        cwd=REPO_ROOT,
+        preexec_fn=die_with_parent,
+    )
+    assert launcher_proc.stdout is not None
+    server = int(launcher_proc.stdout.readline())
+    child = int(_wait_for_file(child_file))
+    try:
+        assert _alive(server)
+        assert _alive(child)
+        launcher_proc.kill()
+        launcher_proc.wait()
+        deadline = time.monotonic() + 10
+        while _alive(server) or _alive(child):
+            assert time.monotonic() < deadline, "the server's group outlived its launcher"
+            time.sleep(0.01)  # signals are delivered asynchronously; poll their effect
+    finally:
+        for pid in (server, child):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        launcher_proc.stdout.close()
