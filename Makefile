@@ -55,6 +55,19 @@ $(STAMPS)/prometheus:
 	@touch $@
 setup: $(STAMPS)/prometheus
 
+# A real Redis for the gateway's shared resume store tests (tests/gateway/redis_fixture.py):
+# Debian's redis-server (the binary is in redis-tools) and the two libraries it needs beyond a
+# base system, pinned, unpacked into .build/redis without installing them (no root, no service).
+REDIS_DEBS := redis-server=5:7.0.15-1~deb12u7 redis-tools=5:7.0.15-1~deb12u7 libjemalloc2=5.3.0-1 liblzf1=3.6-3
+$(STAMPS)/redis:
+	@mkdir -p $(STAMPS) .build/debs/redis
+	rm -rf .build/redis .build/debs/redis/*.deb
+	cd .build/debs/redis && apt-get download -q $(foreach d,$(REDIS_DEBS),"$(d)")
+	for deb in .build/debs/redis/*.deb; do dpkg-deb -x "$$deb" .build/redis; done
+	LD_LIBRARY_PATH="$$(echo $(CURDIR)/.build/redis/usr/lib/*-linux-gnu)" .build/redis/usr/bin/redis-server --version
+	@touch $@
+setup: $(STAMPS)/redis
+
 protos: $(STAMPS)/protos ## Regenerate gRPC stubs from protos/
 
 lint: setup ## ruff format --check, ruff check, mypy --strict, import-linter layering contracts, generated stubs untracked
