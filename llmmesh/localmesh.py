@@ -645,8 +645,13 @@ async def _run(args: argparse.Namespace) -> int:
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        mesh.supervisor.halt()  # the children may see Ctrl-C too: their exits are no crashes
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         await mesh.start()
         width = max(len(k) for k in mesh.endpoints())

@@ -116,9 +116,10 @@ class Supervisor:
         wait: Callable[[], Awaitable[int | None]],
         restart: Callable[[], Awaitable[None]],
     ) -> None:
-        """Supervise a running unit from now on (a unit of that name is replaced)."""
+        """Supervise a running unit from now on (a unit of that name is replaced); nothing once
+        the supervisor is halted (the mesh is stopping)."""
         if self._closed:
-            raise RuntimeError("supervisor is closed")
+            return
         old = self._units.pop(name, None)
         if old is not None and old.task is not None:
             old.task.cancel()
@@ -133,13 +134,19 @@ class Supervisor:
         unit = self._units.get(name)
         return unit.restarts if unit is not None else 0
 
+    def halt(self) -> None:
+        """Stop supervising at once (children keep running); safe in a signal handler, before the
+        children themselves see the signal (Ctrl-C reaches the whole process group)."""
+        self._closed = True
+        for u in self._units.values():
+            if u.task is not None:
+                u.task.cancel()
+
     async def close(self) -> None:
         """Stop supervising (children keep running): call before stopping them on purpose. A
         restart in progress is cancelled; its half-started unit is the restart's to clean up."""
-        self._closed = True
+        self.halt()
         tasks = [u.task for u in self._units.values() if u.task is not None]
-        for t in tasks:
-            t.cancel()
         for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await t

@@ -152,8 +152,24 @@ async def test_exits_after_close_are_not_restarted() -> None:
     unit.crash(0)  # a graceful stop after supervision ended
     await settle()
     assert unit.starts == []
-    with pytest.raises(RuntimeError):
-        sup.watch("gateway", unit.wait, unit.restart)
+    later = Unit(clock)
+    sup.watch("replica-1", later.wait, later.restart)  # the mesh is stopping: not watched
+    later.crash()
+    await settle()
+    assert later.starts == []
+    assert sup.restarts("replica-1") == 0
+
+
+async def test_halt_stops_supervision_at_once() -> None:
+    clock = Clock()
+    sup = Supervisor(POLICY, clock=clock, sleep=clock.sleep)
+    unit = Unit(clock)
+    sup.watch("gateway", unit.wait, unit.restart)
+    sup.halt()  # synchronous: from a signal handler, before the child sees the signal
+    unit.crash(0)
+    await settle()
+    assert unit.starts == []
+    await sup.close()
 
 
 async def test_close_cancels_a_restart_waiting_out_its_backoff() -> None:

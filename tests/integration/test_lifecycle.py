@@ -99,9 +99,11 @@ class MeshRun:
         await self.proc.wait()
 
 
-async def _spawn_mesh(workdir: Path, *, lazy_init: bool = False) -> MeshRun:
+async def _spawn_mesh(
+    workdir: Path, *, lazy_init: bool = False, new_session: bool = False
+) -> MeshRun:
     """`python -m llmmesh.localmesh` (one emulator replica, free ports), just started; under
-    `_LAZY_INIT` with `lazy_init`."""
+    `_LAZY_INIT` with `lazy_init`; in a process group of its own with `new_session`."""
     mesh = [
         sys.executable,
         "-m",
@@ -118,6 +120,7 @@ async def _spawn_mesh(workdir: Path, *, lazy_init: bool = False) -> MeshRun:
         stderr=asyncio.subprocess.STDOUT,
         cwd=ROOT,
         preexec_fn=die_with_parent,  # should this test die first
+        start_new_session=new_session,
     )
     pid = proc.pid
     if lazy_init:
@@ -127,10 +130,10 @@ async def _spawn_mesh(workdir: Path, *, lazy_init: bool = False) -> MeshRun:
 
 
 async def _mesh_process(
-    workdir: Path, *, lazy_init: bool = False
+    workdir: Path, *, lazy_init: bool = False, new_session: bool = False
 ) -> tuple[MeshRun, dict[int, str]]:
     """The mesh's process once up, and its descendants then."""
-    run = await _spawn_mesh(workdir, lazy_init=lazy_init)
+    run = await _spawn_mesh(workdir, lazy_init=lazy_init, new_session=new_session)
     stdout = run.proc.stdout
     assert stdout is not None
     seen: list[str] = []
@@ -206,18 +209,29 @@ async def test_children_die_when_the_mesh_process_is_sigkilled(
     )
 
 
-async def test_sigterm_stops_the_mesh_gracefully(tmp_path: Path) -> None:
-    run, tree = await _mesh_process(tmp_path)
+@pytest.mark.parametrize("ctrl_c", [False, True], ids=["sigterm", "ctrl-c"])
+async def test_a_signal_stops_the_mesh_gracefully(tmp_path: Path, ctrl_c: bool) -> None:
+    """SIGTERM to the mesh's process, or SIGINT to its whole process group as Ctrl-C in a
+    terminal sends it (the services then see it too): a clean stop, and no restart."""
+    run, tree = await _mesh_process(tmp_path, new_session=ctrl_c)
     proc = run.proc
+    assert proc.stdout is not None
     assert "tritonserver" in _kinds(tree)
     t0 = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
+    if ctrl_c:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGTERM)
     assert await asyncio.wait_for(proc.wait(), 60) == 0
     took = await _all_gone(tree, 10.0)
+    what = "SIGINT to the group" if ctrl_c else "SIGTERM"
     print(
-        f"\nSIGTERM of the mesh: exit 0 after {time.monotonic() - t0:.2f} s, children gone {took:.2f} s later"
+        f"\n{what} of the mesh: exit 0 after {time.monotonic() - t0:.2f} s, "
+        f"children gone {took:.2f} s later"
     )
-    # Drained, not killed: the services logged their shutdown and Triton unloaded its model.
+    output = (await proc.stdout.read()).decode(errors="replace")
+    assert "restarting" not in output, output
+    # Drained, not killed: Triton unloaded its model.
     triton_log = (tmp_path / "replica-0.triton.log").read_text(errors="replace")
     assert "successfully unloaded" in triton_log
 
