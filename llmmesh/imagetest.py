@@ -19,7 +19,7 @@ Exits 1 when a check fails. Needs root (buildah), the image built (`make image`)
 
 A launcher, like llmmesh.localmesh: it imports the services' settings classes (the environment
 of each service comes from its settings object, `to_env`), and nothing imports it. Children die
-with this process (`die_with_parent` on each `buildah run`; its process group is killed on the
+with this process (`tied_to_parent` on each `buildah run`; its process group is killed on the
 way out). Only a SIGKILL of this process can leave the in-container service behind (buildah's
 chroot runtime does not pass the parent's death on): its process group is the `buildah run`
 pid printed in the log.
@@ -48,7 +48,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from llmmesh.common.components import AUTOSCALER, GATEWAY, KV_REGISTRY, ORCHESTRATOR, Component
-from llmmesh.common.process import die_with_parent
+from llmmesh.common.process import tied_to_parent
 from llmmesh.common.settings import ServiceSettings, to_env
 from llmmesh.emulator.settings import EmulatorSettings
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
@@ -212,11 +212,10 @@ class ImageService:
     async def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
-                *self.command(),
+                *tied_to_parent(self.command()),
                 stdout=log,
                 stderr=log,
                 start_new_session=True,  # its process group: buildah, its runtime, the service
-                preexec_fn=die_with_parent,
             )
         print(f"  started {self.name} (buildah run pid/process group {self.proc.pid})", flush=True)
         deadline = time.monotonic() + READY_TIMEOUT_S

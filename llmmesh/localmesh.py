@@ -9,7 +9,7 @@ they are given (0 = any free port) and report the bound ports through a ready fi
 replicas get free ports picked just before launch.
 
 Lifecycle: every child dies with the mesh's process whatever ends it, SIGKILL included (each is
-spawned with `llmmesh.common.process.die_with_parent`; so start the mesh from the main thread or
+spawned with `llmmesh.common.process.tied_to_parent`; so start the mesh from the main thread or
 the event loop's thread); `stop()` (and SIGTERM/SIGINT of `python -m llmmesh.localmesh`) stops
 them gracefully, front to back. While it runs, a `llmmesh.supervisor.Supervisor` restarts a child
 that exits (Triton replica, orchestrator, kv_registry, gateway, autoscaler) with backoff, on the
@@ -42,7 +42,7 @@ from typing import Literal, TypeVar
 from pydantic_settings import BaseSettings
 
 from llmmesh.common.components import AUTOSCALER, GATEWAY, KV_REGISTRY, ORCHESTRATOR, Component
-from llmmesh.common.process import die_with_parent
+from llmmesh.common.process import tied_to_parent
 from llmmesh.common.settings import (
     ENV_ROOT,
     KvBlockSettings,
@@ -153,14 +153,11 @@ class ServiceProcess:
         env = self.environment()
         log = self._log_path.open("ab")
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            self.component.module,
+            *tied_to_parent([sys.executable, "-m", self.component.module]),  # dies with the mesh
             env=env,
             stdout=log,
             stderr=log,
             cwd=ROOT,
-            preexec_fn=die_with_parent,  # dies with the mesh, whatever ends it
         )
         log.close()
         deadline = time.monotonic() + timeout_s

@@ -13,14 +13,14 @@ Requirements the environment must meet, all handled here:
 
 Lifetime: tritonserver runs in its own process group (so `stop()` reaches its Python backend
 stubs) and dies with the thread that started it, whatever ends that thread's process, SIGKILL
-included (`llmmesh.common.process.die_with_parent`; start servers from the main or event-loop
+included (`llmmesh.common.process.tied_to_parent`; start servers from the main or event-loop
 thread, never from a worker thread that may exit first). Its backend stubs are tritonserver's
 children, which PR_SET_PDEATHSIG does not reach, and their own parent check is not enough: it
 asks whether tritonserver's pid exists (`kill(pid, 0)`), which a dead tritonserver that nobody
 has reaped yet still passes, so a stub lives on for as long as the init process that adopted
 tritonserver leaves it a zombie (seen here: stubs still up 15 s after a SIGTERM of a benchmark).
-So each server gets a watchdog, a tiny process in a session of its own that the launcher's death signals (SIGTERM
-through PR_SET_PDEATHSIG): it then SIGKILLs the server's whole process group, stubs included, and
+So each server gets a watchdog, a tiny process in a session of its own that the launcher's death
+signals (SIGURG through PR_SET_PDEATHSIG, or its parent check at start): it then SIGKILLs the server's whole process group, stubs included, and
 exits; it exits by itself once the group is gone, and `stop()` ends it with the server
 (`tests/integration/test_lifecycle.py` checks that nothing is left after a SIGKILL or SIGTERM of
 the process that started the mesh).
@@ -57,7 +57,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
-from llmmesh.common.process import die_with_parent, set_parent_death_signal, wait_for_exit
+from llmmesh.common.process import tied_to_parent, wait_for_exit
 from llmmesh.common.topology import TRITON_GRPC_PORT, TRITON_HTTP_PORT, TRITON_METRICS_PORT
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -67,21 +67,26 @@ _SHM_PREFIX = "llmmesh_triton_"
 _SHM_OWNER = re.compile(rf"^{_SHM_PREFIX}(\d+)_")
 _server_numbers = itertools.count()
 
-# The group watchdog (argv: the process group to guard). SIGTERM, held blocked from before exec
-# until its handler is in place, means the launcher is gone: kill the group. Polls the group,
-# and exits once it is empty. Runs with -I -S: no site, no llmmesh imports, starts in ~20 ms.
+# The group watchdog (argv: the process group to guard, the launcher's pid). Its parent-death
+# signal is SIGURG (set by `setpriv` before exec), whose default action is to be ignored: one that
+# arrives before the handler is in place is lost, not fatal, and the parent check right after
+# installing the handler catches that case. Either way a gone launcher means: kill the group.
+# Then it polls the group and exits once it is empty. Runs with -I -S: no site, no llmmesh
+# imports, starts in ~20 ms.
 _WATCHDOG = """
 import os, signal, sys, time
-group = int(sys.argv[1])
+group, launcher = int(sys.argv[1]), int(sys.argv[2])
 def reap(*_):
     try:
         os.killpg(group, signal.SIGKILL)
     except OSError:
         pass
     os._exit(0)
+signal.signal(signal.SIGURG, reap)
 signal.signal(signal.SIGTERM, reap)
 signal.signal(signal.SIGINT, signal.SIG_IGN)
-signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+if os.getppid() != launcher:
+    reap()
 while True:
     time.sleep(1.0)
     try:
@@ -91,11 +96,6 @@ while True:
     except OSError:
         pass
 """
-
-
-def _watchdog_preexec() -> None:
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    set_parent_death_signal(signal.SIGTERM)
 
 
 def pytriton_tritonserver_dir() -> Path:
@@ -272,22 +272,26 @@ class TritonServer:
             self.log_path = Path(name)
         self._log = self.log_path.open(self._log_mode)
         self._proc = subprocess.Popen(
-            self.command(),
+            tied_to_parent(self.command()),  # no tritonserver outlives the thread that started it
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,  # its own process group: stop() reaches the backend stubs
-            preexec_fn=die_with_parent,  # no tritonserver outlives the thread that started it
         )
         # Its backend stubs (not started yet: tritonserver has still to load its models) are
         # killed with its group should this process die first.
         try:
             self._watchdog = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _WATCHDOG, str(self._proc.pid)],
+                tied_to_parent(
+                    [
+                        *(sys.executable, "-I", "-S", "-c", _WATCHDOG),
+                        *(str(self._proc.pid), str(os.getpid())),
+                    ],
+                    signal.SIGURG,
+                ),
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,  # out of reach of the group's and the terminal's signals
-                preexec_fn=_watchdog_preexec,
             )
         except BaseException:
             self._finish()

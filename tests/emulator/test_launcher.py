@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llmmesh.common.process import die_with_parent
+from llmmesh.common.process import tied_to_parent
 from llmmesh.netutil import free_port
 from llmmesh.triton import launcher
 from llmmesh.triton.launcher import (
@@ -198,20 +198,27 @@ time.sleep(3600)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-def test_the_servers_whole_group_dies_with_its_launcher(tmp_path: Path) -> None:
+@pytest.mark.parametrize("at_once", [False, True])
+def test_the_servers_whole_group_dies_with_its_launcher(tmp_path: Path, at_once: bool) -> None:
+    """`at_once`: the launcher is killed as soon as the server is spawned, likely before the
+    watchdog has installed its handler (its parent check covers that window)."""
     child_file = tmp_path / "child.pid"
     launcher_proc = subprocess.Popen(
-        [sys.executable, "-c", _LAUNCHER, str(child_file), str(tmp_path), str(tmp_path / "log")],
+        tied_to_parent(
+            [sys.executable, "-c", _LAUNCHER, str(child_file), str(tmp_path), str(tmp_path / "log")]
+        ),
         stdout=subprocess.PIPE,
         cwd=REPO_ROOT,
-        preexec_fn=die_with_parent,
     )
     assert launcher_proc.stdout is not None
     server = int(launcher_proc.stdout.readline())
+    if at_once:
+        launcher_proc.kill()
     child = int(_wait_for_file(child_file))
     try:
-        assert _alive(server)
-        assert _alive(child)
+        if not at_once:
+            assert _alive(server)
+            assert _alive(child)
         launcher_proc.kill()
         launcher_proc.wait()
         deadline = time.monotonic() + 10

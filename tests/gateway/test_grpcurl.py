@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from llmmesh.common.process import die_with_parent
+from llmmesh.common.process import tied_to_parent
 from llmmesh.common.server import ManagedServer, ServiceRegistration
 from services.gateway.core import GatewayCore
 from services.gateway.models import ServedModel
@@ -75,14 +75,9 @@ async def grpcurl(*args: str) -> str:
     if GRPCURL is None:
         pytest.fail(f"grpcurl missing from {Path(sys.executable).parent}: run `make setup`")
     proc = await asyncio.create_subprocess_exec(
-        GRPCURL,
-        "-plaintext",
-        "-max-time",
-        str(TIMEOUT_S),
-        *args,
+        *tied_to_parent([GRPCURL, "-plaintext", "-max-time", str(TIMEOUT_S), *args]),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        preexec_fn=die_with_parent,
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), TIMEOUT_S + 5)

@@ -42,7 +42,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as otlp_pb
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as otlp_grpc
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from llmmesh.common.process import die_with_parent
+from llmmesh.common.process import tied_to_parent
 from llmmesh.common.topology import DEFAULT_MODEL_VERSION, DEFAULT_POOL
 from llmmesh.netutil import free_port
 from llmmesh.tools.meshcheck.common import target_dir
@@ -118,12 +118,11 @@ def promtool_check_rules(groups: list[dict[str, Any]], work: Path) -> str:
     path = work / "shipped-rules.yml"
     path.write_text(yaml.safe_dump({"groups": groups}, sort_keys=False))
     proc = subprocess.run(
-        [str(PROMTOOL), "check", "rules", str(path)],
+        tied_to_parent([str(PROMTOOL), "check", "rules", str(path)]),
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
-        preexec_fn=die_with_parent,
     )
     if proc.returncode != 0:
         pytest.fail(f"promtool check rules failed:\n{proc.stdout}\n{proc.stderr}")
@@ -283,14 +282,14 @@ async def running_prometheus(
                 # A port picked free can be taken before Prometheus binds it: then it exits.
                 port = free_port()
                 with log.open("ab") as out:
-                    proc = await asyncio.create_subprocess_exec(
+                    argv = [
                         str(PROMETHEUS),
                         f"--config.file={config}",
                         f"--storage.tsdb.path={work / 'data'}",
                         f"--web.listen-address=127.0.0.1:{port}",
-                        stdout=out,
-                        stderr=out,
-                        preexec_fn=die_with_parent,
+                    ]
+                    proc = await asyncio.create_subprocess_exec(
+                        *tied_to_parent(argv), stdout=out, stderr=out
                     )
                 url = f"http://127.0.0.1:{port}"
                 if await _wait_ready(proc, url, 60.0):

@@ -21,7 +21,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
-from llmmesh.common.process import die_with_parent
+from llmmesh.common.process import tied_to_parent
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from llmmesh.localmesh import MODEL_NAME, ROOT, AutoscaledPool
@@ -115,11 +115,10 @@ async def _spawn_mesh(
     ]
     argv = [sys.executable, "-c", _LAZY_INIT, *mesh] if lazy_init else mesh
     proc = await asyncio.create_subprocess_exec(
-        *argv,
+        *tied_to_parent(argv),  # should this test die first
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         cwd=ROOT,
-        preexec_fn=die_with_parent,  # should this test die first
         start_new_session=new_session,
     )
     pid = proc.pid

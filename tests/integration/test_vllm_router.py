@@ -17,7 +17,7 @@ import pytest_asyncio
 from openai import AsyncOpenAI
 
 from llmmesh.common import metric_names as names
-from llmmesh.common.process import die_with_parent
+from llmmesh.common.process import tied_to_parent
 from llmmesh.localmesh import MODEL_NAME, ServiceProcess
 from llmmesh.netutil import free_port
 from tests.integration.conftest import Mesh, eventually, gateway_process, metric
@@ -52,14 +52,14 @@ async def router(mesh: Mesh, second_gateway: ServiceProcess, tmp_path: Path) -> 
     port = free_port()
     workers = [mesh.mesh.services["gateway"].http_base_url, second_gateway.http_base_url]
     log = (tmp_path / "vllm-router.log").open("wb")
-    proc = await asyncio.create_subprocess_exec(
+    argv = [
         vllm_router(),
         *("--host", "127.0.0.1", "--port", str(port), "--policy", "round_robin"),
         *("--worker-urls", *workers),
         *("--worker-startup-timeout-secs", "60", "--log-level", "info"),
-        stdout=log,
-        stderr=asyncio.subprocess.STDOUT,
-        preexec_fn=die_with_parent,
+    ]
+    proc = await asyncio.create_subprocess_exec(
+        *tied_to_parent(argv), stdout=log, stderr=asyncio.subprocess.STDOUT
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -16,7 +16,7 @@ Invariants:
 - Pools are reconciled under a per-pool lock, so concurrent `apply` calls never pick the same
   replica twice; a later `apply` supersedes an earlier one.
 - Its Triton processes die with the autoscaler process, whatever ends it (SIGKILL included):
-  `TritonServer` spawns them with `die_with_parent`, from the event loop's thread (every launch
+  `TritonServer` spawns them with `tied_to_parent`, from the event loop's thread (every launch
   runs in a task on it; never move one to a worker thread, whose exit would kill the replica).
 """
 
