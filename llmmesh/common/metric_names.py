@@ -23,6 +23,8 @@ GATEWAY_RESUME_REQUESTS: Final = "llmmesh_gateway_resume_requests_total"
 GATEWAY_RESUME_EVICTIONS: Final = "llmmesh_gateway_resume_evictions_total"
 GATEWAY_RESUME_ENTRIES: Final = "llmmesh_gateway_resume_entries"
 GATEWAY_RESUME_TOKENS: Final = "llmmesh_gateway_resume_tokens"
+GATEWAY_RESUME_REDIS_WRITES: Final = "llmmesh_gateway_resume_redis_writes_total"
+GATEWAY_RESUME_REDIS_ERRORS: Final = "llmmesh_gateway_resume_redis_errors_total"
 GATEWAY_USAGE_RECORDS: Final = "llmmesh_gateway_usage_log_records_total"
 GATEWAY_MIGRATIONS: Final = "llmmesh_gateway_migrations_total"
 

@@ -67,7 +67,8 @@ from services.gateway.generation import (
 )
 from services.gateway.models import ServedModel
 from services.gateway.readiness import Readiness, ReadinessCheck
-from services.gateway.resume import Key, ResumeStore
+from services.gateway.resume import Key, ResumeBackend, ResumeStore
+from services.gateway.resume_redis import RedisResumeStore
 from services.gateway.settings import GatewaySettings
 from services.gateway.stream_state import Progress, StreamState
 from services.gateway.triton_stream import (
@@ -143,15 +144,24 @@ class GatewayCore:
         self._models = {m.name: m for m in models}
         self._admission = admission
         self._triton = triton
-        self._resume = ResumeStore(
-            retention_s=settings.resume_retention_s,
-            grace_s=settings.resume_grace_s,
-            max_entries=settings.resume_max_entries,
-            max_tokens=settings.resume_max_tokens,
+        self._resume: ResumeBackend = (
+            ResumeStore(
+                retention_s=settings.resume_retention_s,
+                grace_s=settings.resume_grace_s,
+                max_entries=settings.resume_max_entries,
+                max_tokens=settings.resume_max_tokens,
+            )
+            if settings.resume_redis_url is None
+            else RedisResumeStore.from_settings(settings)
         )
         self._readiness = ReadinessCheck(
             admission, [m.name for m in models], settings.readiness_timeout_s
         )
+
+    @property
+    def resume(self) -> ResumeBackend:
+        """The idempotency store: in process, or shared in Redis (`resume_redis_url`)."""
+        return self._resume
 
     def models(self) -> list[ServedModel]:
         return list(self._models.values())
@@ -314,23 +324,26 @@ class GatewayCore:
             self._check_request_id(req.request_id)
             tenant = self.authenticate(req.api_key)
             progress.tenant = "" if tenant is None else tenant.name
-            gen, index = self._resume.open(
+            followed = await self._resume.subscribe(
                 Key(progress.tenant, req.request_id),
                 request_digest(req),
                 req.resume_from,
                 self._reserve(req),
-                lambda: self._generate_once(req, timeout_s),
+                lambda prior: self._generate_once(req, timeout_s, prior),
             )
         except ServiceError as err:
             self._account(req, progress, metrics.outcome_label(err), start)
             raise
-        async with contextlib.aclosing(gen.follow(index)) as events:
+        async with contextlib.aclosing(followed) as events:
             async for ev in events:
                 yield ev
 
     async def _generate_once(
-        self, req: GenerationRequest, timeout_s: float | None
+        self, req: GenerationRequest, timeout_s: float | None, prior: Sequence[Delta] = ()
     ) -> AsyncGenerator[Event, None]:
+        """One generation; with `prior` (a keyed generation another gateway began and left,
+        resume_redis.py), its continuation after those deltas: the migration machinery's
+        continuation (prompt plus the tokens in `prior`, the remaining max_tokens)."""
         start = time.perf_counter()
         deadline = start + (
             timeout_s if timeout_s is not None else self._settings.request_timeout_s
@@ -372,9 +385,15 @@ class GatewayCore:
                     limits=limits,
                 )
                 leases: list[Lease] = []
+                if prior:
+                    state.restore(prior)
+                    span.add_event("takeover", {"llmmesh.tokens": state.completion_tokens})
                 try:
-                    async for ev in self._attempts(req, v, state, deadline, span, leases):
-                        yield ev
+                    if state.finish is not None:  # its last delta was written, not its summary
+                        yield state.completion(0.0, progress.replica)
+                    else:
+                        async for ev in self._attempts(req, v, state, deadline, span, leases):
+                            yield ev
                 except ServiceError:
                     if limits is not None and not leases:
                         # Never served (queue full, no replica, ...): the tenant keeps its budget.

@@ -43,7 +43,8 @@ _RATE_LIMITED = Counter(
 _RESUME_REQUESTS = Counter(
     names.GATEWAY_RESUME_REQUESTS,
     "Keyed requests by what the idempotency store did (new, attached, replayed, conflict, "
-    "not_found, full).",
+    "not_found, full; with Redis also taken_over: continued a generation whose gateway died, "
+    "unavailable: Redis unreachable).",
     ["result"],
 )
 _RESUME_EVICTIONS = Counter(
@@ -54,6 +55,14 @@ _RESUME_EVICTIONS = Counter(
 _RESUME_ENTRIES = Gauge(names.GATEWAY_RESUME_ENTRIES, "Generations held by the idempotency store.")
 _RESUME_TOKENS = Gauge(
     names.GATEWAY_RESUME_TOKENS, "Completion tokens held or reserved by the idempotency store."
+)
+# Shared store (resume_redis.py). op: open | takeover | flush | follow | forget | release
+_RESUME_REDIS_WRITES = Counter(
+    names.GATEWAY_RESUME_REDIS_WRITES,
+    "Batches of a running keyed generation's events written to Redis (and claim renewals).",
+)
+_RESUME_REDIS_ERRORS = Counter(
+    names.GATEWAY_RESUME_REDIS_ERRORS, "Redis calls of the shared resume store that failed.", ["op"]
 )
 # phase: before_first_token | mid_stream; outcome: `record_migration`'s bounded set.
 _MIGRATIONS = Counter(
@@ -154,6 +163,14 @@ def record_resume_eviction(reason: str) -> None:
 def record_resume_store(entries: int, tokens: int) -> None:
     _RESUME_ENTRIES.set(entries)
     _RESUME_TOKENS.set(tokens)
+
+
+def record_resume_redis_write() -> None:
+    _RESUME_REDIS_WRITES.inc()
+
+
+def record_resume_redis_error(op: str) -> None:
+    _RESUME_REDIS_ERRORS.labels(op).inc()
 
 
 # -- usage log ------------------------------------------------------------------------------

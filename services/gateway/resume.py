@@ -21,6 +21,10 @@ reserves its `max_tokens` when it starts (shrunk to what it produced when it fin
 running one never outgrows its share. Room is made by evicting finished entries, oldest first;
 when that is not enough the keyed request is refused with `ResumeStoreFull` (RESOURCE_EXHAUSTED,
 retry-after), never served unkeyed: the client relies on its id not to generate twice.
+
+This store is per process: the default, right for a single gateway. Gateways that scale out
+share `resume_redis.RedisResumeStore` instead (setting `resume_redis_url`); both are a
+`ResumeBackend`, which is all the core knows.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ import hmac
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from llmmesh.common.errors import Cancelled, Internal, NotFound, ServiceError
 from services.gateway import metrics
@@ -43,6 +48,9 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 EventSource = Callable[[], AsyncGenerator[Event, None]]
+# The generation's events after `prior`, the deltas it already produced: empty for a new one; a
+# generation another gateway began and left (resume_redis.py takeover) continues after them.
+ContinuableSource = Callable[[Sequence[Delta]], AsyncGenerator[Event, None]]
 
 # Retry-after for a full store: finished entries age out and running ones finish continuously.
 FULL_RETRY_AFTER_S = 1.0
@@ -54,10 +62,43 @@ class Key:
     request_id: str
 
 
+class ResumeBackend(Protocol):
+    """What the core needs of an idempotency store: the in-process `ResumeStore` or the shared
+    `resume_redis.RedisResumeStore`, with the semantics of the module docstring."""
+
+    async def subscribe(
+        self,
+        key: Key,
+        digest: str,
+        resume_from: int | None,
+        reserve_tokens: int,
+        source: ContinuableSource,
+    ) -> AsyncGenerator[Event, None]:
+        """The events of the generation under `key` after token offset `resume_from`, starting
+        `source` when the key is new. Raises (here, not while iterating) RequestIdConflict,
+        NotFound, InvalidRequest, ResumeStoreFull, or Unavailable when the store is
+        unreachable."""
+        ...
+
+    async def close(self) -> None:
+        """After the fronts drained: end the generations this process still runs."""
+        ...
+
+
+class GenerationHolder(Protocol):
+    """The store a `Generation` reports to."""
+
+    grace_s: float
+
+    def _ended(self, gen: Generation) -> None: ...
+
+    def _forget(self, gen: Generation) -> None: ...
+
+
 class Generation:
     """One keyed generation: its event log, its producer task and its subscribers."""
 
-    def __init__(self, store: ResumeStore, key: Key, digest: str, reserved: int):
+    def __init__(self, store: GenerationHolder, key: Key, digest: str, reserved: int):
         self.key = key
         self.digest = digest
         self.reserved = reserved
@@ -208,6 +249,18 @@ class ResumeStore:
     def tokens(self) -> int:
         """Completion tokens held (finished entries) plus reserved (running ones)."""
         return self._tokens
+
+    async def subscribe(
+        self,
+        key: Key,
+        digest: str,
+        resume_from: int | None,
+        reserve_tokens: int,
+        source: ContinuableSource,
+    ) -> AsyncGenerator[Event, None]:
+        """`ResumeBackend.subscribe`: `open`, then follow."""
+        gen, start = self.open(key, digest, resume_from, reserve_tokens, lambda: source(()))
+        return gen.follow(start)
 
     def get(self, key: Key) -> Generation | None:
         self.sweep()

@@ -169,6 +169,43 @@ class GatewaySettings(ServiceSettings):
             "requests get RESOURCE_EXHAUSTED."
         ),
     )
+    resume_redis_url: str | None = Field(
+        default=None,
+        description=(
+            "Redis shared by every gateway for request-id retries (`redis://host:6379/0`, "
+            "`rediss://` for TLS; services/gateway/resume_redis.py): a retry or resume that "
+            "lands on another gateway attaches to the same generation, and one whose gateway "
+            "died continues it. Unset: the in-process store (one gateway). While Redis is "
+            "unreachable, keyed requests get UNAVAILABLE with a retry-after."
+        ),
+    )
+    resume_redis_lease_s: float = Field(
+        default=2.0,
+        gt=0,
+        description=(
+            "Claim on a running keyed generation in Redis, renewed by its gateway; a gateway "
+            "silent this long is taken for dead and the next retry continues the generation."
+        ),
+    )
+    resume_redis_flush_interval_s: float = Field(
+        default=0.05,
+        gt=0,
+        description=(
+            "Longest wait before a running keyed generation's new tokens are written to Redis "
+            "(one write per batch, off the per-token path): what a gateway killed mid-stream "
+            "may not have written, and its successor generates again."
+        ),
+    )
+    resume_redis_flush_tokens: int = Field(
+        default=64,
+        gt=0,
+        description="Write a keyed generation's tokens to Redis as soon as this many wait.",
+    )
+    resume_redis_timeout_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="Connect and reply timeout of each Redis call.",
+    )
     usage_log_path: Path | None = Field(
         default=None,
         description=(

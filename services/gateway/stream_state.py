@@ -20,6 +20,7 @@ are resolved once per request.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from services.gateway.admission import LeaseReport, Outcome
@@ -152,6 +153,20 @@ class StreamState:
         # A continuation's prompt is the original plus what was generated: its KV reuse is
         # not the original prompt's.
         self._continuing = self.completion_tokens > 0
+
+    def restore(self, prior: Sequence[Delta]) -> None:
+        """Continue a generation another gateway began (resume_redis.py takeover): its deltas,
+        pushed as the chunks they came from, so the detokenizer and stop matcher hold what the
+        original held; nothing is charged, timed or counted again (that gateway did), and the
+        next attempt is a continuation."""
+        for d in prior:
+            if d.token_ids:
+                self.generated.extend(d.token_ids)
+                self.completion_tokens += len(d.token_ids)
+                self._stops.feed(self._decoder.push(d.token_ids))  # text already sent
+            if d.finish_reason is not None:
+                self.finish = d.finish_reason
+        self.begin_attempt(self._attempt_start)
 
     def serve_on(self, replica_id: str) -> None:
         """The current attempt's replica (the usage record names the last one)."""

@@ -4,14 +4,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 
+import pytest
 from opentelemetry import trace
 
 from llmmesh.common.errors import ServiceError
 from llmmesh.common.topology import ReplicaAddress
 from services.gateway.admission import AdmissionRequest, AdmissionStatus, Lease, LeaseReport
 from services.gateway.triton_stream import EngineChunk, EngineRequest
+from tests.gateway.redis_fixture import RedisServer
 
 MODEL = "smollm2"
 
@@ -127,3 +129,14 @@ class FakeEngine:
 
 def chunk(*ids: int, final: bool = False, reused: int | None = None) -> EngineChunk:
     return EngineChunk(list(ids), final, reused)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private redis-server for the module (tests/gateway/redis_fixture.py)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,366 @@
+"""The shared idempotency store (services/gateway/resume_redis.py): two gateway cores (fake
+admission and engines) on one private redis-server: replay and follow across gateways,
+conflicts, unknown resumes, takeover after a gateway died mid-stream, batched writes, and what
+a keyed request gets while Redis is down."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
+
+from llmmesh.common import metric_names as names
+from llmmesh.common.errors import NotFound, Unavailable
+from llmmesh.netutil import free_port
+from services.gateway.core import (
+    Completion,
+    Delta,
+    Event,
+    GatewayCore,
+    GenerationRequest,
+    Sampling,
+)
+from services.gateway.errors import InvalidRequest, RequestIdConflict
+from services.gateway.models import ServedModel
+from services.gateway.resume import Key, ResumeStore
+from services.gateway.resume_redis import RedisResumeStore
+from services.gateway.settings import GatewaySettings, ModelSettings
+from services.gateway.triton_stream import EngineChunk
+from tests.gateway.conftest import MODEL, FakeAdmission, FakeEngine, Hang, chunk
+from tests.gateway.redis_fixture import RedisServer
+from tests.helpers import eventually
+
+PROMPT = list(range(100, 140))
+# Token ids the test tokenizer decodes (plain words), so deltas carry text.
+TOKENS = list(range(300, 600))
+
+_ids = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer_path: Path) -> ServedModel:
+    return ServedModel.load(ModelSettings(name=MODEL, tokenizer_path=tokenizer_path))
+
+
+@pytest.fixture
+def request_id() -> str:
+    return f"req-{next(_ids)}"
+
+
+class Cores:
+    """Gateway cores made by a test, closed after it."""
+
+    def __init__(self, model: ServedModel, url: str) -> None:
+        self.model = model
+        self.url = url
+        self.made: list[GatewayCore] = []
+
+    def make(self, engine: FakeEngine, **settings: Any) -> GatewayCore:
+        fields: dict[str, Any] = {
+            "resume_redis_url": self.url,
+            "resume_redis_lease_s": 0.3,
+            "resume_redis_flush_interval_s": 0.01,
+            "resume_grace_s": 30.0,
+            **settings,
+        }
+        core = GatewayCore(
+            GatewaySettings(models=[self.model.settings], **fields),
+            [self.model],
+            FakeAdmission(),
+            engine,
+            32,
+        )
+        self.made.append(core)
+        return core
+
+
+@pytest_asyncio.fixture
+async def cores(model: ServedModel, redis_server: RedisServer) -> AsyncIterator[Cores]:
+    made = Cores(model, redis_server.url)
+    yield made
+    for core in made.made:
+        await core.close()
+
+
+@pytest_asyncio.fixture
+async def redis(redis_server: RedisServer) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    yield client
+    await client.aclose()
+
+
+def store(core: GatewayCore) -> RedisResumeStore:
+    return cast(RedisResumeStore, core.resume)
+
+
+def request(
+    request_id: str, n: int, resume_from: int | None = None, **kw: Any
+) -> GenerationRequest:
+    return GenerationRequest(
+        model=MODEL,
+        request_id=request_id,
+        prompt_ids=kw.pop("prompt", PROMPT),
+        sampling=Sampling(max_tokens=n, **kw),
+        keyed=True,
+        resume_from=resume_from,
+    )
+
+
+def tokens(*ids: int) -> list[EngineChunk]:
+    return [chunk(t) for t in ids]
+
+
+async def collect(core: GatewayCore, req: GenerationRequest) -> list[Event]:
+    return [ev async for ev in core.generate(req, 10.0)]
+
+
+def ids_of(events: list[Event]) -> list[int]:
+    return [t for e in events if isinstance(e, Delta) for t in e.token_ids]
+
+
+def contiguous(events: list[Event], start: int = 0) -> bool:
+    offset = start
+    for d in events:
+        if isinstance(d, Delta):
+            if d.offset != offset:
+                return False
+            offset = d.end
+    return True
+
+
+def writes() -> float:
+    return REGISTRY.get_sample_value(names.GATEWAY_RESUME_REDIS_WRITES) or 0.0
+
+
+def resume_requests(result: str) -> float:
+    return REGISTRY.get_sample_value(names.GATEWAY_RESUME_REQUESTS, {"result": result}) or 0.0
+
+
+def test_in_memory_store_without_a_redis_url(model: ServedModel) -> None:
+    core = GatewayCore(
+        GatewaySettings(models=[model.settings]), [model], FakeAdmission(), FakeEngine([]), 32
+    )
+    assert isinstance(core.resume, ResumeStore)
+
+
+async def test_finished_on_one_gateway_replays_on_another(cores: Cores, request_id: str) -> None:
+    out = TOKENS[:8]
+    a = cores.make(FakeEngine([[*tokens(*out), chunk(final=True)]]))
+    b_engine = FakeEngine([])
+    b = cores.make(b_engine)
+    first = await collect(a, request(request_id, 8))
+    assert ids_of(first) == out
+
+    async def written() -> bool:
+        return not store(a).entries  # the end reached Redis
+
+    await eventually(written, what="the finished generation written to Redis")
+    before = resume_requests("replayed")
+    assert await collect(b, request(request_id, 8)) == first
+    again = await collect(b, request(request_id, 8, resume_from=3))
+    assert again == [e for e in first if not isinstance(e, Delta) or e.offset >= 3]
+    assert resume_requests("replayed") == before + 2
+    assert b_engine.requests == []  # nothing generated again
+    with pytest.raises(InvalidRequest):
+        await collect(b, request(request_id, 8, resume_from=9))
+
+
+async def test_running_on_one_gateway_is_followed_from_another(
+    cores: Cores, request_id: str
+) -> None:
+    hang = Hang()
+    out = TOKENS[:10]
+    a = cores.make(FakeEngine([[*tokens(*out[:5]), hang, *tokens(*out[5:]), chunk(final=True)]]))
+    b_engine = FakeEngine([])
+    b = cores.make(b_engine)
+    client_a = a.generate(request(request_id, 10), 10.0)
+    got_a = [await anext(client_a) for _ in range(5)]
+    follower = asyncio.ensure_future(collect(b, request(request_id, 10, resume_from=2)))
+
+    async def attached() -> bool:
+        return resume_requests("attached") > 0 and not follower.done()
+
+    await eventually(attached, what="the second gateway follows")
+    hang.release.set()
+    got_a += [ev async for ev in client_a]
+    got_b = await follower
+    assert ids_of(got_a) == out
+    assert got_b == [e for e in got_a if not isinstance(e, Delta) or e.offset >= 2]
+    assert isinstance(got_b[-1], Completion)
+    assert b_engine.requests == []
+
+
+@pytest.mark.parametrize("finished", [False, True])
+async def test_another_body_under_the_id_conflicts_on_another_gateway(
+    cores: Cores, request_id: str, finished: bool
+) -> None:
+    hang = Hang()
+    script: list[EngineChunk | Hang] = [*tokens(*TOKENS[:3]), chunk(final=True)]
+    if not finished:
+        script.insert(3, hang)
+    a = cores.make(FakeEngine([script]))
+    b_engine = FakeEngine([])
+    b = cores.make(b_engine)
+    client_a = a.generate(request(request_id, 3), 10.0)
+    await anext(client_a)
+    if finished:
+        assert ids_of([ev async for ev in client_a]) == TOKENS[1:3]
+    with pytest.raises(RequestIdConflict):
+        await collect(b, request(request_id, 3, prompt=[1, 2, 3]))
+    with pytest.raises(RequestIdConflict):
+        await collect(b, request(request_id, 4))  # other sampling
+    assert b_engine.requests == []
+    hang.release.set()
+    await client_a.aclose()
+
+
+async def test_unknown_key_with_an_offset_is_not_found(cores: Cores, request_id: str) -> None:
+    b_engine = FakeEngine([])
+    b = cores.make(b_engine)
+    before = resume_requests("not_found")
+    with pytest.raises(NotFound):
+        await collect(b, request(request_id, 5, resume_from=2))
+    assert resume_requests("not_found") == before + 1
+    assert b_engine.requests == []
+
+
+@pytest.mark.parametrize("claim_expired_first", [False, True])
+async def test_a_client_whose_gateway_died_resumes_through_another(
+    cores: Cores, redis: aioredis.Redis, request_id: str, claim_expired_first: bool
+) -> None:
+    """Gateway A dies after sending 5 tokens, having written 3 to Redis (a batch of 3; the
+    interval never comes). The client resumes from 5 on B: B takes the generation over and
+    continues it after the 3 tokens Redis holds (the engine regenerates tokens 3 and 4, which
+    the client already has and does not get again)."""
+    n = 12
+    out = TOKENS[:n]
+    batch_written = Hang()
+    a = cores.make(
+        FakeEngine([[*tokens(*out[:3]), batch_written, *tokens(*out[3:5]), Hang()]]),
+        resume_redis_flush_tokens=3,
+        resume_redis_flush_interval_s=3600.0,
+    )
+    b_engine = FakeEngine([[*tokens(*out[3:]), chunk(final=True)]])
+    b = cores.make(b_engine)
+    client_a = a.generate(request(request_id, n), 10.0)
+    got = [await anext(client_a) for _ in range(3)]
+    own = store(a)._owned[Key("", request_id)]
+
+    async def three_written() -> bool:
+        return own.flushed_tokens == 3
+
+    await eventually(three_written, what="A wrote its first batch")
+    batch_written.release.set()
+    got += [await anext(client_a) for _ in range(2)]
+    assert ids_of(got) == out[:5]
+    await store(a).kill()  # as kill -9: no more writes, its claim runs out
+    with pytest.raises(Unavailable):
+        await anext(client_a)
+    claim = store(b)._keys(Key("", request_id)).claim
+    if claim_expired_first:
+
+        async def expired() -> bool:
+            return not await redis.exists(claim)
+
+        await eventually(expired, what="A's claim expired")
+    before = resume_requests("taken_over")
+    rest = await collect(b, request(request_id, n, resume_from=5))
+
+    stream = got + rest
+    assert ids_of(stream) == out  # nothing lost, nothing twice
+    assert contiguous(stream)
+    assert isinstance(stream[-1], Completion)
+    assert stream[-1].completion_tokens == n
+    assert resume_requests("taken_over") == before + 1
+    # B continued the generation: the prompt plus what Redis held, the rest of max_tokens.
+    (continuation,) = b_engine.requests
+    assert continuation.input_ids == PROMPT + out[:3]
+    assert continuation.max_tokens == n - 3
+    # Finished now, under B: a third client replays it whole.
+    c = cores.make(FakeEngine([]))
+
+    async def finished() -> bool:
+        return not store(b).entries
+
+    await eventually(finished, what="B wrote the end")
+    assert ids_of(await collect(c, request(request_id, n))) == out
+
+
+async def test_writes_are_batched_off_the_token_path(cores: Cores, request_id: str) -> None:
+    n = 256
+    out = TOKENS[:n]
+    a = cores.make(
+        FakeEngine([[*tokens(*out), chunk(final=True)]]),
+        resume_redis_flush_tokens=64,
+        resume_redis_flush_interval_s=0.05,
+    )
+    before = writes()
+    events = await collect(a, request(request_id, n))
+    assert ids_of(events) == out
+
+    async def written() -> bool:
+        return not store(a).entries
+
+    await eventually(written, what="the end written")
+    per_generation = writes() - before
+    assert 1 <= per_generation <= n // 16, per_generation
+    b = cores.make(FakeEngine([]))
+    assert await collect(b, request(request_id, n)) == events
+
+
+async def test_keyed_requests_are_refused_while_redis_is_unreachable(
+    cores: Cores, request_id: str
+) -> None:
+    cores.url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    engine = FakeEngine([[*tokens(*TOKENS[:2]), chunk(final=True)]])
+    core = cores.make(engine)
+    before = resume_requests("unavailable")
+    with pytest.raises(Unavailable) as info:
+        await collect(core, request(request_id, 2))
+    assert info.value.retry_after_s is not None
+    assert resume_requests("unavailable") == before + 1
+    assert engine.requests == []  # never served unkeyed
+    unkeyed = GenerationRequest(
+        model=MODEL, request_id="", prompt_ids=PROMPT, sampling=Sampling(max_tokens=2)
+    )
+    assert ids_of(await collect(core, unkeyed)) == TOKENS[:2]
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_a_running_generation_outlives_redis_going_away(
+    model: ServedModel, own_redis: RedisServer, request_id: str
+) -> None:
+    """Redis dies mid-stream: the gateway running the generation keeps serving its client from
+    memory; a new keyed request is refused until Redis is back."""
+    hang = Hang()
+    out = TOKENS[:6]
+    made = Cores(model, own_redis.url)
+    a = made.make(FakeEngine([[*tokens(*out[:3]), hang, *tokens(*out[3:]), chunk(final=True)]]))
+    try:
+        client = a.generate(request(request_id, 6), 10.0)
+        got = [await anext(client) for _ in range(3)]
+        own_redis.stop()
+        hang.release.set()
+        got += [ev async for ev in client]
+        assert ids_of(got) == out
+        with pytest.raises(Unavailable):
+            await collect(a, request(request_id + "-new", 2))
+    finally:
+        for core in made.made:
+            await core.close()
