@@ -8,7 +8,7 @@ Invariants:
   `failure_window_s`), for `base_ejection_seconds * ejections`, unless that would eject more than
   `max_ejection_percent` of its pool (the pool keeps serving rather than going dark).
 - A successful request resets the consecutive-error count, and so does a replica coming back to
-  ready; a passed probe of a replica that was ready does not:
+  ready, which also ends its ejection; a passed probe of a replica that was ready does not:
   Triton answers ServerReady and ModelReady true while its Python-backend stub is dead (observed
   on 2.51), so only the requests can tell, and the re-probe after each failure must not erase
   them. An ejection starts a fresh failure window.
@@ -128,7 +128,11 @@ class Health:
         if st.ready != ready:
             log.warning("replica readiness changed", extra={"replica": st.spec.id, "ready": ready})
         if ready and not st.ready:
-            st.consecutive_errors = 0  # back from not ready: its probe failures are over
+            # Back from not ready (a restarted replica): its probe failures are over, and an
+            # ejection they caused ends with them, as Envoy un-ejects a host that passes an
+            # active health check. A replica that stayed ready keeps both (requests decide).
+            st.consecutive_errors = 0
+            st.ejected_until = 0.0
         st.ready = ready
         if not ready:
             self.record_error(st, reason="readiness probe failed", request=False)

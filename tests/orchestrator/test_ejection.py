@@ -145,3 +145,30 @@ async def test_a_replica_failing_fast_stops_attracting_traffic_before_ejection()
     clock.t += policy.health.failure_window_s + 1  # the penalty passes with the window
     lease = await core.admit(req("c"), timeout_s=1)
     core.complete(lease.lease_id, Outcome.SUCCESS)
+
+
+def test_a_replica_back_from_not_ready_is_routable_at_once() -> None:
+    """A restarted replica fails its probes (and is ejected for them), then passes one: its
+    ejection ends there, as Envoy un-ejects a host that passes an active health check."""
+    clock = ManualClock()
+    replicas = ReplicaSet(
+        [ReplicaSpec(id=f"r{i}", grpc_address=f"127.0.0.1:{i + 1}") for i in range(2)]
+    )
+    health = Health(HealthPolicy(consecutive_errors=3), replicas, FakeProbe(), 1.0, clock)
+    st = replicas.known("r0")
+    replicas.known("r1").ready = True
+    health.set_ready(st, True)
+    for _ in range(3):
+        clock.t += 1
+        health.set_ready(st, False)
+    assert st.ejected(clock.t)
+    clock.t += 1
+    health.set_ready(st, True)
+    assert st.routable(clock.t)
+    assert st.consecutive_errors == 0
+    # A replica that stayed ready keeps a request-driven ejection through passed probes.
+    for _ in range(3):
+        health.record_error(st, reason="stub dead")
+    assert st.ejected(clock.t)
+    health.set_ready(st, True)
+    assert st.ejected(clock.t)
