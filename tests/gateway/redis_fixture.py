@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from llmmesh.common.process import die_with_parent
+from llmmesh.common.process import tied_to_parent
 from llmmesh.netutil import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,25 +52,26 @@ class RedisServer:
     def start(self) -> None:
         binary, env = _binary()
         self.proc = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-                "--logfile",
-                str(self.workdir / "redis.log"),
-            ],
+            tied_to_parent(
+                [
+                    binary,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.workdir),
+                    "--logfile",
+                    str(self.workdir / "redis.log"),
+                ]
+            ),
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + 10
         while True:
