@@ -27,6 +27,12 @@ GATEWAY_RESUME_REDIS_WRITES: Final = "llmmesh_gateway_resume_redis_writes_total"
 GATEWAY_RESUME_REDIS_ERRORS: Final = "llmmesh_gateway_resume_redis_errors_total"
 GATEWAY_USAGE_RECORDS: Final = "llmmesh_gateway_usage_log_records_total"
 GATEWAY_MIGRATIONS: Final = "llmmesh_gateway_migrations_total"
+# Several orchestrators (services/gateway/orchestrators.py): 1 while none answers and the gateway
+# admits on its own over its last-known replica view; admissions granted that way; Admit calls
+# retried on another orchestrator because one was not reached.
+GATEWAY_DEGRADED: Final = "llmmesh_gateway_degraded"
+GATEWAY_DEGRADED_ADMISSIONS: Final = "llmmesh_gateway_degraded_admissions_total"
+GATEWAY_ADMIT_FAILOVERS: Final = "llmmesh_gateway_admit_failovers_total"
 
 # -- orchestrator ---------------------------------------------------------------------------
 ORCH_QUEUE_DEPTH: Final = "llmmesh_orchestrator_queue_depth"

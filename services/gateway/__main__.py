@@ -4,9 +4,11 @@ HTTP front → both servers, which start together and drain together on SIGTERM.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import uvloop
 
+from llmmesh.common.discovery import resolve_ipv4
 from llmmesh.common.server import ManagedServer, ServiceRegistration, run_until_signal
 from llmmesh.common.settings import KvBlockSettings
 from llmmesh.common.telemetry import setup_logging, setup_tracing, start_metrics_server
@@ -16,6 +18,7 @@ from services.gateway.core import GatewayCore
 from services.gateway.http import OpenAIHttpFront
 from services.gateway.models import ServedModel
 from services.gateway.orchestrator_client import OrchestratorClient
+from services.gateway.orchestrators import Member, OrchestratorSet
 from services.gateway.servicer import GatewayServicer, add_to_server
 from services.gateway.settings import GatewaySettings
 from services.gateway.triton_stream import TritonPool
@@ -44,7 +47,8 @@ async def main(settings: GatewaySettings, blocks: KvBlockSettings) -> None:
     if usage is not None:
         await usage.start()
         log.info("usage log on", extra={"path": str(settings.usage_log_path)})
-    orchestrator = OrchestratorClient.connect(settings.orchestrator_address)
+    orchestrator = orchestrators(settings)
+    await orchestrator.start()
     triton = TritonPool()
     core = GatewayCore(
         settings,
@@ -91,6 +95,44 @@ async def main(settings: GatewaySettings, blocks: KvBlockSettings) -> None:
         on_stop=on_stop,
         extra_ports={"http_port": http.port},
         drain_with=[http.stop],
+    )
+
+
+def orchestrators(settings: GatewaySettings) -> OrchestratorSet:
+    """Every orchestrator as one admission client: the pods behind `orchestrator_dns` (dialled
+    at their IPs with the Service's host:port as :authority), else `orchestrator_addresses`,
+    else `orchestrator_address`."""
+
+    def make(
+        factory: Callable[[str], Member],
+        addresses: list[str],
+        discover: Callable[[], Awaitable[list[str]]] | None = None,
+    ) -> OrchestratorSet:
+        return OrchestratorSet(
+            factory,
+            addresses,
+            discover=discover,
+            degraded_mode=settings.degraded_mode,
+            view_max_age_s=settings.degraded_view_max_age_s,
+            retry_after_s=settings.orchestrator_retry_after_s,
+            refresh_interval_s=settings.orchestrator_refresh_interval_s,
+            status_timeout_s=settings.readiness_timeout_s,
+        )
+
+    target = settings.orchestrator_dns
+    if target:
+        host, _, port = target.rpartition(":")
+
+        def dial(address: str) -> Member:
+            return OrchestratorClient.connect(address, authority=target)
+
+        async def discover() -> list[str]:
+            return [f"{ip}:{port}" for ip in await resolve_ipv4(host, int(port))]
+
+        return make(dial, [], discover)
+    return make(
+        OrchestratorClient.connect,
+        settings.orchestrator_addresses or [settings.orchestrator_address],
     )
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "AdmissionClient",
     "AdmissionRequest",
     "AdmissionStatus",
+    "KnownReplica",
     "Lease",
     "LeaseReport",
     "Outcome",
@@ -65,12 +66,27 @@ class LeaseReport:
 
 
 @dataclass(frozen=True, slots=True)
+class KnownReplica:
+    """One replica as an orchestrator last listed it (the gateway's degraded mode routes over
+    these when no orchestrator answers)."""
+
+    replica: ReplicaAddress
+    routable: bool  # healthy (probed ready, not ejected) and not draining
+    in_flight: int  # that orchestrator's leases on it
+
+
+@dataclass(frozen=True, slots=True)
 class AdmissionStatus:
     """The orchestrator's replica view at one moment."""
 
     replicas: int  # known to the orchestrator
     ready_replicas: int  # healthy (probed ready, not ejected) and not draining: can take a lease
     queue_depth: int  # requests waiting for admission
+    # Every replica listed, when the client keeps them (empty otherwise).
+    known: tuple[KnownReplica, ...] = ()
+    # True when no orchestrator answered and this is the gateway's last-known view (degraded
+    # mode, services/gateway/orchestrators.py): requests are still served.
+    degraded: bool = False
 
 
 class AdmissionClient(Protocol):

@@ -71,6 +71,18 @@ _MIGRATIONS = Counter(
     "mid_stream) and outcome (migrated, limit_reached, admission_failed).",
     ["phase", "outcome"],
 )
+_DEGRADED = Gauge(
+    names.GATEWAY_DEGRADED,
+    "1 while no orchestrator answers and the gateway admits over its last-known replica view.",
+)
+_DEGRADED_ADMISSIONS = Counter(
+    names.GATEWAY_DEGRADED_ADMISSIONS,
+    "Leases the gateway granted itself in degraded mode (least outstanding, last-known view).",
+)
+_ADMIT_FAILOVERS = Counter(
+    names.GATEWAY_ADMIT_FAILOVERS,
+    "Admit calls tried again on another orchestrator because one was not reached.",
+)
 _USAGE_RECORDS = Counter(
     names.GATEWAY_USAGE_RECORDS,
     "Usage records by what happened to them in the usage log (written, dropped, write_error).",
@@ -149,6 +161,19 @@ def record_migration(phase: str, outcome: str) -> None:
     """A replica failed a request: `migrated` (re-admitted on another replica), `limit_reached`
     (no attempt left: the client gets UNAVAILABLE) or `admission_failed` (no other replica)."""
     _MIGRATIONS.labels(phase, outcome).inc()
+
+
+# -- orchestrators ---------------------------------------------------------------------------
+def record_degraded(on: bool) -> None:
+    _DEGRADED.set(1 if on else 0)
+
+
+def record_degraded_admission() -> None:
+    _DEGRADED_ADMISSIONS.inc()
+
+
+def record_admit_failover() -> None:
+    _ADMIT_FAILOVERS.inc()
 
 
 # -- idempotency store ----------------------------------------------------------------------

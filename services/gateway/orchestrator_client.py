@@ -25,6 +25,7 @@ from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from services.gateway.admission import (
     AdmissionRequest,
     AdmissionStatus,
+    KnownReplica,
     Lease,
     LeaseReport,
     Outcome,
@@ -100,11 +101,21 @@ def complete_request_to_pb(report: LeaseReport) -> pb.CompleteRequest:
     return req
 
 
+def known_replica_from_pb(status: pb.ReplicaStatus) -> KnownReplica:
+    return KnownReplica(
+        replica=replica_from_pb(status.replica),
+        routable=status.healthy and not status.draining,
+        in_flight=status.in_flight,
+    )
+
+
 def status_from_pb(response: pb.ListReplicasResponse) -> AdmissionStatus:
+    known = tuple(known_replica_from_pb(r) for r in response.replicas)
     return AdmissionStatus(
-        replicas=len(response.replicas),
-        ready_replicas=sum(1 for r in response.replicas if r.healthy and not r.draining),
+        replicas=len(known),
+        ready_replicas=sum(1 for r in known if r.routable),
         queue_depth=response.queue_depth,
+        known=known,
     )
 
 
@@ -128,15 +139,26 @@ class OrchestratorClient:
         self,
         stub: pb_grpc.OrchestratorServiceAsyncStub,
         channel: grpc.aio.Channel | None = None,
+        address: str = "",
     ) -> None:
         self._stub = stub
         self._channel = channel  # closed by `close` when this client opened it
         self._pending: set[asyncio.Task[None]] = set()
+        self.address = address  # for logs: which orchestrator this client reaches
 
     @classmethod
-    def connect(cls, address: str) -> OrchestratorClient:
-        channel = grpc.aio.insecure_channel(address)
-        return cls(pb_grpc.OrchestratorServiceStub(channel), channel)
+    def connect(cls, address: str, authority: str = "") -> OrchestratorClient:
+        """A client on a channel of its own to `address`; `authority` (a headless Service's
+        host:port when `address` is one of its pod IPs) is the :authority sent, so a mesh
+        sidecar applies that Service's mTLS and policies."""
+        options = [("grpc.default_authority", authority)] if authority else []
+        channel = grpc.aio.insecure_channel(address, options=options)
+        return cls(pb_grpc.OrchestratorServiceStub(channel), channel, address)
+
+    @property
+    def pending(self) -> int:
+        """Reports handed to `complete` and not yet delivered or given up on."""
+        return len(self._pending)
 
     async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
         try:

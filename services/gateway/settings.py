@@ -221,3 +221,51 @@ class GatewaySettings(ServiceSettings):
             "log and counted as dropped (never blocking a request)."
         ),
     )
+    orchestrator_addresses: list[str] = Field(
+        default_factory=list,
+        description=(
+            "host:port of every orchestrator (JSON list), run active-active: Admit is spread "
+            "over them and retried on the next one when one is not reached; Complete goes to the "
+            "orchestrator that granted the lease. Empty: `orchestrator_address` alone."
+        ),
+    )
+    orchestrator_dns: str | None = Field(
+        default=None,
+        description=(
+            "host:port of a headless Service whose A records are the orchestrator pods "
+            "(Kubernetes), resolved every `orchestrator_refresh_interval_s`; each pod is dialled "
+            "at its IP with this host:port as :authority. Takes precedence over the addresses."
+        ),
+    )
+    orchestrator_refresh_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        description=(
+            "How often the orchestrator pods are resolved (orchestrator_dns) and the replica "
+            "view kept for degraded mode is refreshed (ListReplicas)."
+        ),
+    )
+    orchestrator_retry_after_s: float = Field(
+        default=1.0,
+        ge=0,
+        description=(
+            "An orchestrator not reached is tried after the others for this long (it is still "
+            "tried when none of them answers)."
+        ),
+    )
+    degraded_mode: bool = Field(
+        default=True,
+        description=(
+            "When no orchestrator answers, keep serving: lease replicas from the last replica "
+            "view an orchestrator gave (routable then, least outstanding of this gateway's own "
+            "leases); metric llmmesh_gateway_degraded. Off: such requests get UNAVAILABLE."
+        ),
+    )
+    degraded_view_max_age_s: float = Field(
+        default=300.0,
+        gt=0,
+        description=(
+            "Oldest last-known replica view degraded mode routes over; older, requests get "
+            "UNAVAILABLE until an orchestrator answers again."
+        ),
+    )

@@ -24,9 +24,13 @@ from llmmesh.common.errors import (
 from llmmesh.common.topology import Priority, ReplicaAddress
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from services.gateway.admission import AdmissionRequest, AdmissionStatus, LeaseReport, Outcome
+from services.gateway.admission import AdmissionRequest, LeaseReport, Outcome
 from services.gateway.errors import NoReplica, OrchestratorUnavailable
-from services.gateway.orchestrator_client import COMPLETE_ATTEMPTS, OrchestratorClient
+from services.gateway.orchestrator_client import (
+    COMPLETE_ATTEMPTS,
+    OrchestratorClient,
+    replica_from_pb,
+)
 
 Ctx = grpc.aio.ServicerContext[object, object]
 
@@ -279,7 +283,11 @@ async def test_status_counts_replicas_that_can_take_a_lease(served: Served) -> N
         queue_depth=7,
     )
     status = await served.client.status(timeout_s=5.0)
-    assert status == AdmissionStatus(replicas=3, ready_replicas=1, queue_depth=7)
+    assert (status.replicas, status.ready_replicas, status.queue_depth) == (3, 1, 7)
+    # Every replica is kept, with its address (degraded mode routes over them).
+    assert [k.routable for k in status.known] == [True, False, False]
+    assert status.known[0].replica == replica_from_pb(REPLICA)
+    assert not status.degraded
 
 
 async def test_status_of_an_unreachable_orchestrator_is_orchestrator_unavailable(

@@ -9,7 +9,7 @@ import dataclasses
 
 from llmmesh.common.discovery import DnsTarget
 from llmmesh.common.topology import TRITON_MODEL, Priority, ReplicaAddress
-from services.gateway.admission import AdmissionRequest, AdmissionStatus, LeaseReport, Outcome
+from services.gateway.admission import AdmissionRequest, LeaseReport, Outcome
 from services.gateway.orchestrator_client import OrchestratorClient
 from tests.orchestrator.serving import dns_discovered, served
 
@@ -31,7 +31,8 @@ async def test_gateway_lease_carries_every_field_of_a_dns_discovered_replica() -
         client = OrchestratorClient.connect(address)
         try:
             ready = await client.status(timeout_s=5)
-            assert ready == AdmissionStatus(replicas=1, ready_replicas=1, queue_depth=0)
+            assert (ready.replicas, ready.ready_replicas, ready.queue_depth) == (1, 1, 0)
+            assert [k.replica.id for k in ready.known] == [spec.id]
             lease = await client.admit(request, timeout_s=5)
             assert spec.id in {st.spec.id for st in core.replicas() if st.in_flight == 1}
             client.complete(

@@ -1,0 +1,393 @@
+"""Several orchestrators, active-active, as one `AdmissionClient`; and the degraded mode that
+keeps the gateway serving when none of them answers.
+
+Admit: each call starts at the next orchestrator in turn (round robin); one that is not reached
+(`OrchestratorUnavailable`: UNAVAILABLE without a typed reason, i.e. no orchestrator answered)
+is marked down for `retry_after_s` (tried after the others meanwhile) and the call goes on to the
+next one. That retry is safe: nothing has streamed yet and no lease was granted. A typed refusal
+(`NoReplica`, QUEUE_FULL with its retry-after, QUEUE_TIMEOUT, a bad request) is an answer, not a
+failure, and is never retried on another orchestrator: every orchestrator sees the same replicas
+and engines, so another would mostly say the same, and under overload a retry would double the
+admission pressure instead of honouring the retry-after.
+
+Complete: the set remembers which orchestrator granted each lease and reports it there (leases
+are that orchestrator's load accounting). If that orchestrator is gone, so is the state the
+report would correct: the report is dropped, and the other orchestrators see the stream's end in
+the engines' own counts (services/orchestrator/director.py, `_others_load`).
+
+Degraded mode (`degraded_mode`): when no orchestrator is reached, Admit leases a replica itself
+from the last replica view an orchestrator gave (ListReplicas, refreshed every
+`refresh_interval_s` and by readiness checks), if that view is at most `view_max_age_s` old: a
+replica routable then, of the request's model version, not excluded by the request, not failed by
+one of this gateway's own degraded leases in the last `LOCAL_EJECTION_S`, with the fewest of this
+gateway's own outstanding degraded leases (ties in turn). Such lease ids start with
+`LOCAL_LEASE_PREFIX`; their Complete stays here. What it gives up: no queue, no per-replica cap,
+no prefix affinity, no pool by prompt length, no knowledge of other gateways' load (each gateway
+balances only its own requests; the engines queue what exceeds their batch), no health probes
+(only the gateway's own failures). The mode is entered when an Admit or a view refresh reaches
+no orchestrator and left as soon as one answers anything; both are logged, and
+`llmmesh_gateway_degraded` is 1 meanwhile (`llmmesh_gateway_degraded_admissions_total` counts its
+leases).
+
+Membership: a fixed list of addresses, or `discover` (a headless Service's A records, resolved
+each refresh). An orchestrator that leaves the list keeps receiving the reports of the leases it
+granted, then its channel is closed.
+
+Invariants:
+- Every lease handed out is recorded with its owner (an orchestrator's address, or local) until
+  its one Complete; the owner table holds live leases only.
+- `degraded` is True exactly while the last call that tried the orchestrators reached none and
+  served (or listed) from the last-known view instead.
+- The set reads only its injected clock; its background refresh is the only timer (tests call
+  `refresh` directly).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final, Protocol
+
+from llmmesh.common.errors import Reason, ServiceError
+from services.gateway import metrics
+from services.gateway.admission import (
+    AdmissionRequest,
+    AdmissionStatus,
+    KnownReplica,
+    Lease,
+    LeaseReport,
+    Outcome,
+)
+from services.gateway.errors import NoReplica, OrchestratorUnavailable
+
+__all__ = ["LOCAL_EJECTION_S", "LOCAL_LEASE_PREFIX", "Member", "OrchestratorSet"]
+
+log = logging.getLogger(__name__)
+
+LOCAL_LEASE_PREFIX: Final = "local-"
+# A replica one of this gateway's degraded leases failed on is skipped this long.
+LOCAL_EJECTION_S: Final = 10.0
+_LOCAL: Final = ""  # owner of a degraded-mode lease
+
+
+class Member(Protocol):
+    """One orchestrator's client (`OrchestratorClient`)."""
+
+    address: str
+
+    async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease: ...
+
+    def complete(self, report: LeaseReport) -> None: ...
+
+    async def drain(self) -> None: ...
+
+    async def status(self, *, timeout_s: float) -> AdmissionStatus: ...
+
+    async def close(self) -> None: ...
+
+
+class OrchestratorSet:
+    """`AdmissionClient` over every orchestrator (module docstring)."""
+
+    def __init__(
+        self,
+        factory: Callable[[str], Member],
+        addresses: Sequence[str] = (),
+        *,
+        discover: Callable[[], Awaitable[list[str]]] | None = None,
+        degraded_mode: bool = True,
+        view_max_age_s: float = 300.0,
+        retry_after_s: float = 1.0,
+        refresh_interval_s: float = 2.0,
+        status_timeout_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._factory = factory
+        self._discover = discover
+        self._degraded_mode = degraded_mode
+        self._view_max_age_s = view_max_age_s
+        self._retry_after_s = retry_after_s
+        self._refresh_interval_s = refresh_interval_s
+        self._status_timeout_s = status_timeout_s
+        self._clock = clock
+        self._members: dict[str, Member] = {}
+        self._retired: dict[str, Member] = {}  # left the list, still owning leases
+        self._down_until: dict[str, float] = {}
+        self._turn = 0
+        self._owner: dict[str, str] = {}  # lease id -> orchestrator address, or _LOCAL
+        self._owned: dict[str, int] = {}  # address -> live leases it granted
+        # Last replica view an orchestrator gave, and when.
+        self._view: tuple[KnownReplica, ...] = ()
+        self._view_at: float | None = None
+        # Degraded mode.
+        self._degraded = False
+        self._degraded_since = 0.0
+        self._local_leases: dict[str, str] = {}  # lease id -> replica id
+        self._outstanding: dict[str, int] = {}  # replica id -> live local leases
+        self._local_failed: dict[str, float] = {}  # replica id -> skipped until
+        self._local_turn = 0
+        self._refresher: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+        self.set_addresses(addresses)
+        metrics.record_degraded(False)
+
+    # -- membership ---------------------------------------------------------------------------
+    @property
+    def addresses(self) -> list[str]:
+        return list(self._members)
+
+    @property
+    def degraded(self) -> bool:
+        return self._degraded
+
+    def set_addresses(self, addresses: Sequence[str]) -> None:
+        """Make the orchestrators exactly `addresses` (order kept): new ones get a client; one
+        that left keeps its client until the reports of its leases are handed over."""
+        wanted = list(dict.fromkeys(addresses))
+        for addr in wanted:
+            if addr not in self._members:
+                member = self._retired.pop(addr, None) or self._factory(addr)
+                self._members[addr] = member
+                log.info("orchestrator added", extra={"orchestrator": addr})
+        for addr in [a for a in self._members if a not in wanted]:
+            member = self._members.pop(addr)
+            self._down_until.pop(addr, None)
+            log.info("orchestrator removed", extra={"orchestrator": addr})
+            if self._owned.get(addr, 0):
+                self._retired[addr] = member
+            else:
+                self._close_later(member)
+        self._members = {a: self._members[a] for a in wanted}
+
+    def _close_later(self, member: Member) -> None:
+        task = asyncio.get_running_loop().create_task(member.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    def _order(self) -> list[str]:
+        """This call's try order: the next in turn first, those marked down last."""
+        addrs = list(self._members)
+        if not addrs:
+            return []
+        start = self._turn % len(addrs)
+        self._turn += 1
+        rotated = addrs[start:] + addrs[:start]
+        now = self._clock()
+        up = [a for a in rotated if self._down_until.get(a, 0.0) <= now]
+        return up + [a for a in rotated if a not in up]
+
+    def _unreached(self, addr: str, err: ServiceError) -> None:
+        now = self._clock()
+        if addr not in self._down_until:  # logged once per outage, not per call
+            log.warning("orchestrator not reached", extra={"orchestrator": addr, "error": str(err)})
+        self._down_until[addr] = now + self._retry_after_s
+
+    def _answered(self, addr: str) -> None:
+        self._down_until.pop(addr, None)
+        if self._degraded:
+            self._degraded = False
+            metrics.record_degraded(False)
+            log.warning(
+                "orchestrator answers again: leaving degraded mode",
+                extra={
+                    "orchestrator": addr,
+                    "degraded_for_s": round(self._clock() - self._degraded_since, 3),
+                    "local_leases_live": len(self._local_leases),
+                },
+            )
+
+    def _enter_degraded(self, why: str) -> None:
+        if self._degraded:
+            return
+        self._degraded = True
+        self._degraded_since = self._clock()
+        metrics.record_degraded(True)
+        age = None if self._view_at is None else round(self._clock() - self._view_at, 3)
+        log.warning(
+            "no orchestrator answers: entering degraded mode (least outstanding over the "
+            "last-known healthy replicas)",
+            extra={
+                "reason": why,
+                "orchestrators": list(self._members),
+                "view_age_s": age,
+                "routable_replicas": [k.replica.id for k in self._view if k.routable],
+            },
+        )
+
+    # -- AdmissionClient ----------------------------------------------------------------------
+    async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
+        deadline = self._clock() + timeout_s
+        last: ServiceError | None = None
+        for i, addr in enumerate(self._order()):
+            member = self._members.get(addr)
+            if member is None:  # left the list while an earlier one was tried
+                continue
+            if i:
+                metrics.record_admit_failover()
+            try:
+                lease = await member.admit(request, timeout_s=deadline - self._clock())
+            except OrchestratorUnavailable as err:
+                self._unreached(addr, err)
+                last = err
+                continue
+            except ServiceError:
+                self._answered(addr)  # a typed refusal is an answer: not retried elsewhere
+                raise
+            self._answered(addr)
+            self._owner[lease.lease_id] = addr
+            self._owned[addr] = self._owned.get(addr, 0) + 1
+            return lease
+        return self._admit_degraded(request, last)
+
+    def complete(self, report: LeaseReport) -> None:
+        lease_id = report.lease_id
+        replica = self._local_leases.pop(lease_id, None)
+        if replica is not None:
+            self._owner.pop(lease_id, None)
+            left = self._outstanding.get(replica, 1) - 1
+            if left > 0:
+                self._outstanding[replica] = left
+            else:
+                self._outstanding.pop(replica, None)
+            if report.outcome is Outcome.REPLICA_ERROR:
+                self._local_failed[replica] = self._clock() + LOCAL_EJECTION_S
+            return
+        addr = self._owner.pop(lease_id, None)
+        if addr is None:
+            log.warning("complete for an unknown lease", extra={"lease_id": lease_id})
+            return
+        self._owned[addr] = self._owned.get(addr, 1) - 1
+        member = self._members.get(addr) or self._retired.get(addr)
+        if member is None:
+            log.info(
+                "the lease's orchestrator is gone: report dropped",
+                extra={"lease_id": lease_id, "orchestrator": addr},
+            )
+            return
+        member.complete(report)
+        if addr in self._retired and self._owned[addr] <= 0:
+            # Its last report is handed over: closing drains it first.
+            self._close_later(self._retired.pop(addr))
+        if self._owned[addr] <= 0:
+            del self._owned[addr]
+
+    async def drain(self) -> None:
+        members = [*self._members.values(), *self._retired.values()]
+        await asyncio.gather(*(m.drain() for m in members), return_exceptions=True)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    async def status(self, *, timeout_s: float) -> AdmissionStatus:
+        """The first answering orchestrator's view (kept for degraded mode); with none, the
+        last-known view marked `degraded` while degraded mode may use it."""
+        deadline = self._clock() + timeout_s
+        last: ServiceError | None = None
+        for addr in self._order():
+            member = self._members.get(addr)
+            if member is None:
+                continue
+            try:
+                st = await member.status(timeout_s=max(deadline - self._clock(), 0.0))
+            except OrchestratorUnavailable as err:
+                self._unreached(addr, err)
+                last = err
+                continue
+            self._answered(addr)
+            self._view, self._view_at = st.known, self._clock()
+            return st
+        if not self._usable_view():
+            raise last or OrchestratorUnavailable("no orchestrator known")
+        self._enter_degraded("no orchestrator answered ListReplicas")
+        return AdmissionStatus(
+            replicas=len(self._view),
+            ready_replicas=sum(1 for k in self._view if k.routable),
+            queue_depth=0,
+            known=self._view,
+            degraded=True,
+        )
+
+    # -- degraded mode ------------------------------------------------------------------------
+    def _usable_view(self) -> bool:
+        return (
+            self._degraded_mode
+            and self._view_at is not None
+            and self._clock() - self._view_at <= self._view_max_age_s
+        )
+
+    def _admit_degraded(self, request: AdmissionRequest, last: ServiceError | None) -> Lease:
+        if not self._usable_view():
+            if last is not None:
+                raise last
+            raise OrchestratorUnavailable("orchestrator: none known")
+        self._enter_degraded(str(last) if last is not None else "no orchestrator known")
+        now = self._clock()
+        candidates = [
+            k.replica
+            for k in self._view
+            if k.routable
+            and (not request.model_version or k.replica.model_version == request.model_version)
+            and k.replica.id not in request.exclude_replicas
+            and self._local_failed.get(k.replica.id, 0.0) <= now
+        ]
+        if not candidates:
+            raise NoReplica(
+                "degraded mode (no orchestrator answers): no last-known healthy replica for "
+                f"version {request.model_version!r}",
+                reason=Reason.NO_REPLICA,
+            )
+        start = self._local_turn % len(candidates)
+        self._local_turn += 1
+        rotated = candidates[start:] + candidates[:start]
+        replica = min(rotated, key=lambda r: self._outstanding.get(r.id, 0))
+        lease_id = f"{LOCAL_LEASE_PREFIX}{uuid.uuid4().hex}"
+        self._local_leases[lease_id] = replica.id
+        self._owner[lease_id] = _LOCAL
+        self._outstanding[replica.id] = self._outstanding.get(replica.id, 0) + 1
+        metrics.record_degraded_admission()
+        return Lease(lease_id=lease_id, replica=replica, queue_ms=0.0)
+
+    # -- background refresh -------------------------------------------------------------------
+    async def refresh(self) -> None:
+        """One round: resolve the orchestrators (with `discover`), then refresh the replica
+        view (entering or leaving degraded mode as the answers say)."""
+        if self._discover is not None:
+            try:
+                found = await self._discover()
+            except OSError as exc:  # keep the last list: those fail fast if really gone
+                log.warning("orchestrator discovery failed", extra={"error": repr(exc)})
+            else:
+                if found or not self._members:
+                    self.set_addresses(found)
+        with contextlib.suppress(ServiceError):
+            await self.status(timeout_s=self._status_timeout_s)
+
+    async def start(self) -> None:
+        """A first refresh now, then one every `refresh_interval_s` in the background."""
+        await self.refresh()
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(self._refresh_interval_s)
+                try:
+                    await self.refresh()
+                except Exception:  # the refresh loop must outlive any one failure
+                    log.exception("orchestrator refresh failed")
+
+        self._refresher = asyncio.get_running_loop().create_task(loop())
+
+    async def close(self) -> None:
+        """Stop refreshing, hand over every report, close every channel."""
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
+        members = [*self._members.values(), *self._retired.values()]
+        self._members, self._retired = {}, {}
+        await asyncio.gather(*(m.close() for m in members), return_exceptions=True)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)

@@ -1,0 +1,266 @@
+"""OrchestratorSet: Admit spread over orchestrators, failover only when one is not reached,
+Complete to the granting orchestrator, and degraded mode on a fake clock."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from llmmesh.common.errors import Reason, ResourceExhausted
+from llmmesh.common.topology import Priority, ReplicaAddress
+from services.gateway.admission import (
+    AdmissionRequest,
+    AdmissionStatus,
+    KnownReplica,
+    Lease,
+    LeaseReport,
+    Outcome,
+)
+from services.gateway.errors import NoReplica, OrchestratorUnavailable
+from services.gateway.orchestrators import LOCAL_EJECTION_S, LOCAL_LEASE_PREFIX, OrchestratorSet
+
+pytestmark = pytest.mark.asyncio
+
+
+def replica(rid: str, version: str = "v1") -> ReplicaAddress:
+    return ReplicaAddress(
+        id=rid, grpc_address=f"{rid}:8001", pool="default", model_version=version, authority=""
+    )
+
+
+VIEW = (
+    KnownReplica(replica("r0"), routable=True, in_flight=0),
+    KnownReplica(replica("r1"), routable=True, in_flight=0),
+    KnownReplica(replica("r2"), routable=False, in_flight=0),
+)
+
+
+class FakeOrchestrator:
+    _ids = itertools.count()
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.up = True
+        self.refusal: Exception | None = None
+        self.admits = 0
+        self.completed: list[str] = []
+        self.closed = False
+
+    async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
+        self.admits += 1
+        if not self.up:
+            raise OrchestratorUnavailable(f"orchestrator {self.address}: connection refused")
+        if self.refusal is not None:
+            raise self.refusal
+        return Lease(f"{self.address}-lease-{next(self._ids)}", replica("r0"), 0.0)
+
+    def complete(self, report: LeaseReport) -> None:
+        self.completed.append(report.lease_id)
+
+    async def drain(self) -> None:
+        pass
+
+    async def status(self, *, timeout_s: float) -> AdmissionStatus:
+        if not self.up:
+            raise OrchestratorUnavailable(f"orchestrator {self.address}: connection refused")
+        return AdmissionStatus(3, 2, 0, known=VIEW)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def request(**kw: object) -> AdmissionRequest:
+    fields: dict[str, object] = {
+        "request_id": "r",
+        "model": "tensorrt_llm",
+        "prompt_token_ids": [1, 2, 3],
+        "max_tokens": 8,
+        "priority": Priority.STANDARD,
+        "tenant": "",
+        "model_version": "",
+        **kw,
+    }
+    return AdmissionRequest(**fields)  # type: ignore[arg-type]
+
+
+def report(lease_id: str, outcome: Outcome = Outcome.SUCCESS) -> LeaseReport:
+    return LeaseReport(lease_id, outcome, 3, 8, 0, 1.0)
+
+
+def make(n: int = 3, **kw: object) -> tuple[OrchestratorSet, dict[str, FakeOrchestrator], Clock]:
+    fakes: dict[str, FakeOrchestrator] = {}
+    clock = Clock()
+
+    def factory(address: str) -> FakeOrchestrator:
+        fakes[address] = FakeOrchestrator(address)
+        return fakes[address]
+
+    orchs = OrchestratorSet(factory, [f"o{i}" for i in range(n)], clock=clock, **kw)  # type: ignore[arg-type]
+    return orchs, fakes, clock
+
+
+async def test_admit_is_spread_round_robin() -> None:
+    orchs, fakes, _ = make(3)
+    for _ in range(9):
+        await orchs.admit(request(), timeout_s=1.0)
+    assert [f.admits for f in fakes.values()] == [3, 3, 3]
+
+
+async def test_unreached_orchestrator_fails_over_and_is_tried_last() -> None:
+    orchs, fakes, clock = make(2, retry_after_s=5.0)
+    fakes["o0"].up = False
+    leases = [await orchs.admit(request(), timeout_s=1.0) for _ in range(4)]
+    assert all(lease.lease_id.startswith("o1-") for lease in leases)
+    assert fakes["o0"].admits == 1  # tried once, then last while marked down
+    assert not orchs.degraded
+    clock.now += 5.0  # its down mark expired: tried in turn again
+    fakes["o0"].up = True
+    leases = [await orchs.admit(request(), timeout_s=1.0) for _ in range(2)]
+    assert {lease.lease_id[:2] for lease in leases} == {"o0", "o1"}
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        NoReplica("no ready replica", reason=Reason.NO_REPLICA),
+        ResourceExhausted("queue full", retry_after_s=2.0, reason=Reason.QUEUE_FULL),
+    ],
+)
+async def test_typed_refusal_is_an_answer_not_retried(refusal: Exception) -> None:
+    orchs, fakes, _ = make(2)
+    for f in fakes.values():
+        f.refusal = refusal
+    with pytest.raises(type(refusal)):
+        await orchs.admit(request(), timeout_s=1.0)
+    assert sum(f.admits for f in fakes.values()) == 1
+
+
+async def test_complete_goes_to_the_granting_orchestrator() -> None:
+    orchs, fakes, _ = make(3)
+    leases = [await orchs.admit(request(), timeout_s=1.0) for _ in range(6)]
+    for lease in leases:
+        orchs.complete(report(lease.lease_id))
+    for addr, fake in fakes.items():
+        assert fake.completed == [x.lease_id for x in leases if x.lease_id.startswith(addr)]
+        assert len(fake.completed) == 2
+
+
+async def test_complete_of_a_gone_orchestrator_is_delivered_then_its_channel_closed() -> None:
+    orchs, fakes, _ = make(2)
+    first = await orchs.admit(request(), timeout_s=1.0)
+    owner = first.lease_id[:2]
+    orchs.set_addresses([a for a in ("o0", "o1") if a != owner])  # it left the list
+    assert not fakes[owner].closed  # still owns a lease
+    orchs.complete(report(first.lease_id))
+    assert fakes[owner].completed == [first.lease_id]
+    await orchs.drain()
+    assert fakes[owner].closed
+
+
+async def test_no_orchestrator_and_no_view_is_unavailable() -> None:
+    orchs, fakes, _ = make(2)
+    for f in fakes.values():
+        f.up = False
+    with pytest.raises(OrchestratorUnavailable):
+        await orchs.admit(request(), timeout_s=1.0)
+    assert not orchs.degraded
+
+
+async def test_degraded_mode_enter_serve_and_leave() -> None:
+    orchs, fakes, clock = make(2, view_max_age_s=60.0)
+    await orchs.refresh()  # keeps the view
+    for f in fakes.values():
+        f.up = False
+    clock.now += 30.0
+    leases = [await orchs.admit(request(), timeout_s=1.0) for _ in range(4)]
+    assert orchs.degraded
+    assert all(lease.lease_id.startswith(LOCAL_LEASE_PREFIX) for lease in leases)
+    # Least outstanding over the routable replicas (r2 was not routable).
+    assert sorted(lease.replica.id for lease in leases) == ["r0", "r0", "r1", "r1"]
+    # Readiness still answers, from the last-known view.
+    status = await orchs.status(timeout_s=1.0)
+    assert status.degraded
+    assert status.ready_replicas == 2
+    # Releasing r0's leases makes it the least outstanding.
+    for lease in leases:
+        if lease.replica.id == "r0":
+            orchs.complete(report(lease.lease_id))
+    nxt = await orchs.admit(request(), timeout_s=1.0)
+    assert nxt.replica.id == "r0"
+    # Local leases' reports stay local.
+    assert not any(f.completed for f in fakes.values())
+    # An orchestrator is back: the next refresh leaves degraded mode.
+    fakes["o1"].up = True
+    clock.now += 10.0
+    await orchs.refresh()
+    assert not orchs.degraded
+    lease = await orchs.admit(request(), timeout_s=1.0)
+    assert lease.lease_id.startswith("o1-")
+
+
+async def test_degraded_mode_respects_version_exclusions_and_local_failures() -> None:
+    orchs, fakes, clock = make(1)
+    await orchs.refresh()
+    fakes["o0"].up = False
+    with pytest.raises(NoReplica):
+        await orchs.admit(request(model_version="v2"), timeout_s=1.0)
+    lease = await orchs.admit(request(exclude_replicas=frozenset({"r0"})), timeout_s=1.0)
+    assert lease.replica.id == "r1"
+    orchs.complete(report(lease.lease_id, Outcome.REPLICA_ERROR))
+    for _ in range(3):
+        assert (await orchs.admit(request(), timeout_s=1.0)).replica.id == "r0"
+    clock.now += LOCAL_EJECTION_S  # back, and the least outstanding
+    assert (await orchs.admit(request(), timeout_s=1.0)).replica.id == "r1"
+
+
+async def test_degraded_mode_needs_a_fresh_view_and_can_be_off() -> None:
+    orchs, fakes, clock = make(1, view_max_age_s=60.0)
+    await orchs.refresh()
+    fakes["o0"].up = False
+    clock.now += 61.0
+    with pytest.raises(OrchestratorUnavailable):
+        await orchs.admit(request(), timeout_s=1.0)
+    assert not orchs.degraded
+    off, off_fakes, _ = make(1, degraded_mode=False)
+    await off.refresh()
+    off_fakes["o0"].up = False
+    with pytest.raises(OrchestratorUnavailable):
+        await off.admit(request(), timeout_s=1.0)
+
+
+async def test_a_failed_refresh_enters_degraded_mode() -> None:
+    orchs, fakes, _ = make(2)
+    await orchs.refresh()
+    for f in fakes.values():
+        f.up = False
+    await orchs.refresh()
+    assert orchs.degraded
+
+
+async def test_discovery_replaces_members_and_keeps_them_when_resolution_fails() -> None:
+    found: list[str] | OSError = ["a:1", "b:1"]
+
+    async def discover() -> list[str]:
+        if isinstance(found, OSError):
+            raise found
+        return list(found)
+
+    orchs = OrchestratorSet(FakeOrchestrator, discover=discover)
+    await orchs.refresh()
+    assert orchs.addresses == ["a:1", "b:1"]
+    found = OSError("NXDOMAIN")
+    await orchs.refresh()
+    assert orchs.addresses == ["a:1", "b:1"]
+    found = ["b:1", "c:1"]
+    await orchs.refresh()
+    assert orchs.addresses == ["b:1", "c:1"]
+    await orchs.close()
