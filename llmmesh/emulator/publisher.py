@@ -1,8 +1,21 @@
-"""Ships the engine's KV events to kv_registry `PublishEvents`.
+"""Ships the engine's KV events to every kv_registry replica's `PublishEvents`.
 
-The engine thread calls `publish()`, which only appends to a bounded in-memory queue and never
-blocks on the network. A background thread sends batches of up to `max_batch` events (waiting at
-most `interval_s` for a batch to fill) over a synchronous gRPC channel.
+`RegistryFanout` (what the engine uses) holds one `KvEventPublisher` per registry replica: the
+static addresses plus, with a DNS target, the pods behind it (re-resolved periodically; a new pod
+gets a stream that starts with a snapshot, a vanished one's stream is stopped). Streams share
+nothing but the engine's snapshot function, so a registry that is down, slow or restarting never
+holds back the others: each has its own thread, channel, bounded queue, sequence and resync.
+
+`KvEventPublisher` is one registry's stream. The engine thread calls `publish()`, which only
+appends to a bounded in-memory queue and never blocks on the network. A background thread sends
+batches of up to `max_batch` events (waiting at most `interval_s` for a batch to fill) over a
+synchronous gRPC channel.
+
+Sequence numbers are per stream: the engine numbers its events (and every snapshot it takes) in
+one per-epoch sequence, and a stream sends a snapshot under the engine's numbers but the events
+after it renumbered without gaps. So one stream's snapshot, which takes engine numbers the other
+streams never see, does not look like a gap (and cause a resync) on the others' registries; with
+a single registry the numbers are the engine's.
 
 Recovery: the publisher sends a full snapshot (`cleared` + `stored` for every cached block, taken
 from the engine under its lock and numbered in the same per-epoch sequence) instead of the queue
@@ -12,6 +25,8 @@ whenever the registry cannot have a gap-free stream:
 - after a failed call (registry unreachable; retried with exponential backoff),
 - when the registry answers `resync_required`.
 Queued events numbered before the snapshot are discarded; later ones follow it without a gap.
+While a snapshot is due, `publish()` queues nothing (the snapshot will cover it), so a registry
+that is down costs no memory, and a lagging one is bounded by `queue_size`, then resynced.
 `stop()` flushes what is queued (one attempt per batch, no snapshot, no retry) within a deadline,
 then closes the channel, which cancels a call still in flight, so it never outlasts its timeout.
 """
@@ -27,7 +42,10 @@ from typing import Literal
 
 import grpc
 
+from llmmesh.common import kv_registries
+from llmmesh.common.kv_registries import RegistryEndpoint
 from llmmesh.emulator.events import AllBlocksCleared, BlocksRemoved, BlocksStored, KvEvent
+from llmmesh.emulator.settings import EmulatorSettings
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2, kvregistry_pb2_grpc
 from llmmesh.kvblocks import BlockConfig
 
@@ -68,8 +86,10 @@ class KvEventPublisher:
         queue_size: int = 65536,
         rpc_timeout_s: float = 2.0,
         max_backoff_s: float = 5.0,
+        authority: str | None = None,
     ) -> None:
         self.target = target
+        self.authority = authority
         self.replica_id = replica_id
         self.epoch = epoch
         self.block_config = block_config
@@ -86,6 +106,7 @@ class KvEventPublisher:
         self._overflowed = False
         self._need_snapshot = True
         self._min_sequence = 0
+        self._next_out = 0  # sequence of the next event this stream sends after its snapshot
         self._channel: grpc.Channel | None = None
         self._thread: threading.Thread | None = None
         # Counters, for tests and logs.
@@ -94,22 +115,29 @@ class KvEventPublisher:
         self.snapshots = 0
         self.failures = 0
         self.dropped_events = 0
+        self.skipped_events = 0  # published while a snapshot was due (it covers them)
 
     # ----------------------------------------------------------------- API
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("publisher already started")
-        self._channel = grpc.insecure_channel(self.target)
-        self._thread = threading.Thread(target=self._run, name="kv-event-publisher", daemon=True)
+        self._channel = grpc.insecure_channel(
+            self.target, options=RegistryEndpoint(self.target, self.authority).channel_options()
+        )
+        self._thread = threading.Thread(
+            target=self._run, name=f"kv-event-publisher-{self.target}", daemon=True
+        )
         self._thread.start()
 
     def publish(self, events: Sequence[KvEvent]) -> None:
         """Queue events; never blocks on I/O. On overflow the events are dropped and the next
-        send is a snapshot."""
+        send is a snapshot. While a snapshot is due nothing is queued: it will cover them."""
         if not events:
             return
         with self._cond:
-            if self._overflowed or len(self._queue) + len(events) > self._queue_size:
+            if self._need_snapshot:
+                self.skipped_events += len(events)
+            elif self._overflowed or len(self._queue) + len(events) > self._queue_size:
                 if not self._overflowed:
                     log.warning("KV event queue overflowed; will resync with a snapshot")
                 self._overflowed = True
@@ -197,14 +225,16 @@ class KvEventPublisher:
                 while self._queue and len(batch) < self._max_batch:
                     ev = self._queue.popleft()
                     if ev.sequence >= self._min_sequence:
-                        batch.append(ev)
+                        # Gap-free on this stream, whatever numbers other streams' snapshots took.
+                        batch.append(KvEvent(self._next_out, ev.data))
+                        self._next_out += 1
                 return [batch] if batch else []
             self._need_snapshot = False
         # Snapshot outside our lock: it takes the engine's lock.
         events = self._snapshot()
         self.snapshots += 1
         with self._cond:
-            self._min_sequence = events[-1].sequence + 1
+            self._min_sequence = self._next_out = events[-1].sequence + 1
             while self._queue and self._queue[0].sequence < self._min_sequence:
                 self._queue.popleft()
         return [events[i : i + self._max_batch] for i in range(0, len(events), self._max_batch)]
@@ -249,11 +279,175 @@ class KvEventPublisher:
         self.sent_batches += 1
         self.sent_events += len(batch)
         if resp.resync_required:
-            log.info("kv_registry asked for a resync (expects sequence %d)", resp.next_sequence)
+            log.info(
+                "kv_registry %s asked for a resync (expects sequence %d)",
+                self.target,
+                resp.next_sequence,
+            )
             with self._cond:
                 self._need_snapshot = True
             return "resync"
         return "ok"
+
+
+class RegistryFanout:
+    """The engine's KV events to every kv_registry replica: one `KvEventPublisher` per registry
+    (static `endpoints`, plus the pods behind `dns` re-resolved every `dns_interval_s`), with the
+    same API as one publisher. `publisher_kw` are the streams' `KvEventPublisher` arguments."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[RegistryEndpoint],
+        *,
+        replica_id: str,
+        epoch: str,
+        block_config: BlockConfig,
+        snapshot: Callable[[], list[KvEvent]],
+        dns: str | None = None,
+        dns_interval_s: float = kv_registries.DNS_INTERVAL_S,
+        **publisher_kw: float,
+    ) -> None:
+        if not endpoints and not dns:
+            raise ValueError("no kv_registry to publish to")
+        self.replica_id = replica_id
+        self.epoch = epoch
+        self.block_config = block_config
+        self._snapshot = snapshot
+        self._static = list(endpoints)
+        self._dns = dns
+        self._dns_interval_s = dns_interval_s
+        self._kw = publisher_kw
+        self._lock = threading.Lock()
+        # Replaced (never mutated) under the lock, so publish() iterates a stable tuple.
+        self._streams: tuple[KvEventPublisher, ...] = ()
+        self._retired: list[KvEventPublisher] = []
+        self._started = False
+        self._stop = threading.Event()
+        self._dns_thread: threading.Thread | None = None
+
+    # ----------------------------------------------------------------- API
+    @property
+    def streams(self) -> dict[str, KvEventPublisher]:
+        """Current stream per registry address."""
+        return {p.target: p for p in self._streams}
+
+    def start(self) -> None:
+        with self._lock:
+            if self._started:
+                raise RuntimeError("publisher already started")
+            self._started = True
+        self._reconcile(self._static)
+        if self._dns:
+            self._dns_thread = threading.Thread(
+                target=self._discover, name="kv-registry-dns", daemon=True
+            )
+            self._dns_thread.start()
+
+    def publish(self, events: Sequence[KvEvent]) -> None:
+        """Queue events on every stream; never blocks on I/O."""
+        for stream in self._streams:
+            stream.publish(events)
+
+    def stop(self, timeout_s: float = 5.0) -> bool:
+        """Stop every stream, in parallel, within `timeout_s` (see `KvEventPublisher.stop`)."""
+        self._stop.set()
+        with self._lock:
+            streams = [*self._streams, *self._retired]
+        results: list[bool] = []
+        threads = [
+            threading.Thread(target=lambda p=p: results.append(p.stop(timeout_s)), daemon=True)
+            for p in streams
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout_s + _CLOSE_GRACE_S + 1.0)
+        if self._dns_thread is not None:
+            self._dns_thread.join(1.0)
+        return len(results) == len(streams) and all(results)
+
+    # Totals over the current streams, for logs and tests.
+    @property
+    def queued(self) -> int:
+        return sum(p.queued for p in self._streams)
+
+    @property
+    def sent_events(self) -> int:
+        return sum(p.sent_events for p in self._streams)
+
+    @property
+    def snapshots(self) -> int:
+        return sum(p.snapshots for p in self._streams)
+
+    @property
+    def failures(self) -> int:
+        return sum(p.failures for p in self._streams)
+
+    # ----------------------------------------------------------------- internals
+    def _discover(self) -> None:
+        while not self._stop.is_set():
+            assert self._dns is not None
+            found = kv_registries.resolve_dns_sync(self._dns)
+            if found is not None and not self._stop.is_set():
+                self._reconcile(kv_registries.merge(self._static, found))
+            self._stop.wait(self._dns_interval_s)
+
+    def _reconcile(self, endpoints: Sequence[RegistryEndpoint]) -> None:
+        """Streams for exactly `endpoints`: new ones start (with a snapshot), gone ones stop."""
+        with self._lock:
+            if self._stop.is_set():
+                return
+            current = {p.target: p for p in self._streams}
+            wanted = {e.address: e for e in endpoints}
+            added = [
+                KvEventPublisher(
+                    e.address,
+                    replica_id=self.replica_id,
+                    epoch=self.epoch,
+                    block_config=self.block_config,
+                    snapshot=self._snapshot,
+                    authority=e.authority,
+                    **self._kw,  # type: ignore[arg-type]
+                )
+                for a, e in wanted.items()
+                if a not in current
+            ]
+            gone = [p for a, p in current.items() if a not in wanted]
+            for p in added:
+                p.start()
+            self._streams = (*(p for a, p in current.items() if a in wanted), *added)
+            alive = [p for p in self._retired if p._thread is not None and p._thread.is_alive()]
+            self._retired = [*alive, *gone]
+        for p in added:
+            log.info("publishing KV events to kv_registry %s", p.target)
+        for p in gone:
+            log.info("kv_registry %s is gone; stopping its stream", p.target)
+            threading.Thread(target=p.stop, args=(1.0,), daemon=True).start()
+
+
+def registry_fanout(
+    settings: EmulatorSettings,
+    *,
+    epoch: str,
+    block_config: BlockConfig,
+    snapshot: Callable[[], list[KvEvent]],
+) -> RegistryFanout | None:
+    """The engine's publisher as its settings configure it; None when no registry is named."""
+    if not settings.publishes_kv_events:
+        return None
+    return RegistryFanout(
+        settings.kv_registry_endpoints(),
+        replica_id=settings.replica_id,
+        epoch=epoch,
+        block_config=block_config,
+        snapshot=snapshot,
+        dns=settings.kv_registry_dns,
+        dns_interval_s=settings.kv_registry_dns_interval_s,
+        max_batch=settings.publish_max_batch,
+        interval_s=settings.publish_interval_ms / 1000,
+        queue_size=settings.publish_queue_size,
+        rpc_timeout_s=settings.publish_timeout_s,
+    )
 
 
 def _describe(exc: grpc.RpcError) -> str:

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import socket
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from llmmesh.accelerators import DEFAULT_PROFILE, PROFILES
+from llmmesh.common import kv_registries
 
 
 class EmulatorSettings(BaseSettings):
@@ -25,7 +26,26 @@ class EmulatorSettings(BaseSettings):
     )
     kv_registry_address: str | None = Field(
         default=None,
-        description="host:port of the kv_registry gRPC service; KV event publishing is off when unset.",
+        description=(
+            "host:port of a kv_registry replica. Events go to every registry named here, in "
+            "`kv_registry_addresses` and behind `kv_registry_dns`; publishing is off when none is."
+        ),
+    )
+    kv_registry_addresses: list[str] = Field(
+        default_factory=list,
+        description="More kv_registry replicas (host:port each; JSON list in the environment).",
+    )
+    kv_registry_dns: str | None = Field(
+        default=None,
+        description=(
+            "host:port of a headless Service whose A records are kv_registry pods (resolved "
+            "every `kv_registry_dns_interval_s`; each pod gets its own stream)."
+        ),
+    )
+    kv_registry_dns_interval_s: float = Field(
+        default=kv_registries.DNS_INTERVAL_S,
+        gt=0,
+        description="Seconds between resolutions of `kv_registry_dns`.",
     )
     max_batch_size: int = Field(
         default=64,
@@ -96,6 +116,32 @@ class EmulatorSettings(BaseSettings):
     publish_timeout_s: float = Field(
         default=2.0, gt=0, description="Deadline of one PublishEvents call."
     )
+
+    @field_validator("kv_registry_address", "kv_registry_dns")
+    @classmethod
+    def _optional_host_port(cls, value: str | None) -> str | None:
+        return None if value is None else kv_registries.check_host_port(value)
+
+    @field_validator("kv_registry_addresses")
+    @classmethod
+    def _host_ports(cls, value: list[str]) -> list[str]:
+        return [kv_registries.check_host_port(v) for v in value]
+
+    @property
+    def publishes_kv_events(self) -> bool:
+        """Whether any kv_registry is configured."""
+        return bool(self.kv_registry_address or self.kv_registry_addresses or self.kv_registry_dns)
+
+    def kv_registry_description(self) -> str:
+        """The configured registries, for a log line."""
+        named = [e.address for e in self.kv_registry_endpoints()]
+        if self.kv_registry_dns:
+            named.append(f"dns:{self.kv_registry_dns}")
+        return ",".join(named) or "off"
+
+    def kv_registry_endpoints(self) -> list[kv_registries.RegistryEndpoint]:
+        """The statically named registries (those behind `kv_registry_dns` come at run time)."""
+        return kv_registries.static_endpoints(self.kv_registry_address, self.kv_registry_addresses)
 
     @model_validator(mode="after")
     def _check(self) -> EmulatorSettings:

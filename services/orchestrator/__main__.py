@@ -15,7 +15,7 @@ from llmmesh.generated.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2
 from services.orchestrator.director import Orchestrator
 from services.orchestrator.discovery import discover
 from services.orchestrator.policy import load_policy
-from services.orchestrator.prefix import RegistryPrefixIndex
+from services.orchestrator.prefix import registry_index
 from services.orchestrator.probe import TritonProbe
 from services.orchestrator.servicer import OrchestratorServicer
 from services.orchestrator.settings import OrchestratorSettings
@@ -37,13 +37,7 @@ async def main(settings: OrchestratorSettings, blocks: KvBlockSettings) -> None:
     provider = setup_tracing("orchestrator", settings.otlp_endpoint, settings.trace_sample_ratio)
     policy = load_policy(settings.policy_file)
     probe = TritonProbe()
-    prefix = (
-        RegistryPrefixIndex(
-            settings.kv_registry_address, blocks.block_config(), settings.kv_lookup_timeout_s
-        )
-        if settings.kv_registry_address
-        else None
-    )
+    prefix = registry_index(settings, blocks.block_config())
     core = Orchestrator(settings, probe, policy, prefix)
     servicer = OrchestratorServicer(core)
     server = ManagedServer(
@@ -64,6 +58,11 @@ async def main(settings: OrchestratorSettings, blocks: KvBlockSettings) -> None:
     health_task = asyncio.create_task(every(settings.health_interval_s, core.probe_once))
     metrics_task = asyncio.create_task(every(settings.metrics_interval_s, core.scrape_once))
     discovery_task: asyncio.Task[None] | None = None
+    registry_dns_task: asyncio.Task[None] | None = None
+    if prefix is not None and settings.kv_registry_dns:
+        registry_dns_task = asyncio.create_task(
+            every(settings.kv_registry_dns_interval_s, prefix.refresh)
+        )
     if settings.replica_dns:
 
         async def rediscover() -> None:
@@ -72,7 +71,7 @@ async def main(settings: OrchestratorSettings, blocks: KvBlockSettings) -> None:
         discovery_task = asyncio.create_task(every(settings.dns_interval_s, rediscover))
 
     async def on_stop() -> None:
-        for task in (health_task, metrics_task, discovery_task):
+        for task in (health_task, metrics_task, discovery_task, registry_dns_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):

@@ -5,6 +5,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from llmmesh.common import kv_registries
 from llmmesh.common.discovery import DnsTarget
 from llmmesh.common.settings import ServiceSettings
 from llmmesh.common.topology import DEFAULT_MODEL_VERSION, DEFAULT_POOL, TRITON_MODEL
@@ -128,3 +129,36 @@ class OrchestratorSettings(ServiceSettings):
         gt=0,
         description="How long DrainReplica waits for in-flight leases when the call has no deadline.",
     )
+    # kv_registry replicas (llmmesh.common.kv_registries): lookups read from any healthy one,
+    # approximate-mode updates go to all; `kv_registry_address` above is one of them.
+    kv_registry_addresses: list[str] = Field(
+        default_factory=list,
+        description="More kv_registry replicas (host:port each; JSON list in the environment).",
+    )
+    kv_registry_dns: str | None = Field(
+        default=None,
+        description=(
+            "host:port of a headless Service whose A records are kv_registry pods, resolved "
+            "every `kv_registry_dns_interval_s` (added to the addresses)."
+        ),
+    )
+    kv_registry_dns_interval_s: float = Field(
+        default=kv_registries.DNS_INTERVAL_S,
+        gt=0,
+        description="Seconds between resolutions of `kv_registry_dns`.",
+    )
+    kv_registry_retry_s: float = Field(
+        default=kv_registries.RETRY_S,
+        gt=0,
+        description="A kv_registry replica that failed a call is skipped this long, then tried again.",
+    )
+
+    @field_validator("kv_registry_addresses")
+    @classmethod
+    def _registry_host_ports(cls, value: list[str]) -> list[str]:
+        return [kv_registries.check_host_port(v) for v in value]
+
+    @field_validator("kv_registry_dns")
+    @classmethod
+    def _registry_dns(cls, value: str | None) -> str | None:
+        return None if value is None else kv_registries.check_host_port(value)

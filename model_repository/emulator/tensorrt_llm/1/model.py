@@ -31,7 +31,7 @@ import numpy.typing as npt  # noqa: E402
 
 from llmmesh.common.settings import KvBlockSettings  # noqa: E402
 from llmmesh.emulator.engine import Engine  # noqa: E402
-from llmmesh.emulator.publisher import KvEventPublisher  # noqa: E402
+from llmmesh.emulator.publisher import RegistryFanout, registry_fanout  # noqa: E402
 from llmmesh.emulator.scheduler import RequestRejectedError  # noqa: E402
 from llmmesh.emulator.settings import EmulatorSettings  # noqa: E402
 from llmmesh.emulator.triton_io import (  # noqa: E402
@@ -64,19 +64,14 @@ class TritonPythonModel(TrtLlmPythonModel[ParsedRequest]):
         self.settings = EmulatorSettings()
         self.block = KvBlockSettings().block_config()
         self.engine = Engine(self.settings, self.block)
-        self.publisher: KvEventPublisher | None = None
-        if self.settings.kv_registry_address:
-            self.publisher = KvEventPublisher(
-                self.settings.kv_registry_address,
-                replica_id=self.settings.replica_id,
-                epoch=self.engine.epoch,
-                block_config=self.block,
-                snapshot=self.engine.snapshot,
-                max_batch=self.settings.publish_max_batch,
-                interval_s=self.settings.publish_interval_ms / 1000,
-                queue_size=self.settings.publish_queue_size,
-                rpc_timeout_s=self.settings.publish_timeout_s,
-            )
+        # One stream per kv_registry replica (addresses and/or the registry's headless Service).
+        self.publisher: RegistryFanout | None = registry_fanout(
+            self.settings,
+            epoch=self.engine.epoch,
+            block_config=self.block,
+            snapshot=self.engine.snapshot,
+        )
+        if self.publisher is not None:
             self.engine.on_events = self.publisher.publish
             self.publisher.start()
         self.engine.start()
@@ -91,7 +86,7 @@ class TritonPythonModel(TrtLlmPythonModel[ParsedRequest]):
             self.settings.time_scale,
             self.settings.num_kv_blocks,
             self.block.block_size,
-            self.settings.kv_registry_address or "off",
+            self.settings.kv_registry_description(),
         )
 
     def parse_request(

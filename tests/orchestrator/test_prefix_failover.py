@@ -1,0 +1,245 @@
+"""The prefix client over several kv_registry replicas: fake registries on port 0, real channels.
+Lookups stick to the replica that answered, fail over within the same lookup, skip a failed one
+for `retry_s` and come back to it; approximate-mode updates go to every replica that is up."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import pytest_asyncio
+
+from llmmesh.common.kv_registries import RegistryEndpoint
+from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
+from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
+from llmmesh.kvblocks import BlockConfig
+from services.orchestrator.prefix import RegistryPrefixIndex, registry_index
+from services.orchestrator.settings import OrchestratorSettings
+
+CFG = BlockConfig(block_size=4, hash_seed=1)
+PROMPT = list(range(12))  # three blocks
+
+
+class FakeRegistry(pb_grpc.KvRegistryServiceServicer):
+    """Answers every lookup with its own name as the matching replica; records updates."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lookups = 0
+        self.updates: list[str] = []
+        self.hang = False
+
+    async def Lookup(
+        self, request: pb.LookupRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.LookupResponse:
+        self.lookups += 1
+        if self.hang:
+            await asyncio.sleep(3600)
+        return pb.LookupResponse(
+            prompt_blocks=len(request.block_hashes),
+            matches=[pb.ReplicaMatch(replica_id=self.name, matched_blocks=2)],
+        )
+
+    async def RecordRouting(
+        self, request: pb.RecordRoutingRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.RecordRoutingResponse:
+        self.updates.append(f"record:{request.replica_id}")
+        return pb.RecordRoutingResponse(predicted_blocks=len(self.name))
+
+    async def ReportReuse(
+        self, request: pb.ReportReuseRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.ReportReuseResponse:
+        self.updates.append(f"report:{request.replica_id}")
+        return pb.ReportReuseResponse()
+
+    async def DropReplica(
+        self, request: pb.DropReplicaRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.DropReplicaResponse:
+        self.updates.append(f"drop:{request.replica_id}")
+        return pb.DropReplicaResponse()
+
+
+class Served:
+    """A fake registry on a port that survives stop()/start() (a restart on the same address)."""
+
+    def __init__(self, name: str) -> None:
+        self.fake = FakeRegistry(name)
+        self.port = 0
+        self.server: grpc.aio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.server = grpc.aio.server()
+        pb_grpc.add_KvRegistryServiceServicer_to_server(self.fake, self.server)
+        self.port = self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        await self.server.start()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(None)
+            self.server = None
+
+
+@pytest_asyncio.fixture
+async def registries() -> AsyncIterator[tuple[Served, Served]]:
+    a, b = Served("a"), Served("b")
+    await a.start()
+    await b.start()
+    yield a, b
+    await a.stop()
+    await b.stop()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def index(
+    *served: Served, clock: Clock | None = None, timeout_s: float = 0.5
+) -> RegistryPrefixIndex:
+    return RegistryPrefixIndex(
+        [RegistryEndpoint(s.address) for s in served],
+        CFG,
+        timeout_s,
+        retry_s=2.0,
+        clock=clock or time.monotonic,
+    )
+
+
+async def matched_by(idx: RegistryPrefixIndex) -> set[str]:
+    return set((await idx.lookup(PROMPT)).matched_blocks)
+
+
+async def test_lookups_stick_to_the_first_registry(registries: tuple[Served, Served]) -> None:
+    a, b = registries
+    idx = index(a, b)
+    try:
+        for _ in range(3):
+            assert await matched_by(idx) == {"a"}
+        assert (a.fake.lookups, b.fake.lookups) == (3, 0)
+        assert idx.preferred == a.address
+    finally:
+        await idx.close()
+
+
+async def test_a_dead_registry_fails_over_within_the_lookup_and_comes_back(
+    registries: tuple[Served, Served],
+) -> None:
+    a, b = registries
+    clock = Clock()
+    idx = index(a, b, clock=clock)
+    try:
+        assert await matched_by(idx) == {"a"}
+        await a.stop()  # kill: its connection breaks, calls fail at once
+        assert await matched_by(idx) == {"b"}  # the same lookup still has prefix matches
+        assert idx.preferred == b.address
+        lookups_a = a.fake.lookups
+        await a.start()  # restarted on its address
+        await asyncio.sleep(0.5)  # > the channel's reconnect backoff after one failure (~0.1 s)
+        assert await matched_by(idx) == {"b"}  # sticky: the survivor keeps serving
+        clock.now += 5  # past retry_s: a is eligible again, used once b fails
+        await b.stop()
+        assert await matched_by(idx) == {"a"}
+        assert a.fake.lookups == lookups_a + 1
+        assert idx.preferred == a.address
+    finally:
+        await idx.close()
+
+
+async def test_a_hanging_registry_costs_one_timeout_then_is_skipped(
+    registries: tuple[Served, Served],
+) -> None:
+    a, b = registries
+    a.fake.hang = True
+    idx = index(a, b, timeout_s=0.1)
+    try:
+        t = time.monotonic()
+        assert await matched_by(idx) == {"b"}
+        assert time.monotonic() - t < 1.0
+        t = time.monotonic()
+        for _ in range(5):
+            assert await matched_by(idx) == {"b"}
+        assert time.monotonic() - t < 0.5  # no more waiting on a
+        assert a.fake.lookups == 1
+    finally:
+        await idx.close()
+
+
+async def test_all_registries_down_routes_prefix_blind(registries: tuple[Served, Served]) -> None:
+    a, b = registries
+    idx = index(a, b)
+    try:
+        await a.stop()
+        await b.stop()
+        m = await idx.lookup(PROMPT)
+        assert m.prompt_blocks == 3 and m.matched_blocks == {} and len(m.hashes) == 3
+        t = time.monotonic()
+        assert (await idx.lookup(PROMPT)).matched_blocks == {}  # both skipped: no call at all
+        assert time.monotonic() - t < 0.1
+    finally:
+        await idx.close()
+
+
+async def test_updates_go_to_every_registry_that_is_up(
+    registries: tuple[Served, Served],
+) -> None:
+    a, b = registries
+    idx = index(a, b)
+    try:
+        assert await idx.record_routing("r1", [1, 2]) == 1  # the preferred (a)'s prediction
+        await idx.report_reuse("r1", [1, 2], 1, 8, 1)
+        await idx.drop_replica("r2")
+        expected = ["record:r1", "report:r1", "drop:r2"]
+        assert a.fake.updates == expected and b.fake.updates == expected
+        await a.stop()
+        assert await idx.record_routing("r3", [1]) == 1  # b's answer; a marked down
+        t = time.monotonic()
+        await idx.drop_replica("r4")  # a is skipped, not waited on
+        assert time.monotonic() - t < 0.5
+        assert b.fake.updates[-2:] == ["record:r3", "drop:r4"]
+        assert await matched_by(idx) == {"b"}  # lookups skip a without trying it
+        assert a.fake.lookups == 0
+    finally:
+        await idx.close()
+
+
+async def test_dns_target_adds_the_pods_it_resolves_to(registries: tuple[Served, Served]) -> None:
+    a, _ = registries
+    idx = RegistryPrefixIndex([], CFG, 0.5, dns=f"localhost:{a.port}")
+    try:
+        assert idx.addresses == []
+        assert (await idx.lookup(PROMPT)).matched_blocks == {}
+        await idx.refresh()
+        assert idx.addresses == [a.address]
+        assert await matched_by(idx) == {"a"}
+    finally:
+        await idx.close()
+
+
+def test_settings_configure_the_index() -> None:
+    assert registry_index(OrchestratorSettings(), CFG) is None
+    s = OrchestratorSettings(
+        kv_registry_address="h1:1", kv_registry_addresses=["h2:2", "h1:1"], kv_registry_dns=None
+    )
+    idx = registry_index(s, CFG)
+    assert idx is not None and idx.addresses == ["h1:1", "h2:2"]
+    with pytest.raises(ValueError, match="host:port"):
+        OrchestratorSettings(kv_registry_addresses=["nohost"])
+
+
+def test_registry_lists_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMMESH_ORCHESTRATOR_KV_REGISTRY_ADDRESSES", '["a:1", "b:2"]')
+    monkeypatch.setenv("LLMMESH_ORCHESTRATOR_KV_REGISTRY_DNS", "kv.ns.svc:50053")
+    s = OrchestratorSettings()
+    assert s.kv_registry_addresses == ["a:1", "b:2"]
+    assert s.kv_registry_dns == "kv.ns.svc:50053"
