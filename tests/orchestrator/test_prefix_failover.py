@@ -66,7 +66,7 @@ class Served:
     """A fake registry on a port that survives stop()/start() (a restart on the same address)."""
 
     def __init__(self, name: str) -> None:
-        self.fake = FakeRegistry(name)
+        self.fake = FakeRegistry(name)  # type: ignore[abstract]  # no PublishEvents
         self.port = 0
         self.server: grpc.aio.Server | None = None
 
@@ -182,7 +182,9 @@ async def test_all_registries_down_routes_prefix_blind(registries: tuple[Served,
         await a.stop()
         await b.stop()
         m = await idx.lookup(PROMPT)
-        assert m.prompt_blocks == 3 and m.matched_blocks == {} and len(m.hashes) == 3
+        assert m.prompt_blocks == 3
+        assert m.matched_blocks == {}
+        assert len(m.hashes) == 3
         t = time.monotonic()
         assert (await idx.lookup(PROMPT)).matched_blocks == {}  # both skipped: no call at all
         assert time.monotonic() - t < 0.1
@@ -200,7 +202,8 @@ async def test_updates_go_to_every_registry_that_is_up(
         await idx.report_reuse("r1", [1, 2], 1, 8, 1)
         await idx.drop_replica("r2")
         expected = ["record:r1", "report:r1", "drop:r2"]
-        assert a.fake.updates == expected and b.fake.updates == expected
+        assert a.fake.updates == expected
+        assert b.fake.updates == expected
         await a.stop()
         assert await idx.record_routing("r3", [1]) == 1  # b's answer; a marked down
         t = time.monotonic()
@@ -232,7 +235,8 @@ def test_settings_configure_the_index() -> None:
         kv_registry_address="h1:1", kv_registry_addresses=["h2:2", "h1:1"], kv_registry_dns=None
     )
     idx = registry_index(s, CFG)
-    assert idx is not None and idx.addresses == ["h1:1", "h2:2"]
+    assert idx is not None
+    assert idx.addresses == ["h1:1", "h2:2"]
     with pytest.raises(ValueError, match="host:port"):
         OrchestratorSettings(kv_registry_addresses=["nohost"])
 
