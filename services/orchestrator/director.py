@@ -10,7 +10,27 @@ Invariants:
 - A replica's `in_flight` equals the number of live leases on it; every lease ends exactly once
   (Complete, or reclamation after `lease_timeout_s`).
 - A replica never holds more leases than its cap (`max_in_flight_per_replica`, the pool's, or
-  the engine's batch size times overcommit).
+  the engine's batch size times overcommit), counting with its own leases the load the engine
+  reports beyond them (`_others_load`).
+
+Several orchestrators (active-active; the gateway spreads Admit over them): leases are this
+process's hints, the engines' own counts (`nv_trt_llm_request_metrics` active + waiting) the
+truth. A replica's load as scheduling sees it (`ReplicaView.in_flight`: cap filter and load
+scorers) is this orchestrator's live leases plus what the engine's last fresh sample held beyond
+the leases this orchestrator had on it at that moment: the other orchestrators' requests, and
+requests whose orchestrator died (a restarted orchestrator starts from the engines' counts this
+way; its own leases are gone). The consistency given up, and its bound: another orchestrator's
+admissions become visible here only once they reached the engine and were sampled, i.e. within
+`metrics_interval_s` + the scrape + the gateway's lease-to-stream time. Within that window each
+of N orchestrators may admit into the same free slots, so a replica may hold more than its cap by
+at most what the other orchestrators granted on it since the sample this one used; never more
+than N x cap (each orchestrator alone keeps its own leases under the cap), which is also the
+bound while samples are missing or older than `metrics_max_age_s` (others' load unknown: own
+leases only). The excess waits in the engine's queue (`waiting`), it is not refused, and the
+next sample corrects every orchestrator. With one orchestrator the estimate adds nothing: its
+own requests reach the engine after their lease and leave it before their Complete, so the
+engine never holds more than its leases except for one scrape's race, which is counted as load
+until the next sample.
 - A waiter leaves the queue exactly once: granted a lease, timed out, cancelled, or failed
   because no replica for its model remains healthy (a waiter for a scale-from-zero pool instead
   fails once its activation timeout passes with no replica ready).
@@ -24,6 +44,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -98,6 +119,9 @@ class Orchestrator:
         self._leases = LeaseTable(settings.lease_timeout_s, clock)
         self._feedback = PrefixFeedback(prefix_index)
         self._reprobes: set[asyncio.Task[None]] = set()
+        # Set once the first health round ended: until then "no replica" may only mean "not
+        # probed yet" (a restarted orchestrator serves before its first round completes).
+        self._probed = asyncio.Event()
         self._pool_gauge_keys: set[tuple[str, str]] = set()
         self._refresh_pool_gauges()
 
@@ -121,6 +145,19 @@ class Orchestrator:
                 return lease
         # Only a request that cannot be granted now pays for the servability check.
         candidates = self._candidates(req)
+        if (
+            not candidates
+            and not self._probed.is_set()
+            and any(not st.probed for st in self._assignable(req))
+        ):
+            # Just started: wait for the first health round rather than refuse (bounded).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._probed.wait(), self._settings.health_timeout_s)
+            if not len(self._queue):
+                lease = self._try_grant(req, prefix, start)
+                if lease is not None:
+                    return lease
+            candidates = self._candidates(req)
         # A request a scale-from-zero pool would serve waits for it whenever it finds no
         # replica, now or later in the queue (its last replica drained or failed).
         activation = self._activation(req)
@@ -237,6 +274,14 @@ class Orchestrator:
             cap = min(cap, max(1, math.ceil(sample.max_batch * self._policy.capacity.overcommit)))
         return cap
 
+    def _others_load(self, st: ReplicaState, now: float) -> int:
+        """Requests the engine's fresh sample held beyond this orchestrator's leases at the
+        time (other orchestrators', or a dead one's); 0 without a fresh sample."""
+        sample = self._sampler.fresh(st, now)
+        if sample is None:
+            return 0
+        return max(0, round(sample.active + sample.waiting) - st.sample_in_flight)
+
     def _view(self, st: ReplicaState, now: float) -> ReplicaView:
         sample = self._sampler.fresh(st, now)
         return ReplicaView(
@@ -246,7 +291,7 @@ class Orchestrator:
             models=tuple(st.spec.models),
             ready=st.ready,
             ejected=st.ejected(now),
-            in_flight=st.in_flight,
+            in_flight=st.in_flight + self._others_load(st, now),
             cap=self._cap(st, now),
             engine_active=sample.active if sample else None,
             engine_waiting=sample.waiting if sample else None,
@@ -410,6 +455,7 @@ class Orchestrator:
 
     async def _probe_replica(self, st: ReplicaState) -> None:
         ok = await self._health.probe(st)
+        st.probed = True
         if self._health.set_ready(st, ok):
             self._feedback.drop_replica(st.spec.id)  # its cache is gone or unreachable
         self._refresh_pool_gauges()
@@ -425,6 +471,7 @@ class Orchestrator:
     async def probe_once(self) -> None:
         """One health round: probe every replica, then `tick`."""
         await asyncio.gather(*(self._probe_replica(st) for st in list(self._replicas.live())))
+        self._probed.set()
         self.tick()
 
     def tick(self) -> None:

@@ -13,6 +13,8 @@ Invariants:
   on 2.51), so only the requests can tell, and the re-probe after each failure must not erase
   them. An ejection starts a fresh failure window.
 - An engine sample older than `metrics_max_age_s` is unknown, never stale data.
+- A sample is stored with this orchestrator's lease count on the replica at the time (the larger
+  of before and after the scrape), so the director can tell its own load from the others'.
 """
 
 from __future__ import annotations
@@ -165,6 +167,7 @@ class EngineSampler:
 
     async def scrape(self, replicas: Iterable[ReplicaState]) -> None:
         async def one(st: ReplicaState) -> None:
+            before = st.in_flight
             try:
                 text = await asyncio.to_thread(
                     self._fetch, st.spec.metrics_url, st.spec.metrics_host, self._timeout_s
@@ -177,5 +180,6 @@ class EngineSampler:
             sample = parse_engine_metrics(text)
             if sample is not None:
                 st.sample, st.sample_at = sample, self._clock()
+                st.sample_in_flight = max(before, st.in_flight)
 
         await asyncio.gather(*(one(st) for st in replicas if st.spec.metrics_url))

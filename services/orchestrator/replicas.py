@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 class ReplicaState:
     spec: ReplicaSpec
     ready: bool = False  # last readiness probe passed
+    probed: bool = False  # probed at least once by this orchestrator
     removed: bool = False  # left the replica set; forgotten once its last lease ends
     draining: bool = False  # DrainReplica: no new leases
     registered: bool = False  # added by RegisterReplica; discovery leaves it alone
@@ -43,6 +44,10 @@ class ReplicaState:
     outcomes: deque[tuple[float, bool]] = field(default_factory=deque)
     sample: EngineSample | None = None
     sample_at: float = 0.0
+    # This orchestrator's leases on the replica when `sample` was taken (the larger of the
+    # counts before and after the scrape): the sample's requests beyond them are other
+    # orchestrators' (or leases lost with an orchestrator that died).
+    sample_in_flight: int = 0
 
     def ejected(self, now: float) -> bool:
         return now < self.ejected_until
