@@ -27,3 +27,8 @@ bench-gateway: setup ## Gateway fronts: OpenAI HTTP (SSE) vs gRPC vs Triton dire
 
 bench-autoscale: setup ## Static-for-peak vs autoscaler (local actuator) on a compressed day of the Azure trace: replica-seconds, TTFT-SLO, scale events, PNG (~16 min)
 	$(PY) -m bench.autoscale $(BENCH_ARGS)
+
+.PHONY: bench-chaos
+
+bench-chaos: setup ## Chaos: kill a replica / backend stub / orchestrator(s) / kv_registry / gateway, drain a replica under 200 greedy streams; lost & duplicated tokens vs a reference run, failures, TTFT, stalls, time back in rotation, PNG (~10 min)
+	$(PY) -m bench.chaos $(BENCH_ARGS)
