@@ -242,3 +242,31 @@ def test_envoy_limit_below_admission_capacity_is_caught(rendered: dict[str, list
     dr = doc(mesh, "DestinationRule", "triton-llama3-8b-v1-short")
     dr["spec"]["trafficPolicy"]["connectionPool"]["http"]["http2MaxRequests"] = 100
     assert any("http2MaxRequests 100" in p for p in workloads.check_capacity(mesh))
+
+
+def test_a_singleton_kv_registry_is_caught(rendered: dict[str, list[Doc]]) -> None:
+    mesh = mesh_of(rendered, "prod")
+    doc(mesh, "Deployment", "llmmesh-kv-registry")["spec"]["replicas"] = 1
+    doc(mesh, "Deployment", "llmmesh-kv-registry")["spec"]["template"]["spec"].pop("affinity")
+    doc(mesh, "PodDisruptionBudget", "llmmesh-kv-registry")["spec"] = {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": {"app": "llmmesh-kv-registry"}},
+    }
+    del doc(mesh, "Service", "llmmesh-kv-registry")["spec"]["clusterIP"]
+    problems = "\n".join(workloads.check_kv_registry_replicas(mesh))
+    for needle in ("replicas >= 2", "anti-affinity", "at least one", "headless"):
+        assert needle in problems, problems
+
+
+def test_an_engine_publishing_to_one_registry_address_is_caught(
+    rendered: dict[str, list[Doc]],
+) -> None:
+    mesh = mesh_of(rendered, "prod")
+    dep = doc(mesh, "Deployment", "triton-llama3-8b-v1-short")
+    env = mesh.main_container(dep)["env"]
+    for e in env:
+        if e["name"] == "LLMMESH_EMULATOR_KV_REGISTRY_DNS":
+            e["name"] = "LLMMESH_EMULATOR_KV_REGISTRY_ADDRESS"
+    problems = "\n".join(workloads.check_kv_registry_replicas(mesh))
+    assert "triton-llama3-8b-v1-short: LLMMESH_EMULATOR_KV_REGISTRY_DNS must be" in problems
+    assert "KV_REGISTRY_ADDRESS names registries past DNS" in problems

@@ -35,6 +35,7 @@ RULES: dict[str, Rule] = {
     "autoscaling": workloads.check_autoscaling,
     "capacity": workloads.check_capacity,
     "workloads": workloads.check_workloads,
+    "kv_registry_replicas": workloads.check_kv_registry_replicas,
     "gateway_models": workloads.check_gateway_models,
     "tracing": observability.check_tracing,
     "dashboards": observability.check_dashboards,

@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from llmmesh.common.components import GATEWAY
+from llmmesh.common.components import GATEWAY, KV_REGISTRY
 from llmmesh.common.topology import TRITON_MODEL
 from llmmesh.tools.meshcheck.common import REPO, doc_id, go_duration_ms, require
 from llmmesh.tools.meshcheck.index import Mesh, labels_match, service_host
@@ -375,4 +375,70 @@ def check_gateway_models(mesh: Mesh) -> list[str]:
                 )
         if not json.loads(env.get("LLMMESH_GATEWAY_MODELS", "[]")):
             problems.append(f"{doc_id(dep)}: LLMMESH_GATEWAY_MODELS is empty")
+    return problems
+
+
+def check_kv_registry_replicas(mesh: Mesh) -> list[str]:
+    """kv_registry has no single point of failure: 2+ replicas on different nodes, a PDB that
+    keeps one, a headless Service, and every engine and the orchestrator find all its pods
+    through that Service (KV_REGISTRY_DNS = its host and gRPC port; engines publish to each pod,
+    the orchestrator reads from any)."""
+    problems: list[str] = []
+    name = KV_REGISTRY.k8s_object
+    svc = require(mesh.get("Service", name), f"Service {name}")
+    if svc["spec"].get("clusterIP") != "None":
+        problems.append(f"{doc_id(svc)}: must be headless (clients find every registry pod)")
+    grpc = require(port_by_name(svc["spec"]["ports"], "grpc"), f"port grpc of {name}")
+    target = f"{service_host(name, mesh.namespace)}:{grpc['port']}"
+    pdbs = mesh.in_namespace("PodDisruptionBudget")
+    deps = component_deployments(mesh, KV_REGISTRY)
+    if not deps:
+        problems.append(f"no {name} Deployment")
+    for dep in deps:
+        replicas = int(dep["spec"].get("replicas", 1))
+        if replicas < 2:
+            problems.append(f"{doc_id(dep)}: needs replicas >= 2 (has {replicas})")
+        tpl = dep["spec"]["template"]
+        labels = tpl["metadata"]["labels"]
+        terms = (
+            tpl["spec"]
+            .get("affinity", {})
+            .get("podAntiAffinity", {})
+            .get("requiredDuringSchedulingIgnoredDuringExecution", [])
+        )
+        if not any(
+            t.get("topologyKey") == "kubernetes.io/hostname"
+            and labels_match(t.get("labelSelector", {}).get("matchLabels", {}), labels)
+            for t in terms
+        ):
+            problems.append(
+                f"{doc_id(dep)}: needs required pod anti-affinity on kubernetes.io/hostname "
+                "against its own pods"
+            )
+        for pdb in pdbs:
+            if not labels_match(pdb["spec"]["selector"]["matchLabels"], labels):
+                continue
+            spec = pdb["spec"]
+            keeps = (
+                int(spec["minAvailable"])
+                if "minAvailable" in spec
+                else replicas - int(spec.get("maxUnavailable", replicas))
+            )
+            if keeps < 1:
+                problems.append(f"{doc_id(pdb)}: must keep at least one registry pod available")
+    clients = [("llmmesh-orchestrator", "LLMMESH_ORCHESTRATOR_")] + [
+        (d["metadata"]["name"], "LLMMESH_EMULATOR_") for d in triton_deployments(mesh)
+    ]
+    for dep_name, prefix in clients:
+        env = env_of(mesh, dep_name)
+        if env.get(f"{prefix}KV_REGISTRY_DNS") != target:
+            problems.append(
+                f"Deployment {dep_name}: {prefix}KV_REGISTRY_DNS must be {target} "
+                f"(has {env.get(f'{prefix}KV_REGISTRY_DNS')})"
+            )
+        for key in (f"{prefix}KV_REGISTRY_ADDRESS", f"{prefix}KV_REGISTRY_ADDRESSES"):
+            if key in env:
+                problems.append(
+                    f"Deployment {dep_name}: {key} names registries past DNS; use KV_REGISTRY_DNS"
+                )
     return problems
