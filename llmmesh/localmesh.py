@@ -116,10 +116,11 @@ class ServiceProcess:
         settings: ServiceSettings,
         workdir: Path,
         env: Mapping[str, str] | None = None,
+        name: str = "",
     ):
         if not isinstance(settings, SERVICE_SETTINGS[component]):
             raise TypeError(f"{component.name} is configured by {SERVICE_SETTINGS[component]}")
-        self.name = component.name
+        self.name = name or component.name  # several of one component: orchestrator-1, ...
         self.component = component
         self._ready_file = workdir / f"{self.name}.ready.json"
         self.settings = settings.model_copy(update={"ready_file": self._ready_file})
@@ -253,6 +254,11 @@ class MeshOptions:
     gateway_port: int = 0
     gateway_http_port: int = 0
     orchestrator_port: int = 0
+    # Orchestrators run active-active (the first on `orchestrator_port`, the others on free
+    # ports; services "orchestrator", "orchestrator-1", ...); the gateway spreads Admit over all
+    # of them and the local actuator registers its replicas with each. 1 by default: tests that
+    # read one orchestrator's view and metrics see the whole mesh; `make run` uses 2.
+    orchestrators: int = 1
     kv_registry_port: int = 0
     autoscaler_port: int = 0
     log_json: bool = True
@@ -347,10 +353,21 @@ class LocalMesh:
         settings = with_env(settings, self._extra.get(type(settings), {}))
         return _only(settings, own_env, option) if own_env else settings
 
-    def _service(self, component: Component, settings: ServiceSettings) -> ServiceProcess:
-        svc = ServiceProcess(component, settings, self.workdir, self._shared_env)
-        self.services[component.name] = svc
+    def _service(
+        self, component: Component, settings: ServiceSettings, name: str = ""
+    ) -> ServiceProcess:
+        svc = ServiceProcess(component, settings, self.workdir, self._shared_env, name)
+        self.services[svc.name] = svc
         return svc
+
+    @property
+    def orchestrators(self) -> list[ServiceProcess]:
+        """Every orchestrator of the mesh, the first ("orchestrator") first."""
+        return [svc for name, svc in self.services.items() if svc.component is ORCHESTRATOR]
+
+    @property
+    def orchestrator_addresses(self) -> list[str]:
+        return [svc.address for svc in self.orchestrators]
 
     async def start(self) -> None:
         o = self.options
@@ -386,8 +403,18 @@ class LocalMesh:
             orch_settings = orch_settings.model_copy(
                 update={"policy_file": self._scale_from_zero_policy(o.autoscaled_pools)}
             )
+        if o.orchestrators < 1:
+            raise ValueError("MeshOptions.orchestrators: at least 1")
         orch = self._service(ORCHESTRATOR, orch_settings)
-        await orch.start()
+        others = [
+            self._service(
+                ORCHESTRATOR,
+                orch_settings.model_copy(update={"grpc_port": 0}),
+                f"{ORCHESTRATOR.name}-{i}",
+            )
+            for i in range(1, o.orchestrators)
+        ]
+        await asyncio.gather(orch.start(), *(x.start() for x in others))
         gw = self._service(
             GATEWAY,
             self._configure(
@@ -396,6 +423,7 @@ class LocalMesh:
                     http_port=o.gateway_http_port,
                     metrics_port=0,
                     orchestrator_address=orch.address,
+                    orchestrator_addresses=self.orchestrator_addresses,
                     models=[
                         ModelSettings(
                             name=MODEL_NAME,
@@ -484,6 +512,7 @@ class LocalMesh:
             return None, []
         actuator = LocalActuatorSettings(
             orchestrator_address=self.services[ORCHESTRATOR.name].address,
+            orchestrator_addresses=self.orchestrator_addresses,
             kv_registry_address=self.services[KV_REGISTRY.name].address,
             # The actuator sets each replica's id and registry address itself.
             engine_env={**self._shared_env, **to_env(self._emulator())},
@@ -588,10 +617,11 @@ class LocalMesh:
         the registry while it still runs), then the registry. Supervision ends first: these
         exits are not failures."""
         await self.supervisor.close()
-        for name in ("gateway", "autoscaler", "orchestrator"):
+        for name in ("gateway", "autoscaler"):
             svc = self.services.get(name)
             if svc is not None:
                 await svc.stop()
+        await asyncio.gather(*(svc.stop() for svc in self.orchestrators))
         await asyncio.gather(
             *(t.stop() for t in self.tritons if t.is_running), return_exceptions=True
         )
@@ -635,6 +665,7 @@ async def _run(args: argparse.Namespace) -> int:
             gateway_port=port(GATEWAY),
             gateway_http_port=port(GATEWAY, "http_port"),
             orchestrator_port=port(ORCHESTRATOR),
+            orchestrators=args.orchestrators,
             kv_registry_port=port(KV_REGISTRY),
             autoscaler_port=port(AUTOSCALER),
             log_json=False,
@@ -670,6 +701,12 @@ async def _run(args: argparse.Namespace) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description="Run the llmmesh local mesh in the foreground.")
     parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument(
+        "--orchestrators",
+        type=int,
+        default=2,
+        help="Orchestrators run active-active (no single point of failure in the request path).",
+    )
     parser.add_argument(
         "--time-scale", type=float, default=1.0, help="Emulator cost-model time scale."
     )

@@ -38,6 +38,8 @@ COMPLETE_ATTEMPTS: Final = 3
 COMPLETE_TIMEOUT_S: Final = 5.0
 # Shortest Admit deadline sent: a spent deadline still makes a call that fails as expired.
 _MIN_TIMEOUT_S: Final = 0.001
+_INITIAL_RECONNECT_BACKOFF_MS: Final = 250
+_MAX_RECONNECT_BACKOFF_MS: Final = 2000
 
 _PRIORITY: Final = {
     Priority.INTERACTIVE: pb.PRIORITY_INTERACTIVE,
@@ -151,7 +153,14 @@ class OrchestratorClient:
         """A client on a channel of its own to `address`; `authority` (a headless Service's
         host:port when `address` is one of its pod IPs) is the :authority sent, so a mesh
         sidecar applies that Service's mTLS and policies."""
-        options = [("grpc.default_authority", authority)] if authority else []
+        # An orchestrator that comes back is reached again within _MAX_RECONNECT_BACKOFF_MS
+        # (gRPC's default backoff grows to 120 s, keeping a gateway degraded that long).
+        options: list[tuple[str, str | int]] = [
+            ("grpc.max_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS),
+            ("grpc.initial_reconnect_backoff_ms", _INITIAL_RECONNECT_BACKOFF_MS),
+        ]
+        if authority:
+            options.append(("grpc.default_authority", authority))
         channel = grpc.aio.insecure_channel(address, options=options)
         return cls(pb_grpc.OrchestratorServiceStub(channel), channel, address)
 

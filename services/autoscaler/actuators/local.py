@@ -1,10 +1,15 @@
 """Local actuator: Triton replicas as processes on this machine (the local mesh, a dev box).
 
 Scale-up launches `tritonserver` on free ports, waits until Triton reports its models ready, then
-registers the replica with the orchestrator (RegisterReplica, repeated until the orchestrator's
-own probe passes). Scale-down cancels replicas still starting first, then drains the ready one
-with the fewest leases (DrainReplica: no new work, in-flight streams finish), SIGTERMs it, and
-deregisters it.
+registers the replica with every orchestrator (RegisterReplica, repeated until the orchestrators
+that answer report their own probe passed). Scale-down cancels replicas still starting first,
+then drains the ready one with the fewest leases (DrainReplica on every orchestrator: no new
+work, in-flight streams finish), SIGTERMs it, and deregisters it everywhere.
+
+Several orchestrators run active-active and each keeps its own replica set, and a restarted one
+knows only its static and discovered replicas: so every `reregister_interval_s` (checked at each
+`observe`) the actuator registers each ready replica again with every orchestrator.
+RegisterReplica is idempotent; one that did not know the replica logs `created`.
 
 Invariants:
 - Every replica is in exactly one phase: starting, ready, stopping (draining or torn down), and
@@ -13,6 +18,8 @@ Invariants:
 - A failed start is logged, kept as the pool's `last_error`, and retried with backoff; the
   replica stays `starting` meanwhile, so a later scale-down cancels it instead of waiting.
 - Every background task is tracked; `close` cancels starts, drains the rest, and waits for all.
+- A replica is re-registered only while ready, under its lock; a drain takes the lock after the
+  replica left the ready phase, so a re-registration never cancels a drain.
 - Pools are reconciled under a per-pool lock, so concurrent `apply` calls never pick the same
   replica twice; a later `apply` supersedes an earlier one.
 - Its Triton processes die with the autoscaler process, whatever ends it (SIGKILL included):
@@ -82,6 +89,21 @@ class LocalActuatorSettings(BaseModel):
 
     orchestrator_address: str = Field(
         min_length=3, description="host:port of the orchestrator replicas are registered with."
+    )
+    orchestrator_addresses: list[str] = Field(
+        default_factory=list,
+        description=(
+            "host:port of every orchestrator (active-active): replicas are registered with, "
+            "drained on and deregistered from each. Empty: `orchestrator_address` alone."
+        ),
+    )
+    reregister_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        description=(
+            "How often every ready replica is registered again with every orchestrator (one "
+            "that restarted, or was added, learns it within this interval)."
+        ),
     )
     kv_registry_address: str | None = Field(
         default=None,
@@ -163,6 +185,8 @@ class _Replica:
         self.server: TritonServer | None = None
         self.registered = False
         self.task: asyncio.Task[None] | None = None
+        self.spec: orch_pb.ReplicaSpec | None = None  # as registered
+        self.lock = asyncio.Lock()  # a re-registration vs the drain
         self.exit_code: int | None = None
 
     def snapshot(self) -> ManagedReplica:
@@ -204,8 +228,10 @@ class LocalActuator:
         self._ids = itertools.count()
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopped: deque[ManagedReplica] = deque(maxlen=_HISTORY)
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: orch_grpc.OrchestratorServiceAsyncStub | None = None
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._stubs: dict[str, orch_grpc.OrchestratorServiceAsyncStub] = {}
+        self._last_reregister = time.monotonic()
+        self._reregistering: asyncio.Task[None] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._started_initial = False
         self._closed = False
@@ -219,6 +245,7 @@ class LocalActuator:
                     log.warning("replica process exited", extra={"replica": r.id})
                     r.phase = ReplicaPhase.STOPPING
                     r.task = self._track(self._lost(pool, r))
+        self._maybe_reregister()
         return {key: pool.counts() for key, pool in self._pools.items()}
 
     async def apply(self, key: PoolKey, desired: int, reason: str) -> None:
@@ -238,9 +265,9 @@ class LocalActuator:
                 await self._reconcile(pool, 0, "actuator closing")
         while self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._channel is not None:
-            await self._channel.close(None)
-            self._channel = self._stub = None
+        for channel in self._channels.values():
+            await channel.close(None)
+        self._channels, self._stubs = {}, {}
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
@@ -363,18 +390,13 @@ class LocalActuator:
             model_version=pool.key.model_version,
             models=pool.spec.models,
         )
+        r.spec = spec
         deadline = time.monotonic() + s.ready_timeout_s
         while True:
-            try:
-                resp = await self._orchestrator().RegisterReplica(
-                    orch_pb.RegisterReplicaRequest(replica=spec), timeout=s.rpc_timeout_s
-                )
-            except grpc.aio.AioRpcError as err:
-                if err.code() not in _RETRYABLE or time.monotonic() > deadline:
-                    raise
-            else:
+            answers = await self._register_everywhere(spec, raise_after=deadline)
+            if answers:
                 r.registered = True
-                if resp.ready:
+                if all(answers):
                     return
             if not r.server.is_running:
                 raise StartFailed(f"tritonserver exited; log tail:\n{r.server.log_tail()}")
@@ -386,6 +408,8 @@ class LocalActuator:
 
     async def _drain(self, pool: _Pool, r: _Replica) -> None:
         try:
+            async with r.lock:  # a re-registration in flight ends first; none starts after
+                pass
             if r.registered:
                 await self._drain_leases(r)
             await self._teardown(r)
@@ -400,22 +424,33 @@ class LocalActuator:
             self._forget(pool, r)
 
     async def _drain_leases(self, r: _Replica) -> None:
-        """DrainReplica until the replica holds no lease or `drain_timeout_s` passes."""
+        """DrainReplica on every orchestrator until none holds a lease on the replica or
+        `drain_timeout_s` passes. An orchestrator that does not know the replica (NOT_FOUND),
+        or is not reached (it grants nothing meanwhile), counts as drained."""
         deadline = time.monotonic() + self._settings.drain_timeout_s
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                resp = await self._orchestrator().DrainReplica(
-                    orch_pb.DrainReplicaRequest(replica_id=r.id), timeout=left
-                )
-            except grpc.aio.AioRpcError as err:
-                if err.code() == grpc.StatusCode.NOT_FOUND:
-                    return
-                log.warning("drain call failed", extra={"replica": r.id, "error": err.details()})
-                await asyncio.sleep(min(_POLL_S, max(left, 0.0)))
-                continue
-            if resp.drained:
-                return
-        log.warning("drain timed out; stopping with leases live", extra={"replica": r.id})
+
+        async def drain_on(address: str, stub: orch_grpc.OrchestratorServiceAsyncStub) -> bool:
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    resp = await stub.DrainReplica(
+                        orch_pb.DrainReplicaRequest(replica_id=r.id), timeout=left
+                    )
+                except grpc.aio.AioRpcError as err:
+                    if err.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+                        return True
+                    log.warning(
+                        "drain call failed",
+                        extra={"replica": r.id, "orchestrator": address, "error": err.details()},
+                    )
+                    await asyncio.sleep(min(_POLL_S, max(left, 0.0)))
+                    continue
+                if resp.drained:
+                    return True
+            return False
+
+        done = await asyncio.gather(*(drain_on(a, st) for a, st in self._orchestrators()))
+        if not all(done):
+            log.warning("drain timed out; stopping with leases live", extra={"replica": r.id})
 
     async def _teardown(self, r: _Replica) -> None:
         """SIGTERM the process (Triton finishes what it runs), then deregister."""
@@ -423,17 +458,23 @@ class LocalActuator:
             r.exit_code = await r.server.stop(grace_s=self._settings.stop_grace_s)
             log.info("replica stopped", extra={"replica": r.id, "exit_code": r.exit_code})
         if r.registered:
-            try:
-                await self._orchestrator().DeregisterReplica(
-                    orch_pb.DeregisterReplicaRequest(replica_id=r.id),
-                    timeout=self._settings.rpc_timeout_s,
-                )
-            except grpc.aio.AioRpcError as err:
-                if err.code() != grpc.StatusCode.NOT_FOUND:
-                    # The orchestrator keeps probing it and finds it gone; routing never resumes.
-                    log.warning(
-                        "deregister failed", extra={"replica": r.id, "error": err.details()}
+            for address, stub in self._orchestrators():
+                try:
+                    await stub.DeregisterReplica(
+                        orch_pb.DeregisterReplicaRequest(replica_id=r.id),
+                        timeout=self._settings.rpc_timeout_s,
                     )
+                except grpc.aio.AioRpcError as err:
+                    if err.code() != grpc.StatusCode.NOT_FOUND:
+                        # It keeps probing the replica and finds it gone; routing never resumes.
+                        log.warning(
+                            "deregister failed",
+                            extra={
+                                "replica": r.id,
+                                "orchestrator": address,
+                                "error": err.details(),
+                            },
+                        )
             r.registered = False
 
     def _forget(self, pool: _Pool, r: _Replica) -> None:
@@ -442,23 +483,105 @@ class LocalActuator:
             pool.replicas.remove(r)
             self._stopped.append(r.snapshot())
 
+    # -- registration with every orchestrator ---------------------------------------------
+    async def _register_everywhere(
+        self, spec: orch_pb.ReplicaSpec, raise_after: float | None = None
+    ) -> list[bool]:
+        """RegisterReplica with every orchestrator at once: the `ready` of each that answered
+        (none answered: empty). A refusal other than not reached is raised; so is not reached
+        by all once `raise_after` (monotonic) has passed."""
+        s = self._settings
+
+        async def one(
+            address: str, stub: orch_grpc.OrchestratorServiceAsyncStub
+        ) -> orch_pb.RegisterReplicaResponse | grpc.aio.AioRpcError:
+            try:
+                resp = await stub.RegisterReplica(
+                    orch_pb.RegisterReplicaRequest(replica=spec), timeout=s.rpc_timeout_s
+                )
+            except grpc.aio.AioRpcError as err:
+                return err
+            if resp.created and raise_after is None:
+                log.info(
+                    "replica registered again with an orchestrator that did not know it",
+                    extra={"replica": spec.id, "orchestrator": address},
+                )
+            return resp
+
+        results = await asyncio.gather(*(one(a, st) for a, st in self._orchestrators()))
+        answers: list[bool] = []
+        unreached: grpc.aio.AioRpcError | None = None
+        for result in results:
+            if isinstance(result, grpc.aio.AioRpcError):
+                if result.code() not in _RETRYABLE:
+                    raise result
+                unreached = result
+            else:
+                answers.append(result.ready)
+        if (
+            not answers
+            and unreached is not None
+            and raise_after is not None
+            and time.monotonic() > raise_after
+        ):
+            raise unreached
+        return answers
+
+    def _maybe_reregister(self) -> None:
+        """Every `reregister_interval_s`: each ready replica registered again everywhere."""
+        now = time.monotonic()
+        if self._closed or now - self._last_reregister < self._settings.reregister_interval_s:
+            return
+        if self._reregistering is not None and not self._reregistering.done():
+            return
+        self._last_reregister = now
+        self._reregistering = self._track(self._reregister())
+
+    async def _reregister(self) -> None:
+        for pool in self._pools.values():
+            for r in list(pool.replicas):
+                async with r.lock:
+                    if r.phase is not ReplicaPhase.READY or r.spec is None:
+                        continue
+                    try:
+                        await self._register_everywhere(r.spec)
+                    except grpc.aio.AioRpcError as err:
+                        log.warning(
+                            "re-registration refused",
+                            extra={"replica": r.id, "error": err.details()},
+                        )
+
     # -- collaborators ----------------------------------------------------------------------
-    def _orchestrator(self) -> orch_grpc.OrchestratorServiceAsyncStub:
-        if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self._settings.orchestrator_address)
-            self._stub = orch_grpc.OrchestratorServiceStub(self._channel)
-        return self._stub
+    def _orchestrators(self) -> list[tuple[str, orch_grpc.OrchestratorServiceAsyncStub]]:
+        """(address, stub) of every orchestrator, channels opened on first use."""
+        s = self._settings
+        out = []
+        for address in dict.fromkeys(s.orchestrator_addresses or [s.orchestrator_address]):
+            stub = self._stubs.get(address)
+            if stub is None:
+                self._channels[address] = grpc.aio.insecure_channel(address)
+                stub = self._stubs[address] = orch_grpc.OrchestratorServiceStub(
+                    self._channels[address]
+                )
+            out.append((address, stub))
+        return out
 
     async def _in_flight(self) -> dict[str, int]:
-        """Leases per replica from the orchestrator; empty when it cannot be asked."""
-        try:
-            resp = await self._orchestrator().ListReplicas(
-                orch_pb.ListReplicasRequest(), timeout=self._settings.rpc_timeout_s
-            )
-        except grpc.aio.AioRpcError as err:
-            log.warning("ListReplicas failed", extra={"error": err.details()})
-            return {}
-        return {st.replica.id: st.in_flight for st in resp.replicas}
+        """Leases per replica, summed over the orchestrators that answer."""
+        total: dict[str, int] = {}
+        for address, stub in self._orchestrators():
+            try:
+                resp = await stub.ListReplicas(
+                    orch_pb.ListReplicasRequest(), timeout=self._settings.rpc_timeout_s
+                )
+            except grpc.aio.AioRpcError as err:
+                log.warning(
+                    "ListReplicas failed", extra={"orchestrator": address, "error": err.details()}
+                )
+                continue
+            for st in resp.replicas:
+                total[st.replica.id] = total.get(st.replica.id, 0) + st.in_flight
+        return total
 
     def _log_dir(self) -> Path:
         if self._settings.log_dir is not None:
