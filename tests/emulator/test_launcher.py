@@ -212,21 +212,35 @@ def test_the_servers_whole_group_dies_with_its_launcher(tmp_path: Path, at_once:
     )
     assert launcher_proc.stdout is not None
     server = int(launcher_proc.stdout.readline())
-    if at_once:
-        launcher_proc.kill()
-    child = int(_wait_for_file(child_file))
+    pids = [server]
     try:
+        if at_once:
+            launcher_proc.kill()
+            # The server may be killed before its shell started the child: then nothing is left
+            # to outlive the launcher but the server itself.
+            deadline = time.monotonic() + 10
+            while not (child_file.exists() and child_file.read_text().strip()):
+                if not _alive(server):
+                    break
+                assert time.monotonic() < deadline, f"{child_file} not written"
+                time.sleep(0.01)  # poll the server's progress
+        if child_file.exists() and child_file.read_text().strip():
+            pids.append(int(child_file.read_text()))
+        elif not at_once:
+            pids.append(int(_wait_for_file(child_file)))
         if not at_once:
-            assert _alive(server)
-            assert _alive(child)
+            assert all(_alive(pid) for pid in pids)
         launcher_proc.kill()
         launcher_proc.wait()
         deadline = time.monotonic() + 10
-        while _alive(server) or _alive(child):
+        while any(_alive(pid) for pid in pids):
             assert time.monotonic() < deadline, "the server's group outlived its launcher"
             time.sleep(0.01)  # signals are delivered asynchronously; poll their effect
     finally:
-        for pid in (server, child):
+        if launcher_proc.poll() is None:
+            launcher_proc.kill()
+            launcher_proc.wait()
+        for pid in pids:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         launcher_proc.stdout.close()
