@@ -105,6 +105,8 @@ ALLOWED = [
     (INGRESS, SHADOW_LABELS, 50051, GW + "Generate", "POST"),
     (GATEWAY, ORCH_LABELS, 50052, ORCH + "Admit", "POST"),
     (GATEWAY, ORCH_LABELS, 50052, ORCH + "Complete", "POST"),
+    # readiness, and the replica view the gateway's degraded mode routes over
+    (GATEWAY, ORCH_LABELS, 50052, ORCH + "ListReplicas", "POST"),
     (GATEWAY, TRITON_LABELS, 8001, TRI + "ModelStreamInfer", "POST"),
     (ORCHESTRATOR, TRITON_LABELS, 8001, TRI + "ServerReady", "POST"),
     (ORCHESTRATOR, TRITON_LABELS, 8002, "/metrics", "GET"),
@@ -127,7 +129,7 @@ DENIED = [
     (INGRESS, ORCH_LABELS, 50052, ORCH + "Admit", "POST"),  # clients never reach the control plane
     (INGRESS, TRITON_LABELS, 8001, TRI + "ModelStreamInfer", "POST"),
     (GATEWAY, KV_LABELS, 50053, KV + "Lookup", "POST"),
-    (GATEWAY, ORCH_LABELS, 50052, ORCH + "ListReplicas", "POST"),
+    (GATEWAY, ORCH_LABELS, 50052, ORCH + "DrainReplica", "POST"),
     (GATEWAY, TRITON_LABELS, 8001, TRI + "ModelInfer", "POST"),  # only the streaming entry point
     (TRITON, ORCH_LABELS, 50052, ORCH + "Admit", "POST"),
     (TRITON, KV_LABELS, 50053, KV + "Lookup", "POST"),
@@ -270,3 +272,32 @@ def test_an_engine_publishing_to_one_registry_address_is_caught(
     problems = "\n".join(workloads.check_kv_registry_replicas(mesh))
     assert "triton-llama3-8b-v1-short: LLMMESH_EMULATOR_KV_REGISTRY_DNS must be" in problems
     assert "KV_REGISTRY_ADDRESS names registries past DNS" in problems
+
+
+def test_a_singleton_orchestrator_is_caught(rendered: dict[str, list[Doc]]) -> None:
+    mesh = mesh_of(rendered, "prod")
+    doc(mesh, "Deployment", "llmmesh-orchestrator")["spec"]["replicas"] = 1
+    doc(mesh, "Deployment", "llmmesh-orchestrator")["spec"]["template"]["spec"].pop("affinity")
+    doc(mesh, "PodDisruptionBudget", "llmmesh-orchestrator")["spec"] = {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": {"app": "llmmesh-orchestrator"}},
+    }
+    del doc(mesh, "Service", "llmmesh-orchestrator")["spec"]["clusterIP"]
+    problems = "\n".join(workloads.check_orchestrator_replicas(mesh))
+    for needle in ("replicas >= 2", "anti-affinity", "at least one", "headless"):
+        assert needle in problems, problems
+
+
+def test_a_gateway_that_knows_one_orchestrator_address_is_caught(
+    rendered: dict[str, list[Doc]],
+) -> None:
+    mesh = mesh_of(rendered, "prod")
+    dep = doc(mesh, "Deployment", "llmmesh-gateway-v1")
+    cm_env = mesh.container_env(dep, mesh.main_container(dep))
+    assert "LLMMESH_GATEWAY_ORCHESTRATOR_DNS" in cm_env
+    for cm in mesh.in_namespace("ConfigMap"):
+        data = cm.get("data") or {}
+        if "LLMMESH_GATEWAY_ORCHESTRATOR_DNS" in data:
+            del data["LLMMESH_GATEWAY_ORCHESTRATOR_DNS"]
+    problems = "\n".join(workloads.check_orchestrator_replicas(mesh))
+    assert "llmmesh-gateway-v1 (apps/v1): LLMMESH_GATEWAY_ORCHESTRATOR_DNS must be" in problems

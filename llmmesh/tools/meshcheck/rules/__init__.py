@@ -36,6 +36,7 @@ RULES: dict[str, Rule] = {
     "capacity": workloads.check_capacity,
     "workloads": workloads.check_workloads,
     "kv_registry_replicas": workloads.check_kv_registry_replicas,
+    "orchestrator_replicas": workloads.check_orchestrator_replicas,
     "gateway_models": workloads.check_gateway_models,
     "tracing": observability.check_tracing,
     "dashboards": observability.check_dashboards,

@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from llmmesh.common.components import GATEWAY, KV_REGISTRY
+from llmmesh.common.components import GATEWAY, KV_REGISTRY, ORCHESTRATOR
 from llmmesh.common.topology import TRITON_MODEL
 from llmmesh.tools.meshcheck.common import REPO, doc_id, go_duration_ms, require
 from llmmesh.tools.meshcheck.index import Mesh, labels_match, service_host
@@ -441,4 +441,69 @@ def check_kv_registry_replicas(mesh: Mesh) -> list[str]:
                 problems.append(
                     f"Deployment {dep_name}: {key} names registries past DNS; use KV_REGISTRY_DNS"
                 )
+    return problems
+
+
+def check_orchestrator_replicas(mesh: Mesh) -> list[str]:
+    """The orchestrator has no single point of failure: 2+ replicas on different nodes, a PDB
+    that keeps one, and every gateway finds all its pods through a headless Service
+    (GATEWAY_ORCHESTRATOR_DNS = its host and gRPC port): Admit is spread over them, each Complete
+    goes to the pod that granted the lease, which a ClusterIP Service cannot do."""
+    problems: list[str] = []
+    name = ORCHESTRATOR.k8s_object
+    svc = require(mesh.get("Service", name), f"Service {name}")
+    if svc["spec"].get("clusterIP") != "None":
+        problems.append(f"{doc_id(svc)}: must be headless (gateways find every orchestrator pod)")
+    grpc = require(port_by_name(svc["spec"]["ports"], "grpc"), f"port grpc of {name}")
+    target = f"{service_host(name, mesh.namespace)}:{grpc['port']}"
+    pdbs = mesh.in_namespace("PodDisruptionBudget")
+    deps = component_deployments(mesh, ORCHESTRATOR)
+    if not deps:
+        problems.append(f"no {name} Deployment")
+    for dep in deps:
+        replicas = int(dep["spec"].get("replicas", 1))
+        if replicas < 2:
+            problems.append(f"{doc_id(dep)}: needs replicas >= 2 (has {replicas})")
+        tpl = dep["spec"]["template"]
+        labels = tpl["metadata"]["labels"]
+        if not labels_match(svc["spec"].get("selector", {}), labels):
+            problems.append(f"{doc_id(svc)}: must select the pods of {doc_id(dep)}")
+        terms = (
+            tpl["spec"]
+            .get("affinity", {})
+            .get("podAntiAffinity", {})
+            .get("requiredDuringSchedulingIgnoredDuringExecution", [])
+        )
+        if not any(
+            t.get("topologyKey") == "kubernetes.io/hostname"
+            and labels_match(t.get("labelSelector", {}).get("matchLabels", {}), labels)
+            for t in terms
+        ):
+            problems.append(
+                f"{doc_id(dep)}: needs required pod anti-affinity on kubernetes.io/hostname "
+                "against its own pods"
+            )
+        for pdb in pdbs:
+            if not labels_match(pdb["spec"]["selector"]["matchLabels"], labels):
+                continue
+            spec = pdb["spec"]
+            keeps = (
+                int(spec["minAvailable"])
+                if "minAvailable" in spec
+                else replicas - int(spec.get("maxUnavailable", replicas))
+            )
+            if keeps < 1:
+                problems.append(f"{doc_id(pdb)}: must keep at least one orchestrator available")
+    for dep in component_deployments(mesh, GATEWAY):
+        env = mesh.container_env(dep, mesh.main_container(dep))
+        if env.get("LLMMESH_GATEWAY_ORCHESTRATOR_DNS") != target:
+            problems.append(
+                f"{doc_id(dep)}: LLMMESH_GATEWAY_ORCHESTRATOR_DNS must be {target} "
+                f"(has {env.get('LLMMESH_GATEWAY_ORCHESTRATOR_DNS')})"
+            )
+        if "LLMMESH_GATEWAY_ORCHESTRATOR_ADDRESSES" in env:
+            problems.append(
+                f"{doc_id(dep)}: LLMMESH_GATEWAY_ORCHESTRATOR_ADDRESSES names orchestrators past "
+                "DNS; use ORCHESTRATOR_DNS"
+            )
     return problems
