@@ -67,6 +67,7 @@ from services.gateway.generation import (
 )
 from services.gateway.models import ServedModel
 from services.gateway.readiness import Readiness, ReadinessCheck
+from services.gateway.replica_watch import ReplicaWatch
 from services.gateway.resume import Key, ResumeBackend, ResumeStore
 from services.gateway.resume_redis import RedisResumeStore
 from services.gateway.settings import GatewaySettings
@@ -154,6 +155,7 @@ class GatewayCore:
             if settings.resume_redis_url is None
             else RedisResumeStore.from_settings(settings)
         )
+        self._watch = ReplicaWatch()
         self._readiness = ReadinessCheck(
             admission, [m.name for m in models], settings.readiness_timeout_s
         )
@@ -577,25 +579,38 @@ class GatewayCore:
                     metadata=inject_trace_metadata([]),
                 )
                 async with contextlib.aclosing(chunks):
-                    while True:
-                        try:
-                            if stall is not None and state.completion_tokens:
-                                async with asyncio.timeout(stall):
+                    with self._watch.attempt(replica.id) as wait:
+                        while True:
+                            limit = stall if state.completion_tokens else None
+                            try:
+                                async with asyncio.timeout(limit) as wait.timeout:
+                                    if wait.tripped is not None:  # tripped between reads
+                                        wait.timeout.reschedule(0)
                                     chunk = await anext(chunks)
-                            else:
-                                chunk = await anext(chunks)
-                        except StopAsyncIteration:
-                            break
-                        except TimeoutError:
-                            raise TritonStreamError(
-                                f"no token within the stall timeout ({stall:g} s)",
-                                replica_fault=True,
-                            ) from None
-                        delta = state.push(chunk)
-                        if delta is not None:
-                            yield delta
-                        if state.finish is not None or chunk.final:
-                            break
+                            except StopAsyncIteration:
+                                break
+                            except TimeoutError:
+                                if wait.tripped is not None:
+                                    raise TritonStreamError(
+                                        "another stream saw this replica fail "
+                                        f"({wait.tripped.reason})",
+                                        wait.tripped,
+                                    ) from None
+                                raise TritonStreamError(
+                                    f"no token within the stall timeout ({stall:g} s)",
+                                    replica_fault=True,
+                                ) from None
+                            except TritonStreamError as err:
+                                if err.fault.replica_wide:
+                                    self._watch.trip(replica.id, err.fault, source=wait)
+                                raise
+                            finally:
+                                wait.timeout = None
+                            delta = state.push(chunk)
+                            if delta is not None:
+                                yield delta
+                            if state.finish is not None or chunk.final:
+                                break
                 tail = state.end()
                 if tail is not None:
                     yield tail

@@ -47,6 +47,16 @@ class Fault:
     def replica_fault(self) -> bool:
         return self.kind is FaultKind.REPLICA
 
+    @property
+    def replica_wide(self) -> bool:
+        """The whole replica cannot serve (not just this stream): every other stream on it is
+        waiting for tokens that will not come, and should move on now."""
+        return self.kind is FaultKind.REPLICA and self.reason in _REPLICA_WIDE
+
+
+_REPLICA_WIDE = frozenset(
+    {FaultReason.BACKEND_DEAD, FaultReason.MODEL_UNAVAILABLE, FaultReason.ENGINE_STOPPING}
+)
 
 # Status codes of a failed ModelStreamInfer call (CANCELLED and DEADLINE_EXCEEDED are ours and
 # never get here). Any code not listed is a request error (INVALID_ARGUMENT, NOT_FOUND, ...).

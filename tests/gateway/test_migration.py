@@ -21,6 +21,7 @@ from services.gateway.core import (
     Sampling,
 )
 from services.gateway.errors import NoReplica, ReplicaFailed
+from services.gateway.faults import classify_message
 from services.gateway.models import ServedModel
 from services.gateway.settings import GatewaySettings, ModelSettings
 from services.gateway.triton_stream import EngineChunk, TritonStreamError
@@ -291,3 +292,61 @@ async def test_resume_store_across_a_migration(model: ServedModel) -> None:
         assert deltas(rest)[0].offset == offset
         assert rest[-1] == whole[-1]
     assert len(engine.requests) == 2  # nothing generated again
+
+
+class SharedReplicaAdmission(FakeAdmission):
+    """The first two leases are on the same replica (r1); later ones on r3, r4, ..."""
+
+    async def admit(self, request: Any, *, timeout_s: float) -> Any:
+        lease = await super().admit(request, timeout_s=timeout_s)
+        if len(self.admits) == 2:
+            lease = dataclasses.replace(lease, replica=dataclasses.replace(lease.replica, id="r1"))
+        return lease
+
+
+async def test_a_dead_backend_seen_by_one_stream_moves_the_others_on_at_once(
+    model: ServedModel,
+) -> None:
+    """Streams already running on a replica whose backend stub died get no error, only silence.
+    When a new stream on that replica is told the stub is dead, the waiting ones migrate at once
+    (stall timeout off here: without the trip, the first request would wait out its deadline)."""
+    a, b, x = model.encode(" alpha beta gamma")[:3]
+    dead = classify_message("Stub process 'tensorrt_llm_0_0' is not healthy.")
+    assert dead.replica_wide
+    engine = FakeEngine(
+        [
+            [chunk(a), Hang()],  # request 1 on r1: one token, then silence
+            [TritonStreamError("Stub process 'tensorrt_llm_0_0' is not healthy.", dead)],
+            [chunk(x), chunk(final=True)],  # request 2, retried before its first token
+            [chunk(b), chunk(final=True)],  # request 1's continuation
+        ]
+    )
+    orch = SharedReplicaAdmission()
+    core = GatewayCore(
+        GatewaySettings(models=[model.settings], stall_timeout_s=0),
+        [model],
+        orch,
+        engine,
+        32,
+    )
+    first = core.generate(
+        GenerationRequest(
+            model=MODEL, request_id="one", prompt_ids=PROMPT, sampling=Sampling(max_tokens=2)
+        ),
+        10.0,
+    )
+    head = await anext(first)
+    assert isinstance(head, Delta)
+    assert head.token_ids == [a]
+    second = await collect(
+        core,
+        GenerationRequest(
+            model=MODEL, request_id="two", prompt_ids=PROMPT, sampling=Sampling(max_tokens=1)
+        ),
+    )
+    rest = [ev async for ev in first]
+    assert [t for d in deltas([head, *rest]) for t in d.token_ids] == [a, b]
+    assert [t for d in deltas(second) for t in d.token_ids] == [x]
+    (tripped,) = [r for r in orch.reports if r.lease_id == "lease-1"]
+    assert tripped.outcome is Outcome.REPLICA_ERROR
+    assert "another stream saw this replica fail (backend_dead)" in tripped.error
