@@ -14,6 +14,15 @@ The backoff policy (`RestartPolicy`, applied by `Backoff`):
   `reset_after_s` (a crash loop), and the supervisor gives up on it: logged as an error and kept
   in `given_up`, the unit stays down.
 
+Liveness (as a kubelet's livenessProbe): a unit watched with a `Liveness` is probed every
+`period_s` from the moment it is watched, i.e. once it was ready (`watch()` takes a running,
+ready unit and `restart()` returns once it is ready again: a unit still starting is never probed,
+like a startupProbe); only `failure_threshold` failed probes in a row count, a success resets
+them. Then the supervisor kills the unit (`Liveness.kill`) and restarts it as any other exit,
+with the backoff; the restart's reason ("liveness probe failed N times: <last error>") is logged
+and kept in its `RestartEvent`. The check bounds its own duration (its timeout): the supervisor
+does not time it, so a slow but successful check of a busy unit is a success.
+
 Exits the supervisor caused itself do not count: `close()` (before a graceful shutdown) stops
 every watch first. Clock and sleep are injected, so the policy is tested on a virtual clock.
 """
@@ -78,24 +87,42 @@ class Backoff:
         return min(p.initial_backoff_s * p.multiplier ** (self.failures - 1), p.max_backoff_s)
 
 
+@dataclass(frozen=True)
+class Liveness:
+    """A unit's liveness probe (see the module docstring). `alive()` returns True when the unit
+    is alive; False or an exception (its message is the error logged) is a failed probe; it must
+    bound its own duration. `kill()` ends the unit, so that its `wait()` returns."""
+
+    alive: Callable[[], Awaitable[bool]]
+    kill: Callable[[], Awaitable[None]]
+    period_s: float
+    failure_threshold: int
+
+    def __post_init__(self) -> None:
+        if self.period_s <= 0 or self.failure_threshold < 1:
+            raise ValueError("need period_s > 0 and failure_threshold >= 1")
+
+
 @dataclass
 class _Unit:
     name: str
     wait: Callable[[], Awaitable[int | None]]
     restart: Callable[[], Awaitable[None]]
     backoff: Backoff
+    liveness: Liveness | None = None
     task: asyncio.Task[None] | None = None
     restarts: int = 0
 
 
 @dataclass
 class RestartEvent:
-    """One completed restart: the unit, its exit status, and how long it was down (exit seen
-    to ready again)."""
+    """One completed restart: the unit, its exit status, how long it was down (exit seen, or
+    liveness kill, to ready again), and why the supervisor killed it (None: it exited)."""
 
     name: str
     exit_code: int | None
     down_s: float
+    reason: str | None = None
 
 
 @dataclass
@@ -115,15 +142,17 @@ class Supervisor:
         name: str,
         wait: Callable[[], Awaitable[int | None]],
         restart: Callable[[], Awaitable[None]],
+        liveness: Liveness | None = None,
     ) -> None:
-        """Supervise a running unit from now on (a unit of that name is replaced); nothing once
-        the supervisor is halted (the mesh is stopping)."""
+        """Supervise a running, ready unit from now on (a unit of that name is replaced), and
+        probe its liveness if given; nothing once the supervisor is halted (the mesh is
+        stopping)."""
         if self._closed:
             return
         old = self._units.pop(name, None)
         if old is not None and old.task is not None:
             old.task.cancel()
-        unit = _Unit(name, wait, restart, Backoff(self.policy, self.clock))
+        unit = _Unit(name, wait, restart, Backoff(self.policy, self.clock), liveness)
         unit.task = asyncio.get_running_loop().create_task(
             self._run(unit), name=f"supervise {name}"
         )
@@ -154,17 +183,18 @@ class Supervisor:
     async def _run(self, unit: _Unit) -> None:
         while True:
             try:
-                code = await unit.wait()
+                code, reason = await self._wait_or_kill(unit)
             except Exception as exc:  # nothing to watch (never started): a bug, not a crash
                 self.given_up[unit.name] = f"cannot watch it: {exc!r}"
                 log.error("cannot watch %s: %r", unit.name, exc, extra={"child": unit.name})
                 return
             down_at = self.clock()
             log.warning(
-                "%s exited (status %s); restarting it",
+                "%s %s (status %s); restarting it",
                 unit.name,
+                "exited" if reason is None else f"killed: {reason}",
                 code,
-                extra={"child": unit.name, "exit_code": code},
+                extra={"child": unit.name, "exit_code": code, "reason": reason},
             )
             while True:
                 delay = unit.backoff.failed()
@@ -198,7 +228,7 @@ class Supervisor:
                 break
             unit.backoff.started()
             unit.restarts += 1
-            event = RestartEvent(unit.name, code, self.clock() - down_at)
+            event = RestartEvent(unit.name, code, self.clock() - down_at, reason)
             self.history.append(event)
             log.warning(
                 "%s restarted and ready again (restart %d, down %.2f s)",
@@ -207,3 +237,70 @@ class Supervisor:
                 event.down_s,
                 extra={"child": unit.name, "restarts": unit.restarts, "down_s": event.down_s},
             )
+
+    async def _wait_or_kill(self, unit: _Unit) -> tuple[int | None, str | None]:
+        """Until the unit exits: (its exit status, None), or, once its liveness probe failed
+        `failure_threshold` times in a row and the supervisor killed it, (its exit status, why)."""
+        if unit.liveness is None:
+            return await unit.wait(), None
+        waiting = asyncio.ensure_future(unit.wait())
+        probing = asyncio.get_running_loop().create_task(
+            self._probe(unit, unit.liveness), name=f"probe {unit.name}"
+        )
+        try:
+            await asyncio.wait({waiting, probing}, return_when=asyncio.FIRST_COMPLETED)
+            if waiting.done():
+                return waiting.result(), None
+            reason = probing.result()
+            log.warning(
+                "%s: %s; killing it",
+                unit.name,
+                reason,
+                extra={"child": unit.name, "reason": reason},
+            )
+            try:
+                await unit.liveness.kill()
+            except Exception as exc:  # it may have exited meanwhile: wait() tells
+                log.warning("killing %s failed: %r", unit.name, exc, extra={"child": unit.name})
+            return await waiting, reason
+        finally:
+            for t in (waiting, probing):
+                t.cancel()
+            await asyncio.gather(waiting, probing, return_exceptions=True)
+
+    async def _probe(self, unit: _Unit, lv: Liveness) -> str:
+        """Probe every `period_s` (the first one period after the unit was watched); return the
+        reason to kill it once `failure_threshold` probes in a row failed."""
+        failures = 0
+        next_at = self.clock() + lv.period_s
+        while True:
+            await self.sleep(max(0.0, next_at - self.clock()))
+            next_at = self.clock() + lv.period_s
+            try:
+                ok = await lv.alive()
+                error = "" if ok else "not alive"
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                ok, error = False, str(exc) or repr(exc)
+            if ok:
+                if failures:
+                    log.info(
+                        "%s: liveness probe succeeded again after %d failures",
+                        unit.name,
+                        failures,
+                        extra={"child": unit.name},
+                    )
+                failures = 0
+                continue
+            failures += 1
+            log.warning(
+                "%s: liveness probe failed (%d of %d in a row): %s",
+                unit.name,
+                failures,
+                lv.failure_threshold,
+                error,
+                extra={"child": unit.name, "error": error},
+            )
+            if failures >= lv.failure_threshold:
+                return f"liveness probe failed {failures} times: {error}"

@@ -1,13 +1,15 @@
 """The supervisor's restart policy on a virtual clock: backoff, its cap and reset, the crash-loop
-bound, failed restarts, and no restart after `close()`. No process is started here."""
+bound, failed restarts, no restart after `close()`, and liveness probes (consecutive failures
+kill and restart a unit; a unit is probed only once ready). No process is started here."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
-from llmmesh.supervisor import Backoff, RestartPolicy, Supervisor
+from llmmesh.supervisor import Backoff, Liveness, RestartPolicy, Supervisor
 
 POLICY = RestartPolicy(
     initial_backoff_s=1.0, multiplier=2.0, max_backoff_s=5.0, reset_after_s=60.0,
@@ -205,3 +207,154 @@ async def test_a_unit_that_cannot_be_watched_is_reported_not_restarted() -> None
     assert "not started" in sup.given_up["gateway"]
     assert restarted == []
     await sup.close()
+
+
+class Probed(Unit):
+    """A fake child with a liveness probe: each probe takes the next result the test feeds
+    (True, False, or an exception to raise), and records when it ran."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.results: asyncio.Queue[bool | Exception] = asyncio.Queue()
+        self.probed_at: list[float] = []
+        self.kills: list[float] = []
+        self.restart_gate: asyncio.Event | None = None
+
+    async def alive(self) -> bool:
+        self.probed_at.append(self._clock.now)
+        result = await self.results.get()
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def kill(self) -> None:
+        self.kills.append(self._clock.now)
+        self.crash(-9)
+
+    async def restart(self) -> None:
+        if self.restart_gate is not None:
+            await self.restart_gate.wait()
+        await super().restart()
+
+    def liveness(self, period_s: float = 15.0, threshold: int = 4) -> Liveness:
+        return Liveness(self.alive, self.kill, period_s, threshold)
+
+    async def feed(self, *results: bool | Exception) -> None:
+        for r in results:
+            self.results.put_nowait(r)
+            await settle()
+
+
+async def test_consecutive_liveness_failures_kill_and_restart_the_unit(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    start = clock.now
+    sup = Supervisor(POLICY, clock=clock, sleep=clock.sleep)
+    unit = Probed(clock)
+    sup.watch("replica-0", unit.wait, unit.restart, unit.liveness())
+    with caplog.at_level(logging.INFO, logger="llmmesh.supervisor"):
+        await settle()
+        await unit.feed(True, True)
+        stub_dead = RuntimeError("HTTP 400: Stub process 'tensorrt_llm_0_0' is not healthy.")
+        await unit.feed(stub_dead, stub_dead, stub_dead)
+        assert unit.kills == []  # three in a row: not yet
+        await unit.feed(stub_dead)
+    # Every period_s, the first one a period after it was watched (ready).
+    assert unit.probed_at[:6] == [start + 15.0 * i for i in range(1, 7)]
+    assert unit.kills == [start + 90.0]
+    assert sup.restarts("replica-0") == 1  # with the backoff
+    assert clock.sleeps[6] == 1.0
+    event = sup.history[0]
+    assert event.exit_code == -9
+    assert event.reason == f"liveness probe failed 4 times: {stub_dead}"
+    assert f"killed: liveness probe failed 4 times: {stub_dead}" in caplog.text
+    # The restarted unit is probed afresh, a period after it was ready again.
+    await unit.feed(False, False, False)
+    assert unit.kills == [start + 90.0]
+    assert unit.probed_at[6:] == [start + 91.0 + 15.0 * i for i in range(1, 5)]
+    await sup.close()
+
+
+async def test_only_consecutive_failures_count() -> None:
+    clock = Clock()
+    sup = Supervisor(POLICY, clock=clock, sleep=clock.sleep)
+    unit = Probed(clock)
+    sup.watch("replica-0", unit.wait, unit.restart, unit.liveness(threshold=3))
+    await settle()
+    for _ in range(5):
+        await unit.feed(False, TimeoutError("timed out"), True)
+    assert unit.kills == []
+    assert sup.restarts("replica-0") == 0
+    await unit.feed(False, False, False)
+    assert len(unit.kills) == 1
+    await sup.close()
+
+
+async def test_a_slow_successful_probe_is_a_success() -> None:
+    """A busy unit answers its probe late (the check bounds its own duration): not killed."""
+    clock = Clock()
+    sup = Supervisor(POLICY, clock=clock, sleep=clock.sleep)
+    unit = Probed(clock)
+    sup.watch("replica-0", unit.wait, unit.restart, unit.liveness(threshold=1))
+    await settle()
+    for _ in range(3):
+        clock.now += 40.0  # longer than the period
+        await unit.feed(True)
+    assert unit.kills == []
+    # The next probe is a period after the last one started, not one per missed period.
+    assert len(unit.probed_at) == 4
+    await sup.close()
+
+
+async def test_a_unit_still_restarting_is_not_probed() -> None:
+    clock = Clock()
+    sup = Supervisor(POLICY, clock=clock, sleep=clock.sleep)
+    unit = Probed(clock)
+    sup.watch("replica-0", unit.wait, unit.restart, unit.liveness(threshold=2))
+    await settle()
+    await unit.feed(False)  # one failure, then the unit exits by itself
+    unit.restart_gate = asyncio.Event()
+    unit.crash(1)
+    await settle()
+    probes = len(unit.probed_at)
+    for _ in range(10):
+        await settle()
+    assert len(unit.probed_at) == probes  # starting: not probed
+    assert unit.kills == []
+    unit.restart_gate.set()
+    await settle()
+    assert sup.restarts("replica-0") == 1
+    assert sup.history[0].reason is None  # it exited, nobody killed it
+    # Ready again: probed, and the failure before the restart does not count.
+    await unit.feed(False)
+    assert unit.kills == []
+    await unit.feed(False)
+    assert len(unit.kills) == 1
+    await sup.close()
+
+
+async def test_close_stops_the_probes() -> None:
+    clock = Clock()
+    sup = Supervisor(POLICY, clock=clock, sleep=clock.sleep)
+    unit = Probed(clock)
+    sup.watch("replica-0", unit.wait, unit.restart, unit.liveness(threshold=1))
+    await settle()
+    assert len(unit.probed_at) == 1  # waiting for its result
+    await sup.close()
+    await unit.feed(False, False)
+    assert unit.kills == []
+    assert unit.starts == []
+
+
+def test_liveness_rejects_nonsense() -> None:
+    async def alive() -> bool:
+        return True
+
+    async def kill() -> None:
+        pass
+
+    with pytest.raises(ValueError, match="need"):
+        Liveness(alive, kill, 0.0, 1)
+    with pytest.raises(ValueError, match="need"):
+        Liveness(alive, kill, 1.0, 0)
