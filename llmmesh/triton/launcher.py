@@ -58,7 +58,12 @@ from types import TracebackType
 from typing import IO, Self
 
 from llmmesh.common.process import tied_to_parent, wait_for_exit
-from llmmesh.common.topology import TRITON_GRPC_PORT, TRITON_HTTP_PORT, TRITON_METRICS_PORT
+from llmmesh.common.topology import (
+    TRITON_GRPC_PORT,
+    TRITON_HTTP_PORT,
+    TRITON_METRICS_PORT,
+    TRITON_MODEL,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _POLL_INTERVAL_S = 0.1
@@ -66,6 +71,28 @@ SHM_DIR = Path("/dev/shm")
 _SHM_PREFIX = "llmmesh_triton_"
 _SHM_OWNER = re.compile(rf"^{_SHM_PREFIX}(\d+)_")
 _server_numbers = itertools.count()
+
+
+@dataclass(frozen=True)
+class LivenessProbe:
+    """A Triton replica's liveness probe: POST one token through the model (Triton 2.51 keeps
+    answering its health and model-ready routes with 200 after the model's backend stub died).
+    The defaults are the Kubernetes pool's livenessProbe (mesh/base/triton/pool/triton-pool.yaml;
+    meshcheck's workloads rule checks the manifest against `TRITON_LIVENESS`), which the local
+    mesh's supervisor applies too. `request_timeout_s` is the request's own timeout inside the
+    probe, `timeout_s` the probe's (kubelet's timeoutSeconds): generous, so a saturated but healthy
+    engine (the probe waits for a batch slot) is not restarted."""
+
+    period_s: float = 15.0
+    timeout_s: float = 10.0
+    request_timeout_s: float = 9.0
+    failure_threshold: int = 4
+
+
+TRITON_LIVENESS = LivenessProbe()
+# The probe's request (also the pool's readinessProbe's).
+GENERATE_PROBE_PATH = f"/v2/models/{TRITON_MODEL}/generate"
+GENERATE_PROBE_BODY = b'{"input_ids":[1],"input_lengths":1,"request_output_len":1}'
 
 # The group watchdog (argv: the process group to guard, the launcher's pid). Its parent-death
 # signal is SIGURG (set by `setpriv` before exec), whose default action is to be ignored: one that
@@ -311,6 +338,33 @@ class TritonServer:
                 return bool(r.status == 200)
         except (urllib.error.URLError, OSError):
             return False
+
+    async def generate_probe(self, probe: LivenessProbe = TRITON_LIVENESS) -> bool:
+        """One liveness probe: POST `GENERATE_PROBE_BODY` to the model's generate route, as the
+        pool's exec probe does. True on a 2xx answer; raises with the reason otherwise (HTTP
+        status and Triton's error, e.g. "Stub process 'tensorrt_llm_0_0' is not healthy.", a
+        timeout, a refused connection)."""
+        import aiohttp  # here: the launcher's CLI and watchdog do without it
+
+        timeout = aiohttp.ClientTimeout(total=min(probe.request_timeout_s, probe.timeout_s))
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.post(
+                    f"{self.http_url}{GENERATE_PROBE_PATH}",
+                    data=GENERATE_PROBE_BODY,
+                    headers={"Content-Type": "application/json"},
+                ) as r,
+            ):
+                if 200 <= r.status < 300:
+                    await r.read()
+                    return True
+                body = (await r.text()).strip()
+                raise RuntimeError(f"HTTP {r.status}: {body[:500]}")
+        except TimeoutError as exc:
+            raise RuntimeError(f"no answer within {timeout.total:g} s") from exc
+        except aiohttp.ClientError as exc:
+            raise RuntimeError(f"{type(exc).__name__}: {exc}") from exc
 
     def _timeout_error(self, ready_timeout_s: float) -> TritonStartError:
         return TritonStartError(

@@ -301,3 +301,25 @@ def test_a_gateway_that_knows_one_orchestrator_address_is_caught(
             del data["LLMMESH_GATEWAY_ORCHESTRATOR_DNS"]
     problems = "\n".join(workloads.check_orchestrator_replicas(mesh))
     assert "llmmesh-gateway-v1 (apps/v1): LLMMESH_GATEWAY_ORCHESTRATOR_DNS must be" in problems
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("periodSeconds", 30), ("timeoutSeconds", 2), ("failureThreshold", 1), ("timeout", 3)],
+)
+def test_a_triton_liveness_probe_other_than_the_local_meshs_is_caught(
+    rendered: dict[str, list[Doc]], field: str, value: int
+) -> None:
+    """The pool's livenessProbe and the local mesh's (llmmesh.triton.launcher.TRITON_LIVENESS)
+    are one probe: a drift of either is a finding."""
+    mesh = mesh_of(rendered, "prod")
+    dep = doc(mesh, "Deployment", "triton-llama3-8b-v1-short")
+    live = mesh.main_container(dep)["livenessProbe"]
+    if field == "timeout":  # the request's own timeout inside the exec probe
+        live["exec"]["command"] = [
+            part.replace("timeout=9)", f"timeout={value})") for part in live["exec"]["command"]
+        ]
+    else:
+        live[field] = value
+    problems = "\n".join(workloads.check_workloads(mesh))
+    assert "triton-llama3-8b-v1-short (apps/v1): livenessProbe must be llmmesh.triton" in problems

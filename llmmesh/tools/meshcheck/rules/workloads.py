@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from llmmesh.common.components import GATEWAY, KV_REGISTRY, ORCHESTRATOR
-from llmmesh.common.topology import TRITON_MODEL
 from llmmesh.tools.meshcheck.common import REPO, doc_id, go_duration_ms, require
 from llmmesh.tools.meshcheck.index import Mesh, labels_match, service_host
 from llmmesh.tools.meshcheck.rules.helpers import (
@@ -20,6 +19,7 @@ from llmmesh.tools.meshcheck.rules.helpers import (
     port_by_name,
     triton_deployments,
 )
+from llmmesh.triton.launcher import GENERATE_PROBE_BODY, GENERATE_PROBE_PATH, TRITON_LIVENESS
 
 
 def check_replica_discovery(mesh: Mesh) -> list[str]:
@@ -277,14 +277,31 @@ def check_workloads(mesh: Mesh) -> list[str]:
                 )
             # Triton 2.51 answers its health and model-ready routes with 200 while the model's
             # backend is dead: readiness and liveness must run a request through the model.
-            generate = f"127.0.0.1:{TRITON_PORTS['http']}/v2/models/{TRITON_MODEL}/generate"
+            generate = f"127.0.0.1:{TRITON_PORTS['http']}{GENERATE_PROBE_PATH}"
+            body = GENERATE_PROBE_BODY.decode()
             for probe in ("readinessProbe", "livenessProbe"):
                 command = " ".join(c.get(probe, {}).get("exec", {}).get("command", []))
-                if generate not in command:
+                if generate not in command or body not in command:
                     problems.append(
                         f"{where}: {probe} must run a request through the model "
-                        f"(exec, POST http://{generate})"
+                        f"(exec, POST http://{generate} {body})"
                     )
+            # The local mesh's supervisor probes its replicas with the same numbers
+            # (llmmesh.triton.launcher.TRITON_LIVENESS): one home for them.
+            live = c.get("livenessProbe", {})
+            want = {
+                "periodSeconds": TRITON_LIVENESS.period_s,
+                "timeoutSeconds": TRITON_LIVENESS.timeout_s,
+                "failureThreshold": TRITON_LIVENESS.failure_threshold,
+            }
+            got = {k: float(live.get(k, -1)) for k in want}
+            command = " ".join(live.get("exec", {}).get("command", []))
+            if got != want or f"timeout={TRITON_LIVENESS.request_timeout_s:g})" not in command:
+                problems.append(
+                    f"{where}: livenessProbe must be llmmesh.triton.launcher.TRITON_LIVENESS "
+                    f"({', '.join(f'{k} {v:g}' for k, v in want.items())}, request "
+                    f"timeout={TRITON_LIVENESS.request_timeout_s:g}), which the local mesh uses"
+                )
             startup = c.get("startupProbe", {})
             if (
                 int(startup.get("periodSeconds", 10)) * int(startup.get("failureThreshold", 3))
