@@ -14,8 +14,11 @@ the event loop's thread); `stop()` (and SIGTERM/SIGINT of `python -m llmmesh.loc
 them gracefully, front to back. While it runs, a `llmmesh.supervisor.Supervisor` restarts a child
 that exits (Triton replica, orchestrator, kv_registry, gateway, autoscaler) with backoff, on the
 ports it had, so its peers reconnect to the same address; a restarted Triton replica is back in
-the orchestrator's rotation once its readiness probe passes (server and models ready).
-`MeshOptions.supervise=False` leaves dead children dead (tests of the failure itself).
+the orchestrator's rotation once its readiness probe passes (server and models ready). Like the
+kubelet, it also probes each static Triton replica's liveness (one token through the model,
+`MeshOptions.triton_liveness`, the pool manifest's numbers by default) and kills and restarts a
+replica that failed it `failure_threshold` times in a row: one whose Python-backend stub died,
+which Triton keeps reporting ready. `MeshOptions.supervise=False` leaves dead children dead (tests of the failure itself).
 
 A launcher: it imports the services' settings classes and the orchestrator's policy model, which
 the shared library (llmmesh.common and the other library modules) never does; nothing in
@@ -53,8 +56,14 @@ from llmmesh.common.settings import (
 )
 from llmmesh.common.topology import DEFAULT_MODEL_VERSION, TRITON_MODEL
 from llmmesh.emulator.settings import EmulatorSettings
-from llmmesh.supervisor import RestartPolicy, Supervisor
-from llmmesh.triton.launcher import TritonPorts, TritonServer, start_on_free_ports
+from llmmesh.supervisor import Liveness, RestartPolicy, Supervisor
+from llmmesh.triton.launcher import (
+    TRITON_LIVENESS,
+    LivenessProbe,
+    TritonPorts,
+    TritonServer,
+    start_on_free_ports,
+)
 from services.autoscaler.actuators.local import LocalActuatorSettings, ManagedPool
 from services.autoscaler.policy import PolicyConfig
 from services.autoscaler.settings import AutoscalerSettings, PoolConfig, ScrapeTarget
@@ -286,6 +295,11 @@ class MeshOptions:
     # how (backoff, crash-loop bound).
     supervise: bool = True
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
+    # With `supervise`: each static replica's liveness probe, as the kubelet runs the pool's
+    # (one token through the model; the manifest's period, timeout and failure threshold by
+    # default): a replica whose backend stub died, which Triton still reports ready, is killed
+    # and restarted. None: no probe.
+    triton_liveness: LivenessProbe | None = TRITON_LIVENESS
 
 
 S = TypeVar("S", bound=BaseSettings)
@@ -468,8 +482,21 @@ class LocalMesh:
 
     def _supervise_replica(self, index: int) -> None:
         """Restart replica-`index` on its ports (the orchestrator's replica list and the
-        autoscaler's targets keep its address) when its tritonserver exits."""
+        autoscaler's targets keep its address) when its tritonserver exits, or when it failed its
+        liveness probe `failure_threshold` times in a row (then its whole process group is
+        killed first)."""
         timeout = ENGINE_READY_TIMEOUT_S[self.replica_engine(index)]
+        probe = self.options.triton_liveness
+        liveness = None
+        if probe is not None:
+
+            async def alive() -> bool:
+                return await self.tritons[index].generate_probe(probe)
+
+            async def kill() -> None:
+                self.tritons[index].kill()
+
+            liveness = Liveness(alive, kill, probe.period_s, probe.failure_threshold)
 
         async def wait() -> int:
             return await self.tritons[index].wait()
@@ -479,7 +506,7 @@ class LocalMesh:
             self.tritons[index] = server
             await server.start(ready_timeout_s=timeout)
 
-        self.supervisor.watch(self.replica_ids[index], wait, restart)
+        self.supervisor.watch(self.replica_ids[index], wait, restart, liveness)
 
     def _scale_from_zero_policy(self, pools: Sequence[AutoscaledPool]) -> Path:
         """The orchestrator's policy file declaring the autoscaled pools scale-from-zero."""
