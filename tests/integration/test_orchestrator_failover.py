@@ -63,6 +63,9 @@ async def generate(mesh: Mesh) -> str:
     return "ok" if tokens == MAX_TOKENS else f"short: {tokens}"
 
 
+CLIENTS = 16
+
+
 def gateway_metric(mesh: Mesh, name: str) -> float:
     return metric(mesh.mesh.services["gateway"].metrics_url, name)
 
@@ -78,8 +81,8 @@ async def test_kill_one_of_two_orchestrators_under_load_fails_no_request(ha: Mes
     async def at_least(n: int) -> bool:
         return len(results) >= n
 
-    failovers_before = gateway_metric(ha, names.GATEWAY_ADMIT_FAILOVERS)
-    clients = [asyncio.create_task(client()) for _ in range(16)]
+    survivor = ha.mesh.services["orchestrator"].metrics_url
+    clients = [asyncio.create_task(client()) for _ in range(CLIENTS)]
     try:
         await eventually(lambda: at_least(32), timeout_s=60, what="load running")
         victim = ha.mesh.services["orchestrator-1"]
@@ -87,6 +90,7 @@ async def test_kill_one_of_two_orchestrators_under_load_fails_no_request(ha: Mes
         victim.proc.send_signal(signal.SIGKILL)
         assert await victim.wait() == -signal.SIGKILL
         at_kill = len(results)
+        granted_at_kill = metric(survivor, names.ORCH_DECISIONS)
         await eventually(lambda: at_least(at_kill + 96), timeout_s=90, what="load after kill")
     finally:
         stop.set()
@@ -94,7 +98,11 @@ async def test_kill_one_of_two_orchestrators_under_load_fails_no_request(ha: Mes
     outcomes = Counter(r if r == "ok" else r.split(":")[0] for r in results)
     print(f"one of two orchestrators killed: {len(results)} requests, {dict(outcomes)}")
     assert outcomes == {"ok": len(results)}, [r for r in results if r != "ok"][:5]
-    assert gateway_metric(ha, names.GATEWAY_ADMIT_FAILOVERS) > failovers_before
+    # Every request admitted after the kill went to the survivor (at most CLIENTS of those
+    # finished after the kill were admitted before it). Whether the gateway learned of the death
+    # from a failed Admit (a counted failover) or from its view refresh is a race, not asserted.
+    granted = metric(survivor, names.ORCH_DECISIONS) - granted_at_kill
+    assert granted >= len(results) - at_kill - CLIENTS
     assert gateway_metric(ha, names.GATEWAY_DEGRADED) == 0
     await victim.restart()
 
