@@ -36,18 +36,16 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from llmmesh.common.errors import ServiceError
-from llmmesh.common.telemetry import inject_trace_metadata
-from llmmesh.common.topology import Priority
 from services.gateway import metrics
-from services.gateway.admission import AdmissionClient, AdmissionRequest, Lease, Outcome
+from services.gateway.admission import AdmissionClient, Lease
+from services.gateway.attempts import Attempts, Validated
 from services.gateway.auth import Authenticator, Tenant
 from services.gateway.chat_template import ChatTemplateError
 from services.gateway.errors import (
@@ -55,7 +53,6 @@ from services.gateway.errors import (
     InvalidRequest,
     ModelNotFound,
     RateLimited,
-    ReplicaFailed,
 )
 from services.gateway.events import Completion, Delta, Event, FinishReason
 from services.gateway.generation import (
@@ -67,16 +64,12 @@ from services.gateway.generation import (
 )
 from services.gateway.models import ServedModel
 from services.gateway.readiness import Readiness, ReadinessCheck
-from services.gateway.replica_watch import ReplicaWatch
 from services.gateway.resume import Key, ResumeBackend, ResumeStore
 from services.gateway.resume_redis import RedisResumeStore
 from services.gateway.settings import GatewaySettings
 from services.gateway.stream_state import Progress, StreamState
 from services.gateway.triton_stream import (
-    EngineCallStopped,
     EngineClient,
-    EngineRequest,
-    TritonStreamError,
 )
 from services.gateway.usage import UsageRecord
 
@@ -97,34 +90,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("llmmesh.gateway")
 
-# `llmmesh_gateway_migrations_total{phase}`
-_BEFORE_FIRST_TOKEN = "before_first_token"
-_MID_STREAM = "mid_stream"
-
 
 class UsageSink(Protocol):
     def submit(self, record: UsageRecord) -> None: ...
-
-
-class _AttemptFailed(Exception):
-    """One attempt's replica failed; `error` is what the client gets if it is not retried."""
-
-    def __init__(self, error: ReplicaFailed, *, replica_fault: bool):
-        super().__init__(str(error))
-        self.error = error
-        self.replica_fault = replica_fault
-
-
-@dataclass(frozen=True, slots=True)
-class _Validated:
-    model: ServedModel
-    prompt_ids: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    stop: tuple[str, ...]
-    seed: int | None
 
 
 class GatewayCore:
@@ -144,7 +112,6 @@ class GatewayCore:
         self._block_size = block_size
         self._models = {m.name: m for m in models}
         self._admission = admission
-        self._triton = triton
         self._resume: ResumeBackend = (
             ResumeStore(
                 retention_s=settings.resume_retention_s,
@@ -155,7 +122,7 @@ class GatewayCore:
             if settings.resume_redis_url is None
             else RedisResumeStore.from_settings(settings)
         )
-        self._watch = ReplicaWatch()
+        self._attempts = Attempts(settings, admission, triton)
         self._readiness = ReadinessCheck(
             admission, [m.name for m in models], settings.readiness_timeout_s
         )
@@ -185,7 +152,7 @@ class GatewayCore:
         if not request_id.isprintable():
             raise InvalidRequest("must be printable characters", field="request_id")
 
-    def validate(self, req: GenerationRequest) -> _Validated:
+    def validate(self, req: GenerationRequest) -> Validated:
         s = self._settings
         self._check_request_id(req.request_id)
         model = self._models.get(req.model)
@@ -256,7 +223,7 @@ class GatewayCore:
             raise InvalidRequest("stop strings must be non-empty", field="sampling.stop")
         if sp.seed is not None and not 0 <= sp.seed < 2**64:
             raise InvalidRequest("must fit in 64 unsigned bits", field="sampling.seed")
-        return _Validated(model, ids, max_tokens, temperature, top_p, top_k, sp.stop, sp.seed)
+        return Validated(model, ids, max_tokens, temperature, top_p, top_k, sp.stop, sp.seed)
 
     def _render_chat(self, model: ServedModel, messages: Sequence[ChatMessage]) -> str:
         if model.chat_template is None:
@@ -394,7 +361,7 @@ class GatewayCore:
                     if state.finish is not None:  # its last delta was written, not its summary
                         yield state.completion(0.0, progress.replica)
                     else:
-                        async for ev in self._attempts(req, v, state, deadline, span, leases):
+                        async for ev in self._attempts.run(req, v, state, deadline, span, leases):
                             yield ev
                 except ServiceError:
                     if limits is not None and not leases:
@@ -437,218 +404,6 @@ class GatewayCore:
                     replica=progress.replica,
                 )
             )
-
-    async def _attempts(
-        self,
-        req: GenerationRequest,
-        v: _Validated,
-        state: StreamState,
-        deadline: float,
-        span: trace.Span,
-        leases: list[Lease],
-    ) -> AsyncIterator[Event]:
-        """The request's attempts: admit, stream, and on a replica failure admit again elsewhere
-        and continue (module docstring: request migration). Every granted lease is appended to
-        `leases`."""
-        s = self._settings
-        excluded: set[str] = set()
-        retries = migrations = 0
-        failed: _AttemptFailed | None = None  # the last attempt's failure, being recovered from
-        phase = ""
-        while True:
-            try:
-                lease = await self._admit(req, v, state, deadline, excluded)
-            except ServiceError as err:
-                if failed is None:
-                    raise
-                metrics.record_migration(phase, "admission_failed")
-                log.warning(
-                    "no replica to continue on",
-                    extra={"request_id": req.request_id, "phase": phase, "error": str(err)},
-                )
-                if phase == _BEFORE_FIRST_TOKEN:
-                    raise  # as if it were the first admission: nothing was sent yet
-                raise ReplicaFailed(
-                    f"{failed.error}; no other replica could continue it: {err}"
-                ) from err
-            if failed is not None:
-                metrics.record_migration(phase, "migrated")
-                log.warning(
-                    "request migrated",
-                    extra={
-                        "request_id": req.request_id,
-                        "phase": phase,
-                        "replica": lease.replica.id,
-                        "tokens": state.completion_tokens,
-                    },
-                )
-                span.add_event(
-                    "migration.admitted",
-                    {"llmmesh.replica": lease.replica.id, "llmmesh.phase": phase},
-                )
-            leases.append(lease)
-            span.set_attribute("llmmesh.replica", lease.replica.id)
-            try:
-                async for ev in self._stream(req, v, lease, state, deadline, leases):
-                    yield ev
-                return
-            except _AttemptFailed as err:
-                failed = err
-                if state.completion_tokens == 0:
-                    # Nothing reached the client yet: any engine failure is retried elsewhere.
-                    phase, allowed = _BEFORE_FIRST_TOKEN, retries < s.retries_before_first_token
-                    retries += 1
-                else:
-                    if not err.replica_fault:
-                        raise err.error from err.__cause__
-                    phase, allowed = _MID_STREAM, migrations < s.max_migrations
-                    migrations += 1
-                if err.replica_fault:
-                    excluded.add(lease.replica.id)
-                span.add_event(
-                    "migration",
-                    {
-                        "llmmesh.replica": lease.replica.id,
-                        "llmmesh.phase": phase,
-                        "llmmesh.tokens": state.completion_tokens,
-                        "llmmesh.error": str(err.error),
-                        "llmmesh.allowed": allowed,
-                    },
-                )
-                if not allowed:
-                    metrics.record_migration(phase, "limit_reached")
-                    raise err.error from err.__cause__
-                log.warning(
-                    "replica failed; admitting the request again elsewhere",
-                    extra={
-                        "request_id": req.request_id,
-                        "phase": phase,
-                        "replica": lease.replica.id,
-                        "tokens": state.completion_tokens,
-                        "error": str(err.error),
-                    },
-                )
-                state.begin_attempt(time.perf_counter())
-
-    async def _admit(
-        self,
-        req: GenerationRequest,
-        v: _Validated,
-        state: StreamState,
-        deadline: float,
-        excluded: set[str],
-    ) -> Lease:
-        return await self._admission.admit(
-            AdmissionRequest(
-                request_id=req.request_id,
-                model=v.model.settings.triton_model,
-                prompt_token_ids=state.continuation(v.prompt_ids),
-                max_tokens=state.remaining,
-                priority=Priority.BATCH if self._settings.shadow else req.priority,
-                tenant=req.tenant,
-                model_version=self._settings.model_version,
-                exclude_replicas=frozenset(excluded),
-            ),
-            timeout_s=deadline - time.perf_counter(),
-        )
-
-    async def _stream(
-        self,
-        req: GenerationRequest,
-        v: _Validated,
-        lease: Lease,
-        state: StreamState,
-        deadline: float,
-        leases: Sequence[Lease],
-    ) -> AsyncIterator[Event]:
-        """One attempt on the leased replica, continuing `state`; its lease is reported once,
-        however it ends. A replica failure is `_AttemptFailed`."""
-        replica = lease.replica
-        state.serve_on(replica.id)
-        stall = self._settings.stall_timeout_s or None
-        outcome = Outcome.REQUEST_ERROR
-        error = ""
-        try:
-            with _tracer.start_as_current_span("triton.stream", kind=SpanKind.CLIENT) as span:
-                span.set_attribute("llmmesh.replica", replica.id)
-                chunks = self._triton.stream(
-                    replica.grpc_address,
-                    replica.authority,
-                    self._engine_request(req, v, state),
-                    timeout_s=max(deadline - time.perf_counter(), 0.001),
-                    metadata=inject_trace_metadata([]),
-                )
-                async with contextlib.aclosing(chunks):
-                    with self._watch.attempt(replica.id) as wait:
-                        while True:
-                            limit = stall if state.completion_tokens else None
-                            try:
-                                async with asyncio.timeout(limit) as wait.timeout:
-                                    if wait.tripped is not None:  # tripped between reads
-                                        wait.timeout.reschedule(0)
-                                    chunk = await anext(chunks)
-                            except StopAsyncIteration:
-                                break
-                            except TimeoutError:
-                                if wait.tripped is not None:
-                                    raise TritonStreamError(
-                                        "another stream saw this replica fail "
-                                        f"({wait.tripped.reason})",
-                                        wait.tripped,
-                                    ) from None
-                                raise TritonStreamError(
-                                    f"no token within the stall timeout ({stall:g} s)",
-                                    replica_fault=True,
-                                ) from None
-                            except TritonStreamError as err:
-                                if err.fault.replica_wide:
-                                    self._watch.trip(replica.id, err.fault, source=wait)
-                                raise
-                            finally:
-                                wait.timeout = None
-                            delta = state.push(chunk)
-                            if delta is not None:
-                                yield delta
-                            if state.finish is not None or chunk.final:
-                                break
-                tail = state.end()
-                if tail is not None:
-                    yield tail
-            outcome = Outcome.SUCCESS
-        except TritonStreamError as err:
-            error = str(err)
-            outcome = Outcome.REPLICA_ERROR if err.replica_fault else Outcome.REQUEST_ERROR
-            raise _AttemptFailed(
-                ReplicaFailed(f"replica {replica.id} failed: {err}"),
-                replica_fault=err.replica_fault,
-            ) from err
-        except EngineCallStopped as err:
-            outcome = Outcome.CANCELLED
-            error = str(err.error)
-            raise err.error from err
-        except (asyncio.CancelledError, GeneratorExit):
-            outcome = Outcome.CANCELLED
-            raise
-        finally:
-            self._admission.complete(state.report(lease.lease_id, outcome, error))
-            state.end_attempt()
-        yield state.completion(sum(x.queue_ms for x in leases), replica.id)
-
-    @staticmethod
-    def _engine_request(req: GenerationRequest, v: _Validated, state: StreamState) -> EngineRequest:
-        """The attempt's engine request: a continuation's input is the prompt plus the tokens
-        generated so far, its max_tokens what remains."""
-        return EngineRequest(
-            request_id=req.request_id,
-            model=v.model.settings.triton_model,
-            input_ids=state.continuation(v.prompt_ids),
-            max_tokens=state.remaining,
-            end_id=v.model.end_id,
-            temperature=v.temperature,
-            top_p=v.top_p,
-            top_k=v.top_k,
-            seed=v.seed,
-        )
 
     async def close(self) -> None:
         """After the fronts drained: cancel keyed generations nobody follows any more (their
