@@ -64,7 +64,7 @@ from llmmesh.triton.launcher import (
     TritonServer,
     start_on_free_ports,
 )
-from services.autoscaler.actuators.local import LocalActuatorSettings, ManagedPool
+from services.autoscaler.actuators.local_settings import LocalActuatorSettings, ManagedPool
 from services.autoscaler.policy import PolicyConfig
 from services.autoscaler.settings import AutoscalerSettings, PoolConfig, ScrapeTarget
 from services.gateway.settings import GatewaySettings, ModelSettings

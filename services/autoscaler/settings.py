@@ -13,7 +13,7 @@ from llmmesh.common.topology import (
     TRITON_METRICS_PORT,
     PoolKey,
 )
-from services.autoscaler.actuators.local import LocalActuatorSettings
+from services.autoscaler.actuators.local_settings import LocalActuatorSettings
 from services.autoscaler.policy import PolicyConfig
 
 

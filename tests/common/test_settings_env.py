@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings
 from llmmesh.common.discovery import DnsTarget
 from llmmesh.common.settings import KvBlockSettings, env_prefix, split_env, to_env, with_env
 from llmmesh.emulator.settings import EmulatorSettings
-from services.autoscaler.actuators.local import LocalActuatorSettings, ManagedPool
+from services.autoscaler.actuators.local_settings import LocalActuatorSettings, ManagedPool
 from services.autoscaler.policy import CostConfig, PolicyConfig
 from services.autoscaler.settings import AutoscalerSettings, PoolConfig, ScrapeTarget
 from services.gateway.settings import GatewaySettings, ModelSettings

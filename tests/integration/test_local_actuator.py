@@ -20,12 +20,8 @@ from llmmesh.generated.gateway.v1 import gateway_pb2 as gw_pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.localmesh import EMULATOR_REPOSITORY, MODEL_NAME
 from services.autoscaler.actuators.contracts import ReplicaCounts
-from services.autoscaler.actuators.local import (
-    LocalActuator,
-    LocalActuatorSettings,
-    ManagedPool,
-    ReplicaPhase,
-)
+from services.autoscaler.actuators.local import LocalActuator, ReplicaPhase
+from services.autoscaler.actuators.local_settings import LocalActuatorSettings, ManagedPool
 from services.orchestrator.policy import Policy, ScaleFromZeroPolicy
 from tests.integration.conftest import Mesh, eventually, metric, start_mesh
 

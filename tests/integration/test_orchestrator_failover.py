@@ -24,7 +24,8 @@ from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 from llmmesh.localmesh import EMULATOR_REPOSITORY, MODEL_NAME
 from services.autoscaler.actuators.contracts import ReplicaCounts
-from services.autoscaler.actuators.local import LocalActuator, LocalActuatorSettings, ManagedPool
+from services.autoscaler.actuators.local import LocalActuator
+from services.autoscaler.actuators.local_settings import LocalActuatorSettings, ManagedPool
 from tests.integration.conftest import Mesh, eventually, metric, start_mesh
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
