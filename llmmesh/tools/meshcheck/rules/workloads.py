@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from llmmesh.common.components import GATEWAY, KV_REGISTRY, ORCHESTRATOR
+from llmmesh.common.components import GATEWAY, KV_REGISTRY, ORCHESTRATOR, Component
 from llmmesh.tools.meshcheck.common import REPO, doc_id, go_duration_ms, require
 from llmmesh.tools.meshcheck.index import Mesh, labels_match, service_host
 from llmmesh.tools.meshcheck.rules.helpers import (
@@ -395,86 +395,19 @@ def check_gateway_models(mesh: Mesh) -> list[str]:
     return problems
 
 
-def check_kv_registry_replicas(mesh: Mesh) -> list[str]:
-    """kv_registry has no single point of failure: 2+ replicas on different nodes, a PDB that
-    keeps one, a headless Service, and every engine and the orchestrator find all its pods
-    through that Service (KV_REGISTRY_DNS = its host and gRPC port; engines publish to each pod,
-    the orchestrator reads from any)."""
+def _replicated(mesh: Mesh, comp: Component, pods: str) -> tuple[list[str], str]:
+    """A component with no single point of failure: a headless Service selecting its pods, 2+
+    replicas with required anti-affinity on the node, and PDBs that keep one pod (`pods` names
+    them in findings). Returns the findings and the Service's DNS target (host:grpc port)."""
     problems: list[str] = []
-    name = KV_REGISTRY.k8s_object
+    name = comp.k8s_object
     svc = require(mesh.get("Service", name), f"Service {name}")
     if svc["spec"].get("clusterIP") != "None":
-        problems.append(f"{doc_id(svc)}: must be headless (clients find every registry pod)")
+        problems.append(f"{doc_id(svc)}: must be headless (clients find every {pods} pod)")
     grpc = require(port_by_name(svc["spec"]["ports"], "grpc"), f"port grpc of {name}")
     target = f"{service_host(name, mesh.namespace)}:{grpc['port']}"
     pdbs = mesh.in_namespace("PodDisruptionBudget")
-    deps = component_deployments(mesh, KV_REGISTRY)
-    if not deps:
-        problems.append(f"no {name} Deployment")
-    for dep in deps:
-        replicas = int(dep["spec"].get("replicas", 1))
-        if replicas < 2:
-            problems.append(f"{doc_id(dep)}: needs replicas >= 2 (has {replicas})")
-        tpl = dep["spec"]["template"]
-        labels = tpl["metadata"]["labels"]
-        terms = (
-            tpl["spec"]
-            .get("affinity", {})
-            .get("podAntiAffinity", {})
-            .get("requiredDuringSchedulingIgnoredDuringExecution", [])
-        )
-        if not any(
-            t.get("topologyKey") == "kubernetes.io/hostname"
-            and labels_match(t.get("labelSelector", {}).get("matchLabels", {}), labels)
-            for t in terms
-        ):
-            problems.append(
-                f"{doc_id(dep)}: needs required pod anti-affinity on kubernetes.io/hostname "
-                "against its own pods"
-            )
-        for pdb in pdbs:
-            if not labels_match(pdb["spec"]["selector"]["matchLabels"], labels):
-                continue
-            spec = pdb["spec"]
-            keeps = (
-                int(spec["minAvailable"])
-                if "minAvailable" in spec
-                else replicas - int(spec.get("maxUnavailable", replicas))
-            )
-            if keeps < 1:
-                problems.append(f"{doc_id(pdb)}: must keep at least one registry pod available")
-    clients = [("llmmesh-orchestrator", "LLMMESH_ORCHESTRATOR_")] + [
-        (d["metadata"]["name"], "LLMMESH_EMULATOR_") for d in triton_deployments(mesh)
-    ]
-    for dep_name, prefix in clients:
-        env = env_of(mesh, dep_name)
-        if env.get(f"{prefix}KV_REGISTRY_DNS") != target:
-            problems.append(
-                f"Deployment {dep_name}: {prefix}KV_REGISTRY_DNS must be {target} "
-                f"(has {env.get(f'{prefix}KV_REGISTRY_DNS')})"
-            )
-        for key in (f"{prefix}KV_REGISTRY_ADDRESS", f"{prefix}KV_REGISTRY_ADDRESSES"):
-            if key in env:
-                problems.append(
-                    f"Deployment {dep_name}: {key} names registries past DNS; use KV_REGISTRY_DNS"
-                )
-    return problems
-
-
-def check_orchestrator_replicas(mesh: Mesh) -> list[str]:
-    """The orchestrator has no single point of failure: 2+ replicas on different nodes, a PDB
-    that keeps one, and every gateway finds all its pods through a headless Service
-    (GATEWAY_ORCHESTRATOR_DNS = its host and gRPC port): Admit is spread over them, each Complete
-    goes to the pod that granted the lease, which a ClusterIP Service cannot do."""
-    problems: list[str] = []
-    name = ORCHESTRATOR.k8s_object
-    svc = require(mesh.get("Service", name), f"Service {name}")
-    if svc["spec"].get("clusterIP") != "None":
-        problems.append(f"{doc_id(svc)}: must be headless (gateways find every orchestrator pod)")
-    grpc = require(port_by_name(svc["spec"]["ports"], "grpc"), f"port grpc of {name}")
-    target = f"{service_host(name, mesh.namespace)}:{grpc['port']}"
-    pdbs = mesh.in_namespace("PodDisruptionBudget")
-    deps = component_deployments(mesh, ORCHESTRATOR)
+    deps = component_deployments(mesh, comp)
     if not deps:
         problems.append(f"no {name} Deployment")
     for dep in deps:
@@ -510,7 +443,40 @@ def check_orchestrator_replicas(mesh: Mesh) -> list[str]:
                 else replicas - int(spec.get("maxUnavailable", replicas))
             )
             if keeps < 1:
-                problems.append(f"{doc_id(pdb)}: must keep at least one orchestrator available")
+                problems.append(f"{doc_id(pdb)}: must keep at least one {pods} pod available")
+    return problems, target
+
+
+def check_kv_registry_replicas(mesh: Mesh) -> list[str]:
+    """kv_registry has no single point of failure: 2+ replicas on different nodes, a PDB that
+    keeps one, a headless Service, and every engine and the orchestrator find all its pods
+    through that Service (KV_REGISTRY_DNS = its host and gRPC port; engines publish to each pod,
+    the orchestrator reads from any)."""
+    problems, target = _replicated(mesh, KV_REGISTRY, "registry")
+    clients = [("llmmesh-orchestrator", "LLMMESH_ORCHESTRATOR_")] + [
+        (d["metadata"]["name"], "LLMMESH_EMULATOR_") for d in triton_deployments(mesh)
+    ]
+    for dep_name, prefix in clients:
+        env = env_of(mesh, dep_name)
+        if env.get(f"{prefix}KV_REGISTRY_DNS") != target:
+            problems.append(
+                f"Deployment {dep_name}: {prefix}KV_REGISTRY_DNS must be {target} "
+                f"(has {env.get(f'{prefix}KV_REGISTRY_DNS')})"
+            )
+        for key in (f"{prefix}KV_REGISTRY_ADDRESS", f"{prefix}KV_REGISTRY_ADDRESSES"):
+            if key in env:
+                problems.append(
+                    f"Deployment {dep_name}: {key} names registries past DNS; use KV_REGISTRY_DNS"
+                )
+    return problems
+
+
+def check_orchestrator_replicas(mesh: Mesh) -> list[str]:
+    """The orchestrator has no single point of failure: 2+ replicas on different nodes, a PDB
+    that keeps one, and every gateway finds all its pods through a headless Service
+    (GATEWAY_ORCHESTRATOR_DNS = its host and gRPC port): Admit is spread over them, each Complete
+    goes to the pod that granted the lease, which a ClusterIP Service cannot do."""
+    problems, target = _replicated(mesh, ORCHESTRATOR, "orchestrator")
     for dep in component_deployments(mesh, GATEWAY):
         env = mesh.container_env(dep, mesh.main_container(dep))
         if env.get("LLMMESH_GATEWAY_ORCHESTRATOR_DNS") != target:
