@@ -245,7 +245,7 @@ class Prometheus:
         return sum(1 for t in active if t["health"] == "up"), len(active)
 
 
-def _ready(url: str) -> bool:
+def ready(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as resp:
             return int(resp.status) == 200
@@ -253,10 +253,11 @@ def _ready(url: str) -> bool:
         return False
 
 
-async def _wait_ready(proc: asyncio.subprocess.Process, url: str, timeout_s: float) -> bool:
+async def wait_ready(proc: asyncio.subprocess.Process, url: str, timeout_s: float) -> bool:
+    """Poll the readiness endpoint (off the event loop) until ready, exited or timed out."""
     deadline = time.monotonic() + timeout_s
     while proc.returncode is None and time.monotonic() < deadline:
-        if await asyncio.to_thread(_ready, url):
+        if await asyncio.to_thread(ready, url):
             return True
         await asyncio.sleep(0.1)  # polling a child process's readiness endpoint
     return False
@@ -292,7 +293,7 @@ async def running_prometheus(
                         *tied_to_parent(argv), stdout=out, stderr=out
                     )
                 url = f"http://127.0.0.1:{port}"
-                if await _wait_ready(proc, url, 60.0):
+                if await wait_ready(proc, url, 60.0):
                     yield Prometheus(url, log)
                     return
                 if proc.returncode is None:

@@ -9,7 +9,6 @@ import contextlib
 import math
 import tempfile
 import time
-import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +26,10 @@ from services.autoscaler.promql import PromQLConfig, PromQLSource
 from services.autoscaler.scrape import EngineTarget, ScrapeSource
 from services.autoscaler.signals import PoolSignals
 from tests.integration.conftest import Mesh, eventually, metric
+from tests.integration.observability import PROMETHEUS, wait_ready
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
-ROOT = Path(__file__).resolve().parents[2]
-PROMETHEUS = ROOT / ".build" / "prometheus" / "usr" / "bin" / "prometheus"
 MODEL = MODEL_NAME
 KEY = PoolKey(DEFAULT_POOL, DEFAULT_MODEL_VERSION)
 SCRAPE_S = 1
@@ -80,24 +78,6 @@ def prometheus_config(mesh: Mesh) -> dict[str, object]:
             ),
         ],
     }
-
-
-def ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/-/ready", timeout=2) as resp:
-            return int(resp.status) == 200
-    except OSError:
-        return False
-
-
-async def wait_ready(proc: asyncio.subprocess.Process, url: str, timeout_s: float) -> bool:
-    """Poll the readiness endpoint (off the event loop) until ready, exited or timed out."""
-    deadline = time.monotonic() + timeout_s
-    while proc.returncode is None and time.monotonic() < deadline:
-        if await asyncio.to_thread(ready, url):
-            return True
-        await asyncio.sleep(0.1)  # polling a child process's readiness endpoint
-    return False
 
 
 @contextlib.asynccontextmanager
