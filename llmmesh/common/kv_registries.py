@@ -13,11 +13,12 @@ This module is the one home of these settings' defaults and parsing.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from llmmesh.common.discovery import resolve_ipv4
 
 log = logging.getLogger(__name__)
 
@@ -71,34 +72,32 @@ def _split(dns: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _endpoints(dns: str, infos: Sequence[tuple[object, ...]]) -> list[RegistryEndpoint]:
+def _endpoints(dns: str, ips: Iterable[str]) -> list[RegistryEndpoint]:
     _, port = _split(dns)
-    ips = sorted({str(info[4][0]) for info in infos})  # type: ignore[index]
-    return [RegistryEndpoint(f"{ip}:{port}", dns) for ip in ips]
+    return [RegistryEndpoint(f"{ip}:{port}", dns) for ip in sorted(set(ips))]
 
 
 def resolve_dns_sync(dns: str) -> list[RegistryEndpoint] | None:
     """The pods behind `dns` (`host:port`), sorted by IP; None when resolution failed (callers
-    keep what they had)."""
+    keep what they had). For the engines' publisher thread, which has no event loop."""
     host, port = _split(dns)
     try:
         infos = socket.getaddrinfo(host, port, family=socket.AF_INET, type=socket.SOCK_STREAM)
     except OSError as exc:
         log.warning("kv_registry dns resolution failed: %s: %r", host, exc)
         return None
-    return _endpoints(dns, infos)
+    return _endpoints(dns, (str(info[4][0]) for info in infos))
 
 
 async def resolve_dns(dns: str) -> list[RegistryEndpoint] | None:
-    """`resolve_dns_sync` without blocking the event loop."""
+    """`resolve_dns_sync` on the event loop (`llmmesh.common.discovery.resolve_ipv4`)."""
     host, port = _split(dns)
-    loop = asyncio.get_running_loop()
     try:
-        infos = await loop.getaddrinfo(host, port, family=socket.AF_INET, type=socket.SOCK_STREAM)
+        ips = await resolve_ipv4(host, port)
     except OSError as exc:
         log.warning("kv_registry dns resolution failed: %s: %r", host, exc)
         return None
-    return _endpoints(dns, infos)
+    return _endpoints(dns, ips)
 
 
 def merge(
