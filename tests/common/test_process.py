@@ -1,5 +1,4 @@
-"""tied_to_parent and die_with_parent: a grandchild started with either is killed when its parent
-is SIGKILLed;
+"""tied_to_parent: a grandchild started with it is killed when its parent is SIGKILLed;
 wait_for_exit awaits a child's exit."""
 
 from __future__ import annotations
@@ -14,15 +13,12 @@ import pytest
 
 from llmmesh.common.process import wait_for_exit
 
-# The middle process starts a long sleeper tied to it (argv[1]: how), prints its pid, waits.
+# The middle process starts a long sleeper tied to it, prints its pid, then waits.
 _PARENT = """
 import subprocess, sys, time
-from llmmesh.common.process import die_with_parent, tied_to_parent
+from llmmesh.common.process import tied_to_parent
 sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
-if sys.argv[1] == "argv":
-    child = subprocess.Popen(tied_to_parent(sleeper))
-else:
-    child = subprocess.Popen(sleeper, preexec_fn=die_with_parent)
+child = subprocess.Popen(tied_to_parent(sleeper))
 print(child.pid, flush=True)
 time.sleep(600)
 """
@@ -37,10 +33,9 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
-@pytest.mark.parametrize("how", ["argv", "preexec"])
-def test_child_dies_when_its_parent_is_killed(how: str) -> None:
+def test_child_dies_when_its_parent_is_killed() -> None:
     parent = subprocess.Popen(
-        [sys.executable, "-c", _PARENT, how], stdout=subprocess.PIPE, text=True, cwd=os.getcwd()
+        [sys.executable, "-c", _PARENT], stdout=subprocess.PIPE, text=True, cwd=os.getcwd()
     )
     assert parent.stdout is not None
     child = int(parent.stdout.readline())
