@@ -44,7 +44,8 @@ class NoReplica(Unavailable):
 
 
 class RateLimited(ResourceExhausted):
-    """A tenant's requests/min or tokens/min limit; `snapshot` feeds `x-ratelimit-*` headers."""
+    """A tenant's requests/min, tokens/min or concurrency limit; `snapshot` (rate limits)
+    feeds `x-ratelimit-*` headers."""
 
     def __init__(
         self,
@@ -55,8 +56,12 @@ class RateLimited(ResourceExhausted):
         snapshot: RateLimitSnapshot | None = None,
     ):
         super().__init__(message, retry_after_s=retry_after_s)
-        self.limit = limit  # "requests" | "tokens"
+        self.limit = limit  # "requests" | "tokens" | "concurrency"
         self.snapshot = snapshot
+
+
+class GatewayOverloaded(ResourceExhausted):
+    """This gateway process holds `max_concurrent_streams` generations (limits.py)."""
 
 
 class RequestIdConflict(ServiceError):

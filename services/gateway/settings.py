@@ -206,6 +206,60 @@ class GatewaySettings(ServiceSettings):
         gt=0,
         description="Connect and reply timeout of each Redis call.",
     )
+    max_concurrent_streams: int = Field(
+        default=2048,
+        gt=0,
+        description=(
+            "Most generations (streaming or not, both fronts) this gateway process runs at once; "
+            "beyond it requests get RESOURCE_EXHAUSTED / 429 with a retry-after "
+            "(services/gateway/limits.py). Bounds the process's memory whatever the offered load."
+        ),
+    )
+    overload_retry_after_min_s: float = Field(
+        default=0.2,
+        gt=0,
+        description="Smallest retry-after sent when a concurrency limit (process or tenant) refuses.",
+    )
+    overload_retry_after_max_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="Largest retry-after sent when a concurrency limit (process or tenant) refuses.",
+    )
+    limits_redis_url: str | None = Field(
+        default=None,
+        description=(
+            "Redis holding every tenant's request- and token-rate buckets for all gateways "
+            "(services/gateway/limits_redis.py): a tenant's limits hold cluster-wide. May be the "
+            "resume store's Redis. Unset: each gateway enforces the limits on its own."
+        ),
+    )
+    limits_gateways: int = Field(
+        default=1,
+        gt=0,
+        description=(
+            "With limits_redis_url: while Redis is unreachable each gateway enforces "
+            "1/limits_gateways of every tenant rate limit on its own (fail safe: set it to the "
+            "most gateway pods that run, and the tenant never gets more than its limit)."
+        ),
+    )
+    limits_redis_timeout_s: float = Field(
+        default=0.1,
+        gt=0,
+        description="Connect and reply timeout of a rate-limit call to Redis (on the request path).",
+    )
+    limits_redis_retry_s: float = Field(
+        default=1.0,
+        gt=0,
+        description=(
+            "After a failed rate-limit call, requests use the local fallback share this long "
+            "before Redis is tried again."
+        ),
+    )
+    limits_redis_flush_s: float = Field(
+        default=0.1,
+        gt=0,
+        description="Completion tokens are charged to the shared buckets in one write this often.",
+    )
     usage_log_path: Path | None = Field(
         default=None,
         description=(
