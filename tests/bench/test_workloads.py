@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -119,19 +121,42 @@ def test_mooncake_truncation_is_recorded_and_keeps_the_prefix(tmp_path: Path) ->
     assert list(cut[1].prompt_token_ids) == list(full[1].prompt_token_ids)[:1024]
 
 
-def test_mooncake_sampling_keeps_prefix_families_whole(tmp_path: Path) -> None:
+def test_mooncake_sampling_keeps_time_windows_whole_even_when_every_prompt_shares_its_head(
+    tmp_path: Path,
+) -> None:
+    # Every request shares its first block (one system prompt): a first-block sampler could only
+    # keep all or nothing; windows of 10 s (10 requests each) sample it.
     rows = [
-        {"timestamp": i * 10, "input_length": 512, "output_length": 1, "hash_ids": [i % 20]}
+        {"timestamp": i * 1000, "input_length": 1024, "output_length": 1, "hash_ids": [0, i]}
         for i in range(200)
     ]
     path = _trace(tmp_path, rows)
-    kept = wl.mooncake(path, wl.MooncakeOptions(sample_fraction=0.3, sample_seed=4))
-    families = {r.meta["family"] for r in kept}
-    assert 0 < len(families) < 20
-    # Every request of a kept family is kept (10 per family).
-    assert len(kept) == 10 * len(families)
-    again = wl.mooncake(path, wl.MooncakeOptions(sample_fraction=0.3, sample_seed=4))
+    opts = wl.MooncakeOptions(sample_fraction=0.3, sample_window_s=10.0, sample_seed=4)
+    kept = wl.mooncake(path, opts)
+    windows = sorted({int(r.meta["window"]) for r in kept})
+    assert 0 < len(windows) < 20
+    assert len(kept) == 10 * len(windows)  # every request of a kept window
+    # Kept windows are replayed back to back: arrivals 1 s apart, no gap.
+    gaps = [b.arrival_s - a.arrival_s for a, b in itertools.pairwise(kept)]
+    assert gaps == pytest.approx([1.0] * (len(kept) - 1))
+    assert kept[0].arrival_s == 0.0
+    again = wl.mooncake(path, opts)
     assert [r.meta for r in again] == [r.meta for r in kept]
+
+
+def test_sample_windows_matches_the_mooncake_sampler(tmp_path: Path) -> None:
+    rows = [
+        {"timestamp": i * 700, "input_length": 512, "output_length": 1, "hash_ids": [i]}
+        for i in range(100)
+    ]
+    path = _trace(tmp_path, rows)
+    full = wl.mooncake(path)
+    by_reader = wl.mooncake(path, wl.MooncakeOptions(sample_fraction=0.5, sample_window_s=5.0))
+    by_transform = wl.sample_windows(full, 0.5, 5.0)
+    assert [r.arrival_s for r in by_transform] == pytest.approx([r.arrival_s for r in by_reader])
+    assert [list(r.prompt_token_ids) for r in by_transform] == [
+        list(r.prompt_token_ids) for r in by_reader
+    ]
 
 
 def test_shared_prefix_groups_share_the_system_prompt_only() -> None:
@@ -243,3 +268,102 @@ def test_describe() -> None:
     assert d["offered_output_tokens_per_s"] == 5
     assert d["rate_per_s"] == 0.5
     assert math.isclose(d["span_s"], 2)
+
+
+def _shared_head(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def test_unique_prompts_share_nothing() -> None:
+    reqs = wl.unique_prompts(
+        requests=50, prompt_tokens=(40, 80), output_tokens=(1, 4), rate=2.0, seed=3
+    )
+    assert len(reqs) == 50
+    assert all(40 <= r.prompt_tokens <= 80 and 1 <= r.max_tokens <= 4 for r in reqs)
+    heads = {tuple(r.prompt_token_ids[:8]) for r in reqs}
+    assert len(heads) == 50
+
+
+def test_hot_prefix_shares_one_head_among_the_hot_share() -> None:
+    reqs = wl.hot_prefix(
+        requests=400,
+        hot_fraction=0.5,
+        system_tokens=64,
+        question_tokens=(8, 16),
+        cold_prompt_tokens=(64, 80),
+        output_tokens=(1, 2),
+        rate=1.0,
+        seed=2,
+    )
+    hot = [r for r in reqs if r.meta["hot"] == 1]
+    cold = [r for r in reqs if r.meta["hot"] == 0]
+    assert 150 < len(hot) < 250
+    assert len({tuple(r.prompt_token_ids[:64]) for r in hot}) == 1
+    assert len({tuple(r.prompt_token_ids[64:]) for r in hot}) == len(hot)
+    assert len({tuple(r.prompt_token_ids[:64]) for r in cold}) == len(cold)
+
+
+def test_bursty_arrivals_keep_the_mean_rate_and_crowd_the_bursts() -> None:
+    import random
+
+    times = wl.bursty_arrivals(20001, 5.0, random.Random(1), burst=6.0, period_s=10.0)
+    assert times[0] == 0.0
+    assert times == sorted(times)
+    assert (len(times) - 1) / times[-1] == pytest.approx(5.0, rel=0.05)
+    in_burst = sum(1 for t in times if t % 10.0 < 2.0) / len(times)
+    assert in_burst == pytest.approx(6.0 / 10.0, abs=0.02)  # burst / (burst + 4)
+
+
+def test_multi_turn_next_prompt_contains_previous_prompt_and_its_generated_answer() -> None:
+    from llmmesh.emulator.tokens import expected_output_ids
+
+    reqs = wl.multi_turn(
+        sessions=6,
+        turns=(3, 3),
+        system_tokens=32,
+        user_tokens=(8, 16),
+        output_tokens=(4, 6),
+        think_s=1.0,
+        rate=1.0,
+        seed=5,
+    )
+    assert len(reqs) == 18
+    assert [r.arrival_s for r in reqs] == sorted(r.arrival_s for r in reqs)
+    by_session: dict[object, list[wl.Request]] = {}
+    for r in reqs:
+        by_session.setdefault(r.meta["session"], []).append(r)
+    vocab = wl._Vocab()
+    for turns in by_session.values():
+        turns.sort(key=lambda r: int(r.meta["turn"]))
+        for prev, nxt in itertools.pairwise(turns):
+            head = list(prev.prompt_token_ids) + expected_output_ids(
+                0, prev.prompt_token_ids, prev.max_tokens, vocab
+            )
+            assert list(nxt.prompt_token_ids[: len(head)]) == head
+            assert nxt.prompt_tokens > len(head)
+    # Sessions share the system prompt and nothing more.
+    firsts = [v[0] for v in by_session.values()]
+    assert _shared_head(firsts[0].prompt_token_ids, firsts[1].prompt_token_ids) == 32
+    kept = wl.sample_sessions(reqs, 0.5, seed=1)
+    assert {r.meta["session"] for r in kept} < set(by_session)
+    assert all(
+        len([r for r in kept if r.meta["session"] == s]) == 3
+        for s in {r.meta["session"] for r in kept}
+    )
+
+
+@pytest.mark.parametrize("name", sorted(wl.MATRIX))
+def test_matrix_workloads_build_small_samples(name: str) -> None:
+    spec = wl.MATRIX[name]
+    if name in ("mooncake", "azure") and not wl.MOONCAKE_TRACE.exists():
+        pytest.skip("shared traces not present")
+    reqs = spec.build(0.05 if name not in ("mooncake", "azure") else 0.02, 0)
+    assert len(reqs) >= 2
+    assert reqs[0].arrival_s == 0.0
+    assert all(b.arrival_s >= a.arrival_s for a, b in itertools.pairwise(reqs))
+    assert all(r.prompt_tokens <= wl.TRACE_MAX_INPUT_TOKENS for r in reqs)
