@@ -42,15 +42,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import dataclasses
 import difflib
 import math
 import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -68,16 +65,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.report import RESULTS_DIR, Check, eprint, format_table, percentile, write_json
 from llmmesh.common import metric_names as names
 from llmmesh.common.components import GATEWAY, KV_REGISTRY, ORCHESTRATOR
-from llmmesh.common.process import tied_to_parent
 from llmmesh.emulator.settings import EmulatorSettings
 from llmmesh.emulator.tokens import expected_output_ids
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
 from llmmesh.generated.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
-from llmmesh.localmesh import MODEL_NAME, ROOT, LocalMesh, MeshOptions, ServiceProcess
-from llmmesh.netutil import free_port
-from services.gateway.settings import GatewaySettings
+from llmmesh.localmesh import MODEL_NAME, LocalMesh, MeshOptions, ServiceProcess
+from llmmesh.redis_server import redis_binary
 
 SCENARIOS = [
     "replica-kill",
@@ -89,7 +84,6 @@ SCENARIOS = [
     "gateway-kill",
 ]
 STUB = "triton_python_backend_stub"
-REDIS_UNPACKED = ROOT / ".build" / "redis" / "usr" / "bin" / "redis-server"
 # Targets (issue 11).
 BACK_WITHIN_S = 10.0
 DEAD_SHARE_MAX = 0.01
@@ -207,59 +201,6 @@ def backend_stubs(parent: int) -> list[int]:
     return out
 
 
-def redis_binary() -> tuple[str, dict[str, str]] | None:
-    env = dict(os.environ)
-    if REDIS_UNPACKED.exists():
-        libs = [str(p) for p in (ROOT / ".build" / "redis" / "usr" / "lib").glob("*-linux-gnu")]
-        env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")])
-        return str(REDIS_UNPACKED), env
-    found = shutil.which("redis-server")
-    return (found, env) if found else None
-
-
-class Redis:
-    """A private redis-server on a free port, no persistence, dying with this process."""
-
-    def __init__(self, binary: str, env: dict[str, str], workdir: Path) -> None:
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            tied_to_parent(
-                [
-                    binary,
-                    *("--port", str(self.port), "--bind", "127.0.0.1"),
-                    *("--save", "", "--appendonly", "no", "--dir", str(workdir)),
-                    *("--logfile", str(workdir / "redis.log")),
-                ]
-            ),
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.STDOUT,
-        )
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def ready(self, timeout_s: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            with contextlib.suppress(OSError):
-                reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
-                writer.write(b"PING\r\n")
-                pong = await reader.read(16)
-                writer.close()
-                if pong.startswith(b"+PONG"):
-                    return
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("redis-server did not start")
-            await asyncio.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 @dataclass
 class Fault:
     """What a scenario did and how to tell the failed part is back."""
@@ -279,10 +220,10 @@ class Fault:
 class Chaos:
     """The mesh, the gateways, and the faults."""
 
-    def __init__(self, args: argparse.Namespace, mesh: LocalMesh, redis: Redis | None) -> None:
+    def __init__(self, args: argparse.Namespace, mesh: LocalMesh) -> None:
         self.args = args
         self.mesh = mesh
-        self.redis = redis
+        self.redis = mesh.redis
         self.gateway2: ServiceProcess | None = None
         self.channels: dict[str, grpc.aio.Channel] = {}
 
@@ -605,24 +546,30 @@ class Scenarios:
         self.pending.append(asyncio.create_task(watch()))
 
     def _watch_share(self, rid: str, t_fault: float, restarted: Callable[[], bool]) -> None:
-        """Leases to `rid` from DEAD_SHARE_AFTER_S after the fault until it is healthy again
-        after a restart (or `recover_timeout_s`)."""
+        """Leases to `rid` granted while it was not serving, from DEAD_SHARE_AFTER_S after the
+        fault: the window ends at the last leases snapshot after which the orchestrator still
+        reported `rid` unhealthy (snapshot first, then the health check, so no lease in the window
+        can have gone to the restarted replacement once it serves again; with two orchestrators
+        probing independently the error is at most one probe interval)."""
 
         async def watch() -> None:
             await asyncio.sleep(max(0.0, t_fault + DEAD_SHARE_AFTER_S - time.monotonic()))
+            t_start = time.monotonic()
             before = await self.chaos.leases()
+            last, t_last = before, t_start
             end = t_fault + self.args.recover_timeout_s
             while time.monotonic() < end:
+                snapshot, t_snap = await self.chaos.leases(), time.monotonic()
                 if restarted() and await self.chaos.healthy(rid):
                     break
+                last, t_last = snapshot, t_snap
                 await asyncio.sleep(0.1)
-            after = await self.chaos.leases()
-            share, dead, total = lease_share(before, after, rid)
+            share, dead, total = lease_share(before, last, rid)
             self.share = {
                 "share": share,
                 "leases_to_dead": dead,
                 "leases_total": total,
-                "window_s": time.monotonic() - t_fault - DEAD_SHARE_AFTER_S,
+                "window_s": t_last - t_start,
             }
 
         self.pending.append(asyncio.create_task(watch()))
@@ -938,31 +885,24 @@ def plot(runs: list[RunResult], path: Path, bin_s: float = 0.5) -> Path | None:
 
 
 # ------------------------------------------------------------------------------ main
-def mesh_options(args: argparse.Namespace, redis: Redis | None) -> tuple[MeshOptions, list[str]]:
-    notes = []
-    kw: dict[str, object] = {
-        "replicas": args.replicas,
-        "time_scale": args.time_scale,
-        "log_json": True,
-        "supervise": True,
-    }
+def mesh_options(args: argparse.Namespace, redis: bool) -> MeshOptions:
+    """Two orchestrators (active-active), supervised children, and the mesh's Redis resume store
+    when a scenario resumes through a second gateway."""
     extra: dict[str, str] = {}
-    if redis is not None:
-        extra["LLMMESH_GATEWAY_RESUME_REDIS_URL"] = redis.url
     if args.stall_timeout_s is not None:
         extra["LLMMESH_GATEWAY_STALL_TIMEOUT_S"] = str(args.stall_timeout_s)
-    kw["extra_env"] = extra
-    fields = {f.name for f in dataclasses.fields(MeshOptions)}
-    if "orchestrators" in fields:
-        kw["orchestrators"] = 2
-    else:
-        notes.append("MeshOptions has no `orchestrators`: one orchestrator")
-    return MeshOptions(**kw), notes  # type: ignore[arg-type]
+    return MeshOptions(
+        replicas=args.replicas,
+        time_scale=args.time_scale,
+        log_json=True,
+        supervise=True,
+        orchestrators=2,
+        redis=redis,
+        extra_env=extra,
+    )
 
 
 def gateway_scenario_prerequisite() -> str | None:
-    if "resume_redis_url" not in GatewaySettings.model_fields:
-        return "the gateway has no Redis resume store (GatewaySettings.resume_redis_url)"
     if redis_binary() is None:
         return "no redis-server (make setup unpacks Debian's into .build/redis)"
     return None
@@ -973,26 +913,20 @@ async def main_async(args: argparse.Namespace) -> int:
     if unknown:
         raise SystemExit(f"unknown scenarios {sorted(unknown)}; choose from {SCENARIOS}")
     gw_skip = gateway_scenario_prerequisite() if "gateway-kill" in args.scenarios else None
-    redis: Redis | None = None
     tmp = Path(tempfile.mkdtemp(prefix="llmmesh-chaos-"))
-    if "gateway-kill" in args.scenarios and gw_skip is None:
-        found = redis_binary()
-        assert found is not None
-        redis = Redis(found[0], found[1], tmp)
-        await redis.ready()
-    options, mesh_notes = mesh_options(args, redis)
+    options = mesh_options(args, redis="gateway-kill" in args.scenarios and gw_skip is None)
     options.workdir = tmp / "mesh"
     mesh = LocalMesh(options)
     eprint(f"starting the mesh ({args.replicas} emulator replicas) in {options.workdir} ...")
     await mesh.start()
-    chaos = Chaos(args, mesh, redis)
+    chaos = Chaos(args, mesh)
     specs = workload(args.streams, args.rounds, args.tokens, args.prompt_tokens, args.seed)
     runner = Runner(chaos, specs, args)
     scen = Scenarios(chaos, args)
     runs: list[RunResult] = []
     rows: list[dict[str, Any]] = []
     try:
-        if redis is not None:
+        if mesh.redis is not None:
             await chaos.start_gateway2()
         if not await chaos.settle():
             eprint("warning: the mesh did not settle before the reference run")
@@ -1042,8 +976,6 @@ async def main_async(args: argparse.Namespace) -> int:
                 row["dead_replica_share"] = scen.share
             if name == "orchestrators-down" and run.fault is not None:
                 row["outage"] = outage_service(run, args.hold_s)
-            if name == "orchestrators-down":
-                row.setdefault("notes", []).extend(mesh_notes)
             if name == "gateway-kill":
                 row["broken_streams_without_retry"] = row["resumed_streams"]
             rows.append(row)
@@ -1068,8 +1000,6 @@ async def main_async(args: argparse.Namespace) -> int:
     finally:
         await chaos.close()
         await mesh.stop()
-        if redis is not None:
-            redis.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     print()
     print(table(rows))
@@ -1095,7 +1025,6 @@ async def main_async(args: argparse.Namespace) -> int:
         args.out,
         {
             "args": vars(args),
-            "mesh_notes": mesh_notes,
             "targets": {
                 "back_within_s": BACK_WITHIN_S,
                 "dead_share_max": DEAD_SHARE_MAX,

@@ -16,7 +16,7 @@ that exits (Triton replica, orchestrator, kv_registry, gateway, autoscaler) with
 ports it had, so its peers reconnect to the same address; a restarted Triton replica is back in
 the orchestrator's rotation once its readiness probe passes (server and models ready). Like the
 kubelet, it also probes each static Triton replica's liveness (one token through the model,
-`MeshOptions.triton_liveness`, the pool manifest's numbers by default) and kills and restarts a
+`MeshOptions.triton_liveness`, `LOCAL_TRITON_LIVENESS` by default) and kills and restarts a
 replica that failed it `failure_threshold` times in a row: one whose Python-backend stub died,
 which Triton keeps reporting ready. `MeshOptions.supervise=False` leaves dead children dead (tests of the failure itself).
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ from llmmesh.common.settings import (
 )
 from llmmesh.common.topology import DEFAULT_MODEL_VERSION, TRITON_MODEL
 from llmmesh.emulator.settings import EmulatorSettings
+from llmmesh.redis_server import RedisServer
 from llmmesh.supervisor import Liveness, RestartPolicy, Supervisor
 from llmmesh.triton.launcher import (
     TRITON_LIVENESS,
@@ -93,6 +95,11 @@ DRAIN_SECONDS = 10.0
 # The orchestrator probes and scrapes its replicas this often (seconds; fast for tests).
 PROBE_INTERVAL_S = 0.25
 AUTOSCALER_INTERVAL_S = 1.0
+# The local supervisor's Triton liveness probe: the pool manifest's per-probe timeouts (a
+# saturated but healthy engine that answers within them is never restarted) with a shorter
+# period and threshold than the manifest's (15 s x 4), so a replica whose backend stub died is
+# replaced within seconds: locally nothing else replaces it, and a restart costs seconds.
+LOCAL_TRITON_LIVENESS = dataclasses.replace(TRITON_LIVENESS, period_s=2.0, failure_threshold=3)
 
 #: Each service's settings class, where its env prefix and default ports are declared.
 SERVICE_SETTINGS: dict[Component, type[ServiceSettings]] = {
@@ -296,10 +303,14 @@ class MeshOptions:
     supervise: bool = True
     restart_policy: RestartPolicy = field(default_factory=RestartPolicy)
     # With `supervise`: each static replica's liveness probe, as the kubelet runs the pool's
-    # (one token through the model; the manifest's period, timeout and failure threshold by
-    # default): a replica whose backend stub died, which Triton still reports ready, is killed
-    # and restarted. None: no probe.
-    triton_liveness: LivenessProbe | None = TRITON_LIVENESS
+    # (one token through the model): a replica whose backend stub died, which Triton still
+    # reports ready, is killed and restarted. None: no probe.
+    triton_liveness: LivenessProbe | None = LOCAL_TRITON_LIVENESS
+    # A redis-server child (supervised like the others) that the gateway keeps its
+    # idempotency/resume store in (`GatewaySettings.resume_redis_url`), as a gateway tier of
+    # several pods does in Kubernetes: a request id retried through another gateway resumes.
+    # False: the gateway's in-process store (one gateway).
+    redis: bool = False
 
 
 S = TypeVar("S", bound=BaseSettings)
@@ -333,6 +344,7 @@ class LocalMesh:
         self.replica_ids: list[str] = []
         self.services: dict[str, ServiceProcess] = {}
         self.supervisor = Supervisor(options.restart_policy)
+        self.redis: RedisServer | None = None
         self._started = False
         self._extra, passthrough = split_env(
             options.extra_env, [*SERVICE_SETTINGS.values(), KvBlockSettings, EmulatorSettings]
@@ -429,6 +441,9 @@ class LocalMesh:
             for i in range(1, o.orchestrators)
         ]
         await asyncio.gather(orch.start(), *(x.start() for x in others))
+        if o.redis:
+            self.redis = RedisServer(self.workdir / "redis")
+            await self.redis.start()
         gw = self._service(
             GATEWAY,
             self._configure(
@@ -445,6 +460,7 @@ class LocalMesh:
                             context_length=o.context_length,
                         )
                     ],
+                    resume_redis_url=None if self.redis is None else self.redis.url,
                 )
             ),
         )
@@ -477,6 +493,8 @@ class LocalMesh:
         if o.supervise:
             for svc in self.services.values():
                 self.supervisor.watch(svc.name, svc.wait, svc.restart)
+            if self.redis is not None:
+                self.supervisor.watch("redis", self.redis.wait, self.redis.restart)
             for index in range(len(self.tritons)):
                 self._supervise_replica(index)
 
@@ -655,6 +673,8 @@ class LocalMesh:
         kv = self.services.get("kv_registry")
         if kv is not None:
             await kv.stop()
+        if self.redis is not None:
+            self.redis.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
 
@@ -676,6 +696,8 @@ class LocalMesh:
         for rid, t in zip(self.replica_ids, self.tritons, strict=True):
             out[f"{rid} Triton gRPC"] = t.grpc_address
             out[f"{rid} Triton metrics"] = t.metrics_url
+        if self.redis is not None:
+            out["redis (gateway resume store)"] = self.redis.url
         return out
 
 
@@ -696,6 +718,7 @@ async def _run(args: argparse.Namespace) -> int:
             kv_registry_port=port(KV_REGISTRY),
             autoscaler_port=port(AUTOSCALER),
             log_json=False,
+            redis=args.redis,
         )
     )
     stop = asyncio.Event()
@@ -743,6 +766,12 @@ def main() -> int:
         choices=sorted(ENGINE_REPOSITORIES),
         default="smollm2",
         help="What the Triton replicas serve: SmolLM2-135M-Instruct on CPU, or the emulator.",
+    )
+    parser.add_argument(
+        "--redis",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Keep the gateway's idempotency/resume store in a supervised redis-server child.",
     )
     parser.add_argument(
         "--any-ports",

@@ -11,9 +11,9 @@ from opentelemetry import trace
 
 from llmmesh.common.errors import ServiceError
 from llmmesh.common.topology import ReplicaAddress
+from llmmesh.redis_server import RedisServer
 from services.gateway.admission import AdmissionRequest, AdmissionStatus, Lease, LeaseReport
 from services.gateway.triton_stream import EngineChunk, EngineRequest
-from tests.gateway.redis_fixture import RedisServer
 
 MODEL = "smollm2"
 
@@ -133,9 +133,9 @@ def chunk(*ids: int, final: bool = False, reused: int | None = None) -> EngineCh
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """A private redis-server for the module (tests/gateway/redis_fixture.py)."""
+    """A private redis-server for the module (llmmesh/redis_server.py)."""
     server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
+    server.start_blocking()
     try:
         yield server
     finally:

@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY
 from llmmesh.common import metric_names as names
 from llmmesh.common.errors import NotFound, Unavailable
 from llmmesh.netutil import free_port
+from llmmesh.redis_server import RedisServer
 from services.gateway.core import (
     Completion,
     Delta,
@@ -34,7 +35,6 @@ from services.gateway.resume_redis import RedisResumeStore
 from services.gateway.settings import GatewaySettings, ModelSettings
 from services.gateway.triton_stream import EngineChunk
 from tests.gateway.conftest import MODEL, FakeAdmission, FakeEngine, Hang, chunk
-from tests.gateway.redis_fixture import RedisServer
 from tests.helpers import eventually
 
 PROMPT = list(range(100, 140))
@@ -336,7 +336,7 @@ async def test_keyed_requests_are_refused_while_redis_is_unreachable(
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path)
-    server.start()
+    server.start_blocking()
     try:
         yield server
     finally:

@@ -267,15 +267,20 @@ async def smesh(
 ) -> AsyncIterator[Mesh]:
     # The default health policy: a restarted replica's ejection for its failed probes ends at
     # its first passed probe, so the time measured is the restart itself.
-    m = await start_mesh(tokenizer_path, replicas=2, time_scale=0.05)
+    m = await start_mesh(tokenizer_path, replicas=2, time_scale=0.05, redis=True)
     yield m
     await m.close()
     await m.mesh.stop()
 
 
-async def _generate(m: Mesh, text: str) -> str | None:
+async def _generate(m: Mesh, text: str, request_id: str = "") -> str | None:
     """The replica that served a short request through the gateway, None if it failed."""
-    req = pb.GenerateRequest(model=MODEL_NAME, text=text, sampling=pb.SamplingParams(max_tokens=2))
+    req = pb.GenerateRequest(
+        model=MODEL_NAME,
+        text=text,
+        sampling=pb.SamplingParams(max_tokens=2),
+        request_id=request_id,
+    )
     try:
         msgs = [msg async for msg in m.gateway.Generate(req, timeout=5)]
     except grpc.aio.AioRpcError:
@@ -391,3 +396,31 @@ async def test_every_other_service_is_restarted_on_its_ports(smesh: Mesh, name: 
 
     await eventually(serves, 30, what="requests through the gateway succeed")
     print(f"\n{name} kill -9: serving through the gateway after {time.monotonic() - t0:.2f} s")
+
+
+async def test_the_meshs_redis_is_restarted_on_its_port_and_keyed_requests_work_again(
+    smesh: Mesh,
+) -> None:
+    """The gateway keeps its idempotency/resume store in the mesh's supervised redis-server: a
+    keyed request works, Redis is killed, the supervisor restarts it on its port, and keyed
+    requests work again (the gateway reconnects; an empty store is a cache miss, not an error)."""
+    redis = smesh.mesh.redis
+    assert redis is not None
+    assert redis.proc is not None
+    assert await _generate(smesh, "keyed before", request_id="redis-before") is not None
+    old_pid, port = redis.proc.pid, redis.port
+    before = smesh.mesh.supervisor.restarts("redis")
+    os.kill(old_pid, signal.SIGKILL)
+
+    async def restarted() -> bool:
+        return smesh.mesh.supervisor.restarts("redis") == before + 1
+
+    await eventually(restarted, 30, what="redis restarted")
+    assert redis.proc is not None
+    assert redis.proc.pid != old_pid
+    assert redis.port == port
+
+    async def keyed_serves() -> bool:
+        return await _generate(smesh, "keyed after", request_id="redis-after") is not None
+
+    await eventually(keyed_serves, 30, what="keyed requests through the gateway succeed")

@@ -21,7 +21,7 @@ from llmmesh.emulator.tokens import expected_output_ids
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
 from llmmesh.generated.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from llmmesh.localmesh import MODEL_NAME, ServiceProcess
-from tests.gateway.redis_fixture import RedisServer
+from llmmesh.redis_server import RedisServer
 from tests.integration.conftest import Mesh, gateway_process, metric, start_mesh
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
@@ -36,7 +36,7 @@ LEASE_S = 1.0
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
+    server.start_blocking()
     try:
         yield server
     finally:
