@@ -8,6 +8,7 @@ tenants:
     priority: interactive      # interactive | standard | batch: every request of the tenant
     requests_per_minute: 600   # optional; no limit when absent
     tokens_per_minute: 200000  # optional; prompt + completion tokens
+    max_concurrent_requests: 64  # optional; generations open at once, per gateway process
     api_keys_sha256:           # sha256 hex digests of the keys: printf %s "$KEY" | sha256sum
       - 9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08
 ```
@@ -18,6 +19,10 @@ them, no early exit). A missing or unknown key is 401 / UNAUTHENTICATED.
 
 Without a tenants file, authentication is off: every request is served, the tenant is the
 OpenAI `user` field (a hint) or empty, priority is the request's own, and no rate limits apply.
+
+Rate limits hold per gateway process, or across every gateway with `limits_redis_url`
+(limits_redis.py; `Authenticator.from_settings` wires it). `max_concurrent_requests` is per
+gateway process.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from llmmesh.common.errors import Unauthenticated
 from llmmesh.common.topology import Priority
 from services.gateway.limits import Clock, TenantLimits
+from services.gateway.limits_redis import RedisLimiter
+from services.gateway.settings import GatewaySettings
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 MAX_CREDENTIAL_CHARS = 4096
@@ -72,6 +79,9 @@ class TenantConfig(BaseModel):
     requests_per_minute: int | None = Field(default=None, gt=0, description="Requests/min.")
     tokens_per_minute: int | None = Field(
         default=None, gt=0, description="Prompt + completion tokens per minute."
+    )
+    max_concurrent_requests: int | None = Field(
+        default=None, gt=0, description="Generations open at once, per gateway process."
     )
     api_keys_sha256: list[str] = Field(
         min_length=1, description="sha256 hex digests of the tenant's API keys."
@@ -110,6 +120,12 @@ class Tenant:
     limits: TenantLimits
 
 
+def _load(path: Path) -> TenantsFile:
+    text = path.read_text(encoding="utf-8")
+    data: Any = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    return TenantsFile.model_validate(data)
+
+
 def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
@@ -125,23 +141,77 @@ def bearer_token(value: str | None) -> str | None:
 
 
 class Authenticator:
-    def __init__(self, config: TenantsFile, clock: Clock = time.monotonic):
+    def __init__(
+        self,
+        config: TenantsFile,
+        clock: Clock = time.monotonic,
+        *,
+        shared: RedisLimiter | None = None,
+        share: int = 1,
+        retry_after_bounds: tuple[float, float] = (0.2, 30.0),
+    ):
+        """`shared`: rate limits held across gateways (the local buckets keep 1/`share` of
+        each limit as the fallback)."""
         self._entries: list[tuple[bytes, Tenant]] = []
         self.tenants: dict[str, Tenant] = {}
+        self.shared = shared
         for t in config.tenants:
+            rated = t.requests_per_minute is not None or t.tokens_per_minute is not None
             tenant = Tenant(
                 t.name,
                 t.priority,
-                TenantLimits(t.name, t.requests_per_minute, t.tokens_per_minute, clock),
+                TenantLimits(
+                    t.name,
+                    t.requests_per_minute,
+                    t.tokens_per_minute,
+                    clock,
+                    max_concurrent=t.max_concurrent_requests,
+                    shared=(
+                        shared.quota(t.name, t.requests_per_minute, t.tokens_per_minute)
+                        if shared is not None and rated
+                        else None
+                    ),
+                    share=share if shared is not None else 1,
+                    retry_after_bounds=retry_after_bounds,
+                ),
             )
             self.tenants[t.name] = tenant
             self._entries.extend((bytes.fromhex(d), tenant) for d in t.api_keys_sha256)
 
     @classmethod
     def from_file(cls, path: Path, clock: Clock = time.monotonic) -> Authenticator:
-        text = path.read_text(encoding="utf-8")
-        data: Any = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        return cls(TenantsFile.model_validate(data), clock)
+        return cls(_load(path), clock)
+
+    @classmethod
+    def from_settings(cls, settings: GatewaySettings) -> Authenticator | None:
+        """The tenants file's authenticator with the limits the settings ask for (shared in
+        Redis with `limits_redis_url`); None without a tenants file."""
+        if settings.tenants_file is None:
+            return None
+        shared = (
+            None
+            if settings.limits_redis_url is None
+            else RedisLimiter.from_url(
+                settings.limits_redis_url,
+                timeout_s=settings.limits_redis_timeout_s,
+                retry_s=settings.limits_redis_retry_s,
+                flush_s=settings.limits_redis_flush_s,
+            )
+        )
+        return cls(
+            _load(settings.tenants_file),
+            shared=shared,
+            share=settings.limits_gateways,
+            retry_after_bounds=(
+                settings.overload_retry_after_min_s,
+                settings.overload_retry_after_max_s,
+            ),
+        )
+
+    async def close(self) -> None:
+        """Write the shared limiter's queued charges and close its connection."""
+        if self.shared is not None:
+            await self.shared.close()
 
     def authenticate(self, api_key: str | None) -> Tenant:
         if not api_key:

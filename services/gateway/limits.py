@@ -1,4 +1,7 @@
-"""Per-tenant rate limits: token buckets for requests/min and tokens/min.
+"""Gateway limits: per-tenant rate limits (token buckets for requests/min and tokens/min),
+per-tenant and per-process concurrency (open streams).
+
+Rate limits:
 
 - A request takes one request token and its prompt tokens at admission (before the orchestrator
   sees it); both must be available, else 429 / RESOURCE_EXHAUSTED with the time until they are.
@@ -10,7 +13,16 @@
 
 Each tenant has its own buckets; nothing one tenant does touches another's. The event loop is
 single-threaded and check-then-take has no await in between, so concurrent requests cannot
-overdraw at admission.
+overdraw at admission. With a shared limiter (`limits_redis.py`, setting `limits_redis_url`)
+the buckets live in Redis and hold across every gateway; the local buckets then hold the
+tenant's fallback share (1/`limits_gateways` of each limit), used only while Redis is
+unreachable.
+
+Concurrency (`ConcurrencyLimit`): a tenant's `max_concurrent_requests` and the process's
+`max_concurrent_streams` count generations from admission to their end (a slot is taken before
+tokenizing, so a refused request costs no tokenizer time). Beyond either: RESOURCE_EXHAUSTED /
+429, with a retry-after estimated from how fast slots free up and how many callers were just
+refused (`ConcurrencyLimit.retry_after_s`). Counters only: memory does not grow with load.
 """
 
 from __future__ import annotations
@@ -19,8 +31,9 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from services.gateway.errors import RateLimited
+from services.gateway.errors import GatewayOverloaded, RateLimited
 
 Clock = Callable[[], float]
 
@@ -70,6 +83,24 @@ class RateLimitSnapshot:
     tokens: LimitState | None
 
 
+class SharedQuota(Protocol):
+    """A tenant's buckets shared by every gateway (`limits_redis.RedisQuota`). Each call answers
+    False when the shared store is unreachable: nothing was taken or queued there, and the
+    caller uses its local buckets instead."""
+
+    async def admit(self, prompt_tokens: int) -> bool:
+        """Take one request and the prompt's tokens, or raise RateLimited taking nothing."""
+        ...
+
+    def charge(self, tokens: int) -> bool:
+        """Completion tokens, written in the background."""
+        ...
+
+    def refund(self, prompt_tokens: int) -> bool:
+        """Give back one request and the prompt's tokens, written in the background."""
+        ...
+
+
 class TenantLimits:
     def __init__(
         self,
@@ -77,12 +108,36 @@ class TenantLimits:
         requests_per_minute: int | None,
         tokens_per_minute: int | None,
         clock: Clock = time.monotonic,
+        *,
+        max_concurrent: int | None = None,
+        shared: SharedQuota | None = None,
+        share: int = 1,
+        retry_after_bounds: tuple[float, float] = (0.2, 30.0),
     ):
+        """`share` > 1 with `shared`: the local buckets (the fallback) hold 1/share of each
+        limit, so `share` gateways falling back at once still admit at most the limit."""
         self.tenant = tenant
+        self.shared = shared
         self.requests = (
-            None if requests_per_minute is None else TokenBucket(requests_per_minute, clock)
+            None if requests_per_minute is None else TokenBucket(requests_per_minute / share, clock)
         )
-        self.tokens = None if tokens_per_minute is None else TokenBucket(tokens_per_minute, clock)
+        self.tokens = (
+            None if tokens_per_minute is None else TokenBucket(tokens_per_minute / share, clock)
+        )
+        self.concurrency = (
+            None
+            if max_concurrent is None
+            else ConcurrencyLimit(
+                max_concurrent, clock, RateLimited, retry_after_bounds, owner=tenant
+            )
+        )
+
+    async def acquire(self, prompt_tokens: int) -> None:
+        """`admit` against the shared buckets when there are some (the local share while the
+        shared store is unreachable), else the local ones."""
+        if self.shared is not None and await self.shared.admit(prompt_tokens):
+            return
+        self.admit(prompt_tokens)
 
     def admit(self, prompt_tokens: int) -> None:
         """Take one request and the prompt's tokens, or raise RateLimited taking nothing."""
@@ -110,11 +165,15 @@ class TenantLimits:
 
     def charge(self, tokens: int) -> None:
         """Completion tokens, as they stream (never refused)."""
-        if self.tokens is not None and tokens:
+        if not tokens or (self.shared is not None and self.shared.charge(tokens)):
+            return
+        if self.tokens is not None:
             self.tokens.take(tokens)
 
     def refund(self, prompt_tokens: int) -> None:
         """Give back what `admit` took when the request was never served (admission failed)."""
+        if self.shared is not None and self.shared.refund(prompt_tokens):
+            return
         if self.requests is not None:
             self.requests.take(-1)
         if self.tokens is not None:
@@ -127,3 +186,123 @@ class TenantLimits:
             return LimitState(int(bucket.capacity), max(int(bucket.level()), 0), bucket.reset_s())
 
         return RateLimitSnapshot(state(self.requests), state(self.tokens))
+
+
+class _Rate:
+    """Events per second, exponentially weighted over `tau_s` (injected clock)."""
+
+    def __init__(self, clock: Clock, tau_s: float = 5.0):
+        self._clock = clock
+        self._tau = tau_s
+        self._value = 0.0
+        self._at = clock()
+
+    def _decay(self) -> None:
+        now = self._clock()
+        if now > self._at:
+            self._value *= math.exp(-(now - self._at) / self._tau)
+            self._at = now
+
+    def add(self, n: float = 1.0) -> None:
+        self._decay()
+        self._value += n
+
+    def per_s(self) -> float:
+        self._decay()
+        return self._value / self._tau
+
+
+class ConcurrencyLimit:
+    """At most `limit` slots held at once; `enter` takes one or raises `error`.
+
+    retry-after = (1 + callers refused in the last second) / slots freed per second, both
+    exponentially weighted over 5 s, within `bounds`: a refused caller that comes back then
+    finds, on average, a slot freed for it and for each caller refused just before it. With
+    nothing freed recently it is the upper bound.
+    """
+
+    def __init__(
+        self,
+        limit: int,
+        clock: Clock,
+        error: type[GatewayOverloaded] | type[RateLimited],
+        bounds: tuple[float, float],
+        *,
+        owner: str = "",
+    ):
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        self.limit = limit
+        self.held = 0
+        self._error = error
+        self._owner = owner
+        self._bounds = bounds
+        self._freed = _Rate(clock)
+        self._refused = _Rate(clock)
+
+    def retry_after_s(self) -> float:
+        low, high = self._bounds
+        freed = self._freed.per_s()
+        if freed <= 0:
+            return high
+        return min(max((1.0 + self._refused.per_s()) / freed, low), high)
+
+    def enter(self) -> None:
+        if self.held >= self.limit:
+            wait = self.retry_after_s()
+            self._refused.add()
+            who = f"tenant {self._owner!r}" if self._owner else "this gateway"
+            message = f"{who}: {self.limit} concurrent requests, the limit"
+            if self._error is RateLimited:
+                raise RateLimited(message, limit="concurrency", retry_after_s=wait)
+            raise GatewayOverloaded(message, retry_after_s=wait)
+        self.held += 1
+
+    def leave(self, *, freed: bool = True) -> None:
+        """Give the slot back; `freed=False` when the caller never used it (not counted in the
+        rate slots free up at)."""
+        assert self.held > 0, "leave without enter"
+        self.held -= 1
+        if freed:
+            self._freed.add()
+
+
+class Slot:
+    """The concurrency a generation holds (its tenant's and the process's); `release` once it
+    ends (idempotent)."""
+
+    __slots__ = ("_limits",)
+
+    def __init__(self, limits: tuple[ConcurrencyLimit, ...]):
+        self._limits = limits
+
+    def release(self) -> None:
+        limits, self._limits = self._limits, ()
+        for limit in limits:
+            limit.leave()
+
+
+class StreamLimits:
+    """The process's `max_concurrent_streams` plus each tenant's `max_concurrent_requests`."""
+
+    def __init__(
+        self,
+        max_streams: int,
+        clock: Clock = time.monotonic,
+        retry_after_bounds: tuple[float, float] = (0.2, 30.0),
+    ):
+        self.streams = ConcurrencyLimit(max_streams, clock, GatewayOverloaded, retry_after_bounds)
+
+    def enter(self, tenant: TenantLimits | None) -> Slot:
+        """A slot, or RESOURCE_EXHAUSTED taking nothing: the tenant's own limit is checked
+        first (a tenant over its limit is told so, not that the gateway is full)."""
+        own = None if tenant is None else tenant.concurrency
+        if own is not None:
+            own.enter()
+        try:
+            self.streams.enter()
+        except GatewayOverloaded:
+            if own is not None:
+                own.leave(freed=False)
+            raise
+        return Slot((self.streams,) if own is None else (own, self.streams))
