@@ -34,7 +34,7 @@ async def main(settings: GatewaySettings, blocks: KvBlockSettings) -> None:
     if not settings.models:
         raise SystemExit("gateway: no models configured (set LLMMESH_GATEWAY_MODELS)")
     models = [ServedModel.load(m) for m in settings.models]
-    auth = None if settings.tenants_file is None else Authenticator.from_file(settings.tenants_file)
+    auth = Authenticator.from_settings(settings)
     if auth is None:
         log.warning("authentication is off (no LLMMESH_GATEWAY_TENANTS_FILE)")
     else:

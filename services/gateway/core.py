@@ -62,6 +62,7 @@ from services.gateway.generation import (
     Sampling,
     request_digest,
 )
+from services.gateway.limits import Slot, StreamLimits
 from services.gateway.models import ServedModel
 from services.gateway.readiness import Readiness, ReadinessCheck
 from services.gateway.resume import Key, ResumeBackend, ResumeStore
@@ -123,6 +124,13 @@ class GatewayCore:
             else RedisResumeStore.from_settings(settings)
         )
         self._attempts = Attempts(settings, admission, triton)
+        self._streams = StreamLimits(
+            settings.max_concurrent_streams,
+            retry_after_bounds=(
+                settings.overload_retry_after_min_s,
+                settings.overload_retry_after_max_s,
+            ),
+        )
         self._readiness = ReadinessCheck(
             admission, [m.name for m in models], settings.readiness_timeout_s
         )
@@ -321,6 +329,7 @@ class GatewayCore:
         progress = Progress()
         model_label = req.model if req.model in self._models else "unknown"
         metrics.record_in_flight(model_label, 1)
+        slot: Slot | None = None
         try:
             with _tracer.start_as_current_span("gateway.generate", kind=SpanKind.SERVER) as span:
                 span.set_attribute("llmmesh.request_id", req.request_id)
@@ -331,12 +340,18 @@ class GatewayCore:
                     )
                     progress.tenant = tenant.name
                     span.set_attribute("llmmesh.tenant", tenant.name)
+                # Concurrency before tokenizing: a refused request costs no tokenizer time.
+                try:
+                    slot = self._streams.enter(None if tenant is None else tenant.limits)
+                except RateLimited as err:
+                    metrics.record_rate_limited("" if tenant is None else tenant.name, err.limit)
+                    raise
                 v = self.validate(req)
                 progress.prompt_tokens = len(v.prompt_ids)
                 limits = None if tenant is None else tenant.limits
                 if limits is not None:
                     try:
-                        limits.admit(len(v.prompt_ids))
+                        await limits.acquire(len(v.prompt_ids))
                     except RateLimited as err:
                         metrics.record_rate_limited(limits.tenant, err.limit)
                         raise
@@ -376,6 +391,8 @@ class GatewayCore:
             outcome = "cancelled"
             raise
         finally:
+            if slot is not None:
+                slot.release()
             metrics.record_in_flight(model_label, -1)
             self._account(req, progress, outcome, start)
 
@@ -410,3 +427,5 @@ class GatewayCore:
         grace periods), then wait for every lease report."""
         await self._resume.close()
         await self._admission.drain()
+        if self._auth is not None:
+            await self._auth.close()
