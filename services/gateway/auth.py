@@ -148,7 +148,7 @@ class Authenticator:
         *,
         shared: RedisLimiter | None = None,
         share: int = 1,
-        retry_after_bounds: tuple[float, float] = (0.2, 30.0),
+        retry_after_bounds: tuple[float, float] = (0.2, 10.0),
     ):
         """`shared`: rate limits held across gateways (the local buckets keep 1/`share` of
         each limit as the fallback)."""

@@ -112,7 +112,7 @@ class TenantLimits:
         max_concurrent: int | None = None,
         shared: SharedQuota | None = None,
         share: int = 1,
-        retry_after_bounds: tuple[float, float] = (0.2, 30.0),
+        retry_after_bounds: tuple[float, float] = (0.2, 10.0),
     ):
         """`share` > 1 with `shared`: the local buckets (the fallback) hold 1/share of each
         limit, so `share` gateways falling back at once still admit at most the limit."""
@@ -215,10 +215,10 @@ class _Rate:
 class ConcurrencyLimit:
     """At most `limit` slots held at once; `enter` takes one or raises `error`.
 
-    retry-after = (1 + callers refused in the last second) / slots freed per second, both
-    exponentially weighted over 5 s, within `bounds`: a refused caller that comes back then
-    finds, on average, a slot freed for it and for each caller refused just before it. With
-    nothing freed recently it is the upper bound.
+    retry-after = (1 + refusals per second) / slots freed per second, both rates exponentially
+    weighted over 5 s, within `bounds`: the more callers were just turned away, the further
+    apart the ones that retry are sent, so they do not all come back for the same freed slot.
+    With nothing freed recently it is the upper bound.
     """
 
     def __init__(
@@ -289,7 +289,7 @@ class StreamLimits:
         self,
         max_streams: int,
         clock: Clock = time.monotonic,
-        retry_after_bounds: tuple[float, float] = (0.2, 30.0),
+        retry_after_bounds: tuple[float, float] = (0.2, 10.0),
     ):
         self.streams = ConcurrencyLimit(max_streams, clock, GatewayOverloaded, retry_after_bounds)
 

@@ -221,7 +221,7 @@ class GatewaySettings(ServiceSettings):
         description="Smallest retry-after sent when a concurrency limit (process or tenant) refuses.",
     )
     overload_retry_after_max_s: float = Field(
-        default=30.0,
+        default=10.0,
         gt=0,
         description="Largest retry-after sent when a concurrency limit (process or tenant) refuses.",
     )

@@ -1,0 +1,139 @@
+"""Gateway limits on an injected clock: concurrency slots and their retry-after, the process
+limit next to a tenant's, and the local fallback share of a shared rate limiter."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from services.gateway.errors import GatewayOverloaded, RateLimited
+from services.gateway.limits import ConcurrencyLimit, StreamLimits, TenantLimits
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# (limit, slots freed in the past second, callers refused just before, expected retry-after)
+# retry-after = (1 + refusals/s) / slots freed/s, rates weighted over 5 s, within [0.2, 30].
+@pytest.mark.parametrize(
+    ("limit", "freed", "refused", "expected"),
+    [
+        (1, 0, 0, 30.0),  # nothing ever freed: the upper bound
+        (2, 10, 0, 0.5),  # ~10 freed in 1 s -> rate ~1.8/s (5 s weighting) -> ~0.55 s
+        (2, 10, 20, 2.8),  # 20 refused just before (~4/s): (1 + 4) / 1.8
+        (2, 200, 0, 0.2),  # fast turnover: the lower bound
+    ],
+)
+def test_concurrency_retry_after(limit: int, freed: int, refused: int, expected: float) -> None:
+    clock = Clock()
+    c = ConcurrencyLimit(limit, clock, GatewayOverloaded, (0.2, 30.0))
+    for _i in range(freed):
+        c.enter()
+        c.leave()
+        clock.now += 1.0 / freed if freed else 0
+    for _ in range(limit):
+        c.enter()
+    for _ in range(refused):
+        with pytest.raises(GatewayOverloaded):
+            c.enter()
+    with pytest.raises(GatewayOverloaded) as info:
+        c.enter()
+    assert info.value.retry_after_s == pytest.approx(expected, rel=0.2)
+    assert c.held == limit  # refusals take nothing
+
+
+def test_rates_decay_with_time() -> None:
+    clock = Clock()
+    c = ConcurrencyLimit(1, clock, GatewayOverloaded, (0.2, 30.0))
+    for _ in range(10):
+        c.enter()
+        c.leave()
+    fresh = c.retry_after_s()
+    clock.now += 20  # four time constants: the rate slots free at is ~2% of what it was
+    assert c.retry_after_s() == pytest.approx(min(fresh * math.exp(4), 30.0), rel=0.01)
+
+
+@pytest.mark.parametrize(
+    ("tenant_limit", "process_limit", "open_before", "error", "limit"),
+    [
+        (1, 5, 1, RateLimited, "concurrency"),  # the tenant's own limit first
+        (5, 1, 1, GatewayOverloaded, None),  # the process is full
+        (None, 2, 2, GatewayOverloaded, None),  # no tenant limit
+        (2, 2, 1, None, None),  # room in both
+    ],
+)
+def test_stream_limits_order_and_rollback(
+    tenant_limit: int | None,
+    process_limit: int,
+    open_before: int,
+    error: type[Exception] | None,
+    limit: str | None,
+) -> None:
+    clock = Clock()
+    tenant = TenantLimits("acme", None, None, clock, max_concurrent=tenant_limit)
+    streams = StreamLimits(process_limit, clock)
+    slots = [streams.enter(tenant) for _ in range(open_before)]
+    if error is None:
+        slots.append(streams.enter(tenant))
+    else:
+        with pytest.raises(error) as info:
+            streams.enter(tenant)
+        assert info.value.retry_after_s is not None  # type: ignore[attr-defined]
+        if limit is not None:
+            assert isinstance(info.value, RateLimited)
+            assert info.value.limit == limit
+    held = len(slots)
+    assert streams.streams.held == held
+    if tenant.concurrency is not None:
+        assert tenant.concurrency.held == held  # a refusal by the process gives the tenant's back
+    for s in slots:
+        s.release()
+        s.release()  # idempotent
+    assert streams.streams.held == 0
+
+
+class FakeShared:
+    """A shared quota that admits everything, or (`up=False`) is unreachable."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.admitted = 0
+        self.charged = 0
+
+    async def admit(self, prompt_tokens: int) -> bool:
+        if self.up:
+            self.admitted += 1
+        return self.up
+
+    def charge(self, tokens: int) -> bool:
+        if self.up:
+            self.charged += tokens
+        return self.up
+
+    def refund(self, prompt_tokens: int) -> bool:
+        return self.charge(-prompt_tokens)
+
+
+async def test_fallback_holds_the_local_share() -> None:
+    clock = Clock()
+    shared = FakeShared()
+    lim = TenantLimits("acme", 60, 6000, clock, shared=shared, share=3)
+    for _ in range(50):  # the shared buckets decide while reachable
+        await lim.acquire(10)
+    lim.charge(5)
+    assert (shared.admitted, shared.charged) == (50, 5)
+    shared.up = False
+    for _ in range(20):  # 60 requests/min over 3 gateways
+        await lim.acquire(10)
+    with pytest.raises(RateLimited) as info:
+        await lim.acquire(10)
+    assert info.value.retry_after_s == pytest.approx(3.0)  # 20/min: one every 3 s
+    lim.charge(100)  # completion tokens go to the local buckets while the shared one is down
+    assert lim.tokens is not None
+    assert lim.tokens.level() == pytest.approx(2000 - 200 - 100)

@@ -1,0 +1,149 @@
+"""Tenant rate limits shared by two gateways through one real redis-server (limits_redis.py):
+the tenant's quota holds across both, completion tokens charged on one count on the other, and
+with Redis down each gateway falls back to its share of the limit."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+
+from llmmesh.common.errors import ServiceError
+from llmmesh.redis_server import RedisServer
+from services.gateway.auth import Authenticator, hash_key
+from services.gateway.core import Completion, GatewayCore, GenerationRequest, Sampling
+from services.gateway.errors import RateLimited
+from services.gateway.models import ServedModel
+from services.gateway.settings import GatewaySettings, ModelSettings
+from tests.gateway.conftest import MODEL, FakeAdmission, FakeEngine, chunk
+
+KEY = "sk-acme"
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer_path: Path) -> ServedModel:
+    return ServedModel.load(ModelSettings(name=MODEL, tokenizer_path=tokenizer_path))
+
+
+class Gateway:
+    def __init__(self, core: GatewayCore, auth: Authenticator) -> None:
+        self.core = core
+        self.auth = auth
+
+    async def generate(self, n: int = 0) -> int | ServiceError:
+        """Completion tokens of one request with a 4-token prompt, or its refusal."""
+        req = GenerationRequest(
+            model=MODEL,
+            request_id=f"r{n}",
+            prompt_ids=[1, 2, 3, 4],
+            sampling=Sampling(max_tokens=8),
+            api_key=KEY,
+        )
+        done: int | None = None
+        try:
+            async with contextlib.aclosing(self.core.generate(req, 10.0)) as events:
+                async for ev in events:
+                    if isinstance(ev, Completion):
+                        done = ev.completion_tokens
+        except ServiceError as err:
+            return err
+        assert done is not None
+        return done
+
+
+@pytest_asyncio.fixture
+async def gateways(
+    model: ServedModel, redis_server: RedisServer, tmp_path: Path
+) -> AsyncIterator[tuple[Gateway, Gateway]]:
+    """Two gateways (each its own core, authenticator and Redis connection) sharing tenant
+    acme's limits: 6 requests/min, 60 tokens/min; fallback share 1/2 each."""
+    async with aioredis.Redis.from_url(redis_server.url) as r:
+        await r.flushall()
+    tenants = tmp_path / "tenants.json"
+    tenants.write_text(
+        json.dumps(
+            {
+                "tenants": [
+                    {
+                        "name": "acme",
+                        "requests_per_minute": 6,
+                        "tokens_per_minute": 60,
+                        "api_keys_sha256": [hash_key(KEY)],
+                    }
+                ]
+            }
+        )
+    )
+    settings = GatewaySettings(
+        models=[model.settings],
+        tenants_file=tenants,
+        limits_redis_url=redis_server.url,
+        limits_gateways=2,
+        limits_redis_flush_s=0.01,
+        limits_redis_retry_s=60,
+    )
+    out = []
+    for _ in range(2):
+        auth = Authenticator.from_settings(settings)
+        assert auth is not None
+        assert auth.shared is not None
+        engine = FakeEngine([[chunk(7), chunk(8, final=True)]] * 20)
+        out.append(Gateway(GatewayCore(settings, [model], FakeAdmission(), engine, 32, auth), auth))
+    try:
+        yield out[0], out[1]
+    finally:
+        for g in out:
+            await g.core.close()
+
+
+async def test_two_gateways_share_one_request_quota(gateways: tuple[Gateway, Gateway]) -> None:
+    a, b = gateways
+    results = [await (a if i % 2 else b).generate(i) for i in range(6)]
+    assert results == [2] * 6  # 6 requests/min between them, not 6 each
+    for g in (a, b):
+        refused = await g.generate()
+        assert isinstance(refused, RateLimited)
+        assert refused.limit == "requests"
+        assert refused.retry_after_s is not None
+        assert 5 < refused.retry_after_s <= 10
+    assert a.auth.shared is not None
+    assert a.auth.shared.errors == 0
+
+
+async def test_completion_tokens_charged_on_one_gateway_count_on_the_other(
+    gateways: tuple[Gateway, Gateway],
+) -> None:
+    a, b = gateways
+    tenant = a.auth.tenants["acme"].limits
+    assert await a.generate() == 2  # 4 prompt + 2 completion tokens
+    tenant.charge(53)  # a long completion streamed through a: 59 of 60 used
+    assert a.auth.shared is not None
+    await a.auth.shared.flush()
+    refused = await b.generate()  # 4 more prompt tokens do not fit any more
+    assert isinstance(refused, RateLimited)
+    assert refused.limit == "tokens"
+    assert refused.snapshot is not None
+    assert refused.snapshot.tokens is not None
+    assert refused.snapshot.tokens.remaining < 4
+
+
+async def test_redis_down_each_gateway_enforces_its_share(
+    gateways: tuple[Gateway, Gateway], redis_server: RedisServer
+) -> None:
+    a, b = gateways
+    redis_server.kill()
+    try:
+        for g in (a, b):
+            served = [await g.generate(i) for i in range(3)]
+            assert served == [2, 2, 2]  # half of 6/min: the local share, the same fail-safe total
+            refused = await g.generate()
+            assert isinstance(refused, RateLimited)
+            assert g.auth.shared is not None
+            assert g.auth.shared.errors == 1
+    finally:
+        await redis_server.start()
