@@ -18,6 +18,7 @@ from typing import Final
 import grpc
 
 from llmmesh.common.errors import Reason, ServiceError, from_rpc_error
+from llmmesh.common.server import KEEPALIVE_CLIENT_OPTIONS
 from llmmesh.common.telemetry import inject_trace_metadata
 from llmmesh.common.topology import Priority, ReplicaAddress
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
@@ -158,6 +159,9 @@ class OrchestratorClient:
         options: list[tuple[str, str | int]] = [
             ("grpc.max_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS),
             ("grpc.initial_reconnect_backoff_ms", _INITIAL_RECONNECT_BACKOFF_MS),
+            # A hung orchestrator fails its waiting Admits within keepalive time + timeout, and
+            # the set retries them on another orchestrator.
+            *KEEPALIVE_CLIENT_OPTIONS,
         ]
         if authority:
             options.append(("grpc.default_authority", authority))

@@ -48,7 +48,7 @@ async def ha(tokenizer_path: Path) -> AsyncIterator[Mesh]:
     await m.mesh.stop()
 
 
-async def generate(mesh: Mesh) -> str:
+async def generate(mesh: Mesh, timeout_s: float = 60) -> str:
     """One request: "ok" with every token, else what went wrong."""
     seed = next(_seeds)
     req = pb.GenerateRequest(
@@ -57,7 +57,7 @@ async def generate(mesh: Mesh) -> str:
         sampling=pb.SamplingParams(max_tokens=MAX_TOKENS, seed=seed),
     )
     try:
-        msgs = [m async for m in mesh.gateway.Generate(req, timeout=60)]
+        msgs = [m async for m in mesh.gateway.Generate(req, timeout=timeout_s)]
     except grpc.aio.AioRpcError as err:
         return f"{err.code().name}: {err.details()}"
     tokens = sum(len(m.delta.token_ids) for m in msgs if m.HasField("delta"))
@@ -106,6 +106,37 @@ async def test_kill_one_of_two_orchestrators_under_load_fails_no_request(ha: Mes
     assert granted >= len(results) - at_kill - CLIENTS
     assert gateway_metric(ha, names.GATEWAY_DEGRADED) == 0
     await victim.restart()
+
+
+async def test_a_hung_orchestrator_under_load_fails_no_request(ha: Mesh) -> None:
+    """SIGSTOP one of two orchestrators (its kernel keeps the connections open, nothing answers):
+    the Admits waiting on it fail over to the other once their keepalive ping goes unanswered, so
+    every request completes well within a deadline that a hung Admit would have spent."""
+    results: list[str] = []
+    stop = asyncio.Event()
+
+    async def client() -> None:
+        while not stop.is_set():
+            results.append(await generate(ha, timeout_s=20))
+
+    async def at_least(n: int) -> bool:
+        return len(results) >= n
+
+    victim = ha.mesh.services["orchestrator-1"]
+    assert victim.proc is not None
+    clients = [asyncio.create_task(client()) for _ in range(CLIENTS)]
+    try:
+        await eventually(lambda: at_least(32), timeout_s=60, what="load running")
+        victim.proc.send_signal(signal.SIGSTOP)
+        at_stop = len(results)
+        await eventually(lambda: at_least(at_stop + 96), timeout_s=90, what="load after SIGSTOP")
+    finally:
+        stop.set()
+        await asyncio.gather(*clients)
+        victim.proc.send_signal(signal.SIGCONT)
+    outcomes = Counter(r if r == "ok" else r.split(":")[0] for r in results)
+    print(f"one of two orchestrators hung: {len(results)} requests, {dict(outcomes)}")
+    assert outcomes == {"ok": len(results)}, [r for r in results if r != "ok"][:5]
 
 
 async def test_all_orchestrators_down_degraded_mode_then_back(ha: Mesh) -> None:
