@@ -20,6 +20,20 @@ from pydantic import BaseModel
 
 
 @dataclass(frozen=True, slots=True)
+class ReplicaLoad:
+    """The orchestrator's live accounting of a replica's work (`services/orchestrator/load.py`),
+    corrected by the engine's gauges."""
+
+    # Uncached prompt tokens of admitted requests not yet past their first token.
+    prefill_tokens: int = 0
+    # Modelled engine seconds until those prefills are done (the replica's prefill backlog).
+    prefill_s: float = 0.0
+    # Sequences past their first token and not completed, and their context tokens.
+    decode_seqs: int = 0
+    decode_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class ReplicaView:
     """What plugins may know about a replica: a snapshot, never the live state."""
 
@@ -38,6 +52,9 @@ class ReplicaView:
     # Requests that failed on the replica recently (policy `health.failure_window_s`): a replica
     # that answers errors fast holds few leases but is no idle replica; load scorers count these.
     recent_failures: int = 0
+    # Live load accounting; None when the orchestrator keeps none (load scorers then fall back
+    # to `in_flight` and the engine gauges).
+    load: ReplicaLoad | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,13 +1,18 @@
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import ClassVar
 
 from pydantic import Field
 
-from llmmesh.accelerators import DEFAULT_PROFILE, decode_shape, get_profile, prefill_shape
-from services.orchestrator.scheduling.contracts import PluginParams, ReplicaView, RequestView
+from llmmesh.accelerators import DEFAULT_PROFILE
+from services.orchestrator.scheduling.contracts import (
+    PluginParams,
+    ReplicaLoad,
+    ReplicaView,
+    RequestView,
+)
+from services.orchestrator.scheduling.work import WorkModel
 
 
 class Params(PluginParams):
@@ -15,49 +20,84 @@ class Params(PluginParams):
         default=DEFAULT_PROFILE, description="Engine cost profile (model + GPU)."
     )
     ttft_slo_ms: float = Field(
-        default=1000.0, gt=0, description="Predicted TTFT at which the score reaches 0."
+        default=1000.0,
+        gt=0,
+        description="Predicted TTFT above the best candidate's at which the score reaches 0.",
     )
-    max_batch: int = Field(
-        default=64, gt=0, description="Engine batch size assumed when it reports none."
+    prefix_aware: bool = Field(
+        default=True,
+        description="Count the replica's cached prefix (false: cache-blind least work).",
     )
+    max_batch: int = Field(default=64, gt=0, description="Engine batch size (sequences per step).")
+    max_num_tokens: int = Field(default=8192, gt=0, description="Engine tokens per step.")
     block_size: int = Field(
         default=32, gt=0, description="Tokens per KV block (LLMMESH_KV_BLOCK_SIZE)."
     )
     mean_context_tokens: int = Field(
-        default=2048, gt=0, description="Context assumed for running sequences."
+        default=2048,
+        gt=0,
+        description="Context assumed per running sequence when the replica has no load ledger.",
     )
 
 
 class EstimatedWaitScorer:
-    """Predicted time to first token from the replica's queue and the engine cost model."""
+    """Predicted time to first token on each replica from its live load (the orchestrator's
+    ledger) and the engine work model; the fastest candidate scores 1, each second more costs
+    1 / ttft_slo."""
 
     TYPE: ClassVar[str] = "estimated-wait-scorer"
 
     def __init__(self, params: Params):
         self.params = params
-        self._profile = get_profile(params.cost_profile)
+        self._work = WorkModel.named(params.cost_profile, params.max_num_tokens, params.max_batch)
 
-    def predicted_ttft_s(self, request: RequestView, r: ReplicaView) -> float:
-        p = self.params
-        cached = min(
-            request.prefix_blocks.get(r.id, 0) * p.block_size, max(request.prompt_tokens - 1, 0)
-        )
-        own = self._profile.step_time_s(prefill_shape(request.prompt_tokens - cached, cached))
-        running = r.engine_active if r.engine_active is not None else float(r.in_flight)
+    def cached_tokens(self, request: RequestView, r: ReplicaView) -> int:
+        if not self.params.prefix_aware:
+            return 0
+        blocks = request.prefix_blocks.get(r.id, 0)
+        return min(blocks * self.params.block_size, max(request.prompt_tokens - 1, 0))
+
+    def _load(self, request: RequestView, r: ReplicaView) -> ReplicaLoad:
+        if r.load is not None:
+            return r.load
+        # No ledger: running sequences from the engine gauge (or the leases), waiting ones each
+        # needing a prefill the size of this prompt.
+        seqs = round(r.engine_active if r.engine_active is not None else r.in_flight)
         waiting = (
             r.engine_waiting
             if r.engine_waiting is not None
-            else max(0.0, r.in_flight - p.max_batch)
+            else max(0, r.in_flight - self.params.max_batch)
         )
-        # Requests queued ahead each need a prefill of a typical prompt; while the batch is full,
-        # each admission waits for a sequence to finish, paced by decode steps.
-        ahead = self._profile.step_time_s(prefill_shape(request.prompt_tokens, 0)) * waiting
-        batch = max(1, min(math.ceil(running), p.max_batch))
-        decode_step = self._profile.step_time_s(
-            decode_shape(p.mean_context_tokens) + decode_shape(p.mean_context_tokens * (batch - 1))
+        per = self._work.prefill_work_s(request.prompt_tokens, 0)
+        return ReplicaLoad(
+            prefill_tokens=round(waiting * request.prompt_tokens),
+            prefill_s=waiting * per,
+            decode_seqs=seqs,
+            decode_tokens=seqs * self.params.mean_context_tokens,
         )
-        return own + ahead + (decode_step if running >= p.max_batch else 0.0)
+
+    def predicted_ttft_s(self, request: RequestView, r: ReplicaView) -> float:
+        """Backlog of prefills ahead + own prefill (stretched by the decode batch) + the step it
+        finishes in; + the wait for a batch slot when every slot is taken."""
+        w = self._work
+        load = self._load(request, r)
+        cached = self.cached_tokens(request, r)
+        own = w.prefill_work_s(request.prompt_tokens - cached, cached)
+        own *= w.decode_slowdown(load.decode_seqs, load.decode_tokens)
+        step = w.decode_step_s(load.decode_seqs + 1, load.decode_tokens + request.prompt_tokens)
+        t = load.prefill_s + own + max(step, w.fixed_step_s)
+        sequences = max(r.in_flight, load.decode_seqs)
+        if sequences >= self.params.max_batch:
+            # A slot frees when one of the batch's sequences ends: about every
+            # (its output length x decode step) / batch seconds per excess sequence.
+            excess = sequences + 1 - self.params.max_batch
+            t += excess * step * max(request.max_tokens, 1) / self.params.max_batch
+        return t
 
     def score(self, request: RequestView, replicas: Sequence[ReplicaView]) -> Sequence[float]:
-        slo = self.params.ttft_slo_ms / 1000.0
-        return [1.0 - min(1.0, self.predicted_ttft_s(request, r) / slo) for r in replicas]
+        if not replicas:
+            return []
+        times = [self.predicted_ttft_s(request, r) for r in replicas]
+        best = min(times)
+        scale = self.params.ttft_slo_ms / 1000.0
+        return [1.0 - min(1.0, (t - best) / scale) for t in times]

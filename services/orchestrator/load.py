@@ -1,0 +1,186 @@
+"""Live load accounting per replica: the work this orchestrator granted and has not seen end,
+current at every decision (the engines' gauges are a scrape old).
+
+Per lease: its replica, its prompt's uncached tokens (the registry's match on that replica at
+grant time), its prompt and max tokens. Per replica, a FIFO prefill server on the cost model
+(`scheduling/work.py`): a grant's prefill starts when the replica's earlier prefills are done
+(`busy_until`) and takes its work, stretched by the decoding batch riding along; its first token
+is due then. The orchestrator is not told of first tokens (the gateway reports only completion),
+so the first token is this estimate unless `first_token` is called (a simulator, or a future
+first-token report, may); at completion the lease leaves whatever its phase.
+
+Invariants:
+- Each lease is accounted from `grant` to `complete` (or `drop_replica`), once.
+- `busy_until` never lies in the past of the last update and equals the estimated first-token
+  time of the replica's last lease still in prefill.
+- A lease that ends before its estimated first token gives back its remaining prefill work: the
+  later leases' first tokens move earlier by it.
+
+Correction by the engine's gauges (`observe`, once per fresh sample): the engine's `waiting`
+requests have not started; when they outnumber the leases this ledger still has in prefill at the
+sample's time, the model ran ahead of the engine and the backlog is stretched to cover them at the
+mean prefill work of recent grants; requests the engine holds beyond this orchestrator's leases
+(other orchestrators') count as decoding sequences of the mean context until the next sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from services.orchestrator.domain import Clock
+from services.orchestrator.scheduling.contracts import ReplicaLoad
+from services.orchestrator.scheduling.work import WorkModel
+
+# EWMA weight of the newest grant in the mean prefill work and context per replica.
+_MEAN_ALPHA = 0.1
+
+
+@dataclass(slots=True)
+class _Lease:
+    replica: str
+    uncached: int
+    prompt: int
+    max_tokens: int
+    work_s: float  # prefill work, stretched by the decode batch at grant time
+    first_token_at: float
+    started_at: float  # when its prefill starts on the FIFO server
+
+
+@dataclass(slots=True)
+class _Replica:
+    busy_until: float = 0.0
+    leases: dict[str, _Lease] = field(default_factory=dict)  # grant order
+    mean_work_s: float = 0.0
+    mean_context: float = 0.0
+    sample_at: float | None = None  # the engine sample already applied
+    others: int = 0  # the engine's requests beyond this orchestrator's leases
+
+
+class LoadLedger:
+    def __init__(self, clock: Clock, work: WorkModel) -> None:
+        self._clock = clock
+        self._work = work
+        self._replicas: dict[str, _Replica] = {}
+        self._leases: dict[str, _Lease] = {}
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def grant(
+        self,
+        lease_id: str,
+        replica_id: str,
+        prompt_tokens: int,
+        cached_tokens: int,
+        max_tokens: int,
+    ) -> None:
+        now = self._clock()
+        rep = self._replicas.setdefault(replica_id, _Replica())
+        cached = max(0, min(cached_tokens, prompt_tokens - 1))
+        uncached = prompt_tokens - cached
+        seqs, ctx = self._decoding(rep, now)
+        work = self._work.prefill_work_s(uncached, cached) * self._work.decode_slowdown(seqs, ctx)
+        start = max(now, rep.busy_until)
+        lease = _Lease(replica_id, uncached, prompt_tokens, max_tokens, work, start + work, start)
+        rep.busy_until = lease.first_token_at
+        rep.leases[lease_id] = lease
+        self._leases[lease_id] = lease
+        a = _MEAN_ALPHA if rep.mean_work_s else 1.0
+        rep.mean_work_s += a * (work - rep.mean_work_s)
+        rep.mean_context += a * (prompt_tokens + max_tokens / 2 - rep.mean_context)
+
+    def first_token(self, lease_id: str) -> None:
+        """The lease's first token was seen now: it decodes from now on."""
+        lease = self._leases.get(lease_id)
+        if lease is None:
+            return
+        now = self._clock()
+        rep = self._replicas[lease.replica]
+        if lease.first_token_at > now:
+            self._shift_after(rep, lease, lease.first_token_at - now, now)
+        lease.first_token_at = now
+
+    def complete(self, lease_id: str) -> None:
+        lease = self._leases.pop(lease_id, None)
+        if lease is None:
+            return
+        rep = self._replicas[lease.replica]
+        now = self._clock()
+        if lease.first_token_at > now:
+            left = lease.first_token_at - max(now, lease.started_at)
+            self._shift_after(rep, lease, min(left, lease.work_s), now)
+        del rep.leases[lease_id]
+
+    def _shift_after(self, rep: _Replica, lease: _Lease, by_s: float, now: float) -> None:
+        """Move the first tokens of the leases granted after `lease` (still in prefill) `by_s`
+        earlier, and the backlog's end with them."""
+        after = False
+        for other in rep.leases.values():
+            if other is lease:
+                after = True
+            elif after and other.first_token_at > now:
+                other.first_token_at = max(now, other.first_token_at - by_s)
+                other.started_at = max(now, other.started_at - by_s)
+        rep.busy_until = max(now, rep.busy_until - by_s)
+
+    def drop_replica(self, replica_id: str) -> None:
+        rep = self._replicas.pop(replica_id, None)
+        if rep is not None:
+            for lid in rep.leases:
+                self._leases.pop(lid, None)
+
+    def observe(
+        self, replica_id: str, active: float, waiting: float, own_at_sample: int, sample_at: float
+    ) -> None:
+        """Apply an engine sample once (see the module docstring)."""
+        rep = self._replicas.setdefault(replica_id, _Replica())
+        if rep.sample_at == sample_at:
+            return
+        rep.sample_at = sample_at
+        rep.others = max(0, round(active + waiting) - own_at_sample)
+        own_waiting = sum(1 for x in rep.leases.values() if x.started_at > sample_at)
+        behind = round(waiting) - own_waiting - rep.others
+        if behind > 0 and rep.mean_work_s > 0:
+            floor = sample_at + behind * rep.mean_work_s
+            if floor > rep.busy_until:
+                stretch = floor - rep.busy_until
+                for x in rep.leases.values():
+                    if x.first_token_at > sample_at:
+                        x.first_token_at += stretch
+                rep.busy_until = floor
+
+    def _decoding(self, rep: _Replica, now: float) -> tuple[int, int]:
+        seqs, ctx = 0, 0
+        step = None
+        for x in rep.leases.values():
+            if x.first_token_at <= now:
+                if step is None:
+                    step = max(self._work.decode_step_s(len(rep.leases), self._context(rep)), 1e-4)
+                generated = min(x.max_tokens, int((now - x.first_token_at) / step))
+                seqs += 1
+                ctx += x.prompt + generated
+        extra = rep.others
+        return seqs + extra, ctx + round(extra * rep.mean_context)
+
+    def _context(self, rep: _Replica) -> int:
+        return sum(x.prompt for x in rep.leases.values()) + round(rep.others * rep.mean_context)
+
+    def load(self, replica_id: str) -> ReplicaLoad:
+        rep = self._replicas.get(replica_id)
+        if rep is None:
+            return ReplicaLoad()
+        now = self._clock()
+        prefill = 0.0
+        for x in rep.leases.values():
+            if x.first_token_at > now:
+                if x.started_at >= now or x.work_s <= 0:
+                    prefill += x.uncached
+                else:
+                    prefill += x.uncached * min(1.0, (x.first_token_at - now) / x.work_s)
+        seqs, ctx = self._decoding(rep, now)
+        return ReplicaLoad(
+            prefill_tokens=round(prefill),
+            prefill_s=max(0.0, rep.busy_until - now),
+            decode_seqs=seqs,
+            decode_tokens=ctx,
+        )

@@ -1,0 +1,65 @@
+"""The engine work model shared by the load ledger (`services/orchestrator/load.py`) and the
+estimated-wait scorer: how many modelled seconds of an engine a prefill or a decode step takes,
+from the accelerator cost model (`llmmesh/accelerators.py`).
+
+An in-flight-batching engine runs steps of at most `max_num_tokens` new tokens; each step
+streams the weights once (a fixed cost: overhead + weight bytes / bandwidth) and does the
+tokens' math. A prefill's *work* is its share of that: its compute (or its KV traffic, when
+larger) plus the fixed step cost prorated by the share of a full step its tokens fill. Work adds
+up: the prefills admitted to one replica finish, in order, after the sum of their work (the
+engine batches them into full steps). A decoding batch slows prefill down: each step also reads
+every decoding sequence's context, so prefill work is stretched by `decode_slowdown`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmmesh.accelerators import (
+    CostProfile,
+    StepShape,
+    decode_batch_shape,
+    get_profile,
+    prefill_shape,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkModel:
+    profile: CostProfile
+    max_num_tokens: int = 8192
+    max_batch: int = 64
+
+    @classmethod
+    def named(cls, profile: str, max_num_tokens: int = 8192, max_batch: int = 64) -> WorkModel:
+        return cls(get_profile(profile), max_num_tokens, max_batch)
+
+    @property
+    def fixed_step_s(self) -> float:
+        """One step's cost independent of its tokens: overhead + one pass over the weights."""
+        return self.profile.overhead_s + self.profile.memory_time_s(StepShape())
+
+    def prefill_work_s(self, uncached: int, cached: int) -> float:
+        """Engine seconds a prefill of `uncached` tokens after `cached` reused ones adds."""
+        if uncached <= 0:
+            return 0.0
+        shape = prefill_shape(uncached, cached)
+        p = self.profile
+        kv_s = p.kv_bytes_per_token * shape.kv_tokens / (p.hbm_bandwidth * p.hbm_efficiency)
+        share = uncached / self.max_num_tokens
+        return max(p.compute_time_s(shape), kv_s) + self.fixed_step_s * share
+
+    def decode_step_s(self, seqs: int, context_tokens: int) -> float:
+        """One step of `seqs` decoding sequences holding `context_tokens` tokens in all."""
+        if seqs <= 0:
+            return 0.0
+        return self.profile.step_time_s(decode_batch_shape(max(1, context_tokens // seqs), seqs))
+
+    def decode_slowdown(self, seqs: int, context_tokens: int) -> float:
+        """How much longer a full prefill step takes with this decoding batch riding along."""
+        full = prefill_shape(self.max_num_tokens, 0)
+        alone = self.profile.step_time_s(full)
+        if seqs <= 0:
+            return 1.0
+        ctx = max(1, context_tokens // seqs)
+        return self.profile.step_time_s(full + decode_batch_shape(ctx, seqs)) / alone
