@@ -52,6 +52,7 @@ import random
 import time
 from collections.abc import Sequence
 
+from llmmesh.accelerators import DEFAULT_PROFILE
 from llmmesh.common.engine_metrics import fetch_metrics_text
 from services.orchestrator import metrics
 from services.orchestrator.admission_queue import Activation, AdmissionQueue, Waiter
@@ -73,12 +74,14 @@ from services.orchestrator.errors import (
 from services.orchestrator.feedback import PrefixFeedback
 from services.orchestrator.health import EngineSampler, FetchMetrics, Health, ReplicaProbe
 from services.orchestrator.leases import LeaseTable
+from services.orchestrator.load import LoadLedger
 from services.orchestrator.policy import Policy
 from services.orchestrator.prefix import NO_MATCHES, PrefixIndex, PrefixMatches
 from services.orchestrator.replicas import ReplicaSet, ReplicaState
 from services.orchestrator.scheduling.contracts import ReplicaView, RequestView
 from services.orchestrator.scheduling.framework import Scheduler, build_profile
 from services.orchestrator.scheduling.registry import default_registry
+from services.orchestrator.scheduling.work import WorkModel
 from services.orchestrator.settings import OrchestratorSettings, ReplicaSpec
 
 log = logging.getLogger(__name__)
@@ -117,6 +120,8 @@ class Orchestrator:
             clock,
         )
         self._leases = LeaseTable(settings.lease_timeout_s, clock)
+        # Live per-replica work (load.py): every grant and completion, corrected by samples.
+        self._load = LoadLedger(clock, WorkModel.named(DEFAULT_PROFILE))
         self._feedback = PrefixFeedback(prefix_index)
         self._reprobes: set[asyncio.Task[None]] = set()
         # Set once the first health round ended: until then "no replica" may only mean "not
@@ -284,6 +289,10 @@ class Orchestrator:
 
     def _view(self, st: ReplicaState, now: float) -> ReplicaView:
         sample = self._sampler.fresh(st, now)
+        if sample is not None:
+            self._load.observe(
+                st.spec.id, sample.active, sample.waiting, st.sample_in_flight, st.sample_at
+            )
         return ReplicaView(
             id=st.spec.id,
             pool=st.spec.pool,
@@ -297,6 +306,7 @@ class Orchestrator:
             engine_waiting=sample.waiting if sample else None,
             kv_utilization=sample.kv_utilization if sample else None,
             recent_failures=self._health.recent_failures(st, now),
+            load=self._load.load(st.spec.id),
         )
 
     def _request_view(self, req: AdmissionRequest, prefix: PrefixMatches) -> RequestView:
@@ -355,6 +365,10 @@ class Orchestrator:
             prefix.matched_blocks.get(st.spec.id, 0),
         )
         self._feedback.routed(lease.lease_id, st.spec.id, prefix, len(req.prompt_token_ids))
+        prompt = len(req.prompt_token_ids)
+        matched = prefix.matched_blocks.get(st.spec.id, 0)
+        cached = matched * prompt // prefix.prompt_blocks if prefix.prompt_blocks else 0
+        self._load.grant(lease.lease_id, st.spec.id, prompt, cached, req.max_tokens)
         return lease
 
     def _dispatch(self) -> None:
@@ -419,6 +433,7 @@ class Orchestrator:
         lease = self._leases.pop(lease_id)
         if lease is None:
             return False
+        self._load.complete(lease_id)
         self._feedback.completed(lease_id, lease.replica.id, reused_blocks)
         st = self._replicas.release(lease.replica.id)
         if st is not None:
