@@ -189,6 +189,11 @@ class PagedKvCache:
         self._append(self._seqs[seq_id], (token,))
         self._flush()
 
+    def append_tokens(self, seq_id: str, tokens: Sequence[int]) -> None:
+        """`append_token` for each of `tokens`, in order (same blocks, events and counts)."""
+        self._append(self._seqs[seq_id], tokens)
+        self._flush()
+
     def release(self, seq_id: str) -> None:
         """Drop a finished or cancelled sequence: stored blocks stay cached (LRU), the rest is freed."""
         seq = self._seqs.pop(seq_id)

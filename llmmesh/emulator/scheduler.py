@@ -68,6 +68,17 @@ class StepResult:
         return self.num_context + self.num_generation
 
 
+@dataclass(frozen=True, slots=True)
+class DecodeRun:
+    """What `Scheduler.decode_steps` did: per-iteration durations (modelled seconds), the time
+    its last token was produced, the sequences that finished in its last iteration, KV events."""
+
+    durations_s: list[float]
+    end_ns: int
+    finished: list[TokenOutput]
+    events: list[KvEvent]
+
+
 @dataclass(slots=True)
 class _Running:
     req: GenerationRequest
@@ -167,6 +178,52 @@ class Scheduler(RequestQueues[_Running]):
             num_generation=len(decoding),
             shape=shape,
         )
+
+    def decode_durations(self, steps: int) -> list[float]:
+        """Modelled durations of the next `steps` iterations if they admit nothing (every running
+        sequence decodes one token per iteration). Pure: changes nothing."""
+        shape = StepShape()
+        for r in self._running.values():
+            shape = shape + decode_shape(r.context_tokens)
+        n = shape.new_tokens
+        step_time = self.cost.step_time_s
+        return [
+            step_time(StepShape(n, shape.attention_pairs + n * j, shape.kv_tokens + n * j))
+            for j in range(steps)
+        ]
+
+    def decode_steps(self, steps: int, now_ns: int = 0) -> DecodeRun:
+        """`steps` iterations that admit nothing, at once: the same tokens, KV blocks, events and
+        timestamps as `steps` calls of `step()` while no waiting request can be admitted (the
+        queue is empty, or its head does not fit until a running sequence finishes). No running
+        sequence may finish before the last of them (`steps <= decode_horizon()`)."""
+        if not 0 < steps <= self.decode_horizon():
+            raise ValueError(f"steps must be in [1, {self.decode_horizon()}], got {steps}")
+        durations = self.decode_durations(steps)
+        t_ns = now_ns
+        for d in durations:
+            t_ns += int(d * self.time_scale * 1e9)
+        finished: list[TokenOutput] = []
+        for r in list(self._running.values()):
+            rid = r.req.request_id
+            tokens = [r.tokens.next() for _ in range(steps)]
+            r.generated += steps
+            r.context_tokens += steps
+            r.last_token_ns = t_ns
+            self.cache.append_tokens(rid, tokens)
+            if r.generated >= r.req.max_new_tokens:
+                blocks = self.cache.sequence_blocks(rid)
+                del self._running[rid]
+                self.cache.release(rid)
+                times = RequestTimes(r.arrival_ns, r.first_scheduled_ns, r.first_token_ns, t_ns)
+                finished.append(TokenOutput(rid, r.generated - 1, tokens[-1], True, blocks, times))
+        self._last_scheduled = len(self._running) + len(finished)
+        self._last_context = 0
+        return DecodeRun(durations, t_ns, finished, self.cache.drain_events())
+
+    def decode_horizon(self) -> int:
+        """Iterations until the first running sequence finishes (0 when none runs)."""
+        return min((r.req.max_new_tokens - r.generated for r in self._running.values()), default=0)
 
     def _emit(self, r: _Running, t_ns: int) -> TokenOutput:
         rid = r.req.request_id
