@@ -1,0 +1,25 @@
+"""Discrete-event cluster simulator: llmmesh's own control plane on virtual time (README.md)."""
+
+from llmmesh.sim.cluster import (
+    Autoscale,
+    ClusterSpec,
+    KvMode,
+    Latencies,
+    PoolSpec,
+    Sample,
+    ScaleEvent,
+    SimResult,
+    simulate,
+)
+
+__all__ = [
+    "Autoscale",
+    "ClusterSpec",
+    "KvMode",
+    "Latencies",
+    "PoolSpec",
+    "Sample",
+    "ScaleEvent",
+    "SimResult",
+    "simulate",
+]
