@@ -487,7 +487,7 @@ async def run(args: argparse.Namespace) -> int:
                 grpc_port=0,
                 metrics_port=0,
                 interval_s=1.0,
-                orchestrator_metrics_url=orch.metrics_url,
+                orchestrator_metrics_urls=[orch.metrics_url],
                 gateway_metrics_url=gw.metrics_url,
                 targets=[
                     ScrapeTarget(replica_id=rid, metrics_url=t.metrics_url)

@@ -473,7 +473,7 @@ class LocalMesh:
                     grpc_port=o.autoscaler_port,
                     metrics_port=0,
                     interval_s=AUTOSCALER_INTERVAL_S,
-                    orchestrator_metrics_url=orch.metrics_url,
+                    orchestrator_metrics_urls=[svc.metrics_url for svc in self.orchestrators],
                     gateway_metrics_url=gw.metrics_url,
                     targets=[
                         ScrapeTarget(

@@ -10,6 +10,11 @@ Invariants:
   then it is unknown, not 0. Percentiles follow Prometheus' `histogram_quantile`.
 - An orchestrator series labelled by replica belongs to that replica's target pool, or else to its
   pool's only known model version; with neither it is dropped, never guessed.
+- Every orchestrator is read (they run active-active, each with its own queue and leases): each
+  orchestrator URL's host is resolved every round to all its IPv4 addresses (a headless Service's
+  name: one per ready pod; an address: itself) and each is read with the URL's host as Host.
+  Their counters are tracked per instance and summed, their gauges summed; the orchestrator
+  signals are known when at least one of them was read.
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmmesh.common import metric_names as names
-from llmmesh.common.discovery import DnsTarget, discover_pods
+from llmmesh.common.discovery import DnsTarget, discover_pods, resolve_ipv4
 from llmmesh.common.engine_metrics import EngineSample, fetch_metrics_text, parse_engine_metrics
 from llmmesh.common.topology import PoolKey
 from services.autoscaler.signals import (
@@ -113,8 +119,29 @@ class CounterTrack:
 
 
 SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
+# The label a tracked series gets for the orchestrator instance it was read from.
+INSTANCE_LABEL = "__instance__"
 Fetch = Callable[[str, str, float], str]
 Discover = Callable[[], Awaitable[list[EngineTarget]]]
+Resolve = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def instances(url: str, resolve: Resolve) -> list[tuple[str, str]]:
+    """(URL with the host replaced by one of its IPv4 addresses, the original host:port for the
+    Host header) per address of `url`'s host; [] when it does not resolve."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        ips = await resolve(host, port)
+    except OSError as exc:
+        log.info(
+            "orchestrator metrics host does not resolve", extra={"url": url, "error": repr(exc)}
+        )
+        return []
+    if ips == [host]:
+        return [(url, "")]
+    return [(urlunsplit(parts._replace(netloc=f"{ip}:{port}")), f"{host}:{port}") for ip in ips]
 
 
 class ScrapeSource:
@@ -125,7 +152,7 @@ class ScrapeSource:
         self,
         *,
         targets: Discover,
-        orchestrator_url: str | None,
+        orchestrator_urls: Sequence[str],
         gateway_url: str | None,
         pool_models: Mapping[PoolKey, str],
         timeout_s: float,
@@ -133,10 +160,12 @@ class ScrapeSource:
         max_age_s: float,
         pools: Iterable[PoolKey] = (),
         fetch: Fetch = fetch_metrics_text,
+        resolve: Resolve = resolve_ipv4,
         max_points: int = 512,
     ):
         self._targets = targets
-        self._orchestrator_url = orchestrator_url
+        self._orchestrator_urls = list(orchestrator_urls)
+        self._resolve = resolve
         self._gateway_url = gateway_url
         self._pool_models = dict(pool_models)
         self._timeout_s = timeout_s
@@ -156,8 +185,9 @@ class ScrapeSource:
             log.info("scrape failed", extra={"url": url, "error": repr(exc)})
             return None
 
-    def _track(self, now: float, text: str, prefixes: tuple[str, ...]) -> bool:
-        """Feed counter/histogram samples named with `prefixes` into their tracks."""
+    def _track(self, now: float, text: str, prefixes: tuple[str, ...], instance: str = "") -> bool:
+        """Feed counter/histogram samples named with `prefixes` into their tracks (one track per
+        series and `instance`: the same series of two orchestrators are two counters)."""
         try:
             families = list(text_string_to_metric_families(text))
         except ValueError as exc:
@@ -169,7 +199,8 @@ class ScrapeSource:
             for s in fam.samples:
                 if not s.name.endswith(("_total", "_bucket")):
                     continue
-                key = (s.name, tuple(sorted(s.labels.items())))
+                labels = {**s.labels, INSTANCE_LABEL: instance} if instance else s.labels
+                key = (s.name, tuple(sorted(labels.items())))
                 track = self._counters.get(key)
                 if track is None:
                     track = self._counters[key] = CounterTrack(self._max_points)
@@ -210,21 +241,34 @@ class ScrapeSource:
         for key in [k for k, t in self._counters.items() if now - t.last_seen > horizon]:
             del self._counters[key]
 
+    async def _orchestrator_pages(self) -> list[tuple[str, str]]:
+        """(instance URL, page) of every orchestrator read this round."""
+        found = await asyncio.gather(
+            *(instances(u, self._resolve) for u in self._orchestrator_urls)
+        )
+        endpoints = list(dict.fromkeys(e for group in found for e in group))
+        pages = await asyncio.gather(*(self._get(url, host) for url, host in endpoints))
+        return [(url, text) for (url, _), text in zip(endpoints, pages, strict=True) if text]
+
     async def collect(self, now: float) -> Mapping[PoolKey, PoolSignals]:
         targets = await self._targets()
         self._replica_keys = {t.replica_id: t.key for t in targets}
-        pages = await asyncio.gather(
-            *(self._get(t.metrics_url, t.host_header) for t in targets),
-            self._get(self._orchestrator_url) if self._orchestrator_url else _none(),
+        engine_pages, orch_pages, gw_text = await asyncio.gather(
+            asyncio.gather(*(self._get(t.metrics_url, t.host_header) for t in targets)),
+            self._orchestrator_pages(),
             self._get(self._gateway_url) if self._gateway_url else _none(),
         )
-        *engine_pages, orch_text, gw_text = pages
         obs = Observation()
         for target, text in zip(targets, engine_pages, strict=True):
             obs.engines.setdefault(target.key, EngineAggregate()).add(_engine_sample(text))
-        orch_ok = orch_text is not None and self._track(
-            now, orch_text, (family(names.ORCH_DECISIONS), names.ORCH_QUEUE_WAIT)
-        )
+        orch_read = [
+            (url, text)
+            for url, text in orch_pages
+            if self._track(
+                now, text, (family(names.ORCH_DECISIONS), names.ORCH_QUEUE_WAIT), instance=url
+            )
+        ]
+        orch_ok = bool(orch_read)
         gw_ok = gw_text is not None and self._track(
             now, gw_text, (names.GATEWAY_TTFT, names.GATEWAY_ITL, family(names.GATEWAY_TOKENS))
         )
@@ -232,9 +276,13 @@ class ScrapeSource:
         # A rate needs two reads within the window: until then it is unknown, not 0.
         orch_rates = self._warm("orchestrator", now, orch_ok)
         gw_rates = self._warm("gateway", now, gw_ok)
-        if orch_ok and orch_text is not None:
-            obs.queue_depth = _pool_gauge(orch_text, names.ORCH_POOL_QUEUE_DEPTH)
-            obs.leases = self._replica_gauge(orch_text, names.ORCH_REPLICA_IN_FLIGHT)
+        if orch_ok:
+            obs.queue_depth = _summed(
+                _pool_gauge(text, names.ORCH_POOL_QUEUE_DEPTH) for _, text in orch_read
+            )
+            obs.leases = _summed(
+                self._replica_gauge(text, names.ORCH_REPLICA_IN_FLIGHT) for _, text in orch_read
+            )
         if orch_rates:
             obs.admissions = {}
             for (model, replica, pool), rate in self._rates(
@@ -306,6 +354,18 @@ def _engine_sample(text: str | None) -> EngineSample | None:
 
 async def _none() -> None:
     return None
+
+
+def _summed(gauges: Iterable[dict[PoolKey, float] | None]) -> dict[PoolKey, float] | None:
+    """Per-pool sums over the orchestrators' pages; None when no page had the family."""
+    out: dict[PoolKey, float] | None = None
+    for g in gauges:
+        if g is None:
+            continue
+        out = out if out is not None else {}
+        for k, v in g.items():
+            out[k] = out.get(k, 0.0) + v
+    return out
 
 
 def _pool_gauge(text: str, name: str) -> dict[PoolKey, float] | None:

@@ -82,8 +82,12 @@ class AutoscalerSettings(ServiceSettings):
         default_factory=list,
         description="Headless Services whose pods are scraped (the orchestrator's list), besides `targets`.",
     )
-    orchestrator_metrics_url: str | None = Field(
-        default=None, description="The orchestrator's /metrics URL (source=scrape)."
+    orchestrator_metrics_urls: list[str] = Field(
+        default_factory=list,
+        description=(
+            "The orchestrators' /metrics URLs (source=scrape; JSON list). Each host is resolved "
+            "every round to all its addresses, so a headless Service's name reads every pod."
+        ),
     )
     gateway_metrics_url: str | None = Field(
         default=None, description="The gateway's /metrics URL (source=scrape)."

@@ -130,7 +130,7 @@ async def test_dns_targets_are_scraped_with_the_service_host() -> None:
     dns = [DnsTarget(host="localhost", pool="short", model_version="v2", metrics_port=8002)]
     source = ScrapeSource(
         targets=target_discovery([], dns),
-        orchestrator_url=None,
+        orchestrator_urls=[],
         gateway_url=None,
         pool_models={},
         timeout_s=1,

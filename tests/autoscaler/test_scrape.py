@@ -4,7 +4,7 @@ staleness, attribution to pools, and unreachable or malformed pages as unknown."
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 import pytest
 
@@ -65,14 +65,25 @@ class Pages:
 
     def __init__(self) -> None:
         self.pages: dict[str, str] = {}
+        self.hosts: list[str] = []  # the Host header of each read
 
     def __call__(self, url: str, host: str, timeout: float) -> str:
+        self.hosts.append(host)
         if url not in self.pages:
             raise ConnectionRefusedError(url)
         return self.pages[url]
 
 
-def scrape_source(pages: Pages, pool_models: Mapping[PoolKey, str] | None = None) -> ScrapeSource:
+async def same_host(host: str, port: int) -> list[str]:
+    """Every host is its own only address (the pages are keyed by the URLs as given)."""
+    return [host]
+
+
+def scrape_source(
+    pages: Pages,
+    pool_models: Mapping[PoolKey, str] | None = None,
+    resolver: Callable[[str, int], Awaitable[list[str]]] | None = None,
+) -> ScrapeSource:
     targets = [
         EngineTarget("r0", "http://r0/metrics", SHORT),
         EngineTarget("r1", "http://r1/metrics", SHORT),
@@ -84,13 +95,14 @@ def scrape_source(pages: Pages, pool_models: Mapping[PoolKey, str] | None = None
 
     return ScrapeSource(
         targets=discover,
-        orchestrator_url="http://orch/metrics",
+        orchestrator_urls=["http://orch/metrics"],
         gateway_url="http://gw/metrics",
         pool_models=pool_models or {},
         timeout_s=1.0,
         rate_window_s=WINDOW,
         max_age_s=MAX_AGE,
         fetch=pages,
+        resolve=resolver or same_host,
     )
 
 
@@ -177,3 +189,30 @@ async def test_leases_count_replicas_the_targets_do_not_list() -> None:
     assert got[SHORT].in_flight == 4.0
     assert got[LONG].leases_in_flight == 0.0
     assert PoolKey("gone", "v1") not in got  # a pool with no known version is not guessed
+
+
+async def test_every_orchestrator_behind_the_url_is_read_and_summed() -> None:
+    """Two orchestrators (active-active) behind one name: each is read with the name as Host,
+    their admissions are rates of their own counters (one restarting does not look like a reset
+    of the other's), their queue depths add up; one of them down leaves the other's signals."""
+    pages = Pages()
+
+    async def two(host: str, port: int) -> list[str]:
+        assert (host, port) == ("orch", 80)
+        return ["10.0.0.1", "10.0.0.2"]
+
+    src = scrape_source(pages, resolver=two)
+    a, b = "http://10.0.0.1:80/metrics", "http://10.0.0.2:80/metrics"
+    pages.pages[a] = orchestrator_page({("r0", "short"): 100}, {SHORT: 2.0})
+    pages.pages[b] = orchestrator_page({("r0", "short"): 7}, {SHORT: 3.0})
+    await src.collect(0.0)
+    assert "orch:80" in pages.hosts
+    pages.pages[a] = orchestrator_page({("r0", "short"): 120}, {SHORT: 1.0})
+    pages.pages[b] = orchestrator_page({("r0", "short"): 17}, {SHORT: 4.0})
+    got = await src.collect(10.0)
+    assert got[SHORT].arrival_rate == pytest.approx((20 + 10) / 10)
+    assert got[SHORT].queue_depth == 5.0
+    del pages.pages[b]
+    pages.pages[a] = orchestrator_page({("r0", "short"): 140}, {SHORT: 2.0})
+    got = await src.collect(20.0)
+    assert got[SHORT].queue_depth == 2.0

@@ -48,8 +48,9 @@ def test_orchestrator_metrics_url_names_its_metrics_port(
     rendered: dict[str, list[Doc]], overlay: str
 ) -> None:
     mesh = Mesh(rendered[overlay])
-    url = autoscaler_env(mesh).get(f"{PREFIX}ORCHESTRATOR_METRICS_URL")
-    assert url is not None
+    urls = autoscaler_env(mesh).get(f"{PREFIX}ORCHESTRATOR_METRICS_URLS")
+    assert urls is not None
+    [url] = json.loads(urls)
     svc = mesh.get("Service", "llmmesh-orchestrator")
     assert svc is not None
     port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "http-metrics")
