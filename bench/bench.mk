@@ -32,3 +32,8 @@ bench-autoscale: setup ## Static-for-peak vs autoscaler (local actuator) on a co
 
 bench-chaos: setup ## Chaos: kill a replica / backend stub / orchestrator(s) / kv_registry / gateway, drain a replica under 200 greedy streams; lost & duplicated tokens vs a reference run, failures, TTFT, stalls, time back in rotation, PNG (~10 min)
 	$(PY) -m bench.chaos $(BENCH_ARGS)
+
+.PHONY: bench-overload
+
+bench-overload: setup ## Overload: capacity (p99 TTFT <= 2 s), then 1/2/5/10x capacity open loop (20/60/20% interactive/standard/batch), without and with retry-after-honouring clients: goodput, refusals, TTFT per priority, RSS, engine deaths, PNG (~15 min; BENCH_ARGS="--step-s 20" for a short run)
+	$(PY) -m bench.overload $(BENCH_ARGS)

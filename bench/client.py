@@ -7,8 +7,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from bench.replay import Chunk, Final, RequestError
+from bench.replay import Chunk, Final, Refused, RequestError
 from bench.workloads import Request
+from llmmesh.common.errors import RETRY_AFTER_KEY
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
 from llmmesh.generated.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from llmmesh.localmesh import MODEL_NAME
@@ -25,7 +26,17 @@ class GatewayClient:
     """Streams one request over a shared channel. `meta["priority"]` (interactive, standard,
     batch) sets the request's priority class; unspecified otherwise."""
 
-    def __init__(self, address: str, *, model: str = MODEL_NAME, timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        model: str = MODEL_NAME,
+        timeout_s: float = 600.0,
+        keyed: bool = True,
+    ) -> None:
+        """`keyed`: send the request id (the gateway then keeps the generation resumable);
+        False: unkeyed requests, as most clients send them."""
+        self.keyed = keyed
         self.address = address
         self.model = model
         self.timeout_s = timeout_s
@@ -44,14 +55,16 @@ class GatewayClient:
     async def close(self) -> None:
         await self._channel.close(None)
 
-    async def generate(self, request: Request, request_id: str) -> AsyncIterator[Chunk | Final]:
+    async def generate(
+        self, request: Request, request_id: str
+    ) -> AsyncIterator[Chunk | Final | Refused]:
         priority = _PRIORITIES.get(str(request.meta.get("priority", "")), pb.PRIORITY_UNSPECIFIED)
         msg = pb.GenerateRequest(
             model=self.model,
             token_ids=pb.TokenIds(ids=request.prompt_token_ids),
             sampling=pb.SamplingParams(max_tokens=request.max_tokens),
             priority=priority,
-            request_id=request_id,
+            request_id=request_id if self.keyed else "",
         )
         try:
             async for resp in self._stub.Generate(msg, timeout=self.timeout_s):
@@ -69,4 +82,17 @@ class GatewayClient:
                         finish_reason=pb.FinishReason.Name(c.finish_reason),
                     )
         except grpc.aio.AioRpcError as exc:
-            raise RequestError(exc.code().name, exc.details() or "") from None
+            raise RequestError(
+                exc.code().name, exc.details() or "", retry_after_s(exc.trailing_metadata())
+            ) from None
+
+
+def retry_after_s(trailers: object) -> float | None:
+    """The `retry-after` trailing metadata value (seconds), None when absent or malformed."""
+    for key, value in trailers or ():  # type: ignore[attr-defined]
+        if key == RETRY_AFTER_KEY:
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                return None
+    return None

@@ -7,15 +7,23 @@ virtual time. A concurrency cap protects the machine: when `max_in_flight` reque
 the next send waits for one to finish; that lag is recorded per request (`send_lag_s`) and TTFT
 is measured from the *scheduled* arrival, so a late send shows up as latency instead of being
 hidden (no coordinated omission).
+
+Retrying clients (`RetryingClient`): a refused request (RESOURCE_EXHAUSTED, UNAVAILABLE) is sent
+again, at most `max_retries` times, after the server's retry-after plus up to 25% jitter, or,
+without one, after an exponential backoff (0.5 s doubling to 8 s, minus up to 25% jitter), as the
+OpenAI SDK does by default (2 retries). Only before the first token: a stream cut after it is
+not retried. TTFT still counts from the first attempt's scheduled arrival; every refusal is kept
+on the result (`refusals`: code and the retry-after it carried).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import random
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TextIO
 
@@ -41,17 +49,76 @@ class Final:
     finish_reason: str = ""
 
 
-class RequestError(Exception):
-    """The request failed; `code` is the gRPC status name (e.g. RESOURCE_EXHAUSTED)."""
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """An attempt was refused and will be retried (RetryingClient); `retry_after_s` as the
+    server sent it (None: none)."""
 
-    def __init__(self, code: str, message: str = "") -> None:
+    code: str
+    retry_after_s: float | None
+
+
+class RequestError(Exception):
+    """The request failed; `code` is the gRPC status name (e.g. RESOURCE_EXHAUSTED),
+    `retry_after_s` the server's retry-after (None: none sent)."""
+
+    def __init__(self, code: str, message: str = "", retry_after_s: float | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s
 
 
 class Client(Protocol):
-    def generate(self, request: Request, request_id: str) -> AsyncIterator[Chunk | Final]: ...
+    def generate(
+        self, request: Request, request_id: str
+    ) -> AsyncIterator[Chunk | Final | Refused]: ...
+
+
+RETRIED_CODES = frozenset({"RESOURCE_EXHAUSTED", "UNAVAILABLE"})
+
+
+class RetryingClient:
+    """`inner` with the OpenAI SDK's retry policy (module docstring); `rng` and `sleep` are
+    injectable for tests."""
+
+    def __init__(
+        self,
+        inner: Client,
+        *,
+        max_retries: int = 2,
+        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.inner = inner
+        self.max_retries = max_retries
+        self._rng = rng or random.Random(0)
+        self._sleep = sleep
+
+    def delay_s(self, retry: int, retry_after_s: float | None) -> float:
+        """Wait before retry number `retry` (0-based)."""
+        if retry_after_s is not None and 0 <= retry_after_s <= 60:
+            return retry_after_s * (1 + 0.25 * self._rng.random())
+        backoff: float = min(0.5 * 2.0**retry, 8.0)
+        return backoff * (1 - 0.25 * self._rng.random())
+
+    async def generate(
+        self, request: Request, request_id: str
+    ) -> AsyncIterator[Chunk | Final | Refused]:
+        retry = 0
+        while True:
+            started = False
+            try:
+                async for event in self.inner.generate(request, request_id):
+                    started = started or isinstance(event, Chunk)
+                    yield event
+                return
+            except RequestError as exc:
+                if started or exc.code not in RETRIED_CODES or retry >= self.max_retries:
+                    raise
+                yield Refused(exc.code, exc.retry_after_s)
+                await self._sleep(self.delay_s(retry, exc.retry_after_s))
+                retry += 1
 
 
 class Clock(Protocol):
@@ -88,6 +155,8 @@ class Result:
     queue_ms: float = 0.0
     outcome: str = "ok"  # "ok", a gRPC status name, "incomplete" or "client_error"
     error: str = ""
+    # Every refusal of the request, retried or final: (gRPC code, the retry-after it carried).
+    refusals: list[tuple[str, float | None]] = field(default_factory=list)
     gaps_s: list[float] = field(default_factory=list)  # between consecutive token chunks
     meta: Meta = field(default_factory=dict)
 
@@ -187,7 +256,9 @@ async def replay(
         final: Final | None = None
         try:
             async for event in client.generate(req, res.request_id):
-                if isinstance(event, Chunk):
+                if isinstance(event, Refused):
+                    res.refusals.append((event.code, event.retry_after_s))
+                elif isinstance(event, Chunk):
                     if event.tokens <= 0:
                         continue
                     t = clk.now()
@@ -212,6 +283,8 @@ async def replay(
                     res.itl_mean_s = (last - first) / (res.output_tokens - 1)
         except RequestError as exc:
             res.outcome, res.error = exc.code, exc.message
+            if exc.code in RETRIED_CODES:
+                res.refusals.append((exc.code, exc.retry_after_s))
         except Exception as exc:  # a client bug must not stop the run; it is counted
             res.outcome, res.error = "client_error", f"{type(exc).__name__}: {exc}"
         finally:
