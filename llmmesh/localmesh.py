@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import datetime
 import json
 import logging
 import os
@@ -41,7 +42,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from pydantic_settings import BaseSettings
 
@@ -311,6 +312,27 @@ class MeshOptions:
     # several pods does in Kubernetes: a request id retried through another gateway resumes.
     # False: the gateway's in-process store (one gateway).
     redis: bool = False
+    # Proxies in the request path (the Envoy rehearsal of the Istio data path,
+    # llmmesh.envoymesh); None: every process dials the others directly.
+    data_plane: DataPlane | None = None
+
+
+class DataPlane(Protocol):
+    """What stands between the mesh's processes, called at three points of `LocalMesh.start`
+    (after the replicas, for each replica's entry in the orchestrator's list, after the
+    gateway) and first in `stop`."""
+
+    async def replicas_started(self, mesh: LocalMesh) -> None: ...
+
+    def replica_route(self, index: int) -> dict[str, Any]:
+        """ReplicaSpec fields replacing the direct address of replica `index`."""
+        ...
+
+    async def gateway_started(self, mesh: LocalMesh) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def endpoints(self) -> dict[str, str]: ...
 
 
 S = TypeVar("S", bound=BaseSettings)
@@ -403,6 +425,8 @@ class LocalMesh:
         )
         await kv.start()
         await asyncio.gather(*(self.add_replica() for _ in range(o.replicas)))
+        if o.data_plane is not None:
+            await o.data_plane.replicas_started(self)
         orch_settings = self._configure(
             OrchestratorSettings(
                 grpc_port=o.orchestrator_port,
@@ -411,11 +435,14 @@ class LocalMesh:
                 metrics_interval_s=PROBE_INTERVAL_S,
                 kv_registry_address=kv.address,
                 replicas=[
-                    ReplicaSpec(
-                        id=rid,
-                        grpc_address=t.grpc_address,
-                        metrics_url=t.metrics_url,
-                        **self._replica_pool(i),
+                    ReplicaSpec.model_validate(
+                        {
+                            "id": rid,
+                            "grpc_address": t.grpc_address,
+                            "metrics_url": t.metrics_url,
+                            **self._replica_pool(i),
+                            **(o.data_plane.replica_route(i) if o.data_plane else {}),
+                        }
                     )
                     for i, (rid, t) in enumerate(zip(self.replica_ids, self.tritons, strict=True))
                 ],
@@ -465,6 +492,8 @@ class LocalMesh:
             ),
         )
         await gw.start()  # first: the autoscaler reads the gateway's TTFT/ITL and token rates
+        if o.data_plane is not None:
+            await o.data_plane.gateway_started(self)
         actuator, pools = self._local_actuator()
         asc = self._service(
             AUTOSCALER,
@@ -662,6 +691,8 @@ class LocalMesh:
         the registry while it still runs), then the registry. Supervision ends first: these
         exits are not failures."""
         await self.supervisor.close()
+        if self.options.data_plane is not None:
+            await self.options.data_plane.stop()
         for name in ("gateway", "autoscaler"):
             svc = self.services.get(name)
             if svc is not None:
@@ -698,6 +729,8 @@ class LocalMesh:
             out[f"{rid} Triton metrics"] = t.metrics_url
         if self.redis is not None:
             out["redis (gateway resume store)"] = self.redis.url
+        if self.options.data_plane is not None:
+            out.update(self.options.data_plane.endpoints())
         return out
 
 
@@ -705,6 +738,15 @@ async def _run(args: argparse.Namespace) -> int:
     def port(component: Component, name: str = "grpc_port") -> int:
         return 0 if args.any_ports else default_port(component, name)
 
+    data_plane = None
+    if args.mesh == "envoy":
+        # Imported here: it renders the overlay with kubectl, which only this mode needs.
+        from llmmesh.envoymesh.plane import EnvoyDataPlane, EnvoyOptions
+
+        data_plane = EnvoyDataPlane(
+            EnvoyOptions(ingress_port=0 if args.any_ports else args.ingress_port),
+            datetime.datetime.now(datetime.UTC),
+        )
     mesh = LocalMesh(
         MeshOptions(
             replicas=args.replicas,
@@ -719,6 +761,7 @@ async def _run(args: argparse.Namespace) -> int:
             autoscaler_port=port(AUTOSCALER),
             log_json=False,
             redis=args.redis,
+            data_plane=data_plane,
         )
     )
     stop = asyncio.Event()
@@ -772,6 +815,15 @@ def main() -> int:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="Keep the gateway's idempotency/resume store in a supervised redis-server child.",
+    )
+    parser.add_argument(
+        "--mesh",
+        choices=["none", "envoy"],
+        default="none",
+        help="envoy: Envoy where Istio puts it, configured from the dev overlay (mesh/README.md).",
+    )
+    parser.add_argument(
+        "--ingress-port", type=int, default=8081, help="The ingress Envoy's port (--mesh envoy)."
     )
     parser.add_argument(
         "--any-ports",
