@@ -283,7 +283,7 @@ async def replay(
                     res.itl_mean_s = (last - first) / (res.output_tokens - 1)
         except RequestError as exc:
             res.outcome, res.error = exc.code, exc.message
-            if exc.code in RETRIED_CODES:
+            if exc.code in RETRIED_CODES and res.output_tokens == 0:
                 res.refusals.append((exc.code, exc.retry_after_s))
         except Exception as exc:  # a client bug must not stop the run; it is counted
             res.outcome, res.error = "client_error", f"{type(exc).__name__}: {exc}"
