@@ -54,6 +54,7 @@ BUILTIN_PLUGINS: list[PluginConfig] = [
     PluginConfig(name="queue-depth", type="queue-depth-scorer"),
     PluginConfig(name="kv-utilization", type="kv-utilization-scorer"),
     PluginConfig(name="estimated-wait", type="estimated-wait-scorer"),
+    PluginConfig(name="least-work", type="estimated-wait-scorer", params={"prefix_aware": False}),
     PluginConfig(name="hot-spot", type="hot-spot-guard", params={"tolerance": 8}),
     PluginConfig(name="max-score", type="max-score-picker"),
     PluginConfig(name="weighted-random", type="weighted-random-picker"),
@@ -63,18 +64,12 @@ BUILTIN_PLUGINS: list[PluginConfig] = [
 BUILTIN_PROFILES: dict[str, ProfileConfig] = {
     "default": ProfileConfig(
         filters=FILTERS,
-        scorers=[
-            WeightedScorer(plugin="prefix", weight=2.0),
-            WeightedScorer(plugin="hot-spot", weight=3.0),
-            WeightedScorer(plugin="queue-depth", weight=1.0),
-            WeightedScorer(plugin="estimated-wait", weight=1.0),
-            WeightedScorer(plugin="kv-utilization", weight=0.5),
-        ],
+        scorers=[WeightedScorer(plugin="estimated-wait", weight=1.0)],
         picker="max-score",
     ),
     "round-robin": ProfileConfig(filters=FILTERS, picker="round-robin"),
     "least-loaded": ProfileConfig(
-        filters=FILTERS, scorers=[WeightedScorer(plugin="queue-depth")], picker="max-score"
+        filters=FILTERS, scorers=[WeightedScorer(plugin="least-work")], picker="max-score"
     ),
     "prefix-only": ProfileConfig(
         filters=FILTERS, scorers=[WeightedScorer(plugin="prefix")], picker="max-score"
