@@ -33,8 +33,9 @@ from services.orchestrator.settings import ReplicaSpec
 
 log = logging.getLogger(__name__)
 
-# (metrics URL, Host header, timeout) → exposition text; raises OSError when unreachable.
-FetchMetrics = Callable[[str, str, float], str]
+# (metrics URL, Host header, timeout) → exposition text, or the sample itself from an
+# in-process engine (a simulator's); raises OSError when unreachable.
+FetchMetrics = Callable[[str, str, float], str | EngineSample]
 
 
 class ReplicaProbe(Protocol):
@@ -177,7 +178,7 @@ class EngineSampler:
                     "metrics scrape failed", extra={"replica": st.spec.id, "error": repr(exc)}
                 )
                 return
-            sample = parse_engine_metrics(text)
+            sample = text if isinstance(text, EngineSample) else parse_engine_metrics(text)
             if sample is not None:
                 st.sample, st.sample_at = sample, self._clock()
                 st.sample_in_flight = max(before, st.in_flight)
