@@ -18,6 +18,7 @@ import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from llmmesh.common.channels import RECONNECT_OPTIONS
 from llmmesh.common.discovery import resolve_ipv4
 
 log = logging.getLogger(__name__)
@@ -25,14 +26,6 @@ log = logging.getLogger(__name__)
 # Defaults of the registry settings every client has (engines and orchestrator alike).
 DNS_INTERVAL_S = 5.0  # KV_REGISTRY_DNS_INTERVAL_S: seconds between resolutions of KV_REGISTRY_DNS
 RETRY_S = 2.0  # KV_REGISTRY_RETRY_S (readers): a replica that failed a call is skipped this long
-# gRPC reconnect backoff towards a registry: a restarted registry is dialed again within about
-# this long (gRPC's own default grows to 120 s, which would keep a restarted replica unused).
-MAX_RECONNECT_BACKOFF_MS = 1000
-CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
-)
 
 
 def check_host_port(value: str) -> str:
@@ -52,7 +45,7 @@ class RegistryEndpoint:
     authority: str | None = None
 
     def channel_options(self) -> list[tuple[str, int | str]]:
-        opts: list[tuple[str, int | str]] = list(CHANNEL_OPTIONS)
+        opts: list[tuple[str, int | str]] = list(RECONNECT_OPTIONS)
         if self.authority:
             opts.append(("grpc.default_authority", self.authority))
         return opts

@@ -21,24 +21,15 @@ import grpc
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llmmesh.common.channels import KEEPALIVE_TIME_MS
 from llmmesh.common.reflection import enable_server_reflection
 
 log = logging.getLogger(__name__)
 
 # Generous message size: prompt token ids for long contexts travel in Admit/Lookup.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-# Clients detect a hung peer (a stopped process whose kernel still holds the connection) by
-# HTTP/2 keepalive pings on calls that wait for an answer (`KEEPALIVE_CLIENT_OPTIONS`): a ping
-# unanswered within the timeout closes the transport, and its calls fail UNAVAILABLE, which
-# callers retry elsewhere (the gateway's Admit on another orchestrator). Servers accept pings
-# that often on calls without data, and never GOAWAY a client for pinging.
-KEEPALIVE_TIME_MS = 2000
-KEEPALIVE_TIMEOUT_MS = 2000
-KEEPALIVE_CLIENT_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
-    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
-    ("grpc.http2.max_pings_without_data", 0),
-)
+# Clients ping as often as `llmmesh.common.channels.KEEPALIVE_TIME_MS` on calls without data:
+# accepted, and never answered with GOAWAY for pinging.
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

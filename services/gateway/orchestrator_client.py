@@ -17,8 +17,8 @@ from typing import Final
 
 import grpc
 
+from llmmesh.common.channels import KEEPALIVE_OPTIONS, RECONNECT_OPTIONS
 from llmmesh.common.errors import Reason, ServiceError, from_rpc_error
-from llmmesh.common.server import KEEPALIVE_CLIENT_OPTIONS
 from llmmesh.common.telemetry import inject_trace_metadata
 from llmmesh.common.topology import Priority, ReplicaAddress
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
@@ -39,8 +39,6 @@ COMPLETE_ATTEMPTS: Final = 3
 COMPLETE_TIMEOUT_S: Final = 5.0
 # Shortest Admit deadline sent: a spent deadline still makes a call that fails as expired.
 _MIN_TIMEOUT_S: Final = 0.001
-_INITIAL_RECONNECT_BACKOFF_MS: Final = 250
-_MAX_RECONNECT_BACKOFF_MS: Final = 2000
 
 _PRIORITY: Final = {
     Priority.INTERACTIVE: pb.PRIORITY_INTERACTIVE,
@@ -154,15 +152,10 @@ class OrchestratorClient:
         """A client on a channel of its own to `address`; `authority` (a headless Service's
         host:port when `address` is one of its pod IPs) is the :authority sent, so a mesh
         sidecar applies that Service's mTLS and policies."""
-        # An orchestrator that comes back is reached again within _MAX_RECONNECT_BACKOFF_MS
-        # (gRPC's default backoff grows to 120 s, keeping a gateway degraded that long).
-        options: list[tuple[str, str | int]] = [
-            ("grpc.max_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS),
-            ("grpc.initial_reconnect_backoff_ms", _INITIAL_RECONNECT_BACKOFF_MS),
-            # A hung orchestrator fails its waiting Admits within keepalive time + timeout, and
-            # the set retries them on another orchestrator.
-            *KEEPALIVE_CLIENT_OPTIONS,
-        ]
+        # An orchestrator that comes back is reached again within a second (not degraded for
+        # gRPC's default backoff); a hung one fails its waiting Admits within keepalive time +
+        # timeout, and the set retries them on another orchestrator.
+        options: list[tuple[str, str | int]] = [*RECONNECT_OPTIONS, *KEEPALIVE_OPTIONS]
         if authority:
             options.append(("grpc.default_authority", authority))
         channel = grpc.aio.insecure_channel(address, options=options)

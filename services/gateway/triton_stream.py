@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from llmmesh.common.channels import RECONNECT_OPTIONS
 from llmmesh.common.errors import ServiceError, from_rpc_error
 from services.gateway.faults import (
     REPLICA_FAULT,
@@ -158,8 +159,10 @@ class TritonPool:
     def stub(self, address: str, authority: str = "") -> service_pb2_grpc.GRPCInferenceServiceStub:
         entry = self._stubs.get((address, authority))
         if entry is None:
+            # A restarted replica on the same address is reached again within a second.
             options: list[tuple[str, str | int]] = [
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024)
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                *RECONNECT_OPTIONS,
             ]
             if authority:
                 options.append(("grpc.default_authority", authority))

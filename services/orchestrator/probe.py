@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import tritonclient.grpc.aio as triton
 
+from llmmesh.common.channels import RECONNECT_OPTIONS
 from services.orchestrator.settings import ReplicaSpec
 
 
@@ -25,7 +26,10 @@ class TritonProbe:
     def _client(self, address: str, authority: str) -> triton.InferenceServerClient:
         client = self._clients.get((address, authority))
         if client is None:
-            args = [("grpc.default_authority", authority)] if authority else None
+            # A restarted replica (same address) is probed ready within a second of serving.
+            args: list[tuple[str, str | int]] = list(RECONNECT_OPTIONS)
+            if authority:
+                args.append(("grpc.default_authority", authority))
             client = triton.InferenceServerClient(url=address, channel_args=args)
             self._clients[(address, authority)] = client
         return client
