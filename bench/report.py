@@ -12,6 +12,12 @@ Definitions (used in every table and JSON file):
   leading full blocks (LLMMESH_KV_BLOCK_SIZE tokens, chained hashes as the engine computes them)
   that any earlier prompt had, at most (prompt_len - 1) // block_size of them as the engine
   allows; oracle = reused tokens / prompt tokens. No router or cache size can beat it.
+- Capacity-limited bound: the same replay through R per-replica LRU caches of the cluster's real
+  KV capacity (blocks per replica), each request placed on the replica holding its longest cached
+  prefix (perfect placement, load ignored; ties to the replica used least recently, so prompts
+  that match nowhere spread), its blocks then inserted there as most recently used.
+  The best hit rate reachable with that much KV memory (up to the greedy placement and blocks of
+  running sequences, which it does not pin); a hit-rate target is stated against it.
 """
 
 from __future__ import annotations
@@ -79,6 +85,44 @@ def oracle_hit_rate(requests: Sequence[Request], block_size: int) -> float:
     reuse = oracle_reuse((r.prompt_token_ids for r in ordered), block_size)
     total = sum(r.prompt_tokens for r in ordered)
     return sum(reuse) / total if total else math.nan
+
+
+def capacity_limited_hit_rate(
+    requests: Sequence[Request], block_size: int, replicas: int, blocks_per_replica: int
+) -> float:
+    """Hit rate of per-replica LRU caches with perfect placement (see the module docstring)."""
+    from collections import OrderedDict
+
+    if replicas <= 0 or blocks_per_replica <= 0:
+        raise ValueError("replicas and blocks_per_replica must be positive")
+    config = BlockConfig(block_size)
+    caches: list[OrderedDict[int, None]] = [OrderedDict() for _ in range(replicas)]
+    last_used = [-1] * replicas
+    reused = total = 0
+    for k, r in enumerate(sorted(requests, key=lambda x: x.arrival_s)):
+        hashes = block_hashes(r.prompt_token_ids, config)
+        limit = max(0, (r.prompt_tokens - 1) // block_size)
+        best, best_n = 0, -1
+        for i, cache in enumerate(caches):
+            n = 0
+            for h in hashes[:limit]:
+                if h not in cache:
+                    break
+                n += 1
+            if n > best_n or (n == best_n and last_used[i] < last_used[best]):
+                best, best_n = i, n
+        last_used[best] = k
+        cache = caches[best]
+        for h in hashes:
+            if h in cache:
+                cache.move_to_end(h)
+            else:
+                cache[h] = None
+                if len(cache) > blocks_per_replica:
+                    cache.popitem(last=False)
+        reused += best_n * block_size
+        total += r.prompt_tokens
+    return reused / total if total else math.nan
 
 
 @dataclass
