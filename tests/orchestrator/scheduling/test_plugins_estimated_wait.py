@@ -1,0 +1,151 @@
+"""The estimated-wait scorer on the live load accounting, table-driven: which replica each load
+picture sends a request to, and when prefix affinity lets go."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from services.orchestrator.scheduling.contracts import ReplicaLoad, ReplicaView, RequestView
+from services.orchestrator.scheduling.plugins.estimated_wait import EstimatedWaitScorer, Params
+from services.orchestrator.scheduling.work import WorkModel
+
+WORK = WorkModel.named("llama-3.1-8b-h100-bf16")
+PROMPT = 4096
+BLOCKS = PROMPT // 32
+# Prefill time a fully cached prompt saves.
+SAVED = WORK.prefill_work_s(PROMPT, 0) - WORK.prefill_work_s(1, PROMPT - 1)
+
+
+def rep(rid: str, *, in_flight: int = 0, **load: float) -> ReplicaView:
+    return ReplicaView(
+        id=rid,
+        pool="",
+        model_version="1",
+        models=("m",),
+        ready=True,
+        ejected=False,
+        in_flight=in_flight,
+        cap=256,
+        load=ReplicaLoad(
+            prefill_tokens=int(load.get("prefill_tokens", 0)),
+            prefill_s=load.get("prefill_s", 0.0),
+            decode_seqs=int(load.get("decode_seqs", 0)),
+            decode_tokens=int(load.get("decode_tokens", 0)),
+        ),
+    )
+
+
+def req(cached_on: dict[str, int] | None = None, max_tokens: int = 64) -> RequestView:
+    return RequestView(
+        model="m",
+        model_version="",
+        prompt_tokens=PROMPT,
+        max_tokens=max_tokens,
+        prefix_blocks=cached_on or {},
+        prompt_blocks=BLOCKS,
+    )
+
+
+def winner(scorer: EstimatedWaitScorer, request: RequestView, replicas: list[ReplicaView]) -> str:
+    scores = scorer.score(request, replicas)
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    assert max(scores) == 1.0  # the fastest candidate scores 1
+    return replicas[scores.index(max(scores))].id
+
+
+AWARE = EstimatedWaitScorer(Params())
+BLIND = EstimatedWaitScorer(Params(prefix_aware=False))
+
+
+@pytest.mark.parametrize(
+    ("scorer", "request_", "replicas", "expected"),
+    [
+        # Load only: the smaller prefill backlog wins.
+        (AWARE, req(), [rep("a", prefill_s=0.3), rep("b", prefill_s=0.1)], "b"),
+        # Equal backlog: the lighter decode batch wins (its steps are shorter).
+        (
+            AWARE,
+            req(),
+            [
+                rep("a", decode_seqs=60, decode_tokens=60 * 6000),
+                rep("b", decode_seqs=4, decode_tokens=4 * 6000),
+            ],
+            "b",
+        ),
+        # A full batch makes the request wait for a slot: the replica with free slots wins
+        # even with a longer backlog.
+        (
+            AWARE,
+            req(),
+            [
+                rep("a", in_flight=80, decode_seqs=80, decode_tokens=80 * 2000),
+                rep("b", prefill_s=0.05, decode_seqs=10, decode_tokens=10 * 2000),
+            ],
+            "b",
+        ),
+        # Prefix affinity holds while the cached prefill saved exceeds the extra backlog...
+        (
+            AWARE,
+            req({"a": BLOCKS}),
+            [rep("a", prefill_s=0.5 * SAVED), rep("b")],
+            "a",
+        ),
+        # ...and lets go once the backlog on the cached replica costs more than it saves.
+        (
+            AWARE,
+            req({"a": BLOCKS}),
+            [rep("a", prefill_s=1.5 * SAVED), rep("b")],
+            "b",
+        ),
+        # A partial match saves less, so it lets go earlier.
+        (
+            AWARE,
+            req({"a": BLOCKS // 4}),
+            [rep("a", prefill_s=0.5 * SAVED), rep("b")],
+            "b",
+        ),
+        # Two replicas hold the prefix (a hot prefix that spread): the less loaded of them.
+        (
+            AWARE,
+            req({"a": BLOCKS, "b": BLOCKS}),
+            [rep("a", prefill_s=0.2), rep("b", prefill_s=0.1), rep("c")],
+            "b",
+        ),
+        # Cache-blind (least-loaded): the cached prefix does not count.
+        (
+            BLIND,
+            req({"a": BLOCKS}),
+            [rep("a", prefill_s=0.5 * SAVED), rep("b")],
+            "b",
+        ),
+    ],
+)
+def test_estimated_wait_picks(
+    scorer: EstimatedWaitScorer,
+    request_: RequestView,
+    replicas: list[ReplicaView],
+    expected: str,
+) -> None:
+    assert winner(scorer, request_, replicas) == expected
+
+
+@pytest.mark.parametrize(
+    ("backlog_s", "score_b"),
+    [(0.0, 1.0), (0.25, 0.75), (0.5, 0.5), (2.0, 0.0)],
+)
+def test_score_falls_by_one_per_slo_of_extra_predicted_ttft(
+    backlog_s: float, score_b: float
+) -> None:
+    s = EstimatedWaitScorer(Params(ttft_slo_ms=1000))
+    scores = s.score(req(), [rep("a"), rep("b", prefill_s=backlog_s)])
+    assert scores[0] == 1.0
+    assert scores[1] == pytest.approx(score_b, abs=1e-6)
+
+
+def test_without_a_ledger_the_engine_gauges_stand_in() -> None:
+    s = EstimatedWaitScorer(Params())
+    idle = dataclasses.replace(rep("i"), load=None)
+    queued = dataclasses.replace(rep("q"), load=None, engine_active=64.0, engine_waiting=10.0)
+    assert s.predicted_ttft_s(req(), idle) < s.predicted_ttft_s(req(), queued)

@@ -1,0 +1,162 @@
+"""The live load ledger (services/orchestrator/load.py) on an injected clock, table-driven."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from services.orchestrator.load import LoadLedger
+from services.orchestrator.scheduling.contracts import ReplicaLoad
+from services.orchestrator.scheduling.work import WorkModel
+
+WORK = WorkModel.named("llama-3.1-8b-h100-bf16")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@dataclass(frozen=True)
+class Grant:
+    lease: str
+    prompt: int
+    cached: int = 0
+    max_tokens: int = 16
+    replica: str = "r"
+
+
+def ledger(*grants: Grant) -> tuple[LoadLedger, Clock]:
+    clock = Clock()
+    led = LoadLedger(clock, WORK)
+    for g in grants:
+        led.grant(g.lease, g.replica, g.prompt, g.cached, g.max_tokens)
+    return led, clock
+
+
+W1000 = WORK.prefill_work_s(1000, 0)
+W2000 = WORK.prefill_work_s(2000, 0)
+
+
+@pytest.mark.parametrize(
+    ("grants", "after_s", "prefill_tokens", "prefill_s", "decode_seqs"),
+    [
+        # Nothing granted: no load.
+        ((), 0.0, 0, 0.0, 0),
+        # One prefill, just granted: all of it outstanding.
+        ((Grant("a", 1000),), 0.0, 1000, W1000, 0),
+        # Two prefills queue on the FIFO server: their work adds up.
+        ((Grant("a", 1000), Grant("b", 2000)), 0.0, 3000, W1000 + W2000, 0),
+        # Half-way through the first: half its tokens left, the second whole.
+        ((Grant("a", 1000), Grant("b", 2000)), W1000 / 2, 2500, W1000 / 2 + W2000, 0),
+        # Past the first's first token: it decodes; the second is prefilling.
+        ((Grant("a", 1000), Grant("b", 2000)), W1000 + 1e-6, 2000, W2000 - 1e-6, 1),
+        # Past both: two decoding sequences, no prefill backlog.
+        ((Grant("a", 1000), Grant("b", 2000)), 10.0, 0, 0.0, 2),
+        # A cached prefix is not prefill work: only the uncached tail counts.
+        ((Grant("a", 2000, cached=1000),), 0.0, 1000, WORK.prefill_work_s(1000, 1000), 0),
+        # Fully cached prompt: the engine still computes the last token.
+        ((Grant("a", 1024, cached=1024),), 0.0, 1, WORK.prefill_work_s(1, 1023), 0),
+        # Leases on another replica do not count here.
+        ((Grant("a", 1000, replica="other"),), 0.0, 0, 0.0, 0),
+    ],
+)
+def test_ledger_load_after_grants(
+    grants: tuple[Grant, ...],
+    after_s: float,
+    prefill_tokens: int,
+    prefill_s: float,
+    decode_seqs: int,
+) -> None:
+    led, clock = ledger(*grants)
+    clock.t += after_s
+    load = led.load("r")
+    assert load.prefill_tokens == pytest.approx(prefill_tokens, abs=1)
+    assert load.prefill_s == pytest.approx(prefill_s, abs=1e-5)
+    assert load.decode_seqs == decode_seqs
+
+
+@pytest.mark.parametrize(
+    ("complete", "after_s", "expect"),
+    [
+        # The first ends before its first token (cancelled): the second moves up by its work.
+        (["a"], 0.0, ReplicaLoad(2000, W2000, 0, 0)),
+        # The second ends before its first token: the backlog is the first's alone.
+        (["b"], 0.0, ReplicaLoad(1000, W1000, 0, 0)),
+        # Both end: nothing left.
+        (["a", "b"], 0.0, ReplicaLoad(0, 0.0, 0, 0)),
+        # Completing an unknown or already completed lease changes nothing.
+        (["zz", "a", "a"], 0.0, ReplicaLoad(2000, W2000, 0, 0)),
+        # The first decodes (16 tokens max) and ends: only the second is left, decoding.
+        (["a"], 10.0, ReplicaLoad(0, 0.0, 1, 2016)),
+    ],
+)
+def test_ledger_completion_gives_back_the_work(
+    complete: list[str], after_s: float, expect: ReplicaLoad
+) -> None:
+    led, clock = ledger(Grant("a", 1000), Grant("b", 2000))
+    clock.t += after_s
+    for lid in complete:
+        led.complete(lid)
+    load = led.load("r")
+    assert load.prefill_tokens == pytest.approx(expect.prefill_tokens, abs=1)
+    assert load.prefill_s == pytest.approx(expect.prefill_s, abs=1e-6)
+    assert (load.decode_seqs, load.decode_tokens) == (expect.decode_seqs, expect.decode_tokens)
+
+
+def test_first_token_signal_moves_the_queue_up() -> None:
+    led, clock = ledger(Grant("a", 1000), Grant("b", 2000))
+    clock.t += W1000 / 4
+    led.first_token("a")  # the engine was faster than modelled
+    load = led.load("r")
+    assert load.decode_seqs == 1
+    assert load.prefill_s == pytest.approx(W2000, abs=1e-6)
+    assert load.prefill_tokens == 2000
+
+
+@pytest.mark.parametrize(
+    ("active", "waiting", "own_at_sample", "prefill_s_at_least", "decode_seqs"),
+    [
+        # The engine agrees with the ledger: no correction.
+        (2, 0, 2, 0.0, 0),
+        # The engine holds 3 requests beyond this orchestrator's 2 leases: they decode here.
+        (5, 0, 2, 0.0, 3),
+        # 4 requests wait at the engine, 2 of them beyond the leases (others'), and the ledger
+        # has none that has not started: the model ran ahead; the backlog is stretched to cover
+        # the 2 at the mean prefill work of recent grants.
+        (0, 4, 2, 2 * W1000, 2),
+    ],
+)
+def test_engine_samples_correct_the_ledger(
+    active: int, waiting: int, own_at_sample: int, prefill_s_at_least: float, decode_seqs: int
+) -> None:
+    led, clock = ledger(Grant("a", 1000), Grant("b", 2000))
+    clock.t += 10.0  # the ledger thinks both decode
+    led.observe("r", active, waiting, own_at_sample, sample_at=clock.t)
+    load = led.load("r")
+    assert load.prefill_s >= prefill_s_at_least
+    assert load.decode_seqs == 2 + decode_seqs
+    # The same sample is applied once.
+    led.observe("r", active, waiting, own_at_sample, sample_at=clock.t)
+    assert led.load("r").prefill_s == pytest.approx(load.prefill_s)
+
+
+def test_decoding_context_grows_with_generated_tokens() -> None:
+    led, clock = ledger(Grant("a", 1000, max_tokens=1000))
+    clock.t += W1000 + 0.1
+    early = led.load("r").decode_tokens
+    clock.t += 1.0
+    later = led.load("r").decode_tokens
+    assert 1000 < early < later <= 2000
+
+
+def test_drop_replica_forgets_its_leases() -> None:
+    led, _ = ledger(Grant("a", 1000), Grant("b", 1000, replica="s"))
+    led.drop_replica("r")
+    assert led.load("r") == ReplicaLoad()
+    assert len(led) == 1
+    led.complete("a")  # its lease completes later: no error
