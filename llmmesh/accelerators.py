@@ -51,6 +51,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Final
 
+import numpy as np
+import numpy.typing as npt
+
 
 @dataclass(frozen=True, slots=True)
 class StepShape:
@@ -130,6 +133,29 @@ class CostProfile:
         if shape.new_tokens <= 0:
             return 0.0
         return self.overhead_s + max(self.memory_time_s(shape), self.compute_time_s(shape))
+
+    def step_times_s(
+        self, shape: StepShape, growth: StepShape, steps: int
+    ) -> npt.NDArray[np.float64]:
+        """`step_time_s(shape + j * growth)` for j = 0 .. steps - 1, computed at once with the
+        same arithmetic (a decode stretch: every context grows by one token per iteration)."""
+        if shape.new_tokens <= 0 and growth.new_tokens <= 0:
+            return np.zeros(steps)
+        j = np.arange(steps, dtype=np.int64)
+        new = shape.new_tokens + growth.new_tokens * j
+        kv = shape.kv_tokens + growth.kv_tokens * j
+        pairs = shape.attention_pairs + growth.attention_pairs * j
+        memory = (self.weight_bytes + self.kv_bytes_per_token * kv) / (
+            self.hbm_bandwidth * self.hbm_efficiency
+        )
+        flops = (
+            2.0 * self.params * new + (4.0 * self.n_layers * self.n_heads * self.head_dim) * pairs
+        )
+        out: npt.NDArray[np.float64] = self.overhead_s + np.maximum(
+            memory, flops / (self.peak_flops * self.mfu)
+        )
+        out[new <= 0] = 0.0
+        return out
 
 
 LLAMA_3_1_8B_H100_BF16 = CostProfile(

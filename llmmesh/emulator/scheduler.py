@@ -186,11 +186,8 @@ class Scheduler(RequestQueues[_Running]):
         for r in self._running.values():
             shape = shape + decode_shape(r.context_tokens)
         n = shape.new_tokens
-        step_time = self.cost.step_time_s
-        return [
-            step_time(StepShape(n, shape.attention_pairs + n * j, shape.kv_tokens + n * j))
-            for j in range(steps)
-        ]
+        durations: list[float] = self.cost.step_times_s(shape, StepShape(0, n, n), steps).tolist()
+        return durations
 
     def decode_steps(self, steps: int, now_ns: int = 0) -> DecodeRun:
         """`steps` iterations that admit nothing, at once: the same tokens, KV blocks, events and

@@ -24,8 +24,11 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 from llmmesh.accelerators import CostProfile
-from llmmesh.common.metric_names import TRTLLM_KV_CACHE_BLOCK_METRICS, TRTLLM_REQUEST_METRICS
+from llmmesh.common.engine_metrics import EngineSample
 from llmmesh.emulator.events import KvEvent
 from llmmesh.emulator.kv_cache import PagedKvCache
 from llmmesh.emulator.scheduler import (
@@ -72,11 +75,18 @@ class _Run:
 
     def __init__(self, start: float, durations: Sequence[float]) -> None:
         self.start = start
-        ends, t = [], start
-        for d in durations:
-            t += d
-            ends.append(t)
-        self.ends = ends
+        self.ends: npt.NDArray[np.float64] = np.cumsum(np.concatenate(([start], durations)))[1:]
+
+    def started_before(self, t: float) -> int:
+        """Iterations that started before `t` (the first starts at `start`)."""
+        return 1 + int(np.searchsorted(self.ends[:-1], t, side="left"))
+
+    def ended_by(self, t: float) -> int:
+        return int(np.searchsorted(self.ends, t, side="right"))
+
+    @property
+    def end(self) -> float:
+        return float(self.ends[-1])
 
 
 EventSink = Callable[[Sequence[KvEvent]], None]
@@ -139,20 +149,17 @@ class SimEngine:
             self._cut(self._run, self._loop.time(), reschedule=False)
         return self.scheduler.metrics()
 
-    def metrics_text(self) -> str:
-        """The two gauge families of the engine's /metrics page that the control plane reads."""
+    def sample(self) -> EngineSample:
+        """What a scrape of the engine's /metrics page reads (`parse_engine_metrics`)."""
         m = self.metrics()
-        lines = [f"# TYPE {TRTLLM_REQUEST_METRICS} gauge"]
-        lines += [
-            f'{TRTLLM_REQUEST_METRICS}{{request_type="{k}"}} {v}'
-            for k, v in m.request_metrics().items()
-        ]
-        lines.append(f"# TYPE {TRTLLM_KV_CACHE_BLOCK_METRICS} gauge")
-        lines += [
-            f'{TRTLLM_KV_CACHE_BLOCK_METRICS}{{kv_cache_block_type="{k}"}} {v}'
-            for k, v in m.kv_cache_block_metrics().items()
-        ]
-        return "\n".join(lines) + "\n"
+        return EngineSample(
+            float(m.active),
+            float(m.waiting),
+            float(m.kv_used_blocks),
+            float(m.kv_max_blocks),
+            float(m.max_active),
+            float(m.kv_free_blocks),
+        )
 
     @property
     def idle(self) -> bool:
@@ -173,8 +180,8 @@ class SimEngine:
         if sched.num_running and (self._blocked or not self._has_waiting()):
             steps = sched.decode_horizon()
             run = self._run = _Run(now, sched.decode_durations(steps))
-            self._busy_until = run.ends[-1]
-            self._timer = self._loop.call_at(run.ends[-1], self._run_done)
+            self._busy_until = run.end
+            self._timer = self._loop.call_at(run.end, self._run_done)
             return
         step = self._step = sched.step(int(now * NS))
         self.iterations += 1
@@ -200,32 +207,25 @@ class SimEngine:
         run, self._run = self._run, None
         assert run is not None
         self._commit(run, len(run.ends))
-        self._next(run.ends[-1])
+        self._next(run.end)
 
     def _cut(self, run: _Run, now: float, *, reschedule: bool = True) -> None:
-        """Commit the iterations of `run` that started before `now`; with `reschedule`, end the
-        stretch at the end of the last of them (the next iteration starts there)."""
-        started = 1
-        ends = run.ends
-        while started < len(ends) and ends[started - 1] < now:
-            started += 1
-        if started >= len(ends):
-            if reschedule:
-                return  # its last iteration is already running: nothing changes
-            started = len(ends)
+        """Commit the iterations of `run` that ended by `now` (`reschedule` False: an observation;
+        the rest stays planned), or that started before `now` (`reschedule`: a request arrived
+        that the next iteration admits; the stretch ends after the last of them)."""
+        total = len(run.ends)
         if not reschedule:
-            # Observation only: commit what has ended by now, keep the rest planned.
-            done = 0
-            while done < len(ends) and ends[done] <= now:
-                done += 1
-            if done == 0 or done == len(ends):
-                return
-            self._commit(run, done)
-            run.start = ends[done - 1]
-            run.ends = ends[done:]
+            done = run.ended_by(now)
+            if 0 < done < total:
+                self._commit(run, done)
+                run.start = float(run.ends[done - 1])
+                run.ends = run.ends[done:]
             return
+        started = run.started_before(now)
+        if started >= total:
+            return  # its last iteration is already running: nothing changes
         self._commit(run, started)
-        end = ends[started - 1]
+        end = float(run.ends[started - 1])
         self._run = None
         assert self._timer is not None
         self._timer.cancel()
@@ -236,7 +236,7 @@ class SimEngine:
         res = self.scheduler.decode_steps(steps, int(run.start * NS))
         self.iterations += steps
         self.busy_s += sum(res.durations_s)
-        end = run.ends[steps - 1]
+        end = float(run.ends[steps - 1])
         for out in res.finished:
             self._deliver(out, end)
         if res.events and self._on_events is not None:

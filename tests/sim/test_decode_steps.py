@@ -51,8 +51,21 @@ def test_decode_steps_match_stepping() -> None:
 
 def test_decode_steps_bounds() -> None:
     s = _loaded()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="steps must be"):
         s.decode_steps(0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="steps must be"):
         s.decode_steps(s.decode_horizon() + 1)
     assert _scheduler().decode_horizon() == 0
+
+
+def test_step_times_match_step_time() -> None:
+    from llmmesh.accelerators import StepShape, decode_shape
+
+    cost = get_profile(DEFAULT_PROFILE)
+    shape = decode_shape(1000) + decode_shape(5000) + decode_shape(17)
+    many = cost.step_times_s(shape, StepShape(0, 3, 3), 50)
+    one = [
+        cost.step_time_s(StepShape(3, shape.attention_pairs + 3 * j, shape.kv_tokens + 3 * j))
+        for j in range(50)
+    ]
+    assert many.tolist() == one
