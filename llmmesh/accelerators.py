@@ -44,6 +44,43 @@ Profile `llama-3.1-8b-h100-bf16`, every constant and where it comes from:
 Resulting figures (a plausibility check, not a calibration against measurements): batch-1 decode
 = 16.06e9 B / 2.68e12 B/s + 0.5 ms ~= 6.5 ms/token (~150 tokens/s); batch-64 decode at 1k context
 ~= 9.7 ms; a 1,000-token prefill ~= 33.5 ms.
+
+Accelerators (`ACCELERATORS`): per device, dense BF16 tensor throughput (datasheets quote twice
+that "with sparsity"), memory bandwidth and capacity, and an hourly price.
+
+| accelerator | HBM/GDDR bandwidth | BF16 dense | memory | source |
+|-------------|--------------------|------------|--------|--------|
+| H100 SXM    | 3.35e12 B/s (HBM3) | 989e12     | 80 GB  | NVIDIA H100 datasheet (1,979 TFLOPS BF16 with sparsity) |
+| H200 SXM    | 4.8e12 B/s (HBM3e) | 989e12     | 141 GB | NVIDIA H200 datasheet: same GH100 compute as H100 (1,979 with sparsity), 141 GB HBM3e at 4.8 TB/s |
+| A100 80GB SXM | 2.039e12 B/s (HBM2e) | 312e12 | 80 GB  | NVIDIA A100 datasheet (80GB SXM: 2,039 GB/s; BF16 312 TFLOPS, 624 with sparsity) |
+| L40S        | 0.864e12 B/s (GDDR6) | 362e12   | 48 GB  | NVIDIA L40S datasheet (BF16 362.05 TFLOPS, 733 with sparsity; 864 GB/s) |
+
+Achievable fractions (assumptions, not measurements): `hbm_efficiency` 0.80 on HBM parts (as
+for the H100 profile) and 0.75 on the L40S's GDDR6 (a narrower bus with more refresh/turnaround
+loss); `mfu` 0.50 on Hopper, 0.55 on the A100 (a lower peak is easier to approach: published
+A100 inference MFU is typically 50-60%), 0.45 on the L40S (PCIe card at 350 W, clocks throttle
+under sustained tensor load). `overhead_s` 0.5 ms everywhere (CUDA graphs, sampling, scheduling).
+
+Prices (`Accelerator.usd_per_hour`, one consistent source): RunPod Serverless "active worker"
+per-second rates x 3600 (docs.runpod.io/serverless/pricing, read 2026-12-04): L40S $0.00037/s
+= $1.332/h; A100 80GB $0.00060/s = $2.16/h; H100 (PRO) $0.00093/s = $3.348/h; H200 (PRO)
+$0.00124/s = $4.464/h. Cross-check: a May 2026 survey of on-demand rates across providers
+(mercatus-ai.com/blog/cloud-gpu-pricing) puts specialty clouds at A100 80GB $1.10-1.50,
+H100 SXM $2.50-3.50, H200 $3.50-4.50 per hour; hyperscalers are 1.5-2x higher. A replica of a
+profile costs `devices` x its accelerator's price.
+
+Llama-3.1-70B (`llama-3.1-70b-h100x4-tp4-bf16`): 70.6e9 params, 80 layers, 64 heads, 8 KV heads,
+head_dim 128 (config.json of meta-llama/Llama-3.1-70B), BF16, tensor parallel over 4 H100 SXM on
+NVLink. With TP the weights and KV heads are split, so an iteration streams 1/4 of the bytes
+per device in parallel: modelled as one device of 4x the bandwidth and 4x the FLOPs. Tensor
+parallelism adds two all-reduces per layer; at decode sizes they are latency-bound, ~8 us each
+on NVLink 4 (assumption), 160 x 8 us = 1.3 ms, added to the 0.5 ms per-iteration overhead
+(1.8 ms); their bandwidth term at prefill (~5% of the GEMM time for 1k tokens) is folded into an
+`mfu` of 0.45.
+
+KV capacity (`kv_blocks`): (devices x memory x 0.9 - weights) / (KV bytes per token x block
+size): 90% of memory for weights + KV (TensorRT-LLM's `kv_cache_free_gpu_mem_fraction` default
+0.9 applies to what the weights leave; activations and workspace are ignored here).
 """
 
 from __future__ import annotations
@@ -92,8 +129,30 @@ def decode_batch_shape(context_tokens: int, batch: int) -> StepShape:
 
 
 @dataclass(frozen=True, slots=True)
+class Accelerator:
+    """One device: datasheet bandwidth (B/s), dense BF16 FLOP/s, memory (bytes), hourly price."""
+
+    name: str
+    hbm_bandwidth: float
+    peak_flops: float
+    memory_bytes: float
+    usd_per_hour: float
+
+
+H100_SXM = Accelerator("h100-sxm", 3.35e12, 989e12, 80e9, 0.00093 * 3600)
+H200_SXM = Accelerator("h200-sxm", 4.8e12, 989e12, 141e9, 0.00124 * 3600)
+A100_80GB_SXM = Accelerator("a100-80gb-sxm", 2.039e12, 312e12, 80e9, 0.00060 * 3600)
+L40S = Accelerator("l40s", 0.864e12, 362e12, 48e9, 0.00037 * 3600)
+ACCELERATORS: dict[str, Accelerator] = {
+    a.name: a for a in (H100_SXM, H200_SXM, A100_80GB_SXM, L40S)
+}
+
+
+@dataclass(frozen=True, slots=True)
 class CostProfile:
-    """A model on an accelerator. All quantities in SI units (bytes, FLOP, seconds)."""
+    """A model on an accelerator. All quantities in SI units (bytes, FLOP, seconds).
+    `hbm_bandwidth` and `peak_flops` are the replica's (devices x one device's under tensor
+    parallelism)."""
 
     name: str
     params: float
@@ -107,6 +166,19 @@ class CostProfile:
     hbm_efficiency: float
     mfu: float
     overhead_s: float
+    accelerator: str = H100_SXM.name
+    devices: int = 1
+
+    @property
+    def usd_per_hour(self) -> float:
+        """Price of one replica: `devices` of its accelerator."""
+        return ACCELERATORS[self.accelerator].usd_per_hour * self.devices
+
+    def kv_blocks(self, block_size: int, memory_fraction: float = 0.9) -> int:
+        """KV-cache blocks one replica holds (module docstring)."""
+        memory = ACCELERATORS[self.accelerator].memory_bytes * self.devices * memory_fraction
+        free = memory - self.weight_bytes
+        return max(0, int(free // (self.kv_bytes_per_token * block_size)))
 
     @property
     def weight_bytes(self) -> float:
@@ -173,7 +245,59 @@ LLAMA_3_1_8B_H100_BF16 = CostProfile(
     overhead_s=0.5e-3,
 )
 
-PROFILES: dict[str, CostProfile] = {p.name: p for p in (LLAMA_3_1_8B_H100_BF16,)}
+_LLAMA_8B = {
+    "params": 8.03e9,
+    "n_layers": 32,
+    "n_heads": 32,
+    "n_kv_heads": 8,
+    "head_dim": 128,
+    "bytes_per_param": 2,
+    "overhead_s": 0.5e-3,
+}
+
+
+def _on(acc: Accelerator, hbm_efficiency: float, mfu: float) -> CostProfile:
+    return CostProfile(
+        name=f"llama-3.1-8b-{acc.name.split('-')[0]}-bf16",
+        hbm_bandwidth=acc.hbm_bandwidth,
+        peak_flops=acc.peak_flops,
+        hbm_efficiency=hbm_efficiency,
+        mfu=mfu,
+        accelerator=acc.name,
+        **_LLAMA_8B,  # type: ignore[arg-type]
+    )
+
+
+LLAMA_3_1_8B_H200_BF16 = _on(H200_SXM, 0.80, 0.50)
+LLAMA_3_1_8B_A100_BF16 = _on(A100_80GB_SXM, 0.80, 0.55)
+LLAMA_3_1_8B_L40S_BF16 = _on(L40S, 0.75, 0.45)
+LLAMA_3_1_70B_H100X4_TP4_BF16 = CostProfile(
+    name="llama-3.1-70b-h100x4-tp4-bf16",
+    params=70.6e9,
+    n_layers=80,
+    n_heads=64,
+    n_kv_heads=8,
+    head_dim=128,
+    bytes_per_param=2,
+    hbm_bandwidth=4 * H100_SXM.hbm_bandwidth,
+    peak_flops=4 * H100_SXM.peak_flops,
+    hbm_efficiency=0.80,
+    mfu=0.45,
+    overhead_s=0.5e-3 + 160 * 8e-6,
+    accelerator=H100_SXM.name,
+    devices=4,
+)
+
+PROFILES: dict[str, CostProfile] = {
+    p.name: p
+    for p in (
+        LLAMA_3_1_8B_H100_BF16,
+        LLAMA_3_1_8B_H200_BF16,
+        LLAMA_3_1_8B_A100_BF16,
+        LLAMA_3_1_8B_L40S_BF16,
+        LLAMA_3_1_70B_H100X4_TP4_BF16,
+    )
+}
 #: The profile every consumer assumes unless configured otherwise.
 DEFAULT_PROFILE: Final = LLAMA_3_1_8B_H100_BF16.name
 
