@@ -9,6 +9,7 @@ from llmmesh.sim.cluster import (
     Sample,
     ScaleEvent,
     SimResult,
+    Slo,
     simulate,
 )
 
@@ -21,5 +22,6 @@ __all__ = [
     "Sample",
     "ScaleEvent",
     "SimResult",
+    "Slo",
     "simulate",
 ]

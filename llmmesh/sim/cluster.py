@@ -38,7 +38,7 @@ from typing import Any, Literal
 from bench.replay import Result
 from bench.report import Summary, oracle_hit_rate, summarize
 from bench.workloads import Request
-from llmmesh.accelerators import get_profile
+from llmmesh.accelerators import DEFAULT_PROFILE, get_profile
 from llmmesh.common.engine_metrics import EngineSample
 from llmmesh.common.errors import ServiceError
 from llmmesh.common.topology import DEFAULT_POOL, TRITON_MODEL
@@ -76,18 +76,30 @@ class Autoscale:
 
 @dataclass(frozen=True, slots=True)
 class PoolSpec:
-    """Replicas of one accelerator profile. `max_prompt_tokens` makes it a routing pool of the
-    policy file (prompts longer go elsewhere); `price_per_hour` is per replica."""
+    """Replicas of one accelerator profile (`llmmesh.accelerators`). `max_prompt_tokens` makes
+    it a routing pool of the policy file (prompts longer go elsewhere). `num_kv_blocks` and
+    `price_per_hour` (per replica) default to the profile's (`kv_blocks`, `usd_per_hour`)."""
 
     replicas: int
     name: str = DEFAULT_POOL
-    profile: str = "llama-3.1-8b-h100-bf16"
+    profile: str = DEFAULT_PROFILE
     max_batch_size: int = 64
     max_num_tokens: int = 8192
-    num_kv_blocks: int = 12800
+    num_kv_blocks: int | None = None
     max_prompt_tokens: int | None = None
-    price_per_hour: float = 0.0
+    price_per_hour: float | None = None
     autoscale: Autoscale | None = None
+
+    def kv_blocks(self, block_size: int) -> int:
+        if self.num_kv_blocks is not None:
+            return self.num_kv_blocks
+        return get_profile(self.profile).kv_blocks(block_size)
+
+    @property
+    def usd_per_hour(self) -> float:
+        if self.price_per_hour is not None:
+            return self.price_per_hour
+        return get_profile(self.profile).usd_per_hour
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +123,33 @@ class ClusterSpec:
     metrics_interval_s: float = 1.0
     metrics_max_age_s: float = 5.0
     latencies: Latencies = field(default_factory=Latencies)
+
+
+@dataclass(frozen=True, slots=True)
+class Slo:
+    """Latency targets for goodput: a request meets the SLO when its TTFT and its mean ITL are
+    within them."""
+
+    ttft_s: float = 2.0
+    itl_s: float = 0.05
+
+    def met(self, r: Result) -> bool:
+        return (
+            r.ok
+            and r.ttft_s is not None
+            and r.ttft_s <= self.ttft_s
+            and (r.itl_mean_s is None or r.itl_mean_s <= self.itl_s)
+        )
+
+
+def goodput(results: Sequence[Result], slo: Slo, duration_s: float) -> dict[str, float]:
+    """Share of requests within the SLO, and their output tokens per second."""
+    good = [r for r in results if slo.met(r)]
+    tokens = sum(r.output_tokens for r in good)
+    return {
+        "slo_attainment": len(good) / len(results) if results else math.nan,
+        "goodput_tok_s": tokens / duration_s if duration_s > 0 else math.nan,
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,7 +365,7 @@ class Cluster:
                 get_profile(p.profile),
                 p.max_batch_size,
                 p.max_num_tokens,
-                p.num_kv_blocks,
+                p.kv_blocks(self.spec.block_size),
                 self.spec.block_size,
             ),
             self.loop,
@@ -606,6 +645,7 @@ def simulate(
     *,
     timeline_interval_s: float = 10.0,
     oracle: bool = True,
+    slo: Slo | None = None,
 ) -> SimResult:
     """Run `requests` (arrivals in seconds from the start) through the cluster on virtual time."""
     from llmmesh.sim.loop import VirtualTimeLoop
@@ -632,7 +672,8 @@ def simulate(
             rejections[r.outcome] = rejections.get(r.outcome, 0) + 1
     orc = oracle_hit_rate(requests, spec.block_size) if oracle and requests else math.nan
     summary = summarize(profile, results, oracle=orc)
-    prices = {p.name: p.price_per_hour for p in spec.pools}
+    summary.extra.update(goodput(results, slo or Slo(), summary.duration_s))
+    prices = {p.name: p.usd_per_hour for p in spec.pools}
     cost = sum(prices[p] * s / 3600 for p, s in c.replica_seconds.items())
     return SimResult(
         profile=profile,
