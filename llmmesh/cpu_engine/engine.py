@@ -27,15 +27,17 @@ from llmmesh.cpu_engine.scheduler import (
     TokenOutput,
 )
 from llmmesh.cpu_engine.settings import CpuEngineSettings
-from llmmesh.triton.inflight import CancellationPoll, call_sink, cancelled_requests
+from llmmesh.triton.inflight import (
+    CancellationPoll,
+    call_sink,
+    cancelled_requests,
+    check_queue_room,
+)
+from llmmesh.triton.inflight import QueueFullError as QueueFullError
 from llmmesh.triton.inflight import RequestSink as _RequestSink
 from llmmesh.triton.trtllm_io import EngineMetrics
 
 log = logging.getLogger(__name__)
-
-
-class QueueFullError(RequestRejectedError):
-    """The waiting queue is full; the client should retry later (or on another replica)."""
 
 
 class EngineStoppedError(RequestRejectedError):
@@ -113,12 +115,7 @@ class CpuEngine:
         with self._wake:
             if self._stopping:
                 raise EngineStoppedError("engine is stopping")
-            waiting = len(self._inbox) + self._queued
-            if waiting >= self.settings.max_queue_size:
-                raise QueueFullError(
-                    f"RESOURCE_EXHAUSTED: {waiting} requests already wait for a batch slot "
-                    f"(max_queue_size={self.settings.max_queue_size}); retry later"
-                )
+            check_queue_room(len(self._inbox) + self._queued, self.settings.max_queue_size)
             self._inbox.append((request, sink, self._clock_ns()))
             self._wake.notify_all()
 

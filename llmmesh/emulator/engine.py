@@ -7,6 +7,10 @@ callbacks never reorder; sinks must not block for long, and a sink that raises h
 cancelled. (A separate delivery thread was tried: under the GIL it made the Python backend slower.)
 Time comes from a `Clock`, so tests can run the same loop on virtual time, or call `run_step()`
 themselves without starting the thread.
+
+Invariant: at most `max_queue_size` requests wait for a batch slot; `submit` refuses one more at
+once with `QueueFullError`, as TensorRT-LLM's executor does, so a burst costs the engine a bounded
+queue, never an unbounded pile-up.
 """
 
 from __future__ import annotations
@@ -32,7 +36,12 @@ from llmmesh.emulator.scheduler import (
 )
 from llmmesh.emulator.settings import EmulatorSettings
 from llmmesh.kvblocks import BlockConfig
-from llmmesh.triton.inflight import CancellationPoll, call_sink, cancelled_requests
+from llmmesh.triton.inflight import (
+    CancellationPoll,
+    call_sink,
+    cancelled_requests,
+    check_queue_room,
+)
 from llmmesh.triton.inflight import RequestSink as _RequestSink
 
 log = logging.getLogger(__name__)
@@ -84,8 +93,14 @@ class Engine:
         *,
         clock: Clock | None = None,
         on_events: EventCallback | None = None,
+        max_queue_size: int | None = None,
     ) -> None:
+        """`max_queue_size` bounds the waiting queue when `settings.max_queue_size` is unset
+        (the model passes its config's bound); None for both: unbounded."""
         self.settings = settings
+        self.max_queue_size = (
+            settings.max_queue_size if settings.max_queue_size is not None else max_queue_size
+        )
         self.block_config = block_config
         self.epoch = uuid.uuid4().hex
         self.clock: Clock = clock if clock is not None else RealClock()
@@ -140,10 +155,13 @@ class Engine:
 
     # ----------------------------------------------------------------- requests
     def submit(self, request: GenerationRequest, sink: RequestSink) -> None:
-        """Queue a request; raises `RequestRejectedError` if it is invalid or can never fit."""
+        """Queue a request; raises `RequestRejectedError` if it is invalid or can never fit,
+        `QueueFullError` (a subclass) when `max_queue_size` requests already wait."""
         with self._wake:
             if self._stopping:
                 raise RequestRejectedError("engine is stopping")
+            self.scheduler.validate(request)
+            check_queue_room(self.scheduler.num_waiting, self.max_queue_size)
             self.scheduler.submit(request, self.clock.monotonic_ns())
             self._sinks[request.request_id] = sink
             self._wake.notify_all()

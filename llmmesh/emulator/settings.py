@@ -61,6 +61,16 @@ class EmulatorSettings(BaseSettings):
             "tokens/block) ~= 12.8k blocks."
         ),
     )
+    max_queue_size: int | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Most requests waiting for a batch slot (TensorRT-LLM `max_queue_size`); a request "
+            "arriving when it is full gets an error response at once (RESOURCE_EXHAUSTED in its "
+            "message). Unset: the model config's `dynamic_batching.default_queue_policy."
+            "max_queue_size`, as TensorRT-LLM's backend reads it; unbounded only if neither is set."
+        ),
+    )
     max_num_tokens: int = Field(
         default=8192,
         gt=0,

@@ -22,6 +22,27 @@ class RequestRejectedError(ValueError):
     """The request is invalid or can never run on this engine."""
 
 
+class QueueFullError(RequestRejectedError):
+    """The engine's waiting queue is at its bound (TensorRT-LLM's `max_queue_size`): the request
+    is refused at once and may be retried later or on another replica. The message starts with
+    `RESOURCE_EXHAUSTED`, which the gateway's fault classification reads as back-pressure."""
+
+    def __init__(self, waiting: int, max_queue_size: int) -> None:
+        super().__init__(
+            f"RESOURCE_EXHAUSTED: {waiting} requests already wait for a batch slot "
+            f"(max_queue_size={max_queue_size}); retry later"
+        )
+        self.waiting = waiting
+        self.max_queue_size = max_queue_size
+
+
+def check_queue_room(waiting: int, max_queue_size: int | None) -> None:
+    """Raise `QueueFullError` when `waiting` requests already fill a queue bounded at
+    `max_queue_size` (None: unbounded, TensorRT-LLM's default)."""
+    if max_queue_size is not None and waiting >= max_queue_size:
+        raise QueueFullError(waiting, max_queue_size)
+
+
 class RequestSink(Protocol[O_contra]):
     """Where one request's results go. Exactly one of on_token(finished=True), on_error or
     on_cancelled ends a request."""

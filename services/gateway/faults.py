@@ -72,11 +72,14 @@ _STATUS: dict[grpc.StatusCode, Fault] = {
 _MESSAGES: tuple[tuple[re.Pattern[str], Fault], ...] = tuple(
     (re.compile(pattern, re.IGNORECASE), Fault(kind, reason))
     for pattern, kind, reason in (
-        # Engine queue full: the CPU engine ("RESOURCE_EXHAUSTED: N requests already wait for a
-        # batch slot (max_queue_size=M); retry later"), the TensorRT-LLM executor ("Maximum
-        # queue size of N has been reached, please try again later").
+        # Engine queue full: our engines, emulator and CPU engine ("RESOURCE_EXHAUSTED: N
+        # requests already wait for a batch slot (max_queue_size=M); retry later"), the
+        # TensorRT-LLM executor ("Maximum queue size of N has been reached, please try again
+        # later"), Triton's own scheduler queue bounded by the same `max_queue_size` ("Exceeds
+        # maximum queue size").
         (r"^RESOURCE_EXHAUSTED\b", FaultKind.BACK_PRESSURE, FaultReason.QUEUE_FULL),
         (r"maximum queue size .* reached", FaultKind.BACK_PRESSURE, FaultReason.QUEUE_FULL),
+        (r"exceeds maximum queue size", FaultKind.BACK_PRESSURE, FaultReason.QUEUE_FULL),
         (r"\bqueue (is )?full\b", FaultKind.BACK_PRESSURE, FaultReason.QUEUE_FULL),
         # Triton Python backend, stub process dead: "Stub process 'tensorrt_llm_0_0' is not
         # healthy." (2.51, observed); "... is unhealthy and it will be restarted" (newer).

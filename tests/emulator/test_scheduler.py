@@ -24,6 +24,7 @@ from llmmesh.emulator.scheduler import (
 from llmmesh.emulator.settings import EmulatorSettings
 from llmmesh.emulator.tokens import expected_output_ids
 from llmmesh.kvblocks import BlockConfig, block_hashes
+from llmmesh.triton.inflight import QueueFullError
 
 CFG = BlockConfig(block_size=4)
 VOCAB = EmulatorSettings(replica_id="test")
@@ -340,3 +341,31 @@ def test_engine_events_reach_the_callback_in_order() -> None:
 
 def test_step_shape_addition() -> None:
     assert StepShape(1, 2, 3) + StepShape(4, 5, 6) == StepShape(5, 7, 9)
+
+
+def test_engine_refuses_beyond_its_waiting_queue_bound() -> None:
+    """TensorRT-LLM's `max_queue_size`: requests beyond the batch wait up to the bound, the next
+    one is refused at once with a RESOURCE_EXHAUSTED message, and room comes back as they run."""
+    clock = VirtualClock()
+    e = engine(clock, max_batch_size=2, max_queue_size=3)
+    sinks = {f"r{i}": Sink() for i in range(5)}
+    for rid in list(sinks)[:3]:
+        e.submit(req(rid, [1, 2, 3], 2), sinks[rid])
+    assert e.run_step() is not None  # r0, r1 run; r2 waits
+    for rid in list(sinks)[3:]:
+        e.submit(req(rid, [1, 2, 3], 2), sinks[rid])
+    assert (e.metrics().active, e.metrics().waiting) == (2, 3)
+    with pytest.raises(QueueFullError, match=r"^RESOURCE_EXHAUSTED: 3 requests .*max_queue_size=3"):
+        e.submit(req("over", [1, 2, 3], 2), Sink())
+    while e.run_step() is not None:
+        pass
+    assert all(len(s.tokens) == 2 and not s.errors for s in sinks.values())
+    e.submit(req("later", [1, 2, 3], 2), Sink())  # drained: room again
+
+
+def test_engine_queue_bound_falls_back_to_the_model_config() -> None:
+    settings = EmulatorSettings(replica_id="t", time_scale=0)
+    assert Engine(settings, CFG, max_queue_size=7).max_queue_size == 7
+    overridden = EmulatorSettings(replica_id="t", time_scale=0, max_queue_size=2)
+    assert Engine(overridden, CFG, max_queue_size=7).max_queue_size == 2
+    assert Engine(settings, CFG).max_queue_size is None  # neither: unbounded, as TensorRT-LLM

@@ -63,7 +63,7 @@ class TritonPythonModel(TrtLlmPythonModel[ParsedRequest]):
     def start_engine(self) -> None:
         self.settings = EmulatorSettings()
         self.block = KvBlockSettings().block_config()
-        self.engine = Engine(self.settings, self.block)
+        self.engine = Engine(self.settings, self.block, max_queue_size=self.max_queue_size)
         # One stream per kv_registry replica (addresses and/or the registry's headless Service).
         self.publisher: RegistryFanout | None = registry_fanout(
             self.settings,
@@ -79,13 +79,14 @@ class TritonPythonModel(TrtLlmPythonModel[ParsedRequest]):
     def log_ready(self) -> None:
         log.info(
             "engine emulator ready: replica=%s epoch=%s profile=%s time_scale=%s kv_blocks=%d "
-            "block_size=%d registry=%s",
+            "block_size=%d max_queue_size=%s registry=%s",
             self.settings.replica_id,
             self.engine.epoch,
             self.settings.cost_profile,
             self.settings.time_scale,
             self.settings.num_kv_blocks,
             self.block.block_size,
+            self.engine.max_queue_size,
             self.settings.kv_registry_description(),
         )
 
