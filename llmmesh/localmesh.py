@@ -762,6 +762,7 @@ async def _run(args: argparse.Namespace) -> int:
             log_json=False,
             redis=args.redis,
             data_plane=data_plane,
+            extra_env=data_plane.mesh_gateway_env() if data_plane else {},
         )
     )
     stop = asyncio.Event()

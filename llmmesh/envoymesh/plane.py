@@ -219,6 +219,13 @@ class EnvoyDataPlane:
         sidecars = [self._sidecar(pod, mesh.workdir) for pod in self.triton_pods]
         await asyncio.gather(self.outbound.start(), *(s.start() for s in sidecars))
 
+    def mesh_gateway_env(self) -> dict[str, str]:
+        """What the mesh's own gateway (the first pod of the first subset) must be started
+        with (`MeshOptions.extra_env`): that Deployment's model version and role."""
+        first = next(iter(self.options.gateway_pods))
+        env = _role_env(self._gateway_deployment(first))
+        return {**env, **self.options.gateway_env.get(f"gateway-{first}-0", {})}
+
     def _gateway_deployment(self, subset: str) -> Doc:
         dr = self.manifests.destination_rule(self.gateway_host)
         return deployment_for(self.manifests, self.gateway_host, subset_labels(dr, subset))
@@ -236,6 +243,9 @@ class EnvoyDataPlane:
         ingress."""
         m = self.manifests
         base = mesh.services[GATEWAY.name]
+        if not isinstance(base.settings, GatewaySettings):
+            raise TypeError(type(base.settings))
+        base_settings = base.settings
         shadow_host = self._shadow_host()
         plan: list[tuple[str, str, Doc]] = []  # (pod name, service host, deployment)
         for subset, count in self.options.gateway_pods.items():
@@ -248,22 +258,23 @@ class EnvoyDataPlane:
             env = {**_role_env(deployment), **self.options.gateway_env.get(name, {})}
             if k == 0:
                 # The mesh's own gateway is the first pod; it must serve what that pod serves.
-                expected = with_env(base.settings, env)
-                if expected != base.settings:
+                expected = with_env(base_settings, env)
+                if (expected.model_version, expected.shadow) != (
+                    base_settings.model_version,
+                    base_settings.shadow,
+                ):
                     raise ValueError(
-                        f"the mesh's gateway is pod {name}: set {sorted(env)} on it through "
-                        "MeshOptions.extra_env"
+                        f"the mesh's gateway is pod {name}: start it with "
+                        "MeshOptions.extra_env=mesh_gateway_env()"
                     )
                 svc = base
             else:
                 settings = with_env(
-                    base.settings.model_copy(
+                    base_settings.model_copy(
                         update={"grpc_port": 0, "http_port": 0, "metrics_port": 0}
                     ),
                     env,
                 )
-                if not isinstance(settings, GatewaySettings):
-                    raise TypeError(type(settings))
                 svc = mesh._service(GATEWAY, settings, name)
                 starting.append(svc.start())
             self.gateways[name] = svc
