@@ -17,6 +17,33 @@ from llmmesh.tools.meshcheck.index import Mesh
 TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 
 
+# The component label of the gateways' Redis (base/redis.yaml): a third-party image with no
+# drain setting and no metrics port, reached over plain TCP.
+REDIS_COMPONENT = "redis"
+# Istio protocol selection (Service port appProtocol, else the name's prefix): these are proxied
+# as plain TCP (mongo, mysql and redis unless istiod enables their filters), so only the port
+# applies to them in AuthorizationPolicies and DestinationRules, never HTTP fields or limits.
+ISTIO_TCP_PROTOCOLS = frozenset({"tcp", "tls", "mongo", "mysql", "redis"})
+
+
+def is_tcp_port(port: Mapping[str, Any]) -> bool:
+    """Whether Istio proxies a Service port as plain TCP (appProtocol first, then the name)."""
+    protocol = str(port.get("appProtocol") or str(port.get("name", "")).split("-", 1)[0])
+    return protocol.lower() in ISTIO_TCP_PROTOCOLS
+
+
+def is_tcp_service(svc: Doc) -> bool:
+    """A Service with plain TCP ports only (HTTP connection-pool limits do not apply)."""
+    return all(is_tcp_port(p) for p in svc["spec"]["ports"])
+
+
+def is_redis(doc: Doc) -> bool:
+    """A Redis Service or Deployment (label app.kubernetes.io/component: redis)."""
+    return bool(
+        doc["metadata"].get("labels", {}).get("app.kubernetes.io/component") == REDIS_COMPONENT
+    )
+
+
 def port_by_name(ports: Iterable[Mapping[str, Any]], name: str) -> Mapping[str, Any] | None:
     return next((p for p in ports if p.get("name") == name), None)
 

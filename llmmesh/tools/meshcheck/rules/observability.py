@@ -17,7 +17,7 @@ from llmmesh.common.components import COMPONENTS
 from llmmesh.tools.meshcheck.common import Doc, doc_id, require
 from llmmesh.tools.meshcheck.index import Mesh
 from llmmesh.tools.meshcheck.project import llmmesh_metrics
-from llmmesh.tools.meshcheck.rules.helpers import component_deployments, istiod_values
+from llmmesh.tools.meshcheck.rules.helpers import component_deployments, is_redis, istiod_values
 
 # Metrics from outside llmmesh that the dashboards and rules may use.
 EXTERNAL_METRICS = frozenset(
@@ -218,6 +218,8 @@ def check_scrape(mesh: Mesh) -> list[str]:
     metrics_ports: set[str] = set()
     for svc in mesh.in_namespace("Service"):
         port = next((p for p in svc["spec"]["ports"] if p["name"] == "http-metrics"), None)
+        if port is None and is_redis(svc):
+            continue  # no exporter: the gateways' Redis metrics stand for it (mesh/README.md)
         if port is None:
             problems.append(f"{doc_id(svc)}: no http-metrics port")
         else:

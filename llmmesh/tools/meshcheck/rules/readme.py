@@ -30,17 +30,19 @@ def readme_text(mesh: Mesh) -> str:
 
 
 def check_circuit_breaking_table(mesh: Mesh) -> list[str]:
-    """Every DestinationRule has its row, with its numbers, in the circuit-breaking table."""
+    """Every DestinationRule has its row, with its numbers, in the circuit-breaking table (`-`
+    for the HTTP limits of a plain TCP Service, which has none)."""
     text = readme_text(mesh)
     problems: list[str] = []
     for dr in mesh.in_namespace("DestinationRule"):
         tp = dr["spec"]["trafficPolicy"]
         pool, od = tp["connectionPool"], tp["outlierDetection"]
+        http = pool.get("http", {})
         cells = [
             f"`{dr['metadata']['name']}`",
             pool["tcp"]["maxConnections"],
-            pool["http"]["http2MaxRequests"],
-            pool["http"]["http1MaxPendingRequests"],
+            http.get("http2MaxRequests", "-"),
+            http.get("http1MaxPendingRequests", "-"),
             od["consecutiveLocalOriginFailures"],
             od["consecutive5xxErrors"],
             od["interval"],

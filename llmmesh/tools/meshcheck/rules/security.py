@@ -13,6 +13,11 @@ from llmmesh.tools.meshcheck.project import (
     grpc_method,
     grpc_service_known,
 )
+from llmmesh.tools.meshcheck.rules.helpers import is_tcp_port, is_tcp_service
+
+# Operation fields Istio can only match on HTTP: a rule that sets one never matches a plain TCP
+# connection, so an ALLOW policy with it denies that traffic.
+HTTP_ONLY_FIELDS = ("paths", "notPaths", "methods", "notMethods", "hosts", "notHosts")
 
 
 def _grpc_ports_of(mesh: Mesh, selector: Mapping[str, str] | None) -> set[int]:
@@ -24,6 +29,38 @@ def _grpc_ports_of(mesh: Mesh, selector: Mapping[str, str] | None) -> set[int]:
                 ports.update(
                     int(p["containerPort"]) for p in c.get("ports", []) if p.get("name") == "grpc"
                 )
+    return ports
+
+
+def _tcp_ports_of(mesh: Mesh, selector: Mapping[str, str] | None) -> set[int]:
+    """Workload ports that Services selecting a policy's workloads expose as plain TCP."""
+    templates = [
+        tpl
+        for _dep, tpl in mesh.pod_templates()
+        if selector is None or labels_match(selector, tpl["metadata"].get("labels", {}))
+    ]
+    ports: set[int] = set()
+    for svc in mesh.in_namespace("Service"):
+        svc_selector = svc["spec"].get("selector")
+        pods = [
+            t
+            for t in templates
+            if svc_selector and labels_match(svc_selector, t["metadata"]["labels"])
+        ]
+        for sport in svc["spec"]["ports"]:
+            if not pods or not is_tcp_port(sport):
+                continue
+            target = sport.get("targetPort", sport["port"])
+            if isinstance(target, int) or str(target).isdigit():
+                ports.add(int(target))
+                continue
+            for tpl in pods:
+                for c in tpl["spec"]["containers"]:
+                    ports.update(
+                        int(p["containerPort"])
+                        for p in c.get("ports", [])
+                        if p.get("name") == target
+                    )
     return ports
 
 
@@ -53,6 +90,7 @@ def check_authorization(mesh: Mesh) -> list[str]:
         if selector is not None and not mesh.deployments_selected(selector):
             problems.append(f"{doc_id(pol)}: selector {selector} selects no workload")
         grpc_ports = _grpc_ports_of(mesh, selector)
+        tcp_ports = _tcp_ports_of(mesh, selector)
         for i, rule in enumerate(spec.get("rules", [])):
             where = f"{doc_id(pol)} rules[{i}]"
             sources = rule.get("from", [])
@@ -76,6 +114,20 @@ def check_authorization(mesh: Mesh) -> list[str]:
                     )
             for j, to in enumerate(rule.get("to", [])):
                 op = to.get("operation", {})
+                on_tcp = {int(p) for p in op.get("ports", [])} & tcp_ports
+                if on_tcp:
+                    # Plain TCP: the port (and the principal) is all Istio can match.
+                    http_fields = [f for f in HTTP_ONLY_FIELDS if f in op]
+                    if http_fields:
+                        problems.append(
+                            f"{where} to[{j}]: {http_fields} never match TCP port(s) "
+                            f"{sorted(on_tcp)}: the connection would be denied"
+                        )
+                    if on_tcp != {int(p) for p in op["ports"]}:
+                        problems.append(
+                            f"{where} to[{j}]: mixes TCP port(s) {sorted(on_tcp)} with HTTP ports"
+                        )
+                    continue
                 if not op.get("ports") or not op.get("paths"):
                     problems.append(f"{where} to[{j}]: must restrict ports and paths")
                     continue
@@ -129,9 +181,10 @@ def authz_allows(
                 continue
             for to in rule.get("to", []):
                 op = to.get("operation", {})
+                # An operation without paths (a TCP port's) matches every path, as in Istio.
                 if (
                     str(port) in op.get("ports", [])
-                    and path_ok(op.get("paths", []))
+                    and ("paths" not in op or path_ok(op["paths"]))
                     and method in op.get("methods", [method])
                 ):
                     return True
@@ -147,7 +200,15 @@ def check_destination_rules(mesh: Mesh) -> list[str]:
             by_service[svc["metadata"]["name"]] = dr
         policy = dr["spec"].get("trafficPolicy", {})
         pool = policy.get("connectionPool", {})
-        if "tcp" not in pool or "http" not in pool:
+        if svc is not None and is_tcp_service(svc):
+            # Envoy proxies it as TCP: only the tcp limits exist for it.
+            if "tcp" not in pool:
+                problems.append(f"{doc_id(dr)}: trafficPolicy.connectionPool needs tcp limits")
+            if "http" in pool:
+                problems.append(
+                    f"{doc_id(dr)}: connectionPool.http does not apply to a plain TCP Service"
+                )
+        elif "tcp" not in pool or "http" not in pool:
             problems.append(f"{doc_id(dr)}: trafficPolicy.connectionPool needs tcp and http limits")
         outlier = policy.get("outlierDetection", {})
         if not outlier or not any(

@@ -14,6 +14,7 @@ from llmmesh.tools.meshcheck.rules.helpers import (
     TRITON_PORTS,
     component_deployments,
     env_of,
+    is_redis,
     orchestrator_env,
     policy_of,
     port_by_name,
@@ -336,6 +337,8 @@ def check_workloads(mesh: Mesh) -> list[str]:
                 problems.append(
                     f"{where}: preStop {prestop}s must outlast the orchestrator's DNS refresh ({refresh}s) + 10 s"
                 )
+        elif is_redis(dep):
+            pass  # Redis exits at once on SIGTERM (no persistence): nothing to drain
         else:
             env = mesh.container_env(dep, c)
             drain = next((float(v) for k, v in env.items() if k.endswith("_DRAIN_SECONDS")), None)
