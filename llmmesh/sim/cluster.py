@@ -665,6 +665,7 @@ def simulate(
         sim_s = loop.time()
     finally:
         loop.close()
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     c = holder["c"]
     rejections: dict[str, int] = {}
     for r in results:
@@ -685,8 +686,8 @@ def simulate(
         scale_events=c.scale_events,
         timeline=c.timeline,
         rejections=rejections,
-        wall_s=time.perf_counter() - wall,
-        cpu_s=time.process_time() - cpu,
+        wall_s=wall,
+        cpu_s=cpu,
         sim_s=sim_s,
         engine_iterations=c.iterations_total,
         loop_wakeups=wakeups,

@@ -72,8 +72,19 @@ class _VirtualSelector(selectors.BaseSelector):
         self.selects += 1
         if timeout is None:
             raise VirtualDeadlock("no callback is ready and no timer is scheduled")
-        self._clock.advance(timeout)
+        now = self._clock.now
+        when = self.next_timer()
+        # Land exactly on the timer (now + (when - now) may miss it by an ulp, and such errors
+        # would accumulate); a timeout the loop capped below the delay advances by itself.
+        if when is not None and timeout == max(0.0, when - now):
+            self._clock.now = max(now, when)
+        else:
+            self._clock.advance(timeout)
         return []
+
+    def next_timer(self) -> float | None:
+        """When the loop's earliest timer is due (set by the loop that owns this selector)."""
+        return None
 
     def get_map(self) -> Mapping[Any, selectors.SelectorKey]:
         return self._keys
@@ -90,12 +101,17 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def __init__(self, clock: VirtualClock | None = None) -> None:
         self.clock = clock or VirtualClock()
         self._virtual_selector = _VirtualSelector(self.clock)
+        self._virtual_selector.next_timer = self._next_timer  # type: ignore[method-assign]
         super().__init__(self._virtual_selector)
         # The base loop rounds timers to this resolution; virtual time needs none.
         self._clock_resolution = 1e-9
 
     def time(self) -> float:
         return self.clock.now
+
+    def _next_timer(self) -> float | None:
+        scheduled: list[asyncio.TimerHandle] = self._scheduled  # type: ignore[attr-defined]
+        return scheduled[0].when() if scheduled else None
 
     @property
     def jumps(self) -> int:
