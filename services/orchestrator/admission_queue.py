@@ -7,6 +7,8 @@ Invariants:
   request's tokens divided by its weight, so tenants share a class in proportion to weight.
 - A waiter leaves the queue exactly once (`pop_ready` handing it to the director, or `withdraw`).
 - The per-tenant finish-tag map stays bounded by the active tenants (`prune`).
+- `queued(p)` is the number of waiters of class p in the queue; the queue never holds more than
+  `max_size` (the director checks `capacity.decide` before `push`, which refuses beyond it).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from services.orchestrator.domain import AdmissionRequest, Lease
+from services.orchestrator.domain import AdmissionRequest, Lease, Priority
 from services.orchestrator.prefix import PrefixMatches
 
 # Tenants remembered per class before idle ones are forgotten.
@@ -54,6 +56,7 @@ class AdmissionQueue:
         self._seq = itertools.count()
         self._vtime: dict[int, float] = {}
         self._tenant_finish: dict[tuple[int, str], float] = {}
+        self._counts: dict[Priority, int] = dict.fromkeys(Priority, 0)
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -61,6 +64,10 @@ class AdmissionQueue:
     @property
     def full(self) -> bool:
         return len(self._heap) >= self._max
+
+    def queued(self) -> dict[Priority, int]:
+        """Waiters per priority class."""
+        return dict(self._counts)
 
     def push(
         self,
@@ -71,6 +78,8 @@ class AdmissionQueue:
         pool_key: tuple[str, str],
         activation: Activation | None,
     ) -> Waiter:
+        if self.full:
+            raise OverflowError(f"admission queue holds {len(self._heap)} of {self._max}")
         prio = int(req.priority)
         start_tag = max(
             self._vtime.get(prio, 0.0), self._tenant_finish.get((prio, req.tenant), 0.0)
@@ -92,16 +101,32 @@ class AdmissionQueue:
             activation,
         )
         heapq.heappush(self._heap, waiter)
+        self._counts[Priority(prio)] += 1
         return waiter
 
     def withdraw(self, waiter: Waiter) -> bool:
         """Remove a waiter that is still queued; False if it already left the queue."""
         if waiter.future.done():
             return False
-        self._heap.remove(waiter)
-        heapq.heapify(self._heap)
+        self._remove(waiter)
         waiter.future.cancel()
         return True
+
+    def evict_newest(self, priority: Priority) -> Waiter | None:
+        """Take out the newest waiter of class `priority` (load shedding: it waited least);
+        the caller resolves its future. None when the class has no waiter."""
+        newest: Waiter | None = None
+        for w in self._heap:
+            if w.priority == priority and (newest is None or w.seq > newest.seq):
+                newest = w
+        if newest is not None:
+            self._remove(newest)
+        return newest
+
+    def _remove(self, waiter: Waiter) -> None:
+        self._heap.remove(waiter)
+        heapq.heapify(self._heap)
+        self._counts[Priority(waiter.priority)] -= 1
 
     def drain_in_order(self) -> list[Waiter]:
         """Take every live waiter out, in service order; the caller grants some and `restore`s
@@ -109,6 +134,7 @@ class AdmissionQueue:
         out: list[Waiter] = []
         while self._heap:
             w = heapq.heappop(self._heap)
+            self._counts[Priority(w.priority)] -= 1
             if not w.future.done():
                 out.append(w)
         return out
@@ -116,6 +142,7 @@ class AdmissionQueue:
     def restore(self, waiters: list[Waiter]) -> None:
         for w in waiters:
             heapq.heappush(self._heap, w)
+            self._counts[Priority(w.priority)] += 1
 
     def served(self, waiter: Waiter) -> None:
         """The waiter was granted: its class clock advances to its start tag."""

@@ -10,8 +10,12 @@ Invariants:
 - A replica's `in_flight` equals the number of live leases on it; every lease ends exactly once
   (Complete, or reclamation after `lease_timeout_s`).
 - A replica never holds more leases than its cap (`max_in_flight_per_replica`, the pool's, or
-  the engine's batch size times overcommit), counting with its own leases the load the engine
-  reports beyond them (`_others_load`).
+  what the engine can start soon: `capacity.replica_cap` over its reported batch slots and KV
+  blocks), counting with its own leases the load the engine reports beyond them (`_others_load`).
+- An arrival that cannot be granted at once enters the queue only as `capacity.decide` allows
+  (per-class limits, eviction of the newest lowest-class waiter, expected wait within the
+  deadline); every refusal is QueueFull (RESOURCE_EXHAUSTED) with a retry-after
+  (services/orchestrator/OVERLOAD.md).
 
 Several orchestrators (active-active; the gateway spreads Admit over them): leases are this
 process's hints, the engines' own counts (`nv_trt_llm_request_metrics` active + waiting) the
@@ -47,14 +51,13 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import math
 import random
 import time
 from collections.abc import Sequence
 
 from llmmesh.accelerators import DEFAULT_PROFILE
 from llmmesh.common.engine_metrics import fetch_metrics_text
-from services.orchestrator import metrics
+from services.orchestrator import capacity, metrics
 from services.orchestrator.admission_queue import Activation, AdmissionQueue, Waiter
 from services.orchestrator.domain import (
     AdmissionRequest,
@@ -109,6 +112,10 @@ class Orchestrator:
         )
         self._known_pools = frozenset(self._policy.pools)
         self._queue = AdmissionQueue(settings.max_queue, self._policy.admission.weight)
+        self._limits = capacity.QueueLimits.of(
+            settings.max_queue, settings.queue_share_standard, settings.queue_share_batch
+        )
+        self._service = capacity.ServiceTime()
         self._replicas = ReplicaSet(settings.replicas)
         self._health = Health(
             self._policy.health, self._replicas, probe, settings.health_timeout_s, clock
@@ -169,18 +176,50 @@ class Orchestrator:
         if not candidates and activation is None:
             metrics.record_rejection(req.model, "no_replica")
             raise NoReplicaReady(self._unavailable_reason(req))
-        if self._queue.full:
-            metrics.record_rejection(req.model, "queue_full")
-            raise QueueFull("admission queue is full", retry_after_s=self.retry_after_s())
+        wait_s = (
+            self._settings.default_queue_timeout_s if timeout_s is None else max(timeout_s, 0.0)
+        )
+        self._enter_queue(req, wait_s)
         fut: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         waiter = self._queue.push(
             req, prefix, start, fut, self._attribute(req, candidates, activation), activation
         )
         metrics.record_enqueued(req.model, waiter.pool_key)
-        wait_s = (
-            self._settings.default_queue_timeout_s if timeout_s is None else max(timeout_s, 0.0)
-        )
         return await self._wait(waiter, wait_s)
+
+    def _enter_queue(self, req: AdmissionRequest, wait_s: float) -> None:
+        """Make room for `req` in the queue or refuse it (`capacity.decide`): QueueFull with a
+        retry-after when its class's limit is reached and no lower-class waiter can be shed,
+        or when its expected wait exceeds `wait_s`; a shed waiter gets QueueFull too."""
+        decision = capacity.decide(
+            req.priority, self._queue.queued(), self._limits, self.drain_rate(), wait_s
+        )
+        verdict = decision.verdict
+        if verdict is capacity.Verdict.QUEUE_FULL:
+            metrics.record_rejection(req.model, "queue_full")
+            raise QueueFull(
+                f"admission queue is full for {req.priority.name.lower()} requests",
+                retry_after_s=decision.retry_after_s,
+            )
+        if verdict is capacity.Verdict.DEADLINE:
+            metrics.record_rejection(req.model, "expected_wait")
+            raise QueueFull(
+                f"expected queue wait {decision.expected_wait_s or 0.0:.3f}s exceeds the "
+                f"request's deadline ({wait_s:.3f}s)",
+                retry_after_s=decision.retry_after_s,
+            )
+        if verdict is capacity.Verdict.EVICT_AND_ENQUEUE and decision.victim_priority is not None:
+            victim = self._queue.evict_newest(decision.victim_priority)
+            if victim is not None:
+                metrics.record_dequeued(victim.request.model, victim.pool_key)
+                metrics.record_rejection(victim.request.model, "shed")
+                ahead = sum(n for p, n in self._queue.queued().items() if p <= victim.priority)
+                victim.future.set_exception(
+                    QueueFull(
+                        f"shed from the admission queue for a {req.priority.name.lower()} request",
+                        retry_after_s=capacity.retry_after_s(ahead + 1, self.drain_rate()),
+                    )
+                )
 
     async def _wait(self, waiter: Waiter, wait_s: float) -> Lease:
         req, fut, activation = waiter.request, waiter.future, waiter.activation
@@ -269,15 +308,30 @@ class Orchestrator:
         return activation.pool, req.model_version or sfz.model_version
 
     # -- scheduling views ---------------------------------------------------------------------
-    def _cap(self, st: ReplicaState, now: float) -> int:
+    def _configured_cap(self, st: ReplicaState) -> int:
         pool = self._policy.pools.get(st.spec.pool)
-        cap = self._settings.max_in_flight_per_replica
         if pool is not None and pool.max_in_flight_per_replica is not None:
-            cap = pool.max_in_flight_per_replica
-        sample = self._sampler.fresh(st, now)
-        if sample is not None and sample.max_batch:
-            cap = min(cap, max(1, math.ceil(sample.max_batch * self._policy.capacity.overcommit)))
-        return cap
+            return pool.max_in_flight_per_replica
+        return self._settings.max_in_flight_per_replica
+
+    def _slots(self, st: ReplicaState, now: float) -> int:
+        """Sequences the replica runs at once (`capacity.engine_slots`)."""
+        return capacity.engine_slots(self._configured_cap(st), self._sampler.fresh(st, now))
+
+    def _cap(self, st: ReplicaState, now: float) -> int:
+        """The configured cap, and below it what the engine can start soon."""
+        configured = self._configured_cap(st)
+        if self._sampler.fresh(st, now) is None:
+            return configured
+        return min(
+            configured,
+            capacity.replica_cap(
+                self._slots(st, now),
+                self._policy.capacity.overcommit,
+                self._settings.start_soon_s,
+                self._service.mean_s,
+            ),
+        )
 
     def _others_load(self, st: ReplicaState, now: float) -> int:
         """Requests the engine's fresh sample held beyond this orchestrator's leases at the
@@ -433,6 +487,8 @@ class Orchestrator:
         lease = self._leases.pop(lease_id)
         if lease is None:
             return False
+        if outcome is Outcome.SUCCESS:
+            self._service.record(self._clock() - lease.granted_at)
         self._load.complete(lease_id)
         self._feedback.completed(lease_id, lease.replica.id, reused_blocks)
         st = self._replicas.release(lease.replica.id)
@@ -448,9 +504,16 @@ class Orchestrator:
         self._dispatch()
         return True
 
+    def drain_rate(self) -> float | None:
+        """Requests per second the routable replicas finish when saturated
+        (`capacity.drain_rate`); None before a lease has completed."""
+        now = self._clock()
+        slots = sum(self._slots(st, now) for st in self._replicas.live() if st.routable(now))
+        return capacity.drain_rate(slots, self._service.mean_s)
+
     def retry_after_s(self) -> float:
-        """Seconds until the queue would have drained at the recent completion rate."""
-        return self._leases.retry_after_s(len(self._queue))
+        """Seconds until the whole queue would have drained at the drain rate."""
+        return capacity.retry_after_s(len(self._queue), self.drain_rate())
 
     # -- health ---------------------------------------------------------------------------
     def _refresh_pool_gauges(self) -> None:

@@ -103,7 +103,38 @@ class OrchestratorSettings(ServiceSettings):
     )
     dns_interval_s: float = Field(default=5.0, gt=0, description="Seconds between DNS resolutions.")
     max_queue: int = Field(
-        default=1024, gt=0, description="Admission queue bound across all models."
+        default=1024,
+        gt=0,
+        description=(
+            "Admission queue bound across all models: the most waiters when an interactive "
+            "request arrives (services/orchestrator/OVERLOAD.md)."
+        ),
+    )
+    queue_share_standard: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description=(
+            "A standard request enters the queue only while it holds fewer than this share of "
+            "`max_queue` waiters (else it takes a batch waiter's place, or is refused)."
+        ),
+    )
+    queue_share_batch: float = Field(
+        default=0.25,
+        gt=0,
+        le=1,
+        description=(
+            "A batch request enters the queue only while it holds fewer than this share of "
+            "`max_queue` waiters (at most the standard share): batch is shed first."
+        ),
+    )
+    start_soon_s: float = Field(
+        default=1.0,
+        ge=0,
+        description=(
+            "A replica is leased beyond its batch slots only the slots expected to free within "
+            "this many seconds (mean service time), at most the policy's overcommit."
+        ),
     )
     max_in_flight_per_replica: int = Field(
         default=64,

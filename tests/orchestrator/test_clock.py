@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from services.orchestrator.director import Orchestrator
 from services.orchestrator.domain import Outcome
-from services.orchestrator.leases import LeaseTable
 from services.orchestrator.policy import HealthPolicy, Policy
-from services.orchestrator.settings import ReplicaSpec
 from tests.orchestrator.test_core import FakeProbe, req, settings
 
 
@@ -56,14 +54,19 @@ async def test_ejection_lasts_exactly_its_virtual_duration() -> None:
     assert not bad.ejected(clock.t)
 
 
-def test_retry_after_follows_the_virtual_completion_rate() -> None:
-    clock = ManualClock()
-    table = LeaseTable(3600.0, clock)
-    spec = ReplicaSpec(id="r", grpc_address="127.0.0.1:1")
-    assert table.retry_after_s(10) == 1.0  # no completions seen yet
-    for _ in range(50):
-        lease = table.grant(spec, clock.t)
-        clock.t += 0.5  # two completions per second
-        assert table.pop(lease.lease_id) is lease
-    assert abs(table.retry_after_s(10) - 5.0) < 0.05
-    assert table.retry_after_s(10_000) == 60.0  # bounded
+async def test_drain_rate_and_retry_after_follow_the_virtual_service_time() -> None:
+    clock, probe = ManualClock(), FakeProbe()
+    core = Orchestrator(settings(n=1, cap=4), probe, clock=clock)
+    probe.ready_ids = {"r0"}
+    await core.probe_once()
+    assert core.drain_rate() is None
+    assert core.retry_after_s() == 1.0  # nothing completed yet: unknown
+    for i in range(4):
+        lease = await core.admit(req(str(i)), timeout_s=1)
+        clock.t += 2.0  # each lease runs 2 virtual seconds
+        core.complete(lease.lease_id, Outcome.SUCCESS)
+    # 4 slots (no engine sample: the configured cap) freed every 2 s
+    assert core.drain_rate() == 2.0
+    lease = await core.admit(req("x"), timeout_s=1)
+    core.complete(lease.lease_id, Outcome.REPLICA_ERROR)  # failures do not count
+    assert core.drain_rate() == 2.0

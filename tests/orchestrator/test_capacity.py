@@ -1,0 +1,178 @@
+"""Capacity-aware admission decisions (services/orchestrator/capacity.py), table-driven, and the
+director applying them on an injected clock: refusals carry a retry-after from the drain rate,
+lower classes are shed first, work that would miss its deadline is refused at once."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from llmmesh.common.engine_metrics import EngineSample
+from services.orchestrator import capacity
+from services.orchestrator.capacity import Decision, QueueLimits, Verdict, decide
+from services.orchestrator.director import Orchestrator
+from services.orchestrator.domain import Outcome, Priority
+from services.orchestrator.errors import QueueFull
+from tests.orchestrator.test_core import FakeProbe, assert_queued, req, settings
+
+IN, S, B = Priority.INTERACTIVE, Priority.STANDARD, Priority.BATCH
+LIMITS = QueueLimits(interactive=8, standard=4, batch=2)
+
+
+def q(i: int = 0, s: int = 0, b: int = 0) -> dict[Priority, int]:
+    return {IN: i, S: s, B: b}
+
+
+@pytest.mark.parametrize(
+    ("priority", "queued", "rate", "deadline_s", "expected"),
+    [
+        # room in the class's limit, rate unknown: enqueue (no wait estimate)
+        (S, q(), None, 1.0, Decision(Verdict.ENQUEUE)),
+        (B, q(b=1), None, 1.0, Decision(Verdict.ENQUEUE)),
+        # batch limit (2) reached: refused, unknown rate -> the default retry-after
+        (B, q(b=2), None, 30.0, Decision(Verdict.QUEUE_FULL, 1.0)),
+        # standard limit (4) reached by standard waiters: nothing lower to shed -> refused;
+        # retry-after = (4 ahead + itself) / 10 per s
+        (S, q(s=4), 10.0, 30.0, Decision(Verdict.QUEUE_FULL, 0.5, None, 0.5)),
+        # standard at its limit with a batch waiter: the newest batch waiter is shed
+        (S, q(s=3, b=1), 10.0, 30.0, Decision(Verdict.EVICT_AND_ENQUEUE, None, B, 0.4)),
+        # interactive with a full queue sheds the lowest class present: batch before standard
+        (IN, q(i=2, s=4, b=2), 10.0, 30.0, Decision(Verdict.EVICT_AND_ENQUEUE, None, B, 0.3)),
+        (IN, q(i=4, s=4), 10.0, 30.0, Decision(Verdict.EVICT_AND_ENQUEUE, None, S, 0.5)),
+        # interactive with a full queue of interactive waiters: refused
+        (IN, q(i=8), 10.0, 30.0, Decision(Verdict.QUEUE_FULL, 0.9, None, 0.9)),
+        # above the standard limit (interactive filled it): standard is refused, not shedding
+        (S, q(i=5, b=1), 10.0, 30.0, Decision(Verdict.QUEUE_FULL, 0.6, None, 0.6)),
+        # expected wait (3 ahead + itself at 2/s = 2 s) beyond a 1 s deadline: refused at once,
+        # retry-after = time for 2 of them to drain (the rest fits in 1 s) = 1 s
+        (S, q(s=3), 2.0, 1.0, Decision(Verdict.DEADLINE, 1.0, None, 2.0)),
+        # the same wait within a 5 s deadline: enqueued
+        (S, q(s=3), 2.0, 5.0, Decision(Verdict.ENQUEUE, None, None, 2.0)),
+        # batch waiters are behind an interactive arrival: they do not count in its wait
+        (IN, q(s=3, b=2), 2.0, 1.0, Decision(Verdict.ENQUEUE, None, None, 0.5)),
+    ],
+)
+def test_admission_decisions(
+    priority: Priority,
+    queued: dict[Priority, int],
+    rate: float | None,
+    deadline_s: float,
+    expected: Decision,
+) -> None:
+    assert decide(priority, queued, LIMITS, rate, deadline_s) == expected
+
+
+@pytest.mark.parametrize(
+    ("sample", "expected"),
+    [
+        (None, 64),  # nothing reported: the configured slots
+        (EngineSample(0, 0, 0, 1000, max_batch=8), 8),  # the engine's batch capacity
+        # 4 active sequences hold 400 of 1000 blocks: 10 such sequences fit, batch allows 32
+        (EngineSample(4, 0, 400, 1000, max_batch=32), 10),
+        (EngineSample(1, 0, 5000, 1000, max_batch=32), 1),  # never below one slot
+    ],
+)
+def test_engine_slots(sample: EngineSample | None, expected: int) -> None:
+    assert capacity.engine_slots(64, sample) == expected
+
+
+@pytest.mark.parametrize(
+    ("service_s", "expected"),
+    [
+        (None, 96),  # unknown service time: the overcommit maximum, 64 * 1.5
+        (4.0, 80),  # 64 slots / 4 s -> 16 free within 1 s
+        (0.1, 96),  # short requests: capped at the overcommit maximum
+        (100.0, 65),  # long requests: at least one slot ahead
+    ],
+)
+def test_replica_cap(service_s: float | None, expected: int) -> None:
+    assert capacity.replica_cap(64, 1.5, 1.0, service_s) == expected
+
+
+def test_retry_after_is_bounded() -> None:
+    assert capacity.retry_after_s(10, None) == capacity.RETRY_AFTER_UNKNOWN_S
+    assert capacity.retry_after_s(0, 100.0) == capacity.RETRY_AFTER_MIN_S
+    assert capacity.retry_after_s(10**6, 1.0) == capacity.RETRY_AFTER_MAX_S
+    assert capacity.retry_after_s(10, 4.0) == 2.5
+
+
+def test_queue_limits_fall_with_priority() -> None:
+    limits = QueueLimits.of(1024, 0.5, 0.25)
+    assert (limits.interactive, limits.standard, limits.batch) == (1024, 512, 256)
+    assert QueueLimits.of(10, 0.1, 0.9).batch == 1  # batch never above standard
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 500.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+async def _full_core(clock: Clock, max_queue: int) -> Orchestrator:
+    """One replica with one slot, taken; the service time learned as 1 s (drain 1/s)."""
+    cfg = settings(n=1, cap=1, queue=max_queue)
+    cfg.queue_share_standard = 0.5
+    cfg.queue_share_batch = 0.25
+    probe = FakeProbe()
+    core = Orchestrator(cfg, probe, clock=clock)
+    probe.ready_ids = {"r0"}
+    await core.probe_once()
+    first = await core.admit(req("warm"), 1.0)
+    clock.t += 1.0
+    core.complete(first.lease_id, Outcome.SUCCESS)
+    await core.admit(req("busy"), 1.0)
+    return core
+
+
+async def test_shedding_order_batch_then_standard_interactive_kept() -> None:
+    clock = Clock()
+    core = await _full_core(clock, max_queue=8)
+    tasks = {
+        rid: asyncio.create_task(core.admit(req(rid, prio), 60.0))
+        for rid, prio in (("b1", B), ("b2", B), ("s1", S), ("s2", S))
+    }
+    await assert_queued(core, 4)
+    # batch limit 2 reached: a third batch request is refused with a retry-after
+    with pytest.raises(QueueFull) as refused:
+        await core.admit(req("b3", B), 60.0)
+    assert refused.value.retry_after_s is not None
+    assert refused.value.retry_after_s > 0
+    # interactive arrivals fill the queue's room, then shed the newest batch waiter, the other
+    # batch waiter, then the newest standard one
+    for i in range(4):
+        tasks[f"i{i}"] = asyncio.create_task(core.admit(req(f"i{i}", IN), 60.0))
+    await assert_queued(core, 8)
+    shed: list[str] = []
+    for i in range(4, 7):
+        tasks[f"i{i}"] = asyncio.create_task(core.admit(req(f"i{i}", IN), 60.0))
+        for _ in range(4):  # the arrival decides; the shed waiter's task sees its exception
+            await asyncio.sleep(0)
+        shed += [rid for rid, t in tasks.items() if t.done() and rid not in shed]
+    assert shed == ["b2", "b1", "s2"]
+    for rid in shed:
+        err = tasks[rid].exception()
+        assert isinstance(err, QueueFull)
+        assert err.retry_after_s is not None
+    assert core.queue_depth == 8
+    for t in tasks.values():
+        t.cancel()
+    await asyncio.gather(*tasks.values(), return_exceptions=True)
+
+
+async def test_work_that_would_miss_its_deadline_is_refused_at_once() -> None:
+    clock = Clock()
+    core = await _full_core(clock, max_queue=64)
+    assert core.drain_rate() == 1.0  # one slot, 1 s per request
+    waiting = [asyncio.create_task(core.admit(req(f"w{i}"), 60.0)) for i in range(3)]
+    await assert_queued(core, 3)
+    # 3 ahead + itself at 1/s: 4 s expected, the deadline is 2 s
+    with pytest.raises(QueueFull, match="exceeds the request's deadline") as refused:
+        await core.admit(req("late"), 2.0)
+    assert refused.value.retry_after_s == 2.0  # two of those ahead must drain first
+    assert core.queue_depth == 3
+    for t in waiting:
+        t.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
