@@ -27,6 +27,7 @@ from services.gateway import metrics
 from services.gateway.admission import AdmissionClient, AdmissionRequest, Lease, Outcome
 from services.gateway.errors import ReplicaFailed
 from services.gateway.events import Event
+from services.gateway.faults import attempt_error
 from services.gateway.generation import GenerationRequest
 from services.gateway.models import ServedModel
 from services.gateway.replica_watch import ReplicaWatch
@@ -52,7 +53,7 @@ _MID_STREAM = "mid_stream"
 class AttemptFailed(Exception):
     """One attempt's replica failed; `error` is what the client gets if it is not retried."""
 
-    def __init__(self, error: ReplicaFailed, *, replica_fault: bool):
+    def __init__(self, error: ServiceError, *, replica_fault: bool):
         super().__init__(str(error))
         self.error = error
         self.replica_fault = replica_fault
@@ -262,7 +263,7 @@ class Attempts:
             error = str(err)
             outcome = Outcome.REPLICA_ERROR if err.replica_fault else Outcome.REQUEST_ERROR
             raise AttemptFailed(
-                ReplicaFailed(f"replica {replica.id} failed: {err}"),
+                attempt_error(err.fault, f"replica {replica.id} failed: {err}"),
                 replica_fault=err.replica_fault,
             ) from err
         except EngineCallStopped as err:

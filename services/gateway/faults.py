@@ -19,6 +19,13 @@ from enum import StrEnum
 
 import grpc
 
+from llmmesh.common.errors import Reason, ResourceExhausted, ServiceError
+from services.gateway.errors import ReplicaFailed
+
+# retry-after of an engine's queue-full refusal passed on to the client: the engine reports no
+# drain rate; about one decode pass of a full batch frees its head.
+ENGINE_BUSY_RETRY_AFTER_S = 1.0
+
 
 class FaultKind(StrEnum):
     REPLICA = "replica"  # the replica cannot serve: counts toward its ejection
@@ -134,3 +141,14 @@ def classify_message(message: str) -> Fault:
         if pattern.search(message):
             return fault
     return _REFUSED
+
+
+def attempt_error(fault: Fault, message: str) -> ServiceError:
+    """What the client gets for a failed attempt that is not retried: back-pressure (a full
+    engine queue) is RESOURCE_EXHAUSTED with a retry-after, like the orchestrator's own queue,
+    never UNAVAILABLE (the replica is healthy, only full); anything else `ReplicaFailed`."""
+    if fault.kind is FaultKind.BACK_PRESSURE:
+        return ResourceExhausted(
+            message, retry_after_s=ENGINE_BUSY_RETRY_AFTER_S, reason=Reason.QUEUE_FULL
+        )
+    return ReplicaFailed(message)

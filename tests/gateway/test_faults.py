@@ -8,9 +8,12 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from llmmesh.common.errors import ResourceExhausted
+from services.gateway.errors import ReplicaFailed
 from services.gateway.faults import (
     FaultKind,
     FaultReason,
+    attempt_error,
     classify_message,
     classify_status,
 )
@@ -55,6 +58,8 @@ MESSAGES = [
         B,
         FaultReason.QUEUE_FULL,
     ),
+    # Triton's own scheduler queue, bounded by the same max_queue_size
+    ("Exceeds maximum queue size", B, FaultReason.QUEUE_FULL),
     # the client's bad input: observed from the emulator behind Triton 2.51
     ("input_ids must hold at least one token", Q, FaultReason.REQUEST_REFUSED),
     (
@@ -106,3 +111,12 @@ def test_status_codes(code: grpc.StatusCode, kind: FaultKind) -> None:
 def test_callers_that_only_know_whose_fault_it_is() -> None:
     assert TritonStreamError("stalled", replica_fault=True).replica_fault
     assert not TritonStreamError("bad", replica_fault=False).replica_fault
+
+
+def test_a_full_engine_reaches_the_client_as_resource_exhausted_with_retry_after() -> None:
+    busy = attempt_error(classify_message("Exceeds maximum queue size"), "replica r0 failed")
+    assert isinstance(busy, ResourceExhausted)
+    assert busy.retry_after_s is not None
+    assert busy.retry_after_s > 0
+    dead = attempt_error(classify_message("Stub process 'm_0_0' is not healthy."), "r0 failed")
+    assert isinstance(dead, ReplicaFailed)
