@@ -21,6 +21,8 @@ requests have not started; when they outnumber the leases this ledger still has 
 sample's time, the model ran ahead of the engine and the backlog is stretched to cover them at the
 mean prefill work of recent grants; requests the engine holds beyond this orchestrator's leases
 (other orchestrators') count as decoding sequences of the mean context until the next sample.
+The sample's KV use is carried forward by `kv_scale`: the tokens (prompt + max tokens) of the
+leases live now over those live when the sample was applied, others' counted at the mean context.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class _Replica:
     mean_context: float = 0.0
     sample_at: float | None = None  # the engine sample already applied
     others: int = 0  # the engine's requests beyond this orchestrator's leases
+    kv_tokens: int = 0  # prompt + max tokens of the live leases
+    kv_tokens_at_sample: int = 0
 
 
 class LoadLedger:
@@ -84,6 +88,7 @@ class LoadLedger:
         lease = _Lease(replica_id, uncached, prompt_tokens, max_tokens, work, start + work, start)
         rep.busy_until = lease.first_token_at
         rep.leases[lease_id] = lease
+        rep.kv_tokens += prompt_tokens + max_tokens
         self._leases[lease_id] = lease
         a = _MEAN_ALPHA if rep.mean_work_s else 1.0
         rep.mean_work_s += a * (work - rep.mean_work_s)
@@ -110,6 +115,7 @@ class LoadLedger:
             left = lease.first_token_at - max(now, lease.started_at)
             self._shift_after(rep, lease, min(left, lease.work_s), now)
         del rep.leases[lease_id]
+        rep.kv_tokens -= lease.prompt + lease.max_tokens
 
     def _shift_after(self, rep: _Replica, lease: _Lease, by_s: float, now: float) -> None:
         """Move the first tokens of the leases granted after `lease` (still in prefill) `by_s`
@@ -138,6 +144,7 @@ class LoadLedger:
             return
         rep.sample_at = sample_at
         rep.others = max(0, round(active + waiting) - own_at_sample)
+        rep.kv_tokens_at_sample = rep.kv_tokens
         own_waiting = sum(1 for x in rep.leases.values() if x.started_at > sample_at)
         behind = round(waiting) - own_waiting - rep.others
         if behind > 0 and rep.mean_work_s > 0:
@@ -178,9 +185,12 @@ class LoadLedger:
                 else:
                     prefill += x.uncached * min(1.0, (x.first_token_at - now) / x.work_s)
         seqs, ctx = self._decoding(rep, now)
+        others = rep.others * rep.mean_context
+        then = rep.kv_tokens_at_sample + others
         return ReplicaLoad(
             prefill_tokens=round(prefill),
             prefill_s=max(0.0, rep.busy_until - now),
             decode_seqs=seqs,
             decode_tokens=ctx,
+            kv_scale=(rep.kv_tokens + others) / then if then > 0 else 1.0,
         )

@@ -64,12 +64,20 @@ BUILTIN_PLUGINS: list[PluginConfig] = [
 BUILTIN_PROFILES: dict[str, ProfileConfig] = {
     "default": ProfileConfig(
         filters=FILTERS,
-        scorers=[WeightedScorer(plugin="estimated-wait", weight=1.0)],
+        scorers=[
+            WeightedScorer(plugin="estimated-wait", weight=1.0),
+            WeightedScorer(plugin="hot-spot", weight=0.1),
+        ],
         picker="max-score",
     ),
     "round-robin": ProfileConfig(filters=FILTERS, picker="round-robin"),
     "least-loaded": ProfileConfig(
-        filters=FILTERS, scorers=[WeightedScorer(plugin="least-work")], picker="max-score"
+        filters=FILTERS,
+        scorers=[
+            WeightedScorer(plugin="least-work", weight=1.0),
+            WeightedScorer(plugin="hot-spot", weight=0.1),
+        ],
+        picker="max-score",
     ),
     "prefix-only": ProfileConfig(
         filters=FILTERS, scorers=[WeightedScorer(plugin="prefix")], picker="max-score"

@@ -31,6 +31,9 @@ class ReplicaLoad:
     # Sequences past their first token and not completed, and their context tokens.
     decode_seqs: int = 0
     decode_tokens: int = 0
+    # The replica's KV use now relative to at its last engine sample, by the tokens this
+    # orchestrator has in flight there (grants and completions since the sample); 1 without one.
+    kv_scale: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,4 +26,10 @@ class KvWatermarkFilter:
         self, request: RequestView, replicas: Sequence[ReplicaView]
     ) -> Sequence[ReplicaView]:
         limit = self.params.max_kv_utilization
-        return [r for r in replicas if r.kv_utilization is None or r.kv_utilization <= limit]
+        return [r for r in replicas if r.kv_utilization is None or live(r) <= limit]
+
+
+def live(r: ReplicaView) -> float:
+    """The sample's KV use carried forward to now by the live load accounting."""
+    assert r.kv_utilization is not None
+    return r.kv_utilization * (r.load.kv_scale if r.load is not None else 1.0)
