@@ -304,14 +304,15 @@ async def test_profiles_route_by_prefix(
 
 
 async def test_hot_spot_guard_spreads_a_shared_prefix() -> None:
-    """Every request shares the prefix cached on r1: the default profile stops piling onto it."""
+    """Every request shares a 2048-token prefix cached on r1: the default profile prefers r1
+    while the prefill it saves outweighs r1's extra load, then stops piling onto it."""
     probe = FakeProbe()
     core = Orchestrator(
-        settings(n=2, cap=64), probe, Policy(), FixedPrefix(PrefixMatches(4, {"r1": 4}))
+        settings(n=2, cap=64), probe, Policy(), FixedPrefix(PrefixMatches(64, {"r1": 64}))
     )
     probe.ready_ids = {"r0", "r1"}
     await core.probe_once()
-    picks = [(await core.admit(req(str(i)), 1.0)).replica.id for i in range(40)]
+    picks = [(await core.admit(req(str(i), prompt_len=2048), 1.0)).replica.id for i in range(40)]
     assert 0 < picks.count("r0") < picks.count("r1")
 
 
