@@ -37,3 +37,17 @@ bench-chaos: setup ## Chaos: kill a replica / backend stub / orchestrator(s) / k
 
 bench-overload: setup ## Overload: capacity (p99 TTFT <= 2 s), then 1/2/5/10x capacity open loop (20/60/20% interactive/standard/batch), without and with retry-after-honouring clients: goodput, refusals, TTFT per priority, RSS, engine deaths, PNG (~15 min; BENCH_ARGS="--step-s 20" for a short run)
 	$(PY) -m bench.overload $(BENCH_ARGS)
+
+.PHONY: bench-sim-fidelity bench-sim-scale
+
+bench-sim-fidelity: setup ## Simulator vs live local mesh: shared-prefix + Mooncake sample, 4 replicas, round-robin and default; TTFT p50/mean, throughput, hit rate side by side (~6 min)
+	$(PY) -m bench.sim_fidelity $(BENCH_ARGS)
+
+bench-sim-scale: setup ## Simulator at scale: full Mooncake and Azure traces at 32 and 256 replicas, Mooncake at 1000: CPU s and simulated events/s (~10 min)
+	for w in mooncake azure; do for n in 32 256; do $(PY) -m llmmesh.sim --workload $$w --replicas $$n --profiles default --no-png --out sim-scale-$$w-$$n.json || exit 1; done; done
+	$(PY) -m llmmesh.sim --workload mooncake --replicas 1000 --profiles default --no-png --out sim-scale-mooncake-1000.json
+
+.PHONY: bench-envoy
+
+bench-envoy: setup mesh-setup ## Envoy where Istio puts it (ingress, sidecars, mTLS) vs the direct mesh: added TTFT, Envoy CPU per token, gRPC and SSE (1/16 streams, ~2 min)
+	$(PY) -m bench.envoy $(BENCH_ARGS)

@@ -89,6 +89,7 @@ class PoolSpec:
     max_prompt_tokens: int | None = None
     price_per_hour: float | None = None
     autoscale: Autoscale | None = None
+    time_scale: float = 1.0  # as the emulator's TIME_SCALE (compare with a live emulated mesh)
 
     def kv_blocks(self, block_size: int) -> int:
         if self.num_kv_blocks is not None:
@@ -367,6 +368,7 @@ class Cluster:
                 p.max_num_tokens,
                 p.kv_blocks(self.spec.block_size),
                 self.spec.block_size,
+                time_scale=p.time_scale,
             ),
             self.loop,
             on_events=self._publisher(rep.spec.id) if self.spec.kv_mode == "exact" else None,

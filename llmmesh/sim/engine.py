@@ -55,6 +55,7 @@ class EngineConfig:
     block_size: int = 32
     vocab_min: int = 100
     vocab_max: int = 49152
+    time_scale: float = 1.0  # LLMMESH_EMULATOR_TIME_SCALE: wall seconds per modelled second
 
 
 @dataclass(slots=True)
@@ -73,9 +74,13 @@ class _Run:
 
     __slots__ = ("ends", "start")
 
-    def __init__(self, start: float, durations: Sequence[float]) -> None:
+    def __init__(self, start: float, durations: Sequence[float] | npt.NDArray[np.float64]) -> None:
         self.start = start
         self.ends: npt.NDArray[np.float64] = np.cumsum(np.concatenate(([start], durations)))[1:]
+
+    @classmethod
+    def scaled(cls, start: float, durations: Sequence[float], scale: float) -> _Run:
+        return cls(start, durations if scale == 1.0 else np.asarray(durations) * scale)
 
     def started_before(self, t: float) -> int:
         """Iterations that started before `t` (the first starts at `start`)."""
@@ -113,8 +118,10 @@ class SimEngine:
             PagedKvCache(config.num_kv_blocks, self.block_config),
             config.cost,
             config,
+            time_scale=config.time_scale,
         )
         self._loop = loop
+        self._scale = config.time_scale
         self._on_events = on_events
         self._on_first = on_first_token
         self._on_finished = on_finished
@@ -179,15 +186,15 @@ class SimEngine:
             return
         if sched.num_running and (self._blocked or not self._has_waiting()):
             steps = sched.decode_horizon()
-            run = self._run = _Run(now, sched.decode_durations(steps))
+            run = self._run = _Run.scaled(now, sched.decode_durations(steps), self._scale)
             self._busy_until = run.end
             self._timer = self._loop.call_at(run.end, self._run_done)
             return
         step = self._step = sched.step(int(now * NS))
         self.iterations += 1
-        self.busy_s += step.duration_s
+        self.busy_s += step.duration_s * self._scale
         self._blocked = self._has_waiting()
-        self._busy_until = now + step.duration_s
+        self._busy_until = now + step.duration_s * self._scale
         self._timer = self._loop.call_at(self._busy_until, self._step_done)
 
     def _has_waiting(self) -> bool:
@@ -235,7 +242,7 @@ class SimEngine:
     def _commit(self, run: _Run, steps: int) -> None:
         res = self.scheduler.decode_steps(steps, int(run.start * NS))
         self.iterations += steps
-        self.busy_s += sum(res.durations_s)
+        self.busy_s += sum(res.durations_s) * self._scale
         end = float(run.ends[steps - 1])
         for out in res.finished:
             self._deliver(out, end)

@@ -19,6 +19,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from bench.report import format_table, percentile
 from bench.workloads import Request
@@ -247,3 +248,114 @@ def options_table(options: Sequence[Option]) -> str:
         ],
         rows,
     )
+
+
+def write_png(path: Path, options: Sequence[Option], title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a_cost, a_tok) = plt.subplots(1, 2, figsize=(13, 5))
+    labels = [o.label.replace(": ", ":\n").replace(", ", ",\n") for o in options]
+    colors = ["tab:green" if o.feasible else "tab:red" for o in options]
+    bars = a_cost.bar(range(len(options)), [o.usd_per_hour for o in options], color=colors)
+    for bar, o in zip(bars, options, strict=True):
+        a_cost.annotate(
+            " + ".join(str(p.replicas) for p in o.pools),
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+    a_cost.set_ylabel("$ / hour (replicas on top)")
+    a_tok.bar(range(len(options)), [o.usd_per_m_output for o in options], color=colors)
+    a_tok.set_ylabel("$ / M output tokens")
+    for ax in (a_cost, a_tok):
+        ax.set_xticks(range(len(options)), labels, fontsize=7, rotation=30, ha="right")
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import logging
+
+    from bench.report import RESULTS_DIR, write_json
+    from llmmesh.accelerators import PROFILES
+    from llmmesh.sim.__main__ import WORKLOADS, load_workload
+
+    p = argparse.ArgumentParser(prog="python -m llmmesh.sim.planner", description=__doc__)
+    p.add_argument("--workload", choices=WORKLOADS, default="azure")
+    p.add_argument("--sample", type=float, default=1.0)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--duration-s", type=float, default=None, help="Only arrivals before this.")
+    p.add_argument(
+        "--accelerators",
+        nargs="+",
+        choices=sorted(PROFILES),
+        default=[n for n in sorted(PROFILES) if n.startswith("llama-3.1-8b-")],
+    )
+    p.add_argument("--ttft-p99-s", type=float, default=2.0)
+    p.add_argument("--itl-p99-s", type=float, default=0.05)
+    p.add_argument("--split-tokens", type=int, default=None, help="Long/short pool split.")
+    p.add_argument("--profile", default="default", help="Scheduling profile.")
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-replicas", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="sim-plan.json")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    reqs = load_workload(args.workload, args.sample, args.seed, args.limit)
+    if args.duration_s is not None:
+        reqs = [r for r in reqs if r.arrival_s < args.duration_s]
+    longest = max(r.prompt_tokens for r in reqs)
+    candidates = [
+        PoolSpec(
+            0, profile=a, max_batch_size=args.max_batch_size, max_num_tokens=max(8192, longest)
+        )
+        for a in args.accelerators
+    ]
+    targets = Targets(args.ttft_p99_s, args.itl_p99_s)
+    options = plan(
+        reqs,
+        candidates,
+        targets,
+        profile=args.profile,
+        seed=args.seed,
+        split_tokens=args.split_tokens,
+        max_replicas=args.max_replicas,
+    )
+    out_h, in_h = _rates(reqs)
+    print(
+        f"{args.workload}: {len(reqs)} requests, {out_h / 3600:.0f} output and {in_h / 3600:.0f} "
+        f"input tokens/s; targets TTFT p99 <= {targets.ttft_p99_s} s, ITL p99 <= "
+        f"{targets.itl_p99_s * 1000:g} ms; profile {args.profile}\n"
+    )
+    print(options_table(options))
+    path = write_json(
+        args.out,
+        {
+            "workload": args.workload,
+            "requests": len(reqs),
+            "targets": dataclasses.asdict(targets),
+            "options": [
+                {**dataclasses.asdict(o), "pools": [dataclasses.asdict(p) for p in o.pools]}
+                for o in options
+            ],
+        },
+    )
+    png = write_png(Path(RESULTS_DIR) / Path(args.out).with_suffix(".png").name, options, args.out)
+    print(f"\nJSON: {path}\nPNG: {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
