@@ -13,6 +13,7 @@ GENERATE_ARGS ?=
 GATEWAY ?= 127.0.0.1:50051
 ENGINE ?= smollm2
 REPLICAS ?= 2
+MESH ?= none
 
 -include mesh/mesh.mk
 -include mesh/image.mk
@@ -91,8 +92,8 @@ test-unit: setup ## Unit tests only
 test-integration: setup ## Integration tests only (real tritonserver and service processes)
 	$(PY) -m pytest -m integration $(PYTEST_ARGS)
 
-run: setup ## Start the local mesh in the foreground: REPLICAS Triton replicas of ENGINE (smollm2 | emulator) + 4 services
-	$(PY) -m llmmesh.localmesh --engine $(ENGINE) --replicas $(REPLICAS)
+run: setup $(if $(filter envoy,$(MESH)),mesh-setup) ## Start the local mesh in the foreground: REPLICAS Triton replicas of ENGINE (smollm2 | emulator) + 4 services; MESH=envoy: behind Envoy as Istio would put it (mesh/README.md)
+	$(PY) -m llmmesh.localmesh --engine $(ENGINE) --replicas $(REPLICAS) --mesh $(MESH)
 
 generate: setup ## Stream an answer through the running mesh (chat for instruct models): make generate PROMPT="..." [GENERATE_ARGS="--raw ..."; =--help lists the options]
 	$(PY) -m llmmesh.cli generate --address $(GATEWAY) $(GENERATE_ARGS) "$(PROMPT)"
