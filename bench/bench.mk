@@ -51,8 +51,3 @@ bench-sim-scale: setup ## Simulator at scale: full Mooncake and Azure traces at 
 
 bench-envoy: setup mesh-setup ## Envoy where Istio puts it (ingress, sidecars, mTLS) vs the direct mesh: added TTFT, Envoy CPU per token, gRPC and SSE (1/16 streams, ~2 min)
 	$(PY) -m bench.envoy $(BENCH_ARGS)
-
-.PHONY: bench-envoy
-
-bench-envoy: setup mesh-setup ## Envoy where Istio puts it (ingress, sidecars, mTLS) vs the direct mesh: added TTFT, Envoy CPU per token, gRPC and SSE (1/16 streams, ~2 min)
-	$(PY) -m bench.envoy $(BENCH_ARGS)
