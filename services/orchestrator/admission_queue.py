@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -46,6 +47,7 @@ class Waiter:
     future: asyncio.Future[Lease] = field(compare=False)
     pool_key: tuple[str, str] = field(compare=False)  # (pool, model_version) it counts under
     activation: Activation | None = field(compare=False)
+    deadline: float = field(compare=False, default=math.inf)  # on the director's clock
 
 
 class AdmissionQueue:
@@ -77,6 +79,7 @@ class AdmissionQueue:
         future: asyncio.Future[Lease],
         pool_key: tuple[str, str],
         activation: Activation | None,
+        deadline: float = math.inf,
     ) -> Waiter:
         if self.full:
             raise OverflowError(f"admission queue holds {len(self._heap)} of {self._max}")
@@ -99,6 +102,7 @@ class AdmissionQueue:
             future,
             pool_key,
             activation,
+            deadline,
         )
         heapq.heappush(self._heap, waiter)
         self._counts[Priority(prio)] += 1

@@ -182,7 +182,13 @@ class Orchestrator:
         self._enter_queue(req, wait_s)
         fut: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         waiter = self._queue.push(
-            req, prefix, start, fut, self._attribute(req, candidates, activation), activation
+            req,
+            prefix,
+            start,
+            fut,
+            self._attribute(req, candidates, activation),
+            activation,
+            start + wait_s,
         )
         metrics.record_enqueued(req.model, waiter.pool_key)
         return await self._wait(waiter, wait_s)
@@ -445,7 +451,32 @@ class Orchestrator:
             self._queue.served(waiter)
             waiter.future.set_result(lease)
         self._queue.prune()
-        self._queue.restore(blocked)
+        self._queue.restore(self._shed_late(blocked))
+
+    def _shed_late(self, blocked: list[Waiter]) -> list[Waiter]:
+        """Refuse now, with a retry-after, the waiters (in service order) the queue will not
+        reach before their deadline at the drain rate: waiting on would only end in a timeout.
+        A scale-from-zero waiter is left to its activation timeout."""
+        rate = self.drain_rate()
+        if rate is None or not blocked:
+            return blocked
+        now = self._clock()
+        kept: list[Waiter] = []
+        for w in blocked:
+            position = len(kept) + 1
+            if w.activation is None and now + position / rate > w.deadline:
+                metrics.record_dequeued(w.request.model, w.pool_key)
+                metrics.record_rejection(w.request.model, "expected_wait")
+                w.future.set_exception(
+                    QueueFull(
+                        f"expected queue wait {position / rate:.3f}s exceeds the request's "
+                        f"deadline ({max(w.deadline - now, 0.0):.3f}s left)",
+                        retry_after_s=capacity.retry_after_s(position, rate),
+                    )
+                )
+                continue
+            kept.append(w)
+        return kept
 
     # -- membership ---------------------------------------------------------------------------
     def sync_replicas(self, specs: Sequence[ReplicaSpec]) -> None:

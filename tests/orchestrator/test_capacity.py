@@ -176,3 +176,21 @@ async def test_work_that_would_miss_its_deadline_is_refused_at_once() -> None:
     for t in waiting:
         t.cancel()
     await asyncio.gather(*waiting, return_exceptions=True)
+
+
+async def test_a_waiter_the_queue_cannot_reach_in_time_is_refused_before_its_deadline() -> None:
+    clock = Clock()
+    core = await _full_core(clock, max_queue=64)  # drain 1/s
+    patient = [asyncio.create_task(core.admit(req(f"p{i}"), 60.0)) for i in range(2)]
+    await assert_queued(core, 2)
+    hurried = asyncio.create_task(core.admit(req("h"), 10.0))  # 3 s expected: admitted
+    await assert_queued(core, 3)
+    clock.t += 8.0  # nothing completed: the third place now starts after its deadline
+    await core.scrape_once()  # any dispatch re-checks the queue
+    with pytest.raises(QueueFull, match="exceeds the request's deadline") as refused:
+        await hurried
+    assert refused.value.retry_after_s == 3.0
+    assert core.queue_depth == 2  # the patient ones wait on
+    for t in patient:
+        t.cancel()
+    await asyncio.gather(*patient, return_exceptions=True)
