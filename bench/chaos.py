@@ -271,8 +271,19 @@ class Chaos:
         return None
 
     async def healthy(self, rid: str) -> bool:
-        replicas = await self.list_replicas()
-        return replicas is not None and any(x.replica.id == rid and x.healthy for x in replicas)
+        """Whether any orchestrator routes to `rid` (each probes on its own: the first to see a
+        replacement ready may lease to it before the others do)."""
+        for svc in self.services(ORCHESTRATOR):
+            try:
+                async with grpc.aio.insecure_channel(svc.address) as ch:
+                    r = await orch_grpc.OrchestratorServiceStub(ch).ListReplicas(
+                        orch_pb.ListReplicasRequest(), timeout=2
+                    )
+            except grpc.aio.AioRpcError:
+                continue
+            if any(x.replica.id == rid and x.healthy for x in r.replicas):
+                return True
+        return False
 
     async def leases(self) -> dict[str, float]:
         """Leases granted per replica, summed over the orchestrators (0 for one that is down)."""
