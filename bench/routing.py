@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.4,
         help="Share of each workload the rate bisection runs on (0: no bisection).",
     )
+    g.add_argument(
+        "--bisect-trace-sample",
+        type=float,
+        default=0.1,
+        help="Share of the Mooncake trace (time windows) the rate bisection runs on.",
+    )
     g.add_argument("--bisect-steps", type=int, default=6)
     g.add_argument(
         "--bisect-profiles", nargs="+", default=["round-robin", "least-loaded", "default"]
@@ -243,7 +249,8 @@ def run_sim_workload(name: str, args: argparse.Namespace, block_size: int) -> Wo
         summaries,
     )
     if args.bisect_sample > 0:
-        small = spec.build(sample_of(name, args, args.bisect_sample), args.seed)
+        share = args.bisect_trace_sample if name == "mooncake" else args.bisect_sample
+        small = spec.build(sample_of(name, args, share), args.seed)
         small_cap = rr_capacity(small, args.replicas, shape).requests_per_s
         for arm in [a for a in args.bisect_profiles if a in args.arms]:
             t = time.perf_counter()
