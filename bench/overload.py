@@ -1,6 +1,8 @@
 """`make bench-overload`: goodput and latency far beyond capacity, on the local emulator mesh.
 
-One mesh (`--replicas` emulated Triton replicas, `LocalMesh`), one workload shape: open-loop
+One mesh (`--replicas` 2 emulated Triton replicas, `LocalMesh`; `--max-batch-size` 8 and
+`--time-scale` 4 so that the engines bound capacity, not this machine's CPUs, and 10x capacity
+stays within what one load generator offers), one workload shape: open-loop
 Poisson arrivals of unique prompts (`--prompt-tokens` 64, `--output-tokens` 100), priorities
 mixed 20% interactive / 60% standard / 20% batch, unkeyed gRPC requests.
 
@@ -16,8 +18,9 @@ Per step: offered and completed requests/s, goodput (completions with TTFT withi
 second, over the step's send window) as a share of capacity, refusals by code and how many
 carried retry-after, admitted p50/p99 TTFT per priority, gateway and orchestrator RSS at the
 start and end of the step (VmRSS from /proc), engine deaths (the supervisor's restarts of a
-replica plus Triton's "not healthy" stub reports in the replica logs), and streams cut after
-their first token. Targets are checked and printed; JSON and a PNG go to bench-results/.
+replica plus Triton's "not healthy" stub reports in the replica logs), streams cut after
+their first token, and recovery: after each step, the seconds until a lone request meets the SLO
+again (no step starts on what the previous one left behind). Targets are checked and printed; JSON and a PNG go to bench-results/.
 Measurements are ratios against the capacity measured in the same run.
 """
 
@@ -103,6 +106,7 @@ class Step:
     retried_requests: int = 0
     cut_after_first_token: int = 0
     engine_deaths: int = 0
+    recovery_s: float | None = None  # after the step: until a lone request met the SLO again
     rss_mib: dict[str, tuple[float, float]] = field(default_factory=dict)  # start, end
 
 
@@ -254,12 +258,29 @@ async def run_step(
     )
     step.engine_deaths = mesh.engine_deaths() - deaths
     step.rss_mib = {k: (rss_start[k], rss_end.get(k, math.nan)) for k in rss_start}
+    step.recovery_s = await recovered(client, args, seed)
     eprint(
         f"  {mode} {multiplier:g}x ({rate:.1f}/s): {step.completed_rps:.1f}/s completed, "
         f"goodput {step.goodput_share:.0%}, refusals {step.refusals}, "
         f"failures {step.failures}, {wall:.0f}s"
     )
     return step
+
+
+async def recovered(
+    client: Client, args: argparse.Namespace, seed: int, limit_s: float = 60.0
+) -> float | None:
+    """Seconds until a lone request has its first token within the SLO again (one a second),
+    so that no step starts on what the previous one left behind; None: not within `limit_s`."""
+    start = time.monotonic()
+    probe = workload(1.0, 1.0, args.prompt_tokens, args.output_tokens, seed + 10_000)[:1]
+    while time.monotonic() - start < limit_s:
+        [res] = await replay(probe, client, request_id_prefix=f"settle-{seed}")
+        if res.ok and res.ttft_s is not None and res.ttft_s <= args.slo_s:
+            return time.monotonic() - start
+        await asyncio.sleep(1.0)
+    eprint(f"  the mesh did not recover within {limit_s:.0f} s")
+    return None
 
 
 async def measure_capacity(mesh: Mesh, client: Client, args: argparse.Namespace) -> float:
@@ -300,9 +321,9 @@ async def measure_capacity(mesh: Mesh, client: Client, args: argparse.Namespace)
 def table(steps: Sequence[Step], capacity: float, slo_s: float) -> str:
     head = (
         f"{'mode':<9}{'load':>5}{'offered/s':>10}{'done/s':>8}{'goodput':>8}"
-        f"{'refused (w/ retry-after)':>30}{'other failures':>22}"
+        f"  {'refused (with retry-after)':<34}{'other failures':<40}"
         f"{'inter p50/p99':>15}{'std p50/p99':>15}{'batch p50/p99':>15}"
-        f"{'cut':>5}{'deaths':>7}{'gw RSS MiB':>13}{'orch RSS MiB':>14}"
+        f"{'cut':>5}{'deaths':>7}{'gw RSS MiB':>13}{'orch RSS MiB':>14}{'recovery':>9}"
     )
     lines = [f"capacity {capacity:.2f} req/s (p99 TTFT <= {slo_s:g} s)", head]
 
@@ -320,9 +341,10 @@ def table(steps: Sequence[Step], capacity: float, slo_s: float) -> str:
         orch = s.rss_mib.get("orchestrator", (math.nan, math.nan))
         lines.append(
             f"{s.mode:<9}{s.multiplier:>4g}x{s.offered_rps:>10.1f}{s.completed_rps:>8.1f}"
-            f"{s.goodput_share:>8.0%}{refused or '-':>30}{other or '-':>22}"
+            f"{s.goodput_share:>8.0%}  {refused or '-':<34}{other or '-':<40}"
             f"{lat[0]:>15}{lat[1]:>15}{lat[2]:>15}{s.cut_after_first_token:>5}"
             f"{s.engine_deaths:>7}{gw[0]:>6.0f}->{gw[1]:<5.0f}{orch[0]:>7.0f}->{orch[1]:<5.0f}"
+            f"{'-' if s.recovery_s is None else f'{s.recovery_s:.0f}s':>9}"
         )
     return "\n".join(lines)
 
@@ -359,12 +381,14 @@ def parser() -> argparse.ArgumentParser:
         "--time-scale",
         type=float,
         default=4.0,
-        help=(
-            "emulator TIME_SCALE: 4 slows the engines so that 10x capacity stays within what "
-            "the load generator and the Python services can offer on a small machine"
-        ),
+        help="emulator TIME_SCALE (4: engines 4x slower than the cost model)",
     )
-    p.add_argument("--max-batch-size", type=int, default=None, help="emulator max_batch_size")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=8,
+        help="emulator max_batch_size: with --time-scale, what bounds capacity is the engines",
+    )
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--output-tokens", type=int, default=100)
     p.add_argument("--slo-s", type=float, default=2.0, help="TTFT SLO")
