@@ -100,7 +100,7 @@ AUTOSCALER_INTERVAL_S = 1.0
 # saturated but healthy engine that answers within them is never restarted) with a shorter
 # period and threshold than the manifest's (15 s x 4), so a replica whose backend stub died is
 # replaced within seconds: locally nothing else replaces it, and a restart costs seconds.
-LOCAL_TRITON_LIVENESS = dataclasses.replace(TRITON_LIVENESS, period_s=2.0, failure_threshold=3)
+LOCAL_TRITON_LIVENESS = dataclasses.replace(TRITON_LIVENESS, period_s=1.0, failure_threshold=3)
 
 #: Each service's settings class, where its env prefix and default ports are declared.
 SERVICE_SETTINGS: dict[Component, type[ServiceSettings]] = {
