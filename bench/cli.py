@@ -60,7 +60,7 @@ def add_run_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         "--sample-fraction",
         type=float,
         default=1.0,
-        help="Keep this share of prefix families (mooncake).",
+        help="Keep this share of the trace's 10 s time windows (mooncake).",
     )
     tr.add_argument(
         "--start-s", type=float, default=0.0, help="Trace window start (trace seconds)."
