@@ -157,8 +157,9 @@ class StreamState:
     def restore(self, prior: Sequence[Delta]) -> None:
         """Continue a generation another gateway began (resume_redis.py takeover): its deltas,
         pushed as the chunks they came from, so the detokenizer and stop matcher hold what the
-        original held; nothing is charged, timed or counted again (that gateway did), and the
-        next attempt is a continuation."""
+        original held; nothing is charged, timed or counted in metrics again (that gateway did
+        as it streamed), and the next attempt is a continuation. The usage record, written once
+        by the gateway that ends the generation (the one that died wrote none), counts them."""
         for d in prior:
             if d.token_ids:
                 self.generated.extend(d.token_ids)
@@ -166,6 +167,7 @@ class StreamState:
                 self._stops.feed(self._decoder.push(d.token_ids))  # text already sent
             if d.finish_reason is not None:
                 self.finish = d.finish_reason
+        self._progress.completion_tokens = self.completion_tokens
         self.begin_attempt(self._attempt_start)
 
     def serve_on(self, replica_id: str) -> None:

@@ -14,6 +14,7 @@ from llmmesh.common.topology import ReplicaAddress
 from llmmesh.redis_server import RedisServer
 from services.gateway.admission import AdmissionRequest, AdmissionStatus, Lease, LeaseReport
 from services.gateway.triton_stream import EngineChunk, EngineRequest
+from services.gateway.usage import UsageRecord
 
 MODEL = "smollm2"
 
@@ -140,3 +141,13 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
+
+
+class Sink:
+    """A usage sink that keeps the records it is given (the core's `UsageSink`)."""
+
+    def __init__(self) -> None:
+        self.records: list[UsageRecord] = []
+
+    def submit(self, record: UsageRecord) -> None:
+        self.records.append(record)

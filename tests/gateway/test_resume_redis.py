@@ -27,6 +27,7 @@ from services.gateway.core import (
     GatewayCore,
     GenerationRequest,
     Sampling,
+    UsageSink,
 )
 from services.gateway.errors import InvalidRequest, RequestIdConflict
 from services.gateway.models import ServedModel
@@ -34,7 +35,7 @@ from services.gateway.resume import Key, ResumeStore
 from services.gateway.resume_redis import RedisResumeStore
 from services.gateway.settings import GatewaySettings, ModelSettings
 from services.gateway.triton_stream import EngineChunk
-from tests.gateway.conftest import MODEL, FakeAdmission, FakeEngine, Hang, chunk
+from tests.gateway.conftest import MODEL, FakeAdmission, FakeEngine, Hang, Sink, chunk
 from tests.helpers import eventually
 
 PROMPT = list(range(100, 140))
@@ -62,7 +63,9 @@ class Cores:
         self.url = url
         self.made: list[GatewayCore] = []
 
-    def make(self, engine: FakeEngine, **settings: Any) -> GatewayCore:
+    def make(
+        self, engine: FakeEngine, usage: UsageSink | None = None, **settings: Any
+    ) -> GatewayCore:
         fields: dict[str, Any] = {
             "resume_redis_url": self.url,
             "resume_redis_lease_s": 0.3,
@@ -76,6 +79,7 @@ class Cores:
             FakeAdmission(),
             engine,
             32,
+            usage=usage,
         )
         self.made.append(core)
         return core
@@ -248,7 +252,8 @@ async def test_a_client_whose_gateway_died_resumes_through_another(
         resume_redis_flush_interval_s=3600.0,
     )
     b_engine = FakeEngine([[*tokens(*out[3:]), chunk(final=True)]])
-    b = cores.make(b_engine)
+    b_usage = Sink()
+    b = cores.make(b_engine, usage=b_usage)
     client_a = a.generate(request(request_id, n), 10.0)
     got = [await anext(client_a) for _ in range(3)]
     own = store(a)._owned[Key("", request_id)]
@@ -283,6 +288,9 @@ async def test_a_client_whose_gateway_died_resumes_through_another(
     (continuation,) = b_engine.requests
     assert continuation.input_ids == PROMPT + out[:3]
     assert continuation.max_tokens == n - 3
+    # A died before writing its usage record: B's one record bills the whole generation.
+    (billed,) = b_usage.records
+    assert billed.completion_tokens == n
     # Finished now, under B: a third client replays it whole.
     c = cores.make(FakeEngine([]))
 

@@ -14,7 +14,7 @@ from services.gateway.errors import RequestIdConflict
 from services.gateway.models import ServedModel
 from services.gateway.settings import GatewaySettings, ModelSettings
 from services.gateway.usage import UsageLog, UsageRecord
-from tests.gateway.conftest import MODEL, FakeAdmission, FakeEngine, chunk
+from tests.gateway.conftest import MODEL, FakeAdmission, FakeEngine, Sink, chunk
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +74,6 @@ async def test_a_full_queue_drops_and_counts_without_blocking(tmp_path: Path) ->
     assert len((tmp_path / "usage.jsonl").read_bytes().splitlines()) == 4
     log.submit(record(99))  # after close: counted, not lost silently
     assert logged("dropped") == dropped + 7
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.records: list[UsageRecord] = []
-
-    def submit(self, record: UsageRecord) -> None:
-        self.records.append(record)
 
 
 async def test_core_writes_one_record_per_generation(model: ServedModel) -> None:
