@@ -1,34 +1,58 @@
-"""`make bench-overhead`: what the mesh adds on top of Triton.
+"""`make bench-overhead`: what the mesh adds on top of Triton, against a bare Python relay.
 
-Same run, same engines (emulated Triton replicas on this machine):
-- direct: the gateway's own Triton streaming client straight to a replica (no gateway process,
-  no orchestrator);
+Same run, same engines (emulated Triton replicas on this machine), three arms:
+- triton-direct: the gateway's own Triton streaming client straight to a replica (no gateway
+  process, no orchestrator): the TTFT baseline;
 - mesh: the gateway's gRPC API (gateway → orchestrator Admit → Triton stream → relay);
-- bare: a bare grpc.aio server streaming the same number of messages per request, with no work
-  per message: the ceiling for relay throughput in one Python process.
-At 1, 32 and 128 concurrent streams: TTFT p50/p99 (direct vs mesh, and the difference), tokens/s
-relayed, and the CPU time the gateway and orchestrator processes spent per token (/proc: unlike
-latency and throughput it does not move with what else the machine runs); ratios are against
-numbers measured in this run.
+- bare relay: a minimal grpc.aio server in its own process that opens the same Triton stream and
+  writes each response out as a `GenerateResponse` with its token ids and nothing else: the floor
+  for a Python relay, for throughput and for CPU per token.
+
+Pinning (on by default where there are two CPUs or more): the engines (every Triton process and
+its backend stubs) and this load generator run on one CPU, the mesh's services (gateway,
+orchestrator, kv_registry) and the bare relay on another, the same for every arm, so the latency
+measured is the mesh's and not its contention with the engines.
+
+At 1, 32 and 128 concurrent streams: TTFT p50/p99 (and the difference to direct), tokens/s, and
+CPU time from /proc/<pid>/stat (utime + stime) of each serving process around each arm: gateway
+CPU-µs per relayed token and per request, orchestrator CPU-µs per Admit (one Admit per request;
+it includes the lease's Complete and the background health rounds), bare relay CPU-µs per token.
+CPU per unit of work does not move with what else the machine runs; latency and throughput do.
+
+`--compare before.json` prints the figures of an earlier run beside this one's.
 """
 
 from __future__ import annotations
 
 import argparse
+import array
 import asyncio
+import contextlib
+import functools
+import json
 import os
+import signal
+import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import grpc
+from tritonclient.grpc import service_pb2_grpc
 
 from bench.report import write_json
+from llmmesh.common.process import tied_to_parent
 from llmmesh.common.topology import TRITON_MODEL
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
 from llmmesh.generated.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from llmmesh.localmesh import MODEL_NAME, LocalMesh, MeshOptions
-from services.gateway.triton_stream import EngineRequest, TritonPool
+from services.gateway.triton_stream import EngineRequest, TritonPool, build_request
+
+PY_SPY_EXTRA: list[str] = os.environ.get("PY_SPY_EXTRA", "").split()
+DIRECT, MESH, BARE = "triton-direct", "mesh (gateway gRPC)", "bare relay"
+MESH_SERVICES = ("gateway", "orchestrator", "kv_registry")
 
 
 @dataclass
@@ -46,9 +70,12 @@ class Row:
     ttft_p50_ms: float
     ttft_p99_ms: float
     tokens_per_s: float
-    # CPU time the mesh's own processes spent per relayed token (from /proc; mesh path only)
+    # CPU time of the serving processes per unit of work in this arm (from /proc)
     gateway_cpu_us_per_token: float | None = None
-    orchestrator_cpu_us_per_token: float | None = None
+    gateway_cpu_us_per_request: float | None = None
+    orchestrator_cpu_us_per_admit: float | None = None
+    kv_registry_cpu_us_per_request: float | None = None
+    relay_cpu_us_per_token: float | None = None
 
 
 def distinct_prompt(i: int, tokens: int) -> list[int]:
@@ -82,21 +109,15 @@ async def grpc_sample(
     return Sample(first, n, time.perf_counter() - start)
 
 
+def engine_request(request_id: str, prompt: list[int], max_tokens: int, seed: int) -> EngineRequest:
+    return EngineRequest(request_id, TRITON_MODEL, prompt, max_tokens, 2, 1.0, 1.0, 0, seed)
+
+
 async def direct_sample(
     pool: TritonPool, address: str, prompt: list[int], max_tokens: int, seed: int
 ) -> Sample:
     """One stream straight to a Triton replica with the gateway's own client."""
-    er = EngineRequest(
-        f"d{seed}-{time.perf_counter_ns()}",
-        TRITON_MODEL,
-        prompt,
-        max_tokens,
-        2,
-        1.0,
-        1.0,
-        0,
-        seed,
-    )
+    er = engine_request(f"d{seed}-{time.perf_counter_ns()}", prompt, max_tokens, seed)
     start = time.perf_counter()
     first = 0.0
     n = 0
@@ -130,41 +151,151 @@ async def run_level(
     return out, time.perf_counter() - start
 
 
-class BareStreamer:
-    """A bare grpc.aio server that streams `n` GenerateResponse messages per call."""
+# -- the bare relay (its own process) --------------------------------------------------------
+async def serve_bare_relay(addresses: list[str]) -> None:
+    """GatewayService/Generate as a bare relay: one Triton stream per call (replica by seed),
+    each response with tokens written out as a GenerateResponse. Prints its port, then serves
+    until killed."""
+    channels = [grpc.aio.insecure_channel(a) for a in addresses]
+    stubs = [service_pb2_grpc.GRPCInferenceServiceStub(c) for c in channels]
 
-    def __init__(self, tokens: int):
-        self.tokens = tokens
-        self.server = grpc.aio.server()
-        self.port = 0
-
-    async def start(self) -> None:
-        tokens = self.tokens
-
-        async def generate(
-            request: pb.GenerateRequest, context: object
-        ) -> AsyncIterator[pb.GenerateResponse]:
-            for i in range(tokens):
-                yield pb.GenerateResponse(
-                    request_id=request.request_id,
-                    delta=pb.TokenDelta(text="x", token_ids=[i], offset=i),
-                )
-
-        handler = grpc.method_handlers_generic_handler(
-            "llmmesh.gateway.v1.GatewayService",
-            {
-                "Generate": grpc.unary_stream_rpc_method_handler(
-                    generate,
-                    request_deserializer=pb.GenerateRequest.FromString,
-                    response_serializer=pb.GenerateResponse.SerializeToString,
-                )
-            },
+    async def generate(
+        request: pb.GenerateRequest, context: object
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        seed = request.sampling.seed
+        er = engine_request(
+            f"b{seed}-{time.perf_counter_ns()}",
+            list(request.token_ids.ids),
+            request.sampling.max_tokens,
+            seed,
         )
-        self.server.add_generic_rpc_handlers((handler,))
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
-        await self.server.start()
+        call = stubs[seed % len(stubs)].ModelStreamInfer(timeout=300)
+        await call.write(build_request(er))
+        await call.done_writing()
+        offset = 0
+        async for msg in call:
+            resp = msg.infer_response
+            if resp.raw_output_contents and resp.raw_output_contents[0]:
+                ids = array.array("i", resp.raw_output_contents[0]).tolist()
+                yield pb.GenerateResponse(delta=pb.TokenDelta(token_ids=ids, offset=offset))
+                offset += len(ids)
+
+    handler = grpc.method_handlers_generic_handler(
+        "llmmesh.gateway.v1.GatewayService",
+        {
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                generate,
+                request_deserializer=pb.GenerateRequest.FromString,
+                response_serializer=pb.GenerateResponse.SerializeToString,
+            )
+        },
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
 
 
+async def start_bare_relay(addresses: list[str]) -> tuple[asyncio.subprocess.Process, int]:
+    proc = await asyncio.create_subprocess_exec(
+        *tied_to_parent(
+            [sys.executable, "-m", "bench.overhead", "--serve-bare-relay", ",".join(addresses)]
+        ),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 60)
+    if not line:
+        raise RuntimeError(f"bare relay exited with {await proc.wait()}")
+    return proc, int(line)
+
+
+# -- profiles (py-spy) ------------------------------------------------------------------------
+def _frame(raw: str) -> str:
+    """A py-spy frame "func (path/file.py:123)" without the line and the directories."""
+    name, _, where = raw.partition(" (")
+    file = where.rstrip(")").rsplit(":", 1)[0].rsplit("/", 1)[-1]
+    return f"{name} ({file})" if file else name
+
+
+def top_frames(raw_stacks: str, n: int = 15) -> tuple[int, list[tuple[str, int, int]]]:
+    """From py-spy's raw (collapsed) stacks: the samples, and the `n` frames with the most
+    samples in them (inclusive) as (frame, self samples, inclusive samples)."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in raw_stacks.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        k = int(count)
+        total += k
+        frames = [_frame(f) for f in stack.split(";")[1:]]  # [0]: the process/thread
+        frames = [f for f in frames if not f.startswith("thread ")]
+        if frames:
+            own[frames[-1]] = own.get(frames[-1], 0) + k
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + k
+    ranked = sorted(incl, key=lambda f: (own.get(f, 0), incl[f]), reverse=True)[:n]
+    return total, [(f, own.get(f, 0), incl[f]) for f in ranked]
+
+
+def print_top(title: str, raw_stacks: str, n: int = 15) -> None:
+    total, top = top_frames(raw_stacks, n)
+    print(f"\n{title}: {total} samples; top frames by own samples")
+    print(f"{'own %':>6} | {'incl %':>6} | frame")
+    for frame, own, incl in top:
+        print(f"{own / max(total, 1):>6.1%} | {incl / max(total, 1):>6.1%} | {frame}")
+
+
+async def profile_arm(
+    pids: dict[str, int],
+    run: Callable[[], Awaitable[object]],
+    directory: Path,
+    label: str,
+) -> None:
+    """py-spy record (raw stacks) on each of `pids` while `run` runs; top frames printed."""
+    py_spy = str(Path(sys.executable).parent / "py-spy")
+    procs = {}
+    for svc, pid in pids.items():
+        out = directory / f"{svc}-{label}.txt"
+        procs[svc] = (
+            await asyncio.create_subprocess_exec(
+                *tied_to_parent(
+                    [
+                        py_spy,
+                        "record",
+                        "--pid",
+                        str(pid),
+                        "--format",
+                        "raw",
+                        "--rate",
+                        "250",
+                        "--nonblocking",
+                        "-o",
+                        str(out),
+                    ]
+                ),
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            ),
+            out,
+        )
+    try:
+        await run()
+    finally:
+        for proc, _ in procs.values():
+            proc.send_signal(signal.SIGINT)
+        for proc, _ in procs.values():
+            await proc.wait()
+    for svc, (_, out) in procs.items():
+        if out.exists():
+            print_top(f"{svc} ({label})", out.read_text())
+
+
+# -- processes: CPU time and pinning ---------------------------------------------------------
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process so far (/proc/<pid>/stat fields 14 and 15)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -172,6 +303,45 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (through /proc/<pid>/task/<tid>/children)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return out
+
+
+def pin(pids: Iterable[int], cpus: set[int]) -> None:
+    """Every thread of every process in the trees of `pids` onto `cpus` (threads created later
+    inherit their creator's)."""
+    for root in pids:
+        for p in process_tree(root):
+            try:
+                tids = os.listdir(f"/proc/{p}/task")
+            except FileNotFoundError:
+                continue
+            for tid in tids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.sched_setaffinity(int(tid), cpus)
+
+
+def pinning(enabled: bool) -> tuple[set[int], set[int]] | None:
+    """(engine and load generator CPUs, mesh CPUs), or None."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if not enabled or len(cpus) < 2:
+        return None
+    half = len(cpus) // 2
+    return set(cpus[:half]), set(cpus[half:])
+
+
+# -- the run -----------------------------------------------------------------------------------
 async def main_async(args: argparse.Namespace) -> int:
     def prompt(i: int) -> list[int]:
         return distinct_prompt(i, args.prompt_tokens)
@@ -179,120 +349,186 @@ async def main_async(args: argparse.Namespace) -> int:
     mesh = LocalMesh(MeshOptions(replicas=args.replicas, time_scale=args.time_scale, log_json=True))
     await mesh.start()
     rows: list[Row] = []
+    cores = pinning(not args.no_pin)
+    relay: asyncio.subprocess.Process | None = None
     try:
-        gw_channel = grpc.aio.insecure_channel(mesh.services["gateway"].address)
-        gateway = pb_grpc.GatewayServiceStub(gw_channel)
-        pool = TritonPool()
-        bare = BareStreamer(args.output_tokens)
-        await bare.start()
-        bare_channel = grpc.aio.insecure_channel(f"127.0.0.1:{bare.port}")
-        bare_stub = pb_grpc.GatewayServiceStub(bare_channel)
-
-        async def via_stub(stub: pb_grpc.GatewayServiceAsyncStub, i: int) -> Sample:
-            return await grpc_sample(stub, prompt(i), args.output_tokens, i)
-
-        async def direct(i: int) -> Sample:
-            address = mesh.tritons[i % len(mesh.tritons)].grpc_address
-            return await direct_sample(pool, address, prompt(i), args.output_tokens, i)
-
-        paths: dict[str, Callable[[int], Awaitable[Sample]]] = {
-            "triton-direct": direct,
-            "mesh (gateway gRPC)": lambda i: via_stub(gateway, i),
-            "bare grpc.aio": lambda i: via_stub(bare_stub, i),
-        }
-        pids = {}
-        for svc in ("gateway", "orchestrator"):
+        addresses = [t.grpc_address for t in mesh.tritons]
+        relay, relay_port = await start_bare_relay(addresses)
+        pids: dict[str, int] = {"relay": relay.pid}
+        for svc in MESH_SERVICES:
             proc = mesh.services[svc].proc
             assert proc is not None
             pids[svc] = proc.pid
+        if cores is not None:
+            engine_cpus, mesh_cpus = cores
+            pin([os.getpid(), *(t.pid for t in mesh.tritons if t.pid is not None)], engine_cpus)
+            pin(pids.values(), mesh_cpus)
+            print(
+                f"pinned: engines + load on CPUs {sorted(engine_cpus)}, mesh on {sorted(mesh_cpus)}"
+            )
+        gw_channel = grpc.aio.insecure_channel(mesh.services["gateway"].address)
+        gateway = pb_grpc.GatewayServiceStub(gw_channel)
+        pool = TritonPool()
+        relay_channel = grpc.aio.insecure_channel(f"127.0.0.1:{relay_port}")
+        relay_stub = pb_grpc.GatewayServiceStub(relay_channel)
+
+        async def direct(i: int) -> Sample:
+            address = addresses[i % len(addresses)]
+            return await direct_sample(pool, address, prompt(i), args.output_tokens, i)
+
+        paths: dict[str, Callable[[int], Awaitable[Sample]]] = {
+            DIRECT: direct,
+            MESH: lambda i: grpc_sample(gateway, prompt(i), args.output_tokens, i),
+            BARE: lambda i: grpc_sample(relay_stub, prompt(i), args.output_tokens, i),
+        }
         # Warm up channels, tokenizers and engines.
         for fn in paths.values():
             await run_level(fn, 2, 4)
+        if args.profile is not None:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
+            profiled = {svc: pids[svc] for svc in ("gateway", "orchestrator")}
+            for conc in args.concurrency:
+                requests = max(args.min_requests, conc * args.rounds)
+                await profile_arm(
+                    profiled,
+                    functools.partial(run_level, paths[MESH], conc, requests),
+                    Path(args.profile),
+                    f"x{conc}",
+                )
+            return 0
         for conc in args.concurrency:
             requests = max(args.min_requests, conc * args.rounds)
             for name, fn in paths.items():
-                cpu_before = {svc: cpu_seconds(pid) for svc, pid in pids.items()}
+                before = {svc: cpu_seconds(pid) for svc, pid in pids.items()}
                 samples, wall = await run_level(fn, conc, requests)
-                tokens = sum(s.tokens for s in samples)
-                cpu = {
-                    svc: (cpu_seconds(pid) - cpu_before[svc]) / max(tokens, 1) * 1e6
-                    for svc, pid in pids.items()
-                }
+                tokens = max(sum(s.tokens for s in samples), 1)
+                cpu_us = {svc: (cpu_seconds(pid) - before[svc]) * 1e6 for svc, pid in pids.items()}
                 ttfts = [s.ttft_s * 1000 for s in samples]
-                mesh_path = name == "mesh (gateway gRPC)"
-                rows.append(
-                    Row(
-                        name,
-                        conc,
-                        requests,
-                        pct(ttfts, 0.5),
-                        pct(ttfts, 0.99),
-                        tokens / wall,
-                        cpu["gateway"] if mesh_path else None,
-                        cpu["orchestrator"] if mesh_path else None,
-                    )
-                )
+                row = Row(name, conc, requests, pct(ttfts, 0.5), pct(ttfts, 0.99), tokens / wall)
+                if name == MESH:
+                    row.gateway_cpu_us_per_token = cpu_us["gateway"] / tokens
+                    row.gateway_cpu_us_per_request = cpu_us["gateway"] / requests
+                    row.orchestrator_cpu_us_per_admit = cpu_us["orchestrator"] / requests
+                    row.kv_registry_cpu_us_per_request = cpu_us["kv_registry"] / requests
+                elif name == BARE:
+                    row.relay_cpu_us_per_token = cpu_us["relay"] / tokens
+                rows.append(row)
                 print(f"  measured {name} x{conc}", flush=True)
         await pool.close()
         await gw_channel.close(None)
-        await bare_channel.close(None)
-        await bare.server.stop(None)
+        await relay_channel.close(None)
     finally:
+        if relay is not None and relay.returncode is None:
+            relay.kill()
+            await relay.wait()
         await mesh.stop()
 
-    summary = []
-    print()
-    print(
-        f"{'streams':>7} | {'path':<20} | {'TTFT p50 ms':>11} | {'TTFT p99 ms':>11} | {'tokens/s':>9}"
-        f" | {'gateway CPU µs/token':>20} | {'orchestrator CPU µs/token':>25}"
-    )
-    print("-" * 124)
-    for r in rows:
-        gw = "" if r.gateway_cpu_us_per_token is None else f"{r.gateway_cpu_us_per_token:.1f}"
-        orch = (
-            ""
-            if r.orchestrator_cpu_us_per_token is None
-            else f"{r.orchestrator_cpu_us_per_token:.1f}"
-        )
-        print(
-            f"{r.concurrency:>7} | {r.path:<20} | {r.ttft_p50_ms:>11.2f} | {r.ttft_p99_ms:>11.2f} | {r.tokens_per_s:>9.0f}"
-            f" | {gw:>20} | {orch:>25}"
-        )
-    print()
-    print(
-        f"{'streams':>7} | {'added TTFT p50 ms':>17} | {'added TTFT p99 ms':>17} | {'mesh/direct tok/s':>17} | {'mesh/bare tok/s':>15}"
-    )
-    print("-" * 86)
-    by = {(r.path, r.concurrency): r for r in rows}
-    for conc in args.concurrency:
-        d, m, b = (
-            by[("triton-direct", conc)],
-            by[("mesh (gateway gRPC)", conc)],
-            by[("bare grpc.aio", conc)],
-        )
-        s = {
-            "concurrency": conc,
-            "added_ttft_p50_ms": m.ttft_p50_ms - d.ttft_p50_ms,
-            "added_ttft_p99_ms": m.ttft_p99_ms - d.ttft_p99_ms,
-            "mesh_over_direct_throughput": m.tokens_per_s / d.tokens_per_s,
-            "mesh_over_bare_throughput": m.tokens_per_s / b.tokens_per_s,
-        }
-        summary.append(s)
-        print(
-            f"{conc:>7} | {s['added_ttft_p50_ms']:>17.2f} | {s['added_ttft_p99_ms']:>17.2f} | "
-            f"{s['mesh_over_direct_throughput']:>17.2f} | {s['mesh_over_bare_throughput']:>15.2f}"
-        )
+    summary = summarize(rows, args.concurrency)
+    print_tables(rows, summary)
+    if args.compare is not None:
+        print_comparison(args.compare["summary"], summary, args.compare_path)
     out = write_json(
-        "overhead.json",
-        {"args": vars(args), "rows": [asdict(r) for r in rows], "summary": summary},
+        args.output,
+        {
+            "args": {k: v for k, v in vars(args).items() if k != "compare"},
+            "pinned": None if cores is None else [sorted(c) for c in cores],
+            "rows": [asdict(r) for r in rows],
+            "summary": summary,
+        },
     )
     print(f"\nwrote {out}")
     return 0
 
 
+def summarize(rows: list[Row], levels: list[int]) -> list[dict[str, Any]]:
+    by = {(r.path, r.concurrency): r for r in rows}
+    out = []
+    for conc in levels:
+        d, m, b = by[(DIRECT, conc)], by[(MESH, conc)], by[(BARE, conc)]
+        gw, relay = m.gateway_cpu_us_per_token or 0.0, b.relay_cpu_us_per_token or 0.0
+        out.append(
+            {
+                "concurrency": conc,
+                "added_ttft_p50_ms": m.ttft_p50_ms - d.ttft_p50_ms,
+                "added_ttft_p99_ms": m.ttft_p99_ms - d.ttft_p99_ms,
+                "mesh_over_direct_throughput": m.tokens_per_s / d.tokens_per_s,
+                "mesh_over_bare_throughput": m.tokens_per_s / b.tokens_per_s,
+                "gateway_cpu_us_per_token": gw,
+                "relay_cpu_us_per_token": relay,
+                "gateway_over_relay_cpu": gw / relay if relay else None,
+                "gateway_cpu_us_per_request": m.gateway_cpu_us_per_request,
+                "orchestrator_cpu_us_per_admit": m.orchestrator_cpu_us_per_admit,
+            }
+        )
+    return out
+
+
+def _f(v: float | None, spec: str = ".1f") -> str:
+    return "" if v is None else format(v, spec)
+
+
+def print_tables(rows: list[Row], summary: list[dict[str, Any]]) -> None:
+    print()
+    print(
+        f"{'streams':>7} | {'path':<20} | {'TTFT p50 ms':>11} | {'TTFT p99 ms':>11} | "
+        f"{'tokens/s':>9} | {'gw µs/tok':>9} | {'gw µs/req':>9} | {'orch µs/Admit':>13} | "
+        f"{'kvreg µs/req':>12} | {'relay µs/tok':>12}"
+    )
+    print("-" * 140)
+    for r in rows:
+        print(
+            f"{r.concurrency:>7} | {r.path:<20} | {r.ttft_p50_ms:>11.2f} | {r.ttft_p99_ms:>11.2f} | "
+            f"{r.tokens_per_s:>9.0f} | {_f(r.gateway_cpu_us_per_token):>9} | "
+            f"{_f(r.gateway_cpu_us_per_request, '.0f'):>9} | "
+            f"{_f(r.orchestrator_cpu_us_per_admit, '.0f'):>13} | "
+            f"{_f(r.kv_registry_cpu_us_per_request, '.0f'):>12} | "
+            f"{_f(r.relay_cpu_us_per_token):>12}"
+        )
+    print()
+    print(
+        f"{'streams':>7} | {'added TTFT p50 ms':>17} | {'added TTFT p99 ms':>17} | "
+        f"{'mesh/direct tok/s':>17} | {'mesh/bare tok/s':>15} | {'gw÷relay CPU/tok':>16}"
+    )
+    print("-" * 105)
+    for s in summary:
+        print(
+            f"{s['concurrency']:>7} | {s['added_ttft_p50_ms']:>17.2f} | "
+            f"{s['added_ttft_p99_ms']:>17.2f} | {s['mesh_over_direct_throughput']:>17.2f} | "
+            f"{s['mesh_over_bare_throughput']:>15.2f} | {_f(s['gateway_over_relay_cpu'], '.2f'):>16}"
+        )
+
+
+COMPARED = (
+    ("added_ttft_p50_ms", "added TTFT p50 ms", ".2f"),
+    ("added_ttft_p99_ms", "added TTFT p99 ms", ".2f"),
+    ("mesh_over_bare_throughput", "mesh/bare tok/s", ".2f"),
+    ("gateway_cpu_us_per_token", "gw CPU µs/token", ".1f"),
+    ("gateway_over_relay_cpu", "gw÷relay CPU/tok", ".2f"),
+    ("gateway_cpu_us_per_request", "gw CPU µs/req", ".0f"),
+    ("orchestrator_cpu_us_per_admit", "orch CPU µs/Admit", ".0f"),
+)
+
+
+def print_comparison(before: list[dict[str, Any]], after: list[dict[str, Any]], label: str) -> None:
+    """Before (an earlier run's summary) → after (this run's), per level."""
+    print(f"\nbefore ({label}) → after (this run)")
+    print(f"{'streams':>7} | {'figure':<18} | {'before':>9} | {'after':>9}")
+    print("-" * 54)
+    old = {s["concurrency"]: s for s in before}
+    for s in after:
+        b = old.get(s["concurrency"], {})
+        for key, title, spec in COMPARED:
+            print(
+                f"{s['concurrency']:>7} | {title:<18} | {_f(b.get(key), spec):>9} | "
+                f"{_f(s.get(key), spec):>9}"
+            )
+
+
 def parser(doc: str | None, concurrency: list[int]) -> argparse.ArgumentParser:
     """The arguments `bench.overhead` and `bench.gateway` share."""
-    p = argparse.ArgumentParser(description=doc)
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument(
         "--time-scale", type=float, default=0.1, help="Emulator time scale (engine speed)."
@@ -302,13 +538,30 @@ def parser(doc: str | None, concurrency: list[int]) -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, nargs="+", default=concurrency)
     p.add_argument("--rounds", type=int, default=2, help="Requests per stream at each level.")
     p.add_argument("--min-requests", type=int, default=32)
+    p.add_argument("--no-pin", action="store_true", help="Do not pin processes to CPUs.")
     return p
 
 
 def main() -> int:
     import uvloop
 
-    return uvloop.run(main_async(parser(__doc__, [1, 32, 128]).parse_args()))
+    p = parser(__doc__, [1, 32, 128])
+    p.add_argument("--compare", help="An earlier run's JSON: print its figures beside these.")
+    p.add_argument("--output", default="overhead.json", help="JSON file name in bench-results/.")
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="Instead of measuring: py-spy the gateway and orchestrator during the mesh arm at "
+        "each concurrency; raw stacks in DIR, top frames printed.",
+    )
+    p.add_argument("--serve-bare-relay", metavar="ADDRESSES", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    args.compare_path = args.compare
+    if args.compare is not None:  # read before the run: a wrong path fails at once
+        args.compare = json.loads(Path(args.compare).read_text())
+    if args.serve_bare_relay:
+        return uvloop.run(serve_bare_relay(args.serve_bare_relay.split(","))) or 0
+    return uvloop.run(main_async(args))
 
 
 if __name__ == "__main__":
