@@ -58,6 +58,8 @@ class StopMatcher:
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Text safe to emit now, and whether a stop string was reached."""
+        if not self._stops:  # nothing is ever held back
+            return text, False
         self._pending += text
         if self._stops:
             cut = min(
@@ -214,11 +216,15 @@ class StreamState:
             self.first_at = self._progress.first_token_s = now
             self._metrics.observe_ttft(now - self._start)
         else:
-            gap = (now - self._last_at) / n
+            elapsed = now - self._last_at
             observe_itl = self._metrics.observe_itl
-            for _ in ids:
-                observe_itl(gap)
-            self._itl_sum += now - self._last_at
+            if n == 1:
+                observe_itl(elapsed)
+            else:
+                gap = elapsed / n
+                for _ in ids:
+                    observe_itl(gap)
+            self._itl_sum += elapsed
         self._last_at = now
         self.completion_tokens = self._progress.completion_tokens = offset + n
         self.generated.extend(ids)

@@ -7,14 +7,15 @@ grpc.aio channels: tritonclient's aio `stream_infer` cannot set the reserved req
 
 from __future__ import annotations
 
+import array
 import asyncio
+import struct
+import sys
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
-import numpy as np
-import numpy.typing as npt
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from llmmesh.common.channels import RECONNECT_OPTIONS
@@ -79,54 +80,70 @@ class EngineChunk:
     kv_cache_reused_blocks: int | None = None
 
 
+# Scalar inputs: (name, Triton datatype, struct format). Little-endian, as Triton reads them.
+_INT32, _FP32, _BOOL, _UINT64 = ("INT32", "<i"), ("FP32", "<f"), ("BOOL", "<?"), ("UINT64", "<Q")
+
+
 def _scalar(
-    req: service_pb2.ModelInferRequest, name: str, dtype: str, value: npt.NDArray[Any]
+    req: service_pb2.ModelInferRequest, name: str, kind: tuple[str, str], value: object
 ) -> None:
     t = req.inputs.add()
     t.name = name
-    t.datatype = dtype
-    t.shape.extend([1, 1])
-    req.raw_input_contents.append(value.tobytes())
+    t.datatype = kind[0]
+    t.shape.extend((1, 1))
+    req.raw_input_contents.append(struct.pack(kind[1], value))
 
 
 def build_request(er: EngineRequest) -> service_pb2.ModelInferRequest:
     req = service_pb2.ModelInferRequest(model_name=er.model, id=er.request_id)
-    ids = np.asarray(er.input_ids, dtype=np.int32)
+    ids = array.array("i", er.input_ids)
+    if sys.byteorder != "little":
+        ids.byteswap()
     t = req.inputs.add()
     t.name = "input_ids"
     t.datatype = "INT32"
-    t.shape.extend([1, len(ids)])
+    t.shape.extend((1, len(ids)))
     req.raw_input_contents.append(ids.tobytes())
-    _scalar(req, "input_lengths", "INT32", np.array([len(ids)], dtype=np.int32))
-    _scalar(req, "request_output_len", "INT32", np.array([er.max_tokens], dtype=np.int32))
-    _scalar(req, "streaming", "BOOL", np.array([True], dtype=np.bool_))
-    _scalar(req, "end_id", "INT32", np.array([er.end_id], dtype=np.int32))
-    _scalar(req, "pad_id", "INT32", np.array([er.end_id], dtype=np.int32))
-    _scalar(req, "temperature", "FP32", np.array([er.temperature], dtype=np.float32))
-    _scalar(req, "runtime_top_p", "FP32", np.array([er.top_p], dtype=np.float32))
-    _scalar(req, "runtime_top_k", "INT32", np.array([er.top_k], dtype=np.int32))
+    _scalar(req, "input_lengths", _INT32, len(ids))
+    _scalar(req, "request_output_len", _INT32, er.max_tokens)
+    _scalar(req, "streaming", _BOOL, True)
+    _scalar(req, "end_id", _INT32, er.end_id)
+    _scalar(req, "pad_id", _INT32, er.end_id)
+    _scalar(req, "temperature", _FP32, er.temperature)
+    _scalar(req, "runtime_top_p", _FP32, er.top_p)
+    _scalar(req, "runtime_top_k", _INT32, er.top_k)
     if er.seed is not None:
-        _scalar(req, "seed", "UINT64", np.array([er.seed], dtype=np.uint64))
-    _scalar(req, "return_perf_metrics", "BOOL", np.array([True], dtype=np.bool_))
+        _scalar(req, "seed", _UINT64, er.seed)
+    _scalar(req, "return_perf_metrics", _BOOL, True)
     for name in ("output_ids", "kv_cache_reused_blocks"):
         req.outputs.add().name = name
     req.parameters["triton_enable_empty_final_response"].bool_param = True
     return req
 
 
+def _int32s(raw: bytes) -> list[int]:
+    """Little-endian INT32 tensor bytes as ints."""
+    if len(raw) == 4:  # one token: the streaming case
+        return [int.from_bytes(raw, "little", signed=True)]
+    values = array.array("i", raw)
+    if sys.byteorder != "little":
+        values.byteswap()
+    return values.tolist()
+
+
 def parse_response(resp: service_pb2.ModelInferResponse) -> EngineChunk:
+    """One streamed response (on the per-token path: no numpy, one pass over the outputs)."""
     tokens: list[int] = []
     reused: int | None = None
-    for i, out in enumerate(resp.outputs):
-        if i >= len(resp.raw_output_contents):
-            break
-        raw = resp.raw_output_contents[i]
-        if out.name == "output_ids":
-            tokens = np.frombuffer(raw, dtype=np.int32).tolist()
-        elif out.name == "kv_cache_reused_blocks" and raw:
-            reused = int(np.frombuffer(raw, dtype=np.int32)[0])
+    raws = resp.raw_output_contents
+    for out, raw in zip(resp.outputs, raws, strict=False):
+        name = out.name
+        if name == "output_ids":
+            tokens = _int32s(raw)
+        elif name == "kv_cache_reused_blocks" and raw:
+            reused = int.from_bytes(raw[:4], "little", signed=True)
     final_param = resp.parameters.get("triton_final_response")
-    final = bool(final_param.bool_param) if final_param is not None else False
+    final = final_param is not None and final_param.bool_param
     return EngineChunk(tokens, final, reused)
 
 

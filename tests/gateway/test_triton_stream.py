@@ -1,0 +1,82 @@
+"""The Triton tensor wire format the gateway writes and reads (per-token path, no numpy)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tritonclient.grpc import service_pb2
+
+from services.gateway.triton_stream import EngineRequest, build_request, parse_response
+
+
+def _inputs(req: service_pb2.ModelInferRequest) -> dict[str, tuple[str, list[int], object]]:
+    dtypes = {"INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_, "UINT64": np.uint64}
+    out: dict[str, tuple[str, list[int], object]] = {}
+    for t, raw in zip(req.inputs, req.raw_input_contents, strict=True):
+        values = np.frombuffer(raw, dtype=np.dtype(dtypes[t.datatype]).newbyteorder("<"))
+        out[t.name] = (t.datatype, list(t.shape), values.tolist())
+    return out
+
+
+def test_build_request_encodes_every_input_little_endian() -> None:
+    er = EngineRequest("r1", "m", [1, 70000, 2**31 - 1], 17, 2, 0.5, 0.9, 40, 2**64 - 1)
+    req = build_request(er)
+    assert (req.model_name, req.id) == ("m", "r1")
+    assert _inputs(req) == {
+        "input_ids": ("INT32", [1, 3], [1, 70000, 2**31 - 1]),
+        "input_lengths": ("INT32", [1, 1], [3]),
+        "request_output_len": ("INT32", [1, 1], [17]),
+        "streaming": ("BOOL", [1, 1], [True]),
+        "end_id": ("INT32", [1, 1], [2]),
+        "pad_id": ("INT32", [1, 1], [2]),
+        "temperature": ("FP32", [1, 1], [0.5]),
+        "runtime_top_p": ("FP32", [1, 1], [pytest.approx(0.9)]),
+        "runtime_top_k": ("INT32", [1, 1], [40]),
+        "seed": ("UINT64", [1, 1], [2**64 - 1]),
+        "return_perf_metrics": ("BOOL", [1, 1], [True]),
+    }
+    assert [o.name for o in req.outputs] == ["output_ids", "kv_cache_reused_blocks"]
+    assert req.parameters["triton_enable_empty_final_response"].bool_param
+
+
+def test_build_request_without_seed_sends_none() -> None:
+    req = build_request(EngineRequest("r", "m", [5], 1, 2, 1.0, 1.0, 0, None))
+    assert "seed" not in _inputs(req)
+
+
+def _response(
+    tokens: list[int] | None, reused: int | None, final: bool | None
+) -> service_pb2.ModelInferResponse:
+    resp = service_pb2.ModelInferResponse()
+    if tokens is not None:
+        resp.outputs.add().name = "output_ids"
+        resp.raw_output_contents.append(np.asarray(tokens, dtype="<i4").tobytes())
+    if reused is not None:
+        resp.outputs.add().name = "kv_cache_reused_blocks"
+        resp.raw_output_contents.append(np.asarray([reused], dtype="<i4").tobytes())
+    if final is not None:
+        resp.parameters["triton_final_response"].bool_param = final
+    return resp
+
+
+@pytest.mark.parametrize(
+    ("tokens", "reused", "final"),
+    [
+        ([7], None, False),
+        ([-3], 4, None),
+        ([1, 2, 2**31 - 1], 0, True),
+        ([], None, True),
+        (None, 9, False),
+    ],
+)
+def test_parse_response(tokens: list[int] | None, reused: int | None, final: bool | None) -> None:
+    chunk = parse_response(_response(tokens, reused, final))
+    assert chunk.token_ids == (tokens or [])
+    assert chunk.kv_cache_reused_blocks == reused
+    assert chunk.final is bool(final)
+
+
+def test_parse_response_ignores_outputs_without_contents() -> None:
+    resp = _response([5], None, False)
+    resp.outputs.add().name = "kv_cache_reused_blocks"  # declared, no raw contents
+    assert parse_response(resp).kv_cache_reused_blocks is None
