@@ -434,24 +434,48 @@ class Orchestrator:
     def _dispatch(self) -> None:
         """Grant queued requests, highest priority first, while replicas have room."""
         blocked: list[Waiter] = []
+        # Once no replica has room, no later waiter can be granted: the pass only checks that
+        # each still has a replica (one check per kind of request), so a long queue costs the
+        # pass O(queue), not a scheduling decision per waiter.
+        room = True
+        servable: dict[tuple[object, ...], bool] = {}
         for waiter in self._queue.drain_in_order():
-            lease = self._try_grant(waiter.request, waiter.prefix, waiter.enqueued_at)
+            req = waiter.request
+            lease = self._try_grant(req, waiter.prefix, waiter.enqueued_at) if room else None
             if lease is None:
                 # A waiter for a scale-from-zero pool stays until its activation timeout.
-                if waiter.activation is None and not self._servable(waiter.request):
-                    metrics.record_dequeued(waiter.request.model, waiter.pool_key)
-                    metrics.record_rejection(waiter.request.model, "no_replica")
-                    waiter.future.set_exception(
-                        NoReplicaReady(self._unavailable_reason(waiter.request))
+                if waiter.activation is None:
+                    key = (
+                        req.model,
+                        req.model_version,
+                        req.exclude_replicas,
+                        len(req.prompt_token_ids),
+                        req.max_tokens,
                     )
-                    continue
+                    ok = servable.get(key)
+                    if ok is None:
+                        ok = servable[key] = self._servable(req)
+                    if not ok:
+                        metrics.record_dequeued(req.model, waiter.pool_key)
+                        metrics.record_rejection(req.model, "no_replica")
+                        waiter.future.set_exception(NoReplicaReady(self._unavailable_reason(req)))
+                        continue
                 blocked.append(waiter)
+                room = room and self._has_room()
                 continue
             metrics.record_dequeued(waiter.request.model, waiter.pool_key)
             self._queue.served(waiter)
             waiter.future.set_result(lease)
         self._queue.prune()
         self._queue.restore(self._shed_late(blocked))
+
+    def _has_room(self) -> bool:
+        """Some assignable replica holds fewer leases (with the others' load) than its cap."""
+        now = self._clock()
+        return any(
+            st.in_flight + self._others_load(st, now) < self._cap(st, now)
+            for st in self._replicas.assignable()
+        )
 
     def _shed_late(self, blocked: list[Waiter]) -> list[Waiter]:
         """Refuse now, with a retry-after, the waiters (in service order) the queue will not
