@@ -212,6 +212,10 @@ class TritonPool:
                         STREAM_BROKEN,
                     )
                 if msg.error_message:
+                    # An error response ends the request (our engines, TensorRT-LLM and Triton
+                    # send it final): read the stream's end rather than cancel it (see
+                    # `_read_to_end`), or every refusal by a full engine queue leaks a stream.
+                    await _read_to_end(call)
                     raise TritonStreamError(msg.error_message, classify_message(msg.error_message))
                 chunk = parse_response(msg.infer_response)
                 if chunk.final:
