@@ -4,10 +4,10 @@ BENCH_ARGS ?=
 
 .PHONY: bench-routing bench-pools bench-run
 
-bench-routing: setup ## Scheduling profiles vs round-robin: shared-prefix + Mooncake replay at 80% load (~8 min)
+bench-routing: setup ## Scheduling profiles vs round-robin on the workload matrix in the simulator (TTFT at 80% load, sustainable rate at p99 SLO, hit rate vs oracle and capacity bound; --mode live for samples on a mesh) (~25 min)
 	$(PY) -m bench routing $(BENCH_ARGS)
 
-bench-pools: setup ## FIFO vs short/long pools on a mixed long/short workload at 80% load (~6 min)
+bench-pools: setup ## Shared pool vs short/long pools on a mixed long/short workload at 80% load: short p50/p99 TTFT, long goodput (simulator; --mode live on a mesh) (~1 min)
 	$(PY) -m bench pools $(BENCH_ARGS)
 
 bench-run: setup ## Replay a workload against a running mesh: make bench-run BENCH_ARGS="--workload mooncake ..."
