@@ -7,6 +7,14 @@ is calibrated as in `bench.routing` live mode (`bench.calibrate.plan_load`: arri
 runs once live (fresh mesh) and once simulated with the same engines (batch, token budget, KV
 blocks, TIME_SCALE), the mesh's scrape period, and the fixed per-hop latencies of `--latency-*`.
 
+The live mesh's fixed per-hop costs (`--latency-*`, defaults for this 2-core machine under the
+usual load of other work): 13 ms from arrival to first token outside the engine, measured as the
+median per-request TTFT difference live - simulated of the round-robin arm without latencies
+(13.3 ms shared-prefix, 17.6 ms Mooncake), split by hop after `make bench-overhead` (one stream:
+the mesh adds 4.5 ms over Triton direct, Triton direct 2.5 ms): admit 4 ms, registry lookup
+2 ms (the live orchestrator's median queue time of an unqueued request is 1.8-2.3 ms, lookup
+included), lease to engine 3 ms, first token to client 4 ms, last token to Complete 4 ms.
+
 Targets (the issue's): p50 TTFT, mean TTFT and throughput within 10% of live, KV hit rate within
 0.03, same ranking of profiles by mean TTFT. `--live-from` reuses the live half of an earlier
 JSON (the live runs take minutes; run them under `flock /tmp/llmmesh-heavy.lock`).
@@ -17,8 +25,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import math
+import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +54,15 @@ from bench.routing import engine_shape
 from llmmesh.localmesh import PROBE_INTERVAL_S
 from llmmesh.sim import ClusterSpec, Latencies, PoolSpec, simulate
 
+METRICS: tuple[tuple[str, Callable[[Summary], float]], ...] = (
+    ("TTFT p50 s", lambda s: s.ttft_s.p50),
+    ("TTFT mean s", lambda s: s.ttft_s.mean),
+    ("TTFT p99 s", lambda s: s.ttft_s.p99),
+    ("ITL mean ms", lambda s: s.itl_s.mean * 1e3),
+    ("out tok/s", lambda s: s.throughput_tok_s),
+    ("hit rate", lambda s: s.hit_rate),
+)
+TARGETED = ("TTFT p50 s", "TTFT mean s", "out tok/s")
 WORKLOADS = {"shared-prefix": ("shared-prefix-few", 0.6), "mooncake": ("mooncake", 0.1)}
 
 
@@ -56,9 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=40.0, help="Seconds of arrivals.")
     p.add_argument("--cache-fraction", type=float, default=0.4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--latency-admit-s", type=float, default=0.0)
-    p.add_argument("--latency-first-token-s", type=float, default=0.0)
-    p.add_argument("--latency-completion-s", type=float, default=0.0)
+    p.add_argument("--latency-admit-s", type=float, default=0.004)
+    p.add_argument("--latency-lookup-s", type=float, default=0.002)
+    p.add_argument("--latency-dispatch-s", type=float, default=0.003)
+    p.add_argument("--latency-first-token-s", type=float, default=0.004)
+    p.add_argument("--latency-completion-s", type=float, default=0.004)
+    p.add_argument(
+        "--sim-seeds",
+        type=int,
+        default=9,
+        help="Simulated runs per profile (seeds: scrape phase, rng); the median is compared.",
+    )
     p.add_argument("--live-from", type=Path, default=None, help="Reuse live results (JSON).")
     p.add_argument("--out", default="sim-fidelity.json")
     return p
@@ -74,6 +102,8 @@ def _rel(sim: float, live: float) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("services").setLevel(logging.ERROR)  # the simulated orchestrator's
     block_size = block_size_from_env()
     previous = json.loads(args.live_from.read_text()) if args.live_from else None
     out: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
@@ -130,50 +160,39 @@ def main(argv: list[str] | None = None) -> int:
             metrics_interval_s=PROBE_INTERVAL_S,
             latencies=Latencies(
                 admit_s=args.latency_admit_s,
+                lookup_s=args.latency_lookup_s,
+                dispatch_s=args.latency_dispatch_s,
                 first_token_s=args.latency_first_token_s,
                 completion_s=args.latency_completion_s,
             ),
         )
-        sims: dict[str, Summary] = {}
+        sims: dict[str, list[Summary]] = {}
         for prof in args.profiles:
-            res = simulate(plan.requests, cluster, prof, args.seed, oracle=False)
-            res.summary.oracle_hit_rate = oracle
-            sims[prof] = res.summary
+            sims[prof] = []
+            for k in range(args.sim_seeds):
+                res = simulate(plan.requests, cluster, prof, args.seed + k, oracle=False)
+                res.summary.oracle_hit_rate = oracle
+                sims[prof].append(res.summary)
+        sim_mean_ttft: dict[str, float] = {}
         for prof in args.profiles:
-            lv, sm = live[prof], sims[prof]
-            for metric, a, b in (
-                ("TTFT p50 s", lv.ttft_s.p50, sm.ttft_s.p50),
-                ("TTFT mean s", lv.ttft_s.mean, sm.ttft_s.mean),
-                ("TTFT p99 s", lv.ttft_s.p99, sm.ttft_s.p99),
-                ("ITL mean ms", lv.itl_s.mean * 1e3, sm.itl_s.mean * 1e3),
-                ("out tok/s", lv.throughput_tok_s, sm.throughput_tok_s),
-                ("hit rate", lv.hit_rate, sm.hit_rate),
-            ):
-                diff = f"{sm_minus(a, b):+.3f}" if metric == "hit rate" else f"{_rel(b, a):+.1%}"
-                rows.append([name, prof, metric, f"{a:.4g}", f"{b:.4g}", diff])
-            checks += [
-                Check(
-                    f"{name}/{prof} TTFT p50 |rel err|",
-                    abs(_rel(sm.ttft_s.p50, lv.ttft_s.p50)),
-                    "<=",
-                    0.10,
-                ),
-                Check(
-                    f"{name}/{prof} TTFT mean |rel err|",
-                    abs(_rel(sm.ttft_s.mean, lv.ttft_s.mean)),
-                    "<=",
-                    0.10,
-                ),
-                Check(
-                    f"{name}/{prof} throughput |rel err|",
-                    abs(_rel(sm.throughput_tok_s, lv.throughput_tok_s)),
-                    "<=",
-                    0.10,
-                ),
-                Check(f"{name}/{prof} hit rate |diff|", abs(sm.hit_rate - lv.hit_rate), "<=", 0.03),
-            ]
+            lv, runs = live[prof], sims[prof]
+            for metric, get in METRICS:
+                a = get(lv)
+                values = sorted(get(s) for s in runs)
+                b = statistics.median(values)
+                diff = f"{b - a:+.3f}" if metric == "hit rate" else f"{_rel(b, a):+.1%}"
+                spread = f"{values[0]:.4g}-{values[-1]:.4g}"
+                rows.append([name, prof, metric, f"{a:.4g}", f"{b:.4g}", spread, diff])
+                if metric == "hit rate":
+                    checks.append(Check(f"{name}/{prof} hit rate |diff|", abs(b - a), "<=", 0.03))
+                elif metric in TARGETED:
+                    checks.append(
+                        Check(f"{name}/{prof} {metric} |rel err|", abs(_rel(b, a)), "<=", 0.10)
+                    )
+                if metric == "TTFT mean s":
+                    sim_mean_ttft[prof] = b
         rank_live = sorted(args.profiles, key=lambda p: live[p].ttft_s.mean)
-        rank_sim = sorted(args.profiles, key=lambda p: sims[p].ttft_s.mean)
+        rank_sim = sorted(args.profiles, key=lambda p: sim_mean_ttft[p])
         checks.append(
             Check(
                 f"{name} same profile ranking (mean TTFT)", float(rank_live == rank_sim), ">=", 1.0
@@ -184,12 +203,13 @@ def main(argv: list[str] | None = None) -> int:
             "num_kv_blocks": shape.num_kv_blocks,
             "oracle_hit_rate": oracle,
             "live": {p: summary_dict(s) for p, s in live.items()},
-            "sim": {p: summary_dict(s) for p, s in sims.items()},
+            "sim": {p: [summary_dict(s) for s in runs] for p, runs in sims.items()},
             "ranking": {"live": rank_live, "sim": rank_sim},
             "live_results": live_records,
         }
     print()
-    print(format_table(["workload", "profile", "metric", "live", "sim", "sim vs live"], rows))
+    headers = ["workload", "profile", "metric", "live", f"sim (median of {args.sim_seeds})"]
+    print(format_table([*headers, "sim range", "sim vs live"], rows))
     print()
     print(checks_table(checks))
     out["checks"] = [
@@ -199,10 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     path = write_json(args.out, out, RESULTS_DIR)
     print(f"\nwrote {path}")
     return 0
-
-
-def sm_minus(live: float, sim: float) -> float:
-    return sim - live
 
 
 if __name__ == "__main__":

@@ -107,10 +107,11 @@ class PoolSpec:
 class Latencies:
     """Fixed per-hop delays of the live mesh (seconds), 0 for an ideal one."""
 
-    admit_s: float = 0.0  # gateway -> orchestrator Admit round trip (before queueing)
+    admit_s: float = 0.0  # client -> gateway -> orchestrator Admit (before queueing)
     lookup_s: float = 0.0  # orchestrator -> kv_registry Lookup
+    dispatch_s: float = 0.0  # lease granted -> the engine has the request (reply, stream open)
     first_token_s: float = 0.0  # engine -> client, first token
-    completion_s: float = 0.0  # engine -> client, last token
+    completion_s: float = 0.0  # engine -> client, last token; the lease ends (Complete) then
 
 
 @dataclass(frozen=True, slots=True)
@@ -445,6 +446,8 @@ class Cluster:
             assert rep.engine is not None
             pool = rep.pool.name
             self._admitted[pool].append(self.loop.time())
+            if lat.dispatch_s > 0:
+                await asyncio.sleep(lat.dispatch_s)
             fut: asyncio.Future[Tracked] = self.loop.create_future()
             self._waiters[rid] = fut
             try:
@@ -457,6 +460,8 @@ class Cluster:
                 res.outcome, res.error = "INVALID_ARGUMENT", str(exc)
                 return res
             tracked = await fut
+            if lat.completion_s > 0:
+                await asyncio.sleep(lat.completion_s)
             self.orchestrator.complete(lease.lease_id, Outcome.SUCCESS, tracked.reused_blocks)
             assert tracked.first_token_s is not None
             assert tracked.finished_s is not None
@@ -607,9 +612,11 @@ class Cluster:
     # -------------------------------------------------------------------- run
     async def run(self, requests: Sequence[Request], timeline_interval_s: float) -> list[Result]:
         await self.orchestrator.probe_once()
+        # The scrape's phase against the arrivals is arbitrary in a live mesh; the seed picks it.
+        phase = random.Random(self.seed).random() * self.spec.metrics_interval_s
         background = [
             self.loop.create_task(
-                self._every(self.spec.metrics_interval_s, self.orchestrator.scrape_once)
+                self._every(self.spec.metrics_interval_s, self.orchestrator.scrape_once, phase)
             ),
             self.loop.create_task(self._every(1.0, self.orchestrator.tick, 1.0)),
             self.loop.create_task(self._every(timeline_interval_s, self._sample)),
