@@ -3,6 +3,7 @@
 from llmmesh.sim.cluster import (
     Autoscale,
     ClusterSpec,
+    GatewayLimits,
     KvMode,
     Latencies,
     PoolSpec,
@@ -16,6 +17,7 @@ from llmmesh.sim.cluster import (
 __all__ = [
     "Autoscale",
     "ClusterSpec",
+    "GatewayLimits",
     "KvMode",
     "Latencies",
     "PoolSpec",

@@ -12,16 +12,18 @@ What runs, and what stands in for what (nothing here re-implements a policy):
   in `approximate` mode engines publish nothing and the orchestrator's RecordRouting /
   ReportReuse feedback builds the predicted index; `off` routes prefix-blind.
 - Each replica is a `SimEngine`: the emulator's scheduler, paged KV cache and cost model.
-- The gateway's part is the request's life: Admit (with the gateway's queue timeout), the stream
-  on the leased replica, Complete with the engine's reused blocks.
+- The gateway's part is the request's life: its own limits (`services.gateway.limits`: the
+  process's concurrent streams, a tenant's requests/tokens per minute and concurrency, when
+  `GatewayLimits` sets them), Admit (with the gateway's queue timeout), the stream on the leased
+  replica, Complete with the engine's reused blocks.
 - The autoscaler is `services.autoscaler.policy.decide` per pool every `interval_s`, on signals
   read from the simulated cluster (the scrape/PromQL sources' role); the actuator starts a
   replica `startup_delay_s` after the decision, registers it, and drains then removes replicas
   on the way down (newest first).
 
 Not modelled: faults, ejection and migration (no request fails on a replica), several
-orchestrators or registries, network and CPU costs of the live mesh beyond the fixed per-hop
-latencies given in `Latencies`.
+orchestrators or registries, the shared (Redis) rate-limit store, network and CPU costs of the
+live mesh beyond the fixed per-hop latencies given in `Latencies`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from llmmesh.kvblocks import BlockConfig, block_hashes
 from llmmesh.sim.engine import EngineConfig, EventSink, SimEngine, Tracked
 from services.autoscaler.policy import PolicyConfig, PoolState, decide
 from services.autoscaler.signals import PoolSignals
+from services.gateway.limits import Slot, StreamLimits, TenantLimits
 from services.kv_registry.contracts import Cleared, Event, Removed, Stored
 from services.kv_registry.core import KvRegistry
 from services.kv_registry.metrics import NoMetrics
@@ -115,6 +118,17 @@ class Latencies:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewayLimits:
+    """The gateway's admission limits (`services.gateway.limits`): the process's concurrent
+    streams, and one tenant's requests and tokens per minute and concurrent requests."""
+
+    max_concurrent_streams: int | None = None
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    max_concurrent_requests: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterSpec:
     pools: tuple[PoolSpec, ...] = (PoolSpec(4),)
     kv_mode: KvMode = "exact"
@@ -125,6 +139,7 @@ class ClusterSpec:
     metrics_interval_s: float = 1.0
     metrics_max_age_s: float = 5.0
     latencies: Latencies = field(default_factory=Latencies)
+    gateway: GatewayLimits = field(default_factory=GatewayLimits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,6 +345,25 @@ class Cluster:
         )
         for rid in [s.id for s in static]:
             self._start_engine(self.replicas[rid])
+        g = spec.gateway
+        self._streams = (
+            None
+            if g.max_concurrent_streams is None
+            else StreamLimits(g.max_concurrent_streams, self.loop.time)
+        )
+        self._tenant = (
+            None
+            if g.requests_per_minute is None
+            and g.tokens_per_minute is None
+            and g.max_concurrent_requests is None
+            else TenantLimits(
+                "sim",
+                g.requests_per_minute,
+                g.tokens_per_minute,
+                self.loop.time,
+                max_concurrent=g.max_concurrent_requests,
+            )
+        )
         self._waiters: dict[str, asyncio.Future[Tracked]] = {}
         self._first: dict[str, float] = {}
         self.replica_seconds: dict[str, float] = dict.fromkeys(self._pools, 0.0)
@@ -431,7 +465,16 @@ class Cluster:
         )
         self._arrivals += 1
         self._in_flight += 1
+        slot: Slot | None = None
         try:
+            try:
+                if self._streams is not None:
+                    slot = self._streams.enter(self._tenant)
+                if self._tenant is not None:
+                    self._tenant.admit(req.prompt_tokens)
+            except ServiceError as exc:  # RESOURCE_EXHAUSTED: rate limited or overloaded
+                res.outcome, res.error = _code(exc), str(exc)
+                return res
             if lat.admit_s > 0:
                 await asyncio.sleep(lat.admit_s)
             try:
@@ -480,8 +523,12 @@ class Cluster:
             self._recent[pool].append(
                 (last, res.ttft_s, res.itl_mean_s or 0.0, req.prompt_tokens, res.output_tokens)
             )
+            if self._tenant is not None:
+                self._tenant.charge(res.output_tokens)
             return res
         finally:
+            if slot is not None:
+                slot.release()
             self._in_flight -= 1
 
     # -------------------------------------------------------------------- background

@@ -13,7 +13,7 @@ import pytest
 
 from bench import workloads as wl
 from bench.calibrate import EngineShape, simulate_open_loop
-from llmmesh.sim import Autoscale, ClusterSpec, PoolSpec, simulate
+from llmmesh.sim import Autoscale, ClusterSpec, GatewayLimits, PoolSpec, simulate
 from services.autoscaler.policy import PolicyConfig
 from services.orchestrator.director import Orchestrator
 from services.orchestrator.scheduling.contracts import ReplicaView, RequestView
@@ -143,3 +143,15 @@ def test_autoscaler_policy_scales_with_startup_delay() -> None:
     first_ready = min((s.t_s for s in res.timeline if s.ready["default"] > 1), default=float("inf"))
     assert first_ready >= ups[0].t_s + 20.0 - 1e-9
     assert res.replica_seconds["default"] > res.sim_s  # more than the one static replica
+
+
+def test_gateway_limits_refuse_with_resource_exhausted() -> None:
+    """The gateway's own limits (services.gateway.limits) run in front of the orchestrator."""
+    reqs = [dataclasses.replace(r, arrival_s=0.0) for r in _shared(n_groups=2, per_group=10)]
+    limited = dataclasses.replace(SMALL, gateway=GatewayLimits(max_concurrent_streams=5))
+    res = simulate(reqs, limited, "default", seed=0, oracle=False)
+    assert res.summary.ok == 5
+    assert res.rejections == {"RESOURCE_EXHAUSTED": 15}
+    rpm = dataclasses.replace(SMALL, gateway=GatewayLimits(requests_per_minute=6))
+    res = simulate(reqs, rpm, "default", seed=0, oracle=False)
+    assert res.summary.ok == 6  # the bucket starts full: a minute's worth
