@@ -286,6 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import logging
 
+    from bench import workloads as wl
     from bench.report import RESULTS_DIR, write_json
     from llmmesh.accelerators import PROFILES
     from llmmesh.sim.__main__ import WORKLOADS, load_workload
@@ -295,6 +296,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sample", type=float, default=1.0)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--duration-s", type=float, default=None, help="Only arrivals before this.")
+    p.add_argument(
+        "--rate-scale", type=float, default=1.0, help="Arrival rate multiplier (2: twice as fast)."
+    )
     p.add_argument(
         "--accelerators",
         nargs="+",
@@ -314,6 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     reqs = load_workload(args.workload, args.sample, args.seed, args.limit)
     if args.duration_s is not None:
         reqs = [r for r in reqs if r.arrival_s < args.duration_s]
+    if args.rate_scale != 1.0:
+        reqs = wl.scale_time(reqs, 1.0 / args.rate_scale)
     longest = max(r.prompt_tokens for r in reqs)
     candidates = [
         PoolSpec(
@@ -333,7 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     out_h, in_h = _rates(reqs)
     print(
-        f"{args.workload}: {len(reqs)} requests, {out_h / 3600:.0f} output and {in_h / 3600:.0f} "
+        f"{args.workload} x{args.rate_scale:g} rate: {len(reqs)} requests, {out_h / 3600:.0f} output and {in_h / 3600:.0f} "
         f"input tokens/s; targets TTFT p99 <= {targets.ttft_p99_s} s, ITL p99 <= "
         f"{targets.itl_p99_s * 1000:g} ms; profile {args.profile}\n"
     )
