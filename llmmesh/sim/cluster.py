@@ -322,10 +322,17 @@ class Cluster:
             if p.max_prompt_tokens is not None
         }
         self._next_id: dict[str, int] = dict.fromkeys(self._pools, 0)
+        # A pool the autoscaler manages starts with registered replicas (as the actuator's, so
+        # they may be drained and deregistered); the others are the static list.
         static: list[ReplicaSpec] = []
+        self._initial: list[_Replica] = []
         for p in spec.pools:
             for _ in range(p.replicas):
-                static.append(self._provision(p).spec)
+                rep = self._provision(p)
+                if p.autoscale is None:
+                    static.append(rep.spec)
+                else:
+                    self._initial.append(rep)
         self.orchestrator = Orchestrator(
             OrchestratorSettings(
                 replicas=static,
@@ -370,6 +377,7 @@ class Cluster:
         self.scale_events: list[ScaleEvent] = []
         self.iterations_total = 0
         self._tasks: set[asyncio.Task[object]] = set()
+        self._errors: list[BaseException] = []  # of background tasks: the run fails with them
         self.timeline: list[Sample] = []
         self._arrivals = 0
         self._in_flight = 0
@@ -654,10 +662,18 @@ class Cluster:
     def _spawn(self, coro: Coroutine[Any, Any, object]) -> None:
         task = self.loop.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._errors.append(task.exception())  # type: ignore[arg-type]
 
     # -------------------------------------------------------------------- run
     async def run(self, requests: Sequence[Request], timeline_interval_s: float) -> list[Result]:
+        for rep in self._initial:
+            self._start_engine(rep)
+            await self.orchestrator.register_replica(rep.spec)
         await self.orchestrator.probe_once()
         # The scrape's phase against the arrivals is arbitrary in a live mesh; the seed picks it.
         phase = random.Random(self.seed).random() * self.spec.metrics_interval_s
@@ -685,6 +701,8 @@ class Cluster:
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        if self._errors:
+            raise RuntimeError("a simulated control-plane task failed") from self._errors[0]
         for rep in list(self.replicas.values()):
             self._remove(rep)
         results: list[Result | None] = [None] * len(requests)

@@ -142,7 +142,22 @@ def test_autoscaler_policy_scales_with_startup_delay() -> None:
     assert ups
     first_ready = min((s.t_s for s in res.timeline if s.ready["default"] > 1), default=float("inf"))
     assert first_ready >= ups[0].t_s + 20.0 - 1e-9
-    assert res.replica_seconds["default"] > res.sim_s  # more than the one static replica
+    assert res.replica_seconds["default"] > res.sim_s  # more than the one initial replica
+
+
+def test_autoscaler_drains_and_removes_replicas() -> None:
+    reqs = _shared(n_groups=2, per_group=20, rate=0.2)  # 200 s of light load
+    auto = Autoscale(
+        PolicyConfig(min_replicas=1, max_replicas=4, scale_down_window_s=20.0, cooldown_s=0.0),
+        interval_s=5.0,
+        startup_delay_s=10.0,
+    )
+    cluster = ClusterSpec(pools=(PoolSpec(3, num_kv_blocks=2048, autoscale=auto),))
+    res = simulate(reqs, cluster, "default", seed=0, oracle=False)
+    assert res.summary.ok == len(reqs)
+    assert any(e.desired < e.current for e in res.scale_events)
+    assert res.timeline[-1].provisioned["default"] == 1
+    assert res.replica_seconds["default"] < 3 * res.sim_s
 
 
 def test_gateway_limits_refuse_with_resource_exhausted() -> None:
