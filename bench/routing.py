@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--bisect-sample",
         type=float,
-        default=0.4,
+        default=1.0,
         help="Share of each workload the rate bisection runs on (0: no bisection).",
     )
     g.add_argument(
