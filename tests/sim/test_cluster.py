@@ -170,3 +170,27 @@ def test_gateway_limits_refuse_with_resource_exhausted() -> None:
     rpm = dataclasses.replace(SMALL, gateway=GatewayLimits(requests_per_minute=6))
     res = simulate(reqs, rpm, "default", seed=0, oracle=False)
     assert res.summary.ok == 6  # the bucket starts full: a minute's worth
+
+
+def test_heterogeneous_pools_route_by_prompt_length() -> None:
+    """Long prompts to a high-bandwidth pool, short ones to a cheap one (the policy's pools)."""
+    reqs = wl.mixed_lengths(
+        requests=40,
+        long_fraction=0.3,
+        short=wl.LengthClass("short", (32, 256), (8, 16)),
+        long=wl.LengthClass("long", (2048, 3072), (8, 16)),
+        rate=5.0,
+        seed=1,
+    )
+    cluster = ClusterSpec(
+        pools=(
+            PoolSpec(2, name="short", profile="llama-3.1-8b-l40s-bf16", max_prompt_tokens=512),
+            PoolSpec(1, name="long", profile="llama-3.1-8b-h200-bf16", max_prompt_tokens=4096),
+        )
+    )
+    res = simulate(reqs, cluster, "default", seed=0, oracle=False)
+    assert res.summary.ok == len(reqs)
+    for r in res.results:
+        assert r.replica_id.startswith("long-" if r.prompt_tokens > 512 else "short-")
+    prices = {"short": 2 * 1.332, "long": 4.464}  # $/h of the pools (accelerator prices)
+    assert res.cost_usd == pytest.approx(sum(prices.values()) * res.sim_s / 3600, rel=1e-6)
