@@ -367,3 +367,44 @@ def test_matrix_workloads_build_small_samples(name: str) -> None:
     assert reqs[0].arrival_s == 0.0
     assert all(b.arrival_s >= a.arrival_s for a, b in itertools.pairwise(reqs))
     assert all(r.prompt_tokens <= wl.TRACE_MAX_INPUT_TOKENS for r in reqs)
+
+
+@pytest.mark.parametrize(
+    ("blocks_per_replica", "replicas", "expected"),
+    [
+        # Room for every group's prefix: the bound reaches the infinite-cache oracle.
+        (10_000, 2, "oracle"),
+        # One replica holds one prompt (8 prefix blocks + 1 question block): the groups alternate
+        # and evict each other, nothing is reused.
+        (9, 1, "below"),
+        # Two replicas of that size: perfect placement gives each group its own replica.
+        (9, 2, "oracle"),
+    ],
+)
+def test_capacity_limited_bound_against_the_oracle(
+    blocks_per_replica: int, replicas: int, expected: str
+) -> None:
+    from bench.report import capacity_limited_hit_rate, oracle_hit_rate
+
+    reqs = wl.shared_prefix(
+        groups=2,
+        prompts_per_group=10,
+        system_tokens=256,
+        question_tokens=32,
+        output_tokens=1,
+        rate=1.0,
+        seed=0,
+    )
+    reqs = [
+        wl.Request(float(i), r.prompt_token_ids, 1, r.meta)
+        for i, r in enumerate(
+            sorted(reqs, key=lambda r: (int(r.meta["index_in_group"]), int(r.meta["group"])))
+        )
+    ]  # groups alternate
+    oracle = oracle_hit_rate(reqs, 32)
+    bound = capacity_limited_hit_rate(reqs, 32, replicas, blocks_per_replica)
+    assert 0 <= bound <= oracle
+    if expected == "oracle":
+        assert bound == pytest.approx(oracle)
+    else:
+        assert bound < 0.5 * oracle
