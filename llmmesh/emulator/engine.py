@@ -93,14 +93,8 @@ class Engine:
         *,
         clock: Clock | None = None,
         on_events: EventCallback | None = None,
-        max_queue_size: int | None = None,
     ) -> None:
-        """`max_queue_size` bounds the waiting queue when `settings.max_queue_size` is unset
-        (the model passes its config's bound); None for both: unbounded."""
         self.settings = settings
-        self.max_queue_size = (
-            settings.max_queue_size if settings.max_queue_size is not None else max_queue_size
-        )
         self.block_config = block_config
         self.epoch = uuid.uuid4().hex
         self.clock: Clock = clock if clock is not None else RealClock()
@@ -161,7 +155,7 @@ class Engine:
             if self._stopping:
                 raise RequestRejectedError("engine is stopping")
             self.scheduler.validate(request)
-            check_queue_room(self.scheduler.num_waiting, self.max_queue_size)
+            check_queue_room(self.scheduler.num_waiting, self.settings.max_queue_size)
             self.scheduler.submit(request, self.clock.monotonic_ns())
             self._sinks[request.request_id] = sink
             self._wake.notify_all()

@@ -61,14 +61,15 @@ class EmulatorSettings(BaseSettings):
             "tokens/block) ~= 12.8k blocks."
         ),
     )
-    max_queue_size: int | None = Field(
-        default=None,
+    max_queue_size: int = Field(
+        default=128,
         gt=0,
         description=(
-            "Most requests waiting for a batch slot (TensorRT-LLM `max_queue_size`); a request "
-            "arriving when it is full gets an error response at once (RESOURCE_EXHAUSTED in its "
-            "message). Unset: the model config's `dynamic_batching.default_queue_policy."
-            "max_queue_size`, as TensorRT-LLM's backend reads it; unbounded only if neither is set."
+            "Most requests waiting for a batch slot (TensorRT-LLM `max_queue_size`, which "
+            "model_repository/production sets to the same value); a request arriving when it is "
+            "full gets an error response at once (RESOURCE_EXHAUSTED in its message). The "
+            "emulator's config.pbtxt leaves Triton's own queue unbounded: Triton 2.51 leaks a "
+            "decoupled stream whose request its scheduler refused."
         ),
     )
     max_num_tokens: int = Field(

@@ -33,7 +33,6 @@ from llmmesh.triton.trtllm_io import (
     InvalidRequestError,
     OutputTensors,
     SinkTransport,
-    config_max_queue_size,
 )
 
 P = TypeVar("P")
@@ -162,9 +161,6 @@ class TrtLlmPythonModel(ABC, Generic[P]):
     engine: MeteredEngine
     gauges: TrtLlmGauges
     default_exclude_input: bool
-    #: The model config's waiting-queue bound (`config_max_queue_size`), set before
-    #: `start_engine`.
-    max_queue_size: int | None
 
     # ----------------------------------------------------------------- engine hooks
     @abstractmethod
@@ -195,7 +191,6 @@ class TrtLlmPythonModel(ABC, Generic[P]):
         params = config.get("parameters", {})
         exclude = params.get("exclude_input_in_output", {}).get("string_value", "true")
         self.default_exclude_input = exclude.strip().lower() in ("1", "true", "yes")
-        self.max_queue_size = config_max_queue_size(config)
         self.start_engine()
         self.gauges = TrtLlmGauges(
             args,

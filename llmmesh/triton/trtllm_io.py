@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypedDict, TypeVar
+from typing import Generic, Protocol, TypedDict, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -261,12 +261,3 @@ class TensorSinkBase(Generic[R]):
 
     def is_cancelled(self) -> bool:
         return self._is_cancelled()
-
-
-def config_max_queue_size(config: Mapping[str, Any]) -> int | None:
-    """The model config's `dynamic_batching.default_queue_policy.max_queue_size` (the JSON
-    config Triton hands a Python model): the bound TensorRT-LLM's backend gives its executor's
-    waiting queue. None when unset or 0 (unbounded)."""
-    policy = config.get("dynamic_batching", {}).get("default_queue_policy", {})
-    value = int(policy.get("max_queue_size", 0) or 0)
-    return value if value > 0 else None

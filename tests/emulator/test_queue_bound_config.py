@@ -1,16 +1,15 @@
-"""The engine's waiting-queue bound lives in the model config, as TensorRT-LLM's backend reads it
-(`dynamic_batching.default_queue_policy.max_queue_size`): production and the emulator set the
-same bound, and the Python-backend scaffold reads it from the config Triton hands the model."""
+"""The engine's waiting-queue bound: production sets TensorRT-LLM's `max_queue_size` in its
+config (`dynamic_batching.default_queue_policy`, which the TensorRT-LLM backend gives its
+executor); the emulator bounds its own queue at the same value (its setting's default)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from google.protobuf import json_format, text_format
+from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from llmmesh.triton.trtllm_io import config_max_queue_size
+from llmmesh.emulator.settings import EmulatorSettings
 
 ROOT = Path(__file__).resolve().parents[2] / "model_repository"
 
@@ -22,19 +21,8 @@ def _config(name: str) -> mc.ModelConfig:
 
 
 def test_production_and_emulator_bound_the_engine_queue_alike() -> None:
-    bounds = {
-        name: _config(name).dynamic_batching.default_queue_policy.max_queue_size
-        for name in ("production", "emulator")
-    }
-    assert bounds["production"] > 0
-    assert bounds["emulator"] == bounds["production"]
-
-
-def test_the_bound_is_read_from_the_config_triton_passes() -> None:
-    # Triton hands the model its config as JSON (the protobuf JSON mapping).
-    as_json = json.loads(
-        json_format.MessageToJson(_config("emulator"), preserving_proto_field_name=True)
-    )
-    assert config_max_queue_size(as_json) == 128
-    assert config_max_queue_size({}) is None
-    assert config_max_queue_size({"dynamic_batching": {}}) is None
+    production = _config("production").dynamic_batching.default_queue_policy.max_queue_size
+    assert production > 0
+    assert EmulatorSettings(replica_id="t").max_queue_size == production
+    # Triton's own queue stays unbounded in front of the emulator (see its config.pbtxt)
+    assert not _config("emulator").dynamic_batching.HasField("default_queue_policy")

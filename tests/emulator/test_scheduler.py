@@ -361,11 +361,3 @@ def test_engine_refuses_beyond_its_waiting_queue_bound() -> None:
         pass
     assert all(len(s.tokens) == 2 and not s.errors for s in sinks.values())
     e.submit(req("later", [1, 2, 3], 2), Sink())  # drained: room again
-
-
-def test_engine_queue_bound_falls_back_to_the_model_config() -> None:
-    settings = EmulatorSettings(replica_id="t", time_scale=0)
-    assert Engine(settings, CFG, max_queue_size=7).max_queue_size == 7
-    overridden = EmulatorSettings(replica_id="t", time_scale=0, max_queue_size=2)
-    assert Engine(overridden, CFG, max_queue_size=7).max_queue_size == 2
-    assert Engine(settings, CFG).max_queue_size is None  # neither: unbounded, as TensorRT-LLM

@@ -63,7 +63,7 @@ class TritonPythonModel(TrtLlmPythonModel[ParsedRequest]):
     def start_engine(self) -> None:
         self.settings = EmulatorSettings()
         self.block = KvBlockSettings().block_config()
-        self.engine = Engine(self.settings, self.block, max_queue_size=self.max_queue_size)
+        self.engine = Engine(self.settings, self.block)
         # One stream per kv_registry replica (addresses and/or the registry's headless Service).
         self.publisher: RegistryFanout | None = registry_fanout(
             self.settings,
@@ -86,7 +86,7 @@ class TritonPythonModel(TrtLlmPythonModel[ParsedRequest]):
             self.settings.time_scale,
             self.settings.num_kv_blocks,
             self.block.block_size,
-            self.engine.max_queue_size,
+            self.settings.max_queue_size,
             self.settings.kv_registry_description(),
         )
 
