@@ -48,6 +48,7 @@ from llmmesh.emulator.events import AllBlocksCleared, BlocksRemoved, BlocksStore
 from llmmesh.emulator.scheduler import GenerationRequest, RequestRejectedError
 from llmmesh.kvblocks import BlockConfig, block_hashes
 from llmmesh.sim.engine import EngineConfig, EventSink, SimEngine, Tracked
+from llmmesh.triton.inflight import QueueFullError
 from services.autoscaler.policy import PolicyConfig, PoolState, decide
 from services.autoscaler.signals import PoolSignals
 from services.gateway.limits import Slot, StreamLimits, TenantLimits
@@ -505,10 +506,12 @@ class Cluster:
                 rep.engine.submit(
                     GenerationRequest(rid, tuple(req.prompt_token_ids), req.max_tokens)
                 )
-            except RequestRejectedError as exc:
+            except RequestRejectedError as exc:  # never fits, or the engine's queue is full
                 self._waiters.pop(rid, None)
                 self.orchestrator.complete(lease.lease_id, Outcome.REQUEST_ERROR)
-                res.outcome, res.error = "INVALID_ARGUMENT", str(exc)
+                full = isinstance(exc, QueueFullError)
+                res.outcome = "RESOURCE_EXHAUSTED" if full else "INVALID_ARGUMENT"
+                res.error = str(exc)
                 return res
             tracked = await fut
             if lat.completion_s > 0:

@@ -40,6 +40,7 @@ from llmmesh.emulator.scheduler import (
     TokenOutput,
 )
 from llmmesh.kvblocks import BlockConfig
+from llmmesh.triton.inflight import check_queue_room
 
 NS = 1_000_000_000
 
@@ -56,6 +57,7 @@ class EngineConfig:
     vocab_min: int = 100
     vocab_max: int = 49152
     time_scale: float = 1.0  # LLMMESH_EMULATOR_TIME_SCALE: wall seconds per modelled second
+    max_queue_size: int | None = 128  # LLMMESH_EMULATOR_MAX_QUEUE_SIZE (None: unbounded)
 
 
 @dataclass(slots=True)
@@ -136,7 +138,10 @@ class SimEngine:
 
     # ---------------------------------------------------------------------------- requests
     def submit(self, req: GenerationRequest) -> Tracked:
-        """Queue a request now; raises `RequestRejectedError` if it could never run."""
+        """Queue a request now; raises `RequestRejectedError` if it could never run, or its
+        `QueueFullError` when the waiting queue is at its bound (as the emulator engine)."""
+        self.scheduler.validate(req)
+        check_queue_room(self.scheduler.num_waiting, self.config.max_queue_size)
         now = self._loop.time()
         run = self._run
         if run is not None and not self._blocked and self._admissible_now():
