@@ -172,8 +172,9 @@ class GatewayCore:
         prompt_field = "prompt"
         if req.prompt_ids is not None:
             ids = list(req.prompt_ids)
-            bad = next((t for t in ids if t < 0 or t >= model.vocab_size), None)
-            if bad is not None:
+            # min/max run in C; the offending id is searched for only when there is one.
+            if ids and (min(ids) < 0 or max(ids) >= model.vocab_size):
+                bad = next(t for t in ids if t < 0 or t >= model.vocab_size)
                 raise InvalidRequest(
                     f"token id {bad} outside vocabulary [0, {model.vocab_size})",
                     field="prompt.token_ids",
