@@ -266,19 +266,15 @@ class GatewayCore:
         return text
 
     # -- generation -------------------------------------------------------------------------
-    async def generate(
+    def generate(
         self, req: GenerationRequest, timeout_s: float | None
     ) -> AsyncGenerator[Event, None]:
         """The request's events. Keyed requests go through the idempotency store (attach to the
-        generation under their id, or start it); others generate directly."""
-        events = (
-            self._generate_keyed(req, timeout_s)
-            if req.keyed or req.resume_from is not None
-            else self._generate_once(req, timeout_s)
-        )
-        async with contextlib.aclosing(events):
-            async for ev in events:
-                yield ev
+        generation under their id, or start it); others generate directly. The generator itself,
+        not a wrapper re-yielding it: every event would cross one more generator frame."""
+        if req.keyed or req.resume_from is not None:
+            return self._generate_keyed(req, timeout_s)
+        return self._generate_once(req, timeout_s)
 
     def _reserve(self, req: GenerationRequest) -> int:
         """Completion tokens a keyed generation may produce: its max_tokens bound."""
