@@ -62,24 +62,30 @@ class IncrementalDecoder:
     `decode(all tokens)` for tokenizers whose decode is prefix-stable past `prefix_offset`.
     """
 
+    __slots__ = ("_decode", "_ids", "_prefix_offset", "_read_offset")
+
     def __init__(self, model: ServedModel) -> None:
-        self._model = model
+        self._decode = model.tokenizer.decode  # on the per-token path: no wrapper per call
         self._ids: list[int] = []
         self._prefix_offset = 0
         self._read_offset = 0
 
     def push(self, new_ids: Sequence[int]) -> str:
-        self._ids.extend(new_ids)
-        prefix = self._model.decode(self._ids[self._prefix_offset : self._read_offset])
-        full = self._model.decode(self._ids[self._prefix_offset :])
+        ids = self._ids
+        ids.extend(new_ids)
+        decode = self._decode
+        prefix: str = decode(ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
+        full: str = decode(ids[self._prefix_offset :], skip_special_tokens=True)
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             self._prefix_offset = self._read_offset
-            self._read_offset = len(self._ids)
+            self._read_offset = len(ids)
             return full[len(prefix) :]
         return ""
 
     def flush(self) -> str:
-        prefix = self._model.decode(self._ids[self._prefix_offset : self._read_offset])
-        full = self._model.decode(self._ids[self._prefix_offset :])
-        self._prefix_offset = self._read_offset = len(self._ids)
+        decode = self._decode
+        ids = self._ids
+        prefix: str = decode(ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
+        full: str = decode(ids[self._prefix_offset :], skip_special_tokens=True)
+        self._prefix_offset = self._read_offset = len(ids)
         return full[len(prefix) :] if len(full) > len(prefix) else ""
