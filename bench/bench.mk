@@ -51,3 +51,8 @@ bench-sim-scale: setup ## Simulator at scale: full Mooncake and Azure traces at 
 
 bench-envoy: setup mesh-setup ## Envoy where Istio puts it (ingress, sidecars, mTLS) vs the direct mesh: added TTFT, Envoy CPU per token, gRPC and SSE (1/16 streams, ~2 min)
 	$(PY) -m bench.envoy $(BENCH_ARGS)
+
+.PHONY: bench-admit
+
+bench-admit: setup ## Orchestrator alone: Admit decision latency (client and internal), CPU per decision, time per plugin; 16/64 emulated replicas, 1k/32k-token shared-prefix prompts, 100/500/1000 Admit/s open loop (~3 min)
+	$(PY) -m bench.admit $(BENCH_ARGS)

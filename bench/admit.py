@@ -1,0 +1,506 @@
+"""`make bench-admit`: one orchestrator's routing decisions at a fixed Admit rate.
+
+The orchestrator alone (no gateway, no engines): `--replicas` emulated replicas registered with
+RegisterReplica, each a port of one light fake (Triton's ServerReady/ModelReady over gRPC, and
+a static `nv_trt_llm_*` metrics page per replica over HTTP), and a kv_registry holding a
+realistic index: `--families` shared prefixes (32k-token documents), each cached on about a
+quarter of the replicas to a random depth, published as the engines' KV events would be.
+
+Load: open loop at each `--rates` (Admit/s, evenly spaced, pre-serialized requests, each lease
+completed at once with the engine's reuse report, as the gateway does), with prompts of each
+`--prompt-tokens` length: a family's first tokens plus a unique 64-token tail.
+
+Per (replicas, prompt length, rate): decision latency p50/p95/p99 seen by the client and inside
+the orchestrator (`AdmitResponse.queue_ms`: from the Admit's arrival in the director to its
+lease, prefix lookup and scheduling included), orchestrator and kv_registry CPU-µs per decision
+(/proc/<pid>/stat), and where the orchestrator's decision time goes: each scheduling plugin
+(`llmmesh_orchestrator_plugin_duration_seconds`), the registry's own lookup work
+(`llmmesh_kv_registry_lookup_seconds`), and the rest (the lookup round trip, hashing,
+admission). Pinned like bench-overhead: load generator and fakes on one CPU, orchestrator and
+kv_registry on the other. `--compare` prints an earlier run's figures beside these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from bench.overhead import cpu_seconds, pct, pin, pinning
+from bench.report import write_json
+from llmmesh.common import metric_names as names
+from llmmesh.common.components import KV_REGISTRY, ORCHESTRATOR
+from llmmesh.common.process import tied_to_parent
+from llmmesh.common.settings import KvBlockSettings
+from llmmesh.common.topology import TRITON_MODEL
+from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as kv_pb
+from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as kv_grpc
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
+from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from llmmesh.kvblocks import block_hashes
+from llmmesh.localmesh import ServiceProcess
+from services.kv_registry.settings import KvRegistrySettings
+from services.orchestrator.settings import OrchestratorSettings
+
+ADMIT = "/llmmesh.orchestrator.v1.OrchestratorService/Admit"
+TAIL_TOKENS = 64
+DOCUMENT_TOKENS = 32 * 1024 + 1024
+TARGET_RATE, TARGET_P50_MS, TARGET_P95_MS = 500, 1.0, 5.0
+
+
+# -- the fake engines (their own process) ------------------------------------------------------
+def metrics_page(i: int) -> bytes:
+    """A replica's engine gauges: some load and KV use, different per replica."""
+    req, kv = names.TRTLLM_REQUEST_METRICS, names.TRTLLM_KV_CACHE_BLOCK_METRICS
+    active, used = i % 7, 1000 + 137 * i % 5000
+    return (
+        f"# TYPE {req} gauge\n"
+        f'{req}{{model="tensorrt_llm",request_type="active",version="1"}} {active}\n'
+        f'{req}{{model="tensorrt_llm",request_type="waiting",version="1"}} 0\n'
+        f'{req}{{model="tensorrt_llm",request_type="max",version="1"}} 64\n'
+        f"# TYPE {kv} gauge\n"
+        f'{kv}{{kv_cache_block_type="used",model="tensorrt_llm",version="1"}} {used}\n'
+        f'{kv}{{kv_cache_block_type="max",model="tensorrt_llm",version="1"}} 20000\n'
+        f'{kv}{{kv_cache_block_type="free",model="tensorrt_llm",version="1"}} {20000 - used}\n'
+    ).encode()
+
+
+class ReadyEngine(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    async def ServerReady(
+        self, request: service_pb2.ServerReadyRequest, context: object
+    ) -> service_pb2.ServerReadyResponse:
+        return service_pb2.ServerReadyResponse(ready=True)
+
+    async def ModelReady(
+        self, request: service_pb2.ModelReadyRequest, context: object
+    ) -> service_pb2.ModelReadyResponse:
+        return service_pb2.ModelReadyResponse(ready=True)
+
+
+async def serve_fakes(n: int) -> None:
+    """`n` replicas: one gRPC server bound to `n` ports, one HTTP server with `/metrics/<i>`.
+    Prints {"grpc_ports": [...], "metrics_port": p}, then serves until killed."""
+    from aiohttp import web
+
+    server = grpc.aio.server()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(ReadyEngine(), server)
+    ports = [server.add_insecure_port("127.0.0.1:0") for _ in range(n)]
+    await server.start()
+    pages = [metrics_page(i) for i in range(n)]
+
+    async def page(request: web.Request) -> web.Response:
+        return web.Response(body=pages[int(request.match_info["i"])], content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics/{i}", page)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    metrics_port = runner.addresses[0][1]
+    print(json.dumps({"grpc_ports": ports, "metrics_port": metrics_port}), flush=True)
+    await server.wait_for_termination()
+
+
+# -- the index and the prompts -----------------------------------------------------------------
+@dataclass
+class Workload:
+    documents: list[list[int]]
+    # replica index -> (family, cached blocks)
+    cached: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+
+
+def workload(families: int, replicas: int, seed: int) -> Workload:
+    rng = random.Random(seed)
+    docs = [[rng.randrange(100, 48000) for _ in range(DOCUMENT_TOKENS)] for _ in range(families)]
+    w = Workload(docs)
+    for r in range(replicas):
+        w.cached[r] = [
+            (f, rng.randrange(DOCUMENT_TOKENS // 10, DOCUMENT_TOKENS))
+            for f in range(families)
+            if rng.random() < 0.25
+        ]
+    return w
+
+
+async def publish_index(address: str, w: Workload, replica_ids: Sequence[str]) -> int:
+    """Each replica's cached prefixes as its engine's KV events; the index's (block, replica)
+    entries."""
+    cfg = KvBlockSettings().block_config()
+    hashes = [block_hashes(doc, cfg) for doc in w.documents]
+    entries = 0
+    async with grpc.aio.insecure_channel(
+        address, options=[("grpc.max_send_message_length", 64 << 20)]
+    ) as channel:
+        stub = kv_grpc.KvRegistryServiceStub(channel)
+        for r, rid in enumerate(replica_ids):
+            events = []
+            for seq, (f, tokens) in enumerate(w.cached[r]):
+                blocks = hashes[f][: tokens // cfg.block_size]
+                entries += len(blocks)
+                events.append(
+                    kv_pb.KvEvent(
+                        sequence=seq,
+                        stored=kv_pb.BlocksStored(
+                            blocks=[kv_pb.StoredBlock(block_hash=h) for h in blocks]
+                        ),
+                    )
+                )
+            resp = await stub.PublishEvents(
+                kv_pb.PublishEventsRequest(
+                    replica_id=rid,
+                    epoch="bench",
+                    block_size=cfg.block_size,
+                    hash_seed=cfg.hash_seed,
+                    events=events,
+                )
+            )
+            if resp.resync_required:
+                raise RuntimeError(f"registry asked {rid} to resync")
+    return entries
+
+
+def admit_requests(w: Workload, prompt_tokens: int, count: int, seed: int) -> list[bytes]:
+    """Serialized AdmitRequests: a family's first tokens and a unique tail."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        doc = w.documents[rng.randrange(len(w.documents))]
+        tail = [rng.randrange(100, 48000) for _ in range(TAIL_TOKENS)]
+        prompt = doc[: prompt_tokens - TAIL_TOKENS] + tail
+        out.append(
+            pb.AdmitRequest(
+                request_id=f"bench-{prompt_tokens}-{i}",
+                model=TRITON_MODEL,
+                prompt_token_ids=prompt,
+                max_tokens=64,
+                priority=pb.PRIORITY_STANDARD,
+            ).SerializeToString()
+        )
+    return out
+
+
+# -- measuring ---------------------------------------------------------------------------------
+@dataclass
+class Row:
+    replicas: int
+    prompt_tokens: int
+    rate: int
+    sent: int
+    achieved_rate: float
+    errors: int
+    client_p50_ms: float
+    client_p95_ms: float
+    client_p99_ms: float
+    internal_p50_ms: float
+    internal_p95_ms: float
+    internal_p99_ms: float
+    orchestrator_cpu_us_per_decision: float
+    kv_registry_cpu_us_per_decision: float
+    # share of the orchestrator's decision time (sum of queue_ms)
+    plugin_share: dict[str, float]
+    registry_lookup_share: float
+    other_share: float
+
+
+def histogram_sums(url: str, family: str, label: str) -> dict[str, float]:
+    """`<family>_sum` per value of `label` from a Prometheus page."""
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name != family:
+            continue
+        for s in fam.samples:
+            if s.name == f"{family}_sum":
+                key = s.labels.get(label, "")
+                out[key] = out.get(key, 0.0) + s.value
+    return out
+
+
+async def drive(
+    channel: grpc.aio.Channel, requests: list[bytes], rate: int, duration_s: float
+) -> tuple[list[float], list[float], int, float]:
+    """Open loop: Admit at `rate`/s for `duration_s`, each lease completed at once. Client and
+    internal latencies (s), errors, and the seconds the sends took."""
+    admit = channel.unary_unary(
+        ADMIT, request_serializer=None, response_deserializer=pb.AdmitResponse.FromString
+    )
+    stub = pb_grpc.OrchestratorServiceStub(channel)
+    client: list[float] = []
+    internal: list[float] = []
+    errors = 0
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(body: bytes) -> None:
+        nonlocal errors
+        start = time.perf_counter()
+        try:
+            resp = await admit(body, timeout=10)
+        except grpc.aio.AioRpcError:
+            errors += 1
+            return
+        client.append(time.perf_counter() - start)
+        internal.append(resp.queue_ms / 1000)
+        await stub.Complete(
+            pb.CompleteRequest(
+                lease_id=resp.lease_id,
+                outcome=pb.OUTCOME_SUCCESS,
+                kv_cache_reused_blocks=0,
+                time_to_first_token_ms=1.0,
+            ),
+            timeout=10,
+        )
+
+    loop = asyncio.get_running_loop()
+    n = int(rate * duration_s)
+    t0 = loop.time() + 0.01
+    for i in range(n):
+        delay = t0 + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = loop.create_task(one(requests[i % len(requests)]))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    sent_s = loop.time() - t0
+    if tasks:
+        await asyncio.gather(*tasks)
+    return client, internal, errors, sent_s
+
+
+async def run_config(args: argparse.Namespace, replicas: int, w: Workload) -> list[Row]:
+    cores = pinning(not args.no_pin)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-admit-"))
+    fakes = await asyncio.create_subprocess_exec(
+        *tied_to_parent([sys.executable, "-m", "bench.admit", "--serve-fakes", str(replicas)]),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    registry = ServiceProcess(KV_REGISTRY, KvRegistrySettings(log_json=True), workdir)
+    orchestrator: ServiceProcess | None = None
+    rows: list[Row] = []
+    try:
+        assert fakes.stdout is not None
+        line = await asyncio.wait_for(fakes.stdout.readline(), 60)
+        if not line:
+            raise RuntimeError("fake engines exited")
+        fake = json.loads(line)
+        await registry.start()
+        rids = [f"replica-{i}" for i in range(replicas)]
+        entries = await publish_index(registry.address, w, rids)
+        orchestrator = ServiceProcess(
+            ORCHESTRATOR,
+            OrchestratorSettings(kv_registry_address=registry.address, log_json=True),
+            workdir,
+        )
+        await orchestrator.start()
+        assert registry.proc is not None
+        assert orchestrator.proc is not None
+        pids = {"orchestrator": orchestrator.proc.pid, "kv_registry": registry.proc.pid}
+        if cores is not None:
+            pin([os.getpid(), fakes.pid], cores[0])
+            pin(pids.values(), cores[1])
+        channel = grpc.aio.insecure_channel(
+            orchestrator.address, options=[("grpc.max_send_message_length", 64 << 20)]
+        )
+        stub = pb_grpc.OrchestratorServiceStub(channel)
+        for i, rid in enumerate(rids):
+            await stub.RegisterReplica(
+                pb.RegisterReplicaRequest(
+                    replica=pb.ReplicaSpec(
+                        id=rid,
+                        grpc_address=f"127.0.0.1:{fake['grpc_ports'][i]}",
+                        metrics_url=f"http://127.0.0.1:{fake['metrics_port']}/metrics/{i}",
+                        models=[TRITON_MODEL],
+                    )
+                )
+            )
+        print(f"{replicas} replicas registered; index: {entries} (block, replica) entries")
+        for tokens in args.prompt_tokens:
+            requests = admit_requests(w, tokens, 256, seed=tokens)
+            await drive(channel, requests, 100, 1.0)  # warm up
+            for rate in args.rates:
+                cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
+                plugins0 = histogram_sums(
+                    orchestrator.metrics_url, names.ORCH_PLUGIN_DURATION, "plugin"
+                )
+                lookup0 = histogram_sums(registry.metrics_url, names.KV_LOOKUP_SECONDS, "")
+                client, internal, errors, sent_s = await drive(
+                    channel, requests, rate, args.duration
+                )
+                cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
+                plugins1 = histogram_sums(
+                    orchestrator.metrics_url, names.ORCH_PLUGIN_DURATION, "plugin"
+                )
+                lookup1 = histogram_sums(registry.metrics_url, names.KV_LOOKUP_SECONDS, "")
+                decided = max(len(internal), 1)
+                total = max(sum(internal), 1e-9)
+                shares = {
+                    p: (plugins1[p] - plugins0.get(p, 0.0)) / total
+                    for p in plugins1
+                    if plugins1[p] - plugins0.get(p, 0.0) > 0
+                }
+                lookup_share = (lookup1.get("", 0.0) - lookup0.get("", 0.0)) / total
+                ms = [x * 1000 for x in client]
+                ims = [x * 1000 for x in internal] or [0.0]
+                row = Row(
+                    replicas,
+                    tokens,
+                    rate,
+                    int(rate * args.duration),
+                    int(rate * args.duration) / sent_s if sent_s > 0 else 0.0,
+                    errors,
+                    pct(ms, 0.5) if ms else 0.0,
+                    pct(ms, 0.95) if ms else 0.0,
+                    pct(ms, 0.99) if ms else 0.0,
+                    pct(ims, 0.5),
+                    pct(ims, 0.95),
+                    pct(ims, 0.99),
+                    cpu["orchestrator"] / decided * 1e6,
+                    cpu["kv_registry"] / decided * 1e6,
+                    shares,
+                    lookup_share,
+                    1.0 - sum(shares.values()) - lookup_share,
+                )
+                rows.append(row)
+                print(
+                    f"  {replicas} replicas, {tokens}-token prompts, {rate}/s: client p50 "
+                    f"{row.client_p50_ms:.2f} ms, internal p50 {row.internal_p50_ms:.2f} ms",
+                    flush=True,
+                )
+        await channel.close(None)
+    finally:
+        if orchestrator is not None:
+            await orchestrator.stop()
+        await registry.stop()
+        if fakes.returncode is None:
+            fakes.kill()
+            await fakes.wait()
+    return rows
+
+
+def print_rows(rows: Sequence[Row]) -> None:
+    print()
+    print(
+        f"{'replicas':>8} | {'prompt':>6} | {'rate/s':>6} | {'achieved':>8} | {'err':>4} | "
+        f"{'client p50/p95/p99 ms':>23} | {'internal p50/p95/p99 ms':>23} | "
+        f"{'orch µs/dec':>11} | {'kvreg µs/dec':>12}"
+    )
+    print("-" * 129)
+    for r in rows:
+        client = f"{r.client_p50_ms:.2f}/{r.client_p95_ms:.2f}/{r.client_p99_ms:.2f}"
+        internal = f"{r.internal_p50_ms:.2f}/{r.internal_p95_ms:.2f}/{r.internal_p99_ms:.2f}"
+        print(
+            f"{r.replicas:>8} | {r.prompt_tokens:>6} | {r.rate:>6} | {r.achieved_rate:>8.0f} | "
+            f"{r.errors:>4} | {client:>23} | {internal:>23} | "
+            f"{r.orchestrator_cpu_us_per_decision:>11.0f} | "
+            f"{r.kv_registry_cpu_us_per_decision:>12.0f}"
+        )
+    print("\nshare of the orchestrator's decision time (internal latency summed)")
+    for r in rows:
+        parts = sorted(r.plugin_share.items(), key=lambda kv: -kv[1])
+        plugins = ", ".join(f"{p} {s:.1%}" for p, s in parts)
+        print(
+            f"  {r.replicas:>2} replicas, {r.prompt_tokens:>5} tokens, {r.rate:>4}/s: "
+            f"registry lookup {r.registry_lookup_share:.1%}; plugins: {plugins}; "
+            f"rest (lookup RPC, hashing, admission) {r.other_share:.1%}"
+        )
+    print(
+        f"\ntargets at {TARGET_RATE}/s: client p50 <= {TARGET_P50_MS} ms, p95 <= {TARGET_P95_MS} ms"
+    )
+    for r in rows:
+        if r.rate == TARGET_RATE:
+            ok = r.client_p50_ms <= TARGET_P50_MS and r.client_p95_ms <= TARGET_P95_MS
+            print(
+                f"  {r.replicas:>2} replicas, {r.prompt_tokens:>5} tokens: "
+                f"p50 {r.client_p50_ms:.2f} p95 {r.client_p95_ms:.2f} -> {'met' if ok else 'MISSED'}"
+            )
+
+
+COMPARED = (
+    ("client_p50_ms", "client p50 ms"),
+    ("client_p95_ms", "client p95 ms"),
+    ("client_p99_ms", "client p99 ms"),
+    ("internal_p50_ms", "internal p50 ms"),
+    ("internal_p95_ms", "internal p95 ms"),
+    ("orchestrator_cpu_us_per_decision", "orch CPU µs/decision"),
+    ("kv_registry_cpu_us_per_decision", "kvreg CPU µs/decision"),
+)
+
+
+def print_comparison(before: list[dict[str, Any]], after: Sequence[Row], label: str) -> None:
+    print(f"\nbefore ({label}) → after (this run)")
+    old = {(b["replicas"], b["prompt_tokens"], b["rate"]): b for b in before}
+    print(
+        f"{'replicas':>8} | {'prompt':>6} | {'rate/s':>6} | {'figure':<22} | {'before':>8} | {'after':>8}"
+    )
+    print("-" * 74)
+    for r in after:
+        b = old.get((r.replicas, r.prompt_tokens, r.rate), {})
+        for key, title in COMPARED:
+            was = b.get(key)
+            print(
+                f"{r.replicas:>8} | {r.prompt_tokens:>6} | {r.rate:>6} | {title:<22} | "
+                f"{'' if was is None else f'{was:.2f}':>8} | {getattr(r, key):>8.2f}"
+            )
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    w = workload(args.families, max(args.replicas), seed=1)
+    rows: list[Row] = []
+    for n in args.replicas:
+        rows.extend(await run_config(args, n, w))
+    print_rows(rows)
+    if args.compare_data is not None:
+        print_comparison(args.compare_data["rows"], rows, args.compare)
+    out = write_json(
+        args.output,
+        {
+            "args": {k: v for k, v in vars(args).items() if k != "compare_data"},
+            "rows": [asdict(r) for r in rows],
+        },
+    )
+    print(f"\nwrote {out}")
+    return 0
+
+
+def main() -> int:
+    import uvloop
+
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--replicas", type=int, nargs="+", default=[16, 64])
+    p.add_argument("--prompt-tokens", type=int, nargs="+", default=[1024, 32 * 1024])
+    p.add_argument("--rates", type=int, nargs="+", default=[100, 500, 1000])
+    p.add_argument("--duration", type=float, default=5.0, help="Seconds per rate.")
+    p.add_argument("--families", type=int, default=32, help="Shared prefixes in the index.")
+    p.add_argument("--no-pin", action="store_true", help="Do not pin processes to CPUs.")
+    p.add_argument("--compare", help="An earlier run's JSON: print its figures beside these.")
+    p.add_argument("--output", default="admit.json", help="JSON file name in bench-results/.")
+    p.add_argument("--serve-fakes", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.serve_fakes:
+        uvloop.run(serve_fakes(args.serve_fakes))
+        return 0
+    args.compare_data = None
+    if args.compare is not None:
+        args.compare_data = json.loads(Path(args.compare).read_text())
+    return uvloop.run(main_async(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
