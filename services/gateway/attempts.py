@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from llmmesh.common.errors import ServiceError
+from llmmesh.common.errors import DeadlineExceeded, ResourceExhausted, ServiceError
 from llmmesh.common.telemetry import inject_trace_metadata
 from llmmesh.common.topology import Priority
 from services.gateway import metrics
@@ -182,6 +182,28 @@ class Attempts:
         deadline: float,
         excluded: set[str],
     ) -> Lease:
+        remaining = deadline - time.perf_counter()
+        cap = self._s.admission_max_wait_s
+        if cap is None or cap >= remaining:
+            return await self._admit_once(req, v, state, remaining, excluded)
+        try:
+            return await self._admit_once(req, v, state, cap, excluded)
+        except DeadlineExceeded as err:
+            # The gateway's admission wait bound, not the client's deadline, ran out.
+            raise ResourceExhausted(
+                f"not admitted within admission_max_wait_s ({cap:g} s)",
+                retry_after_s=cap,
+                reason=err.reason,
+            ) from err
+
+    async def _admit_once(
+        self,
+        req: GenerationRequest,
+        v: Validated,
+        state: StreamState,
+        timeout_s: float,
+        excluded: set[str],
+    ) -> Lease:
         return await self._admission.admit(
             AdmissionRequest(
                 request_id=req.request_id,
@@ -193,7 +215,7 @@ class Attempts:
                 model_version=self._s.model_version,
                 exclude_replicas=frozenset(excluded),
             ),
-            timeout_s=deadline - time.perf_counter(),
+            timeout_s=timeout_s,
         )
 
     async def _stream(

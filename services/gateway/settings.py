@@ -215,6 +215,17 @@ class GatewaySettings(ServiceSettings):
             "(services/gateway/limits.py). Bounds the process's memory whatever the offered load."
         ),
     )
+    admission_max_wait_s: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Longest a request may wait for admission (the orchestrator's queue): the Admit "
+            "deadline is the sooner of this and the request's own, so the orchestrator refuses "
+            "at once what it expects to wait longer; a request that still waits this long gets "
+            "RESOURCE_EXHAUSTED with this as its retry-after. Set it to the TTFT objective to "
+            "admit only work that can meet it. Unset: the request's deadline."
+        ),
+    )
     overload_retry_after_min_s: float = Field(
         default=0.2,
         gt=0,

@@ -14,7 +14,13 @@ import aiohttp
 import grpc
 import pytest
 
-from llmmesh.common.errors import RETRY_AFTER_KEY, ResourceExhausted, ServiceError
+from llmmesh.common.errors import (
+    RETRY_AFTER_KEY,
+    DeadlineExceeded,
+    Reason,
+    ResourceExhausted,
+    ServiceError,
+)
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
 from llmmesh.generated.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from services.gateway.auth import Authenticator, TenantsFile, hash_key
@@ -48,6 +54,13 @@ CASES = [
     Case("tenant concurrency", {}, {"max_concurrent_requests": 1}, True),
     Case("tenant requests/min", {}, {"requests_per_minute": 1}, True),
     Case(
+        "admission wait bound",
+        {"admission_max_wait_s": 2.0},
+        {},
+        False,
+        DeadlineExceeded("no replica slot in time", reason=Reason.QUEUE_TIMEOUT),
+    ),
+    Case(
         "orchestrator queue full",
         {},
         {},
@@ -67,7 +80,8 @@ async def fronts(
             {"tenants": [{"name": "acme", "api_keys_sha256": [hash_key(KEY)], **case.tenant}]}
         )
     )
-    core = GatewayCore(settings, [model], FakeAdmission(case.reject), engine, 32, auth)
+    admission = FakeAdmission(case.reject)
+    core = GatewayCore(settings, [model], admission, engine, 32, auth)
     http = OpenAIHttpFront(core, settings)
     await http.start()
     server = grpc.aio.server()
@@ -76,6 +90,10 @@ async def fronts(
     await server.start()
     try:
         yield core, f"http://127.0.0.1:{http.port}", f"127.0.0.1:{port}"
+        wait = settings.admission_max_wait_s
+        if wait is not None:  # the Admit deadline was the bound, not the request's
+            assert admission.timeouts
+            assert all(t == wait for t in admission.timeouts)
     finally:
         await server.stop(None)
         await http.stop()
