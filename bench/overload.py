@@ -10,6 +10,8 @@ mixed 20% interactive / 60% standard / 20% batch, unkeyed gRPC requests.
    the requests complete with TTFT within `--slo-s` (a refused or failed request counts as over
    the SLO, so refusing is no way to pass). Probes of `--probe-s` seconds: the rate doubles from
    `--start-rate` until a probe fails, then `--bisections` halvings of the interval.
+   The gateway runs with `admission_max_wait_s` = the SLO (`--admission-max-wait-s`): it admits
+   only work that can start within the objective.
 2. Steps: `--multipliers` (1 2 5 10) x capacity for `--step-s` seconds (60) each, once with
    clients that do not retry and once with clients that honour retry-after
    (`bench.replay.RetryingClient`: OpenAI SDK policy, 2 retries, retry-after + jitter).
@@ -395,6 +397,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--step-s", type=float, default=60.0, help="seconds per load step")
     p.add_argument("--probe-s", type=float, default=20.0, help="seconds per capacity probe")
     p.add_argument("--capacity", type=float, default=None, help="skip the capacity search")
+    p.add_argument(
+        "--admission-max-wait-s",
+        type=float,
+        default=None,
+        help="the gateway's admission_max_wait_s (default: the SLO; 0: unset, the deadline)",
+    )
     p.add_argument("--start-rate", type=float, default=4.0)
     p.add_argument("--max-rate", type=float, default=400.0)
     p.add_argument("--bisections", type=int, default=2)
@@ -411,11 +419,14 @@ async def main_async(args: argparse.Namespace) -> int:
     emulator_env = {}
     if args.max_batch_size is not None:
         emulator_env["LLMMESH_EMULATOR_MAX_BATCH_SIZE"] = str(args.max_batch_size)
+    wait_s = args.slo_s if args.admission_max_wait_s is None else args.admission_max_wait_s
+    gateway_env = {"LLMMESH_GATEWAY_ADMISSION_MAX_WAIT_S": str(wait_s)} if wait_s > 0 else {}
     mesh = LocalMesh(
         MeshOptions(
             replicas=args.replicas,
             time_scale=args.time_scale,
             emulator_env=emulator_env,
+            extra_env=gateway_env,
             log_json=True,
         )
     )
