@@ -10,7 +10,8 @@ Arms (emulated Triton replicas on this machine, distinct prompts, no request ids
 
 At 1 and a higher concurrency: TTFT p50/p99 and the TTFT added over direct, tokens/s relayed,
 and the gateway process's CPU-seconds per 1k tokens (utime + stime from /proc/<pid>/stat around
-each arm). The verdict: HTTP overhead ÷ gRPC overhead (gateway CPU per token) ≤ 1.5.
+each arm). The verdict: HTTP overhead ÷ gRPC overhead (gateway CPU per token) ≤ 1.5. Pinned as
+bench-overhead (engines and load generator on one CPU, the mesh's services on another; --no-pin).
 """
 
 from __future__ import annotations
@@ -27,12 +28,15 @@ import aiohttp
 import grpc
 
 from bench.overhead import (
+    MESH_SERVICES,
     Sample,
     direct_sample,
     distinct_prompt,
     grpc_sample,
     parser,
     pct,
+    pin,
+    pinning,
     run_level,
 )
 from bench.report import write_json
@@ -98,6 +102,12 @@ async def main_async(args: argparse.Namespace) -> int:
         gw = mesh.services["gateway"]
         assert gw.proc is not None
         gw_pid = gw.proc.pid
+        cores = pinning(not args.no_pin)  # as bench-overhead: engines + load | mesh
+        if cores is not None:
+            pin([os.getpid(), *(t.pid for t in mesh.tritons if t.pid is not None)], cores[0])
+            pin(
+                [p.pid for n in MESH_SERVICES if (p := mesh.services[n].proc) is not None], cores[1]
+            )
         channel = grpc.aio.insecure_channel(gw.address)
         stub = pb_grpc.GatewayServiceStub(channel)
         pool = TritonPool()
