@@ -141,6 +141,10 @@ class ClusterSpec:
     metrics_max_age_s: float = 5.0
     latencies: Latencies = field(default_factory=Latencies)
     gateway: GatewayLimits = field(default_factory=GatewayLimits)
+    # The orchestrator's policy file as loaded (`services.orchestrator.policy.load_policy`):
+    # plugins, profiles, health, capacity, admission. Its `pools` are completed from `pools`
+    # (each PoolSpec with `max_prompt_tokens`).
+    policy: RoutingPolicy | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,7 +349,9 @@ class Cluster:
                 metrics_max_age_s=spec.metrics_max_age_s,
             ),
             _Probe(self),
-            RoutingPolicy(pools=routing_pools),
+            (spec.policy or RoutingPolicy()).model_copy(
+                update={"pools": {**(spec.policy.pools if spec.policy else {}), **routing_pools}}
+            ),
             self._index,
             random.Random(seed),
             self._fetch_metrics,

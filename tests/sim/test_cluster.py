@@ -16,9 +16,10 @@ from bench.calibrate import EngineShape, simulate_open_loop
 from llmmesh.sim import Autoscale, ClusterSpec, GatewayLimits, PoolSpec, simulate
 from services.autoscaler.policy import PolicyConfig
 from services.orchestrator.director import Orchestrator
+from services.orchestrator.policy import Policy
 from services.orchestrator.scheduling.contracts import ReplicaView, RequestView
 from services.orchestrator.scheduling.plugins.round_robin import RoundRobinPicker
-from services.orchestrator.scheduling.registry import default_registry
+from services.orchestrator.scheduling.registry import PluginConfigError, default_registry
 
 
 def _shared(n_groups: int = 4, per_group: int = 12, rate: float = 4.0) -> list[wl.Request]:
@@ -194,3 +195,14 @@ def test_heterogeneous_pools_route_by_prompt_length() -> None:
         assert r.replica_id.startswith("long-" if r.prompt_tokens > 512 else "short-")
     prices = {"short": 2 * 1.332, "long": 4.464}  # $/h of the pools (accelerator prices)
     assert res.cost_usd == pytest.approx(sum(prices.values()) * res.sim_s / 3600, rel=1e-6)
+
+
+def test_policy_file_profiles_are_used() -> None:
+    """A profile defined in the policy (as a policy file would) is what the orchestrator runs."""
+    policy = Policy.model_validate(
+        {"profiles": {"first-only": {"filters": ["healthy"], "picker": "round-robin"}}}
+    )
+    res = simulate(_shared(), dataclasses.replace(SMALL, policy=policy), "first-only", 0)
+    assert res.summary.ok == 48
+    with pytest.raises(PluginConfigError, match="unknown profile"):
+        simulate(_shared(), SMALL, "first-only", 0)
