@@ -15,9 +15,10 @@ Invariants:
   (limits fall with priority: batch is refused first, then standard), or by evicting the newest
   waiter of the lowest class below c when the queue holds at most `limit(c)`; the queue never
   exceeds `limit(interactive)` = `max_queue`.
-- An arrival whose expected completion (its expected wait: waiters of its class and above,
-  itself included, over the drain rate; plus the mean service time) is past its deadline is
-  refused at once: it would end in a timeout, possibly after its first tokens.
+- An arrival whose expected wait (waiters of its class and above, itself included, over the
+  drain rate) exceeds its Admit deadline is refused at once. That deadline bounds the wait in
+  the queue: the gateway sends the sooner of the client's deadline and its own admission wait
+  bound (`admission_max_wait_s`), so the service time is not counted against it.
 - Every refusal carries a retry-after: the time for the waiters ahead of the request to drain,
   clamped to [RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S]; RETRY_AFTER_UNKNOWN_S before the drain rate
   is known.
@@ -141,11 +142,10 @@ def decide(
     limits: QueueLimits,
     rate: float | None,
     deadline_s: float,
-    service_s: float | None = None,
 ) -> Decision:
     """The admission decision for an arrival of `priority` that no replica can take now, given
-    the waiters queued per class, the drain rate (None: unknown), the seconds left before the
-    request's deadline and the mean service time once started (None: unknown)."""
+    the waiters queued per class, the drain rate (None: unknown) and the seconds left before the
+    Admit call's deadline."""
     total = sum(queued.values())
     # Waiters served before this request: its class and every higher one (lower value).
     ahead = sum(n for p, n in queued.items() if p <= priority)
@@ -156,10 +156,9 @@ def decide(
         victim = _lowest_below(priority, queued) if total <= limit else None
         if victim is None:
             return Decision(Verdict.QUEUE_FULL, retry_after_s(ahead + 1, rate), None, wait)
-    serve = service_s or 0.0
-    if wait is not None and wait + serve > deadline_s:
+    if wait is not None and wait > deadline_s:
         # Time until enough of those ahead drained for this request to fit in its deadline.
-        extra = ahead + 1 - (rate or 0.0) * max(deadline_s - serve, 0.0)
+        extra = ahead + 1 - (rate or 0.0) * deadline_s
         return Decision(Verdict.DEADLINE, retry_after_s(math.ceil(extra), rate), None, wait)
     if victim is not None:
         return Decision(Verdict.EVICT_AND_ENQUEUE, None, victim, wait)

@@ -203,7 +203,6 @@ class Orchestrator:
             self._limits,
             self.drain_rate(),
             wait_s,
-            self._service.mean_s,
         )
         verdict = decision.verdict
         if verdict is capacity.Verdict.QUEUE_FULL:
@@ -215,9 +214,8 @@ class Orchestrator:
         if verdict is capacity.Verdict.DEADLINE:
             metrics.record_rejection(req.model, "expected_wait")
             raise QueueFull(
-                f"expected queue wait {decision.expected_wait_s or 0.0:.3f}s plus service "
-                f"{self._service.mean_s or 0.0:.3f}s exceeds the request's deadline "
-                f"({wait_s:.3f}s)",
+                f"expected queue wait {decision.expected_wait_s or 0.0:.3f}s exceeds the "
+                f"admission deadline ({wait_s:.3f}s)",
                 retry_after_s=decision.retry_after_s,
             )
         if verdict is capacity.Verdict.EVICT_AND_ENQUEUE and decision.victim_priority is not None:
@@ -485,24 +483,22 @@ class Orchestrator:
 
     def _shed_late(self, blocked: list[Waiter]) -> list[Waiter]:
         """Refuse now, with a retry-after, the waiters (in service order) the queue will not
-        serve before their deadline at the drain rate (their wait plus the mean service time):
-        waiting on would only end in a timeout. A scale-from-zero waiter is left to its
-        activation timeout."""
+        reach before their Admit deadline at the drain rate: waiting on would only end in a
+        timeout. A scale-from-zero waiter is left to its activation timeout."""
         rate = self.drain_rate()
         if rate is None or not blocked:
             return blocked
         now = self._clock()
-        serve = self._service.mean_s or 0.0
         kept: list[Waiter] = []
         for w in blocked:
             position = len(kept) + 1
-            if w.activation is None and now + position / rate + serve > w.deadline:
+            if w.activation is None and now + position / rate > w.deadline:
                 metrics.record_dequeued(w.request.model, w.pool_key)
                 metrics.record_rejection(w.request.model, "expected_wait")
                 w.future.set_exception(
                     QueueFull(
-                        f"expected queue wait {position / rate:.3f}s plus service {serve:.3f}s "
-                        f"exceeds the request's deadline ({max(w.deadline - now, 0.0):.3f}s left)",
+                        f"expected queue wait {position / rate:.3f}s exceeds the admission "
+                        f"deadline ({max(w.deadline - now, 0.0):.3f}s left)",
                         retry_after_s=capacity.retry_after_s(position, rate),
                     )
                 )
