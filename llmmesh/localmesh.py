@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import datetime
 import json
 import logging
@@ -61,7 +60,7 @@ from llmmesh.emulator.settings import EmulatorSettings
 from llmmesh.redis_server import RedisServer
 from llmmesh.supervisor import Liveness, RestartPolicy, Supervisor
 from llmmesh.triton.launcher import (
-    TRITON_LIVENESS,
+    LOCAL_TRITON_LIVENESS,
     LivenessProbe,
     TritonPorts,
     TritonServer,
@@ -96,11 +95,6 @@ DRAIN_SECONDS = 10.0
 # The orchestrator probes and scrapes its replicas this often (seconds; fast for tests).
 PROBE_INTERVAL_S = 0.25
 AUTOSCALER_INTERVAL_S = 1.0
-# The local supervisor's Triton liveness probe: the pool manifest's per-probe timeouts (a
-# saturated but healthy engine that answers within them is never restarted) with a shorter
-# period and threshold than the manifest's (15 s x 4), so a replica whose backend stub died is
-# replaced within seconds: locally nothing else replaces it, and a restart costs seconds.
-LOCAL_TRITON_LIVENESS = dataclasses.replace(TRITON_LIVENESS, period_s=1.0, failure_threshold=3)
 
 #: Each service's settings class, where its env prefix and default ports are declared.
 SERVICE_SETTINGS: dict[Component, type[ServiceSettings]] = {

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import filecmp
 import importlib.util
 import itertools
@@ -90,9 +91,32 @@ class LivenessProbe:
 
 
 TRITON_LIVENESS = LivenessProbe()
+# The local supervisors' probe (the local mesh's and the local actuator's): the pool manifest's
+# per-probe timeouts (a saturated but healthy engine answering within them is never restarted),
+# a shorter period and threshold than the manifest's 15 s x 4, so a replica whose backend stub
+# died is replaced within seconds: locally nothing else replaces it, and a restart costs seconds.
+# A probe that times out takes its full timeout, so the period only speeds up catching definite
+# failures (a dead stub's error answer).
+LOCAL_TRITON_LIVENESS = dataclasses.replace(TRITON_LIVENESS, period_s=1.0, failure_threshold=3)
 # The probe's request (also the pool's readinessProbe's).
 GENERATE_PROBE_PATH = f"/v2/models/{TRITON_MODEL}/generate"
 GENERATE_PROBE_BODY = b'{"input_ids":[1],"input_lengths":1,"request_output_len":1}'
+# An error answer holding one of these comes from an engine that is alive but whose waiting
+# queue is full (our engines' QueueFullError, Triton's queue policy, TensorRT-LLM's
+# max_queue_size): back-pressure, so the probe passes. A saturated engine is neither restarted
+# (liveness) nor taken out of its Service (readiness); the orchestrator sheds its load.
+PROBE_ALIVE_MARKERS = ("RESOURCE_EXHAUSTED", "maximum queue size")
+# The pool manifest's exec probes (readiness and liveness) run exactly this program
+# (`python3 -c`; meshcheck's workloads rule checks it), `generate_probe` applies the same rule.
+GENERATE_PROBE_SCRIPT = f"""import sys, urllib.error as e, urllib.request as u
+try:
+    u.urlopen(u.Request("http://127.0.0.1:{TRITON_HTTP_PORT}{GENERATE_PROBE_PATH}",
+        data={GENERATE_PROBE_BODY!r}, headers={{"Content-Type": "application/json"}}),
+        timeout={TRITON_LIVENESS.request_timeout_s:g})
+except e.HTTPError as x:
+    body = x.read().decode(errors="replace")
+    sys.exit(0 if any(m in body for m in {PROBE_ALIVE_MARKERS!r}) else 1)
+"""
 
 # The group watchdog (argv: the process group to guard, the launcher's pid). Its parent-death
 # signal is SIGURG (set by `setpriv` before exec), whose default action is to be ignored: one that
@@ -341,9 +365,10 @@ class TritonServer:
 
     async def generate_probe(self, probe: LivenessProbe = TRITON_LIVENESS) -> bool:
         """One liveness probe: POST `GENERATE_PROBE_BODY` to the model's generate route, as the
-        pool's exec probe does. True on a 2xx answer; raises with the reason otherwise (HTTP
-        status and Triton's error, e.g. "Stub process 'tensorrt_llm_0_0' is not healthy.", a
-        timeout, a refused connection)."""
+        pool's exec probe does. True on a 2xx answer or a full queue's refusal
+        (`PROBE_ALIVE_MARKERS`); raises with the reason otherwise (HTTP status and Triton's
+        error, e.g. "Stub process 'tensorrt_llm_0_0' is not healthy.", a timeout, a refused
+        connection)."""
         import aiohttp  # here: the launcher's CLI and watchdog do without it
 
         timeout = aiohttp.ClientTimeout(total=min(probe.request_timeout_s, probe.timeout_s))
@@ -360,6 +385,8 @@ class TritonServer:
                     await r.read()
                     return True
                 body = (await r.text()).strip()
+                if any(m in body for m in PROBE_ALIVE_MARKERS):
+                    return True
                 raise RuntimeError(f"HTTP {r.status}: {body[:500]}")
         except TimeoutError as exc:
             raise RuntimeError(f"no answer within {timeout.total:g} s") from exc

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from bench.chaos import backend_stubs
 from llmmesh.common import metric_names as names
 from llmmesh.common.topology import TRITON_MODEL, PoolKey
 from llmmesh.generated.gateway.v1 import gateway_pb2 as gw_pb
@@ -176,6 +178,36 @@ async def _counts_are(rig: Rig, expected: ReplicaCounts) -> bool:
     return await counts(rig) == expected
 
 
+@pytest.mark.timeout(300)
+async def test_a_replica_whose_backend_stub_died_is_killed_and_replaced(rig: Rig) -> None:
+    """Triton keeps reporting a replica ready after its Python-backend stub died: the actuator's
+    liveness probe (one token through the model) catches it, kills it, and the next apply of the
+    same count starts a replacement that serves."""
+    (victim,) = [r for r in rig.actuator.replicas() if r.phase is ReplicaPhase.READY]
+    assert victim.pid is not None
+    stubs = backend_stubs(victim.pid)
+    assert stubs, "no backend stub under the replica's tritonserver"
+    for pid in stubs:
+        os.kill(pid, signal.SIGKILL)
+
+    async def gone() -> bool:
+        await counts(rig)  # observe: probes liveness, notices the killed process
+        return any(
+            r.id == victim.id and r.phase is ReplicaPhase.STOPPED for r in rig.actuator.replicas()
+        )
+
+    await eventually(gone, timeout_s=60, what="the stubless replica killed and forgotten")
+    await rig.actuator.apply(AUTO, 1, "test: replace the lost replica")
+    await eventually(
+        lambda: _counts_are(rig, ReplicaCounts(ready=1)),
+        timeout_s=200,
+        what="a replacement ready",
+    )
+    (fresh,) = [r for r in rig.actuator.replicas() if r.phase is ReplicaPhase.READY]
+    assert fresh.id != victim.id
+    assert (await generate(rig, "after-replacement", 8)).replica_id == fresh.id
+
+
 @pytest.mark.timeout(500)
 async def test_scale_down_drains_streams_before_stopping(rig: Rig) -> None:
     await rig.actuator.apply(AUTO, 2, "test: two replicas")
@@ -214,5 +246,6 @@ async def test_scale_down_drains_streams_before_stopping(rig: Rig) -> None:
 
     await rig.actuator.close()
     assert await counts(rig) == ReplicaCounts(ready=0)
-    assert all(r.exit_code == 0 for r in rig.actuator.replicas())
+    # Both of this test's replicas stopped cleanly (the one killed for its liveness is -9).
+    assert {r.exit_code for r in rig.actuator.replicas() if r.id in (victim.id, keeper.id)} == {0}
     assert not await replicas(rig)

@@ -322,4 +322,7 @@ def test_a_triton_liveness_probe_other_than_the_local_meshs_is_caught(
     else:
         live[field] = value
     problems = "\n".join(workloads.check_workloads(mesh))
-    assert "triton-llama3-8b-v1-short (apps/v1): livenessProbe must be llmmesh.triton" in problems
+    want = (
+        "must run a request through the model" if field == "timeout" else "must be llmmesh.triton"
+    )
+    assert f"triton-llama3-8b-v1-short (apps/v1): livenessProbe {want}" in problems

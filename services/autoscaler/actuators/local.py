@@ -47,8 +47,14 @@ import grpc
 from llmmesh.common.topology import PoolKey
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
-from llmmesh.triton.launcher import TritonPorts, TritonServer, start_on_free_ports
+from llmmesh.triton.launcher import (
+    LOCAL_TRITON_LIVENESS,
+    TritonPorts,
+    TritonServer,
+    start_on_free_ports,
+)
 from services.autoscaler.actuators.contracts import ReplicaCounts
+from services.autoscaler.actuators.liveness import LivenessTracker
 from services.autoscaler.actuators.local_settings import LocalActuatorSettings, ManagedPool
 
 log = logging.getLogger(__name__)
@@ -79,6 +85,7 @@ class ManagedReplica:
     grpc_address: str  # empty until its Triton process is up
     exit_code: int | None  # set once stopped
     metrics_url: str = ""  # Triton's /metrics; empty until its Triton process is up
+    pid: int | None = None  # its tritonserver's, while it runs
 
 
 class StartFailed(RuntimeError):
@@ -106,6 +113,7 @@ class _Replica:
             grpc_address=self.server.grpc_address if self.server is not None else "",
             exit_code=self.exit_code,
             metrics_url=self.server.metrics_url if self.server is not None else "",
+            pid=self.server.pid if self.server is not None and self.server.is_running else None,
         )
 
 
@@ -144,16 +152,23 @@ class LocalActuator:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._started_initial = False
         self._closed = False
+        self._liveness = (
+            LivenessTracker(LOCAL_TRITON_LIVENESS, time.monotonic) if settings.liveness else None
+        )
 
     # -- the Actuator contract ------------------------------------------------------------
     async def observe(self) -> Mapping[PoolKey, ReplicaCounts]:
         await self._start_initial()
         for pool in self._pools.values():
             for r in pool.replicas:
-                if r.phase is ReplicaPhase.READY and r.server and not r.server.is_running:
+                if r.phase is not ReplicaPhase.READY or r.server is None:
+                    continue
+                if not r.server.is_running:
                     log.warning("replica process exited", extra={"replica": r.id})
                     r.phase = ReplicaPhase.STOPPING
                     r.task = self._track(self._lost(pool, r))
+                elif self._liveness is not None and self._liveness.due(r.id):
+                    self._track(self._probe_liveness(r, r.server, self._liveness))
         self._maybe_reregister()
         return {key: pool.counts() for key, pool in self._pools.items()}
 
@@ -315,6 +330,24 @@ class LocalActuator:
                 )
             await asyncio.sleep(_POLL_S)
 
+    async def _probe_liveness(
+        self, r: _Replica, server: TritonServer, liveness: LivenessTracker
+    ) -> None:
+        """One liveness probe of a ready replica; kill it after `failure_threshold` failures in
+        a row (the next `observe` finds its process gone and replaces it)."""
+        reason = ""
+        try:
+            alive = await server.generate_probe(liveness.probe)
+        except Exception as exc:  # a failed probe, whatever the cause (its reason is logged)
+            alive, reason = False, str(exc)
+        failures = liveness.result(r.id, alive)
+        if failures is not None and r.phase is ReplicaPhase.READY and server.is_running:
+            log.warning(
+                "replica failed its liveness probe: killing it",
+                extra={"replica": r.id, "failures": failures, "reason": reason},
+            )
+            server.kill()
+
     async def _drain(self, pool: _Pool, r: _Replica) -> None:
         try:
             async with r.lock:  # a re-registration in flight ends first; none starts after
@@ -387,6 +420,8 @@ class LocalActuator:
             r.registered = False
 
     def _forget(self, pool: _Pool, r: _Replica) -> None:
+        if self._liveness is not None:
+            self._liveness.forget(r.id)
         r.phase = ReplicaPhase.STOPPED
         if r in pool.replicas:
             pool.replicas.remove(r)

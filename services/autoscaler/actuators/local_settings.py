@@ -85,6 +85,14 @@ class LocalActuatorSettings(BaseModel):
     stop_grace_s: float = Field(
         default=30.0, gt=0, description="SIGTERM to SIGKILL when a Triton process does not exit."
     )
+    liveness: bool = Field(
+        default=True,
+        description=(
+            "Probe each ready replica's liveness (one token through the model, "
+            "llmmesh.triton.launcher.LOCAL_TRITON_LIVENESS) and kill one that keeps failing; "
+            "it is then replaced (a dead backend stub, which Triton still reports ready)."
+        ),
+    )
     port_attempts: int = Field(
         default=3, ge=1, description="Launches on fresh free ports when a port was taken."
     )

@@ -20,7 +20,12 @@ from llmmesh.tools.meshcheck.rules.helpers import (
     port_by_name,
     triton_deployments,
 )
-from llmmesh.triton.launcher import GENERATE_PROBE_BODY, GENERATE_PROBE_PATH, TRITON_LIVENESS
+from llmmesh.triton.launcher import (
+    GENERATE_PROBE_BODY,
+    GENERATE_PROBE_PATH,
+    GENERATE_PROBE_SCRIPT,
+    TRITON_LIVENESS,
+)
 
 
 def check_replica_discovery(mesh: Mesh) -> list[str]:
@@ -277,15 +282,18 @@ def check_workloads(mesh: Mesh) -> list[str]:
                     f"{where}: startupProbe must GET /v2/health/ready on {TRITON_PORTS['http']}"
                 )
             # Triton 2.51 answers its health and model-ready routes with 200 while the model's
-            # backend is dead: readiness and liveness must run a request through the model.
+            # backend is dead: readiness and liveness must run a request through the model, the
+            # program the local supervisors' probe applies too (a full queue passes).
             generate = f"127.0.0.1:{TRITON_PORTS['http']}{GENERATE_PROBE_PATH}"
-            body = GENERATE_PROBE_BODY.decode()
             for probe in ("readinessProbe", "livenessProbe"):
-                command = " ".join(c.get(probe, {}).get("exec", {}).get("command", []))
-                if generate not in command or body not in command:
+                command = c.get(probe, {}).get("exec", {}).get("command", [])
+                if command != ["python3", "-c", GENERATE_PROBE_SCRIPT] or generate not in (
+                    GENERATE_PROBE_SCRIPT
+                ):
                     problems.append(
-                        f"{where}: {probe} must run a request through the model "
-                        f"(exec, POST http://{generate} {body})"
+                        f"{where}: {probe} must run a request through the model: exec python3 -c "
+                        "llmmesh.triton.launcher.GENERATE_PROBE_SCRIPT (POST "
+                        f"http://{generate} {GENERATE_PROBE_BODY.decode()})"
                     )
             # The local mesh's supervisor probes its replicas with the same numbers
             # (llmmesh.triton.launcher.TRITON_LIVENESS): one home for them.
@@ -296,8 +304,7 @@ def check_workloads(mesh: Mesh) -> list[str]:
                 "failureThreshold": TRITON_LIVENESS.failure_threshold,
             }
             got = {k: float(live.get(k, -1)) for k in want}
-            command = " ".join(live.get("exec", {}).get("command", []))
-            if got != want or f"timeout={TRITON_LIVENESS.request_timeout_s:g})" not in command:
+            if got != want:
                 problems.append(
                     f"{where}: livenessProbe must be llmmesh.triton.launcher.TRITON_LIVENESS "
                     f"({', '.join(f'{k} {v:g}' for k, v in want.items())}, request "

@@ -1,0 +1,87 @@
+"""The Triton replica probe's verdicts (llmmesh/triton/launcher.py): the pool manifest's exec
+program (`GENERATE_PROBE_SCRIPT`) and the local supervisors' `generate_probe` agree on one rule:
+a 2xx answer or a full queue's refusal is alive; a dead backend's error is not. Driven against a
+small HTTP server that answers what Triton would."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from llmmesh.common.topology import TRITON_HTTP_PORT
+from llmmesh.localmesh import EMULATOR_REPOSITORY
+from llmmesh.triton.launcher import (
+    GENERATE_PROBE_PATH,
+    GENERATE_PROBE_SCRIPT,
+    LivenessProbe,
+    TritonPorts,
+    TritonServer,
+)
+
+PROBE = LivenessProbe(period_s=1.0, timeout_s=5.0, request_timeout_s=4.0, failure_threshold=1)
+
+# (status, body) Triton answers, and whether the replica is alive.
+ANSWERS = [
+    (200, '{"text_output":"x"}', True),
+    (400, '{"error":"RESOURCE_EXHAUSTED: 128 requests already wait for a batch slot"}', True),
+    (503, '{"error":"Exceeds maximum queue size"}', True),
+    (400, '{"error":"Stub process \'tensorrt_llm_0_0\' is not healthy."}', False),
+    (400, '{"error":"Request for unknown model: \'tensorrt_llm\' is not found"}', False),
+    (500, '{"error":"internal"}', False),
+]
+
+
+@dataclass
+class Fake:
+    port: int
+    answer: tuple[int, str] = (200, "{}")
+
+
+@pytest_asyncio.fixture
+async def fake() -> AsyncIterator[Fake]:
+    state = Fake(0)
+
+    async def generate(request: web.Request) -> web.Response:
+        await request.read()
+        status, body = state.answer
+        return web.Response(status=status, text=body, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post(GENERATE_PROBE_PATH, generate)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    state.port = runner.addresses[0][1]
+    yield state
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize(("status", "body", "alive"), ANSWERS)
+async def test_the_manifest_probe_program_and_the_local_probe_agree(
+    fake: Fake, status: int, body: str, alive: bool
+) -> None:
+    fake.answer = (status, body)
+    script = GENERATE_PROBE_SCRIPT.replace(
+        f"127.0.0.1:{TRITON_HTTP_PORT}", f"127.0.0.1:{fake.port}"
+    )
+    assert script != GENERATE_PROBE_SCRIPT
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert (proc.returncode == 0) is alive, err.decode()[-500:]
+
+    # Never started: only its probe, against the fake's port.
+    server = TritonServer(EMULATOR_REPOSITORY, TritonPorts(grpc=0, http=fake.port, metrics=0))
+    if alive:
+        assert await server.generate_probe(PROBE)
+    else:
+        with pytest.raises(RuntimeError, match=f"HTTP {status}"):
+            await server.generate_probe(PROBE)
