@@ -368,7 +368,12 @@ def plot(steps: Sequence[Step], slo_s: float, path: Path) -> None:
     ax1.axhline(GOODPUT_TARGET * 100, color="grey", ls="--", lw=1)
     ax1.set(xlabel="offered load (x capacity)", ylabel="goodput (% of capacity)", xscale="log")
     ax2.axhline(slo_s * 1000, color="grey", ls="--", lw=1)
-    ax2.set(xlabel="offered load (x capacity)", ylabel="admitted p99 TTFT (ms)", xscale="log")
+    ax2.set(
+        xlabel="offered load (x capacity)",
+        ylabel="admitted p99 TTFT (ms)",
+        xscale="log",
+        yscale="log",
+    )
     ax1.legend()
     ax2.legend(fontsize=7)
     fig.tight_layout()
