@@ -100,9 +100,13 @@ class EmulatorSettings(BaseSettings):
         description="One past the largest generated token id (SmolLM2 vocabulary size 49152).",
     )
     cancellation_check_period_ms: float = Field(
-        default=20.0,
+        default=100.0,
         gt=0,
-        description="How often the engine asks Triton whether in-flight requests were cancelled.",
+        description=(
+            "How often the engine asks Triton whether in-flight requests were cancelled "
+            "(production's `cancellation_check_period_ms`). Each poll is one round trip to "
+            "tritonserver per request in flight (running or waiting)."
+        ),
     )
     metrics_interval_ms: float = Field(
         default=100.0,
