@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-admit-s", type=float, default=0.004)
     p.add_argument("--latency-lookup-s", type=float, default=0.002)
     p.add_argument("--latency-dispatch-s", type=float, default=0.003)
+    p.add_argument("--latency-jitter", type=float, default=0.0, help="+- fraction per hop.")
     p.add_argument("--latency-first-token-s", type=float, default=0.004)
     p.add_argument("--latency-completion-s", type=float, default=0.004)
     p.add_argument(
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 admit_s=args.latency_admit_s,
                 lookup_s=args.latency_lookup_s,
                 dispatch_s=args.latency_dispatch_s,
+                jitter=args.latency_jitter,
                 first_token_s=args.latency_first_token_s,
                 completion_s=args.latency_completion_s,
             ),

@@ -116,6 +116,10 @@ class Latencies:
     dispatch_s: float = 0.0  # lease granted -> the engine has the request (reply, stream open)
     first_token_s: float = 0.0  # engine -> client, first token
     completion_s: float = 0.0  # engine -> client, last token; the lease ends (Complete) then
+    jitter: float = 0.0  # each delay drawn uniformly within +-jitter of its value (seeded)
+
+    def draw(self, value: float, rng: random.Random) -> float:
+        return value if not self.jitter else value * (1 + self.jitter * (2 * rng.random() - 1))
 
 
 @dataclass(frozen=True, slots=True)
@@ -384,6 +388,7 @@ class Cluster:
         self.scale_events: list[ScaleEvent] = []
         self.iterations_total = 0
         self._tasks: set[asyncio.Task[object]] = set()
+        self._jitter = random.Random(seed + 1)  # per-hop delay draws (Latencies.jitter)
         self._errors: list[BaseException] = []  # of background tasks: the run fails with them
         self.timeline: list[Sample] = []
         self._arrivals = 0
@@ -491,7 +496,7 @@ class Cluster:
                 res.outcome, res.error = _code(exc), str(exc)
                 return res
             if lat.admit_s > 0:
-                await asyncio.sleep(lat.admit_s)
+                await asyncio.sleep(lat.draw(lat.admit_s, self._jitter))
             try:
                 lease = await self.orchestrator.admit(
                     AdmissionRequest(rid, TRITON_MODEL, req.prompt_token_ids, req.max_tokens),
@@ -505,7 +510,7 @@ class Cluster:
             pool = rep.pool.name
             self._admitted[pool].append(self.loop.time())
             if lat.dispatch_s > 0:
-                await asyncio.sleep(lat.dispatch_s)
+                await asyncio.sleep(lat.draw(lat.dispatch_s, self._jitter))
             fut: asyncio.Future[Tracked] = self.loop.create_future()
             self._waiters[rid] = fut
             try:
@@ -521,7 +526,7 @@ class Cluster:
                 return res
             tracked = await fut
             if lat.completion_s > 0:
-                await asyncio.sleep(lat.completion_s)
+                await asyncio.sleep(lat.draw(lat.completion_s, self._jitter))
             self.orchestrator.complete(lease.lease_id, Outcome.SUCCESS, tracked.reused_blocks)
             assert tracked.first_token_s is not None
             assert tracked.finished_s is not None
