@@ -79,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-admit-s", type=float, default=0.004)
     p.add_argument("--latency-lookup-s", type=float, default=0.002)
     p.add_argument("--latency-dispatch-s", type=float, default=0.003)
+    p.add_argument(
+        "--gauge-period-s",
+        type=float,
+        default=0.1,
+        help="Model the backend's gauge copy period (LLMMESH_EMULATOR_METRICS_INTERVAL_MS).",
+    )
     p.add_argument("--latency-jitter", type=float, default=0.0, help="+- fraction per hop.")
     p.add_argument("--latency-first-token-s", type=float, default=0.004)
     p.add_argument("--latency-completion-s", type=float, default=0.004)
@@ -155,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                     max_num_tokens=shape.max_num_tokens,
                     num_kv_blocks=shape.num_kv_blocks,
                     time_scale=plan.emulator_time_scale,
+                    gauge_period_s=args.gauge_period_s,
                 ),
             ),
             block_size=block_size,

@@ -94,6 +94,7 @@ class PoolSpec:
     price_per_hour: float | None = None
     autoscale: Autoscale | None = None
     time_scale: float = 1.0  # as the emulator's TIME_SCALE (compare with a live emulated mesh)
+    gauge_period_s: float | None = None  # the backend's gauge copy period (EngineConfig)
 
     def kv_blocks(self, block_size: int) -> int:
         if self.num_kv_blocks is not None:
@@ -424,6 +425,7 @@ class Cluster:
                 p.kv_blocks(self.spec.block_size),
                 self.spec.block_size,
                 time_scale=p.time_scale,
+                gauge_period_s=p.gauge_period_s,
             ),
             self.loop,
             on_events=self._publisher(rep.spec.id) if self.spec.kv_mode == "exact" else None,
@@ -668,6 +670,7 @@ class Cluster:
     def _remove(self, rep: _Replica) -> None:
         if self.replicas.pop(rep.spec.id, None) is not None:
             if rep.engine is not None:
+                rep.engine.stop()
                 self.iterations_total += rep.engine.iterations
             self.replica_seconds[rep.pool.name] += self.loop.time() - rep.started_at
             if self._index is not None:

@@ -58,6 +58,10 @@ class EngineConfig:
     vocab_max: int = 49152
     time_scale: float = 1.0  # LLMMESH_EMULATOR_TIME_SCALE: wall seconds per modelled second
     max_queue_size: int | None = 128  # LLMMESH_EMULATOR_MAX_QUEUE_SIZE (None: unbounded)
+    # LLMMESH_EMULATOR_METRICS_INTERVAL_MS: the backend copies the engine's statistics into its
+    # gauges this often, so a scrape reads them up to this old; None: a scrape reads the
+    # engine's state now (no timer per engine, for large clusters).
+    gauge_period_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -133,6 +137,10 @@ class SimEngine:
         self._step: StepResult | None = None  # an admitting iteration in progress
         self._run: _Run | None = None  # a planned decode-only stretch in progress
         self._blocked = False  # the queue head cannot be admitted until a sequence finishes
+        self._gauges: EngineSample | None = None
+        self._gauge_timer: asyncio.TimerHandle | None = None
+        if config.gauge_period_s is not None:
+            self._copy_gauges()
         self.iterations = 0
         self.busy_s = 0.0
 
@@ -162,7 +170,13 @@ class SimEngine:
         return self.scheduler.metrics()
 
     def sample(self) -> EngineSample:
-        """What a scrape of the engine's /metrics page reads (`parse_engine_metrics`)."""
+        """What a scrape of the engine's /metrics page reads (`parse_engine_metrics`): the
+        gauges as last copied (`gauge_period_s`), or the engine's state now."""
+        if self._gauges is not None:
+            return self._gauges
+        return self._read()
+
+    def _read(self) -> EngineSample:
         m = self.metrics()
         return EngineSample(
             float(m.active),
@@ -172,6 +186,17 @@ class SimEngine:
             float(m.max_active),
             float(m.kv_free_blocks),
         )
+
+    def _copy_gauges(self) -> None:
+        self._gauges = self._read()
+        assert self.config.gauge_period_s is not None
+        self._gauge_timer = self._loop.call_later(self.config.gauge_period_s, self._copy_gauges)
+
+    def stop(self) -> None:
+        """Stop copying gauges (the replica is gone); requests in flight are not touched."""
+        if self._gauge_timer is not None:
+            self._gauge_timer.cancel()
+            self._gauge_timer = None
 
     @property
     def idle(self) -> bool:
