@@ -137,6 +137,8 @@ class SimEngine:
         self._step: StepResult | None = None  # an admitting iteration in progress
         self._run: _Run | None = None  # a planned decode-only stretch in progress
         self._blocked = False  # the queue head cannot be admitted until a sequence finishes
+        self._version = 0  # bumped by every change of the scheduler's state
+        self._read_cache: tuple[int, EngineSample] | None = None
         self._gauges: EngineSample | None = None
         self._gauge_timer: asyncio.TimerHandle | None = None
         if config.gauge_period_s is not None:
@@ -155,6 +157,7 @@ class SimEngine:
         if run is not None and not self._blocked and self._admissible_now():
             self._cut(run, now)
         self.scheduler.submit(req, int(now * NS))
+        self._version += 1
         tracked = self._tracked[req.request_id] = Tracked(now)
         if self._timer is None:
             self._next(now)
@@ -177,8 +180,12 @@ class SimEngine:
         return self._read()
 
     def _read(self) -> EngineSample:
+        # Unchanged since the last read (no submission, iteration or commit; no decode stretch
+        # to commit up to now): the same gauges.
+        if self._read_cache is not None and self._read_cache[0] == self._version and not self._run:
+            return self._read_cache[1]
         m = self.metrics()
-        return EngineSample(
+        sample = EngineSample(
             float(m.active),
             float(m.waiting),
             float(m.kv_used_blocks),
@@ -186,6 +193,8 @@ class SimEngine:
             float(m.max_active),
             float(m.kv_free_blocks),
         )
+        self._read_cache = (self._version, sample)
+        return sample
 
     def _copy_gauges(self) -> None:
         self._gauges = self._read()
@@ -221,6 +230,7 @@ class SimEngine:
             self._timer = self._loop.call_at(run.end, self._run_done)
             return
         step = self._step = sched.step(int(now * NS))
+        self._version += 1
         self.iterations += 1
         self.busy_s += step.duration_s * self._scale
         self._blocked = self._has_waiting()
@@ -271,6 +281,7 @@ class SimEngine:
 
     def _commit(self, run: _Run, steps: int) -> None:
         res = self.scheduler.decode_steps(steps, int(run.start * NS))
+        self._version += 1
         self.iterations += steps
         self.busy_s += sum(res.durations_s) * self._scale
         end = float(run.ends[steps - 1])
