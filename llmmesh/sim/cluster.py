@@ -738,7 +738,9 @@ def simulate(
     oracle: bool = True,
     slo: Slo | None = None,
 ) -> SimResult:
-    """Run `requests` (arrivals in seconds from the start) through the cluster on virtual time."""
+    """Run `requests` (arrivals in seconds from the start) through the cluster on virtual time.
+    Runs its own event loop: call it from synchronous code (from a coroutine, through
+    `asyncio.to_thread`)."""
     from llmmesh.sim.loop import VirtualTimeLoop
 
     spec = cluster or ClusterSpec()
