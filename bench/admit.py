@@ -46,7 +46,7 @@ from llmmesh.common import metric_names as names
 from llmmesh.common.components import KV_REGISTRY, ORCHESTRATOR
 from llmmesh.common.process import tied_to_parent
 from llmmesh.common.settings import KvBlockSettings
-from llmmesh.common.topology import TRITON_MODEL
+from llmmesh.common.topology import DEFAULT_MODEL_VERSION, DEFAULT_POOL, TRITON_MODEL
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as kv_pb
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as kv_grpc
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
@@ -325,6 +325,8 @@ async def run_config(args: argparse.Namespace, replicas: int, w: Workload) -> li
                         grpc_address=f"127.0.0.1:{fake['grpc_ports'][i]}",
                         metrics_url=f"http://127.0.0.1:{fake['metrics_port']}/metrics/{i}",
                         models=[TRITON_MODEL],
+                        pool=DEFAULT_POOL,
+                        model_version=DEFAULT_MODEL_VERSION,
                     )
                 )
             )
