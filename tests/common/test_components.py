@@ -93,3 +93,17 @@ def test_every_llmmesh_metric_is_named_after_its_component() -> None:
     assert ours  # the module's names were found
     for name in ours:
         assert any(name.startswith(c.metric_prefix) for c in COMPONENTS), name
+
+
+def test_every_metric_name_is_documented_in_the_conventions() -> None:
+    """docs/conventions.md lists every metric the code exports (one home for the names:
+    llmmesh.common.metric_names), so dashboards and alerts are written against documented
+    series."""
+    doc = (ROOT / "docs" / "conventions.md").read_text()
+    names = {
+        v
+        for k, v in vars(metric_names).items()
+        if k.isupper() and isinstance(v, str) and v.startswith(("llmmesh_", "nv_"))
+    }
+    assert names, "no metric names found"
+    assert sorted(n for n in names if n not in doc) == []

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from prometheus_client import Histogram
 
+from llmmesh.common import metric_names as names
 from services.orchestrator.scheduling.config import (
     BUILTIN_PLUGINS,
     BUILTIN_PROFILES,
@@ -26,7 +27,7 @@ from services.orchestrator.scheduling.contracts import (
 from services.orchestrator.scheduling.registry import Plugin, PluginConfigError, PluginRegistry
 
 _PLUGIN_SECONDS = Histogram(
-    "llmmesh_orchestrator_plugin_duration_seconds",
+    names.ORCH_PLUGIN_DURATION,
     "Time in one scheduling plugin call.",
     ["plugin", "type"],
     buckets=(1e-6, 5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 1e-3, 1e-2),
