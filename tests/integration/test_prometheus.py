@@ -154,7 +154,7 @@ def scrape_source(mesh: Mesh) -> ScrapeSource:
 
     return ScrapeSource(
         targets=discover,
-        orchestrator_url=f"http://127.0.0.1:{services['orchestrator'].metrics_port}/metrics",
+        orchestrator_urls=[f"http://127.0.0.1:{services['orchestrator'].metrics_port}/metrics"],
         gateway_url=f"http://127.0.0.1:{services['gateway'].metrics_port}/metrics",
         pool_models={KEY: MODEL},
         timeout_s=5,
