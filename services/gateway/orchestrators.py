@@ -132,6 +132,9 @@ class OrchestratorSet:
         self._local_turn = 0
         self._refresher: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        # Admit calls in flight per orchestrator: abandoned (and tried on another one) when that
+        # orchestrator is found unreachable meanwhile, e.g. by a view refresh of a hung process.
+        self._admitting: dict[str, set[asyncio.Task[Lease]]] = {}
         self.set_addresses(addresses)
         metrics.record_degraded(False)
 
@@ -185,6 +188,8 @@ class OrchestratorSet:
         if addr not in self._down_until:  # logged once per outage, not per call
             log.warning("orchestrator not reached", extra={"orchestrator": addr, "error": str(err)})
         self._down_until[addr] = now + self._retry_after_s
+        for call in self._admitting.get(addr, ()):
+            call.cancel()
 
     def _answered(self, addr: str) -> None:
         self._down_until.pop(addr, None)
@@ -228,8 +233,19 @@ class OrchestratorSet:
                 continue
             if i:
                 metrics.record_admit_failover()
+            call = asyncio.ensure_future(member.admit(request, timeout_s=deadline - self._clock()))
+            calls = self._admitting.setdefault(addr, set())
+            calls.add(call)
             try:
-                lease = await member.admit(request, timeout_s=deadline - self._clock())
+                lease = await asyncio.shield(call)
+            except asyncio.CancelledError:
+                if not call.cancelled():
+                    call.cancel()
+                    raise  # this request was cancelled, not the orchestrator abandoned
+                # Abandoned: that orchestrator stopped answering (nothing has streamed yet; a
+                # lease it might still grant ends by its lease timeout).
+                last = OrchestratorUnavailable(f"orchestrator {addr} stopped answering")
+                continue
             except OrchestratorUnavailable as err:
                 self._unreached(addr, err)
                 last = err
@@ -237,6 +253,8 @@ class OrchestratorSet:
             except ServiceError:
                 self._answered(addr)  # a typed refusal is an answer: not retried elsewhere
                 raise
+            finally:
+                calls.discard(call)
             self._answered(addr)
             self._owner[lease.lease_id] = addr
             self._owned[addr] = self._owned.get(addr, 0) + 1
