@@ -258,30 +258,30 @@ class Chaos:
         self.gateway2 = ServiceProcess(GATEWAY, settings, workdir)
         await self.gateway2.start()
 
+    async def _listed(self, svc: ServiceProcess) -> list[orch_pb.ReplicaStatus] | None:
+        """One orchestrator's replica list; None when it does not answer."""
+        try:
+            async with grpc.aio.insecure_channel(svc.address) as ch:
+                r = await orch_grpc.OrchestratorServiceStub(ch).ListReplicas(
+                    orch_pb.ListReplicasRequest(), timeout=2
+                )
+        except grpc.aio.AioRpcError:
+            return None
+        return list(r.replicas)
+
     async def list_replicas(self) -> list[orch_pb.ReplicaStatus] | None:
+        """The first answering orchestrator's replica list."""
         for svc in self.services(ORCHESTRATOR):
-            try:
-                async with grpc.aio.insecure_channel(svc.address) as ch:
-                    r = await orch_grpc.OrchestratorServiceStub(ch).ListReplicas(
-                        orch_pb.ListReplicasRequest(), timeout=2
-                    )
-                return list(r.replicas)
-            except grpc.aio.AioRpcError:
-                continue
+            if (replicas := await self._listed(svc)) is not None:
+                return replicas
         return None
 
     async def healthy(self, rid: str) -> bool:
         """Whether any orchestrator routes to `rid` (each probes on its own: the first to see a
         replacement ready may lease to it before the others do)."""
         for svc in self.services(ORCHESTRATOR):
-            try:
-                async with grpc.aio.insecure_channel(svc.address) as ch:
-                    r = await orch_grpc.OrchestratorServiceStub(ch).ListReplicas(
-                        orch_pb.ListReplicasRequest(), timeout=2
-                    )
-            except grpc.aio.AioRpcError:
-                continue
-            if any(x.replica.id == rid and x.healthy for x in r.replicas):
+            replicas = await self._listed(svc) or []
+            if any(x.replica.id == rid and x.healthy for x in replicas):
                 return True
         return False
 
