@@ -5,8 +5,10 @@ kernel (Linux `prctl(PR_SET_PDEATHSIG)`) sends the child SIGKILL when its parent
 parent killed by SIGKILL, SIGTERM or a crash leaves no child behind. The signal is set between
 fork and exec without running any Python in the forked child: a `preexec_fn` would make CPython
 run its after-fork handlers there, which crashed children of threaded parents here (a segfault
-in `threading._after_fork` while a mesh restarted a replica). Its one gap: a parent that dies
-before `setpriv` runs leaves the child untied.
+in `threading._after_fork` while a mesh restarted a replica). A parent that dies before
+`setpriv` sets the signal would leave the child untied, so `setpriv` then execs a POSIX shell
+that compares its parent (read after the signal was set) with the spawning process and exits
+when they differ (the child was already re-parented), before exec'ing `argv`.
 
 Two things to know:
 - The kernel fires it when the *thread* that forked the child exits, not the process. Spawn from
@@ -31,14 +33,18 @@ import sys
 from collections.abc import Sequence
 
 _SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+_SH = shutil.which("sh")
+# $0 is the spawning process's pid; $PPID is read when the shell starts, after the prctl.
+_GUARD = '[ "$PPID" = "$0" ] || exit 1; exec "$@"'
 
 
 def tied_to_parent(argv: Sequence[str], sig: signal.Signals = signal.SIGKILL) -> list[str]:
     """`argv` run so that the kernel sends it `sig` when the thread that spawns it exits (see
     the module docstring); `argv` unchanged where there is no `setpriv`."""
-    if _SETPRIV is None:
+    if _SETPRIV is None or _SH is None:
         return list(argv)
-    return [_SETPRIV, "--pdeathsig", sig.name.removeprefix("SIG"), "--", *argv]
+    tie = [_SETPRIV, "--pdeathsig", sig.name.removeprefix("SIG"), "--"]
+    return [*tie, _SH, "-c", _GUARD, str(os.getpid()), *argv]
 
 
 async def wait_for_exit(proc: subprocess.Popen[bytes]) -> int:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from llmmesh.common.process import wait_for_exit
+from llmmesh.common.process import tied_to_parent, wait_for_exit
 
 # The middle process starts a long sleeper tied to it, prints its pid, then waits.
 _PARENT = """
@@ -51,6 +51,24 @@ def test_child_dies_when_its_parent_is_killed() -> None:
         if _alive(child):
             os.kill(child, signal.SIGKILL)
         parent.stdout.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_tied_child_runs_its_command_in_its_own_pid() -> None:
+    argv = tied_to_parent([sys.executable, "-c", "import os; print(os.getpid())"])
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True)
+    assert done.stdout.strip().isdigit()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_tied_child_whose_parent_is_not_the_spawner_exits_before_its_command() -> None:
+    # What a child re-parented before `setpriv` set the signal sees: a parent other than the
+    # process that built its argv. It must not run the command (it would be untied).
+    argv = tied_to_parent([sys.executable, "-c", "print('ran')"])
+    other = [sys.executable, "-c", "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"]
+    done = subprocess.run([*other, *argv], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert "ran" not in done.stdout
 
 
 async def test_wait_for_exit_returns_the_exit_status() -> None:
