@@ -147,11 +147,17 @@ class PagedKvCache:
         s = self._seqs[seq_id]
         return SequenceBlocks(reused_blocks=s.reused, new_blocks=s.new_blocks)
 
-    def match_prefix(self, prompt: Sequence[int]) -> list[int]:
-        """Hashes of the leading prompt blocks admission would reuse (no side effects)."""
-        limit = max(0, (len(prompt) - 1) // self.block_size)
+    def prompt_hashes(self, prompt: Sequence[int]) -> list[int]:
+        """Hashes of the prompt blocks admission may reuse: every full block but one holding the
+        last prompt token (its logits must be computed). A pure function of the prompt: callers
+        that try to admit the same prompt repeatedly compute it once."""
+        return block_hashes(prompt, self.config, limit=max(0, (len(prompt) - 1) // self.block_size))
+
+    def match_prefix(self, prompt: Sequence[int], hashes: Sequence[int] | None = None) -> list[int]:
+        """Hashes of the leading prompt blocks admission would reuse (no side effects);
+        `hashes` is `prompt_hashes(prompt)` when the caller has it."""
         out: list[int] = []
-        for h in block_hashes(prompt, self.config, limit=limit):
+        for h in self.prompt_hashes(prompt) if hashes is None else hashes:
             if h not in self._by_hash:
                 break
             out.append(h)
@@ -159,15 +165,20 @@ class PagedKvCache:
 
     # ----------------------------------------------------------------- sequence lifecycle
     def try_admit(
-        self, seq_id: str, prompt: Sequence[int], max_new_tokens: int
+        self,
+        seq_id: str,
+        prompt: Sequence[int],
+        max_new_tokens: int,
+        hashes: Sequence[int] | None = None,
     ) -> SequenceBlocks | None:
         """Reuse the cached prefix, reserve blocks for the whole sequence and fill the prompt.
-        Returns None (and changes nothing) when the blocks are not available now."""
+        Returns None (and changes nothing) when the blocks are not available now. `hashes` is
+        `prompt_hashes(prompt)` when the caller has it."""
         if seq_id in self._seqs:
             raise ValueError(f"sequence {seq_id!r} already admitted")
         if not prompt:
             raise ValueError("prompt must not be empty")
-        matched = [self._by_hash[h] for h in self.match_prefix(prompt)]
+        matched = [self._by_hash[h] for h in self.match_prefix(prompt, hashes)]
         need = self.blocks_for_tokens(len(prompt) + max_new_tokens) - len(matched)
         pinned = sum(1 for b in matched if b.ref_count == 0)
         if self._empty + len(self._evictable) - pinned - self._reserved < need:

@@ -89,6 +89,9 @@ class _Running:
     last_token_ns: int = 0
     generated: int = 0
     context_tokens: int = 0
+    # The prompt's reusable block hashes, computed the first time it heads the queue: a long
+    # prompt that waits there for a batch slot or KV is not re-hashed on every step.
+    prompt_hashes: list[int] | None = None
 
 
 class Scheduler(RequestQueues[_Running]):
@@ -150,11 +153,14 @@ class Scheduler(RequestQueues[_Running]):
         admitted: list[_Running] = []
         while self._waiting and len(self._running) < self.config.max_batch_size:
             rid, r = next(iter(self._waiting.items()))
-            cached = len(self.cache.match_prefix(r.req.prompt_ids)) * self.cache.block_size
+            if r.prompt_hashes is None:
+                r.prompt_hashes = self.cache.prompt_hashes(r.req.prompt_ids)
+            hashes = r.prompt_hashes
+            cached = len(self.cache.match_prefix(r.req.prompt_ids, hashes)) * self.cache.block_size
             new_tokens = len(r.req.prompt_ids) - cached
             if new_tokens > budget:
                 break
-            blocks = self.cache.try_admit(rid, r.req.prompt_ids, r.req.max_new_tokens)
+            blocks = self.cache.try_admit(rid, r.req.prompt_ids, r.req.max_new_tokens, hashes)
             if blocks is None:
                 break
             del self._waiting[rid]

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import pytest
 
@@ -112,6 +113,31 @@ def test_request_waits_while_the_cache_is_full() -> None:
         i for i, st in enumerate(steps) if any(o.request_id == "big" for o in st.outputs)
     )
     assert first_next > last_big
+
+
+class _CountingCache(PagedKvCache):
+    hashed: int = 0
+
+    def prompt_hashes(self, prompt: Sequence[int]) -> list[int]:
+        self.hashed += 1
+        return super().prompt_hashes(prompt)
+
+
+def test_a_prompt_waiting_at_the_head_of_the_queue_is_hashed_once() -> None:
+    cache = _CountingCache(4, CFG)
+    s = Scheduler(
+        SchedulerConfig(max_batch_size=8, max_num_tokens=64),
+        cache,
+        LLAMA_3_1_8B_H100_BF16,
+        VOCAB,
+    )
+    s.submit(req("big", list(range(8)), 8))  # all 4 blocks for 8 steps
+    s.submit(req("next", list(range(100, 109)), 1))  # waits behind it, 2 reusable blocks
+    steps = run_to_completion(s)
+    waited = sum(1 for st in steps if not any(o.request_id == "next" for o in st.outputs))
+    assert waited >= 8
+    assert cache.hashed == 2  # one per request, however many steps "next" waited
+    assert len(tokens_of(steps, "next")) == 1
 
 
 @pytest.mark.parametrize(
