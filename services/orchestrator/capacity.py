@@ -8,27 +8,34 @@ Invariants:
   (the engine's reported `max_batch`, fewer when its KV blocks hold fewer sequences of the
   current mix), plus the slots expected to free within `start_soon_s` (from the mean service
   time), at most `slots * (overcommit - 1)`; never fewer than 1.
-- The drain rate is the cluster's capacity, not its recent throughput: the sum of the routable
-  replicas' slots divided by the mean lease duration (a quiet cluster drains as fast as a busy
-  one). Unknown (None) until a lease has completed.
+- The drain rate is the cluster's capacity, not its recent throughput: the routable replicas'
+  slots over the mean lease duration, or their leases (own and others') over it when those are
+  more (Little's law: a lease beyond the slots waits in the engine, and that wait is part of its
+  duration). A quiet cluster drains as fast as a busy one. Unknown (None) until a lease has
+  completed.
+- The line ahead of an arrival is the waiters of its class and above plus the engines' backlog
+  (leases beyond their replica's slots: granted, not started). Its expected time to first token
+  is that line and itself over the drain rate, plus the predicted prefill backlog (`Outlook`).
 - A class-c arrival enters the queue only while the queue holds fewer than `limit(c)` waiters
   (limits fall with priority: batch is refused first, then standard), or by evicting the newest
   waiter of the lowest class below c when the queue holds at most `limit(c)`; the queue never
   exceeds `limit(interactive)` = `max_queue`.
-- An arrival whose expected wait (waiters of its class and above, itself included, over the
-  drain rate) exceeds its Admit deadline is refused at once. That deadline bounds the wait in
-  the queue: the gateway sends the sooner of the client's deadline and its own admission wait
-  bound (`admission_max_wait_s`), so the service time is not counted against it.
-- Every refusal carries a retry-after: the time for the waiters ahead of the request to drain,
-  clamped to [RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S]; RETRY_AFTER_UNKNOWN_S before the drain rate
-  is known.
+- An arrival whose expected time to first token exceeds `DEADLINE_SHARE` of its Admit deadline
+  is refused at once (the rest is headroom for the estimate's error and the hops to the engine);
+  a waiter whose expected first token, re-estimated at each dispatch, lies beyond the deadline
+  itself is refused then. The Admit deadline is the sooner of the client's deadline and the
+  gateway's admission wait bound (`admission_max_wait_s`, the TTFT objective): it bounds the
+  time to the first token, not the generation.
+- Every refusal carries a retry-after: the time for the line ahead of the request to drain
+  (for a deadline refusal, the part of it the deadline cannot absorb), clamped to
+  [RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S]; RETRY_AFTER_UNKNOWN_S before the drain rate is known.
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from llmmesh.common.engine_metrics import EngineSample
@@ -38,6 +45,9 @@ from llmmesh.common.topology import Priority
 RETRY_AFTER_MIN_S = 0.1
 RETRY_AFTER_MAX_S = 60.0
 RETRY_AFTER_UNKNOWN_S = 1.0
+# Share of the Admit deadline an arrival's expected time to first token may take; the rest is
+# headroom for the estimate's error (completions are bursty) and the hops to the engine.
+DEADLINE_SHARE = 0.85
 # EWMA weight of the newest lease duration in the mean service time.
 _SERVICE_ALPHA = 0.1
 
@@ -86,11 +96,12 @@ def replica_cap(slots: int, overcommit: float, start_soon_s: float, service_s: f
     return max(1, slots + ahead)
 
 
-def drain_rate(total_slots: int, service_s: float | None) -> float | None:
-    """Requests per second the cluster finishes when saturated; None when unknown."""
+def drain_rate(total_slots: int, service_s: float | None, leases: int = 0) -> float | None:
+    """Requests per second the cluster finishes when saturated: `max(slots, leases)` over the
+    mean lease duration (see the invariants); None when unknown."""
     if service_s is None or service_s <= 0 or total_slots <= 0:
         return None
-    return total_slots / service_s
+    return max(total_slots, leases) / service_s
 
 
 def retry_after_s(ahead: int, rate: float | None) -> float:
@@ -98,6 +109,47 @@ def retry_after_s(ahead: int, rate: float | None) -> float:
     if rate is None or rate <= 0:
         return RETRY_AFTER_UNKNOWN_S
     return min(max(ahead / rate, RETRY_AFTER_MIN_S), RETRY_AFTER_MAX_S)
+
+
+@dataclass(frozen=True, slots=True)
+class Occupancy:
+    """One routable replica as admission sees it."""
+
+    slots: int  # sequences it runs at once (`engine_slots`)
+    leases: int  # this orchestrator's leases on it plus the others' load its engine reports
+    prefill_s: float = 0.0  # the load ledger's predicted prefill backlog on it
+
+
+@dataclass(frozen=True, slots=True)
+class Outlook:
+    """What an arrival that no replica can take now has ahead of it (see the invariants)."""
+
+    rate: float | None  # drain rate, requests/s; None: unknown
+    backlog: int = 0  # leases granted beyond the engines' slots: waiting in an engine
+    prefill_s: float = 0.0  # predicted prefill backlog on the soonest replica
+
+    @classmethod
+    def of(cls, replicas: Iterable[Occupancy], service_s: float | None) -> Outlook:
+        rs = list(replicas)
+        rate = drain_rate(sum(r.slots for r in rs), service_s, sum(r.leases for r in rs))
+        backlog = sum(max(0, r.leases - r.slots) for r in rs)
+        prefill = min((r.prefill_s for r in rs), default=0.0)
+        return cls(rate, backlog, max(prefill, 0.0))
+
+    def first_token_s(self, position: int) -> float | None:
+        """Expected seconds until the first token of the request at `position` (1-based) in
+        the queue; None while the drain rate is unknown."""
+        if self.rate is None or self.rate <= 0:
+            return None
+        return (position + self.backlog) / self.rate + self.prefill_s
+
+    def retry_after_s(self, position: int, budget_s: float | None = None) -> float:
+        """Seconds until the request at `position` would be first in line, or, with a
+        `budget_s`, until its expected first token fits in that budget; clamped."""
+        line = position + self.backlog
+        if budget_s is not None and self.rate is not None:
+            line = math.ceil(line - self.rate * max(budget_s - self.prefill_s, 0.0))
+        return retry_after_s(line, self.rate)
 
 
 class Verdict(enum.Enum):
@@ -112,7 +164,7 @@ class Decision:
     verdict: Verdict
     retry_after_s: float | None = None  # set on a refusal
     victim_priority: Priority | None = None  # set on EVICT_AND_ENQUEUE
-    expected_wait_s: float | None = None
+    expected_wait_s: float | None = None  # expected time to first token
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,26 +192,27 @@ def decide(
     priority: Priority,
     queued: Mapping[Priority, int],
     limits: QueueLimits,
-    rate: float | None,
+    outlook: Outlook,
     deadline_s: float,
+    share: float = DEADLINE_SHARE,
 ) -> Decision:
     """The admission decision for an arrival of `priority` that no replica can take now, given
-    the waiters queued per class, the drain rate (None: unknown) and the seconds left before the
-    Admit call's deadline."""
+    the waiters queued per class, what lies ahead of it in the engines (`outlook`) and the
+    seconds left before the Admit call's deadline, of which `share` may be spent waiting for
+    the first token."""
     total = sum(queued.values())
     # Waiters served before this request: its class and every higher one (lower value).
     ahead = sum(n for p, n in queued.items() if p <= priority)
-    wait = None if rate is None or rate <= 0 else (ahead + 1) / rate
+    wait = outlook.first_token_s(ahead + 1)
     limit = limits.limit(priority)
     victim = None
     if total >= limit:
         victim = _lowest_below(priority, queued) if total <= limit else None
         if victim is None:
-            return Decision(Verdict.QUEUE_FULL, retry_after_s(ahead + 1, rate), None, wait)
-    if wait is not None and wait > deadline_s:
-        # Time until enough of those ahead drained for this request to fit in its deadline.
-        extra = ahead + 1 - (rate or 0.0) * deadline_s
-        return Decision(Verdict.DEADLINE, retry_after_s(math.ceil(extra), rate), None, wait)
+            return Decision(Verdict.QUEUE_FULL, outlook.retry_after_s(ahead + 1), None, wait)
+    budget = deadline_s * share
+    if wait is not None and wait > budget:
+        return Decision(Verdict.DEADLINE, outlook.retry_after_s(ahead + 1, budget), None, wait)
     if victim is not None:
         return Decision(Verdict.EVICT_AND_ENQUEUE, None, victim, wait)
     return Decision(Verdict.ENQUEUE, None, None, wait)

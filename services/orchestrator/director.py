@@ -201,7 +201,7 @@ class Orchestrator:
             req.priority,
             self._queue.queued(),
             self._limits,
-            self.drain_rate(),
+            self._outlook(),
             wait_s,
         )
         verdict = decision.verdict
@@ -214,8 +214,8 @@ class Orchestrator:
         if verdict is capacity.Verdict.DEADLINE:
             metrics.record_rejection(req.model, "expected_wait")
             raise QueueFull(
-                f"expected queue wait {decision.expected_wait_s or 0.0:.3f}s exceeds the "
-                f"admission deadline ({wait_s:.3f}s)",
+                f"expected time to first token {decision.expected_wait_s or 0.0:.3f}s exceeds "
+                f"{capacity.DEADLINE_SHARE:.0%} of the admission deadline ({wait_s:.3f}s)",
                 retry_after_s=decision.retry_after_s,
             )
         if verdict is capacity.Verdict.EVICT_AND_ENQUEUE and decision.victim_priority is not None:
@@ -227,7 +227,7 @@ class Orchestrator:
                 victim.future.set_exception(
                     QueueFull(
                         f"shed from the admission queue for a {req.priority.name.lower()} request",
-                        retry_after_s=capacity.retry_after_s(ahead + 1, self.drain_rate()),
+                        retry_after_s=self._outlook().retry_after_s(ahead + 1),
                     )
                 )
 
@@ -482,24 +482,28 @@ class Orchestrator:
         )
 
     def _shed_late(self, blocked: list[Waiter]) -> list[Waiter]:
-        """Refuse now, with a retry-after, the waiters (in service order) the queue will not
-        reach before their Admit deadline at the drain rate: waiting on would only end in a
-        timeout. A scale-from-zero waiter is left to its activation timeout."""
-        rate = self.drain_rate()
-        if rate is None or not blocked:
+        """Refuse now, with a retry-after, the waiters (in service order) whose expected first
+        token (`capacity.Outlook`) lies beyond their Admit deadline: waiting on would only end
+        in a timeout or a missed objective. A scale-from-zero waiter is left to its activation
+        timeout."""
+        if not blocked:
+            return blocked
+        outlook = self._outlook()
+        if outlook.rate is None:
             return blocked
         now = self._clock()
         kept: list[Waiter] = []
         for w in blocked:
             position = len(kept) + 1
-            if w.activation is None and now + position / rate > w.deadline:
+            first_token = outlook.first_token_s(position) or 0.0
+            if w.activation is None and now + first_token > w.deadline:
                 metrics.record_dequeued(w.request.model, w.pool_key)
                 metrics.record_rejection(w.request.model, "expected_wait")
                 w.future.set_exception(
                     QueueFull(
-                        f"expected queue wait {position / rate:.3f}s exceeds the admission "
-                        f"deadline ({max(w.deadline - now, 0.0):.3f}s left)",
-                        retry_after_s=capacity.retry_after_s(position, rate),
+                        f"expected time to first token {first_token:.3f}s exceeds the "
+                        f"admission deadline ({max(w.deadline - now, 0.0):.3f}s left)",
+                        retry_after_s=outlook.retry_after_s(position),
                     )
                 )
                 continue
@@ -566,9 +570,24 @@ class Orchestrator:
     def drain_rate(self) -> float | None:
         """Requests per second the routable replicas finish when saturated
         (`capacity.drain_rate`); None before a lease has completed."""
+        return self._outlook().rate
+
+    def _outlook(self) -> capacity.Outlook:
+        """What a request that must queue has ahead of it on the routable replicas: drain rate,
+        engine backlog, predicted prefill (`capacity.Outlook`)."""
         now = self._clock()
-        slots = sum(self._slots(st, now) for st in self._replicas.live() if st.routable(now))
-        return capacity.drain_rate(slots, self._service.mean_s)
+        return capacity.Outlook.of(
+            (
+                capacity.Occupancy(
+                    self._slots(st, now),
+                    st.in_flight + self._others_load(st, now),
+                    self._load.load(st.spec.id).prefill_s,
+                )
+                for st in self._replicas.live()
+                if st.routable(now)
+            ),
+            self._service.mean_s,
+        )
 
     def retry_after_s(self) -> float:
         """Seconds until the whole queue would have drained at the drain rate."""

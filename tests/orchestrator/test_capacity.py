@@ -10,7 +10,14 @@ import pytest
 
 from llmmesh.common.engine_metrics import EngineSample
 from services.orchestrator import capacity
-from services.orchestrator.capacity import Decision, QueueLimits, Verdict, decide
+from services.orchestrator.capacity import (
+    Decision,
+    Occupancy,
+    Outlook,
+    QueueLimits,
+    Verdict,
+    decide,
+)
 from services.orchestrator.director import Orchestrator
 from services.orchestrator.domain import Outcome, Priority
 from services.orchestrator.errors import QueueFull
@@ -44,11 +51,14 @@ def q(i: int = 0, s: int = 0, b: int = 0) -> dict[Priority, int]:
         (IN, q(i=8), 10.0, 30.0, Decision(Verdict.QUEUE_FULL, 0.9, None, 0.9)),
         # above the standard limit (interactive filled it): standard is refused, not shedding
         (S, q(i=5, b=1), 10.0, 30.0, Decision(Verdict.QUEUE_FULL, 0.6, None, 0.6)),
-        # expected wait (3 ahead + itself at 2/s = 2 s) beyond a 1 s deadline: refused at once,
-        # retry-after = time for 2 of them to drain (the rest fits in 1 s) = 1 s
-        (S, q(s=3), 2.0, 1.0, Decision(Verdict.DEADLINE, 1.0, None, 2.0)),
-        # the same wait within a 5 s deadline: enqueued
+        # expected first token (3 ahead + itself at 2/s = 2 s) beyond 85% of a 2 s deadline:
+        # refused at once; retry-after = time for the 0.3 request beyond 1.7 s at 2/s (one
+        # whole request) to drain = 0.5 s
+        (S, q(s=3), 2.0, 2.0, Decision(Verdict.DEADLINE, 0.5, None, 2.0)),
+        # the same wait within 85% of a 5 s deadline: enqueued
         (S, q(s=3), 2.0, 5.0, Decision(Verdict.ENQUEUE, None, None, 2.0)),
+        # a wait within the deadline but in its headroom (2 s of 2.2 s): refused
+        (S, q(s=3), 2.0, 2.2, Decision(Verdict.DEADLINE, 0.5, None, 2.0)),
         # batch waiters are behind an interactive arrival: they do not count in its wait
         (IN, q(s=3, b=2), 2.0, 1.0, Decision(Verdict.ENQUEUE, None, None, 0.5)),
     ],
@@ -60,7 +70,60 @@ def test_admission_decisions(
     deadline_s: float,
     expected: Decision,
 ) -> None:
-    assert decide(priority, queued, LIMITS, rate, deadline_s) == expected
+    assert decide(priority, queued, LIMITS, Outlook(rate), deadline_s) == expected
+
+
+@pytest.mark.parametrize(
+    ("outlook", "deadline_s", "expected"),
+    [
+        # 1 waiter ahead, itself and 4 leases waiting in the engines, at 4/s: first token
+        # in 1.5 s, within 85% of 2 s
+        (Outlook(4.0, backlog=4), 2.0, Decision(Verdict.ENQUEUE, None, None, 1.5)),
+        # the same line plus 0.25 s of predicted prefill: 1.75 s > 1.7 s -> refused; the line
+        # must shrink by ceil(6 - 4 * (1.7 - 0.25)) = 1 request -> 0.25 s
+        (
+            Outlook(4.0, backlog=4, prefill_s=0.25),
+            2.0,
+            Decision(Verdict.DEADLINE, 0.25, None, 1.75),
+        ),
+        # an engine backlog alone can exceed the deadline: 12 / 4 per s = 3 s; the line must
+        # shrink by ceil(12 - 4 * 1.7) = 6 -> 1.5 s
+        (Outlook(4.0, backlog=10), 2.0, Decision(Verdict.DEADLINE, 1.5, None, 3.0)),
+    ],
+)
+def test_the_time_to_first_token_counts_engine_backlog_and_prefill(
+    outlook: Outlook, deadline_s: float, expected: Decision
+) -> None:
+    assert decide(S, q(s=1), LIMITS, outlook, deadline_s) == expected
+
+
+def test_a_full_queue_retry_after_counts_the_engine_backlog() -> None:
+    # 4 standard waiters ahead + itself + 10 waiting in the engines, at 5/s
+    decision = decide(S, q(s=4), LIMITS, Outlook(5.0, backlog=10), 30.0)
+    assert decision == Decision(Verdict.QUEUE_FULL, 3.0, None, 3.0)
+
+
+@pytest.mark.parametrize(
+    ("replicas", "service_s", "expected"),
+    [
+        # not saturated: slots over the lease duration
+        ([Occupancy(8, 3), Occupancy(8, 0)], 3.2, Outlook(5.0, 0, 0.0)),
+        # saturated at 11 leases on 8 slots: each lease's duration includes its wait in the
+        # engine, so the drain rate is the leases over it (22 / 5.5 s), not 16 / 5.5 s; the
+        # prefill backlog is the soonest replica's
+        (
+            [Occupancy(8, 11, 0.25), Occupancy(8, 11, 0.125)],
+            5.5,
+            Outlook(4.0, 6, 0.125),
+        ),
+        ([Occupancy(8, 11)], None, Outlook(None, 3, 0.0)),  # no lease completed yet
+        ([], 1.0, Outlook(None, 0, 0.0)),  # no routable replica
+    ],
+)
+def test_outlook_of_the_routable_replicas(
+    replicas: list[Occupancy], service_s: float | None, expected: Outlook
+) -> None:
+    assert Outlook.of(replicas, service_s) == expected
 
 
 @pytest.mark.parametrize(
@@ -168,10 +231,11 @@ async def test_work_that_would_miss_its_deadline_is_refused_at_once() -> None:
     assert core.drain_rate() == 1.0  # one slot, 1 s per request
     waiting = [asyncio.create_task(core.admit(req(f"w{i}"), 60.0)) for i in range(3)]
     await assert_queued(core, 3)
-    # 3 ahead + itself at 1/s: 4 s expected, the deadline is 2 s
-    with pytest.raises(QueueFull, match="exceeds the admission deadline") as refused:
+    # 3 ahead + itself at 1/s: first token in 4 s expected, 85% of the deadline is 1.7 s
+    with pytest.raises(QueueFull, match="of the admission deadline") as refused:
         await core.admit(req("late"), 2.0)
-    assert refused.value.retry_after_s == 2.0  # two of those ahead must drain first
+    # ceil(4 - 1.7) = 3 of the line must drain first
+    assert refused.value.retry_after_s == 3.0
     assert core.queue_depth == 3
     for t in waiting:
         t.cancel()
