@@ -19,6 +19,10 @@ GATEWAY_TOKENS: Final = "llmmesh_gateway_tokens_total"
 GATEWAY_IN_FLIGHT: Final = "llmmesh_gateway_in_flight_requests"
 GATEWAY_TENANT_TOKENS: Final = "llmmesh_gateway_tenant_tokens_total"
 GATEWAY_RATE_LIMITED: Final = "llmmesh_gateway_rate_limited_total"
+# Shared rate limiter (services/gateway/limits_redis.py): failed Redis calls, and the calls the
+# local fallback share answered instead (Redis failing or within its retry window).
+GATEWAY_RATE_LIMIT_REDIS_ERRORS: Final = "llmmesh_gateway_rate_limit_redis_errors_total"
+GATEWAY_RATE_LIMIT_FALLBACK: Final = "llmmesh_gateway_rate_limit_fallback_total"
 GATEWAY_RESUME_REQUESTS: Final = "llmmesh_gateway_resume_requests_total"
 GATEWAY_RESUME_EVICTIONS: Final = "llmmesh_gateway_resume_evictions_total"
 GATEWAY_RESUME_ENTRIES: Final = "llmmesh_gateway_resume_entries"

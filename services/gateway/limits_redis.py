@@ -15,7 +15,9 @@ script call per tenant with something to charge), off the per-token path; the te
 bounds that table.
 
 Redis unreachable (connection error, timeout, script error): the call answers "unavailable" and
-the tenant's local buckets decide, which hold 1/`limits_gateways` of each limit (limits.py
+the tenant's local buckets decide (counted: `llmmesh_gateway_rate_limit_redis_errors_total{op}`
+per failed call, `llmmesh_gateway_rate_limit_fallback_total{op}` per call the fallback answered),
+which hold 1/`limits_gateways` of each limit (limits.py
 `TenantLimits(share=...)`); for `limits_redis_retry_s` no request waits on Redis again. This
 fails safe: with at most `limits_gateways` gateways all falling back, a tenant never gets more
 than its limit (fewer gateways: less). It never fails closed (refusing everyone because the
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from services.gateway import metrics
 from services.gateway.errors import RateLimited
 from services.gateway.limits import Clock, LimitState, RateLimitSnapshot
 
@@ -138,7 +141,8 @@ class RedisLimiter:
     async def _run(
         self, quota: RedisQuota, requests: int, tokens: int, check: bool
     ) -> _Reply | None:
-        """One script call; None when Redis failed (the fallback window starts)."""
+        """One script call (`check`: an admission, else a charge); None when Redis failed (the
+        fallback window starts)."""
         try:
             raw = await self._script(
                 keys=[f"{self._prefix}{{{quota.tenant}}}"],
@@ -155,6 +159,7 @@ class RedisLimiter:
             )
         except (RedisError, OSError, TimeoutError, ValueError, IndexError, TypeError) as err:
             self.errors += 1
+            metrics.record_rate_limit_redis_error("admit" if check else "charge")
             if self.available:
                 log.warning(
                     "shared rate limiter unreachable; local fallback share for %.1f s",
@@ -166,14 +171,17 @@ class RedisLimiter:
         return reply
 
     async def admit(self, quota: RedisQuota, prompt_tokens: int) -> _Reply | None:
-        if not self.available:
-            return None
-        return await self._run(quota, 1, prompt_tokens, check=True)
+        """The script's answer; None when the local fallback share decides (counted)."""
+        reply = await self._run(quota, 1, prompt_tokens, check=True) if self.available else None
+        if reply is None:
+            metrics.record_rate_limit_fallback("admit")
+        return reply
 
     def charge(self, quota: RedisQuota, requests: int, tokens: int) -> bool:
         """Queue a charge (negative: a refund) for the next write; False while Redis is down
-        (the caller charges its local buckets instead)."""
+        (the caller charges its local buckets instead; counted)."""
         if not self.available:
+            metrics.record_rate_limit_fallback("charge")
             return False
         _, req, tok = self._pending.get(quota.tenant, (quota, 0, 0))
         self._pending[quota.tenant] = (quota, req + requests, tok + tokens)

@@ -40,6 +40,18 @@ _TENANT_TOKENS = Counter(names.GATEWAY_TENANT_TOKENS, "Tokens per tenant.", ["te
 _RATE_LIMITED = Counter(
     names.GATEWAY_RATE_LIMITED, "Requests refused by a tenant limit.", ["tenant", "limit"]
 )
+# Shared rate limiter (limits_redis.py). op: admit | charge (completion tokens and refunds).
+_RATE_LIMIT_REDIS_ERRORS = Counter(
+    names.GATEWAY_RATE_LIMIT_REDIS_ERRORS,
+    "Redis calls of the shared rate limiter that failed (connection, timeout, script).",
+    ["op"],
+)
+_RATE_LIMIT_FALLBACK = Counter(
+    names.GATEWAY_RATE_LIMIT_FALLBACK,
+    "Shared rate-limit calls decided by the gateway's local fallback share because Redis was "
+    "unreachable.",
+    ["op"],
+)
 _RESUME_REQUESTS = Counter(
     names.GATEWAY_RESUME_REQUESTS,
     "Keyed requests by what the idempotency store did (new, attached, replayed, conflict, "
@@ -124,6 +136,14 @@ def record_request(model: str, outcome: str, tenant: str, duration_s: float) -> 
 
 def record_rate_limited(tenant: str, limit: str) -> None:
     _RATE_LIMITED.labels(tenant, limit).inc()
+
+
+def record_rate_limit_redis_error(op: str) -> None:
+    _RATE_LIMIT_REDIS_ERRORS.labels(op).inc()
+
+
+def record_rate_limit_fallback(op: str) -> None:
+    _RATE_LIMIT_FALLBACK.labels(op).inc()
 
 
 def record_prompt_tokens(model: str, tenant: str | None, tokens: int) -> None:

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
+from prometheus_client import REGISTRY
 
+from llmmesh.common import metric_names as names
 from llmmesh.common.errors import ServiceError
 from llmmesh.redis_server import RedisServer
 from services.gateway.auth import Authenticator, hash_key
@@ -132,10 +134,17 @@ async def test_completion_tokens_charged_on_one_gateway_count_on_the_other(
     assert refused.snapshot.tokens.remaining < 4
 
 
+def _counter(name: str, op: str) -> float:
+    return REGISTRY.get_sample_value(name, {"op": op}) or 0.0
+
+
 async def test_redis_down_each_gateway_enforces_its_share(
     gateways: tuple[Gateway, Gateway], redis_server: RedisServer
 ) -> None:
     a, b = gateways
+    errors = _counter(names.GATEWAY_RATE_LIMIT_REDIS_ERRORS, "admit")
+    fallback = _counter(names.GATEWAY_RATE_LIMIT_FALLBACK, "admit")
+    charged_locally = _counter(names.GATEWAY_RATE_LIMIT_FALLBACK, "charge")
     redis_server.kill()
     try:
         for g in (a, b):
@@ -145,5 +154,12 @@ async def test_redis_down_each_gateway_enforces_its_share(
             assert isinstance(refused, RateLimited)
             assert g.auth.shared is not None
             assert g.auth.shared.errors == 1
+        # One failed call per gateway opened its retry window; every admission (3 served and
+        # 1 refused per gateway) was the local share's, as were the completion tokens.
+        errors_now = _counter(names.GATEWAY_RATE_LIMIT_REDIS_ERRORS, "admit")
+        assert errors_now - errors == 2
+        fallback_now = _counter(names.GATEWAY_RATE_LIMIT_FALLBACK, "admit")
+        assert fallback_now - fallback == 8
+        assert _counter(names.GATEWAY_RATE_LIMIT_FALLBACK, "charge") > charged_locally
     finally:
         await redis_server.start()
