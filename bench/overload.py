@@ -16,12 +16,15 @@ mixed 20% interactive / 60% standard / 20% batch, unkeyed gRPC requests.
    clients that do not retry and once with clients that honour retry-after
    (`bench.replay.RetryingClient`: OpenAI SDK policy, 2 retries, retry-after + jitter).
 
-Per step: offered and completed requests/s, goodput (completions with TTFT within the SLO per
-second, over the step's send window) as a share of capacity, refusals by code and how many
-carried retry-after, admitted p50/p99 TTFT per priority, gateway and orchestrator RSS at the
+Per step: offered and completed requests/s, goodput (completions whose admitted attempt had its
+first token within the SLO, per second over the step's send window) as a share of capacity,
+refusals by code and how many carried retry-after, admitted p50/p99 TTFT per priority (the
+admitted attempt's, from its send: `AttemptTimes`), gateway and orchestrator RSS at the
 start and end of the step (VmRSS from /proc), engine deaths (the supervisor's restarts of a
 replica plus Triton's "not healthy" stub reports in the replica logs), streams cut after
-their first token, and recovery: after each step, the seconds until a lone request meets the SLO
+their first token, end-to-end goodput (TTFT from the first attempt's scheduled arrival, so a
+retried request's wait before its retry counts; equal to goodput without retries, up to the
+send lag), and recovery: after each step, the seconds until a lone request meets the SLO
 again (no step starts on what the previous one left behind). Targets are checked and printed; JSON and a PNG go to bench-results/.
 Measurements are ratios against the capacity measured in the same run.
 """
@@ -35,13 +38,22 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench.client import GatewayClient
-from bench.replay import RETRIED_CODES, Client, Result, RetryingClient, replay
+from bench.replay import (
+    RETRIED_CODES,
+    Chunk,
+    Client,
+    Final,
+    Refused,
+    Result,
+    RetryingClient,
+    replay,
+)
 from bench.report import RESULTS_DIR, eprint, write_json
 from bench.workloads import NS_UNIQUE, Request, poisson_arrivals, unique_tokens
 from llmmesh.localmesh import LocalMesh, MeshOptions
@@ -74,6 +86,27 @@ def workload(
     return out
 
 
+class AttemptTimes:
+    """Wraps the client every attempt goes through (under `RetryingClient`): per request id, the
+    seconds from the send of the attempt that produced the first token to that token (the
+    admitted attempt's TTFT, without the waits before earlier retries)."""
+
+    def __init__(self, inner: Client) -> None:
+        self.inner = inner
+        self.ttft_s: dict[str, float] = {}
+
+    async def generate(
+        self, request: Request, request_id: str
+    ) -> AsyncIterator[Chunk | Final | Refused]:
+        sent = time.monotonic()
+        first = True
+        async for event in self.inner.generate(request, request_id):
+            if first and isinstance(event, Chunk):
+                first = False
+                self.ttft_s[request_id] = time.monotonic() - sent
+            yield event
+
+
 # ------------------------------------------------------------------------------ statistics
 def pct(values: Sequence[float], q: float) -> float | None:
     """Nearest-rank percentile (None for no values)."""
@@ -100,7 +133,8 @@ class Step:
     requests: int
     completed_rps: float
     goodput_rps: float
-    goodput_share: float  # of capacity
+    goodput_share: float  # of capacity; TTFT of the admitted attempt within the SLO
+    goodput_e2e_share: float = 0.0  # TTFT from the first attempt's scheduled arrival
     refusals: dict[str, int] = field(default_factory=dict)  # code -> count (every attempt)
     refusals_with_retry_after: dict[str, int] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)  # final outcome -> count (not ok)
@@ -122,13 +156,22 @@ def summarize(
     capacity_rps: float,
     slo_s: float,
     wall_s: float | None = None,
+    admitted_ttft_s: dict[str, float] | None = None,
 ) -> Step:
     """One step's numbers from its per-request results (no mesh needed: unit-tested).
     Completions per second are over the step and the drain after it (`wall_s`, from the first
     send to the last answer); goodput over the step (a completion within the SLO had its first
-    token by the step's end plus the SLO)."""
+    token by the step's end plus the SLO). `admitted_ttft_s`: the admitted attempt's TTFT per
+    request id (`AttemptTimes`); without it, each result's own (from its scheduled arrival)."""
     ok = [r for r in results if r.ok]
-    good = [r for r in ok if r.ttft_s is not None and r.ttft_s <= slo_s]
+
+    def first_token_s(r: Result) -> float | None:
+        if admitted_ttft_s is not None and r.request_id in admitted_ttft_s:
+            return admitted_ttft_s[r.request_id]
+        return r.ttft_s
+
+    good = [r for r in ok if (t := first_token_s(r)) is not None and t <= slo_s]
+    good_e2e = [r for r in ok if r.ttft_s is not None and r.ttft_s <= slo_s]
     refusals: Counter[str] = Counter()
     with_retry_after: Counter[str] = Counter()
     for r in results:
@@ -139,9 +182,10 @@ def summarize(
     ttft: dict[str, dict[str, float | int | None]] = {}
     for priority in (*PRIORITIES, "all"):
         values = [
-            r.ttft_s * 1000
+            t * 1000
             for r in ok
-            if r.ttft_s is not None and (priority == "all" or r.meta.get("priority") == priority)
+            if (t := first_token_s(r)) is not None
+            and (priority == "all" or r.meta.get("priority") == priority)
         ]
         ttft[priority] = {"n": len(values), "p50": pct(values, 50), "p99": pct(values, 99)}
     goodput = len(good) / duration_s
@@ -154,6 +198,7 @@ def summarize(
         completed_rps=len(ok) / max(duration_s, wall_s or 0.0),
         goodput_rps=goodput,
         goodput_share=goodput / capacity_rps if capacity_rps > 0 else 0.0,
+        goodput_e2e_share=len(good_e2e) / duration_s / capacity_rps if capacity_rps > 0 else 0.0,
         refusals=dict(refusals),
         refusals_with_retry_after=dict(with_retry_after),
         failures=dict(Counter(r.outcome for r in results if not r.ok)),
@@ -228,6 +273,7 @@ class Mesh:
 async def run_step(
     mesh: Mesh,
     client: Client,
+    attempts: AttemptTimes,
     *,
     rate: float,
     args: argparse.Namespace,
@@ -248,6 +294,8 @@ async def run_step(
     )
     wall = time.monotonic() - t0
     rss_end = mesh.rss()
+    admitted = dict(attempts.ttft_s)
+    attempts.ttft_s.clear()
     step = summarize(
         results,
         mode=mode,
@@ -257,13 +305,15 @@ async def run_step(
         capacity_rps=capacity,
         slo_s=args.slo_s,
         wall_s=wall,
+        admitted_ttft_s=admitted,
     )
     step.engine_deaths = mesh.engine_deaths() - deaths
     step.rss_mib = {k: (rss_start[k], rss_end.get(k, math.nan)) for k in rss_start}
     step.recovery_s = await recovered(client, args, seed)
     eprint(
         f"  {mode} {multiplier:g}x ({rate:.1f}/s): {step.completed_rps:.1f}/s completed, "
-        f"goodput {step.goodput_share:.0%}, refusals {step.refusals}, "
+        f"goodput {step.goodput_share:.0%} (end to end {step.goodput_e2e_share:.0%}), "
+        f"refusals {step.refusals}, "
         f"failures {step.failures}, {wall:.0f}s"
     )
     return step
@@ -322,7 +372,7 @@ async def measure_capacity(mesh: Mesh, client: Client, args: argparse.Namespace)
 # ------------------------------------------------------------------------------ output
 def table(steps: Sequence[Step], capacity: float, slo_s: float) -> str:
     head = (
-        f"{'mode':<9}{'load':>5}{'offered/s':>10}{'done/s':>8}{'goodput':>8}"
+        f"{'mode':<9}{'load':>5}{'offered/s':>10}{'done/s':>8}{'goodput':>8}{'e2e':>5}"
         f"  {'refused (with retry-after)':<34}{'other failures':<40}"
         f"{'inter p50/p99':>15}{'std p50/p99':>15}{'batch p50/p99':>15}"
         f"{'cut':>5}{'deaths':>7}{'gw RSS MiB':>13}{'orch RSS MiB':>14}{'recovery':>9}"
@@ -343,7 +393,8 @@ def table(steps: Sequence[Step], capacity: float, slo_s: float) -> str:
         orch = s.rss_mib.get("orchestrator", (math.nan, math.nan))
         lines.append(
             f"{s.mode:<9}{s.multiplier:>4g}x{s.offered_rps:>10.1f}{s.completed_rps:>8.1f}"
-            f"{s.goodput_share:>8.0%}  {refused or '-':<34}{other or '-':<40}"
+            f"{s.goodput_share:>8.0%}{s.goodput_e2e_share:>5.0%}  {refused or '-':<34}"
+            f"{other or '-':<40}"
             f"{lat[0]:>15}{lat[1]:>15}{lat[2]:>15}{s.cut_after_first_token:>5}"
             f"{s.engine_deaths:>7}{gw[0]:>6.0f}->{gw[1]:<5.0f}{orch[0]:>7.0f}->{orch[1]:<5.0f}"
             f"{'-' if s.recovery_s is None else f'{s.recovery_s:.0f}s':>9}"
@@ -450,9 +501,10 @@ async def main_async(args: argparse.Namespace) -> int:
             else:
                 capacity = args.capacity
             eprint(f"capacity {capacity:.2f} req/s")
+            attempts = AttemptTimes(plain)
             clients: dict[str, Client] = {
-                "no-retry": plain,
-                "retry": RetryingClient(plain, max_retries=args.max_retries),
+                "no-retry": attempts,
+                "retry": RetryingClient(attempts, max_retries=args.max_retries),
             }
             seed = 0
             for mode in args.modes:
@@ -462,6 +514,7 @@ async def main_async(args: argparse.Namespace) -> int:
                         await run_step(
                             m,
                             clients[mode],
+                            attempts,
                             rate=capacity * mult,
                             args=args,
                             mode=mode,

@@ -8,7 +8,14 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from bench.overload import PRIORITIES, summarize, targets, within_slo_share, workload
+from bench.overload import (
+    PRIORITIES,
+    AttemptTimes,
+    summarize,
+    targets,
+    within_slo_share,
+    workload,
+)
 from bench.replay import Chunk, Final, Refused, RequestError, Result, RetryingClient, replay
 from bench.workloads import Request
 
@@ -177,3 +184,39 @@ def test_within_slo_share_counts_failures_as_misses() -> None:
     rs = [result(0, "standard", 0.5), result(1, "standard", None, "RESOURCE_EXHAUSTED")]
     assert within_slo_share(rs, 2.0) == 0.5
     assert within_slo_share([], 2.0) == 0.0
+
+
+def test_goodput_counts_the_admitted_attempt_end_to_end_counts_the_retry_wait() -> None:
+    ra = ("RESOURCE_EXHAUSTED", 1.5)
+    results = [
+        result(0, "interactive", 0.5),
+        # refused, retried after its retry-after: 2.6 s after its arrival, 0.4 s after the send
+        # of the admitted attempt
+        result(1, "standard", 2.6, refusals=[ra]),
+        result(2, "batch", 2.5),  # admitted attempt itself over the SLO
+    ]
+    step = summarize(
+        results,
+        mode="retry",
+        multiplier=5,
+        offered_rps=0.3,
+        duration_s=10.0,
+        capacity_rps=0.3,
+        slo_s=2.0,
+        admitted_ttft_s={"0": 0.5, "1": 0.4, "2": 2.5},
+    )
+    assert step.goodput_share == pytest.approx(2 / 3)
+    assert step.goodput_e2e_share == pytest.approx(1 / 3)
+    assert step.ttft_ms["standard"] == {"n": 1, "p50": 400.0, "p99": 400.0}
+
+
+async def test_attempt_times_record_the_attempt_that_produced_the_first_token() -> None:
+    inner = Scripted([("RESOURCE_EXHAUSTED", 0.0)])
+    attempts = AttemptTimes(inner)
+    client = retrying(inner, [])
+    client.inner = attempts
+    [res] = await replay([REQ], client, request_id_prefix="t")
+    assert res.ok
+    assert inner.attempts == 2
+    assert list(attempts.ttft_s) == [res.request_id]
+    assert 0 <= attempts.ttft_s[res.request_id] < 1.0
