@@ -10,6 +10,8 @@ Invariants:
   stop string) cancels the Triton request at once. With a client request id the generation
   belongs to the idempotency store (`resume.py`): it outlives its last client by the grace
   period, and is cancelled then unless a retry re-attached.
+- A keyed request's creation time is its generation's, recorded once by the idempotency store
+  when the key was first opened (`Opened`): retries and resumes, on any gateway, get the same.
 - Every generation ends in exactly one usage record (`usage.py`) and one
   `llmmesh_gateway_requests_total` increment; a request refused before a generation starts
   (authentication, id conflict, full store, unknown resume) gets one too.
@@ -65,7 +67,7 @@ from services.gateway.generation import (
 from services.gateway.limits import Slot, StreamLimits
 from services.gateway.models import ServedModel
 from services.gateway.readiness import Readiness, ReadinessCheck
-from services.gateway.resume import Key, ResumeBackend, ResumeStore
+from services.gateway.resume import Clock, Key, ResumeBackend, ResumeStore
 from services.gateway.resume_redis import RedisResumeStore
 from services.gateway.settings import GatewaySettings
 from services.gateway.stream_state import Progress, StreamState
@@ -83,6 +85,7 @@ __all__ = [
     "FinishReason",
     "GatewayCore",
     "GenerationRequest",
+    "Opened",
     "Sampling",
     "UsageSink",
     "request_digest",
@@ -96,6 +99,15 @@ class UsageSink(Protocol):
     def submit(self, record: UsageRecord) -> None: ...
 
 
+@dataclasses.dataclass(slots=True)
+class Opened:
+    """Set by `GatewayCore.generate` for a keyed request before its first event: the wall-clock
+    time (Unix seconds) its generation was first opened, on whichever gateway. None for an
+    unkeyed request, and for one refused before its generation was opened."""
+
+    created: float | None = None
+
+
 class GatewayCore:
     def __init__(
         self,
@@ -106,8 +118,11 @@ class GatewayCore:
         block_size: int,
         auth: Authenticator | None = None,
         usage: UsageSink | None = None,
+        wall_clock: Clock = time.time,
     ) -> None:
+        """`wall_clock`: Unix time, for keyed generations' creation and usage records."""
         self._settings = settings
+        self._wall_clock = wall_clock
         self._auth = auth
         self._usage = usage
         self._block_size = block_size
@@ -119,9 +134,10 @@ class GatewayCore:
                 grace_s=settings.resume_grace_s,
                 max_entries=settings.resume_max_entries,
                 max_tokens=settings.resume_max_tokens,
+                wall_clock=wall_clock,
             )
             if settings.resume_redis_url is None
-            else RedisResumeStore.from_settings(settings)
+            else RedisResumeStore.from_settings(settings, wall_clock)
         )
         self._attempts = Attempts(settings, admission, triton)
         self._streams = StreamLimits(
@@ -267,13 +283,14 @@ class GatewayCore:
 
     # -- generation -------------------------------------------------------------------------
     def generate(
-        self, req: GenerationRequest, timeout_s: float | None
+        self, req: GenerationRequest, timeout_s: float | None, opened: Opened | None = None
     ) -> AsyncGenerator[Event, None]:
         """The request's events. Keyed requests go through the idempotency store (attach to the
-        generation under their id, or start it); others generate directly. The generator itself,
-        not a wrapper re-yielding it: every event would cross one more generator frame."""
+        generation under their id, or start it; `opened` gets its creation time); others
+        generate directly. The generator itself, not a wrapper re-yielding it: every event would
+        cross one more generator frame."""
         if req.keyed or req.resume_from is not None:
-            return self._generate_keyed(req, timeout_s)
+            return self._generate_keyed(req, timeout_s, opened)
         return self._generate_once(req, timeout_s)
 
     def _reserve(self, req: GenerationRequest) -> int:
@@ -288,7 +305,7 @@ class GatewayCore:
         )
 
     async def _generate_keyed(
-        self, req: GenerationRequest, timeout_s: float | None
+        self, req: GenerationRequest, timeout_s: float | None, opened: Opened | None
     ) -> AsyncGenerator[Event, None]:
         start = time.perf_counter()
         progress = Progress()
@@ -298,7 +315,7 @@ class GatewayCore:
             self._check_request_id(req.request_id)
             tenant = self.authenticate(req.api_key)
             progress.tenant = "" if tenant is None else tenant.name
-            followed = await self._resume.subscribe(
+            sub = await self._resume.subscribe(
                 Key(progress.tenant, req.request_id),
                 request_digest(req),
                 req.resume_from,
@@ -308,7 +325,9 @@ class GatewayCore:
         except ServiceError as err:
             self._account(req, progress, metrics.outcome_label(err), start)
             raise
-        async with contextlib.aclosing(followed) as events:
+        if opened is not None:
+            opened.created = sub.created
+        async with contextlib.aclosing(sub.events) as events:
             async for ev in events:
                 yield ev
 
@@ -403,7 +422,7 @@ class GatewayCore:
         if self._usage is not None:
             self._usage.submit(
                 UsageRecord(
-                    time=time.time(),
+                    time=self._wall_clock(),
                     request_id=req.request_id,
                     tenant=progress.tenant,
                     model=model_label,

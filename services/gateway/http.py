@@ -27,7 +27,9 @@ for gRPC.
   `id: <completion tokens sent so far>` on every event, so a reconnecting client resumes with
   the standard `Last-Event-ID` header (or `x-resume-from`, same meaning): the stream continues
   after that offset, without the opening role chunk. A resume the gateway can no longer serve
-  is 404.
+  is 404. Every response and chunk of a keyed completion (the original, a retry, a resume, on
+  any gateway) carries the same `id` and `created` (the time its generation was first opened);
+  an unkeyed one's `created` is the time its request arrived.
 - Streaming (`"stream": true`): Server-Sent Events, `data: {chunk}\\n\\n` ... `data: [DONE]\\n\\n`.
   Response headers are sent with the first token, so admission errors (429, 503, ...) keep
   their status; an error after that is sent as a `data: {"error": ...}` event and the stream
@@ -55,7 +57,7 @@ from opentelemetry import context as otel_context
 from llmmesh.common.errors import Internal, ServiceError
 from llmmesh.common.telemetry import extract_trace_context, request_id_var
 from services.gateway.auth import bearer_token
-from services.gateway.core import Completion, Delta, Event, GatewayCore
+from services.gateway.core import Completion, Delta, Event, GatewayCore, Opened
 from services.gateway.errors import InvalidRequest, ModelNotFound
 from services.gateway.openai_request import (
     Kind,
@@ -236,7 +238,7 @@ class OpenAIHttpFront:
 
     # -- generation -------------------------------------------------------------------------
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
-        created = int(time.time())
+        arrived = time.time()
         supplied_id = request.headers.get(IDEMPOTENCY_HEADER)
         if not supplied_id and self._settings.http_request_id_is_key:
             supplied_id = request.headers.get(REQUEST_ID_HEADER)
@@ -275,7 +277,8 @@ class OpenAIHttpFront:
             extract_trace_context((k.lower(), v) for k, v in request.headers.items())
         )
         try:
-            events = self._core.generate(oreq.generation, timeout_s)
+            opened = Opened()
+            events = self._core.generate(oreq.generation, timeout_s, opened)
             async with contextlib.aclosing(events):
                 try:
                     first = await anext(events)
@@ -283,7 +286,8 @@ class OpenAIHttpFront:
                     return error_response(err, oreq, request_id)
                 except StopAsyncIteration:
                     return error_response(Internal("empty generation"), oreq, request_id)
-                shapes = Shapes(oreq, created)
+                created = arrived if opened.created is None else opened.created
+                shapes = Shapes(oreq, int(created))
                 if oreq.stream:
                     return await self._stream(request, oreq, shapes, first, events)
                 return await self._collect(oreq, shapes, first, events)

@@ -16,6 +16,10 @@ Lifetime:
 - A generation that fails or is cancelled is forgotten at once: retrying its id starts afresh.
 - A finished generation is kept `retention_s` after it finished, then forgotten.
 
+Creation time: a generation records the wall-clock time it was first opened (`created`, the
+store's injected `wall_clock`); every subscriber gets that time, so every response of one
+keyed completion (original, retry, resume) carries the same creation time.
+
 Bounds: at most `max_entries` entries and `max_tokens` completion tokens. A new generation
 reserves its `max_tokens` when it starts (shrunk to what it produced when it finishes), so a
 running one never outgrows its share. Room is made by evicting finished entries, oldest first;
@@ -62,6 +66,15 @@ class Key:
     request_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    """A subscriber's view of a keyed generation: its events after the requested offset and the
+    wall-clock time (Unix seconds) the generation was first opened, on whichever gateway."""
+
+    events: AsyncGenerator[Event, None]
+    created: float
+
+
 class ResumeBackend(Protocol):
     """What the core needs of an idempotency store: the in-process `ResumeStore` or the shared
     `resume_redis.RedisResumeStore`, with the semantics of the module docstring."""
@@ -73,11 +86,11 @@ class ResumeBackend(Protocol):
         resume_from: int | None,
         reserve_tokens: int,
         source: ContinuableSource,
-    ) -> AsyncGenerator[Event, None]:
-        """The events of the generation under `key` after token offset `resume_from`, starting
-        `source` when the key is new. Raises (here, not while iterating) RequestIdConflict,
-        NotFound, InvalidRequest, ResumeStoreFull, or Unavailable when the store is
-        unreachable."""
+    ) -> Subscription:
+        """The events of the generation under `key` after token offset `resume_from`, and its
+        creation time; starts `source` when the key is new. Raises (here, not while iterating)
+        RequestIdConflict, NotFound, InvalidRequest, ResumeStoreFull, or Unavailable when the
+        store is unreachable."""
         ...
 
     async def close(self) -> None:
@@ -98,10 +111,13 @@ class GenerationHolder(Protocol):
 class Generation:
     """One keyed generation: its event log, its producer task and its subscribers."""
 
-    def __init__(self, store: GenerationHolder, key: Key, digest: str, reserved: int):
+    def __init__(
+        self, store: GenerationHolder, key: Key, digest: str, reserved: int, created: float
+    ):
         self.key = key
         self.digest = digest
         self.reserved = reserved
+        self.created = created  # wall-clock time (Unix seconds) it was first opened
         self.events: list[Event] = []
         self.tokens = 0
         self.done = False
@@ -230,12 +246,15 @@ class ResumeStore:
         max_entries: int,
         max_tokens: int,
         clock: Clock = time.monotonic,
+        wall_clock: Clock = time.time,
     ):
+        """`clock` (monotonic) times retention; `wall_clock` stamps a generation's creation."""
         self.retention_s = retention_s
         self.grace_s = grace_s
         self.max_entries = max_entries
         self.max_tokens = max_tokens
         self._clock = clock
+        self._wall_clock = wall_clock
         self._entries: dict[Key, Generation] = {}
         # Finished entries in the order they finished: expiry and eviction order.
         self._finished: OrderedDict[Key, Generation] = OrderedDict()
@@ -257,10 +276,10 @@ class ResumeStore:
         resume_from: int | None,
         reserve_tokens: int,
         source: ContinuableSource,
-    ) -> AsyncGenerator[Event, None]:
+    ) -> Subscription:
         """`ResumeBackend.subscribe`: `open`, then follow."""
         gen, start = self.open(key, digest, resume_from, reserve_tokens, lambda: source(()))
-        return gen.follow(start)
+        return Subscription(gen.follow(start), gen.created)
 
     def get(self, key: Key) -> Generation | None:
         self.sweep()
@@ -299,7 +318,7 @@ class ResumeStore:
                 field="resume_from",
             )
         self._make_room(reserve_tokens)
-        gen = Generation(self, key, digest, reserve_tokens)
+        gen = Generation(self, key, digest, reserve_tokens, self._wall_clock())
         self._entries[key] = gen
         self._tokens += reserve_tokens
         self._publish()

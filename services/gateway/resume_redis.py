@@ -5,7 +5,9 @@ that lands on any gateway attaches to the one generation under its key, and a ge
 gateway died is continued by the gateway the client comes back through.
 
 Redis layout per key (tenant, request id), under one hash tag (one cluster slot):
-- `<prefix>{h}:meta`: hash {digest, gen (generation id), done}; exists while the key is known.
+- `<prefix>{h}:meta`: hash {digest, gen (generation id), done, created (the wall-clock time the
+  key was first opened, Unix seconds: every gateway answers with it)}; exists while the key is
+  known.
 - `<prefix>{h}:claim`: the id of the gateway running the generation, with a TTL of `lease_s`
   that its writes renew.
 - `<prefix>{h}:log:<gen>`: a Stream, one entry per batch of events (JSON); the last entry holds
@@ -82,7 +84,14 @@ from llmmesh.common.errors import Cancelled, NotFound, ServiceError, Unavailable
 from services.gateway import metrics
 from services.gateway.errors import InvalidRequest, RequestIdConflict, ResumeStoreFull
 from services.gateway.events import Completion, Delta, Event, FinishReason
-from services.gateway.resume import FULL_RETRY_AFTER_S, ContinuableSource, Generation, Key
+from services.gateway.resume import (
+    FULL_RETRY_AFTER_S,
+    Clock,
+    ContinuableSource,
+    Generation,
+    Key,
+    Subscription,
+)
 from services.gateway.settings import GatewaySettings
 
 __all__ = ["RedisResumeStore", "decode_batch", "encode_batch"]
@@ -93,18 +102,24 @@ UNAVAILABLE_RETRY_AFTER_S = 1.0
 # How long a forgotten generation's log (its error entry) stays for gateways still following it.
 ERROR_LOG_TTL_MS = 5000
 
-# KEYS meta, claim. ARGV digest, owner, lease_ms, ttl_ms, has_offset, new_gen, may_create.
+# KEYS meta, claim. ARGV digest, owner, lease_ms, ttl_ms, has_offset, new_gen, may_create,
+# created. Every open of a known key answers with the meta's `created`; a meta without one gets
+# this open's, so every gateway answers with the same time from then on.
 _OPEN = """
-local m = redis.call('HMGET', KEYS[1], 'digest', 'gen', 'done')
+local m = redis.call('HMGET', KEYS[1], 'digest', 'gen', 'done', 'created')
 if not m[1] then
   if ARGV[5] == '1' then return {'not_found'} end
   if ARGV[7] ~= '1' then return {'full'} end
-  redis.call('HSET', KEYS[1], 'digest', ARGV[1], 'gen', ARGV[6], 'done', '0')
+  redis.call('HSET', KEYS[1], 'digest', ARGV[1], 'gen', ARGV[6], 'done', '0', 'created', ARGV[8])
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
   return {'new', ARGV[6]}
 end
-return {'exists', m[1], m[2], m[3], redis.call('EXISTS', KEYS[2])}
+if not m[4] then
+  redis.call('HSET', KEYS[1], 'created', ARGV[8])
+  m[4] = ARGV[8]
+end
+return {'exists', m[1], m[2], m[3], redis.call('EXISTS', KEYS[2]), m[4]}
 """
 
 # KEYS meta, claim, log. ARGV owner, lease_ms, ttl_ms, gen.
@@ -255,10 +270,11 @@ class _Owned(Generation):
         keys: _Keys,
         digest: str,
         reserved: int,
+        created: float,
         gen_id: str,
         prior: Sequence[Event],
     ):
-        super().__init__(store, key, digest, reserved)
+        super().__init__(store, key, digest, reserved, created)
         self.keys = keys
         self.gen_id = gen_id
         self.events.extend(prior)
@@ -327,8 +343,10 @@ class RedisResumeStore:
         flush_tokens: int,
         prefix: str = "llmmesh:resume:",
         owner: str | None = None,
+        wall_clock: Clock = time.time,
     ):
-        """`client` for short calls, `blocking` (a longer socket timeout) for XREAD BLOCK."""
+        """`client` for short calls, `blocking` (a longer socket timeout) for XREAD BLOCK;
+        `wall_clock` stamps the creation of the generations first opened here."""
         self.retention_s = retention_s
         self.grace_s = grace_s
         self.max_entries = max_entries
@@ -338,6 +356,7 @@ class RedisResumeStore:
         self.flush_tokens = flush_tokens
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._prefix = prefix
+        self._wall_clock = wall_clock
         self._redis = client
         self._blocking = blocking
         self._open = client.register_script(_OPEN)
@@ -348,7 +367,7 @@ class RedisResumeStore:
         self._tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
-    def from_settings(cls, s: GatewaySettings) -> RedisResumeStore:
+    def from_settings(cls, s: GatewaySettings, wall_clock: Clock = time.time) -> RedisResumeStore:
         assert s.resume_redis_url is not None
         timeout = s.resume_redis_timeout_s
 
@@ -370,6 +389,7 @@ class RedisResumeStore:
             lease_s=s.resume_redis_lease_s,
             flush_interval_s=s.resume_redis_flush_interval_s,
             flush_tokens=s.resume_redis_flush_tokens,
+            wall_clock=wall_clock,
         )
 
     # -- bookkeeping ------------------------------------------------------------------------
@@ -440,12 +460,13 @@ class RedisResumeStore:
         resume_from: int | None,
         reserve_tokens: int,
         source: ContinuableSource,
-    ) -> AsyncGenerator[Event, None]:
+    ) -> Subscription:
         """`resume.ResumeBackend.subscribe`, across gateways (module docstring)."""
         own = self._owned.get(key)
         if own is not None:
             return self._attach_local(own, digest, resume_from)
         keys = self._keys(key)
+        now = self._wall_clock()  # the creation time if the key is new
         try:
             r = await self._open(
                 keys=[keys.meta, keys.claim],
@@ -457,6 +478,7 @@ class RedisResumeStore:
                     "1" if resume_from else "0",
                     uuid.uuid4().hex,
                     "1" if self._fits(reserve_tokens) else "0",
+                    repr(now),
                 ],
             )
         except RedisError as err:
@@ -473,10 +495,11 @@ class RedisResumeStore:
         if kind == "full":
             raise self._full()
         if kind == "new":
-            own = self._start(key, keys, digest, reserve_tokens, _s(r[1]), [], source)
+            own = self._start(key, keys, digest, reserve_tokens, now, _s(r[1]), [], source)
             metrics.record_resume_request("new")
-            return own.follow(0)
+            return Subscription(own.follow(0), own.created)
         stored, gen_id, done, claimed = _s(r[1]), _s(r[2]), _s(r[3]) == "1", int(r[4]) == 1
+        created = float(_s(r[5]))
         if not hmac.compare_digest(stored, digest):
             metrics.record_resume_request("conflict")
             raise RequestIdConflict(
@@ -499,20 +522,33 @@ class RedisResumeStore:
                 raise InvalidRequest(
                     f"{gate.offset} is beyond the tokens of this generation", field="resume_from"
                 )
-            return _replay(ready, error)
+            return Subscription(_replay(ready, error), created)
         if not claimed:
             if not self._fits(reserve_tokens):
                 raise self._full()
             taken = await self._try_takeover(
-                key, keys, digest, reserve_tokens, gen_id, seen, last_id, source
+                key, keys, digest, reserve_tokens, created, gen_id, seen, last_id, source
             )
             if taken is not None:
                 own, index = taken
                 metrics.record_resume_request("taken_over")
-                return self._follow_owned(own, index, gate, ready)
+                return Subscription(self._follow_owned(own, index, gate, ready), created)
         metrics.record_resume_request("attached")
-        return self._follow_remote(
-            key, keys, digest, reserve_tokens, gen_id, seen, last_id, gate, ready, source
+        return Subscription(
+            self._follow_remote(
+                key,
+                keys,
+                digest,
+                reserve_tokens,
+                created,
+                gen_id,
+                seen,
+                last_id,
+                gate,
+                ready,
+                source,
+            ),
+            created,
         )
 
     def _full(self) -> ResumeStoreFull:
@@ -523,9 +559,7 @@ class RedisResumeStore:
             retry_after_s=FULL_RETRY_AFTER_S,
         )
 
-    def _attach_local(
-        self, own: _Owned, digest: str, resume_from: int | None
-    ) -> AsyncGenerator[Event, None]:
+    def _attach_local(self, own: _Owned, digest: str, resume_from: int | None) -> Subscription:
         if not hmac.compare_digest(own.digest, digest):
             metrics.record_resume_request("conflict")
             raise RequestIdConflict(
@@ -535,9 +569,10 @@ class RedisResumeStore:
             )
         metrics.record_resume_request("replayed" if own.done else "attached")
         if resume_from and (resume_from <= own.tokens or own.done):
-            return own.follow(own.start_index(resume_from))  # InvalidRequest up front
+            # InvalidRequest up front
+            return Subscription(own.follow(own.start_index(resume_from)), own.created)
         # Beyond what it produced: a taken-over generation's client may be ahead of it.
-        return self._follow_owned(own, 0, _Gate(resume_from), [])
+        return Subscription(self._follow_owned(own, 0, _Gate(resume_from), []), own.created)
 
     async def _follow_owned(
         self, own: _Owned, index: int, gate: _Gate, ready: list[Event]
@@ -570,6 +605,7 @@ class RedisResumeStore:
         keys: _Keys,
         digest: str,
         reserve_tokens: int,
+        created: float,
         gen_id: str,
         seen: list[Event],
         last_id: str,
@@ -593,7 +629,7 @@ class RedisResumeStore:
             "taking over a generation whose gateway is gone",
             extra={"request_id": key.request_id, "tokens": _tokens(prior)},
         )
-        own = self._start(key, keys, digest, reserve_tokens, gen_id, prior, source)
+        own = self._start(key, keys, digest, reserve_tokens, created, gen_id, prior, source)
         return own, len(seen)
 
     def _start(
@@ -602,11 +638,12 @@ class RedisResumeStore:
         keys: _Keys,
         digest: str,
         reserve_tokens: int,
+        created: float,
         gen_id: str,
         prior: list[Event],
         source: ContinuableSource,
     ) -> _Owned:
-        own = _Owned(self, key, keys, digest, reserve_tokens, gen_id, prior)
+        own = _Owned(self, key, keys, digest, reserve_tokens, created, gen_id, prior)
         self._owned[key] = own
         self._tokens += reserve_tokens
         self._publish()
@@ -621,6 +658,7 @@ class RedisResumeStore:
         keys: _Keys,
         digest: str,
         reserve_tokens: int,
+        created: float,
         gen_id: str,
         seen: list[Event],
         last_id: str,
@@ -693,7 +731,7 @@ class RedisResumeStore:
                 continue  # no room to run it here; another gateway may
             try:
                 taken = await self._try_takeover(
-                    key, keys, digest, reserve_tokens, gen_id, seen, last_id, source
+                    key, keys, digest, reserve_tokens, created, gen_id, seen, last_id, source
                 )
             except RedisError as err:
                 metrics.record_resume_redis_error("takeover")

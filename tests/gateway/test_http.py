@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from services.gateway.core import GatewayCore
 from services.gateway.errors import InvalidRequest, NoReplica, OrchestratorUnavailable
 from services.gateway.http import OpenAIHttpFront, parse_resume, parse_timeout
 from services.gateway.models import ServedModel
+from services.gateway.resume import Clock
 from services.gateway.settings import GatewaySettings, ModelSettings
 from services.gateway.triton_stream import EngineChunk, EngineRequest, TritonStreamError
 from tests.gateway.conftest import MODEL, FakeAdmission
@@ -378,10 +380,25 @@ async def test_tenant_over_its_limit_gets_429_with_ratelimit_headers(
 # -- idempotency keys and SSE resume --------------------------------------------------------
 
 
-async def serve_with(model: ServedModel, engine: ScriptedEngine, **settings: Any) -> Front:
+class WallClock:
+    """A wall clock the test moves."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def serve_with(
+    model: ServedModel,
+    engine: ScriptedEngine,
+    wall_clock: Clock = time.time,
+    **settings: Any,
+) -> Front:
     orch = FakeAdmission()
     s = GatewaySettings(models=[model.settings], http_port=0, drain_seconds=5, **settings)
-    core = GatewayCore(s, [model], orch, engine, 32)
+    core = GatewayCore(s, [model], orch, engine, 32, wall_clock=wall_clock)
     front = OpenAIHttpFront(core, s)
     await front.start()
     return Front(front, orch)
@@ -423,13 +440,15 @@ async def test_keyed_stream_has_event_ids_and_resumes_from_last_event_id(
 ) -> None:
     ids = model.encode(" one two three four five")
     engine = ScriptedEngine(ids)
-    f = await serve_with(model, engine)
+    clock = WallClock(1_700_000_000.9)
+    f = await serve_with(model, engine, clock)
     try:
         url = f"{f.url}/v1/completions"
         req = body(max_tokens=len(ids), stream=True)
         async with session.post(url, json=req, headers={header: "k-1"}) as r:
             assert r.headers["x-request-id"] == "k-1"
             full = split_events((await r.read()).decode())
+        clock.now += 1.0  # the resume comes in another second
         assert full[-1] == (None, "[DONE]")
         numbered = [e for e in full if e[0] is not None]
         assert [e[0] for e in numbered] == sorted(e[0] for e in numbered if e[0] is not None)
@@ -440,6 +459,9 @@ async def test_keyed_stream_has_event_ids_and_resumes_from_last_event_id(
         async with session.post(url, json=req, headers=resumed_headers) as r:
             rest = split_events((await r.read()).decode())
         assert rest == full[2:]
+        # Every chunk, original or resumed, is of one completion: one id, one creation time.
+        chunks = [json.loads(data) for _, data in full + rest if data != "[DONE]"]
+        assert {(c["id"], c["created"]) for c in chunks} == {("cmpl-k-1", 1_700_000_000)}
         assert len(engine.requests) == 1
     finally:
         await f.front.stop()

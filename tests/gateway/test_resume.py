@@ -1,5 +1,6 @@
 """The idempotency store (services/gateway/resume.py) with scripted event sources and a manual
-clock: keys, conflicts, resume offsets, retention, bounds, grace and failures."""
+clock: keys, conflicts, resume offsets, retention, bounds, grace, failures and the creation
+time every subscriber of a generation gets."""
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ class Script:
             self.queue.put_nowait(item)
 
 
-def store(clock: Clock | None = None, **kw: float) -> ResumeStore:
+def store(clock: Clock | None = None, wall_clock: Clock | None = None, **kw: float) -> ResumeStore:
     params: dict[str, float] = {
         "retention_s": 60.0,
         "grace_s": 3600.0,
@@ -78,6 +79,7 @@ def store(clock: Clock | None = None, **kw: float) -> ResumeStore:
         max_entries=int(params["max_entries"]),
         max_tokens=int(params["max_tokens"]),
         clock=clock or Clock(),
+        wall_clock=wall_clock or Clock(),
     )
 
 
@@ -320,3 +322,36 @@ async def test_close_cancels_running_generations() -> None:
     assert gen.done
     assert isinstance(gen.error, Cancelled)
     assert s.entries == 0
+
+
+async def test_every_subscriber_gets_the_creation_time_of_the_first_open() -> None:
+    """A retry and a resume opened while the wall clock moved on get the time the generation
+    was first opened; a fresh generation under the key (after the retention) gets its own."""
+    clock, wall = Clock(), Clock()
+    wall.now = 1_700_000_000.25
+    s = store(clock, wall, retention_s=60.0)
+    script = Script()
+    first = await s.subscribe(A, "d", None, 10, lambda prior: script.source())
+    first_client = asyncio.ensure_future(collect_events(first.events))
+    script.push(*FIRST[:2])
+    wall.now += 1.5  # the second changes
+    retry = await s.subscribe(A, "d", None, 10, lambda prior: Script().source())
+    retry_client = asyncio.ensure_future(collect_events(retry.events))
+    script.push(*FIRST[2:], _END)
+    assert await first_client == FIRST
+    assert await retry_client == FIRST
+    wall.now += 30.0
+    resumed = await s.subscribe(A, "d", 5, 10, lambda prior: Script().source())
+    assert await collect_events(resumed.events) == FIRST[2:]
+    assert first.created == retry.created == resumed.created == 1_700_000_000.25
+    clock.now += 60.0  # retention over: the key is forgotten
+    again = Script()
+    fresh = await s.subscribe(A, "d", None, 10, lambda prior: again.source())
+    again.push(delta(0, 1), done(1), _END)
+    assert await collect_events(fresh.events) == [delta(0, 1), done(1)]
+    assert fresh.created == wall.now
+    assert script.starts == again.starts == 1
+
+
+async def collect_events(events: AsyncGenerator[Event, None]) -> list[Event]:
+    return [ev async for ev in events]

@@ -1,12 +1,13 @@
 """The shared idempotency store (services/gateway/resume_redis.py): two gateway cores (fake
 admission and engines) on one private redis-server: replay and follow across gateways,
-conflicts, unknown resumes, takeover after a gateway died mid-stream, batched writes, and what
-a keyed request gets while Redis is down."""
+conflicts, unknown resumes, takeover after a gateway died mid-stream, batched writes, the
+creation time every gateway answers with, and what a keyed request gets while Redis is down."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -26,12 +27,13 @@ from services.gateway.core import (
     Event,
     GatewayCore,
     GenerationRequest,
+    Opened,
     Sampling,
     UsageSink,
 )
 from services.gateway.errors import InvalidRequest, RequestIdConflict
 from services.gateway.models import ServedModel
-from services.gateway.resume import Key, ResumeStore
+from services.gateway.resume import Clock, Key, ResumeStore
 from services.gateway.resume_redis import RedisResumeStore
 from services.gateway.settings import GatewaySettings, ModelSettings
 from services.gateway.triton_stream import EngineChunk
@@ -64,7 +66,11 @@ class Cores:
         self.made: list[GatewayCore] = []
 
     def make(
-        self, engine: FakeEngine, usage: UsageSink | None = None, **settings: Any
+        self,
+        engine: FakeEngine,
+        usage: UsageSink | None = None,
+        wall_clock: Clock = time.time,
+        **settings: Any,
     ) -> GatewayCore:
         fields: dict[str, Any] = {
             "resume_redis_url": self.url,
@@ -80,6 +86,7 @@ class Cores:
             engine,
             32,
             usage=usage,
+            wall_clock=wall_clock,
         )
         self.made.append(core)
         return core
@@ -121,8 +128,15 @@ def tokens(*ids: int) -> list[EngineChunk]:
     return [chunk(t) for t in ids]
 
 
-async def collect(core: GatewayCore, req: GenerationRequest) -> list[Event]:
-    return [ev async for ev in core.generate(req, 10.0)]
+async def collect(
+    core: GatewayCore, req: GenerationRequest, opened: Opened | None = None
+) -> list[Event]:
+    return [ev async for ev in core.generate(req, 10.0, opened)]
+
+
+def at(t: float) -> Clock:
+    """A wall clock stopped at `t`."""
+    return lambda: t
 
 
 def ids_of(events: list[Event]) -> list[int]:
@@ -201,6 +215,54 @@ async def test_running_on_one_gateway_is_followed_from_another(
     assert b_engine.requests == []
 
 
+async def test_every_gateway_answers_with_the_creation_time_of_the_first_open(
+    cores: Cores, redis: aioredis.Redis, request_id: str
+) -> None:
+    """Gateways whose wall clocks read differently: a client attached while it runs, a retry
+    and a resume after it finished, on the gateway that runs it or another, all get the time
+    it was first opened. A key recorded without one gets the first reader's, for everyone."""
+    hang = Hang()
+    out = TOKENS[:6]
+    a = cores.make(
+        FakeEngine([[*tokens(*out[:3]), hang, *tokens(*out[3:]), chunk(final=True)]]),
+        wall_clock=at(1_700_000_000.75),
+    )
+    b = cores.make(FakeEngine([]), wall_clock=at(1_700_000_042.0))
+    opened = Opened()
+    client_a = a.generate(request(request_id, 6), 10.0, opened)
+    got = [await anext(client_a)]
+    assert opened.created == 1_700_000_000.75
+    attached_a, attached_b = Opened(), Opened()
+    follower_a = asyncio.ensure_future(collect(a, request(request_id, 6), attached_a))
+    follower_b = asyncio.ensure_future(collect(b, request(request_id, 6), attached_b))
+
+    async def attached() -> bool:
+        return attached_a.created is not None and attached_b.created is not None
+
+    await eventually(attached, what="both followers attached")
+    hang.release.set()
+    got += [ev async for ev in client_a]
+    assert await follower_a == got
+    assert await follower_b == got
+
+    async def written() -> bool:
+        return not store(a).entries
+
+    await eventually(written, what="the finished generation written to Redis")
+    replayed, resumed = Opened(), Opened()
+    assert await collect(b, request(request_id, 6), replayed) == got
+    assert ids_of(await collect(b, request(request_id, 6, resume_from=3), resumed)) == out[3:]
+    times = {attached_a.created, attached_b.created, replayed.created, resumed.created}
+    assert times == {1_700_000_000.75}
+    # A meta hash without a creation time (written by a gateway that did not record one).
+    meta = store(b)._keys(Key("", request_id)).meta
+    assert await redis.hdel(meta, "created") == 1
+    first_reader, second_reader = Opened(), Opened()
+    await collect(b, request(request_id, 6), first_reader)
+    await collect(a, request(request_id, 6), second_reader)
+    assert first_reader.created == second_reader.created == 1_700_000_042.0
+
+
 @pytest.mark.parametrize("finished", [False, True])
 async def test_another_body_under_the_id_conflicts_on_another_gateway(
     cores: Cores, request_id: str, finished: bool
@@ -248,13 +310,15 @@ async def test_a_client_whose_gateway_died_resumes_through_another(
     batch_written = Hang()
     a = cores.make(
         FakeEngine([[*tokens(*out[:3]), batch_written, *tokens(*out[3:5]), Hang()]]),
+        wall_clock=at(1000.0),
         resume_redis_flush_tokens=3,
         resume_redis_flush_interval_s=3600.0,
     )
     b_engine = FakeEngine([[*tokens(*out[3:]), chunk(final=True)]])
     b_usage = Sink()
-    b = cores.make(b_engine, usage=b_usage)
-    client_a = a.generate(request(request_id, n), 10.0)
+    b = cores.make(b_engine, usage=b_usage, wall_clock=at(2000.0))
+    opened_a = Opened()
+    client_a = a.generate(request(request_id, n), 10.0, opened_a)
     got = [await anext(client_a) for _ in range(3)]
     own = store(a)._owned[Key("", request_id)]
 
@@ -276,7 +340,10 @@ async def test_a_client_whose_gateway_died_resumes_through_another(
 
         await eventually(expired, what="A's claim expired")
     before = resume_requests("taken_over")
-    rest = await collect(b, request(request_id, n, resume_from=5))
+    opened_b = Opened()
+    rest = await collect(b, request(request_id, n, resume_from=5), opened_b)
+    # The continuation is the same completion: created when A first opened it.
+    assert opened_a.created == opened_b.created == 1000.0
 
     stream = got + rest
     assert ids_of(stream) == out  # nothing lost, nothing twice
@@ -292,13 +359,15 @@ async def test_a_client_whose_gateway_died_resumes_through_another(
     (billed,) = b_usage.records
     assert billed.completion_tokens == n
     # Finished now, under B: a third client replays it whole.
-    c = cores.make(FakeEngine([]))
+    c = cores.make(FakeEngine([]), wall_clock=at(3000.0))
 
     async def finished() -> bool:
         return not store(b).entries
 
     await eventually(finished, what="B wrote the end")
-    assert ids_of(await collect(c, request(request_id, n))) == out
+    opened_c = Opened()
+    assert ids_of(await collect(c, request(request_id, n), opened_c)) == out
+    assert opened_c.created == 1000.0
 
 
 async def test_writes_are_batched_off_the_token_path(cores: Cores, request_id: str) -> None:
