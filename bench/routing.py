@@ -13,13 +13,19 @@ Per workload: KV blocks per replica are `--cache-fraction` of the workload's sha
 hold every shared prefix and the cluster can. The load is `--load` (0.8) times the capacity of a
 round-robin cluster on the same requests from the engines' cost model (`bench.calibrate`).
 
-Reported per workload and profile: TTFT mean/p50/p99 at that fixed load, the ratios against
-round-robin measured in the same run, the engine-observed KV hit rate against the infinite-cache
+Every workload runs `--seeds` times (seeds `--seed`, `--seed`+1, ...): each seed draws the
+workload's random part (synthetic prompts and arrivals, trace windows or sessions of a sample) and
+the simulator's rng (tie-breaks), and every profile runs on that seed's requests. A p99 over a few
+hundred requests moves by tens of percent between seeds, so the verdicts use the mean over seeds
+of each per-seed ratio, printed with its min-max spread.
+
+Reported per workload, seed and profile: TTFT mean/p50/p99 at that fixed load, the ratios against
+round-robin measured on the same seed, the engine-observed KV hit rate against the infinite-cache
 oracle and the capacity-limited bound (per-replica LRU of the real KV size with perfect
 placement, `bench.report.capacity_limited_hit_rate`), and (sim) the highest arrival rate each
 profile sustains with p99 TTFT <= `--slo-p99-s` and nothing refused: bisection on the rate over
-`--bisect-sample` of the workload. Then the issue's targets, met or missed; JSON under
-bench-results/ (routing.json).
+`--bisect-sample` of the workload, on the first `--bisect-seeds` seeds. Then the issue's
+targets, met or missed; JSON under bench-results/ (routing.json).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -76,7 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.4,
         help="Per-replica KV blocks as a share of the shared working set.",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="First seed.")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="Seeds per workload (seed, seed+1, ...): each draws the workload's requests (where "
+        "it has a random part) and the simulator's rng; targets use the mean over seeds.",
+    )
     p.add_argument("--out", default="routing.json", help="File name under bench-results/.")
     g = p.add_argument_group("sim")
     g.add_argument(
@@ -106,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--bisect-steps", type=int, default=6)
     g.add_argument(
+        "--bisect-seeds",
+        type=int,
+        default=3,
+        help="The rate bisection runs on the first this many seeds (each costs ~8 runs/profile).",
+    )
+    g.add_argument(
         "--bisect-profiles", nargs="+", default=["round-robin", "least-loaded", "default"]
     )
     g = p.add_argument_group("live")
@@ -113,6 +133,100 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--duration", type=float, default=40.0, help="Seconds of arrivals (live).")
     g.add_argument("--max-in-flight", type=int, default=512, help="Load-generator safety cap.")
     return p
+
+
+# ------------------------------------------------------------------------------ one seed
+@dataclass
+class SeedRun:
+    """Every arm on one draw of a workload (its requests and the simulator's rng from `seed`)."""
+
+    seed: int
+    requests: int
+    rate_req_s: float
+    rr_capacity_req_s: float
+    num_kv_blocks: int
+    oracle: float
+    bound: float
+    summaries: list[Summary]
+    sustainable_req_s: dict[str, float] = field(default_factory=dict)
+    sustainable_bounded: dict[str, str] = field(default_factory=dict)  # "" or ">=" / "<="
+
+    def summary(self, arm: str) -> Summary | None:
+        return next((s for s in self.summaries if s.arm == arm), None)
+
+    def ratios(self, arm: str) -> dict[str, float]:
+        """`arm` against the baseline of the same seed: TTFT mean and p99, hit rate over the
+        capacity bound, sustainable rate (NaN where not measured)."""
+        s, base = self.summary(arm), self.summary(BASELINE)
+        nan = math.nan
+        return {
+            "mean": nan if s is None or base is None else ratio(s.ttft_s.mean, base.ttft_s.mean),
+            "p99": nan if s is None or base is None else ratio(s.ttft_s.p99, base.ttft_s.p99),
+            "hit_bound": nan if s is None else ratio(s.hit_rate, self.bound),
+            "rate": ratio(
+                self.sustainable_req_s.get(arm, nan), self.sustainable_req_s.get(BASELINE, nan)
+            ),
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "requests": self.requests,
+            "rate_req_s": self.rate_req_s,
+            "rr_capacity_req_s": self.rr_capacity_req_s,
+            "num_kv_blocks": self.num_kv_blocks,
+            "oracle_hit_rate": self.oracle,
+            "capacity_bound_hit_rate": self.bound,
+            "summaries": [summary_dict(s) for s in self.summaries],
+            "sustainable_req_s": self.sustainable_req_s,
+            "sustainable_bounded": self.sustainable_bounded,
+        }
+
+
+@dataclass(frozen=True)
+class Spread:
+    """One ratio over the seeds: their mean, extremes and count (NaN seeds left out)."""
+
+    mean: float
+    lo: float
+    hi: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        xs = [v for v in values if not math.isnan(v)]
+        if not xs:
+            return cls(math.nan, math.nan, math.nan, 0)
+        return cls(statistics.fmean(xs), min(xs), max(xs), len(xs))
+
+    def __str__(self) -> str:
+        if self.n == 0:
+            return "-"
+        if self.n == 1:
+            return f"{self.mean:.2f}"
+        return f"{self.mean:.2f} ({self.lo:.2f}-{self.hi:.2f})"
+
+
+@dataclass
+class WorkloadResult:
+    """One workload over every seed."""
+
+    workload: str
+    prefix_heavy: bool
+    runs: list[SeedRun]
+
+    def spread(self, arm: str, key: str) -> Spread:
+        return Spread.of([r.ratios(arm)[key] for r in self.runs])
+
+    def as_dict(self, arms: Sequence[str]) -> dict[str, Any]:
+        keys = ("mean", "p99", "hit_bound", "rate")
+        return {
+            "prefix_heavy": self.prefix_heavy,
+            "seeds": [r.as_dict() for r in self.runs],
+            "ratios_vs_baseline": {
+                arm: {k: vars(self.spread(arm, k)) for k in keys} for arm in arms
+            },
+        }
 
 
 def engine_shape(requests: list[wl.Request], cache_fraction: float, block_size: int) -> EngineShape:
@@ -144,25 +258,11 @@ def sample_of(workload: str, args: argparse.Namespace, share: float) -> float:
     return share
 
 
+def seeds_of(args: argparse.Namespace) -> list[int]:
+    return [args.seed + i for i in range(args.seeds)]
+
+
 # ------------------------------------------------------------------------------ sim
-@dataclass
-class WorkloadResult:
-    workload: str
-    prefix_heavy: bool
-    requests: int
-    rate_req_s: float
-    rr_capacity_req_s: float
-    num_kv_blocks: int
-    oracle: float
-    bound: float
-    summaries: list[Summary]
-    sustainable_req_s: dict[str, float] = field(default_factory=dict)
-    sustainable_bounded: dict[str, str] = field(default_factory=dict)  # "" or ">=" / "<="
-
-    def summary(self, arm: str) -> Summary | None:
-        return next((s for s in self.summaries if s.arm == arm), None)
-
-
 def _sim_ok(summary: Summary, slo_s: float) -> bool:
     return summary.ok == summary.requests and summary.ttft_s.p99 <= slo_s
 
@@ -199,11 +299,11 @@ def sustainable_rate(
     return lo, ""
 
 
-def run_sim_workload(name: str, args: argparse.Namespace, block_size: int) -> WorkloadResult:
+def run_sim_seed(name: str, args: argparse.Namespace, block_size: int, seed: int) -> SeedRun:
     from llmmesh.sim import ClusterSpec, PoolSpec, simulate
 
     spec = wl.MATRIX[name]
-    natural = spec.build(sample_of(name, args, args.sim_sample), args.seed)
+    natural = spec.build(sample_of(name, args, args.sim_sample), seed)
     shape = engine_shape(natural, args.cache_fraction, block_size)
     cap = rr_capacity(natural, args.replicas, shape).requests_per_s
     cluster = ClusterSpec(
@@ -221,36 +321,27 @@ def run_sim_workload(name: str, args: argparse.Namespace, block_size: int) -> Wo
     oracle = oracle_hit_rate(requests, block_size)
     bound = capacity_limited_hit_rate(requests, block_size, args.replicas, shape.num_kv_blocks)
     eprint(
-        f"[{name}] {len(requests)} requests at {args.load * cap:.2f} req/s "
+        f"[{name} seed {seed}] {len(requests)} requests at {args.load * cap:.2f} req/s "
         f"(load {args.load} of round-robin capacity {cap:.2f} req/s), "
         f"{shape.num_kv_blocks} KV blocks/replica, oracle {oracle:.3f}, bound {bound:.3f}"
     )
     summaries = []
     for arm in args.arms:
         t = time.perf_counter()
-        res = simulate(requests, cluster, profile=arm, seed=args.seed, oracle=False)
-        s = res.summary
+        s = simulate(requests, cluster, profile=arm, seed=seed, oracle=False).summary
         s.oracle_hit_rate = oracle
         s.extra["capacity_bound_hit_rate"] = bound
         summaries.append(s)
         eprint(
-            f"[{name}/{arm}] mean TTFT {s.ttft_s.mean:.3f}s p99 {s.ttft_s.p99:.3f}s "
+            f"[{name} seed {seed}/{arm}] mean TTFT {s.ttft_s.mean:.3f}s p99 {s.ttft_s.p99:.3f}s "
             f"hit {s.hit_rate:.3f} ({time.perf_counter() - t:.1f}s)"
         )
-    out = WorkloadResult(
-        name,
-        spec.prefix_heavy,
-        len(requests),
-        args.load * cap,
-        cap,
-        shape.num_kv_blocks,
-        oracle,
-        bound,
-        summaries,
+    run = SeedRun(
+        seed, len(requests), args.load * cap, cap, shape.num_kv_blocks, oracle, bound, summaries
     )
-    if args.bisect_sample > 0:
+    if args.bisect_sample > 0 and seed - args.seed < args.bisect_seeds:
         share = args.bisect_trace_sample if name == "mooncake" else args.bisect_sample
-        small = spec.build(sample_of(name, args, share), args.seed)
+        small = spec.build(sample_of(name, args, share), seed)
         small_cap = rr_capacity(small, args.replicas, shape).requests_per_s
         for arm in [a for a in args.bisect_profiles if a in args.arms]:
             t = time.perf_counter()
@@ -262,15 +353,15 @@ def run_sim_workload(name: str, args: argparse.Namespace, block_size: int) -> Wo
                 hi=4.0 * small_cap,
                 steps=args.bisect_steps,
                 slo_s=args.slo_p99_s,
-                seed=args.seed,
+                seed=seed,
             )
-            out.sustainable_req_s[arm] = rate
-            out.sustainable_bounded[arm] = bounded
+            run.sustainable_req_s[arm] = rate
+            run.sustainable_bounded[arm] = bounded
             eprint(
-                f"[{name}/{arm}] sustains {bounded}{rate:.2f} req/s at p99 TTFT <= "
+                f"[{name} seed {seed}/{arm}] sustains {bounded}{rate:.2f} req/s at p99 TTFT <= "
                 f"{args.slo_p99_s}s ({time.perf_counter() - t:.1f}s)"
             )
-    return out
+    return run
 
 
 # ------------------------------------------------------------------------------ tables, targets
@@ -292,98 +383,49 @@ def ratios_table(summaries: list[Summary]) -> str:
     )
 
 
-def _bound(s: Summary) -> float:
-    return s.extra.get("capacity_bound_hit_rate", math.nan)
-
-
 def matrix_table(results: Sequence[WorkloadResult], arms: Sequence[str]) -> str:
-    """Per workload x profile: mean and p99 TTFT ratio vs round-robin, hit rate / bound,
-    sustainable rate ratio."""
-    headers = ["workload", "profile", "mean x", "p99 x", "hit", "hit/oracle", "hit/bound", "rate x"]
+    """Per workload x profile, over the seeds: mean (min-max) of the per-seed ratios against
+    round-robin of mean and p99 TTFT, hit rate over the capacity bound, sustainable rate."""
+    headers = ["workload", "profile", "seeds", "mean x", "p99 x", "hit/bound", "rate x"]
     rows: list[list[str]] = []
     for w in results:
-        base = w.summary(BASELINE)
+        if not any(r.summary(BASELINE) for r in w.runs):
+            continue
         for arm in arms:
-            s = w.summary(arm)
-            if s is None or base is None:
-                continue
-            rr = w.sustainable_req_s.get(BASELINE, math.nan)
-            mine = w.sustainable_req_s.get(arm, math.nan)
-            rate = ratio(mine, rr)
-            mark = w.sustainable_bounded.get(arm, "") + (
-                "/" + w.sustainable_bounded[BASELINE] if w.sustainable_bounded.get(BASELINE) else ""
-            )
             rows.append(
                 [
                     w.workload + (" *" if w.prefix_heavy else ""),
                     arm,
-                    f"{ratio(s.ttft_s.mean, base.ttft_s.mean):.2f}",
-                    f"{ratio(s.ttft_s.p99, base.ttft_s.p99):.2f}",
-                    f"{s.hit_rate:.3f}",
-                    f"{s.hit_vs_oracle:.2f}",
-                    f"{ratio(s.hit_rate, _bound(s)):.2f}",
-                    "-"
-                    if math.isnan(rate)
-                    else f"{rate:.2f}{(' ' + mark) if mark.strip('/') else ''}",
+                    str(len(w.runs)),
+                    str(w.spread(arm, "mean")),
+                    str(w.spread(arm, "p99")),
+                    str(w.spread(arm, "hit_bound")),
+                    str(w.spread(arm, "rate")),
                 ]
             )
     return format_table(headers, rows)
 
 
 def checks(results: Sequence[WorkloadResult]) -> list[Check]:
+    """The issue's targets on the mean over the seeds of each per-seed ratio."""
     out: list[Check] = []
     for w in results:
-        base = w.summary(BASELINE)
-        if base is None:
-            continue
         for arm in NEVER_WORSE:
-            s = w.summary(arm)
-            if s is None:
-                continue
-            out.append(
-                Check(
-                    f"{w.workload}: {arm} mean TTFT / rr",
-                    ratio(s.ttft_s.mean, base.ttft_s.mean),
-                    "<=",
-                    1.0,
-                )
-            )
-            out.append(
-                Check(
-                    f"{w.workload}: {arm} p99 TTFT / rr",
-                    ratio(s.ttft_s.p99, base.ttft_s.p99),
-                    "<=",
-                    1.0,
-                )
-            )
-        s = w.summary(HEADLINE)
-        if not w.prefix_heavy or s is None:
+            for key, what in (("mean", "mean TTFT"), ("p99", "p99 TTFT")):
+                sp = w.spread(arm, key)
+                if sp.n:
+                    out.append(Check(f"{w.workload}: {arm} {what} / rr", sp.mean, "<=", 1.0))
+        if not w.prefix_heavy:
             continue
-        out.append(
-            Check(
-                f"{w.workload}: {HEADLINE} mean TTFT / rr",
-                ratio(s.ttft_s.mean, base.ttft_s.mean),
-                "<=",
-                0.5,
-            )
+        targets = (
+            ("mean", "mean TTFT / rr", "<=", 0.5),
+            ("rate", "sustainable rate / rr", ">=", 1.4),
+            ("hit_bound", "hit rate / capacity bound", ">=", 0.9),
         )
-        if HEADLINE in w.sustainable_req_s and BASELINE in w.sustainable_req_s:
-            out.append(
-                Check(
-                    f"{w.workload}: {HEADLINE} sustainable rate / rr",
-                    ratio(w.sustainable_req_s[HEADLINE], w.sustainable_req_s[BASELINE]),
-                    ">=",
-                    1.4,
-                )
-            )
-        out.append(
-            Check(
-                f"{w.workload}: {HEADLINE} hit rate / capacity bound",
-                ratio(s.hit_rate, w.bound),
-                ">=",
-                0.9,
-            )
-        )
+        for key, what, op, bound in targets:
+            sp = w.spread(HEADLINE, key)
+            if sp.n:
+                out.append(Check(f"{w.workload}: {HEADLINE} {what}", sp.mean, op, bound))
     return out
 
 
@@ -394,123 +436,131 @@ def check_dicts(cs: Sequence[Check]) -> list[dict[str, Any]]:
     ]
 
 
+def print_seed(name: str, run: SeedRun, header: str) -> None:
+    print(f"== {name} seed {run.seed}: {header}\n\n{summary_table(run.summaries)}\n")
+    if run.summary(BASELINE) is not None:
+        print(ratios_table(run.summaries) + "\n", flush=True)
+
+
+def finish(
+    results: Sequence[WorkloadResult], args: argparse.Namespace, out: dict[str, Any], title: str
+) -> int:
+    """The matrix over the seeds, the targets, and the JSON file."""
+    cs = checks(results)
+    print(f"== matrix ({title})\n")
+    print(matrix_table(results, args.arms) + "\n")
+    print(checks_table(cs))
+    out["workloads"] = {w.workload: w.as_dict(args.arms) for w in results}
+    out["checks"] = check_dicts(cs)
+    out["code_unchanged_during_run"] = check_code_unchanged(out["env"])
+    path = write_json(args.out, out)
+    print(f"\nwrote {path}")
+    return 0
+
+
+def start(args: argparse.Namespace, mode: str) -> dict[str, Any]:
+    return {
+        "mode": mode,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "env": environment(),
+    }
+
+
 def main_sim(args: argparse.Namespace) -> int:
     logging.disable(logging.WARNING)  # the orchestrator's per-replica readiness logs
     block_size = block_size_from_env()
-    out: dict[str, Any] = {
-        "mode": "sim",
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "env": environment(),
-        "workloads": {},
-    }
+    out = start(args, "sim")
     results: list[WorkloadResult] = []
     for name in args.workloads:
-        w = run_sim_workload(name, args, block_size)
+        w = WorkloadResult(name, wl.MATRIX[name].prefix_heavy, [])
+        for seed in seeds_of(args):
+            run = run_sim_seed(name, args, block_size, seed)
+            w.runs.append(run)
+            print_seed(name, run, f"{run.requests} requests, {run.rate_req_s:.2f} req/s")
         results.append(w)
-        print(f"== {name} ({w.requests} requests, {w.rate_req_s:.2f} req/s)\n")
-        print(summary_table(w.summaries) + "\n")
-        if w.summary(BASELINE) is not None:
-            print(ratios_table(w.summaries) + "\n", flush=True)
-        out["workloads"][name] = {
-            "prefix_heavy": w.prefix_heavy,
-            "requests": w.requests,
-            "rate_req_s": w.rate_req_s,
-            "rr_capacity_req_s": w.rr_capacity_req_s,
-            "num_kv_blocks": w.num_kv_blocks,
-            "oracle_hit_rate": w.oracle,
-            "capacity_bound_hit_rate": w.bound,
-            "summaries": [summary_dict(s) for s in w.summaries],
-            "sustainable_req_s": w.sustainable_req_s,
-            "sustainable_bounded": w.sustainable_bounded,
-        }
-    cs = checks(results)
-    print(
-        "== matrix (* prefix-heavy; ratios vs round-robin at load "
-        f"{args.load}; rate x: sustainable rate at p99 TTFT <= {args.slo_p99_s}s)\n"
+    return finish(
+        results,
+        args,
+        out,
+        f"* prefix-heavy; per-seed ratios vs round-robin at load {args.load}, mean (min-max) "
+        f"over seeds; rate x: sustainable rate at p99 TTFT <= {args.slo_p99_s}s",
     )
-    print(matrix_table(results, args.arms) + "\n")
-    print(checks_table(cs))
-    out["checks"] = check_dicts(cs)
-    out["code_unchanged_during_run"] = check_code_unchanged(out["env"])
-    path = write_json(args.out, out)
-    print(f"\nwrote {path}")
-    return 0
 
 
 # ------------------------------------------------------------------------------ live
+async def run_live_seed(
+    workload: str, args: argparse.Namespace, block_size: int, seed: int
+) -> tuple[SeedRun, dict[str, Any]]:
+    spec = wl.MATRIX[workload]
+    natural = spec.build(sample_of(workload, args, args.live_sample), seed)
+    shape = engine_shape(natural, args.cache_fraction, block_size)
+    plan = plan_load(
+        natural, replicas=args.replicas, shape=shape, load=args.load, duration_s=args.duration
+    )
+    oracle = oracle_hit_rate(plan.requests, block_size)
+    bound = capacity_limited_hit_rate(plan.requests, block_size, args.replicas, shape.num_kv_blocks)
+    d = wl.describe(plan.requests)
+    header = (
+        f"{d['requests']} requests over {d['span_s']:.0f}s "
+        f"({plan.offered_wall_req_s:.2f} req/s), TIME_SCALE {plan.emulator_time_scale:.3f}, "
+        f"NUM_KV_BLOCKS {shape.num_kv_blocks}, oracle {oracle:.3f}, bound {bound:.3f}"
+    )
+    print(f"{workload} seed {seed}: {header}", flush=True)
+    mesh = MeshSpec(replicas=args.replicas, time_scale=plan.emulator_time_scale, shape=shape)
+    wr: WorkloadRun = await run_arms(
+        "routing",
+        f"{workload}-{seed}",
+        [Arm(name, profile=name) for name in args.arms],
+        mesh,
+        plan.requests,
+        oracle=oracle,
+        max_in_flight=args.max_in_flight,
+    )
+    for s in wr.summaries:
+        s.extra["capacity_bound_hit_rate"] = bound
+    run = SeedRun(
+        seed,
+        len(plan.requests),
+        plan.offered_wall_req_s,
+        plan.capacity_wall_req_s,
+        shape.num_kv_blocks,
+        oracle,
+        bound,
+        wr.summaries,
+    )
+    print_seed(workload, run, header)
+    detail = workload_json(
+        wr,
+        mesh,
+        {
+            "workload": d,
+            "calibration": plan.as_dict(),
+            "oracle_hit_rate": oracle,
+            "capacity_bound_hit_rate": bound,
+        },
+    )
+    return run, detail
+
+
 async def main_live(args: argparse.Namespace) -> int:
     block_size = block_size_from_env()
-    arms = [Arm(name, profile=name) for name in args.arms]
-    out: dict[str, Any] = {
-        "mode": "live",
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "env": environment(),
-    }
+    out = start(args, "live")
+    out["live"] = {}
     results: list[WorkloadResult] = []
     for workload in args.workloads:
-        spec = wl.MATRIX[workload]
-        natural = spec.build(sample_of(workload, args, args.live_sample), args.seed)
-        shape = engine_shape(natural, args.cache_fraction, block_size)
-        plan = plan_load(
-            natural, replicas=args.replicas, shape=shape, load=args.load, duration_s=args.duration
-        )
-        oracle = oracle_hit_rate(plan.requests, block_size)
-        bound = capacity_limited_hit_rate(
-            plan.requests, block_size, args.replicas, shape.num_kv_blocks
-        )
-        d = wl.describe(plan.requests)
-        header = (
-            f"{workload}: {d['requests']} requests over {d['span_s']:.0f}s "
-            f"({plan.offered_wall_req_s:.2f} req/s), TIME_SCALE {plan.emulator_time_scale:.3f}, "
-            f"NUM_KV_BLOCKS {shape.num_kv_blocks}, oracle {oracle:.3f}, bound {bound:.3f}"
-        )
-        print(header, flush=True)
-        mesh = MeshSpec(replicas=args.replicas, time_scale=plan.emulator_time_scale, shape=shape)
-        wr: WorkloadRun = await run_arms(
-            "routing",
-            workload,
-            arms,
-            mesh,
-            plan.requests,
-            oracle=oracle,
-            max_in_flight=args.max_in_flight,
-        )
-        for s in wr.summaries:
-            s.extra["capacity_bound_hit_rate"] = bound
-        results.append(
-            WorkloadResult(
-                workload,
-                spec.prefix_heavy,
-                len(plan.requests),
-                plan.offered_wall_req_s,
-                plan.capacity_wall_req_s,
-                shape.num_kv_blocks,
-                oracle,
-                bound,
-                wr.summaries,
-            )
-        )
-        print(f"\n== {header}\n\n{summary_table(wr.summaries)}\n")
-        if any(s.arm == BASELINE for s in wr.summaries):
-            print(ratios_table(wr.summaries) + "\n", flush=True)
-        out[workload] = workload_json(
-            wr,
-            mesh,
-            {
-                "workload": d,
-                "calibration": plan.as_dict(),
-                "oracle_hit_rate": oracle,
-                "capacity_bound_hit_rate": bound,
-            },
-        )
-    cs = checks(results)
-    print(matrix_table(results, args.arms) + "\n")
-    print(checks_table(cs))
-    out["checks"] = check_dicts(cs)
-    out["code_unchanged_during_run"] = check_code_unchanged(out["env"])
-    path = write_json(args.out, out)
-    print(f"\nwrote {path}")
-    return 0
+        w = WorkloadResult(workload, wl.MATRIX[workload].prefix_heavy, [])
+        for seed in seeds_of(args):
+            run, detail = await run_live_seed(workload, args, block_size, seed)
+            w.runs.append(run)
+            out["live"][f"{workload}/{seed}"] = detail
+        results.append(w)
+    return finish(
+        results,
+        args,
+        out,
+        f"* prefix-heavy; per-seed ratios vs round-robin at load {args.load}, "
+        "mean (min-max) over seeds",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench import routing
+from bench.report import Dist, Summary, summarize
+
+
+def summary(arm: str, mean: float, p99: float, hit: float = 0.5) -> Summary:
+    s = summarize(arm, [])
+    return dataclasses.replace(s, ttft_s=Dist(mean, mean, mean, p99), hit_rate=hit)
+
+
+def seed_run(seed: int, arms: dict[str, tuple[float, float]], **kw: object) -> routing.SeedRun:
+    run = routing.SeedRun(
+        seed=seed,
+        requests=100,
+        rate_req_s=1.0,
+        rr_capacity_req_s=1.25,
+        num_kv_blocks=400,
+        oracle=0.8,
+        bound=0.5,
+        summaries=[summary(a, m, p) for a, (m, p) in arms.items()],
+    )
+    for k, v in kw.items():
+        setattr(run, k, v)
+    return run
+
+
+def test_spread_is_mean_min_max_without_nan() -> None:
+    sp = routing.Spread.of([1.2, math.nan, 0.6, 0.9])
+    assert sp.mean == pytest.approx(0.9)
+    assert (sp.lo, sp.hi, sp.n) == (0.6, 1.2, 3)
+    assert str(sp) == "0.90 (0.60-1.20)"
+    assert str(routing.Spread.of([0.5])) == "0.50"
+    empty = routing.Spread.of([math.nan])
+    assert empty.n == 0
+    assert math.isnan(empty.mean)
+    assert str(empty) == "-"
+
+
+def test_ratios_are_against_the_baseline_of_the_same_seed() -> None:
+    run = seed_run(
+        0,
+        {"round-robin": (0.2, 1.0), "default": (0.1, 1.5)},
+        sustainable_req_s={"round-robin": 2.0, "default": 3.0},
+    )
+    r = run.ratios("default")
+    assert r["mean"] == pytest.approx(0.5)
+    assert r["p99"] == pytest.approx(1.5)
+    assert r["hit_bound"] == pytest.approx(1.0)  # hit 0.5 of bound 0.5
+    assert r["rate"] == pytest.approx(1.5)
+    assert math.isnan(run.ratios("least-loaded")["mean"])  # not run on this seed
+
+
+def test_checks_use_the_mean_over_seeds_of_the_per_seed_ratios() -> None:
+    # Seed 0 alone would miss default's p99 target (1.2x); over both seeds it is met (0.9x).
+    w = routing.WorkloadResult(
+        "shared-prefix-few",
+        True,
+        [
+            seed_run(
+                0,
+                {"round-robin": (1.0, 1.0), "default": (0.4, 1.2)},
+                sustainable_req_s={"round-robin": 1.0, "default": 1.2},
+            ),
+            seed_run(1, {"round-robin": (2.0, 2.0), "default": (0.6, 1.2)}),
+        ],
+    )
+    by_name = {c.name: c for c in routing.checks([w])}
+    p99 = by_name["shared-prefix-few: default p99 TTFT / rr"]
+    assert p99.value == pytest.approx(0.9)
+    assert p99.passed
+    mean = by_name["shared-prefix-few: default mean TTFT / rr"]
+    assert mean.value == pytest.approx(0.35)
+    # The rate was measured on seed 0 only: its ratio alone decides (1.2 < 1.4).
+    rate = by_name["shared-prefix-few: default sustainable rate / rr"]
+    assert rate.value == pytest.approx(1.2)
+    assert not rate.passed
+    # least-loaded did not run: no check claims anything about it.
+    assert not any("least-loaded" in name for name in by_name)
+    table = routing.matrix_table([w], ["round-robin", "default"])
+    assert "0.90 (0.60-1.20)" in table
+
+
+def test_a_workload_that_is_not_prefix_heavy_has_only_the_never_worse_checks() -> None:
+    w = routing.WorkloadResult(
+        "no-reuse",
+        False,
+        [seed_run(0, {"round-robin": (1.0, 1.0), "least-loaded": (1.1, 0.9)})],
+    )
+    cs = routing.checks([w])
+    assert [(c.name, c.passed) for c in cs] == [
+        ("no-reuse: least-loaded mean TTFT / rr", False),
+        ("no-reuse: least-loaded p99 TTFT / rr", True),
+    ]
+
+
+def test_sim_runs_every_arm_on_every_seed(tmp_path: Path) -> None:
+    out = tmp_path / "routing.json"
+    argv = ["--workloads", "no-reuse", "--sim-sample", "0.02", "--seeds", "2", "--seed", "5"]
+    argv += ["--bisect-sample", "0", "--arms", "round-robin", "least-loaded"]
+    assert routing.main([*argv, "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    seeds = data["workloads"]["no-reuse"]["seeds"]
+    assert [s["seed"] for s in seeds] == [5, 6]
+    assert all([x["arm"] for x in s["summaries"]] == ["round-robin", "least-loaded"] for s in seeds)
+    assert all(s["summaries"][0]["ok"] == s["requests"] for s in seeds)
+    ll = data["workloads"]["no-reuse"]["ratios_vs_baseline"]["least-loaded"]
+    assert ll["mean"]["n"] == 2
+    assert {c["name"] for c in data["checks"]} == {
+        "no-reuse: least-loaded mean TTFT / rr",
+        "no-reuse: least-loaded p99 TTFT / rr",
+    }
