@@ -26,9 +26,12 @@ Invariants:
   itself is refused then. The Admit deadline is the sooner of the client's deadline and the
   gateway's admission wait bound (`admission_max_wait_s`, the TTFT objective): it bounds the
   time to the first token, not the generation.
-- Every refusal carries a retry-after: the time for the line ahead of the request to drain
-  (for a deadline refusal, the part of it the deadline cannot absorb), clamped to
-  [RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S]; RETRY_AFTER_UNKNOWN_S before the drain rate is known.
+- Every refusal carries a retry-after: the time for the line ahead of the request, itself
+  included, to drain at the drain rate, whatever the refusal (queue full, shed, deadline),
+  clamped to [RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S]; RETRY_AFTER_UNKNOWN_S before the drain rate
+  is known. Not the shorter time until the request would just fit its deadline: under sustained
+  overload new arrivals take that room first, and a client told so retries (and gives up) within
+  the same overload.
 """
 
 from __future__ import annotations
@@ -143,13 +146,9 @@ class Outlook:
             return None
         return (position + self.backlog) / self.rate + self.prefill_s
 
-    def retry_after_s(self, position: int, budget_s: float | None = None) -> float:
-        """Seconds until the request at `position` would be first in line, or, with a
-        `budget_s`, until its expected first token fits in that budget; clamped."""
-        line = position + self.backlog
-        if budget_s is not None and self.rate is not None:
-            line = math.ceil(line - self.rate * max(budget_s - self.prefill_s, 0.0))
-        return retry_after_s(line, self.rate)
+    def retry_after_s(self, position: int) -> float:
+        """Seconds until the line ahead of the request at `position` has drained; clamped."""
+        return retry_after_s(position + self.backlog, self.rate)
 
 
 class Verdict(enum.Enum):
@@ -212,7 +211,7 @@ def decide(
             return Decision(Verdict.QUEUE_FULL, outlook.retry_after_s(ahead + 1), None, wait)
     budget = deadline_s * share
     if wait is not None and wait > budget:
-        return Decision(Verdict.DEADLINE, outlook.retry_after_s(ahead + 1, budget), None, wait)
+        return Decision(Verdict.DEADLINE, outlook.retry_after_s(ahead + 1), None, wait)
     if victim is not None:
         return Decision(Verdict.EVICT_AND_ENQUEUE, None, victim, wait)
     return Decision(Verdict.ENQUEUE, None, None, wait)

@@ -52,13 +52,12 @@ def q(i: int = 0, s: int = 0, b: int = 0) -> dict[Priority, int]:
         # above the standard limit (interactive filled it): standard is refused, not shedding
         (S, q(i=5, b=1), 10.0, 30.0, Decision(Verdict.QUEUE_FULL, 0.6, None, 0.6)),
         # expected first token (3 ahead + itself at 2/s = 2 s) beyond 85% of a 2 s deadline:
-        # refused at once; retry-after = time for the 0.3 request beyond 1.7 s at 2/s (one
-        # whole request) to drain = 0.5 s
-        (S, q(s=3), 2.0, 2.0, Decision(Verdict.DEADLINE, 0.5, None, 2.0)),
+        # refused at once; retry-after = time for that line to drain = 2 s
+        (S, q(s=3), 2.0, 2.0, Decision(Verdict.DEADLINE, 2.0, None, 2.0)),
         # the same wait within 85% of a 5 s deadline: enqueued
         (S, q(s=3), 2.0, 5.0, Decision(Verdict.ENQUEUE, None, None, 2.0)),
         # a wait within the deadline but in its headroom (2 s of 2.2 s): refused
-        (S, q(s=3), 2.0, 2.2, Decision(Verdict.DEADLINE, 0.5, None, 2.0)),
+        (S, q(s=3), 2.0, 2.2, Decision(Verdict.DEADLINE, 2.0, None, 2.0)),
         # batch waiters are behind an interactive arrival: they do not count in its wait
         (IN, q(s=3, b=2), 2.0, 1.0, Decision(Verdict.ENQUEUE, None, None, 0.5)),
     ],
@@ -79,16 +78,15 @@ def test_admission_decisions(
         # 1 waiter ahead, itself and 4 leases waiting in the engines, at 4/s: first token
         # in 1.5 s, within 85% of 2 s
         (Outlook(4.0, backlog=4), 2.0, Decision(Verdict.ENQUEUE, None, None, 1.5)),
-        # the same line plus 0.25 s of predicted prefill: 1.75 s > 1.7 s -> refused; the line
-        # must shrink by ceil(6 - 4 * (1.7 - 0.25)) = 1 request -> 0.25 s
+        # the same line plus 0.25 s of predicted prefill: 1.75 s > 1.7 s -> refused; retry
+        # after the line of 6 drained at 4/s
         (
             Outlook(4.0, backlog=4, prefill_s=0.25),
             2.0,
-            Decision(Verdict.DEADLINE, 0.25, None, 1.75),
+            Decision(Verdict.DEADLINE, 1.5, None, 1.75),
         ),
-        # an engine backlog alone can exceed the deadline: 12 / 4 per s = 3 s; the line must
-        # shrink by ceil(12 - 4 * 1.7) = 6 -> 1.5 s
-        (Outlook(4.0, backlog=10), 2.0, Decision(Verdict.DEADLINE, 1.5, None, 3.0)),
+        # an engine backlog alone can exceed the deadline: 12 / 4 per s = 3 s
+        (Outlook(4.0, backlog=10), 2.0, Decision(Verdict.DEADLINE, 3.0, None, 3.0)),
     ],
 )
 def test_the_time_to_first_token_counts_engine_backlog_and_prefill(
@@ -234,8 +232,7 @@ async def test_work_that_would_miss_its_deadline_is_refused_at_once() -> None:
     # 3 ahead + itself at 1/s: first token in 4 s expected, 85% of the deadline is 1.7 s
     with pytest.raises(QueueFull, match="of the admission deadline") as refused:
         await core.admit(req("late"), 2.0)
-    # ceil(4 - 1.7) = 3 of the line must drain first
-    assert refused.value.retry_after_s == 3.0
+    assert refused.value.retry_after_s == 4.0  # the line of 4 at 1/s
     assert core.queue_depth == 3
     for t in waiting:
         t.cancel()
