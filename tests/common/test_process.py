@@ -65,7 +65,11 @@ def test_a_tied_child_whose_parent_is_not_the_spawner_exits_before_its_command()
     # What a child re-parented before `setpriv` set the signal sees: a parent other than the
     # process that built its argv. It must not run the command (it would be untied).
     argv = tied_to_parent([sys.executable, "-c", "print('ran')"])
-    other = [sys.executable, "-c", "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))"]
+    other = [
+        sys.executable,
+        "-c",
+        "import subprocess, sys; sys.exit(subprocess.call(sys.argv[1:]))",
+    ]
     done = subprocess.run([*other, *argv], capture_output=True, text=True, timeout=30)
     assert done.returncode == 1
     assert "ran" not in done.stdout
