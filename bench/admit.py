@@ -18,6 +18,8 @@ lease, prefix lookup and scheduling included), orchestrator and kv_registry CPU-
 (`llmmesh_kv_registry_lookup_seconds`), and the rest (the lookup round trip, hashing,
 admission). Pinned like bench-overhead: load generator and fakes on one CPU, orchestrator and
 kv_registry on the other. `--compare` prints an earlier run's figures beside these.
+`--profile` samples the orchestrator and kv_registry with py-spy during each measured rate and
+prints their hottest frames (self and inclusive time); the raw stacks go to bench-results/.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import asyncio
 import json
 import os
 import random
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -282,6 +286,66 @@ async def drive(
     return client, internal, errors, sent_s
 
 
+def start_profiles(
+    pids: dict[str, int], label: str, duration_s: float
+) -> list[tuple[subprocess.Popen[bytes], Path]]:
+    """py-spy on each process for `duration_s` (raw collapsed stacks), and the file each writes."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    outdir = Path("bench-results") / "profiles"
+    outdir.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name, pid in pids.items():
+        out = outdir / f"{name}-{label}.txt"
+        proc = subprocess.Popen(
+            [
+                spy,
+                "record",
+                "--pid",
+                str(pid),
+                "--duration",
+                str(max(1, int(duration_s))),
+                "--rate",
+                "200",
+                "--format",
+                "raw",
+                "--nonblocking",
+                "--output",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        files.append((proc, out))
+    return files
+
+
+def summarize_profile(path: Path, top: int = 25) -> str:
+    """The hottest frames of a py-spy raw profile: share of samples as the innermost frame
+    (self) and anywhere on the stack (inclusive)."""
+    self_n: dict[str, int] = {}
+    incl_n: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = stack.split(";")
+        self_n[frames[-1]] = self_n.get(frames[-1], 0) + n
+        for f in set(frames):
+            incl_n[f] = incl_n.get(f, 0) + n
+    if not total:
+        return f"{path}: no samples"
+    lines = [f"{path} ({total} samples)", "  self:"]
+    for f, n in sorted(self_n.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"    {n / total:6.1%}  {f}")
+    lines.append("  inclusive:")
+    for f, n in sorted(incl_n.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"    {n / total:6.1%}  {f}")
+    return "\n".join(lines)
+
+
 async def run_config(args: argparse.Namespace, replicas: int, w: Workload) -> list[Row]:
     cores = pinning(not args.no_pin)
     workdir = Path(tempfile.mkdtemp(prefix="bench-admit-"))
@@ -340,6 +404,11 @@ async def run_config(args: argparse.Namespace, replicas: int, w: Workload) -> li
                     orchestrator.metrics_url, names.ORCH_PLUGIN_DURATION, "plugin"
                 )
                 lookup0 = histogram_sums(registry.metrics_url, names.KV_LOOKUP_SECONDS, "")
+                profiles = (
+                    start_profiles(pids, f"{replicas}r-{tokens}t-{rate}", args.duration)
+                    if args.profile
+                    else []
+                )
                 client, internal, errors, sent_s = await drive(
                     channel, requests, rate, args.duration
                 )
@@ -378,6 +447,10 @@ async def run_config(args: argparse.Namespace, replicas: int, w: Workload) -> li
                     1.0 - sum(shares.values()) - lookup_share,
                 )
                 rows.append(row)
+                for proc, path in profiles:
+                    await asyncio.to_thread(proc.wait, 30)
+                    if path.exists():
+                        print(summarize_profile(path), flush=True)
                 print(
                     f"  {replicas} replicas, {tokens}-token prompts, {rate}/s: client p50 "
                     f"{row.client_p50_ms:.2f} ms, internal p50 {row.internal_p50_ms:.2f} ms",
@@ -492,6 +565,9 @@ def main() -> int:
     p.add_argument("--families", type=int, default=32, help="Shared prefixes in the index.")
     p.add_argument("--no-pin", action="store_true", help="Do not pin processes to CPUs.")
     p.add_argument("--compare", help="An earlier run's JSON: print its figures beside these.")
+    p.add_argument(
+        "--profile", action="store_true", help="py-spy the orchestrator and kv_registry per rate."
+    )
     p.add_argument("--output", default="admit.json", help="JSON file name in bench-results/.")
     p.add_argument("--serve-fakes", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()

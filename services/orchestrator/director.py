@@ -56,7 +56,7 @@ import time
 from collections.abc import Sequence
 
 from llmmesh.accelerators import DEFAULT_PROFILE
-from llmmesh.common.engine_metrics import fetch_metrics_text
+from llmmesh.common.engine_metrics import EngineSample, fetch_metrics_text
 from services.orchestrator import capacity, metrics
 from services.orchestrator.admission_queue import Activation, AdmissionQueue, Waiter
 from services.orchestrator.domain import (
@@ -88,6 +88,13 @@ from services.orchestrator.scheduling.work import WorkModel
 from services.orchestrator.settings import OrchestratorSettings, ReplicaSpec
 
 log = logging.getLogger(__name__)
+
+
+def _others(st: ReplicaState, sample: EngineSample | None) -> int:
+    """Requests the engine's sample held beyond this orchestrator's leases at the time."""
+    if sample is None:
+        return 0
+    return max(0, round(sample.active + sample.waiting) - st.sample_in_flight)
 
 
 class Orchestrator:
@@ -330,13 +337,17 @@ class Orchestrator:
 
     def _cap(self, st: ReplicaState, now: float) -> int:
         """The configured cap, and below it what the engine can start soon."""
+        return self._cap_of(st, self._sampler.fresh(st, now))
+
+    def _cap_of(self, st: ReplicaState, sample: EngineSample | None) -> int:
+        """`_cap` given the replica's fresh sample (or None)."""
         configured = self._configured_cap(st)
-        if self._sampler.fresh(st, now) is None:
+        if sample is None:
             return configured
         return min(
             configured,
             capacity.replica_cap(
-                self._slots(st, now),
+                capacity.engine_slots(configured, sample),
                 self._policy.capacity.overcommit,
                 self._settings.start_soon_s,
                 self._service.mean_s,
@@ -346,32 +357,54 @@ class Orchestrator:
     def _others_load(self, st: ReplicaState, now: float) -> int:
         """Requests the engine's fresh sample held beyond this orchestrator's leases at the
         time (other orchestrators', or a dead one's); 0 without a fresh sample."""
-        sample = self._sampler.fresh(st, now)
-        if sample is None:
-            return 0
-        return max(0, round(sample.active + sample.waiting) - st.sample_in_flight)
+        return _others(st, self._sampler.fresh(st, now))
 
     def _view(self, st: ReplicaState, now: float) -> ReplicaView:
+        """The replica as scheduling sees it now. A view is an immutable snapshot: the one built
+        last time is returned again while every input it was built from is unchanged (same
+        spec, sample and load objects, equal counts and flags), so an idle replica costs no new
+        view per decision."""
         sample = self._sampler.fresh(st, now)
         if sample is not None:
             self._load.observe(
                 st.spec.id, sample.active, sample.waiting, st.sample_in_flight, st.sample_at
             )
-        return ReplicaView(
-            id=st.spec.id,
-            pool=st.spec.pool,
-            model_version=st.spec.model_version,
-            models=tuple(st.spec.models),
+        in_flight = st.in_flight + _others(st, sample)
+        cap = self._cap_of(st, sample)
+        ejected = st.ejected(now)
+        failures = self._health.recent_failures(st, now)
+        load = self._load.load(st.spec.id)
+        v = st.view
+        if (
+            v is not None
+            and v.load is load
+            and st.view_sample is sample
+            and st.view_spec is st.spec
+            and v.in_flight == in_flight
+            and v.cap == cap
+            and v.ready == st.ready
+            and v.ejected == ejected
+            and v.recent_failures == failures
+        ):
+            return v
+        spec = st.spec
+        v = ReplicaView(
+            id=spec.id,
+            pool=spec.pool,
+            model_version=spec.model_version,
+            models=tuple(spec.models),
             ready=st.ready,
-            ejected=st.ejected(now),
-            in_flight=st.in_flight + self._others_load(st, now),
-            cap=self._cap(st, now),
+            ejected=ejected,
+            in_flight=in_flight,
+            cap=cap,
             engine_active=sample.active if sample else None,
             engine_waiting=sample.waiting if sample else None,
             kv_utilization=sample.kv_utilization if sample else None,
-            recent_failures=self._health.recent_failures(st, now),
-            load=self._load.load(st.spec.id),
+            recent_failures=failures,
+            load=load,
         )
+        st.view, st.view_sample, st.view_spec = v, sample, spec
+        return v
 
     def _request_view(self, req: AdmissionRequest, prefix: PrefixMatches) -> RequestView:
         pools = self._policy.pools_for(len(req.prompt_token_ids))

@@ -64,7 +64,8 @@ class Health:
         hp = self._policy
         q = st.outcomes
         while q and (now - q[0][0] > hp.failure_window_s or len(q) > hp.failure_window_requests):
-            q.popleft()
+            if q.popleft()[1]:
+                st.failed_outcomes -= 1
 
     def record_success(self, st: ReplicaState) -> None:
         st.consecutive_errors = 0
@@ -75,7 +76,7 @@ class Health:
     def recent_failures(self, st: ReplicaState, now: float) -> int:
         """Requests that failed on the replica within the window (the scorers' load penalty)."""
         self._window(st, now)
-        return sum(1 for _, failed in st.outcomes if failed)
+        return st.failed_outcomes
 
     def record_error(self, st: ReplicaState, *, reason: str, request: bool = True) -> None:
         """Count a failure (`request`: a request that failed on the replica, else a failed
@@ -86,6 +87,7 @@ class Health:
         now = self._clock()
         if request:
             st.outcomes.append((now, True))
+            st.failed_outcomes += 1
             self._window(st, now)
         if st.ejected(now):
             return
@@ -102,6 +104,7 @@ class Health:
         st.ejections += 1
         st.ejected_until = now + hp.base_ejection_seconds * st.ejections
         st.outcomes.clear()
+        st.failed_outcomes = 0
         metrics.record_ejection(st.spec.id, st.spec.pool)
         metrics.record_healthy(st.spec.id, st.spec.pool, st.healthy(now))
         log.warning(
@@ -119,7 +122,7 @@ class Health:
         if st.consecutive_errors >= hp.consecutive_errors:
             return "consecutive_errors"
         total = len(st.outcomes)
-        failed = sum(1 for _, f in st.outcomes if f)
+        failed = st.failed_outcomes
         if total >= hp.failure_min_requests and failed * 100 >= hp.failure_percentage * total:
             return "failure_percentage"
         return None

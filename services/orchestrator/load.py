@@ -35,6 +35,7 @@ from services.orchestrator.scheduling.work import WorkModel
 
 # EWMA weight of the newest grant in the mean prefill work and context per replica.
 _MEAN_ALPHA = 0.1
+_NO_LOAD = ReplicaLoad()
 
 
 @dataclass(slots=True)
@@ -58,6 +59,9 @@ class _Replica:
     others: int = 0  # the engine's requests beyond this orchestrator's leases
     kv_tokens: int = 0  # prompt + max tokens of the live leases
     kv_tokens_at_sample: int = 0
+    # `load` while the replica holds no lease and its backlog is over: it does not depend on
+    # the time then. Reset by every change to the replica's accounting.
+    idle: ReplicaLoad | None = None
 
 
 class LoadLedger:
@@ -79,7 +83,8 @@ class LoadLedger:
         max_tokens: int,
     ) -> None:
         now = self._clock()
-        rep = self._replicas.setdefault(replica_id, _Replica())
+        rep = self._replica(replica_id)
+        rep.idle = None
         cached = max(0, min(cached_tokens, prompt_tokens - 1))
         uncached = prompt_tokens - cached
         seqs, ctx = self._decoding(rep, now)
@@ -94,6 +99,12 @@ class LoadLedger:
         rep.mean_work_s += a * (work - rep.mean_work_s)
         rep.mean_context += a * (prompt_tokens + max_tokens / 2 - rep.mean_context)
 
+    def _replica(self, replica_id: str) -> _Replica:
+        rep = self._replicas.get(replica_id)
+        if rep is None:
+            rep = self._replicas[replica_id] = _Replica()
+        return rep
+
     def first_token(self, lease_id: str) -> None:
         """The lease's first token was seen now: it decodes from now on."""
         lease = self._leases.get(lease_id)
@@ -101,6 +112,7 @@ class LoadLedger:
             return
         now = self._clock()
         rep = self._replicas[lease.replica]
+        rep.idle = None
         if lease.first_token_at > now:
             self._shift_after(rep, lease, lease.first_token_at - now, now)
         lease.first_token_at = now
@@ -110,6 +122,7 @@ class LoadLedger:
         if lease is None:
             return
         rep = self._replicas[lease.replica]
+        rep.idle = None
         now = self._clock()
         if lease.first_token_at > now:
             left = lease.first_token_at - max(now, lease.started_at)
@@ -139,9 +152,10 @@ class LoadLedger:
         self, replica_id: str, active: float, waiting: float, own_at_sample: int, sample_at: float
     ) -> None:
         """Apply an engine sample once (see the module docstring)."""
-        rep = self._replicas.setdefault(replica_id, _Replica())
+        rep = self._replica(replica_id)
         if rep.sample_at == sample_at:
             return
+        rep.idle = None
         rep.sample_at = sample_at
         rep.others = max(0, round(active + waiting) - own_at_sample)
         rep.kv_tokens_at_sample = rep.kv_tokens
@@ -175,8 +189,15 @@ class LoadLedger:
     def load(self, replica_id: str) -> ReplicaLoad:
         rep = self._replicas.get(replica_id)
         if rep is None:
-            return ReplicaLoad()
+            return _NO_LOAD
         now = self._clock()
+        if not rep.leases and rep.busy_until <= now:
+            if rep.idle is None:
+                rep.idle = self._load(rep, now)
+            return rep.idle
+        return self._load(rep, now)
+
+    def _load(self, rep: _Replica, now: float) -> ReplicaLoad:
         prefill = 0.0
         for x in rep.leases.values():
             if x.first_token_at > now:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from llmmesh.common.engine_metrics import EngineSample
 from services.orchestrator import metrics
 from services.orchestrator.errors import ReplicaConflict, UnknownReplica
+from services.orchestrator.scheduling.contracts import ReplicaView
 from services.orchestrator.settings import ReplicaSpec
 
 log = logging.getLogger(__name__)
@@ -42,12 +43,18 @@ class ReplicaState:
     # Recent request outcomes (completion time, failed on the replica), oldest first: the
     # failure-share window of `Health`.
     outcomes: deque[tuple[float, bool]] = field(default_factory=deque)
+    failed_outcomes: int = 0  # the failed entries of `outcomes`
     sample: EngineSample | None = None
     sample_at: float = 0.0
     # This orchestrator's leases on the replica when `sample` was taken (the larger of the
     # counts before and after the scrape): the sample's requests beyond them are other
     # orchestrators' (or leases lost with an orchestrator that died).
     sample_in_flight: int = 0
+    # The last scheduling view of the replica and the spec and sample it was built from (the
+    # director reuses it while nothing it shows changed).
+    view: ReplicaView | None = None
+    view_spec: ReplicaSpec | None = None
+    view_sample: EngineSample | None = None
 
     def ejected(self, now: float) -> bool:
         return now < self.ejected_until

@@ -1,0 +1,79 @@
+"""Scheduling views are reused while nothing they show changed, and never stale: each change to
+a replica's leases, engine sample, health or load gives the next decision a new view."""
+
+from __future__ import annotations
+
+from llmmesh.common.engine_metrics import EngineSample
+from services.orchestrator.director import Orchestrator
+from services.orchestrator.domain import Outcome
+from services.orchestrator.load import LoadLedger
+from services.orchestrator.replicas import ReplicaState
+from services.orchestrator.scheduling.contracts import ReplicaView
+from services.orchestrator.scheduling.work import WorkModel
+from tests.orchestrator.test_core import ready_core, req
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 10.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def view(core: Orchestrator, rid: str) -> ReplicaView:
+    st = next(s for s in core.replicas() if s.spec.id == rid)
+    return core._view(st, core.now())
+
+
+def state(core: Orchestrator, rid: str) -> ReplicaState:
+    return next(s for s in core.replicas() if s.spec.id == rid)
+
+
+async def test_an_unchanged_replica_keeps_its_view_and_each_change_makes_a_new_one() -> None:
+    core, probe = await ready_core(n=1, cap=8)
+    first = view(core, "r0")
+    assert view(core, "r0") is first  # nothing changed: the same snapshot
+
+    lease = await core.admit(req("a"), 1.0)
+    held = view(core, "r0")
+    assert held is not first
+    assert (held.in_flight, first.in_flight) == (1, 0)
+    assert held.load is not None
+    assert held.load.prefill_tokens + held.load.decode_seqs == 1
+
+    assert core.complete(lease.lease_id, Outcome.REPLICA_ERROR)
+    failed = view(core, "r0")
+    assert failed.in_flight == 0
+    assert failed.recent_failures == 1
+
+    st = state(core, "r0")
+    st.sample, st.sample_at = EngineSample(3, 2, 10, 100, 8), core.now()
+    sampled = view(core, "r0")
+    assert (sampled.engine_active, sampled.engine_waiting) == (3, 2)
+    assert sampled.in_flight == 5  # the engine's requests beyond this orchestrator's leases
+    assert view(core, "r0") is sampled
+
+    probe.ready_ids.clear()
+    await core.probe_once()
+    assert view(core, "r0").ready is False
+
+
+def test_an_idle_replica_load_is_computed_once_and_reset_by_any_change() -> None:
+    clock = Clock()
+    led = LoadLedger(clock, WorkModel.named("llama-3.1-8b-h100-bf16"))
+    led.grant("a", "r", 1000, 0, 16)
+    busy = led.load("r")
+    assert busy.prefill_tokens == 1000
+    led.complete("a")
+    idle = led.load("r")
+    assert idle.prefill_tokens == 0
+    assert idle.prefill_s == 0.0
+    clock.t += 5
+    assert led.load("r") is idle  # no lease, no backlog: the time does not matter
+    led.observe("r", 4, 0, 0, clock.t)
+    others = led.load("r")
+    assert others is not idle
+    assert others.decode_seqs == 4
+    led.grant("b", "r", 500, 0, 16)
+    assert led.load("r").prefill_tokens == 500
