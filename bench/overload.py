@@ -54,7 +54,7 @@ from bench.replay import (
     RetryingClient,
     replay,
 )
-from bench.report import RESULTS_DIR, eprint, write_json
+from bench.report import RESULTS_DIR, eprint, results_dicts, write_json
 from bench.workloads import NS_UNIQUE, Request, poisson_arrivals, unique_tokens
 from llmmesh.localmesh import LocalMesh, MeshOptions
 
@@ -296,6 +296,11 @@ async def run_step(
     rss_end = mesh.rss()
     admitted = dict(attempts.ttft_s)
     attempts.ttft_s.clear()
+    if args.dump_results:
+        rows = results_dicts(results)
+        for row in rows:
+            row["admitted_ttft_s"] = admitted.get(row["request_id"])
+        write_json(f"{args.out}-{mode}-{multiplier:g}x-results.json", {"results": rows})
     step = summarize(
         results,
         mode=mode,
@@ -468,6 +473,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-in-flight", type=int, default=8192, help="load generator safety cap")
     p.add_argument("--timeout-s", type=float, default=120.0, help="client deadline per attempt")
     p.add_argument("--out", default="overload")
+    p.add_argument(
+        "--dump-results",
+        action="store_true",
+        help="also write each step's per-request results (bench-results/OUT-MODE-Nx-results.json)",
+    )
     return p
 
 
