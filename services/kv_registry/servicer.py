@@ -113,12 +113,15 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
         self, request: pb.RecordRoutingRequest, context: Ctx
     ) -> pb.RecordRoutingResponse:
         try:
-            hashes = prompt_hashes(self._core, request.token_ids, request.block_hashes)
-            ttl = request.ttl_s if request.HasField("ttl_s") else None
-            res = self._core.record_routing(request.replica_id, hashes, ttl_s=ttl)
+            return self._record_routing(request)
         except ServiceError as err:
             await abort(context, err)
             raise
+
+    def _record_routing(self, request: pb.RecordRoutingRequest) -> pb.RecordRoutingResponse:
+        hashes = prompt_hashes(self._core, request.token_ids, request.block_hashes)
+        ttl = request.ttl_s if request.HasField("ttl_s") else None
+        res = self._core.record_routing(request.replica_id, hashes, ttl_s=ttl)
         return pb.RecordRoutingResponse(
             prompt_blocks=res.prompt_blocks,
             predicted_blocks=res.predicted_blocks,
@@ -130,24 +133,27 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
         self, request: pb.ReportReuseRequest, context: Ctx
     ) -> pb.ReportReuseResponse:
         try:
-            hashes = prompt_hashes(self._core, request.token_ids, request.block_hashes)
-            if len(request.token_ids):
-                prompt_tokens: int | None = len(request.token_ids)
-            elif request.HasField("prompt_tokens"):
-                prompt_tokens = request.prompt_tokens
-            else:
-                prompt_tokens = None
-            predicted = request.predicted_blocks if request.HasField("predicted_blocks") else None
-            res = self._core.report_reuse(
-                request.replica_id,
-                hashes,
-                request.reported_reused_blocks,
-                prompt_tokens=prompt_tokens,
-                predicted_blocks=predicted,
-            )
+            return self._report_reuse(request)
         except ServiceError as err:
             await abort(context, err)
             raise
+
+    def _report_reuse(self, request: pb.ReportReuseRequest) -> pb.ReportReuseResponse:
+        hashes = prompt_hashes(self._core, request.token_ids, request.block_hashes)
+        if len(request.token_ids):
+            prompt_tokens: int | None = len(request.token_ids)
+        elif request.HasField("prompt_tokens"):
+            prompt_tokens = request.prompt_tokens
+        else:
+            prompt_tokens = None
+        predicted = request.predicted_blocks if request.HasField("predicted_blocks") else None
+        res = self._core.report_reuse(
+            request.replica_id,
+            hashes,
+            request.reported_reused_blocks,
+            prompt_tokens=prompt_tokens,
+            predicted_blocks=predicted,
+        )
         return pb.ReportReuseResponse(
             reusable_blocks=res.reusable_blocks,
             predicted_blocks=res.predicted_blocks,
@@ -160,9 +166,39 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
     async def DropReplica(
         self, request: pb.DropReplicaRequest, context: Ctx
     ) -> pb.DropReplicaResponse:
+        try:
+            return self._drop_replica(request)
+        except ServiceError as err:
+            await abort(context, err)
+            raise
+
+    def _drop_replica(self, request: pb.DropReplicaRequest) -> pb.DropReplicaResponse:
         if not request.replica_id:
-            await abort(context, InvalidArgument("must be non-empty", field="replica_id"))
+            raise InvalidArgument("must be non-empty", field="replica_id")
         return pb.DropReplicaResponse(dropped=self._core.drop_replica(request.replica_id))
+
+    async def UpdateBatch(
+        self, request: pb.UpdateBatchRequest, context: Ctx
+    ) -> pb.UpdateBatchResponse:
+        """Each update in order, as its own RPC would apply it; refused ones are counted."""
+        predicted: list[int] = []
+        rejected = 0
+        for update in request.updates:
+            kind = update.WhichOneof("kind")
+            try:
+                if kind == "routing":
+                    predicted.append(self._record_routing(update.routing).predicted_blocks)
+                elif kind == "reuse":
+                    self._report_reuse(update.reuse)
+                elif kind == "drop":
+                    self._drop_replica(update.drop)
+                else:
+                    raise InvalidArgument("update has no kind", field="updates")
+            except ServiceError:
+                rejected += 1
+                if kind == "routing":
+                    predicted.append(0)
+        return pb.UpdateBatchResponse(predicted_blocks=predicted, rejected=rejected)
 
 
 async def run_maintenance(core: KvRegistry, interval_s: float, batch: int) -> None:

@@ -35,6 +35,13 @@ _POOL_READY = Gauge(
     "Replicas the orchestrator routes to (ready, not ejected, not draining).",
     ["pool", "model_version"],
 )
+# Not in llmmesh.common.metric_names yet (that module is shared); documented in
+# docs/conventions.md.
+KV_UPDATES_DROPPED = "llmmesh_orchestrator_kv_updates_dropped_total"
+_KV_UPDATES_DROPPED = Counter(
+    KV_UPDATES_DROPPED,
+    "Approximate-mode kv_registry updates dropped unsent because the update queue was full.",
+)
 _EJECTIONS = Counter(
     names.ORCH_EJECTIONS, "Replicas ejected after repeated errors.", ["replica", "pool"]
 )
@@ -92,3 +99,7 @@ def record_grant(
     if prompt_blocks:
         _PROMPT_BLOCKS.labels(replica).inc(prompt_blocks)
         _PREFIX_HIT.labels(replica).inc(hit_blocks)
+
+
+def record_kv_update_dropped() -> None:
+    _KV_UPDATES_DROPPED.inc()

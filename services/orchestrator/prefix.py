@@ -14,6 +14,13 @@ marked down, concurrently and in the background (the caller never waits on them)
 replica's predictions follow the same routing; RecordRouting's predicted blocks are the preferred
 replica's answer. A replica that was down misses the updates of that time: its predictions
 (short-lived: they end with their lease) are those of a restarted replica.
+
+Updates are queued and sent in order, as UpdateBatch calls: at most one batch in flight, the
+next one holds what arrived meanwhile (up to `MAX_BATCH`), so under load one call carries many
+decisions' updates and an idle orchestrator sends each at once. The queue holds at most
+`max_pending` updates; beyond that the oldest is dropped (`llmmesh_orchestrator_kv_updates_dropped_total`):
+an update lost costs prediction quality only. A registry that does not know UpdateBatch
+(UNIMPLEMENTED: an older version) gets the batch's updates one RPC each, in order.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ import asyncio
 import logging
 import struct
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -34,6 +42,7 @@ from llmmesh.common.telemetry import inject_trace_metadata
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
 from llmmesh.kvblocks import BlockConfig, hashes_from_bytes
+from services.orchestrator import metrics
 from services.orchestrator.settings import OrchestratorSettings
 
 log = logging.getLogger(__name__)
@@ -87,10 +96,18 @@ class _Registry:
     stub: pb_grpc.KvRegistryServiceAsyncStub
     down_until: float = 0.0  # monotonic; skipped until then after a failure
     down: bool = False  # the last call failed (logged once per outage)
+    batches: bool = True  # answers UpdateBatch (False once it said UNIMPLEMENTED, until down)
 
     @property
     def address(self) -> str:
         return self.endpoint.address
+
+
+@dataclass(slots=True, eq=False)
+class _Update:
+    message: pb.RegistryUpdate
+    # Resolved once sent (or dropped): the predicted blocks for a routing update, else 0.
+    done: asyncio.Future[int]
 
 
 class RegistryPrefixIndex:
@@ -98,6 +115,7 @@ class RegistryPrefixIndex:
     `endpoints`, plus those `refresh()` finds behind `dns` (host:port of a headless Service)."""
 
     LOOKUP_ATTEMPTS = 2  # registries one lookup tries before it routes prefix-blind
+    MAX_BATCH = 256  # updates in one UpdateBatch call
 
     def __init__(
         self,
@@ -108,6 +126,7 @@ class RegistryPrefixIndex:
         dns: str | None = None,
         retry_s: float = kv_registries.RETRY_S,
         update_timeout_s: float = 1.0,
+        max_pending: int = 4096,
         clock: Callable[[], float] = time.monotonic,
     ):
         if not endpoints and not dns:
@@ -118,6 +137,9 @@ class RegistryPrefixIndex:
         self._timeout_s = timeout_s
         self._retry_s = retry_s
         self._update_timeout_s = update_timeout_s
+        self._max_pending = max_pending
+        self._pending: deque[_Update] = deque()
+        self._sender: asyncio.Task[None] | None = None
         self._clock = clock
         self._registries: list[_Registry] = []
         self._preferred: _Registry | None = None
@@ -171,6 +193,7 @@ class RegistryPrefixIndex:
 
     def _failed(self, reg: _Registry, err: grpc.aio.AioRpcError, call: str) -> None:
         reg.down_until = self._clock() + self._retry_s
+        reg.batches = True  # it may come back as another version
         if self._preferred is reg:
             self._preferred = None
         if not reg.down:
@@ -211,35 +234,96 @@ class RegistryPrefixIndex:
         log.debug("prefix lookup failed on every registry tried")
         return PrefixMatches(len(hashes), {}, hashes)
 
-    async def _to_all(
-        self, call: str, send: Callable[[_Registry], Awaitable[object]]
-    ) -> list[tuple[_Registry, object]]:
-        """`send` to every registry not skipped, concurrently; the answers of those that
-        answered, preferred first."""
-        regs = self._up()
+    # -- approximate-mode updates: queued, sent in batches ------------------------------------
+    @property
+    def pending(self) -> int:
+        """Updates queued and not yet sent."""
+        return len(self._pending)
 
-        async def one(reg: _Registry) -> tuple[_Registry, object] | None:
+    def _enqueue(self, message: pb.RegistryUpdate) -> asyncio.Future[int]:
+        loop = asyncio.get_running_loop()
+        update = _Update(message, loop.create_future())
+        if len(self._pending) >= self._max_pending:
+            oldest = self._pending.popleft()
+            _resolve(oldest.done, 0)
+            metrics.record_kv_update_dropped()
+        self._pending.append(update)
+        if self._sender is None or self._sender.done():
+            self._sender = loop.create_task(self._send_pending())
+        return update.done
+
+    async def _send_pending(self) -> None:
+        """Send the queue in order, one batch at a time, until it is empty."""
+        while self._pending:
+            n = min(len(self._pending), self.MAX_BATCH)
+            batch = [self._pending.popleft() for _ in range(n)]
+            predicted: list[int] = []
             try:
-                resp = await send(reg)
-            except grpc.aio.AioRpcError as err:
-                self._failed(reg, err, call)
-                return None
-            self._answered(reg)
-            return reg, resp
+                predicted = await self._send_batch([u.message for u in batch])
+            finally:
+                answers = iter(predicted)
+                for u in batch:
+                    routing = u.message.WhichOneof("kind") == "routing"
+                    _resolve(u.done, next(answers, 0) if routing else 0)
+
+    async def _send_batch(self, updates: list[pb.RegistryUpdate]) -> list[int]:
+        """`updates` to every registry not skipped, concurrently; the predicted blocks of the
+        routing updates from the first that answered, preferred first ([] if none did)."""
+        regs = self._up()
+        if not regs:
+            return []
+        req = pb.UpdateBatchRequest(updates=updates)
+
+        async def one(reg: _Registry) -> list[int] | None:
+            if reg.batches:
+                try:
+                    resp = await reg.stub.UpdateBatch(req, timeout=self._update_timeout_s)
+                except grpc.aio.AioRpcError as err:
+                    if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                        self._failed(reg, err, "UpdateBatch")
+                        return None
+                    reg.batches = False
+                else:
+                    self._answered(reg)
+                    return list(resp.predicted_blocks)
+            return await self._send_each(reg, updates)
 
         results = await asyncio.gather(*(one(r) for r in regs))
-        return [r for r in results if r is not None]
+        return next((r for r in results if r is not None), [])
+
+    async def _send_each(
+        self, reg: _Registry, updates: list[pb.RegistryUpdate]
+    ) -> list[int] | None:
+        """The updates one RPC each, in order (a registry without UpdateBatch); None when the
+        registry failed."""
+        predicted: list[int] = []
+        timeout = self._update_timeout_s
+        for u in updates:
+            kind = u.WhichOneof("kind")
+            try:
+                if kind == "routing":
+                    resp = await reg.stub.RecordRouting(u.routing, timeout=timeout)
+                    predicted.append(int(resp.predicted_blocks))
+                elif kind == "reuse":
+                    await reg.stub.ReportReuse(u.reuse, timeout=timeout)
+                elif kind == "drop":
+                    await reg.stub.DropReplica(u.drop, timeout=timeout)
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    if kind == "routing":
+                        predicted.append(0)
+                    continue
+                self._failed(reg, err, kind or "update")
+                return None
+        self._answered(reg)
+        return predicted
 
     async def record_routing(self, replica_id: str, hashes: Sequence[int]) -> int:
-        req = pb.RecordRoutingRequest(replica_id=replica_id, block_hashes=hashes)
-        answers = await self._to_all(
-            "RecordRouting",
-            lambda reg: reg.stub.RecordRouting(req, timeout=self._update_timeout_s),
+        return await self._enqueue(
+            pb.RegistryUpdate(
+                routing=pb.RecordRoutingRequest(replica_id=replica_id, block_hashes=hashes)
+            )
         )
-        for _, resp in answers:
-            assert isinstance(resp, pb.RecordRoutingResponse)
-            return int(resp.predicted_blocks)
-        return 0
 
     async def report_reuse(
         self,
@@ -249,26 +333,33 @@ class RegistryPrefixIndex:
         prompt_tokens: int,
         predicted: int,
     ) -> None:
-        req = pb.ReportReuseRequest(
-            replica_id=replica_id,
-            block_hashes=hashes,
-            reported_reused_blocks=reported,
-            prompt_tokens=prompt_tokens,
-            predicted_blocks=predicted,
-        )
-        await self._to_all(
-            "ReportReuse", lambda reg: reg.stub.ReportReuse(req, timeout=self._update_timeout_s)
+        await self._enqueue(
+            pb.RegistryUpdate(
+                reuse=pb.ReportReuseRequest(
+                    replica_id=replica_id,
+                    block_hashes=hashes,
+                    reported_reused_blocks=reported,
+                    prompt_tokens=prompt_tokens,
+                    predicted_blocks=predicted,
+                )
+            )
         )
 
     async def drop_replica(self, replica_id: str) -> None:
-        req = pb.DropReplicaRequest(replica_id=replica_id)
-        await self._to_all(
-            "DropReplica", lambda reg: reg.stub.DropReplica(req, timeout=self._update_timeout_s)
-        )
+        await self._enqueue(pb.RegistryUpdate(drop=pb.DropReplicaRequest(replica_id=replica_id)))
 
     async def close(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+        while self._pending:
+            _resolve(self._pending.popleft().done, 0)
         for reg in self._registries:
             await reg.channel.close(None)
+
+
+def _resolve(fut: asyncio.Future[int], value: int) -> None:
+    if not fut.done():
+        fut.set_result(value)
 
 
 def registry_index(
@@ -286,4 +377,5 @@ def registry_index(
         settings.kv_lookup_timeout_s,
         dns=settings.kv_registry_dns,
         retry_s=settings.kv_registry_retry_s,
+        max_pending=settings.kv_update_queue,
     )

@@ -183,6 +183,14 @@ class OrchestratorSettings(ServiceSettings):
         gt=0,
         description="A kv_registry replica that failed a call is skipped this long, then tried again.",
     )
+    kv_update_queue: int = Field(
+        default=4096,
+        gt=0,
+        description=(
+            "Approximate-mode updates (RecordRouting, ReportReuse) waiting to be sent to "
+            "kv_registry; beyond this the oldest is dropped (prediction quality only)."
+        ),
+    )
 
     @field_validator("kv_registry_addresses")
     @classmethod

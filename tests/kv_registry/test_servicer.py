@@ -147,6 +147,46 @@ async def test_approximate_mode_round_trip(registry: Registry) -> None:
     assert not (await stub.Lookup(pb.LookupRequest(token_ids=PROMPT))).matches
 
 
+async def test_update_batch_applies_in_order_and_skips_refused_updates(
+    registry: Registry,
+) -> None:
+    def routing(replica: str) -> pb.RegistryUpdate:
+        return pb.RegistryUpdate(
+            routing=pb.RecordRoutingRequest(replica_id=replica, block_hashes=HASHES)
+        )
+
+    resp = await registry.stub.UpdateBatch(
+        pb.UpdateBatchRequest(
+            updates=[
+                routing("p0"),
+                routing(""),  # refused by RecordRouting: skipped, the rest applies
+                routing("p0"),  # sees the first one's prediction
+                pb.RegistryUpdate(
+                    reuse=pb.ReportReuseRequest(
+                        replica_id="p0",
+                        block_hashes=HASHES,
+                        prompt_tokens=len(PROMPT),
+                        reported_reused_blocks=2,
+                        predicted_blocks=4,
+                    )
+                ),
+                routing("p1"),
+                pb.RegistryUpdate(drop=pb.DropReplicaRequest(replica_id="p1")),
+                pb.RegistryUpdate(),  # no kind
+            ]
+        )
+    )
+    assert list(resp.predicted_blocks) == [0, 0, 4, 0]
+    assert resp.rejected == 2
+    got = await registry.stub.Lookup(pb.LookupRequest(block_hashes=HASHES))
+    assert [m.replica_id for m in got.matches] == ["p0"]  # p1 recorded, then dropped
+    # The reported prompt's own entries are kept by the correction.
+    routed = await registry.stub.RecordRouting(
+        pb.RecordRoutingRequest(replica_id="p0", block_hashes=HASHES)
+    )
+    assert routed.predicted_blocks == 4
+
+
 async def test_report_for_an_exact_replica_only_counts(registry: Registry) -> None:
     await registry.stub.PublishEvents(publish("r0", stored(0, HASHES)))
     report = await registry.stub.ReportReuse(

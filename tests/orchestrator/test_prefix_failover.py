@@ -11,11 +11,13 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 import pytest_asyncio
+from prometheus_client import REGISTRY
 
 from llmmesh.common.kv_registries import RegistryEndpoint
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
 from llmmesh.kvblocks import BlockConfig
+from services.orchestrator.metrics import KV_UPDATES_DROPPED
 from services.orchestrator.prefix import RegistryPrefixIndex, registry_index
 from services.orchestrator.settings import OrchestratorSettings
 
@@ -214,6 +216,72 @@ async def test_updates_go_to_every_registry_that_is_up(
         assert a.fake.lookups == 0
     finally:
         await idx.close()
+
+
+class BatchingRegistry(FakeRegistry):
+    """A registry that knows UpdateBatch: records each batch's size and its updates."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.batches: list[int] = []
+        self.release = asyncio.Event()
+        self.release.set()
+        self.entered = asyncio.Event()  # set when a batch arrives
+
+    async def UpdateBatch(
+        self, request: pb.UpdateBatchRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.UpdateBatchResponse:
+        self.entered.set()
+        await self.release.wait()
+        self.batches.append(len(request.updates))
+        predicted = []
+        for u in request.updates:
+            kind = u.WhichOneof("kind")
+            replica = getattr(u, kind or "drop").replica_id
+            self.updates.append(f"{kind}:{replica}")
+            if kind == "routing":
+                predicted.append(int(replica[1:]))
+        return pb.UpdateBatchResponse(predicted_blocks=predicted)
+
+
+async def test_updates_are_batched_in_order_and_the_oldest_dropped_when_full() -> None:
+    served = Served("a")
+    served.fake = BatchingRegistry("a")  # type: ignore[abstract]
+    await served.start()
+    fake = served.fake
+    assert isinstance(fake, BatchingRegistry)
+    idx = RegistryPrefixIndex(
+        [RegistryEndpoint(served.address)], CFG, 0.5, update_timeout_s=5.0, max_pending=4
+    )
+    dropped = REGISTRY.get_sample_value(KV_UPDATES_DROPPED) or 0.0
+    try:
+        assert await idx.record_routing("r7", [1, 2]) == 7  # alone: sent at once
+        fake.release.clear()  # the next batch hangs in the registry until released
+        fake.entered.clear()
+        first = asyncio.ensure_future(idx.record_routing("r1", [1]))
+        await fake.entered.wait()
+        assert idx.pending == 0  # r1's batch is in flight
+        later = [asyncio.ensure_future(idx.record_routing(f"r{i}", [1])) for i in range(2, 8)]
+        reuse = asyncio.ensure_future(idx.report_reuse("r5", [1], 1, 8, 5))
+        await asyncio.sleep(0)
+        assert idx.pending == 4  # r2, r3 and r4 dropped (oldest first), r5..r7 and the report kept
+        fake.release.set()
+        assert await first == 1
+        assert [await f for f in later] == [0, 0, 0, 5, 6, 7]  # a dropped routing predicts 0
+        await reuse
+        assert fake.batches == [1, 1, 4]  # one call carried everything queued meanwhile
+        assert fake.updates == [
+            "routing:r7",
+            "routing:r1",
+            "routing:r5",
+            "routing:r6",
+            "routing:r7",
+            "reuse:r5",
+        ]
+        assert REGISTRY.get_sample_value(KV_UPDATES_DROPPED) == dropped + 3
+    finally:
+        await idx.close()
+        await served.stop()
 
 
 async def test_dns_target_adds_the_pods_it_resolves_to(registries: tuple[Served, Served]) -> None:
