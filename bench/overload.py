@@ -464,6 +464,12 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="the gateway's admission_max_wait_s (default: the SLO; 0: unset, the deadline)",
     )
+    p.add_argument(
+        "--start-soon-s",
+        type=float,
+        default=None,
+        help="the orchestrator's start_soon_s (leases beyond the engines' slots); default: its own",
+    )
     p.add_argument("--start-rate", type=float, default=4.0)
     p.add_argument("--max-rate", type=float, default=400.0)
     p.add_argument("--bisections", type=int, default=2)
@@ -487,6 +493,8 @@ async def main_async(args: argparse.Namespace) -> int:
         emulator_env["LLMMESH_EMULATOR_MAX_BATCH_SIZE"] = str(args.max_batch_size)
     wait_s = args.slo_s if args.admission_max_wait_s is None else args.admission_max_wait_s
     gateway_env = {"LLMMESH_GATEWAY_ADMISSION_MAX_WAIT_S": str(wait_s)} if wait_s > 0 else {}
+    if args.start_soon_s is not None:
+        gateway_env["LLMMESH_ORCHESTRATOR_START_SOON_S"] = str(args.start_soon_s)
     mesh = LocalMesh(
         MeshOptions(
             replicas=args.replicas,
