@@ -10,7 +10,7 @@ from services.orchestrator.load import LoadLedger
 from services.orchestrator.replicas import ReplicaState
 from services.orchestrator.scheduling.contracts import ReplicaView
 from services.orchestrator.scheduling.work import WorkModel
-from tests.orchestrator.test_core import ready_core, req
+from tests.orchestrator.test_core import FakeProbe, req, settings
 
 
 class Clock:
@@ -31,7 +31,10 @@ def state(core: Orchestrator, rid: str) -> ReplicaState:
 
 
 async def test_an_unchanged_replica_keeps_its_view_and_each_change_makes_a_new_one() -> None:
-    core, probe = await ready_core(n=1, cap=8)
+    probe = FakeProbe()
+    probe.ready_ids = {"r0"}
+    core = Orchestrator(settings(n=1, cap=8), probe, clock=Clock())  # time stands still
+    await core.probe_once()
     first = view(core, "r0")
     assert view(core, "r0") is first  # nothing changed: the same snapshot
 
@@ -40,7 +43,7 @@ async def test_an_unchanged_replica_keeps_its_view_and_each_change_makes_a_new_o
     assert held is not first
     assert (held.in_flight, first.in_flight) == (1, 0)
     assert held.load is not None
-    assert held.load.prefill_tokens + held.load.decode_seqs == 1
+    assert held.load.prefill_tokens == 3  # the 3-token prompt, its prefill not yet done
 
     assert core.complete(lease.lease_id, Outcome.REPLICA_ERROR)
     failed = view(core, "r0")
