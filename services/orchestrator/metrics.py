@@ -6,6 +6,8 @@ Components call `record_*`; none touches a metric object. Names come from
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 from llmmesh.common import metric_names as names
@@ -47,6 +49,20 @@ _EJECTIONS = Counter(
 )
 
 
+# Labelled children by (metric, label values): `labels()` costs a lock and a tuple build per
+# call; the per-decision updates below look their children up here instead. Children are never
+# removed from these metrics, so a cached child stays the exported one.
+_CHILDREN: dict[tuple[object, tuple[str, ...]], Any] = {}
+
+
+def _child(metric: Counter | Gauge | Histogram, *labels: str) -> Any:
+    key = (metric, labels)
+    child = _CHILDREN.get(key)
+    if child is None:
+        child = _CHILDREN[key] = metric.labels(*labels)
+    return child
+
+
 def record_replica_known(replica: str, pool: str) -> None:
     """A replica entered the set: it reports unhealthy with no leases until probed."""
     _HEALTHY.labels(replica, pool).set(0)
@@ -54,7 +70,7 @@ def record_replica_known(replica: str, pool: str) -> None:
 
 
 def record_in_flight(replica: str, pool: str, in_flight: int) -> None:
-    _IN_FLIGHT.labels(replica, pool).set(in_flight)
+    _child(_IN_FLIGHT, replica, pool).set(in_flight)
 
 
 def record_healthy(replica: str, pool: str, healthy: bool) -> None:
@@ -94,11 +110,11 @@ def record_grant(
     prompt_blocks: int,
     hit_blocks: int,
 ) -> None:
-    _DECISIONS.labels(model, replica, pool).inc()
-    _QUEUE_WAIT.labels(model).observe(queue_s)
+    _child(_DECISIONS, model, replica, pool).inc()
+    _child(_QUEUE_WAIT, model).observe(queue_s)
     if prompt_blocks:
-        _PROMPT_BLOCKS.labels(replica).inc(prompt_blocks)
-        _PREFIX_HIT.labels(replica).inc(hit_blocks)
+        _child(_PROMPT_BLOCKS, replica).inc(prompt_blocks)
+        _child(_PREFIX_HIT, replica).inc(hit_blocks)
 
 
 def record_kv_update_dropped() -> None:
