@@ -21,8 +21,9 @@ mixed 20% interactive / 60% standard / 20% batch, unkeyed gRPC requests.
    clients that do not retry and once with clients that honour retry-after
    (`bench.replay.RetryingClient`: OpenAI SDK policy, 2 retries, retry-after + jitter).
 
-Per step: offered and completed requests/s, goodput (completions whose admitted attempt had its
-first token within the SLO, per second over the step's send window) as a share of capacity,
+Per step: offered and completed requests/s, goodput (completions whose first token came within
+the step and whose admitted attempt had it within the SLO, per second of the step) as a share of
+capacity,
 refusals by code and how many carried retry-after, admitted p50/p99 TTFT per priority (the
 admitted attempt's, from its send: `AttemptTimes`), gateway and orchestrator RSS at the
 start and end of the step (VmRSS from /proc), engine deaths (the supervisor's restarts of a
@@ -165,18 +166,21 @@ def summarize(
 ) -> Step:
     """One step's numbers from its per-request results (no mesh needed: unit-tested).
     Completions per second are over the step and the drain after it (`wall_s`, from the first
-    send to the last answer); goodput over the step (a completion within the SLO had its first
-    token by the step's end plus the SLO). `admitted_ttft_s`: the admitted attempt's TTFT per
-    request id (`AttemptTimes`); without it, each result's own (from its scheduled arrival)."""
+    send to the last answer). Goodput counts the completions whose first token came within the
+    step (`duration_s` from the first scheduled arrival; retried requests and the drain finish
+    after it, and counting them over the step alone would exceed capacity). `admitted_ttft_s`:
+    the admitted attempt's TTFT per request id (`AttemptTimes`); without it, each result's own
+    (from its scheduled arrival)."""
     ok = [r for r in results if r.ok]
+    in_step = [r for r in ok if r.ttft_s is not None and r.scheduled_s + r.ttft_s <= duration_s]
 
     def first_token_s(r: Result) -> float | None:
         if admitted_ttft_s is not None and r.request_id in admitted_ttft_s:
             return admitted_ttft_s[r.request_id]
         return r.ttft_s
 
-    good = [r for r in ok if (t := first_token_s(r)) is not None and t <= slo_s]
-    good_e2e = [r for r in ok if r.ttft_s is not None and r.ttft_s <= slo_s]
+    good = [r for r in in_step if (t := first_token_s(r)) is not None and t <= slo_s]
+    good_e2e = [r for r in in_step if r.ttft_s is not None and r.ttft_s <= slo_s]
     refusals: Counter[str] = Counter()
     with_retry_after: Counter[str] = Counter()
     for r in results:

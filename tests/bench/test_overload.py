@@ -210,6 +210,22 @@ def test_goodput_counts_the_admitted_attempt_end_to_end_counts_the_retry_wait() 
     assert step.ttft_ms["standard"] == {"n": 1, "p50": 400.0, "p99": 400.0}
 
 
+def test_goodput_counts_first_tokens_within_the_step() -> None:
+    late = result(1, "standard", 0.5)
+    late.scheduled_s = 9.8  # first token at 10.3 s, after the 10 s step (a retry, the drain)
+    step = summarize(
+        [result(0, "standard", 0.5), late],
+        mode="retry",
+        multiplier=1,
+        offered_rps=0.2,
+        duration_s=10.0,
+        capacity_rps=0.2,
+        slo_s=2.0,
+    )
+    assert step.goodput_rps == pytest.approx(0.1)
+    assert step.completed_rps == pytest.approx(0.2)
+
+
 async def test_attempt_times_record_the_attempt_that_produced_the_first_token() -> None:
     inner = Scripted([("RESOURCE_EXHAUSTED", 0.0)])
     attempts = AttemptTimes(inner)
