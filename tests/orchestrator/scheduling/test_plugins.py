@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from services.orchestrator.scheduling.contracts import ReplicaView, RequestView
+from services.orchestrator.scheduling.contracts import ReplicaLoad, ReplicaView, RequestView
 from services.orchestrator.scheduling.plugins import (
     circuit,
     estimated_wait,
@@ -132,6 +132,26 @@ def test_pool_filter(
 def test_kv_watermark_filter(util: float | None, kept: bool) -> None:
     f = kv_watermark.KvWatermarkFilter(kv_watermark.Params(max_kv_utilization=0.9))
     assert bool(f.filter(reqv(), [rep("a", kv_utilization=util)])) is kept
+
+
+@pytest.mark.parametrize(
+    ("util", "scale", "kept"),
+    [
+        # Leases that ended since the sample freed blocks: a full-looking sample is let through.
+        (0.95, 0.5, True),
+        (0.95, 0.99, False),
+        # Leases granted since the sample do not push a replica over: their scale counts whole
+        # prompts, blind to shared prefix blocks (the scorers and the lease cap see them).
+        (0.5, 3.0, True),
+        (0.91, 1.0, False),
+    ],
+)
+def test_kv_watermark_carries_the_sample_forward_only_downwards(
+    util: float, scale: float, kept: bool
+) -> None:
+    f = kv_watermark.KvWatermarkFilter(kv_watermark.Params(max_kv_utilization=0.9))
+    r = rep("a", kv_utilization=util, load=ReplicaLoad(kv_scale=scale))
+    assert bool(f.filter(reqv(), [r])) is kept
 
 
 def test_circuit_breaker_filter() -> None:

@@ -30,6 +30,9 @@ class KvWatermarkFilter:
 
 
 def live(r: ReplicaView) -> float:
-    """The sample's KV use carried forward to now by the live load accounting."""
+    """The sample's KV use, less what the leases that ended since freed (the live load
+    accounting's scale, when below 1). Growth since the sample is not added: the scale counts
+    each lease's whole prompt, blind to the prefix blocks it shares with others, and the load
+    scorers and the lease cap already see the leases granted since."""
     assert r.kv_utilization is not None
-    return r.kv_utilization * (r.load.kv_scale if r.load is not None else 1.0)
+    return r.kv_utilization * (min(1.0, r.load.kv_scale) if r.load is not None else 1.0)
