@@ -22,8 +22,8 @@ Invariants:
   exceeds `limit(interactive)` = `max_queue`.
 - An arrival whose expected time to first token exceeds `DEADLINE_SHARE` of its Admit deadline
   is refused at once (the rest is headroom for the estimate's error and the hops to the engine);
-  a waiter whose expected first token, re-estimated at each dispatch, lies beyond the deadline
-  itself is refused then. The Admit deadline is the sooner of the client's deadline and the
+  a waiter whose expected first token, re-estimated at each dispatch, lies beyond that share of
+  its deadline (counted from its arrival) is refused then (`within_share`). The Admit deadline is the sooner of the client's deadline and the
   gateway's admission wait bound (`admission_max_wait_s`, the TTFT objective): it bounds the
   time to the first token, not the generation.
 - Every refusal carries a retry-after: the time for the line ahead of the request, itself
@@ -149,6 +149,14 @@ class Outlook:
     def retry_after_s(self, position: int) -> float:
         """Seconds until the line ahead of the request at `position` has drained; clamped."""
         return retry_after_s(position + self.backlog, self.rate)
+
+
+def within_share(
+    first_token_at: float, arrived_at: float, deadline: float, share: float = DEADLINE_SHARE
+) -> bool:
+    """Whether a first token expected at `first_token_at` comes within `share` of the budget
+    from `arrived_at` to `deadline` (all on one clock)."""
+    return first_token_at <= arrived_at + share * (deadline - arrived_at)
 
 
 class Verdict(enum.Enum):

@@ -516,9 +516,9 @@ class Orchestrator:
 
     def _shed_late(self, blocked: list[Waiter]) -> list[Waiter]:
         """Refuse now, with a retry-after, the waiters (in service order) whose expected first
-        token (`capacity.Outlook`) lies beyond their Admit deadline: waiting on would only end
-        in a timeout or a missed objective. A scale-from-zero waiter is left to its activation
-        timeout."""
+        token (`capacity.Outlook`) lies beyond the share of their Admit deadline an arrival may
+        take (`capacity.within_share`): waiting on would only end in a timeout or a missed
+        objective. A scale-from-zero waiter is left to its activation timeout."""
         if not blocked:
             return blocked
         outlook = self._outlook()
@@ -529,13 +529,16 @@ class Orchestrator:
         for w in blocked:
             position = len(kept) + 1
             first_token = outlook.first_token_s(position) or 0.0
-            if w.activation is None and now + first_token > w.deadline:
+            if w.activation is None and not capacity.within_share(
+                now + first_token, w.enqueued_at, w.deadline
+            ):
                 metrics.record_dequeued(w.request.model, w.pool_key)
                 metrics.record_rejection(w.request.model, "expected_wait")
                 w.future.set_exception(
                     QueueFull(
-                        f"expected time to first token {first_token:.3f}s exceeds the "
-                        f"admission deadline ({max(w.deadline - now, 0.0):.3f}s left)",
+                        f"expected time to first token {first_token:.3f}s exceeds "
+                        f"{capacity.DEADLINE_SHARE:.0%} of the admission deadline "
+                        f"({max(w.deadline - now, 0.0):.3f}s left)",
                         retry_after_s=outlook.retry_after_s(position),
                     )
                 )

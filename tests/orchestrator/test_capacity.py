@@ -246,12 +246,22 @@ async def test_a_waiter_the_queue_cannot_reach_in_time_is_refused_before_its_dea
     await assert_queued(core, 2)
     hurried = asyncio.create_task(core.admit(req("h"), 10.0))  # 3 s expected: admitted
     await assert_queued(core, 3)
-    clock.t += 8.0  # nothing completed: the third place now starts after its deadline
+    # nothing completed for 6 s: the third place's first token is now expected at 9 s of its
+    # 10 s deadline, beyond the 8.5 s an arrival may take
+    clock.t += 6.0
     await core.scrape_once()  # any dispatch re-checks the queue
-    with pytest.raises(QueueFull, match="exceeds the admission deadline") as refused:
+    with pytest.raises(QueueFull, match="of the admission deadline") as refused:
         await hurried
     assert refused.value.retry_after_s == 3.0
     assert core.queue_depth == 2  # the patient ones wait on
     for t in patient:
         t.cancel()
     await asyncio.gather(*patient, return_exceptions=True)
+
+
+@pytest.mark.parametrize(
+    ("first_token_at", "expected"),
+    [(108.5, True), (108.6, False), (100.0, True)],  # budget 100 -> 110: 85% ends at 108.5
+)
+def test_within_share_of_the_budget_from_arrival(first_token_at: float, expected: bool) -> None:
+    assert capacity.within_share(first_token_at, 100.0, 110.0) is expected
