@@ -361,6 +361,7 @@ class Cluster:
             random.Random(seed),
             self._fetch_metrics,
             self.loop.time,
+            fetch_in_thread=False,
         )
         for rid in [s.id for s in static]:
             self._start_engine(self.replicas[rid])

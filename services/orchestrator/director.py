@@ -107,7 +107,11 @@ class Orchestrator:
         rng: random.Random | None = None,
         fetch_metrics: FetchMetrics | None = None,
         clock: Clock = time.monotonic,
+        *,
+        fetch_in_thread: bool = True,
     ) -> None:
+        """`fetch_in_thread=False`: `fetch_metrics` does not block (an in-process engine's
+        sample, a simulator's): scrapes call it inline instead of in a worker thread."""
         self._settings = settings
         self._policy = policy or Policy()
         self._clock = clock
@@ -132,6 +136,7 @@ class Orchestrator:
             settings.health_timeout_s,
             settings.metrics_max_age_s,
             clock,
+            in_thread=fetch_in_thread,
         )
         self._leases = LeaseTable(settings.lease_timeout_s, clock)
         # Live per-replica work (load.py): every grant and completion, corrected by samples.

@@ -157,8 +157,17 @@ class EngineSampler:
     """Engine gauges per replica from Triton's /metrics, with their age."""
 
     def __init__(
-        self, fetch: FetchMetrics, timeout_s: float, max_age_s: float, clock: Clock
+        self,
+        fetch: FetchMetrics,
+        timeout_s: float,
+        max_age_s: float,
+        clock: Clock,
+        *,
+        in_thread: bool = True,
     ) -> None:
+        """`in_thread`: `fetch` blocks (HTTP) and runs in a worker thread, all replicas at
+        once; else it is called inline, one replica after the other (no task per replica)."""
+        self._in_thread = in_thread
         self._fetch = fetch
         self._timeout_s = timeout_s
         self._max_age_s = max_age_s
@@ -181,9 +190,27 @@ class EngineSampler:
                     "metrics scrape failed", extra={"replica": st.spec.id, "error": repr(exc)}
                 )
                 return
-            sample = text if isinstance(text, EngineSample) else parse_engine_metrics(text)
-            if sample is not None:
-                st.sample, st.sample_at = sample, self._clock()
-                st.sample_in_flight = max(before, st.in_flight)
+            self._store(st, text, before)
 
+        if not self._in_thread:
+            for st in replicas:
+                if st.spec.metrics_url:
+                    try:
+                        text = self._fetch(
+                            st.spec.metrics_url, st.spec.metrics_host, self._timeout_s
+                        )
+                    except OSError as exc:
+                        log.debug(
+                            "metrics scrape failed",
+                            extra={"replica": st.spec.id, "error": repr(exc)},
+                        )
+                        continue
+                    self._store(st, text, st.in_flight)
+            return
         await asyncio.gather(*(one(st) for st in replicas if st.spec.metrics_url))
+
+    def _store(self, st: ReplicaState, text: str | EngineSample, before: int) -> None:
+        sample = text if isinstance(text, EngineSample) else parse_engine_metrics(text)
+        if sample is not None:
+            st.sample, st.sample_at = sample, self._clock()
+            st.sample_in_flight = max(before, st.in_flight)

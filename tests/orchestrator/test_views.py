@@ -3,13 +3,17 @@ a replica's leases, engine sample, health or load gives the next decision a new 
 
 from __future__ import annotations
 
+import threading
+
 from llmmesh.common.engine_metrics import EngineSample
 from services.orchestrator.director import Orchestrator
 from services.orchestrator.domain import Outcome
+from services.orchestrator.health import EngineSampler
 from services.orchestrator.load import LoadLedger
 from services.orchestrator.replicas import ReplicaState
 from services.orchestrator.scheduling.contracts import ReplicaView
 from services.orchestrator.scheduling.work import WorkModel
+from services.orchestrator.settings import ReplicaSpec
 from tests.orchestrator.test_core import FakeProbe, req, settings
 
 
@@ -80,3 +84,30 @@ def test_an_idle_replica_load_is_computed_once_and_reset_by_any_change() -> None
     assert others.decode_seqs == 4
     led.grant("b", "r", 500, 0, 16)
     assert led.load("r").prefill_tokens == 500
+
+
+async def test_an_inline_sampler_calls_fetch_on_the_loop_thread_and_skips_failures() -> None:
+    loop_thread = threading.get_ident()
+    calls: list[str] = []
+
+    def fetch(url: str, host: str, timeout_s: float) -> EngineSample:
+        assert threading.get_ident() == loop_thread  # inline: no worker thread
+        calls.append(url)
+        if url.endswith("down"):
+            raise OSError("unreachable")
+        return EngineSample(1, 0, 5, 10)
+
+    clock = Clock()
+    sampler = EngineSampler(fetch, 1.0, 5.0, clock, in_thread=False)
+    states = [
+        ReplicaState(ReplicaSpec(id=i, grpc_address="h:1", metrics_url=f"http://m/{i}"))
+        for i in ("up", "down")
+    ]
+    states[0].in_flight = 2
+    await sampler.scrape(states)
+    assert calls == ["http://m/up", "http://m/down"]
+    up, down = states
+    assert up.sample == EngineSample(1, 0, 5, 10)
+    assert (up.sample_at, up.sample_in_flight) == (clock.t, 2)
+    assert down.sample is None
+    assert sampler.fresh(up, clock.t + 5.5) is None  # older than max age: unknown
