@@ -139,6 +139,9 @@ class Orchestrator:
             in_thread=fetch_in_thread,
         )
         self._leases = LeaseTable(settings.lease_timeout_s, clock)
+        # capacity.replica_cap by engine slots, for the mean service time `_caps_mean`.
+        self._caps: dict[int, int] = {}
+        self._caps_mean: float | None = None
         # Live per-replica work (load.py): every grant and completion, corrected by samples.
         self._load = LoadLedger(clock, WorkModel.named(DEFAULT_PROFILE))
         self._feedback = PrefixFeedback(prefix_index)
@@ -345,19 +348,26 @@ class Orchestrator:
         return self._cap_of(st, self._sampler.fresh(st, now))
 
     def _cap_of(self, st: ReplicaState, sample: EngineSample | None) -> int:
-        """`_cap` given the replica's fresh sample (or None)."""
-        configured = self._configured_cap(st)
+        """`_cap` given the replica's fresh sample (or None). The configured cap and the slots
+        are kept per replica until its spec or sample changes, `capacity.replica_cap` per slot
+        count until the mean service time changes (one computation per decision, not one per
+        replica)."""
+        if st.cap_spec is not st.spec or st.cap_sample is not sample:
+            st.configured_cap = self._configured_cap(st)
+            st.slots = 0 if sample is None else capacity.engine_slots(st.configured_cap, sample)
+            st.cap_spec, st.cap_sample = st.spec, sample
         if sample is None:
-            return configured
-        return min(
-            configured,
-            capacity.replica_cap(
-                capacity.engine_slots(configured, sample),
-                self._policy.capacity.overcommit,
-                self._settings.start_soon_s,
-                self._service.mean_s,
-            ),
-        )
+            return st.configured_cap
+        mean = self._service.mean_s
+        if mean != self._caps_mean:
+            self._caps.clear()
+            self._caps_mean = mean
+        cap = self._caps.get(st.slots)
+        if cap is None:
+            cap = self._caps[st.slots] = capacity.replica_cap(
+                st.slots, self._policy.capacity.overcommit, self._settings.start_soon_s, mean
+            )
+        return min(st.configured_cap, cap)
 
     def _others_load(self, st: ReplicaState, now: float) -> int:
         """Requests the engine's fresh sample held beyond this orchestrator's leases at the

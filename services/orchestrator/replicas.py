@@ -55,6 +55,11 @@ class ReplicaState:
     view: ReplicaView | None = None
     view_spec: ReplicaSpec | None = None
     view_sample: EngineSample | None = None
+    # The configured cap and engine slots, for the spec and sample they were computed from.
+    cap_spec: ReplicaSpec | None = None
+    cap_sample: EngineSample | None = None
+    configured_cap: int = 0
+    slots: int = 0
 
     def ejected(self, now: float) -> bool:
         return now < self.ejected_until

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 
 from llmmesh.common.engine_metrics import EngineSample
+from services.orchestrator import capacity
 from services.orchestrator.director import Orchestrator
 from services.orchestrator.domain import Outcome
 from services.orchestrator.health import EngineSampler
@@ -111,3 +112,34 @@ async def test_an_inline_sampler_calls_fetch_on_the_loop_thread_and_skips_failur
     assert (up.sample_at, up.sample_in_flight) == (clock.t, 2)
     assert down.sample is None
     assert sampler.fresh(up, clock.t + 5.5) is None  # older than max age: unknown
+
+
+async def test_the_cap_follows_the_sample_and_the_mean_service_time() -> None:
+    clock = Clock()
+    probe = FakeProbe()
+    probe.ready_ids = {"r0", "r1"}
+    core = Orchestrator(settings(n=2, cap=64), probe, clock=clock)
+    await core.probe_once()
+    overcommit = core._policy.capacity.overcommit
+    start_soon = core._settings.start_soon_s
+
+    def cap(slots: int) -> int:
+        return min(64, capacity.replica_cap(slots, overcommit, start_soon, core._service.mean_s))
+
+    r0, r1 = state(core, "r0"), state(core, "r1")
+    assert view(core, "r0").cap == 64  # no sample: the configured cap
+    r0.sample, r0.sample_at = EngineSample(0, 0, 0, 100, 8), clock.t
+    r1.sample, r1.sample_at = EngineSample(0, 0, 0, 100, 8), clock.t
+    assert view(core, "r0").cap == view(core, "r1").cap == cap(8)
+    r0.sample = EngineSample(0, 0, 0, 100, 2)
+    assert view(core, "r0").cap == cap(2)
+    assert view(core, "r1").cap == cap(8)
+    lease = await core.admit(req("a"), 1.0)
+    before = view(core, "r1").cap
+    clock.t += 10
+    assert core.complete(lease.lease_id, Outcome.SUCCESS)
+    assert core._service.mean_s == 10
+    assert view(core, "r0").cap == 64  # its sample is now older than the max age: unknown
+    r0.sample_at = r1.sample_at = clock.t
+    assert view(core, "r0").cap == cap(2)
+    assert view(core, "r1").cap == cap(8) < before  # slots free more slowly: fewer ahead
