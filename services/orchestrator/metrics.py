@@ -37,11 +37,8 @@ _POOL_READY = Gauge(
     "Replicas the orchestrator routes to (ready, not ejected, not draining).",
     ["pool", "model_version"],
 )
-# Not in llmmesh.common.metric_names yet (that module is shared); documented in
-# docs/conventions.md.
-KV_UPDATES_DROPPED = "llmmesh_orchestrator_kv_updates_dropped_total"
 _KV_UPDATES_DROPPED = Counter(
-    KV_UPDATES_DROPPED,
+    names.ORCH_KV_UPDATES_DROPPED,
     "Approximate-mode kv_registry updates dropped unsent because the update queue was full.",
 )
 _EJECTIONS = Counter(

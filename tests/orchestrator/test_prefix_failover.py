@@ -14,10 +14,10 @@ import pytest_asyncio
 from prometheus_client import REGISTRY
 
 from llmmesh.common.kv_registries import RegistryEndpoint
+from llmmesh.common.metric_names import ORCH_KV_UPDATES_DROPPED as KV_UPDATES_DROPPED
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
 from llmmesh.kvblocks import BlockConfig
-from services.orchestrator.metrics import KV_UPDATES_DROPPED
 from services.orchestrator.prefix import RegistryPrefixIndex, registry_index
 from services.orchestrator.settings import OrchestratorSettings
 
