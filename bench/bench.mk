@@ -4,7 +4,7 @@ BENCH_ARGS ?=
 
 .PHONY: bench-routing bench-pools bench-run
 
-bench-routing: setup ## Scheduling profiles vs round-robin on the workload matrix in the simulator (TTFT at 80% load, sustainable rate at p99 SLO, hit rate vs oracle and capacity bound; --mode live for samples on a mesh) (~25 min)
+bench-routing: setup ## Scheduling profiles vs round-robin on the workload matrix in the simulator (TTFT at 80% load, sustainable rate at p99 SLO, hit rate vs oracle and capacity bound; --mode live for samples on a mesh) (3 seeds per workload: about an hour on 2 cores; --seeds 1 for a quick look)
 	$(PY) -m bench routing $(BENCH_ARGS)
 
 bench-pools: setup ## Shared pool vs short/long pools on a mixed long/short workload at 80% load: short p50/p99 TTFT, long goodput (simulator; --mode live on a mesh) (~1 min)
