@@ -8,7 +8,8 @@ run its after-fork handlers there, which crashed children of threaded parents he
 in `threading._after_fork` while a mesh restarted a replica). A parent that dies before
 `setpriv` sets the signal would leave the child untied, so `setpriv` then execs a POSIX shell
 that compares its parent (read after the signal was set) with the spawning process and exits
-when they differ (the child was already re-parented), before exec'ing `argv`.
+when they differ (the child was already re-parented), before exec'ing `argv`. Not for a signal
+whose default is to be ignored (the child handles it, and checks its parent itself).
 
 Two things to know:
 - The kernel fires it when the *thread* that forked the child exits, not the process. Spawn from
@@ -36,14 +37,20 @@ _SETPRIV = shutil.which("setpriv") if sys.platform.startswith("linux") else None
 _SH = shutil.which("sh")
 # $0 is the spawning process's pid; $PPID is read when the shell starts, after the prctl.
 _GUARD = '[ "$PPID" = "$0" ] || exit 1; exec "$@"'
+_IGNORED_BY_DEFAULT = frozenset({signal.SIGURG, signal.SIGCHLD, signal.SIGWINCH, signal.SIGCONT})
 
 
 def tied_to_parent(argv: Sequence[str], sig: signal.Signals = signal.SIGKILL) -> list[str]:
     """`argv` run so that the kernel sends it `sig` when the thread that spawns it exits (see
     the module docstring); `argv` unchanged where there is no `setpriv`."""
-    if _SETPRIV is None or _SH is None:
+    if _SETPRIV is None:
         return list(argv)
     tie = [_SETPRIV, "--pdeathsig", sig.name.removeprefix("SIG"), "--"]
+    if _SH is None or sig in _IGNORED_BY_DEFAULT:
+        # A signal the child handles itself (its default is to be ignored): the child checks
+        # its parent once its handler is in place, which covers the window (the launcher's
+        # watchdog does); exiting here would skip what its handler does.
+        return [*tie, *argv]
     return [*tie, _SH, "-c", _GUARD, str(os.getpid()), *argv]
 
 

@@ -128,5 +128,11 @@ async def test_dead_backend_stub_is_ejected_and_gets_almost_no_traffic(bmesh: Me
     # Phase 2, after the ejection: the dead replica gets no traffic at all.
     to_dead, to_alive, results = await drive(REQUESTS)
     print(f"phase 2: leases to the dead replica {to_dead:.0f} of {to_dead + to_alive:.0f}")
-    assert to_dead == 0
+    assert [code for _, code in results if code] == []
+    if bmesh.mesh.supervisor.restarts(dead) == 0:
+        assert to_dead == 0
+    else:
+        # Its supervisor's liveness probe replaced the stub-less server meanwhile (on a slow
+        # machine, within phase 2): the replica serves again, so leases to it are right.
+        assert bmesh.mesh.tritons[0] is not server
     assert [code for _, code in results if code] == []
