@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import grpc
 from opentelemetry import trace
@@ -20,6 +21,19 @@ from services.kv_registry.core import KvRegistry
 from services.kv_registry.errors import BlockConfigMismatch
 
 Ctx = grpc.aio.ServicerContext[object, object]
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+async def _answer(apply: Callable[[Req], Resp], request: Req, context: Ctx) -> Resp:
+    """`apply(request)`, its ServiceError aborting the call (the update RPCs, which UpdateBatch
+    applies too)."""
+    try:
+        return apply(request)
+    except ServiceError as err:
+        await abort(context, err)
+        raise
+
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("llmmesh.kv_registry")
@@ -112,11 +126,7 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
     async def RecordRouting(
         self, request: pb.RecordRoutingRequest, context: Ctx
     ) -> pb.RecordRoutingResponse:
-        try:
-            return self._record_routing(request)
-        except ServiceError as err:
-            await abort(context, err)
-            raise
+        return await _answer(self._record_routing, request, context)
 
     def _record_routing(self, request: pb.RecordRoutingRequest) -> pb.RecordRoutingResponse:
         hashes = prompt_hashes(self._core, request.token_ids, request.block_hashes)
@@ -132,11 +142,7 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
     async def ReportReuse(
         self, request: pb.ReportReuseRequest, context: Ctx
     ) -> pb.ReportReuseResponse:
-        try:
-            return self._report_reuse(request)
-        except ServiceError as err:
-            await abort(context, err)
-            raise
+        return await _answer(self._report_reuse, request, context)
 
     def _report_reuse(self, request: pb.ReportReuseRequest) -> pb.ReportReuseResponse:
         hashes = prompt_hashes(self._core, request.token_ids, request.block_hashes)
@@ -166,11 +172,7 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
     async def DropReplica(
         self, request: pb.DropReplicaRequest, context: Ctx
     ) -> pb.DropReplicaResponse:
-        try:
-            return self._drop_replica(request)
-        except ServiceError as err:
-            await abort(context, err)
-            raise
+        return await _answer(self._drop_replica, request, context)
 
     def _drop_replica(self, request: pb.DropReplicaRequest) -> pb.DropReplicaResponse:
         if not request.replica_id:
