@@ -212,12 +212,9 @@ class Orchestrator:
         """Make room for `req` in the queue or refuse it (`capacity.decide`): QueueFull with a
         retry-after when its class's limit is reached and no lower-class waiter can be shed,
         or when its expected wait exceeds `wait_s`; a shed waiter gets QueueFull too."""
+        outlook = self._outlook()
         decision = capacity.decide(
-            req.priority,
-            self._queue.queued(),
-            self._limits,
-            self._outlook(),
-            wait_s,
+            req.priority, self._queue.queued(), self._limits, outlook, wait_s
         )
         verdict = decision.verdict
         if verdict is capacity.Verdict.QUEUE_FULL:
@@ -242,7 +239,7 @@ class Orchestrator:
                 victim.future.set_exception(
                     QueueFull(
                         f"shed from the admission queue for a {req.priority.name.lower()} request",
-                        retry_after_s=self._outlook().retry_after_s(ahead + 1),
+                        retry_after_s=outlook.retry_after_s(ahead + 1),
                     )
                 )
 
