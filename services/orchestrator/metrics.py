@@ -51,6 +51,13 @@ _EJECTIONS = Counter(
 # removed from these metrics, so a cached child stays the exported one.
 _CHILDREN: dict[tuple[object, tuple[str, ...]], Any] = {}
 
+# A counter series that appears with its first increment loses that increment to PromQL's
+# `rate()` (it has no earlier sample to rise from). Every (model, replica) pair the orchestrator
+# knows of therefore exports its decision count from 0: a model's series for all known replicas
+# are created at its first grant, a replica's for all granted models when it becomes known.
+_KNOWN_REPLICAS: dict[str, str] = {}
+_GRANTED_MODELS: set[str] = set()
+
 
 def _child(metric: Counter | Gauge | Histogram, *labels: str) -> Any:
     key = (metric, labels)
@@ -64,6 +71,9 @@ def record_replica_known(replica: str, pool: str) -> None:
     """A replica entered the set: it reports unhealthy with no leases until probed."""
     _HEALTHY.labels(replica, pool).set(0)
     _IN_FLIGHT.labels(replica, pool).set(0)
+    _KNOWN_REPLICAS[replica] = pool
+    for model in _GRANTED_MODELS:
+        _child(_DECISIONS, model, replica, pool)
 
 
 def record_in_flight(replica: str, pool: str, in_flight: int) -> None:
@@ -107,6 +117,10 @@ def record_grant(
     prompt_blocks: int,
     hit_blocks: int,
 ) -> None:
+    if model not in _GRANTED_MODELS:
+        _GRANTED_MODELS.add(model)
+        for known, known_pool in _KNOWN_REPLICAS.items():
+            _child(_DECISIONS, model, known, known_pool)
     _child(_DECISIONS, model, replica, pool).inc()
     _child(_QUEUE_WAIT, model).observe(queue_s)
     if prompt_blocks:
