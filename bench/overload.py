@@ -11,12 +11,8 @@ mixed 20% interactive / 60% standard / 20% batch, unkeyed gRPC requests.
    the SLO, so refusing is no way to pass). Probes of `--probe-s` seconds: the rate doubles from
    `--start-rate` until a probe fails, then `--bisections` halvings of the interval.
    The gateway runs with `admission_max_wait_s` = the SLO (`--admission-max-wait-s`): it admits
-   only work that can start within the objective. The orchestrator leases no more than the
-   engines' batch slots (`start_soon_s` 0, `--start-soon-s`): requests of one length finish in
-   waves, so a lease beyond the slots waits in the engine for the next wave, a whole generation
-   (2.3-3.8 s TTFT seen at the default 1 s, where the orchestrator's queue would have refused or
-   served it in time); the cost is the slot idle between a completion and the next request's
-   arrival at the engine (0.1-0.7 s here).
+   only work that can start within the objective. The orchestrator runs with its own defaults
+   (`--start-soon-s` sets its `start_soon_s`: services/orchestrator/OVERLOAD.md compares them).
 2. Steps: `--multipliers` (1 2 5 10) x capacity for `--step-s` seconds (60) each, once with
    clients that do not retry and once with clients that honour retry-after
    (`bench.replay.RetryingClient`: OpenAI SDK policy, 2 retries, retry-after + jitter).
@@ -476,11 +472,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--start-soon-s",
         type=float,
-        default=0.0,
-        help=(
-            "the orchestrator's start_soon_s (0: no lease beyond the engines' batch slots; "
-            "negative: the orchestrator's default)"
-        ),
+        default=-1.0,
+        help="the orchestrator's start_soon_s (negative: the orchestrator's default)",
     )
     p.add_argument("--start-rate", type=float, default=4.0)
     p.add_argument("--max-rate", type=float, default=400.0)

@@ -36,9 +36,10 @@ Invariants:
 
 from __future__ import annotations
 
+import bisect
 import enum
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from llmmesh.common.engine_metrics import EngineSample
@@ -87,15 +88,23 @@ def engine_slots(configured: int, sample: EngineSample | None) -> int:
     return max(1, slots)
 
 
-def replica_cap(slots: int, overcommit: float, start_soon_s: float, service_s: float | None) -> int:
-    """Leases the replica may hold: its slots plus those expected to free within
-    `start_soon_s` (the engine starts them as the running ones finish), at most
+def ending_soon(
+    lease_starts: Sequence[float], now: float, start_soon_s: float, service_s: float | None
+) -> int | None:
+    """Leases (grant times, ascending) expected to end within `start_soon_s`: granted at least
+    the mean service time less `start_soon_s` ago, overdue ones included. None while the service
+    time is unknown."""
+    if service_s is None or service_s <= 0:
+        return None
+    return bisect.bisect_right(lease_starts, now + start_soon_s - service_s)
+
+
+def replica_cap(slots: int, overcommit: float, ending: int | None) -> int:
+    """Leases the replica may hold: its slots plus the leases on it expected to end soon
+    (`ending_soon`: the engine starts a waiting request as a running one finishes), at most
     `slots * (overcommit - 1)`; that maximum while the service time is unknown."""
     most = math.ceil(slots * (overcommit - 1.0))
-    if service_s is None or service_s <= 0:
-        ahead = most
-    else:
-        ahead = min(most, math.ceil(slots * start_soon_s / service_s))
+    ahead = most if ending is None else min(most, ending)
     return max(1, slots + ahead)
 
 

@@ -139,9 +139,6 @@ class Orchestrator:
             in_thread=fetch_in_thread,
         )
         self._leases = LeaseTable(settings.lease_timeout_s, clock)
-        # capacity.replica_cap by engine slots, for the mean service time `_caps_mean`.
-        self._caps: dict[int, int] = {}
-        self._caps_mean: float | None = None
         # Live per-replica work (load.py): every grant and completion, corrected by samples.
         self._load = LoadLedger(clock, WorkModel.named(DEFAULT_PROFILE))
         self._feedback = PrefixFeedback(prefix_index)
@@ -342,29 +339,24 @@ class Orchestrator:
 
     def _cap(self, st: ReplicaState, now: float) -> int:
         """The configured cap, and below it what the engine can start soon."""
-        return self._cap_of(st, self._sampler.fresh(st, now))
+        return self._cap_of(st, self._sampler.fresh(st, now), now)
 
-    def _cap_of(self, st: ReplicaState, sample: EngineSample | None) -> int:
+    def _cap_of(self, st: ReplicaState, sample: EngineSample | None, now: float) -> int:
         """`_cap` given the replica's fresh sample (or None). The configured cap and the slots
-        are kept per replica until its spec or sample changes, `capacity.replica_cap` per slot
-        count until the mean service time changes (one computation per decision, not one per
-        replica)."""
+        are kept per replica until its spec or sample changes."""
         if st.cap_spec is not st.spec or st.cap_sample is not sample:
             st.configured_cap = self._configured_cap(st)
             st.slots = 0 if sample is None else capacity.engine_slots(st.configured_cap, sample)
             st.cap_spec, st.cap_sample = st.spec, sample
         if sample is None:
             return st.configured_cap
-        mean = self._service.mean_s
-        if mean != self._caps_mean:
-            self._caps.clear()
-            self._caps_mean = mean
-        cap = self._caps.get(st.slots)
-        if cap is None:
-            cap = self._caps[st.slots] = capacity.replica_cap(
-                st.slots, self._policy.capacity.overcommit, self._settings.start_soon_s, mean
-            )
-        return min(st.configured_cap, cap)
+        ending = capacity.ending_soon(
+            st.lease_starts, now, self._settings.start_soon_s, self._service.mean_s
+        )
+        return min(
+            st.configured_cap,
+            capacity.replica_cap(st.slots, self._policy.capacity.overcommit, ending),
+        )
 
     def _others_load(self, st: ReplicaState, now: float) -> int:
         """Requests the engine's fresh sample held beyond this orchestrator's leases at the
@@ -382,7 +374,7 @@ class Orchestrator:
                 st.spec.id, sample.active, sample.waiting, st.sample_in_flight, st.sample_at
             )
         in_flight = st.in_flight + _others(st, sample)
-        cap = self._cap_of(st, sample)
+        cap = self._cap_of(st, sample, now)
         ejected = st.ejected(now)
         failures = self._health.recent_failures(st, now)
         load = self._load.load(st.spec.id)
@@ -463,8 +455,8 @@ class Orchestrator:
         st = self._pick(req, prefix)
         if st is None:
             return None
-        self._replicas.acquire(st)
         lease = self._leases.grant(st.spec, enqueued_at)
+        self._replicas.acquire(st, lease.granted_at)
         metrics.record_grant(
             req.model,
             st.spec.id,
@@ -602,7 +594,7 @@ class Orchestrator:
             self._service.record(self._clock() - lease.granted_at)
         self._load.complete(lease_id)
         self._feedback.completed(lease_id, lease.replica.id, reused_blocks)
-        st = self._replicas.release(lease.replica.id)
+        st = self._replicas.release(lease.replica.id, lease.granted_at)
         if st is not None:
             if outcome is Outcome.REPLICA_ERROR:
                 st.failures += 1

@@ -11,6 +11,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 from collections import deque
@@ -35,6 +36,8 @@ class ReplicaState:
     draining: bool = False  # DrainReplica: no new leases
     registered: bool = False  # added by RegisterReplica; discovery leaves it alone
     in_flight: int = 0
+    # Grant times of this orchestrator's live leases on the replica, ascending.
+    lease_starts: list[float] = field(default_factory=list)
     completed: int = 0
     failures: int = 0
     consecutive_errors: int = 0
@@ -190,17 +193,22 @@ class ReplicaSet:
         log.info("replica deregistered", extra={"replica": replica_id, "in_flight": st.in_flight})
         return st
 
-    def acquire(self, st: ReplicaState) -> None:
+    def acquire(self, st: ReplicaState, granted_at: float) -> None:
         st.in_flight += 1
+        bisect.insort(st.lease_starts, granted_at)
         metrics.record_in_flight(st.spec.id, st.spec.pool, st.in_flight)
 
-    def release(self, replica_id: str) -> ReplicaState | None:
-        """A lease on the replica ended; wakes drain waiters at zero. Returns the replica, or
-        None when it was already forgotten."""
+    def release(self, replica_id: str, granted_at: float) -> ReplicaState | None:
+        """A lease on the replica (granted at `granted_at`) ended; wakes drain waiters at zero.
+        Returns the replica, or None when it was already forgotten."""
         st = self._replicas.get(replica_id)
         if st is None:
             return None
         st.in_flight -= 1
+        starts = st.lease_starts
+        i = bisect.bisect_left(starts, granted_at)
+        if i < len(starts) and starts[i] == granted_at:
+            del starts[i]
         st.completed += 1
         metrics.record_in_flight(st.spec.id, st.spec.pool, st.in_flight)
         if st.in_flight == 0 and (idle := self._idle.pop(st.spec.id, None)) is not None:

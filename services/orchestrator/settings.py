@@ -129,11 +129,12 @@ class OrchestratorSettings(ServiceSettings):
         ),
     )
     start_soon_s: float = Field(
-        default=1.0,
+        default=0.0,
         ge=0,
         description=(
-            "A replica is leased beyond its batch slots only the slots expected to free within "
-            "this many seconds (mean service time), at most the policy's overcommit."
+            "A replica is leased beyond its batch slots only as many as its leases expected to "
+            "end within this many seconds (granted at least the mean service time less this "
+            "ago; 0: those past the mean service time), at most the policy's overcommit."
         ),
     )
     max_in_flight_per_replica: int = Field(

@@ -139,16 +139,35 @@ def test_engine_slots(sample: EngineSample | None, expected: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("service_s", "expected"),
+    ("ending", "expected"),
     [
         (None, 96),  # unknown service time: the overcommit maximum, 64 * 1.5
-        (4.0, 80),  # 64 slots / 4 s -> 16 free within 1 s
-        (0.1, 96),  # short requests: capped at the overcommit maximum
-        (100.0, 65),  # long requests: at least one slot ahead
+        (16, 80),  # 16 leases end within start_soon_s: 16 ahead
+        (64, 96),  # more: capped at the overcommit maximum
+        (0, 64),  # none: the slots
     ],
 )
-def test_replica_cap(service_s: float | None, expected: int) -> None:
-    assert capacity.replica_cap(64, 1.5, 1.0, service_s) == expected
+def test_replica_cap(ending: int | None, expected: int) -> None:
+    assert capacity.replica_cap(64, 1.5, ending) == expected
+
+
+def test_replica_cap_is_at_least_one() -> None:
+    assert capacity.replica_cap(0, 1.5, 0) == 1
+
+
+@pytest.mark.parametrize(
+    ("now", "service_s", "expected"),
+    [
+        (10.0, None, None),  # no lease completed yet: unknown
+        (10.0, 0.0, None),
+        # grants at 0, 2, 4, 6, 8; a 5 s service ends them at 5..13: by 11, those of 0..6
+        (10.0, 5.0, 4),
+        (0.0, 5.0, 0),  # none is within 1 s of its end
+        (100.0, 5.0, 5),  # overdue ones count
+    ],
+)
+def test_ending_soon(now: float, service_s: float | None, expected: int | None) -> None:
+    assert capacity.ending_soon([0.0, 2.0, 4.0, 6.0, 8.0], now, 1.0, service_s) == expected
 
 
 def test_retry_after_is_bounded() -> None:

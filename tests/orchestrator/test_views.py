@@ -123,17 +123,19 @@ async def test_the_cap_follows_the_sample_and_the_mean_service_time() -> None:
     overcommit = core._policy.capacity.overcommit
     start_soon = core._settings.start_soon_s
 
-    def cap(slots: int) -> int:
-        return min(64, capacity.replica_cap(slots, overcommit, start_soon, core._service.mean_s))
+    def cap(slots: int, st: ReplicaState) -> int:
+        mean = core._service.mean_s
+        ending = capacity.ending_soon(st.lease_starts, clock.t, start_soon, mean)
+        return min(64, capacity.replica_cap(slots, overcommit, ending))
 
     r0, r1 = state(core, "r0"), state(core, "r1")
     assert view(core, "r0").cap == 64  # no sample: the configured cap
     r0.sample, r0.sample_at = EngineSample(0, 0, 0, 100, 8), clock.t
     r1.sample, r1.sample_at = EngineSample(0, 0, 0, 100, 8), clock.t
-    assert view(core, "r0").cap == view(core, "r1").cap == cap(8)
+    assert view(core, "r0").cap == view(core, "r1").cap == cap(8, r0)
     r0.sample = EngineSample(0, 0, 0, 100, 2)
-    assert view(core, "r0").cap == cap(2)
-    assert view(core, "r1").cap == cap(8)
+    assert view(core, "r0").cap == cap(2, r0)
+    assert view(core, "r1").cap == cap(8, r1)
     lease = await core.admit(req("a"), 1.0)
     before = view(core, "r1").cap
     clock.t += 10
@@ -141,5 +143,32 @@ async def test_the_cap_follows_the_sample_and_the_mean_service_time() -> None:
     assert core._service.mean_s == 10
     assert view(core, "r0").cap == 64  # its sample is now older than the max age: unknown
     r0.sample_at = r1.sample_at = clock.t
-    assert view(core, "r0").cap == cap(2)
-    assert view(core, "r1").cap == cap(8) < before  # slots free more slowly: fewer ahead
+    assert view(core, "r0").cap == cap(2, r0)
+    assert view(core, "r1").cap == cap(8, r1) < before  # no lease ends soon: none ahead
+
+
+async def test_a_batch_that_started_together_is_leased_beyond_its_slots_only_near_its_end() -> None:
+    clock = Clock()
+    probe = FakeProbe()
+    probe.ready_ids = {"r0"}
+    soon = settings(n=1, cap=64).model_copy(update={"start_soon_s": 1.0})
+    core = Orchestrator(soon, probe, clock=clock)
+    await core.probe_once()
+    r0 = state(core, "r0")
+    r0.sample, r0.sample_at = EngineSample(0, 0, 0, 100, 4), clock.t
+    first = await core.admit(req("warm"), 1.0)
+    clock.t += 10.0
+    assert core.complete(first.lease_id, Outcome.SUCCESS)  # mean service time: 10 s
+    r0.sample_at = clock.t
+    assert view(core, "r0").cap == 4  # no lease: nothing ends soon
+    for i in range(4):
+        await core.admit(req(f"wave-{i}"), 1.0)
+    r0.sample_at = clock.t + 8.5
+    clock.t += 8.5  # the wave ends in 1.5 s: later than start_soon_s (1 s)
+    assert view(core, "r0").cap == 4
+    clock.t += 0.5
+    r0.sample_at = clock.t  # it ends within 1 s: the engine starts waiting ones then
+    assert view(core, "r0").cap == 4 + 2  # at most slots * (overcommit 1.5 - 1)
+    clock.t += 1.0
+    r0.sample_at = clock.t  # past the mean: with start_soon_s 0 too
+    assert capacity.ending_soon(r0.lease_starts, clock.t, 0.0, core._service.mean_s) == 4
