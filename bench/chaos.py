@@ -359,8 +359,13 @@ class Chaos:
     def replica_back(
         self, rid: str, replaced: Callable[[], bool], fault: Fault, t_fault: float
     ) -> Callable[[], Awaitable[bool]]:
-        """Replaced, then healthy in ListReplicas, then a probe through the gateway served by it
-        (each stage's time recorded in `fault.stages`)."""
+        """Replaced, then healthy in ListReplicas, then routed to: an orchestrator granted it a
+        lease (the load's or the probe's) since it was healthy, or a probe through the gateway
+        was served by it (each stage's time recorded in `fault.stages`). Under load the probe
+        queues with the load's waiters and goes to whichever replica frees a slot first, so
+        the grants are what shows the replica in rotation."""
+        healthy_leases: list[float] = []
+        probes: list[asyncio.Task[str | None]] = []
 
         def stage(name: str) -> None:
             fault.stages.setdefault(name, time.monotonic() - t_fault)
@@ -369,11 +374,22 @@ class Chaos:
             if not replaced():
                 return False
             stage("replaced_s")
-            if "healthy_s" not in fault.stages and not await self.healthy(rid):
-                return False
+            if not healthy_leases:
+                if not await self.healthy(rid):
+                    return False
+                healthy_leases.append((await self.leases()).get(rid, 0.0))
             stage("healthy_s")
-            if await self.probe() != rid:
-                return False
+            granted = (await self.leases()).get(rid, 0.0) > healthy_leases[0]
+            if not granted:
+                # The probe runs beside the polls (it may wait seconds in the queue).
+                if probes and probes[0].done():
+                    granted = probes.pop().result() == rid
+                if not granted:
+                    if not probes:
+                        probes.append(asyncio.create_task(self.probe()))
+                    return False
+            for task in probes:
+                task.cancel()
             stage("served_s")
             return True
 
