@@ -4,13 +4,18 @@ the client's stream uninterrupted (in-process fakes of admission and the engine)
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import REGISTRY
 
 from llmmesh.common import metric_names as names
+from services.gateway import core as gateway_core
 from services.gateway.admission import Outcome
 from services.gateway.core import (
     Completion,
@@ -350,3 +355,38 @@ async def test_a_dead_backend_seen_by_one_stream_moves_the_others_on_at_once(
     (tripped,) = [r for r in orch.reports if r.lease_id == "lease-1"]
     assert tripped.outcome is Outcome.REPLICA_ERROR
     assert "another stream saw this replica fail (backend_dead)" in tripped.error
+
+
+async def test_a_migration_is_a_span_event_and_a_log_line_with_the_request_id(
+    model: ServedModel, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(gateway_core, "_tracer", provider.get_tracer("test"))
+    ids = model.encode(" one two three four five six")
+    engine = FakeEngine(
+        [[*tokens(*ids[:3]), fault("stream broken")], [*tokens(*ids[3:]), chunk(final=True)]]
+    )
+    core, _, _ = make(model, engine)
+    with caplog.at_level(logging.WARNING, logger="services.gateway.attempts"):
+        events = await collect(core, request(max_tokens=len(ids)))
+    assert_one_contiguous_stream(events, ids)
+
+    [span] = [s for s in exporter.get_finished_spans() if s.name == "gateway.generate"]
+    migration = {e.name: dict(e.attributes or {}) for e in span.events}
+    assert migration["migration"] == {
+        "llmmesh.replica": "r1",
+        "llmmesh.phase": "mid_stream",
+        "llmmesh.tokens": 3,
+        "llmmesh.error": "replica r1 failed: stream broken",
+        "llmmesh.allowed": True,
+    }
+    assert migration["migration.admitted"] == {
+        "llmmesh.replica": "r2",
+        "llmmesh.phase": "mid_stream",
+    }
+    migrated = [r for r in caplog.records if r.getMessage() == "request migrated"]
+    assert [(r.__dict__["request_id"], r.__dict__["replica"]) for r in migrated] == [
+        ("req-7", "r2")
+    ]
