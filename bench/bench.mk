@@ -38,6 +38,11 @@ bench-chaos: setup ## Chaos: kill a replica / backend stub / orchestrator(s) / k
 bench-overload: setup ## Overload: capacity (p99 TTFT <= 2 s), then 1/2/5/10x capacity open loop (20/60/20% interactive/standard/batch), without and with retry-after-honouring clients: goodput, refusals, TTFT per priority, RSS, engine deaths, PNG (~15 min; BENCH_ARGS="--step-s 20" for a short run)
 	$(PY) -m bench.overload $(BENCH_ARGS)
 
+.PHONY: bench-burst
+
+bench-burst: setup ## The overload issue's reproduction: 100/400/1000 requests at once on 2 emulator replicas (shipped settings): served, refusals (retry-after), streams cut, engine deaths, recovery (~3 min)
+	$(PY) -m bench.burst $(BENCH_ARGS)
+
 .PHONY: bench-sim-fidelity bench-sim-scale
 
 bench-sim-fidelity: setup ## Simulator vs live local mesh: shared-prefix + Mooncake sample, 4 replicas, round-robin and default; TTFT p50/mean, throughput, hit rate side by side (~6 min)
