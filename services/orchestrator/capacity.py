@@ -5,8 +5,8 @@ whole is described in `OVERLOAD.md` next to this module.
 
 Invariants:
 - A replica's lease cap (below the configured one) is what it can start soon: its batch slots
-  (the engine's reported `max_batch`, fewer when its KV blocks hold fewer sequences of the
-  current mix), plus the slots expected to free within `start_soon_s` (from the mean service
+  (the engine's reported `max_batch`, fewer when its free KV blocks hold fewer further sequences
+  of the current mix, each needing the blocks its prompt does not share), plus the slots expected to free within `start_soon_s` (from the mean service
   time), at most `slots * (overcommit - 1)`; never fewer than 1.
 - The drain rate is the cluster's capacity, not its recent throughput: the routable replicas'
   slots over the mean lease duration, or their leases (own and others') over it when those are
@@ -73,18 +73,22 @@ class ServiceTime:
         return self._mean_s
 
 
-def engine_slots(configured: int, sample: EngineSample | None) -> int:
+def engine_slots(configured: int, sample: EngineSample | None, unique_share: float = 1.0) -> int:
     """Sequences the replica runs at once: its reported batch capacity (`configured` when it
-    reports none), fewer when its KV cache holds fewer sequences of the mix it runs now (blocks
-    per active sequence from the sample)."""
+    reports none), fewer when its free KV blocks hold fewer further sequences of the mix it runs
+    now. A further sequence needs its own blocks only: the blocks per active sequence from the
+    sample, times `unique_share` (the share of the replica's leased tokens, prompt and max
+    tokens, that its prompts do not share with cached blocks; 1 without sharing). The plain
+    average would count a prefix shared by every sequence once per sequence."""
     slots = configured
     if sample is None:
         return max(1, slots)
     if sample.max_batch:
         slots = int(sample.max_batch)
     if sample.active >= 1 and sample.kv_used > 0 and sample.kv_max > 0:
-        per_sequence = sample.kv_used / sample.active
-        slots = min(slots, int(sample.kv_max // per_sequence))
+        per_sequence = sample.kv_used / sample.active * min(1.0, max(unique_share, 1e-3))
+        free = sample.kv_max - sample.kv_used
+        slots = min(slots, int(sample.active + free / per_sequence))
     return max(1, slots)
 
 

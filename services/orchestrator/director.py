@@ -335,27 +335,33 @@ class Orchestrator:
 
     def _slots(self, st: ReplicaState, now: float) -> int:
         """Sequences the replica runs at once (`capacity.engine_slots`)."""
-        return capacity.engine_slots(self._configured_cap(st), self._sampler.fresh(st, now))
+        return capacity.engine_slots(
+            self._configured_cap(st),
+            self._sampler.fresh(st, now),
+            self._load.unique_share(st.spec.id),
+        )
 
     def _cap(self, st: ReplicaState, now: float) -> int:
         """The configured cap, and below it what the engine can start soon."""
         return self._cap_of(st, self._sampler.fresh(st, now), now)
 
     def _cap_of(self, st: ReplicaState, sample: EngineSample | None, now: float) -> int:
-        """`_cap` given the replica's fresh sample (or None). The configured cap and the slots
-        are kept per replica until its spec or sample changes."""
-        if st.cap_spec is not st.spec or st.cap_sample is not sample:
+        """`_cap` given the replica's fresh sample (or None). The configured cap is kept per
+        replica until its spec changes."""
+        if st.cap_spec is not st.spec:
             st.configured_cap = self._configured_cap(st)
-            st.slots = 0 if sample is None else capacity.engine_slots(st.configured_cap, sample)
-            st.cap_spec, st.cap_sample = st.spec, sample
+            st.cap_spec = st.spec
         if sample is None:
             return st.configured_cap
+        slots = capacity.engine_slots(
+            st.configured_cap, sample, self._load.unique_share(st.spec.id)
+        )
         ending = capacity.ending_soon(
             st.lease_starts, now, self._settings.start_soon_s, self._service.mean_s
         )
         return min(
             st.configured_cap,
-            capacity.replica_cap(st.slots, self._policy.capacity.overcommit, ending),
+            capacity.replica_cap(slots, self._policy.capacity.overcommit, ending),
         )
 
     def _others_load(self, st: ReplicaState, now: float) -> int:

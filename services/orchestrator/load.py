@@ -58,6 +58,7 @@ class _Replica:
     sample_at: float | None = None  # the engine sample already applied
     others: int = 0  # the engine's requests beyond this orchestrator's leases
     kv_tokens: int = 0  # prompt + max tokens of the live leases
+    unique_tokens: int = 0  # uncached prompt + max tokens of the live leases
     kv_tokens_at_sample: int = 0
     # `load` while the replica holds no lease and its backlog is over: it does not depend on
     # the time then. Reset by every change to the replica's accounting.
@@ -94,6 +95,7 @@ class LoadLedger:
         rep.busy_until = lease.first_token_at
         rep.leases[lease_id] = lease
         rep.kv_tokens += prompt_tokens + max_tokens
+        rep.unique_tokens += uncached + max_tokens
         self._leases[lease_id] = lease
         a = _MEAN_ALPHA if rep.mean_work_s else 1.0
         rep.mean_work_s += a * (work - rep.mean_work_s)
@@ -129,6 +131,7 @@ class LoadLedger:
             self._shift_after(rep, lease, min(left, lease.work_s), now)
         del rep.leases[lease_id]
         rep.kv_tokens -= lease.prompt + lease.max_tokens
+        rep.unique_tokens -= lease.uncached + lease.max_tokens
 
     def _shift_after(self, rep: _Replica, lease: _Lease, by_s: float, now: float) -> None:
         """Move the first tokens of the leases granted after `lease` (still in prefill) `by_s`
@@ -141,6 +144,14 @@ class LoadLedger:
                 other.first_token_at = max(now, other.first_token_at - by_s)
                 other.started_at = max(now, other.started_at - by_s)
         rep.busy_until = max(now, rep.busy_until - by_s)
+
+    def unique_share(self, replica_id: str) -> float:
+        """The share of the replica's live leased tokens (prompt + max tokens) that are not
+        cached prefix (the registry's match at grant time); 1 without leases."""
+        rep = self._replicas.get(replica_id)
+        if rep is None or rep.kv_tokens <= 0:
+            return 1.0
+        return rep.unique_tokens / rep.kv_tokens
 
     def drop_replica(self, replica_id: str) -> None:
         rep = self._replicas.pop(replica_id, None)

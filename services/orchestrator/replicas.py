@@ -58,11 +58,9 @@ class ReplicaState:
     view: ReplicaView | None = None
     view_spec: ReplicaSpec | None = None
     view_sample: EngineSample | None = None
-    # The configured cap and engine slots, for the spec and sample they were computed from.
+    # The configured cap, for the spec it was computed from.
     cap_spec: ReplicaSpec | None = None
-    cap_sample: EngineSample | None = None
     configured_cap: int = 0
-    slots: int = 0
 
     def ejected(self, now: float) -> bool:
         return now < self.ejected_until

@@ -139,6 +139,23 @@ def test_engine_slots(sample: EngineSample | None, expected: int) -> None:
 
 
 @pytest.mark.parametrize(
+    ("unique_share", "expected"),
+    [
+        (1.0, 10),  # nothing shared: 4 + 600 free / 100 per sequence
+        # a quarter of each sequence is its own (the rest a cached prefix every one shares):
+        # a further sequence needs 25 blocks, 24 more fit
+        (0.25, 28),
+        (0.01, 32),  # the batch bounds it
+    ],
+)
+def test_engine_slots_count_only_the_blocks_a_further_sequence_needs(
+    unique_share: float, expected: int
+) -> None:
+    sample = EngineSample(4, 0, 400, 1000, max_batch=32)
+    assert capacity.engine_slots(64, sample, unique_share) == expected
+
+
+@pytest.mark.parametrize(
     ("ending", "expected"),
     [
         (None, 96),  # unknown service time: the overcommit maximum, 64 * 1.5

@@ -160,3 +160,16 @@ def test_drop_replica_forgets_its_leases() -> None:
     assert led.load("r") == ReplicaLoad()
     assert len(led) == 1
     led.complete("a")  # its lease completes later: no error
+
+
+def test_unique_share_is_the_uncached_part_of_the_leased_tokens() -> None:
+    clock = Clock()
+    led = LoadLedger(clock, WORK)
+    assert led.unique_share("r0") == 1.0
+    led.grant("a", "r0", 1000, 900, 100)  # 100 uncached + 100 output of 1100
+    led.grant("b", "r0", 1000, 0, 100)  # all its own
+    assert led.unique_share("r0") == (200 + 1100) / 2200
+    led.complete("b")
+    assert led.unique_share("r0") == 200 / 1100
+    led.complete("a")
+    assert led.unique_share("r0") == 1.0
