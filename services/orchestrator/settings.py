@@ -129,12 +129,13 @@ class OrchestratorSettings(ServiceSettings):
         ),
     )
     start_soon_s: float = Field(
-        default=0.0,
+        default=0.25,
         ge=0,
         description=(
             "A replica is leased beyond its batch slots only as many as its leases expected to "
             "end within this many seconds (granted at least the mean service time less this "
-            "ago; 0: those past the mean service time), at most the policy's overcommit."
+            "ago; 0: those past the mean service time), at most the policy's overcommit. "
+            "services/orchestrator/OVERLOAD.md compares values."
         ),
     )
     max_in_flight_per_replica: int = Field(
