@@ -61,6 +61,7 @@ from llmmesh.redis_server import RedisServer
 from llmmesh.supervisor import Liveness, RestartPolicy, Supervisor
 from llmmesh.triton.launcher import (
     LOCAL_TRITON_LIVENESS,
+    BackendDead,
     LivenessProbe,
     TritonPorts,
     TritonServer,
@@ -537,7 +538,9 @@ class LocalMesh:
             async def kill() -> None:
                 self.tritons[index].kill()
 
-            liveness = Liveness(alive, kill, probe.period_s, probe.failure_threshold)
+            liveness = Liveness(
+                alive, kill, probe.period_s, probe.failure_threshold, fatal=(BackendDead,)
+            )
 
         async def wait() -> int:
             return await self.tritons[index].wait()

@@ -18,7 +18,8 @@ Liveness (as a kubelet's livenessProbe): a unit watched with a `Liveness` is pro
 `period_s` from the moment it is watched, i.e. once it was ready (`watch()` takes a running,
 ready unit and `restart()` returns once it is ready again: a unit still starting is never probed,
 like a startupProbe); only `failure_threshold` failed probes in a row count, a success resets
-them. Then the supervisor kills the unit (`Liveness.kill`) and restarts it as any other exit,
+them, except a failure of one of the `Liveness.fatal` exception types: an answer that says the
+unit is dead for good (it does not heal) kills it at the first probe. Then the supervisor kills the unit (`Liveness.kill`) and restarts it as any other exit,
 with the backoff; the restart's reason ("liveness probe failed N times: <last error>") is logged
 and kept in its `RestartEvent`. The check bounds its own duration (its timeout): the supervisor
 does not time it, so a slow but successful check of a busy unit is a success.
@@ -97,6 +98,8 @@ class Liveness:
     kill: Callable[[], Awaitable[None]]
     period_s: float
     failure_threshold: int
+    # Failures that say the unit is dead for good: one kills it, whatever `failure_threshold`.
+    fatal: tuple[type[Exception], ...] = ()
 
     def __post_init__(self) -> None:
         if self.period_s <= 0 or self.failure_threshold < 1:
@@ -281,6 +284,15 @@ class Supervisor:
                 error = "" if ok else "not alive"
             except asyncio.CancelledError:
                 raise
+            except lv.fatal as exc:
+                error = str(exc) or repr(exc)
+                log.warning(
+                    "%s: liveness probe found it dead: %s",
+                    unit.name,
+                    error,
+                    extra={"child": unit.name, "error": error},
+                )
+                return f"liveness probe found it dead: {error}"
             except Exception as exc:
                 ok, error = False, str(exc) or repr(exc)
             if ok:

@@ -106,6 +106,10 @@ GENERATE_PROBE_BODY = b'{"input_ids":[1],"input_lengths":1,"request_output_len":
 # max_queue_size): back-pressure, so the probe passes. A saturated engine is neither restarted
 # (liveness) nor taken out of its Service (readiness); the orchestrator sheds its load.
 PROBE_ALIVE_MARKERS = ("RESOURCE_EXHAUSTED", "maximum queue size")
+# An error answer holding one of these comes from a server whose Python-backend stub died
+# (Triton 2.51: "Stub process 'tensorrt_llm_0_0' is not healthy."): it does not heal, so a local
+# supervisor replaces the server at the first such answer (`BackendDead`).
+PROBE_DEAD_MARKERS = ("is not healthy",)
 # The pool manifest's exec probes (readiness and liveness) run exactly this program
 # (`python3 -c`; meshcheck's workloads rule checks it), `generate_probe` applies the same rule.
 GENERATE_PROBE_SCRIPT = f"""import sys, urllib.error as e, urllib.request as u
@@ -212,6 +216,10 @@ class TritonPorts:
         from llmmesh.netutil import free_port
 
         return cls(grpc=free_port(host), http=free_port(host), metrics=free_port(host))
+
+
+class BackendDead(RuntimeError):
+    """A liveness probe's answer says the server's backend died (`PROBE_DEAD_MARKERS`)."""
 
 
 class TritonStartError(RuntimeError):
@@ -367,8 +375,8 @@ class TritonServer:
         """One liveness probe: POST `GENERATE_PROBE_BODY` to the model's generate route, as the
         pool's exec probe does. True on a 2xx answer or a full queue's refusal
         (`PROBE_ALIVE_MARKERS`); raises with the reason otherwise (HTTP status and Triton's
-        error, e.g. "Stub process 'tensorrt_llm_0_0' is not healthy.", a timeout, a refused
-        connection)."""
+        error, a timeout, a refused connection): `BackendDead` for a dead backend stub's answer
+        ("Stub process 'tensorrt_llm_0_0' is not healthy.")."""
         import aiohttp  # here: the launcher's CLI and watchdog do without it
 
         timeout = aiohttp.ClientTimeout(total=min(probe.request_timeout_s, probe.timeout_s))
@@ -387,6 +395,8 @@ class TritonServer:
                 body = (await r.text()).strip()
                 if any(m in body for m in PROBE_ALIVE_MARKERS):
                     return True
+                if any(m in body for m in PROBE_DEAD_MARKERS):
+                    raise BackendDead(f"HTTP {r.status}: {body[:500]}")
                 raise RuntimeError(f"HTTP {r.status}: {body[:500]}")
         except TimeoutError as exc:
             raise RuntimeError(f"no answer within {timeout.total:g} s") from exc

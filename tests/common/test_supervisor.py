@@ -5,6 +5,7 @@ kill and restart a unit; a unit is probed only once ready). No process is starte
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 import pytest
@@ -273,6 +274,28 @@ async def test_consecutive_liveness_failures_kill_and_restart_the_unit(
     await unit.feed(False, False, False)
     assert unit.kills == [start + 90.0]
     assert unit.probed_at[6:] == [start + 91.0 + 15.0 * i for i in range(1, 5)]
+    await sup.close()
+
+
+class Dead(RuntimeError):
+    """A probe answer that says the unit is dead for good."""
+
+
+async def test_a_fatal_probe_answer_kills_at_once_other_failures_count_to_the_threshold() -> None:
+    clock = Clock()
+    start = clock.now
+    sup = Supervisor(POLICY, clock=clock, sleep=clock.sleep)
+    unit = Probed(clock)
+    lv = dataclasses.replace(unit.liveness(period_s=1.0, threshold=3), fatal=(Dead,))
+    sup.watch("replica-0", unit.wait, unit.restart, lv)
+    await settle()
+    await unit.feed(TimeoutError("timed out"), RuntimeError("connection refused"))
+    assert unit.kills == []  # two ordinary failures: below the threshold
+    await unit.feed(Dead("HTTP 400: Stub process 'tensorrt_llm_0_0' is not healthy."))
+    assert unit.kills == [start + 3.0]  # the fatal answer, at once
+    assert sup.history[0].reason == (
+        "liveness probe found it dead: HTTP 400: Stub process 'tensorrt_llm_0_0' is not healthy."
+    )
     await sup.close()
 
 

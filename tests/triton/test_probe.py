@@ -19,6 +19,7 @@ from llmmesh.localmesh import EMULATOR_REPOSITORY
 from llmmesh.triton.launcher import (
     GENERATE_PROBE_PATH,
     GENERATE_PROBE_SCRIPT,
+    BackendDead,
     LivenessProbe,
     TritonPorts,
     TritonServer,
@@ -83,5 +84,7 @@ async def test_the_manifest_probe_program_and_the_local_probe_agree(
     if alive:
         assert await server.generate_probe(PROBE)
     else:
-        with pytest.raises(RuntimeError, match=f"HTTP {status}"):
+        with pytest.raises(RuntimeError, match=f"HTTP {status}") as raised:
             await server.generate_probe(PROBE)
+        # Only a dead stub's answer is fatal at once (it does not heal).
+        assert isinstance(raised.value, BackendDead) is ("is not healthy" in body)
