@@ -1,8 +1,9 @@
 """The local mesh's liveness probe (the kubelet's, as the Triton pool's livenessProbe): a replica
 whose Python-backend stub died keeps answering ServerReady/ModelReady true and would stay dead
-forever (its tritonserver never exits); the probe, one token through the model, fails
-`failure_threshold` times in a row, the supervisor kills the replica's process group and restarts
-it, and the replica is back in the orchestrator's rotation and serves requests again."""
+forever (its tritonserver never exits); the probe, one token through the model, gets Triton's
+"is not healthy" answer, which does not heal, so the supervisor kills the replica's process group
+at that first answer (other failures count to `failure_threshold`) and restarts it, and the
+replica is back in the orchestrator's rotation and serves requests again."""
 
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ async def test_a_replica_with_a_dead_backend_stub_is_restarted_and_serves_again(
     event = mesh.supervisor.history[-1]
     assert event.name == dead
     assert event.reason is not None
-    assert event.reason.startswith("liveness probe failed 3 times: HTTP")
+    assert event.reason.startswith("liveness probe found it dead: HTTP 400")
+    assert "is not healthy" in event.reason
     print(f"\nrestart reason: {event.reason}")
 
     async def in_rotation() -> bool:
