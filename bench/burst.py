@@ -30,27 +30,17 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench.client import GatewayClient
-from bench.overload import PRIORITIES, PRIORITY_MIX, Mesh, pct, recovered
+from bench.overload import Mesh, count_refusals, mixed_request, pct, recovered
 from bench.replay import Result, replay
 from bench.report import eprint, write_json
-from bench.workloads import NS_UNIQUE, Request, unique_tokens
+from bench.workloads import Request
 from llmmesh.localmesh import LocalMesh, MeshOptions
 
 
 def burst(n: int, prompt_tokens: int, output_tokens: int, seed: int) -> list[Request]:
     """`n` requests arriving at 0: unique prompts, the priority mix."""
     rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        u, acc, priority = rng.random(), 0.0, PRIORITIES[-1]
-        for name, share in PRIORITY_MIX:
-            acc += share
-            if u < acc:
-                priority = name
-                break
-        prompt = unique_tokens(NS_UNIQUE, seed * 1_000_003 + i, prompt_tokens)
-        out.append(Request(0.0, prompt, output_tokens, {"priority": priority}))
-    return out
+    return [mixed_request(rng, 0.0, i, prompt_tokens, output_tokens, seed) for i in range(n)]
 
 
 @dataclass
@@ -70,13 +60,7 @@ class Burst:
 def summarize(size: int, results: Sequence[Result]) -> Burst:
     """One burst's numbers from its per-request results (no mesh needed: unit-tested)."""
     ok = [r for r in results if r.ok]
-    refused: Counter[str] = Counter()
-    with_retry_after: Counter[str] = Counter()
-    for r in results:
-        for code, retry_after in r.refusals:
-            refused[code] += 1
-            if retry_after is not None:
-                with_retry_after[code] += 1
+    refused, with_retry_after = count_refusals(results)
     ttft = [r.ttft_s * 1000 for r in ok if r.ttft_s is not None]
     return Burst(
         size=size,

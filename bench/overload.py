@@ -77,15 +77,34 @@ def workload(
     for i, t in enumerate(poisson_arrivals(n, rate, rng)):
         if t >= duration_s and i:
             break
-        u, acc, priority = rng.random(), 0.0, PRIORITIES[-1]
-        for name, share in PRIORITY_MIX:
-            acc += share
-            if u < acc:
-                priority = name
-                break
-        prompt = unique_tokens(NS_UNIQUE, seed * 1_000_003 + i, prompt_tokens)
-        out.append(Request(t, prompt, output_tokens, {"priority": priority}))
+        out.append(mixed_request(rng, t, i, prompt_tokens, output_tokens, seed))
     return out
+
+
+def mixed_request(
+    rng: random.Random, arrival_s: float, i: int, prompt_tokens: int, output_tokens: int, seed: int
+) -> Request:
+    """Request `i` of a run: a unique prompt, a priority drawn from `PRIORITY_MIX`."""
+    u, acc, priority = rng.random(), 0.0, PRIORITIES[-1]
+    for name, share in PRIORITY_MIX:
+        acc += share
+        if u < acc:
+            priority = name
+            break
+    prompt = unique_tokens(NS_UNIQUE, seed * 1_000_003 + i, prompt_tokens)
+    return Request(arrival_s, prompt, output_tokens, {"priority": priority})
+
+
+def count_refusals(results: Sequence[Result]) -> tuple[Counter[str], Counter[str]]:
+    """Every refusal (retried or final) by code, and those that carried a retry-after."""
+    refusals: Counter[str] = Counter()
+    with_retry_after: Counter[str] = Counter()
+    for r in results:
+        for code, retry_after in r.refusals:
+            refusals[code] += 1
+            if retry_after is not None:
+                with_retry_after[code] += 1
+    return refusals, with_retry_after
 
 
 class AttemptTimes:
@@ -177,13 +196,7 @@ def summarize(
 
     good = [r for r in in_step if (t := first_token_s(r)) is not None and t <= slo_s]
     good_e2e = [r for r in in_step if r.ttft_s is not None and r.ttft_s <= slo_s]
-    refusals: Counter[str] = Counter()
-    with_retry_after: Counter[str] = Counter()
-    for r in results:
-        for code, retry_after in r.refusals:
-            refusals[code] += 1
-            if retry_after is not None:
-                with_retry_after[code] += 1
+    refusals, with_retry_after = count_refusals(results)
     ttft: dict[str, dict[str, float | int | None]] = {}
     for priority in (*PRIORITIES, "all"):
         values = [
