@@ -13,7 +13,7 @@ every decoding sequence's context, so prefill work is stretched by `decode_slowd
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from llmmesh.accelerators import (
     CostProfile,
@@ -29,15 +29,21 @@ class WorkModel:
     profile: CostProfile
     max_num_tokens: int = 8192
     max_batch: int = 64
+    # Derived once from the fields above (the model is immutable).
+    fixed_step_s: float = field(init=False, repr=False, compare=False)
+    _full_step_s: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        p = self.profile
+        # One step's cost independent of its tokens: overhead + one pass over the weights.
+        object.__setattr__(self, "fixed_step_s", p.overhead_s + p.memory_time_s(StepShape()))
+        object.__setattr__(
+            self, "_full_step_s", p.step_time_s(prefill_shape(self.max_num_tokens, 0))
+        )
 
     @classmethod
     def named(cls, profile: str, max_num_tokens: int = 8192, max_batch: int = 64) -> WorkModel:
         return cls(get_profile(profile), max_num_tokens, max_batch)
-
-    @property
-    def fixed_step_s(self) -> float:
-        """One step's cost independent of its tokens: overhead + one pass over the weights."""
-        return self.profile.overhead_s + self.profile.memory_time_s(StepShape())
 
     def prefill_work_s(self, uncached: int, cached: int) -> float:
         """Engine seconds a prefill of `uncached` tokens after `cached` reused ones adds."""
@@ -57,9 +63,8 @@ class WorkModel:
 
     def decode_slowdown(self, seqs: int, context_tokens: int) -> float:
         """How much longer a full prefill step takes with this decoding batch riding along."""
-        full = prefill_shape(self.max_num_tokens, 0)
-        alone = self.profile.step_time_s(full)
         if seqs <= 0:
             return 1.0
+        full = prefill_shape(self.max_num_tokens, 0)
         ctx = max(1, context_tokens // seqs)
-        return self.profile.step_time_s(full + decode_batch_shape(ctx, seqs)) / alone
+        return self.profile.step_time_s(full + decode_batch_shape(ctx, seqs)) / self._full_step_s

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 
+from llmmesh.accelerators import StepShape, decode_batch_shape, prefill_shape
 from services.orchestrator.scheduling.contracts import ReplicaLoad, ReplicaView, RequestView
 from services.orchestrator.scheduling.plugins.estimated_wait import EstimatedWaitScorer, Params
 from services.orchestrator.scheduling.work import WorkModel
@@ -149,3 +150,39 @@ def test_without_a_ledger_the_engine_gauges_stand_in() -> None:
     idle = dataclasses.replace(rep("i"), load=None)
     queued = dataclasses.replace(rep("q"), load=None, engine_active=64.0, engine_waiting=10.0)
     assert s.predicted_ttft_s(req(), idle) < s.predicted_ttft_s(req(), queued)
+
+
+@pytest.mark.parametrize("scorer", [AWARE, BLIND])
+def test_scores_equal_the_per_replica_prediction_whatever_replicas_share(
+    scorer: EstimatedWaitScorer,
+) -> None:
+    # Replicas alike in load and cache are predicted once per decision; each score must still be
+    # the replica's own prediction.
+    replicas = [
+        rep("idle-a"),
+        rep("idle-b"),
+        rep("busy", in_flight=3, prefill_s=0.2, decode_seqs=3, decode_tokens=9000),
+        rep("busy-same-load", in_flight=3, prefill_s=0.2, decode_seqs=3, decode_tokens=9000),
+        rep("busy-more-leases", in_flight=70, prefill_s=0.2, decode_seqs=3, decode_tokens=9000),
+        rep("cached"),
+        dataclasses.replace(rep("no-ledger", in_flight=2), load=None, engine_active=2.0),
+    ]
+    request = req({"cached": BLOCKS, "busy-same-load": BLOCKS})
+    times = [scorer.predicted_ttft_s(request, r) for r in replicas]
+    best = min(times)
+    expected = [1.0 - min(1.0, (t - best) / 1.0) for t in times]
+    assert scorer.score(request, replicas) == pytest.approx(expected, abs=1e-12)
+    if scorer is AWARE:
+        assert times[5] < times[0]
+        assert times[3] < times[2]
+    assert times[4] > times[2]
+
+
+def test_work_model_constants_match_the_cost_model() -> None:
+    p = WORK.profile
+    assert WORK.fixed_step_s == pytest.approx(p.overhead_s + p.memory_time_s(StepShape()))
+    full = prefill_shape(WORK.max_num_tokens, 0)
+    assert WORK.decode_slowdown(8, 8 * 2048) == pytest.approx(
+        p.step_time_s(full + decode_batch_shape(2048, 8)) / p.step_time_s(full)
+    )
+    assert WORK.decode_slowdown(0, 0) == 1.0

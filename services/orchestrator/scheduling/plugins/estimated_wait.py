@@ -79,9 +79,11 @@ class EstimatedWaitScorer:
     def predicted_ttft_s(self, request: RequestView, r: ReplicaView) -> float:
         """Backlog of prefills ahead + own prefill (stretched by the decode batch) + the step it
         finishes in; + the wait for a batch slot when every slot is taken."""
+        return self._predicted(request, r, self.cached_tokens(request, r))
+
+    def _predicted(self, request: RequestView, r: ReplicaView, cached: int) -> float:
         w = self._work
         load = self._load(request, r)
-        cached = self.cached_tokens(request, r)
         own = w.prefill_work_s(request.prompt_tokens - cached, cached)
         own *= w.decode_slowdown(load.decode_seqs, load.decode_tokens)
         step = w.decode_step_s(load.decode_seqs + 1, load.decode_tokens + request.prompt_tokens)
@@ -97,7 +99,17 @@ class EstimatedWaitScorer:
     def score(self, request: RequestView, replicas: Sequence[ReplicaView]) -> Sequence[float]:
         if not replicas:
             return []
-        times = [self.predicted_ttft_s(request, r) for r in replicas]
+        # The prediction is a function of (cached tokens, leases, load) for one request: replicas
+        # alike in those (idle ones, most of a large cluster) are predicted once.
+        memo: dict[tuple[object, ...], float] = {}
+        times = []
+        for r in replicas:
+            cached = self.cached_tokens(request, r)
+            key = (cached, r.in_flight, r.load or (r.engine_active, r.engine_waiting))
+            t = memo.get(key)
+            if t is None:
+                t = memo[key] = self._predicted(request, r, cached)
+            times.append(t)
         best = min(times)
         scale = self.params.ttft_slo_ms / 1000.0
         return [1.0 - min(1.0, (t - best) / scale) for t in times]
