@@ -119,6 +119,15 @@ def _reuse(sched: Scheduler) -> int:
     return sched.cache.reused_blocks_total * sched.cache.block_size
 
 
+def engine_seconds(requests: Sequence[Request], shape: EngineShape) -> float:
+    """Modelled seconds one replica takes to run `requests` to completion, all submitted at
+    t = 0 (a saturated engine: full batches): the work they amount to on this engine."""
+    if not requests:
+        return 0.0
+    end_ns, _, _ = _run_to_completion(shape.scheduler(), requests, None)
+    return end_ns / 1e9
+
+
 def rr_capacity(requests: Sequence[Request], replicas: int, shape: EngineShape) -> Capacity:
     per_replica: list[float] = []
     reused = 0

@@ -31,7 +31,7 @@ from typing import Any
 
 from bench import workloads as wl
 from bench.arms import Arm, MeshSpec
-from bench.calibrate import EngineShape, plan_load, rr_capacity
+from bench.calibrate import EngineShape, engine_seconds, plan_load, rr_capacity
 from bench.experiment import check_code_unchanged, environment, run_arms, workload_json
 from bench.replay import Result
 from bench.report import (
@@ -47,6 +47,7 @@ from bench.report import (
     summary_table,
     write_json,
 )
+from llmmesh.accelerators import get_profile, prefill_shape
 
 SHORT_MAX_PROMPT = 2048
 LONG_MAX_PROMPT = 32768
@@ -61,8 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--mode", choices=["sim", "live"], default="sim")
     p.add_argument("--profile", default="default", help="Orchestrator profile of both arms.")
-    p.add_argument("--replicas", type=int, default=4)
-    p.add_argument("--short-replicas", type=int, default=1)
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=8,
+        help="Cluster size (both arms). Pools are whole replicas: at 4 the smallest short pool is "
+        "a quarter of the cluster for a few percent of the work.",
+    )
+    p.add_argument(
+        "--short-replicas",
+        type=int,
+        default=None,
+        help="Replicas of the short pool (default: sized by the short requests' share of the "
+        "engine work, `short_pool_size`).",
+    )
     p.add_argument("--load", type=float, default=0.8, help="Share of the shared pool's capacity.")
     p.add_argument("--requests", type=int, default=800)
     p.add_argument("--duration", type=float, default=150.0, help="Seconds of arrivals (live).")
@@ -109,6 +122,45 @@ def workload(args: argparse.Namespace) -> list[wl.Request]:
     if max(r.prompt_tokens + r.max_tokens for r in natural) > 8192:
         raise SystemExit("prompt + output must fit the 8192-token context (max_num_tokens)")
     return natural
+
+
+def short_work_share(requests: Sequence[wl.Request], shape: EngineShape) -> float:
+    """The short requests' share of the engine work (`calibrate.engine_seconds` per class)."""
+    short = engine_seconds([r for r in requests if r.meta["class"] == "short"], shape)
+    long = engine_seconds([r for r in requests if r.meta["class"] == "long"], shape)
+    return short / (short + long) if short + long > 0 else 0.0
+
+
+def short_pool_size(replicas: int, share: float) -> int:
+    """Replicas for a pool doing `share` of the work: its share rounded up, at least one, and
+    at least one left to the other pool."""
+    if replicas < 2:
+        raise ValueError("pools need at least two replicas")
+    return min(replicas - 1, max(1, math.ceil(replicas * share - 1e-9)))
+
+
+def short_ttft_floor_s(requests: Sequence[wl.Request], shape: EngineShape) -> float:
+    """Median TTFT of a short request alone on an idle engine: its one prefill step. No
+    placement can go below it."""
+    profile = get_profile(shape.cost_profile)
+    steps = sorted(
+        profile.step_time_s(prefill_shape(r.prompt_tokens, 0))
+        for r in requests
+        if r.meta["class"] == "short"
+    )
+    return steps[len(steps) // 2] if steps else math.nan
+
+
+def resolve_split(
+    args: argparse.Namespace, requests: Sequence[wl.Request], shape: EngineShape
+) -> float:
+    """Fills `args.short_replicas` when not given; returns the short work share."""
+    share = short_work_share(requests, shape)
+    if args.short_replicas is None:
+        args.short_replicas = short_pool_size(args.replicas, share)
+    if not 0 < args.short_replicas < args.replicas:
+        raise SystemExit("--short-replicas must leave at least one replica in each pool")
+    return share
 
 
 def goodput_tok_s(results: Sequence[Result], slo_s: float, span_s: float) -> float:
@@ -176,8 +228,12 @@ def check_dicts(cs: Sequence[Check]) -> list[dict[str, Any]]:
 
 
 def report(
-    header: str, per_arm: dict[str, list[Summary]], overall: Sequence[Summary]
+    header: str,
+    per_arm: dict[str, list[Summary]],
+    overall: Sequence[Summary],
+    floor_s: float,
 ) -> tuple[str, list[Check]]:
+    """Tables and checks; `floor_s` is the short requests' TTFT floor in the run's time."""
     named = {arm: {s.arm.split("/")[1]: s for s in ss} for arm, ss in per_arm.items()}
     cs = checks(named["fifo"], named["pools"])
     rr = checks(named["fifo-rr"], named["pools"], "fifo-rr") if "fifo-rr" in named else []
@@ -191,6 +247,12 @@ def report(
     if "fifo-rr" in named:
         parts.append(ratio_rows(named["fifo-rr"], named["pools"], "fifo-rr"))
     parts.append(checks_table(cs))
+    fifo_p50 = named["fifo"]["short"].ttft_s.p50
+    parts.append(
+        f"short TTFT floor (median short prompt's one prefill step on an idle engine): "
+        f"{floor_s * 1e3:.1f} ms = {ratio(floor_s, fifo_p50):.3f} x fifo's short p50 "
+        f"({fifo_p50 * 1e3:.1f} ms); no placement brings short p50 below it"
+    )
     if rr:
         parts.append("reference (shared pool under round-robin):\n" + checks_table(rr))
     return "\n\n".join(parts), cs + rr
@@ -208,12 +270,11 @@ def main_sim(args: argparse.Namespace) -> int:
     block_size = block_size_from_env()
     natural = workload(args)
     shape = EngineShape(block_size=block_size)
+    share = resolve_split(args, natural, shape)
     cap = rr_capacity(natural, args.replicas, shape).requests_per_s
     requests = at_rate(natural, args.load * cap)
     span = span_of(requests)
     n_long = args.replicas - args.short_replicas
-    if not 0 < args.short_replicas < args.replicas:
-        raise SystemExit("--short-replicas must leave at least one replica in each pool")
     clusters = {
         "fifo": (
             ClusterSpec(pools=(PoolSpec(args.replicas),), block_size=block_size),
@@ -248,15 +309,19 @@ def main_sim(args: argparse.Namespace) -> int:
     header = (
         f"mixed (sim): {len(requests)} requests ({longs} long) at {args.load * cap:.2f} req/s "
         f"(load {args.load} of shared round-robin capacity {cap:.2f} req/s); profile "
-        f"{args.profile}; pools: {args.short_replicas} short + {n_long} long replicas; "
+        f"{args.profile}; pools: {args.short_replicas} short + {n_long} long replicas (short "
+        f"requests' share of the work {share:.3f}); "
         f"long SLO TTFT <= {args.long_slo_s}s"
     )
-    text, cs = report(header, per_arm, overall)
+    floor_s = short_ttft_floor_s(requests, shape)
+    text, cs = report(header, per_arm, overall, floor_s)
     print("\n" + text)
     out: dict[str, Any] = {
         "mode": "sim",
         "args": {k: str(v) for k, v in vars(args).items()},
         "env": environment(),
+        "short_work_share": share,
+        "short_ttft_floor_s": floor_s,
         "by_class": {
             arm: [{"class": s.arm.split("/")[1], **summary_dict(s)} for s in ss]
             for arm, ss in per_arm.items()
@@ -275,6 +340,7 @@ async def main_live(args: argparse.Namespace) -> int:
     block_size = block_size_from_env()
     natural = workload(args)
     shape = EngineShape(block_size=block_size)
+    share = resolve_split(args, natural, shape)
     plan = plan_load(
         natural, replicas=args.replicas, shape=shape, load=args.load, duration_s=args.duration
     )
@@ -283,7 +349,8 @@ async def main_live(args: argparse.Namespace) -> int:
     header = (
         f"mixed (live): {d['requests']} requests ({longs} long) over {d['span_s']:.0f}s "
         f"({plan.offered_wall_req_s:.2f} req/s); TIME_SCALE {plan.emulator_time_scale:.3f}; "
-        f"pools: {args.short_replicas} short + {args.replicas - args.short_replicas} long replicas"
+        f"pools: {args.short_replicas} short + {args.replicas - args.short_replicas} long replicas "
+        f"(short requests' share of the work {share:.3f})"
     )
     print(header, flush=True)
     spec = MeshSpec(replicas=args.replicas, time_scale=plan.emulator_time_scale, shape=shape)
@@ -300,7 +367,8 @@ async def main_live(args: argparse.Namespace) -> int:
     per_arm = {run.arm.name: by_class(run.arm.name, run.results, slo, span) for run in wr.runs}
     for s, run in zip(wr.summaries, wr.runs, strict=True):
         s.extra["goodput_tok_s"] = goodput_tok_s(run.results, slo, span)
-    text, cs = report(header, per_arm, wr.summaries)
+    floor_s = short_ttft_floor_s(plan.requests, shape) * plan.emulator_time_scale
+    text, cs = report(header, per_arm, wr.summaries, floor_s)
     print("\n" + text)
     out: dict[str, Any] = {
         "mode": "live",
@@ -317,6 +385,8 @@ async def main_live(args: argparse.Namespace) -> int:
                     for arm, summaries in per_arm.items()
                 },
                 "checks": check_dicts(cs),
+                "short_work_share": share,
+                "short_ttft_floor_s": floor_s,
             },
         ),
     }

@@ -8,6 +8,13 @@ import yaml
 from bench.arms import Arm, MeshSpec, mesh_options
 from bench.calibrate import EngineShape
 from bench.pools import arms as pool_arms
+from bench.pools import (
+    build_parser,
+    short_pool_size,
+    short_ttft_floor_s,
+    short_work_share,
+    workload,
+)
 from llmmesh.localmesh import LocalMesh, MeshOptions
 
 
@@ -58,3 +65,24 @@ def test_localmesh_replica_pools_must_name_every_replica(tmp_path: Path) -> None
     mesh = LocalMesh(MeshOptions(replicas=3, workdir=tmp_path, replica_pools=["a"]))
     with pytest.raises(ValueError, match="1 pools for 3 replicas"):
         mesh._replica_pool(0)
+
+
+@pytest.mark.parametrize(
+    ("replicas", "share", "expected"),
+    [(8, 0.062, 1), (16, 0.062, 1), (16, 0.07, 2), (4, 0.5, 2), (4, 0.99, 3), (2, 0.0, 1)],
+)
+def test_short_pool_is_its_share_of_the_work_rounded_up(
+    replicas: int, share: float, expected: int
+) -> None:
+    assert short_pool_size(replicas, share) == expected
+
+
+def test_short_work_share_and_floor() -> None:
+    args = build_parser().parse_args(["--requests", "60"])
+    reqs = workload(args)
+    shape = EngineShape()
+    share = short_work_share(reqs, shape)
+    # Short prompts are ~30x shorter than long ones and outputs ~2x: a small share.
+    assert 0.0 < share < 0.3
+    floor = short_ttft_floor_s(reqs, shape)
+    assert 0.0 < floor < 0.05

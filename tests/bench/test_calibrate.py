@@ -57,3 +57,14 @@ def test_engine_shape_env() -> None:
     env = SMALL.env()
     assert env["LLMMESH_EMULATOR_NUM_KV_BLOCKS"] == "256"
     assert env["LLMMESH_EMULATOR_MAX_NUM_TOKENS"] == "1024"
+
+
+def test_engine_seconds_add_up_to_about_the_work_of_both_halves() -> None:
+    shape = calibrate.EngineShape(num_kv_blocks=4096)
+    reqs = [Request(0, list(block_tokens(9, i, 512)), 32) for i in range(16)]
+    whole = calibrate.engine_seconds(reqs, shape)
+    assert calibrate.engine_seconds([], shape) == 0.0
+    assert 0 < calibrate.engine_seconds(reqs[:8], shape) < whole
+    # Batched together, the halves take no longer than run one after the other.
+    halves = calibrate.engine_seconds(reqs[:8], shape) + calibrate.engine_seconds(reqs[8:], shape)
+    assert whole <= halves + 1e-9
