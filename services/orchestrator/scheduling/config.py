@@ -75,7 +75,8 @@ BUILTIN_PROFILES: dict[str, ProfileConfig] = {
         filters=FILTERS,
         scorers=[
             WeightedScorer(plugin="least-work", weight=1.0),
-            WeightedScorer(plugin="hot-spot", weight=0.3),
+            WeightedScorer(plugin="hot-spot", weight=0.1),
+            WeightedScorer(plugin="prefix", weight=0.02),
         ],
         picker="max-score",
     ),

@@ -13,14 +13,19 @@ from services.orchestrator.scheduling.config import (
     ProfileConfig,
     WeightedScorer,
 )
-from services.orchestrator.scheduling.contracts import PluginParams, ReplicaView, RequestView
+from services.orchestrator.scheduling.contracts import (
+    PluginParams,
+    ReplicaLoad,
+    ReplicaView,
+    RequestView,
+)
 from services.orchestrator.scheduling.framework import Scheduler, build_profile, clamp
 from services.orchestrator.scheduling.registry import (
     PluginConfigError,
     PluginSpec,
     default_registry,
 )
-from tests.orchestrator.scheduling.test_plugins import rep, reqv
+from tests.orchestrator.scheduling.test_plugins import pid, rep, reqv
 
 
 class Wild:
@@ -127,3 +132,25 @@ def test_bad_configuration_is_reported(
 ) -> None:
     with pytest.raises(PluginConfigError, match=message):
         build_profile(name, default_registry(), plugins, profiles)
+
+
+@pytest.mark.parametrize(
+    ("backlog_s", "expected"),
+    [
+        (0.0, "cached"),  # equal load: the replica holding the prefix breaks the tie
+        (0.005, "cached"),  # a few ms more predicted wait: still a near-tie
+        (0.2, "idle"),  # well behind: least-loaded picks by load, cache-blind
+    ],
+)
+def test_least_loaded_lets_the_prefix_break_only_near_ties(backlog_s: float, expected: str) -> None:
+    request = reqv(prompt_tokens=2048, prompt_blocks=64, prefix_blocks={"cached": 64})
+    for seed in range(8):
+        sched = Scheduler(build_profile("least-loaded", default_registry()), random.Random(seed))
+        d = sched.decide(
+            request,
+            [
+                rep("idle", load=ReplicaLoad()),
+                rep("cached", load=ReplicaLoad(prefill_tokens=1, prefill_s=backlog_s)),
+            ],
+        )
+        assert pid(d.replica) == expected
