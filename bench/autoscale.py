@@ -295,6 +295,7 @@ def arm_row(o: ArmOutcome, end_s: float, slo: float) -> dict[str, float]:
         "mean_replicas": rs / end_s if end_s > 0 else math.nan,
         "slo_attainment": slo_attainment(o.results, slo),
         "ttft_p50_s": s.ttft_s.p50,
+        "ttft_mean_s": s.ttft_s.mean,
         "ttft_p99_s": s.ttft_s.p99,
         "requests": len(o.results),
         "aborted": aborted(o.results),

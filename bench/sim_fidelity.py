@@ -24,18 +24,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import itertools
 import json
 import logging
 import math
 import statistics
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from bench import workloads as wl
 from bench.arms import Arm, MeshSpec
-from bench.calibrate import plan_load
+from bench.autoscale_report import TimelinePoint, replica_seconds, scale_events, slo_attainment
+from bench.calibrate import EngineShape, plan_load
 from bench.experiment import environment, run_arms
 from bench.replay import Result
 from bench.report import (
@@ -52,7 +55,7 @@ from bench.report import (
 )
 from bench.routing import engine_shape
 from llmmesh.localmesh import PROBE_INTERVAL_S
-from llmmesh.sim import ClusterSpec, Latencies, PoolSpec, simulate
+from llmmesh.sim import Autoscale, ClusterSpec, Latencies, PoolSpec, SimResult, simulate
 
 METRICS: tuple[tuple[str, Callable[[Summary], float]], ...] = (
     ("TTFT p50 s", lambda s: s.ttft_s.p50),
@@ -68,7 +71,7 @@ WORKLOADS = {"shared-prefix": ("shared-prefix-few", 0.6), "mooncake": ("mooncake
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.sim_fidelity", description=__doc__)
-    p.add_argument("--workloads", nargs="+", choices=sorted(WORKLOADS), default=sorted(WORKLOADS))
+    p.add_argument("--workloads", nargs="*", choices=sorted(WORKLOADS), default=sorted(WORKLOADS))
     p.add_argument("--profiles", nargs="+", default=["round-robin", "default"])
     p.add_argument("--replicas", type=int, default=4)
     p.add_argument("--requests", type=int, default=300, help="At most this many per workload.")
@@ -94,9 +97,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=9,
         help="Simulated runs per profile (seeds: scrape phase, rng); the median is compared.",
     )
+    p.add_argument(
+        "--autoscaled-duration",
+        type=float,
+        default=120.0,
+        help="Seconds of the autoscaled run's compressed day (`bench.autoscale`'s workload, "
+        "policy and local actuator); 0 skips it.",
+    )
+    p.add_argument(
+        "--startup-delay-s",
+        type=float,
+        default=None,
+        help="Simulated replica start-up (default: the live run's median, scale-up to ready).",
+    )
     p.add_argument("--live-from", type=Path, default=None, help="Reuse live results (JSON).")
     p.add_argument("--out", default="sim-fidelity.json")
     return p
+
+
+def latencies(args: argparse.Namespace) -> Latencies:
+    """The live mesh's fixed per-hop costs (`--latency-*`)."""
+    return Latencies(
+        admit_s=args.latency_admit_s,
+        lookup_s=args.latency_lookup_s,
+        dispatch_s=args.latency_dispatch_s,
+        jitter=args.latency_jitter,
+        first_token_s=args.latency_first_token_s,
+        completion_s=args.latency_completion_s,
+    )
 
 
 def _results(records: list[dict[str, Any]]) -> list[Result]:
@@ -105,6 +133,145 @@ def _results(records: list[dict[str, Any]]) -> list[Result]:
 
 def _rel(sim: float, live: float) -> float:
     return (sim - live) / live if live and not math.isnan(live) else math.nan
+
+
+def startup_delays(timeline: Sequence[TimelinePoint]) -> list[float]:
+    """Seconds from each replica's start (a rise of `starting`) to it being ready (a rise of
+    `ready`), first started first ready, from a live autoscaler timeline."""
+    pts = sorted(timeline, key=lambda p: p.t_s)
+    # Replicas starting at the first sample count from it.
+    started: list[float] = [pts[0].t_s] * pts[0].starting if pts else []
+    out: list[float] = []
+    for a, b in itertools.pairwise(pts):
+        up = b.ready - a.ready
+        # Replicas that went from starting to ready between the samples left `starting`.
+        started.extend([b.t_s] * max(0, b.starting - a.starting + max(0, up)))
+        for _ in range(max(0, up)):
+            if started:
+                out.append(b.t_s - started.pop(0))
+    return out
+
+
+def _sim_timeline(res: SimResult) -> list[TimelinePoint]:
+    """The simulator's samples as the live timeline's points (ready, starting)."""
+    out = []
+    for smp in res.timeline:
+        prov, ready = sum(smp.provisioned.values()), sum(smp.ready.values())
+        out.append(TimelinePoint(smp.t_s, prov, ready, max(0, prov - ready)))
+    return out
+
+
+AUTOSCALED_METRICS = (
+    ("replica-s", "replica_seconds"),
+    ("mean replicas", "mean_replicas"),
+    ("TTFT p50 s", "ttft_p50_s"),
+    ("TTFT mean s", "ttft_mean_s"),
+    ("TTFT p99 s", "ttft_p99_s"),
+    ("TTFT-SLO attainment", "slo_attainment"),
+    ("replicas added", "scale_ups"),
+    ("replicas removed", "scale_downs"),
+)
+
+
+def autoscaled(
+    args: argparse.Namespace, previous: dict[str, Any] | None
+) -> tuple[list[list[str]], list[Check], dict[str, Any]]:
+    """`bench.autoscale`'s autoscaled arm (compressed Azure day, local actuator) live, and the
+    same requests, engines and autoscaler policy in the simulator (`Autoscale`, start-up delay
+    from the live run)."""
+    from bench import autoscale as ab
+
+    argv = ["--arms", "autoscaled", "--duration", f"{args.autoscaled_duration:g}"]
+    aargs = ab.build_parser().parse_args([*argv, "--out", "sim-fidelity-autoscale"])
+    shape = EngineShape(max_batch_size=aargs.max_batch)
+    pl = ab.plan(aargs, shape)
+    pol = ab.policy(aargs, pl, shape)
+    if previous is not None and "autoscaled" in previous:
+        live = previous["autoscaled"]["live"]
+        timeline = [TimelinePoint(**p) for p in previous["autoscaled"]["live_timeline"]]
+    else:
+        if ab.main([*argv, "--out", "sim-fidelity-autoscale"]) != 0:
+            raise SystemExit("the live autoscaled run failed")
+        got = json.loads((RESULTS_DIR / "sim-fidelity-autoscale.json").read_text())
+        live = got["arms"]["autoscaled"]
+        timeline = [TimelinePoint(**p) for p in got["timelines"]["autoscaled"]]
+    delays = startup_delays(timeline)
+    delay = args.startup_delay_s
+    if delay is None:
+        delay = statistics.median(delays) if delays else 5.0
+    end_s = live["replica_seconds"] / live["mean_replicas"] if live["mean_replicas"] else 0.0
+    cluster = ClusterSpec(
+        pools=(
+            PoolSpec(
+                max(aargs.min_replicas, 1),
+                max_batch_size=shape.max_batch_size,
+                max_num_tokens=shape.max_num_tokens,
+                num_kv_blocks=shape.num_kv_blocks,
+                time_scale=pl.time_scale,
+                gauge_period_s=args.gauge_period_s,
+                autoscale=Autoscale(
+                    policy=pol,
+                    interval_s=1.0,
+                    startup_delay_s=delay,
+                    signal_window_s=aargs.rate_window,
+                ),
+            ),
+        ),
+        block_size=shape.block_size,
+        metrics_interval_s=PROBE_INTERVAL_S,
+        latencies=latencies(args),
+    )
+    sims: list[dict[str, float]] = []
+    for k in range(args.sim_seeds):
+        res = simulate(
+            pl.requests, cluster, "default", args.seed + k, oracle=False, timeline_interval_s=1.0
+        )
+        tl = _sim_timeline(res)
+        rs = replica_seconds(tl, 0.0, end_s)
+        up, down = scale_events(tl)
+        s = res.summary
+        sims.append(
+            {
+                "replica_seconds": rs,
+                "mean_replicas": rs / end_s if end_s > 0 else math.nan,
+                "ttft_p50_s": s.ttft_s.p50,
+                "ttft_mean_s": s.ttft_s.mean,
+                "ttft_p99_s": s.ttft_s.p99,
+                "slo_attainment": slo_attainment(res.results, aargs.ttft_slo),
+                "scale_ups": up,
+                "scale_downs": down,
+            }
+        )
+    rows: list[list[str]] = []
+    checks: list[Check] = []
+    name = f"autoscaled (start-up {delay:.1f} s)"
+    for metric, key in AUTOSCALED_METRICS:
+        a = float(live[key]) if key in live else math.nan
+        values = sorted(x[key] for x in sims)
+        b = statistics.median(values)
+        diff = f"{b - a:+.3f}" if key == "slo_attainment" else f"{_rel(b, a):+.1%}"
+        rows.append(
+            [
+                name,
+                "default",
+                metric,
+                f"{a:.4g}",
+                f"{b:.4g}",
+                f"{values[0]:.4g}-{values[-1]:.4g}",
+                diff,
+            ]
+        )
+        if key in ("replica_seconds", "ttft_p50_s", "ttft_mean_s"):
+            checks.append(Check(f"autoscaled {metric} |rel err|", abs(_rel(b, a)), "<=", 0.10))
+    data = {
+        "live": live,
+        "live_timeline": [dataclasses.asdict(p) for p in timeline],
+        "startup_delays_s": delays,
+        "startup_delay_s": delay,
+        "sim": sims,
+        "time_scale": pl.time_scale,
+    }
+    return rows, checks, data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,14 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
             block_size=block_size,
             metrics_interval_s=PROBE_INTERVAL_S,
-            latencies=Latencies(
-                admit_s=args.latency_admit_s,
-                lookup_s=args.latency_lookup_s,
-                dispatch_s=args.latency_dispatch_s,
-                jitter=args.latency_jitter,
-                first_token_s=args.latency_first_token_s,
-                completion_s=args.latency_completion_s,
-            ),
+            latencies=latencies(args),
         )
         sims: dict[str, list[Summary]] = {}
         for prof in args.profiles:
@@ -216,6 +376,10 @@ def main(argv: list[str] | None = None) -> int:
             "ranking": {"live": rank_live, "sim": rank_sim},
             "live_results": live_records,
         }
+    if args.autoscaled_duration > 0:
+        a_rows, a_checks, out["autoscaled"] = autoscaled(args, previous)
+        rows += a_rows
+        checks += a_checks
     print()
     headers = ["workload", "profile", "metric", "live", f"sim (median of {args.sim_seeds})"]
     print(format_table([*headers, "sim range", "sim vs live"], rows))
