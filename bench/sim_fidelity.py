@@ -16,13 +16,12 @@ the Azure trace, the local actuator starting and draining Triton processes) live
 same requests, engines and autoscaler policy simulated (`Autoscale`, with the live run's median
 start-up delay): replica-seconds, TTFT and scale events side by side.
 
-The live mesh's fixed per-hop costs (`--latency-*`, defaults for this 2-core machine under the
-usual load of other work): 13 ms from arrival to first token outside the engine, measured as the
-median per-request TTFT difference live - simulated of the round-robin arm without latencies
-(13.3 ms shared-prefix, 17.6 ms Mooncake), split by hop after `make bench-overhead` (one stream:
-the mesh adds 4.5 ms over Triton direct, Triton direct 2.5 ms): admit 4 ms, registry lookup
-2 ms (the live orchestrator's median queue time of an unqueued request is 1.8-2.3 ms, lookup
-included), lease to engine 3 ms, first token to client 4 ms, last token to Complete 4 ms.
+The live mesh's fixed per-hop costs (`--latency-*`, defaults for this 2-core machine): 10.5 ms
+from arrival to first token outside the engine, the median per-request TTFT difference live -
+simulated without latencies (3 live runs per arm, 2026-12-04: shared-prefix 9.8-13.9 ms, Mooncake
+7.7-10.5 ms; 13.3 / 17.6 ms before the data-path work of issue 14), split by hop in the
+proportions `make bench-overhead` gave: admit 3 ms, registry lookup 1.5 ms, lease to engine
+2.5 ms, first token to client 3.5 ms, last token to Complete 3 ms.
 
 Targets (the issue's): p50 TTFT, mean TTFT and throughput within 10% of live, KV hit rate within
 0.03, same ranking of profiles by mean TTFT. `--live-from` reuses the live half of an earlier
@@ -88,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=40.0, help="Seconds of arrivals.")
     p.add_argument("--cache-fraction", type=float, default=0.4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--latency-admit-s", type=float, default=0.004)
-    p.add_argument("--latency-lookup-s", type=float, default=0.002)
-    p.add_argument("--latency-dispatch-s", type=float, default=0.003)
+    p.add_argument("--latency-admit-s", type=float, default=0.003)
+    p.add_argument("--latency-lookup-s", type=float, default=0.0015)
+    p.add_argument("--latency-dispatch-s", type=float, default=0.0025)
     p.add_argument(
         "--gauge-period-s",
         type=float,
@@ -98,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="Model the backend's gauge copy period (LLMMESH_EMULATOR_METRICS_INTERVAL_MS).",
     )
     p.add_argument("--latency-jitter", type=float, default=0.0, help="+- fraction per hop.")
-    p.add_argument("--latency-first-token-s", type=float, default=0.004)
-    p.add_argument("--latency-completion-s", type=float, default=0.004)
+    p.add_argument("--latency-first-token-s", type=float, default=0.0035)
+    p.add_argument("--latency-completion-s", type=float, default=0.003)
     p.add_argument(
         "--sim-seeds",
         type=int,
