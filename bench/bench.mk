@@ -45,7 +45,7 @@ bench-burst: setup ## The overload issue's reproduction: 100/400/1000 requests a
 
 .PHONY: bench-sim-fidelity bench-sim-scale
 
-bench-sim-fidelity: setup ## Simulator vs live local mesh: shared-prefix + Mooncake sample, 4 replicas, round-robin and default; TTFT p50/mean, throughput, hit rate side by side (~6 min)
+bench-sim-fidelity: setup ## Simulator vs live local mesh: shared-prefix + Mooncake sample, 4 replicas, round-robin and default, 3 live runs each, and an autoscaled compressed Azure day; TTFT, throughput, hit rate, replica-seconds side by side (~15 min)
 	$(PY) -m bench.sim_fidelity $(BENCH_ARGS)
 
 bench-sim-scale: setup ## Simulator at scale: full Mooncake and Azure traces at 32 and 256 replicas, Mooncake at 1000: CPU s and simulated events/s (~10 min)
