@@ -291,6 +291,7 @@ def arm_row(o: ArmOutcome, end_s: float, slo: float) -> dict[str, float]:
     s = summarize(o.name, o.results)
     rs = replica_seconds(o.timeline, 0.0, end_s)
     return {
+        "end_s": end_s,
         "replica_seconds": rs,
         "mean_replicas": rs / end_s if end_s > 0 else math.nan,
         "slo_attainment": slo_attainment(o.results, slo),

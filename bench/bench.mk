@@ -7,7 +7,7 @@ BENCH_ARGS ?=
 bench-routing: setup ## Scheduling profiles vs round-robin on the workload matrix in the simulator (TTFT at 80% load, sustainable rate at p99 SLO, hit rate vs oracle and capacity bound; --mode live for samples on a mesh) (3 seeds per workload: about an hour on 2 cores; --seeds 1 for a quick look)
 	$(PY) -m bench routing $(BENCH_ARGS)
 
-bench-pools: setup ## Shared pool vs short/long pools on a mixed long/short workload at 80% load: short p50/p99 TTFT, long goodput (simulator; --mode live on a mesh) (~1 min)
+bench-pools: setup ## Shared pool vs short/long pools on a mixed long/short workload at 80% load: short p50/p99 TTFT, long goodput (simulator, seconds; --mode live on a mesh)
 	$(PY) -m bench pools $(BENCH_ARGS)
 
 bench-run: setup ## Replay a workload against a running mesh: make bench-run BENCH_ARGS="--workload mooncake ..."

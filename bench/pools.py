@@ -10,8 +10,7 @@ Arms (orchestrator profile `--profile`, `default` unless given, in both):
          pool is sized by the short requests' share of the engine work (`short_work_share`,
          from the cost model; rounded up, at least one replica per pool): a pool split only pays
          where whole replicas can match the shares; at 4 replicas the smallest short pool is a
-         quarter of the cluster for ~6% of the work, and long requests lose ~40% of their
-         goodput.
+         quarter of the cluster for ~6% of the work, which long requests' goodput pays for.
 Also, for reference, the shared pool under round-robin ("fifo-rr": what a length-blind load
 balancer gives short requests).
 Modes: `sim` (default; the cluster simulator, `llmmesh.sim`, on virtual time) or `live` (a fresh
@@ -162,6 +161,8 @@ def resolve_split(
     args: argparse.Namespace, requests: Sequence[wl.Request], shape: EngineShape
 ) -> float:
     """Fills `args.short_replicas` when not given; returns the short work share."""
+    if args.replicas < 2:
+        raise SystemExit("--replicas: pools need at least two replicas")
     share = short_work_share(requests, shape)
     if args.short_replicas is None:
         args.short_replicas = short_pool_size(args.replicas, share)

@@ -19,8 +19,7 @@ start-up delay): replica-seconds, TTFT and scale events side by side.
 The live mesh's fixed per-hop costs (`--latency-*`, defaults for this 2-core machine): 10.5 ms
 from arrival to first token outside the engine, the median per-request TTFT difference live -
 simulated without latencies (3 live runs per arm, 2026-12-04: shared-prefix 9.8-13.9 ms, Mooncake
-7.7-10.5 ms; 13.3 / 17.6 ms before the data-path work of issue 14), split by hop in the
-proportions `make bench-overhead` gave: admit 3 ms, registry lookup 1.5 ms, lease to engine
+7.7-10.5 ms), split by hop in the proportions `make bench-overhead` gave: admit 3 ms, registry lookup 1.5 ms, lease to engine
 2.5 ms, first token to client 3.5 ms, last token to Complete 3 ms.
 
 Targets (the issue's): p50 TTFT, mean TTFT and throughput within 10% of live, KV hit rate within
@@ -116,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--startup-delay-s",
         type=float,
         default=None,
-        help="Simulated replica start-up (default: the live run's median, scale-up to ready).",
+        help="Simulated replica start-up (default: the live run's median, start to ready; "
+        f"{FALLBACK_STARTUP_DELAY_S:g} s when it started none).",
     )
     p.add_argument(
         "--live-runs",
@@ -152,29 +152,40 @@ def _rel(sim: float, live: float) -> float:
 
 def startup_delays(timeline: Sequence[TimelinePoint]) -> list[float]:
     """Seconds from each replica's start (a rise of `starting`) to it being ready (a rise of
-    `ready`), first started first ready, from a live autoscaler timeline."""
+    `ready`, counting replicas that moved on to `draining` in the same interval), first started
+    first ready, from a live autoscaler timeline. Starts that leave `starting` without becoming
+    ready were cancelled, newest first (as the local actuator does)."""
     pts = sorted(timeline, key=lambda p: p.t_s)
     # Replicas starting at the first sample count from it.
     started: list[float] = [pts[0].t_s] * pts[0].starting if pts else []
     out: list[float] = []
     for a, b in itertools.pairwise(pts):
-        up = b.ready - a.ready
-        # Replicas that went from starting to ready between the samples left `starting`.
-        started.extend([b.t_s] * max(0, b.starting - a.starting + max(0, up)))
-        for _ in range(max(0, up)):
+        up = max(0, b.ready - a.ready + max(0, b.draining - a.draining))
+        new = b.starting - a.starting + up  # starts in the interval, less cancellations
+        if new > 0:
+            started.extend([b.t_s] * new)
+        elif new < 0:
+            del started[max(0, len(started) + new) :]
+        for _ in range(up):
             if started:
                 out.append(b.t_s - started.pop(0))
     return out
 
 
 def _sim_timeline(res: SimResult) -> list[TimelinePoint]:
-    """The simulator's samples as the live timeline's points (ready, starting)."""
+    """The simulator's samples as the live timeline's points: ready, and the rest of the
+    provisioned replicas (starting or draining) as `starting`, so `existing` is what is paid for;
+    a simulated scale-down therefore counts when its drain ends (live: when it starts)."""
     out = []
     for smp in res.timeline:
         prov, ready = sum(smp.provisioned.values()), sum(smp.ready.values())
         out.append(TimelinePoint(smp.t_s, prov, ready, max(0, prov - ready)))
     return out
 
+
+# Start-up delay for the simulated actuator when the live run started no replica (a Triton
+# process with the emulator becomes ready in 2-3 s on this machine: the live timelines).
+FALLBACK_STARTUP_DELAY_S = 3.0
 
 AUTOSCALED_METRICS = (
     ("replica-s", "replica_seconds"),
@@ -201,9 +212,15 @@ def autoscaled(
     shape = EngineShape(max_batch_size=aargs.max_batch)
     pl = ab.plan(aargs, shape)
     pol = ab.policy(aargs, pl, shape)
-    if previous is not None and "autoscaled" in previous:
-        live = previous["autoscaled"]["live"]
-        timeline = [TimelinePoint(**p) for p in previous["autoscaled"]["live_timeline"]]
+    if previous is not None:
+        earlier = previous["autoscaled"]
+        if float(earlier.get("duration_s", math.nan)) != args.autoscaled_duration:
+            raise SystemExit(
+                f"--live-from holds an autoscaled run of {earlier.get('duration_s')} s, not "
+                f"--autoscaled-duration {args.autoscaled_duration:g}"
+            )
+        live = earlier["live"]
+        timeline = [TimelinePoint(**p) for p in earlier["live_timeline"]]
     else:
         if ab.main([*argv, "--out", "sim-fidelity-autoscale"]) != 0:
             raise SystemExit("the live autoscaled run failed")
@@ -213,8 +230,8 @@ def autoscaled(
     delays = startup_delays(timeline)
     delay = args.startup_delay_s
     if delay is None:
-        delay = statistics.median(delays) if delays else 5.0
-    end_s = live["replica_seconds"] / live["mean_replicas"] if live["mean_replicas"] else 0.0
+        delay = statistics.median(delays) if delays else FALLBACK_STARTUP_DELAY_S
+    end_s = float(live["end_s"])
     cluster = ClusterSpec(
         pools=(
             PoolSpec(
@@ -280,6 +297,7 @@ def autoscaled(
         if key in ("replica_seconds", "ttft_p50_s", "ttft_mean_s"):
             checks.append(Check(f"autoscaled {metric} |rel err|", abs(_rel(b, a)), "<=", 0.10))
     data = {
+        "duration_s": args.autoscaled_duration,
         "live": live,
         "live_timeline": [dataclasses.asdict(p) for p in timeline],
         "startup_delays_s": delays,
@@ -292,6 +310,8 @@ def autoscaled(
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.live_runs < 1:
+        raise SystemExit("--live-runs must be at least 1")
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("services").setLevel(logging.ERROR)  # the simulated orchestrator's
     block_size = block_size_from_env()
@@ -407,7 +427,9 @@ def main(argv: list[str] | None = None) -> int:
             "ranking": {"live": rank_live, "sim": rank_sim},
             "live_runs": live_records,
         }
-    if args.autoscaled_duration > 0:
+    if args.autoscaled_duration > 0 and previous is not None and "autoscaled" not in previous:
+        print("(no autoscaled run in --live-from: skipped)")
+    elif args.autoscaled_duration > 0:
         a_rows, a_checks, out["autoscaled"] = autoscaled(args, previous)
         rows += a_rows
         checks += a_checks
@@ -416,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
         "workload",
         "profile",
         "metric",
-        f"live (median of {args.live_runs})",
+        "live (median)",
         "live range",
         f"sim (median of {args.sim_seeds})",
         "sim range",

@@ -165,7 +165,13 @@ def test_scores_equal_the_per_replica_prediction_whatever_replicas_share(
         rep("busy-same-load", in_flight=3, prefill_s=0.2, decode_seqs=3, decode_tokens=9000),
         rep("busy-more-leases", in_flight=70, prefill_s=0.2, decode_seqs=3, decode_tokens=9000),
         rep("cached"),
+        # Same leases and cache as "idle-a", another load: predicted on its own.
+        rep("backlog", prefill_s=0.1),
         dataclasses.replace(rep("no-ledger", in_flight=2), load=None, engine_active=2.0),
+        # Same leases as "no-ledger", another engine gauge.
+        dataclasses.replace(
+            rep("no-ledger-waiting", in_flight=2), load=None, engine_active=2.0, engine_waiting=3.0
+        ),
     ]
     request = req({"cached": BLOCKS, "busy-same-load": BLOCKS})
     times = [scorer.predicted_ttft_s(request, r) for r in replicas]
@@ -176,6 +182,8 @@ def test_scores_equal_the_per_replica_prediction_whatever_replicas_share(
         assert times[5] < times[0]
         assert times[3] < times[2]
     assert times[4] > times[2]
+    assert times[6] > times[0]
+    assert times[8] > times[7]
 
 
 def test_work_model_constants_match_the_cost_model() -> None:
