@@ -44,7 +44,7 @@ from typing import Any
 
 from bench import workloads as wl
 from bench.arms import Arm, MeshSpec
-from bench.autoscale_report import TimelinePoint, replica_seconds, scale_events, slo_attainment
+from bench.autoscale_report import TimelinePoint
 from bench.calibrate import EngineShape, plan_load
 from bench.experiment import environment, run_arms
 from bench.replay import Result
@@ -258,21 +258,12 @@ def autoscaled(
         res = simulate(
             pl.requests, cluster, "default", args.seed + k, oracle=False, timeline_interval_s=1.0
         )
-        tl = _sim_timeline(res)
-        rs = replica_seconds(tl, 0.0, end_s)
-        up, down = scale_events(tl)
-        s = res.summary
         sims.append(
-            {
-                "replica_seconds": rs,
-                "mean_replicas": rs / end_s if end_s > 0 else math.nan,
-                "ttft_p50_s": s.ttft_s.p50,
-                "ttft_mean_s": s.ttft_s.mean,
-                "ttft_p99_s": s.ttft_s.p99,
-                "slo_attainment": slo_attainment(res.results, aargs.ttft_slo),
-                "scale_ups": up,
-                "scale_downs": down,
-            }
+            ab.arm_row(
+                ab.ArmOutcome("sim", res.results, _sim_timeline(res), res.wall_s, ""),
+                end_s,
+                aargs.ttft_slo,
+            )
         )
     rows: list[list[str]] = []
     checks: list[Check] = []
