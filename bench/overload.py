@@ -62,6 +62,7 @@ from llmmesh.localmesh import LocalMesh, MeshOptions
 
 PRIORITY_MIX = (("interactive", 0.2), ("standard", 0.6), ("batch", 0.2))
 PRIORITIES = tuple(p for p, _ in PRIORITY_MIX)
+_PRIORITY_WEIGHTS = tuple(w for _, w in PRIORITY_MIX)
 GOODPUT_TARGET = 0.9
 RSS_GROWTH_BOUND_MIB = 64.0  # per process over one step, whatever the offered load
 
@@ -85,12 +86,7 @@ def mixed_request(
     rng: random.Random, arrival_s: float, i: int, prompt_tokens: int, output_tokens: int, seed: int
 ) -> Request:
     """Request `i` of a run: a unique prompt, a priority drawn from `PRIORITY_MIX`."""
-    u, acc, priority = rng.random(), 0.0, PRIORITIES[-1]
-    for name, share in PRIORITY_MIX:
-        acc += share
-        if u < acc:
-            priority = name
-            break
+    priority = rng.choices(PRIORITIES, _PRIORITY_WEIGHTS)[0]
     prompt = unique_tokens(NS_UNIQUE, seed * 1_000_003 + i, prompt_tokens)
     return Request(arrival_s, prompt, output_tokens, {"priority": priority})
 
