@@ -31,15 +31,16 @@ class WorkModel:
     max_batch: int = 64
     # Derived once from the fields above (the model is immutable).
     fixed_step_s: float = field(init=False, repr=False, compare=False)
+    _full_shape: StepShape = field(init=False, repr=False, compare=False)
     _full_step_s: float = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         p = self.profile
         # One step's cost independent of its tokens: overhead + one pass over the weights.
         object.__setattr__(self, "fixed_step_s", p.overhead_s + p.memory_time_s(StepShape()))
-        object.__setattr__(
-            self, "_full_step_s", p.step_time_s(prefill_shape(self.max_num_tokens, 0))
-        )
+        full = prefill_shape(self.max_num_tokens, 0)
+        object.__setattr__(self, "_full_shape", full)
+        object.__setattr__(self, "_full_step_s", p.step_time_s(full))
 
     @classmethod
     def named(cls, profile: str, max_num_tokens: int = 8192, max_batch: int = 64) -> WorkModel:
@@ -65,6 +66,6 @@ class WorkModel:
         """How much longer a full prefill step takes with this decoding batch riding along."""
         if seqs <= 0:
             return 1.0
-        full = prefill_shape(self.max_num_tokens, 0)
         ctx = max(1, context_tokens // seqs)
-        return self.profile.step_time_s(full + decode_batch_shape(ctx, seqs)) / self._full_step_s
+        shape = self._full_shape + decode_batch_shape(ctx, seqs)
+        return self.profile.step_time_s(shape) / self._full_step_s
