@@ -19,9 +19,10 @@ Liveness (as a kubelet's livenessProbe): a unit watched with a `Liveness` is pro
 ready unit and `restart()` returns once it is ready again: a unit still starting is never probed,
 like a startupProbe); only `failure_threshold` failed probes in a row count, a success resets
 them, except a failure of one of the `Liveness.fatal` exception types: an answer that says the
-unit is dead for good (it does not heal) kills it at the first probe. Then the supervisor kills the unit (`Liveness.kill`) and restarts it as any other exit,
-with the backoff; the restart's reason ("liveness probe failed N times: <last error>") is logged
-and kept in its `RestartEvent`. The check bounds its own duration (its timeout): the supervisor
+unit is dead for good (it does not heal) kills it at the first probe. Then the supervisor kills
+the unit (`Liveness.kill`) and restarts it as any other exit, with the backoff; the restart's
+reason ("liveness probe failed N times: <last error>", or "liveness probe found it dead:
+<error>") is logged and kept in its `RestartEvent`. The check bounds its own duration (its timeout): the supervisor
 does not time it, so a slow but successful check of a busy unit is a success.
 
 Exits the supervisor caused itself do not count: `close()` (before a graceful shutdown) stops
