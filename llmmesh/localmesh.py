@@ -428,6 +428,8 @@ class LocalMesh:
                 metrics_port=0,
                 health_interval_s=PROBE_INTERVAL_S,
                 metrics_interval_s=PROBE_INTERVAL_S,
+                # The emulators' speed: the orchestrator models them as slowed as they run.
+                engine_time_scale=o.time_scale,
                 kv_registry_address=kv.address,
                 replicas=[
                     ReplicaSpec.model_validate(

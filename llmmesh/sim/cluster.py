@@ -352,6 +352,7 @@ class Cluster:
                 max_in_flight_per_replica=spec.max_in_flight_per_replica,
                 metrics_interval_s=spec.metrics_interval_s,
                 metrics_max_age_s=spec.metrics_max_age_s,
+                engine_time_scale=_engine_time_scale(spec.pools),
             ),
             _Probe(self),
             (spec.policy or RoutingPolicy()).model_copy(
@@ -786,3 +787,16 @@ def simulate(
         engine_iterations=c.iterations_total,
         loop_wakeups=wakeups,
     )
+
+
+def _engine_time_scale(pools: Sequence[PoolSpec]) -> float:
+    """The pools' one time scale, which the orchestrator models (as the local mesh sets it)."""
+    scales = {p.time_scale for p in pools}
+    if not scales:
+        return 1.0
+    if len(scales) > 1:
+        raise ValueError(
+            f"pools run at different time scales {sorted(scales)}: the orchestrator "
+            "models one engine speed"
+        )
+    return scales.pop()

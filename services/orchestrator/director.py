@@ -113,11 +113,15 @@ class Orchestrator:
         """`fetch_in_thread=False`: `fetch_metrics` does not block (an in-process engine's
         sample, a simulator's): scrapes call it inline instead of in a worker thread."""
         self._settings = settings
+        self._start_soon_s = settings.start_soon_s * settings.engine_time_scale
         self._policy = policy or Policy()
         self._clock = clock
         self._scheduler = Scheduler(
             build_profile(
-                settings.profile, default_registry(), self._policy.plugins, self._policy.profiles
+                settings.profile,
+                default_registry(settings.engine_time_scale),
+                self._policy.plugins,
+                self._policy.profiles,
             ),
             rng,
         )
@@ -140,7 +144,11 @@ class Orchestrator:
         )
         self._leases = LeaseTable(settings.lease_timeout_s, clock)
         # Live per-replica work (load.py): every grant and completion, corrected by samples.
-        self._load = LoadLedger(clock, WorkModel.named(DEFAULT_PROFILE))
+        # The engine model of the profile's scorer (one cost profile for both), else the default.
+        work = self._scheduler.work_model or WorkModel.named(
+            DEFAULT_PROFILE, time_scale=settings.engine_time_scale
+        )
+        self._load = LoadLedger(clock, work)
         self._feedback = PrefixFeedback(prefix_index)
         self._reprobes: set[asyncio.Task[None]] = set()
         # Set once the first health round ended: until then "no replica" may only mean "not
@@ -357,7 +365,7 @@ class Orchestrator:
             st.configured_cap, sample, self._load.unique_share(st.spec.id)
         )
         ending = capacity.ending_soon(
-            st.lease_starts, now, self._settings.start_soon_s, self._service.mean_s
+            st.lease_starts, now, self._start_soon_s, self._service.mean_s
         )
         return min(
             st.configured_cap,

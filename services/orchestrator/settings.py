@@ -128,6 +128,16 @@ class OrchestratorSettings(ServiceSettings):
             "`max_queue` waiters (at most the standard share): batch is shed first."
         ),
     )
+    engine_time_scale: float = Field(
+        default=1.0,
+        gt=0,
+        description=(
+            "Wall seconds per modelled second of the engines' cost profile: 1 for real engines; "
+            "an emulator's LLMMESH_EMULATOR_TIME_SCALE (the local mesh sets it). The work model "
+            "(load ledger, estimated-wait scorer), the scorer's TTFT SLO and start_soon_s are "
+            "stretched by it, so a slowed emulator is scheduled as the modelled accelerator is."
+        ),
+    )
     start_soon_s: float = Field(
         default=0.25,
         ge=0,

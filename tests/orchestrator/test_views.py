@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
+from llmmesh.accelerators import DEFAULT_PROFILE
 from llmmesh.common.engine_metrics import EngineSample
 from services.orchestrator import capacity
 from services.orchestrator.director import Orchestrator
 from services.orchestrator.domain import Outcome
 from services.orchestrator.health import EngineSampler
 from services.orchestrator.load import LoadLedger
+from services.orchestrator.policy import Policy
 from services.orchestrator.replicas import ReplicaState
+from services.orchestrator.scheduling.config import PluginConfig, ProfileConfig, WeightedScorer
 from services.orchestrator.scheduling.contracts import ReplicaView
 from services.orchestrator.scheduling.work import WorkModel
 from services.orchestrator.settings import ReplicaSpec
@@ -172,3 +177,33 @@ async def test_a_batch_that_started_together_is_leased_beyond_its_slots_only_nea
     clock.t += 1.0
     r0.sample_at = clock.t  # past the mean: with start_soon_s 0 too
     assert capacity.ending_soon(r0.lease_starts, clock.t, 0.0, core._service.mean_s) == 4
+
+
+async def test_the_load_ledger_models_the_profiles_engine_at_the_engine_time_scale() -> None:
+    # The ledger predicts backlog with the scoring profile's cost profile (here an A100 fleet's),
+    # stretched by engine_time_scale: a 4x slowed fleet's backlog is 4x as long.
+    policy = Policy(
+        plugins=[
+            PluginConfig(
+                name="ew",
+                type="estimated-wait-scorer",
+                params={"cost_profile": "llama-3.1-8b-a100-bf16"},
+            )
+        ],
+        profiles={"a100": ProfileConfig(scorers=[WeightedScorer(plugin="ew")], picker="max-score")},
+    )
+    backlogs = {}
+    for scale in (1.0, 4.0):
+        s = settings(n=1, cap=8).model_copy(update={"profile": "a100", "engine_time_scale": scale})
+        probe = FakeProbe()
+        probe.ready_ids = {"r0"}
+        core = Orchestrator(s, probe, policy, clock=Clock())
+        await core.probe_once()
+        await core.admit(req("a", prompt_len=4000), 1.0)
+        load = view(core, "r0").load
+        assert load is not None
+        backlogs[scale] = load.prefill_s
+    a100 = WorkModel.named("llama-3.1-8b-a100-bf16").prefill_work_s(4000, 0)
+    assert backlogs[1.0] == pytest.approx(a100)
+    assert backlogs[1.0] != pytest.approx(WorkModel.named(DEFAULT_PROFILE).prefill_work_s(4000, 0))
+    assert backlogs[4.0] == pytest.approx(4 * a100)

@@ -63,9 +63,9 @@ def test_orchestrator_plugins_are_the_ones_called(monkeypatch: pytest.MonkeyPatc
     for name in registry.types():
         spec = registry.spec(name)
         if spec.kind == "scorer":
-            monkeypatch.setattr(spec.factory, "score", spy("scorer", spec.factory.score))  # type: ignore[attr-defined]
+            monkeypatch.setattr(spec.cls, "score", spy("scorer", spec.cls.score))  # type: ignore[attr-defined]
         elif spec.kind == "picker":
-            monkeypatch.setattr(spec.factory, "pick", spy("picker", spec.factory.pick))  # type: ignore[attr-defined]
+            monkeypatch.setattr(spec.cls, "pick", spy("picker", spec.cls.pick))  # type: ignore[attr-defined]
     monkeypatch.setattr(Orchestrator, "__init__", spy_init)
     reqs = _shared()
     res = simulate(reqs, SMALL, "default", seed=1, oracle=False)

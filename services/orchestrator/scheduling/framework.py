@@ -25,6 +25,7 @@ from services.orchestrator.scheduling.contracts import (
     Scorer,
 )
 from services.orchestrator.scheduling.registry import Plugin, PluginConfigError, PluginRegistry
+from services.orchestrator.scheduling.work import WorkModel
 
 _PLUGIN_SECONDS = Histogram(
     names.ORCH_PLUGIN_DURATION,
@@ -64,6 +65,15 @@ class Scheduler:
     def __init__(self, profile: Profile, rng: random.Random | None = None):
         self.profile = profile
         self._rng = rng or random.Random()
+
+    @property
+    def work_model(self) -> WorkModel | None:
+        """The engine work model of the profile's first scorer that has one (None without)."""
+        for s, _ in self.profile.scorers:
+            work = getattr(s.plugin, "work", None)
+            if isinstance(work, WorkModel):
+                return work
+        return None
 
     def filter(
         self, request: RequestView, replicas: Sequence[ReplicaView]

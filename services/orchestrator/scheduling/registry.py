@@ -38,7 +38,13 @@ class PluginSpec:
     type_name: str
     kind: Kind
     params: type[PluginParams]
-    factory: Callable[[PluginParams], Plugin]
+    cls: type  # the plugin's class
+    # Builds the plugin from its parsed params; the class itself unless it needs more.
+    factory: Callable[[PluginParams], Plugin] | None = None
+
+    def build(self, params: PluginParams) -> Plugin:
+        plugin: Plugin = (self.factory or self.cls)(params)
+        return plugin
 
 
 class PluginRegistry:
@@ -66,18 +72,30 @@ class PluginRegistry:
                 f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}" for e in exc.errors()
             )
             raise PluginConfigError(f"{plugin_type}: {detail}") from exc
-        return spec, spec.factory(parsed)
+        return spec, spec.build(parsed)
 
     def types(self) -> list[str]:
         return sorted(self._specs)
 
 
-def _spec(kind: Kind, cls: type, params: type[PluginParams]) -> PluginSpec:
+def _spec(
+    kind: Kind,
+    cls: type,
+    params: type[PluginParams],
+    factory: Callable[[PluginParams], Plugin] | None = None,
+) -> PluginSpec:
     type_name: str = cls.TYPE  # type: ignore[attr-defined]
-    return PluginSpec(type_name, kind, params, cls)
+    return PluginSpec(type_name, kind, params, cls, factory)
 
 
-def default_registry() -> PluginRegistry:
+def default_registry(engine_time_scale: float = 1.0) -> PluginRegistry:
+    """Every plugin type; those with an engine work model run at `engine_time_scale` (wall
+    seconds per modelled second: the orchestrator setting of that name)."""
+
+    def estimated_wait_scorer(params: PluginParams) -> Plugin:
+        assert isinstance(params, estimated_wait.Params)
+        return estimated_wait.EstimatedWaitScorer(params, time_scale=engine_time_scale)
+
     reg = PluginRegistry()
     for spec in (
         _spec("filter", healthy.HealthyFilter, healthy.Params),
@@ -88,7 +106,12 @@ def default_registry() -> PluginRegistry:
         _spec("scorer", prefix_overlap.PrefixOverlapScorer, prefix_overlap.Params),
         _spec("scorer", queue_depth.QueueDepthScorer, queue_depth.Params),
         _spec("scorer", kv_utilization.KvUtilizationScorer, kv_utilization.Params),
-        _spec("scorer", estimated_wait.EstimatedWaitScorer, estimated_wait.Params),
+        _spec(
+            "scorer",
+            estimated_wait.EstimatedWaitScorer,
+            estimated_wait.Params,
+            estimated_wait_scorer,
+        ),
         _spec("scorer", hot_spot.HotSpotGuard, hot_spot.Params),
         _spec("picker", max_score.MaxScorePicker, max_score.Params),
         _spec("picker", weighted_random.WeightedRandomPicker, weighted_random.Params),

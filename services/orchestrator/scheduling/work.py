@@ -9,6 +9,9 @@ larger) plus the fixed step cost prorated by the share of a full step its tokens
 up: the prefills admitted to one replica finish, in order, after the sum of their work (the
 engine batches them into full steps). A decoding batch slows prefill down: each step also reads
 every decoding sequence's context, so prefill work is stretched by `decode_slowdown`.
+
+Every time it returns is wall seconds: the profile's modelled seconds times `time_scale` (1 for
+real engines; an emulator slowed by its TIME_SCALE runs that many wall seconds per modelled one).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ class WorkModel:
     profile: CostProfile
     max_num_tokens: int = 8192
     max_batch: int = 64
+    time_scale: float = 1.0  # wall seconds per modelled second
     # Derived once from the fields above (the model is immutable).
     fixed_step_s: float = field(init=False, repr=False, compare=False)
     _full_shape: StepShape = field(init=False, repr=False, compare=False)
@@ -36,15 +40,24 @@ class WorkModel:
 
     def __post_init__(self) -> None:
         p = self.profile
+        if self.time_scale <= 0:
+            raise ValueError(f"time_scale must be positive, got {self.time_scale}")
         # One step's cost independent of its tokens: overhead + one pass over the weights.
-        object.__setattr__(self, "fixed_step_s", p.overhead_s + p.memory_time_s(StepShape()))
+        fixed = p.overhead_s + p.memory_time_s(StepShape())
+        object.__setattr__(self, "fixed_step_s", fixed * self.time_scale)
         full = prefill_shape(self.max_num_tokens, 0)
         object.__setattr__(self, "_full_shape", full)
         object.__setattr__(self, "_full_step_s", p.step_time_s(full))
 
     @classmethod
-    def named(cls, profile: str, max_num_tokens: int = 8192, max_batch: int = 64) -> WorkModel:
-        return cls(get_profile(profile), max_num_tokens, max_batch)
+    def named(
+        cls,
+        profile: str,
+        max_num_tokens: int = 8192,
+        max_batch: int = 64,
+        time_scale: float = 1.0,
+    ) -> WorkModel:
+        return cls(get_profile(profile), max_num_tokens, max_batch, time_scale)
 
     def prefill_work_s(self, uncached: int, cached: int) -> float:
         """Engine seconds a prefill of `uncached` tokens after `cached` reused ones adds."""
@@ -54,13 +67,14 @@ class WorkModel:
         p = self.profile
         kv_s = p.kv_bytes_per_token * shape.kv_tokens / (p.hbm_bandwidth * p.hbm_efficiency)
         share = uncached / self.max_num_tokens
-        return max(p.compute_time_s(shape), kv_s) + self.fixed_step_s * share
+        return max(p.compute_time_s(shape), kv_s) * self.time_scale + self.fixed_step_s * share
 
     def decode_step_s(self, seqs: int, context_tokens: int) -> float:
         """One step of `seqs` decoding sequences holding `context_tokens` tokens in all."""
         if seqs <= 0:
             return 0.0
-        return self.profile.step_time_s(decode_batch_shape(max(1, context_tokens // seqs), seqs))
+        shape = decode_batch_shape(max(1, context_tokens // seqs), seqs)
+        return self.profile.step_time_s(shape) * self.time_scale
 
     def decode_slowdown(self, seqs: int, context_tokens: int) -> float:
         """How much longer a full prefill step takes with this decoding batch riding along."""

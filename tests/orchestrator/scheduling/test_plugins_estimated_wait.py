@@ -194,3 +194,54 @@ def test_work_model_constants_match_the_cost_model() -> None:
         p.step_time_s(full + decode_batch_shape(2048, 8)) / p.step_time_s(full)
     )
     assert WORK.decode_slowdown(0, 0) == 1.0
+
+
+@pytest.mark.parametrize("time_scale", [0.5, 4.0, 12.5])
+def test_a_time_scale_stretches_every_modelled_time_and_not_the_slowdown(
+    time_scale: float,
+) -> None:
+    slow = WorkModel.named("llama-3.1-8b-h100-bf16", time_scale=time_scale)
+    assert slow.fixed_step_s == pytest.approx(WORK.fixed_step_s * time_scale)
+    for uncached, cached in [(1, 0), (512, 0), (4096, 2048), (8192, 0)]:
+        assert slow.prefill_work_s(uncached, cached) == pytest.approx(
+            WORK.prefill_work_s(uncached, cached) * time_scale
+        )
+    assert slow.decode_step_s(16, 16 * 1024) == pytest.approx(
+        WORK.decode_step_s(16, 16 * 1024) * time_scale
+    )
+    assert slow.decode_slowdown(16, 16 * 1024) == pytest.approx(WORK.decode_slowdown(16, 16 * 1024))
+
+
+def test_a_time_scale_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="time_scale"):
+        WorkModel.named("llama-3.1-8b-h100-bf16", time_scale=0.0)
+
+
+@pytest.mark.parametrize("time_scale", [0.5, 9.6])
+def test_a_slowed_engine_fleet_with_a_backlog_as_slowed_is_scored_alike(time_scale: float) -> None:
+    # A fleet k times slower, whose backlogs are k times longer, is the same picture in slow
+    # motion: predictions are k times longer and the SLO as stretched, so the scores are equal.
+    replicas = [
+        rep("idle"),
+        rep("backlog", prefill_s=0.05),
+        rep("decoding", in_flight=40, decode_seqs=40, decode_tokens=40 * 3000),
+        rep("full", in_flight=80, prefill_s=0.02, decode_seqs=64, decode_tokens=64 * 2000),
+        rep("cached", prefill_s=0.08),
+    ]
+    slowed = [
+        dataclasses.replace(
+            r, load=dataclasses.replace(r.load, prefill_s=r.load.prefill_s * time_scale)
+        )
+        for r in replicas
+        if r.load is not None
+    ]
+    request = req({"cached": BLOCKS})
+    for params in (Params(), Params(prefix_aware=False), Params(ttft_slo_ms=200)):
+        fast = EstimatedWaitScorer(params)
+        slow = EstimatedWaitScorer(params, time_scale=time_scale)
+        assert slow.work.time_scale == time_scale
+        assert slow.score(request, slowed) == pytest.approx(fast.score(request, replicas))
+        for r, s in zip(replicas, slowed, strict=True):
+            assert slow.predicted_ttft_s(request, s) == pytest.approx(
+                fast.predicted_ttft_s(request, r) * time_scale
+            )

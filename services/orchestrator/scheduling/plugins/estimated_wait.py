@@ -43,13 +43,25 @@ class Params(PluginParams):
 class EstimatedWaitScorer:
     """Predicted time to first token on each replica from its live load (the orchestrator's
     ledger) and the engine work model; the fastest candidate scores 1, each second more costs
-    1 / ttft_slo."""
+    1 / ttft_slo.
+
+    `time_scale` (the orchestrator's engine_time_scale): wall seconds per modelled second of the
+    engines. Predictions are wall seconds and the SLO is stretched alike, so a slowed emulator
+    is scored as the modelled accelerator would be."""
 
     TYPE: ClassVar[str] = "estimated-wait-scorer"
 
-    def __init__(self, params: Params):
+    def __init__(self, params: Params, *, time_scale: float = 1.0):
         self.params = params
-        self._work = WorkModel.named(params.cost_profile, params.max_num_tokens, params.max_batch)
+        self._work = WorkModel.named(
+            params.cost_profile, params.max_num_tokens, params.max_batch, time_scale
+        )
+        self._slo_s = params.ttft_slo_ms / 1000.0 * time_scale
+
+    @property
+    def work(self) -> WorkModel:
+        """The engine work model its predictions use."""
+        return self._work
 
     def cached_tokens(self, request: RequestView, r: ReplicaView) -> int:
         if not self.params.prefix_aware:
@@ -111,5 +123,5 @@ class EstimatedWaitScorer:
                 t = memo[key] = self._predicted(request, r, cached)
             times.append(t)
         best = min(times)
-        scale = self.params.ttft_slo_ms / 1000.0
+        scale = self._slo_s
         return [1.0 - min(1.0, (t - best) / scale) for t in times]
