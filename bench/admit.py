@@ -55,7 +55,7 @@ from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as kv_pb
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as kv_grpc
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from llmmesh.kvblocks import block_hashes
+from llmmesh.kvblocks import block_hashes, token_bytes
 from llmmesh.localmesh import ServiceProcess
 from services.kv_registry.settings import KvRegistrySettings
 from services.orchestrator.settings import OrchestratorSettings
@@ -179,7 +179,8 @@ async def publish_index(address: str, w: Workload, replica_ids: Sequence[str]) -
 
 
 def admit_requests(w: Workload, prompt_tokens: int, count: int, seed: int) -> list[bytes]:
-    """Serialized AdmitRequests: a family's first tokens and a unique tail."""
+    """Serialized AdmitRequests: a family's first tokens and a unique tail, packed as the
+    gateway sends them (`prompt_tokens_le32`)."""
     rng = random.Random(seed)
     out = []
     for i in range(count):
@@ -190,7 +191,7 @@ def admit_requests(w: Workload, prompt_tokens: int, count: int, seed: int) -> li
             pb.AdmitRequest(
                 request_id=f"bench-{prompt_tokens}-{i}",
                 model=TRITON_MODEL,
-                prompt_token_ids=prompt,
+                prompt_tokens_le32=token_bytes(prompt),
                 max_tokens=64,
                 priority=pb.PRIORITY_STANDARD,
             ).SerializeToString()

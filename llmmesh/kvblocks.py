@@ -56,10 +56,24 @@ def chain_hash(
 
 def token_bytes(tokens: Sequence[int] | npt.NDArray[np.uint32]) -> bytes:
     """Token ids as consecutive little-endian uint32: the bytes the block hash covers."""
+    if isinstance(tokens, memoryview):  # `tokens_from_bytes`' view: the bytes themselves
+        return tokens.tobytes()
     arr = array("I", [int(t) for t in tokens] if isinstance(tokens, np.ndarray) else tokens)
     if sys.byteorder != "little":  # pragma: no cover
         arr.byteswap()
     return arr.tobytes()
+
+
+def tokens_from_bytes(body: bytes) -> Sequence[int]:
+    """`token_bytes`' inverse without a copy on little-endian hosts (a uint32 view of `body`).
+    ValueError when `body` is no whole number of tokens."""
+    if len(body) % 4:
+        raise ValueError(f"{len(body)} bytes are no whole number of uint32 tokens")
+    if sys.byteorder == "little":
+        return memoryview(body).cast("I")
+    arr = array("I", body)  # pragma: no cover
+    arr.byteswap()  # pragma: no cover
+    return arr  # pragma: no cover
 
 
 def hashes_from_bytes(

@@ -23,6 +23,7 @@ from llmmesh.common.telemetry import inject_trace_metadata
 from llmmesh.common.topology import Priority, ReplicaAddress
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from llmmesh.kvblocks import token_bytes
 from services.gateway.admission import (
     AdmissionRequest,
     AdmissionStatus,
@@ -59,7 +60,7 @@ def admit_request_to_pb(request: AdmissionRequest) -> pb.AdmitRequest:
     return pb.AdmitRequest(
         request_id=request.request_id,
         model=request.model,
-        prompt_token_ids=request.prompt_token_ids,
+        prompt_tokens_le32=token_bytes(request.prompt_token_ids),
         max_tokens=request.max_tokens,
         priority=_PRIORITY[request.priority],
         tenant=request.tenant,

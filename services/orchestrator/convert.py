@@ -3,11 +3,14 @@ calls these and nothing else builds or reads an orchestrator protobuf message.""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from pydantic import ValidationError
 
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
+from llmmesh.kvblocks import tokens_from_bytes
 from services.orchestrator.domain import AdmissionRequest, Lease, Outcome, Priority
-from services.orchestrator.errors import BadReplicaSpec
+from services.orchestrator.errors import BadAdmission, BadReplicaSpec
 from services.orchestrator.replicas import ReplicaState
 from services.orchestrator.settings import ReplicaSpec
 
@@ -27,10 +30,21 @@ _OUTCOME = {
 
 
 def admission_from_pb(request: pb.AdmitRequest) -> AdmissionRequest:
+    """BadAdmission when the prompt is set twice or its packed bytes are no whole tokens."""
+    prompt: Sequence[int] = request.prompt_token_ids
+    if request.prompt_tokens_le32:
+        if prompt:
+            raise BadAdmission(
+                "set one of prompt_token_ids, prompt_tokens_le32", field="prompt_tokens_le32"
+            )
+        try:
+            prompt = tokens_from_bytes(request.prompt_tokens_le32)
+        except ValueError as err:
+            raise BadAdmission(str(err), field="prompt_tokens_le32") from err
     return AdmissionRequest(
         request_id=request.request_id,
         model=request.model,
-        prompt_token_ids=request.prompt_token_ids,
+        prompt_token_ids=prompt,
         max_tokens=request.max_tokens,
         priority=_PRIORITY.get(request.priority, Priority.STANDARD),
         tenant=request.tenant,

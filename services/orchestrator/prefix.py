@@ -83,9 +83,12 @@ class PrefixIndex(Protocol):
 
 
 def token_bytes(token_ids: Sequence[int]) -> bytes:
-    """The prompt as little-endian uint32s (the bytes block hashes cover). `struct.pack` over
-    the sequence is the cheapest way out of a protobuf repeated field (the Admit request's):
-    about half of `array("I", ...)`'s cost, ~0.9 ms for a 32k-token prompt."""
+    """The prompt as little-endian uint32s (the bytes block hashes cover): the Admit's packed
+    prompt as it came (`prompt_tokens_le32`, viewed by `kvblocks.tokens_from_bytes`), else
+    `struct.pack` over the sequence, the cheapest way out of a protobuf repeated field (about
+    half of `array("I", ...)`'s cost, ~0.9 ms for a 32k-token prompt)."""
+    if isinstance(token_ids, memoryview):
+        return token_ids.tobytes()
     return struct.pack(f"<{len(token_ids)}I", *token_ids)
 
 

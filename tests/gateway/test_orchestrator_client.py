@@ -24,6 +24,7 @@ from llmmesh.common.errors import (
 from llmmesh.common.topology import Priority, ReplicaAddress
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from llmmesh.kvblocks import tokens_from_bytes
 from services.gateway.admission import AdmissionRequest, LeaseReport, Outcome
 from services.gateway.errors import NoReplica, OrchestratorUnavailable
 from services.gateway.orchestrator_client import (
@@ -145,11 +146,13 @@ async def test_admit_round_trip_carries_every_field(served: Served) -> None:
         authority="triton-long.llm.svc.cluster.local:8001",
     )
     [sent] = served.service.admits
-    assert (sent.request_id, sent.model, list(sent.prompt_token_ids)) == (
+    # The prompt travels packed: one bytes field, not a varint per token.
+    assert (sent.request_id, sent.model, list(tokens_from_bytes(sent.prompt_tokens_le32))) == (
         "req-1",
         "tensorrt_llm",
         [5, 6, 7],
     )
+    assert not sent.prompt_token_ids
     assert (sent.max_tokens, sent.tenant, sent.model_version) == (16, "acme", "v3")
     assert sent.priority == pb.PRIORITY_BATCH
     assert list(sent.exclude_replicas) == ["r-1", "r-2"]

@@ -13,6 +13,7 @@ from llmmesh.common.discovery import DnsTarget
 from llmmesh.common.errors import RETRY_AFTER_KEY, Reason, from_rpc_error
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+from llmmesh.kvblocks import token_bytes
 from services.orchestrator.director import Orchestrator
 from tests.helpers import eventually
 from tests.orchestrator.serving import dns_discovered, serve
@@ -120,3 +121,47 @@ async def test_excluded_replica_on_the_wire(stub: pb_grpc.OrchestratorServiceAsy
     req.ClearField("exclude_replicas")
     req.exclude_replicas.append("r9")
     assert (await stub.Admit(req, timeout=5)).replica.id == "r0"
+
+
+@pytest.mark.parametrize(
+    ("prompt", "error"),
+    [
+        ({"prompt_tokens_le32": b"\x01\x00\x00\x00\x02"}, "no whole number"),
+        (
+            {"prompt_tokens_le32": b"\x01\x00\x00\x00", "prompt_token_ids": [1]},
+            "set one of prompt_token_ids, prompt_tokens_le32",
+        ),
+    ],
+)
+async def test_a_malformed_packed_prompt_is_invalid_argument(
+    stub: pb_grpc.OrchestratorServiceAsyncStub, prompt: dict[str, object], error: str
+) -> None:
+    req = pb.AdmitRequest(request_id="p", model="tensorrt_llm", max_tokens=4, **prompt)  # type: ignore[arg-type]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Admit(req, timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error in (info.value.details() or "")
+    assert "prompt_tokens_le32" in (info.value.details() or "")
+
+
+async def test_a_packed_prompt_is_admitted_as_its_token_ids() -> None:
+    probe = FakeProbe()
+    s = settings(n=1, cap=4)
+    core = Orchestrator(s, probe, clock=lambda: 10.0)  # time stands still: no prefill progress
+    probe.ready_ids = {"r0"}
+    await core.probe_once()
+    ids = list(range(7, 7 + 300))
+    async with serve(core) as stub:
+        req = pb.AdmitRequest(
+            request_id="packed",
+            model="tensorrt_llm",
+            max_tokens=4,
+            prompt_tokens_le32=token_bytes(ids),
+        )
+        lease = await stub.Admit(req, timeout=5)
+        assert lease.replica.id == "r0"
+    [st] = core.replicas()
+    assert st.in_flight == 1
+    view = core._view(st, core.now())
+    assert view.load is not None
+    assert view.load.prefill_tokens == len(ids)  # the ledger counted every packed token
