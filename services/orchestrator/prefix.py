@@ -17,7 +17,10 @@ replica's answer. A replica that was down misses the updates of that time: its p
 
 Updates are queued and sent in order, as UpdateBatch calls: at most one batch in flight, the
 next one holds what arrived meanwhile (up to `MAX_BATCH`), so under load one call carries many
-decisions' updates and an idle orchestrator sends each at once. The queue holds at most
+decisions' updates. The first update into an empty queue waits `linger_s` before its batch
+leaves: an idle orchestrator's routing update then leaves after the Admit's answer (not on the
+request's way to its first token), and a request's reuse report shares a call with the next
+request's routing. The queue holds at most
 `max_pending` updates; beyond that the oldest is dropped (`llmmesh_orchestrator_kv_updates_dropped_total`):
 an update lost costs prediction quality only. A registry that does not know UpdateBatch
 (UNIMPLEMENTED: an older version) gets the batch's updates one RPC each, in order.
@@ -130,6 +133,7 @@ class RegistryPrefixIndex:
         retry_s: float = kv_registries.RETRY_S,
         update_timeout_s: float = 1.0,
         max_pending: int = 4096,
+        linger_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ):
         if not endpoints and not dns:
@@ -141,6 +145,7 @@ class RegistryPrefixIndex:
         self._retry_s = retry_s
         self._update_timeout_s = update_timeout_s
         self._max_pending = max_pending
+        self._linger_s = linger_s
         self._pending: deque[_Update] = deque()
         self._sender: asyncio.Task[None] | None = None
         self._clock = clock
@@ -256,7 +261,10 @@ class RegistryPrefixIndex:
         return update.done
 
     async def _send_pending(self) -> None:
-        """Send the queue in order, one batch at a time, until it is empty."""
+        """Send the queue in order, one batch at a time, until it is empty (the first after
+        `linger_s`)."""
+        if self._linger_s > 0:
+            await asyncio.sleep(self._linger_s)  # coalescing delay (as Kafka's linger.ms)
         while self._pending:
             n = min(len(self._pending), self.MAX_BATCH)
             batch = [self._pending.popleft() for _ in range(n)]
@@ -381,4 +389,5 @@ def registry_index(
         dns=settings.kv_registry_dns,
         retry_s=settings.kv_registry_retry_s,
         max_pending=settings.kv_update_queue,
+        linger_s=settings.kv_update_linger_s,
     )

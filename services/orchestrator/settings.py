@@ -195,6 +195,16 @@ class OrchestratorSettings(ServiceSettings):
         gt=0,
         description="A kv_registry replica that failed a call is skipped this long, then tried again.",
     )
+    kv_update_linger_s: float = Field(
+        default=0.005,
+        ge=0,
+        le=1.0,
+        description=(
+            "An approximate-mode update into an empty queue waits this long before its batch is "
+            "sent to kv_registry, so an idle orchestrator's routing update leaves after the Admit "
+            "answer and shares a call with the previous request's reuse report (0: at once)."
+        ),
+    )
     kv_update_queue: int = Field(
         default=4096,
         gt=0,

@@ -315,3 +315,28 @@ def test_registry_lists_come_from_the_environment(monkeypatch: pytest.MonkeyPatc
     s = OrchestratorSettings()
     assert s.kv_registry_addresses == ["a:1", "b:2"]
     assert s.kv_registry_dns == "kv.ns.svc:50053"
+
+
+async def test_an_update_into_an_empty_queue_lingers_and_takes_the_next_along() -> None:
+    # A routing update and, within the linger, the previous request's reuse report: one call.
+    served = Served("a")
+    served.fake = BatchingRegistry("a")  # type: ignore[abstract]
+    await served.start()
+    fake = served.fake
+    assert isinstance(fake, BatchingRegistry)
+    idx = RegistryPrefixIndex(
+        [RegistryEndpoint(served.address)], CFG, 0.5, update_timeout_s=5.0, linger_s=0.2
+    )
+    try:
+        routed = asyncio.ensure_future(idx.record_routing("r3", [1, 2]))
+        await asyncio.sleep(0)  # the sender task starts, and lingers
+        assert idx.pending == 1
+        assert not fake.entered.is_set()
+        reused = asyncio.ensure_future(idx.report_reuse("r3", [1, 2], 2, 64, 3))
+        assert await routed == 3
+        await reused
+        assert fake.batches == [2]
+        assert fake.updates == ["routing:r3", "reuse:r3"]
+    finally:
+        await idx.close()
+        await served.stop()
