@@ -7,12 +7,12 @@ Two modes:
        full workloads: seconds per arm, no mesh;
   live: a fresh local mesh per arm (cold engines and caches) on a sample of each workload
        (`--live-sample`: traces by time window, sessions by session), replayed in real time.
-       A different operating point, not a smaller copy of sim: to keep 2 cores ahead of the
-       engines, the emulator runs TIME_SCALE (9-16 on the small samples) times slower than the
-       H100 profile, while the orchestrator's work model (the estimated-wait scorer, the load
-       ledger) and `start_soon_s` assume H100 speed, so predicted waits are that many times
-       too short against the hot-spot guard and the lease cap; and a p99 of 90-130 requests is
-       their second-worst request.
+       To keep 2 cores ahead of the engines, the emulator runs TIME_SCALE (9-16 on the small
+       samples) times slower than the H100 profile; the local mesh sets the orchestrator's
+       `engine_time_scale` to it, so its work model (estimated-wait scorer, load ledger), the
+       scorer's SLO and `start_soon_s` are stretched alike and the mesh is scheduled as the
+       modelled fleet in slow motion. A p99 of 90-130 requests is their second-worst request:
+       `--live-sample` and `--duration` raised together give more at the same rate.
 
 Per workload: KV blocks per replica are `--cache-fraction` of the workload's shared working set
 (blocks in two or more prompts; at least four of the longest request), so one replica cannot
