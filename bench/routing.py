@@ -9,9 +9,9 @@ Two modes:
        (`--live-sample`: traces by time window, sessions by session), replayed in real time.
        To keep 2 cores ahead of the engines, the emulator runs TIME_SCALE (9-16 on the small
        samples) times slower than the H100 profile; the local mesh sets the orchestrator's
-       `engine_time_scale` to it, so its work model (estimated-wait scorer, load ledger), the
-       scorer's SLO and `start_soon_s` are stretched alike and the mesh is scheduled as the
-       modelled fleet in slow motion. A p99 of 90-130 requests is their second-worst request:
+       `engine_time_scale` to it, so its work model (estimated-wait scorer, load ledger) and the
+       scorer's SLO are stretched alike; hops, probe and scrape periods and `start_soon_s` stay
+       wall seconds. A p99 of 90-130 requests is their second-worst request:
        `--live-sample` and `--duration` raised together give more at the same rate.
 
 Per workload: KV blocks per replica are `--cache-fraction` of the workload's shared working set

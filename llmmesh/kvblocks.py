@@ -56,8 +56,8 @@ def chain_hash(
 
 def token_bytes(tokens: Sequence[int] | npt.NDArray[np.uint32]) -> bytes:
     """Token ids as consecutive little-endian uint32: the bytes the block hash covers."""
-    if isinstance(tokens, memoryview):  # `tokens_from_bytes`' view: the bytes themselves
-        return tokens.tobytes()
+    if isinstance(tokens, memoryview) and tokens.format == "I" and sys.byteorder == "little":
+        return tokens.tobytes()  # `tokens_from_bytes`' view: the bytes themselves
     arr = array("I", [int(t) for t in tokens] if isinstance(tokens, np.ndarray) else tokens)
     if sys.byteorder != "little":  # pragma: no cover
         arr.byteswap()

@@ -334,6 +334,12 @@ S = TypeVar("S", bound=BaseSettings)
 Svc = TypeVar("Svc", bound=ServiceSettings)
 
 
+def engine_time_scale(time_scale: float) -> float:
+    """The orchestrator's `engine_time_scale` for emulators at `time_scale` (0: they do not
+    wait at all, and are modelled at the cost profile's speed)."""
+    return time_scale if time_scale > 0 else 1.0
+
+
 def _check_only(cls: type[BaseSettings], env: Mapping[str, str], option: str) -> None:
     """Every variable in `env` (the MeshOptions field `option`) names a field of `cls`."""
     _, rest = split_env(env, [cls])
@@ -428,8 +434,9 @@ class LocalMesh:
                 metrics_port=0,
                 health_interval_s=PROBE_INTERVAL_S,
                 metrics_interval_s=PROBE_INTERVAL_S,
-                # The emulators' speed: the orchestrator models them as slowed as they run.
-                engine_time_scale=o.time_scale,
+                # The emulators' speed: the orchestrator models them as slowed as they run
+                # (time scale 0, no waiting at all: modelled at the profile's own speed).
+                engine_time_scale=engine_time_scale(o.time_scale),
                 kv_registry_address=kv.address,
                 replicas=[
                     ReplicaSpec.model_validate(

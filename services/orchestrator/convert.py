@@ -32,13 +32,14 @@ _OUTCOME = {
 def admission_from_pb(request: pb.AdmitRequest) -> AdmissionRequest:
     """BadAdmission when the prompt is set twice or its packed bytes are no whole tokens."""
     prompt: Sequence[int] = request.prompt_token_ids
-    if request.prompt_tokens_le32:
+    packed = request.prompt_tokens_le32
+    if packed:
         if prompt:
             raise BadAdmission(
                 "set one of prompt_token_ids, prompt_tokens_le32", field="prompt_tokens_le32"
             )
         try:
-            prompt = tokens_from_bytes(request.prompt_tokens_le32)
+            prompt = tokens_from_bytes(packed)
         except ValueError as err:
             raise BadAdmission(str(err), field="prompt_tokens_le32") from err
     return AdmissionRequest(

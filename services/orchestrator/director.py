@@ -113,7 +113,6 @@ class Orchestrator:
         """`fetch_in_thread=False`: `fetch_metrics` does not block (an in-process engine's
         sample, a simulator's): scrapes call it inline instead of in a worker thread."""
         self._settings = settings
-        self._start_soon_s = settings.start_soon_s * settings.engine_time_scale
         self._policy = policy or Policy()
         self._clock = clock
         self._scheduler = Scheduler(
@@ -365,7 +364,7 @@ class Orchestrator:
             st.configured_cap, sample, self._load.unique_share(st.spec.id)
         )
         ending = capacity.ending_soon(
-            st.lease_starts, now, self._start_soon_s, self._service.mean_s
+            st.lease_starts, now, self._settings.start_soon_s, self._service.mean_s
         )
         return min(
             st.configured_cap,

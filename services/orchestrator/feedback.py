@@ -6,6 +6,8 @@ Invariants:
 - A prediction lives from its lease's grant to its completion: bounded by the live leases.
 - Registry calls run in the background and never delay admission or completion; their tasks are
   tracked until done.
+- A reuse report carries the registry's answer to its lease's routing update: it is sent once
+  that answer came (at once unless the lease ended before it, e.g. within the update linger).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ class _Prediction:
     hashes: tuple[int, ...]
     prompt_tokens: int
     predicted: int = 0
+    routing: asyncio.Task[None] | None = None  # the routing update, until answered
 
 
 class PrefixFeedback:
@@ -44,34 +47,39 @@ class PrefixFeedback:
         """A lease was granted: the routing becomes predicted blocks on the replica."""
         if self._index is None or not prefix.hashes:
             return
-        self._predictions[lease_id] = _Prediction(prefix.hashes, prompt_tokens)
-        self._background(self._record_routing(self._index, lease_id, replica_id, prefix.hashes))
+        pred = self._predictions[lease_id] = _Prediction(prefix.hashes, prompt_tokens)
+        pred.routing = self._background(
+            self._record_routing(self._index, pred, replica_id, prefix.hashes)
+        )
 
     async def _record_routing(
-        self, index: PrefixIndex, lease_id: str, replica_id: str, hashes: tuple[int, ...]
+        self, index: PrefixIndex, pred: _Prediction, replica_id: str, hashes: tuple[int, ...]
     ) -> None:
-        predicted = await index.record_routing(replica_id, hashes)
-        pred = self._predictions.get(lease_id)
-        if pred is not None:
-            pred.predicted = predicted
+        pred.predicted = await index.record_routing(replica_id, hashes)
 
     def completed(self, lease_id: str, replica_id: str, reused_blocks: int | None) -> None:
         """A lease ended. `reused_blocks` is the engine's kv_cache_reused_blocks, given only when
         the engine ran the prompt: it corrects the registry's predictions."""
         pred = self._predictions.pop(lease_id, None)
         if pred is not None and reused_blocks is not None and self._index is not None:
-            self._background(
-                self._index.report_reuse(
-                    replica_id, pred.hashes, reused_blocks, pred.prompt_tokens, pred.predicted
-                )
-            )
+            self._background(self._report_reuse(self._index, pred, replica_id, reused_blocks))
+
+    async def _report_reuse(
+        self, index: PrefixIndex, pred: _Prediction, replica_id: str, reused_blocks: int
+    ) -> None:
+        if pred.routing is not None and not pred.routing.done():
+            await asyncio.wait([pred.routing])  # its outcome is the routing task's own
+        await index.report_reuse(
+            replica_id, pred.hashes, reused_blocks, pred.prompt_tokens, pred.predicted
+        )
 
     def drop_replica(self, replica_id: str) -> None:
         """The replica's cached blocks are gone or unreachable."""
         if self._index is not None:
             self._background(self._index.drop_replica(replica_id))
 
-    def _background(self, coro: Coroutine[object, object, None]) -> None:
+    def _background(self, coro: Coroutine[object, object, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task

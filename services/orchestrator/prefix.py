@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -90,7 +91,7 @@ def token_bytes(token_ids: Sequence[int]) -> bytes:
     prompt as it came (`prompt_tokens_le32`, viewed by `kvblocks.tokens_from_bytes`), else
     `struct.pack` over the sequence, the cheapest way out of a protobuf repeated field (about
     half of `array("I", ...)`'s cost, ~0.9 ms for a 32k-token prompt)."""
-    if isinstance(token_ids, memoryview):
+    if isinstance(token_ids, memoryview) and token_ids.format == "I" and sys.byteorder == "little":
         return token_ids.tobytes()
     return struct.pack(f"<{len(token_ids)}I", *token_ids)
 

@@ -133,9 +133,10 @@ class OrchestratorSettings(ServiceSettings):
         gt=0,
         description=(
             "Wall seconds per modelled second of the engines' cost profile: 1 for real engines; "
-            "an emulator's LLMMESH_EMULATOR_TIME_SCALE (the local mesh sets it). The work model "
-            "(load ledger, estimated-wait scorer), the scorer's TTFT SLO and start_soon_s are "
-            "stretched by it, so a slowed emulator is scheduled as the modelled accelerator is."
+            "a slowed emulator's LLMMESH_EMULATOR_TIME_SCALE (the local mesh sets it). The work "
+            "model (load ledger, estimated-wait scorer) and the scorer's TTFT SLO are stretched "
+            "by it, so the engines' work is modelled as they run it. Hops, probes and "
+            "start_soon_s stay wall seconds (they are not slowed with the engines)."
         ),
     )
     start_soon_s: float = Field(

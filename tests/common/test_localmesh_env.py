@@ -18,6 +18,7 @@ from llmmesh.localmesh import (
     LocalMesh,
     MeshOptions,
     ServiceProcess,
+    engine_time_scale,
 )
 from llmmesh.triton.launcher import TritonServer
 from services.autoscaler.settings import AutoscalerSettings
@@ -109,6 +110,7 @@ async def test_every_child_reads_back_the_settings_the_mesh_built(
             replica_pools=["short", "long"],
             autoscaled_pools=[AutoscaledPool("auto", policy={"cooldown_s": 0.0})],
             orchestrator_env={"LLMMESH_ORCHESTRATOR_PROFILE": "prefix-only"},
+            time_scale=2.5,
         )
     )
     await mesh.start()
@@ -131,6 +133,7 @@ async def test_every_child_reads_back_the_settings_the_mesh_built(
         ("replica-1", "long"),
     ]
     assert orch.profile == "prefix-only"
+    assert orch.engine_time_scale == 2.5  # the emulators' speed, modelled as they run
     assert orch.kv_registry_address == mesh.services["kv_registry"].address
     assert orch.policy_file is not None
     assert "auto" in orch.policy_file.read_text()
@@ -142,3 +145,10 @@ async def test_every_child_reads_back_the_settings_the_mesh_built(
     assert [t.replica_id for t in asc.targets] == mesh.replica_ids
     for rid, triton in zip(mesh.replica_ids, mesh.tritons, strict=True):
         assert triton.env["LLMMESH_EMULATOR_REPLICA_ID"] == rid
+
+
+@pytest.mark.parametrize(("time_scale", "expected"), [(0.0, 1.0), (0.02, 0.02), (9.5, 9.5)])
+def test_the_orchestrator_models_the_emulators_speed(time_scale: float, expected: float) -> None:
+    # Time scale 0 (engines that never wait) is modelled at the cost profile's own speed.
+    assert engine_time_scale(time_scale) == expected
+    OrchestratorSettings(engine_time_scale=engine_time_scale(time_scale))  # a valid setting

@@ -523,6 +523,34 @@ async def test_approximate_mode_records_reports_and_drops() -> None:
     assert index.calls[-1] == ("drop", "r0")
 
 
+class SlowRouting(FixedPrefix):
+    """Routing updates answered only once released (an update lingering or in flight)."""
+
+    def __init__(self, matches: PrefixMatches):
+        super().__init__(matches)
+        self.release = asyncio.Event()
+
+    async def record_routing(self, replica_id: str, hashes: Sequence[int]) -> int:
+        await self.release.wait()
+        return await super().record_routing(replica_id, hashes)
+
+
+async def test_a_lease_ended_before_its_routing_was_answered_reports_the_prediction() -> None:
+    index = SlowRouting(PrefixMatches(4, {}, hashes=(11, 12, 13, 14)))
+    probe = FakeProbe()
+    core = Orchestrator(settings(n=1, cap=8), probe, Policy(), index)
+    probe.ready_ids = {"r0"}
+    await core.probe_once()
+    lease = await core.admit(req("quick"), 1.0)
+    core.complete(lease.lease_id, Outcome.SUCCESS, reused_blocks=1)
+    await asyncio.sleep(0)
+    assert index.reports == []  # the report waits for the routing answer
+    index.release.set()
+    await index.settle(2)
+    assert index.calls == [("record", "r0")]
+    assert index.reports == [("r0", 1, 3, 3)]  # the registry's answer, not 0
+
+
 async def test_busy_kv_queues_instead_of_unavailable() -> None:
     """Every replica above the KV watermark is a load condition: wait, don't fail."""
     texts = {"http://r0": metrics_text(active=8, waiting=4, used=99, total=100, max_batch=8)}

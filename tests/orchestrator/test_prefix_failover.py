@@ -325,11 +325,11 @@ async def test_an_update_into_an_empty_queue_lingers_and_takes_the_next_along() 
     fake = served.fake
     assert isinstance(fake, BatchingRegistry)
     idx = RegistryPrefixIndex(
-        [RegistryEndpoint(served.address)], CFG, 0.5, update_timeout_s=5.0, linger_s=0.2
+        [RegistryEndpoint(served.address)], CFG, 0.5, update_timeout_s=5.0, linger_s=1.0
     )
     try:
         routed = asyncio.ensure_future(idx.record_routing("r3", [1, 2]))
-        await asyncio.sleep(0)  # the sender task starts, and lingers
+        await asyncio.sleep(0.05)  # within the linger: the update is still queued
         assert idx.pending == 1
         assert not fake.entered.is_set()
         reused = asyncio.ensure_future(idx.report_reuse("r3", [1, 2], 2, 64, 3))

@@ -1,5 +1,5 @@
 """The engine work model shared by the load ledger (`services/orchestrator/load.py`) and the
-estimated-wait scorer: how many modelled seconds of an engine a prefill or a decode step takes,
+estimated-wait scorer: how many seconds of an engine a prefill or a decode step takes,
 from the accelerator cost model (`llmmesh/accelerators.py`).
 
 An in-flight-batching engine runs steps of at most `max_num_tokens` new tokens; each step

@@ -22,7 +22,10 @@ class Params(PluginParams):
     ttft_slo_ms: float = Field(
         default=1000.0,
         gt=0,
-        description="Predicted TTFT above the best candidate's at which the score reaches 0.",
+        description=(
+            "Predicted TTFT above the best candidate's at which the score reaches 0 (the cost "
+            "profile's time: stretched by the orchestrator's engine_time_scale)."
+        ),
     )
     prefix_aware: bool = Field(
         default=True,
