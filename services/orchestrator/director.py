@@ -150,6 +150,12 @@ class Orchestrator:
         self._load = LoadLedger(clock, work)
         self._feedback = PrefixFeedback(prefix_index)
         self._reprobes: set[asyncio.Task[None]] = set()
+        self._max_backlog_s = (
+            self._policy.capacity.max_prefill_backlog_s * settings.engine_time_scale
+        )
+        # The pending re-dispatch for when a backlog-capped replica takes leases again.
+        self._backlog_wake: asyncio.TimerHandle | None = None
+        self._backlog_wake_at = 0.0
         # Set once the first health round ended: until then "no replica" may only mean "not
         # probed yet" (a restarted orchestrator serves before its first round completes).
         self._probed = asyncio.Event()
@@ -210,6 +216,7 @@ class Orchestrator:
             start + wait_s,
         )
         metrics.record_enqueued(req.model, waiter.pool_key)
+        self._wake_for_backlog()
         return await self._wait(waiter, wait_s)
 
     def _enter_queue(self, req: AdmissionRequest, wait_s: float) -> None:
@@ -358,6 +365,8 @@ class Orchestrator:
         if st.cap_spec is not st.spec:
             st.configured_cap = self._configured_cap(st)
             st.cap_spec = st.spec
+        if self._backlogged(st):
+            return 0
         if sample is None:
             return st.configured_cap
         slots = capacity.engine_slots(
@@ -370,6 +379,35 @@ class Orchestrator:
             st.configured_cap,
             capacity.replica_cap(slots, self._policy.capacity.overcommit, ending),
         )
+
+    def _backlogged(self, st: ReplicaState) -> bool:
+        """Its modelled prefill backlog exceeds `capacity.max_prefill_backlog_s`: no new lease."""
+        bound = self._max_backlog_s
+        return bound > 0 and self._load.load(st.spec.id).prefill_s > bound
+
+    def _wake_for_backlog(self) -> None:
+        """With waiters queued, dispatch again when the soonest backlog-capped replica's backlog
+        falls under the bound (nothing else would: no lease ends, no sample arrives for it)."""
+        bound = self._max_backlog_s
+        if bound <= 0 or not len(self._queue):
+            return
+        over = [self._load.load(st.spec.id).prefill_s - bound for st in self._replicas.assignable()]
+        due_in = min((d for d in over if d > 0), default=None)
+        if due_in is None:
+            return
+        now = self._clock()
+        due = now + due_in + 1e-3
+        wake = self._backlog_wake
+        if wake is not None and not wake.cancelled() and self._backlog_wake_at <= due:
+            return
+        if wake is not None:
+            wake.cancel()
+        self._backlog_wake_at = due
+        self._backlog_wake = asyncio.get_running_loop().call_later(due - now, self._on_wake)
+
+    def _on_wake(self) -> None:
+        self._backlog_wake = None
+        self._dispatch()
 
     def _others_load(self, st: ReplicaState, now: float) -> int:
         """Requests the engine's fresh sample held beyond this orchestrator's leases at the
@@ -522,6 +560,8 @@ class Orchestrator:
             waiter.future.set_result(lease)
         self._queue.prune()
         self._queue.restore(self._shed_late(blocked))
+        if blocked:
+            self._wake_for_backlog()
 
     def _has_room(self) -> bool:
         """Some assignable replica holds fewer leases (with the others' load) than its cap."""

@@ -59,6 +59,17 @@ class CapacityPolicy(BaseModel):
         ge=1.0,
         description="Leases per batch slot: >1 keeps a short queue at the engine.",
     )
+    max_prefill_backlog_s: float = Field(
+        default=0.35,
+        ge=0.0,
+        description=(
+            "A replica whose modelled prefill backlog (the load ledger's) exceeds this takes no "
+            "new lease: requests wait in the queue and are dispatched again when the soonest "
+            "such backlog falls under it, instead of piling onto the one replica whose KV "
+            "still fits more sequences. In the cost profile's seconds (x engine_time_scale); "
+            "0: off."
+        ),
+    )
 
 
 class AdmissionPolicy(BaseModel):

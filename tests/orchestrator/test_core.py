@@ -570,3 +570,28 @@ async def test_busy_kv_queues_instead_of_unavailable() -> None:
     texts["http://r0"] = metrics_text(active=8, waiting=0, used=40, total=100, max_batch=8)
     await core.scrape_once()
     assert (await task).replica.id == "r0"
+
+
+async def test_a_replica_with_a_long_prefill_backlog_takes_no_lease_until_it_drains() -> None:
+    # No lease ends and no sample arrives: only the backlog bound's wake-up grants the waiter,
+    # once the first prompt's modelled prefill (~0.1 s of an H100 at 8k tokens) has run down.
+    core, _ = await ready_core(
+        n=1, cap=8, policy=Policy(capacity=CapacityPolicy(max_prefill_backlog_s=0.01))
+    )
+    first = await core.admit(req("long", prompt_len=8000), 5.0)
+    waiting = asyncio.ensure_future(core.admit(req("next", prompt_len=100), 5.0))
+    await assert_queued(core, 1)  # r0 has room for 7 more leases, but a backlog
+    lease = await asyncio.wait_for(waiting, 5.0)
+    assert lease.replica.id == first.replica.id == "r0"
+    assert lease.queue_s > 0.01
+
+
+async def test_without_a_backlog_bound_the_replica_takes_every_lease_it_has_room_for() -> None:
+    core, _ = await ready_core(
+        n=1, cap=8, policy=Policy(capacity=CapacityPolicy(max_prefill_backlog_s=0.0))
+    )
+    await core.admit(req("long", prompt_len=8000), 5.0)
+    granted = asyncio.ensure_future(core.admit(req("next", prompt_len=100), 5.0))
+    await assert_queued(core, 0)
+    assert granted.done()  # at once, not after a wait in the queue
+    assert (await granted).replica.id == "r0"
