@@ -155,7 +155,6 @@ class Orchestrator:
         )
         # The pending re-dispatch for when a backlog-capped replica takes leases again.
         self._backlog_wake: asyncio.TimerHandle | None = None
-        self._backlog_wake_at = 0.0
         # Set once the first health round ended: until then "no replica" may only mean "not
         # probed yet" (a restarted orchestrator serves before its first round completes).
         self._probed = asyncio.Event()
@@ -395,15 +394,14 @@ class Orchestrator:
         due_in = min((d for d in over if d > 0), default=None)
         if due_in is None:
             return
-        now = self._clock()
-        due = now + due_in + 1e-3
+        loop = asyncio.get_running_loop()
+        due = loop.time() + due_in + 1e-3
         wake = self._backlog_wake
-        if wake is not None and not wake.cancelled() and self._backlog_wake_at <= due:
-            return
         if wake is not None:
+            if wake.when() <= due:
+                return
             wake.cancel()
-        self._backlog_wake_at = due
-        self._backlog_wake = asyncio.get_running_loop().call_later(due - now, self._on_wake)
+        self._backlog_wake = loop.call_at(due, self._on_wake)
 
     def _on_wake(self) -> None:
         self._backlog_wake = None

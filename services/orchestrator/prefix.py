@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -46,6 +45,7 @@ from llmmesh.common.telemetry import inject_trace_metadata
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
 from llmmesh.kvblocks import BlockConfig, hashes_from_bytes
+from llmmesh.kvblocks import token_bytes as kv_token_bytes
 from services.orchestrator import metrics
 from services.orchestrator.settings import OrchestratorSettings
 
@@ -91,8 +91,8 @@ def token_bytes(token_ids: Sequence[int]) -> bytes:
     prompt as it came (`prompt_tokens_le32`, viewed by `kvblocks.tokens_from_bytes`), else
     `struct.pack` over the sequence, the cheapest way out of a protobuf repeated field (about
     half of `array("I", ...)`'s cost, ~0.9 ms for a 32k-token prompt)."""
-    if isinstance(token_ids, memoryview) and token_ids.format == "I" and sys.byteorder == "little":
-        return token_ids.tobytes()
+    if isinstance(token_ids, memoryview):
+        return kv_token_bytes(token_ids)
     return struct.pack(f"<{len(token_ids)}I", *token_ids)
 
 

@@ -537,10 +537,7 @@ class SlowRouting(FixedPrefix):
 
 async def test_a_lease_ended_before_its_routing_was_answered_reports_the_prediction() -> None:
     index = SlowRouting(PrefixMatches(4, {}, hashes=(11, 12, 13, 14)))
-    probe = FakeProbe()
-    core = Orchestrator(settings(n=1, cap=8), probe, Policy(), index)
-    probe.ready_ids = {"r0"}
-    await core.probe_once()
+    core, _ = await ready_core(n=1, cap=8, policy=Policy(), prefix=index)
     lease = await core.admit(req("quick"), 1.0)
     core.complete(lease.lease_id, Outcome.SUCCESS, reused_blocks=1)
     await asyncio.sleep(0)

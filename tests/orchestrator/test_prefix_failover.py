@@ -244,15 +244,27 @@ class BatchingRegistry(FakeRegistry):
         return pb.UpdateBatchResponse(predicted_blocks=predicted)
 
 
-async def test_updates_are_batched_in_order_and_the_oldest_dropped_when_full() -> None:
+async def batching(
+    *, max_pending: int = 4096, linger_s: float = 0.0
+) -> tuple[Served, BatchingRegistry, RegistryPrefixIndex]:
+    """A served BatchingRegistry and an index that sends its updates to it."""
     served = Served("a")
-    served.fake = BatchingRegistry("a")  # type: ignore[abstract]
+    fake = BatchingRegistry("a")  # type: ignore[abstract]
+    served.fake = fake
     await served.start()
-    fake = served.fake
-    assert isinstance(fake, BatchingRegistry)
     idx = RegistryPrefixIndex(
-        [RegistryEndpoint(served.address)], CFG, 0.5, update_timeout_s=5.0, max_pending=4
+        [RegistryEndpoint(served.address)],
+        CFG,
+        0.5,
+        update_timeout_s=5.0,
+        max_pending=max_pending,
+        linger_s=linger_s,
     )
+    return served, fake, idx
+
+
+async def test_updates_are_batched_in_order_and_the_oldest_dropped_when_full() -> None:
+    served, fake, idx = await batching(max_pending=4)
     dropped = REGISTRY.get_sample_value(KV_UPDATES_DROPPED) or 0.0
     try:
         assert await idx.record_routing("r7", [1, 2]) == 7  # alone: sent at once
@@ -319,14 +331,7 @@ def test_registry_lists_come_from_the_environment(monkeypatch: pytest.MonkeyPatc
 
 async def test_an_update_into_an_empty_queue_lingers_and_takes_the_next_along() -> None:
     # A routing update and, within the linger, the previous request's reuse report: one call.
-    served = Served("a")
-    served.fake = BatchingRegistry("a")  # type: ignore[abstract]
-    await served.start()
-    fake = served.fake
-    assert isinstance(fake, BatchingRegistry)
-    idx = RegistryPrefixIndex(
-        [RegistryEndpoint(served.address)], CFG, 0.5, update_timeout_s=5.0, linger_s=1.0
-    )
+    served, fake, idx = await batching(linger_s=1.0)
     try:
         routed = asyncio.ensure_future(idx.record_routing("r3", [1, 2]))
         await asyncio.sleep(0.05)  # within the linger: the update is still queued
