@@ -150,7 +150,9 @@ async def run_arm(
         t1 = time.monotonic()
         # After serving traffic an emulated replica does not finish unloading its model within
         # TritonServer.stop's 15 s grace (it is then killed anyway); the run's data is collected,
-        # so give it TRITON_STOP_GRACE_S instead of waiting 15 s per replica set.
+        # so give it TRITON_STOP_GRACE_S instead of waiting 15 s per replica set. Supervision
+        # ends first: these exits are no crashes to restart.
+        await mesh.supervisor.close()
         await asyncio.gather(
             *(t.stop(grace_s=TRITON_STOP_GRACE_S) for t in mesh.tritons if t.is_running),
             return_exceptions=True,

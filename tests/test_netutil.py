@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import random
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from llmmesh import netutil
+
+
+def test_ephemeral_range_reads_the_kernel_file(tmp_path: Path) -> None:
+    f = tmp_path / "range"
+    f.write_text("40000\t50000\n")
+    assert netutil.ephemeral_range(f) == (40000, 50000)
+
+
+@pytest.mark.parametrize("text", ["", "1 2 3", "a b"])
+def test_ephemeral_range_falls_back_on_bad_input(tmp_path: Path, text: str) -> None:
+    f = tmp_path / "range"
+    f.write_text(text)
+    assert netutil.ephemeral_range(f) == (32768, 60999)
+    assert netutil.ephemeral_range(tmp_path / "missing") == (32768, 60999)
+
+
+def test_free_port_is_below_the_ephemeral_range_and_bindable() -> None:
+    low, _ = netutil.ephemeral_range()
+    for _ in range(20):
+        port = netutil.free_port()
+        assert port < low
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+def test_free_port_skips_a_port_in_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        taken: int = held.getsockname()[1]
+        monkeypatch.setattr(netutil, "ephemeral_range", lambda: (taken + 2, 60999))
+        monkeypatch.setattr(netutil, "_LISTEN_LOW", taken + 2 - 1024)
+        # Every draw but the last lands on the held port.
+        draws: Iterator[int] = iter([taken] * 10 + [taken + 1])
+
+        class Rigged(random.Random):
+            def randrange(self, start: int, stop: int | None = None, step: int = 1) -> int:
+                return next(draws)
+
+        assert netutil.free_port(rng=Rigged()) == taken + 1
+
+
+def test_free_port_falls_back_to_port_zero_without_room(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(netutil, "ephemeral_range", lambda: (2000, 60999))
+    port = netutil.free_port()
+    assert port >= 1024
