@@ -90,6 +90,11 @@ from services.orchestrator.settings import OrchestratorSettings, ReplicaSpec
 log = logging.getLogger(__name__)
 
 
+def _cached_tokens(prompt: int, matched_blocks: int, prompt_blocks: int) -> int:
+    """The prompt tokens a replica holding `matched_blocks` of its `prompt_blocks` reuses."""
+    return matched_blocks * prompt // prompt_blocks if prompt_blocks else 0
+
+
 def _others(st: ReplicaState, sample: EngineSample | None) -> int:
     """Requests the engine's sample held beyond this orchestrator's leases at the time."""
     if sample is None:
@@ -358,13 +363,15 @@ class Orchestrator:
         """The configured cap, and below it what the engine can start soon."""
         return self._cap_of(st, self._sampler.fresh(st, now), now)
 
-    def _cap_of(self, st: ReplicaState, sample: EngineSample | None, now: float) -> int:
-        """`_cap` given the replica's fresh sample (or None). The configured cap is kept per
-        replica until its spec changes."""
+    def _cap_of(
+        self, st: ReplicaState, sample: EngineSample | None, now: float, *, bounded: bool = True
+    ) -> int:
+        """`_cap` given the replica's fresh sample (or None); 0 over the backlog bound unless
+        not `bounded`. The configured cap is kept per replica until its spec changes."""
         if st.cap_spec is not st.spec:
             st.configured_cap = self._configured_cap(st)
             st.cap_spec = st.spec
-        if self._backlogged(st):
+        if bounded and self._backlogged(st):
             return 0
         if sample is None:
             return st.configured_cap
@@ -379,10 +386,38 @@ class Orchestrator:
             capacity.replica_cap(slots, self._policy.capacity.overcommit, ending),
         )
 
-    def _backlogged(self, st: ReplicaState) -> bool:
-        """Its modelled prefill backlog exceeds `capacity.max_prefill_backlog_s`: no new lease."""
+    def _backlogged(self, st: ReplicaState, saved_s: float = 0.0) -> bool:
+        """Its modelled prefill backlog exceeds `capacity.max_prefill_backlog_s` (plus the
+        prefill time a request's cached prefix saves there, `saved_s`): no new lease."""
         bound = self._max_backlog_s
-        return bound > 0 and self._load.load(st.spec.id).prefill_s > bound
+        return bound > 0 and self._load.load(st.spec.id).prefill_s > bound + saved_s
+
+    def _exempt(
+        self,
+        req: AdmissionRequest,
+        prefix: PrefixMatches,
+        states: Sequence[ReplicaState],
+        views: list[ReplicaView],
+        now: float,
+    ) -> list[ReplicaView]:
+        """The views with each backlog-capped replica's cap restored for this request where its
+        cached prefix there saves at least the backlog's excess over the bound: the request
+        reaches its first token there no later than behind a backlog at the bound with no
+        cache, so the bound (which stops pile-ups of work any replica could do) lets go."""
+        prompt = len(req.prompt_token_ids)
+        out = views
+        for i, st in enumerate(states):
+            matched = prefix.matched_blocks.get(st.spec.id, 0)
+            if not matched or views[i].cap > 0 or not self._backlogged(st):
+                continue
+            cached = _cached_tokens(prompt, matched, prefix.prompt_blocks)
+            if self._backlogged(st, self._load.saved_s(st.spec.id, prompt, cached)):
+                continue
+            cap = self._cap_of(st, self._sampler.fresh(st, now), now, bounded=False)
+            if out is views:
+                out = list(views)
+            out[i] = dataclasses.replace(views[i], cap=cap)
+        return out
 
     def _wake_for_backlog(self) -> None:
         """With waiters queued, dispatch again when the soonest backlog-capped replica's backlog
@@ -494,7 +529,10 @@ class Orchestrator:
 
     def _pick(self, req: AdmissionRequest, prefix: PrefixMatches) -> ReplicaState | None:
         now = self._clock()
-        views = [self._view(st, now) for st in self._assignable(req)]
+        states = self._assignable(req)
+        views = [self._view(st, now) for st in states]
+        if prefix.matched_blocks and self._max_backlog_s > 0:
+            views = self._exempt(req, prefix, states, views, now)
         decision = self._scheduler.decide(self._request_view(req, prefix), views)
         return None if decision.replica is None else self._replicas.get(decision.replica.id)
 
@@ -516,8 +554,9 @@ class Orchestrator:
         )
         self._feedback.routed(lease.lease_id, st.spec.id, prefix, len(req.prompt_token_ids))
         prompt = len(req.prompt_token_ids)
-        matched = prefix.matched_blocks.get(st.spec.id, 0)
-        cached = matched * prompt // prefix.prompt_blocks if prefix.prompt_blocks else 0
+        cached = _cached_tokens(
+            prompt, prefix.matched_blocks.get(st.spec.id, 0), prefix.prompt_blocks
+        )
         self._load.grant(lease.lease_id, st.spec.id, prompt, cached, req.max_tokens)
         return lease
 

@@ -119,6 +119,19 @@ class LoadLedger:
             self._shift_after(rep, lease, lease.first_token_at - now, now)
         lease.first_token_at = now
 
+    def saved_s(self, replica_id: str, prompt_tokens: int, cached_tokens: int) -> float:
+        """Engine seconds a prompt's `cached_tokens` save on the replica now: the prefill work
+        of the whole prompt less that of its uncached part (as `grant` would add it)."""
+        cached = max(0, min(cached_tokens, prompt_tokens - 1))
+        if cached == 0:
+            return 0.0
+        rep = self._replica(replica_id)
+        seqs, ctx = self._decoding(rep, self._clock())
+        saved = self._work.prefill_work_s(prompt_tokens, 0) - self._work.prefill_work_s(
+            prompt_tokens - cached, cached
+        )
+        return max(0.0, saved) * self._work.decode_slowdown(seqs, ctx)
+
     def complete(self, lease_id: str) -> None:
         lease = self._leases.pop(lease_id, None)
         if lease is None:

@@ -66,7 +66,8 @@ class CapacityPolicy(BaseModel):
             "A replica whose modelled prefill backlog (the load ledger's) exceeds this takes no "
             "new lease: requests wait in the queue and are dispatched again when the soonest "
             "such backlog falls under it, instead of piling onto the one replica whose KV "
-            "still fits more sequences. In the cost profile's seconds (x engine_time_scale); "
+            "still fits more sequences. A request whose cached prefix on the replica saves at "
+            "least the excess is exempt. In the cost profile's seconds (x engine_time_scale); "
             "0: off."
         ),
     )

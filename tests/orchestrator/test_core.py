@@ -583,6 +583,28 @@ async def test_a_replica_with_a_long_prefill_backlog_takes_no_lease_until_it_dra
     assert lease.queue_s > 0.01
 
 
+@pytest.mark.parametrize(("matched", "granted"), [(250, True), (25, False), (0, False)])
+async def test_a_backlog_capped_replica_takes_a_request_whose_cached_prefix_saves_the_excess(
+    matched: int, granted: bool
+) -> None:
+    # r0's backlog is one uncached 8k-token prefill (~0.1 s), far over the 0.01 s bound. A
+    # second 8k prompt it holds whole saves about that prefill there: granted at once. One
+    # holding a tenth (~0.01 s saved), or none, waits for the backlog to drain.
+    index = FixedPrefix(PrefixMatches(250, {}))
+    core, _ = await ready_core(
+        n=1,
+        cap=8,
+        policy=Policy(capacity=CapacityPolicy(max_prefill_backlog_s=0.01)),
+        prefix=index,
+    )
+    await core.admit(req("long", prompt_len=8000), 5.0)
+    index.matches = PrefixMatches(250, {"r0": matched} if matched else {})
+    second = asyncio.ensure_future(core.admit(req("next", prompt_len=8000), 5.0))
+    await assert_queued(core, 0 if granted else 1)
+    assert second.done() == granted
+    assert (await asyncio.wait_for(second, 5.0)).replica.id == "r0"
+
+
 async def test_without_a_backlog_bound_the_replica_takes_every_lease_it_has_room_for() -> None:
     core, _ = await ready_core(
         n=1, cap=8, policy=Policy(capacity=CapacityPolicy(max_prefill_backlog_s=0.0))
