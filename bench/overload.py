@@ -492,7 +492,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-retries", type=int, default=2)
     p.add_argument("--max-in-flight", type=int, default=8192, help="load generator safety cap")
     p.add_argument("--timeout-s", type=float, default=120.0, help="client deadline per attempt")
-    p.add_argument("--out", default="overload")
+    p.add_argument(
+        "--out",
+        default="overload",
+        type=lambda name: name.removesuffix(".json"),
+        help="Name under bench-results/ (a trailing .json is dropped): writes NAME.json and "
+        "NAME.png.",
+    )
     p.add_argument(
         "--dump-results",
         action="store_true",

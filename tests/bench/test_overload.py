@@ -11,6 +11,7 @@ import pytest
 from bench.overload import (
     PRIORITIES,
     AttemptTimes,
+    parser,
     summarize,
     targets,
     within_slo_share,
@@ -236,3 +237,10 @@ async def test_attempt_times_record_the_attempt_that_produced_the_first_token() 
     assert inner.attempts == 2
     assert list(attempts.ttft_s) == [res.request_id]
     assert 0 <= attempts.ttft_s[res.request_id] < 1.0
+
+
+@pytest.mark.parametrize(
+    ("given", "stem"), [([], "overload"), (["--out", "x"], "x"), (["--out", "x.json"], "x")]
+)
+def test_out_names_the_files_with_or_without_json(given: list[str], stem: str) -> None:
+    assert parser().parse_args(given).out == stem
