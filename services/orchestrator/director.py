@@ -90,11 +90,6 @@ from services.orchestrator.settings import OrchestratorSettings, ReplicaSpec
 log = logging.getLogger(__name__)
 
 
-def _cached_tokens(prompt: int, matched_blocks: int, prompt_blocks: int) -> int:
-    """The prompt tokens a replica holding `matched_blocks` of its `prompt_blocks` reuses."""
-    return matched_blocks * prompt // prompt_blocks if prompt_blocks else 0
-
-
 def _others(st: ReplicaState, sample: EngineSample | None) -> int:
     """Requests the engine's sample held beyond this orchestrator's leases at the time."""
     if sample is None:
@@ -407,10 +402,10 @@ class Orchestrator:
         prompt = len(req.prompt_token_ids)
         out = views
         for i, st in enumerate(states):
-            matched = prefix.matched_blocks.get(st.spec.id, 0)
-            if not matched or views[i].cap > 0 or not self._backlogged(st):
+            cached = prefix.cached_tokens(st.spec.id, prompt)
+            # Only a replica capped by its backlog alone (another cap is not the bound's).
+            if not cached or views[i].cap > 0 or not self._backlogged(st):
                 continue
-            cached = _cached_tokens(prompt, matched, prefix.prompt_blocks)
             if self._backlogged(st, self._load.saved_s(st.spec.id, prompt, cached)):
                 continue
             cap = self._cap_of(st, self._sampler.fresh(st, now), now, bounded=False)
@@ -554,9 +549,7 @@ class Orchestrator:
         )
         self._feedback.routed(lease.lease_id, st.spec.id, prefix, len(req.prompt_token_ids))
         prompt = len(req.prompt_token_ids)
-        cached = _cached_tokens(
-            prompt, prefix.matched_blocks.get(st.spec.id, 0), prefix.prompt_blocks
-        )
+        cached = prefix.cached_tokens(st.spec.id, prompt)
         self._load.grant(lease.lease_id, st.spec.id, prompt, cached, req.max_tokens)
         return lease
 

@@ -58,6 +58,12 @@ class PrefixMatches:
     matched_blocks: dict[str, int]
     hashes: tuple[int, ...] = field(default=())
 
+    def cached_tokens(self, replica_id: str, prompt_tokens: int) -> int:
+        """The prompt tokens the replica reuses: its matched share of the prompt's blocks."""
+        if self.prompt_blocks == 0:
+            return 0
+        return self.matched_blocks.get(replica_id, 0) * prompt_tokens // self.prompt_blocks
+
     def fraction(self, replica_id: str) -> float:
         if self.prompt_blocks == 0:
             return 0.0
