@@ -310,8 +310,11 @@ def summary_dict(s: Summary) -> dict[str, Any]:
 
 
 def write_json(name: str, payload: Mapping[str, Any], directory: Path = RESULTS_DIR) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / name
+    """`payload` as `directory/name`, or at `name` itself when it names a directory too
+    (`bench-results/x.json`, `/tmp/x.json`): a run of many minutes is not lost at its end to a
+    path the directory would double."""
+    path = Path(name) if Path(name).parent != Path() else directory / name
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_jsonable(dict(payload)), indent=2, allow_nan=False) + "\n")
     return path
 

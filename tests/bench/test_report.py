@@ -163,3 +163,13 @@ def test_write_json_turns_nan_into_null(tmp_path: Path) -> None:
         "x.json", {"a": math.nan, "b": [1.5, math.inf], "c": {"d": 1}}, tmp_path
     )
     assert json.loads(path.read_text()) == {"a": None, "b": [1.5, None], "c": {"d": 1}}
+
+
+def test_write_json_takes_a_name_or_a_path(tmp_path: Path) -> None:
+    results = tmp_path / "bench-results"
+    assert report.write_json("x.json", {}, results) == results / "x.json"
+    # A path is not put under the directory again (bench-results/bench-results/x.json).
+    elsewhere = tmp_path / "other" / "y.json"
+    assert report.write_json(str(elsewhere), {"a": 1}, results) == elsewhere
+    assert json.loads(elsewhere.read_text()) == {"a": 1}
+    assert sorted(p.name for p in results.iterdir()) == ["x.json"]
