@@ -58,6 +58,7 @@ async def main(settings: KvRegistrySettings, blocks: KvBlockSettings) -> None:
         metrics_port=metrics_port,
         ready_file=settings.ready_file,
         on_stop=on_stop,
+        drain_with=(servicer.end_streams,),
     )
 
 

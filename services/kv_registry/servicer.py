@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TypeVar
 
 import grpc
@@ -74,6 +74,8 @@ def prompt_hashes(
 class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
     def __init__(self, core: KvRegistry):
         self._core = core
+        self._streams: set[asyncio.Task[object]] = set()  # open LookupStream handlers
+        self._ending = False  # end_streams was called: streams end UNAVAILABLE
 
     async def PublishEvents(
         self, request: pb.PublishEventsRequest, context: Ctx
@@ -97,6 +99,52 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
             "kv_registry.lookup", context=parent, kind=SpanKind.SERVER
         ):
             return await self._lookup(request, context)
+
+    async def LookupStream(
+        self, request_iterator: AsyncIterator[pb.LookupRequest], context: Ctx
+    ) -> AsyncIterator[pb.LookupResponse]:
+        """Each request answered in order, as `Lookup` answers it; a refused one ends the stream
+        with its status; `end_streams` (drain) ends them all. The caller's span comes in the
+        request (`trace_context`)."""
+        if self.draining():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "kv_registry is draining")
+        task = asyncio.current_task()
+        if task is not None:
+            self._streams.add(task)
+        try:
+            async for request in request_iterator:
+                if request.trace_context:
+                    parent = extract_trace_context(request.trace_context.items())
+                    with _tracer.start_as_current_span(
+                        "kv_registry.lookup", context=parent, kind=SpanKind.SERVER
+                    ):
+                        response = await self._lookup(request, context)
+                else:
+                    response = await self._lookup(request, context)
+                response.request_id = request.request_id
+                yield response
+        except asyncio.CancelledError:
+            if not self.draining():
+                raise  # the caller went away
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "kv_registry is draining")
+        finally:
+            if task is not None:
+                self._streams.discard(task)
+
+    def draining(self) -> bool:
+        """`end_streams` was called."""
+        return self._ending
+
+    @property
+    def open_streams(self) -> int:
+        return len(self._streams)
+
+    async def end_streams(self) -> None:
+        """End every open LookupStream (UNAVAILABLE), now and as they open: a draining registry
+        holds no caller for the whole grace period; callers fail over to another replica."""
+        self._ending = True
+        for task in list(self._streams):
+            task.cancel()
 
     async def _lookup(self, request: pb.LookupRequest, context: Ctx) -> pb.LookupResponse:
         try:

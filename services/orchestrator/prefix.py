@@ -8,7 +8,11 @@ kv_registry runs as several independent replicas, each fed by every engine
 (`llmmesh.common.kv_registries`). Lookups read from one of them: the last one that answered
 (sticky, so a freshly restarted replica that is still resyncing is not preferred over one that
 kept its index), failing over within the same lookup to the next one when it errs or misses its
-deadline. A replica that failed is skipped for `retry_s`, then tried again when a lookup needs
+deadline. A lookup goes over the registry's LookupStream (one long-lived call per registry, opened
+on first use and after it ended; answers matched to lookups by request id), or as a unary Lookup
+where streams are turned off (`kv_lookup_stream`), refused (an older registry, a mesh policy) or
+full (`MAX_STREAM_WAITING` lookups waiting): the stream saves a call's own cost, about half of
+the round trip and of each side's CPU per lookup. A replica that failed is skipped for `retry_s`, then tried again when a lookup needs
 it. Approximate-mode updates (RecordRouting, ReportReuse, DropReplica) go to every replica not
 marked down, concurrently and in the background (the caller never waits on them), so each
 replica's predictions follow the same routing; RecordRouting's predicted blocks are the preferred
@@ -29,6 +33,7 @@ an update lost costs prediction quality only. A registry that does not know Upda
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import struct
 import time
@@ -102,6 +107,109 @@ def token_bytes(token_ids: Sequence[int]) -> bytes:
     return struct.pack(f"<{len(token_ids)}I", *token_ids)
 
 
+class _LookupStream:
+    """One open LookupStream call: lookups are written one at a time, each with its own
+    `request_id`, and each answer resolves the waiter of its id (one whose lookup gave up, at its
+    deadline or cancelled, is gone: its answer is dropped). When the call ends, every waiter
+    fails with its status; the owner opens a new one."""
+
+    def __init__(self, stub: pb_grpc.KvRegistryServiceAsyncStub, max_waiting: int) -> None:
+        # Requests are written one by one (`write`), not from an iterator.
+        self._call = stub.LookupStream()  # type: ignore[call-arg]
+        self._waiting: dict[int, asyncio.Future[pb.LookupResponse]] = {}
+        self._max_waiting = max_waiting
+        self._next_id = 1
+        self._write_lock = asyncio.Lock()  # a call takes one write at a time
+        self._answered = False  # the registry answered a lookup on this call
+        self.error: grpc.aio.AioRpcError | None = None  # why the call ended
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    @property
+    def open(self) -> bool:
+        return self.error is None
+
+    @property
+    def full(self) -> bool:
+        return len(self._waiting) >= self._max_waiting
+
+    async def lookup(self, request: pb.LookupRequest, timeout_s: float) -> pb.LookupResponse:
+        """The answer, or the call's AioRpcError, or TimeoutError after `timeout_s`."""
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[pb.LookupResponse] = loop.create_future()
+        deadline = loop.call_later(timeout_s, _expire, answer)
+        rid = request.request_id = self._next_id
+        self._next_id += 1
+        try:
+            async with self._write_lock:
+                if self.error is not None:
+                    raise self.error
+                self._waiting[rid] = answer
+                # A call that ended refuses the write; its reader fails the waiters with its status.
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    await self._call.write(request)
+                if not self._answered:
+                    # The first lookup goes alone: a registry that refuses the stream answers it
+                    # with its status (UNIMPLEMENTED), not the error of writes to a dead call.
+                    response = await answer
+                    self._answered = True
+                    return response
+            return await answer
+        finally:
+            deadline.cancel()
+            self._waiting.pop(rid, None)
+            if answer.done() and not answer.cancelled():
+                answer.exception()  # retrieved: an answer left behind by a raise is not an error
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                response = await self._call.read()
+                if response is grpc.aio.EOF:  # type: ignore[attr-defined]
+                    code = await self._call.code()
+                    if code == grpc.StatusCode.OK:
+                        code = grpc.StatusCode.UNAVAILABLE  # ended without an error: go elsewhere
+                    raise _ended(code, await self._call.details() or "LookupStream ended")
+                assert isinstance(response, pb.LookupResponse)
+                answer = self._waiting.pop(response.request_id, None)
+                if answer is not None and not answer.done():
+                    answer.set_result(response)
+        except grpc.aio.AioRpcError as err:
+            self._fail(err)
+        except asyncio.CancelledError:
+            self._fail(_ended(grpc.StatusCode.CANCELLED, "LookupStream closed"))
+            raise
+        except Exception as err:  # e.g. an answer that does not parse: end this call
+            log.warning("LookupStream broke", exc_info=True)
+            self._fail(_ended(grpc.StatusCode.INTERNAL, f"LookupStream broke: {err!r}"))
+        finally:
+            self._call.cancel()
+
+    def _fail(self, err: grpc.aio.AioRpcError) -> None:
+        self.error = err
+        waiting, self._waiting = self._waiting, {}
+        for answer in waiting.values():
+            if not answer.done():
+                answer.set_exception(err)
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+# A registry without LookupStream (an older version), or a mesh policy that does not allow it.
+_NO_STREAMS = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED)
+
+
+def _expire(answer: asyncio.Future[pb.LookupResponse]) -> None:
+    if not answer.done():
+        answer.set_exception(TimeoutError())
+
+
+def _ended(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None)
+
+
 @dataclass(slots=True, eq=False)
 class _Registry:
     endpoint: RegistryEndpoint
@@ -110,6 +218,8 @@ class _Registry:
     down_until: float = 0.0  # monotonic; skipped until then after a failure
     down: bool = False  # the last call failed (logged once per outage)
     batches: bool = True  # answers UpdateBatch (False once it said UNIMPLEMENTED, until down)
+    streams: bool = True  # answers LookupStream (False once it said UNIMPLEMENTED, until down)
+    stream: _LookupStream | None = None  # the open LookupStream, once a lookup opened it
 
     @property
     def address(self) -> str:
@@ -129,6 +239,7 @@ class RegistryPrefixIndex:
 
     LOOKUP_ATTEMPTS = 2  # registries one lookup tries before it routes prefix-blind
     MAX_BATCH = 256  # updates in one UpdateBatch call
+    MAX_STREAM_WAITING = 1024  # lookups awaiting answers on one stream; beyond, unary calls
 
     def __init__(
         self,
@@ -141,6 +252,7 @@ class RegistryPrefixIndex:
         update_timeout_s: float = 1.0,
         max_pending: int = 4096,
         linger_s: float = 0.0,
+        stream_lookups: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ):
         if not endpoints and not dns:
@@ -153,6 +265,7 @@ class RegistryPrefixIndex:
         self._update_timeout_s = update_timeout_s
         self._max_pending = max_pending
         self._linger_s = linger_s
+        self._stream_lookups = stream_lookups
         self._pending: deque[_Update] = deque()
         self._sender: asyncio.Task[None] | None = None
         self._clock = clock
@@ -177,7 +290,7 @@ class RegistryPrefixIndex:
         found = await kv_registries.resolve_dns(self._dns)
         if found is not None:
             for gone in self._set_endpoints(kv_registries.merge(self._static, found)):
-                await gone.channel.close(None)
+                await self._close(gone)
 
     def _set_endpoints(self, endpoints: Sequence[RegistryEndpoint]) -> list[_Registry]:
         current = {r.address: r for r in self._registries}
@@ -209,6 +322,7 @@ class RegistryPrefixIndex:
     def _failed(self, reg: _Registry, err: grpc.aio.AioRpcError, call: str) -> None:
         reg.down_until = self._clock() + self._retry_s
         reg.batches = True  # it may come back as another version
+        reg.streams = True
         if self._preferred is reg:
             self._preferred = None
         if not reg.down:
@@ -232,14 +346,16 @@ class RegistryPrefixIndex:
         hashes = tuple(hashes_from_bytes(token_bytes(token_ids), self._config))
         if not hashes:
             return NO_MATCHES
+        trace_context = inject_trace_metadata([])
         req = pb.LookupRequest(block_hashes=hashes)
         for reg in self._up()[: self.LOOKUP_ATTEMPTS]:
             try:
-                resp = await reg.stub.Lookup(
-                    req, timeout=self._timeout_s, metadata=tuple(inject_trace_metadata([]))
-                )
+                resp = await self._lookup(reg, req, trace_context)
             except grpc.aio.AioRpcError as err:
                 self._failed(reg, err, "Lookup")
+                continue
+            except TimeoutError:
+                self._failed(reg, _ended(grpc.StatusCode.DEADLINE_EXCEEDED, "lookup"), "Lookup")
                 continue
             self._answered(reg)
             self._preferred = reg
@@ -248,6 +364,33 @@ class RegistryPrefixIndex:
             )
         log.debug("prefix lookup failed on every registry tried")
         return PrefixMatches(len(hashes), {}, hashes)
+
+    async def _lookup(
+        self, reg: _Registry, req: pb.LookupRequest, trace_context: list[tuple[str, str]]
+    ) -> pb.LookupResponse:
+        """One registry's answer: over its LookupStream (opened on first use, reopened after
+        it ended), or a unary Lookup where streams are off, unknown to the registry, or full."""
+        if self._stream_lookups and reg.streams:
+            stream = reg.stream
+            if stream is None or not stream.open:
+                stream = reg.stream = _LookupStream(reg.stub, self.MAX_STREAM_WAITING)
+            if not stream.full:
+                if trace_context:
+                    req.trace_context.update(dict(trace_context))
+                try:
+                    return await stream.lookup(req, self._timeout_s)
+                except grpc.aio.AioRpcError as err:
+                    if err.code() not in _NO_STREAMS:
+                        raise
+                    reg.streams = False  # unary from now on (until the registry fails)
+                    log.warning(
+                        "kv_registry refuses LookupStream; unary lookups",
+                        extra={"registry": reg.address, "error": err.code().name},
+                    )
+                finally:
+                    req.ClearField("trace_context")
+                    req.ClearField("request_id")
+        return await reg.stub.Lookup(req, timeout=self._timeout_s, metadata=tuple(trace_context))
 
     # -- approximate-mode updates: queued, sent in batches ------------------------------------
     @property
@@ -372,7 +515,13 @@ class RegistryPrefixIndex:
         while self._pending:
             _resolve(self._pending.popleft().done, 0)
         for reg in self._registries:
-            await reg.channel.close(None)
+            await self._close(reg)
+
+    @staticmethod
+    async def _close(reg: _Registry) -> None:
+        if reg.stream is not None:
+            await reg.stream.close()
+        await reg.channel.close(None)
 
 
 def _resolve(fut: asyncio.Future[int], value: int) -> None:
@@ -397,4 +546,5 @@ def registry_index(
         retry_s=settings.kv_registry_retry_s,
         max_pending=settings.kv_update_queue,
         linger_s=settings.kv_update_linger_s,
+        stream_lookups=settings.kv_lookup_stream,
     )

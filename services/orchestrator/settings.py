@@ -85,6 +85,11 @@ class OrchestratorSettings(ServiceSettings):
         gt=0,
         description="Budget of one prefix lookup; on timeout the request routes by load.",
     )
+    kv_lookup_stream: bool = Field(
+        default=True,
+        description="Prefix lookups over one long-lived LookupStream per kv_registry replica "
+        "(a unary Lookup per request when false, or for a registry without it).",
+    )
     policy_file: Path | None = Field(
         default=None,
         description="Scheduling policy YAML (pools, routing weights, ejection); defaults in code.",

@@ -31,6 +31,7 @@ CFG = BLOCKS.block_config()
 PROMPT = list(range(300, 318))  # 4 full blocks + 2 tokens
 HASHES = block_hashes(PROMPT, CFG)
 SERVICE = pb.DESCRIPTOR.services_by_name["KvRegistryService"].full_name
+TRACEPARENT = "00-" + "1" * 32 + "-" + "2" * 16 + "-01"  # W3C trace context of a caller
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Registry:
     stub: pb_grpc.KvRegistryServiceAsyncStub
     core: KvRegistry
     address: str
+    servicer: KvRegistryServicer
 
 
 @pytest_asyncio.fixture
@@ -64,7 +66,7 @@ async def registry() -> AsyncIterator[Registry]:
     )
     address = f"127.0.0.1:{port}"
     async with grpc.aio.insecure_channel(address) as channel:
-        yield Registry(pb_grpc.KvRegistryServiceStub(channel), core, address)
+        yield Registry(pb_grpc.KvRegistryServiceStub(channel), core, address, servicer)
     maintenance.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await maintenance
@@ -98,6 +100,66 @@ async def test_publish_then_lookup(registry: Registry, request_: pb.LookupReques
     got = await registry.stub.Lookup(request_)
     assert (got.block_size, got.prompt_blocks) == (4, 4)
     assert summary(got) == [("r0", 3, 12, pb.MATCH_SOURCE_EXACT)]
+
+
+async def test_lookup_stream_answers_each_request_in_order_as_lookup_does(
+    registry: Registry,
+) -> None:
+    await registry.stub.PublishEvents(publish("r0", stored(0, HASHES[:3])))
+    await registry.stub.PublishEvents(publish("r1", stored(0, HASHES[:1])))
+    requests = [
+        pb.LookupRequest(block_hashes=HASHES),
+        pb.LookupRequest(block_hashes=HASHES[:1]),
+        pb.LookupRequest(block_hashes=[12345]),
+        pb.LookupRequest(token_ids=PROMPT, trace_context={"traceparent": TRACEPARENT}),
+    ]
+    call = registry.stub.LookupStream()  # type: ignore[call-arg]
+    for i, r in enumerate(requests):
+        r.request_id = 10 + i
+        await call.write(r)
+    await call.done_writing()
+    answers = [a async for a in call]
+    assert await call.code() == grpc.StatusCode.OK
+    assert [a.request_id for a in answers] == [10, 11, 12, 13]
+    for r, a in zip(requests, answers, strict=True):
+        a.ClearField("request_id")
+        assert a == await registry.stub.Lookup(r)
+    assert [summary(a) for a in answers[:3]] == [
+        [("r0", 3, 12, pb.MATCH_SOURCE_EXACT), ("r1", 1, 4, pb.MATCH_SOURCE_EXACT)],
+        [("r0", 1, 4, pb.MATCH_SOURCE_EXACT), ("r1", 1, 4, pb.MATCH_SOURCE_EXACT)],
+        [],
+    ]
+
+
+async def test_lookup_stream_ends_with_the_status_lookup_refuses_with(registry: Registry) -> None:
+    call = registry.stub.LookupStream()  # type: ignore[call-arg]
+    await call.write(pb.LookupRequest(block_hashes=HASHES[:1]))
+    first = await call.read()
+    assert isinstance(first, pb.LookupResponse)
+    assert first.prompt_blocks == 1
+    await call.write(pb.LookupRequest(token_ids=PROMPT, block_hashes=HASHES))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call.read()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "block_hashes" in (err.value.details() or "")
+
+
+async def test_drain_ends_open_lookup_streams(registry: Registry) -> None:
+    """A draining registry ends its streams at once (callers fail over) instead of holding
+    them for the whole grace period."""
+    call = registry.stub.LookupStream()  # type: ignore[call-arg]
+    await call.write(pb.LookupRequest(block_hashes=HASHES))
+    await call.read()
+    assert registry.servicer.open_streams == 1
+    await registry.servicer.end_streams()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call.read()
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    await eventually(lambda: registry.servicer.open_streams == 0, "the handler to end")
+    late = registry.stub.LookupStream()  # type: ignore[call-arg]  # one opened while draining ends at once
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await late.read()
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 async def test_gap_asks_for_resync(registry: Registry) -> None:

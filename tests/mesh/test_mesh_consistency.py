@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from llmmesh.common.components import COMPONENTS
+from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as kv_pb
 from llmmesh.tools.meshcheck.common import OVERLAYS, Doc
 from llmmesh.tools.meshcheck.index import principal
 from llmmesh.tools.meshcheck.project import (
@@ -111,6 +112,8 @@ ALLOWED = [
     (ORCHESTRATOR, TRITON_LABELS, 8001, TRI + "ServerReady", "POST"),
     (ORCHESTRATOR, TRITON_LABELS, 8002, "/metrics", "GET"),
     (ORCHESTRATOR, KV_LABELS, 50053, KV + "Lookup", "POST"),
+    (ORCHESTRATOR, KV_LABELS, 50053, KV + "LookupStream", "POST"),
+    (ORCHESTRATOR, KV_LABELS, 50053, KV + "UpdateBatch", "POST"),
     (ORCHESTRATOR, KV_LABELS, 50053, KV + "RecordRouting", "POST"),
     (ORCHESTRATOR, KV_LABELS, 50053, KV + "ReportReuse", "POST"),
     (ORCHESTRATOR, KV_LABELS, 50053, KV + "DropReplica", "POST"),
@@ -155,6 +158,21 @@ def test_call_graph_edge_is_allowed(
     rendered: dict[str, list[Doc]],
 ) -> None:
     assert security.authz_allows(mesh_of(rendered, "prod"), source, labels, port, path, method)
+
+
+@pytest.mark.parametrize(
+    "rpc",
+    [m.name for m in kv_pb.DESCRIPTOR.services_by_name["KvRegistryService"].methods],
+)
+def test_the_orchestrator_may_call_every_registry_rpc_but_publishing(
+    rpc: str, rendered: dict[str, list[Doc]]
+) -> None:
+    """From the proto, so a new registry RPC the orchestrator calls cannot be forgotten in the
+    policy (it would be denied in production only)."""
+    allowed = security.authz_allows(
+        mesh_of(rendered, "prod"), ORCHESTRATOR, KV_LABELS, 50053, KV + rpc, "POST"
+    )
+    assert allowed == (rpc != "PublishEvents")
 
 
 @pytest.mark.parametrize(("source", "labels", "port", "path", "method"), DENIED)
@@ -237,6 +255,22 @@ def test_retrying_a_stream_on_unavailable_is_caught(rendered: dict[str, list[Doc
     vs["spec"]["http"][1]["retries"]["retryOn"] = "connect-failure,unavailable"
     problems = routing.check_retries_and_timeouts(mesh)
     assert any("only be retried before it started" in p for p in problems), problems
+
+
+def test_a_session_stream_needs_a_route_without_timeout_and_nothing_else_does(
+    rendered: dict[str, list[Doc]],
+) -> None:
+    mesh = mesh_of(rendered, "prod")
+    routes = {
+        r["name"]: r for r in doc(mesh, "VirtualService", "llmmesh-kv-registry")["spec"]["http"]
+    }
+    assert "timeout" not in routes["lookup-stream"]
+    assert routing.check_retries_and_timeouts(mesh) == []
+    routes["lookup-stream"]["timeout"] = "2s"
+    del routes["lookup"]["timeout"]
+    problems = routing.check_retries_and_timeouts(mesh)
+    assert any("lookup-stream: a route timeout would cut" in p for p in problems), problems
+    assert any("lookup: needs an explicit timeout" in p for p in problems), problems
 
 
 def test_envoy_limit_below_admission_capacity_is_caught(rendered: dict[str, list[Doc]]) -> None:

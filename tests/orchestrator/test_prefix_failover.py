@@ -28,11 +28,15 @@ PROMPT = list(range(12))  # three blocks
 class FakeRegistry(pb_grpc.KvRegistryServiceServicer):
     """Answers every lookup with its own name as the matching replica; records updates."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, streams: bool = True) -> None:
         self.name = name
+        self.streams = streams  # serves LookupStream (else UNIMPLEMENTED, an older registry)
         self.lookups = 0
+        self.streamed = 0  # lookups answered over a stream
+        self.streams_opened = 0
         self.updates: list[str] = []
         self.hang = False
+        self.delay_s = 0.0  # each lookup answers after this long
 
     async def Lookup(
         self, request: pb.LookupRequest, context: grpc.aio.ServicerContext[object, object]
@@ -40,10 +44,26 @@ class FakeRegistry(pb_grpc.KvRegistryServiceServicer):
         self.lookups += 1
         if self.hang:
             await asyncio.sleep(3600)
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
         return pb.LookupResponse(
             prompt_blocks=len(request.block_hashes),
             matches=[pb.ReplicaMatch(replica_id=self.name, matched_blocks=2)],
         )
+
+    async def LookupStream(
+        self,
+        request_iterator: AsyncIterator[pb.LookupRequest],
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> AsyncIterator[pb.LookupResponse]:
+        if not self.streams:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "no LookupStream here")
+        self.streams_opened += 1
+        async for request in request_iterator:
+            self.streamed += 1
+            response = await self.Lookup(request, context)
+            response.request_id = request.request_id
+            yield response
 
     async def RecordRouting(
         self, request: pb.RecordRoutingRequest, context: grpc.aio.ServicerContext[object, object]
@@ -67,8 +87,8 @@ class FakeRegistry(pb_grpc.KvRegistryServiceServicer):
 class Served:
     """A fake registry on a port that survives stop()/start() (a restart on the same address)."""
 
-    def __init__(self, name: str) -> None:
-        self.fake = FakeRegistry(name)  # type: ignore[abstract]  # no PublishEvents
+    def __init__(self, name: str, streams: bool = True) -> None:
+        self.fake = FakeRegistry(name, streams)  # type: ignore[abstract]  # no PublishEvents
         self.port = 0
         self.server: grpc.aio.Server | None = None
 
@@ -88,9 +108,11 @@ class Served:
             self.server = None
 
 
-@pytest_asyncio.fixture
-async def registries() -> AsyncIterator[tuple[Served, Served]]:
-    a, b = Served("a"), Served("b")
+@pytest_asyncio.fixture(params=[True, False], ids=["stream", "unary"])
+async def registries(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Served, Served]]:
+    """Two registries; with `unary`, older ones without LookupStream (every lookup falls back
+    to a unary Lookup)."""
+    a, b = Served("a", request.param), Served("b", request.param)
     await a.start()
     await b.start()
     yield a, b
@@ -130,6 +152,57 @@ async def test_lookups_stick_to_the_first_registry(registries: tuple[Served, Ser
             assert await matched_by(idx) == {"a"}
         assert (a.fake.lookups, b.fake.lookups) == (3, 0)
         assert idx.preferred == a.address
+    finally:
+        await idx.close()
+
+
+async def test_lookups_share_one_stream_and_each_gets_its_own_answer(
+    registries: tuple[Served, Served],
+) -> None:
+    a, _ = registries
+    idx = index(a, timeout_s=10.0)  # 100 at once on two busy cores: no lookup may time out
+    prompts = [list(range(4 * n)) for n in (1, 5, 2, 9, 3)] * 20
+    try:
+        got = await asyncio.gather(*(idx.lookup(p) for p in prompts))
+        assert [m.prompt_blocks for m in got] == [len(p) // 4 for p in prompts]
+        assert all(m.matched_blocks == {"a": 2} for m in got)
+        assert a.fake.lookups == len(prompts)
+        if a.fake.streams:
+            assert (a.fake.streamed, a.fake.streams_opened) == (len(prompts), 1)
+        else:
+            assert a.fake.streamed == 0
+    finally:
+        await idx.close()
+
+
+async def test_stream_lookups_can_be_turned_off(registries: tuple[Served, Served]) -> None:
+    a, _ = registries
+    idx = RegistryPrefixIndex(
+        [RegistryEndpoint(a.address)], CFG, 0.5, retry_s=2.0, stream_lookups=False
+    )
+    try:
+        assert await matched_by(idx) == {"a"}
+        assert (a.fake.lookups, a.fake.streamed) == (1, 0)
+    finally:
+        await idx.close()
+
+
+async def test_a_lookup_that_gave_up_does_not_take_the_next_ones_answer(
+    registries: tuple[Served, Served],
+) -> None:
+    """On a stream, answers match requests by order: one that comes after its lookup timed out
+    is dropped, not handed to the lookup behind it."""
+    a, b = registries
+    clock = Clock()
+    idx = index(a, b, clock=clock, timeout_s=0.25)
+    try:
+        a.fake.delay_s = 0.3
+        assert await matched_by(idx) == {"b"}  # a timed out; b answered the same lookup
+        a.fake.delay_s = 0.0
+        await b.stop()
+        clock.now += 5  # past retry_s: a is tried again, its late answer still on the way
+        got = await idx.lookup(list(range(8)))
+        assert (got.prompt_blocks, got.matched_blocks) == (2, {"a": 2})
     finally:
         await idx.close()
 

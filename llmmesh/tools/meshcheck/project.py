@@ -28,6 +28,10 @@ EXTERNAL_PRINCIPALS = {
     "cluster.local/ns/keda/sa/keda-operator": "KEDA operator",
 }
 
+# gRPC streams a client holds open for as long as it runs, each carrying many requests (each with
+# its own deadline in the client): a route timeout would cut them, so their route sets none.
+SESSION_STREAMS = frozenset({"/llmmesh.kvregistry.v1.KvRegistryService/LookupStream"})
+
 # gRPC services that are not in protos/: Triton's inference API (tritonclient) and KEDA's external
 # scaler contract. A method of these is accepted when protos/ does not define the service.
 EXTERNAL_GRPC_METHODS: dict[str, dict[str, bool]] = {

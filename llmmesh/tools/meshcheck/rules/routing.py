@@ -9,6 +9,7 @@ from typing import Any
 from llmmesh.tools.meshcheck.common import Doc, doc_id, go_duration_ms, require
 from llmmesh.tools.meshcheck.index import Mesh
 from llmmesh.tools.meshcheck.project import (
+    SESSION_STREAMS,
     grpc_method,
 )
 from llmmesh.tools.meshcheck.rules.helpers import (
@@ -233,9 +234,12 @@ def check_retries_and_timeouts(mesh: Mesh) -> list[str]:
         for i, route in enumerate(vs["spec"].get("http", [])):
             where = f"{doc_id(vs)} {route.get('name', f'http[{i}]')}"
             timeout = go_duration_ms(str(route.get("timeout", "")))
-            if timeout is None:
-                problems.append(f"{where}: needs an explicit timeout")
             paths = _route_methods(route)
+            session = bool(paths) and all(p in SESSION_STREAMS for p in paths)
+            if timeout is None and not session:
+                problems.append(f"{where}: needs an explicit timeout")
+            elif timeout is not None and session:
+                problems.append(f"{where}: a route timeout would cut {', '.join(paths)}")
             for p in paths:
                 if timeout is not None:
                     timeouts[p] = max(timeouts.get(p, 0.0), timeout)
