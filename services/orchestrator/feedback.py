@@ -8,6 +8,8 @@ Invariants:
   tracked until done.
 - A reuse report carries the registry's answer to its lease's routing update: it is sent once
   that answer came (at once unless the lease ended before it, e.g. within the update linger).
+- A lookup's matches include the prompts of live leases (`InflightPrefixes`): a replica holds, or
+  is computing, its leases' prompt blocks before the registry hears of them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import asyncio
 from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 
+from services.orchestrator.inflight import InflightPrefixes
 from services.orchestrator.prefix import NO_MATCHES, PrefixIndex, PrefixMatches
 
 
@@ -35,11 +38,12 @@ class PrefixFeedback:
         self._index = index
         self._predictions: dict[str, _Prediction] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.inflight = InflightPrefixes()
 
     async def lookup(self, token_ids: Sequence[int]) -> PrefixMatches:
         if self._index is None:
             return NO_MATCHES
-        return await self._index.lookup(token_ids)
+        return self.inflight.merge(await self._index.lookup(token_ids))
 
     def routed(
         self, lease_id: str, replica_id: str, prefix: PrefixMatches, prompt_tokens: int
@@ -47,6 +51,7 @@ class PrefixFeedback:
         """A lease was granted: the routing becomes predicted blocks on the replica."""
         if self._index is None or not prefix.hashes:
             return
+        self.inflight.add(lease_id, replica_id, prefix.hashes)
         pred = self._predictions[lease_id] = _Prediction(prefix.hashes, prompt_tokens)
         pred.routing = self._background(
             self._record_routing(self._index, pred, replica_id, prefix.hashes)
@@ -60,6 +65,7 @@ class PrefixFeedback:
     def completed(self, lease_id: str, replica_id: str, reused_blocks: int | None) -> None:
         """A lease ended. `reused_blocks` is the engine's kv_cache_reused_blocks, given only when
         the engine ran the prompt: it corrects the registry's predictions."""
+        self.inflight.remove(lease_id)
         pred = self._predictions.pop(lease_id, None)
         if pred is not None and reused_blocks is not None and self._index is not None:
             self._background(self._report_reuse(self._index, pred, replica_id, reused_blocks))
@@ -75,6 +81,7 @@ class PrefixFeedback:
 
     def drop_replica(self, replica_id: str) -> None:
         """The replica's cached blocks are gone or unreachable."""
+        self.inflight.drop_replica(replica_id)
         if self._index is not None:
             self._background(self._index.drop_replica(replica_id))
 
