@@ -100,9 +100,9 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
         ):
             return await self._lookup(request, context)
 
-    async def LookupStream(
+    async def LookupStream(  # type: ignore[override]  # writes through `context`, returns None
         self, request_iterator: AsyncIterator[pb.LookupRequest], context: Ctx
-    ) -> AsyncIterator[pb.LookupResponse]:
+    ) -> None:
         """Each request answered in order, as `Lookup` answers it; a refused one ends the stream
         with its status; `end_streams` (drain) ends them all. The caller's span comes in the
         request (`trace_context`)."""
@@ -111,8 +111,14 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
         task = asyncio.current_task()
         if task is not None:
             self._streams.add(task)
+        # Reads and writes through `context` (not an async generator), so a cancel from
+        # `end_streams` always lands in this code, which ends the call with its status.
         try:
-            async for request in request_iterator:
+            while True:
+                request = await context.read()
+                if request is grpc.aio.EOF:  # type: ignore[attr-defined]
+                    return
+                assert isinstance(request, pb.LookupRequest)
                 if request.trace_context:
                     parent = extract_trace_context(request.trace_context.items())
                     with _tracer.start_as_current_span(
@@ -122,7 +128,7 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
                 else:
                     response = await self._lookup(request, context)
                 response.request_id = request.request_id
-                yield response
+                await context.write(response)
         except asyncio.CancelledError:
             if not self.draining():
                 raise  # the caller went away

@@ -545,7 +545,7 @@ class Orchestrator:
             st.spec.pool,
             lease.queue_s,
             prefix.prompt_blocks,
-            prefix.matched_blocks.get(st.spec.id, 0),
+            prefix.registered_blocks(st.spec.id),
         )
         self._feedback.routed(lease.lease_id, st.spec.id, prefix, len(req.prompt_token_ids))
         prompt = len(req.prompt_token_ids)

@@ -92,4 +92,4 @@ class InflightPrefixes:
         for replica_id, n in inflight.items():
             if n > matched.get(replica_id, 0):
                 matched[replica_id] = n
-        return PrefixMatches(prefix.prompt_blocks, matched, prefix.hashes)
+        return PrefixMatches(prefix.prompt_blocks, matched, prefix.hashes, prefix.matched_blocks)

@@ -24,7 +24,9 @@ _REJECTIONS = Counter(names.ORCH_REJECTIONS, "Admissions refused.", ["model", "r
 _IN_FLIGHT = Gauge(names.ORCH_REPLICA_IN_FLIGHT, "Live leases per replica.", ["replica", "pool"])
 _HEALTHY = Gauge(names.ORCH_REPLICA_HEALTHY, "1 if the replica is ready.", ["replica", "pool"])
 _PREFIX_HIT = Counter(
-    names.ORCH_PREFIX_HIT_BLOCKS, "Prompt blocks cached on the chosen replica.", ["replica"]
+    names.ORCH_PREFIX_HIT_BLOCKS,
+    "Prompt blocks kv_registry said the chosen replica holds (live leases' prompts not counted).",
+    ["replica"],
 )
 _PROMPT_BLOCKS = Counter(names.ORCH_PROMPT_BLOCKS, "Full prompt blocks routed.", ["replica"])
 _POOL_QUEUE_DEPTH = Gauge(

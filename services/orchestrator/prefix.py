@@ -38,7 +38,7 @@ import logging
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -62,6 +62,14 @@ class PrefixMatches:
     prompt_blocks: int
     matched_blocks: dict[str, int]
     hashes: tuple[int, ...] = field(default=())
+    # kv_registry's own matches where `matched_blocks` also counts live leases' prompts
+    # (`InflightPrefixes.merge`); None when they are the same.
+    registered: dict[str, int] | None = None
+
+    def registered_blocks(self, replica_id: str) -> int:
+        """The blocks kv_registry says the replica holds (in-flight prompts not counted)."""
+        known = self.matched_blocks if self.registered is None else self.registered
+        return known.get(replica_id, 0)
 
     def cached_tokens(self, replica_id: str, prompt_tokens: int) -> int:
         """The prompt tokens the replica reuses: its matched share of the prompt's blocks."""
@@ -108,21 +116,28 @@ def token_bytes(token_ids: Sequence[int]) -> bytes:
 
 
 class _LookupStream:
-    """One open LookupStream call: lookups are written one at a time, each with its own
-    `request_id`, and each answer resolves the waiter of its id (one whose lookup gave up, at its
-    deadline or cancelled, is gone: its answer is dropped). When the call ends, every waiter
-    fails with its status; the owner opens a new one."""
+    """One open LookupStream call. Lookups are queued for its one writer task (a caller never
+    writes itself: a write cancelled with its caller would cancel the whole call), each with its
+    own `request_id`, and each answer resolves the waiter of its id (one whose lookup gave up, at
+    its deadline or cancelled, is gone: its answer is dropped). Until the registry has answered
+    once, lookups go one at a time, so a registry that refuses the stream answers with its status
+    (UNIMPLEMENTED), not with the errors of writes to a dead call. When the call ends, every
+    waiter fails with its status; the owner opens a new one (and closes this one when a lookup on
+    it timed out: a stalled call is not reused)."""
 
     def __init__(self, stub: pb_grpc.KvRegistryServiceAsyncStub, max_waiting: int) -> None:
         # Requests are written one by one (`write`), not from an iterator.
         self._call = stub.LookupStream()  # type: ignore[call-arg]
         self._waiting: dict[int, asyncio.Future[pb.LookupResponse]] = {}
+        self._outbox: asyncio.Queue[pb.LookupRequest] = asyncio.Queue()
         self._max_waiting = max_waiting
         self._next_id = 1
-        self._write_lock = asyncio.Lock()  # a call takes one write at a time
-        self._answered = False  # the registry answered a lookup on this call
+        self._first = asyncio.Lock()  # held by a lookup until the registry first answers
+        self._answered = False
         self.error: grpc.aio.AioRpcError | None = None  # why the call ended
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        loop = asyncio.get_running_loop()
+        self._writer = loop.create_task(self._write())
+        self._reader = loop.create_task(self._read())
 
     @property
     def open(self) -> bool:
@@ -132,33 +147,42 @@ class _LookupStream:
     def full(self) -> bool:
         return len(self._waiting) >= self._max_waiting
 
-    async def lookup(self, request: pb.LookupRequest, timeout_s: float) -> pb.LookupResponse:
-        """The answer, or the call's AioRpcError, or TimeoutError after `timeout_s`."""
-        loop = asyncio.get_running_loop()
-        answer: asyncio.Future[pb.LookupResponse] = loop.create_future()
-        deadline = loop.call_later(timeout_s, _expire, answer)
-        rid = request.request_id = self._next_id
+    async def lookup(
+        self, hashes: tuple[int, ...], trace_context: Mapping[str, str], timeout_s: float
+    ) -> pb.LookupResponse:
+        """The answer, or the call's AioRpcError, or TimeoutError after `timeout_s` (waiting
+        for a new call's first answer included)."""
+        async with asyncio.timeout(timeout_s):
+            if not self._answered:
+                async with self._first:
+                    if not self._answered:
+                        response = await self._ask(hashes, trace_context)
+                        self._answered = True
+                        return response
+            return await self._ask(hashes, trace_context)
+
+    async def _ask(
+        self, hashes: tuple[int, ...], trace_context: Mapping[str, str]
+    ) -> pb.LookupResponse:
+        if self.error is not None:
+            raise _ended(self.error.code(), self.error.details() or "LookupStream ended")
+        rid = self._next_id
         self._next_id += 1
+        answer: asyncio.Future[pb.LookupResponse] = asyncio.get_running_loop().create_future()
+        self._waiting[rid] = answer
+        self._outbox.put_nowait(
+            pb.LookupRequest(block_hashes=hashes, request_id=rid, trace_context=trace_context)
+        )
         try:
-            async with self._write_lock:
-                if self.error is not None:
-                    raise self.error
-                self._waiting[rid] = answer
-                # A call that ended refuses the write; its reader fails the waiters with its status.
-                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                    await self._call.write(request)
-                if not self._answered:
-                    # The first lookup goes alone: a registry that refuses the stream answers it
-                    # with its status (UNIMPLEMENTED), not the error of writes to a dead call.
-                    response = await answer
-                    self._answered = True
-                    return response
             return await answer
         finally:
-            deadline.cancel()
             self._waiting.pop(rid, None)
-            if answer.done() and not answer.cancelled():
-                answer.exception()  # retrieved: an answer left behind by a raise is not an error
+
+    async def _write(self) -> None:
+        # A call that ended refuses the write; its reader fails the waiters with its status.
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            while True:
+                await self._call.write(await self._outbox.get())
 
     async def _read(self) -> None:
         try:
@@ -183,18 +207,21 @@ class _LookupStream:
             self._fail(_ended(grpc.StatusCode.INTERNAL, f"LookupStream broke: {err!r}"))
         finally:
             self._call.cancel()
+            self._writer.cancel()
 
     def _fail(self, err: grpc.aio.AioRpcError) -> None:
         self.error = err
         waiting, self._waiting = self._waiting, {}
         for answer in waiting.values():
             if not answer.done():
-                answer.set_exception(err)
+                answer.set_exception(_ended(err.code(), err.details() or "LookupStream ended"))
 
     async def close(self) -> None:
         self._reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._reader
+        self._writer.cancel()
+        for task in (self._reader, self._writer):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 # A registry without LookupStream (an older version), or a mesh policy that does not allow it.
@@ -346,16 +373,17 @@ class RegistryPrefixIndex:
         hashes = tuple(hashes_from_bytes(token_bytes(token_ids), self._config))
         if not hashes:
             return NO_MATCHES
-        trace_context = inject_trace_metadata([])
-        req = pb.LookupRequest(block_hashes=hashes)
+        trace_context = dict(inject_trace_metadata([]))
         for reg in self._up()[: self.LOOKUP_ATTEMPTS]:
             try:
-                resp = await self._lookup(reg, req, trace_context)
+                resp = await self._lookup(reg, hashes, trace_context)
             except grpc.aio.AioRpcError as err:
                 self._failed(reg, err, "Lookup")
                 continue
             except TimeoutError:
                 self._failed(reg, _ended(grpc.StatusCode.DEADLINE_EXCEEDED, "lookup"), "Lookup")
+                continue
+            except grpc.aio.UsageError:  # its channel closed: `refresh` removed it meanwhile
                 continue
             self._answered(reg)
             self._preferred = reg
@@ -366,19 +394,25 @@ class RegistryPrefixIndex:
         return PrefixMatches(len(hashes), {}, hashes)
 
     async def _lookup(
-        self, reg: _Registry, req: pb.LookupRequest, trace_context: list[tuple[str, str]]
+        self, reg: _Registry, hashes: tuple[int, ...], trace_context: dict[str, str]
     ) -> pb.LookupResponse:
-        """One registry's answer: over its LookupStream (opened on first use, reopened after
-        it ended), or a unary Lookup where streams are off, unknown to the registry, or full."""
+        """One registry's answer within the lookup's budget: over its LookupStream (opened on
+        first use, reopened after it ended or stalled), or a unary Lookup where streams are off,
+        refused by the registry, or full."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout_s
         if self._stream_lookups and reg.streams:
             stream = reg.stream
             if stream is None or not stream.open:
                 stream = reg.stream = _LookupStream(reg.stub, self.MAX_STREAM_WAITING)
             if not stream.full:
-                if trace_context:
-                    req.trace_context.update(dict(trace_context))
                 try:
-                    return await stream.lookup(req, self._timeout_s)
+                    return await stream.lookup(hashes, trace_context, self._timeout_s)
+                except TimeoutError:
+                    if reg.stream is stream:  # stalled: the next lookup opens a new call
+                        reg.stream = None
+                        await stream.close()
+                    raise
                 except grpc.aio.AioRpcError as err:
                     if err.code() not in _NO_STREAMS:
                         raise
@@ -387,10 +421,11 @@ class RegistryPrefixIndex:
                         "kv_registry refuses LookupStream; unary lookups",
                         extra={"registry": reg.address, "error": err.code().name},
                     )
-                finally:
-                    req.ClearField("trace_context")
-                    req.ClearField("request_id")
-        return await reg.stub.Lookup(req, timeout=self._timeout_s, metadata=tuple(trace_context))
+        return await reg.stub.Lookup(
+            pb.LookupRequest(block_hashes=hashes),
+            timeout=max(deadline - loop.time(), 1e-3),
+            metadata=tuple(trace_context.items()),
+        )
 
     # -- approximate-mode updates: queued, sent in batches ------------------------------------
     @property

@@ -271,6 +271,11 @@ def test_a_session_stream_needs_a_route_without_timeout_and_nothing_else_does(
     problems = routing.check_retries_and_timeouts(mesh)
     assert any("lookup-stream: a route timeout would cut" in p for p in problems), problems
     assert any("lookup: needs an explicit timeout" in p for p in problems), problems
+    # A route mixing a session stream with other methods needs a timeout and cannot have one.
+    routes["lookup-stream"]["match"].append(routes["lookup"]["match"][0])
+    del routes["lookup-stream"]["timeout"]
+    problems = routing.check_retries_and_timeouts(mesh)
+    assert any("lookup-stream: needs an explicit timeout" in p for p in problems), problems
 
 
 def test_envoy_limit_below_admission_capacity_is_caught(rendered: dict[str, list[Doc]]) -> None:

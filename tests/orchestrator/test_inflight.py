@@ -69,6 +69,9 @@ def test_merge_raises_matches_and_never_lowers_them() -> None:
     registry = PrefixMatches(4, {"r1": 3, "r3": 1}, A)
     merged = idx.merge(registry)
     assert merged.matched_blocks == {"r1": 3, "r2": 4, "r3": 1}
+    # What the registry knew stays apart (the hit metric counts that only).
+    assert [merged.registered_blocks(r) for r in ("r1", "r2", "r3")] == [3, 0, 1]
+    assert registry.registered_blocks("r1") == 3
     assert (merged.prompt_blocks, merged.hashes) == (4, A)
     assert idx.merge(PrefixMatches(2, {}, C)) == PrefixMatches(2, {}, C)
 

@@ -37,11 +37,15 @@ class FakeRegistry(pb_grpc.KvRegistryServiceServicer):
         self.updates: list[str] = []
         self.hang = False
         self.delay_s = 0.0  # each lookup answers after this long
+        self.reached = asyncio.Event()  # set once `lookups` reaches `expect`
+        self.expect = 0
 
     async def Lookup(
         self, request: pb.LookupRequest, context: grpc.aio.ServicerContext[object, object]
     ) -> pb.LookupResponse:
         self.lookups += 1
+        if self.expect and self.lookups >= self.expect:
+            self.reached.set()
         if self.hang:
             await asyncio.sleep(3600)
         if self.delay_s:
@@ -203,6 +207,30 @@ async def test_a_lookup_that_gave_up_does_not_take_the_next_ones_answer(
         clock.now += 5  # past retry_s: a is tried again, its late answer still on the way
         got = await idx.lookup(list(range(8)))
         assert (got.prompt_blocks, got.matched_blocks) == (2, {"a": 2})
+    finally:
+        await idx.close()
+
+
+async def test_a_cancelled_lookup_leaves_the_stream_and_the_registry_alone(
+    registries: tuple[Served, Served],
+) -> None:
+    """A caller that goes away (its Admit cancelled) mid-lookup costs nothing to the lookups
+    beside it: no broken call, no registry marked down."""
+    a, _ = registries
+    idx = index(a, timeout_s=5.0)
+    try:
+        assert await matched_by(idx) == {"a"}
+        a.fake.delay_s = 0.2
+        a.fake.expect = a.fake.lookups + 4
+        doomed = asyncio.ensure_future(idx.lookup(PROMPT))
+        others = [asyncio.ensure_future(idx.lookup(PROMPT)) for _ in range(3)]
+        await asyncio.wait_for(a.fake.reached.wait(), 5.0)  # all four reached a
+        doomed.cancel()
+        got = await asyncio.gather(*others)
+        assert [m.matched_blocks for m in got] == [{"a": 2}] * 3
+        assert idx.preferred == a.address
+        assert await matched_by(idx) == {"a"}
+        assert a.fake.streams_opened == (1 if a.fake.streams else 0)
     finally:
         await idx.close()
 

@@ -235,11 +235,11 @@ def check_retries_and_timeouts(mesh: Mesh) -> list[str]:
             where = f"{doc_id(vs)} {route.get('name', f'http[{i}]')}"
             timeout = go_duration_ms(str(route.get("timeout", "")))
             paths = _route_methods(route)
-            session = bool(paths) and all(p in SESSION_STREAMS for p in paths)
-            if timeout is None and not session:
+            sessions = [p for p in paths if p in SESSION_STREAMS]
+            if timeout is None and (not sessions or len(sessions) < len(paths)):
                 problems.append(f"{where}: needs an explicit timeout")
-            elif timeout is not None and session:
-                problems.append(f"{where}: a route timeout would cut {', '.join(paths)}")
+            elif timeout is not None and sessions:
+                problems.append(f"{where}: a route timeout would cut {', '.join(sessions)}")
             for p in paths:
                 if timeout is not None:
                     timeouts[p] = max(timeouts.get(p, 0.0), timeout)
