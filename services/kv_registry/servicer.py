@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import TypeVar
 
 import grpc
@@ -94,9 +94,17 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
         )
 
     async def Lookup(self, request: pb.LookupRequest, context: Ctx) -> pb.LookupResponse:
-        parent = extract_trace_context(context.invocation_metadata())
+        return await self._traced_lookup(request, context, context.invocation_metadata())
+
+    async def _traced_lookup(
+        self,
+        request: pb.LookupRequest,
+        context: Ctx,
+        carrier: Iterable[tuple[str, str | bytes]] | None,
+    ) -> pb.LookupResponse:
+        """`_lookup` in a server span, child of the caller's span found in `carrier`."""
         with _tracer.start_as_current_span(
-            "kv_registry.lookup", context=parent, kind=SpanKind.SERVER
+            "kv_registry.lookup", context=extract_trace_context(carrier), kind=SpanKind.SERVER
         ):
             return await self._lookup(request, context)
 
@@ -120,11 +128,8 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
                     return
                 assert isinstance(request, pb.LookupRequest)
                 if request.trace_context:
-                    parent = extract_trace_context(request.trace_context.items())
-                    with _tracer.start_as_current_span(
-                        "kv_registry.lookup", context=parent, kind=SpanKind.SERVER
-                    ):
-                        response = await self._lookup(request, context)
+                    carrier = request.trace_context.items()
+                    response = await self._traced_lookup(request, context, carrier)
                 else:
                     response = await self._lookup(request, context)
                 response.request_id = request.request_id

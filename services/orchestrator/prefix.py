@@ -165,7 +165,7 @@ class _LookupStream:
         self, hashes: tuple[int, ...], trace_context: Mapping[str, str]
     ) -> pb.LookupResponse:
         if self.error is not None:
-            raise _ended(self.error.code(), self.error.details() or "LookupStream ended")
+            raise _again(self.error)
         rid = self._next_id
         self._next_id += 1
         answer: asyncio.Future[pb.LookupResponse] = asyncio.get_running_loop().create_future()
@@ -214,7 +214,7 @@ class _LookupStream:
         waiting, self._waiting = self._waiting, {}
         for answer in waiting.values():
             if not answer.done():
-                answer.set_exception(_ended(err.code(), err.details() or "LookupStream ended"))
+                answer.set_exception(_again(err))
 
     async def close(self) -> None:
         self._reader.cancel()
@@ -228,13 +228,14 @@ class _LookupStream:
 _NO_STREAMS = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED)
 
 
-def _expire(answer: asyncio.Future[pb.LookupResponse]) -> None:
-    if not answer.done():
-        answer.set_exception(TimeoutError())
-
-
 def _ended(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None)
+
+
+def _again(err: grpc.aio.AioRpcError) -> grpc.aio.AioRpcError:
+    """A fresh error like `err`, for each waiter it fails (one instance raised many times would
+    keep growing its traceback)."""
+    return _ended(err.code(), err.details() or "LookupStream ended")
 
 
 @dataclass(slots=True, eq=False)

@@ -20,6 +20,7 @@ from services.orchestrator.policy import (
 from services.orchestrator.prefix import PrefixIndex, PrefixMatches
 from services.orchestrator.scheduling.config import PluginConfig
 from services.orchestrator.settings import OrchestratorSettings, ReplicaSpec
+from tests.orchestrator.conftest import FixedPrefix
 
 
 class FakeProbe:
@@ -241,45 +242,6 @@ async def test_sync_replicas_adds_and_drains_removed() -> None:
         assert (await core.admit(req(str(i)), 1.0)).replica.id != gone
     # the removed replica's lease still completes cleanly
     assert core.complete(lease.lease_id, Outcome.SUCCESS)
-
-
-class FixedPrefix:
-    """In-process PrefixIndex: fixed lookup answers; records the approximate-mode calls."""
-
-    def __init__(self, matches: PrefixMatches):
-        self.matches = matches
-        self.calls: list[tuple[str, ...]] = []
-        self.reports: list[tuple[str, int, int, int]] = []
-        self.called = asyncio.Event()
-
-    async def lookup(self, token_ids: Sequence[int]) -> PrefixMatches:
-        return self.matches
-
-    async def record_routing(self, replica_id: str, hashes: Sequence[int]) -> int:
-        self.calls.append(("record", replica_id))
-        self.called.set()
-        return 3
-
-    async def report_reuse(
-        self,
-        replica_id: str,
-        hashes: Sequence[int],
-        reported: int,
-        prompt_tokens: int,
-        predicted: int,
-    ) -> None:
-        self.reports.append((replica_id, reported, prompt_tokens, predicted))
-        self.called.set()
-
-    async def drop_replica(self, replica_id: str) -> None:
-        self.calls.append(("drop", replica_id))
-        self.called.set()
-
-    async def settle(self, n: int) -> None:
-        """Wait until n approximate-mode calls happened (they run as background tasks)."""
-        while len(self.calls) + len(self.reports) < n:
-            self.called.clear()
-            await self.called.wait()
 
 
 @pytest.mark.parametrize(

@@ -3,13 +3,12 @@ hears of them, and stop counting when the lease ends or the replica is dropped."
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import pytest
 
 from services.orchestrator.feedback import PrefixFeedback
 from services.orchestrator.inflight import InflightPrefixes
 from services.orchestrator.prefix import PrefixMatches
+from tests.orchestrator.conftest import FixedPrefix
 
 A = (11, 12, 13, 14)  # a prompt's chained block hashes
 B = (11, 12, 23)  # shares A's first two blocks
@@ -76,31 +75,8 @@ def test_merge_raises_matches_and_never_lowers_them() -> None:
     assert idx.merge(PrefixMatches(2, {}, C)) == PrefixMatches(2, {}, C)
 
 
-class _Registry:
-    """Knows nothing yet (no KV event has arrived)."""
-
-    async def lookup(self, token_ids: Sequence[int]) -> PrefixMatches:
-        return PrefixMatches(len(A), {}, A)
-
-    async def record_routing(self, replica_id: str, hashes: Sequence[int]) -> int:
-        return 0
-
-    async def report_reuse(
-        self,
-        replica_id: str,
-        hashes: Sequence[int],
-        reported: int,
-        prompt_tokens: int,
-        predicted: int,
-    ) -> None:
-        return None
-
-    async def drop_replica(self, replica_id: str) -> None:
-        return None
-
-
 async def test_feedback_lookups_see_the_prompts_routed_and_not_yet_ended() -> None:
-    feedback = PrefixFeedback(_Registry())
+    feedback = PrefixFeedback(FixedPrefix(PrefixMatches(len(A), {}, A)))  # no KV event yet
     first = await feedback.lookup([0] * 8)
     assert first.matched_blocks == {}
     feedback.routed("l1", "r1", first, 8)
