@@ -27,10 +27,10 @@ from services.gateway import metrics
 from services.gateway.admission import AdmissionClient, AdmissionRequest, Lease, Outcome
 from services.gateway.errors import ReplicaFailed
 from services.gateway.events import Event
-from services.gateway.faults import attempt_error
+from services.gateway.faults import Fault, attempt_error
 from services.gateway.generation import GenerationRequest
 from services.gateway.models import ServedModel
-from services.gateway.replica_watch import ReplicaWatch
+from services.gateway.replica_watch import STALLED, ReplicaWatch
 from services.gateway.settings import GatewaySettings
 from services.gateway.stream_state import StreamState
 from services.gateway.triton_stream import (
@@ -48,6 +48,10 @@ _tracer = trace.get_tracer("llmmesh.gateway")
 # `llmmesh_gateway_migrations_total{phase}`
 _BEFORE_FIRST_TOKEN = "before_first_token"
 _MID_STREAM = "mid_stream"
+
+
+def _tripped(fault: Fault) -> TritonStreamError:
+    return TritonStreamError(f"another stream saw this replica fail ({fault.reason})", fault)
 
 
 class AttemptFailed(Exception):
@@ -247,31 +251,30 @@ class Attempts:
                 async with contextlib.aclosing(chunks):
                     with self._watch.attempt(replica.id) as wait:
                         while True:
-                            limit = stall if state.completion_tokens else None
+                            if wait.tripped is not None:  # tripped between reads
+                                raise _tripped(wait.tripped)
+                            wait.reading(stall if state.completion_tokens else None)
                             try:
-                                async with asyncio.timeout(limit) as wait.timeout:
-                                    if wait.tripped is not None:  # tripped between reads
-                                        wait.timeout.reschedule(0)
-                                    chunk = await anext(chunks)
+                                chunk = await anext(chunks)
                             except StopAsyncIteration:
                                 break
-                            except TimeoutError:
-                                if wait.tripped is not None:
+                            except asyncio.CancelledError:
+                                why = wait.interrupted()
+                                if why is None:
+                                    raise
+                                if why == STALLED:
                                     raise TritonStreamError(
-                                        "another stream saw this replica fail "
-                                        f"({wait.tripped.reason})",
-                                        wait.tripped,
+                                        f"no token within the stall timeout ({stall:g} s)",
+                                        replica_fault=True,
                                     ) from None
-                                raise TritonStreamError(
-                                    f"no token within the stall timeout ({stall:g} s)",
-                                    replica_fault=True,
-                                ) from None
+                                assert isinstance(why, Fault)
+                                raise _tripped(why) from None
                             except TritonStreamError as err:
                                 if err.fault.replica_wide:
                                     self._watch.trip(replica.id, err.fault, source=wait)
                                 raise
                             finally:
-                                wait.timeout = None
+                                wait.idle()
                             delta = state.push(chunk)
                             if delta is not None:
                                 yield delta

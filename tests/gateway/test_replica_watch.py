@@ -1,0 +1,121 @@
+"""The per-attempt read guard: the stall bound measured per read with one timer, trips, and
+cancellations that are not the guard's own."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.gateway.faults import Fault, FaultKind, FaultReason
+from services.gateway.replica_watch import STALLED, ReplicaWatch, Wait
+
+DEAD = Fault(FaultKind.REPLICA, FaultReason.BACKEND_DEAD)
+
+
+async def guarded_read(wait: Wait, read: asyncio.Future[int], stall_s: float | None) -> object:
+    """One read as `Attempts._stream` brackets it: its value, or why the guard ended it."""
+    wait.reading(stall_s)
+    try:
+        return await read
+    except asyncio.CancelledError:
+        why = wait.interrupted()
+        if why is None:
+            raise
+        return why
+    finally:
+        wait.idle()
+
+
+async def test_a_read_longer_than_the_stall_bound_is_interrupted() -> None:
+    watch = ReplicaWatch()
+    with watch.attempt("r1") as wait:
+        never: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        assert await guarded_read(wait, never, 0.02) == STALLED
+        assert never.cancelled()
+
+
+async def test_the_stall_bound_counts_each_read_not_the_stream() -> None:
+    """Reads that each take 0.6 of the bound never stall, however long the stream runs, and
+    the time the stream spends outside a read (its client being slow) never counts."""
+    loop = asyncio.get_running_loop()
+    stall = 0.05
+    with ReplicaWatch().attempt("r1") as wait:
+        for i in range(6):
+            read: asyncio.Future[int] = loop.create_future()
+            loop.call_later(stall * 0.6, read.set_result, i)
+            assert await guarded_read(wait, read, stall) == i
+            await asyncio.sleep(stall * 1.5)  # the scenario: a client slower than the bound
+
+
+async def test_a_trip_ends_the_current_read_and_no_other_attempt() -> None:
+    loop = asyncio.get_running_loop()
+    watch = ReplicaWatch()
+    with watch.attempt("r1") as a, watch.attempt("r1") as b, watch.attempt("r2") as c:
+        reads = [loop.create_future() for _ in range(3)]
+        tasks = [
+            asyncio.ensure_future(guarded_read(w, f, None))
+            for w, f in zip((a, b, c), reads, strict=True)
+        ]
+        await asyncio.sleep(0)  # the three reads are suspended
+        assert watch.trip("r1", DEAD, source=a) == 1
+        assert await tasks[1] == DEAD
+        assert b.tripped == DEAD
+        assert a.tripped is None
+        assert c.tripped is None
+        reads[0].set_result(1)
+        reads[2].set_result(3)
+        assert [await tasks[0], await tasks[2]] == [1, 3]
+        assert watch.trip("r1", DEAD) == 1  # a; b was tripped already
+        assert watch.in_flight("r1") == 2
+
+
+async def test_a_trip_between_reads_cancels_nothing() -> None:
+    """A wait tripped while its stream was outside a read is only marked: the caller checks
+    `tripped` before its next read; nothing is cancelled in the meantime."""
+    watch = ReplicaWatch()
+    with watch.attempt("r1") as wait:
+        assert watch.trip("r1", DEAD) == 1
+        await asyncio.sleep(0)  # would raise CancelledError if the task had been cancelled
+        assert wait.tripped == DEAD
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
+async def test_the_callers_own_cancellation_propagates() -> None:
+    loop = asyncio.get_running_loop()
+    with ReplicaWatch().attempt("r1") as wait:
+        read: asyncio.Future[int] = loop.create_future()
+        task = asyncio.ensure_future(guarded_read(wait, read, 10.0))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_a_caller_cancellation_racing_a_stall_still_propagates() -> None:
+    """Both fired before the read resumed: the caller's cancellation wins, as with
+    `asyncio.timeout`."""
+    loop = asyncio.get_running_loop()
+    watch = ReplicaWatch()
+    with watch.attempt("r1") as wait:
+        read: asyncio.Future[int] = loop.create_future()
+        task = asyncio.ensure_future(guarded_read(wait, read, None))
+        await asyncio.sleep(0)
+        watch.trip("r1", DEAD)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+async def test_the_timer_ends_with_the_attempt() -> None:
+    loop = asyncio.get_running_loop()
+    watch = ReplicaWatch()
+    with watch.attempt("r1") as wait:
+        read: asyncio.Future[int] = loop.create_future()
+        read.set_result(1)
+        assert await guarded_read(wait, read, 30.0) == 1
+        timer = wait._timer
+        assert timer is not None
+        assert not timer.cancelled()
+    assert timer.cancelled()
+    assert watch.in_flight("r1") == 0
