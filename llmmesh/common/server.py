@@ -10,6 +10,7 @@ shutdown hook.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -107,7 +108,15 @@ async def run_until_signal(
     """Run a started server until SIGTERM/SIGINT, then drain and stop.
 
     `extra_ports` (e.g. an HTTP front's) join the ready file and the log; `drain_with` are other
-    fronts' stop functions, drained in parallel with the gRPC server before `on_stop` runs."""
+    fronts' stop functions, drained in parallel with the gRPC server before `on_stop` runs.
+
+    Before it reports ready, everything the service built at startup (modules, protobuf
+    descriptors, tokenizers, settings, the core) moves to the collector's permanent generation
+    (`gc.freeze`): a full collection then walks only what requests allocate, instead of the
+    whole startup heap each time (it was 7% of the gateway's CPU under load, py-spy --native).
+    A startup object that later becomes cyclic garbage is never collected: they are built once."""
+    gc.collect()
+    gc.freeze()
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
