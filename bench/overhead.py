@@ -60,6 +60,8 @@ class Sample:
     ttft_s: float
     tokens: int
     total_s: float
+    # the orchestrator's admission wait the mesh reported (GenerationComplete.timings.queue_ms)
+    queue_ms: float | None = None
 
 
 @dataclass
@@ -70,6 +72,8 @@ class Row:
     ttft_p50_ms: float
     ttft_p99_ms: float
     tokens_per_s: float
+    # mesh arm: the admission wait inside its TTFT (queued at the orchestrator for a lease)
+    admission_wait_p50_ms: float | None = None
     # CPU time of the serving processes per unit of work in this arm (from /proc)
     gateway_cpu_us_per_token: float | None = None
     gateway_cpu_us_per_request: float | None = None
@@ -101,12 +105,15 @@ async def grpc_sample(
     start = time.perf_counter()
     first = 0.0
     n = 0
+    queue_ms = None
     async for msg in stub.Generate(req, timeout=300):
         if msg.HasField("delta") and msg.delta.token_ids:
             if n == 0:
                 first = time.perf_counter() - start
             n += len(msg.delta.token_ids)
-    return Sample(first, n, time.perf_counter() - start)
+        elif msg.HasField("complete"):
+            queue_ms = msg.complete.timings.queue_ms
+    return Sample(first, n, time.perf_counter() - start, queue_ms)
 
 
 def engine_request(request_id: str, prompt: list[int], max_tokens: int, seed: int) -> EngineRequest:
@@ -273,7 +280,9 @@ async def profile_arm(
                         "raw",
                         "--rate",
                         "250",
-                        "--nonblocking",
+                        # py-spy refuses --native without pausing the process to sample
+                        *([] if "--native" in PY_SPY_EXTRA else ["--nonblocking"]),
+                        *PY_SPY_EXTRA,
                         "-o",
                         str(out),
                     ]
@@ -287,7 +296,8 @@ async def profile_arm(
         await run()
     finally:
         for proc, _ in procs.values():
-            proc.send_signal(signal.SIGINT)
+            with contextlib.suppress(ProcessLookupError):  # py-spy already exited
+                proc.send_signal(signal.SIGINT)
         for proc, _ in procs.values():
             await proc.wait()
     for svc, (_, out) in procs.items():
@@ -386,7 +396,7 @@ async def main_async(args: argparse.Namespace) -> int:
             await run_level(fn, 2, 4)
         if args.profile is not None:
             Path(args.profile).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
-            profiled = {svc: pids[svc] for svc in ("gateway", "orchestrator")}
+            profiled = {svc: pids[svc] for svc in MESH_SERVICES}
             for conc in args.concurrency:
                 requests = max(args.min_requests, conc * args.rounds)
                 await profile_arm(
@@ -406,6 +416,8 @@ async def main_async(args: argparse.Namespace) -> int:
                 ttfts = [s.ttft_s * 1000 for s in samples]
                 row = Row(name, conc, requests, pct(ttfts, 0.5), pct(ttfts, 0.99), tokens / wall)
                 if name == MESH:
+                    waits = [s.queue_ms for s in samples if s.queue_ms is not None]
+                    row.admission_wait_p50_ms = pct(waits, 0.5) if waits else None
                     row.gateway_cpu_us_per_token = cpu_us["gateway"] / tokens
                     row.gateway_cpu_us_per_request = cpu_us["gateway"] / requests
                     row.orchestrator_cpu_us_per_admit = cpu_us["orchestrator"] / requests
@@ -451,6 +463,7 @@ def summarize(rows: list[Row], levels: list[int]) -> list[dict[str, Any]]:
                 "concurrency": conc,
                 "added_ttft_p50_ms": m.ttft_p50_ms - d.ttft_p50_ms,
                 "added_ttft_p99_ms": m.ttft_p99_ms - d.ttft_p99_ms,
+                "admission_wait_p50_ms": m.admission_wait_p50_ms,
                 "mesh_over_direct_throughput": m.tokens_per_s / d.tokens_per_s,
                 "mesh_over_bare_throughput": m.tokens_per_s / b.tokens_per_s,
                 "gateway_cpu_us_per_token": gw,
@@ -487,13 +500,15 @@ def print_tables(rows: list[Row], summary: list[dict[str, Any]]) -> None:
     print()
     print(
         f"{'streams':>7} | {'added TTFT p50 ms':>17} | {'added TTFT p99 ms':>17} | "
+        f"{'admission wait p50 ms':>21} | "
         f"{'mesh/direct tok/s':>17} | {'mesh/bare tok/s':>15} | {'gw÷relay CPU/tok':>16}"
     )
-    print("-" * 105)
+    print("-" * 129)
     for s in summary:
         print(
             f"{s['concurrency']:>7} | {s['added_ttft_p50_ms']:>17.2f} | "
-            f"{s['added_ttft_p99_ms']:>17.2f} | {s['mesh_over_direct_throughput']:>17.2f} | "
+            f"{s['added_ttft_p99_ms']:>17.2f} | {_f(s['admission_wait_p50_ms'], '.2f'):>21} | "
+            f"{s['mesh_over_direct_throughput']:>17.2f} | "
             f"{s['mesh_over_bare_throughput']:>15.2f} | {_f(s['gateway_over_relay_cpu'], '.2f'):>16}"
         )
 
