@@ -44,7 +44,7 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from bench.overhead import cpu_seconds, pct, pin, pinning
+from bench.overhead import PY_SPY_EXTRA, cpu_seconds, pct, pin, pinning
 from bench.report import write_json
 from llmmesh.common import metric_names as names
 from llmmesh.common.components import KV_REGISTRY, ORCHESTRATOR
@@ -309,7 +309,9 @@ def start_profiles(
                 "200",
                 "--format",
                 "raw",
-                "--nonblocking",
+                # py-spy refuses --native without pausing the process to sample
+                *([] if "--native" in PY_SPY_EXTRA else ["--nonblocking"]),
+                *PY_SPY_EXTRA,
                 "--output",
                 str(out),
             ],
