@@ -81,7 +81,7 @@ from services.orchestrator.load import LoadLedger
 from services.orchestrator.policy import Policy
 from services.orchestrator.prefix import NO_MATCHES, PrefixIndex, PrefixMatches
 from services.orchestrator.replicas import ReplicaSet, ReplicaState
-from services.orchestrator.scheduling.contracts import ReplicaView, RequestView
+from services.orchestrator.scheduling.contracts import ReplicaLoad, ReplicaView, RequestView
 from services.orchestrator.scheduling.framework import Scheduler, build_profile
 from services.orchestrator.scheduling.registry import default_registry
 from services.orchestrator.scheduling.work import WorkModel
@@ -359,14 +359,21 @@ class Orchestrator:
         return self._cap_of(st, self._sampler.fresh(st, now), now)
 
     def _cap_of(
-        self, st: ReplicaState, sample: EngineSample | None, now: float, *, bounded: bool = True
+        self,
+        st: ReplicaState,
+        sample: EngineSample | None,
+        now: float,
+        *,
+        bounded: bool = True,
+        load: ReplicaLoad | None = None,
     ) -> int:
         """`_cap` given the replica's fresh sample (or None); 0 over the backlog bound unless
-        not `bounded`. The configured cap is kept per replica until its spec changes."""
+        not `bounded`. The configured cap is kept per replica until its spec changes. `load`:
+        the replica's load now, when the caller has it."""
         if st.cap_spec is not st.spec:
             st.configured_cap = self._configured_cap(st)
             st.cap_spec = st.spec
-        if bounded and self._backlogged(st):
+        if bounded and self._backlogged(st, load=load):
             return 0
         if sample is None:
             return st.configured_cap
@@ -381,11 +388,17 @@ class Orchestrator:
             capacity.replica_cap(slots, self._policy.capacity.overcommit, ending),
         )
 
-    def _backlogged(self, st: ReplicaState, saved_s: float = 0.0) -> bool:
+    def _backlogged(
+        self, st: ReplicaState, saved_s: float = 0.0, *, load: ReplicaLoad | None = None
+    ) -> bool:
         """Its modelled prefill backlog exceeds `capacity.max_prefill_backlog_s` (plus the
         prefill time a request's cached prefix saves there, `saved_s`): no new lease."""
         bound = self._max_backlog_s
-        return bound > 0 and self._load.load(st.spec.id).prefill_s > bound + saved_s
+        if bound <= 0:
+            return False
+        if load is None:
+            load = self._load.load(st.spec.id)
+        return load.prefill_s > bound + saved_s
 
     def _exempt(
         self,
@@ -453,10 +466,10 @@ class Orchestrator:
                 st.spec.id, sample.active, sample.waiting, st.sample_in_flight, st.sample_at
             )
         in_flight = st.in_flight + _others(st, sample)
-        cap = self._cap_of(st, sample, now)
+        load = self._load.load(st.spec.id)  # once per view: the backlog bound reads it too
+        cap = self._cap_of(st, sample, now, load=load)
         ejected = st.ejected(now)
         failures = self._health.recent_failures(st, now)
-        load = self._load.load(st.spec.id)
         v = st.view
         if (
             v is not None
