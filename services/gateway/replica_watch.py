@@ -32,6 +32,9 @@ __all__ = ["STALLED", "ReplicaWatch", "Wait"]
 
 # `Wait.interrupted` when the stall bound ended the read (else the tripping fault)
 STALLED = "stalled"
+# A loop may run a timer up to a clock tick before its time (uvloop: whole milliseconds); a
+# read that close to its bound counts as stalled rather than re-arming the timer at once.
+_EARLY_S = 0.001
 
 
 class Wait:
@@ -77,8 +80,14 @@ class Wait:
                 self._timer = loop.call_at(self._since + stall_s, self._check)
 
     def idle(self) -> None:
-        """The read ended (a token, an error or the interruption)."""
+        """The read ended (a token, an error or the interruption). A cancellation of this
+        wait's that did not come back as CancelledError (an engine client turned it into
+        something else) is withdrawn here, so the task's cancel count stays the caller's."""
         self._reading = False
+        if self._fired is not None:
+            self._fired = None
+            if self._task is not None:
+                self._task.uncancel()
 
     def interrupted(self) -> Fault | str | None:
         """After a read ended in CancelledError: why this wait cancelled it (`STALLED`, or the
@@ -116,12 +125,13 @@ class Wait:
         if not stall or self._fired is not None:
             return
         now = self._loop.time()
+        due = self._since + stall
         if not self._reading:  # between reads: the next read starts later than now
             self._timer = self._loop.call_at(now + stall, self._check)
-        elif now - self._since >= stall:
+        elif now >= due - _EARLY_S:
             self._interrupt(STALLED)
         else:  # a token came since the timer was set: this read started later
-            self._timer = self._loop.call_at(self._since + stall, self._check)
+            self._timer = self._loop.call_at(due, self._check)
 
 
 class ReplicaWatch:

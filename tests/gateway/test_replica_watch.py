@@ -33,19 +33,44 @@ async def test_a_read_longer_than_the_stall_bound_is_interrupted() -> None:
         never: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         assert await guarded_read(wait, never, 0.02) == STALLED
         assert never.cancelled()
+        # the interruption is withdrawn from the task's cancel count: the caller's stays 0
+        assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
 
 
 async def test_the_stall_bound_counts_each_read_not_the_stream() -> None:
-    """Reads that each take 0.6 of the bound never stall, however long the stream runs, and
-    the time the stream spends outside a read (its client being slow) never counts."""
+    """Reads that each take a fifth of the bound never stall, however long the stream runs,
+    and the time the stream spends outside a read (its client being slow) never counts."""
     loop = asyncio.get_running_loop()
-    stall = 0.05
+    stall = 0.2
     with ReplicaWatch().attempt("r1") as wait:
-        for i in range(6):
+        for i in range(4):
             read: asyncio.Future[int] = loop.create_future()
-            loop.call_later(stall * 0.6, read.set_result, i)
+            loop.call_later(stall * 0.2, read.set_result, i)
             assert await guarded_read(wait, read, stall) == i
             await asyncio.sleep(stall * 1.5)  # the scenario: a client slower than the bound
+
+
+async def test_the_timer_re_arms_from_the_current_reads_start() -> None:
+    """The one timer was set for the first read; when it fires during a later read it moves to
+    that read's start plus the bound, not to the time it fired."""
+    loop = asyncio.get_running_loop()
+    with ReplicaWatch().attempt("r1") as wait:
+        first: asyncio.Future[int] = loop.create_future()
+        first.set_result(0)
+        assert await guarded_read(wait, first, 30.0) == 0
+        timer = wait._timer
+        assert timer is not None
+        armed_at = timer.when()
+        await asyncio.sleep(0.01)
+        wait.reading(30.0)  # a second read, 10 ms later: the timer is not touched
+        assert wait._timer is timer
+        wait._check()  # as if the timer fired now
+        assert wait._timer is not timer
+        assert wait._timer is not None
+        assert wait._timer.when() == wait._since + 30.0
+        assert wait._timer.when() > armed_at
+        assert wait.interrupted() is None  # nothing was cancelled
+        wait.idle()
 
 
 async def test_a_trip_ends_the_current_read_and_no_other_attempt() -> None:
@@ -71,10 +96,14 @@ async def test_a_trip_ends_the_current_read_and_no_other_attempt() -> None:
 
 
 async def test_a_trip_between_reads_cancels_nothing() -> None:
-    """A wait tripped while its stream was outside a read is only marked: the caller checks
-    `tripped` before its next read; nothing is cancelled in the meantime."""
+    """A wait tripped after a read, while its stream is outside a read, is only marked: the
+    caller checks `tripped` before its next read; nothing is cancelled in the meantime."""
+    loop = asyncio.get_running_loop()
     watch = ReplicaWatch()
     with watch.attempt("r1") as wait:
+        read: asyncio.Future[int] = loop.create_future()
+        read.set_result(7)
+        assert await guarded_read(wait, read, 30.0) == 7
         assert watch.trip("r1", DEAD) == 1
         await asyncio.sleep(0)  # would raise CancelledError if the task had been cancelled
         assert wait.tripped == DEAD
@@ -92,7 +121,7 @@ async def test_the_callers_own_cancellation_propagates() -> None:
             await task
 
 
-async def test_a_caller_cancellation_racing_a_stall_still_propagates() -> None:
+async def test_a_caller_cancellation_racing_a_trip_still_propagates() -> None:
     """Both fired before the read resumed: the caller's cancellation wins, as with
     `asyncio.timeout`."""
     loop = asyncio.get_running_loop()
