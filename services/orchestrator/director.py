@@ -417,9 +417,10 @@ class Orchestrator:
         for i, st in enumerate(states):
             cached = prefix.cached_tokens(st.spec.id, prompt)
             # Only a replica capped by its backlog alone (another cap is not the bound's).
-            if not cached or views[i].cap > 0 or not self._backlogged(st):
+            load = views[i].load
+            if not cached or views[i].cap > 0 or not self._backlogged(st, load=load):
                 continue
-            if self._backlogged(st, self._load.saved_s(st.spec.id, prompt, cached)):
+            if self._backlogged(st, self._load.saved_s(st.spec.id, prompt, cached), load=load):
                 continue
             cap = self._cap_of(st, self._sampler.fresh(st, now), now, bounded=False)
             if out is views:

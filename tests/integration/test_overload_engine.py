@@ -106,11 +106,11 @@ async def _generate(
     return priority, "OK", False
 
 
-async def test_a_burst_beyond_capacity_is_shed_with_retry_after_lowest_priority_first(
+async def test_a_burst_beyond_capacity_is_shed_with_retry_after_within_class_limits(
     tokenizer_path: Path,
 ) -> None:
-    """Two long requests hold the one replica's 2 batch slots (its lease cap); a burst of 30
-    then arrives while they run, so every request of the burst goes through the admission
+    """Two long requests (400 tokens, seconds at this time scale) hold the one replica's 2
+    batch slots (its lease cap); a burst of 30 then arrives while they run, so every request of the burst goes through the admission
     queue of 8 (interactive 8, standard 4, batch 2: OVERLOAD.md) and none leaves it before the
     burst is in. Whatever order the burst's requests reach the orchestrator in, the queue keeps
     at most its class limit of each class and every interactive request; the rest is refused
@@ -129,7 +129,7 @@ async def test_a_burst_beyond_capacity_is_shed_with_retry_after_lowest_priority_
         inter, std, batch = gpb.PRIORITY_INTERACTIVE, gpb.PRIORITY_STANDARD, gpb.PRIORITY_BATCH
         started = [asyncio.Event(), asyncio.Event()]
         fillers = [
-            asyncio.ensure_future(_generate(m.gateway, 100 + k, std, 48, started[k]))
+            asyncio.ensure_future(_generate(m.gateway, 100 + k, std, 400, started[k]))
             for k in range(2)
         ]
         await asyncio.gather(*(e.wait() for e in started))  # both slots leased and decoding
