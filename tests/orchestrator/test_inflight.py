@@ -4,9 +4,11 @@ hears of them, and stop counting when the lease ends or the replica is dropped."
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from services.orchestrator.feedback import PrefixFeedback
-from services.orchestrator.inflight import InflightPrefixes
+from services.orchestrator.inflight import EXACT_DEPTHS, InflightPrefixes, indexed_depths
 from services.orchestrator.prefix import PrefixMatches
 from tests.orchestrator.conftest import FixedPrefix
 
@@ -86,3 +88,48 @@ async def test_feedback_lookups_see_the_prompts_routed_and_not_yet_ended() -> No
     feedback.routed("l2", "r2", first, 8)
     feedback.drop_replica("r2")
     assert (await feedback.lookup([0] * 8)).matched_blocks == {}
+
+
+def chain(n: int, base: int) -> tuple[int, ...]:
+    """n chained block hashes; two chains with the same base share every block."""
+    return tuple(base * 10_000 + i for i in range(n))
+
+
+def diverging(shared: int, n: int) -> tuple[int, ...]:
+    """A prompt of n blocks sharing its first `shared` blocks with chain(..., 1)."""
+    return chain(shared, 1) + tuple(2 * 10_000 + i for i in range(shared, n))
+
+
+@given(
+    lease_blocks=st.integers(1, 2048),
+    prompt_blocks=st.integers(1, 2048),
+    shared=st.integers(0, 2048),
+)
+def test_a_long_match_is_never_over_claimed_and_under_claimed_by_under_a_32nd(
+    lease_blocks: int, prompt_blocks: int, shared: int
+) -> None:
+    shared = min(shared, lease_blocks, prompt_blocks)
+    idx = InflightPrefixes()
+    idx.add("l1", "r1", chain(lease_blocks, 1))
+    got = idx.matched(diverging(shared, prompt_blocks)).get("r1", 0)
+    assert got <= shared
+    assert shared - got <= shared // EXACT_DEPTHS
+    if shared < 2 * EXACT_DEPTHS or shared == lease_blocks == prompt_blocks:
+        assert got == shared  # exact below 64 blocks, and for the same prompt again
+
+
+def test_indexed_depths_grow_with_the_log_of_long_prompts() -> None:
+    assert len(indexed_depths(63)) == 63
+    assert len(indexed_depths(1024)) == 192  # a 32k-token prompt at 32 tokens per block
+    assert len(indexed_depths(4096)) == 256
+    assert indexed_depths(100)[-1] == 99  # the last block always
+
+
+def test_ending_a_long_lease_leaves_nothing_behind() -> None:
+    idx = InflightPrefixes()
+    idx.add("l1", "r1", chain(1000, 1))
+    idx.add("l2", "r2", chain(700, 1))
+    assert idx.matched(chain(1000, 1)) == {"r1": 1000, "r2": 688}  # 700 rounded to 16s
+    idx.remove("l1")
+    idx.remove("l2")
+    assert idx._holders == {}
