@@ -52,7 +52,7 @@ from llmmesh.triton.inflight import QueueFullError
 from services.autoscaler.policy import PolicyConfig, PoolState, decide
 from services.autoscaler.signals import PoolSignals
 from services.gateway.limits import Slot, StreamLimits, TenantLimits
-from services.kv_registry.contracts import Cleared, Event, Removed, Stored
+from services.kv_registry.contracts import Cleared, Event, Removed, Source, Stored
 from services.kv_registry.core import KvRegistry
 from services.kv_registry.metrics import NoMetrics
 from services.kv_registry.settings import KvRegistrySettings
@@ -260,7 +260,10 @@ class RegistryIndex:
             await asyncio.sleep(self._lookup_s)
         res = self.registry.lookup_hashes(hashes)
         return PrefixMatches(
-            res.prompt_blocks, {m.replica_id: m.matched_blocks for m in res.matches}, hashes
+            res.prompt_blocks,
+            {m.replica_id: m.matched_blocks for m in res.matches},
+            hashes,
+            exact=frozenset(m.replica_id for m in res.matches if m.source is Source.EXACT),
         )
 
     async def record_routing(self, replica_id: str, hashes: Sequence[int]) -> int:

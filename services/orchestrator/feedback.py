@@ -8,6 +8,8 @@ Invariants:
   tracked until done.
 - A reuse report carries the registry's answer to its lease's routing update: it is sent once
   that answer came (at once unless the lease ended before it, e.g. within the update linger).
+  A routing to a replica the lookup found exact (KV events) sends no update: the registry would
+  record nothing and answer with the lookup's match, which the report carries instead.
 - A lookup's matches include the prompts of live leases (`InflightPrefixes`): a replica holds, or
   is computing, its leases' prompt blocks before the registry hears of them.
 """
@@ -53,6 +55,11 @@ class PrefixFeedback:
             return
         self.inflight.add(lease_id, replica_id, prefix.hashes)
         pred = self._predictions[lease_id] = _Prediction(prefix.hashes, prompt_tokens)
+        if replica_id in prefix.exact:
+            # The registry records nothing for an exact replica and would answer with the
+            # match this lookup already has: no update (and no walk of the prompt's blocks).
+            pred.predicted = prefix.registered_blocks(replica_id)
+            return
         pred.routing = self._background(
             self._record_routing(self._index, pred, replica_id, prefix.hashes)
         )

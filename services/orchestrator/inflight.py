@@ -119,4 +119,6 @@ class InflightPrefixes:
         for replica_id, n in inflight.items():
             if n > matched.get(replica_id, 0):
                 matched[replica_id] = n
-        return PrefixMatches(prefix.prompt_blocks, matched, prefix.hashes, prefix.matched_blocks)
+        return PrefixMatches(
+            prefix.prompt_blocks, matched, prefix.hashes, prefix.matched_blocks, prefix.exact
+        )

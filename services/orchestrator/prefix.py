@@ -65,6 +65,9 @@ class PrefixMatches:
     # kv_registry's own matches where `matched_blocks` also counts live leases' prompts
     # (`InflightPrefixes.merge`); None when they are the same.
     registered: dict[str, int] | None = None
+    # Replicas whose registered matches come from their own KV events (exact mode): the
+    # registry's answer to a RecordRouting for one of them is its registered match.
+    exact: frozenset[str] = frozenset()
 
     def registered_blocks(self, replica_id: str) -> int:
         """The blocks kv_registry says the replica holds (in-flight prompts not counted)."""
@@ -389,7 +392,12 @@ class RegistryPrefixIndex:
             self._answered(reg)
             self._preferred = reg
             return PrefixMatches(
-                resp.prompt_blocks, {m.replica_id: m.matched_blocks for m in resp.matches}, hashes
+                resp.prompt_blocks,
+                {m.replica_id: m.matched_blocks for m in resp.matches},
+                hashes,
+                exact=frozenset(
+                    m.replica_id for m in resp.matches if m.source == pb.MATCH_SOURCE_EXACT
+                ),
             )
         log.debug("prefix lookup failed on every registry tried")
         return PrefixMatches(len(hashes), {}, hashes)

@@ -485,6 +485,27 @@ async def test_approximate_mode_records_reports_and_drops() -> None:
     assert index.calls[-1] == ("drop", "r0")
 
 
+async def test_a_routing_to_an_exact_replica_sends_no_update_and_reports_the_lookups_match() -> (
+    None
+):
+    """The registry records nothing for a replica publishing KV events and would answer a
+    RecordRouting with the match the lookup already gave: only the reuse report is sent, with
+    that match as the prediction. A replica the lookup did not find exact still gets one."""
+    index = FixedPrefix(
+        PrefixMatches(4, {"r0": 3}, hashes=(11, 12, 13, 14), exact=frozenset({"r0"}))
+    )
+    core, _ = await ready_core(n=1, cap=8, policy=Policy(), prefix=index)
+    lease = await core.admit(req("exact"), 1.0)
+    core.complete(lease.lease_id, Outcome.SUCCESS, reused_blocks=2)
+    await index.settle(1)
+    assert index.calls == []
+    assert index.reports == [("r0", 2, 3, 3)]  # the lookup's 3 blocks as the prediction
+    index.matches = PrefixMatches(4, {"r0": 3}, hashes=(11, 12, 13, 14))  # not known exact
+    await core.admit(req("predicted"), 1.0)
+    await index.settle(2)
+    assert index.calls == [("record", "r0")]
+
+
 class SlowRouting(FixedPrefix):
     """Routing updates answered only once released (an update lingering or in flight)."""
 

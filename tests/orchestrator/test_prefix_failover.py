@@ -52,7 +52,11 @@ class FakeRegistry(pb_grpc.KvRegistryServiceServicer):
             await asyncio.sleep(self.delay_s)
         return pb.LookupResponse(
             prompt_blocks=len(request.block_hashes),
-            matches=[pb.ReplicaMatch(replica_id=self.name, matched_blocks=2)],
+            matches=[
+                pb.ReplicaMatch(
+                    replica_id=self.name, matched_blocks=2, source=pb.MATCH_SOURCE_EXACT
+                )
+            ],
         )
 
     async def LookupStream(
@@ -170,6 +174,7 @@ async def test_lookups_share_one_stream_and_each_gets_its_own_answer(
         got = await asyncio.gather(*(idx.lookup(p) for p in prompts))
         assert [m.prompt_blocks for m in got] == [len(p) // 4 for p in prompts]
         assert all(m.matched_blocks == {"a": 2} for m in got)
+        assert all(m.exact == {"a"} for m in got)  # its matches come from KV events
         assert a.fake.lookups == len(prompts)
         if a.fake.streams:
             assert (a.fake.streamed, a.fake.streams_opened) == (len(prompts), 1)
