@@ -3,7 +3,8 @@ whose Python-backend stub died keeps answering ServerReady/ModelReady true and w
 forever (its tritonserver never exits); the probe, one token through the model, gets Triton's
 "is not healthy" answer, which does not heal, so the supervisor kills the replica's process group
 at that first answer (other failures count to `failure_threshold`) and restarts it, and the
-replica is back in the orchestrator's rotation and serves requests again."""
+replica is back in the orchestrator's rotation and serves requests again. (When the stub died
+holding an interprocess mutex, tritonserver aborts by itself first; the restart is then an exit's.)"""
 
 from __future__ import annotations
 
@@ -60,10 +61,17 @@ async def test_a_replica_with_a_dead_backend_stub_is_restarted_and_serves_again(
     assert mesh.tritons[0].pid not in (None, old_pid)
     event = mesh.supervisor.history[-1]
     assert event.name == dead
-    assert event.reason is not None
-    assert event.reason.startswith("liveness probe found it dead: HTTP 400")
-    assert "is not healthy" in event.reason
-    print(f"\nrestart reason: {event.reason}")
+    if event.reason is None:
+        # A stub killed while it held one of its interprocess mutexes (here, most likely while
+        # finishing the probe's response) leaves that mutex to a dead owner: tritonserver 2.51
+        # then aborts on its next lock (boost::interprocess::lock_exception, SIGABRT) instead of
+        # answering "is not healthy", and is restarted as any process that exited.
+        assert event.exit_code == -signal.SIGABRT, event
+        print(f"\nrestarted after tritonserver aborted itself: {event}")
+    else:
+        assert event.reason.startswith("liveness probe found it dead: HTTP 400")
+        assert "is not healthy" in event.reason
+        print(f"\nrestart reason: {event.reason}")
 
     async def in_rotation() -> bool:
         r = await lmesh.orchestrator.ListReplicas(orch_pb.ListReplicasRequest(), timeout=5)
