@@ -220,6 +220,9 @@ class Row:
     plugin_share: dict[str, float]
     registry_lookup_share: float
     other_share: float
+    # failed Admits by status code (RESOURCE_EXHAUSTED: shed by admission control;
+    # DEADLINE_EXCEEDED: no answer within the client's 10 s)
+    errors_by_code: dict[str, int] = field(default_factory=dict)
 
 
 def histogram_sums(url: str, family: str, label: str) -> dict[str, float]:
@@ -239,25 +242,25 @@ def histogram_sums(url: str, family: str, label: str) -> dict[str, float]:
 
 async def drive(
     channel: grpc.aio.Channel, requests: list[bytes], rate: int, duration_s: float
-) -> tuple[list[float], list[float], int, float]:
+) -> tuple[list[float], list[float], dict[str, int], float]:
     """Open loop: Admit at `rate`/s for `duration_s`, each lease completed at once. Client and
-    internal latencies (s), errors, and the seconds the sends took."""
+    internal latencies (s), failed Admits by status code, and the seconds the sends took."""
     admit = channel.unary_unary(
         ADMIT, request_serializer=None, response_deserializer=pb.AdmitResponse.FromString
     )
     stub = pb_grpc.OrchestratorServiceStub(channel)
     client: list[float] = []
     internal: list[float] = []
-    errors = 0
+    errors: dict[str, int] = {}
     tasks: set[asyncio.Task[None]] = set()
 
     async def one(body: bytes) -> None:
-        nonlocal errors
         start = time.perf_counter()
         try:
             resp = await admit(body, timeout=10)
-        except grpc.aio.AioRpcError:
-            errors += 1
+        except grpc.aio.AioRpcError as err:
+            code = err.code().name
+            errors[code] = errors.get(code, 0) + 1
             return
         client.append(time.perf_counter() - start)
         internal.append(resp.queue_ms / 1000)
@@ -436,7 +439,7 @@ async def run_config(args: argparse.Namespace, replicas: int, w: Workload) -> li
                     rate,
                     int(rate * args.duration),
                     int(rate * args.duration) / sent_s if sent_s > 0 else 0.0,
-                    errors,
+                    sum(errors.values()),
                     pct(ms, 0.5) if ms else 0.0,
                     pct(ms, 0.95) if ms else 0.0,
                     pct(ms, 0.99) if ms else 0.0,
@@ -448,6 +451,7 @@ async def run_config(args: argparse.Namespace, replicas: int, w: Workload) -> li
                     shares,
                     lookup_share,
                     1.0 - sum(shares.values()) - lookup_share,
+                    errors,
                 )
                 rows.append(row)
                 for proc, path in profiles:
@@ -467,6 +471,7 @@ async def run_config(args: argparse.Namespace, replicas: int, w: Workload) -> li
         if fakes.returncode is None:
             fakes.kill()
             await fakes.wait()
+    shutil.rmtree(workdir, ignore_errors=True)  # the services' logs; kept when a run fails
     return rows
 
 
@@ -487,6 +492,12 @@ def print_rows(rows: Sequence[Row]) -> None:
             f"{r.orchestrator_cpu_us_per_decision:>11.0f} | "
             f"{r.kv_registry_cpu_us_per_decision:>12.0f}"
         )
+    for r in rows:
+        if r.errors_by_code:
+            codes = ", ".join(f"{c} {n}" for c, n in sorted(r.errors_by_code.items()))
+            print(
+                f"  errors at {r.replicas} replicas, {r.prompt_tokens} tokens, {r.rate}/s: {codes}"
+            )
     print("\nshare of the orchestrator's decision time (internal latency summed)")
     for r in rows:
         parts = sorted(r.plugin_share.items(), key=lambda kv: -kv[1])
