@@ -27,6 +27,23 @@ async def guarded_read(wait: Wait, read: asyncio.Future[int], stall_s: float | N
         wait.idle()
 
 
+async def answered_read(wait: Wait, value: int, stall_s: float | None) -> object:
+    """A guarded read whose token is already there."""
+    read: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    read.set_result(value)
+    return await guarded_read(wait, read, stall_s)
+
+
+async def suspended_read(
+    wait: Wait, stall_s: float | None
+) -> tuple[asyncio.Future[int], asyncio.Task[object]]:
+    """A guarded read in its own task, suspended waiting for its token (the future)."""
+    read: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    task = asyncio.ensure_future(guarded_read(wait, read, stall_s))
+    await asyncio.sleep(0)  # the task runs up to its read
+    return read, task
+
+
 async def test_a_read_longer_than_the_stall_bound_is_interrupted() -> None:
     watch = ReplicaWatch()
     with watch.attempt("r1") as wait:
@@ -53,11 +70,8 @@ async def test_the_stall_bound_counts_each_read_not_the_stream() -> None:
 async def test_the_timer_re_arms_from_the_current_reads_start() -> None:
     """The one timer was set for the first read; when it fires during a later read it moves to
     that read's start plus the bound, not to the time it fired."""
-    loop = asyncio.get_running_loop()
     with ReplicaWatch().attempt("r1") as wait:
-        first: asyncio.Future[int] = loop.create_future()
-        first.set_result(0)
-        assert await guarded_read(wait, first, 30.0) == 0
+        assert await answered_read(wait, 0, 30.0) == 0
         timer = wait._timer
         assert timer is not None
         armed_at = timer.when()
@@ -74,23 +88,19 @@ async def test_the_timer_re_arms_from_the_current_reads_start() -> None:
 
 
 async def test_a_trip_ends_the_current_read_and_no_other_attempt() -> None:
-    loop = asyncio.get_running_loop()
     watch = ReplicaWatch()
     with watch.attempt("r1") as a, watch.attempt("r1") as b, watch.attempt("r2") as c:
-        reads = [loop.create_future() for _ in range(3)]
-        tasks = [
-            asyncio.ensure_future(guarded_read(w, f, None))
-            for w, f in zip((a, b, c), reads, strict=True)
+        (read_a, task_a), (_, task_b), (read_c, task_c) = [
+            await suspended_read(w, None) for w in (a, b, c)
         ]
-        await asyncio.sleep(0)  # the three reads are suspended
         assert watch.trip("r1", DEAD, source=a) == 1
-        assert await tasks[1] == DEAD
+        assert await task_b == DEAD
         assert b.tripped == DEAD
         assert a.tripped is None
         assert c.tripped is None
-        reads[0].set_result(1)
-        reads[2].set_result(3)
-        assert [await tasks[0], await tasks[2]] == [1, 3]
+        read_a.set_result(1)
+        read_c.set_result(3)
+        assert [await task_a, await task_c] == [1, 3]
         assert watch.trip("r1", DEAD) == 1  # a; b was tripped already
         assert watch.in_flight("r1") == 2
 
@@ -98,12 +108,9 @@ async def test_a_trip_ends_the_current_read_and_no_other_attempt() -> None:
 async def test_a_trip_between_reads_cancels_nothing() -> None:
     """A wait tripped after a read, while its stream is outside a read, is only marked: the
     caller checks `tripped` before its next read; nothing is cancelled in the meantime."""
-    loop = asyncio.get_running_loop()
     watch = ReplicaWatch()
     with watch.attempt("r1") as wait:
-        read: asyncio.Future[int] = loop.create_future()
-        read.set_result(7)
-        assert await guarded_read(wait, read, 30.0) == 7
+        assert await answered_read(wait, 7, 30.0) == 7
         assert watch.trip("r1", DEAD) == 1
         await asyncio.sleep(0)  # would raise CancelledError if the task had been cancelled
         assert wait.tripped == DEAD
@@ -111,11 +118,8 @@ async def test_a_trip_between_reads_cancels_nothing() -> None:
 
 
 async def test_the_callers_own_cancellation_propagates() -> None:
-    loop = asyncio.get_running_loop()
     with ReplicaWatch().attempt("r1") as wait:
-        read: asyncio.Future[int] = loop.create_future()
-        task = asyncio.ensure_future(guarded_read(wait, read, 10.0))
-        await asyncio.sleep(0)
+        _, task = await suspended_read(wait, 10.0)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -124,12 +128,9 @@ async def test_the_callers_own_cancellation_propagates() -> None:
 async def test_a_caller_cancellation_racing_a_trip_still_propagates() -> None:
     """Both fired before the read resumed: the caller's cancellation wins, as with
     `asyncio.timeout`."""
-    loop = asyncio.get_running_loop()
     watch = ReplicaWatch()
     with watch.attempt("r1") as wait:
-        read: asyncio.Future[int] = loop.create_future()
-        task = asyncio.ensure_future(guarded_read(wait, read, None))
-        await asyncio.sleep(0)
+        _, task = await suspended_read(wait, None)
         watch.trip("r1", DEAD)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -137,12 +138,9 @@ async def test_a_caller_cancellation_racing_a_trip_still_propagates() -> None:
 
 
 async def test_the_timer_ends_with_the_attempt() -> None:
-    loop = asyncio.get_running_loop()
     watch = ReplicaWatch()
     with watch.attempt("r1") as wait:
-        read: asyncio.Future[int] = loop.create_future()
-        read.set_result(1)
-        assert await guarded_read(wait, read, 30.0) == 1
+        assert await answered_read(wait, 1, 30.0) == 1
         timer = wait._timer
         assert timer is not None
         assert not timer.cancelled()
