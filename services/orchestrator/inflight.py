@@ -26,6 +26,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -119,6 +120,4 @@ class InflightPrefixes:
         for replica_id, n in inflight.items():
             if n > matched.get(replica_id, 0):
                 matched[replica_id] = n
-        return PrefixMatches(
-            prefix.prompt_blocks, matched, prefix.hashes, prefix.matched_blocks, prefix.exact
-        )
+        return dataclasses.replace(prefix, matched_blocks=matched, registered=prefix.matched_blocks)
