@@ -44,7 +44,7 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from bench.overhead import PY_SPY_EXTRA, cpu_seconds, pct, pin, pinning
+from bench.overhead import cpu_seconds, pct, pin, pinning, py_spy_record
 from bench.report import write_json
 from llmmesh.common import metric_names as names
 from llmmesh.common.components import KV_REGISTRY, ORCHESTRATOR
@@ -294,30 +294,13 @@ def start_profiles(
     pids: dict[str, int], label: str, duration_s: float
 ) -> list[tuple[subprocess.Popen[bytes], Path]]:
     """py-spy on each process for `duration_s` (raw collapsed stacks), and the file each writes."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     outdir = Path("bench-results") / "profiles"
     outdir.mkdir(parents=True, exist_ok=True)
     files = []
     for name, pid in pids.items():
         out = outdir / f"{name}-{label}.txt"
         proc = subprocess.Popen(
-            [
-                spy,
-                "record",
-                "--pid",
-                str(pid),
-                "--duration",
-                str(max(1, int(duration_s))),
-                "--rate",
-                "200",
-                "--format",
-                "raw",
-                # py-spy refuses --native without pausing the process to sample
-                *([] if "--native" in PY_SPY_EXTRA else ["--nonblocking"]),
-                *PY_SPY_EXTRA,
-                "--output",
-                str(out),
-            ],
+            py_spy_record(pid, out, 200, duration_s),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

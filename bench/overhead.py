@@ -31,6 +31,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -257,6 +258,29 @@ def print_top(title: str, raw_stacks: str, n: int = 15) -> None:
         print(f"{own / max(total, 1):>6.1%} | {incl / max(total, 1):>6.1%} | {frame}")
 
 
+def py_spy_record(pid: int, out: Path, rate: int, duration_s: float | None = None) -> list[str]:
+    """The command that records `pid`'s stacks (raw, collapsed) into `out` at `rate` Hz, for
+    `duration_s` or until interrupted, without pausing the process unless `PY_SPY_EXTRA` asks for
+    `--native` (which py-spy refuses without pausing it)."""
+    venv = Path(sys.executable).with_name("py-spy")
+    spy = str(venv) if venv.exists() else shutil.which("py-spy") or "py-spy"
+    return [
+        spy,
+        "record",
+        "--pid",
+        str(pid),
+        "--format",
+        "raw",
+        "--rate",
+        str(rate),
+        *([] if duration_s is None else ["--duration", str(max(1, int(duration_s)))]),
+        *([] if "--native" in PY_SPY_EXTRA else ["--nonblocking"]),
+        *PY_SPY_EXTRA,
+        "--output",
+        str(out),
+    ]
+
+
 async def profile_arm(
     pids: dict[str, int],
     run: Callable[[], Awaitable[object]],
@@ -264,29 +288,12 @@ async def profile_arm(
     label: str,
 ) -> None:
     """py-spy record (raw stacks) on each of `pids` while `run` runs; top frames printed."""
-    py_spy = str(Path(sys.executable).parent / "py-spy")
     procs = {}
     for svc, pid in pids.items():
         out = directory / f"{svc}-{label}.txt"
         procs[svc] = (
             await asyncio.create_subprocess_exec(
-                *tied_to_parent(
-                    [
-                        py_spy,
-                        "record",
-                        "--pid",
-                        str(pid),
-                        "--format",
-                        "raw",
-                        "--rate",
-                        "250",
-                        # py-spy refuses --native without pausing the process to sample
-                        *([] if "--native" in PY_SPY_EXTRA else ["--nonblocking"]),
-                        *PY_SPY_EXTRA,
-                        "-o",
-                        str(out),
-                    ]
-                ),
+                *tied_to_parent(py_spy_record(pid, out, 250)),
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
             ),
