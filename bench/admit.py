@@ -50,6 +50,7 @@ from llmmesh.common import metric_names as names
 from llmmesh.common.components import KV_REGISTRY, ORCHESTRATOR
 from llmmesh.common.process import tied_to_parent
 from llmmesh.common.settings import KvBlockSettings
+from llmmesh.common.sojourn import call_metadata
 from llmmesh.common.topology import DEFAULT_MODEL_VERSION, DEFAULT_POOL, TRITON_MODEL
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as kv_pb
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as kv_grpc
@@ -257,7 +258,7 @@ async def drive(
     async def one(body: bytes) -> None:
         start = time.perf_counter()
         try:
-            resp = await admit(body, timeout=10)
+            resp = await admit(body, timeout=10, metadata=call_metadata(10, time.time()))
         except grpc.aio.AioRpcError as err:
             code = err.code().name
             errors[code] = errors.get(code, 0) + 1

@@ -28,6 +28,8 @@ class Reason(enum.StrEnum):
     QUEUE_FULL = "QUEUE_FULL"  # the admission queue is at its bound
     QUEUE_TIMEOUT = "QUEUE_TIMEOUT"  # no replica slot before the call's deadline
     ACTIVATION_TIMEOUT = "ACTIVATION_TIMEOUT"  # a scale-from-zero pool did not become ready
+    # This orchestrator process cannot handle calls as fast as they come: another may.
+    BUSY = "BUSY"
 
 
 class ServiceError(Exception):

@@ -52,6 +52,8 @@ ORCH_POOL_READY: Final = "llmmesh_orchestrator_pool_ready_replicas"
 ORCH_EJECTIONS: Final = "llmmesh_orchestrator_ejections_total"
 ORCH_PLUGIN_DURATION: Final = "llmmesh_orchestrator_plugin_duration_seconds"
 ORCH_KV_UPDATES_DROPPED: Final = "llmmesh_orchestrator_kv_updates_dropped_total"
+ORCH_SOJOURN: Final = "llmmesh_orchestrator_call_sojourn_seconds"
+ORCH_SHED_LEVEL: Final = "llmmesh_orchestrator_shed_level"
 
 # -- kv_registry ----------------------------------------------------------------------------
 KV_EVENTS: Final = "llmmesh_kv_registry_events_total"

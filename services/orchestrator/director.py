@@ -70,6 +70,7 @@ from services.orchestrator.domain import (
 from services.orchestrator.errors import (
     ActivationTimeout,
     BadAdmission,
+    Busy,
     NoReplicaReady,
     QueueFull,
     QueueTimeout,
@@ -86,6 +87,7 @@ from services.orchestrator.scheduling.framework import Scheduler, build_profile
 from services.orchestrator.scheduling.registry import default_registry
 from services.orchestrator.scheduling.work import WorkModel
 from services.orchestrator.settings import OrchestratorSettings, ReplicaSpec
+from services.orchestrator.shedding import AdmitShedder
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +151,8 @@ class Orchestrator:
         )
         self._load = LoadLedger(clock, work)
         self._feedback = PrefixFeedback(prefix_index)
+        # Its own draws: the scheduler's sequence (and so a simulation's) does not depend on it.
+        self._shedder = AdmitShedder(settings.shed_sojourn_s, settings.shed_window_s)
         self._reprobes: set[asyncio.Task[None]] = set()
         self._max_backlog_s = (
             self._policy.capacity.max_prefill_backlog_s * settings.engine_time_scale
@@ -172,6 +176,14 @@ class Orchestrator:
             raise BadAdmission(
                 f"{len(req.prompt_token_ids)} tokens exceed every pool's max_prompt_tokens",
                 field="prompt_token_ids",
+            )
+        if self._shedder.refuses(req.priority):
+            metrics.record_rejection(req.model, "busy")
+            raise Busy(
+                f"orchestrator is behind on its calls (last wait "
+                f"{self._shedder.last_sojourn_s * 1000:.0f} ms); "
+                f"{req.priority.name.lower()} requests are being shed",
+                retry_after_s=self._settings.shed_retry_after_s,
             )
         start = self._clock()
         prefix = await self._feedback.lookup(req.prompt_token_ids)
@@ -772,6 +784,12 @@ class Orchestrator:
         for lease_id in self._leases.expired():
             log.warning("lease reclaimed", extra={"lease_id": lease_id})
             self.complete(lease_id, Outcome.REQUEST_ERROR)
+
+    def observe_sojourn(self, sojourn_s: float) -> None:
+        """How long an Admit waited between reaching this process and its handler's start (the
+        adapter reads it from the call): drives the shedding of Admits (`shedding.py`)."""
+        self._shedder.observe(sojourn_s, self._clock())
+        metrics.record_sojourn(sojourn_s, self._shedder.level)
 
     async def scrape_once(self) -> None:
         await self._sampler.scrape(list(self._replicas.live()))

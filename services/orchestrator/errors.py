@@ -15,6 +15,12 @@ class QueueFull(ResourceExhausted):
     default_reason = Reason.QUEUE_FULL
 
 
+class Busy(ResourceExhausted):
+    """Shed before any work: this process is behind on its calls (`shedding.py`)."""
+
+    default_reason = Reason.BUSY
+
+
 class NoReplicaReady(Unavailable):
     default_reason = Reason.NO_REPLICA
 

@@ -43,6 +43,15 @@ _KV_UPDATES_DROPPED = Counter(
     names.ORCH_KV_UPDATES_DROPPED,
     "Approximate-mode kv_registry updates dropped unsent because the update queue was full.",
 )
+_SOJOURN = Gauge(
+    names.ORCH_SOJOURN,
+    "How long the last Admit waited between reaching this process and its handler's start.",
+)
+_SHED_LEVEL = Gauge(
+    names.ORCH_SHED_LEVEL,
+    "Admit shedding level, 0-1: batch refused in proportion up to 1/3, then standard, then "
+    "interactive (services/orchestrator/shedding.py).",
+)
 _EJECTIONS = Counter(
     names.ORCH_EJECTIONS, "Replicas ejected after repeated errors.", ["replica", "pool"]
 )
@@ -132,3 +141,8 @@ def record_grant(
 
 def record_kv_update_dropped() -> None:
     _KV_UPDATES_DROPPED.inc()
+
+
+def record_sojourn(sojourn_s: float, shed_level: float) -> None:
+    _SOJOURN.set(sojourn_s)
+    _SHED_LEVEL.set(shed_level)

@@ -133,6 +133,27 @@ class OrchestratorSettings(ServiceSettings):
             "`max_queue` waiters (at most the standard share): batch is shed first."
         ),
     )
+    shed_sojourn_s: float = Field(
+        default=0.02,
+        ge=0,
+        description=(
+            "Target wait of an Admit between reaching this process and its handler starting "
+            "(from the caller's x-llmmesh-timeout-s and the deadline). While every Admit of a "
+            "shed_window_s waits longer, Admits are refused at once (RESOURCE_EXHAUSTED, reason "
+            "BUSY), batch first, then standard, then interactive "
+            "(services/orchestrator/shedding.py). 0: never shed."
+        ),
+    )
+    shed_window_s: float = Field(
+        default=0.05,
+        gt=0,
+        description="Window whose smallest Admit wait is compared with shed_sojourn_s.",
+    )
+    shed_retry_after_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="The retry-after of an Admit shed because this process is behind (BUSY).",
+    )
     engine_time_scale: float = Field(
         default=1.0,
         gt=0,

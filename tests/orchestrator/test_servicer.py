@@ -11,6 +11,7 @@ import pytest_asyncio
 
 from llmmesh.common.discovery import DnsTarget
 from llmmesh.common.errors import RETRY_AFTER_KEY, Reason, from_rpc_error
+from llmmesh.common.sojourn import TIMEOUT_KEY
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from llmmesh.kvblocks import token_bytes
@@ -165,3 +166,17 @@ async def test_a_packed_prompt_is_admitted_as_its_token_ids() -> None:
     view = core._view(st, core.now())
     assert view.load is not None
     assert view.load.prefill_tokens == len(ids)  # the ledger counted every packed token
+
+
+async def test_an_admit_s_wait_before_its_handler_reaches_the_shedder() -> None:
+    probe = FakeProbe()
+    core = Orchestrator(settings(n=1, cap=1, queue=1), probe)
+    probe.ready_ids = {"r0"}
+    await core.probe_once()
+    async with serve(core) as stub:
+        # Sent with 5 s on the deadline and 9 s said: the handler found 4 s used (and the hop).
+        lease = await stub.Admit(admit("a"), timeout=5, metadata=((TIMEOUT_KEY, "9"),))
+        assert 3.9 < core._shedder.last_sojourn_s < 4.5
+        await stub.Complete(pb.CompleteRequest(lease_id=lease.lease_id), timeout=5)
+        await stub.Admit(admit("b"), timeout=5)  # a caller that does not say: no sample
+        assert 3.9 < core._shedder.last_sojourn_s < 4.5

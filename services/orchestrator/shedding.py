@@ -1,0 +1,80 @@
+"""Shedding for the orchestrator's own overload: refuse Admits at once, lowest class first, while
+calls wait too long before this process starts on them.
+
+Why a separate bound: the admission queue (`capacity.py`) bounds what waits for the engines; it
+cannot see calls the orchestrator has not yet started. When decisions cost more CPU than the
+process has, gRPC holds the arriving calls unstarted, unbounded by anything of ours: at 1,000
+Admit/s on a saturated core, Admits waited 1-2 s and gRPC cancelled those past its own limit
+(CANCELLED, no retry-after; `bench-admit`).
+
+Signal: each Admit's sojourn, the time between its arrival and its handler's start
+(`llmmesh.common.sojourn`: from the caller's timeout and the deadline's time remaining). The CPU
+share is no signal here: a process sharing its core is saturated well below 100%.
+
+Control, as CoDel judges a queue: per window of `window_s`, the smallest sojourn seen. A queue
+that stands (every call in the window waited) is overload; a burst that some calls waited
+behind is not. One level L in [0, 1]:
+- a window whose smallest sojourn exceeds `target_s` raises L by `STEP`; one under half the
+  target lowers it by `STEP / 4`, and so does each window that passed without a call (quick to
+  shed, slow to stop: the queue a sample reports is already behind it);
+- a request of class tier t (batch 0, standard 1, interactive 2) is refused with probability
+  clamp(3 L - t, 0, 1): every batch request is refused before any standard one, every standard
+  one before any interactive one. Standard requests are refused from the fourth overloaded
+  window on, interactive ones from the seventh.
+
+A refusal is RESOURCE_EXHAUSTED, reason BUSY, with a retry-after; the gateway tries its other
+orchestrators first (another process may have CPU to spare) and passes the refusal on when all
+refuse. A refusal costs the process a fraction of a decision, so the calls behind it drain.
+Time comes with each sample (the director's clock): nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+import random
+
+from services.orchestrator.domain import Priority
+
+STEP = 0.1  # level change per overloaded window (a quarter of it per idle or calm window)
+_TIERS = 3  # batch, standard, interactive
+
+
+class AdmitShedder:
+    def __init__(self, target_s: float, window_s: float, rng: random.Random | None = None) -> None:
+        """`target_s` 0: never sheds."""
+        self._target_s = target_s
+        self._window_s = window_s
+        self._rng = rng or random.Random()
+        self.level = 0.0
+        self.last_sojourn_s = 0.0
+        self._window: int | None = None  # the current window's index: now // window_s
+        self._window_min = 0.0
+
+    def observe(self, sojourn_s: float, now: float) -> None:
+        self.last_sojourn_s = sojourn_s
+        if self._target_s <= 0:
+            return
+        window = int(now // self._window_s)
+        if window == self._window:
+            self._window_min = min(self._window_min, sojourn_s)
+            return
+        if self._window is not None:
+            self._judge(self._window_min)
+            idle = max(window - self._window - 1, 0)
+            self.level = max(0.0, self.level - idle * STEP / 4)
+        self._window = window
+        self._window_min = sojourn_s
+
+    def _judge(self, smallest_s: float) -> None:
+        if smallest_s > self._target_s:
+            self.level = min(1.0, self.level + STEP)
+        elif smallest_s < self._target_s / 2:
+            self.level = max(0.0, self.level - STEP / 4)
+
+    def refusal_share(self, priority: Priority) -> float:
+        """The share of `priority`'s requests refused at the current level."""
+        tier = len(Priority) - 1 - int(priority)  # batch 0 ... interactive 2
+        return min(1.0, max(0.0, _TIERS * self.level - tier))
+
+    def refuses(self, priority: Priority) -> bool:
+        share = self.refusal_share(priority)
+        return share > 0 and (share >= 1 or self._rng.random() < share)

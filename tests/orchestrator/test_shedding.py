@@ -1,0 +1,109 @@
+"""Admit shedding on the calls' sojourn: the level's control per window and the refusal order by
+class (unit), and the director refusing with BUSY before any work (core, on a manual clock)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from llmmesh.common.errors import Reason
+from services.orchestrator.director import Orchestrator
+from services.orchestrator.domain import Outcome, Priority
+from services.orchestrator.errors import Busy
+from services.orchestrator.shedding import STEP, AdmitShedder
+from tests.orchestrator.test_clock import ManualClock
+from tests.orchestrator.test_core import FakeProbe, req, settings
+
+TARGET = 0.02
+WINDOW = 0.05
+OVER = [0.5, 0.3]  # a standing queue: every call of the window waited
+CALM = [0.001]
+
+
+def shedder_after(windows: list[list[float]]) -> AdmitShedder:
+    """A shedder fed each window's sojourns in turn, the last window judged (by a first sample
+    of the window after it)."""
+    s = AdmitShedder(TARGET, WINDOW, random.Random(0))
+    for k, samples in enumerate(windows):
+        for i, x in enumerate(samples):
+            s.observe(x, (k + (i + 1) / (len(samples) + 1)) * WINDOW)
+    if windows:
+        s.observe(0.0, (len(windows) + 0.5) * WINDOW)
+    return s
+
+
+@pytest.mark.parametrize(
+    ("windows", "batch", "standard", "interactive"),
+    [
+        ([], 0.0, 0.0, 0.0),
+        ([CALM] * 50, 0.0, 0.0, 0.0),
+        ([[TARGET]] * 50, 0.0, 0.0, 0.0),  # at the target is not above it
+        ([OVER], 3 * STEP, 0.0, 0.0),  # one overloaded window: a share of batch only
+        ([OVER] * 3, 9 * STEP, 0.0, 0.0),
+        ([OVER] * 4, 1.0, 12 * STEP - 1, 0.0),  # all batch, then standard in proportion
+        ([OVER] * 7, 1.0, 1.0, 21 * STEP - 2),
+        ([OVER] * 100, 1.0, 1.0, 1.0),  # saturates at 1
+        ([[0.5, 0.5, 0.001, 0.5]] * 20, 0.0, 0.0, 0.0),  # a burst some calls waited behind
+        ([OVER] * 4 + [[0.015]] * 50, 1.0, 12 * STEP - 1, 0.0),  # between half and target: held
+        ([OVER] * 4 + [CALM] * 16, 0.0, 0.0, 0.0),  # calm: down by a quarter step each
+        ([OVER] * 4 + [CALM] * 8, 6 * STEP, 0.0, 0.0),
+    ],
+)
+def test_the_level_refuses_batch_then_standard_then_interactive(
+    windows: list[list[float]], batch: float, standard: float, interactive: float
+) -> None:
+    s = shedder_after(windows)
+    assert s.refusal_share(Priority.BATCH) == pytest.approx(batch)
+    assert s.refusal_share(Priority.STANDARD) == pytest.approx(standard)
+    assert s.refusal_share(Priority.INTERACTIVE) == pytest.approx(interactive)
+
+
+def test_windows_without_calls_lower_the_level() -> None:
+    s = shedder_after([OVER] * 4)  # level 4 steps; the fifth window began with a calm call
+    s.observe(0.001, 13.5 * WINDOW)  # 8 windows passed without a call
+    assert s.level == pytest.approx(4 * STEP - (1 + 8) * STEP / 4)
+
+
+def test_a_partial_share_refuses_that_share_of_requests() -> None:
+    s = shedder_after([OVER] * 2)  # batch share 0.6
+    refused = sum(s.refuses(Priority.BATCH) for _ in range(4000))
+    assert 0.55 < refused / 4000 < 0.65
+    assert not any(s.refuses(Priority.STANDARD) for _ in range(1000))
+
+
+def test_a_zero_target_never_sheds() -> None:
+    s = AdmitShedder(0.0, WINDOW)
+    for k in range(100):
+        s.observe(10.0, k * WINDOW)
+    assert s.level == 0
+    assert not s.refuses(Priority.BATCH)
+
+
+async def test_a_process_behind_on_its_calls_refuses_admits_with_busy_and_a_retry_after() -> None:
+    clock, probe = ManualClock(), FakeProbe()
+    cfg = settings(n=2, cap=4)
+    core = Orchestrator(cfg, probe, clock=clock)
+    probe.ready_ids = {"r0", "r1"}
+    await core.probe_once()
+
+    def windows(n: int, sojourn_s: float) -> None:
+        for _ in range(n):
+            core.observe_sojourn(sojourn_s)
+            clock.t += cfg.shed_window_s
+
+    windows(5, 0.5)  # four judged: every batch request refused, interactive ones not
+    with pytest.raises(Busy) as info:
+        await core.admit(req("b", Priority.BATCH), 1.0)
+    assert info.value.reason is Reason.BUSY
+    assert info.value.retry_after_s == cfg.shed_retry_after_s
+    assert core.queue_depth == 0  # refused before any work: nothing queued or leased
+    assert all(st.in_flight == 0 for st in core.replicas())
+    lease = await core.admit(req("i", Priority.INTERACTIVE), 1.0)
+    core.complete(lease.lease_id, Outcome.SUCCESS)
+    windows(10, 0.5)  # further behind: every class refused
+    with pytest.raises(Busy):
+        await core.admit(req("i2", Priority.INTERACTIVE), 1.0)
+    windows(50, 0.001)  # caught up: the level falls back to 0
+    lease = await core.admit(req("b2", Priority.BATCH), 1.0)
+    core.complete(lease.lease_id, Outcome.SUCCESS)
