@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Final
 
 import grpc
 
 from llmmesh.common.channels import KEEPALIVE_OPTIONS, RECONNECT_OPTIONS
 from llmmesh.common.errors import Reason, ServiceError, from_rpc_error
+from llmmesh.common.sojourn import call_metadata
 from llmmesh.common.telemetry import inject_trace_metadata
 from llmmesh.common.topology import Priority, ReplicaAddress
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
@@ -169,10 +171,12 @@ class OrchestratorClient:
 
     async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
         try:
+            timeout = max(timeout_s, _MIN_TIMEOUT_S)
             response = await self._stub.Admit(
                 admit_request_to_pb(request),
-                timeout=max(timeout_s, _MIN_TIMEOUT_S),
-                metadata=tuple(inject_trace_metadata([])),
+                timeout=timeout,
+                # The orchestrator reads how long the call waited for it from the timeout and time sent.
+                metadata=tuple(inject_trace_metadata([*call_metadata(timeout, time.time())])),
             )
         except grpc.aio.AioRpcError as err:
             raise admit_error(err) from err

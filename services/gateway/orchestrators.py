@@ -8,7 +8,10 @@ next one. That retry is safe: nothing has streamed yet and no lease was granted.
 (`NoReplica`, QUEUE_FULL with its retry-after, QUEUE_TIMEOUT, a bad request) is an answer, not a
 failure, and is never retried on another orchestrator: every orchestrator sees the same replicas
 and engines, so another would mostly say the same, and under overload a retry would double the
-admission pressure instead of honouring the retry-after.
+admission pressure instead of honouring the retry-after. The exception is reason BUSY: that
+orchestrator process is behind on its own calls (services/orchestrator/shedding.py), which says
+nothing of the others, so the call goes on to the next one; when every orchestrator answered
+BUSY, the last refusal (with its retry-after) is the answer, never degraded mode.
 
 Complete: the set remembers which orchestrator granted each lease and reports it there (leases
 are that orchestrator's load accounting). If that orchestrator is gone, so is the state the
@@ -227,6 +230,7 @@ class OrchestratorSet:
     async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
         deadline = self._clock() + timeout_s
         last: ServiceError | None = None
+        busy: ServiceError | None = None
         for i, addr in enumerate(self._order()):
             member = self._members.get(addr)
             if member is None:  # left the list while an earlier one was tried
@@ -250,15 +254,21 @@ class OrchestratorSet:
                 self._unreached(addr, err)
                 last = err
                 continue
-            except ServiceError:
-                self._answered(addr)  # a typed refusal is an answer: not retried elsewhere
-                raise
+            except ServiceError as err:
+                self._answered(addr)
+                if err.reason is Reason.BUSY:
+                    # That process is behind on its calls: another one may not be.
+                    busy = err
+                    continue
+                raise  # any other typed refusal is an answer: not retried elsewhere
             finally:
                 calls.discard(call)
             self._answered(addr)
             self._owner[lease.lease_id] = addr
             self._owned[addr] = self._owned.get(addr, 0) + 1
             return lease
+        if busy is not None:
+            raise busy  # reached, and behind: degraded mode would skip admission under overload
         return self._admit_degraded(request, last)
 
     def complete(self, report: LeaseReport) -> None:

@@ -4,6 +4,7 @@ OrchestratorService: every field converted both ways, refusals mapped by their t
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from llmmesh.common.errors import (
     Unavailable,
     abort,
 )
+from llmmesh.common.sojourn import SENT_AT_KEY, TIMEOUT_KEY
 from llmmesh.common.topology import Priority, ReplicaAddress
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
@@ -159,6 +161,9 @@ async def test_admit_round_trip_carries_every_field(served: Served) -> None:
     # The caller's trace continues in the orchestrator.
     traceparent = served.service.admit_metadata[0]["traceparent"]
     assert traceparent.split("-")[1] == format(span.get_span_context().trace_id, "032x")
+    # The timeout and time sent, from which the orchestrator reads how long the call waited.
+    assert float(served.service.admit_metadata[0][TIMEOUT_KEY]) == 5.0
+    assert abs(float(served.service.admit_metadata[0][SENT_AT_KEY]) - time.time()) < 60
 
 
 @pytest.mark.parametrize(

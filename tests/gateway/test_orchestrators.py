@@ -149,6 +149,35 @@ async def test_typed_refusal_is_an_answer_not_retried(refusal: Exception) -> Non
     assert sum(f.admits for f in fakes.values()) == 1
 
 
+def busy(retry_after_s: float = 1.0) -> ResourceExhausted:
+    return ResourceExhausted("behind", retry_after_s=retry_after_s, reason=Reason.BUSY)
+
+
+async def test_a_busy_orchestrator_is_passed_over_for_the_next_one() -> None:
+    orchs, fakes, _ = make(3)
+    fakes["o0"].refusal = busy()
+    leases = [await orchs.admit(request(), timeout_s=1.0) for _ in range(3)]
+    assert all(not lease.lease_id.startswith("o0-") for lease in leases)
+    assert fakes["o0"].admits == 1  # its turn came once
+    assert not degraded(orchs)
+    fakes["o0"].refusal = None  # caught up: not marked down, served in turn at once
+    leases = [await orchs.admit(request(), timeout_s=1.0) for _ in range(3)]
+    assert {lease.lease_id[:2] for lease in leases} == {"o0", "o1", "o2"}
+
+
+async def test_every_orchestrator_busy_is_the_refusal_not_degraded_mode() -> None:
+    orchs, fakes, _ = make(2)
+    await orchs.status(timeout_s=1.0)  # a usable view: degraded mode could serve
+    for i, f in enumerate(fakes.values()):
+        f.refusal = busy(retry_after_s=1.0 + i)
+    with pytest.raises(ResourceExhausted) as info:
+        await orchs.admit(request(), timeout_s=1.0)
+    assert info.value.reason is Reason.BUSY
+    assert info.value.retry_after_s in (1.0, 2.0)
+    assert [f.admits for f in fakes.values()] == [1, 1]
+    assert not degraded(orchs)
+
+
 async def test_complete_goes_to_the_granting_orchestrator() -> None:
     orchs, fakes, _ = make(3)
     leases = [await orchs.admit(request(), timeout_s=1.0) for _ in range(6)]
