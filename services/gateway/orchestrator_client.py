@@ -19,7 +19,7 @@ from typing import Final
 import grpc
 
 from llmmesh.common.channels import KEEPALIVE_OPTIONS, RECONNECT_OPTIONS
-from llmmesh.common.errors import Reason, ServiceError, from_rpc_error
+from llmmesh.common.errors import Reason, ResourceExhausted, ServiceError, from_rpc_error
 from llmmesh.common.sojourn import call_metadata
 from llmmesh.common.telemetry import inject_trace_metadata
 from llmmesh.common.topology import Priority, ReplicaAddress
@@ -126,6 +126,14 @@ def status_from_pb(response: pb.ListReplicasResponse) -> AdmissionStatus:
 def admit_error(err: grpc.aio.AioRpcError) -> ServiceError:
     """A failed Admit as a gateway error. UNAVAILABLE is told apart by its typed reason: none
     means the orchestrator itself was not reached."""
+    if err.code() == grpc.StatusCode.CANCELLED:
+        # Not this caller's cancel (that ends the call with CancelledError here): the
+        # orchestrator's gRPC dropped the call unstarted (held too long behind the calls it had
+        # not started) or it is stopping. Another orchestrator may serve it: BUSY, whose
+        # retry-after the orchestrator set fills in when every one refused.
+        return ResourceExhausted(
+            f"admission: the orchestrator dropped the call ({err.details()})", reason=Reason.BUSY
+        )
     mapped = from_rpc_error(err, "admission")
     if err.code() == grpc.StatusCode.UNAVAILABLE:
         if mapped.reason is None:

@@ -267,8 +267,10 @@ class OrchestratorSet:
             self._owner[lease.lease_id] = addr
             self._owned[addr] = self._owned.get(addr, 0) + 1
             return lease
-        if busy is not None:
-            raise busy  # reached, and behind: degraded mode would skip admission under overload
+        if busy is not None:  # reached, and behind: degraded mode would skip admission then
+            if busy.retry_after_s is None:
+                busy.retry_after_s = self._retry_after_s
+            raise busy
         return self._admit_degraded(request, last)
 
     def complete(self, report: LeaseReport) -> None:

@@ -204,6 +204,15 @@ async def test_unavailable_without_reason_is_the_orchestrator_whatever_the_text(
     assert not isinstance(info.value, NoReplica)
 
 
+async def test_a_call_the_orchestrator_dropped_is_busy(served: Served) -> None:
+    # gRPC cancels calls a saturated server held too long unstarted: not the caller's cancel.
+    served.service.plain_refusal = (grpc.StatusCode.CANCELLED, "CANCELLED")
+    with pytest.raises(ResourceExhausted) as info:
+        await served.client.admit(admission(), timeout_s=5.0)
+    assert info.value.reason is Reason.BUSY
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 async def test_nothing_listening_is_orchestrator_unavailable(tmp_path: Path) -> None:
     client = OrchestratorClient.connect(f"unix:{tmp_path / 'absent.sock'}")
     try:

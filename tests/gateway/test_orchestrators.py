@@ -178,6 +178,14 @@ async def test_every_orchestrator_busy_is_the_refusal_not_degraded_mode() -> Non
     assert not degraded(orchs)
 
 
+async def test_a_busy_refusal_without_a_retry_after_gets_the_set_s() -> None:
+    orchs, fakes, _ = make(1, retry_after_s=3.0)
+    fakes["o0"].refusal = ResourceExhausted("dropped", reason=Reason.BUSY)
+    with pytest.raises(ResourceExhausted) as info:
+        await orchs.admit(request(), timeout_s=1.0)
+    assert info.value.retry_after_s == 3.0
+
+
 async def test_complete_goes_to_the_granting_orchestrator() -> None:
     orchs, fakes, _ = make(3)
     leases = [await orchs.admit(request(), timeout_s=1.0) for _ in range(6)]
