@@ -5,13 +5,18 @@ what makes the sidecar apply the headless Service's mTLS policy to the Triton st
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 from llmmesh.common.discovery import DnsTarget
+from llmmesh.common.errors import Reason, ResourceExhausted
 from llmmesh.common.topology import TRITON_MODEL, Priority, ReplicaAddress
 from services.gateway.admission import AdmissionRequest, LeaseReport, Outcome
 from services.gateway.orchestrator_client import OrchestratorClient
+from services.orchestrator.director import Orchestrator
+from services.orchestrator.domain import Outcome as DomainOutcome
 from tests.orchestrator.serving import dns_discovered, served
+from tests.orchestrator.test_core import FakeProbe, settings
 
 
 async def test_gateway_lease_carries_every_field_of_a_dns_discovered_replica() -> None:
@@ -60,3 +65,52 @@ async def test_gateway_lease_carries_every_field_of_a_dns_discovered_replica() -
     # Every field of the domain address is set: a field added later must be carried too.
     assert all(getattr(lease.replica, f.name) for f in dataclasses.fields(ReplicaAddress))
     assert [st.in_flight for st in core.replicas()] == [0]
+
+
+async def test_an_orchestrator_behind_on_its_calls_refuses_the_gateway_with_busy() -> None:
+    """The shedding's wiring end to end: the gateway's client sends its timeout and send time,
+    the orchestrator reads each Admit's wait from them and, behind (rounds of 50 Admits at once
+    against a 1 ms target: each round's later calls wait behind its earlier ones), refuses with
+    BUSY and its retry-after, which the client keeps."""
+    probe = FakeProbe()
+    cfg = settings(n=1, cap=64)
+    cfg.shed_sojourn_s, cfg.shed_window_s = 0.001, 0.001
+    core = Orchestrator(cfg, probe)
+    probe.ready_ids = {"r0"}
+    await core.probe_once()
+
+    def request(i: int) -> AdmissionRequest:
+        return AdmissionRequest(
+            request_id=f"busy-{i}",
+            model=TRITON_MODEL,
+            prompt_token_ids=[1, 2, 3],
+            max_tokens=4,
+            priority=Priority.STANDARD,
+            tenant="t",
+            model_version="",
+        )
+
+    refusals: list[ResourceExhausted] = []
+    async with served(core) as address:
+        client = OrchestratorClient.connect(address)
+        try:
+            for round_ in range(40):
+                results = await asyncio.gather(
+                    *(client.admit(request(round_ * 50 + i), timeout_s=5) for i in range(50)),
+                    return_exceptions=True,
+                )
+                for r in results:
+                    if isinstance(r, ResourceExhausted):
+                        refusals.append(r)
+                    elif isinstance(r, BaseException):
+                        raise r
+                    else:
+                        core.complete(r.lease_id, DomainOutcome.SUCCESS)
+                if refusals:
+                    break
+        finally:
+            await client.close()
+    assert refusals
+    assert all(r.reason is Reason.BUSY for r in refusals)
+    assert all(r.retry_after_s == cfg.shed_retry_after_s for r in refusals)
+    assert core.queue_depth == 0
