@@ -9,7 +9,7 @@ quarter of the replicas to a random depth, published as the engines' KV events w
 Load: open loop at each `--rates` (Admit/s, evenly spaced, pre-serialized requests, each lease
 completed at once with the engine's reuse report, as the gateway does), with prompts of each
 `--prompt-tokens` length: a family's first tokens plus a unique 64-token tail. Each Admit
-carries its timeout and send time as the gateway's do, so an orchestrator behind on its calls
+carries a caller id and its send time as the gateway's do, so an orchestrator behind on its calls
 sheds them (BUSY, services/orchestrator/shedding.py): refused Admits are counted by status code,
 the latencies are the granted ones', and a row that refused any meets no target.
 
@@ -262,7 +262,7 @@ async def drive(
     async def one(body: bytes) -> None:
         start = time.perf_counter()
         try:
-            resp = await admit(body, timeout=10, metadata=call_metadata(10, time.time()))
+            resp = await admit(body, timeout=10, metadata=call_metadata("bench-admit", time.time()))
         except grpc.aio.AioRpcError as err:
             code = err.code().name
             errors[code] = errors.get(code, 0) + 1

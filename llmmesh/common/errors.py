@@ -30,6 +30,9 @@ class Reason(enum.StrEnum):
     ACTIVATION_TIMEOUT = "ACTIVATION_TIMEOUT"  # a scale-from-zero pool did not become ready
     # This orchestrator process cannot handle calls as fast as they come: another may.
     BUSY = "BUSY"
+    # The orchestrator's gRPC ended the call unanswered (CANCELLED, not the caller's cancel):
+    # held unstarted too long, or the process is stopping. Another may answer.
+    DROPPED = "DROPPED"
 
 
 class ServiceError(Exception):

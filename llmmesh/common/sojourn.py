@@ -4,23 +4,24 @@ A grpc.aio process that cannot keep up does not queue the calls it has not start
 service sees them: they wait in gRPC, per connection, before any handler runs (measured with a
 saturated orchestrator, `bench-admit` at 1,000 Admit/s: handler starts 0.2-2.2 s after the send,
 at most 2 handlers running, the event loop's lag under 1 ms, and a health check on another
-connection answered within 15 ms throughout). Nothing in the process itself shows the wait; the
-caller says when and with what timeout it sent the call (`call_metadata`), and the handler reads
-the wait two ways:
+connection answered within 15 ms throughout). Nothing in the process itself shows the wait.
 
-- by the deadline: gRPC starts the server's deadline when the call's headers arrive, at the
-  caller's timeout, so `sent timeout - time remaining` is the time used before the handler, on
-  the server's clock alone. A proxy that cuts the deadline (Istio sets Envoy's
-  `max_grpc_timeout` to the route's timeout and rewrites `grpc-timeout` to it) makes this read
-  the cut as waiting, never less than the wait;
-- by the wall clock: `server's time - caller's send time`, off by the two hosts' clock offset,
-  either way.
+The caller says who it is (`CALLER_KEY`: an id per caller process) and when, by its wall clock,
+it sent the call (`SENT_AT_KEY`). The handler's reading, `its wall clock - sent at`, is the wait
+plus the network hop plus the two hosts' clock offset (either sign, steady for a pair of hosts).
+`CallerBaselines` takes the offset out as LEDBAT takes out a path's base delay: per caller, the
+smallest reading of the last `window_s` is its baseline, and the wait is the reading above it.
 
-The wait is the smaller of the two: a cut deadline is ignored (the wall clock reads the wait),
-and a clock offset shows only where the deadline reading is larger too, so either error alone
-can only make a wait read shorter, never invent one. Both include the network hop
-(sub-millisecond within a cluster). The values are the caller's word: only trusted callers (the
-gateways, by the mesh's authorization policy) reach a service that acts on them.
+Not the deadline: gRPC rounds the timeout it sends up to a few significant digits (a 10 s
+timeout arrives up to ~0.1 s longer, 600 s up to ~1 s), and Istio cuts it to the route's timeout
+(`max_grpc_timeout`), so `sent timeout - time remaining` errs by more than the waits it would
+measure.
+
+Limits, by construction: a caller whose every call of a whole window waited (a queue that never
+drained for `window_s`) has that wait in its baseline and reads only what comes on top; a caller
+whose clock is stepped back by d reads every call d late until the step leaves the window. The
+values are the caller's word: only trusted callers (the gateways, by the mesh's authorization
+policy) reach a service that acts on them.
 """
 
 from __future__ import annotations
@@ -29,39 +30,60 @@ import math
 from collections.abc import Iterable
 from typing import Final, cast
 
-TIMEOUT_KEY: Final = "x-llmmesh-timeout-s"  # the timeout the caller gave the call, seconds
-SENT_AT_KEY: Final = "x-llmmesh-sent-at"  # the caller's wall clock when it sent it, Unix seconds
+CALLER_KEY: Final = "x-llmmesh-caller"  # the calling process's id
+SENT_AT_KEY: Final = "x-llmmesh-sent-at"  # the caller's wall clock when it sent the call, Unix s
+# A reading further off than this is no clock offset or wait: ignored.
+MAX_READING_S: Final = 3600.0
 
 
-def call_metadata(timeout_s: float, wall_now: float) -> tuple[tuple[str, str], ...]:
-    """The metadata a caller adds to a call it gives `timeout_s` at wall time `wall_now`."""
-    return ((TIMEOUT_KEY, f"{timeout_s:.6f}"), (SENT_AT_KEY, f"{wall_now:.6f}"))
+def call_metadata(caller: str, wall_now: float) -> tuple[tuple[str, str], ...]:
+    """The metadata a caller adds to a call it sends at wall time `wall_now`."""
+    return ((CALLER_KEY, caller), (SENT_AT_KEY, f"{wall_now:.6f}"))
 
 
-def server_sojourn(
-    metadata: Iterable[object] | None, time_remaining: float | None, wall_now: float
-) -> float | None:
-    """The wait of a call whose handler starts at wall time `wall_now`: the smaller of the
-    deadline's and the wall clock's reading, each where the call carries what it needs; None
-    for a call that carries neither (or only unreadable values)."""
-    sent_timeout = sent_at = None
+def read_call(metadata: Iterable[object] | None, wall_now: float) -> tuple[str, float] | None:
+    """(caller, reading) of a call whose handler starts at wall time `wall_now`; None for a call
+    that says no caller or no readable send time."""
+    caller = sent_at = None
     for item in metadata or ():
         key, value = cast(tuple[str, str | bytes], item)
-        if key == TIMEOUT_KEY:
-            sent_timeout = _seconds(value)
+        if key == CALLER_KEY and isinstance(value, str) and value:
+            caller = value
         elif key == SENT_AT_KEY:
-            sent_at = _seconds(value)
-    readings = []
-    if sent_timeout is not None and time_remaining is not None:
-        readings.append(sent_timeout - time_remaining)
-    if sent_at is not None:
-        readings.append(wall_now - sent_at)
-    return max(min(readings), 0.0) if readings else None
-
-
-def _seconds(value: str | bytes) -> float | None:
-    try:
-        seconds = float(value)
-    except (TypeError, ValueError):
+            try:
+                sent_at = float(value)
+            except (TypeError, ValueError):
+                return None
+    if caller is None or sent_at is None or not math.isfinite(sent_at):
         return None
-    return seconds if math.isfinite(seconds) and seconds > 0 else None
+    reading = wall_now - sent_at
+    return (caller, reading) if abs(reading) <= MAX_READING_S else None
+
+
+class CallerBaselines:
+    """Per caller, the smallest reading of the last `window_s` (the current half-window's and
+    the previous one's), at most `max_callers` callers (the oldest forgotten first)."""
+
+    def __init__(self, window_s: float = 60.0, max_callers: int = 1024) -> None:
+        self._half_s = window_s / 2
+        self._max_callers = max_callers
+        # caller -> [smallest reading this half-window, the previous half-window's, its start]
+        self._callers: dict[str, list[float]] = {}
+
+    def sojourn(self, caller: str, reading: float, now: float) -> float:
+        """The wait a reading of `caller` at `now` (the service's monotonic clock) shows."""
+        b = self._callers.get(caller)
+        if b is None:
+            if len(self._callers) >= self._max_callers:
+                del self._callers[next(iter(self._callers))]
+            b = self._callers[caller] = [reading, reading, now]
+        elif now - b[2] >= self._half_s:
+            # A new half-window; after a whole window without calls, nothing older counts.
+            b[1] = b[0] if now - b[2] < 2 * self._half_s else reading
+            b[0], b[2] = reading, now
+        elif reading < b[0]:
+            b[0] = reading
+        return max(reading - min(b[0], b[1]), 0.0)
+
+    def __len__(self) -> int:
+        return len(self._callers)

@@ -780,16 +780,20 @@ class Orchestrator:
         self.tick()
 
     def tick(self) -> None:
-        """Time-driven upkeep: reclaim leases never completed within `lease_timeout_s`."""
+        """Time-driven upkeep: reclaim leases never completed within `lease_timeout_s`; close
+        the shedding windows no Admit closed."""
+        self._shedder.tick(self._clock())
+        metrics.record_shed_level(self._shedder.level)
         for lease_id in self._leases.expired():
             log.warning("lease reclaimed", extra={"lease_id": lease_id})
             self.complete(lease_id, Outcome.REQUEST_ERROR)
 
     def observe_sojourn(self, sojourn_s: float) -> None:
-        """How long an Admit waited between reaching this process and its handler's start (the
-        adapter reads it from the call): drives the shedding of Admits (`shedding.py`)."""
+        """How long an Admit waited between its sending and its handler's start (the adapter
+        reads it from the call): drives the shedding of Admits (`shedding.py`)."""
         self._shedder.observe(sojourn_s, self._clock())
-        metrics.record_sojourn(sojourn_s, self._shedder.level)
+        metrics.record_sojourn(sojourn_s)
+        metrics.record_shed_level(self._shedder.level)
 
     async def scrape_once(self) -> None:
         await self._sampler.scrape(list(self._replicas.live()))

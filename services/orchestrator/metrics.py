@@ -45,7 +45,8 @@ _KV_UPDATES_DROPPED = Counter(
 )
 _SOJOURN = Gauge(
     names.ORCH_SOJOURN,
-    "How long the last Admit waited between reaching this process and its handler's start.",
+    "How long the last Admit waited between its sending and its handler's start (less its "
+    "caller's baseline: llmmesh/common/sojourn.py).",
 )
 _SHED_LEVEL = Gauge(
     names.ORCH_SHED_LEVEL,
@@ -143,6 +144,9 @@ def record_kv_update_dropped() -> None:
     _KV_UPDATES_DROPPED.inc()
 
 
-def record_sojourn(sojourn_s: float, shed_level: float) -> None:
+def record_sojourn(sojourn_s: float) -> None:
     _SOJOURN.set(sojourn_s)
-    _SHED_LEVEL.set(shed_level)
+
+
+def record_shed_level(level: float) -> None:
+    _SHED_LEVEL.set(level)

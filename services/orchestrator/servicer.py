@@ -10,7 +10,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from llmmesh.common.errors import ServiceError, abort
-from llmmesh.common.sojourn import server_sojourn
+from llmmesh.common.sojourn import CallerBaselines, read_call
 from llmmesh.common.telemetry import extract_trace_context, request_id_var
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
@@ -31,14 +31,16 @@ _tracer = trace.get_tracer("llmmesh.orchestrator")
 class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     def __init__(self, core: Orchestrator, wall_clock: Callable[[], float] = time.time):
         self._core = core
-        self._wall_clock = wall_clock  # for the callers' send times (`server_sojourn`)
+        self._wall_clock = wall_clock  # against the callers' send times (`read_call`)
+        self._baselines = CallerBaselines()
 
     async def Admit(self, request: pb.AdmitRequest, context: Ctx) -> pb.AdmitResponse:
         request_id_var.set(request.request_id)
         metadata = context.invocation_metadata()
-        sojourn_s = server_sojourn(metadata, context.time_remaining(), self._wall_clock())
-        if sojourn_s is not None:
-            self._core.observe_sojourn(sojourn_s)
+        call = read_call(metadata, self._wall_clock())
+        if call is not None:
+            caller, reading = call
+            self._core.observe_sojourn(self._baselines.sojourn(caller, reading, self._core.now()))
         parent = extract_trace_context(metadata)
         with _tracer.start_as_current_span(
             "orchestrator.admit", context=parent, kind=SpanKind.SERVER

@@ -137,8 +137,8 @@ class OrchestratorSettings(ServiceSettings):
         default=0.02,
         ge=0,
         description=(
-            "Target wait of an Admit between reaching this process and its handler starting "
-            "(from the caller's x-llmmesh-timeout-s and the deadline). While every Admit of a "
+            "Target wait of an Admit between its sending and its handler's start (from the "
+            "caller's x-llmmesh-sent-at, less that caller's baseline). While every Admit of a "
             "shed_window_s waits longer, Admits are refused at once (RESOURCE_EXHAUSTED, reason "
             "BUSY), batch first, then standard, then interactive "
             "(services/orchestrator/shedding.py). 0: never shed."

@@ -7,16 +7,18 @@ process has, gRPC holds the arriving calls unstarted, unbounded by anything of o
 Admit/s on a saturated core, Admits waited 1-2 s and gRPC cancelled those past its own limit
 (CANCELLED, no retry-after; `bench-admit`).
 
-Signal: each Admit's sojourn, the time between its arrival and its handler's start
-(`llmmesh.common.sojourn`: from the caller's timeout and the deadline's time remaining). The CPU
-share is no signal here: a process sharing its core is saturated well below 100%.
+Signal: each Admit's sojourn, the time between its sending and its handler's start
+(`llmmesh.common.sojourn`: the caller's send time against this host's clock, less the caller's
+baseline). The CPU share is no signal here: a process sharing its core is saturated well below
+100%.
 
 Control, as CoDel judges a queue: per window of `window_s`, the smallest sojourn seen. A queue
 that stands (every call in the window waited) is overload; a burst that some calls waited
 behind is not. One level L in [0, 1]:
-- a window whose smallest sojourn exceeds `target_s` raises L by `STEP`; one under half the
-  target lowers it by `STEP / 4`, and so does each window that passed without a call (quick to
-  shed, slow to stop: the queue a sample reports is already behind it);
+- a window of at least `MIN_SAMPLES` Admits whose smallest sojourn exceeds `target_s` raises L
+  by `STEP`; one whose smallest is under half the target lowers it by `STEP / 4`, and so does
+  each window without a call (`tick` closes those when no call comes): quick to shed, slow to
+  stop, since the queue a sample reports is already behind it;
 - a request of class tier t (batch 0, standard 1, interactive 2) is refused with probability
   clamp(3 L - t, 0, 1): every batch request is refused before any standard one, every standard
   one before any interactive one. Standard requests are refused from the fourth overloaded
@@ -35,6 +37,9 @@ import random
 from services.orchestrator.domain import Priority
 
 STEP = 0.1  # level change per overloaded window (a quarter of it per idle or calm window)
+# A window is judged overloaded only on this many Admits: one slow call alone (a new connection's
+# handshake, a collection) is no standing queue.
+MIN_SAMPLES = 3
 _TIERS = 3  # batch, standard, interactive
 
 
@@ -48,24 +53,40 @@ class AdmitShedder:
         self.last_sojourn_s = 0.0
         self._window: int | None = None  # the current window's index: now // window_s
         self._window_min = 0.0
+        self._samples = 0  # in the current window
 
     def observe(self, sojourn_s: float, now: float) -> None:
         self.last_sojourn_s = sojourn_s
         if self._target_s <= 0:
             return
-        window = int(now // self._window_s)
-        if window == self._window:
-            self._window_min = min(self._window_min, sojourn_s)
-            return
-        if self._window is not None:
-            self._judge(self._window_min)
-            idle = max(window - self._window - 1, 0)
-            self.level = max(0.0, self.level - idle * STEP / 4)
-        self._window = window
-        self._window_min = sojourn_s
+        self._advance(now)
+        if not self._samples or sojourn_s < self._window_min:
+            self._window_min = sojourn_s
+        self._samples += 1
 
-    def _judge(self, smallest_s: float) -> None:
-        if smallest_s > self._target_s:
+    def tick(self, now: float) -> None:
+        """Close the windows that ended by `now` without a call (periodic upkeep: the level of
+        an orchestrator no one calls falls back too)."""
+        if self._target_s > 0:
+            self._advance(now)
+
+    def _advance(self, now: float) -> None:
+        window = int(now // self._window_s)
+        if self._window is None:
+            self._window = window
+            return
+        if window <= self._window:
+            return
+        if self._samples:
+            self._judge(self._window_min, self._samples)
+            idle = window - self._window - 1
+        else:
+            idle = window - self._window
+        self.level = max(0.0, self.level - idle * STEP / 4)
+        self._window, self._samples = window, 0
+
+    def _judge(self, smallest_s: float, samples: int) -> None:
+        if smallest_s > self._target_s and samples >= MIN_SAMPLES:
             self.level = min(1.0, self.level + STEP)
         elif smallest_s < self._target_s / 2:
             self.level = max(0.0, self.level - STEP / 4)

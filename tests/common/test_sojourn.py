@@ -1,6 +1,6 @@
-"""A call's wait at its server, from the caller's timeout and the server-side deadline: parsing,
-and gRPC's behaviour the measure rests on (the deadline runs while a busy server has not started
-the call), on a real server on an ephemeral port."""
+"""A call's wait at its server from the caller's send time: reading the metadata, taking out the
+caller's clock offset (its baseline), and, on a real server on an ephemeral port, the wait of a
+call behind a handler that holds the event loop."""
 
 from __future__ import annotations
 
@@ -12,64 +12,91 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
-from llmmesh.common.sojourn import SENT_AT_KEY, TIMEOUT_KEY, call_metadata, server_sojourn
+from llmmesh.common.sojourn import (
+    CALLER_KEY,
+    MAX_READING_S,
+    SENT_AT_KEY,
+    CallerBaselines,
+    call_metadata,
+    read_call,
+)
 
 METHOD = "/test.Sojourn/Wait"
 BUSY_S = 0.3
-
-
 NOW = 1_700_000_000.0
 
 
-def md(timeout_s: float | None = None, sent_at: float | None = None) -> list[tuple[str, str]]:
-    out = []
-    if timeout_s is not None:
-        out.append((TIMEOUT_KEY, f"{timeout_s:.6f}"))
-    if sent_at is not None:
-        out.append((SENT_AT_KEY, f"{sent_at:.6f}"))
-    return out
-
-
 @pytest.mark.parametrize(
-    ("metadata", "remaining", "expected"),
+    ("metadata", "expected"),
     [
-        (md(10.0), 9.75, 0.25),  # the deadline's reading alone
-        (md(sent_at=NOW - 0.25), None, 0.25),  # the wall clock's alone
-        (md(10.0, NOW - 0.25), 9.75, 0.25),  # both agree
-        (md(600.0, NOW - 0.25), 34.75, 0.25),  # a proxy cut the deadline to 35 s: ignored
-        (md(10.0, NOW - 5.0), 9.75, 0.25),  # the caller's clock is behind: ignored
-        (md(10.0, NOW + 5.0), 9.75, 0.0),  # ahead: the wait reads shorter, never negative
-        ([("traceparent", "x"), *md(2.0)], 2.0, 0.0),
-        (md(1.0), 1.0005, 0.0),  # the wire's rounding: never negative
-        (md(10.0), None, None),  # no deadline, no send time
-        ([], 5.0, None),  # the caller did not say
-        (None, 5.0, None),
-        ([(TIMEOUT_KEY, "soon")], 5.0, None),
-        ([(TIMEOUT_KEY, "nan"), (SENT_AT_KEY, "inf")], 5.0, None),
-        ([(TIMEOUT_KEY, "-3")], 5.0, None),
-        ([(TIMEOUT_KEY, b"3.5")], 3.0, 0.5),
+        (call_metadata("gw-1", NOW - 0.25), ("gw-1", 0.25)),
+        (call_metadata("gw-1", NOW + 0.25), ("gw-1", -0.25)),  # its clock is ahead: an offset
+        ([("traceparent", "x"), (SENT_AT_KEY, b"1699999999.5"), (CALLER_KEY, "g")], ("g", 0.5)),
+        ([(SENT_AT_KEY, f"{NOW}")], None),  # no caller
+        ([(CALLER_KEY, "g")], None),  # no send time
+        ([(CALLER_KEY, ""), (SENT_AT_KEY, f"{NOW}")], None),
+        ([(CALLER_KEY, "g"), (SENT_AT_KEY, "soon")], None),
+        ([(CALLER_KEY, "g"), (SENT_AT_KEY, "nan")], None),
+        ([(CALLER_KEY, "g"), (SENT_AT_KEY, "inf")], None),
+        ([(CALLER_KEY, "g"), (SENT_AT_KEY, "1")], None),  # decades off: no offset or wait
+        (call_metadata("g", NOW - MAX_READING_S - 1), None),
+        ([], None),
+        (None, None),
     ],
 )
-def test_server_sojourn(
-    metadata: list[tuple[str, str | bytes]] | None, remaining: float | None, expected: float | None
+def test_read_call(
+    metadata: list[tuple[str, str | bytes]] | None, expected: tuple[str, float] | None
 ) -> None:
-    got = server_sojourn(metadata, remaining, NOW)
+    got = read_call(metadata, NOW)
     if expected is None:
         assert got is None
     else:
         assert got is not None
-        assert math.isclose(got, expected, abs_tol=1e-6)
+        assert got[0] == expected[0]
+        assert math.isclose(got[1], expected[1], abs_tol=1e-6)
+
+
+def test_a_caller_s_clock_offset_is_its_baseline_and_the_wait_what_comes_on_top() -> None:
+    b = CallerBaselines(window_s=60)
+    offset = 0.75  # the caller's clock is 0.75 s behind: every reading 0.75 s high
+    assert b.sojourn("g", offset + 0.001, 0.0) == 0.0  # the first call is its own baseline
+    assert b.sojourn("g", offset, 1.0) == 0.0
+    assert math.isclose(b.sojourn("g", offset + 0.2, 2.0), 0.2)
+    assert math.isclose(b.sojourn("h", -0.5 + 0.05, 2.0), 0.0)  # each caller its own
+    assert math.isclose(b.sojourn("h", -0.5, 3.0), 0.0)
+    assert math.isclose(b.sojourn("h", -0.5 + 0.05, 4.0), 0.05)
+    assert math.isclose(b.sojourn("g", offset + 0.2, 5.0), 0.2)
+
+
+def test_a_baseline_is_kept_one_window_then_forgotten() -> None:
+    b = CallerBaselines(window_s=60)
+    b.sojourn("g", 0.0, 0.0)
+    # The clock was stepped back by 1 s at 10 s: every call reads 1 s late ...
+    assert math.isclose(b.sojourn("g", 1.0, 10.0), 1.0)
+    assert math.isclose(b.sojourn("g", 1.0, 40.0), 1.0)  # next half-window: still remembered
+    assert math.isclose(b.sojourn("g", 1.0, 59.0), 1.0)
+    assert b.sojourn("g", 1.0, 75.0) == 0.0  # ... until the step leaves the window
+    # A caller silent for a whole window starts afresh.
+    assert b.sojourn("g", 3.0, 200.0) == 0.0
+
+
+def test_callers_are_bounded() -> None:
+    b = CallerBaselines(max_callers=3)
+    for i in range(10):
+        b.sojourn(f"g{i}", 0.0, float(i))
+    assert len(b) == 3
 
 
 @pytest.fixture
 async def address() -> AsyncIterator[str]:
     """A server whose handler answers the call's sojourn; a request body b"busy" first holds
     the event loop for BUSY_S, as a process with more work than CPU does."""
+    baselines = CallerBaselines()
 
     async def wait(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
-        sojourn = server_sojourn(
-            context.invocation_metadata(), context.time_remaining(), time.time()
-        )
+        call = read_call(context.invocation_metadata(), time.time())
+        assert call is not None
+        sojourn = baselines.sojourn(*call, time.monotonic())
         if request == b"busy":
             end = time.perf_counter() + BUSY_S
             while time.perf_counter() < end:
@@ -91,14 +118,13 @@ async def address() -> AsyncIterator[str]:
 
 
 async def test_a_call_behind_a_busy_handler_reports_the_time_it_waited(address: str) -> None:
-    """Both readings see the wait (the smaller is taken): the deadline ran, and time passed."""
     async with grpc.aio.insecure_channel(address) as channel:
         call = channel.unary_unary(METHOD, request_serializer=None, response_deserializer=None)
-        alone = float(await call(b"", timeout=10, metadata=call_metadata(10, time.time())))
+        alone = float(await call(b"", timeout=10, metadata=call_metadata("t", time.time())))
         busy, behind = await asyncio.gather(
-            call(b"busy", timeout=10, metadata=call_metadata(10, time.time())),
-            call(b"", timeout=10, metadata=call_metadata(10, time.time())),
+            call(b"busy", timeout=10, metadata=call_metadata("t", time.time())),
+            call(b"", timeout=10, metadata=call_metadata("t", time.time())),
         )
-    assert alone < BUSY_S / 2
+    assert alone == 0.0  # the caller's first call: its baseline
     assert float(busy) < BUSY_S / 2  # started at once: its own work is not a wait
-    assert float(behind) >= BUSY_S / 2  # its deadline ran while the loop was held
+    assert float(behind) >= BUSY_S / 2  # it waited while the loop was held

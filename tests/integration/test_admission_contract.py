@@ -68,7 +68,7 @@ async def test_gateway_lease_carries_every_field_of_a_dns_discovered_replica() -
 
 
 async def test_an_orchestrator_behind_on_its_calls_refuses_the_gateway_with_busy() -> None:
-    """The shedding's wiring end to end: the gateway's client sends its timeout and send time,
+    """The shedding's wiring end to end: the gateway's client sends its id and send time,
     the orchestrator reads each Admit's wait from them and, behind (rounds of 50 Admits at once
     against a 1 ms target: each round's later calls wait behind its earlier ones), refuses with
     BUSY and its retry-after, which the client keeps."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -11,7 +12,7 @@ import pytest_asyncio
 
 from llmmesh.common.discovery import DnsTarget
 from llmmesh.common.errors import RETRY_AFTER_KEY, Reason, from_rpc_error
-from llmmesh.common.sojourn import TIMEOUT_KEY
+from llmmesh.common.sojourn import call_metadata
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from llmmesh.kvblocks import token_bytes
@@ -174,9 +175,13 @@ async def test_an_admit_s_wait_before_its_handler_reaches_the_shedder() -> None:
     probe.ready_ids = {"r0"}
     await core.probe_once()
     async with serve(core) as stub:
-        # Sent with 5 s on the deadline and 9 s said: the handler found 4 s used (and the hop).
-        lease = await stub.Admit(admit("a"), timeout=5, metadata=((TIMEOUT_KEY, "9"),))
+        now = time.time()
+        lease = await stub.Admit(admit("a"), timeout=5, metadata=call_metadata("c", now))
+        assert core._shedder.last_sojourn_s == 0.0  # the caller's first call: its baseline
+        await stub.Complete(pb.CompleteRequest(lease_id=lease.lease_id), timeout=5)
+        # Said to be sent 4 s before the first: it waited 4 s more than that one.
+        lease = await stub.Admit(admit("b"), timeout=5, metadata=call_metadata("c", now - 4))
         assert 3.9 < core._shedder.last_sojourn_s < 4.5
         await stub.Complete(pb.CompleteRequest(lease_id=lease.lease_id), timeout=5)
-        await stub.Admit(admit("b"), timeout=5)  # a caller that does not say: no sample
+        await stub.Admit(admit("c"), timeout=5)  # a caller that does not say: no sample
         assert 3.9 < core._shedder.last_sojourn_s < 4.5

@@ -11,13 +11,13 @@ from llmmesh.common.errors import Reason
 from services.orchestrator.director import Orchestrator
 from services.orchestrator.domain import Outcome, Priority
 from services.orchestrator.errors import Busy
-from services.orchestrator.shedding import STEP, AdmitShedder
+from services.orchestrator.shedding import MIN_SAMPLES, STEP, AdmitShedder
 from tests.orchestrator.test_clock import ManualClock
 from tests.orchestrator.test_core import FakeProbe, req, settings
 
 TARGET = 0.02
 WINDOW = 0.05
-OVER = [0.5, 0.3]  # a standing queue: every call of the window waited
+OVER = [0.5, 0.3, 0.4]  # a standing queue: every call of the window waited
 CALM = [0.001]
 
 
@@ -59,6 +59,21 @@ def test_the_level_refuses_batch_then_standard_then_interactive(
     assert s.refusal_share(Priority.INTERACTIVE) == pytest.approx(interactive)
 
 
+def test_a_window_of_too_few_calls_is_no_standing_queue() -> None:
+    s = shedder_after([[0.5] * (MIN_SAMPLES - 1)] * 20)
+    assert s.level == 0
+
+
+def test_upkeep_closes_the_windows_no_call_closed() -> None:
+    s = shedder_after([OVER] * 4)  # level 4 steps; the fifth window began with a calm call
+    s.tick(4.9 * WINDOW)  # still the fifth window: nothing to close
+    assert s.level == pytest.approx(4 * STEP)
+    s.tick(13.5 * WINDOW)  # it and 8 windows without a call closed
+    assert s.level == pytest.approx(4 * STEP - (1 + 8) * STEP / 4)
+    s.tick(100 * WINDOW)
+    assert s.level == 0
+
+
 def test_windows_without_calls_lower_the_level() -> None:
     s = shedder_after([OVER] * 4)  # level 4 steps; the fifth window began with a calm call
     s.observe(0.001, 13.5 * WINDOW)  # 8 windows passed without a call
@@ -89,7 +104,8 @@ async def test_a_process_behind_on_its_calls_refuses_admits_with_busy_and_a_retr
 
     def windows(n: int, sojourn_s: float) -> None:
         for _ in range(n):
-            core.observe_sojourn(sojourn_s)
+            for _ in range(MIN_SAMPLES):
+                core.observe_sojourn(sojourn_s)
             clock.t += cfg.shed_window_s
 
     windows(5, 0.5)  # four judged: every batch request refused, interactive ones not
@@ -104,6 +120,7 @@ async def test_a_process_behind_on_its_calls_refuses_admits_with_busy_and_a_retr
     windows(10, 0.5)  # further behind: every class refused
     with pytest.raises(Busy):
         await core.admit(req("i2", Priority.INTERACTIVE), 1.0)
-    windows(50, 0.001)  # caught up: the level falls back to 0
+    clock.t += 100 * cfg.shed_window_s  # no Admit since: the health round's upkeep lowers it
+    await core.probe_once()
     lease = await core.admit(req("b2", Priority.BATCH), 1.0)
     core.complete(lease.lease_id, Outcome.SUCCESS)
