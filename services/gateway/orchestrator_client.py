@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from typing import Final
 
 import grpc
@@ -54,6 +55,9 @@ _OUTCOME: Final = {
     Outcome.REPLICA_ERROR: pb.OUTCOME_REPLICA_ERROR,
     Outcome.REQUEST_ERROR: pb.OUTCOME_REQUEST_ERROR,
 }
+# This process, to the orchestrators' sojourn reading (`llmmesh.common.sojourn`): its clock's
+# offset from theirs is learnt per caller.
+CALLER_ID: Final = f"gateway-{uuid.uuid4().hex[:12]}"
 _NO_REPLICA_REASONS: Final = frozenset({Reason.NO_REPLICA, Reason.ACTIVATION_TIMEOUT})
 
 
@@ -129,10 +133,11 @@ def admit_error(err: grpc.aio.AioRpcError) -> ServiceError:
     if err.code() == grpc.StatusCode.CANCELLED:
         # Not this caller's cancel (that ends the call with CancelledError here): the
         # orchestrator's gRPC dropped the call unstarted (held too long behind the calls it had
-        # not started) or it is stopping. Another orchestrator may serve it: BUSY, whose
-        # retry-after the orchestrator set fills in when every one refused.
+        # not started) or it is stopping. Another orchestrator may serve it; the orchestrator
+        # set fills in the retry-after when every one refused.
         return ResourceExhausted(
-            f"admission: the orchestrator dropped the call ({err.details()})", reason=Reason.BUSY
+            f"admission: the orchestrator dropped the call ({err.details()})",
+            reason=Reason.DROPPED,
         )
     mapped = from_rpc_error(err, "admission")
     if err.code() == grpc.StatusCode.UNAVAILABLE:
@@ -183,8 +188,8 @@ class OrchestratorClient:
             response = await self._stub.Admit(
                 admit_request_to_pb(request),
                 timeout=timeout,
-                # The orchestrator reads how long the call waited for it from the timeout and time sent.
-                metadata=tuple(inject_trace_metadata([*call_metadata(timeout, time.time())])),
+                # The orchestrator reads how long the call waited for it from the time sent.
+                metadata=tuple(inject_trace_metadata([*call_metadata(CALLER_ID, time.time())])),
             )
         except grpc.aio.AioRpcError as err:
             raise admit_error(err) from err

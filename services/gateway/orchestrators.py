@@ -8,10 +8,13 @@ next one. That retry is safe: nothing has streamed yet and no lease was granted.
 (`NoReplica`, QUEUE_FULL with its retry-after, QUEUE_TIMEOUT, a bad request) is an answer, not a
 failure, and is never retried on another orchestrator: every orchestrator sees the same replicas
 and engines, so another would mostly say the same, and under overload a retry would double the
-admission pressure instead of honouring the retry-after. The exception is reason BUSY: that
-orchestrator process is behind on its own calls (services/orchestrator/shedding.py), which says
-nothing of the others, so the call goes on to the next one; when every orchestrator answered
-BUSY, the last refusal (with its retry-after) is the answer, never degraded mode.
+admission pressure instead of honouring the retry-after. The exceptions are reasons BUSY (that
+orchestrator process is behind on its own calls: services/orchestrator/shedding.py) and DROPPED
+(its gRPC ended the call unanswered: held unstarted too long, or the process is stopping), which
+say nothing of the others: the call goes on to the next orchestrator, once per request, and the
+refusing one is tried after the others until its retry-after. When that one refuses too, or
+none is left, the refusal (with its retry-after, this set's when it had none) is the answer,
+never degraded mode.
 
 Complete: the set remembers which orchestrator granted each lease and reports it there (leases
 are that orchestrator's load accounting). If that orchestrator is gone, so is the state the
@@ -71,6 +74,9 @@ __all__ = ["LOCAL_EJECTION_S", "LOCAL_LEASE_PREFIX", "Member", "OrchestratorSet"
 
 log = logging.getLogger(__name__)
 
+# Refusals that speak for one orchestrator process only: the call goes on to another.
+_ANOTHER_MAY_ANSWER = frozenset({Reason.BUSY, Reason.DROPPED})
+
 LOCAL_LEASE_PREFIX: Final = "local-"
 # A replica one of this gateway's degraded leases failed on is skipped this long.
 LOCAL_EJECTION_S: Final = 10.0
@@ -120,6 +126,9 @@ class OrchestratorSet:
         self._members: dict[str, Member] = {}
         self._retired: dict[str, Member] = {}  # left the list, still owning leases
         self._down_until: dict[str, float] = {}
+        # Orchestrators that refused BUSY (or dropped a call) until their retry-after: tried
+        # after the others meanwhile.
+        self._busy_until: dict[str, float] = {}
         self._turn = 0
         self._owner: dict[str, str] = {}  # lease id -> orchestrator address, or _LOCAL
         self._owned: dict[str, int] = {}  # address -> live leases it granted
@@ -162,6 +171,7 @@ class OrchestratorSet:
         for addr in [a for a in self._members if a not in wanted]:
             member = self._members.pop(addr)
             self._down_until.pop(addr, None)
+            self._busy_until.pop(addr, None)
             log.info("orchestrator removed", extra={"orchestrator": addr})
             if self._owned.get(addr, 0):
                 self._retired[addr] = member
@@ -184,7 +194,8 @@ class OrchestratorSet:
         rotated = addrs[start:] + addrs[:start]
         now = self._clock()
         up = [a for a in rotated if self._down_until.get(a, 0.0) <= now]
-        return up + [a for a in rotated if a not in up]
+        free = [a for a in up if self._busy_until.get(a, 0.0) <= now]
+        return free + [a for a in up if a not in free] + [a for a in rotated if a not in up]
 
     def _unreached(self, addr: str, err: ServiceError) -> None:
         now = self._clock()
@@ -255,15 +266,25 @@ class OrchestratorSet:
                 last = err
                 continue
             except ServiceError as err:
-                self._answered(addr)
-                if err.reason is Reason.BUSY:
-                    # That process is behind on its calls: another one may not be.
+                if err.reason is not Reason.DROPPED:  # a dropped call is no sign of life
+                    self._answered(addr)
+                if err.reason not in _ANOTHER_MAY_ANSWER:
+                    raise  # any other typed refusal is an answer: not retried elsewhere
+                # That process is behind on its calls (or stopping): another may not be. One
+                # such failover per request: when the orchestrators are all behind, each try
+                # adds to every one's backlog.
+                self._busy_until[addr] = self._clock() + (
+                    err.retry_after_s if err.retry_after_s is not None else self._retry_after_s
+                )
+                if busy is not None:
                     busy = err
-                    continue
-                raise  # any other typed refusal is an answer: not retried elsewhere
+                    break
+                busy = err
+                continue
             finally:
                 calls.discard(call)
             self._answered(addr)
+            self._busy_until.pop(addr, None)
             self._owner[lease.lease_id] = addr
             self._owned[addr] = self._owned.get(addr, 0) + 1
             return lease

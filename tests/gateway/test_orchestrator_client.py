@@ -4,6 +4,7 @@ OrchestratorService: every field converted both ways, refusals mapped by their t
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from llmmesh.common.errors import (
     Unavailable,
     abort,
 )
-from llmmesh.common.sojourn import SENT_AT_KEY, TIMEOUT_KEY
+from llmmesh.common.sojourn import CALLER_KEY, SENT_AT_KEY
 from llmmesh.common.topology import Priority, ReplicaAddress
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
@@ -30,6 +31,7 @@ from llmmesh.kvblocks import tokens_from_bytes
 from services.gateway.admission import AdmissionRequest, LeaseReport, Outcome
 from services.gateway.errors import NoReplica, OrchestratorUnavailable
 from services.gateway.orchestrator_client import (
+    CALLER_ID,
     COMPLETE_ATTEMPTS,
     OrchestratorClient,
     replica_from_pb,
@@ -58,6 +60,8 @@ class FakeOrchestratorService(pb_grpc.OrchestratorServiceServicer):
         self.completes: list[pb.CompleteRequest] = []
         self.complete_failures = 0
         self.replicas = pb.ListReplicasResponse()
+        self.hold: asyncio.Event | None = None  # Admit waits for it, once `holding` is set
+        self.holding = asyncio.Event()
 
     async def Admit(self, request: pb.AdmitRequest, context: Ctx) -> pb.AdmitResponse:
         self.admits.append(request)
@@ -68,6 +72,9 @@ class FakeOrchestratorService(pb_grpc.OrchestratorServiceServicer):
             await abort(context, self.refusal)
         if self.plain_refusal is not None:
             await context.abort(*self.plain_refusal)
+        if self.hold is not None:
+            self.holding.set()
+            await self.hold.wait()
         return pb.AdmitResponse(lease_id="lease-9", replica=REPLICA, queue_ms=12.5)
 
     async def Complete(self, request: pb.CompleteRequest, context: Ctx) -> pb.CompleteResponse:
@@ -161,8 +168,8 @@ async def test_admit_round_trip_carries_every_field(served: Served) -> None:
     # The caller's trace continues in the orchestrator.
     traceparent = served.service.admit_metadata[0]["traceparent"]
     assert traceparent.split("-")[1] == format(span.get_span_context().trace_id, "032x")
-    # The timeout and time sent, from which the orchestrator reads how long the call waited.
-    assert float(served.service.admit_metadata[0][TIMEOUT_KEY]) == 5.0
+    # Who sent it and when, from which the orchestrator reads how long the call waited.
+    assert served.service.admit_metadata[0][CALLER_KEY] == CALLER_ID
     assert abs(float(served.service.admit_metadata[0][SENT_AT_KEY]) - time.time()) < 60
 
 
@@ -204,13 +211,24 @@ async def test_unavailable_without_reason_is_the_orchestrator_whatever_the_text(
     assert not isinstance(info.value, NoReplica)
 
 
-async def test_a_call_the_orchestrator_dropped_is_busy(served: Served) -> None:
+async def test_a_call_the_orchestrator_dropped_is_dropped(served: Served) -> None:
     # gRPC cancels calls a saturated server held too long unstarted: not the caller's cancel.
     served.service.plain_refusal = (grpc.StatusCode.CANCELLED, "CANCELLED")
     with pytest.raises(ResourceExhausted) as info:
         await served.client.admit(admission(), timeout_s=5.0)
-    assert info.value.reason is Reason.BUSY
+    assert info.value.reason is Reason.DROPPED
     assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_the_caller_s_own_cancel_stays_a_cancel(served: Served) -> None:
+    held = asyncio.Event()
+    served.service.hold = held
+    call = asyncio.ensure_future(served.client.admit(admission(), timeout_s=5.0))
+    await served.service.holding.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    held.set()
 
 
 async def test_nothing_listening_is_orchestrator_unavailable(tmp_path: Path) -> None:

@@ -149,41 +149,75 @@ async def test_typed_refusal_is_an_answer_not_retried(refusal: Exception) -> Non
     assert sum(f.admits for f in fakes.values()) == 1
 
 
-def busy(retry_after_s: float = 1.0) -> ResourceExhausted:
-    return ResourceExhausted("behind", retry_after_s=retry_after_s, reason=Reason.BUSY)
+def busy(retry_after_s: float | None = 1.0, reason: Reason = Reason.BUSY) -> ResourceExhausted:
+    return ResourceExhausted("behind", retry_after_s=retry_after_s, reason=reason)
 
 
-async def test_a_busy_orchestrator_is_passed_over_for_the_next_one() -> None:
-    orchs, fakes, _ = make(3)
-    fakes["o0"].refusal = busy()
-    leases = [await orchs.admit(request(), timeout_s=1.0) for _ in range(3)]
+@pytest.mark.parametrize("reason", [Reason.BUSY, Reason.DROPPED])
+async def test_a_busy_orchestrator_is_passed_over_then_tried_last_until_its_retry_after(
+    reason: Reason,
+) -> None:
+    orchs, fakes, clock = make(3)
+    fakes["o0"].refusal = busy(retry_after_s=2.0, reason=reason)
+    leases = [await orchs.admit(request(), timeout_s=1.0) for _ in range(6)]
     assert all(not lease.lease_id.startswith("o0-") for lease in leases)
-    assert fakes["o0"].admits == 1  # its turn came once
+    assert fakes["o0"].admits == 1  # refused once, then tried after the others
     assert not degraded(orchs)
-    fakes["o0"].refusal = None  # caught up: not marked down, served in turn at once
+    fakes["o0"].refusal = None
+    clock.now += 2.0  # its retry-after passed: in turn again
     leases = [await orchs.admit(request(), timeout_s=1.0) for _ in range(3)]
     assert {lease.lease_id[:2] for lease in leases} == {"o0", "o1", "o2"}
 
 
-async def test_every_orchestrator_busy_is_the_refusal_not_degraded_mode() -> None:
-    orchs, fakes, _ = make(2)
+async def test_one_busy_failover_per_request_then_the_refusal_not_degraded_mode() -> None:
+    orchs, fakes, _ = make(3)
     await orchs.status(timeout_s=1.0)  # a usable view: degraded mode could serve
     for i, f in enumerate(fakes.values()):
         f.refusal = busy(retry_after_s=1.0 + i)
     with pytest.raises(ResourceExhausted) as info:
         await orchs.admit(request(), timeout_s=1.0)
     assert info.value.reason is Reason.BUSY
-    assert info.value.retry_after_s in (1.0, 2.0)
-    assert [f.admits for f in fakes.values()] == [1, 1]
+    tried = [i for i, f in enumerate(fakes.values()) if f.admits]
+    assert len(tried) == 2  # two tried, not all three, once each
+    assert sum(f.admits for f in fakes.values()) == 2
+    assert info.value.retry_after_s in {1.0 + i for i in tried}  # a refusal's own
     assert not degraded(orchs)
 
 
-async def test_a_busy_refusal_without_a_retry_after_gets_the_set_s() -> None:
+async def test_a_busy_refusal_then_unreachable_ones_is_the_refusal() -> None:
+    orchs, fakes, _ = make(3)
+    await orchs.status(timeout_s=1.0)
+    fakes["o0"].refusal = busy()
+    fakes["o1"].up = fakes["o2"].up = False
+    with pytest.raises(ResourceExhausted):
+        await orchs.admit(request(), timeout_s=1.0)
+    assert not degraded(orchs)
+
+
+async def test_a_refusal_without_a_retry_after_gets_the_set_s() -> None:
     orchs, fakes, _ = make(1, retry_after_s=3.0)
-    fakes["o0"].refusal = ResourceExhausted("dropped", reason=Reason.BUSY)
+    fakes["o0"].refusal = busy(retry_after_s=None, reason=Reason.DROPPED)
     with pytest.raises(ResourceExhausted) as info:
         await orchs.admit(request(), timeout_s=1.0)
     assert info.value.retry_after_s == 3.0
+
+
+async def test_a_dropped_call_is_no_sign_of_life() -> None:
+    orchs, fakes, _ = make(2)
+    await orchs.status(timeout_s=1.0)
+    for f in fakes.values():
+        f.up = False
+    await orchs.admit(request(), timeout_s=1.0)  # none answers: degraded mode
+    assert degraded(orchs)
+    fakes["o0"].up = True
+    fakes["o0"].refusal = busy(reason=Reason.DROPPED)
+    with pytest.raises(ResourceExhausted):
+        await orchs.admit(request(), timeout_s=1.0)
+    assert degraded(orchs)  # a stopping orchestrator's dropped call does not end it
+    fakes["o0"].refusal = busy(reason=Reason.BUSY)
+    with pytest.raises(ResourceExhausted):
+        await orchs.admit(request(), timeout_s=1.0)
+    assert not degraded(orchs)  # a BUSY answer does
 
 
 async def test_complete_goes_to_the_granting_orchestrator() -> None:
