@@ -152,7 +152,9 @@ class Orchestrator:
         self._load = LoadLedger(clock, work)
         self._feedback = PrefixFeedback(prefix_index)
         # Its own draws: the scheduler's sequence (and so a simulation's) does not depend on it.
-        self._shedder = AdmitShedder(settings.shed_sojourn_s, settings.shed_window_s)
+        self._shedder = AdmitShedder(
+            settings.shed_sojourn_s, settings.shed_window_s, settings.shed_after_s
+        )
         self._reprobes: set[asyncio.Task[None]] = set()
         self._max_backlog_s = (
             self._policy.capacity.max_prefill_backlog_s * settings.engine_time_scale

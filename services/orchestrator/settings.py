@@ -149,6 +149,15 @@ class OrchestratorSettings(ServiceSettings):
         gt=0,
         description="Window whose smallest Admit wait is compared with shed_sojourn_s.",
     )
+    shed_after_s: float = Field(
+        default=1.0,
+        ge=0,
+        description=(
+            "How long Admits must have waited beyond shed_sojourn_s without a break before the "
+            "first is shed: a burst this process works through sooner is queued, not refused "
+            "(gRPC itself cancels calls held unstarted for ~2 s)."
+        ),
+    )
     shed_retry_after_s: float = Field(
         default=1.0,
         gt=0,

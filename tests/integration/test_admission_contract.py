@@ -74,7 +74,7 @@ async def test_an_orchestrator_behind_on_its_calls_refuses_the_gateway_with_busy
     BUSY and its retry-after, which the client keeps."""
     probe = FakeProbe()
     cfg = settings(n=1, cap=64)
-    cfg.shed_sojourn_s, cfg.shed_window_s = 0.001, 0.001
+    cfg.shed_sojourn_s, cfg.shed_window_s, cfg.shed_after_s = 0.001, 0.001, 0.005
     core = Orchestrator(cfg, probe)
     probe.ready_ids = {"r0"}
     await core.probe_once()

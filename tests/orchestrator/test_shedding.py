@@ -21,10 +21,10 @@ OVER = [0.5, 0.3, 0.4]  # a standing queue: every call of the window waited
 CALM = [0.001]
 
 
-def shedder_after(windows: list[list[float]]) -> AdmitShedder:
+def shedder_after(windows: list[list[float]], after_s: float = 0.0) -> AdmitShedder:
     """A shedder fed each window's sojourns in turn, the last window judged (by a first sample
-    of the window after it)."""
-    s = AdmitShedder(TARGET, WINDOW, random.Random(0))
+    of the window after it); `after_s` 0: it sheds from the first overloaded window."""
+    s = AdmitShedder(TARGET, WINDOW, after_s, random.Random(0))
     for k, samples in enumerate(windows):
         for i, x in enumerate(samples):
             s.observe(x, (k + (i + 1) / (len(samples) + 1)) * WINDOW)
@@ -57,6 +57,32 @@ def test_the_level_refuses_batch_then_standard_then_interactive(
     assert s.refusal_share(Priority.BATCH) == pytest.approx(batch)
     assert s.refusal_share(Priority.STANDARD) == pytest.approx(standard)
     assert s.refusal_share(Priority.INTERACTIVE) == pytest.approx(interactive)
+
+
+@pytest.mark.parametrize(
+    ("windows", "level"),
+    [
+        ([OVER] * 19, 0.0),  # 0.95 s of standing queue: a burst it works through
+        ([OVER] * 20, STEP),  # 1 s: the first rise, with the window that reaches it
+        ([OVER] * 23, 4 * STEP),  # then one step per overloaded window
+        ([OVER] * 19 + [[TARGET]] + [OVER] * 19, 0.0),  # a break starts the count afresh
+        ([OVER] * 19 + [[]] + [OVER], 0.0),  # so does a window without a call
+        ([OVER] * 21 + [[0.015]] + [OVER] * 2, 4 * STEP),  # shedding: no wait again
+    ],
+)
+def test_a_queue_must_stand_after_s_before_the_first_refusal(
+    windows: list[list[float]], level: float
+) -> None:
+    assert shedder_after(windows, after_s=20 * WINDOW).level == pytest.approx(level)
+
+
+def test_a_window_without_calls_breaks_the_standing_queue() -> None:
+    s = shedder_after([OVER] * 19, after_s=20 * WINDOW)
+    s.tick(21.5 * WINDOW)  # the 20th window had no call
+    for i in range(3):
+        s.observe(0.5, (21.5 + i * 0.1) * WINDOW)
+    s.tick(22.5 * WINDOW)
+    assert s.level == 0
 
 
 def test_a_window_of_too_few_calls_is_no_standing_queue() -> None:
@@ -108,7 +134,9 @@ async def test_a_process_behind_on_its_calls_refuses_admits_with_busy_and_a_retr
                 core.observe_sojourn(sojourn_s)
             clock.t += cfg.shed_window_s
 
-    windows(5, 0.5)  # four judged: every batch request refused, interactive ones not
+    # A second of standing queue, then four more windows: every batch request refused,
+    # interactive ones not.
+    windows(round(cfg.shed_after_s / cfg.shed_window_s) + 4, 0.5)
     with pytest.raises(Busy) as info:
         await core.admit(req("b", Priority.BATCH), 1.0)
     assert info.value.reason is Reason.BUSY
