@@ -19,10 +19,11 @@ behind is not. One level L in [0, 1]:
   overloaded. From level 0, L first rises once overloaded windows have followed one another for
   `after_s` (1 s): a burst whose queue drains sooner is queued, not shed (bench-burst: without
   this, 1,000 requests at once on a healthy mesh had 762 refused BUSY in one run, and a burst of
-  100 had 5). While L > 0, each overloaded window raises it by `STEP`;
-- a window whose smallest is under half the target lowers L by `STEP / 4`, and so does each
-  window without a call (`tick` closes those when no call comes): quick to shed, slow to stop,
-  since the queue a sample reports is already behind it;
+  100 had 5). While L > 0, each overloaded window raises it by `STEP`, unless its smallest
+  sojourn is below the previous window's: the queue shrinks, the shedding is enough (raising it
+  further while the queue drains refused 64% at 500/s where the CPU could take 90%);
+- a window whose smallest is under half the target lowers L by `STEP / 2`, and so does each
+  window without a call (`tick` closes those when no call comes);
 - a request of class tier t (batch 0, standard 1, interactive 2) is refused with probability
   clamp(3 L - t, 0, 1): every batch request is refused before any standard one, every standard
   one before any interactive one. Once shedding, standard requests are refused from the fourth
@@ -40,7 +41,7 @@ import random
 
 from services.orchestrator.domain import Priority
 
-STEP = 0.1  # level change per overloaded window (a quarter of it per idle or calm window)
+STEP = 0.1  # level change per overloaded window (half of it per idle or calm window)
 # A window is judged overloaded only on this many Admits: one slow call alone (a new connection's
 # handshake, a collection) is no standing queue.
 MIN_SAMPLES = 3
@@ -61,6 +62,7 @@ class AdmitShedder:
         self._window_s = window_s
         self._after_s = after_s
         self._standing_since: float | None = None  # start of the run of overloaded windows
+        self._previous_s: float | None = None  # that run's last window's smallest sojourn
         self._rng = rng or random.Random()
         self.level = 0.0
         self.last_sojourn_s = 0.0
@@ -96,22 +98,27 @@ class AdmitShedder:
         else:
             idle = window - self._window
         if idle:
-            self._standing_since = None
-        self.level = max(0.0, self.level - idle * STEP / 4)
+            self._standing_since = self._previous_s = None
+        self.level = max(0.0, self.level - idle * STEP / 2)
         self._window, self._samples = window, 0
 
     def _judge(self, smallest_s: float, samples: int, start: float) -> None:
+        draining = self._previous_s is not None and smallest_s < self._previous_s
         if smallest_s > self._target_s and samples >= MIN_SAMPLES:
+            self._previous_s = smallest_s
             if self._standing_since is None:
                 self._standing_since = start
             # Once shedding, every overloaded window counts; before, only a queue that stood
-            # `after_s` (to the window's end) does.
+            # `after_s` (to the window's end) does. A queue that shrinks already sheds enough:
+            # raising the level further would refuse what the process has room for.
+            if draining and self.level > 0:
+                return
             if self.level > 0 or start + self._window_s - self._standing_since >= self._after_s:
                 self.level = min(1.0, self.level + STEP)
             return
-        self._standing_since = None
+        self._standing_since = self._previous_s = None
         if smallest_s < self._target_s / 2:
-            self.level = max(0.0, self.level - STEP / 4)
+            self.level = max(0.0, self.level - STEP / 2)
 
     def refusal_share(self, priority: Priority) -> float:
         """The share of `priority`'s requests refused at the current level."""

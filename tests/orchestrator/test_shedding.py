@@ -46,8 +46,8 @@ def shedder_after(windows: list[list[float]], after_s: float = 0.0) -> AdmitShed
         ([OVER] * 100, 1.0, 1.0, 1.0),  # saturates at 1
         ([[0.5, 0.5, 0.001, 0.5]] * 20, 0.0, 0.0, 0.0),  # a burst some calls waited behind
         ([OVER] * 4 + [[0.015]] * 50, 1.0, 12 * STEP - 1, 0.0),  # between half and target: held
-        ([OVER] * 4 + [CALM] * 16, 0.0, 0.0, 0.0),  # calm: down by a quarter step each
-        ([OVER] * 4 + [CALM] * 8, 6 * STEP, 0.0, 0.0),
+        ([OVER] * 4 + [CALM] * 8, 0.0, 0.0, 0.0),  # calm: down by half a step each
+        ([OVER] * 4 + [CALM] * 4, 6 * STEP, 0.0, 0.0),
     ],
 )
 def test_the_level_refuses_batch_then_standard_then_interactive(
@@ -85,6 +85,13 @@ def test_a_window_without_calls_breaks_the_standing_queue() -> None:
     assert s.level == 0
 
 
+def test_a_shrinking_queue_holds_the_level() -> None:
+    s = shedder_after([[0.9] * 3, [0.8] * 3, [0.7] * 3, [0.6] * 3])
+    assert s.level == pytest.approx(STEP)  # raised once; then the queue shrank: enough
+    s = shedder_after([[0.9] * 3, [0.8] * 3, [0.85] * 3, [0.9] * 3])
+    assert s.level == pytest.approx(3 * STEP)  # growing again: raised again
+
+
 def test_a_window_of_too_few_calls_is_no_standing_queue() -> None:
     s = shedder_after([[0.5] * (MIN_SAMPLES - 1)] * 20)
     assert s.level == 0
@@ -94,16 +101,16 @@ def test_upkeep_closes_the_windows_no_call_closed() -> None:
     s = shedder_after([OVER] * 4)  # level 4 steps; the fifth window began with a calm call
     s.tick(4.9 * WINDOW)  # still the fifth window: nothing to close
     assert s.level == pytest.approx(4 * STEP)
-    s.tick(13.5 * WINDOW)  # it and 8 windows without a call closed
-    assert s.level == pytest.approx(4 * STEP - (1 + 8) * STEP / 4)
+    s.tick(6.5 * WINDOW)  # it and a window without a call closed
+    assert s.level == pytest.approx(4 * STEP - (1 + 1) * STEP / 2)
     s.tick(100 * WINDOW)
     assert s.level == 0
 
 
 def test_windows_without_calls_lower_the_level() -> None:
     s = shedder_after([OVER] * 4)  # level 4 steps; the fifth window began with a calm call
-    s.observe(0.001, 13.5 * WINDOW)  # 8 windows passed without a call
-    assert s.level == pytest.approx(4 * STEP - (1 + 8) * STEP / 4)
+    s.observe(0.001, 7.5 * WINDOW)  # 2 windows passed without a call
+    assert s.level == pytest.approx(4 * STEP - (1 + 2) * STEP / 2)
 
 
 def test_a_partial_share_refuses_that_share_of_requests() -> None:
