@@ -43,10 +43,11 @@ _KV_UPDATES_DROPPED = Counter(
     names.ORCH_KV_UPDATES_DROPPED,
     "Approximate-mode kv_registry updates dropped unsent because the update queue was full.",
 )
-_SOJOURN = Gauge(
+_SOJOURN = Histogram(
     names.ORCH_SOJOURN,
-    "How long the last Admit waited between its sending and its handler's start (less its "
+    "How long Admits waited between their sending and their handler's start (less their "
     "caller's baseline: llmmesh/common/sojourn.py).",
+    buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2, 5),
 )
 _SHED_LEVEL = Gauge(
     names.ORCH_SHED_LEVEL,
@@ -145,7 +146,7 @@ def record_kv_update_dropped() -> None:
 
 
 def record_sojourn(sojourn_s: float) -> None:
-    _SOJOURN.set(sojourn_s)
+    _SOJOURN.observe(sojourn_s)
 
 
 def record_shed_level(level: float) -> None:
