@@ -21,7 +21,8 @@ behind is not. One level L in [0, 1]:
   this, 1,000 requests at once on a healthy mesh had 762 refused BUSY in one run, and a burst of
   100 had 5). While L > 0, each overloaded window raises it by `STEP`, unless its smallest
   sojourn is below the previous window's: the queue shrinks, the shedding is enough (raising it
-  further while the queue drains refused 64% at 500/s where the CPU could take 90%);
+  further while the queue drained refused 64% at 64 replicas and 500/s, where the CPU could
+  take 90%);
 - a window whose smallest is under half the target lowers L by `STEP / 2`, and so does each
   window without a call (`tick` closes those when no call comes);
 - a request of class tier t (batch 0, standard 1, interactive 2) is refused with probability
@@ -29,9 +30,9 @@ behind is not. One level L in [0, 1]:
   one before any interactive one. Once shedding, standard requests are refused from the fourth
   overloaded window on, interactive ones from the seventh.
 
-A refusal is RESOURCE_EXHAUSTED, reason BUSY, with a retry-after; the gateway tries its other
-orchestrators first (another process may have CPU to spare) and passes the refusal on when all
-refuse. A refusal costs the process a fraction of a decision, so the calls behind it drain.
+A refusal is RESOURCE_EXHAUSTED, reason BUSY, with a retry-after; the gateway tries one other
+orchestrator (another process may have CPU to spare) and passes the refusal on when that one
+refuses too. A refusal costs the process a fraction of a decision, so the calls behind it drain.
 Time comes with each sample (the director's clock): nothing here reads a clock.
 """
 
