@@ -16,7 +16,8 @@ the latencies are the granted ones', and a row that refused any meets no target.
 Per (replicas, prompt length, rate): decision latency p50/p95/p99 seen by the client and inside
 the orchestrator (`AdmitResponse.queue_ms`: from the Admit's arrival in the director to its
 lease, prefix lookup and scheduling included), orchestrator and kv_registry CPU-µs per decision
-(/proc/<pid>/stat), and where the orchestrator's decision time goes: each scheduling plugin
+(/proc/<pid>/stat; all of it over the granted Admits) and the orchestrator's per Admit answered
+(granted or refused), and where the orchestrator's decision time goes: each scheduling plugin
 (`llmmesh_orchestrator_plugin_duration_seconds`), the registry's own lookup work
 (`llmmesh_kv_registry_lookup_seconds`), and the rest (the lookup round trip, hashing,
 admission). Pinned like bench-overhead: load generator and fakes on one CPU, orchestrator and
@@ -228,6 +229,9 @@ class Row:
     # BUSY, because the orchestrator was behind on its calls; DEADLINE_EXCEEDED: no answer
     # within the client's 10 s; CANCELLED: gRPC dropped a call the server had not started)
     errors_by_code: dict[str, int] = field(default_factory=dict)
+    # The orchestrator's CPU per Admit answered, granted or refused (the per-decision figures
+    # divide all of it by the granted ones: with shedding, refusals' CPU lands on them).
+    orchestrator_cpu_us_per_admit: float = 0.0
 
 
 def histogram_sums(url: str, family: str, label: str) -> dict[str, float]:
@@ -440,6 +444,7 @@ async def run_config(args: argparse.Namespace, replicas: int, w: Workload) -> li
                     lookup_share,
                     1.0 - sum(shares.values()) - lookup_share,
                     errors,
+                    cpu["orchestrator"] / max(len(internal) + sum(errors.values()), 1) * 1e6,
                 )
                 rows.append(row)
                 for proc, path in profiles:
@@ -468,9 +473,9 @@ def print_rows(rows: Sequence[Row]) -> None:
     print(
         f"{'replicas':>8} | {'prompt':>6} | {'rate/s':>6} | {'achieved':>8} | {'err':>4} | "
         f"{'client p50/p95/p99 ms':>23} | {'internal p50/p95/p99 ms':>23} | "
-        f"{'orch µs/dec':>11} | {'kvreg µs/dec':>12}"
+        f"{'orch µs/dec':>11} | {'kvreg µs/dec':>12} | {'orch µs/Admit':>13}"
     )
-    print("-" * 129)
+    print("-" * 145)
     for r in rows:
         client = f"{r.client_p50_ms:.2f}/{r.client_p95_ms:.2f}/{r.client_p99_ms:.2f}"
         internal = f"{r.internal_p50_ms:.2f}/{r.internal_p95_ms:.2f}/{r.internal_p99_ms:.2f}"
@@ -478,7 +483,8 @@ def print_rows(rows: Sequence[Row]) -> None:
             f"{r.replicas:>8} | {r.prompt_tokens:>6} | {r.rate:>6} | {r.achieved_rate:>8.0f} | "
             f"{r.errors:>4} | {client:>23} | {internal:>23} | "
             f"{r.orchestrator_cpu_us_per_decision:>11.0f} | "
-            f"{r.kv_registry_cpu_us_per_decision:>12.0f}"
+            f"{r.kv_registry_cpu_us_per_decision:>12.0f} | "
+            f"{r.orchestrator_cpu_us_per_admit:>13.0f}"
         )
     for r in rows:
         if r.errors_by_code:
