@@ -62,7 +62,8 @@ def read_call(metadata: Iterable[object] | None, wall_now: float) -> tuple[str, 
 
 class CallerBaselines:
     """Per caller, the smallest reading of the last `window_s` (the current half-window's and
-    the previous one's), at most `max_callers` callers (the oldest forgotten first)."""
+    the previous one's), at most `max_callers` callers (the least recently heard forgotten
+    first)."""
 
     def __init__(self, window_s: float = 60.0, max_callers: int = 1024) -> None:
         self._half_s = window_s / 2
@@ -72,12 +73,13 @@ class CallerBaselines:
 
     def sojourn(self, caller: str, reading: float, now: float) -> float:
         """The wait a reading of `caller` at `now` (the service's monotonic clock) shows."""
-        b = self._callers.get(caller)
+        b = self._callers.pop(caller, None)  # re-inserted last: the dict is in use order
         if b is None:
             if len(self._callers) >= self._max_callers:
                 del self._callers[next(iter(self._callers))]
-            b = self._callers[caller] = [reading, reading, now]
-        elif now - b[2] >= self._half_s:
+            b = [reading, reading, now]
+        self._callers[caller] = b
+        if now - b[2] >= self._half_s:
             # A new half-window; after a whole window without calls, nothing older counts.
             b[1] = b[0] if now - b[2] < 2 * self._half_s else reading
             b[0], b[2] = reading, now

@@ -16,13 +16,15 @@ Control, as CoDel judges a queue: per window of `window_s`, the smallest sojourn
 that stands (every call in the window waited) is overload; a burst that some calls waited
 behind is not. One level L in [0, 1]:
 - a window of at least `MIN_SAMPLES` Admits whose smallest sojourn exceeds `target_s` is
-  overloaded. From level 0, L first rises once overloaded windows have followed one another for
-  `after_s` (1 s): a burst whose queue drains sooner is queued, not shed (bench-burst: without
+  overloaded (a window of fewer, every one late, neither extends nor ends a run of those; nor
+  do windows without a call, up to `after_s` of them: a saturated process starts few handlers).
+  From level 0, L first rises once overloaded windows have followed one another for `after_s`
+  (1 s): a burst whose queue drains sooner is queued, not shed (bench-burst: without
   this, 1,000 requests at once on a healthy mesh had 762 refused BUSY in one run, and a burst of
   100 had 5). While L > 0, each overloaded window raises it by `STEP`, unless its smallest
-  sojourn is below the previous window's: the queue shrinks, the shedding is enough (raising it
-  further while the queue drained refused 64% at 64 replicas and 500/s, where the CPU could
-  take 90%);
+  sojourn is below the previous window's by more than half the target: the queue shrinks, the
+  shedding is enough (raising it further while the queue drained refused 64% at 64 replicas
+  and 500/s, where the CPU could take 90%);
 - a window whose smallest is under half the target lowers L by `STEP / 2`, and so does each
   window without a call (`tick` closes those when no call comes);
 - a request of class tier t (batch 0, standard 1, interactive 2) is refused with probability
@@ -38,11 +40,13 @@ Time comes with each sample (the director's clock): nothing here reads a clock.
 
 from __future__ import annotations
 
+import math
 import random
 
 from services.orchestrator.domain import Priority
 
 STEP = 0.1  # level change per overloaded window (half of it per idle or calm window)
+_HALF_STEPS = round(2 / STEP)  # half-steps from level 0 to 1
 # A window is judged overloaded only on this many Admits: one slow call alone (a new connection's
 # handshake, a collection) is no standing queue.
 MIN_SAMPLES = 3
@@ -61,15 +65,20 @@ class AdmitShedder:
         before the level first rises (a burst that drains sooner is queued, not shed)."""
         self._target_s = target_s
         self._window_s = window_s
-        self._after_s = after_s
-        self._standing_since: float | None = None  # start of the run of overloaded windows
-        self._previous_s: float | None = None  # that run's last window's smallest sojourn
+        # Whole windows (the clock's float error never adds one).
+        self._after_windows = math.ceil(after_s / window_s - 1e-9) if after_s > 0 else 0
         self._rng = rng or random.Random()
-        self.level = 0.0
+        self._half_steps = 0  # the level in half-steps: exact, so it returns to exactly 0
         self.last_sojourn_s = 0.0
         self._window: int | None = None  # the current window's index: now // window_s
         self._window_min = 0.0
         self._samples = 0  # in the current window
+        self._run_start: int | None = None  # the window the run of overloaded ones began in
+        self._previous_s: float | None = None  # that run's last window's smallest sojourn
+
+    @property
+    def level(self) -> float:
+        return self._half_steps / _HALF_STEPS
 
     def observe(self, sojourn_s: float, now: float) -> None:
         self.last_sojourn_s = sojourn_s
@@ -94,32 +103,41 @@ class AdmitShedder:
         if window <= self._window:
             return
         if self._samples:
-            self._judge(self._window_min, self._samples, self._window * self._window_s)
-            idle = window - self._window - 1
-        else:
-            idle = window - self._window
-        if idle:
-            self._standing_since = self._previous_s = None
-        self.level = max(0.0, self.level - idle * STEP / 2)
+            self._judge(self._window_min, self._samples, self._window)
+        empty = window - self._window - (1 if self._samples else 0)
+        if empty:
+            self._lower(empty)
+            # A process too busy to start handlers has windows without one: a run of overloaded
+            # windows survives gaps shorter than `after_s`.
+            if empty >= max(self._after_windows, 1):
+                self._run_start = self._previous_s = None
         self._window, self._samples = window, 0
 
-    def _judge(self, smallest_s: float, samples: int, start: float) -> None:
-        draining = self._previous_s is not None and smallest_s < self._previous_s
-        if smallest_s > self._target_s and samples >= MIN_SAMPLES:
-            self._previous_s = smallest_s
-            if self._standing_since is None:
-                self._standing_since = start
-            # Once shedding, every overloaded window counts; before, only a queue that stood
-            # `after_s` (to the window's end) does. A queue that shrinks already sheds enough:
-            # raising the level further would refuse what the process has room for.
-            if draining and self.level > 0:
-                return
-            if self.level > 0 or start + self._window_s - self._standing_since >= self._after_s:
-                self.level = min(1.0, self.level + STEP)
+    def _judge(self, smallest_s: float, samples: int, window: int) -> None:
+        if smallest_s <= self._target_s:
+            self._run_start = self._previous_s = None
+            if smallest_s < self._target_s / 2:
+                self._lower(1)
             return
-        self._standing_since = self._previous_s = None
-        if smallest_s < self._target_s / 2:
-            self.level = max(0.0, self.level - STEP / 2)
+        if samples < MIN_SAMPLES:
+            return  # a few calls, every one late: neither a standing queue nor its end
+        # Shrinking by more than the noise of a standing queue's smallest wait (half the target).
+        draining = self._previous_s is not None and (
+            self._previous_s - smallest_s > self._target_s / 2
+        )
+        self._previous_s = smallest_s
+        if self._run_start is None:
+            self._run_start = window
+        if self._half_steps:
+            # A queue that shrinks already sheds enough: raising the level further would refuse
+            # what the process has room for.
+            if not draining:
+                self._half_steps = min(_HALF_STEPS, self._half_steps + 2)
+        elif window + 1 - self._run_start >= self._after_windows:
+            self._half_steps = 2
+
+    def _lower(self, half_steps: int) -> None:
+        self._half_steps = max(0, self._half_steps - half_steps)
 
     def refusal_share(self, priority: Priority) -> float:
         """The share of `priority`'s requests refused at the current level."""

@@ -80,11 +80,14 @@ def test_a_baseline_is_kept_one_window_then_forgotten() -> None:
     assert b.sojourn("g", 3.0, 200.0) == 0.0
 
 
-def test_callers_are_bounded() -> None:
+def test_callers_are_bounded_and_the_least_recently_heard_forgotten() -> None:
     b = CallerBaselines(max_callers=3)
+    b.sojourn("active", 0.5, 0.0)  # its baseline: 0.5
     for i in range(10):
         b.sojourn(f"g{i}", 0.0, float(i))
+        b.sojourn("active", 0.6, float(i))  # heard all along: kept
     assert len(b) == 3
+    assert math.isclose(b.sojourn("active", 0.6, 10.0), 0.1)
 
 
 @pytest.fixture

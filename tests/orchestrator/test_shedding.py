@@ -65,8 +65,10 @@ def test_the_level_refuses_batch_then_standard_then_interactive(
         ([OVER] * 19, 0.0),  # 0.95 s of standing queue: a burst it works through
         ([OVER] * 20, STEP),  # 1 s: the first rise, with the window that reaches it
         ([OVER] * 23, 4 * STEP),  # then one step per overloaded window
-        ([OVER] * 19 + [[TARGET]] + [OVER] * 19, 0.0),  # a break starts the count afresh
-        ([OVER] * 19 + [[]] + [OVER], 0.0),  # so does a window without a call
+        ([OVER] * 19 + [[TARGET]] + [OVER] * 19, 0.0),  # a calm call starts the count afresh
+        ([OVER] * 19 + [[]] * 20 + [OVER], 0.0),  # and so do `after_s` without a call,
+        ([OVER] * 19 + [[]] + [OVER], STEP),  # but not a shorter gap (a busy loop)
+        ([OVER] * 10 + [[0.5, 0.5]] * 5 + [OVER] * 5, STEP),  # nor windows of few late calls
         ([OVER] * 21 + [[0.015]] + [OVER] * 2, 4 * STEP),  # shedding: no wait again
     ],
 )
@@ -76,13 +78,10 @@ def test_a_queue_must_stand_after_s_before_the_first_refusal(
     assert shedder_after(windows, after_s=20 * WINDOW).level == pytest.approx(level)
 
 
-def test_a_window_without_calls_breaks_the_standing_queue() -> None:
-    s = shedder_after([OVER] * 19, after_s=20 * WINDOW)
-    s.tick(21.5 * WINDOW)  # the 20th window had no call
-    for i in range(3):
-        s.observe(0.5, (21.5 + i * 0.1) * WINDOW)
-    s.tick(22.5 * WINDOW)
-    assert s.level == 0
+def test_the_level_returns_to_exactly_zero() -> None:
+    s = shedder_after([OVER] * 3 + [CALM] * 5 + [OVER] * 1 + [CALM] * 10)
+    assert s.level == 0.0
+    assert s.refusal_share(Priority.BATCH) == 0.0
 
 
 def test_a_shrinking_queue_holds_the_level() -> None:
@@ -90,6 +89,8 @@ def test_a_shrinking_queue_holds_the_level() -> None:
     assert s.level == pytest.approx(STEP)  # raised once; then the queue shrank: enough
     s = shedder_after([[0.9] * 3, [0.8] * 3, [0.85] * 3, [0.9] * 3])
     assert s.level == pytest.approx(3 * STEP)  # growing again: raised again
+    s = shedder_after([[0.9] * 3, [0.895] * 3, [0.89] * 3])
+    assert s.level == pytest.approx(3 * STEP)  # within half the target: a standing queue
 
 
 def test_a_window_of_too_few_calls_is_no_standing_queue() -> None:
