@@ -15,6 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Final
 
 import grpc
@@ -157,14 +158,18 @@ class OrchestratorClient:
         stub: pb_grpc.OrchestratorServiceAsyncStub,
         channel: grpc.aio.Channel | None = None,
         address: str = "",
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._stub = stub
+        self._wall_clock = wall_clock  # stamps each Admit's send time (`call_metadata`)
         self._channel = channel  # closed by `close` when this client opened it
         self._pending: set[asyncio.Task[None]] = set()
         self.address = address  # for logs: which orchestrator this client reaches
 
     @classmethod
-    def connect(cls, address: str, authority: str = "") -> OrchestratorClient:
+    def connect(
+        cls, address: str, authority: str = "", wall_clock: Callable[[], float] = time.time
+    ) -> OrchestratorClient:
         """A client on a channel of its own to `address`; `authority` (a headless Service's
         host:port when `address` is one of its pod IPs) is the :authority sent, so a mesh
         sidecar applies that Service's mTLS and policies."""
@@ -175,7 +180,7 @@ class OrchestratorClient:
         if authority:
             options.append(("grpc.default_authority", authority))
         channel = grpc.aio.insecure_channel(address, options=options)
-        return cls(pb_grpc.OrchestratorServiceStub(channel), channel, address)
+        return cls(pb_grpc.OrchestratorServiceStub(channel), channel, address, wall_clock)
 
     @property
     def pending(self) -> int:
@@ -189,7 +194,9 @@ class OrchestratorClient:
                 admit_request_to_pb(request),
                 timeout=timeout,
                 # The orchestrator reads how long the call waited for it from the time sent.
-                metadata=tuple(inject_trace_metadata([*call_metadata(CALLER_ID, time.time())])),
+                metadata=tuple(
+                    inject_trace_metadata([*call_metadata(CALLER_ID, self._wall_clock())])
+                ),
             )
         except grpc.aio.AioRpcError as err:
             raise admit_error(err) from err

@@ -12,7 +12,8 @@ admission pressure instead of honouring the retry-after. The exceptions are reas
 orchestrator process is behind on its own calls: services/orchestrator/shedding.py) and DROPPED
 (its gRPC ended the call unanswered: held unstarted too long, or the process is stopping), which
 say nothing of the others: the call goes on to the next orchestrator, once per request, and the
-refusing one is tried after the others until its retry-after. When that one refuses too, or
+refusing one is tried after the others until its retry-after, for requests of the refused class
+and less urgent ones (it sheds those first; more urgent ones still go to it in turn). When that one refuses too, or
 none is left, the refusal (with its retry-after, this set's when it had none) is the answer,
 never degraded mode.
 
@@ -42,8 +43,9 @@ granted, then its channel is closed.
 Invariants:
 - Every lease handed out is recorded with its owner (an orchestrator's address, or local) until
   its one Complete; the owner table holds live leases only.
-- `degraded` is True exactly while the last call that tried the orchestrators reached none and
-  served (or listed) from the last-known view instead.
+- `degraded` is True from a call that reached no orchestrator and served (or listed) from the
+  last-known view instead, until an orchestrator answers (a call its gRPC dropped, DROPPED, is
+  no answer: degraded mode then stays as it was, and that call is refused).
 - The set reads only its injected clock; its background refresh is the only timer (tests call
   `refresh` directly).
 """
@@ -59,6 +61,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, Protocol
 
 from llmmesh.common.errors import Reason, ServiceError
+from llmmesh.common.topology import Priority
 from services.gateway import metrics
 from services.gateway.admission import (
     AdmissionRequest,
@@ -126,9 +129,10 @@ class OrchestratorSet:
         self._members: dict[str, Member] = {}
         self._retired: dict[str, Member] = {}  # left the list, still owning leases
         self._down_until: dict[str, float] = {}
-        # Orchestrators that refused BUSY (or dropped a call) until their retry-after: tried
-        # after the others meanwhile.
-        self._busy_until: dict[str, float] = {}
+        # Per orchestrator, per class it refused BUSY (or dropped a call of): until when. It
+        # sheds that class and the less urgent ones first: for those it is tried after the
+        # others meanwhile; more urgent requests still go to it in turn.
+        self._busy_until: dict[str, dict[Priority, float]] = {}
         self._turn = 0
         self._owner: dict[str, str] = {}  # lease id -> orchestrator address, or _LOCAL
         self._owned: dict[str, int] = {}  # address -> live leases it granted
@@ -184,8 +188,9 @@ class OrchestratorSet:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    def _order(self) -> list[str]:
-        """This call's try order: the next in turn first, those marked down last."""
+    def _order(self, priority: Priority | None = None) -> list[str]:
+        """This call's try order: the next in turn first, those busy for a request of
+        `priority` after them, those marked down last."""
         addrs = list(self._members)
         if not addrs:
             return []
@@ -194,8 +199,13 @@ class OrchestratorSet:
         rotated = addrs[start:] + addrs[:start]
         now = self._clock()
         up = [a for a in rotated if self._down_until.get(a, 0.0) <= now]
-        free = [a for a in up if self._busy_until.get(a, 0.0) <= now]
+        free = [a for a in up if priority is None or not self._busy_for(a, priority, now)]
         return free + [a for a in up if a not in free] + [a for a in rotated if a not in up]
+
+    def _busy_for(self, addr: str, priority: Priority, now: float) -> bool:
+        """It refused a request as urgent as `priority` or more within its retry-after."""
+        marks = self._busy_until.get(addr, {})
+        return any(until > now for p, until in marks.items() if p <= priority)
 
     def _unreached(self, addr: str, err: ServiceError) -> None:
         now = self._clock()
@@ -242,7 +252,7 @@ class OrchestratorSet:
         deadline = self._clock() + timeout_s
         last: ServiceError | None = None
         busy: ServiceError | None = None
-        for i, addr in enumerate(self._order()):
+        for i, addr in enumerate(self._order(request.priority)):
             member = self._members.get(addr)
             if member is None:  # left the list while an earlier one was tried
                 continue
@@ -273,7 +283,7 @@ class OrchestratorSet:
                 # That process is behind on its calls (or stopping): another may not be. One
                 # such failover per request: when the orchestrators are all behind, each try
                 # adds to every one's backlog.
-                self._busy_until[addr] = self._clock() + (
+                self._busy_until.setdefault(addr, {})[request.priority] = self._clock() + (
                     err.retry_after_s if err.retry_after_s is not None else self._retry_after_s
                 )
                 if busy is not None:
@@ -284,7 +294,10 @@ class OrchestratorSet:
             finally:
                 calls.discard(call)
             self._answered(addr)
-            self._busy_until.pop(addr, None)
+            marks = self._busy_until.get(addr)
+            if marks:  # it takes this class (and so every more urgent one) again
+                for p in [p for p in marks if p <= request.priority]:
+                    del marks[p]
             self._owner[lease.lease_id] = addr
             self._owned[addr] = self._owned.get(addr, 0) + 1
             return lease

@@ -169,6 +169,23 @@ async def test_a_busy_orchestrator_is_passed_over_then_tried_last_until_its_retr
     assert {lease.lease_id[:2] for lease in leases} == {"o0", "o1", "o2"}
 
 
+async def test_a_busy_mark_holds_for_its_class_and_less_urgent_ones_only() -> None:
+    orchs, fakes, _ = make(2)
+    fakes["o0"].refusal = busy(retry_after_s=5.0)
+    await orchs.admit(request(priority=Priority.STANDARD), timeout_s=1.0)  # o0 BUSY, o1 grants
+    fakes["o0"].refusal = None
+    fakes["o0"].admits = 0
+    for _ in range(4):
+        await orchs.admit(request(priority=Priority.BATCH), timeout_s=1.0)
+    assert fakes["o0"].admits == 0  # it sheds batch too: tried after o1, which grants
+    for _ in range(4):
+        await orchs.admit(request(priority=Priority.INTERACTIVE), timeout_s=1.0)
+    assert fakes["o0"].admits == 2  # interactive requests still go to it in turn
+    for _ in range(2):
+        await orchs.admit(request(priority=Priority.STANDARD), timeout_s=1.0)
+    assert fakes["o0"].admits == 2  # standard ones not, until its retry-after
+
+
 async def test_one_busy_failover_per_request_then_the_refusal_not_degraded_mode() -> None:
     orchs, fakes, _ = make(3)
     await orchs.status(timeout_s=1.0)  # a usable view: degraded mode could serve

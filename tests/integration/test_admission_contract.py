@@ -5,8 +5,8 @@ what makes the sidecar apply the headless Service's mTLS policy to the Triton st
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
+import time
 
 from llmmesh.common.discovery import DnsTarget
 from llmmesh.common.errors import Reason, ResourceExhausted
@@ -15,7 +15,9 @@ from services.gateway.admission import AdmissionRequest, LeaseReport, Outcome
 from services.gateway.orchestrator_client import OrchestratorClient
 from services.orchestrator.director import Orchestrator
 from services.orchestrator.domain import Outcome as DomainOutcome
+from services.orchestrator.shedding import MIN_SAMPLES
 from tests.orchestrator.serving import dns_discovered, served
+from tests.orchestrator.test_clock import ManualClock
 from tests.orchestrator.test_core import FakeProbe, settings
 
 
@@ -68,16 +70,17 @@ async def test_gateway_lease_carries_every_field_of_a_dns_discovered_replica() -
 
 
 async def test_an_orchestrator_behind_on_its_calls_refuses_the_gateway_with_busy() -> None:
-    """The shedding's wiring end to end: the gateway's client sends its id and send time,
-    the orchestrator reads each Admit's wait from them and, behind (rounds of 50 Admits at once
-    against a 1 ms target: each round's later calls wait behind its earlier ones), refuses with
-    BUSY and its retry-after, which the client keeps."""
-    probe = FakeProbe()
+    """The shedding's wiring end to end, on the orchestrator's manual clock: the gateway's
+    client stamps its id and send time, the orchestrator reads each Admit's wait from them less
+    the caller's baseline (its first call) and, behind, refuses with BUSY and its retry-after,
+    which the client keeps."""
+    clock, probe = ManualClock(), FakeProbe()
     cfg = settings(n=1, cap=64)
-    cfg.shed_sojourn_s, cfg.shed_window_s, cfg.shed_after_s = 0.001, 0.001, 0.005
-    core = Orchestrator(cfg, probe)
+    cfg.shed_after_s = 0.0
+    core = Orchestrator(cfg, probe, clock=clock)
     probe.ready_ids = {"r0"}
     await core.probe_once()
+    sent_late_by = 0.0  # how long before now the client's stamps say it sent
 
     def request(i: int) -> AdmissionRequest:
         return AdmissionRequest(
@@ -90,27 +93,29 @@ async def test_an_orchestrator_behind_on_its_calls_refuses_the_gateway_with_busy
             model_version="",
         )
 
-    refusals: list[ResourceExhausted] = []
     async with served(core) as address:
-        client = OrchestratorClient.connect(address)
+        client = OrchestratorClient.connect(address, wall_clock=lambda: time.time() - sent_late_by)
         try:
-            for round_ in range(40):
-                results = await asyncio.gather(
-                    *(client.admit(request(round_ * 50 + i), timeout_s=5) for i in range(50)),
-                    return_exceptions=True,
-                )
-                for r in results:
-                    if isinstance(r, ResourceExhausted):
-                        refusals.append(r)
-                    elif isinstance(r, BaseException):
-                        raise r
-                    else:
-                        core.complete(r.lease_id, DomainOutcome.SUCCESS)
-                if refusals:
+            core.complete(
+                (await client.admit(request(0), timeout_s=5)).lease_id, DomainOutcome.SUCCESS
+            )
+            sent_late_by = 0.5  # from now on every Admit waited half a second
+            refusal = None
+            for window in range(1, 20):  # from the 5th window (level 0.4) in proportion
+                clock.t += cfg.shed_window_s
+                for i in range(MIN_SAMPLES):
+                    try:
+                        lease = await client.admit(request(window * 10 + i), timeout_s=5)
+                    except ResourceExhausted as err:
+                        refusal = err
+                        break
+                    core.complete(lease.lease_id, DomainOutcome.SUCCESS)
+                if refusal is not None:
                     break
         finally:
             await client.close()
-    assert refusals
-    assert all(r.reason is Reason.BUSY for r in refusals)
-    assert all(r.retry_after_s == cfg.shed_retry_after_s for r in refusals)
+    assert refusal is not None
+    assert refusal.reason is Reason.BUSY
+    assert refusal.retry_after_s == cfg.shed_retry_after_s
+    assert 5 <= window <= 8  # at the 8th (level 0.7) every standard request is refused
     assert core.queue_depth == 0
