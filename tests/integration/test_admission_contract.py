@@ -13,26 +13,29 @@ from llmmesh.common.errors import Reason, ResourceExhausted
 from llmmesh.common.topology import TRITON_MODEL, Priority, ReplicaAddress
 from services.gateway.admission import AdmissionRequest, LeaseReport, Outcome
 from services.gateway.orchestrator_client import OrchestratorClient
-from services.orchestrator.director import Orchestrator
 from services.orchestrator.domain import Outcome as DomainOutcome
 from services.orchestrator.shedding import MIN_SAMPLES
 from tests.orchestrator.serving import dns_discovered, served
-from tests.orchestrator.test_clock import ManualClock
-from tests.orchestrator.test_core import FakeProbe, settings
+from tests.orchestrator.test_clock import ready_on_manual_clock
+from tests.orchestrator.test_core import settings
+
+
+def admission(request_id: str, priority: Priority, model_version: str = "") -> AdmissionRequest:
+    return AdmissionRequest(
+        request_id=request_id,
+        model=TRITON_MODEL,
+        prompt_token_ids=[1, 2, 3],
+        max_tokens=4,
+        priority=priority,
+        tenant="t",
+        model_version=model_version,
+    )
 
 
 async def test_gateway_lease_carries_every_field_of_a_dns_discovered_replica() -> None:
     target = DnsTarget(host="localhost", port=18001, pool="long", model_version="v7")
     core, spec = await dns_discovered(target)
-    request = AdmissionRequest(
-        request_id="contract-1",
-        model=TRITON_MODEL,
-        prompt_token_ids=[1, 2, 3],
-        max_tokens=4,
-        priority=Priority.INTERACTIVE,
-        tenant="t",
-        model_version="v7",
-    )
+    request = admission("contract-1", Priority.INTERACTIVE, "v7")
 
     async with served(core) as address:
         client = OrchestratorClient.connect(address)
@@ -74,24 +77,13 @@ async def test_an_orchestrator_behind_on_its_calls_refuses_the_gateway_with_busy
     client stamps its id and send time, the orchestrator reads each Admit's wait from them less
     the caller's baseline (its first call) and, behind, refuses with BUSY and its retry-after,
     which the client keeps."""
-    clock, probe = ManualClock(), FakeProbe()
     cfg = settings(n=1, cap=64)
     cfg.shed_after_s = 0.0
-    core = Orchestrator(cfg, probe, clock=clock)
-    probe.ready_ids = {"r0"}
-    await core.probe_once()
+    core, clock = await ready_on_manual_clock(cfg)
     sent_late_by = 0.0  # how long before now the client's stamps say it sent
 
     def request(i: int) -> AdmissionRequest:
-        return AdmissionRequest(
-            request_id=f"busy-{i}",
-            model=TRITON_MODEL,
-            prompt_token_ids=[1, 2, 3],
-            max_tokens=4,
-            priority=Priority.STANDARD,
-            tenant="t",
-            model_version="",
-        )
+        return admission(f"busy-{i}", Priority.STANDARD)
 
     async with served(core) as address:
         client = OrchestratorClient.connect(address, wall_clock=lambda: time.time() - sent_late_by)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from services.orchestrator.director import Orchestrator
 from services.orchestrator.domain import Outcome
 from services.orchestrator.policy import HealthPolicy, Policy
+from services.orchestrator.settings import OrchestratorSettings
 from tests.orchestrator.test_core import FakeProbe, req, settings
 
 
@@ -17,13 +18,19 @@ class ManualClock:
         return self.t
 
 
-async def test_leases_are_reclaimed_when_the_virtual_clock_passes_the_timeout() -> None:
+async def ready_on_manual_clock(cfg: OrchestratorSettings) -> tuple[Orchestrator, ManualClock]:
+    """A core on a manual clock, every replica of `cfg` probed ready."""
     clock, probe = ManualClock(), FakeProbe()
+    core = Orchestrator(cfg, probe, clock=clock)
+    probe.ready_ids = {r.id for r in cfg.replicas}
+    await core.probe_once()
+    return core, clock
+
+
+async def test_leases_are_reclaimed_when_the_virtual_clock_passes_the_timeout() -> None:
     cfg = settings(n=1, cap=1)
     cfg.lease_timeout_s = 60.0
-    core = Orchestrator(cfg, probe, clock=clock)
-    probe.ready_ids = {"r0"}
-    await core.probe_once()
+    core, clock = await ready_on_manual_clock(cfg)
     lease = await core.admit(req("a"), timeout_s=1)
     assert lease.granted_at == clock.t
     clock.t += 59.0
@@ -55,10 +62,7 @@ async def test_ejection_lasts_exactly_its_virtual_duration() -> None:
 
 
 async def test_drain_rate_and_retry_after_follow_the_virtual_service_time() -> None:
-    clock, probe = ManualClock(), FakeProbe()
-    core = Orchestrator(settings(n=1, cap=4), probe, clock=clock)
-    probe.ready_ids = {"r0"}
-    await core.probe_once()
+    core, clock = await ready_on_manual_clock(settings(n=1, cap=4))
     assert core.drain_rate() is None
     assert core.retry_after_s() == 1.0  # nothing completed yet: unknown
     for i in range(4):

@@ -8,12 +8,11 @@ import random
 import pytest
 
 from llmmesh.common.errors import Reason
-from services.orchestrator.director import Orchestrator
 from services.orchestrator.domain import Outcome, Priority
 from services.orchestrator.errors import Busy
 from services.orchestrator.shedding import MIN_SAMPLES, STEP, AdmitShedder
-from tests.orchestrator.test_clock import ManualClock
-from tests.orchestrator.test_core import FakeProbe, req, settings
+from tests.orchestrator.test_clock import ready_on_manual_clock
+from tests.orchestrator.test_core import req, settings
 
 TARGET = 0.02
 WINDOW = 0.05
@@ -130,11 +129,8 @@ def test_a_zero_target_never_sheds() -> None:
 
 
 async def test_a_process_behind_on_its_calls_refuses_admits_with_busy_and_a_retry_after() -> None:
-    clock, probe = ManualClock(), FakeProbe()
     cfg = settings(n=2, cap=4)
-    core = Orchestrator(cfg, probe, clock=clock)
-    probe.ready_ids = {"r0", "r1"}
-    await core.probe_once()
+    core, clock = await ready_on_manual_clock(cfg)
 
     def windows(n: int, sojourn_s: float) -> None:
         for _ in range(n):
