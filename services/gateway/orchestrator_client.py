@@ -189,10 +189,9 @@ class OrchestratorClient:
 
     async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
         try:
-            timeout = max(timeout_s, _MIN_TIMEOUT_S)
             response = await self._stub.Admit(
                 admit_request_to_pb(request),
-                timeout=timeout,
+                timeout=max(timeout_s, _MIN_TIMEOUT_S),
                 # The orchestrator reads how long the call waited for it from the time sent.
                 metadata=tuple(
                     inject_trace_metadata([*call_metadata(CALLER_ID, self._wall_clock())])

@@ -286,10 +286,9 @@ class OrchestratorSet:
                 self._busy_until.setdefault(addr, {})[request.priority] = self._clock() + (
                     err.retry_after_s if err.retry_after_s is not None else self._retry_after_s
                 )
-                if busy is not None:
-                    busy = err
+                second, busy = busy is not None, err
+                if second:
                     break
-                busy = err
                 continue
             finally:
                 calls.discard(call)

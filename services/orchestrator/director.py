@@ -794,8 +794,7 @@ class Orchestrator:
         """How long an Admit waited between its sending and its handler's start (the adapter
         reads it from the call): drives the shedding of Admits (`shedding.py`)."""
         self._shedder.observe(sojourn_s, self._clock())
-        metrics.record_sojourn(sojourn_s)
-        metrics.record_shed_level(self._shedder.level)
+        metrics.record_sojourn(sojourn_s)  # the level's gauge: each `tick`, not each Admit
 
     async def scrape_once(self) -> None:
         await self._sampler.scrape(list(self._replicas.live()))
