@@ -157,8 +157,10 @@ async def publish_index(address: str, w: Workload, replica_ids: Sequence[str]) -
     ) as channel:
         stub = kv_grpc.KvRegistryServiceStub(channel)
         for r, rid in enumerate(replica_ids):
-            events = []
-            for seq, (f, tokens) in enumerate(w.cached[r]):
+            # An engine's stream starts with a snapshot (llmmesh/emulator/publisher.py): a
+            # `cleared`, then what it holds; one that holds nothing is exact all the same.
+            events = [kv_pb.KvEvent(sequence=0, cleared=kv_pb.AllBlocksCleared())]
+            for seq, (f, tokens) in enumerate(w.cached[r], start=1):
                 blocks = hashes[f][: tokens // cfg.block_size]
                 entries += len(blocks)
                 events.append(

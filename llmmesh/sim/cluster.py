@@ -33,7 +33,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -252,7 +252,9 @@ class RegistryIndex:
         self._config = registry.block_config
         self._lookup_s = lookup_s
 
-    async def lookup(self, token_ids: Sequence[int]) -> PrefixMatches:
+    async def lookup(
+        self, token_ids: Sequence[int], replica_ids: Collection[str] = ()
+    ) -> PrefixMatches:
         hashes = tuple(block_hashes(token_ids, self._config))
         if not hashes:
             return NO_MATCHES

@@ -28,7 +28,7 @@ async def main(settings: KvRegistrySettings, blocks: KvBlockSettings) -> None:
     metrics = PrometheusMetrics(REGISTRY)
     core = KvRegistry(settings, blocks.block_config(), clock=time.monotonic, metrics=metrics)
     metrics.watch(core)
-    servicer = KvRegistryServicer(core)
+    servicer = KvRegistryServicer(core, settings.watch_backlog)
     server = ManagedServer(
         host=settings.host,
         port=settings.grpc_port,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 
@@ -42,6 +42,25 @@ class Cleared:
 
 
 Event = Stored | Removed | Cleared
+
+
+class ChangeKind(enum.Enum):
+    """How one replica's entry in the exact index changed (what `WatchExact` streams)."""
+
+    STORED = "stored"  # exact, and now also holds the hashes
+    REMOVED = "removed"  # exact, and no longer holds the hashes
+    CLEARED = "cleared"  # exact, and holds nothing
+    GONE = "gone"  # no longer exact (dropped, or a new engine lifetime not yet in sync)
+
+
+@dataclass(slots=True)
+class ExactChange:
+    """One change to the exact index. Applying the changes in order to a copy of the index
+    (holding a hash again, or dropping one not held, is no change) keeps the copy equal to it."""
+
+    replica_id: str
+    kind: ChangeKind
+    block_hashes: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

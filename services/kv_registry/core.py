@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import xxhash
 
@@ -32,6 +32,7 @@ from llmmesh.common.errors import InvalidArgument
 from llmmesh.kvblocks import BlockConfig, hashes_from_bytes, token_bytes
 from services.kv_registry.contracts import (
     Event,
+    ExactChange,
     IngestResult,
     LookupResult,
     PrefixIndex,
@@ -76,6 +77,25 @@ class KvRegistry:
         # same prompt to Lookup, RecordRouting and ReportReuse; it is hashed once.
         self._hash_cache: OrderedDict[int, tuple[int, ...]] = OrderedDict()
         self._hash_cache_size = settings.hash_cache_size
+        self._on_changes: Callable[[list[ExactChange]], None] | None = None
+
+    # -- watching the exact index -----------------------------------------------------------
+    def on_exact_changes(self, listener: Callable[[list[ExactChange]], None] | None) -> None:
+        """Call `listener` after each call that changed what exact replicas hold, with those
+        changes in order (None: stop; nothing is collected while nobody listens)."""
+        self._on_changes = listener
+        self.exact.changes = None if listener is None else []
+
+    def exact_snapshot(self) -> Iterator[ExactChange]:
+        """The exact index now, as changes that rebuild it from empty (`ExactIndex.snapshot`).
+        Consume it before the next call that changes the index."""
+        return self.exact.snapshot()
+
+    def _changed(self) -> None:
+        changes = self.exact.changes
+        if changes and self._on_changes is not None:
+            self.exact.changes = []
+            self._on_changes(changes)
 
     # -- hashing ----------------------------------------------------------------------------
     def hash_tokens(self, token_ids: Sequence[int]) -> tuple[int, ...]:
@@ -119,6 +139,7 @@ class KvRegistry:
                 replica.mode(Source.PREDICTED, self.predicted.max_capacity)
         self._enforce_bound()
         self._housekeeping(applied.work)
+        self._changed()
         return applied.result
 
     # -- approximate mode -------------------------------------------------------------------
@@ -143,6 +164,7 @@ class KvRegistry:
         result = self.predicted.record(replica_id, hashes, ttl)
         self._enforce_bound()
         self._housekeeping(len(hashes))
+        self._changed()  # the bound may have evicted exact entries
         return result
 
     def report_reuse(
@@ -179,6 +201,7 @@ class KvRegistry:
         capacity, dropped = self.predicted.correct(replica_id, hashes, p, r)
         self._enforce_bound()
         self._housekeeping(len(hashes))
+        self._changed()  # the bound may have evicted exact entries
         return ReuseResult(reusable, p, r, Source.PREDICTED, capacity, dropped)
 
     # -- both modes -------------------------------------------------------------------------
@@ -192,6 +215,7 @@ class KvRegistry:
             index.drop(replica_id)
         replica.forgotten()
         self._housekeeping(0)
+        self._changed()
         return True
 
     def lookup(self, token_ids: Sequence[int]) -> LookupResult:

@@ -24,14 +24,16 @@ Invariants, for every replica r of this index:
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain
 from typing import NamedTuple
 
 from services.kv_registry.bitmask import BitmaskIndex, Slot, StoreBacked
 from services.kv_registry.contracts import (
+    ChangeKind,
     Cleared,
     Event,
+    ExactChange,
     IngestResult,
     Ranked,
     Removed,
@@ -75,6 +77,22 @@ class ExactIndex(StoreBacked[ExactReplica]):
         self.replicas: dict[str, ExactReplica] = {}
         self._compacting: dict[str, ExactReplica] = {}
         self._metrics = metrics
+        # Changes to what exact replicas hold, in order, while someone watches (None: nobody);
+        # the registry hands them on and empties the list after each call.
+        self.changes: list[ExactChange] | None = None
+
+    def snapshot(self) -> Iterator[ExactChange]:
+        """The index as changes that rebuild it from empty: per exact replica, CLEARED, then
+        STORED with every block it holds (first stored first)."""
+        get = self.store.index.get
+        for rep in list(self.replicas.values()):
+            if not rep.exact:
+                continue
+            yield ExactChange(rep.id, ChangeKind.CLEARED)
+            held = rep.held
+            blocks = [h for seg in rep.log for h in seg if get(h, 0) & held]
+            if blocks:
+                yield ExactChange(rep.id, ChangeKind.STORED, blocks)
 
     def is_exact(self, replica_id: str) -> bool:
         rep = self.replicas.get(replica_id)
@@ -84,10 +102,13 @@ class ExactIndex(StoreBacked[ExactReplica]):
     def ingest(self, replica_id: str, epoch: str, events: Sequence[Event]) -> Applied:
         rep = self.replicas.get(replica_id) or self._add(replica_id)
         was_exact = rep.exact
+        changes = self.changes
         if rep.epoch != epoch:
             if rep.exact:  # the engine restarted: what its previous lifetime published is gone
                 self._retire(rep, drop=False)
                 rep.exact = False
+                if changes is not None:
+                    changes.append(ExactChange(replica_id, ChangeKind.GONE))
             rep.epoch = epoch
             rep.next_sequence = 0
             rep.resyncing = False
@@ -130,6 +151,8 @@ class ExactIndex(StoreBacked[ExactReplica]):
             nxt = seq + 1
             if not rep.exact:  # its slot is clean: a replica that is not exact holds nothing
                 rep.exact = True
+            if changes is not None:
+                _note(changes, replica_id, ev)
             if isinstance(ev, Stored):
                 stored += 1
                 for h in ev.block_hashes:
@@ -212,6 +235,10 @@ class ExactIndex(StoreBacked[ExactReplica]):
         held = rep.held
         clear = ~rep.both
         evicted = 0
+        gone: list[int] | None = None
+        if self.changes is not None:
+            gone = []
+            self.changes.append(ExactChange(replica_id, ChangeKind.REMOVED, gone))
         while evicted < n and rep.log:
             seg = rep.log[0]
             k = 0
@@ -220,6 +247,8 @@ class ExactIndex(StoreBacked[ExactReplica]):
                 mask = get(h, 0)
                 if mask & held:
                     evicted += 1
+                    if gone is not None:
+                        gone.append(h)
                 mask &= clear
                 if mask:
                     idx[h] = mask
@@ -242,6 +271,8 @@ class ExactIndex(StoreBacked[ExactReplica]):
         rep = self.replicas.pop(replica_id, None)
         if rep is None:
             return False
+        if rep.exact and self.changes is not None:
+            self.changes.append(ExactChange(replica_id, ChangeKind.GONE))
         self._retire(rep, drop=True)
         return True
 
@@ -306,3 +337,18 @@ class ExactIndex(StoreBacked[ExactReplica]):
             rep.compact_at = -1
             self._compacting.pop(rep.id, None)
         self.store.retire(rep, source, size, drop=drop)
+
+
+def _note(changes: list[ExactChange], replica_id: str, ev: Event) -> None:
+    """Append the change an applied event makes; consecutive `stored` of one replica coalesce
+    (an engine snapshot is one event per block)."""
+    if isinstance(ev, Stored):
+        last = changes[-1] if changes else None
+        if last is not None and last.kind is ChangeKind.STORED and last.replica_id == replica_id:
+            last.block_hashes.extend(ev.block_hashes)
+        else:
+            changes.append(ExactChange(replica_id, ChangeKind.STORED, list(ev.block_hashes)))
+    elif isinstance(ev, Removed):
+        changes.append(ExactChange(replica_id, ChangeKind.REMOVED, list(ev.block_hashes)))
+    else:
+        changes.append(ExactChange(replica_id, ChangeKind.CLEARED))

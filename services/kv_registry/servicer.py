@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
 
 import grpc
@@ -16,7 +17,15 @@ from llmmesh.common.telemetry import extract_trace_context
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
 from llmmesh.kvblocks import BlockConfig
-from services.kv_registry.contracts import Cleared, Event, Removed, Source, Stored
+from services.kv_registry.contracts import (
+    ChangeKind,
+    Cleared,
+    Event,
+    ExactChange,
+    Removed,
+    Source,
+    Stored,
+)
 from services.kv_registry.core import KvRegistry
 from services.kv_registry.errors import BlockConfigMismatch
 
@@ -71,11 +80,78 @@ def prompt_hashes(
     return core.hash_tokens(token_ids)
 
 
+CHANGE_KIND_PB = {
+    ChangeKind.STORED: pb.ExactChange.KIND_STORED,
+    ChangeKind.REMOVED: pb.ExactChange.KIND_REMOVED,
+    ChangeKind.CLEARED: pb.ExactChange.KIND_CLEARED,
+    ChangeKind.GONE: pb.ExactChange.KIND_GONE,
+}
+SNAPSHOT_CHUNK = 32_768  # block hashes per snapshot message (~300 KB on the wire)
+
+
+def change_to_pb(c: ExactChange) -> pb.ExactChange:
+    return pb.ExactChange(
+        replica_id=c.replica_id, kind=CHANGE_KIND_PB[c.kind], block_hashes=c.block_hashes
+    )
+
+
+def snapshot_updates(changes: Iterable[ExactChange]) -> Iterator[pb.ExactIndexUpdate]:
+    """A snapshot's changes as messages of at most `SNAPSHOT_CHUNK` hashes; the last one (an
+    empty one for an empty index) has `synced` set."""
+    batch: list[pb.ExactChange] = []
+    size = 0
+    for c in changes:
+        hashes = c.block_hashes
+        for at in range(0, max(len(hashes), 1), SNAPSHOT_CHUNK):
+            part = hashes[at : at + SNAPSHOT_CHUNK]
+            if batch and size + len(part) > SNAPSHOT_CHUNK:
+                yield pb.ExactIndexUpdate(changes=batch)
+                batch, size = [], 0
+            batch.append(
+                pb.ExactChange(
+                    replica_id=c.replica_id, kind=CHANGE_KIND_PB[c.kind], block_hashes=part
+                )
+            )
+            size += len(part)
+    yield pb.ExactIndexUpdate(changes=batch, synced=True)
+
+
+class _Watcher:
+    """One WatchExact caller's backlog: the snapshot, then up to `limit` live updates; an update
+    beyond that ends the watch (`overflowed`) instead of growing the backlog."""
+
+    def __init__(self, snapshot: Iterable[pb.ExactIndexUpdate], limit: int) -> None:
+        self.backlog: deque[pb.ExactIndexUpdate] = deque(snapshot)
+        self._snapshot_left = len(self.backlog)  # the backlog's first messages
+        self._limit = limit
+        self.overflowed = False
+        self.ready = asyncio.Event()
+        self.ready.set()
+
+    def offer(self, update: pb.ExactIndexUpdate) -> None:
+        if self.overflowed:
+            return
+        if len(self.backlog) - self._snapshot_left >= self._limit:
+            self.overflowed = True
+            self.backlog.clear()
+        else:
+            self.backlog.append(update)
+        self.ready.set()
+
+    def take(self) -> pb.ExactIndexUpdate:
+        if self._snapshot_left:
+            self._snapshot_left -= 1
+        return self.backlog.popleft()
+
+
 class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
-    def __init__(self, core: KvRegistry):
+    def __init__(self, core: KvRegistry, watch_backlog: int = 4096):
+        """`watch_backlog`: live updates buffered per WatchExact caller."""
         self._core = core
-        self._streams: set[asyncio.Task[object]] = set()  # open LookupStream handlers
+        self._streams: set[asyncio.Task[object]] = set()  # open LookupStream/WatchExact handlers
         self._ending = False  # end_streams was called: streams end UNAVAILABLE
+        self._watchers: set[_Watcher] = set()
+        self._watch_backlog = watch_backlog
 
     async def PublishEvents(
         self, request: pb.PublishEventsRequest, context: Ctx
@@ -142,6 +218,61 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
             if task is not None:
                 self._streams.discard(task)
 
+    async def WatchExact(  # type: ignore[override]  # writes through `context`, returns None
+        self, request: pb.WatchExactRequest, context: Ctx
+    ) -> None:
+        """The snapshot, then every change, until the caller leaves, falls `watch_backlog`
+        updates behind (RESOURCE_EXHAUSTED) or the registry drains (UNAVAILABLE)."""
+        if self.draining():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "kv_registry is draining")
+        theirs = BlockConfig(request.block_size, request.hash_seed)
+        if theirs != self._core.block_config:
+            ours = self._core.block_config
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"watcher uses block_size={theirs.block_size} hash_seed={theirs.hash_seed}, "
+                f"registry uses block_size={ours.block_size} hash_seed={ours.hash_seed}",
+            )
+        # Snapshot and registration in one step: no change falls between them.
+        watcher = _Watcher(snapshot_updates(self._core.exact_snapshot()), self._watch_backlog)
+        if not self._watchers:
+            self._core.on_exact_changes(self._broadcast)
+        self._watchers.add(watcher)
+        task = asyncio.current_task()
+        if task is not None:
+            self._streams.add(task)
+        try:
+            while True:
+                await watcher.ready.wait()
+                if watcher.overflowed:
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"watcher fell {self._watch_backlog} updates behind; watch again",
+                    )
+                if not watcher.backlog:
+                    watcher.ready.clear()
+                    continue
+                await context.write(watcher.take())
+        except asyncio.CancelledError:
+            if not self.draining():
+                raise  # the caller went away
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "kv_registry is draining")
+        finally:
+            self._watchers.discard(watcher)
+            if not self._watchers:
+                self._core.on_exact_changes(None)
+            if task is not None:
+                self._streams.discard(task)
+
+    def _broadcast(self, changes: list[ExactChange]) -> None:
+        update = pb.ExactIndexUpdate(changes=[change_to_pb(c) for c in changes])
+        for w in self._watchers:
+            w.offer(update)
+
+    @property
+    def watchers(self) -> int:
+        return len(self._watchers)
+
     def draining(self) -> bool:
         """`end_streams` was called."""
         return self._ending
@@ -151,7 +282,7 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
         return len(self._streams)
 
     async def end_streams(self) -> None:
-        """End every open LookupStream (UNAVAILABLE), now and as they open: a draining registry
+        """End every open LookupStream and WatchExact (UNAVAILABLE), now and as they open: a draining registry
         holds no caller for the whole grace period; callers fail over to another replica."""
         self._ending = True
         for task in list(self._streams):

@@ -57,3 +57,8 @@ class KvRegistrySettings(ServiceSettings):
         gt=0,
         description="Index entries handled per background step (bounds how long one step holds the event loop).",
     )
+    watch_backlog: int = Field(
+        default=4096,
+        gt=0,
+        description="Updates buffered per WatchExact caller (one per index-changing call); a caller further behind is ended and watches again from a snapshot.",
+    )

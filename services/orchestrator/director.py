@@ -188,7 +188,7 @@ class Orchestrator:
                 retry_after_s=self._settings.shed_retry_after_s,
             )
         start = self._clock()
-        prefix = await self._feedback.lookup(req.prompt_token_ids)
+        prefix = await self._feedback.lookup(req.prompt_token_ids, self._replicas.ids())
         if not len(self._queue):
             lease = self._try_grant(req, prefix, start)
             if lease is not None:

@@ -17,7 +17,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Sequence
+from collections.abc import Collection, Coroutine, Sequence
 from dataclasses import dataclass
 
 from services.orchestrator.inflight import InflightPrefixes
@@ -42,10 +42,12 @@ class PrefixFeedback:
         self._tasks: set[asyncio.Task[None]] = set()
         self.inflight = InflightPrefixes()
 
-    async def lookup(self, token_ids: Sequence[int]) -> PrefixMatches:
+    async def lookup(
+        self, token_ids: Sequence[int], replica_ids: Collection[str] = ()
+    ) -> PrefixMatches:
         if self._index is None:
             return NO_MATCHES
-        return self.inflight.merge(await self._index.lookup(token_ids))
+        return self.inflight.merge(await self._index.lookup(token_ids, replica_ids))
 
     def routed(
         self, lease_id: str, replica_id: str, prefix: PrefixMatches, prompt_tokens: int

@@ -43,6 +43,20 @@ _KV_UPDATES_DROPPED = Counter(
     names.ORCH_KV_UPDATES_DROPPED,
     "Approximate-mode kv_registry updates dropped unsent because the update queue was full.",
 )
+_KV_LOOKUPS = Counter(
+    names.ORCH_KV_LOOKUPS,
+    "Prefix lookups, by where they were answered: the orchestrator's copy of kv_registry's exact "
+    "index (mirror) or kv_registry (registry).",
+    ["via"],
+)
+_KV_LOOKUPS_VIA = {via: _KV_LOOKUPS.labels(via) for via in ("mirror", "registry")}
+_KV_MIRROR_SYNCED = Gauge(
+    names.ORCH_KV_MIRROR_SYNCED,
+    "1 while the copy of kv_registry's exact index is in sync (WatchExact).",
+)
+_KV_MIRROR_BLOCKS = Gauge(
+    names.ORCH_KV_MIRROR_BLOCKS, "Block hashes in the copy of kv_registry's exact index."
+)
 _SOJOURN = Histogram(
     names.ORCH_SOJOURN,
     "How long Admits waited between their sending and their handler's start (less their "
@@ -151,3 +165,12 @@ def record_sojourn(sojourn_s: float) -> None:
 
 def record_shed_level(level: float) -> None:
     _SHED_LEVEL.set(level)
+
+
+def record_kv_lookup(via: str) -> None:
+    _KV_LOOKUPS_VIA[via].inc()
+
+
+def set_kv_mirror(synced: bool, blocks: int) -> None:
+    _KV_MIRROR_SYNCED.set(1 if synced else 0)
+    _KV_MIRROR_BLOCKS.set(blocks)

@@ -38,7 +38,7 @@ import logging
 import struct
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -52,6 +52,7 @@ from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
 from llmmesh.kvblocks import BlockConfig, hashes_from_bytes
 from llmmesh.kvblocks import token_bytes as kv_token_bytes
 from services.orchestrator import metrics
+from services.orchestrator.kv_mirror import ExactMirror, MirrorFull
 from services.orchestrator.settings import OrchestratorSettings
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,12 @@ NO_MATCHES = PrefixMatches(0, {})
 
 
 class PrefixIndex(Protocol):
-    async def lookup(self, token_ids: Sequence[int]) -> PrefixMatches: ...
+    async def lookup(
+        self, token_ids: Sequence[int], replica_ids: Collection[str] = ()
+    ) -> PrefixMatches:
+        """Matches per replica; `replica_ids`: the replicas the decision may choose (an index
+        may answer from a local copy when it holds the whole truth for them)."""
+        ...
 
     async def record_routing(self, replica_id: str, hashes: Sequence[int]) -> int:
         """Blocks the registry predicted the replica held before this routing."""
@@ -229,6 +235,8 @@ class _LookupStream:
 
 # A registry without LookupStream (an older version), or a mesh policy that does not allow it.
 _NO_STREAMS = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED)
+# An older registry, a mesh policy, or another block identity: watching again would not help.
+_NO_WATCH = (*_NO_STREAMS, grpc.StatusCode.INVALID_ARGUMENT)
 
 
 def _ended(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
@@ -284,8 +292,11 @@ class RegistryPrefixIndex:
         max_pending: int = 4096,
         linger_s: float = 0.0,
         stream_lookups: bool = True,
+        mirror: ExactMirror | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
+        """`mirror`: a copy of the registries' exact index to keep (WatchExact) and to answer
+        lookups from where it covers every candidate replica; None: every lookup is a call."""
         if not endpoints and not dns:
             raise ValueError("no kv_registry to read from")
         self._static = list(endpoints)
@@ -303,6 +314,8 @@ class RegistryPrefixIndex:
         self._registries: list[_Registry] = []
         self._preferred: _Registry | None = None
         self._set_endpoints(self._static)
+        self._mirror = mirror
+        self._watcher: asyncio.Task[None] | None = None
 
     @property
     def addresses(self) -> list[str]:
@@ -373,10 +386,20 @@ class RegistryPrefixIndex:
             reg.down = False
             log.info("kv_registry replica answers again", extra={"registry": reg.address})
 
-    async def lookup(self, token_ids: Sequence[int]) -> PrefixMatches:
+    async def lookup(
+        self, token_ids: Sequence[int], replica_ids: Collection[str] = ()
+    ) -> PrefixMatches:
         hashes = tuple(hashes_from_bytes(token_bytes(token_ids), self._config))
         if not hashes:
             return NO_MATCHES
+        mirror = self._mirror
+        if mirror is not None:
+            if self._watcher is None:
+                self._watcher = asyncio.get_running_loop().create_task(self._watch(mirror))
+            if mirror.covers(replica_ids):
+                metrics.record_kv_lookup("mirror")
+                return PrefixMatches(len(hashes), mirror.lookup(hashes), hashes, exact=mirror.exact)
+        metrics.record_kv_lookup("registry")
         trace_context = dict(inject_trace_metadata([]))
         for reg in self._up()[: self.LOOKUP_ATTEMPTS]:
             try:
@@ -401,6 +424,49 @@ class RegistryPrefixIndex:
             )
         log.debug("prefix lookup failed on every registry tried")
         return PrefixMatches(len(hashes), {}, hashes)
+
+    async def _watch(self, mirror: ExactMirror) -> None:
+        """Keep `mirror` equal to a registry's exact index: WatchExact on the first registry up,
+        again (from a fresh snapshot) `retry_s` after the watch ends, until the copy outgrows its
+        bound or a registry refuses the call."""
+        request = pb.WatchExactRequest(
+            block_size=self._config.block_size, hash_seed=self._config.hash_seed
+        )
+        while True:
+            up = self._up()
+            if up:
+                reg = up[0]
+                try:
+                    async for update in reg.stub.WatchExact(request):
+                        _apply(mirror, update)
+                        metrics.set_kv_mirror(mirror.synced, mirror.blocks)
+                except MirrorFull as full:
+                    log.error(
+                        "kv_registry's exact index outgrew the orchestrator's copy; "
+                        "lookups go to kv_registry",
+                        extra={"registry": reg.address, "error": str(full)},
+                    )
+                    mirror.reset()
+                    metrics.set_kv_mirror(False, 0)
+                    return
+                except grpc.aio.AioRpcError as err:
+                    if err.code() in _NO_WATCH:
+                        log.warning(
+                            "kv_registry refuses WatchExact; lookups go to kv_registry",
+                            extra={"registry": reg.address, "error": err.code().name},
+                        )
+                        mirror.reset()
+                        metrics.set_kv_mirror(False, 0)
+                        return
+                    log.info(
+                        "kv_registry watch ended; lookups go to kv_registry until it resumes",
+                        extra={"registry": reg.address, "error": err.code().name},
+                    )
+                except grpc.aio.UsageError:  # its channel closed: `refresh` removed it
+                    pass
+                mirror.reset()
+                metrics.set_kv_mirror(False, 0)
+            await asyncio.sleep(self._retry_s)
 
     async def _lookup(
         self, reg: _Registry, hashes: tuple[int, ...], trace_context: dict[str, str]
@@ -554,6 +620,10 @@ class RegistryPrefixIndex:
         await self._enqueue(pb.RegistryUpdate(drop=pb.DropReplicaRequest(replica_id=replica_id)))
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         if self._sender is not None:
             self._sender.cancel()
         while self._pending:
@@ -566,6 +636,23 @@ class RegistryPrefixIndex:
         if reg.stream is not None:
             await reg.stream.close()
         await reg.channel.close(None)
+
+
+def _apply(mirror: ExactMirror, update: pb.ExactIndexUpdate) -> None:
+    """One WatchExact message, applied in order."""
+    for c in update.changes:
+        kind = c.kind
+        if kind == pb.ExactChange.KIND_STORED:
+            mirror.stored(c.replica_id, c.block_hashes)
+        elif kind == pb.ExactChange.KIND_REMOVED:
+            mirror.removed(c.replica_id, c.block_hashes)
+        elif kind == pb.ExactChange.KIND_CLEARED:
+            mirror.cleared(c.replica_id)
+        elif kind == pb.ExactChange.KIND_GONE:
+            mirror.gone(c.replica_id)
+        # else: a kind newer than this orchestrator; the stream never sends one to it today
+    if update.synced:
+        mirror.synced = True
 
 
 def _resolve(fut: asyncio.Future[int], value: int) -> None:
@@ -591,4 +678,5 @@ def registry_index(
         max_pending=settings.kv_update_queue,
         linger_s=settings.kv_update_linger_s,
         stream_lookups=settings.kv_lookup_stream,
+        mirror=ExactMirror(settings.kv_mirror_max_blocks) if settings.kv_mirror else None,
     )

@@ -15,7 +15,7 @@ import bisect
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, KeysView, Sequence
 from dataclasses import dataclass, field
 
 from llmmesh.common.engine_metrics import EngineSample
@@ -92,6 +92,10 @@ class ReplicaSet:
 
     def get(self, replica_id: str) -> ReplicaState | None:
         return self._replicas.get(replica_id)
+
+    def ids(self) -> KeysView[str]:
+        """Every replica in the set, removed ones with live leases included (a view: no copy)."""
+        return self._replicas.keys()
 
     def live(self) -> Iterator[ReplicaState]:
         """Replicas in the set (not removed)."""

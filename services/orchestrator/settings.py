@@ -90,6 +90,17 @@ class OrchestratorSettings(ServiceSettings):
         description="Prefix lookups over one long-lived LookupStream per kv_registry replica "
         "(a unary Lookup per request when false, or for a registry without it).",
     )
+    kv_mirror: bool = Field(
+        default=True,
+        description="Keep a copy of kv_registry's exact index (WatchExact) and answer a lookup "
+        "from it when every replica it may route to publishes KV events: no lookup round trip.",
+    )
+    kv_mirror_max_blocks: int = Field(
+        default=4_000_000,
+        gt=0,
+        description="Block hashes the copy may hold (about 150 bytes each); beyond, the "
+        "orchestrator stops mirroring and looks up in kv_registry.",
+    )
     policy_file: Path | None = Field(
         default=None,
         description="Scheduling policy YAML (pools, routing weights, ejection); defaults in code.",

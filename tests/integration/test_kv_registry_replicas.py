@@ -58,6 +58,9 @@ async def two(
         orchestrator_env={
             "LLMMESH_ORCHESTRATOR_KV_REGISTRY_ADDRESSES": extra,
             "LLMMESH_ORCHESTRATOR_KV_REGISTRY_RETRY_S": "1",
+            # Lookups as calls, whose failover between registries this module tests (the copy
+            # of the exact index, which would answer them here, is test_kv_mirror's subject).
+            "LLMMESH_ORCHESTRATOR_KV_MIRROR": "false",
         },
     )
     a = mesh.mesh.services["kv_registry"]

@@ -21,9 +21,15 @@ from llmmesh.emulator.publisher import KvEventPublisher
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
 from llmmesh.kvblocks import BlockConfig, block_hashes
+from services.kv_registry.contracts import ChangeKind, ExactChange, Stored
 from services.kv_registry.core import KvRegistry
 from services.kv_registry.metrics import PrometheusMetrics
-from services.kv_registry.servicer import KvRegistryServicer, run_maintenance
+from services.kv_registry.servicer import (
+    SNAPSHOT_CHUNK,
+    KvRegistryServicer,
+    run_maintenance,
+    snapshot_updates,
+)
 from services.kv_registry.settings import KvRegistrySettings
 
 BLOCKS = KvBlockSettings(block_size=4, hash_seed=9)
@@ -43,13 +49,14 @@ class Registry:
 
 
 @pytest_asyncio.fixture
-async def registry() -> AsyncIterator[Registry]:
+async def registry(request: pytest.FixtureRequest) -> AsyncIterator[Registry]:
+    """Indirect parameter: the servicer's `watch_backlog` (default 4096)."""
     settings = KvRegistrySettings(
         grpc_port=0, max_entries=10_000, predicted_capacity=100, maintenance_interval_s=0.01
     )
     metrics = PrometheusMetrics(CollectorRegistry())
     core = KvRegistry(settings, BLOCKS.block_config(), clock=time.monotonic, metrics=metrics)
-    servicer = KvRegistryServicer(core)
+    servicer = KvRegistryServicer(core, getattr(request, "param", 4096))
     server = ManagedServer(
         host="127.0.0.1",
         port=settings.grpc_port,
@@ -160,6 +167,104 @@ async def test_drain_ends_open_lookup_streams(registry: Registry) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await late.read()
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def watch(registry: Registry, cfg: BlockConfig = CFG) -> WatchCall:
+    return registry.stub.WatchExact(
+        pb.WatchExactRequest(block_size=cfg.block_size, hash_seed=cfg.hash_seed)
+    )
+
+
+WatchCall = grpc.aio.UnaryStreamCall[pb.WatchExactRequest, pb.ExactIndexUpdate]
+KIND = pb.ExactChange
+
+
+def changes(update: pb.ExactIndexUpdate) -> list[tuple[str, int, list[int]]]:
+    return [(c.replica_id, c.kind, list(c.block_hashes)) for c in update.changes]
+
+
+async def read_to_end(call: WatchCall) -> None:
+    while await call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
+        pass
+
+
+async def snapshot(call: WatchCall) -> list[tuple[str, int, list[int]]]:
+    out: list[tuple[str, int, list[int]]] = []
+    while True:
+        update = await call.read()
+        assert isinstance(update, pb.ExactIndexUpdate)
+        out += changes(update)
+        if update.synced:
+            return out
+
+
+async def test_watch_exact_sends_a_snapshot_then_each_change(registry: Registry) -> None:
+    await registry.stub.PublishEvents(publish("r0", stored(0, HASHES[:2])))
+    await registry.stub.RecordRouting(  # a predicted replica is not in the exact index
+        pb.RecordRoutingRequest(replica_id="p", block_hashes=HASHES)
+    )
+    call = watch(registry)
+    assert await snapshot(call) == [
+        ("r0", KIND.KIND_CLEARED, []),
+        ("r0", KIND.KIND_STORED, HASHES[:2]),
+    ]
+    assert registry.servicer.watchers == 1
+    removed = pb.KvEvent(sequence=2)
+    removed.removed.block_hashes.append(HASHES[0])
+    await registry.stub.PublishEvents(publish("r0", stored(1, HASHES[2:3]), removed))
+    update = await call.read()
+    assert isinstance(update, pb.ExactIndexUpdate)
+    assert not update.synced
+    assert changes(update) == [
+        ("r0", KIND.KIND_STORED, HASHES[2:3]),
+        ("r0", KIND.KIND_REMOVED, HASHES[:1]),
+    ]
+    await registry.stub.DropReplica(pb.DropReplicaRequest(replica_id="r0"))
+    update = await call.read()
+    assert isinstance(update, pb.ExactIndexUpdate)
+    assert changes(update) == [("r0", KIND.KIND_GONE, [])]
+    call.cancel()
+    await eventually(lambda: registry.servicer.watchers == 0, "the watch to end")
+
+
+async def test_watch_exact_refuses_another_block_identity(registry: Registry) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await watch(registry, BlockConfig(CFG.block_size, CFG.hash_seed + 1)).read()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "hash_seed" in (err.value.details() or "")
+
+
+@pytest.mark.parametrize("registry", [1], indirect=True)
+async def test_a_watcher_that_falls_behind_is_ended(registry: Registry) -> None:
+    """Changes beyond its backlog end the watch (RESOURCE_EXHAUSTED) instead of buffering."""
+    call = watch(registry)
+    assert await snapshot(call) == []
+    for seq in range(3):  # three changing calls, with no chance for the handler to write
+        registry.core.ingest("r0", "e", CFG, [Stored(seq, (HASHES[seq],))])
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await read_to_end(call)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    await eventually(lambda: registry.servicer.watchers == 0, "the watch to end")
+
+
+async def test_drain_ends_watches(registry: Registry) -> None:
+    call = watch(registry)
+    await snapshot(call)
+    await registry.servicer.end_streams()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call.read()
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_snapshot_comes_in_bounded_messages() -> None:
+    big = [ExactChange("r0", ChangeKind.CLEARED), ExactChange("r0", ChangeKind.STORED)]
+    big[1].block_hashes.extend(range(1, 2 * SNAPSHOT_CHUNK + 2))
+    updates = list(snapshot_updates(big))
+    assert [u.synced for u in updates] == [False, False, True]
+    assert all(sum(len(c.block_hashes) for c in u.changes) <= SNAPSHOT_CHUNK for u in updates)
+    rebuilt = [h for u in updates for c in u.changes for h in c.block_hashes]
+    assert rebuilt == big[1].block_hashes
+    assert [u.synced for u in snapshot_updates([])] == [True]
 
 
 async def test_gap_asks_for_resync(registry: Registry) -> None:

@@ -113,6 +113,7 @@ ALLOWED = [
     (ORCHESTRATOR, TRITON_LABELS, 8002, "/metrics", "GET"),
     (ORCHESTRATOR, KV_LABELS, 50053, KV + "Lookup", "POST"),
     (ORCHESTRATOR, KV_LABELS, 50053, KV + "LookupStream", "POST"),
+    (ORCHESTRATOR, KV_LABELS, 50053, KV + "WatchExact", "POST"),
     (ORCHESTRATOR, KV_LABELS, 50053, KV + "UpdateBatch", "POST"),
     (ORCHESTRATOR, KV_LABELS, 50053, KV + "RecordRouting", "POST"),
     (ORCHESTRATOR, KV_LABELS, 50053, KV + "ReportReuse", "POST"),

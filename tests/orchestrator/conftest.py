@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from services.orchestrator.prefix import PrefixMatches
 
@@ -17,7 +17,9 @@ class FixedPrefix:
         self.reports: list[tuple[str, int, int, int]] = []
         self.called = asyncio.Event()
 
-    async def lookup(self, token_ids: Sequence[int]) -> PrefixMatches:
+    async def lookup(
+        self, token_ids: Sequence[int], replica_ids: Collection[str] = ()
+    ) -> PrefixMatches:
         return self.matches
 
     async def record_routing(self, replica_id: str, hashes: Sequence[int]) -> int:

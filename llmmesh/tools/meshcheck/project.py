@@ -29,8 +29,14 @@ EXTERNAL_PRINCIPALS = {
 }
 
 # gRPC streams a client holds open for as long as it runs, each carrying many requests (each with
-# its own deadline in the client): a route timeout would cut them, so their route sets none.
-SESSION_STREAMS = frozenset({"/llmmesh.kvregistry.v1.KvRegistryService/LookupStream"})
+# its own deadline in the client) or updates: a route timeout would cut them, so their route sets
+# none.
+SESSION_STREAMS = frozenset(
+    {
+        "/llmmesh.kvregistry.v1.KvRegistryService/LookupStream",
+        "/llmmesh.kvregistry.v1.KvRegistryService/WatchExact",
+    }
+)
 
 # gRPC services that are not in protos/: Triton's inference API (tritonclient) and KEDA's external
 # scaler contract. A method of these is accepted when protos/ does not define the service.

@@ -1,0 +1,151 @@
+"""A copy of kv_registry's exact index in the orchestrator's memory, so that routing for replicas
+that publish KV events (exact mode) needs no lookup round trip.
+
+kv_registry streams its exact index with WatchExact: a snapshot, then every change in the order
+it applied them (`prefix.RegistryPrefixIndex` runs the watch and converts the messages). Applying
+the changes in order keeps this copy equal to the registry's exact index, a stream's delay
+behind: the same staleness a lookup answer has by the time its lease reaches the engine.
+
+The copy answers a lookup only for a decision it can answer in full: the watch is in sync and
+every replica the decision may choose is exact here. A replica that is not exact (approximate
+mode, or not in sync with the registry yet) may hold predicted entries, which only the registry
+has: such a lookup goes to the registry, as without a copy. For those replicas the two answers
+are the same: the registry's lookup reads its exact index for them (a replica has entries in
+exactly one of its indexes).
+
+Storage: block hash -> bitmask of the replicas holding it (a bit per replica, reused after the
+replica is gone), and per replica the set of hashes it holds, so clearing one costs its own
+blocks. The copy holds at most `max_blocks` block hashes; a snapshot or change beyond that raises
+`MirrorFull` and the owner stops mirroring (lookups go to the registry).
+
+Invariants:
+- bit b is set in `index[h]` exactly when the replica in slot b holds h (`held[slot]` has h);
+- every key of `index` has a non-zero mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Sequence
+
+
+class MirrorFull(Exception):
+    """The copy would exceed its bound."""
+
+
+class ExactMirror:
+    def __init__(self, max_blocks: int) -> None:
+        self._max_blocks = max_blocks
+        self.reset()
+
+    # -- the watch ------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget everything (a new watch starts from a snapshot)."""
+        self._index: dict[int, int] = {}
+        self._slots: dict[str, int] = {}  # exact replica -> its bit
+        self._ids: list[str | None] = []  # bit -> replica (None: free)
+        self._held: list[set[int]] = []  # bit -> hashes held
+        self._exact: frozenset[str] = frozenset()
+        self.synced = False
+
+    def stored(self, replica_id: str, hashes: Iterable[int]) -> None:
+        bit, held = self._slot(replica_id)
+        idx = self._index
+        get = idx.get
+        for h in hashes:
+            if h not in held:
+                held.add(h)
+                idx[h] = get(h, 0) | bit
+        if len(idx) > self._max_blocks:
+            raise MirrorFull(f"{len(idx)} blocks > {self._max_blocks}")
+
+    def removed(self, replica_id: str, hashes: Iterable[int]) -> None:
+        bit, held = self._slot(replica_id)
+        for h in hashes:
+            if h in held:
+                held.discard(h)
+                self._clear(h, bit)
+
+    def cleared(self, replica_id: str) -> None:
+        bit, held = self._slot(replica_id)
+        for h in held:
+            self._clear(h, bit)
+        held.clear()
+
+    def gone(self, replica_id: str) -> None:
+        slot = self._slots.pop(replica_id, None)
+        if slot is None:
+            return
+        bit = 1 << slot
+        for h in self._held[slot]:
+            self._clear(h, bit)
+        self._held[slot] = set()
+        self._ids[slot] = None
+        self._exact = frozenset(self._slots)
+
+    # -- reading --------------------------------------------------------------------------------
+    @property
+    def exact(self) -> frozenset[str]:
+        """The replicas this copy holds the whole truth for."""
+        return self._exact
+
+    @property
+    def blocks(self) -> int:
+        return len(self._index)
+
+    def covers(self, replica_ids: Collection[str]) -> bool:
+        """In sync, and every one of `replica_ids` is exact here."""
+        if not self.synced:
+            return False
+        slots = self._slots
+        return all(r in slots for r in replica_ids)
+
+    def lookup(self, hashes: Sequence[int]) -> dict[str, int]:
+        """Per replica holding the first block: how many leading blocks of `hashes` it holds."""
+        if not hashes:
+            return {}
+        get = self._index.get
+        mask = get(hashes[0], 0)
+        out: dict[str, int] = {}
+        n = 1
+        for h in hashes[1:] if mask else ():
+            kept = mask & get(h, 0)
+            if kept != mask:
+                self._name(mask ^ kept, n, out)
+                mask = kept
+                if not mask:
+                    break
+            n += 1
+        if mask:
+            self._name(mask, n, out)
+        return out
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def _name(self, mask: int, matched: int, out: dict[str, int]) -> None:
+        ids = self._ids
+        while mask:
+            low = mask & -mask
+            rid = ids[low.bit_length() - 1]
+            if rid is not None:
+                out[rid] = matched
+            mask ^= low
+
+    def _slot(self, replica_id: str) -> tuple[int, set[int]]:
+        slot = self._slots.get(replica_id)
+        if slot is None:
+            try:
+                slot = self._ids.index(None)
+                self._ids[slot] = replica_id
+            except ValueError:
+                slot = len(self._ids)
+                self._ids.append(replica_id)
+                self._held.append(set())
+            self._slots[replica_id] = slot
+            self._exact = frozenset(self._slots)
+        return 1 << slot, self._held[slot]
+
+    def _clear(self, h: int, bit: int) -> None:
+        mask = self._index.get(h, 0) & ~bit
+        if mask:
+            self._index[h] = mask
+        else:
+            self._index.pop(h, None)
