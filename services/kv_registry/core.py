@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import xxhash
 
@@ -86,16 +86,20 @@ class KvRegistry:
         self._on_changes = listener
         self.exact.changes = None if listener is None else []
 
-    def exact_snapshot(self) -> Iterator[ExactChange]:
-        """The exact index now, as changes that rebuild it from empty (`ExactIndex.snapshot`).
-        Consume it before the next call that changes the index."""
-        return self.exact.snapshot()
+    def exact_replicas(self) -> list[str]:
+        """Replicas in the exact index now."""
+        return self.exact.exact_replicas()
+
+    def exact_snapshot(self, replica_id: str) -> list[ExactChange]:
+        """One replica's entry in the exact index now, as changes that rebuild it from nothing
+        (none when it is not exact)."""
+        return self.exact.snapshot(replica_id)
 
     def _changed(self) -> None:
         changes = self.exact.changes
         if changes and self._on_changes is not None:
             self.exact.changes = []
-            self._on_changes(changes)
+            self._on_changes(changes)  # must not raise: the call that changed the index succeeded
 
     # -- hashing ----------------------------------------------------------------------------
     def hash_tokens(self, token_ids: Sequence[int]) -> tuple[int, ...]:

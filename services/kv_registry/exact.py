@@ -24,7 +24,7 @@ Invariants, for every replica r of this index:
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from itertools import chain
 from typing import NamedTuple
 
@@ -81,22 +81,26 @@ class ExactIndex(StoreBacked[ExactReplica]):
         # the registry hands them on and empties the list after each call.
         self.changes: list[ExactChange] | None = None
 
-    def snapshot(self) -> Iterator[ExactChange]:
-        """The index as changes that rebuild it from empty: per exact replica, CLEARED, then
-        STORED with every block it holds (first stored first)."""
-        get = self.store.index.get
-        for rep in list(self.replicas.values()):
-            if not rep.exact:
-                continue
-            yield ExactChange(rep.id, ChangeKind.CLEARED)
-            held = rep.held
-            blocks = [h for seg in rep.log for h in seg if get(h, 0) & held]
-            if blocks:
-                yield ExactChange(rep.id, ChangeKind.STORED, blocks)
-
     def is_exact(self, replica_id: str) -> bool:
         rep = self.replicas.get(replica_id)
         return rep is not None and rep.exact
+
+    def exact_replicas(self) -> list[str]:
+        return [rid for rid, rep in self.replicas.items() if rep.exact]
+
+    def snapshot(self, replica_id: str) -> list[ExactChange]:
+        """The replica's entry as changes that rebuild it from nothing: CLEARED, then STORED
+        with every block it holds (first stored first); none when it is not exact."""
+        rep = self.replicas.get(replica_id)
+        if rep is None or not rep.exact:
+            return []
+        get = self.store.index.get
+        held = rep.held
+        out = [ExactChange(rep.id, ChangeKind.CLEARED)]
+        blocks = [h for seg in rep.log for h in seg if get(h, 0) & held]
+        if blocks:
+            out.append(ExactChange(rep.id, ChangeKind.STORED, blocks))
+        return out
 
     # -- ingest -----------------------------------------------------------------------------
     def ingest(self, replica_id: str, epoch: str, events: Sequence[Event]) -> Applied:

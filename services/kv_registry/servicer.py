@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import TypeVar
 
 import grpc
@@ -86,71 +86,95 @@ CHANGE_KIND_PB = {
     ChangeKind.CLEARED: pb.ExactChange.KIND_CLEARED,
     ChangeKind.GONE: pb.ExactChange.KIND_GONE,
 }
-SNAPSHOT_CHUNK = 32_768  # block hashes per snapshot message (~300 KB on the wire)
+UPDATE_BLOCKS = 32_768  # block hashes per WatchExact message (~300 KB on the wire)
 
 
-def change_to_pb(c: ExactChange) -> pb.ExactChange:
-    return pb.ExactChange(
-        replica_id=c.replica_id, kind=CHANGE_KIND_PB[c.kind], block_hashes=c.block_hashes
-    )
+def change_to_pb(c: ExactChange, hashes: Sequence[int]) -> pb.ExactChange:
+    return pb.ExactChange(replica_id=c.replica_id, kind=CHANGE_KIND_PB[c.kind], block_hashes=hashes)
 
 
-def snapshot_updates(changes: Iterable[ExactChange]) -> Iterator[pb.ExactIndexUpdate]:
-    """A snapshot's changes as messages of at most `SNAPSHOT_CHUNK` hashes; the last one (an
-    empty one for an empty index) has `synced` set."""
+def update_messages(changes: Iterable[ExactChange]) -> list[tuple[pb.ExactIndexUpdate, int]]:
+    """Changes, in order, as messages of at most `UPDATE_BLOCKS` hashes (a long change is split),
+    each with its weight: hashes plus changes (what a watcher's backlog bound counts)."""
+    out: list[tuple[pb.ExactIndexUpdate, int]] = []
     batch: list[pb.ExactChange] = []
     size = 0
     for c in changes:
         hashes = c.block_hashes
-        for at in range(0, max(len(hashes), 1), SNAPSHOT_CHUNK):
-            part = hashes[at : at + SNAPSHOT_CHUNK]
-            if batch and size + len(part) > SNAPSHOT_CHUNK:
-                yield pb.ExactIndexUpdate(changes=batch)
+        for at in range(0, max(len(hashes), 1), UPDATE_BLOCKS):
+            part = hashes[at : at + UPDATE_BLOCKS]
+            if batch and size + len(part) > UPDATE_BLOCKS:
+                out.append((pb.ExactIndexUpdate(changes=batch), size + len(batch)))
                 batch, size = [], 0
-            batch.append(
-                pb.ExactChange(
-                    replica_id=c.replica_id, kind=CHANGE_KIND_PB[c.kind], block_hashes=part
-                )
-            )
+            batch.append(change_to_pb(c, part))
             size += len(part)
-    yield pb.ExactIndexUpdate(changes=batch, synced=True)
+    if batch:
+        out.append((pb.ExactIndexUpdate(changes=batch), size + len(batch)))
+    return out
 
 
-class _Watcher:
-    """One WatchExact caller's backlog: the snapshot, then up to `limit` live updates; an update
-    beyond that ends the watch (`overflowed`) instead of growing the backlog."""
+class Watcher:
+    """One WatchExact caller. `pending`: the exact replicas whose snapshot it has not been sent
+    yet; their changes are not queued (the snapshot, taken later, holds them). `backlog`: the
+    changes of the others, to send after the snapshot, bounded by weight (`update_messages`):
+    changes beyond `limit` end the watch (`overflowed`) instead of growing it."""
 
-    def __init__(self, snapshot: Iterable[pb.ExactIndexUpdate], limit: int) -> None:
-        self.backlog: deque[pb.ExactIndexUpdate] = deque(snapshot)
-        self._snapshot_left = len(self.backlog)  # the backlog's first messages
+    def __init__(self, pending: Iterable[str], limit: int) -> None:
+        self.pending = set(pending)
+        self.backlog: deque[pb.ExactIndexUpdate] = deque()
+        self._weights: deque[int] = deque()
+        self._weight = 0
         self._limit = limit
         self.overflowed = False
         self.ready = asyncio.Event()
+
+    def offer(self, messages: list[tuple[pb.ExactIndexUpdate, int]]) -> None:
+        if self.overflowed or not messages:
+            return
+        for msg, weight in messages:
+            self.backlog.append(msg)
+            self._weights.append(weight)
+            self._weight += weight
+        if self._weight > self._limit:
+            self.end()
         self.ready.set()
 
-    def offer(self, update: pb.ExactIndexUpdate) -> None:
-        if self.overflowed:
-            return
-        if len(self.backlog) - self._snapshot_left >= self._limit:
-            self.overflowed = True
-            self.backlog.clear()
-        else:
-            self.backlog.append(update)
+    def end(self) -> None:
+        self.overflowed = True
+        self.backlog.clear()
+        self._weights.clear()
         self.ready.set()
 
     def take(self) -> pb.ExactIndexUpdate:
-        if self._snapshot_left:
-            self._snapshot_left -= 1
+        self._weight -= self._weights.popleft()
         return self.backlog.popleft()
 
 
+def broadcast(watchers: Iterable[Watcher], changes: list[ExactChange]) -> None:
+    """Queue changes the registry just applied for each watcher (what its snapshot will not
+    hold). Never raises: the engine's call that made the changes succeeded."""
+    shared: list[tuple[pb.ExactIndexUpdate, int]] | None = None
+    for w in watchers:
+        try:
+            if w.pending:
+                w.offer(update_messages(c for c in changes if c.replica_id not in w.pending))
+            else:
+                if shared is None:
+                    shared = update_messages(changes)
+                w.offer(shared)
+        except Exception:
+            log.exception("WatchExact update failed; ending the watch")
+            w.end()
+
+
 class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
-    def __init__(self, core: KvRegistry, watch_backlog: int = 4096):
-        """`watch_backlog`: live updates buffered per WatchExact caller."""
+    def __init__(self, core: KvRegistry, watch_backlog: int):
+        """`watch_backlog`: changes buffered per WatchExact caller (block hashes, plus one per
+        change)."""
         self._core = core
         self._streams: set[asyncio.Task[object]] = set()  # open LookupStream/WatchExact handlers
         self._ending = False  # end_streams was called: streams end UNAVAILABLE
-        self._watchers: set[_Watcher] = set()
+        self._watchers: set[Watcher] = set()
         self._watch_backlog = watch_backlog
 
     async def PublishEvents(
@@ -233,8 +257,10 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
                 f"watcher uses block_size={theirs.block_size} hash_seed={theirs.hash_seed}, "
                 f"registry uses block_size={ours.block_size} hash_seed={ours.hash_seed}",
             )
-        # Snapshot and registration in one step: no change falls between them.
-        watcher = _Watcher(snapshot_updates(self._core.exact_snapshot()), self._watch_backlog)
+        # Registered before the snapshot: a replica's changes queue from the moment its own
+        # snapshot is taken (one step each, so none falls between), later ones are dropped
+        # before (`Watcher.pending`). The event loop is held for one replica at a time.
+        watcher = Watcher(self._core.exact_replicas(), self._watch_backlog)
         if not self._watchers:
             self._core.on_exact_changes(self._broadcast)
         self._watchers.add(watcher)
@@ -242,12 +268,18 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
         if task is not None:
             self._streams.add(task)
         try:
+            for rid in sorted(watcher.pending):
+                snapshot = self._core.exact_snapshot(rid)
+                watcher.pending.discard(rid)
+                for msg, _ in update_messages(snapshot):
+                    await context.write(msg)
+            await context.write(pb.ExactIndexUpdate(synced=True))
             while True:
                 await watcher.ready.wait()
                 if watcher.overflowed:
                     await context.abort(
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"watcher fell {self._watch_backlog} updates behind; watch again",
+                        f"watcher fell more than {self._watch_backlog} blocks behind; watch again",
                     )
                 if not watcher.backlog:
                     watcher.ready.clear()
@@ -265,9 +297,7 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
                 self._streams.discard(task)
 
     def _broadcast(self, changes: list[ExactChange]) -> None:
-        update = pb.ExactIndexUpdate(changes=[change_to_pb(c) for c in changes])
-        for w in self._watchers:
-            w.offer(update)
+        broadcast(self._watchers, changes)
 
     @property
     def watchers(self) -> int:

@@ -58,7 +58,7 @@ class KvRegistrySettings(ServiceSettings):
         description="Index entries handled per background step (bounds how long one step holds the event loop).",
     )
     watch_backlog: int = Field(
-        default=4096,
+        default=1_000_000,
         gt=0,
-        description="Updates buffered per WatchExact caller (one per index-changing call); a caller further behind is ended and watches again from a snapshot.",
+        description="Changes buffered per WatchExact caller, counted as block hashes plus one per change (~10 bytes each); a caller further behind is ended and watches again from a snapshot.",
     )

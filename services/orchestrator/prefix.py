@@ -45,6 +45,7 @@ from typing import Protocol
 import grpc
 
 from llmmesh.common import kv_registries
+from llmmesh.common.channels import KEEPALIVE_OPTIONS
 from llmmesh.common.kv_registries import RegistryEndpoint
 from llmmesh.common.telemetry import inject_trace_metadata
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
@@ -279,6 +280,7 @@ class RegistryPrefixIndex:
     LOOKUP_ATTEMPTS = 2  # registries one lookup tries before it routes prefix-blind
     MAX_BATCH = 256  # updates in one UpdateBatch call
     MAX_STREAM_WAITING = 1024  # lookups awaiting answers on one stream; beyond, unary calls
+    WATCH_REFUSED_RETRY_S = 60.0  # a refused watch, or a copy over its bound, is tried again
 
     def __init__(
         self,
@@ -316,11 +318,17 @@ class RegistryPrefixIndex:
         self._set_endpoints(self._static)
         self._mirror = mirror
         self._watcher: asyncio.Task[None] | None = None
+        self._closed = False
 
     @property
     def addresses(self) -> list[str]:
         """The registries known now, in preference order of a fresh start."""
         return [r.address for r in self._registries]
+
+    @property
+    def mirror(self) -> ExactMirror | None:
+        """The copy of the exact index kept, if any."""
+        return self._mirror
 
     @property
     def preferred(self) -> str | None:
@@ -342,7 +350,11 @@ class RegistryPrefixIndex:
         for e in endpoints:
             reg = current.pop(e.address, None)
             if reg is None:
-                channel = grpc.aio.insecure_channel(e.address, options=e.channel_options())
+                # Keepalive: a peer lost without a reset would hold the watch (and the copy's
+                # `synced`) forever; its ping times out instead and the watch starts over.
+                channel = grpc.aio.insecure_channel(
+                    e.address, options=[*e.channel_options(), *KEEPALIVE_OPTIONS]
+                )
                 reg = _Registry(e, channel, pb_grpc.KvRegistryServiceStub(channel))
                 log.info("kv_registry replica added", extra={"registry": e.address})
             keep.append(reg)
@@ -394,7 +406,7 @@ class RegistryPrefixIndex:
             return NO_MATCHES
         mirror = self._mirror
         if mirror is not None:
-            if self._watcher is None:
+            if (self._watcher is None or self._watcher.done()) and not self._closed:
                 self._watcher = asyncio.get_running_loop().create_task(self._watch(mirror))
             if mirror.covers(replica_ids):
                 metrics.record_kv_lookup("mirror")
@@ -426,47 +438,52 @@ class RegistryPrefixIndex:
         return PrefixMatches(len(hashes), {}, hashes)
 
     async def _watch(self, mirror: ExactMirror) -> None:
-        """Keep `mirror` equal to a registry's exact index: WatchExact on the first registry up,
-        again (from a fresh snapshot) `retry_s` after the watch ends, until the copy outgrows its
-        bound or a registry refuses the call."""
+        """Keep `mirror` equal to a registry's exact index, until closed: WatchExact on the
+        first registry up; when the watch ends, the copy is dropped and a watch starts again from
+        a fresh snapshot `retry_s` later (the registry that failed is skipped for as long), or
+        `WATCH_REFUSED_RETRY_S` later when a registry refused it or the copy outgrew its
+        bound."""
         request = pb.WatchExactRequest(
             block_size=self._config.block_size, hash_seed=self._config.hash_seed
         )
-        while True:
+        while not self._closed:
+            wait = self._retry_s
             up = self._up()
             if up:
                 reg = up[0]
                 try:
                     async for update in reg.stub.WatchExact(request):
-                        _apply(mirror, update)
+                        apply_update(mirror, update)
                         metrics.set_kv_mirror(mirror.synced, mirror.blocks)
-                except MirrorFull as full:
-                    log.error(
-                        "kv_registry's exact index outgrew the orchestrator's copy; "
-                        "lookups go to kv_registry",
-                        extra={"registry": reg.address, "error": str(full)},
+                    self._failed(
+                        reg, _ended(grpc.StatusCode.UNAVAILABLE, "watch ended"), "WatchExact"
                     )
-                    mirror.reset()
-                    metrics.set_kv_mirror(False, 0)
-                    return
                 except grpc.aio.AioRpcError as err:
                     if err.code() in _NO_WATCH:
                         log.warning(
                             "kv_registry refuses WatchExact; lookups go to kv_registry",
                             extra={"registry": reg.address, "error": err.code().name},
                         )
-                        mirror.reset()
-                        metrics.set_kv_mirror(False, 0)
-                        return
-                    log.info(
-                        "kv_registry watch ended; lookups go to kv_registry until it resumes",
-                        extra={"registry": reg.address, "error": err.code().name},
+                        wait = self.WATCH_REFUSED_RETRY_S
+                    else:
+                        self._failed(reg, err, "WatchExact")
+                except (MirrorFull, UnknownChange) as exc:
+                    log.error(
+                        "copy of kv_registry's exact index dropped; lookups go to kv_registry",
+                        extra={"registry": reg.address, "error": str(exc)},
                     )
-                except grpc.aio.UsageError:  # its channel closed: `refresh` removed it
-                    pass
-                mirror.reset()
-                metrics.set_kv_mirror(False, 0)
-            await asyncio.sleep(self._retry_s)
+                    wait = self.WATCH_REFUSED_RETRY_S
+                except grpc.aio.UsageError:
+                    pass  # its channel closed: `refresh` removed it
+                except asyncio.CancelledError:
+                    task = asyncio.current_task()
+                    if task is None or task.cancelling():
+                        raise  # closed
+                    # else the call was cancelled by its channel's closing (`refresh` removed it)
+                finally:
+                    mirror.reset()
+                    metrics.set_kv_mirror(False, 0)
+            await asyncio.sleep(wait)
 
     async def _lookup(
         self, reg: _Registry, hashes: tuple[int, ...], trace_context: dict[str, str]
@@ -620,6 +637,7 @@ class RegistryPrefixIndex:
         await self._enqueue(pb.RegistryUpdate(drop=pb.DropReplicaRequest(replica_id=replica_id)))
 
     async def close(self) -> None:
+        self._closed = True
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -638,7 +656,11 @@ class RegistryPrefixIndex:
         await reg.channel.close(None)
 
 
-def _apply(mirror: ExactMirror, update: pb.ExactIndexUpdate) -> None:
+class UnknownChange(Exception):
+    """A WatchExact change of a kind this version does not know."""
+
+
+def apply_update(mirror: ExactMirror, update: pb.ExactIndexUpdate) -> None:
     """One WatchExact message, applied in order."""
     for c in update.changes:
         kind = c.kind
@@ -650,7 +672,8 @@ def _apply(mirror: ExactMirror, update: pb.ExactIndexUpdate) -> None:
             mirror.cleared(c.replica_id)
         elif kind == pb.ExactChange.KIND_GONE:
             mirror.gone(c.replica_id)
-        # else: a kind newer than this orchestrator; the stream never sends one to it today
+        else:  # a kind this orchestrator does not know: it cannot keep an equal copy
+            raise UnknownChange(f"change kind {kind} for {c.replica_id!r}")
     if update.synced:
         mirror.synced = True
 

@@ -83,7 +83,7 @@ def kv_registry() -> list[ServiceRegistration]:
         clock=time.monotonic,
         metrics=PrometheusMetrics(CollectorRegistry()),
     )
-    servicer = KvRegistryServicer(core)
+    servicer = KvRegistryServicer(core, KvRegistrySettings().watch_backlog)
     return [
         ServiceRegistration(
             KV_REGISTRY,

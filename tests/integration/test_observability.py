@@ -120,6 +120,9 @@ async def traced(tokenizer_path: Path) -> AsyncIterator[tuple[Mesh, TraceReceive
             # The trace must show the lookup: its 50 ms budget can lapse on a loaded CI machine
             # (the request then routes by load, with no lookup span).
             f"{ORCHESTRATOR.env_prefix}KV_LOOKUP_TIMEOUT_S": "10",
+            # ... and the lookup must be a call: the copy of the exact index (the emulators
+            # publish KV events) would answer it in the orchestrator, with no span.
+            f"{ORCHESTRATOR.env_prefix}KV_MIRROR": "false",
         }
         for comp in (GATEWAY, ORCHESTRATOR, KV_REGISTRY):
             env[f"{comp.env_prefix}OTLP_ENDPOINT"] = endpoint

@@ -25,10 +25,12 @@ from services.kv_registry.contracts import ChangeKind, ExactChange, Stored
 from services.kv_registry.core import KvRegistry
 from services.kv_registry.metrics import PrometheusMetrics
 from services.kv_registry.servicer import (
-    SNAPSHOT_CHUNK,
+    UPDATE_BLOCKS,
     KvRegistryServicer,
+    Watcher,
+    broadcast,
     run_maintenance,
-    snapshot_updates,
+    update_messages,
 )
 from services.kv_registry.settings import KvRegistrySettings
 
@@ -50,13 +52,13 @@ class Registry:
 
 @pytest_asyncio.fixture
 async def registry(request: pytest.FixtureRequest) -> AsyncIterator[Registry]:
-    """Indirect parameter: the servicer's `watch_backlog` (default 4096)."""
+    """Indirect parameter: the servicer's `watch_backlog` (default: the setting's)."""
     settings = KvRegistrySettings(
         grpc_port=0, max_entries=10_000, predicted_capacity=100, maintenance_interval_s=0.01
     )
     metrics = PrometheusMetrics(CollectorRegistry())
     core = KvRegistry(settings, BLOCKS.block_config(), clock=time.monotonic, metrics=metrics)
-    servicer = KvRegistryServicer(core, getattr(request, "param", 4096))
+    servicer = KvRegistryServicer(core, getattr(request, "param", settings.watch_backlog))
     server = ManagedServer(
         host="127.0.0.1",
         port=settings.grpc_port,
@@ -256,15 +258,30 @@ async def test_drain_ends_watches(registry: Registry) -> None:
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-async def test_a_snapshot_comes_in_bounded_messages() -> None:
+def test_updates_come_in_bounded_messages() -> None:
     big = [ExactChange("r0", ChangeKind.CLEARED), ExactChange("r0", ChangeKind.STORED)]
-    big[1].block_hashes.extend(range(1, 2 * SNAPSHOT_CHUNK + 2))
-    updates = list(snapshot_updates(big))
-    assert [u.synced for u in updates] == [False, False, True]
-    assert all(sum(len(c.block_hashes) for c in u.changes) <= SNAPSHOT_CHUNK for u in updates)
-    rebuilt = [h for u in updates for c in u.changes for h in c.block_hashes]
+    big[1].block_hashes.extend(range(1, 2 * UPDATE_BLOCKS + 2))
+    messages = update_messages(big)
+    assert len(messages) == 3
+    assert all(sum(len(c.block_hashes) for c in m.changes) <= UPDATE_BLOCKS for m, _ in messages)
+    rebuilt = [h for m, _ in messages for c in m.changes for h in c.block_hashes]
     assert rebuilt == big[1].block_hashes
-    assert [u.synced for u in snapshot_updates([])] == [True]
+    assert sum(w for _, w in messages) == len(rebuilt) + 4  # hashes plus one per change part
+    assert update_messages([]) == []
+
+
+def test_a_watcher_queues_only_what_its_snapshot_will_not_hold() -> None:
+    """Changes of a replica whose snapshot is still to come are dropped (the snapshot, taken
+    later, holds them); the others' are queued."""
+    w = Watcher(["r1"], 100)
+    broadcast(
+        [w],
+        [ExactChange("r0", ChangeKind.STORED, [1]), ExactChange("r1", ChangeKind.STORED, [2])],
+    )
+    assert [changes(m) for m in w.backlog] == [[("r0", KIND.KIND_STORED, [1])]]
+    w.pending.clear()
+    broadcast([w], [ExactChange("r1", ChangeKind.REMOVED, [2])])
+    assert changes(w.backlog[-1]) == [("r1", KIND.KIND_REMOVED, [2])]
 
 
 async def test_gap_asks_for_resync(registry: Registry) -> None:

@@ -9,19 +9,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
 from llmmesh.kvblocks import BlockConfig
 from services.kv_registry.contracts import (
-    ChangeKind,
     Cleared,
     Event,
-    ExactChange,
     Removed,
     Source,
     Stored,
 )
 from services.kv_registry.core import KvRegistry
+from services.kv_registry.servicer import Watcher, broadcast, update_messages
 from services.kv_registry.settings import KvRegistrySettings
 from services.orchestrator.kv_mirror import ExactMirror, MirrorFull
+from services.orchestrator.prefix import apply_update
 from tests.kv_registry.support import make_registry
 
 CFG = BlockConfig(block_size=4, hash_seed=3)
@@ -95,18 +96,6 @@ def test_bound() -> None:
 
 
 # -- parity with the registry -----------------------------------------------------------------
-def apply(m: ExactMirror, changes: list[ExactChange]) -> None:
-    for c in changes:
-        if c.kind is ChangeKind.STORED:
-            m.stored(c.replica_id, c.block_hashes)
-        elif c.kind is ChangeKind.REMOVED:
-            m.removed(c.replica_id, c.block_hashes)
-        elif c.kind is ChangeKind.CLEARED:
-            m.cleared(c.replica_id)
-        else:
-            m.gone(c.replica_id)
-
-
 REPLICAS = ("r0", "r1", "r2")
 BLOCKS = 6  # a small hash domain: replicas' blocks overlap often
 # Every run of consecutive blocks: each lookup's answer is checked for every possible prompt.
@@ -131,7 +120,9 @@ op_st = st.one_of(
     st.tuples(st.just("restart"), st.sampled_from(REPLICAS), st.just([]), st.just(False)),
     st.tuples(st.just("drop"), st.sampled_from(REPLICAS), st.just([]), st.just(False)),
     st.tuples(st.just("route"), st.sampled_from(REPLICAS), st.just([]), st.just(False)),
+    # a new watch starts; its snapshot advances a replica per `snap` step, as the servicer's
     st.tuples(st.just("watch"), st.just(""), st.just([]), st.just(False)),
+    st.tuples(st.just("snap"), st.just(""), st.just([]), st.just(False)),
 )
 
 
@@ -148,18 +139,43 @@ def exact_answer(reg: KvRegistry, prompt: list[int]) -> dict[str, int]:
     return {m.replica_id: m.matched_blocks for m in res.matches if m.source is Source.EXACT}
 
 
+class Watch:
+    """A watch as the servicer runs it, its messages kept as the orchestrator would get them:
+    the snapshot's (one replica per step), then the queued changes."""
+
+    def __init__(self, reg: KvRegistry) -> None:
+        self.watcher = Watcher(reg.exact_replicas(), 10**9)
+        self.sent: list[pb.ExactIndexUpdate] = []
+
+    def step(self, reg: KvRegistry) -> None:
+        if self.watcher.pending:
+            rid = min(self.watcher.pending)
+            snapshot = reg.exact_snapshot(rid)
+            self.watcher.pending.discard(rid)
+            self.sent += [m for m, _ in update_messages(snapshot)]
+
+    def copy(self) -> ExactMirror | None:
+        """What the orchestrator holds once the snapshot is done and the backlog applied."""
+        if self.watcher.pending:
+            return None
+        m = ExactMirror(1000)
+        for update in [*self.sent, pb.ExactIndexUpdate(synced=True), *self.watcher.backlog]:
+            apply_update(m, pb.ExactIndexUpdate.FromString(update.SerializeToString()))
+        return m
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(op_st, min_size=4, max_size=40))
 def test_the_copy_answers_as_the_registry(
     ops: list[tuple[str, str, list[tuple[str, list[int]]], bool]],
 ) -> None:
-    """A copy fed by the registry's change listener, re-made from a snapshot at each `watch`,
-    matches the registry's exact matches on every prompt after every step. A small entry bound
-    makes the registry evict exact entries too."""
+    """Copies built by watches started at any point (snapshot one replica at a time while the
+    registry keeps changing, then the queued changes, through protobuf) and one watch from the
+    start match the registry's exact matches on every prompt after every step. A small entry
+    bound makes the registry evict exact entries too."""
     reg = make_registry(CFG, KvRegistrySettings(max_entries=6, predicted_capacity=3))
-    mirror = ExactMirror(1000)
-    pending: list[ExactChange] = []
-    reg.on_exact_changes(pending.extend)
+    watches = [Watch(reg)]
+    reg.on_exact_changes(lambda changes: broadcast([w.watcher for w in watches], changes))
     epochs = dict.fromkeys(REPLICAS, 0)
     seqs = dict.fromkeys(REPLICAS, 0)
     for op, rid, events, skip in ops:
@@ -175,13 +191,16 @@ def test_the_copy_answers_as_the_registry(
             reg.drop_replica(rid)
         elif op == "route":
             reg.record_routing(rid, PROMPTS[BLOCKS - 1])  # all blocks
-        else:  # a new watch: a fresh copy from the snapshot
-            mirror.reset()
-            apply(mirror, list(reg.exact_snapshot()))
-            pending.clear()
-        apply(mirror, pending)
-        pending.clear()
-        for prompt in PROMPTS:
-            assert mirror.lookup(prompt) == exact_answer(reg, prompt)
+        elif op == "watch":
+            watches.append(Watch(reg))
+        else:
+            for w in watches:
+                w.step(reg)
         exact = {r for r in REPLICAS if reg.source(r) is Source.EXACT}
-        assert mirror.exact == exact
+        for w in watches:
+            copy = w.copy()
+            if copy is None:
+                continue
+            assert copy.exact == exact
+            for prompt in PROMPTS:
+                assert copy.lookup(prompt) == exact_answer(reg, prompt)

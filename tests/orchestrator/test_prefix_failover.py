@@ -95,8 +95,8 @@ class FakeRegistry(pb_grpc.KvRegistryServiceServicer):
 class Served:
     """A fake registry on a port that survives stop()/start() (a restart on the same address)."""
 
-    def __init__(self, name: str, streams: bool = True) -> None:
-        self.fake = FakeRegistry(name, streams)  # type: ignore[abstract]  # no PublishEvents
+    def __init__(self, name: str, streams: bool = True, fake: FakeRegistry | None = None) -> None:
+        self.fake = fake or FakeRegistry(name, streams)  # type: ignore[abstract]  # no PublishEvents
         self.port = 0
         self.server: grpc.aio.Server | None = None
 
