@@ -4,7 +4,11 @@ The orchestrator alone (no gateway, no engines): `--replicas` emulated replicas 
 RegisterReplica, each a port of one light fake (Triton's ServerReady/ModelReady over gRPC, and
 a static `nv_trt_llm_*` metrics page per replica over HTTP), and a kv_registry holding a
 realistic index: `--families` shared prefixes (32k-token documents), each cached on about a
-quarter of the replicas to a random depth, published as the engines' KV events would be.
+quarter of the replicas to a random depth, published as the engines' KV events would be. Every
+replica's stream starts with a snapshot, so all are exact: once its copy of the registry's exact
+index is in sync (WatchExact), the orchestrator answers lookups from it, with no call
+(`LLMMESH_ORCHESTRATOR_KV_MIRROR=false` measures lookups by call; the share answered from the
+copy is printed per row).
 
 Load: open loop at each `--rates` (Admit/s, evenly spaced, pre-serialized requests, each lease
 completed at once with the engine's reuse report, as the gateway does), with prompts of each
@@ -234,18 +238,22 @@ class Row:
     # The orchestrator's CPU per Admit answered, granted or refused (the per-decision figures
     # divide all of it by the granted ones: with shedding, refusals' CPU lands on them).
     orchestrator_cpu_us_per_admit: float = 0.0
+    # Share of the prefix lookups the orchestrator answered from its copy of the registry's exact
+    # index (services/orchestrator/kv_mirror.py) rather than by a call.
+    mirror_lookup_share: float = 0.0
 
 
-def histogram_sums(url: str, family: str, label: str) -> dict[str, float]:
-    """`<family>_sum` per value of `label` from a Prometheus page."""
+def histogram_sums(url: str, family: str, label: str, sample: str = "_sum") -> dict[str, float]:
+    """`<family><sample>` (a histogram's sum, a counter's `_total`) per value of `label` from a
+    Prometheus page."""
     with urllib.request.urlopen(url, timeout=5) as resp:
         text = resp.read().decode()
     out: dict[str, float] = {}
     for fam in text_string_to_metric_families(text):
-        if fam.name != family:
+        if fam.name != family.removesuffix("_total"):
             continue
         for s in fam.samples:
-            if s.name == f"{family}_sum":
+            if s.name == f"{fam.name}{sample}":
                 key = s.labels.get(label, "")
                 out[key] = out.get(key, 0.0) + s.value
     return out
@@ -404,6 +412,9 @@ async def run_config(args: argparse.Namespace, replicas: int, w: Workload) -> li
                     orchestrator.metrics_url, names.ORCH_PLUGIN_DURATION, "plugin"
                 )
                 lookup0 = histogram_sums(registry.metrics_url, names.KV_LOOKUP_SECONDS, "")
+                via0 = histogram_sums(
+                    orchestrator.metrics_url, names.ORCH_KV_LOOKUPS, "via", "_total"
+                )
                 profiles = (
                     start_profiles(pids, f"{replicas}r-{tokens}t-{rate}", args.duration)
                     if args.profile
@@ -417,6 +428,10 @@ async def run_config(args: argparse.Namespace, replicas: int, w: Workload) -> li
                     orchestrator.metrics_url, names.ORCH_PLUGIN_DURATION, "plugin"
                 )
                 lookup1 = histogram_sums(registry.metrics_url, names.KV_LOOKUP_SECONDS, "")
+                via1 = histogram_sums(
+                    orchestrator.metrics_url, names.ORCH_KV_LOOKUPS, "via", "_total"
+                )
+                via = {k: v - via0.get(k, 0.0) for k, v in via1.items()}
                 decided = max(len(internal), 1)
                 total = max(sum(internal), 1e-9)
                 shares = {
@@ -447,6 +462,7 @@ async def run_config(args: argparse.Namespace, replicas: int, w: Workload) -> li
                     1.0 - sum(shares.values()) - lookup_share,
                     errors,
                     cpu["orchestrator"] / max(len(internal) + sum(errors.values()), 1) * 1e6,
+                    via.get("mirror", 0.0) / max(sum(via.values()), 1.0),
                 )
                 rows.append(row)
                 for proc, path in profiles:
@@ -501,7 +517,8 @@ def print_rows(rows: Sequence[Row]) -> None:
         print(
             f"  {r.replicas:>2} replicas, {r.prompt_tokens:>5} tokens, {r.rate:>4}/s: "
             f"registry lookup {r.registry_lookup_share:.1%}; plugins: {plugins}; "
-            f"rest (lookup RPC, hashing, admission) {r.other_share:.1%}"
+            f"rest (lookup RPC or copy, hashing, admission) {r.other_share:.1%}; "
+            f"lookups from the orchestrator's copy of the index {r.mirror_lookup_share:.0%}"
         )
     print(
         f"\ntargets at {TARGET_RATE}/s: client p50 <= {TARGET_P50_MS} ms, p95 <= {TARGET_P95_MS} ms, "

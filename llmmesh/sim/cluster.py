@@ -367,7 +367,6 @@ class Cluster:
             random.Random(seed),
             self._fetch_metrics,
             self.loop.time,
-            fetch_in_thread=False,
         )
         for rid in [s.id for s in static]:
             self._start_engine(self.replicas[rid])
@@ -460,7 +459,7 @@ class Cluster:
 
         return publish
 
-    def _fetch_metrics(self, url: str, host: str, timeout_s: float) -> EngineSample:
+    async def _fetch_metrics(self, url: str, host: str, timeout_s: float) -> EngineSample:
         rid = url.removeprefix("sim://").removesuffix("/metrics")
         rep = self.replicas.get(rid)
         if rep is None or rep.engine is None:

@@ -16,7 +16,7 @@ from services.orchestrator.director import Orchestrator
 from services.orchestrator.discovery import discover
 from services.orchestrator.policy import load_policy
 from services.orchestrator.prefix import registry_index
-from services.orchestrator.probe import TritonProbe
+from services.orchestrator.probe import HttpMetrics, TritonProbe
 from services.orchestrator.servicer import OrchestratorServicer
 from services.orchestrator.settings import OrchestratorSettings
 
@@ -37,8 +37,18 @@ async def main(settings: OrchestratorSettings, blocks: KvBlockSettings) -> None:
     provider = setup_tracing("orchestrator", settings.otlp_endpoint, settings.trace_sample_ratio)
     policy = load_policy(settings.policy_file)
     probe = TritonProbe()
+    pages = HttpMetrics()
     prefix = registry_index(settings, blocks.block_config())
-    core = Orchestrator(settings, probe, policy, prefix)
+    core = Orchestrator(
+        settings,
+        probe,
+        policy,
+        prefix,
+        fetch_metrics=pages,
+        # A round's fetches start over half the interval, not at once: with many replicas their
+        # answers' parsing would hold up the Admits behind it for milliseconds.
+        scrape_spread_s=settings.metrics_interval_s / 2,
+    )
     servicer = OrchestratorServicer(core)
     server = ManagedServer(
         host=settings.host,
@@ -77,6 +87,7 @@ async def main(settings: OrchestratorSettings, blocks: KvBlockSettings) -> None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         await probe.close()
+        await pages.close()
         if prefix is not None:
             await prefix.close()
         provider.shutdown()

@@ -56,7 +56,7 @@ import time
 from collections.abc import Sequence
 
 from llmmesh.accelerators import DEFAULT_PROFILE
-from llmmesh.common.engine_metrics import EngineSample, fetch_metrics_text
+from llmmesh.common.engine_metrics import EngineSample
 from services.orchestrator import capacity, metrics
 from services.orchestrator.admission_queue import Activation, AdmissionQueue, Waiter
 from services.orchestrator.domain import (
@@ -76,7 +76,13 @@ from services.orchestrator.errors import (
     QueueTimeout,
 )
 from services.orchestrator.feedback import PrefixFeedback
-from services.orchestrator.health import EngineSampler, FetchMetrics, Health, ReplicaProbe
+from services.orchestrator.health import (
+    EngineSampler,
+    FetchMetrics,
+    Health,
+    ReplicaProbe,
+    fetch_in_thread,
+)
 from services.orchestrator.leases import LeaseTable
 from services.orchestrator.load import LoadLedger
 from services.orchestrator.policy import Policy
@@ -110,10 +116,11 @@ class Orchestrator:
         fetch_metrics: FetchMetrics | None = None,
         clock: Clock = time.monotonic,
         *,
-        fetch_in_thread: bool = True,
+        scrape_spread_s: float = 0.0,
     ) -> None:
-        """`fetch_in_thread=False`: `fetch_metrics` does not block (an in-process engine's
-        sample, a simulator's): scrapes call it inline instead of in a worker thread."""
+        """`fetch_metrics`: the engines' metrics pages (default: urllib in a worker thread);
+        `scrape_spread_s`: how far apart a scrape round starts its fetches in all
+        (`EngineSampler`; 0: one after the other, inline)."""
         self._settings = settings
         self._policy = policy or Policy()
         self._clock = clock
@@ -137,11 +144,11 @@ class Orchestrator:
             self._policy.health, self._replicas, probe, settings.health_timeout_s, clock
         )
         self._sampler = EngineSampler(
-            fetch_metrics or fetch_metrics_text,
+            fetch_metrics or fetch_in_thread,
             settings.health_timeout_s,
             settings.metrics_max_age_s,
             clock,
-            in_thread=fetch_in_thread,
+            spread_s=scrape_spread_s,
         )
         self._leases = LeaseTable(settings.lease_timeout_s, clock)
         # Live per-replica work (load.py): every grant and completion, corrected by samples.

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Protocol
 
-from llmmesh.common.engine_metrics import EngineSample, parse_engine_metrics
+from llmmesh.common.engine_metrics import EngineSample, fetch_metrics_text, parse_engine_metrics
 from services.orchestrator import metrics
 from services.orchestrator.domain import Clock
 from services.orchestrator.policy import HealthPolicy
@@ -34,8 +34,14 @@ from services.orchestrator.settings import ReplicaSpec
 log = logging.getLogger(__name__)
 
 # (metrics URL, Host header, timeout) → exposition text, or the sample itself from an
-# in-process engine (a simulator's); raises OSError when unreachable.
-FetchMetrics = Callable[[str, str, float], str | EngineSample]
+# in-process engine (a simulator's); raises when unreachable.
+FetchMetrics = Callable[[str, str, float], Awaitable[str | EngineSample]]
+
+
+async def fetch_in_thread(url: str, host: str, timeout_s: float) -> str:
+    """`fetch_metrics_text` (blocking urllib) in a worker thread: for a core without an HTTP
+    client of its own (the service injects `probe.HttpMetrics`)."""
+    return await asyncio.to_thread(fetch_metrics_text, url, host, timeout_s)
 
 
 class ReplicaProbe(Protocol):
@@ -163,15 +169,17 @@ class EngineSampler:
         max_age_s: float,
         clock: Clock,
         *,
-        in_thread: bool = True,
+        spread_s: float = 0.0,
     ) -> None:
-        """`in_thread`: `fetch` blocks (HTTP) and runs in a worker thread, all replicas at
-        once; else it is called inline, one replica after the other (no task per replica)."""
-        self._in_thread = in_thread
+        """`spread_s`: a round starts the replicas' fetches this far apart in all, each in its
+        own task, so their answers (and their parsing, in the event loop) arrive spread out, not
+        as one burst that holds up the Admits behind it; 0: one fetch after the other, inline
+        (an in-process engine's sample, a simulator's)."""
         self._fetch = fetch
         self._timeout_s = timeout_s
         self._max_age_s = max_age_s
         self._clock = clock
+        self._spread_s = spread_s
 
     def fresh(self, st: ReplicaState, now: float) -> EngineSample | None:
         if st.sample is None or now - st.sample_at > self._max_age_s:
@@ -179,35 +187,31 @@ class EngineSampler:
         return st.sample
 
     async def scrape(self, replicas: Iterable[ReplicaState]) -> None:
-        async def one(st: ReplicaState) -> None:
-            before = st.in_flight
-            try:
-                text = await asyncio.to_thread(
-                    self._fetch, st.spec.metrics_url, st.spec.metrics_host, self._timeout_s
-                )
-            except OSError as exc:
-                log.debug(
-                    "metrics scrape failed", extra={"replica": st.spec.id, "error": repr(exc)}
-                )
-                return
-            self._store(st, text, before)
-
-        if not self._in_thread:
-            for st in replicas:
-                if st.spec.metrics_url:
-                    try:
-                        text = self._fetch(
-                            st.spec.metrics_url, st.spec.metrics_host, self._timeout_s
-                        )
-                    except OSError as exc:
-                        log.debug(
-                            "metrics scrape failed",
-                            extra={"replica": st.spec.id, "error": repr(exc)},
-                        )
-                        continue
-                    self._store(st, text, st.in_flight)
+        targets = [st for st in replicas if st.spec.metrics_url]
+        if not self._spread_s:
+            for st in targets:
+                await self._scrape_one(st)
             return
-        await asyncio.gather(*(one(st) for st in replicas if st.spec.metrics_url))
+        step = self._spread_s / max(len(targets), 1)
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            for i, st in enumerate(targets):
+                if i:
+                    await asyncio.sleep(step)
+                tasks.append(asyncio.create_task(self._scrape_one(st)))
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _scrape_one(self, st: ReplicaState) -> None:
+        before = st.in_flight
+        try:
+            text = await self._fetch(st.spec.metrics_url, st.spec.metrics_host, self._timeout_s)
+        except Exception as exc:  # no sample, whatever the cause
+            log.debug("metrics scrape failed", extra={"replica": st.spec.id, "error": repr(exc)})
+            return
+        self._store(st, text, before)
 
     def _store(self, st: ReplicaState, text: str | EngineSample, before: int) -> None:
         sample = text if isinstance(text, EngineSample) else parse_engine_metrics(text)

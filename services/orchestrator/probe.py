@@ -1,9 +1,10 @@
-"""Readiness of a Triton replica over its gRPC health API."""
+"""Readiness of a Triton replica over its gRPC health API, and its metrics page over HTTP."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import aiohttp
 import tritonclient.grpc.aio as triton
 
 from llmmesh.common.channels import RECONNECT_OPTIONS
@@ -47,3 +48,30 @@ class TritonProbe:
         for client in self._clients.values():
             await client.close()
         self._clients.clear()
+
+
+class HttpMetrics:
+    """Replicas' metrics pages, fetched in the event loop over kept-alive HTTP/1.1 connections
+    (one pool for every replica, reused round after round: no connection set up per scrape, no
+    worker thread contending for the interpreter with the Admits). A status other than 2xx, a
+    timeout or a refused connection raises: that round has no sample for the replica."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __call__(self, url: str, host: str, timeout_s: float) -> str:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0), raise_for_status=True
+            )
+        async with self._session.get(
+            url,
+            headers={"Host": host} if host else None,
+            timeout=aiohttp.ClientTimeout(total=timeout_s),
+        ) as resp:
+            return await resp.text(errors="replace")
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

@@ -38,7 +38,7 @@ async def core_on_one_replica(
     probe = FakeProbe()
     probe.ready_ids = {"r0"}
 
-    def fetch(url: str, host: str, timeout_s: float) -> str:
+    async def fetch(url: str, host: str, timeout_s: float) -> str:
         return texts[url]
 
     core = Orchestrator(settings, probe, Policy(), fetch_metrics=fetch, clock=clock)

@@ -425,7 +425,7 @@ async def test_engine_metrics_cap_and_kv_watermark() -> None:
         "http://r1": metrics_text(active=0, waiting=0, used=10, total=100, max_batch=2),
     }
 
-    def fetch(url: str, host: str, timeout_s: float) -> str:
+    async def fetch(url: str, host: str, timeout_s: float) -> str:
         return texts[url]
 
     probe = FakeProbe()
@@ -535,7 +535,7 @@ async def test_busy_kv_queues_instead_of_unavailable() -> None:
     """Every replica above the KV watermark is a load condition: wait, don't fail."""
     texts = {"http://r0": metrics_text(active=8, waiting=4, used=99, total=100, max_batch=8)}
 
-    def fetch(url: str, host: str, timeout_s: float) -> str:
+    async def fetch(url: str, host: str, timeout_s: float) -> str:
         return texts[url]
 
     probe = FakeProbe()

@@ -3,9 +3,12 @@ a replica's leases, engine sample, health or load gives the next decision a new 
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 from llmmesh.accelerators import DEFAULT_PROFILE
 from llmmesh.common.engine_metrics import EngineSample
@@ -15,11 +18,13 @@ from services.orchestrator.domain import Outcome
 from services.orchestrator.health import EngineSampler
 from services.orchestrator.load import LoadLedger
 from services.orchestrator.policy import Policy
+from services.orchestrator.probe import HttpMetrics
 from services.orchestrator.replicas import ReplicaState
 from services.orchestrator.scheduling.config import PluginConfig, ProfileConfig, WeightedScorer
 from services.orchestrator.scheduling.contracts import ReplicaView
 from services.orchestrator.scheduling.work import WorkModel
 from services.orchestrator.settings import ReplicaSpec
+from tests.helpers import eventually
 from tests.orchestrator.test_core import FakeProbe, req, settings
 
 
@@ -96,7 +101,7 @@ async def test_an_inline_sampler_calls_fetch_on_the_loop_thread_and_skips_failur
     loop_thread = threading.get_ident()
     calls: list[str] = []
 
-    def fetch(url: str, host: str, timeout_s: float) -> EngineSample:
+    async def fetch(url: str, host: str, timeout_s: float) -> EngineSample:
         assert threading.get_ident() == loop_thread  # inline: no worker thread
         calls.append(url)
         if url.endswith("down"):
@@ -104,7 +109,7 @@ async def test_an_inline_sampler_calls_fetch_on_the_loop_thread_and_skips_failur
         return EngineSample(1, 0, 5, 10)
 
     clock = Clock()
-    sampler = EngineSampler(fetch, 1.0, 5.0, clock, in_thread=False)
+    sampler = EngineSampler(fetch, 1.0, 5.0, clock)
     states = [
         ReplicaState(ReplicaSpec(id=i, grpc_address="h:1", metrics_url=f"http://m/{i}"))
         for i in ("up", "down")
@@ -117,6 +122,72 @@ async def test_an_inline_sampler_calls_fetch_on_the_loop_thread_and_skips_failur
     assert (up.sample_at, up.sample_in_flight) == (clock.t, 2)
     assert down.sample is None
     assert sampler.fresh(up, clock.t + 5.5) is None  # older than max age: unknown
+
+
+async def test_a_spread_round_starts_each_fetch_in_turn_and_samples_every_replica() -> None:
+    """With `spread_s`, the fetches start one after the other (each in its own task) and run
+    concurrently: a replica that never answers holds up no other's sample."""
+    started: list[str] = []
+    release = asyncio.Event()
+
+    async def fetch(url: str, host: str, timeout_s: float) -> EngineSample:
+        started.append(url)
+        if url.endswith("slow"):
+            await release.wait()
+        if url.endswith("down"):
+            raise OSError("unreachable")
+        return EngineSample(1, 0, 5, 10)
+
+    clock = Clock()
+    sampler = EngineSampler(fetch, 1.0, 5.0, clock, spread_s=0.003)
+    states = [
+        ReplicaState(ReplicaSpec(id=i, grpc_address="h:1", metrics_url=f"http://m/{i}"))
+        for i in ("slow", "down", "up")
+    ]
+    round_ = asyncio.create_task(sampler.scrape(states))
+
+    async def last_sampled() -> bool:
+        return states[2].sample is not None
+
+    await eventually(last_sampled, 5, "the last replica sampled")
+    assert started == ["http://m/slow", "http://m/down", "http://m/up"]
+    assert [st.sample is None for st in states] == [True, True, False]  # slow: still waiting
+    release.set()
+    await round_
+    sample = EngineSample(1, 0, 5, 10)
+    assert [st.sample for st in states] == [sample, None, sample]
+
+
+async def test_http_metrics_reuse_one_connection_and_send_the_host() -> None:
+    peers: list[object] = []
+    hosts: list[str] = []
+
+    async def page(request: web.Request) -> web.Response:
+        peers.append(request.transport.get_extra_info("peername") if request.transport else None)
+        hosts.append(request.host)
+        if request.path == "/missing":
+            raise web.HTTPNotFound()
+        return web.Response(text="nv_trt_llm_request_metrics 1\n")
+
+    app = web.Application()
+    app.router.add_get("/{name}", page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    pages = HttpMetrics()
+    try:
+        for _ in range(3):
+            text = await pages(f"http://127.0.0.1:{port}/metrics", "triton.svc:8002", 1.0)
+            assert text == "nv_trt_llm_request_metrics 1\n"
+        assert len(set(peers)) == 1  # kept alive: one connection for every round
+        assert hosts == ["triton.svc:8002"] * 3
+        with pytest.raises(aiohttp.ClientResponseError):
+            await pages(f"http://127.0.0.1:{port}/missing", "", 1.0)
+    finally:
+        await pages.close()
+        await runner.cleanup()
 
 
 async def test_the_cap_follows_the_sample_and_the_mean_service_time() -> None:
