@@ -22,11 +22,19 @@ from services.orchestrator.settings import OrchestratorSettings
 
 
 async def every(interval_s: float, step: Callable[[], Awaitable[None]]) -> None:
-    """Run `step`, then wait `interval_s`, forever: the service's periodic upkeep (the director
-    itself never sleeps)."""
+    """Start `step` every `interval_s` (at once again when a step took longer), forever: the
+    service's periodic upkeep. The director sleeps only within a round, to spread the round's
+    calls to the replicas (`ROUND_SPREAD`)."""
+    loop = asyncio.get_running_loop()
     while True:
+        start = loop.time()
         await step()
-        await asyncio.sleep(interval_s)
+        await asyncio.sleep(max(0.0, interval_s - (loop.time() - start)))
+
+
+# Share of the interval over which a health or metrics round starts its calls to the replicas:
+# all at once, their answers (and their parsing) would hold up the Admits behind them.
+ROUND_SPREAD = 0.5
 
 
 SERVICE = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name
@@ -45,9 +53,6 @@ async def main(settings: OrchestratorSettings, blocks: KvBlockSettings) -> None:
         policy,
         prefix,
         fetch_metrics=pages,
-        # A round's fetches start over half the interval, not at once: with many replicas their
-        # answers' parsing would hold up the Admits behind it for milliseconds.
-        scrape_spread_s=settings.metrics_interval_s / 2,
     )
     servicer = OrchestratorServicer(core)
     server = ManagedServer(
@@ -65,8 +70,13 @@ async def main(settings: OrchestratorSettings, blocks: KvBlockSettings) -> None:
     )
     metrics_port = start_metrics_server(settings.host, settings.metrics_port)
     await server.start()
-    health_task = asyncio.create_task(every(settings.health_interval_s, core.probe_once))
-    metrics_task = asyncio.create_task(every(settings.metrics_interval_s, core.scrape_once))
+    health_s, metrics_s = settings.health_interval_s, settings.metrics_interval_s
+    health_task = asyncio.create_task(
+        every(health_s, lambda: core.probe_once(health_s * ROUND_SPREAD))
+    )
+    metrics_task = asyncio.create_task(
+        every(metrics_s, lambda: core.scrape_once(metrics_s * ROUND_SPREAD))
+    )
     discovery_task: asyncio.Task[None] | None = None
     registry_dns_task: asyncio.Task[None] | None = None
     if prefix is not None and settings.kv_registry_dns:

@@ -82,6 +82,7 @@ from services.orchestrator.health import (
     Health,
     ReplicaProbe,
     fetch_in_thread,
+    staggered,
 )
 from services.orchestrator.leases import LeaseTable
 from services.orchestrator.load import LoadLedger
@@ -115,12 +116,8 @@ class Orchestrator:
         rng: random.Random | None = None,
         fetch_metrics: FetchMetrics | None = None,
         clock: Clock = time.monotonic,
-        *,
-        scrape_spread_s: float = 0.0,
     ) -> None:
-        """`fetch_metrics`: the engines' metrics pages (default: urllib in a worker thread);
-        `scrape_spread_s`: how far apart a scrape round starts its fetches in all
-        (`EngineSampler`; 0: one after the other, inline)."""
+        """`fetch_metrics`: the engines' metrics pages (default: urllib in a worker thread)."""
         self._settings = settings
         self._policy = policy or Policy()
         self._clock = clock
@@ -148,7 +145,6 @@ class Orchestrator:
             settings.health_timeout_s,
             settings.metrics_max_age_s,
             clock,
-            spread_s=scrape_spread_s,
         )
         self._leases = LeaseTable(settings.lease_timeout_s, clock)
         # Live per-replica work (load.py): every grant and completion, corrected by samples.
@@ -782,9 +778,10 @@ class Orchestrator:
         self._reprobes.add(task)
         task.add_done_callback(self._reprobes.discard)
 
-    async def probe_once(self) -> None:
-        """One health round: probe every replica, then `tick`."""
-        await asyncio.gather(*(self._probe_replica(st) for st in list(self._replicas.live())))
+    async def probe_once(self, spread_s: float = 0.0) -> None:
+        """One health round: probe every replica (the probes started over `spread_s`:
+        `health.staggered`), then `tick`."""
+        await staggered(self._probe_replica, list(self._replicas.live()), spread_s)
         self._probed.set()
         self.tick()
 
@@ -803,8 +800,9 @@ class Orchestrator:
         self._shedder.observe(sojourn_s, self._clock())
         metrics.record_sojourn(sojourn_s)  # the level's gauge: each `tick`, not each Admit
 
-    async def scrape_once(self) -> None:
-        await self._sampler.scrape(list(self._replicas.live()))
+    async def scrape_once(self, spread_s: float = 0.0) -> None:
+        """One metrics round (the fetches started over `spread_s`; 0: one after the other)."""
+        await self._sampler.scrape(list(self._replicas.live()), spread_s)
         self._dispatch()  # KV use or capacity may have changed what waiters can get
 
     # -- introspection --------------------------------------------------------------------

@@ -139,12 +139,12 @@ async def test_a_spread_round_starts_each_fetch_in_turn_and_samples_every_replic
         return EngineSample(1, 0, 5, 10)
 
     clock = Clock()
-    sampler = EngineSampler(fetch, 1.0, 5.0, clock, spread_s=0.003)
+    sampler = EngineSampler(fetch, 1.0, 5.0, clock)
     states = [
         ReplicaState(ReplicaSpec(id=i, grpc_address="h:1", metrics_url=f"http://m/{i}"))
         for i in ("slow", "down", "up")
     ]
-    round_ = asyncio.create_task(sampler.scrape(states))
+    round_ = asyncio.create_task(sampler.scrape(states, spread_s=0.003))
 
     async def last_sampled() -> bool:
         return states[2].sample is not None
