@@ -780,10 +780,13 @@ class Orchestrator:
 
     async def probe_once(self, spread_s: float = 0.0) -> None:
         """One health round: probe every replica (the probes started over `spread_s`:
-        `health.staggered`), then `tick`."""
-        await staggered(self._probe_replica, list(self._replicas.live()), spread_s)
-        self._probed.set()
-        self.tick()
+        `health.staggered`; the first round all at once, as Admits wait for it), then `tick`."""
+        try:
+            live = list(self._replicas.live())
+            await staggered(self._probe_replica, live, spread_s if self._probed.is_set() else 0.0)
+        finally:
+            self._probed.set()
+            self.tick()
 
     def tick(self) -> None:
         """Time-driven upkeep: reclaim leases never completed within `lease_timeout_s`; close
@@ -801,9 +804,13 @@ class Orchestrator:
         metrics.record_sojourn(sojourn_s)  # the level's gauge: each `tick`, not each Admit
 
     async def scrape_once(self, spread_s: float = 0.0) -> None:
-        """One metrics round (the fetches started over `spread_s`; 0: one after the other)."""
-        await self._sampler.scrape(list(self._replicas.live()), spread_s)
-        self._dispatch()  # KV use or capacity may have changed what waiters can get
+        """One metrics round (the fetches started over `spread_s`; 0: one after the other).
+        KV use or capacity may have changed what waiters can get: the round dispatches at its
+        end, and a spread round also after each sample."""
+        await self._sampler.scrape(
+            list(self._replicas.live()), spread_s, self._dispatch if spread_s else None
+        )
+        self._dispatch()
 
     # -- introspection --------------------------------------------------------------------
     def replicas(self) -> list[ReplicaState]:

@@ -164,18 +164,30 @@ async def staggered(
     replicas: Sequence[ReplicaState],
     spread_s: float,
 ) -> None:
-    """`call` for every replica, each in its own task, the tasks started evenly over
-    `spread_s` (all at once when 0), then awaited: a round's answers (and the work on them, in
-    the event loop) arrive spread out, not as one burst that holds up the Admits behind it
-    (with 64 replicas, a burst held them up to tens of ms)."""
+    """`call` for every replica, each in its own task, replica i's started `i * spread_s / n`
+    after the round began (all at once when 0), then awaited: a round's answers (and the work
+    on them, in the event loop) arrive spread out, not as one burst that holds up the Admits
+    behind it (with 64 replicas, a burst held them up to tens of ms). A replica removed before
+    its turn is skipped; a call that raises is logged and ends no other."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
     step = spread_s / max(len(replicas), 1)
     tasks: list[asyncio.Task[object]] = []
+    called: list[ReplicaState] = []
     try:
         for i, st in enumerate(replicas):
             if i and step > 0:
-                await asyncio.sleep(step)
-            tasks.append(asyncio.create_task(call(st)))
-        await asyncio.gather(*tasks)
+                await asyncio.sleep(max(0.0, start + i * step - loop.time()))
+            if not st.removed:
+                tasks.append(asyncio.create_task(call(st)))
+                called.append(st)
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        for st, outcome in zip(called, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                log.error(
+                    "replica round call failed",
+                    extra={"replica": st.spec.id, "error": repr(outcome)},
+                )
     finally:
         for t in tasks:
             t.cancel()
@@ -201,27 +213,41 @@ class EngineSampler:
             return None
         return st.sample
 
-    async def scrape(self, replicas: Iterable[ReplicaState], spread_s: float = 0.0) -> None:
+    async def scrape(
+        self,
+        replicas: Iterable[ReplicaState],
+        spread_s: float = 0.0,
+        on_sample: Callable[[], None] | None = None,
+    ) -> None:
         """One round. `spread_s`: see `staggered`; 0: one fetch after the other, inline (an
-        in-process engine's sample, a simulator's)."""
+        in-process engine's sample, a simulator's). `on_sample`: called after each sample
+        stored (what waits on a replica's load need not wait for the whole round)."""
         targets = [st for st in replicas if st.spec.metrics_url]
+
+        async def one(st: ReplicaState) -> None:
+            if await self._scrape_one(st) and on_sample is not None:
+                on_sample()
+
         if not spread_s:
             for st in targets:
-                await self._scrape_one(st)
+                await one(st)
             return
-        await staggered(self._scrape_one, targets, spread_s)
+        await staggered(one, targets, spread_s)
 
-    async def _scrape_one(self, st: ReplicaState) -> None:
+    async def _scrape_one(self, st: ReplicaState) -> bool:
+        """Whether a sample was stored."""
         before = st.in_flight
         try:
             text = await self._fetch(st.spec.metrics_url, st.spec.metrics_host, self._timeout_s)
-        except Exception as exc:  # no sample, whatever the cause
+            return self._store(st, text, before)
+        except Exception as exc:  # no sample, whatever the cause (unreachable, a bad page)
             log.debug("metrics scrape failed", extra={"replica": st.spec.id, "error": repr(exc)})
-            return
-        self._store(st, text, before)
+            return False
 
-    def _store(self, st: ReplicaState, text: str | EngineSample, before: int) -> None:
+    def _store(self, st: ReplicaState, text: str | EngineSample, before: int) -> bool:
         sample = text if isinstance(text, EngineSample) else parse_engine_metrics(text)
-        if sample is not None:
-            st.sample, st.sample_at = sample, self._clock()
-            st.sample_in_flight = max(before, st.in_flight)
+        if sample is None:
+            return False
+        st.sample, st.sample_at = sample, self._clock()
+        st.sample_in_flight = max(before, st.in_flight)
+        return True

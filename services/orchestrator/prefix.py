@@ -19,6 +19,12 @@ replica's predictions follow the same routing; RecordRouting's predicted blocks 
 replica's answer. A replica that was down misses the updates of that time: its predictions
 (short-lived: they end with their lease) are those of a restarted replica.
 
+With a copy of the exact index (`mirror`, `kv_mirror.ExactMirror`), one registry is watched
+(WatchExact, from the first registry up) and a lookup whose candidate replicas are all exact in
+the copy, while it is in sync, is answered from it: no call, no registry CPU. Any other lookup
+(an approximate-mode candidate, the copy out of sync) goes to a registry as above. A watch that
+ends drops the copy and starts again from a fresh snapshot.
+
 Updates are queued and sent in order, as UpdateBatch calls: at most one batch in flight, the
 next one holds what arrived meanwhile (up to `MAX_BATCH`), so under load one call carries many
 decisions' updates. The first update into an empty queue waits `linger_s` before its batch

@@ -15,7 +15,7 @@ from llmmesh.common.engine_metrics import EngineSample
 from services.orchestrator import capacity
 from services.orchestrator.director import Orchestrator
 from services.orchestrator.domain import Outcome
-from services.orchestrator.health import EngineSampler
+from services.orchestrator.health import EngineSampler, staggered
 from services.orchestrator.load import LoadLedger
 from services.orchestrator.policy import Policy
 from services.orchestrator.probe import HttpMetrics
@@ -25,7 +25,7 @@ from services.orchestrator.scheduling.contracts import ReplicaView
 from services.orchestrator.scheduling.work import WorkModel
 from services.orchestrator.settings import ReplicaSpec
 from tests.helpers import eventually
-from tests.orchestrator.test_core import FakeProbe, req, settings
+from tests.orchestrator.test_core import FakeProbe, metrics_text, req, settings
 
 
 class Clock:
@@ -144,7 +144,10 @@ async def test_a_spread_round_starts_each_fetch_in_turn_and_samples_every_replic
         ReplicaState(ReplicaSpec(id=i, grpc_address="h:1", metrics_url=f"http://m/{i}"))
         for i in ("slow", "down", "up")
     ]
-    round_ = asyncio.create_task(sampler.scrape(states, spread_s=0.003))
+    sampled: list[int] = []
+    round_ = asyncio.create_task(
+        sampler.scrape(states, spread_s=0.003, on_sample=lambda: sampled.append(1))
+    )
 
     async def last_sampled() -> bool:
         return states[2].sample is not None
@@ -156,6 +159,48 @@ async def test_a_spread_round_starts_each_fetch_in_turn_and_samples_every_replic
     await round_
     sample = EngineSample(1, 0, 5, 10)
     assert [st.sample for st in states] == [sample, None, sample]
+    assert len(sampled) == 2  # once per sample stored, as each arrives
+
+
+async def test_a_bad_page_or_a_failing_call_ends_nothing_else() -> None:
+    """A page the parser refuses gives no sample; a round's call that raises is logged and the
+    other replicas' calls still run; a replica removed before its turn is not called."""
+
+    async def fetch(url: str, host: str, timeout_s: float) -> str:
+        if url.endswith("bad"):
+            return 'nv_trt_llm_request_metrics{request_type="active"} not-a-number\n'
+        return metrics_text(active=1, waiting=0, used=5, total=10, max_batch=4)
+
+    clock = Clock()
+    sampler = EngineSampler(fetch, 1.0, 5.0, clock)
+    bad, good = (
+        ReplicaState(ReplicaSpec(id=i, grpc_address="h:1", metrics_url=f"http://m/{i}"))
+        for i in ("bad", "good")
+    )
+    await sampler.scrape([bad, good])
+    assert bad.sample is None
+    assert good.sample is not None
+
+    called: list[str] = []
+
+    async def call(st: ReplicaState) -> None:
+        called.append(st.spec.id)
+        if st.spec.id == "a":
+            raise RuntimeError("boom")
+
+    states = [ReplicaState(ReplicaSpec(id=i, grpc_address="h:1")) for i in ("a", "b", "gone")]
+    states[2].removed = True
+    await staggered(call, states, 0.0)
+    assert called == ["a", "b"]
+
+
+async def test_the_first_health_round_is_not_spread() -> None:
+    """Admits wait for the first round: it probes every replica at once, whatever the spread."""
+    probe = FakeProbe()
+    probe.ready_ids = {"r0", "r1"}
+    core = Orchestrator(settings(n=2, cap=4), probe)
+    await asyncio.wait_for(core.probe_once(spread_s=3600), timeout=30)
+    assert (await core.admit(req("x"), 1.0)).replica.id in {"r0", "r1"}
 
 
 async def test_http_metrics_reuse_one_connection_and_send_the_host() -> None:
