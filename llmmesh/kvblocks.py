@@ -16,6 +16,7 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ import xxhash
 
 _LE64 = struct.Struct("<Q").pack
 _xxh3 = xxhash.xxh3_64_intdigest
+_xxh3_128 = xxhash.xxh3_128_intdigest
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +79,14 @@ def tokens_from_bytes(body: bytes) -> Sequence[int]:
 
 
 def hashes_from_bytes(
-    body: bytes, config: BlockConfig, salt: bytes = b"", limit: int | None = None
+    body: bytes,
+    config: BlockConfig,
+    salt: bytes = b"",
+    limit: int | None = None,
+    parent: int | None = None,
 ) -> list[int]:
-    """Chained hashes of the full blocks of `body` (little-endian uint32 tokens).
+    """Chained hashes of the full blocks of `body` (little-endian uint32 tokens); `parent`: the
+    hash of the block before `body`'s first (None: `body` starts the prompt).
 
     Same result as folding `chain_hash` over the blocks, ~3x faster: the tokens are converted to
     bytes once and sliced per block (one xxh3 call per block is what remains)."""
@@ -88,12 +95,53 @@ def hashes_from_bytes(
     if limit is not None:
         n = min(n, limit)
     seed = config.hash_seed
-    h = seed
+    h = seed if parent is None else parent
     out: list[int] = []
     for off in range(0, n * step, step):
         h = _xxh3(_LE64(h) + salt + body[off : off + step], seed)
         out.append(h)
     return out
+
+
+class ChunkedHashes:
+    """`hashes_from_bytes` (no salt) for prompts that share long prefixes, with a bounded LRU of
+    chunks of `CHUNK_BLOCKS` full blocks: a chunk seen before after the same parent hash costs
+    one xxh3-128 of its bytes instead of a chain step per block (a 32k-token prompt of 32-token
+    blocks: ~10 µs instead of ~150 µs when its chunks repeat). The blocks after the last whole
+    chunk are chained directly. A chunk is keyed by (parent hash, xxh3-128 of its bytes): a
+    false hit needs a 128-bit collision; xxh3 is not a cryptographic hash, so one crafted on
+    purpose would only misname that prompt's blocks to its own caller (routing, not data).
+    Results equal `hashes_from_bytes` bit for bit."""
+
+    CHUNK_BLOCKS = 64
+
+    def __init__(self, config: BlockConfig, max_chunks: int = 4096) -> None:
+        self._config = config
+        self._chunk_bytes = self.CHUNK_BLOCKS * config.block_size * 4
+        self._max_chunks = max_chunks
+        self._chunks: OrderedDict[tuple[int, int], tuple[int, ...]] = OrderedDict()
+
+    def __call__(self, body: bytes) -> list[int]:
+        config, size, chunks = self._config, self._chunk_bytes, self._chunks
+        out: list[int] = []
+        parent = config.hash_seed
+        whole = len(body) // size * size
+        for off in range(0, whole, size):
+            piece = body[off : off + size]
+            key = (parent, _xxh3_128(piece))
+            hashes = chunks.get(key)
+            if hashes is None:
+                hashes = tuple(hashes_from_bytes(piece, config, parent=parent))
+                chunks[key] = hashes
+                if len(chunks) > self._max_chunks:
+                    chunks.popitem(last=False)
+            else:
+                chunks.move_to_end(key)
+            out += hashes
+            parent = hashes[-1]
+        if len(body) - whole >= config.block_size * 4:
+            out += hashes_from_bytes(body[whole:], config, parent=parent)
+        return out
 
 
 def block_hashes(

@@ -56,7 +56,7 @@ from llmmesh.common.kv_registries import RegistryEndpoint
 from llmmesh.common.telemetry import inject_trace_metadata
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
-from llmmesh.kvblocks import BlockConfig, hashes_from_bytes
+from llmmesh.kvblocks import BlockConfig, ChunkedHashes
 from llmmesh.kvblocks import token_bytes as kv_token_bytes
 from services.orchestrator import metrics
 from services.orchestrator.kv_mirror import ExactMirror, MirrorFull
@@ -322,6 +322,7 @@ class RegistryPrefixIndex:
         self._registries: list[_Registry] = []
         self._preferred: _Registry | None = None
         self._set_endpoints(self._static)
+        self._hashes = ChunkedHashes(block_config)
         self._mirror = mirror
         self._watcher: asyncio.Task[None] | None = None
         self._closed = False
@@ -407,7 +408,7 @@ class RegistryPrefixIndex:
     async def lookup(
         self, token_ids: Sequence[int], replica_ids: Collection[str] = ()
     ) -> PrefixMatches:
-        hashes = tuple(hashes_from_bytes(token_bytes(token_ids), self._config))
+        hashes = tuple(self._hashes(token_bytes(token_ids)))
         if not hashes:
             return NO_MATCHES
         mirror = self._mirror

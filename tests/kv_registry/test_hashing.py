@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llmmesh.kvblocks import BlockConfig, block_hashes, chain_hash, hashes_from_bytes, token_bytes
+from llmmesh.kvblocks import (
+    BlockConfig,
+    ChunkedHashes,
+    block_hashes,
+    chain_hash,
+    hashes_from_bytes,
+    token_bytes,
+)
 from services.kv_registry.settings import KvRegistrySettings
 from tests.kv_registry.support import make_registry
 
@@ -78,3 +85,34 @@ def test_registry_hashes_a_prompt_once() -> None:
     assert reg.hash_tokens(c) == ()
     assert reg.hash_tokens(a) is not first  # evicted (2 prompts kept), hashed again
     assert reg.hash_tokens(a) == first
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 3), st.lists(st.integers(0, 2**32 - 1), max_size=300)),
+        min_size=1,
+        max_size=12,
+    ),
+    st.integers(0, 2**64 - 1),
+)
+def test_chunked_hashes_equal_the_chain_whatever_was_cached(
+    prompts: list[tuple[int, list[int]]], seed: int
+) -> None:
+    """Prompts of a few shared prefixes plus their own tails, hashed one after the other with a
+    cache small enough to evict: each equals the plain chain."""
+    config = BlockConfig(2, seed)  # a chunk: 64 blocks, 128 tokens
+    prefixes = [list(range(k * 1000, k * 1000 + 128 * (k + 1) + k)) for k in range(4)]
+    hashes = ChunkedHashes(config, max_chunks=3)
+    for k, tail in prompts:
+        body = token_bytes(prefixes[k] + tail)
+        assert hashes(body) == hashes_from_bytes(body, config)
+
+
+def test_a_chunk_after_another_parent_is_not_taken_from_the_cache() -> None:
+    config = BlockConfig(2, 9)
+    chunk = 2 * ChunkedHashes.CHUNK_BLOCKS  # tokens
+    same = list(range(5000, 5000 + chunk))
+    hashes = ChunkedHashes(config)
+    for first in (list(range(chunk)), list(range(1, chunk + 1))):
+        body = token_bytes(first + same)
+        assert hashes(body) == hashes_from_bytes(body, config)
