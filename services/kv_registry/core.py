@@ -182,14 +182,18 @@ class KvRegistry:
     ) -> ReuseResult:
         """The engine reused `reported_reused_blocks` leading blocks of this prompt (reported on
         completion). Counts predicted vs reported; for a predicted replica, corrects the model
-        (`PredictedIndex.correct`). `predicted_blocks` defaults to the current belief."""
+        (`PredictedIndex.correct`: its capacity, and the prompt's entries refreshed when
+        `hashes` are given). `predicted_blocks` defaults to the current belief."""
         if not replica_id:
             raise InvalidArgument("must be non-empty", field="replica_id")
         if reported_reused_blocks < 0:
             raise InvalidArgument("must not be negative", field="reported_reused_blocks")
         reusable = len(hashes)
         if prompt_tokens is not None:
-            reusable = min(reusable, max(0, (prompt_tokens - 1) // self.block_config.block_size))
+            cap = max(0, (prompt_tokens - 1) // self.block_config.block_size)
+            # No hashes: the report is counted from the prompt's length (an exact replica's
+            # report needs nothing else; an approximate one's capacity is still corrected).
+            reusable = min(reusable, cap) if hashes else cap
         exact = self.exact.is_exact(replica_id)
         if predicted_blocks is None:
             index = self.exact if exact else self.predicted

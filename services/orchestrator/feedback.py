@@ -9,7 +9,8 @@ Invariants:
 - A reuse report carries the registry's answer to its lease's routing update: it is sent once
   that answer came (at once unless the lease ended before it, e.g. within the update linger).
   A routing to a replica the lookup found exact (KV events) sends no update: the registry would
-  record nothing and answer with the lookup's match, which the report carries instead.
+  record nothing and answer with the lookup's match, which the report carries instead; the
+  report leaves the prompt's block hashes out (the registry counts it from the prompt's length).
 - A lookup's matches include the prompts of live leases (`InflightPrefixes`): a replica holds, or
   is computing, its leases' prompt blocks before the registry hears of them.
 """
@@ -32,6 +33,7 @@ class _Prediction:
     hashes: tuple[int, ...]
     prompt_tokens: int
     predicted: int = 0
+    exact: bool = False  # the lookup found the replica exact: its report needs no hashes
     routing: asyncio.Task[None] | None = None  # the routing update, until answered
 
 
@@ -61,6 +63,7 @@ class PrefixFeedback:
             # The registry records nothing for an exact replica and would answer with the
             # match this lookup already has: no update (and no walk of the prompt's blocks).
             pred.predicted = prefix.registered_blocks(replica_id)
+            pred.exact = True
             return
         pred.routing = self._background(
             self._record_routing(self._index, pred, replica_id, prefix.hashes)
@@ -84,8 +87,9 @@ class PrefixFeedback:
     ) -> None:
         if pred.routing is not None and not pred.routing.done():
             await asyncio.wait([pred.routing])  # its outcome is the routing task's own
+        hashes = () if pred.exact else pred.hashes
         await index.report_reuse(
-            replica_id, pred.hashes, reused_blocks, pred.prompt_tokens, pred.predicted
+            replica_id, hashes, reused_blocks, pred.prompt_tokens, pred.predicted
         )
 
     def drop_replica(self, replica_id: str) -> None:

@@ -243,13 +243,16 @@ class OrchestratorSettings(ServiceSettings):
         description="A kv_registry replica that failed a call is skipped this long, then tried again.",
     )
     kv_update_linger_s: float = Field(
-        default=0.005,
+        default=0.02,
         ge=0,
         le=1.0,
         description=(
-            "An approximate-mode update into an empty queue waits this long before its batch is "
-            "sent to kv_registry, so an idle orchestrator's routing update leaves after the Admit "
-            "answer and shares a call with the previous request's reuse report (0: at once)."
+            "Each batch of kv_registry updates (routing records, reuse reports) waits this long "
+            "before it is sent: an idle orchestrator's routing update leaves after the Admit "
+            "answer and shares a call with the previous request's reuse report, and a busy one "
+            "makes at most one UpdateBatch call per linger (0: at once, a call per answer). "
+            "The orchestrator's own matches already include its live leases' prompts, so the "
+            "delay only postpones what other orchestrators learn."
         ),
     )
     kv_update_queue: int = Field(

@@ -207,6 +207,30 @@ def test_exact_data_takes_precedence() -> None:
     assert matched(reg, A) == {"r0": (1, Source.EXACT)}
 
 
+def test_a_report_without_hashes_counts_from_the_prompts_length() -> None:
+    # What the orchestrator sends for an exact replica: the same figures as with the hashes.
+    prom = CollectorRegistry()
+    reg = make(metrics=PrometheusMetrics(prom))
+    reg.ingest("r0", "e", CFG, [Cleared(0), Stored(1, tuple(A[:2]))])
+    kw = {"prompt_tokens": 17, "predicted_blocks": 2}
+    with_hashes = reg.report_reuse("r0", A, 3, **kw)
+    without = reg.report_reuse("r0", (), 3, **kw)
+    assert without == with_hashes
+    assert (without.reusable_blocks, without.predicted_blocks, without.source) == (
+        4,
+        2,
+        Source.EXACT,
+    )
+    labels = {"replica": "r0", "source": "exact"}
+    assert prom.get_sample_value(KV_REPORTED_PROMPT_BLOCKS, labels) == 8
+    # An approximate replica's capacity is corrected all the same; nothing is refreshed.
+    reg.record_routing("p0", A)
+    reg.predicted.replicas["p0"].capacity = 12
+    res = reg.report_reuse("p0", (), 0, **kw)
+    assert (res.reusable_blocks, res.predicted_capacity) == (4, 9)  # 12 x (1 - 0.25 x 2/2)
+    assert matched(reg, A) == {"r0": (2, Source.EXACT), "p0": (4, Source.PREDICTED)}
+
+
 def test_lookups_mix_exact_and_predicted_replicas() -> None:
     reg = make()
     reg.ingest("exact", "e", CFG, [Stored(0, tuple(A[:2]))])

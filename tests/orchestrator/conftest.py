@@ -15,6 +15,7 @@ class FixedPrefix:
         self.matches = matches
         self.calls: list[tuple[str, ...]] = []
         self.reports: list[tuple[str, int, int, int]] = []
+        self.report_hashes: list[tuple[int, ...]] = []
         self.called = asyncio.Event()
 
     async def lookup(
@@ -36,6 +37,7 @@ class FixedPrefix:
         predicted: int,
     ) -> None:
         self.reports.append((replica_id, reported, prompt_tokens, predicted))
+        self.report_hashes.append(tuple(hashes))
         self.called.set()
 
     async def drop_replica(self, replica_id: str) -> None:

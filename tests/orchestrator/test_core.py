@@ -479,6 +479,7 @@ async def test_approximate_mode_records_reports_and_drops() -> None:
     core.complete(failed.lease_id, Outcome.REQUEST_ERROR, reused_blocks=None)  # never prefilled
     await index.settle(3)
     assert index.reports == [("r0", 2, 3, 3)]  # reported 2 of the 3 predicted, 3-token prompt
+    assert index.report_hashes == [(11, 12, 13, 14)]  # to refresh the predicted entries
     probe.ready_ids.clear()
     await core.probe_once()
     await index.settle(4)
@@ -500,6 +501,7 @@ async def test_a_routing_to_an_exact_replica_sends_no_update_and_reports_the_loo
     await index.settle(1)
     assert index.calls == []
     assert index.reports == [("r0", 2, 3, 3)]  # the lookup's 3 blocks as the prediction
+    assert index.report_hashes == [()]  # counted from the prompt's length: no hashes to send
     index.matches = PrefixMatches(4, {"r0": 3}, hashes=(11, 12, 13, 14))  # not known exact
     await core.admit(req("predicted"), 1.0)
     await index.settle(2)

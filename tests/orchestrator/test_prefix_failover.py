@@ -451,3 +451,26 @@ async def test_an_update_into_an_empty_queue_lingers_and_takes_the_next_along() 
     finally:
         await idx.close()
         await served.stop()
+
+
+async def test_updates_that_come_during_a_call_wait_the_linger_and_leave_together() -> None:
+    # Under load the next batch does not leave as soon as the previous call is answered: it
+    # lingers too, so updates arriving meanwhile share one call (at most a call per linger).
+    served, fake, idx = await batching(linger_s=0.2)
+    try:
+        fake.release.clear()
+        first = asyncio.ensure_future(idx.record_routing("r1", [1]))
+        await fake.entered.wait()
+        second = asyncio.ensure_future(idx.record_routing("r2", [1]))
+        await asyncio.sleep(0)
+        fake.release.set()
+        assert await first == 1
+        assert idx.pending == 1  # r2 lingers after r1's answer ...
+        third = asyncio.ensure_future(idx.report_reuse("r1", [1], 1, 64, 1))
+        assert await second == 2
+        await third
+        assert fake.batches == [1, 2]  # ... and takes the report along
+        assert fake.updates == ["routing:r1", "routing:r2", "reuse:r1"]
+    finally:
+        await idx.close()
+        await served.stop()
