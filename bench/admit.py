@@ -11,7 +11,8 @@ index is in sync (WatchExact), the orchestrator answers lookups from it, with no
 copy is printed per row).
 
 Load: open loop at each `--rates` (Admit/s, evenly spaced, pre-serialized requests, each lease
-completed at once with the engine's reuse report, as the gateway does), with prompts of each
+completed at once with the engine's reuse report through the gateway's own client, which
+batches the reports in CompleteBatch calls), with prompts of each
 `--prompt-tokens` length: a family's first tokens plus a unique 64-token tail. Each Admit
 carries a caller id and its send time as the gateway's do, so an orchestrator behind on its calls
 sheds them (BUSY, services/orchestrator/shedding.py): refused Admits are counted by status code,
@@ -66,6 +67,8 @@ from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from llmmesh.kvblocks import block_hashes, token_bytes
 from llmmesh.localmesh import ServiceProcess
+from services.gateway.admission import LeaseReport, Outcome
+from services.gateway.orchestrator_client import OrchestratorClient
 from services.kv_registry.settings import KvRegistrySettings
 from services.orchestrator.settings import OrchestratorSettings
 
@@ -267,7 +270,8 @@ async def drive(
     admit = channel.unary_unary(
         ADMIT, request_serializer=None, response_deserializer=pb.AdmitResponse.FromString
     )
-    stub = pb_grpc.OrchestratorServiceStub(channel)
+    # The gateway's own client sends the completions (batched, as the gateway does).
+    reports = OrchestratorClient(pb_grpc.OrchestratorServiceStub(channel))
     client: list[float] = []
     internal: list[float] = []
     errors: dict[str, int] = {}
@@ -283,15 +287,7 @@ async def drive(
             return
         client.append(time.perf_counter() - start)
         internal.append(resp.queue_ms / 1000)
-        await stub.Complete(
-            pb.CompleteRequest(
-                lease_id=resp.lease_id,
-                outcome=pb.OUTCOME_SUCCESS,
-                kv_cache_reused_blocks=0,
-                time_to_first_token_ms=1.0,
-            ),
-            timeout=10,
-        )
+        reports.complete(LeaseReport(resp.lease_id, Outcome.SUCCESS, 0, 0, 0, ttft_ms=1.0))
 
     loop = asyncio.get_running_loop()
     n = int(rate * duration_s)
@@ -306,6 +302,7 @@ async def drive(
     sent_s = loop.time() - t0
     if tasks:
         await asyncio.gather(*tasks)
+    await reports.drain()
     return client, internal, errors, sent_s
 
 

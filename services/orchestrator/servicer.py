@@ -60,6 +60,15 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self._core.complete(request.lease_id, outcome, reused_blocks)
         return pb.CompleteResponse()
 
+    async def CompleteBatch(
+        self, request: pb.CompleteBatchRequest, context: Ctx
+    ) -> pb.CompleteBatchResponse:
+        complete = self._core.complete
+        for report in request.reports:
+            outcome, reused_blocks = outcome_from_pb(report)
+            complete(report.lease_id, outcome, reused_blocks)
+        return pb.CompleteBatchResponse()
+
     async def ListReplicas(
         self, request: pb.ListReplicasRequest, context: Ctx
     ) -> pb.ListReplicasResponse:

@@ -49,8 +49,9 @@ REPLICA = pb.Replica(
 
 
 class FakeOrchestratorService(pb_grpc.OrchestratorServiceServicer):
-    """Grants lease-9 on REPLICA unless told to refuse; Complete fails `complete_failures`
-    times with UNAVAILABLE before it accepts."""
+    """Grants lease-9 on REPLICA unless told to refuse; its first `complete_failures` Complete
+    or CompleteBatch calls fail with UNAVAILABLE; CompleteBatch is UNIMPLEMENTED (an older
+    orchestrator) while `batches` is False."""
 
     def __init__(self) -> None:
         self.admits: list[pb.AdmitRequest] = []
@@ -59,6 +60,8 @@ class FakeOrchestratorService(pb_grpc.OrchestratorServiceServicer):
         self.plain_refusal: tuple[grpc.StatusCode, str] | None = None  # no status details
         self.completes: list[pb.CompleteRequest] = []
         self.complete_failures = 0
+        self.complete_calls: list[int] = []  # reports per Complete or CompleteBatch call
+        self.batches = True
         self.replicas = pb.ListReplicasResponse()
         self.hold: asyncio.Event | None = None  # Admit waits for it, once `holding` is set
         self.holding = asyncio.Event()
@@ -78,10 +81,22 @@ class FakeOrchestratorService(pb_grpc.OrchestratorServiceServicer):
         return pb.AdmitResponse(lease_id="lease-9", replica=REPLICA, queue_ms=12.5)
 
     async def Complete(self, request: pb.CompleteRequest, context: Ctx) -> pb.CompleteResponse:
-        self.completes.append(request)
-        if len(self.completes) <= self.complete_failures:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "busy")
+        await self._reports([request], context)
         return pb.CompleteResponse()
+
+    async def CompleteBatch(
+        self, request: pb.CompleteBatchRequest, context: Ctx
+    ) -> pb.CompleteBatchResponse:
+        if not self.batches:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "an older orchestrator")
+        await self._reports(list(request.reports), context)
+        return pb.CompleteBatchResponse()
+
+    async def _reports(self, reports: list[pb.CompleteRequest], context: Ctx) -> None:
+        self.completes.extend(reports)
+        self.complete_calls.append(len(reports))
+        if len(self.complete_calls) <= self.complete_failures:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "busy")
 
     # Not used by the gateway (ListReplicas above is its readiness check).
     async def ListReplicas(
@@ -295,17 +310,44 @@ async def test_complete_without_a_token_sends_no_ttft(served: Served) -> None:
     assert not served.service.completes[0].HasField("time_to_first_token_ms")
 
 
-async def test_complete_is_retried_then_given_up(served: Served) -> None:
+@pytest.mark.parametrize("batches", [True, False])
+async def test_complete_is_retried_then_given_up(served: Served, batches: bool) -> None:
+    served.service.batches = batches
     served.service.complete_failures = 1
     served.client.complete(LeaseReport("lease-1", Outcome.SUCCESS, 1, 1, 0, 1.0))
     await served.client.drain()
     assert [c.lease_id for c in served.service.completes] == ["lease-1", "lease-1"]
 
     served.service.completes.clear()
+    served.service.complete_calls.clear()
     served.service.complete_failures = COMPLETE_ATTEMPTS + 1
     served.client.complete(LeaseReport("lease-2", Outcome.SUCCESS, 1, 1, 0, 1.0))
     await served.client.drain()
     assert [c.lease_id for c in served.service.completes] == ["lease-2"] * COMPLETE_ATTEMPTS
+
+
+async def test_reports_that_come_together_share_one_call_in_order(served: Served) -> None:
+    for i in range(5):
+        served.client.complete(LeaseReport(f"lease-{i}", Outcome.SUCCESS, 1, 1, 0, 1.0))
+    assert served.client.pending == 5
+    await served.client.drain()
+    assert served.client.pending == 0
+    assert served.service.complete_calls == [5]
+    assert [c.lease_id for c in served.service.completes] == [f"lease-{i}" for i in range(5)]
+
+
+async def test_an_orchestrator_without_complete_batch_gets_a_call_per_report(
+    served: Served,
+) -> None:
+    served.service.batches = False
+    for i in range(3):
+        served.client.complete(LeaseReport(f"lease-{i}", Outcome.SUCCESS, 1, 1, 0, 1.0))
+    await served.client.drain()
+    served.service.batches = True  # not asked again: the client remembers the refusal
+    served.client.complete(LeaseReport("lease-3", Outcome.SUCCESS, 1, 1, 0, 1.0))
+    await served.client.drain()
+    assert served.service.complete_calls == [1, 1, 1, 1]  # each report alone, in order
+    assert [c.lease_id for c in served.service.completes] == [f"lease-{i}" for i in range(4)]
 
 
 async def test_status_counts_replicas_that_can_take_a_lease(served: Served) -> None:

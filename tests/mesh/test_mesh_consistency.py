@@ -106,6 +106,7 @@ ALLOWED = [
     (INGRESS, SHADOW_LABELS, 50051, GW + "Generate", "POST"),
     (GATEWAY, ORCH_LABELS, 50052, ORCH + "Admit", "POST"),
     (GATEWAY, ORCH_LABELS, 50052, ORCH + "Complete", "POST"),
+    (GATEWAY, ORCH_LABELS, 50052, ORCH + "CompleteBatch", "POST"),
     # readiness, and the replica view the gateway's degraded mode routes over
     (GATEWAY, ORCH_LABELS, 50052, ORCH + "ListReplicas", "POST"),
     (GATEWAY, TRITON_LABELS, 8001, TRI + "ModelStreamInfer", "POST"),

@@ -61,6 +61,28 @@ async def test_full_queue_is_resource_exhausted_with_retry_after(
     assert granted.replica.id == "r0"
 
 
+async def test_complete_batch_releases_each_lease_in_order() -> None:
+    probe = FakeProbe()
+    core = Orchestrator(settings(n=1, cap=2, queue=1), probe)
+    probe.ready_ids = {"r0"}
+    await core.probe_once()
+    async with serve(core) as stub:
+        a = await stub.Admit(admit("a"), timeout=5)
+        b = await stub.Admit(admit("b"), timeout=5)
+        queued = asyncio.ensure_future(stub.Admit(admit("c"), timeout=10))
+        await eventually(lambda: queue_depth_is(stub, 1), what="c waits for a slot")
+        reports = [
+            pb.CompleteRequest(lease_id=a.lease_id, outcome=pb.OUTCOME_SUCCESS),
+            pb.CompleteRequest(lease_id="never-granted", outcome=pb.OUTCOME_SUCCESS),
+            pb.CompleteRequest(lease_id=b.lease_id, outcome=pb.OUTCOME_REPLICA_ERROR),
+            pb.CompleteRequest(lease_id=a.lease_id, outcome=pb.OUTCOME_SUCCESS),  # again
+        ]
+        await stub.CompleteBatch(pb.CompleteBatchRequest(reports=reports), timeout=5)
+        await queued  # a's slot went to c
+        [status] = (await stub.ListReplicas(pb.ListReplicasRequest(), timeout=5)).replicas
+        assert (status.in_flight, status.completed, status.failures) == (1, 2, 1)
+
+
 async def test_deadline_in_queue_and_cancellation(
     stub: pb_grpc.OrchestratorServiceAsyncStub,
 ) -> None:
