@@ -106,9 +106,8 @@ def hashes_from_bytes(
 class ChunkedHashes:
     """`hashes_from_bytes` (no salt) for prompts that share long prefixes, with a bounded LRU of
     chunks of `CHUNK_BLOCKS` full blocks: a chunk seen before after the same parent hash costs
-    one xxh3-128 of its bytes instead of a chain step per block (a 32k-token prompt of 32-token
-    blocks: ~10 µs instead of ~150 µs when its chunks repeat). The blocks after the last whole
-    chunk are chained directly. A chunk is keyed by (parent hash, xxh3-128 of its bytes): a
+    one xxh3-128 of its bytes instead of a chain step per block. The blocks after the last
+    whole chunk are chained directly. A salt would have to be part of the key. A chunk is keyed by (parent hash, xxh3-128 of its bytes): a
     false hit needs a 128-bit collision; xxh3 is not a cryptographic hash, so one crafted on
     purpose would only misname that prompt's blocks to its own caller (routing, not data).
     Results equal `hashes_from_bytes` bit for bit."""

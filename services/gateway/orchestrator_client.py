@@ -10,8 +10,9 @@ orchestrator reclaims a lease it never hears about after its lease timeout. Repo
 order, as CompleteBatch calls: one call in flight at a time, each `COMPLETE_LINGER_S` after the
 previous one (the first, after the report that found none queued) and carrying what came
 meanwhile, up to `COMPLETE_BATCH`: under load one call releases many leases instead of a call
-per request (each costs both processes a gRPC call's CPU). An orchestrator without
-CompleteBatch (UNIMPLEMENTED: an older version) gets one Complete per report.
+per request (each costs both processes a gRPC call's CPU). An orchestrator that refuses
+CompleteBatch (`_NO_BATCHES`: an older version, or a mesh policy without it) gets one Complete
+per report, all of a batch at once. The queue is bounded (`COMPLETE_QUEUE`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ COMPLETE_TIMEOUT_S: Final = 5.0
 # this much later (against requests lasting seconds), for one call per linger under load.
 COMPLETE_LINGER_S: Final = 0.005
 COMPLETE_BATCH: Final = 256  # reports per CompleteBatch call (~25 KB)
+# Reports queued for one orchestrator at most (one per lease it granted, so reached only when
+# it stopped answering); beyond it the oldest is dropped and its lease reclaimed by timeout.
+COMPLETE_QUEUE: Final = 65_536
+# CompleteBatch refused as such: an orchestrator older than it, or a mesh policy that does not
+# allow it yet.
+_NO_BATCHES: Final = frozenset({grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED})
 # Shortest Admit deadline sent: a spent deadline still makes a call that fails as expired.
 _MIN_TIMEOUT_S: Final = 0.001
 
@@ -176,7 +183,8 @@ class OrchestratorClient:
         self._reports: deque[pb.CompleteRequest] = deque()  # queued, not yet in a call
         self._in_call = 0  # reports in the call in flight
         self._sender: asyncio.Task[None] | None = None
-        self._batches = True  # False once the orchestrator answered UNIMPLEMENTED
+        self._batches = True  # False once CompleteBatch was refused (`_NO_BATCHES`)
+        self._closed = False
         self.address = address  # for logs: which orchestrator this client reaches
 
     @classmethod
@@ -215,12 +223,19 @@ class OrchestratorClient:
         return lease_from_pb(response)
 
     def complete(self, report: LeaseReport) -> None:
+        if self._closed:
+            log.warning("complete after close: not sent", extra={"lease_id": report.lease_id})
+            return
+        if len(self._reports) >= COMPLETE_QUEUE:
+            dropped = self._reports.popleft()  # its lease is reclaimed by the lease timeout
+            log.warning("complete queue full: oldest dropped", extra={"lease_id": dropped.lease_id})
         self._reports.append(complete_request_to_pb(report))
         if self._sender is None or self._sender.done():
             self._sender = asyncio.get_running_loop().create_task(self._send_reports())
 
     async def _send_reports(self) -> None:
-        """The queued reports in order, a call at a time, until none is left."""
+        """The queued reports in order, a call at a time, until none is left. A batch that
+        raises is logged and the next one goes on."""
         reports = self._reports
         while reports:
             if len(reports) < COMPLETE_BATCH:
@@ -229,20 +244,26 @@ class OrchestratorClient:
             self._in_call = len(batch)
             try:
                 if not (self._batches and await self._send_batch(batch)):
-                    for req in batch:
-                        await self._send(req)
+                    await asyncio.gather(*(self._send(req) for req in batch))
+            except Exception:  # a closed channel (UsageError), a bug: never strand the rest
+                log.exception("complete failed", extra={"leases": len(batch)})
             finally:
                 self._in_call = 0
 
     async def _send_batch(self, batch: list[pb.CompleteRequest]) -> bool:
-        """False: the orchestrator has no CompleteBatch (send each report alone)."""
+        """False: the orchestrator (or the mesh's policy in front of it) does not take
+        CompleteBatch: the reports go one Complete each, from now on."""
         req = pb.CompleteBatchRequest(reports=batch)
         for attempt in range(COMPLETE_ATTEMPTS):
             try:
                 await self._stub.CompleteBatch(req, timeout=COMPLETE_TIMEOUT_S)
                 return True
             except grpc.aio.AioRpcError as err:
-                if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                if err.code() in _NO_BATCHES:
+                    log.warning(
+                        "CompleteBatch refused; one Complete per report",
+                        extra={"orchestrator": self.address, "error": err.code().name},
+                    )
                     self._batches = False
                     return False
                 log.warning(
@@ -274,11 +295,15 @@ class OrchestratorClient:
         return status_from_pb(response)
 
     async def drain(self) -> None:
-        if self._sender is not None:
-            await asyncio.gather(self._sender, return_exceptions=True)
+        """Wait until every report handed to `complete` was delivered or given up on (a
+        cancelled drain leaves the sender running)."""
+        while self._sender is not None and not self._sender.done():
+            await asyncio.wait([self._sender])
 
     async def close(self) -> None:
-        """Drain the reports, then close the channel this client opened."""
+        """Drain the reports, then close the channel this client opened; later reports are
+        not sent."""
         await self.drain()
+        self._closed = True
         if self._channel is not None:
             await self._channel.close(None)

@@ -188,6 +188,10 @@ class KvRegistry:
             raise InvalidArgument("must be non-empty", field="replica_id")
         if reported_reused_blocks < 0:
             raise InvalidArgument("must not be negative", field="reported_reused_blocks")
+        if not hashes and (prompt_tokens is None or predicted_blocks is None):
+            raise InvalidArgument(
+                "without the prompt, set prompt_tokens and predicted_blocks", field="block_hashes"
+            )
         reusable = len(hashes)
         if prompt_tokens is not None:
             cap = max(0, (prompt_tokens - 1) // self.block_config.block_size)

@@ -27,11 +27,11 @@ ends drops the copy and starts again from a fresh snapshot.
 
 Updates are queued and sent in order, as UpdateBatch calls: at most one batch in flight, the
 next one holds what arrived meanwhile (up to `MAX_BATCH`), so under load one call carries many
-decisions' updates. Each batch waits `linger_s` before it leaves: an idle orchestrator's
-routing update then leaves after the Admit's answer (not on the request's way to its first
-token), a request's reuse report shares a call with the next request's routing, and a busy one
-makes at most one call per `linger_s` (not one per update as soon as the previous call is
-answered: each costs both processes a gRPC call's CPU). The queue holds at most
+decisions' updates. A batch that is not full waits `linger_s` before it leaves: an idle
+orchestrator's routing update then leaves after the Admit's answer (not on the request's way to
+its first token), a request's reuse report shares a call with the next request's routing, and a
+busy one makes at most one call per `linger_s` until its batches fill (each call costs both
+processes a gRPC call's CPU). The queue holds at most
 `max_pending` updates; beyond that the oldest is dropped (`llmmesh_orchestrator_kv_updates_dropped_total`):
 an update lost costs prediction quality only. A registry that does not know UpdateBatch
 (UNIMPLEMENTED: an older version) gets the batch's updates one RPC each, in order.
@@ -546,11 +546,11 @@ class RegistryPrefixIndex:
         return update.done
 
     async def _send_pending(self) -> None:
-        """Send the queue in order, one batch at a time, until it is empty; each batch leaves
-        `linger_s` after the previous one was answered (the first, after the update that found
-        the queue empty): at most one call per `linger_s`, however fast updates come."""
+        """Send the queue in order, one batch at a time, until it is empty; a batch that is not
+        full leaves `linger_s` after the previous one was answered (the first, after the update
+        that found the queue empty)."""
         while self._pending:
-            if self._linger_s > 0:
+            if self._linger_s > 0 and len(self._pending) < self.MAX_BATCH:
                 await asyncio.sleep(self._linger_s)  # coalescing delay (as Kafka's linger.ms)
             n = min(len(self._pending), self.MAX_BATCH)
             batch = [self._pending.popleft() for _ in range(n)]

@@ -28,6 +28,7 @@ from llmmesh.common.topology import Priority, ReplicaAddress
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from llmmesh.kvblocks import tokens_from_bytes
+from services.gateway import orchestrator_client
 from services.gateway.admission import AdmissionRequest, LeaseReport, Outcome
 from services.gateway.errors import NoReplica, OrchestratorUnavailable
 from services.gateway.orchestrator_client import (
@@ -60,8 +61,9 @@ class FakeOrchestratorService(pb_grpc.OrchestratorServiceServicer):
         self.plain_refusal: tuple[grpc.StatusCode, str] | None = None  # no status details
         self.completes: list[pb.CompleteRequest] = []
         self.complete_failures = 0
-        self.complete_calls: list[int] = []  # reports per Complete or CompleteBatch call
+        self.complete_calls: list[tuple[str, int]] = []  # (method, reports) per call
         self.batches = True
+        self.batch_refusal = grpc.StatusCode.UNIMPLEMENTED  # while `batches` is False
         self.replicas = pb.ListReplicasResponse()
         self.hold: asyncio.Event | None = None  # Admit waits for it, once `holding` is set
         self.holding = asyncio.Event()
@@ -81,20 +83,20 @@ class FakeOrchestratorService(pb_grpc.OrchestratorServiceServicer):
         return pb.AdmitResponse(lease_id="lease-9", replica=REPLICA, queue_ms=12.5)
 
     async def Complete(self, request: pb.CompleteRequest, context: Ctx) -> pb.CompleteResponse:
-        await self._reports([request], context)
+        await self._reports("Complete", [request], context)
         return pb.CompleteResponse()
 
     async def CompleteBatch(
         self, request: pb.CompleteBatchRequest, context: Ctx
     ) -> pb.CompleteBatchResponse:
         if not self.batches:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "an older orchestrator")
-        await self._reports(list(request.reports), context)
+            await context.abort(self.batch_refusal, "an older orchestrator, or the mesh's policy")
+        await self._reports("CompleteBatch", list(request.reports), context)
         return pb.CompleteBatchResponse()
 
-    async def _reports(self, reports: list[pb.CompleteRequest], context: Ctx) -> None:
+    async def _reports(self, method: str, reports: list[pb.CompleteRequest], context: Ctx) -> None:
         self.completes.extend(reports)
-        self.complete_calls.append(len(reports))
+        self.complete_calls.append((method, len(reports)))
         if len(self.complete_calls) <= self.complete_failures:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "busy")
 
@@ -332,22 +334,62 @@ async def test_reports_that_come_together_share_one_call_in_order(served: Served
     assert served.client.pending == 5
     await served.client.drain()
     assert served.client.pending == 0
-    assert served.service.complete_calls == [5]
+    assert served.service.complete_calls == [("CompleteBatch", 5)]
     assert [c.lease_id for c in served.service.completes] == [f"lease-{i}" for i in range(5)]
 
 
-async def test_an_orchestrator_without_complete_batch_gets_a_call_per_report(
-    served: Served,
+@pytest.mark.parametrize(
+    "refusal", [grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED]
+)
+async def test_an_orchestrator_refusing_complete_batch_gets_a_call_per_report(
+    served: Served, refusal: grpc.StatusCode
 ) -> None:
     served.service.batches = False
+    served.service.batch_refusal = refusal
     for i in range(3):
         served.client.complete(LeaseReport(f"lease-{i}", Outcome.SUCCESS, 1, 1, 0, 1.0))
     await served.client.drain()
     served.service.batches = True  # not asked again: the client remembers the refusal
     served.client.complete(LeaseReport("lease-3", Outcome.SUCCESS, 1, 1, 0, 1.0))
     await served.client.drain()
-    assert served.service.complete_calls == [1, 1, 1, 1]  # each report alone, in order
-    assert [c.lease_id for c in served.service.completes] == [f"lease-{i}" for i in range(4)]
+    assert served.service.complete_calls == [("Complete", 1)] * 4
+    assert sorted(c.lease_id for c in served.service.completes) == [f"lease-{i}" for i in range(4)]
+
+
+async def test_a_batch_that_raises_does_not_strand_the_next(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = served.client
+    real = client._send_batch
+    calls = 0
+
+    async def once_broken(batch: list[pb.CompleteRequest]) -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug in the first call")
+        return await real(batch)
+
+    monkeypatch.setattr(client, "_send_batch", once_broken)
+    monkeypatch.setattr(orchestrator_client, "COMPLETE_BATCH", 1)  # a call per report
+    client.complete(LeaseReport("lease-0", Outcome.SUCCESS, 1, 1, 0, 1.0))
+    client.complete(LeaseReport("lease-1", Outcome.SUCCESS, 1, 1, 0, 1.0))
+    await client.drain()
+    assert client.pending == 0  # lease-0's call raised (logged, given up on); lease-1 went on
+    assert [c.lease_id for c in served.service.completes] == ["lease-1"]
+
+
+async def test_the_queue_is_bounded_and_reports_after_close_are_not_sent(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(orchestrator_client, "COMPLETE_QUEUE", 3)
+    for i in range(5):
+        served.client.complete(LeaseReport(f"lease-{i}", Outcome.SUCCESS, 1, 1, 0, 1.0))
+    assert served.client.pending == 3
+    await served.client.close()
+    served.client.complete(LeaseReport("late", Outcome.SUCCESS, 1, 1, 0, 1.0))
+    assert served.client.pending == 0
+    assert [c.lease_id for c in served.service.completes] == ["lease-2", "lease-3", "lease-4"]
 
 
 async def test_status_counts_replicas_that_can_take_a_lease(served: Served) -> None:

@@ -305,6 +305,9 @@ def test_hit_rate_metrics() -> None:
         (lambda r: r.record_routing("p0", A, ttl_s=float("nan")), "ttl_s"),
         (lambda r: r.report_reuse("", A, 1), "replica_id"),
         (lambda r: r.report_reuse("p0", A, -1), "reported_reused_blocks"),
+        # without the prompt, its length and the prediction are what the report is counted from
+        (lambda r: r.report_reuse("p0", (), 1, predicted_blocks=1), "block_hashes"),
+        (lambda r: r.report_reuse("p0", (), 1, prompt_tokens=8), "block_hashes"),
     ],
 )
 def test_invalid_arguments(call: object, field: str) -> None:

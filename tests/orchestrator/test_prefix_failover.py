@@ -20,6 +20,7 @@ from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
 from llmmesh.kvblocks import BlockConfig
 from services.orchestrator.prefix import RegistryPrefixIndex, registry_index
 from services.orchestrator.settings import OrchestratorSettings
+from tests.helpers import eventually
 
 CFG = BlockConfig(block_size=4, hash_seed=1)
 PROMPT = list(range(12))  # three blocks
@@ -456,13 +457,17 @@ async def test_an_update_into_an_empty_queue_lingers_and_takes_the_next_along() 
 async def test_updates_that_come_during_a_call_wait_the_linger_and_leave_together() -> None:
     # Under load the next batch does not leave as soon as the previous call is answered: it
     # lingers too, so updates arriving meanwhile share one call (at most a call per linger).
-    served, fake, idx = await batching(linger_s=0.2)
+    served, fake, idx = await batching(linger_s=1.0)
+
+    async def pending_is(n: int) -> bool:
+        return idx.pending == n
+
     try:
         fake.release.clear()
         first = asyncio.ensure_future(idx.record_routing("r1", [1]))
         await fake.entered.wait()
         second = asyncio.ensure_future(idx.record_routing("r2", [1]))
-        await asyncio.sleep(0)
+        await eventually(lambda: pending_is(1), what="r2 queued behind r1's call")
         fake.release.set()
         assert await first == 1
         assert idx.pending == 1  # r2 lingers after r1's answer ...
@@ -471,6 +476,19 @@ async def test_updates_that_come_during_a_call_wait_the_linger_and_leave_togethe
         await third
         assert fake.batches == [1, 2]  # ... and takes the report along
         assert fake.updates == ["routing:r1", "routing:r2", "reuse:r1"]
+    finally:
+        await idx.close()
+        await served.stop()
+
+
+async def test_a_full_batch_does_not_linger() -> None:
+    served, fake, idx = await batching(linger_s=60.0)
+    try:
+        n = RegistryPrefixIndex.MAX_BATCH
+        routed = [idx.record_routing(f"r{i}", [1]) for i in range(n)]
+        # Within 10 s, a 60 s linger: the full batch left at once.
+        assert await asyncio.wait_for(asyncio.gather(*routed), 10) == list(range(n))
+        assert fake.batches == [n]
     finally:
         await idx.close()
         await served.stop()

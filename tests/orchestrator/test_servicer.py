@@ -75,7 +75,8 @@ async def test_complete_batch_releases_each_lease_in_order() -> None:
             pb.CompleteRequest(lease_id=a.lease_id, outcome=pb.OUTCOME_SUCCESS),
             pb.CompleteRequest(lease_id="never-granted", outcome=pb.OUTCOME_SUCCESS),
             pb.CompleteRequest(lease_id=b.lease_id, outcome=pb.OUTCOME_REPLICA_ERROR),
-            pb.CompleteRequest(lease_id=a.lease_id, outcome=pb.OUTCOME_SUCCESS),  # again
+            # b again: the first report of a lease is the one that counts
+            pb.CompleteRequest(lease_id=b.lease_id, outcome=pb.OUTCOME_SUCCESS),
         ]
         await stub.CompleteBatch(pb.CompleteBatchRequest(reports=reports), timeout=5)
         await queued  # a's slot went to c
