@@ -23,7 +23,9 @@ whenever the registry cannot have a gap-free stream:
 - at start (the registry learns the new epoch from a clean slate),
 - after the queue overflowed (events were dropped),
 - after a failed call (registry unreachable; retried with exponential backoff),
-- when the registry answers `resync_required`.
+- when the registry answers `resync_required`, to events or to a heartbeat: a stream with nothing
+  to send for `heartbeat_s` sends its next sequence alone, so a registry that restarted while
+  the engine was idle asks for the snapshot then, not at the engine's next event.
 Queued events numbered before the snapshot are discarded; later ones follow it without a gap.
 While a snapshot is due, `publish()` queues nothing (the snapshot will cover it), so a registry
 that is down costs no memory, and a lagging one is bounded by `queue_size`, then resynced.
@@ -86,6 +88,7 @@ class KvEventPublisher:
         queue_size: int = 65536,
         rpc_timeout_s: float = 2.0,
         max_backoff_s: float = 5.0,
+        heartbeat_s: float | None = None,
         authority: str | None = None,
     ) -> None:
         self.target = target
@@ -99,6 +102,7 @@ class KvEventPublisher:
         self._queue_size = queue_size
         self._rpc_timeout_s = rpc_timeout_s
         self._max_backoff_s = max_backoff_s
+        self._heartbeat_s = heartbeat_s  # None: no heartbeats
         self._queue: deque[KvEvent] = deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -113,6 +117,7 @@ class KvEventPublisher:
         self.sent_events = 0
         self.sent_batches = 0
         self.snapshots = 0
+        self.heartbeats = 0
         self.failures = 0
         self.dropped_events = 0
         self.skipped_events = 0  # published while a snapshot was due (it covers them)
@@ -214,13 +219,15 @@ class KvEventPublisher:
                 self._overflowed = False
                 self._need_snapshot = True
             if not self._need_snapshot:
-                self._wait_for_batch()
+                idle = self._wait_for_batch()
                 if self._overflowed:
                     self._overflowed = False
                     self._need_snapshot = True
             if not self._need_snapshot:
                 if not self._queue:
-                    return None if self._stopping else []
+                    if self._stopping:
+                        return None
+                    return [[]] if idle else []  # [[]]: a heartbeat
                 batch: list[KvEvent] = []
                 while self._queue and len(batch) < self._max_batch:
                     ev = self._queue.popleft()
@@ -239,15 +246,24 @@ class KvEventPublisher:
                 self._queue.popleft()
         return [events[i : i + self._max_batch] for i in range(0, len(events), self._max_batch)]
 
-    def _wait_for_batch(self) -> None:
+    def _wait_for_batch(self) -> bool:
         """Block until a batch is full, `interval_s` passed since the queue became non-empty, or
-        stop() was called. Caller holds the condition."""
+        stop() was called; True when `heartbeat_s` passed with nothing queued instead. Caller
+        holds the condition."""
+        deadline = None if self._heartbeat_s is None else time.monotonic() + self._heartbeat_s
         while not self._queue and not self._stopping and not self._overflowed:
-            self._cond.wait()
+            if deadline is None:
+                self._cond.wait()
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return True
+            self._cond.wait(left)
         self._cond.wait_for(
             lambda: len(self._queue) >= self._max_batch or self._stopping or self._overflowed,
             timeout=self._interval_s,
         )
+        return False
 
     def _send(
         self, stub: kvregistry_pb2_grpc.KvRegistryServiceStub, batch: list[KvEvent]
@@ -259,6 +275,9 @@ class KvEventPublisher:
             hash_seed=self.block_config.hash_seed,
             events=[event_to_proto(e) for e in batch],
         )
+        if not batch:  # a heartbeat
+            req.next_sequence = self._next_out
+            self.heartbeats += 1
         timeout = self._rpc_timeout_s
         with self._cond:
             if self._stopping:  # the final flush never outlasts stop()'s deadline
@@ -447,6 +466,7 @@ def registry_fanout(
         interval_s=settings.publish_interval_ms / 1000,
         queue_size=settings.publish_queue_size,
         rpc_timeout_s=settings.publish_timeout_s,
+        heartbeat_s=settings.publish_heartbeat_s,
     )
 
 

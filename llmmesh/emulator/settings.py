@@ -131,6 +131,14 @@ class EmulatorSettings(BaseSettings):
     publish_timeout_s: float = Field(
         default=2.0, gt=0, description="Deadline of one PublishEvents call."
     )
+    publish_heartbeat_s: float = Field(
+        default=5.0,
+        gt=0,
+        description=(
+            "A stream with nothing to send for this long sends a heartbeat (its next sequence): "
+            "a restarted or lagging registry then asks for a snapshot without waiting for an event."
+        ),
+    )
 
     @field_validator("kv_registry_address", "kv_registry_dns")
     @classmethod

@@ -120,7 +120,12 @@ class KvRegistry:
 
     # -- exact mode -------------------------------------------------------------------------
     def ingest(
-        self, replica_id: str, epoch: str, block_config: BlockConfig, events: Sequence[Event]
+        self,
+        replica_id: str,
+        epoch: str,
+        block_config: BlockConfig,
+        events: Sequence[Event],
+        next_sequence: int | None = None,
     ) -> IngestResult:
         if not replica_id:
             raise BlockConfigMismatch("must be non-empty", field="replica_id")
@@ -134,7 +139,7 @@ class KvRegistry:
         if len(events) > self._max_events:
             raise BatchTooLarge(f"{len(events)} events > {self._max_events}", field="events")
         replica = self._replicas.get(replica_id) or self._add_replica(replica_id)
-        applied = self.exact.ingest(replica_id, epoch, events)
+        applied = self.exact.ingest(replica_id, epoch, events, next_sequence)
         if applied.mode_changed:
             if self.exact.is_exact(replica_id):
                 self.predicted.drop(replica_id)  # predictions give way to the engine's account

@@ -103,7 +103,15 @@ class ExactIndex(StoreBacked[ExactReplica]):
         return out
 
     # -- ingest -----------------------------------------------------------------------------
-    def ingest(self, replica_id: str, epoch: str, events: Sequence[Event]) -> Applied:
+    def ingest(
+        self,
+        replica_id: str,
+        epoch: str,
+        events: Sequence[Event],
+        next_sequence: int | None = None,
+    ) -> Applied:
+        """Apply one batch of the replica's events in order. `next_sequence` (a heartbeat, no
+        events): the engine's next sequence; one this index does not expect is a gap."""
         rep = self.replicas.get(replica_id) or self._add(replica_id)
         was_exact = rep.exact
         changes = self.changes
@@ -181,6 +189,8 @@ class ExactIndex(StoreBacked[ExactReplica]):
                 held, logged, both = rep.held, rep.logged, rep.both
                 cleared += 1
         work += flush()
+        if next_sequence is not None and not events and next_sequence != nxt:
+            resyncing = True  # events this index never saw (it restarted, or lost them)
         rep.next_sequence = nxt
         rep.resyncing = resyncing
         metrics = rep.metrics

@@ -185,7 +185,8 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
                 raise BlockConfigMismatch("must be positive", field="block_size")
             cfg = BlockConfig(request.block_size, request.hash_seed)
             events = [event_from_pb(e) for e in request.events]
-            res = self._core.ingest(request.replica_id, request.epoch, cfg, events)
+            heartbeat = request.next_sequence if request.HasField("next_sequence") else None
+            res = self._core.ingest(request.replica_id, request.epoch, cfg, events, heartbeat)
         except ServiceError as err:
             await abort(context, err)
             raise

@@ -40,6 +40,11 @@ class FakeRegistry(kvregistry_pb2_grpc.KvRegistryServiceServicer):
             if self.fail:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "registry down")
             self.requests.append(request)
+            if not request.events and request.HasField("next_sequence"):  # a heartbeat
+                return kvregistry_pb2.PublishEventsResponse(
+                    next_sequence=self.next_sequence,
+                    resync_required=request.next_sequence != self.next_sequence,
+                )
             if self.force_resync:
                 self.force_resync -= 1
                 return kvregistry_pb2.PublishEventsResponse(
@@ -65,6 +70,12 @@ class FakeRegistry(kvregistry_pb2_grpc.KvRegistryServiceServicer):
         self, request: kvregistry_pb2.LookupRequest, context: grpc.ServicerContext
     ) -> kvregistry_pb2.LookupResponse:
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "not used by the publisher")
+
+    def forget(self) -> None:
+        """As a restarted registry: nothing held, the stream's next sequence unknown (0)."""
+        with self.lock:
+            self.held.clear()
+            self.next_sequence = 0
 
     def kinds(self) -> list[str]:
         with self.lock:
@@ -124,6 +135,43 @@ def test_event_to_proto() -> None:
     msg = event_to_proto(KvEvent(4, BlocksStored(9, (StoredBlock(10, (5, 6, 7, 8)),))))
     assert msg.stored.parent_hash == 9
     assert event_to_proto(KvEvent(5, AllBlocksCleared())).WhichOneof("kind") == "cleared"
+
+
+def test_an_idle_stream_heartbeats_and_resyncs_a_registry_that_forgot_it(
+    registry: tuple[FakeRegistry, str],
+) -> None:
+    reg, target = registry
+    h = Harness(target, heartbeat_s=0.05)
+    h.pub.start()
+    try:
+        h.admit("a", list(range(9)))
+        wait_for(lambda: len(reg.held) == 2)
+        wait_for(lambda: h.pub.heartbeats >= 2)  # idle, in step: no snapshot asked
+        snapshots = h.pub.snapshots
+        reg.forget()
+        wait_for(lambda: len(reg.held) == 2)  # no new event: a heartbeat brought the snapshot
+        assert h.pub.snapshots == snapshots + 1
+    finally:
+        h.pub.stop()
+
+
+def test_without_a_heartbeat_an_idle_stream_sends_nothing(
+    registry: tuple[FakeRegistry, str],
+) -> None:
+    reg, target = registry
+    h = Harness(target)
+    h.pub.start()
+    try:
+        h.admit("a", list(range(9)))
+        wait_for(lambda: len(reg.held) == 2)
+        calls = len(reg.requests)
+        reg.forget()
+        h.admit("b", list(range(100, 105)))  # the next event finds the gap
+        wait_for(lambda: len(reg.held) == 3)
+        assert h.pub.heartbeats == 0
+        assert len(reg.requests) >= calls + 2  # the event, then the snapshot it asked for
+    finally:
+        h.pub.stop()
 
 
 def test_starts_with_a_snapshot_then_streams(registry: tuple[FakeRegistry, str]) -> None:

@@ -1,8 +1,9 @@
 """The orchestrator's copy of kv_registry's exact index, on real processes: the emulator engines
 publish KV events (exact mode), so once the copy is in sync every lookup is answered from it (no
 call to the registry) and finds the blocks the engines hold. kill -9 the registry: requests go on
-(prefix-blind while it is down); restart it: the engines resync it, the orchestrator watches it
-again from a fresh snapshot, and lookups come from the copy again, with prefix hits."""
+(prefix-blind while it is down); restart it: the engines resync it (an idle one at its next
+heartbeat, `publish_heartbeat_s`), the orchestrator watches it again from a fresh snapshot, and
+lookups come from the copy again, with prefix hits."""
 
 from __future__ import annotations
 

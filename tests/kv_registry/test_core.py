@@ -79,6 +79,23 @@ def test_gap_requires_resync_until_snapshot() -> None:
     assert reg.lookup(PROMPT).matches[0].matched_blocks == 4
 
 
+def test_a_heartbeat_the_index_does_not_expect_asks_for_a_snapshot() -> None:
+    reg = make()
+    reg.ingest("r0", "e", CFG, [Stored(0, (HASHES[0],)), Stored(1, (HASHES[1],))])
+    assert not reg.ingest("r0", "e", CFG, [], next_sequence=2).resync_required  # in step
+    # A registry that restarted while the engine was idle: it has never heard of it.
+    fresh = make()
+    res = fresh.ingest("r0", "e", CFG, [], next_sequence=2)
+    assert (res.resync_required, res.next_sequence) == (True, 0)
+    assert fresh.lookup(PROMPT).matches == ()
+    res = fresh.ingest("r0", "e", CFG, [Cleared(2), Stored(3, tuple(HASHES[:2]))])
+    assert not res.resync_required
+    assert fresh.lookup(PROMPT).matches[0].matched_blocks == 2
+    assert not fresh.ingest("r0", "e", CFG, [], next_sequence=4).resync_required
+    # A registry that missed events (it is behind the engine) asks too.
+    assert reg.ingest("r0", "e", CFG, [], next_sequence=5).resync_required
+
+
 def test_duplicate_events_are_ignored() -> None:
     reg = make()
     reg.ingest("r0", "e", CFG, [Stored(0, (HASHES[0],)), Removed(1, (HASHES[0],))])

@@ -294,6 +294,15 @@ async def test_gap_asks_for_resync(registry: Registry) -> None:
     assert (resp.next_sequence, resp.resync_required) == (9, False)
 
 
+async def test_a_heartbeat_out_of_step_asks_for_resync(registry: Registry) -> None:
+    beat = publish("r-idle")
+    beat.next_sequence = 12  # an engine this registry never heard from (it restarted)
+    resp = await registry.stub.PublishEvents(beat)
+    assert (resp.next_sequence, resp.resync_required) == (0, True)
+    resp = await registry.stub.PublishEvents(publish("r-idle"))  # no heartbeat: nothing to judge
+    assert resp.resync_required  # still waiting for the snapshot
+
+
 async def test_approximate_mode_round_trip(registry: Registry) -> None:
     stub = registry.stub
     routed = await stub.RecordRouting(pb.RecordRoutingRequest(replica_id="p0", token_ids=PROMPT))
