@@ -22,7 +22,8 @@ from the engine under its lock and numbered in the same per-epoch sequence) inst
 whenever the registry cannot have a gap-free stream:
 - at start (the registry learns the new epoch from a clean slate),
 - after the queue overflowed (events were dropped),
-- after a failed call (registry unreachable; retried with exponential backoff),
+- after a failed call carrying events (registry unreachable; retried with exponential
+  backoff; a failed heartbeat loses nothing and triggers none),
 - when the registry answers `resync_required`, to events or to a heartbeat: a stream with nothing
   to send for `heartbeat_s` sends its next sequence alone, so a registry that restarted while
   the engine was idle asks for the snapshot then, not at the engine's next event.
@@ -218,6 +219,7 @@ class KvEventPublisher:
             if self._overflowed:
                 self._overflowed = False
                 self._need_snapshot = True
+            idle = False
             if not self._need_snapshot:
                 idle = self._wait_for_batch()
                 if self._overflowed:
@@ -292,8 +294,9 @@ class KvEventPublisher:
                 log.warning(
                     "PublishEvents to %s failed (%s); will resync", self.target, _describe(exc)
                 )
-            with self._cond:
-                self._need_snapshot = True
+            if batch:  # a failed heartbeat lost nothing: the next one's answer decides
+                with self._cond:
+                    self._need_snapshot = True
             return "failed"
         self.sent_batches += 1
         self.sent_events += len(batch)

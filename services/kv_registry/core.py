@@ -224,7 +224,7 @@ class KvRegistry:
     # -- both modes -------------------------------------------------------------------------
     def drop_replica(self, replica_id: str) -> bool:
         """Forget a replica that disappeared or failed health. If its engine still publishes,
-        its next batch shows a gap and it is asked for a snapshot."""
+        its next batch (events, or a heartbeat) shows a gap and it is asked for a snapshot."""
         replica = self._replicas.pop(replica_id, None)
         if replica is None:
             return False
