@@ -7,7 +7,7 @@ typed reason (`google.rpc.ErrorInfo` in the status details), never by message te
 Invariant: every report handed to `complete` is sent (up to `COMPLETE_ATTEMPTS` tries) by a
 background task, so a cancelled request still releases its lease; `drain` waits for them. The
 orchestrator reclaims a lease it never hears about after its lease timeout. Reports leave in
-order, as CompleteBatch calls: one call in flight at a time, each `COMPLETE_LINGER_S` after the
+order, as CompleteBatch calls (`llmmesh.common.batching`): one call in flight at a time, each `COMPLETE_LINGER_S` after the
 previous one (the first, after the report that found none queued) and carrying what came
 meanwhile, up to `COMPLETE_BATCH`: under load one call releases many leases instead of a call
 per request (each costs both processes a gRPC call's CPU). An orchestrator that refuses
@@ -21,12 +21,12 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
 from typing import Final
 
 import grpc
 
+from llmmesh.common.batching import LingerBatcher
 from llmmesh.common.channels import KEEPALIVE_OPTIONS, RECONNECT_OPTIONS
 from llmmesh.common.errors import Reason, ResourceExhausted, ServiceError, from_rpc_error
 from llmmesh.common.sojourn import call_metadata
@@ -145,6 +145,11 @@ def status_from_pb(response: pb.ListReplicasResponse) -> AdmissionStatus:
     )
 
 
+def _dropped(report: pb.CompleteRequest) -> None:
+    """The queue was full: its lease is reclaimed by the orchestrator's lease timeout."""
+    log.warning("complete queue full: oldest dropped", extra={"lease_id": report.lease_id})
+
+
 def admit_error(err: grpc.aio.AioRpcError) -> ServiceError:
     """A failed Admit as a gateway error. UNAVAILABLE is told apart by its typed reason: none
     means the orchestrator itself was not reached."""
@@ -180,9 +185,14 @@ class OrchestratorClient:
         self._stub = stub
         self._wall_clock = wall_clock  # stamps each Admit's send time (`call_metadata`)
         self._channel = channel  # closed by `close` when this client opened it
-        self._reports: deque[pb.CompleteRequest] = deque()  # queued, not yet in a call
-        self._in_call = 0  # reports in the call in flight
-        self._sender: asyncio.Task[None] | None = None
+        self._reports: LingerBatcher[pb.CompleteRequest] = LingerBatcher(
+            self._deliver,
+            max_batch=COMPLETE_BATCH,
+            max_queue=COMPLETE_QUEUE,
+            linger_s=COMPLETE_LINGER_S,
+            on_drop=_dropped,
+            name="lease reports",
+        )
         self._batches = True  # False once CompleteBatch was refused (`_NO_BATCHES`)
         self._closed = False
         self.address = address  # for logs: which orchestrator this client reaches
@@ -206,7 +216,7 @@ class OrchestratorClient:
     @property
     def pending(self) -> int:
         """Reports handed to `complete` and not yet delivered or given up on."""
-        return len(self._reports) + self._in_call
+        return self._reports.queued + self._reports.in_call
 
     async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
         try:
@@ -226,29 +236,12 @@ class OrchestratorClient:
         if self._closed:
             log.warning("complete after close: not sent", extra={"lease_id": report.lease_id})
             return
-        if len(self._reports) >= COMPLETE_QUEUE:
-            dropped = self._reports.popleft()  # its lease is reclaimed by the lease timeout
-            log.warning("complete queue full: oldest dropped", extra={"lease_id": dropped.lease_id})
-        self._reports.append(complete_request_to_pb(report))
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.get_running_loop().create_task(self._send_reports())
+        self._reports.put(complete_request_to_pb(report))
 
-    async def _send_reports(self) -> None:
-        """The queued reports in order, a call at a time, until none is left. A batch that
-        raises is logged and the next one goes on."""
-        reports = self._reports
-        while reports:
-            if len(reports) < COMPLETE_BATCH:
-                await asyncio.sleep(COMPLETE_LINGER_S)  # coalescing delay (as Kafka's linger.ms)
-            batch = [reports.popleft() for _ in range(min(len(reports), COMPLETE_BATCH))]
-            self._in_call = len(batch)
-            try:
-                if not (self._batches and await self._send_batch(batch)):
-                    await asyncio.gather(*(self._send(req) for req in batch))
-            except Exception:  # a closed channel (UsageError), a bug: never strand the rest
-                log.exception("complete failed", extra={"leases": len(batch)})
-            finally:
-                self._in_call = 0
+    async def _deliver(self, batch: list[pb.CompleteRequest]) -> None:
+        """One batch: a CompleteBatch call, or one Complete per report where it is refused."""
+        if not (self._batches and await self._send_batch(batch)):
+            await asyncio.gather(*(self._send(req) for req in batch))
 
     async def _send_batch(self, batch: list[pb.CompleteRequest]) -> bool:
         """False: the orchestrator (or the mesh's policy in front of it) does not take
@@ -297,8 +290,7 @@ class OrchestratorClient:
     async def drain(self) -> None:
         """Wait until every report handed to `complete` was delivered or given up on (a
         cancelled drain leaves the sender running)."""
-        while self._sender is not None and not self._sender.done():
-            await asyncio.wait([self._sender])
+        await self._reports.drain()
 
     async def close(self) -> None:
         """Drain the reports, then close the channel this client opened; later reports are

@@ -25,13 +25,13 @@ the copy, while it is in sync, is answered from it: no call, no registry CPU. An
 (an approximate-mode candidate, the copy out of sync) goes to a registry as above. A watch that
 ends drops the copy and starts again from a fresh snapshot.
 
-Updates are queued and sent in order, as UpdateBatch calls: at most one batch in flight, the
-next one holds what arrived meanwhile (up to `MAX_BATCH`), so under load one call carries many
-decisions' updates. A batch that is not full waits `linger_s` before it leaves: an idle
-orchestrator's routing update then leaves after the Admit's answer (not on the request's way to
-its first token), a request's reuse report shares a call with the next request's routing, and a
-busy one makes at most one call per `linger_s` until its batches fill (each call costs both
-processes a gRPC call's CPU). The queue holds at most
+Updates are queued and sent in order, as UpdateBatch calls (`llmmesh.common.batching`): at most
+one batch in flight, the next one holds what arrived meanwhile (up to `MAX_BATCH`), so under
+load one call carries many decisions' updates. A batch that is not full waits `linger_s` before
+it leaves: an idle orchestrator's routing update then leaves after the Admit's answer (not on
+the request's way to its first token), a request's reuse report shares a call with the next
+request's routing, and a busy one makes at most one call per `linger_s` until its batches fill
+(each call costs both processes a gRPC call's CPU). The queue holds at most
 `max_pending` updates; beyond that the oldest is dropped (`llmmesh_orchestrator_kv_updates_dropped_total`):
 an update lost costs prediction quality only. A registry that does not know UpdateBatch
 (UNIMPLEMENTED: an older version) gets the batch's updates one RPC each, in order.
@@ -44,7 +44,6 @@ import contextlib
 import logging
 import struct
 import time
-from collections import deque
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -52,6 +51,7 @@ from typing import Protocol
 import grpc
 
 from llmmesh.common import kv_registries
+from llmmesh.common.batching import LingerBatcher
 from llmmesh.common.channels import KEEPALIVE_OPTIONS
 from llmmesh.common.kv_registries import RegistryEndpoint
 from llmmesh.common.telemetry import inject_trace_metadata
@@ -314,11 +314,15 @@ class RegistryPrefixIndex:
         self._timeout_s = timeout_s
         self._retry_s = retry_s
         self._update_timeout_s = update_timeout_s
-        self._max_pending = max_pending
-        self._linger_s = linger_s
         self._stream_lookups = stream_lookups
-        self._pending: deque[_Update] = deque()
-        self._sender: asyncio.Task[None] | None = None
+        self._updates: LingerBatcher[_Update] = LingerBatcher(
+            self._send_updates,
+            max_batch=self.MAX_BATCH,
+            max_queue=max_pending,
+            linger_s=linger_s,
+            on_drop=_dropped,
+            name="kv_registry updates",
+        )
         self._clock = clock
         self._registries: list[_Registry] = []
         self._preferred: _Registry | None = None
@@ -531,37 +535,23 @@ class RegistryPrefixIndex:
     @property
     def pending(self) -> int:
         """Updates queued and not yet sent."""
-        return len(self._pending)
+        return self._updates.queued
 
     def _enqueue(self, message: pb.RegistryUpdate) -> asyncio.Future[int]:
-        loop = asyncio.get_running_loop()
-        update = _Update(message, loop.create_future())
-        if len(self._pending) >= self._max_pending:
-            oldest = self._pending.popleft()
-            _resolve(oldest.done, 0)
-            metrics.record_kv_update_dropped()
-        self._pending.append(update)
-        if self._sender is None or self._sender.done():
-            self._sender = loop.create_task(self._send_pending())
+        update = _Update(message, asyncio.get_running_loop().create_future())
+        self._updates.put(update)
         return update.done
 
-    async def _send_pending(self) -> None:
-        """Send the queue in order, one batch at a time, until it is empty; a batch that is not
-        full leaves `linger_s` after the previous one was answered (the first, after the update
-        that found the queue empty)."""
-        while self._pending:
-            if self._linger_s > 0 and len(self._pending) < self.MAX_BATCH:
-                await asyncio.sleep(self._linger_s)  # coalescing delay (as Kafka's linger.ms)
-            n = min(len(self._pending), self.MAX_BATCH)
-            batch = [self._pending.popleft() for _ in range(n)]
-            predicted: list[int] = []
-            try:
-                predicted = await self._send_batch([u.message for u in batch])
-            finally:
-                answers = iter(predicted)
-                for u in batch:
-                    routing = u.message.WhichOneof("kind") == "routing"
-                    _resolve(u.done, next(answers, 0) if routing else 0)
+    async def _send_updates(self, batch: list[_Update]) -> None:
+        """One batch; each update's future gets its answer (0 when there is none)."""
+        predicted: list[int] = []
+        try:
+            predicted = await self._send_batch([u.message for u in batch])
+        finally:
+            answers = iter(predicted)
+            for u in batch:
+                routing = u.message.WhichOneof("kind") == "routing"
+                _resolve(u.done, next(answers, 0) if routing else 0)
 
     async def _send_batch(self, updates: list[pb.RegistryUpdate]) -> list[int]:
         """`updates` to every registry not skipped, concurrently; the predicted blocks of the
@@ -651,10 +641,8 @@ class RegistryPrefixIndex:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
-        if self._sender is not None:
-            self._sender.cancel()
-        while self._pending:
-            _resolve(self._pending.popleft().done, 0)
+        for update in self._updates.cancel():
+            _resolve(update.done, 0)
         for reg in self._registries:
             await self._close(reg)
 
@@ -685,6 +673,12 @@ def apply_update(mirror: ExactMirror, update: pb.ExactIndexUpdate) -> None:
             raise UnknownChange(f"change kind {kind} for {c.replica_id!r}")
     if update.synced:
         mirror.synced = True
+
+
+def _dropped(update: _Update) -> None:
+    """The queue was full: the oldest update is dropped unsent."""
+    _resolve(update.done, 0)
+    metrics.record_kv_update_dropped()
 
 
 def _resolve(fut: asyncio.Future[int], value: int) -> None:

@@ -359,7 +359,8 @@ async def test_an_orchestrator_refusing_complete_batch_gets_a_call_per_report(
 async def test_a_batch_that_raises_does_not_strand_the_next(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    client = served.client
+    monkeypatch.setattr(orchestrator_client, "COMPLETE_BATCH", 1)  # a call per report
+    client = OrchestratorClient.connect(served.client.address)
     real = client._send_batch
     calls = 0
 
@@ -371,24 +372,27 @@ async def test_a_batch_that_raises_does_not_strand_the_next(
         return await real(batch)
 
     monkeypatch.setattr(client, "_send_batch", once_broken)
-    monkeypatch.setattr(orchestrator_client, "COMPLETE_BATCH", 1)  # a call per report
-    client.complete(LeaseReport("lease-0", Outcome.SUCCESS, 1, 1, 0, 1.0))
-    client.complete(LeaseReport("lease-1", Outcome.SUCCESS, 1, 1, 0, 1.0))
-    await client.drain()
-    assert client.pending == 0  # lease-0's call raised (logged, given up on); lease-1 went on
-    assert [c.lease_id for c in served.service.completes] == ["lease-1"]
+    try:
+        client.complete(LeaseReport("lease-0", Outcome.SUCCESS, 1, 1, 0, 1.0))
+        client.complete(LeaseReport("lease-1", Outcome.SUCCESS, 1, 1, 0, 1.0))
+        await client.drain()
+        assert client.pending == 0  # lease-0's call raised (logged, given up on); lease-1 went on
+        assert [c.lease_id for c in served.service.completes] == ["lease-1"]
+    finally:
+        await client.close()
 
 
 async def test_the_queue_is_bounded_and_reports_after_close_are_not_sent(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(orchestrator_client, "COMPLETE_QUEUE", 3)
+    client = OrchestratorClient.connect(served.client.address)
     for i in range(5):
-        served.client.complete(LeaseReport(f"lease-{i}", Outcome.SUCCESS, 1, 1, 0, 1.0))
-    assert served.client.pending == 3
-    await served.client.close()
-    served.client.complete(LeaseReport("late", Outcome.SUCCESS, 1, 1, 0, 1.0))
-    assert served.client.pending == 0
+        client.complete(LeaseReport(f"lease-{i}", Outcome.SUCCESS, 1, 1, 0, 1.0))
+    assert client.pending == 3
+    await client.close()
+    client.complete(LeaseReport("late", Outcome.SUCCESS, 1, 1, 0, 1.0))
+    assert client.pending == 0
     assert [c.lease_id for c in served.service.completes] == ["lease-2", "lease-3", "lease-4"]
 
 
