@@ -7,6 +7,7 @@ while watched drops the copy."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -70,6 +71,20 @@ def mirrored(*regs: Served, dns: str | None = None) -> RegistryPrefixIndex:
     )
 
 
+@contextlib.asynccontextmanager
+async def watched(
+    fake: WatchedRegistry,
+) -> AsyncIterator[RegistryPrefixIndex]:
+    """An index with a copy, over `fake` served on port 0; both closed at the end."""
+    reg = await served(fake)
+    idx = mirrored(reg)
+    try:
+        yield idx
+    finally:
+        await idx.close()
+        await reg.stop()
+
+
 async def from_copy(idx: RegistryPrefixIndex, fake: FakeRegistry) -> bool:
     """One covered lookup answered without a call to the registry."""
     before = fake.lookups
@@ -79,9 +94,7 @@ async def from_copy(idx: RegistryPrefixIndex, fake: FakeRegistry) -> bool:
 
 async def test_covered_lookups_come_from_the_copy() -> None:
     fake = WatchedRegistry("a")  # type: ignore[abstract]  # no PublishEvents, UpdateBatch
-    reg = await served(fake)
-    idx = mirrored(reg)
-    try:
+    async with watched(fake) as idx:
         await eventually(lambda: from_copy(idx, fake), 5, "lookups from the copy")
         covered = await idx.lookup(PROMPT, ["r1"])
         assert covered.exact == {"r1"}  # no routing update for r1: the registry records nothing
@@ -91,16 +104,11 @@ async def test_covered_lookups_come_from_the_copy() -> None:
         assert partial.matched_blocks == {"a": 2}  # the fake registry's own answer
         assert fake.lookups == before + 1
         assert fake.watches == 1
-    finally:
-        await idx.close()
-        await reg.stop()
 
 
 async def test_a_watch_that_ends_drops_the_copy_and_starts_again() -> None:
     fake = WatchedRegistry("a")  # type: ignore[abstract]  # no PublishEvents, UpdateBatch
-    reg = await served(fake)
-    idx = mirrored(reg)
-    try:
+    async with watched(fake) as idx:
         await eventually(lambda: from_copy(idx, fake), 5, "lookups from the copy")
         fake.end.set()
 
@@ -109,24 +117,16 @@ async def test_a_watch_that_ends_drops_the_copy_and_starts_again() -> None:
 
         await eventually(watched_again, 5, "a new watch")
         await eventually(lambda: from_copy(idx, fake), 5, "lookups from the new copy")
-    finally:
-        await idx.close()
-        await reg.stop()
 
 
 async def test_a_refused_watch_leaves_lookups_to_the_registry() -> None:
     fake = WatchedRegistry("a", refuse=True)  # type: ignore[abstract]
-    reg = await served(fake)
-    idx = mirrored(reg)
-    try:
+    async with watched(fake) as idx:
         for _ in range(20):
             assert (await idx.lookup(PROMPT, ["r1"])).matched_blocks == {"a": 2}
         # Far fewer tries than lookups: a refusal waits WATCH_REFUSED_RETRY_S, not retry_s.
         assert fake.watches == 1
         assert fake.lookups == 20
-    finally:
-        await idx.close()
-        await reg.stop()
 
 
 async def test_a_registry_removed_while_watched_drops_the_copy(

@@ -19,15 +19,12 @@ from llmmesh.kvblocks import token_bytes
 from services.orchestrator.director import Orchestrator
 from tests.helpers import eventually
 from tests.orchestrator.serving import dns_discovered, serve
-from tests.orchestrator.test_core import FakeProbe, settings
+from tests.orchestrator.test_core import FakeProbe, ready_core, settings
 
 
 @pytest_asyncio.fixture
 async def stub() -> AsyncIterator[pb_grpc.OrchestratorServiceAsyncStub]:
-    probe = FakeProbe()
-    core = Orchestrator(settings(n=1, cap=1, queue=1), probe)
-    probe.ready_ids = {"r0"}
-    await core.probe_once()
+    core, _ = await ready_core(n=1, cap=1, queue=1)
     async with serve(core) as stub:
         yield stub
 
@@ -62,10 +59,7 @@ async def test_full_queue_is_resource_exhausted_with_retry_after(
 
 
 async def test_complete_batch_releases_each_lease_in_order() -> None:
-    probe = FakeProbe()
-    core = Orchestrator(settings(n=1, cap=2, queue=1), probe)
-    probe.ready_ids = {"r0"}
-    await core.probe_once()
+    core, _ = await ready_core(n=1, cap=2, queue=1)
     async with serve(core) as stub:
         a = await stub.Admit(admit("a"), timeout=5)
         b = await stub.Admit(admit("b"), timeout=5)
@@ -193,10 +187,7 @@ async def test_a_packed_prompt_is_admitted_as_its_token_ids() -> None:
 
 
 async def test_an_admit_s_wait_before_its_handler_reaches_the_shedder() -> None:
-    probe = FakeProbe()
-    core = Orchestrator(settings(n=1, cap=1, queue=1), probe)
-    probe.ready_ids = {"r0"}
-    await core.probe_once()
+    core, _ = await ready_core(n=1, cap=1, queue=1)
     async with serve(core) as stub:
         now = time.time()
         lease = await stub.Admit(admit("a"), timeout=5, metadata=call_metadata("c", now))

@@ -97,6 +97,14 @@ def test_an_idle_replica_load_is_computed_once_and_reset_by_any_change() -> None
     assert led.load("r").prefill_tokens == 500
 
 
+def scraped(*ids: str) -> list[ReplicaState]:
+    """Replicas with a metrics page at http://m/<id>."""
+    return [
+        ReplicaState(ReplicaSpec(id=i, grpc_address="h:1", metrics_url=f"http://m/{i}"))
+        for i in ids
+    ]
+
+
 async def test_an_inline_sampler_calls_fetch_on_the_loop_thread_and_skips_failures() -> None:
     loop_thread = threading.get_ident()
     calls: list[str] = []
@@ -110,10 +118,7 @@ async def test_an_inline_sampler_calls_fetch_on_the_loop_thread_and_skips_failur
 
     clock = Clock()
     sampler = EngineSampler(fetch, 1.0, 5.0, clock)
-    states = [
-        ReplicaState(ReplicaSpec(id=i, grpc_address="h:1", metrics_url=f"http://m/{i}"))
-        for i in ("up", "down")
-    ]
+    states = scraped("up", "down")
     states[0].in_flight = 2
     await sampler.scrape(states)
     assert calls == ["http://m/up", "http://m/down"]
@@ -140,10 +145,7 @@ async def test_a_spread_round_starts_each_fetch_in_turn_and_samples_every_replic
 
     clock = Clock()
     sampler = EngineSampler(fetch, 1.0, 5.0, clock)
-    states = [
-        ReplicaState(ReplicaSpec(id=i, grpc_address="h:1", metrics_url=f"http://m/{i}"))
-        for i in ("slow", "down", "up")
-    ]
+    states = scraped("slow", "down", "up")
     sampled: list[int] = []
     round_ = asyncio.create_task(
         sampler.scrape(states, spread_s=0.003, on_sample=lambda: sampled.append(1))
@@ -173,10 +175,7 @@ async def test_a_bad_page_or_a_failing_call_ends_nothing_else() -> None:
 
     clock = Clock()
     sampler = EngineSampler(fetch, 1.0, 5.0, clock)
-    bad, good = (
-        ReplicaState(ReplicaSpec(id=i, grpc_address="h:1", metrics_url=f"http://m/{i}"))
-        for i in ("bad", "good")
-    )
+    bad, good = scraped("bad", "good")
     await sampler.scrape([bad, good])
     assert bad.sample is None
     assert good.sample is not None
