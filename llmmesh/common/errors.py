@@ -18,6 +18,9 @@ RETRY_AFTER_KEY = "retry-after"
 # The standard rich-error trailer (google.rpc.Status), as grpcio-status and grpcurl read it.
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 ERROR_DOMAIN = "llmmesh"
+# A method refused as such, not this request: a peer older than the method (UNIMPLEMENTED) or a
+# mesh policy that does not allow it yet (PERMISSION_DENIED). Callers fall back to an older way.
+NOT_OFFERED = frozenset({grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED})
 
 
 class Reason(enum.StrEnum):

@@ -11,7 +11,7 @@ order, as CompleteBatch calls (`llmmesh.common.batching`): one call in flight at
 previous one (the first, after the report that found none queued) and carrying what came
 meanwhile, up to `COMPLETE_BATCH`: under load one call releases many leases instead of a call
 per request (each costs both processes a gRPC call's CPU). An orchestrator that refuses
-CompleteBatch (`_NO_BATCHES`: an older version, or a mesh policy without it) gets one Complete
+CompleteBatch (`errors.NOT_OFFERED`: an older version, or a mesh policy without it) gets one Complete
 per report, all of a batch at once. The queue is bounded (`COMPLETE_QUEUE`).
 """
 
@@ -28,7 +28,13 @@ import grpc
 
 from llmmesh.common.batching import LingerBatcher
 from llmmesh.common.channels import KEEPALIVE_OPTIONS, RECONNECT_OPTIONS
-from llmmesh.common.errors import Reason, ResourceExhausted, ServiceError, from_rpc_error
+from llmmesh.common.errors import (
+    NOT_OFFERED,
+    Reason,
+    ResourceExhausted,
+    ServiceError,
+    from_rpc_error,
+)
 from llmmesh.common.sojourn import call_metadata
 from llmmesh.common.telemetry import inject_trace_metadata
 from llmmesh.common.topology import Priority, ReplicaAddress
@@ -56,9 +62,6 @@ COMPLETE_BATCH: Final = 256  # reports per CompleteBatch call (~25 KB)
 # Reports queued for one orchestrator at most (one per lease it granted, so reached only when
 # it stopped answering); beyond it the oldest is dropped and its lease reclaimed by timeout.
 COMPLETE_QUEUE: Final = 65_536
-# CompleteBatch refused as such: an orchestrator older than it, or a mesh policy that does not
-# allow it yet.
-_NO_BATCHES: Final = frozenset({grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED})
 # Shortest Admit deadline sent: a spent deadline still makes a call that fails as expired.
 _MIN_TIMEOUT_S: Final = 0.001
 
@@ -193,7 +196,7 @@ class OrchestratorClient:
             on_drop=_dropped,
             name="lease reports",
         )
-        self._batches = True  # False once CompleteBatch was refused (`_NO_BATCHES`)
+        self._batches = True  # False once CompleteBatch was refused (`NOT_OFFERED`)
         self._closed = False
         self.address = address  # for logs: which orchestrator this client reaches
 
@@ -252,7 +255,7 @@ class OrchestratorClient:
                 await self._stub.CompleteBatch(req, timeout=COMPLETE_TIMEOUT_S)
                 return True
             except grpc.aio.AioRpcError as err:
-                if err.code() in _NO_BATCHES:
+                if err.code() in NOT_OFFERED:
                     log.warning(
                         "CompleteBatch refused; one Complete per report",
                         extra={"orchestrator": self.address, "error": err.code().name},

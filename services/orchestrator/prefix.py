@@ -53,6 +53,7 @@ import grpc
 from llmmesh.common import kv_registries
 from llmmesh.common.batching import LingerBatcher
 from llmmesh.common.channels import KEEPALIVE_OPTIONS
+from llmmesh.common.errors import NOT_OFFERED
 from llmmesh.common.kv_registries import RegistryEndpoint
 from llmmesh.common.telemetry import inject_trace_metadata
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
@@ -241,10 +242,8 @@ class _LookupStream:
                 await task
 
 
-# A registry without LookupStream (an older version), or a mesh policy that does not allow it.
-_NO_STREAMS = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED)
 # An older registry, a mesh policy, or another block identity: watching again would not help.
-_NO_WATCH = (*_NO_STREAMS, grpc.StatusCode.INVALID_ARGUMENT)
+_NO_WATCH = NOT_OFFERED | {grpc.StatusCode.INVALID_ARGUMENT}
 
 
 def _ended(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
@@ -518,7 +517,7 @@ class RegistryPrefixIndex:
                         await stream.close()
                     raise
                 except grpc.aio.AioRpcError as err:
-                    if err.code() not in _NO_STREAMS:
+                    if err.code() not in NOT_OFFERED:  # LookupStream refused as such
                         raise
                     reg.streams = False  # unary from now on (until the registry fails)
                     log.warning(
