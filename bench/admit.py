@@ -10,9 +10,10 @@ index is in sync (WatchExact), the orchestrator answers lookups from it, with no
 (`LLMMESH_ORCHESTRATOR_KV_MIRROR=false` measures lookups by call; the share answered from the
 copy is printed per row).
 
-Load: open loop at each `--rates` (Admit/s, evenly spaced, pre-serialized requests, each lease
-completed at once with the engine's reuse report through the gateway's own client, which
-batches the reports in CompleteBatch calls), with prompts of each
+Load: open loop at each `--rates` (Admit/s, evenly spaced), sent by the gateway's own client
+(`--admit stream`: on its AdmitStream, the default; `--admit calls`: one Admit call each), each
+lease completed at once with the engine's reuse report through that client (batched in
+CompleteBatch calls), with prompts of each
 `--prompt-tokens` length: a family's first tokens plus a unique 64-token tail. Each Admit
 carries a caller id and its send time as the gateway's do, so an orchestrator behind on its calls
 sheds them (BUSY, services/orchestrator/shedding.py): refused Admits are counted by status code,
@@ -57,22 +58,21 @@ from bench.overhead import cpu_seconds, pct, pin, pinning, py_spy_record
 from bench.report import write_json
 from llmmesh.common import metric_names as names
 from llmmesh.common.components import KV_REGISTRY, ORCHESTRATOR
+from llmmesh.common.errors import ServiceError
 from llmmesh.common.process import tied_to_parent
 from llmmesh.common.settings import KvBlockSettings
-from llmmesh.common.sojourn import call_metadata
-from llmmesh.common.topology import DEFAULT_MODEL_VERSION, DEFAULT_POOL, TRITON_MODEL
+from llmmesh.common.topology import DEFAULT_MODEL_VERSION, DEFAULT_POOL, TRITON_MODEL, Priority
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as kv_pb
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as kv_grpc
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from llmmesh.kvblocks import block_hashes, token_bytes
+from llmmesh.kvblocks import block_hashes, token_bytes, tokens_from_bytes
 from llmmesh.localmesh import ServiceProcess
-from services.gateway.admission import LeaseReport, Outcome
+from services.gateway.admission import AdmissionRequest, LeaseReport, Outcome
 from services.gateway.orchestrator_client import OrchestratorClient
 from services.kv_registry.settings import KvRegistrySettings
 from services.orchestrator.settings import OrchestratorSettings
 
-ADMIT = "/llmmesh.orchestrator.v1.OrchestratorService/Admit"
 TAIL_TOKENS = 64
 DOCUMENT_TOKENS = 32 * 1024 + 1024
 TARGET_RATE, TARGET_P50_MS, TARGET_P95_MS = 500, 1.0, 5.0
@@ -192,9 +192,12 @@ async def publish_index(address: str, w: Workload, replica_ids: Sequence[str]) -
     return entries
 
 
-def admit_requests(w: Workload, prompt_tokens: int, count: int, seed: int) -> list[bytes]:
-    """Serialized AdmitRequests: a family's first tokens and a unique tail, packed as the
-    gateway sends them (`prompt_tokens_le32`)."""
+def admit_requests(
+    w: Workload, prompt_tokens: int, count: int, seed: int
+) -> list[AdmissionRequest]:
+    """Admits as the gateway makes them: a family's first tokens and a unique tail, held as a
+    view of their packed bytes (the gateway's client sends `prompt_tokens_le32` from it with one
+    copy, as from the tokenizer's ids; the load generator's CPU is not what is measured)."""
     rng = random.Random(seed)
     out = []
     for i in range(count):
@@ -202,13 +205,16 @@ def admit_requests(w: Workload, prompt_tokens: int, count: int, seed: int) -> li
         tail = [rng.randrange(100, 48000) for _ in range(TAIL_TOKENS)]
         prompt = doc[: prompt_tokens - TAIL_TOKENS] + tail
         out.append(
-            pb.AdmitRequest(
+            AdmissionRequest(
                 request_id=f"bench-{prompt_tokens}-{i}",
                 model=TRITON_MODEL,
-                prompt_tokens_le32=token_bytes(prompt),
+                prompt_token_ids=tokens_from_bytes(token_bytes(prompt)),
                 max_tokens=64,
-                priority=pb.PRIORITY_STANDARD,
-            ).SerializeToString()
+                priority=Priority.STANDARD,
+                tenant="",
+                model_version="",
+                exclude_replicas=frozenset(),
+            )
         )
     return out
 
@@ -263,31 +269,28 @@ def histogram_sums(url: str, family: str, label: str, sample: str = "_sum") -> d
 
 
 async def drive(
-    channel: grpc.aio.Channel, requests: list[bytes], rate: int, duration_s: float
+    admitter: OrchestratorClient, requests: list[AdmissionRequest], rate: int, duration_s: float
 ) -> tuple[list[float], list[float], dict[str, int], float]:
-    """Open loop: Admit at `rate`/s for `duration_s`, each lease completed at once. Client and
-    internal latencies (s), failed Admits by status code, and the seconds the sends took."""
-    admit = channel.unary_unary(
-        ADMIT, request_serializer=None, response_deserializer=pb.AdmitResponse.FromString
-    )
-    # The gateway's own client sends the completions (batched, as the gateway does).
-    reports = OrchestratorClient(pb_grpc.OrchestratorServiceStub(channel))
+    """Open loop: Admit at `rate`/s for `duration_s` through the gateway's own client (on its
+    AdmitStream, or one call each), each lease completed at once (batched, as the gateway
+    does). Client and internal latencies (s), failed Admits by status code, and the seconds the
+    sends took."""
     client: list[float] = []
     internal: list[float] = []
     errors: dict[str, int] = {}
     tasks: set[asyncio.Task[None]] = set()
 
-    async def one(body: bytes) -> None:
+    async def one(request: AdmissionRequest) -> None:
         start = time.perf_counter()
         try:
-            resp = await admit(body, timeout=10, metadata=call_metadata("bench-admit", time.time()))
-        except grpc.aio.AioRpcError as err:
-            code = err.code().name
+            lease = await admitter.admit(request, timeout_s=10)
+        except ServiceError as err:
+            code = err.code.name
             errors[code] = errors.get(code, 0) + 1
             return
         client.append(time.perf_counter() - start)
-        internal.append(resp.queue_ms / 1000)
-        reports.complete(LeaseReport(resp.lease_id, Outcome.SUCCESS, 0, 0, 0, ttft_ms=1.0))
+        internal.append(lease.queue_ms / 1000)
+        admitter.complete(LeaseReport(lease.lease_id, Outcome.SUCCESS, 0, 0, 0, ttft_ms=1.0))
 
     loop = asyncio.get_running_loop()
     n = int(rate * duration_s)
@@ -302,7 +305,7 @@ async def drive(
     sent_s = loop.time() - t0
     if tasks:
         await asyncio.gather(*tasks)
-    await reports.drain()
+    await admitter.drain()
     return client, internal, errors, sent_s
 
 
@@ -386,6 +389,7 @@ async def run_config(args: argparse.Namespace, replicas: int, w: Workload) -> li
             orchestrator.address, options=[("grpc.max_send_message_length", 64 << 20)]
         )
         stub = pb_grpc.OrchestratorServiceStub(channel)
+        admitter = OrchestratorClient(stub, admit_stream=args.admit == "stream")
         for i, rid in enumerate(rids):
             await stub.RegisterReplica(
                 pb.RegisterReplicaRequest(
@@ -402,7 +406,7 @@ async def run_config(args: argparse.Namespace, replicas: int, w: Workload) -> li
         print(f"{replicas} replicas registered; index: {entries} (block, replica) entries")
         for tokens in args.prompt_tokens:
             requests = admit_requests(w, tokens, 256, seed=tokens)
-            await drive(channel, requests, 100, 1.0)  # warm up
+            await drive(admitter, requests, 100, 1.0)  # warm up
             for rate in args.rates:
                 cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
                 plugins0 = histogram_sums(
@@ -418,7 +422,7 @@ async def run_config(args: argparse.Namespace, replicas: int, w: Workload) -> li
                     else []
                 )
                 client, internal, errors, sent_s = await drive(
-                    channel, requests, rate, args.duration
+                    admitter, requests, rate, args.duration
                 )
                 cpu = {k: cpu_seconds(p) - cpu0[k] for k, p in pids.items()}
                 plugins1 = histogram_sums(
@@ -595,6 +599,13 @@ def main() -> int:
     p.add_argument("--rates", type=int, nargs="+", default=[100, 500, 1000])
     p.add_argument("--duration", type=float, default=5.0, help="Seconds per rate.")
     p.add_argument("--families", type=int, default=32, help="Shared prefixes in the index.")
+    p.add_argument(
+        "--admit",
+        choices=["stream", "calls"],
+        default="stream",
+        help="How the gateway's client sends Admits: on its AdmitStream (the default), or one "
+        "Admit call each (LLMMESH_GATEWAY_ORCHESTRATOR_ADMIT_STREAM=false).",
+    )
     p.add_argument("--no-pin", action="store_true", help="Do not pin processes to CPUs.")
     p.add_argument("--compare", help="An earlier run's JSON: print its figures beside these.")
     p.add_argument(

@@ -144,10 +144,7 @@ def _reason(value: object) -> Reason | None:
     for detail in status.details:
         info = error_details_pb2.ErrorInfo()
         if detail.Unpack(info) and info.domain == ERROR_DOMAIN:
-            try:
-                return Reason(info.reason)
-            except ValueError:
-                return None
+            return _reason_named(info.reason)
     return None
 
 
@@ -155,6 +152,36 @@ async def abort(context: grpc.aio.ServicerContext[object, object], err: ServiceE
     """Terminate the RPC with the error's status; retry-after travels as trailing metadata."""
     context.set_trailing_metadata(trailing_metadata(err))
     await context.abort(err.code, str(err))
+
+
+_CODES: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def code_number(code: grpc.StatusCode) -> int:
+    """The status code's number (google.rpc.Code), as a message field carries it."""
+    return int(code.value[0])
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    """The status code numbered `number`; UNKNOWN for a number gRPC does not define."""
+    return _CODES.get(number, grpc.StatusCode.UNKNOWN)
+
+
+def from_fields(
+    code: grpc.StatusCode, message: str, reason: str = "", retry_after_s: float | None = None
+) -> ServiceError:
+    """A refusal carried as message fields (a stream's answer, not a call's status) as the
+    domain error the same status, reason and retry-after map to (`from_rpc_error`)."""
+    return _FROM_GRPC.get(code, Unavailable)(
+        message, retry_after_s=retry_after_s, reason=_reason_named(reason)
+    )
+
+
+def _reason_named(name: str) -> Reason | None:
+    try:
+        return Reason(name) if name else None
+    except ValueError:  # a reason this version does not know: no reason
+        return None
 
 
 def from_rpc_error(err: grpc.aio.AioRpcError, what: str) -> ServiceError:

@@ -41,6 +41,16 @@ def call_metadata(caller: str, wall_now: float) -> tuple[tuple[str, str], ...]:
     return ((CALLER_KEY, caller), (SENT_AT_KEY, f"{wall_now:.6f}"))
 
 
+def caller_of(metadata: Iterable[object] | None) -> str | None:
+    """The caller id a call's metadata names (a stream's: its messages carry their send
+    times); None without one."""
+    for item in metadata or ():
+        key, value = cast(tuple[str, str | bytes], item)
+        if key == CALLER_KEY and isinstance(value, str) and value:
+            return value
+    return None
+
+
 def read_call(metadata: Iterable[object] | None, wall_now: float) -> tuple[str, float] | None:
     """(caller, reading) of a call whose handler starts at wall time `wall_now`; None for a call
     that says no caller or no readable send time."""
@@ -54,7 +64,16 @@ def read_call(metadata: Iterable[object] | None, wall_now: float) -> tuple[str, 
                 sent_at = float(value)
             except (TypeError, ValueError):
                 return None
-    if caller is None or sent_at is None or not math.isfinite(sent_at):
+    if caller is None or sent_at is None:
+        return None
+    return read_sent(caller, sent_at, wall_now)
+
+
+def read_sent(caller: str, sent_at: float, wall_now: float) -> tuple[str, float] | None:
+    """(caller, reading) of a message `caller` sent at its wall time `sent_at` and read at wall
+    time `wall_now` (a stream's message carries its send time itself); None for no caller or an
+    unusable send time."""
+    if not caller or not math.isfinite(sent_at):
         return None
     reading = wall_now - sent_at
     return (caller, reading) if abs(reading) <= MAX_READING_S else None

@@ -178,11 +178,17 @@ def setup_tracing(service: str, otlp_endpoint: str | None, sample_ratio: float) 
     return provider
 
 
-def inject_trace_metadata(metadata: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Append W3C trace context of the current span to outgoing gRPC metadata."""
+def trace_carrier() -> dict[str, str]:
+    """W3C trace context of the current span (traceparent, tracestate), for a message field
+    when the call's metadata is not per request (a stream's)."""
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
-    metadata.extend(carrier.items())
+    return carrier
+
+
+def inject_trace_metadata(metadata: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Append W3C trace context of the current span to outgoing gRPC metadata."""
+    metadata.extend(trace_carrier().items())
     return metadata
 
 

@@ -124,16 +124,19 @@ def orchestrators(settings: GatewaySettings) -> OrchestratorSet:
         host, _, port = target.rpartition(":")
 
         def dial(address: str) -> Member:
-            return OrchestratorClient.connect(address, authority=target)
+            return OrchestratorClient.connect(
+                address, authority=target, admit_stream=settings.orchestrator_admit_stream
+            )
 
         async def discover() -> list[str]:
             return [f"{ip}:{port}" for ip in await resolve_ipv4(host, int(port))]
 
         return make(dial, [], discover)
-    return make(
-        OrchestratorClient.connect,
-        settings.orchestrator_addresses or [settings.orchestrator_address],
-    )
+
+    def dial_direct(address: str) -> Member:
+        return OrchestratorClient.connect(address, admit_stream=settings.orchestrator_admit_stream)
+
+    return make(dial_direct, settings.orchestrator_addresses or [settings.orchestrator_address])
 
 
 if __name__ == "__main__":

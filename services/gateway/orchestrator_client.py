@@ -13,14 +13,28 @@ meanwhile, up to `COMPLETE_BATCH`: under load one call releases many leases inst
 per request (each costs both processes a gRPC call's CPU). An orchestrator that refuses
 CompleteBatch (`errors.NOT_OFFERED`: an older version, or a mesh policy without it) gets one Complete
 per report, all of a batch at once. The queue is bounded (`COMPLETE_QUEUE`).
+
+Admits travel on one AdmitStream call per orchestrator (`_AdmitStream`): a message each way
+instead of a call, each Admit with its own deadline, trace context and send time, its refusal as
+fields mapped exactly as the unary call's status would be (`admission_error`). The stream opens
+with the first Admit and again after it ends. An Admit whose stream ends unanswered fails as the
+unary call to an orchestrator not reached would (`OrchestratorUnavailable`; DROPPED when the
+orchestrator cancelled it), so the orchestrator set sends it to another: the orchestrator
+answers every Admit it read before it ends a stream, so an unanswered one was never decided,
+unless the connection broke, when a lease it granted ends by the lease timeout (as with the unary
+call). An Admit given up on (its caller's cancel, its deadline) is withdrawn by a cancel message,
+and a lease answered for it all the same is released at once. An orchestrator that refuses the
+method (`errors.NOT_OFFERED`) gets unary Admits from then on, the refused ones included.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from typing import Final
 
@@ -30,13 +44,16 @@ from llmmesh.common.batching import LingerBatcher
 from llmmesh.common.channels import KEEPALIVE_OPTIONS, RECONNECT_OPTIONS
 from llmmesh.common.errors import (
     NOT_OFFERED,
+    DeadlineExceeded,
     Reason,
     ResourceExhausted,
     ServiceError,
+    from_fields,
     from_rpc_error,
+    status_code,
 )
-from llmmesh.common.sojourn import call_metadata
-from llmmesh.common.telemetry import inject_trace_metadata
+from llmmesh.common.sojourn import CALLER_KEY, call_metadata
+from llmmesh.common.telemetry import inject_trace_metadata, trace_carrier
 from llmmesh.common.topology import Priority, ReplicaAddress
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
@@ -64,6 +81,9 @@ COMPLETE_BATCH: Final = 256  # reports per CompleteBatch call (~25 KB)
 COMPLETE_QUEUE: Final = 65_536
 # Shortest Admit deadline sent: a spent deadline still makes a call that fails as expired.
 _MIN_TIMEOUT_S: Final = 0.001
+# Messages waiting for an AdmitStream's writer at most (reached only when the orchestrator stopped
+# reading); beyond it an Admit fails as not reached, and the set sends it to another.
+STREAM_OUTBOX: Final = 65_536
 
 _PRIORITY: Final = {
     Priority.INTERACTIVE: pb.PRIORITY_INTERACTIVE,
@@ -83,17 +103,21 @@ _NO_REPLICA_REASONS: Final = frozenset({Reason.NO_REPLICA, Reason.ACTIVATION_TIM
 
 
 # -- conversions: one function per message -------------------------------------------------
-def admit_request_to_pb(request: AdmissionRequest) -> pb.AdmitRequest:
-    return pb.AdmitRequest(
-        request_id=request.request_id,
-        model=request.model,
-        prompt_tokens_le32=token_bytes(request.prompt_token_ids),
-        max_tokens=request.max_tokens,
-        priority=_PRIORITY[request.priority],
-        tenant=request.tenant,
-        model_version=request.model_version,
-        exclude_replicas=sorted(request.exclude_replicas),
-    )
+def admit_request_to_pb(
+    request: AdmissionRequest, out: pb.AdmitRequest | None = None
+) -> pb.AdmitRequest:
+    """The request as an AdmitRequest; filled into `out` when given (a stream message's field,
+    so a long prompt's bytes are not copied again)."""
+    msg = pb.AdmitRequest() if out is None else out
+    msg.request_id = request.request_id
+    msg.model = request.model
+    msg.prompt_tokens_le32 = token_bytes(request.prompt_token_ids)
+    msg.max_tokens = request.max_tokens
+    msg.priority = _PRIORITY[request.priority]
+    msg.tenant = request.tenant
+    msg.model_version = request.model_version
+    msg.exclude_replicas.extend(sorted(request.exclude_replicas))
+    return msg
 
 
 def replica_from_pb(replica: pb.Replica) -> ReplicaAddress:
@@ -153,25 +177,187 @@ def _dropped(report: pb.CompleteRequest) -> None:
     log.warning("complete queue full: oldest dropped", extra={"lease_id": report.lease_id})
 
 
-def admit_error(err: grpc.aio.AioRpcError) -> ServiceError:
-    """A failed Admit as a gateway error. UNAVAILABLE is told apart by its typed reason: none
-    means the orchestrator itself was not reached."""
-    if err.code() == grpc.StatusCode.CANCELLED:
+def admission_error(code: grpc.StatusCode, details: str, mapped: ServiceError) -> ServiceError:
+    """A refused Admit as a gateway error, from its status (a unary call's) or its refusal
+    fields (a stream answer's): `mapped` is the status as the common mapping reads it.
+    UNAVAILABLE is told apart by its typed reason: none means the orchestrator itself was not
+    reached."""
+    if code == grpc.StatusCode.CANCELLED:
         # Not this caller's cancel (that ends the call with CancelledError here): the
         # orchestrator's gRPC dropped the call unstarted (held too long behind the calls it had
         # not started) or it is stopping. Another orchestrator may serve it; the orchestrator
         # set fills in the retry-after when every one refused.
         return ResourceExhausted(
-            f"admission: the orchestrator dropped the call ({err.details()})",
-            reason=Reason.DROPPED,
+            f"admission: the orchestrator dropped the call ({details})", reason=Reason.DROPPED
         )
-    mapped = from_rpc_error(err, "admission")
-    if err.code() == grpc.StatusCode.UNAVAILABLE:
+    if code == grpc.StatusCode.UNAVAILABLE:
         if mapped.reason is None:
-            return OrchestratorUnavailable(f"orchestrator: {err.details()}")
+            return OrchestratorUnavailable(f"orchestrator: {details}")
         if mapped.reason in _NO_REPLICA_REASONS:
             return NoReplica(str(mapped), retry_after_s=mapped.retry_after_s, reason=mapped.reason)
     return mapped
+
+
+def admit_error(err: grpc.aio.AioRpcError) -> ServiceError:
+    """A failed Admit call as a gateway error (`admission_error`)."""
+    return admission_error(err.code(), err.details() or "", from_rpc_error(err, "admission"))
+
+
+def refusal_error(refusal: pb.AdmitRefusal) -> ServiceError:
+    """An AdmitStream refusal as a gateway error (`admission_error`)."""
+    code = status_code(refusal.code)
+    retry = refusal.retry_after_s if refusal.HasField("retry_after_s") else None
+    mapped = from_fields(code, f"admission: {refusal.message}", refusal.reason, retry)
+    return admission_error(code, refusal.message, mapped)
+
+
+class StreamEnded(Exception):
+    """The Admit's stream ended before its answer; `error`: how (None: the orchestrator ended
+    it, draining, after answering what it had read)."""
+
+    def __init__(self, error: BaseException | None) -> None:
+        super().__init__(repr(error))
+        self.error = error
+
+    @property
+    def not_offered(self) -> bool:
+        """The orchestrator (or the mesh's policy in front of it) refused the method itself."""
+        err = self.error
+        return isinstance(err, grpc.aio.AioRpcError) and err.code() in NOT_OFFERED
+
+    def as_admission_error(self) -> ServiceError:
+        err = self.error
+        if isinstance(err, grpc.aio.AioRpcError):
+            return admit_error(err)
+        if err is None:
+            return OrchestratorUnavailable("orchestrator: it ended the admit stream (draining)")
+        return OrchestratorUnavailable(f"orchestrator: admit stream failed ({err!r})")
+
+
+class _AdmitStream:
+    """Admits multiplexed on one AdmitStream call. One writer task sends the messages in order
+    (a gRPC call takes one write at a time); one reader task hands each answer to its Admit.
+
+    Invariants: an Admit is in `_pending` from its send until its answer, deadline, caller's
+    cancel or the stream's end, whichever is first; one that leaves before its message was
+    written is never written (`_unsent`), one that leaves after is withdrawn by a cancel
+    message; a lease answered for an Admit no longer pending goes to `release` at once. Once
+    the stream ended, every pending Admit fails with `StreamEnded` and nothing more is sent."""
+
+    def __init__(
+        self,
+        stub: pb_grpc.OrchestratorServiceAsyncStub,
+        caller: str,
+        release: Callable[[pb.AdmitResponse], None],
+    ) -> None:
+        self._call = stub.AdmitStream(None, metadata=((CALLER_KEY, caller),))
+        self._release = release
+        self._pending: dict[int, asyncio.Future[pb.AdmitStreamResponse]] = {}
+        self._unsent: set[int] = set()
+        self._outbox: deque[pb.AdmitStreamRequest] = deque()
+        self._wake = asyncio.Event()
+        self._ids = itertools.count(1)
+        self.ended: StreamEnded | None = None
+        self._reader = asyncio.ensure_future(self._read())
+        self._writer = asyncio.ensure_future(self._write())
+
+    async def admit(
+        self, request: AdmissionRequest, timeout_s: float, sent_at: float
+    ) -> pb.AdmitResponse:
+        if self.ended is not None:
+            raise self.ended
+        if len(self._outbox) >= STREAM_OUTBOX:
+            raise OrchestratorUnavailable("orchestrator: its admit stream is not being read")
+        call_id = next(self._ids)
+        msg = pb.AdmitStreamRequest(call_id=call_id, timeout_s=timeout_s, sent_at_unix_s=sent_at)
+        admit_request_to_pb(request, msg.admit)
+        msg.trace_context.update(trace_carrier())
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[pb.AdmitStreamResponse] = loop.create_future()
+        self._pending[call_id] = fut
+        self._unsent.add(call_id)
+        self._put(msg)
+        timer = loop.call_later(timeout_s, self._expire, call_id)
+        try:
+            answer = await fut
+        except asyncio.CancelledError:
+            self._withdraw(call_id)
+            raise
+        finally:
+            timer.cancel()
+        if answer.HasField("lease"):
+            return answer.lease
+        raise refusal_error(answer.refusal)
+
+    def _put(self, msg: pb.AdmitStreamRequest) -> None:
+        self._outbox.append(msg)
+        self._wake.set()
+
+    def _withdraw(self, call_id: int) -> None:
+        if self._pending.pop(call_id, None) is None or self.ended is not None:
+            return
+        if call_id in self._unsent:
+            self._unsent.discard(call_id)  # never written: nothing to cancel
+        else:
+            self._put(pb.AdmitStreamRequest(call_id=call_id, cancel=True))
+
+    def _expire(self, call_id: int) -> None:
+        """The Admit's deadline passed unanswered: as the unary call's client-side expiry."""
+        fut = self._pending.get(call_id)
+        self._withdraw(call_id)
+        if fut is not None and not fut.done():
+            fut.set_exception(DeadlineExceeded("admission: Deadline Exceeded"))
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                while self._outbox:
+                    msg = self._outbox.popleft()
+                    if msg.HasField("admit"):
+                        if msg.call_id not in self._unsent:
+                            continue  # withdrawn before it was written
+                        self._unsent.discard(msg.call_id)
+                    await self._call.write(msg)
+                self._wake.clear()
+                await self._wake.wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # the call ended: the reader sees how, unless this is first
+            self._end(err)
+
+    async def _read(self) -> None:
+        error: BaseException | None = None
+        try:
+            async for answer in self._call:
+                fut = self._pending.pop(answer.call_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(answer)
+                elif answer.HasField("lease"):
+                    self._release(answer.lease)  # its Admit was given up on meanwhile
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            error = err
+        self._end(error)
+
+    def _end(self, error: BaseException | None) -> None:
+        if self.ended is not None:
+            return
+        self.ended = ended = StreamEnded(error)
+        pending, self._pending = self._pending, {}
+        self._unsent.clear()
+        self._outbox.clear()
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(ended)
+        self._call.cancel()
+        current = asyncio.current_task()
+        for task in (self._reader, self._writer):
+            if task is not current:
+                task.cancel()
+
+    def close(self) -> None:
+        self._end(asyncio.CancelledError())
 
 
 # -- client ---------------------------------------------------------------------------------
@@ -184,8 +370,12 @@ class OrchestratorClient:
         channel: grpc.aio.Channel | None = None,
         address: str = "",
         wall_clock: Callable[[], float] = time.time,
+        *,
+        admit_stream: bool = True,
     ) -> None:
         self._stub = stub
+        self._streams_admits = admit_stream  # False: unary Admits (configured, or refused)
+        self._stream: _AdmitStream | None = None
         self._wall_clock = wall_clock  # stamps each Admit's send time (`call_metadata`)
         self._channel = channel  # closed by `close` when this client opened it
         self._reports: LingerBatcher[pb.CompleteRequest] = LingerBatcher(
@@ -202,7 +392,12 @@ class OrchestratorClient:
 
     @classmethod
     def connect(
-        cls, address: str, authority: str = "", wall_clock: Callable[[], float] = time.time
+        cls,
+        address: str,
+        authority: str = "",
+        wall_clock: Callable[[], float] = time.time,
+        *,
+        admit_stream: bool = True,
     ) -> OrchestratorClient:
         """A client on a channel of its own to `address`; `authority` (a headless Service's
         host:port when `address` is one of its pod IPs) is the :authority sent, so a mesh
@@ -214,7 +409,13 @@ class OrchestratorClient:
         if authority:
             options.append(("grpc.default_authority", authority))
         channel = grpc.aio.insecure_channel(address, options=options)
-        return cls(pb_grpc.OrchestratorServiceStub(channel), channel, address, wall_clock)
+        return cls(
+            pb_grpc.OrchestratorServiceStub(channel),
+            channel,
+            address,
+            wall_clock,
+            admit_stream=admit_stream,
+        )
 
     @property
     def pending(self) -> int:
@@ -222,10 +423,36 @@ class OrchestratorClient:
         return self._reports.queued + self._reports.in_call
 
     async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
+        timeout_s = max(timeout_s, _MIN_TIMEOUT_S)
+        if self._streams_admits and not self._closed:
+            stream = self._stream
+            if stream is None or stream.ended is not None:
+                stream = self._stream = _AdmitStream(self._stub, CALLER_ID, self._release)
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            try:
+                return lease_from_pb(await stream.admit(request, timeout_s, self._wall_clock()))
+            except StreamEnded as ended:
+                if not ended.not_offered:
+                    raise ended.as_admission_error() from ended
+                if self._streams_admits:
+                    log.warning(
+                        "AdmitStream refused; one Admit call each",
+                        extra={"orchestrator": self.address, "error": repr(ended.error)},
+                    )
+                    self._streams_admits = False
+                timeout_s = max(timeout_s - (loop.time() - start), _MIN_TIMEOUT_S)
+        return await self._admit_call(request, timeout_s)
+
+    def _release(self, lease: pb.AdmitResponse) -> None:
+        """A lease granted for an Admit given up on: its capacity back at once."""
+        self.complete(LeaseReport(lease.lease_id, Outcome.CANCELLED, 0, 0, 0, None))
+
+    async def _admit_call(self, request: AdmissionRequest, timeout_s: float) -> Lease:
         try:
             response = await self._stub.Admit(
                 admit_request_to_pb(request),
-                timeout=max(timeout_s, _MIN_TIMEOUT_S),
+                timeout=timeout_s,
                 # The orchestrator reads how long the call waited for it from the time sent.
                 metadata=tuple(
                     inject_trace_metadata([*call_metadata(CALLER_ID, self._wall_clock())])
@@ -298,6 +525,8 @@ class OrchestratorClient:
     async def close(self) -> None:
         """Drain the reports, then close the channel this client opened; later reports are
         not sent."""
+        if self._stream is not None:
+            self._stream.close()  # its unanswered Admits fail as not reached
         await self.drain()
         self._closed = True
         if self._channel is not None:

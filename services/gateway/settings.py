@@ -310,6 +310,14 @@ class GatewaySettings(ServiceSettings):
             "view kept for degraded mode is refreshed (ListReplicas)."
         ),
     )
+    orchestrator_admit_stream: bool = Field(
+        default=True,
+        description=(
+            "Send Admits on one AdmitStream call per orchestrator (a message each instead of a "
+            "call each); an orchestrator that refuses the method gets Admit calls. Off: Admit "
+            "calls only."
+        ),
+    )
     orchestrator_retry_after_s: float = Field(
         default=1.0,
         ge=0,

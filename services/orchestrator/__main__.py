@@ -108,6 +108,7 @@ async def main(settings: OrchestratorSettings, blocks: KvBlockSettings) -> None:
         metrics_port=metrics_port,
         ready_file=settings.ready_file,
         on_stop=on_stop,
+        drain_with=(servicer.drain,),
     )
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from llmmesh.common.errors import ServiceError, code_number
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.kvblocks import tokens_from_bytes
 from services.orchestrator.domain import AdmissionRequest, Lease, Outcome, Priority
@@ -72,6 +73,19 @@ def lease_to_pb(lease: Lease) -> pb.AdmitResponse:
         replica=replica_to_pb(lease.replica),
         queue_ms=lease.queue_s * 1000.0,
     )
+
+
+def refusal_to_pb(err: ServiceError) -> pb.AdmitRefusal:
+    """A refused Admit as an AdmitStream answer's fields: the status, typed reason and
+    retry-after the unary call would have ended with."""
+    refusal = pb.AdmitRefusal(
+        code=code_number(err.code),
+        message=str(err),
+        reason=err.reason.value if err.reason is not None else "",
+    )
+    if err.retry_after_s is not None:
+        refusal.retry_after_s = err.retry_after_s
+    return refusal
 
 
 def outcome_from_pb(request: pb.CompleteRequest) -> tuple[Outcome, int | None]:

@@ -825,5 +825,10 @@ class Orchestrator:
         return len(self._queue)
 
     @property
+    def shed_retry_after_s(self) -> float:
+        """The retry-after of a refusal for this process's own overload (BUSY and alike)."""
+        return self._settings.shed_retry_after_s
+
+    @property
     def drain_max_wait_s(self) -> float:
         return self._settings.drain_max_wait_s

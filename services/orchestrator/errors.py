@@ -49,3 +49,12 @@ class UnknownReplica(NotFound):
 
 class ReplicaConflict(FailedPrecondition):
     """The call would change a replica it may not change (static or discovered; leases live)."""
+
+
+class StreamFull(QueueFull):
+    """An AdmitStream already holds its bound of unanswered Admits."""
+
+
+class Draining(Unavailable):
+    """The orchestrator is stopping: it reads no more Admits (no reason: another orchestrator
+    takes them, as a call the stopping server refused)."""

@@ -1,16 +1,29 @@
-"""gRPC adapter: protobuf ↔ the director, through `convert.py`."""
+"""gRPC adapter: protobuf ↔ the director, through `convert.py`.
+
+AdmitStream: one task per Admit read (its answer queued for the call's one writer), so a slow
+decision never holds up the next message. Invariants: every Admit read gets exactly one answer
+unless its caller cancels it or the stream ends first; a lease that cannot be delivered (its
+Admit cancelled after the grant, the stream gone before the answer was written) is released at
+once as CANCELLED, not left to the lease timeout; a stream holds at most `STREAM_MAX_OPEN`
+unanswered Admits.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Final
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from llmmesh.common.errors import ServiceError, abort
-from llmmesh.common.sojourn import CallerBaselines, read_call
+from llmmesh.common.errors import Internal, ServiceError, abort
+from llmmesh.common.sojourn import CallerBaselines, caller_of, read_call, read_sent
 from llmmesh.common.telemetry import extract_trace_context, request_id_var
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
@@ -18,14 +31,39 @@ from services.orchestrator.convert import (
     admission_from_pb,
     lease_to_pb,
     outcome_from_pb,
+    refusal_to_pb,
     spec_from_pb,
     status_to_pb,
 )
 from services.orchestrator.director import Orchestrator
+from services.orchestrator.domain import Lease, Outcome
+from services.orchestrator.errors import BadAdmission, Draining, StreamFull
 
 Ctx = grpc.aio.ServicerContext[object, object]
 
+log = logging.getLogger(__name__)
+
 _tracer = trace.get_tracer("llmmesh.orchestrator")
+
+# Unanswered Admits one AdmitStream may hold (as the proto says): each is a task and a place in
+# the admission queue; the queue's own bound refuses most long before.
+STREAM_MAX_OPEN: Final = 4096
+
+
+class _Stream:
+    """One AdmitStream call: its Admits being decided and the answers waiting to be written."""
+
+    __slots__ = ("answers", "open", "reading", "wake")
+
+    def __init__(self) -> None:
+        self.open: dict[int, asyncio.Task[None]] = {}
+        self.answers: deque[pb.AdmitStreamResponse] = deque()
+        self.reading = True  # False once the caller half-closed or the orchestrator drains
+        self.wake = asyncio.Event()
+
+    def answer(self, response: pb.AdmitStreamResponse) -> None:
+        self.answers.append(response)
+        self.wake.set()
 
 
 class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
@@ -33,27 +71,155 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self._core = core
         self._wall_clock = wall_clock  # against the callers' send times (`read_call`)
         self._baselines = CallerBaselines()
+        self._streams: set[_Stream] = set()
+        self._draining = False
 
-    async def Admit(self, request: pb.AdmitRequest, context: Ctx) -> pb.AdmitResponse:
+    def _waited(self, call: tuple[str, float] | None) -> float:
+        """Feed the shedder a call's reading; the wait it shows (0 without one)."""
+        if call is None:
+            return 0.0
+        caller, reading = call
+        sojourn = self._baselines.sojourn(caller, reading, self._core.now())
+        self._core.observe_sojourn(sojourn)
+        return sojourn
+
+    async def _admit(
+        self, request: pb.AdmitRequest, timeout_s: float | None, parent: otel_context.Context
+    ) -> Lease:
         request_id_var.set(request.request_id)
-        metadata = context.invocation_metadata()
-        call = read_call(metadata, self._wall_clock())
-        if call is not None:
-            caller, reading = call
-            self._core.observe_sojourn(self._baselines.sojourn(caller, reading, self._core.now()))
-        parent = extract_trace_context(metadata)
         with _tracer.start_as_current_span(
             "orchestrator.admit", context=parent, kind=SpanKind.SERVER
         ) as span:
             try:
-                lease = await self._core.admit(admission_from_pb(request), context.time_remaining())
+                lease = await self._core.admit(admission_from_pb(request), timeout_s)
             except ServiceError as err:
                 span.set_attribute("llmmesh.rejected", type(err).__name__)
-                await abort(context, err)
                 raise
             span.set_attribute("llmmesh.replica", lease.replica.id)
             span.set_attribute("llmmesh.queue_ms", lease.queue_s * 1000)
+        return lease
+
+    async def Admit(self, request: pb.AdmitRequest, context: Ctx) -> pb.AdmitResponse:
+        metadata = context.invocation_metadata()
+        self._waited(read_call(metadata, self._wall_clock()))
+        try:
+            lease = await self._admit(
+                request, context.time_remaining(), extract_trace_context(metadata)
+            )
+        except ServiceError as err:
+            await abort(context, err)
+            raise
         return lease_to_pb(lease)
+
+    async def AdmitStream(
+        self, request_iterator: AsyncIterator[pb.AdmitStreamRequest], context: Ctx
+    ) -> AsyncIterator[pb.AdmitStreamResponse]:
+        stream = _Stream()
+        stream.reading = not self._draining
+        caller = caller_of(context.invocation_metadata())
+        self._streams.add(stream)
+        reader = asyncio.create_task(self._read(request_iterator, stream, caller))
+        try:
+            while True:
+                while stream.answers:
+                    # Popped once written: an answer the write failed on stays to be released.
+                    yield stream.answers[0]
+                    stream.answers.popleft()
+                if not (stream.reading or stream.open or stream.answers):
+                    return
+                stream.wake.clear()
+                await stream.wake.wait()
+        finally:
+            self._streams.discard(stream)
+            reader.cancel()
+            for task in stream.open.values():
+                task.cancel()  # the director releases a lease granted meanwhile
+            for undelivered in stream.answers:
+                if undelivered.HasField("lease"):
+                    self._core.complete(undelivered.lease.lease_id, Outcome.CANCELLED)
+
+    async def _read(
+        self,
+        requests: AsyncIterator[pb.AdmitStreamRequest],
+        stream: _Stream,
+        caller: str | None,
+    ) -> None:
+        try:
+            async for msg in requests:
+                kind = msg.WhichOneof("kind")
+                if kind == "cancel":
+                    task = stream.open.pop(msg.call_id, None)
+                    if task is not None:
+                        task.cancel()
+                    continue
+                if not stream.reading:  # draining: the caller sends it elsewhere
+                    stream.answer(_refused(msg.call_id, Draining("orchestrator is draining")))
+                    return
+                if kind != "admit":
+                    stream.answer(
+                        _refused(msg.call_id, BadAdmission("neither admit nor cancel set"))
+                    )
+                elif msg.call_id in stream.open:
+                    stream.answer(
+                        _refused(
+                            msg.call_id,
+                            BadAdmission(f"{msg.call_id} is unanswered already", field="call_id"),
+                        )
+                    )
+                elif len(stream.open) >= STREAM_MAX_OPEN:
+                    stream.answer(
+                        _refused(
+                            msg.call_id,
+                            StreamFull(
+                                f"{STREAM_MAX_OPEN} Admits unanswered on this stream",
+                                retry_after_s=self._core.shed_retry_after_s,
+                            ),
+                        )
+                    )
+                else:
+                    stream.open[msg.call_id] = asyncio.create_task(
+                        self._admit_one(stream, msg, caller)
+                    )
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # the call broke: its handler ends with it
+            log.debug("admit stream read ended", extra={"error": repr(err)})
+        finally:
+            stream.reading = False
+            stream.wake.set()
+
+    async def _admit_one(
+        self, stream: _Stream, msg: pb.AdmitStreamRequest, caller: str | None
+    ) -> None:
+        call_id = msg.call_id
+        try:
+            waited = self._waited(
+                None
+                if caller is None
+                else read_sent(caller, msg.sent_at_unix_s, self._wall_clock())
+            )
+            timeout_s = max(msg.timeout_s - waited, 0.0) if msg.timeout_s > 0 else None
+            lease = await self._admit(
+                msg.admit, timeout_s, extract_trace_context(msg.trace_context.items())
+            )
+            answer = pb.AdmitStreamResponse(call_id=call_id, lease=lease_to_pb(lease))
+        except ServiceError as err:
+            answer = _refused(call_id, err)
+        except Exception:
+            log.exception("admit failed", extra={"request_id": msg.admit.request_id})
+            answer = _refused(call_id, Internal("admission failed"))
+        finally:
+            if stream.open.get(call_id) is asyncio.current_task():
+                del stream.open[call_id]
+        stream.answer(answer)
+
+    async def drain(self) -> None:
+        """Stop reading Admits on every stream: each ends once the Admits it read are answered
+        (the server's own stop bounds how long that may take)."""
+        self._draining = True
+        for stream in self._streams:
+            stream.reading = False
+            stream.wake.set()
 
     async def Complete(self, request: pb.CompleteRequest, context: Ctx) -> pb.CompleteResponse:
         outcome, reused_blocks = outcome_from_pb(request)
@@ -114,3 +280,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             await abort(context, err)
             raise
         return pb.DeregisterReplicaResponse(in_flight=in_flight)
+
+
+def _refused(call_id: int, err: ServiceError) -> pb.AdmitStreamResponse:
+    return pb.AdmitStreamResponse(call_id=call_id, refusal=refusal_to_pb(err))

@@ -1,12 +1,15 @@
 """`OrchestratorClient` over a real grpc.aio channel (ephemeral port) against a tiny fake
 OrchestratorService: every field converted both ways, refusals mapped by their typed reason
-(never by message text), retry-after kept, Complete retried in the background."""
+(never by message text), retry-after kept, Complete retried in the background. Admits go both
+ways the client sends them (`served` is parametrized): on the AdmitStream and as Admit calls;
+an orchestrator without AdmitStream gets Admit calls."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +40,7 @@ from services.gateway.orchestrator_client import (
     OrchestratorClient,
     replica_from_pb,
 )
+from tests.helpers import eventually
 
 Ctx = grpc.aio.ServicerContext[object, object]
 
@@ -67,6 +71,13 @@ class FakeOrchestratorService(pb_grpc.OrchestratorServiceServicer):
         self.replicas = pb.ListReplicasResponse()
         self.hold: asyncio.Event | None = None  # Admit waits for it, once `holding` is set
         self.holding = asyncio.Event()
+        self.streams = True  # AdmitStream refused with `stream_refusal` while False
+        self.stream_refusal = grpc.StatusCode.UNIMPLEMENTED
+        self.cancels: list[int] = []
+        self.ignore_cancels = False  # answer a withdrawn Admit all the same
+        self.end_streams = asyncio.Event()  # every AdmitStream ends (OK), Admits unanswered
+        self.stream_calls = 0
+        self.granted = 0
 
     async def Admit(self, request: pb.AdmitRequest, context: Ctx) -> pb.AdmitResponse:
         self.admits.append(request)
@@ -77,10 +88,70 @@ class FakeOrchestratorService(pb_grpc.OrchestratorServiceServicer):
             await abort(context, self.refusal)
         if self.plain_refusal is not None:
             await context.abort(*self.plain_refusal)
+        return await self._lease()
+
+    async def _lease(self) -> pb.AdmitResponse:
         if self.hold is not None:
             self.holding.set()
             await self.hold.wait()
-        return pb.AdmitResponse(lease_id="lease-9", replica=REPLICA, queue_ms=12.5)
+        self.granted += 1
+        return pb.AdmitResponse(
+            lease_id=f"lease-{self.granted + 8}", replica=REPLICA, queue_ms=12.5
+        )
+
+    async def AdmitStream(
+        self, request_iterator: AsyncIterator[pb.AdmitStreamRequest], context: Ctx
+    ) -> AsyncIterator[pb.AdmitStreamResponse]:
+        """Each Admit as `Admit` decides it, its metadata from the call's and its own fields;
+        refusals as fields. `cancels`: the call ids withdrawn."""
+        self.stream_calls += 1
+        if not self.streams:
+            await context.abort(self.stream_refusal, "an older orchestrator, or the mesh's policy")
+        stream_md = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        answers: asyncio.Queue[pb.AdmitStreamResponse | None] = asyncio.Queue()
+        tasks: dict[int, asyncio.Task[None]] = {}
+
+        async def one(msg: pb.AdmitStreamRequest) -> None:
+            self.admits.append(msg.admit)
+            self.admit_metadata.append(
+                {**stream_md, SENT_AT_KEY: f"{msg.sent_at_unix_s:.6f}", **msg.trace_context}
+            )
+            answer = pb.AdmitStreamResponse(call_id=msg.call_id)
+            err = self.refusal
+            if err is not None:
+                answer.refusal.code, answer.refusal.message = err.code.value[0], str(err)
+                if err.reason is not None:
+                    answer.refusal.reason = err.reason.value
+                if err.retry_after_s is not None:
+                    answer.refusal.retry_after_s = err.retry_after_s
+            elif self.plain_refusal is not None:
+                code, message = self.plain_refusal
+                answer.refusal.CopyFrom(pb.AdmitRefusal(code=code.value[0], message=message))
+            else:
+                answer.lease.CopyFrom(await self._lease())
+            await answers.put(answer)
+
+        async def read() -> None:
+            async for msg in request_iterator:
+                if msg.HasField("admit"):
+                    tasks[msg.call_id] = asyncio.create_task(one(msg))
+                else:
+                    self.cancels.append(msg.call_id)
+                    if not self.ignore_cancels:
+                        tasks[msg.call_id].cancel()
+            await answers.put(None)
+
+        async def end() -> None:
+            await self.end_streams.wait()
+            await answers.put(None)
+
+        reader, ender = asyncio.create_task(read()), asyncio.create_task(end())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+        finally:
+            reader.cancel()
+            ender.cancel()
 
     async def Complete(self, request: pb.CompleteRequest, context: Ctx) -> pb.CompleteResponse:
         await self._reports("Complete", [request], context)
@@ -128,19 +199,33 @@ class Served:
     client: OrchestratorClient
 
 
-@pytest_asyncio.fixture(loop_scope="session")
-async def served() -> AsyncIterator[Served]:
+@contextlib.asynccontextmanager
+async def serve(*, admit_stream: bool) -> AsyncIterator[Served]:
+    """The fake on an ephemeral port, and a client sending Admits on the AdmitStream or as
+    Admit calls."""
     service = FakeOrchestratorService()
     server = grpc.aio.server()
     pb_grpc.add_OrchestratorServiceServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    client = OrchestratorClient.connect(f"127.0.0.1:{port}")
+    client = OrchestratorClient.connect(f"127.0.0.1:{port}", admit_stream=admit_stream)
     try:
         yield Served(service, client)
     finally:
         await client.close()
         await server.stop(None)
+
+
+@pytest_asyncio.fixture(loop_scope="session", params=["stream", "calls"])
+async def served(request: pytest.FixtureRequest) -> AsyncIterator[Served]:
+    async with serve(admit_stream=request.param == "stream") as s:
+        yield s
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def streamed() -> AsyncIterator[Served]:
+    async with serve(admit_stream=True) as s:
+        yield s
 
 
 def admission(**kw: object) -> AdmissionRequest:
@@ -422,3 +507,93 @@ async def test_status_of_an_unreachable_orchestrator_is_orchestrator_unavailable
             await client.status(timeout_s=5.0)
     finally:
         await client.close()
+
+
+# -- AdmitStream ------------------------------------------------------------------------------
+async def test_admits_share_one_stream_and_are_answered_by_call_id(streamed: Served) -> None:
+    held = asyncio.Event()
+    streamed.service.hold = held
+    calls = [
+        asyncio.ensure_future(streamed.client.admit(admission(request_id=f"r{i}"), timeout_s=5))
+        for i in range(3)
+    ]
+    await wait_for(lambda: len(streamed.service.admits) == 3)
+    held.set()
+    leases = await asyncio.gather(*calls)
+    assert sorted(lease.lease_id for lease in leases) == ["lease-10", "lease-11", "lease-9"]
+    assert streamed.service.stream_calls == 1
+    assert sorted(a.request_id for a in streamed.service.admits) == ["r0", "r1", "r2"]
+
+
+@pytest.mark.parametrize(
+    "refusal", [grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED]
+)
+async def test_an_orchestrator_refusing_the_stream_gets_admit_calls_from_then_on(
+    streamed: Served, refusal: grpc.StatusCode
+) -> None:
+    streamed.service.streams = False
+    streamed.service.stream_refusal = refusal
+    first = await streamed.client.admit(admission(request_id="a"), timeout_s=5.0)
+    second = await streamed.client.admit(admission(request_id="b"), timeout_s=5.0)
+    assert (first.lease_id, second.lease_id) == ("lease-9", "lease-10")
+    assert streamed.service.stream_calls == 1  # refused once, never tried again
+    assert [a.request_id for a in streamed.service.admits] == ["a", "b"]
+
+
+async def test_a_cancelled_admit_is_withdrawn(streamed: Served) -> None:
+    streamed.service.hold = asyncio.Event()
+    call = asyncio.ensure_future(streamed.client.admit(admission(), timeout_s=5.0))
+    await streamed.service.holding.wait()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    await wait_for(lambda: streamed.service.cancels == [1])
+
+
+async def test_an_expired_admit_fails_as_a_deadline_and_is_withdrawn(streamed: Served) -> None:
+    streamed.service.hold = asyncio.Event()
+    with pytest.raises(DeadlineExceeded) as info:
+        await streamed.client.admit(admission(), timeout_s=0.05)
+    assert info.value.reason is None  # the client's deadline, not the queue's (QUEUE_TIMEOUT)
+    await wait_for(lambda: streamed.service.cancels == [1])
+
+
+async def test_a_lease_answered_after_the_admit_was_given_up_is_released(
+    streamed: Served,
+) -> None:
+    held = asyncio.Event()
+    streamed.service.hold = held
+    streamed.service.ignore_cancels = True
+    call = asyncio.ensure_future(streamed.client.admit(admission(), timeout_s=5.0))
+    await streamed.service.holding.wait()
+    call.cancel()
+    await wait_for(lambda: streamed.service.cancels == [1])
+    held.set()
+    await wait_for(lambda: bool(streamed.service.completes))
+    [report] = streamed.service.completes
+    assert (report.lease_id, report.outcome) == ("lease-9", pb.OUTCOME_CANCELLED)
+
+
+async def test_an_admit_unanswered_when_the_stream_ends_is_not_reached_and_the_next_reopens(
+    streamed: Served,
+) -> None:
+    held = asyncio.Event()
+    streamed.service.hold = held
+    call = asyncio.ensure_future(streamed.client.admit(admission(), timeout_s=5.0))
+    await streamed.service.holding.wait()
+    streamed.service.end_streams.set()  # the orchestrator drains: it ends the stream (OK)
+    with pytest.raises(OrchestratorUnavailable):
+        await call  # the set sends it to another orchestrator
+    streamed.service.end_streams = asyncio.Event()
+    streamed.service.hold = None
+    held.set()
+    lease = await streamed.client.admit(admission(), timeout_s=5.0)
+    assert lease.replica.id == "r-9"
+    assert streamed.service.stream_calls == 2
+
+
+async def wait_for(condition: Callable[[], bool]) -> None:
+    async def check() -> bool:
+        return condition()
+
+    await eventually(check, what="the fake saw it")

@@ -105,6 +105,7 @@ ALLOWED = [
     (INGRESS, GW_LABELS, 8080, "/v1/chat/completions", "POST"),
     (INGRESS, SHADOW_LABELS, 50051, GW + "Generate", "POST"),
     (GATEWAY, ORCH_LABELS, 50052, ORCH + "Admit", "POST"),
+    (GATEWAY, ORCH_LABELS, 50052, ORCH + "AdmitStream", "POST"),
     (GATEWAY, ORCH_LABELS, 50052, ORCH + "Complete", "POST"),
     (GATEWAY, ORCH_LABELS, 50052, ORCH + "CompleteBatch", "POST"),
     # readiness, and the replica view the gateway's degraded mode routes over

@@ -18,17 +18,19 @@ from tests.orchestrator.test_core import FakeProbe
 
 
 @contextlib.asynccontextmanager
-async def served(core: Orchestrator) -> AsyncIterator[str]:
-    """The core's OrchestratorService on an ephemeral port; yields its address."""
+async def served(
+    core: Orchestrator, servicer: OrchestratorServicer | None = None
+) -> AsyncIterator[str]:
+    """The core's OrchestratorService (through `servicer` when given) on an ephemeral port;
+    yields its address."""
+    service = OrchestratorServicer(core) if servicer is None else servicer
     server = ManagedServer(
         host="127.0.0.1",
         port=0,
         services=[
             ServiceRegistration(
                 "llmmesh.orchestrator.v1.OrchestratorService",
-                lambda s: pb_grpc.add_OrchestratorServiceServicer_to_server(
-                    OrchestratorServicer(core), s
-                ),
+                lambda s: pb_grpc.add_OrchestratorServiceServicer_to_server(service, s),
             )
         ],
         drain_seconds=0,
@@ -41,8 +43,10 @@ async def served(core: Orchestrator) -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def serve(core: Orchestrator) -> AsyncIterator[pb_grpc.OrchestratorServiceAsyncStub]:
-    async with served(core) as address, grpc.aio.insecure_channel(address) as channel:
+async def serve(
+    core: Orchestrator, servicer: OrchestratorServicer | None = None
+) -> AsyncIterator[pb_grpc.OrchestratorServiceAsyncStub]:
+    async with served(core, servicer) as address, grpc.aio.insecure_channel(address) as channel:
         yield pb_grpc.OrchestratorServiceStub(channel)
 
 

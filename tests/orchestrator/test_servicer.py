@@ -12,11 +12,12 @@ import pytest_asyncio
 
 from llmmesh.common.discovery import DnsTarget
 from llmmesh.common.errors import RETRY_AFTER_KEY, Reason, from_rpc_error
-from llmmesh.common.sojourn import call_metadata
+from llmmesh.common.sojourn import CALLER_KEY, call_metadata
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from llmmesh.kvblocks import token_bytes
 from services.orchestrator.director import Orchestrator
+from services.orchestrator.servicer import OrchestratorServicer
 from tests.helpers import eventually
 from tests.orchestrator.serving import dns_discovered, serve
 from tests.orchestrator.test_core import FakeProbe, ready_core, settings
@@ -199,3 +200,121 @@ async def test_an_admit_s_wait_before_its_handler_reaches_the_shedder() -> None:
         await stub.Complete(pb.CompleteRequest(lease_id=lease.lease_id), timeout=5)
         await stub.Admit(admit("c"), timeout=5)  # a caller that does not say: no sample
         assert 3.9 < core._shedder.last_sojourn_s < 4.5
+
+
+# -- AdmitStream ------------------------------------------------------------------------------
+Stream = grpc.aio.StreamStreamCall[pb.AdmitStreamRequest, pb.AdmitStreamResponse]
+
+
+def streamed(call_id: int, rid: str, timeout_s: float = 10.0) -> pb.AdmitStreamRequest:
+    return pb.AdmitStreamRequest(call_id=call_id, admit=admit(rid), timeout_s=timeout_s)
+
+
+async def answers(call: Stream, n: int) -> dict[int, pb.AdmitStreamResponse]:
+    out = {}
+    for _ in range(n):
+        answer = await call.read()
+        assert isinstance(answer, pb.AdmitStreamResponse)
+        out[answer.call_id] = answer
+    return out
+
+
+async def test_a_stream_answers_each_admit_by_call_id_grants_and_refusals_alike(
+    stub: pb_grpc.OrchestratorServiceAsyncStub,
+) -> None:
+    call = stub.AdmitStream(None)
+    await call.write(streamed(7, "a"))
+    [granted] = (await answers(call, 1)).values()
+    assert (granted.call_id, granted.lease.replica.id) == (7, "r0")
+    await call.write(streamed(8, "b"))  # waits in the one-slot queue
+    await eventually(lambda: queue_depth_is(stub, 1), what="b waits")
+    await call.write(streamed(9, "c"))
+    unknown = pb.AdmitRequest(request_id="d", model="nope", prompt_token_ids=[1], max_tokens=1)
+    await call.write(pb.AdmitStreamRequest(call_id=10, admit=unknown))
+    refused = await answers(call, 2)
+    full, none = refused[9].refusal, refused[10].refusal
+    assert (full.code, full.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], "QUEUE_FULL")
+    assert full.HasField("retry_after_s")
+    assert full.retry_after_s > 0
+    assert (none.code, none.reason) == (grpc.StatusCode.UNAVAILABLE.value[0], "NO_REPLICA")
+    await stub.Complete(pb.CompleteRequest(lease_id=granted.lease.lease_id), timeout=5)
+    assert (await answers(call, 1))[8].lease.replica.id == "r0"  # b got a's slot
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF
+    assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_a_stream_admit_waits_for_its_timeout_and_a_cancel_withdraws_it(
+    stub: pb_grpc.OrchestratorServiceAsyncStub,
+) -> None:
+    call = stub.AdmitStream(None)
+    await call.write(streamed(1, "a"))
+    await answers(call, 1)
+    await call.write(streamed(2, "late", timeout_s=0.2))
+    late = (await answers(call, 1))[2].refusal
+    assert (late.code, late.reason) == (grpc.StatusCode.DEADLINE_EXCEEDED.value[0], "QUEUE_TIMEOUT")
+    await call.write(streamed(3, "gone"))
+    await eventually(lambda: queue_depth_is(stub, 1), what="gone waits")
+    await call.write(pb.AdmitStreamRequest(call_id=3, cancel=True))
+    await eventually(lambda: queue_depth_is(stub, 0), what="the cancel withdrew it")
+    await call.write(pb.AdmitStreamRequest(call_id=99, cancel=True))  # unknown: ignored
+    await call.done_writing()
+    assert await call.read() is grpc.aio.EOF  # no answer for the withdrawn Admit
+
+
+async def test_a_stream_refuses_a_message_without_admit_and_a_call_id_in_use(
+    stub: pb_grpc.OrchestratorServiceAsyncStub,
+) -> None:
+    call = stub.AdmitStream(None)
+    await call.write(streamed(1, "a"))
+    await answers(call, 1)
+    await call.write(streamed(2, "b"))  # queued: call id 2 is in use
+    await eventually(lambda: queue_depth_is(stub, 1), what="b waits")
+    await call.write(streamed(2, "again"))
+    await call.write(pb.AdmitStreamRequest(call_id=3))
+    refused = await answers(call, 2)
+    invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert refused[2].refusal.code == refused[3].refusal.code == invalid
+    call.cancel()  # the whole stream: its queued Admit leaves the queue
+    await eventually(lambda: queue_depth_is(stub, 0), what="the stream's Admit withdrawn")
+    [status] = (await stub.ListReplicas(pb.ListReplicasRequest(), timeout=5)).replicas
+    assert status.in_flight == 1  # a's lease only
+
+
+async def test_a_draining_orchestrator_answers_what_it_read_then_ends_the_stream() -> None:
+    core, _ = await ready_core(n=1, cap=1, queue=1)
+    servicer = OrchestratorServicer(core)
+    async with serve(core, servicer) as stub:
+        call = stub.AdmitStream(None)
+        await call.write(streamed(1, "a"))
+        held = (await answers(call, 1))[1].lease
+        await call.write(streamed(2, "b"))
+        await eventually(lambda: queue_depth_is(stub, 1), what="b waits")
+        await servicer.drain()
+        await stub.Complete(pb.CompleteRequest(lease_id=held.lease_id), timeout=5)
+        assert (await answers(call, 1))[2].lease.replica.id == "r0"
+        assert await call.read() is grpc.aio.EOF
+        assert await call.code() == grpc.StatusCode.OK
+        later = stub.AdmitStream(None)  # one opened while draining ends unread
+        assert await later.read() is grpc.aio.EOF
+        assert await later.code() == grpc.StatusCode.OK
+        assert (await stub.ListReplicas(pb.ListReplicasRequest(), timeout=5)).queue_depth == 0
+
+
+async def test_a_stream_admit_s_send_time_reaches_the_shedder() -> None:
+    core, _ = await ready_core(n=1, cap=1, queue=1)
+    async with serve(core) as stub:
+        call = stub.AdmitStream(None, metadata=((CALLER_KEY, "c"),))
+        now = time.time()
+        first = streamed(1, "a")
+        first.sent_at_unix_s = now
+        await call.write(first)
+        lease = (await answers(call, 1))[1].lease
+        assert core._shedder.last_sojourn_s == 0.0  # the caller's first reading: its baseline
+        await stub.Complete(pb.CompleteRequest(lease_id=lease.lease_id), timeout=5)
+        second = streamed(2, "b")
+        second.sent_at_unix_s = now - 4  # waited 4 s more than the first
+        await call.write(second)
+        await answers(call, 1)
+        assert 3.9 < core._shedder.last_sojourn_s < 4.5
+        call.cancel()

@@ -35,6 +35,7 @@ SESSION_STREAMS = frozenset(
     {
         "/llmmesh.kvregistry.v1.KvRegistryService/LookupStream",
         "/llmmesh.kvregistry.v1.KvRegistryService/WatchExact",
+        "/llmmesh.orchestrator.v1.OrchestratorService/AdmitStream",
     }
 )
 
