@@ -281,7 +281,12 @@ class _AdmitStream:
         try:
             answer = await fut
         except asyncio.CancelledError:
-            self._withdraw(call_id)
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                # Answered, then cancelled before this task resumed: a lease goes back.
+                if fut.result().HasField("lease"):
+                    self._release(fut.result().lease)
+            else:
+                self._withdraw(call_id)
             raise
         finally:
             timer.cancel()
@@ -322,7 +327,9 @@ class _AdmitStream:
                 await self._wake.wait()
         except asyncio.CancelledError:
             raise
-        except Exception as err:  # the call ended: the reader sees how, unless this is first
+        except Exception as err:
+            if self._call.done():
+                return  # the call ended: the reader ends the stream with its status
             self._end(err)
 
     async def _read(self) -> None:
@@ -343,13 +350,13 @@ class _AdmitStream:
     def _end(self, error: BaseException | None) -> None:
         if self.ended is not None:
             return
-        self.ended = ended = StreamEnded(error)
+        self.ended = StreamEnded(error)
         pending, self._pending = self._pending, {}
         self._unsent.clear()
         self._outbox.clear()
         for fut in pending.values():
             if not fut.done():
-                fut.set_exception(ended)
+                fut.set_exception(StreamEnded(error))  # one each: a traceback each
         self._call.cancel()
         current = asyncio.current_task()
         for task in (self._reader, self._writer):
@@ -387,6 +394,7 @@ class OrchestratorClient:
             name="lease reports",
         )
         self._batches = True  # False once CompleteBatch was refused (`NOT_OFFERED`)
+        self._closing = False  # no stream opens once `close` began
         self._closed = False
         self.address = address  # for logs: which orchestrator this client reaches
 
@@ -424,7 +432,7 @@ class OrchestratorClient:
 
     async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
         timeout_s = max(timeout_s, _MIN_TIMEOUT_S)
-        if self._streams_admits and not self._closed:
+        if self._streams_admits and not self._closing:
             stream = self._stream
             if stream is None or stream.ended is not None:
                 stream = self._stream = _AdmitStream(self._stub, CALLER_ID, self._release)
@@ -525,6 +533,7 @@ class OrchestratorClient:
     async def close(self) -> None:
         """Drain the reports, then close the channel this client opened; later reports are
         not sent."""
+        self._closing = True
         if self._stream is not None:
             self._stream.close()  # its unanswered Admits fail as not reached
         await self.drain()

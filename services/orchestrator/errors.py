@@ -51,8 +51,9 @@ class ReplicaConflict(FailedPrecondition):
     """The call would change a replica it may not change (static or discovered; leases live)."""
 
 
-class StreamFull(QueueFull):
-    """An AdmitStream already holds its bound of unanswered Admits."""
+class StreamFull(Busy):
+    """An AdmitStream already holds its bound of unanswered Admits: this process is behind on
+    that caller's Admits (another orchestrator may not be)."""
 
 
 class Draining(Unavailable):

@@ -53,12 +53,13 @@ STREAM_MAX_OPEN: Final = 4096
 class _Stream:
     """One AdmitStream call: its Admits being decided and the answers waiting to be written."""
 
-    __slots__ = ("answers", "open", "reading", "wake")
+    __slots__ = ("answers", "closed", "open", "reading", "wake")
 
     def __init__(self) -> None:
         self.open: dict[int, asyncio.Task[None]] = {}
         self.answers: deque[pb.AdmitStreamResponse] = deque()
         self.reading = True  # False once the caller half-closed or the orchestrator drains
+        self.closed = False  # the call ended: an answer can no longer be written
         self.wake = asyncio.Event()
 
     def answer(self, response: pb.AdmitStreamResponse) -> None:
@@ -111,9 +112,11 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             raise
         return lease_to_pb(lease)
 
-    async def AdmitStream(
+    async def AdmitStream(  # type: ignore[override]  # writes through the context
         self, request_iterator: AsyncIterator[pb.AdmitStreamRequest], context: Ctx
-    ) -> AsyncIterator[pb.AdmitStreamResponse]:
+    ) -> None:
+        # A coroutine, not an async generator: its `finally` runs when the call ends however
+        # it ends (a generator left at a failed write would wait for the collector).
         stream = _Stream()
         stream.reading = not self._draining
         caller = caller_of(context.invocation_metadata())
@@ -123,20 +126,25 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             while True:
                 while stream.answers:
                     # Popped once written: an answer the write failed on stays to be released.
-                    yield stream.answers[0]
+                    await context.write(stream.answers[0])
                     stream.answers.popleft()
                 if not (stream.reading or stream.open or stream.answers):
                     return
                 stream.wake.clear()
                 await stream.wake.wait()
         finally:
+            stream.closed = True
             self._streams.discard(stream)
             reader.cancel()
             for task in stream.open.values():
                 task.cancel()  # the director releases a lease granted meanwhile
             for undelivered in stream.answers:
-                if undelivered.HasField("lease"):
-                    self._core.complete(undelivered.lease.lease_id, Outcome.CANCELLED)
+                self._release(undelivered)
+
+    def _release(self, answer: pb.AdmitStreamResponse) -> None:
+        """An answer that will not be written: its lease, if any, ends now."""
+        if answer.HasField("lease"):
+            self._core.complete(answer.lease.lease_id, Outcome.CANCELLED)
 
     async def _read(
         self,
@@ -151,10 +159,11 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                     task = stream.open.pop(msg.call_id, None)
                     if task is not None:
                         task.cancel()
+                        stream.wake.set()  # the stream may have nothing left to answer
                     continue
                 if not stream.reading:  # draining: the caller sends it elsewhere
                     stream.answer(_refused(msg.call_id, Draining("orchestrator is draining")))
-                    return
+                    continue  # cancels are still read until the stream ends
                 if kind != "admit":
                     stream.answer(
                         _refused(msg.call_id, BadAdmission("neither admit nor cancel set"))
@@ -211,6 +220,10 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         finally:
             if stream.open.get(call_id) is asyncio.current_task():
                 del stream.open[call_id]
+        if stream.closed:
+            # Granted as the call ended (a cancel that came after the grant is not raised).
+            self._release(answer)
+            return
         stream.answer(answer)
 
     async def drain(self) -> None:

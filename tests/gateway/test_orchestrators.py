@@ -3,6 +3,7 @@ Complete to the granting orchestrator, and degraded mode on a fake clock."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import pytest
@@ -357,3 +358,36 @@ async def test_discovery_replaces_members_and_keeps_them_when_resolution_fails()
     await orchs.refresh()
     assert orchs.addresses == ["b:1", "c:1"]
     await orchs.close()
+
+
+class GatedOrchestrator(FakeOrchestrator):
+    """Grants once `gate` is set; `returned` once its lease is handed back."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(address)
+        self.gate = asyncio.Event()
+        self.returned = asyncio.Event()
+
+    async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
+        await self.gate.wait()
+        lease = await super().admit(request, timeout_s=timeout_s)
+        self.returned.set()
+        return lease
+
+
+async def test_a_lease_granted_in_the_tick_its_request_was_cancelled_goes_back() -> None:
+    fakes: dict[str, GatedOrchestrator] = {}
+
+    def factory(address: str) -> GatedOrchestrator:
+        fakes[address] = GatedOrchestrator(address)
+        return fakes[address]
+
+    orchs = OrchestratorSet(factory, ["o0"], clock=Clock())  # type: ignore[arg-type]
+    call = asyncio.ensure_future(orchs.admit(request(), timeout_s=1.0))
+    fake = fakes["o0"]
+    fake.gate.set()
+    await fake.returned.wait()  # the member's admit has ended; the request has not resumed
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert len(fake.completed) == 1  # released at once, not left to the lease timeout

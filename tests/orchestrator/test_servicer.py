@@ -318,3 +318,21 @@ async def test_a_stream_admit_s_send_time_reaches_the_shedder() -> None:
         await answers(call, 1)
         assert 3.9 < core._shedder.last_sojourn_s < 4.5
         call.cancel()
+
+
+async def test_a_draining_stream_still_reads_cancels() -> None:
+    core, _ = await ready_core(n=1, cap=1, queue=1)
+    servicer = OrchestratorServicer(core)
+    async with serve(core, servicer) as stub:
+        call = stub.AdmitStream(None)
+        await call.write(streamed(1, "a"))
+        await answers(call, 1)
+        await call.write(streamed(2, "b"))
+        await eventually(lambda: queue_depth_is(stub, 1), what="b waits")
+        await servicer.drain()
+        await call.write(streamed(3, "c"))  # read after the drain: refused, not queued
+        refused = (await answers(call, 1))[3].refusal
+        assert (refused.code, refused.reason) == (grpc.StatusCode.UNAVAILABLE.value[0], "")
+        await call.write(pb.AdmitStreamRequest(call_id=2, cancel=True))
+        await eventually(lambda: queue_depth_is(stub, 0), what="the cancel withdrew b")
+        assert await call.read() is grpc.aio.EOF  # nothing left to answer: the stream ends

@@ -54,7 +54,14 @@ class Profile:
 class Decision:
     replica: ReplicaView | None
     candidates: int
-    scores: dict[str, float]
+    # The scored candidates and their totals, in the same order (empty when none was eligible).
+    scored: Sequence[ReplicaView] = ()
+    totals: Sequence[float] = ()
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """Each scored candidate's total, by replica id."""
+        return {r.id: t for r, t in zip(self.scored, self.totals, strict=True)}
 
 
 def clamp(x: float) -> float:
@@ -65,6 +72,11 @@ class Scheduler:
     def __init__(self, profile: Profile, rng: random.Random | None = None):
         self.profile = profile
         self._rng = rng or random.Random()
+        # Each plugin's histogram child, resolved once (a `labels` call per plugin call costs
+        # more than the observation).
+        self._timers: dict[str, Histogram] = {}
+        for named in (*profile.filters, *(s for s, _ in profile.scorers), profile.picker):
+            self._timers[named.name] = _PLUGIN_SECONDS.labels(named.name, named.type)
 
     @property
     def work_model(self) -> WorkModel | None:
@@ -83,7 +95,7 @@ class Scheduler:
         for f in self.profile.filters:
             start = time.perf_counter()
             candidates = f.plugin.filter(request, candidates)  # type: ignore[union-attr]
-            _PLUGIN_SECONDS.labels(f.name, f.type).observe(time.perf_counter() - start)
+            self._timers[f.name].observe(time.perf_counter() - start)
             if not candidates:
                 break
         return candidates
@@ -94,12 +106,12 @@ class Scheduler:
         eligible = self.filter(request, replicas)
         candidates = [r for r in eligible if r.in_flight < r.cap]
         if not candidates:
-            return Decision(None, len(eligible), {})
+            return Decision(None, len(eligible))
         totals = [0.0] * len(candidates)
         for s, weight in self.profile.scorers:
             start = time.perf_counter()
             scores = s.plugin.score(request, candidates)  # type: ignore[union-attr]
-            _PLUGIN_SECONDS.labels(s.name, s.type).observe(time.perf_counter() - start)
+            self._timers[s.name].observe(time.perf_counter() - start)
             if len(scores) != len(candidates):
                 raise RuntimeError(
                     f"scorer {s.name} returned {len(scores)} scores for {len(candidates)} replicas"
@@ -108,12 +120,8 @@ class Scheduler:
                 totals[i] += weight * clamp(v)
         start = time.perf_counter()
         chosen = self.profile.picker.plugin.pick(request, candidates, totals, self._rng)  # type: ignore[union-attr]
-        _PLUGIN_SECONDS.labels(self.profile.picker.name, self.profile.picker.type).observe(
-            time.perf_counter() - start
-        )
-        return Decision(
-            chosen, len(candidates), {r.id: t for r, t in zip(candidates, totals, strict=True)}
-        )
+        self._timers[self.profile.picker.name].observe(time.perf_counter() - start)
+        return Decision(chosen, len(candidates), candidates, totals)
 
 
 def build_profile(
