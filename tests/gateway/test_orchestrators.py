@@ -382,7 +382,7 @@ async def test_a_lease_granted_in_the_tick_its_request_was_cancelled_goes_back()
         fakes[address] = GatedOrchestrator(address)
         return fakes[address]
 
-    orchs = OrchestratorSet(factory, ["o0"], clock=Clock())  # type: ignore[arg-type]
+    orchs = OrchestratorSet(factory, ["o0"], clock=Clock())
     call = asyncio.ensure_future(orchs.admit(request(), timeout_s=1.0))
     fake = fakes["o0"]
     fake.gate.set()

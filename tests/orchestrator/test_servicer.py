@@ -204,6 +204,7 @@ async def test_an_admit_s_wait_before_its_handler_reaches_the_shedder() -> None:
 
 # -- AdmitStream ------------------------------------------------------------------------------
 Stream = grpc.aio.StreamStreamCall[pb.AdmitStreamRequest, pb.AdmitStreamResponse]
+EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]  # not in the stubs
 
 
 def streamed(call_id: int, rid: str, timeout_s: float = 10.0) -> pb.AdmitStreamRequest:
@@ -240,7 +241,7 @@ async def test_a_stream_answers_each_admit_by_call_id_grants_and_refusals_alike(
     await stub.Complete(pb.CompleteRequest(lease_id=granted.lease.lease_id), timeout=5)
     assert (await answers(call, 1))[8].lease.replica.id == "r0"  # b got a's slot
     await call.done_writing()
-    assert await call.read() is grpc.aio.EOF
+    assert await call.read() is EOF
     assert await call.code() == grpc.StatusCode.OK
 
 
@@ -259,7 +260,7 @@ async def test_a_stream_admit_waits_for_its_timeout_and_a_cancel_withdraws_it(
     await eventually(lambda: queue_depth_is(stub, 0), what="the cancel withdrew it")
     await call.write(pb.AdmitStreamRequest(call_id=99, cancel=True))  # unknown: ignored
     await call.done_writing()
-    assert await call.read() is grpc.aio.EOF  # no answer for the withdrawn Admit
+    assert await call.read() is EOF  # no answer for the withdrawn Admit
 
 
 async def test_a_stream_refuses_a_message_without_admit_and_a_call_id_in_use(
@@ -293,10 +294,10 @@ async def test_a_draining_orchestrator_answers_what_it_read_then_ends_the_stream
         await servicer.drain()
         await stub.Complete(pb.CompleteRequest(lease_id=held.lease_id), timeout=5)
         assert (await answers(call, 1))[2].lease.replica.id == "r0"
-        assert await call.read() is grpc.aio.EOF
+        assert await call.read() is EOF
         assert await call.code() == grpc.StatusCode.OK
         later = stub.AdmitStream(None)  # one opened while draining ends unread
-        assert await later.read() is grpc.aio.EOF
+        assert await later.read() is EOF
         assert await later.code() == grpc.StatusCode.OK
         assert (await stub.ListReplicas(pb.ListReplicasRequest(), timeout=5)).queue_depth == 0
 
@@ -335,4 +336,4 @@ async def test_a_draining_stream_still_reads_cancels() -> None:
         assert (refused.code, refused.reason) == (grpc.StatusCode.UNAVAILABLE.value[0], "")
         await call.write(pb.AdmitStreamRequest(call_id=2, cancel=True))
         await eventually(lambda: queue_depth_is(stub, 0), what="the cancel withdrew b")
-        assert await call.read() is grpc.aio.EOF  # nothing left to answer: the stream ends
+        assert await call.read() is EOF  # nothing left to answer: the stream ends
