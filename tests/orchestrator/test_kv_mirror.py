@@ -39,6 +39,36 @@ def test_lookup_counts_leading_blocks_per_replica() -> None:
     assert m.lookup([]) == {}
 
 
+def leading_blocks(holdings: dict[str, set[int]], hashes: list[int]) -> dict[str, int]:
+    """The lookup's definition, block by block: per replica holding the first block, how many
+    leading blocks it holds."""
+    out = {}
+    for rid, held in holdings.items():
+        n = 0
+        while n < len(hashes) and hashes[n] in held:
+            n += 1
+        if n:
+            out[rid] = n
+    return out
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from([f"r{i}" for i in range(70)]),  # more replicas than a machine word
+        st.sets(st.integers(0, 40), max_size=30),
+        max_size=70,
+    ),
+    st.lists(st.integers(0, 40), max_size=60),
+)
+def test_lookup_is_the_leading_blocks_each_replica_holds_holes_and_all(
+    holdings: dict[str, set[int]], hashes: list[int]
+) -> None:
+    m = ExactMirror(10_000)
+    for rid, held in holdings.items():
+        m.stored(rid, held)
+    assert m.lookup(hashes) == leading_blocks(holdings, hashes)
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
