@@ -11,7 +11,8 @@ index is in sync (WatchExact), the orchestrator answers lookups from it, with no
 copy is printed per row).
 
 Load: open loop at each `--rates` (Admit/s, evenly spaced), sent by the gateway's own client
-(`--admit stream`: on its AdmitStream, the default; `--admit calls`: one Admit call each), each
+(`--admit stream`: on its AdmitStream, each prompt as its length and block hashes, the default;
+`--admit stream-prompt`: the prompt itself on the stream; `--admit calls`: one Admit call each), each
 lease completed at once with the engine's reuse report through that client (batched in
 CompleteBatch calls), with prompts of each
 `--prompt-tokens` length: a family's first tokens plus a unique 64-token tail. Each Admit
@@ -66,7 +67,7 @@ from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as kv_pb
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as kv_grpc
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from llmmesh.kvblocks import block_hashes, token_bytes, tokens_from_bytes
+from llmmesh.kvblocks import ChunkedHashes, block_hashes, token_bytes, tokens_from_bytes
 from llmmesh.localmesh import ServiceProcess
 from services.gateway.admission import AdmissionRequest, LeaseReport, Outcome
 from services.gateway.orchestrator_client import OrchestratorClient
@@ -389,7 +390,13 @@ async def run_config(args: argparse.Namespace, replicas: int, w: Workload) -> li
             orchestrator.address, options=[("grpc.max_send_message_length", 64 << 20)]
         )
         stub = pb_grpc.OrchestratorServiceStub(channel)
-        admitter = OrchestratorClient(stub, admit_stream=args.admit == "stream")
+        admitter = OrchestratorClient(
+            stub,
+            admit_stream=args.admit != "calls",
+            hasher=ChunkedHashes(KvBlockSettings().block_config())
+            if args.admit == "stream"
+            else None,
+        )
         for i, rid in enumerate(rids):
             await stub.RegisterReplica(
                 pb.RegisterReplicaRequest(
@@ -601,10 +608,12 @@ def main() -> int:
     p.add_argument("--families", type=int, default=32, help="Shared prefixes in the index.")
     p.add_argument(
         "--admit",
-        choices=["stream", "calls"],
+        choices=["stream", "stream-prompt", "calls"],
         default="stream",
-        help="How the gateway's client sends Admits: on its AdmitStream (the default), or one "
-        "Admit call each (LLMMESH_GATEWAY_ORCHESTRATOR_ADMIT_STREAM=false).",
+        help="How the gateway's client sends Admits: on its AdmitStream with each prompt as its "
+        "length and block hashes (the gateway's way, the default), on the stream with the prompt "
+        "itself (stream-prompt), or one Admit call each with the prompt "
+        "(LLMMESH_GATEWAY_ORCHESTRATOR_ADMIT_STREAM=false).",
     )
     p.add_argument("--no-pin", action="store_true", help="Do not pin processes to CPUs.")
     p.add_argument("--compare", help="An earlier run's JSON: print its figures beside these.")

@@ -103,6 +103,15 @@ def hashes_from_bytes(
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class PromptHashes:
+    """A prompt's full blocks' chained hashes as its sender computed them, with `config`: equal
+    to a receiver's own hashes of the prompt only when the receiver's config is `config`."""
+
+    config: BlockConfig
+    hashes: tuple[int, ...]
+
+
 class ChunkedHashes:
     """`hashes_from_bytes` (no salt) for prompts that share long prefixes, with a bounded LRU of
     chunks of `CHUNK_BLOCKS` full blocks: a chunk seen before after the same parent hash costs
@@ -119,6 +128,10 @@ class ChunkedHashes:
         self._chunk_bytes = self.CHUNK_BLOCKS * config.block_size * 4
         self._max_chunks = max_chunks
         self._chunks: OrderedDict[tuple[int, int], tuple[int, ...]] = OrderedDict()
+
+    @property
+    def config(self) -> BlockConfig:
+        return self._config
 
     def __call__(self, body: bytes) -> list[int]:
         config, size, chunks = self._config, self._chunk_bytes, self._chunks

@@ -46,7 +46,7 @@ from llmmesh.common.errors import ServiceError
 from llmmesh.common.topology import DEFAULT_POOL, TRITON_MODEL
 from llmmesh.emulator.events import AllBlocksCleared, BlocksRemoved, BlocksStored, KvEvent
 from llmmesh.emulator.scheduler import GenerationRequest, RequestRejectedError
-from llmmesh.kvblocks import BlockConfig, block_hashes
+from llmmesh.kvblocks import BlockConfig, PromptHashes, block_hashes
 from llmmesh.sim.engine import EngineConfig, EventSink, SimEngine, Tracked
 from llmmesh.triton.inflight import QueueFullError
 from services.autoscaler.policy import PolicyConfig, PoolState, decide
@@ -253,9 +253,16 @@ class RegistryIndex:
         self._lookup_s = lookup_s
 
     async def lookup(
-        self, token_ids: Sequence[int], replica_ids: Collection[str] = ()
+        self,
+        token_ids: Sequence[int],
+        replica_ids: Collection[str] = (),
+        sent: PromptHashes | None = None,
     ) -> PrefixMatches:
-        hashes = tuple(block_hashes(token_ids, self._config))
+        hashes = (
+            sent.hashes
+            if sent is not None and sent.config == self._config
+            else tuple(block_hashes(token_ids, self._config))
+        )
         if not hashes:
             return NO_MATCHES
         if self._lookup_s > 0:

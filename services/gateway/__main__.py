@@ -13,6 +13,7 @@ from llmmesh.common.server import ManagedServer, ServiceRegistration, run_until_
 from llmmesh.common.settings import KvBlockSettings
 from llmmesh.common.telemetry import setup_logging, setup_tracing, start_metrics_server
 from llmmesh.generated.gateway.v1 import gateway_pb2
+from llmmesh.kvblocks import ChunkedHashes
 from services.gateway.auth import Authenticator
 from services.gateway.core import GatewayCore
 from services.gateway.http import OpenAIHttpFront
@@ -47,7 +48,7 @@ async def main(settings: GatewaySettings, blocks: KvBlockSettings) -> None:
     if usage is not None:
         await usage.start()
         log.info("usage log on", extra={"path": str(settings.usage_log_path)})
-    orchestrator = orchestrators(settings)
+    orchestrator = orchestrators(settings, ChunkedHashes(blocks.block_config()))
     await orchestrator.start()
     triton = TritonPool()
     core = GatewayCore(
@@ -98,10 +99,11 @@ async def main(settings: GatewaySettings, blocks: KvBlockSettings) -> None:
     )
 
 
-def orchestrators(settings: GatewaySettings) -> OrchestratorSet:
+def orchestrators(settings: GatewaySettings, hasher: ChunkedHashes) -> OrchestratorSet:
     """Every orchestrator as one admission client: the pods behind `orchestrator_dns` (dialled
     at their IPs with the Service's host:port as :authority), else `orchestrator_addresses`,
-    else `orchestrator_address`."""
+    else `orchestrator_address`. `hasher` (shared: its chunk cache serves every orchestrator's
+    client) hashes the prompts of the Admits sent on an AdmitStream."""
 
     def make(
         factory: Callable[[str], Member],
@@ -125,7 +127,10 @@ def orchestrators(settings: GatewaySettings) -> OrchestratorSet:
 
         def dial(address: str) -> Member:
             return OrchestratorClient.connect(
-                address, authority=target, admit_stream=settings.orchestrator_admit_stream
+                address,
+                authority=target,
+                admit_stream=settings.orchestrator_admit_stream,
+                hasher=hasher,
             )
 
         async def discover() -> list[str]:
@@ -134,7 +139,9 @@ def orchestrators(settings: GatewaySettings) -> OrchestratorSet:
         return make(dial, [], discover)
 
     def dial_direct(address: str) -> Member:
-        return OrchestratorClient.connect(address, admit_stream=settings.orchestrator_admit_stream)
+        return OrchestratorClient.connect(
+            address, admit_stream=settings.orchestrator_admit_stream, hasher=hasher
+        )
 
     return make(dial_direct, settings.orchestrator_addresses or [settings.orchestrator_address])
 

@@ -87,9 +87,7 @@ class AdmissionQueue:
         start_tag = max(
             self._vtime.get(prio, 0.0), self._tenant_finish.get((prio, req.tenant), 0.0)
         )
-        finish_tag = start_tag + (len(req.prompt_token_ids) + req.max_tokens) / self._weight(
-            req.tenant
-        )
+        finish_tag = start_tag + (req.prompt_tokens + req.max_tokens) / self._weight(req.tenant)
         self._tenant_finish[(prio, req.tenant)] = finish_tag
         waiter = Waiter(
             prio,

@@ -3,13 +3,14 @@ calls these and nothing else builds or reads an orchestrator protobuf message.""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 
 from pydantic import ValidationError
 
 from llmmesh.common.errors import ServiceError, code_number
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
-from llmmesh.kvblocks import tokens_from_bytes
+from llmmesh.kvblocks import BlockConfig, PromptHashes, tokens_from_bytes
 from services.orchestrator.domain import AdmissionRequest, Lease, Outcome, Priority
 from services.orchestrator.errors import BadAdmission, BadReplicaSpec
 from services.orchestrator.replicas import ReplicaState
@@ -31,7 +32,8 @@ _OUTCOME = {
 
 
 def admission_from_pb(request: pb.AdmitRequest) -> AdmissionRequest:
-    """BadAdmission when the prompt is set twice or its packed bytes are no whole tokens."""
+    """BadAdmission when the prompt is set twice, its packed bytes are no whole tokens, or its
+    block hashes do not fit its length."""
     prompt: Sequence[int] = request.prompt_token_ids
     packed = request.prompt_tokens_le32
     if packed:
@@ -43,6 +45,15 @@ def admission_from_pb(request: pb.AdmitRequest) -> AdmissionRequest:
             prompt = tokens_from_bytes(packed)
         except ValueError as err:
             raise BadAdmission(str(err), field="prompt_tokens_le32") from err
+    hashes: PromptHashes | None = None
+    length: int | None = None
+    if request.prompt_block_hashes_le64 or request.prompt_tokens:
+        if prompt:
+            raise BadAdmission(
+                "set the prompt or its length and block hashes, not both",
+                field="prompt_block_hashes_le64",
+            )
+        hashes, length = _prompt_hashes(request), request.prompt_tokens
     return AdmissionRequest(
         request_id=request.request_id,
         model=request.model,
@@ -52,6 +63,30 @@ def admission_from_pb(request: pb.AdmitRequest) -> AdmissionRequest:
         tenant=request.tenant,
         model_version=request.model_version,
         exclude_replicas=frozenset(request.exclude_replicas),
+        prompt_hashes=hashes,
+        prompt_length=length,
+    )
+
+
+def _prompt_hashes(request: pb.AdmitRequest) -> PromptHashes:
+    packed = request.prompt_block_hashes_le64
+    if len(packed) % 8:
+        raise BadAdmission(
+            f"{len(packed)} bytes are no whole uint64s", field="prompt_block_hashes_le64"
+        )
+    if request.hash_block_size <= 0:
+        raise BadAdmission("must be positive with block hashes", field="hash_block_size")
+    blocks = len(packed) // 8
+    if request.prompt_tokens // request.hash_block_size != blocks:
+        raise BadAdmission(
+            f"{request.prompt_tokens} tokens make "
+            f"{request.prompt_tokens // request.hash_block_size} full blocks of "
+            f"{request.hash_block_size}, not {blocks}",
+            field="prompt_tokens",
+        )
+    return PromptHashes(
+        BlockConfig(request.hash_block_size, request.hash_seed),
+        struct.unpack(f"<{blocks}Q", packed),
     )
 
 

@@ -176,10 +176,10 @@ class Orchestrator:
             raise BadAdmission("must be non-empty", field="model")
         if req.max_tokens <= 0:
             raise BadAdmission("must be positive", field="max_tokens")
-        if self._policy.pools_for(len(req.prompt_token_ids)) == []:
+        if self._policy.pools_for(req.prompt_tokens) == []:
             metrics.record_rejection(req.model, "too_long")
             raise BadAdmission(
-                f"{len(req.prompt_token_ids)} tokens exceed every pool's max_prompt_tokens",
+                f"{req.prompt_tokens} tokens exceed every pool's max_prompt_tokens",
                 field="prompt_token_ids",
             )
         if self._shedder.refuses(req.priority):
@@ -191,7 +191,9 @@ class Orchestrator:
                 retry_after_s=self._settings.shed_retry_after_s,
             )
         start = self._clock()
-        prefix = await self._feedback.lookup(req.prompt_token_ids, self._replicas.ids())
+        prefix = await self._feedback.lookup(
+            req.prompt_token_ids, self._replicas.ids(), req.prompt_hashes
+        )
         if not len(self._queue):
             lease = self._try_grant(req, prefix, start)
             if lease is not None:
@@ -312,7 +314,7 @@ class Orchestrator:
             if req.exclude_replicas
             else ""
         )
-        return f"no ready replica serves model {req.model!r}{version} for a {len(req.prompt_token_ids)}-token prompt{excluded}"
+        return f"no ready replica serves model {req.model!r}{version} for a {req.prompt_tokens}-token prompt{excluded}"
 
     def _withdraw(self, waiter: Waiter) -> bool:
         """Remove a waiter that is still queued; False if it already left the queue."""
@@ -327,7 +329,7 @@ class Orchestrator:
         declared = self._policy.scale_from_zero
         if not declared:
             return None
-        fitting = self._policy.pools_for(len(req.prompt_token_ids))
+        fitting = self._policy.pools_for(req.prompt_tokens)
         order = list(declared) if fitting is None else fitting + list(declared)
         for pool in order:
             sfz = declared.get(pool)
@@ -429,7 +431,7 @@ class Orchestrator:
         cached prefix there saves at least the backlog's excess over the bound: the request
         reaches its first token there no later than behind a backlog at the bound with no
         cache, so the bound (which stops pile-ups of work any replica could do) lets go."""
-        prompt = len(req.prompt_token_ids)
+        prompt = req.prompt_tokens
         out = views
         for i, st in enumerate(states):
             cached = prefix.cached_tokens(st.spec.id, prompt)
@@ -521,11 +523,11 @@ class Orchestrator:
         return v
 
     def _request_view(self, req: AdmissionRequest, prefix: PrefixMatches) -> RequestView:
-        pools = self._policy.pools_for(len(req.prompt_token_ids))
+        pools = self._policy.pools_for(req.prompt_tokens)
         return RequestView(
             model=req.model,
             model_version=req.model_version,
-            prompt_tokens=len(req.prompt_token_ids),
+            prompt_tokens=req.prompt_tokens,
             max_tokens=req.max_tokens,
             prefix_blocks=prefix.matched_blocks,
             prompt_blocks=prefix.prompt_blocks,
@@ -578,8 +580,8 @@ class Orchestrator:
             prefix.prompt_blocks,
             prefix.registered_blocks(st.spec.id),
         )
-        self._feedback.routed(lease.lease_id, st.spec.id, prefix, len(req.prompt_token_ids))
-        prompt = len(req.prompt_token_ids)
+        self._feedback.routed(lease.lease_id, st.spec.id, prefix, req.prompt_tokens)
+        prompt = req.prompt_tokens
         cached = prefix.cached_tokens(st.spec.id, prompt)
         self._load.grant(lease.lease_id, st.spec.id, prompt, cached, req.max_tokens)
         return lease
@@ -602,7 +604,7 @@ class Orchestrator:
                         req.model,
                         req.model_version,
                         req.exclude_replicas,
-                        len(req.prompt_token_ids),
+                        req.prompt_tokens,
                         req.max_tokens,
                     )
                     ok = servable.get(key)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from llmmesh.common.topology import Priority
+from llmmesh.kvblocks import PromptHashes
 from services.orchestrator.settings import ReplicaSpec
 
 __all__ = [
@@ -36,6 +37,7 @@ class Outcome(enum.Enum):
 class AdmissionRequest:
     request_id: str
     model: str
+    # The prompt; empty when the caller sent `prompt_hashes` and `prompt_length` instead.
     prompt_token_ids: Sequence[int]
     max_tokens: int
     priority: Priority = Priority.STANDARD
@@ -43,6 +45,16 @@ class AdmissionRequest:
     model_version: str = ""
     # Replica ids never leased for this request (a replica that failed it).
     exclude_replicas: frozenset[str] = frozenset()
+    # The prompt's block hashes as the caller computed them (None: hashed here from the prompt).
+    prompt_hashes: PromptHashes | None = None
+    # The prompt's length when only its hashes were sent (None: len(prompt_token_ids)).
+    prompt_length: int | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens in the prompt, whichever way it came."""
+        n = self.prompt_length
+        return len(self.prompt_token_ids) if n is None else n
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ import asyncio
 from collections.abc import Collection, Coroutine, Sequence
 from dataclasses import dataclass
 
+from llmmesh.kvblocks import PromptHashes
 from services.orchestrator.inflight import InflightPrefixes
 from services.orchestrator.prefix import NO_MATCHES, PrefixIndex, PrefixMatches
 
@@ -45,11 +46,14 @@ class PrefixFeedback:
         self.inflight = InflightPrefixes()
 
     async def lookup(
-        self, token_ids: Sequence[int], replica_ids: Collection[str] = ()
+        self,
+        token_ids: Sequence[int],
+        replica_ids: Collection[str] = (),
+        hashes: PromptHashes | None = None,
     ) -> PrefixMatches:
         if self._index is None:
             return NO_MATCHES
-        return self.inflight.merge(await self._index.lookup(token_ids, replica_ids))
+        return self.inflight.merge(await self._index.lookup(token_ids, replica_ids, hashes))
 
     def routed(
         self, lease_id: str, replica_id: str, prefix: PrefixMatches, prompt_tokens: int

@@ -46,10 +46,13 @@ _KV_UPDATES_DROPPED = Counter(
 _KV_LOOKUPS = Counter(
     names.ORCH_KV_LOOKUPS,
     "Prefix lookups, by where they were answered: the orchestrator's copy of kv_registry's exact "
-    "index (mirror) or kv_registry (registry).",
+    "index (mirror) or kv_registry (registry); config_mismatch: the caller's block hashes were "
+    "computed with another KV block config (routed cache-blind unless the prompt came too).",
     ["via"],
 )
-_KV_LOOKUPS_VIA = {via: _KV_LOOKUPS.labels(via) for via in ("mirror", "registry")}
+_KV_LOOKUPS_VIA = {
+    via: _KV_LOOKUPS.labels(via) for via in ("mirror", "registry", "config_mismatch")
+}
 _KV_MIRROR_SYNCED = Gauge(
     names.ORCH_KV_MIRROR_SYNCED,
     "1 while the copy of kv_registry's exact index is in sync (WatchExact).",

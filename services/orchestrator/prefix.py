@@ -58,7 +58,7 @@ from llmmesh.common.kv_registries import RegistryEndpoint
 from llmmesh.common.telemetry import inject_trace_metadata
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
-from llmmesh.kvblocks import BlockConfig, ChunkedHashes
+from llmmesh.kvblocks import BlockConfig, ChunkedHashes, PromptHashes
 from llmmesh.kvblocks import token_bytes as kv_token_bytes
 from services.orchestrator import metrics
 from services.orchestrator.kv_mirror import ExactMirror, MirrorFull
@@ -101,10 +101,16 @@ NO_MATCHES = PrefixMatches(0, {})
 
 class PrefixIndex(Protocol):
     async def lookup(
-        self, token_ids: Sequence[int], replica_ids: Collection[str] = ()
+        self,
+        token_ids: Sequence[int],
+        replica_ids: Collection[str] = (),
+        hashes: PromptHashes | None = None,
     ) -> PrefixMatches:
         """Matches per replica; `replica_ids`: the replicas the decision may choose (an index
-        may answer from a local copy when it holds the whole truth for them)."""
+        may answer from a local copy when it holds the whole truth for them). `hashes`: the
+        prompt's block hashes as its sender computed them, used instead of hashing `token_ids`
+        when computed with this index's block config; with another config and no `token_ids`,
+        no matches (cache-blind routing)."""
         ...
 
     async def record_routing(self, replica_id: str, hashes: Sequence[int]) -> int:
@@ -327,6 +333,7 @@ class RegistryPrefixIndex:
         self._preferred: _Registry | None = None
         self._set_endpoints(self._static)
         self._hashes = ChunkedHashes(block_config)
+        self._mismatch_logged = False  # a caller's hashes of another block config, warned once
         self._mirror = mirror
         self._watcher: asyncio.Task[None] | None = None
         self._closed = False
@@ -404,15 +411,39 @@ class RegistryPrefixIndex:
                 },
             )
 
+    def _prompt_hashes(
+        self, token_ids: Sequence[int], sent: PromptHashes | None
+    ) -> tuple[int, ...]:
+        """The prompt's block hashes: as sent when computed with this index's config, else
+        hashed here; none (cache-blind) for hashes of another config without the prompt."""
+        if sent is not None:
+            if sent.config == self._config:
+                return sent.hashes
+            metrics.record_kv_lookup("config_mismatch")
+            if not self._mismatch_logged:
+                self._mismatch_logged = True
+                log.warning(
+                    "a caller hashes prompts with another KV block config: its requests are "
+                    "routed cache-blind (set the same LLMMESH_KV_BLOCK_SIZE and hash seed "
+                    "everywhere)",
+                    extra={"caller_config": str(sent.config), "config": str(self._config)},
+                )
+            if not token_ids:
+                return ()
+        return tuple(self._hashes(token_bytes(token_ids)))
+
     def _answered(self, reg: _Registry) -> None:
         if reg.down:
             reg.down = False
             log.info("kv_registry replica answers again", extra={"registry": reg.address})
 
     async def lookup(
-        self, token_ids: Sequence[int], replica_ids: Collection[str] = ()
+        self,
+        token_ids: Sequence[int],
+        replica_ids: Collection[str] = (),
+        sent: PromptHashes | None = None,
     ) -> PrefixMatches:
-        hashes = tuple(self._hashes(token_bytes(token_ids)))
+        hashes = self._prompt_hashes(token_ids, sent)
         if not hashes:
             return NO_MATCHES
         mirror = self._mirror

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from llmmesh.common.sojourn import CALLER_KEY, SENT_AT_KEY
 from llmmesh.common.topology import Priority, ReplicaAddress
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from llmmesh.kvblocks import tokens_from_bytes
+from llmmesh.kvblocks import BlockConfig, ChunkedHashes, block_hashes, tokens_from_bytes
 from services.gateway import orchestrator_client
 from services.gateway.admission import AdmissionRequest, LeaseReport, Outcome
 from services.gateway.errors import NoReplica, OrchestratorUnavailable
@@ -200,7 +201,9 @@ class Served:
 
 
 @contextlib.asynccontextmanager
-async def serve(*, admit_stream: bool) -> AsyncIterator[Served]:
+async def serve(
+    *, admit_stream: bool, hasher: ChunkedHashes | None = None
+) -> AsyncIterator[Served]:
     """The fake on an ephemeral port, and a client sending Admits on the AdmitStream or as
     Admit calls."""
     service = FakeOrchestratorService()
@@ -208,7 +211,9 @@ async def serve(*, admit_stream: bool) -> AsyncIterator[Served]:
     pb_grpc.add_OrchestratorServiceServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    client = OrchestratorClient.connect(f"127.0.0.1:{port}", admit_stream=admit_stream)
+    client = OrchestratorClient.connect(
+        f"127.0.0.1:{port}", admit_stream=admit_stream, hasher=hasher
+    )
     try:
         yield Served(service, client)
     finally:
@@ -597,3 +602,22 @@ async def wait_for(condition: Callable[[], bool]) -> None:
         return condition()
 
     await eventually(check, what="the fake saw it")
+
+
+async def test_with_a_hasher_a_stream_admit_sends_the_prompt_s_length_and_block_hashes() -> None:
+    config = BlockConfig(block_size=4, hash_seed=9)
+    prompt = list(range(100, 150))  # 50 tokens: 12 full blocks
+    async with serve(admit_stream=True, hasher=ChunkedHashes(config)) as s:
+        await s.client.admit(admission(prompt_token_ids=prompt), timeout_s=5.0)
+    async with serve(admit_stream=True, hasher=ChunkedHashes(config)) as refusing:
+        refusing.service.streams = False  # the fallback's Admit call sends the prompt itself
+        await refusing.client.admit(admission(prompt_token_ids=prompt), timeout_s=5.0)
+    [on_stream], [by_call] = s.service.admits, refusing.service.admits
+    assert not on_stream.prompt_tokens_le32
+    assert (on_stream.prompt_tokens, on_stream.hash_block_size, on_stream.hash_seed) == (50, 4, 9)
+    sent = struct.unpack(
+        f"<{len(on_stream.prompt_block_hashes_le64) // 8}Q", on_stream.prompt_block_hashes_le64
+    )
+    assert list(sent) == block_hashes(prompt, config)
+    assert list(tokens_from_bytes(by_call.prompt_tokens_le32)) == prompt
+    assert not by_call.prompt_block_hashes_le64

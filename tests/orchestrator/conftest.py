@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Collection, Sequence
 
+from llmmesh.kvblocks import PromptHashes
 from services.orchestrator.prefix import PrefixMatches
 
 
@@ -19,7 +20,10 @@ class FixedPrefix:
         self.called = asyncio.Event()
 
     async def lookup(
-        self, token_ids: Sequence[int], replica_ids: Collection[str] = ()
+        self,
+        token_ids: Sequence[int],
+        replica_ids: Collection[str] = (),
+        hashes: PromptHashes | None = None,
     ) -> PrefixMatches:
         return self.matches
 

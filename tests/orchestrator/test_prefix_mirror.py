@@ -16,7 +16,7 @@ import pytest
 from llmmesh.common import kv_registries
 from llmmesh.common.kv_registries import RegistryEndpoint
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
-from llmmesh.kvblocks import block_hashes
+from llmmesh.kvblocks import BlockConfig, PromptHashes, block_hashes
 from services.orchestrator.kv_mirror import ExactMirror
 from services.orchestrator.prefix import RegistryPrefixIndex
 from tests.helpers import eventually
@@ -161,3 +161,16 @@ async def test_a_registry_removed_while_watched_drops_the_copy(
     finally:
         await idx.close()
         await reg.stop()
+
+
+async def test_sent_hashes_are_used_only_when_hashed_with_this_config() -> None:
+    fake = WatchedRegistry("a")  # type: ignore[abstract]  # no PublishEvents, UpdateBatch
+    async with watched(fake) as idx:
+        await eventually(lambda: from_copy(idx, fake), 5, "lookups from the copy")
+        same = PromptHashes(CFG, tuple(HASHES))
+        assert (await idx.lookup([], ["r1"], same)).matched_blocks == {"r1": 2}
+        other = PromptHashes(BlockConfig(CFG.block_size, CFG.hash_seed + 1), tuple(HASHES))
+        blind = await idx.lookup([], ["r1"], other)  # nothing to hash here: cache-blind
+        assert (blind.prompt_blocks, blind.matched_blocks) == (0, {})
+        rehashed = await idx.lookup(PROMPT, ["r1"], other)  # the prompt came too: hashed here
+        assert rehashed.matched_blocks == {"r1": 2}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import struct
 import time
 from collections.abc import AsyncIterator
 
@@ -15,8 +16,10 @@ from llmmesh.common.errors import RETRY_AFTER_KEY, Reason, from_rpc_error
 from llmmesh.common.sojourn import CALLER_KEY, call_metadata
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from llmmesh.kvblocks import token_bytes
+from llmmesh.kvblocks import BlockConfig, PromptHashes, token_bytes
+from services.orchestrator.convert import admission_from_pb
 from services.orchestrator.director import Orchestrator
+from services.orchestrator.errors import BadAdmission
 from services.orchestrator.servicer import OrchestratorServicer
 from tests.helpers import eventually
 from tests.orchestrator.serving import dns_discovered, serve
@@ -337,3 +340,70 @@ async def test_a_draining_stream_still_reads_cancels() -> None:
         await call.write(pb.AdmitStreamRequest(call_id=2, cancel=True))
         await eventually(lambda: queue_depth_is(stub, 0), what="the cancel withdrew b")
         assert await call.read() is EOF  # nothing left to answer: the stream ends
+
+
+# -- a prompt sent as its length and block hashes ------------------------------------------------
+def hashed(n_tokens: int, blocks: int, block_size: int = 32, **kw: object) -> pb.AdmitRequest:
+    return pb.AdmitRequest(
+        request_id="h",
+        model="tensorrt_llm",
+        max_tokens=4,
+        prompt_tokens=n_tokens,
+        hash_block_size=block_size,
+        hash_seed=7,
+        prompt_block_hashes_le64=struct.pack(f"<{blocks}Q", *range(1, blocks + 1)),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def test_a_hashed_prompt_converts_to_its_length_and_hashes() -> None:
+    req = admission_from_pb(hashed(100, 3))  # 100 tokens: three full blocks of 32
+    assert (req.prompt_tokens, req.prompt_token_ids) == (100, [])
+    assert req.prompt_hashes == PromptHashes(BlockConfig(32, 7), (1, 2, 3))
+    short = admission_from_pb(hashed(20, 0))  # no full block: no hashes, a length all the same
+    assert short.prompt_tokens == 20
+    assert short.prompt_hashes is not None
+    assert short.prompt_hashes.hashes == ()
+    plain = admission_from_pb(admit("p"))
+    assert (plain.prompt_tokens, plain.prompt_hashes) == (3, None)
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (hashed(100, 4), "prompt_tokens"),  # 100 tokens hold 3 full blocks, not 4
+        (hashed(100, 3, block_size=0), "hash_block_size"),
+        (hashed(100, 3, prompt_token_ids=[1, 2]), "prompt_block_hashes_le64"),  # both ways
+        (hashed(0, 0, prompt_tokens_le32=b"\x01\x00\x00\x00"), "prompt_block_hashes_le64"),
+    ],
+)
+def test_a_hashed_prompt_that_does_not_add_up_is_invalid(
+    request_: pb.AdmitRequest, field: str
+) -> None:
+    if not request_.prompt_block_hashes_le64 and not request_.prompt_tokens:
+        request_.prompt_block_hashes_le64 = b"\x00" * 8  # hashes beside a packed prompt
+    with pytest.raises(BadAdmission) as info:
+        admission_from_pb(request_)
+    assert info.value.field == field
+
+
+def test_hash_bytes_that_are_no_whole_uint64s_are_invalid() -> None:
+    req = hashed(100, 3)
+    req.prompt_block_hashes_le64 += b"\x01"
+    with pytest.raises(BadAdmission) as info:
+        admission_from_pb(req)
+    assert info.value.field == "prompt_block_hashes_le64"
+
+
+async def test_a_hashed_prompt_is_admitted_and_counted_by_its_length() -> None:
+    probe = FakeProbe()
+    core = Orchestrator(settings(n=1, cap=4), probe, clock=lambda: 10.0)  # no prefill progress
+    probe.ready_ids = {"r0"}
+    await core.probe_once()
+    async with serve(core) as stub:
+        lease = await stub.Admit(hashed(300, 9), timeout=5)
+        assert lease.replica.id == "r0"
+    [st] = core.replicas()
+    view = core._view(st, core.now())
+    assert view.load is not None
+    assert view.load.prefill_tokens == 300  # the ledger counted the prompt it never saw
