@@ -481,10 +481,11 @@ class Orchestrator:
         spec, sample and load objects, equal counts and flags), so an idle replica costs no new
         view per decision."""
         sample = self._sampler.fresh(st, now)
-        if sample is not None:
+        if sample is not None and sample is not st.observed_sample:
             self._load.observe(
                 st.spec.id, sample.active, sample.waiting, st.sample_in_flight, st.sample_at
             )
+            st.observed_sample = sample
         in_flight = st.in_flight + _others(st, sample)
         load = self._load.load(st.spec.id)  # once per view: the backlog bound reads it too
         cap = self._cap_of(st, sample, now, load=load)

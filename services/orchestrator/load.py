@@ -58,6 +58,7 @@ class _Replica:
     sample_at: float | None = None  # the engine sample already applied
     others: int = 0  # the engine's requests beyond this orchestrator's leases
     kv_tokens: int = 0  # prompt + max tokens of the live leases
+    prompts: int = 0  # prompt tokens of the live leases
     unique_tokens: int = 0  # uncached prompt + max tokens of the live leases
     kv_tokens_at_sample: int = 0
     # `load` while the replica holds no lease and its backlog is over: it does not depend on
@@ -95,6 +96,7 @@ class LoadLedger:
         rep.busy_until = lease.first_token_at
         rep.leases[lease_id] = lease
         rep.kv_tokens += prompt_tokens + max_tokens
+        rep.prompts += prompt_tokens
         rep.unique_tokens += uncached + max_tokens
         self._leases[lease_id] = lease
         a = _MEAN_ALPHA if rep.mean_work_s else 1.0
@@ -144,6 +146,7 @@ class LoadLedger:
             self._shift_after(rep, lease, min(left, lease.work_s), now)
         del rep.leases[lease_id]
         rep.kv_tokens -= lease.prompt + lease.max_tokens
+        rep.prompts -= lease.prompt
         rep.unique_tokens -= lease.uncached + lease.max_tokens
 
     def _shift_after(self, rep: _Replica, lease: _Lease, by_s: float, now: float) -> None:
@@ -208,7 +211,7 @@ class LoadLedger:
         return seqs + extra, ctx + round(extra * rep.mean_context)
 
     def _context(self, rep: _Replica) -> int:
-        return sum(x.prompt for x in rep.leases.values()) + round(rep.others * rep.mean_context)
+        return rep.prompts + round(rep.others * rep.mean_context)
 
     def load(self, replica_id: str) -> ReplicaLoad:
         rep = self._replicas.get(replica_id)
@@ -222,14 +225,23 @@ class LoadLedger:
         return self._load(rep, now)
 
     def _load(self, rep: _Replica, now: float) -> ReplicaLoad:
+        # One pass over the leases: those in prefill, and those decoding (as `_decoding`).
         prefill = 0.0
+        seqs, ctx = 0, 0
+        step = None
         for x in rep.leases.values():
             if x.first_token_at > now:
                 if x.started_at >= now or x.work_s <= 0:
                     prefill += x.uncached
                 else:
                     prefill += x.uncached * min(1.0, (x.first_token_at - now) / x.work_s)
-        seqs, ctx = self._decoding(rep, now)
+            else:
+                if step is None:
+                    step = max(self._work.decode_step_s(len(rep.leases), self._context(rep)), 1e-4)
+                seqs += 1
+                ctx += x.prompt + min(x.max_tokens, int((now - x.first_token_at) / step))
+        seqs += rep.others
+        ctx += round(rep.others * rep.mean_context)
         others = rep.others * rep.mean_context
         then = rep.kv_tokens_at_sample + others
         return ReplicaLoad(

@@ -58,6 +58,8 @@ class ReplicaState:
     view: ReplicaView | None = None
     view_spec: ReplicaSpec | None = None
     view_sample: EngineSample | None = None
+    # The sample the load ledger was last given (`LoadLedger.observe` applies each once).
+    observed_sample: EngineSample | None = None
     # The configured cap, for the spec it was computed from.
     cap_spec: ReplicaSpec | None = None
     configured_cap: int = 0

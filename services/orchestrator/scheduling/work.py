@@ -26,6 +26,9 @@ from llmmesh.accelerators import (
     prefill_shape,
 )
 
+_MEMO = 65_536  # remembered answers at most (a few MB)
+_PREFILL, _DECODE, _SLOWDOWN = 0, 1, 2  # which method a remembered answer is of
+
 
 @dataclass(frozen=True, slots=True)
 class WorkModel:
@@ -37,6 +40,12 @@ class WorkModel:
     fixed_step_s: float = field(init=False, repr=False, compare=False)
     _full_shape: StepShape = field(init=False, repr=False, compare=False)
     _full_step_s: float = field(init=False, repr=False, compare=False)
+    # Answers by their arguments: every method is a pure function of its integer arguments, and
+    # a scheduling decision asks the same few of them per replica again and again (the cost
+    # model's arithmetic builds shapes: ~4 us a call). Each is cleared when it reaches `_MEMO`.
+    _memo: dict[tuple[int, int, int], float] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
 
     def __post_init__(self) -> None:
         p = self.profile
@@ -59,10 +68,24 @@ class WorkModel:
     ) -> WorkModel:
         return cls(get_profile(profile), max_num_tokens, max_batch, time_scale)
 
+    def _remember(self, key: tuple[int, int, int], value: float) -> float:
+        memo = self._memo
+        if len(memo) >= _MEMO:
+            memo.clear()
+        memo[key] = value
+        return value
+
     def prefill_work_s(self, uncached: int, cached: int) -> float:
         """Engine seconds a prefill of `uncached` tokens after `cached` reused ones adds."""
         if uncached <= 0:
             return 0.0
+        key = (_PREFILL, uncached, cached)
+        known = self._memo.get(key)
+        if known is not None:
+            return known
+        return self._remember(key, self._prefill_work_s(uncached, cached))
+
+    def _prefill_work_s(self, uncached: int, cached: int) -> float:
         shape = prefill_shape(uncached, cached)
         p = self.profile
         kv_s = p.kv_bytes_per_token * shape.kv_tokens / (p.hbm_bandwidth * p.hbm_efficiency)
@@ -73,13 +96,22 @@ class WorkModel:
         """One step of `seqs` decoding sequences holding `context_tokens` tokens in all."""
         if seqs <= 0:
             return 0.0
-        shape = decode_batch_shape(max(1, context_tokens // seqs), seqs)
-        return self.profile.step_time_s(shape) * self.time_scale
+        ctx = max(1, context_tokens // seqs)
+        key = (_DECODE, seqs, ctx)
+        known = self._memo.get(key)
+        if known is not None:
+            return known
+        step = self.profile.step_time_s(decode_batch_shape(ctx, seqs)) * self.time_scale
+        return self._remember(key, step)
 
     def decode_slowdown(self, seqs: int, context_tokens: int) -> float:
         """How much longer a full prefill step takes with this decoding batch riding along."""
         if seqs <= 0:
             return 1.0
         ctx = max(1, context_tokens // seqs)
+        key = (_SLOWDOWN, seqs, ctx)
+        known = self._memo.get(key)
+        if known is not None:
+            return known
         shape = self._full_shape + decode_batch_shape(ctx, seqs)
-        return self.profile.step_time_s(shape) / self._full_step_s
+        return self._remember(key, self.profile.step_time_s(shape) / self._full_step_s)
