@@ -256,22 +256,22 @@ class RegistryIndex:
         self,
         token_ids: Sequence[int],
         replica_ids: Collection[str] = (),
-        sent: PromptHashes | None = None,
+        hashes: PromptHashes | None = None,
     ) -> PrefixMatches:
-        hashes = (
-            sent.hashes
-            if sent is not None and sent.config == self._config
+        blocks = (
+            hashes.hashes
+            if hashes is not None and hashes.config == self._config
             else tuple(block_hashes(token_ids, self._config))
         )
-        if not hashes:
+        if not blocks:
             return NO_MATCHES
         if self._lookup_s > 0:
             await asyncio.sleep(self._lookup_s)
-        res = self.registry.lookup_hashes(hashes)
+        res = self.registry.lookup_hashes(blocks)
         return PrefixMatches(
             res.prompt_blocks,
             {m.replica_id: m.matched_blocks for m in res.matches},
-            hashes,
+            blocks,
             exact=frozenset(m.replica_id for m in res.matches if m.source is Source.EXACT),
         )
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from typing import Final
 
 from pydantic import ValidationError
 
 from llmmesh.common.errors import ServiceError, code_number
+from llmmesh.common.server import MAX_MESSAGE_BYTES
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.kvblocks import BlockConfig, PromptHashes, tokens_from_bytes
 from services.orchestrator.domain import AdmissionRequest, Lease, Outcome, Priority
@@ -51,7 +53,14 @@ def admission_from_pb(request: pb.AdmitRequest) -> AdmissionRequest:
         if prompt:
             raise BadAdmission(
                 "set the prompt or its length and block hashes, not both",
-                field="prompt_block_hashes_le64",
+                field="prompt_block_hashes_le64"
+                if request.prompt_block_hashes_le64
+                else "prompt_tokens",
+            )
+        if request.prompt_tokens > MAX_PROMPT_TOKENS:
+            raise BadAdmission(
+                f"at most {MAX_PROMPT_TOKENS} (what a packed prompt can carry)",
+                field="prompt_tokens",
             )
         hashes, length = _prompt_hashes(request), request.prompt_tokens
     return AdmissionRequest(
@@ -66,6 +75,10 @@ def admission_from_pb(request: pb.AdmitRequest) -> AdmissionRequest:
         prompt_hashes=hashes,
         prompt_length=length,
     )
+
+
+# The longest prompt a length may claim: as many tokens as a packed prompt fits in a message.
+MAX_PROMPT_TOKENS: Final = MAX_MESSAGE_BYTES // 4
 
 
 def _prompt_hashes(request: pb.AdmitRequest) -> PromptHashes:

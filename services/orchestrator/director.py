@@ -180,7 +180,7 @@ class Orchestrator:
             metrics.record_rejection(req.model, "too_long")
             raise BadAdmission(
                 f"{req.prompt_tokens} tokens exceed every pool's max_prompt_tokens",
-                field="prompt_token_ids",
+                field="prompt_token_ids" if req.prompt_length is None else "prompt_tokens",
             )
         if self._shedder.refuses(req.priority):
             metrics.record_rejection(req.model, "busy")
@@ -481,11 +481,11 @@ class Orchestrator:
         spec, sample and load objects, equal counts and flags), so an idle replica costs no new
         view per decision."""
         sample = self._sampler.fresh(st, now)
-        if sample is not None and sample is not st.observed_sample:
+        if sample is not None and st.observed_at != st.sample_at:
             self._load.observe(
                 st.spec.id, sample.active, sample.waiting, st.sample_in_flight, st.sample_at
             )
-            st.observed_sample = sample
+            st.observed_at = st.sample_at
         in_flight = st.in_flight + _others(st, sample)
         load = self._load.load(st.spec.id)  # once per view: the backlog bound reads it too
         cap = self._cap_of(st, sample, now, load=load)

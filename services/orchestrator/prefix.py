@@ -441,10 +441,10 @@ class RegistryPrefixIndex:
         self,
         token_ids: Sequence[int],
         replica_ids: Collection[str] = (),
-        sent: PromptHashes | None = None,
+        hashes: PromptHashes | None = None,
     ) -> PrefixMatches:
-        hashes = self._prompt_hashes(token_ids, sent)
-        if not hashes:
+        blocks = self._prompt_hashes(token_ids, hashes)
+        if not blocks:
             return NO_MATCHES
         mirror = self._mirror
         if mirror is not None:
@@ -452,12 +452,12 @@ class RegistryPrefixIndex:
                 self._watcher = asyncio.get_running_loop().create_task(self._watch(mirror))
             if mirror.covers(replica_ids):
                 metrics.record_kv_lookup("mirror")
-                return PrefixMatches(len(hashes), mirror.lookup(hashes), hashes, exact=mirror.exact)
+                return PrefixMatches(len(blocks), mirror.lookup(blocks), blocks, exact=mirror.exact)
         metrics.record_kv_lookup("registry")
         trace_context = dict(inject_trace_metadata([]))
         for reg in self._up()[: self.LOOKUP_ATTEMPTS]:
             try:
-                resp = await self._lookup(reg, hashes, trace_context)
+                resp = await self._lookup(reg, blocks, trace_context)
             except grpc.aio.AioRpcError as err:
                 self._failed(reg, err, "Lookup")
                 continue
@@ -471,13 +471,13 @@ class RegistryPrefixIndex:
             return PrefixMatches(
                 resp.prompt_blocks,
                 {m.replica_id: m.matched_blocks for m in resp.matches},
-                hashes,
+                blocks,
                 exact=frozenset(
                     m.replica_id for m in resp.matches if m.source == pb.MATCH_SOURCE_EXACT
                 ),
             )
         log.debug("prefix lookup failed on every registry tried")
-        return PrefixMatches(len(hashes), {}, hashes)
+        return PrefixMatches(len(blocks), {}, blocks)
 
     async def _watch(self, mirror: ExactMirror) -> None:
         """Keep `mirror` equal to a registry's exact index, until closed: WatchExact on the

@@ -58,8 +58,9 @@ class ReplicaState:
     view: ReplicaView | None = None
     view_spec: ReplicaSpec | None = None
     view_sample: EngineSample | None = None
-    # The sample the load ledger was last given (`LoadLedger.observe` applies each once).
-    observed_sample: EngineSample | None = None
+    # `sample_at` of the sample the load ledger was last given (it applies each scrape once; a
+    # scrape may store the same sample object again, with its own time and counts).
+    observed_at: float | None = None
     # The configured cap, for the spec it was computed from.
     cap_spec: ReplicaSpec | None = None
     configured_cap: int = 0

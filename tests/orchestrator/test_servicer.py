@@ -12,12 +12,13 @@ import pytest
 import pytest_asyncio
 
 from llmmesh.common.discovery import DnsTarget
+from llmmesh.common.engine_metrics import EngineSample
 from llmmesh.common.errors import RETRY_AFTER_KEY, Reason, from_rpc_error
 from llmmesh.common.sojourn import CALLER_KEY, call_metadata
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from llmmesh.kvblocks import BlockConfig, PromptHashes, token_bytes
-from services.orchestrator.convert import admission_from_pb
+from services.orchestrator.convert import MAX_PROMPT_TOKENS, admission_from_pb
 from services.orchestrator.director import Orchestrator
 from services.orchestrator.errors import BadAdmission
 from services.orchestrator.servicer import OrchestratorServicer
@@ -375,6 +376,7 @@ def test_a_hashed_prompt_converts_to_its_length_and_hashes() -> None:
         (hashed(100, 3, block_size=0), "hash_block_size"),
         (hashed(100, 3, prompt_token_ids=[1, 2]), "prompt_block_hashes_le64"),  # both ways
         (hashed(0, 0, prompt_tokens_le32=b"\x01\x00\x00\x00"), "prompt_block_hashes_le64"),
+        (hashed(MAX_PROMPT_TOKENS + 1, 0, block_size=2**31), "prompt_tokens"),  # a claim only
     ],
 )
 def test_a_hashed_prompt_that_does_not_add_up_is_invalid(
@@ -407,3 +409,17 @@ async def test_a_hashed_prompt_is_admitted_and_counted_by_its_length() -> None:
     view = core._view(st, core.now())
     assert view.load is not None
     assert view.load.prefill_tokens == 300  # the ledger counted the prompt it never saw
+
+
+async def test_each_scrape_reaches_the_load_ledger_even_as_the_same_sample_object() -> None:
+    core, _ = await ready_core(n=1, cap=4)
+    [st] = core.replicas()
+    sample = EngineSample(active=5.0, waiting=0.0, kv_used=10.0, kv_max=100.0)
+    st.sample, st.sample_at, st.sample_in_flight = sample, core.now(), 0
+    core._view(st, core.now())
+    assert core._load._replicas["r0"].others == 5  # five requests the ledger has no lease for
+    # The next scrape read the same gauges (a simulated engine hands back the same object):
+    # taken while this orchestrator held 5 leases there, it shows none beyond them.
+    st.sample_at, st.sample_in_flight = core.now() + 0.001, 5
+    core._view(st, core.now() + 0.001)
+    assert core._load._replicas["r0"].others == 0
