@@ -214,7 +214,6 @@ def admit_requests(
                 priority=Priority.STANDARD,
                 tenant="",
                 model_version="",
-                exclude_replicas=frozenset(),
             )
         )
     return out

@@ -20,7 +20,9 @@ STATUS_DETAILS_KEY = "grpc-status-details-bin"
 ERROR_DOMAIN = "llmmesh"
 # A method refused as such, not this request: a peer older than the method (UNIMPLEMENTED) or a
 # mesh policy that does not allow it yet (PERMISSION_DENIED). Callers fall back to an older way.
-NOT_OFFERED = frozenset({grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED})
+NOT_OFFERED: frozenset[grpc.StatusCode] = frozenset(
+    {grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED}
+)
 
 
 class Reason(enum.StrEnum):

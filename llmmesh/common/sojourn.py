@@ -69,7 +69,7 @@ def read_call(metadata: Iterable[object] | None, wall_now: float) -> tuple[str, 
     return read_sent(caller, sent_at, wall_now)
 
 
-def read_sent(caller: str, sent_at: float, wall_now: float) -> tuple[str, float] | None:
+def read_sent(caller: str | None, sent_at: float, wall_now: float) -> tuple[str, float] | None:
     """(caller, reading) of a message `caller` sent at its wall time `sent_at` and read at wall
     time `wall_now` (a stream's message carries its send time itself); None for no caller or an
     unusable send time."""

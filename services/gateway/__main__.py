@@ -122,28 +122,23 @@ def orchestrators(settings: GatewaySettings, hasher: ChunkedHashes) -> Orchestra
         )
 
     target = settings.orchestrator_dns
+
+    def dial(address: str) -> Member:
+        return OrchestratorClient.connect(
+            address,
+            authority=target or "",
+            admit_stream=settings.orchestrator_admit_stream,
+            hasher=hasher,
+        )
+
     if target:
         host, _, port = target.rpartition(":")
-
-        def dial(address: str) -> Member:
-            return OrchestratorClient.connect(
-                address,
-                authority=target,
-                admit_stream=settings.orchestrator_admit_stream,
-                hasher=hasher,
-            )
 
         async def discover() -> list[str]:
             return [f"{ip}:{port}" for ip in await resolve_ipv4(host, int(port))]
 
         return make(dial, [], discover)
-
-    def dial_direct(address: str) -> Member:
-        return OrchestratorClient.connect(
-            address, admit_stream=settings.orchestrator_admit_stream, hasher=hasher
-        )
-
-    return make(dial_direct, settings.orchestrator_addresses or [settings.orchestrator_address])
+    return make(dial, settings.orchestrator_addresses or [settings.orchestrator_address])
 
 
 if __name__ == "__main__":

@@ -64,6 +64,11 @@ class LeaseReport:
     ttft_ms: float | None  # None when no token was produced
     error: str = ""
 
+    @classmethod
+    def unused(cls, lease_id: str) -> LeaseReport:
+        """A lease granted to a request given up on before it used it: its capacity goes back."""
+        return cls(lease_id, Outcome.CANCELLED, 0, 0, 0, None)
+
 
 @dataclass(frozen=True, slots=True)
 class KnownReplica:

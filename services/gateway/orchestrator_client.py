@@ -297,9 +297,9 @@ class _AdmitStream:
             answer = await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
-                # Answered, then cancelled before this task resumed: a lease goes back.
-                if fut.result().HasField("lease"):
-                    self._release(fut.result().lease)
+                answered = fut.result()  # answered, then cancelled before this task resumed
+                if answered.HasField("lease"):
+                    self._release(answered.lease)
             else:
                 self._withdraw(call_id)
             raise
@@ -476,7 +476,7 @@ class OrchestratorClient:
 
     def _release(self, lease: pb.AdmitResponse) -> None:
         """A lease granted for an Admit given up on: its capacity back at once."""
-        self.complete(LeaseReport(lease.lease_id, Outcome.CANCELLED, 0, 0, 0, None))
+        self.complete(LeaseReport.unused(lease.lease_id))
 
     async def _admit_call(self, request: AdmissionRequest, timeout_s: float) -> Lease:
         try:

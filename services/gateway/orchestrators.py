@@ -268,9 +268,7 @@ class OrchestratorSet:
                     call.cancel()
                     if call.done() and call.exception() is None:
                         # Granted in the tick this request was cancelled: the lease goes back.
-                        member.complete(
-                            LeaseReport(call.result().lease_id, Outcome.CANCELLED, 0, 0, 0, None)
-                        )
+                        member.complete(LeaseReport.unused(call.result().lease_id))
                     raise  # this request was cancelled, not the orchestrator abandoned
                 # Abandoned: that orchestrator stopped answering (nothing has streamed yet; a
                 # lease it might still grant ends by its lease timeout).

@@ -225,23 +225,14 @@ class LoadLedger:
         return self._load(rep, now)
 
     def _load(self, rep: _Replica, now: float) -> ReplicaLoad:
-        # One pass over the leases: those in prefill, and those decoding (as `_decoding`).
         prefill = 0.0
-        seqs, ctx = 0, 0
-        step = None
         for x in rep.leases.values():
             if x.first_token_at > now:
                 if x.started_at >= now or x.work_s <= 0:
                     prefill += x.uncached
                 else:
                     prefill += x.uncached * min(1.0, (x.first_token_at - now) / x.work_s)
-            else:
-                if step is None:
-                    step = max(self._work.decode_step_s(len(rep.leases), self._context(rep)), 1e-4)
-                seqs += 1
-                ctx += x.prompt + min(x.max_tokens, int((now - x.first_token_at) / step))
-        seqs += rep.others
-        ctx += round(rep.others * rep.mean_context)
+        seqs, ctx = self._decoding(rep, now)
         others = rep.others * rep.mean_context
         then = rep.kv_tokens_at_sample + others
         return ReplicaLoad(

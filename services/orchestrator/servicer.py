@@ -161,34 +161,13 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                         task.cancel()
                         stream.wake.set()  # the stream may have nothing left to answer
                     continue
-                if not stream.reading:  # draining: the caller sends it elsewhere
-                    stream.answer(_refused(msg.call_id, Draining("orchestrator is draining")))
-                    continue  # cancels are still read until the stream ends
-                if kind != "admit":
-                    stream.answer(
-                        _refused(msg.call_id, BadAdmission("neither admit nor cancel set"))
-                    )
-                elif msg.call_id in stream.open:
-                    stream.answer(
-                        _refused(
-                            msg.call_id,
-                            BadAdmission(f"{msg.call_id} is unanswered already", field="call_id"),
-                        )
-                    )
-                elif len(stream.open) >= STREAM_MAX_OPEN:
-                    stream.answer(
-                        _refused(
-                            msg.call_id,
-                            StreamFull(
-                                f"{STREAM_MAX_OPEN} Admits unanswered on this stream",
-                                retry_after_s=self._core.shed_retry_after_s,
-                            ),
-                        )
-                    )
-                else:
+                refusal = self._refusal(stream, msg, kind)
+                if refusal is None:
                     stream.open[msg.call_id] = asyncio.create_task(
                         self._admit_one(stream, msg, caller)
                     )
+                else:
+                    stream.answer(_refused(msg.call_id, refusal))
         except asyncio.CancelledError:
             raise
         except Exception as err:  # the call broke: its handler ends with it
@@ -197,16 +176,30 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             stream.reading = False
             stream.wake.set()
 
+    def _refusal(
+        self, stream: _Stream, msg: pb.AdmitStreamRequest, kind: str | None
+    ) -> ServiceError | None:
+        """Why an Admit message read is not decided (None: it is). Cancels are still read
+        while draining, until the stream ends; an Admit then goes elsewhere."""
+        if not stream.reading:
+            return Draining("orchestrator is draining")
+        if kind != "admit":
+            return BadAdmission("neither admit nor cancel set")
+        if msg.call_id in stream.open:
+            return BadAdmission(f"{msg.call_id} is unanswered already", field="call_id")
+        if len(stream.open) >= STREAM_MAX_OPEN:
+            return StreamFull(
+                f"{STREAM_MAX_OPEN} Admits unanswered on this stream",
+                retry_after_s=self._core.shed_retry_after_s,
+            )
+        return None
+
     async def _admit_one(
         self, stream: _Stream, msg: pb.AdmitStreamRequest, caller: str | None
     ) -> None:
         call_id = msg.call_id
         try:
-            waited = self._waited(
-                None
-                if caller is None
-                else read_sent(caller, msg.sent_at_unix_s, self._wall_clock())
-            )
+            waited = self._waited(read_sent(caller, msg.sent_at_unix_s, self._wall_clock()))
             timeout_s = max(msg.timeout_s - waited, 0.0) if msg.timeout_s > 0 else None
             lease = await self._admit(
                 msg.admit, timeout_s, extract_trace_context(msg.trace_context.items())

@@ -20,12 +20,14 @@ import pytest_asyncio
 from opentelemetry.sdk.trace import TracerProvider
 
 from llmmesh.common.errors import (
+    NOT_OFFERED,
     DeadlineExceeded,
     Reason,
     ResourceExhausted,
     ServiceError,
     Unavailable,
     abort,
+    code_number,
 )
 from llmmesh.common.sojourn import CALLER_KEY, SENT_AT_KEY
 from llmmesh.common.topology import Priority, ReplicaAddress
@@ -120,14 +122,14 @@ class FakeOrchestratorService(pb_grpc.OrchestratorServiceServicer):
             answer = pb.AdmitStreamResponse(call_id=msg.call_id)
             err = self.refusal
             if err is not None:
-                answer.refusal.code, answer.refusal.message = err.code.value[0], str(err)
+                answer.refusal.code, answer.refusal.message = code_number(err.code), str(err)
                 if err.reason is not None:
                     answer.refusal.reason = err.reason.value
                 if err.retry_after_s is not None:
                     answer.refusal.retry_after_s = err.retry_after_s
             elif self.plain_refusal is not None:
                 code, message = self.plain_refusal
-                answer.refusal.CopyFrom(pb.AdmitRefusal(code=code.value[0], message=message))
+                answer.refusal.CopyFrom(pb.AdmitRefusal(code=code_number(code), message=message))
             else:
                 answer.lease.CopyFrom(await self._lease())
             await answers.put(answer)
@@ -428,9 +430,7 @@ async def test_reports_that_come_together_share_one_call_in_order(served: Served
     assert [c.lease_id for c in served.service.completes] == [f"lease-{i}" for i in range(5)]
 
 
-@pytest.mark.parametrize(
-    "refusal", [grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED]
-)
+@pytest.mark.parametrize("refusal", sorted(NOT_OFFERED, key=str))
 async def test_an_orchestrator_refusing_complete_batch_gets_a_call_per_report(
     served: Served, refusal: grpc.StatusCode
 ) -> None:
@@ -530,9 +530,7 @@ async def test_admits_share_one_stream_and_are_answered_by_call_id(streamed: Ser
     assert sorted(a.request_id for a in streamed.service.admits) == ["r0", "r1", "r2"]
 
 
-@pytest.mark.parametrize(
-    "refusal", [grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED]
-)
+@pytest.mark.parametrize("refusal", sorted(NOT_OFFERED, key=str))
 async def test_an_orchestrator_refusing_the_stream_gets_admit_calls_from_then_on(
     streamed: Served, refusal: grpc.StatusCode
 ) -> None:

@@ -13,7 +13,7 @@ import pytest_asyncio
 
 from llmmesh.common.discovery import DnsTarget
 from llmmesh.common.engine_metrics import EngineSample
-from llmmesh.common.errors import RETRY_AFTER_KEY, Reason, from_rpc_error
+from llmmesh.common.errors import RETRY_AFTER_KEY, Reason, code_number, from_rpc_error
 from llmmesh.common.sojourn import CALLER_KEY, call_metadata
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
@@ -224,6 +224,19 @@ async def answers(call: Stream, n: int) -> dict[int, pb.AdmitStreamResponse]:
     return out
 
 
+async def held_and_queued(
+    stub: pb_grpc.OrchestratorServiceAsyncStub,
+) -> tuple[Stream, pb.AdmitResponse]:
+    """A stream on a one-slot replica: Admit 1 ("a") holds the slot (its lease returned), Admit
+    2 ("b") waits in the queue."""
+    call = stub.AdmitStream(None)
+    await call.write(streamed(1, "a"))
+    held = (await answers(call, 1))[1].lease
+    await call.write(streamed(2, "b"))
+    await eventually(lambda: queue_depth_is(stub, 1), what="b waits")
+    return call, held
+
+
 async def test_a_stream_answers_each_admit_by_call_id_grants_and_refusals_alike(
     stub: pb_grpc.OrchestratorServiceAsyncStub,
 ) -> None:
@@ -238,10 +251,13 @@ async def test_a_stream_answers_each_admit_by_call_id_grants_and_refusals_alike(
     await call.write(pb.AdmitStreamRequest(call_id=10, admit=unknown))
     refused = await answers(call, 2)
     full, none = refused[9].refusal, refused[10].refusal
-    assert (full.code, full.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], "QUEUE_FULL")
+    assert (full.code, full.reason) == (
+        code_number(grpc.StatusCode.RESOURCE_EXHAUSTED),
+        "QUEUE_FULL",
+    )
     assert full.HasField("retry_after_s")
     assert full.retry_after_s > 0
-    assert (none.code, none.reason) == (grpc.StatusCode.UNAVAILABLE.value[0], "NO_REPLICA")
+    assert (none.code, none.reason) == (code_number(grpc.StatusCode.UNAVAILABLE), "NO_REPLICA")
     await stub.Complete(pb.CompleteRequest(lease_id=granted.lease.lease_id), timeout=5)
     assert (await answers(call, 1))[8].lease.replica.id == "r0"  # b got a's slot
     await call.done_writing()
@@ -257,7 +273,10 @@ async def test_a_stream_admit_waits_for_its_timeout_and_a_cancel_withdraws_it(
     await answers(call, 1)
     await call.write(streamed(2, "late", timeout_s=0.2))
     late = (await answers(call, 1))[2].refusal
-    assert (late.code, late.reason) == (grpc.StatusCode.DEADLINE_EXCEEDED.value[0], "QUEUE_TIMEOUT")
+    assert (late.code, late.reason) == (
+        code_number(grpc.StatusCode.DEADLINE_EXCEEDED),
+        "QUEUE_TIMEOUT",
+    )
     await call.write(streamed(3, "gone"))
     await eventually(lambda: queue_depth_is(stub, 1), what="gone waits")
     await call.write(pb.AdmitStreamRequest(call_id=3, cancel=True))
@@ -270,15 +289,11 @@ async def test_a_stream_admit_waits_for_its_timeout_and_a_cancel_withdraws_it(
 async def test_a_stream_refuses_a_message_without_admit_and_a_call_id_in_use(
     stub: pb_grpc.OrchestratorServiceAsyncStub,
 ) -> None:
-    call = stub.AdmitStream(None)
-    await call.write(streamed(1, "a"))
-    await answers(call, 1)
-    await call.write(streamed(2, "b"))  # queued: call id 2 is in use
-    await eventually(lambda: queue_depth_is(stub, 1), what="b waits")
+    call, _ = await held_and_queued(stub)  # call id 2 is in use
     await call.write(streamed(2, "again"))
     await call.write(pb.AdmitStreamRequest(call_id=3))
     refused = await answers(call, 2)
-    invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    invalid = code_number(grpc.StatusCode.INVALID_ARGUMENT)
     assert refused[2].refusal.code == refused[3].refusal.code == invalid
     call.cancel()  # the whole stream: its queued Admit leaves the queue
     await eventually(lambda: queue_depth_is(stub, 0), what="the stream's Admit withdrawn")
@@ -290,11 +305,7 @@ async def test_a_draining_orchestrator_answers_what_it_read_then_ends_the_stream
     core, _ = await ready_core(n=1, cap=1, queue=1)
     servicer = OrchestratorServicer(core)
     async with serve(core, servicer) as stub:
-        call = stub.AdmitStream(None)
-        await call.write(streamed(1, "a"))
-        held = (await answers(call, 1))[1].lease
-        await call.write(streamed(2, "b"))
-        await eventually(lambda: queue_depth_is(stub, 1), what="b waits")
+        call, held = await held_and_queued(stub)
         await servicer.drain()
         await stub.Complete(pb.CompleteRequest(lease_id=held.lease_id), timeout=5)
         assert (await answers(call, 1))[2].lease.replica.id == "r0"
@@ -329,15 +340,11 @@ async def test_a_draining_stream_still_reads_cancels() -> None:
     core, _ = await ready_core(n=1, cap=1, queue=1)
     servicer = OrchestratorServicer(core)
     async with serve(core, servicer) as stub:
-        call = stub.AdmitStream(None)
-        await call.write(streamed(1, "a"))
-        await answers(call, 1)
-        await call.write(streamed(2, "b"))
-        await eventually(lambda: queue_depth_is(stub, 1), what="b waits")
+        call, _ = await held_and_queued(stub)
         await servicer.drain()
         await call.write(streamed(3, "c"))  # read after the drain: refused, not queued
         refused = (await answers(call, 1))[3].refusal
-        assert (refused.code, refused.reason) == (grpc.StatusCode.UNAVAILABLE.value[0], "")
+        assert (refused.code, refused.reason) == (code_number(grpc.StatusCode.UNAVAILABLE), "")
         await call.write(pb.AdmitStreamRequest(call_id=2, cancel=True))
         await eventually(lambda: queue_depth_is(stub, 0), what="the cancel withdrew b")
         assert await call.read() is EOF  # nothing left to answer: the stream ends

@@ -16,6 +16,7 @@ real engines; an emulator slowed by its TIME_SCALE runs that many wall seconds p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from llmmesh.accelerators import (
@@ -27,7 +28,8 @@ from llmmesh.accelerators import (
 )
 
 _MEMO = 65_536  # remembered answers at most (a few MB)
-_PREFILL, _DECODE, _SLOWDOWN = 0, 1, 2  # which method a remembered answer is of
+# A pure computation of the model from two integers (a remembered answer's key names it).
+_Compute = Callable[["WorkModel", int, int], float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +44,8 @@ class WorkModel:
     _full_step_s: float = field(init=False, repr=False, compare=False)
     # Answers by their arguments: every method is a pure function of its integer arguments, and
     # a scheduling decision asks the same few of them per replica again and again (the cost
-    # model's arithmetic builds shapes: ~4 us a call). Each is cleared when it reaches `_MEMO`.
-    _memo: dict[tuple[int, int, int], float] = field(
+    # model's arithmetic builds shapes: ~4 us a call). Cleared when it holds `_MEMO` answers.
+    _memo: dict[tuple[_Compute, int, int], float] = field(
         init=False, repr=False, compare=False, default_factory=dict
     )
 
@@ -68,22 +70,34 @@ class WorkModel:
     ) -> WorkModel:
         return cls(get_profile(profile), max_num_tokens, max_batch, time_scale)
 
-    def _remember(self, key: tuple[int, int, int], value: float) -> float:
-        memo = self._memo
-        if len(memo) >= _MEMO:
-            memo.clear()
-        memo[key] = value
-        return value
-
     def prefill_work_s(self, uncached: int, cached: int) -> float:
         """Engine seconds a prefill of `uncached` tokens after `cached` reused ones adds."""
         if uncached <= 0:
             return 0.0
-        key = (_PREFILL, uncached, cached)
-        known = self._memo.get(key)
-        if known is not None:
-            return known
-        return self._remember(key, self._prefill_work_s(uncached, cached))
+        return self._memoized(WorkModel._prefill_work_s, uncached, cached)
+
+    def decode_step_s(self, seqs: int, context_tokens: int) -> float:
+        """One step of `seqs` decoding sequences holding `context_tokens` tokens in all."""
+        if seqs <= 0:
+            return 0.0
+        return self._memoized(WorkModel._decode_step_s, seqs, max(1, context_tokens // seqs))
+
+    def decode_slowdown(self, seqs: int, context_tokens: int) -> float:
+        """How much longer a full prefill step takes with this decoding batch riding along."""
+        if seqs <= 0:
+            return 1.0
+        return self._memoized(WorkModel._decode_slowdown, seqs, max(1, context_tokens // seqs))
+
+    def _memoized(self, compute: _Compute, a: int, b: int) -> float:
+        """`compute(self, a, b)`, remembered (cleared when `_MEMO` answers are held)."""
+        key = (compute, a, b)
+        memo = self._memo
+        value = memo.get(key)
+        if value is None:
+            if len(memo) >= _MEMO:
+                memo.clear()
+            value = memo[key] = compute(self, a, b)
+        return value
 
     def _prefill_work_s(self, uncached: int, cached: int) -> float:
         shape = prefill_shape(uncached, cached)
@@ -92,26 +106,9 @@ class WorkModel:
         share = uncached / self.max_num_tokens
         return max(p.compute_time_s(shape), kv_s) * self.time_scale + self.fixed_step_s * share
 
-    def decode_step_s(self, seqs: int, context_tokens: int) -> float:
-        """One step of `seqs` decoding sequences holding `context_tokens` tokens in all."""
-        if seqs <= 0:
-            return 0.0
-        ctx = max(1, context_tokens // seqs)
-        key = (_DECODE, seqs, ctx)
-        known = self._memo.get(key)
-        if known is not None:
-            return known
-        step = self.profile.step_time_s(decode_batch_shape(ctx, seqs)) * self.time_scale
-        return self._remember(key, step)
+    def _decode_step_s(self, seqs: int, ctx: int) -> float:
+        return self.profile.step_time_s(decode_batch_shape(ctx, seqs)) * self.time_scale
 
-    def decode_slowdown(self, seqs: int, context_tokens: int) -> float:
-        """How much longer a full prefill step takes with this decoding batch riding along."""
-        if seqs <= 0:
-            return 1.0
-        ctx = max(1, context_tokens // seqs)
-        key = (_SLOWDOWN, seqs, ctx)
-        known = self._memo.get(key)
-        if known is not None:
-            return known
+    def _decode_slowdown(self, seqs: int, ctx: int) -> float:
         shape = self._full_shape + decode_batch_shape(ctx, seqs)
-        return self._remember(key, self.profile.step_time_s(shape) / self._full_step_s)
+        return self.profile.step_time_s(shape) / self._full_step_s
