@@ -227,6 +227,13 @@ async def test_scale_down_drains_streams_before_stopping(rig: Rig) -> None:
     (keeper,) = [r for r in rig.actuator.replicas() if r.phase is ReplicaPhase.READY]
     assert await counts(rig) == ReplicaCounts(ready=1, draining=1)
 
+    # The drain reaches the orchestrator from the actuator's background task (`apply` returns
+    # once the replica left the ready phase); a replica already drained is deregistered.
+    async def victim_draining() -> bool:
+        status = (await replicas(rig)).get(victim.id)
+        return status is None or status.draining
+
+    await eventually(victim_draining, what="the orchestrator draining the victim")
     # New work goes to the other replica while the victim's streams finish.
     assert (await generate(rig, "during-drain", 8)).replica_id == keeper.id
     done = await asyncio.gather(*streams)
