@@ -175,6 +175,12 @@ async def test_mirrored_copies_reach_the_shadow_never_the_client(em: EnvoyMesh) 
         assert [d.offset for d in deltas] == list(range(tokens))
         assert [m.HasField("complete") for m in msgs].count(True) == 1
         assert msgs[-1].complete.usage.completion_tokens == tokens
+
+    async def shadow_completed() -> bool:
+        # Envoy sends each copy without waiting for it: it may complete after the original.
+        return await em.completed("gateway-shadow", 50051) - before >= n
+
+    await eventually(shadow_completed, 15, "the shadow's sidecar completed every copy")
     assert await em.completed("gateway-shadow", 50051) - before == n
 
     async def shadow_served() -> bool:

@@ -177,6 +177,8 @@ async def test_repeated_long_prefix_returns_to_its_replica_and_ttft_drops(mesh: 
         token_ids=pb.TokenIds(ids=[*system, 7, 8, 9]),
         sampling=pb.SamplingParams(max_tokens=4),
     )
+    orch_metrics = mesh.mesh.services["orchestrator"].metrics_url
+    mirrored_before = metric(orch_metrics, names.ORCH_KV_MIRROR_BLOCKS)
     cold = (await collect(mesh, first))[-1].complete
 
     async def indexed() -> bool:
@@ -187,6 +189,13 @@ async def test_repeated_long_prefix_returns_to_its_replica_and_ttft_drops(mesh: 
         )
 
     await eventually(indexed, what="the long prefix is indexed on the replica that served it")
+
+    # The orchestrator routes by its own copy of the index, fed over a WatchExact stream.
+    async def mirrored() -> bool:
+        copied = metric(orch_metrics, names.ORCH_KV_MIRROR_BLOCKS)
+        return copied >= mirrored_before + len(system) // 32
+
+    await eventually(mirrored, what="the orchestrator's copy of the index holds the prefix")
     second = pb.GenerateRequest(
         model=MODEL,
         token_ids=pb.TokenIds(ids=[*system, 10, 11, 12]),
