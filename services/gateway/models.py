@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 from services.gateway.chat_template import ChatTemplate
 from services.gateway.settings import ModelSettings
@@ -58,21 +59,48 @@ class ServedModel:
 class IncrementalDecoder:
     """Turns a growing token sequence into text deltas without splitting multi-byte characters.
 
+    Each push is one call into the `tokenizers` library's streaming decoder (`DecodeStream`),
+    which decodes the new tokens against the last emitted ones inside the library. `flush`
+    decodes what it held back (text ending in an incomplete character) the same way, from the
+    token offsets kept here. A stream the library refuses (its decoded text no longer starts
+    with what it emitted) is decoded here from then on, with the same offsets.
+
     Invariant: the concatenation of every returned delta plus `flush()` equals
-    `decode(all tokens)` for tokenizers whose decode is prefix-stable past `prefix_offset`.
+    `decode(all tokens)` for tokenizers whose decode is prefix-stable past `prefix_offset`; and
+    every token before `read_offset` has had its text returned.
     """
 
-    __slots__ = ("_decode", "_ids", "_prefix_offset", "_read_offset")
+    __slots__ = ("_decode", "_ids", "_prefix_offset", "_read_offset", "_step", "_tokenizer")
 
     def __init__(self, model: ServedModel) -> None:
+        self._tokenizer = model.tokenizer
         self._decode = model.tokenizer.decode  # on the per-token path: no wrapper per call
+        self._step: DecodeStream | None = DecodeStream(skip_special_tokens=True)
         self._ids: list[int] = []
-        self._prefix_offset = 0
-        self._read_offset = 0
+        self._prefix_offset = 0  # the tokens of the last delta begin here (its context)
+        self._read_offset = 0  # every token before this one has had its text returned
 
     def push(self, new_ids: Sequence[int]) -> str:
         ids = self._ids
         ids.extend(new_ids)
+        step = self._step
+        if step is not None:
+            try:
+                text: str | None = step.step(
+                    self._tokenizer, new_ids[0] if len(new_ids) == 1 else list(new_ids)
+                )
+            except Exception:  # the library's prefix check (a bare Exception): decoded here on
+                self._step = None
+            else:
+                if text is None:
+                    return ""
+                self._prefix_offset = self._read_offset
+                self._read_offset = len(ids)
+                return text
+        return self._push_here()
+
+    def _push_here(self) -> str:
+        ids = self._ids
         decode = self._decode
         prefix: str = decode(ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
         full: str = decode(ids[self._prefix_offset :], skip_special_tokens=True)
@@ -83,9 +111,12 @@ class IncrementalDecoder:
         return ""
 
     def flush(self) -> str:
-        decode = self._decode
         ids = self._ids
+        if self._read_offset == len(ids):
+            return ""  # nothing held back
+        decode = self._decode
         prefix: str = decode(ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
         full: str = decode(ids[self._prefix_offset :], skip_special_tokens=True)
         self._prefix_offset = self._read_offset = len(ids)
+        self._step = None  # its state no longer matches the offsets
         return full[len(prefix) :] if len(full) > len(prefix) else ""

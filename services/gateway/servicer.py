@@ -135,10 +135,16 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                         ),
                     )
                 else:
-                    delta = pb.TokenDelta(text=ev.text, token_ids=ev.token_ids, offset=ev.offset)
+                    # Filled in place: a TokenDelta passed to the constructor would be copied.
+                    resp = pb.GenerateResponse(request_id=req.request_id)
+                    delta = resp.delta
+                    delta.SetInParent()  # a delta, even one whose fields are all defaults
+                    delta.text = ev.text
+                    delta.token_ids.extend(ev.token_ids)
+                    delta.offset = ev.offset
                     if ev.finish_reason is not None:
                         delta.finish_reason = _FINISH[ev.finish_reason]
-                    yield pb.GenerateResponse(request_id=req.request_id, delta=delta)
+                    yield resp
         except ServiceError as err:
             await abort(context, err)
         finally:

@@ -3,8 +3,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers.decoders import DecodeStream
 
 from llmmesh.common.errors import ServiceError
+from services.gateway import models
 from services.gateway.core import GatewayCore, GenerationRequest, Sampling
 from services.gateway.errors import InvalidRequest, ModelNotFound
 from services.gateway.models import IncrementalDecoder, ServedModel
@@ -118,3 +122,72 @@ def test_incremental_decoder_reassembles_text(model: ServedModel, text: str) -> 
     dec = IncrementalDecoder(model)
     out = "".join(dec.push([t]) for t in ids) + dec.flush()
     assert out == model.decode(ids)
+
+
+def _deltas_by_definition(model: ServedModel, chunks: list[list[int]]) -> list[str]:
+    """Each chunk's delta by the decoder's definition: the text of every token so far against
+    the text of those already returned, decoded from the start of the last delta's tokens, and
+    held back while it ends in an incomplete character; then the held-back rest."""
+    ids: list[int] = []
+    prefix_at = read_at = 0
+    out = []
+    for chunk in chunks:
+        ids.extend(chunk)
+        prefix = model.tokenizer.decode(ids[prefix_at:read_at], skip_special_tokens=True)
+        full = model.tokenizer.decode(ids[prefix_at:], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            prefix_at, read_at = read_at, len(ids)
+            out.append(full[len(prefix) :])
+        else:
+            out.append("")
+    prefix = model.tokenizer.decode(ids[prefix_at:read_at], skip_special_tokens=True)
+    full = model.tokenizer.decode(ids[prefix_at:], skip_special_tokens=True)
+    out.append(full[len(prefix) :] if len(full) > len(prefix) else "")
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.lists(
+            # Byte tokens (partial UTF-8 characters), common words, special tokens, anything.
+            st.one_of(st.integers(0, 300), st.integers(0, 49151)),
+            min_size=1,
+            max_size=3,
+        ),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_incremental_decoder_returns_the_definitions_deltas(
+    model: ServedModel, chunks: list[list[int]]
+) -> None:
+    dec = IncrementalDecoder(model)
+    got = [dec.push(c) for c in chunks] + [dec.flush()]
+    assert got == _deltas_by_definition(model, chunks)
+
+
+def test_incremental_decoder_goes_on_when_the_library_refuses_a_stream(
+    model: ServedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    library = DecodeStream
+
+    class RefusesThirdStep:
+        """A streaming decoder that fails as the library's prefix check does."""
+
+        def __init__(self, skip_special_tokens: bool) -> None:
+            self._real = library(skip_special_tokens=skip_special_tokens)
+            self._steps = 0
+
+        def step(self, tokenizer: object, ids: int | list[int]) -> str | None:
+            self._steps += 1
+            if self._steps == 3:
+                raise Exception("Invalid prefix encountered")  # what the library raises
+            return self._real.step(tokenizer, ids)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(models, "DecodeStream", RefusesThirdStep)
+    ids = model.encode("naïve café ☕ 日本語, and then some more text")
+    dec = IncrementalDecoder(model)
+    got = [dec.push([t]) for t in ids] + [dec.flush()]
+    assert got == _deltas_by_definition(model, [[t] for t in ids])
+    assert "".join(got) == model.decode(ids)
