@@ -62,14 +62,27 @@ class _Replica:
     unique_tokens: int = 0  # uncached prompt + max tokens of the live leases
     kv_tokens_at_sample: int = 0
     # `load` while the replica holds no lease and its backlog is over: it does not depend on
-    # the time then. Reset by every change to the replica's accounting.
+    # the time then. Reset by every change to the replica's accounting (`changed`).
     idle: ReplicaLoad | None = None
+    # The last `load` with leases and when it was estimated: the same answer within one engine
+    # step of it (`LoadLedger.resolution_s`). Reset by every change (`changed`).
+    recent: ReplicaLoad | None = None
+    recent_at: float = 0.0
+
+    def changed(self) -> None:
+        """The accounting changed: no earlier `load` answer stands."""
+        self.idle = self.recent = None
 
 
 class LoadLedger:
     def __init__(self, clock: Clock, work: WorkModel) -> None:
         self._clock = clock
         self._work = work
+        # How long a load estimate stands while nothing is granted, completed or observed on
+        # its replica: one engine step at the least (the step's fixed cost, the weights pass).
+        # An engine's state moves a step at a time, and a decision then costs one estimate per
+        # changed replica rather than one per replica.
+        self.resolution_s = work.fixed_step_s
         self._replicas: dict[str, _Replica] = {}
         self._leases: dict[str, _Lease] = {}
 
@@ -86,7 +99,7 @@ class LoadLedger:
     ) -> None:
         now = self._clock()
         rep = self._replica(replica_id)
-        rep.idle = None
+        rep.changed()
         cached = max(0, min(cached_tokens, prompt_tokens - 1))
         uncached = prompt_tokens - cached
         seqs, ctx = self._decoding(rep, now)
@@ -116,7 +129,7 @@ class LoadLedger:
             return
         now = self._clock()
         rep = self._replicas[lease.replica]
-        rep.idle = None
+        rep.changed()
         if lease.first_token_at > now:
             self._shift_after(rep, lease, lease.first_token_at - now, now)
         lease.first_token_at = now
@@ -139,7 +152,7 @@ class LoadLedger:
         if lease is None:
             return
         rep = self._replicas[lease.replica]
-        rep.idle = None
+        rep.changed()
         now = self._clock()
         if lease.first_token_at > now:
             left = lease.first_token_at - max(now, lease.started_at)
@@ -182,7 +195,7 @@ class LoadLedger:
         rep = self._replica(replica_id)
         if rep.sample_at == sample_at:
             return
-        rep.idle = None
+        rep.changed()
         rep.sample_at = sample_at
         rep.others = max(0, round(active + waiting) - own_at_sample)
         rep.kv_tokens_at_sample = rep.kv_tokens
@@ -222,7 +235,11 @@ class LoadLedger:
             if rep.idle is None:
                 rep.idle = self._load(rep, now)
             return rep.idle
-        return self._load(rep, now)
+        recent = rep.recent
+        if recent is not None and 0.0 <= now - rep.recent_at < self.resolution_s:
+            return recent
+        rep.recent, rep.recent_at = self._load(rep, now), now
+        return rep.recent
 
     def _load(self, rep: _Replica, now: float) -> ReplicaLoad:
         prefill = 0.0

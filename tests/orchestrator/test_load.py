@@ -173,3 +173,22 @@ def test_unique_share_is_the_uncached_part_of_the_leased_tokens() -> None:
     assert led.unique_share("r0") == 200 / 1100
     led.complete("a")
     assert led.unique_share("r0") == 1.0
+
+
+def test_an_estimate_stands_for_one_engine_step_unless_the_replica_changes() -> None:
+    led, clock = ledger(Grant("a", 4000), Grant("b", 4000))
+    first = led.load("r")
+    assert led.resolution_s == WORK.fixed_step_s > 0
+    clock.t += led.resolution_s / 2
+    assert led.load("r") is first  # the engine moved less than a step
+    led.grant("c", "r", 1000, 0, 16)  # a change answers at once
+    granted = led.load("r")
+    # 1000 more tokens queued; a's prefill went on half a step (~50 of its 4000 tokens).
+    assert first.prefill_tokens + 900 < granted.prefill_tokens < first.prefill_tokens + 1000
+    clock.t += led.resolution_s  # a step later: estimated again, the prefill went on
+    later = led.load("r")
+    assert later is not granted
+    assert later.prefill_s == pytest.approx(granted.prefill_s - led.resolution_s)
+    assert later.prefill_tokens < granted.prefill_tokens
+    led.complete("c")
+    assert led.load("r").prefill_tokens < later.prefill_tokens
