@@ -62,8 +62,9 @@ class IncrementalDecoder:
     Each push is one call into the `tokenizers` library's streaming decoder (`DecodeStream`),
     which decodes the new tokens against the last emitted ones inside the library. `flush`
     decodes what it held back (text ending in an incomplete character) the same way, from the
-    token offsets kept here. A stream the library refuses (its decoded text no longer starts
-    with what it emitted) is decoded here from then on, with the same offsets.
+    token offsets kept here, and starts a fresh streaming decoder at offsets past every token. A
+    stream the library refuses (its decoded text no longer starts with what it emitted) is
+    decoded here until the next flush, with the same offsets.
 
     Invariant: the concatenation of every returned delta plus `flush()` equals
     `decode(all tokens)` for tokenizers whose decode is prefix-stable past `prefix_offset`; and
@@ -111,12 +112,18 @@ class IncrementalDecoder:
         return ""
 
     def flush(self) -> str:
+        """The text held back, if any; what is pushed next decodes without the earlier tokens
+        as context (a fresh streaming decoder, at offsets past every token)."""
         ids = self._ids
-        if self._read_offset == len(ids):
-            return ""  # nothing held back
-        decode = self._decode
-        prefix: str = decode(ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
-        full: str = decode(ids[self._prefix_offset :], skip_special_tokens=True)
+        held = self._read_offset < len(ids)
+        text = ""
+        if held:
+            decode = self._decode
+            prefix: str = decode(
+                ids[self._prefix_offset : self._read_offset], skip_special_tokens=True
+            )
+            full: str = decode(ids[self._prefix_offset :], skip_special_tokens=True)
+            text = full[len(prefix) :] if len(full) > len(prefix) else ""
         self._prefix_offset = self._read_offset = len(ids)
-        self._step = None  # its state no longer matches the offsets
-        return full[len(prefix) :] if len(full) > len(prefix) else ""
+        self._step = DecodeStream(skip_special_tokens=True)
+        return text

@@ -453,8 +453,14 @@ class Orchestrator:
         bound = self._max_backlog_s
         if bound <= 0 or not len(self._queue):
             return
-        over = [self._load.load(st.spec.id).prefill_s - bound for st in self._replicas.assignable()]
-        due_in = min((d for d in over if d > 0), default=None)
+        ledger = self._load
+        over = [
+            # No earlier than the estimate it read is made again: it would read the same one.
+            max(excess, ledger.estimated_for_s(st.spec.id))
+            for st in self._replicas.assignable()
+            if (excess := ledger.load(st.spec.id).prefill_s - bound) > 0
+        ]
+        due_in = min(over, default=None)
         if due_in is None:
             return
         loop = asyncio.get_running_loop()

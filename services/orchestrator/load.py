@@ -241,6 +241,14 @@ class LoadLedger:
         rep.recent, rep.recent_at = self._load(rep, now), now
         return rep.recent
 
+    def estimated_for_s(self, replica_id: str) -> float:
+        """How much longer the replica's last `load` answer stands unchanged (0 when none does):
+        a timer set from that answer fires no earlier, or it would read the same answer."""
+        rep = self._replicas.get(replica_id)
+        if rep is None or rep.recent is None:
+            return 0.0
+        return max(0.0, rep.recent_at + self.resolution_s - self._clock())
+
     def _load(self, rep: _Replica, now: float) -> ReplicaLoad:
         prefill = 0.0
         for x in rep.leases.values():

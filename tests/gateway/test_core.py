@@ -124,47 +124,51 @@ def test_incremental_decoder_reassembles_text(model: ServedModel, text: str) -> 
     assert out == model.decode(ids)
 
 
-def _deltas_by_definition(model: ServedModel, chunks: list[list[int]]) -> list[str]:
-    """Each chunk's delta by the decoder's definition: the text of every token so far against
+def _deltas_by_definition(model: ServedModel, pushes: list[list[int] | None]) -> list[str]:
+    """Each push's delta by the decoder's definition: the text of every token so far against
     the text of those already returned, decoded from the start of the last delta's tokens, and
-    held back while it ends in an incomplete character; then the held-back rest."""
+    held back while it ends in an incomplete character. A flush (None) returns the held-back
+    rest and decodes what follows without the earlier tokens as context; so does the end."""
     ids: list[int] = []
     prefix_at = read_at = 0
     out = []
-    for chunk in chunks:
-        ids.extend(chunk)
+    for push in [*pushes, None]:
+        if push is not None:
+            ids.extend(push)
         prefix = model.tokenizer.decode(ids[prefix_at:read_at], skip_special_tokens=True)
         full = model.tokenizer.decode(ids[prefix_at:], skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+        if push is None:
+            out.append(full[len(prefix) :] if len(full) > len(prefix) else "")
+            prefix_at = read_at = len(ids)
+        elif len(full) > len(prefix) and not full.endswith("\ufffd"):
             prefix_at, read_at = read_at, len(ids)
             out.append(full[len(prefix) :])
         else:
             out.append("")
-    prefix = model.tokenizer.decode(ids[prefix_at:read_at], skip_special_tokens=True)
-    full = model.tokenizer.decode(ids[prefix_at:], skip_special_tokens=True)
-    out.append(full[len(prefix) :] if len(full) > len(prefix) else "")
     return out
 
 
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(
-        st.lists(
-            # Byte tokens (partial UTF-8 characters), common words, special tokens, anything.
-            st.one_of(st.integers(0, 300), st.integers(0, 49151)),
-            min_size=1,
-            max_size=3,
+        st.one_of(
+            st.lists(
+                # Byte tokens (partial UTF-8 characters), common words, special tokens, any.
+                st.one_of(st.integers(0, 300), st.integers(0, 49151)),
+                max_size=3,
+            ),
+            st.none(),  # a flush
         ),
         min_size=1,
         max_size=40,
     )
 )
 def test_incremental_decoder_returns_the_definitions_deltas(
-    model: ServedModel, chunks: list[list[int]]
+    model: ServedModel, pushes: list[list[int] | None]
 ) -> None:
     dec = IncrementalDecoder(model)
-    got = [dec.push(c) for c in chunks] + [dec.flush()]
-    assert got == _deltas_by_definition(model, chunks)
+    got = [dec.flush() if p is None else dec.push(p) for p in pushes] + [dec.flush()]
+    assert got == _deltas_by_definition(model, pushes)
 
 
 def test_incremental_decoder_goes_on_when_the_library_refuses_a_stream(

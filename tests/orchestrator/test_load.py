@@ -190,5 +190,9 @@ def test_an_estimate_stands_for_one_engine_step_unless_the_replica_changes() -> 
     assert later is not granted
     assert later.prefill_s == pytest.approx(granted.prefill_s - led.resolution_s)
     assert later.prefill_tokens < granted.prefill_tokens
+    assert led.estimated_for_s("r") == pytest.approx(led.resolution_s)
+    clock.t += led.resolution_s / 4
+    assert led.estimated_for_s("r") == pytest.approx(led.resolution_s * 3 / 4)
     led.complete("c")
+    assert led.estimated_for_s("r") == 0.0  # a change: the next load is estimated anew
     assert led.load("r").prefill_tokens < later.prefill_tokens
