@@ -156,8 +156,7 @@ def test_without_a_ledger_the_engine_gauges_stand_in() -> None:
 def test_scores_equal_the_per_replica_prediction_whatever_replicas_share(
     scorer: EstimatedWaitScorer,
 ) -> None:
-    # Replicas alike in load and cache are predicted once per decision; each score must still be
-    # the replica's own prediction.
+    # Each score must be the replica's own prediction.
     replicas = [
         rep("idle-a"),
         rep("idle-b"),
@@ -184,6 +183,26 @@ def test_scores_equal_the_per_replica_prediction_whatever_replicas_share(
     assert times[4] > times[2]
     assert times[6] > times[0]
     assert times[8] > times[7]
+
+
+def test_a_replica_unchanged_since_the_last_decision_is_answered_as_then() -> None:
+    # A view is the same object while its replica is unchanged; its last prediction is reused
+    # for the same prompt, cached and max tokens, and made anew when any of them differs.
+    scorer = EstimatedWaitScorer(Params())
+    busy = rep("a", in_flight=3, prefill_s=0.4, decode_seqs=3, decode_tokens=9000)
+    idle = rep("b")
+    full = rep("c", in_flight=80, decode_seqs=64, decode_tokens=64_000)  # waits for a slot
+    replicas = [busy, idle, full]
+    first = scorer.score(req(), replicas)
+    assert scorer.score(req(), replicas) == first
+    # The same replica, another snapshot (its backlog cleared): predicted again.
+    cleared = rep("a", in_flight=3, decode_seqs=3, decode_tokens=9000)
+    assert scorer.score(req(), [cleared, idle, full])[0] > first[0]
+    # Another request: the cached prefix and the output length are its own.
+    for request in (req({"a": BLOCKS}), req(max_tokens=4096)):
+        fresh = EstimatedWaitScorer(Params()).score(request, replicas)
+        assert fresh != first
+        assert scorer.score(request, replicas) == fresh
 
 
 def test_work_model_constants_match_the_cost_model() -> None:

@@ -14,6 +14,9 @@ from services.orchestrator.scheduling.contracts import (
 )
 from services.orchestrator.scheduling.work import WorkModel
 
+# Replicas whose last prediction is kept, at most (more: the cluster changed; start again).
+_LAST_MAX = 4096
+
 
 class Params(PluginParams):
     cost_profile: str = Field(
@@ -60,6 +63,8 @@ class EstimatedWaitScorer:
             params.cost_profile, params.max_num_tokens, params.max_batch, time_scale
         )
         self._slo_s = params.ttft_slo_ms / 1000.0 * time_scale
+        # Per replica id: (view, prompt tokens, cached tokens, max tokens, predicted seconds).
+        self._last: dict[str, tuple[ReplicaView, int, int, int, float]] = {}
 
     @property
     def work(self) -> WorkModel:
@@ -114,16 +119,28 @@ class EstimatedWaitScorer:
     def score(self, request: RequestView, replicas: Sequence[ReplicaView]) -> Sequence[float]:
         if not replicas:
             return []
-        # The prediction is a function of (cached tokens, leases, load) for one request: replicas
-        # alike in those (idle ones, most of a large cluster) are predicted once.
-        memo: dict[tuple[object, ...], float] = {}
+        # A prediction is a function of the replica's view (an immutable snapshot, the same
+        # object while the replica is unchanged) and of the request's prompt, cached and max
+        # tokens: each replica's last one is answered again while all of those are the same.
+        last = self._last
+        if len(last) > _LAST_MAX:
+            last.clear()
+        prompt, max_tokens = request.prompt_tokens, request.max_tokens
         times = []
         for r in replicas:
             cached = self.cached_tokens(request, r)
-            key = (cached, r.in_flight, r.load or (r.engine_active, r.engine_waiting))
-            t = memo.get(key)
-            if t is None:
-                t = memo[key] = self._predicted(request, r, cached)
+            hit = last.get(r.id)
+            if (
+                hit is not None
+                and hit[0] is r
+                and hit[1] == prompt
+                and hit[2] == cached
+                and hit[3] == max_tokens
+            ):
+                t = hit[4]
+            else:
+                t = self._predicted(request, r, cached)
+                last[r.id] = (r, prompt, cached, max_tokens, t)
             times.append(t)
         best = min(times)
         scale = self._slo_s
