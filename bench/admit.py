@@ -67,7 +67,13 @@ from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as kv_pb
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as kv_grpc
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from llmmesh.kvblocks import ChunkedHashes, block_hashes, token_bytes, tokens_from_bytes
+from llmmesh.kvblocks import (
+    BlockConfig,
+    ChunkedHashes,
+    block_hashes,
+    token_bytes,
+    tokens_from_bytes,
+)
 from llmmesh.localmesh import ServiceProcess
 from services.gateway.admission import AdmissionRequest, LeaseReport, Outcome
 from services.gateway.orchestrator_client import OrchestratorClient
@@ -154,10 +160,11 @@ def workload(families: int, replicas: int, seed: int) -> Workload:
     return w
 
 
-async def publish_index(address: str, w: Workload, replica_ids: Sequence[str]) -> int:
-    """Each replica's cached prefixes as its engine's KV events; the index's (block, replica)
-    entries."""
-    cfg = KvBlockSettings().block_config()
+async def publish_index(
+    address: str, w: Workload, replica_ids: Sequence[str], cfg: BlockConfig
+) -> int:
+    """Each replica's cached prefixes as its engine's KV events, hashed with `cfg`; the index's
+    (block, replica) entries."""
     hashes = [block_hashes(doc, cfg) for doc in w.documents]
     entries = 0
     async with grpc.aio.insecure_channel(
@@ -356,6 +363,7 @@ def summarize_profile(path: Path, top: int = 25) -> str:
 
 async def run_config(args: argparse.Namespace, replicas: int, w: Workload) -> list[Row]:
     cores = pinning(not args.no_pin)
+    cfg = KvBlockSettings().block_config()  # the registry's, the orchestrator's and the client's
     workdir = Path(tempfile.mkdtemp(prefix="bench-admit-"))
     fakes = await asyncio.create_subprocess_exec(
         *tied_to_parent([sys.executable, "-m", "bench.admit", "--serve-fakes", str(replicas)]),
@@ -372,7 +380,7 @@ async def run_config(args: argparse.Namespace, replicas: int, w: Workload) -> li
         fake = json.loads(line)
         await registry.start()
         rids = [f"replica-{i}" for i in range(replicas)]
-        entries = await publish_index(registry.address, w, rids)
+        entries = await publish_index(registry.address, w, rids, cfg)
         orchestrator = ServiceProcess(
             ORCHESTRATOR,
             OrchestratorSettings(kv_registry_address=registry.address, log_json=True),
@@ -392,9 +400,7 @@ async def run_config(args: argparse.Namespace, replicas: int, w: Workload) -> li
         admitter = OrchestratorClient(
             stub,
             admit_stream=args.admit != "calls",
-            hasher=ChunkedHashes(KvBlockSettings().block_config())
-            if args.admit == "stream"
-            else None,
+            hasher=ChunkedHashes(cfg) if args.admit == "stream" else None,
         )
         for i, rid in enumerate(rids):
             await stub.RegisterReplica(

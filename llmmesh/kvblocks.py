@@ -78,6 +78,18 @@ def tokens_from_bytes(body: bytes) -> Sequence[int]:
     return arr  # pragma: no cover
 
 
+def hash_bytes(hashes: Sequence[int]) -> bytes:
+    """Block hashes as consecutive little-endian uint64: how a prompt's hashes travel."""
+    return struct.pack(f"<{len(hashes)}Q", *hashes)
+
+
+def hashes_from_le64(body: bytes) -> tuple[int, ...]:
+    """`hash_bytes`' inverse. ValueError when `body` is no whole number of hashes."""
+    if len(body) % 8:
+        raise ValueError(f"{len(body)} bytes are no whole number of uint64 hashes")
+    return struct.unpack(f"<{len(body) // 8}Q", body)
+
+
 def hashes_from_bytes(
     body: bytes,
     config: BlockConfig,
@@ -110,6 +122,10 @@ class PromptHashes:
 
     config: BlockConfig
     hashes: tuple[int, ...]
+
+    def under(self, config: BlockConfig) -> tuple[int, ...] | None:
+        """The hashes when `config` is the one they were computed with (else None)."""
+        return self.hashes if self.config == config else None
 
 
 class ChunkedHashes:

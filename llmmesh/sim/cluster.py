@@ -258,11 +258,8 @@ class RegistryIndex:
         replica_ids: Collection[str] = (),
         hashes: PromptHashes | None = None,
     ) -> PrefixMatches:
-        blocks = (
-            hashes.hashes
-            if hashes is not None and hashes.config == self._config
-            else tuple(block_hashes(token_ids, self._config))
-        )
+        sent = None if hashes is None else hashes.under(self._config)
+        blocks = tuple(block_hashes(token_ids, self._config)) if sent is None else sent
         if not blocks:
             return NO_MATCHES
         if self._lookup_s > 0:

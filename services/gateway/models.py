@@ -82,8 +82,7 @@ class IncrementalDecoder:
         self._read_offset = 0  # every token before this one has had its text returned
 
     def push(self, new_ids: Sequence[int]) -> str:
-        ids = self._ids
-        ids.extend(new_ids)
+        self._ids.extend(new_ids)
         step = self._step
         if step is not None:
             try:
@@ -95,35 +94,31 @@ class IncrementalDecoder:
             else:
                 if text is None:
                     return ""
-                self._prefix_offset = self._read_offset
-                self._read_offset = len(ids)
+                self._returned()
                 return text
-        return self._push_here()
-
-    def _push_here(self) -> str:
-        ids = self._ids
-        decode = self._decode
-        prefix: str = decode(ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
-        full: str = decode(ids[self._prefix_offset :], skip_special_tokens=True)
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self._prefix_offset = self._read_offset
-            self._read_offset = len(ids)
-            return full[len(prefix) :]
-        return ""
+        text = self._unread()
+        if not text or text.endswith("\ufffd"):
+            return ""  # held back: it ends in an incomplete character
+        self._returned()
+        return text
 
     def flush(self) -> str:
         """The text held back, if any; what is pushed next decodes without the earlier tokens
         as context (a fresh streaming decoder, at offsets past every token)."""
-        ids = self._ids
-        held = self._read_offset < len(ids)
-        text = ""
-        if held:
-            decode = self._decode
-            prefix: str = decode(
-                ids[self._prefix_offset : self._read_offset], skip_special_tokens=True
-            )
-            full: str = decode(ids[self._prefix_offset :], skip_special_tokens=True)
-            text = full[len(prefix) :] if len(full) > len(prefix) else ""
-        self._prefix_offset = self._read_offset = len(ids)
+        text = self._unread() if self._read_offset < len(self._ids) else ""
+        self._prefix_offset = self._read_offset = len(self._ids)
         self._step = DecodeStream(skip_special_tokens=True)
         return text
+
+    def _unread(self) -> str:
+        """The text of the tokens from `read_offset` on, decoded after the last delta's tokens."""
+        ids, decode = self._ids, self._decode
+        prefix: str = decode(ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
+        full: str = decode(ids[self._prefix_offset :], skip_special_tokens=True)
+        return full[len(prefix) :] if len(full) > len(prefix) else ""
+
+    def _returned(self) -> None:
+        """Every token so far had its text returned; the last delta's tokens begin at the old
+        read offset."""
+        self._prefix_offset = self._read_offset
+        self._read_offset = len(self._ids)

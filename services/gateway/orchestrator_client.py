@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import struct
 import time
 import uuid
 from collections import deque
@@ -58,7 +57,7 @@ from llmmesh.common.telemetry import inject_trace_metadata, trace_carrier
 from llmmesh.common.topology import Priority, ReplicaAddress
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from llmmesh.kvblocks import ChunkedHashes, token_bytes
+from llmmesh.kvblocks import ChunkedHashes, hash_bytes, token_bytes
 from services.gateway.admission import (
     AdmissionRequest,
     AdmissionStatus,
@@ -124,7 +123,7 @@ def admit_request_to_pb(
         msg.prompt_tokens = len(request.prompt_token_ids)
         msg.hash_block_size = hasher.config.block_size
         msg.hash_seed = hasher.config.hash_seed
-        msg.prompt_block_hashes_le64 = struct.pack(f"<{len(hashes)}Q", *hashes)
+        msg.prompt_block_hashes_le64 = hash_bytes(hashes)
     msg.max_tokens = request.max_tokens
     msg.priority = _PRIORITY[request.priority]
     msg.tenant = request.tenant
@@ -262,7 +261,7 @@ class _AdmitStream:
         stub: pb_grpc.OrchestratorServiceAsyncStub,
         caller: str,
         release: Callable[[pb.AdmitResponse], None],
-        hasher: ChunkedHashes | None = None,
+        hasher: ChunkedHashes | None,
     ) -> None:
         self._call = stub.AdmitStream(None, metadata=((CALLER_KEY, caller),))
         self._release = release

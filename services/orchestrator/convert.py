@@ -3,7 +3,6 @@ calls these and nothing else builds or reads an orchestrator protobuf message.""
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from typing import Final
 
@@ -12,7 +11,7 @@ from pydantic import ValidationError
 from llmmesh.common.errors import ServiceError, code_number
 from llmmesh.common.server import MAX_MESSAGE_BYTES
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
-from llmmesh.kvblocks import BlockConfig, PromptHashes, tokens_from_bytes
+from llmmesh.kvblocks import BlockConfig, PromptHashes, hashes_from_le64, tokens_from_bytes
 from services.orchestrator.domain import AdmissionRequest, Lease, Outcome, Priority
 from services.orchestrator.errors import BadAdmission, BadReplicaSpec
 from services.orchestrator.replicas import ReplicaState
@@ -82,14 +81,13 @@ MAX_PROMPT_TOKENS: Final = MAX_MESSAGE_BYTES // 4
 
 
 def _prompt_hashes(request: pb.AdmitRequest) -> PromptHashes:
-    packed = request.prompt_block_hashes_le64
-    if len(packed) % 8:
-        raise BadAdmission(
-            f"{len(packed)} bytes are no whole uint64s", field="prompt_block_hashes_le64"
-        )
+    try:
+        hashes = hashes_from_le64(request.prompt_block_hashes_le64)
+    except ValueError as err:
+        raise BadAdmission(str(err), field="prompt_block_hashes_le64") from err
     if request.hash_block_size <= 0:
         raise BadAdmission("must be positive with block hashes", field="hash_block_size")
-    blocks = len(packed) // 8
+    blocks = len(hashes)
     if request.prompt_tokens // request.hash_block_size != blocks:
         raise BadAdmission(
             f"{request.prompt_tokens} tokens make "
@@ -97,10 +95,7 @@ def _prompt_hashes(request: pb.AdmitRequest) -> PromptHashes:
             f"{request.hash_block_size}, not {blocks}",
             field="prompt_tokens",
         )
-    return PromptHashes(
-        BlockConfig(request.hash_block_size, request.hash_seed),
-        struct.unpack(f"<{blocks}Q", packed),
-    )
+    return PromptHashes(BlockConfig(request.hash_block_size, request.hash_seed), hashes)
 
 
 def replica_to_pb(spec: ReplicaSpec) -> pb.Replica:

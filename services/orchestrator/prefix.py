@@ -417,8 +417,9 @@ class RegistryPrefixIndex:
         """The prompt's block hashes: as sent when computed with this index's config, else
         hashed here; none (cache-blind) for hashes of another config without the prompt."""
         if sent is not None:
-            if sent.config == self._config:
-                return sent.hashes
+            same = sent.under(self._config)
+            if same is not None:
+                return same
             metrics.record_kv_lookup("config_mismatch")
             if not self._mismatch_logged:
                 self._mismatch_logged = True

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import struct
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -33,7 +32,13 @@ from llmmesh.common.sojourn import CALLER_KEY, SENT_AT_KEY
 from llmmesh.common.topology import Priority, ReplicaAddress
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from llmmesh.kvblocks import BlockConfig, ChunkedHashes, block_hashes, tokens_from_bytes
+from llmmesh.kvblocks import (
+    BlockConfig,
+    ChunkedHashes,
+    block_hashes,
+    hashes_from_le64,
+    tokens_from_bytes,
+)
 from services.gateway import orchestrator_client
 from services.gateway.admission import AdmissionRequest, LeaseReport, Outcome
 from services.gateway.errors import NoReplica, OrchestratorUnavailable
@@ -613,9 +618,7 @@ async def test_with_a_hasher_a_stream_admit_sends_the_prompt_s_length_and_block_
     [on_stream], [by_call] = s.service.admits, refusing.service.admits
     assert not on_stream.prompt_tokens_le32
     assert (on_stream.prompt_tokens, on_stream.hash_block_size, on_stream.hash_seed) == (50, 4, 9)
-    sent = struct.unpack(
-        f"<{len(on_stream.prompt_block_hashes_le64) // 8}Q", on_stream.prompt_block_hashes_le64
-    )
+    sent = hashes_from_le64(on_stream.prompt_block_hashes_le64)
     assert list(sent) == block_hashes(prompt, config)
     assert list(tokens_from_bytes(by_call.prompt_tokens_le32)) == prompt
     assert not by_call.prompt_block_hashes_le64

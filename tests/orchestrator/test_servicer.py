@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import struct
 import time
 from collections.abc import AsyncIterator
 
@@ -17,7 +16,7 @@ from llmmesh.common.errors import RETRY_AFTER_KEY, Reason, code_number, from_rpc
 from llmmesh.common.sojourn import CALLER_KEY, call_metadata
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from llmmesh.kvblocks import BlockConfig, PromptHashes, token_bytes
+from llmmesh.kvblocks import BlockConfig, PromptHashes, hash_bytes, token_bytes
 from services.orchestrator.convert import MAX_PROMPT_TOKENS, admission_from_pb
 from services.orchestrator.director import Orchestrator
 from services.orchestrator.errors import BadAdmission
@@ -359,7 +358,7 @@ def hashed(n_tokens: int, blocks: int, block_size: int = 32, **kw: object) -> pb
         prompt_tokens=n_tokens,
         hash_block_size=block_size,
         hash_seed=7,
-        prompt_block_hashes_le64=struct.pack(f"<{blocks}Q", *range(1, blocks + 1)),
+        prompt_block_hashes_le64=hash_bytes(range(1, blocks + 1)),
         **kw,  # type: ignore[arg-type]
     )
 
