@@ -87,12 +87,11 @@ def _prompt_hashes(request: pb.AdmitRequest) -> PromptHashes:
         raise BadAdmission(str(err), field="prompt_block_hashes_le64") from err
     if request.hash_block_size <= 0:
         raise BadAdmission("must be positive with block hashes", field="hash_block_size")
-    blocks = len(hashes)
-    if request.prompt_tokens // request.hash_block_size != blocks:
+    full = request.prompt_tokens // request.hash_block_size
+    if full != len(hashes):
         raise BadAdmission(
-            f"{request.prompt_tokens} tokens make "
-            f"{request.prompt_tokens // request.hash_block_size} full blocks of "
-            f"{request.hash_block_size}, not {blocks}",
+            f"{request.prompt_tokens} tokens make {full} full blocks of "
+            f"{request.hash_block_size}, not {len(hashes)}",
             field="prompt_tokens",
         )
     return PromptHashes(BlockConfig(request.hash_block_size, request.hash_seed), hashes)

@@ -242,8 +242,9 @@ class LoadLedger:
         return rep.recent
 
     def estimated_for_s(self, replica_id: str) -> float:
-        """How much longer the replica's last `load` answer stands unchanged (0 when none does):
-        a timer set from that answer fires no earlier, or it would read the same answer."""
+        """How much longer the replica's last timed `load` answer stands unchanged (0 when none
+        does; an idle replica's answer does not change with time, and it has no backlog to wake
+        for): a timer set from that answer fires no earlier, or it would read the same answer."""
         rep = self._replicas.get(replica_id)
         if rep is None or rep.recent is None:
             return 0.0

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 
 from services.orchestrator.director import Orchestrator
-from services.orchestrator.domain import AdmissionRequest, Outcome, Priority
+from services.orchestrator.domain import AdmissionRequest, Clock, Outcome, Priority
 from services.orchestrator.errors import BadAdmission, NoReplicaReady, QueueFull, QueueTimeout
 from services.orchestrator.policy import (
     AdmissionPolicy,
@@ -69,12 +69,13 @@ async def ready_core(
     policy: Policy | None = None,
     prefix: PrefixIndex | None = None,
     specs: list[ReplicaSpec] | None = None,
+    clock: Clock = time.monotonic,
 ) -> tuple[Orchestrator, FakeProbe]:
     probe = FakeProbe()
     s = settings(n, cap, queue)
     if specs is not None:
         s.replicas = specs
-    core = Orchestrator(s, probe, policy, prefix)
+    core = Orchestrator(s, probe, policy, prefix, clock=clock)
     probe.ready_ids = {r.id for r in s.replicas}
     await core.probe_once()
     return core, probe

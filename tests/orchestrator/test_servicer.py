@@ -18,12 +18,11 @@ from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from llmmesh.kvblocks import BlockConfig, PromptHashes, hash_bytes, token_bytes
 from services.orchestrator.convert import MAX_PROMPT_TOKENS, admission_from_pb
-from services.orchestrator.director import Orchestrator
 from services.orchestrator.errors import BadAdmission
 from services.orchestrator.servicer import OrchestratorServicer
 from tests.helpers import eventually
 from tests.orchestrator.serving import dns_discovered, serve
-from tests.orchestrator.test_core import FakeProbe, ready_core, settings
+from tests.orchestrator.test_core import ready_core
 
 
 @pytest_asyncio.fixture
@@ -168,11 +167,7 @@ async def test_a_malformed_packed_prompt_is_invalid_argument(
 
 
 async def test_a_packed_prompt_is_admitted_as_its_token_ids() -> None:
-    probe = FakeProbe()
-    s = settings(n=1, cap=4)
-    core = Orchestrator(s, probe, clock=lambda: 10.0)  # time stands still: no prefill progress
-    probe.ready_ids = {"r0"}
-    await core.probe_once()
+    core, _ = await ready_core(n=1, cap=4, clock=lambda: 10.0)  # no prefill progress
     ids = list(range(7, 7 + 300))
     async with serve(core) as stub:
         req = pb.AdmitRequest(
@@ -381,15 +376,13 @@ def test_a_hashed_prompt_converts_to_its_length_and_hashes() -> None:
         (hashed(100, 4), "prompt_tokens"),  # 100 tokens hold 3 full blocks, not 4
         (hashed(100, 3, block_size=0), "hash_block_size"),
         (hashed(100, 3, prompt_token_ids=[1, 2]), "prompt_block_hashes_le64"),  # both ways
-        (hashed(0, 0, prompt_tokens_le32=b"\x01\x00\x00\x00"), "prompt_block_hashes_le64"),
+        (hashed(0, 1, prompt_tokens_le32=token_bytes([1])), "prompt_block_hashes_le64"),
         (hashed(MAX_PROMPT_TOKENS + 1, 0, block_size=2**31), "prompt_tokens"),  # a claim only
     ],
 )
 def test_a_hashed_prompt_that_does_not_add_up_is_invalid(
     request_: pb.AdmitRequest, field: str
 ) -> None:
-    if not request_.prompt_block_hashes_le64 and not request_.prompt_tokens:
-        request_.prompt_block_hashes_le64 = b"\x00" * 8  # hashes beside a packed prompt
     with pytest.raises(BadAdmission) as info:
         admission_from_pb(request_)
     assert info.value.field == field
@@ -404,10 +397,7 @@ def test_hash_bytes_that_are_no_whole_uint64s_are_invalid() -> None:
 
 
 async def test_a_hashed_prompt_is_admitted_and_counted_by_its_length() -> None:
-    probe = FakeProbe()
-    core = Orchestrator(settings(n=1, cap=4), probe, clock=lambda: 10.0)  # no prefill progress
-    probe.ready_ids = {"r0"}
-    await core.probe_once()
+    core, _ = await ready_core(n=1, cap=4, clock=lambda: 10.0)  # no prefill progress
     async with serve(core) as stub:
         lease = await stub.Admit(hashed(300, 9), timeout=5)
         assert lease.replica.id == "r0"
