@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Protocol
 
@@ -78,6 +79,12 @@ class Health:
         now = self._clock()
         st.outcomes.append((now, False))
         self._window(st, now)
+
+    def window_moves_at(self, st: ReplicaState) -> float:
+        """When the oldest outcome leaves the window by age (infinity without one): until then
+        `recent_failures` changes only by a new outcome."""
+        q = st.outcomes
+        return q[0][0] + self._policy.failure_window_s if q else math.inf
 
     def recent_failures(self, st: ReplicaState, now: float) -> int:
         """Requests that failed on the replica within the window (the scorers' load penalty)."""
@@ -212,6 +219,10 @@ class EngineSampler:
         if st.sample is None or now - st.sample_at > self._max_age_s:
             return None
         return st.sample
+
+    def fresh_until(self, st: ReplicaState) -> float:
+        """When the replica's stored sample stops being fresh (infinity without one)."""
+        return math.inf if st.sample is None else st.sample_at + self._max_age_s
 
     async def scrape(
         self,

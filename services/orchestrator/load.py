@@ -27,6 +27,8 @@ leases live now over those live when the sample was applied, others' counted at 
 
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass, field
 
 from services.orchestrator.domain import Clock
@@ -36,6 +38,9 @@ from services.orchestrator.scheduling.work import WorkModel
 # EWMA weight of the newest grant in the mean prefill work and context per replica.
 _MEAN_ALPHA = 0.1
 _NO_LOAD = ReplicaLoad()
+# Every replica's accounting stamps, ledger-wide: a replica dropped and accounted again never
+# repeats a stamp it had.
+_STAMPS = itertools.count()
 
 
 @dataclass(slots=True)
@@ -68,10 +73,13 @@ class _Replica:
     # step of it (`LoadLedger.resolution_s`). Reset by every change (`changed`).
     recent: ReplicaLoad | None = None
     recent_at: float = 0.0
+    # Renewed by every change: equal stamps, the same accounting (`LoadLedger.stamp`).
+    stamp: int = field(default_factory=lambda: next(_STAMPS))
 
     def changed(self) -> None:
         """The accounting changed: no earlier `load` answer stands."""
         self.idle = self.recent = None
+        self.stamp = next(_STAMPS)
 
 
 class LoadLedger:
@@ -233,13 +241,28 @@ class LoadLedger:
         now = self._clock()
         if not rep.leases and rep.busy_until <= now:
             if rep.idle is None:
-                rep.idle = self._load(rep, now)
+                rep.idle, rep.recent = self._load(rep, now), None
             return rep.idle
         recent = rep.recent
         if recent is not None and 0.0 <= now - rep.recent_at < self.resolution_s:
             return recent
         rep.recent, rep.recent_at = self._load(rep, now), now
         return rep.recent
+
+    def stamp(self, replica_id: str) -> int:
+        """Equal for two calls between which the replica's accounting did not change (no grant,
+        first token, completion, sample or drop): its `load` then differs only by the time."""
+        rep = self._replicas.get(replica_id)
+        return -1 if rep is None else rep.stamp
+
+    def stands_until(self, replica_id: str) -> float:
+        """Until when, with its accounting unchanged (`stamp`), the replica's `load` answers the
+        same object (infinity for an answer that does not depend on the time: an idle replica's,
+        or none yet)."""
+        rep = self._replicas.get(replica_id)
+        if rep is None or rep.recent is None:
+            return math.inf
+        return rep.recent_at + self.resolution_s
 
     def estimated_for_s(self, replica_id: str) -> float:
         """How much longer the replica's last timed `load` answer stands unchanged (0 when none

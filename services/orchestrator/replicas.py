@@ -58,6 +58,11 @@ class ReplicaState:
     view: ReplicaView | None = None
     view_spec: ReplicaSpec | None = None
     view_sample: EngineSample | None = None
+    # The replica's fields `view` was built from (`Orchestrator._view`'s key), and the span of
+    # time it stands for while they stay equal: built at `view_at`, at most one engine step.
+    view_key: tuple[object, ...] | None = None
+    view_at: float = 0.0
+    view_until: float = 0.0
     # `sample_at` of the sample the load ledger was last given (it applies each scrape once; a
     # scrape may store the same sample object again, with its own time and counts).
     observed_at: float | None = None

@@ -4,7 +4,9 @@ a replica's leases, engine sample, health or load gives the next decision a new 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
+from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -77,6 +79,51 @@ async def test_an_unchanged_replica_keeps_its_view_and_each_change_makes_a_new_o
     assert view(core, "r0").ready is False
 
 
+async def test_a_view_stands_until_the_first_change_time_can_bring() -> None:
+    """Between events a view is reused, but never past the time something it shows changes
+    without one: its leases' progress (one engine step), its sample going stale, its ejection
+    ending, its failures leaving the window."""
+    clock = Clock()
+    probe = FakeProbe()
+    probe.ready_ids = {"r0"}
+    s = settings(n=1, cap=8)
+    core = Orchestrator(s, probe, clock=clock)
+    await core.probe_once()
+    st = state(core, "r0")
+    idle = view(core, "r0")
+    clock.t += 1000.0
+    assert view(core, "r0") is idle  # nothing it shows moves with time
+
+    lease = await core.admit(req("a"), 1.0)
+    held = view(core, "r0")
+    assert held.load is not None
+    assert (held.load.prefill_tokens, held.load.decode_seqs) == (3, 0)
+    step = core._load.resolution_s
+    clock.t += step / 2
+    assert view(core, "r0") is held  # within one engine step
+    clock.t += step
+    moved = view(core, "r0")
+    assert moved.load is not None
+    assert (moved.load.prefill_tokens, moved.load.decode_seqs) == (0, 1)  # decoding now
+
+    st.sample, st.sample_at = EngineSample(3, 0, 10, 100, 8), clock.t
+    sampled = view(core, "r0")
+    assert sampled.engine_active == 3
+    core.complete(lease.lease_id, Outcome.REPLICA_ERROR)
+    failed = view(core, "r0")
+    assert failed.recent_failures == 1
+    st.ejected_until = clock.t + 1.0
+    ejected = view(core, "r0")
+    assert ejected.ejected
+
+    clock.t = st.ejected_until
+    assert not view(core, "r0").ejected
+    clock.t = st.sample_at + s.metrics_max_age_s + 1e-6
+    assert view(core, "r0").engine_active is None
+    clock.t = st.outcomes[0][0] + Policy().health.failure_window_s + 1e-6
+    assert view(core, "r0").recent_failures == 0
+
+
 def test_an_idle_replica_load_is_computed_once_and_reset_by_any_change() -> None:
     clock = Clock()
     led = LoadLedger(clock, WorkModel.named("llama-3.1-8b-h100-bf16"))
@@ -95,6 +142,36 @@ def test_an_idle_replica_load_is_computed_once_and_reset_by_any_change() -> None
     assert others.decode_seqs == 4
     led.grant("b", "r", 500, 0, 16)
     assert led.load("r").prefill_tokens == 500
+
+
+def test_the_ledger_stamp_changes_with_each_event_and_an_estimate_stands_one_step() -> None:
+    clock = Clock()
+    led = LoadLedger(clock, WorkModel.named("llama-3.1-8b-h100-bf16"))
+    assert (led.stamp("r"), led.stands_until("r")) == (-1, math.inf)  # never accounted
+    stamps = [led.stamp("r")]
+    events: list[Callable[[], None]] = [
+        lambda: led.grant("a", "r", 1000, 0, 16),
+        lambda: led.first_token("a"),
+        lambda: led.observe("r", 1, 0, 1, clock.t),
+        lambda: led.complete("a"),
+    ]
+    for event in events:
+        event()
+        stamps.append(led.stamp("r"))
+        assert led.stamp("r") == stamps[-1]  # reading does not change it
+    assert len(set(stamps)) == len(stamps)
+
+    led.grant("b", "r", 1000, 0, 16)
+    busy = led.load("r")
+    assert led.stands_until("r") == clock.t + led.resolution_s
+    clock.t += led.resolution_s / 2
+    assert led.load("r") is busy
+    led.complete("b")
+    led.load("r")
+    assert led.stands_until("r") == math.inf  # idle: the answer does not depend on the time
+    led.drop_replica("r")
+    led.grant("c", "r", 10, 0, 1)
+    assert led.stamp("r") not in stamps  # accounted again: a stamp never seen before
 
 
 def scraped(*ids: str) -> list[ReplicaState]:

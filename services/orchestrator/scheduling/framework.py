@@ -116,8 +116,7 @@ class Scheduler:
                 raise RuntimeError(
                     f"scorer {s.name} returned {len(scores)} scores for {len(candidates)} replicas"
                 )
-            for i, v in enumerate(scores):
-                totals[i] += weight * clamp(v)
+            totals = [t + weight * clamp(v) for t, v in zip(totals, scores, strict=True)]
         start = time.perf_counter()
         chosen = self.profile.picker.plugin.pick(request, candidates, totals, self._rng)  # type: ignore[union-attr]
         self._timers[self.profile.picker.name].observe(time.perf_counter() - start)
