@@ -349,9 +349,15 @@ def pin(pids: Iterable[int], cpus: set[int]) -> None:
                     os.sched_setaffinity(int(tid), cpus)
 
 
+# The CPUs this process may run on as it started: `pin` narrows the load generator's own
+# affinity, and a later `pinning` (the next configuration of a run) must split the same set.
+_STARTED_ON = sorted(os.sched_getaffinity(0))
+
+
 def pinning(enabled: bool) -> tuple[set[int], set[int]] | None:
-    """(engine and load generator CPUs, mesh CPUs), or None."""
-    cpus = sorted(os.sched_getaffinity(0))
+    """(engine and load generator CPUs, mesh CPUs), or None; the same split for every call of a
+    run, whatever this process was pinned to meanwhile."""
+    cpus = _STARTED_ON
     if not enabled or len(cpus) < 2:
         return None
     half = len(cpus) // 2

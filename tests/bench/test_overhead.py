@@ -1,0 +1,29 @@
+"""The benchmarks' CPU split holds for a whole run."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from bench.overhead import pin, pinning
+
+
+def test_the_split_is_the_same_after_this_process_was_pinned() -> None:
+    """A run pins itself to the first half, then splits again for its next configuration (as
+    bench-admit does per replica count): the second split must not see only that half."""
+    before = os.sched_getaffinity(0)
+    if len(before) < 2:
+        pytest.skip("one CPU: nothing to split")
+    split = pinning(True)
+    assert split is not None
+    load, mesh = split
+    assert load and mesh and not load & mesh
+    try:
+        pin([os.getpid()], load)
+        assert os.sched_getaffinity(0) == load
+        assert pinning(True) == split
+    finally:
+        for tid in os.listdir(f"/proc/{os.getpid()}/task"):
+            os.sched_setaffinity(int(tid), before)
+    assert pinning(False) is None
