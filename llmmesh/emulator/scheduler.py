@@ -113,6 +113,11 @@ class Scheduler(RequestQueues[_Running]):
         self.vocab = vocab
         self._last_scheduled = 0
         self._last_context = 0
+        # After `step()`: its queue head (if any) fits no iteration until a running sequence
+        # finishes (a full batch, a KV cache without room for it, or more new tokens than an
+        # iteration of the running sequences leaves); False when the next iteration admits it
+        # (only this iteration's other admissions used the token budget it needs).
+        self.head_waits_for_finish = False
 
     # ----------------------------------------------------------------- requests
     def validate(self, req: GenerationRequest) -> None:
@@ -151,7 +156,11 @@ class Scheduler(RequestQueues[_Running]):
         budget = self.config.max_num_tokens - len(decoding)
         # Admission + prefill, FCFS.
         admitted: list[_Running] = []
-        while self._waiting and len(self._running) < self.config.max_batch_size:
+        waits = False
+        while self._waiting:
+            if len(self._running) >= self.config.max_batch_size:
+                waits = True
+                break
             rid, r = next(iter(self._waiting.items()))
             if r.prompt_hashes is None:
                 r.prompt_hashes = self.cache.prompt_hashes(r.req.prompt_ids)
@@ -159,9 +168,12 @@ class Scheduler(RequestQueues[_Running]):
             cached = len(self.cache.match_prefix(r.req.prompt_ids, hashes)) * self.cache.block_size
             new_tokens = len(r.req.prompt_ids) - cached
             if new_tokens > budget:
+                # The next iteration's budget: every running sequence decodes, nothing else.
+                waits = new_tokens > self.config.max_num_tokens - len(self._running)
                 break
             blocks = self.cache.try_admit(rid, r.req.prompt_ids, r.req.max_new_tokens, hashes)
             if blocks is None:
+                waits = True
                 break
             del self._waiting[rid]
             self._running[rid] = r
@@ -170,6 +182,7 @@ class Scheduler(RequestQueues[_Running]):
             r.context_tokens = len(r.req.prompt_ids)
             shape = shape + prefill_shape(new_tokens, blocks.reused_blocks * self.cache.block_size)
             admitted.append(r)
+        self.head_waits_for_finish = waits
         duration = self.cost.step_time_s(shape)
         done_ns = now_ns + int(duration * self.time_scale * 1e9)
         for r in decoding + admitted:

@@ -233,7 +233,7 @@ class SimEngine:
         self._version += 1
         self.iterations += 1
         self.busy_s += step.duration_s * self._scale
-        self._blocked = self._has_waiting()
+        self._blocked = sched.head_waits_for_finish
         self._busy_until = now + step.duration_s * self._scale
         self._timer = self._loop.call_at(self._busy_until, self._step_done)
 

@@ -18,7 +18,9 @@ def test_the_split_is_the_same_after_this_process_was_pinned() -> None:
     split = pinning(True)
     assert split is not None
     load, mesh = split
-    assert load and mesh and not load & mesh
+    assert load
+    assert mesh
+    assert not load & mesh
     try:
         pin([os.getpid()], load)
         assert os.sched_getaffinity(0) == load
