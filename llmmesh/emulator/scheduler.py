@@ -116,7 +116,9 @@ class Scheduler(RequestQueues[_Running]):
         # After `step()`: its queue head (if any) fits no iteration until a running sequence
         # finishes (a full batch, a KV cache without room for it, or more new tokens than an
         # iteration of the running sequences leaves); False when the next iteration admits it
-        # (only this iteration's other admissions used the token budget it needs).
+        # (only this iteration's other admissions used the token budget it needs). KV room can
+        # also grow when a decoded block is found already stored (identical sequences): then
+        # the head is admitted at the next finish instead.
         self.head_waits_for_finish = False
 
     # ----------------------------------------------------------------- requests

@@ -481,43 +481,45 @@ class Orchestrator:
         time (other orchestrators', or a dead one's); 0 without a fresh sample."""
         return _others(st, self._sampler.fresh(st, now))
 
-    def _view_key(self, st: ReplicaState) -> tuple[object, ...]:
-        """What a view is built from that changes only by an event: spec, sample, leases,
-        readiness, ejection, failures and the load ledger's accounting (`LoadLedger.stamp`)."""
+    def _view_key(self, st: ReplicaState, now: float) -> tuple[object, ...]:
+        """What a view is built from that an event changes: spec, sample, leases, readiness,
+        ejection, failures, the load ledger's accounting (`LoadLedger.stamp`), and the leases
+        expected to end soon (they raise the cap; time and the mean service time move them)."""
         return (
             st.spec,
             st.sample,
             st.sample_at,
+            st.sample_in_flight,
             st.in_flight,
             st.ready,
             st.ejected_until,
             st.failed_outcomes,
             self._load.stamp(st.spec.id),
+            capacity.ending_soon(
+                st.lease_starts, now, self._settings.start_soon_s, self._service.mean_s
+            ),
         )
 
     def _view(self, st: ReplicaState, now: float) -> ReplicaView:
         """The replica as scheduling sees it now. A view is an immutable snapshot; it stands
-        while its key (`_view_key`: what only an event changes) is unchanged, until the first
-        time-driven change it may show: its load estimate's end (`LoadLedger.stands_until`; an
-        idle replica's never ends), one engine step (the ledger's `resolution_s`) while it
-        holds leases (leases ending soon add to its cap as time passes), its engine sample's
-        freshness, its ejection, its oldest outcome leaving the failure window. A replica
-        nothing happened to then costs no work per decision. Built again, the last view is still
-        returned while everything it shows is unchanged (same spec, sample and load objects,
-        equal counts and flags)."""
+        while its key (`_view_key`: what events change, and the leases ending soon) is unchanged,
+        until the first time-driven change it may show: its load estimate's end
+        (`LoadLedger.stands_until`: one engine step with leases; an idle replica's never ends),
+        its engine sample's freshness, its ejection, its oldest outcome leaving the failure
+        window. A replica nothing happened to then costs no work per decision. Built again, the
+        last view is still returned while everything it shows is unchanged (same spec, sample
+        and load objects, equal counts and flags)."""
         v = st.view
         if (
             v is not None
             and st.view_at <= now < st.view_until
-            and st.view_key == self._view_key(st)
+            and st.view_key == self._view_key(st, now)
         ):
             return v
         v = self._build_view(st, now)
-        st.view_key = self._view_key(st)
+        st.view_key = self._view_key(st, now)
         st.view_at = now
         until = self._load.stands_until(st.spec.id)
-        if st.lease_starts:  # leases ending soon add to the cap as time passes
-            until = min(until, now + self._load.resolution_s)
         if v.engine_active is not None:
             until = min(until, self._sampler.fresh_until(st))
         if v.ejected:

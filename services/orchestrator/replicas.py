@@ -58,8 +58,8 @@ class ReplicaState:
     view: ReplicaView | None = None
     view_spec: ReplicaSpec | None = None
     view_sample: EngineSample | None = None
-    # The replica's fields `view` was built from (`Orchestrator._view`'s key), and the span of
-    # time it stands for while they stay equal: built at `view_at`, at most one engine step.
+    # What `view` was built from (`Orchestrator._view`'s key), and the span of time it stands
+    # for while that stays equal: from `view_at` to `view_until`.
     view_key: tuple[object, ...] | None = None
     view_at: float = 0.0
     view_until: float = 0.0

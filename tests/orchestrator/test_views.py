@@ -4,6 +4,7 @@ a replica's leases, engine sample, health or load gives the next decision a new 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import threading
 from collections.abc import Callable
@@ -142,6 +143,27 @@ def test_an_idle_replica_load_is_computed_once_and_reset_by_any_change() -> None
     assert others.decode_seqs == 4
     led.grant("b", "r", 500, 0, 16)
     assert led.load("r").prefill_tokens == 500
+
+
+async def test_a_standing_view_follows_the_cap_the_mean_service_time_gives() -> None:
+    """The leases expected to end soon raise a replica's cap, and the first completion anywhere
+    (the mean service time becomes known) changes how many: a replica with no event of its own
+    shows the cap a fresh computation gives."""
+    clock = Clock()
+    probe = FakeProbe()
+    probe.ready_ids = {"r0", "r1"}
+    core = Orchestrator(settings(n=2, cap=8), probe, clock=clock)
+    await core.probe_once()
+    st = state(core, "r0")
+    st.sample, st.sample_at = EngineSample(4, 0, 10, 100, 4), clock.t
+    before = view(core, "r0")
+    assert before.cap == core._cap(st, clock.t)
+    lease = await core.admit(dataclasses.replace(req("a"), exclude_replicas=frozenset({"r0"})), 1.0)
+    clock.t += 0.5
+    assert core.complete(lease.lease_id, Outcome.SUCCESS)
+    after = view(core, "r0")
+    assert after.cap == core._cap(st, clock.t)
+    assert after.cap != before.cap
 
 
 def test_the_ledger_stamp_changes_with_each_event_and_an_estimate_stands_one_step() -> None:
