@@ -71,11 +71,10 @@ class IncrementalDecoder:
     every token before `read_offset` has had its text returned.
     """
 
-    __slots__ = ("_decode", "_ids", "_prefix_offset", "_read_offset", "_step", "_tokenizer")
+    __slots__ = ("_ids", "_prefix_offset", "_read_offset", "_step", "_tokenizer")
 
     def __init__(self, model: ServedModel) -> None:
         self._tokenizer = model.tokenizer
-        self._decode = model.tokenizer.decode  # on the per-token path: no wrapper per call
         self._step: DecodeStream | None = DecodeStream(skip_special_tokens=True)
         self._ids: list[int] = []
         self._prefix_offset = 0  # the tokens of the last delta begin here (its context)
@@ -112,7 +111,7 @@ class IncrementalDecoder:
 
     def _unread(self) -> str:
         """The text of the tokens from `read_offset` on, decoded after the last delta's tokens."""
-        ids, decode = self._ids, self._decode
+        ids, decode = self._ids, self._tokenizer.decode
         prefix: str = decode(ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
         full: str = decode(ids[self._prefix_offset :], skip_special_tokens=True)
         return full[len(prefix) :] if len(full) > len(prefix) else ""

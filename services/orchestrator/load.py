@@ -268,10 +268,8 @@ class LoadLedger:
         """How much longer the replica's last timed `load` answer stands unchanged (0 when none
         does; an idle replica's answer does not change with time, and it has no backlog to wake
         for): a timer set from that answer fires no earlier, or it would read the same answer."""
-        rep = self._replicas.get(replica_id)
-        if rep is None or rep.recent is None:
-            return 0.0
-        return max(0.0, rep.recent_at + self.resolution_s - self._clock())
+        until = self.stands_until(replica_id)
+        return 0.0 if until == math.inf else max(0.0, until - self._clock())
 
     def _load(self, rep: _Replica, now: float) -> ReplicaLoad:
         prefill = 0.0

@@ -126,13 +126,9 @@ class EstimatedWaitScorer:
         if len(last) > _LAST_MAX:
             last.clear()
         prompt, max_tokens = request.prompt_tokens, request.max_tokens
-        # `cached_tokens` inline (one call per replica per decision is most of this loop).
-        blocks = request.prefix_blocks if self.params.prefix_aware else {}
-        block_size, most = self.params.block_size, max(prompt - 1, 0)
         times = []
         for r in replicas:
-            n = blocks.get(r.id, 0)
-            cached = min(n * block_size, most) if n else 0
+            cached = self.cached_tokens(request, r)
             hit = last.get(r.id)
             if (
                 hit is not None
