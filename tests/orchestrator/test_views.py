@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
 import threading
-from collections.abc import Callable
 
 import aiohttp
 import pytest
@@ -164,36 +162,6 @@ async def test_a_standing_view_follows_the_cap_the_mean_service_time_gives() -> 
     after = view(core, "r0")
     assert after.cap == core._cap(st, clock.t)
     assert after.cap != before.cap
-
-
-def test_the_ledger_stamp_changes_with_each_event_and_an_estimate_stands_one_step() -> None:
-    clock = Clock()
-    led = LoadLedger(clock, WorkModel.named("llama-3.1-8b-h100-bf16"))
-    assert (led.stamp("r"), led.stands_until("r")) == (-1, math.inf)  # never accounted
-    stamps = [led.stamp("r")]
-    events: list[Callable[[], None]] = [
-        lambda: led.grant("a", "r", 1000, 0, 16),
-        lambda: led.first_token("a"),
-        lambda: led.observe("r", 1, 0, 1, clock.t),
-        lambda: led.complete("a"),
-    ]
-    for event in events:
-        event()
-        stamps.append(led.stamp("r"))
-        assert led.stamp("r") == stamps[-1]  # reading does not change it
-    assert len(set(stamps)) == len(stamps)
-
-    led.grant("b", "r", 1000, 0, 16)
-    busy = led.load("r")
-    assert led.stands_until("r") == clock.t + led.resolution_s
-    clock.t += led.resolution_s / 2
-    assert led.load("r") is busy
-    led.complete("b")
-    led.load("r")
-    assert led.stands_until("r") == math.inf  # idle: the answer does not depend on the time
-    led.drop_replica("r")
-    led.grant("c", "r", 10, 0, 1)
-    assert led.stamp("r") not in stamps  # accounted again: a stamp never seen before
 
 
 def scraped(*ids: str) -> list[ReplicaState]:
