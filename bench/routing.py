@@ -6,7 +6,9 @@ Two modes:
        kv_registry on virtual time, engines on the emulator's scheduler and cost model) on the
        full workloads: seconds per arm, no mesh;
   live: a fresh local mesh per arm (cold engines and caches) on a sample of each workload
-       (`--live-sample`: traces by time window, sessions by session), replayed in real time.
+       (`--live-sample`: Azure by time window, sessions by session, Mooncake the stretch of
+       consecutive requests whose infinite-cache hit rate is nearest the whole trace's, the next
+       nearest for each further seed: `workloads.stretch_like`), replayed in real time.
        To keep 2 cores ahead of the engines, the emulator runs TIME_SCALE (9-16 on the small
        samples) times slower than the H100 profile; the local mesh sets the orchestrator's
        `engine_time_scale` to it, so its work model (estimated-wait scorer, load ledger) and the
@@ -498,7 +500,15 @@ async def run_live_seed(
     workload: str, args: argparse.Namespace, block_size: int, seed: int
 ) -> tuple[SeedRun, dict[str, Any]]:
     spec = wl.MATRIX[workload]
-    natural = spec.build(sample_of(workload, args, args.live_sample), seed)
+    if spec.live_stretch:
+        natural = wl.stretch_like(
+            sorted(spec.build(1.0, seed), key=lambda r: r.arrival_s),
+            args.live_sample,
+            lambda rs: oracle_hit_rate(rs, block_size),
+            rank=seed - args.seed,
+        )
+    else:
+        natural = spec.build(sample_of(workload, args, args.live_sample), seed)
     shape = engine_shape(natural, args.cache_fraction, block_size)
     plan = plan_load(
         natural, replicas=args.replicas, shape=shape, load=args.load, duration_s=args.duration

@@ -159,6 +159,38 @@ def test_sample_windows_matches_the_mooncake_sampler(tmp_path: Path) -> None:
     ]
 
 
+def _reuse_share(reqs: Sequence[wl.Request]) -> float:
+    # Share of requests whose prompt (its single block id) appeared earlier in the list.
+    seen: set[int] = set()
+    hits = 0
+    for r in reqs:
+        key = r.prompt_token_ids[0]
+        hits += key in seen
+        seen.add(key)
+    return hits / len(reqs)
+
+
+def test_stretch_like_keeps_the_contiguous_stretch_nearest_the_whole() -> None:
+    # 40 requests: the first 20 all distinct, the last 20 two alternating prompts. Whole: reuse
+    # 18/40 = 0.45; a 10-request stretch reuses 0 (first half), 0.8 (second half) or between.
+    ids = list(range(20)) + [100, 101] * 10
+    reqs = [wl.Request(float(i), wl.unique_tokens(wl.NS_AZURE, k, 4), 1) for i, k in enumerate(ids)]
+    got = wl.stretch_like(reqs, 0.25, _reuse_share)
+    assert len(got) == 10
+    assert got[0].arrival_s == 0.0
+    starts = [int(r.arrival_s) for r in got]
+    assert starts == list(range(10))  # contiguous, times from the stretch's first
+    # Candidates start every 5: 0, 5, ..., 30; nearest 0.45 is the one at 15 (0.3; 20 and 25: 0.8).
+    first = reqs.index(next(r for r in reqs if r.prompt_token_ids == got[0].prompt_token_ids))
+    assert first == 15
+    assert _reuse_share(got) == pytest.approx(0.3)
+    second = wl.stretch_like(reqs, 0.25, _reuse_share, rank=1)
+    assert second[0].prompt_token_ids != got[0].prompt_token_ids
+    assert wl.stretch_like(reqs, 1.0, _reuse_share) == reqs
+    with pytest.raises(ValueError, match="fraction"):
+        wl.stretch_like(reqs, 0.0, _reuse_share)
+
+
 def test_shared_prefix_groups_share_the_system_prompt_only() -> None:
     reqs = wl.shared_prefix(
         groups=3,
