@@ -32,7 +32,8 @@ round-robin measured on the same seed, the engine-observed KV hit rate against t
 oracle and the capacity-limited bound (per-replica LRU of the real KV size with perfect
 placement, `bench.report.capacity_limited_hit_rate`), and (sim) the highest arrival rate each
 profile sustains with p99 TTFT <= `--slo-p99-s` and nothing refused: bisection on the rate over
-`--bisect-sample` of the workload, on the first `--bisect-seeds` seeds. Then the issue's
+`--bisect-sample` of the workload (Mooncake: `--bisect-trace-sample`, the stretch of consecutive
+requests reusing as the trace does, as the live sample), on the first `--bisect-seeds` seeds. Then the issue's
 targets, met or missed; JSON under bench-results/ (routing.json).
 """
 
@@ -124,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--bisect-trace-sample",
         type=float,
         default=0.1,
-        help="Share of the Mooncake trace (time windows) the rate bisection runs on.",
+        help="Share of the Mooncake trace (a stretch reusing as the trace does) the rate "
+        "bisection runs on.",
     )
     g.add_argument("--bisect-steps", type=int, default=6)
     g.add_argument(
@@ -266,6 +268,22 @@ def sample_of(workload: str, args: argparse.Namespace, share: float) -> float:
     return share
 
 
+def sample_for(
+    spec: wl.WorkloadSpec, args: argparse.Namespace, share: float, seed: int, block_size: int
+) -> list[wl.Request]:
+    """`share` of the workload for a live run or a rate bisection: `spec.build`'s sample, or
+    (`spec.stretch_sample`) the stretch of consecutive requests reusing as the whole does, the
+    nearest for the first seed and the next nearest for each further one."""
+    if not spec.stretch_sample or share >= 1.0:
+        return spec.build(sample_of(spec.name, args, share), seed)
+    return wl.stretch_like(
+        sorted(spec.build(1.0, seed), key=lambda r: r.arrival_s),
+        share,
+        lambda rs: oracle_hit_rate(rs, block_size),
+        rank=seed - args.seed,
+    )
+
+
 def seeds_of(args: argparse.Namespace) -> list[int]:
     return [args.seed + i for i in range(args.seeds)]
 
@@ -349,7 +367,7 @@ def run_sim_seed(name: str, args: argparse.Namespace, block_size: int, seed: int
     )
     if args.bisect_sample > 0 and seed - args.seed < args.bisect_seeds:
         share = args.bisect_trace_sample if name == "mooncake" else args.bisect_sample
-        small = spec.build(sample_of(name, args, share), seed)
+        small = sample_for(spec, args, share, seed, block_size)
         small_cap = rr_capacity(small, args.replicas, shape).requests_per_s
         for arm in [a for a in args.bisect_profiles if a in args.arms]:
             t = time.perf_counter()
@@ -500,15 +518,7 @@ async def run_live_seed(
     workload: str, args: argparse.Namespace, block_size: int, seed: int
 ) -> tuple[SeedRun, dict[str, Any]]:
     spec = wl.MATRIX[workload]
-    if spec.live_stretch:
-        natural = wl.stretch_like(
-            sorted(spec.build(1.0, seed), key=lambda r: r.arrival_s),
-            args.live_sample,
-            lambda rs: oracle_hit_rate(rs, block_size),
-            rank=seed - args.seed,
-        )
-    else:
-        natural = spec.build(sample_of(workload, args, args.live_sample), seed)
+    natural = sample_for(spec, args, args.live_sample, seed, block_size)
     shape = engine_shape(natural, args.cache_fraction, block_size)
     plan = plan_load(
         natural, replicas=args.replicas, shape=shape, load=args.load, duration_s=args.duration

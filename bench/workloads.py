@@ -606,8 +606,9 @@ class WorkloadSpec:
     description: str
     prefix_heavy: bool  # the issue's prefix-heavy targets apply
     build: Callable[[float, int], list[Request]]
-    # Live samples are a stretch reusing as the whole does (`stretch_like`), not `build`'s sample.
-    live_stretch: bool = False
+    # Samples (live runs, rate bisections) are a stretch reusing as the whole does
+    # (`stretch_like`), not `build`'s sample.
+    stretch_sample: bool = False
 
 
 TRACE_MAX_INPUT_TOKENS = 7936
@@ -728,7 +729,7 @@ MATRIX: dict[str, WorkloadSpec] = {
             "Mooncake trace, prompts <= 7936, outputs <= 128",
             True,
             _mooncake,
-            live_stretch=True,
+            stretch_sample=True,
         ),
         WorkloadSpec("azure", "Azure 2023 conversation trace (unique prompts)", False, _azure),
         WorkloadSpec(

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench import routing
+from bench import workloads as wl
 from bench.report import Dist, Summary, summarize
 
 
@@ -117,3 +118,20 @@ def test_sim_runs_every_arm_on_every_seed(tmp_path: Path) -> None:
         "no-reuse: least-loaded mean TTFT / rr",
         "no-reuse: least-loaded p99 TTFT / rr",
     }
+
+
+def test_a_stretch_sampled_workload_gives_each_seed_its_own_stretch() -> None:
+    ids = list(range(20)) + [100, 101] * 10
+    reqs = [
+        wl.Request(float(i), wl.unique_tokens(wl.NS_AZURE, k, 64), 1) for i, k in enumerate(ids)
+    ]
+    spec = wl.WorkloadSpec("t", "test", True, lambda share, seed: reqs, stretch_sample=True)
+    args = routing.build_parser().parse_args(["--seed", "3"])
+    first = routing.sample_for(spec, args, 0.25, 3, 32)
+    second = routing.sample_for(spec, args, 0.25, 4, 32)
+    assert len(first) == len(second) == 10
+    assert first[0].arrival_s == second[0].arrival_s == 0.0
+    assert first[0].prompt_token_ids != second[0].prompt_token_ids
+    assert routing.sample_for(spec, args, 1.0, 3, 32) == reqs
+    plain = dataclasses.replace(spec, stretch_sample=False)
+    assert routing.sample_for(plain, args, 0.25, 3, 32) == reqs  # `build`'s own sample
