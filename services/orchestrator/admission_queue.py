@@ -4,7 +4,9 @@ stamps times and resolves the waiters' futures.
 
 Invariants:
 - Waiters leave in (priority, finish tag, arrival) order; a tenant's finish tag advances by its
-  request's tokens divided by its weight, so tenants share a class in proportion to weight.
+  request's tokens divided by its weight, so tenants share a class in proportion to weight. (The
+  director may grant some of them out of that order, within a class and bounded: its affinity
+  pass, `director.py`.)
 - A waiter leaves the queue exactly once (`pop_ready` handing it to the director, or `withdraw`).
 - The per-tenant finish-tag map stays bounded by the active tenants (`prune`).
 - `queued(p)` is the number of waiters of class p in the queue; the queue never holds more than
@@ -48,6 +50,9 @@ class Waiter:
     pool_key: tuple[str, str] = field(compare=False)  # (pool, model_version) it counts under
     activation: Activation | None = field(compare=False)
     deadline: float = field(compare=False, default=math.inf)  # on the director's clock
+    # Times a later waiter of its class was granted first for its cached prefix (the director's
+    # affinity pass, bounded by the policy's `admission.affinity_window`).
+    passed: int = field(compare=False, default=0)
 
 
 class AdmissionQueue:

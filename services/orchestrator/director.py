@@ -35,6 +35,14 @@ next sample corrects every orchestrator. With one orchestrator the estimate adds
 own requests reach the engine after their lease and leave it before their Complete, so the
 engine never holds more than its leases except for one scrape's race, which is counted as load
 until the next sample.
+- Queued requests are granted in the queue's service order, but for one bounded exception (cache
+  affinity under overload): in a dispatch pass, each replica with room may take first, among the
+  next `admission.affinity_window` waiters of the head's class, the one with the longest cached
+  prefix there (profiles with `queue_affinity`, all built-in ones but round-robin). A waiter is
+  passed over that way at most `affinity_window` times; nothing moves past it after that. Without it, a queue that forms under overload dispatches each request to
+  whichever replica frees first, and the cluster's hit rate falls to round-robin's just when the
+  work it saves matters most (Mooncake, simulated, at 1.2x round-robin's sustainable rate: hit
+  rate 0.32 instead of 0.57, mean TTFT 8.6 s instead of 0.65 s).
 - A waiter leaves the queue exactly once: granted a lease, timed out, cancelled, or failed
   because no replica for its model remains healthy (a waiter for a scale-from-zero pool instead
   fails once its activation timeout passes with no replica ready).
@@ -646,7 +654,11 @@ class Orchestrator:
         # pass O(queue), not a scheduling decision per waiter.
         room = True
         servable: dict[tuple[object, ...], bool] = {}
-        for waiter in self._queue.drain_in_order():
+        waiters = self._queue.drain_in_order()
+        window = self._policy.admission.affinity_window
+        if window > 0 and len(waiters) > 1 and self._scheduler.profile.queue_affinity:
+            waiters = self._affinity_order(waiters, window)
+        for waiter in waiters:
             req = waiter.request
             lease = self._try_grant(req, waiter.prefix, waiter.enqueued_at) if room else None
             if lease is None:
@@ -674,9 +686,47 @@ class Orchestrator:
             self._queue.served(waiter)
             waiter.future.set_result(lease)
         self._queue.prune()
+        blocked.sort()  # service order again (`_affinity_order` moved some up)
         self._queue.restore(self._shed_late(blocked))
         if blocked:
             self._wake_for_backlog()
+
+    def _affinity_order(self, waiters: list[Waiter], window: int) -> list[Waiter]:
+        """`waiters` (in service order) with, for each replica that has room, the waiter with
+        the longest cached prefix there among the next `window` of the head's class moved up to
+        the head (after those moved up for the replicas before it). A waiter passed over
+        `window` times is passed no more: no later waiter is considered past it."""
+        now = self._clock()
+        out = waiters
+        head = 0
+        for st in self._replicas.assignable():
+            if head >= len(out):
+                break
+            v = self._view(st, now)  # the scheduler's cap filter reads the same view
+            if v.in_flight >= v.cap:
+                continue
+            top = out[head].priority
+            best, best_i = 0, -1
+            for i in range(head, min(len(out), head + window)):
+                w = out[i]
+                if w.priority != top:
+                    break
+                cached = w.prefix.cached_tokens(st.spec.id, w.request.prompt_tokens)
+                if cached > best:
+                    best, best_i = cached, i
+                if w.passed >= window:
+                    break
+            if best_i < 0:
+                continue
+            if best_i > head:
+                if out is waiters:
+                    out = list(waiters)
+                chosen = out.pop(best_i)
+                for w in out[head:best_i]:
+                    w.passed += 1
+                out.insert(head, chosen)
+            head += 1
+        return out
 
     def _has_room(self) -> bool:
         """Some assignable replica holds fewer leases (with the others' load) than its cap."""

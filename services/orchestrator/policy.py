@@ -83,6 +83,17 @@ class AdmissionPolicy(BaseModel):
         default_factory=dict, description="Share weight per tenant."
     )
     default_tenant_weight: float = Field(default=1.0, gt=0)
+    affinity_window: int = Field(
+        default=16,
+        ge=0,
+        description=(
+            "Queued requests a replica with room may look at, from the head of the queue's "
+            "first class, to take first the one with the longest cached prefix there (a request "
+            "is passed over that way at most this many times). Under overload the queue would "
+            "otherwise hand each request to whichever replica frees first and lose the cache "
+            "hits that keep the cluster's capacity up. 0: strict service order."
+        ),
+    )
 
     def weight(self, tenant: str) -> float:
         w = self.tenant_weights.get(tenant, self.default_tenant_weight)

@@ -3,12 +3,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import pytest
 
+from llmmesh.kvblocks import PromptHashes
 from services.orchestrator.director import Orchestrator
-from services.orchestrator.domain import AdmissionRequest, Clock, Outcome, Priority
+from services.orchestrator.domain import AdmissionRequest, Clock, Lease, Outcome, Priority
 from services.orchestrator.errors import BadAdmission, NoReplicaReady, QueueFull, QueueTimeout
 from services.orchestrator.policy import (
     AdmissionPolicy,
@@ -418,6 +419,93 @@ async def test_weighted_fair_queuing_across_tenants(
 def expected_order_input() -> list[str]:
     """Arrival order: all of tenant a's backlog first, then tenant b."""
     return ["a1", "a2", "a3", "a4", "b1", "b2"]
+
+
+class ByFirstToken(FixedPrefix):
+    """Matches per prompt: the replicas' leading blocks by the prompt's first token."""
+
+    def __init__(self, by_first: dict[int, dict[str, int]]):
+        super().__init__(PrefixMatches(4, {}))
+        self.by_first = by_first
+
+    async def lookup(
+        self,
+        token_ids: Sequence[int],
+        replica_ids: Collection[str] = (),
+        hashes: PromptHashes | None = None,
+    ) -> PrefixMatches:
+        return PrefixMatches(4, dict(self.by_first.get(token_ids[0], {})))
+
+
+def first_token_req(rid: str, first: int) -> AdmissionRequest:
+    return AdmissionRequest(rid, "tensorrt_llm", [first, 1, 2, 3], 4)
+
+
+async def grant_order(
+    core: Orchestrator, held: list[str], queued: dict[str, asyncio.Task[Lease]]
+) -> list[tuple[str, str]]:
+    """Completes the leases `held` (ids) one at a time, then each newly granted one, and
+    returns (request, replica) in the order the queued requests were granted."""
+    order: list[tuple[str, str]] = []
+    pending = dict(queued)
+    for lease_id in held:
+        core.complete(lease_id, Outcome.SUCCESS)
+        await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
+    while True:
+        for rid in [r for r, t in pending.items() if t.done()]:
+            lease = pending.pop(rid).result()
+            order.append((rid, lease.replica.id))
+            core.complete(lease.lease_id, Outcome.SUCCESS)
+        if not pending:
+            return order
+        await asyncio.wait(pending.values(), return_when=asyncio.FIRST_COMPLETED)
+
+
+@pytest.mark.parametrize(
+    ("window", "profile", "expected"),
+    [
+        # A freed replica takes the queued request with its cached prefix there first.
+        (16, "default", [("hit-r1", "r1"), ("hit-r0", "r0"), ("cold", "r1")]),
+        # Off (window 0, or a cache-blind profile): strict service order.
+        (0, "default", [("cold", "r1"), ("hit-r1", "r0"), ("hit-r0", "r1")]),
+        (16, "round-robin", [("cold", "r1"), ("hit-r1", "r0"), ("hit-r0", "r1")]),
+    ],
+)
+async def test_a_freed_replica_takes_the_queued_request_cached_there(
+    window: int, profile: str, expected: list[tuple[str, str]]
+) -> None:
+    index = ByFirstToken({101: {"r1": 4}, 102: {"r0": 4}})
+    policy = Policy(admission=AdmissionPolicy(affinity_window=window))
+    probe = FakeProbe()
+    s = settings(n=2, cap=1, queue=16)
+    s.profile = profile
+    core = Orchestrator(s, probe, policy, index)
+    probe.ready_ids = {"r0", "r1"}
+    await core.probe_once()
+    held = {}
+    for first in (200, 201):
+        lease = await core.admit(first_token_req(f"hold{first}", first), 1.0)
+        held[lease.replica.id] = lease.lease_id
+    queued = {}
+    for rid, first in (("cold", 100), ("hit-r1", 101), ("hit-r0", 102)):
+        queued[rid] = asyncio.create_task(core.admit(first_token_req(rid, first), 5.0))
+        await assert_queued(core, len(queued))
+    # r1 frees first, then r0.
+    order = await grant_order(core, [held["r1"], held["r0"]], queued)
+    assert order[: len(expected)] == expected
+
+
+async def test_a_queued_request_is_passed_over_at_most_window_times() -> None:
+    index = ByFirstToken({101: {"r0": 4}})
+    policy = Policy(admission=AdmissionPolicy(affinity_window=2))
+    core, _ = await ready_core(n=1, cap=1, queue=16, policy=policy, prefix=index)
+    hold = await core.admit(first_token_req("hold", 200), 1.0)
+    queued = {}
+    for rid, first in (("cold", 100), ("w2", 101), ("w3", 101), ("w4", 101), ("w5", 101)):
+        queued[rid] = asyncio.create_task(core.admit(first_token_req(rid, first), 5.0))
+        await assert_queued(core, len(queued))
+    order = await grant_order(core, [hold.lease_id], queued)
+    assert [rid for rid, _ in order] == ["w2", "w3", "cold", "w4", "w5"]
 
 
 async def test_engine_metrics_cap_and_kv_watermark() -> None:

@@ -40,6 +40,14 @@ class ProfileConfig(BaseModel):
     filters: list[str] = Field(default_factory=list)
     scorers: list[WeightedScorer] = Field(default_factory=list)
     picker: str = Field(min_length=1)
+    queue_affinity: bool = Field(
+        default=True,
+        description=(
+            "While requests queue, a replica with room takes first the queued request with the "
+            "longest cached prefix there (the admission policy's `affinity_window`); false: "
+            "strict service order, as a cache-blind balancer."
+        ),
+    )
 
 
 FILTERS = ["healthy", "model-version", "pool", "circuit-breaker", "kv-watermark"]
@@ -70,7 +78,7 @@ BUILTIN_PROFILES: dict[str, ProfileConfig] = {
         ],
         picker="max-score",
     ),
-    "round-robin": ProfileConfig(filters=FILTERS, picker="round-robin"),
+    "round-robin": ProfileConfig(filters=FILTERS, picker="round-robin", queue_affinity=False),
     "least-loaded": ProfileConfig(
         filters=FILTERS,
         scorers=[

@@ -48,6 +48,7 @@ class Profile:
     filters: tuple[Named, ...]
     scorers: tuple[tuple[Named, float], ...]
     picker: Named
+    queue_affinity: bool = True  # `ProfileConfig.queue_affinity`
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +156,7 @@ def build_profile(
         filters=tuple(make(f, "filter") for f in pc.filters),
         scorers=tuple((make(s.plugin, "scorer"), s.weight) for s in pc.scorers),
         picker=make(pc.picker, "picker"),
+        queue_affinity=pc.queue_affinity,
     )
 
 
