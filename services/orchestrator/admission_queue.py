@@ -5,8 +5,8 @@ stamps times and resolves the waiters' futures.
 Invariants:
 - Waiters leave in (priority, finish tag, arrival) order; a tenant's finish tag advances by its
   request's tokens divided by its weight, so tenants share a class in proportion to weight. (The
-  director may grant some of them out of that order, within a class and bounded: its affinity
-  pass, `director.py`.)
+  director may grant some of them out of that order, within a class, each waiter passed at most
+  `affinity_window` times: its affinity pass, `director.py`; tenants' shares hold up to that.)
 - A waiter leaves the queue exactly once (`pop_ready` handing it to the director, or `withdraw`).
 - The per-tenant finish-tag map stays bounded by the active tenants (`prune`).
 - `queued(p)` is the number of waiters of class p in the queue; the queue never holds more than

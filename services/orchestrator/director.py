@@ -35,14 +35,16 @@ next sample corrects every orchestrator. With one orchestrator the estimate adds
 own requests reach the engine after their lease and leave it before their Complete, so the
 engine never holds more than its leases except for one scrape's race, which is counted as load
 until the next sample.
-- Queued requests are granted in the queue's service order, but for one bounded exception (cache
-  affinity under overload): in a dispatch pass, each replica with room may take first, among the
-  next `admission.affinity_window` waiters of the head's class, the one with the longest cached
-  prefix there (profiles with `queue_affinity`, all built-in ones but round-robin). A waiter is
-  passed over that way at most `affinity_window` times; nothing moves past it after that. Without it, a queue that forms under overload dispatches each request to
-  whichever replica frees first, and the cluster's hit rate falls to round-robin's just when the
-  work it saves matters most (Mooncake, simulated, at 1.2x round-robin's sustainable rate: hit
-  rate 0.32 instead of 0.57, mean TTFT 8.6 s instead of 0.65 s).
+- Queued requests are granted in the queue's service order (a waiter no replica can take now
+  does not hold back later ones that one can), but for one bounded exception, cache affinity
+  while requests queue (profiles with `queue_affinity`: every built-in one but round-robin): in
+  a dispatch pass, each replica with room is granted first, among the next
+  `admission.affinity_window` waiters of the head's class, the one with the longest cached
+  prefix there, if the profile's filters accept the replica for it. Each such grant counts a
+  pass on every waiter ahead of it; the search stops at a waiter passed `affinity_window` times.
+  Without it, a queue formed under overload hands each request to whichever replica frees
+  first, and the cluster's hit rate falls to round-robin's just when the prefill it saves is
+  the capacity that is missing (OVERLOAD.md, "Cache affinity while requests queue").
 - A waiter leaves the queue exactly once: granted a lease, timed out, cancelled, or failed
   because no replica for its model remains healthy (a waiter for a scale-from-zero pool instead
   fails once its activation timeout passes with no replica ready).
@@ -628,8 +630,11 @@ class Orchestrator:
         self, req: AdmissionRequest, prefix: PrefixMatches, enqueued_at: float
     ) -> Lease | None:
         st = self._pick(req, prefix)
-        if st is None:
-            return None
+        return None if st is None else self._grant(req, prefix, enqueued_at, st)
+
+    def _grant(
+        self, req: AdmissionRequest, prefix: PrefixMatches, enqueued_at: float, st: ReplicaState
+    ) -> Lease:
         lease = self._leases.grant(st.spec, enqueued_at)
         self._replicas.acquire(st, lease.granted_at)
         metrics.record_grant(
@@ -657,7 +662,7 @@ class Orchestrator:
         waiters = self._queue.drain_in_order()
         window = self._policy.admission.affinity_window
         if window > 0 and len(waiters) > 1 and self._scheduler.profile.queue_affinity:
-            waiters = self._affinity_order(waiters, window)
+            waiters = self._grant_affine(waiters, window)
         for waiter in waiters:
             req = waiter.request
             lease = self._try_grant(req, waiter.prefix, waiter.enqueued_at) if room else None
@@ -686,47 +691,53 @@ class Orchestrator:
             self._queue.served(waiter)
             waiter.future.set_result(lease)
         self._queue.prune()
-        blocked.sort()  # service order again (`_affinity_order` moved some up)
         self._queue.restore(self._shed_late(blocked))
         if blocked:
             self._wake_for_backlog()
 
-    def _affinity_order(self, waiters: list[Waiter], window: int) -> list[Waiter]:
-        """`waiters` (in service order) with, for each replica that has room, the waiter with
-        the longest cached prefix there among the next `window` of the head's class moved up to
-        the head (after those moved up for the replicas before it). A waiter passed over
-        `window` times is passed no more: no later waiter is considered past it."""
+    def _grant_affine(self, waiters: list[Waiter], window: int) -> list[Waiter]:
+        """Grants, for each replica with room, the waiter with the longest cached prefix there
+        among the next `window` of the head's class, where the profile's filters accept that
+        replica for it (readiness, model, pool, version, circuit, KV; not one it excludes).
+        Each waiter it passes over counts the pass; none is passed more than `window` times:
+        the search stops at one that was. Returns the waiters not granted, in service order."""
         now = self._clock()
-        out = waiters
-        head = 0
+        rest = waiters
         for st in self._replicas.assignable():
-            if head >= len(out):
+            if len(rest) < 2:
                 break
             v = self._view(st, now)  # the scheduler's cap filter reads the same view
             if v.in_flight >= v.cap:
                 continue
-            top = out[head].priority
+            rid = st.spec.id
+            top = rest[0].priority
             best, best_i = 0, -1
-            for i in range(head, min(len(out), head + window)):
-                w = out[i]
+            for i in range(min(len(rest), window)):
+                w = rest[i]
                 if w.priority != top:
                     break
-                cached = w.prefix.cached_tokens(st.spec.id, w.request.prompt_tokens)
-                if cached > best:
-                    best, best_i = cached, i
+                req = w.request
+                if rid not in req.exclude_replicas:
+                    cached = w.prefix.cached_tokens(rid, req.prompt_tokens)
+                    if cached > best:
+                        best, best_i = cached, i
                 if w.passed >= window:
                     break
-            if best_i < 0:
+            if best_i <= 0:  # none, or the head: the pass in service order grants it
                 continue
-            if best_i > head:
-                if out is waiters:
-                    out = list(waiters)
-                chosen = out.pop(best_i)
-                for w in out[head:best_i]:
-                    w.passed += 1
-                out.insert(head, chosen)
-            head += 1
-        return out
+            chosen = rest[best_i]
+            req = chosen.request
+            decision = self._scheduler.decide(self._request_view(req, chosen.prefix), [v])
+            if decision.replica is None:
+                continue
+            lease = self._grant(req, chosen.prefix, chosen.enqueued_at, st)
+            for w in rest[:best_i]:
+                w.passed += 1
+            rest = rest[:best_i] + rest[best_i + 1 :]
+            metrics.record_dequeued(req.model, chosen.pool_key)
+            self._queue.served(chosen)
+            chosen.future.set_result(lease)
+        return rest
 
     def _has_room(self) -> bool:
         """Some assignable replica holds fewer leases (with the others' load) than its cap."""

@@ -87,11 +87,12 @@ class AdmissionPolicy(BaseModel):
         default=16,
         ge=0,
         description=(
-            "Queued requests a replica with room may look at, from the head of the queue's "
-            "first class, to take first the one with the longest cached prefix there (a request "
-            "is passed over that way at most this many times). Under overload the queue would "
-            "otherwise hand each request to whichever replica frees first and lose the cache "
-            "hits that keep the cluster's capacity up. 0: strict service order."
+            "Queued requests a replica with room looks at, from the head of the queue's first "
+            "class, to be granted first the one with the longest cached prefix there (where the "
+            "profile's filters accept the replica for it; a request is passed over that way at "
+            "most this many times). Under overload the queue would otherwise hand each request "
+            "to whichever replica frees first and lose the cache hits that keep the cluster's "
+            "capacity up. 0: strict service order."
         ),
     )
 

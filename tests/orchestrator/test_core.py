@@ -495,6 +495,35 @@ async def test_a_freed_replica_takes_the_queued_request_cached_there(
     assert order[: len(expected)] == expected
 
 
+@pytest.mark.parametrize("why", ["not ready", "excluded"])
+async def test_a_cached_waiter_does_not_jump_to_a_replica_it_cannot_use(why: str) -> None:
+    index = ByFirstToken({101: {"r1": 4}})
+    core, probe = await ready_core(n=2, cap=1, queue=16, prefix=index)
+    held = {}
+    for first in (200, 201):
+        lease = await core.admit(first_token_req(f"hold{first}", first), 1.0)
+        held[lease.replica.id] = lease.lease_id
+    hit = first_token_req("hit-r1", 101)
+    if why == "excluded":
+        hit = dataclasses.replace(hit, exclude_replicas=frozenset({"r1"}))
+    queued = {
+        "cold": asyncio.create_task(core.admit(first_token_req("cold", 100), 5.0)),
+        "hit-r1": asyncio.create_task(core.admit(hit, 5.0)),
+    }
+    await assert_queued(core, 2)
+    if why == "not ready":
+        probe.ready_ids = {"r0"}
+        await core.probe_once()
+        assert [st.ready for st in core.replicas()] == [True, False]
+        core.complete(held.pop("r1"), Outcome.SUCCESS)  # room on r1, which is not ready
+        await assert_queued(core, 2)
+        order = await grant_order(core, [held["r0"]], queued)
+        assert order == [("cold", "r0"), ("hit-r1", "r0")]
+    else:
+        order = await grant_order(core, [held["r1"], held["r0"]], queued)
+        assert order == [("cold", "r1"), ("hit-r1", "r0")]
+
+
 async def test_a_queued_request_is_passed_over_at_most_window_times() -> None:
     index = ByFirstToken({101: {"r0": 4}})
     policy = Policy(admission=AdmissionPolicy(affinity_window=2))
