@@ -41,10 +41,8 @@ until the next sample.
   a dispatch pass, each replica with room is granted first, among the next
   `admission.affinity_window` waiters of the head's class, the one with the longest cached
   prefix there, if the profile's filters accept the replica for it. Each such grant counts a
-  pass on every waiter ahead of it; the search stops at a waiter passed `affinity_window` times.
-  Without it, a queue formed under overload hands each request to whichever replica frees
-  first, and the cluster's hit rate falls to round-robin's just when the prefill it saves is
-  the capacity that is missing (OVERLOAD.md, "Cache affinity while requests queue").
+  pass on every waiter ahead of it; the search stops at a waiter passed `affinity_window` times
+  (why: OVERLOAD.md, "Cache affinity while requests queue").
 - A waiter leaves the queue exactly once: granted a lease, timed out, cancelled, or failed
   because no replica for its model remains healthy (a waiter for a scale-from-zero pool instead
   fails once its activation timeout passes with no replica ready).
@@ -687,9 +685,7 @@ class Orchestrator:
                 blocked.append(waiter)
                 room = room and self._has_room()
                 continue
-            metrics.record_dequeued(waiter.request.model, waiter.pool_key)
-            self._queue.served(waiter)
-            waiter.future.set_result(lease)
+            self._hand_over(waiter, lease)
         self._queue.prune()
         self._queue.restore(self._shed_late(blocked))
         if blocked:
@@ -734,10 +730,14 @@ class Orchestrator:
             for w in rest[:best_i]:
                 w.passed += 1
             rest = rest[:best_i] + rest[best_i + 1 :]
-            metrics.record_dequeued(req.model, chosen.pool_key)
-            self._queue.served(chosen)
-            chosen.future.set_result(lease)
+            self._hand_over(chosen, lease)
         return rest
+
+    def _hand_over(self, waiter: Waiter, lease: Lease) -> None:
+        """A queued request's lease: it leaves the queue, served."""
+        metrics.record_dequeued(waiter.request.model, waiter.pool_key)
+        self._queue.served(waiter)
+        waiter.future.set_result(lease)
 
     def _has_room(self) -> bool:
         """Some assignable replica holds fewer leases (with the others' load) than its cap."""

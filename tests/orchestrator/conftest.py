@@ -25,6 +25,10 @@ class FixedPrefix:
         replica_ids: Collection[str] = (),
         hashes: PromptHashes | None = None,
     ) -> PrefixMatches:
+        return self.matches_for(token_ids)
+
+    def matches_for(self, token_ids: Sequence[int]) -> PrefixMatches:
+        """The answer to a lookup of `token_ids` (the same for every prompt here)."""
         return self.matches
 
     async def record_routing(self, replica_id: str, hashes: Sequence[int]) -> int:

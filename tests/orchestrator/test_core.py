@@ -3,11 +3,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 
 import pytest
 
-from llmmesh.kvblocks import PromptHashes
 from services.orchestrator.director import Orchestrator
 from services.orchestrator.domain import AdmissionRequest, Clock, Lease, Outcome, Priority
 from services.orchestrator.errors import BadAdmission, NoReplicaReady, QueueFull, QueueTimeout
@@ -428,12 +427,7 @@ class ByFirstToken(FixedPrefix):
         super().__init__(PrefixMatches(4, {}))
         self.by_first = by_first
 
-    async def lookup(
-        self,
-        token_ids: Sequence[int],
-        replica_ids: Collection[str] = (),
-        hashes: PromptHashes | None = None,
-    ) -> PrefixMatches:
+    def matches_for(self, token_ids: Sequence[int]) -> PrefixMatches:
         return PrefixMatches(4, dict(self.by_first.get(token_ids[0], {})))
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from bench import workloads as wl
 from bench.calibrate import EngineShape, simulate_open_loop
-from llmmesh.sim import Autoscale, ClusterSpec, GatewayLimits, PoolSpec, simulate
+from llmmesh.sim import Autoscale, ClusterSpec, GatewayLimits, PoolSpec, SimResult, simulate
 from services.autoscaler.policy import PolicyConfig
 from services.orchestrator.director import Orchestrator
 from services.orchestrator.policy import Policy
@@ -208,7 +208,7 @@ def test_policy_file_profiles_are_used() -> None:
         simulate(_shared(), SMALL, "first-only", 0)
 
 
-def _affinity_run(window: int, rate: float, system_tokens: int) -> Any:
+def _affinity_run(window: int, rate: float, system_tokens: int) -> SimResult:
     reqs = wl.shared_prefix(
         groups=12,
         prompts_per_group=20,
