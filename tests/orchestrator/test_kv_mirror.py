@@ -52,21 +52,61 @@ def leading_blocks(holdings: dict[str, set[int]], hashes: list[int]) -> dict[str
     return out
 
 
+CHAIN = 40  # blocks 0..CHAIN - 1 of one chain
+run_st = st.tuples(st.integers(0, CHAIN - 1), st.integers(0, CHAIN - 1)).map(
+    lambda ends: range(min(ends), max(ends) + 1)
+)
+
+
 @given(
     st.dictionaries(
         st.sampled_from([f"r{i}" for i in range(70)]),  # more replicas than a machine word
+        run_st,
+        max_size=70,
+    ),
+    run_st,
+)
+def test_lookup_is_the_leading_blocks_each_replica_holds(
+    runs: dict[str, range], prompt: range
+) -> None:
+    """Each replica holds a run of the chain (engines' events keep it so: kv_mirror's
+    "Lookups"), the prompt is a run too: the bisection gives the block-by-block answer."""
+    m = ExactMirror(10_000)
+    for rid, run in runs.items():
+        m.stored(rid, run)
+    holdings = {rid: set(run) for rid, run in runs.items()}
+    assert m.lookup(list(prompt)) == leading_blocks(holdings, list(prompt))
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from([f"r{i}" for i in range(70)]),
         st.sets(st.integers(0, 40), max_size=30),
         max_size=70,
     ),
     st.lists(st.integers(0, 40), max_size=60),
 )
-def test_lookup_is_the_leading_blocks_each_replica_holds_holes_and_all(
+def test_a_hole_credits_at_least_the_leading_run_and_ends_on_a_held_block(
     holdings: dict[str, set[int]], hashes: list[int]
 ) -> None:
+    """Holdings no engine makes (holes anywhere): each replica holding the first block is
+    credited at least its leading run, and its credited match ends on a block it holds."""
     m = ExactMirror(10_000)
     for rid, held in holdings.items():
         m.stored(rid, held)
-    assert m.lookup(hashes) == leading_blocks(holdings, hashes)
+    got = m.lookup(hashes)
+    leading = leading_blocks(holdings, hashes)
+    assert got.keys() == leading.keys()
+    for rid, n in got.items():
+        assert leading[rid] <= n <= len(hashes)
+        assert hashes[n - 1] in holdings[rid]
+
+
+def test_a_hole_under_the_bisection_is_not_seen() -> None:
+    m = ExactMirror(100)
+    m.stored("a", [1, 3, 4])  # 2 missing
+    assert m.lookup([1, 2, 3, 4]) == {"a": 4}  # the bisection reads blocks 1, 3 and 4 only
+    assert m.lookup([1, 2]) == {"a": 1}
 
 
 @pytest.mark.parametrize(
@@ -130,11 +170,14 @@ REPLICAS = ("r0", "r1", "r2")
 BLOCKS = 6  # a small hash domain: replicas' blocks overlap often
 # Every run of consecutive blocks: each lookup's answer is checked for every possible prompt.
 PROMPTS = [list(range(a, b)) for a in range(1, BLOCKS + 1) for b in range(a + 1, BLOCKS + 2)]
-hashes_st = st.lists(st.integers(1, BLOCKS), min_size=1, max_size=4)
-event_st: st.SearchStrategy[tuple[str, list[int]]] = st.one_of(
-    st.tuples(st.just("stored"), hashes_st),
-    st.tuples(st.just("removed"), hashes_st),
-    st.tuples(st.just("cleared"), st.just([])),
+# Events as an engine publishes them, on the chain of blocks 1..BLOCKS (block i's parent is
+# i - 1): a store extends what the engine holds (from a block it holds already, with `again`),
+# an eviction takes blocks from the end, leaf first (kv_mirror's "Lookups").
+count_st = st.integers(1, 3)
+event_st: st.SearchStrategy[tuple[str, int, bool]] = st.one_of(
+    st.tuples(st.just("stored"), count_st, st.booleans()),
+    st.tuples(st.just("removed"), count_st, st.just(False)),
+    st.tuples(st.just("cleared"), st.just(0), st.just(False)),
 )
 # a batch of events from one replica; `skip` leaves a sequence gap (resync) before it
 publish_st = st.tuples(
@@ -156,12 +199,25 @@ op_st = st.one_of(
 )
 
 
-def to_event(seq: int, kind: str, hashes: list[int]) -> Event:
-    if kind == "stored":
-        return Stored(seq, tuple(hashes))
-    if kind == "removed":
-        return Removed(seq, tuple(hashes))
-    return Cleared(seq)
+class Engine:
+    """What one replica's engine holds: blocks 1..top of the chain."""
+
+    def __init__(self) -> None:
+        self.top = 0
+
+    def event(self, seq: int, kind: str, n: int, again: bool) -> Event:
+        if kind == "stored":
+            top = min(BLOCKS, self.top + n)
+            first = max(1, self.top) if again or top == self.top else self.top + 1
+            self.top = top
+            return Stored(seq, tuple(range(first, top + 1)))
+        if kind == "removed" and self.top:
+            bottom = max(0, self.top - n)
+            gone = tuple(range(self.top, bottom, -1))  # leaf first
+            self.top = bottom
+            return Removed(seq, gone)
+        self.top = 0
+        return Cleared(seq)
 
 
 def exact_answer(reg: KvRegistry, prompt: list[int]) -> dict[str, int]:
@@ -197,7 +253,7 @@ class Watch:
 @settings(max_examples=300, deadline=None)
 @given(st.lists(op_st, min_size=4, max_size=40))
 def test_the_copy_answers_as_the_registry(
-    ops: list[tuple[str, str, list[tuple[str, list[int]]], bool]],
+    ops: list[tuple[str, str, list[tuple[str, int, bool]], bool]],
 ) -> None:
     """Copies built by watches started at any point (snapshot one replica at a time while the
     registry keeps changing, then the queued changes, through protobuf) and one watch from the
@@ -206,15 +262,17 @@ def test_the_copy_answers_as_the_registry(
     reg = make_registry(CFG, KvRegistrySettings(max_entries=6, predicted_capacity=3))
     watches = [Watch(reg)]
     reg.on_exact_changes(lambda changes: broadcast([w.watcher for w in watches], changes))
+    engines = {rid: Engine() for rid in REPLICAS}
     epochs = dict.fromkeys(REPLICAS, 0)
     seqs = dict.fromkeys(REPLICAS, 0)
     for op, rid, events, skip in ops:
         if op == "publish":
             seq = seqs[rid] + (1 if skip else 0)
-            batch = [to_event(seq + i, k, h) for i, (k, h) in enumerate(events)]
+            batch = [engines[rid].event(seq + i, *event) for i, event in enumerate(events)]
             seqs[rid] = seq + len(batch)
             reg.ingest(rid, f"e{epochs[rid]}", CFG, batch)
-        elif op == "restart":
+        elif op == "restart":  # a new engine: its cache starts empty
+            engines[rid] = Engine()
             epochs[rid] += 1
             seqs[rid] = 0
         elif op == "drop":
