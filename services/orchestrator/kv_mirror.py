@@ -13,17 +13,21 @@ has: such a lookup goes to the registry, as without a copy. For those replicas t
 are the same: the registry's lookup reads its exact index for them (a replica has entries in
 exactly one of its indexes).
 
-Lookups: a replica's match is the leading blocks of the prompt it holds. Engines' events keep a
-replica's blocks along any prompt contiguous: a block is computed after its parent and evicted
-only after its extensions (TensorRT-LLM's block manager evicts leaf blocks; the emulator releases
-a sequence's blocks leaf first), and the registry's bound drops a replica's earliest-stored blocks
-(ancestors before descendants), after which the prompt's first block no longer matches. So the
-blocks a replica holds along a prompt are a run, and the holders of block i are a subset of those
-of block i - 1 from the first block on: a bisection over the prompt's depths finds where each
-replica's match ends with O(k log n) index reads (k distinct match lengths, n blocks) instead of a
-read per block (a 32k-token prompt is 1024 blocks; the walk was a sixth of the orchestrator's CPU
-per decision in bench-admit). A replica with a hole in its run (no engine's stream makes one) is
-credited at least its leading run and at most through a block of the prompt it holds.
+Lookups: a replica's match is the leading blocks of the prompt it holds. Engines keep a
+replica's blocks along any prompt a run: a block is computed after its parent and evicted only
+after its extensions (TensorRT-LLM's block manager evicts leaf blocks; the emulator releases a
+sequence's blocks leaf first). Where every replica's listed blocks along the prompt are a run,
+the holders of block i among those of the first block are a subset of those of block i - 1, and
+a bisection over the prompt's depths finds where each replica's match ends with O(k log n) index
+reads (k distinct match lengths, n blocks) instead of one per block (a 32k-token prompt is 1024
+blocks; the walk was a sixth of the orchestrator's CPU per decision in bench-admit): the answer
+is the registry's. The registry's entry bound can drop a block from within a run while the
+engine still holds it (it drops a replica's earliest-logged blocks, and a block stored again
+after the bound dropped it is logged last): the registry's walk stops at the dropped block,
+the copy credits the replica through the blocks still listed. With any gap in a replica's
+listed blocks, the copy credits at least the leading run and ends on a listed block (which one
+depends on where the bisection reads, so on the other replicas' matches); the engine's own
+blocks being a run, that is no more than the engine holds, as far as the listing is current.
 
 Storage: block hash -> bitmask of the replicas holding it (a bit per replica, reused after the
 replica is gone), and per replica the set of hashes it holds, so clearing one costs its own
@@ -113,9 +117,8 @@ class ExactMirror:
     def lookup(self, hashes: Sequence[int]) -> dict[str, int]:
         """Per replica holding the first block: how many leading blocks of `hashes` it holds.
 
-        By bisection over the prompt's depths (see "Lookups" above): equal to a walk over every
-        block where each replica's blocks along the prompt are contiguous, as engines' events
-        make them."""
+        By bisection over the prompt's depths ("Lookups" above): a walk's answer where each
+        replica's listed blocks along the prompt are a run."""
         if not hashes:
             return {}
         get = self._index.get
