@@ -4,11 +4,15 @@ it, on that clock."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 from llmmesh.kvblocks import BlockConfig
+from services.kv_registry.bitmask import BitmaskIndex, Slot
 from services.kv_registry.core import KvRegistry
 from services.kv_registry.metrics import NO_METRICS, RegistryMetrics
 from services.kv_registry.settings import KvRegistrySettings
+
+R = TypeVar("R", bound=Slot)
 
 
 class ManualClock:
@@ -29,3 +33,8 @@ def make_registry(
     metrics: RegistryMetrics = NO_METRICS,
 ) -> KvRegistry:
     return KvRegistry(settings, config, clock=clock or ManualClock(), metrics=metrics)
+
+
+def held_by(store: BitmaskIndex[R], rep: Slot) -> set[int]:
+    """The block hashes `store` lists for `rep`."""
+    return {h for h, mask in store.index.items() if mask & rep.held}

@@ -16,7 +16,7 @@ from services.kv_registry.bitmask import BitmaskIndex, Slot
 from services.kv_registry.contracts import Cleared, Event, Removed, Source, Stored
 from services.kv_registry.core import KvRegistry
 from services.kv_registry.settings import KvRegistrySettings
-from tests.kv_registry.support import ManualClock, make_registry
+from tests.kv_registry.support import ManualClock, held_by, make_registry
 
 CFG = BlockConfig(block_size=2, hash_seed=1)
 CHAINS = [block_hashes(list(range(k * 50, k * 50 + 12)), CFG) for k in range(4)]  # 6 blocks
@@ -24,10 +24,6 @@ ALL = [h for c in CHAINS for h in c]
 REPLICAS = ["a", "b", "c"]
 R = TypeVar("R", bound=Slot)
 SMALL = KvRegistrySettings(max_entries=100, max_events_per_request=10)
-
-
-def held_by(store: BitmaskIndex[R], rep: Slot) -> set[int]:
-    return {h for h, mask in store.index.items() if mask & rep.held}
 
 
 def check_store(store: BitmaskIndex[R], replicas: Mapping[str, R]) -> None:

@@ -5,6 +5,8 @@ bound evictions came before)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,7 +14,6 @@ from hypothesis import strategies as st
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
 from llmmesh.kvblocks import BlockConfig
 from services.kv_registry.contracts import (
-    ChangeKind,
     Cleared,
     Event,
     Removed,
@@ -24,7 +25,7 @@ from services.kv_registry.servicer import Watcher, broadcast, update_messages
 from services.kv_registry.settings import KvRegistrySettings
 from services.orchestrator.kv_mirror import ExactMirror, MirrorFull
 from services.orchestrator.prefix import apply_update
-from tests.kv_registry.support import make_registry
+from tests.kv_registry.support import held_by, make_registry
 
 CFG = BlockConfig(block_size=4, hash_seed=3)
 
@@ -223,14 +224,35 @@ class Engine:
         return Cleared(seq)
 
 
+class Engines:
+    """Every replica's engine, publishing its events to `reg` in sequence."""
+
+    def __init__(self, reg: KvRegistry, replicas: Sequence[str]) -> None:
+        self.reg = reg
+        self.engines = {rid: Engine() for rid in replicas}
+        self.epochs = dict.fromkeys(replicas, 0)
+        self.seqs = dict.fromkeys(replicas, 0)
+
+    def publish(
+        self, rid: str, events: Sequence[tuple[str, int, bool]], skip: bool = False
+    ) -> None:
+        """`events` in one batch; `skip` leaves a sequence gap before it (resync)."""
+        seq = self.seqs[rid] + (1 if skip else 0)
+        engine = self.engines[rid]
+        batch = [engine.event(seq + i, *event) for i, event in enumerate(events)]
+        self.seqs[rid] = seq + len(batch)
+        self.reg.ingest(rid, f"e{self.epochs[rid]}", CFG, batch)
+
+    def restart(self, rid: str) -> None:
+        """A new engine: its cache starts empty, its events a new epoch."""
+        self.engines[rid] = Engine()
+        self.epochs[rid] += 1
+        self.seqs[rid] = 0
+
+
 def listed(reg: KvRegistry, replica_id: str) -> set[int]:
     """The blocks the registry's exact index lists for the replica."""
-    return {
-        h
-        for c in reg.exact_snapshot(replica_id)
-        if c.kind is ChangeKind.STORED
-        for h in c.block_hashes
-    }
+    return held_by(reg.exact.store, reg.exact.replicas[replica_id])
 
 
 def is_run(held: set[int], prompt: list[int]) -> bool:
@@ -281,19 +303,12 @@ def test_the_copy_answers_as_the_registry(
     reg = make_registry(CFG, KvRegistrySettings(max_entries=6, predicted_capacity=3))
     watches = [Watch(reg)]
     reg.on_exact_changes(lambda changes: broadcast([w.watcher for w in watches], changes))
-    engines = {rid: Engine() for rid in REPLICAS}
-    epochs = dict.fromkeys(REPLICAS, 0)
-    seqs = dict.fromkeys(REPLICAS, 0)
+    engines = Engines(reg, REPLICAS)
     for op, rid, events, skip in ops:
         if op == "publish":
-            seq = seqs[rid] + (1 if skip else 0)
-            batch = [engines[rid].event(seq + i, *event) for i, event in enumerate(events)]
-            seqs[rid] = seq + len(batch)
-            reg.ingest(rid, f"e{epochs[rid]}", CFG, batch)
-        elif op == "restart":  # a new engine: its cache starts empty
-            engines[rid] = Engine()
-            epochs[rid] += 1
-            seqs[rid] = 0
+            engines.publish(rid, events, skip)
+        elif op == "restart":
+            engines.restart(rid)
         elif op == "drop":
             reg.drop_replica(rid)
         elif op == "route":
@@ -305,14 +320,18 @@ def test_the_copy_answers_as_the_registry(
                 w.step(reg)
         exact = {r for r in REPLICAS if reg.source(r) is Source.EXACT}
         held = {r: listed(reg, r) for r in exact}
+        answers = [
+            (prompt, exact_answer(reg, prompt), all(is_run(held[r], prompt) for r in exact))
+            for prompt in PROMPTS
+        ]
         for w in watches:
             copy = w.copy()
             if copy is None:
                 continue
             assert copy.exact == exact
-            for prompt in PROMPTS:
-                got, want = copy.lookup(prompt), exact_answer(reg, prompt)
-                if all(is_run(held[r], prompt) for r in exact):
+            for prompt, want, runs in answers:
+                got = copy.lookup(prompt)
+                if runs:
                     assert got == want
                     continue
                 # The bound dropped a block from within a run (kv_mirror's "Lookups").
@@ -329,20 +348,13 @@ def test_a_block_the_registry_bound_dropped_from_a_run_is_passed_over() -> None:
     reg = make_registry(CFG, KvRegistrySettings(max_entries=6, predicted_capacity=3))
     watch = Watch(reg)
     reg.on_exact_changes(lambda changes: broadcast([watch.watcher], changes))
-    engines = {rid: Engine() for rid in ("r0", "r1")}
-    seqs = dict.fromkeys(engines, 0)
-
-    def publish(rid: str, *events: tuple[str, int, bool]) -> None:
-        batch = [engines[rid].event(seqs[rid] + i, *e) for i, e in enumerate(events)]
-        seqs[rid] += len(batch)
-        reg.ingest(rid, "e0", CFG, batch)
-
-    publish("r0", ("stored", 3, False), ("stored", 3, False))  # r0 holds 1..6
-    publish("r1", ("stored", 1, False))  # the bound drops r0's block 1
-    publish("r0", ("removed", 3, False), ("removed", 3, False))  # r0's engine evicts 6..1
-    publish("r0", ("stored", 3, False), ("stored", 1, False))  # and computes 1..4 again
-    publish("r1", ("stored", 2, False))  # the bound drops r0's block 2, logged first
-    assert engines["r0"].top == 4
+    engines = Engines(reg, ("r0", "r1"))
+    engines.publish("r0", [("stored", 3, False), ("stored", 3, False)])  # r0 holds 1..6
+    engines.publish("r1", [("stored", 1, False)])  # the bound drops r0's block 1
+    engines.publish("r0", [("removed", 3, False), ("removed", 3, False)])  # evicts 6..1
+    engines.publish("r0", [("stored", 3, False), ("stored", 1, False)])  # computes 1..4 again
+    engines.publish("r1", [("stored", 2, False)])  # the bound drops r0's block 2, logged first
+    assert engines.engines["r0"].top == 4
     assert listed(reg, "r0") == {1, 3, 4}
     copy = watch.copy()
     assert copy is not None

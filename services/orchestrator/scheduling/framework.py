@@ -48,7 +48,7 @@ class Profile:
     filters: tuple[Named, ...]
     scorers: tuple[tuple[Named, float], ...]
     picker: Named
-    queue_affinity: bool = True  # `ProfileConfig.queue_affinity`
+    queue_affinity: bool  # `ProfileConfig.queue_affinity`
 
 
 @dataclass(frozen=True, slots=True)
