@@ -61,12 +61,16 @@ class PrefixFeedback:
         """A lease was granted: the routing becomes predicted blocks on the replica."""
         if self._index is None or not prefix.hashes:
             return
-        self.inflight.add(lease_id, replica_id, prefix.hashes)
+        exact = replica_id in prefix.exact
+        # An exact replica's listed blocks stay listed while the lease runs (in use, never
+        # evicted): only the blocks beyond them are the lease's to index.
+        listed = prefix.registered_blocks(replica_id) if exact else 0
+        self.inflight.add(lease_id, replica_id, prefix.hashes, listed)
         pred = self._predictions[lease_id] = _Prediction(prefix.hashes, prompt_tokens)
-        if replica_id in prefix.exact:
+        if exact:
             # The registry records nothing for an exact replica and would answer with the
             # match this lookup already has: no update (and no walk of the prompt's blocks).
-            pred.predicted = prefix.registered_blocks(replica_id)
+            pred.predicted = listed
             pred.exact = True
             return
         pred.routing = self._background(

@@ -16,23 +16,38 @@ under-claimed by less than 1/`EXACT_DEPTHS` of its length, while a 32k-token pro
 costs 192 entries to add and to remove instead of 1024 (a lease's add and remove were a fifth of
 the orchestrator's CPU per decision with 32k-token prompts, py-spy in bench-admit).
 
+What the registry lists is not indexed again: a lease on a replica whose KV events the registry
+holds (exact) gets entries only beyond the blocks the registry listed for that replica at the
+grant. Those stay listed while the lease runs (in use, never evicted), and a lookup's match already
+credits them. A cached prefix then costs a lease nothing to add and remove; only what its engine
+computes does (a 32k-token prompt mostly cached: a few entries instead of 192). A lookup walks the
+prompt's indexed depths from the lowest listed match among the replicas with entries and, above
+the highest, stops at the first depth no lease has: a lease's entries along the prompt start no
+higher than its replica's listed match of the prompt (the shared blocks up to where its own entries
+start are listed), so above every start the depths leases hold are a run.
+
 Invariants:
 - an entry lives from its lease's grant (`add`) to its end (`remove`) or its replica's drop;
-- `matched` is, per replica, the longest leading run of the prompt's block hashes, up to an indexed
-  depth, that one of the replica's live leases has;
+- `merge` credits each replica the larger of its listed match and the deepest indexed depth of
+  the prompt one of its live leases has: what a walk over every lease's whole prompt finds, where
+  the blocks listed at each grant are listed still. Where the registry dropped one the engine
+  holds (its entry bound, a resync), no more than that;
 - memory is bounded by the live leases (themselves bounded by the replicas' caps) times the indexed
   depths of their prompts (O(log) of their blocks beyond the first `EXACT_DEPTHS`).
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 
 from services.orchestrator.prefix import PrefixMatches
 
 EXACT_DEPTHS = 32
+_NONE: Mapping[str, int] = MappingProxyType({})
 
 
 @functools.lru_cache(maxsize=1024)
@@ -49,20 +64,35 @@ def indexed_depths(blocks: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _above(blocks: int, listed: int) -> tuple[int, ...]:
+    """The indexed positions of a `blocks`-block prompt beyond its first `listed` blocks."""
+    depths = indexed_depths(blocks)
+    return depths[bisect.bisect_left(depths, listed) :] if listed > 0 else depths
+
+
 class InflightPrefixes:
     def __init__(self) -> None:
         self._holders: dict[int, dict[str, int]] = {}  # block hash -> replica -> live leases
-        self._leases: dict[str, tuple[str, tuple[int, ...]]] = {}  # lease -> replica, hashes
+        # lease -> replica, hashes, blocks listed already (entries start above them)
+        self._leases: dict[str, tuple[str, tuple[int, ...], int]] = {}
+        self._indexing: dict[str, int] = {}  # replica -> its live leases with entries
 
     def __len__(self) -> int:
         return len(self._leases)
 
-    def add(self, lease_id: str, replica_id: str, hashes: tuple[int, ...]) -> None:
+    def add(self, lease_id: str, replica_id: str, hashes: tuple[int, ...], listed: int = 0) -> None:
+        """A lease's prompt; `listed`: its leading blocks the registry lists for the replica
+        from the replica's own KV events (exact), indexed no more (they stay listed while the
+        lease runs: blocks in use are never evicted)."""
         if not hashes or lease_id in self._leases:
             return
-        self._leases[lease_id] = (replica_id, hashes)
+        self._leases[lease_id] = (replica_id, hashes, listed)
+        depths = _above(len(hashes), listed)
+        if not depths:
+            return
+        self._indexing[replica_id] = self._indexing.get(replica_id, 0) + 1
         holders = self._holders
-        for i in indexed_depths(len(hashes)):
+        for i in depths:
             h = hashes[i]
             by_replica = holders.get(h)
             if by_replica is None:
@@ -75,9 +105,17 @@ class InflightPrefixes:
         if entry is not None:
             self._release(*entry)
 
-    def _release(self, replica_id: str, hashes: tuple[int, ...]) -> None:
+    def _release(self, replica_id: str, hashes: tuple[int, ...], listed: int) -> None:
+        depths = _above(len(hashes), listed)
+        if not depths:
+            return
+        n = self._indexing[replica_id] - 1
+        if n:
+            self._indexing[replica_id] = n
+        else:
+            del self._indexing[replica_id]
         holders = self._holders
-        for i in indexed_depths(len(hashes)):
+        for i in depths:
             h = hashes[i]
             by_replica = holders.get(h)
             if by_replica is None:
@@ -92,28 +130,36 @@ class InflightPrefixes:
 
     def drop_replica(self, replica_id: str) -> None:
         """The replica's cache is gone or unreachable: its leases' prompts count no more."""
-        gone = [lid for lid, (rid, _) in self._leases.items() if rid == replica_id]
+        gone = [lid for lid, (rid, _, _) in self._leases.items() if rid == replica_id]
         for lease_id in gone:
             self.remove(lease_id)
 
-    def matched(self, hashes: Sequence[int]) -> dict[str, int]:
+    def matched(self, hashes: Sequence[int], listed: Mapping[str, int] = _NONE) -> dict[str, int]:
         """Per replica, the leading blocks of `hashes` one of its live leases' prompts has, to
-        the deepest indexed depth."""
+        the deepest indexed depth above where its entries start; `listed`: the registry's
+        matches of `hashes` (each replica's leading blocks it lists)."""
         out: dict[str, int] = {}
+        indexing = self._indexing
+        if not indexing or not hashes:
+            return out
+        starts = [listed.get(replica_id, 0) for replica_id in indexing]
+        lo, hi = min(starts), max(starts)
         holders = self._holders
-        for i in indexed_depths(len(hashes)):
+        for i in _above(len(hashes), lo):
             by_replica = holders.get(hashes[i])
             if not by_replica:
-                break
+                if i >= hi:
+                    break  # above every start, holders along the prompt are a run
+                continue
             for replica_id in by_replica:
                 out[replica_id] = i + 1
         return out
 
     def merge(self, prefix: PrefixMatches) -> PrefixMatches:
         """`prefix` with each replica's match raised to what its live leases hold."""
-        if not self._holders or not prefix.hashes:
+        if not self._indexing or not prefix.hashes:
             return prefix
-        inflight = self.matched(prefix.hashes)
+        inflight = self.matched(prefix.hashes, prefix.matched_blocks)
         if not inflight:
             return prefix
         matched = dict(prefix.matched_blocks)

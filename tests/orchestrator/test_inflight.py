@@ -133,3 +133,66 @@ def test_ending_a_long_lease_leaves_nothing_behind() -> None:
     idx.remove("l1")
     idx.remove("l2")
     assert idx._holders == {}
+
+
+def test_a_lease_indexes_only_the_blocks_beyond_those_listed_for_its_replica() -> None:
+    idx = InflightPrefixes()
+    idx.add("l1", "r1", chain(1000, 1), listed=990)
+    assert sum(len(by) for by in idx._holders.values()) == len(
+        [i for i in indexed_depths(1000) if i >= 990]
+    )
+    listed = PrefixMatches(1000, {"r1": 990}, chain(1000, 1))
+    assert idx.merge(listed).matched_blocks == {"r1": 1000}
+    # Another replica listing more of the prompt does not hide r1's entries below that.
+    idx.add("l3", "r3", (*chain(40, 1), 7), listed=10)
+    listed = PrefixMatches(1000, {"r1": 990, "r2": 60, "r3": 10}, chain(1000, 1))
+    assert idx.merge(listed).matched_blocks == {"r1": 1000, "r2": 60, "r3": 40}
+    idx.remove("l3")
+    idx.add("l2", "r2", chain(1000, 1), listed=1000)  # all of it listed: nothing to index
+    idx.remove("l1")
+    idx.remove("l2")
+    assert idx._holders == {}
+    assert idx._indexing == {}
+
+
+@st.composite
+def leases_and_listings(
+    draw: st.DrawFn,
+) -> tuple[list[tuple[str, tuple[int, ...], int]], tuple[int, ...], dict[str, int]]:
+    """Live leases (replica, prompt, blocks listed at the grant), a prompt, and the registry's
+    listed match of it per replica, where every lease's listed blocks are listed still: a
+    replica lists at least the blocks its lease's prompt shares with the prompt up to where that
+    lease's listing ended (and maybe more: it may hold more of the prompt)."""
+    prompt_len = draw(st.integers(1, 300))
+    prompt = diverging(draw(st.integers(0, prompt_len)), prompt_len)
+    leases = []
+    floor: dict[str, int] = {}
+    for n in range(draw(st.integers(1, 6))):
+        replica = draw(st.sampled_from(["r1", "r2", "r3"]))
+        length = draw(st.integers(1, 300))
+        shared_with_family = draw(st.integers(0, length))
+        # Its own tail: it shares with the prompt only blocks of the family.
+        hashes = chain(shared_with_family, 1) + tuple(
+            (3 + n) * 10_000 + i for i in range(shared_with_family, length)
+        )
+        listed = draw(st.integers(0, length))
+        leases.append((replica, hashes, listed))
+        shared = 0
+        while shared < min(length, prompt_len) and hashes[shared] == prompt[shared]:
+            shared += 1
+        floor[replica] = max(floor.get(replica, 0), min(listed, shared))
+    listings = {r: min(prompt_len, f + draw(st.integers(0, 20))) for r, f in floor.items()}
+    return leases, prompt, {r: n for r, n in listings.items() if n}
+
+
+@given(leases_and_listings())
+def test_indexing_beyond_the_listed_blocks_credits_what_indexing_whole_prompts_does(
+    case: tuple[list[tuple[str, tuple[int, ...], int]], tuple[int, ...], dict[str, int]],
+) -> None:
+    leases, prompt, listings = case
+    beyond, whole = InflightPrefixes(), InflightPrefixes()
+    for n, (replica, hashes, listed) in enumerate(leases):
+        beyond.add(f"l{n}", replica, hashes, listed)
+        whole.add(f"l{n}", replica, hashes)
+    registry = PrefixMatches(len(prompt), listings, prompt)
+    assert beyond.merge(registry).matched_blocks == whole.merge(registry).matched_blocks
