@@ -83,11 +83,17 @@ def hash_bytes(hashes: Sequence[int]) -> bytes:
     return struct.pack(f"<{len(hashes)}Q", *hashes)
 
 
-def hashes_from_le64(body: bytes) -> tuple[int, ...]:
-    """`hash_bytes`' inverse. ValueError when `body` is no whole number of hashes."""
+def hashes_from_le64(body: bytes) -> Sequence[int]:
+    """`hash_bytes`' inverse without a copy on little-endian hosts (a uint64 view of `body`: a
+    hash becomes an int only when read, and a lookup reads a few of a long prompt's).
+    ValueError when `body` is no whole number of hashes."""
     if len(body) % 8:
         raise ValueError(f"{len(body)} bytes are no whole number of uint64 hashes")
-    return struct.unpack(f"<{len(body) // 8}Q", body)
+    if sys.byteorder == "little":
+        return memoryview(body).cast("Q")
+    arr = array("Q", body)  # pragma: no cover
+    arr.byteswap()  # pragma: no cover
+    return arr  # pragma: no cover
 
 
 def hashes_from_bytes(
@@ -121,9 +127,9 @@ class PromptHashes:
     to a receiver's own hashes of the prompt only when the receiver's config is `config`."""
 
     config: BlockConfig
-    hashes: tuple[int, ...]
+    hashes: Sequence[int]
 
-    def under(self, config: BlockConfig) -> tuple[int, ...] | None:
+    def under(self, config: BlockConfig) -> Sequence[int] | None:
         """The hashes when `config` is the one they were computed with (else None)."""
         return self.hashes if self.config == config else None
 

@@ -31,7 +31,7 @@ class _Prediction:
     """What approximate mode needs at completion: the prompt's block hashes, and how many blocks
     the registry predicted the replica held."""
 
-    hashes: tuple[int, ...]
+    hashes: Sequence[int]
     prompt_tokens: int
     predicted: int = 0
     exact: bool = False  # the lookup found the replica exact: its report needs no hashes
@@ -78,7 +78,7 @@ class PrefixFeedback:
         )
 
     async def _record_routing(
-        self, index: PrefixIndex, pred: _Prediction, replica_id: str, hashes: tuple[int, ...]
+        self, index: PrefixIndex, pred: _Prediction, replica_id: str, hashes: Sequence[int]
     ) -> None:
         pred.predicted = await index.record_routing(replica_id, hashes)
 

@@ -74,13 +74,13 @@ class InflightPrefixes:
     def __init__(self) -> None:
         self._holders: dict[int, dict[str, int]] = {}  # block hash -> replica -> live leases
         # lease -> replica, hashes, blocks listed already (entries start above them)
-        self._leases: dict[str, tuple[str, tuple[int, ...], int]] = {}
+        self._leases: dict[str, tuple[str, Sequence[int], int]] = {}
         self._indexing: dict[str, int] = {}  # replica -> its live leases with entries
 
     def __len__(self) -> int:
         return len(self._leases)
 
-    def add(self, lease_id: str, replica_id: str, hashes: tuple[int, ...], listed: int = 0) -> None:
+    def add(self, lease_id: str, replica_id: str, hashes: Sequence[int], listed: int = 0) -> None:
         """A lease's prompt; `listed`: its leading blocks the registry lists for the replica
         from the replica's own KV events (exact), indexed no more (they stay listed while the
         lease runs: blocks in use are never evicted)."""
@@ -105,7 +105,7 @@ class InflightPrefixes:
         if entry is not None:
             self._release(*entry)
 
-    def _release(self, replica_id: str, hashes: tuple[int, ...], listed: int) -> None:
+    def _release(self, replica_id: str, hashes: Sequence[int], listed: int) -> None:
         depths = _above(len(hashes), listed)
         if not depths:
             return

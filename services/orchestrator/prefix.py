@@ -71,7 +71,7 @@ log = logging.getLogger(__name__)
 class PrefixMatches:
     prompt_blocks: int
     matched_blocks: dict[str, int]
-    hashes: tuple[int, ...] = field(default=())
+    hashes: Sequence[int] = field(default=())
     # kv_registry's own matches where `matched_blocks` also counts live leases' prompts
     # (`InflightPrefixes.merge`); None when they are the same.
     registered: dict[str, int] | None = None
@@ -172,7 +172,7 @@ class _LookupStream:
         return len(self._waiting) >= self._max_waiting
 
     async def lookup(
-        self, hashes: tuple[int, ...], trace_context: Mapping[str, str], timeout_s: float
+        self, hashes: Sequence[int], trace_context: Mapping[str, str], timeout_s: float
     ) -> pb.LookupResponse:
         """The answer, or the call's AioRpcError, or TimeoutError after `timeout_s` (waiting
         for a new call's first answer included)."""
@@ -186,7 +186,7 @@ class _LookupStream:
             return await self._ask(hashes, trace_context)
 
     async def _ask(
-        self, hashes: tuple[int, ...], trace_context: Mapping[str, str]
+        self, hashes: Sequence[int], trace_context: Mapping[str, str]
     ) -> pb.LookupResponse:
         if self.error is not None:
             raise _again(self.error)
@@ -411,9 +411,7 @@ class RegistryPrefixIndex:
                 },
             )
 
-    def _prompt_hashes(
-        self, token_ids: Sequence[int], sent: PromptHashes | None
-    ) -> tuple[int, ...]:
+    def _prompt_hashes(self, token_ids: Sequence[int], sent: PromptHashes | None) -> Sequence[int]:
         """The prompt's block hashes: as sent when computed with this index's config, else
         hashed here; none (cache-blind) for hashes of another config without the prompt."""
         if sent is not None:
@@ -529,7 +527,7 @@ class RegistryPrefixIndex:
             await asyncio.sleep(wait)
 
     async def _lookup(
-        self, reg: _Registry, hashes: tuple[int, ...], trace_context: dict[str, str]
+        self, reg: _Registry, hashes: Sequence[int], trace_context: dict[str, str]
     ) -> pb.LookupResponse:
         """One registry's answer within the lookup's budget: over its LookupStream (opened on
         first use, reopened after it ended or stalled), or a unary Lookup where streams are off,

@@ -12,7 +12,9 @@ from llmmesh.kvblocks import (
     ChunkedHashes,
     block_hashes,
     chain_hash,
+    hash_bytes,
     hashes_from_bytes,
+    hashes_from_le64,
     token_bytes,
 )
 from services.kv_registry.settings import KvRegistrySettings
@@ -116,3 +118,15 @@ def test_a_chunk_after_another_parent_is_not_taken_from_the_cache() -> None:
     for first in (list(range(chunk)), list(range(1, chunk + 1))):
         body = token_bytes(first + same)
         assert hashes(body) == hashes_from_bytes(body, config)
+
+
+@given(st.lists(st.integers(0, 2**64 - 1), max_size=64))
+def test_hashes_travel_as_le64_and_read_back_as_they_were(hashes: list[int]) -> None:
+    body = hash_bytes(hashes)
+    assert len(body) == 8 * len(hashes)
+    assert list(hashes_from_le64(body)) == hashes
+
+
+def test_hashes_that_are_no_whole_uint64s_are_refused() -> None:
+    with pytest.raises(ValueError, match="no whole number"):
+        hashes_from_le64(b"\x00" * 12)

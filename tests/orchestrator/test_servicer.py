@@ -16,7 +16,7 @@ from llmmesh.common.errors import RETRY_AFTER_KEY, Reason, code_number, from_rpc
 from llmmesh.common.sojourn import CALLER_KEY, call_metadata
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from llmmesh.kvblocks import BlockConfig, PromptHashes, hash_bytes, token_bytes
+from llmmesh.kvblocks import BlockConfig, hash_bytes, token_bytes
 from services.orchestrator.convert import MAX_PROMPT_TOKENS, admission_from_pb
 from services.orchestrator.errors import BadAdmission
 from services.orchestrator.servicer import OrchestratorServicer
@@ -361,11 +361,13 @@ def hashed(n_tokens: int, blocks: int, block_size: int = 32, **kw: object) -> pb
 def test_a_hashed_prompt_converts_to_its_length_and_hashes() -> None:
     req = admission_from_pb(hashed(100, 3))  # 100 tokens: three full blocks of 32
     assert (req.prompt_tokens, req.prompt_token_ids) == (100, [])
-    assert req.prompt_hashes == PromptHashes(BlockConfig(32, 7), (1, 2, 3))
+    assert req.prompt_hashes is not None
+    assert req.prompt_hashes.config == BlockConfig(32, 7)
+    assert list(req.prompt_hashes.hashes) == [1, 2, 3]
     short = admission_from_pb(hashed(20, 0))  # no full block: no hashes, a length all the same
     assert short.prompt_tokens == 20
     assert short.prompt_hashes is not None
-    assert short.prompt_hashes.hashes == ()
+    assert not short.prompt_hashes.hashes
     plain = admission_from_pb(admit("p"))
     assert (plain.prompt_tokens, plain.prompt_hashes) == (3, None)
 
