@@ -135,47 +135,84 @@ class PromptHashes:
 
 
 class ChunkedHashes:
-    """`hashes_from_bytes` (no salt) for prompts that share long prefixes, with a bounded LRU of
-    chunks of `CHUNK_BLOCKS` full blocks: a chunk seen before after the same parent hash costs
-    one xxh3-128 of its bytes instead of a chain step per block. The blocks after the last
-    whole chunk are chained directly. A salt would have to be part of the key. A chunk is keyed by (parent hash, xxh3-128 of its bytes): a
-    false hit needs a 128-bit collision; xxh3 is not a cryptographic hash, so one crafted on
-    purpose would only misname that prompt's blocks to its own caller (routing, not data).
-    Results equal `hashes_from_bytes` bit for bit."""
+    """`hashes_from_bytes` (no salt) for prompts that share long prefixes, with bounded LRUs of
+    chunks of `CHUNK_BLOCKS` full blocks and of sub-chunks of `SUB_BLOCKS`: a chunk seen before
+    after the same parent hash costs one xxh3-128 of its bytes instead of a chain step per
+    block; a chunk not seen before is taken by sub-chunks, so a prompt that differs from one
+    seen before only in its last blocks chains at most a sub-chunk's worth of them. The blocks
+    after the last whole sub-chunk are chained directly. A salt would have to be part of the
+    key. A piece is keyed by (parent hash, xxh3-128 of its bytes): a false hit needs a 128-bit
+    collision; xxh3 is not a cryptographic hash, so one crafted on purpose would only misname
+    that prompt's blocks to its own caller (routing, not data). Pieces are kept as their
+    hashes' le64 bytes, the form the hashes travel in. Results equal `hashes_from_bytes` bit
+    for bit."""
 
     CHUNK_BLOCKS = 64
+    SUB_BLOCKS = 8
 
     def __init__(self, config: BlockConfig, max_chunks: int = 4096) -> None:
         self._config = config
         self._chunk_bytes = self.CHUNK_BLOCKS * config.block_size * 4
+        self._sub_bytes = self.SUB_BLOCKS * config.block_size * 4
         self._max_chunks = max_chunks
-        self._chunks: OrderedDict[tuple[int, int], tuple[int, ...]] = OrderedDict()
+        # (parent, xxh3-128 of the piece) -> (its hashes as le64, its last hash)
+        self._chunks: OrderedDict[tuple[int, int], tuple[bytes, int]] = OrderedDict()
+        self._subs: OrderedDict[tuple[int, int], tuple[bytes, int]] = OrderedDict()
 
     @property
     def config(self) -> BlockConfig:
         return self._config
 
-    def __call__(self, body: bytes) -> list[int]:
-        config, size, chunks = self._config, self._chunk_bytes, self._chunks
-        out: list[int] = []
-        parent = config.hash_seed
-        whole = len(body) // size * size
-        for off in range(0, whole, size):
-            piece = body[off : off + size]
-            key = (parent, _xxh3_128(piece))
-            hashes = chunks.get(key)
-            if hashes is None:
-                hashes = tuple(hashes_from_bytes(piece, config, parent=parent))
-                chunks[key] = hashes
-                if len(chunks) > self._max_chunks:
-                    chunks.popitem(last=False)
-            else:
-                chunks.move_to_end(key)
-            out += hashes
-            parent = hashes[-1]
-        if len(body) - whole >= config.block_size * 4:
-            out += hashes_from_bytes(body[whole:], config, parent=parent)
-        return out
+    def __call__(self, body: bytes) -> Sequence[int]:
+        """The chained hashes of `body`'s full blocks."""
+        return hashes_from_le64(self.le64(body))
+
+    def le64(self, body: bytes) -> bytes:
+        """The chained hashes of `body`'s full blocks as consecutive little-endian uint64s."""
+        parts: list[bytes] = []
+        parent = self._config.hash_seed
+        chunk, sub = self._chunk_bytes, self._sub_bytes
+        whole = len(body) // chunk * chunk
+        for off in range(0, whole, chunk):
+            parent = self._chunk(body[off : off + chunk], parent, parts)
+        subs = whole + (len(body) - whole) // sub * sub
+        for off in range(whole, subs, sub):
+            parent = self._sub(body[off : off + sub], parent, parts)
+        if len(body) - subs >= self._config.block_size * 4:
+            parts.append(hash_bytes(hashes_from_bytes(body[subs:], self._config, parent=parent)))
+        return b"".join(parts)
+
+    def _chunk(self, piece: bytes, parent: int, parts: list[bytes]) -> int:
+        chunks = self._chunks
+        key = (parent, _xxh3_128(piece))
+        hit = chunks.get(key)
+        if hit is None:
+            own: list[bytes] = []
+            last = parent
+            sub = self._sub_bytes
+            for off in range(0, len(piece), sub):
+                last = self._sub(piece[off : off + sub], last, own)
+            hit = chunks[key] = (b"".join(own), last)
+            if len(chunks) > self._max_chunks:
+                chunks.popitem(last=False)
+        else:
+            chunks.move_to_end(key)
+        parts.append(hit[0])
+        return hit[1]
+
+    def _sub(self, piece: bytes, parent: int, parts: list[bytes]) -> int:
+        subs = self._subs
+        key = (parent, _xxh3_128(piece))
+        hit = subs.get(key)
+        if hit is None:
+            hashes = hashes_from_bytes(piece, self._config, parent=parent)
+            hit = subs[key] = (hash_bytes(hashes), hashes[-1])
+            if len(subs) > self._max_chunks:
+                subs.popitem(last=False)
+        else:
+            subs.move_to_end(key)
+        parts.append(hit[0])
+        return hit[1]
 
 
 def block_hashes(

@@ -57,7 +57,7 @@ from llmmesh.common.telemetry import inject_trace_metadata, trace_carrier
 from llmmesh.common.topology import Priority, ReplicaAddress
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
-from llmmesh.kvblocks import ChunkedHashes, hash_bytes, token_bytes
+from llmmesh.kvblocks import ChunkedHashes, token_bytes
 from services.gateway.admission import (
     AdmissionRequest,
     AdmissionStatus,
@@ -119,11 +119,10 @@ def admit_request_to_pb(
     if hasher is None:
         msg.prompt_tokens_le32 = body
     else:
-        hashes = hasher(body)
         msg.prompt_tokens = len(request.prompt_token_ids)
         msg.hash_block_size = hasher.config.block_size
         msg.hash_seed = hasher.config.hash_seed
-        msg.prompt_block_hashes_le64 = hash_bytes(hashes)
+        msg.prompt_block_hashes_le64 = hasher.le64(body)
     msg.max_tokens = request.max_tokens
     msg.priority = _PRIORITY[request.priority]
     msg.tenant = request.tenant

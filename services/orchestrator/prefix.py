@@ -429,7 +429,7 @@ class RegistryPrefixIndex:
                 )
             if not token_ids:
                 return ()
-        return tuple(self._hashes(token_bytes(token_ids)))
+        return self._hashes(token_bytes(token_ids))
 
     def _answered(self, reg: _Registry) -> None:
         if reg.down:
