@@ -139,8 +139,10 @@ class ChunkedHashes:
     chunks of `CHUNK_BLOCKS` full blocks and of sub-chunks of `SUB_BLOCKS`: a chunk seen before
     after the same parent hash costs one xxh3-128 of its bytes instead of a chain step per
     block; a chunk not seen before is taken by sub-chunks, so a prompt that differs from one
-    seen before only in its last blocks chains at most a sub-chunk's worth of them. The blocks
-    after the last whole sub-chunk are chained directly. A salt would have to be part of the
+    seen before (its sub-chunks still cached) only in its last blocks chains the blocks from the
+    sub-chunk the difference is in (fewer than 2 x `SUB_BLOCKS` with the blocks after the last
+    whole sub-chunk, which are chained directly). Each LRU holds at most `max_chunks` pieces; a
+    chunk found does not refresh its sub-chunks. A salt would have to be part of the
     key. A piece is keyed by (parent hash, xxh3-128 of its bytes): a false hit needs a 128-bit
     collision; xxh3 is not a cryptographic hash, so one crafted on purpose would only misname
     that prompt's blocks to its own caller (routing, not data). Pieces are kept as their

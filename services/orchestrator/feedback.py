@@ -62,8 +62,7 @@ class PrefixFeedback:
         if self._index is None or not prefix.hashes:
             return
         exact = replica_id in prefix.exact
-        # An exact replica's listed blocks stay listed while the lease runs (in use, never
-        # evicted): only the blocks beyond them are the lease's to index.
+        # What the registry lists for an exact replica is not indexed again (InflightPrefixes).
         listed = prefix.registered_blocks(replica_id) if exact else 0
         self.inflight.add(lease_id, replica_id, prefix.hashes, listed)
         pred = self._predictions[lease_id] = _Prediction(prefix.hashes, prompt_tokens)

@@ -16,22 +16,24 @@ under-claimed by less than 1/`EXACT_DEPTHS` of its length, while a 32k-token pro
 costs 192 entries to add and to remove instead of 1024 (a lease's add and remove were a fifth of
 the orchestrator's CPU per decision with 32k-token prompts, py-spy in bench-admit).
 
-What the registry lists is not indexed again: a lease on a replica whose KV events the registry
-holds (exact) gets entries only beyond the blocks the registry listed for that replica at the
-grant. Those stay listed while the lease runs (in use, never evicted), and a lookup's match already
-credits them. A cached prefix then costs a lease nothing to add and remove; only what its engine
-computes does (a 32k-token prompt mostly cached: a few entries instead of 192). A lookup walks the
-prompt's indexed depths from the lowest listed match among the replicas with entries and, above
-the highest, stops at the first depth no lease has: a lease's entries along the prompt start no
-higher than its replica's listed match of the prompt (the shared blocks up to where its own entries
-start are listed), so above every start the depths leases hold are a run.
+What the registry listed is not indexed again: a lease on a replica whose KV events the registry
+holds (exact) gets entries from the last block the registry listed for that replica when the
+request was looked up (`first_entry`: that block, rounded down to an indexed depth) instead of
+from the first. A cached prefix then costs a lease next to nothing to add and remove; only what
+its engine computes does (a 32k-token prompt mostly cached: a few entries instead of 192). A
+lookup walks the prompt's indexed depths from the lowest first entry among live leases; at a
+depth no lease has, it goes on at the next first entry: a lease's entries along the prompt are a
+run from its first entry, so depths leases hold begin only at first entries. The walk does not read the registry's answer: what leases hold beyond their first
+entries counts even where the registry since dropped the blocks they listed (evicted before the
+prefill, a failed lookup, a resync, another registry's answer). A lookup reads the depths leases
+hold along the prompt and one more per run and per distinct first entry it passes.
 
 Invariants:
 - an entry lives from its lease's grant (`add`) to its end (`remove`) or its replica's drop;
-- `merge` credits each replica the larger of its listed match and the deepest indexed depth of
-  the prompt one of its live leases has: what a walk over every lease's whole prompt finds, where
-  the blocks listed at each grant are listed still. Where the registry dropped one the engine
-  holds (its entry bound, a resync), no more than that;
+- `matched` is, per replica, the deepest indexed depth of the prompt one of the replica's live
+  leases has, among leases whose first entry the prompt shares: with the registry's answer
+  (`merge`), the match of whole-prompt entries wherever the registry lists what each lease's
+  prompt shares with the prompt below that lease's first entry; else up to that much less;
 - memory is bounded by the live leases (themselves bounded by the replicas' caps) times the indexed
   depths of their prompts (O(log) of their blocks beyond the first `EXACT_DEPTHS`).
 """
@@ -41,13 +43,11 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
-from types import MappingProxyType
+from collections.abc import Sequence
 
 from services.orchestrator.prefix import PrefixMatches
 
 EXACT_DEPTHS = 32
-_NONE: Mapping[str, int] = MappingProxyType({})
 
 
 @functools.lru_cache(maxsize=1024)
@@ -64,35 +64,46 @@ def indexed_depths(blocks: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _above(blocks: int, listed: int) -> tuple[int, ...]:
-    """The indexed positions of a `blocks`-block prompt beyond its first `listed` blocks."""
+def first_entry(listed: int) -> int:
+    """Where a lease's entries start when the registry lists its first `listed` blocks: the
+    deepest position at most `listed - 1` that every prompt reaching it indexes (0 with none
+    listed). One listed block is indexed again, so a prompt reaching it meets the lease."""
+    if listed <= 0:
+        return 0
+    step = 1 << max(0, listed.bit_length() - EXACT_DEPTHS.bit_length())
+    return listed - listed % step - 1
+
+
+def _from(blocks: int, start: int) -> tuple[int, ...]:
+    """The indexed positions of a `blocks`-block prompt from position `start` on."""
     depths = indexed_depths(blocks)
-    return depths[bisect.bisect_left(depths, listed) :] if listed > 0 else depths
+    return depths[bisect.bisect_left(depths, start) :] if start > 0 else depths
 
 
 class InflightPrefixes:
     def __init__(self) -> None:
         self._holders: dict[int, dict[str, int]] = {}  # block hash -> replica -> live leases
-        # lease -> replica, hashes, blocks listed already (entries start above them)
+        # lease -> replica, hashes, the position its entries start at
         self._leases: dict[str, tuple[str, Sequence[int], int]] = {}
-        self._indexing: dict[str, int] = {}  # replica -> its live leases with entries
+        self._starts: dict[int, int] = {}  # a first entry's position -> live leases there
+        self._start_list: list[int] = []  # those positions, ascending
 
     def __len__(self) -> int:
         return len(self._leases)
 
     def add(self, lease_id: str, replica_id: str, hashes: Sequence[int], listed: int = 0) -> None:
         """A lease's prompt; `listed`: its leading blocks the registry lists for the replica
-        from the replica's own KV events (exact), indexed no more (they stay listed while the
-        lease runs: blocks in use are never evicted)."""
+        from the replica's own KV events (exact): indexed from `first_entry(listed)` on."""
         if not hashes or lease_id in self._leases:
             return
-        self._leases[lease_id] = (replica_id, hashes, listed)
-        depths = _above(len(hashes), listed)
-        if not depths:
-            return
-        self._indexing[replica_id] = self._indexing.get(replica_id, 0) + 1
+        start = first_entry(min(listed, len(hashes)))
+        self._leases[lease_id] = (replica_id, hashes, start)
+        n = self._starts.get(start, 0)
+        if not n:
+            bisect.insort(self._start_list, start)
+        self._starts[start] = n + 1
         holders = self._holders
-        for i in depths:
+        for i in _from(len(hashes), start):
             h = hashes[i]
             by_replica = holders.get(h)
             if by_replica is None:
@@ -105,17 +116,15 @@ class InflightPrefixes:
         if entry is not None:
             self._release(*entry)
 
-    def _release(self, replica_id: str, hashes: Sequence[int], listed: int) -> None:
-        depths = _above(len(hashes), listed)
-        if not depths:
-            return
-        n = self._indexing[replica_id] - 1
+    def _release(self, replica_id: str, hashes: Sequence[int], start: int) -> None:
+        n = self._starts[start] - 1
         if n:
-            self._indexing[replica_id] = n
+            self._starts[start] = n
         else:
-            del self._indexing[replica_id]
+            del self._starts[start]
+            del self._start_list[bisect.bisect_left(self._start_list, start)]
         holders = self._holders
-        for i in depths:
+        for i in _from(len(hashes), start):
             h = hashes[i]
             by_replica = holders.get(h)
             if by_replica is None:
@@ -134,32 +143,37 @@ class InflightPrefixes:
         for lease_id in gone:
             self.remove(lease_id)
 
-    def matched(self, hashes: Sequence[int], listed: Mapping[str, int] = _NONE) -> dict[str, int]:
+    def matched(self, hashes: Sequence[int]) -> dict[str, int]:
         """Per replica, the leading blocks of `hashes` one of its live leases' prompts has, to
-        the deepest indexed depth above where its entries start; `listed`: the registry's
-        matches of `hashes` (each replica's leading blocks it lists)."""
+        the deepest indexed depth, among leases whose first entry `hashes` reaches."""
         out: dict[str, int] = {}
-        indexing = self._indexing
-        if not indexing or not hashes:
+        starts = self._start_list
+        if not starts or not hashes:
             return out
-        starts = [listed.get(replica_id, 0) for replica_id in indexing]
-        lo, hi = min(starts), max(starts)
         holders = self._holders
-        for i in _above(len(hashes), lo):
+        depths = indexed_depths(len(hashes))
+        k = 0  # the next first entry a run may begin at
+        at = bisect.bisect_left(depths, starts[0])
+        while at < len(depths):
+            i = depths[at]
             by_replica = holders.get(hashes[i])
-            if not by_replica:
-                if i >= hi:
-                    break  # above every start, holders along the prompt are a run
+            if by_replica:
+                for replica_id in by_replica:
+                    out[replica_id] = i + 1
+                at += 1
                 continue
-            for replica_id in by_replica:
-                out[replica_id] = i + 1
+            # No lease holds this depth: a lease met further on begins at its first entry.
+            k = bisect.bisect_right(starts, i, k)
+            if k == len(starts):
+                break
+            at = bisect.bisect_left(depths, starts[k], at + 1)
         return out
 
     def merge(self, prefix: PrefixMatches) -> PrefixMatches:
         """`prefix` with each replica's match raised to what its live leases hold."""
-        if not self._indexing or not prefix.hashes:
+        if not self._starts or not prefix.hashes:
             return prefix
-        inflight = self.matched(prefix.hashes, prefix.matched_blocks)
+        inflight = self.matched(prefix.hashes)
         if not inflight:
             return prefix
         matched = dict(prefix.matched_blocks)

@@ -8,7 +8,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from services.orchestrator.feedback import PrefixFeedback
-from services.orchestrator.inflight import EXACT_DEPTHS, InflightPrefixes, indexed_depths
+from services.orchestrator.inflight import (
+    EXACT_DEPTHS,
+    InflightPrefixes,
+    first_entry,
+    indexed_depths,
+)
 from services.orchestrator.prefix import PrefixMatches
 from tests.orchestrator.conftest import FixedPrefix
 
@@ -135,64 +140,91 @@ def test_ending_a_long_lease_leaves_nothing_behind() -> None:
     assert idx._holders == {}
 
 
-def test_a_lease_indexes_only_the_blocks_beyond_those_listed_for_its_replica() -> None:
+def test_a_lease_indexes_only_from_the_last_block_listed_for_its_replica() -> None:
     idx = InflightPrefixes()
     idx.add("l1", "r1", chain(1000, 1), listed=990)
     assert sum(len(by) for by in idx._holders.values()) == len(
-        [i for i in indexed_depths(1000) if i >= 990]
+        [i for i in indexed_depths(1000) if i >= first_entry(990)]
     )
+    assert first_entry(990) == 975  # depth 976: the deepest multiple of 16 up to 990
     listed = PrefixMatches(1000, {"r1": 990}, chain(1000, 1))
     assert idx.merge(listed).matched_blocks == {"r1": 1000}
-    # Another replica listing more of the prompt does not hide r1's entries below that.
+    # Another replica listing more of the prompt does not hide r3's entries below that.
     idx.add("l3", "r3", (*chain(40, 1), 7), listed=10)
     listed = PrefixMatches(1000, {"r1": 990, "r2": 60, "r3": 10}, chain(1000, 1))
     assert idx.merge(listed).matched_blocks == {"r1": 1000, "r2": 60, "r3": 40}
     idx.remove("l3")
-    idx.add("l2", "r2", chain(1000, 1), listed=1000)  # all of it listed: nothing to index
+    idx.add("l2", "r2", chain(1000, 1), listed=1000)  # all of it listed: its last block only
+    assert idx.matched(chain(1000, 1)) == {"r1": 1000, "r2": 1000}
     idx.remove("l1")
     idx.remove("l2")
     assert idx._holders == {}
-    assert idx._indexing == {}
+    assert idx._starts == {}
+
+
+def test_a_lease_counts_beyond_its_listed_blocks_whatever_the_registry_answers_since() -> None:
+    idx = InflightPrefixes()
+    idx.add("l1", "r1", chain(100, 1), listed=80)
+    prompt = chain(120, 1)
+    # A lookup that failed; the listed blocks evicted before the lease's prefill.
+    for registry in ({}, {"r1": 30}):
+        assert idx.merge(PrefixMatches(120, registry, prompt)).matched_blocks == {"r1": 100}
 
 
 @st.composite
-def leases_and_listings(
-    draw: st.DrawFn,
-) -> tuple[list[tuple[str, tuple[int, ...], int]], tuple[int, ...], dict[str, int]]:
-    """Live leases (replica, prompt, blocks listed at the grant), a prompt, and the registry's
-    listed match of it per replica, where every lease's listed blocks are listed still: a
-    replica lists at least the blocks its lease's prompt shares with the prompt up to where that
-    lease's listing ended (and maybe more: it may hold more of the prompt)."""
+def live_leases(draw: st.DrawFn) -> tuple[list[tuple[str, tuple[int, ...], int]], tuple[int, ...]]:
+    """Live leases (replica, prompt, blocks listed when it was looked up), prompts of one family
+    each with its own tail, and a prompt of the family."""
     prompt_len = draw(st.integers(1, 300))
     prompt = diverging(draw(st.integers(0, prompt_len)), prompt_len)
     leases = []
-    floor: dict[str, int] = {}
     for n in range(draw(st.integers(1, 6))):
-        replica = draw(st.sampled_from(["r1", "r2", "r3"]))
         length = draw(st.integers(1, 300))
-        shared_with_family = draw(st.integers(0, length))
-        # Its own tail: it shares with the prompt only blocks of the family.
-        hashes = chain(shared_with_family, 1) + tuple(
-            (3 + n) * 10_000 + i for i in range(shared_with_family, length)
+        family = draw(st.integers(0, length))
+        hashes = chain(family, 1) + tuple((3 + n) * 10_000 + i for i in range(family, length))
+        leases.append(
+            (draw(st.sampled_from(["r1", "r2", "r3"])), hashes, draw(st.integers(0, length)))
         )
-        listed = draw(st.integers(0, length))
-        leases.append((replica, hashes, listed))
-        shared = 0
-        while shared < min(length, prompt_len) and hashes[shared] == prompt[shared]:
-            shared += 1
-        floor[replica] = max(floor.get(replica, 0), min(listed, shared))
-    listings = {r: min(prompt_len, f + draw(st.integers(0, 20))) for r, f in floor.items()}
-    return leases, prompt, {r: n for r, n in listings.items() if n}
+    return leases, prompt
 
 
-@given(leases_and_listings())
-def test_indexing_beyond_the_listed_blocks_credits_what_indexing_whole_prompts_does(
-    case: tuple[list[tuple[str, tuple[int, ...], int]], tuple[int, ...], dict[str, int]],
+def shared(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@given(live_leases())
+def test_a_lease_is_found_as_whole_prompt_entries_find_it_where_the_prompt_reaches_its_first_entry(
+    case: tuple[list[tuple[str, tuple[int, ...], int]], tuple[int, ...]],
 ) -> None:
-    leases, prompt, listings = case
+    leases, prompt = case
+    idx = InflightPrefixes()
+    expected: dict[str, int] = {}
+    for n, (replica, hashes, listed) in enumerate(leases):
+        idx.add(f"l{n}", replica, hashes, listed)
+        if shared(hashes, prompt) > first_entry(min(listed, len(hashes))):
+            whole = InflightPrefixes()
+            whole.add("l", replica, hashes)
+            if (got := whole.matched(prompt).get(replica, 0)) > expected.get(replica, 0):
+                expected[replica] = got
+    assert idx.matched(prompt) == expected
+
+
+@given(live_leases(), st.lists(st.integers(0, 20), min_size=3, max_size=3))
+def test_with_the_listed_blocks_listed_the_registry_and_the_leases_credit_what_whole_prompts_do(
+    case: tuple[list[tuple[str, tuple[int, ...], int]], tuple[int, ...]], extra: list[int]
+) -> None:
+    """Where each replica lists at least what its leases' prompts share with the prompt up to
+    where their listing ended (it may hold more of the prompt)."""
+    leases, prompt = case
+    floor: dict[str, int] = {}
     beyond, whole = InflightPrefixes(), InflightPrefixes()
     for n, (replica, hashes, listed) in enumerate(leases):
         beyond.add(f"l{n}", replica, hashes, listed)
         whole.add(f"l{n}", replica, hashes)
-    registry = PrefixMatches(len(prompt), listings, prompt)
+        floor[replica] = max(floor.get(replica, 0), min(listed, shared(hashes, prompt)))
+    listings = {r: min(len(prompt), f + extra[k]) for k, (r, f) in enumerate(sorted(floor.items()))}
+    registry = PrefixMatches(len(prompt), {r: n for r, n in listings.items() if n}, prompt)
     assert beyond.merge(registry).matched_blocks == whole.merge(registry).matched_blocks
