@@ -16,17 +16,18 @@ under-claimed by less than 1/`EXACT_DEPTHS` of its length, while a 32k-token pro
 costs 192 entries to add and to remove instead of 1024 (a lease's add and remove were a fifth of
 the orchestrator's CPU per decision with 32k-token prompts, py-spy in bench-admit).
 
-What the registry listed is not indexed again: a lease on a replica whose KV events the registry
-holds (exact) gets entries from the last block the registry listed for that replica when the
-request was looked up (`first_entry`: that block, rounded down to an indexed depth) instead of
-from the first. A cached prefix then costs a lease next to nothing to add and remove; only what
-its engine computes does (a 32k-token prompt mostly cached: a few entries instead of 192). A
-lookup walks the prompt's indexed depths from the lowest first entry among live leases; at a
-depth no lease has, it goes on at the next first entry: a lease's entries along the prompt are a
-run from its first entry, so depths leases hold begin only at first entries. The walk does not read the registry's answer: what leases hold beyond their first
+What the registry listed is indexed again from its last block only: a lease on a replica whose
+KV events the registry holds (exact) gets entries from the last block the registry listed for
+that replica when the request was looked up (`first_entry`: that block, rounded down to an
+indexed depth) instead of from the first. A cached prefix then costs a lease next to nothing to
+add and remove; only what its engine computes does (a 32k-token prompt mostly cached: a few
+entries instead of 192). A lookup walks the prompt's indexed depths from the lowest first entry
+among live leases; at a depth no lease has, it goes on at the next first entry: a lease's
+entries along the prompt are a run from its first entry, so depths leases hold begin only at
+first entries. The walk does not read the registry's answer: what leases hold beyond their first
 entries counts even where the registry since dropped the blocks they listed (evicted before the
 prefill, a failed lookup, a resync, another registry's answer). A lookup reads the depths leases
-hold along the prompt and one more per run and per distinct first entry it passes.
+hold along the prompt and at most one more per run and per distinct first entry it passes.
 
 Invariants:
 - an entry lives from its lease's grant (`add`) to its end (`remove`) or its replica's drop;

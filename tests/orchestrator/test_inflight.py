@@ -154,7 +154,7 @@ def test_a_lease_indexes_only_from_the_last_block_listed_for_its_replica() -> No
     listed = PrefixMatches(1000, {"r1": 990, "r2": 60, "r3": 10}, chain(1000, 1))
     assert idx.merge(listed).matched_blocks == {"r1": 1000, "r2": 60, "r3": 40}
     idx.remove("l3")
-    idx.add("l2", "r2", chain(1000, 1), listed=1000)  # all of it listed: its last block only
+    idx.add("l2", "r2", chain(1000, 1), listed=1000)  # all of it listed: from its first entry
     assert idx.matched(chain(1000, 1)) == {"r1": 1000, "r2": 1000}
     idx.remove("l1")
     idx.remove("l2")
@@ -228,3 +228,65 @@ def test_with_the_listed_blocks_listed_the_registry_and_the_leases_credit_what_w
     listings = {r: min(len(prompt), f + extra[k]) for k, (r, f) in enumerate(sorted(floor.items()))}
     registry = PrefixMatches(len(prompt), {r: n for r, n in listings.items() if n}, prompt)
     assert beyond.merge(registry).matched_blocks == whole.merge(registry).matched_blocks
+
+
+def test_a_run_passing_another_lease_first_entry_and_a_later_one_after_a_gap() -> None:
+    idx = InflightPrefixes()
+    idx.add("x", "r1", chain(50, 1), listed=10)  # first entry 9
+    idx.add("z", "r3", (*chain(20, 1), *range(90_000, 90_040)), listed=30)  # 29: not shared
+    idx.add("w", "r4", (*chain(71, 1), *range(80_000, 80_030)), listed=30)  # 29: outlasts x
+    idx.add("y", "r2", chain(120, 1), listed=80)  # 79, after a gap no lease holds
+    assert idx.matched(diverging(150, 150)) == {"r1": 50, "r4": 70, "r2": 120}
+
+
+# (what, lease id (repeats are ignored), replica, prompt blocks, of which from the family,
+# blocks listed): "add" uses them all, "remove" the lease id, "drop" the replica.
+LEASE_STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "add", "remove", "drop"]),
+        st.integers(0, 7),
+        st.sampled_from(["r1", "r2", "r3"]),
+        st.integers(1, 200),
+        st.integers(0, 200),
+        st.integers(0, 210),
+    ),
+    max_size=16,
+)
+
+
+@given(LEASE_STEPS, st.integers(1, 200), st.integers(0, 200))
+def test_after_any_adds_ends_and_drops_the_index_answers_as_its_live_leases_do(
+    steps: list[tuple[str, int, str, int, int, int]], prompt_blocks: int, shared_blocks: int
+) -> None:
+    """Against a brute force over the live leases (each one's entries from its first entry on),
+    after every step; nothing is left once every lease ended."""
+    idx = InflightPrefixes()
+    live: dict[str, tuple[str, tuple[int, ...], int]] = {}
+    prompt = diverging(min(shared_blocks, prompt_blocks), prompt_blocks)
+    for what, n, replica, length, family, listed in steps:
+        if what == "add":
+            hashes = chain(min(family, length), 1) + tuple(
+                (10 + n) * 10_000 + i for i in range(min(family, length), length)
+            )
+            idx.add(f"l{n}", replica, hashes, listed)
+            live.setdefault(f"l{n}", (replica, hashes, first_entry(min(listed, length))))
+        elif what == "remove":
+            idx.remove(f"l{n}")
+            live.pop(f"l{n}", None)
+        else:
+            idx.drop_replica(replica)
+            live = {k: v for k, v in live.items() if v[0] != replica}
+        expected: dict[str, int] = {}
+        for replica, hashes, start in live.values():
+            if shared(hashes, prompt) > start:
+                whole = InflightPrefixes()
+                whole.add("l", replica, hashes)
+                got = whole.matched(prompt).get(replica, 0)
+                expected[replica] = max(expected.get(replica, 0), got)
+        assert idx.matched(prompt) == expected
+        assert len(idx) == len(live)
+    for lease_id in list(live):
+        idx.remove(lease_id)
+    assert idx._holders == {}
+    assert idx._starts == {}
+    assert idx._start_list == []
