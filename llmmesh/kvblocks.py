@@ -17,8 +17,9 @@ import struct
 import sys
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -66,16 +67,23 @@ def token_bytes(tokens: Sequence[int] | npt.NDArray[np.uint32]) -> bytes:
     return arr.tobytes()
 
 
+def _le_view(body: bytes, code: Literal["I", "Q"], what: str) -> Sequence[int]:
+    """`body` as consecutive little-endian unsigned ints of array typecode `code`: a view
+    without a copy on little-endian hosts. ValueError when `body` is no whole number of them."""
+    size = array(code).itemsize
+    if len(body) % size:
+        raise ValueError(f"{len(body)} bytes are no whole number of uint{size * 8} {what}")
+    if sys.byteorder == "little":
+        return memoryview(body).cast(code)
+    arr = array(code, body)  # pragma: no cover
+    arr.byteswap()  # pragma: no cover
+    return arr  # pragma: no cover
+
+
 def tokens_from_bytes(body: bytes) -> Sequence[int]:
     """`token_bytes`' inverse without a copy on little-endian hosts (a uint32 view of `body`).
     ValueError when `body` is no whole number of tokens."""
-    if len(body) % 4:
-        raise ValueError(f"{len(body)} bytes are no whole number of uint32 tokens")
-    if sys.byteorder == "little":
-        return memoryview(body).cast("I")
-    arr = array("I", body)  # pragma: no cover
-    arr.byteswap()  # pragma: no cover
-    return arr  # pragma: no cover
+    return _le_view(body, "I", "tokens")
 
 
 def hash_bytes(hashes: Sequence[int]) -> bytes:
@@ -87,13 +95,7 @@ def hashes_from_le64(body: bytes) -> Sequence[int]:
     """`hash_bytes`' inverse without a copy on little-endian hosts (a uint64 view of `body`: a
     hash becomes an int only when read, and a lookup reads a few of a long prompt's).
     ValueError when `body` is no whole number of hashes."""
-    if len(body) % 8:
-        raise ValueError(f"{len(body)} bytes are no whole number of uint64 hashes")
-    if sys.byteorder == "little":
-        return memoryview(body).cast("Q")
-    arr = array("Q", body)  # pragma: no cover
-    arr.byteswap()  # pragma: no cover
-    return arr  # pragma: no cover
+    return _le_view(body, "Q", "hashes")
 
 
 def hashes_from_bytes(
@@ -185,34 +187,41 @@ class ChunkedHashes:
         return b"".join(parts)
 
     def _chunk(self, piece: bytes, parent: int, parts: list[bytes]) -> int:
-        chunks = self._chunks
-        key = (parent, _xxh3_128(piece))
-        hit = chunks.get(key)
-        if hit is None:
-            own: list[bytes] = []
-            last = parent
-            sub = self._sub_bytes
-            for off in range(0, len(piece), sub):
-                last = self._sub(piece[off : off + sub], last, own)
-            hit = chunks[key] = (b"".join(own), last)
-            if len(chunks) > self._max_chunks:
-                chunks.popitem(last=False)
-        else:
-            chunks.move_to_end(key)
-        parts.append(hit[0])
-        return hit[1]
+        return self._cached(self._chunks, piece, parent, parts, self._by_subs)
 
     def _sub(self, piece: bytes, parent: int, parts: list[bytes]) -> int:
-        subs = self._subs
+        return self._cached(self._subs, piece, parent, parts, self._chained)
+
+    def _by_subs(self, piece: bytes, parent: int) -> tuple[bytes, int]:
+        """A chunk's hashes taken by its sub-chunks (each cached on its own)."""
+        own: list[bytes] = []
+        sub = self._sub_bytes
+        for off in range(0, len(piece), sub):
+            parent = self._sub(piece[off : off + sub], parent, own)
+        return b"".join(own), parent
+
+    def _chained(self, piece: bytes, parent: int) -> tuple[bytes, int]:
+        hashes = hashes_from_bytes(piece, self._config, parent=parent)
+        return hash_bytes(hashes), hashes[-1]
+
+    def _cached(
+        self,
+        cache: OrderedDict[tuple[int, int], tuple[bytes, int]],
+        piece: bytes,
+        parent: int,
+        parts: list[bytes],
+        compute: Callable[[bytes, int], tuple[bytes, int]],
+    ) -> int:
+        """Append `piece`'s hashes after `parent` to `parts` from `cache` (LRU, at most
+        `max_chunks`), computed on a miss; the piece's last hash."""
         key = (parent, _xxh3_128(piece))
-        hit = subs.get(key)
+        hit = cache.get(key)
         if hit is None:
-            hashes = hashes_from_bytes(piece, self._config, parent=parent)
-            hit = subs[key] = (hash_bytes(hashes), hashes[-1])
-            if len(subs) > self._max_chunks:
-                subs.popitem(last=False)
+            hit = cache[key] = compute(piece, parent)
+            if len(cache) > self._max_chunks:
+                cache.popitem(last=False)
         else:
-            subs.move_to_end(key)
+            cache.move_to_end(key)
         parts.append(hit[0])
         return hit[1]
 
