@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 
@@ -19,3 +19,13 @@ async def eventually(
         if time.monotonic() > deadline:
             pytest.fail(f"condition not reached within {timeout_s}s: {what}")
         await asyncio.sleep(0.02)
+
+
+def shared_head(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading items `a` and `b` have in common."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n

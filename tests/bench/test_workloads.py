@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench import workloads as wl
+from tests.helpers import shared_head
 
 
 @pytest.mark.parametrize(
@@ -302,15 +303,6 @@ def test_describe() -> None:
     assert math.isclose(d["span_s"], 2)
 
 
-def _shared_head(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def test_unique_prompts_share_nothing() -> None:
     reqs = wl.unique_prompts(
         requests=50, prompt_tokens=(40, 80), output_tokens=(1, 4), rate=2.0, seed=3
@@ -380,7 +372,7 @@ def test_multi_turn_next_prompt_contains_previous_prompt_and_its_generated_answe
             assert nxt.prompt_tokens > len(head)
     # Sessions share the system prompt and nothing more.
     firsts = [v[0] for v in by_session.values()]
-    assert _shared_head(firsts[0].prompt_token_ids, firsts[1].prompt_token_ids) == 32
+    assert shared_head(firsts[0].prompt_token_ids, firsts[1].prompt_token_ids) == 32
     kept = wl.sample_sessions(reqs, 0.5, seed=1)
     assert {r.meta["session"] for r in kept} < set(by_session)
     assert all(
