@@ -27,7 +27,7 @@ entries along the prompt are a run from its first entry, so depths leases hold b
 first entries. The walk does not read the registry's answer: what leases hold beyond their first
 entries counts even where the registry since dropped the blocks they listed (evicted before the
 prefill, a failed lookup, a resync, another registry's answer). A lookup reads the depths leases
-hold along the prompt and at most one more per run and per distinct first entry it passes.
+hold along the prompt and at most one more per run and per first entry it passes.
 
 Invariants:
 - an entry lives from its lease's grant (`add`) to its end (`remove`) or its replica's drop;
@@ -57,28 +57,25 @@ def indexed_depths(blocks: int) -> tuple[int, ...]:
     depth (position + 1) is a multiple of its step, a power of two at most 1/`EXACT_DEPTHS` of the
     depth (1 below twice `EXACT_DEPTHS`), and the last. The same depths for every prompt, so a
     prompt and a lease meet at each indexed depth both reach."""
-    out = []
-    for depth in range(1, blocks + 1):
-        step = 1 << max(0, depth.bit_length() - EXACT_DEPTHS.bit_length())
-        if depth % step == 0 or depth == blocks:
-            out.append(depth - 1)
-    return tuple(out)
+    return tuple(d - 1 for d in range(1, blocks + 1) if d % _step(d) == 0 or d == blocks)
+
+
+def _step(depth: int) -> int:
+    """The spacing of indexed depths around `depth` (see `indexed_depths`)."""
+    return 1 << max(0, depth.bit_length() - EXACT_DEPTHS.bit_length())
 
 
 def first_entry(listed: int) -> int:
     """Where a lease's entries start when the registry lists its first `listed` blocks: the
     deepest position at most `listed - 1` that every prompt reaching it indexes (0 with none
     listed). One listed block is indexed again, so a prompt reaching it meets the lease."""
-    if listed <= 0:
-        return 0
-    step = 1 << max(0, listed.bit_length() - EXACT_DEPTHS.bit_length())
-    return listed - listed % step - 1
+    return listed - listed % _step(listed) - 1 if listed > 0 else 0
 
 
 def _from(blocks: int, start: int) -> tuple[int, ...]:
     """The indexed positions of a `blocks`-block prompt from position `start` on."""
     depths = indexed_depths(blocks)
-    return depths[bisect.bisect_left(depths, start) :] if start > 0 else depths
+    return depths[bisect.bisect_left(depths, start) :]  # a tuple's whole slice is itself
 
 
 class InflightPrefixes:
@@ -86,8 +83,7 @@ class InflightPrefixes:
         self._holders: dict[int, dict[str, int]] = {}  # block hash -> replica -> live leases
         # lease -> replica, hashes, the position its entries start at
         self._leases: dict[str, tuple[str, Sequence[int], int]] = {}
-        self._starts: dict[int, int] = {}  # a first entry's position -> live leases there
-        self._start_list: list[int] = []  # those positions, ascending
+        self._starts: list[int] = []  # the live leases' first entries' positions, ascending
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -99,10 +95,7 @@ class InflightPrefixes:
             return
         start = first_entry(min(listed, len(hashes)))
         self._leases[lease_id] = (replica_id, hashes, start)
-        n = self._starts.get(start, 0)
-        if not n:
-            bisect.insort(self._start_list, start)
-        self._starts[start] = n + 1
+        bisect.insort(self._starts, start)
         holders = self._holders
         for i in _from(len(hashes), start):
             h = hashes[i]
@@ -118,12 +111,7 @@ class InflightPrefixes:
             self._release(*entry)
 
     def _release(self, replica_id: str, hashes: Sequence[int], start: int) -> None:
-        n = self._starts[start] - 1
-        if n:
-            self._starts[start] = n
-        else:
-            del self._starts[start]
-            del self._start_list[bisect.bisect_left(self._start_list, start)]
+        del self._starts[bisect.bisect_left(self._starts, start)]
         holders = self._holders
         for i in _from(len(hashes), start):
             h = hashes[i]
@@ -148,7 +136,7 @@ class InflightPrefixes:
         """Per replica, the leading blocks of `hashes` one of its live leases' prompts has, to
         the deepest indexed depth, among leases whose first entry `hashes` reaches."""
         out: dict[str, int] = {}
-        starts = self._start_list
+        starts = self._starts
         if not starts or not hashes:
             return out
         holders = self._holders

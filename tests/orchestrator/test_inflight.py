@@ -15,6 +15,7 @@ from services.orchestrator.inflight import (
     indexed_depths,
 )
 from services.orchestrator.prefix import PrefixMatches
+from tests.helpers import shared_head
 from tests.orchestrator.conftest import FixedPrefix
 
 A = (11, 12, 13, 14)  # a prompt's chained block hashes
@@ -100,9 +101,10 @@ def chain(n: int, base: int) -> tuple[int, ...]:
     return tuple(base * 10_000 + i for i in range(n))
 
 
-def diverging(shared: int, n: int) -> tuple[int, ...]:
-    """A prompt of n blocks sharing its first `shared` blocks with chain(..., 1)."""
-    return chain(shared, 1) + tuple(2 * 10_000 + i for i in range(shared, n))
+def diverging(shared: int, n: int, tail: int = 2) -> tuple[int, ...]:
+    """A prompt of n blocks sharing its first `shared` blocks with chain(..., 1), then its own
+    (prompts with another `tail` share nothing after that)."""
+    return chain(shared, 1) + tuple(tail * 10_000 + i for i in range(shared, n))
 
 
 @given(
@@ -159,7 +161,7 @@ def test_a_lease_indexes_only_from_the_last_block_listed_for_its_replica() -> No
     idx.remove("l1")
     idx.remove("l2")
     assert idx._holders == {}
-    assert idx._starts == {}
+    assert idx._starts == []
 
 
 def test_a_lease_counts_beyond_its_listed_blocks_whatever_the_registry_answers_since() -> None:
@@ -181,18 +183,18 @@ def live_leases(draw: st.DrawFn) -> tuple[list[tuple[str, tuple[int, ...], int]]
     for n in range(draw(st.integers(1, 6))):
         length = draw(st.integers(1, 300))
         family = draw(st.integers(0, length))
-        hashes = chain(family, 1) + tuple((3 + n) * 10_000 + i for i in range(family, length))
+        hashes = diverging(family, length, tail=3 + n)
         leases.append(
             (draw(st.sampled_from(["r1", "r2", "r3"])), hashes, draw(st.integers(0, length)))
         )
     return leases, prompt
 
 
-def shared(a: tuple[int, ...], b: tuple[int, ...]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+def whole_prompt_match(replica: str, hashes: tuple[int, ...], prompt: tuple[int, ...]) -> int:
+    """What one lease's entries over its whole prompt credit its replica for `prompt`."""
+    whole = InflightPrefixes()
+    whole.add("l", replica, hashes)
+    return whole.matched(prompt).get(replica, 0)
 
 
 @given(live_leases())
@@ -204,11 +206,9 @@ def test_a_lease_is_found_as_whole_prompt_entries_find_it_where_the_prompt_reach
     expected: dict[str, int] = {}
     for n, (replica, hashes, listed) in enumerate(leases):
         idx.add(f"l{n}", replica, hashes, listed)
-        if shared(hashes, prompt) > first_entry(min(listed, len(hashes))):
-            whole = InflightPrefixes()
-            whole.add("l", replica, hashes)
-            if (got := whole.matched(prompt).get(replica, 0)) > expected.get(replica, 0):
-                expected[replica] = got
+        if shared_head(hashes, prompt) > first_entry(min(listed, len(hashes))):
+            got = whole_prompt_match(replica, hashes, prompt)
+            expected[replica] = max(expected.get(replica, 0), got)
     assert idx.matched(prompt) == expected
 
 
@@ -224,7 +224,7 @@ def test_with_the_listed_blocks_listed_the_registry_and_the_leases_credit_what_w
     for n, (replica, hashes, listed) in enumerate(leases):
         beyond.add(f"l{n}", replica, hashes, listed)
         whole.add(f"l{n}", replica, hashes)
-        floor[replica] = max(floor.get(replica, 0), min(listed, shared(hashes, prompt)))
+        floor[replica] = max(floor.get(replica, 0), min(listed, shared_head(hashes, prompt)))
     listings = {r: min(len(prompt), f + extra[k]) for k, (r, f) in enumerate(sorted(floor.items()))}
     registry = PrefixMatches(len(prompt), {r: n for r, n in listings.items() if n}, prompt)
     assert beyond.merge(registry).matched_blocks == whole.merge(registry).matched_blocks
@@ -265,9 +265,7 @@ def test_after_any_adds_ends_and_drops_the_index_answers_as_its_live_leases_do(
     prompt = diverging(min(shared_blocks, prompt_blocks), prompt_blocks)
     for what, n, replica, length, family, listed in steps:
         if what == "add":
-            hashes = chain(min(family, length), 1) + tuple(
-                (10 + n) * 10_000 + i for i in range(min(family, length), length)
-            )
+            hashes = diverging(min(family, length), length, tail=10 + n)
             idx.add(f"l{n}", replica, hashes, listed)
             live.setdefault(f"l{n}", (replica, hashes, first_entry(min(listed, length))))
         elif what == "remove":
@@ -278,15 +276,12 @@ def test_after_any_adds_ends_and_drops_the_index_answers_as_its_live_leases_do(
             live = {k: v for k, v in live.items() if v[0] != replica}
         expected: dict[str, int] = {}
         for replica, hashes, start in live.values():
-            if shared(hashes, prompt) > start:
-                whole = InflightPrefixes()
-                whole.add("l", replica, hashes)
-                got = whole.matched(prompt).get(replica, 0)
+            if shared_head(hashes, prompt) > start:
+                got = whole_prompt_match(replica, hashes, prompt)
                 expected[replica] = max(expected.get(replica, 0), got)
         assert idx.matched(prompt) == expected
         assert len(idx) == len(live)
     for lease_id in list(live):
         idx.remove(lease_id)
     assert idx._holders == {}
-    assert idx._starts == {}
-    assert idx._start_list == []
+    assert idx._starts == []
