@@ -371,6 +371,7 @@ class Cluster:
             random.Random(seed),
             self._fetch_metrics,
             self.loop.time,
+            kv_block_size=spec.block_size,
         )
         for rid in [s.id for s in static]:
             self._start_engine(self.replicas[rid])

@@ -53,6 +53,7 @@ async def main(settings: OrchestratorSettings, blocks: KvBlockSettings) -> None:
         policy,
         prefix,
         fetch_metrics=pages,
+        kv_block_size=blocks.block_size,
     )
     servicer = OrchestratorServicer(core)
     server = ManagedServer(

@@ -124,8 +124,11 @@ class Orchestrator:
         rng: random.Random | None = None,
         fetch_metrics: FetchMetrics | None = None,
         clock: Clock = time.monotonic,
+        kv_block_size: int | None = None,
     ) -> None:
-        """`fetch_metrics`: the engines' metrics pages (default: urllib in a worker thread)."""
+        """`fetch_metrics`: the engines' metrics pages (default: urllib in a worker thread).
+        `kv_block_size`: the engines' tokens per KV block, with which the load ledger models
+        KV admission from their reported blocks (None: it does not)."""
         self._settings = settings
         self._policy = policy or Policy()
         self._clock = clock
@@ -160,7 +163,7 @@ class Orchestrator:
         work = self._scheduler.work_model or WorkModel.named(
             DEFAULT_PROFILE, time_scale=settings.engine_time_scale
         )
-        self._load = LoadLedger(clock, work)
+        self._load = LoadLedger(clock, work, kv_block_size)
         self._feedback = PrefixFeedback(prefix_index)
         # Its own draws: the scheduler's sequence (and so a simulation's) does not depend on it.
         self._shedder = AdmitShedder(
@@ -542,7 +545,12 @@ class Orchestrator:
         sample = self._sampler.fresh(st, now)
         if sample is not None and st.observed_at != st.sample_at:
             self._load.observe(
-                st.spec.id, sample.active, sample.waiting, st.sample_in_flight, st.sample_at
+                st.spec.id,
+                sample.active,
+                sample.waiting,
+                st.sample_in_flight,
+                st.sample_at,
+                sample.kv_max,
             )
             st.observed_at = st.sample_at
         in_flight = st.in_flight + _others(st, sample)

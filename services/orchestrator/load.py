@@ -23,6 +23,18 @@ mean prefill work of recent grants; requests the engine holds beyond this orches
 (other orchestrators') count as decoding sequences of the mean context until the next sample.
 The sample's KV use is carried forward by `kv_scale`: the tokens (prompt + max tokens) of the
 leases live now over those live when the sample was applied, others' counted at the mean context.
+
+KV admission (`ReplicaLoad.kv_free_tokens`, `kv_return_per_s`): an engine starts a request only
+once its whole sequence fits its KV cache (TensorRT-LLM's `guaranteed_no_evict` reserves prompt +
+max tokens at admission), so on a replica whose cache the running sequences have reserved, a
+request waits for some of them to end however little prefill is queued. The capacity is the
+sample's KV blocks (`kv_max`) times the block size; the live leases reserve their uncached prompt
+and max tokens each, their cached prefix once (the largest of them: a shared prefix is held once),
+others' requests the mean context each. What they reserve comes back at that amount over the
+replica's mean lease duration (grant to completion, observed: it holds the decode steps slowed by
+the prefills riding along and outputs that end before max tokens, which a step-time model of the
+decode would not). Nothing of this enters the FIFO prefill server: a lease that ends gives its
+tokens back at once, and no later estimate keeps a wait it no longer has.
 """
 
 from __future__ import annotations
@@ -49,7 +61,9 @@ class _Lease:
     uncached: int
     prompt: int
     max_tokens: int
+    cached: int  # prompt tokens reused from the replica's cache (the registry's match at grant)
     work_s: float  # prefill work, stretched by the decode batch at grant time
+    granted_at: float
     first_token_at: float
     started_at: float  # when its prefill starts on the FIFO server
 
@@ -66,6 +80,8 @@ class _Replica:
     prompts: int = 0  # prompt tokens of the live leases
     unique_tokens: int = 0  # uncached prompt + max tokens of the live leases
     kv_tokens_at_sample: int = 0
+    kv_capacity: int | None = None  # KV tokens of the engine (its last sample's blocks)
+    mean_lease_s: float = 0.0  # EWMA of its leases' durations, grant to completion
     # `load` while the replica holds no lease and its backlog is over: it does not depend on
     # the time then. Reset by every change to the replica's accounting (`changed`).
     idle: ReplicaLoad | None = None
@@ -83,9 +99,12 @@ class _Replica:
 
 
 class LoadLedger:
-    def __init__(self, clock: Clock, work: WorkModel) -> None:
+    def __init__(self, clock: Clock, work: WorkModel, kv_block_size: int | None = None) -> None:
+        """`kv_block_size`: tokens per KV block of the engines (None: KV admission is not
+        modelled)."""
         self._clock = clock
         self._work = work
+        self._kv_block_size = kv_block_size
         # How long a load estimate stands while nothing is granted, completed or observed on
         # its replica: one engine step at the least (the step's fixed cost, the weights pass).
         # An engine's state moves a step at a time, and a decision then costs one estimate per
@@ -113,7 +132,9 @@ class LoadLedger:
         seqs, ctx = self._decoding(rep, now)
         work = self._work.prefill_work_s(uncached, cached) * self._work.decode_slowdown(seqs, ctx)
         start = max(now, rep.busy_until)
-        lease = _Lease(replica_id, uncached, prompt_tokens, max_tokens, work, start + work, start)
+        lease = _Lease(
+            replica_id, uncached, prompt_tokens, max_tokens, cached, work, now, start + work, start
+        )
         rep.busy_until = lease.first_token_at
         rep.leases[lease_id] = lease
         rep.kv_tokens += prompt_tokens + max_tokens
@@ -166,6 +187,8 @@ class LoadLedger:
             left = lease.first_token_at - max(now, lease.started_at)
             self._shift_after(rep, lease, min(left, lease.work_s), now)
         del rep.leases[lease_id]
+        a = _MEAN_ALPHA if rep.mean_lease_s else 1.0
+        rep.mean_lease_s += a * (max(0.0, now - lease.granted_at) - rep.mean_lease_s)
         rep.kv_tokens -= lease.prompt + lease.max_tokens
         rep.prompts -= lease.prompt
         rep.unique_tokens -= lease.uncached + lease.max_tokens
@@ -197,7 +220,13 @@ class LoadLedger:
                 self._leases.pop(lid, None)
 
     def observe(
-        self, replica_id: str, active: float, waiting: float, own_at_sample: int, sample_at: float
+        self,
+        replica_id: str,
+        active: float,
+        waiting: float,
+        own_at_sample: int,
+        sample_at: float,
+        kv_max_blocks: float | None = None,
     ) -> None:
         """Apply an engine sample once (see the module docstring)."""
         rep = self._replica(replica_id)
@@ -205,6 +234,9 @@ class LoadLedger:
             return
         rep.changed()
         rep.sample_at = sample_at
+        bs = self._kv_block_size
+        if bs is not None and kv_max_blocks is not None and kv_max_blocks > 0:
+            rep.kv_capacity = round(kv_max_blocks * bs)
         rep.others = max(0, round(active + waiting) - own_at_sample)
         rep.kv_tokens_at_sample = rep.kv_tokens
         own_waiting = sum(1 for x in rep.leases.values() if x.started_at > sample_at)
@@ -282,10 +314,24 @@ class LoadLedger:
         seqs, ctx = self._decoding(rep, now)
         others = rep.others * rep.mean_context
         then = rep.kv_tokens_at_sample + others
+        free, rate = self._kv_admission(rep)
         return ReplicaLoad(
             prefill_tokens=round(prefill),
             prefill_s=max(0.0, rep.busy_until - now),
             decode_seqs=seqs,
             decode_tokens=ctx,
             kv_scale=(rep.kv_tokens + others) / then if then > 0 else 1.0,
+            kv_free_tokens=free,
+            kv_return_per_s=rate,
         )
+
+    def _kv_admission(self, rep: _Replica) -> tuple[int | None, float | None]:
+        """(KV tokens free for a further request now, tokens the live leases give back per
+        second); see the module docstring."""
+        capacity = rep.kv_capacity
+        if capacity is None:
+            return None, None
+        shared = max((x.cached for x in rep.leases.values()), default=0)
+        reserved = rep.unique_tokens + shared + round(rep.others * rep.mean_context)
+        rate = reserved / rep.mean_lease_s if reserved > 0 and rep.mean_lease_s > 0 else None
+        return capacity - reserved, rate

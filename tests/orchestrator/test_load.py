@@ -228,3 +228,69 @@ def test_the_ledger_stamp_changes_with_each_event_and_an_estimate_stands_one_ste
     led.drop_replica("r")
     led.grant("c", "r", 10, 0, 1)
     assert led.stamp("r") not in stamps  # accounted again: a stamp never seen before
+
+
+def kv_ledger(capacity_blocks: int, *grants: Grant) -> tuple[LoadLedger, Clock]:
+    """A ledger modelling KV admission at 32 tokens a block, its replica "r" sampled with
+    `capacity_blocks` KV blocks, then `grants`."""
+    clock = Clock()
+    led = LoadLedger(clock, WORK, kv_block_size=32)
+    led.observe("r", 0, 0, 0, sample_at=clock.t, kv_max_blocks=capacity_blocks)
+    for g in grants:
+        led.grant(g.lease, g.replica, g.prompt, g.cached, g.max_tokens)
+    return led, clock
+
+
+@pytest.mark.parametrize(
+    ("grants", "free"),
+    [
+        # Nothing leased: the whole cache (100 blocks of 32 tokens).
+        ((), 3200),
+        # A lease reserves its prompt and max tokens.
+        ((Grant("a", 1000, max_tokens=200),), 2000),
+        # A cached prefix is reserved once, however many leases share it; the rest each.
+        (
+            (
+                Grant("a", 1000, cached=800, max_tokens=100),
+                Grant("b", 1000, cached=800, max_tokens=100),
+            ),
+            3200 - 800 - 2 * (200 + 100),
+        ),
+        # Reserved beyond the capacity (engine-queued sequences): negative, not clamped.
+        ((Grant("a", 3000, max_tokens=200), Grant("b", 1000, max_tokens=0)), -1000),
+        # Leases elsewhere reserve nothing here.
+        ((Grant("a", 1000, max_tokens=200, replica="s"),), 3200),
+    ],
+)
+def test_kv_free_tokens_are_the_capacity_less_what_the_leases_reserve(
+    grants: tuple[Grant, ...], free: int
+) -> None:
+    led, _ = kv_ledger(100, *grants)
+    assert led.load("r").kv_free_tokens == free
+
+
+def test_kv_is_not_modelled_without_a_block_size_or_a_sample() -> None:
+    led, clock = ledger(Grant("a", 1000))
+    led.observe("r", 1, 0, 1, sample_at=clock.t, kv_max_blocks=100)
+    assert led.load("r").kv_free_tokens is None  # no block size
+    led, _ = kv_ledger(0, Grant("a", 1000))
+    assert led.load("r").kv_free_tokens is None  # no capacity reported
+    assert led.load("r").kv_wait_s(10**6) == 0.0
+
+
+def test_kv_comes_back_at_what_is_reserved_over_the_mean_lease_duration() -> None:
+    led, clock = kv_ledger(100, Grant("a", 1000, max_tokens=200))
+    # No lease has ended yet: no return rate, so no wait is predicted.
+    assert led.load("r").kv_return_per_s is None
+    assert led.load("r").kv_wait_s(5000) == 0.0
+    clock.t += 2.0
+    led.complete("a")  # leases here last 2 s
+    led.grant("b", "r", 2600, 0, 200)  # reserves 2800 of 3200
+    load = led.load("r")
+    assert load.kv_free_tokens == 400
+    assert load.kv_return_per_s == pytest.approx(2800 / 2.0)
+    assert load.kv_wait_s(400) == 0.0  # fits now
+    # 1000 more than free: the reserved tokens come back at 1400/s.
+    assert load.kv_wait_s(1400) == pytest.approx(1000 / 1400)
+    led.complete("b")  # what it reserved is back at once
+    assert led.load("r").kv_free_tokens == 3200

@@ -34,6 +34,23 @@ class ReplicaLoad:
     # The replica's KV use now relative to at its last engine sample, by the tokens this
     # orchestrator has in flight there (grants and completions since the sample); 1 without one.
     kv_scale: float = 1.0
+    # KV tokens a further request may reserve now (the engine's KV capacity less what the live
+    # leases reserve: each its uncached prompt and max tokens, their shared cached prefix once);
+    # None while the capacity is unknown (no engine sample yet).
+    kv_free_tokens: int | None = None
+    # KV tokens the live leases give back per second: what they reserve over the replica's mean
+    # lease duration (Little's law); None before a lease on it has ended.
+    kv_return_per_s: float | None = None
+
+    def kv_wait_s(self, tokens: int) -> float:
+        """Seconds until a request reserving `tokens` more KV tokens fits: the engine admits a
+        request only once its whole sequence fits (TensorRT-LLM's `guaranteed_no_evict`), so
+        it waits for running sequences to give back what it lacks; 0 when it fits now or
+        either figure is unknown."""
+        free, rate = self.kv_free_tokens, self.kv_return_per_s
+        if free is None or tokens <= free or not rate:
+            return 0.0
+        return (tokens - free) / rate
 
 
 @dataclass(frozen=True, slots=True)

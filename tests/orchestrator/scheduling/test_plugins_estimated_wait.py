@@ -264,3 +264,39 @@ def test_a_slowed_engine_fleet_with_a_backlog_as_slowed_is_scored_alike(time_sca
             assert slow.predicted_ttft_s(request, s) == pytest.approx(
                 fast.predicted_ttft_s(request, r) * time_scale
             )
+
+
+def kv_rep(rid: str, free: int | None, return_per_s: float | None, prefill_s: float) -> ReplicaView:
+    return dataclasses.replace(
+        rep(rid, prefill_s=prefill_s),
+        load=ReplicaLoad(prefill_s=prefill_s, kv_free_tokens=free, kv_return_per_s=return_per_s),
+    )
+
+
+@pytest.mark.parametrize(
+    ("replicas", "expected", "wait_on_a"),
+    [
+        # "a" has no prefill queued but its cache is reserved by running sequences: the request
+        # waits for 4160 tokens to come back at 10,000/s there (0.416 s), longer than b's
+        # 0.2 s backlog with room to spare.
+        ([kv_rep("a", 0, 10_000.0, 0.0), kv_rep("b", 10**6, 10_000.0, 0.2)], "b", 0.416),
+        # The same shortage coming back ten times faster is shorter than b's backlog.
+        ([kv_rep("a", 0, 100_000.0, 0.0), kv_rep("b", 10**6, 10_000.0, 0.2)], "a", 0.0416),
+        # Free room on both: the backlog decides.
+        ([kv_rep("a", 10**6, 10_000.0, 0.0), kv_rep("b", 10**6, 10_000.0, 0.2)], "a", 0.0),
+        # Capacity or return rate unknown: no KV wait is predicted.
+        ([kv_rep("a", None, None, 0.0), kv_rep("b", 10**6, 10_000.0, 0.2)], "a", 0.0),
+        ([kv_rep("a", 0, None, 0.0), kv_rep("b", 10**6, 10_000.0, 0.2)], "a", 0.0),
+    ],
+)
+def test_a_request_waits_for_its_kv_reservation_to_fit(
+    replicas: list[ReplicaView], expected: str, wait_on_a: float
+) -> None:
+    scorer = EstimatedWaitScorer(Params())
+    request = req(max_tokens=64)  # reserves 4096 + 64 tokens
+    assert winner(scorer, request, replicas) == expected
+    a = replicas[0]
+    no_kv = dataclasses.replace(a, load=ReplicaLoad(prefill_s=0.0))
+    assert scorer.predicted_ttft_s(request, a) - scorer.predicted_ttft_s(
+        request, no_kv
+    ) == pytest.approx(wait_on_a)

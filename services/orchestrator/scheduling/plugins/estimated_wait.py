@@ -97,8 +97,10 @@ class EstimatedWaitScorer:
         )
 
     def predicted_ttft_s(self, request: RequestView, r: ReplicaView) -> float:
-        """Backlog of prefills ahead + own prefill (stretched by the decode batch) + the step it
-        finishes in; + the wait for a batch slot when every slot is taken."""
+        """Backlog of prefills ahead, or the wait until the request's KV reservation (uncached
+        prompt + max tokens) fits, whichever is longer + own prefill (stretched by the decode
+        batch) + the step it finishes in; + the wait for a batch slot when every slot is
+        taken."""
         return self._predicted(request, r, self.cached_tokens(request, r))
 
     def _predicted(self, request: RequestView, r: ReplicaView, cached: int) -> float:
@@ -107,7 +109,11 @@ class EstimatedWaitScorer:
         own = w.prefill_work_s(request.prompt_tokens - cached, cached)
         own *= w.decode_slowdown(load.decode_seqs, load.decode_tokens)
         step = w.decode_step_s(load.decode_seqs + 1, load.decode_tokens + request.prompt_tokens)
-        t = load.prefill_s + own + max(step, w.fixed_step_s)
+        start = load.prefill_s
+        if load.kv_free_tokens is not None:
+            reserve = request.prompt_tokens - cached + max(request.max_tokens, 1)
+            start = max(start, load.kv_wait_s(reserve))
+        t = start + own + max(step, w.fixed_step_s)
         sequences = max(r.in_flight, load.decode_seqs)
         if sequences >= self.params.max_batch:
             # A slot frees when one of the batch's sequences ends: about every
