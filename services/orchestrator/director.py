@@ -654,7 +654,15 @@ class Orchestrator:
         self._feedback.routed(lease.lease_id, st.spec.id, prefix, req.prompt_tokens)
         prompt = req.prompt_tokens
         cached = prefix.cached_tokens(st.spec.id, prompt)
-        self._load.grant(lease.lease_id, st.spec.id, prompt, cached, req.max_tokens)
+        self._load.grant(
+            lease.lease_id,
+            st.spec.id,
+            prompt,
+            cached,
+            req.max_tokens,
+            held_tokens=prefix.registered_tokens(st.spec.id, prompt),
+            prefix_key=prefix.hashes[0] if len(prefix.hashes) else None,
+        )
         return lease
 
     def _dispatch(self) -> None:

@@ -29,8 +29,10 @@ once its whole sequence fits its KV cache (TensorRT-LLM's `guaranteed_no_evict` 
 max tokens at admission), so on a replica whose cache the running sequences have reserved, a
 request waits for some of them to end however little prefill is queued. The capacity is the
 sample's KV blocks (`kv_max`) times the block size; the live leases reserve their uncached prompt
-and max tokens each, their cached prefix once (the largest of them: a shared prefix is held once),
-others' requests the mean context each. What they reserve comes back at that amount over the
+and max tokens each in whole blocks, plus the cached prefixes they hold: the part of a lease's
+match the engine's cache held at grant (kv_registry's, not a live lease's prompt, which that
+lease reserves), once per prefix (leases by their prompt's first block: the largest such part
+of each), and others' requests the mean prompt + max tokens each. What they reserve comes back at that amount over the
 replica's mean lease duration (grant to completion, observed: it holds the decode steps slowed by
 the prefills riding along and outputs that end before max tokens, which a step-time model of the
 decode would not). Nothing of this enters the FIFO prefill server: a lease that ends gives its
@@ -61,7 +63,9 @@ class _Lease:
     uncached: int
     prompt: int
     max_tokens: int
-    cached: int  # prompt tokens reused from the replica's cache (the registry's match at grant)
+    held: int  # of its cached prompt tokens, those the engine's cache held at grant
+    prefix_key: int | None  # its prompt's first block (leases sharing it share a prefix)
+    reserve: int  # KV tokens it reserves beyond its cached prefix (whole blocks)
     work_s: float  # prefill work, stretched by the decode batch at grant time
     granted_at: float
     first_token_at: float
@@ -81,6 +85,8 @@ class _Replica:
     unique_tokens: int = 0  # uncached prompt + max tokens of the live leases
     kv_tokens_at_sample: int = 0
     kv_capacity: int | None = None  # KV tokens of the engine (its last sample's blocks)
+    reserved: int = 0  # `reserve` of the live leases
+    mean_reserve: float = 0.0  # EWMA of prompt + max tokens per grant (others' requests)
     mean_lease_s: float = 0.0  # EWMA of its leases' durations, grant to completion
     # `load` while the replica holds no lease and its backlog is over: it does not depend on
     # the time then. Reset by every change to the replica's accounting (`changed`).
@@ -123,26 +129,48 @@ class LoadLedger:
         prompt_tokens: int,
         cached_tokens: int,
         max_tokens: int,
+        *,
+        held_tokens: int | None = None,
+        prefix_key: int | None = None,
     ) -> None:
+        """`held_tokens`: of the cached tokens, those the engine's cache held at grant (the
+        rest is live leases' prompts; default: all); `prefix_key`: the prompt's first block."""
         now = self._clock()
         rep = self._replica(replica_id)
         rep.changed()
         cached = max(0, min(cached_tokens, prompt_tokens - 1))
         uncached = prompt_tokens - cached
+        held = cached if held_tokens is None else max(0, min(held_tokens, cached))
+        reserve = uncached + max_tokens
+        bs = self._kv_block_size
+        if bs is not None:
+            reserve = -(-reserve // bs) * bs
         seqs, ctx = self._decoding(rep, now)
         work = self._work.prefill_work_s(uncached, cached) * self._work.decode_slowdown(seqs, ctx)
         start = max(now, rep.busy_until)
         lease = _Lease(
-            replica_id, uncached, prompt_tokens, max_tokens, cached, work, now, start + work, start
+            replica_id,
+            uncached,
+            prompt_tokens,
+            max_tokens,
+            held,
+            prefix_key,
+            reserve,
+            work,
+            now,
+            start + work,
+            start,
         )
         rep.busy_until = lease.first_token_at
         rep.leases[lease_id] = lease
         rep.kv_tokens += prompt_tokens + max_tokens
         rep.prompts += prompt_tokens
         rep.unique_tokens += uncached + max_tokens
+        rep.reserved += reserve
         self._leases[lease_id] = lease
         a = _MEAN_ALPHA if rep.mean_work_s else 1.0
         rep.mean_work_s += a * (work - rep.mean_work_s)
+        rep.mean_reserve += a * (prompt_tokens + max_tokens - rep.mean_reserve)
         rep.mean_context += a * (prompt_tokens + max_tokens / 2 - rep.mean_context)
 
     def _replica(self, replica_id: str) -> _Replica:
@@ -192,6 +220,7 @@ class LoadLedger:
         rep.kv_tokens -= lease.prompt + lease.max_tokens
         rep.prompts -= lease.prompt
         rep.unique_tokens -= lease.uncached + lease.max_tokens
+        rep.reserved -= lease.reserve
 
     def _shift_after(self, rep: _Replica, lease: _Lease, by_s: float, now: float) -> None:
         """Move the first tokens of the leases granted after `lease` (still in prefill) `by_s`
@@ -331,7 +360,11 @@ class LoadLedger:
         capacity = rep.kv_capacity
         if capacity is None:
             return None, None
-        shared = max((x.cached for x in rep.leases.values()), default=0)
-        reserved = rep.unique_tokens + shared + round(rep.others * rep.mean_context)
+        held: dict[object, int] = {}
+        for lid, x in rep.leases.items():
+            if x.held:
+                key = lid if x.prefix_key is None else x.prefix_key
+                held[key] = max(held.get(key, 0), x.held)
+        reserved = rep.reserved + sum(held.values()) + round(rep.others * rep.mean_reserve)
         rate = reserved / rep.mean_lease_s if reserved > 0 and rep.mean_lease_s > 0 else None
         return capacity - reserved, rate

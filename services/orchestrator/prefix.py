@@ -90,6 +90,13 @@ class PrefixMatches:
             return 0
         return self.matched_blocks.get(replica_id, 0) * prompt_tokens // self.prompt_blocks
 
+    def registered_tokens(self, replica_id: str, prompt_tokens: int) -> int:
+        """`cached_tokens` of the blocks kv_registry says the replica holds (in-flight prompts
+        not counted)."""
+        if self.prompt_blocks == 0:
+            return 0
+        return self.registered_blocks(replica_id) * prompt_tokens // self.prompt_blocks
+
     def fraction(self, replica_id: str) -> float:
         if self.prompt_blocks == 0:
             return 0.0

@@ -230,14 +230,33 @@ def test_the_ledger_stamp_changes_with_each_event_and_an_estimate_stands_one_ste
     assert led.stamp("r") not in stamps  # accounted again: a stamp never seen before
 
 
-def kv_ledger(capacity_blocks: int, *grants: Grant) -> tuple[LoadLedger, Clock]:
+@dataclass(frozen=True)
+class KvGrant:
+    lease: str
+    prompt: int
+    max_tokens: int
+    cached: int = 0
+    held: int | None = None  # of the cached tokens, those the engine's cache held (None: all)
+    prefix: int | None = None  # the prompt's first block
+    replica: str = "r"
+
+
+def kv_ledger(capacity_blocks: int, *grants: KvGrant) -> tuple[LoadLedger, Clock]:
     """A ledger modelling KV admission at 32 tokens a block, its replica "r" sampled with
     `capacity_blocks` KV blocks, then `grants`."""
     clock = Clock()
     led = LoadLedger(clock, WORK, kv_block_size=32)
     led.observe("r", 0, 0, 0, sample_at=clock.t, kv_max_blocks=capacity_blocks)
     for g in grants:
-        led.grant(g.lease, g.replica, g.prompt, g.cached, g.max_tokens)
+        led.grant(
+            g.lease,
+            g.replica,
+            g.prompt,
+            g.cached,
+            g.max_tokens,
+            held_tokens=g.held,
+            prefix_key=g.prefix,
+        )
     return led, clock
 
 
@@ -246,51 +265,89 @@ def kv_ledger(capacity_blocks: int, *grants: Grant) -> tuple[LoadLedger, Clock]:
     [
         # Nothing leased: the whole cache (100 blocks of 32 tokens).
         ((), 3200),
-        # A lease reserves its prompt and max tokens.
-        ((Grant("a", 1000, max_tokens=200),), 2000),
-        # A cached prefix is reserved once, however many leases share it; the rest each.
+        # A lease reserves its prompt and max tokens in whole blocks (1200 -> 38 blocks).
+        ((KvGrant("a", 1000, 200),), 3200 - 38 * 32),
+        # Two leases on one cached prefix (800 tokens the cache holds) hold it once; each
+        # reserves its own 300 tokens (10 blocks).
         (
             (
-                Grant("a", 1000, cached=800, max_tokens=100),
-                Grant("b", 1000, cached=800, max_tokens=100),
+                KvGrant("a", 1000, 100, cached=800, prefix=7),
+                KvGrant("b", 1000, 100, cached=800, prefix=7),
             ),
-            3200 - 800 - 2 * (200 + 100),
+            3200 - 800 - 2 * 320,
+        ),
+        # Different prefixes (first blocks) are each held: 800 and 600.
+        (
+            (
+                KvGrant("a", 1000, 100, cached=800, prefix=7),
+                KvGrant("b", 1000, 100, cached=600, prefix=8),
+            ),
+            3200 - 800 - 600 - 320 - 512,
+        ),
+        # One prefix matched to two depths: the deeper one is held, once.
+        (
+            (
+                KvGrant("a", 1000, 100, cached=600, prefix=7),
+                KvGrant("b", 1000, 100, cached=800, prefix=7),
+            ),
+            3200 - 800 - 512 - 320,
+        ),
+        # b's match is a's prompt, which a reserves (nothing the cache held): not held again.
+        (
+            (KvGrant("a", 1000, 100), KvGrant("b", 1000, 100, cached=960, held=0, prefix=7)),
+            3200 - 1120 - 160,
         ),
         # Reserved beyond the capacity (engine-queued sequences): negative, not clamped.
-        ((Grant("a", 3000, max_tokens=200), Grant("b", 1000, max_tokens=0)), -1000),
+        ((KvGrant("a", 3000, 200), KvGrant("b", 1000, 0)), 3200 - 3200 - 1024),
         # Leases elsewhere reserve nothing here.
-        ((Grant("a", 1000, max_tokens=200, replica="s"),), 3200),
+        ((KvGrant("a", 1000, 200, replica="s"),), 3200),
     ],
 )
 def test_kv_free_tokens_are_the_capacity_less_what_the_leases_reserve(
-    grants: tuple[Grant, ...], free: int
+    grants: tuple[KvGrant, ...], free: int
 ) -> None:
     led, _ = kv_ledger(100, *grants)
     assert led.load("r").kv_free_tokens == free
+
+
+def test_others_requests_reserve_the_mean_prompt_and_max_tokens() -> None:
+    led, clock = kv_ledger(1000, KvGrant("a", 1000, 200), KvGrant("b", 3000, 200))
+    mine = 38 * 32 + 100 * 32
+    assert led.load("r").kv_free_tokens == 32000 - mine
+    # The engine holds 3 requests beyond this orchestrator's 2 leases.
+    led.observe("r", 5, 0, 2, sample_at=clock.t + 1, kv_max_blocks=1000)
+    mean = 1200 + 0.1 * (3200 - 1200)  # EWMA of prompt + max tokens per grant
+    assert led.load("r").kv_free_tokens == 32000 - mine - round(3 * mean)
+    # A later sample's capacity replaces the earlier one.
+    led.observe("r", 2, 0, 2, sample_at=clock.t + 2, kv_max_blocks=500)
+    assert led.load("r").kv_free_tokens == 16000 - mine
 
 
 def test_kv_is_not_modelled_without_a_block_size_or_a_sample() -> None:
     led, clock = ledger(Grant("a", 1000))
     led.observe("r", 1, 0, 1, sample_at=clock.t, kv_max_blocks=100)
     assert led.load("r").kv_free_tokens is None  # no block size
-    led, _ = kv_ledger(0, Grant("a", 1000))
+    led, _ = kv_ledger(0, KvGrant("a", 1000, 16))
     assert led.load("r").kv_free_tokens is None  # no capacity reported
     assert led.load("r").kv_wait_s(10**6) == 0.0
 
 
 def test_kv_comes_back_at_what_is_reserved_over_the_mean_lease_duration() -> None:
-    led, clock = kv_ledger(100, Grant("a", 1000, max_tokens=200))
+    led, clock = kv_ledger(100, KvGrant("a", 1000, 200))
     # No lease has ended yet: no return rate, so no wait is predicted.
     assert led.load("r").kv_return_per_s is None
     assert led.load("r").kv_wait_s(5000) == 0.0
     clock.t += 2.0
-    led.complete("a")  # leases here last 2 s
-    led.grant("b", "r", 2600, 0, 200)  # reserves 2800 of 3200
+    led.complete("a")  # the first lease here lasted 2 s
+    led.grant("b", "r", 2600, 0, 200)  # reserves 2816 (88 blocks) of 3200
+    led.grant("c", "r", 100, 0, 28)  # 128 (4 blocks)
+    clock.t += 1.0
+    led.complete("c")  # 1 s: the mean lease is 2 + 0.1 x (1 - 2) = 1.9 s
     load = led.load("r")
-    assert load.kv_free_tokens == 400
-    assert load.kv_return_per_s == pytest.approx(2800 / 2.0)
-    assert load.kv_wait_s(400) == 0.0  # fits now
-    # 1000 more than free: the reserved tokens come back at 1400/s.
-    assert load.kv_wait_s(1400) == pytest.approx(1000 / 1400)
+    assert load.kv_free_tokens == 384
+    assert load.kv_return_per_s == pytest.approx(2816 / 1.9)
+    assert load.kv_wait_s(384) == 0.0  # fits now
+    # 1000 more than free: the reserved tokens come back at 2816 / 1.9 per second.
+    assert load.kv_wait_s(1384) == pytest.approx(1000 / (2816 / 1.9))
     led.complete("b")  # what it reserved is back at once
     assert led.load("r").kv_free_tokens == 3200

@@ -389,3 +389,31 @@ async def test_the_load_ledger_models_the_profiles_engine_at_the_engine_time_sca
     assert backlogs[1.0] == pytest.approx(a100)
     assert backlogs[1.0] != pytest.approx(WorkModel.named(DEFAULT_PROFILE).prefill_work_s(4000, 0))
     assert backlogs[4.0] == pytest.approx(4 * a100)
+
+
+async def test_the_ledger_knows_each_replicas_kv_capacity_from_its_sample() -> None:
+    # The engine's KV blocks (its sample's max) times the block size the orchestrator was given,
+    # less what the leases reserve (a 1000-token prompt and 4 max tokens: 32 blocks); without a
+    # block size KV admission is not modelled.
+    text = metrics_text(active=0, waiting=0, used=0, total=100, max_batch=64)
+
+    async def fetch(url: str, host: str, timeout_s: float) -> str:
+        return text
+
+    frees: dict[int | None, int | None] = {}
+    for block_size in (32, None):
+        s = settings(n=1, cap=8).model_copy(
+            update={"replicas": [ReplicaSpec(id="r0", grpc_address="a:1", metrics_url="http://r0")]}
+        )
+        probe = FakeProbe()
+        probe.ready_ids = {"r0"}
+        core = Orchestrator(
+            s, probe, Policy(), fetch_metrics=fetch, clock=Clock(), kv_block_size=block_size
+        )
+        await core.probe_once()
+        await core.scrape_once()
+        await core.admit(req("a", prompt_len=1000), 1.0)
+        load = view(core, "r0").load
+        assert load is not None
+        frees[block_size] = load.kv_free_tokens
+    assert frees == {32: 3200 - 32 * 32, None: None}

@@ -273,30 +273,55 @@ def kv_rep(rid: str, free: int | None, return_per_s: float | None, prefill_s: fl
     )
 
 
+ROOM = 10**6  # KV tokens free: any request fits
+
+
 @pytest.mark.parametrize(
-    ("replicas", "expected", "wait_on_a"),
+    ("request_", "replicas", "expected", "wait_on_a"),
     [
         # "a" has no prefill queued but its cache is reserved by running sequences: the request
-        # waits for 4160 tokens to come back at 10,000/s there (0.416 s), longer than b's
-        # 0.2 s backlog with room to spare.
-        ([kv_rep("a", 0, 10_000.0, 0.0), kv_rep("b", 10**6, 10_000.0, 0.2)], "b", 0.416),
+        # (4096 + 64 tokens) waits for them to come back at 10,000/s there (0.416 s), longer
+        # than b's 0.2 s backlog with room to spare.
+        (req(), [kv_rep("a", 0, 10_000.0, 0.0), kv_rep("b", ROOM, 10_000.0, 0.2)], "b", 0.416),
         # The same shortage coming back ten times faster is shorter than b's backlog.
-        ([kv_rep("a", 0, 100_000.0, 0.0), kv_rep("b", 10**6, 10_000.0, 0.2)], "a", 0.0416),
+        (req(), [kv_rep("a", 0, 100_000.0, 0.0), kv_rep("b", ROOM, 10_000.0, 0.2)], "a", 0.0416),
+        # The request starts when both its backlog is done and its reservation fits: the
+        # longer of the two (0.416 s), not their sum.
+        (req(), [kv_rep("a", 0, 10_000.0, 0.3), kv_rep("b", ROOM, 10_000.0, 0.35)], "b", 0.116),
+        # Its prefix cached on "a": it reserves only the last token and its output there.
+        (
+            req({"a": BLOCKS}),
+            [kv_rep("a", 0, 10_000.0, 0.0), kv_rep("b", ROOM, 10_000.0, 0.0)],
+            "a",
+            65 / 10_000,
+        ),
         # Free room on both: the backlog decides.
-        ([kv_rep("a", 10**6, 10_000.0, 0.0), kv_rep("b", 10**6, 10_000.0, 0.2)], "a", 0.0),
+        (req(), [kv_rep("a", ROOM, 10_000.0, 0.0), kv_rep("b", ROOM, 10_000.0, 0.2)], "a", 0.0),
         # Capacity or return rate unknown: no KV wait is predicted.
-        ([kv_rep("a", None, None, 0.0), kv_rep("b", 10**6, 10_000.0, 0.2)], "a", 0.0),
-        ([kv_rep("a", 0, None, 0.0), kv_rep("b", 10**6, 10_000.0, 0.2)], "a", 0.0),
+        (req(), [kv_rep("a", None, None, 0.0), kv_rep("b", ROOM, 10_000.0, 0.2)], "a", 0.0),
+        (req(), [kv_rep("a", 0, None, 0.0), kv_rep("b", ROOM, 10_000.0, 0.2)], "a", 0.0),
     ],
 )
 def test_a_request_waits_for_its_kv_reservation_to_fit(
-    replicas: list[ReplicaView], expected: str, wait_on_a: float
+    request_: RequestView, replicas: list[ReplicaView], expected: str, wait_on_a: float
 ) -> None:
     scorer = EstimatedWaitScorer(Params())
-    request = req(max_tokens=64)  # reserves 4096 + 64 tokens
-    assert winner(scorer, request, replicas) == expected
+    assert winner(scorer, request_, replicas) == expected
     a = replicas[0]
-    no_kv = dataclasses.replace(a, load=ReplicaLoad(prefill_s=0.0))
-    assert scorer.predicted_ttft_s(request, a) - scorer.predicted_ttft_s(
-        request, no_kv
+    assert a.load is not None
+    no_kv = dataclasses.replace(a, load=ReplicaLoad(prefill_s=a.load.prefill_s))
+    assert scorer.predicted_ttft_s(request_, a) - scorer.predicted_ttft_s(
+        request_, no_kv
     ) == pytest.approx(wait_on_a)
+
+
+def test_a_cache_blind_prediction_still_reserves_only_the_uncached_part() -> None:
+    # least-work (prefix_aware false) prices the whole prefill, but the engine reserves no KV for
+    # the blocks the replica holds: the request fits where its prefix is cached.
+    a = kv_rep("a", 100, 10_000.0, 0.0)
+    request = req({"a": BLOCKS})
+    no_kv = dataclasses.replace(a, load=ReplicaLoad())
+    assert BLIND.predicted_ttft_s(request, a) - BLIND.predicted_ttft_s(request, no_kv) == 0.0
+    assert BLIND.predicted_ttft_s(req(), a) - BLIND.predicted_ttft_s(req(), no_kv) == (
+        pytest.approx((4096 + 64 - 100) / 10_000)
+    )

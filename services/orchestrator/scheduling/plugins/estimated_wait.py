@@ -72,8 +72,11 @@ class EstimatedWaitScorer:
         return self._work
 
     def cached_tokens(self, request: RequestView, r: ReplicaView) -> int:
-        if not self.params.prefix_aware:
-            return 0
+        """The prompt tokens the prediction counts as cached on `r` (0 when not prefix-aware)."""
+        return self._matched_tokens(request, r) if self.params.prefix_aware else 0
+
+    def _matched_tokens(self, request: RequestView, r: ReplicaView) -> int:
+        """The prompt tokens `r` holds (the engine recomputes the last one)."""
         blocks = request.prefix_blocks.get(r.id, 0)
         return min(blocks * self.params.block_size, max(request.prompt_tokens - 1, 0))
 
@@ -111,7 +114,10 @@ class EstimatedWaitScorer:
         step = w.decode_step_s(load.decode_seqs + 1, load.decode_tokens + request.prompt_tokens)
         start = load.prefill_s
         if load.kv_free_tokens is not None:
-            reserve = request.prompt_tokens - cached + max(request.max_tokens, 1)
+            # What the engine reserves whatever the profile weighs: a cache-blind prediction
+            # still needs no KV for the blocks the replica holds.
+            held = cached if self.params.prefix_aware else self._matched_tokens(request, r)
+            reserve = request.prompt_tokens - held + max(request.max_tokens, 1)
             start = max(start, load.kv_wait_s(reserve))
         t = start + own + max(step, w.fixed_step_s)
         sequences = max(r.in_flight, load.decode_seqs)
