@@ -29,10 +29,13 @@ once its whole sequence fits its KV cache (TensorRT-LLM's `guaranteed_no_evict` 
 max tokens at admission), so on a replica whose cache the running sequences have reserved, a
 request waits for some of them to end however little prefill is queued. The capacity is the
 sample's KV blocks (`kv_max`) times the block size; the live leases reserve their uncached prompt
-and max tokens each in whole blocks, plus the cached prefixes they hold: the part of a lease's
-match the engine's cache held at grant (kv_registry's, not a live lease's prompt, which that
-lease reserves), once per prefix (leases by their prompt's first block: the largest such part
-of each), and others' requests the mean prompt + max tokens each. What they reserve comes back at that amount over the
+and max tokens each in whole blocks (the match is prorated in tokens: within a block of the
+engine's count), plus the cached prefixes they pin, once per prefix (leases by their prompt's
+first block): the smallest part of a match the engine's cache held at grant (kv_registry's) among
+the prefix's leases. The smallest, because a later lease's registered match also holds the
+prompts of earlier live leases once their blocks are registered, which those leases reserve;
+prompts that share a first block and part later count the shared part only. Others' requests
+reserve the mean prompt + max tokens each. What they reserve comes back at that amount over the
 replica's mean lease duration (grant to completion, observed: it holds the decode steps slowed by
 the prefills riding along and outputs that end before max tokens, which a step-time model of the
 decode would not). Nothing of this enters the FIFO prefill server: a lease that ends gives its
@@ -49,7 +52,7 @@ from services.orchestrator.domain import Clock
 from services.orchestrator.scheduling.contracts import ReplicaLoad
 from services.orchestrator.scheduling.work import WorkModel
 
-# EWMA weight of the newest grant in the mean prefill work and context per replica.
+# EWMA weight of the newest grant in the means per replica (prefill work, context, reserve).
 _MEAN_ALPHA = 0.1
 _NO_LOAD = ReplicaLoad()
 # Every replica's accounting stamps, ledger-wide: a replica dropped and accounted again never
@@ -170,7 +173,8 @@ class LoadLedger:
         self._leases[lease_id] = lease
         a = _MEAN_ALPHA if rep.mean_work_s else 1.0
         rep.mean_work_s += a * (work - rep.mean_work_s)
-        rep.mean_reserve += a * (prompt_tokens + max_tokens - rep.mean_reserve)
+        b = _MEAN_ALPHA if rep.mean_reserve else 1.0
+        rep.mean_reserve += b * (prompt_tokens + max_tokens - rep.mean_reserve)
         rep.mean_context += a * (prompt_tokens + max_tokens / 2 - rep.mean_context)
 
     def _replica(self, replica_id: str) -> _Replica:
@@ -360,11 +364,10 @@ class LoadLedger:
         capacity = rep.kv_capacity
         if capacity is None:
             return None, None
-        held: dict[object, int] = {}
+        pinned: dict[object, int] = {}  # per prefix: the cache's part every lease of it holds
         for lid, x in rep.leases.items():
-            if x.held:
-                key = lid if x.prefix_key is None else x.prefix_key
-                held[key] = max(held.get(key, 0), x.held)
-        reserved = rep.reserved + sum(held.values()) + round(rep.others * rep.mean_reserve)
+            key = lid if x.prefix_key is None else x.prefix_key
+            pinned[key] = min(pinned.get(key, x.held), x.held)
+        reserved = rep.reserved + sum(pinned.values()) + round(rep.others * rep.mean_reserve)
         rate = reserved / rep.mean_lease_s if reserved > 0 and rep.mean_lease_s > 0 else None
         return capacity - reserved, rate

@@ -284,13 +284,20 @@ def kv_ledger(capacity_blocks: int, *grants: KvGrant) -> tuple[LoadLedger, Clock
             ),
             3200 - 800 - 600 - 320 - 512,
         ),
-        # One prefix matched to two depths: the deeper one is held, once.
+        # One prefix matched to two depths: the shallower part is pinned, once (the deeper part
+        # may be the first lease's own prompt, registered since, which that lease reserves).
         (
             (
                 KvGrant("a", 1000, 100, cached=600, prefix=7),
                 KvGrant("b", 1000, 100, cached=800, prefix=7),
             ),
-            3200 - 800 - 512 - 320,
+            3200 - 600 - 512 - 320,
+        ),
+        # b's registered match is a's prompt, registered after a's prefill: a reserves it, the
+        # cache pinned nothing before a (b reuses a's blocks: 4 blocks of its own).
+        (
+            (KvGrant("a", 1000, 100, prefix=7), KvGrant("b", 1000, 100, cached=999, prefix=7)),
+            3200 - 1120 - 128,
         ),
         # b's match is a's prompt, which a reserves (nothing the cache held): not held again.
         (

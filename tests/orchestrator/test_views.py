@@ -19,6 +19,7 @@ from services.orchestrator.domain import Outcome
 from services.orchestrator.health import EngineSampler, staggered
 from services.orchestrator.load import LoadLedger
 from services.orchestrator.policy import Policy
+from services.orchestrator.prefix import PrefixMatches
 from services.orchestrator.probe import HttpMetrics
 from services.orchestrator.replicas import ReplicaState
 from services.orchestrator.scheduling.config import PluginConfig, ProfileConfig, WeightedScorer
@@ -26,6 +27,7 @@ from services.orchestrator.scheduling.contracts import ReplicaView
 from services.orchestrator.scheduling.work import WorkModel
 from services.orchestrator.settings import ReplicaSpec
 from tests.helpers import eventually
+from tests.orchestrator.conftest import FixedPrefix
 from tests.orchestrator.test_core import FakeProbe, metrics_text, req, settings
 
 
@@ -417,3 +419,31 @@ async def test_the_ledger_knows_each_replicas_kv_capacity_from_its_sample() -> N
         assert load is not None
         frees[block_size] = load.kv_free_tokens
     assert frees == {32: 3200 - 32 * 32, None: None}
+
+
+async def test_a_grant_pins_the_part_of_its_match_the_cache_held() -> None:
+    # The lookup matched the whole 1000-token prompt (31 blocks) on r0, 10 blocks of it from
+    # kv_registry (the rest a live lease's prompt): the lease reserves its last token and 4 max
+    # tokens (one block) and pins the cache's 10 blocks, prorated: 10 x 1000 // 31 tokens.
+    text = metrics_text(active=0, waiting=0, used=0, total=100, max_batch=64)
+
+    async def fetch(url: str, host: str, timeout_s: float) -> str:
+        return text
+
+    index = FixedPrefix(
+        PrefixMatches(31, {"r0": 31}, hashes=tuple(range(1, 32)), registered={"r0": 10})
+    )
+    s = settings(n=1, cap=8).model_copy(
+        update={"replicas": [ReplicaSpec(id="r0", grpc_address="a:1", metrics_url="http://r0")]}
+    )
+    probe = FakeProbe()
+    probe.ready_ids = {"r0"}
+    core = Orchestrator(
+        s, probe, Policy(), index, fetch_metrics=fetch, clock=Clock(), kv_block_size=32
+    )
+    await core.probe_once()
+    await core.scrape_once()
+    await core.admit(req("a", prompt_len=1000), 1.0)
+    load = view(core, "r0").load
+    assert load is not None
+    assert load.kv_free_tokens == 3200 - 32 - 10 * 1000 // 31

@@ -34,9 +34,10 @@ class ReplicaLoad:
     # The replica's KV use now relative to at its last engine sample, by the tokens this
     # orchestrator has in flight there (grants and completions since the sample); 1 without one.
     kv_scale: float = 1.0
-    # KV tokens a further request may reserve now (the engine's KV capacity less what the live
-    # leases reserve: each its uncached prompt and max tokens, their shared cached prefix once);
-    # None while the capacity is unknown (no engine sample yet).
+    # KV tokens a further request may reserve now: the engine's KV capacity less what the live
+    # leases reserve (`services/orchestrator/load.py`: each its uncached prompt and max tokens,
+    # the cached prefixes they pin once per prefix); None while the capacity is unknown (no
+    # engine sample yet, or no KV block size given).
     kv_free_tokens: int | None = None
     # KV tokens the live leases give back per second: what they reserve over the replica's mean
     # lease duration (Little's law); None before a lease on it has ended.

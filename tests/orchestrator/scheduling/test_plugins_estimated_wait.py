@@ -325,3 +325,12 @@ def test_a_cache_blind_prediction_still_reserves_only_the_uncached_part() -> Non
     assert BLIND.predicted_ttft_s(req(), a) - BLIND.predicted_ttft_s(req(), no_kv) == (
         pytest.approx((4096 + 64 - 100) / 10_000)
     )
+
+
+def test_a_cache_blind_score_follows_the_match_on_the_same_view() -> None:
+    # The same replica view, prompt and max tokens, a different match: the cache-blind
+    # prediction's KV reservation differs, so the remembered prediction is not answered again.
+    scorer = EstimatedWaitScorer(Params(prefix_aware=False))
+    a, b = kv_rep("a", 100, 10_000.0, 0.0), kv_rep("b", ROOM, 10_000.0, 0.1)
+    assert winner(scorer, req(), [a, b]) == "b"  # a: 0.406 s until its reservation fits
+    assert winner(scorer, req({"a": BLOCKS}), [a, b]) == "a"  # it fits on a now

@@ -63,17 +63,13 @@ class EstimatedWaitScorer:
             params.cost_profile, params.max_num_tokens, params.max_batch, time_scale
         )
         self._slo_s = params.ttft_slo_ms / 1000.0 * time_scale
-        # Per replica id: (view, prompt tokens, cached tokens, max tokens, predicted seconds).
+        # Per replica id: (view, prompt tokens, matched tokens, max tokens, predicted seconds).
         self._last: dict[str, tuple[ReplicaView, int, int, int, float]] = {}
 
     @property
     def work(self) -> WorkModel:
         """The engine work model its predictions use."""
         return self._work
-
-    def cached_tokens(self, request: RequestView, r: ReplicaView) -> int:
-        """The prompt tokens the prediction counts as cached on `r` (0 when not prefix-aware)."""
-        return self._matched_tokens(request, r) if self.params.prefix_aware else 0
 
     def _matched_tokens(self, request: RequestView, r: ReplicaView) -> int:
         """The prompt tokens `r` holds (the engine recomputes the last one)."""
@@ -104,10 +100,12 @@ class EstimatedWaitScorer:
         prompt + max tokens) fits, whichever is longer + own prefill (stretched by the decode
         batch) + the step it finishes in; + the wait for a batch slot when every slot is
         taken."""
-        return self._predicted(request, r, self.cached_tokens(request, r))
+        return self._predicted(request, r, self._matched_tokens(request, r))
 
-    def _predicted(self, request: RequestView, r: ReplicaView, cached: int) -> float:
+    def _predicted(self, request: RequestView, r: ReplicaView, matched: int) -> float:
+        """`matched`: the prompt tokens `r` holds (`_matched_tokens`)."""
         w = self._work
+        cached = matched if self.params.prefix_aware else 0
         load = self._load(request, r)
         own = w.prefill_work_s(request.prompt_tokens - cached, cached)
         own *= w.decode_slowdown(load.decode_seqs, load.decode_tokens)
@@ -116,8 +114,7 @@ class EstimatedWaitScorer:
         if load.kv_free_tokens is not None:
             # What the engine reserves whatever the profile weighs: a cache-blind prediction
             # still needs no KV for the blocks the replica holds.
-            held = cached if self.params.prefix_aware else self._matched_tokens(request, r)
-            reserve = request.prompt_tokens - held + max(request.max_tokens, 1)
+            reserve = request.prompt_tokens - matched + max(request.max_tokens, 1)
             start = max(start, load.kv_wait_s(reserve))
         t = start + own + max(step, w.fixed_step_s)
         sequences = max(r.in_flight, load.decode_seqs)
@@ -132,7 +129,7 @@ class EstimatedWaitScorer:
         if not replicas:
             return []
         # A prediction is a function of the replica's view (an immutable snapshot, the same
-        # object while the replica is unchanged) and of the request's prompt, cached and max
+        # object while the replica is unchanged) and of the request's prompt, matched and max
         # tokens: each replica's last one is answered again while all of those are the same.
         last = self._last
         if len(last) > _LAST_MAX:
@@ -140,19 +137,19 @@ class EstimatedWaitScorer:
         prompt, max_tokens = request.prompt_tokens, request.max_tokens
         times = []
         for r in replicas:
-            cached = self.cached_tokens(request, r)
+            matched = self._matched_tokens(request, r)
             hit = last.get(r.id)
             if (
                 hit is not None
                 and hit[0] is r
                 and hit[1] == prompt
-                and hit[2] == cached
+                and hit[2] == matched
                 and hit[3] == max_tokens
             ):
                 t = hit[4]
             else:
-                t = self._predicted(request, r, cached)
-                last[r.id] = (r, prompt, cached, max_tokens, t)
+                t = self._predicted(request, r, matched)
+                last[r.id] = (r, prompt, matched, max_tokens, t)
             times.append(t)
         best = min(times)
         scale = self._slo_s
