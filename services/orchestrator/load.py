@@ -52,9 +52,18 @@ from services.orchestrator.domain import Clock
 from services.orchestrator.scheduling.contracts import ReplicaLoad
 from services.orchestrator.scheduling.work import WorkModel
 
-# EWMA weight of the newest grant in the means per replica (prefill work, context, reserve).
+# EWMA weight of the newest value in the means per replica (prefill work, context, reserve
+# per grant; lease duration per completion).
 _MEAN_ALPHA = 0.1
 _NO_LOAD = ReplicaLoad()
+
+
+def _ewma(mean: float, value: float) -> float:
+    """`mean` moved `_MEAN_ALPHA` of the way to `value`; `value` itself while the mean is 0
+    (nothing recorded yet)."""
+    return mean + (_MEAN_ALPHA if mean else 1.0) * (value - mean)
+
+
 # Every replica's accounting stamps, ledger-wide: a replica dropped and accounted again never
 # repeats a stamp it had.
 _STAMPS = itertools.count()
@@ -171,11 +180,9 @@ class LoadLedger:
         rep.unique_tokens += uncached + max_tokens
         rep.reserved += reserve
         self._leases[lease_id] = lease
-        a = _MEAN_ALPHA if rep.mean_work_s else 1.0
-        rep.mean_work_s += a * (work - rep.mean_work_s)
-        b = _MEAN_ALPHA if rep.mean_reserve else 1.0
-        rep.mean_reserve += b * (prompt_tokens + max_tokens - rep.mean_reserve)
-        rep.mean_context += a * (prompt_tokens + max_tokens / 2 - rep.mean_context)
+        rep.mean_work_s = _ewma(rep.mean_work_s, work)
+        rep.mean_reserve = _ewma(rep.mean_reserve, prompt_tokens + max_tokens)
+        rep.mean_context = _ewma(rep.mean_context, prompt_tokens + max_tokens / 2)
 
     def _replica(self, replica_id: str) -> _Replica:
         rep = self._replicas.get(replica_id)
@@ -219,8 +226,7 @@ class LoadLedger:
             left = lease.first_token_at - max(now, lease.started_at)
             self._shift_after(rep, lease, min(left, lease.work_s), now)
         del rep.leases[lease_id]
-        a = _MEAN_ALPHA if rep.mean_lease_s else 1.0
-        rep.mean_lease_s += a * (max(0.0, now - lease.granted_at) - rep.mean_lease_s)
+        rep.mean_lease_s = _ewma(rep.mean_lease_s, max(0.0, now - lease.granted_at))
         rep.kv_tokens -= lease.prompt + lease.max_tokens
         rep.prompts -= lease.prompt
         rep.unique_tokens -= lease.uncached + lease.max_tokens

@@ -86,16 +86,18 @@ class PrefixMatches:
 
     def cached_tokens(self, replica_id: str, prompt_tokens: int) -> int:
         """The prompt tokens the replica reuses: its matched share of the prompt's blocks."""
-        if self.prompt_blocks == 0:
-            return 0
-        return self.matched_blocks.get(replica_id, 0) * prompt_tokens // self.prompt_blocks
+        return self._prorated(self.matched_blocks.get(replica_id, 0), prompt_tokens)
 
     def registered_tokens(self, replica_id: str, prompt_tokens: int) -> int:
         """`cached_tokens` of the blocks kv_registry says the replica holds (in-flight prompts
         not counted)."""
+        return self._prorated(self.registered_blocks(replica_id), prompt_tokens)
+
+    def _prorated(self, blocks: int, prompt_tokens: int) -> int:
+        """`blocks` of the prompt's blocks as its tokens."""
         if self.prompt_blocks == 0:
             return 0
-        return self.registered_blocks(replica_id) * prompt_tokens // self.prompt_blocks
+        return blocks * prompt_tokens // self.prompt_blocks
 
     def fraction(self, replica_id: str) -> float:
         if self.prompt_blocks == 0:

@@ -30,13 +30,27 @@ class Grant:
     cached: int = 0
     max_tokens: int = 16
     replica: str = "r"
+    held: int | None = None  # of the cached tokens, those the engine's cache held (None: all)
+    prefix: int | None = None  # the prompt's first block
+
+
+def granted(led: LoadLedger, grants: tuple[Grant, ...]) -> None:
+    for g in grants:
+        led.grant(
+            g.lease,
+            g.replica,
+            g.prompt,
+            g.cached,
+            g.max_tokens,
+            held_tokens=g.held,
+            prefix_key=g.prefix,
+        )
 
 
 def ledger(*grants: Grant) -> tuple[LoadLedger, Clock]:
     clock = Clock()
     led = LoadLedger(clock, WORK)
-    for g in grants:
-        led.grant(g.lease, g.replica, g.prompt, g.cached, g.max_tokens)
+    granted(led, grants)
     return led, clock
 
 
@@ -230,33 +244,13 @@ def test_the_ledger_stamp_changes_with_each_event_and_an_estimate_stands_one_ste
     assert led.stamp("r") not in stamps  # accounted again: a stamp never seen before
 
 
-@dataclass(frozen=True)
-class KvGrant:
-    lease: str
-    prompt: int
-    max_tokens: int
-    cached: int = 0
-    held: int | None = None  # of the cached tokens, those the engine's cache held (None: all)
-    prefix: int | None = None  # the prompt's first block
-    replica: str = "r"
-
-
-def kv_ledger(capacity_blocks: int, *grants: KvGrant) -> tuple[LoadLedger, Clock]:
+def kv_ledger(capacity_blocks: int, *grants: Grant) -> tuple[LoadLedger, Clock]:
     """A ledger modelling KV admission at 32 tokens a block, its replica "r" sampled with
     `capacity_blocks` KV blocks, then `grants`."""
     clock = Clock()
     led = LoadLedger(clock, WORK, kv_block_size=32)
     led.observe("r", 0, 0, 0, sample_at=clock.t, kv_max_blocks=capacity_blocks)
-    for g in grants:
-        led.grant(
-            g.lease,
-            g.replica,
-            g.prompt,
-            g.cached,
-            g.max_tokens,
-            held_tokens=g.held,
-            prefix_key=g.prefix,
-        )
+    granted(led, grants)
     return led, clock
 
 
@@ -266,21 +260,21 @@ def kv_ledger(capacity_blocks: int, *grants: KvGrant) -> tuple[LoadLedger, Clock
         # Nothing leased: the whole cache (100 blocks of 32 tokens).
         ((), 3200),
         # A lease reserves its prompt and max tokens in whole blocks (1200 -> 38 blocks).
-        ((KvGrant("a", 1000, 200),), 3200 - 38 * 32),
+        ((Grant("a", 1000, max_tokens=200),), 3200 - 38 * 32),
         # Two leases on one cached prefix (800 tokens the cache holds) hold it once; each
         # reserves its own 300 tokens (10 blocks).
         (
             (
-                KvGrant("a", 1000, 100, cached=800, prefix=7),
-                KvGrant("b", 1000, 100, cached=800, prefix=7),
+                Grant("a", 1000, max_tokens=100, cached=800, prefix=7),
+                Grant("b", 1000, max_tokens=100, cached=800, prefix=7),
             ),
             3200 - 800 - 2 * 320,
         ),
         # Different prefixes (first blocks) are each held: 800 and 600.
         (
             (
-                KvGrant("a", 1000, 100, cached=800, prefix=7),
-                KvGrant("b", 1000, 100, cached=600, prefix=8),
+                Grant("a", 1000, max_tokens=100, cached=800, prefix=7),
+                Grant("b", 1000, max_tokens=100, cached=600, prefix=8),
             ),
             3200 - 800 - 600 - 320 - 512,
         ),
@@ -288,37 +282,43 @@ def kv_ledger(capacity_blocks: int, *grants: KvGrant) -> tuple[LoadLedger, Clock
         # may be the first lease's own prompt, registered since, which that lease reserves).
         (
             (
-                KvGrant("a", 1000, 100, cached=600, prefix=7),
-                KvGrant("b", 1000, 100, cached=800, prefix=7),
+                Grant("a", 1000, max_tokens=100, cached=600, prefix=7),
+                Grant("b", 1000, max_tokens=100, cached=800, prefix=7),
             ),
             3200 - 600 - 512 - 320,
         ),
         # b's registered match is a's prompt, registered after a's prefill: a reserves it, the
         # cache pinned nothing before a (b reuses a's blocks: 4 blocks of its own).
         (
-            (KvGrant("a", 1000, 100, prefix=7), KvGrant("b", 1000, 100, cached=999, prefix=7)),
+            (
+                Grant("a", 1000, max_tokens=100, prefix=7),
+                Grant("b", 1000, max_tokens=100, cached=999, prefix=7),
+            ),
             3200 - 1120 - 128,
         ),
         # b's match is a's prompt, which a reserves (nothing the cache held): not held again.
         (
-            (KvGrant("a", 1000, 100), KvGrant("b", 1000, 100, cached=960, held=0, prefix=7)),
+            (
+                Grant("a", 1000, max_tokens=100),
+                Grant("b", 1000, max_tokens=100, cached=960, held=0, prefix=7),
+            ),
             3200 - 1120 - 160,
         ),
         # Reserved beyond the capacity (engine-queued sequences): negative, not clamped.
-        ((KvGrant("a", 3000, 200), KvGrant("b", 1000, 0)), 3200 - 3200 - 1024),
+        ((Grant("a", 3000, max_tokens=200), Grant("b", 1000, max_tokens=0)), 3200 - 3200 - 1024),
         # Leases elsewhere reserve nothing here.
-        ((KvGrant("a", 1000, 200, replica="s"),), 3200),
+        ((Grant("a", 1000, max_tokens=200, replica="s"),), 3200),
     ],
 )
 def test_kv_free_tokens_are_the_capacity_less_what_the_leases_reserve(
-    grants: tuple[KvGrant, ...], free: int
+    grants: tuple[Grant, ...], free: int
 ) -> None:
     led, _ = kv_ledger(100, *grants)
     assert led.load("r").kv_free_tokens == free
 
 
 def test_others_requests_reserve_the_mean_prompt_and_max_tokens() -> None:
-    led, clock = kv_ledger(1000, KvGrant("a", 1000, 200), KvGrant("b", 3000, 200))
+    led, clock = kv_ledger(1000, Grant("a", 1000, max_tokens=200), Grant("b", 3000, max_tokens=200))
     mine = 38 * 32 + 100 * 32
     assert led.load("r").kv_free_tokens == 32000 - mine
     # The engine holds 3 requests beyond this orchestrator's 2 leases.
@@ -334,13 +334,13 @@ def test_kv_is_not_modelled_without_a_block_size_or_a_sample() -> None:
     led, clock = ledger(Grant("a", 1000))
     led.observe("r", 1, 0, 1, sample_at=clock.t, kv_max_blocks=100)
     assert led.load("r").kv_free_tokens is None  # no block size
-    led, _ = kv_ledger(0, KvGrant("a", 1000, 16))
+    led, _ = kv_ledger(0, Grant("a", 1000, max_tokens=16))
     assert led.load("r").kv_free_tokens is None  # no capacity reported
     assert led.load("r").kv_wait_s(10**6) == 0.0
 
 
 def test_kv_comes_back_at_what_is_reserved_over_the_mean_lease_duration() -> None:
-    led, clock = kv_ledger(100, KvGrant("a", 1000, 200))
+    led, clock = kv_ledger(100, Grant("a", 1000, max_tokens=200))
     # No lease has ended yet: no return rate, so no wait is predicted.
     assert led.load("r").kv_return_per_s is None
     assert led.load("r").kv_wait_s(5000) == 0.0

@@ -393,31 +393,37 @@ async def test_the_load_ledger_models_the_profiles_engine_at_the_engine_time_sca
     assert backlogs[4.0] == pytest.approx(4 * a100)
 
 
-async def test_the_ledger_knows_each_replicas_kv_capacity_from_its_sample() -> None:
-    # The engine's KV blocks (its sample's max) times the block size the orchestrator was given,
-    # less what the leases reserve (a 1000-token prompt and 4 max tokens: 32 blocks); without a
-    # block size KV admission is not modelled.
+async def kv_free_after_one_grant(
+    block_size: int | None, index: FixedPrefix | None = None
+) -> int | None:
+    """The KV tokens r0 has free after one 1000-token Admit (4 max tokens), its engine sampled
+    with 100 KV blocks, on an orchestrator given `block_size` and the prefix index `index`."""
     text = metrics_text(active=0, waiting=0, used=0, total=100, max_batch=64)
 
     async def fetch(url: str, host: str, timeout_s: float) -> str:
         return text
 
-    frees: dict[int | None, int | None] = {}
-    for block_size in (32, None):
-        s = settings(n=1, cap=8).model_copy(
-            update={"replicas": [ReplicaSpec(id="r0", grpc_address="a:1", metrics_url="http://r0")]}
-        )
-        probe = FakeProbe()
-        probe.ready_ids = {"r0"}
-        core = Orchestrator(
-            s, probe, Policy(), fetch_metrics=fetch, clock=Clock(), kv_block_size=block_size
-        )
-        await core.probe_once()
-        await core.scrape_once()
-        await core.admit(req("a", prompt_len=1000), 1.0)
-        load = view(core, "r0").load
-        assert load is not None
-        frees[block_size] = load.kv_free_tokens
+    s = settings(n=1, cap=8).model_copy(
+        update={"replicas": [ReplicaSpec(id="r0", grpc_address="a:1", metrics_url="http://r0")]}
+    )
+    probe = FakeProbe()
+    probe.ready_ids = {"r0"}
+    core = Orchestrator(
+        s, probe, Policy(), index, fetch_metrics=fetch, clock=Clock(), kv_block_size=block_size
+    )
+    await core.probe_once()
+    await core.scrape_once()
+    await core.admit(req("a", prompt_len=1000), 1.0)
+    load = view(core, "r0").load
+    assert load is not None
+    return load.kv_free_tokens
+
+
+async def test_the_ledger_knows_each_replicas_kv_capacity_from_its_sample() -> None:
+    # The engine's KV blocks (its sample's max) times the block size the orchestrator was given,
+    # less what the leases reserve (a 1000-token prompt and 4 max tokens: 32 blocks); without a
+    # block size KV admission is not modelled.
+    frees = {bs: await kv_free_after_one_grant(bs) for bs in (32, None)}
     assert frees == {32: 3200 - 32 * 32, None: None}
 
 
@@ -425,25 +431,7 @@ async def test_a_grant_pins_the_part_of_its_match_the_cache_held() -> None:
     # The lookup matched the whole 1000-token prompt (31 blocks) on r0, 10 blocks of it from
     # kv_registry (the rest a live lease's prompt): the lease reserves its last token and 4 max
     # tokens (one block) and pins the cache's 10 blocks, prorated: 10 x 1000 // 31 tokens.
-    text = metrics_text(active=0, waiting=0, used=0, total=100, max_batch=64)
-
-    async def fetch(url: str, host: str, timeout_s: float) -> str:
-        return text
-
     index = FixedPrefix(
         PrefixMatches(31, {"r0": 31}, hashes=tuple(range(1, 32)), registered={"r0": 10})
     )
-    s = settings(n=1, cap=8).model_copy(
-        update={"replicas": [ReplicaSpec(id="r0", grpc_address="a:1", metrics_url="http://r0")]}
-    )
-    probe = FakeProbe()
-    probe.ready_ids = {"r0"}
-    core = Orchestrator(
-        s, probe, Policy(), index, fetch_metrics=fetch, clock=Clock(), kv_block_size=32
-    )
-    await core.probe_once()
-    await core.scrape_once()
-    await core.admit(req("a", prompt_len=1000), 1.0)
-    load = view(core, "r0").load
-    assert load is not None
-    assert load.kv_free_tokens == 3200 - 32 - 10 * 1000 // 31
+    assert await kv_free_after_one_grant(32, index) == 3200 - 32 - 10 * 1000 // 31
