@@ -799,7 +799,7 @@ class Orchestrator:
     def sync_replicas(self, specs: Sequence[ReplicaSpec]) -> None:
         """Make the non-registered replica set equal to `specs` (see `ReplicaSet.sync`)."""
         for rid in self._replicas.sync(specs).dropped:
-            self._feedback.drop_replica(rid)
+            self._forget(rid)
         self._refresh_pool_gauges()
         self._dispatch()
 
@@ -823,10 +823,16 @@ class Orchestrator:
     def deregister_replica(self, replica_id: str) -> int:
         """Forget a registered replica now; returns its leases still live (they end normally)."""
         st = self._replicas.deregister(replica_id)
-        self._feedback.drop_replica(replica_id)
+        self._forget(replica_id)
         self._refresh_pool_gauges()
         self._dispatch()
         return st.in_flight
+
+    def _forget(self, replica_id: str) -> None:
+        """A replica left the set: its cached blocks and its load accounting go (an id that
+        comes back starts with neither; its old leases still end normally)."""
+        self._feedback.drop_replica(replica_id)
+        self._load.drop_replica(replica_id)
 
     # -- completion -----------------------------------------------------------------------
     def complete(self, lease_id: str, outcome: Outcome, reused_blocks: int | None = None) -> bool:

@@ -23,10 +23,12 @@ from services.orchestrator.errors import (
     UnknownReplica,
 )
 from services.orchestrator.policy import Policy, PoolPolicy, ScaleFromZeroPolicy
+from services.orchestrator.scheduling.contracts import ReplicaLoad
 from services.orchestrator.settings import ReplicaSpec
 from tests.helpers import eventually
 from tests.orchestrator.serving import serve
 from tests.orchestrator.test_core import FakeProbe, assert_queued, req, settings
+from tests.orchestrator.test_views import Clock, view
 
 
 def spec(rid: str, pool: str = "default", version: str = "v1") -> ReplicaSpec:
@@ -138,6 +140,23 @@ async def test_deregister_reports_live_leases_which_still_complete() -> None:
     assert all(core.complete(lease.lease_id, Outcome.SUCCESS) for lease in leases)
     with pytest.raises(UnknownReplica):
         core.deregister_replica("a0")
+
+
+async def test_a_replica_registered_again_starts_without_its_old_load() -> None:
+    # Time stands still: the two leases' prefill backlog would show for ever if the load
+    # ledger kept a forgotten replica's accounting.
+    probe = FakeProbe()
+    probe.ready_ids = {"a0"}
+    core = Orchestrator(settings(n=0), probe, clock=Clock())
+    await core.register_replica(spec("a0"))
+    leases = [await core.admit(req(str(i), prompt_len=2000), 1.0) for i in range(2)]
+    before = view(core, "a0").load
+    assert before is not None and before.prefill_s > 0
+    assert core.deregister_replica("a0") == 2
+    await core.register_replica(spec("a0"))
+    assert view(core, "a0").load == ReplicaLoad()
+    assert all(core.complete(lease.lease_id, Outcome.SUCCESS) for lease in leases)
+    assert view(core, "a0").load == ReplicaLoad()
 
 
 @pytest.mark.parametrize(
