@@ -434,6 +434,14 @@ class RedisResumeStore:
             retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
         )
 
+    def _lost_midway(self, op: str) -> Unavailable:
+        """Redis failed while a generation was being followed: the client resumes elsewhere."""
+        metrics.record_resume_redis_error(op)
+        return Unavailable(
+            "the idempotency store became unreachable; resume with your offset",
+            retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
+        )
+
     # -- Generation's store side ------------------------------------------------------------
     def _ended(self, gen: Generation) -> None:
         if isinstance(gen, _Owned):
@@ -526,9 +534,13 @@ class RedisResumeStore:
         if not claimed:
             if not self._fits(reserve_tokens):
                 raise self._full()
-            taken = await self._try_takeover(
-                key, keys, digest, reserve_tokens, created, gen_id, seen, last_id, source
-            )
+            try:
+                taken = await self._try_takeover(
+                    key, keys, digest, reserve_tokens, created, gen_id, seen, last_id, source
+                )
+            except RedisError as err:
+                # A claim won before the failure lapses after `lease_s`: another try takes over.
+                raise self._unavailable("takeover", err) from err
             if taken is not None:
                 own, index = taken
                 metrics.record_resume_request("taken_over")
@@ -684,11 +696,7 @@ class RedisResumeStore:
                     next_beat = loop.time() + self.lease_s / 3
                 resp: Any = await self._blocking.xread({log_key: last_id}, block=block_ms)
             except RedisError as err:
-                metrics.record_resume_redis_error("follow")
-                raise Unavailable(
-                    "the idempotency store became unreachable; resume with your offset",
-                    retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
-                ) from err
+                raise self._lost_midway("follow") from err
             if resp:
                 for _, entries in resp:
                     for entry_id, payload in _entries(entries):
@@ -711,14 +719,13 @@ class RedisResumeStore:
                     replies: Any = await pipe.execute()
                 (gen_now, done), claimed = replies
             except RedisError as err:
-                metrics.record_resume_redis_error("follow")
-                raise Unavailable(
-                    "the idempotency store became unreachable; resume with your offset",
-                    retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
-                ) from err
+                raise self._lost_midway("follow") from err
             if gen_now is None or _s(gen_now) != gen_id:
                 # Forgotten: its error entry, if written, comes with the next read.
-                more, error, _ = await self._read_log(log_key, last_id)
+                try:
+                    more, error, _ = await self._read_log(log_key, last_id)
+                except RedisError as err:
+                    raise self._lost_midway("follow") from err
                 if more or error is not None:
                     continue
                 raise Unavailable(
@@ -734,11 +741,7 @@ class RedisResumeStore:
                     key, keys, digest, reserve_tokens, created, gen_id, seen, last_id, source
                 )
             except RedisError as err:
-                metrics.record_resume_redis_error("takeover")
-                raise Unavailable(
-                    "the idempotency store became unreachable; resume with your offset",
-                    retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
-                ) from err
+                raise self._lost_midway("takeover") from err
             if taken is None:
                 continue
             metrics.record_resume_request("taken_over")

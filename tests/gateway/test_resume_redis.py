@@ -16,6 +16,7 @@ import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from llmmesh.common import metric_names as names
 from llmmesh.common.errors import NotFound, Unavailable
@@ -368,6 +369,49 @@ async def test_a_client_whose_gateway_died_resumes_through_another(
     opened_c = Opened()
     assert ids_of(await collect(c, request(request_id, n), opened_c)) == out
     assert opened_c.created == 1000.0
+
+
+async def test_a_takeover_redis_fails_is_refused_with_a_retry_after(
+    cores: Cores, redis: aioredis.Redis, request_id: str
+) -> None:
+    """A's claim ran out after it wrote 3 tokens; B's takeover script fails (Redis went away
+    as B asked): the client gets UNAVAILABLE with a retry-after, not an internal error."""
+    out = TOKENS[:8]
+    a = cores.make(
+        FakeEngine([[*tokens(*out[:3]), Hang()]]),
+        resume_redis_flush_tokens=3,
+        resume_redis_flush_interval_s=3600.0,
+    )
+    client_a = a.generate(request(request_id, 8), 10.0, Opened())
+    assert ids_of([await anext(client_a) for _ in range(3)]) == out[:3]
+    own = store(a)._owned[Key("", request_id)]
+
+    async def three_written() -> bool:
+        return own.flushed_tokens == 3
+
+    await eventually(three_written, what="A wrote its first batch")
+    await store(a).kill()
+    claim = store(a)._keys(Key("", request_id)).claim
+
+    async def expired() -> bool:
+        return not await redis.exists(claim)
+
+    await eventually(expired, what="A's claim expired")
+    b_engine = FakeEngine([[*tokens(*out[3:]), chunk(final=True)]])
+    b = cores.make(b_engine)
+
+    async def unreachable(**_: Any) -> int:
+        raise RedisConnectionError("connection reset")
+
+    store(b)._takeover = unreachable  # type: ignore[assignment]
+    before = resume_requests("unavailable")
+    with pytest.raises(Unavailable) as info:
+        await collect(b, request(request_id, 8, resume_from=3))
+    assert info.value.retry_after_s is not None
+    assert resume_requests("unavailable") == before + 1
+    assert b_engine.requests == []
+    with pytest.raises(Unavailable):
+        await anext(client_a)
 
 
 async def test_writes_are_batched_off_the_token_path(cores: Cores, request_id: str) -> None:
