@@ -56,12 +56,17 @@ class ManagedServer:
         port: int,
         services: Sequence[ServiceRegistration],
         drain_seconds: float,
+        max_receive_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
+        """`max_receive_bytes`: the largest request message; a larger one is refused with
+        RESOURCE_EXHAUSTED before it is parsed (a public port sets it to what a request may
+        need; internal ports carry long prompts' token ids)."""
         self._host = host
         self._requested_port = port
         self._services = services
         self._drain_seconds = drain_seconds
-        self._server = grpc.aio.server(options=SERVER_OPTIONS)
+        options = dict(SERVER_OPTIONS) | {"grpc.max_receive_message_length": max_receive_bytes}
+        self._server = grpc.aio.server(options=tuple(options.items()))
         self._health = health_aio.HealthServicer()
         self.port = 0
 

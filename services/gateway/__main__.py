@@ -71,6 +71,7 @@ async def main(settings: GatewaySettings, blocks: KvBlockSettings) -> None:
             )
         ],
         drain_seconds=settings.drain_seconds,
+        max_receive_bytes=settings.grpc_max_request_bytes,
     )
     http = OpenAIHttpFront(core, settings)
     metrics_port = start_metrics_server(settings.host, settings.metrics_port)

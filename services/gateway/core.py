@@ -99,6 +99,12 @@ class UsageSink(Protocol):
     def submit(self, record: UsageRecord) -> None: ...
 
 
+def _beyond_context(tokens: int, context_length: int, field: str) -> ContextLengthExceeded:
+    return ContextLengthExceeded(
+        f"{tokens} tokens; the model's context is {context_length} tokens", field=field
+    )
+
+
 @dataclasses.dataclass(slots=True)
 class Opened:
     """Set by `GatewayCore.generate` for a keyed request before its first event: the wall-clock
@@ -187,6 +193,8 @@ class GatewayCore:
         ms = model.settings
         prompt_field = "prompt"
         if req.prompt_ids is not None:
+            if len(req.prompt_ids) >= ms.context_length:  # before any pass over them
+                raise _beyond_context(len(req.prompt_ids), ms.context_length, prompt_field)
             ids = list(req.prompt_ids)
             # min/max run in C; the offending id is searched for only when there is one.
             if ids and (min(ids) < 0 or max(ids) >= model.vocab_size):
@@ -209,10 +217,7 @@ class GatewayCore:
         if not ids:
             raise InvalidRequest("must not be empty", field=prompt_field)
         if len(ids) >= ms.context_length:
-            raise ContextLengthExceeded(
-                f"{len(ids)} tokens; the model's context is {ms.context_length} tokens",
-                field=prompt_field,
-            )
+            raise _beyond_context(len(ids), ms.context_length, prompt_field)
         sp = req.sampling
         if sp.max_tokens is None:
             max_tokens = min(
@@ -258,6 +263,11 @@ class GatewayCore:
             )
         if not messages:
             raise InvalidRequest("must not be empty", field="messages")
+        limit = self._settings.max_prompt_chars
+        if len(messages) > self._settings.max_chat_messages:
+            raise InvalidRequest(
+                f"at most {self._settings.max_chat_messages} messages", field="messages"
+            )
         chars = 0
         for i, m in enumerate(messages):
             if m.role not in CHAT_ROLES:
@@ -265,11 +275,8 @@ class GatewayCore:
                     f"must be one of {', '.join(sorted(CHAT_ROLES))}", field=f"messages[{i}].role"
                 )
             chars += len(m.content)
-        if chars > self._settings.max_prompt_chars:
-            raise InvalidRequest(
-                f"longer than {self._settings.max_prompt_chars} characters in all",
-                field="messages",
-            )
+        if chars > limit:
+            raise InvalidRequest(f"longer than {limit} characters in all", field="messages")
         try:
             text = model.chat_template.render(
                 [{"role": m.role, "content": m.content} for m in messages],
@@ -279,6 +286,10 @@ class GatewayCore:
             raise InvalidRequest(
                 f"rejected by the model's chat template: {err}", field="messages"
             ) from err
+        if len(text) > limit:  # the template's own text per message counts too
+            raise InvalidRequest(
+                f"longer than {limit} characters with the chat template", field="messages"
+            )
         return text
 
     # -- generation -------------------------------------------------------------------------

@@ -62,6 +62,14 @@ class GatewaySettings(ServiceSettings):
         gt=0,
         description="Largest accepted HTTP request body; larger bodies get 413 before being read.",
     )
+    grpc_max_request_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        gt=0,
+        description=(
+            "Largest accepted gRPC request message on the public port; larger ones get "
+            "RESOURCE_EXHAUSTED before being parsed."
+        ),
+    )
     metrics_port: int = Field(
         default=9101, ge=0, le=65535, description="Prometheus port; 0 picks a free one."
     )
@@ -121,6 +129,9 @@ class GatewaySettings(ServiceSettings):
         default=1_000_000,
         gt=0,
         description="Prompts longer than this are rejected before tokenizing.",
+    )
+    max_chat_messages: int = Field(
+        default=4096, gt=0, description="Most chat messages per request."
     )
     max_stop_strings: int = Field(default=8, ge=0, description="Most stop strings per request.")
     max_request_id_chars: int = Field(default=256, gt=0, description="Longest accepted request id.")

@@ -209,6 +209,32 @@ def test_bad_chat_requests(
     assert getattr(info.value, "field", None) == field
 
 
+@pytest.mark.parametrize(
+    ("messages", "match"),
+    [
+        # Empty contents count no characters; the count of messages is bounded on its own.
+        (9, "at most 8 messages"),
+        # 5 empty messages: no content, but the template's text (its default system prompt,
+        # ~30 characters a message) is 260 characters.
+        (5, "200 characters with the chat template"),
+    ],
+)
+def test_chat_limits_count_messages_and_the_rendered_template(
+    model: ServedModel, messages: int, match: str
+) -> None:
+    core = GatewayCore(
+        GatewaySettings(models=[model.settings], max_prompt_chars=200, max_chat_messages=8),
+        [model],
+        FakeAdmission(),
+        FakeEngine([]),
+        32,
+    )
+    with pytest.raises(InvalidRequest, match=match) as info:
+        core.validate(chat(*[("user", "")] * messages))
+    assert info.value.field == "messages"
+    core.validate(chat(("user", "")))  # one message's template (148 characters) fits
+
+
 def test_model_without_template_rejects_chat(tmp_path: Path, tokenizer_path: Path) -> None:
     lone = tmp_path / "tokenizer.json"
     lone.write_bytes(tokenizer_path.read_bytes())

@@ -10,7 +10,7 @@ from tokenizers.decoders import DecodeStream
 from llmmesh.common.errors import ServiceError
 from services.gateway import models
 from services.gateway.core import GatewayCore, GenerationRequest, Sampling
-from services.gateway.errors import InvalidRequest, ModelNotFound
+from services.gateway.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 from services.gateway.models import IncrementalDecoder, ServedModel
 from services.gateway.settings import GatewaySettings, ModelSettings
 from services.gateway.stream_state import StopMatcher
@@ -50,6 +50,8 @@ def gen(**kw: object) -> GenerationRequest:
         (gen(prompt_text=None), InvalidRequest, "prompt"),
         (gen(prompt_text=None, prompt_ids=[]), InvalidRequest, "prompt"),
         (gen(prompt_text=None, prompt_ids=[10**7]), InvalidRequest, "prompt.token_ids"),
+        # Beyond the context (64): refused by its length, before any id is read.
+        (gen(prompt_text=None, prompt_ids=[10**7] * 64), ContextLengthExceeded, "prompt"),
         (gen(prompt_text="word " * 100), InvalidRequest, "prompt"),
         (gen(sampling=Sampling(max_tokens=0)), InvalidRequest, "sampling.max_tokens"),
         (gen(sampling=Sampling(max_tokens=33)), InvalidRequest, "sampling.max_tokens"),
