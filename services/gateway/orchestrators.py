@@ -60,7 +60,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, Protocol
 
-from llmmesh.common.errors import Reason, ServiceError
+from llmmesh.common.errors import DeadlineExceeded, Reason, ServiceError
 from llmmesh.common.topology import Priority
 from services.gateway import metrics
 from services.gateway.admission import (
@@ -79,6 +79,17 @@ log = logging.getLogger(__name__)
 
 # Refusals that speak for one orchestrator process only: the call goes on to another.
 _ANOTHER_MAY_ANSWER = frozenset({Reason.BUSY, Reason.DROPPED})
+
+
+def _sign_of_life(err: ServiceError) -> bool:
+    """Whether a refused Admit shows its orchestrator answering: not a call its gRPC dropped
+    unstarted, nor one this client gave up on at its own deadline (no typed reason: a hung
+    orchestrator behind a proxy that keeps the connection alive looks just like that; its own
+    queue timeout carries QUEUE_TIMEOUT)."""
+    if err.reason is Reason.DROPPED:
+        return False
+    return not (isinstance(err, DeadlineExceeded) and err.reason is None)
+
 
 LOCAL_LEASE_PREFIX: Final = "local-"
 # A replica one of this gateway's degraded leases failed on is skipped this long.
@@ -279,7 +290,7 @@ class OrchestratorSet:
                 last = err
                 continue
             except ServiceError as err:
-                if err.reason is not Reason.DROPPED:  # a dropped call is no sign of life
+                if _sign_of_life(err):
                     self._answered(addr)
                 if err.reason not in _ANOTHER_MAY_ANSWER:
                     raise  # any other typed refusal is an answer: not retried elsewhere

@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 
-from llmmesh.common.errors import Reason, ResourceExhausted
+from llmmesh.common.errors import DeadlineExceeded, Reason, ResourceExhausted
 from llmmesh.common.topology import Priority, ReplicaAddress
 from services.gateway.admission import (
     AdmissionRequest,
@@ -329,6 +329,24 @@ async def test_degraded_mode_needs_a_fresh_view_and_can_be_off() -> None:
     off_fakes["o0"].up = False
     with pytest.raises(OrchestratorUnavailable):
         await off.admit(request(), timeout_s=1.0)
+
+
+async def test_the_clients_own_deadline_is_no_sign_of_life() -> None:
+    orchs, fakes, _ = make(2)
+    await orchs.status(timeout_s=1.0)
+    for f in fakes.values():
+        f.up = False
+    await orchs.refresh()
+    assert degraded(orchs)
+    fakes["o0"].up = True  # connected, and silent: the Admit's deadline runs out here
+    fakes["o0"].refusal = DeadlineExceeded("admission: Deadline Exceeded")
+    with pytest.raises(DeadlineExceeded):
+        await orchs.admit(request(), timeout_s=1.0)
+    assert degraded(orchs)
+    fakes["o0"].refusal = DeadlineExceeded("queued too long", reason=Reason.QUEUE_TIMEOUT)
+    with pytest.raises(DeadlineExceeded):
+        await orchs.admit(request(), timeout_s=1.0)
+    assert not degraded(orchs)  # its own queue timeout is an answer
 
 
 async def test_a_failed_refresh_enters_degraded_mode() -> None:
