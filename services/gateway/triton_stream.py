@@ -11,7 +11,8 @@ import array
 import asyncio
 import struct
 import sys
-from collections.abc import AsyncGenerator, Sequence
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -163,30 +164,62 @@ class EngineClient(Protocol):
     ) -> AsyncGenerator[EngineChunk, None]: ...
 
 
+# A channel no stream has used for this long is closed once another address is first used: pods
+# come and go with their addresses (rollouts, autoscaling), and a channel kept to a gone one
+# would redial it for the life of the process (or reach whichever pod reuses the address).
+IDLE_CHANNEL_CLOSE_S = 300.0
+
+
+@dataclass(slots=True)
+class _Channel:
+    channel: grpc.aio.Channel
+    stub: service_pb2_grpc.GRPCInferenceServiceStub
+    streams: int = 0  # open streams on it
+    used_at: float = 0.0  # when its last stream ended (or it was made)
+
+
 class TritonPool:
     """One channel per (replica address, authority), reused across requests. The authority is
     the headless Service host in Kubernetes, so the mesh applies that Service's policies while
-    the connection still goes to the pod the orchestrator picked."""
+    the connection still goes to the pod the orchestrator picked. Channels idle for
+    `idle_close_s` are closed when a new one is made: the pool holds the addresses in use, not
+    every address ever used."""
 
-    def __init__(self) -> None:
-        self._stubs: dict[
-            tuple[str, str], tuple[grpc.aio.Channel, service_pb2_grpc.GRPCInferenceServiceStub]
-        ] = {}
+    def __init__(
+        self,
+        idle_close_s: float = IDLE_CHANNEL_CLOSE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._idle_close_s = idle_close_s
+        self._clock = clock
+        self._channels: dict[tuple[str, str], _Channel] = {}
 
-    def stub(self, address: str, authority: str = "") -> service_pb2_grpc.GRPCInferenceServiceStub:
-        entry = self._stubs.get((address, authority))
-        if entry is None:
-            # A restarted replica on the same address is reached again within a second.
-            options: list[tuple[str, str | int]] = [
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                *RECONNECT_OPTIONS,
-            ]
-            if authority:
-                options.append(("grpc.default_authority", authority))
-            channel = grpc.aio.insecure_channel(address, options=options)
-            entry = (channel, service_pb2_grpc.GRPCInferenceServiceStub(channel))
-            self._stubs[(address, authority)] = entry
-        return entry[1]
+    def __len__(self) -> int:
+        return len(self._channels)
+
+    def _channel(self, address: str, authority: str) -> tuple[_Channel, list[_Channel]]:
+        """The channel for (address, authority), and the idle ones it replaced in the pool
+        (to close)."""
+        entry = self._channels.get((address, authority))
+        if entry is not None:
+            return entry, []
+        now = self._clock()
+        idle = [
+            key
+            for key, c in self._channels.items()
+            if c.streams == 0 and now - c.used_at >= self._idle_close_s
+        ]
+        # A restarted replica on the same address is reached again within a second.
+        options: list[tuple[str, str | int]] = [
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            *RECONNECT_OPTIONS,
+        ]
+        if authority:
+            options.append(("grpc.default_authority", authority))
+        channel = grpc.aio.insecure_channel(address, options=options)
+        entry = _Channel(channel, service_pb2_grpc.GRPCInferenceServiceStub(channel), used_at=now)
+        self._channels[(address, authority)] = entry
+        return entry, [self._channels.pop(key) for key in idle]
 
     async def stream(
         self,
@@ -198,9 +231,11 @@ class TritonPool:
         metadata: Sequence[tuple[str, str]] = (),
     ) -> AsyncGenerator[EngineChunk, None]:
         """Yields chunks until the final one. Closing the iterator cancels the Triton request."""
-        call = self.stub(address, authority).ModelStreamInfer(
-            timeout=timeout_s, metadata=tuple(metadata)
-        )
+        entry, idle = self._channel(address, authority)
+        for gone in idle:
+            await gone.channel.close(None)
+        call = entry.stub.ModelStreamInfer(timeout=timeout_s, metadata=tuple(metadata))
+        entry.streams += 1
         try:
             await call.write(build_request(request))
             await call.done_writing()
@@ -233,11 +268,13 @@ class TritonPool:
         finally:
             if not call.done():
                 call.cancel()
+            entry.streams -= 1
+            entry.used_at = self._clock()
 
     async def close(self) -> None:
-        for channel, _ in self._stubs.values():
-            await channel.close(None)
-        self._stubs.clear()
+        for entry in self._channels.values():
+            await entry.channel.close(None)
+        self._channels.clear()
 
 
 async def _read_to_end(call: grpc.aio.StreamStreamCall[Any, Any]) -> None:

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2
 
-from services.gateway.triton_stream import EngineRequest, build_request, parse_response
+from llmmesh.netutil import free_port
+from services.gateway.triton_stream import (
+    EngineRequest,
+    TritonPool,
+    TritonStreamError,
+    build_request,
+    parse_response,
+)
 
 
 def _inputs(req: service_pb2.ModelInferRequest) -> dict[str, tuple[str, list[int], object]]:
@@ -80,3 +87,35 @@ def test_parse_response_ignores_outputs_without_contents() -> None:
     resp = _response([5], None, False)
     resp.outputs.add().name = "kv_cache_reused_blocks"  # declared, no raw contents
     assert parse_response(resp).kv_cache_reused_blocks is None
+
+
+async def test_the_pool_closes_channels_idle_for_long_once_another_address_is_used() -> None:
+    # Nothing listens on these ports: each stream fails at once (UNAVAILABLE); what is under
+    # test is which channels the pool keeps.
+    now = [0.0]
+    pool = TritonPool(idle_close_s=10.0, clock=lambda: now[0])
+    a, b, c = (f"127.0.0.1:{free_port()}" for _ in range(3))
+    request = EngineRequest("r", "m", [5], 1, 2, 1.0, 1.0, 0, None)
+
+    async def once(address: str) -> None:
+        with pytest.raises(TritonStreamError):
+            async for _ in pool.stream(address, "", request, timeout_s=5.0):
+                pass
+
+    try:
+        await once(a)
+        now[0] = 5.0
+        await once(b)
+        assert len(pool) == 2  # a idle for 5 s only
+        await once(a)  # reused: a's idle time starts again
+        now[0] = 14.0
+        await once(c)
+        assert len(pool) == 3  # a and b last used at 5 s: neither idle 10 s yet
+        now[0] = 15.5
+        await once(a)
+        now[0] = 30.0
+        await once(f"127.0.0.1:{free_port()}")
+        assert len(pool) == 1  # a, b and c idle for 14.5 s or more: closed
+    finally:
+        await pool.close()
+    assert len(pool) == 0
