@@ -147,7 +147,14 @@ class Orchestrator:
             settings.max_queue, settings.queue_share_standard, settings.queue_share_batch
         )
         self._service = capacity.ServiceTime()
-        self._replicas = ReplicaSet(settings.replicas)
+        # Live per-replica work (load.py): every grant and completion, corrected by samples.
+        # The engine model of the profile's scorer (one cost profile for both), else the default.
+        work = self._scheduler.work_model or WorkModel.named(
+            DEFAULT_PROFILE, time_scale=settings.engine_time_scale
+        )
+        self._load = LoadLedger(clock, work, kv_block_size)
+        # A replica's accounting goes with its state (not while leases it granted still run).
+        self._replicas = ReplicaSet(settings.replicas, forgotten=self._load.drop_replica)
         self._health = Health(
             self._policy.health, self._replicas, probe, settings.health_timeout_s, clock
         )
@@ -158,12 +165,6 @@ class Orchestrator:
             clock,
         )
         self._leases = LeaseTable(settings.lease_timeout_s, clock)
-        # Live per-replica work (load.py): every grant and completion, corrected by samples.
-        # The engine model of the profile's scorer (one cost profile for both), else the default.
-        work = self._scheduler.work_model or WorkModel.named(
-            DEFAULT_PROFILE, time_scale=settings.engine_time_scale
-        )
-        self._load = LoadLedger(clock, work, kv_block_size)
         self._feedback = PrefixFeedback(prefix_index)
         # Its own draws: the scheduler's sequence (and so a simulation's) does not depend on it.
         self._shedder = AdmitShedder(
@@ -799,7 +800,7 @@ class Orchestrator:
     def sync_replicas(self, specs: Sequence[ReplicaSpec]) -> None:
         """Make the non-registered replica set equal to `specs` (see `ReplicaSet.sync`)."""
         for rid in self._replicas.sync(specs).dropped:
-            self._forget(rid)
+            self._feedback.drop_replica(rid)
         self._refresh_pool_gauges()
         self._dispatch()
 
@@ -823,16 +824,10 @@ class Orchestrator:
     def deregister_replica(self, replica_id: str) -> int:
         """Forget a registered replica now; returns its leases still live (they end normally)."""
         st = self._replicas.deregister(replica_id)
-        self._forget(replica_id)
+        self._feedback.drop_replica(replica_id)
         self._refresh_pool_gauges()
         self._dispatch()
         return st.in_flight
-
-    def _forget(self, replica_id: str) -> None:
-        """A replica left the set: its cached blocks and its load accounting go (an id that
-        comes back starts with neither; its old leases still end normally)."""
-        self._feedback.drop_replica(replica_id)
-        self._load.drop_replica(replica_id)
 
     # -- completion -----------------------------------------------------------------------
     def complete(self, lease_id: str, outcome: Outcome, reused_blocks: int | None = None) -> bool:

@@ -15,7 +15,7 @@ import bisect
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Iterator, KeysView, Sequence
+from collections.abc import Callable, Iterator, KeysView, Sequence
 from dataclasses import dataclass, field
 
 from llmmesh.common.engine_metrics import EngineSample
@@ -88,7 +88,13 @@ class Membership:
 
 
 class ReplicaSet:
-    def __init__(self, static: Sequence[ReplicaSpec]) -> None:
+    def __init__(
+        self, static: Sequence[ReplicaSpec], forgotten: Callable[[str], None] = lambda _: None
+    ) -> None:
+        """`forgotten(replica_id)`: called once a replica's state is gone (removed from the set
+        with no lease left): an id that comes back later starts anew, one that comes back with
+        leases still live keeps its state and what follows it."""
+        self._forgotten = forgotten
         self._replicas: dict[str, ReplicaState] = {}
         self._idle: dict[str, asyncio.Event] = {}  # set when the replica's in_flight reaches 0
         for spec in static:
@@ -97,6 +103,10 @@ class ReplicaSet:
     def _add(self, st: ReplicaState) -> None:
         self._replicas[st.spec.id] = st
         metrics.record_replica_known(st.spec.id, st.spec.pool)
+
+    def _forget(self, replica_id: str) -> None:
+        if self._replicas.pop(replica_id, None) is not None:
+            self._forgotten(replica_id)
 
     def get(self, replica_id: str) -> ReplicaState | None:
         return self._replicas.get(replica_id)
@@ -143,7 +153,7 @@ class ReplicaSet:
                     dropped.append(rid)
                 st.removed = True
                 if st.in_flight == 0:
-                    del self._replicas[rid]
+                    self._forget(rid)
                     log.info("replica removed", extra={"replica": rid})
         return Membership(tuple(dropped))
 
@@ -199,7 +209,7 @@ class ReplicaSet:
             )
         st.removed = True
         if st.in_flight == 0:
-            del self._replicas[replica_id]
+            self._forget(replica_id)
         log.info("replica deregistered", extra={"replica": replica_id, "in_flight": st.in_flight})
         return st
 
@@ -227,4 +237,4 @@ class ReplicaSet:
 
     def forget_if_gone(self, st: ReplicaState) -> None:
         if st.removed and st.in_flight == 0:
-            self._replicas.pop(st.spec.id, None)
+            self._forget(st.spec.id)

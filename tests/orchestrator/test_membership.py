@@ -142,20 +142,43 @@ async def test_deregister_reports_live_leases_which_still_complete() -> None:
         core.deregister_replica("a0")
 
 
-async def test_a_replica_registered_again_starts_without_its_old_load() -> None:
-    # Time stands still: the two leases' prefill backlog would show for ever if the load
-    # ledger kept a forgotten replica's accounting.
+@pytest.mark.parametrize("leave", ["deregister", "sync"])
+async def test_a_replicas_load_accounting_lives_as_long_as_its_state(leave: str) -> None:
+    # Time stands still: two leases' prefill backlog shows until they end. A replica that
+    # leaves and comes back while they run keeps it (they still run there); one that comes
+    # back after they ended starts with nothing of its old accounting.
     probe = FakeProbe()
     probe.ready_ids = {"a0"}
     core = Orchestrator(settings(n=0), probe, clock=Clock())
-    await core.register_replica(spec("a0"))
+
+    async def join() -> None:
+        if leave == "deregister":
+            await core.register_replica(spec("a0"))
+        else:
+            core.sync_replicas([spec("a0")])
+            await core.probe_once()
+
+    def part() -> None:
+        if leave == "deregister":
+            core.deregister_replica("a0")
+        else:
+            core.sync_replicas([])
+
+    await join()
     leases = [await core.admit(req(str(i), prompt_len=2000), 1.0) for i in range(2)]
     before = view(core, "a0").load
-    assert before is not None and before.prefill_s > 0
-    assert core.deregister_replica("a0") == 2
-    await core.register_replica(spec("a0"))
-    assert view(core, "a0").load == ReplicaLoad()
+    assert before is not None
+    assert before.prefill_s > 0
+    part()
+    await join()
+    back = view(core, "a0").load
+    assert back is not None
+    assert back.prefill_s == before.prefill_s
+    part()
+    assert core._load.stamp("a0") != -1  # its leases still run
     assert all(core.complete(lease.lease_id, Outcome.SUCCESS) for lease in leases)
+    assert core._load.stamp("a0") == -1  # gone with its state
+    await join()
     assert view(core, "a0").load == ReplicaLoad()
 
 
