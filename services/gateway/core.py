@@ -182,6 +182,28 @@ class GatewayCore:
         if not request_id.isprintable():
             raise InvalidRequest("must be printable characters", field="request_id")
 
+    def check_sizes(
+        self, model: str, *, messages: int | None = None, prompt_ids: int | None = None
+    ) -> None:
+        """The bounds a prompt's item counts alone decide (chat messages, token ids against the
+        model's context): a front checks them before it converts the items, each of which
+        costs event-loop time, and `validate` again. An unknown model is `validate`'s to name."""
+        limit = self._settings.max_chat_messages
+        if messages is not None and messages > limit:
+            raise InvalidRequest(f"at most {limit} messages", field="messages")
+        served = self._models.get(model)
+        if prompt_ids is not None and served is not None:
+            context = served.settings.context_length
+            if prompt_ids >= context:
+                raise _beyond_context(prompt_ids, context, "prompt")
+
+    def _check_sizes_of(self, req: GenerationRequest) -> None:
+        self.check_sizes(
+            req.model,
+            messages=None if req.messages is None else len(req.messages),
+            prompt_ids=None if req.prompt_ids is None else len(req.prompt_ids),
+        )
+
     def validate(self, req: GenerationRequest) -> Validated:
         s = self._settings
         self._check_request_id(req.request_id)
@@ -192,9 +214,8 @@ class GatewayCore:
             raise ModelNotFound(f"unknown model {req.model!r}", field="model")
         ms = model.settings
         prompt_field = "prompt"
+        self._check_sizes_of(req)  # before any pass over the prompt's items
         if req.prompt_ids is not None:
-            if len(req.prompt_ids) >= ms.context_length:  # before any pass over them
-                raise _beyond_context(len(req.prompt_ids), ms.context_length, prompt_field)
             ids = list(req.prompt_ids)
             # min/max run in C; the offending id is searched for only when there is one.
             if ids and (min(ids) < 0 or max(ids) >= model.vocab_size):
@@ -264,10 +285,6 @@ class GatewayCore:
         if not messages:
             raise InvalidRequest("must not be empty", field="messages")
         limit = self._settings.max_prompt_chars
-        if len(messages) > self._settings.max_chat_messages:
-            raise InvalidRequest(
-                f"at most {self._settings.max_chat_messages} messages", field="messages"
-            )
         chars = 0
         for i, m in enumerate(messages):
             if m.role not in CHAT_ROLES:
@@ -324,6 +341,7 @@ class GatewayCore:
             if not req.keyed:
                 raise InvalidRequest("needs a client-chosen request id", field="resume_from")
             self._check_request_id(req.request_id)
+            self._check_sizes_of(req)  # the digest reads every item
             tenant = self.authenticate(req.api_key)
             progress.tenant = "" if tenant is None else tenant.name
             sub = await self._resume.subscribe(

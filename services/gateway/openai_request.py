@@ -21,7 +21,7 @@ import enum
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic_core import from_json
 
@@ -31,6 +31,14 @@ from services.gateway.errors import InvalidRequest
 
 MAX_USER_CHARS = 256
 _MAX_NAME_IN_MESSAGE = 64
+
+
+class SizeCheck(Protocol):
+    """Refuses (raises) a prompt whose item counts exceed the bounds for `model`."""
+
+    def __call__(
+        self, model: str, *, messages: int | None = None, prompt_ids: int | None = None
+    ) -> None: ...
 
 
 class Kind(enum.Enum):
@@ -354,13 +362,14 @@ def _parse_content(value: object, param: str) -> str:
     raise _bad_type(param, "a string or an array of content parts", value)
 
 
-def _parse_messages(value: object) -> list[ChatMessage]:
+def _parse_messages(value: object, model: str, sizes: SizeCheck) -> list[ChatMessage]:
     if value is None:
         raise InvalidRequest("is required", field="messages")
     if not isinstance(value, list):
         raise _bad_type("messages", "an array", value)
     if not value:
         raise InvalidRequest("must not be empty", field="messages")
+    sizes(model, messages=len(value))  # before each message is read
     out: list[ChatMessage] = []
     for i, raw in enumerate(value):
         p = f"messages[{i}]"
@@ -390,7 +399,9 @@ def _parse_messages(value: object) -> list[ChatMessage]:
     return out
 
 
-def _parse_prompt(value: object) -> tuple[str | None, list[int] | None]:
+def _parse_prompt(
+    value: object, model: str, sizes: SizeCheck
+) -> tuple[str | None, list[int] | None]:
     """A completions prompt: a string, token ids, or a one-element array of either."""
     if value is None:
         raise InvalidRequest("is required", field="prompt")
@@ -398,6 +409,7 @@ def _parse_prompt(value: object) -> tuple[str | None, list[int] | None]:
         return value, None
     if not isinstance(value, list):
         raise _bad_type("prompt", "a string or an array", value)
+    sizes(model, prompt_ids=len(value))  # before each id is read
     if not value:
         raise InvalidRequest("must not be empty", field="prompt")
     if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
@@ -444,9 +456,17 @@ def _request(
     )
 
 
+def _no_size_check(
+    model: str, *, messages: int | None = None, prompt_ids: int | None = None
+) -> None:
+    return None
+
+
 def parse_chat_request(
-    body: bytes, *, request_id: str, api_key: str | None = None
+    body: bytes, *, request_id: str, api_key: str | None = None, sizes: SizeCheck | None = None
 ) -> OpenAIRequest:
+    """`sizes(model, messages=n)` refuses a count before the items are read
+    (`GatewayCore.check_sizes`)."""
     data = parse_json_object(body)
     _check_fields(data, _SUPPORTED_CHAT, _CHAT_NEUTRAL, _CHAT_IGNORED)
     common = _common(data, Kind.CHAT)
@@ -455,17 +475,18 @@ def parse_chat_request(
         common,
         request_id=request_id,
         api_key=api_key,
-        messages=_parse_messages(data.get("messages")),
+        messages=_parse_messages(data.get("messages"), common[0], sizes or _no_size_check),
     )
 
 
 def parse_completion_request(
-    body: bytes, *, request_id: str, api_key: str | None = None
+    body: bytes, *, request_id: str, api_key: str | None = None, sizes: SizeCheck | None = None
 ) -> OpenAIRequest:
+    """`sizes(model, prompt_ids=n)` as in `parse_chat_request`."""
     data = parse_json_object(body)
     _check_fields(data, _SUPPORTED_COMPLETION, _COMPLETION_NEUTRAL, {})
     common = _common(data, Kind.COMPLETION)
-    text, ids = _parse_prompt(data.get("prompt"))
+    text, ids = _parse_prompt(data.get("prompt"), common[0], sizes or _no_size_check)
     return _request(
         Kind.COMPLETION,
         common,

@@ -311,6 +311,40 @@ def test_invalid_completion_requests_name_the_param(body: bytes, param: str) -> 
     assert info.value.field == param
 
 
+class CountingSizes:
+    """A size check that refuses more than `limit` items and records what it was asked."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.asked: list[tuple[str, int | None, int | None]] = []
+
+    def __call__(
+        self, model: str, *, messages: int | None = None, prompt_ids: int | None = None
+    ) -> None:
+        self.asked.append((model, messages, prompt_ids))
+        if max(messages or 0, prompt_ids or 0) > self.limit:
+            raise InvalidRequest("too many", field="prompt" if messages is None else "messages")
+
+
+@pytest.mark.parametrize(
+    ("kind", "field", "items", "asked"),
+    [
+        # The items are not even well-formed: the count is refused before any is read.
+        (Kind.CHAT, "messages", [{"role": "robot"}] * 3, ("m", 3, None)),
+        (Kind.COMPLETION, "prompt", [-1] * 3, ("m", None, 3)),
+    ],
+)
+def test_item_counts_are_checked_before_the_items_are_read(
+    kind: Kind, field: str, items: list[object], asked: tuple[str, int | None, int | None]
+) -> None:
+    parse = parse_chat_request if kind is Kind.CHAT else parse_completion_request
+    sizes = CountingSizes(limit=2)
+    with pytest.raises(InvalidRequest, match="too many") as info:
+        parse(json.dumps({"model": "m", field: items}).encode(), request_id="r", sizes=sizes)
+    assert info.value.field == field
+    assert sizes.asked == [asked]
+
+
 def test_overlong_unknown_field_name_is_shortened() -> None:
     with pytest.raises(InvalidRequest) as info:
         parse_chat_request(chat(**{"k" * 10_000: 1}), request_id="r")

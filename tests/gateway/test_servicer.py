@@ -96,6 +96,7 @@ async def test_chat_prompt_is_the_rendered_template(
             "messages[1].role: must be one of assistant, system, user",
         ),
         (CHAT_MODEL, [], "messages: must not be empty"),
+        (CHAT_MODEL, [("user", "")] * 4097, "messages: at most 4096 messages"),
         (BARE_MODEL, [("user", "hi")], "messages: model 'bare' has no chat template"),
     ],
 )
