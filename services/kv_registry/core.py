@@ -47,6 +47,11 @@ from services.kv_registry.metrics import EvictionReason, RegistryMetrics, Replic
 from services.kv_registry.predicted import PredictedIndex
 from services.kv_registry.settings import KvRegistrySettings
 
+# Dropped replica ids remembered against late reuse reports (`KvRegistry._dropped`).
+DROPPED_KEPT = 4096
+# The largest uint64: no event may carry it (the sequence after it is answered back).
+LAST_SEQUENCE = 2**64 - 1
+
 
 class KvRegistry:
     def __init__(
@@ -73,6 +78,10 @@ class KvRegistry:
         )
         self._indexes: tuple[PrefixIndex, ...] = (self.exact, self.predicted)
         self._replicas: dict[str, ReplicaMetrics] = {}  # known replicas, first seen first
+        # Replicas dropped and not seen since (the newest DROPPED_KEPT): a reuse report that
+        # comes after the drop (a lease that outlived its replica's removal) does not bring one
+        # back, where it would stay for good (nothing drops it again).
+        self._dropped: OrderedDict[str, None] = OrderedDict()
         # xxh3-128 of a prompt's token bytes -> its block hashes: the orchestrator sends the
         # same prompt to Lookup, RecordRouting and ReportReuse; it is hashed once.
         self._hash_cache: OrderedDict[int, tuple[int, ...]] = OrderedDict()
@@ -138,6 +147,9 @@ class KvRegistry:
             )
         if len(events) > self._max_events:
             raise BatchTooLarge(f"{len(events)} events > {self._max_events}", field="events")
+        if any(ev.sequence >= LAST_SEQUENCE for ev in events):
+            # Its successor (the next expected sequence, answered back) would not fit a uint64.
+            raise InvalidArgument(f"a sequence must be below {LAST_SEQUENCE}", field="events")
         replica = self._replicas.get(replica_id) or self._add_replica(replica_id)
         applied = self.exact.ingest(replica_id, epoch, events, next_sequence)
         if applied.mode_changed:
@@ -214,7 +226,9 @@ class KvRegistry:
         if exact:
             return ReuseResult(reusable, p, r, Source.EXACT, 0, 0)
         if replica_id not in self._replicas:
-            self._add_replica(replica_id)
+            if replica_id in self._dropped:
+                return ReuseResult(reusable, p, r, Source.PREDICTED, 0, 0)
+            self._add_replica(replica_id)  # learnt from the report (e.g. after a restart)
         capacity, dropped = self.predicted.correct(replica_id, hashes, p, r)
         self._enforce_bound()
         self._housekeeping(len(hashes))
@@ -228,6 +242,9 @@ class KvRegistry:
         replica = self._replicas.pop(replica_id, None)
         if replica is None:
             return False
+        self._dropped[replica_id] = None
+        if len(self._dropped) > DROPPED_KEPT:
+            self._dropped.popitem(last=False)
         for index in self._indexes:
             index.drop(replica_id)
         replica.forgotten()
@@ -269,6 +286,7 @@ class KvRegistry:
 
     # -- bookkeeping ------------------------------------------------------------------------
     def _add_replica(self, replica_id: str) -> ReplicaMetrics:
+        self._dropped.pop(replica_id, None)
         replica = self._replicas[replica_id] = self._metrics.replica(replica_id)
         replica.mode(Source.PREDICTED, self.predicted.max_capacity)
         return replica

@@ -146,6 +146,21 @@ def test_without_a_given_prediction_the_current_belief_counts() -> None:
     assert matched(reg, A)["unknown-replica"] == (4, Source.PREDICTED)  # learnt from the report
 
 
+def test_a_reuse_report_after_its_replicas_drop_does_not_bring_it_back() -> None:
+    # A lease outlived its replica's removal: its report comes after DropReplica.
+    reg = make()
+    reg.record_routing("gone", A)
+    assert reg.drop_replica("gone")
+    res = reg.report_reuse("gone", A, 4)
+    assert (res.predicted_capacity, res.dropped_blocks) == (0, 0)
+    assert "gone" not in reg.replica_ids()
+    assert "gone" not in matched(reg, A)
+    reg.record_routing("gone", B)  # routed to again (the id came back): known again
+    assert "gone" in reg.replica_ids()
+    reg.report_reuse("gone", A, 4)
+    assert matched(reg, A)["gone"] == (4, Source.PREDICTED)
+
+
 def test_ttl_expiry() -> None:
     clock = Clock()
     reg = make(clock, ttl=10)
