@@ -250,7 +250,10 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
         updates behind (RESOURCE_EXHAUSTED) or the registry drains (UNAVAILABLE)."""
         if self.draining():
             await context.abort(grpc.StatusCode.UNAVAILABLE, "kv_registry is draining")
-        theirs = BlockConfig(request.block_size, request.hash_seed)
+        try:
+            theirs = BlockConfig(request.block_size, request.hash_seed)
+        except ValueError as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"block_size: {err}")
         if theirs != self._core.block_config:
             ours = self._core.block_config
             await context.abort(

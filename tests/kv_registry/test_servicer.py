@@ -410,6 +410,9 @@ async def test_report_for_an_exact_replica_only_counts(registry: Registry) -> No
         ),
         (lambda s: s.ReportReuse(pb.ReportReuseRequest(token_ids=PROMPT)), "replica_id"),
         (lambda s: s.DropReplica(pb.DropReplicaRequest()), "replica_id"),
+        # The largest uint64: the next expected sequence, answered back, would not fit.
+        (lambda s: s.PublishEvents(publish("r0", stored(2**64 - 1, HASHES))), "sequence"),
+        (lambda s: s.WatchExact(pb.WatchExactRequest(block_size=0)).read(), "block_size"),
     ],
 )
 async def test_invalid_arguments(
