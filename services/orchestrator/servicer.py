@@ -53,14 +53,15 @@ STREAM_MAX_OPEN: Final = 4096
 class _Stream:
     """One AdmitStream call: its Admits being decided and the answers waiting to be written."""
 
-    __slots__ = ("answers", "closed", "open", "reading", "wake")
+    __slots__ = ("answers", "closed", "open", "reading", "room", "wake")
 
     def __init__(self) -> None:
         self.open: dict[int, asyncio.Task[None]] = {}
         self.answers: deque[pb.AdmitStreamResponse] = deque()
         self.reading = True  # False once the caller half-closed or the orchestrator drains
         self.closed = False  # the call ended: an answer can no longer be written
-        self.wake = asyncio.Event()
+        self.wake = asyncio.Event()  # an answer to write, or the stream may be done
+        self.room = asyncio.Event()  # an answer was written: the reader may go on
 
     def answer(self, response: pb.AdmitStreamResponse) -> None:
         self.answers.append(response)
@@ -128,6 +129,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                     # Popped once written: an answer the write failed on stays to be released.
                     await context.write(stream.answers[0])
                     stream.answers.popleft()
+                    stream.room.set()
                 if not (stream.reading or stream.open or stream.answers):
                     return
                 stream.wake.clear()
@@ -168,6 +170,12 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                     )
                 else:
                     stream.answer(_refused(msg.call_id, refusal))
+                # A caller that sends without reading its answers is not read either: the
+                # answers waiting to be written stay under STREAM_MAX_OPEN (the open Admits are
+                # bounded by the refusal above).
+                while len(stream.answers) >= STREAM_MAX_OPEN:
+                    stream.room.clear()
+                    await stream.room.wait()
         except asyncio.CancelledError:
             raise
         except Exception as err:  # the call broke: its handler ends with it

@@ -421,3 +421,49 @@ async def test_each_scrape_reaches_the_load_ledger_even_as_the_same_sample_objec
     st.sample_at, st.sample_in_flight = core.now() + 0.001, 5
     core._view(st, core.now() + 0.001)
     assert core._load._replicas["r0"].others == 0
+
+
+class StuckWriter:
+    """An AdmitStream context whose caller reads nothing: each write waits for `release`."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.written = 0
+
+    def invocation_metadata(self) -> tuple[()]:
+        return ()
+
+    async def write(self, _: pb.AdmitStreamResponse) -> None:
+        await self.release.wait()
+        self.written += 1
+
+
+async def test_a_caller_that_reads_no_answers_is_not_read_either(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Messages with neither admit nor cancel are refused at once: each is an answer to write.
+    # With the writer stuck, the reader stops at the bound (8 here) before asking for more.
+    monkeypatch.setattr("services.orchestrator.servicer.STREAM_MAX_OPEN", 8)
+    core, _ = await ready_core()
+    servicer = OrchestratorServicer(core)
+    asked: list[int] = []
+
+    async def requests() -> AsyncIterator[pb.AdmitStreamRequest]:
+        for i in range(1, 21):
+            asked.append(i)
+            yield pb.AdmitStreamRequest(call_id=i)
+
+    context = StuckWriter()
+    call = asyncio.ensure_future(servicer.AdmitStream(requests(), context))  # type: ignore[arg-type]
+    try:
+
+        async def full() -> bool:
+            return [len(stream.answers) for stream in servicer._streams] == [8]
+
+        await eventually(full, what="eight answers waiting")
+        assert asked == list(range(1, 9))  # the ninth was never asked for
+        context.release.set()
+        await asyncio.wait_for(call, 10)
+        assert (asked[-1], context.written) == (20, 20)
+    finally:
+        call.cancel()
