@@ -8,6 +8,10 @@ from pydantic_settings import SettingsConfigDict
 from llmmesh.common.settings import ServiceSettings
 from llmmesh.common.topology import TRITON_MODEL
 
+# The largest request a client may send to the public fronts (an HTTP body, a gRPC message):
+# room for a prompt of max_prompt_chars, far below the internal ports' MAX_MESSAGE_BYTES.
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+
 
 class ModelSettings(BaseModel):
     """One served model."""
@@ -58,12 +62,12 @@ class GatewaySettings(ServiceSettings):
         description="OpenAI-compatible HTTP port (/v1/chat/completions, ...); 0 picks a free one.",
     )
     http_max_body_bytes: int = Field(
-        default=8 * 1024 * 1024,
+        default=MAX_REQUEST_BYTES,
         gt=0,
         description="Largest accepted HTTP request body; larger bodies get 413 before being read.",
     )
     grpc_max_request_bytes: int = Field(
-        default=8 * 1024 * 1024,
+        default=MAX_REQUEST_BYTES,
         gt=0,
         description=(
             "Largest accepted gRPC request message on the public port; larger ones get "

@@ -21,6 +21,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from llmmesh.common.channels import RECONNECT_OPTIONS
 from llmmesh.common.errors import ServiceError, from_rpc_error
+from llmmesh.common.server import MAX_MESSAGE_BYTES
 from services.gateway.faults import (
     REPLICA_FAULT,
     REQUEST_FAULT,
@@ -211,7 +212,7 @@ class TritonPool:
         ]
         # A restarted replica on the same address is reached again within a second.
         options: list[tuple[str, str | int]] = [
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             *RECONNECT_OPTIONS,
         ]
         if authority:
