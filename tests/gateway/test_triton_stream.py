@@ -1,10 +1,15 @@
-"""The Triton tensor wire format the gateway writes and reads (per-token path, no numpy)."""
+"""The Triton tensor wire format the gateway writes and reads (per-token path, no numpy), and
+which channels its Triton pool keeps."""
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
+import grpc
 import numpy as np
 import pytest
-from tritonclient.grpc import service_pb2
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from llmmesh.netutil import free_port
 from services.gateway.triton_stream import (
@@ -119,3 +124,48 @@ async def test_the_pool_closes_channels_idle_for_long_once_another_address_is_us
     finally:
         await pool.close()
     assert len(pool) == 0
+
+
+class HangingTriton(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """Reads a stream's request and answers nothing until `release`, then fails the call."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def ModelStreamInfer(self, requests: Any, context: Any) -> None:
+        async for _ in requests:
+            self.started.set()
+            await self.release.wait()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "going away")
+
+
+async def test_the_pool_never_closes_a_channel_a_stream_is_using() -> None:
+    triton = HangingTriton()
+    server = grpc.aio.server()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(triton, server)
+    busy = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    now = [0.0]
+    pool = TritonPool(idle_close_s=10.0, clock=lambda: now[0])
+    request = EngineRequest("r", "m", [5], 1, 2, 1.0, 1.0, 0, None)
+
+    async def consume(address: str) -> None:
+        with pytest.raises(TritonStreamError):
+            async for _ in pool.stream(address, "", request, timeout_s=30.0):
+                pass
+
+    try:
+        running = asyncio.ensure_future(consume(busy))
+        await asyncio.wait_for(triton.started.wait(), 10)
+        now[0] = 100.0  # the busy channel was made 100 s ago
+        await consume(f"127.0.0.1:{free_port()}")  # a new address: a sweep
+        assert len(pool) == 2  # kept: its stream is open
+        triton.release.set()
+        await asyncio.wait_for(running, 10)  # the stream it kept still ends normally
+        now[0] = 200.0
+        await consume(f"127.0.0.1:{free_port()}")
+        assert len(pool) == 1  # both idle 100 s by then: closed
+    finally:
+        await pool.close()
+        await server.stop(None)
