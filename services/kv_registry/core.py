@@ -80,7 +80,7 @@ class KvRegistry:
         self._replicas: dict[str, ReplicaMetrics] = {}  # known replicas, first seen first
         # Replicas dropped and not seen since (the newest DROPPED_KEPT): a reuse report that
         # comes after the drop (a lease that outlived its replica's removal) does not bring one
-        # back, where it would stay for good (nothing drops it again).
+        # back, where it would stay for good (nothing drops it again), nor its metrics' series.
         self._dropped: OrderedDict[str, None] = OrderedDict()
         # xxh3-128 of a prompt's token bytes -> its block hashes: the orchestrator sends the
         # same prompt to Lookup, RecordRouting and ReportReuse; it is hashed once.
@@ -222,12 +222,12 @@ class KvRegistry:
         p = min(predicted_blocks, reusable)
         r = min(reported_reused_blocks, reusable)
         source = Source.EXACT if exact else Source.PREDICTED
+        if replica_id in self._dropped:  # applied to nothing, counted for no replica
+            return ReuseResult(reusable, p, r, source, 0, 0)
         self._metrics.reuse(replica_id, source, reusable, p, r, min(p, r))
         if exact:
             return ReuseResult(reusable, p, r, Source.EXACT, 0, 0)
         if replica_id not in self._replicas:
-            if replica_id in self._dropped:
-                return ReuseResult(reusable, p, r, Source.PREDICTED, 0, 0)
             self._add_replica(replica_id)  # learnt from the report (e.g. after a restart)
         capacity, dropped = self.predicted.correct(replica_id, hashes, p, r)
         self._enforce_bound()

@@ -16,10 +16,12 @@ the report came in):
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 from llmmesh.common import metric_names as names
 from services.kv_registry.contracts import Source
@@ -129,6 +131,7 @@ class _PrometheusReplica:
         "_cleared",
         "_exact",
         "_id",
+        "_m",
         "_removed",
         "_resyncs",
         "_stored",
@@ -136,6 +139,7 @@ class _PrometheusReplica:
 
     def __init__(self, replica_id: str, m: PrometheusMetrics) -> None:
         self._id = replica_id
+        self._m = m
         self._blocks = m.blocks.labels(replica_id)
         self._stored = m.events.labels(replica_id, "stored")
         self._removed = m.events.labels(replica_id, "removed")
@@ -166,8 +170,7 @@ class _PrometheusReplica:
         self._capacity.set(capacity)
 
     def forgotten(self) -> None:
-        self._blocks.set(0)
-        self._exact.set(0)
+        self._m.forget(self._id)
 
 
 class PrometheusMetrics:
@@ -265,6 +268,28 @@ class PrometheusMetrics:
         if found is None:
             found = self._replicas[replica_id] = _PrometheusReplica(replica_id, self)
         return found
+
+    def forget(self, replica_id: str) -> None:
+        """Remove a dropped replica's series (replica ids come and go with pods: kept, they
+        would only grow); it gets new ones if it comes back."""
+        self._replicas.pop(replica_id, None)
+        by_source: list[tuple[str, ...]] = [(replica_id, source.value) for source in Source]
+        labelled: list[tuple[MetricWrapperBase, list[tuple[str, ...]]]] = [
+            (self.blocks, [(replica_id,)]),
+            (self.replica_exact, [(replica_id,)]),
+            (self.predicted_capacity, [(replica_id,)]),
+            (self.resyncs, [(replica_id,)]),
+            (self.events, [(replica_id, kind) for kind in ("stored", "removed", "cleared")]),
+            (self.routings, by_source),
+            (self.reported_prompt_blocks, by_source),
+            (self.predicted_blocks, by_source),
+            (self.reported_reused_blocks, by_source),
+            (self.confirmed_blocks, by_source),
+        ]
+        for family, label_sets in labelled:
+            for labels in label_sets:
+                with contextlib.suppress(KeyError):  # never labelled so
+                    family.remove(*labels)
 
     def evicted(self, reason: EvictionReason, n: int) -> None:
         self.evictions.labels(reason.value).inc(n)

@@ -312,6 +312,27 @@ def test_hit_rate_metrics() -> None:
     assert [prom.get_sample_value(n, labels) for n in names] == [8, 3, 5, 1]
 
 
+def test_a_dropped_replicas_series_go_and_a_late_report_brings_none_back() -> None:
+    prom = CollectorRegistry()
+    reg = make(metrics=PrometheusMetrics(prom))
+    reg.record_routing("p0", A)
+    reg.report_reuse("p0", A, 1, prompt_tokens=17, predicted_blocks=3)
+
+    def series() -> set[str]:
+        return {
+            s.name
+            for family in prom.collect()
+            for s in family.samples
+            if s.labels.get("replica") == "p0"
+        }
+
+    assert {KV_REPORTED_PROMPT_BLOCKS, KV_PREDICTED_BLOCKS} <= series()
+    reg.drop_replica("p0")
+    assert series() == set()
+    reg.report_reuse("p0", A, 1, prompt_tokens=17, predicted_blocks=3)
+    assert series() == set()
+
+
 @pytest.mark.parametrize(
     ("call", "field"),
     [
