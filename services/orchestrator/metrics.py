@@ -6,6 +6,7 @@ Components call `record_*`; none touches a metric object. Names come from
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -77,8 +78,9 @@ _EJECTIONS = Counter(
 
 
 # Labelled children by (metric, label values): `labels()` costs a lock and a tuple build per
-# call; the per-decision updates below look their children up here instead. Children are never
-# removed from these metrics, so a cached child stays the exported one.
+# call; the per-decision updates below look their children up here instead. A child is removed
+# from its metric only with its replica (`record_replica_forgotten`), and from here with it, so a
+# cached child is the exported one.
 _CHILDREN: dict[tuple[object, tuple[str, ...]], Any] = {}
 
 # A counter series that appears with its first increment loses that increment to PromQL's
@@ -104,6 +106,24 @@ def record_replica_known(replica: str, pool: str) -> None:
     _KNOWN_REPLICAS[replica] = pool
     for model in _GRANTED_MODELS:
         _child(_DECISIONS, model, replica, pool)
+
+
+def record_replica_forgotten(replica: str, pool: str) -> None:
+    """A replica left the set with no lease left: its series go (replica ids come and go with
+    pods: kept, they would only grow); it gets new ones if it comes back."""
+    _KNOWN_REPLICAS.pop(replica, None)
+    per_replica: list[tuple[Counter | Gauge, tuple[str, ...]]] = [
+        (_IN_FLIGHT, (replica, pool)),
+        (_HEALTHY, (replica, pool)),
+        (_EJECTIONS, (replica, pool)),
+        (_PREFIX_HIT, (replica,)),
+        (_PROMPT_BLOCKS, (replica,)),
+        *((_DECISIONS, (model, replica, pool)) for model in _GRANTED_MODELS),
+    ]
+    for metric, labels in per_replica:
+        _CHILDREN.pop((metric, labels), None)
+        with contextlib.suppress(KeyError):  # never labelled so
+            metric.remove(*labels)
 
 
 def record_in_flight(replica: str, pool: str, in_flight: int) -> None:

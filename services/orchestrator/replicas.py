@@ -105,7 +105,9 @@ class ReplicaSet:
         metrics.record_replica_known(st.spec.id, st.spec.pool)
 
     def _forget(self, replica_id: str) -> None:
-        if self._replicas.pop(replica_id, None) is not None:
+        st = self._replicas.pop(replica_id, None)
+        if st is not None:
+            metrics.record_replica_forgotten(replica_id, st.spec.pool)
             self._forgotten(replica_id)
 
     def get(self, replica_id: str) -> ReplicaState | None:

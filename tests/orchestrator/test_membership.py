@@ -11,6 +11,7 @@ import pytest
 import pytest_asyncio
 from prometheus_client import REGISTRY
 
+from llmmesh.common import metric_names as names
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from services.orchestrator.director import Orchestrator
@@ -140,6 +141,28 @@ async def test_deregister_reports_live_leases_which_still_complete() -> None:
     assert all(core.complete(lease.lease_id, Outcome.SUCCESS) for lease in leases)
     with pytest.raises(UnknownReplica):
         core.deregister_replica("a0")
+
+
+async def test_a_forgotten_replicas_series_go_and_come_back_with_it() -> None:
+    probe = FakeProbe()
+    probe.ready_ids = {"gone0"}
+    core = Orchestrator(settings(n=0), probe)
+    await core.register_replica(spec("gone0"))
+    lease = await core.admit(req("x"), 1.0)
+    labels = {"replica": "gone0", "pool": "default"}
+    decided = {"model": "tensorrt_llm", **labels}
+    assert REGISTRY.get_sample_value(names.ORCH_REPLICA_IN_FLIGHT, labels) == 1
+    assert REGISTRY.get_sample_value(names.ORCH_DECISIONS, decided) == 1
+    core.deregister_replica("gone0")
+    assert REGISTRY.get_sample_value(names.ORCH_REPLICA_IN_FLIGHT, labels) == 1  # still leased
+    assert core.complete(lease.lease_id, Outcome.SUCCESS)
+    assert REGISTRY.get_sample_value(names.ORCH_REPLICA_IN_FLIGHT, labels) is None
+    assert REGISTRY.get_sample_value(names.ORCH_DECISIONS, decided) is None
+    await core.register_replica(spec("gone0"))
+    assert REGISTRY.get_sample_value(names.ORCH_REPLICA_IN_FLIGHT, labels) == 0
+    assert REGISTRY.get_sample_value(names.ORCH_DECISIONS, decided) == 0
+    await core.admit(req("y"), 1.0)
+    assert REGISTRY.get_sample_value(names.ORCH_REPLICA_IN_FLIGHT, labels) == 1
 
 
 @pytest.mark.parametrize("leave", ["deregister", "sync"])
