@@ -53,6 +53,35 @@ DROPPED_KEPT = 4096
 LAST_SEQUENCE = 2**64 - 1
 
 
+def level_plan(counts: Sequence[tuple[str, int]], over: int) -> list[tuple[str, int]]:
+    """Blocks each replica gives up so that `over` go, the fullest first, down to a common
+    level: the counts that evicting one block at a time from whichever replica holds the most
+    (ties: the first in `counts`) would leave, in one pass. `counts`: (replica, blocks) in
+    first-seen order; returns (replica, blocks to evict) for the replicas that give any."""
+    if over <= 0:
+        return []
+    order = sorted(range(len(counts)), key=lambda i: -counts[i][1])  # stable: first seen first
+    total = k = 0
+    for k in range(1, len(order) + 1):  # the fullest k come down to the next one's count
+        total += counts[order[k - 1]][1]
+        below = counts[order[k]][1] if k < len(order) else 0
+        if total - k * below >= over:
+            break
+    else:
+        return [(rid, n) for rid, n in counts if n > 0]  # fewer blocks than `over`: all go
+    # The k fullest end at `level`, the last `extra` of them (first-seen order) one above it:
+    # one at a time, the level's last round takes from the first seen.
+    level, extra = divmod(total - over, k)
+    group = sorted(order[:k])
+    plan = []
+    for j, i in enumerate(group):
+        rid, n = counts[i]
+        give = n - level - (1 if j >= k - extra else 0)
+        if give > 0:
+            plan.append((rid, give))
+    return plan
+
+
 class KvRegistry:
     def __init__(
         self,
@@ -322,7 +351,13 @@ class KvRegistry:
         while over > 0 and (exact.has_garbage or predicted.has_garbage):
             self._sweep(max(over, 1024))
             over = self.entries + self.garbage_entries - self._max_entries
-        while over > 0:
+        if over > 0:
+            counts = [(rid, self.block_count(rid)) for rid in self._replicas]
+            for rid, n in level_plan(counts, over):
+                evicted = self._evict(rid, n)
+                self._metrics.evicted(EvictionReason.BOUND, evicted)
+                over -= evicted
+        while over > 0:  # what an index could not give as planned, a block at a time
             count = self.block_count
             ranked = sorted(self._replicas, key=count, reverse=True)[:2]
             top = count(ranked[0]) if ranked else 0

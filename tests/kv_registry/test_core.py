@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from llmmesh.kvblocks import BlockConfig, block_hashes
 from services.kv_registry.contracts import Cleared, Removed, Stored
-from services.kv_registry.core import KvRegistry
+from services.kv_registry.core import KvRegistry, level_plan
 from services.kv_registry.errors import BatchTooLarge, BlockConfigMismatch
 from services.kv_registry.settings import KvRegistrySettings
 from tests.kv_registry.support import make_registry
@@ -139,3 +141,29 @@ def test_drop_replica() -> None:
     assert reg.drop_replica("r0")
     assert reg.lookup(PROMPT).matches == ()
     assert not reg.drop_replica("r0")
+
+
+def one_at_a_time(counts: list[tuple[str, int]], over: int) -> dict[str, int]:
+    """The reference: a block from whichever replica holds the most (ties: first listed)."""
+    left = dict(counts)
+    for _ in range(over):
+        top = max(left, key=lambda r: left[r])  # max keeps the first of equal keys
+        if left[top] == 0:
+            break
+        left[top] -= 1
+    return left
+
+
+@given(
+    st.lists(st.integers(0, 40), min_size=1, max_size=8),
+    st.integers(0, 400),
+)
+def test_the_level_plan_leaves_what_evicting_one_at_a_time_would(
+    blocks: list[int], over: int
+) -> None:
+    counts = [(f"r{i}", n) for i, n in enumerate(blocks)]
+    left = dict(counts)
+    for rid, n in level_plan(counts, over):
+        assert 0 < n <= left[rid]
+        left[rid] -= n
+    assert left == one_at_a_time(counts, over)
