@@ -846,7 +846,8 @@ class Orchestrator:
                 st.failures += 1
                 self._health.record_error(st, reason="request failed on replica")
                 self._refresh_pool_gauges()
-                self._reprobe(st)
+                if not st.removed:  # a replica leaving the set is not probed back
+                    self._reprobe(st)
             elif outcome is Outcome.SUCCESS:
                 self._health.record_success(st)
             self._replicas.forget_if_gone(st)

@@ -104,6 +104,15 @@ class ReplicaSet:
         self._replicas[st.spec.id] = st
         metrics.record_replica_known(st.spec.id, st.spec.pool)
 
+    @staticmethod
+    def _respec(st: ReplicaState, spec: ReplicaSpec) -> None:
+        """A known replica's spec changed (no lease live): unready until probed; its series move
+        to its new pool."""
+        if spec.pool != st.spec.pool:
+            metrics.record_replica_forgotten(spec.id, st.spec.pool)
+            metrics.record_replica_known(spec.id, spec.pool)
+        st.spec, st.ready = spec, False
+
     def _forget(self, replica_id: str) -> None:
         st = self._replicas.pop(replica_id, None)
         if st is not None:
@@ -147,7 +156,7 @@ class ReplicaSet:
             else:
                 st.removed = st.registered = st.draining = False
                 if st.spec != spec and st.in_flight == 0:
-                    st.spec, st.ready = spec, False
+                    self._respec(st, spec)
         dropped: list[str] = []
         for rid, st in list(self._replicas.items()):
             if rid not in wanted and not st.registered:
@@ -179,7 +188,7 @@ class ReplicaSet:
                         "deregister it before changing its spec",
                         field="replica",
                     )
-                st.spec, st.ready = spec, False
+                self._respec(st, spec)
             st.registered, st.removed, st.draining = True, False, False
         if created:
             log.info("replica registered", extra={"replica": spec.id, "address": spec.grpc_address})

@@ -165,6 +165,37 @@ async def test_a_forgotten_replicas_series_go_and_come_back_with_it() -> None:
     assert REGISTRY.get_sample_value(names.ORCH_REPLICA_IN_FLIGHT, labels) == 1
 
 
+async def test_a_replica_whose_last_lease_failed_as_it_left_exports_nothing() -> None:
+    # The usual end of a scaled-down pod: its last request fails on it after it left the set.
+    probe = FakeProbe()
+    probe.ready_ids = {"gone1"}
+    core = Orchestrator(settings(n=0), probe)
+    core.sync_replicas([spec("gone1")])
+    await core.probe_once()
+    lease = await core.admit(req("x"), 1.0)
+    core.sync_replicas([])
+    assert core.complete(lease.lease_id, Outcome.REPLICA_ERROR)
+    if core._reprobes:  # a probe of it, had one been started, has ended
+        await asyncio.wait(core._reprobes)
+    labels = {"replica": "gone1", "pool": "default"}
+    assert REGISTRY.get_sample_value(names.ORCH_REPLICA_HEALTHY, labels) is None
+    assert REGISTRY.get_sample_value(names.ORCH_REPLICA_IN_FLIGHT, labels) is None
+
+
+async def test_a_replicas_series_move_with_its_pool() -> None:
+    probe = FakeProbe()
+    probe.ready_ids = {"moved"}
+    core = Orchestrator(settings(n=0), probe)
+    core.sync_replicas([spec("moved", pool="p1")])
+    await core.probe_once()
+    core.sync_replicas([spec("moved", pool="p2")])
+    await core.probe_once()
+    core.sync_replicas([])
+    for pool in ("p1", "p2"):
+        labels = {"replica": "moved", "pool": pool}
+        assert REGISTRY.get_sample_value(names.ORCH_REPLICA_HEALTHY, labels) is None
+
+
 @pytest.mark.parametrize("leave", ["deregister", "sync"])
 async def test_a_replicas_load_accounting_lives_as_long_as_its_state(leave: str) -> None:
     # Time stands still: two leases' prefill backlog shows until they end. A replica that
