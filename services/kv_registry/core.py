@@ -269,11 +269,14 @@ class KvRegistry:
         """Forget a replica that disappeared or failed health. If its engine still publishes,
         its next batch (events, or a heartbeat) shows a gap and it is asked for a snapshot."""
         replica = self._replicas.pop(replica_id, None)
-        if replica is None:
-            return False
+        # Remembered even when unknown here (a registry that restarted, or missed updates):
+        # its leases' late reports must not bring it in either.
         self._dropped[replica_id] = None
+        self._dropped.move_to_end(replica_id)
         if len(self._dropped) > DROPPED_KEPT:
             self._dropped.popitem(last=False)
+        if replica is None:
+            return False
         for index in self._indexes:
             index.drop(replica_id)
         replica.forgotten()

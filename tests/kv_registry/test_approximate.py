@@ -155,6 +155,9 @@ def test_a_reuse_report_after_its_replicas_drop_does_not_bring_it_back() -> None
     assert (res.predicted_capacity, res.dropped_blocks) == (0, 0)
     assert "gone" not in reg.replica_ids()
     assert "gone" not in matched(reg, A)
+    assert not reg.drop_replica("never-seen")  # e.g. this registry restarted since
+    reg.report_reuse("never-seen", A, 4)
+    assert "never-seen" not in reg.replica_ids()
     reg.record_routing("gone", B)  # routed to again (the id came back): known again
     assert "gone" in reg.replica_ids()
     reg.report_reuse("gone", A, 4)
