@@ -183,25 +183,37 @@ class GatewayCore:
             raise InvalidRequest("must be printable characters", field="request_id")
 
     def check_sizes(
-        self, model: str, *, messages: int | None = None, prompt_ids: int | None = None
+        self,
+        model: str,
+        *,
+        messages: int | None = None,
+        prompt_ids: int | None = None,
+        api_key: str | None = None,
     ) -> None:
         """The bounds a prompt's item counts alone decide (chat messages, token ids against the
         model's context): a front checks them before it converts the items, each of which
-        costs event-loop time, and `validate` again. An unknown model is `validate`'s to name."""
-        limit = self._settings.max_chat_messages
-        if messages is not None and messages > limit:
-            raise InvalidRequest(f"at most {limit} messages", field="messages")
-        served = self._models.get(model)
-        if prompt_ids is not None and served is not None:
-            context = served.settings.context_length
-            if prompt_ids >= context:
-                raise _beyond_context(prompt_ids, context, "prompt")
+        costs event-loop time, and `validate` again. An unknown model is `validate`'s to name.
+        A caller refused here is authenticated first (UNAUTHENTICATED before anything about
+        the model); one within the bounds is not (its request is, once)."""
+        try:
+            limit = self._settings.max_chat_messages
+            if messages is not None and messages > limit:
+                raise InvalidRequest(f"at most {limit} messages", field="messages")
+            served = self._models.get(model)
+            if prompt_ids is not None and served is not None:
+                context = served.settings.context_length
+                if prompt_ids >= context:
+                    raise _beyond_context(prompt_ids, context, "prompt")
+        except InvalidRequest:
+            self.authenticate(api_key)
+            raise
 
     def _check_sizes_of(self, req: GenerationRequest) -> None:
         self.check_sizes(
             req.model,
             messages=None if req.messages is None else len(req.messages),
             prompt_ids=None if req.prompt_ids is None else len(req.prompt_ids),
+            api_key=req.api_key,
         )
 
     def validate(self, req: GenerationRequest) -> Validated:

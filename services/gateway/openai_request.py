@@ -399,6 +399,14 @@ def _parse_messages(value: object, model: str, sizes: SizeCheck) -> list[ChatMes
     return out
 
 
+def _ids(value: list[Any], model: str, sizes: SizeCheck) -> bool:
+    """Whether a non-empty array is token ids; their count is checked before they are read."""
+    if not (isinstance(value[0], int) and not isinstance(value[0], bool)):
+        return False
+    sizes(model, prompt_ids=len(value))
+    return all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
 def _parse_prompt(
     value: object, model: str, sizes: SizeCheck
 ) -> tuple[str | None, list[int] | None]:
@@ -409,17 +417,16 @@ def _parse_prompt(
         return value, None
     if not isinstance(value, list):
         raise _bad_type("prompt", "a string or an array", value)
-    sizes(model, prompt_ids=len(value))  # before each id is read
     if not value:
         raise InvalidRequest("must not be empty", field="prompt")
-    if all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+    if _ids(value, model, sizes):
         return None, list(value)
     if len(value) > 1:
         raise InvalidRequest("batched prompts (more than one) are not supported", field="prompt")
     only = value[0]
     if isinstance(only, str):
         return only, None
-    if isinstance(only, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in only):
+    if isinstance(only, list) and (not only or _ids(only, model, sizes)):
         return None, list(only)
     raise _bad_type("prompt[0]", "a string or an array of token ids", only)
 

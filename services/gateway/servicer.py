@@ -111,16 +111,18 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             await abort(context, request.as_error())
             return
         which = request.WhichOneof("prompt")
+        api_key = api_key_from(context)
         try:  # from the counts, before the items are converted
             self._core.check_sizes(
                 request.model,
                 messages=len(request.messages.messages) if which == "messages" else None,
                 prompt_ids=len(request.token_ids.ids) if which == "token_ids" else None,
+                api_key=api_key,
             )
         except ServiceError as err:
             await abort(context, err)
             return
-        req = request_from_pb(request, api_key_from(context))
+        req = request_from_pb(request, api_key)
         request_id_var.set(req.request_id)
         token = otel_context.attach(extract_trace_context(context.invocation_metadata()))
         try:

@@ -323,6 +323,27 @@ def acme_auth(**limits: int) -> Authenticator:
     )
 
 
+@pytest.mark.parametrize(("authorization", "status"), [(None, 401), ("Bearer sk-acme", 400)])
+async def test_a_prompt_beyond_the_context_is_refused_by_its_count_after_authentication(
+    model: ServedModel, session: aiohttp.ClientSession, authorization: str | None, status: int
+) -> None:
+    # 8192 ids (the model's context) and a string after them: read item by item, the prompt
+    # would be refused as a batch; by its count, as beyond the context, once the caller is known.
+    f = await serve(model, ScriptedEngine(model.encode(" x")), auth=acme_auth())
+    headers = {"Authorization": authorization} if authorization else {}
+    try:
+        async with session.post(
+            f"{f.url}/v1/completions", json=body(prompt=[1] * 8192 + ["x"]), headers=headers
+        ) as r:
+            assert r.status == status
+            err = (await r.json())["error"]
+        expected = "invalid_api_key" if status == 401 else "context_length_exceeded"
+        assert err["code"] == expected
+        assert f.orch.admits == []
+    finally:
+        await f.front.stop()
+
+
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong", "Basic c2stYWNtZQ=="])
 async def test_missing_or_bad_key_is_401(
     model: ServedModel, session: aiohttp.ClientSession, authorization: str | None

@@ -332,6 +332,7 @@ class CountingSizes:
         # The items are not even well-formed: the count is refused before any is read.
         (Kind.CHAT, "messages", [{"role": "robot"}] * 3, ("m", 3, None)),
         (Kind.COMPLETION, "prompt", [-1] * 3, ("m", None, 3)),
+        (Kind.COMPLETION, "prompt", [[-1] * 3], ("m", None, 3)),  # one prompt, nested
     ],
 )
 def test_item_counts_are_checked_before_the_items_are_read(

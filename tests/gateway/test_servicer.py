@@ -117,6 +117,22 @@ async def test_bad_chat_requests_are_invalid_argument_naming_the_field(
     assert front.engine.requests == []
 
 
+async def test_an_oversized_prompt_is_refused_from_its_counts_before_it_is_converted(
+    models: tuple[ServedModel, ServedModel], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unreached(*_: object) -> None:
+        raise AssertionError("the request was converted")
+
+    monkeypatch.setattr("services.gateway.servicer.request_from_pb", unreached)
+    request = chat_request(CHAT_MODEL, *[("user", "")] * 4097)
+    async with grpc_gateway(models) as front, grpc.aio.insecure_channel(front.address) as ch:
+        stub = pb_grpc.GatewayServiceStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            [r async for r in stub.Generate(request, timeout=10)]
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (info.value.details() or "").startswith("messages: at most 4096 messages")
+
+
 async def test_list_models_says_which_models_chat(
     models: tuple[ServedModel, ServedModel],
 ) -> None:
