@@ -165,9 +165,9 @@ class EngineClient(Protocol):
     ) -> AsyncGenerator[EngineChunk, None]: ...
 
 
-# A channel no stream has used for this long is closed once another address is first used: pods
-# come and go with their addresses (rollouts, autoscaling), and a channel kept to a gone one
-# would redial it for the life of the process (or reach whichever pod reuses the address).
+# A channel no stream has used for this long is closed: pods come and go with their addresses
+# (rollouts, autoscaling), and a channel kept to a gone one would redial it for the life of the
+# process (or reach whichever pod reuses the address).
 IDLE_CHANNEL_CLOSE_S = 300.0
 
 
@@ -182,9 +182,11 @@ class _Channel:
 class TritonPool:
     """One channel per (replica address, authority), reused across requests. The authority is
     the headless Service host in Kubernetes, so the mesh applies that Service's policies while
-    the connection still goes to the pod the orchestrator picked. Channels idle for
-    `idle_close_s` are closed when a new one is made: the pool holds the addresses in use, not
-    every address ever used."""
+    the connection still goes to the pod the orchestrator picked. A channel idle for
+    `idle_close_s` is closed by the next sweep: one when a channel to a new address is made,
+    and one as a stream ends at most every `idle_close_s / 4` (so after a rollout the old pods'
+    channels go without waiting for another new address). The pool holds the addresses in use,
+    not every address ever used."""
 
     def __init__(
         self,
@@ -194,22 +196,19 @@ class TritonPool:
         self._idle_close_s = idle_close_s
         self._clock = clock
         self._channels: dict[tuple[str, str], _Channel] = {}
+        self._swept_at = clock()
+        self._closing: set[asyncio.Task[None]] = set()
 
     def __len__(self) -> int:
         return len(self._channels)
 
-    def _channel(self, address: str, authority: str) -> tuple[_Channel, list[_Channel]]:
-        """The channel for (address, authority), and the idle ones it replaced in the pool
-        (to close)."""
+    def _channel(self, address: str, authority: str) -> _Channel:
+        """The channel for (address, authority), made (after a sweep) if there is none."""
         entry = self._channels.get((address, authority))
         if entry is not None:
-            return entry, []
+            return entry
         now = self._clock()
-        idle = [
-            key
-            for key, c in self._channels.items()
-            if c.streams == 0 and now - c.used_at >= self._idle_close_s
-        ]
+        self._sweep(now)
         # A restarted replica on the same address is reached again within a second.
         options: list[tuple[str, str | int]] = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -220,7 +219,23 @@ class TritonPool:
         channel = grpc.aio.insecure_channel(address, options=options)
         entry = _Channel(channel, service_pb2_grpc.GRPCInferenceServiceStub(channel), used_at=now)
         self._channels[(address, authority)] = entry
-        return entry, [self._channels.pop(key) for key in idle]
+        return entry
+
+    def _sweep(self, now: float) -> None:
+        """Close the channels no stream has used for `idle_close_s` (in the background: a
+        close waits for the channel's calls, and it has none)."""
+        self._swept_at = now
+        idle = [
+            key
+            for key, c in self._channels.items()
+            if c.streams == 0 and now - c.used_at >= self._idle_close_s
+        ]
+        for key in idle:
+            task = asyncio.get_running_loop().create_task(
+                self._channels.pop(key).channel.close(None)
+            )
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     async def stream(
         self,
@@ -232,9 +247,7 @@ class TritonPool:
         metadata: Sequence[tuple[str, str]] = (),
     ) -> AsyncGenerator[EngineChunk, None]:
         """Yields chunks until the final one. Closing the iterator cancels the Triton request."""
-        entry, idle = self._channel(address, authority)
-        for gone in idle:
-            await gone.channel.close(None)
+        entry = self._channel(address, authority)
         call = entry.stub.ModelStreamInfer(timeout=timeout_s, metadata=tuple(metadata))
         entry.streams += 1
         try:
@@ -270,12 +283,16 @@ class TritonPool:
             if not call.done():
                 call.cancel()
             entry.streams -= 1
-            entry.used_at = self._clock()
+            entry.used_at = now = self._clock()
+            if now - self._swept_at >= self._idle_close_s / 4:
+                self._sweep(now)
 
     async def close(self) -> None:
         for entry in self._channels.values():
             await entry.channel.close(None)
         self._channels.clear()
+        if self._closing:
+            await asyncio.wait(self._closing)
 
 
 async def _read_to_end(call: grpc.aio.StreamStreamCall[Any, Any]) -> None:

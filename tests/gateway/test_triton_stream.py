@@ -94,6 +94,31 @@ def test_parse_response_ignores_outputs_without_contents() -> None:
     assert parse_response(resp).kv_cache_reused_blocks is None
 
 
+async def test_after_a_rollout_the_old_channels_go_as_streams_on_the_new_ones_end() -> None:
+    # No new address comes after the rollout: the sweep as a stream ends closes the old ones.
+    now = [0.0]
+    pool = TritonPool(idle_close_s=10.0, clock=lambda: now[0])
+    old, new = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    request = EngineRequest("r", "m", [5], 1, 2, 1.0, 1.0, 0, None)
+
+    async def once(address: str) -> None:
+        with pytest.raises(TritonStreamError):
+            async for _ in pool.stream(address, "", request, timeout_s=5.0):
+                pass
+
+    try:
+        await once(old)
+        await once(new)
+        now[0] = 9.0
+        await once(new)
+        assert len(pool) == 2  # old idle 9 s
+        now[0] = 12.0
+        await once(new)
+        assert len(pool) == 1  # old idle 12 s: closed as that stream ended
+    finally:
+        await pool.close()
+
+
 async def test_the_pool_closes_channels_idle_for_long_once_another_address_is_used() -> None:
     # Nothing listens on these ports: each stream fails at once (UNAVAILABLE); what is under
     # test is which channels the pool keeps.
