@@ -95,6 +95,11 @@ class KvRegistry:
         self.block_config = block_config
         self._max_entries = settings.max_entries
         self._max_events = settings.max_events_per_request
+        self._silence_s = settings.exact_silence_s
+        # When each replica last published (events or a heartbeat), and when silent ones were
+        # last looked for (`maintain`, every tenth of the silence bound).
+        self._heard: dict[str, float] = {}
+        self._silence_checked = -math.inf
         self._clock = clock
         self._metrics = metrics
         self.exact = ExactIndex(metrics)
@@ -180,6 +185,7 @@ class KvRegistry:
             # Its successor (the next expected sequence, answered back) would not fit a uint64.
             raise InvalidArgument(f"a sequence must be below {LAST_SEQUENCE}", field="events")
         replica = self._replicas.get(replica_id) or self._add_replica(replica_id)
+        self._heard[replica_id] = self._clock()
         applied = self.exact.ingest(replica_id, epoch, events, next_sequence)
         if applied.mode_changed:
             if self.exact.is_exact(replica_id):
@@ -269,6 +275,7 @@ class KvRegistry:
         """Forget a replica that disappeared or failed health. If its engine still publishes,
         its next batch (events, or a heartbeat) shows a gap and it is asked for a snapshot."""
         replica = self._replicas.pop(replica_id, None)
+        self._heard.pop(replica_id, None)
         # Remembered even when unknown here (a registry that restarted, or missed updates):
         # its leases' late reports must not bring it in either.
         self._dropped[replica_id] = None
@@ -314,7 +321,24 @@ class KvRegistry:
         done = self._sweep(budget)
         if done < budget:
             done += self.exact.compact(budget - done)
+        self._drop_silent()
         return done + self.predicted.maintain(budget - done)
+
+    def _drop_silent(self) -> None:
+        """Drop the exact replicas that published nothing for `exact_silence_s`: an engine that
+        died after its orchestrators dropped it (a terminating pod publishes until it exits),
+        or whose orchestrators are gone, would otherwise be listed for ever."""
+        now = self._clock()
+        if now - self._silence_checked < self._silence_s / 10:
+            return
+        self._silence_checked = now
+        silent = [
+            rid
+            for rid, heard in self._heard.items()
+            if now - heard > self._silence_s and self.exact.is_exact(rid)
+        ]
+        for rid in silent:
+            self.drop_replica(rid)
 
     # -- bookkeeping ------------------------------------------------------------------------
     def _add_replica(self, replica_id: str) -> ReplicaMetrics:

@@ -26,6 +26,16 @@ class KvRegistrySettings(ServiceSettings):
     max_events_per_request: int = Field(
         default=100_000, gt=0, description="PublishEvents batches larger than this are rejected."
     )
+    exact_silence_s: float = Field(
+        default=60.0,
+        gt=0,
+        description=(
+            "An exact replica that publishes nothing (no events, no heartbeat) for this long is "
+            "dropped: its engine is gone (engines heartbeat every few seconds, the emulator "
+            "every LLMMESH_EMULATOR_PUBLISH_HEARTBEAT_S). One that publishes again is asked "
+            "for a snapshot."
+        ),
+    )
     predicted_ttl_s: float = Field(
         default=600.0,
         gt=0,

@@ -9,7 +9,7 @@ from services.kv_registry.contracts import Cleared, Removed, Stored
 from services.kv_registry.core import KvRegistry, level_plan
 from services.kv_registry.errors import BatchTooLarge, BlockConfigMismatch
 from services.kv_registry.settings import KvRegistrySettings
-from tests.kv_registry.support import make_registry
+from tests.kv_registry.support import ManualClock, make_registry
 
 CFG = BlockConfig(block_size=4, hash_seed=7)
 PROMPT = list(range(100, 118))  # 4 full blocks + 2 tokens
@@ -133,6 +133,30 @@ def test_entry_bound_drops_oldest_of_fullest_replica() -> None:
     assert reg.block_count("r0") == 3
     # the oldest (first) block went: the prefix no longer matches from block 0
     assert reg.lookup(PROMPT).matches == ()
+
+
+def test_an_exact_replica_silent_for_the_bound_is_dropped() -> None:
+    clock = ManualClock(0.0)
+    reg = make_registry(CFG, KvRegistrySettings(exact_silence_s=60.0), clock=clock)
+    reg.ingest("gone", "e", CFG, [Stored(0, tuple(HASHES))])
+    reg.ingest("alive", "e", CFG, [Stored(0, tuple(HASHES))])
+    clock.now = 40.0
+    reg.ingest("alive", "e", CFG, [], next_sequence=1)  # a heartbeat
+    clock.now = 61.0
+    reg.maintain(100)
+    assert sorted(reg.replica_ids()) == ["alive"]
+    assert [m.replica_id for m in reg.lookup(PROMPT).matches] == ["alive"]
+    reg.report_reuse("gone", HASHES, 4)  # a late report does not bring it back
+    assert sorted(reg.replica_ids()) == ["alive"]
+    clock.now = 100.0
+    reg.maintain(100)
+    assert sorted(reg.replica_ids()) == ["alive"]  # silent 60 s: not beyond the bound
+    clock.now = 107.0
+    reg.maintain(100)
+    assert list(reg.replica_ids()) == []
+    res = reg.ingest("gone", "e", CFG, [], next_sequence=1)  # it was alive after all
+    assert res.resync_required
+    assert list(reg.replica_ids()) == ["gone"]
 
 
 def test_drop_replica() -> None:
