@@ -110,7 +110,13 @@ def new_registry(cfg: BlockConfig, settings: KvRegistrySettings) -> KvRegistry:
 def make_registry(impl: str, cfg: BlockConfig) -> Registry:
     if impl == "baseline":
         return NaiveKvRegistry(cfg, max_entries=10**9, max_events_per_request=10**6)
-    return new_registry(cfg, KvRegistrySettings(max_entries=10**9, max_events_per_request=10**6))
+    # Replicas filled once and left quiet while others are measured: never dropped as silent.
+    return new_registry(
+        cfg,
+        KvRegistrySettings(
+            max_entries=10**9, max_events_per_request=10**6, exact_silence_s=math.inf
+        ),
+    )
 
 
 def rss_bytes() -> int:

@@ -22,6 +22,7 @@ Requests are validated here; the indexes trust their arguments.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -46,6 +47,8 @@ from services.kv_registry.exact import ExactIndex
 from services.kv_registry.metrics import EvictionReason, RegistryMetrics, ReplicaMetrics
 from services.kv_registry.predicted import PredictedIndex
 from services.kv_registry.settings import KvRegistrySettings
+
+log = logging.getLogger(__name__)
 
 # Dropped replica ids remembered against late reuse reports (`KvRegistry._dropped`).
 DROPPED_KEPT = 4096
@@ -325,19 +328,23 @@ class KvRegistry:
         return done + self.predicted.maintain(budget - done)
 
     def _drop_silent(self) -> None:
-        """Drop the exact replicas that published nothing for `exact_silence_s`: an engine that
-        died after its orchestrators dropped it (a terminating pod publishes until it exits),
-        or whose orchestrators are gone, would otherwise be listed for ever."""
+        """Drop the replicas that published (events or heartbeats) and then nothing for
+        `exact_silence_s`: an engine that died after its orchestrators dropped it (a
+        terminating pod publishes until it exits), or whose orchestrators are gone, would
+        otherwise be listed for ever. Not when no replica was heard within the bound: then this
+        process, not every engine, was away (a stall), and their calls are still queued."""
         now = self._clock()
-        if now - self._silence_checked < self._silence_s / 10:
+        if now - self._silence_checked < self._silence_s / 10 or not self._heard:
             return
         self._silence_checked = now
-        silent = [
-            rid
-            for rid, heard in self._heard.items()
-            if now - heard > self._silence_s and self.exact.is_exact(rid)
-        ]
+        if now - max(self._heard.values()) > self._silence_s:
+            return
+        silent = [rid for rid, heard in self._heard.items() if now - heard > self._silence_s]
         for rid in silent:
+            log.warning(
+                "replica silent: dropped as gone",
+                extra={"replica": rid, "silent_s": round(now - self._heard[rid], 1)},
+            )
             self.drop_replica(rid)
 
     # -- bookkeeping ------------------------------------------------------------------------
