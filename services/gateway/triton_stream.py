@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import logging
 import struct
 import sys
 import time
@@ -165,6 +166,8 @@ class EngineClient(Protocol):
     ) -> AsyncGenerator[EngineChunk, None]: ...
 
 
+log = logging.getLogger(__name__)
+
 # A channel no stream has used for this long is closed: pods come and go with their addresses
 # (rollouts, autoscaling), and a channel kept to a gone one would redial it for the life of the
 # process (or reach whichever pod reuses the address).
@@ -198,6 +201,7 @@ class TritonPool:
         self._channels: dict[tuple[str, str], _Channel] = {}
         self._swept_at = clock()
         self._closing: set[asyncio.Task[None]] = set()
+        self._closed = False  # `close` was called: nothing is swept any more
 
     def __len__(self) -> int:
         return len(self._channels)
@@ -225,6 +229,8 @@ class TritonPool:
         """Close the channels no stream has used for `idle_close_s` (in the background: a
         close waits for the channel's calls, and it has none)."""
         self._swept_at = now
+        if self._closed:
+            return
         idle = [
             key
             for key, c in self._channels.items()
@@ -235,7 +241,12 @@ class TritonPool:
                 self._channels.pop(key).channel.close(None)
             )
             self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
+            task.add_done_callback(self._closed_one)
+
+    def _closed_one(self, task: asyncio.Task[None]) -> None:
+        self._closing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("closing an idle Triton channel failed", exc_info=task.exception())
 
     async def stream(
         self,
@@ -288,11 +299,13 @@ class TritonPool:
                 self._sweep(now)
 
     async def close(self) -> None:
-        for entry in self._channels.values():
+        # Taken first: streams cancelled by these closes end (and would sweep) meanwhile.
+        self._closed = True
+        entries, self._channels = list(self._channels.values()), {}
+        for entry in entries:
             await entry.channel.close(None)
-        self._channels.clear()
         if self._closing:
-            await asyncio.wait(self._closing)
+            await asyncio.wait(set(self._closing))
 
 
 async def _read_to_end(call: grpc.aio.StreamStreamCall[Any, Any]) -> None:
