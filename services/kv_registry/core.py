@@ -182,8 +182,7 @@ class KvRegistry:
                 f"block_size={self.block_config.block_size} hash_seed={self.block_config.hash_seed}",
                 field="block_size",
             )
-        if len(events) > self._max_events:
-            raise BatchTooLarge(f"{len(events)} events > {self._max_events}", field="events")
+        self.check_batch(len(events))
         if any(ev.sequence >= LAST_SEQUENCE for ev in events):
             # Its successor (the next expected sequence, answered back) would not fit a uint64.
             raise InvalidArgument(f"a sequence must be below {LAST_SEQUENCE}", field="events")
@@ -200,6 +199,12 @@ class KvRegistry:
         self._housekeeping(applied.work)
         self._changed()
         return applied.result
+
+    def check_batch(self, events: int) -> None:
+        """A batch of `events` events is refused (BatchTooLarge) beyond max_events_per_request:
+        the servicer asks before it converts them."""
+        if events > self._max_events:
+            raise BatchTooLarge(f"{events} events > {self._max_events}", field="events")
 
     # -- approximate mode -------------------------------------------------------------------
     def record_routing(

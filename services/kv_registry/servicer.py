@@ -184,6 +184,7 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
             if request.block_size == 0:
                 raise BlockConfigMismatch("must be positive", field="block_size")
             cfg = BlockConfig(request.block_size, request.hash_seed)
+            self._core.check_batch(len(request.events))  # before any is converted
             events = [event_from_pb(e) for e in request.events]
             heartbeat = request.next_sequence if request.HasField("next_sequence") else None
             res = self._core.ingest(request.replica_id, request.epoch, cfg, events, heartbeat)

@@ -392,6 +392,22 @@ async def test_report_for_an_exact_replica_only_counts(registry: Registry) -> No
     )
 
 
+async def test_a_batch_over_the_event_bound_is_refused_before_it_is_converted(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unreached(_: object) -> None:
+        raise AssertionError("converted")
+
+    monkeypatch.setattr("services.kv_registry.servicer.event_from_pb", unreached)
+    request = publish("r0")
+    for seq in range(KvRegistrySettings().max_events_per_request + 1):
+        request.events.add(sequence=seq).cleared.SetInParent()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await registry.stub.PublishEvents(request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "events" in (err.value.details() or "")
+
+
 @pytest.mark.parametrize(
     ("call", "detail"),
     [
