@@ -94,61 +94,65 @@ def test_parse_response_ignores_outputs_without_contents() -> None:
     assert parse_response(resp).kv_cache_reused_blocks is None
 
 
-async def test_after_a_rollout_the_old_channels_go_as_streams_on_the_new_ones_end() -> None:
-    # No new address comes after the rollout: the sweep as a stream ends closes the old ones.
-    now = [0.0]
-    pool = TritonPool(idle_close_s=10.0, clock=lambda: now[0])
-    old, new = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    request = EngineRequest("r", "m", [5], 1, 2, 1.0, 1.0, 0, None)
+REQUEST = EngineRequest("r", "m", [5], 1, 2, 1.0, 1.0, 0, None)
 
-    async def once(address: str) -> None:
+
+def nowhere() -> str:
+    """An address nothing listens on: a stream there fails at once (UNAVAILABLE)."""
+    return f"127.0.0.1:{free_port()}"
+
+
+class ClockedPool:
+    """A TritonPool (channels idle 10 s are closed) on a clock the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.pool = TritonPool(idle_close_s=10.0, clock=lambda: self.now)
+
+    async def failed(self, address: str) -> None:
+        """One stream to `address`, which fails: what is under test is which channels stay."""
         with pytest.raises(TritonStreamError):
-            async for _ in pool.stream(address, "", request, timeout_s=5.0):
+            async for _ in self.pool.stream(address, "", REQUEST, timeout_s=30.0):
                 pass
 
+
+async def test_after_a_rollout_the_old_channels_go_as_streams_on_the_new_ones_end() -> None:
+    # No new address comes after the rollout: the sweep as a stream ends closes the old ones.
+    p = ClockedPool()
+    old, new = nowhere(), nowhere()
     try:
-        await once(old)
-        await once(new)
-        now[0] = 9.0
-        await once(new)
-        assert len(pool) == 2  # old idle 9 s
-        now[0] = 12.0
-        await once(new)
-        assert len(pool) == 1  # old idle 12 s: closed as that stream ended
+        await p.failed(old)
+        await p.failed(new)
+        p.now = 9.0
+        await p.failed(new)
+        assert len(p.pool) == 2  # old idle 9 s
+        p.now = 12.0
+        await p.failed(new)
+        assert len(p.pool) == 1  # old idle 12 s: closed as that stream ended
     finally:
-        await pool.close()
+        await p.pool.close()
 
 
 async def test_the_pool_closes_channels_idle_for_long_once_another_address_is_used() -> None:
-    # Nothing listens on these ports: each stream fails at once (UNAVAILABLE); what is under
-    # test is which channels the pool keeps.
-    now = [0.0]
-    pool = TritonPool(idle_close_s=10.0, clock=lambda: now[0])
-    a, b, c = (f"127.0.0.1:{free_port()}" for _ in range(3))
-    request = EngineRequest("r", "m", [5], 1, 2, 1.0, 1.0, 0, None)
-
-    async def once(address: str) -> None:
-        with pytest.raises(TritonStreamError):
-            async for _ in pool.stream(address, "", request, timeout_s=5.0):
-                pass
-
+    p = ClockedPool()
+    a, b, c = nowhere(), nowhere(), nowhere()
     try:
-        await once(a)
-        now[0] = 5.0
-        await once(b)
-        assert len(pool) == 2  # a idle for 5 s only
-        await once(a)  # reused: a's idle time starts again
-        now[0] = 14.0
-        await once(c)
-        assert len(pool) == 3  # a and b last used at 5 s: neither idle 10 s yet
-        now[0] = 15.5
-        await once(a)
-        now[0] = 30.0
-        await once(f"127.0.0.1:{free_port()}")
-        assert len(pool) == 1  # a, b and c idle for 14.5 s or more: closed
+        await p.failed(a)
+        p.now = 5.0
+        await p.failed(b)
+        assert len(p.pool) == 2  # a idle for 5 s only
+        await p.failed(a)  # reused: a's idle time starts again
+        p.now = 14.0
+        await p.failed(c)
+        assert len(p.pool) == 3  # a and b last used at 5 s: neither idle 10 s yet
+        p.now = 15.5
+        await p.failed(a)
+        p.now = 30.0
+        await p.failed(nowhere())
+        assert len(p.pool) == 1  # a, b and c idle for 14.5 s or more: closed
     finally:
-        await pool.close()
-    assert len(pool) == 0
+        await p.pool.close()
+    assert len(p.pool) == 0
 
 
 class HangingTriton(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
@@ -171,26 +175,18 @@ async def test_the_pool_never_closes_a_channel_a_stream_is_using() -> None:
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(triton, server)
     busy = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
     await server.start()
-    now = [0.0]
-    pool = TritonPool(idle_close_s=10.0, clock=lambda: now[0])
-    request = EngineRequest("r", "m", [5], 1, 2, 1.0, 1.0, 0, None)
-
-    async def consume(address: str) -> None:
-        with pytest.raises(TritonStreamError):
-            async for _ in pool.stream(address, "", request, timeout_s=30.0):
-                pass
-
+    p = ClockedPool()
     try:
-        running = asyncio.ensure_future(consume(busy))
+        running = asyncio.ensure_future(p.failed(busy))
         await asyncio.wait_for(triton.started.wait(), 10)
-        now[0] = 100.0  # the busy channel was made 100 s ago
-        await consume(f"127.0.0.1:{free_port()}")  # a new address: a sweep
-        assert len(pool) == 2  # kept: its stream is open
+        p.now = 100.0  # the busy channel was made 100 s ago
+        await p.failed(nowhere())  # a new address: a sweep
+        assert len(p.pool) == 2  # kept: its stream is open
         triton.release.set()
         await asyncio.wait_for(running, 10)  # the stream it kept still ends normally
-        now[0] = 200.0
-        await consume(f"127.0.0.1:{free_port()}")
-        assert len(pool) == 1  # both idle 100 s by then: closed
+        p.now = 200.0
+        await p.failed(nowhere())
+        assert len(p.pool) == 1  # both idle 100 s by then: closed
     finally:
-        await pool.close()
+        await p.pool.close()
         await server.stop(None)
