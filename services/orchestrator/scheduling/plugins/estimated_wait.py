@@ -110,13 +110,10 @@ class EstimatedWaitScorer:
         own = w.prefill_work_s(request.prompt_tokens - cached, cached)
         own *= w.decode_slowdown(load.decode_seqs, load.decode_tokens)
         step = w.decode_step_s(load.decode_seqs + 1, load.decode_tokens + request.prompt_tokens)
-        start = load.prefill_s
-        if load.kv_free_tokens is not None:
-            # What the engine reserves whatever the profile weighs: a cache-blind prediction
-            # still needs no KV for the blocks the replica holds.
-            reserve = request.prompt_tokens - matched + max(request.max_tokens, 1)
-            start = max(start, load.kv_wait_s(reserve))
-        t = start + own + max(step, w.fixed_step_s)
+        # What the engine reserves whatever the profile weighs: a cache-blind prediction still
+        # needs no KV for the blocks the replica holds (no wait where KV is not modelled).
+        reserve = request.prompt_tokens - matched + max(request.max_tokens, 1)
+        t = max(load.prefill_s, load.kv_wait_s(reserve)) + own + max(step, w.fixed_step_s)
         sequences = max(r.in_flight, load.decode_seqs)
         if sequences >= self.params.max_batch:
             # A slot frees when one of the batch's sequences ends: about every
