@@ -107,12 +107,14 @@ class _Replica:
     # step of it (`LoadLedger.resolution_s`). Reset by every change (`changed`).
     recent: ReplicaLoad | None = None
     recent_at: float = 0.0
+    # `LoadLedger._kv_admission`'s answer: it does not depend on the time. Reset by every change.
+    kv_admission: tuple[int | None, float | None] | None = None
     # Renewed by every change: equal stamps, the same accounting (`LoadLedger.stamp`).
     stamp: int = field(default_factory=lambda: next(_STAMPS))
 
     def changed(self) -> None:
         """The accounting changed: no earlier `load` answer stands."""
-        self.idle = self.recent = None
+        self.idle = self.recent = self.kv_admission = None
         self.stamp = next(_STAMPS)
 
 
@@ -353,7 +355,9 @@ class LoadLedger:
         seqs, ctx = self._decoding(rep, now)
         others = rep.others * rep.mean_context
         then = rep.kv_tokens_at_sample + others
-        free, rate = self._kv_admission(rep)
+        if rep.kv_admission is None:
+            rep.kv_admission = self._kv_admission(rep)
+        free, rate = rep.kv_admission
         return ReplicaLoad(
             prefill_tokens=round(prefill),
             prefill_s=max(0.0, rep.busy_until - now),
