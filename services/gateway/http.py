@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -263,13 +264,7 @@ class OpenAIHttpFront:
                 )
             parse = parse_chat_request if kind is Kind.CHAT else parse_completion_request
             api_key = bearer_token(request.headers.get("Authorization"))
-            core = self._core
-
-            def sizes(
-                model: str, *, messages: int | None = None, prompt_ids: int | None = None
-            ) -> None:
-                core.check_sizes(model, messages=messages, prompt_ids=prompt_ids, api_key=api_key)
-
+            sizes = functools.partial(self._core.check_sizes, api_key=api_key)
             oreq = parse(body, request_id=request_id, api_key=api_key, sizes=sizes)
             if supplied_id or resume_from is not None:
                 oreq = dataclasses.replace(

@@ -470,7 +470,7 @@ def _no_size_check(
 
 
 def parse_chat_request(
-    body: bytes, *, request_id: str, api_key: str | None = None, sizes: SizeCheck | None = None
+    body: bytes, *, request_id: str, api_key: str | None = None, sizes: SizeCheck = _no_size_check
 ) -> OpenAIRequest:
     """`sizes(model, messages=n)` refuses a count before the items are read
     (`GatewayCore.check_sizes`)."""
@@ -482,18 +482,18 @@ def parse_chat_request(
         common,
         request_id=request_id,
         api_key=api_key,
-        messages=_parse_messages(data.get("messages"), common[0], sizes or _no_size_check),
+        messages=_parse_messages(data.get("messages"), common[0], sizes),
     )
 
 
 def parse_completion_request(
-    body: bytes, *, request_id: str, api_key: str | None = None, sizes: SizeCheck | None = None
+    body: bytes, *, request_id: str, api_key: str | None = None, sizes: SizeCheck = _no_size_check
 ) -> OpenAIRequest:
     """`sizes(model, prompt_ids=n)` as in `parse_chat_request`."""
     data = parse_json_object(body)
     _check_fields(data, _SUPPORTED_COMPLETION, _COMPLETION_NEUTRAL, {})
     common = _common(data, Kind.COMPLETION)
-    text, ids = _parse_prompt(data.get("prompt"), common[0], sizes or _no_size_check)
+    text, ids = _parse_prompt(data.get("prompt"), common[0], sizes)
     return _request(
         Kind.COMPLETION,
         common,
