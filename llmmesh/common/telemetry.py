@@ -38,6 +38,7 @@ from opentelemetry.trace import (
 )
 from opentelemetry.util.types import Attributes
 from prometheus_client import start_http_server
+from prometheus_client.metrics import MetricWrapperBase
 
 request_id_var: ContextVar[str] = ContextVar("request_id", default="")
 
@@ -208,6 +209,14 @@ def start_metrics_server(host: str, port: int) -> int:
     """Serve the default Prometheus registry; returns the bound port (useful with port 0)."""
     server, _thread = start_http_server(port, addr=host)
     return int(server.server_port)
+
+
+def remove_series(series: Iterable[tuple[MetricWrapperBase, Sequence[str]]]) -> None:
+    """Remove labelled series (those of a replica that left: replica ids come and go with
+    pods, so kept series would only grow); one never labelled so is skipped."""
+    for metric, labels in series:
+        with contextlib.suppress(KeyError):
+            metric.remove(*labels)
 
 
 def monotonic_ms(start: float) -> float:

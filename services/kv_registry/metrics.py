@@ -16,14 +16,13 @@ the report came in):
 
 from __future__ import annotations
 
-import contextlib
 import enum
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics import MetricWrapperBase
 
 from llmmesh.common import metric_names as names
+from llmmesh.common.telemetry import remove_series
 from services.kv_registry.contracts import Source
 
 
@@ -273,23 +272,21 @@ class PrometheusMetrics:
         """Remove a dropped replica's series (replica ids come and go with pods: kept, they
         would only grow); it gets new ones if it comes back."""
         self._replicas.pop(replica_id, None)
-        by_source: list[tuple[str, ...]] = [(replica_id, source.value) for source in Source]
-        labelled: list[tuple[MetricWrapperBase, list[tuple[str, ...]]]] = [
-            (self.blocks, [(replica_id,)]),
-            (self.replica_exact, [(replica_id,)]),
-            (self.predicted_capacity, [(replica_id,)]),
-            (self.resyncs, [(replica_id,)]),
-            (self.events, [(replica_id, kind) for kind in ("stored", "removed", "cleared")]),
-            (self.routings, by_source),
-            (self.reported_prompt_blocks, by_source),
-            (self.predicted_blocks, by_source),
-            (self.reported_reused_blocks, by_source),
-            (self.confirmed_blocks, by_source),
-        ]
-        for family, label_sets in labelled:
-            for labels in label_sets:
-                with contextlib.suppress(KeyError):  # never labelled so
-                    family.remove(*labels)
+        one = (self.blocks, self.replica_exact, self.predicted_capacity, self.resyncs)
+        by_source = (
+            self.routings,
+            self.reported_prompt_blocks,
+            self.predicted_blocks,
+            self.reported_reused_blocks,
+            self.confirmed_blocks,
+        )
+        remove_series(
+            [
+                *((m, (replica_id,)) for m in one),
+                *((self.events, (replica_id, k)) for k in ("stored", "removed", "cleared")),
+                *((m, (replica_id, s.value)) for m in by_source for s in Source),
+            ]
+        )
 
     def evicted(self, reason: EvictionReason, n: int) -> None:
         self.evictions.labels(reason.value).inc(n)

@@ -6,12 +6,12 @@ Components call `record_*`; none touches a metric object. Names come from
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from llmmesh.common import metric_names as names
+from llmmesh.common.telemetry import remove_series
 
 _QUEUE_DEPTH = Gauge(names.ORCH_QUEUE_DEPTH, "Requests waiting for admission.", ["model"])
 _QUEUE_WAIT = Histogram(
@@ -122,8 +122,7 @@ def record_replica_forgotten(replica: str, pool: str) -> None:
     ]
     for metric, labels in per_replica:
         _CHILDREN.pop((metric, labels), None)
-        with contextlib.suppress(KeyError):  # never labelled so
-            metric.remove(*labels)
+    remove_series(per_replica)
 
 
 def record_in_flight(replica: str, pool: str, in_flight: int) -> None:
