@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import urllib.request
 from dataclasses import dataclass
 
@@ -35,22 +36,66 @@ class EngineSample:
         return self.kv_used / self.kv_max if self.kv_max > 0 else None
 
 
-def _families_text(text: str) -> str:
-    """The page's lines of `_FAMILIES` only: the library parser then reads 15 lines, not the
-    whole page (a Triton page has dozens of other families; parsing it all cost ~0.5 ms per
-    scrape, on every replica every `metrics_interval_s`)."""
-    return "\n".join(line for line in text.splitlines() if line.startswith(_LINE_PREFIXES)) + "\n"
+# A sample line of the text exposition format: name, optional {labels}, value, optional
+# timestamp; labels that are plain `name="value"` pairs (no escapes in the value). Any other line
+# goes to the library's parser.
+_SAMPLE = re.compile(
+    r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^{}]*)\})?[ \t]+(\S+)(?:[ \t]+-?[0-9]+)?[ \t]*"
+)
+_PAIR = r'[a-zA-Z_][a-zA-Z0-9_]*[ \t]*=[ \t]*"[^"\\]*"'
+_PLAIN_LABELS = re.compile(rf"[ \t]*(?:{_PAIR}[ \t]*(?:,[ \t]*{_PAIR}[ \t]*)*,?[ \t]*)?")
+# Matched from the start, pairs follow one another: a value (no quote in it) cannot start one.
+_LABEL_PAIRS = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)[ \t]*=[ \t]*"([^"\\]*)"')
 
 
-def parse_engine_metrics(text: str) -> EngineSample | None:
-    """None when a required gauge is absent or not finite (never guess a signal)."""
+def _family_lines(text: str) -> list[str]:
+    """The page's lines of `_FAMILIES` only (a Triton page has dozens of other families)."""
+    return [line for line in text.splitlines() if line.startswith(_LINE_PREFIXES)]
+
+
+def _values_fast(lines: list[str]) -> dict[tuple[str, str], float] | None:
+    """Each (family, label) total from the sample lines, or None where a line is not the plain
+    form (escaped quotes, odd spacing): the library reads those. ~10x faster than the library's
+    character-by-character parser, which cost ~0.3 ms per scrape on every replica every
+    `metrics_interval_s`."""
     values: dict[tuple[str, str], float] = {}
-    for fam in text_string_to_metric_families(_families_text(text)):
+    for line in lines:
+        if line.startswith("#"):
+            continue
+        m = _SAMPLE.fullmatch(line)
+        if m is None:
+            return None
+        name, labels, raw = m.groups()
+        label = ""
+        if labels:
+            if _PLAIN_LABELS.fullmatch(labels) is None:
+                return None
+            found = dict(_LABEL_PAIRS.findall(labels))
+            label = found.get("request_type") or found.get("kv_cache_block_type") or ""
+        try:
+            value = float(raw)
+        except ValueError:
+            return None
+        values[(name, label)] = values.get((name, label), 0.0) + value
+    return values
+
+
+def _values_library(lines: list[str]) -> dict[tuple[str, str], float]:
+    values: dict[tuple[str, str], float] = {}
+    for fam in text_string_to_metric_families("\n".join(lines) + "\n"):
         if fam.name not in _FAMILIES:
             continue
         for s in fam.samples:
             label = s.labels.get("request_type") or s.labels.get("kv_cache_block_type") or ""
             values[(fam.name, label)] = values.get((fam.name, label), 0.0) + float(s.value)
+    return values
+
+
+def parse_engine_metrics(text: str) -> EngineSample | None:
+    """None when a required gauge is absent or not finite (never guess a signal)."""
+    lines = _family_lines(text)
+    fast = _values_fast(lines)
+    values = _values_library(lines) if fast is None else fast
 
     def get(family: str, label: str) -> float | None:
         v = values.get((family, label))

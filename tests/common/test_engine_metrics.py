@@ -3,9 +3,15 @@ families, whatever else the page holds."""
 
 from __future__ import annotations
 
-import pytest
+import math
 
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llmmesh.common import engine_metrics
 from llmmesh.common.engine_metrics import EngineSample, parse_engine_metrics
+from llmmesh.common.metric_names import TRTLLM_KV_CACHE_BLOCK_METRICS, TRTLLM_REQUEST_METRICS
 
 REQUESTS = """\
 # HELP nv_trt_llm_request_metrics TRT LLM request metrics
@@ -76,3 +82,54 @@ def test_samples_of_one_type_add_up_across_models() -> None:
 )
 def test_a_page_without_every_required_gauge_gives_no_sample(page: str) -> None:
     assert parse_engine_metrics(page) is None
+
+
+# -- the fast reading agrees with the library's ------------------------------------------------
+_FAMILY_NAMES = (TRTLLM_REQUEST_METRICS, TRTLLM_KV_CACHE_BLOCK_METRICS)
+_label_values = st.text(alphabet=st.sampled_from('ab ,={}"\\\n_1'), max_size=8)
+_numbers = st.one_of(
+    st.integers(-(10**6), 10**6).map(str),
+    st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.sampled_from(["NaN", "+Inf", "-Inf", "1e3", ".5"]),
+)
+
+
+@st.composite
+def _sample_lines(draw: st.DrawFn) -> str:
+    family = draw(st.sampled_from(_FAMILY_NAMES))
+    names: list[str] = draw(
+        st.lists(
+            st.sampled_from(["request_type", "kv_cache_block_type", "model"]),
+            unique=True,
+            max_size=3,
+        )
+    )
+    braces: bool = draw(st.booleans())
+    pairs = ",".join(
+        f'{n}{draw(st.sampled_from(["", " "]))}="{draw(_label_values).replace(chr(10), "")}"'
+        for n in names
+    )
+    labels = f"{{{pairs}{draw(st.sampled_from(['', ',']))}}}" if names or braces else ""
+    stamp = draw(st.sampled_from(["", " 1712345678000"]))
+    return f"{family}{labels} {draw(_numbers)}{stamp}"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_sample_lines(), max_size=6))
+def test_the_fast_reading_equals_the_library_or_leaves_the_page_to_it(lines: list[str]) -> None:
+    fast = engine_metrics._values_fast(lines)
+    try:
+        library = engine_metrics._values_library(lines)
+    except ValueError:  # the library refuses the page: the fast reading must not accept it
+        assert fast is None
+        return
+    if fast is not None:
+        assert fast.keys() == library.keys()
+        for key, value in fast.items():
+            assert value == library[key] or (math.isnan(value) and math.isnan(library[key]))
+
+
+def test_an_escaped_label_value_is_read_by_the_library() -> None:
+    page = REQUESTS.replace('model="tensorrt_llm"', 'model="a\\"b"') + BLOCKS
+    assert engine_metrics._values_fast(engine_metrics._family_lines(page)) is None
+    assert parse_engine_metrics(page) == EXPECTED
