@@ -174,6 +174,18 @@ class GatewayCore:
         Unauthenticated for a missing or unknown key."""
         return None if self._auth is None else self._auth.authenticate(api_key)
 
+    def refused(self, err: ServiceError, model: str = "", started: float | None = None) -> None:
+        """A request a front refused before it reached `generate` (undecodable, malformed, over a
+        size bound): counted in the request metrics once, as every request is, under its model
+        when served (else "unknown") and no tenant (none is known yet). `started`: when the
+        front took it (perf_counter). No usage record: nothing was served, to nobody known."""
+        metrics.record_request(
+            model if model in self._models else "unknown",
+            metrics.outcome_label(err),
+            "",
+            0.0 if started is None else time.perf_counter() - started,
+        )
+
     # -- validation -------------------------------------------------------------------------
     def _check_request_id(self, request_id: str) -> None:
         limit = self._settings.max_request_id_chars

@@ -240,12 +240,15 @@ class OpenAIHttpFront:
     # -- generation -------------------------------------------------------------------------
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         arrived = time.time()
+        started = time.perf_counter()
         supplied_id = request.headers.get(IDEMPOTENCY_HEADER)
         if not supplied_id and self._settings.http_request_id_is_key:
             supplied_id = request.headers.get(REQUEST_ID_HEADER)
         request_id = supplied_id or request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         if not (request_id.isascii() and request_id.isprintable()):
-            return error_response(InvalidRequest("must be printable ASCII", field="request_id"))
+            err = InvalidRequest("must be printable ASCII", field="request_id")
+            self._core.refused(err, started=started)
+            return error_response(err)
         request_id_var.set(request_id)
         try:
             timeout_s = parse_timeout(request.headers.get(TIMEOUT_HEADER))
@@ -255,13 +258,9 @@ class OpenAIHttpFront:
             try:
                 body = await request.read()
             except web.HTTPRequestEntityTooLarge:
-                return _json_response(
-                    413,
-                    plain_error(
-                        f"request body larger than {self._settings.http_max_body_bytes} bytes",
-                        "invalid_request_error",
-                    ),
-                )
+                message = f"request body larger than {self._settings.http_max_body_bytes} bytes"
+                self._core.refused(InvalidRequest(message), started=started)
+                return _json_response(413, plain_error(message, "invalid_request_error"))
             parse = parse_chat_request if kind is Kind.CHAT else parse_completion_request
             api_key = bearer_token(request.headers.get("Authorization"))
             sizes = functools.partial(self._core.check_sizes, api_key=api_key)
@@ -274,6 +273,7 @@ class OpenAIHttpFront:
                     ),
                 )
         except ServiceError as err:
+            self._core.refused(err, started=started)
             return error_response(err, None, request_id)
         token = otel_context.attach(
             extract_trace_context((k.lower(), v) for k, v in request.headers.items())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
@@ -107,8 +108,11 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
     async def Generate(
         self, request: pb.GenerateRequest | Undecodable, context: Ctx
     ) -> AsyncIterator[pb.GenerateResponse]:
+        started = time.perf_counter()
         if isinstance(request, Undecodable):
-            await abort(context, request.as_error())
+            err = request.as_error()
+            self._core.refused(err, started=started)
+            await abort(context, err)
             return
         which = request.WhichOneof("prompt")
         api_key = api_key_from(context)
@@ -120,6 +124,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 api_key=api_key,
             )
         except ServiceError as err:
+            self._core.refused(err, request.model, started)
             await abort(context, err)
             return
         req = request_from_pb(request, api_key)

@@ -14,7 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+from prometheus_client import REGISTRY
 
+from llmmesh.common import metric_names as names
 from llmmesh.common.errors import Reason, ResourceExhausted, ServiceError
 from services.gateway.admission import Outcome
 from services.gateway.auth import Authenticator, TenantsFile, hash_key
@@ -527,3 +529,42 @@ async def test_conflicting_body_is_409(model: ServedModel, session: aiohttp.Clie
         assert err["type"] == "invalid_request_error"
     finally:
         await f.front.stop()
+
+
+def _requests_counted(model: str, outcome: str) -> float:
+    labels = {"model": model, "outcome": outcome, "tenant": ""}
+    return REGISTRY.get_sample_value(names.GATEWAY_REQUESTS, labels) or 0.0
+
+
+@pytest.mark.parametrize(
+    ("payload", "headers", "status"),
+    [
+        (b"{not json", {}, 400),
+        (json.dumps(body(prompt="x" * 70_000)).encode(), {}, 413),  # over http_max_body_bytes
+        (json.dumps(body()).encode(), {"X-Request-Id": "caf\u00e9"}, 400),
+        (json.dumps(body(prompt=[1] * 8192)).encode(), {}, 400),  # beyond the context, by count
+        (json.dumps(body()).encode(), {"X-Request-Timeout": "soon"}, 400),
+    ],
+)
+async def test_a_request_refused_before_generation_is_counted_once(
+    model: ServedModel,
+    session: aiohttp.ClientSession,
+    payload: bytes,
+    headers: dict[str, str],
+    status: int,
+) -> None:
+    settings = GatewaySettings(models=[model.settings], http_port=0, http_max_body_bytes=65_536)
+    core = GatewayCore(settings, [model], FakeAdmission(), ScriptedEngine([]), 32)
+    front = OpenAIHttpFront(core, settings)
+    await front.start()
+    before = _requests_counted("unknown", "invalid")
+    try:
+        async with session.post(
+            f"http://127.0.0.1:{front.port}/v1/completions",
+            data=payload,
+            headers={"Content-Type": "application/json", **headers},
+        ) as r:
+            assert r.status == status
+    finally:
+        await front.stop()
+    assert _requests_counted("unknown", "invalid") == before + 1

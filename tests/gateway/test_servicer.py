@@ -7,7 +7,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
+from llmmesh.common import metric_names as names
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
 from llmmesh.generated.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from services.gateway.core import ChatMessage
@@ -145,3 +147,28 @@ async def test_list_models_says_which_models_chat(
     ]
     assert listed.models[0].context_length == 256
     assert listed.models[0].max_completion_tokens == 64
+
+
+def _requests_counted(model: str, outcome: str) -> float:
+    labels = {"model": model, "outcome": outcome, "tenant": ""}
+    return REGISTRY.get_sample_value(names.GATEWAY_REQUESTS, labels) or 0.0
+
+
+async def test_a_request_refused_before_generation_is_counted_once(
+    models: tuple[ServedModel, ServedModel],
+) -> None:
+    oversized = chat_request(CHAT_MODEL, *[("user", "")] * 4097).SerializeToString()
+    undecodable = b"\x12\x01"  # field 2 (model) cut short
+    before = (_requests_counted(CHAT_MODEL, "invalid"), _requests_counted("unknown", "invalid"))
+    async with grpc_gateway(models) as front, grpc.aio.insecure_channel(front.address) as ch:
+        generate = ch.unary_stream(
+            "/llmmesh.gateway.v1.GatewayService/Generate",
+            request_serializer=None,
+            response_deserializer=pb.GenerateResponse.FromString,
+        )
+        for raw in (oversized, undecodable):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                [r async for r in generate(raw, timeout=10)]
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    after = (_requests_counted(CHAT_MODEL, "invalid"), _requests_counted("unknown", "invalid"))
+    assert after == (before[0] + 1, before[1] + 1)
