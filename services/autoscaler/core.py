@@ -7,6 +7,7 @@ Invariants:
   or an HPA act on `desired`) it is the engine replicas known to the source, else the last desired.
 - The history is bounded (`decision_history`); sequence numbers increase by one per decision.
 - A failing source or actuator is logged and the loop goes on: the last decisions stay served.
+  A policy that fails on a pool's inputs holds that pool (`error_hold`); the others are decided.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from prometheus_client import Counter, Gauge
 from llmmesh.common import metric_names as names
 from llmmesh.common.topology import PoolKey
 from services.autoscaler.actuators.contracts import Actuator, ReplicaCounts
-from services.autoscaler.policy import PolicyConfig, PoolState, ScaleDecision, decide
+from services.autoscaler.policy import Cause, PolicyConfig, PoolState, ScaleDecision, decide, hold
 from services.autoscaler.settings import AutoscalerSettings
 from services.autoscaler.signals import PoolSignals, SignalSource
 
@@ -46,7 +47,9 @@ _DECISIONS = Counter(
     "Evaluations by direction and cause.",
     [*_LABELS, "direction", "cause"],
 )
-_ERRORS = Counter(names.AS_ERRORS, "Source or actuator failures.", ["stage"])
+_ERRORS = Counter(
+    names.AS_ERRORS, "Failures by stage (source, observe, decide, apply, evaluate).", ["stage"]
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,9 +132,16 @@ class Autoscaler:
                 sig = PoolSignals(sampled_at=self._latest[key].decision.signals.sampled_at)
             current = self._current(key, sig, counts)
             state = self._states.setdefault(key, PoolState())
-            decision = decide(
-                self.policy_for(key), state, sig, current, now, self._settings.signal_max_age_s
-            )
+            policy = self.policy_for(key)
+            try:
+                decision = decide(policy, state, sig, current, now, self._settings.signal_max_age_s)
+            except Exception as err:  # one pool's inputs must not stop the others or the loop
+                log.exception("policy failed", extra={"pool": key.pool})
+                _ERRORS.labels("decide").inc()
+                held = hold(policy, state, current)
+                decision = ScaleDecision(
+                    current, held, Cause.ERROR_HOLD, f"policy failed ({err!r}): holding {held}", sig
+                )
             out.append(self._record(key, now, decision, counts.get(key) if counts else None))
         self._updated.set()
         self._updated = asyncio.Event()
@@ -229,7 +239,11 @@ class Autoscaler:
 
     async def run(self) -> None:
         while True:
-            await self.evaluate()
+            try:
+                await self.evaluate()
+            except Exception:  # the loop outlives any round: the next one decides again
+                log.exception("evaluation failed")
+                _ERRORS.labels("evaluate").inc()
             await asyncio.sleep(self._settings.interval_s)
 
     async def close(self) -> None:

@@ -235,6 +235,9 @@ class PoolState:
     panic_floor: int = 0
     idle_since: float | None = None
     holt: Holt | None = None
+    # The last decided count (None before the first decision): what a hold keeps, and what a
+    # change is measured from (the observed count lags it while replicas start).
+    desired: int | None = None
 
 
 class Cause(StrEnum):
@@ -251,6 +254,7 @@ class Cause(StrEnum):
     TO_ZERO = "to_zero"
     UNKNOWN_HOLD = "unknown_hold"
     STALE_HOLD = "stale_hold"
+    ERROR_HOLD = "error_hold"
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,6 +381,13 @@ def _required(cfg: PolicyConfig, sig: PoolSignals, current: int) -> list[tuple[s
     return out
 
 
+def hold(cfg: PolicyConfig, state: PoolState, current: int) -> int:
+    """The count a hold keeps: the larger of the observed and the last decided count (replicas
+    that died are replaced, not written off), within [min_replicas, max_replicas]."""
+    kept = current if state.desired is None else max(current, state.desired)
+    return min(max(kept, cfg.min_replicas), cfg.max_replicas)
+
+
 def decide(
     cfg: PolicyConfig,
     state: PoolState,
@@ -398,21 +409,28 @@ def decide(
         ),
     )
     in_panic = state.panic_until is not None and now < state.panic_until
+    decided = current if state.desired is None else state.desired
 
     def done(
         desired: int, cause: Cause, reason: str, est: Estimates = Estimates()
     ) -> ScaleDecision:
-        if desired != current:
-            state.changes.append((now, current, desired))
+        # A change is a new decided count: while replicas start, the observed count lags the
+        # decided one, and the same pending change is not counted again every evaluation.
+        if desired != decided:
+            state.changes.append((now, decided, desired))
             state.last_change_at = now
+        state.desired = desired
         return ScaleDecision(current, desired, cause, reason, sig, est, in_panic)
 
+    # What a hold keeps: the decided count, not an observed count that fell because replicas
+    # died (they are replaced), within the bounds.
+    held = hold(cfg, state, current)
     if sig.age_s(now) > max_age_s:
         state.idle_since = None
         return done(
-            current,
+            held,
             Cause.STALE_HOLD,
-            f"signals {sig.age_s(now):.0f}s old (> {max_age_s:g}s): holding {current}",
+            f"signals {sig.age_s(now):.0f}s old (> {max_age_s:g}s): holding {held}",
         )
 
     notes: list[str] = []
@@ -437,9 +455,9 @@ def decide(
     if not known:
         state.idle_since = None
         return done(
-            current,
+            held,
             Cause.UNKNOWN_HOLD,
-            f"unknown: {', '.join(unknown)}; holding {current}",
+            f"unknown: {', '.join(unknown)}; holding {held}",
             extra,
         )
     rec = min(max(math.ceil(max(known) - 1e-9), cfg.min_replicas), cfg.max_replicas)
@@ -504,7 +522,7 @@ def decide(
     # Unknown inputs never lower the count.
     if desired < current and unknown:
         return done(
-            current,
+            held,
             Cause.UNKNOWN_HOLD,
             f"unknown: {', '.join(unknown)}; not scaling down; {reason}",
             extra,
@@ -519,12 +537,12 @@ def decide(
                 extra,
             )
 
-    # Rate limits (HPA policies), relative to the count at the start of the period.
+    # Rate limits (HPA policies), relative to the decided count at the start of the period.
     if desired > current:
         added = sum(
             b - a for t, a, b in state.changes if t >= now - cfg.scale_up_period_s and b > a
         )
-        base = max(0, current - added)
+        base = max(0, decided - added)
         limit = max(
             math.ceil(base * (1 + cfg.scale_up_max_percent / 100)), base + cfg.scale_up_max_pods
         )
@@ -535,7 +553,7 @@ def decide(
         removed = sum(
             a - b for t, a, b in state.changes if t >= now - cfg.scale_down_period_s and a > b
         )
-        base = current + removed
+        base = decided + removed
         limit = math.floor(base * (1 - cfg.scale_down_max_percent / 100))
         if desired < limit:
             reason += f"; rate limit: at least {limit} in {cfg.scale_down_period_s:g}s"

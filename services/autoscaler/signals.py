@@ -170,9 +170,9 @@ def assemble(
             share = _share(obs.admissions, model, key, pools_of.get(model, [key]))
             sig = replace(
                 sig,
-                queue_wait_p90_s=ms.queue_wait_p90_s,
-                ttft_p90_s=ms.ttft_p90_s,
-                itl_p90_s=ms.itl_p90_s,
+                queue_wait_p90_s=finite(ms.queue_wait_p90_s),
+                ttft_p90_s=finite(ms.ttft_p90_s),
+                itl_p90_s=finite(ms.itl_p90_s),
                 prompt_tokens_rate=_scaled(ms.prompt_tokens_rate, share),
                 completion_tokens_rate=_scaled(ms.completion_tokens_rate, share),
             )

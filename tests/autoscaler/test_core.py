@@ -3,6 +3,8 @@ real channel."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +20,8 @@ from llmmesh.common.server import ManagedServer, ServiceRegistration
 from llmmesh.common.topology import PoolKey
 from llmmesh.generated.autoscaler.v1 import autoscaler_pb2 as pb
 from llmmesh.generated.autoscaler.v1 import autoscaler_pb2_grpc as pb_grpc
+from services.autoscaler import core as core_module
+from services.autoscaler import policy
 from services.autoscaler.__main__ import build_source
 from services.autoscaler.actuators.contracts import ReplicaCounts
 from services.autoscaler.core import Autoscaler
@@ -210,3 +214,56 @@ async def test_grpc_recommendations_and_decisions(
     ]  # scale_up, then steady at 4
     none = await stub.ListDecisions(pb.ListDecisionsRequest(pool="long"))
     assert list(none.decisions) == []
+
+
+async def test_a_policy_failing_on_one_pool_holds_it_and_decides_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock, source = FakeClock(), FakeSource()
+    bad = PoolKey("long", "v1")
+    core = Autoscaler(settings(), source, clock=clock)
+    source.signals[KEY] = sig(clock.t, 2, load=20)
+    source.signals[bad] = sig(clock.t, 2, load=20)
+    await core.evaluate()
+    real = policy.decide
+
+    def failing(cfg: Any, state: Any, s: Any, current: int, now: float, age: float) -> Any:
+        if s is source.signals[bad]:
+            raise ValueError("cannot convert float NaN to integer")
+        return real(cfg, state, s, current, now, age)
+
+    monkeypatch.setattr(core_module, "decide", failing)
+    errors = metric(names.AS_ERRORS, stage="decide") or 0
+    clock.t += 10
+    source.signals[KEY] = sig(clock.t, 2, load=40)
+    source.signals[bad] = sig(clock.t, 1, load=40)  # a replica died meanwhile
+    decided = {rec.key: rec.decision for rec in await core.evaluate()}
+    assert (decided[KEY].desired, decided[KEY].cause) == (4, Cause.SCALE_UP)
+    assert (decided[bad].desired, decided[bad].cause) == (2, Cause.ERROR_HOLD)
+    assert metric(names.AS_ERRORS, stage="decide") == errors + 1
+
+
+async def test_the_run_loop_outlives_a_failed_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock, source = FakeClock(), FakeSource()
+    core = Autoscaler(settings(), source, clock=clock)
+    source.signals[KEY] = sig(clock.t, 2, load=20)
+    rounds = 0
+    evaluate = core.evaluate
+
+    async def flaky() -> list[Any]:
+        nonlocal rounds
+        rounds += 1
+        if rounds == 1:
+            raise RuntimeError("round failed")
+        return await evaluate()
+
+    monkeypatch.setattr(core, "evaluate", flaky)
+    task = asyncio.create_task(core.run())
+    try:
+        await asyncio.wait_for(core.wait_for_update(), 10)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert rounds >= 2
+    assert core.desired(KEY) == 2

@@ -178,6 +178,38 @@ CASES: dict[str, tuple[dict[str, Any], list[Step]]] = {
         {},
         [Step(0, 3, 1, Cause.SCALE_DOWN, {"ttft_p90_s": None, "itl_p90_s": None})],
     ),
+    # A replica dies while signals are stale: the hold keeps the decided count (the actuator
+    # replaces it), not the observed one falling to nothing.
+    "a stale hold keeps the decided count as replicas die": (
+        {},
+        [
+            Step(0, 3, 3, Cause.STEADY, {"load": 30}),
+            Step(100, 2, 3, Cause.STALE_HOLD, {"sampled_at": 0}),
+            Step(110, 1, 3, Cause.STALE_HOLD, {"sampled_at": 0}),
+        ],
+    ),
+    "a hold is clamped to the bounds": (
+        {"min_replicas": 2},
+        [Step(100, 1, 2, Cause.STALE_HOLD, {"sampled_at": 0})],
+    ),
+    "an unknown hold keeps the decided count": (
+        {},
+        [
+            Step(0, 4, 4, Cause.STEADY, {"load": 40}),
+            Step(10, 3, 4, Cause.UNKNOWN_HOLD, {"arrival_rate": None, "queue_depth": None}),
+        ],
+    ),
+    # KEDA/HPA: the observed count lags the decided one while pods start; the pending increase
+    # is one change, not one per evaluation (which shrank the rate limit's base: 7, 5, 4, 4, 7).
+    "a pending scale-up is not counted again while pods start": (
+        {"scale_up_max_pods": 4, "scale_up_max_percent": 100, "scale_up_period_s": 15},
+        [
+            Step(0, 4, 7, Cause.SCALE_UP, {"load": 70}),
+            Step(2, 4, 7, Cause.SCALE_UP, {"load": 70}),
+            Step(4, 4, 7, Cause.SCALE_UP, {"load": 70}),
+            Step(6, 4, 7, Cause.SCALE_UP, {"load": 70}),
+        ],
+    ),
     "KV use target": (
         {"target_signal": "kv_utilization", "target_value": 0.5},
         [Step(0, 2, 3, Cause.SCALE_UP, {"kv_utilization": 0.7})],

@@ -22,3 +22,12 @@ def test_assemble_configured_model_and_even_split() -> None:
     assert got[SHORT].ttft_p90_s == 0.5
     assert got[PoolKey("x", "v1")].ttft_p90_s is None  # model b: no gateway data
     assert got[SHORT].arrival_rate == 0.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_latency_percentile_that_is_not_finite_is_unknown(bad: float) -> None:
+    # A histogram with an `le="NaN"` bucket gives a NaN quantile: unknown, not a correction.
+    latencies = ModelSignals(ttft_p90_s=bad, itl_p90_s=bad, queue_wait_p90_s=bad)
+    obs = Observation(admissions={}, queue_depth={}, models={"a": latencies})
+    got = assemble(obs, {SHORT: "a"}, 0.0)[SHORT]
+    assert (got.ttft_p90_s, got.itl_p90_s, got.queue_wait_p90_s) == (None, None, None)
