@@ -6,6 +6,7 @@ import math
 import re
 import urllib.request
 from dataclasses import dataclass
+from typing import Final
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -117,9 +118,17 @@ def parse_engine_metrics(text: str) -> EngineSample | None:
     )
 
 
+# The largest metrics page read: a Triton page is tens of KiB; an endpoint answering more is
+# broken or not a metrics endpoint, and is not read into memory.
+MAX_PAGE_BYTES: Final = 8 << 20
+
+
 def fetch_metrics_text(url: str, host: str, timeout_s: float) -> str:
     """GET a Prometheus text page; `host` overrides the Host header (a headless Service's name
-    when scraping a pod by IP through the mesh)."""
+    when scraping a pod by IP through the mesh). ValueError for a page over MAX_PAGE_BYTES."""
     request = urllib.request.Request(url, headers={"Host": host} if host else {})
     with urllib.request.urlopen(request, timeout=timeout_s) as resp:
-        return str(resp.read().decode("utf-8", errors="replace"))
+        body = resp.read(MAX_PAGE_BYTES + 1)
+    if len(body) > MAX_PAGE_BYTES:
+        raise ValueError(f"metrics page over {MAX_PAGE_BYTES} bytes")
+    return str(body.decode("utf-8", errors="replace"))

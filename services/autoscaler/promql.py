@@ -14,6 +14,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from llmmesh.common import metric_names as names
 from llmmesh.common.topology import PoolKey
@@ -31,6 +33,7 @@ from services.autoscaler.signals import (
     Observation,
     PoolSignals,
     assemble,
+    deadline_s,
     finite,
 )
 
@@ -132,9 +135,16 @@ Vector = list[tuple[dict[str, str], float | None]]
 HttpGet = Callable[[str, float], bytes]
 
 
+# The largest query answer read (the autoscaler's queries return one series per pool).
+MAX_ANSWER_BYTES: Final = 16 << 20
+
+
 def http_get(url: str, timeout_s: float) -> bytes:
     with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-        return bytes(resp.read())
+        body = bytes(resp.read(MAX_ANSWER_BYTES + 1))
+    if len(body) > MAX_ANSWER_BYTES:
+        raise PromQLError(f"answer over {MAX_ANSWER_BYTES} bytes")
+    return body
 
 
 class PromQLError(RuntimeError):
@@ -198,9 +208,12 @@ class PromQLSource:
             f"{urllib.parse.urlencode({'query': promql})}"
         )
         try:
-            body = await asyncio.to_thread(self._get, url, self._config.timeout_s)
+            body = await asyncio.wait_for(
+                asyncio.to_thread(self._get, url, self._config.timeout_s),
+                deadline_s(self._config.timeout_s),
+            )
             return parse_vector(body)
-        except (OSError, PromQLError) as exc:
+        except (OSError, PromQLError, http.client.HTTPException) as exc:  # TimeoutError: OSError
             log.info("promql query failed", extra={"query": promql, "error": repr(exc)})
             return None
 

@@ -71,6 +71,12 @@ class SignalSource(Protocol):
     async def close(self) -> None: ...
 
 
+def deadline_s(timeout_s: float) -> float:
+    """The whole of one HTTP read by a source: its per-operation timeout twice over (connect,
+    then the body); urllib's timeout alone lets an endpoint trickling bytes hold a round."""
+    return 2 * timeout_s
+
+
 def finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 

@@ -3,11 +3,17 @@ staleness, attribution to pools, and unreachable or malformed pages as unknown."
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import http.client
+import http.server
 import math
+import threading
 from collections.abc import Awaitable, Callable, Mapping
 
 import pytest
 
+from llmmesh.common.engine_metrics import MAX_PAGE_BYTES, fetch_metrics_text
 from llmmesh.common.topology import PoolKey
 from services.autoscaler.scrape import CounterTrack, EngineTarget, ScrapeSource, histogram_quantile
 from tests.autoscaler.fakes import engine_page, gateway_page, orchestrator_page
@@ -83,6 +89,7 @@ def scrape_source(
     pages: Pages,
     pool_models: Mapping[PoolKey, str] | None = None,
     resolver: Callable[[str, int], Awaitable[list[str]]] | None = None,
+    timeout_s: float = 1.0,
 ) -> ScrapeSource:
     targets = [
         EngineTarget("r0", "http://r0/metrics", SHORT),
@@ -98,7 +105,7 @@ def scrape_source(
         orchestrator_urls=["http://orch/metrics"],
         gateway_url="http://gw/metrics",
         pool_models=pool_models or {},
-        timeout_s=1.0,
+        timeout_s=timeout_s,
         rate_window_s=WINDOW,
         max_age_s=MAX_AGE,
         fetch=pages,
@@ -216,3 +223,63 @@ async def test_every_orchestrator_behind_the_url_is_read_and_summed() -> None:
     pages.pages[a] = orchestrator_page({("r0", "short"): 140}, {SHORT: 2.0})
     got = await src.collect(20.0)
     assert got[SHORT].queue_depth == 2.0
+
+
+class Broken(Pages):
+    """One URL fails the way a broken HTTP endpoint does (not an OSError), one never answers
+    until released; the rest are pages."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error = error
+        self.release = threading.Event()
+
+    def __call__(self, url: str, host: str, timeout: float) -> str:
+        if url == "http://r1/metrics":
+            raise self.error
+        if url == "http://r2/metrics":
+            self.release.wait(30)
+            raise ConnectionResetError(url)
+        return super().__call__(url, host, timeout)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [http.client.IncompleteRead(b"nv_trt"), http.client.BadStatusLine("SSH-2.0"), ValueError()],
+)
+async def test_a_broken_or_stuck_endpoint_is_one_unread_replica(error: Exception) -> None:
+    pages = Broken(error)
+    pages.pages["http://r0/metrics"] = engine_page(3, 1, 10, 100)
+    src = scrape_source(pages, timeout_s=0.1)  # r2 given up on after deadline_s(0.1)
+    try:
+        got = await asyncio.wait_for(src.collect(0.0), 30)
+    finally:
+        pages.release.set()
+    # r0 read; r1 broken and r2 stuck past the deadline count as known, not reporting.
+    assert (got[SHORT].replicas_known, got[SHORT].reporting_replicas) == (2, 1)
+    assert got[SHORT].engine_active == 3
+    assert (got[LONG].replicas_known, got[LONG].reporting_replicas) == (1, 0)
+
+
+def test_a_page_over_the_bound_is_not_read() -> None:
+    class Huge(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            chunk = b"#" * (1 << 20)
+            with contextlib.suppress(OSError):
+                for _ in range(MAX_PAGE_BYTES // len(chunk) + 2):
+                    self.wfile.write(chunk)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Huge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(ValueError, match="over"):
+            fetch_metrics_text(f"http://127.0.0.1:{server.server_port}/metrics", "", 10)
+    finally:
+        server.shutdown()
+        server.server_close()
