@@ -6,6 +6,8 @@ Invariants:
 - `current` is what the actuator reports provisioned (ready + starting); without an actuator (KEDA
   or an HPA act on `desired`) it is the engine replicas known to the source, else the last desired.
 - The history is bounded (`decision_history`); sequence numbers increase by one per decision.
+- A pool no one configures or manages, unread for FORGET_AFTER x `signal_max_age_s`, is
+  forgotten with its gauges: pools seen come and go with model versions.
 - A failing source or actuator is logged and the loop goes on: the last decisions stay served.
   A policy that fails on a pool's inputs holds that pool (`error_hold`); the others are decided.
 """
@@ -19,10 +21,12 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Final
 
 from prometheus_client import Counter, Gauge
 
 from llmmesh.common import metric_names as names
+from llmmesh.common.telemetry import remove_series
 from llmmesh.common.topology import PoolKey
 from services.autoscaler.actuators.contracts import Actuator, ReplicaCounts
 from services.autoscaler.policy import Cause, PolicyConfig, PoolState, ScaleDecision, decide, hold
@@ -50,6 +54,10 @@ _DECISIONS = Counter(
 _ERRORS = Counter(
     names.AS_ERRORS, "Failures by stage (source, observe, decide, apply, evaluate).", ["stage"]
 )
+
+
+# In units of signal_max_age_s: how long a pool unread, unconfigured and unmanaged is kept.
+FORGET_AFTER: Final = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,12 +126,9 @@ class Autoscaler:
         now = self._clock()
         signals = await self._signals(now)
         counts = await self._counts()
-        keys = (
-            set(signals)
-            | {p.key for p in self._settings.pools}
-            | set(counts or {})
-            | set(self._latest)
-        )
+        configured = {p.key for p in self._settings.pools}
+        self._forget_gone(now, configured | set(signals) | set(counts or {}))
+        keys = set(signals) | configured | set(counts or {}) | set(self._latest)
         out: list[Recorded] = []
         for key in sorted(keys):
             sig = signals.get(key) or PoolSignals(sampled_at=now)
@@ -155,6 +160,26 @@ class Autoscaler:
                     log.exception("actuator apply failed", extra={"pool": rec.key.pool})
                     _ERRORS.labels("apply").inc()
         return out
+
+    def _forget_gone(self, now: float, present: set[PoolKey]) -> None:
+        """A pool no one configures or manages and no source has read for FORGET_AFTER x
+        `signal_max_age_s` is gone (a model version rolled out, a label seen once): its state,
+        last decision and gauges go, or every version ever seen would be decided and exported
+        for the life of the process."""
+        horizon = FORGET_AFTER * self._settings.signal_max_age_s
+        for key in [
+            k
+            for k, rec in self._latest.items()
+            if k not in present and now - rec.decision.signals.sampled_at > horizon
+        ]:
+            del self._latest[key]
+            self._states.pop(key, None)
+            labels = (key.pool, key.model_version)
+            remove_series(
+                (gauge, labels)
+                for gauge in (_DESIRED, _CURRENT, _READY, _STARTING, _DRAINING, _PANIC)
+            )
+            log.info("pool forgotten", extra={"pool": key.pool, "model_version": key.model_version})
 
     def _record(
         self, key: PoolKey, now: float, d: ScaleDecision, counts: ReplicaCounts | None

@@ -267,3 +267,24 @@ async def test_the_run_loop_outlives_a_failed_round(monkeypatch: pytest.MonkeyPa
             await task
     assert rounds >= 2
     assert core.desired(KEY) == 2
+
+
+async def test_a_pool_gone_from_every_source_is_forgotten_with_its_gauges() -> None:
+    clock, source = FakeClock(), FakeSource()
+    old = PoolKey("short", "v0")  # a rolled-out version: neither configured nor managed
+    core = Autoscaler(settings(), source, clock=clock)
+    source.signals[KEY] = sig(clock.t, 2, load=20)
+    source.signals[old] = sig(clock.t, 1, load=10)
+    await core.evaluate()
+    labels = {"pool": "short", "model_version": "v0"}
+    assert metric(names.AS_DESIRED_REPLICAS, **labels) == 1
+    del source.signals[old]
+    horizon = core_module.FORGET_AFTER * settings().signal_max_age_s
+    clock.t += horizon  # unread, but not yet for longer than the horizon: still decided
+    source.signals[KEY] = sig(clock.t, 2, load=20)
+    assert {rec.key for rec in await core.evaluate()} == {KEY, old}
+    clock.t += 1
+    source.signals[KEY] = sig(clock.t, 2, load=20)
+    assert {rec.key for rec in await core.evaluate()} == {KEY}
+    assert [rec.key for rec in core.latest()] == [KEY]
+    assert metric(names.AS_DESIRED_REPLICAS, **labels) is None
