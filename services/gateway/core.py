@@ -228,7 +228,9 @@ class GatewayCore:
             api_key=req.api_key,
         )
 
-    def validate(self, req: GenerationRequest) -> Validated:
+    async def validate(self, req: GenerationRequest) -> Validated:
+        """The request checked against its model and settings, its prompt as token ids (a long
+        text is tokenized off the event loop: `ServedModel.encode_off_loop`)."""
         s = self._settings
         self._check_request_id(req.request_id)
         model = self._models.get(req.model)
@@ -253,10 +255,10 @@ class GatewayCore:
                 raise InvalidRequest(
                     f"longer than {s.max_prompt_chars} characters", field="prompt.text"
                 )
-            ids = model.encode(req.prompt_text)
+            ids = await model.encode_off_loop(req.prompt_text)
         elif req.messages is not None:
             prompt_field = "messages"
-            ids = model.encode(self._render_chat(model, req.messages))
+            ids = await model.encode_off_loop(self._render_chat(model, req.messages))
         else:
             raise InvalidRequest("text, token_ids or messages is required", field="prompt")
         if not ids:
@@ -415,7 +417,7 @@ class GatewayCore:
                 except RateLimited as err:
                     metrics.record_rate_limited("" if tenant is None else tenant.name, err.limit)
                     raise
-                v = self.validate(req)
+                v = await self.validate(req)
                 progress.prompt_tokens = len(v.prompt_ids)
                 limits = None if tenant is None else tenant.limits
                 if limits is not None:

@@ -177,8 +177,8 @@ def chat(*messages: tuple[str, str], **kw: object) -> GenerationRequest:
     )
 
 
-def test_chat_prompt_is_the_rendered_template(core: GatewayCore, model: ServedModel) -> None:
-    v = core.validate(chat(("system", "S"), ("user", "Hi"), sampling=Sampling(max_tokens=4)))
+async def test_chat_prompt_is_the_rendered_template(core: GatewayCore, model: ServedModel) -> None:
+    v = await core.validate(chat(("system", "S"), ("user", "Hi"), sampling=Sampling(max_tokens=4)))
     expected = (
         "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     )
@@ -201,11 +201,11 @@ def test_chat_prompt_is_the_rendered_template(core: GatewayCore, model: ServedMo
         ),
     ],
 )
-def test_bad_chat_requests(
+async def test_bad_chat_requests(
     core: GatewayCore, request_: GenerationRequest, error: type[Exception], field: str
 ) -> None:
     with pytest.raises(error) as info:
-        core.validate(request_)
+        await core.validate(request_)
     assert getattr(info.value, "field", None) == field
 
 
@@ -219,7 +219,7 @@ def test_bad_chat_requests(
         (5, "200 characters with the chat template"),
     ],
 )
-def test_chat_limits_count_messages_and_the_rendered_template(
+async def test_chat_limits_count_messages_and_the_rendered_template(
     model: ServedModel, messages: int, match: str
 ) -> None:
     core = GatewayCore(
@@ -230,21 +230,27 @@ def test_chat_limits_count_messages_and_the_rendered_template(
         32,
     )
     with pytest.raises(InvalidRequest, match=match) as info:
-        core.validate(chat(*[("user", "")] * messages))
+        await core.validate(chat(*[("user", "")] * messages))
     assert info.value.field == "messages"
-    core.validate(chat(("user", "")))  # one message's template (148 characters) fits
+    await core.validate(chat(("user", "")))  # one message's template (148 characters) fits
 
 
-def test_model_without_template_rejects_chat(tmp_path: Path, tokenizer_path: Path) -> None:
+@pytest.fixture
+def bare(tmp_path: Path, tokenizer_path: Path) -> ServedModel:
+    """The tokenizer alone in a directory: no chat template anywhere."""
     lone = tmp_path / "tokenizer.json"
     lone.write_bytes(tokenizer_path.read_bytes())
     bare = ServedModel.load(ModelSettings(name=MODEL, tokenizer_path=lone))
     assert bare.chat_template is None
+    return bare
+
+
+async def test_model_without_template_rejects_chat(bare: ServedModel) -> None:
     core = GatewayCore(
         GatewaySettings(models=[bare.settings]), [bare], FakeAdmission(), FakeEngine([]), 32
     )
     with pytest.raises(InvalidRequest, match="no chat template") as info:
-        core.validate(chat(("user", "hi")))
+        await core.validate(chat(("user", "hi")))
     assert info.value.field == "messages"
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ from llmmesh.common.errors import ServiceError
 from services.gateway import models
 from services.gateway.core import GatewayCore, GenerationRequest, Sampling
 from services.gateway.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
-from services.gateway.models import IncrementalDecoder, ServedModel
+from services.gateway.models import OFF_LOOP_CHARS, IncrementalDecoder, ServedModel
 from services.gateway.settings import GatewaySettings, ModelSettings
 from services.gateway.stream_state import StopMatcher
 from tests.gateway.conftest import FakeAdmission, FakeEngine
@@ -73,21 +74,47 @@ def gen(**kw: object) -> GenerationRequest:
         (gen(request_id="a\udcffb"), InvalidRequest, "request_id"),
     ],
 )
-def test_bad_input_names_the_field(
+async def test_bad_input_names_the_field(
     core: GatewayCore, request_: GenerationRequest, error: type[ServiceError], field: str
 ) -> None:
     with pytest.raises(error) as info:
-        core.validate(request_)
+        await core.validate(request_)
     assert info.value.field == field
     assert str(info.value).startswith(field)
 
 
-def test_valid_request_defaults(core: GatewayCore, model: ServedModel) -> None:
-    v = core.validate(gen())
+async def test_valid_request_defaults(core: GatewayCore, model: ServedModel) -> None:
+    v = await core.validate(gen())
     assert v.prompt_ids == model.encode("Hello there")
     assert v.temperature == 1.0
     assert v.top_p == 1.0
     assert 1 <= v.max_tokens <= 64 - len(v.prompt_ids)
+
+
+@pytest.mark.parametrize("chars", [OFF_LOOP_CHARS - 1, OFF_LOOP_CHARS])
+async def test_a_long_prompt_is_tokenized_while_the_loop_serves_others(
+    core: GatewayCore, model: ServedModel, chars: int
+) -> None:
+    text = ("All work and no play. " * (chars // 22 + 1))[:chars]
+    order: list[str] = []
+
+    async def other_stream() -> None:
+        order.append("other")
+
+    task = asyncio.create_task(other_stream())
+    with pytest.raises(ContextLengthExceeded):  # ~4k tokens: beyond this model's 64
+        await core.validate(gen(prompt_text=text))
+    order.append("validated")
+    await task
+    # Off the loop, the other task ran while the prompt was tokenized; inline, only after.
+    expected = ["other", "validated"] if chars >= OFF_LOOP_CHARS else ["validated", "other"]
+    assert order == expected
+
+
+async def test_tokenizing_off_the_loop_gives_the_same_ids(model: ServedModel) -> None:
+    text = "Ünïcode, spaces   and\nnewlines; " * 600
+    assert len(text) >= OFF_LOOP_CHARS
+    assert await model.encode_off_loop(text) == model.encode(text)
 
 
 @pytest.mark.parametrize(
