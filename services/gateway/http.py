@@ -354,6 +354,12 @@ class OpenAIHttpFront:
             except ServiceError as err:
                 _, body = error_body(err, oreq)
                 await resp.write(sse(body))
+            except Exception:
+                # A bug, not a refusal: the headers are sent, so the stream ends with an error
+                # event (the middleware's 500 would be a second response inside this body).
+                log.exception("generation failed mid-stream")
+                _, body = error_body(Internal("internal error"), oreq)
+                await resp.write(sse(body))
             else:
                 await resp.write(SSE_DONE)
             await resp.write_eof()

@@ -34,10 +34,13 @@ class ScriptedEngine:
     """Yields the given token ids one chunk each; `hold` keeps the stream open (until cancelled)
     after them, `fail` raises a replica fault after them."""
 
-    def __init__(self, ids: list[int], *, hold: bool = False, fail: bool = False):
+    def __init__(
+        self, ids: list[int], *, hold: bool = False, fail: bool = False, bug: bool = False
+    ):
         self.ids = ids
         self.hold = hold
         self.fail = fail
+        self.bug = bug  # raise an unexpected error (not a ServiceError) after the ids
         self.requests: list[tuple[EngineRequest, float | None]] = []
         self.started = asyncio.Event()
         self.closed = asyncio.Event()
@@ -58,6 +61,8 @@ class ScriptedEngine:
                 yield EngineChunk([t], False)
             if self.fail:
                 raise TritonStreamError("connection reset", replica_fault=True)
+            if self.bug:
+                raise ValueError("bytes length not a multiple of item size")
             if self.hold:
                 await asyncio.Event().wait()
             yield EngineChunk([], True)
@@ -199,6 +204,25 @@ async def test_failure_after_first_token_is_an_error_event(
         err = json.loads(events[-1])["error"]
         assert err["type"] == "server_error"
         assert "replica" in err["message"]
+    finally:
+        await f.front.stop()
+
+
+async def test_an_unexpected_error_mid_stream_ends_the_stream_with_an_error_event(
+    model: ServedModel, session: aiohttp.ClientSession
+) -> None:
+    f = await serve(model, ScriptedEngine(model.encode(" one two"), bug=True))
+    try:
+        async with session.post(
+            f"{f.url}/v1/completions", json=body(stream=True, max_tokens=50)
+        ) as r:
+            assert r.status == 200
+            raw = (await r.read()).decode()
+        assert "HTTP/1.1" not in raw  # no second response inside the body
+        events = [e.removeprefix("data: ") for e in raw.strip().split("\n\n")]
+        assert json.loads(events[0])["choices"][0]["text"]  # the tokens before the error
+        assert "[DONE]" not in events
+        assert json.loads(events[-1])["error"]["type"] == "server_error"
     finally:
         await f.front.stop()
 
