@@ -250,7 +250,11 @@ class OpenAIHttpFront:
             self._core.refused(err, started=started)
             return error_response(err)
         request_id_var.set(request_id)
+        api_key = bearer_token(request.headers.get("Authorization"))
         try:
+            # Before the body is read: a caller without a valid key learns nothing else, and
+            # costs no read or parse of up to http_max_body_bytes.
+            self._core.authenticate(api_key)
             timeout_s = parse_timeout(request.headers.get(TIMEOUT_HEADER))
             resume_from = parse_resume(
                 request.headers.get(LAST_EVENT_ID_HEADER, request.headers.get(RESUME_HEADER))
@@ -262,7 +266,6 @@ class OpenAIHttpFront:
                 self._core.refused(InvalidRequest(message), started=started)
                 return _json_response(413, plain_error(message, "invalid_request_error"))
             parse = parse_chat_request if kind is Kind.CHAT else parse_completion_request
-            api_key = bearer_token(request.headers.get("Authorization"))
             sizes = functools.partial(self._core.check_sizes, api_key=api_key)
             oreq = parse(body, request_id=request_id, api_key=api_key, sizes=sizes)
             if supplied_id or resume_from is not None:

@@ -380,11 +380,17 @@ async def test_missing_or_bad_key_is_401(
         for method, path, payload in (
             ("POST", "/v1/completions", body(max_tokens=1)),
             ("POST", "/v1/chat/completions", chat_body(max_tokens=1, stream=True)),
+            # Answered before the body is read: not a 400 about the body.
+            ("POST", "/v1/completions", {}),
+            ("POST", "/v1/chat/completions", "not json"),
+            ("POST", "/v1/completions", body(n=2)),
             ("GET", "/v1/models", None),
             ("GET", f"/v1/models/{MODEL}", None),
         ):
+            data = payload if isinstance(payload, str) else None
+            json_ = None if isinstance(payload, str) else payload
             async with session.request(
-                method, f"{f.url}{path}", json=payload, headers=headers
+                method, f"{f.url}{path}", json=json_, data=data, headers=headers
             ) as r:
                 assert r.status == 401, path
                 assert r.headers["WWW-Authenticate"] == "Bearer"
