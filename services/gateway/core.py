@@ -449,9 +449,10 @@ class GatewayCore:
                     else:
                         async for ev in self._attempts.run(req, v, state, deadline, span, leases):
                             yield ev
-                except ServiceError:
+                except (ServiceError, asyncio.CancelledError, GeneratorExit):
                     if limits is not None and not leases:
-                        # Never served (queue full, no replica, ...): the tenant keeps its budget.
+                        # Never served (queue full, no replica, the caller gone while it
+                        # waited for admission): the tenant keeps its budget.
                         limits.refund(len(v.prompt_ids))
                     raise
                 outcome = "success"

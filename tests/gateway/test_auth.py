@@ -13,6 +13,7 @@ import pytest
 
 from llmmesh.common.errors import Reason, ResourceExhausted, Unauthenticated
 from llmmesh.common.topology import Priority
+from services.gateway.admission import AdmissionRequest, Lease
 from services.gateway.auth import Authenticator, PriorityClass, TenantsFile, bearer_token, hash_key
 from services.gateway.core import Completion, GatewayCore, GenerationRequest, Sampling
 from services.gateway.errors import RateLimited
@@ -320,3 +321,31 @@ async def test_orchestrator_rejection_refunds_the_tenant(model: ServedModel) -> 
         with pytest.raises(ResourceExhausted) as info:
             await run(core, "sk-a")
         assert not isinstance(info.value, RateLimited)  # the queue, not the tenant limit
+
+
+class HangingFirst(FakeAdmission):
+    """The first Admit waits until cancelled (a queue); later ones are granted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = asyncio.Event()
+
+    async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
+        if not self.admits:
+            self.admits.append(request)
+            self.waiting.set()
+            await asyncio.Event().wait()
+        return await super().admit(request, timeout_s=timeout_s)
+
+
+async def test_a_caller_gone_while_queued_keeps_its_budget(model: ServedModel) -> None:
+    auth = Authenticator(tenants(tenant("a", "sk-a", requests_per_minute=1)), clock=Clock())
+    orch = HangingFirst()
+    core, _ = make_core(model, auth, orch=orch)
+    queued = asyncio.create_task(run(core, "sk-a"))
+    await orch.waiting.wait()
+    queued.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    # Its one request a minute was given back: the next request is served.
+    assert (await run(core, "sk-a")).completion_tokens == 4
