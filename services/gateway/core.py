@@ -393,8 +393,9 @@ class GatewayCore:
         resume_redis.py), its continuation after those deltas: the migration machinery's
         continuation (prompt plus the tokens in `prior`, the remaining max_tokens)."""
         start = time.perf_counter()
-        deadline = start + (
-            timeout_s if timeout_s is not None else self._settings.request_timeout_s
+        s = self._settings
+        deadline = start + min(
+            timeout_s if timeout_s is not None else s.request_timeout_s, s.max_request_timeout_s
         )
         outcome = "error"
         progress = Progress()

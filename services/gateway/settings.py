@@ -94,6 +94,13 @@ class GatewaySettings(ServiceSettings):
     request_timeout_s: float = Field(
         default=600.0, gt=0, description="Deadline applied when the client sets none."
     )
+    max_request_timeout_s: float = Field(
+        default=86_400.0,
+        gt=0,
+        le=10_000_000,
+        description="Longest deadline a client may set (x-request-timeout, the gRPC deadline); "
+        "a longer one is cut to it. gRPC deadlines far beyond it overflow and expire at once.",
+    )
     readiness_timeout_s: float = Field(
         default=1.0,
         gt=0,

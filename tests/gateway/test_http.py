@@ -243,15 +243,21 @@ async def test_timeout_header_becomes_the_deadline(
 ) -> None:
     engine = ScriptedEngine(model.encode(" x"))
     f = await serve(model, engine)
+    longest = GatewaySettings().max_request_timeout_s
     try:
-        headers = {"x-request-timeout": "2.5"}
-        async with session.post(
-            f"{f.url}/v1/completions", json=body(max_tokens=1), headers=headers
-        ) as r:
-            assert r.status == 200
-        ((_, timeout_s),) = engine.requests
-        assert timeout_s is not None
-        assert 0 < timeout_s <= 2.5
+        # A "no timeout" value is cut to max_request_timeout_s: as a gRPC deadline it would
+        # overflow and expire at once.
+        for value, bound in (("2.5", 2.5), ("1e10", longest)):
+            async with session.post(
+                f"{f.url}/v1/completions",
+                json=body(max_tokens=1),
+                headers={"x-request-timeout": value},
+            ) as r:
+                assert r.status == 200
+            (_, timeout_s) = engine.requests[-1]
+            assert timeout_s is not None
+            assert bound - 5 < timeout_s <= bound
+            assert bound - 5 < f.orch.timeouts[-1] <= bound
     finally:
         await f.front.stop()
 
