@@ -50,6 +50,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -120,17 +121,53 @@ def parse_timeout(value: str | None) -> float | None:
     return seconds
 
 
-def parse_resume(value: str | None) -> int | None:
-    """`Last-Event-ID` / `x-resume-from`: a completion token offset (decimal, >= 0)."""
+@dataclass(frozen=True, slots=True)
+class ResumeAt:
+    """Where a reconnecting client's stream resumes: after the delta ending at completion
+    token `offset`, and after the `events` events without tokens that followed it (the text
+    held back until the end, the closing chunks: they come only at the end)."""
+
+    offset: int
+    events: int = 0
+
+
+class EventIds:
+    """The SSE event ids of one stream: a delta's is its end (the completion token offset
+    reached); each event without tokens after it (the tail text, the closing chunks) is
+    "end.k", k = 1, 2: every event has its own id, so a client that missed only [DONE] resumes
+    after the closing chunks, not before the tail text (it would get that text twice)."""
+
+    __slots__ = ("_end", "_k")
+
+    def __init__(self, start: ResumeAt | None) -> None:
+        self._end = 0 if start is None else start.offset
+        self._k = 0 if start is None else start.events
+
+    def of(self, ev: Event) -> str:
+        if isinstance(ev, Delta) and ev.token_ids:
+            self._end, self._k = ev.end, 0
+            return str(self._end)
+        self._k += 1
+        return f"{self._end}.{self._k}"
+
+
+def parse_resume(value: str | None) -> ResumeAt | None:
+    """`Last-Event-ID` / `x-resume-from`: an event id (`EventIds`): a completion token offset
+    (decimal, >= 0), optionally ".k" (k >= 1) for the k-th event without tokens after it."""
     if value is None:
         return None
-    value = value.strip()
-    if not (value.isascii() and value.isdigit() and len(value) <= _MAX_OFFSET_DIGITS):
+    offset, dot, events = value.strip().partition(".")
+    if not (
+        offset.isascii()
+        and offset.isdigit()
+        and len(offset) <= _MAX_OFFSET_DIGITS
+        and (not dot or (events.isascii() and events.isdigit() and 0 < int(events) <= 9))
+    ):
         raise InvalidRequest(
-            "must be a completion token offset (the id of the last event received)",
+            "must be the id of the last event received (a completion token offset)",
             field="resume_from",
         )
-    return int(value)
+    return ResumeAt(int(offset), int(events) if dot else 0)
 
 
 @web.middleware
@@ -256,9 +293,10 @@ class OpenAIHttpFront:
             # costs no read or parse of up to http_max_body_bytes.
             self._core.authenticate(api_key)
             timeout_s = parse_timeout(request.headers.get(TIMEOUT_HEADER))
-            resume_from = parse_resume(
+            resume_at = parse_resume(
                 request.headers.get(LAST_EVENT_ID_HEADER, request.headers.get(RESUME_HEADER))
             )
+            resume_from = None if resume_at is None else resume_at.offset
             try:
                 body = await request.read()
             except web.HTTPRequestEntityTooLarge:
@@ -294,7 +332,7 @@ class OpenAIHttpFront:
                 created = arrived if opened.created is None else opened.created
                 shapes = Shapes(oreq, int(created))
                 if oreq.stream:
-                    return await self._stream(request, oreq, shapes, first, events)
+                    return await self._stream(request, oreq, shapes, first, events, resume_at)
                 return await self._collect(oreq, shapes, first, events)
         finally:
             otel_context.detach(token)
@@ -333,6 +371,7 @@ class OpenAIHttpFront:
         shapes: Shapes,
         first: Event,
         events: AsyncIterator[Event],
+        resume_at: ResumeAt | None = None,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(
             status=200,
@@ -345,15 +384,22 @@ class OpenAIHttpFront:
         )
         await resp.prepare(request)
         gen = oreq.generation
-        ids = gen.keyed
+        ids = EventIds(resume_at) if gen.keyed else None
+        # The events without tokens the client had after the resume offset are not sent again.
+        skip = 0 if resume_at is None else resume_at.events
         try:
             if gen.resume_from is None:
                 for chunk in shapes.opening_chunks():
-                    await resp.write(sse(chunk, 0 if ids else None))
-            await self._write_event(resp, shapes, first, ids)
+                    await resp.write(sse(chunk, "0" if ids else None))
+            ev: Event | None = first
             try:
-                async for ev in events:
-                    await self._write_event(resp, shapes, ev, ids)
+                while ev is not None:
+                    if skip and not (isinstance(ev, Delta) and ev.token_ids):
+                        skip -= 1
+                    else:
+                        skip = 0
+                        await self._write_event(resp, shapes, ev, ids)
+                    ev = await anext(events, None)
             except ServiceError as err:
                 _, body = error_body(err, oreq)
                 await resp.write(sse(body))
@@ -373,13 +419,15 @@ class OpenAIHttpFront:
         return resp
 
     @staticmethod
-    async def _write_event(resp: web.StreamResponse, shapes: Shapes, ev: Event, ids: bool) -> None:
+    async def _write_event(
+        resp: web.StreamResponse, shapes: Shapes, ev: Event, ids: EventIds | None
+    ) -> None:
         """Deltas without text (a character still incomplete) are not sent: the next one's
         event id covers their tokens."""
+        event_id = None if ids is None else ids.of(ev)
         if isinstance(ev, Delta):
             if ev.text:
-                await resp.write(sse(shapes.text_chunk(ev.text), ev.end if ids else None))
+                await resp.write(sse(shapes.text_chunk(ev.text), event_id))
         else:
-            event_id = ev.completion_tokens if ids else None
             for chunk in shapes.closing_chunks(ev):
                 await resp.write(sse(chunk, event_id))

@@ -234,12 +234,12 @@ class Shapes:
         return out
 
 
-def sse(obj: Mapping[str, Any], event_id: int | None = None) -> bytes:
-    """One Server-Sent Event; `event_id` (the completion token offset reached) lets a
+def sse(obj: Mapping[str, Any], event_id: str | None = None) -> bytes:
+    """One Server-Sent Event; `event_id` (where the stream is, `http.EventIds`) lets a
     reconnecting client resume with `Last-Event-ID`."""
     if event_id is None:
         return b"data: " + dumps(obj) + b"\n\n"
-    return b"id: %d\ndata: %s\n\n" % (event_id, dumps(obj))
+    return b"id: %s\ndata: %s\n\n" % (event_id.encode(), dumps(obj))
 
 
 SSE_DONE = b"data: [DONE]\n\n"

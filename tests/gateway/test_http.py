@@ -22,7 +22,7 @@ from services.gateway.admission import Outcome
 from services.gateway.auth import Authenticator, TenantsFile, hash_key
 from services.gateway.core import GatewayCore
 from services.gateway.errors import InvalidRequest, NoReplica, OrchestratorUnavailable
-from services.gateway.http import OpenAIHttpFront, parse_resume, parse_timeout
+from services.gateway.http import OpenAIHttpFront, ResumeAt, parse_resume, parse_timeout
 from services.gateway.models import ServedModel
 from services.gateway.resume import Clock
 from services.gateway.settings import GatewaySettings, ModelSettings
@@ -463,28 +463,41 @@ async def serve_with(
     return Front(front, orch)
 
 
-def split_events(raw: str) -> list[tuple[int | None, str]]:
-    out: list[tuple[int | None, str]] = []
+def split_events(raw: str) -> list[tuple[str | None, str]]:
+    out: list[tuple[str | None, str]] = []
     for event in raw.split("\n\n")[:-1]:
         lines = event.split("\n")
-        event_id = int(lines[0].removeprefix("id: ")) if lines[0].startswith("id: ") else None
+        event_id = lines[0].removeprefix("id: ") if lines[0].startswith("id: ") else None
         out.append((event_id, lines[-1].removeprefix("data: ")))
     return out
+
+
+def position(event_id: str) -> tuple[int, int]:
+    """An event id as (token offset, events without tokens after it)."""
+    offset, _, k = event_id.partition(".")
+    return int(offset), int(k or 0)
 
 
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
         (None, None),
-        ("0", 0),
-        ("17", 17),
-        (" 5 ", 5),
+        ("0", ResumeAt(0)),
+        ("17", ResumeAt(17)),
+        (" 5 ", ResumeAt(5)),
+        ("5.1", ResumeAt(5, 1)),
+        ("5.2", ResumeAt(5, 2)),
         ("-1", "err"),
         ("x", "err"),
         ("1" * 11, "err"),
+        ("5.", "err"),
+        ("5.0", "err"),
+        (".1", "err"),
+        ("5.1.1", "err"),
+        ("5.x", "err"),
     ],
 )
-def test_parse_resume(value: str | None, expected: int | str | None) -> None:
+def test_parse_resume(value: str | None, expected: ResumeAt | str | None) -> None:
     if expected == "err":
         with pytest.raises(InvalidRequest) as info:
             parse_resume(value)
@@ -509,12 +522,13 @@ async def test_keyed_stream_has_event_ids_and_resumes_from_last_event_id(
             full = split_events((await r.read()).decode())
         clock.now += 1.0  # the resume comes in another second
         assert full[-1] == (None, "[DONE]")
-        numbered = [e for e in full if e[0] is not None]
-        assert [e[0] for e in numbered] == sorted(e[0] for e in numbered if e[0] is not None)
-        assert numbered[-1][0] == len(ids)
-        cut = numbered[1][0]
+        positions = [position(e) for e, _ in full if e is not None and e != "0"]
+        assert positions == sorted(positions)
+        assert len(set(positions)) == len(positions)  # "0" (opening chunks) aside, one each
+        assert positions[-1] == (len(ids), 1)  # the closing chunk, after the last token
+        cut = full[1][0]
         assert cut is not None
-        resumed_headers = {header: "k-1", "Last-Event-ID": str(cut)}
+        resumed_headers = {header: "k-1", "Last-Event-ID": cut}
         async with session.post(url, json=req, headers=resumed_headers) as r:
             rest = split_events((await r.read()).decode())
         assert rest == full[2:]
@@ -522,6 +536,35 @@ async def test_keyed_stream_has_event_ids_and_resumes_from_last_event_id(
         chunks = [json.loads(data) for _, data in full + rest if data != "[DONE]"]
         assert {(c["id"], c["created"]) for c in chunks} == {("cmpl-k-1", 1_700_000_000)}
         assert len(engine.requests) == 1
+    finally:
+        await f.front.stop()
+
+
+async def test_a_resume_after_the_tail_text_does_not_send_it_again(
+    model: ServedModel, session: aiohttp.ClientSession
+) -> None:
+    # A stop string holds text back; the end of the sequence releases it as an event without
+    # tokens, at the last token's offset: each event still has its own id.
+    ids = [*model.encode(" one two thr"), *model.encode("ee")]
+    f = await serve_with(model, ScriptedEngine([*ids, model.end_id]))
+    try:
+        url = f"{f.url}/v1/completions"
+        req = body(max_tokens=50, stream=True, stop=["xyz"])
+        async with session.post(url, json=req, headers={"Idempotency-Key": "k-t"}) as r:
+            full = split_events((await r.read()).decode())
+        text = "".join(
+            json.loads(data)["choices"][0]["text"] for _, data in full if data != "[DONE]"
+        )
+        assert text == " one two three"
+        numbered = [e for e, _ in full if e is not None and e != "0"]  # "0": opening chunks
+        assert len(set(numbered)) == len(numbered)
+        for i, (event_id, _) in enumerate(full[:-1]):
+            if event_id is None or event_id == "0":
+                continue
+            headers = {"Idempotency-Key": "k-t", "Last-Event-ID": event_id}
+            async with session.post(url, json=req, headers=headers) as r:
+                rest = split_events((await r.read()).decode())
+            assert rest == full[i + 1 :], event_id  # exactly what came after it, once
     finally:
         await f.front.stop()
 

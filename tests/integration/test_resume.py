@@ -253,10 +253,13 @@ async def test_sse_resume_with_last_event_id(rmesh: Mesh, model: ServedModel) ->
             assert r.status == 200
             rest = await read_sse(r)
         assert rest[-1] == (None, "[DONE]")
-        ids = [int(i) for i, _ in rest if i is not None]
+        # An event id is the token offset reached, "offset.k" for the k-th event without
+        # tokens after it (the closing chunks): increasing, one per event.
+        ids = [(*map(int, i.split(".")), 0) for i, _ in rest if i is not None]
         assert ids == sorted(ids)
-        assert ids[0] > int(last_id)
-        assert ids[-1] == n
+        assert len(set(ids)) == len(ids)
+        assert ids[0] > (int(last_id), 0)
+        assert ids[-1][:2] == (n, 1)
         expected = model.decode(expected_output_ids(seed, PROMPT, n, EmulatorSettings()))
         assert text_of(first) + text_of(rest) == expected
         # Non-streaming retry of the same request: the same completion.
