@@ -24,9 +24,10 @@ for gRPC.
   idempotency key (`resume.py`): resending the request re-attaches to the same generation (a
   non-streaming retry gets the same completion); the same key with a different body is 409
   `request_id_conflict`. Streams of keyed requests carry
-  `id: <completion tokens sent so far>` on every event, so a reconnecting client resumes with
-  the standard `Last-Event-ID` header (or `x-resume-from`, same meaning): the stream continues
-  after that offset, without the opening role chunk. A resume the gateway can no longer serve
+  `id: <completion tokens sent so far>` on every event (`<tokens>.k` on the k-th event without
+  tokens after them: text held back to the end, the closing chunks), so a reconnecting client
+  resumes with the standard `Last-Event-ID` header (or `x-resume-from`, same meaning): the
+  stream continues after that event, without the opening role chunk. A resume the gateway can no longer serve
   is 404. Every response and chunk of a keyed completion (the original, a retry, a resume, on
   any gateway) carries the same `id` and `created` (the time its generation was first opened);
   an unkeyed one's `created` is the time its request arrived.
