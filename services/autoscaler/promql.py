@@ -18,6 +18,7 @@ import http.client
 import json
 import logging
 import math
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping
@@ -140,8 +141,12 @@ MAX_ANSWER_BYTES: Final = 16 << 20
 
 
 def http_get(url: str, timeout_s: float) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-        body = bytes(resp.read(MAX_ANSWER_BYTES + 1))
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            body = bytes(resp.read(MAX_ANSWER_BYTES + 1))
+    except urllib.error.HTTPError as err:
+        with err:  # its body holds the connection: closed here, not when collected
+            raise PromQLError(f"HTTP {err.code} {err.reason}") from None
     if len(body) > MAX_ANSWER_BYTES:
         raise PromQLError(f"answer over {MAX_ANSWER_BYTES} bytes")
     return body
