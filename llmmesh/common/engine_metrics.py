@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from typing import Final
@@ -125,10 +126,15 @@ MAX_PAGE_BYTES: Final = 8 << 20
 
 def fetch_metrics_text(url: str, host: str, timeout_s: float) -> str:
     """GET a Prometheus text page; `host` overrides the Host header (a headless Service's name
-    when scraping a pod by IP through the mesh). ValueError for a page over MAX_PAGE_BYTES."""
+    when scraping a pod by IP through the mesh). ValueError for a page over MAX_PAGE_BYTES,
+    ConnectionError (an OSError) for an HTTP error status."""
     request = urllib.request.Request(url, headers={"Host": host} if host else {})
-    with urllib.request.urlopen(request, timeout=timeout_s) as resp:
-        body = resp.read(MAX_PAGE_BYTES + 1)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as resp:
+            body = resp.read(MAX_PAGE_BYTES + 1)
+    except urllib.error.HTTPError as err:
+        with err:  # its body holds the connection: closed here, not when collected
+            raise ConnectionError(f"metrics page: HTTP {err.code} {err.reason}") from None
     if len(body) > MAX_PAGE_BYTES:
         raise ValueError(f"metrics page over {MAX_PAGE_BYTES} bytes")
     return str(body.decode("utf-8", errors="replace"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import http.client
 import http.server
 import math
@@ -280,6 +281,27 @@ def test_a_page_over_the_bound_is_not_read() -> None:
     try:
         with pytest.raises(ValueError, match="over"):
             fetch_metrics_text(f"http://127.0.0.1:{server.server_port}/metrics", "", 10)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_http_error_status_is_a_connection_error_with_its_connection_closed() -> None:
+    class Missing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_error(404)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Missing)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        # filterwarnings=error: a response left open would fail here as a ResourceWarning.
+        with pytest.raises(ConnectionError, match="404"):
+            fetch_metrics_text(f"http://127.0.0.1:{server.server_port}/metrics", "", 10)
+        gc.collect()
     finally:
         server.shutdown()
         server.server_close()
