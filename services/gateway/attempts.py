@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from opentelemetry import trace
@@ -94,7 +94,7 @@ class Attempts:
         deadline: float,
         span: trace.Span,
         leases: list[Lease],
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """The request's attempts: admit, stream, and on a replica failure admit again elsewhere
         and continue (module docstring: request migration). Every granted lease is appended to
         `leases`."""
@@ -137,8 +137,10 @@ class Attempts:
             leases.append(lease)
             span.set_attribute("llmmesh.replica", lease.replica.id)
             try:
-                async for ev in self._stream(req, v, lease, state, deadline, leases):
-                    yield ev
+                attempt = self._stream(req, v, lease, state, deadline, leases)
+                async with contextlib.aclosing(attempt) as events:  # closed in this task
+                    async for ev in events:
+                        yield ev
                 return
             except AttemptFailed as err:
                 failed = err
@@ -230,7 +232,7 @@ class Attempts:
         state: StreamState,
         deadline: float,
         leases: Sequence[Lease],
-    ) -> AsyncIterator[Event]:
+    ) -> AsyncGenerator[Event, None]:
         """One attempt on the leased replica, continuing `state`; its lease is reported once,
         however it ends. A replica failure is `AttemptFailed`."""
         replica = lease.replica

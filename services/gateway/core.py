@@ -448,8 +448,12 @@ class GatewayCore:
                     if state.finish is not None:  # its last delta was written, not its summary
                         yield state.completion(0.0, progress.replica)
                     else:
-                        async for ev in self._attempts.run(req, v, state, deadline, span, leases):
-                            yield ev
+                        # Closed here, not left to the collector (in another task and context),
+                        # when this generator is closed (cancellation arrives as GeneratorExit).
+                        attempts = self._attempts.run(req, v, state, deadline, span, leases)
+                        async with contextlib.aclosing(attempts) as events:
+                            async for ev in events:
+                                yield ev
                 except (ServiceError, asyncio.CancelledError, GeneratorExit):
                     if limits is not None and not leases:
                         # Never served (queue full, no replica, the caller gone while it

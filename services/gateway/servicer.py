@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import TypeVar
 
 import grpc
@@ -20,6 +21,7 @@ from services.gateway.auth import bearer_token
 from services.gateway.core import (
     ChatMessage,
     Completion,
+    Delta,
     FinishReason,
     GatewayCore,
     GenerationRequest,
@@ -101,13 +103,50 @@ def request_from_pb(request: pb.GenerateRequest, api_key: str | None = None) -> 
     )
 
 
+def _response(request_id: str, ev: Delta | Completion) -> pb.GenerateResponse:
+    """The one domain event → GenerateResponse conversion."""
+    if isinstance(ev, Completion):
+        return pb.GenerateResponse(
+            request_id=request_id,
+            complete=pb.GenerationComplete(
+                finish_reason=_FINISH[ev.finish_reason],
+                usage=pb.Usage(
+                    prompt_tokens=ev.prompt_tokens,
+                    completion_tokens=ev.completion_tokens,
+                    cached_prompt_tokens=ev.cached_prompt_tokens,
+                ),
+                timings=pb.Timings(
+                    queue_ms=ev.queue_ms,
+                    time_to_first_token_ms=ev.ttft_ms,
+                    total_ms=ev.total_ms,
+                    mean_inter_token_ms=ev.mean_itl_ms,
+                ),
+                replica_id=ev.replica_id,
+            ),
+        )
+    # Filled in place: a TokenDelta passed to the constructor would be copied.
+    resp = pb.GenerateResponse(request_id=request_id)
+    delta = resp.delta
+    delta.SetInParent()  # a delta, even one whose fields are all defaults
+    delta.text = ev.text
+    delta.token_ids.extend(ev.token_ids)
+    delta.offset = ev.offset
+    if ev.finish_reason is not None:
+        delta.finish_reason = _FINISH[ev.finish_reason]
+    return resp
+
+
 class GatewayServicer(pb_grpc.GatewayServiceServicer):
     def __init__(self, core: GatewayCore):
         self._core = core
 
-    async def Generate(
+    async def Generate(  # type: ignore[override]  # writes through the context
         self, request: pb.GenerateRequest | Undecodable, context: Ctx
-    ) -> AsyncIterator[pb.GenerateResponse]:
+    ) -> None:
+        # A coroutine writing through the context, not an async generator: a call cancelled
+        # while a write waits raises here, in this task, and the generation's generators are
+        # closed in it (aclosing), their `finally` (lease report, trace context) with them. An
+        # abandoned generator would be finalized later in another task and context.
         started = time.perf_counter()
         if isinstance(request, Undecodable):
             err = request.as_error()
@@ -131,37 +170,11 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         request_id_var.set(req.request_id)
         token = otel_context.attach(extract_trace_context(context.invocation_metadata()))
         try:
-            async for ev in self._core.generate(req, context.time_remaining()):
-                if isinstance(ev, Completion):
-                    yield pb.GenerateResponse(
-                        request_id=req.request_id,
-                        complete=pb.GenerationComplete(
-                            finish_reason=_FINISH[ev.finish_reason],
-                            usage=pb.Usage(
-                                prompt_tokens=ev.prompt_tokens,
-                                completion_tokens=ev.completion_tokens,
-                                cached_prompt_tokens=ev.cached_prompt_tokens,
-                            ),
-                            timings=pb.Timings(
-                                queue_ms=ev.queue_ms,
-                                time_to_first_token_ms=ev.ttft_ms,
-                                total_ms=ev.total_ms,
-                                mean_inter_token_ms=ev.mean_itl_ms,
-                            ),
-                            replica_id=ev.replica_id,
-                        ),
-                    )
-                else:
-                    # Filled in place: a TokenDelta passed to the constructor would be copied.
-                    resp = pb.GenerateResponse(request_id=req.request_id)
-                    delta = resp.delta
-                    delta.SetInParent()  # a delta, even one whose fields are all defaults
-                    delta.text = ev.text
-                    delta.token_ids.extend(ev.token_ids)
-                    delta.offset = ev.offset
-                    if ev.finish_reason is not None:
-                        delta.finish_reason = _FINISH[ev.finish_reason]
-                    yield resp
+            async with contextlib.aclosing(
+                self._core.generate(req, context.time_remaining())
+            ) as events:
+                async for ev in events:
+                    await context.write(_response(req.request_id, ev))
         except ServiceError as err:
             await abort(context, err)
         finally:

@@ -3,6 +3,9 @@ gRPC server, and ListModels."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
+import logging
 from pathlib import Path
 
 import grpc
@@ -12,11 +15,19 @@ from prometheus_client import REGISTRY
 from llmmesh.common import metric_names as names
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
 from llmmesh.generated.gateway.v1 import gateway_pb2_grpc as pb_grpc
-from services.gateway.core import ChatMessage
+from services.gateway.admission import Outcome
+from services.gateway.core import ChatMessage, GatewayCore
 from services.gateway.models import ServedModel
-from services.gateway.servicer import request_from_pb
-from tests.gateway.conftest import chunk
-from tests.gateway.grpc_front import BARE_MODEL, CHAT_MODEL, chat_and_bare_models, grpc_gateway
+from services.gateway.servicer import GatewayServicer, request_from_pb
+from services.gateway.settings import GatewaySettings
+from tests.gateway.conftest import FakeAdmission, FakeEngine, chunk
+from tests.gateway.grpc_front import (
+    BARE_MODEL,
+    BLOCK_SIZE,
+    CHAT_MODEL,
+    chat_and_bare_models,
+    grpc_gateway,
+)
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +183,55 @@ async def test_a_request_refused_before_generation_is_counted_once(
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     after = (_requests_counted(CHAT_MODEL, "invalid"), _requests_counted("unknown", "invalid"))
     assert after == (before[0] + 1, before[1] + 1)
+
+
+class BlockedWrites:
+    """A ServicerContext whose client reads two messages, then stops reading: later writes
+    wait (a full flow-control window) until the call is cancelled."""
+
+    def __init__(self) -> None:
+        self.written: list[pb.GenerateResponse] = []
+        self.blocked = asyncio.Event()
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+    def time_remaining(self) -> float:
+        return 10.0
+
+    async def write(self, message: pb.GenerateResponse) -> None:
+        if len(self.written) == 2:
+            self.blocked.set()
+            await asyncio.Event().wait()
+        self.written.append(message)
+
+
+async def test_a_stream_cancelled_while_it_writes_ends_in_its_own_task(
+    models: tuple[ServedModel, ServedModel], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The call is cancelled while a write waits (not while the engine is awaited): the
+    # generation's generators are closed in that task, their lease reported. Left to the
+    # collector, they were finalized in another task and context, and each span's detach of
+    # its trace context logged an ERROR traceback (3 per cancelled request).
+    engine = FakeEngine([[chunk(10 + i) for i in range(30)] + [chunk(2, final=True)]])
+    admission = FakeAdmission()
+    bare = models[1]
+    core = GatewayCore(
+        GatewaySettings(models=[bare.settings]), [bare], admission, engine, BLOCK_SIZE
+    )
+    context = BlockedWrites()
+    request = pb.GenerateRequest(
+        model=BARE_MODEL, token_ids=pb.TokenIds(ids=[5, 6, 7]), sampling=pb.SamplingParams()
+    )
+    with caplog.at_level(logging.ERROR):
+        call = asyncio.create_task(GatewayServicer(core).Generate(request, context))  # type: ignore[arg-type]
+        await context.blocked.wait()
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        # Reported before the cancelled call returned: in its own task.
+        assert [r.outcome for r in admission.reports] == [Outcome.CANCELLED]
+        gc.collect()
+        await asyncio.sleep(0)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    await core.close()
