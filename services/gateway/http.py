@@ -134,22 +134,27 @@ class ResumeAt:
 
 class EventIds:
     """The SSE event ids of one stream: a delta's is its end (the completion token offset
-    reached); each event without tokens after it (the tail text, the closing chunks) is
-    "end.k", k = 1, 2: every event has its own id, so a client that missed only [DONE] resumes
-    after the closing chunks, not before the tail text (it would get that text twice)."""
+    reached); each chunk without tokens after it (the text held back to the end, each closing
+    chunk) is "end.k", k = 1, 2, ...: every chunk has its own id, so a client that missed only
+    [DONE] resumes after the closing chunks, not before the tail text (it would get it twice).
+    A stream resumed at "N.k" counts the same ids and leaves out the k chunks it had."""
 
-    __slots__ = ("_end", "_k")
+    __slots__ = ("_end", "_k", "_skip")
 
     def __init__(self, start: ResumeAt | None) -> None:
         self._end = 0 if start is None else start.offset
-        self._k = 0 if start is None else start.events
+        self._k = 0
+        self._skip = 0 if start is None else start.events
 
-    def of(self, ev: Event) -> str:
-        if isinstance(ev, Delta) and ev.token_ids:
-            self._end, self._k = ev.end, 0
-            return str(self._end)
+    def reached(self, end: int) -> str:
+        """A delta with tokens, ending at completion token `end`."""
+        self._end, self._k, self._skip = end, 0, 0
+        return str(end)
+
+    def after(self) -> str | None:
+        """The next chunk without tokens: its id, or None when the client already had it."""
         self._k += 1
-        return f"{self._end}.{self._k}"
+        return None if self._k <= self._skip else f"{self._end}.{self._k}"
 
 
 def parse_resume(value: str | None) -> ResumeAt | None:
@@ -283,16 +288,20 @@ class OpenAIHttpFront:
         if not supplied_id and self._settings.http_request_id_is_key:
             supplied_id = request.headers.get(REQUEST_ID_HEADER)
         request_id = supplied_id or request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-        if not (request_id.isascii() and request_id.isprintable()):
-            err = InvalidRequest("must be printable ASCII", field="request_id")
-            self._core.refused(err, started=started)
-            return error_response(err)
-        request_id_var.set(request_id)
         api_key = bearer_token(request.headers.get("Authorization"))
         try:
-            # Before the body is read: a caller without a valid key learns nothing else, and
-            # costs no read or parse of up to http_max_body_bytes.
+            # First: a caller without a valid key learns nothing else, and costs no read or
+            # parse of up to http_max_body_bytes.
             self._core.authenticate(api_key)
+        except ServiceError as unauthenticated:
+            self._core.refused(unauthenticated, started=started)
+            return error_response(unauthenticated)
+        if not (request_id.isascii() and request_id.isprintable()):
+            bad_id = InvalidRequest("must be printable ASCII", field="request_id")
+            self._core.refused(bad_id, started=started)
+            return error_response(bad_id)
+        request_id_var.set(request_id)
+        try:
             timeout_s = parse_timeout(request.headers.get(TIMEOUT_HEADER))
             resume_at = parse_resume(
                 request.headers.get(LAST_EVENT_ID_HEADER, request.headers.get(RESUME_HEADER))
@@ -386,24 +395,19 @@ class OpenAIHttpFront:
         await resp.prepare(request)
         gen = oreq.generation
         ids = EventIds(resume_at) if gen.keyed else None
-        # The events without tokens the client had after the resume offset are not sent again.
-        skip = 0 if resume_at is None else resume_at.events
         try:
             if gen.resume_from is None:
                 for chunk in shapes.opening_chunks():
                     await resp.write(sse(chunk, "0" if ids else None))
-            ev: Event | None = first
+            await self._write_event(resp, shapes, first, ids)
             try:
-                while ev is not None:
-                    if skip and not (isinstance(ev, Delta) and ev.token_ids):
-                        skip -= 1
-                    else:
-                        skip = 0
-                        await self._write_event(resp, shapes, ev, ids)
-                    ev = await anext(events, None)
+                async for ev in events:
+                    await self._write_event(resp, shapes, ev, ids)
             except ServiceError as err:
                 _, body = error_body(err, oreq)
                 await resp.write(sse(body))
+            except ConnectionError:
+                raise  # the client went away (a write to its closing transport): below
             except Exception:
                 # A bug, not a refusal: the headers are sent, so the stream ends with an error
                 # event (the middleware's 500 would be a second response inside this body).
@@ -413,7 +417,7 @@ class OpenAIHttpFront:
             else:
                 await resp.write(SSE_DONE)
             await resp.write_eof()
-        except ConnectionResetError:
+        except ConnectionError:
             # The client went away: leaving closes the event stream (aclosing), which cancels
             # the generation.
             log.info("client disconnected mid-stream")
@@ -425,10 +429,17 @@ class OpenAIHttpFront:
     ) -> None:
         """Deltas without text (a character still incomplete) are not sent: the next one's
         event id covers their tokens."""
-        event_id = None if ids is None else ids.of(ev)
-        if isinstance(ev, Delta):
+        if isinstance(ev, Delta) and ev.token_ids:
+            event_id = None if ids is None else ids.reached(ev.end)
             if ev.text:
                 await resp.write(sse(shapes.text_chunk(ev.text), event_id))
+            return
+        if isinstance(ev, Delta):
+            chunks = [shapes.text_chunk(ev.text)] if ev.text else []
         else:
-            for chunk in shapes.closing_chunks(ev):
+            chunks = list(shapes.closing_chunks(ev))
+        for chunk in chunks:
+            if ids is None:
+                await resp.write(sse(chunk))
+            elif (event_id := ids.after()) is not None:
                 await resp.write(sse(chunk, event_id))

@@ -549,13 +549,13 @@ async def test_a_resume_after_the_tail_text_does_not_send_it_again(
     f = await serve_with(model, ScriptedEngine([*ids, model.end_id]))
     try:
         url = f"{f.url}/v1/completions"
-        req = body(max_tokens=50, stream=True, stop=["xyz"])
+        # With usage, the closing chunks are two (finish, usage): each its own id too.
+        req = body(max_tokens=50, stream=True, stop=["xyz"], stream_options={"include_usage": True})
         async with session.post(url, json=req, headers={"Idempotency-Key": "k-t"}) as r:
             full = split_events((await r.read()).decode())
-        text = "".join(
-            json.loads(data)["choices"][0]["text"] for _, data in full if data != "[DONE]"
-        )
-        assert text == " one two three"
+        chunks = [json.loads(data) for _, data in full if data != "[DONE]"]
+        assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == " one two three"
+        assert chunks[-1]["usage"]["completion_tokens"] == len(ids)
         numbered = [e for e, _ in full if e is not None and e != "0"]  # "0": opening chunks
         assert len(set(numbered)) == len(numbered)
         for i, (event_id, _) in enumerate(full[:-1]):
@@ -647,3 +647,19 @@ async def test_a_request_refused_before_generation_is_counted_once(
     finally:
         await front.stop()
     assert _requests_counted("unknown", "invalid") == before + 1
+
+
+async def test_an_unauthenticated_caller_learns_nothing_about_its_request_id(
+    model: ServedModel, session: aiohttp.ClientSession
+) -> None:
+    f = await serve(model, ScriptedEngine(model.encode(" x")), auth=acme_auth())
+    try:
+        headers = {"Authorization": "Bearer wrong", "Idempotency-Key": "caf\u00e9"}
+        async with session.post(f"{f.url}/v1/completions", json=body(), headers=headers) as r:
+            assert r.status == 401
+        headers["Authorization"] = "Bearer sk-acme"
+        async with session.post(f"{f.url}/v1/completions", json=body(), headers=headers) as r:
+            assert r.status == 400
+            assert (await r.json())["error"]["param"] == "x-request-id"
+    finally:
+        await f.front.stop()
