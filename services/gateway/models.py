@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Final
 
@@ -18,6 +20,9 @@ from services.gateway.settings import ModelSettings
 # loop every other stream of the gateway would stall that long. Shorter texts stay inline (a
 # thread hop costs more than tokenizing a few thousand characters).
 OFF_LOOP_CHARS: Final = 16_384
+# Their own threads, one per CPU: a burst of long prompts queues here, not in the loop's default
+# pool, which the usage log's writes and the Redis client's lookups use.
+_TOKENIZERS = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="tokenize")
 
 
 @dataclass
@@ -65,7 +70,8 @@ class ServedModel:
         (`OFF_LOOP_CHARS`): the event loop serves other streams meanwhile."""
         if len(text) < OFF_LOOP_CHARS:
             return self.encode(text)
-        return await asyncio.to_thread(self._encode_released, text)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_TOKENIZERS, self._encode_released, text)
 
     def _encode_released(self, text: str) -> list[int]:
         # encode_batch releases the GIL while it works (encode does not); same ids as encode.
