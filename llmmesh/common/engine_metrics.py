@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import math
 import re
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -124,17 +126,43 @@ def parse_engine_metrics(text: str) -> EngineSample | None:
 MAX_PAGE_BYTES: Final = 8 << 20
 
 
+def read_deadline_s(timeout_s: float) -> float:
+    """A whole HTTP read (connect, headers, body) of a call with per-operation `timeout_s`:
+    twice it. urllib's timeout is per socket operation: an endpoint trickling bytes would hold
+    a reader (and its thread) for as long as it likes."""
+    return 2 * timeout_s
+
+
+def read_body(resp: http.client.HTTPResponse, max_bytes: int, deadline: float) -> bytes:
+    """`resp`'s whole body, in pieces: TimeoutError once monotonic `deadline` passed (each
+    piece waits at most the socket's timeout), ValueError past `max_bytes`, IncompleteRead
+    when the connection closed before Content-Length bytes came (a cut page would parse as
+    other values)."""
+    parts: list[bytes] = []
+    size = 0
+    while piece := resp.read1(1 << 16):
+        size += len(piece)
+        if size > max_bytes:
+            raise ValueError(f"body over {max_bytes} bytes")
+        parts.append(piece)
+        if time.monotonic() > deadline:
+            raise TimeoutError("body not read within its deadline")
+    body = b"".join(parts)
+    if resp.length:  # announced and never received
+        raise http.client.IncompleteRead(body, resp.length)
+    return body
+
+
 def fetch_metrics_text(url: str, host: str, timeout_s: float) -> str:
     """GET a Prometheus text page; `host` overrides the Host header (a headless Service's name
-    when scraping a pod by IP through the mesh). ValueError for a page over MAX_PAGE_BYTES,
-    ConnectionError (an OSError) for an HTTP error status."""
+    when scraping a pod by IP through the mesh), whole within `read_deadline_s(timeout_s)`
+    (`read_body`); ConnectionError (an OSError) for an HTTP error status."""
+    deadline = time.monotonic() + read_deadline_s(timeout_s)
     request = urllib.request.Request(url, headers={"Host": host} if host else {})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as resp:
-            body = resp.read(MAX_PAGE_BYTES + 1)
+            body = read_body(resp, MAX_PAGE_BYTES, deadline)
     except urllib.error.HTTPError as err:
         with err:  # its body holds the connection: closed here, not when collected
             raise ConnectionError(f"metrics page: HTTP {err.code} {err.reason}") from None
-    if len(body) > MAX_PAGE_BYTES:
-        raise ValueError(f"metrics page over {MAX_PAGE_BYTES} bytes")
     return str(body.decode("utf-8", errors="replace"))

@@ -18,6 +18,7 @@ import http.client
 import json
 import logging
 import math
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from llmmesh.common import metric_names as names
+from llmmesh.common.engine_metrics import read_body, read_deadline_s
 from llmmesh.common.topology import PoolKey
 from services.autoscaler.signals import (
     QUANTILE,
@@ -34,7 +36,7 @@ from services.autoscaler.signals import (
     Observation,
     PoolSignals,
     assemble,
-    deadline_s,
+    call_deadline_s,
     finite,
 )
 
@@ -141,15 +143,15 @@ MAX_ANSWER_BYTES: Final = 16 << 20
 
 
 def http_get(url: str, timeout_s: float) -> bytes:
+    deadline = time.monotonic() + read_deadline_s(timeout_s)
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-            body = bytes(resp.read(MAX_ANSWER_BYTES + 1))
+            return read_body(resp, MAX_ANSWER_BYTES, deadline)
     except urllib.error.HTTPError as err:
         with err:  # its body holds the connection: closed here, not when collected
             raise PromQLError(f"HTTP {err.code} {err.reason}") from None
-    if len(body) > MAX_ANSWER_BYTES:
-        raise PromQLError(f"answer over {MAX_ANSWER_BYTES} bytes")
-    return body
+    except ValueError as err:  # over the bound
+        raise PromQLError(str(err)) from None
 
 
 class PromQLError(RuntimeError):
@@ -215,7 +217,7 @@ class PromQLSource:
         try:
             body = await asyncio.wait_for(
                 asyncio.to_thread(self._get, url, self._config.timeout_s),
-                deadline_s(self._config.timeout_s),
+                call_deadline_s(self._config.timeout_s),
             )
             return parse_vector(body)
         except (OSError, PromQLError, http.client.HTTPException) as exc:  # TimeoutError: OSError

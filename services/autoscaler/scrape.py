@@ -41,7 +41,7 @@ from services.autoscaler.signals import (
     Observation,
     PoolSignals,
     assemble,
-    deadline_s,
+    call_deadline_s,
     finite,
 )
 
@@ -182,12 +182,12 @@ class ScrapeSource:
 
     async def _get(self, url: str, host: str = "") -> str | None:
         """The page, or None when it cannot be read: refused, broken HTTP (IncompleteRead,
-        BadStatusLine), too large, or not whole within `deadline_s(timeout_s)` (the fetch's
+        BadStatusLine), too large, or not whole within `call_deadline_s(timeout_s)` (the fetch's
         timeout is per socket operation: an endpoint trickling bytes would hold the round)."""
         try:
             return await asyncio.wait_for(
                 asyncio.to_thread(self._fetch, url, host, self._timeout_s),
-                deadline_s(self._timeout_s),
+                call_deadline_s(self._timeout_s),
             )
         except (OSError, ValueError, http.client.HTTPException) as exc:  # TimeoutError: OSError
             log.info("scrape failed", extra={"url": url, "error": repr(exc)})

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from llmmesh.common.engine_metrics import EngineSample
+from llmmesh.common.engine_metrics import EngineSample, read_deadline_s
 from llmmesh.common.topology import PoolKey
 
 QUANTILE = 0.9
@@ -71,10 +71,10 @@ class SignalSource(Protocol):
     async def close(self) -> None: ...
 
 
-def deadline_s(timeout_s: float) -> float:
-    """The whole of one HTTP read by a source: its per-operation timeout twice over (connect,
-    then the body); urllib's timeout alone lets an endpoint trickling bytes hold a round."""
-    return 2 * timeout_s
+def call_deadline_s(timeout_s: float) -> float:
+    """How long a source waits for one HTTP read's thread: the read's own deadline
+    (`read_deadline_s`, which ends the thread) and the one socket wait it may be in then."""
+    return read_deadline_s(timeout_s) + timeout_s
 
 
 def finite(value: float | None) -> float | None:

@@ -10,7 +10,7 @@ import http.client
 import http.server
 import math
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 
 import pytest
 
@@ -305,3 +305,55 @@ def test_an_http_error_status_is_a_connection_error_with_its_connection_closed()
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/metrics"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class Quiet(http.server.BaseHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_page_trickled_past_its_deadline_is_given_up_by_the_reading_thread() -> None:
+    stop = threading.Event()
+
+    class Trickle(Quiet):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            with contextlib.suppress(OSError):
+                while not stop.wait(0.02):  # a byte well within each read's timeout
+                    self.wfile.write(b"#")
+                    self.wfile.flush()
+
+    try:
+        with serving(Trickle) as url, pytest.raises(TimeoutError):
+            fetch_metrics_text(url, "", 0.2)  # whole within read_deadline_s(0.2) = 0.4 s
+    finally:
+        stop.set()
+
+
+def test_a_page_cut_short_of_its_length_is_not_read_as_a_page() -> None:
+    page = engine_page(3, 1, 987, 1000).encode()
+
+    class Cut(Quiet):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(page)))
+            self.end_headers()
+            self.wfile.write(page[: len(page) - 3])  # the last value arrives cut short
+
+    with serving(Cut) as url, pytest.raises(http.client.IncompleteRead):
+        fetch_metrics_text(url, "", 5)
