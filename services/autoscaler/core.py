@@ -6,8 +6,9 @@ Invariants:
 - `current` is what the actuator reports provisioned (ready + starting); without an actuator (KEDA
   or an HPA act on `desired`) it is the engine replicas known to the source, else the last desired.
 - The history is bounded (`decision_history`); sequence numbers increase by one per decision.
-- A pool no one configures or manages, unread for FORGET_AFTER x `signal_max_age_s`, is
-  forgotten with its gauges: pools seen come and go with model versions.
+- A pool no one configures, manages or asks for (KEDA), unread for FORGET_AFTER x
+  `signal_max_age_s` while its source reads others, is forgotten with its gauges: pools seen
+  come and go with model versions; a source outage forgets nothing.
 - A failing source or actuator is logged and the loop goes on: the last decisions stay served.
   A policy that fails on a pool's inputs holds that pool (`error_hold`); the others are decided.
 """
@@ -86,6 +87,7 @@ class Autoscaler:
         self._clock = clock
         self._states: dict[PoolKey, PoolState] = {}
         self._latest: dict[PoolKey, Recorded] = {}
+        self._asked: dict[PoolKey, float] = {}  # when `desired` was last asked for each pool
         self._history: deque[Recorded] = deque(maxlen=settings.decision_history)
         self._seq = itertools.count(1)
         self._updated = asyncio.Event()
@@ -127,7 +129,8 @@ class Autoscaler:
         signals = await self._signals(now)
         counts = await self._counts()
         configured = {p.key for p in self._settings.pools}
-        self._forget_gone(now, configured | set(signals) | set(counts or {}))
+        if signals:  # a round whose source read nothing (down, failing) forgets nothing
+            self._forget_gone(now, configured | set(signals) | set(counts or {}))
         keys = set(signals) | configured | set(counts or {}) | set(self._latest)
         out: list[Recorded] = []
         for key in sorted(keys):
@@ -143,7 +146,7 @@ class Autoscaler:
             except Exception as err:  # one pool's inputs must not stop the others or the loop
                 log.exception("policy failed", extra={"pool": key.pool})
                 _ERRORS.labels("decide").inc()
-                held = hold(policy, state, current)
+                held = state.desired = hold(policy, state, current)
                 decision = ScaleDecision(
                     current, held, Cause.ERROR_HOLD, f"policy failed ({err!r}): holding {held}", sig
                 )
@@ -167,10 +170,14 @@ class Autoscaler:
         last decision and gauges go, or every version ever seen would be decided and exported
         for the life of the process."""
         horizon = FORGET_AFTER * self._settings.signal_max_age_s
+        for key in [k for k, t in self._asked.items() if now - t > horizon]:
+            del self._asked[key]
         for key in [
             k
             for k, rec in self._latest.items()
-            if k not in present and now - rec.decision.signals.sampled_at > horizon
+            if k not in present
+            and k not in self._asked  # KEDA still scales it
+            and now - rec.decision.signals.sampled_at > horizon
         ]:
             del self._latest[key]
             self._states.pop(key, None)
@@ -235,7 +242,9 @@ class Autoscaler:
         return [self._latest[k] for k in sorted(self._latest)]
 
     def desired(self, key: PoolKey) -> int:
-        """The latest desired count; a pool never decided yet holds its policy's minimum."""
+        """The latest desired count; a pool never decided yet holds its policy's minimum. A
+        pool asked for (KEDA) is not forgotten while it is asked for."""
+        self._asked[key] = self._clock()
         rec = self._latest.get(key)
         return rec.decision.desired if rec is not None else self.policy_for(key).min_replicas
 

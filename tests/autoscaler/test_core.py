@@ -288,3 +288,27 @@ async def test_a_pool_gone_from_every_source_is_forgotten_with_its_gauges() -> N
     assert {rec.key for rec in await core.evaluate()} == {KEY}
     assert [rec.key for rec in core.latest()] == [KEY]
     assert metric(names.AS_DESIRED_REPLICAS, **labels) is None
+
+
+async def test_a_pool_is_not_forgotten_in_a_source_outage_or_while_keda_asks_for_it() -> None:
+    clock, source = FakeClock(), FakeSource()
+    scaled = PoolKey("long", "v2")  # scaled by KEDA, not in the configuration
+    core = Autoscaler(settings(), source, clock=clock)
+    source.signals[KEY] = sig(clock.t, 2, load=20)
+    source.signals[scaled] = sig(clock.t, 6, load=60)
+    await core.evaluate()
+    horizon = core_module.FORGET_AFTER * settings().signal_max_age_s
+    # The source reads nothing for longer than the horizon: every pool is held, none forgotten.
+    source.signals.clear()
+    clock.t += horizon + 10
+    assert {rec.key for rec in await core.evaluate()} == {KEY, scaled}
+    assert core.desired(scaled) == 6  # KEDA asks for it meanwhile
+    # The source is back without that pool; KEDA asked within the horizon: kept, held.
+    clock.t += 1
+    source.signals[KEY] = sig(clock.t, 2, load=20)
+    decided = {rec.key: rec.decision for rec in await core.evaluate()}
+    assert (decided[scaled].desired, decided[scaled].cause) == (6, Cause.STALE_HOLD)
+    # No one asks any more: forgotten once the horizon passes.
+    clock.t += horizon + 1
+    source.signals[KEY] = sig(clock.t, 2, load=20)
+    assert {rec.key for rec in await core.evaluate()} == {KEY}
