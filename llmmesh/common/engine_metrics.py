@@ -70,11 +70,16 @@ def _values_fast(lines: list[str]) -> dict[tuple[str, str], float] | None:
         if m is None:
             return None
         name, labels, raw = m.groups()
+        if "_" in raw:  # float() reads 1_0; the format does not
+            return None
         label = ""
         if labels:
             if _PLAIN_LABELS.fullmatch(labels) is None:
                 return None
-            found = dict(_LABEL_PAIRS.findall(labels))
+            pairs = _LABEL_PAIRS.findall(labels)
+            found = dict(pairs)
+            if len(found) != len(pairs) or any(n.startswith("__") for n in found):
+                return None  # a label twice, or a reserved name: the library's to refuse
             label = found.get("request_type") or found.get("kv_cache_block_type") or ""
         try:
             value = float(raw)

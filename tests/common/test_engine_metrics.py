@@ -90,7 +90,7 @@ _label_values = st.text(alphabet=st.sampled_from('ab ,={}"\\\n_1'), max_size=8)
 _numbers = st.one_of(
     st.integers(-(10**6), 10**6).map(str),
     st.floats(allow_nan=False, allow_infinity=False).map(repr),
-    st.sampled_from(["NaN", "+Inf", "-Inf", "1e3", ".5"]),
+    st.sampled_from(["NaN", "+Inf", "-Inf", "1e3", ".5", "1_0"]),
 )
 
 
@@ -99,8 +99,7 @@ def _sample_lines(draw: st.DrawFn) -> str:
     family = draw(st.sampled_from(_FAMILY_NAMES))
     names: list[str] = draw(
         st.lists(
-            st.sampled_from(["request_type", "kv_cache_block_type", "model"]),
-            unique=True,
+            st.sampled_from(["request_type", "kv_cache_block_type", "model", "__name__"]),
             max_size=3,
         )
     )
