@@ -505,51 +505,53 @@ def decide(
         )
     state.panic_floor = 0
 
-    # Stabilization (HPA): up to the min over the up-window, down to the max over the down-window.
+    # Stabilization (HPA): up to the min over the up-window, down to the max over the down-window,
+    # from the decided count (the observed one lags it both ways while pods start or drain).
     lower = min(_window(state.recommendations, now - cfg.scale_up_window_s) or [rec])
     upper = max(_window(state.recommendations, now - cfg.scale_down_window_s) or [rec])
-    desired = min(max(current, lower), upper)
-    cause = Cause.SCALE_UP if desired > current else Cause.STEADY
-    if desired < current:
+    desired = min(max(decided, lower), upper)
+    cause = Cause.SCALE_UP if desired > decided else Cause.STEADY
+    if desired < decided:
         cause = Cause.SCALE_DOWN
     if desired != rec:
         reason += (
             f"; stabilized {rec} -> {desired} (up-window min {lower}, down-window max {upper})"
         )
-        if desired == current:
+        if desired == decided:
             cause = Cause.STABILIZING
 
     # Unknown inputs never lower the count.
-    if desired < current and unknown:
+    if desired < decided and unknown:
         return done(
             held,
             Cause.UNKNOWN_HOLD,
             f"unknown: {', '.join(unknown)}; not scaling down; {reason}",
             extra,
         )
-    if desired < current and state.last_change_at is not None:
+    if desired < decided and state.last_change_at is not None:
         since = now - state.last_change_at
         if since < cfg.cooldown_s:
             return done(
-                current,
+                decided,
                 Cause.COOLDOWN,
                 f"cooldown: last change {since:.0f}s ago < {cfg.cooldown_s:g}s; {reason}",
                 extra,
             )
 
-    # Rate limits (HPA policies), relative to the decided count at the start of the period.
-    if desired > current:
+    # Rate limits (HPA policies), relative to the count at the start of the period: the decided
+    # count then, or the observed one where more are still running (a scale-down not yet done).
+    if desired > decided:
         added = sum(
             b - a for t, a, b in state.changes if t >= now - cfg.scale_up_period_s and b > a
         )
-        base = max(0, decided - added)
+        base = max(0, max(decided, current) - added)
         limit = max(
             math.ceil(base * (1 + cfg.scale_up_max_percent / 100)), base + cfg.scale_up_max_pods
         )
         if desired > limit:
             reason += f"; rate limit: at most {limit} in {cfg.scale_up_period_s:g}s"
-            desired, cause = max(current, limit), Cause.RATE_LIMIT
-    elif desired < current:
+            desired, cause = max(decided, limit), Cause.RATE_LIMIT
+    elif desired < decided:
         removed = sum(
             a - b for t, a, b in state.changes if t >= now - cfg.scale_down_period_s and a > b
         )
@@ -557,7 +559,7 @@ def decide(
         limit = math.floor(base * (1 - cfg.scale_down_max_percent / 100))
         if desired < limit:
             reason += f"; rate limit: at least {limit} in {cfg.scale_down_period_s:g}s"
-            desired, cause = min(current, limit), Cause.RATE_LIMIT
-    if desired > current and unknown:
+            desired, cause = min(decided, limit), Cause.RATE_LIMIT
+    if desired > decided and unknown:
         reason += f"; unknown: {', '.join(unknown)}"
     return done(desired, cause, reason, extra)

@@ -205,9 +205,39 @@ CASES: dict[str, tuple[dict[str, Any], list[Step]]] = {
         {"scale_up_max_pods": 4, "scale_up_max_percent": 100, "scale_up_period_s": 15},
         [
             Step(0, 4, 7, Cause.SCALE_UP, {"load": 70}),
-            Step(2, 4, 7, Cause.SCALE_UP, {"load": 70}),
-            Step(4, 4, 7, Cause.SCALE_UP, {"load": 70}),
-            Step(6, 4, 7, Cause.SCALE_UP, {"load": 70}),
+            Step(2, 4, 7, Cause.STEADY, {"load": 70}),
+            Step(4, 4, 7, Cause.STEADY, {"load": 70}),
+            Step(6, 4, 7, Cause.STEADY, {"load": 70}),
+        ],
+    ),
+    # KEDA/HPA: the HPA still runs 8 after a scale-down to 3 (its own window): the cooldown
+    # keeps the decided 3, not the observed 8 (3, 8, 8, ... kept the HPA at 8 for ever).
+    "a scale-down not done yet is not undone": (
+        {"cooldown_s": 30},
+        [
+            Step(0, 8, 8, Cause.STEADY, {"load": 80}),
+            Step(40, 8, 3, Cause.SCALE_DOWN, {"load": 30}),
+            Step(45, 8, 3, Cause.STEADY, {"load": 30, "reporting_replicas": 8}),
+            Step(50, 8, 3, Cause.STEADY, {"load": 30, "reporting_replicas": 8}),
+        ],
+    ),
+    # A burst while the HPA still runs 8 after a scale-down to 2: the rate limit starts from
+    # the 8 running, not the decided 2 (which allowed 6, below what runs).
+    "a burst after a scale-down not done yet": (
+        {"scale_up_max_pods": 4, "scale_up_max_percent": 100, "scale_up_period_s": 15},
+        [
+            Step(0, 8, 8, Cause.STEADY, {"load": 80}),
+            Step(20, 8, 2, Cause.SCALE_DOWN, {"load": 20}),
+            Step(25, 8, 12, Cause.SCALE_UP, {"load": 120}),
+        ],
+    ),
+    # From zero to 10; 3 ready a moment later: the 7 still starting are kept (the down-window
+    # holds the 10), not cut to what the 3 see.
+    "replicas still starting after a scale-up from zero are kept": (
+        {"min_replicas": 0, "scale_down_window_s": 300},
+        [
+            Step(0, 0, 10, Cause.FROM_ZERO, {"queue_depth": 100.0, "reporting_replicas": 0}),
+            Step(5, 3, 10, Cause.STABILIZING, {"load": 50, "arrival_rate": 1.0}),
         ],
     ),
     "KV use target": (
