@@ -129,6 +129,9 @@ class Autoscaler:
         signals = await self._signals(now)
         counts = await self._counts()
         configured = {p.key for p in self._settings.pools}
+        horizon = FORGET_AFTER * self._settings.signal_max_age_s
+        for key in [k for k, t in self._asked.items() if now - t > horizon]:
+            del self._asked[key]
         if signals:  # a round whose source read nothing (down, failing) forgets nothing
             self._forget_gone(now, configured | set(signals) | set(counts or {}))
         keys = set(signals) | configured | set(counts or {}) | set(self._latest)
@@ -170,8 +173,6 @@ class Autoscaler:
         last decision and gauges go, or every version ever seen would be decided and exported
         for the life of the process."""
         horizon = FORGET_AFTER * self._settings.signal_max_age_s
-        for key in [k for k, t in self._asked.items() if now - t > horizon]:
-            del self._asked[key]
         for key in [
             k
             for k, rec in self._latest.items()
@@ -244,8 +245,9 @@ class Autoscaler:
     def desired(self, key: PoolKey) -> int:
         """The latest desired count; a pool never decided yet holds its policy's minimum. A
         pool asked for (KEDA) is not forgotten while it is asked for."""
-        self._asked[key] = self._clock()
         rec = self._latest.get(key)
+        if rec is not None:  # a key that was never decided is not kept for anything
+            self._asked[key] = self._clock()
         return rec.decision.desired if rec is not None else self.policy_for(key).min_replicas
 
     def decisions(

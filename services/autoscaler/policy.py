@@ -382,9 +382,10 @@ def _required(cfg: PolicyConfig, sig: PoolSignals, current: int) -> list[tuple[s
 
 
 def hold(cfg: PolicyConfig, state: PoolState, current: int) -> int:
-    """The count a hold keeps: the larger of the observed and the last decided count (replicas
-    that died are replaced, not written off), within [min_replicas, max_replicas]."""
-    kept = current if state.desired is None else max(current, state.desired)
+    """The count a hold keeps: the last decided count (the observed one before any decision),
+    within [min_replicas, max_replicas]: replicas that died are replaced, not written off, and
+    a scale-down not done yet is not put back."""
+    kept = current if state.desired is None else state.desired
     return min(max(kept, cfg.min_replicas), cfg.max_replicas)
 
 
@@ -447,7 +448,9 @@ def decide(
     if current == 0 and queued > 0:
         state.idle_since = None
         want = max(1, math.ceil(max(cap_replicas or 0.0, tgt_replicas or 0.0)))
-        want = min(want, cfg.max_replicas)
+        # Only ever up while none runs yet: pods still pending are not re-decided each round
+        # from a queue that moves (10, 3, 6, 2 would each be a change).
+        want = min(max(want, decided), cfg.max_replicas)
         state.recommendations.append((now, want))
         return done(want, Cause.FROM_ZERO, f"{queued:g} request(s) queued at 0 replicas", extra)
 
@@ -477,23 +480,25 @@ def decide(
     if rec == 0 and cfg.min_replicas == 0:
         idle_for = now - state.idle_since if state.idle_since is not None else 0.0
         if idle_for < cfg.scale_to_zero_idle_s or not idle:
-            rec = 1 if current > 0 else 0
+            rec = 1 if max(current, decided) > 0 else 0
             reason += f"; idle {idle_for:.0f}s < {cfg.scale_to_zero_idle_s:g}s: keeping {rec}"
-        elif current > 0:
+        elif max(current, decided) > 0:
             state.recommendations.append((now, 0))
             return done(0, Cause.TO_ZERO, f"idle for {idle_for:.0f}s: scale to zero", extra)
     state.recommendations.append((now, rec))
 
     # Panic (KPA): a burst far above the current count scales up on the short window at once,
     # and nothing scales down until it has been calm for panic_hold_s.
-    if current > 0 and rec >= cfg.panic_threshold * current:
+    # Against what runs or is decided (pods starting, or replacing ones that died, are no burst).
+    running = max(current, decided)
+    if running > 0 and rec >= cfg.panic_threshold * running:
         state.panic_until = now + cfg.panic_hold_s
         in_panic = True
     elif in_panic is False:
         state.panic_until = None
     if in_panic:
         recent = _window(state.recommendations, now - cfg.panic_window_s) or [rec]
-        want = max(max(recent), current, state.panic_floor)
+        want = max(max(recent), running, state.panic_floor)
         want = min(want, cfg.max_replicas)
         state.panic_floor = want
         return done(

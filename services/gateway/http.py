@@ -399,8 +399,8 @@ class OpenAIHttpFront:
             if gen.resume_from is None:
                 for chunk in shapes.opening_chunks():
                     await resp.write(sse(chunk, "0" if ids else None))
-            await self._write_event(resp, shapes, first, ids)
             try:
+                await self._write_event(resp, shapes, first, ids)
                 async for ev in events:
                     await self._write_event(resp, shapes, ev, ids)
             except ServiceError as err:

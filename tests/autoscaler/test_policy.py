@@ -240,6 +240,35 @@ CASES: dict[str, tuple[dict[str, Any], list[Step]]] = {
             Step(5, 3, 10, Cause.STABILIZING, {"load": 50, "arrival_rate": 1.0}),
         ],
     ),
+    # Pods starting after a scale-up from zero are no burst: no panic cuts them.
+    "no panic while pods started from zero are still starting": (
+        {"min_replicas": 0, "panic_threshold": 2, "scale_down_window_s": 300},
+        [
+            Step(0, 0, 10, Cause.FROM_ZERO, {"queue_depth": 100.0, "reporting_replicas": 0}),
+            Step(7, 3, 10, Cause.STABILIZING, {"load": 60, "arrival_rate": 1.0}),
+        ],
+    ),
+    "from zero only goes up while none runs": (
+        {"min_replicas": 0},
+        [
+            Step(0, 0, 10, Cause.FROM_ZERO, {"queue_depth": 100.0, "reporting_replicas": 0}),
+            Step(5, 0, 10, Cause.FROM_ZERO, {"queue_depth": 30.0, "reporting_replicas": 0}),
+        ],
+    ),
+    "a hold does not put back a scale-down not done yet": (
+        {},
+        [
+            Step(0, 8, 8, Cause.STEADY, {"load": 80}),
+            Step(10, 8, 3, Cause.SCALE_DOWN, {"load": 30}),
+            Step(
+                15,
+                8,
+                3,
+                Cause.UNKNOWN_HOLD,
+                {"engine_active": None, "engine_waiting": None, "arrival_rate": None},
+            ),
+        ],
+    ),
     "KV use target": (
         {"target_signal": "kv_utilization", "target_value": 0.5},
         [Step(0, 2, 3, Cause.SCALE_UP, {"kv_utilization": 0.7})],
