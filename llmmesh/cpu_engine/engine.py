@@ -181,10 +181,12 @@ class CpuEngine:
             sink = self._sinks.pop(out.request_id) if out.finished else self._sinks[out.request_id]
             try:
                 sink.on_token(out)
-            except Exception:
-                log.exception("sink of request %s failed; cancelling it", out.request_id)
-                if not out.finished:
-                    self._cancel(out.request_id)
+            except Exception as exc:
+                # Ended with an error response whatever token failed (see the emulator's).
+                log.exception("sink of request %s failed; ending it", out.request_id)
+                if not out.finished and self._sinks.pop(out.request_id, None) is not None:
+                    self.scheduler.cancel(out.request_id)
+                call_sink(sink.on_error, f"internal error: {exc}")
 
     def _cancel(self, request_id: str) -> None:
         """Free the slot now and end the stream with an empty final response."""

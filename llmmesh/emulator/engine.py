@@ -232,10 +232,16 @@ class Engine:
         for out, sink in targets:
             try:
                 sink.on_token(out)
-            except Exception:
-                log.exception("sink of request %s failed; cancelling it", out.request_id)
+            except Exception as exc:
+                # The request ends with an error response, whatever token failed: after a
+                # failed final send nothing else would end it (the client and Triton would
+                # wait for ever), and a cancel's empty final would read as a normal end.
+                log.exception("sink of request %s failed; ending it", out.request_id)
                 if not out.finished:
-                    self.cancel(out.request_id)
+                    with self._wake:
+                        if self._sinks.pop(out.request_id, None) is not None:
+                            self.scheduler.cancel(out.request_id)  # its slot and KV blocks
+                call_sink(sink.on_error, f"internal error: {exc}")
         if result.events and self.on_events is not None:
             try:
                 self.on_events(result.events)

@@ -114,14 +114,18 @@ def test_cancellation_frees_the_slot_and_ends_the_stream() -> None:
     assert b.tokens == expected([3], 2)
 
 
-def test_a_sink_that_raises_gets_its_request_cancelled() -> None:
+@pytest.mark.parametrize("max_tokens", [50, 1])  # the failing send: mid-stream, or the final
+def test_a_sink_that_raises_gets_its_request_ended_with_an_error(max_tokens: int) -> None:
     e, model = engine()
     a, b = RecordingSink(), RecordingSink()
     a.raise_on_token = True
-    e.submit(req("a", [1, 2], 50), a)
+    e.submit(req("a", [1, 2], max_tokens), a)
     e.submit(req("b", [3], 4), b)
     drain(e)
     assert len(a.outputs) == 1
+    # Ended by an error, not left waiting (a failed final) nor cut as if cancelled.
+    assert [m.startswith("internal error") for m in a.errors] == [True]
+    assert not a.cancelled
     assert "a" in model.removed
     assert b.tokens == expected([3], 4)
 

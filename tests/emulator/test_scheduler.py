@@ -332,7 +332,7 @@ def test_engine_cancel_from_another_thread_and_stop() -> None:
         e.submit(req("late", [1], 1), Sink())
 
 
-def test_failing_sink_cancels_only_its_request() -> None:
+def test_a_failing_sink_ends_only_its_request() -> None:
     class Broken(Sink):
         def on_token(self, output: TokenOutput) -> None:
             raise RuntimeError("client went away")
@@ -344,7 +344,7 @@ def test_failing_sink_cancels_only_its_request() -> None:
     e.submit(req("good", [3, 4], 5), good)
     while e.run_step() is not None:
         pass
-    assert bad.cancelled == 1
+    assert (bad.cancelled, len(bad.errors)) == (0, 1)
     assert len(good.tokens) == 5
 
 
@@ -387,3 +387,35 @@ def test_engine_refuses_beyond_its_waiting_queue_bound() -> None:
         pass
     assert all(len(s.tokens) == 2 and not s.errors for s in sinks.values())
     e.submit(req("later", [1, 2, 3], 2), Sink())  # drained: room again
+
+
+class FailingSink(Sink):
+    """Its send of the n-th token raises (Triton's sender, a tensor conversion)."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.fail_at = fail_at
+
+    def on_token(self, output: TokenOutput) -> None:
+        super().on_token(output)
+        if len(self.tokens) == self.fail_at:
+            raise RuntimeError("response sender failed")
+
+
+@pytest.mark.parametrize(("max_tokens", "fail_at"), [(5, 2), (3, 3)])  # mid-stream; the final
+def test_a_failed_send_ends_the_request_with_an_error(max_tokens: int, fail_at: int) -> None:
+    e = engine(VirtualClock())
+    sink, other = FailingSink(fail_at), Sink()
+    e.submit(req("a", list(range(10)), max_tokens), sink)
+    e.submit(req("b", [1, 2, 3], 4), other)
+    while e.run_step() is not None:
+        pass
+    # Ended by an error response: not left without a final one (the client and Triton would
+    # wait for ever), nor cut with an empty final that reads as a normal end.
+    assert len(sink.tokens) == fail_at
+    assert [m.startswith("internal error") for m in sink.errors] == [True]
+    assert sink.cancelled == 0
+    assert len(other.tokens) == 4
+    assert other.errors == []
+    m = e.metrics()
+    assert (m.active, m.kv_used_blocks) == (0, 0)
