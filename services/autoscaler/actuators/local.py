@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import itertools
 import logging
 import tempfile
@@ -244,6 +245,9 @@ class LocalActuator:
             r.phase = ReplicaPhase.STOPPING
             assert r.task is not None
             r.task.cancel()  # its task tears the process down and leaves the pool
+            # A task cancelled before it ever ran has no process and never reaches its own
+            # `except`: it leaves the pool here (leaving twice is harmless).
+            r.task.add_done_callback(functools.partial(self._forget_cancelled, pool, r))
         excess -= min(excess, len(starting))
         if not excess:
             return
@@ -315,13 +319,15 @@ class LocalActuator:
             models=pool.spec.models,
         )
         r.spec = spec
+        # Before the first call: an orchestrator may record it before it answers (or before
+        # this task is cancelled, or before another refuses it), and teardown deregisters only
+        # a registered replica (NOT_FOUND there is fine).
+        r.registered = True
         deadline = time.monotonic() + s.ready_timeout_s
         while True:
             answers = await self._register_everywhere(spec, raise_after=deadline)
-            if answers:
-                r.registered = True
-                if all(answers):
-                    return
+            if answers and all(answers):
+                return
             if not r.server.is_running:
                 raise StartFailed(f"tritonserver exited; log tail:\n{r.server.log_tail()}")
             if time.monotonic() > deadline:
@@ -367,8 +373,9 @@ class LocalActuator:
 
     async def _drain_leases(self, r: _Replica) -> None:
         """DrainReplica on every orchestrator until none holds a lease on the replica or
-        `drain_timeout_s` passes. An orchestrator that does not know the replica (NOT_FOUND),
-        or is not reached (it grants nothing meanwhile), counts as drained."""
+        `drain_timeout_s` passes. An orchestrator that does not know the replica (NOT_FOUND)
+        counts as drained; one not reached is asked again until the deadline (leases it granted
+        before may still run there)."""
         deadline = time.monotonic() + self._settings.drain_timeout_s
 
         async def drain_on(address: str, stub: orch_grpc.OrchestratorServiceAsyncStub) -> bool:
@@ -378,7 +385,7 @@ class LocalActuator:
                         orch_pb.DrainReplicaRequest(replica_id=r.id), timeout=left
                     )
                 except grpc.aio.AioRpcError as err:
-                    if err.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE):
+                    if err.code() == grpc.StatusCode.NOT_FOUND:
                         return True
                     log.warning(
                         "drain call failed",
@@ -418,6 +425,10 @@ class LocalActuator:
                             },
                         )
             r.registered = False
+
+    def _forget_cancelled(self, pool: _Pool, r: _Replica, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            self._forget(pool, r)
 
     def _forget(self, pool: _Pool, r: _Replica) -> None:
         if self._liveness is not None:
