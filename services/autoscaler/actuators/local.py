@@ -60,6 +60,10 @@ from services.autoscaler.actuators.local_settings import LocalActuatorSettings, 
 
 log = logging.getLogger(__name__)
 
+# How long a scale-down waits for the orchestrators' lease counts (which only order which ready
+# replicas drain first).
+_IN_FLIGHT_TIMEOUT_S = 1.0
+
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 _POLL_S = 0.2  # between RegisterReplica attempts while the orchestrator's probe has not passed
 _MAX_BACKOFF_S = 60.0
@@ -522,19 +526,27 @@ class LocalActuator:
         return out
 
     async def _in_flight(self) -> dict[str, int]:
-        """Leases per replica, summed over the orchestrators that answer."""
-        total: dict[str, int] = {}
-        for address, stub in self._orchestrators():
+        """Leases per replica, summed over the orchestrators that answer within
+        `_IN_FLIGHT_TIMEOUT_S`, asked at once: the figures only order which ready replicas
+        drain first, and `apply` (the autoscaler's round) waits for them."""
+
+        async def one(
+            address: str, stub: orch_grpc.OrchestratorServiceAsyncStub
+        ) -> orch_pb.ListReplicasResponse | None:
             try:
-                resp = await stub.ListReplicas(
-                    orch_pb.ListReplicasRequest(), timeout=self._settings.rpc_timeout_s
+                return await stub.ListReplicas(
+                    orch_pb.ListReplicasRequest(),
+                    timeout=min(self._settings.rpc_timeout_s, _IN_FLIGHT_TIMEOUT_S),
                 )
             except grpc.aio.AioRpcError as err:
                 log.warning(
                     "ListReplicas failed", extra={"orchestrator": address, "error": err.details()}
                 )
-                continue
-            for st in resp.replicas:
+                return None
+
+        total: dict[str, int] = {}
+        for resp in await asyncio.gather(*(one(a, st) for a, st in self._orchestrators())):
+            for st in resp.replicas if resp is not None else ():
                 total[st.replica.id] = total.get(st.replica.id, 0) + st.in_flight
         return total
 
