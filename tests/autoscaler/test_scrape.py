@@ -262,51 +262,6 @@ async def test_a_broken_or_stuck_endpoint_is_one_unread_replica(error: Exception
     assert (got[LONG].replicas_known, got[LONG].reporting_replicas) == (1, 0)
 
 
-def test_a_page_over_the_bound_is_not_read() -> None:
-    class Huge(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(200)
-            self.end_headers()
-            chunk = b"#" * (1 << 20)
-            with contextlib.suppress(OSError):
-                for _ in range(MAX_PAGE_BYTES // len(chunk) + 2):
-                    self.wfile.write(chunk)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Huge)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        with pytest.raises(ValueError, match="over"):
-            fetch_metrics_text(f"http://127.0.0.1:{server.server_port}/metrics", "", 10)
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_an_http_error_status_is_a_connection_error_with_its_connection_closed() -> None:
-    class Missing(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_error(404)
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Missing)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        # filterwarnings=error: a response left open would fail here as a ResourceWarning.
-        with pytest.raises(ConnectionError, match="404"):
-            fetch_metrics_text(f"http://127.0.0.1:{server.server_port}/metrics", "", 10)
-        gc.collect()
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @contextlib.contextmanager
 def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -323,6 +278,32 @@ def serving(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[str]:
 class Quiet(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         pass
+
+
+def test_a_page_over_the_bound_is_not_read() -> None:
+    class Huge(Quiet):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            chunk = b"#" * (1 << 20)
+            with contextlib.suppress(OSError):
+                for _ in range(MAX_PAGE_BYTES // len(chunk) + 2):
+                    self.wfile.write(chunk)
+
+    with serving(Huge) as url, pytest.raises(ValueError, match="over"):
+        fetch_metrics_text(url, "", 10)
+
+
+def test_an_http_error_status_is_a_connection_error_with_its_connection_closed() -> None:
+    class Missing(Quiet):
+        def do_GET(self) -> None:
+            self.send_error(404)
+
+    with serving(Missing) as url:
+        # filterwarnings=error: a response left open would fail here as a ResourceWarning.
+        with pytest.raises(ConnectionError, match="404"):
+            fetch_metrics_text(url, "", 10)
+        gc.collect()
 
 
 def test_a_page_trickled_past_its_deadline_is_given_up_by_the_reading_thread() -> None:
