@@ -88,6 +88,7 @@ class Autoscaler:
         self._states: dict[PoolKey, PoolState] = {}
         self._latest: dict[PoolKey, Recorded] = {}
         self._asked: dict[PoolKey, float] = {}  # when `desired` was last asked for each pool
+        self._forget_after_s = FORGET_AFTER * settings.signal_max_age_s
         self._history: deque[Recorded] = deque(maxlen=settings.decision_history)
         self._seq = itertools.count(1)
         self._updated = asyncio.Event()
@@ -128,13 +129,12 @@ class Autoscaler:
         now = self._clock()
         signals = await self._signals(now)
         counts = await self._counts()
-        configured = {p.key for p in self._settings.pools}
-        horizon = FORGET_AFTER * self._settings.signal_max_age_s
-        for key in [k for k, t in self._asked.items() if now - t > horizon]:
+        present = {p.key for p in self._settings.pools} | set(signals) | set(counts or {})
+        for key in [k for k, t in self._asked.items() if now - t > self._forget_after_s]:
             del self._asked[key]
         if signals:  # a round whose source read nothing (down, failing) forgets nothing
-            self._forget_gone(now, configured | set(signals) | set(counts or {}))
-        keys = set(signals) | configured | set(counts or {}) | set(self._latest)
+            self._forget_gone(now, present)
+        keys = present | set(self._latest)
         out: list[Recorded] = []
         for key in sorted(keys):
             sig = signals.get(key) or PoolSignals(sampled_at=now)
@@ -172,13 +172,12 @@ class Autoscaler:
         `signal_max_age_s` is gone (a model version rolled out, a label seen once): its state,
         last decision and gauges go, or every version ever seen would be decided and exported
         for the life of the process."""
-        horizon = FORGET_AFTER * self._settings.signal_max_age_s
         for key in [
             k
             for k, rec in self._latest.items()
             if k not in present
             and k not in self._asked  # KEDA still scales it
-            and now - rec.decision.signals.sampled_at > horizon
+            and now - rec.decision.signals.sampled_at > self._forget_after_s
         ]:
             del self._latest[key]
             self._states.pop(key, None)
