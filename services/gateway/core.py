@@ -174,7 +174,7 @@ class GatewayCore:
         Unauthenticated for a missing or unknown key."""
         return None if self._auth is None else self._auth.authenticate(api_key)
 
-    def refused(self, err: ServiceError, model: str = "", started: float | None = None) -> None:
+    def refused(self, err: ServiceError, started: float, model: str = "") -> None:
         """A request a front refused before it reached `generate` (undecodable, malformed, over a
         size bound): counted in the request metrics once, as every request is, under its model
         when served (else "unknown") and no tenant (none is known yet). `started`: when the
@@ -183,7 +183,7 @@ class GatewayCore:
             model if model in self._models else "unknown",
             metrics.outcome_label(err),
             "",
-            0.0 if started is None else time.perf_counter() - started,
+            time.perf_counter() - started,
         )
 
     # -- validation -------------------------------------------------------------------------

@@ -294,11 +294,11 @@ class OpenAIHttpFront:
             # parse of up to http_max_body_bytes.
             self._core.authenticate(api_key)
         except ServiceError as unauthenticated:
-            self._core.refused(unauthenticated, started=started)
+            self._core.refused(unauthenticated, started)
             return error_response(unauthenticated)
         if not (request_id.isascii() and request_id.isprintable()):
             bad_id = InvalidRequest("must be printable ASCII", field="request_id")
-            self._core.refused(bad_id, started=started)
+            self._core.refused(bad_id, started)
             return error_response(bad_id)
         request_id_var.set(request_id)
         try:
@@ -306,25 +306,26 @@ class OpenAIHttpFront:
             resume_at = parse_resume(
                 request.headers.get(LAST_EVENT_ID_HEADER, request.headers.get(RESUME_HEADER))
             )
-            resume_from = None if resume_at is None else resume_at.offset
             try:
                 body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 message = f"request body larger than {self._settings.http_max_body_bytes} bytes"
-                self._core.refused(InvalidRequest(message), started=started)
+                self._core.refused(InvalidRequest(message), started)
                 return _json_response(413, plain_error(message, "invalid_request_error"))
             parse = parse_chat_request if kind is Kind.CHAT else parse_completion_request
             sizes = functools.partial(self._core.check_sizes, api_key=api_key)
             oreq = parse(body, request_id=request_id, api_key=api_key, sizes=sizes)
-            if supplied_id or resume_from is not None:
+            if supplied_id or resume_at is not None:
                 oreq = dataclasses.replace(
                     oreq,
                     generation=dataclasses.replace(
-                        oreq.generation, keyed=bool(supplied_id), resume_from=resume_from
+                        oreq.generation,
+                        keyed=bool(supplied_id),
+                        resume_from=None if resume_at is None else resume_at.offset,
                     ),
                 )
         except ServiceError as err:
-            self._core.refused(err, started=started)
+            self._core.refused(err, started)
             return error_response(err, None, request_id)
         token = otel_context.attach(
             extract_trace_context((k.lower(), v) for k, v in request.headers.items())
@@ -381,7 +382,7 @@ class OpenAIHttpFront:
         shapes: Shapes,
         first: Event,
         events: AsyncIterator[Event],
-        resume_at: ResumeAt | None = None,
+        resume_at: ResumeAt | None,
     ) -> web.StreamResponse:
         resp = web.StreamResponse(
             status=200,
@@ -429,15 +430,15 @@ class OpenAIHttpFront:
     ) -> None:
         """Deltas without text (a character still incomplete) are not sent: the next one's
         event id covers their tokens."""
-        if isinstance(ev, Delta) and ev.token_ids:
-            event_id = None if ids is None else ids.reached(ev.end)
-            if ev.text:
-                await resp.write(sse(shapes.text_chunk(ev.text), event_id))
-            return
         if isinstance(ev, Delta):
+            if ev.token_ids:
+                event_id = None if ids is None else ids.reached(ev.end)
+                if ev.text:
+                    await resp.write(sse(shapes.text_chunk(ev.text), event_id))
+                return
             chunks = [shapes.text_chunk(ev.text)] if ev.text else []
         else:
-            chunks = list(shapes.closing_chunks(ev))
+            chunks = shapes.closing_chunks(ev)
         for chunk in chunks:
             if ids is None:
                 await resp.write(sse(chunk))

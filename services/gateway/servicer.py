@@ -150,7 +150,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         started = time.perf_counter()
         if isinstance(request, Undecodable):
             err = request.as_error()
-            self._core.refused(err, started=started)
+            self._core.refused(err, started)
             await abort(context, err)
             return
         which = request.WhichOneof("prompt")
@@ -163,7 +163,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 api_key=api_key,
             )
         except ServiceError as err:
-            self._core.refused(err, request.model, started)
+            self._core.refused(err, started, request.model)
             await abort(context, err)
             return
         req = request_from_pb(request, api_key)
