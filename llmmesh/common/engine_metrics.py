@@ -158,16 +158,22 @@ def read_body(resp: http.client.HTTPResponse, max_bytes: int, deadline: float) -
     return body
 
 
-def fetch_metrics_text(url: str, host: str, timeout_s: float) -> str:
-    """GET a Prometheus text page; `host` overrides the Host header (a headless Service's name
-    when scraping a pod by IP through the mesh), whole within `read_deadline_s(timeout_s)`
-    (`read_body`); ConnectionError (an OSError) for an HTTP error status."""
+def get_bounded(url: str, host: str, timeout_s: float, max_bytes: int) -> bytes:
+    """GET `url`'s body, whole within `read_deadline_s(timeout_s)` and at most `max_bytes`
+    (`read_body`); `host` overrides the Host header. ConnectionError (an OSError) for an HTTP
+    error status, its response closed here rather than when collected."""
     deadline = time.monotonic() + read_deadline_s(timeout_s)
     request = urllib.request.Request(url, headers={"Host": host} if host else {})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as resp:
-            body = read_body(resp, MAX_PAGE_BYTES, deadline)
+            return read_body(resp, max_bytes, deadline)
     except urllib.error.HTTPError as err:
-        with err:  # its body holds the connection: closed here, not when collected
-            raise ConnectionError(f"metrics page: HTTP {err.code} {err.reason}") from None
+        with err:
+            raise ConnectionError(f"{url}: HTTP {err.code} {err.reason}") from None
+
+
+def fetch_metrics_text(url: str, host: str, timeout_s: float) -> str:
+    """GET a Prometheus text page (`get_bounded`, at most MAX_PAGE_BYTES); `host`: a headless
+    Service's name when scraping a pod by IP through the mesh."""
+    body = get_bounded(url, host, timeout_s, MAX_PAGE_BYTES)
     return str(body.decode("utf-8", errors="replace"))

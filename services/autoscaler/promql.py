@@ -18,7 +18,6 @@ import http.client
 import json
 import logging
 import math
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from llmmesh.common import metric_names as names
-from llmmesh.common.engine_metrics import read_body, read_deadline_s
+from llmmesh.common.engine_metrics import get_bounded
 from llmmesh.common.topology import PoolKey
 from services.autoscaler.signals import (
     QUANTILE,
@@ -143,15 +142,7 @@ MAX_ANSWER_BYTES: Final = 16 << 20
 
 
 def http_get(url: str, timeout_s: float) -> bytes:
-    deadline = time.monotonic() + read_deadline_s(timeout_s)
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
-            return read_body(resp, MAX_ANSWER_BYTES, deadline)
-    except urllib.error.HTTPError as err:
-        with err:  # its body holds the connection: closed here, not when collected
-            raise PromQLError(f"HTTP {err.code} {err.reason}") from None
-    except ValueError as err:  # over the bound
-        raise PromQLError(str(err)) from None
+    return get_bounded(url, "", timeout_s, MAX_ANSWER_BYTES)
 
 
 class PromQLError(RuntimeError):
@@ -220,7 +211,8 @@ class PromQLSource:
                 call_deadline_s(self._config.timeout_s),
             )
             return parse_vector(body)
-        except (OSError, PromQLError, http.client.HTTPException) as exc:  # TimeoutError: OSError
+        # TimeoutError: OSError; ValueError: over the size bound
+        except (OSError, ValueError, PromQLError, http.client.HTTPException) as exc:
             log.info("promql query failed", extra={"query": promql, "error": repr(exc)})
             return None
 
