@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -87,7 +88,8 @@ class Autoscaler:
         self._clock = clock
         self._states: dict[PoolKey, PoolState] = {}
         self._latest: dict[PoolKey, Recorded] = {}
-        self._asked: dict[PoolKey, float] = {}  # when `desired` was last asked for each pool
+        # When `desired` was last asked for each decided pool (its keys are within `_latest`'s).
+        self._asked: dict[PoolKey, float] = {}
         self._forget_after_s = FORGET_AFTER * settings.signal_max_age_s
         self._history: deque[Recorded] = deque(maxlen=settings.decision_history)
         self._seq = itertools.count(1)
@@ -130,8 +132,6 @@ class Autoscaler:
         signals = await self._signals(now)
         counts = await self._counts()
         present = {p.key for p in self._settings.pools} | set(signals) | set(counts or {})
-        for key in [k for k, t in self._asked.items() if now - t > self._forget_after_s]:
-            del self._asked[key]
         if signals:  # a round whose source read nothing (down, failing) forgets nothing
             self._forget_gone(now, present)
         keys = present | set(self._latest)
@@ -176,10 +176,11 @@ class Autoscaler:
             k
             for k, rec in self._latest.items()
             if k not in present
-            and k not in self._asked  # KEDA still scales it
             and now - rec.decision.signals.sampled_at > self._forget_after_s
+            and now - self._asked.get(k, -math.inf) > self._forget_after_s  # KEDA asks for it
         ]:
             del self._latest[key]
+            self._asked.pop(key, None)
             self._states.pop(key, None)
             labels = (key.pool, key.model_version)
             remove_series(

@@ -239,6 +239,10 @@ class PoolState:
     # change is measured from (the observed count lags it while replicas start).
     desired: int | None = None
 
+    def decided(self, current: int) -> int:
+        """The last decided count; the observed `current` before any decision."""
+        return current if self.desired is None else self.desired
+
 
 class Cause(StrEnum):
     """Why the decision is what it is (bounded: a metric label)."""
@@ -385,7 +389,7 @@ def hold(cfg: PolicyConfig, state: PoolState, current: int) -> int:
     """The count a hold keeps: the last decided count (the observed one before any decision),
     within [min_replicas, max_replicas]: replicas that died are replaced, not written off, and
     a scale-down not done yet is not put back."""
-    kept = current if state.desired is None else state.desired
+    kept = state.decided(current)
     return min(max(kept, cfg.min_replicas), cfg.max_replicas)
 
 
@@ -410,7 +414,9 @@ def decide(
         ),
     )
     in_panic = state.panic_until is not None and now < state.panic_until
-    decided = current if state.desired is None else state.desired
+    decided = state.decided(current)
+    # What runs or is decided (pods starting, or replacing ones that died).
+    running = max(current, decided)
 
     def done(
         desired: int, cause: Cause, reason: str, est: Estimates = Estimates()
@@ -480,9 +486,9 @@ def decide(
     if rec == 0 and cfg.min_replicas == 0:
         idle_for = now - state.idle_since if state.idle_since is not None else 0.0
         if idle_for < cfg.scale_to_zero_idle_s or not idle:
-            rec = 1 if max(current, decided) > 0 else 0
+            rec = 1 if running > 0 else 0
             reason += f"; idle {idle_for:.0f}s < {cfg.scale_to_zero_idle_s:g}s: keeping {rec}"
-        elif max(current, decided) > 0:
+        elif running > 0:
             state.recommendations.append((now, 0))
             return done(0, Cause.TO_ZERO, f"idle for {idle_for:.0f}s: scale to zero", extra)
     state.recommendations.append((now, rec))
@@ -490,7 +496,6 @@ def decide(
     # Panic (KPA): a burst far above the current count scales up on the short window at once,
     # and nothing scales down until it has been calm for panic_hold_s.
     # Against what runs or is decided (pods starting, or replacing ones that died, are no burst).
-    running = max(current, decided)
     if running > 0 and rec >= cfg.panic_threshold * running:
         state.panic_until = now + cfg.panic_hold_s
         in_panic = True
@@ -549,7 +554,7 @@ def decide(
         added = sum(
             b - a for t, a, b in state.changes if t >= now - cfg.scale_up_period_s and b > a
         )
-        base = max(0, max(decided, current) - added)
+        base = max(0, running - added)
         limit = max(
             math.ceil(base * (1 + cfg.scale_up_max_percent / 100)), base + cfg.scale_up_max_pods
         )
