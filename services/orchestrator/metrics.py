@@ -131,12 +131,12 @@ def record_in_flight(replica: str, pool: str, in_flight: int) -> None:
 
 def record_healthy(replica: str, pool: str, healthy: bool) -> None:
     if _KNOWN_REPLICAS.get(replica) == pool:  # a probe may end after its replica was forgotten
-        _HEALTHY.labels(replica, pool).set(1 if healthy else 0)
+        _child(_HEALTHY, replica, pool).set(1 if healthy else 0)
 
 
 def record_ejection(replica: str, pool: str) -> None:
     if _KNOWN_REPLICAS.get(replica) == pool:
-        _EJECTIONS.labels(replica, pool).inc()
+        _child(_EJECTIONS, replica, pool).inc()
 
 
 def record_pool_ready(pool: str, model_version: str, ready: int) -> None:
