@@ -32,6 +32,7 @@ from llmmesh.triton.inflight import (
     call_sink,
     cancelled_requests,
     check_queue_room,
+    fail_sink,
 )
 from llmmesh.triton.inflight import QueueFullError as QueueFullError
 from llmmesh.triton.inflight import RequestSink as _RequestSink
@@ -182,16 +183,19 @@ class CpuEngine:
             try:
                 sink.on_token(out)
             except Exception as exc:
-                # Ended with an error response whatever token failed (see the emulator's).
-                log.exception("sink of request %s failed; ending it", out.request_id)
-                if not out.finished and self._sinks.pop(out.request_id, None) is not None:
-                    self.scheduler.cancel(out.request_id)
-                call_sink(sink.on_error, f"internal error: {exc}")
+                if not out.finished:
+                    self._withdraw(out.request_id)
+                fail_sink(sink, out.request_id, exc)
+
+    def _withdraw(self, request_id: str) -> RequestSink | None:
+        """Take the request out, its slot freed now: its sink (None when not in flight)."""
+        sink = self._sinks.pop(request_id, None)
+        self.scheduler.cancel(request_id)
+        return sink
 
     def _cancel(self, request_id: str) -> None:
         """Free the slot now and end the stream with an empty final response."""
-        sink = self._sinks.pop(request_id, None)
-        self.scheduler.cancel(request_id)
+        sink = self._withdraw(request_id)
         if sink is not None:
             call_sink(sink.on_cancelled)
 

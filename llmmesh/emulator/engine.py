@@ -41,6 +41,7 @@ from llmmesh.triton.inflight import (
     call_sink,
     cancelled_requests,
     check_queue_room,
+    fail_sink,
 )
 from llmmesh.triton.inflight import RequestSink as _RequestSink
 
@@ -164,13 +165,20 @@ class Engine:
         """Cancel now: the batch slot and KV blocks are freed at once; the sink's on_cancelled()
         runs on the engine thread. False if the request is not in flight."""
         with self._wake:
-            sink = self._sinks.pop(request_id, None)
+            sink = self._withdraw(request_id)
             if sink is None:
                 return False
-            self.scheduler.cancel(request_id)
             self._cancelled.append(sink)
             self._wake.notify_all()
         return True
+
+    def _withdraw(self, request_id: str) -> RequestSink | None:
+        """Take the request out: its sink (None when not in flight), its slot and KV blocks
+        freed. The caller holds the lock."""
+        sink = self._sinks.pop(request_id, None)
+        if sink is not None:
+            self.scheduler.cancel(request_id)
+        return sink
 
     def metrics(self) -> EngineMetrics:
         with self._lock:
@@ -233,15 +241,10 @@ class Engine:
             try:
                 sink.on_token(out)
             except Exception as exc:
-                # The request ends with an error response, whatever token failed: after a
-                # failed final send nothing else would end it (the client and Triton would
-                # wait for ever), and a cancel's empty final would read as a normal end.
-                log.exception("sink of request %s failed; ending it", out.request_id)
                 if not out.finished:
                     with self._wake:
-                        if self._sinks.pop(out.request_id, None) is not None:
-                            self.scheduler.cancel(out.request_id)  # its slot and KV blocks
-                call_sink(sink.on_error, f"internal error: {exc}")
+                        self._withdraw(out.request_id)
+                fail_sink(sink, out.request_id, exc)
         if result.events and self.on_events is not None:
             try:
                 self.on_events(result.events)

@@ -64,6 +64,14 @@ def call_sink(fn: Callable[..., None], *args: object) -> None:
         log.exception("request sink callback failed")
 
 
+def fail_sink(sink: RequestSink[Any], request_id: str, exc: Exception) -> None:
+    """A request whose result could not be delivered (`on_token` raised) ends with an error,
+    whatever token failed: after a failed final send nothing else would end it (the client and
+    Triton would wait for ever), and a cancel's empty final would read as a normal end."""
+    log.exception("sink of request %s failed; ending it", request_id)
+    call_sink(sink.on_error, f"internal error: {exc}")
+
+
 class CancellationPoll:
     """Paces cancellation checks: `due()` is true at most once per `period_ms`."""
 
