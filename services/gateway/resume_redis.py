@@ -73,9 +73,9 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -97,6 +97,8 @@ from services.gateway.settings import GatewaySettings
 __all__ = ["RedisResumeStore", "decode_batch", "encode_batch"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 UNAVAILABLE_RETRY_AFTER_S = 1.0
 # How long a forgotten generation's log (its error entry) stays for gateways still following it.
@@ -442,6 +444,28 @@ class RedisResumeStore:
             retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
         )
 
+    async def _or_lost(self, op: str, step: Awaitable[T]) -> T:
+        """`step`'s result; a Redis failure is `_lost_midway(op)`."""
+        try:
+            return await step
+        except RedisError as err:
+            raise self._lost_midway(op) from err
+
+    async def _beat_and_read(
+        self, watch: str, log_key: str, last_id: str, watch_ms: int, block_ms: int, beat: bool
+    ) -> Any:
+        """Refresh the follower's watch (when `beat`), then XREAD BLOCK the log after `last_id`."""
+        if beat:
+            await self._redis.set(watch, self.owner, px=watch_ms)
+        return await self._blocking.xread({log_key: last_id}, block=block_ms)
+
+    async def _gen_state(self, keys: _Keys) -> Any:
+        """(generation id, done) of the key and whether a gateway claims it."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(keys.meta, "gen", "done")
+            pipe.exists(keys.claim)
+            return await pipe.execute()
+
     # -- Generation's store side ------------------------------------------------------------
     def _ended(self, gen: Generation) -> None:
         if isinstance(gen, _Owned):
@@ -690,13 +714,13 @@ class RedisResumeStore:
         loop = asyncio.get_running_loop()
         next_beat = 0.0
         while True:
-            try:
-                if loop.time() >= next_beat:
-                    await self._redis.set(keys.watch, self.owner, px=watch_ms)
-                    next_beat = loop.time() + self.lease_s / 3
-                resp: Any = await self._blocking.xread({log_key: last_id}, block=block_ms)
-            except RedisError as err:
-                raise self._lost_midway("follow") from err
+            beat = loop.time() >= next_beat
+            if beat:
+                next_beat = loop.time() + self.lease_s / 3
+            resp: Any = await self._or_lost(
+                "follow",
+                self._beat_and_read(keys.watch, log_key, last_id, watch_ms, block_ms, beat),
+            )
             if resp:
                 for _, entries in resp:
                     for entry_id, payload in _entries(entries):
@@ -712,20 +736,10 @@ class RedisResumeStore:
                             raise error
                 continue
             # Nothing new within the block: is its gateway still there?
-            try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    pipe.hmget(keys.meta, "gen", "done")
-                    pipe.exists(keys.claim)
-                    replies: Any = await pipe.execute()
-                (gen_now, done), claimed = replies
-            except RedisError as err:
-                raise self._lost_midway("follow") from err
+            (gen_now, done), claimed = await self._or_lost("follow", self._gen_state(keys))
             if gen_now is None or _s(gen_now) != gen_id:
                 # Forgotten: its error entry, if written, comes with the next read.
-                try:
-                    more, error, _ = await self._read_log(log_key, last_id)
-                except RedisError as err:
-                    raise self._lost_midway("follow") from err
+                more, error, _ = await self._or_lost("follow", self._read_log(log_key, last_id))
                 if more or error is not None:
                     continue
                 raise Unavailable(
@@ -736,12 +750,12 @@ class RedisResumeStore:
                 continue
             if not self._fits(reserve_tokens):
                 continue  # no room to run it here; another gateway may
-            try:
-                taken = await self._try_takeover(
+            taken = await self._or_lost(
+                "takeover",
+                self._try_takeover(
                     key, keys, digest, reserve_tokens, created, gen_id, seen, last_id, source
-                )
-            except RedisError as err:
-                raise self._lost_midway("takeover") from err
+                ),
+            )
             if taken is None:
                 continue
             metrics.record_resume_request("taken_over")
