@@ -93,11 +93,17 @@ class CpuEngine:
         with self._wake:
             self._stopping = True
             self._wake.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            if self._thread.is_alive():
-                log.error("engine thread did not stop within %.1fs", timeout_s)
-                return
+        if self._thread is None:
+            self._end_left()
+            return
+        # The engine thread ends what is left as it exits (it owns the sinks): after this
+        # timeout too, when its last iteration outlasts it.
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.error("engine thread did not stop within %.1fs", timeout_s)
+
+    def _end_left(self) -> None:
+        """Every request queued or in flight ends with an error (the engine is stopping)."""
         with self._lock:
             left = [sink for _, sink, _ in self._inbox]
             self._inbox.clear()
@@ -147,16 +153,20 @@ class CpuEngine:
                 while not self._stopping and not self._inbox and not self.scheduler.has_work:
                     self._wake.wait()
                 if self._stopping:
-                    return
+                    break
             try:
                 self.run_once()
             except Exception:  # keep serving; the failing iteration is logged
                 log.exception("engine iteration failed")
+        self._end_left()
 
     def _intake(self) -> None:
         with self._lock:
             batch = list(self._inbox)
             self._inbox.clear()
+            # Counted as queued as they leave the inbox, under the same lock: `submit`'s bound
+            # counts every request in one or the other.
+            self._queued += len(batch)
         for request, sink, arrival in batch:
             try:
                 self.scheduler.submit(request, arrival)

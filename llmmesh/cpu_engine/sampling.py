@@ -51,7 +51,10 @@ class Sampler:
             self._generator.manual_seed(seed % 2**63)
 
     def choose(self, logits: torch.Tensor) -> int:
-        """`logits`: a 1-D float tensor over the vocabulary."""
+        """`logits`: a 1-D float tensor over the vocabulary. Raises ValueError on a NaN (argmax
+        would pick it as a token)."""
+        if bool(torch.isnan(logits).any()):
+            raise ValueError("the logits contain NaN")
         if self._generator is None:
             return int(torch.argmax(logits).item())
         p = self.params

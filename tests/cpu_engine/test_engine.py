@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Sequence
 
 import pytest
+import torch
 
 from llmmesh.cpu_engine.engine import CpuEngine, EngineStoppedError, QueueFullError
-from llmmesh.cpu_engine.scheduler import RequestRejectedError, TokenOutput
+from llmmesh.cpu_engine.scheduler import CpuRequest, RequestRejectedError, TokenOutput
 from llmmesh.cpu_engine.settings import CpuEngineSettings
 from tests.cpu_engine.fakes import FakeBatchModel, expected, req
 
@@ -92,6 +94,25 @@ def test_a_full_queue_rejects_with_a_clear_error_and_frees_up() -> None:
     assert e.metrics().waiting == 0
 
 
+def test_requests_taken_from_the_inbox_still_count_against_the_queue_bound() -> None:
+    e, _ = engine(max_batch_size=1, max_queue_size=1)
+    e.submit(req("a", [1], 3), RecordingSink())
+    submit = e.scheduler.submit
+    refused: list[Exception] = []
+
+    def submit_racing(request: CpuRequest, arrival_ns: int | None = None) -> None:
+        # Another thread's submit while `a` is between the inbox and the scheduler's queue.
+        try:
+            e.submit(req("b", [1], 3), RecordingSink())
+        except QueueFullError as exc:
+            refused.append(exc)
+        submit(request, arrival_ns)
+
+    e.scheduler.submit = submit_racing  # type: ignore[method-assign]
+    e.run_once()
+    assert len(refused) == 1
+
+
 def test_invalid_requests_are_rejected_at_submit() -> None:
     e, _ = engine()
     with pytest.raises(RequestRejectedError, match="max_seq_len"):
@@ -148,4 +169,26 @@ def test_stop_errors_requests_in_flight() -> None:
     e.submit(req("a", [1], 50), a)
     e.run_once()
     e.stop()
+    assert a.errors == ["engine stopped"]
+
+
+def test_a_stop_that_times_out_still_ends_what_is_left_when_the_iteration_does() -> None:
+    e, model = engine()
+    in_step, release = threading.Event(), threading.Event()
+    prefill = model.prefill
+
+    def slow_prefill(seq_id: str, prompt_ids: Sequence[int]) -> torch.Tensor:
+        in_step.set()
+        assert release.wait(30)
+        return prefill(seq_id, prompt_ids)
+
+    model.prefill = slow_prefill  # type: ignore[method-assign]
+    e.start()
+    a = RecordingSink()
+    e.submit(req("a", [1], 50), a)
+    assert in_step.wait(30)
+    e.stop(timeout_s=0.01)  # the iteration outlasts the stop's wait
+    assert not a.done.is_set()
+    release.set()
+    assert a.done.wait(30), "the request was left without an ending"
     assert a.errors == ["engine stopped"]

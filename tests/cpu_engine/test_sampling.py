@@ -22,6 +22,14 @@ def test_temperature_zero_and_top_k_one_are_greedy() -> None:
     assert set(draws(SamplingParams(temperature=5.0, top_k=1))) == {3}
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_nan_logits_raise_instead_of_choosing_a_token(temperature: float) -> None:
+    logits = LOGITS.clone()
+    logits[1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        Sampler(SamplingParams(temperature=temperature, seed=1)).choose(logits)
+
+
 def test_seeded_sampling_is_reproducible_and_seed_dependent() -> None:
     a = draws(SamplingParams(temperature=1.0, seed=7))
     assert a == draws(SamplingParams(temperature=1.0, seed=7))
