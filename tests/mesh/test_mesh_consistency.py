@@ -4,6 +4,8 @@ exactly the call graph, and the rules notice broken documents."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from llmmesh.common.components import COMPONENTS
@@ -328,6 +330,22 @@ def test_a_singleton_orchestrator_is_caught(rendered: dict[str, list[Doc]]) -> N
     problems = "\n".join(workloads.check_orchestrator_replicas(mesh))
     for needle in ("replicas >= 2", "anti-affinity", "at least one", "headless"):
         assert needle in problems, problems
+
+
+def test_a_gateway_model_without_its_end_token_is_caught(rendered: dict[str, list[Doc]]) -> None:
+    mesh = mesh_of(rendered, "prod")
+    for cm in mesh.in_namespace("ConfigMap"):
+        data = cm.get("data") or {}
+        if "LLMMESH_GATEWAY_MODELS" in data:
+            models = json.loads(data["LLMMESH_GATEWAY_MODELS"])
+            for model in models:
+                model.pop("eos_token", None)
+                model.pop("end_id", None)
+            data["LLMMESH_GATEWAY_MODELS"] = json.dumps(models)
+    problems = "\n".join(workloads.check_gateway_models(mesh))
+    assert "llmmesh-gateway-v1 (apps/v1): model 'llama3-8b' must set end_id or eos_token" in (
+        problems
+    )
 
 
 def test_a_gateway_that_knows_one_orchestrator_address_is_caught(

@@ -358,7 +358,8 @@ def check_workloads(mesh: Mesh) -> list[str]:
 
 def check_gateway_models(mesh: Mesh) -> list[str]:
     """Each gateway serves its model version: Admit asks for LLMMESH_GATEWAY_MODEL_VERSION, the
-    tokenizer comes from that version's model repository, and the Triton model exists."""
+    tokenizer comes from that version's model repository, the model names its end token, and
+    the Triton model exists."""
     problems: list[str] = []
     versions = {
         d["spec"]["template"]["metadata"]["labels"]["version"] for d in triton_deployments(mesh)
@@ -392,6 +393,13 @@ def check_gateway_models(mesh: Mesh) -> list[str]:
             if claim is None or not claim.endswith(f"-{version}"):
                 problems.append(
                     f"{doc_id(dep)}: tokenizer {path} must come from the {version} model repository"
+                )
+            if "end_id" not in model and "eos_token" not in model:
+                # The default EOS text is ChatML's: a tokenizer without it (Llama 3's) stops the
+                # gateway at startup.
+                problems.append(
+                    f"{doc_id(dep)}: model {model.get('name')!r} must set end_id or eos_token "
+                    "(its tokenizer's end-of-turn token)"
                 )
             triton_model = model.get("triton_model", "tensorrt_llm")
             if not (
