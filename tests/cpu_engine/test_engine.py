@@ -99,14 +99,15 @@ def test_requests_taken_from_the_inbox_still_count_against_the_queue_bound() -> 
     e.submit(req("a", [1], 3), RecordingSink())
     submit = e.scheduler.submit
     refused: list[Exception] = []
+    other = req("b", [1], 3)
 
-    def submit_racing(request: CpuRequest, arrival_ns: int | None = None) -> None:
+    def submit_racing(req: CpuRequest, now_ns: int | None = None) -> None:
         # Another thread's submit while `a` is between the inbox and the scheduler's queue.
         try:
-            e.submit(req("b", [1], 3), RecordingSink())
+            e.submit(other, RecordingSink())
         except QueueFullError as exc:
             refused.append(exc)
-        submit(request, arrival_ns)
+        submit(req, now_ns)
 
     e.scheduler.submit = submit_racing  # type: ignore[method-assign]
     e.run_once()
