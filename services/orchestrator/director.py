@@ -61,7 +61,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from llmmesh.accelerators import DEFAULT_PROFILE
 from llmmesh.common.engine_metrics import EngineSample
@@ -188,6 +188,10 @@ class Orchestrator:
             raise BadAdmission("must be non-empty", field="model")
         if req.max_tokens <= 0:
             raise BadAdmission("must be positive", field="max_tokens")
+        if timeout_s is not None and timeout_s <= 0:
+            # Its caller has given up: a lease granted now would reach no one.
+            metrics.record_rejection(req.model, "queue_timeout")
+            raise QueueTimeout("the call's deadline passed before its admission began")
         if self._policy.pools_for(req.prompt_tokens) == []:
             metrics.record_rejection(req.model, "too_long")
             raise BadAdmission(
@@ -231,8 +235,12 @@ class Orchestrator:
         if not candidates and activation is None:
             metrics.record_rejection(req.model, "no_replica")
             raise NoReplicaReady(self._unavailable_reason(req))
+        # The caller's deadline counts from the Admit's start (the lookup, the first health
+        # round's wait); the default wait counts from here.
         wait_s = (
-            self._settings.default_queue_timeout_s if timeout_s is None else max(timeout_s, 0.0)
+            self._settings.default_queue_timeout_s
+            if timeout_s is None
+            else max(timeout_s - (self._clock() - start), 0.0)
         )
         self._enter_queue(req, wait_s)
         fut: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
@@ -243,9 +251,13 @@ class Orchestrator:
             fut,
             self._attribute(req, candidates, activation),
             activation,
-            start + wait_s,
+            self._clock() + wait_s,
         )
         metrics.record_enqueued(req.model, waiter.pool_key)
+        if self._has_room({c.id for c in candidates}):
+            # Queued behind waiters that cannot use a replica this one can (another model, pool
+            # or exclusion): granted now, in priority order, not at the next unrelated event.
+            self._dispatch()
         self._wake_for_backlog()
         return await self._wait(waiter, wait_s)
 
@@ -303,7 +315,7 @@ class Orchestrator:
                     if fut.done():
                         return fut.result()
                     left -= activation.timeout_s
-            return await asyncio.wait_for(asyncio.shield(fut), left)
+            lease = await asyncio.wait_for(asyncio.shield(fut), left)
         except TimeoutError:
             if self._withdraw(waiter):
                 metrics.record_rejection(req.model, "queue_timeout")
@@ -318,6 +330,13 @@ class Orchestrator:
             ):
                 self.complete(fut.result().lease_id, Outcome.CANCELLED)
             raise
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # Cancelled in the tick the lease was granted: `wait_for` (3.11) returned the
+            # lease and dropped the cancellation. No one takes the lease: released, cancelled.
+            self.complete(lease.lease_id, Outcome.CANCELLED)
+            raise asyncio.CancelledError
+        return lease
 
     def _unavailable_reason(self, req: AdmissionRequest) -> str:
         version = f" version {req.model_version!r}" if req.model_version else ""
@@ -756,12 +775,14 @@ class Orchestrator:
         self._queue.served(waiter)
         waiter.future.set_result(lease)
 
-    def _has_room(self) -> bool:
-        """Some assignable replica holds fewer leases (with the others' load) than its cap."""
+    def _has_room(self, among: set[str] | None = None) -> bool:
+        """Some assignable replica (with its id in `among`, when given) holds fewer leases
+        (with the others' load) than its cap."""
         now = self._clock()
         return any(
             st.in_flight + self._others_load(st, now) < self._cap(st, now)
             for st in self._replicas.assignable()
+            if among is None or st.spec.id in among
         )
 
     def _shed_late(self, blocked: list[Waiter]) -> list[Waiter]:
@@ -833,6 +854,22 @@ class Orchestrator:
     def complete(self, lease_id: str, outcome: Outcome, reused_blocks: int | None = None) -> bool:
         """Release a lease. `reused_blocks` is the engine's kv_cache_reused_blocks, given only
         when the engine ran the prompt: it corrects the registry's predictions."""
+        if not self._release(lease_id, outcome, reused_blocks):
+            return False
+        self._dispatch()
+        return True
+
+    def complete_many(self, reports: Iterable[tuple[str, Outcome, int | None]]) -> None:
+        """`complete` for each (lease id, outcome, reused blocks), then one dispatch pass (not
+        one per lease: a pass costs O(queue))."""
+        released = False
+        for lease_id, outcome, reused_blocks in reports:
+            released |= self._release(lease_id, outcome, reused_blocks)
+        if released:
+            self._dispatch()
+
+    def _release(self, lease_id: str, outcome: Outcome, reused_blocks: int | None) -> bool:
+        """`complete` less the dispatch."""
         lease = self._leases.pop(lease_id)
         if lease is None:
             return False
@@ -851,7 +888,6 @@ class Orchestrator:
             elif outcome is Outcome.SUCCESS:
                 self._health.record_success(st)
             self._replicas.forget_if_gone(st)
-        self._dispatch()
         return True
 
     def drain_rate(self) -> float | None:
@@ -926,9 +962,10 @@ class Orchestrator:
         the shedding windows no Admit closed."""
         self._shedder.tick(self._clock())
         metrics.record_shed_level(self._shedder.level)
-        for lease_id in self._leases.expired():
+        expired = self._leases.expired()
+        for lease_id in expired:
             log.warning("lease reclaimed", extra={"lease_id": lease_id})
-            self.complete(lease_id, Outcome.REQUEST_ERROR)
+        self.complete_many((lease_id, Outcome.REQUEST_ERROR, None) for lease_id in expired)
 
     def observe_sojourn(self, sojourn_s: float) -> None:
         """How long an Admit waited between its sending and its handler's start (the adapter

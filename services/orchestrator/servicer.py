@@ -111,6 +111,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         except ServiceError as err:
             await abort(context, err)
             raise
+        if context.cancelled():
+            # The call ended as the lease was granted: no one receives it.
+            self._core.complete(lease.lease_id, Outcome.CANCELLED)
         return lease_to_pb(lease)
 
     async def AdmitStream(  # type: ignore[override]  # writes through the context
@@ -243,10 +246,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     async def CompleteBatch(
         self, request: pb.CompleteBatchRequest, context: Ctx
     ) -> pb.CompleteBatchResponse:
-        complete = self._core.complete
-        for report in request.reports:
-            outcome, reused_blocks = outcome_from_pb(report)
-            complete(report.lease_id, outcome, reused_blocks)
+        self._core.complete_many(
+            (report.lease_id, *outcome_from_pb(report)) for report in request.reports
+        )
         return pb.CompleteBatchResponse()
 
     async def ListReplicas(

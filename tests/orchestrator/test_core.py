@@ -168,6 +168,55 @@ async def test_queue_timeout_and_cancellation_leave_queue() -> None:
     assert core.queue_depth == 0
 
 
+async def test_an_expired_deadline_is_refused_not_granted() -> None:
+    core, _ = await ready_core(n=1)
+    with pytest.raises(QueueTimeout, match="deadline passed"):
+        await core.admit(req("late"), 0.0)
+    assert core.replicas()[0].in_flight == 0
+
+
+async def test_a_request_queued_for_one_version_does_not_hold_up_another() -> None:
+    specs = [
+        ReplicaSpec(id="v1", grpc_address="a:1", model_version="v1"),
+        ReplicaSpec(id="v2", grpc_address="a:2", model_version="v2"),
+    ]
+    core, _ = await ready_core(specs=specs, cap=1)
+    await core.admit(req("a", version="v1"), 1.0)
+    queued = asyncio.create_task(core.admit(req("b", version="v1"), 5.0))
+    await assert_queued(core, 1)
+    # v2's replica is idle: granted now, not at the next completion or health round.
+    lease = await asyncio.wait_for(core.admit(req("c", version="v2"), 5.0), 1.0)
+    assert lease.replica.id == "v2"
+    assert not queued.done()
+    queued.cancel()
+
+
+async def test_a_cancel_in_the_tick_of_the_grant_releases_the_lease() -> None:
+    core, _ = await ready_core(n=1, cap=1)
+    first = await core.admit(req("a"), 1.0)
+    waiting = asyncio.create_task(core.admit(req("b"), 5.0))
+    await assert_queued(core, 1)
+    core.complete(first.lease_id, Outcome.SUCCESS)  # grants "b" (its future resolves)...
+    waiting.cancel()  # ...and its caller goes away in the same tick
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert core.replicas()[0].in_flight == 0
+
+
+async def test_complete_many_releases_every_lease_and_grants_the_waiters() -> None:
+    core, _ = await ready_core(n=1, cap=2)
+    leases = [await core.admit(req(str(i)), 1.0) for i in range(2)]
+    waiting = [asyncio.create_task(core.admit(req(f"w{i}"), 5.0)) for i in range(2)]
+    await assert_queued(core, 2)
+    core.complete_many(
+        [(lease.lease_id, Outcome.SUCCESS, None) for lease in leases]
+        + [("unknown", Outcome.SUCCESS, None)]
+    )
+    granted = await asyncio.gather(*waiting)
+    assert [g.replica.id for g in granted] == ["r0", "r0"]
+    assert core.replicas()[0].in_flight == 2
+
+
 @pytest.mark.parametrize(
     ("errors", "threshold", "ejected"),
     [
