@@ -98,6 +98,7 @@ class KvRegistry:
         self.block_config = block_config
         self._max_entries = settings.max_entries
         self._max_events = settings.max_events_per_request
+        self._max_prompt_blocks = settings.max_prompt_blocks
         self._silence_s = settings.exact_silence_s
         # When each replica last published (events or a heartbeat), and when silent ones were
         # last looked for (`maintain`, every tenth of the silence bound).
@@ -148,6 +149,21 @@ class KvRegistry:
             self._on_changes(changes)  # must not raise: the call that changed the index succeeded
 
     # -- hashing ----------------------------------------------------------------------------
+    def check_prompt(self, tokens: int, blocks: int) -> None:
+        """A prompt given as `tokens` token ids or `blocks` block hashes is within
+        max_prompt_blocks, or InvalidArgument."""
+        most = self._max_prompt_blocks
+        if blocks > most:
+            raise InvalidArgument(
+                f"{blocks} block hashes exceed max_prompt_blocks={most}", field="block_hashes"
+            )
+        if tokens // self.block_config.block_size > most:
+            raise InvalidArgument(
+                f"{tokens} tokens exceed max_prompt_blocks={most} blocks of "
+                f"{self.block_config.block_size}",
+                field="token_ids",
+            )
+
     def hash_tokens(self, token_ids: Sequence[int]) -> tuple[int, ...]:
         """The prompt's full-block hashes (llmmesh.kvblocks identity), cached per prompt."""
         body = token_bytes(token_ids)

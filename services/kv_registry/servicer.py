@@ -72,7 +72,8 @@ def event_from_pb(ev: pb.KvEvent) -> Event:
 def prompt_hashes(
     core: KvRegistry, token_ids: Sequence[int], block_hashes: Sequence[int]
 ) -> Sequence[int]:
-    """The prompt's block hashes from whichever of the two fields is set."""
+    """The prompt's block hashes from whichever of the two fields is set (`check_prompt`)."""
+    core.check_prompt(len(token_ids), len(block_hashes))
     if len(block_hashes):
         if len(token_ids):
             raise InvalidArgument("set token_ids or block_hashes, not both", field="block_hashes")
@@ -329,6 +330,7 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
                 hashes = prompt_hashes(self._core, request.token_ids, request.block_hashes)
                 res = self._core.lookup_hashes(hashes)
             else:
+                self._core.check_prompt(len(request.token_ids), 0)
                 res = self._core.lookup(request.token_ids)
         except ServiceError as err:
             await abort(context, err)

@@ -26,6 +26,15 @@ class KvRegistrySettings(ServiceSettings):
     max_events_per_request: int = Field(
         default=100_000, gt=0, description="PublishEvents batches larger than this are rejected."
     )
+    max_prompt_blocks: int = Field(
+        default=65_536,
+        gt=0,
+        description=(
+            "Longest prompt a Lookup, RecordRouting or ReportReuse may carry, in blocks (block "
+            "hashes, or tokens over the block size); longer ones are refused (INVALID_ARGUMENT) "
+            "rather than hold the registry while they are hashed and indexed."
+        ),
+    )
     exact_silence_s: float = Field(
         default=60.0,
         gt=0,

@@ -153,6 +153,36 @@ async def test_lookup_stream_ends_with_the_status_lookup_refuses_with(registry: 
     assert "block_hashes" in (err.value.details() or "")
 
 
+@pytest.mark.parametrize("rpc", ["Lookup", "RecordRouting", "ReportReuse"])
+@pytest.mark.parametrize("by", ["block_hashes", "token_ids"])
+async def test_a_prompt_over_max_prompt_blocks_is_refused(
+    registry: Registry, rpc: str, by: str
+) -> None:
+    most = KvRegistrySettings().max_prompt_blocks
+    bs = CFG.block_size
+    # At the bound it is served; one block over it is refused before any hashing or indexing.
+    for blocks, refused in ((most, False), (most + 1, True)):
+        prompt = (
+            {"block_hashes": list(range(1, blocks + 1))}
+            if by == "block_hashes"
+            else {"token_ids": [7] * (blocks * bs)}
+        )
+        call = getattr(registry.stub, rpc)
+        if rpc == "Lookup":
+            request: object = pb.LookupRequest(**prompt)
+        elif rpc == "RecordRouting":
+            request = pb.RecordRoutingRequest(replica_id="r1", **prompt)
+        else:
+            request = pb.ReportReuseRequest(replica_id="r1", reported_reused_blocks=0, **prompt)
+        if not refused:
+            await call(request)
+            continue
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call(request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"max_prompt_blocks={most}" in (err.value.details() or "")
+
+
 async def test_drain_ends_open_lookup_streams(registry: Registry) -> None:
     """A draining registry ends its streams at once (callers fail over) instead of holding
     them for the whole grace period."""
