@@ -44,9 +44,9 @@ import contextlib
 import logging
 import struct
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import grpc
 
@@ -63,6 +63,8 @@ from llmmesh.kvblocks import token_bytes as kv_token_bytes
 from services.orchestrator import metrics
 from services.orchestrator.kv_mirror import ExactMirror, MirrorFull
 from services.orchestrator.settings import OrchestratorSettings
+
+_T = TypeVar("_T")
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +261,19 @@ class _LookupStream:
 
 # An older registry, a mesh policy, or another block identity: watching again would not help.
 _NO_WATCH = NOT_OFFERED | {grpc.StatusCode.INVALID_ARGUMENT}
+
+
+async def _unless_closed(call: Awaitable[_T]) -> _T:
+    """`call`'s result; its channel closed meanwhile (`refresh` removed the registry) raises
+    UsageError, not the CancelledError grpc raises then, which would end the caller as if it
+    were cancelled (an Admit never answered)."""
+    try:
+        return await call
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise
+        raise grpc.aio.UsageError("channel closed during the call") from None
 
 
 def _ended(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
@@ -465,8 +480,10 @@ class RegistryPrefixIndex:
         trace_context = dict(inject_trace_metadata([]))
         for reg in self._up()[: self.LOOKUP_ATTEMPTS]:
             try:
-                resp = await self._lookup(reg, blocks, trace_context)
+                resp = await _unless_closed(self._lookup(reg, blocks, trace_context))
             except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    break  # this prompt (e.g. over the registry's max_prompt_blocks), not it
                 self._failed(reg, err, "Lookup")
                 continue
             except TimeoutError:
@@ -515,6 +532,13 @@ class RegistryPrefixIndex:
                             extra={"registry": reg.address, "error": err.code().name},
                         )
                         wait = self.WATCH_REFUSED_RETRY_S
+                    elif err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        # This copy fell behind the registry's changes; the registry is fine
+                        # (lookups and updates go on to it): a fresh snapshot `retry_s` later.
+                        log.warning(
+                            "copy of kv_registry's exact index fell behind; watching again",
+                            extra={"registry": reg.address},
+                        )
                     else:
                         self._failed(reg, err, "WatchExact")
                 except (MirrorFull, UnknownChange) as exc:
@@ -600,18 +624,23 @@ class RegistryPrefixIndex:
         req = pb.UpdateBatchRequest(updates=updates)
 
         async def one(reg: _Registry) -> list[int] | None:
-            if reg.batches:
-                try:
-                    resp = await reg.stub.UpdateBatch(req, timeout=self._update_timeout_s)
-                except grpc.aio.AioRpcError as err:
-                    if err.code() != grpc.StatusCode.UNIMPLEMENTED:
-                        self._failed(reg, err, "UpdateBatch")
-                        return None
-                    reg.batches = False
-                else:
-                    self._answered(reg)
-                    return list(resp.predicted_blocks)
-            return await self._send_each(reg, updates)
+            try:
+                if reg.batches:
+                    try:
+                        resp = await _unless_closed(
+                            reg.stub.UpdateBatch(req, timeout=self._update_timeout_s)
+                        )
+                    except grpc.aio.AioRpcError as err:
+                        if err.code() != grpc.StatusCode.UNIMPLEMENTED:
+                            self._failed(reg, err, "UpdateBatch")
+                            return None
+                        reg.batches = False
+                    else:
+                        self._answered(reg)
+                        return list(resp.predicted_blocks)
+                return await _unless_closed(self._send_each(reg, updates))
+            except grpc.aio.UsageError:  # its channel closed: `refresh` removed it meanwhile
+                return None
 
         results = await asyncio.gather(*(one(r) for r in regs))
         return next((r for r in results if r is not None), [])

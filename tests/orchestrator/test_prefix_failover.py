@@ -13,6 +13,7 @@ import pytest
 import pytest_asyncio
 from prometheus_client import REGISTRY
 
+from llmmesh.common import kv_registries
 from llmmesh.common.kv_registries import RegistryEndpoint
 from llmmesh.common.metric_names import ORCH_KV_UPDATES_DROPPED as KV_UPDATES_DROPPED
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
@@ -37,6 +38,7 @@ class FakeRegistry(pb_grpc.KvRegistryServiceServicer):
         self.streams_opened = 0
         self.updates: list[str] = []
         self.hang = False
+        self.invalid = False  # refuses each lookup INVALID_ARGUMENT (a prompt over its bound)
         self.delay_s = 0.0  # each lookup answers after this long
         self.reached = asyncio.Event()  # set once `lookups` reaches `expect`
         self.expect = 0
@@ -49,6 +51,8 @@ class FakeRegistry(pb_grpc.KvRegistryServiceServicer):
             self.reached.set()
         if self.hang:
             await asyncio.sleep(3600)
+        if self.invalid:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt too long")
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         return pb.LookupResponse(
@@ -414,6 +418,48 @@ async def test_dns_target_adds_the_pods_it_resolves_to(registries: tuple[Served,
         assert await matched_by(idx) == {"a"}
     finally:
         await idx.close()
+
+
+async def test_a_prompt_a_registry_refuses_is_routed_blind_and_the_registry_stays_up(
+    registries: tuple[Served, Served],
+) -> None:
+    a, b = registries
+    idx = index(a, b)
+    try:
+        a.fake.invalid = b.fake.invalid = True
+        assert (await idx.lookup(PROMPT)).matched_blocks == {}
+        assert a.fake.lookups + b.fake.lookups == 1  # the prompt, not the registry: no retry
+        a.fake.invalid = b.fake.invalid = False
+        assert await matched_by(idx) == {"a"}  # not skipped for retry_s
+    finally:
+        await idx.close()
+
+
+async def test_a_lookup_in_flight_when_its_registry_is_removed_ends_prefix_blind(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    a = Served("a", streams=False)  # unary: closing its channel cancels the call
+    await a.start()
+    a.fake.hang = True
+    a.fake.expect = 1
+    found: list[RegistryEndpoint] | None = [RegistryEndpoint(a.address)]
+
+    async def resolve(target: str) -> list[RegistryEndpoint] | None:
+        return found
+
+    monkeypatch.setattr(kv_registries, "resolve_dns", resolve)
+    idx = RegistryPrefixIndex([], CFG, 5.0, dns="kv.example:1")
+    try:
+        await idx.refresh()
+        lookup = asyncio.ensure_future(idx.lookup(PROMPT))
+        await a.fake.reached.wait()
+        found = []
+        await idx.refresh()  # closes the channel under the lookup
+        # Answered, prefix-blind: the lookup is not cancelled with the call.
+        assert (await lookup).matched_blocks == {}
+    finally:
+        await idx.close()
+        await a.stop()
 
 
 def test_settings_configure_the_index() -> None:

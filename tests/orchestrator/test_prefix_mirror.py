@@ -28,13 +28,17 @@ KIND = pb.ExactChange
 
 class WatchedRegistry(FakeRegistry):
     """Streams a snapshot (r1 holds the prompt's first two blocks), then holds the watch until
-    `end` is set, then ends it UNAVAILABLE. `refuse`: UNIMPLEMENTED (an older registry)."""
+    `end` is set, then ends it with `end_code` (UNAVAILABLE). `refuse`: UNIMPLEMENTED (an older
+    registry)."""
 
-    def __init__(self, name: str, refuse: bool = False) -> None:
+    def __init__(
+        self, name: str, refuse: bool = False, end: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
+    ) -> None:
         super().__init__(name)
         self.refuse = refuse
         self.watches = 0
         self.end = asyncio.Event()
+        self.end_code = end
 
     async def WatchExact(
         self, request: pb.WatchExactRequest, context: grpc.aio.ServicerContext[object, object]
@@ -51,7 +55,7 @@ class WatchedRegistry(FakeRegistry):
         )
         await self.end.wait()
         self.end.clear()
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "watch ended")
+        await context.abort(self.end_code, "watch ended")
 
 
 async def served(fake: WatchedRegistry) -> Served:
@@ -117,6 +121,29 @@ async def test_a_watch_that_ends_drops_the_copy_and_starts_again() -> None:
 
         await eventually(watched_again, 5, "a new watch")
         await eventually(lambda: from_copy(idx, fake), 5, "lookups from the new copy")
+
+
+async def test_a_copy_that_fell_behind_leaves_its_registry_up() -> None:
+    fake = WatchedRegistry("a", end=grpc.StatusCode.RESOURCE_EXHAUSTED)  # type: ignore[abstract]
+    reg = await served(fake)
+    idx = RegistryPrefixIndex(
+        [RegistryEndpoint(reg.address)], CFG, 0.5, retry_s=30.0, mirror=ExactMirror(1000)
+    )
+    mirror = idx.mirror
+    assert mirror is not None
+    try:
+        await eventually(lambda: from_copy(idx, fake), 5, "lookups from the copy")
+        fake.end.set()  # this orchestrator fell behind the registry's changes
+
+        async def dropped() -> bool:
+            return not mirror.synced
+
+        await eventually(dropped, 5, "the copy dropped")
+        # The registry itself is fine: lookups still reach it (a failed one is skipped 30 s).
+        assert (await idx.lookup(PROMPT, ["r1"])).matched_blocks == {"a": 2}
+    finally:
+        await idx.close()
+        await reg.stop()
 
 
 async def test_a_refused_watch_leaves_lookups_to_the_registry() -> None:
