@@ -162,18 +162,19 @@ async def test_a_prompt_over_max_prompt_blocks_is_refused(
     bs = CFG.block_size
     # At the bound it is served; one block over it is refused before any hashing or indexing.
     for blocks, refused in ((most, False), (most + 1, True)):
-        prompt = (
-            {"block_hashes": list(range(1, blocks + 1))}
-            if by == "block_hashes"
-            else {"token_ids": [7] * (blocks * bs)}
-        )
         call = getattr(registry.stub, rpc)
         if rpc == "Lookup":
-            request: object = pb.LookupRequest(**prompt)
+            request: pb.LookupRequest | pb.RecordRoutingRequest | pb.ReportReuseRequest = (
+                pb.LookupRequest()
+            )
         elif rpc == "RecordRouting":
-            request = pb.RecordRoutingRequest(replica_id="r1", **prompt)
+            request = pb.RecordRoutingRequest(replica_id="r1")
         else:
-            request = pb.ReportReuseRequest(replica_id="r1", reported_reused_blocks=0, **prompt)
+            request = pb.ReportReuseRequest(replica_id="r1", reported_reused_blocks=0)
+        if by == "block_hashes":
+            request.block_hashes.extend(range(1, blocks + 1))
+        else:
+            request.token_ids.extend([7] * (blocks * bs))
         if not refused:
             await call(request)
             continue
