@@ -14,12 +14,16 @@ Invariants:
   thread and returns a finished future, so no wake-up from another thread is ever awaited.
 - A loop with no ready callback and no timer while the main coroutine is still pending is a
   deadlock: `select` raises `VirtualDeadlock` instead of blocking forever.
+- Timers due at the same virtual time run in the order they were scheduled (asyncio's heap
+  alone orders only by time: same-time arrivals would reach the code under test shuffled).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import heapq
+import itertools
 import selectors
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
@@ -97,8 +101,36 @@ def _fd(fileobj: Any) -> int:
     return fileobj if isinstance(fileobj, int) else int(fileobj.fileno())
 
 
+class _OrderedTimer(asyncio.TimerHandle):
+    """A timer that sorts after every earlier-scheduled timer due at the same time."""
+
+    __slots__ = ("_seq",)
+
+    def __init__(self, seq: int, when: float, *args: Any) -> None:
+        super().__init__(when, *args)
+        self._seq = seq
+
+    def _key(self) -> tuple[float, int]:
+        return (self._when, self._seq)  # type: ignore[attr-defined]
+
+    def __lt__(self, other: object) -> bool:
+        return self._key() < other._key() if isinstance(other, _OrderedTimer) else NotImplemented
+
+    def __le__(self, other: object) -> bool:
+        return self._key() <= other._key() if isinstance(other, _OrderedTimer) else NotImplemented
+
+    def __gt__(self, other: object) -> bool:
+        return self._key() > other._key() if isinstance(other, _OrderedTimer) else NotImplemented
+
+    def __ge__(self, other: object) -> bool:
+        return self._key() >= other._key() if isinstance(other, _OrderedTimer) else NotImplemented
+
+    __hash__ = asyncio.TimerHandle.__hash__
+
+
 class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def __init__(self, clock: VirtualClock | None = None) -> None:
+        self._timer_seq = itertools.count()
         self.clock = clock or VirtualClock()
         self._virtual_selector = _VirtualSelector(self.clock)
         self._virtual_selector.next_timer = self._next_timer  # type: ignore[method-assign]
@@ -108,6 +140,22 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
 
     def time(self) -> float:
         return self.clock.now
+
+    def call_at(  # type: ignore[override]
+        self,
+        when: float,
+        callback: Callable[..., object],
+        *args: Any,
+        context: Any = None,
+    ) -> asyncio.TimerHandle:
+        """The base loop's `call_at` with an `_OrderedTimer` (FIFO among equal times)."""
+        self._check_closed()  # type: ignore[attr-defined]
+        timer = _OrderedTimer(next(self._timer_seq), when, callback, args, self, context)
+        if timer._source_traceback:  # type: ignore[attr-defined]
+            del timer._source_traceback[-1]  # type: ignore[attr-defined]
+        heapq.heappush(self._scheduled, timer)  # type: ignore[attr-defined]
+        timer._scheduled = True  # type: ignore[attr-defined]
+        return timer
 
     def _next_timer(self) -> float | None:
         scheduled: list[asyncio.TimerHandle] = self._scheduled  # type: ignore[attr-defined]

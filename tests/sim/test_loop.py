@@ -42,6 +42,22 @@ def test_timers_fire_in_order_at_their_times() -> None:
     assert fired == [("a", 1.0), ("a2", 1.0), ("b", 2.0), ("c", 3.0)]
 
 
+def test_timers_due_at_the_same_time_run_in_the_order_they_were_scheduled() -> None:
+    async def main() -> list[int]:
+        order: list[int] = []
+
+        async def arrive(i: int) -> None:
+            await asyncio.sleep(0.5)  # a burst: every arrival at the same instant
+            order.append(i)
+
+        loop = asyncio.get_running_loop()
+        loop.call_at(0.5, order.append, -1)  # scheduled first: runs first
+        await asyncio.gather(*(arrive(i) for i in range(32)))
+        return order
+
+    assert run(main()) == [-1, *range(32)]
+
+
 def test_ready_callbacks_run_before_time_moves() -> None:
     seen: list[float] = []
 
