@@ -503,6 +503,10 @@ class Cluster:
             try:
                 if self._streams is not None:
                     slot = self._streams.enter(self._tenant)
+                elif self._tenant is not None and self._tenant.concurrency is not None:
+                    # The tenant's own limit holds without a process-wide one too.
+                    self._tenant.concurrency.enter()
+                    slot = Slot((self._tenant.concurrency,))
                 if self._tenant is not None:
                     self._tenant.admit(req.prompt_tokens)
             except ServiceError as exc:  # RESOURCE_EXHAUSTED: rate limited or overloaded
@@ -516,6 +520,8 @@ class Cluster:
                     self.spec.queue_timeout_s,
                 )
             except ServiceError as exc:
+                if self._tenant is not None:  # never served: the budget goes back, as live
+                    self._tenant.refund(req.prompt_tokens)
                 res.outcome, res.error = _code(exc), str(exc)
                 return res
             rep = self.replicas[lease.replica.id]

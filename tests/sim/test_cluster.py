@@ -171,6 +171,33 @@ def test_gateway_limits_refuse_with_resource_exhausted() -> None:
     rpm = dataclasses.replace(SMALL, gateway=GatewayLimits(requests_per_minute=6))
     res = simulate(reqs, rpm, "default", seed=0, oracle=False)
     assert res.summary.ok == 6  # the bucket starts full: a minute's worth
+    # A tenant's concurrency holds without a process-wide stream limit too.
+    tenant = dataclasses.replace(SMALL, gateway=GatewayLimits(max_concurrent_requests=2))
+    res = simulate(reqs, tenant, "default", seed=0, oracle=False)
+    assert res.summary.ok == 2
+    assert res.rejections == {"RESOURCE_EXHAUSTED": 18}
+
+
+def test_a_request_refused_at_admission_gives_back_its_rate_budget() -> None:
+    """As live (services.gateway.core): no lease granted, the tenant's budget is refunded."""
+    reqs = _shared(n_groups=2, per_group=10)
+    # Ten at once, one lease per replica and a queue of one: six refused by the orchestrator;
+    # ten more a tenth of a second later, when the bucket (ten a minute) refilled nothing: each
+    # passes the rate limit on the budget the refused ones gave back (and is refused by the
+    # full queue, giving its own back).
+    waves = [dataclasses.replace(r, arrival_s=0.0 if i < 10 else 0.1) for i, r in enumerate(reqs)]
+    spec = dataclasses.replace(
+        SMALL,
+        gateway=GatewayLimits(requests_per_minute=10),
+        max_queue=1,
+        max_in_flight_per_replica=1,
+    )
+    res = simulate(waves, spec, "default", seed=0, oracle=False)
+    first, second = res.results[:10], res.results[10:]
+    queue_full = sum(1 for r in first if r.error and "queue is full" in r.error)
+    rate_limited = sum(1 for r in second if r.error and "per minute limit" in r.error)
+    assert queue_full == 6
+    assert rate_limited == 0  # without the refunds: all ten
 
 
 def test_heterogeneous_pools_route_by_prompt_length() -> None:
