@@ -55,6 +55,8 @@ def percentile(values: Sequence[float], q: float) -> float:
     pos = (len(s) - 1) * q / 100
     lo = math.floor(pos)
     hi = min(lo + 1, len(s) - 1)
+    if pos == lo or s[hi] == s[lo]:
+        return s[lo]  # also where both are infinite (inf - inf, or inf x 0, is NaN)
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 

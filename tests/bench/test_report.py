@@ -30,6 +30,12 @@ def test_percentile_matches_numpy_linear(values: list[float], q: float, expected
 
 def test_percentile_edges() -> None:
     assert math.isnan(report.percentile([], 50))
+    # Infinitely late requests (refused ones, in a TTFT p99): infinite where they are reached,
+    # never NaN, and not reached below them.
+    assert report.percentile([0.1] * 100 + [math.inf], 99) == 0.1
+    assert report.percentile([0.1] * 100 + [math.inf] * 2, 99) == math.inf
+    assert report.percentile([0.1] * 10 + [math.inf] * 10, 99) == math.inf
+    assert report.percentile([0.1, math.inf], 50) == math.inf
     with pytest.raises(ValueError, match="q must be"):
         report.percentile([1], 101)
 
