@@ -868,6 +868,17 @@ class Orchestrator:
         if released:
             self._dispatch()
 
+    def own(self, lease_id: str, owner: str) -> None:
+        """The lease was handed to caller process `owner` (over its AdmitStream)."""
+        self._leases.own(lease_id, owner)
+
+    def release_owned(self, owner: str) -> int:
+        """End every lease `owner` still holds (its process is gone: no Complete will come);
+        returns how many."""
+        held = self._leases.owned_by(owner)
+        self.complete_many((lease_id, Outcome.CANCELLED, None) for lease_id in held)
+        return len(held)
+
     def _release(self, lease_id: str, outcome: Outcome, reused_blocks: int | None) -> bool:
         """`complete` less the dispatch."""
         lease = self._leases.pop(lease_id)
@@ -998,6 +1009,11 @@ class Orchestrator:
     def shed_retry_after_s(self) -> float:
         """The retry-after of a refusal for this process's own overload (BUSY and alike)."""
         return self._settings.shed_retry_after_s
+
+    @property
+    def orphan_lease_grace_s(self) -> float:
+        """How long a caller's leases outlive its last AdmitStream (`release_owned`)."""
+        return self._settings.orphan_lease_grace_s
 
     @property
     def drain_max_wait_s(self) -> float:

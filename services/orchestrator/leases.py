@@ -5,6 +5,8 @@ Invariants:
 - Every lease ends exactly once: `pop` returns it to exactly one caller (Complete, or
   reclamation after `lease_timeout_s`).
 - Lease ids are unique and opaque (uuid4).
+- A lease has at most one owner (the caller process it was granted to over a stream); a lease
+  that ends leaves its owner's set.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ class LeaseTable:
         self._timeout_s = lease_timeout_s
         self._clock = clock
         self._leases: dict[str, Lease] = {}
+        self._owner: dict[str, str] = {}  # lease id -> owner, for owned leases only
+        self._owned: dict[str, set[str]] = {}  # owner -> its live leases
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -30,8 +34,24 @@ class LeaseTable:
         self._leases[lease.lease_id] = lease
         return lease
 
+    def own(self, lease_id: str, owner: str) -> None:
+        """Record `owner` as the live lease's owner (no-op for a lease that ended)."""
+        if lease_id in self._leases and lease_id not in self._owner:
+            self._owner[lease_id] = owner
+            self._owned.setdefault(owner, set()).add(lease_id)
+
+    def owned_by(self, owner: str) -> list[str]:
+        """The live leases `owner` holds."""
+        return list(self._owned.get(owner, ()))
+
     def pop(self, lease_id: str) -> Lease | None:
         """End a lease; None when it already ended."""
+        owner = self._owner.pop(lease_id, None)
+        if owner is not None:
+            held = self._owned[owner]
+            held.discard(lease_id)
+            if not held:
+                del self._owned[owner]
         return self._leases.pop(lease_id, None)
 
     def expired(self) -> list[str]:

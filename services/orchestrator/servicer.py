@@ -75,6 +75,10 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self._baselines = CallerBaselines()
         self._streams: set[_Stream] = set()
         self._draining = False
+        # Open AdmitStreams per caller process, and the pending release of the leases of a
+        # caller whose last stream ended (`_orphaned`).
+        self._callers: dict[str, int] = {}
+        self._orphan_timers: dict[str, asyncio.TimerHandle] = {}
 
     def _waited(self, call: tuple[str, float] | None) -> float:
         """Feed the shedder a call's reading; the wait it shows (0 without one)."""
@@ -125,6 +129,11 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         stream.reading = not self._draining
         caller = caller_of(context.invocation_metadata())
         self._streams.add(stream)
+        if caller is not None:
+            self._callers[caller] = self._callers.get(caller, 0) + 1
+            timer = self._orphan_timers.pop(caller, None)
+            if timer is not None:
+                timer.cancel()  # back within the grace: its leases stand
         reader = asyncio.create_task(self._read(request_iterator, stream, caller))
         try:
             while True:
@@ -145,6 +154,32 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                 task.cancel()  # the director releases a lease granted meanwhile
             for undelivered in stream.answers:
                 self._release(undelivered)
+            if caller is not None:
+                self._stream_ended(caller)
+
+    def _stream_ended(self, caller: str) -> None:
+        left = self._callers[caller] - 1
+        if left:
+            self._callers[caller] = left
+            return
+        del self._callers[caller]
+        if not self._draining:
+            self._orphan_timers[caller] = asyncio.get_running_loop().call_later(
+                self._core.orphan_lease_grace_s, self._orphaned, caller
+            )
+
+    def _orphaned(self, caller: str) -> None:
+        """`caller`'s last stream ended `orphan_lease_grace_s` ago and none opened since: its
+        process is gone (a gateway holds its stream for its lifetime), so the leases it held
+        will never be completed; they end now, not at `lease_timeout_s`."""
+        self._orphan_timers.pop(caller, None)
+        if caller in self._callers:
+            return
+        released = self._core.release_owned(caller)
+        if released:
+            log.warning(
+                "leases of a caller gone released", extra={"caller": caller, "leases": released}
+            )
 
     def _release(self, answer: pb.AdmitStreamResponse) -> None:
         """An answer that will not be written: its lease, if any, ends now."""
@@ -215,6 +250,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             lease = await self._admit(
                 msg.admit, timeout_s, extract_trace_context(msg.trace_context.items())
             )
+            if caller is not None:
+                self._core.own(lease.lease_id, caller)
             answer = pb.AdmitStreamResponse(call_id=call_id, lease=lease_to_pb(lease))
         except ServiceError as err:
             answer = _refused(call_id, err)

@@ -214,6 +214,15 @@ class OrchestratorSettings(ServiceSettings):
     lease_timeout_s: float = Field(
         default=3600.0, gt=0, description="A lease never completed after this long is reclaimed."
     )
+    orphan_lease_grace_s: float = Field(
+        default=30.0,
+        gt=0,
+        description=(
+            "Leases granted over a caller's AdmitStream are released this long after its last "
+            "stream ended, unless it opened another meanwhile (the gateway process is gone: "
+            "its Complete reports will never come)."
+        ),
+    )
     drain_max_wait_s: float = Field(
         default=300.0,
         gt=0,

@@ -467,3 +467,45 @@ async def test_a_caller_that_reads_no_answers_is_not_read_either(
         assert (asked[-1], context.written) == (20, 20)
     finally:
         call.cancel()
+
+
+async def _granted_over_a_stream(
+    stub: pb_grpc.OrchestratorServiceAsyncStub, caller: str
+) -> tuple[Stream, pb.AdmitResponse]:
+    call = stub.AdmitStream(None, metadata=((CALLER_KEY, caller),))
+    await call.write(streamed(1, "a"))
+    return call, (await answers(call, 1))[1].lease
+
+
+async def in_flight_is(stub: pb_grpc.OrchestratorServiceAsyncStub, n: int) -> bool:
+    [status] = (await stub.ListReplicas(pb.ListReplicasRequest(), timeout=5)).replicas
+    return status.in_flight == n
+
+
+async def test_the_leases_of_a_caller_whose_stream_is_gone_are_released_after_the_grace() -> None:
+    core, _ = await ready_core(n=1, cap=1)
+    core._settings.orphan_lease_grace_s = 0.05
+    async with serve(core) as stub:
+        call, lease = await _granted_over_a_stream(stub, "gateway-1")
+        assert await in_flight_is(stub, 1)
+        call.cancel()  # the gateway process died holding the lease
+        await eventually(lambda: in_flight_is(stub, 0), what="the orphaned lease released")
+        # Its Complete, had it come late after all, changes nothing.
+        await stub.Complete(pb.CompleteRequest(lease_id=lease.lease_id), timeout=5)
+        assert await in_flight_is(stub, 0)
+
+
+async def test_a_caller_back_within_the_grace_keeps_its_leases() -> None:
+    core, _ = await ready_core(n=1, cap=2)
+    servicer = OrchestratorServicer(core)
+    async with serve(core, servicer) as stub:
+        call, _lease = await _granted_over_a_stream(stub, "gateway-1")
+        other, _ = await _granted_over_a_stream(stub, "gateway-2")
+        call.cancel()  # a broken connection...
+        again = stub.AdmitStream(None, metadata=((CALLER_KEY, "gateway-1"),))
+        await again.write(streamed(2, "b"))  # ...and the same process back on a new stream
+        await eventually(lambda: queue_depth_is(stub, 1), what="b queued behind a full replica")
+        servicer._orphaned("gateway-1")  # the grace ends (its timer was cancelled)
+        assert await in_flight_is(stub, 2)
+        again.cancel()
+        other.cancel()
