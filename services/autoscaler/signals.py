@@ -8,7 +8,8 @@ Invariants:
 - A pool is a `PoolKey` (orchestrator pool, model version). Engine gauges carry both; orchestrator
   admissions are attributed to a pool through the replica that served them; gateway signals are
   labelled by served model and apply to every pool serving that model, its token rates split in
-  proportion to the pool's share of the model's admissions.
+  proportion to the pool's share of the admissions of those pools (the orchestrator labels them
+  by its Triton model, which may be named otherwise; its queue wait is read under that name).
 - Rates and percentiles come from counter/histogram increases over `rate_window_s`, reset-aware
   (a counter that goes down restarted from zero); percentiles are the `QUANTILE` of the window.
 """
@@ -150,6 +151,7 @@ def assemble(
         if m is not None:
             pools_of.setdefault(m, []).append(key)
 
+    orchestrator_models = _orchestrator_models(obs.admissions)
     out: dict[PoolKey, PoolSignals] = {}
     for key in sorted(keys):
         eng = obs.engines.get(key)
@@ -171,33 +173,51 @@ def assemble(
         if obs.admissions is not None:
             arrivals = sum(v for (_, k), v in obs.admissions.items() if k == key)
             sig = replace(sig, arrival_rate=finite(arrivals))
+        # The orchestrator labels its series by the Triton model it admits for, which may not
+        # be the gateway's served name: its queue wait is read under that label.
+        queue = obs.models.get(orchestrator_models.get(key) or model or "")
+        if queue is not None:
+            sig = replace(sig, queue_wait_p90_s=finite(queue.queue_wait_p90_s))
         if model is not None and model in obs.models:
             ms = obs.models[model]
-            share = _share(obs.admissions, model, key, pools_of.get(model, [key]))
+            share = _share(obs.admissions, key, pools_of.get(model, [key]))
             sig = replace(
                 sig,
-                queue_wait_p90_s=finite(ms.queue_wait_p90_s),
                 ttft_p90_s=finite(ms.ttft_p90_s),
                 itl_p90_s=finite(ms.itl_p90_s),
                 prompt_tokens_rate=_scaled(ms.prompt_tokens_rate, share),
                 completion_tokens_rate=_scaled(ms.completion_tokens_rate, share),
             )
+            if sig.queue_wait_p90_s is None:
+                sig = replace(sig, queue_wait_p90_s=finite(ms.queue_wait_p90_s))
         out[key] = sig
     return out
 
 
+def _orchestrator_models(
+    admissions: Mapping[tuple[str, PoolKey], float] | None,
+) -> dict[PoolKey, str]:
+    """Per pool, the model label of most of its admissions (the orchestrator's name for it)."""
+    best: dict[PoolKey, tuple[float, str]] = {}
+    for (m, k), v in (admissions or {}).items():
+        if k not in best or v > best[k][0]:
+            best[k] = (v, m)
+    return {k: m for k, (_, m) in best.items()}
+
+
 def _share(
     admissions: Mapping[tuple[str, PoolKey], float] | None,
-    model: str,
     key: PoolKey,
     pools: Sequence[PoolKey],
 ) -> float | None:
-    """This pool's fraction of the model's admissions; even split when nothing was admitted."""
+    """This pool's fraction of the admissions of `pools` (every pool serving its model, whatever
+    model label the admissions carry); even split when nothing was admitted."""
     if admissions is None:
         return 1.0 if len(pools) == 1 else None
-    total = sum(v for (m, _), v in admissions.items() if m == model)
+    among = set(pools)
+    total = sum(v for (_, k), v in admissions.items() if k in among)
     if total > 0:
-        return admissions.get((model, key), 0.0) / total
+        return sum(v for (_, k), v in admissions.items() if k == key) / total
     return 1.0 / max(1, len(pools))
 
 

@@ -31,3 +31,20 @@ def test_a_latency_percentile_that_is_not_finite_is_unknown(bad: float) -> None:
     obs = Observation(admissions={}, queue_depth={}, models={"a": latencies})
     got = assemble(obs, {SHORT: "a"}, 0.0)[SHORT]
     assert (got.ttft_p90_s, got.itl_p90_s, got.queue_wait_p90_s) == (None, None, None)
+
+
+def test_orchestrator_series_named_by_the_triton_model_reach_the_served_models_pools() -> None:
+    # Gateway series carry the served name (llama3-8b), the orchestrator's the Triton model's.
+    obs = Observation(
+        admissions={("tensorrt_llm", SHORT): 9.0, ("tensorrt_llm", LONG): 1.0},
+        queue_depth={},
+        models={
+            "llama3-8b": ModelSignals(ttft_p90_s=0.5, prompt_tokens_rate=10_000.0),
+            "tensorrt_llm": ModelSignals(queue_wait_p90_s=1.5),
+        },
+    )
+    got = assemble(obs, {SHORT: "llama3-8b", LONG: "llama3-8b"}, 0.0)
+    assert got[SHORT].prompt_tokens_rate == pytest.approx(9_000.0)  # by admissions, not evenly
+    assert got[LONG].prompt_tokens_rate == pytest.approx(1_000.0)
+    assert got[SHORT].queue_wait_p90_s == got[LONG].queue_wait_p90_s == 1.5
+    assert got[SHORT].ttft_p90_s == 0.5
