@@ -24,7 +24,7 @@ from llmmesh.common.errors import (
     Unauthenticated,
     Unavailable,
 )
-from services.gateway.errors import ReplicaFailed, RequestIdConflict
+from services.gateway.errors import RateLimited, ReplicaFailed, RequestIdConflict
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 5, 10, 30)
 
@@ -103,13 +103,20 @@ _USAGE_RECORDS = Counter(
 
 
 # -- requests -------------------------------------------------------------------------------
+# Outcomes that are no failure of the service: the SLO rules' `outcome!~` matcher lists them.
+CALLER_OUTCOMES = ("success", "cancelled", "invalid", "unauthenticated", "rate_limited")
+
+
 def outcome_label(err: ServiceError) -> str:
-    """Bounded label set for `llmmesh_gateway_requests_total{outcome}` (dashboards and SLO rules
-    count success, cancelled and invalid as good)."""
+    """Bounded label set for `llmmesh_gateway_requests_total{outcome}`. The SLO rules count
+    what the caller caused as good (`CALLER_OUTCOMES`); `rejected` (the mesh out of capacity)
+    is an error, a tenant over its own limits (`rate_limited`) is not."""
     if isinstance(err, InvalidArgument | NotFound | RequestIdConflict):
         return "invalid"
     if isinstance(err, Unauthenticated):
         return "unauthenticated"
+    if isinstance(err, RateLimited):
+        return "rate_limited"
     if isinstance(err, ResourceExhausted):
         return "rejected"
     if isinstance(err, ReplicaFailed):

@@ -6,13 +6,18 @@ incomplete alerts."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from llmmesh.common import metric_names
+from llmmesh.common.errors import ServiceError, Unauthenticated
 from llmmesh.tools.meshcheck.common import Doc
 from llmmesh.tools.meshcheck.index import Mesh
 from llmmesh.tools.meshcheck.rules import observability as obs
+from services.gateway.errors import RateLimited
+from services.gateway.metrics import CALLER_OUTCOMES, outcome_label
+from services.orchestrator.errors import QueueFull
 from tests.mesh.helpers import doc, mesh_of
 
 
@@ -103,3 +108,27 @@ def test_incomplete_alert_is_caught(rendered: dict[str, list[Doc]]) -> None:
     assert "alert LlmmeshAutoscalerWedged: needs a `for` duration" in problems
     assert any("LlmmeshAutoscalerWedged: severity" in p for p in problems), problems
     assert any("job llmmesh-typo is not a scrape job" in p for p in problems), problems
+
+
+def test_the_slo_error_ratio_excludes_exactly_the_callers_outcomes(
+    rendered: dict[str, list[Doc]],
+) -> None:
+    mesh = mesh_of(rendered, "prod")
+    texts = [json.dumps(doc(mesh, "PrometheusRule", "llmmesh")["spec"])]
+    texts += [json.dumps(d) for d in obs.dashboards(mesh).values()]
+    found = [m for t in texts for m in re.findall(r'outcome!~\\*"([^"\\]+)', t)]
+    assert found, "no SLO error ratio"
+    assert set(found) == {"|".join(CALLER_OUTCOMES)}
+
+
+@pytest.mark.parametrize(
+    ("err", "label"),
+    [
+        (RateLimited("over", limit="requests"), "rate_limited"),
+        (QueueFull("full", retry_after_s=1.0), "rejected"),
+        (Unauthenticated("no key"), "unauthenticated"),
+    ],
+)
+def test_a_tenant_over_its_limits_is_no_service_error(err: ServiceError, label: str) -> None:
+    assert outcome_label(err) == label
+    assert (label in CALLER_OUTCOMES) == (label != "rejected")
