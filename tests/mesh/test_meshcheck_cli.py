@@ -41,7 +41,7 @@ def test_broken_copy_fails_with_its_findings(
     root = tmp_path / "mesh"
     shutil.copytree(MESH, root)
     values = root / "base" / "triton" / "v1-long" / "pool.yaml"
-    values.write_text(values.read_text().replace("minReplicas: 1", "minReplicas: 5"))
+    values.write_text(values.read_text().replace("minReplicas: 2", "minReplicas: 5"))
     dr = root / "base" / "istio" / "destination-rules.yaml"
     dr.write_text(re.sub(r"maxConnections:", "maxConnection:", dr.read_text(), count=1))
     assert main(["--mesh", str(root), "--target", "prod"]) == 1

@@ -25,6 +25,9 @@ NEVER_STARTED = frozenset({"connect-failure", "refused-stream"})
 # Also safe for unary, idempotent calls: the server answered UNAVAILABLE without doing the work.
 SAFE_UNARY = NEVER_STARTED | {"unavailable"}
 
+# How much longer than the gateway's own request timeout a streaming route's timeout runs.
+ROUTE_TIMEOUT_MARGIN_MS = 5_000
+
 
 def _destinations(vs: Doc) -> list[tuple[str, Mapping[str, Any]]]:
     out: list[tuple[str, Mapping[str, Any]]] = []
@@ -284,9 +287,11 @@ def check_retries_and_timeouts(mesh: Mesh) -> list[str]:
     request_timeout = (
         float(gateway_env(mesh).get("LLMMESH_GATEWAY_REQUEST_TIMEOUT_S", "inf")) * 1000
     )
-    if generate is None or generate < request_timeout:
+    if generate is None or generate < request_timeout + ROUTE_TIMEOUT_MARGIN_MS:
         problems.append(
-            f"Generate route timeout {generate} ms is below the gateway's request timeout {request_timeout} ms"
+            f"Generate route timeout {generate} ms must exceed the gateway's request timeout "
+            f"{request_timeout} ms by {ROUTE_TIMEOUT_MARGIN_MS} ms (the gateway, not Envoy, "
+            "ends a stream that ran out of time)"
         )
     stream = timeouts.get("/inference.GRPCInferenceService/ModelStreamInfer")
     if generate is None or stream is None or stream < generate:
