@@ -128,6 +128,10 @@ class Watcher:
         self._limit = limit
         self.overflowed = False
         self.ready = asyncio.Event()
+        # The task writing to this caller, and whether it is in a write: a write to a caller
+        # that stopped reading waits on flow control forever, so an overflow then cancels it.
+        self.writer: asyncio.Task[object] | None = None
+        self.writing = False
 
     def offer(self, messages: list[tuple[pb.ExactIndexUpdate, int]]) -> None:
         if self.overflowed or not messages:
@@ -141,14 +145,26 @@ class Watcher:
         self.ready.set()
 
     def end(self) -> None:
+        if self.overflowed:
+            return
         self.overflowed = True
         self.backlog.clear()
         self._weights.clear()
         self.ready.set()
+        if self.writing and self.writer is not None:
+            self.writer.cancel()
 
     def take(self) -> pb.ExactIndexUpdate:
         self._weight -= self._weights.popleft()
         return self.backlog.popleft()
+
+
+async def _write(context: Ctx, watcher: Watcher, msg: pb.ExactIndexUpdate) -> None:
+    watcher.writing = True
+    try:
+        await context.write(msg)
+    finally:
+        watcher.writing = False
 
 
 def broadcast(watchers: Iterable[Watcher], changes: list[ExactChange]) -> None:
@@ -156,6 +172,8 @@ def broadcast(watchers: Iterable[Watcher], changes: list[ExactChange]) -> None:
     hold). Never raises: the engine's call that made the changes succeeded."""
     shared: list[tuple[pb.ExactIndexUpdate, int]] | None = None
     for w in watchers:
+        if w.overflowed:
+            continue  # its watch is ending: nothing more is sent
         try:
             if w.pending:
                 w.offer(update_messages(c for c in changes if c.replica_id not in w.pending))
@@ -273,13 +291,14 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
         task = asyncio.current_task()
         if task is not None:
             self._streams.add(task)
+        watcher.writer = task
         try:
             for rid in sorted(watcher.pending):
                 snapshot = self._core.exact_snapshot(rid)
                 watcher.pending.discard(rid)
                 for msg, _ in update_messages(snapshot):
-                    await context.write(msg)
-            await context.write(pb.ExactIndexUpdate(synced=True))
+                    await _write(context, watcher, msg)
+            await _write(context, watcher, pb.ExactIndexUpdate(synced=True))
             while True:
                 await watcher.ready.wait()
                 if watcher.overflowed:
@@ -290,10 +309,12 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
                 if not watcher.backlog:
                     watcher.ready.clear()
                     continue
-                await context.write(watcher.take())
+                await _write(context, watcher, watcher.take())
         except asyncio.CancelledError:
             if not self.draining():
-                raise  # the caller went away
+                # The caller went away, or fell behind while not reading (`Watcher.end`): no
+                # status can pass the write it left pending; the call is cancelled.
+                raise
             await context.abort(grpc.StatusCode.UNAVAILABLE, "kv_registry is draining")
         finally:
             self._watchers.discard(watcher)

@@ -280,6 +280,29 @@ async def test_a_watcher_that_falls_behind_is_ended(registry: Registry) -> None:
     await eventually(lambda: registry.servicer.watchers == 0, "the watch to end")
 
 
+@pytest.mark.parametrize("registry", [50_000], indirect=True)
+async def test_a_watcher_that_stops_reading_is_ended_in_the_middle_of_a_write(
+    registry: Registry,
+) -> None:
+    """A caller that keeps its connection but reads nothing blocks the handler's write (flow
+    control): its overflow still ends the watch, not only the next wait."""
+    call = watch(registry)
+    assert await snapshot(call) == []
+    [watcher] = registry.servicer._watchers
+    seq = 0
+    chunk = 2_000  # hashes a change (and as many evicted: the registry holds 10,000)
+    while not watcher.overflowed:  # the caller's window fills, then the backlog
+        assert seq < 2_000, "the writes never blocked"
+        hashes = tuple(range(1 + seq * chunk, 1 + (seq + 1) * chunk))
+        registry.core.ingest("r0", "e", CFG, [Stored(seq, hashes)])
+        seq += 1
+        for _ in range(20):  # the handler writes what the caller's window takes
+            await asyncio.sleep(0)
+    assert seq > 50  # it wrote before it fell behind
+    await eventually(lambda: registry.servicer.watchers == 0, "the stalled watch to end")
+    call.cancel()
+
+
 async def test_drain_ends_watches(registry: Registry) -> None:
     call = watch(registry)
     await snapshot(call)
