@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -233,6 +234,11 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             return BadAdmission("neither admit nor cancel set")
         if msg.call_id in stream.open:
             return BadAdmission(f"{msg.call_id} is unanswered already", field="call_id")
+        if not 0 <= msg.timeout_s < math.inf:  # NaN too
+            return BadAdmission(
+                f"must be finite and >= 0 (0: the default wait), got {msg.timeout_s}",
+                field="timeout_s",
+            )
         if len(stream.open) >= STREAM_MAX_OPEN:
             return StreamFull(
                 f"{STREAM_MAX_OPEN} Admits unanswered on this stream",

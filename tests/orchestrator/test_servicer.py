@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 
@@ -257,6 +258,18 @@ async def test_a_stream_answers_each_admit_by_call_id_grants_and_refusals_alike(
     await call.done_writing()
     assert await call.read() is EOF
     assert await call.code() == grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize("timeout_s", [-1.0, math.inf, math.nan])
+async def test_a_stream_admit_with_a_timeout_that_is_no_duration_is_refused(
+    stub: pb_grpc.OrchestratorServiceAsyncStub, timeout_s: float
+) -> None:
+    call = stub.AdmitStream(None)
+    await call.write(streamed(1, "a", timeout_s=timeout_s))
+    refusal = (await answers(call, 1))[1].refusal
+    assert refusal.code == code_number(grpc.StatusCode.INVALID_ARGUMENT)
+    assert "timeout_s" in refusal.message
+    call.cancel()
 
 
 async def test_a_stream_admit_waits_for_its_timeout_and_a_cancel_withdraws_it(
