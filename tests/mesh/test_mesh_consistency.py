@@ -243,6 +243,22 @@ def test_permissive_mtls_is_caught(rendered: dict[str, list[Doc]]) -> None:
     assert security.check_mtls(mesh)
 
 
+@pytest.mark.parametrize("mode", ["ISTIO_MUTUAL", None])
+def test_the_autoscalers_prometheus_needs_plain_text(
+    rendered: dict[str, list[Doc]], mode: str | None
+) -> None:
+    mesh = mesh_of(rendered, "prod")
+    dr = doc(mesh, "DestinationRule", "prometheus-plaintext")
+    if mode is None:
+        del dr["spec"]["exportTo"]  # leaking the plain-text rule to every namespace
+    else:
+        dr["spec"]["trafficPolicy"]["tls"]["mode"] = mode
+    problems = "\n".join(security.check_destination_rules(mesh))
+    assert "prometheus-operated.monitoring.svc.cluster.local (the autoscaler's Prometheus)" in (
+        problems
+    )
+
+
 def test_port_drift_is_caught(
     rendered: dict[str, list[Doc]], settings: dict[str, ComponentSettings]
 ) -> None:

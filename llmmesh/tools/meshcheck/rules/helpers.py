@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -98,3 +99,16 @@ def istiod_values(root: Path) -> dict[str, Any]:
         (root / "istio-system" / "istiod-values.yaml").read_text()
     )
     return loaded
+
+
+def plaintext_hosts(mesh: Mesh) -> set[str]:
+    """Hosts outside the mesh namespace dialled in plain text: the autoscaler's Prometheus (a
+    sidecar that intercepts no inbound port)."""
+    dep = mesh.get("Deployment", "llmmesh-autoscaler")
+    if dep is None:
+        return set()
+    env = mesh.container_env(dep, mesh.main_container(dep))
+    url = env.get("LLMMESH_AUTOSCALER_PROMETHEUS_URL")
+    if env.get("LLMMESH_AUTOSCALER_SOURCE") != "promql" or not url:
+        return set()
+    return {urlsplit(url).hostname or ""}

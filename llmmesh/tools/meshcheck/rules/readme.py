@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 from llmmesh.tools.meshcheck.index import Mesh
+from llmmesh.tools.meshcheck.rules.helpers import plaintext_hosts
 from llmmesh.tools.meshcheck.rules.observability import alert_rules
 
 README = "README.md"
@@ -34,7 +35,10 @@ def check_circuit_breaking_table(mesh: Mesh) -> list[str]:
     for the HTTP limits of a plain TCP Service, which has none)."""
     text = readme_text(mesh)
     problems: list[str] = []
+    external = plaintext_hosts(mesh)
     for dr in mesh.in_namespace("DestinationRule"):
+        if dr["spec"]["host"] in external:
+            continue  # no circuit breaking: a plain-text hop out of the namespace
         tp = dr["spec"]["trafficPolicy"]
         pool, od = tp["connectionPool"], tp["outlierDetection"]
         http = pool.get("http", {})

@@ -15,6 +15,7 @@ from llmmesh.tools.meshcheck.project import (
 from llmmesh.tools.meshcheck.rules.helpers import (
     gateway_env,
     orchestrator_env,
+    plaintext_hosts,
     service_port_numbers,
 )
 
@@ -46,8 +47,9 @@ def check_hosts(mesh: Mesh) -> list[str]:
     for gw in mesh.in_namespace("Gateway"):
         for server in gw["spec"]["servers"]:
             gateway_hosts.update(server["hosts"])
+    external = plaintext_hosts(mesh)
     for dr in mesh.in_namespace("DestinationRule"):
-        if mesh.service_for_host(dr["spec"]["host"]) is None:
+        if dr["spec"]["host"] not in external and mesh.service_for_host(dr["spec"]["host"]) is None:
             problems.append(f"{doc_id(dr)}: host {dr['spec']['host']} names no Service")
     for vs in mesh.in_namespace("VirtualService"):
         gateways = vs["spec"].get("gateways", ["mesh"])

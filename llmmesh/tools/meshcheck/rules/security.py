@@ -13,7 +13,7 @@ from llmmesh.tools.meshcheck.project import (
     grpc_method,
     grpc_service_known,
 )
-from llmmesh.tools.meshcheck.rules.helpers import is_tcp_port, is_tcp_service
+from llmmesh.tools.meshcheck.rules.helpers import is_tcp_port, is_tcp_service, plaintext_hosts
 
 # Operation fields Istio can only match on HTTP: a rule that sets one never matches a plain TCP
 # connection, so an ALLOW policy with it denies that traffic.
@@ -194,7 +194,21 @@ def authz_allows(
 def check_destination_rules(mesh: Mesh) -> list[str]:
     problems: list[str] = []
     by_service: dict[str, Doc] = {}
+    plaintext = plaintext_hosts(mesh)
+    for host in sorted(plaintext):
+        if not any(
+            dr["spec"]["host"] == host
+            and dr["spec"].get("trafficPolicy", {}).get("tls", {}).get("mode") == "DISABLE"
+            and dr["spec"].get("exportTo") == ["."]
+            for dr in mesh.in_namespace("DestinationRule")
+        ):
+            problems.append(
+                f"{host} (the autoscaler's Prometheus) needs a DestinationRule with tls mode "
+                "DISABLE, exportTo [.]: auto mTLS would send TLS to its plain-HTTP port"
+            )
     for dr in mesh.in_namespace("DestinationRule"):
+        if dr["spec"]["host"] in plaintext:
+            continue  # checked above
         svc = mesh.service_for_host(dr["spec"]["host"])
         if svc is not None:
             by_service[svc["metadata"]["name"]] = dr
