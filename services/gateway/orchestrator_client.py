@@ -23,7 +23,8 @@ orchestrator cancelled it), so the orchestrator set sends it to another: the orc
 answers every Admit it read before it ends a stream, so an unanswered one was never decided,
 unless the connection broke, when a lease it granted ends by the lease timeout (as with the unary
 call), or sooner when this process's streams to that orchestrator stay gone for its
-`orphan_lease_grace_s` (the orchestrator then releases every lease it granted over them). An Admit given up on (its caller's cancel, its deadline) is withdrawn by a cancel message,
+`orphan_lease_grace_s`, set to at least this gateway's request timeout (the orchestrator then
+releases every lease it granted over them). An Admit given up on (its caller's cancel, its deadline) is withdrawn by a cancel message,
 and a lease answered for it all the same is released at once. An orchestrator that refuses the
 method (`errors.NOT_OFFERED`) gets unary Admits from then on, the refused ones included.
 """

@@ -235,13 +235,23 @@ class Orchestrator:
         if not candidates and activation is None:
             metrics.record_rejection(req.model, "no_replica")
             raise NoReplicaReady(self._unavailable_reason(req))
+        if len(self._queue) and self._has_room({c.id for c in candidates}):
+            # Waiters are queued, but none could take a replica this request can (another
+            # model, pool or exclusion: every dispatch grants what can go): granted now, not at
+            # the next unrelated event, nor refused for a queue it need not wait in.
+            lease = self._try_grant(req, prefix, start)
+            if lease is not None:
+                return lease
         # The caller's deadline counts from the Admit's start (the lookup, the first health
         # round's wait); the default wait counts from here.
         wait_s = (
             self._settings.default_queue_timeout_s
             if timeout_s is None
-            else max(timeout_s - (self._clock() - start), 0.0)
+            else timeout_s - (self._clock() - start)
         )
+        if wait_s <= 0:
+            metrics.record_rejection(req.model, "queue_timeout")
+            raise QueueTimeout("the call's deadline passed during its admission")
         self._enter_queue(req, wait_s)
         fut: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         waiter = self._queue.push(
@@ -254,10 +264,6 @@ class Orchestrator:
             self._clock() + wait_s,
         )
         metrics.record_enqueued(req.model, waiter.pool_key)
-        if self._has_room({c.id for c in candidates}):
-            # Queued behind waiters that cannot use a replica this one can (another model, pool
-            # or exclusion): granted now, in priority order, not at the next unrelated event.
-            self._dispatch()
         self._wake_for_backlog()
         return await self._wait(waiter, wait_s)
 
@@ -302,9 +308,10 @@ class Orchestrator:
             left = wait_s
             # In steps of the activation timeout: at the end of each, a request that still finds
             # no replica gives up; one that finds a busy replica waits on, like any request.
-            while activation is not None and activation.timeout_s < left:
+            lease: Lease | None = None
+            while lease is None and activation is not None and activation.timeout_s < left:
                 try:
-                    return await asyncio.wait_for(asyncio.shield(fut), activation.timeout_s)
+                    lease = await asyncio.wait_for(asyncio.shield(fut), activation.timeout_s)
                 except TimeoutError:
                     if not self._servable(req) and self._withdraw(waiter):
                         metrics.record_rejection(req.model, "activation_timeout")
@@ -313,14 +320,15 @@ class Orchestrator:
                             f"within {activation.timeout_s:g} s"
                         ) from None
                     if fut.done():
-                        return fut.result()
+                        lease = fut.result()
                     left -= activation.timeout_s
-            lease = await asyncio.wait_for(asyncio.shield(fut), left)
+            if lease is None:
+                lease = await asyncio.wait_for(asyncio.shield(fut), left)
         except TimeoutError:
             if self._withdraw(waiter):
                 metrics.record_rejection(req.model, "queue_timeout")
                 raise QueueTimeout(f"no replica slot within {wait_s:.3f}s") from None
-            return fut.result()  # granted in the same tick the timer fired
+            lease = fut.result()  # granted in the same tick the timer fired
         except asyncio.CancelledError:
             if (
                 not self._withdraw(waiter)

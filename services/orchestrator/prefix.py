@@ -261,6 +261,8 @@ class _LookupStream:
 
 # An older registry, a mesh policy, or another block identity: watching again would not help.
 _NO_WATCH = NOT_OFFERED | {grpc.StatusCode.INVALID_ARGUMENT}
+# How a registry ends the watch of a copy that fell behind (`kv_registry.servicer.Watcher`).
+_FELL_BEHIND = frozenset({grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED})
 
 
 async def _unless_closed(call: Awaitable[_T]) -> _T:
@@ -532,9 +534,10 @@ class RegistryPrefixIndex:
                             extra={"registry": reg.address, "error": err.code().name},
                         )
                         wait = self.WATCH_REFUSED_RETRY_S
-                    elif err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        # This copy fell behind the registry's changes; the registry is fine
-                        # (lookups and updates go on to it): a fresh snapshot `retry_s` later.
+                    elif err.code() in _FELL_BEHIND:
+                        # This copy fell behind the registry's changes (the registry cancels a
+                        # watch it could not write to); the registry is fine (lookups and
+                        # updates go on to it): a fresh snapshot `retry_s` later.
                         log.warning(
                             "copy of kv_registry's exact index fell behind; watching again",
                             extra={"registry": reg.address},

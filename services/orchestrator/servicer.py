@@ -277,6 +277,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         """Stop reading Admits on every stream: each ends once the Admits it read are answered
         (the server's own stop bounds how long that may take)."""
         self._draining = True
+        for timer in self._orphan_timers.values():
+            timer.cancel()  # this process's leases end with it
+        self._orphan_timers.clear()
         for stream in self._streams:
             stream.reading = False
             stream.wake.set()

@@ -191,6 +191,41 @@ async def test_a_request_queued_for_one_version_does_not_hold_up_another() -> No
     queued.cancel()
 
 
+async def test_a_full_queue_of_another_version_does_not_refuse_a_request_with_room() -> None:
+    specs = [
+        ReplicaSpec(id="v1", grpc_address="a:1", model_version="v1"),
+        ReplicaSpec(id="v2", grpc_address="a:2", model_version="v2"),
+    ]
+    core, _ = await ready_core(specs=specs, cap=1, queue=1)
+    await core.admit(req("a", version="v1"), 1.0)
+    queued = asyncio.create_task(core.admit(req("b", version="v1"), 5.0))
+    await assert_queued(core, 1)  # the queue is full
+    lease = await core.admit(req("c", version="v2"), 5.0)
+    assert lease.replica.id == "v2"
+    queued.cancel()
+
+
+class _SlowLookup(FixedPrefix):
+    """A lookup that takes `took_s` of the core's clock."""
+
+    def __init__(self, clock: list[float], took_s: float) -> None:
+        super().__init__(PrefixMatches(0, {}))
+        self._clock, self._took_s = clock, took_s
+
+    async def lookup(self, *args: object, **kwargs: object) -> PrefixMatches:
+        self._clock[0] += self._took_s
+        return self.matches
+
+
+async def test_a_deadline_spent_before_queueing_is_a_queue_timeout() -> None:
+    now = [1000.0]
+    core, _ = await ready_core(n=1, cap=1, prefix=_SlowLookup(now, 2.0), clock=lambda: now[0])
+    await core.admit(req("a"), 5.0)  # the one slot
+    with pytest.raises(QueueTimeout, match="during its admission"):
+        await core.admit(req("b"), 1.0)  # its lookup took 2 s of its 1 s
+    assert core.queue_depth == 0
+
+
 async def test_a_cancel_in_the_tick_of_the_grant_releases_the_lease() -> None:
     core, _ = await ready_core(n=1, cap=1)
     first = await core.admit(req("a"), 1.0)

@@ -123,8 +123,10 @@ async def test_a_watch_that_ends_drops_the_copy_and_starts_again() -> None:
         await eventually(lambda: from_copy(idx, fake), 5, "lookups from the new copy")
 
 
-async def test_a_copy_that_fell_behind_leaves_its_registry_up() -> None:
-    fake = WatchedRegistry("a", end=grpc.StatusCode.RESOURCE_EXHAUSTED)  # type: ignore[abstract]
+# RESOURCE_EXHAUSTED: behind while waiting; CANCELLED: behind in a write it did not read.
+@pytest.mark.parametrize("code", [grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED])
+async def test_a_copy_that_fell_behind_leaves_its_registry_up(code: grpc.StatusCode) -> None:
+    fake = WatchedRegistry("a", end=code)  # type: ignore[abstract]
     reg = await served(fake)
     idx = RegistryPrefixIndex(
         [RegistryEndpoint(reg.address)], CFG, 0.5, retry_s=30.0, mirror=ExactMirror(1000)
