@@ -104,6 +104,11 @@ class KvRegistry:
         # last looked for (`maintain`, every tenth of the silence bound).
         self._heard: dict[str, float] = {}
         self._silence_checked = -math.inf
+        # Until when each predicted replica may hold entries (its last routing or report plus
+        # the longest TTL it was given): one that nothing routed to or reported on since is
+        # forgotten (`_drop_idle`), where a lost DropReplica would leave it listed for good.
+        self._active_until: dict[str, float] = {}
+        self._idle_checked = -math.inf
         self._clock = clock
         self._metrics = metrics
         self.exact = ExactIndex(metrics)
@@ -241,6 +246,7 @@ class KvRegistry:
             matched = self.exact.matched(replica_id, hashes)
             return RoutingResult(len(hashes), matched, Source.EXACT, 0)
         self._metrics.routing(replica_id, Source.PREDICTED)
+        self._touch(replica_id, ttl)
         result = self.predicted.record(replica_id, hashes, ttl)
         self._enforce_bound()
         self._housekeeping(len(hashes))
@@ -288,6 +294,7 @@ class KvRegistry:
             return ReuseResult(reusable, p, r, Source.EXACT, 0, 0)
         if replica_id not in self._replicas:
             self._add_replica(replica_id)  # learnt from the report (e.g. after a restart)
+        self._touch(replica_id, self.predicted.ttl_s)
         capacity, dropped = self.predicted.correct(replica_id, hashes, p, r)
         self._enforce_bound()
         self._housekeeping(len(hashes))
@@ -300,6 +307,7 @@ class KvRegistry:
         its next batch (events, or a heartbeat) shows a gap and it is asked for a snapshot."""
         replica = self._replicas.pop(replica_id, None)
         self._heard.pop(replica_id, None)
+        self._active_until.pop(replica_id, None)
         # Remembered even when unknown here (a registry that restarted, or missed updates):
         # its leases' late reports must not bring it in either.
         self._dropped[replica_id] = None
@@ -346,7 +354,32 @@ class KvRegistry:
         if done < budget:
             done += self.exact.compact(budget - done)
         self._drop_silent()
-        return done + self.predicted.maintain(budget - done)
+        done += self.predicted.maintain(budget - done)
+        self._drop_idle()
+        return done
+
+    def _touch(self, replica_id: str, ttl_s: float) -> None:
+        until = self._clock() + ttl_s
+        if until > self._active_until.get(replica_id, -math.inf):
+            self._active_until[replica_id] = until
+
+    def _drop_idle(self) -> None:
+        """Drop the predicted replicas nothing was routed to nor reported on for longer than
+        their predictions live: they hold nothing (every entry expired) and their orchestrators
+        no longer route there (a DropReplica lost, or sent to a registry that restarted). One
+        routed to again is added again (not kept out like one dropped by DropReplica)."""
+        now = self._clock()
+        if now - self._idle_checked < self.predicted.ttl_s / 10 or not self._active_until:
+            return
+        self._idle_checked = now
+        idle = [rid for rid, until in self._active_until.items() if until < now]
+        for rid in idle:
+            if self.exact.is_exact(rid):
+                del self._active_until[rid]  # an exact replica: `_drop_silent` keeps it
+                continue
+            log.info("predicted replica idle: forgotten", extra={"replica": rid})
+            self.drop_replica(rid)
+            self._dropped.pop(rid, None)  # its next routing brings it back
 
     def _drop_silent(self) -> None:
         """Drop the replicas that published (events or heartbeats) and then nothing for

@@ -162,6 +162,24 @@ def test_an_exact_replica_silent_for_the_bound_is_dropped() -> None:
     assert list(reg.replica_ids()) == ["gone"]  # "alive" silent 74 s while "gone" was heard
 
 
+def test_a_predicted_replica_nothing_routes_to_is_forgotten_once_its_predictions_expire() -> None:
+    clock = ManualClock(0.0)
+    reg = make_registry(CFG, KvRegistrySettings(predicted_ttl_s=600.0), clock=clock)
+    reg.record_routing("gone", HASHES)  # its DropReplica never came
+    reg.record_routing("used", HASHES)
+    reg.record_routing("long", HASHES, ttl_s=2000.0)
+    clock.now = 500.0
+    reg.report_reuse("used", HASHES, 4)  # a report keeps it too
+    clock.now = 601.0
+    reg.maintain(100)
+    assert sorted(reg.replica_ids()) == ["long", "used"]
+    clock.now = 1101.0
+    reg.maintain(100)
+    assert sorted(reg.replica_ids()) == ["long"]
+    reg.record_routing("used", HASHES)  # routed to again: back (not kept out as dropped)
+    assert sorted(reg.replica_ids()) == ["long", "used"]
+
+
 def test_drop_replica() -> None:
     reg = make()
     reg.ingest("r0", "e", CFG, [Stored(0, tuple(HASHES))])
