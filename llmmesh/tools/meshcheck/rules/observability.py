@@ -29,7 +29,7 @@ EXTERNAL_METRICS = frozenset(
         "envoy_cluster_upstream_rq_retry",
         "kube_deployment_status_replicas_ready",
         "kube_deployment_spec_replicas",
-        "keda_scaler_errors_total",
+        "keda_scaled_object_errors_total",
         # Triton core inference metrics (docs/conventions.md lists them with llmmesh's).
         "nv_inference_request_success",
         "nv_inference_request_failure",
