@@ -235,10 +235,12 @@ class Orchestrator:
         if not candidates and activation is None:
             metrics.record_rejection(req.model, "no_replica")
             raise NoReplicaReady(self._unavailable_reason(req))
-        if len(self._queue) and self._has_room({c.id for c in candidates}):
-            # Waiters are queued, but none could take a replica this request can (another
-            # model, pool or exclusion: every dispatch grants what can go): granted now, not at
-            # the next unrelated event, nor refused for a queue it need not wait in.
+        if len(self._queue) and not self._queue.waits_for(
+            {(c.pool, req.model_version or c.model_version) for c in candidates}
+        ):
+            # Waiters are queued, but none in this request's pools (another model version or
+            # pool): it takes a replica with room now, not at the next unrelated event, nor is
+            # it refused for a queue it need not wait in. (One in its pools waits in line.)
             lease = self._try_grant(req, prefix, start)
             if lease is not None:
                 return lease
@@ -783,14 +785,12 @@ class Orchestrator:
         self._queue.served(waiter)
         waiter.future.set_result(lease)
 
-    def _has_room(self, among: set[str] | None = None) -> bool:
-        """Some assignable replica (with its id in `among`, when given) holds fewer leases
-        (with the others' load) than its cap."""
+    def _has_room(self) -> bool:
+        """Some assignable replica holds fewer leases (with the others' load) than its cap."""
         now = self._clock()
         return any(
             st.in_flight + self._others_load(st, now) < self._cap(st, now)
             for st in self._replicas.assignable()
-            if among is None or st.spec.id in among
         )
 
     def _shed_late(self, blocked: list[Waiter]) -> list[Waiter]:
