@@ -967,14 +967,26 @@ class Orchestrator:
         task.add_done_callback(self._reprobes.discard)
 
     async def probe_once(self, spread_s: float = 0.0) -> None:
-        """One health round: probe every replica (the probes started over `spread_s`:
-        `health.staggered`; the first round all at once, as Admits wait for it), then `tick`."""
+        """One health round: probe every replica due (`_probe_due`; the probes started over
+        `spread_s`: `health.staggered`; the first round all at once, as Admits wait for it),
+        then `tick`."""
         try:
-            live = list(self._replicas.live())
-            await staggered(self._probe_replica, live, spread_s if self._probed.is_set() else 0.0)
+            due = [st for st in self._replicas.live() if self._probe_due(st)]
+            await staggered(self._probe_replica, due, spread_s if self._probed.is_set() else 0.0)
         finally:
             self._probed.set()
             self.tick()
+
+    def _probe_due(self, st: ReplicaState) -> bool:
+        """Whether this round probes `st`: not a ready replica a request succeeded on since the
+        last round (it is serving), for up to `health_passive_rounds` rounds in a row. A probe
+        per replica per round is two calls: with many replicas, a core's tenth or more."""
+        served, st.served_since_round = st.served_since_round, False
+        if st.ready and served and st.unprobed_rounds < self._settings.health_passive_rounds:
+            st.unprobed_rounds += 1
+            return False
+        st.unprobed_rounds = 0
+        return True
 
     def tick(self) -> None:
         """Time-driven upkeep: reclaim leases never completed within `lease_timeout_s`; close

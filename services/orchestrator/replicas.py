@@ -32,6 +32,10 @@ class ReplicaState:
     spec: ReplicaSpec
     ready: bool = False  # last readiness probe passed
     probed: bool = False  # probed at least once by this orchestrator
+    # A request succeeded on it since its last health round, and the rounds in a row it went
+    # unprobed for that (`Orchestrator._probe_due`).
+    served_since_round: bool = False
+    unprobed_rounds: int = 0
     removed: bool = False  # left the replica set; forgotten once its last lease ends
     draining: bool = False  # DrainReplica: no new leases
     registered: bool = False  # added by RegisterReplica; discovery leaves it alone

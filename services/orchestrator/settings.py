@@ -208,6 +208,14 @@ class OrchestratorSettings(ServiceSettings):
     health_interval_s: float = Field(
         default=1.0, gt=0, description="Seconds between replica readiness probes."
     )
+    health_passive_rounds: int = Field(
+        default=4,
+        ge=0,
+        description=(
+            "Health rounds in a row a ready replica goes unprobed while requests succeed on it "
+            "(they show it serving; a failed one has it probed at once); 0: probed every round."
+        ),
+    )
     health_timeout_s: float = Field(
         default=1.0, gt=0, description="Timeout of one readiness probe."
     )

@@ -168,6 +168,35 @@ async def test_queue_timeout_and_cancellation_leave_queue() -> None:
     assert core.queue_depth == 0
 
 
+async def test_a_replica_serving_requests_is_probed_at_least_every_few_rounds() -> None:
+    core, probe = await ready_core(n=1, cap=4)
+    rounds = core._settings.health_passive_rounds
+    probed: list[str] = []
+    ready = probe.ready
+
+    async def counting(replica: ReplicaSpec, models: Sequence[str], timeout_s: float) -> bool:
+        probed.append(replica.id)
+        return await ready(replica, models, timeout_s)
+
+    probe.ready = counting  # type: ignore[method-assign]
+
+    async def round_with(success: bool) -> bool:
+        """One health round after a request ended so; whether it probed the replica."""
+        lease = await core.admit(req(), 1.0)
+        core.complete(lease.lease_id, Outcome.SUCCESS if success else Outcome.CANCELLED)
+        before = len(probed)
+        await core.probe_once()
+        return len(probed) > before
+
+    # Serving: unprobed `rounds` rounds in a row, then probed; then unprobed again.
+    assert [await round_with(True) for _ in range(rounds + 2)] == [False] * rounds + [True, False]
+    assert await round_with(False)  # nothing succeeded since the last round: probed
+    probe.ready_ids = set()
+    core.complete((await core.admit(req(), 1.0)).lease_id, Outcome.REPLICA_ERROR)
+    await core.probe_once()
+    assert not core.replicas()[0].ready  # a failed request has it probed (now, and each round)
+
+
 async def test_an_expired_deadline_is_refused_not_granted() -> None:
     core, _ = await ready_core(n=1)
     with pytest.raises(QueueTimeout, match="deadline passed"):
@@ -677,6 +706,7 @@ async def test_approximate_mode_records_reports_and_drops() -> None:
     assert index.reports == [("r0", 2, 3, 3)]  # reported 2 of the 3 predicted, 3-token prompt
     assert index.report_hashes == [(11, 12, 13, 14)]  # to refresh the predicted entries
     probe.ready_ids.clear()
+    await core.probe_once()  # "ran" succeeded since the last round: serving, not probed
     await core.probe_once()
     await index.settle(4)
     assert index.calls[-1] == ("drop", "r0")
