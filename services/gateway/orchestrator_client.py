@@ -23,8 +23,8 @@ orchestrator cancelled it), so the orchestrator set sends it to another: the orc
 answers every Admit it read before it ends a stream, so an unanswered one was never decided,
 unless the connection broke, when a lease it granted ends by the lease timeout (as with the unary
 call), or sooner when this process's streams to that orchestrator stay gone for its
-`orphan_lease_grace_s`, set to at least this gateway's request timeout (the orchestrator then
-releases every lease it granted over them). An Admit given up on (its caller's cancel, its deadline) is withdrawn by a cancel message,
+`orphan_lease_grace_s` (the orchestrator then releases every lease it granted over them): so
+while it holds leases granted over a stream, a stream that ended is opened again at once. An Admit given up on (its caller's cancel, its deadline) is withdrawn by a cancel message,
 and a lease answered for it all the same is released at once. An orchestrator that refuses the
 method (`errors.NOT_OFFERED`) gets unary Admits from then on, the refused ones included.
 """
@@ -86,6 +86,9 @@ _MIN_TIMEOUT_S: Final = 0.001
 # Messages waiting for an AdmitStream's writer at most (reached only when the orchestrator stopped
 # reading); beyond it an Admit fails as not reached, and the set sends it to another.
 STREAM_OUTBOX: Final = 65_536
+# How soon an AdmitStream that ended is opened again while leases granted over it are held
+# (well within the orchestrator's `orphan_lease_grace_s`).
+STREAM_REOPEN_S: Final = 1.0
 
 _PRIORITY: Final = {
     Priority.INTERACTIVE: pb.PRIORITY_INTERACTIVE,
@@ -263,9 +266,11 @@ class _AdmitStream:
         caller: str,
         release: Callable[[pb.AdmitResponse], None],
         hasher: ChunkedHashes | None,
+        on_end: Callable[[], None] = lambda: None,
     ) -> None:
         self._call = stub.AdmitStream(None, metadata=((CALLER_KEY, caller),))
         self._release = release
+        self._on_end = on_end
         self._hasher = hasher
         self._pending: dict[int, asyncio.Future[pb.AdmitStreamResponse]] = {}
         self._unsent: set[int] = set()
@@ -377,6 +382,7 @@ class _AdmitStream:
         for task in (self._reader, self._writer):
             if task is not current:
                 task.cancel()
+        self._on_end()
 
     def close(self) -> None:
         self._end(asyncio.CancelledError())
@@ -412,6 +418,11 @@ class OrchestratorClient:
             name="lease reports",
         )
         self._batches = True  # False once CompleteBatch was refused (`NOT_OFFERED`)
+        # Leases granted over the stream and not yet reported: while any is held, a stream
+        # that ended is opened again (`_stream_ended`), as the orchestrator releases the
+        # leases of a caller with no stream open for its `orphan_lease_grace_s`.
+        self._held: set[str] = set()
+        self._reopen: asyncio.TimerHandle | None = None
         self._closing = False  # no stream opens once `close` began
         self._closed = False
         self.address = address  # for logs: which orchestrator this client reaches
@@ -453,15 +464,13 @@ class OrchestratorClient:
     async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
         timeout_s = max(timeout_s, _MIN_TIMEOUT_S)
         if self._streams_admits and not self._closing:
-            stream = self._stream
-            if stream is None or stream.ended is not None:
-                stream = self._stream = _AdmitStream(
-                    self._stub, CALLER_ID, self._release, self._hasher
-                )
+            stream = self._open_stream()
             loop = asyncio.get_running_loop()
             start = loop.time()
             try:
-                return lease_from_pb(await stream.admit(request, timeout_s, self._wall_clock()))
+                lease = lease_from_pb(await stream.admit(request, timeout_s, self._wall_clock()))
+                self._held.add(lease.lease_id)
+                return lease
             except StreamEnded as ended:
                 if not ended.not_offered:
                     raise ended.as_admission_error() from ended
@@ -473,6 +482,29 @@ class OrchestratorClient:
                     self._streams_admits = False
                 timeout_s = max(timeout_s - (loop.time() - start), _MIN_TIMEOUT_S)
         return await self._admit_call(request, timeout_s)
+
+    def _open_stream(self) -> _AdmitStream:
+        """The open AdmitStream, opened (again) when there is none."""
+        stream = self._stream
+        if stream is None or stream.ended is not None:
+            stream = self._stream = _AdmitStream(
+                self._stub, CALLER_ID, self._release, self._hasher, self._stream_ended
+            )
+        return stream
+
+    def _stream_ended(self) -> None:
+        """While leases granted over it are held, a stream that ended is opened again soon
+        (`STREAM_REOPEN_S`, again each time it fails): the orchestrator keeps a caller's
+        leases while the caller holds a stream open."""
+        if self._held and not self._closing and self._streams_admits and self._reopen is None:
+            self._reopen = asyncio.get_running_loop().call_later(
+                STREAM_REOPEN_S, self._reopen_stream
+            )
+
+    def _reopen_stream(self) -> None:
+        self._reopen = None
+        if self._held and not self._closing and self._streams_admits:
+            self._open_stream()
 
     def _release(self, lease: pb.AdmitResponse) -> None:
         """A lease granted for an Admit given up on: its capacity back at once."""
@@ -493,6 +525,7 @@ class OrchestratorClient:
         return lease_from_pb(response)
 
     def complete(self, report: LeaseReport) -> None:
+        self._held.discard(report.lease_id)
         if self._closed:
             log.warning("complete after close: not sent", extra={"lease_id": report.lease_id})
             return
@@ -556,6 +589,8 @@ class OrchestratorClient:
         """Drain the reports, then close the channel this client opened; later reports are
         not sent."""
         self._closing = True
+        if self._reopen is not None:
+            self._reopen.cancel()
         if self._stream is not None:
             self._stream.close()  # its unanswered Admits fail as not reached
         await self.drain()

@@ -171,8 +171,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
 
     def _orphaned(self, caller: str) -> None:
         """`caller`'s last stream ended `orphan_lease_grace_s` ago and none opened since: its
-        process is gone (a gateway holds its stream for its lifetime), so the leases it held
-        will never be completed; they end now, not at `lease_timeout_s`."""
+        process is gone (a gateway holding leases opens a stream again at once), so the leases
+        it held will never be completed; they end now, not at `lease_timeout_s`."""
         self._orphan_timers.pop(caller, None)
         if caller in self._callers:
             return

@@ -223,14 +223,13 @@ class OrchestratorSettings(ServiceSettings):
         default=3600.0, gt=0, description="A lease never completed after this long is reclaimed."
     )
     orphan_lease_grace_s: float = Field(
-        default=600.0,
+        default=60.0,
         gt=0,
         description=(
             "Leases granted over a caller's AdmitStream are released this long after its last "
             "stream ended, unless it opened another meanwhile (the gateway process is gone: "
-            "its Complete reports will never come). At least the gateways' request timeout: a "
-            "live gateway reopens a broken stream only with its next Admit there, and its "
-            "requests run that long."
+            "its Complete reports will never come). A live gateway holding leases opens a "
+            "stream again within a second or so of losing one."
         ),
     )
     drain_max_wait_s: float = Field(

@@ -622,3 +622,20 @@ async def test_with_a_hasher_a_stream_admit_sends_the_prompt_s_length_and_block_
     assert list(sent) == block_hashes(prompt, config)
     assert list(tokens_from_bytes(by_call.prompt_tokens_le32)) == prompt
     assert not by_call.prompt_block_hashes_le64
+
+
+async def test_a_stream_that_ends_while_a_lease_is_held_is_opened_again(streamed: Served) -> None:
+    """The orchestrator releases a caller's leases once it has held no stream open for a
+    while: a stream that ends while one is held opens again, one that ends holding none not."""
+    client, service = streamed.client, streamed.service
+    lease = await client.admit(admission(request_id="a"), timeout_s=5.0)
+    assert service.stream_calls == 1
+    service.end_streams.set()  # e.g. the orchestrator's proxy restarted
+    await wait_for(lambda: client._stream is not None and client._stream.ended is not None)
+    service.end_streams.clear()
+    await wait_for(lambda: service.stream_calls == 2)  # opened again, with no Admit to send
+    client.complete(LeaseReport.unused(lease.lease_id))
+    service.end_streams.set()
+    await wait_for(lambda: client._stream is not None and client._stream.ended is not None)
+    assert client._reopen is None  # nothing held: it opens with the next Admit
+    service.end_streams.clear()
