@@ -16,11 +16,10 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import collections
 import heapq
 import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from services.orchestrator.domain import AdmissionRequest, Lease, Priority
@@ -65,7 +64,6 @@ class AdmissionQueue:
         self._vtime: dict[int, float] = {}
         self._tenant_finish: dict[tuple[int, str], float] = {}
         self._counts: dict[Priority, int] = dict.fromkeys(Priority, 0)
-        self._keys: collections.Counter[tuple[str, str]] = collections.Counter()
 
     def __len__(self) -> int:
         return len(self._heap)
@@ -78,9 +76,9 @@ class AdmissionQueue:
         """Waiters per priority class."""
         return dict(self._counts)
 
-    def waits_for(self, pool_keys: Iterable[tuple[str, str]]) -> bool:
-        """Whether a waiter counts under any of `pool_keys` ((pool, model_version))."""
-        return any(self._keys[k] for k in pool_keys)
+    def waiting(self) -> Iterator[Waiter]:
+        """The waiters still queued, in no particular order."""
+        return (w for w in self._heap if not w.future.done())
 
     def push(
         self,
@@ -115,7 +113,6 @@ class AdmissionQueue:
         )
         heapq.heappush(self._heap, waiter)
         self._counts[Priority(prio)] += 1
-        self._keys[pool_key] += 1
         return waiter
 
     def withdraw(self, waiter: Waiter) -> bool:
@@ -141,7 +138,6 @@ class AdmissionQueue:
         self._heap.remove(waiter)
         heapq.heapify(self._heap)
         self._counts[Priority(waiter.priority)] -= 1
-        self._keys[waiter.pool_key] -= 1
 
     def drain_in_order(self) -> list[Waiter]:
         """Take every live waiter out, in service order; the caller grants some and `restore`s
@@ -150,7 +146,6 @@ class AdmissionQueue:
         while self._heap:
             w = heapq.heappop(self._heap)
             self._counts[Priority(w.priority)] -= 1
-            self._keys[w.pool_key] -= 1
             if not w.future.done():
                 out.append(w)
         return out
@@ -159,7 +154,6 @@ class AdmissionQueue:
         for w in waiters:
             heapq.heappush(self._heap, w)
             self._counts[Priority(w.priority)] += 1
-            self._keys[w.pool_key] += 1
 
     def served(self, waiter: Waiter) -> None:
         """The waiter was granted: its class clock advances to its start tag."""

@@ -235,13 +235,8 @@ class Orchestrator:
         if not candidates and activation is None:
             metrics.record_rejection(req.model, "no_replica")
             raise NoReplicaReady(self._unavailable_reason(req))
-        if len(self._queue) and not self._queue.waits_for(
-            {(c.pool, req.model_version or c.model_version) for c in candidates}
-        ):
-            # Waiters are queued, but none in this request's pools (another model version or
-            # pool): it takes a replica with room now, not at the next unrelated event, nor is
-            # it refused for a queue it need not wait in. (One in its pools waits in line.)
-            lease = self._try_grant(req, prefix, start)
+        if len(self._queue):
+            lease = self._grant_unless_awaited(req, prefix, start)
             if lease is not None:
                 return lease
         # The caller's deadline counts from the Admit's start (the lookup, the first health
@@ -268,6 +263,44 @@ class Orchestrator:
         metrics.record_enqueued(req.model, waiter.pool_key)
         self._wake_for_backlog()
         return await self._wait(waiter, wait_s)
+
+    def _grant_unless_awaited(
+        self, req: AdmissionRequest, prefix: PrefixMatches, start: float
+    ) -> Lease | None:
+        """A request arriving while others wait: granted the replica it would get when no
+        waiter could take that replica (they wait for others: another model, version, pool,
+        or one they exclude), not at the next unrelated event nor refused for a queue it need
+        not wait in; else the waiters go first (a dispatch, in service order) and it tries once
+        more. None: it queues."""
+        for _ in range(2):
+            st = self._pick(req, prefix)
+            if st is None:
+                return None
+            if not self._awaited(st):
+                return self._grant(req, prefix, start, st)
+            self._dispatch()
+        return None
+
+    def _awaited(self, st: ReplicaState) -> bool:
+        """Whether a queued request could be served by `st` (judged without load: the
+        profile's filters on the replica idle, and its exclusions); the filters run once per
+        kind of waiter (model, version, pools), so a long queue costs O(queue) lookups."""
+        rid = st.spec.id
+        idle = dataclasses.replace(self._view(st, self._clock()), in_flight=0, kv_utilization=None)
+        kinds: dict[tuple[object, ...], bool] = {}
+        for w in self._queue.waiting():
+            r = w.request
+            if rid in r.exclude_replicas:
+                continue
+            pools = self._policy.pools_for(r.prompt_tokens)
+            kind = (r.model, r.model_version, None if pools is None else tuple(pools))
+            fits = kinds.get(kind)
+            if fits is None:
+                view = self._request_view(r, NO_MATCHES)
+                fits = kinds[kind] = bool(self._scheduler.filter(view, [idle]))
+            if fits:
+                return True
+        return False
 
     def _enter_queue(self, req: AdmissionRequest, wait_s: float) -> None:
         """Make room for `req` in the queue or refuse it (`capacity.decide`): QueueFull with a
@@ -906,6 +939,9 @@ class Orchestrator:
                     self._reprobe(st)
             elif outcome is Outcome.SUCCESS:
                 self._health.record_success(st)
+                if lease.granted_at >= st.round_at:
+                    # Taken since the last round and served: the replica is serving now.
+                    st.served_since_round = True
             self._replicas.forget_if_gone(st)
         return True
 
@@ -978,10 +1014,12 @@ class Orchestrator:
             self.tick()
 
     def _probe_due(self, st: ReplicaState) -> bool:
-        """Whether this round probes `st`: not a ready replica a request succeeded on since the
-        last round (it is serving), for up to `health_passive_rounds` rounds in a row. A probe
-        per replica per round is two calls: with many replicas, a core's tenth or more."""
+        """Whether this round probes `st`: not a ready replica on which a request granted since
+        the last round succeeded (it is serving), for up to `health_passive_rounds` rounds in a
+        row. A probe per replica per round is two calls: with many replicas, a core's tenth or
+        more."""
         served, st.served_since_round = st.served_since_round, False
+        st.round_at = self._clock()
         if st.ready and served and st.unprobed_rounds < self._settings.health_passive_rounds:
             st.unprobed_rounds += 1
             return False
