@@ -76,7 +76,6 @@ class Health:
 
     def record_success(self, st: ReplicaState) -> None:
         st.consecutive_errors = 0
-        st.served_since_round = True
         now = self._clock()
         st.outcomes.append((now, False))
         self._window(st, now)

@@ -14,6 +14,7 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import math
 from collections import deque
 from collections.abc import Callable, Iterator, KeysView, Sequence
 from dataclasses import dataclass, field
@@ -32,10 +33,11 @@ class ReplicaState:
     spec: ReplicaSpec
     ready: bool = False  # last readiness probe passed
     probed: bool = False  # probed at least once by this orchestrator
-    # A request succeeded on it since its last health round, and the rounds in a row it went
-    # unprobed for that (`Orchestrator._probe_due`).
+    # A request granted since its last health round (at `round_at`) succeeded on it, and the
+    # rounds in a row it went unprobed for that (`Orchestrator._probe_due`).
     served_since_round: bool = False
     unprobed_rounds: int = 0
+    round_at: float = 0.0
     removed: bool = False  # left the replica set; forgotten once its last lease ends
     draining: bool = False  # DrainReplica: no new leases
     registered: bool = False  # added by RegisterReplica; discovery leaves it alone
@@ -159,6 +161,7 @@ class ReplicaSet:
                 log.info("replica added", extra={"replica": rid, "address": spec.grpc_address})
             else:
                 st.removed = st.registered = st.draining = False
+                _back(st)
                 if st.spec != spec and st.in_flight == 0:
                     self._respec(st, spec)
         dropped: list[str] = []
@@ -193,6 +196,8 @@ class ReplicaSet:
                         field="replica",
                     )
                 self._respec(st, spec)
+            if st.removed:
+                _back(st)
             st.registered, st.removed, st.draining = True, False, False
         if created:
             log.info("replica registered", extra={"replica": spec.id, "address": spec.grpc_address})
@@ -253,3 +258,11 @@ class ReplicaSet:
     def forget_if_gone(self, st: ReplicaState) -> None:
         if st.removed and st.in_flight == 0:
             self._forget(st.spec.id)
+
+
+def _back(st: ReplicaState) -> None:
+    """A replica that left the set and comes back is probed at the next round: its leases
+    from before say nothing of its readiness now (none counts until that round)."""
+    st.served_since_round = False
+    st.unprobed_rounds = 0
+    st.round_at = math.inf

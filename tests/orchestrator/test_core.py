@@ -197,6 +197,18 @@ async def test_a_replica_serving_requests_is_probed_at_least_every_few_rounds() 
     assert not core.replicas()[0].ready  # a failed request has it probed (now, and each round)
 
 
+async def test_a_replica_back_in_the_set_is_probed_at_the_next_round() -> None:
+    core, probe = await ready_core(n=1, cap=2)
+    spec = core.replicas()[0].spec
+    lease = await core.admit(req(), 1.0)
+    core.sync_replicas([])  # it leaves the set, its lease still running...
+    core.sync_replicas([spec])  # ...and comes back (unready, say)...
+    core.complete(lease.lease_id, Outcome.SUCCESS)  # ...while that old lease succeeds
+    probe.ready_ids = set()
+    await core.probe_once()
+    assert not core.replicas()[0].ready
+
+
 async def test_an_expired_deadline_is_refused_not_granted() -> None:
     core, _ = await ready_core(n=1)
     with pytest.raises(QueueTimeout, match="deadline passed"):
@@ -232,6 +244,37 @@ async def test_a_full_queue_of_another_version_does_not_refuse_a_request_with_ro
     lease = await core.admit(req("c", version="v2"), 5.0)
     assert lease.replica.id == "v2"
     queued.cancel()
+
+
+async def test_a_free_replica_no_waiter_can_use_goes_to_a_new_request() -> None:
+    core, _ = await ready_core(n=2, cap=1)
+    first = await core.admit(req("a"), 1.0)
+    second = await core.admit(req("b"), 1.0)
+    free = second.replica.id
+    waiter = dataclasses.replace(req("w"), exclude_replicas=frozenset({free}))
+    queued = asyncio.create_task(core.admit(waiter, 5.0))  # waits for the other replica
+    await assert_queued(core, 1)
+    core.complete(second.lease_id, Outcome.SUCCESS)  # frees the one replica it excludes
+    await assert_queued(core, 1)
+    lease = await asyncio.wait_for(core.admit(req("c"), 5.0), 1.0)
+    assert lease.replica.id == free
+    core.complete(first.lease_id, Outcome.SUCCESS)
+    assert (await queued).replica.id == first.replica.id
+
+
+async def test_a_new_request_does_not_take_a_replica_a_waiter_can_use() -> None:
+    core, _ = await ready_core(n=1, cap=1)
+    first = await core.admit(req("a"), 1.0)
+    queued = asyncio.create_task(core.admit(req("w"), 5.0))
+    await assert_queued(core, 1)
+    st = core.replicas()[0]
+    # Room appears without an event that dispatches (as time-driven caps do): the waiter first.
+    core._leases.pop(first.lease_id)
+    core._replicas.release(st.spec.id, first.granted_at)
+    later = asyncio.create_task(core.admit(req("c"), 5.0))
+    assert (await queued).replica.id == st.spec.id
+    await assert_queued(core, 1)  # c waits behind it
+    later.cancel()
 
 
 class _SlowLookup(FixedPrefix):
