@@ -31,12 +31,18 @@ log = logging.getLogger(__name__)
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 # Clients ping as often as `llmmesh.common.channels.KEEPALIVE_TIME_MS` on calls without data:
 # accepted, and never answered with GOAWAY for pinging.
+SERVER_KEEPALIVE_TIME_MS = 20_000
+SERVER_KEEPALIVE_TIMEOUT_MS = 10_000
 SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),
     ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
     ("grpc.http2.max_ping_strikes", 0),
+    # The server pings its peers too: a client lost without a reset (its node gone) ends its
+    # calls within ~30 s (e.g. an orchestrator then releases a dead gateway's leases).
+    ("grpc.keepalive_time_ms", SERVER_KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", SERVER_KEEPALIVE_TIMEOUT_MS),
 )
 
 
