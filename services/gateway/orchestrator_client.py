@@ -496,6 +496,9 @@ class OrchestratorClient:
         """While leases granted over it are held, a stream that ended is opened again soon
         (`STREAM_REOPEN_S`, again each time it fails): the orchestrator keeps a caller's
         leases while the caller holds a stream open."""
+        stream = self._stream
+        if stream is not None and stream.ended is not None and stream.ended.error is None:
+            return  # the orchestrator ended it (it drains): its leases end with it
         if self._held and not self._closing and self._streams_admits and self._reopen is None:
             self._reopen = asyncio.get_running_loop().call_later(
                 STREAM_REOPEN_S, self._reopen_stream

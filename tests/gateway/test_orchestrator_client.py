@@ -83,7 +83,8 @@ class FakeOrchestratorService(pb_grpc.OrchestratorServiceServicer):
         self.stream_refusal = grpc.StatusCode.UNIMPLEMENTED
         self.cancels: list[int] = []
         self.ignore_cancels = False  # answer a withdrawn Admit all the same
-        self.end_streams = asyncio.Event()  # every AdmitStream ends (OK), Admits unanswered
+        self.end_streams = asyncio.Event()  # every AdmitStream ends, Admits unanswered...
+        self.end_status: grpc.StatusCode | None = None  # ...with this status (None: OK)
         self.stream_calls = 0
         self.granted = 0
 
@@ -149,14 +150,20 @@ class FakeOrchestratorService(pb_grpc.OrchestratorServiceServicer):
                         tasks[msg.call_id].cancel()
             await answers.put(None)
 
+        ended = False
+
         async def end() -> None:
+            nonlocal ended
             await self.end_streams.wait()
+            ended = True
             await answers.put(None)
 
         reader, ender = asyncio.create_task(read()), asyncio.create_task(end())
         try:
             while (answer := await answers.get()) is not None:
                 yield answer
+            if ended and self.end_status is not None:
+                await context.abort(self.end_status, "the stream broke")
         finally:
             reader.cancel()
             ender.cancel()
@@ -630,6 +637,7 @@ async def test_a_stream_that_ends_while_a_lease_is_held_is_opened_again(streamed
     client, service = streamed.client, streamed.service
     lease = await client.admit(admission(request_id="a"), timeout_s=5.0)
     assert service.stream_calls == 1
+    service.end_status = grpc.StatusCode.UNAVAILABLE
     service.end_streams.set()  # e.g. the orchestrator's proxy restarted
     await wait_for(lambda: client._stream is not None and client._stream.ended is not None)
     service.end_streams.clear()
@@ -638,4 +646,14 @@ async def test_a_stream_that_ends_while_a_lease_is_held_is_opened_again(streamed
     service.end_streams.set()
     await wait_for(lambda: client._stream is not None and client._stream.ended is not None)
     assert client._reopen is None  # nothing held: it opens with the next Admit
+    service.end_streams.clear()
+
+
+async def test_a_stream_the_orchestrator_ended_is_not_opened_again(streamed: Served) -> None:
+    """It ends its streams (OK) when it drains: the leases it granted end with it."""
+    client, service = streamed.client, streamed.service
+    await client.admit(admission(request_id="a"), timeout_s=5.0)
+    service.end_streams.set()
+    await wait_for(lambda: client._stream is not None and client._stream.ended is not None)
+    assert client._reopen is None
     service.end_streams.clear()
