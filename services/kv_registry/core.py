@@ -294,8 +294,8 @@ class KvRegistry:
             return ReuseResult(reusable, p, r, Source.EXACT, 0, 0)
         if replica_id not in self._replicas:
             self._add_replica(replica_id)  # learnt from the report (e.g. after a restart)
-        self._touch(replica_id, self.predicted.ttl_s)
         capacity, dropped = self.predicted.correct(replica_id, hashes, p, r)
+        self._touch(replica_id, self.predicted.ttl_of(replica_id))
         self._enforce_bound()
         self._housekeeping(len(hashes))
         self._changed()  # the bound may have evicted exact entries
@@ -305,15 +305,19 @@ class KvRegistry:
     def drop_replica(self, replica_id: str) -> bool:
         """Forget a replica that disappeared or failed health. If its engine still publishes,
         its next batch (events, or a heartbeat) shows a gap and it is asked for a snapshot."""
-        replica = self._replicas.pop(replica_id, None)
         self._heard.pop(replica_id, None)
-        self._active_until.pop(replica_id, None)
         # Remembered even when unknown here (a registry that restarted, or missed updates):
         # its leases' late reports must not bring it in either.
         self._dropped[replica_id] = None
         self._dropped.move_to_end(replica_id)
         if len(self._dropped) > DROPPED_KEPT:
             self._dropped.popitem(last=False)
+        return self._forget(replica_id)
+
+    def _forget(self, replica_id: str) -> bool:
+        """The replica's entries, series and slot gone; False when it was not known."""
+        replica = self._replicas.pop(replica_id, None)
+        self._active_until.pop(replica_id, None)
         if replica is None:
             return False
         for index in self._indexes:
@@ -374,12 +378,11 @@ class KvRegistry:
         self._idle_checked = now
         idle = [rid for rid, until in self._active_until.items() if until < now]
         for rid in idle:
-            if self.exact.is_exact(rid):
-                del self._active_until[rid]  # an exact replica: `_drop_silent` keeps it
-                continue
+            del self._active_until[rid]
+            if self.exact.is_exact(rid) or rid in self._heard:
+                continue  # its engine publishes: `_drop_silent` watches it
             log.info("predicted replica idle: forgotten", extra={"replica": rid})
-            self.drop_replica(rid)
-            self._dropped.pop(rid, None)  # its next routing brings it back
+            self._forget(rid)  # not kept out as dropped: its next routing brings it back
 
     def _drop_silent(self) -> None:
         """Drop the replicas that published (events or heartbeats) and then nothing for

@@ -83,6 +83,11 @@ class PredictedIndex(StoreBacked[PredictedReplica]):
         n = len(hashes)
         return RoutingResult(n, before, Source.PREDICTED, min(n, rep.capacity))
 
+    def ttl_of(self, replica_id: str) -> float:
+        """The TTL the replica's entries are refreshed with (`ttl_s` when it has none)."""
+        rep = self.replicas.get(replica_id)
+        return rep.ttl if rep is not None and rep.count else self.ttl_s
+
     def correct(
         self, replica_id: str, hashes: Sequence[int], predicted: int, reported: int
     ) -> Correction:

@@ -173,11 +173,18 @@ def test_a_predicted_replica_nothing_routes_to_is_forgotten_once_its_predictions
     clock.now = 601.0
     reg.maintain(100)
     assert sorted(reg.replica_ids()) == ["long", "used"]
+    reg.report_reuse("long", HASHES, 4)  # refreshed with its own TTL (2000 s), to 2601
     clock.now = 1101.0
     reg.maintain(100)
     assert sorted(reg.replica_ids()) == ["long"]
     reg.record_routing("used", HASHES)  # routed to again: back (not kept out as dropped)
     assert sorted(reg.replica_ids()) == ["long", "used"]
+    clock.now = 2500.0
+    reg.maintain(100)
+    assert "long" in reg.replica_ids()
+    clock.now = 2602.0
+    reg.maintain(100)
+    assert "long" not in reg.replica_ids()
 
 
 def test_drop_replica() -> None:
