@@ -236,9 +236,15 @@ class Orchestrator:
             metrics.record_rejection(req.model, "no_replica")
             raise NoReplicaReady(self._unavailable_reason(req))
         if len(self._queue):
-            lease = self._grant_unless_awaited(req, prefix, start)
-            if lease is not None:
-                return lease
+            free = self._with_room(candidates)
+            if free and not self._awaited(free):
+                # Waiters are queued, but none could be served by a replica with room this
+                # request can use (they wait for others: another model, version or pool, or
+                # ones they exclude): granted now, not at the next unrelated event, nor refused
+                # for a queue it need not wait in. Else it waits in line, as every waiter does.
+                lease = self._try_grant(req, prefix, start)
+                if lease is not None:
+                    return lease
         # The caller's deadline counts from the Admit's start (the lookup, the first health
         # round's wait); the default wait counts from here.
         wait_s = (
@@ -264,41 +270,37 @@ class Orchestrator:
         self._wake_for_backlog()
         return await self._wait(waiter, wait_s)
 
-    def _grant_unless_awaited(
-        self, req: AdmissionRequest, prefix: PrefixMatches, start: float
-    ) -> Lease | None:
-        """A request arriving while others wait: granted the replica it would get when no
-        waiter could take that replica (they wait for others: another model, version, pool,
-        or one they exclude), not at the next unrelated event nor refused for a queue it need
-        not wait in; else the waiters go first (a dispatch, in service order) and it tries once
-        more. None: it queues."""
-        for _ in range(2):
-            st = self._pick(req, prefix)
-            if st is None:
-                return None
-            if not self._awaited(st):
-                return self._grant(req, prefix, start, st)
-            self._dispatch()
-        return None
+    def _with_room(self, candidates: Sequence[ReplicaView]) -> list[ReplicaView]:
+        """The candidates that hold fewer leases than their cap now."""
+        now = self._clock()
+        out = []
+        for c in candidates:
+            st = self._replicas.get(c.id)
+            if st is not None:
+                v = self._view(st, now)
+                if v.in_flight < v.cap:
+                    out.append(c)
+        return out
 
-    def _awaited(self, st: ReplicaState) -> bool:
-        """Whether a queued request could be served by `st` (judged without load: the
-        profile's filters on the replica idle, and its exclusions); the filters run once per
-        kind of waiter (model, version, pools), so a long queue costs O(queue) lookups."""
-        rid = st.spec.id
-        idle = dataclasses.replace(self._view(st, self._clock()), in_flight=0, kv_utilization=None)
-        kinds: dict[tuple[object, ...], bool] = {}
+    def _awaited(self, candidates: Sequence[ReplicaView]) -> bool:
+        """Whether a queued request could be served by one of `candidates` (views judged
+        without load, as `_candidates` makes them): the profile's filters run once per kind of
+        waiter (model, version, pools, exclusions), so a long queue costs O(queue) lookups."""
+        kinds: set[tuple[object, ...]] = set()
         for w in self._queue.waiting():
             r = w.request
-            if rid in r.exclude_replicas:
-                continue
             pools = self._policy.pools_for(r.prompt_tokens)
-            kind = (r.model, r.model_version, None if pools is None else tuple(pools))
-            fits = kinds.get(kind)
-            if fits is None:
-                view = self._request_view(r, NO_MATCHES)
-                fits = kinds[kind] = bool(self._scheduler.filter(view, [idle]))
-            if fits:
+            kind = (
+                r.model,
+                r.model_version,
+                None if pools is None else tuple(pools),
+                r.exclude_replicas,
+            )
+            if kind in kinds:
+                continue
+            kinds.add(kind)
+            usable = [c for c in candidates if c.id not in r.exclude_replicas]
+            if usable and self._scheduler.filter(self._request_view(r, NO_MATCHES), usable):
                 return True
         return False
 
