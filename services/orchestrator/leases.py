@@ -23,7 +23,6 @@ class LeaseTable:
         self._clock = clock
         self._leases: dict[str, Lease] = {}
         self._owner: dict[str, str] = {}  # lease id -> owner, for owned leases only
-        self._owned: dict[str, set[str]] = {}  # owner -> its live leases
 
     def __len__(self) -> int:
         return len(self._leases)
@@ -36,22 +35,16 @@ class LeaseTable:
 
     def own(self, lease_id: str, owner: str) -> None:
         """Record `owner` as the live lease's owner (no-op for a lease that ended)."""
-        if lease_id in self._leases and lease_id not in self._owner:
-            self._owner[lease_id] = owner
-            self._owned.setdefault(owner, set()).add(lease_id)
+        if lease_id in self._leases:
+            self._owner.setdefault(lease_id, owner)
 
     def owned_by(self, owner: str) -> list[str]:
-        """The live leases `owner` holds."""
-        return list(self._owned.get(owner, ()))
+        """The live leases `owner` holds (a scan: asked only when a caller is gone)."""
+        return [lid for lid, o in self._owner.items() if o == owner]
 
     def pop(self, lease_id: str) -> Lease | None:
         """End a lease; None when it already ended."""
-        owner = self._owner.pop(lease_id, None)
-        if owner is not None:
-            held = self._owned[owner]
-            held.discard(lease_id)
-            if not held:
-                del self._owned[owner]
+        self._owner.pop(lease_id, None)
         return self._leases.pop(lease_id, None)
 
     def expired(self) -> list[str]:

@@ -173,9 +173,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         """`caller`'s last stream ended `orphan_lease_grace_s` ago and none opened since: its
         process is gone (a gateway holding leases opens a stream again at once), so the leases
         it held will never be completed; they end now, not at `lease_timeout_s`."""
-        self._orphan_timers.pop(caller, None)
-        if caller in self._callers:
-            return
+        self._orphan_timers.pop(caller, None)  # a stream opened since would have cancelled it
         released = self._core.release_owned(caller)
         if released:
             log.warning(
