@@ -271,16 +271,13 @@ class Orchestrator:
         return await self._wait(waiter, wait_s)
 
     def _with_room(self, candidates: Sequence[ReplicaView]) -> list[ReplicaView]:
-        """The candidates that hold fewer leases than their cap now."""
+        """The candidates that have room now (`_room`)."""
         now = self._clock()
-        out = []
-        for c in candidates:
-            st = self._replicas.get(c.id)
-            if st is not None:
-                v = self._view(st, now)
-                if v.in_flight < v.cap:
-                    out.append(c)
-        return out
+        return [
+            c
+            for c in candidates
+            if (st := self._replicas.get(c.id)) is not None and self._room(st, now)
+        ]
 
     def _awaited(self, candidates: Sequence[ReplicaView]) -> bool:
         """Whether a queued request could be served by one of `candidates` (views judged
@@ -821,12 +818,13 @@ class Orchestrator:
         waiter.future.set_result(lease)
 
     def _has_room(self) -> bool:
-        """Some assignable replica holds fewer leases (with the others' load) than its cap."""
+        """Some assignable replica has room (`_room`)."""
         now = self._clock()
-        return any(
-            st.in_flight + self._others_load(st, now) < self._cap(st, now)
-            for st in self._replicas.assignable()
-        )
+        return any(self._room(st, now) for st in self._replicas.assignable())
+
+    def _room(self, st: ReplicaState, now: float) -> bool:
+        """The replica holds fewer leases (with the others' load) than its cap."""
+        return st.in_flight + self._others_load(st, now) < self._cap(st, now)
 
     def _shed_late(self, blocked: list[Waiter]) -> list[Waiter]:
         """Refuse now, with a retry-after, the waiters (in service order) whose expected first
