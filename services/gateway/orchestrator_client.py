@@ -499,15 +499,19 @@ class OrchestratorClient:
         stream = self._stream
         if stream is not None and stream.ended is not None and stream.ended.error is None:
             return  # the orchestrator ended it (it drains): its leases end with it
-        if self._held and not self._closing and self._streams_admits and self._reopen is None:
+        if self._holds_stream_leases() and self._reopen is None:
             self._reopen = asyncio.get_running_loop().call_later(
                 STREAM_REOPEN_S, self._reopen_stream
             )
 
     def _reopen_stream(self) -> None:
         self._reopen = None
-        if self._held and not self._closing and self._streams_admits:
+        if self._holds_stream_leases():
             self._open_stream()
+
+    def _holds_stream_leases(self) -> bool:
+        """Leases granted over the stream are held and streams are still in use."""
+        return bool(self._held) and not self._closing and self._streams_admits
 
     def _release(self, lease: pb.AdmitResponse) -> None:
         """A lease granted for an Admit given up on: its capacity back at once."""
