@@ -93,6 +93,10 @@ def gateway_env(mesh: Mesh) -> dict[str, str]:
     return env_of(mesh, "llmmesh-gateway-v1")
 
 
+def autoscaler_env(mesh: Mesh) -> dict[str, str]:
+    return env_of(mesh, "llmmesh-autoscaler")
+
+
 def istiod_values(root: Path) -> dict[str, Any]:
     """The Helm values istiod is installed with (mesh/istio-system/istiod-values.yaml)."""
     loaded: dict[str, Any] = yaml.safe_load(
@@ -104,10 +108,7 @@ def istiod_values(root: Path) -> dict[str, Any]:
 def plaintext_hosts(mesh: Mesh) -> set[str]:
     """Hosts outside the mesh namespace dialled in plain text: the autoscaler's Prometheus (a
     sidecar that intercepts no inbound port)."""
-    dep = mesh.get("Deployment", "llmmesh-autoscaler")
-    if dep is None:
-        return set()
-    env = mesh.container_env(dep, mesh.main_container(dep))
+    env = autoscaler_env(mesh)
     url = env.get("LLMMESH_AUTOSCALER_PROMETHEUS_URL")
     if env.get("LLMMESH_AUTOSCALER_SOURCE") != "promql" or not url:
         return set()

@@ -17,7 +17,12 @@ from llmmesh.common.components import COMPONENTS
 from llmmesh.tools.meshcheck.common import Doc, doc_id, require
 from llmmesh.tools.meshcheck.index import Mesh
 from llmmesh.tools.meshcheck.project import llmmesh_metrics
-from llmmesh.tools.meshcheck.rules.helpers import component_deployments, is_redis, istiod_values
+from llmmesh.tools.meshcheck.rules.helpers import (
+    autoscaler_env,
+    component_deployments,
+    is_redis,
+    istiod_values,
+)
 
 # Metrics from outside llmmesh that the dashboards and rules may use.
 EXTERNAL_METRICS = frozenset(
@@ -355,8 +360,7 @@ def check_autoscaler_signals(mesh: Mesh) -> list[str]:
     orchestrator and gateway selectors are set, use labels the `llmmesh` scrape job produces, and
     select exactly the Triton, orchestrator and serving gateway pods."""
     problems: list[str] = []
-    dep = require(mesh.get("Deployment", "llmmesh-autoscaler"), "Deployment llmmesh-autoscaler")
-    env = mesh.container_env(dep, mesh.main_container(dep))
+    env = autoscaler_env(mesh)
     if env.get(f"{AUTOSCALER_ENV}SOURCE") != "promql":
         problems.append(
             f"{AUTOSCALER_ENV}SOURCE must be promql: the gateways' TTFT/ITL (the SLO inputs) come "

@@ -12,6 +12,7 @@ from llmmesh.tools.meshcheck.common import REPO, doc_id, go_duration_ms, require
 from llmmesh.tools.meshcheck.index import Mesh, labels_match, service_host
 from llmmesh.tools.meshcheck.rules.helpers import (
     TRITON_PORTS,
+    autoscaler_env,
     component_deployments,
     env_of,
     is_redis,
@@ -60,9 +61,7 @@ def check_replica_discovery(mesh: Mesh) -> list[str]:
                 problems.append(
                     f"REPLICA_DNS {e['host']}: {key} {e[key]} is not the Service's {name} port"
                 )
-    autoscaler = json.loads(
-        env_of(mesh, "llmmesh-autoscaler").get("LLMMESH_AUTOSCALER_REPLICA_DNS", "null")
-    )
+    autoscaler = json.loads(autoscaler_env(mesh).get("LLMMESH_AUTOSCALER_REPLICA_DNS", "null"))
     if autoscaler != entries:
         problems.append(
             "LLMMESH_AUTOSCALER_REPLICA_DNS must equal LLMMESH_ORCHESTRATOR_REPLICA_DNS"
