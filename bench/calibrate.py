@@ -56,18 +56,32 @@ class EngineShape:
             )
         )
 
-    def scheduler(self) -> Scheduler:
+    def scheduler(self, scale: int = 1) -> Scheduler:
+        """An engine of this shape; with `scale` k, one engine with k times a replica's compute,
+        memory bandwidth, batch, tokens per step and KV cache (`pooled_ttft_s`)."""
+        profile = get_profile(self.cost_profile)
+        if scale != 1:
+            profile = replace(
+                profile,
+                hbm_bandwidth=scale * profile.hbm_bandwidth,
+                peak_flops=scale * profile.peak_flops,
+            )
+        batch, tokens, blocks = (
+            scale * self.max_batch_size,
+            scale * self.max_num_tokens,
+            scale * self.num_kv_blocks,
+        )
         settings = EmulatorSettings(
             replica_id="calibration",
-            num_kv_blocks=self.num_kv_blocks,
-            max_batch_size=self.max_batch_size,
-            max_num_tokens=self.max_num_tokens,
+            num_kv_blocks=blocks,
+            max_batch_size=batch,
+            max_num_tokens=tokens,
             cost_profile=self.cost_profile,
         )
         return Scheduler(
-            SchedulerConfig(self.max_batch_size, self.max_num_tokens),
-            PagedKvCache(self.num_kv_blocks, BlockConfig(self.block_size)),
-            get_profile(self.cost_profile),
+            SchedulerConfig(batch, tokens),
+            PagedKvCache(blocks, BlockConfig(self.block_size)),
+            profile,
             settings,
         )
 
@@ -186,6 +200,26 @@ def simulate_open_loop(
         reused += _reuse(sched)
     prompt = sum(r.prompt_tokens for r in requests)
     return OpenLoopPrediction(ttft, reused / prompt if prompt else math.nan)
+
+
+def pooled_ttft_s(requests: Sequence[Request], replicas: int, shape: EngineShape) -> list[float]:
+    """TTFT (modelled seconds, per request in the order given) of the cluster pooled into one
+    engine (`EngineShape.scheduler(replicas)`) fed at the arrival times: an idealized cluster
+    whose load is always perfectly balanced (one queue, no replica idle while another has a
+    backlog), whose prefixes are all shared (one cache of the cluster's size), and which reads
+    the weights once per step for the whole batch. A router can still beat it in one way: it
+    serves in arrival order (as each engine does), where a router may let a cheap request
+    past an expensive one by sending it to another replica. So it is a reference for how much a
+    workload leaves to win, not a proven bound."""
+    order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
+    arrivals = [int(requests[i].arrival_s * 1e9) for i in order]
+    _, first, _ = _run_to_completion(
+        shape.scheduler(replicas), [requests[i] for i in order], arrivals
+    )
+    ttft = [math.nan] * len(requests)
+    for j, i in enumerate(order):
+        ttft[i] = (first[j] - arrivals[j]) / 1e9
+    return ttft
 
 
 def shared_working_set_blocks(requests: Sequence[Request], block_size: int) -> int:

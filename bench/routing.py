@@ -33,8 +33,12 @@ oracle and the capacity-limited bound (per-replica LRU of the real KV size with 
 placement, `bench.report.capacity_limited_hit_rate`), and (sim) the highest arrival rate each
 profile sustains with p99 TTFT <= `--slo-p99-s` and nothing refused: bisection on the rate over
 `--bisect-sample` of the workload (Mooncake: `--bisect-trace-sample`, the stretch of consecutive
-requests reusing as the trace does, as the live sample), on the first `--bisect-seeds` seeds. Then the issue's
-targets, met or missed; JSON under bench-results/ (routing.json).
+requests reusing as the trace does, as the live sample), on the first `--bisect-seeds` seeds. On
+prefix-heavy workloads the same bisection runs on the cluster pooled into one engine
+(`calibrate.pooled_ttft_s`: one FCFS queue, one shared cache, perfect balance), the rate an
+idealized cluster sustains, printed next to each profile's as a reference for the rate target (which
+stays as the issue sets it). Then the issue's targets, met or missed; JSON under bench-results/
+(routing.json).
 """
 
 from __future__ import annotations
@@ -45,13 +49,19 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from bench import workloads as wl
 from bench.arms import Arm, MeshSpec
-from bench.calibrate import EngineShape, plan_load, rr_capacity, shared_working_set_blocks
+from bench.calibrate import (
+    EngineShape,
+    plan_load,
+    pooled_ttft_s,
+    rr_capacity,
+    shared_working_set_blocks,
+)
 from bench.experiment import WorkloadRun, check_code_unchanged, environment, run_arms, workload_json
 from bench.report import (
     Check,
@@ -62,6 +72,7 @@ from bench.report import (
     eprint,
     format_table,
     oracle_hit_rate,
+    percentile,
     ratio,
     summary_dict,
     summary_table,
@@ -160,6 +171,9 @@ class SeedRun:
     summaries: list[Summary]
     sustainable_req_s: dict[str, float] = field(default_factory=dict)
     sustainable_bounded: dict[str, str] = field(default_factory=dict)  # "" or ">=" / "<="
+    # The same bisection for the cluster pooled into one engine (`pooled_sustainable_rate`).
+    pooled_req_s: float = math.nan
+    pooled_bounded: str = ""
 
     def summary(self, arm: str) -> Summary | None:
         return next((s for s in self.summaries if s.arm == arm), None)
@@ -176,6 +190,7 @@ class SeedRun:
             "rate": ratio(
                 self.sustainable_req_s.get(arm, nan), self.sustainable_req_s.get(BASELINE, nan)
             ),
+            "rate_of_pooled": ratio(self.sustainable_req_s.get(arm, nan), self.pooled_req_s),
         }
 
     def as_dict(self) -> dict[str, Any]:
@@ -190,6 +205,8 @@ class SeedRun:
             "summaries": [summary_dict(s) for s in self.summaries],
             "sustainable_req_s": self.sustainable_req_s,
             "sustainable_bounded": self.sustainable_bounded,
+            "pooled_sustainable_req_s": self.pooled_req_s,
+            "pooled_bounded": self.pooled_bounded,
         }
 
 
@@ -228,14 +245,21 @@ class WorkloadResult:
     def spread(self, arm: str, key: str) -> Spread:
         return Spread.of([r.ratios(arm)[key] for r in self.runs])
 
+    def pooled_spread(self) -> Spread:
+        """The pooled engine's sustainable rate over round-robin's, over the seeds."""
+        return Spread.of(
+            [ratio(r.pooled_req_s, r.sustainable_req_s.get(BASELINE, math.nan)) for r in self.runs]
+        )
+
     def as_dict(self, arms: Sequence[str]) -> dict[str, Any]:
-        keys = ("mean", "p99", "hit_bound", "rate")
+        keys = ("mean", "p99", "hit_bound", "rate", "rate_of_pooled")
         return {
             "prefix_heavy": self.prefix_heavy,
             "seeds": [r.as_dict() for r in self.runs],
             "ratios_vs_baseline": {
                 arm: {k: vars(self.spread(arm, k)) for k in keys} for arm in arms
             },
+            "pooled_rate_vs_baseline": vars(self.pooled_spread()),
         }
 
 
@@ -312,6 +336,33 @@ def sustainable_rate(
         res = simulate(at_rate(requests, rate), cluster, profile=profile, seed=seed, oracle=False)
         return _sim_ok(res.summary, slo_s)
 
+    return bisect_rate(holds, lo=lo, hi=hi, steps=steps)
+
+
+def pooled_sustainable_rate(
+    requests: Sequence[wl.Request],
+    replicas: int,
+    shape: EngineShape,
+    *,
+    lo: float,
+    hi: float,
+    steps: int,
+    slo_s: float,
+) -> tuple[float, str]:
+    """`sustainable_rate` of the cluster pooled into one engine (`calibrate.pooled_ttft_s`): the
+    rate an idealized cluster keeps within the objective, the reference for the rate target."""
+
+    def holds(rate: float) -> bool:
+        return percentile(pooled_ttft_s(at_rate(requests, rate), replicas, shape), 99) <= slo_s
+
+    return bisect_rate(holds, lo=lo, hi=hi, steps=steps)
+
+
+def bisect_rate(
+    holds: Callable[[float], bool], *, lo: float, hi: float, steps: int
+) -> tuple[float, str]:
+    """Highest rate in [lo, hi] (bisection in log space) at which `holds`; ("<=", lo) when even
+    lo does not, (">=", hi) when hi does."""
     if not holds(lo):
         return lo, "<="
     if holds(hi):
@@ -387,6 +438,21 @@ def run_sim_seed(name: str, args: argparse.Namespace, block_size: int, seed: int
                 f"[{name} seed {seed}/{arm}] sustains {bounded}{rate:.2f} req/s at p99 TTFT <= "
                 f"{args.slo_p99_s}s ({time.perf_counter() - t:.1f}s)"
             )
+        if spec.prefix_heavy and run.sustainable_req_s:
+            t = time.perf_counter()
+            run.pooled_req_s, run.pooled_bounded = pooled_sustainable_rate(
+                small,
+                args.replicas,
+                shape,
+                lo=0.25 * small_cap,
+                hi=4.0 * small_cap,
+                steps=args.bisect_steps,
+                slo_s=args.slo_p99_s,
+            )
+            eprint(
+                f"[{name} seed {seed}] pooled into one engine: sustains "
+                f"{run.pooled_bounded}{run.pooled_req_s:.2f} req/s ({time.perf_counter() - t:.1f}s)"
+            )
     return run
 
 
@@ -432,6 +498,23 @@ def matrix_table(results: Sequence[WorkloadResult], arms: Sequence[str]) -> str:
     return format_table(headers, rows)
 
 
+def pooled_table(results: Sequence[WorkloadResult], arms: Sequence[str]) -> str:
+    """Sustainable rates against round-robin's and against the cluster pooled into one engine
+    (`calibrate.pooled_ttft_s`), where that was measured; "" when nowhere."""
+    headers = ["workload", "rate of", "seeds", "x round-robin", "x pooled engine"]
+    rows: list[list[str]] = []
+    for w in results:
+        pooled = w.pooled_spread()
+        if not pooled.n:
+            continue
+        rows.append([w.workload, "pooled engine", str(pooled.n), str(pooled), "1"])
+        for arm in arms:
+            of = w.spread(arm, "rate_of_pooled")
+            if of.n:
+                rows.append([w.workload, arm, str(of.n), str(w.spread(arm, "rate")), str(of)])
+    return format_table(headers, rows) if rows else ""
+
+
 def checks(results: Sequence[WorkloadResult]) -> list[Check]:
     """The issue's targets on the mean over the seeds of each per-seed ratio."""
     out: list[Check] = []
@@ -475,6 +558,13 @@ def finish(
     cs = checks(results)
     print(f"== matrix ({title})\n")
     print(matrix_table(results, args.arms) + "\n")
+    pooled = pooled_table(results, args.arms)
+    if pooled:
+        print(
+            "== sustainable rate against the cluster pooled into one engine (one FCFS queue, "
+            "one shared cache, weights read once per step: an idealized cluster, not a proven "
+            f"bound) at p99 TTFT <= {args.slo_p99_s}s\n\n{pooled}\n"
+        )
     print(checks_table(cs))
     out["workloads"] = {w.workload: w.as_dict(args.arms) for w in results}
     out["checks"] = check_dicts(cs)

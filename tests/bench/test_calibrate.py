@@ -68,3 +68,30 @@ def test_engine_seconds_add_up_to_about_the_work_of_both_halves() -> None:
     # Batched together, the halves take no longer than run one after the other.
     halves = calibrate.engine_seconds(reqs[:8], shape) + calibrate.engine_seconds(reqs[8:], shape)
     assert whole <= halves + 1e-9
+
+
+def test_a_pool_of_one_is_the_replica_itself() -> None:
+    reqs = _reqs(6, prompt=256, gap=0.01)
+    one = calibrate.pooled_ttft_s(reqs, 1, SMALL)
+    assert one == pytest.approx(calibrate.simulate_open_loop(reqs, 1, SMALL).ttft_s)
+
+
+def test_the_pooled_engine_serves_a_burst_no_slower_than_round_robin() -> None:
+    # A burst of same-size prompts: pooled, k replicas' compute serves them together.
+    reqs = [Request(0.0, block_tokens(9, i, 512), 4) for i in range(8)]
+    pooled = calibrate.pooled_ttft_s(reqs, 4, SMALL)
+    rr = calibrate.simulate_open_loop(reqs, 4, SMALL).ttft_s
+    assert max(pooled) <= max(rr) + 1e-9
+    assert max(pooled) < max(calibrate.pooled_ttft_s(reqs, 1, SMALL))
+    # The answer is per request in the order given, whatever the arrival order.
+    shuffled = reqs[::-1]
+    assert calibrate.pooled_ttft_s(shuffled, 4, SMALL) == pytest.approx(pooled[::-1])
+
+
+def test_a_pooled_engine_shares_every_cached_prefix() -> None:
+    head = list(block_tokens(9, 1000, 512))
+    reqs = [Request(float(i), head + list(block_tokens(9, i, 16)), 1) for i in range(4)]
+    pooled = calibrate.pooled_ttft_s(reqs, 4, SMALL)
+    rr = calibrate.simulate_open_loop(reqs, 4, SMALL).ttft_s
+    # Round robin prefills the head on every replica; the pool once.
+    assert all(p < r for p, r in zip(pooled[1:], rr[1:], strict=True))

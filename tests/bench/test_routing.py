@@ -135,3 +135,56 @@ def test_a_stretch_sampled_workload_gives_each_seed_its_own_stretch() -> None:
     assert routing.sample_for(spec, args, 1.0, 3, 32) == reqs
     plain = dataclasses.replace(spec, stretch_sample=False)
     assert routing.sample_for(plain, args, 0.25, 3, 32) == reqs  # `build`'s own sample
+
+
+def test_bisect_rate_finds_the_edge_and_says_when_it_is_out_of_range() -> None:
+    rate, bounded = routing.bisect_rate(lambda r: r <= 3.0, lo=1.0, hi=8.0, steps=12)
+    assert bounded == ""
+    assert 2.99 <= rate <= 3.0
+    assert routing.bisect_rate(lambda r: False, lo=1.0, hi=8.0, steps=3) == (1.0, "<=")
+    assert routing.bisect_rate(lambda r: True, lo=1.0, hi=8.0, steps=3) == (8.0, ">=")
+
+
+def test_the_pooled_rate_is_reported_against_round_robin_and_each_profile() -> None:
+    run = seed_run(
+        0,
+        {"round-robin": (0.2, 1.0), "default": (0.1, 0.5)},
+        sustainable_req_s={"round-robin": 2.0, "default": 3.0},
+        pooled_req_s=4.0,
+    )
+    assert run.ratios("default")["rate_of_pooled"] == pytest.approx(0.75)
+    w = routing.WorkloadResult("mooncake", True, [run])
+    assert w.pooled_spread().mean == pytest.approx(2.0)
+    table = routing.pooled_table([w], ["round-robin", "default"])
+    assert "pooled engine" in table and "0.75" in table
+    assert "rate_of_pooled" in w.as_dict(["default"])["ratios_vs_baseline"]["default"]
+    # Not measured (no bisection): no table.
+    assert routing.pooled_table([routing.WorkloadResult("x", True, [seed_run(0, {})])], []) == ""
+
+
+def test_the_pooled_engine_sustains_more_than_round_robin_where_prefixes_repeat() -> None:
+    from bench.calibrate import EngineShape
+
+    shape = EngineShape(num_kv_blocks=512, max_batch_size=8, max_num_tokens=1024, block_size=16)
+    head = list(wl.unique_tokens(wl.NS_AZURE, 1, 768))
+    reqs = [
+        wl.Request(i * 0.05, head + list(wl.unique_tokens(wl.NS_AZURE, 100 + i, 32)), 2)
+        for i in range(40)
+    ]
+    one, _ = routing.pooled_sustainable_rate(
+        reqs, 1, shape, lo=1.0, hi=4000.0, steps=8, slo_s=0.05
+    )
+    four, _ = routing.pooled_sustainable_rate(
+        reqs, 4, shape, lo=1.0, hi=4000.0, steps=8, slo_s=0.05
+    )
+    assert four > one
+
+
+def test_a_prefix_heavy_bisection_also_bisects_the_pooled_engine(tmp_path: Path) -> None:
+    out = tmp_path / "routing.json"
+    argv = ["--workloads", "shared-prefix-few", "--sim-sample", "0.05", "--seeds", "1"]
+    argv += ["--bisect-sample", "0.05", "--bisect-steps", "1", "--arms", "round-robin", "default"]
+    assert routing.main([*argv, "--out", str(out)]) == 0
+    seed = json.loads(out.read_text())["workloads"]["shared-prefix-few"]["seeds"][0]
+    assert set(seed["sustainable_req_s"]) == {"round-robin", "default"}
+    assert seed["pooled_sustainable_req_s"] > 0
