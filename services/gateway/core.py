@@ -67,7 +67,7 @@ from services.gateway.generation import (
 from services.gateway.limits import Slot, StreamLimits
 from services.gateway.models import ServedModel
 from services.gateway.readiness import Readiness, ReadinessCheck
-from services.gateway.resume import Clock, Key, ResumeBackend, ResumeStore
+from services.gateway.resume import Clock, Key, ResumeBackend, ResumeStore, Takeover
 from services.gateway.resume_redis import RedisResumeStore
 from services.gateway.settings import GatewaySettings
 from services.gateway.stream_state import Progress, StreamState
@@ -375,7 +375,7 @@ class GatewayCore:
                 request_digest(req),
                 req.resume_from,
                 self._reserve(req),
-                lambda prior: self._generate_once(req, timeout_s, prior),
+                lambda takeover: self._generate_once(req, timeout_s, takeover),
             )
         except ServiceError as err:
             self._account(req, progress, metrics.outcome_label(err), start)
@@ -387,11 +387,13 @@ class GatewayCore:
                 yield ev
 
     async def _generate_once(
-        self, req: GenerationRequest, timeout_s: float | None, prior: Sequence[Delta] = ()
+        self, req: GenerationRequest, timeout_s: float | None, takeover: Takeover | None = None
     ) -> AsyncGenerator[Event, None]:
-        """One generation; with `prior` (a keyed generation another gateway began and left,
-        resume_redis.py), its continuation after those deltas: the migration machinery's
-        continuation (prompt plus the tokens in `prior`, the remaining max_tokens)."""
+        """One generation; with `takeover` (a keyed generation another gateway began and left,
+        resume_redis.py), its continuation after the deltas it produced: the migration
+        machinery's continuation (prompt plus those tokens, the remaining max_tokens), neither
+        charged nor refused by the tenant's limits again, its usage record billing only what
+        the earlier gateways' did not."""
         start = time.perf_counter()
         s = self._settings
         deadline = start + min(
@@ -399,6 +401,8 @@ class GatewayCore:
         )
         outcome = "error"
         progress = Progress()
+        if takeover is not None and takeover.billed is not None:
+            progress.billed = takeover.billed
         model_label = req.model if req.model in self._models else "unknown"
         metrics.record_in_flight(model_label, 1)
         slot: Slot | None = None
@@ -414,22 +418,27 @@ class GatewayCore:
                     span.set_attribute("llmmesh.tenant", tenant.name)
                 # Concurrency before tokenizing: a refused request costs no tokenizer time.
                 try:
-                    slot = self._streams.enter(None if tenant is None else tenant.limits)
+                    slot = self._streams.enter(
+                        None if tenant is None else tenant.limits, force=takeover is not None
+                    )
                 except RateLimited as err:
                     metrics.record_rate_limited("" if tenant is None else tenant.name, err.limit)
                     raise
                 v = await self.validate(req)
                 progress.prompt_tokens = len(v.prompt_ids)
                 limits = None if tenant is None else tenant.limits
-                if limits is not None:
+                # A takeover was charged (and its prompt counted) where it began.
+                charged = limits if takeover is None else None
+                if charged is not None:
                     try:
-                        await limits.acquire(len(v.prompt_ids))
+                        await charged.acquire(len(v.prompt_ids))
                     except RateLimited as err:
-                        metrics.record_rate_limited(limits.tenant, err.limit)
+                        metrics.record_rate_limited(charged.tenant, err.limit)
                         raise
-                metrics.record_prompt_tokens(
-                    v.model.name, None if limits is None else limits.tenant, len(v.prompt_ids)
-                )
+                if takeover is None:
+                    metrics.record_prompt_tokens(
+                        v.model.name, None if limits is None else limits.tenant, len(v.prompt_ids)
+                    )
                 state = StreamState(
                     v.model,
                     prompt_tokens=len(v.prompt_ids),
@@ -441,8 +450,8 @@ class GatewayCore:
                     limits=limits,
                 )
                 leases: list[Lease] = []
-                if prior:
-                    state.restore(prior)
+                if takeover is not None:
+                    state.restore(takeover.prior)
                     span.add_event("takeover", {"llmmesh.tokens": state.completion_tokens})
                 try:
                     if state.finish is not None:  # its last delta was written, not its summary
@@ -455,10 +464,10 @@ class GatewayCore:
                             async for ev in events:
                                 yield ev
                 except (ServiceError, asyncio.CancelledError, GeneratorExit):
-                    if limits is not None and not leases:
+                    if charged is not None and not leases:
                         # Never served (queue full, no replica, the caller gone while it
                         # waited for admission): the tenant keeps its budget.
-                        limits.refund(len(v.prompt_ids))
+                        charged.refund(len(v.prompt_ids))
                     raise
                 outcome = "success"
         except ServiceError as err:
@@ -488,9 +497,12 @@ class GatewayCore:
                     tenant=progress.tenant,
                     model=model_label,
                     outcome=outcome,
-                    prompt_tokens=progress.prompt_tokens,
-                    completion_tokens=progress.completion_tokens,
-                    cached_prompt_tokens=progress.cached_prompt_tokens,
+                    # A continuation bills what the records before it did not.
+                    prompt_tokens=progress.prompt_tokens if progress.billed is None else 0,
+                    completion_tokens=progress.completion_tokens - (progress.billed or 0),
+                    cached_prompt_tokens=progress.cached_prompt_tokens
+                    if progress.billed is None
+                    else 0,
                     ttft_ms=None
                     if progress.first_token_s is None
                     else (progress.first_token_s - start) * 1000,

@@ -247,8 +247,9 @@ class ConcurrencyLimit:
             return high
         return min(max((1.0 + self._refused.per_s()) / freed, low), high)
 
-    def enter(self) -> None:
-        if self.held >= self.limit:
+    def enter(self, *, force: bool = False) -> None:
+        """Take a slot; `force`: even over the limit (a generation admitted elsewhere)."""
+        if self.held >= self.limit and not force:
             wait = self.retry_after_s()
             self._refused.add()
             who = f"tenant {self._owner!r}" if self._owner else "this gateway"
@@ -293,14 +294,16 @@ class StreamLimits:
     ):
         self.streams = ConcurrencyLimit(max_streams, clock, GatewayOverloaded, retry_after_bounds)
 
-    def enter(self, tenant: TenantLimits | None) -> Slot:
+    def enter(self, tenant: TenantLimits | None, *, force: bool = False) -> Slot:
         """A slot, or RESOURCE_EXHAUSTED taking nothing: the tenant's own limit is checked
-        first (a tenant over its limit is told so, not that the gateway is full)."""
+        first (a tenant over its limit is told so, not that the gateway is full). `force`: a
+        slot even over the limits, for a generation admitted already (a takeover, which a
+        refusal would end, losing the client's request id)."""
         own = None if tenant is None else tenant.concurrency
         if own is not None:
-            own.enter()
+            own.enter(force=force)
         try:
-            self.streams.enter()
+            self.streams.enter(force=force)
         except GatewayOverloaded:
             if own is not None:
                 own.leave(freed=False)

@@ -52,9 +52,20 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 EventSource = Callable[[], AsyncGenerator[Event, None]]
-# The generation's events after `prior`, the deltas it already produced: empty for a new one; a
-# generation another gateway began and left (resume_redis.py takeover) continues after them.
-ContinuableSource = Callable[[Sequence[Delta]], AsyncGenerator[Event, None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Takeover:
+    """A generation another gateway began and left (resume_redis.py): the deltas it produced,
+    and how many of their tokens its usage record billed, with the prompt (None: it wrote no
+    record, it died)."""
+
+    prior: Sequence[Delta]
+    billed: int | None
+
+
+# The generation's events: a new one (None), or the continuation of a `Takeover`.
+ContinuableSource = Callable[[Takeover | None], AsyncGenerator[Event, None]]
 
 # Retry-after for a full store: finished entries age out and running ones finish continuously.
 FULL_RETRY_AFTER_S = 1.0
@@ -278,7 +289,7 @@ class ResumeStore:
         source: ContinuableSource,
     ) -> Subscription:
         """`ResumeBackend.subscribe`: `open`, then follow."""
-        gen, start = self.open(key, digest, resume_from, reserve_tokens, lambda: source(()))
+        gen, start = self.open(key, digest, resume_from, reserve_tokens, lambda: source(None))
         return Subscription(gen.follow(start), gen.created)
 
     def get(self, key: Key) -> Generation | None:

@@ -6,8 +6,9 @@ gateway died is continued by the gateway the client comes back through.
 
 Redis layout per key (tenant, request id), under one hash tag (one cluster slot):
 - `<prefix>{h}:meta`: hash {digest, gen (generation id), done, created (the wall-clock time the
-  key was first opened, Unix seconds: every gateway answers with it)}; exists while the key is
-  known.
+  key was first opened, Unix seconds: every gateway answers with it), billed (set by a gateway
+  that drained and released the generation: the tokens its usage record billed, with the
+  prompt)}; exists while the key is known.
 - `<prefix>{h}:claim`: the id of the gateway running the generation, with a TTL of `lease_s`
   that its writes renew.
 - `<prefix>{h}:log:<gen>`: a Stream, one entry per batch of events (JSON); the last entry holds
@@ -47,6 +48,11 @@ the same tokens for greedy decoding and for engines whose next token is a functi
 context (the emulator); at temperature > 0 on a sampling engine, a client that had received
 them sees a continuation that may differ from them. A gateway that drains (SIGTERM) writes
 what it has and releases its claims, so another takes over at the client's next retry.
+A takeover is not admitted again: the tenant's request and token rates were charged where the
+generation began, and its concurrency slot is taken even over the limit (a refusal would end
+the generation and lose the client's id). Usage: each gateway's record bills what the records
+before it did not (the `billed` of a release); a killed gateway wrote none, so the next bills
+everything from the prompt on.
 
 Redis unreachable: a keyed request is refused with UNAVAILABLE and a retry-after. It is never
 served unkeyed, and there is no per-process fallback: a retry landing on another gateway would
@@ -91,6 +97,7 @@ from services.gateway.resume import (
     Generation,
     Key,
     Subscription,
+    Takeover,
 )
 from services.gateway.settings import GatewaySettings
 
@@ -124,18 +131,20 @@ end
 return {'exists', m[1], m[2], m[3], redis.call('EXISTS', KEYS[2]), m[4]}
 """
 
-# KEYS meta, claim, log. ARGV owner, lease_ms, ttl_ms, gen.
+# KEYS meta, claim, log. ARGV owner, lease_ms, ttl_ms, gen. Answers {1, billed} (billed: ''
+# when no gateway that ran it billed it) or {0}.
 _TAKEOVER = """
-local m = redis.call('HMGET', KEYS[1], 'gen', 'done')
-if m[1] ~= ARGV[4] or m[2] == '1' then return 0 end
-if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+local m = redis.call('HMGET', KEYS[1], 'gen', 'done', 'billed')
+if m[1] ~= ARGV[4] or m[2] == '1' then return {0} end
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0} end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
-return 1
+return {1, m[3] or ''}
 """
 
 # KEYS meta, claim, log, watch. ARGV owner, payload, mode, lease_ms, ttl_ms, retention_ms,
-# error_ttl_ms. Fenced: only the claim's holder writes.
+# error_ttl_ms, billed (tokens of the log the writer's usage record bills, with the prompt; kept
+# by a release for the gateway taking over). Fenced: only the claim's holder writes.
 _WRITE = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 if ARGV[2] ~= '' then redis.call('XADD', KEYS[3], '*', 'e', ARGV[2]) end
@@ -154,6 +163,7 @@ elseif mode == 'forget' then
   redis.call('PEXPIRE', KEYS[3], ARGV[7])
 else
   redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'billed', ARGV[8])
   redis.call('PEXPIRE', KEYS[1], ARGV[5])
   redis.call('PEXPIRE', KEYS[3], ARGV[5])
 end
@@ -527,7 +537,7 @@ class RedisResumeStore:
         if kind == "full":
             raise self._full()
         if kind == "new":
-            own = self._start(key, keys, digest, reserve_tokens, now, _s(r[1]), [], source)
+            own = self._start(key, keys, digest, reserve_tokens, now, _s(r[1]), None, source)
             metrics.record_resume_request("new")
             return Subscription(own.follow(0), own.created)
         stored, gen_id, done, claimed = _s(r[1]), _s(r[2]), _s(r[3]) == "1", int(r[4]) == 1
@@ -655,17 +665,19 @@ class RedisResumeStore:
             keys=[keys.meta, keys.claim, log_key],
             args=[self.owner, self._ms(self.lease_s), self._running_ttl_ms(), gen_id],
         )
-        if int(won) != 1:
+        if int(won[0]) != 1:
             return None
         metrics.record_resume_redis_write()
+        billed = _s(won[1])
         # Entries the old owner wrote after `seen` was read (before its claim expired).
         more, _, _ = await self._read_log(log_key, last_id)
-        prior: list[Event] = [ev for ev in [*seen, *more] if isinstance(ev, Delta)]
+        prior = [ev for ev in [*seen, *more] if isinstance(ev, Delta)]
         log.warning(
             "taking over a generation whose gateway is gone",
             extra={"request_id": key.request_id, "tokens": _tokens(prior)},
         )
-        own = self._start(key, keys, digest, reserve_tokens, created, gen_id, prior, source)
+        takeover = Takeover(prior, int(billed) if billed else None)
+        own = self._start(key, keys, digest, reserve_tokens, created, gen_id, takeover, source)
         return own, len(seen)
 
     def _start(
@@ -676,15 +688,15 @@ class RedisResumeStore:
         reserve_tokens: int,
         created: float,
         gen_id: str,
-        prior: list[Event],
+        takeover: Takeover | None,
         source: ContinuableSource,
     ) -> _Owned:
+        prior = () if takeover is None else takeover.prior
         own = _Owned(self, key, keys, digest, reserve_tokens, created, gen_id, prior)
         self._owned[key] = own
         self._tokens += reserve_tokens
         self._publish()
-        deltas = [ev for ev in prior if isinstance(ev, Delta)]
-        own.start(lambda: source(deltas))
+        own.start(lambda: source(takeover))
         own.flusher = asyncio.get_running_loop().create_task(self._flush(own))
         return own
 
@@ -781,6 +793,7 @@ class RedisResumeStore:
                 self._running_ttl_ms(),
                 self._ms(self.retention_s),
                 ERROR_LOG_TTL_MS,
+                own.tokens,
             ],
         )
         metrics.record_resume_redis_write()

@@ -44,6 +44,9 @@ class Progress:
     cached_prompt_tokens: int = 0
     first_token_s: float | None = None
     replica: str = ""
+    # Of `completion_tokens`, those (and the prompt) a record of an earlier gateway billed: a
+    # continuation's takeover (resume_redis.py); None when no record billed any.
+    billed: int | None = None
 
 
 class StopMatcher:
@@ -160,8 +163,8 @@ class StreamState:
         """Continue a generation another gateway began (resume_redis.py takeover): its deltas,
         pushed as the chunks they came from, so the detokenizer and stop matcher hold what the
         original held; nothing is charged, timed or counted in metrics again (that gateway did
-        as it streamed), and the next attempt is a continuation. The usage record, written once
-        by the gateway that ends the generation (the one that died wrote none), counts them."""
+        as it streamed), and the next attempt is a continuation. The usage record counts them
+        less what an earlier gateway's record billed (`Progress.billed`)."""
         for d in prior:
             if d.token_ids:
                 self.generated.extend(d.token_ids)

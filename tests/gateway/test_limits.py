@@ -98,6 +98,21 @@ def test_stream_limits_order_and_rollback(
     assert streams.streams.held == 0
 
 
+def test_a_forced_slot_is_taken_over_the_limits_and_given_back() -> None:
+    clock = Clock()
+    tenant = TenantLimits("acme", None, None, clock, max_concurrent=1)
+    streams = StreamLimits(1, clock)
+    first = streams.enter(tenant)
+    with pytest.raises(RateLimited):
+        streams.enter(tenant)
+    forced = streams.enter(tenant, force=True)  # a takeover: admitted where it began
+    assert tenant.concurrency is not None
+    assert (streams.streams.held, tenant.concurrency.held) == (2, 2)
+    forced.release()
+    first.release()
+    assert (streams.streams.held, tenant.concurrency.held) == (0, 0)
+
+
 class FakeShared:
     """A shared quota that admits everything, or (`up=False`) is unreachable."""
 

@@ -6,6 +6,7 @@ creation time every gateway answers with, and what a keyed request gets while Re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -19,9 +20,10 @@ from prometheus_client import REGISTRY
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from llmmesh.common import metric_names as names
-from llmmesh.common.errors import NotFound, Unavailable
+from llmmesh.common.errors import NotFound, ServiceError, Unavailable
 from llmmesh.netutil import free_port
 from llmmesh.redis_server import RedisServer
+from services.gateway.auth import Authenticator, TenantsFile, hash_key
 from services.gateway.core import (
     Completion,
     Delta,
@@ -32,7 +34,7 @@ from services.gateway.core import (
     Sampling,
     UsageSink,
 )
-from services.gateway.errors import InvalidRequest, RequestIdConflict
+from services.gateway.errors import InvalidRequest, RateLimited, RequestIdConflict
 from services.gateway.models import ServedModel
 from services.gateway.resume import Clock, Key, ResumeStore
 from services.gateway.resume_redis import RedisResumeStore
@@ -71,6 +73,7 @@ class Cores:
         engine: FakeEngine,
         usage: UsageSink | None = None,
         wall_clock: Clock = time.time,
+        auth: Authenticator | None = None,
         **settings: Any,
     ) -> GatewayCore:
         fields: dict[str, Any] = {
@@ -86,6 +89,7 @@ class Cores:
             FakeAdmission(),
             engine,
             32,
+            auth,
             usage=usage,
             wall_clock=wall_clock,
         )
@@ -369,6 +373,56 @@ async def test_a_client_whose_gateway_died_resumes_through_another(
     opened_c = Opened()
     assert ids_of(await collect(c, request(request_id, n), opened_c)) == out
     assert opened_c.created == 1000.0
+
+
+async def test_a_generation_a_draining_gateway_released_is_neither_charged_nor_billed_twice(
+    cores: Cores, request_id: str
+) -> None:
+    """Gateway A drains (close) after streaming 4 tokens: it bills the prompt and those 4 and
+    releases the generation. The client resumes through B, where the tenant has used its one
+    request per minute: the takeover is not refused (nor charged), and B bills only the rest."""
+    n = 10
+    out = TOKENS[:n]
+    key = "sk-a"
+
+    def auth() -> Authenticator:
+        return Authenticator(
+            TenantsFile.model_validate(
+                {
+                    "tenants": [
+                        {"name": "a", "api_keys_sha256": [hash_key(key)], "requests_per_minute": 1}
+                    ]
+                }
+            )
+        )
+
+    a_usage, b_usage = Sink(), Sink()
+    a = cores.make(
+        FakeEngine([[*tokens(*out[:4]), Hang()]]),
+        usage=a_usage,
+        auth=auth(),
+        resume_redis_flush_interval_s=3600.0,
+    )
+    b_engine = FakeEngine([[chunk(1)], [*tokens(*out[4:]), chunk(final=True)]])
+    b = cores.make(b_engine, usage=b_usage, auth=auth())
+    await collect(b, dataclasses.replace(request(request_id + "-other", 1), api_key=key))
+    with pytest.raises(RateLimited):  # B's tenant is out of requests for this minute
+        await collect(b, dataclasses.replace(request(request_id + "-more", 1), api_key=key))
+    client_a = a.generate(dataclasses.replace(request(request_id, n), api_key=key), 10.0)
+    got = [await anext(client_a) for _ in range(4)]
+    await a.close()  # drains: writes the 4 tokens, bills them, releases the claim
+    with pytest.raises(ServiceError):
+        await anext(client_a)
+    rest = await collect(b, dataclasses.replace(request(request_id, n, resume_from=4), api_key=key))
+    assert ids_of(got + rest) == out
+    assert isinstance(rest[-1], Completion)
+    (continuation,) = b_engine.requests[1:]
+    assert continuation.input_ids == PROMPT + out[:4]
+    (first,) = a_usage.records
+    assert (first.prompt_tokens, first.completion_tokens) == (len(PROMPT), 4)
+    second = b_usage.records[-1]
+    assert second.request_id == request_id
+    assert (second.prompt_tokens, second.completion_tokens) == (0, n - 4)
 
 
 async def test_a_takeover_redis_fails_is_refused_with_a_retry_after(
