@@ -172,9 +172,7 @@ def test_the_pooled_engine_sustains_more_than_round_robin_where_prefixes_repeat(
         wl.Request(i * 0.05, head + list(wl.unique_tokens(wl.NS_AZURE, 100 + i, 32)), 2)
         for i in range(40)
     ]
-    one, _ = routing.pooled_sustainable_rate(
-        reqs, 1, shape, lo=1.0, hi=4000.0, steps=8, slo_s=0.05
-    )
+    one, _ = routing.pooled_sustainable_rate(reqs, 1, shape, lo=1.0, hi=4000.0, steps=8, slo_s=0.05)
     four, _ = routing.pooled_sustainable_rate(
         reqs, 4, shape, lo=1.0, hi=4000.0, steps=8, slo_s=0.05
     )
