@@ -471,13 +471,17 @@ class Runner:
                 request_id=f"chaos-{scenario}-{nonce}-{spec.index}" if keyed else "",
             )
             attempt = 0
+            tail = 0  # deltas without tokens since the last one with tokens (resume_events)
             while True:
                 gw = gws[preferred % len(gws)]
                 if attempt:
                     req.resume_from = len(st.tokens)
+                    req.resume_events = tail
                 try:
                     call = self.chaos.stub(gw).Generate(req, timeout=self.args.request_timeout_s)
                     async for msg in call:
+                        if msg.HasField("delta"):
+                            tail = 0 if msg.delta.token_ids else tail + 1
                         if msg.HasField("delta") and msg.delta.token_ids:
                             t = now()
                             if msg.delta.offset != len(st.tokens):

@@ -167,6 +167,12 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             await abort(context, err)
             return
         req = request_from_pb(request, api_key)
+        skip = request.resume_events if request.HasField("resume_events") else 0
+        if request.HasField("resume_events") and req.resume_from is None:
+            refusal = InvalidRequest("needs resume_from", field="resume_events")
+            self._core.refused(refusal, started, request.model)
+            await abort(context, refusal)
+            return
         request_id_var.set(req.request_id)
         token = otel_context.attach(extract_trace_context(context.invocation_metadata()))
         try:
@@ -174,6 +180,12 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 self._core.generate(req, context.time_remaining())
             ) as events:
                 async for ev in events:
+                    if skip:
+                        # The deltas without tokens at the resume point the client has.
+                        if isinstance(ev, Delta) and not ev.token_ids:
+                            skip -= 1
+                            continue
+                        skip = 0
                     await context.write(_response(req.request_id, ev))
         except ServiceError as err:
             await abort(context, err)

@@ -235,3 +235,43 @@ async def test_a_stream_cancelled_while_it_writes_ends_in_its_own_task(
         await asyncio.sleep(0)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     await core.close()
+
+
+async def test_a_resume_leaves_out_the_deltas_without_tokens_the_client_has(
+    models: tuple[ServedModel, ServedModel],
+) -> None:
+    # A stop string holds the last characters back until the completion ends; they come in a
+    # delta without tokens ending where the last delta with tokens did. resume_from alone
+    # cannot tell whether the client got it; resume_events says it did.
+    ids = [19556, 665, 28, 3289]  # "Hello there, friend"
+    request = pb.GenerateRequest(
+        model=BARE_MODEL,
+        request_id="tail",
+        token_ids=pb.TokenIds(ids=[5, 6, 7]),
+        sampling=pb.SamplingParams(stop=["never in this text"]),
+    )
+    async with (
+        grpc_gateway(models, [[*(chunk(i) for i in ids), chunk(final=True)]]) as front,
+        grpc.aio.insecure_channel(front.address) as ch,
+    ):
+        stub = pb_grpc.GatewayServiceStub(ch)
+        whole = [r async for r in stub.Generate(request, timeout=10)]
+        deltas = [r.delta for r in whole if r.HasField("delta")]
+        tail = deltas[-1]
+        assert tail.text
+        assert not tail.token_ids
+        assert tail.offset == len(ids)
+        request.resume_from = len(ids)
+        again = [r async for r in stub.Generate(request, timeout=10)]
+        assert [r.WhichOneof("event") for r in again] == ["delta", "complete"]  # the tail again
+        assert again[0].delta == tail
+        request.resume_events = 1
+        had_tail = [r async for r in stub.Generate(request, timeout=10)]
+        assert [r.WhichOneof("event") for r in had_tail] == ["complete"]
+        assert had_tail[0].complete == whole[-1].complete
+        request.ClearField("resume_from")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            [r async for r in stub.Generate(request, timeout=10)]
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "resume_events" in (info.value.details() or "")
+        assert len(front.engine.requests) == 1  # replayed, never generated again
