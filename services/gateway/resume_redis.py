@@ -142,6 +142,14 @@ redis.call('PEXPIRE', KEYS[3], ARGV[3])
 return {1, m[3] or ''}
 """
 
+# KEYS meta. ARGV gen. Forgets a finished generation whose log is gone (evicted), as one past
+# its retention.
+_FORGET_FINISHED = """
+local m = redis.call('HMGET', KEYS[1], 'gen', 'done')
+if m[1] == ARGV[1] and m[2] == '1' then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
 # KEYS meta, claim, log, watch. ARGV owner, payload, mode, lease_ms, ttl_ms, retention_ms,
 # error_ttl_ms, billed (tokens of the log the writer's usage record bills, with the prompt; kept
 # by a release for the gateway taking over). Fenced: only the claim's holder writes.
@@ -374,6 +382,7 @@ class RedisResumeStore:
         self._open = client.register_script(_OPEN)
         self._takeover = client.register_script(_TAKEOVER)
         self._write_script = client.register_script(_WRITE)
+        self._forget_finished = client.register_script(_FORGET_FINISHED)
         self._owned: dict[Key, _Owned] = {}
         self._tokens = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -502,8 +511,11 @@ class RedisResumeStore:
         resume_from: int | None,
         reserve_tokens: int,
         source: ContinuableSource,
+        *,
+        again: bool = True,
     ) -> Subscription:
-        """`resume.ResumeBackend.subscribe`, across gateways (module docstring)."""
+        """`resume.ResumeBackend.subscribe`, across gateways (module docstring). `again`: open
+        once more after forgetting a finished generation whose log is gone."""
         own = self._owned.get(key)
         if own is not None:
             return self._attach_local(own, digest, resume_from)
@@ -527,13 +539,7 @@ class RedisResumeStore:
             raise self._unavailable("open", err) from err
         kind = _s(r[0])
         if kind == "not_found":
-            metrics.record_resume_request("not_found")
-            raise NotFound(
-                "no generation with this id to resume (finished longer ago than the "
-                "retention, evicted, or never started); send the request without a resume "
-                "offset to generate again",
-                field="resume_from",
-            )
+            raise _not_found()
         if kind == "full":
             raise self._full()
         if kind == "new":
@@ -558,6 +564,19 @@ class RedisResumeStore:
             raise self._unavailable("open", err) from err
         gate = _Gate(resume_from)
         ready = [ev for ev in seen if gate.admit(ev)]  # a bad offset fails here, up front
+        if done and not any(isinstance(ev, Completion) for ev in seen):
+            # Finished, but its log is gone (evicted under Redis' maxmemory policy, or expired
+            # since the open): as a generation past its retention, a resume is NOT_FOUND and a
+            # plain retry generates again.
+            try:
+                await self._forget_finished(keys=[keys.meta], args=[gen_id])
+            except RedisError as err:
+                raise self._unavailable("open", err) from err
+            if resume_from or not again:
+                raise _not_found()
+            return await self.subscribe(
+                key, digest, resume_from, reserve_tokens, source, again=False
+            )
         if done:
             metrics.record_resume_request("replayed")
             if not gate.is_open:
@@ -758,7 +777,14 @@ class RedisResumeStore:
                     "the generation was lost with its gateway; send the request again",
                     retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
                 )
-            if _s(done) == "1" or claimed:
+            if _s(done) == "1":
+                # Its end was written with its last batch: the next read has it, unless the
+                # log is gone (evicted, or expired).
+                more, error, _ = await self._or_lost("follow", self._read_log(log_key, last_id))
+                if more or error is not None:
+                    continue
+                raise _not_found()
+            if claimed:
                 continue
             if not self._fits(reserve_tokens):
                 continue  # no room to run it here; another gateway may
@@ -923,6 +949,16 @@ class RedisResumeStore:
             await asyncio.gather(*tasks, return_exceptions=True)
         await self._redis.aclose()
         await self._blocking.aclose()
+
+
+def _not_found() -> NotFound:
+    metrics.record_resume_request("not_found")
+    return NotFound(
+        "no generation with this id to resume (finished longer ago than the retention, "
+        "evicted, or never started); send the request without a resume offset to generate "
+        "again",
+        field="resume_from",
+    )
 
 
 async def _replay(events: list[Event], error: ServiceError | None) -> AsyncGenerator[Event, None]:

@@ -195,6 +195,67 @@ async def test_finished_on_one_gateway_replays_on_another(cores: Cores, request_
         await collect(b, request(request_id, 8, resume_from=9))
 
 
+async def test_a_finished_generation_whose_log_was_evicted_is_as_one_past_its_retention(
+    cores: Cores, redis: aioredis.Redis, request_id: str
+) -> None:
+    """Redis evicted the log (maxmemory volatile-lru) but kept the meta: a resume is NOT_FOUND
+    and a plain retry generates again, never an empty stream."""
+    out = TOKENS[:4]
+    a = cores.make(FakeEngine([[*tokens(*out), chunk(final=True)]]))
+    b_engine = FakeEngine([[*tokens(*out), chunk(final=True)]])
+    b = cores.make(b_engine)
+    await collect(a, request(request_id, 4))
+
+    async def written() -> bool:
+        return not store(a).entries
+
+    await eventually(written, what="the finished generation written to Redis")
+    keys = store(b)._keys(Key("", request_id))
+
+    async def evict_log() -> None:
+        (log_key,) = [k async for k in redis.scan_iter(match=keys.log("*"))]
+        await redis.delete(log_key)
+        assert await redis.hget(keys.meta, "done") == b"1"
+
+    await evict_log()
+    again = await collect(b, request(request_id, 4))
+    assert ids_of(again) == out
+    assert isinstance(again[-1], Completion)
+    assert len(b_engine.requests) == 1
+
+    async def b_wrote() -> bool:
+        return not store(b).entries
+
+    await eventually(b_wrote, what="the new generation written to Redis")
+    await evict_log()
+    with pytest.raises(NotFound):
+        await collect(b, request(request_id, 4, resume_from=2))
+
+
+async def test_a_follower_whose_finished_generation_lost_its_log_is_told_not_found(
+    cores: Cores, redis: aioredis.Redis, request_id: str
+) -> None:
+    hang = Hang()
+    a = cores.make(FakeEngine([[*tokens(*TOKENS[:3]), hang]]))
+    b = cores.make(FakeEngine([]))
+    client_a = a.generate(request(request_id, 10), 10.0)
+    [await anext(client_a) for _ in range(3)]
+    follower = asyncio.ensure_future(collect(b, request(request_id, 10)))
+    before = resume_requests("attached")
+
+    async def attached() -> bool:
+        return resume_requests("attached") > before or follower.done()
+
+    await eventually(attached, what="the second gateway follows")
+    keys = store(b)._keys(Key("", request_id))
+    (log_key,) = [k async for k in redis.scan_iter(match=keys.log("*"))]
+    await redis.hset(keys.meta, mapping={"done": "1"})
+    await redis.delete(log_key)
+    with pytest.raises(NotFound):
+        await asyncio.wait_for(follower, 10.0)
+    await client_a.aclose()
+
+
 async def test_running_on_one_gateway_is_followed_from_another(
     cores: Cores, request_id: str
 ) -> None:
