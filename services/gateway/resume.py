@@ -210,7 +210,7 @@ class Generation:
     async def follow(self, start: int) -> AsyncGenerator[Event, None]:
         """The log from `start`, then live events until the generation ends; its error, if
         any, is raised after the events produced before it."""
-        self._attach()
+        self.attach()
         try:
             i = start
             while True:
@@ -223,15 +223,16 @@ class Generation:
                     return
                 await self._changed.wait()
         finally:
-            self._detach()
+            self.detach()
 
-    def _attach(self) -> None:
+    def attach(self) -> None:
+        """One more subscriber (as while `follow` runs); `detach` once it is gone."""
         self._subscribers += 1
         if self._grace is not None:
             self._grace.cancel()
             self._grace = None
 
-    def _detach(self) -> None:
+    def detach(self) -> None:
         self._subscribers -= 1
         if self._subscribers == 0 and not self.done:
             self._grace = asyncio.get_running_loop().call_later(self._store.grace_s, self._abandon)

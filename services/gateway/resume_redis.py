@@ -642,12 +642,18 @@ class RedisResumeStore:
     async def _follow_owned(
         self, own: _Owned, index: int, gate: _Gate, ready: list[Event]
     ) -> AsyncGenerator[Event, None]:
-        for ev in ready:
-            yield ev
-        async with contextlib.aclosing(own.follow(index)) as events:
-            async for ev in events:
-                if gate.admit(ev):
-                    yield ev
+        # A subscriber from the first event on: a client gone while `ready` is written still
+        # leaves the generation to its grace (follow() attaches only once it starts).
+        own.attach()
+        try:
+            for ev in ready:
+                yield ev
+            async with contextlib.aclosing(own.follow(index)) as events:
+                async for ev in events:
+                    if gate.admit(ev):
+                        yield ev
+        finally:
+            own.detach()
 
     async def _read_log(
         self, log_key: str, after: str

@@ -486,6 +486,47 @@ async def test_a_generation_a_draining_gateway_released_is_neither_charged_nor_b
     assert (second.prompt_tokens, second.completion_tokens) == (0, n - 4)
 
 
+async def test_a_takeover_whose_client_leaves_during_the_replay_is_abandoned_after_the_grace(
+    cores: Cores, redis: aioredis.Redis, request_id: str
+) -> None:
+    """B takes over a generation whose gateway died after writing 3 tokens; its client reads
+    one of them and leaves: the continuation is cancelled after the grace, not run to the end
+    with nobody following it."""
+    a = cores.make(
+        FakeEngine([[*tokens(*TOKENS[:3]), Hang()]]),
+        resume_redis_flush_tokens=3,
+        resume_redis_flush_interval_s=3600.0,
+    )
+    b = cores.make(FakeEngine([[Hang()]]), resume_grace_s=0.05)
+    client_a = a.generate(request(request_id, 10), 10.0)
+    [await anext(client_a) for _ in range(3)]
+    own = store(a)._owned[Key("", request_id)]
+
+    async def written() -> bool:
+        return own.flushed_tokens == 3
+
+    await eventually(written, what="A wrote its 3 tokens")
+    await store(a).kill()
+    with pytest.raises(Unavailable):
+        await anext(client_a)
+    claim = store(b)._keys(Key("", request_id)).claim
+
+    async def expired() -> bool:
+        return not await redis.exists(claim)
+
+    await eventually(expired, what="A's claim expired")
+    client_b = b.generate(request(request_id, 10), 10.0)
+    first = await anext(client_b)  # the first of the 3 replayed deltas
+    assert isinstance(first, Delta)
+    assert Key("", request_id) in store(b)._owned  # taken over
+    await client_b.aclose()
+
+    async def abandoned() -> bool:
+        return Key("", request_id) not in store(b)._owned
+
+    await eventually(abandoned, what="the continuation abandoned after the grace")
+
+
 async def test_a_takeover_redis_fails_is_refused_with_a_retry_after(
     cores: Cores, redis: aioredis.Redis, request_id: str
 ) -> None:
