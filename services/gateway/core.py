@@ -44,7 +44,7 @@ from typing import Protocol
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from llmmesh.common.errors import ServiceError
+from llmmesh.common.errors import ServiceError, Unavailable
 from services.gateway import metrics
 from services.gateway.admission import AdmissionClient, Lease
 from services.gateway.attempts import Attempts, Validated
@@ -55,6 +55,7 @@ from services.gateway.errors import (
     InvalidRequest,
     ModelNotFound,
     RateLimited,
+    ResumeStoreFull,
 )
 from services.gateway.events import Completion, Delta, Event, FinishReason
 from services.gateway.generation import (
@@ -370,13 +371,20 @@ class GatewayCore:
             self._check_sizes_of(req)  # the digest reads every item
             tenant = self.authenticate(req.api_key)
             progress.tenant = "" if tenant is None else tenant.name
-            sub = await self._resume.subscribe(
-                Key(progress.tenant, req.request_id),
-                request_digest(req),
-                req.resume_from,
-                self._reserve(req),
-                lambda takeover: self._generate_once(req, timeout_s, takeover),
-            )
+            try:
+                sub = await self._resume.subscribe(
+                    Key(progress.tenant, req.request_id),
+                    request_digest(req),
+                    req.resume_from,
+                    self._reserve(req),
+                    lambda takeover: self._generate_once(req, timeout_s, takeover),
+                )
+            except (ResumeStoreFull, Unavailable):
+                # A request that can never be served is told why (INVALID_ARGUMENT,
+                # NOT_FOUND), not to retry later; validated only on this path, as the
+                # generation validates it anyway.
+                await self.validate(req)
+                raise
         except ServiceError as err:
             self._account(req, progress, metrics.outcome_label(err), start)
             raise

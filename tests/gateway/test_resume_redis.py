@@ -34,7 +34,13 @@ from services.gateway.core import (
     Sampling,
     UsageSink,
 )
-from services.gateway.errors import InvalidRequest, RateLimited, RequestIdConflict
+from services.gateway.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    RateLimited,
+    RequestIdConflict,
+    ResumeStoreFull,
+)
 from services.gateway.models import ServedModel
 from services.gateway.resume import Clock, Key, ResumeStore
 from services.gateway.resume_redis import RedisResumeStore
@@ -590,6 +596,20 @@ async def test_writes_are_batched_off_the_token_path(cores: Cores, request_id: s
     assert 1 <= per_generation <= n // 16, per_generation
     b = cores.make(FakeEngine([]))
     assert await collect(b, request(request_id, n)) == events
+
+
+async def test_bad_input_is_told_so_when_the_store_is_full(cores: Cores, request_id: str) -> None:
+    a = cores.make(FakeEngine([[*tokens(*TOKENS[:2]), Hang()]]), resume_max_entries=1)
+    running = a.generate(request(request_id, 10), 10.0)
+    await anext(running)  # holds the one entry
+    with pytest.raises(ResumeStoreFull):
+        await collect(a, request(request_id + "-next", 4))
+    with pytest.raises(ModelNotFound):
+        await collect(a, dataclasses.replace(request(request_id + "-next", 4), model="nope"))
+    with pytest.raises(InvalidRequest) as info:
+        await collect(a, request(request_id + "-next", 4, temperature=9.0))
+    assert info.value.field == "sampling.temperature"
+    await running.aclose()
 
 
 async def test_keyed_requests_are_refused_while_redis_is_unreachable(
