@@ -53,3 +53,18 @@ def test_free_port_falls_back_to_port_zero_without_room(monkeypatch: pytest.Monk
     monkeypatch.setattr(netutil, "ephemeral_range", lambda: (2000, 60999))
     port = netutil.free_port()
     assert port >= 1024
+
+
+def test_a_port_handed_out_is_not_handed_out_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Drawn before a server binds it, a port is still free on the next draw: two servers of
+    # one mesh would get it.
+    low, _ = netutil.ephemeral_range()
+    first = netutil.free_port()
+    nxt = first + 1 if first + 1 < low else first - 1
+    draws: Iterator[int] = iter([first, first, nxt])
+
+    class Rigged(random.Random):
+        def randrange(self, start: int, stop: int | None = None, step: int = 1) -> int:
+            return next(draws)
+
+    assert netutil.free_port(rng=Rigged()) == nxt

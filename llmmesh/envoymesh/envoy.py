@@ -25,6 +25,20 @@ def envoy_binary() -> Path:
     return path
 
 
+# host:port as Envoy writes its admin address (IPv4, or [IPv6]).
+_ADMIN_ADDRESS = re.compile(r"(\d{1,3}(\.\d{1,3}){3}|\[[0-9a-fA-F:.]+\]):\d{1,5}")
+
+
+def admin_url(path: Path) -> str:
+    """The admin URL from Envoy's `--admin-address-path` file; "" until the file holds a whole
+    address (Envoy creates it, then writes it: it can be read empty or cut short)."""
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return ""
+    return f"http://{text}" if _ADMIN_ADDRESS.fullmatch(text) else ""
+
+
 class EnvoyProcess:
     """Envoy running `config` (written to `<workdir>/envoy-<name>.json`; JSON is YAML), one
     worker thread, no hot restart (several Envoys share the host), log in `envoy-<name>.log`."""
@@ -64,7 +78,9 @@ class EnvoyProcess:
                 *tied_to_parent(argv), stdout=log, stderr=log
             )
         deadline = time.monotonic() + timeout_s
-        async with aiohttp.ClientSession() as session:
+        # One probe never outlasts the poll: a hung /ready is asked again, within the deadline.
+        probe = aiohttp.ClientTimeout(total=1.0)
+        async with aiohttp.ClientSession(timeout=probe) as session:
             while True:
                 if self.proc.returncode is not None:
                     raise RuntimeError(
@@ -74,14 +90,14 @@ class EnvoyProcess:
                     self.kill()
                     await self.proc.wait()
                     raise TimeoutError(f"envoy {self.name} not ready:\n{self.log_tail()}")
-                if self._admin_file.exists() and not self.admin:
-                    self.admin = f"http://{self._admin_file.read_text().strip()}"
+                if not self.admin:
+                    self.admin = admin_url(self._admin_file)
                 if self.admin:
                     try:
                         async with session.get(f"{self.admin}/ready") as resp:
                             if resp.status == 200:
                                 return
-                    except aiohttp.ClientError:
+                    except (aiohttp.ClientError, TimeoutError):
                         pass
                 await asyncio.sleep(0.05)  # polling the admin file / endpoint Envoy serves
 

@@ -112,6 +112,10 @@ def listener(
     return {
         "name": name,
         "address": {"socket_address": {"address": LOCALHOST, "port_value": port}},
+        # Envoy binds with SO_REUSEPORT by default: a port clash with another reuseport
+        # listener would start both and split connections between them silently. Without
+        # it, the second bind fails and that Envoy exits, which its start reports.
+        "enable_reuse_port": False,
         "filter_chains": [chain],
     }
 
