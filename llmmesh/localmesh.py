@@ -773,15 +773,24 @@ async def _run(args: argparse.Namespace) -> int:
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    starting = asyncio.ensure_future(mesh.start())
 
     def on_signal() -> None:
         mesh.supervisor.halt()  # the children may see Ctrl-C too: their exits are no crashes
         stop.set()
+        starting.cancel()  # a start in progress (replicas load for minutes) ends now
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal)
     try:
-        await mesh.start()
+        try:
+            await starting
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not stop.is_set() or (task is not None and task.cancelling()):
+                raise
+            print("stopping (interrupted while starting)...", flush=True)
+            return 130
         width = max(len(k) for k in mesh.endpoints())
         print(f"llmmesh local mesh is up ({args.replicas} x {args.engine} replicas):")
         for k, v in mesh.endpoints().items():

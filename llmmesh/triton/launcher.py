@@ -226,6 +226,11 @@ class TritonStartError(RuntimeError):
     pass
 
 
+class TritonReadyTimeout(TritonStartError):
+    """Running, but not ready within the start's timeout (a slow or stuck model load, not a
+    port another process took: that makes tritonserver exit)."""
+
+
 class TritonServer:
     """One tritonserver process. Use `start()/stop()` (async), `start_sync()/stop_sync()`, or
     `async with` / `with`."""
@@ -404,7 +409,7 @@ class TritonServer:
             raise RuntimeError(f"{type(exc).__name__}: {exc}") from exc
 
     def _timeout_error(self, ready_timeout_s: float) -> TritonStartError:
-        return TritonStartError(
+        return TritonReadyTimeout(
             f"tritonserver not ready after {ready_timeout_s:.0f}s; log tail:\n" + self.log_tail()
         )
 
@@ -572,12 +577,15 @@ async def start_on_free_ports(
 ) -> TritonServer:
     """Start a server built by `make` (which picks free ports each call) and return it ready.
     A port that was free a moment before launch can be taken by another process before Triton
-    binds it, so a failed start is retried on new ports, `attempts` times in all."""
+    binds it, so a server that exits while starting is retried on new ports, `attempts` times
+    in all; one that ran but was not ready in time is not (TritonReadyTimeout)."""
     for attempt in range(attempts):
         server = make()
         try:
             await server.start(ready_timeout_s)
             return server
+        except TritonReadyTimeout:
+            raise
         except TritonStartError:
             if attempt == attempts - 1:
                 raise

@@ -66,6 +66,39 @@ def test_addresses_and_command(tmp_path: Path) -> None:
     assert f"--model-repository={tmp_path.resolve()}" in cmd
 
 
+class _Starts:
+    """Servers whose start fails with `error`; counts the servers made."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+        self.made = 0
+
+    def make(self) -> TritonServer:
+        self.made += 1
+        starts = self
+
+        class Failing:
+            async def start(self, ready_timeout_s: float) -> None:
+                raise starts.error
+
+        return Failing()  # type: ignore[return-value]
+
+
+async def test_a_server_that_exits_while_starting_is_retried_on_new_ports() -> None:
+    starts = _Starts(TritonStartError("exited with code 1"))
+    with pytest.raises(TritonStartError):
+        await launcher.start_on_free_ports(starts.make, attempts=3)
+    assert starts.made == 3
+
+
+async def test_a_server_not_ready_in_time_is_not_started_again() -> None:
+    # A slow model load, not a port clash: three tries would triple the wait.
+    starts = _Starts(launcher.TritonReadyTimeout("not ready after 600s"))
+    with pytest.raises(launcher.TritonReadyTimeout):
+        await launcher.start_on_free_ports(starts.make, attempts=3)
+    assert starts.made == 1
+
+
 @pytest.mark.integration
 async def test_early_exit_raises_with_log_tail(tmp_path: Path) -> None:
     model = tmp_path / "repo" / "broken"
