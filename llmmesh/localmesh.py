@@ -329,6 +329,18 @@ class DataPlane(Protocol):
 
     def endpoints(self) -> dict[str, str]: ...
 
+    def processes(self) -> Sequence[Restartable]:
+        """Its processes, supervised as the mesh's own (restarted when they exit)."""
+        ...
+
+
+class Restartable(Protocol):
+    name: str
+
+    async def wait(self) -> int | None: ...
+
+    async def restart(self) -> None: ...
+
 
 S = TypeVar("S", bound=BaseSettings)
 Svc = TypeVar("Svc", bound=ServiceSettings)
@@ -530,6 +542,9 @@ class LocalMesh:
                 self.supervisor.watch("redis", self.redis.wait, self.redis.restart)
             for index in range(len(self.tritons)):
                 self._supervise_replica(index)
+            if o.data_plane is not None:
+                for proc in o.data_plane.processes():
+                    self.supervisor.watch(f"envoy {proc.name}", proc.wait, proc.restart)
 
     def _supervise_replica(self, index: int) -> None:
         """Restart replica-`index` on its ports (the orchestrator's replica list and the

@@ -61,6 +61,7 @@ class EnvoyProcess:
 
     async def start(self, timeout_s: float = 30.0) -> None:
         self._admin_file.unlink(missing_ok=True)
+        self.admin = ""  # a new admin port each start
         argv = [
             str(envoy_binary()),
             "-c",
@@ -126,6 +127,17 @@ class EnvoyProcess:
     def kill(self) -> None:
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
+
+    async def wait(self) -> int | None:
+        """Its exit status once it ends (the local mesh supervisor's watch)."""
+        return None if self.proc is None else await self.proc.wait()
+
+    async def restart(self) -> None:
+        """Started again on the same config (its listeners' ports with it)."""
+        self.kill()
+        if self.proc is not None:
+            await self.proc.wait()
+        await self.start()
 
     async def stop(self, timeout_s: float = 5.0) -> None:
         if self.proc is None or self.proc.returncode is not None:

@@ -351,3 +351,20 @@ async def test_outlier_detection_ejects_a_dead_gateway_pod(em: EnvoyMesh) -> Non
     assert statuses == [200] * 80
     after = await em.plane.ingress.stats(cluster)
     assert after[f"cluster.{cluster}.upstream_cx_connect_fail"] == failures
+
+
+async def test_a_killed_envoy_is_restarted_on_its_ports(em: EnvoyMesh) -> None:
+    ingress = em.plane.ingress
+    assert ingress is not None
+    old_pid = ingress.pid
+    restarts = len(em.mesh.supervisor.history)
+    ingress.kill()  # SIGKILL, as the OOM killer would
+
+    async def restarted() -> bool:
+        return any(e.name == "envoy ingress" for e in em.mesh.supervisor.history[restarts:])
+
+    await eventually(restarted, 30, "the supervisor restarted the ingress Envoy")
+    assert ingress.pid != old_pid
+    # The same listener port: clients keep their address.
+    msgs = [m async for m in em.stub.Generate(request(2), timeout=30)]
+    assert msgs[-1].complete.usage.completion_tokens == 2
