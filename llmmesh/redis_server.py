@@ -37,7 +37,9 @@ def redis_binary() -> tuple[str, dict[str, str]] | None:
     env = dict(os.environ)
     if UNPACKED.exists():
         libs = [str(p) for p in (ROOT / ".build" / "redis" / "usr" / "lib").glob("*-linux-gnu")]
-        env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")])
+        # No empty entry: the dynamic loader reads one as the current directory.
+        rest = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+        env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, *rest])
         return str(UNPACKED), env
     found = shutil.which("redis-server")
     return (found, env) if found else None
