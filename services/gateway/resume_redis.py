@@ -384,6 +384,8 @@ class RedisResumeStore:
         self._write_script = client.register_script(_WRITE)
         self._forget_finished = client.register_script(_FORGET_FINISHED)
         self._owned: dict[Key, _Owned] = {}
+        # Generations whose flusher still runs (their end not yet written), by key.
+        self._flushing: dict[Key, _Owned] = {}
         self._tokens = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -516,6 +518,17 @@ class RedisResumeStore:
     ) -> Subscription:
         """`resume.ResumeBackend.subscribe`, across gateways (module docstring). `again`: open
         once more after forgetting a finished generation whose log is gone."""
+        ending = self._flushing.get(key)
+        if (
+            ending is not None
+            and not ending.closing
+            and (ending.dropped or (ending.done and ending.error is not None))
+        ):
+            # Failed or abandoned here, its keys not yet forgotten in Redis: a retry starts
+            # afresh once they are (as resume.py's), instead of getting that end.
+            flusher = ending.flusher
+            if flusher is not None:
+                await asyncio.wait({flusher}, timeout=self.lease_s)
         own = self._owned.get(key)
         if own is not None:
             return self._attach_local(own, digest, resume_from)
@@ -723,6 +736,7 @@ class RedisResumeStore:
         self._publish()
         own.start(lambda: source(takeover))
         own.flusher = asyncio.get_running_loop().create_task(self._flush(own))
+        self._flushing[key] = own
         return own
 
     async def _follow_remote(
@@ -913,6 +927,8 @@ class RedisResumeStore:
                     return
         finally:
             self._drop(own)
+            if self._flushing.get(own.key) is own:
+                del self._flushing[own.key]
 
     async def _watch_ttl_ms(self, keys: _Keys) -> int:
         return int(await self._redis.pttl(keys.watch))

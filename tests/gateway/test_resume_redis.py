@@ -533,6 +533,44 @@ async def test_a_takeover_whose_client_leaves_during_the_replay_is_abandoned_aft
     await eventually(abandoned, what="the continuation abandoned after the grace")
 
 
+async def test_a_retry_while_an_abandoned_generation_is_forgotten_starts_afresh(
+    cores: Cores, request_id: str
+) -> None:
+    """The client left and the grace ran out: the generation is cancelled and its keys are
+    being forgotten in Redis (that write held back here). A retry in between waits for it and
+    generates again, instead of attaching to the cancelled one (CANCELLED)."""
+    out = TOKENS[:3]
+    a = cores.make(
+        FakeEngine([[*tokens(*out[:2]), Hang()], [*tokens(*out), chunk(final=True)]]),
+        resume_grace_s=0.05,
+    )
+    st = store(a)
+    real = st._write_script
+    held = asyncio.Event()
+    forgets: list[str] = []
+
+    async def hold_forget(keys: list[str], args: list[Any]) -> Any:
+        if args[2] == "forget":
+            forgets.append(keys[0])
+            await held.wait()
+        return await real(keys=keys, args=args)
+
+    st._write_script = hold_forget  # type: ignore[assignment]
+    client = a.generate(request(request_id, 3), 10.0)
+    await anext(client)
+    await client.aclose()
+
+    async def forgetting() -> bool:
+        return bool(forgets)
+
+    await eventually(forgetting, what="the abandoned generation being forgotten")
+    retry = asyncio.ensure_future(collect(a, request(request_id, 3)))
+    held.set()
+    again = await retry
+    assert ids_of(again) == out
+    assert isinstance(again[-1], Completion)
+
+
 async def test_a_takeover_redis_fails_is_refused_with_a_retry_after(
     cores: Cores, redis: aioredis.Redis, request_id: str
 ) -> None:
