@@ -38,7 +38,7 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Protocol
 
 from opentelemetry import trace
@@ -436,12 +436,12 @@ class GatewayCore:
                 progress.prompt_tokens = len(v.prompt_ids)
                 limits = None if tenant is None else tenant.limits
                 # A takeover was charged (and its prompt counted) where it began.
-                charged = limits if takeover is None else None
-                if charged is not None:
+                refund: Callable[[], None] | None = None
+                if limits is not None and takeover is None:
                     try:
-                        await charged.acquire(len(v.prompt_ids))
+                        refund = await limits.acquire(len(v.prompt_ids))
                     except RateLimited as err:
-                        metrics.record_rate_limited(charged.tenant, err.limit)
+                        metrics.record_rate_limited(limits.tenant, err.limit)
                         raise
                 if takeover is None:
                     metrics.record_prompt_tokens(
@@ -472,10 +472,10 @@ class GatewayCore:
                             async for ev in events:
                                 yield ev
                 except (ServiceError, asyncio.CancelledError, GeneratorExit):
-                    if charged is not None and not leases:
+                    if refund is not None and not leases:
                         # Never served (queue full, no replica, the caller gone while it
                         # waited for admission): the tenant keeps its budget.
-                        charged.refund(len(v.prompt_ids))
+                        refund()
                     raise
                 outcome = "success"
         except ServiceError as err:

@@ -27,6 +27,7 @@ refused (`ConcurrencyLimit.retry_after_s`). Counters only: memory does not grow 
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Callable
@@ -101,6 +102,10 @@ class SharedQuota(Protocol):
         ...
 
 
+def _ignore(_: bool) -> None:
+    """A shared refund that could not be queued (the store is down): its buckets refill."""
+
+
 class TenantLimits:
     def __init__(
         self,
@@ -132,12 +137,29 @@ class TenantLimits:
             )
         )
 
-    async def acquire(self, prompt_tokens: int) -> None:
+    async def acquire(self, prompt_tokens: int) -> Callable[[], None]:
         """`admit` against the shared buckets when there are some (the local share while the
-        shared store is unreachable), else the local ones."""
-        if self.shared is not None and await self.shared.admit(prompt_tokens):
-            return
+        shared store is unreachable), else the local ones. Returns the refund of what it took,
+        to the buckets it took it from (whichever store is reachable by then). A caller
+        cancelled while the shared store answers is refunded there once it did take."""
+        shared = self.shared
+        if shared is not None:
+            admit = asyncio.ensure_future(shared.admit(prompt_tokens))
+            try:
+                taken = await asyncio.shield(admit)
+            except asyncio.CancelledError:
+                admit.add_done_callback(
+                    lambda t: (
+                        None
+                        if t.cancelled() or t.exception() is not None or not t.result()
+                        else shared.refund(prompt_tokens)
+                    )
+                )
+                raise
+            if taken:
+                return lambda: _ignore(shared.refund(prompt_tokens))
         self.admit(prompt_tokens)
+        return lambda: self.refund(prompt_tokens)
 
     def admit(self, prompt_tokens: int) -> None:
         """Take one request and the prompt's tokens, or raise RateLimited taking nothing."""
@@ -171,9 +193,8 @@ class TenantLimits:
             self.tokens.take(tokens)
 
     def refund(self, prompt_tokens: int) -> None:
-        """Give back what `admit` took when the request was never served (admission failed)."""
-        if self.shared is not None and self.shared.refund(prompt_tokens):
-            return
+        """Give back what `admit` took (the local buckets) when the request was never served
+        (admission failed)."""
         if self.requests is not None:
             self.requests.take(-1)
         if self.tokens is not None:

@@ -3,12 +3,14 @@ limit next to a tenant's, and the local fallback share of a shared rate limiter.
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
 
 from services.gateway.errors import GatewayOverloaded, RateLimited
 from services.gateway.limits import ConcurrencyLimit, StreamLimits, TenantLimits
+from tests.helpers import eventually
 
 
 class Clock:
@@ -133,6 +135,54 @@ class FakeShared:
 
     def refund(self, prompt_tokens: int) -> bool:
         return self.charge(-prompt_tokens)
+
+
+async def test_a_refund_goes_back_to_the_buckets_that_were_charged() -> None:
+    clock = Clock()
+    shared = FakeShared()
+    lim = TenantLimits("acme", 60, 6000, clock, shared=shared, share=3)
+    assert lim.requests is not None
+    full = lim.requests.level()
+    shared.up = False
+    refund = await lim.acquire(10)  # the local share, while the shared store is down
+    shared.up = True
+    refund()  # back to the local share, not to the shared store that is back
+    assert (lim.requests.level(), shared.charged) == (full, 0)
+    refund = await lim.acquire(10)  # the shared store
+    shared.up = False
+    refund()  # the shared store is down again: the local share was never charged
+    assert lim.requests.level() == full
+
+
+async def test_a_caller_cancelled_while_the_shared_store_answers_is_refunded() -> None:
+    answer = asyncio.Event()
+
+    asking = asyncio.Event()
+
+    class Slow(FakeShared):
+        async def admit(self, prompt_tokens: int) -> bool:
+            asking.set()
+            await answer.wait()
+            return await super().admit(prompt_tokens)
+
+    shared = Slow()
+    lim = TenantLimits("acme", 60, 6000, Clock(), shared=shared)
+    call = asyncio.ensure_future(lim.acquire(10))
+
+    async def asked() -> bool:
+        return asking.is_set()
+
+    await eventually(asked, what="the admit under way")
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    answer.set()  # the store took it after the caller left
+
+    async def refunded() -> bool:
+        return shared.charged == -10
+
+    await eventually(refunded, what="the refund of the admit nobody waited for")
+    assert shared.admitted == 1
 
 
 async def test_fallback_holds_the_local_share() -> None:
