@@ -65,13 +65,16 @@ _REPLICA_WIDE = frozenset(
     {FaultReason.BACKEND_DEAD, FaultReason.MODEL_UNAVAILABLE, FaultReason.ENGINE_STOPPING}
 )
 
-# Status codes of a failed ModelStreamInfer call (CANCELLED and DEADLINE_EXCEEDED are ours and
-# never get here). Any code not listed is a request error (INVALID_ARGUMENT, NOT_FOUND, ...).
+# Status codes of a failed ModelStreamInfer call (DEADLINE_EXCEEDED, and a CANCELLED from this
+# side, are ours and never get here). Any code not listed is a request error (INVALID_ARGUMENT,
+# NOT_FOUND, ...).
 _STATUS: dict[grpc.StatusCode, Fault] = {
     grpc.StatusCode.UNAVAILABLE: Fault(FaultKind.REPLICA, FaultReason.TRANSPORT),
     grpc.StatusCode.INTERNAL: Fault(FaultKind.REPLICA, FaultReason.TRANSPORT),
     grpc.StatusCode.UNKNOWN: Fault(FaultKind.REPLICA, FaultReason.TRANSPORT),
     grpc.StatusCode.RESOURCE_EXHAUSTED: Fault(FaultKind.BACK_PRESSURE, FaultReason.QUEUE_FULL),
+    # From the peer: a proxy's or the server's reset of the stream.
+    grpc.StatusCode.CANCELLED: Fault(FaultKind.REPLICA, FaultReason.STREAM_BROKEN),
 }
 
 # In-stream error texts, first match wins (case-insensitive). Back-pressure rules come first: a
@@ -130,8 +133,8 @@ _INVALID = Fault(FaultKind.REQUEST, FaultReason.INVALID_REQUEST)
 
 
 def classify_status(code: grpc.StatusCode) -> Fault:
-    """The fault a ModelStreamInfer call that ended with `code` (not CANCELLED or
-    DEADLINE_EXCEEDED, which are our own) stands for."""
+    """The fault a ModelStreamInfer call that ended with `code` (not DEADLINE_EXCEEDED, nor a
+    CANCELLED from this side: those are our own) stands for."""
     return _STATUS.get(code, _INVALID)
 
 

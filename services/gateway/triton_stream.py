@@ -285,7 +285,15 @@ class TritonPool:
                 yield chunk
         except grpc.aio.AioRpcError as err:
             code = err.code()
-            if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
+            task = asyncio.current_task()
+            # Ours: the call's deadline, or a cancel from this side (the pool closing, the
+            # caller cancelled). A CANCELLED the peer sent (a proxy's or the server's reset)
+            # is a broken stream, migrated as any other.
+            ours = code is grpc.StatusCode.DEADLINE_EXCEEDED or (
+                code is grpc.StatusCode.CANCELLED
+                and (self._closed or (task is not None and task.cancelling() > 0))
+            )
+            if ours:
                 raise EngineCallStopped(from_rpc_error(err, f"replica {address}")) from err
             raise TritonStreamError(
                 f"replica {address}: {code.name}: {err.details()}", classify_status(code)

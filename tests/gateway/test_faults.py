@@ -96,6 +96,7 @@ STATUSES = [
     (grpc.StatusCode.INTERNAL, R),
     (grpc.StatusCode.UNKNOWN, R),
     (grpc.StatusCode.RESOURCE_EXHAUSTED, B),
+    (grpc.StatusCode.CANCELLED, R),  # a reset by the peer (ours never gets here)
     (grpc.StatusCode.INVALID_ARGUMENT, Q),
     (grpc.StatusCode.NOT_FOUND, Q),
     (grpc.StatusCode.FAILED_PRECONDITION, Q),

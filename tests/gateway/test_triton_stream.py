@@ -12,6 +12,7 @@ import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from llmmesh.netutil import free_port
+from services.gateway.faults import FaultKind
 from services.gateway.triton_stream import (
     EngineRequest,
     TritonPool,
@@ -189,4 +190,29 @@ async def test_the_pool_never_closes_a_channel_a_stream_is_using() -> None:
         assert len(p.pool) == 1  # both idle 100 s by then: closed
     finally:
         await p.pool.close()
+        await server.stop(None)
+
+
+class ResetByPeer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """A server (or a proxy in front of it) that resets every stream with CANCELLED."""
+
+    async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
+        async for _ in request_iterator:
+            await context.abort(grpc.StatusCode.CANCELLED, "stream reset by the peer")
+        yield  # an async generator, as the streaming handler must be
+
+
+async def test_a_cancelled_status_from_the_peer_is_a_broken_stream_not_ours() -> None:
+    server = grpc.aio.server()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(ResetByPeer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    pool = TritonPool()
+    try:
+        with pytest.raises(TritonStreamError) as info:
+            async for _ in pool.stream(f"127.0.0.1:{port}", "", REQUEST, timeout_s=30.0):
+                pass
+        assert info.value.fault.kind is FaultKind.REPLICA  # migrated, not passed on as CANCELLED
+    finally:
+        await pool.close()
         await server.stop(None)
