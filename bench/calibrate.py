@@ -57,14 +57,16 @@ class EngineShape:
         )
 
     def scheduler(self, scale: int = 1) -> Scheduler:
-        """An engine of this shape; with `scale` k, one engine with k times a replica's compute,
-        memory bandwidth, batch, tokens per step and KV cache (`pooled_ttft_s`)."""
+        """An engine of this shape; with `scale` k, k replicas pooled into one engine: k times a
+        replica's compute, memory bandwidth, batch, tokens per step and KV cache, the weights
+        read k times per step (each replica reads its copy) (`pooled_ttft_s`)."""
         profile = get_profile(self.cost_profile)
         if scale != 1:
             profile = replace(
                 profile,
                 hbm_bandwidth=scale * profile.hbm_bandwidth,
                 peak_flops=scale * profile.peak_flops,
+                weight_reads=scale,
             )
         batch, tokens, blocks = (
             scale * self.max_batch_size,
@@ -206,11 +208,12 @@ def pooled_ttft_s(requests: Sequence[Request], replicas: int, shape: EngineShape
     """TTFT (modelled seconds, per request in the order given) of the cluster pooled into one
     engine (`EngineShape.scheduler(replicas)`) fed at the arrival times: an idealized cluster
     whose load is always perfectly balanced (one queue, no replica idle while another has a
-    backlog), whose prefixes are all shared (one cache of the cluster's size), and which reads
-    the weights once per step for the whole batch. A router can still beat it in one way: it
-    serves in arrival order (as each engine does), where a router may let a cheap request
-    past an expensive one by sending it to another replica. So it is a reference for how much a
-    workload leaves to win, not a proven bound."""
+    backlog) and whose prefixes are all shared (one cache of the cluster's size). It is more
+    than a cluster in one more way: one prompt's prefill runs on the whole pool's compute
+    (`replicas` times faster than on one replica), so its rate is an upper reference. A router
+    can beat it in one way: the pool serves in arrival order (as each engine does), where a
+    router may let a cheap request past an expensive one by sending it elsewhere. So it is a
+    reference for how much a workload leaves to win, not a proven bound."""
     order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
     arrivals = [int(requests[i].arrival_s * 1e9) for i in order]
     _, first, _ = _run_to_completion(

@@ -168,6 +168,9 @@ class CostProfile:
     overhead_s: float
     accelerator: str = H100_SXM.name
     devices: int = 1
+    # Passes over the weights per iteration: 1 for an engine; R for R replicas modelled as one
+    # pooled engine (R times the bandwidth and FLOP/s, each replica still reading its copy).
+    weight_reads: int = 1
 
     @property
     def usd_per_hour(self) -> float:
@@ -190,7 +193,7 @@ class CostProfile:
         return 2 * self.n_layers * self.n_kv_heads * self.head_dim * self.bytes_per_param
 
     def memory_time_s(self, shape: StepShape) -> float:
-        traffic = self.weight_bytes + self.kv_bytes_per_token * shape.kv_tokens
+        traffic = self.weight_reads * self.weight_bytes + self.kv_bytes_per_token * shape.kv_tokens
         return traffic / (self.hbm_bandwidth * self.hbm_efficiency)
 
     def compute_time_s(self, shape: StepShape) -> float:
@@ -217,7 +220,7 @@ class CostProfile:
         new = shape.new_tokens + growth.new_tokens * j
         kv = shape.kv_tokens + growth.kv_tokens * j
         pairs = shape.attention_pairs + growth.attention_pairs * j
-        memory = (self.weight_bytes + self.kv_bytes_per_token * kv) / (
+        memory = (self.weight_reads * self.weight_bytes + self.kv_bytes_per_token * kv) / (
             self.hbm_bandwidth * self.hbm_efficiency
         )
         flops = (

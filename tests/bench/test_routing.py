@@ -172,11 +172,28 @@ def test_the_pooled_engine_sustains_more_than_round_robin_where_prefixes_repeat(
         wl.Request(i * 0.05, head + list(wl.unique_tokens(wl.NS_AZURE, 100 + i, 32)), 2)
         for i in range(40)
     ]
-    one, _ = routing.pooled_sustainable_rate(reqs, 1, shape, lo=1.0, hi=4000.0, steps=8, slo_s=0.05)
-    four, _ = routing.pooled_sustainable_rate(
-        reqs, 4, shape, lo=1.0, hi=4000.0, steps=8, slo_s=0.05
-    )
+    kw: dict[str, float] = {"lo": 1.0, "hi": 4000.0, "slo_s": 0.05, "refused_after_s": 30.0}
+    one, _ = routing.pooled_sustainable_rate(reqs, 1, shape, steps=8, **kw)
+    four, _ = routing.pooled_sustainable_rate(reqs, 4, shape, steps=8, **kw)
     assert four > one
+
+
+def test_a_pooled_step_takes_what_each_replica_s_share_of_it_takes() -> None:
+    # R replicas pooled: a step over R times a replica's batch takes what one replica takes
+    # over its own (each replica reads its weights every step), not R times less.
+    from bench.calibrate import EngineShape
+    from llmmesh.accelerators import decode_batch_shape, prefill_shape
+
+    shape = EngineShape()
+    one, pool = shape.scheduler().cost, shape.scheduler(4).cost
+    for per_replica in (decode_batch_shape(2048, 16), prefill_shape(4096, 0)):
+        pooled = dataclasses.replace(
+            per_replica,
+            new_tokens=4 * per_replica.new_tokens,
+            attention_pairs=4 * per_replica.attention_pairs,
+            kv_tokens=4 * per_replica.kv_tokens,
+        )
+        assert pool.step_time_s(pooled) == pytest.approx(one.step_time_s(per_replica))
 
 
 def test_a_prefix_heavy_bisection_also_bisects_the_pooled_engine(tmp_path: Path) -> None:
