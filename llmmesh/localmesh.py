@@ -790,13 +790,16 @@ async def _run(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     starting = asyncio.ensure_future(mesh.start())
 
-    def on_signal() -> None:
+    received: list[int] = []
+
+    def on_signal(sig: signal.Signals) -> None:
         mesh.supervisor.halt()  # the children may see Ctrl-C too: their exits are no crashes
+        received.append(sig)
         stop.set()
         starting.cancel()  # a start in progress (replicas load for minutes) ends now
 
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(sig, on_signal, sig)
     try:
         try:
             await starting
@@ -805,7 +808,7 @@ async def _run(args: argparse.Namespace) -> int:
             if not stop.is_set() or (task is not None and task.cancelling()):
                 raise
             print("stopping (interrupted while starting)...", flush=True)
-            return 130
+            return 128 + received[0]  # as a shell reports a process its signal ended
         width = max(len(k) for k in mesh.endpoints())
         print(f"llmmesh local mesh is up ({args.replicas} x {args.engine} replicas):")
         for k, v in mesh.endpoints().items():

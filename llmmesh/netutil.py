@@ -22,14 +22,14 @@ _recent_set: set[int] = set()
 _recent_lock = threading.Lock()
 
 
-def _claim(port: int) -> bool:
-    """Record `port` as handed out; False when it was lately."""
+def _claim(port: int, remember: int) -> bool:
+    """Record `port` as handed out, keeping the last `remember`; False when it was lately."""
     with _recent_lock:
         if port in _recent_set:
             return False
         _recent.append(port)
         _recent_set.add(port)
-        if len(_recent) > _RECENT_MAX:
+        while len(_recent) > remember:
             _recent_set.discard(_recent.popleft())
         return True
 
@@ -65,15 +65,17 @@ def free_port(host: str = "127.0.0.1", rng: random.Random | None = None) -> int:
     below it or no drawn port binds."""
     low, _ = ephemeral_range()
     draw = rng or random.SystemRandom()
+    # At most a quarter of the range remembered: draws keep finding ports not handed out.
+    remember = min(_RECENT_MAX, max(low - _LISTEN_LOW, 0) // 4)
     if low - _LISTEN_LOW >= 1024:
         for _ in range(_TRIES):
             port = draw.randrange(_LISTEN_LOW, low)
-            if port not in _recent_set and _bindable(host, port) and _claim(port):
+            if port not in _recent_set and _bindable(host, port) and _claim(port, remember):
                 return port
     for _ in range(_TRIES):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.bind((host, 0))
             port = int(s.getsockname()[1])
-        if _claim(port):
+        if _claim(port, _RECENT_MAX):
             return port
     raise OSError("no free port that this process did not hand out lately")

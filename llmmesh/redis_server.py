@@ -35,11 +35,13 @@ def redis_binary() -> tuple[str, dict[str, str]] | None:
     """(path, environment) of the redis-server to run: the unpacked Debian one (with its
     libraries on LD_LIBRARY_PATH), else one on PATH; None when there is none."""
     env = dict(os.environ)
+    # No empty entry: the dynamic loader reads one as the current directory.
+    inherited = [p for p in env.pop("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
+    if inherited:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(inherited)
     if UNPACKED.exists():
         libs = [str(p) for p in (ROOT / ".build" / "redis" / "usr" / "lib").glob("*-linux-gnu")]
-        # No empty entry: the dynamic loader reads one as the current directory.
-        rest = [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
-        env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, *rest])
+        env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, *inherited])
         return str(UNPACKED), env
     found = shutil.which("redis-server")
     return (found, env) if found else None

@@ -163,6 +163,13 @@ class Supervisor:
         self._units[name] = unit
         self.given_up.pop(name, None)
 
+    def unwatch(self, name: str) -> None:
+        """Stop supervising `name` (it keeps running; it stays down if it exits): a unit a
+        test means to leave dead. A restart in progress is cancelled."""
+        unit = self._units.pop(name, None)
+        if unit is not None and unit.task is not None:
+            unit.task.cancel()
+
     def restarts(self, name: str) -> int:
         unit = self._units.get(name)
         return unit.restarts if unit is not None else 0

@@ -68,3 +68,14 @@ def test_a_port_handed_out_is_not_handed_out_again(monkeypatch: pytest.MonkeyPat
             return next(draws)
 
     assert netutil.free_port(rng=Rigged()) == nxt
+
+
+def test_a_narrow_range_keeps_drawing_below_the_ephemeral_range(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 1024 ports to draw from: fewer remembered than that, or every draw would be refused
+    # and the fallback would hand out ephemeral ports.
+    low = netutil._LISTEN_LOW + 1024
+    monkeypatch.setattr(netutil, "ephemeral_range", lambda: (low, 60999))
+    ports = [netutil.free_port() for _ in range(1500)]
+    assert max(ports) < low

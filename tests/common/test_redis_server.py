@@ -16,7 +16,7 @@ def test_the_library_path_has_no_empty_entry(
         monkeypatch.setenv("LD_LIBRARY_PATH", inherited)
     found = redis_server.redis_binary()
     if found is None:
-        pytest.fail("no redis-server: run `make setup` first")
+        pytest.skip("no redis-server here (make setup unpacks one)")
     _, env = found
     entries = env.get("LD_LIBRARY_PATH", "x").split(":")
     assert "" not in entries

@@ -113,6 +113,22 @@ async def test_a_dead_unit_is_restarted_with_backoff_and_logged_in_history() -> 
     await sup.close()
 
 
+async def test_an_unwatched_unit_stays_down() -> None:
+    clock = Clock()
+    sup = Supervisor(POLICY, clock=clock, sleep=clock.sleep)
+    unit, other = Unit(clock), Unit(clock)
+    sup.watch("envoy a", unit.wait, unit.restart)
+    sup.watch("envoy b", other.wait, other.restart)
+    sup.unwatch("envoy a")
+    sup.unwatch("never watched")  # nothing to do
+    unit.crash()
+    other.crash()
+    await settle()
+    assert (unit.starts, len(other.starts)) == ([], 1)
+    assert [e.name for e in sup.history] == ["envoy b"]
+    await sup.close()
+
+
 async def test_a_failed_restart_counts_as_a_failure() -> None:
     clock = Clock()
     sup = Supervisor(POLICY, clock=clock, sleep=clock.sleep)

@@ -317,12 +317,14 @@ async def host_stat(em: EnvoyMesh, cluster: str, port: int, stat: str) -> str:
 
 
 async def test_outlier_detection_ejects_a_dead_gateway_pod(em: EnvoyMesh) -> None:
-    """Last: it kills a pod. The gateway DestinationRule ejects on local-origin failures only
-    (5xx ejection off), so the failing pod is one whose connections are refused."""
+    """Near the end: it kills a pod's sidecar, left dead (not supervised from then on). The
+    gateway DestinationRule ejects on local-origin failures only (5xx ejection off), so the
+    failing pod is one whose connections are refused."""
     assert em.plane.ingress is not None
     cluster = cluster_name(em.plane.gateway_host, 8080, "v1")
     dead = next(p for p in em.plane.gateway_pods if p.name == "gateway-v1-1")
     port = dead.inbound_ports[8080]
+    em.mesh.supervisor.unwatch("envoy gateway-v1-1")
     em.plane.sidecars["gateway-v1-1"].kill()
 
     async def pool_emptied() -> bool:
