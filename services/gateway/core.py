@@ -233,24 +233,10 @@ class GatewayCore:
         """The request checked against its model and settings, its prompt as token ids (a long
         text is tokenized off the event loop: `ServedModel.encode_off_loop`)."""
         s = self._settings
-        self._check_request_id(req.request_id)
-        model = self._models.get(req.model)
-        if model is None:
-            if not req.model:
-                raise InvalidRequest("must be set", field="model")
-            raise ModelNotFound(f"unknown model {req.model!r}", field="model")
-        ms = model.settings
+        model = self._model_of(req)
         prompt_field = "prompt"
-        self._check_sizes_of(req)  # before any pass over the prompt's items
         if req.prompt_ids is not None:
             ids = list(req.prompt_ids)
-            # min/max run in C; the offending id is searched for only when there is one.
-            if ids and (min(ids) < 0 or max(ids) >= model.vocab_size):
-                bad = next(t for t in ids if t < 0 or t >= model.vocab_size)
-                raise InvalidRequest(
-                    f"token id {bad} outside vocabulary [0, {model.vocab_size})",
-                    field="prompt.token_ids",
-                )
         elif req.prompt_text is not None:
             if len(req.prompt_text) > s.max_prompt_chars:
                 raise InvalidRequest(
@@ -264,7 +250,52 @@ class GatewayCore:
             raise InvalidRequest("text, token_ids or messages is required", field="prompt")
         if not ids:
             raise InvalidRequest("must not be empty", field=prompt_field)
-        if len(ids) >= ms.context_length:
+        return self._sampled(req, model, ids, prompt_field)
+
+    def check_untokenized(self, req: GenerationRequest) -> None:
+        """`validate`'s checks that need no tokenizer (the model, the token ids, the sampling
+        parameters; not the prompt's length in tokens): cheap enough for a request refused
+        anyway, to tell it when it could never be served."""
+        model = self._model_of(req)
+        if req.prompt_ids is None and req.prompt_text is None and req.messages is None:
+            raise InvalidRequest("text, token_ids or messages is required", field="prompt")
+        ids = list(req.prompt_ids) if req.prompt_ids is not None else [0]
+        self._sampled(req, model, ids, "prompt", prompt_known=req.prompt_ids is not None)
+
+    def _model_of(self, req: GenerationRequest) -> ServedModel:
+        """The served model, after the request's id and sizes are checked."""
+        self._check_request_id(req.request_id)
+        model = self._models.get(req.model)
+        if model is None:
+            if not req.model:
+                raise InvalidRequest("must be set", field="model")
+            raise ModelNotFound(f"unknown model {req.model!r}", field="model")
+        self._check_sizes_of(req)  # before any pass over the prompt's items
+        return model
+
+    def _sampled(
+        self,
+        req: GenerationRequest,
+        model: ServedModel,
+        ids: list[int],
+        prompt_field: str,
+        *,
+        prompt_known: bool = True,
+    ) -> Validated:
+        """The prompt `ids` and the sampling parameters checked; `prompt_known` False: `ids`
+        stand in for a prompt not tokenized, its length checks left out."""
+        s = self._settings
+        ms = model.settings
+        # min/max run in C; the offending id is searched for only when there is one.
+        if req.prompt_ids is not None and ids and (min(ids) < 0 or max(ids) >= model.vocab_size):
+            bad = next(t for t in ids if t < 0 or t >= model.vocab_size)
+            raise InvalidRequest(
+                f"token id {bad} outside vocabulary [0, {model.vocab_size})",
+                field="prompt.token_ids",
+            )
+        if not ids:
+            raise InvalidRequest("must not be empty", field=prompt_field)
+        if prompt_known and len(ids) >= ms.context_length:
             raise _beyond_context(len(ids), ms.context_length, prompt_field)
         sp = req.sampling
         if sp.max_tokens is None:
@@ -279,7 +310,7 @@ class GatewayCore:
             raise InvalidRequest(
                 f"must be at most {ms.max_completion_tokens}", field="sampling.max_tokens"
             )
-        if len(ids) + max_tokens > ms.context_length:
+        if prompt_known and len(ids) + max_tokens > ms.context_length:
             raise ContextLengthExceeded(
                 f"prompt ({len(ids)}) + max_tokens ({max_tokens}) exceeds the context of {ms.context_length} tokens",
                 field="sampling.max_tokens",
@@ -381,9 +412,10 @@ class GatewayCore:
                 )
             except (ResumeStoreFull, Unavailable):
                 # A request that can never be served is told why (INVALID_ARGUMENT,
-                # NOT_FOUND), not to retry later; validated only on this path, as the
-                # generation validates it anyway.
-                await self.validate(req)
+                # NOT_FOUND), not to retry later; checked only on this path (the generation
+                # validates it anyway), and without tokenizing: while Redis is down every
+                # keyed retry comes here.
+                self.check_untokenized(req)
                 raise
         except ServiceError as err:
             self._account(req, progress, metrics.outcome_label(err), start)

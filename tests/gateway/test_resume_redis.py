@@ -636,7 +636,9 @@ async def test_writes_are_batched_off_the_token_path(cores: Cores, request_id: s
     assert await collect(b, request(request_id, n)) == events
 
 
-async def test_bad_input_is_told_so_when_the_store_is_full(cores: Cores, request_id: str) -> None:
+async def test_bad_input_is_told_so_when_the_store_is_full(
+    cores: Cores, request_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     a = cores.make(FakeEngine([[*tokens(*TOKENS[:2]), Hang()]]), resume_max_entries=1)
     running = a.generate(request(request_id, 10), 10.0)
     await anext(running)  # holds the one entry
@@ -647,6 +649,14 @@ async def test_bad_input_is_told_so_when_the_store_is_full(cores: Cores, request
     with pytest.raises(InvalidRequest) as info:
         await collect(a, request(request_id + "-next", 4, temperature=9.0))
     assert info.value.field == "sampling.temperature"
+
+    async def no_tokenizing(text: str) -> list[int]:
+        raise AssertionError("a request refused anyway is not tokenized")
+
+    monkeypatch.setattr(cores.model, "encode_off_loop", no_tokenizing)
+    text = dataclasses.replace(request(request_id + "-next", 4), prompt_ids=None, prompt_text="x")
+    with pytest.raises(ResumeStoreFull):
+        await collect(a, text)
     await running.aclose()
 
 
