@@ -68,7 +68,7 @@ from services.gateway.generation import (
 from services.gateway.limits import Slot, StreamLimits
 from services.gateway.models import ServedModel
 from services.gateway.readiness import Readiness, ReadinessCheck
-from services.gateway.resume import Clock, Key, ResumeBackend, ResumeStore, Takeover
+from services.gateway.resume import Billing, Clock, Key, ResumeBackend, ResumeStore, Takeover
 from services.gateway.resume_redis import RedisResumeStore
 from services.gateway.settings import GatewaySettings
 from services.gateway.stream_state import Progress, StreamState
@@ -408,7 +408,9 @@ class GatewayCore:
                     request_digest(req),
                     req.resume_from,
                     self._reserve(req),
-                    lambda takeover: self._generate_once(req, timeout_s, takeover),
+                    lambda takeover, billing: self._generate_once(
+                        req, timeout_s, takeover, billing
+                    ),
                 )
             except (ResumeStoreFull, Unavailable):
                 # A request that can never be served is told why (INVALID_ARGUMENT,
@@ -427,7 +429,11 @@ class GatewayCore:
                 yield ev
 
     async def _generate_once(
-        self, req: GenerationRequest, timeout_s: float | None, takeover: Takeover | None = None
+        self,
+        req: GenerationRequest,
+        timeout_s: float | None,
+        takeover: Takeover | None = None,
+        billing: Billing | None = None,
     ) -> AsyncGenerator[Event, None]:
         """One generation; with `takeover` (a keyed generation another gateway began and left,
         resume_redis.py), its continuation after the deltas it produced: the migration
@@ -440,9 +446,7 @@ class GatewayCore:
             timeout_s if timeout_s is not None else s.request_timeout_s, s.max_request_timeout_s
         )
         outcome = "error"
-        progress = Progress()
-        if takeover is not None and takeover.billed is not None:
-            progress.billed = takeover.billed
+        progress = Progress(unbilled=takeover is not None)
         model_label = req.model if req.model in self._models else "unknown"
         metrics.record_in_flight(model_label, 1)
         slot: Slot | None = None
@@ -492,6 +496,7 @@ class GatewayCore:
                 leases: list[Lease] = []
                 if takeover is not None:
                     state.restore(takeover.prior)
+                    progress.billed, progress.unbilled = takeover.billed, False
                     span.add_event("takeover", {"llmmesh.tokens": state.completion_tokens})
                 try:
                     if state.finish is not None:  # its last delta was written, not its summary
@@ -504,7 +509,8 @@ class GatewayCore:
                             async for ev in events:
                                 yield ev
                 except (ServiceError, asyncio.CancelledError, GeneratorExit):
-                    if refund is not None and not leases:
+                    handing_off = billing is not None and billing.handing_off
+                    if refund is not None and not leases and not handing_off:
                         # Never served (queue full, no replica, the caller gone while it
                         # waited for admission): the tenant keeps its budget.
                         refund()
@@ -520,15 +526,27 @@ class GatewayCore:
             if slot is not None:
                 slot.release()
             metrics.record_in_flight(model_label, -1)
-            self._account(req, progress, outcome, start)
+            self._account(req, progress, outcome, start, billing)
 
     def _account(
-        self, req: GenerationRequest, progress: Progress, outcome: str, start: float
+        self,
+        req: GenerationRequest,
+        progress: Progress,
+        outcome: str,
+        start: float,
+        billing: Billing | None = None,
     ) -> None:
-        """The request's metrics and usage record; once per request."""
+        """The request's metrics and usage record; once per request. A keyed generation's
+        record bills what its earlier gateways' did not (`billing`, resume_redis.py), and says
+        what they all billed from then on."""
         model_label = req.model if req.model in self._models else "unknown"
         duration_s = time.perf_counter() - start
         metrics.record_request(model_label, outcome, progress.tenant, duration_s)
+        nothing = progress.unbilled or (billing is not None and billing.superseded)
+        prompt = 0 if nothing or progress.billed is not None else progress.prompt_tokens
+        completion = 0 if nothing else max(0, progress.completion_tokens - (progress.billed or 0))
+        if billing is not None and not nothing and (progress.billed is not None or prompt):
+            billing.tokens = max(progress.billed or 0, progress.completion_tokens)
         if self._usage is not None:
             self._usage.submit(
                 UsageRecord(
@@ -537,12 +555,9 @@ class GatewayCore:
                     tenant=progress.tenant,
                     model=model_label,
                     outcome=outcome,
-                    # A continuation bills what the records before it did not.
-                    prompt_tokens=progress.prompt_tokens if progress.billed is None else 0,
-                    completion_tokens=progress.completion_tokens - (progress.billed or 0),
-                    cached_prompt_tokens=progress.cached_prompt_tokens
-                    if progress.billed is None
-                    else 0,
+                    prompt_tokens=prompt,
+                    completion_tokens=completion,
+                    cached_prompt_tokens=progress.cached_prompt_tokens if prompt else 0,
                     ttft_ms=None
                     if progress.first_token_s is None
                     else (progress.first_token_s - start) * 1000,

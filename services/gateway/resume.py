@@ -64,8 +64,22 @@ class Takeover:
     billed: int | None
 
 
-# The generation's events: a new one (None), or the continuation of a `Takeover`.
-ContinuableSource = Callable[[Takeover | None], AsyncGenerator[Event, None]]
+@dataclass(slots=True)
+class Billing:
+    """What the usage records of one keyed generation billed, shared by the store that runs it
+    (and hands it to the next gateway: resume_redis.py) and the core that writes its record."""
+
+    # Completion tokens billed so far, with the prompt; None: no record billed the prompt yet.
+    tokens: int | None = None
+    # The gateway drains: another gateway continues it, charged where it began (no refund).
+    handing_off: bool = False
+    # Another gateway took it over (this one lost its claim): that one bills from the last
+    # hand-off on, so this one's record bills nothing.
+    superseded: bool = False
+
+
+# The generation's events: a new one (no `Takeover`) or a continuation, with its `Billing`.
+ContinuableSource = Callable[[Takeover | None, Billing], AsyncGenerator[Event, None]]
 
 # Retry-after for a full store: finished entries age out and running ones finish continuously.
 FULL_RETRY_AFTER_S = 1.0
@@ -290,7 +304,9 @@ class ResumeStore:
         source: ContinuableSource,
     ) -> Subscription:
         """`ResumeBackend.subscribe`: `open`, then follow."""
-        gen, start = self.open(key, digest, resume_from, reserve_tokens, lambda: source(None))
+        gen, start = self.open(
+            key, digest, resume_from, reserve_tokens, lambda: source(None, Billing())
+        )
         return Subscription(gen.follow(start), gen.created)
 
     def get(self, key: Key) -> Generation | None:

@@ -49,10 +49,13 @@ context (the emulator); at temperature > 0 on a sampling engine, a client that h
 them sees a continuation that may differ from them. A gateway that drains (SIGTERM) writes
 what it has and releases its claims, so another takes over at the client's next retry.
 A takeover is not admitted again: the tenant's request and token rates were charged where the
-generation began, and its concurrency slot is taken even over the limit (a refusal would end
-the generation and lose the client's id). Usage: each gateway's record bills what the records
-before it did not (the `billed` of a release); a killed gateway wrote none, so the next bills
-everything from the prompt on.
+generation began (a drain does not refund them), and its concurrency slot is taken even over
+the limit (a refusal would end the generation and lose the client's id). Usage: each gateway's
+record bills what the records before it did not: a release writes what they billed (`billed`,
+`resume.Billing`); a killed gateway wrote none, so the next bills everything from the prompt
+on; a gateway that lost its claim bills nothing (the taker bills from the last release on). A
+drain whose release never reached Redis (Redis down for the lease) leaves the taker an older
+`billed`: what was billed since is billed twice.
 
 Redis unreachable: a keyed request is refused with UNAVAILABLE and a retry-after. It is never
 served unkeyed, and there is no per-process fallback: a retry landing on another gateway would
@@ -92,6 +95,7 @@ from services.gateway.errors import InvalidRequest, RequestIdConflict, ResumeSto
 from services.gateway.events import Completion, Delta, Event, FinishReason
 from services.gateway.resume import (
     FULL_RETRY_AFTER_S,
+    Billing,
     Clock,
     ContinuableSource,
     Generation,
@@ -151,8 +155,8 @@ return 1
 """
 
 # KEYS meta, claim, log, watch. ARGV owner, payload, mode, lease_ms, ttl_ms, retention_ms,
-# error_ttl_ms, billed (tokens of the log the writer's usage record bills, with the prompt; kept
-# by a release for the gateway taking over). Fenced: only the claim's holder writes.
+# error_ttl_ms, billed (the completion tokens usage records billed with the prompt, '' for
+# none; kept by a release for the gateway taking over). Fenced: only the claim's holder writes.
 _WRITE = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 if ARGV[2] ~= '' then redis.call('XADD', KEYS[3], '*', 'e', ARGV[2]) end
@@ -171,7 +175,7 @@ elseif mode == 'forget' then
   redis.call('PEXPIRE', KEYS[3], ARGV[7])
 else
   redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'billed', ARGV[8])
+  if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'billed', ARGV[8]) end
   redis.call('PEXPIRE', KEYS[1], ARGV[5])
   redis.call('PEXPIRE', KEYS[3], ARGV[5])
 end
@@ -304,6 +308,7 @@ class _Owned(Generation):
         self.pending_since: float | None = None  # monotonic time of the oldest unwritten event
         self.wake = asyncio.Event()
         self.closing = False  # the gateway drains: write what there is, release the claim
+        self.billing = Billing()
         self.lost = False  # another gateway holds the claim (or this one was killed)
         self.dropped = False
         self.flusher: asyncio.Task[None] | None = None
@@ -731,10 +736,11 @@ class RedisResumeStore:
     ) -> _Owned:
         prior = () if takeover is None else takeover.prior
         own = _Owned(self, key, keys, digest, reserve_tokens, created, gen_id, prior)
+        own.billing.tokens = None if takeover is None else takeover.billed
         self._owned[key] = own
         self._tokens += reserve_tokens
         self._publish()
-        own.start(lambda: source(takeover))
+        own.start(lambda: source(takeover, own.billing))
         own.flusher = asyncio.get_running_loop().create_task(self._flush(own))
         self._flushing[key] = own
         return own
@@ -839,7 +845,7 @@ class RedisResumeStore:
                 self._running_ttl_ms(),
                 self._ms(self.retention_s),
                 ERROR_LOG_TTL_MS,
-                own.tokens,
+                "" if own.billing.tokens is None else own.billing.tokens,
             ],
         )
         metrics.record_resume_redis_write()
@@ -920,6 +926,7 @@ class RedisResumeStore:
                             extra={"request_id": own.key.request_id},
                         )
                         own.lost = True
+                        own.billing.superseded = True  # the taker bills what follows
                         self._drop(own)
                         own.cancel()
                     return
@@ -941,6 +948,7 @@ class RedisResumeStore:
         owned = list(self._owned.values())
         for own in owned:
             own.closing = True
+            own.billing.handing_off = True
         tasks = [t for t in (o.cancel() for o in owned) if t is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -960,6 +968,7 @@ class RedisResumeStore:
         owned = list(self._owned.values())
         for own in owned:
             own.lost = True
+            own.billing.superseded = True  # a killed process writes no usage record
             if own.flusher is not None:
                 own.flusher.cancel()
         tasks = [t for t in (o.cancel() for o in owned) if t is not None]

@@ -47,6 +47,9 @@ class Progress:
     # Of `completion_tokens`, those (and the prompt) a record of an earlier gateway billed: a
     # continuation's takeover (resume_redis.py); None when no record billed any.
     billed: int | None = None
+    # A takeover that has not restored the earlier gateways' tokens yet: its record bills
+    # nothing (they carry on to the next gateway's).
+    unbilled: bool = False
 
 
 class StopMatcher:

@@ -331,22 +331,22 @@ async def test_every_subscriber_gets_the_creation_time_of_the_first_open() -> No
     wall.now = 1_700_000_000.25
     s = store(clock, wall, retention_s=60.0)
     script = Script()
-    first = await s.subscribe(A, "d", None, 10, lambda prior: script.source())
+    first = await s.subscribe(A, "d", None, 10, lambda prior, billing: script.source())
     first_client = asyncio.ensure_future(collect_events(first.events))
     script.push(*FIRST[:2])
     wall.now += 1.5  # the second changes
-    retry = await s.subscribe(A, "d", None, 10, lambda prior: Script().source())
+    retry = await s.subscribe(A, "d", None, 10, lambda prior, billing: Script().source())
     retry_client = asyncio.ensure_future(collect_events(retry.events))
     script.push(*FIRST[2:], _END)
     assert await first_client == FIRST
     assert await retry_client == FIRST
     wall.now += 30.0
-    resumed = await s.subscribe(A, "d", 5, 10, lambda prior: Script().source())
+    resumed = await s.subscribe(A, "d", 5, 10, lambda prior, billing: Script().source())
     assert await collect_events(resumed.events) == FIRST[2:]
     assert first.created == retry.created == resumed.created == 1_700_000_000.25
     clock.now += 60.0  # retention over: the key is forgotten
     again = Script()
-    fresh = await s.subscribe(A, "d", None, 10, lambda prior: again.source())
+    fresh = await s.subscribe(A, "d", None, 10, lambda prior, billing: again.source())
     again.push(delta(0, 1), done(1), _END)
     assert await collect_events(fresh.events) == [delta(0, 1), done(1)]
     assert fresh.created == wall.now

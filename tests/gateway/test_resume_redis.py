@@ -571,6 +571,66 @@ async def test_a_retry_while_an_abandoned_generation_is_forgotten_starts_afresh(
     assert isinstance(again[-1], Completion)
 
 
+async def test_a_takeover_drained_before_it_restored_the_tokens_bills_nothing_and_hands_on(
+    cores: Cores, redis: aioredis.Redis, request_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A is killed after writing 4 tokens (no usage record). B takes the generation over and
+    drains while it still validates it: B's record bills nothing, its release leaves the
+    billing as it was (nobody billed the prompt), so C, taking over next, bills it all."""
+    n = 10
+    out = TOKENS[:n]
+    a = cores.make(
+        FakeEngine([[*tokens(*out[:4]), Hang()]]),
+        resume_redis_flush_tokens=4,
+        resume_redis_flush_interval_s=3600.0,
+    )
+    b_usage, c_usage = Sink(), Sink()
+    b = cores.make(FakeEngine([]), usage=b_usage)
+    c_engine = FakeEngine([[*tokens(*out[4:]), chunk(final=True)]])
+    c = cores.make(c_engine, usage=c_usage)
+    client_a = a.generate(request(request_id, n), 10.0)
+    [await anext(client_a) for _ in range(4)]
+    own = store(a)._owned[Key("", request_id)]
+
+    async def written() -> bool:
+        return own.flushed_tokens == 4
+
+    await eventually(written, what="A wrote its 4 tokens")
+    await store(a).kill()
+    with pytest.raises(Unavailable):
+        await anext(client_a)
+    keys = store(b)._keys(Key("", request_id))
+
+    async def expired() -> bool:
+        return not await redis.exists(keys.claim)
+
+    await eventually(expired, what="A's claim expired")
+    validating = asyncio.Event()
+
+    async def stuck(req: GenerationRequest) -> Any:
+        validating.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(b, "validate", stuck)
+    client_b = asyncio.ensure_future(collect(b, request(request_id, n, resume_from=4)))
+
+    async def b_validates() -> bool:
+        return validating.is_set()
+
+    await eventually(b_validates, what="B took it over and validates it")
+    await b.close()  # drains: B's generation is cancelled before it restored A's tokens
+    with pytest.raises(ServiceError):
+        await client_b
+    (b_record,) = b_usage.records
+    assert (b_record.prompt_tokens, b_record.completion_tokens) == (0, 0)
+    assert await redis.hget(keys.meta, "billed") is None
+    await eventually(expired, what="B released its claim")
+    rest = await collect(c, request(request_id, n, resume_from=4))
+    assert ids_of(rest) == out[4:]
+    (c_record,) = c_usage.records
+    assert (c_record.prompt_tokens, c_record.completion_tokens) == (len(PROMPT), n)
+
+
 async def test_a_takeover_redis_fails_is_refused_with_a_retry_after(
     cores: Cores, redis: aioredis.Redis, request_id: str
 ) -> None:
