@@ -569,8 +569,8 @@ def finish(
     if pooled:
         print(
             "== sustainable rate against the cluster pooled into one engine (one FCFS queue, "
-            "one shared cache, weights read once per step: an idealized cluster, not a proven "
-            f"bound) at p99 TTFT <= {args.slo_p99_s}s\n\n{pooled}\n"
+            "one shared cache, one prompt's prefill on the whole pool: an idealized cluster, "
+            f"not a proven bound) at p99 TTFT <= {args.slo_p99_s}s\n\n{pooled}\n"
         )
     print(checks_table(cs))
     out["workloads"] = {w.workload: w.as_dict(args.arms) for w in results}
