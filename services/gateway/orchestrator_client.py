@@ -4,9 +4,13 @@ The only gateway module that imports the orchestrator's stubs. It converts domai
 (one function per message) and maps failed calls to the gateway's errors by status code and
 typed reason (`google.rpc.ErrorInfo` in the status details), never by message text.
 
-Invariant: every report handed to `complete` is sent (up to `COMPLETE_ATTEMPTS` tries) by a
-background task, so a cancelled request still releases its lease; `drain` waits for them. The
-orchestrator reclaims a lease it never hears about after its lease timeout. Reports leave in
+Invariant: every report handed to `complete` is sent by a background task, so a cancelled
+request still releases its lease; `drain` waits for them. A failed call is tried again with
+exponential backoff (`COMPLETE_BACKOFF_S`, jittered), waiting for the channel to be ready, for
+`complete_retry_s` (`COMPLETE_RETRY_S`): a lease report outlives a restart of the orchestrator's
+sidecar or a few seconds of overload (reports are idempotent per lease). Once closing, a call
+is tried `COMPLETE_ATTEMPTS` times. The orchestrator reclaims a lease it never hears about after
+its lease timeout. Reports leave in
 order, as CompleteBatch calls (`llmmesh.common.batching`): one call in flight at a time, each `COMPLETE_LINGER_S` after the
 previous one (the first, after the report that found none queued) and carrying what came
 meanwhile, up to `COMPLETE_BATCH`: under load one call releases many leases instead of a call
@@ -32,12 +36,14 @@ method (`errors.NOT_OFFERED`) gets unary Admits from then on, the refused ones i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
+import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import grpc
@@ -72,8 +78,12 @@ from services.gateway.errors import NoReplica, OrchestratorUnavailable
 
 log = logging.getLogger(__name__)
 
-COMPLETE_ATTEMPTS: Final = 3
+COMPLETE_ATTEMPTS: Final = 3  # tries of a report call once the client is closing
 COMPLETE_TIMEOUT_S: Final = 5.0
+# How long a report call is tried again while its orchestrator does not take it, and the first
+# and longest pause between tries (doubling, each drawn from its upper half).
+COMPLETE_RETRY_S: Final = 60.0
+COMPLETE_BACKOFF_S: Final = (0.05, 2.0)
 # A report waits at most this long for others to share its call: a lease's capacity is freed
 # this much later (against requests lasting seconds), for one call per linger under load.
 COMPLETE_LINGER_S: Final = 0.005
@@ -401,8 +411,10 @@ class OrchestratorClient:
         *,
         admit_stream: bool = True,
         hasher: ChunkedHashes | None = None,
+        complete_retry_s: float = COMPLETE_RETRY_S,
     ) -> None:
         self._stub = stub
+        self._complete_retry_s = complete_retry_s
         self._streams_admits = admit_stream  # False: unary Admits (configured, or refused)
         self._stream: _AdmitStream | None = None
         # Hashes prompts for the stream's Admits (None: the prompt itself is sent).
@@ -436,6 +448,7 @@ class OrchestratorClient:
         *,
         admit_stream: bool = True,
         hasher: ChunkedHashes | None = None,
+        complete_retry_s: float = COMPLETE_RETRY_S,
     ) -> OrchestratorClient:
         """A client on a channel of its own to `address`; `authority` (a headless Service's
         host:port when `address` is one of its pod IPs) is the :authority sent, so a mesh
@@ -454,6 +467,7 @@ class OrchestratorClient:
             wall_clock,
             admit_stream=admit_stream,
             hasher=hasher,
+            complete_retry_s=complete_retry_s,
         )
 
     @property
@@ -547,34 +561,58 @@ class OrchestratorClient:
         """False: the orchestrator (or the mesh's policy in front of it) does not take
         CompleteBatch: the reports go one Complete each, from now on."""
         req = pb.CompleteBatchRequest(reports=batch)
-        for attempt in range(COMPLETE_ATTEMPTS):
-            try:
-                await self._stub.CompleteBatch(req, timeout=COMPLETE_TIMEOUT_S)
-                return True
-            except grpc.aio.AioRpcError as err:
-                if err.code() in NOT_OFFERED:
-                    log.warning(
-                        "CompleteBatch refused; one Complete per report",
-                        extra={"orchestrator": self.address, "error": err.code().name},
-                    )
-                    self._batches = False
-                    return False
-                log.warning(
-                    "complete failed",
-                    extra={"leases": len(batch), "attempt": attempt, "error": err.code().name},
-                )
-        return True  # given up on, as a single report is
+
+        async def call() -> None:
+            await self._stub.CompleteBatch(req, timeout=COMPLETE_TIMEOUT_S, wait_for_ready=True)
+
+        try:
+            await self._retried(call, len(batch))
+        except grpc.aio.AioRpcError as err:  # refused: not offered
+            log.warning(
+                "CompleteBatch refused; one Complete per report",
+                extra={"orchestrator": self.address, "error": err.code().name},
+            )
+            self._batches = False
+            return False
+        return True  # delivered, or given up on
 
     async def _send(self, req: pb.CompleteRequest) -> None:
-        for attempt in range(COMPLETE_ATTEMPTS):
+        async def call() -> None:
+            await self._stub.Complete(req, timeout=COMPLETE_TIMEOUT_S, wait_for_ready=True)
+
+        with contextlib.suppress(grpc.aio.AioRpcError):  # Complete is offered by every version
+            await self._retried(call, 1)
+
+    async def _retried(self, call: Callable[[], Awaitable[None]], leases: int) -> None:
+        """`call` until it succeeds, tried again with backoff for `complete_retry_s` (only
+        `COMPLETE_ATTEMPTS` times once closing); a refusal as not offered is raised."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self._complete_retry_s
+        pause, longest = COMPLETE_BACKOFF_S
+        attempt = 0
+        while True:
             try:
-                await self._stub.Complete(req, timeout=COMPLETE_TIMEOUT_S)
+                await call()
                 return
             except grpc.aio.AioRpcError as err:
-                log.warning(
-                    "complete failed",
-                    extra={"lease_id": req.lease_id, "attempt": attempt, "error": err.code().name},
-                )
+                if err.code() in NOT_OFFERED:
+                    raise
+                attempt += 1
+                closing = self._closing and attempt >= COMPLETE_ATTEMPTS
+                if closing or loop.time() + pause > give_up_at:
+                    log.error(
+                        "gave up reporting leases; the orchestrator reclaims them after its "
+                        "lease timeout",
+                        extra={"orchestrator": self.address, "leases": leases, "attempts": attempt},
+                    )
+                    return
+                if attempt == 1:
+                    log.warning(
+                        "lease report failed; retrying",
+                        extra={"orchestrator": self.address, "error": err.code().name},
+                    )
+            await asyncio.sleep(random.uniform(pause / 2, pause))  # backoff, not a sync
+            pause = min(2 * pause, longest)
 
     async def status(self, *, timeout_s: float) -> AdmissionStatus:
         try:

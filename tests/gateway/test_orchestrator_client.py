@@ -216,7 +216,7 @@ class Served:
 
 @contextlib.asynccontextmanager
 async def serve(
-    *, admit_stream: bool, hasher: ChunkedHashes | None = None
+    *, admit_stream: bool, hasher: ChunkedHashes | None = None, complete_retry_s: float = 5.0
 ) -> AsyncIterator[Served]:
     """The fake on an ephemeral port, and a client sending Admits on the AdmitStream or as
     Admit calls."""
@@ -226,7 +226,10 @@ async def serve(
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     client = OrchestratorClient.connect(
-        f"127.0.0.1:{port}", admit_stream=admit_stream, hasher=hasher
+        f"127.0.0.1:{port}",
+        admit_stream=admit_stream,
+        hasher=hasher,
+        complete_retry_s=complete_retry_s,
     )
     try:
         yield Served(service, client)
@@ -417,19 +420,28 @@ async def test_complete_without_a_token_sends_no_ttft(served: Served) -> None:
 
 
 @pytest.mark.parametrize("batches", [True, False])
-async def test_complete_is_retried_then_given_up(served: Served, batches: bool) -> None:
+async def test_complete_is_retried_through_an_outage_then_given_up(
+    served: Served, batches: bool
+) -> None:
     served.service.batches = batches
-    served.service.complete_failures = 1
+    # Failing for a while (a restarting sidecar, an overloaded orchestrator): tried again
+    # with backoff until it takes the report, not dropped after a few quick tries.
+    served.service.complete_failures = COMPLETE_ATTEMPTS + 1
     served.client.complete(LeaseReport("lease-1", Outcome.SUCCESS, 1, 1, 0, 1.0))
     await served.client.drain()
-    assert [c.lease_id for c in served.service.completes] == ["lease-1", "lease-1"]
+    assert [c.lease_id for c in served.service.completes] == ["lease-1"] * (COMPLETE_ATTEMPTS + 2)
 
-    served.service.completes.clear()
-    served.service.complete_calls.clear()
-    served.service.complete_failures = COMPLETE_ATTEMPTS + 1
-    served.client.complete(LeaseReport("lease-2", Outcome.SUCCESS, 1, 1, 0, 1.0))
-    await served.client.drain()
-    assert [c.lease_id for c in served.service.completes] == ["lease-2"] * COMPLETE_ATTEMPTS
+    async with serve(admit_stream=False, complete_retry_s=0.3) as short:
+        short.service.batches = batches
+        short.service.complete_failures = 1000
+        short.client.complete(LeaseReport("lease-2", Outcome.SUCCESS, 1, 1, 0, 1.0))
+        await short.client.drain()  # given up on after complete_retry_s
+        assert 2 <= len(short.service.completes) < 1000
+        # Once closing, a report is tried COMPLETE_ATTEMPTS times.
+        short.service.completes.clear()
+        short.client.complete(LeaseReport("lease-3", Outcome.SUCCESS, 1, 1, 0, 1.0))
+        await short.client.close()
+        assert [c.lease_id for c in short.service.completes] == ["lease-3"] * COMPLETE_ATTEMPTS
 
 
 async def test_reports_that_come_together_share_one_call_in_order(served: Served) -> None:
