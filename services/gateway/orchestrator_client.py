@@ -9,7 +9,8 @@ request still releases its lease; `drain` waits for them. A failed call is tried
 exponential backoff (`COMPLETE_BACKOFF_S`, jittered), waiting for the channel to be ready, for
 `complete_retry_s` (`COMPLETE_RETRY_S`): a lease report outlives a restart of the orchestrator's
 sidecar or a few seconds of overload (reports are idempotent per lease). Once closing, a call
-is tried `COMPLETE_ATTEMPTS` times. The orchestrator reclaims a lease it never hears about after
+is tried `COMPLETE_ATTEMPTS` times, failing at once on a channel not ready (a shutdown is not
+held by an orchestrator that is gone). The orchestrator reclaims a lease it never hears about after
 its lease timeout. Reports leave in
 order, as CompleteBatch calls (`llmmesh.common.batching`): one call in flight at a time, each `COMPLETE_LINGER_S` after the
 previous one (the first, after the report that found none queued) and carrying what came
@@ -563,7 +564,9 @@ class OrchestratorClient:
         req = pb.CompleteBatchRequest(reports=batch)
 
         async def call() -> None:
-            await self._stub.CompleteBatch(req, timeout=COMPLETE_TIMEOUT_S, wait_for_ready=True)
+            await self._stub.CompleteBatch(
+                req, timeout=COMPLETE_TIMEOUT_S, wait_for_ready=not self._closing
+            )
 
         try:
             await self._retried(call, len(batch))
@@ -578,7 +581,9 @@ class OrchestratorClient:
 
     async def _send(self, req: pb.CompleteRequest) -> None:
         async def call() -> None:
-            await self._stub.Complete(req, timeout=COMPLETE_TIMEOUT_S, wait_for_ready=True)
+            await self._stub.Complete(
+                req, timeout=COMPLETE_TIMEOUT_S, wait_for_ready=not self._closing
+            )
 
         with contextlib.suppress(grpc.aio.AioRpcError):  # Complete is offered by every version
             await self._retried(call, 1)
