@@ -360,22 +360,39 @@ class OrchestratorSet:
 
     async def status(self, *, timeout_s: float) -> AdmissionStatus:
         """The first answering orchestrator's view (kept for degraded mode); with none, the
-        last-known view marked `degraded` while degraded mode may use it."""
-        deadline = self._clock() + timeout_s
+        last-known view marked `degraded` while degraded mode may use it. Every orchestrator
+        is asked at once, each with the whole `timeout_s`: one that hangs neither spends the
+        others' time nor gets them marked down (those still asked when one answered are
+        left as they were)."""
         last: ServiceError | None = None
-        for addr in self._order():
-            member = self._members.get(addr)
-            if member is None:
-                continue
-            try:
-                st = await member.status(timeout_s=max(deadline - self._clock(), 0.0))
-            except OrchestratorUnavailable as err:
-                self._unreached(addr, err)
-                last = err
-                continue
-            self._answered(addr)
-            self._view, self._view_at = st.known, self._clock()
-            return st
+        asked = {
+            asyncio.ensure_future(member.status(timeout_s=timeout_s)): addr
+            for addr in self._order()
+            if (member := self._members.get(addr)) is not None
+        }
+        pending = set(asked)
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                answered: AdmissionStatus | None = None
+                for task in done:
+                    addr = asked[task]
+                    try:
+                        st = task.result()
+                    except OrchestratorUnavailable as err:
+                        self._unreached(addr, err)
+                        last = err
+                        continue
+                    self._answered(addr)
+                    answered = answered or st
+                if answered is not None:
+                    self._view, self._view_at = answered.known, self._clock()
+                    return answered
+        finally:
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
         if not self._usable_view():
             raise last or OrchestratorUnavailable("no orchestrator known")
         self._enter_degraded("no orchestrator answered ListReplicas")

@@ -47,6 +47,8 @@ class FakeOrchestrator:
         self.admits = 0
         self.completed: list[str] = []
         self.closed = False
+        self.hung = False  # status() never answers
+        self.status_timeouts: list[float] = []
 
     async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
         self.admits += 1
@@ -63,6 +65,9 @@ class FakeOrchestrator:
         pass
 
     async def status(self, *, timeout_s: float) -> AdmissionStatus:
+        self.status_timeouts.append(timeout_s)
+        if self.hung:
+            await asyncio.Event().wait()  # as a call never answered, until cancelled
         if not self.up:
             raise OrchestratorUnavailable(f"orchestrator {self.address}: connection refused")
         return AdmissionStatus(3, 2, 0, known=VIEW)
@@ -409,3 +414,17 @@ async def test_a_lease_granted_in_the_tick_its_request_was_cancelled_goes_back()
     with pytest.raises(asyncio.CancelledError):
         await call
     assert len(fake.completed) == 1  # released at once, not left to the lease timeout
+
+
+async def test_a_hung_orchestrator_neither_spends_the_others_time_nor_gets_them_marked_down() -> (
+    None
+):
+    orchs, fakes, _ = make(3, retry_after_s=5.0)
+    fakes["o0"].hung = True  # first in turn
+    status = await asyncio.wait_for(orchs.status(timeout_s=1.0), 10.0)  # a bound, no sync
+    assert status.known == VIEW
+    assert not degraded(orchs)
+    # Each was asked with the whole timeout, and none is marked down (tried last).
+    assert [f.status_timeouts for f in fakes.values()] == [[1.0], [1.0], [1.0]]
+    lease = await orchs.admit(request(), timeout_s=1.0)
+    assert lease.lease_id.startswith("o1-")  # the next in turn, not passed over
