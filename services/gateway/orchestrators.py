@@ -188,11 +188,18 @@ class OrchestratorSet:
             self._down_until.pop(addr, None)
             self._busy_until.pop(addr, None)
             log.info("orchestrator removed", extra={"orchestrator": addr})
-            if self._owned.get(addr, 0):
+            if self._owned.get(addr, 0) or self._admitting.get(addr):
+                # Leases to report, or Admits it may still grant: kept until they are done.
                 self._retired[addr] = member
             else:
                 self._close_later(member)
         self._members = {a: self._members[a] for a in wanted}
+
+    def _close_if_retired_and_done(self, addr: str) -> None:
+        """A removed orchestrator kept for Admits in flight is closed once none is left and it
+        holds no lease."""
+        if addr in self._retired and not self._owned.get(addr) and not self._admitting.get(addr):
+            self._close_later(self._retired.pop(addr))
 
     def _close_later(self, member: Member) -> None:
         task = asyncio.get_running_loop().create_task(member.close())
@@ -219,6 +226,8 @@ class OrchestratorSet:
         return any(until > now for p, until in marks.items() if p <= priority)
 
     def _unreached(self, addr: str, err: ServiceError) -> None:
+        if addr not in self._members:
+            return  # removed meanwhile: nothing to mark
         now = self._clock()
         if addr not in self._down_until:  # logged once per outage, not per call
             log.warning("orchestrator not reached", extra={"orchestrator": addr, "error": str(err)})
@@ -272,8 +281,10 @@ class OrchestratorSet:
             call = asyncio.ensure_future(member.admit(request, timeout_s=deadline - self._clock()))
             calls = self._admitting.setdefault(addr, set())
             calls.add(call)
+            granted = False
             try:
                 lease = await asyncio.shield(call)
+                granted = True
             except asyncio.CancelledError:
                 if not call.cancelled():
                     call.cancel()
@@ -281,6 +292,9 @@ class OrchestratorSet:
                         # Granted in the tick this request was cancelled: the lease goes back.
                         member.complete(LeaseReport.unused(call.result().lease_id))
                     raise  # this request was cancelled, not the orchestrator abandoned
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # abandoned in the tick this request was cancelled: still cancelled
                 # Abandoned: that orchestrator stopped answering (nothing has streamed yet; a
                 # lease it might still grant ends by its lease timeout).
                 last = OrchestratorUnavailable(f"orchestrator {addr} stopped answering")
@@ -306,6 +320,10 @@ class OrchestratorSet:
                 continue
             finally:
                 calls.discard(call)
+                if not calls and self._admitting.get(addr) is calls:
+                    del self._admitting[addr]
+                if not granted:
+                    self._close_if_retired_and_done(addr)
             self._answered(addr)
             marks = self._busy_until.get(addr)
             if marks:  # it takes this class (and so every more urgent one) again
@@ -344,13 +362,14 @@ class OrchestratorSet:
                 "the lease's orchestrator is gone: report dropped",
                 extra={"lease_id": lease_id, "orchestrator": addr},
             )
+            if self._owned[addr] <= 0:
+                del self._owned[addr]
             return
         member.complete(report)
-        if addr in self._retired and self._owned[addr] <= 0:
-            # Its last report is handed over: closing drains it first.
-            self._close_later(self._retired.pop(addr))
         if self._owned[addr] <= 0:
             del self._owned[addr]
+        # Its last report handed over (closing drains it first), no Admit in flight to it.
+        self._close_if_retired_and_done(addr)
 
     async def drain(self) -> None:
         members = [*self._members.values(), *self._retired.values()]

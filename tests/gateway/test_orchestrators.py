@@ -20,6 +20,7 @@ from services.gateway.admission import (
 )
 from services.gateway.errors import NoReplica, OrchestratorUnavailable
 from services.gateway.orchestrators import LOCAL_EJECTION_S, LOCAL_LEASE_PREFIX, OrchestratorSet
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.asyncio
 
@@ -48,10 +49,13 @@ class FakeOrchestrator:
         self.completed: list[str] = []
         self.closed = False
         self.hung = False  # status() never answers
+        self.gate: asyncio.Event | None = None
         self.status_timeouts: list[float] = []
 
     async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
         self.admits += 1
+        if self.gate is not None:
+            await self.gate.wait()  # an Admit in flight until the test opens it
         if not self.up:
             raise OrchestratorUnavailable(f"orchestrator {self.address}: connection refused")
         if self.refusal is not None:
@@ -428,3 +432,43 @@ async def test_a_hung_orchestrator_neither_spends_the_others_time_nor_gets_them_
     assert [f.status_timeouts for f in fakes.values()] == [[1.0], [1.0], [1.0]]
     lease = await orchs.admit(request(), timeout_s=1.0)
     assert lease.lease_id.startswith("o1-")  # the next in turn, not passed over
+
+
+async def test_a_lease_granted_as_its_orchestrator_is_removed_is_still_reported_to_it() -> None:
+    orchs, fakes, _ = make(2)
+    fakes["o0"].gate = asyncio.Event()
+    admitting = asyncio.ensure_future(orchs.admit(request(), timeout_s=5.0))
+
+    async def in_flight() -> bool:
+        return fakes["o0"].admits == 1
+
+    await eventually(in_flight, what="an Admit in flight to o0")
+    orchs.set_addresses(["o1"])  # o0 leaves the list while it may still grant
+    assert not fakes["o0"].closed
+    fakes["o0"].gate.set()
+    lease = await admitting
+    assert lease.lease_id.startswith("o0-")
+    orchs.complete(report(lease.lease_id))
+    assert fakes["o0"].completed == [lease.lease_id]  # reported, not dropped
+
+    async def closed() -> bool:
+        return fakes["o0"].closed
+
+    await eventually(closed, what="o0 closed once its last report was handed over")
+
+
+async def test_a_request_cancelled_as_its_orchestrator_is_abandoned_stays_cancelled() -> None:
+    orchs, fakes, _ = make(2)
+    fakes["o0"].gate = asyncio.Event()
+    admitting = asyncio.ensure_future(orchs.admit(request(), timeout_s=5.0))
+
+    async def in_flight() -> bool:
+        return fakes["o0"].admits == 1
+
+    await eventually(in_flight, what="an Admit in flight to o0")
+    # In one tick: o0 found unreachable (its Admits abandoned) and the request cancelled.
+    orchs._unreached("o0", OrchestratorUnavailable("o0: connection reset"))
+    admitting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await admitting
+    assert fakes["o1"].admits == 0  # not sent on to another orchestrator
