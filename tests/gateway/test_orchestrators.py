@@ -49,13 +49,13 @@ class FakeOrchestrator:
         self.completed: list[str] = []
         self.closed = False
         self.hung = False  # status() never answers
-        self.gate: asyncio.Event | None = None
+        self.hold: asyncio.Event | None = None
         self.status_timeouts: list[float] = []
 
     async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
         self.admits += 1
-        if self.gate is not None:
-            await self.gate.wait()  # an Admit in flight until the test opens it
+        if self.hold is not None:
+            await self.hold.wait()  # an Admit in flight until the test opens it
         if not self.up:
             raise OrchestratorUnavailable(f"orchestrator {self.address}: connection refused")
         if self.refusal is not None:
@@ -436,7 +436,7 @@ async def test_a_hung_orchestrator_neither_spends_the_others_time_nor_gets_them_
 
 async def test_a_lease_granted_as_its_orchestrator_is_removed_is_still_reported_to_it() -> None:
     orchs, fakes, _ = make(2)
-    fakes["o0"].gate = asyncio.Event()
+    hold = fakes["o0"].hold = asyncio.Event()
     admitting = asyncio.ensure_future(orchs.admit(request(), timeout_s=5.0))
 
     async def in_flight() -> bool:
@@ -445,7 +445,7 @@ async def test_a_lease_granted_as_its_orchestrator_is_removed_is_still_reported_
     await eventually(in_flight, what="an Admit in flight to o0")
     orchs.set_addresses(["o1"])  # o0 leaves the list while it may still grant
     assert not fakes["o0"].closed
-    fakes["o0"].gate.set()
+    hold.set()
     lease = await admitting
     assert lease.lease_id.startswith("o0-")
     orchs.complete(report(lease.lease_id))
@@ -459,7 +459,7 @@ async def test_a_lease_granted_as_its_orchestrator_is_removed_is_still_reported_
 
 async def test_a_request_cancelled_as_its_orchestrator_is_abandoned_stays_cancelled() -> None:
     orchs, fakes, _ = make(2)
-    fakes["o0"].gate = asyncio.Event()
+    fakes["o0"].hold = asyncio.Event()
     admitting = asyncio.ensure_future(orchs.admit(request(), timeout_s=5.0))
 
     async def in_flight() -> bool:
