@@ -7,10 +7,13 @@ typed reason (`google.rpc.ErrorInfo` in the status details), never by message te
 Invariant: every report handed to `complete` is sent by a background task, so a cancelled
 request still releases its lease; `drain` waits for them. A failed call is tried again with
 exponential backoff (`COMPLETE_BACKOFF_S`, jittered), waiting for the channel to be ready, for
-`complete_retry_s` (`COMPLETE_RETRY_S`): a lease report outlives a restart of the orchestrator's
-sidecar or a few seconds of overload (reports are idempotent per lease). Once closing, a call
-is tried `COMPLETE_ATTEMPTS` times, failing at once on a channel not ready (a shutdown is not
-held by an orchestrator that is gone). The orchestrator reclaims a lease it never hears about after
+`complete_retry_s` (`COMPLETE_RETRY_S`) when it failed for a reason that passes
+(`_TRANSIENT`): a lease report outlives a restart of the orchestrator's sidecar or a few seconds
+of overload (reports are idempotent per lease). A call is tried only `COMPLETE_ATTEMPTS` times,
+failing at once on a channel not ready, for any other failure, once `drain` began (the last
+reports at shutdown, or to an orchestrator that left: neither is held by an orchestrator that
+is gone), and after a call was given up on, until one succeeds (one outage costs one window,
+not one per batch). The orchestrator reclaims a lease it never hears about after
 its lease timeout. Reports leave in
 order, as CompleteBatch calls (`llmmesh.common.batching`): one call in flight at a time, each `COMPLETE_LINGER_S` after the
 previous one (the first, after the report that found none queued) and carrying what came
@@ -85,6 +88,16 @@ COMPLETE_TIMEOUT_S: Final = 5.0
 # and longest pause between tries (doubling, each drawn from its upper half).
 COMPLETE_RETRY_S: Final = 60.0
 COMPLETE_BACKOFF_S: Final = (0.05, 2.0)
+# Failures that pass: the orchestrator (or its sidecar) restarting, overloaded or slow.
+_TRANSIENT: Final = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.ABORTED,
+    }
+)
 # A report waits at most this long for others to share its call: a lease's capacity is freed
 # this much later (against requests lasting seconds), for one call per linger under load.
 COMPLETE_LINGER_S: Final = 0.005
@@ -416,6 +429,8 @@ class OrchestratorClient:
     ) -> None:
         self._stub = stub
         self._complete_retry_s = complete_retry_s
+        self._draining = False  # the last reports: each tried COMPLETE_ATTEMPTS times
+        self._gave_up = False  # a report call was given up on, and none succeeded since
         self._streams_admits = admit_stream  # False: unary Admits (configured, or refused)
         self._stream: _AdmitStream | None = None
         # Hashes prompts for the stream's Admits (None: the prompt itself is sent).
@@ -565,7 +580,7 @@ class OrchestratorClient:
 
         async def call() -> None:
             await self._stub.CompleteBatch(
-                req, timeout=COMPLETE_TIMEOUT_S, wait_for_ready=not self._closing
+                req, timeout=COMPLETE_TIMEOUT_S, wait_for_ready=not self._quick
             )
 
         try:
@@ -582,15 +597,22 @@ class OrchestratorClient:
     async def _send(self, req: pb.CompleteRequest) -> None:
         async def call() -> None:
             await self._stub.Complete(
-                req, timeout=COMPLETE_TIMEOUT_S, wait_for_ready=not self._closing
+                req, timeout=COMPLETE_TIMEOUT_S, wait_for_ready=not self._quick
             )
 
         with contextlib.suppress(grpc.aio.AioRpcError):  # Complete is offered by every version
             await self._retried(call, 1)
 
+    @property
+    def _quick(self) -> bool:
+        """Report calls are tried `COMPLETE_ATTEMPTS` times, failing at once on a channel that
+        is not ready (module docstring)."""
+        return self._draining or self._gave_up
+
     async def _retried(self, call: Callable[[], Awaitable[None]], leases: int) -> None:
-        """`call` until it succeeds, tried again with backoff for `complete_retry_s` (only
-        `COMPLETE_ATTEMPTS` times once closing); a refusal as not offered is raised."""
+        """`call` until it succeeds, tried again with backoff for `complete_retry_s` while it
+        fails for a reason that passes (else, or `_quick`, `COMPLETE_ATTEMPTS` times); a
+        refusal as not offered is raised."""
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._complete_retry_s
         pause, longest = COMPLETE_BACKOFF_S
@@ -598,13 +620,15 @@ class OrchestratorClient:
         while True:
             try:
                 await call()
+                self._gave_up = False
                 return
             except grpc.aio.AioRpcError as err:
                 if err.code() in NOT_OFFERED:
                     raise
                 attempt += 1
-                closing = self._closing and attempt >= COMPLETE_ATTEMPTS
-                if closing or loop.time() + pause > give_up_at:
+                quick = self._quick or err.code() not in _TRANSIENT
+                if (quick and attempt >= COMPLETE_ATTEMPTS) or loop.time() + pause > give_up_at:
+                    self._gave_up = True
                     log.error(
                         "gave up reporting leases; the orchestrator reclaims them after its "
                         "lease timeout",
@@ -631,8 +655,10 @@ class OrchestratorClient:
         return status_from_pb(response)
 
     async def drain(self) -> None:
-        """Wait until every report handed to `complete` was delivered or given up on (a
-        cancelled drain leaves the sender running)."""
+        """Wait until every report handed to `complete` was delivered or given up on, each
+        tried `COMPLETE_ATTEMPTS` times from now on (a cancelled drain leaves the sender
+        running)."""
+        self._draining = True
         await self._reports.drain()
 
     async def close(self) -> None:

@@ -73,6 +73,7 @@ class FakeOrchestratorService(pb_grpc.OrchestratorServiceServicer):
         self.plain_refusal: tuple[grpc.StatusCode, str] | None = None  # no status details
         self.completes: list[pb.CompleteRequest] = []
         self.complete_failures = 0
+        self.complete_failure_code = grpc.StatusCode.UNAVAILABLE
         self.complete_calls: list[tuple[str, int]] = []  # (method, reports) per call
         self.batches = True
         self.batch_refusal = grpc.StatusCode.UNIMPLEMENTED  # while `batches` is False
@@ -184,7 +185,7 @@ class FakeOrchestratorService(pb_grpc.OrchestratorServiceServicer):
         self.completes.extend(reports)
         self.complete_calls.append((method, len(reports)))
         if len(self.complete_calls) <= self.complete_failures:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "busy")
+            await context.abort(self.complete_failure_code, "busy")
 
     # Not used by the gateway (ListReplicas above is its readiness check).
     async def ListReplicas(
@@ -428,20 +429,45 @@ async def test_complete_is_retried_through_an_outage_then_given_up(
     # with backoff until it takes the report, not dropped after a few quick tries.
     served.service.complete_failures = COMPLETE_ATTEMPTS + 1
     served.client.complete(LeaseReport("lease-1", Outcome.SUCCESS, 1, 1, 0, 1.0))
-    await served.client.drain()
+
+    async def delivered() -> bool:
+        return served.client.pending == 0 and len(served.service.completes) > COMPLETE_ATTEMPTS
+
+    await eventually(delivered, what="the report delivered through the outage")
     assert [c.lease_id for c in served.service.completes] == ["lease-1"] * (COMPLETE_ATTEMPTS + 2)
 
-    async with serve(admit_stream=False, complete_retry_s=0.3) as short:
+    async with serve(admit_stream=False, complete_retry_s=1.0) as short:
         short.service.batches = batches
         short.service.complete_failures = 1000
         short.client.complete(LeaseReport("lease-2", Outcome.SUCCESS, 1, 1, 0, 1.0))
-        await short.client.drain()  # given up on after complete_retry_s
-        assert 2 <= len(short.service.completes) < 1000
-        # Once closing, a report is tried COMPLETE_ATTEMPTS times.
-        short.service.completes.clear()
-        short.client.complete(LeaseReport("lease-3", Outcome.SUCCESS, 1, 1, 0, 1.0))
-        await short.client.close()
-        assert [c.lease_id for c in short.service.completes] == ["lease-3"] * COMPLETE_ATTEMPTS
+
+        async def sent() -> bool:
+            return short.client.pending == 0
+
+        await eventually(sent, what="the report given up on after complete_retry_s")
+        assert COMPLETE_ATTEMPTS < len(short.service.completes) < 1000
+        # Given up on once: the next report is tried COMPLETE_ATTEMPTS times, not a window
+        # more, until a call succeeds; so are the last ones, once closing.
+        for lease in ("lease-3", "lease-4"):
+            short.service.completes.clear()
+            short.client.complete(LeaseReport(lease, Outcome.SUCCESS, 1, 1, 0, 1.0))
+            if lease == "lease-3":
+                await eventually(sent, what="the report given up on")
+            else:
+                await short.client.close()
+            assert [c.lease_id for c in short.service.completes] == [lease] * COMPLETE_ATTEMPTS
+
+
+async def test_a_report_refused_for_good_is_not_retried_for_a_window(served: Served) -> None:
+    served.service.complete_failures = 1000
+    served.service.complete_failure_code = grpc.StatusCode.INVALID_ARGUMENT
+    served.client.complete(LeaseReport("lease-1", Outcome.SUCCESS, 1, 1, 0, 1.0))
+
+    async def sent() -> bool:
+        return served.client.pending == 0
+
+    await eventually(sent, what="the report given up on")
+    assert [c.lease_id for c in served.service.completes] == ["lease-1"] * COMPLETE_ATTEMPTS
 
 
 async def test_reports_that_come_together_share_one_call_in_order(served: Served) -> None:
