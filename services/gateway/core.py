@@ -49,7 +49,7 @@ from services.gateway import metrics
 from services.gateway.admission import AdmissionClient, Lease
 from services.gateway.attempts import Attempts, Validated
 from services.gateway.auth import Authenticator, Tenant
-from services.gateway.chat_template import ChatTemplateError
+from services.gateway.chat_template import ChatTemplate, ChatTemplateError
 from services.gateway.errors import (
     ContextLengthExceeded,
     InvalidRequest,
@@ -257,7 +257,17 @@ class GatewayCore:
         parameters; not the prompt's length in tokens): cheap enough for a request refused
         anyway, to tell it when it could never be served."""
         model = self._model_of(req)
-        if req.prompt_ids is None and req.prompt_text is None and req.messages is None:
+        s = self._settings
+        if req.prompt_text is not None:
+            if len(req.prompt_text) > s.max_prompt_chars:
+                raise InvalidRequest(
+                    f"longer than {s.max_prompt_chars} characters", field="prompt.text"
+                )
+            if not req.prompt_text:
+                raise InvalidRequest("must not be empty", field="prompt")
+        elif req.messages is not None:
+            self._check_messages(model, req.messages)
+        elif req.prompt_ids is None:
             raise InvalidRequest("text, token_ids or messages is required", field="prompt")
         ids = list(req.prompt_ids) if req.prompt_ids is not None else [0]
         self._sampled(req, model, ids, "prompt", prompt_known=req.prompt_ids is not None)
@@ -335,6 +345,25 @@ class GatewayCore:
         return Validated(model, ids, max_tokens, temperature, top_p, top_k, sp.stop, sp.seed)
 
     def _render_chat(self, model: ServedModel, messages: Sequence[ChatMessage]) -> str:
+        template = self._check_messages(model, messages)
+        limit = self._settings.max_prompt_chars
+        try:
+            text = template.render(
+                [{"role": m.role, "content": m.content} for m in messages],
+                add_generation_prompt=True,
+            )
+        except ChatTemplateError as err:
+            raise InvalidRequest(
+                f"rejected by the model's chat template: {err}", field="messages"
+            ) from err
+        if len(text) > limit:  # the template's own text per message counts too
+            raise InvalidRequest(
+                f"longer than {limit} characters with the chat template", field="messages"
+            )
+        return text
+
+    def _check_messages(self, model: ServedModel, messages: Sequence[ChatMessage]) -> ChatTemplate:
+        """The checks of a chat request that need no rendering; the template to render with."""
         if model.chat_template is None:
             raise InvalidRequest(
                 f"model {model.name!r} has no chat template; send a text prompt instead",
@@ -352,20 +381,7 @@ class GatewayCore:
             chars += len(m.content)
         if chars > limit:
             raise InvalidRequest(f"longer than {limit} characters in all", field="messages")
-        try:
-            text = model.chat_template.render(
-                [{"role": m.role, "content": m.content} for m in messages],
-                add_generation_prompt=True,
-            )
-        except ChatTemplateError as err:
-            raise InvalidRequest(
-                f"rejected by the model's chat template: {err}", field="messages"
-            ) from err
-        if len(text) > limit:  # the template's own text per message counts too
-            raise InvalidRequest(
-                f"longer than {limit} characters with the chat template", field="messages"
-            )
-        return text
+        return model.chat_template
 
     # -- generation -------------------------------------------------------------------------
     def generate(

@@ -717,6 +717,15 @@ async def test_bad_input_is_told_so_when_the_store_is_full(
     text = dataclasses.replace(request(request_id + "-next", 4), prompt_ids=None, prompt_text="x")
     with pytest.raises(ResumeStoreFull):
         await collect(a, text)
+    # What needs no tokenizer is still told: an empty or too long text, an empty chat.
+    for bad, field in (
+        (dataclasses.replace(text, prompt_text=""), "prompt"),
+        (dataclasses.replace(text, prompt_text="x" * 10**7), "prompt.text"),
+        (dataclasses.replace(text, prompt_text=None, messages=()), "messages"),
+    ):
+        with pytest.raises(InvalidRequest) as info:
+            await collect(a, bad)
+        assert info.value.field == field
     await running.aclose()
 
 
