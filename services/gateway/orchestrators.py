@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -195,6 +196,17 @@ class OrchestratorSet:
                 self._close_later(member)
         self._members = {a: self._members[a] for a in wanted}
 
+    def _admit_ended(self, addr: str, call: asyncio.Future[Lease]) -> None:
+        calls = self._admitting.get(addr)
+        if calls is not None:
+            calls.discard(call)
+            if not calls:
+                del self._admitting[addr]
+        # Granted: the request owns the lease or gives it back, and the member may close
+        # once that lease is reported (complete) or given back (admit).
+        if call.cancelled() or call.exception() is not None:
+            self._close_if_retired_and_done(addr)
+
     def _close_if_retired_and_done(self, addr: str) -> None:
         """A removed orchestrator kept for Admits in flight is closed once none is left and it
         holds no lease."""
@@ -281,16 +293,18 @@ class OrchestratorSet:
             call = asyncio.ensure_future(member.admit(request, timeout_s=deadline - self._clock()))
             calls = self._admitting.setdefault(addr, set())
             calls.add(call)
-            granted = False
+            # Counted until the member's admit has ended (a cancelled one still withdraws its
+            # Admit): a member that left the list is closed only after that.
+            call.add_done_callback(functools.partial(self._admit_ended, addr))
             try:
                 lease = await asyncio.shield(call)
-                granted = True
             except asyncio.CancelledError:
                 if not call.cancelled():
                     call.cancel()
                     if call.done() and call.exception() is None:
                         # Granted in the tick this request was cancelled: the lease goes back.
                         member.complete(LeaseReport.unused(call.result().lease_id))
+                        self._close_if_retired_and_done(addr)
                     raise  # this request was cancelled, not the orchestrator abandoned
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
@@ -311,19 +325,14 @@ class OrchestratorSet:
                 # That process is behind on its calls (or stopping): another may not be. One
                 # such failover per request: when the orchestrators are all behind, each try
                 # adds to every one's backlog.
-                self._busy_until.setdefault(addr, {})[request.priority] = self._clock() + (
-                    err.retry_after_s if err.retry_after_s is not None else self._retry_after_s
-                )
+                if addr in self._members:  # not for one that left the list meanwhile
+                    self._busy_until.setdefault(addr, {})[request.priority] = self._clock() + (
+                        err.retry_after_s if err.retry_after_s is not None else self._retry_after_s
+                    )
                 second, busy = busy is not None, err
                 if second:
                     break
                 continue
-            finally:
-                calls.discard(call)
-                if not calls and self._admitting.get(addr) is calls:
-                    del self._admitting[addr]
-                if not granted:
-                    self._close_if_retired_and_done(addr)
             self._answered(addr)
             marks = self._busy_until.get(addr)
             if marks:  # it takes this class (and so every more urgent one) again
@@ -396,14 +405,21 @@ class OrchestratorSet:
                 answered: AdmissionStatus | None = None
                 for task in done:
                     addr = asked[task]
-                    try:
-                        st = task.result()
-                    except OrchestratorUnavailable as err:
+                    if task.cancelled():  # its client closed meanwhile (it left the list)
+                        continue
+                    err = task.exception()
+                    if isinstance(err, OrchestratorUnavailable):
                         self._unreached(addr, err)
                         last = err
                         continue
+                    if err is not None:  # no answer, and not a sign it is down
+                        log.warning(
+                            "ListReplicas failed",
+                            extra={"orchestrator": addr, "error": repr(err)},
+                        )
+                        continue
                     self._answered(addr)
-                    answered = answered or st
+                    answered = answered or task.result()
                 if answered is not None:
                     self._view, self._view_at = answered.known, self._clock()
                     return answered

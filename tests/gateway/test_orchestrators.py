@@ -50,6 +50,7 @@ class FakeOrchestrator:
         self.closed = False
         self.hung = False  # status() never answers
         self.hold: asyncio.Event | None = None
+        self.status_error: BaseException | None = None
         self.status_timeouts: list[float] = []
 
     async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
@@ -70,6 +71,8 @@ class FakeOrchestrator:
 
     async def status(self, *, timeout_s: float) -> AdmissionStatus:
         self.status_timeouts.append(timeout_s)
+        if self.status_error is not None:
+            raise self.status_error
         if self.hung:
             await asyncio.Event().wait()  # as a call never answered, until cancelled
         if not self.up:
@@ -472,3 +475,36 @@ async def test_a_request_cancelled_as_its_orchestrator_is_abandoned_stays_cancel
     with pytest.raises(asyncio.CancelledError):
         await admitting
     assert fakes["o1"].admits == 0  # not sent on to another orchestrator
+
+
+@pytest.mark.parametrize("error", [RuntimeError("a bug"), asyncio.CancelledError()])
+async def test_a_member_failing_status_otherwise_than_unreached_is_no_answer(
+    error: BaseException,
+) -> None:
+    orchs, fakes, _ = make(2)
+    fakes["o0"].status_error = error
+    status = await orchs.status(timeout_s=1.0)
+    assert status.known == VIEW  # o1's answer
+    assert not degraded(orchs)
+
+
+async def test_a_removed_orchestrator_closes_once_its_last_admit_in_flight_ends() -> None:
+    orchs, fakes, _ = make(2)
+    hold = fakes["o0"].hold = asyncio.Event()
+    fakes["o0"].up = False  # its Admit fails once let go
+    admitting = asyncio.ensure_future(orchs.admit(request(), timeout_s=5.0))
+
+    async def in_flight() -> bool:
+        return fakes["o0"].admits == 1
+
+    await eventually(in_flight, what="an Admit in flight to o0")
+    orchs.set_addresses(["o1"])
+    assert not fakes["o0"].closed  # kept while its Admit is in flight
+    hold.set()
+    lease = await admitting  # failed over to o1
+    assert lease.lease_id.startswith("o1-")
+
+    async def closed() -> bool:
+        return fakes["o0"].closed
+
+    await eventually(closed, what="o0 closed once its Admit ended")
