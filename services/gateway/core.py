@@ -491,7 +491,11 @@ class GatewayCore:
                 refund: Callable[[], None] | None = None
                 if limits is not None and takeover is None:
                     try:
-                        refund = await limits.acquire(len(v.prompt_ids))
+                        refund = await limits.acquire(
+                            len(v.prompt_ids),
+                            # Not when drained: another gateway continues it, uncharged.
+                            refund_if_cancelled=lambda: billing is None or not billing.handing_off,
+                        )
                     except RateLimited as err:
                         metrics.record_rate_limited(limits.tenant, err.limit)
                         raise

@@ -137,24 +137,28 @@ class TenantLimits:
             )
         )
 
-    async def acquire(self, prompt_tokens: int) -> Callable[[], None]:
+    async def acquire(
+        self, prompt_tokens: int, *, refund_if_cancelled: Callable[[], bool] = lambda: True
+    ) -> Callable[[], None]:
         """`admit` against the shared buckets when there are some (the local share while the
         shared store is unreachable), else the local ones. Returns the refund of what it took,
-        to the buckets it took it from (whichever store is reachable by then). A caller
-        cancelled while the shared store answers is refunded there once it did take."""
+        to the buckets it took it from (a shared refund that cannot be queued, the store down
+        again, is dropped: those buckets refill). A caller cancelled while the shared store
+        answers is refunded there once it did take, if `refund_if_cancelled()` then."""
         shared = self.shared
         if shared is not None:
             admit = asyncio.ensure_future(shared.admit(prompt_tokens))
             try:
                 taken = await asyncio.shield(admit)
             except asyncio.CancelledError:
-                admit.add_done_callback(
-                    lambda t: (
-                        None
-                        if t.cancelled() or t.exception() is not None or not t.result()
-                        else shared.refund(prompt_tokens)
-                    )
-                )
+
+                def taken_after_all(t: asyncio.Future[bool]) -> None:
+                    if t.cancelled() or t.exception() is not None or not t.result():
+                        return
+                    if refund_if_cancelled():
+                        shared.refund(prompt_tokens)
+
+                admit.add_done_callback(taken_after_all)
                 raise
             if taken:
                 return lambda: _ignore(shared.refund(prompt_tokens))
