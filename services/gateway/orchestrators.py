@@ -160,6 +160,8 @@ class OrchestratorSet:
         self._local_turn = 0
         self._refresher: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
+        # ListReplicas calls still out after their status() returned (`_status_late`).
+        self._late_status: set[asyncio.Future[AdmissionStatus]] = set()
         # Admit calls in flight per orchestrator: abandoned (and tried on another one) when that
         # orchestrator is found unreachable meanwhile, e.g. by a view refresh of a hung process.
         self._admitting: dict[str, set[asyncio.Task[Lease]]] = {}
@@ -195,6 +197,26 @@ class OrchestratorSet:
             else:
                 self._close_later(member)
         self._members = {a: self._members[a] for a in wanted}
+
+    def _status_outcome(
+        self, addr: str, task: asyncio.Future[AdmissionStatus]
+    ) -> tuple[AdmissionStatus | None, ServiceError | None]:
+        """One member's ListReplicas ended: (its view, or the error that marked it down)."""
+        if task.cancelled():  # its client closed meanwhile (it left the list)
+            return None, None
+        err = task.exception()
+        if isinstance(err, OrchestratorUnavailable):
+            self._unreached(addr, err)
+            return None, err
+        if err is not None:  # no answer, and not a sign it is down
+            log.warning("ListReplicas failed", extra={"orchestrator": addr, "error": repr(err)})
+            return None, None
+        self._answered(addr)
+        return task.result(), None
+
+    def _status_late(self, addr: str, task: asyncio.Future[AdmissionStatus]) -> None:
+        self._late_status.discard(task)
+        self._status_outcome(addr, task)
 
     def _admit_ended(self, addr: str, call: asyncio.Future[Lease]) -> None:
         calls = self._admitting.get(addr)
@@ -390,8 +412,8 @@ class OrchestratorSet:
         """The first answering orchestrator's view (kept for degraded mode); with none, the
         last-known view marked `degraded` while degraded mode may use it. Every orchestrator
         is asked at once, each with the whole `timeout_s`: one that hangs neither spends the
-        others' time nor gets them marked down (those still asked when one answered are
-        left as they were)."""
+        others' time nor gets them marked down. Those still asked when one answered go on in
+        the background, so one that does not answer in time is marked down all the same."""
         last: ServiceError | None = None
         asked = {
             asyncio.ensure_future(member.status(timeout_s=timeout_s)): addr
@@ -404,30 +426,16 @@ class OrchestratorSet:
                 done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 answered: AdmissionStatus | None = None
                 for task in done:
-                    addr = asked[task]
-                    if task.cancelled():  # its client closed meanwhile (it left the list)
-                        continue
-                    err = task.exception()
-                    if isinstance(err, OrchestratorUnavailable):
-                        self._unreached(addr, err)
-                        last = err
-                        continue
-                    if err is not None:  # no answer, and not a sign it is down
-                        log.warning(
-                            "ListReplicas failed",
-                            extra={"orchestrator": addr, "error": repr(err)},
-                        )
-                        continue
-                    self._answered(addr)
-                    answered = answered or task.result()
+                    st, err = self._status_outcome(asked[task], task)
+                    answered = answered or st
+                    last = err or last
                 if answered is not None:
                     self._view, self._view_at = answered.known, self._clock()
                     return answered
         finally:
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.gather(*pending, return_exceptions=True)
+            for task in pending:  # answered already, or this call cancelled
+                self._late_status.add(task)
+                task.add_done_callback(functools.partial(self._status_late, asked[task]))
         if not self._usable_view():
             raise last or OrchestratorUnavailable("no orchestrator known")
         self._enter_degraded("no orchestrator answered ListReplicas")
@@ -515,6 +523,8 @@ class OrchestratorSet:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
             self._refresher = None
+        for task in list(self._late_status):
+            task.cancel()
         members = [*self._members.values(), *self._retired.values()]
         self._members, self._retired = {}, {}
         await asyncio.gather(*(m.close() for m in members), return_exceptions=True)

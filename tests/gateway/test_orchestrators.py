@@ -48,7 +48,8 @@ class FakeOrchestrator:
         self.admits = 0
         self.completed: list[str] = []
         self.closed = False
-        self.hung = False  # status() never answers
+        self.hung = False  # status() answers nothing until `times_out` is set, then fails
+        self.times_out = asyncio.Event()
         self.hold: asyncio.Event | None = None
         self.status_error: BaseException | None = None
         self.status_timeouts: list[float] = []
@@ -74,7 +75,8 @@ class FakeOrchestrator:
         if self.status_error is not None:
             raise self.status_error
         if self.hung:
-            await asyncio.Event().wait()  # as a call never answered, until cancelled
+            await self.times_out.wait()  # as a call not answered, until its deadline
+            raise OrchestratorUnavailable(f"orchestrator {self.address}: DEADLINE_EXCEEDED")
         if not self.up:
             raise OrchestratorUnavailable(f"orchestrator {self.address}: connection refused")
         return AdmissionStatus(3, 2, 0, known=VIEW)
@@ -435,6 +437,14 @@ async def test_a_hung_orchestrator_neither_spends_the_others_time_nor_gets_them_
     assert [f.status_timeouts for f in fakes.values()] == [[1.0], [1.0], [1.0]]
     lease = await orchs.admit(request(), timeout_s=1.0)
     assert lease.lease_id.startswith("o1-")  # the next in turn, not passed over
+    # Its own call goes on: once its deadline passes unanswered, the hung one is marked down.
+    fakes["o0"].times_out.set()
+
+    async def marked_down() -> bool:
+        return "o0" in orchs._down_until
+
+    await eventually(marked_down, what="the hung orchestrator marked down")
+    await orchs.close()
 
 
 async def test_a_lease_granted_as_its_orchestrator_is_removed_is_still_reported_to_it() -> None:
