@@ -258,7 +258,9 @@ class GatewayCore:
         anyway, to tell it when it could never be served."""
         model = self._model_of(req)
         s = self._settings
-        if req.prompt_text is not None:
+        if req.prompt_ids is not None:
+            pass  # checked with the sampling parameters below
+        elif req.prompt_text is not None:
             if len(req.prompt_text) > s.max_prompt_chars:
                 raise InvalidRequest(
                     f"longer than {s.max_prompt_chars} characters", field="prompt.text"
@@ -267,7 +269,7 @@ class GatewayCore:
                 raise InvalidRequest("must not be empty", field="prompt")
         elif req.messages is not None:
             self._check_messages(model, req.messages)
-        elif req.prompt_ids is None:
+        else:
             raise InvalidRequest("text, token_ids or messages is required", field="prompt")
         ids = list(req.prompt_ids) if req.prompt_ids is not None else [0]
         self._sampled(req, model, ids, "prompt", prompt_known=req.prompt_ids is not None)

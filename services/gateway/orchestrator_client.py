@@ -627,8 +627,11 @@ class OrchestratorClient:
                     raise
                 attempt += 1
                 quick = self._quick or err.code() not in _TRANSIENT
-                if (quick and attempt >= COMPLETE_ATTEMPTS) or loop.time() + pause > give_up_at:
-                    self._gave_up = True
+                spent = loop.time() + pause > give_up_at
+                if (quick and attempt >= COMPLETE_ATTEMPTS) or spent:
+                    # A window spent on an orchestrator that does not come back: the next
+                    # reports are tried quickly until one is taken.
+                    self._gave_up = self._gave_up or spent
                     log.error(
                         "gave up reporting leases; the orchestrator reclaims them after its "
                         "lease timeout",

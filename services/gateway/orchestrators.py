@@ -160,8 +160,8 @@ class OrchestratorSet:
         self._local_turn = 0
         self._refresher: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()
-        # ListReplicas calls still out after their status() returned (`_status_late`).
-        self._late_status: set[asyncio.Future[AdmissionStatus]] = set()
+        # The ListReplicas call out to each member, at most one (`_status_call`).
+        self._status_calls: dict[str, tuple[Member, asyncio.Future[AdmissionStatus]]] = {}
         # Admit calls in flight per orchestrator: abandoned (and tried on another one) when that
         # orchestrator is found unreachable meanwhile, e.g. by a view refresh of a hung process.
         self._admitting: dict[str, set[asyncio.Task[Lease]]] = {}
@@ -198,36 +198,50 @@ class OrchestratorSet:
                 self._close_later(member)
         self._members = {a: self._members[a] for a in wanted}
 
-    def _status_outcome(
-        self, addr: str, task: asyncio.Future[AdmissionStatus]
-    ) -> tuple[AdmissionStatus | None, ServiceError | None]:
-        """One member's ListReplicas ended: (its view, or the error that marked it down)."""
-        if task.cancelled():  # its client closed meanwhile (it left the list)
-            return None, None
-        err = task.exception()
+    def _status_call(
+        self, addr: str, member: Member, timeout_s: float
+    ) -> asyncio.Future[AdmissionStatus]:
+        """The member's ListReplicas call: the one still out, or a new one. Its outcome marks
+        the member (answered, or down) once, when it ends, whoever awaits it: one that does
+        not answer within its timeout is marked down even after another answered the
+        status() that asked it."""
+        out = self._status_calls.get(addr)
+        if out is not None and out[0] is member:
+            return out[1]
+        call = asyncio.ensure_future(member.status(timeout_s=timeout_s))
+        self._status_calls[addr] = (member, call)
+        call.add_done_callback(functools.partial(self._status_ended, addr, member))
+        return call
+
+    def _status_ended(
+        self, addr: str, member: Member, call: asyncio.Future[AdmissionStatus]
+    ) -> None:
+        if self._status_calls.get(addr, (None, None))[1] is call:
+            del self._status_calls[addr]
+        if self._members.get(addr) is not member or call.cancelled():
+            return  # it left the list (its client closed) meanwhile
+        err = call.exception()
         if isinstance(err, OrchestratorUnavailable):
             self._unreached(addr, err)
-            return None, err
-        if err is not None:  # no answer, and not a sign it is down
+        elif err is not None:  # no answer, and not a sign it is down
             log.warning("ListReplicas failed", extra={"orchestrator": addr, "error": repr(err)})
-            return None, None
-        self._answered(addr)
-        return task.result(), None
-
-    def _status_late(self, addr: str, task: asyncio.Future[AdmissionStatus]) -> None:
-        self._late_status.discard(task)
-        self._status_outcome(addr, task)
+        else:
+            self._answered(addr)
 
     def _admit_ended(self, addr: str, call: asyncio.Future[Lease]) -> None:
+        """A member's admit ended. Failed or cancelled: no longer counted (the member may
+        close). Granted: counted until `admit` owns the lease or gives it back (it resumes a
+        loop step later: the member must not close in between)."""
+        if call.cancelled() or call.exception() is not None:
+            self._admit_done(addr, call)
+
+    def _admit_done(self, addr: str, call: asyncio.Future[Lease]) -> None:
         calls = self._admitting.get(addr)
         if calls is not None:
             calls.discard(call)
             if not calls:
                 del self._admitting[addr]
-        # Granted: the request owns the lease or gives it back, and the member may close
-        # once that lease is reported (complete) or given back (admit).
-        if call.cancelled() or call.exception() is not None:
-            self._close_if_retired_and_done(addr)
+        self._close_if_retired_and_done(addr)
 
     def _close_if_retired_and_done(self, addr: str) -> None:
         """A removed orchestrator kept for Admits in flight is closed once none is left and it
@@ -326,7 +340,7 @@ class OrchestratorSet:
                     if call.done() and call.exception() is None:
                         # Granted in the tick this request was cancelled: the lease goes back.
                         member.complete(LeaseReport.unused(call.result().lease_id))
-                        self._close_if_retired_and_done(addr)
+                        self._admit_done(addr, call)
                     raise  # this request was cancelled, not the orchestrator abandoned
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
@@ -362,6 +376,7 @@ class OrchestratorSet:
                     del marks[p]
             self._owner[lease.lease_id] = addr
             self._owned[addr] = self._owned.get(addr, 0) + 1
+            self._admit_done(addr, call)  # owned: counted as a lease from now on
             return lease
         if busy is not None:  # reached, and behind: degraded mode would skip admission then
             if busy.retry_after_s is None:
@@ -411,31 +426,34 @@ class OrchestratorSet:
     async def status(self, *, timeout_s: float) -> AdmissionStatus:
         """The first answering orchestrator's view (kept for degraded mode); with none, the
         last-known view marked `degraded` while degraded mode may use it. Every orchestrator
-        is asked at once, each with the whole `timeout_s`: one that hangs neither spends the
-        others' time nor gets them marked down. Those still asked when one answered go on in
-        the background, so one that does not answer in time is marked down all the same."""
+        is asked at once (one call out to each at most: a probe joins the call still out),
+        each with the whole `timeout_s`: one that hangs neither spends the others' time nor
+        gets them marked down, and is marked down itself when its call times out
+        (`_status_call`), whether or not another answered first."""
         last: ServiceError | None = None
-        asked = {
-            asyncio.ensure_future(member.status(timeout_s=timeout_s)): addr
+        asked = [
+            self._status_call(addr, member, timeout_s)
             for addr in self._order()
             if (member := self._members.get(addr)) is not None
-        }
+        ]
         pending = set(asked)
-        try:
-            while pending:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                answered: AdmissionStatus | None = None
-                for task in done:
-                    st, err = self._status_outcome(asked[task], task)
-                    answered = answered or st
-                    last = err or last
-                if answered is not None:
-                    self._view, self._view_at = answered.known, self._clock()
-                    return answered
-        finally:
-            for task in pending:  # answered already, or this call cancelled
-                self._late_status.add(task)
-                task.add_done_callback(functools.partial(self._status_late, asked[task]))
+        while pending:
+            # The calls go on when this returns or is cancelled (shielded from its cancel).
+            done, pending = await asyncio.shield(
+                asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            )
+            answered: AdmissionStatus | None = None
+            for call in done:
+                if call.cancelled():
+                    continue
+                err = call.exception()
+                if isinstance(err, OrchestratorUnavailable):
+                    last = err
+                elif err is None:
+                    answered = answered or call.result()
+            if answered is not None:
+                self._view, self._view_at = answered.known, self._clock()
+                return answered
         if not self._usable_view():
             raise last or OrchestratorUnavailable("no orchestrator known")
         self._enter_degraded("no orchestrator answered ListReplicas")
@@ -523,8 +541,10 @@ class OrchestratorSet:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._refresher
             self._refresher = None
-        for task in list(self._late_status):
-            task.cancel()
+        calls = [call for _, call in self._status_calls.values()]
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
         members = [*self._members.values(), *self._retired.values()]
         self._members, self._retired = {}, {}
         await asyncio.gather(*(m.close() for m in members), return_exceptions=True)

@@ -933,9 +933,11 @@ class RedisResumeStore:
                             extra={"request_id": own.key.request_id},
                         )
                         own.lost = True
-                        # Another gateway took it over: that one bills from the last release
-                        # on. A claim that only expired (nobody took it yet) is billed here.
-                        own.billing.superseded = written == 0
+                        # Another gateway took it over, or will when the clients told so come
+                        # back (an expired claim: -1; a takeover that already ended leaves
+                        # that too): the taker bills from the last release on, so this
+                        # gateway's record bills nothing.
+                        own.billing.superseded = True
                         self._drop(own)
                         own.cancel()
                     return

@@ -468,6 +468,21 @@ async def test_a_report_refused_for_good_is_not_retried_for_a_window(served: Ser
 
     await eventually(sent, what="the report given up on")
     assert [c.lease_id for c in served.service.completes] == ["lease-1"] * COMPLETE_ATTEMPTS
+    # That refusal spent no retry window: the next outage still gets one.
+    served.service.completes.clear()
+    served.service.complete_calls.clear()
+    served.service.complete_failures = COMPLETE_ATTEMPTS + 1
+    served.service.complete_failure_code = grpc.StatusCode.UNAVAILABLE
+    served.client.complete(LeaseReport("lease-2", Outcome.SUCCESS, 1, 1, 0, 1.0))
+
+    async def delivered() -> bool:
+        return sent_now() and len(served.service.completes) > COMPLETE_ATTEMPTS
+
+    def sent_now() -> bool:
+        return served.client.pending == 0
+
+    await eventually(delivered, what="the next report delivered through an outage")
+    assert [c.lease_id for c in served.service.completes] == ["lease-2"] * (COMPLETE_ATTEMPTS + 2)
 
 
 async def test_reports_that_come_together_share_one_call_in_order(served: Served) -> None:

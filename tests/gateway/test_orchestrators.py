@@ -437,6 +437,8 @@ async def test_a_hung_orchestrator_neither_spends_the_others_time_nor_gets_them_
     assert [f.status_timeouts for f in fakes.values()] == [[1.0], [1.0], [1.0]]
     lease = await orchs.admit(request(), timeout_s=1.0)
     assert lease.lease_id.startswith("o1-")  # the next in turn, not passed over
+    await orchs.status(timeout_s=1.0)  # another probe joins the hung one's call still out
+    assert [len(f.status_timeouts) for f in fakes.values()] == [1, 2, 2]
     # Its own call goes on: once its deadline passes unanswered, the hung one is marked down.
     fakes["o0"].times_out.set()
 
@@ -518,3 +520,32 @@ async def test_a_removed_orchestrator_closes_once_its_last_admit_in_flight_ends(
         return fakes["o0"].closed
 
     await eventually(closed, what="o0 closed once its Admit ended")
+
+
+async def test_a_granted_admit_keeps_its_member_until_the_request_owns_the_lease() -> None:
+    # The member's admit ends a loop step before the request resumes to own its lease: the
+    # member that left the list must not close in between (its report would be dropped).
+    orchs, fakes, _ = make(2)
+    hold = fakes["o0"].hold = asyncio.Event()
+    admitting = asyncio.ensure_future(orchs.admit(request(), timeout_s=5.0))
+
+    async def in_flight() -> bool:
+        return fakes["o0"].admits == 1
+
+    await eventually(in_flight, what="an Admit in flight to o0")
+    orchs.set_addresses(["o1"])
+    (call,) = orchs._admitting["o0"]
+    kept: list[bool] = []
+
+    def in_between(_: object) -> None:
+        # Runs after the set's own callbacks on the call, before the request resumes: what a
+        # complete() or a refresh in that loop step would do.
+        orchs._close_if_retired_and_done("o0")
+        kept.append("o0" in orchs._retired)
+
+    call.add_done_callback(in_between)
+    hold.set()
+    lease = await admitting
+    assert kept == [True]  # not handed to closing while its lease was not yet owned
+    orchs.complete(report(lease.lease_id))
+    assert fakes["o0"].completed == [lease.lease_id]
