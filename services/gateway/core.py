@@ -170,6 +170,10 @@ class GatewayCore:
         """Whether a request could be served now (readiness.py)."""
         return await self._readiness.check()
 
+    def wall_time(self) -> float:
+        """Unix time from the core's injected wall clock (what the fronts stamp responses with)."""
+        return self._wall_clock()
+
     def authenticate(self, api_key: str | None) -> Tenant | None:
         """The key's tenant; None when authentication is off (no tenants file). Raises
         Unauthenticated for a missing or unknown key."""

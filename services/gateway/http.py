@@ -200,7 +200,7 @@ class OpenAIHttpFront:
     def __init__(self, core: GatewayCore, settings: GatewaySettings):
         self._core = core
         self._settings = settings
-        self._created = int(time.time())
+        self._created = int(core.wall_time())
         self._runner: web.AppRunner | None = None
         self._draining = False
         self.port = 0
@@ -282,7 +282,7 @@ class OpenAIHttpFront:
 
     # -- generation -------------------------------------------------------------------------
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
-        arrived = time.time()
+        arrived = self._core.wall_time()
         started = time.perf_counter()
         supplied_id = request.headers.get(IDEMPOTENCY_HEADER)
         if not supplied_id and self._settings.http_request_id_is_key:

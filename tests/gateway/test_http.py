@@ -663,3 +663,17 @@ async def test_an_unauthenticated_caller_learns_nothing_about_its_request_id(
             assert (await r.json())["error"]["param"] == "x-request-id"
     finally:
         await f.front.stop()
+
+
+async def test_an_unkeyed_completion_is_stamped_by_the_injected_wall_clock(
+    model: ServedModel, session: aiohttp.ClientSession
+) -> None:
+    ids = model.encode(" one two")
+    f = await serve_with(model, ScriptedEngine(ids), WallClock(1_600_000_000.5))
+    try:
+        async with session.post(f"{f.url}/v1/completions", json=body(max_tokens=len(ids))) as r:
+            assert r.status == 200
+            answer = await r.json()
+        assert answer["created"] == 1_600_000_000
+    finally:
+        await f.front.stop()
