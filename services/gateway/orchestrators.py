@@ -218,9 +218,11 @@ class OrchestratorSet:
     ) -> None:
         if self._status_calls.get(addr, (None, None))[1] is call:
             del self._status_calls[addr]
-        if self._members.get(addr) is not member or call.cancelled():
+        if call.cancelled():
+            return
+        err = call.exception()  # read even when unused: no "exception never retrieved" log
+        if self._members.get(addr) is not member:
             return  # it left the list (its client closed) meanwhile
-        err = call.exception()
         if isinstance(err, OrchestratorUnavailable):
             self._unreached(addr, err)
         elif err is not None:  # no answer, and not a sign it is down
