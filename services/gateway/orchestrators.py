@@ -431,7 +431,8 @@ class OrchestratorSet:
         is asked at once (one call out to each at most: a probe joins the call still out),
         each with the whole `timeout_s`: one that hangs neither spends the others' time nor
         gets them marked down, and is marked down itself when its call times out
-        (`_status_call`), whether or not another answered first."""
+        (`_status_call`), whether or not another answered first. `timeout_s` bounds the calls
+        this one starts; a joined call keeps the deadline it was started with."""
         last: ServiceError | None = None
         asked = [
             self._status_call(addr, member, timeout_s)
