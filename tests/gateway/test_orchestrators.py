@@ -128,6 +128,27 @@ def make(n: int = 3, **kw: object) -> tuple[OrchestratorSet, dict[str, FakeOrche
     return orchs, fakes, clock
 
 
+async def admit_held_at_o0(
+    orchs: OrchestratorSet, fakes: dict[str, FakeOrchestrator]
+) -> tuple[asyncio.Future[Lease], asyncio.Event]:
+    """An Admit in flight to o0 (first in turn), held there until the returned event is set."""
+    hold = fakes["o0"].hold = asyncio.Event()
+    admitting = asyncio.ensure_future(orchs.admit(request(), timeout_s=5.0))
+
+    async def in_flight() -> bool:
+        return fakes["o0"].admits == 1
+
+    await eventually(in_flight, what="an Admit in flight to o0")
+    return admitting, hold
+
+
+async def until_closed(fake: FakeOrchestrator, what: str) -> None:
+    async def closed() -> bool:
+        return fake.closed
+
+    await eventually(closed, what=what)
+
+
 async def test_admit_is_spread_round_robin() -> None:
     orchs, fakes, _ = make(3)
     for _ in range(9):
@@ -451,13 +472,7 @@ async def test_a_hung_orchestrator_neither_spends_the_others_time_nor_gets_them_
 
 async def test_a_lease_granted_as_its_orchestrator_is_removed_is_still_reported_to_it() -> None:
     orchs, fakes, _ = make(2)
-    hold = fakes["o0"].hold = asyncio.Event()
-    admitting = asyncio.ensure_future(orchs.admit(request(), timeout_s=5.0))
-
-    async def in_flight() -> bool:
-        return fakes["o0"].admits == 1
-
-    await eventually(in_flight, what="an Admit in flight to o0")
+    admitting, hold = await admit_held_at_o0(orchs, fakes)
     orchs.set_addresses(["o1"])  # o0 leaves the list while it may still grant
     assert not fakes["o0"].closed
     hold.set()
@@ -466,21 +481,12 @@ async def test_a_lease_granted_as_its_orchestrator_is_removed_is_still_reported_
     orchs.complete(report(lease.lease_id))
     assert fakes["o0"].completed == [lease.lease_id]  # reported, not dropped
 
-    async def closed() -> bool:
-        return fakes["o0"].closed
-
-    await eventually(closed, what="o0 closed once its last report was handed over")
+    await until_closed(fakes["o0"], "o0 closed once its last report was handed over")
 
 
 async def test_a_request_cancelled_as_its_orchestrator_is_abandoned_stays_cancelled() -> None:
     orchs, fakes, _ = make(2)
-    fakes["o0"].hold = asyncio.Event()
-    admitting = asyncio.ensure_future(orchs.admit(request(), timeout_s=5.0))
-
-    async def in_flight() -> bool:
-        return fakes["o0"].admits == 1
-
-    await eventually(in_flight, what="an Admit in flight to o0")
+    admitting, _ = await admit_held_at_o0(orchs, fakes)
     # In one tick: o0 found unreachable (its Admits abandoned) and the request cancelled.
     orchs._unreached("o0", OrchestratorUnavailable("o0: connection reset"))
     admitting.cancel()
@@ -502,37 +508,22 @@ async def test_a_member_failing_status_otherwise_than_unreached_is_no_answer(
 
 async def test_a_removed_orchestrator_closes_once_its_last_admit_in_flight_ends() -> None:
     orchs, fakes, _ = make(2)
-    hold = fakes["o0"].hold = asyncio.Event()
     fakes["o0"].up = False  # its Admit fails once let go
-    admitting = asyncio.ensure_future(orchs.admit(request(), timeout_s=5.0))
-
-    async def in_flight() -> bool:
-        return fakes["o0"].admits == 1
-
-    await eventually(in_flight, what="an Admit in flight to o0")
+    admitting, hold = await admit_held_at_o0(orchs, fakes)
     orchs.set_addresses(["o1"])
     assert not fakes["o0"].closed  # kept while its Admit is in flight
     hold.set()
     lease = await admitting  # failed over to o1
     assert lease.lease_id.startswith("o1-")
 
-    async def closed() -> bool:
-        return fakes["o0"].closed
-
-    await eventually(closed, what="o0 closed once its Admit ended")
+    await until_closed(fakes["o0"], "o0 closed once its Admit ended")
 
 
 async def test_a_granted_admit_keeps_its_member_until_the_request_owns_the_lease() -> None:
     # The member's admit ends a loop step before the request resumes to own its lease: the
     # member that left the list must not close in between (its report would be dropped).
     orchs, fakes, _ = make(2)
-    hold = fakes["o0"].hold = asyncio.Event()
-    admitting = asyncio.ensure_future(orchs.admit(request(), timeout_s=5.0))
-
-    async def in_flight() -> bool:
-        return fakes["o0"].admits == 1
-
-    await eventually(in_flight, what="an Admit in flight to o0")
+    admitting, hold = await admit_held_at_o0(orchs, fakes)
     orchs.set_addresses(["o1"])
     (call,) = orchs._admitting["o0"]
     kept: list[bool] = []

@@ -172,6 +172,36 @@ def resume_requests(result: str) -> float:
     return REGISTRY.get_sample_value(names.GATEWAY_RESUME_REQUESTS, {"result": result}) or 0.0
 
 
+async def killed_after_writing(
+    cores: Cores, redis: aioredis.Redis, request_id: str, written: list[int], max_tokens: int
+) -> None:
+    """Gateway A streams `written` to its client, writes them to Redis as one batch, then is
+    killed (as kill -9: no more writes; its client gets UNAVAILABLE); returns once its claim
+    expired, so that the next gateway the client reaches takes the generation over."""
+    a = cores.make(
+        FakeEngine([[*tokens(*written), Hang()]]),
+        resume_redis_flush_tokens=len(written),
+        resume_redis_flush_interval_s=3600.0,
+    )
+    client_a = a.generate(request(request_id, max_tokens), 10.0)
+    [await anext(client_a) for _ in written]
+    own = store(a)._owned[Key("", request_id)]
+
+    async def all_written() -> bool:
+        return own.flushed_tokens == len(written)
+
+    await eventually(all_written, what=f"A wrote its {len(written)} tokens")
+    await store(a).kill()
+    with pytest.raises(Unavailable):
+        await anext(client_a)
+    claim = store(a)._keys(Key("", request_id)).claim
+
+    async def expired() -> bool:
+        return not await redis.exists(claim)
+
+    await eventually(expired, what="A's claim expired")
+
+
 def test_in_memory_store_without_a_redis_url(model: ServedModel) -> None:
     core = GatewayCore(
         GatewaySettings(models=[model.settings]), [model], FakeAdmission(), FakeEngine([]), 32
@@ -498,29 +528,8 @@ async def test_a_takeover_whose_client_leaves_during_the_replay_is_abandoned_aft
     """B takes over a generation whose gateway died after writing 3 tokens; its client reads
     one of them and leaves: the continuation is cancelled after the grace, not run to the end
     with nobody following it."""
-    a = cores.make(
-        FakeEngine([[*tokens(*TOKENS[:3]), Hang()]]),
-        resume_redis_flush_tokens=3,
-        resume_redis_flush_interval_s=3600.0,
-    )
     b = cores.make(FakeEngine([[Hang()]]), resume_grace_s=0.05)
-    client_a = a.generate(request(request_id, 10), 10.0)
-    [await anext(client_a) for _ in range(3)]
-    own = store(a)._owned[Key("", request_id)]
-
-    async def written() -> bool:
-        return own.flushed_tokens == 3
-
-    await eventually(written, what="A wrote its 3 tokens")
-    await store(a).kill()
-    with pytest.raises(Unavailable):
-        await anext(client_a)
-    claim = store(b)._keys(Key("", request_id)).claim
-
-    async def expired() -> bool:
-        return not await redis.exists(claim)
-
-    await eventually(expired, what="A's claim expired")
+    await killed_after_writing(cores, redis, request_id, TOKENS[:3], 10)
     client_b = b.generate(request(request_id, 10), 10.0)
     first = await anext(client_b)  # the first of the 3 replayed deltas
     assert isinstance(first, Delta)
@@ -579,32 +588,16 @@ async def test_a_takeover_drained_before_it_restored_the_tokens_bills_nothing_an
     billing as it was (nobody billed the prompt), so C, taking over next, bills it all."""
     n = 10
     out = TOKENS[:n]
-    a = cores.make(
-        FakeEngine([[*tokens(*out[:4]), Hang()]]),
-        resume_redis_flush_tokens=4,
-        resume_redis_flush_interval_s=3600.0,
-    )
     b_usage, c_usage = Sink(), Sink()
     b = cores.make(FakeEngine([]), usage=b_usage)
     c_engine = FakeEngine([[*tokens(*out[4:]), chunk(final=True)]])
     c = cores.make(c_engine, usage=c_usage)
-    client_a = a.generate(request(request_id, n), 10.0)
-    [await anext(client_a) for _ in range(4)]
-    own = store(a)._owned[Key("", request_id)]
-
-    async def written() -> bool:
-        return own.flushed_tokens == 4
-
-    await eventually(written, what="A wrote its 4 tokens")
-    await store(a).kill()
-    with pytest.raises(Unavailable):
-        await anext(client_a)
+    await killed_after_writing(cores, redis, request_id, out[:4], n)
     keys = store(b)._keys(Key("", request_id))
 
     async def expired() -> bool:
         return not await redis.exists(keys.claim)
 
-    await eventually(expired, what="A's claim expired")
     validating = asyncio.Event()
 
     async def stuck(req: GenerationRequest) -> Any:
