@@ -434,17 +434,14 @@ class OrchestratorSet:
         (`_status_call`), whether or not another answered first. `timeout_s` bounds the calls
         this one starts; a joined call keeps the deadline it was started with."""
         last: ServiceError | None = None
-        asked = [
+        pending = {
             self._status_call(addr, member, timeout_s)
             for addr in self._order()
             if (member := self._members.get(addr)) is not None
-        ]
-        pending = set(asked)
+        }
         while pending:
-            # The calls go on when this returns or is cancelled (shielded from its cancel).
-            done, pending = await asyncio.shield(
-                asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            )
+            # The calls go on when this returns or is cancelled (wait() never cancels them).
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
             answered: AdmissionStatus | None = None
             for call in done:
                 if call.cancelled():

@@ -156,14 +156,9 @@ return 1
 
 # KEYS meta, claim, log, watch. ARGV owner, payload, mode, lease_ms, ttl_ms, retention_ms,
 # error_ttl_ms, billed (the completion tokens usage records billed with the prompt, '' for
-# none; kept by a release for the gateway taking over). Fenced: only the claim's holder writes;
-# answers 1 (written), 0 (another gateway holds the claim) or -1 (nobody does: it expired).
+# none; kept by a release for the gateway taking over). Fenced: only the claim's holder writes.
 _WRITE = """
-local claim = redis.call('GET', KEYS[2])
-if claim ~= ARGV[1] then
-  if claim then return 0 end
-  return -1
-end
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 if ARGV[2] ~= '' then redis.call('XADD', KEYS[3], '*', 'e', ARGV[2]) end
 local mode = ARGV[3]
 if mode == 'run' then
@@ -837,9 +832,7 @@ class RedisResumeStore:
     # -- writing --------------------------------------------------------------------------------
     async def _write(
         self, own: _Owned, batch: Sequence[Event], mode: str, error: ServiceError | None
-    ) -> int:
-        """The write script's answer: 1 written, 0 another gateway holds the claim, -1 the
-        claim expired."""
+    ) -> bool:
         payload = encode_batch(batch, error) if batch or error is not None else b""
         keys = own.keys
         done = await self._write_script(
@@ -856,7 +849,7 @@ class RedisResumeStore:
             ],
         )
         metrics.record_resume_redis_write()
-        return int(done)
+        return int(done) == 1
 
     async def _flush(self, own: _Owned) -> None:
         """Write `own`'s new events in batches until it ended and its end is written: a batch
@@ -901,7 +894,7 @@ class RedisResumeStore:
                 if n == len(own.events):
                     own.pending_since = None  # events from here on start the next batch
                 try:
-                    written = await self._write(own, batch, mode, error)
+                    ok = await self._write(own, batch, mode, error)
                 except RedisError as err:
                     metrics.record_resume_redis_error("flush")
                     if own.pending_since is None and len(own.events) > own.flushed:
@@ -926,7 +919,7 @@ class RedisResumeStore:
                 last_write = time.monotonic()
                 own.flushed = n
                 own.flushed_tokens += _tokens(batch)
-                if written != 1:
+                if not ok:
                     if not done:
                         log.warning(
                             "lost the claim on a keyed generation; another gateway continues it",
@@ -934,9 +927,8 @@ class RedisResumeStore:
                         )
                         own.lost = True
                         # Another gateway took it over, or will when the clients told so come
-                        # back (an expired claim: -1; a takeover that already ended leaves
-                        # that too): the taker bills from the last release on, so this
-                        # gateway's record bills nothing.
+                        # back (the claim expired): the taker bills from the last release on,
+                        # so this gateway's record bills nothing.
                         own.billing.superseded = True
                         self._drop(own)
                         own.cancel()
