@@ -180,9 +180,12 @@ def simulate_open_loop(
     replicas: int,
     shape: EngineShape,
     assign: Sequence[int] | None = None,
+    *,
+    pooled: int = 1,
 ) -> OpenLoopPrediction:
     """Requests fed at their arrival times (modelled seconds) to the replica `assign[i]`
-    (default: round robin in arrival order). Replicas are independent given the assignment."""
+    (default: round robin in arrival order). Replicas are independent given the assignment.
+    `pooled` k: each replica is k replicas pooled into one engine (`EngineShape.scheduler`)."""
     order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
     if assign is None:
         assign = [0] * len(requests)
@@ -194,7 +197,7 @@ def simulate_open_loop(
         mine = [i for i in order if assign[i] == k]
         if not mine:
             continue
-        sched = shape.scheduler()
+        sched = shape.scheduler(pooled)
         arrivals = [int(requests[i].arrival_s * 1e9) for i in mine]
         _, first, _ = _run_to_completion(sched, [requests[i] for i in mine], arrivals)
         for j, i in enumerate(mine):
@@ -214,15 +217,7 @@ def pooled_ttft_s(requests: Sequence[Request], replicas: int, shape: EngineShape
     can beat it in one way: the pool serves in arrival order (as each engine does), where a
     router may let a cheap request past an expensive one by sending it elsewhere. So it is a
     reference for how much a workload leaves to win, not a proven bound."""
-    order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
-    arrivals = [int(requests[i].arrival_s * 1e9) for i in order]
-    _, first, _ = _run_to_completion(
-        shape.scheduler(replicas), [requests[i] for i in order], arrivals
-    )
-    ttft = [math.nan] * len(requests)
-    for j, i in enumerate(order):
-        ttft[i] = (first[j] - arrivals[j]) / 1e9
-    return ttft
+    return simulate_open_loop(requests, 1, shape, pooled=replicas).ttft_s
 
 
 def shared_working_set_blocks(requests: Sequence[Request], block_size: int) -> int:
