@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from llmmesh.common.process import tied_to_parent
+from llmmesh.common.process import prepend_path, tied_to_parent
 from llmmesh.netutil import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,13 +35,16 @@ def redis_binary() -> tuple[str, dict[str, str]] | None:
     """(path, environment) of the redis-server to run: the unpacked Debian one (with its
     libraries on LD_LIBRARY_PATH), else one on PATH; None when there is none."""
     env = dict(os.environ)
-    # No empty entry: the dynamic loader reads one as the current directory.
-    inherited = [p for p in env.pop("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
-    if inherited:
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(inherited)
-    if UNPACKED.exists():
-        libs = [str(p) for p in (ROOT / ".build" / "redis" / "usr" / "lib").glob("*-linux-gnu")]
-        env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, *inherited])
+    unpacked = UNPACKED.exists()
+    libs = (
+        [str(p) for p in (ROOT / ".build" / "redis" / "usr" / "lib").glob("*-linux-gnu")]
+        if unpacked
+        else []
+    )
+    library_path = prepend_path(libs, env.pop("LD_LIBRARY_PATH", None))
+    if library_path:
+        env["LD_LIBRARY_PATH"] = library_path
+    if unpacked:
         return str(UNPACKED), env
     found = shutil.which("redis-server")
     return (found, env) if found else None

@@ -40,6 +40,14 @@ _GUARD = '[ "$PPID" = "$0" ] || exit 1; exec "$@"'
 _IGNORED_BY_DEFAULT = frozenset({signal.SIGURG, signal.SIGCHLD, signal.SIGWINCH, signal.SIGCONT})
 
 
+def prepend_path(entries: Sequence[str], path: str | None) -> str:
+    """A search path (PATH-like, `os.pathsep`-separated): `entries` first, then `path`'s own
+    entries not among them, with no empty entry (the dynamic loader and Python read one as the
+    current directory)."""
+    rest = [p for p in (path or "").split(os.pathsep) if p and p not in entries]
+    return os.pathsep.join([*entries, *rest])
+
+
 def tied_to_parent(argv: Sequence[str], sig: signal.Signals = signal.SIGKILL) -> list[str]:
     """`argv` run so that the kernel sends it `sig` when the thread that spawns it exits (see
     the module docstring); `argv` unchanged where there is no `setpriv`."""

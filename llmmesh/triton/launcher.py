@@ -58,7 +58,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
-from llmmesh.common.process import tied_to_parent, wait_for_exit
+from llmmesh.common.process import prepend_path, tied_to_parent, wait_for_exit
 from llmmesh.common.topology import (
     TRITON_GRPC_PORT,
     TRITON_HTTP_PORT,
@@ -192,17 +192,11 @@ def tritonserver_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     then `extra` (which wins)."""
     env = dict(os.environ)
     libdir = str(sysconfig.get_config_var("LIBDIR"))
-    env["LD_LIBRARY_PATH"] = _prepend(libdir, env.get("LD_LIBRARY_PATH"))
+    env["LD_LIBRARY_PATH"] = prepend_path([libdir], env.get("LD_LIBRARY_PATH"))
     site = sysconfig.get_paths()["purelib"]
-    pythonpath = _prepend(site, env.get("PYTHONPATH"))
-    env["PYTHONPATH"] = _prepend(str(REPO_ROOT), pythonpath)
+    env["PYTHONPATH"] = prepend_path([str(REPO_ROOT), site], env.get("PYTHONPATH"))
     env.update(extra or {})
     return env
-
-
-def _prepend(entry: str, path: str | None) -> str:
-    parts = [p for p in (path or "").split(os.pathsep) if p and p != entry]
-    return os.pathsep.join([entry, *parts])
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,12 @@ import time
 
 import pytest
 
-from llmmesh.common.process import tied_to_parent, wait_for_exit
+from llmmesh.common.process import prepend_path, tied_to_parent, wait_for_exit
 
 # The middle process starts a long sleeper tied to it, prints its pid, then waits.
 _PARENT = """
 import subprocess, sys, time
-from llmmesh.common.process import tied_to_parent
+from llmmesh.common.process import tied_to_parent, prepend_path
 sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
 child = subprocess.Popen(tied_to_parent(sleeper))
 print(child.pid, flush=True)
@@ -81,3 +81,17 @@ async def test_wait_for_exit_returns_the_exit_status() -> None:
     assert await wait_for_exit(proc) == 3
     assert proc.returncode == 3
     assert await wait_for_exit(proc) == 3  # already reaped: answered at once
+
+
+@pytest.mark.parametrize(
+    ("entries", "path", "expected"),
+    [
+        (["/a"], None, "/a"),
+        (["/a"], "", "/a"),
+        (["/a", "/b"], "/c::/a:", "/a:/b:/c"),  # no empty entry (the current directory)
+        ([], "/c:", "/c"),
+        ([], None, ""),
+    ],
+)
+def test_prepend_path(entries: list[str], path: str | None, expected: str) -> None:
+    assert prepend_path(entries, path) == expected
