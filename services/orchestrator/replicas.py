@@ -160,8 +160,9 @@ class ReplicaSet:
                 self._add(ReplicaState(spec))
                 log.info("replica added", extra={"replica": rid, "address": spec.grpc_address})
             else:
+                if st.removed:  # back in the set (not one listed again, as every round does)
+                    _back(st)
                 st.removed = st.registered = st.draining = False
-                _back(st)
                 if st.spec != spec and st.in_flight == 0:
                     self._respec(st, spec)
         dropped: list[str] = []

@@ -197,6 +197,31 @@ async def test_a_replica_serving_requests_is_probed_at_least_every_few_rounds() 
     assert not core.replicas()[0].ready  # a failed request has it probed (now, and each round)
 
 
+async def test_a_replica_listed_again_by_every_discovery_round_keeps_its_passive_rounds() -> None:
+    core, probe = await ready_core(n=1, cap=4)
+    spec = core.replicas()[0].spec
+    rounds = core._settings.health_passive_rounds
+    probed: list[str] = []
+    ready = probe.ready
+
+    async def counting(replica: ReplicaSpec, models: Sequence[str], timeout_s: float) -> bool:
+        probed.append(replica.id)
+        return await ready(replica, models, timeout_s)
+
+    probe.ready = counting  # type: ignore[method-assign]
+
+    async def served_then_listed() -> bool:
+        """A request succeeded, discovery lists the replica again unchanged, a health round:
+        whether the round probed it."""
+        core.complete((await core.admit(req(), 1.0)).lease_id, Outcome.SUCCESS)
+        core.sync_replicas([spec])
+        before = len(probed)
+        await core.probe_once()
+        return len(probed) > before
+
+    assert [await served_then_listed() for _ in range(rounds + 1)] == [False] * rounds + [True]
+
+
 async def test_a_replica_back_in_the_set_is_probed_at_the_next_round() -> None:
     core, probe = await ready_core(n=1, cap=2)
     spec = core.replicas()[0].spec
