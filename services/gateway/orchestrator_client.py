@@ -290,7 +290,7 @@ class _AdmitStream:
         caller: str,
         release: Callable[[pb.AdmitResponse], None],
         hasher: ChunkedHashes | None,
-        on_end: Callable[[], None] = lambda: None,
+        on_end: Callable[[StreamEnded], None],
     ) -> None:
         self._call = stub.AdmitStream(None, metadata=((CALLER_KEY, caller),))
         self._release = release
@@ -394,7 +394,7 @@ class _AdmitStream:
     def _end(self, error: BaseException | None) -> None:
         if self.ended is not None:
             return
-        self.ended = StreamEnded(error)
+        self.ended = ended = StreamEnded(error)
         pending, self._pending = self._pending, {}
         self._unsent.clear()
         self._outbox.clear()
@@ -406,7 +406,7 @@ class _AdmitStream:
         for task in (self._reader, self._writer):
             if task is not current:
                 task.cancel()
-        self._on_end()
+        self._on_end(ended)
 
     def close(self) -> None:
         self._end(asyncio.CancelledError())
@@ -522,12 +522,11 @@ class OrchestratorClient:
             )
         return stream
 
-    def _stream_ended(self) -> None:
+    def _stream_ended(self, ended: StreamEnded) -> None:
         """While leases granted over it are held, a stream that ended is opened again soon
         (`STREAM_REOPEN_S`, again each time it fails): the orchestrator keeps a caller's
         leases while the caller holds a stream open."""
-        stream = self._stream
-        if stream is not None and stream.ended is not None and stream.ended.error is None:
+        if ended.error is None:
             return  # the orchestrator ended it (it drains): its leases end with it
         if self._holds_stream_leases() and self._reopen is None:
             self._reopen = asyncio.get_running_loop().call_later(
