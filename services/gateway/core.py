@@ -236,47 +236,53 @@ class GatewayCore:
     async def validate(self, req: GenerationRequest) -> Validated:
         """The request checked against its model and settings, its prompt as token ids (a long
         text is tokenized off the event loop: `ServedModel.encode_off_loop`)."""
-        s = self._settings
         model = self._model_of(req)
-        prompt_field = "prompt"
+        prompt_field = self._check_prompt(req, model)
         if req.prompt_ids is not None:
             ids = list(req.prompt_ids)
         elif req.prompt_text is not None:
-            if len(req.prompt_text) > s.max_prompt_chars:
-                raise InvalidRequest(
-                    f"longer than {s.max_prompt_chars} characters", field="prompt.text"
-                )
             ids = await model.encode_off_loop(req.prompt_text)
-        elif req.messages is not None:
-            prompt_field = "messages"
-            ids = await model.encode_off_loop(self._render_chat(model, req.messages))
         else:
-            raise InvalidRequest("text, token_ids or messages is required", field="prompt")
-        if not ids:
-            raise InvalidRequest("must not be empty", field=prompt_field)
+            # Both checked (`_check_prompt`): a chat whose model has a template.
+            assert req.messages is not None
+            assert model.chat_template is not None
+            text = self._render_chat(model.chat_template, req.messages)
+            ids = await model.encode_off_loop(text)
         return self._sampled(req, model, ids, prompt_field)
 
     def check_untokenized(self, req: GenerationRequest) -> None:
-        """`validate`'s checks that need no tokenizer (the model, the token ids, the sampling
-        parameters; not the prompt's length in tokens): cheap enough for a request refused
-        anyway, to tell it when it could never be served."""
+        """`validate`'s checks that need no tokenizer (the model, the prompt short of its
+        length in tokens, the sampling parameters): cheap enough for a request refused anyway,
+        to tell it when it could never be served."""
         model = self._model_of(req)
-        s = self._settings
+        prompt_field = self._check_prompt(req, model)
+        known = req.prompt_ids is not None
+        ids = list(req.prompt_ids) if req.prompt_ids is not None else [0]
+        self._sampled(req, model, ids, prompt_field, prompt_known=known)
+
+    def _check_prompt(self, req: GenerationRequest, model: ServedModel) -> str:
+        """The prompt's checks that need no tokenizer; the field it is in."""
         if req.prompt_ids is not None:
-            pass  # checked with the sampling parameters below
-        elif req.prompt_text is not None:
-            if len(req.prompt_text) > s.max_prompt_chars:
+            ids = req.prompt_ids
+            # min/max run in C; the offending id is searched for only when there is one.
+            if ids and (min(ids) < 0 or max(ids) >= model.vocab_size):
+                bad = next(t for t in ids if t < 0 or t >= model.vocab_size)
                 raise InvalidRequest(
-                    f"longer than {s.max_prompt_chars} characters", field="prompt.text"
+                    f"token id {bad} outside vocabulary [0, {model.vocab_size})",
+                    field="prompt.token_ids",
                 )
+            return "prompt"
+        if req.prompt_text is not None:
+            limit = self._settings.max_prompt_chars
+            if len(req.prompt_text) > limit:
+                raise InvalidRequest(f"longer than {limit} characters", field="prompt.text")
             if not req.prompt_text:
                 raise InvalidRequest("must not be empty", field="prompt")
-        elif req.messages is not None:
+            return "prompt"
+        if req.messages is not None:
             self._check_messages(model, req.messages)
-        else:
-            raise InvalidRequest("text, token_ids or messages is required", field="prompt")
-        ids = list(req.prompt_ids) if req.prompt_ids is not None else [0]
-        self._sampled(req, model, ids, "prompt", prompt_known=req.prompt_ids is not None)
+            return "messages"
+        raise InvalidRequest("text, token_ids or messages is required", field="prompt")
 
     def _model_of(self, req: GenerationRequest) -> ServedModel:
         """The served model, after the request's id and sizes are checked."""
@@ -302,13 +308,6 @@ class GatewayCore:
         stand in for a prompt not tokenized, its length checks left out."""
         s = self._settings
         ms = model.settings
-        # min/max run in C; the offending id is searched for only when there is one.
-        if req.prompt_ids is not None and ids and (min(ids) < 0 or max(ids) >= model.vocab_size):
-            bad = next(t for t in ids if t < 0 or t >= model.vocab_size)
-            raise InvalidRequest(
-                f"token id {bad} outside vocabulary [0, {model.vocab_size})",
-                field="prompt.token_ids",
-            )
         if not ids:
             raise InvalidRequest("must not be empty", field=prompt_field)
         if prompt_known and len(ids) >= ms.context_length:
@@ -350,8 +349,8 @@ class GatewayCore:
             raise InvalidRequest("must fit in 64 unsigned bits", field="sampling.seed")
         return Validated(model, ids, max_tokens, temperature, top_p, top_k, sp.stop, sp.seed)
 
-    def _render_chat(self, model: ServedModel, messages: Sequence[ChatMessage]) -> str:
-        template = self._check_messages(model, messages)
+    def _render_chat(self, template: ChatTemplate, messages: Sequence[ChatMessage]) -> str:
+        """The chat prompt, its messages checked (`_check_messages`)."""
         limit = self._settings.max_prompt_chars
         try:
             text = template.render(
@@ -368,8 +367,8 @@ class GatewayCore:
             )
         return text
 
-    def _check_messages(self, model: ServedModel, messages: Sequence[ChatMessage]) -> ChatTemplate:
-        """The checks of a chat request that need no rendering; the template to render with."""
+    def _check_messages(self, model: ServedModel, messages: Sequence[ChatMessage]) -> None:
+        """The checks of a chat request that need no rendering."""
         if model.chat_template is None:
             raise InvalidRequest(
                 f"model {model.name!r} has no chat template; send a text prompt instead",
@@ -387,7 +386,6 @@ class GatewayCore:
             chars += len(m.content)
         if chars > limit:
             raise InvalidRequest(f"longer than {limit} characters in all", field="messages")
-        return model.chat_template
 
     # -- generation -------------------------------------------------------------------------
     def generate(
