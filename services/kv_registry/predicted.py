@@ -86,7 +86,10 @@ class PredictedIndex(StoreBacked[PredictedReplica]):
     def ttl_of(self, replica_id: str) -> float:
         """The TTL the replica's entries are refreshed with (`ttl_s` when it has none)."""
         rep = self.replicas.get(replica_id)
-        return rep.ttl if rep is not None and rep.count else self.ttl_s
+        return self.ttl_s if rep is None else self._ttl(rep)
+
+    def _ttl(self, rep: PredictedReplica) -> float:
+        return rep.ttl if rep.count else self.ttl_s
 
     def correct(
         self, replica_id: str, hashes: Sequence[int], predicted: int, reported: int
@@ -120,7 +123,7 @@ class PredictedIndex(StoreBacked[PredictedReplica]):
         dropped = self._evict(rep, min(rep.count - cap, budget)) if rep.count > cap else 0
         if dropped:
             self._metrics.evicted(EvictionReason.CORRECTION, dropped)
-        self._predict(rep, hashes, now, rep.ttl if rep.count else self.ttl_s)
+        self._predict(rep, hashes, now, self._ttl(rep))
         rep.metrics.blocks(rep.count)
         return Correction(cap, dropped)
 
