@@ -8,17 +8,12 @@ import pytest
 
 from llmmesh.tools.meshcheck.common import OVERLAYS, Doc
 from llmmesh.tools.meshcheck.index import Mesh
+from llmmesh.tools.meshcheck.rules.helpers import autoscaler_env, plaintext_hosts
 from services.autoscaler.actuators.contracts import PoolKey
 from services.autoscaler.policy import PolicyConfig
 from services.autoscaler.settings import PoolConfig
 
 PREFIX = "LLMMESH_AUTOSCALER_"
-
-
-def autoscaler_env(mesh: Mesh) -> dict[str, str]:
-    dep = mesh.get("Deployment", "llmmesh-autoscaler")
-    assert dep is not None
-    return mesh.container_env(dep, mesh.main_container(dep))
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -55,3 +50,13 @@ def test_orchestrator_metrics_url_names_its_metrics_port(
     assert svc is not None
     port = next(p["port"] for p in svc["spec"]["ports"] if p["name"] == "http-metrics")
     assert url == f"http://llmmesh-orchestrator.{mesh.namespace}.svc.cluster.local:{port}/metrics"
+
+
+def test_a_render_without_the_autoscaler_dials_no_plaintext_host(
+    rendered: dict[str, list[Doc]],
+) -> None:
+    def autoscaler(d: Doc) -> bool:
+        return bool(d["kind"] == "Deployment" and d["metadata"]["name"] == "llmmesh-autoscaler")
+
+    assert plaintext_hosts(Mesh(rendered["prod"]))  # its Prometheus, with it
+    assert plaintext_hosts(Mesh([d for d in rendered["prod"] if not autoscaler(d)])) == set()

@@ -108,6 +108,8 @@ def istiod_values(root: Path) -> dict[str, Any]:
 def plaintext_hosts(mesh: Mesh) -> set[str]:
     """Hosts outside the mesh namespace dialled in plain text: the autoscaler's Prometheus (a
     sidecar that intercepts no inbound port)."""
+    if mesh.get("Deployment", "llmmesh-autoscaler") is None:
+        return set()  # a render without the autoscaler dials no Prometheus
     env = autoscaler_env(mesh)
     url = env.get("LLMMESH_AUTOSCALER_PROMETHEUS_URL")
     if env.get("LLMMESH_AUTOSCALER_SOURCE") != "promql" or not url:
