@@ -491,14 +491,17 @@ class GatewayCore:
                 v = await self.validate(req)
                 progress.prompt_tokens = len(v.prompt_ids)
                 limits = None if tenant is None else tenant.limits
-                # A takeover was charged (and its prompt counted) where it began.
+
+                # A takeover was charged (and its prompt counted) where it began; one handed
+                # to another gateway (this one drains) keeps its charge: it continues there.
+                def refundable() -> bool:
+                    return billing is None or not billing.handing_off
+
                 refund: Callable[[], None] | None = None
                 if limits is not None and takeover is None:
                     try:
                         refund = await limits.acquire(
-                            len(v.prompt_ids),
-                            # Not when drained: another gateway continues it, uncharged.
-                            refund_if_cancelled=lambda: billing is None or not billing.handing_off,
+                            len(v.prompt_ids), refund_if_cancelled=refundable
                         )
                     except RateLimited as err:
                         metrics.record_rate_limited(limits.tenant, err.limit)
@@ -533,8 +536,7 @@ class GatewayCore:
                             async for ev in events:
                                 yield ev
                 except (ServiceError, asyncio.CancelledError, GeneratorExit):
-                    handing_off = billing is not None and billing.handing_off
-                    if refund is not None and not leases and not handing_off:
+                    if refund is not None and not leases and refundable():
                         # Never served (queue full, no replica, the caller gone while it
                         # waited for admission): the tenant keeps its budget.
                         refund()
