@@ -10,14 +10,31 @@ Same run, same engines (emulated Triton replicas on this machine), three arms:
 
 Pinning (on by default where there are two CPUs or more): the engines (every Triton process and
 its backend stubs) and this load generator run on one CPU, the mesh's services (gateway,
-orchestrator, kv_registry) and the bare relay on another, the same for every arm, so the latency
-measured is the mesh's and not its contention with the engines.
+orchestrator, kv_registry) and the bare relay on another, so the latency measured is the mesh's
+and not its contention with the engines. The direct arm's client runs in the load generator (on
+the engines' CPU), so the mesh's TTFT is also given against the bare relay, which sits where the
+mesh does.
+
+Fair arms: the direct arm and the bare relay send each stream to the replica with the fewest
+streams in flight (the mesh's orchestrator balances by load: a blind split would queue a
+direct stream behind a full batch the mesh avoids); every request of the run has its own prompt
+and seed, in every arm and level (a prompt an earlier arm sent is cached in the engines); each
+level is warmed up with its own concurrency; and each level is measured `--repeats` times with
+the arms in a rotated order, the figures being the median over the repeats (and their range). A
+stream that ends without a token, or with an engine error, fails the run.
 
 At 1, 32 and 128 concurrent streams: TTFT p50/p99 (and the difference to direct), tokens/s, and
 CPU time from /proc/<pid>/stat (utime + stime) of each serving process around each arm: gateway
 CPU-µs per relayed token and per request, orchestrator CPU-µs per Admit (one Admit per request;
 it includes the lease's Complete and the background health rounds), bare relay CPU-µs per token.
 CPU per unit of work does not move with what else the machine runs; latency and throughput do.
+The mesh's CPU figures include its background work (health probes, metrics scrapes) over the
+arm's time; the gateway's and orchestrator's CPU during the direct arm, where they serve nothing,
+is that background alone (`*_idle_cpu_share`, printed).
+
+The targets (issue 14) are checked at the end: added TTFT p50 <= 1.5 ms and p99 <= 5 ms at 1
+stream, p50 <= 5 ms at 32; gateway CPU per token <= 1.5x the bare relay's; tokens/s >= 0.8x the
+bare relay's at 32 and 128 streams.
 
 `--compare before.json` prints the figures of an earlier run beside this one's.
 """
@@ -30,12 +47,14 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
 import os
 import shutil
 import signal
+import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +100,32 @@ class Row:
     orchestrator_cpu_us_per_admit: float | None = None
     kv_registry_cpu_us_per_request: float | None = None
     relay_cpu_us_per_token: float | None = None
+    # which of the level's `--repeats` measurements
+    repeat: int = 0
+    # direct arm: the gateway's and orchestrator's CPU share while they serve nothing
+    gateway_idle_cpu_share: float | None = None
+    orchestrator_idle_cpu_share: float | None = None
+
+
+class LeastInFlight:
+    """Picks the target with the fewest streams in flight (the first such), as a load-aware
+    balancer would; `with picker.pick() as i` holds target `i` for the stream."""
+
+    def __init__(self, targets: int) -> None:
+        self.in_flight = [0] * targets
+
+    @contextlib.contextmanager
+    def pick(self) -> Iterator[int]:
+        i = self.in_flight.index(min(self.in_flight))
+        self.in_flight[i] += 1
+        try:
+            yield i
+        finally:
+            self.in_flight[i] -= 1
+
+
+class NoTokens(RuntimeError):
+    """A stream that ended without a token: not a sample (its TTFT would read 0)."""
 
 
 def distinct_prompt(i: int, tokens: int) -> list[int]:
@@ -114,6 +159,8 @@ async def grpc_sample(
             n += len(msg.delta.token_ids)
         elif msg.HasField("complete"):
             queue_ms = msg.complete.timings.queue_ms
+    if n == 0:
+        raise NoTokens(f"Generate (seed {seed}) ended without a token")
     return Sample(first, n, time.perf_counter() - start, queue_ms)
 
 
@@ -134,6 +181,8 @@ async def direct_sample(
             if n == 0:
                 first = time.perf_counter() - start
             n += len(chunk.token_ids)
+    if n == 0:
+        raise NoTokens(f"Triton stream (seed {seed}) to {address} ended without a token")
     return Sample(first, n, time.perf_counter() - start)
 
 
@@ -161,14 +210,15 @@ async def run_level(
 
 # -- the bare relay (its own process) --------------------------------------------------------
 async def serve_bare_relay(addresses: list[str]) -> None:
-    """GatewayService/Generate as a bare relay: one Triton stream per call (replica by seed),
-    each response with tokens written out as a GenerateResponse. Prints its port, then serves
-    until killed."""
+    """GatewayService/Generate as a bare relay: one Triton stream per call (to the replica with
+    the fewest of its streams), each response with tokens written out as a GenerateResponse; an
+    engine error ends the call (INTERNAL). Prints its port, then serves until killed."""
     channels = [grpc.aio.insecure_channel(a) for a in addresses]
     stubs = [service_pb2_grpc.GRPCInferenceServiceStub(c) for c in channels]
+    picker = LeastInFlight(len(stubs))
 
     async def generate(
-        request: pb.GenerateRequest, context: object
+        request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.GenerateResponse]:
         seed = request.sampling.seed
         er = engine_request(
@@ -177,11 +227,22 @@ async def serve_bare_relay(addresses: list[str]) -> None:
             request.sampling.max_tokens,
             seed,
         )
-        call = stubs[seed % len(stubs)].ModelStreamInfer(timeout=300)
+        with picker.pick() as i:
+            async for response in _relay(stubs[i], er, context):
+                yield response
+
+    async def _relay(
+        stub: service_pb2_grpc.GRPCInferenceServiceStub,
+        er: EngineRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        call = stub.ModelStreamInfer(timeout=300)
         await call.write(build_request(er))
         await call.done_writing()
         offset = 0
         async for msg in call:
+            if msg.error_message:
+                await context.abort(grpc.StatusCode.INTERNAL, msg.error_message)
             resp = msg.infer_response
             if resp.raw_output_contents and resp.raw_output_contents[0]:
                 ids = array.array("i", resp.raw_output_contents[0]).tolist()
@@ -395,18 +456,35 @@ async def main_async(args: argparse.Namespace) -> int:
         relay_channel = grpc.aio.insecure_channel(f"127.0.0.1:{relay_port}")
         relay_stub = pb_grpc.GatewayServiceStub(relay_channel)
 
+        picker = LeastInFlight(len(addresses))
+
         async def direct(i: int) -> Sample:
-            address = addresses[i % len(addresses)]
-            return await direct_sample(pool, address, prompt(i), args.output_tokens, i)
+            with picker.pick() as r:
+                return await direct_sample(pool, addresses[r], prompt(i), args.output_tokens, i)
 
         paths: dict[str, Callable[[int], Awaitable[Sample]]] = {
             DIRECT: direct,
             MESH: lambda i: grpc_sample(gateway, prompt(i), args.output_tokens, i),
             BARE: lambda i: grpc_sample(relay_stub, prompt(i), args.output_tokens, i),
         }
+        # Every request of the run gets its own prompt and seed (`fresh`): one an earlier arm
+        # sent would be served from the engines' prefix cache.
+        sent = 0
+
+        def fresh(fn: Callable[[int], Awaitable[Sample]]) -> Callable[[int], Awaitable[Sample]]:
+            nonlocal sent
+            base = sent
+            return lambda i: fn(base + i)
+
+        async def run(fn: Callable[[int], Awaitable[Sample]], conc: int, n: int) -> Any:
+            nonlocal sent
+            result = await run_level(fresh(fn), conc, n)
+            sent += n
+            return result
+
         # Warm up channels, tokenizers and engines.
         for fn in paths.values():
-            await run_level(fn, 2, 4)
+            await run(fn, 2, 4)
         if args.profile is not None:
             Path(args.profile).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
             profiled = {svc: pids[svc] for svc in MESH_SERVICES}
@@ -414,31 +492,37 @@ async def main_async(args: argparse.Namespace) -> int:
                 requests = max(args.min_requests, conc * args.rounds)
                 await profile_arm(
                     profiled,
-                    functools.partial(run_level, paths[MESH], conc, requests),
+                    functools.partial(run, paths[MESH], conc, requests),
                     Path(args.profile),
                     f"x{conc}",
                 )
             return 0
+        arms = list(paths)
         for conc in args.concurrency:
             requests = max(args.min_requests, conc * args.rounds)
-            for name, fn in paths.items():
-                before = {svc: cpu_seconds(pid) for svc, pid in pids.items()}
-                samples, wall = await run_level(fn, conc, requests)
-                tokens = max(sum(s.tokens for s in samples), 1)
-                cpu_us = {svc: (cpu_seconds(pid) - before[svc]) * 1e6 for svc, pid in pids.items()}
-                ttfts = [s.ttft_s * 1000 for s in samples]
-                row = Row(name, conc, requests, pct(ttfts, 0.5), pct(ttfts, 0.99), tokens / wall)
-                if name == MESH:
-                    waits = [s.queue_ms for s in samples if s.queue_ms is not None]
-                    row.admission_wait_p50_ms = pct(waits, 0.5) if waits else None
-                    row.gateway_cpu_us_per_token = cpu_us["gateway"] / tokens
-                    row.gateway_cpu_us_per_request = cpu_us["gateway"] / requests
-                    row.orchestrator_cpu_us_per_admit = cpu_us["orchestrator"] / requests
-                    row.kv_registry_cpu_us_per_request = cpu_us["kv_registry"] / requests
-                elif name == BARE:
-                    row.relay_cpu_us_per_token = cpu_us["relay"] / tokens
-                rows.append(row)
-                print(f"  measured {name} x{conc}", flush=True)
+            for fn in paths.values():  # this level's streams opened once before it is measured
+                await run(fn, conc, conc)
+            for repeat in range(args.repeats):
+                for name in arms[repeat % len(arms) :] + arms[: repeat % len(arms)]:
+                    before = {svc: cpu_seconds(pid) for svc, pid in pids.items()}
+                    samples, wall = await run(paths[name], conc, requests)
+                    row = measured_row(name, conc, requests, repeat, samples, wall)
+                    cpu_us = {
+                        svc: (cpu_seconds(pid) - before[svc]) * 1e6 for svc, pid in pids.items()
+                    }
+                    tokens = max(sum(s.tokens for s in samples), 1)
+                    if name == MESH:
+                        row.gateway_cpu_us_per_token = cpu_us["gateway"] / tokens
+                        row.gateway_cpu_us_per_request = cpu_us["gateway"] / requests
+                        row.orchestrator_cpu_us_per_admit = cpu_us["orchestrator"] / requests
+                        row.kv_registry_cpu_us_per_request = cpu_us["kv_registry"] / requests
+                    elif name == BARE:
+                        row.relay_cpu_us_per_token = cpu_us["relay"] / tokens
+                    else:  # the mesh serves nothing: its background work alone
+                        row.gateway_idle_cpu_share = cpu_us["gateway"] / 1e6 / wall
+                        row.orchestrator_idle_cpu_share = cpu_us["orchestrator"] / 1e6 / wall
+                    rows.append(row)
+                    print(f"  measured {name} x{conc} (repeat {repeat + 1})", flush=True)
         await pool.close()
         await gw_channel.close(None)
         await relay_channel.close(None)
@@ -450,6 +534,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
     summary = summarize(rows, args.concurrency)
     print_tables(rows, summary)
+    print_targets(summary)
     if args.compare is not None:
         print_comparison(args.compare["summary"], summary, args.compare_path)
     out = write_json(
@@ -465,28 +550,90 @@ async def main_async(args: argparse.Namespace) -> int:
     return 0
 
 
+def measured_row(
+    name: str, conc: int, requests: int, repeat: int, samples: list[Sample], wall: float
+) -> Row:
+    """An arm's latency and throughput from its samples (CPU figures are added by the caller)."""
+    tokens = max(sum(s.tokens for s in samples), 1)
+    ttfts = [s.ttft_s * 1000 for s in samples]
+    row = Row(name, conc, requests, pct(ttfts, 0.5), pct(ttfts, 0.99), tokens / wall)
+    row.repeat = repeat
+    waits = [s.queue_ms for s in samples if s.queue_ms is not None]
+    row.admission_wait_p50_ms = pct(waits, 0.5) if waits else None
+    return row
+
+
 def summarize(rows: list[Row], levels: list[int]) -> list[dict[str, Any]]:
-    by = {(r.path, r.concurrency): r for r in rows}
+    """Per level, each figure's median over the repeats (a repeat's figures are taken from the
+    arms of that repeat), and the added TTFT's range."""
+    by: dict[tuple[str, int], dict[int, Row]] = {}
+    for r in rows:
+        by.setdefault((r.path, r.concurrency), {})[r.repeat] = r
     out = []
     for conc in levels:
-        d, m, b = by[(DIRECT, conc)], by[(MESH, conc)], by[(BARE, conc)]
-        gw, relay = m.gateway_cpu_us_per_token or 0.0, b.relay_cpu_us_per_token or 0.0
-        out.append(
-            {
-                "concurrency": conc,
-                "added_ttft_p50_ms": m.ttft_p50_ms - d.ttft_p50_ms,
-                "added_ttft_p99_ms": m.ttft_p99_ms - d.ttft_p99_ms,
-                "admission_wait_p50_ms": m.admission_wait_p50_ms,
-                "mesh_over_direct_throughput": m.tokens_per_s / d.tokens_per_s,
-                "mesh_over_bare_throughput": m.tokens_per_s / b.tokens_per_s,
-                "gateway_cpu_us_per_token": gw,
-                "relay_cpu_us_per_token": relay,
-                "gateway_over_relay_cpu": gw / relay if relay else None,
-                "gateway_cpu_us_per_request": m.gateway_cpu_us_per_request,
-                "orchestrator_cpu_us_per_admit": m.orchestrator_cpu_us_per_admit,
-            }
-        )
+        ds, ms, bs = by[(DIRECT, conc)], by[(MESH, conc)], by[(BARE, conc)]
+        per: list[dict[str, float]] = []
+        for k in sorted(ms):
+            d, m, b = ds[k], ms[k], bs[k]
+            gw, relay = m.gateway_cpu_us_per_token or 0.0, b.relay_cpu_us_per_token or 0.0
+            per.append(
+                {
+                    "added_ttft_p50_ms": m.ttft_p50_ms - d.ttft_p50_ms,
+                    "added_ttft_p99_ms": m.ttft_p99_ms - d.ttft_p99_ms,
+                    "mesh_minus_bare_ttft_p50_ms": m.ttft_p50_ms - b.ttft_p50_ms,
+                    "mesh_over_direct_throughput": m.tokens_per_s / d.tokens_per_s,
+                    "mesh_over_bare_throughput": m.tokens_per_s / b.tokens_per_s,
+                    "gateway_cpu_us_per_token": gw,
+                    "relay_cpu_us_per_token": relay,
+                    "gateway_over_relay_cpu": gw / relay if relay else math.nan,
+                    "gateway_cpu_us_per_request": m.gateway_cpu_us_per_request or 0.0,
+                    "orchestrator_cpu_us_per_admit": m.orchestrator_cpu_us_per_admit or 0.0,
+                    "gateway_idle_cpu_share": d.gateway_idle_cpu_share or 0.0,
+                    "orchestrator_idle_cpu_share": d.orchestrator_idle_cpu_share or 0.0,
+                }
+            )
+        waits = [
+            m.admission_wait_p50_ms for m in ms.values() if m.admission_wait_p50_ms is not None
+        ]
+        summary: dict[str, Any] = {"concurrency": conc, "repeats": len(per)}
+        for key in per[0]:
+            summary[key] = statistics.median([p[key] for p in per])
+        for key in ("added_ttft_p50_ms", "added_ttft_p99_ms"):
+            summary[f"{key}_range"] = [min(p[key] for p in per), max(p[key] for p in per)]
+        summary["admission_wait_p50_ms"] = statistics.median(waits) if waits else None
+        out.append(summary)
     return out
+
+
+# Issue 14's targets: (figure, level, bound, at most (True) or at least (False)).
+TARGETS: tuple[tuple[str, int | None, float, bool], ...] = (
+    ("added_ttft_p50_ms", 1, 1.5, True),
+    ("added_ttft_p99_ms", 1, 5.0, True),
+    ("added_ttft_p50_ms", 32, 5.0, True),
+    ("gateway_over_relay_cpu", None, 1.5, True),
+    ("mesh_over_bare_throughput", 32, 0.8, False),
+    ("mesh_over_bare_throughput", 128, 0.8, False),
+)
+
+
+def verdicts(summary: list[dict[str, Any]]) -> list[tuple[str, float, bool]]:
+    """Each target the run's levels cover: (what, the median measured, met)."""
+    out = []
+    for key, level, bound, at_most in TARGETS:
+        for s in summary:
+            if level is not None and s["concurrency"] != level:
+                continue
+            v = s[key]
+            met = v <= bound if at_most else v >= bound
+            what = f"x{s['concurrency']} {key} {'<=' if at_most else '>='} {bound:g}"
+            out.append((what, v, bool(met)))
+    return out
+
+
+def print_targets(summary: list[dict[str, Any]]) -> None:
+    print("\ntargets (medians over the repeats)")
+    for what, v, met in verdicts(summary):
+        print(f"  {what:<45} {v:>9.2f}  {'met' if met else 'MISSED'}")
 
 
 def _f(v: float | None, spec: str = ".1f") -> str:
@@ -496,14 +643,14 @@ def _f(v: float | None, spec: str = ".1f") -> str:
 def print_tables(rows: list[Row], summary: list[dict[str, Any]]) -> None:
     print()
     print(
-        f"{'streams':>7} | {'path':<20} | {'TTFT p50 ms':>11} | {'TTFT p99 ms':>11} | "
+        f"{'streams':>7} | {'rep':>3} | {'path':<20} | {'TTFT p50 ms':>11} | {'TTFT p99 ms':>11} | "
         f"{'tokens/s':>9} | {'gw µs/tok':>9} | {'gw µs/req':>9} | {'orch µs/Admit':>13} | "
         f"{'kvreg µs/req':>12} | {'relay µs/tok':>12}"
     )
-    print("-" * 140)
+    print("-" * 146)
     for r in rows:
         print(
-            f"{r.concurrency:>7} | {r.path:<20} | {r.ttft_p50_ms:>11.2f} | {r.ttft_p99_ms:>11.2f} | "
+            f"{r.concurrency:>7} | {r.repeat + 1:>3} | {r.path:<20} | {r.ttft_p50_ms:>11.2f} | {r.ttft_p99_ms:>11.2f} | "
             f"{r.tokens_per_s:>9.0f} | {_f(r.gateway_cpu_us_per_token):>9} | "
             f"{_f(r.gateway_cpu_us_per_request, '.0f'):>9} | "
             f"{_f(r.orchestrator_cpu_us_per_admit, '.0f'):>13} | "
@@ -512,18 +659,28 @@ def print_tables(rows: list[Row], summary: list[dict[str, Any]]) -> None:
         )
     print()
     print(
-        f"{'streams':>7} | {'added TTFT p50 ms':>17} | {'added TTFT p99 ms':>17} | "
-        f"{'admission wait p50 ms':>21} | "
-        f"{'mesh/direct tok/s':>17} | {'mesh/bare tok/s':>15} | {'gw÷relay CPU/tok':>16}"
+        f"{'streams':>7} | {'added TTFT p50 ms (range)':>25} | {'added TTFT p99 ms (range)':>25} "
+        f"| {'mesh-bare p50 ms':>16} | {'admission wait p50 ms':>21} | "
+        f"{'mesh/direct tok/s':>17} | {'mesh/bare tok/s':>15} | {'gw÷relay CPU/tok':>16} | "
+        f"{'gw/orch idle CPU':>16}"
     )
-    print("-" * 129)
+    print("-" * 182)
     for s in summary:
+        p50 = _ranged(s["added_ttft_p50_ms"], s["added_ttft_p50_ms_range"])
+        p99 = _ranged(s["added_ttft_p99_ms"], s["added_ttft_p99_ms_range"])
+        idle = f"{s['gateway_idle_cpu_share']:.1%}/{s['orchestrator_idle_cpu_share']:.1%}"
         print(
-            f"{s['concurrency']:>7} | {s['added_ttft_p50_ms']:>17.2f} | "
-            f"{s['added_ttft_p99_ms']:>17.2f} | {_f(s['admission_wait_p50_ms'], '.2f'):>21} | "
+            f"{s['concurrency']:>7} | {p50:>25} | {p99:>25} | "
+            f"{s['mesh_minus_bare_ttft_p50_ms']:>16.2f} | "
+            f"{_f(s['admission_wait_p50_ms'], '.2f'):>21} | "
             f"{s['mesh_over_direct_throughput']:>17.2f} | "
-            f"{s['mesh_over_bare_throughput']:>15.2f} | {_f(s['gateway_over_relay_cpu'], '.2f'):>16}"
+            f"{s['mesh_over_bare_throughput']:>15.2f} | "
+            f"{_f(s['gateway_over_relay_cpu'], '.2f'):>16} | {idle:>16}"
         )
+
+
+def _ranged(v: float, r: list[float]) -> str:
+    return f"{v:.2f} ({r[0]:.2f}..{r[1]:.2f})"
 
 
 COMPARED = (
@@ -589,8 +746,16 @@ def main() -> int:
         help="Instead of measuring: py-spy the gateway and orchestrator during the mesh arm at "
         "each concurrency; raw stacks in DIR, top frames printed.",
     )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="Measurements of each level, the arms in a rotated order; figures are medians.",
+    )
     p.add_argument("--serve-bare-relay", metavar="ADDRESSES", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     args.compare_path = args.compare
     if args.compare is not None:  # read before the run: a wrong path fails at once
         args.compare = json.loads(Path(args.compare).read_text())
