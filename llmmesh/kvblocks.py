@@ -13,8 +13,10 @@ per-tenant cache salt); it is empty for the base model.
 
 from __future__ import annotations
 
+import re
 import struct
 import sys
+import uuid
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -24,6 +26,12 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 import xxhash
+
+# An engine lifetime's epoch (`new_epoch`): its start in Unix nanoseconds (20 digits), then a
+# random part. One replica id's epochs order by start, so a registry keeps the latest lifetime's
+# account and refuses an earlier lifetime's late batches (`epoch_precedes`); epochs without
+# that prefix (another publisher's) do not order, and a new one replaces the last as before.
+_EPOCH_START = re.compile(r"(\d{20})-")
 
 _LE64 = struct.Struct("<Q").pack
 _xxh3 = xxhash.xxh3_64_intdigest
@@ -42,6 +50,19 @@ class BlockConfig:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if not 0 <= self.hash_seed < 2**64:
             raise ValueError(f"hash_seed must fit in 64 unsigned bits, got {self.hash_seed}")
+
+
+def new_epoch(started_unix_ns: int) -> str:
+    """The epoch of an engine lifetime that started at `started_unix_ns` (wall clock: lifetimes
+    of one replica id follow each other across processes and hosts)."""
+    return f"{started_unix_ns:020d}-{uuid.uuid4().hex}"
+
+
+def epoch_precedes(epoch: str, other: str) -> bool:
+    """`epoch` is an engine lifetime that started before `other` did (False when either does
+    not carry its start, or both started in the same nanosecond)."""
+    a, b = _EPOCH_START.match(epoch), _EPOCH_START.match(other)
+    return a is not None and b is not None and int(a.group(1)) < int(b.group(1))
 
 
 def full_blocks(num_tokens: int, block_size: int) -> int:

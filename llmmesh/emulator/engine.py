@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -35,7 +34,7 @@ from llmmesh.emulator.scheduler import (
     TokenOutput,
 )
 from llmmesh.emulator.settings import EmulatorSettings
-from llmmesh.kvblocks import BlockConfig
+from llmmesh.kvblocks import BlockConfig, new_epoch
 from llmmesh.triton.inflight import (
     CancellationPoll,
     call_sink,
@@ -97,7 +96,7 @@ class Engine:
     ) -> None:
         self.settings = settings
         self.block_config = block_config
-        self.epoch = uuid.uuid4().hex
+        self.epoch = new_epoch(time.time_ns())  # a label across processes: the wall clock's
         self.clock: Clock = clock if clock is not None else RealClock()
         self.on_events = on_events
         self.scheduler = Scheduler(

@@ -20,7 +20,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import uuid
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -39,7 +39,7 @@ from llmmesh.emulator.scheduler import (
     StepResult,
     TokenOutput,
 )
-from llmmesh.kvblocks import BlockConfig
+from llmmesh.kvblocks import BlockConfig, new_epoch
 from llmmesh.triton.inflight import check_queue_room
 
 NS = 1_000_000_000
@@ -117,7 +117,7 @@ class SimEngine:
     ) -> None:
         self.replica_id = replica_id
         self.config = config
-        self.epoch = uuid.uuid4().hex
+        self.epoch = new_epoch(time.time_ns())  # a label (the registry orders lifetimes by it)
         self.block_config = BlockConfig(config.block_size)
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_batch_size, config.max_num_tokens),

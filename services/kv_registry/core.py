@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 import xxhash
 
 from llmmesh.common.errors import InvalidArgument
-from llmmesh.kvblocks import BlockConfig, hashes_from_bytes, token_bytes
+from llmmesh.kvblocks import BlockConfig, epoch_precedes, hashes_from_bytes, token_bytes
 from services.kv_registry.contracts import (
     Event,
     ExactChange,
@@ -42,7 +42,7 @@ from services.kv_registry.contracts import (
     RoutingResult,
     Source,
 )
-from services.kv_registry.errors import BatchTooLarge, BlockConfigMismatch
+from services.kv_registry.errors import BatchTooLarge, BlockConfigMismatch, SupersededEpoch
 from services.kv_registry.exact import ExactIndex
 from services.kv_registry.metrics import EvictionReason, RegistryMetrics, ReplicaMetrics
 from services.kv_registry.predicted import PredictedIndex
@@ -207,6 +207,16 @@ class KvRegistry:
         if any(ev.sequence >= LAST_SEQUENCE for ev in events):
             # Its successor (the next expected sequence, answered back) would not fit a uint64.
             raise InvalidArgument(f"a sequence must be below {LAST_SEQUENCE}", field="events")
+        current = self.exact.epoch_of(replica_id)
+        if current is not None and epoch_precedes(epoch, current):
+            # Before it is heard from: a replaced lifetime that keeps publishing must not keep
+            # the one it was replaced by from going silent (a dead engine, on a host whose clock
+            # is ahead, is then dropped after exact_silence_s and this one takes its place).
+            raise SupersededEpoch(
+                f"{epoch!r} started before {current!r}, the engine lifetime kept for "
+                f"{replica_id!r}",
+                field="epoch",
+            )
         replica = self._replicas.get(replica_id) or self._add_replica(replica_id)
         self._heard[replica_id] = self._clock()
         applied = self.exact.ingest(replica_id, epoch, events, next_sequence)

@@ -1,6 +1,6 @@
 """kv_registry errors; gRPC mapping lives in llmmesh.common.errors."""
 
-from llmmesh.common.errors import InvalidArgument
+from llmmesh.common.errors import FailedPrecondition, InvalidArgument
 
 
 class BlockConfigMismatch(InvalidArgument):
@@ -9,3 +9,9 @@ class BlockConfigMismatch(InvalidArgument):
 
 class BatchTooLarge(InvalidArgument):
     pass
+
+
+class SupersededEpoch(FailedPrecondition):
+    """A batch of an engine lifetime that started before the one the registry keeps for the
+    replica id (a replaced engine's late batch, or a second engine publishing under the id):
+    not applied, so it cannot wipe the later lifetime's account."""

@@ -2,9 +2,10 @@
 
 Per-replica ordered event streams (sequence numbers per epoch) are folded into the index; a gap
 puts the replica in resync (its later events are ignored until a `cleared` event, the head of
-an engine snapshot, arrives), so the index never holds a state the engine never had. Lookups
+an engine snapshot, arrives numbered at or after the next sequence expected), so the index never holds a state the engine never had. Lookups
 keep answering from the last good state meanwhile. A new epoch (engine restart) discards what
-the previous epoch published.
+the previous epoch published (an epoch that started before the kept one is refused before it gets
+here: `KvRegistry.ingest`).
 
 A replica is exact from the first event applied in sequence until its epoch changes; the
 registry moves it out of the predicted index when it becomes exact.
@@ -81,6 +82,11 @@ class ExactIndex(StoreBacked[ExactReplica]):
         # the registry hands them on and empties the list after each call.
         self.changes: list[ExactChange] | None = None
 
+    def epoch_of(self, replica_id: str) -> str | None:
+        """The engine lifetime the replica's account is of (None: none kept)."""
+        rep = self.replicas.get(replica_id)
+        return None if rep is None else rep.epoch
+
     def is_exact(self, replica_id: str) -> bool:
         rep = self.replicas.get(replica_id)
         return rep is not None and rep.exact
@@ -154,10 +160,13 @@ class ExactIndex(StoreBacked[ExactReplica]):
         for ev in events:
             seq = ev.sequence
             if resyncing or seq > nxt:
-                if not isinstance(ev, Cleared):  # gap: wait for a snapshot
+                if not isinstance(ev, Cleared) or seq < nxt:
+                    # A gap: wait for a snapshot. A snapshot below the next sequence is an
+                    # older one delivered late (a new one is numbered from the engine's
+                    # counter, never below what this stream applied): it would roll back.
                     resyncing = True
                     continue
-                resyncing = False  # a snapshot may start anywhere
+                resyncing = False  # a snapshot may start anywhere at or after the next
             elif seq < nxt:
                 continue  # duplicate delivery
             nxt = seq + 1

@@ -6,17 +6,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import grpc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from llmmesh.kvblocks import BlockConfig, block_hashes
+from llmmesh.kvblocks import BlockConfig, block_hashes, epoch_precedes, new_epoch
 from services.kv_registry import bitmask, exact
 from services.kv_registry.contracts import Cleared, Event, Removed, Source, Stored
 from services.kv_registry.core import KvRegistry
+from services.kv_registry.errors import SupersededEpoch
 from services.kv_registry.settings import KvRegistrySettings
 from tests.kv_registry.naive import NaiveKvRegistry
-from tests.kv_registry.support import make_registry
+from tests.kv_registry.support import ManualClock, make_registry
 
 CFG = BlockConfig(block_size=4, hash_seed=7)
 H = block_hashes(list(range(1000, 1000 + 4 * 8)), CFG)  # one 8-block chain
@@ -72,6 +74,14 @@ STREAMS: list[tuple[str, list[list[Event]], list[tuple[int, bool]], int]] = [
         [(2, False), (2, False)],
         2,
     ),
+    (
+        # An older snapshot delivered late while a gap waits for a new one: applied, it would
+        # roll the account back to what the engine held then.
+        "stale snapshot during a resync is not applied",
+        [[S(0, (H[0],)), S(1, (H[1],))], [S(5, (H[2],))], [C(1), S(2, (H[3],))]],
+        [(2, False), (2, True), (2, True)],
+        2,
+    ),
 ]
 
 
@@ -110,6 +120,73 @@ def test_new_epoch_discards_previous_lifetime(size: int, monkeypatch: pytest.Mon
     drain(reg)
     assert reg.garbage_entries == 0
     assert reg.unique_blocks == 1
+
+
+# Engine lifetimes that carry their start (the emulator's and the simulator's epochs).
+E1, E2 = new_epoch(1_000_000_000), new_epoch(2_000_000_000)
+
+
+def test_an_earlier_lifetimes_late_batch_is_refused_and_wipes_nothing() -> None:
+    """A replaced engine's last batch (its shutdown flush, or a call still in flight) reaching
+    the registry after its successor's snapshot: taken as a new lifetime, it wiped the
+    successor's account and set its stream back to sequence 0, so the successor was asked for a
+    snapshot at its next event."""
+    reg = make()
+    reg.ingest("r0", E1, CFG, [C(0), S(1, tuple(H[:2]))])
+    reg.ingest("r0", E2, CFG, [C(0), S(1, tuple(H))])
+    with pytest.raises(SupersededEpoch) as refused:
+        reg.ingest("r0", E1, CFG, [S(2, (H[2],))])
+    assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert refused.value.field == "epoch"
+    with pytest.raises(SupersededEpoch):
+        reg.ingest("r0", E1, CFG, [], next_sequence=3)  # its heartbeat, likewise
+    assert matched(reg) == {"r0": 8}
+    res = reg.ingest("r0", E2, CFG, [R(2, (H[7],))])
+    assert (res.next_sequence, res.resync_required) == (3, False)
+    assert matched(reg) == {"r0": 7}
+
+
+def test_a_later_lifetime_replaces_and_unordered_epochs_replace_as_before() -> None:
+    reg = make()
+    reg.ingest("r0", E1, CFG, [C(0), S(1, tuple(H))])
+    reg.ingest("r0", E2, CFG, [C(0), S(1, (H[0],))])
+    assert matched(reg) == {"r0": 1}
+    # An epoch without its start (another publisher's) does not order: it replaces.
+    reg.ingest("r0", "plain", CFG, [C(0), S(1, tuple(H[:3]))])
+    assert matched(reg) == {"r0": 3}
+    reg.ingest("r0", E1, CFG, [C(0), S(1, tuple(H[:2]))])
+    assert matched(reg) == {"r0": 2}
+
+
+def test_a_dropped_replica_takes_any_lifetime_and_a_refused_one_keeps_nothing_alive() -> None:
+    """The kept lifetime's engine died on a host whose clock ran ahead: its successor's epoch
+    sorts before it and is refused, but it does not count as the replica being heard, so the
+    dead lifetime goes silent, is dropped, and the successor is taken."""
+    clock = ManualClock(0.0)
+    reg = make_registry(
+        CFG, KvRegistrySettings(exact_silence_s=60.0, max_events_per_request=10_000), clock=clock
+    )
+    reg.ingest("r0", E2, CFG, [C(0), S(1, tuple(H))])
+    reg.ingest("other", "e", CFG, [C(0)])
+    for t in range(10, 80, 10):
+        clock.now = float(t)
+        reg.ingest("other", "e", CFG, [], next_sequence=1)
+        with pytest.raises(SupersededEpoch):
+            reg.ingest("r0", E1, CFG, [], next_sequence=0)
+        reg.maintain(100)
+    assert "r0" not in reg.replica_ids()
+    res = reg.ingest("r0", E1, CFG, [C(0), S(1, (H[0],))])
+    assert (res.next_sequence, res.resync_required) == (2, False)
+    assert matched(reg) == {"r0": 1}
+
+
+def test_epochs_order_by_their_start_only() -> None:
+    assert epoch_precedes(E1, E2)
+    assert not epoch_precedes(E2, E1)
+    assert not epoch_precedes(E1, E1)
+    assert not epoch_precedes(new_epoch(1_000_000_000), E1)  # the same start: no order
+    assert not epoch_precedes("plain", E2)
+    assert not epoch_precedes(E1, "plain")
 
 
 @pytest.mark.parametrize("size", [3, 40])

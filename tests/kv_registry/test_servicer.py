@@ -20,7 +20,7 @@ from llmmesh.emulator.kv_cache import PagedKvCache
 from llmmesh.emulator.publisher import KvEventPublisher
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2 as pb
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
-from llmmesh.kvblocks import BlockConfig, block_hashes
+from llmmesh.kvblocks import BlockConfig, block_hashes, new_epoch
 from services.kv_registry.contracts import ChangeKind, ExactChange, Stored
 from services.kv_registry.core import KvRegistry
 from services.kv_registry.metrics import PrometheusMetrics
@@ -346,6 +346,21 @@ async def test_gap_asks_for_resync(registry: Registry) -> None:
     snapshot.cleared.SetInParent()
     resp = await registry.stub.PublishEvents(publish("r0", snapshot, stored(8, HASHES)))
     assert (resp.next_sequence, resp.resync_required) == (9, False)
+
+
+async def test_a_replaced_engine_lifetime_is_refused_failed_precondition(
+    registry: Registry,
+) -> None:
+    first, second = new_epoch(1_000_000_000), new_epoch(2_000_000_000)
+    request = publish("r0", stored(0, HASHES))
+    request.epoch = second
+    await registry.stub.PublishEvents(request)
+    late = publish("r0", stored(5, HASHES[:1]))
+    late.epoch = first
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await registry.stub.PublishEvents(late)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert registry.core.block_count("r0") == len(HASHES)
 
 
 async def test_a_heartbeat_out_of_step_asks_for_resync(registry: Registry) -> None:
