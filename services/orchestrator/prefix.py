@@ -150,6 +150,11 @@ def token_bytes(token_ids: Sequence[int]) -> bytes:
     return struct.pack(f"<{len(token_ids)}I", *token_ids)
 
 
+class StreamReset(Exception):
+    """The lookup's LookupStream ended because the registry refused another lookup on it
+    (INVALID_ARGUMENT: that prompt, not this one nor the registry): ask again, alone."""
+
+
 class _LookupStream:
     """One open LookupStream call. Lookups are queued for its one writer task (a caller never
     writes itself: a write cancelled with its caller would cancel the whole call), each with its
@@ -158,12 +163,17 @@ class _LookupStream:
     once, lookups go one at a time, so a registry that refuses the stream answers with its status
     (UNIMPLEMENTED), not with the errors of writes to a dead call. When the call ends, every
     waiter fails with its status; the owner opens a new one (and closes this one when a lookup on
-    it timed out: a stalled call is not reused)."""
+    it timed out: a stalled call is not reused). Except when the registry refused a request
+    (INVALID_ARGUMENT ends the call): it answers in order, so that is the first request written
+    and not answered, which alone fails with the status; the others fail with `StreamReset`."""
 
     def __init__(self, stub: pb_grpc.KvRegistryServiceAsyncStub, max_waiting: int) -> None:
         # Requests are written one by one (`write`), not from an iterator.
         self._call = stub.LookupStream()  # type: ignore[call-arg]
         self._waiting: dict[int, asyncio.Future[pb.LookupResponse]] = {}
+        # Ids of the requests written (or being written) and not answered, whether or not their
+        # lookup still waits: the first is the one the registry is on.
+        self._unanswered: set[int] = set()
         self._outbox: asyncio.Queue[pb.LookupRequest] = asyncio.Queue()
         self._max_waiting = max_waiting
         self._next_id = 1
@@ -200,6 +210,8 @@ class _LookupStream:
         self, hashes: Sequence[int], trace_context: Mapping[str, str]
     ) -> pb.LookupResponse:
         if self.error is not None:
+            if self.error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise StreamReset  # another request's refusal ended it
             raise _again(self.error)
         rid = self._next_id
         self._next_id += 1
@@ -217,7 +229,11 @@ class _LookupStream:
         # A call that ended refuses the write; its reader fails the waiters with its status.
         with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
             while True:
-                await self._call.write(await self._outbox.get())
+                request = await self._outbox.get()
+                self._unanswered.add(
+                    request.request_id
+                )  # its answer may come before the write returns
+                await self._call.write(request)
 
     async def _read(self) -> None:
         try:
@@ -229,6 +245,7 @@ class _LookupStream:
                         code = grpc.StatusCode.UNAVAILABLE  # ended without an error: go elsewhere
                     raise _ended(code, await self._call.details() or "LookupStream ended")
                 assert isinstance(response, pb.LookupResponse)
+                self._unanswered.discard(response.request_id)
                 answer = self._waiting.pop(response.request_id, None)
                 if answer is not None and not answer.done():
                     answer.set_result(response)
@@ -247,9 +264,16 @@ class _LookupStream:
     def _fail(self, err: grpc.aio.AioRpcError) -> None:
         self.error = err
         waiting, self._waiting = self._waiting, {}
-        for answer in waiting.values():
-            if not answer.done():
+        refused = None
+        if err.code() == grpc.StatusCode.INVALID_ARGUMENT and self._unanswered:
+            refused = min(self._unanswered)
+        for rid, answer in waiting.items():
+            if answer.done():
+                continue
+            if err.code() != grpc.StatusCode.INVALID_ARGUMENT or rid == refused:
                 answer.set_exception(_again(err))
+            else:
+                answer.set_exception(StreamReset())
 
     async def close(self) -> None:
         self._reader.cancel()
@@ -582,6 +606,8 @@ class RegistryPrefixIndex:
                         reg.stream = None
                         await stream.close()
                     raise
+                except StreamReset:
+                    pass  # asked again below, alone
                 except grpc.aio.AioRpcError as err:
                     if err.code() not in NOT_OFFERED:  # LookupStream refused as such
                         raise

@@ -39,6 +39,7 @@ class FakeRegistry(pb_grpc.KvRegistryServiceServicer):
         self.updates: list[str] = []
         self.hang = False
         self.invalid = False  # refuses each lookup INVALID_ARGUMENT (a prompt over its bound)
+        self.max_blocks = 0  # refuses a prompt of more blocks INVALID_ARGUMENT (0: no bound)
         self.delay_s = 0.0  # each lookup answers after this long
         self.reached = asyncio.Event()  # set once `lookups` reaches `expect`
         self.expect = 0
@@ -51,7 +52,7 @@ class FakeRegistry(pb_grpc.KvRegistryServiceServicer):
             self.reached.set()
         if self.hang:
             await asyncio.sleep(3600)
-        if self.invalid:
+        if self.invalid or 0 < self.max_blocks < len(request.block_hashes):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "prompt too long")
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
@@ -433,6 +434,29 @@ async def test_a_prompt_a_registry_refuses_is_routed_blind_and_the_registry_stay
         assert await matched_by(idx) == {"a"}  # not skipped for retry_s
     finally:
         await idx.close()
+
+
+async def test_a_prompt_refused_on_the_stream_fails_no_other_lookup() -> None:
+    """The registry ends a LookupStream with the status of a request it refuses: the lookups
+    written after it on the same call are asked again, not routed blind with its error."""
+    a = Served("a")
+    await a.start()
+    idx = index(a, timeout_s=5.0)
+    try:
+        assert await matched_by(idx) == {"a"}  # the stream is open and has answered
+        a.fake.max_blocks = 3
+        a.fake.delay_s = 0.05  # the three are in flight together
+        long_prompt = list(range(4 * 4))
+        results = await asyncio.gather(
+            idx.lookup(PROMPT), idx.lookup(long_prompt), idx.lookup(PROMPT)
+        )
+        assert [set(r.matched_blocks) for r in results] == [{"a"}, set(), {"a"}]
+        assert a.fake.streams_opened == 1
+        assert idx.preferred == a.address  # the registry is not taken for failed
+        assert await matched_by(idx) == {"a"}
+    finally:
+        await idx.close()
+        await a.stop()
 
 
 async def test_a_lookup_in_flight_when_its_registry_is_removed_ends_prefix_blind(
