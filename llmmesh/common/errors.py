@@ -8,6 +8,7 @@ wire status.
 from __future__ import annotations
 
 import enum
+import math
 from typing import ClassVar, cast
 
 import grpc
@@ -57,7 +58,10 @@ class ServiceError(Exception):
         reason: Reason | None = None,
     ):
         self.field = field
-        self.retry_after_s = retry_after_s
+        # A wait that never ends (inf) or is not a number says nothing a client can act on: it
+        # is no retry-after (a header or trailer of "inf" would break the answer).
+        finite = retry_after_s is not None and math.isfinite(retry_after_s)
+        self.retry_after_s = retry_after_s if finite else None
         self.reason = reason or self.default_reason
         super().__init__(f"{field}: {message}" if field else message)
 

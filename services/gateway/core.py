@@ -470,6 +470,7 @@ class GatewayCore:
         model_label = req.model if req.model in self._models else "unknown"
         metrics.record_in_flight(model_label, 1)
         slot: Slot | None = None
+        leases: list[Lease] = []  # the attempts' (none: no generation ran)
         try:
             with _tracer.start_as_current_span("gateway.generate", kind=SpanKind.SERVER) as span:
                 span.set_attribute("llmmesh.request_id", req.request_id)
@@ -493,9 +494,10 @@ class GatewayCore:
                 limits = None if tenant is None else tenant.limits
 
                 # A takeover was charged (and its prompt counted) where it began; one handed
-                # to another gateway (this one drains) keeps its charge: it continues there.
+                # to another gateway (this one drains, or lost its claim: another takes it over
+                # uncharged) keeps its charge: it continues there.
                 def refundable() -> bool:
-                    return billing is None or not billing.handing_off
+                    return billing is None or not (billing.handing_off or billing.superseded)
 
                 refund: Callable[[], None] | None = None
                 if limits is not None and takeover is None:
@@ -520,7 +522,6 @@ class GatewayCore:
                     progress=progress,
                     limits=limits,
                 )
-                leases: list[Lease] = []
                 if takeover is not None:
                     state.restore(takeover.prior)
                     progress.billed, progress.unbilled = takeover.billed, False
@@ -535,10 +536,11 @@ class GatewayCore:
                         async with contextlib.aclosing(attempts) as events:
                             async for ev in events:
                                 yield ev
-                except (ServiceError, asyncio.CancelledError, GeneratorExit):
+                except BaseException:
                     if refund is not None and not leases and refundable():
                         # Never served (queue full, no replica, the caller gone while it
-                        # waited for admission): the tenant keeps its budget.
+                        # waited for admission, a fault of this gateway's): the tenant keeps
+                        # its budget.
                         refund()
                     raise
                 outcome = "success"
@@ -550,7 +552,10 @@ class GatewayCore:
             raise
         finally:
             if slot is not None:
-                slot.release()
+                # A slot counts as freed (for the concurrency retry-after) only when a
+                # generation ran in it: requests refused at once would make slots look like
+                # they free up fast, and send refused callers back too soon.
+                slot.release(freed=bool(leases))
             metrics.record_in_flight(model_label, -1)
             self._account(req, progress, outcome, start, billing)
 

@@ -16,7 +16,9 @@ single-threaded and check-then-take has no await in between, so concurrent reque
 overdraw at admission. With a shared limiter (`limits_redis.py`, setting `limits_redis_url`)
 the buckets live in Redis and hold across every gateway; the local buckets then hold the
 tenant's fallback share (1/`limits_gateways` of each limit), used only while Redis is
-unreachable.
+unreachable. An amount above a share's bucket but within the whole limit (a share below one
+request, a long prompt) passes when the bucket is full and takes it below zero, so the share's
+rate holds; only an amount above the whole limit can never pass.
 
 Concurrency (`ConcurrencyLimit`): a tenant's `max_concurrent_requests` and the process's
 `max_concurrent_streams` count generations from admission to their end (a slot is taken before
@@ -40,8 +42,14 @@ Clock = Callable[[], float]
 
 
 class TokenBucket:
-    def __init__(self, per_minute: float, clock: Clock):
+    """`per_minute` tokens a minute, holding at most a minute's. `limit`: the amount that can
+    never pass (above it), when the bucket holds a share of a larger limit (a gateway's fallback
+    share): an amount above the capacity but within `limit` passes when the bucket is full and
+    takes it below zero, so the share's rate still holds over time."""
+
+    def __init__(self, per_minute: float, clock: Clock, *, limit: float | None = None):
         self.capacity = float(per_minute)
+        self.limit = self.capacity if limit is None else max(float(limit), self.capacity)
         self.rate = per_minute / 60.0
         self._clock = clock
         self._level = self.capacity
@@ -54,10 +62,11 @@ class TokenBucket:
         return self._level
 
     def wait_s(self, amount: float) -> float:
-        """Seconds until `amount` is available (inf if it exceeds the capacity)."""
-        if amount > self.capacity:
+        """Seconds until `amount` may be taken (inf if it exceeds `limit`; an amount above the
+        capacity waits for a full bucket)."""
+        if amount > self.limit:
             return math.inf
-        missing = amount - self.level()
+        missing = min(amount, self.capacity) - self.level()
         return 0.0 if missing <= 0 else missing / self.rate
 
     def take(self, amount: float) -> None:
@@ -124,10 +133,14 @@ class TenantLimits:
         self.tenant = tenant
         self.shared = shared
         self.requests = (
-            None if requests_per_minute is None else TokenBucket(requests_per_minute / share, clock)
+            None
+            if requests_per_minute is None
+            else TokenBucket(requests_per_minute / share, clock, limit=requests_per_minute)
         )
         self.tokens = (
-            None if tokens_per_minute is None else TokenBucket(tokens_per_minute / share, clock)
+            None
+            if tokens_per_minute is None
+            else TokenBucket(tokens_per_minute / share, clock, limit=tokens_per_minute)
         )
         self.concurrency = (
             None
@@ -172,7 +185,7 @@ class TenantLimits:
         if self.tokens is not None and math.isinf(wait_tokens):
             raise RateLimited(
                 f"tenant {self.tenant!r}: the prompt ({prompt_tokens} tokens) exceeds the "
-                f"tokens-per-minute limit of {self.tokens.capacity:.0f}",
+                f"tokens-per-minute limit of {self.tokens.limit:.0f}",
                 limit="tokens",
                 snapshot=self.snapshot(),
             )
@@ -208,7 +221,10 @@ class TenantLimits:
         def state(bucket: TokenBucket | None) -> LimitState | None:
             if bucket is None:
                 return None
-            return LimitState(int(bucket.capacity), max(int(bucket.level()), 0), bucket.reset_s())
+            # A fallback share below one (a full bucket still lets one through) reads as one.
+            level = bucket.level()
+            remaining = max(int(level), 1 if level >= bucket.capacity else 0)
+            return LimitState(math.ceil(bucket.capacity), remaining, bucket.reset_s())
 
         return RateLimitSnapshot(state(self.requests), state(self.tokens))
 
@@ -302,10 +318,12 @@ class Slot:
     def __init__(self, limits: tuple[ConcurrencyLimit, ...]):
         self._limits = limits
 
-    def release(self) -> None:
+    def release(self, *, freed: bool = True) -> None:
+        """`freed=False`: the slot held no generation (refused after it was taken), so it is
+        not counted in the rate slots free up at."""
         limits, self._limits = self._limits, ()
         for limit in limits:
-            limit.leave()
+            limit.leave(freed=freed)
 
 
 class StreamLimits:

@@ -19,9 +19,12 @@ the tenant's local buckets decide (counted: `llmmesh_gateway_rate_limit_redis_er
 per failed call, `llmmesh_gateway_rate_limit_fallback_total{op}` per call the fallback answered),
 which hold 1/`limits_gateways` of each limit (limits.py
 `TenantLimits(share=...)`); for `limits_redis_retry_s` no request waits on Redis again. This
-fails safe: with at most `limits_gateways` gateways all falling back, a tenant never gets more
-than its limit (fewer gateways: less). It never fails closed (refusing everyone because the
-limiter is down) and never fails open (no limit at all). Charges that could not be written are
+fails safe: with at most `limits_gateways` gateways all falling back, the local shares admit at
+most the tenant's limit (fewer gateways: less), on top of what Redis admitted before it went
+down (the local buckets are full then, so in the minute an outage begins a tenant may get up to
+twice its limit). It never fails closed (refusing everyone because the limiter is down: a share
+below one request lets one through whenever it is full) and never fails open (no limit at
+all). Charges that could not be written are
 dropped (Redis lost them too); they are charged to the local buckets when the limiter is down at
 charge time.
 """

@@ -323,6 +323,39 @@ async def test_orchestrator_rejection_refunds_the_tenant(model: ServedModel) -> 
         assert not isinstance(info.value, RateLimited)  # the queue, not the tenant limit
 
 
+async def test_a_fault_of_the_gateways_own_refunds_the_tenant(model: ServedModel) -> None:
+    """Not only refusals: a request that failed for a reason of this gateway's (a bug, here an
+    admission client raising what no ServiceError is) was never served either."""
+    auth = Authenticator(tenants(tenant("a", "sk-a", requests_per_minute=1)), clock=Clock())
+    bug = RuntimeError("a bug")
+    core, _ = make_core(model, auth, orch=FakeAdmission(reject=bug))  # type: ignore[arg-type]
+    for _ in range(3):
+        with pytest.raises(RuntimeError):
+            await run(core, "sk-a")
+    limits = auth.authenticate("sk-a").limits
+    assert limits.requests is not None
+    assert limits.requests.level() == 1.0
+
+
+async def test_requests_refused_in_their_slot_do_not_hasten_the_concurrency_retry_after(
+    model: ServedModel,
+) -> None:
+    clock = Clock()
+    auth = Authenticator(
+        tenants(tenant("a", "sk-a", requests_per_minute=1, max_concurrent_requests=2)),
+        clock=clock,
+    )
+    core, _ = make_core(model, auth)
+    await run(core, "sk-a")  # one generation ran and freed its slot
+    for _ in range(50):
+        with pytest.raises(RateLimited):
+            await run(core, "sk-a")
+    concurrency = auth.authenticate("sk-a").limits.concurrency
+    assert concurrency is not None
+    # One slot freed in the last 5 s: about 5 s; fifty more counted as freed gave 0.2 s.
+    assert concurrency.retry_after_s() == pytest.approx(5.0, rel=0.05)
+
+
 class HangingFirst(FakeAdmission):
     """The first Admit waits until cancelled (a queue); later ones are granted."""
 

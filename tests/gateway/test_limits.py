@@ -190,6 +190,55 @@ async def test_a_caller_cancelled_while_the_shared_store_answers_is_refunded(
     assert shared.charged == (0 if handed_off else -10)
 
 
+async def test_a_fallback_share_below_one_still_admits_at_its_rate() -> None:
+    """2 requests/min over 4 gateways is half a request per gateway-minute: the local bucket
+    holds 0.5, which no request fits. It admitted none for the whole outage (retry-after inf,
+    a 500 over HTTP); a full bucket now lets one through, below zero, so the share holds over
+    time. A prompt is refused for good only above the tenant's whole tokens/min limit."""
+    clock = Clock()
+    shared = FakeShared()
+    shared.up = False
+    lim = TenantLimits("acme", 2, 1000, clock, shared=shared, share=4)
+    await lim.acquire(200)  # the request bucket (0.5) is full: one passes, to -0.5
+    with pytest.raises(RateLimited) as info:
+        await lim.acquire(10)
+    assert info.value.limit == "requests"
+    assert info.value.retry_after_s == pytest.approx(120.0)  # 0.5/min: one every 2 min
+    clock.now += 120.0
+    await lim.acquire(600)  # above the local 250 but within 1000: passes on a full bucket
+    clock.now += 600.0
+    with pytest.raises(RateLimited) as never:
+        await lim.acquire(1001)
+    assert never.value.retry_after_s is None
+    assert "1000" in str(never.value)
+    snap = lim.snapshot()
+    assert snap.requests is not None
+    assert (snap.requests.limit, snap.requests.remaining) == (1, 1)
+
+
+def test_a_wait_that_never_ends_is_no_retry_after() -> None:
+    for never in (math.inf, math.nan):
+        assert RateLimited("x", limit="tokens", retry_after_s=never).retry_after_s is None
+    assert RateLimited("x", limit="tokens", retry_after_s=2.5).retry_after_s == 2.5
+
+
+def test_a_slot_that_held_no_generation_is_not_counted_as_freed() -> None:
+    """Requests refused after taking their slot (rate-limited, invalid) counted as slots freed:
+    fifty of them made the next concurrency refusal say 0.2 s instead of the upper bound."""
+    clock = Clock()
+    limits = StreamLimits(100, clock, retry_after_bounds=(0.2, 10.0))
+    tenant = TenantLimits("acme", None, None, clock, max_concurrent=2)
+    held = limits.enter(tenant)  # a long generation
+    for _ in range(50):
+        limits.enter(tenant).release(freed=False)
+    second = limits.enter(tenant)
+    with pytest.raises(RateLimited) as info:
+        limits.enter(tenant)
+    assert info.value.retry_after_s == 10.0  # nothing freed: the upper bound
+    held.release()
+    second.release()
+
+
 async def test_fallback_holds_the_local_share() -> None:
     clock = Clock()
     shared = FakeShared()
