@@ -12,9 +12,11 @@ from bench import workloads as wl
 from bench.report import Dist, Summary, summarize
 
 
-def summary(arm: str, mean: float, p99: float, hit: float = 0.5) -> Summary:
+def summary(arm: str, mean: float, p99: float, hit: float = 0.5, ok: int = 100) -> Summary:
     s = summarize(arm, [])
-    return dataclasses.replace(s, ttft_s=Dist(mean, mean, mean, p99), hit_rate=hit)
+    return dataclasses.replace(
+        s, ttft_s=Dist(mean, mean, mean, p99), hit_rate=hit, requests=100, ok=ok
+    )
 
 
 def seed_run(seed: int, arms: dict[str, tuple[float, float]], **kw: object) -> routing.SeedRun:
@@ -97,9 +99,28 @@ def test_a_workload_that_is_not_prefix_heavy_has_only_the_never_worse_checks() -
     )
     cs = routing.checks([w])
     assert [(c.name, c.passed) for c in cs] == [
+        ("no-reuse: round-robin requests served", True),
+        ("no-reuse: least-loaded requests served", True),
         ("no-reuse: least-loaded mean TTFT / rr", False),
         ("no-reuse: least-loaded p99 TTFT / rr", True),
     ]
+
+
+def test_an_arm_that_refused_requests_meets_no_served_check() -> None:
+    """Its TTFT figures are over the requests it served: a saturated arm that sheds its slowest
+    requests would read fast. Judged on the worst seed."""
+    refusing = seed_run(1, {"round-robin": (1.0, 1.0), "default": (0.5, 0.5)})
+    refusing.summaries[1] = summary("default", 0.5, 0.5, ok=97)
+    w = routing.WorkloadResult(
+        "bursty",
+        False,
+        [seed_run(0, {"round-robin": (1.0, 1.0), "default": (0.5, 0.5)}), refusing],
+    )
+    by_name = {c.name: c for c in routing.checks([w])}
+    served = by_name["bursty: default requests served"]
+    assert served.value == pytest.approx(0.97)
+    assert not served.passed
+    assert by_name["bursty: round-robin requests served"].passed
 
 
 def test_sim_runs_every_arm_on_every_seed(tmp_path: Path) -> None:
@@ -115,6 +136,8 @@ def test_sim_runs_every_arm_on_every_seed(tmp_path: Path) -> None:
     ll = data["workloads"]["no-reuse"]["ratios_vs_baseline"]["least-loaded"]
     assert ll["mean"]["n"] == 2
     assert {c["name"] for c in data["checks"]} == {
+        "no-reuse: round-robin requests served",
+        "no-reuse: least-loaded requests served",
         "no-reuse: least-loaded mean TTFT / rr",
         "no-reuse: least-loaded p99 TTFT / rr",
     }
