@@ -12,7 +12,7 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from llmmesh.common.topology import (
     DEFAULT_MODEL_VERSION,
@@ -45,6 +45,15 @@ class DnsTarget(BaseModel):
     models: list[str] = Field(
         default_factory=lambda: [TRITON_MODEL], description="Triton model names served."
     )
+
+    @field_validator("host")
+    @classmethod
+    def _resolvable_name(cls, host: str) -> str:
+        try:
+            host.encode("idna")  # what the resolver does first: an empty or long label fails
+        except UnicodeError as exc:
+            raise ValueError(f"not a DNS name: {host!r} ({exc})") from None
+        return host
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,14 +88,48 @@ async def resolve_ipv4(host: str, port: int) -> list[str]:
     return sorted({str(info[4][0]) for info in infos})
 
 
-async def discover_pods(targets: Sequence[DnsTarget]) -> list[DiscoveredPod]:
-    """Pods behind every target; a target that fails to resolve contributes none this round."""
-    out: list[DiscoveredPod] = []
-    for target in targets:
-        try:
-            ips = await resolve_ipv4(target.host, target.port)
-        except OSError as exc:
-            log.warning("dns resolution failed", extra={"host": target.host, "error": repr(exc)})
-            continue
-        out.extend(DiscoveredPod(target, ip) for ip in ips)
-    return out
+# Resolver answers that a name has no address (NXDOMAIN, or no A record: a headless Service with
+# no ready pod): its pods are none. Any other failure says nothing about them.
+_NO_ADDRESS = frozenset(
+    code for code in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)) if code is not None
+)
+# One target's resolution at most (the resolver's own retries over its search domains included).
+RESOLVE_TIMEOUT_S = 10.0
+
+
+class PodDiscovery:
+    """The pods behind `targets`, one round after another. A target whose resolution fails
+    for a reason that says nothing about its pods (a timeout, SERVFAIL, a resolver error) keeps
+    the pods it listed last: a DNS hiccup must not drop a whole pool from routing until the next
+    round. A target the DNS answers has no address has no pods."""
+
+    def __init__(self, targets: Sequence[DnsTarget]) -> None:
+        self.targets = list(targets)
+        self._last: list[list[DiscoveredPod]] = [[] for _ in self.targets]
+
+    async def __call__(self) -> list[DiscoveredPod]:
+        out: list[DiscoveredPod] = []
+        for i, target in enumerate(self.targets):
+            try:
+                async with asyncio.timeout(RESOLVE_TIMEOUT_S):
+                    ips = await resolve_ipv4(target.host, target.port)
+            except socket.gaierror as exc:
+                if exc.errno not in _NO_ADDRESS:
+                    self._failed(target, exc, i)
+                    out.extend(self._last[i])
+                    continue
+                ips = []
+            except (OSError, UnicodeError) as exc:  # TimeoutError is an OSError
+                self._failed(target, exc, i)
+                out.extend(self._last[i])
+                continue
+            pods = [DiscoveredPod(target, ip) for ip in ips]
+            self._last[i] = pods
+            out.extend(pods)
+        return out
+
+    def _failed(self, target: DnsTarget, exc: BaseException, i: int) -> None:
+        log.warning(
+            "dns resolution failed; the pods it listed last are kept",
+            extra={"host": target.host, "error": repr(exc), "kept": len(self._last[i])},
+        )

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit, urlunsplit
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmmesh.common import metric_names as names
-from llmmesh.common.discovery import DnsTarget, discover_pods, resolve_ipv4
+from llmmesh.common.discovery import DnsTarget, PodDiscovery, resolve_ipv4
 from llmmesh.common.engine_metrics import EngineSample, fetch_metrics_text, parse_engine_metrics
 from llmmesh.common.topology import PoolKey
 from services.autoscaler.signals import (
@@ -399,8 +399,10 @@ def _pool_gauge(text: str, name: str) -> dict[PoolKey, float] | None:
 def target_discovery(static: Sequence[EngineTarget], dns: Sequence[DnsTarget]) -> Discover:
     """Engine targets: the static list plus every pod behind the headless Services."""
 
+    discover_pods = PodDiscovery(dns)  # a Service that fails to resolve keeps its last pods
+
     async def discover() -> list[EngineTarget]:
-        pods = await discover_pods(dns)
+        pods = await discover_pods()
         return [
             *static,
             *(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable
 
 import uvloop
@@ -13,7 +14,7 @@ from llmmesh.common.settings import KvBlockSettings
 from llmmesh.common.telemetry import setup_logging, setup_tracing, start_metrics_server
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from services.orchestrator.director import Orchestrator
-from services.orchestrator.discovery import discover
+from services.orchestrator.discovery import Discovery
 from services.orchestrator.policy import load_policy
 from services.orchestrator.prefix import registry_index
 from services.orchestrator.probe import HttpMetrics, TritonProbe
@@ -28,7 +29,10 @@ async def every(interval_s: float, step: Callable[[], Awaitable[None]]) -> None:
     loop = asyncio.get_running_loop()
     while True:
         start = loop.time()
-        await step()
+        try:
+            await step()
+        except Exception:  # one round's fault: the upkeep goes on (and says so)
+            log.exception("periodic upkeep failed", extra={"step": getattr(step, "__name__", "")})
         await asyncio.sleep(max(0.0, interval_s - (loop.time() - start)))
 
 
@@ -36,6 +40,8 @@ async def every(interval_s: float, step: Callable[[], Awaitable[None]]) -> None:
 # all at once, their answers (and their parsing) would hold up the Admits behind them.
 ROUND_SPREAD = 0.5
 
+
+log = logging.getLogger(__name__)
 
 SERVICE = orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"].full_name
 
@@ -85,9 +91,10 @@ async def main(settings: OrchestratorSettings, blocks: KvBlockSettings) -> None:
             every(settings.kv_registry_dns_interval_s, prefix.refresh)
         )
     if settings.replica_dns:
+        discover = Discovery(settings)
 
         async def rediscover() -> None:
-            core.sync_replicas(await discover(settings))
+            core.sync_replicas(await discover())
 
         discovery_task = asyncio.create_task(every(settings.dns_interval_s, rediscover))
 

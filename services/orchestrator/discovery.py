@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from llmmesh.common.discovery import DiscoveredPod, discover_pods
+from llmmesh.common.discovery import DiscoveredPod, PodDiscovery
 from services.orchestrator.settings import OrchestratorSettings, ReplicaSpec
 
 
@@ -25,5 +25,18 @@ def replicas_from_pods(pods: Sequence[DiscoveredPod]) -> list[ReplicaSpec]:
     return [replica_from_pod(p) for p in pods]
 
 
+class Discovery:
+    """The replica set round after round: the static list plus the pods behind the headless
+    Services (`PodDiscovery`: a Service whose resolution fails keeps the pods it listed last)."""
+
+    def __init__(self, settings: OrchestratorSettings) -> None:
+        self._static = list(settings.replicas)
+        self._pods = PodDiscovery(settings.replica_dns)
+
+    async def __call__(self) -> list[ReplicaSpec]:
+        return [*self._static, *replicas_from_pods(await self._pods())]
+
+
 async def discover(settings: OrchestratorSettings) -> list[ReplicaSpec]:
-    return [*settings.replicas, *replicas_from_pods(await discover_pods(settings.replica_dns))]
+    """One round, with no earlier one to keep from."""
+    return await Discovery(settings)()
