@@ -17,6 +17,10 @@ timeout arrives up to ~0.1 s longer, 600 s up to ~1 s), and Istio cuts it to the
 (`max_grpc_timeout`), so `sent timeout - time remaining` errs by more than the waits it would
 measure.
 
+The service's own wall clock may be stepped (a time sync, a VM resumed): every reading moves by
+the step, its baselines with it (`CallerBaselines` follows the wall clock's offset from the
+service's monotonic one), so no wait is read into it.
+
 Limits, by construction: a caller whose every call of a whole window waited (a queue that never
 drained for `window_s`) has that wait in its baseline and reads only what comes on top; a caller
 whose clock is stepped back by d reads every call d late until the step leaves the window. The
@@ -34,6 +38,9 @@ CALLER_KEY: Final = "x-llmmesh-caller"  # the calling process's id
 SENT_AT_KEY: Final = "x-llmmesh-sent-at"  # the caller's wall clock when it sent the call, Unix s
 # A reading further off than this is no clock offset or wait: ignored.
 MAX_READING_S: Final = 3600.0
+# A move of the service's wall clock against its monotonic clock larger than this is a step of
+# the wall clock, which every baseline follows (smaller ones: the two clocks read a moment apart).
+CLOCK_STEP_S: Final = 0.001
 
 
 def call_metadata(caller: str, wall_now: float) -> tuple[tuple[str, str], ...]:
@@ -89,9 +96,17 @@ class CallerBaselines:
         self._max_callers = max_callers
         # caller -> [smallest reading this half-window, the previous half-window's, its start]
         self._callers: dict[str, list[float]] = {}
+        # The service's wall clock less its monotonic clock, as the baselines stand.
+        self._offset: float | None = None
 
-    def sojourn(self, caller: str, reading: float, now: float) -> float:
-        """The wait a reading of `caller` at `now` (the service's monotonic clock) shows."""
+    def sojourn(
+        self, caller: str, reading: float, now: float, wall_now: float | None = None
+    ) -> float:
+        """The wait a reading of `caller` at `now` (the service's monotonic clock) shows;
+        `wall_now`: the service's wall clock the reading was taken with (a step of it since the
+        last reading moves every baseline by the step)."""
+        if wall_now is not None:
+            self._follow(wall_now - now)
         b = self._callers.pop(caller, None)  # re-inserted last: the dict is in use order
         if b is None:
             if len(self._callers) >= self._max_callers:
@@ -105,6 +120,18 @@ class CallerBaselines:
         elif reading < b[0]:
             b[0] = reading
         return max(reading - min(b[0], b[1]), 0.0)
+
+    def _follow(self, offset: float) -> None:
+        if self._offset is None:
+            self._offset = offset
+            return
+        step = offset - self._offset
+        if abs(step) <= CLOCK_STEP_S:
+            return
+        self._offset = offset
+        for b in self._callers.values():
+            b[0] += step
+            b[1] += step
 
     def __len__(self) -> int:
         return len(self._callers)

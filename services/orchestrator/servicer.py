@@ -81,12 +81,13 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self._callers: dict[str, int] = {}
         self._orphan_timers: dict[str, asyncio.TimerHandle] = {}
 
-    def _waited(self, call: tuple[str, float] | None) -> float:
-        """Feed the shedder a call's reading; the wait it shows (0 without one)."""
+    def _waited(self, call: tuple[str, float] | None, wall_now: float) -> float:
+        """Feed the shedder a call's reading, taken at `wall_now`; the wait it shows (0
+        without one)."""
         if call is None:
             return 0.0
         caller, reading = call
-        sojourn = self._baselines.sojourn(caller, reading, self._core.now())
+        sojourn = self._baselines.sojourn(caller, reading, self._core.now(), wall_now)
         self._core.observe_sojourn(sojourn)
         return sojourn
 
@@ -108,7 +109,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
 
     async def Admit(self, request: pb.AdmitRequest, context: Ctx) -> pb.AdmitResponse:
         metadata = context.invocation_metadata()
-        self._waited(read_call(metadata, self._wall_clock()))
+        wall_now = self._wall_clock()
+        self._waited(read_call(metadata, wall_now), wall_now)
         try:
             lease = await self._admit(
                 request, context.time_remaining(), extract_trace_context(metadata)
@@ -249,7 +251,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     ) -> None:
         call_id = msg.call_id
         try:
-            waited = self._waited(read_sent(caller, msg.sent_at_unix_s, self._wall_clock()))
+            wall_now = self._wall_clock()
+            waited = self._waited(read_sent(caller, msg.sent_at_unix_s, wall_now), wall_now)
             timeout_s = max(msg.timeout_s - waited, 0.0) if msg.timeout_s > 0 else None
             lease = await self._admit(
                 msg.admit, timeout_s, extract_trace_context(msg.trace_context.items())

@@ -68,6 +68,26 @@ def test_a_caller_s_clock_offset_is_its_baseline_and_the_wait_what_comes_on_top(
     assert math.isclose(b.sojourn("g", offset + 0.2, 5.0), 0.2)
 
 
+def test_a_step_of_the_services_own_clock_is_no_wait() -> None:
+    """The service's wall clock jumps 0.5 s forward (a time sync): every reading is 0.5 s
+    higher from then on. Its baselines kept the old readings, so every call of every caller
+    read 0.5 s of wait, far above the shedding target, for up to a whole window."""
+    b = CallerBaselines(window_s=60)
+    wall = 1_000_000.0  # the service's wall clock at monotonic 0
+    for t in range(5):
+        assert b.sojourn("g", 0.2, float(t), wall + t) == 0.0
+        assert b.sojourn("h", -0.1, float(t), wall + t) == 0.0
+    wall += 0.5
+    for t in range(5, 40):
+        assert b.sojourn("g", 0.7, float(t), wall + t) == 0.0
+        assert b.sojourn("h", 0.4, float(t), wall + t) == 0.0
+    assert math.isclose(b.sojourn("g", 0.75, 40.0, wall + 40), 0.05)  # a real wait still shows
+    wall -= 2.0  # and back
+    assert b.sojourn("g", -1.3, 41.0, wall + 41) == 0.0
+    # Two readings of the two clocks a moment apart are no step.
+    assert math.isclose(b.sojourn("g", -1.2, 42.0, wall + 42 + 0.0004), 0.1)
+
+
 def test_a_baseline_is_kept_one_window_then_forgotten() -> None:
     b = CallerBaselines(window_s=60)
     b.sojourn("g", 0.0, 0.0)
