@@ -1,12 +1,19 @@
-"""ManagedServer (llmmesh.common.server) over a real channel on port 0: the request size bound."""
+"""ManagedServer (llmmesh.common.server) over a real channel on port 0: the request size bound;
+run_until_signal's drain."""
 
 from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from llmmesh.common.server import MAX_MESSAGE_BYTES, ManagedServer
+from llmmesh.common.server import MAX_MESSAGE_BYTES, ManagedServer, run_until_signal
+from tests.helpers import eventually
 
 
 @pytest.mark.parametrize(
@@ -32,3 +39,48 @@ async def test_a_request_larger_than_the_servers_bound_is_refused(
         assert info.value.code() == code
     finally:
         await server.stop()
+
+
+async def test_a_failed_drain_still_stops_and_a_second_signal_cuts_a_slow_one(
+    tmp_path: Path,
+) -> None:
+    """A front whose drain raised skipped `on_stop` (the gateway's usage log and lease reports
+    with it); a second signal did nothing while a drain took its whole bound (300 s for the
+    gateway)."""
+    server = ManagedServer(host="127.0.0.1", port=0, services=[], drain_seconds=0)
+    await server.start()
+    stopped: list[str] = []
+    slow_started = asyncio.Event()
+
+    async def failing() -> None:
+        raise RuntimeError("the HTTP front broke on its way down")
+
+    async def slow() -> None:
+        slow_started.set()
+        await asyncio.sleep(3600)  # a drain waiting on a stream that never ends
+
+    async def on_stop() -> None:
+        stopped.append("on_stop")
+
+    ready = tmp_path / "ready.json"
+    run = asyncio.create_task(
+        run_until_signal(
+            server,
+            service="t",
+            metrics_port=0,
+            ready_file=ready,
+            on_stop=on_stop,
+            drain_with=(failing, slow),
+        )
+    )
+
+    async def is_ready() -> bool:
+        return ready.exists()
+
+    await eventually(is_ready, what="ready file")  # written once the signals are handled
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.wait_for(slow_started.wait(), 10)
+    assert not run.done()  # draining
+    os.kill(os.getpid(), signal.SIGTERM)
+    await asyncio.wait_for(run, 10)
+    assert stopped == ["on_stop"]
