@@ -147,9 +147,11 @@ async def run_until_signal(
     again = asyncio.Event()
     for sig in signals:
         loop.add_signal_handler(sig, again.set)
-    drains = [asyncio.ensure_future(d) for d in (server.stop(), *(stop() for stop in drain_with))]
-    hurry = asyncio.ensure_future(again.wait())
-    pending = set(drains)
+    drains: list[asyncio.Future[object]] = [
+        asyncio.ensure_future(d) for d in (server.stop(), *(stop() for stop in drain_with))
+    ]
+    hurry: asyncio.Future[object] = asyncio.ensure_future(again.wait())
+    pending: set[asyncio.Future[object]] = set(drains)
     while pending and not again.is_set():
         _, left = await asyncio.wait({*pending, hurry}, return_when=asyncio.FIRST_COMPLETED)
         pending = left - {hurry}
