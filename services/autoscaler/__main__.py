@@ -123,6 +123,7 @@ async def main(settings: AutoscalerSettings) -> None:
         metrics_port=metrics_port,
         ready_file=settings.ready_file,
         on_stop=on_stop,
+        drain_with=(keda.drain,),
     )
 
 

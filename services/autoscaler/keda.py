@@ -4,11 +4,13 @@ A ScaledObject's trigger metadata names the pool and model version. The metric i
 desired replica count with a per-replica target of 1 (KEDA's default metric type AverageValue), so
 the HPA that KEDA drives computes desired = ceil(value / 1) = the core's decision; IsActive is true
 while it is above zero (KEDA scales 0 <-> 1 on it). A pool not decided yet holds its policy's
-`min_replicas`. StreamIsActive pushes a change after the evaluation that made it.
+`min_replicas`. StreamIsActive pushes a change after the evaluation that made it, until the
+autoscaler drains: then it ends UNAVAILABLE (KEDA opens it again, on a replica that serves).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -41,6 +43,12 @@ def metric_name(pool: str, version: str) -> str:
 class KedaScalerServicer(pb_grpc.ExternalScalerServicer):
     def __init__(self, core: Autoscaler):
         self._core = core
+        self._draining = asyncio.Event()
+
+    async def drain(self) -> None:
+        """End every StreamIsActive now and as they open (they never end on their own: the
+        server's drain would wait its whole bound, then cut them)."""
+        self._draining.set()
 
     def _desired(self, key: PoolKey) -> int:
         return self._core.desired(key)
@@ -61,12 +69,19 @@ class KedaScalerServicer(pb_grpc.ExternalScalerServicer):
             await abort(context, err)
             raise
         last: bool | None = None
-        while True:
+        while not self._draining.is_set():
             active = self._desired(key) > 0
             if active != last:
                 yield pb.IsActiveResponse(result=active)
                 last = active
-            await self._core.wait_for_update()
+            update = asyncio.ensure_future(self._core.wait_for_update())
+            drained = asyncio.ensure_future(self._draining.wait())
+            try:
+                await asyncio.wait((update, drained), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                update.cancel()
+                drained.cancel()
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "autoscaler is draining")
 
     async def GetMetricSpec(
         self, request: pb.ScaledObjectRef, context: Ctx

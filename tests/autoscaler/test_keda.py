@@ -23,6 +23,7 @@ from tests.autoscaler.test_policy import BASE, sig
 SOURCE = FakeSource()
 CLOCK = FakeClock()
 CORE: list[Autoscaler] = []
+SERVICER: list[KedaScalerServicer] = []
 
 
 @pytest_asyncio.fixture
@@ -39,6 +40,7 @@ async def stub() -> AsyncIterator[pb_grpc.ExternalScalerAsyncStub]:
     await core.evaluate()
     CORE[:] = [core]
     servicer = KedaScalerServicer(core)
+    SERVICER[:] = [servicer]
     server = ManagedServer(
         host="127.0.0.1",
         port=0,
@@ -133,3 +135,21 @@ async def test_stream_is_active_pushes_a_change_after_an_evaluation(
     assert isinstance(second, pb.IsActiveResponse)
     assert second.result is True
     call.cancel()
+
+
+async def test_a_draining_autoscaler_ends_its_streams_unavailable(
+    stub: pb_grpc.ExternalScalerAsyncStub,
+) -> None:
+    """The streams never end on their own: a drain waited its whole bound for them, then cut
+    them. KEDA opens an ended one again, on a replica that serves."""
+    call = stub.StreamIsActive(ref("short"))
+    first = await call.read()
+    assert isinstance(first, pb.IsActiveResponse)
+    assert first.result is True
+    await SERVICER[0].drain()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await asyncio.wait_for(call.read(), 5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(grpc.aio.AioRpcError) as late:
+        await asyncio.wait_for(stub.StreamIsActive(ref("long")).read(), 5)
+    assert late.value.code() == grpc.StatusCode.UNAVAILABLE
