@@ -120,6 +120,7 @@ class RedisLimiter:
         self._down_until = -math.inf
         self._pending: dict[str, tuple[RedisQuota, int, int]] = {}  # tenant -> (quota, req, tok)
         self._flusher: asyncio.Task[None] | None = None
+        self._writing: asyncio.Future[None] | None = None  # the flusher's flush in progress
         self.errors = 0  # failed calls (tests, logs)
 
     @classmethod
@@ -203,14 +204,19 @@ class RedisLimiter:
         """Runs while there are charges to write; exits once a period passed with none."""
         while self._pending:
             await asyncio.sleep(self._flush_s)
-            await self.flush()
+            # Shielded: stopping the writer mid-flush would lose the batch the flush took.
+            self._writing = asyncio.ensure_future(self.flush())
+            await asyncio.shield(self._writing)
 
     async def close(self) -> None:
-        """Write what is queued, stop the writer, close the connection."""
+        """Stop the writer, let a flush in progress end (each write is bounded by the socket
+        timeout), write what is queued, close the connection."""
         if self._flusher is not None and not self._flusher.done():
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._flusher
+        if self._writing is not None:
+            await self._writing
         await self.flush()
         await self._client.aclose()
 

@@ -4,10 +4,12 @@ with Redis down each gateway falls back to its share of the limit."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -163,3 +165,30 @@ async def test_redis_down_each_gateway_enforces_its_share(
         assert _counter(names.GATEWAY_RATE_LIMIT_FALLBACK, "charge") > charged_locally
     finally:
         await redis_server.start()
+
+
+async def test_closing_mid_flush_loses_no_charge(gateways: tuple[Gateway, Gateway]) -> None:
+    """close() cancelled the writer; a flush in progress lost the batch it had taken."""
+    a, b = gateways
+    limiter = a.auth.shared
+    assert limiter is not None
+    tenant = a.auth.tenants["acme"].limits
+    run = limiter._run
+    in_flight = asyncio.Event()
+    release = asyncio.Event()
+
+    async def held_run(*args: Any, **kw: Any) -> Any:
+        in_flight.set()
+        await release.wait()
+        return await run(*args, **kw)
+
+    limiter._run = held_run  # type: ignore[method-assign]
+    tenant.charge(59)  # a long completion: 59 of acme's 60 tokens/min
+    await asyncio.wait_for(in_flight.wait(), 5)  # the writer's flush took it
+    closing = asyncio.ensure_future(limiter.close())
+    await asyncio.sleep(0)  # close() has cancelled the writer
+    release.set()
+    await asyncio.wait_for(closing, 5)
+    refused = await b.generate()  # 4 prompt tokens no longer fit on the other gateway
+    assert isinstance(refused, RateLimited)
+    assert refused.limit == "tokens"
