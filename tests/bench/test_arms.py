@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ from bench.calibrate import EngineShape
 from bench.pools import arms as pool_arms
 from bench.pools import (
     build_parser,
+    idle_ttft_s,
+    long_slo_s,
     short_pool_size,
     short_ttft_floor_s,
     short_work_share,
@@ -86,3 +89,18 @@ def test_short_work_share_and_floor() -> None:
     assert 0.0 < share < 0.3
     floor = short_ttft_floor_s(reqs, shape)
     assert 0.0 < floor < 0.05
+
+
+def test_the_long_slo_is_twice_a_long_prompts_idle_prefill_unless_given() -> None:
+    """At 2 s every long request met it in every arm (p99 0.34-0.57 s), so the goodput ratio
+    was 1.000 whatever the pools did."""
+    args = build_parser().parse_args(["--requests", "60"])
+    reqs = workload(args)
+    shape = EngineShape()
+    idle = idle_ttft_s(reqs, shape, "long")
+    assert short_ttft_floor_s(reqs, shape) < idle < 1.0  # 6-8k tokens: one or two steps
+    small = dataclasses.replace(shape, max_num_tokens=1024)  # chunked prefill: more steps
+    assert idle_ttft_s(reqs, small, "long") > idle
+    assert long_slo_s(args, reqs, shape) == pytest.approx(2 * idle)
+    given = build_parser().parse_args(["--requests", "60", "--long-slo-s", "1.5"])
+    assert long_slo_s(given, reqs, shape) == 1.5
