@@ -102,8 +102,18 @@ class ManagedServer:
         await self._set_all(health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.stop(self._drain_seconds)
 
+    async def stop_now(self) -> None:
+        """Cancel every call still running and wait for their handlers (a `stop` in progress
+        ends with it)."""
+        await self._server.stop(None)
+
     async def wait(self) -> None:
         await self._server.wait_for_termination()
+
+
+# A signal this soon after the first repeats it (a terminal's Ctrl-C reaches the whole process
+# group, and a supervisor forwards it too): only a later one cuts the drain short.
+REPEAT_SIGNAL_S = 1.0
 
 
 async def run_until_signal(
@@ -121,8 +131,10 @@ async def run_until_signal(
     `extra_ports` (e.g. an HTTP front's) join the ready file and the log; `drain_with` are other
     fronts' stop functions, drained in parallel with the gRPC server before `on_stop` runs. A
     drain that fails is logged and the others go on; `on_stop` runs however the drain ended. A
-    second signal during the drain ends it at once (what is still open is cut), then `on_stop`
-    runs.
+    second signal during the drain (one at least `REPEAT_SIGNAL_S` after the first: a terminal's
+    Ctrl-C and a supervisor's forward of it are one request) ends it at once: the gRPC calls
+    still running are cancelled and their handlers end, the other fronts' drains are cancelled,
+    then `on_stop` runs.
 
     Before it reports ready, everything the service built at startup (modules, protobuf
     descriptors, tokenizers, settings, the core) moves to the collector's permanent generation
@@ -145,22 +157,33 @@ async def run_until_signal(
     await stop_requested.wait()
     log.info("draining", extra={"service": service})
     again = asyncio.Event()
+    first_at = loop.time()
+
+    def repeated() -> None:
+        if loop.time() - first_at >= REPEAT_SIGNAL_S:
+            again.set()
+
     for sig in signals:
-        loop.add_signal_handler(sig, again.set)
+        loop.add_signal_handler(sig, repeated)
     drains: list[asyncio.Future[object]] = [
         asyncio.ensure_future(d) for d in (server.stop(), *(stop() for stop in drain_with))
     ]
     hurry: asyncio.Future[object] = asyncio.ensure_future(again.wait())
     pending: set[asyncio.Future[object]] = set(drains)
-    while pending and not again.is_set():
-        _, left = await asyncio.wait({*pending, hurry}, return_when=asyncio.FIRST_COMPLETED)
-        pending = left - {hurry}
-    hurry.cancel()
-    if pending:
-        log.warning("second signal: drain cut short", extra={"service": service})
-        for d in pending:
-            d.cancel()
-    for result in await asyncio.gather(*drains, return_exceptions=True):
+    try:
+        while pending and not again.is_set():
+            _, left = await asyncio.wait({*pending, hurry}, return_when=asyncio.FIRST_COMPLETED)
+            pending = left - {hurry}
+        if pending:
+            log.warning("second signal: drain cut short", extra={"service": service})
+            await server.stop_now()
+    finally:  # also when this task is cancelled: nothing left running unawaited
+        hurry.cancel()
+        for d in drains:
+            if not d.done():
+                d.cancel()
+        results = await asyncio.gather(*drains, return_exceptions=True)
+    for result in results:
         if isinstance(result, Exception):
             log.error("a drain failed", exc_info=result)
     if on_stop is not None:

@@ -7,11 +7,13 @@ import asyncio
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from llmmesh.common import server as server_module
 from llmmesh.common.server import MAX_MESSAGE_BYTES, ManagedServer, run_until_signal
 from tests.helpers import eventually
 
@@ -42,13 +44,17 @@ async def test_a_request_larger_than_the_servers_bound_is_refused(
 
 
 async def test_a_failed_drain_still_stops_and_a_second_signal_cuts_a_slow_one(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A front whose drain raised skipped `on_stop` (the gateway's usage log and lease reports
     with it); a second signal did nothing while a drain took its whole bound (300 s for the
     gateway)."""
-    server = ManagedServer(host="127.0.0.1", port=0, services=[], drain_seconds=0)
-    await server.start()
+    monkeypatch.setattr(server_module, "REPEAT_SIGNAL_S", 0.0)  # any second signal counts
+    server = ManagedServer(host="127.0.0.1", port=0, services=[], drain_seconds=30)
+    port = await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+    assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
     stopped: list[str] = []
     slow_started = asyncio.Event()
 
@@ -84,3 +90,13 @@ async def test_a_failed_drain_still_stops_and_a_second_signal_cuts_a_slow_one(
     os.kill(os.getpid(), signal.SIGTERM)
     await asyncio.wait_for(run, 10)
     assert stopped == ["on_stop"]
+    # The call the gRPC drain was waiting for (up to 30 s) was cancelled before on_stop ran.
+    with pytest.raises(grpc.aio.AioRpcError):
+        await asyncio.wait_for(read_to_the_end(watch), 10)
+    await channel.close(None)
+
+
+async def read_to_the_end(call: Any) -> None:
+    """Reads until the call ends: raises its error, or returns at its clean end."""
+    while await call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
+        pass
