@@ -27,6 +27,9 @@ whenever the registry cannot have a gap-free stream:
 - when the registry answers `resync_required`, to events or to a heartbeat: a stream with nothing
   to send for `heartbeat_s` sends its next sequence alone, so a registry that restarted while
   the engine was idle asks for the snapshot then, not at the engine's next event.
+A registry that refuses the engine's epoch (FAILED_PRECONDITION: it keeps a lifetime that
+started later under this replica id, which publishes) gets no snapshot, which it would parse and
+refuse: only heartbeats, backing off, until one is taken (then the snapshot it asks for).
 Queued events numbered before the snapshot are discarded; later ones follow it without a gap.
 While a snapshot is due, `publish()` queues nothing (the snapshot will cover it), so a registry
 that is down costs no memory, and a lagging one is bounded by `queue_size`, then resynced.
@@ -110,6 +113,7 @@ class KvEventPublisher:
         self._flush_deadline = 0.0  # monotonic; set by stop()
         self._overflowed = False
         self._need_snapshot = True
+        self._superseded = False  # the registry refuses this epoch: heartbeats only
         self._min_sequence = 0
         self._next_out = 0  # sequence of the next event this stream sends after its snapshot
         self._channel: grpc.Channel | None = None
@@ -219,6 +223,8 @@ class KvEventPublisher:
             if self._overflowed:
                 self._overflowed = False
                 self._need_snapshot = True
+            if self._superseded and not self._stopping:
+                return [[]]  # a heartbeat: taken, it asks for the snapshot
             idle = False
             if not self._need_snapshot:
                 idle = self._wait_for_batch()
@@ -290,14 +296,23 @@ class KvEventPublisher:
             resp = stub.PublishEvents(req, timeout=timeout)
         except grpc.RpcError as exc:
             self.failures += 1
-            if self.failures == 1 or self.failures % 100 == 0:
+            superseded = _code(exc) == grpc.StatusCode.FAILED_PRECONDITION
+            if (self.failures == 1 or self.failures % 100 == 0) or (
+                superseded and not self._superseded
+            ):
                 log.warning(
                     "PublishEvents to %s failed (%s); will resync", self.target, _describe(exc)
                 )
-            if batch:  # a failed heartbeat lost nothing: the next one's answer decides
-                with self._cond:
+            with self._cond:
+                if superseded:
+                    self._superseded = True
+                    self._need_snapshot = True  # nothing queued meanwhile: the snapshot covers it
+                    self._queue.clear()
+                elif batch:  # a failed heartbeat lost nothing: the next one's answer decides
                     self._need_snapshot = True
             return "failed"
+        with self._cond:
+            self._superseded = False
         self.sent_batches += 1
         self.sent_events += len(batch)
         if resp.resync_required:
@@ -471,6 +486,11 @@ def registry_fanout(
         rpc_timeout_s=settings.publish_timeout_s,
         heartbeat_s=settings.publish_heartbeat_s,
     )
+
+
+def _code(exc: grpc.RpcError) -> grpc.StatusCode | None:
+    code = getattr(exc, "code", None)
+    return code() if callable(code) else None
 
 
 def _describe(exc: grpc.RpcError) -> str:

@@ -100,6 +100,9 @@ class KvRegistry:
         self._max_events = settings.max_events_per_request
         self._max_prompt_blocks = settings.max_prompt_blocks
         self._silence_s = settings.exact_silence_s
+        # A kept engine lifetime heard from within this refuses one that started before it
+        # (three of the engines' default 5 s heartbeats; exact_silence_s is 60 s by default).
+        self._superseded_s = settings.exact_silence_s / 4
         # When each replica last published (events or a heartbeat), and when silent ones were
         # last looked for (`maintain`, every tenth of the silence bound).
         self._heard: dict[str, float] = {}
@@ -208,10 +211,14 @@ class KvRegistry:
             # Its successor (the next expected sequence, answered back) would not fit a uint64.
             raise InvalidArgument(f"a sequence must be below {LAST_SEQUENCE}", field="events")
         current = self.exact.epoch_of(replica_id)
-        if current is not None and epoch_precedes(epoch, current):
-            # Before it is heard from: a replaced lifetime that keeps publishing must not keep
-            # the one it was replaced by from going silent (a dead engine, on a host whose clock
-            # is ahead, is then dropped after exact_silence_s and this one takes its place).
+        if (
+            current is not None
+            and epoch_precedes(epoch, current)
+            and self._clock() - self._heard.get(replica_id, -math.inf) < self._superseded_s
+        ):
+            # Checked before it is heard from: a refused lifetime does not keep the kept one
+            # alive. The kept one silent for `_superseded_s` (a dead engine whose start read
+            # later, its host's clock ahead or stepped back since) no longer holds it off.
             raise SupersededEpoch(
                 f"{epoch!r} started before {current!r}, the engine lifetime kept for "
                 f"{replica_id!r}",

@@ -28,6 +28,7 @@ class FakeRegistry(kvregistry_pb2_grpc.KvRegistryServiceServicer):
         self.next_sequence = 0
         self.held: set[int] = set()
         self.fail = False
+        self.supersede = False  # refuses the epoch, as a registry keeping a later lifetime
         self.force_resync = 0
         self.gate = threading.Event()  # cleared: calls block until it is set again
         self.gate.set()
@@ -40,6 +41,8 @@ class FakeRegistry(kvregistry_pb2_grpc.KvRegistryServiceServicer):
             if self.fail:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "registry down")
             self.requests.append(request)
+            if self.supersede:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "a later lifetime is kept")
             if not request.events and request.HasField("next_sequence"):  # a heartbeat
                 return kvregistry_pb2.PublishEventsResponse(
                     next_sequence=self.next_sequence,
@@ -171,6 +174,36 @@ def test_a_failed_heartbeat_takes_no_snapshot(registry: tuple[FakeRegistry, str]
         beats = h.pub.heartbeats
         wait_for(lambda: h.pub.heartbeats >= beats + 2)  # answered, in step
         assert h.pub.snapshots == snapshots  # it lost nothing: nothing to resend
+    finally:
+        h.pub.stop()
+
+
+def test_a_refused_epoch_gets_heartbeats_only_until_it_is_taken(
+    registry: tuple[FakeRegistry, str],
+) -> None:
+    """A registry keeping a later lifetime of the replica id refuses this one: it was sent a
+    full snapshot (taken under the engine's lock) after every refusal, which it parsed and
+    refused again, for as long as the refusal lasted."""
+    reg, target = registry
+    h = Harness(target, heartbeat_s=0.05, max_backoff_s=0.05)
+    h.pub.start()
+    try:
+        h.admit("a", list(range(9)))
+        wait_for(lambda: len(reg.held) == 2)
+        snapshots = h.pub.snapshots
+        with reg.lock:
+            reg.supersede = True
+            refused_from = len(reg.requests)
+        h.admit("b", list(range(100, 109)))
+        wait_for(lambda: h.pub.failures >= 4)
+        with reg.lock:
+            during = reg.requests[refused_from + 1 :]  # after the first refused batch
+            reg.supersede = False
+        assert during
+        assert all(not r.events and r.HasField("next_sequence") for r in during)
+        assert h.pub.snapshots == snapshots
+        wait_for(lambda: len(reg.held) == 4)  # taken: the snapshot has both prompts
+        assert h.pub.snapshots == snapshots + 1
     finally:
         h.pub.stop()
 

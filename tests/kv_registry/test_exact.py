@@ -158,23 +158,45 @@ def test_a_later_lifetime_replaces_and_unordered_epochs_replace_as_before() -> N
     assert matched(reg) == {"r0": 2}
 
 
-def test_a_dropped_replica_takes_any_lifetime_and_a_refused_one_keeps_nothing_alive() -> None:
-    """The kept lifetime's engine died on a host whose clock ran ahead: its successor's epoch
-    sorts before it and is refused, but it does not count as the replica being heard, so the
-    dead lifetime goes silent, is dropped, and the successor is taken."""
+def test_a_refused_lifetime_keeps_nothing_alive_and_a_dropped_replica_takes_any() -> None:
+    """The kept lifetime's engine died: its successor's epoch sorts before it (its host's clock
+    ran behind). The successor's refused calls do not count as the replica heard, so the kept
+    lifetime goes silent and the successor is taken once it has been for a quarter of
+    exact_silence_s; after a drop any lifetime is taken at once."""
     clock = ManualClock(0.0)
     reg = make_registry(
         CFG, KvRegistrySettings(exact_silence_s=60.0, max_events_per_request=10_000), clock=clock
     )
     reg.ingest("r0", E2, CFG, [C(0), S(1, tuple(H))])
-    reg.ingest("other", "e", CFG, [C(0)])
-    for t in range(10, 80, 10):
-        clock.now = float(t)
-        reg.ingest("other", "e", CFG, [], next_sequence=1)
+    for t in (5.0, 10.0, 14.0):
+        clock.now = t
         with pytest.raises(SupersededEpoch):
             reg.ingest("r0", E1, CFG, [], next_sequence=0)
-        reg.maintain(100)
-    assert "r0" not in reg.replica_ids()
+    clock.now = 16.0  # E2 silent 16 s, whatever E1 sent meanwhile
+    res = reg.ingest("r0", E1, CFG, [C(0), S(1, (H[0],))])
+    assert (res.next_sequence, res.resync_required) == (2, False)
+    assert matched(reg) == {"r0": 1}
+    reg.ingest("r0", E2, CFG, [C(0), S(1, tuple(H))])  # a later start replaces at once
+    assert reg.drop_replica("r0")
+    res = reg.ingest("r0", E1, CFG, [C(0), S(1, tuple(H[:2]))])
+    assert (res.next_sequence, res.resync_required) == (2, False)
+    assert matched(reg) == {"r0": 2}
+
+
+def test_a_kept_lifetime_silent_for_a_quarter_of_the_bound_holds_off_no_earlier_one() -> None:
+    """Its engine died, and the next one's start reads earlier (the wall clock stepped back):
+    with no other replica publishing, the silence drop never ran (it takes a registry nobody
+    reached for a stall), so the new engine was refused for good while lookups kept answering
+    the dead one's blocks."""
+    clock = ManualClock(0.0)
+    reg = make_registry(
+        CFG, KvRegistrySettings(exact_silence_s=60.0, max_events_per_request=10_000), clock=clock
+    )
+    reg.ingest("r0", E2, CFG, [C(0), S(1, tuple(H))])
+    clock.now = 14.0
+    with pytest.raises(SupersededEpoch):
+        reg.ingest("r0", E1, CFG, [], next_sequence=0)
+    clock.now = 15.0  # the kept lifetime silent 15 s: a quarter of exact_silence_s
     res = reg.ingest("r0", E1, CFG, [C(0), S(1, (H[0],))])
     assert (res.next_sequence, res.resync_required) == (2, False)
     assert matched(reg) == {"r0": 1}
