@@ -38,8 +38,9 @@ CALLER_KEY: Final = "x-llmmesh-caller"  # the calling process's id
 SENT_AT_KEY: Final = "x-llmmesh-sent-at"  # the caller's wall clock when it sent the call, Unix s
 # A reading further off than this is no clock offset or wait: ignored.
 MAX_READING_S: Final = 3600.0
-# A move of the service's wall clock against its monotonic clock larger than this is a step of
-# the wall clock, which every baseline follows (smaller ones: the two clocks read a moment apart).
+# A move of the service's wall clock against its monotonic clock larger than this, seen by two
+# readings in a row, is a step of the wall clock, which every baseline follows (smaller ones, or
+# one reading alone: the two clocks read a moment apart, a thread switch between them).
 CLOCK_STEP_S: Final = 0.001
 
 
@@ -96,8 +97,10 @@ class CallerBaselines:
         self._max_callers = max_callers
         # caller -> [smallest reading this half-window, the previous half-window's, its start]
         self._callers: dict[str, list[float]] = {}
-        # The service's wall clock less its monotonic clock, as the baselines stand.
+        # The service's wall clock less its monotonic clock, as the baselines stand; and a new
+        # offset one reading showed, which the next must confirm.
         self._offset: float | None = None
+        self._moved: float | None = None
 
     def sojourn(
         self, caller: str, reading: float, now: float, wall_now: float | None = None
@@ -127,8 +130,12 @@ class CallerBaselines:
             return
         step = offset - self._offset
         if abs(step) <= CLOCK_STEP_S:
+            self._moved = None
             return
-        self._offset = offset
+        if self._moved is None or abs(offset - self._moved) > CLOCK_STEP_S:
+            self._moved = offset  # one reading: maybe the two clocks read a moment apart
+            return
+        self._offset, self._moved = offset, None
         for b in self._callers.values():
             b[0] += step
             b[1] += step
