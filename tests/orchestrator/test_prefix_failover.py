@@ -143,8 +143,11 @@ class Clock:
 
 
 def index(
-    *served: Served, clock: Clock | None = None, timeout_s: float = 0.5
+    *served: Served, clock: Clock | None = None, timeout_s: float = 5.0
 ) -> RegistryPrefixIndex:
+    """The client over `served`; `timeout_s` is each lookup's budget (only the tests of a
+    registry that hangs or is slow give a short one: on two busy cores a stream opened and
+    refused, then a unary call, once took over 0.5 s in CI)."""
     return RegistryPrefixIndex(
         [RegistryEndpoint(s.address) for s in served],
         CFG,
