@@ -430,7 +430,17 @@ async def main_async(args: argparse.Namespace) -> int:
     def prompt(i: int) -> list[int]:
         return distinct_prompt(i, args.prompt_tokens)
 
-    mesh = LocalMesh(MeshOptions(replicas=args.replicas, time_scale=args.time_scale, log_json=True))
+    orchestrator_env = (
+        {} if args.routing is None else {"LLMMESH_ORCHESTRATOR_PROFILE": args.routing}
+    )
+    mesh = LocalMesh(
+        MeshOptions(
+            replicas=args.replicas,
+            time_scale=args.time_scale,
+            log_json=True,
+            orchestrator_env=orchestrator_env,
+        )
+    )
     await mesh.start()
     rows: list[Row] = []
     cores = pinning(not args.no_pin)
@@ -745,6 +755,11 @@ def main() -> int:
         metavar="DIR",
         help="Instead of measuring: py-spy the gateway and orchestrator during the mesh arm at "
         "each concurrency; raw stacks in DIR, top frames printed.",
+    )
+    p.add_argument(
+        "--routing",
+        metavar="PROFILE",
+        help="The orchestrator's scheduling profile in the mesh arm (default: its default).",
     )
     p.add_argument(
         "--repeats",

@@ -146,46 +146,50 @@ async def run_until_signal(
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:  # before anything slow: a signal from now on drains
         loop.add_signal_handler(sig, stop_requested.set)
-    gc.collect()
-    gc.freeze()
-    ports = {"grpc_port": server.port, **(extra_ports or {}), "metrics_port": metrics_port}
-    if ready_file is not None:
-        tmp = ready_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(ports))
-        tmp.replace(ready_file)
-    log.info("serving", extra=ports)
-    await stop_requested.wait()
-    log.info("draining", extra={"service": service})
-    again = asyncio.Event()
-    first_at = loop.time()
-
-    def repeated() -> None:
-        if loop.time() - first_at >= REPEAT_SIGNAL_S:
-            again.set()
-
-    for sig in signals:
-        loop.add_signal_handler(sig, repeated)
-    drains: list[asyncio.Future[object]] = [
-        asyncio.ensure_future(d) for d in (server.stop(), *(stop() for stop in drain_with))
-    ]
-    hurry: asyncio.Future[object] = asyncio.ensure_future(again.wait())
-    pending: set[asyncio.Future[object]] = set(drains)
     try:
-        while pending and not again.is_set():
-            _, left = await asyncio.wait({*pending, hurry}, return_when=asyncio.FIRST_COMPLETED)
-            pending = left - {hurry}
-        if pending:
-            log.warning("second signal: drain cut short", extra={"service": service})
-            await server.stop_now()
-    finally:  # also when this task is cancelled: nothing left running unawaited
-        hurry.cancel()
-        for d in drains:
-            if not d.done():
-                d.cancel()
-        results = await asyncio.gather(*drains, return_exceptions=True)
-    for result in results:
-        if isinstance(result, Exception):
-            log.error("a drain failed", exc_info=result)
-    if on_stop is not None:
-        await on_stop()
-    log.info("stopped")
+        gc.collect()
+        gc.freeze()
+        ports = {"grpc_port": server.port, **(extra_ports or {}), "metrics_port": metrics_port}
+        if ready_file is not None:
+            tmp = ready_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(ports))
+            tmp.replace(ready_file)
+        log.info("serving", extra=ports)
+        await stop_requested.wait()
+        log.info("draining", extra={"service": service})
+        again = asyncio.Event()
+        first_at = loop.time()
+
+        def repeated() -> None:
+            if loop.time() - first_at >= REPEAT_SIGNAL_S:
+                again.set()
+
+        for sig in signals:
+            loop.add_signal_handler(sig, repeated)
+        drains: list[asyncio.Future[object]] = [
+            asyncio.ensure_future(d) for d in (server.stop(), *(stop() for stop in drain_with))
+        ]
+        hurry: asyncio.Future[object] = asyncio.ensure_future(again.wait())
+        pending: set[asyncio.Future[object]] = set(drains)
+        try:
+            while pending and not again.is_set():
+                _, left = await asyncio.wait({*pending, hurry}, return_when=asyncio.FIRST_COMPLETED)
+                pending = left - {hurry}
+            if pending:
+                log.warning("second signal: drain cut short", extra={"service": service})
+                await server.stop_now()
+        finally:  # also when this task is cancelled: nothing left running unawaited
+            hurry.cancel()
+            for d in drains:
+                if not d.done():
+                    d.cancel()
+            results = await asyncio.gather(*drains, return_exceptions=True)
+        for result in results:
+            if isinstance(result, Exception):
+                log.error("a drain failed", exc_info=result)
+        if on_stop is not None:
+            await on_stop()
+        log.info("stopped")
+    finally:  # the loop's signals as they were (a test's loop runs on)
+        for sig in signals:
+            loop.remove_signal_handler(sig)

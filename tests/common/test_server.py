@@ -90,6 +90,9 @@ async def test_a_failed_drain_still_stops_and_a_second_signal_cuts_a_slow_one(
     os.kill(os.getpid(), signal.SIGTERM)
     await asyncio.wait_for(run, 10)
     assert stopped == ["on_stop"]
+    loop = asyncio.get_running_loop()  # the tests' one loop: no handler of the run left on it
+    assert not loop.remove_signal_handler(signal.SIGTERM)
+    assert not loop.remove_signal_handler(signal.SIGINT)
     # The call the gRPC drain was waiting for (up to 30 s) was cancelled before on_stop ran.
     with pytest.raises(grpc.aio.AioRpcError):
         await asyncio.wait_for(read_to_the_end(watch), 10)
