@@ -108,8 +108,11 @@ class CallerBaselines:
         """The wait a reading of `caller` at `now` (the service's monotonic clock) shows;
         `wall_now`: the service's wall clock the reading was taken with (a step of it since the
         last reading moves every baseline by the step)."""
-        if wall_now is not None:
-            self._follow(wall_now - now)
+        if wall_now is not None and self._follow(wall_now - now):
+            # The clock may have moved (one reading shows it): a reading in the new clock must
+            # not enter a baseline that the confirming reading will move again.
+            b = self._callers.get(caller)
+            return 0.0 if b is None else max(reading - min(b[0], b[1]), 0.0)
         b = self._callers.pop(caller, None)  # re-inserted last: the dict is in use order
         if b is None:
             if len(self._callers) >= self._max_callers:
@@ -124,21 +127,24 @@ class CallerBaselines:
             b[0] = reading
         return max(reading - min(b[0], b[1]), 0.0)
 
-    def _follow(self, offset: float) -> None:
+    def _follow(self, offset: float) -> bool:
+        """Move the baselines by a step of the wall clock two readings in a row show; True
+        while one reading alone shows a move (it is not followed yet)."""
         if self._offset is None:
             self._offset = offset
-            return
+            return False
         step = offset - self._offset
         if abs(step) <= CLOCK_STEP_S:
             self._moved = None
-            return
+            return False
         if self._moved is None or abs(offset - self._moved) > CLOCK_STEP_S:
             self._moved = offset  # one reading: maybe the two clocks read a moment apart
-            return
+            return True
         self._offset, self._moved = offset, None
         for b in self._callers.values():
             b[0] += step
             b[1] += step
+        return False
 
     def __len__(self) -> int:
         return len(self._callers)

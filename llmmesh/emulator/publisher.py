@@ -191,6 +191,7 @@ class KvEventPublisher:
         assert self._channel is not None
         stub = kvregistry_pb2_grpc.KvRegistryServiceStub(self._channel)
         backoff, bad_rounds = 0.1, 0
+        failed_last = False
         while True:
             batches = self._next_batches()
             if batches is None:
@@ -203,6 +204,9 @@ class KvEventPublisher:
             if outcome == "ok":
                 backoff, bad_rounds = 0.1, 0
                 continue
+            if outcome == "resync" and failed_last:
+                backoff, bad_rounds = 0.1, 0  # answered after failures: a first resync request
+            failed_last = outcome == "failed"
             bad_rounds += 1
             with self._cond:
                 if self._stopping:

@@ -134,11 +134,14 @@ class EmulatorSettings(BaseSettings):
     publish_heartbeat_s: float = Field(
         default=5.0,
         gt=0,
-        le=30.0,
+        le=10.0,
         description=(
             "A stream with nothing to send for this long sends a heartbeat (its next sequence): "
             "a restarted or lagging registry then asks for a snapshot without waiting for an "
-            "event, and does not drop the replica as gone (kv_registry's exact_silence_s, 60 s)."
+            "event, does not drop the replica as gone (kv_registry's exact_silence_s, 60 s), and "
+            "keeps refusing an engine lifetime that started before this one (while it heard "
+            "from this one within a quarter of exact_silence_s: at most 10 s leaves room for one "
+            "late heartbeat)."
         ),
     )
 

@@ -85,12 +85,15 @@ def test_a_step_of_the_services_own_clock_is_no_wait() -> None:
         assert b.sojourn("g", 0.7, float(t), wall + t) == 0.0
         assert b.sojourn("h", 0.4, float(t), wall + t) == 0.0
     assert math.isclose(b.sojourn("g", 0.75, 40.0, wall + 40), 0.05)  # a real wait still shows
-    wall -= 2.0  # and back
-    b.sojourn("h", -1.6, 41.0, wall + 41)
+    wall -= 2.0  # and back: h's reading shows it first, g's confirms it
+    assert b.sojourn("h", -1.6, 41.0, wall + 41) == 0.0
     assert b.sojourn("g", -1.3, 42.0, wall + 42) == 0.0
+    # h's first reading in the new clock did not enter its baseline before the move did.
+    assert b.sojourn("h", -1.6, 43.0, wall + 43) == 0.0
+    assert math.isclose(b.sojourn("h", -1.5, 43.5, wall + 43.5), 0.1)
     # The two clocks read 5 ms apart once (a thread switch): no step, no baseline moved.
-    assert math.isclose(b.sojourn("g", -1.3 + 0.005, 43.0, wall + 43 + 0.005), 0.005)
-    assert b.sojourn("g", -1.3, 44.0, wall + 44) == 0.0
+    assert math.isclose(b.sojourn("g", -1.3 + 0.005, 44.0, wall + 44 + 0.005), 0.005)
+    assert b.sojourn("g", -1.3, 45.0, wall + 45) == 0.0
 
 
 def test_a_baseline_is_kept_one_window_then_forgotten() -> None:
