@@ -125,6 +125,7 @@ async def run_until_signal(
     on_stop: Callable[[], Awaitable[None]] | None = None,
     extra_ports: Mapping[str, int] | None = None,
     drain_with: Sequence[Callable[[], Awaitable[None]]] = (),
+    hurry_with: Sequence[Callable[[], Awaitable[None]]] = (),
 ) -> None:
     """Run a started server until SIGTERM/SIGINT, then drain and stop.
 
@@ -133,8 +134,8 @@ async def run_until_signal(
     drain that fails is logged and the others go on; `on_stop` runs however the drain ended. A
     second signal during the drain (one at least `REPEAT_SIGNAL_S` after the first: a terminal's
     Ctrl-C and a supervisor's forward of it are one request) ends it at once: the gRPC calls
-    still running are cancelled and their handlers end, the other fronts' drains are cancelled,
-    then `on_stop` runs.
+    still running are cancelled and their handlers end, and so do the other fronts' (each
+    `hurry_with`: cancel what is running and wait for it), then `on_stop` runs.
 
     Before it reports ready, everything the service built at startup (modules, protobuf
     descriptors, tokenizers, settings, the core) moves to the collector's permanent generation
@@ -177,7 +178,12 @@ async def run_until_signal(
                 pending = left - {hurry}
             if pending:
                 log.warning("second signal: drain cut short", extra={"service": service})
-                await server.stop_now()
+                hurried = await asyncio.gather(
+                    server.stop_now(), *(now() for now in hurry_with), return_exceptions=True
+                )
+                for failed in hurried:
+                    if isinstance(failed, Exception):
+                        log.error("cutting a drain short failed", exc_info=failed)
         finally:  # also when this task is cancelled: nothing left running unawaited
             hurry.cancel()
             for d in drains:

@@ -97,6 +97,7 @@ async def main(settings: GatewaySettings, blocks: KvBlockSettings) -> None:
         on_stop=on_stop,
         extra_ports={"http_port": http.port},
         drain_with=[http.stop],
+        hurry_with=[http.stop_now],
     )
 
 

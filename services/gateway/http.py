@@ -43,6 +43,7 @@ for gRPC.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -203,6 +204,7 @@ class OpenAIHttpFront:
         self._created = int(core.wall_time())
         self._runner: web.AppRunner | None = None
         self._draining = False
+        self._generating: set[asyncio.Task[Any]] = set()  # handlers of the generation routes
         self.port = 0
 
     def app(self) -> web.Application:
@@ -238,6 +240,14 @@ class OpenAIHttpFront:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    async def stop_now(self) -> None:
+        """Cancel every generation still running and wait for their handlers, which end their
+        streams and account for them as cancelled (a `stop` in progress then ends too)."""
+        running = list(self._generating)
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
     # -- routes -----------------------------------------------------------------------------
     def _authenticate(self, request: web.Request) -> None:
@@ -275,10 +285,20 @@ class OpenAIHttpFront:
         return error_response(ModelNotFound(f"unknown model {name!r}", field="model"))
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, Kind.CHAT)
+        return await self._tracked(request, Kind.CHAT)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, Kind.COMPLETION)
+        return await self._tracked(request, Kind.COMPLETION)
+
+    async def _tracked(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+        task = asyncio.current_task()
+        if task is not None:
+            self._generating.add(task)
+        try:
+            return await self._generate(request, kind)
+        finally:
+            if task is not None:
+                self._generating.discard(task)
 
     # -- generation -------------------------------------------------------------------------
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:

@@ -68,6 +68,9 @@ async def test_a_failed_drain_still_stops_and_a_second_signal_cuts_a_slow_one(
     async def on_stop() -> None:
         stopped.append("on_stop")
 
+    async def hurry() -> None:
+        stopped.append("hurried")
+
     ready = tmp_path / "ready.json"
     run = asyncio.create_task(
         run_until_signal(
@@ -77,6 +80,7 @@ async def test_a_failed_drain_still_stops_and_a_second_signal_cuts_a_slow_one(
             ready_file=ready,
             on_stop=on_stop,
             drain_with=(failing, slow),
+            hurry_with=(hurry,),
         )
     )
 
@@ -89,7 +93,7 @@ async def test_a_failed_drain_still_stops_and_a_second_signal_cuts_a_slow_one(
     assert not run.done()  # draining
     os.kill(os.getpid(), signal.SIGTERM)
     await asyncio.wait_for(run, 10)
-    assert stopped == ["on_stop"]
+    assert stopped == ["hurried", "on_stop"]
     loop = asyncio.get_running_loop()  # the tests' one loop: no handler of the run left on it
     assert not loop.remove_signal_handler(signal.SIGTERM)
     assert not loop.remove_signal_handler(signal.SIGINT)

@@ -338,6 +338,34 @@ async def test_stop_drains_an_in_flight_stream(
     assert events[-1] == "[DONE]"
 
 
+async def test_stop_now_cuts_an_in_flight_stream_and_accounts_for_it(
+    model: ServedModel, session: aiohttp.ClientSession
+) -> None:
+    """A second signal during the drain: the streams still running end now, reported as
+    cancelled, before the gateway closes its clients (the drain would wait drain_seconds)."""
+    ids = model.encode(" one two three four")
+    gate = asyncio.Event()  # never set: the stream waits for ever after its first token
+
+    class GatedEngine(ScriptedEngine):
+        async def stream(self, *args: Any, **kw: Any) -> AsyncGenerator[EngineChunk, None]:
+            inner = super().stream(*args, **kw)
+            async for i, chunk in _enumerate(inner):
+                if i == 1:
+                    await gate.wait()
+                yield chunk
+
+    f = await serve(model, GatedEngine(ids))
+    async with session.post(
+        f"{f.url}/v1/completions", json=body(max_tokens=len(ids), stream=True)
+    ) as r:
+        assert (await r.content.readuntil(b"\n\n")).startswith(b"data: {")
+        stopping = asyncio.create_task(f.front.stop())
+        await asyncio.wait_for(f.front.stop_now(), 10)
+        [report] = await asyncio.wait_for(f.orch.wait_reports(1), 10)
+        assert report.outcome is Outcome.CANCELLED
+    await asyncio.wait_for(stopping, 10)
+
+
 async def _enumerate(
     it: AsyncGenerator[EngineChunk, None],
 ) -> AsyncIterator[tuple[int, EngineChunk]]:
