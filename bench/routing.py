@@ -140,7 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="Share of the Mooncake trace (a stretch reusing as the trace does) the rate "
         "bisection runs on.",
     )
-    g.add_argument("--bisect-steps", type=int, default=6)
+    g.add_argument(
+        "--bisect-steps",
+        type=int,
+        default=8,
+        help="Bisection steps in log space over the 16x rate range: each halves the interval, so "
+        "8 leave the rate within 1.1%% (6 left 4.4%%, as wide as the margins judged).",
+    )
     g.add_argument(
         "--bisect-seeds",
         type=int,
