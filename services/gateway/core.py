@@ -557,7 +557,10 @@ class GatewayCore:
                 # they free up fast, and send refused callers back too soon.
                 slot.release(freed=bool(leases))
             metrics.record_in_flight(model_label, -1)
-            self._account(req, progress, outcome, start, billing)
+            # Served: a replica took it (or it continues one an earlier gateway began).
+            self._account(
+                req, progress, outcome, start, billing, served=bool(leases) or takeover is not None
+            )
 
     def _account(
         self,
@@ -566,15 +569,20 @@ class GatewayCore:
         outcome: str,
         start: float,
         billing: Billing | None = None,
+        *,
+        served: bool = False,
     ) -> None:
         """The request's metrics and usage record; once per request. A keyed generation's
         record bills what its earlier gateways' did not (`billing`, resume_redis.py), and says
-        what they all billed from then on."""
+        what they all billed from then on. A request no replica served (refused, timed out or
+        cancelled before a lease) bills no prompt, as its tenant's charge was refunded."""
         model_label = req.model if req.model in self._models else "unknown"
         duration_s = time.perf_counter() - start
         metrics.record_request(model_label, outcome, progress.tenant, duration_s)
         nothing = progress.unbilled or (billing is not None and billing.superseded)
-        prompt = 0 if nothing or progress.billed is not None else progress.prompt_tokens
+        prompt = (
+            0 if nothing or progress.billed is not None or not served else progress.prompt_tokens
+        )
         completion = 0 if nothing else max(0, progress.completion_tokens - (progress.billed or 0))
         if billing is not None and not nothing and (progress.billed is not None or prompt):
             billing.tokens = max(progress.billed or 0, progress.completion_tokens)

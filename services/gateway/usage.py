@@ -41,7 +41,7 @@ class UsageRecord:
     tenant: str  # authenticated tenant; "" without authentication
     model: str  # "unknown" when the request named no served model
     outcome: str  # llmmesh_gateway_requests_total's outcome label
-    prompt_tokens: int
+    prompt_tokens: int  # billed: 0 for a request no replica served (its charge refunded)
     completion_tokens: int
     cached_prompt_tokens: int
     ttft_ms: float | None  # None when no token was produced

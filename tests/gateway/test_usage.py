@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
+from llmmesh.common.errors import Reason, ResourceExhausted
 from services.gateway.core import GatewayCore, GenerationRequest, Sampling
 from services.gateway.errors import RequestIdConflict
 from services.gateway.models import ServedModel
@@ -110,3 +111,25 @@ async def test_core_writes_one_record_per_generation(model: ServedModel) -> None
     assert 0 <= ok.ttft_ms <= ok.duration_ms
     assert ok.replica == "r1"
     assert [r.lease_id for r in orch.reports] == ["lease-1"]
+
+
+async def test_a_request_no_replica_served_bills_no_prompt(model: ServedModel) -> None:
+    """Refused at admission (the queue full): its tenant's charge is refunded, and its record
+    billed the prompt all the same, once per refusal a retrying client met."""
+    queue_full = ResourceExhausted("queue full", retry_after_s=1.0, reason=Reason.QUEUE_FULL)
+    sink = Sink()
+    core = GatewayCore(
+        GatewaySettings(models=[model.settings]),
+        [model],
+        FakeAdmission(reject=queue_full),
+        FakeEngine([]),
+        32,
+        usage=sink,
+    )
+    req = GenerationRequest(model=MODEL, request_id="r", prompt_text="Hello", keyed=False)
+    with pytest.raises(ResourceExhausted):
+        await anext(core.generate(req, 10.0))
+    await core.close()
+    [refused] = sink.records
+    assert refused.outcome != "success"
+    assert (refused.prompt_tokens, refused.completion_tokens, refused.replica) == (0, 0, "")
