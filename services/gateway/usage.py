@@ -9,7 +9,8 @@ histograms) and, when `LLMMESH_GATEWAY_USAGE_LOG_PATH` is set, an append-only JS
 The file is written by one background task fed by a bounded queue (`usage_queue_size`):
 `submit` never blocks the event loop. When the queue is full the record is left out of the
 file, counted in `llmmesh_gateway_usage_log_records_total{result="dropped"}` and logged (its
-metrics are counted regardless); a failed write is counted as `write_error`. `close` (after the
+metrics are counted regardless); a failed write (a full disk) is cut back to the last whole
+record and counted as `write_error` (its records are lost, the file stays one record a line). `close` (after the
 fronts drained, on graceful shutdown) writes everything queued, then flushes and fsyncs the
 file, so no record of a finished request is lost.
 
@@ -20,6 +21,7 @@ request: the generation has one record, under its id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -66,8 +68,24 @@ class UsageLog:
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = await asyncio.to_thread(self.path.open, "ab", buffering=0)
+        self._file = await asyncio.to_thread(self._open)
         self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+
+    def _open(self) -> BinaryIO:
+        """The log for appending; a last line an earlier process left unfinished (it died in
+        a write) is ended, so the first record written now starts a line of its own."""
+        f = self.path.open("ab", buffering=0)
+        try:
+            size = os.fstat(f.fileno()).st_size
+            if size:
+                with self.path.open("rb") as r:
+                    r.seek(size - 1)
+                    if r.read(1) != b"\n":
+                        f.write(b"\n")
+        except BaseException:
+            f.close()
+            raise
+        return f
 
     def submit(self, record: UsageRecord) -> None:
         """Queue a record for the file; never blocks."""
@@ -103,10 +121,18 @@ class UsageLog:
                     self._queue.task_done()
 
     def _write(self, data: bytes) -> None:
+        """All of `data`, or none of it: a write that fails part-way (a full disk) is cut
+        back, so no record is left half-written for the next one to run into."""
         assert self._file is not None
+        end = os.fstat(self._file.fileno()).st_size
         view = memoryview(data)
-        while view:
-            view = view[self._file.write(view) or 0 :]
+        try:
+            while view:
+                view = view[self._file.write(view) or 0 :]
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._file.fileno(), end)
+            raise
 
     async def close(self) -> None:
         """Write what is queued, fsync, close. Records submitted afterwards are dropped

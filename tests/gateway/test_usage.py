@@ -3,8 +3,10 @@ core's one record per request, keyed or not, over in-process fakes."""
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
@@ -75,6 +77,48 @@ async def test_a_full_queue_drops_and_counts_without_blocking(tmp_path: Path) ->
     assert len((tmp_path / "usage.jsonl").read_bytes().splitlines()) == 4
     log.submit(record(99))  # after close: counted, not lost silently
     assert logged("dropped") == dropped + 7
+
+
+class FullDiskOnce:
+    """The log's file, whose first write stores a few bytes and then fails as a full disk."""
+
+    def __init__(self, f: Any) -> None:
+        self._f = f
+        self.failed = False
+
+    def fileno(self) -> int:
+        return int(self._f.fileno())
+
+    def write(self, data: memoryview) -> int:
+        if not self.failed:
+            self.failed = True
+            self._f.write(data[:10])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return int(self._f.write(data))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+async def test_a_write_that_fails_part_way_leaves_no_half_record(tmp_path: Path) -> None:
+    """The bytes a failed write had stored stayed, with no line end: the next record was
+    glued onto them and neither could be read. A line an earlier process left unfinished is
+    ended before the first record is appended."""
+    path = tmp_path / "usage.jsonl"
+    path.write_bytes(b'{"earlier": true}\n{"torn": ')  # a process died mid-write
+    log = UsageLog(path, queue_size=100)
+    await log.start()
+    assert log._file is not None
+    log._file = FullDiskOnce(log._file)  # type: ignore[assignment]
+    errors = logged("write_error")
+    log.submit(record(1))
+    await log._queue.join()  # its batch was written (and failed) before the next is queued
+    assert logged("write_error") == errors + 1
+    log.submit(record(2))
+    await log.close()
+    lines = path.read_bytes().splitlines()
+    assert lines[:2] == [b'{"earlier": true}', b'{"torn": ']
+    assert [json.loads(line)["request_id"] for line in lines[2:]] == ["r2"]
 
 
 async def test_core_writes_one_record_per_generation(model: ServedModel) -> None:
