@@ -80,13 +80,15 @@ async def main(settings: GatewaySettings, blocks: KvBlockSettings) -> None:
 
     async def on_stop() -> None:
         # Fronts drained: end what only the idempotency store still runs, then write out
-        # every usage record (fsync) before the process exits.
-        await core.close()
-        if usage is not None:
-            await usage.close()
-        await triton.close()
-        await orchestrator.close()
-        provider.shutdown()
+        # every usage record (fsync) before the process exits, whatever the rest does.
+        try:
+            await core.close()
+        finally:
+            if usage is not None:
+                await usage.close()
+            await triton.close()
+            await orchestrator.close()
+            provider.shutdown()
 
     # Both fronts stop accepting at once and drain their in-flight streams in parallel.
     await run_until_signal(

@@ -58,7 +58,7 @@ from typing import Any
 from aiohttp import web
 from opentelemetry import context as otel_context
 
-from llmmesh.common.errors import Internal, ServiceError
+from llmmesh.common.errors import Internal, ServiceError, Unavailable
 from llmmesh.common.telemetry import extract_trace_context, request_id_var
 from services.gateway.auth import bearer_token
 from services.gateway.core import Completion, Delta, Event, GatewayCore, Opened
@@ -197,6 +197,10 @@ async def _errors_as_openai(request: web.Request, handler: Handler) -> web.Strea
         return _json_response(500, plain_error("internal error", "server_error"))
 
 
+# A generation asked of a draining gateway: retried on another at once.
+DRAINING_RETRY_AFTER_S = 1.0
+
+
 class OpenAIHttpFront:
     def __init__(self, core: GatewayCore, settings: GatewaySettings):
         self._core = core
@@ -234,12 +238,25 @@ class OpenAIHttpFront:
         return self.port
 
     async def stop(self) -> None:
-        """Stop accepting, let in-flight requests (streams included) finish within
-        `drain_seconds`, then cancel what is left."""
+        """Stop accepting, let in-flight generations (streams included) finish within
+        `drain_seconds`, then cut them (`stop_now`: cancelled and their handlers awaited, so each
+        is accounted for; aiohttp's own shutdown cancels them without waiting), then close the
+        connections. A generation asked for meanwhile on a kept-alive connection is refused
+        (503, the connection closed): the client retries on another gateway."""
         self._draining = True
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        runner = self._runner
+        if runner is None:
+            return
+        for site in list(runner.sites):
+            await site.stop()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._settings.drain_seconds
+        while self._generating and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(list(self._generating), timeout=left)
+        if self._generating:
+            await self.stop_now()
+        await runner.cleanup()
+        self._runner = None
 
     async def stop_now(self) -> None:
         """Cancel every generation still running and wait for their handlers, which end their
@@ -291,6 +308,12 @@ class OpenAIHttpFront:
         return await self._tracked(request, Kind.COMPLETION)
 
     async def _tracked(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+        if self._draining:
+            refused = error_response(
+                Unavailable("gateway is draining", retry_after_s=DRAINING_RETRY_AFTER_S)
+            )
+            refused.force_close()
+            return refused
         task = asyncio.current_task()
         if task is not None:
             self._generating.add(task)

@@ -366,6 +366,47 @@ async def test_stop_now_cuts_an_in_flight_stream_and_accounts_for_it(
     await asyncio.wait_for(stopping, 10)
 
 
+async def test_a_stream_outlasting_the_drain_is_cut_and_accounted_for(
+    model: ServedModel, session: aiohttp.ClientSession
+) -> None:
+    """aiohttp's shutdown waits its timeout, then cancels the handlers without waiting for
+    them: a stream still running then had no report and no usage record before the gateway
+    closed its clients. And while the drain lasts, a generation asked for on a kept-alive
+    connection is refused (503), not started."""
+    ids = model.encode(" one two three four")
+    gate = asyncio.Event()  # never set
+
+    class GatedEngine(ScriptedEngine):
+        async def stream(self, *args: Any, **kw: Any) -> AsyncGenerator[EngineChunk, None]:
+            inner = super().stream(*args, **kw)
+            async for i, chunk in _enumerate(inner):
+                if i == 1:
+                    await gate.wait()
+                yield chunk
+
+    orch = FakeAdmission()
+    settings = GatewaySettings(models=[model.settings], http_port=0, drain_seconds=0.5)
+    core = GatewayCore(settings, [model], orch, GatedEngine(ids), 32)
+    front = OpenAIHttpFront(core, settings)
+    await front.start()
+    url = f"http://127.0.0.1:{front.port}"
+    async with (
+        aiohttp.ClientSession() as own,
+        own.post(f"{url}/v1/completions", json=body(max_tokens=len(ids), stream=True)) as r,
+    ):
+        assert (await r.content.readuntil(b"\n\n")).startswith(b"data: {")
+        async with own.get(f"{url}/health") as h:  # a second connection, kept alive
+            assert h.status == 200
+        stopping = asyncio.create_task(front.stop())
+        async with own.post(f"{url}/v1/completions", json=body(max_tokens=1)) as late:
+            assert late.status == 503
+            assert late.headers["Retry-After"] == "1"
+        await asyncio.wait_for(stopping, 10)
+        [report] = orch.reports
+        assert report.outcome is Outcome.CANCELLED
+    assert len(orch.admits) == 1  # the late request was never admitted
+
+
 async def _enumerate(
     it: AsyncGenerator[EngineChunk, None],
 ) -> AsyncIterator[tuple[int, EngineChunk]]:
