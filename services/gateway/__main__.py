@@ -3,6 +3,7 @@ HTTP front → both servers, which start together and drain together on SIGTERM.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -81,14 +82,13 @@ async def main(settings: GatewaySettings, blocks: KvBlockSettings) -> None:
     async def on_stop() -> None:
         # Fronts drained: end what only the idempotency store still runs, then write out
         # every usage record (fsync) before the process exits, whatever the rest does.
-        try:
-            await core.close()
-        finally:
+        async with contextlib.AsyncExitStack() as stack:  # each runs whatever the others do
+            stack.callback(provider.shutdown)
+            stack.push_async_callback(orchestrator.close)
+            stack.push_async_callback(triton.close)
             if usage is not None:
-                await usage.close()
-            await triton.close()
-            await orchestrator.close()
-            provider.shutdown()
+                stack.push_async_callback(usage.close)
+            await core.close()
 
     # Both fronts stop accepting at once and drain their in-flight streams in parallel.
     await run_until_signal(

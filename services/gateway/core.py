@@ -115,6 +115,13 @@ class Opened:
     created: float | None = None
 
 
+def produced(takeover: Takeover | None, progress: Progress) -> bool:
+    """Tokens came for the request: here, or before a takeover at the gateway that began it."""
+    if progress.first_token_s is not None:
+        return True
+    return takeover is not None and any(d.token_ids for d in takeover.prior)
+
+
 class GatewayCore:
     def __init__(
         self,
@@ -536,11 +543,15 @@ class GatewayCore:
                         async with contextlib.aclosing(attempts) as events:
                             async for ev in events:
                                 yield ev
-                except BaseException:
-                    if refund is not None and not leases and refundable():
-                        # Never served (queue full, no replica, the caller gone while it
-                        # waited for admission, a fault of this gateway's): the tenant keeps
-                        # its budget.
+                except BaseException as exc:
+                    # Never served: no lease (queue full, no replica, the caller gone while
+                    # it waited for admission, a fault of this gateway's), or it failed before
+                    # any token (its replica failed and no other took it): the tenant keeps its
+                    # budget. A caller that left after its lease used the replica's work.
+                    unserved = not leases or (
+                        isinstance(exc, ServiceError) and not produced(takeover, progress)
+                    )
+                    if refund is not None and unserved and refundable():
                         refund()
                     raise
                 outcome = "success"
@@ -557,9 +568,17 @@ class GatewayCore:
                 # they free up fast, and send refused callers back too soon.
                 slot.release(freed=bool(leases))
             metrics.record_in_flight(model_label, -1)
-            # Served: a replica took it (or it continues one an earlier gateway began).
+            # Served: it succeeded, or produced tokens (here, or before a takeover), or its
+            # caller left after a replica took it; the same rule as the refund's above.
             self._account(
-                req, progress, outcome, start, billing, served=bool(leases) or takeover is not None
+                req,
+                progress,
+                outcome,
+                start,
+                billing,
+                served=outcome == "success"
+                or produced(takeover, progress)
+                or (outcome == "cancelled" and bool(leases)),
             )
 
     def _account(
@@ -608,7 +627,11 @@ class GatewayCore:
     async def close(self) -> None:
         """After the fronts drained: cancel keyed generations nobody follows any more (their
         grace periods), then wait for every lease report."""
-        await self._resume.close()
-        await self._admission.drain()
-        if self._auth is not None:
-            await self._auth.close()
+        try:
+            await self._resume.close()
+        finally:  # the lease reports and the limiter's charges go out whatever came before
+            try:
+                await self._admission.drain()
+            finally:
+                if self._auth is not None:
+                    await self._auth.close()

@@ -65,6 +65,7 @@ class UsageLog:
         self._file: BinaryIO | None = None
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
+        self._unended = False  # the file's last line is unfinished: the next write ends it
 
     async def start(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,9 +81,8 @@ class UsageLog:
             if size:
                 with self.path.open("rb") as r:
                     r.seek(size - 1)
-                    if r.read(1) != b"\n":
-                        f.write(b"\n")
-        except BaseException:
+                    self._unended = r.read(1) != b"\n"
+        except OSError:
             f.close()
             raise
         return f
@@ -125,6 +125,8 @@ class UsageLog:
         back, so no record is left half-written for the next one to run into."""
         assert self._file is not None
         end = os.fstat(self._file.fileno()).st_size
+        if self._unended:  # ended with the first batch: a full disk does not stop the start
+            data = b"\n" + data
         view = memoryview(data)
         try:
             while view:
@@ -133,6 +135,7 @@ class UsageLog:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._file.fileno(), end)
             raise
+        self._unended = False
 
     async def close(self) -> None:
         """Write what is queued, fsync, close. Records submitted afterwards are dropped

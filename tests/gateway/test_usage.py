@@ -12,10 +12,13 @@ import pytest
 from prometheus_client import REGISTRY
 
 from llmmesh.common.errors import Reason, ResourceExhausted
+from services.gateway.admission import AdmissionRequest, Lease
+from services.gateway.auth import Authenticator, TenantsFile, hash_key
 from services.gateway.core import GatewayCore, GenerationRequest, Sampling
 from services.gateway.errors import RequestIdConflict
 from services.gateway.models import ServedModel
 from services.gateway.settings import GatewaySettings, ModelSettings
+from services.gateway.triton_stream import TritonStreamError
 from services.gateway.usage import UsageLog, UsageRecord
 from tests.gateway.conftest import MODEL, FakeAdmission, FakeEngine, Sink, chunk
 
@@ -177,3 +180,51 @@ async def test_a_request_no_replica_served_bills_no_prompt(model: ServedModel) -
     [refused] = sink.records
     assert refused.outcome != "success"
     assert (refused.prompt_tokens, refused.completion_tokens, refused.replica) == (0, 0, "")
+
+
+class GrantsOnce(FakeAdmission):
+    """The first Admit is granted; the next (the retry after its replica failed) refused."""
+
+    async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
+        if self.admits:
+            self.admits.append(request)
+            raise ResourceExhausted("queue full", retry_after_s=1.0, reason=Reason.QUEUE_FULL)
+        return await super().admit(request, timeout_s=timeout_s)
+
+
+async def test_a_request_whose_replica_failed_before_any_token_is_neither_billed_nor_charged(
+    model: ServedModel,
+) -> None:
+    """Its lease was granted, its replica failed before the first token, and no other replica
+    took it: the client got a refusal to retry, and the record billed its prompt and its tenant
+    kept the charge (the rule was 'a lease was granted'), once per retry."""
+    auth = Authenticator(
+        TenantsFile.model_validate(
+            {
+                "tenants": [
+                    {"name": "a", "api_keys_sha256": [hash_key("sk-a")], "requests_per_minute": 1}
+                ]
+            }
+        ),
+        clock=lambda: 1000.0,
+    )
+    failed = TritonStreamError("replica gone", replica_fault=True)
+    sink = Sink()
+    core = GatewayCore(
+        GatewaySettings(models=[model.settings]),
+        [model],
+        GrantsOnce(),
+        FakeEngine([[failed]]),
+        32,
+        auth,
+        usage=sink,
+    )
+    req = GenerationRequest(model=MODEL, request_id="r", prompt_text="Hello", api_key="sk-a")
+    with pytest.raises(ResourceExhausted):
+        await anext(core.generate(req, 10.0))
+    await core.close()
+    [record] = sink.records
+    assert (record.prompt_tokens, record.completion_tokens) == (0, 0)
+    limits = auth.authenticate("sk-a").limits
+    assert limits.requests is not None
+    assert limits.requests.level() == 1.0  # refunded: the next request is not rate-limited
