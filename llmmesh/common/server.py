@@ -114,6 +114,8 @@ class ManagedServer:
 # A signal this soon after the first repeats it (a terminal's Ctrl-C reaches the whole process
 # group, and a supervisor forwards it too): only a later one cuts the drain short.
 REPEAT_SIGNAL_S = 1.0
+# After a second signal has cut the calls, how long the drains may take to finish their cleanup.
+HURRIED_CLEANUP_S = 5.0
 
 
 async def run_until_signal(
@@ -184,6 +186,9 @@ async def run_until_signal(
                 for failed in hurried:
                     if isinstance(failed, Exception):
                         log.error("cutting a drain short failed", exc_info=failed)
+                # With nothing left to wait for, the drains end their own cleanup (closing
+                # idle connections) unless that hangs.
+                await asyncio.wait(pending, timeout=HURRIED_CLEANUP_S)
         finally:  # also when this task is cancelled: nothing left running unawaited
             hurry.cancel()
             for d in drains:

@@ -309,8 +309,10 @@ class OpenAIHttpFront:
 
     async def _tracked(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         if self._draining:
+            draining = Unavailable("gateway is draining", retry_after_s=DRAINING_RETRY_AFTER_S)
+            self._core.refused(draining, time.perf_counter())
             refused = error_response(
-                Unavailable("gateway is draining", retry_after_s=DRAINING_RETRY_AFTER_S)
+                draining, request_id=request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
             )
             refused.force_close()
             return refused

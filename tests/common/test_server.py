@@ -50,6 +50,7 @@ async def test_a_failed_drain_still_stops_and_a_second_signal_cuts_a_slow_one(
     with it); a second signal did nothing while a drain took its whole bound (300 s for the
     gateway)."""
     monkeypatch.setattr(server_module, "REPEAT_SIGNAL_S", 0.0)  # any second signal counts
+    monkeypatch.setattr(server_module, "HURRIED_CLEANUP_S", 0.0)  # `slow` never ends
     server = ManagedServer(host="127.0.0.1", port=0, services=[], drain_seconds=30)
     port = await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")

@@ -401,6 +401,7 @@ async def test_a_stream_outlasting_the_drain_is_cut_and_accounted_for(
         async with own.post(f"{url}/v1/completions", json=body(max_tokens=1)) as late:
             assert late.status == 503
             assert late.headers["Retry-After"] == "1"
+            assert late.headers["x-request-id"]
         await asyncio.wait_for(stopping, 10)
         [report] = orch.reports
         assert report.outcome is Outcome.CANCELLED
