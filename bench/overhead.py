@@ -64,11 +64,13 @@ from tritonclient.grpc import service_pb2_grpc
 
 from bench.report import write_json
 from llmmesh.common.process import tied_to_parent
+from llmmesh.common.settings import settings_of, to_env
 from llmmesh.common.topology import TRITON_MODEL
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
 from llmmesh.generated.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from llmmesh.localmesh import MODEL_NAME, LocalMesh, MeshOptions
 from services.gateway.triton_stream import EngineRequest, TritonPool, build_request
+from services.orchestrator.settings import OrchestratorSettings
 
 PY_SPY_EXTRA: list[str] = os.environ.get("PY_SPY_EXTRA", "").split()
 DIRECT, MESH, BARE = "triton-direct", "mesh (gateway gRPC)", "bare relay"
@@ -431,7 +433,9 @@ async def main_async(args: argparse.Namespace) -> int:
         return distinct_prompt(i, args.prompt_tokens)
 
     orchestrator_env = (
-        {} if args.routing is None else {"LLMMESH_ORCHESTRATOR_PROFILE": args.routing}
+        {}
+        if args.routing is None
+        else to_env(settings_of(OrchestratorSettings, profile=args.routing))
     )
     mesh = LocalMesh(
         MeshOptions(

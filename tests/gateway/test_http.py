@@ -317,15 +317,7 @@ async def test_stop_drains_an_in_flight_stream(
     ids = model.encode(" one two three four")
     gate = asyncio.Event()
 
-    class GatedEngine(ScriptedEngine):
-        async def stream(self, *args: Any, **kw: Any) -> AsyncGenerator[EngineChunk, None]:
-            inner = super().stream(*args, **kw)
-            async for i, chunk in _enumerate(inner):
-                if i == 1:
-                    await gate.wait()
-                yield chunk
-
-    f = await serve(model, GatedEngine(ids))
+    f = await serve(model, GatedEngine(ids, gate))
     async with session.post(
         f"{f.url}/v1/completions", json=body(max_tokens=len(ids), stream=True)
     ) as r:
@@ -346,15 +338,7 @@ async def test_stop_now_cuts_an_in_flight_stream_and_accounts_for_it(
     ids = model.encode(" one two three four")
     gate = asyncio.Event()  # never set: the stream waits for ever after its first token
 
-    class GatedEngine(ScriptedEngine):
-        async def stream(self, *args: Any, **kw: Any) -> AsyncGenerator[EngineChunk, None]:
-            inner = super().stream(*args, **kw)
-            async for i, chunk in _enumerate(inner):
-                if i == 1:
-                    await gate.wait()
-                yield chunk
-
-    f = await serve(model, GatedEngine(ids))
+    f = await serve(model, GatedEngine(ids, gate))
     async with session.post(
         f"{f.url}/v1/completions", json=body(max_tokens=len(ids), stream=True)
     ) as r:
@@ -376,17 +360,9 @@ async def test_a_stream_outlasting_the_drain_is_cut_and_accounted_for(
     ids = model.encode(" one two three four")
     gate = asyncio.Event()  # never set
 
-    class GatedEngine(ScriptedEngine):
-        async def stream(self, *args: Any, **kw: Any) -> AsyncGenerator[EngineChunk, None]:
-            inner = super().stream(*args, **kw)
-            async for i, chunk in _enumerate(inner):
-                if i == 1:
-                    await gate.wait()
-                yield chunk
-
     orch = FakeAdmission()
     settings = GatewaySettings(models=[model.settings], http_port=0, drain_seconds=0.5)
-    core = GatewayCore(settings, [model], orch, GatedEngine(ids), 32)
+    core = GatewayCore(settings, [model], orch, GatedEngine(ids, gate), 32)
     front = OpenAIHttpFront(core, settings)
     await front.start()
     url = f"http://127.0.0.1:{front.port}"
@@ -406,6 +382,21 @@ async def test_a_stream_outlasting_the_drain_is_cut_and_accounted_for(
         [report] = orch.reports
         assert report.outcome is Outcome.CANCELLED
     assert len(orch.admits) == 1  # the late request was never admitted
+
+
+class GatedEngine(ScriptedEngine):
+    """Streams the first token, then waits for `gate` before the others."""
+
+    def __init__(self, ids: list[int], gate: asyncio.Event) -> None:
+        super().__init__(ids)
+        self.gate = gate
+
+    async def stream(self, *args: Any, **kw: Any) -> AsyncGenerator[EngineChunk, None]:
+        inner = super().stream(*args, **kw)
+        async for i, chunk in _enumerate(inner):
+            if i == 1:
+                await self.gate.wait()
+            yield chunk
 
 
 async def _enumerate(
