@@ -129,6 +129,10 @@ _OUTCOME: Final = {
 # offset from theirs is learnt per caller.
 CALLER_ID: Final = f"gateway-{uuid.uuid4().hex[:12]}"
 _NO_REPLICA_REASONS: Final = frozenset({Reason.NO_REPLICA, Reason.ACTIVATION_TIMEOUT})
+# Statuses that end an AdmitStream and are read as a unary Admit's would be (`admit_error`).
+_STREAM_STATUS_AS_IS: Final = frozenset(
+    {grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE, *NOT_OFFERED}
+)
 
 
 # -- conversions: one function per message -------------------------------------------------
@@ -268,7 +272,14 @@ class StreamEnded(Exception):
     def as_admission_error(self) -> ServiceError:
         err = self.error
         if isinstance(err, grpc.aio.AioRpcError):
-            return admit_error(err)
+            if err.code() in _STREAM_STATUS_AS_IS:
+                return admit_error(err)
+            # A stream's refusals are answer fields: any other status ending it is the call
+            # failing (grpc reports a write cut by the connection's drop as INTERNAL), so the
+            # Admit goes to another orchestrator.
+            return OrchestratorUnavailable(
+                f"orchestrator: admit stream ended {err.code().name}: {err.details()}"
+            )
         if err is None:
             return OrchestratorUnavailable("orchestrator: it ended the admit stream (draining)")
         return OrchestratorUnavailable(f"orchestrator: admit stream failed ({err!r})")

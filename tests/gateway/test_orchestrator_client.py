@@ -46,6 +46,7 @@ from services.gateway.orchestrator_client import (
     CALLER_ID,
     COMPLETE_ATTEMPTS,
     OrchestratorClient,
+    StreamEnded,
     replica_from_pb,
 )
 from tests.helpers import eventually
@@ -710,3 +711,32 @@ async def test_a_stream_the_orchestrator_ended_is_not_opened_again(streamed: Ser
     await wait_for(lambda: client._stream is not None and client._stream.ended is not None)
     assert client._reopen is None
     service.end_streams.clear()
+
+
+def _ended(code: grpc.StatusCode, details: str = "x") -> StreamEnded:
+    return StreamEnded(
+        grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details, None)
+    )
+
+
+@pytest.mark.parametrize(
+    "code",
+    [grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.RESOURCE_EXHAUSTED],
+)
+def test_an_admit_stream_ended_by_any_other_status_goes_to_another_orchestrator(
+    code: grpc.StatusCode,
+) -> None:
+    """A stream's refusals are answer fields, so a status that ends it is the call failing:
+    grpc reports a write cut by the orchestrator's dropped connection as INTERNAL ("Internal
+    error from Core"), which was read as this request's error and failed it instead of
+    failing it over."""
+    err = _ended(code, "Internal error from Core").as_admission_error()
+    assert isinstance(err, OrchestratorUnavailable)
+
+
+def test_an_admit_stream_ended_unavailable_or_dropped_reads_as_a_unary_call_would() -> None:
+    assert isinstance(
+        _ended(grpc.StatusCode.UNAVAILABLE).as_admission_error(), OrchestratorUnavailable
+    )
+    dropped = _ended(grpc.StatusCode.CANCELLED).as_admission_error()
+    assert dropped.reason is Reason.DROPPED
