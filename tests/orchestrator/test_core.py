@@ -168,9 +168,8 @@ async def test_queue_timeout_and_cancellation_leave_queue() -> None:
     assert core.queue_depth == 0
 
 
-async def test_a_replica_serving_requests_is_probed_at_least_every_few_rounds() -> None:
-    core, probe = await ready_core(n=1, cap=4)
-    rounds = core._settings.health_passive_rounds
+def probes_counted(probe: FakeProbe) -> list[str]:
+    """The ids of the replicas `probe` is asked about from now on, in order."""
     probed: list[str] = []
     ready = probe.ready
 
@@ -179,6 +178,13 @@ async def test_a_replica_serving_requests_is_probed_at_least_every_few_rounds() 
         return await ready(replica, models, timeout_s)
 
     probe.ready = counting  # type: ignore[method-assign]
+    return probed
+
+
+async def test_a_replica_serving_requests_is_probed_at_least_every_few_rounds() -> None:
+    core, probe = await ready_core(n=1, cap=4)
+    rounds = core._settings.health_passive_rounds
+    probed = probes_counted(probe)
 
     async def round_with(success: bool) -> bool:
         """One health round after a request ended so; whether it probed the replica."""
@@ -201,14 +207,7 @@ async def test_a_replica_listed_again_by_every_discovery_round_keeps_its_passive
     core, probe = await ready_core(n=1, cap=4)
     spec = core.replicas()[0].spec
     rounds = core._settings.health_passive_rounds
-    probed: list[str] = []
-    ready = probe.ready
-
-    async def counting(replica: ReplicaSpec, models: Sequence[str], timeout_s: float) -> bool:
-        probed.append(replica.id)
-        return await ready(replica, models, timeout_s)
-
-    probe.ready = counting  # type: ignore[method-assign]
+    probed = probes_counted(probe)
 
     async def served_then_listed() -> bool:
         """A request succeeded, discovery lists the replica again unchanged, a health round:
