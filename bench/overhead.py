@@ -485,16 +485,10 @@ async def main_async(args: argparse.Namespace) -> int:
         # sent would be served from the engines' prefix cache.
         sent = 0
 
-        def fresh(fn: Callable[[int], Awaitable[Sample]]) -> Callable[[int], Awaitable[Sample]]:
-            nonlocal sent
-            base = sent
-            return lambda i: fn(base + i)
-
         async def run(fn: Callable[[int], Awaitable[Sample]], conc: int, n: int) -> Any:
             nonlocal sent
-            result = await run_level(fresh(fn), conc, n)
-            sent += n
-            return result
+            base, sent = sent, sent + n
+            return await run_level(lambda i: fn(base + i), conc, n)
 
         # Warm up channels, tokenizers and engines.
         for fn in paths.values():

@@ -498,8 +498,8 @@ def _code(exc: grpc.RpcError) -> grpc.StatusCode | None:
 
 
 def _describe(exc: grpc.RpcError) -> str:
-    code = getattr(exc, "code", None)
+    code = _code(exc)
     details = getattr(exc, "details", None)
-    if callable(code) and callable(details):
-        return f"{code()}: {details()}"
+    if code is not None and callable(details):
+        return f"{code}: {details()}"
     return repr(exc)
