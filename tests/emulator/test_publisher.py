@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -158,13 +159,23 @@ def test_an_idle_stream_heartbeats_and_resyncs_a_registry_that_forgot_it(
         h.pub.stop()
 
 
-def test_a_failed_heartbeat_takes_no_snapshot(registry: tuple[FakeRegistry, str]) -> None:
-    reg, target = registry
+@contextlib.contextmanager
+def in_step(reg: FakeRegistry, target: str) -> Iterator[Harness]:
+    """A publisher heartbeating every 50 ms (backing off at most as long) whose registry holds
+    its first prompt's two blocks; stopped on exit."""
     h = Harness(target, heartbeat_s=0.05, max_backoff_s=0.05)
     h.pub.start()
     try:
         h.admit("a", list(range(9)))
         wait_for(lambda: len(reg.held) == 2)
+        yield h
+    finally:
+        h.pub.stop()
+
+
+def test_a_failed_heartbeat_takes_no_snapshot(registry: tuple[FakeRegistry, str]) -> None:
+    reg, target = registry
+    with in_step(reg, target) as h:
         snapshots = h.pub.snapshots
         with reg.lock:
             reg.fail = True
@@ -174,8 +185,6 @@ def test_a_failed_heartbeat_takes_no_snapshot(registry: tuple[FakeRegistry, str]
         beats = h.pub.heartbeats
         wait_for(lambda: h.pub.heartbeats >= beats + 2)  # answered, in step
         assert h.pub.snapshots == snapshots  # it lost nothing: nothing to resend
-    finally:
-        h.pub.stop()
 
 
 def test_a_refused_epoch_gets_heartbeats_only_until_it_is_taken(
@@ -185,11 +194,7 @@ def test_a_refused_epoch_gets_heartbeats_only_until_it_is_taken(
     full snapshot (taken under the engine's lock) after every refusal, which it parsed and
     refused again, for as long as the refusal lasted."""
     reg, target = registry
-    h = Harness(target, heartbeat_s=0.05, max_backoff_s=0.05)
-    h.pub.start()
-    try:
-        h.admit("a", list(range(9)))
-        wait_for(lambda: len(reg.held) == 2)
+    with in_step(reg, target) as h:
         snapshots = h.pub.snapshots
         with reg.lock:
             reg.supersede = True
@@ -204,8 +209,6 @@ def test_a_refused_epoch_gets_heartbeats_only_until_it_is_taken(
         assert h.pub.snapshots == snapshots
         wait_for(lambda: len(reg.held) == 4)  # taken: the snapshot has both prompts
         assert h.pub.snapshots == snapshots + 1
-    finally:
-        h.pub.stop()
 
 
 def test_without_a_heartbeat_an_idle_stream_sends_nothing(
