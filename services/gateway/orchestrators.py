@@ -92,6 +92,30 @@ def _sign_of_life(err: ServiceError) -> bool:
     return not (isinstance(err, DeadlineExceeded) and err.reason is None)
 
 
+class _Waiting:
+    """One request's Admit in flight to one orchestrator. The member's admit runs in the
+    request's own task (a task of its own would cost the answer two more turns of a busy event
+    loop: its wake-up, then its waiter's); giving up on that orchestrator cancels the request's
+    task once (`abandon`), and `OrchestratorSet._admit_on` tells that cancel from the request's
+    own by `abandoned` and the task's count of cancel requests, as `asyncio.timeout` does."""
+
+    __slots__ = ("abandoned", "task")
+
+    def __init__(self, task: asyncio.Task[object]) -> None:
+        self.task = task
+        self.abandoned = False
+
+    def abandon(self) -> None:
+        # The current task is not waiting on its Admit (it runs): nothing to give up.
+        if not self.abandoned and self.task is not asyncio.current_task():
+            self.abandoned = True
+            self.task.cancel()
+
+
+class _Abandoned(Exception):
+    """The Admit's orchestrator was found unreachable while it waited (`_Waiting.abandon`)."""
+
+
 LOCAL_LEASE_PREFIX: Final = "local-"
 # A replica one of this gateway's degraded leases failed on is skipped this long.
 LOCAL_EJECTION_S: Final = 10.0
@@ -164,7 +188,7 @@ class OrchestratorSet:
         self._status_calls: dict[str, tuple[Member, asyncio.Future[AdmissionStatus]]] = {}
         # Admit calls in flight per orchestrator: abandoned (and tried on another one) when that
         # orchestrator is found unreachable meanwhile, e.g. by a view refresh of a hung process.
-        self._admitting: dict[str, set[asyncio.Task[Lease]]] = {}
+        self._admitting: dict[str, set[_Waiting]] = {}
         self.set_addresses(addresses)
         metrics.record_degraded(False)
 
@@ -230,17 +254,10 @@ class OrchestratorSet:
         else:
             self._answered(addr)
 
-    def _admit_ended(self, addr: str, call: asyncio.Future[Lease]) -> None:
-        """A member's admit ended. Failed or cancelled: no longer counted (the member may
-        close). Granted: counted until `admit` owns the lease or gives it back (it resumes a
-        loop step later: the member must not close in between)."""
-        if call.cancelled() or call.exception() is not None:
-            self._admit_done(addr, call)
-
-    def _admit_done(self, addr: str, call: asyncio.Future[Lease]) -> None:
+    def _admit_done(self, addr: str, waiting: _Waiting) -> None:
         calls = self._admitting.get(addr)
         if calls is not None:
-            calls.discard(call)
+            calls.discard(waiting)
             if not calls:
                 del self._admitting[addr]
         self._close_if_retired_and_done(addr)
@@ -282,8 +299,8 @@ class OrchestratorSet:
         if addr not in self._down_until:  # logged once per outage, not per call
             log.warning("orchestrator not reached", extra={"orchestrator": addr, "error": str(err)})
         self._down_until[addr] = now + self._retry_after_s
-        for call in self._admitting.get(addr, ()):
-            call.cancel()
+        for waiting in self._admitting.get(addr, ()):
+            waiting.abandon()
 
     def _answered(self, addr: str) -> None:
         self._down_until.pop(addr, None)
@@ -328,27 +345,11 @@ class OrchestratorSet:
                 continue
             if i:
                 metrics.record_admit_failover()
-            call = asyncio.ensure_future(member.admit(request, timeout_s=deadline - self._clock()))
-            calls = self._admitting.setdefault(addr, set())
-            calls.add(call)
-            # Counted until the member's admit has ended (a cancelled one still withdraws its
-            # Admit): a member that left the list is closed only after that.
-            call.add_done_callback(functools.partial(self._admit_ended, addr))
             try:
-                lease = await asyncio.shield(call)
-            except asyncio.CancelledError:
-                if not call.cancelled():
-                    call.cancel()
-                    if call.done() and call.exception() is None:
-                        # Granted in the tick this request was cancelled: the lease goes back.
-                        member.complete(LeaseReport.unused(call.result().lease_id))
-                        self._admit_done(addr, call)
-                    raise  # this request was cancelled, not the orchestrator abandoned
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    raise  # abandoned in the tick this request was cancelled: still cancelled
-                # Abandoned: that orchestrator stopped answering (nothing has streamed yet; a
-                # lease it might still grant ends by its lease timeout).
+                lease = await self._admit_on(addr, member, request, deadline)
+            except _Abandoned:
+                # That orchestrator stopped answering (nothing has streamed yet; a lease it
+                # might still grant ends by its lease timeout).
                 last = OrchestratorUnavailable(f"orchestrator {addr} stopped answering")
                 continue
             except OrchestratorUnavailable as err:
@@ -376,15 +377,38 @@ class OrchestratorSet:
             if marks:  # it takes this class (and so every more urgent one) again
                 for p in [p for p in marks if p <= request.priority]:
                     del marks[p]
-            self._owner[lease.lease_id] = addr
-            self._owned[addr] = self._owned.get(addr, 0) + 1
-            self._admit_done(addr, call)  # owned: counted as a lease from now on
             return lease
         if busy is not None:  # reached, and behind: degraded mode would skip admission then
             if busy.retry_after_s is None:
                 busy.retry_after_s = self._retry_after_s
             raise busy
         return self._admit_degraded(request, last)
+
+    async def _admit_on(
+        self, addr: str, member: Member, request: AdmissionRequest, deadline: float
+    ) -> Lease:
+        """The member's admit, in this task, counted in `_admitting` until it ends (a member
+        that left the list is closed only after that); its lease is recorded as owned before
+        (the member must not close in between). `_Abandoned` when `_unreached` gave up on that
+        orchestrator meanwhile; a cancel of the request itself (alone or with that) stays one."""
+        task = asyncio.current_task()
+        assert task is not None
+        waiting = _Waiting(task)
+        self._admitting.setdefault(addr, set()).add(waiting)
+        try:
+            lease = await member.admit(request, timeout_s=deadline - self._clock())
+        except asyncio.CancelledError:
+            if waiting.abandoned and not task.uncancel():
+                raise _Abandoned from None
+            raise
+        else:
+            if waiting.abandoned:
+                task.uncancel()  # the member answered through the cancel: not this task's any more
+            self._owner[lease.lease_id] = addr
+            self._owned[addr] = self._owned.get(addr, 0) + 1
+            return lease
+        finally:
+            self._admit_done(addr, waiting)
 
     def complete(self, report: LeaseReport) -> None:
         lease_id = report.lease_id
