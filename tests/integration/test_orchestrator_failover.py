@@ -34,14 +34,23 @@ MAX_TOKENS = 48
 _seeds = itertools.count()
 
 
+@pytest.fixture(scope="module")
+def usage_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The gateway's usage log: read by `unserved` when a request failed."""
+    return tmp_path_factory.mktemp("ha") / "usage.jsonl"
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def ha(tokenizer_path: Path) -> AsyncIterator[Mesh]:
+async def ha(tokenizer_path: Path, usage_log: Path) -> AsyncIterator[Mesh]:
     m = await start_mesh(
         tokenizer_path,
         replicas=2,
         orchestrators=2,
         supervise=False,
-        extra_env={"LLMMESH_GATEWAY_ORCHESTRATOR_REFRESH_INTERVAL_S": "0.25"},
+        extra_env={
+            "LLMMESH_GATEWAY_ORCHESTRATOR_REFRESH_INTERVAL_S": "0.25",
+            "LLMMESH_GATEWAY_USAGE_LOG_PATH": str(usage_log),
+        },
     )
     yield m
     await m.close()
@@ -67,11 +76,29 @@ async def generate(mesh: Mesh, timeout_s: float = 60) -> str:
 CLIENTS = 16
 
 
+def unserved(mesh: Mesh, usage_log: Path, results: list[str]) -> str:
+    """What the assertion shows when a request failed: its outcome, the gateway's usage records
+    of requests that did not succeed (`replica` empty: never admitted; set with `ttft_ms` null:
+    admitted, no first token), and the services' last log lines."""
+    failed = [r for r in results if r != "ok"]
+    if not failed:
+        return ""
+    records = usage_log.read_text().splitlines() if usage_log.exists() else []
+    lines = [f"failed: {failed[:5]}", "usage records not successes:"]
+    lines += [r for r in records if '"outcome":"success"' not in r][:20]
+    for name, svc in mesh.mesh.services.items():
+        if not name.startswith("triton"):
+            lines.append(f"--- {name} log ---\n{svc.log_tail(60)}")
+    return "\n".join(lines)
+
+
 def gateway_metric(mesh: Mesh, name: str) -> float:
     return metric(mesh.mesh.services["gateway"].metrics_url, name)
 
 
-async def test_kill_one_of_two_orchestrators_under_load_fails_no_request(ha: Mesh) -> None:
+async def test_kill_one_of_two_orchestrators_under_load_fails_no_request(
+    ha: Mesh, usage_log: Path
+) -> None:
     results: list[str] = []
     stop = asyncio.Event()
 
@@ -98,7 +125,7 @@ async def test_kill_one_of_two_orchestrators_under_load_fails_no_request(ha: Mes
         await asyncio.gather(*clients)
     outcomes = Counter(r if r == "ok" else r.split(":")[0] for r in results)
     print(f"one of two orchestrators killed: {len(results)} requests, {dict(outcomes)}")
-    assert outcomes == {"ok": len(results)}, [r for r in results if r != "ok"][:5]
+    assert outcomes == {"ok": len(results)}, unserved(ha, usage_log, results)
     # Every request admitted after the kill went to the survivor (at most CLIENTS of those
     # finished after the kill were admitted before it). Whether the gateway learned of the death
     # from a failed Admit (a counted failover) or from its view refresh is a race, not asserted.
@@ -108,7 +135,7 @@ async def test_kill_one_of_two_orchestrators_under_load_fails_no_request(ha: Mes
     await victim.restart()
 
 
-async def test_a_hung_orchestrator_under_load_fails_no_request(ha: Mesh) -> None:
+async def test_a_hung_orchestrator_under_load_fails_no_request(ha: Mesh, usage_log: Path) -> None:
     """SIGSTOP one of two orchestrators (its kernel keeps the connections open, nothing answers):
     the Admits waiting on it fail over to the other once their keepalive ping goes unanswered, so
     every request completes well within a deadline that a hung Admit would have spent."""
@@ -136,7 +163,7 @@ async def test_a_hung_orchestrator_under_load_fails_no_request(ha: Mesh) -> None
         victim.proc.send_signal(signal.SIGCONT)
     outcomes = Counter(r if r == "ok" else r.split(":")[0] for r in results)
     print(f"one of two orchestrators hung: {len(results)} requests, {dict(outcomes)}")
-    assert outcomes == {"ok": len(results)}, [r for r in results if r != "ok"][:5]
+    assert outcomes == {"ok": len(results)}, unserved(ha, usage_log, results)
 
 
 async def test_all_orchestrators_down_degraded_mode_then_back(ha: Mesh) -> None:
