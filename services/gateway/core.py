@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -605,24 +606,37 @@ class GatewayCore:
         completion = 0 if nothing else max(0, progress.completion_tokens - (progress.billed or 0))
         if billing is not None and not nothing and (progress.billed is not None or prompt):
             billing.tokens = max(progress.billed or 0, progress.completion_tokens)
-        if self._usage is not None:
-            self._usage.submit(
-                UsageRecord(
-                    time=self._wall_clock(),
-                    request_id=req.request_id,
-                    tenant=progress.tenant,
-                    model=model_label,
-                    outcome=outcome,
-                    prompt_tokens=prompt,
-                    completion_tokens=completion,
-                    cached_prompt_tokens=progress.cached_prompt_tokens if prompt else 0,
-                    ttft_ms=None
-                    if progress.first_token_s is None
-                    else (progress.first_token_s - start) * 1000,
-                    duration_ms=duration_s * 1000,
-                    replica=progress.replica,
-                )
+        if self._usage is None:
+            return
+        record = UsageRecord(
+            time=self._wall_clock(),
+            request_id=req.request_id,
+            tenant=progress.tenant,
+            model=model_label,
+            outcome=outcome,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            cached_prompt_tokens=progress.cached_prompt_tokens if prompt else 0,
+            ttft_ms=None
+            if progress.first_token_s is None
+            else (progress.first_token_s - start) * 1000,
+            duration_ms=duration_s * 1000,
+            replica=progress.replica,
+        )
+        if billing is not None and billing.deferred:
+            billing.hold(functools.partial(self._submit_settled, self._usage, record))
+        else:
+            self._usage.submit(record)
+
+    @staticmethod
+    def _submit_settled(usage: UsageSink, record: UsageRecord, billed: bool) -> None:
+        """A keyed generation's held record, once its store settled: billing nothing when
+        another gateway bills the generation (`Billing.superseded`)."""
+        if not billed:
+            record = dataclasses.replace(
+                record, prompt_tokens=0, completion_tokens=0, cached_prompt_tokens=0
             )
+        usage.submit(record)
 
     async def close(self) -> None:
         """After the fronts drained: cancel keyed generations nobody follows any more (their

@@ -76,6 +76,27 @@ class Billing:
     # Another gateway took it over (this one lost its claim): that one bills from the last
     # hand-off on, so this one's record bills nothing.
     superseded: bool = False
+    # Set by a store that writes the generation's end elsewhere (resume_redis.py): the usage
+    # record waits (`hold`) until that write answered (`settle`), so a gateway that lost its
+    # claim bills nothing even when its engine finished before it learned so.
+    deferred: bool = False
+    _held: Callable[[bool], None] | None = None
+    _settled: bool = False
+
+    def hold(self, submit: Callable[[bool], None]) -> None:
+        """`submit(billed)` the record once settled (at once if it is): `billed` False when
+        another gateway bills the generation."""
+        if self._settled:
+            submit(not self.superseded)
+        else:
+            self._held = submit
+
+    def settle(self) -> None:
+        """The store's last word on the generation: a held record goes out now."""
+        self._settled = True
+        held, self._held = self._held, None
+        if held is not None:
+            held(not self.superseded)
 
 
 # The generation's events: a new one (no `Takeover`) or a continuation, with its `Billing`.

@@ -53,9 +53,11 @@ generation began (a drain does not refund them), and its concurrency slot is tak
 the limit (a refusal would end the generation and lose the client's id). Usage: each gateway's
 record bills what the records before it did not: a release writes what they billed (`billed`,
 `resume.Billing`); a killed gateway wrote none, so the next bills everything from the prompt
-on; a gateway that lost its claim bills nothing (the taker bills from the last release on). A
-drain whose release never reached Redis (Redis down for the lease) leaves the taker an older
-`billed`: what was billed since is billed twice.
+on; a gateway that lost its claim bills nothing (the taker bills from the last release on): a
+record is held until the generation's last write answered (`resume.Billing.settle`), so this
+holds when its engine finished before the refused write told it so. A drain whose release never
+reached Redis, or a generation whose writes were given up on (Redis down for the lease), leaves
+a taker an older `billed`: what was billed since is billed twice.
 
 Redis unreachable: a keyed request is refused with UNAVAILABLE and a retry-after. It is never
 served unkeyed, and there is no per-process fallback: a retry landing on another gateway would
@@ -737,6 +739,7 @@ class RedisResumeStore:
         prior = () if takeover is None else takeover.prior
         own = _Owned(self, key, keys, digest, reserve_tokens, created, gen_id, prior)
         own.billing.tokens = None if takeover is None else takeover.billed
+        own.billing.deferred = True
         self._owned[key] = own
         self._tokens += reserve_tokens
         self._publish()
@@ -920,22 +923,27 @@ class RedisResumeStore:
                 own.flushed = n
                 own.flushed_tokens += _tokens(batch)
                 if not ok:
+                    # Another gateway took it over, or will when the clients told so come back
+                    # (the claim expired): the taker bills from the last release on, so this
+                    # gateway's record bills nothing, also when its engine finished first (the
+                    # record waits for this answer: `Billing.settle`).
+                    own.billing.superseded = True
+                    log.warning(
+                        "lost the claim on a keyed generation; another gateway continues it",
+                        extra={"request_id": own.key.request_id, "finished_here": done},
+                    )
                     if not done:
-                        log.warning(
-                            "lost the claim on a keyed generation; another gateway continues it",
-                            extra={"request_id": own.key.request_id},
-                        )
                         own.lost = True
-                        # Another gateway took it over, or will when the clients told so come
-                        # back (the claim expired): the taker bills from the last release on,
-                        # so this gateway's record bills nothing.
-                        own.billing.superseded = True
                         self._drop(own)
                         own.cancel()
                     return
                 if done:
                     return
         finally:
+            # Its record goes out once the end was written, the claim found lost, the writes
+            # given up on (Redis away longer than the lease: billed here, and by a taker too if
+            # one continues it), or the flusher stopped (drain, kill).
+            own.billing.settle()
             self._drop(own)
             if self._flushing.get(own.key) is own:
                 del self._flushing[own.key]

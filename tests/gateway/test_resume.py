@@ -13,7 +13,7 @@ import pytest
 from llmmesh.common.errors import Cancelled, NotFound, ServiceError, Unavailable
 from services.gateway.errors import InvalidRequest, RequestIdConflict, ResumeStoreFull
 from services.gateway.events import Completion, Delta, Event, FinishReason
-from services.gateway.resume import Generation, Key, ResumeStore
+from services.gateway.resume import Billing, Generation, Key, ResumeStore
 from tests.helpers import eventually
 
 A = Key("tenant-a", "req-1")
@@ -355,3 +355,19 @@ async def test_every_subscriber_gets_the_creation_time_of_the_first_open() -> No
 
 async def collect_events(events: AsyncGenerator[Event, None]) -> list[Event]:
     return [ev async for ev in events]
+
+
+def test_a_held_usage_record_goes_out_once_settled_whichever_comes_first() -> None:
+    submitted: list[bool] = []
+    held = Billing(deferred=True)
+    held.hold(submitted.append)
+    assert submitted == []  # held until the store's last word
+    held.superseded = True  # the store found its claim lost
+    held.settle()
+    assert submitted == [False]  # another gateway bills it
+    held.settle()
+    assert submitted == [False]  # once
+    late = Billing(deferred=True)
+    late.settle()  # settled before the generation's record was written (it ran on)
+    late.hold(submitted.append)
+    assert submitted == [False, True]

@@ -46,6 +46,7 @@ from services.gateway.resume import Clock, Key, ResumeStore
 from services.gateway.resume_redis import RedisResumeStore
 from services.gateway.settings import GatewaySettings, ModelSettings
 from services.gateway.triton_stream import EngineChunk
+from services.gateway.usage import UsageRecord
 from tests.gateway.conftest import MODEL, FakeAdmission, FakeEngine, Hang, Sink, chunk
 from tests.helpers import eventually
 
@@ -162,6 +163,18 @@ def contiguous(events: list[Event], start: int = 0) -> bool:
                 return False
             offset = d.end
     return True
+
+
+async def record_of(sink: Sink, request_id: str) -> UsageRecord:
+    """The one usage record of `request_id`: a keyed generation's goes out once its store wrote
+    its end (`Billing.settle`), a moment after its stream ended."""
+
+    async def written() -> bool:
+        return any(r.request_id == request_id for r in sink.records)
+
+    await eventually(written, what=f"the usage record of {request_id}")
+    (record,) = [r for r in sink.records if r.request_id == request_id]
+    return record
 
 
 def writes() -> float:
@@ -458,7 +471,7 @@ async def test_a_client_whose_gateway_died_resumes_through_another(
     assert continuation.input_ids == PROMPT + out[:3]
     assert continuation.max_tokens == n - 3
     # A died before writing its usage record: B's one record bills the whole generation.
-    (billed,) = b_usage.records
+    billed = await record_of(b_usage, request_id)
     assert billed.completion_tokens == n
     # Finished now, under B: a third client replays it whole.
     c = cores.make(FakeEngine([]), wall_clock=at(3000.0))
@@ -517,8 +530,7 @@ async def test_a_generation_a_draining_gateway_released_is_neither_charged_nor_b
     assert continuation.input_ids == PROMPT + out[:4]
     (first,) = a_usage.records
     assert (first.prompt_tokens, first.completion_tokens) == (len(PROMPT), 4)
-    second = b_usage.records[-1]
-    assert second.request_id == request_id
+    second = await record_of(b_usage, request_id)
     assert (second.prompt_tokens, second.completion_tokens) == (0, n - 4)
 
 
@@ -620,7 +632,7 @@ async def test_a_takeover_drained_before_it_restored_the_tokens_bills_nothing_an
     await eventually(expired, what="B released its claim")
     rest = await collect(c, request(request_id, n, resume_from=4))
     assert ids_of(rest) == out[4:]
-    (c_record,) = c_usage.records
+    c_record = await record_of(c_usage, request_id)
     assert (c_record.prompt_tokens, c_record.completion_tokens) == (len(PROMPT), n)
 
 
@@ -771,3 +783,31 @@ async def test_a_running_generation_outlives_redis_going_away(
     finally:
         for core in made.made:
             await core.close()
+
+
+async def test_a_gateway_that_lost_its_claim_as_its_engine_finished_bills_nothing(
+    cores: Cores, redis: aioredis.Redis, request_id: str
+) -> None:
+    """Another gateway took A's claim (A was cut off from Redis past its lease, say) while A's
+    engine went on to the end: A's client still gets its stream from memory, A's last write is
+    refused, and A's usage record, held until that answer, bills nothing (the taker bills the
+    generation from the last release on)."""
+    n = 6
+    out = TOKENS[:n]
+    gate = Hang()
+    a_usage = Sink()
+    a = cores.make(
+        FakeEngine([[*tokens(*out[:3]), gate, *tokens(*out[3:]), chunk(final=True)]]),
+        usage=a_usage,
+        resume_redis_flush_interval_s=3600.0,
+        resume_redis_flush_tokens=1000,  # nothing written before the end
+    )
+    client_a = a.generate(request(request_id, n), 10.0)
+    got = [await anext(client_a) for _ in range(3)]
+    await redis.set(store(a)._keys(Key("", request_id)).claim, "another-gateway")
+    gate.release.set()
+    got += [ev async for ev in client_a]
+    assert ids_of(got) == out
+    assert isinstance(got[-1], Completion)
+    record = await record_of(a_usage, request_id)
+    assert (record.prompt_tokens, record.completion_tokens, record.outcome) == (0, 0, "success")
