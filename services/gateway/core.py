@@ -353,6 +353,10 @@ class GatewayCore:
             )
         if any(not x for x in sp.stop):
             raise InvalidRequest("stop strings must be non-empty", field="sampling.stop")
+        if any(len(x) > s.max_stop_chars for x in sp.stop):
+            raise InvalidRequest(
+                f"stop strings must be at most {s.max_stop_chars} characters", field="sampling.stop"
+            )
         if sp.seed is not None and not 0 <= sp.seed < 2**64:
             raise InvalidRequest("must fit in 64 unsigned bits", field="sampling.seed")
         return Validated(model, ids, max_tokens, temperature, top_p, top_k, sp.stop, sp.seed)

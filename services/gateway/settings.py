@@ -145,6 +145,14 @@ class GatewaySettings(ServiceSettings):
         default=4096, gt=0, description="Most chat messages per request."
     )
     max_stop_strings: int = Field(default=8, ge=0, description="Most stop strings per request.")
+    max_stop_chars: int = Field(
+        default=256,
+        gt=0,
+        description=(
+            "Longest stop string: the stream holds back one character less than the longest, "
+            "so a longer one would keep that much text from streaming."
+        ),
+    )
     max_request_id_chars: int = Field(default=256, gt=0, description="Longest accepted request id.")
     tenants_file: Path | None = Field(
         default=None,

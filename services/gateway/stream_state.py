@@ -199,12 +199,15 @@ class StreamState:
             if not self._continuing:
                 self.cached_blocks = chunk.kv_cache_reused_blocks
         ids = chunk.token_ids
-        if self._end_id in ids:
+        ended = self._end_id in ids
+        if ended:
             ids = ids[: ids.index(self._end_id)]
-            self.finish = FinishReason.STOP
         offset = self.completion_tokens
         if len(ids) > self._max_tokens - offset:
             ids = ids[: self._max_tokens - offset]
+            ended = False  # the end id came after max_tokens: the length ended it
+        if ended:
+            self.finish = FinishReason.STOP
         n = len(ids)
         if not n:
             if self.finish is None:
@@ -238,10 +241,14 @@ class StreamState:
         text, stopped = stops.feed(self._decoder.push(ids))
         if stopped:
             self.finish = FinishReason.STOP
-        elif self.completion_tokens >= self._max_tokens:
+        elif self.finish is None and self.completion_tokens >= self._max_tokens:
             self.finish = FinishReason.LENGTH
         if self.finish is not None and not stopped:
-            text += stops.feed(self._decoder.flush())[0] + stops.flush()
+            # The decoder's last characters may complete a stop string: then the stop ends it.
+            tail, stopped = stops.feed(self._decoder.flush())
+            text += tail + stops.flush()
+            if stopped:
+                self.finish = FinishReason.STOP
         return Delta(text, ids, offset, self.finish)
 
     def end(self) -> Delta | None:

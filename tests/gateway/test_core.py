@@ -55,6 +55,7 @@ def gen(**kw: object) -> GenerationRequest:
         (gen(prompt_text=None, prompt_ids=[10**7] * 64), ContextLengthExceeded, "prompt"),
         (gen(prompt_text="word " * 100), InvalidRequest, "prompt"),
         (gen(sampling=Sampling(max_tokens=0)), InvalidRequest, "sampling.max_tokens"),
+        (gen(sampling=Sampling(stop=("x" * 257,))), InvalidRequest, "sampling.stop"),
         (gen(sampling=Sampling(max_tokens=33)), InvalidRequest, "sampling.max_tokens"),
         (
             gen(prompt_text="word " * 40, sampling=Sampling(max_tokens=30)),

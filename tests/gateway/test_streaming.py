@@ -184,3 +184,40 @@ async def test_trace_context_reaches_orchestrator_and_triton(model: ServedModel)
     core, orch = make(model, engine)
     await run(core, sampling=Sampling(max_tokens=1))
     assert orch.admit_trace_ids[0] == trace_id(engine.metadata[0]) != "0" * 32
+
+
+async def test_the_end_id_right_at_max_tokens_finishes_stop(model: ServedModel) -> None:
+    ids = model.encode(" one two three")
+    engine = FakeEngine([[chunk(*ids[:-1]), chunk(ids[-1], model.end_id, final=True)]])
+    core, _ = make(model, engine)
+    final = (await run(core, sampling=Sampling(max_tokens=len(ids))))[-1]
+    assert isinstance(final, Completion)
+    assert (final.finish_reason, final.completion_tokens) == (FinishReason.STOP, len(ids))
+
+
+async def test_an_end_id_beyond_max_tokens_finishes_length(model: ServedModel) -> None:
+    ids = model.encode(" one two three")
+    engine = FakeEngine([[chunk(*ids, model.end_id, final=True)]])
+    core, _ = make(model, engine)
+    events = await run(core, sampling=Sampling(max_tokens=len(ids) - 1))
+    final = events[-1]
+    assert isinstance(final, Completion)
+    assert (final.finish_reason, final.completion_tokens) == (FinishReason.LENGTH, len(ids) - 1)
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == model.decode(ids[:-1])
+
+
+async def test_a_stop_string_the_decoder_held_at_the_last_token_finishes_stop(
+    model: ServedModel,
+) -> None:
+    # The last token is a partial UTF-8 character: the decoder holds " STOP" with it until the
+    # flush at max_tokens, and the flush completes the stop string.
+    ids = model.encode(" go STOP")
+    first_byte = model.tokenizer.token_to_id("ä")  # byte 0xE4 (ByteLevel), a 3-byte lead
+    assert first_byte is not None
+    engine = FakeEngine([[chunk(*ids, first_byte, final=True)]])
+    core, _ = make(model, engine)
+    events = await run(core, sampling=Sampling(max_tokens=len(ids) + 1, stop=("STOP",)))
+    final = events[-1]
+    assert isinstance(final, Completion)
+    assert final.finish_reason is FinishReason.STOP
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == " go "
