@@ -21,8 +21,9 @@ The gateway that runs a generation (the key was new there, or it took it over) r
 per-token path only appends to that in-process log (bounded by the request's max_tokens); one
 flusher task per generation writes what is new as one stream entry every `flush_interval_s`, or
 as soon as `flush_tokens` tokens wait, and at the end. Each write is one Lua call that also
-renews the claim and the TTLs, fenced by the claim: a gateway that lost its claim writes
-nothing more and ends its clients' streams with UNAVAILABLE. Other gateways read the stream:
+renews the claim and the TTLs, fenced by the claim: a gateway that lost its claim to another
+writes nothing more and ends its clients' streams with UNAVAILABLE; one whose claim expired with
+nobody taking it (Redis away longer than the lease) takes it again with its next write. Other gateways read the stream:
 XRANGE for a finished generation, then XREAD BLOCK while it runs.
 
 Offsets: as in resume.py, a resume offset must be the end of a delta. A running generation may
@@ -86,7 +87,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -158,9 +159,19 @@ return 1
 
 # KEYS meta, claim, log, watch. ARGV owner, payload, mode, lease_ms, ttl_ms, retention_ms,
 # error_ttl_ms, billed (the completion tokens usage records billed with the prompt, '' for
-# none; kept by a release for the gateway taking over). Fenced: only the claim's holder writes.
+# none; kept by a release for the gateway taking over), gen. Fenced: only the claim's holder
+# writes. A claim that expired with nobody taking it (a takeover claims first, atomically) is
+# still the writer's: taken again. Answers `_WRITTEN`, `_TAKEN` (another gateway holds the
+# claim) or `_ORPHANED` (the key was forgotten, or holds another generation: nobody continues
+# this one).
 _WRITE = """
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+local owner = redis.call('GET', KEYS[2])
+if owner ~= ARGV[1] then
+  if owner then return 0 end
+  local m = redis.call('HMGET', KEYS[1], 'gen', 'done')
+  if m[1] ~= ARGV[9] or m[2] == '1' then return 2 end
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4])
+end
 if ARGV[2] ~= '' then redis.call('XADD', KEYS[3], '*', 'e', ARGV[2]) end
 local mode = ARGV[3]
 if mode == 'run' then
@@ -183,6 +194,11 @@ else
 end
 return 1
 """
+
+
+_TAKEN: Final = 0
+_WRITTEN: Final = 1
+_ORPHANED: Final = 2
 
 
 # -- stream entries ---------------------------------------------------------------------------
@@ -835,7 +851,8 @@ class RedisResumeStore:
     # -- writing --------------------------------------------------------------------------------
     async def _write(
         self, own: _Owned, batch: Sequence[Event], mode: str, error: ServiceError | None
-    ) -> bool:
+    ) -> int:
+        """`_WRITTEN`, `_TAKEN` or `_ORPHANED` (`_WRITE`)."""
         payload = encode_batch(batch, error) if batch or error is not None else b""
         keys = own.keys
         done = await self._write_script(
@@ -849,10 +866,11 @@ class RedisResumeStore:
                 self._ms(self.retention_s),
                 ERROR_LOG_TTL_MS,
                 "" if own.billing.tokens is None else own.billing.tokens,
+                own.gen_id,
             ],
         )
         metrics.record_resume_redis_write()
-        return int(done) == 1
+        return int(done)
 
     async def _flush(self, own: _Owned) -> None:
         """Write `own`'s new events in batches until it ended and its end is written: a batch
@@ -897,7 +915,7 @@ class RedisResumeStore:
                 if n == len(own.events):
                     own.pending_since = None  # events from here on start the next batch
                 try:
-                    ok = await self._write(own, batch, mode, error)
+                    written = await self._write(own, batch, mode, error)
                 except RedisError as err:
                     metrics.record_resume_redis_error("flush")
                     if own.pending_since is None and len(own.events) > own.flushed:
@@ -922,9 +940,8 @@ class RedisResumeStore:
                 last_write = time.monotonic()
                 own.flushed = n
                 own.flushed_tokens += _tokens(batch)
-                if not ok:
-                    # Another gateway took it over, or will when the clients told so come back
-                    # (the claim expired): the taker bills from the last release on, so this
+                if written == _TAKEN:
+                    # Another gateway took it over: it bills from the last release on, so this
                     # gateway's record bills nothing, also when its engine finished first (the
                     # record waits for this answer: `Billing.settle`).
                     own.billing.superseded = True
@@ -937,16 +954,25 @@ class RedisResumeStore:
                         self._drop(own)
                         own.cancel()
                     return
+                if written == _ORPHANED:
+                    # Its key expired (Redis away longer than its TTL) or holds a newer
+                    # generation: nobody continues this one, its clients here are served from
+                    # memory, and its record bills here.
+                    log.warning(
+                        "a keyed generation's Redis state is gone; served from memory only",
+                        extra={"request_id": own.key.request_id, "finished_here": done},
+                    )
+                    return
                 if done:
                     return
         finally:
+            self._drop(own)
+            if self._flushing.get(own.key) is own:
+                del self._flushing[own.key]
             # Its record goes out once the end was written, the claim found lost, the writes
             # given up on (Redis away longer than the lease: billed here, and by a taker too if
             # one continues it), or the flusher stopped (drain, kill).
             own.billing.settle()
-            self._drop(own)
-            if self._flushing.get(own.key) is own:
-                del self._flushing[own.key]
 
     async def _watch_ttl_ms(self, keys: _Keys) -> int:
         return int(await self._redis.pttl(keys.watch))
@@ -963,11 +989,15 @@ class RedisResumeStore:
         tasks = [t for t in (o.cancel() for o in owned) if t is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        flushers = [o.flusher for o in owned if o.flusher is not None]
+        # Every flusher still writing, those of generations already dropped here (abandoned,
+        # forgotten) too: each holds its generation's usage record until it ends.
+        flushers = [o.flusher for o in self._flushing.values() if o.flusher is not None]
         if flushers:
             _, pending = await asyncio.wait(flushers, timeout=self.lease_s)
             for t in pending:
                 t.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
         for t in list(self._tasks):
             t.cancel()
         await self._redis.aclose()
@@ -977,13 +1007,15 @@ class RedisResumeStore:
         """For tests: stop as a killed process would, writing nothing more to Redis (no last
         batch, no claim released): its claims expire after the lease."""
         owned = list(self._owned.values())
-        for own in owned:
+        # Generations already dropped here whose flusher still writes stop writing too.
+        writing = list({id(o): o for o in [*owned, *self._flushing.values()]}.values())
+        for own in writing:
             own.lost = True
             own.billing.superseded = True  # a killed process writes no usage record
             if own.flusher is not None:
                 own.flusher.cancel()
         tasks = [t for t in (o.cancel() for o in owned) if t is not None]
-        tasks += [o.flusher for o in owned if o.flusher is not None]
+        tasks += [o.flusher for o in writing if o.flusher is not None]
         tasks += list(self._tasks)
         for t in self._tasks:
             t.cancel()

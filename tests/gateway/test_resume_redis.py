@@ -811,3 +811,33 @@ async def test_a_gateway_that_lost_its_claim_as_its_engine_finished_bills_nothin
     assert isinstance(got[-1], Completion)
     record = await record_of(a_usage, request_id)
     assert (record.prompt_tokens, record.completion_tokens, record.outcome) == (0, 0, "success")
+
+
+@pytest.mark.parametrize("gone", ["claim", "meta"])
+async def test_a_generation_nobody_took_over_bills_where_it_ran(
+    cores: Cores, redis: aioredis.Redis, request_id: str, gone: str
+) -> None:
+    """A's claim expired with nobody taking the generation over (Redis away longer than the
+    lease), or its whole key did: A's engine goes on to the end, and A bills the generation. An
+    expired claim is A's again at its next write, which records the end."""
+    n = 6
+    out = TOKENS[:n]
+    gate = Hang()
+    a_usage = Sink()
+    a = cores.make(
+        FakeEngine([[*tokens(*out[:3]), gate, *tokens(*out[3:]), chunk(final=True)]]),
+        usage=a_usage,
+        resume_redis_flush_interval_s=3600.0,
+        resume_redis_flush_tokens=1000,  # nothing written before the end
+    )
+    client_a = a.generate(request(request_id, n), 10.0)
+    got = [await anext(client_a) for _ in range(3)]
+    keys = store(a)._keys(Key("", request_id))
+    await redis.delete(keys.claim if gone == "claim" else keys.meta)
+    gate.release.set()
+    got += [ev async for ev in client_a]
+    assert ids_of(got) == out
+    record = await record_of(a_usage, request_id)
+    assert (record.prompt_tokens, record.completion_tokens) == (len(PROMPT), n)
+    if gone == "claim":
+        assert await redis.hget(keys.meta, "done") == b"1"  # the end recorded
