@@ -462,6 +462,7 @@ class OrchestratorClient:
         # leases of a caller with no stream open for its `orphan_lease_grace_s`.
         self._held: set[str] = set()
         self._reopen: asyncio.TimerHandle | None = None
+        self._releasing: set[asyncio.Task[None]] = set()  # `_release_answer`s running
         self._closing = False  # no stream opens once `close` began
         self._closed = False
         self.address = address  # for logs: which orchestrator this client reaches
@@ -558,18 +559,33 @@ class OrchestratorClient:
         self.complete(LeaseReport.unused(lease.lease_id))
 
     async def _admit_call(self, request: AdmissionRequest, timeout_s: float) -> Lease:
+        call = self._stub.Admit(
+            admit_request_to_pb(request),
+            timeout=timeout_s,
+            # The orchestrator reads how long the call waited for it from the time sent.
+            metadata=tuple(inject_trace_metadata([*call_metadata(CALLER_ID, self._wall_clock())])),
+        )
         try:
-            response = await self._stub.Admit(
-                admit_request_to_pb(request),
-                timeout=timeout_s,
-                # The orchestrator reads how long the call waited for it from the time sent.
-                metadata=tuple(
-                    inject_trace_metadata([*call_metadata(CALLER_ID, self._wall_clock())])
-                ),
-            )
+            response = await call
         except grpc.aio.AioRpcError as err:
             raise admit_error(err) from err
+        except asyncio.CancelledError:
+            if call.done():
+                # Answered in the tick this Admit was given up on: a lease it brought goes
+                # back now, not at the orchestrator's lease timeout (a call cancelled before
+                # its answer is the orchestrator's to release).
+                task = asyncio.ensure_future(self._release_answer(call))
+                self._releasing.add(task)
+                task.add_done_callback(self._releasing.discard)
+            raise
         return lease_from_pb(response)
+
+    async def _release_answer(self, call: Awaitable[pb.AdmitResponse]) -> None:
+        try:
+            response = await call  # answered: no wait
+        except (grpc.aio.AioRpcError, asyncio.CancelledError):
+            return  # refused, or cancelled before its answer: no lease
+        self._release(response)
 
     def complete(self, report: LeaseReport) -> None:
         self._held.discard(report.lease_id)

@@ -393,13 +393,18 @@ class OrchestratorSet:
         orchestrator meanwhile; a cancel of the request itself (alone or with that) stays one."""
         task = asyncio.current_task()
         assert task is not None
+        cancels = task.cancelling()  # before this call's own
         waiting = _Waiting(task)
         self._admitting.setdefault(addr, set()).add(waiting)
         try:
             lease = await member.admit(request, timeout_s=deadline - self._clock())
         except asyncio.CancelledError:
-            if waiting.abandoned and not task.uncancel():
+            if waiting.abandoned and task.uncancel() <= cancels:
                 raise _Abandoned from None
+            raise
+        except BaseException:
+            if waiting.abandoned:
+                task.uncancel()  # the member ended otherwise than by the abandon's cancel
             raise
         else:
             if waiting.abandoned:

@@ -740,3 +740,56 @@ def test_an_admit_stream_ended_unavailable_or_dropped_reads_as_a_unary_call_woul
     )
     dropped = _ended(grpc.StatusCode.CANCELLED).as_admission_error()
     assert dropped.reason is Reason.DROPPED
+
+
+class AnsweredCall:
+    """A unary Admit call the test answers (`answer`) at a moment of its choosing."""
+
+    def __init__(self) -> None:
+        self._answer: asyncio.Future[pb.AdmitResponse] = asyncio.get_running_loop().create_future()
+
+    def answer(self, response: pb.AdmitResponse) -> None:
+        self._answer.set_result(response)
+
+    def done(self) -> bool:
+        return self._answer.done()
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        return self._answer.__await__()
+
+
+class UnaryStub:
+    """Admit calls handed to the test; CompleteBatch reports recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[AnsweredCall] = []
+        self.reported: list[pb.CompleteRequest] = []
+
+    def Admit(self, request: pb.AdmitRequest, **kw: object) -> AnsweredCall:
+        call = AnsweredCall()
+        self.calls.append(call)
+        return call
+
+    async def CompleteBatch(self, request: pb.CompleteBatchRequest, **kw: object) -> None:
+        self.reported.extend(request.reports)
+
+
+async def test_a_unary_admit_answered_in_the_tick_it_was_cancelled_releases_its_lease() -> None:
+    stub = UnaryStub()
+    client = OrchestratorClient(stub, admit_stream=False)  # type: ignore[arg-type]
+    admitting = asyncio.ensure_future(client.admit(admission(), timeout_s=5.0))
+
+    async def called() -> bool:
+        return bool(stub.calls)
+
+    await eventually(called, what="the Admit call made")
+    stub.calls[0].answer(pb.AdmitResponse(lease_id="lease-1", replica=REPLICA))
+    admitting.cancel()  # in the same tick: the request never sees its lease
+    with pytest.raises(asyncio.CancelledError):
+        await admitting
+
+    async def released() -> bool:
+        return [r.lease_id for r in stub.reported] == ["lease-1"]
+
+    await eventually(released, what="the lease given back")
+    await client.close()
