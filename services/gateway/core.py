@@ -533,6 +533,7 @@ class GatewayCore:
                     start=start,
                     progress=progress,
                     limits=limits,
+                    context=v.prompt_ids,
                 )
                 if takeover is not None:
                     state.restore(takeover.prior)

@@ -23,6 +23,10 @@ OFF_LOOP_CHARS: Final = 16_384
 # Their own threads, one per CPU: a burst of long prompts queues here, not in the loop's default
 # pool, which the usage log's writes and the Redis client's lookups use.
 _TOKENIZERS = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="tokenize")
+# The prompt's last tokens a completion's text is decoded after: a SentencePiece-style decoder
+# (Metaspace, or Replace + Strip) drops the leading space of the text it decodes, so a first
+# token "▁Paris" decoded alone reads "Paris" where the completion says " Paris".
+DECODE_CONTEXT_TOKENS: Final = 4
 
 
 @dataclass
@@ -92,19 +96,28 @@ class IncrementalDecoder:
     stream the library refuses (its decoded text no longer starts with what it emitted) is
     decoded here until the next flush, with the same offsets.
 
+    `context` (the prompt's last `DECODE_CONTEXT_TOKENS`) is the first delta's context, as
+    if its text had been returned: the completion's text is what its tokens add after it. A
+    context whose text ends inside a character is not used (its bytes would start the first
+    delta's character).
+
     Invariant: the concatenation of every returned delta plus `flush()` equals
-    `decode(all tokens)` for tokenizers whose decode is prefix-stable past `prefix_offset`; and
-    every token before `read_offset` has had its text returned.
+    `decode(context + all tokens)` less `decode(context)` for tokenizers whose decode is
+    prefix-stable past `prefix_offset`; and every token before `read_offset` has had its text
+    returned.
     """
 
     __slots__ = ("_ids", "_prefix_offset", "_read_offset", "_step", "_tokenizer")
 
-    def __init__(self, model: ServedModel) -> None:
+    def __init__(self, model: ServedModel, context: Sequence[int] = ()) -> None:
         self._tokenizer = model.tokenizer
-        self._step: DecodeStream | None = DecodeStream(skip_special_tokens=True)
-        self._ids: list[int] = []
+        seed = list(context[-DECODE_CONTEXT_TOKENS:])
+        if seed and self._tokenizer.decode(seed, skip_special_tokens=True).endswith("\ufffd"):
+            seed = []
+        self._step: DecodeStream | None = DecodeStream(ids=seed, skip_special_tokens=True)
+        self._ids: list[int] = seed
         self._prefix_offset = 0  # the tokens of the last delta begin here (its context)
-        self._read_offset = 0  # every token before this one has had its text returned
+        self._read_offset = len(seed)  # every token before this one has had its text returned
 
     def push(self, new_ids: Sequence[int]) -> str:
         self._ids.extend(new_ids)

@@ -130,7 +130,9 @@ class StreamState:
         start: float,
         progress: Progress,
         limits: TenantLimits | None,
+        context: Sequence[int] = (),
     ) -> None:
+        """`context`: the prompt's ids, the completion's text is decoded after (`IncrementalDecoder`)."""
         self._model_name = model.name
         self._end_id = model.end_id
         self._max_tokens = max_tokens
@@ -139,7 +141,7 @@ class StreamState:
         self._progress = progress
         self._limits = limits
         self._metrics = StreamMetrics(model.name, None if limits is None else limits.tenant)
-        self._decoder = IncrementalDecoder(model)
+        self._decoder = IncrementalDecoder(model, context)
         self._stops = StopMatcher(stop)
         self._last_at = start
         self._itl_sum = 0.0

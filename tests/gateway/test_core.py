@@ -209,8 +209,8 @@ def test_incremental_decoder_goes_on_when_the_library_refuses_a_stream(
     class RefusesThirdStep:
         """A streaming decoder that fails as the library's prefix check does."""
 
-        def __init__(self, skip_special_tokens: bool) -> None:
-            self._real = library(skip_special_tokens=skip_special_tokens)
+        def __init__(self, ids: list[int] | None = None, skip_special_tokens: bool = False) -> None:
+            self._real = library(ids=ids, skip_special_tokens=skip_special_tokens)
             self._steps = 0
 
         def step(self, tokenizer: object, ids: int | list[int]) -> str | None:
@@ -225,3 +225,29 @@ def test_incremental_decoder_goes_on_when_the_library_refuses_a_stream(
     got = [dec.push([t]) for t in ids] + [dec.flush()]
     assert got == _deltas_by_definition(model, [[t] for t in ids])
     assert "".join(got) == model.decode(ids)
+
+
+@pytest.fixture(scope="module")
+def metaspace_model(tmp_path_factory: pytest.TempPathFactory) -> ServedModel:
+    """A SentencePiece-style tokenizer (Llama 2, Mistral): words carry their leading space as
+    "▁", and the decoder drops the space that starts a text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "</s>": 1, "▁The": 2, "▁capital": 3, "▁is": 4, "▁Paris": 5, ".": 6}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    path = tmp_path_factory.mktemp("metaspace") / "tokenizer.json"
+    tok.save(str(path))
+    return ServedModel.load(
+        ModelSettings(name="sp", tokenizer_path=path, end_id=1, context_length=64)
+    )
+
+
+def test_a_completion_decodes_after_its_prompt(metaspace_model: ServedModel) -> None:
+    prompt = metaspace_model.encode("The capital is")
+    assert prompt == [2, 3, 4]
+    alone = IncrementalDecoder(metaspace_model)
+    assert alone.push([5]) + alone.push([6]) + alone.flush() == "Paris."  # the space lost
+    after = IncrementalDecoder(metaspace_model, prompt)
+    assert [after.push([5]), after.push([6]), after.flush()] == [" Paris", ".", ""]
