@@ -214,9 +214,10 @@ class StreamState:
         if not n:
             if self.finish is None:
                 return None
-            # The end id came without text: the text still held back ends the stream.
+            # The end id came without text: a delta with the text still held back, if any,
+            # carries the finish (a takeover reads it from the deltas: resume_redis.py).
             tail = self._stops.feed(self._decoder.flush())[0] + self._stops.flush()
-            return Delta(tail, [], offset, self.finish) if tail else None
+            return Delta(tail, [], offset, self.finish)
         if self._limits is not None:
             self._limits.charge(n)
             self._metrics.tenant_completion(n)
@@ -254,13 +255,14 @@ class StreamState:
         return Delta(text, ids, offset, self.finish)
 
     def end(self) -> Delta | None:
-        """The stream ended without a finish: finish STOP, and the text still held back (None
-        when there is none, or when a finish was already set)."""
+        """The stream ended without a finish: finish STOP, in a delta with the text still held
+        back, if any (None when a finish was already set). Every finished stream's last delta
+        carries its finish: a takeover reads it from the deltas (resume_redis.py)."""
         if self.finish is not None:
             return None
         self.finish = FinishReason.STOP
         tail = self._stops.feed(self._decoder.flush())[0] + self._stops.flush()
-        return Delta(tail, [], self.completion_tokens, self.finish) if tail else None
+        return Delta(tail, [], self.completion_tokens, self.finish)
 
     @property
     def ttft_ms(self) -> float | None:

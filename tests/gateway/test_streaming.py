@@ -238,3 +238,19 @@ async def test_a_completions_first_word_keeps_its_space(tmp_path: Path) -> None:
     core, _ = make(sp, FakeEngine([[chunk(3), chunk(4), chunk(1, final=True)]]))
     events = await run(core)  # the prompt "Hello"
     assert "".join(e.text for e in events if isinstance(e, Delta)) == " Paris is"
+
+
+@pytest.mark.parametrize("ending", ["end id alone", "final without end id"])
+async def test_a_finished_streams_last_delta_carries_its_finish(
+    model: ServedModel, ending: str
+) -> None:
+    # A takeover (resume_redis.py) reads the finish from the deltas a dead gateway wrote: one
+    # missing would have the generation continued past its end.
+    ids = model.encode(" yes")
+    last = chunk(model.end_id, final=True) if ending == "end id alone" else chunk(final=True)
+    core, _ = make(model, FakeEngine([[chunk(*ids), last]]))
+    events = await run(core)
+    deltas = [e for e in events if isinstance(e, Delta)]
+    assert deltas[-1].finish_reason is FinishReason.STOP
+    assert [d.token_ids for d in deltas] == [ids, []]
+    assert isinstance(events[-1], Completion)
