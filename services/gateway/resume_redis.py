@@ -8,7 +8,7 @@ Redis layout per key (tenant, request id), under one hash tag (one cluster slot)
 - `<prefix>{h}:meta`: hash {digest, gen (generation id), done, created (the wall-clock time the
   key was first opened, Unix seconds: every gateway answers with it), billed (set by a gateway
   that drained and released the generation: the tokens its usage record billed, with the
-  prompt)}; exists while the key is known.
+  prompt), owner (the gateway that claimed it last)}; exists while the key is known.
 - `<prefix>{h}:claim`: the id of the gateway running the generation, with a TTL of `lease_s`
   that its writes renew.
 - `<prefix>{h}:log:<gen>`: a Stream, one entry per batch of events (JSON); the last entry holds
@@ -21,9 +21,11 @@ The gateway that runs a generation (the key was new there, or it took it over) r
 per-token path only appends to that in-process log (bounded by the request's max_tokens); one
 flusher task per generation writes what is new as one stream entry every `flush_interval_s`, or
 as soon as `flush_tokens` tokens wait, and at the end. Each write is one Lua call that also
-renews the claim and the TTLs, fenced by the claim: a gateway that lost its claim to another
-writes nothing more and ends its clients' streams with UNAVAILABLE; one whose claim expired with
-nobody taking it (Redis away longer than the lease) takes it again with its next write. Other gateways read the stream:
+renews the claim and the TTLs, fenced by the claim: a gateway that lost its claim (another
+took it, or it expired: Redis away longer than the lease) writes nothing more and ends its
+clients' streams with UNAVAILABLE, except that a generation that finished while its claim
+expired with nobody taking it (meta's `owner` is still this gateway) still records its end;
+one whose key is gone, or holds a newer generation, serves its clients here to the end. Other gateways read the stream:
 XRANGE for a finished generation, then XREAD BLOCK while it runs.
 
 Offsets: as in resume.py, a resume offset must be the end of a delta. A running generation may
@@ -126,7 +128,8 @@ local m = redis.call('HMGET', KEYS[1], 'digest', 'gen', 'done', 'created')
 if not m[1] then
   if ARGV[5] == '1' then return {'not_found'} end
   if ARGV[7] ~= '1' then return {'full'} end
-  redis.call('HSET', KEYS[1], 'digest', ARGV[1], 'gen', ARGV[6], 'done', '0', 'created', ARGV[8])
+  redis.call('HSET', KEYS[1], 'digest', ARGV[1], 'gen', ARGV[6], 'done', '0', 'created', ARGV[8],
+    'owner', ARGV[2])
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
   return {'new', ARGV[6]}
@@ -144,6 +147,7 @@ _TAKEOVER = """
 local m = redis.call('HMGET', KEYS[1], 'gen', 'done', 'billed')
 if m[1] ~= ARGV[4] or m[2] == '1' then return {0} end
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0} end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
 return {1, m[3] or ''}
@@ -160,17 +164,21 @@ return 1
 # KEYS meta, claim, log, watch. ARGV owner, payload, mode, lease_ms, ttl_ms, retention_ms,
 # error_ttl_ms, billed (the completion tokens usage records billed with the prompt, '' for
 # none; kept by a release for the gateway taking over), gen. Fenced: only the claim's holder
-# writes. A claim that expired with nobody taking it (a takeover claims first, atomically) is
-# still the writer's: taken again. Answers `_WRITTEN`, `_TAKEN` (another gateway holds the
-# claim) or `_ORPHANED` (the key was forgotten, or holds another generation: nobody continues
-# this one).
+# writes. Without the claim, answers `_ORPHANED` when the key is gone or holds another
+# generation (nobody continues this one), `_TAKEN` when another gateway claimed it since
+# (meta's `owner`, set by every claim: it continues it, or did), `_WRITTEN` for this gateway's
+# own end already recorded (a retry whose first answer was lost); a `done` write whose claim
+# expired with nobody taking it records the end (no takeover may continue a generation that
+# finished); any other write answers `_TAKEN` (its clients are told to come back, and the
+# gateway that takes it over bills from the last release on).
 _WRITE = """
-local owner = redis.call('GET', KEYS[2])
-if owner ~= ARGV[1] then
-  if owner then return 0 end
-  local m = redis.call('HMGET', KEYS[1], 'gen', 'done')
-  if m[1] ~= ARGV[9] or m[2] == '1' then return 2 end
-  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4])
+local holder = redis.call('GET', KEYS[2])
+if holder ~= ARGV[1] then
+  local m = redis.call('HMGET', KEYS[1], 'gen', 'done', 'owner')
+  if m[1] ~= ARGV[9] then return 2 end
+  if holder or m[3] ~= ARGV[1] then return 0 end
+  if m[2] == '1' then return 1 end
+  if ARGV[3] ~= 'done' then return 0 end
 end
 if ARGV[2] ~= '' then redis.call('XADD', KEYS[3], '*', 'e', ARGV[2]) end
 local mode = ARGV[3]
@@ -409,6 +417,9 @@ class RedisResumeStore:
         self._owned: dict[Key, _Owned] = {}
         # Generations whose flusher still runs (their end not yet written), by key.
         self._flushing: dict[Key, _Owned] = {}
+        # Every generation whose flusher runs, also one whose key a newer generation took in
+        # `_flushing` (drain and kill stop each).
+        self._writers: set[_Owned] = set()
         self._tokens = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -762,6 +773,7 @@ class RedisResumeStore:
         own.start(lambda: source(takeover, own.billing))
         own.flusher = asyncio.get_running_loop().create_task(self._flush(own))
         self._flushing[key] = own
+        self._writers.add(own)
         return own
 
     async def _follow_remote(
@@ -956,12 +968,15 @@ class RedisResumeStore:
                     return
                 if written == _ORPHANED:
                     # Its key expired (Redis away longer than its TTL) or holds a newer
-                    # generation: nobody continues this one, its clients here are served from
-                    # memory, and its record bills here.
+                    # generation: nobody continues this one; its clients here are served from
+                    # memory, it stays this gateway's until it ends, and its record bills here.
                     log.warning(
                         "a keyed generation's Redis state is gone; served from memory only",
                         extra={"request_id": own.key.request_id, "finished_here": done},
                     )
+                    while not own.done:
+                        own.wake.clear()
+                        await own.wake.wait()
                     return
                 if done:
                     return
@@ -969,6 +984,7 @@ class RedisResumeStore:
             self._drop(own)
             if self._flushing.get(own.key) is own:
                 del self._flushing[own.key]
+            self._writers.discard(own)
             # Its record goes out once the end was written, the claim found lost, the writes
             # given up on (Redis away longer than the lease: billed here, and by a taker too if
             # one continues it), or the flusher stopped (drain, kill).
@@ -991,7 +1007,7 @@ class RedisResumeStore:
             await asyncio.gather(*tasks, return_exceptions=True)
         # Every flusher still writing, those of generations already dropped here (abandoned,
         # forgotten) too: each holds its generation's usage record until it ends.
-        flushers = [o.flusher for o in self._flushing.values() if o.flusher is not None]
+        flushers = [o.flusher for o in self._writers if o.flusher is not None]
         if flushers:
             _, pending = await asyncio.wait(flushers, timeout=self.lease_s)
             for t in pending:
@@ -1008,7 +1024,7 @@ class RedisResumeStore:
         batch, no claim released): its claims expire after the lease."""
         owned = list(self._owned.values())
         # Generations already dropped here whose flusher still writes stop writing too.
-        writing = list({id(o): o for o in [*owned, *self._flushing.values()]}.values())
+        writing = list({id(o): o for o in [*owned, *self._writers]}.values())
         for own in writing:
             own.lost = True
             own.billing.superseded = True  # a killed process writes no usage record

@@ -813,13 +813,14 @@ async def test_a_gateway_that_lost_its_claim_as_its_engine_finished_bills_nothin
     assert (record.prompt_tokens, record.completion_tokens, record.outcome) == (0, 0, "success")
 
 
-@pytest.mark.parametrize("gone", ["claim", "meta"])
-async def test_a_generation_nobody_took_over_bills_where_it_ran(
+@pytest.mark.parametrize("gone", ["claim", "meta", "taken and finished"])
+async def test_a_generation_bills_where_it_ran_unless_another_gateway_took_it(
     cores: Cores, redis: aioredis.Redis, request_id: str, gone: str
 ) -> None:
     """A's claim expired with nobody taking the generation over (Redis away longer than the
-    lease), or its whole key did: A's engine goes on to the end, and A bills the generation. An
-    expired claim is A's again at its next write, which records the end."""
+    lease), or its whole key did: A's engine goes on to the end, and A bills the generation (its
+    end is recorded: no takeover continues a generation that finished). Had gateway B taken it
+    over and finished it meanwhile, B bills it and A's record bills nothing."""
     n = 6
     out = TOKENS[:n]
     gate = Hang()
@@ -833,11 +834,41 @@ async def test_a_generation_nobody_took_over_bills_where_it_ran(
     client_a = a.generate(request(request_id, n), 10.0)
     got = [await anext(client_a) for _ in range(3)]
     keys = store(a)._keys(Key("", request_id))
-    await redis.delete(keys.claim if gone == "claim" else keys.meta)
+    if gone == "taken and finished":  # as B's takeover, then B's end, leave them
+        await redis.hset(keys.meta, mapping={"owner": "gateway-b", "done": "1"})
+    await redis.delete(keys.meta if gone == "meta" else keys.claim)
     gate.release.set()
     got += [ev async for ev in client_a]
     assert ids_of(got) == out
     record = await record_of(a_usage, request_id)
-    assert (record.prompt_tokens, record.completion_tokens) == (len(PROMPT), n)
+    billed = (0, 0) if gone == "taken and finished" else (len(PROMPT), n)
+    assert (record.prompt_tokens, record.completion_tokens) == billed
     if gone == "claim":
         assert await redis.hget(keys.meta, "done") == b"1"  # the end recorded
+
+
+async def test_a_running_generation_whose_key_expired_is_served_and_kept_here(
+    cores: Cores, redis: aioredis.Redis, request_id: str
+) -> None:
+    """Redis lost A's whole key (away longer than its TTL) while A ran the generation: nobody
+    else can continue it, so A serves its client to the end from memory, keeps the generation
+    (a retry here attaches to it; a drain waits for it), and bills it."""
+    n = 6
+    out = TOKENS[:n]
+    gate = Hang()
+    a_usage = Sink()
+    a = cores.make(
+        FakeEngine([[*tokens(*out[:3]), gate, *tokens(*out[3:]), chunk(final=True)]]),
+        usage=a_usage,
+        resume_redis_flush_interval_s=3600.0,
+        resume_redis_flush_tokens=4,  # a write once 4 tokens wait: after the key is gone
+    )
+    client_a = a.generate(request(request_id, n), 10.0)
+    got = [await anext(client_a) for _ in range(3)]
+    keys = store(a)._keys(Key("", request_id))
+    await redis.delete(keys.meta, keys.claim)
+    gate.release.set()
+    got += [ev async for ev in client_a]
+    assert ids_of(got) == out  # not cut off as a lost claim
+    record = await record_of(a_usage, request_id)
+    assert (record.prompt_tokens, record.completion_tokens) == (len(PROMPT), n)
