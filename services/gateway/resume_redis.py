@@ -8,7 +8,8 @@ Redis layout per key (tenant, request id), under one hash tag (one cluster slot)
 - `<prefix>{h}:meta`: hash {digest, gen (generation id), done, created (the wall-clock time the
   key was first opened, Unix seconds: every gateway answers with it), billed (set by a gateway
   that drained and released the generation: the tokens its usage record billed, with the
-  prompt), owner (the gateway that claimed it last)}; exists while the key is known.
+  prompt), owner (the gateway that claimed it last), rel:<gateway> (that gateway released it)};
+  exists while the key is known.
 - `<prefix>{h}:claim`: the id of the gateway running the generation, with a TTL of `lease_s`
   that its writes renew.
 - `<prefix>{h}:log:<gen>`: a Stream, one entry per batch of events (JSON); the last entry holds
@@ -21,11 +22,13 @@ The gateway that runs a generation (the key was new there, or it took it over) r
 per-token path only appends to that in-process log (bounded by the request's max_tokens); one
 flusher task per generation writes what is new as one stream entry every `flush_interval_s`, or
 as soon as `flush_tokens` tokens wait, and at the end. Each write is one Lua call that also
-renews the claim and the TTLs, fenced by the claim: a gateway that lost its claim (another
-took it, or it expired: Redis away longer than the lease) writes nothing more and ends its
-clients' streams with UNAVAILABLE, except that a generation that finished while its claim
-expired with nobody taking it (meta's `owner` is still this gateway) still records its end;
-one whose key is gone, or holds a newer generation, serves its clients here to the end. Other gateways read the stream:
+renews the claim and the TTLs, fenced by the claim: a gateway that lost its claim to another
+writes nothing more and ends its clients' streams with UNAVAILABLE; one whose claim expired with
+nobody taking it since (Redis away longer than the lease; meta's `owner` is still this gateway)
+takes it again with its next write; one whose key is gone, or holds a newer generation, serves
+its clients here to the end and writes nothing more. Gateways of a version that does not record
+`owner` (before it) must not share a Redis with this one: a takeover by one of them would read
+as no takeover. Other gateways read the stream:
 XRANGE for a finished generation, then XREAD BLOCK while it runs.
 
 Offsets: as in resume.py, a resume offset must be the end of a delta. A running generation may
@@ -128,6 +131,7 @@ local m = redis.call('HMGET', KEYS[1], 'digest', 'gen', 'done', 'created')
 if not m[1] then
   if ARGV[5] == '1' then return {'not_found'} end
   if ARGV[7] ~= '1' then return {'full'} end
+  redis.call('DEL', KEYS[1])  -- what a write left of an evicted meta (a `billed`) is not this one's
   redis.call('HSET', KEYS[1], 'digest', ARGV[1], 'gen', ARGV[6], 'done', '0', 'created', ARGV[8],
     'owner', ARGV[2])
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
@@ -164,21 +168,21 @@ return 1
 # KEYS meta, claim, log, watch. ARGV owner, payload, mode, lease_ms, ttl_ms, retention_ms,
 # error_ttl_ms, billed (the completion tokens usage records billed with the prompt, '' for
 # none; kept by a release for the gateway taking over), gen. Fenced: only the claim's holder
-# writes. Without the claim, answers `_ORPHANED` when the key is gone or holds another
-# generation (nobody continues this one), `_TAKEN` when another gateway claimed it since
-# (meta's `owner`, set by every claim: it continues it, or did), `_WRITTEN` for this gateway's
-# own end already recorded (a retry whose first answer was lost); a `done` write whose claim
-# expired with nobody taking it records the end (no takeover may continue a generation that
-# finished); any other write answers `_TAKEN` (its clients are told to come back, and the
-# gateway that takes it over bills from the last release on).
+# writes. Without the claim, it answers `_ORPHANED` when the key is gone or holds another
+# generation (nobody continues this one); `_WRITTEN` for this gateway's own release or end
+# already recorded (a retried write whose first answer was lost: `rel:<owner>`, `done`);
+# `_TAKEN` when another gateway holds the claim or claimed it since (meta's `owner`, set by
+# every claim); and when the claim expired with nobody taking it, the write goes on (a `run`
+# write takes the claim again).
 _WRITE = """
 local holder = redis.call('GET', KEYS[2])
 if holder ~= ARGV[1] then
-  local m = redis.call('HMGET', KEYS[1], 'gen', 'done', 'owner')
+  local m = redis.call('HMGET', KEYS[1], 'gen', 'done', 'owner', 'rel:' .. ARGV[1])
   if m[1] ~= ARGV[9] then return 2 end
+  if ARGV[3] == 'release' and m[4] then return 1 end
   if holder or m[3] ~= ARGV[1] then return 0 end
   if m[2] == '1' then return 1 end
-  if ARGV[3] ~= 'done' then return 0 end
+  if ARGV[3] == 'run' then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4]) end
 end
 if ARGV[2] ~= '' then redis.call('XADD', KEYS[3], '*', 'e', ARGV[2]) end
 local mode = ARGV[3]
@@ -196,6 +200,7 @@ elseif mode == 'forget' then
   redis.call('PEXPIRE', KEYS[3], ARGV[7])
 else
   redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'rel:' .. ARGV[1], '1')
   if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'billed', ARGV[8]) end
   redis.call('PEXPIRE', KEYS[1], ARGV[5])
   redis.call('PEXPIRE', KEYS[3], ARGV[5])

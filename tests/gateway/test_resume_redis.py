@@ -872,3 +872,47 @@ async def test_a_running_generation_whose_key_expired_is_served_and_kept_here(
     assert ids_of(got) == out  # not cut off as a lost claim
     record = await record_of(a_usage, request_id)
     assert (record.prompt_tokens, record.completion_tokens) == (len(PROMPT), n)
+
+
+async def test_the_fenced_write_without_the_claim(
+    cores: Cores, redis: aioredis.Redis, request_id: str
+) -> None:
+    """The write script's answers when its gateway does not hold the claim: each case as Redis
+    would hold it after what the case names."""
+    a = cores.make(FakeEngine([]))
+    rs = store(a)
+    keys = rs._keys(Key("", request_id))
+    me = rs.owner
+
+    async def write(mode: str) -> int:
+        return int(
+            await rs._write_script(
+                keys=[keys.meta, keys.claim, keys.log("g1"), keys.watch],
+                args=[me, "", mode, 2000, 10_000, 60_000, 5000, "", "g1"],
+            )
+        )
+
+    async def state(owner: str, done: str = "0", holder: str | None = None) -> None:
+        await redis.delete(keys.meta, keys.claim)
+        await redis.hset(keys.meta, mapping={"gen": "g1", "done": done, "owner": owner})
+        if holder is not None:
+            await redis.set(keys.claim, holder)
+
+    await state(me, holder="gateway-b")  # B holds it
+    assert await write("run") == 0
+    await state("gateway-b")  # B took it over, then finished, released or died
+    assert await write("done") == 0
+    await state(me)  # expired, nobody took it: still A's, claimed again by its next write
+    assert await write("run") == 1
+    assert await redis.get(keys.claim) == me.encode()
+    await state(me, done="1")  # A's own end, its answer lost: the retry is no second end
+    assert await write("done") == 1
+    await state(me)
+    assert await write("release") == 1
+    await redis.hset(keys.meta, "owner", "gateway-b")  # A's release landed, B took it over
+    assert await write("release") == 1  # A's retry: its release, not a takeover of B's
+    await redis.delete(keys.meta, keys.claim)  # the key is gone
+    assert await write("run") == 2
+    await state(me, holder="gateway-c")
+    await redis.hset(keys.meta, "gen", "g2")  # a newer generation under the key
+    assert await write("done") == 2
