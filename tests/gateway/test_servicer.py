@@ -95,6 +95,8 @@ async def test_chat_prompt_is_the_rendered_template(
     assert list(front.engine.requests[0].input_ids) == chat.encode(rendered)
     text = "".join(r.delta.text for r in responses if r.HasField("delta"))
     assert text == "Rayleigh scattering."
+    # The end id came alone: its finish is the Completion's, not an empty delta's.
+    assert all(r.delta.token_ids or r.delta.text for r in responses if r.HasField("delta"))
     complete = responses[-1].complete
     assert complete.usage.prompt_tokens == len(chat.encode(rendered))
     assert complete.finish_reason == pb.FINISH_REASON_STOP
