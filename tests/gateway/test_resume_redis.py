@@ -9,7 +9,7 @@ import asyncio
 import dataclasses
 import itertools
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -43,7 +43,7 @@ from services.gateway.errors import (
 )
 from services.gateway.models import ServedModel
 from services.gateway.resume import Clock, Key, ResumeStore
-from services.gateway.resume_redis import RedisResumeStore
+from services.gateway.resume_redis import RedisResumeStore, _Keys
 from services.gateway.settings import GatewaySettings, ModelSettings
 from services.gateway.triton_stream import EngineChunk
 from services.gateway.usage import UsageRecord
@@ -785,6 +785,34 @@ async def test_a_running_generation_outlives_redis_going_away(
             await core.close()
 
 
+async def redis_changed_midway(
+    cores: Cores,
+    request_id: str,
+    change: Callable[[_Keys], Awaitable[object]],
+    *,
+    flush_tokens: int = 1000,  # default: nothing written before the end
+) -> tuple[list[Event], UsageRecord, _Keys]:
+    """Gateway A streams a generation of 6 tokens; after the first 3, `change` alters its keys
+    in Redis (what another gateway, or Redis itself, did meanwhile); then A's engine goes on to
+    the end. The events A's client got, A's usage record, and the generation's keys."""
+    out = TOKENS[:6]
+    gate = Hang()
+    usage = Sink()
+    a = cores.make(
+        FakeEngine([[*tokens(*out[:3]), gate, *tokens(*out[3:]), chunk(final=True)]]),
+        usage=usage,
+        resume_redis_flush_interval_s=3600.0,
+        resume_redis_flush_tokens=flush_tokens,
+    )
+    client = a.generate(request(request_id, len(out)), 10.0)
+    got = [await anext(client) for _ in range(3)]
+    keys = store(a)._keys(Key("", request_id))
+    await change(keys)
+    gate.release.set()
+    got += [ev async for ev in client]
+    return got, await record_of(usage, request_id), keys
+
+
 async def test_a_gateway_that_lost_its_claim_as_its_engine_finished_bills_nothing(
     cores: Cores, redis: aioredis.Redis, request_id: str
 ) -> None:
@@ -792,24 +820,11 @@ async def test_a_gateway_that_lost_its_claim_as_its_engine_finished_bills_nothin
     engine went on to the end: A's client still gets its stream from memory, A's last write is
     refused, and A's usage record, held until that answer, bills nothing (the taker bills the
     generation from the last release on)."""
-    n = 6
-    out = TOKENS[:n]
-    gate = Hang()
-    a_usage = Sink()
-    a = cores.make(
-        FakeEngine([[*tokens(*out[:3]), gate, *tokens(*out[3:]), chunk(final=True)]]),
-        usage=a_usage,
-        resume_redis_flush_interval_s=3600.0,
-        resume_redis_flush_tokens=1000,  # nothing written before the end
+    got, record, _ = await redis_changed_midway(
+        cores, request_id, lambda keys: redis.set(keys.claim, "another-gateway")
     )
-    client_a = a.generate(request(request_id, n), 10.0)
-    got = [await anext(client_a) for _ in range(3)]
-    await redis.set(store(a)._keys(Key("", request_id)).claim, "another-gateway")
-    gate.release.set()
-    got += [ev async for ev in client_a]
-    assert ids_of(got) == out
+    assert ids_of(got) == TOKENS[:6]
     assert isinstance(got[-1], Completion)
-    record = await record_of(a_usage, request_id)
     assert (record.prompt_tokens, record.completion_tokens, record.outcome) == (0, 0, "success")
 
 
@@ -821,27 +836,15 @@ async def test_a_generation_bills_where_it_ran_unless_another_gateway_took_it(
     lease), or its whole key did: A's engine goes on to the end, and A bills the generation (its
     end is recorded: no takeover continues a generation that finished). Had gateway B taken it
     over and finished it meanwhile, B bills it and A's record bills nothing."""
-    n = 6
-    out = TOKENS[:n]
-    gate = Hang()
-    a_usage = Sink()
-    a = cores.make(
-        FakeEngine([[*tokens(*out[:3]), gate, *tokens(*out[3:]), chunk(final=True)]]),
-        usage=a_usage,
-        resume_redis_flush_interval_s=3600.0,
-        resume_redis_flush_tokens=1000,  # nothing written before the end
-    )
-    client_a = a.generate(request(request_id, n), 10.0)
-    got = [await anext(client_a) for _ in range(3)]
-    keys = store(a)._keys(Key("", request_id))
-    if gone == "taken and finished":  # as B's takeover, then B's end, leave them
-        await redis.hset(keys.meta, mapping={"owner": "gateway-b", "done": "1"})
-    await redis.delete(keys.meta if gone == "meta" else keys.claim)
-    gate.release.set()
-    got += [ev async for ev in client_a]
-    assert ids_of(got) == out
-    record = await record_of(a_usage, request_id)
-    billed = (0, 0) if gone == "taken and finished" else (len(PROMPT), n)
+
+    async def change(keys: _Keys) -> None:
+        if gone == "taken and finished":  # as B's takeover, then B's end, leave them
+            await redis.hset(keys.meta, mapping={"owner": "gateway-b", "done": "1"})
+        await redis.delete(keys.meta if gone == "meta" else keys.claim)
+
+    got, record, keys = await redis_changed_midway(cores, request_id, change)
+    assert ids_of(got) == TOKENS[:6]
+    billed = (0, 0) if gone == "taken and finished" else (len(PROMPT), 6)
     assert (record.prompt_tokens, record.completion_tokens) == billed
     if gone == "claim":
         assert await redis.hget(keys.meta, "done") == b"1"  # the end recorded
@@ -853,25 +856,14 @@ async def test_a_running_generation_whose_key_expired_is_served_and_kept_here(
     """Redis lost A's whole key (away longer than its TTL) while A ran the generation: nobody
     else can continue it, so A serves its client to the end from memory, keeps the generation
     (a retry here attaches to it; a drain waits for it), and bills it."""
-    n = 6
-    out = TOKENS[:n]
-    gate = Hang()
-    a_usage = Sink()
-    a = cores.make(
-        FakeEngine([[*tokens(*out[:3]), gate, *tokens(*out[3:]), chunk(final=True)]]),
-        usage=a_usage,
-        resume_redis_flush_interval_s=3600.0,
-        resume_redis_flush_tokens=4,  # a write once 4 tokens wait: after the key is gone
+    got, record, _ = await redis_changed_midway(
+        cores,
+        request_id,
+        lambda keys: redis.delete(keys.meta, keys.claim),
+        flush_tokens=4,  # a write once 4 tokens wait: after the key is gone
     )
-    client_a = a.generate(request(request_id, n), 10.0)
-    got = [await anext(client_a) for _ in range(3)]
-    keys = store(a)._keys(Key("", request_id))
-    await redis.delete(keys.meta, keys.claim)
-    gate.release.set()
-    got += [ev async for ev in client_a]
-    assert ids_of(got) == out  # not cut off as a lost claim
-    record = await record_of(a_usage, request_id)
-    assert (record.prompt_tokens, record.completion_tokens) == (len(PROMPT), n)
+    assert ids_of(got) == TOKENS[:6]  # not cut off as a lost claim
+    assert (record.prompt_tokens, record.completion_tokens) == (len(PROMPT), 6)
 
 
 async def test_the_fenced_write_without_the_claim(
