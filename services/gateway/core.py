@@ -123,6 +123,15 @@ def produced(takeover: Takeover | None, progress: Progress) -> bool:
     return takeover is not None and any(d.token_ids for d in takeover.prior)
 
 
+def was_served(
+    takeover: Takeover | None, progress: Progress, leases: Sequence[Lease], *, failed: bool
+) -> bool:
+    """A replica served the request: tokens came (`produced`), or a replica took it and it did
+    not fail (a caller that left after its lease used the replica's work). One that was not
+    keeps its tenant's budget (refund) and bills no prompt."""
+    return produced(takeover, progress) or (bool(leases) and not failed)
+
+
 class GatewayCore:
     def __init__(
         self,
@@ -550,14 +559,15 @@ class GatewayCore:
                             async for ev in events:
                                 yield ev
                 except BaseException as exc:
-                    # Never served: no lease (queue full, no replica, the caller gone while
-                    # it waited for admission, a fault of this gateway's), or it failed before
-                    # any token (its replica failed and no other took it): the tenant keeps its
-                    # budget. A caller that left after its lease used the replica's work.
-                    unserved = not leases or (
-                        isinstance(exc, ServiceError) and not produced(takeover, progress)
-                    )
-                    if refund is not None and unserved and refundable():
+                    # Never served (no lease: queue full, no replica, the caller gone while it
+                    # waited for admission, a fault of this gateway's; or its replica failed
+                    # before any token and no other took it): the tenant keeps its budget.
+                    failed = isinstance(exc, ServiceError)
+                    if (
+                        refund is not None
+                        and not was_served(takeover, progress, leases, failed=failed)
+                        and refundable()
+                    ):
                         refund()
                     raise
                 outcome = "success"
@@ -574,8 +584,6 @@ class GatewayCore:
                 # they free up fast, and send refused callers back too soon.
                 slot.release(freed=bool(leases))
             metrics.record_in_flight(model_label, -1)
-            # Served: it succeeded, or produced tokens (here, or before a takeover), or its
-            # caller left after a replica took it; the same rule as the refund's above.
             self._account(
                 req,
                 progress,
@@ -583,8 +591,7 @@ class GatewayCore:
                 start,
                 billing,
                 served=outcome == "success"
-                or produced(takeover, progress)
-                or (outcome == "cancelled" and bool(leases)),
+                or was_served(takeover, progress, leases, failed=outcome != "cancelled"),
             )
 
     def _account(
