@@ -570,10 +570,10 @@ class OrchestratorClient:
         except grpc.aio.AioRpcError as err:
             raise admit_error(err) from err
         except asyncio.CancelledError:
-            if call.done():
+            if call.done() and not call.cancelled():
                 # Answered in the tick this Admit was given up on: a lease it brought goes
                 # back now, not at the orchestrator's lease timeout (a call cancelled before
-                # its answer is the orchestrator's to release).
+                # its answer, which grpc cancels here, is the orchestrator's to release).
                 task = asyncio.ensure_future(self._release_answer(call))
                 self._releasing.add(task)
                 task.add_done_callback(self._releasing.discard)

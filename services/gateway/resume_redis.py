@@ -1027,9 +1027,9 @@ class RedisResumeStore:
     async def kill(self) -> None:
         """For tests: stop as a killed process would, writing nothing more to Redis (no last
         batch, no claim released): its claims expire after the lease."""
-        owned = list(self._owned.values())
+        owned = list(self._owned.values())  # each has its flusher running: in `_writers`
         # Generations already dropped here whose flusher still writes stop writing too.
-        writing = list({id(o): o for o in [*owned, *self._writers]}.values())
+        writing = list(self._writers)
         for own in writing:
             own.lost = True
             own.billing.superseded = True  # a killed process writes no usage record

@@ -754,6 +754,9 @@ class AnsweredCall:
     def done(self) -> bool:
         return self._answer.done()
 
+    def cancelled(self) -> bool:
+        return False  # answered: grpc's cancel of a finished call does nothing
+
     def __await__(self):  # type: ignore[no-untyped-def]
         return self._answer.__await__()
 
