@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry import trace
@@ -13,6 +15,8 @@ from llmmesh.common.errors import ServiceError
 from llmmesh.common.topology import ReplicaAddress
 from llmmesh.redis_server import RedisServer
 from services.gateway.admission import AdmissionRequest, AdmissionStatus, Lease, LeaseReport
+from services.gateway.models import ServedModel
+from services.gateway.settings import ModelSettings
 from services.gateway.triton_stream import EngineChunk, EngineRequest
 from services.gateway.usage import UsageRecord
 
@@ -151,3 +155,31 @@ class Sink:
 
     def submit(self, record: UsageRecord) -> None:
         self.records.append(record)
+
+
+# Token ids of `metaspace_model`'s vocabulary.
+METASPACE_VOCAB = {
+    "<unk>": 0,
+    "</s>": 1,
+    "▁The": 2,
+    "▁capital": 3,
+    "▁is": 4,
+    "▁Paris": 5,
+    ".": 6,
+    "▁Hello": 7,
+}
+
+
+def metaspace_model(directory: Path, name: str, **settings: Any) -> ServedModel:
+    """A model with a SentencePiece-style tokenizer (Llama 2, Mistral): words carry their
+    leading space as "▁", and the decoder drops the space that starts a text. End id: "</s>"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(METASPACE_VOCAB, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    path = directory / "tokenizer.json"
+    tok.save(str(path))
+    return ServedModel.load(
+        ModelSettings(name=name, tokenizer_path=path, end_id=METASPACE_VOCAB["</s>"], **settings)
+    )

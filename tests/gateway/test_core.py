@@ -15,7 +15,7 @@ from services.gateway.errors import ContextLengthExceeded, InvalidRequest, Model
 from services.gateway.models import OFF_LOOP_CHARS, IncrementalDecoder, ServedModel
 from services.gateway.settings import GatewaySettings, ModelSettings
 from services.gateway.stream_state import StopMatcher
-from tests.gateway.conftest import FakeAdmission, FakeEngine
+from tests.gateway.conftest import FakeAdmission, FakeEngine, metaspace_model
 
 MODEL = "smollm2"
 
@@ -228,26 +228,14 @@ def test_incremental_decoder_goes_on_when_the_library_refuses_a_stream(
 
 
 @pytest.fixture(scope="module")
-def metaspace_model(tmp_path_factory: pytest.TempPathFactory) -> ServedModel:
-    """A SentencePiece-style tokenizer (Llama 2, Mistral): words carry their leading space as
-    "▁", and the decoder drops the space that starts a text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, "</s>": 1, "▁The": 2, "▁capital": 3, "▁is": 4, "▁Paris": 5, ".": 6}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    path = tmp_path_factory.mktemp("metaspace") / "tokenizer.json"
-    tok.save(str(path))
-    return ServedModel.load(
-        ModelSettings(name="sp", tokenizer_path=path, end_id=1, context_length=64)
-    )
+def sp_model(tmp_path_factory: pytest.TempPathFactory) -> ServedModel:
+    return metaspace_model(tmp_path_factory.mktemp("metaspace"), "sp", context_length=64)
 
 
-def test_a_completion_decodes_after_its_prompt(metaspace_model: ServedModel) -> None:
-    prompt = metaspace_model.encode("The capital is")
+def test_a_completion_decodes_after_its_prompt(sp_model: ServedModel) -> None:
+    prompt = sp_model.encode("The capital is")
     assert prompt == [2, 3, 4]
-    alone = IncrementalDecoder(metaspace_model)
+    alone = IncrementalDecoder(sp_model)
     assert alone.push([5]) + alone.push([6]) + alone.flush() == "Paris."  # the space lost
-    after = IncrementalDecoder(metaspace_model, prompt)
+    after = IncrementalDecoder(sp_model, prompt)
     assert [after.push([5]), after.push([6]), after.flush()] == [" Paris", ".", ""]

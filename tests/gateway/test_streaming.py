@@ -23,7 +23,15 @@ from services.gateway.errors import ReplicaFailed
 from services.gateway.models import ServedModel
 from services.gateway.settings import GatewaySettings, ModelSettings
 from services.gateway.triton_stream import TritonStreamError
-from tests.gateway.conftest import MODEL, FakeAdmission, FakeEngine, chunk, fake_replica
+from tests.gateway.conftest import (
+    METASPACE_VOCAB,
+    MODEL,
+    FakeAdmission,
+    FakeEngine,
+    chunk,
+    fake_replica,
+    metaspace_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -225,17 +233,9 @@ async def test_a_stop_string_the_decoder_held_at_the_last_token_finishes_stop(
 
 async def test_a_completions_first_word_keeps_its_space(tmp_path: Path) -> None:
     # A SentencePiece-style tokenizer: the first token "▁Paris" decoded alone reads "Paris".
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, "</s>": 1, "▁Hello": 2, "▁Paris": 3, "▁is": 4}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.save(str(tmp_path / "tokenizer.json"))
-    sp = ServedModel.load(
-        ModelSettings(name=MODEL, tokenizer_path=tmp_path / "tokenizer.json", end_id=1)
-    )
-    core, _ = make(sp, FakeEngine([[chunk(3), chunk(4), chunk(1, final=True)]]))
+    sp = metaspace_model(tmp_path, MODEL)
+    paris, is_ = METASPACE_VOCAB["▁Paris"], METASPACE_VOCAB["▁is"]
+    core, _ = make(sp, FakeEngine([[chunk(paris), chunk(is_), chunk(sp.end_id, final=True)]]))
     events = await run(core)  # the prompt "Hello"
     assert "".join(e.text for e in events if isinstance(e, Delta)) == " Paris is"
 
