@@ -249,10 +249,8 @@ class OpenAIHttpFront:
             return
         for site in list(runner.sites):
             await site.stop()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._settings.drain_seconds
-        while self._generating and (left := deadline - loop.time()) > 0:
-            await asyncio.wait(list(self._generating), timeout=left)
+        if self._generating:  # no more join: `_tracked` refuses them from now on
+            await asyncio.wait(list(self._generating), timeout=self._settings.drain_seconds)
         if self._generating:
             await self.stop_now()
         await runner.cleanup()
