@@ -8,8 +8,8 @@ Redis layout per key (tenant, request id), under one hash tag (one cluster slot)
 - `<prefix>{h}:meta`: hash {digest, gen (generation id), done, created (the wall-clock time the
   key was first opened, Unix seconds: every gateway answers with it), billed (set by a gateway
   that drained and released the generation: the tokens its usage record billed, with the
-  prompt), owner (the gateway that claimed it last), rel:<gateway> (that gateway released it)};
-  exists while the key is known.
+  prompt), owner (the gateway that claimed it last), rel:<gateway> (that gateway released it),
+  logged (events in the log so far)}; exists while the key is known.
 - `<prefix>{h}:claim`: the id of the gateway running the generation, with a TTL of `lease_s`
   that its writes renew.
 - `<prefix>{h}:log:<gen>`: a Stream, one entry per batch of events (JSON); the last entry holds
@@ -22,7 +22,8 @@ The gateway that runs a generation (the key was new there, or it took it over) r
 per-token path only appends to that in-process log (bounded by the request's max_tokens); one
 flusher task per generation writes what is new as one stream entry every `flush_interval_s`, or
 as soon as `flush_tokens` tokens wait, and at the end. Each write is one Lua call that also
-renews the claim and the TTLs, fenced by the claim: a gateway that lost its claim to another
+renews the claim and the TTLs, fenced by the claim, and appends only the batch's events past
+meta's `logged` (a write retried after its answer was lost appends nothing twice); a gateway that lost its claim to another
 writes nothing more and ends its clients' streams with UNAVAILABLE; one whose claim expired with
 nobody taking it since (Redis away longer than the lease; meta's `owner` is still this gateway)
 takes it again with its next write; one whose key is gone, or holds a newer generation, serves
@@ -113,7 +114,7 @@ from services.gateway.resume import (
 )
 from services.gateway.settings import GatewaySettings
 
-__all__ = ["RedisResumeStore", "decode_batch", "encode_batch"]
+__all__ = ["RedisResumeStore", "decode_batch", "encode_items"]
 
 log = logging.getLogger(__name__)
 
@@ -165,45 +166,58 @@ if m[1] == ARGV[1] and m[2] == '1' then redis.call('DEL', KEYS[1]) end
 return 1
 """
 
-# KEYS meta, claim, log, watch. ARGV owner, payload, mode, lease_ms, ttl_ms, retention_ms,
-# error_ttl_ms, billed (the completion tokens usage records billed with the prompt, '' for
-# none; kept by a release for the gateway taking over), gen. Fenced: only the claim's holder
-# writes. Without the claim, it answers `_ORPHANED` when the key is gone or holds another
+# KEYS meta, claim, log, watch. ARGV owner, mode, lease_ms, ttl_ms, retention_ms, error_ttl_ms,
+# billed (the completion tokens usage records billed with the prompt, '' for none; kept by a
+# release for the gateway taking over), gen, first (the position in the generation of the
+# batch's first event), events (how many of the items are events), then the batch's items
+# (`encode_items`: its events, then its error). Appends one entry of the items past meta's
+# `logged` (events already in the log: a write retried after its answer was lost, possibly
+# with more events since, appends each event once) and any error item. Fenced: only the
+# claim's holder writes. Without the claim, it answers `_ORPHANED` when the key is gone or holds another
 # generation (nobody continues this one); `_WRITTEN` for this gateway's own release or end
 # already recorded (a retried write whose first answer was lost: `rel:<owner>`, `done`);
 # `_TAKEN` when another gateway holds the claim or claimed it since (meta's `owner`, set by
 # every claim); and when the claim expired with nobody taking it, the write goes on (a `run`
 # write takes the claim again).
 _WRITE = """
+local mode = ARGV[2]
 local holder = redis.call('GET', KEYS[2])
 if holder ~= ARGV[1] then
   local m = redis.call('HMGET', KEYS[1], 'gen', 'done', 'owner', 'rel:' .. ARGV[1])
-  if m[1] ~= ARGV[9] then return 2 end
-  if ARGV[3] == 'release' and m[4] then return 1 end
+  if m[1] ~= ARGV[8] then return 2 end
+  if mode == 'release' and m[4] then return 1 end
   if holder or m[3] ~= ARGV[1] then return 0 end
   if m[2] == '1' then return 1 end
-  if ARGV[3] == 'run' then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[4]) end
+  if mode == 'run' then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3]) end
 end
-if ARGV[2] ~= '' then redis.call('XADD', KEYS[3], '*', 'e', ARGV[2]) end
-local mode = ARGV[3]
+local first = tonumber(ARGV[9])
+local events = tonumber(ARGV[10])
+local logged = tonumber(redis.call('HGET', KEYS[1], 'logged') or first)
+local skip = math.min(math.max(logged - first, 0), events)
+if #ARGV > 10 + skip then
+  redis.call('XADD', KEYS[3], '*', 'e', '[' .. table.concat(ARGV, ',', 11 + skip) .. ']')
+end
+if first + events > logged and mode ~= 'forget' then
+  redis.call('HSET', KEYS[1], 'logged', first + events)
+end
 if mode == 'run' then
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
-  redis.call('PEXPIRE', KEYS[1], ARGV[5])
-  redis.call('PEXPIRE', KEYS[3], ARGV[5])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('PEXPIRE', KEYS[3], ARGV[4])
 elseif mode == 'done' then
   redis.call('HSET', KEYS[1], 'done', '1')
   redis.call('DEL', KEYS[2], KEYS[4])
-  redis.call('PEXPIRE', KEYS[1], ARGV[6])
-  redis.call('PEXPIRE', KEYS[3], ARGV[6])
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+  redis.call('PEXPIRE', KEYS[3], ARGV[5])
 elseif mode == 'forget' then
   redis.call('DEL', KEYS[1], KEYS[2], KEYS[4])
-  redis.call('PEXPIRE', KEYS[3], ARGV[7])
+  redis.call('PEXPIRE', KEYS[3], ARGV[6])
 else
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'rel:' .. ARGV[1], '1')
-  if ARGV[8] ~= '' then redis.call('HSET', KEYS[1], 'billed', ARGV[8]) end
-  redis.call('PEXPIRE', KEYS[1], ARGV[5])
-  redis.call('PEXPIRE', KEYS[3], ARGV[5])
+  if ARGV[7] ~= '' then redis.call('HSET', KEYS[1], 'billed', ARGV[7]) end
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('PEXPIRE', KEYS[3], ARGV[4])
 end
 return 1
 """
@@ -215,34 +229,41 @@ _ORPHANED: Final = 2
 
 
 # -- stream entries ---------------------------------------------------------------------------
-def encode_batch(events: Sequence[Event], error: ServiceError | None = None) -> bytes:
-    """One stream entry: the events, then the error the generation ended with, if any."""
-    out: list[dict[str, Any]] = []
+def _item(value: dict[str, Any]) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode(
+        "utf-8", "surrogatepass"
+    )
+
+
+def encode_items(events: Sequence[Event], error: ServiceError | None = None) -> list[bytes]:
+    """A stream entry's items, each a JSON value: the events, then the error the generation
+    ended with, if any. `_WRITE` appends them as one JSON array (`decode_batch` reads it)."""
+    out: list[bytes] = []
     for ev in events:
         if isinstance(ev, Delta):
             fr = None if ev.finish_reason is None else ev.finish_reason.value
-            out.append({"d": [ev.text, ev.token_ids, ev.offset, fr]})
+            out.append(_item({"d": [ev.text, ev.token_ids, ev.offset, fr]}))
         else:
             out.append(
-                {
-                    "c": [
-                        ev.finish_reason.value,
-                        ev.prompt_tokens,
-                        ev.completion_tokens,
-                        ev.cached_prompt_tokens,
-                        ev.queue_ms,
-                        ev.ttft_ms,
-                        ev.total_ms,
-                        ev.mean_itl_ms,
-                        ev.replica_id,
-                    ]
-                }
+                _item(
+                    {
+                        "c": [
+                            ev.finish_reason.value,
+                            ev.prompt_tokens,
+                            ev.completion_tokens,
+                            ev.cached_prompt_tokens,
+                            ev.queue_ms,
+                            ev.ttft_ms,
+                            ev.total_ms,
+                            ev.mean_itl_ms,
+                            ev.replica_id,
+                        ]
+                    }
+                )
             )
     if error is not None:
-        out.append({"x": [error.code.name, str(error)]})
-    return json.dumps(out, ensure_ascii=False, separators=(",", ":")).encode(
-        "utf-8", "surrogatepass"
-    )
+        out.append(_item({"x": [error.code.name, str(error)]}))
+    return out
 
 
 def decode_batch(data: bytes) -> tuple[list[Event], ServiceError | None]:
@@ -869,14 +890,13 @@ class RedisResumeStore:
     async def _write(
         self, own: _Owned, batch: Sequence[Event], mode: str, error: ServiceError | None
     ) -> int:
-        """`_WRITTEN`, `_TAKEN` or `_ORPHANED` (`_WRITE`)."""
-        payload = encode_batch(batch, error) if batch or error is not None else b""
+        """`_WRITTEN`, `_TAKEN` or `_ORPHANED` (`_WRITE`). `batch` is `own.events` from
+        `own.flushed` on."""
         keys = own.keys
         done = await self._write_script(
             keys=[keys.meta, keys.claim, keys.log(own.gen_id), keys.watch],
             args=[
                 self.owner,
-                payload,
                 mode,
                 self._ms(self.lease_s),
                 self._running_ttl_ms(),
@@ -884,6 +904,9 @@ class RedisResumeStore:
                 ERROR_LOG_TTL_MS,
                 "" if own.billing.tokens is None else own.billing.tokens,
                 own.gen_id,
+                own.flushed,
+                len(batch),
+                *encode_items(batch, error),
             ],
         )
         metrics.record_resume_redis_write()

@@ -9,7 +9,7 @@ import asyncio
 import dataclasses
 import itertools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -43,7 +43,7 @@ from services.gateway.errors import (
 )
 from services.gateway.models import ServedModel
 from services.gateway.resume import Clock, Key, ResumeStore
-from services.gateway.resume_redis import RedisResumeStore, _Keys
+from services.gateway.resume_redis import RedisResumeStore, _Keys, encode_items
 from services.gateway.settings import GatewaySettings, ModelSettings
 from services.gateway.triton_stream import EngineChunk
 from services.gateway.usage import UsageRecord
@@ -571,7 +571,7 @@ async def test_a_retry_while_an_abandoned_generation_is_forgotten_starts_afresh(
     forgets: list[str] = []
 
     async def hold_forget(keys: list[str], args: list[Any]) -> Any:
-        if args[2] == "forget":
+        if args[1] == "forget":
             forgets.append(keys[0])
             await held.wait()
         return await real(keys=keys, args=args)
@@ -880,7 +880,7 @@ async def test_the_fenced_write_without_the_claim(
         return int(
             await rs._write_script(
                 keys=[keys.meta, keys.claim, keys.log("g1"), keys.watch],
-                args=[me, "", mode, 2000, 10_000, 60_000, 5000, "", "g1"],
+                args=[me, mode, 2000, 10_000, 60_000, 5000, "", "g1", 0, 0],
             )
         )
 
@@ -908,3 +908,87 @@ async def test_the_fenced_write_without_the_claim(
     await state(me, holder="gateway-c")
     await redis.hset(keys.meta, "gen", "g2")  # a newer generation under the key
     assert await write("done") == 2
+
+
+async def test_a_write_retried_after_its_answer_was_lost_logs_each_event_once(
+    cores: Cores, redis: aioredis.Redis, request_id: str
+) -> None:
+    """The write script appends only the events past what the log holds: a retry of a batch
+    whose first answer was lost (the same events, or those and more since) appends each event
+    once, and an error item still goes on."""
+    a = cores.make(FakeEngine([]))
+    rs = store(a)
+    keys = rs._keys(Key("", request_id))
+    await redis.hset(keys.meta, mapping={"gen": "g1", "done": "0", "owner": rs.owner})
+    await redis.set(keys.claim, rs.owner)
+    deltas = [Delta(f"w{i}", [TOKENS[i]], i) for i in range(5)]
+
+    async def write(mode: str, first: int, events: Sequence[Event], error: bool = False) -> int:
+        err = Unavailable("engine gone") if error else None
+        head: list[str | int] = [rs.owner, mode, 2000, 10_000, 60_000, 5000, "", "g1", first]
+        return int(
+            await rs._write_script(
+                keys=[keys.meta, keys.claim, keys.log("g1"), keys.watch],
+                args=[*head, len(events), *encode_items(events, err)],
+            )
+        )
+
+    async def logged() -> tuple[list[Event], ServiceError | None, int]:
+        events, error, _ = await rs._read_log(keys.log("g1"), "-")
+        return events, error, int(await redis.xlen(keys.log("g1")))
+
+    assert await write("run", 0, deltas[:2]) == 1
+    assert await write("run", 0, deltas[:2]) == 1  # its answer was lost: the same batch again
+    assert await logged() == (deltas[:2], None, 1)
+    assert await write("run", 0, deltas[:4]) == 1  # again, with what came since
+    assert await logged() == (deltas[:4], None, 2)
+    assert await write("forget", 4, deltas[4:], error=True) == 1
+    events, error, entries = await logged()
+    assert (events, entries) == (deltas, 3)
+    assert isinstance(error, Unavailable)
+
+
+async def test_a_generation_whose_write_answer_was_lost_replays_each_token_once(
+    cores: Cores, request_id: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A's first write reaches Redis but its answer is lost (the connection dropped): A writes
+    the batch again with its next one, and a client replaying the generation through gateway B
+    gets each token once."""
+    out = TOKENS[:6]
+    gate = Hang()
+    a = cores.make(
+        FakeEngine([[*tokens(*out[:3]), gate, *tokens(*out[3:]), chunk(final=True)]]),
+        resume_redis_flush_tokens=3,
+        resume_redis_flush_interval_s=0.01,
+    )
+    rs = store(a)
+    real = rs._write_script
+    lost: list[int] = []
+
+    async def answer_lost_once(*, keys: list[str], args: list[Any]) -> Any:
+        answer = await real(keys=keys, args=args)
+        if not lost and len(args) > 10:
+            lost.append(int(args[9]))
+            raise RedisConnectionError("connection lost before the answer")
+        return answer
+
+    monkeypatch.setattr(rs, "_write_script", answer_lost_once)
+    client = a.generate(request(request_id, len(out)), 10.0)
+    got = [await anext(client) for _ in range(3)]
+
+    async def first_write_lost() -> bool:
+        return bool(lost)
+
+    await eventually(first_write_lost, what="A's first write, its answer lost")
+    gate.release.set()
+    got += [ev async for ev in client]
+    assert ids_of(got) == out
+
+    async def written() -> bool:
+        return not rs.entries
+
+    await eventually(written, what="A's end written")
+    b = cores.make(FakeEngine([]))
+    replayed = await collect(b, request(request_id, len(out)))
+    assert ids_of(replayed) == out  # not the first batch twice
+    assert contiguous(replayed)
