@@ -6,7 +6,7 @@ import asyncio
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from tokenizers import Tokenizer
@@ -37,6 +37,17 @@ class ServedModel:
     vocab_size: int
     # Renders chat messages (OpenAI /v1/chat/completions); None: the model has no chat template.
     chat_template: ChatTemplate | None = None
+    # Every token id that ends a generation: end_id and the settings' stop_token_ids.
+    end_ids: frozenset[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.end_ids = frozenset((self.end_id, *self.settings.stop_token_ids))
+        beyond = sorted(t for t in self.end_ids if t >= self.vocab_size)
+        if beyond:
+            raise ValueError(
+                f"model {self.settings.name!r}: end token ids {beyond} are not in the "
+                f"vocabulary ({self.vocab_size} tokens)"
+            )
 
     @classmethod
     def load(cls, settings: ModelSettings) -> ServedModel:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
@@ -35,6 +36,16 @@ class ModelSettings(BaseModel):
     )
     eos_token: str = Field(
         default="<|im_end|>", description="EOS token text used when end_id is unset."
+    )
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list,
+        description=(
+            "More token ids that end a generation (finish `stop`, the token not emitted), as the "
+            "list in a model's `generation_config.json` `eos_token_id`: Llama 3 Instruct ends a "
+            "turn with <|eot_id|> (128009) and raw text with <|end_of_text|> (128001), one of "
+            "them the engines' end_id. The gateway ends the stream at the first of them and "
+            "closes the engine's."
+        ),
     )
     chat_template_path: Path | None = Field(
         default=None,

@@ -101,7 +101,7 @@ class StreamState:
         "_block_size",
         "_continuing",
         "_decoder",
-        "_end_id",
+        "_end_ids",
         "_itl_sum",
         "_last_at",
         "_limits",
@@ -134,7 +134,7 @@ class StreamState:
     ) -> None:
         """`context`: the prompt's ids, the completion's text is decoded after (`IncrementalDecoder`)."""
         self._model_name = model.name
-        self._end_id = model.end_id
+        self._end_ids = model.end_ids
         self._max_tokens = max_tokens
         self._block_size = block_size
         self._start = start  # perf_counter() when the request arrived
@@ -194,16 +194,17 @@ class StreamState:
         return prompt_ids + self.generated if self.generated else prompt_ids
 
     def push(self, chunk: EngineChunk) -> Delta | None:
-        """The delta for one engine chunk (None when it brings no token). Sets `finish` at the
-        end id, a stop string or max_tokens."""
+        """The delta for one engine chunk (None when it brings no token). Sets `finish` at an
+        end id (`ServedModel.end_ids`), a stop string or max_tokens."""
         if chunk.kv_cache_reused_blocks is not None:
             self._attempt_cached = chunk.kv_cache_reused_blocks
             if not self._continuing:
                 self.cached_blocks = chunk.kv_cache_reused_blocks
         ids = chunk.token_ids
-        ended = self._end_id in ids
+        end_ids = self._end_ids
+        ended = not end_ids.isdisjoint(ids)
         if ended:
-            ids = ids[: ids.index(self._end_id)]
+            ids = ids[: next(i for i, t in enumerate(ids) if t in end_ids)]
         offset = self.completion_tokens
         if len(ids) > self._max_tokens - offset:
             ids = ids[: self._max_tokens - offset]

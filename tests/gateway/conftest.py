@@ -98,7 +98,8 @@ class Hang:
 
 class FakeEngine:
     """Plays one scripted chunk list per stream call, in order; an exception in a script is
-    raised at that point, a `Hang` waits there. Counts streams cancelled by the caller."""
+    raised at that point, a `Hang` waits there. Counts streams cancelled by the caller, and
+    those it closed before their end."""
 
     def __init__(self, scripts: Sequence[Sequence[EngineChunk | Exception | Hang]]):
         self.scripts = scripts
@@ -106,6 +107,7 @@ class FakeEngine:
         self.targets: list[tuple[str, str]] = []  # (address, authority) per call
         self.metadata: list[Sequence[tuple[str, str]]] = []
         self.cancelled = 0
+        self.closed = 0
 
     async def stream(
         self,
@@ -129,6 +131,9 @@ class FakeEngine:
                 yield item
         except asyncio.CancelledError:
             self.cancelled += 1
+            raise
+        except GeneratorExit:
+            self.closed += 1  # the caller stopped reading before the script's end
             raise
 
 

@@ -84,6 +84,45 @@ async def test_end_id_stops_and_is_not_emitted(model: ServedModel) -> None:
     assert [t for e in events if isinstance(e, Delta) for t in e.token_ids] == ids
 
 
+@pytest.mark.parametrize("where", ["in a chunk", "alone"])
+async def test_a_stop_token_id_ends_the_stream_like_the_end_id(
+    tokenizer_path: Path, where: str
+) -> None:
+    """A model with more end tokens than the engines' end_id (Llama 3 Instruct's <|eot_id|>
+    beside <|end_of_text|>): the first of them ends the stream (finish stop, not emitted) and
+    the engine's stream is closed instead of read to max_tokens."""
+    base = ServedModel.load(ModelSettings(name=MODEL, tokenizer_path=tokenizer_path))
+    eot = base.encode(" zebra")[0]
+    model = ServedModel.load(
+        ModelSettings(name=MODEL, tokenizer_path=tokenizer_path, stop_token_ids=[eot])
+    )
+    assert model.end_ids == {model.end_id, eot}
+    ids = model.encode(" one two three")
+    after = model.encode(" four five")
+    script = (
+        [chunk(*ids, eot, *after[:1])]
+        if where == "in a chunk"
+        else [chunk(t) for t in ids] + [chunk(eot)]
+    )
+    engine = FakeEngine([[*script, *(chunk(t) for t in after), chunk(final=True)]])
+    core, _ = make(model, engine)
+    events = await run(core, sampling=Sampling(max_tokens=50))
+    final = events[-1]
+    assert isinstance(final, Completion)
+    assert final.finish_reason is FinishReason.STOP
+    assert [t for e in events if isinstance(e, Delta) for t in e.token_ids] == ids
+    assert "".join(e.text for e in events if isinstance(e, Delta)) == model.decode(ids)
+    assert final.completion_tokens == len(ids)
+    assert engine.closed == 1  # the rest of the engine's stream was not read
+
+
+def test_a_stop_token_id_outside_the_vocabulary_is_refused_at_load(tokenizer_path: Path) -> None:
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        ServedModel.load(
+            ModelSettings(name=MODEL, tokenizer_path=tokenizer_path, stop_token_ids=[10**7])
+        )
+
+
 async def test_end_id_alone_still_delivers_the_text_held_for_stop_strings(
     model: ServedModel,
 ) -> None:
