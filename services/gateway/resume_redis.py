@@ -23,11 +23,12 @@ per-token path only appends to that in-process log (bounded by the request's max
 flusher task per generation writes what is new as one stream entry every `flush_interval_s`, or
 as soon as `flush_tokens` tokens wait, and at the end. Each write is one Lua call that also
 renews the claim and the TTLs, fenced by the claim, and appends only the batch's events past
-meta's `logged` (a write retried after its answer was lost appends nothing twice); a gateway that lost its claim to another
-writes nothing more and ends its clients' streams with UNAVAILABLE; one whose claim expired with
-nobody taking it since (Redis away longer than the lease; meta's `owner` is still this gateway)
-takes it again with its next write; one whose key is gone, or holds a newer generation, serves
-its clients here to the end and writes nothing more. Gateways of a version that does not record
+meta's `logged` (a write retried after its answer was lost appends nothing twice); a gateway
+that lost its claim to another writes nothing more and ends its clients' streams with
+UNAVAILABLE; one whose claim expired with nobody taking it since (Redis away longer than the
+lease; meta's `owner` is still this gateway) takes it again with its next write; one whose key
+is gone, or holds a newer generation, serves its clients here to the end and writes nothing
+more. Gateways of a version that does not record
 `owner` (before it) must not share a Redis with this one: a takeover by one of them would read
 as no takeover. Other gateways read the stream:
 XRANGE for a finished generation, then XREAD BLOCK while it runs.
@@ -147,12 +148,14 @@ return {'exists', m[1], m[2], m[3], redis.call('EXISTS', KEYS[2]), m[4]}
 """
 
 # KEYS meta, claim, log. ARGV owner, lease_ms, ttl_ms, gen. Answers {1, billed} (billed: ''
-# when no gateway that ran it billed it) or {0}.
+# when no gateway that ran it billed it) or {0}. Drops meta's `logged`: the taker counts the
+# events in the log as it reads them after its claim (a log evicted under its meta holds none).
 _TAKEOVER = """
 local m = redis.call('HMGET', KEYS[1], 'gen', 'done', 'billed')
 if m[1] ~= ARGV[4] or m[2] == '1' then return {0} end
 if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {0} end
 redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+redis.call('HDEL', KEYS[1], 'logged')
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[3], ARGV[3])
 return {1, m[3] or ''}
@@ -172,22 +175,23 @@ return 1
 # batch's first event), events (how many of the items are events), then the batch's items
 # (`encode_items`: its events, then its error). Appends one entry of the items past meta's
 # `logged` (events already in the log: a write retried after its answer was lost, possibly
-# with more events since, appends each event once) and any error item. Fenced: only the
-# claim's holder writes. Without the claim, it answers `_ORPHANED` when the key is gone or holds another
-# generation (nobody continues this one); `_WRITTEN` for this gateway's own release or end
-# already recorded (a retried write whose first answer was lost: `rel:<owner>`, `done`);
-# `_TAKEN` when another gateway holds the claim or claimed it since (meta's `owner`, set by
-# every claim); and when the claim expired with nobody taking it, the write goes on (a `run`
-# write takes the claim again).
+# with more events since, appends each event once) and any error item. It answers
+# `_ORPHANED` when the key is gone or holds another generation (nobody continues this one,
+# also when this gateway holds the claim: it is the newer generation's). Fenced: only the
+# claim's holder writes. Without the claim, it answers `_WRITTEN` for this gateway's own
+# release or end already recorded (a retried write whose first answer was lost:
+# `rel:<owner>`, `done`); `_TAKEN` when another gateway holds the claim or claimed it since
+# (meta's `owner`, set by every claim); and when the claim expired with nobody taking it, the
+# write goes on (a `run` write takes the claim again).
 _WRITE = """
 local mode = ARGV[2]
+if redis.call('HGET', KEYS[1], 'gen') ~= ARGV[8] then return 2 end
 local holder = redis.call('GET', KEYS[2])
 if holder ~= ARGV[1] then
-  local m = redis.call('HMGET', KEYS[1], 'gen', 'done', 'owner', 'rel:' .. ARGV[1])
-  if m[1] ~= ARGV[8] then return 2 end
-  if mode == 'release' and m[4] then return 1 end
-  if holder or m[3] ~= ARGV[1] then return 0 end
-  if m[2] == '1' then return 1 end
+  local m = redis.call('HMGET', KEYS[1], 'done', 'owner', 'rel:' .. ARGV[1])
+  if mode == 'release' and m[3] then return 1 end
+  if holder or m[2] ~= ARGV[1] then return 0 end
+  if m[1] == '1' then return 1 end
   if mode == 'run' then redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3]) end
 end
 local first = tonumber(ARGV[9])

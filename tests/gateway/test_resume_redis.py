@@ -908,6 +908,10 @@ async def test_the_fenced_write_without_the_claim(
     await state(me, holder="gateway-c")
     await redis.hset(keys.meta, "gen", "g2")  # a newer generation under the key
     assert await write("done") == 2
+    await state(me, holder=me)  # a newer generation this gateway opened: its claim is g2's
+    await redis.hset(keys.meta, "gen", "g2")
+    assert await write("run") == 2
+    assert await redis.hget(keys.meta, "logged") is None
 
 
 async def test_a_write_retried_after_its_answer_was_lost_logs_each_event_once(
@@ -991,4 +995,29 @@ async def test_a_generation_whose_write_answer_was_lost_replays_each_token_once(
     b = cores.make(FakeEngine([]))
     replayed = await collect(b, request(request_id, len(out)))
     assert ids_of(replayed) == out  # not the first batch twice
+    assert contiguous(replayed)
+
+
+async def test_a_takeover_of_a_generation_whose_log_was_evicted_logs_all_it_generates(
+    cores: Cores, redis: aioredis.Redis, request_id: str
+) -> None:
+    """A wrote 4 tokens and was killed; Redis then evicted the log and kept the meta. B takes
+    the generation over with nothing to continue from and generates it again: B's log holds all
+    of it (a replay through C gets every token), not only what comes after the 4 A logged."""
+    out = TOKENS[:8]
+    await killed_after_writing(cores, redis, request_id, out[:4], len(out))
+    b = cores.make(FakeEngine([[*tokens(*out), chunk(final=True)]]))
+    keys = store(b)._keys(Key("", request_id))
+    gen = await redis.hget(keys.meta, "gen")
+    assert gen is not None
+    assert await redis.delete(keys.log(gen.decode())) == 1
+    assert ids_of(await collect(b, request(request_id, len(out)))) == out
+
+    async def finished() -> bool:
+        return not store(b).entries
+
+    await eventually(finished, what="B wrote the end")
+    c = cores.make(FakeEngine([]))
+    replayed = await collect(c, request(request_id, len(out)))
+    assert ids_of(replayed) == out
     assert contiguous(replayed)
