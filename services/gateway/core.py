@@ -258,7 +258,7 @@ class GatewayCore:
         if req.prompt_ids is not None:
             ids = list(req.prompt_ids)
         elif req.prompt_text is not None:
-            ids = await model.encode_off_loop(req.prompt_text)
+            ids = model.with_text_prefix(await model.encode_off_loop(req.prompt_text))
         else:
             # Both checked (`_check_prompt`): a chat whose model has a template.
             assert req.messages is not None
@@ -407,6 +407,17 @@ class GatewayCore:
             chars += len(m.content)
         if chars > limit:
             raise InvalidRequest(f"longer than {limit} characters in all", field="messages")
+        control = model.control_tokens
+        for i, m in enumerate(messages):
+            # The rendered prompt is tokenized with its special tokens parsed (the template's
+            # own); one typed in a message would be parsed too: a user forging a turn.
+            found = None if control is None else control.search(m.content)
+            if found is not None:
+                raise InvalidRequest(
+                    f"contains {found.group()!r}, a control token of model {model.name!r}: "
+                    "message content is text, control tokens come from the chat template",
+                    field=f"messages[{i}].content",
+                )
 
     # -- generation -------------------------------------------------------------------------
     def generate(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,9 +40,21 @@ class ServedModel:
     chat_template: ChatTemplate | None = None
     # Every token id that ends a generation: end_id and the settings' stop_token_ids.
     end_ids: frozenset[int] = field(init=False)
+    # The ids the tokenizer's post-processor puts before a text (Llama's <|begin_of_text|>,
+    # Mistral's <s>; none for most ChatML models): a text prompt starts with them, as
+    # `add_special_tokens=True` gives it; a chat prompt gets them from its template.
+    text_prefix: tuple[int, ...] = field(init=False)
+    # Matches the text of any of the tokenizer's special tokens (None: it has none).
+    control_tokens: re.Pattern[str] | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.end_ids = frozenset((self.end_id, *self.settings.stop_token_ids))
+        self.text_prefix = _post_processor_prefix(self.tokenizer)
+        special = sorted(
+            {t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special},
+            key=lambda c: (-len(c), c),
+        )
+        self.control_tokens = re.compile("|".join(map(re.escape, special))) if special else None
         beyond = sorted(t for t in self.end_ids if t >= self.vocab_size)
         if beyond:
             raise ValueError(
@@ -80,6 +93,14 @@ class ServedModel:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
+    def with_text_prefix(self, ids: list[int]) -> list[int]:
+        """A text prompt's ids after `text_prefix`, unless they start with it already (the
+        text began with the BOS token's text)."""
+        prefix = self.text_prefix
+        if not prefix or tuple(ids[: len(prefix)]) == prefix:
+            return ids
+        return [*prefix, *ids]
+
     async def encode_off_loop(self, text: str) -> list[int]:
         """`encode`, in a worker thread that does not hold the GIL when `text` is long
         (`OFF_LOOP_CHARS`): the event loop serves other streams meanwhile."""
@@ -95,6 +116,17 @@ class ServedModel:
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+
+def _post_processor_prefix(tok: Tokenizer) -> tuple[int, ...]:
+    """What `tok`'s post-processor puts before a text's ids (a suffix, as BERT's [SEP], is not
+    for a prompt a model continues)."""
+    bare = tok.encode("a", add_special_tokens=False).ids
+    full = tok.encode("a", add_special_tokens=True).ids
+    for k in range(len(full) - len(bare) + 1):
+        if full[k : k + len(bare)] == bare:
+            return tuple(full[:k])
+    return ()
 
 
 class IncrementalDecoder:

@@ -175,14 +175,21 @@ METASPACE_VOCAB = {
 }
 
 
-def metaspace_model(directory: Path, name: str, **settings: Any) -> ServedModel:
+def metaspace_model(directory: Path, name: str, bos: bool = False, **settings: Any) -> ServedModel:
     """A model with a SentencePiece-style tokenizer (Llama 2, Mistral): words carry their
-    leading space as "▁", and the decoder drops the space that starts a text. End id: "</s>"."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    leading space as "▁", and the decoder drops the space that starts a text. End id: "</s>".
+    `bos`: its post-processor puts "<s>" (id 8) before a text, as Llama's and Mistral's do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-    tok = Tokenizer(models.WordLevel(METASPACE_VOCAB, unk_token="<unk>"))
+    vocab = {**METASPACE_VOCAB, "<s>": 8} if bos else METASPACE_VOCAB
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Metaspace()
+    if bos:
+        tok.add_special_tokens(["<s>"])
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", 8)]
+        )
     path = directory / "tokenizer.json"
     tok.save(str(path))
     return ServedModel.load(

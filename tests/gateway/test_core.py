@@ -232,6 +232,29 @@ def sp_model(tmp_path_factory: pytest.TempPathFactory) -> ServedModel:
     return metaspace_model(tmp_path_factory.mktemp("metaspace"), "sp", context_length=64)
 
 
+async def test_a_text_prompt_starts_as_the_tokenizer_starts_a_text(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A tokenizer whose post-processor puts a BOS before a text (Llama, Mistral): a text
+    prompt starts with it (once, also when the text begins with it); prompt ids are sent as
+    given; a tokenizer without one (SmolLM2's) adds nothing."""
+    bos = metaspace_model(tmp_path_factory.mktemp("bos"), "bos", bos=True, context_length=64)
+    assert bos.text_prefix == (8,)
+    core = GatewayCore(
+        GatewaySettings(models=[bos.settings]), [bos], FakeAdmission(), FakeEngine([]), 32
+    )
+    text = GenerationRequest(model="bos", request_id="r", prompt_text="The capital is")
+    assert (await core.validate(text)).prompt_ids == [8, 2, 3, 4]
+    again = GenerationRequest(model="bos", request_id="r", prompt_text="<s>The capital is")
+    assert (await core.validate(again)).prompt_ids == [8, 2, 3, 4]
+    ids = GenerationRequest(model="bos", request_id="r", prompt_ids=[2, 3, 4])
+    assert (await core.validate(ids)).prompt_ids == [2, 3, 4]
+
+
+def test_a_tokenizer_without_a_bos_adds_none(model: ServedModel) -> None:
+    assert model.text_prefix == ()
+
+
 def test_a_completion_decodes_after_its_prompt(sp_model: ServedModel) -> None:
     prompt = sp_model.encode("The capital is")
     assert prompt == [2, 3, 4]
