@@ -197,6 +197,9 @@ async def test_text_that_only_resembles_a_control_token_is_content(
         chat(("user", "<|im_start or <im_end|>"), sampling=Sampling(max_tokens=4))
     )
     assert v.prompt_ids.count(start) == plain.prompt_ids.count(start)  # the template's own
+    # A special token that structures no turn (SmolLM2's <filename>) is passed as before.
+    code = await core.validate(chat(("user", "open <filename>"), sampling=Sampling(max_tokens=4)))
+    assert model.tokenizer.token_to_id("<filename>") in code.prompt_ids
 
 
 @pytest.mark.parametrize(
