@@ -351,11 +351,15 @@ class GatewayCore:
         if not (math.isfinite(temperature) and 0.0 <= temperature <= 2.0):
             raise InvalidRequest("must be in [0, 2]", field="sampling.temperature")
         top_p = 1.0 if sp.top_p is None else sp.top_p
-        if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
-            raise InvalidRequest("must be in (0, 1]", field="sampling.top_p")
+        if not (math.isfinite(top_p) and 0.0 <= top_p <= 1.0):
+            raise InvalidRequest("must be in [0, 1]", field="sampling.top_p")
         top_k = 0 if sp.top_k is None else sp.top_k
         if not 0 <= top_k <= model.vocab_size:
             raise InvalidRequest(f"must be in [0, {model.vocab_size}]", field="sampling.top_k")
+        if top_p == 0.0:
+            # The smallest nucleus holds the most likely token alone (OpenAI accepts 0):
+            # the engines' top-k of 1, which needs no top-p.
+            top_p, top_k = 1.0, 1
         if len(sp.stop) > s.max_stop_strings:
             raise InvalidRequest(
                 f"at most {s.max_stop_strings} stop strings", field="sampling.stop"

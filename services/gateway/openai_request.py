@@ -186,6 +186,8 @@ _NEUTRAL_EXTENSIONS: dict[str, Callable[[Any], bool]] = {
     "spaces_between_special_tokens": lambda v: v is True,
     "return_hidden_states": lambda v: v is False,
     "min_tokens": _zero,
+    "min_p": _zero,
+    "stop_token_ids": lambda v: v == [],
     "repetition_penalty": lambda v: v == 1 and not isinstance(v, bool),
 }
 _NEUTRAL_CHAT_EXTENSIONS: dict[str, Callable[[Any], bool]] = {
@@ -218,6 +220,7 @@ _SUPPORTED_CHAT = frozenset(
         "max_completion_tokens",
         "temperature",
         "top_p",
+        "top_k",
         "stop",
         "seed",
         "user",
@@ -233,6 +236,7 @@ _SUPPORTED_COMPLETION = frozenset(
         "max_tokens",
         "temperature",
         "top_p",
+        "top_k",
         "stop",
         "seed",
         "user",
@@ -246,7 +250,10 @@ _CHAT_IGNORED = _IGNORED_CHAT | _IGNORED_CHAT_EXTENSIONS
 _COMPLETION_NEUTRAL = _NEUTRAL_COMPLETION | _NEUTRAL_EXTENSIONS
 _MESSAGE_KEYS = frozenset({"role", "content", "name"})
 # Assistant message fields for tool use / audio: accepted only when null.
-_MESSAGE_NULL_ONLY = frozenset({"tool_calls", "function_call", "audio", "refusal", "tool_call_id"})
+_MESSAGE_NULL_ONLY = frozenset({"function_call", "audio", "refusal", "tool_call_id"})
+# ... and these also when an empty array (an assistant message sent back as the client's
+# `message.model_dump()` carries `annotations: null`; frameworks send `tool_calls: []`).
+_MESSAGE_EMPTY_ONLY = frozenset({"tool_calls", "annotations"})
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -327,13 +334,15 @@ def _common(body: Mapping[str, Any], kind: Kind) -> _Common:
         max_param, max_tokens = "max_completion_tokens", body["max_completion_tokens"]
     temperature = body.get("temperature")
     top_p = body.get("top_p")
+    top_k = body.get("top_k")
     seed = body.get("seed")
     sampling = Sampling(
         max_tokens=None if max_tokens is None else _int(max_tokens, max_param),
         temperature=None if temperature is None else _number(temperature, "temperature"),
         top_p=None if top_p is None else _number(top_p, "top_p"),
+        top_k=None if top_k is None else _top_k(top_k),
         stop=_parse_stop(body.get("stop")),
-        seed=None if seed is None else _int(seed, "seed"),
+        seed=None if seed is None else _seed(seed),
     )
     return model, sampling, stream, include_usage, user, max_param
 
@@ -362,6 +371,23 @@ def _parse_content(value: object, param: str) -> str:
     raise _bad_type(param, "a string or an array of content parts", value)
 
 
+def _top_k(value: object) -> int:
+    """vLLM's `top_k` extension: -1 (its default) or 0 disables it."""
+    k = _int(value, "top_k")
+    if k < -1:
+        raise InvalidRequest("must be -1 or 0 (disabled), or positive", field="top_k")
+    return max(k, 0)
+
+
+def _seed(value: object) -> int:
+    """OpenAI's seed is a signed 64-bit integer; the core's, its 64 bits unsigned (the same
+    bits: -1 is 2**64 - 1)."""
+    seed = _int(value, "seed")
+    if not -(2**63) <= seed < 2**64:
+        raise InvalidRequest("must be a 64-bit integer", field="seed")
+    return seed + 2**64 if seed < 0 else seed
+
+
 def _parse_messages(value: object, model: str, sizes: SizeCheck) -> list[ChatMessage]:
     if value is None:
         raise InvalidRequest("is required", field="messages")
@@ -385,8 +411,8 @@ def _parse_messages(value: object, model: str, sizes: SizeCheck) -> list[ChatMes
                 f"must be one of {', '.join(_ROLES)}; got {_short(role)!r}", field=f"{p}.role"
             )
         for key, item in msg.items():
-            if key in _MESSAGE_NULL_ONLY:
-                if item is not None:
+            if key in _MESSAGE_NULL_ONLY or key in _MESSAGE_EMPTY_ONLY:
+                if item is not None and not (key in _MESSAGE_EMPTY_ONLY and item == []):
                     raise InvalidRequest("not supported by this server", field=f"{p}.{key}")
             elif key not in _MESSAGE_KEYS:
                 raise InvalidRequest(

@@ -129,8 +129,11 @@ def ratelimit_headers(snapshot: RateLimitSnapshot) -> dict[str, str]:
 
 def error_headers(err: ServiceError) -> dict[str, str]:
     """Retry-After / retry-after-ms (when the error says), x-ratelimit-* for tenant limits,
-    WWW-Authenticate for 401."""
+    WWW-Authenticate for 401, `x-should-retry: false` for a request id taken by another body
+    (OpenAI's clients retry every 409 otherwise: the same conflict again)."""
     out: dict[str, str] = {}
+    if isinstance(err, RequestIdConflict):
+        out["x-should-retry"] = "false"
     if err.retry_after_s is not None:
         seconds = max(err.retry_after_s, 0.0)
         out["Retry-After"] = str(max(1, math.ceil(seconds)))

@@ -65,7 +65,7 @@ def gen(**kw: object) -> GenerationRequest:
         (gen(sampling=Sampling(temperature=-0.1)), InvalidRequest, "sampling.temperature"),
         (gen(sampling=Sampling(temperature=float("nan"))), InvalidRequest, "sampling.temperature"),
         (gen(sampling=Sampling(temperature=2.5)), InvalidRequest, "sampling.temperature"),
-        (gen(sampling=Sampling(top_p=0.0)), InvalidRequest, "sampling.top_p"),
+        (gen(sampling=Sampling(top_p=-0.1)), InvalidRequest, "sampling.top_p"),
         (gen(sampling=Sampling(top_p=1.5)), InvalidRequest, "sampling.top_p"),
         (gen(sampling=Sampling(top_k=10**9)), InvalidRequest, "sampling.top_k"),
         (gen(sampling=Sampling(stop=("",))), InvalidRequest, "sampling.stop"),
@@ -82,6 +82,11 @@ async def test_bad_input_names_the_field(
         await core.validate(request_)
     assert info.value.field == field
     assert str(info.value).startswith(field)
+
+
+async def test_top_p_zero_keeps_the_most_likely_token(core: GatewayCore) -> None:
+    v = await core.validate(gen(sampling=Sampling(top_p=0.0, temperature=0.7)))
+    assert (v.top_p, v.top_k, v.temperature) == (1.0, 1, 0.7)
 
 
 async def test_valid_request_defaults(core: GatewayCore, model: ServedModel) -> None:

@@ -664,6 +664,7 @@ async def test_conflicting_body_is_409(model: ServedModel, session: aiohttp.Clie
             assert r.status == 200
         async with session.post(url, json=body(max_tokens=1, seed=3), headers=headers) as r:
             assert r.status == 409
+            assert r.headers["x-should-retry"] == "false"  # OpenAI's clients retry 409s
             err = (await r.json())["error"]
         assert err["code"] == "request_id_conflict"
         assert err["type"] == "invalid_request_error"
