@@ -112,9 +112,15 @@ def build_request(er: EngineRequest) -> service_pb2.ModelInferRequest:
     _scalar(req, "streaming", _BOOL, True)
     _scalar(req, "end_id", _INT32, er.end_id)
     _scalar(req, "pad_id", _INT32, er.end_id)
-    _scalar(req, "temperature", _FP32, er.temperature)
-    _scalar(req, "runtime_top_p", _FP32, er.top_p)
-    _scalar(req, "runtime_top_k", _INT32, er.top_k)
+    if er.temperature == 0.0 or er.top_k == 1:
+        # Greedy, as TensorRT-LLM takes it: top-k 1 (its sampler divides the logits by the
+        # temperature; at 0, top_k 0 and top_p 1 it is not documented as greedy).
+        temperature, top_p, top_k = 1.0, 1.0, 1
+    else:
+        temperature, top_p, top_k = er.temperature, er.top_p, er.top_k
+    _scalar(req, "temperature", _FP32, temperature)
+    _scalar(req, "runtime_top_p", _FP32, top_p)
+    _scalar(req, "runtime_top_k", _INT32, top_k)
     if er.seed is not None:
         _scalar(req, "seed", _UINT64, er.seed)
     _scalar(req, "return_perf_metrics", _BOOL, True)

@@ -52,6 +52,19 @@ def test_build_request_encodes_every_input_little_endian() -> None:
     assert req.parameters["triton_enable_empty_final_response"].bool_param
 
 
+@pytest.mark.parametrize(("temperature", "top_p", "top_k"), [(0.0, 0.9, 40), (0.7, 0.5, 1)])
+def test_greedy_is_sent_as_top_k_1(temperature: float, top_p: float, top_k: int) -> None:
+    """Temperature 0 (or top_k 1) is greedy: TensorRT-LLM's greedy is top_k 1, and a
+    temperature of 0 is not sent (its sampler divides the logits by it)."""
+    req = build_request(EngineRequest("r", "m", [5], 1, 2, temperature, top_p, top_k, None))
+    got = _inputs(req)
+    assert [got[k][2] for k in ("temperature", "runtime_top_p", "runtime_top_k")] == [
+        [1.0],
+        [1.0],
+        [1],
+    ]
+
+
 def test_build_request_without_seed_sends_none() -> None:
     req = build_request(EngineRequest("r", "m", [5], 1, 2, 1.0, 1.0, 0, None))
     assert "seed" not in _inputs(req)
