@@ -186,8 +186,6 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                             skip -= 1
                             continue
                         skip = 0
-                    if isinstance(ev, Delta) and not ev.token_ids and not ev.text:
-                        continue  # only a finish: the Completion that follows carries it
                     await context.write(_response(req.request_id, ev))
         except ServiceError as err:
             await abort(context, err)

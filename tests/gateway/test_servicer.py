@@ -95,8 +95,12 @@ async def test_chat_prompt_is_the_rendered_template(
     assert list(front.engine.requests[0].input_ids) == chat.encode(rendered)
     text = "".join(r.delta.text for r in responses if r.HasField("delta"))
     assert text == "Rayleigh scattering."
-    # The end id came alone: its finish is the Completion's, not an empty delta's.
-    assert all(r.delta.token_ids or r.delta.text for r in responses if r.HasField("delta"))
+    # The end id came alone: the last delta carries the finish (the proto's promise), without
+    # tokens; every delta before it has tokens.
+    deltas = [r.delta for r in responses if r.HasField("delta")]
+    assert deltas[-1].finish_reason == pb.FINISH_REASON_STOP
+    assert not deltas[-1].token_ids
+    assert all(d.token_ids and not d.HasField("finish_reason") for d in deltas[:-1])
     complete = responses[-1].complete
     assert complete.usage.prompt_tokens == len(chat.encode(rendered))
     assert complete.finish_reason == pb.FINISH_REASON_STOP
