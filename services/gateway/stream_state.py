@@ -109,6 +109,7 @@ class StreamState:
         "_metrics",
         "_model_name",
         "_progress",
+        "_restored",
         "_start",
         "_stops",
         "cached_blocks",
@@ -151,6 +152,9 @@ class StreamState:
         self.first_at: float | None = None
         self.finish: FinishReason | None = None
         self.generated: list[int] = []  # every completion token id so far, in order
+        # Tokens another gateway generated and timed (`restore`): no first token, gap or
+        # TTFT of theirs is known here.
+        self._restored = 0
         self.begin_attempt(start)
 
     # -- attempts ---------------------------------------------------------------------------
@@ -178,6 +182,7 @@ class StreamState:
             if d.finish_reason is not None:
                 self.finish = d.finish_reason
         self._progress.completion_tokens = self.completion_tokens
+        self._restored = self.completion_tokens
         self.begin_attempt(self._attempt_start)
 
     def serve_on(self, replica_id: str) -> None:
@@ -226,8 +231,10 @@ class StreamState:
         if self._attempt_first_at is None:
             self._attempt_first_at = now
         if self.first_at is None:
-            self.first_at = self._progress.first_token_s = now
-            self._metrics.observe_ttft(now - self._start)
+            self.first_at = now
+            if not self._restored:  # a continuation's first token here is no TTFT
+                self._progress.first_token_s = now
+                self._metrics.observe_ttft(now - self._start)
         else:
             elapsed = now - self._last_at
             observe_itl = self._metrics.observe_itl
@@ -267,7 +274,10 @@ class StreamState:
 
     @property
     def ttft_ms(self) -> float | None:
-        return None if self.first_at is None else (self.first_at - self._start) * 1000
+        """None when no token came, or the first came through another gateway (`restore`)."""
+        if self.first_at is None or self._restored:
+            return None
+        return (self.first_at - self._start) * 1000
 
     @property
     def cached_prompt_tokens(self) -> int:
@@ -296,6 +306,7 @@ class StreamState:
         """The summary after a finished stream (`end` was called)."""
         assert self.finish is not None
         n = self.completion_tokens
+        timed = n - self._restored  # the tokens whose gaps were timed here
         ttft_ms = self.ttft_ms
         return Completion(
             finish_reason=self.finish,
@@ -305,6 +316,6 @@ class StreamState:
             queue_ms=queue_ms,
             ttft_ms=0.0 if ttft_ms is None else ttft_ms,
             total_ms=(time.perf_counter() - self._start) * 1000,
-            mean_itl_ms=self._itl_sum / (n - 1) * 1000 if n > 1 else 0.0,
+            mean_itl_ms=self._itl_sum / (timed - 1) * 1000 if timed > 1 else 0.0,
             replica_id=replica_id,
         )

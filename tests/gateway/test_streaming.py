@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
+from llmmesh.common import metric_names as names
 from llmmesh.common.telemetry import setup_tracing
 from llmmesh.common.topology import Priority
 from services.gateway.admission import Outcome
@@ -22,6 +25,7 @@ from services.gateway.core import (
 from services.gateway.errors import ReplicaFailed
 from services.gateway.models import ServedModel
 from services.gateway.settings import GatewaySettings, ModelSettings
+from services.gateway.stream_state import Progress, StreamState
 from services.gateway.triton_stream import TritonStreamError
 from tests.gateway.conftest import (
     METASPACE_VOCAB,
@@ -293,3 +297,37 @@ async def test_a_finished_streams_last_delta_carries_its_finish(
     assert deltas[-1].finish_reason is FinishReason.STOP
     assert [d.token_ids for d in deltas] == [ids, []]
     assert isinstance(events[-1], Completion)
+
+
+def test_a_continued_generation_times_only_its_own_tokens(model: ServedModel) -> None:
+    """A takeover's state (`restore`) holds tokens another gateway generated and timed: the
+    first token here is no time to first token (neither in the summary, the usage record nor
+    the TTFT histogram), and the mean gap counts the gaps timed here only."""
+    ids = model.encode(" one two three four five")
+    progress = Progress()
+    state = StreamState(
+        model,
+        prompt_tokens=3,
+        max_tokens=50,
+        stop=(),
+        block_size=16,
+        start=time.perf_counter(),
+        progress=progress,
+        limits=None,
+    )
+    state.restore([Delta(model.decode(ids[:1]), ids[:1], 0), Delta("", ids[1:2], 1)])
+    ttft_before = _ttft_count()
+    for t in ids[2:]:
+        state.push(chunk(t))
+    state.end()
+    done = state.completion(0.0, "replica-b")
+    assert done.completion_tokens == len(ids)
+    assert done.ttft_ms == 0.0  # 0: not timed here (the proto's Timings)
+    assert progress.first_token_s is None
+    assert _ttft_count() == ttft_before
+    timed_gaps = len(ids) - 2 - 1
+    assert done.mean_itl_ms == pytest.approx(state._itl_sum / timed_gaps * 1000)
+
+
+def _ttft_count() -> float:
+    return REGISTRY.get_sample_value(f"{names.GATEWAY_TTFT}_count", {"model": MODEL}) or 0.0
