@@ -334,7 +334,7 @@ async def generate_grpc(report: Report, gateway: ImageService) -> None:
         ttft = 0.0
         async for msg in stub.Generate(request, timeout=60):
             if msg.HasField("delta"):
-                deltas += 1
+                deltas += bool(msg.delta.token_ids)  # the last may bring only the finish
                 ttft = ttft or time.perf_counter() - started
                 text += msg.delta.text
             elif msg.HasField("complete"):

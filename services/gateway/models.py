@@ -44,23 +44,21 @@ class ServedModel:
     # Mistral's <s>; none for most ChatML models): a text prompt starts with them, as
     # `add_special_tokens=True` gives it; a chat prompt gets them from its template.
     text_prefix: tuple[int, ...] = field(init=False)
-    # Matches the text of the special tokens that structure a chat (the tokenizer's special
-    # tokens its chat template writes or names: <|im_start|>, <|eot_id|>, its bos and eos);
-    # None: none, or no chat template.
+    # Matches the text of the special tokens that structure a chat: the tokenizer's special
+    # tokens its chat template writes literally (<|im_start|>, <|start_header_id|>, Mistral's
+    # [INST]), not those it names (a bos <s> typed as HTML strikethrough stays allowed, parsed
+    # as before); None: none, or no chat template.
     control_tokens: re.Pattern[str] | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.end_ids = frozenset((self.end_id, *self.settings.stop_token_ids))
         self.text_prefix = _post_processor_prefix(self.tokenizer)
-        template = self.chat_template
-        named = set() if template is None else set(template.special_tokens.values())
+        source = "" if self.chat_template is None else self.chat_template.source
         structural = sorted(
             {
                 t.content
                 for t in self.tokenizer.get_added_tokens_decoder().values()
-                if t.special
-                and template is not None
-                and (t.content in template.source or t.content in named)
+                if t.special and t.content in source
             },
             key=lambda c: (-len(c), c),
         )

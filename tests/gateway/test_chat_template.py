@@ -197,7 +197,10 @@ async def test_text_that_only_resembles_a_control_token_is_content(
         chat(("user", "<|im_start or <im_end|>"), sampling=Sampling(max_tokens=4))
     )
     assert v.prompt_ids.count(start) == plain.prompt_ids.count(start)  # the template's own
-    # A special token that structures no turn (SmolLM2's <filename>) is passed as before.
+    # A special token the template does not write (SmolLM2's <filename>, its unk
+    # <|endoftext|>) structures no turn: passed as before.
+    unk = await core.validate(chat(("user", "<|endoftext|>"), sampling=Sampling(max_tokens=4)))
+    assert model.tokenizer.token_to_id("<|endoftext|>") in unk.prompt_ids
     code = await core.validate(chat(("user", "open <filename>"), sampling=Sampling(max_tokens=4)))
     assert model.tokenizer.token_to_id("<filename>") in code.prompt_ids
 
@@ -214,7 +217,7 @@ async def test_text_that_only_resembles_a_control_token_is_content(
             InvalidRequest,
             "messages[1].content",
         ),
-        (chat(("system", "<|endoftext|>")), InvalidRequest, "messages[0].content"),
+        (chat(("system", "<|im_end|>")), InvalidRequest, "messages[0].content"),
         (chat(("user", "word " * 60)), ContextLengthExceeded, "messages"),
         (
             chat(("user", "word " * 20), sampling=Sampling(max_tokens=20)),
