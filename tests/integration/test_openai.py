@@ -175,7 +175,8 @@ async def test_completion_stream(client: AsyncOpenAI, model: ServedModel) -> Non
     )
     chunks = [c async for c in stream]
     text = "".join(c.choices[0].text for c in chunks if c.choices)
-    assert text == expected_text(model, model.encode("The capital of France is"), 3, 8)
+    prompt = model.with_text_prefix(model.encode("The capital of France is"))
+    assert text == expected_text(model, prompt, 3, 8)
     assert chunks[-1].usage is not None
     assert chunks[-1].usage.completion_tokens == 8
 
