@@ -639,12 +639,21 @@ class RedisResumeStore:
             seen, error, last_id = await self._read_log(keys.log(gen_id), "-")
         except RedisError as err:
             raise self._unavailable("open", err) from err
+        # A log evicted while its generation ran starts again with the next write: it has
+        # lost its start (its first delta is not at offset 0).
+        headless = next((ev.offset > 0 for ev in seen if isinstance(ev, Delta)), False)
+        if headless and not done:
+            raise Unavailable(
+                "the stored generation lost its start; resume through the gateway running it, "
+                "or retry once it finished",
+                retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
+            )
         gate = _Gate(resume_from)
-        ready = [ev for ev in seen if gate.admit(ev)]  # a bad offset fails here, up front
-        if done and not any(isinstance(ev, Completion) for ev in seen):
-            # Finished, but its log is gone (evicted under Redis' maxmemory policy, or expired
-            # since the open): as a generation past its retention, a resume is NOT_FOUND and a
-            # plain retry generates again.
+        ready = [] if headless else [ev for ev in seen if gate.admit(ev)]  # bad offsets fail here
+        if done and (headless or not any(isinstance(ev, Completion) for ev in seen)):
+            # Finished, but its log is gone or lost its start (evicted under Redis' maxmemory
+            # policy, or expired since the open): as a generation past its retention, a resume
+            # is NOT_FOUND and a plain retry generates again.
             try:
                 await self._forget_finished(keys=[keys.meta], args=[gen_id])
             except RedisError as err:

@@ -1021,3 +1021,41 @@ async def test_a_takeover_of_a_generation_whose_log_was_evicted_logs_all_it_gene
     replayed = await collect(c, request(request_id, len(out)))
     assert ids_of(replayed) == out
     assert contiguous(replayed)
+
+
+async def test_a_finished_generation_whose_log_lost_its_start_is_generated_again(
+    cores: Cores, redis: aioredis.Redis, request_id: str
+) -> None:
+    """Redis evicted A's log after its first batch; A's next writes started a new one, without
+    the first tokens. Another gateway's client does not get the answer without its start: a
+    retry generates it again there, and a resume is NOT_FOUND (as a log gone whole)."""
+    out = TOKENS[:6]
+    gate = Hang()
+    a = cores.make(
+        FakeEngine([[*tokens(*out[:2]), gate, *tokens(*out[2:]), chunk(final=True)]]),
+        resume_redis_flush_tokens=2,
+        resume_redis_flush_interval_s=3600.0,
+    )
+    client = a.generate(request(request_id, len(out)), 10.0)
+    got = [await anext(client) for _ in range(2)]
+    own = store(a)._owned[Key("", request_id)]
+
+    async def first_batch_written() -> bool:
+        return own.flushed_tokens == 2
+
+    await eventually(first_batch_written, what="A wrote its first batch")
+    assert await redis.delete(own.keys.log(own.gen_id)) == 1  # evicted
+    gate.release.set()
+    got += [ev async for ev in client]
+    assert ids_of(got) == out
+
+    async def finished() -> bool:
+        return not store(a).entries
+
+    await eventually(finished, what="A wrote the end")
+    b = cores.make(FakeEngine([[*tokens(*out), chunk(final=True)]]))
+    with pytest.raises(NotFound):
+        await collect(b, request(request_id, len(out), resume_from=2))
+    again = await collect(b, request(request_id, len(out)))
+    assert ids_of(again) == out
+    assert contiguous(again)
