@@ -95,7 +95,7 @@ async def test_text_prompt_streams_text(mesh: Mesh) -> None:
             "sampling.temperature",
         ),
         (
-            pb.GenerateRequest(model=MODEL, text="hi", sampling=pb.SamplingParams(top_p=0.0)),
+            pb.GenerateRequest(model=MODEL, text="hi", sampling=pb.SamplingParams(top_p=1.5)),
             grpc.StatusCode.INVALID_ARGUMENT,
             "sampling.top_p",
         ),
