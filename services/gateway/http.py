@@ -186,10 +186,9 @@ async def _errors_as_openai(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
         message = f"{exc.reason}: {request.method} {request.path}"
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return _json_response(exc.status, plain_error(message, kind), headers)
+        return _json_response(exc.status, plain_error(message, "invalid_request_error"), headers)
     except ServiceError as err:
         return error_response(err)
     except Exception:

@@ -17,7 +17,6 @@ from typing import Any
 from llmmesh.common.errors import (
     Cancelled,
     DeadlineExceeded,
-    NotFound,
     ResourceExhausted,
     ServiceError,
     Unauthenticated,
@@ -72,12 +71,10 @@ def error_code(err: ServiceError) -> str | None:
 
 
 def error_type(err: ServiceError) -> str:
-    if isinstance(err, Unauthenticated):
-        return "authentication_error"
+    """OpenAI's error types: a bad key and an unknown model are `invalid_request_error` there
+    too (their `code` tells them apart: `invalid_api_key`, `model_not_found`)."""
     if isinstance(err, ResourceExhausted):
         return "rate_limit_error"
-    if isinstance(err, NotFound):
-        return "not_found_error"
     if err.http_status < 500:
         return "invalid_request_error"
     return "server_error"

@@ -462,7 +462,7 @@ async def test_missing_or_bad_key_is_401(
                 assert r.status == 401, path
                 assert r.headers["WWW-Authenticate"] == "Bearer"
                 err = (await r.json())["error"]
-                assert (err["type"], err["code"]) == ("authentication_error", "invalid_api_key")
+                assert (err["type"], err["code"]) == ("invalid_request_error", "invalid_api_key")
         assert f.orch.admits == []
     finally:
         await f.front.stop()

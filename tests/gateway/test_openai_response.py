@@ -115,7 +115,7 @@ def oreq(kind: Kind, max_param: str = "max_tokens") -> OpenAIRequest:
             "max_tokens",
             404,
             "model",
-            "not_found_error",
+            "invalid_request_error",
             "model_not_found",
         ),
         (
@@ -124,7 +124,7 @@ def oreq(kind: Kind, max_param: str = "max_tokens") -> OpenAIRequest:
             "max_tokens",
             401,
             None,
-            "authentication_error",
+            "invalid_request_error",
             "invalid_api_key",
         ),
         (

@@ -328,7 +328,7 @@ async def test_errors_are_json_for_unknown_routes_and_bad_bodies(omesh: Mesh) ->
     async with aiohttp.ClientSession() as s:
         async with s.get(f"{base}/v1/nothing-here") as r:
             assert r.status == 404
-            assert (await r.json())["error"]["type"] == "not_found_error"
+            assert (await r.json())["error"]["type"] == "invalid_request_error"
         async with s.get(f"{base}/v1/chat/completions") as r:
             assert r.status == 405
             assert "error" in await r.json()
