@@ -177,6 +177,15 @@ async def record_of(sink: Sink, request_id: str) -> UsageRecord:
     return record
 
 
+async def ended_here(core: GatewayCore, what: str) -> None:
+    """Until `core` runs no keyed generation: each one's end was written to Redis."""
+
+    async def ended() -> bool:
+        return not store(core).entries
+
+    await eventually(ended, what=what)
+
+
 def writes() -> float:
     return REGISTRY.get_sample_value(names.GATEWAY_RESUME_REDIS_WRITES) or 0.0
 
@@ -230,10 +239,7 @@ async def test_finished_on_one_gateway_replays_on_another(cores: Cores, request_
     first = await collect(a, request(request_id, 8))
     assert ids_of(first) == out
 
-    async def written() -> bool:
-        return not store(a).entries  # the end reached Redis
-
-    await eventually(written, what="the finished generation written to Redis")
+    await ended_here(a, "the finished generation written to Redis")
     before = resume_requests("replayed")
     assert await collect(b, request(request_id, 8)) == first
     again = await collect(b, request(request_id, 8, resume_from=3))
@@ -255,10 +261,7 @@ async def test_a_finished_generation_whose_log_was_evicted_is_as_one_past_its_re
     b = cores.make(b_engine)
     await collect(a, request(request_id, 4))
 
-    async def written() -> bool:
-        return not store(a).entries
-
-    await eventually(written, what="the finished generation written to Redis")
+    await ended_here(a, "the finished generation written to Redis")
     keys = store(b)._keys(Key("", request_id))
 
     async def evict_log() -> None:
@@ -272,10 +275,7 @@ async def test_a_finished_generation_whose_log_was_evicted_is_as_one_past_its_re
     assert isinstance(again[-1], Completion)
     assert len(b_engine.requests) == 1
 
-    async def b_wrote() -> bool:
-        return not store(b).entries
-
-    await eventually(b_wrote, what="the new generation written to Redis")
+    await ended_here(b, "the new generation written to Redis")
     await evict_log()
     with pytest.raises(NotFound):
         await collect(b, request(request_id, 4, resume_from=2))
@@ -360,10 +360,7 @@ async def test_every_gateway_answers_with_the_creation_time_of_the_first_open(
     assert await follower_a == got
     assert await follower_b == got
 
-    async def written() -> bool:
-        return not store(a).entries
-
-    await eventually(written, what="the finished generation written to Redis")
+    await ended_here(a, "the finished generation written to Redis")
     replayed, resumed = Opened(), Opened()
     assert await collect(b, request(request_id, 6), replayed) == got
     assert ids_of(await collect(b, request(request_id, 6, resume_from=3), resumed)) == out[3:]
@@ -476,10 +473,7 @@ async def test_a_client_whose_gateway_died_resumes_through_another(
     # Finished now, under B: a third client replays it whole.
     c = cores.make(FakeEngine([]), wall_clock=at(3000.0))
 
-    async def finished() -> bool:
-        return not store(b).entries
-
-    await eventually(finished, what="B wrote the end")
+    await ended_here(b, "B wrote the end")
     opened_c = Opened()
     assert ids_of(await collect(c, request(request_id, n), opened_c)) == out
     assert opened_c.created == 1000.0
@@ -691,10 +685,7 @@ async def test_writes_are_batched_off_the_token_path(cores: Cores, request_id: s
     events = await collect(a, request(request_id, n))
     assert ids_of(events) == out
 
-    async def written() -> bool:
-        return not store(a).entries
-
-    await eventually(written, what="the end written")
+    await ended_here(a, "the end written")
     per_generation = writes() - before
     assert 1 <= per_generation <= n // 16, per_generation
     b = cores.make(FakeEngine([]))
@@ -988,10 +979,7 @@ async def test_a_generation_whose_write_answer_was_lost_replays_each_token_once(
     got += [ev async for ev in client]
     assert ids_of(got) == out
 
-    async def written() -> bool:
-        return not rs.entries
-
-    await eventually(written, what="A's end written")
+    await ended_here(a, "A's end written")
     b = cores.make(FakeEngine([]))
     replayed = await collect(b, request(request_id, len(out)))
     assert ids_of(replayed) == out  # not the first batch twice
@@ -1013,10 +1001,7 @@ async def test_a_takeover_of_a_generation_whose_log_was_evicted_logs_all_it_gene
     assert await redis.delete(keys.log(gen.decode())) == 1
     assert ids_of(await collect(b, request(request_id, len(out)))) == out
 
-    async def finished() -> bool:
-        return not store(b).entries
-
-    await eventually(finished, what="B wrote the end")
+    await ended_here(b, "B wrote the end")
     c = cores.make(FakeEngine([]))
     replayed = await collect(c, request(request_id, len(out)))
     assert ids_of(replayed) == out
@@ -1049,10 +1034,7 @@ async def test_a_finished_generation_whose_log_lost_its_start_is_generated_again
     got += [ev async for ev in client]
     assert ids_of(got) == out
 
-    async def finished() -> bool:
-        return not store(a).entries
-
-    await eventually(finished, what="A wrote the end")
+    await ended_here(a, "A wrote the end")
     b = cores.make(FakeEngine([[*tokens(*out), chunk(final=True)]]))
     with pytest.raises(NotFound):
         await collect(b, request(request_id, len(out), resume_from=2))

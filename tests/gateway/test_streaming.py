@@ -77,15 +77,21 @@ async def test_length_finish_and_completion_reported(model: ServedModel) -> None
     assert report.ttft_ms is not None
 
 
+def stopped_with(events: list[Delta | Completion], ids: list[int]) -> Completion:
+    """The stream's Completion, once it is asserted to finish STOP having emitted `ids`."""
+    final = events[-1]
+    assert isinstance(final, Completion)
+    assert final.finish_reason is FinishReason.STOP
+    assert [t for e in events if isinstance(e, Delta) for t in e.token_ids] == ids
+    return final
+
+
 async def test_end_id_stops_and_is_not_emitted(model: ServedModel) -> None:
     ids = model.encode(" yes")
     engine = FakeEngine([[chunk(*ids), chunk(model.end_id, final=True)]])
     core, _ = make(model, engine)
     events = await run(core, sampling=Sampling(max_tokens=50))
-    final = events[-1]
-    assert isinstance(final, Completion)
-    assert final.finish_reason is FinishReason.STOP
-    assert [t for e in events if isinstance(e, Delta) for t in e.token_ids] == ids
+    stopped_with(events, ids)
 
 
 @pytest.mark.parametrize("where", ["in a chunk", "alone"])
@@ -111,10 +117,7 @@ async def test_a_stop_token_id_ends_the_stream_like_the_end_id(
     engine = FakeEngine([[*script, *(chunk(t) for t in after), chunk(final=True)]])
     core, _ = make(model, engine)
     events = await run(core, sampling=Sampling(max_tokens=50))
-    final = events[-1]
-    assert isinstance(final, Completion)
-    assert final.finish_reason is FinishReason.STOP
-    assert [t for e in events if isinstance(e, Delta) for t in e.token_ids] == ids
+    final = stopped_with(events, ids)
     assert "".join(e.text for e in events if isinstance(e, Delta)) == model.decode(ids)
     assert final.completion_tokens == len(ids)
     assert engine.closed == 1  # the rest of the engine's stream was not read
