@@ -648,8 +648,6 @@ class RedisResumeStore:
                 "or retry once it finished",
                 retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
             )
-        gate = _Gate(resume_from)
-        ready = [] if headless else [ev for ev in seen if gate.admit(ev)]  # bad offsets fail here
         if done and (headless or not any(isinstance(ev, Completion) for ev in seen)):
             # Finished, but its log is gone or lost its start (evicted under Redis' maxmemory
             # policy, or expired since the open): as a generation past its retention, a resume
@@ -663,6 +661,8 @@ class RedisResumeStore:
             return await self.subscribe(
                 key, digest, resume_from, reserve_tokens, source, again=False
             )
+        gate = _Gate(resume_from)
+        ready = [ev for ev in seen if gate.admit(ev)]  # a bad offset fails here, up front
         if done:
             metrics.record_resume_request("replayed")
             if not gate.is_open:
