@@ -249,11 +249,17 @@ _CHAT_NEUTRAL = _NEUTRAL_CHAT | _NEUTRAL_EXTENSIONS | _NEUTRAL_CHAT_EXTENSIONS
 _CHAT_IGNORED = _IGNORED_CHAT | _IGNORED_CHAT_EXTENSIONS
 _COMPLETION_NEUTRAL = _NEUTRAL_COMPLETION | _NEUTRAL_EXTENSIONS
 _MESSAGE_KEYS = frozenset({"role", "content", "name"})
-# Assistant message fields for tool use / audio: accepted only when null.
-_MESSAGE_NULL_ONLY = frozenset({"function_call", "audio", "refusal", "tool_call_id"})
-# ... and these also when an empty array (an assistant message sent back as the client's
-# `message.model_dump()` carries `annotations: null`; frameworks send `tool_calls: []`).
-_MESSAGE_EMPTY_ONLY = frozenset({"tool_calls", "annotations"})
+# Assistant message fields for tool use / audio, accepted at their neutral value (null always,
+# as `_check_fields`): an assistant message sent back as the client's `message.model_dump()`
+# carries `annotations: null`; frameworks send `tool_calls: []`.
+_MESSAGE_NEUTRAL: dict[str, Callable[[Any], bool]] = {
+    "function_call": _never,
+    "audio": _never,
+    "refusal": _never,
+    "tool_call_id": _never,
+    "tool_calls": lambda v: v == [],
+    "annotations": lambda v: v == [],
+}
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -411,8 +417,8 @@ def _parse_messages(value: object, model: str, sizes: SizeCheck) -> list[ChatMes
                 f"must be one of {', '.join(_ROLES)}; got {_short(role)!r}", field=f"{p}.role"
             )
         for key, item in msg.items():
-            if key in _MESSAGE_NULL_ONLY or key in _MESSAGE_EMPTY_ONLY:
-                if item is not None and not (key in _MESSAGE_EMPTY_ONLY and item == []):
+            if key in _MESSAGE_NEUTRAL:
+                if item is not None and not _MESSAGE_NEUTRAL[key](item):
                     raise InvalidRequest("not supported by this server", field=f"{p}.{key}")
             elif key not in _MESSAGE_KEYS:
                 raise InvalidRequest(
