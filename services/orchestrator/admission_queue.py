@@ -19,6 +19,7 @@ import asyncio
 import heapq
 import itertools
 import math
+import operator
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -27,6 +28,8 @@ from services.orchestrator.prefix import PrefixMatches
 
 # Tenants remembered per class before idle ones are forgotten.
 _TENANT_MEMORY = 4096
+# The order waiters leave in: `Waiter`'s comparison fields.
+_SERVICE_ORDER = operator.attrgetter("priority", "finish_tag", "seq")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +56,11 @@ class Waiter:
     # Times a later waiter of its class was granted first for its cached prefix (the director's
     # affinity pass, bounded by the policy's `admission.affinity_window`).
     passed: int = field(compare=False, default=0)
+    # What decides which replicas may serve it (the director's `_kind`): waiters of one kind
+    # pass the profile's filters on the same replicas.
+    kind: tuple[object, ...] = field(compare=False, default=())
+    # Taken out (withdrawn or evicted); its heap entry goes at the next drain or compaction.
+    left: bool = field(compare=False, default=False)
 
 
 class AdmissionQueue:
@@ -60,25 +68,26 @@ class AdmissionQueue:
         self._max = max_size
         self._weight = weight
         self._heap: list[Waiter] = []
+        self._left = 0  # entries in `_heap` of waiters taken out (`Waiter.left`)
         self._seq = itertools.count()
         self._vtime: dict[int, float] = {}
         self._tenant_finish: dict[tuple[int, str], float] = {}
-        self._counts: dict[Priority, int] = dict.fromkeys(Priority, 0)
+        self._counts: dict[int, int] = dict.fromkeys(map(int, Priority), 0)
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return len(self._heap) - self._left
 
     @property
     def full(self) -> bool:
-        return len(self._heap) >= self._max
+        return len(self) >= self._max
 
     def queued(self) -> dict[Priority, int]:
         """Waiters per priority class."""
-        return dict(self._counts)
+        return {Priority(p): n for p, n in self._counts.items()}
 
     def waiting(self) -> Iterator[Waiter]:
         """The waiters still queued, in no particular order."""
-        return (w for w in self._heap if not w.future.done())
+        return (w for w in self._heap if not (w.left or w.future.done()))
 
     def push(
         self,
@@ -89,6 +98,7 @@ class AdmissionQueue:
         pool_key: tuple[str, str],
         activation: Activation | None,
         deadline: float = math.inf,
+        kind: tuple[object, ...] = (),
     ) -> Waiter:
         if self.full:
             raise OverflowError(f"admission queue holds {len(self._heap)} of {self._max}")
@@ -110,9 +120,10 @@ class AdmissionQueue:
             pool_key,
             activation,
             deadline,
+            kind=kind,
         )
         heapq.heappush(self._heap, waiter)
-        self._counts[Priority(prio)] += 1
+        self._counts[prio] += 1
         return waiter
 
     def withdraw(self, waiter: Waiter) -> bool:
@@ -128,32 +139,42 @@ class AdmissionQueue:
         the caller resolves its future. None when the class has no waiter."""
         newest: Waiter | None = None
         for w in self._heap:
-            if w.priority == priority and (newest is None or w.seq > newest.seq):
+            if w.priority == priority and not w.left and (newest is None or w.seq > newest.seq):
                 newest = w
         if newest is not None:
             self._remove(newest)
         return newest
 
     def _remove(self, waiter: Waiter) -> None:
-        self._heap.remove(waiter)
-        heapq.heapify(self._heap)
-        self._counts[Priority(waiter.priority)] -= 1
+        """O(1) but for a compaction once most entries have left (amortized O(1)): a mass
+        withdrawal (callers gone at once) costs O(queue), not O(queue) per waiter."""
+        waiter.left = True
+        self._left += 1
+        self._counts[waiter.priority] -= 1
+        if self._left > len(self._heap) // 2:
+            self._heap = [w for w in self._heap if not w.left]
+            heapq.heapify(self._heap)
+            self._left = 0
 
     def drain_in_order(self) -> list[Waiter]:
         """Take every live waiter out, in service order; the caller grants some and `restore`s
         the rest."""
-        out: list[Waiter] = []
-        while self._heap:
-            w = heapq.heappop(self._heap)
-            self._counts[Priority(w.priority)] -= 1
-            if not w.future.done():
-                out.append(w)
+        # Sorted on key tuples (compared in C), not by the waiters' generated __lt__.
+        out = sorted(self.waiting(), key=_SERVICE_ORDER)
+        self._heap, self._left = [], 0
+        self._counts = dict.fromkeys(self._counts, 0)
         return out
 
     def restore(self, waiters: list[Waiter]) -> None:
+        """Put back waiters taken by `drain_in_order`, in the order it gave them (any of them
+        left out): into an empty queue as they are, a list in service order being a heap."""
+        if self._heap:
+            for w in waiters:
+                heapq.heappush(self._heap, w)
+        else:
+            self._heap = list(waiters)
         for w in waiters:
-            heapq.heappush(self._heap, w)
-            self._counts[Priority(w.priority)] += 1
+            self._counts[w.priority] += 1
 
     def served(self, waiter: Waiter) -> None:
         """The waiter was granted: its class clock advances to its start tag."""

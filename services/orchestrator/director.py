@@ -265,6 +265,7 @@ class Orchestrator:
             self._attribute(req, candidates, activation),
             activation,
             self._clock() + wait_s,
+            kind=self._kind(req),
         )
         metrics.record_enqueued(req.model, waiter.pool_key)
         self._wake_for_backlog()
@@ -283,23 +284,25 @@ class Orchestrator:
         """Whether a queued request could be served by one of `candidates` (views judged
         without load, as `_candidates` makes them): the profile's filters run once per kind of
         waiter (model, version, pools, exclusions), so a long queue costs O(queue) lookups."""
-        kinds: set[tuple[object, ...]] = set()
+        kinds: dict[tuple[object, ...], AdmissionRequest] = {}
         for w in self._queue.waiting():
-            r = w.request
-            pools = self._policy.pools_for(r.prompt_tokens)
-            kind = (
-                r.model,
-                r.model_version,
-                None if pools is None else tuple(pools),
-                r.exclude_replicas,
-            )
-            if kind in kinds:
-                continue
-            kinds.add(kind)
+            kinds.setdefault(w.kind, w.request)
+        for r in kinds.values():
             usable = [c for c in candidates if c.id not in r.exclude_replicas]
             if usable and self._scheduler.filter(self._request_view(r, NO_MATCHES), usable):
                 return True
         return False
+
+    def _kind(self, req: AdmissionRequest) -> tuple[object, ...]:
+        """What the profile's filters judge a request by (`Filter`): its model, version, pools
+        and excluded replicas. Requests of one kind may be served by the same replicas."""
+        pools = self._policy.pools_for(req.prompt_tokens)
+        return (
+            req.model,
+            req.model_version,
+            None if pools is None else tuple(pools),
+            req.exclude_replicas,
+        )
 
     def _enter_queue(self, req: AdmissionRequest, wait_s: float) -> None:
         """Make room for `req` in the queue or refuse it (`capacity.decide`): QueueFull with a
@@ -671,11 +674,19 @@ class Orchestrator:
         cluster queues; only a missing, unhealthy or unsuitable one is UNAVAILABLE (or, for a
         scale-from-zero pool, waits for activation)."""
         now = self._clock()
-        views = [
-            dataclasses.replace(self._view(st, now), in_flight=0, kv_utilization=None)
-            for st in self._assignable(req)
-        ]
-        return self._scheduler.filter(self._request_view(req, NO_MATCHES), views)
+        return self._scheduler.filter(
+            self._request_view(req, NO_MATCHES),
+            [self._unloaded(st, now) for st in self._assignable(req)],
+        )
+
+    def _unloaded(self, st: ReplicaState, now: float) -> ReplicaView:
+        """The replica's view judged without load (no leases, unknown KV use): made again only
+        when its view is (every Admit that finds a queue asks for each replica's)."""
+        v = self._view(st, now)
+        if st.unloaded is None or st.unloaded_of is not v:
+            st.unloaded = dataclasses.replace(v, in_flight=0, kv_utilization=None)
+            st.unloaded_of = v
+        return st.unloaded
 
     def _assignable(self, req: AdmissionRequest) -> list[ReplicaState]:
         """The replica set's assignable replicas, less those the request excludes."""
@@ -730,38 +741,53 @@ class Orchestrator:
     def _dispatch(self) -> None:
         """Grant queued requests, highest priority first, while replicas have room."""
         blocked: list[Waiter] = []
-        # Once no replica has room, no later waiter can be granted: the pass only checks that
-        # each still has a replica (one check per kind of request), so a long queue costs the
-        # pass O(queue), not a scheduling decision per waiter.
+        # A pass only takes room (each grant), so it decides once per kind of waiter (`_kind`)
+        # that finds no replica with room, and not at all once no replica has room: the other
+        # waiters are only checked to still have a replica (once per kind). A long queue costs
+        # the pass O(queue), not a scheduling decision per waiter: waiters for a full pool
+        # would otherwise cost a decision each at every event while another pool has room.
         room = True
+        failed: set[tuple[object, ...]] = set()  # kinds a decision found no room for
+        capped: list[str] | None = None  # replicas capped by their prefill backlog
         servable: dict[tuple[object, ...], bool] = {}
+
+        def hopeless(w: Waiter) -> bool:
+            """A decision for `w` would find no room: one for its kind found none in this pass,
+            and its cached prefix lifts no replica's backlog cap for it (`_exempt`)."""
+            nonlocal capped
+            if w.kind not in failed:
+                return False
+            if not w.prefix.matched_blocks or self._max_backlog_s <= 0:
+                return True
+            if capped is None:
+                capped = [st.spec.id for st in self._replicas.assignable() if self._backlogged(st)]
+            prompt = w.request.prompt_tokens
+            return not any(w.prefix.cached_tokens(rid, prompt) for rid in capped)
+
         waiters = self._queue.drain_in_order()
         window = self._policy.admission.affinity_window
         if window > 0 and len(waiters) > 1 and self._scheduler.profile.queue_affinity:
             waiters = self._grant_affine(waiters, window)
         for waiter in waiters:
             req = waiter.request
-            lease = self._try_grant(req, waiter.prefix, waiter.enqueued_at) if room else None
+            lease = None
+            if room and not hopeless(waiter):
+                lease = self._try_grant(req, waiter.prefix, waiter.enqueued_at)
+                if lease is None:
+                    failed.add(waiter.kind)
+                    room = self._has_room()
             if lease is None:
                 # A waiter for a scale-from-zero pool stays until its activation timeout.
                 if waiter.activation is None:
-                    key = (
-                        req.model,
-                        req.model_version,
-                        req.exclude_replicas,
-                        req.prompt_tokens,
-                        req.max_tokens,
-                    )
-                    ok = servable.get(key)
+                    ok = servable.get(waiter.kind)
                     if ok is None:
-                        ok = servable[key] = self._servable(req)
+                        ok = servable[waiter.kind] = self._servable(req)
                     if not ok:
                         metrics.record_dequeued(req.model, waiter.pool_key)
                         metrics.record_rejection(req.model, "no_replica")
                         waiter.future.set_exception(NoReplicaReady(self._unavailable_reason(req)))
                         continue
                 blocked.append(waiter)
-                room = room and self._has_room()
                 continue
             self._hand_over(waiter, lease)
         self._queue.prune()
@@ -775,6 +801,8 @@ class Orchestrator:
         replica for it (readiness, model, pool, version, circuit, KV; not one it excludes).
         Each waiter it passes over counts the pass; none is passed more than `window` times:
         the search stops at one that was. Returns the waiters not granted, in service order."""
+        if not any(w.prefix.matched_blocks for w in waiters[:window]):
+            return waiters  # none holds a cached prefix anywhere: nothing to grant out of order
         now = self._clock()
         rest = waiters
         for st in self._replicas.assignable():

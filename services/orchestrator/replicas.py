@@ -69,6 +69,9 @@ class ReplicaState:
     view_key: tuple[object, ...] | None = None
     view_at: float = 0.0
     view_until: float = 0.0
+    # `view` without its load (`Orchestrator._candidates`), and the view it was made from.
+    unloaded: ReplicaView | None = None
+    unloaded_of: ReplicaView | None = None
     # `sample_at` of the sample the load ledger was last given (it applies each scrape once; a
     # scrape may store the same sample object again, with its own time and counts).
     observed_at: float | None = None

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from services.orchestrator.admission_queue import AdmissionQueue
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from services.orchestrator.admission_queue import AdmissionQueue, Waiter
 from services.orchestrator.domain import AdmissionRequest, Lease, Priority
 from services.orchestrator.prefix import NO_MATCHES
 
@@ -62,3 +65,73 @@ async def test_waiting_lists_the_waiters_still_queued() -> None:
     assert q.withdraw(a)
     b.future.set_result(Lease("l", None, 0.0, 0.0))  # type: ignore[arg-type]  # granted
     assert list(q.waiting()) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("push"), st.sampled_from(list(Priority)), st.sampled_from("xyz")),
+            st.tuples(st.just("withdraw"), st.integers(0, 1000)),
+            st.tuples(st.just("evict"), st.sampled_from(list(Priority))),
+            st.tuples(st.just("pass"), st.integers(0, 7)),
+        ),
+        max_size=80,
+    )
+)
+def test_the_queue_agrees_with_a_list_of_its_live_waiters(ops: list[tuple[object, ...]]) -> None:
+    """Any mix of pushes, withdrawals, evictions and dispatch passes (drain, keep every k-th,
+    restore): the queue's length, counts, waiters and service order are those of the live
+    waiters, taken out ones left behind at once (their heap entries go lazily)."""
+
+    loop = asyncio.new_event_loop()  # the waiters' futures only: never run, never current
+    try:
+        q = AdmissionQueue(1000, lambda _t: 1.0)
+        live: list[Waiter] = []
+        for i, op in enumerate(ops):
+            if op[0] == "push":
+                prio, tenant = op[1], op[2]
+                assert isinstance(prio, Priority)
+                assert isinstance(tenant, str)
+                live.append(
+                    q.push(
+                        _req(str(i), tenant, prio),
+                        NO_MATCHES,
+                        0.0,
+                        loop.create_future(),
+                        ("", ""),
+                        None,
+                    )
+                )
+            elif op[0] == "withdraw" and live:
+                assert isinstance(op[1], int)
+                w = live.pop(op[1] % len(live))
+                assert q.withdraw(w)
+                assert not q.withdraw(w)
+            elif op[0] == "evict":
+                of_class = [w for w in live if w.priority == op[1]]
+                victim = q.evict_newest(op[1])  # type: ignore[arg-type]
+                if not of_class:
+                    assert victim is None
+                    continue
+                assert victim is max(of_class, key=lambda w: w.seq)
+                live.remove(victim)
+                victim.future.cancel()
+            elif op[0] == "pass":
+                assert isinstance(op[1], int)
+                taken = q.drain_in_order()
+                assert taken == sorted(live)  # service order: the waiters' own ordering
+                assert len(q) == 0
+                assert list(q.waiting()) == []
+                kept = taken[:: op[1] + 1]
+                for w in taken:
+                    if w not in kept:
+                        w.future.cancel()  # granted, in the director
+                q.restore(kept)
+                live = kept
+            assert len(q) == len(live)
+            assert set(map(id, q.waiting())) == set(map(id, live))
+            assert q.queued() == {p: sum(w.priority == p for w in live) for p in Priority}
+        assert q.drain_in_order() == sorted(live)
+    finally:
+        loop.close()

@@ -19,6 +19,8 @@ from services.orchestrator.policy import (
 )
 from services.orchestrator.prefix import PrefixIndex, PrefixMatches
 from services.orchestrator.scheduling.config import PluginConfig
+from services.orchestrator.scheduling.contracts import ReplicaView, RequestView
+from services.orchestrator.scheduling.framework import Decision
 from services.orchestrator.settings import OrchestratorSettings, ReplicaSpec
 from tests.orchestrator.conftest import FixedPrefix
 
@@ -513,6 +515,45 @@ async def test_short_prompt_goes_to_long_pool_when_short_pool_is_down() -> None:
     assert (await core.admit(req("x"), 1.0)).replica.id == "l0"
 
 
+async def test_waiters_for_a_full_pool_cost_one_decision_per_event_not_one_each() -> None:
+    """Long requests queue for the full long pool while the short pool has room: each event
+    (here a short lease's completion) decides once for their kind, not once per waiter, and
+    they are still served in order once the long pool has room."""
+    core, _ = await ready_core(policy=POOLS, specs=POOL_SPECS, cap=1, queue=64)
+    held = await core.admit(req("held", prompt_len=500), 1.0)
+    assert held.replica.id == "l0"
+    # Each its own prompt length (the pools judge a kind by the pools it fits, not the length).
+    waiters = [
+        asyncio.create_task(core.admit(req(f"w{i}", prompt_len=500 + i), 30.0)) for i in range(30)
+    ]
+    await assert_queued(core, 30)
+    short = await core.admit(req("short", prompt_len=10), 1.0)
+    assert short.replica.id == "s0"  # granted now: no waiter could use the short pool
+
+    decisions = 0
+    decide = core._scheduler.decide
+
+    def counted(request: RequestView, replicas: Sequence[ReplicaView]) -> Decision:
+        nonlocal decisions
+        decisions += 1
+        return decide(request, replicas)
+
+    core._scheduler.decide = counted  # type: ignore[method-assign]
+    assert core.complete(short.lease_id, Outcome.SUCCESS)
+    assert decisions == 1
+    assert core.queue_depth == 30
+
+    assert core.complete(held.lease_id, Outcome.SUCCESS)
+    first = await waiters[0]
+    assert first.replica.id == "l0"
+    assert core.queue_depth == 29
+    assert not any(t.done() for t in waiters[1:])
+    for t in waiters[1:]:
+        t.cancel()
+    await asyncio.gather(*waiters[1:], return_exceptions=True)
+    assert core.queue_depth == 0
+
+
 async def test_model_version_filter() -> None:
     specs = [
         ReplicaSpec(id="v1", grpc_address="a:1", model_version="v1"),
@@ -882,6 +923,36 @@ async def test_a_backlog_capped_replica_takes_a_request_whose_cached_prefix_save
     await assert_queued(core, 0 if granted else 1)
     assert second.done() == granted
     assert (await asyncio.wait_for(second, 5.0)).replica.id == "r0"
+
+
+async def test_a_queued_request_whose_cached_prefix_lifts_the_backlog_cap_is_granted_in_a_pass() -> (
+    None
+):
+    # Both wait for version "a" behind r0's backlog; r1 (version "b") has room. In the next pass
+    # the first (nothing cached) finds none; the second, of the same kind, is still decided for:
+    # its prefix on r0 saves the backlog's excess there.
+    index = FixedPrefix(PrefixMatches(250, {}))
+    specs = [
+        ReplicaSpec(id="r0", grpc_address="a:1", model_version="a"),
+        ReplicaSpec(id="r1", grpc_address="a:2", model_version="b"),
+    ]
+    core, _ = await ready_core(
+        cap=8,
+        policy=Policy(capacity=CapacityPolicy(max_prefill_backlog_s=0.01)),
+        prefix=index,
+        specs=specs,
+    )
+    await core.admit(req("long", prompt_len=8000, version="a"), 5.0)
+    uncached = asyncio.ensure_future(core.admit(req("u", prompt_len=8000, version="a"), 5.0))
+    await assert_queued(core, 1)
+    index.matches = PrefixMatches(250, {"r0": 250})
+    cached = asyncio.ensure_future(core.admit(req("c", prompt_len=8000, version="a"), 5.0))
+    await assert_queued(core, 2)  # waiters for r0 are queued: it waits in line
+    await core.scrape_once()  # an event: a pass over the queue
+    assert core.queue_depth == 1  # one left the queue in that pass
+    assert (await cached).replica.id == "r0"
+    assert not uncached.done()
+    uncached.cancel()
 
 
 async def test_without_a_backlog_bound_the_replica_takes_every_lease_it_has_room_for() -> None:
