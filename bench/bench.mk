@@ -62,6 +62,11 @@ bench-envoy: setup mesh-setup ## Envoy where Istio puts it (ingress, sidecars, m
 bench-admit: setup ## Orchestrator alone: Admit decision latency (client and internal), CPU per decision, time per plugin; 16/64 emulated replicas, 1k/32k-token shared-prefix prompts, 100/500/1000 Admit/s open loop (~3 min)
 	$(PY) -m bench.admit $(BENCH_ARGS)
 
+.PHONY: bench-backlog
+
+bench-backlog: setup ## Orchestrator in process while long requests queue for a full pool: CPU per short Admit and completion with 0/100/1000 queued, x the empty queue (~1 min)
+	$(PY) -m bench.backlog $(BENCH_ARGS)
+
 .PHONY: bench-coldpath
 
 bench-coldpath: setup ## One request's gateway and orchestrator Python, in process on the mesh's CPU: hot (back to back) vs after 1/5/20/50 ms idle, with a pure-Python reference; the factor behind added TTFT at one stream (~1 min)
