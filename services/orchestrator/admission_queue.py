@@ -7,7 +7,7 @@ Invariants:
   request's tokens divided by its weight, so tenants share a class in proportion to weight. (The
   director may grant some of them out of that order, within a class, each waiter passed at most
   `affinity_window` times: its affinity pass, `director.py`; tenants' shares hold up to that.)
-- A waiter leaves the queue exactly once (`pop_ready` handing it to the director, or `withdraw`).
+- A waiter leaves the queue exactly once (`drain_in_order` handing it to the director, or `withdraw`).
 - The per-tenant finish-tag map stays bounded by the active tenants (`prune`).
 - `queued(p)` is the number of waiters of class p in the queue; the queue never holds more than
   `max_size` (the director checks `capacity.decide` before `push`, which refuses beyond it).
@@ -56,11 +56,12 @@ class Waiter:
     # Times a later waiter of its class was granted first for its cached prefix (the director's
     # affinity pass, bounded by the policy's `admission.affinity_window`).
     passed: int = field(compare=False, default=0)
-    # What decides which replicas may serve it (the director's `_kind`): waiters of one kind
-    # pass the profile's filters on the same replicas.
+    # What decides which replicas may serve it (the director's `_kind`, which it always
+    # gives): waiters of one kind pass the profile's filters on the same replicas.
     kind: tuple[object, ...] = field(compare=False, default=())
-    # Taken out (withdrawn or evicted); its heap entry goes at the next drain or compaction.
-    left: bool = field(compare=False, default=False)
+    # In the queue: pushed or restored, and neither drained nor taken out since. The entry of
+    # one taken out (withdrawn, evicted) stays in the heap until the next drain or compaction.
+    queued: bool = field(compare=False, default=True)
 
 
 class AdmissionQueue:
@@ -68,7 +69,7 @@ class AdmissionQueue:
         self._max = max_size
         self._weight = weight
         self._heap: list[Waiter] = []
-        self._left = 0  # entries in `_heap` of waiters taken out (`Waiter.left`)
+        self._left = 0  # entries in `_heap` of waiters taken out (no longer `queued`)
         self._seq = itertools.count()
         self._vtime: dict[int, float] = {}
         self._tenant_finish: dict[tuple[int, str], float] = {}
@@ -87,7 +88,7 @@ class AdmissionQueue:
 
     def waiting(self) -> Iterator[Waiter]:
         """The waiters still queued, in no particular order."""
-        return (w for w in self._heap if not (w.left or w.future.done()))
+        return (w for w in self._heap if w.queued and not w.future.done())
 
     def push(
         self,
@@ -101,7 +102,7 @@ class AdmissionQueue:
         kind: tuple[object, ...] = (),
     ) -> Waiter:
         if self.full:
-            raise OverflowError(f"admission queue holds {len(self._heap)} of {self._max}")
+            raise OverflowError(f"admission queue holds {len(self)} of {self._max}")
         prio = int(req.priority)
         start_tag = max(
             self._vtime.get(prio, 0.0), self._tenant_finish.get((prio, req.tenant), 0.0)
@@ -128,7 +129,7 @@ class AdmissionQueue:
 
     def withdraw(self, waiter: Waiter) -> bool:
         """Remove a waiter that is still queued; False if it already left the queue."""
-        if waiter.future.done():
+        if waiter.future.done() or not waiter.queued:
             return False
         self._remove(waiter)
         waiter.future.cancel()
@@ -139,7 +140,7 @@ class AdmissionQueue:
         the caller resolves its future. None when the class has no waiter."""
         newest: Waiter | None = None
         for w in self._heap:
-            if w.priority == priority and not w.left and (newest is None or w.seq > newest.seq):
+            if w.priority == priority and w.queued and (newest is None or w.seq > newest.seq):
                 newest = w
         if newest is not None:
             self._remove(newest)
@@ -148,11 +149,11 @@ class AdmissionQueue:
     def _remove(self, waiter: Waiter) -> None:
         """O(1) but for a compaction once most entries have left (amortized O(1)): a mass
         withdrawal (callers gone at once) costs O(queue), not O(queue) per waiter."""
-        waiter.left = True
+        waiter.queued = False
         self._left += 1
         self._counts[waiter.priority] -= 1
         if self._left > len(self._heap) // 2:
-            self._heap = [w for w in self._heap if not w.left]
+            self._heap = [w for w in self._heap if w.queued]
             heapq.heapify(self._heap)
             self._left = 0
 
@@ -161,6 +162,8 @@ class AdmissionQueue:
         the rest."""
         # Sorted on key tuples (compared in C), not by the waiters' generated __lt__.
         out = sorted(self.waiting(), key=_SERVICE_ORDER)
+        for w in out:
+            w.queued = False
         self._heap, self._left = [], 0
         self._counts = dict.fromkeys(self._counts, 0)
         return out
@@ -174,6 +177,7 @@ class AdmissionQueue:
         else:
             self._heap = list(waiters)
         for w in waiters:
+            w.queued = True
             self._counts[w.priority] += 1
 
     def served(self, waiter: Waiter) -> None:

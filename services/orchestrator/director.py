@@ -741,19 +741,23 @@ class Orchestrator:
     def _dispatch(self) -> None:
         """Grant queued requests, highest priority first, while replicas have room."""
         blocked: list[Waiter] = []
-        # A pass only takes room (each grant), so it decides once per kind of waiter (`_kind`)
-        # that finds no replica with room, and not at all once no replica has room: the other
-        # waiters are only checked to still have a replica (once per kind). A long queue costs
-        # the pass O(queue), not a scheduling decision per waiter: waiters for a full pool
-        # would otherwise cost a decision each at every event while another pool has room.
+        # Between two grants nothing changes what a decision sees (the pass is synchronous; its
+        # microseconds of clock are not waited on). So until the next grant, a kind of waiter
+        # (`_kind`) that a decision found no room for is not decided for again, unless the
+        # waiter's cached prefix may lift a backlog cap (`_exempt`); once no replica has room,
+        # no waiter is decided for. Each waiter not granted is checked to still have a replica
+        # (once per kind). A long queue costs the pass O(queue) plus a decision per grant and
+        # kind, not a decision per waiter: waiters for a full pool would otherwise cost one
+        # each at every event while another pool has room.
         room = True
+        room_known = False  # `room` computed since the last grant
         failed: set[tuple[object, ...]] = set()  # kinds a decision found no room for
         capped: list[str] | None = None  # replicas capped by their prefill backlog
         servable: dict[tuple[object, ...], bool] = {}
 
         def hopeless(w: Waiter) -> bool:
-            """A decision for `w` would find no room: one for its kind found none in this pass,
-            and its cached prefix lifts no replica's backlog cap for it (`_exempt`)."""
+            """A decision for `w` would find no room now: one for its kind found none since the
+            last grant, and its cached prefix lifts no replica's backlog cap (`_exempt`)."""
             nonlocal capped
             if w.kind not in failed:
                 return False
@@ -775,7 +779,6 @@ class Orchestrator:
                 lease = self._try_grant(req, waiter.prefix, waiter.enqueued_at)
                 if lease is None:
                     failed.add(waiter.kind)
-                    room = self._has_room()
             if lease is None:
                 # A waiter for a scale-from-zero pool stays until its activation timeout.
                 if waiter.activation is None:
@@ -788,7 +791,12 @@ class Orchestrator:
                         waiter.future.set_exception(NoReplicaReady(self._unavailable_reason(req)))
                         continue
                 blocked.append(waiter)
+                if room and not room_known:
+                    room, room_known = self._has_room(), True
                 continue
+            # A grant changes what later decisions see (room, backlogs, a pool's lending).
+            room_known, capped = False, None
+            failed.clear()
             self._hand_over(waiter, lease)
         self._queue.prune()
         self._queue.restore(self._shed_late(blocked))

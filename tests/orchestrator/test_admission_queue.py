@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -86,13 +87,18 @@ def test_the_queue_agrees_with_a_list_of_its_live_waiters(ops: list[tuple[object
 
     loop = asyncio.new_event_loop()  # the waiters' futures only: never run, never current
     try:
-        q = AdmissionQueue(1000, lambda _t: 1.0)
+        q = AdmissionQueue(12, lambda _t: 1.0)
         live: list[Waiter] = []
         for i, op in enumerate(ops):
             if op[0] == "push":
                 prio, tenant = op[1], op[2]
                 assert isinstance(prio, Priority)
                 assert isinstance(tenant, str)
+                assert q.full == (len(live) == 12)
+                if q.full:
+                    with pytest.raises(OverflowError, match="12 of 12"):
+                        q.push(_req("over"), NO_MATCHES, 0.0, loop.create_future(), ("", ""), None)
+                    continue
                 live.append(
                     q.push(
                         _req(str(i), tenant, prio),
@@ -124,6 +130,8 @@ def test_the_queue_agrees_with_a_list_of_its_live_waiters(ops: list[tuple[object
                 assert len(q) == 0
                 assert list(q.waiting()) == []
                 kept = taken[:: op[1] + 1]
+                # Drained, the waiters are out of the queue until restored.
+                assert all(not q.withdraw(w) for w in taken)
                 for w in taken:
                     if w not in kept:
                         w.future.cancel()  # granted, in the director

@@ -22,7 +22,7 @@ from services.orchestrator.scheduling.config import PluginConfig
 from services.orchestrator.scheduling.contracts import ReplicaView, RequestView
 from services.orchestrator.scheduling.framework import Decision
 from services.orchestrator.settings import OrchestratorSettings, ReplicaSpec
-from tests.orchestrator.conftest import FixedPrefix
+from tests.orchestrator.conftest import FixedPrefix, ManualClock
 
 
 class FakeProbe:
@@ -953,6 +953,84 @@ async def test_a_queued_request_whose_cached_prefix_lifts_the_backlog_cap_is_gra
     assert (await cached).replica.id == "r0"
     assert not uncached.done()
     uncached.cancel()
+
+
+BACKLOG_BOUND = Policy(capacity=CapacityPolicy(max_prefill_backlog_s=0.01))
+
+
+async def test_a_pass_that_took_the_last_slot_decides_for_no_one_after_a_failure() -> None:
+    # R is backlogged, S has one slot left. A pass (S frees one): L1 finds no room, B1 takes
+    # S's slot, L2 then finds none and no replica has room: W (cached on R) waits too, as it
+    # would were every waiter decided for in turn.
+    index = FixedPrefix(PrefixMatches(250, {}))
+    specs = [
+        ReplicaSpec(id="R", grpc_address="a:1", model_version="a"),
+        ReplicaSpec(id="S", grpc_address="a:2", model_version="b"),
+    ]
+    core, _ = await ready_core(cap=2, queue=100, specs=specs, prefix=index, policy=BACKLOG_BOUND)
+    await core.admit(req("r", prompt_len=8000, version="a"), 5.0)
+    s1 = await core.admit(req("s1", version="b"), 5.0)
+    await core.admit(req("s2", version="b"), 5.0)
+    waiters = {}
+    for name, length, version, cached in [
+        ("L1", 100, "a", {}),
+        ("B1", 3, "b", {}),
+        ("L2", 100, "a", {}),
+        ("W", 16000, "a", {"R": 250}),
+    ]:
+        index.matches = PrefixMatches(250, cached)
+        waiters[name] = asyncio.ensure_future(
+            core.admit(req(name, prompt_len=length, version=version), 10.0)
+        )
+        await asyncio.sleep(0)
+    assert core.queue_depth == 4
+    assert core.complete(s1.lease_id, Outcome.SUCCESS)  # a pass
+    assert core.queue_depth == 3
+    assert (await waiters["B1"]).replica.id == "S"
+    assert not any(waiters[n].done() for n in ("L1", "L2", "W"))
+    for t in waiters.values():
+        t.cancel()
+    await asyncio.gather(*waiters.values(), return_exceptions=True)
+
+
+async def test_a_grant_in_a_pass_that_backlogs_a_replica_still_lets_a_cached_prefix_in() -> None:
+    # R's backlog has drained; P stays backlogged; Q (idle) keeps room. In one pass: X1 finds
+    # no room, X2 (a prefix elsewhere) neither; Y takes R and backlogs it again; Z finds no
+    # room; W (its whole prompt cached on R) is still decided for and granted there.
+    clock = ManualClock()
+    index = FixedPrefix(PrefixMatches(250, {}))
+    specs = [
+        ReplicaSpec(id="R", grpc_address="a:1", model_version="a"),
+        ReplicaSpec(id="P", grpc_address="a:2", model_version="c"),
+        ReplicaSpec(id="Q", grpc_address="a:3", model_version="b"),
+    ]
+    core, _ = await ready_core(
+        cap=8, queue=100, specs=specs, prefix=index, policy=BACKLOG_BOUND, clock=clock
+    )
+    await core.admit(req("r", prompt_len=8000, version="a"), 5.0)
+    await core.admit(req("p", prompt_len=60000, version="c"), 5.0)
+    waiters = {}
+    for name, length, version, priority, cached in [
+        ("X1", 100, "c", Priority.STANDARD, {}),
+        ("X2", 100, "c", Priority.STANDARD, {"Q": 1}),
+        ("Y", 8000, "a", Priority.STANDARD, {}),
+        ("Z", 100, "a", Priority.STANDARD, {}),
+        ("W", 16000, "a", Priority.BATCH, {"R": 250}),
+    ]:
+        index.matches = PrefixMatches(250, cached)
+        waiters[name] = asyncio.ensure_future(
+            core.admit(req(name, prompt_len=length, version=version, priority=priority), 10.0)
+        )
+        await asyncio.sleep(0)
+    assert core.queue_depth == 5
+    clock.t += 0.3  # R's backlog (one 8k-token prefill, ~0.1 s) has run down; P's has not
+    await core.scrape_once()  # a pass
+    assert core.queue_depth == 3
+    assert (await waiters["Y"]).replica.id == "R"
+    assert (await waiters["W"]).replica.id == "R"
+    for t in waiters.values():
+        t.cancel()
+    await asyncio.gather(*waiters.values(), return_exceptions=True)
 
 
 async def test_without_a_backlog_bound_the_replica_takes_every_lease_it_has_room_for() -> None:

@@ -3,9 +3,7 @@ string and a pydantic `Params` model (all fields defaulted), and is registered o
 `registry.py`.
 
 Invariants the framework enforces, so plugins need not:
-- Filters return a subset of the replicas they were given (order kept). A filter judges a
-  request by its model, model_version and pools only: the director groups queued requests by
-  these (`Orchestrator._kind`) and filters once per group.
+- Filters return a subset of the replicas they were given (order kept).
 - Scorers are pure: same inputs, same scores; one score per replica; the framework clamps each to
   [0, 1], multiplies by the profile's weight, sums, and times every call.
 - A picker returns one of the candidates it was given, or None when given none.
@@ -103,6 +101,10 @@ class PluginParams(BaseModel):
 
 @runtime_checkable
 class Filter(Protocol):
+    """Required of a filter (not enforced): it judges a request by its model, model_version,
+    pools and known_pools only. The director groups queued requests by these
+    (`Orchestrator._kind`) and filters once per group."""
+
     TYPE: ClassVar[str]
 
     def filter(
