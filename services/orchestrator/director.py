@@ -741,32 +741,41 @@ class Orchestrator:
     def _dispatch(self) -> None:
         """Grant queued requests, highest priority first, while replicas have room."""
         blocked: list[Waiter] = []
-        # Between two grants nothing changes what a decision sees (the pass is synchronous; its
-        # microseconds of clock are not waited on). So until the next grant, a kind of waiter
-        # (`_kind`) that a decision found no room for is not decided for again, unless the
-        # waiter's cached prefix may lift a backlog cap (`_exempt`); once no replica has room,
-        # no waiter is decided for. Each waiter not granted is checked to still have a replica
-        # (once per kind). A long queue costs the pass O(queue) plus a decision per grant and
-        # kind, not a decision per waiter: waiters for a full pool would otherwise cost one
+        # What the pass learns holds while the load ledger is unchanged (a grant changes it,
+        # and so may a decision's views, applying an engine sample stored since): that no
+        # replica has room; that a kind of waiter (`_kind`) found no room (so another of its
+        # kind would not either, unless its cached prefix may lift a backlog cap: `_exempt`);
+        # which replicas are backlog-capped. With the ledger unchanged, a decision is skipped
+        # only where it would find nothing: the pass grants what deciding for each waiter in
+        # turn would. Each waiter not granted is checked to still have a replica (once per
+        # kind). A long queue costs the pass O(queue) plus a decision per kind and ledger
+        # change, not a decision per waiter: waiters for a full pool would otherwise cost one
         # each at every event while another pool has room.
         room = True
-        room_known = False  # `room` computed since the last grant
+        room_known = False  # `room` computed with the ledger as it is
         failed: set[tuple[object, ...]] = set()  # kinds a decision found no room for
         capped: list[str] | None = None  # replicas capped by their prefill backlog
         servable: dict[tuple[object, ...], bool] = {}
+        seen = self._load.last_stamp
 
-        def hopeless(w: Waiter) -> bool:
-            """A decision for `w` would find no room now: one for its kind found none since the
-            last grant, and its cached prefix lifts no replica's backlog cap (`_exempt`)."""
+        def current() -> None:
+            """Forget what was learnt before the ledger last changed."""
+            nonlocal seen, room_known, capped
+            if self._load.last_stamp != seen:
+                seen = self._load.last_stamp
+                room_known, capped = False, None
+                failed.clear()
+
+        def lifts(w: Waiter) -> bool:
+            """Its cached prefix may lift a backlog cap for it (`_exempt`): a decision for it
+            may find room where one for its kind did not."""
             nonlocal capped
-            if w.kind not in failed:
-                return False
             if not w.prefix.matched_blocks or self._max_backlog_s <= 0:
-                return True
+                return False
             if capped is None:
                 capped = [st.spec.id for st in self._replicas.assignable() if self._backlogged(st)]
             prompt = w.request.prompt_tokens
-            return not any(w.prefix.cached_tokens(rid, prompt) for rid in capped)
+            return any(w.prefix.cached_tokens(rid, prompt) for rid in capped)
 
         waiters = self._queue.drain_in_order()
         window = self._policy.admission.affinity_window
@@ -775,10 +784,13 @@ class Orchestrator:
         for waiter in waiters:
             req = waiter.request
             lease = None
-            if room and not hopeless(waiter):
+            current()
+            if room and (waiter.kind not in failed or lifts(waiter)):
                 lease = self._try_grant(req, waiter.prefix, waiter.enqueued_at)
                 if lease is None:
-                    failed.add(waiter.kind)
+                    current()  # its views may have applied samples: it found no room since
+                    if not lifts(waiter):
+                        failed.add(waiter.kind)
             if lease is None:
                 # A waiter for a scale-from-zero pool stays until its activation timeout.
                 if waiter.activation is None:
@@ -791,12 +803,10 @@ class Orchestrator:
                         waiter.future.set_exception(NoReplicaReady(self._unavailable_reason(req)))
                         continue
                 blocked.append(waiter)
+                current()
                 if room and not room_known:
                     room, room_known = self._has_room(), True
                 continue
-            # A grant changes what later decisions see (room, backlogs, a pool's lending).
-            room_known, capped = False, None
-            failed.clear()
             self._hand_over(waiter, lease)
         self._queue.prune()
         self._queue.restore(self._shed_late(blocked))
@@ -809,9 +819,13 @@ class Orchestrator:
         replica for it (readiness, model, pool, version, circuit, KV; not one it excludes).
         Each waiter it passes over counts the pass; none is passed more than `window` times:
         the search stops at one that was. Returns the waiters not granted, in service order."""
-        if not any(w.prefix.matched_blocks for w in waiters[:window]):
-            return waiters  # none holds a cached prefix anywhere: nothing to grant out of order
         now = self._clock()
+        if not any(w.prefix.matched_blocks for w in waiters[:window]):
+            # None holds a cached prefix anywhere: nothing to grant out of order. Each replica
+            # is viewed still, as the search would (a view applies its new engine sample).
+            for st in self._replicas.assignable():
+                self._view(st, now)
+            return waiters
         rest = waiters
         for st in self._replicas.assignable():
             if len(rest) < 2:

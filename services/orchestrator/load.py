@@ -44,7 +44,6 @@ tokens back at once, and no later estimate keeps a wait it no longer has.
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -64,9 +63,21 @@ def _ewma(mean: float, value: float) -> float:
     return mean + (_MEAN_ALPHA if mean else 1.0) * (value - mean)
 
 
-# Every replica's accounting stamps, ledger-wide: a replica dropped and accounted again never
-# repeats a stamp it had.
-_STAMPS = itertools.count()
+class _Stamps:
+    """Every replica's accounting stamps, ledger-wide: a replica dropped and accounted again
+    never repeats a stamp it had, and `last` moves with every change to any replica's."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last = 0
+
+    def next(self) -> int:
+        self.last += 1
+        return self.last
+
+
+_STAMPS = _Stamps()
 
 
 @dataclass(slots=True)
@@ -110,12 +121,12 @@ class _Replica:
     # `LoadLedger._kv_admission`'s answer: it does not depend on the time. Reset by every change.
     kv_admission: tuple[int | None, float | None] | None = None
     # Renewed by every change: equal stamps, the same accounting (`LoadLedger.stamp`).
-    stamp: int = field(default_factory=lambda: next(_STAMPS))
+    stamp: int = field(default_factory=_STAMPS.next)
 
     def changed(self) -> None:
         """The accounting changed: no earlier `load` answer stands."""
         self.idle = self.recent = self.kv_admission = None
-        self.stamp = next(_STAMPS)
+        self.stamp = _STAMPS.next()
 
 
 class LoadLedger:
@@ -327,6 +338,12 @@ class LoadLedger:
         first token, completion, sample or drop): its `load` then differs only by the time."""
         rep = self._replicas.get(replica_id)
         return -1 if rep is None else rep.stamp
+
+    @property
+    def last_stamp(self) -> int:
+        """Moves with every change to any replica's accounting (a grant, a first token, a
+        completion, an engine sample applied, a drop): equal twice, nothing changed between."""
+        return _STAMPS.last
 
     def stands_until(self, replica_id: str) -> float:
         """Until when, with its accounting unchanged (`stamp`), the replica's `load` answers the

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
+from llmmesh.common.engine_metrics import EngineSample
 from services.orchestrator.director import Orchestrator
 from services.orchestrator.domain import AdmissionRequest, Clock, Lease, Outcome, Priority
 from services.orchestrator.errors import BadAdmission, NoReplicaReady, QueueFull, QueueTimeout
@@ -1028,6 +1029,88 @@ async def test_a_grant_in_a_pass_that_backlogs_a_replica_still_lets_a_cached_pre
     assert core.queue_depth == 3
     assert (await waiters["Y"]).replica.id == "R"
     assert (await waiters["W"]).replica.id == "R"
+    for t in waiters.values():
+        t.cancel()
+    await asyncio.gather(*waiters.values(), return_exceptions=True)
+
+
+async def test_a_kind_that_failed_only_with_a_cached_prefix_is_still_lent_a_larger_pool() -> None:
+    # s1 (short pool) is backlogged and nearly out of KV; l1 (long) is idle. w0 (cached on s1)
+    # fails: lifting s1's backlog cap for it makes the short pool look free (no lending), and
+    # the KV watermark then drops s1. w, of its kind and uncached, sees s1 capped: the long
+    # pool lends, and w is granted there in the same pass.
+    index = FixedPrefix(PrefixMatches(250, {}))
+    specs = [
+        ReplicaSpec(id="s1", grpc_address="a:1", pool="short"),
+        ReplicaSpec(id="l1", grpc_address="a:2", pool="long"),
+    ]
+    policy = Policy(
+        pools={
+            "short": PoolPolicy(max_prompt_tokens=20000),
+            "long": PoolPolicy(max_prompt_tokens=100000),
+        },
+        capacity=CapacityPolicy(max_prefill_backlog_s=0.01),
+    )
+    core, _ = await ready_core(
+        cap=8, queue=100, specs=specs, prefix=index, policy=policy, clock=ManualClock()
+    )
+    assert (await core.admit(req("r", prompt_len=8000), 5.0)).replica.id == "s1"
+    s1 = next(st for st in core.replicas() if st.spec.id == "s1")
+    core._sampler._store(s1, EngineSample(active=1, waiting=0, kv_used=95, kv_max=100), 1)
+    index.matches = PrefixMatches(250, {"s1": 250})
+    w0 = asyncio.ensure_future(core.admit(req("w0", prompt_len=16000), 10.0))
+    await asyncio.sleep(0)
+    index.matches = PrefixMatches(250, {})
+    w = asyncio.ensure_future(core.admit(req("w", prompt_len=100), 10.0))
+    await asyncio.sleep(0)
+    assert core.queue_depth == 2
+    await core.scrape_once()  # a pass
+    assert (await w).replica.id == "l1"
+    assert not w0.done()
+    w0.cancel()
+
+
+async def test_an_engine_sample_applied_by_a_decision_in_a_pass_is_seen_by_later_ones() -> None:
+    # R's new sample (two requests waiting) backlogs it again, but only once a view applies it
+    # to the load ledger: B's decision does, mid-pass. C (its whole prompt cached on R) is of
+    # the kind that failed before that, and is still decided for: granted on R.
+    clock = ManualClock()
+    index = FixedPrefix(PrefixMatches(250, {}))
+    specs = [
+        ReplicaSpec(id="R", grpc_address="a:1", model_version="a"),
+        ReplicaSpec(id="Q", grpc_address="a:2", model_version="b"),
+        ReplicaSpec(id="S", grpc_address="a:3", models=["other"]),  # room, another model
+    ]
+    policy = Policy(
+        capacity=CapacityPolicy(max_prefill_backlog_s=0.01),
+        admission=AdmissionPolicy(affinity_window=0),
+    )
+    core, _ = await ready_core(
+        cap=3, queue=100, specs=specs, prefix=index, policy=policy, clock=clock
+    )
+    assert (await core.admit(req("r1", prompt_len=8000, version="a"), 5.0)).replica.id == "R"
+    clock.t += 0.3
+    assert (await core.admit(req("r2", prompt_len=8000, version="a"), 5.0)).replica.id == "R"
+    for i in range(3):
+        assert (await core.admit(req(f"q{i}", version="b"), 5.0)).replica.id == "Q"
+    waiters = {}
+    for name, length, excluded, cached in [
+        ("A1", 3, frozenset({"R"}), {}),
+        ("A2", 3, frozenset({"R"}), {"Q": 1}),
+        ("B", 3, frozenset(), {}),
+        ("C", 16000, frozenset(), {"R": 250}),
+    ]:
+        index.matches = PrefixMatches(250, cached)
+        r = dataclasses.replace(req(name, prompt_len=length), exclude_replicas=excluded)
+        waiters[name] = asyncio.ensure_future(core.admit(r, 10.0))
+        await asyncio.sleep(0)
+    assert core.queue_depth == 4
+    clock.t += 0.3  # R's modelled backlog has run down in the ledger
+    r_state = next(st for st in core.replicas() if st.spec.id == "R")
+    core._sampler._store(r_state, EngineSample(active=0, waiting=2, kv_used=10, kv_max=1000), 2)
+    core._dispatch()  # a pass, as a scrape that stored the sample starts
+    assert core.queue_depth == 3
+    assert (await waiters["C"]).replica.id == "R"
     for t in waiters.values():
         t.cancel()
     await asyncio.gather(*waiters.values(), return_exceptions=True)
