@@ -756,15 +756,15 @@ class Orchestrator:
         failed: set[tuple[object, ...]] = set()  # kinds a decision found no room for
         capped: list[str] | None = None  # replicas capped by their prefill backlog
         servable: dict[tuple[object, ...], bool] = {}
-        seen = self._load.last_stamp
+        stamps = self._load.stamps
+        seen = stamps.last
 
-        def current() -> None:
-            """Forget what was learnt before the ledger last changed."""
+        def forget() -> None:
+            """The ledger changed: what was learnt before no longer holds."""
             nonlocal seen, room_known, capped
-            if self._load.last_stamp != seen:
-                seen = self._load.last_stamp
-                room_known, capped = False, None
-                failed.clear()
+            seen = stamps.last
+            room_known, capped = False, None
+            failed.clear()
 
         def lifts(w: Waiter) -> bool:
             """Its cached prefix may lift a backlog cap for it (`_exempt`): a decision for it
@@ -784,26 +784,30 @@ class Orchestrator:
         for waiter in waiters:
             req = waiter.request
             lease = None
-            current()
-            if room and (waiter.kind not in failed or lifts(waiter)):
+            if stamps.last != seen:
+                forget()
+            kind = waiter.kind
+            if room and (kind not in failed or (waiter.prefix.matched_blocks and lifts(waiter))):
                 lease = self._try_grant(req, waiter.prefix, waiter.enqueued_at)
                 if lease is None:
-                    current()  # its views may have applied samples: it found no room since
+                    if stamps.last != seen:
+                        forget()  # its views applied samples: it found no room with them
                     if not lifts(waiter):
-                        failed.add(waiter.kind)
+                        failed.add(kind)
             if lease is None:
                 # A waiter for a scale-from-zero pool stays until its activation timeout.
                 if waiter.activation is None:
-                    ok = servable.get(waiter.kind)
+                    ok = servable.get(kind)
                     if ok is None:
-                        ok = servable[waiter.kind] = self._servable(req)
+                        ok = servable[kind] = self._servable(req)
+                        if stamps.last != seen:
+                            forget()  # its views applied samples
                     if not ok:
                         metrics.record_dequeued(req.model, waiter.pool_key)
                         metrics.record_rejection(req.model, "no_replica")
                         waiter.future.set_exception(NoReplicaReady(self._unavailable_reason(req)))
                         continue
                 blocked.append(waiter)
-                current()
                 if room and not room_known:
                     room, room_known = self._has_room(), True
                 continue

@@ -340,10 +340,11 @@ class LoadLedger:
         return -1 if rep is None else rep.stamp
 
     @property
-    def last_stamp(self) -> int:
-        """Moves with every change to any replica's accounting (a grant, a first token, a
-        completion, an engine sample applied, a drop): equal twice, nothing changed between."""
-        return _STAMPS.last
+    def stamps(self) -> _Stamps:
+        """Its `last` moves with every change to any replica's accounting (a grant, a first
+        token, a completion, an engine sample applied, a drop): equal twice, nothing changed
+        between."""
+        return _STAMPS
 
     def stands_until(self, replica_id: str) -> float:
         """Until when, with its accounting unchanged (`stamp`), the replica's `load` answers the
