@@ -7,7 +7,9 @@ Invariants:
   request's tokens divided by its weight, so tenants share a class in proportion to weight. (The
   director may grant some of them out of that order, within a class, each waiter passed at most
   `affinity_window` times: its affinity pass, `director.py`; tenants' shares hold up to that.)
-- A waiter leaves the queue exactly once (`drain_in_order` handing it to the director, or `withdraw`).
+- A waiter leaves the queue for good once: granted or refused after `drain_in_order` (those
+  neither are `restore`d), or taken out by `withdraw` or `evict_newest`; a drained waiter
+  (not `queued`) cannot be withdrawn.
 - The per-tenant finish-tag map stays bounded by the active tenants (`prune`).
 - `queued(p)` is the number of waiters of class p in the queue; the queue never holds more than
   `max_size` (the director checks `capacity.decide` before `push`, which refuses beyond it).

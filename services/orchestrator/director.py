@@ -294,8 +294,10 @@ class Orchestrator:
         return False
 
     def _kind(self, req: AdmissionRequest) -> tuple[object, ...]:
-        """What the profile's filters judge a request by (`Filter`): its model, version, pools
-        and excluded replicas. Requests of one kind may be served by the same replicas."""
+        """What decides which replicas may serve a request: what the profile's filters judge it
+        by (`Filter`: model, version, pools) and the replicas it excludes. Requests of one kind
+        pass the filters on the same replicas; only a cached prefix's backlog exemption
+        (`_exempt`) tells them apart."""
         pools = self._policy.pools_for(req.prompt_tokens)
         return (
             req.model,
@@ -680,8 +682,10 @@ class Orchestrator:
         )
 
     def _unloaded(self, st: ReplicaState, now: float) -> ReplicaView:
-        """The replica's view judged without load (no leases, unknown KV use): made again only
-        when its view is (every Admit that finds a queue asks for each replica's)."""
+        """The replica's view with no leases and unknown KV use (`in_flight` 0, `kv_utilization`
+        None; cap and load kept), for `_candidates`: made again only when its view is (each
+        Admit not granted at once, and each pass's servability check per kind, asks for every
+        replica's)."""
         v = self._view(st, now)
         if st.unloaded is None or st.unloaded_of is not v:
             st.unloaded = dataclasses.replace(v, in_flight=0, kv_utilization=None)
@@ -741,16 +745,19 @@ class Orchestrator:
     def _dispatch(self) -> None:
         """Grant queued requests, highest priority first, while replicas have room."""
         blocked: list[Waiter] = []
-        # What the pass learns holds while the load ledger is unchanged (a grant changes it,
-        # and so may a decision's views, applying an engine sample stored since): that no
-        # replica has room; that a kind of waiter (`_kind`) found no room (so another of its
-        # kind would not either, unless its cached prefix may lift a backlog cap: `_exempt`);
-        # which replicas are backlog-capped. With the ledger unchanged, a decision is skipped
-        # only where it would find nothing: the pass grants what deciding for each waiter in
-        # turn would. Each waiter not granted is checked to still have a replica (once per
-        # kind). A long queue costs the pass O(queue) plus a decision per kind and ledger
-        # change, not a decision per waiter: waiters for a full pool would otherwise cost one
-        # each at every event while another pool has room.
+        # Some of what the pass learns holds only while the load ledger is unchanged (a grant
+        # changes it, and so may any view the pass builds, applying an engine sample stored
+        # since): whether some replica has room (`room_known`); the kinds of waiter (`_kind`)
+        # a decision found no room for (another of the kind would find none either, unless
+        # its cached prefix may lift a backlog cap: `_exempt`); which replicas are
+        # backlog-capped. Once no replica has room (`_has_room`, which lifts no cap), no later
+        # waiter is decided for: no grant follows, and an applied sample only lengthens a
+        # backlog. So the pass grants what one deciding for each waiter in turn, until no
+        # replica has room, would. Each waiter not granted, but one waiting for a
+        # scale-from-zero pool, is checked to still have a replica, once per kind. A long
+        # queue costs the pass O(queue) plus a decision per kind and ledger change (and per
+        # waiter whose prefix may lift a cap), not a decision per waiter: waiters for a full
+        # pool would otherwise cost one each at every event while another pool has room.
         room = True
         room_known = False  # `room` computed with the ledger as it is
         failed: set[tuple[object, ...]] = set()  # kinds a decision found no room for
@@ -760,7 +767,9 @@ class Orchestrator:
         seen = stamps.last
 
         def forget() -> None:
-            """The ledger changed: what was learnt before no longer holds."""
+            """The ledger changed: forget what depends on it (whether some replica has room,
+            the failed kinds, the capped replicas). Servability (judged without load) and a
+            False `room` stand."""
             nonlocal seen, room_known, capped
             seen = stamps.last
             room_known, capped = False, None
@@ -787,6 +796,7 @@ class Orchestrator:
             if stamps.last != seen:
                 forget()
             kind = waiter.kind
+            # (`lifts`'s own first test, inline: most waiters hold no cached prefix.)
             if room and (kind not in failed or (waiter.prefix.matched_blocks and lifts(waiter))):
                 lease = self._try_grant(req, waiter.prefix, waiter.enqueued_at)
                 if lease is None:
@@ -808,6 +818,7 @@ class Orchestrator:
                         waiter.future.set_exception(NoReplicaReady(self._unavailable_reason(req)))
                         continue
                 blocked.append(waiter)
+                # `seen` is current here: nothing since the last check changes the ledger.
                 if room and not room_known:
                     room, room_known = self._has_room(), True
                 continue
@@ -825,8 +836,9 @@ class Orchestrator:
         the search stops at one that was. Returns the waiters not granted, in service order."""
         now = self._clock()
         if not any(w.prefix.matched_blocks for w in waiters[:window]):
-            # None holds a cached prefix anywhere: nothing to grant out of order. Each replica
-            # is viewed still, as the search would (a view applies its new engine sample).
+            # None of the next `window` waiters holds a cached prefix: nothing to grant out of
+            # order. Each replica is viewed still, as the search would (a view applies its new
+            # engine sample).
             for st in self._replicas.assignable():
                 self._view(st, now)
             return waiters

@@ -63,8 +63,8 @@ def _ewma(mean: float, value: float) -> float:
     return mean + (_MEAN_ALPHA if mean else 1.0) * (value - mean)
 
 
-class _Stamps:
-    """Every replica's accounting stamps, ledger-wide: a replica dropped and accounted again
+class Stamps:
+    """Every replica's accounting stamps, process-wide: a replica dropped and accounted again
     never repeats a stamp it had, and `last` moves with every change to any replica's."""
 
     __slots__ = ("last",)
@@ -77,7 +77,7 @@ class _Stamps:
         return self.last
 
 
-_STAMPS = _Stamps()
+_STAMPS = Stamps()
 
 
 @dataclass(slots=True)
@@ -340,10 +340,10 @@ class LoadLedger:
         return -1 if rep is None else rep.stamp
 
     @property
-    def stamps(self) -> _Stamps:
-        """Its `last` moves with every change to any replica's accounting (a grant, a first
-        token, a completion, an engine sample applied, a drop): equal twice, nothing changed
-        between."""
+    def stamps(self) -> Stamps:
+        """Its `last` moves with every change to a replica's accounting (a grant, a first
+        token, a completion, an engine sample applied, a replica first accounted), in any
+        ledger of the process: equal twice, no accounting changed between."""
         return _STAMPS
 
     def stands_until(self, replica_id: str) -> float:

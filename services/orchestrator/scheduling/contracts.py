@@ -102,8 +102,9 @@ class PluginParams(BaseModel):
 @runtime_checkable
 class Filter(Protocol):
     """Required of a filter (not enforced): it judges a request by its model, model_version,
-    pools and known_pools only. The director groups queued requests by these
-    (`Orchestrator._kind`) and filters once per group."""
+    pools and known_pools only. The director groups queued requests by these and their excluded
+    replicas (`Orchestrator._kind`; known_pools is the same for all) and, per group, checks
+    servability once and skips deciding after a decision found no room."""
 
     TYPE: ClassVar[str]
 
