@@ -117,11 +117,7 @@ class Scheduler:
                 raise RuntimeError(
                     f"scorer {s.name} returned {len(scores)} scores for {len(candidates)} replicas"
                 )
-            # `clamp` inlined (a call per replica and scorer): NaN and v <= 0 give 0.
-            totals = [
-                t + weight * (0.0 if not v > 0.0 else (1.0 if v > 1.0 else v))
-                for t, v in zip(totals, scores, strict=True)
-            ]
+            totals = [t + weight * clamp(v) for t, v in zip(totals, scores, strict=True)]
         start = time.perf_counter()
         chosen = self.profile.picker.plugin.pick(request, candidates, totals, self._rng)  # type: ignore[union-attr]
         self._timers[self.profile.picker.name].observe(time.perf_counter() - start)

@@ -132,12 +132,9 @@ class EstimatedWaitScorer:
         if len(last) > _LAST_MAX:
             last.clear()
         prompt, max_tokens = request.prompt_tokens, request.max_tokens
-        # `_matched_tokens` inlined (a call per replica): held blocks, less the last token.
-        blocks, block_size, most = request.prefix_blocks, self.params.block_size, max(prompt - 1, 0)
         times = []
         for r in replicas:
-            held = blocks.get(r.id, 0) if blocks else 0
-            matched = min(held * block_size, most) if held else 0
+            matched = self._matched_tokens(request, r)
             hit = last.get(r.id)
             if (
                 hit is not None
