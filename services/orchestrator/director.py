@@ -744,6 +744,10 @@ class Orchestrator:
 
     def _dispatch(self) -> None:
         """Grant queued requests, highest priority first, while replicas have room."""
+        waiters = self._queue.drain_in_order()
+        if not waiters:  # every completion comes here, mostly to an empty queue
+            self._queue.prune()
+            return
         blocked: list[Waiter] = []
         # Some of what the pass learns holds only while the load ledger is unchanged (a grant
         # changes it, and so may any view the pass builds, applying an engine sample stored
@@ -786,7 +790,6 @@ class Orchestrator:
             prompt = w.request.prompt_tokens
             return any(w.prefix.cached_tokens(rid, prompt) for rid in capped)
 
-        waiters = self._queue.drain_in_order()
         window = self._policy.admission.affinity_window
         if window > 0 and len(waiters) > 1 and self._scheduler.profile.queue_affinity:
             waiters = self._grant_affine(waiters, window)
@@ -796,8 +799,7 @@ class Orchestrator:
             if stamps.last != seen:
                 forget()
             kind = waiter.kind
-            # (`lifts`'s own first test, inline: most waiters hold no cached prefix.)
-            if room and (kind not in failed or (waiter.prefix.matched_blocks and lifts(waiter))):
+            if room and (kind not in failed or lifts(waiter)):
                 lease = self._try_grant(req, waiter.prefix, waiter.enqueued_at)
                 if lease is None:
                     if stamps.last != seen:
