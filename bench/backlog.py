@@ -22,9 +22,9 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
 from typing import Any
 
+from bench.coldpath import ReadyProbe
 from bench.overhead import pinning
 from bench.report import format_table, write_json
 from services.orchestrator.director import Orchestrator
@@ -35,11 +35,6 @@ from services.orchestrator.settings import OrchestratorSettings, ReplicaSpec
 MODEL = "tensorrt_llm"
 SHORT_MAX = 1000  # tokens: the short pool's longest prompt
 LONG_PROMPT = 5000  # tokens: the queued requests' prompts start here
-
-
-class _Ready:
-    async def ready(self, replica: ReplicaSpec, models: Sequence[str], timeout_s: float) -> bool:
-        return True
 
 
 async def one_level(long: int, short: int, waiting: int, requests: int) -> dict[str, Any]:
@@ -58,7 +53,7 @@ async def one_level(long: int, short: int, waiting: int, requests: int) -> dict[
     )
     # Standard requests may hold half the queue (`queue_share_standard`).
     core = Orchestrator(
-        OrchestratorSettings(replicas=specs, max_queue=2 * waiting + 16), _Ready(), policy
+        OrchestratorSettings(replicas=specs, max_queue=2 * waiting + 16), ReadyProbe(), policy
     )
     await core.probe_once()
 

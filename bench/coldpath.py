@@ -123,7 +123,9 @@ def gateway_piece() -> Timed:
     return one
 
 
-class _Ready:
+class ReadyProbe:
+    """Every replica ready: the orchestrator's probe for benchmarks run in process."""
+
     async def ready(self, replica: ReplicaSpec, models: Sequence[str], timeout_s: float) -> bool:
         return True
 
@@ -132,7 +134,7 @@ async def orchestrator_piece() -> Timed:
     settings = OrchestratorSettings(
         replicas=[ReplicaSpec(id=f"r{i}", grpc_address=f"127.0.0.1:{9000 + i}") for i in range(2)]
     )
-    core = Orchestrator(settings, _Ready())
+    core = Orchestrator(settings, ReadyProbe())
     await core.probe_once()
     request = OrchestratorRequest("x", "tensorrt_llm", PROMPT, 64)
 
