@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import pytest
 
@@ -19,6 +19,7 @@ from services.orchestrator.policy import (
     PoolPolicy,
 )
 from services.orchestrator.prefix import PrefixIndex, PrefixMatches
+from services.orchestrator.replicas import ReplicaState
 from services.orchestrator.scheduling.config import PluginConfig
 from services.orchestrator.scheduling.contracts import ReplicaView, RequestView
 from services.orchestrator.scheduling.framework import Decision
@@ -63,6 +64,32 @@ async def assert_queued(core: Orchestrator, depth: int) -> None:
     """One loop tick lets freshly created admit tasks reach the queue."""
     await asyncio.sleep(0)
     assert core.queue_depth == depth
+
+
+async def queue_each(
+    core: Orchestrator,
+    index: FixedPrefix,
+    requests: Sequence[tuple[AdmissionRequest, dict[str, int]]],
+) -> dict[str, asyncio.Task[Lease]]:
+    """Admit each request in turn, its prompt's blocks held where given (of 250), each one
+    reaching the queue (or its lease) before the next is sent; by request id."""
+    tasks: dict[str, asyncio.Task[Lease]] = {}
+    for r, cached in requests:
+        index.matches = PrefixMatches(250, cached)
+        tasks[r.request_id] = asyncio.create_task(core.admit(r, 10.0))
+        await asyncio.sleep(0)
+    return tasks
+
+
+async def cancel_all(tasks: Iterable[asyncio.Task[Lease]]) -> None:
+    pending = list(tasks)
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+
+
+def state(core: Orchestrator, rid: str) -> ReplicaState:
+    return next(s for s in core.replicas() if s.spec.id == rid)
 
 
 async def ready_core(
@@ -926,6 +953,9 @@ async def test_a_backlog_capped_replica_takes_a_request_whose_cached_prefix_save
     assert (await asyncio.wait_for(second, 5.0)).replica.id == "r0"
 
 
+BACKLOG_BOUND = Policy(capacity=CapacityPolicy(max_prefill_backlog_s=0.01))
+
+
 async def test_a_queued_request_whose_cached_prefix_lifts_the_backlog_cap_is_granted_in_a_pass() -> (
     None
 ):
@@ -937,12 +967,7 @@ async def test_a_queued_request_whose_cached_prefix_lifts_the_backlog_cap_is_gra
         ReplicaSpec(id="r0", grpc_address="a:1", model_version="a"),
         ReplicaSpec(id="r1", grpc_address="a:2", model_version="b"),
     ]
-    core, _ = await ready_core(
-        cap=8,
-        policy=Policy(capacity=CapacityPolicy(max_prefill_backlog_s=0.01)),
-        prefix=index,
-        specs=specs,
-    )
+    core, _ = await ready_core(cap=8, policy=BACKLOG_BOUND, prefix=index, specs=specs)
     await core.admit(req("long", prompt_len=8000, version="a"), 5.0)
     uncached = asyncio.ensure_future(core.admit(req("u", prompt_len=8000, version="a"), 5.0))
     await assert_queued(core, 1)
@@ -954,9 +979,6 @@ async def test_a_queued_request_whose_cached_prefix_lifts_the_backlog_cap_is_gra
     assert (await cached).replica.id == "r0"
     assert not uncached.done()
     uncached.cancel()
-
-
-BACKLOG_BOUND = Policy(capacity=CapacityPolicy(max_prefill_backlog_s=0.01))
 
 
 async def test_a_pass_that_took_the_last_slot_decides_for_no_one_after_a_failure() -> None:
@@ -972,26 +994,22 @@ async def test_a_pass_that_took_the_last_slot_decides_for_no_one_after_a_failure
     await core.admit(req("r", prompt_len=8000, version="a"), 5.0)
     s1 = await core.admit(req("s1", version="b"), 5.0)
     await core.admit(req("s2", version="b"), 5.0)
-    waiters = {}
-    for name, length, version, cached in [
-        ("L1", 100, "a", {}),
-        ("B1", 3, "b", {}),
-        ("L2", 100, "a", {}),
-        ("W", 16000, "a", {"R": 250}),
-    ]:
-        index.matches = PrefixMatches(250, cached)
-        waiters[name] = asyncio.ensure_future(
-            core.admit(req(name, prompt_len=length, version=version), 10.0)
-        )
-        await asyncio.sleep(0)
+    waiters = await queue_each(
+        core,
+        index,
+        [
+            (req("L1", prompt_len=100, version="a"), {}),
+            (req("B1", version="b"), {}),
+            (req("L2", prompt_len=100, version="a"), {}),
+            (req("W", prompt_len=16000, version="a"), {"R": 250}),
+        ],
+    )
     assert core.queue_depth == 4
     assert core.complete(s1.lease_id, Outcome.SUCCESS)  # a pass
     assert core.queue_depth == 3
     assert (await waiters["B1"]).replica.id == "S"
     assert not any(waiters[n].done() for n in ("L1", "L2", "W"))
-    for t in waiters.values():
-        t.cancel()
-    await asyncio.gather(*waiters.values(), return_exceptions=True)
+    await cancel_all(waiters.values())
 
 
 async def test_a_grant_in_a_pass_that_backlogs_a_replica_still_lets_a_cached_prefix_in() -> None:
@@ -1010,28 +1028,24 @@ async def test_a_grant_in_a_pass_that_backlogs_a_replica_still_lets_a_cached_pre
     )
     await core.admit(req("r", prompt_len=8000, version="a"), 5.0)
     await core.admit(req("p", prompt_len=60000, version="c"), 5.0)
-    waiters = {}
-    for name, length, version, priority, cached in [
-        ("X1", 100, "c", Priority.STANDARD, {}),
-        ("X2", 100, "c", Priority.STANDARD, {"Q": 1}),
-        ("Y", 8000, "a", Priority.STANDARD, {}),
-        ("Z", 100, "a", Priority.STANDARD, {}),
-        ("W", 16000, "a", Priority.BATCH, {"R": 250}),
-    ]:
-        index.matches = PrefixMatches(250, cached)
-        waiters[name] = asyncio.ensure_future(
-            core.admit(req(name, prompt_len=length, version=version, priority=priority), 10.0)
-        )
-        await asyncio.sleep(0)
+    waiters = await queue_each(
+        core,
+        index,
+        [
+            (req("X1", prompt_len=100, version="c"), {}),
+            (req("X2", prompt_len=100, version="c"), {"Q": 1}),
+            (req("Y", prompt_len=8000, version="a"), {}),
+            (req("Z", prompt_len=100, version="a"), {}),
+            (req("W", Priority.BATCH, prompt_len=16000, version="a"), {"R": 250}),
+        ],
+    )
     assert core.queue_depth == 5
     clock.t += 0.3  # R's backlog (one 8k-token prefill, ~0.1 s) has run down; P's has not
     await core.scrape_once()  # a pass
     assert core.queue_depth == 3
     assert (await waiters["Y"]).replica.id == "R"
     assert (await waiters["W"]).replica.id == "R"
-    for t in waiters.values():
-        t.cancel()
-    await asyncio.gather(*waiters.values(), return_exceptions=True)
+    await cancel_all(waiters.values())
 
 
 async def test_a_kind_that_failed_only_with_a_cached_prefix_is_still_lent_a_larger_pool() -> None:
@@ -1055,19 +1069,16 @@ async def test_a_kind_that_failed_only_with_a_cached_prefix_is_still_lent_a_larg
         cap=8, queue=100, specs=specs, prefix=index, policy=policy, clock=ManualClock()
     )
     assert (await core.admit(req("r", prompt_len=8000), 5.0)).replica.id == "s1"
-    s1 = next(st for st in core.replicas() if st.spec.id == "s1")
-    core._sampler._store(s1, EngineSample(active=1, waiting=0, kv_used=95, kv_max=100), 1)
-    index.matches = PrefixMatches(250, {"s1": 250})
-    w0 = asyncio.ensure_future(core.admit(req("w0", prompt_len=16000), 10.0))
-    await asyncio.sleep(0)
-    index.matches = PrefixMatches(250, {})
-    w = asyncio.ensure_future(core.admit(req("w", prompt_len=100), 10.0))
-    await asyncio.sleep(0)
+    sample = EngineSample(active=1, waiting=0, kv_used=95, kv_max=100)
+    core._sampler._store(state(core, "s1"), sample, 1)
+    waiters = await queue_each(
+        core, index, [(req("w0", prompt_len=16000), {"s1": 250}), (req("w", prompt_len=100), {})]
+    )
     assert core.queue_depth == 2
     await core.scrape_once()  # a pass
-    assert (await w).replica.id == "l1"
-    assert not w0.done()
-    w0.cancel()
+    assert (await waiters["w"]).replica.id == "l1"
+    assert not waiters["w0"].done()
+    await cancel_all(waiters.values())
 
 
 async def test_an_engine_sample_applied_by_a_decision_in_a_pass_is_seen_by_later_ones() -> None:
@@ -1093,27 +1104,25 @@ async def test_an_engine_sample_applied_by_a_decision_in_a_pass_is_seen_by_later
     assert (await core.admit(req("r2", prompt_len=8000, version="a"), 5.0)).replica.id == "R"
     for i in range(3):
         assert (await core.admit(req(f"q{i}", version="b"), 5.0)).replica.id == "Q"
-    waiters = {}
-    for name, length, excluded, cached in [
-        ("A1", 3, frozenset({"R"}), {}),
-        ("A2", 3, frozenset({"R"}), {"Q": 1}),
-        ("B", 3, frozenset(), {}),
-        ("C", 16000, frozenset(), {"R": 250}),
-    ]:
-        index.matches = PrefixMatches(250, cached)
-        r = dataclasses.replace(req(name, prompt_len=length), exclude_replicas=excluded)
-        waiters[name] = asyncio.ensure_future(core.admit(r, 10.0))
-        await asyncio.sleep(0)
+    not_r = frozenset({"R"})
+    waiters = await queue_each(
+        core,
+        index,
+        [
+            (dataclasses.replace(req("A1"), exclude_replicas=not_r), {}),
+            (dataclasses.replace(req("A2"), exclude_replicas=not_r), {"Q": 1}),
+            (req("B"), {}),
+            (req("C", prompt_len=16000), {"R": 250}),
+        ],
+    )
     assert core.queue_depth == 4
     clock.t += 0.3  # R's modelled backlog has run down in the ledger
-    r_state = next(st for st in core.replicas() if st.spec.id == "R")
-    core._sampler._store(r_state, EngineSample(active=0, waiting=2, kv_used=10, kv_max=1000), 2)
+    sample = EngineSample(active=0, waiting=2, kv_used=10, kv_max=1000)
+    core._sampler._store(state(core, "R"), sample, 2)
     core._dispatch()  # a pass, as a scrape that stored the sample starts
     assert core.queue_depth == 3
     assert (await waiters["C"]).replica.id == "R"
-    for t in waiters.values():
-        t.cancel()
-    await asyncio.gather(*waiters.values(), return_exceptions=True)
+    await cancel_all(waiters.values())
 
 
 async def test_without_a_backlog_bound_the_replica_takes_every_lease_it_has_room_for() -> None:

@@ -28,7 +28,7 @@ from services.orchestrator.scheduling.work import WorkModel
 from services.orchestrator.settings import ReplicaSpec
 from tests.helpers import eventually
 from tests.orchestrator.conftest import FixedPrefix
-from tests.orchestrator.test_core import FakeProbe, metrics_text, req, settings
+from tests.orchestrator.test_core import FakeProbe, metrics_text, req, settings, state
 
 
 class Clock:
@@ -42,10 +42,6 @@ class Clock:
 def view(core: Orchestrator, rid: str) -> ReplicaView:
     st = next(s for s in core.replicas() if s.spec.id == rid)
     return core._view(st, core.now())
-
-
-def state(core: Orchestrator, rid: str) -> ReplicaState:
-    return next(s for s in core.replicas() if s.spec.id == rid)
 
 
 async def test_an_unchanged_replica_keeps_its_view_and_each_change_makes_a_new_one() -> None:
