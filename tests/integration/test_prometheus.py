@@ -5,6 +5,7 @@ the direct-scrape source, and NaN/empty answers are unknown."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import math
 import tempfile
@@ -25,7 +26,7 @@ from llmmesh.netutil import free_port
 from services.autoscaler.promql import PromQLConfig, PromQLSource
 from services.autoscaler.scrape import EngineTarget, ScrapeSource
 from services.autoscaler.signals import PoolSignals
-from tests.integration.conftest import Mesh, eventually, metric
+from tests.integration.conftest import Mesh, eventually, metric, scrape
 from tests.integration.observability import PROMETHEUS, wait_ready
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
@@ -181,6 +182,16 @@ async def vector_len(source: PromQLSource, query: str) -> int:
     return len(got or [])
 
 
+def buckets_apart(url: str, histogram: str, a: float, b: float) -> int:
+    """How many of `histogram`'s buckets (as `url` serves it) lie between values `a` and `b`:
+    0 in the same bucket, 1 in adjacent ones."""
+    bounds = sorted(
+        {float(dict(lbls)["le"]) for n, lbls in scrape(url) if n == f"{histogram}_bucket"}
+    )
+    assert bounds, f"{histogram} has no buckets at {url}"
+    return abs(bisect.bisect_left(bounds, a) - bisect.bisect_left(bounds, b))
+
+
 def close(a: float | None, b: float | None, rel: float, abs_: float = 1e-9) -> bool:
     if a is None or b is None:
         return a is b
@@ -190,6 +201,7 @@ def close(a: float | None, b: float | None, rel: float, abs_: float = 1e-9) -> b
 @pytest.mark.timeout(300)
 async def test_promql_source_matches_scrape_source(mesh: Mesh, prometheus: Prometheus) -> None:
     gw_metrics = f"http://127.0.0.1:{mesh.mesh.services['gateway'].metrics_port}/metrics"
+    orch_metrics = f"http://127.0.0.1:{mesh.mesh.services['orchestrator'].metrics_port}/metrics"
     probe = promql(prometheus, 60)
     # The model's series exist (one request) and Prometheus has them before the measurement.
     await generate(mesh, 1, 4)
@@ -232,7 +244,6 @@ async def test_promql_source_matches_scrape_source(mesh: Mesh, prometheus: Prome
             return got is not None and len(got) == 1 and got[0][1] == requests
 
         await eventually(prometheus_caught_up, timeout_s=60, what="prometheus saw every request")
-        orch_metrics = f"http://127.0.0.1:{mesh.mesh.services['orchestrator'].metrics_port}/metrics"
         admitted = metric(orch_metrics, names.ORCH_DECISIONS)
 
         async def prometheus_saw_admissions() -> bool:
@@ -269,10 +280,19 @@ async def test_promql_source_matches_scrape_source(mesh: Mesh, prometheus: Prome
     for name in ("arrival_rate", "prompt_tokens_rate", "completion_tokens_rate"):
         a, b = getattr(direct, name), getattr(via_prom, name)
         assert close(a, b, rel=0.25), f"{name}: direct {a} vs prometheus {b}"
-    # Percentiles: the same bucket increases, interpolated the same way.
-    for name in ("ttft_p90_s", "itl_p90_s", "queue_wait_p90_s"):
+    # Percentiles: the same bucket increases, interpolated the same way. The two windows'
+    # edges are each source's own samples, so an observation or two may fall in one window
+    # only; where the p90 sits at a bucket's edge that moves it into the next bucket. So the
+    # two agree closely, or lie in the same or adjacent buckets of the histogram served.
+    for name, url, hist in (
+        ("ttft_p90_s", gw_metrics, names.GATEWAY_TTFT),
+        ("itl_p90_s", gw_metrics, names.GATEWAY_ITL),
+        ("queue_wait_p90_s", orch_metrics, names.ORCH_QUEUE_WAIT),
+    ):
         a, b = getattr(direct, name), getattr(via_prom, name)
-        assert close(a, b, rel=0.15, abs_=1e-3), f"{name}: direct {a} vs prometheus {b}"
+        assert close(a, b, rel=0.15, abs_=1e-3) or (
+            a is not None and b is not None and buckets_apart(url, hist, a, b) <= 1
+        ), f"{name}: direct {a} vs prometheus {b}"
     assert direct.ttft_p90_s is not None
 
 
