@@ -61,7 +61,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from llmmesh.accelerators import DEFAULT_PROFILE
 from llmmesh.common.engine_metrics import EngineSample
@@ -281,17 +281,34 @@ class Orchestrator:
         ]
 
     def _awaited(self, candidates: Sequence[ReplicaView]) -> bool:
-        """Whether a queued request could be served by one of `candidates` (views judged
-        without load, as `_candidates` makes them): the profile's filters run once per kind of
-        waiter (model, version, pools, exclusions), so a long queue costs O(queue) lookups."""
+        """Whether a queued request could be served by one of `candidates` (replicas with
+        room): whether the profile's filters, judging every replica it may use as a decision
+        does (a pool lends by its own and the preferred pool's load), accept one of them for
+        it. The filters run once per kind of waiter (model, version, pools, exclusions), so a
+        long queue costs O(queue) lookups and O(kinds x replicas) filtering."""
         kinds: dict[tuple[object, ...], AdmissionRequest] = {}
         for w in self._queue.waiting():
             kinds.setdefault(w.kind, w.request)
-        for r in kinds.values():
-            usable = [c for c in candidates if c.id not in r.exclude_replicas]
-            if usable and self._scheduler.filter(self._request_view(r, NO_MATCHES), usable):
-                return True
-        return False
+        free = {c.id for c in candidates}
+        now = self._clock()
+        views = [self._view(st, now) for st in self._replicas.assignable()]
+        return any(self._accepts(r, NO_MATCHES, views, free) for r in kinds.values())
+
+    def _accepts(
+        self,
+        req: AdmissionRequest,
+        prefix: PrefixMatches,
+        views: Sequence[ReplicaView],
+        ids: Collection[str],
+    ) -> bool:
+        """Whether the profile's filters, run over `views` (every assignable replica's) less the
+        request's exclusions, keep one of the replicas `ids` for it, at capacity or not. Filters
+        judge a replica among the others (the pool filter lends by pools' utilization), so one
+        is never judged alone."""
+        usable = [v for v in views if v.id not in req.exclude_replicas]
+        return any(
+            v.id in ids for v in self._scheduler.filter(self._request_view(req, prefix), usable)
+        )
 
     def _kind(self, req: AdmissionRequest) -> tuple[object, ...]:
         """What decides which replicas may serve a request: what the profile's filters judge it
@@ -832,8 +849,9 @@ class Orchestrator:
 
     def _grant_affine(self, waiters: list[Waiter], window: int) -> list[Waiter]:
         """Grants, for each replica with room, the waiter with the longest cached prefix there
-        among the next `window` of the head's class, where the profile's filters accept that
-        replica for it (readiness, model, pool, version, circuit, KV; not one it excludes).
+        among the next `window` of the head's class, where the profile's filters, run over
+        every replica as a decision runs them, accept that replica for it (readiness, model,
+        pool and its lending, version, circuit, KV; not one it excludes).
         Each waiter it passes over counts the pass; none is passed more than `window` times:
         the search stops at one that was. Returns the waiters not granted, in service order."""
         now = self._clock()
@@ -869,8 +887,8 @@ class Orchestrator:
                 continue
             chosen = rest[best_i]
             req = chosen.request
-            decision = self._scheduler.decide(self._request_view(req, chosen.prefix), [v])
-            if decision.replica is None:
+            views = [self._view(s, now) for s in self._replicas.assignable()]
+            if not self._accepts(req, chosen.prefix, views, (rid,)):
                 continue
             lease = self._grant(req, chosen.prefix, chosen.enqueued_at, st)
             for w in rest[:best_i]:

@@ -768,6 +768,55 @@ async def test_a_cached_waiter_does_not_jump_to_a_replica_it_cannot_use(why: str
         assert order == [("cold", "r1"), ("hit-r1", "r0")]
 
 
+async def short_waiters_for_a_full_short_pool(
+    core: Orchestrator,
+) -> tuple[list[Lease], dict[str, asyncio.Task[Lease]]]:
+    """s0's two leases held (the short pool full), then two short requests queued: "cold",
+    and "hit-l0" whose prefix l0 holds (`ByFirstToken` by first tokens 100 and 101)."""
+    held = [await core.admit(first_token_req(f"hold{i}", 200 + i), 1.0) for i in range(2)]
+    assert [lease.replica.id for lease in held] == ["s0", "s0"]
+    queued = {
+        rid: asyncio.create_task(core.admit(first_token_req(rid, first), 5.0))
+        for rid, first in (("cold", 100), ("hit-l0", 101))
+    }
+    await assert_queued(core, 2)
+    return held, queued
+
+
+NO_LENDING_AFFINE = NO_LENDING.model_copy(update={"admission": AdmissionPolicy(affinity_window=16)})
+
+
+async def test_a_request_no_waiter_can_serve_is_granted_past_the_queue() -> None:
+    """Short requests wait for the full short pool; the long pool, which does not lend to them,
+    has room: a long request arriving is granted at once, not queued behind them until an
+    unrelated event (the pool filter judges l0 for the waiters among every replica, as their
+    decision would, not alone)."""
+    core, _ = await ready_core(policy=NO_LENDING_AFFINE, specs=POOL_SPECS, cap=8, queue=16)
+    held, queued = await short_waiters_for_a_full_short_pool(core)
+    long = await core.admit(req("long", prompt_len=500), 1.0)
+    assert long.replica.id == "l0"
+    assert core.queue_depth == 2
+    order = await grant_order(core, [lease.lease_id for lease in held], queued)
+    assert order == [("cold", "s0"), ("hit-l0", "s0")]
+
+
+async def test_a_cached_waiter_does_not_jump_to_a_pool_that_does_not_lend() -> None:
+    """The affinity pass judges a replica for a waiter as a decision over every replica would:
+    a long-pool replica holding a queued short request's prefix takes it only where the pool
+    filter, judging the pools' utilization, lets the long pool lend (here: never)."""
+    index = ByFirstToken({101: {"l0": 4}})
+    core, _ = await ready_core(
+        policy=NO_LENDING_AFFINE, specs=POOL_SPECS, cap=8, queue=16, prefix=index
+    )
+    long = await core.admit(req("long", prompt_len=500), 1.0)
+    assert long.replica.id == "l0"
+    held, queued = await short_waiters_for_a_full_short_pool(core)
+    core.complete(long.lease_id, Outcome.SUCCESS)  # an event with room on l0: a pass
+    await assert_queued(core, 2)
+    order = await grant_order(core, [lease.lease_id for lease in held], queued)
+    assert order == [("cold", "s0"), ("hit-l0", "s0")]
+
+
 async def test_a_queued_request_is_passed_over_at_most_window_times() -> None:
     index = ByFirstToken({101: {"r0": 4}})
     policy = Policy(admission=AdmissionPolicy(affinity_window=2))
