@@ -221,8 +221,8 @@ class LoadLedger:
         cached = max(0, min(cached_tokens, prompt_tokens - 1))
         if cached == 0:
             return 0.0
-        rep = self._replica(replica_id)
-        seqs, ctx = self._decoding(rep, self._clock())
+        rep = self._replicas.get(replica_id)  # a query: no entry for a replica unknown
+        seqs, ctx = (0, 0) if rep is None else self._decoding(rep, self._clock())
         saved = self._work.prefill_work_s(prompt_tokens, 0) - self._work.prefill_work_s(
             prompt_tokens - cached, cached
         )

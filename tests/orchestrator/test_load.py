@@ -178,6 +178,14 @@ def test_drop_replica_forgets_its_leases() -> None:
     led.complete("a")  # its lease completes later: no error
 
 
+def test_saved_time_is_a_query_that_keeps_no_replica() -> None:
+    led, _ = ledger(Grant("a", 1000, replica="s"))
+    idle = led.saved_s("s", 2000, 1000)  # s is granted, not decoding yet: no slowdown
+    assert idle == pytest.approx(W2000 - WORK.prefill_work_s(1000, 1000))
+    assert led.saved_s("gone", 2000, 1000) == idle
+    assert led.load("gone") is led.load("never-seen")  # both unknown: no entry was made
+
+
 def test_unique_share_is_the_uncached_part_of_the_leased_tokens() -> None:
     clock = Clock()
     led = LoadLedger(clock, WORK)
