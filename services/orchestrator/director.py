@@ -236,8 +236,13 @@ class Orchestrator:
             metrics.record_rejection(req.model, "no_replica")
             raise NoReplicaReady(self._unavailable_reason(req))
         if len(self._queue):
-            free = self._with_room(candidates)
-            if free and not self._awaited(free):
+            now = self._clock()
+            states = list(self._replicas.assignable())
+            views = [self._view(st, now) for st in states]
+            free = {
+                v.id for v in self._kept(req, prefix, states, views, now) if v.in_flight < v.cap
+            }
+            if free and not self._awaited(free, states, views, now):
                 # Waiters are queued, but none could be served by a replica with room this
                 # request can use (they wait for others: another model, version or pool, or
                 # ones they exclude): granted now, not at the next unrelated event, nor refused
@@ -271,44 +276,48 @@ class Orchestrator:
         self._wake_for_backlog()
         return await self._wait(waiter, wait_s)
 
-    def _with_room(self, candidates: Sequence[ReplicaView]) -> list[ReplicaView]:
-        """The candidates that have room now (`_room`)."""
-        now = self._clock()
-        return [
-            c
-            for c in candidates
-            if (st := self._replicas.get(c.id)) is not None and self._room(st, now)
-        ]
-
-    def _awaited(self, candidates: Sequence[ReplicaView]) -> bool:
-        """Whether a queued request could be served by one of `candidates` (replicas with
-        room): whether the profile's filters, judging every replica it may use as a decision
-        does (a pool lends by its own and the preferred pool's load), accept one of them for
-        it. The filters run once per kind of waiter (model, version, pools, exclusions), so a
-        long queue costs O(queue) lookups and O(kinds x replicas) filtering."""
+    def _awaited(
+        self,
+        free: Collection[str],
+        states: Sequence[ReplicaState],
+        views: Sequence[ReplicaView],
+        now: float,
+    ) -> bool:
+        """Whether a queued request could be served by one of the replicas `free` (ids of
+        replicas with room): whether the profile's filters, judging every assignable replica
+        (`states`, their `views`) as a decision does, keep one of them for it (`_kept`). They
+        run once per kind of waiter (model, version, pools, exclusions), judged without its
+        cached prefix: a long queue costs O(queue) lookups and O(kinds x replicas) filtering."""
         kinds: dict[tuple[object, ...], AdmissionRequest] = {}
         for w in self._queue.waiting():
             kinds.setdefault(w.kind, w.request)
-        free = {c.id for c in candidates}
-        now = self._clock()
-        views = [self._view(st, now) for st in self._replicas.assignable()]
-        return any(self._accepts(r, NO_MATCHES, views, free) for r in kinds.values())
+        return any(
+            v.id in free
+            for r in kinds.values()
+            for v in self._kept(r, NO_MATCHES, states, views, now)
+        )
 
-    def _accepts(
+    def _kept(
         self,
         req: AdmissionRequest,
         prefix: PrefixMatches,
+        states: Sequence[ReplicaState],
         views: Sequence[ReplicaView],
-        ids: Collection[str],
-    ) -> bool:
-        """Whether the profile's filters, run over `views` (every assignable replica's) less the
-        request's exclusions, keep one of the replicas `ids` for it, at capacity or not. Filters
-        judge a replica among the others (the pool filter lends by pools' utilization), so one
-        is never judged alone."""
-        usable = [v for v in views if v.id not in req.exclude_replicas]
-        return any(
-            v.id in ids for v in self._scheduler.filter(self._request_view(req, prefix), usable)
-        )
+        now: float,
+    ) -> Sequence[ReplicaView]:
+        """The replicas the profile's filters keep for the request, at capacity or not, judged
+        among every assignable replica (`states`, their `views`) as a decision (`_pick`)
+        judges them: less those it excludes, with the backlog caps its cached prefix lifts
+        lifted (`_exempt`). Filters judge a replica among the others (the pool filter lends by
+        the pools' utilization), so one is never judged alone."""
+        excluded = req.exclude_replicas
+        if excluded:
+            kept = [i for i, st in enumerate(states) if st.spec.id not in excluded]
+            states = [states[i] for i in kept]
+            views = [views[i] for i in kept]
+        if prefix.matched_blocks and self._max_backlog_s > 0:
+            views = self._exempt(req, prefix, states, list(views), now)
+        return self._scheduler.filter(self._request_view(req, prefix), views)
 
     def _kind(self, req: AdmissionRequest) -> tuple[object, ...]:
         """What decides which replicas may serve a request: what the profile's filters judge it
@@ -777,12 +786,15 @@ class Orchestrator:
         # replica has room, would. Each waiter not granted, but one waiting for a
         # scale-from-zero pool, is checked to still have a replica, once per kind. A long
         # queue costs the pass O(queue) plus a decision per kind and ledger change (and per
-        # waiter whose prefix may lift a cap), not a decision per waiter: waiters for a full
-        # pool would otherwise cost one each at every event while another pool has room.
+        # waiter whose prefix lifts a cap; `lifts` costs O(replicas it has cached) for each
+        # waiter with a cached prefix while a backlog caps some replica), not a decision per
+        # waiter: waiters for a full pool would otherwise cost one each at every event while
+        # another pool has room.
         room = True
         room_known = False  # `room` computed with the ledger as it is
         failed: set[tuple[object, ...]] = set()  # kinds a decision found no room for
-        capped: list[str] | None = None  # replicas capped by their prefill backlog
+        capped: dict[str, ReplicaState] | None = None  # replicas capped by their backlog
+        lifted: dict[tuple[str, int, int], bool] = {}  # (replica, prompt, cached) -> lifts
         servable: dict[tuple[object, ...], bool] = {}
         stamps = self._load.stamps
         seen = stamps.last
@@ -795,17 +807,39 @@ class Orchestrator:
             seen = stamps.last
             room_known, capped = False, None
             failed.clear()
+            lifted.clear()
 
         def lifts(w: Waiter) -> bool:
-            """Its cached prefix may lift a backlog cap for it (`_exempt`): a decision for it
-            may find room where one for its kind did not."""
+            """Its cached prefix lifts a backlog cap for it (`_exempt`: on a replica it does
+            not exclude, the prefill it saves there covers the backlog's excess): a decision
+            for it may find room where one for its kind did not. O(replicas it has cached)."""
             nonlocal capped
-            if not w.prefix.matched_blocks or self._max_backlog_s <= 0:
+            prefix = w.prefix
+            if not prefix.matched_blocks or self._max_backlog_s <= 0:
                 return False
             if capped is None:
-                capped = [st.spec.id for st in self._replicas.assignable() if self._backlogged(st)]
-            prompt = w.request.prompt_tokens
-            return any(w.prefix.cached_tokens(rid, prompt) for rid in capped)
+                capped = {
+                    st.spec.id: st for st in self._replicas.assignable() if self._backlogged(st)
+                }
+            if not capped:
+                return False
+            req = w.request
+            prompt = req.prompt_tokens
+            for rid in prefix.matched_blocks:
+                st = capped.get(rid)
+                if st is None or rid in req.exclude_replicas:
+                    continue
+                cached = prefix.cached_tokens(rid, prompt)
+                if not cached:
+                    continue
+                key = (rid, prompt, cached)
+                ok = lifted.get(key)
+                if ok is None:
+                    saved = self._load.saved_s(rid, prompt, cached)
+                    ok = lifted[key] = not self._backlogged(st, saved)
+                if ok:
+                    return True
+            return False
 
         window = self._policy.admission.affinity_window
         if window > 0 and len(waiters) > 1 and self._scheduler.profile.queue_affinity:
@@ -849,9 +883,9 @@ class Orchestrator:
 
     def _grant_affine(self, waiters: list[Waiter], window: int) -> list[Waiter]:
         """Grants, for each replica with room, the waiter with the longest cached prefix there
-        among the next `window` of the head's class, where the profile's filters, run over
-        every replica as a decision runs them, accept that replica for it (readiness, model,
-        pool and its lending, version, circuit, KV; not one it excludes).
+        among the next `window` of the head's class, where the profile's filters, judging every
+        replica as a decision does (`_kept`), keep that replica for it (readiness, model, pool
+        and its lending, version, circuit, KV; not one it excludes).
         Each waiter it passes over counts the pass; none is passed more than `window` times:
         the search stops at one that was. Returns the waiters not granted, in service order."""
         now = self._clock()
@@ -863,10 +897,12 @@ class Orchestrator:
                 self._view(st, now)
             return waiters
         rest = waiters
-        for st in self._replicas.assignable():
+        states = list(self._replicas.assignable())
+        views: list[ReplicaView] | None = None  # every replica's, until a grant changes one
+        for st in states:
             if len(rest) < 2:
                 break
-            v = self._view(st, now)  # the scheduler's cap filter reads the same view
+            v = self._view(st, now)  # the same view `_kept` judges
             if v.in_flight >= v.cap:
                 continue
             rid = st.spec.id
@@ -887,10 +923,12 @@ class Orchestrator:
                 continue
             chosen = rest[best_i]
             req = chosen.request
-            views = [self._view(s, now) for s in self._replicas.assignable()]
-            if not self._accepts(req, chosen.prefix, views, (rid,)):
+            if views is None:
+                views = [self._view(s, now) for s in states]
+            if not any(k.id == rid for k in self._kept(req, chosen.prefix, states, views, now)):
                 continue
             lease = self._grant(req, chosen.prefix, chosen.enqueued_at, st)
+            views = None
             for w in rest[:best_i]:
                 w.passed += 1
             rest = rest[:best_i] + rest[best_i + 1 :]

@@ -800,6 +800,23 @@ async def test_a_request_no_waiter_can_serve_is_granted_past_the_queue() -> None
     assert order == [("cold", "s0"), ("hit-l0", "s0")]
 
 
+async def test_a_request_a_lending_pool_would_serve_is_granted_past_an_unrelated_waiter() -> None:
+    """The short pool is full and the long pool idle, so it lends; W1, queued, excludes l0. A
+    short request arriving is granted l0 at once, as its decision picks, not queued until an
+    unrelated event: whether a replica with room is free for it is judged with the pools'
+    load (the lending), not on views without load."""
+    core, _ = await ready_core(policy=POOLS, specs=POOL_SPECS, cap=8, queue=16)
+    held = [await core.admit(req(f"h{i}"), 1.0) for i in range(2)]
+    assert [lease.replica.id for lease in held] == ["s0", "s0"]
+    w1 = asyncio.create_task(
+        core.admit(dataclasses.replace(req("W1"), exclude_replicas=frozenset({"l0"})), 5.0)
+    )
+    await assert_queued(core, 1)
+    assert (await core.admit(req("S"), 1.0)).replica.id == "l0"
+    assert core.queue_depth == 1
+    await cancel_all([w1])
+
+
 async def test_a_cached_waiter_does_not_jump_to_a_pool_that_does_not_lend() -> None:
     """The affinity pass judges a replica for a waiter as a decision over every replica would:
     a long-pool replica holding a queued short request's prefix takes it only where the pool
@@ -1030,6 +1047,36 @@ async def test_a_queued_request_whose_cached_prefix_lifts_the_backlog_cap_is_gra
     uncached.cancel()
 
 
+async def test_waiters_whose_cached_prefix_cannot_lift_a_cap_cost_no_decision_each() -> None:
+    # R is capped by an 8k-token prefill's backlog; S (another version) has room. 20 waiters
+    # for R's version each hold a tenth of their prompt on R: too little to cover the
+    # backlog's excess (`_exempt`), so one decision for their kind stands for them all.
+    index = FixedPrefix(PrefixMatches(250, {}))
+    specs = [
+        ReplicaSpec(id="R", grpc_address="a:1", model_version="a"),
+        ReplicaSpec(id="S", grpc_address="a:2", model_version="b"),
+    ]
+    core, _ = await ready_core(cap=8, queue=64, specs=specs, prefix=index, policy=BACKLOG_BOUND)
+    await core.admit(req("r", prompt_len=8000, version="a"), 5.0)
+    waiters = await queue_each(
+        core, index, [(req(f"w{i}", prompt_len=8000, version="a"), {"R": 25}) for i in range(20)]
+    )
+    assert core.queue_depth == 20
+    decisions = 0
+    decide = core._scheduler.decide
+
+    def counted(request: RequestView, replicas: Sequence[ReplicaView]) -> Decision:
+        nonlocal decisions
+        decisions += 1
+        return decide(request, replicas)
+
+    core._scheduler.decide = counted  # type: ignore[method-assign]
+    await core.scrape_once()  # an event: a pass
+    assert decisions == 1
+    assert core.queue_depth == 20
+    await cancel_all(waiters.values())
+
+
 async def test_a_pass_that_took_the_last_slot_decides_for_no_one_after_a_failure() -> None:
     # R is backlogged, S has one slot left. A pass (S frees one): L1 finds no room, B1 takes
     # S's slot, L2 then finds none and no replica has room: W (cached on R) waits too, as it
@@ -1095,6 +1142,48 @@ async def test_a_grant_in_a_pass_that_backlogs_a_replica_still_lets_a_cached_pre
     assert (await waiters["Y"]).replica.id == "R"
     assert (await waiters["W"]).replica.id == "R"
     await cancel_all(waiters.values())
+
+
+async def test_the_affinity_pass_judges_a_pool_as_busy_only_as_a_decision_would() -> None:
+    # s1 (short pool) is capped by a 40k-token prefill's backlog; l1 (long pool) holds two
+    # short requests it was lent. L (long) then W (short, its whole prompt cached on s1 and a
+    # little on l1) queue. Once the backlog has run down enough for W's cached prefix to lift
+    # s1's cap, a pass with room on l1: a decision for W sees the short pool with room (the
+    # cap lifted) and lends it nothing, so the affinity pass leaves l1 to L at the head, and
+    # W's own decision then lets it onto s1.
+    clock = ManualClock()
+    index = FixedPrefix(PrefixMatches(250, {}))
+    specs = [
+        ReplicaSpec(id="s1", grpc_address="a:1", pool="short"),
+        ReplicaSpec(id="l1", grpc_address="a:2", pool="long"),
+    ]
+    policy = Policy(
+        pools={
+            "short": PoolPolicy(max_prompt_tokens=40000),
+            "long": PoolPolicy(max_prompt_tokens=100000, max_in_flight_per_replica=2),
+        },
+        plugins=[
+            PluginConfig(name="pool", type="pool-filter", params={"lend_below_utilization": 0.9})
+        ],
+        capacity=CapacityPolicy(max_prefill_backlog_s=0.01),
+        admission=AdmissionPolicy(affinity_window=16),
+    )
+    core, _ = await ready_core(
+        cap=8, queue=16, specs=specs, prefix=index, policy=policy, clock=clock
+    )
+    assert (await core.admit(req("r", prompt_len=40000), 5.0)).replica.id == "s1"
+    held = [await core.admit(req(f"h{i}", prompt_len=100), 5.0) for i in range(2)]
+    assert [h.replica.id for h in held] == ["l1", "l1"]  # lent: s1 is capped
+    waiters = await queue_each(
+        core,
+        index,
+        [(req("L", prompt_len=30000), {}), (req("W", prompt_len=16000), {"s1": 250, "l1": 10})],
+    )
+    assert core.queue_depth == 2  # W's prefix saves less than s1's backlog exceeds the bound
+    clock.t += 1.8  # s1's backlog (~2.2 s of prefill) has run down to ~0.4 s
+    core.complete(held[0].lease_id, Outcome.SUCCESS)  # a pass, room on l1
+    assert (await waiters["L"]).replica.id == "l1"
+    assert (await waiters["W"]).replica.id == "s1"  # as decisions in service order grant
 
 
 async def test_a_kind_that_failed_only_with_a_cached_prefix_is_still_lent_a_larger_pool() -> None:
