@@ -101,10 +101,11 @@ class PluginParams(BaseModel):
 
 @runtime_checkable
 class Filter(Protocol):
-    """Required of a filter (not enforced): it judges a request by its model, model_version,
-    pools and known_pools only. The director groups queued requests by these and their excluded
-    replicas (`Orchestrator._kind`; known_pools is the same for all) and, per group, checks
-    servability once and skips deciding after a decision found no room."""
+    """Required of a filter (a property test holds every registered one to it): it judges a
+    request by its model, model_version, pools and known_pools only. The director groups
+    queued requests by these and their excluded replicas (`Orchestrator._kind`; known_pools
+    is the same for all) and, per group, checks servability once and skips deciding after a
+    decision found no room."""
 
     TYPE: ClassVar[str]
 
