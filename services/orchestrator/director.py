@@ -61,7 +61,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from llmmesh.accelerators import DEFAULT_PROFILE
 from llmmesh.common.engine_metrics import EngineSample
@@ -210,10 +210,9 @@ class Orchestrator:
         prefix = await self._feedback.lookup(
             req.prompt_token_ids, self._replicas.ids(), req.prompt_hashes
         )
-        if not len(self._queue):
-            lease = self._try_grant(req, prefix, start)
-            if lease is not None:
-                return lease
+        lease = self._grant_now(req, prefix, start)
+        if lease is not None:
+            return lease
         # Only a request that cannot be granted now pays for the servability check.
         candidates = self._candidates(req)
         if (
@@ -224,10 +223,9 @@ class Orchestrator:
             # Just started: wait for the first health round rather than refuse (bounded).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._probed.wait(), self._settings.health_timeout_s)
-            if not len(self._queue):
-                lease = self._try_grant(req, prefix, start)
-                if lease is not None:
-                    return lease
+            lease = self._grant_now(req, prefix, start)
+            if lease is not None:
+                return lease
             candidates = self._candidates(req)
         # A request a scale-from-zero pool would serve waits for it whenever it finds no
         # replica, now or later in the queue (its last replica drained or failed).
@@ -235,21 +233,6 @@ class Orchestrator:
         if not candidates and activation is None:
             metrics.record_rejection(req.model, "no_replica")
             raise NoReplicaReady(self._unavailable_reason(req))
-        if len(self._queue):
-            now = self._clock()
-            states = list(self._replicas.assignable())
-            views = [self._view(st, now) for st in states]
-            free = {
-                v.id for v in self._kept(req, prefix, states, views, now) if v.in_flight < v.cap
-            }
-            if free and not self._awaited(free, states, views, now):
-                # Waiters are queued, but none could be served by a replica with room this
-                # request can use (they wait for others: another model, version or pool, or
-                # ones they exclude): granted now, not at the next unrelated event, nor refused
-                # for a queue it need not wait in. Else it waits in line, as every waiter does.
-                lease = self._try_grant(req, prefix, start)
-                if lease is not None:
-                    return lease
         # The caller's deadline counts from the Admit's start (the lookup, the first health
         # round's wait); the default wait counts from here.
         wait_s = (
@@ -276,26 +259,29 @@ class Orchestrator:
         self._wake_for_backlog()
         return await self._wait(waiter, wait_s)
 
-    def _awaited(
-        self,
-        free: Collection[str],
-        states: Sequence[ReplicaState],
-        views: Sequence[ReplicaView],
-        now: float,
-    ) -> bool:
-        """Whether a queued request could be served by one of the replicas `free` (ids of
-        replicas with room): whether the profile's filters, judging every assignable replica
-        (`states`, their `views`) as a decision does, keep one of them for it (`_kept`). They
-        run once per kind of waiter (model, version, pools, exclusions), judged without its
-        cached prefix: a long queue costs O(queue) lookups and O(kinds x replicas) filtering."""
-        kinds: dict[tuple[object, ...], AdmissionRequest] = {}
-        for w in self._queue.waiting():
-            kinds.setdefault(w.kind, w.request)
-        return any(
-            v.id in free
-            for r in kinds.values()
-            for v in self._kept(r, NO_MATCHES, states, views, now)
-        )
+    def _grant_now(
+        self, req: AdmissionRequest, prefix: PrefixMatches, start: float
+    ) -> Lease | None:
+        """The request's lease now, if its decision finds room once the queued requests had
+        theirs: with a queue, and room for it (`_room_for`), a pass decides for each waiter in
+        service order first (each waiter it leaves queued found no room, or shares a kind and
+        lifted caps with one that found none), then the request is decided for. A request the
+        waiters cannot use the room of is granted now, not at the next unrelated event; one
+        they can waits in line. Without room for it, no pass and no decision: it waits in
+        line, and the waiters for the next event. With a long queue the pass costs O(queue)
+        per such Admit (`make bench-backlog`)."""
+        if len(self._queue):
+            if not self._room_for(req, prefix):
+                return None
+            self._dispatch()
+        return self._try_grant(req, prefix, start)
+
+    def _room_for(self, req: AdmissionRequest, prefix: PrefixMatches) -> bool:
+        """Some replica the profile's filters keep for the request (`_kept`) has room."""
+        now = self._clock()
+        states = list(self._replicas.assignable())
+        views = [self._view(st, now) for st in states]
+        return any(v.in_flight < v.cap for v in self._kept(req, prefix, states, views, now))
 
     def _kept(
         self,
@@ -322,8 +308,9 @@ class Orchestrator:
     def _kind(self, req: AdmissionRequest) -> tuple[object, ...]:
         """What decides which replicas may serve a request: what the profile's filters judge it
         by (`Filter`: model, version, pools) and the replicas it excludes. Requests of one kind
-        pass the filters on the same replicas; only a cached prefix's backlog exemption
-        (`_exempt`) tells them apart."""
+        pass the filters on the same replicas under the same caps; only the backlog caps a
+        cached prefix lifts (`_exempt`) tell them apart (a lifted cap can also change a pool's
+        lending)."""
         pools = self._policy.pools_for(req.prompt_tokens)
         return (
             req.model,
@@ -777,54 +764,57 @@ class Orchestrator:
         blocked: list[Waiter] = []
         # Some of what the pass learns holds only while the load ledger is unchanged (a grant
         # changes it, and so may any view the pass builds, applying an engine sample stored
-        # since): whether some replica has room (`room_known`); the kinds of waiter (`_kind`)
-        # a decision found no room for (another of the kind would find none either, unless
-        # its cached prefix may lift a backlog cap: `_exempt`); which replicas are
-        # backlog-capped. Once no replica has room (`_has_room`, which lifts no cap), no later
-        # waiter is decided for: no grant follows, and an applied sample only lengthens a
-        # backlog. So the pass grants what one deciding for each waiter in turn, until no
-        # replica has room, would. Each waiter not granted, but one waiting for a
+        # since): whether some replica has room (`room_known`); which replicas are capped by
+        # their backlog, and which of those caps a waiter's cached prefix lifts (`_exempt`);
+        # the kinds of waiter (`_kind`) with the caps they lift that a decision found no room
+        # for (another such waiter would find none either: the filters judge its kind, the
+        # cap filter those caps). Once no replica has room (`_has_room`, which lifts no cap),
+        # only a waiter whose prefix lifts a cap is decided for: no other grant follows, and
+        # an applied sample only lengthens a backlog. So the pass grants what one deciding for
+        # each waiter in turn would. Each waiter not granted, but one waiting for a
         # scale-from-zero pool, is checked to still have a replica, once per kind. A long
-        # queue costs the pass O(queue) plus a decision per kind and ledger change (and per
-        # waiter whose prefix lifts a cap; `lifts` costs O(replicas it has cached) for each
-        # waiter with a cached prefix while a backlog caps some replica), not a decision per
-        # waiter: waiters for a full pool would otherwise cost one each at every event while
-        # another pool has room.
+        # queue costs the pass O(queue) plus a decision per kind, set of lifted caps and
+        # ledger change (and `lifts`, O(replicas it has cached), for each waiter with a cached
+        # prefix while a backlog caps some replica), not a decision per waiter: waiters for a
+        # full pool would otherwise cost one each at every event while another pool has room.
         room = True
         room_known = False  # `room` computed with the ledger as it is
-        failed: set[tuple[object, ...]] = set()  # kinds a decision found no room for
+        # (kind, caps lifted) a decision found no room for
+        failed: set[tuple[tuple[object, ...], frozenset[str]]] = set()
         capped: dict[str, ReplicaState] | None = None  # replicas capped by their backlog
         lifted: dict[tuple[str, int, int], bool] = {}  # (replica, prompt, cached) -> lifts
         servable: dict[tuple[object, ...], bool] = {}
         stamps = self._load.stamps
         seen = stamps.last
+        none: frozenset[str] = frozenset()
 
         def forget() -> None:
             """The ledger changed: forget what depends on it (whether some replica has room,
-            the failed kinds, the capped replicas). Servability (judged without load) and a
-            False `room` stand."""
+            the capped replicas and the caps prefixes lift, the failed kinds). Servability
+            (judged without load) and a False `room` stand."""
             nonlocal seen, room_known, capped
             seen = stamps.last
             room_known, capped = False, None
             failed.clear()
             lifted.clear()
 
-        def lifts(w: Waiter) -> bool:
-            """Its cached prefix lifts a backlog cap for it (`_exempt`: on a replica it does
-            not exclude, the prefill it saves there covers the backlog's excess): a decision
-            for it may find room where one for its kind did not. O(replicas it has cached)."""
+        def lifts(w: Waiter) -> frozenset[str]:
+            """The backlog-capped replicas whose cap its cached prefix lifts (`_exempt`: ones
+            it does not exclude, where the prefill it saves covers the backlog's excess).
+            O(replicas it has cached)."""
             nonlocal capped
             prefix = w.prefix
             if not prefix.matched_blocks or self._max_backlog_s <= 0:
-                return False
+                return none
             if capped is None:
                 capped = {
                     st.spec.id: st for st in self._replicas.assignable() if self._backlogged(st)
                 }
             if not capped:
-                return False
+                return none
             req = w.request
             prompt = req.prompt_tokens
+            out: list[str] = []
             for rid in prefix.matched_blocks:
                 st = capped.get(rid)
                 if st is None or rid in req.exclude_replicas:
@@ -838,8 +828,8 @@ class Orchestrator:
                     saved = self._load.saved_s(rid, prompt, cached)
                     ok = lifted[key] = not self._backlogged(st, saved)
                 if ok:
-                    return True
-            return False
+                    out.append(rid)
+            return frozenset(out) if out else none
 
         window = self._policy.admission.affinity_window
         if window > 0 and len(waiters) > 1 and self._scheduler.profile.queue_affinity:
@@ -850,13 +840,14 @@ class Orchestrator:
             if stamps.last != seen:
                 forget()
             kind = waiter.kind
-            if room and (kind not in failed or lifts(waiter)):
+            caps = lifts(waiter)
+            if (room or caps) and (kind, caps) not in failed:
                 lease = self._try_grant(req, waiter.prefix, waiter.enqueued_at)
                 if lease is None:
                     if stamps.last != seen:
                         forget()  # its views applied samples: it found no room with them
-                    if not lifts(waiter):
-                        failed.add(kind)
+                        caps = lifts(waiter)
+                    failed.add((kind, caps))
             if lease is None:
                 # A waiter for a scale-from-zero pool stays until its activation timeout.
                 if waiter.activation is None:

@@ -92,6 +92,19 @@ def state(core: Orchestrator, rid: str) -> ReplicaState:
     return next(s for s in core.replicas() if s.spec.id == rid)
 
 
+def count_decisions(core: Orchestrator) -> list[str]:
+    """From now on, each of `core`'s scheduling decisions appends its request's model here."""
+    made: list[str] = []
+    decide = core._scheduler.decide
+
+    def counted(request: RequestView, replicas: Sequence[ReplicaView]) -> Decision:
+        made.append(request.model)
+        return decide(request, replicas)
+
+    core._scheduler.decide = counted  # type: ignore[method-assign]
+    return made
+
+
 async def ready_core(
     n: int = 2,
     cap: int = 2,
@@ -326,10 +339,11 @@ async def test_a_new_request_does_not_take_a_replica_a_waiter_can_use() -> None:
     core._leases.pop(first.lease_id)
     core._replicas.release(st.spec.id, first.granted_at)
     later = asyncio.create_task(core.admit(req("c"), 5.0))
-    await assert_queued(core, 2)  # c waits in line behind it, the replica untaken
-    assert st.in_flight == 0
+    await assert_queued(core, 1)  # c's arrival decides for w first: w takes the room
+    assert (await queued).replica.id == st.spec.id
+    assert st.in_flight == 1
+    assert not later.done()  # c waits in line
     later.cancel()
-    queued.cancel()
 
 
 class _SlowLookup(FixedPrefix):
@@ -558,17 +572,9 @@ async def test_waiters_for_a_full_pool_cost_one_decision_per_event_not_one_each(
     short = await core.admit(req("short", prompt_len=10), 1.0)
     assert short.replica.id == "s0"  # granted now: no waiter could use the short pool
 
-    decisions = 0
-    decide = core._scheduler.decide
-
-    def counted(request: RequestView, replicas: Sequence[ReplicaView]) -> Decision:
-        nonlocal decisions
-        decisions += 1
-        return decide(request, replicas)
-
-    core._scheduler.decide = counted  # type: ignore[method-assign]
+    decisions = count_decisions(core)
     assert core.complete(short.lease_id, Outcome.SUCCESS)
-    assert decisions == 1
+    assert len(decisions) == 1
     assert core.queue_depth == 30
 
     assert core.complete(held.lease_id, Outcome.SUCCESS)
@@ -1025,26 +1031,50 @@ BACKLOG_BOUND = Policy(capacity=CapacityPolicy(max_prefill_backlog_s=0.01))
 async def test_a_queued_request_whose_cached_prefix_lifts_the_backlog_cap_is_granted_in_a_pass() -> (
     None
 ):
-    # Both wait for version "a" behind r0's backlog; r1 (version "b") has room. In the next pass
-    # the first (nothing cached) finds none; the second, of the same kind, is still decided for:
-    # its prefix on r0 saves the backlog's excess there.
+    # Both wait for version "a" behind r0's backlog (a 30k-token prefill, ~1.5 s); r1 (version
+    # "b") has room. c's whole 8k-token prompt is cached on r0 (~0.3 s of prefill saved, less
+    # than the backlog's excess): it waits too. Once the backlog has run down to ~0.2 s, the
+    # next pass: the first (nothing cached) finds no room; the second, of the same kind, is
+    # still decided for: its prefix on r0 now saves the backlog's excess there.
+    clock = ManualClock()
     index = FixedPrefix(PrefixMatches(250, {}))
     specs = [
         ReplicaSpec(id="r0", grpc_address="a:1", model_version="a"),
         ReplicaSpec(id="r1", grpc_address="a:2", model_version="b"),
     ]
-    core, _ = await ready_core(cap=8, policy=BACKLOG_BOUND, prefix=index, specs=specs)
-    await core.admit(req("long", prompt_len=8000, version="a"), 5.0)
-    uncached = asyncio.ensure_future(core.admit(req("u", prompt_len=8000, version="a"), 5.0))
-    await assert_queued(core, 1)
-    index.matches = PrefixMatches(250, {"r0": 250})
-    cached = asyncio.ensure_future(core.admit(req("c", prompt_len=8000, version="a"), 5.0))
-    await assert_queued(core, 2)  # waiters for r0 are queued: it waits in line
+    core, _ = await ready_core(cap=8, policy=BACKLOG_BOUND, prefix=index, specs=specs, clock=clock)
+    await core.admit(req("long", prompt_len=30000, version="a"), 5.0)
+    waiters = await queue_each(
+        core,
+        index,
+        [
+            (req("u", prompt_len=8000, version="a"), {}),
+            (req("c", prompt_len=8000, version="a"), {"r0": 250}),
+        ],
+    )
+    assert core.queue_depth == 2
+    clock.t += 1.3
     await core.scrape_once()  # an event: a pass over the queue
     assert core.queue_depth == 1  # one left the queue in that pass
-    assert (await cached).replica.id == "r0"
-    assert not uncached.done()
-    uncached.cancel()
+    assert (await waiters["c"]).replica.id == "r0"
+    assert not waiters["u"].done()
+    await cancel_all(waiters.values())
+
+
+async def test_a_request_whose_cached_prefix_lifts_a_cap_is_granted_past_waiters_without() -> None:
+    # r0 is capped by an 8k-token prefill's backlog (~0.3 s); u waits for it. c's whole 8k
+    # prompt is cached there, which saves the backlog's excess: its decision finds room that
+    # u's does not, so c is granted on arrival, not queued behind u until an unrelated event.
+    index = FixedPrefix(PrefixMatches(250, {}))
+    core, _ = await ready_core(n=1, cap=8, policy=BACKLOG_BOUND, prefix=index)
+    await core.admit(req("long", prompt_len=8000), 5.0)
+    waiters = await queue_each(
+        core, index, [(req("u", prompt_len=8000), {}), (req("c", prompt_len=8000), {"r0": 250})]
+    )
+    assert (await waiters["c"]).replica.id == "r0"
+    assert core.queue_depth == 1
+    assert not waiters["u"].done()
+    await cancel_all(waiters.values())
 
 
 async def test_waiters_whose_cached_prefix_cannot_lift_a_cap_cost_no_decision_each() -> None:
@@ -1062,32 +1092,68 @@ async def test_waiters_whose_cached_prefix_cannot_lift_a_cap_cost_no_decision_ea
         core, index, [(req(f"w{i}", prompt_len=8000, version="a"), {"R": 25}) for i in range(20)]
     )
     assert core.queue_depth == 20
-    decisions = 0
-    decide = core._scheduler.decide
-
-    def counted(request: RequestView, replicas: Sequence[ReplicaView]) -> Decision:
-        nonlocal decisions
-        decisions += 1
-        return decide(request, replicas)
-
-    core._scheduler.decide = counted  # type: ignore[method-assign]
+    decisions = count_decisions(core)
     await core.scrape_once()  # an event: a pass
-    assert decisions == 1
+    assert len(decisions) == 1
     assert core.queue_depth == 20
     await cancel_all(waiters.values())
 
 
-async def test_a_pass_that_took_the_last_slot_decides_for_no_one_after_a_failure() -> None:
-    # R is backlogged, S has one slot left. A pass (S frees one): L1 finds no room, B1 takes
-    # S's slot, L2 then finds none and no replica has room: W (cached on R) waits too, as it
-    # would were every waiter decided for in turn.
+async def test_waiters_whose_prefix_lifts_a_cap_their_pool_cannot_use_cost_one_decision() -> None:
+    # The short pool (s0) is full and the long pool lends nothing; l0 is capped by a 40k-token
+    # prefill's backlog, run down to ~0.3 s. 50 short waiters each hold their whole prompt on
+    # l0 (~0.7 s saved: it lifts l0's cap), a replica their pool may not use: one decision
+    # for their kind with that cap lifted stands for them all.
+    clock = ManualClock()
+    index = FixedPrefix(PrefixMatches(250, {}))
+    specs = [
+        ReplicaSpec(id="s0", grpc_address="a:1", pool="short"),
+        ReplicaSpec(id="l0", grpc_address="a:2", pool="long"),
+        ReplicaSpec(id="l1", grpc_address="a:3", pool="long"),
+    ]
+    policy = NO_LENDING.model_copy(
+        update={
+            "pools": {
+                "short": PoolPolicy(max_prompt_tokens=20000, max_in_flight_per_replica=1),
+                "long": PoolPolicy(max_prompt_tokens=100000),
+            },
+            "capacity": CapacityPolicy(max_prefill_backlog_s=0.01),
+        }
+    )
+    core, _ = await ready_core(
+        cap=8, queue=100, specs=specs, prefix=index, policy=policy, clock=clock
+    )
+    await core.admit(req("s", prompt_len=10), 5.0)
+    big = dataclasses.replace(req("big", prompt_len=40000), exclude_replicas=frozenset({"l1"}))
+    assert (await core.admit(big, 5.0)).replica.id == "l0"
+    waiters = await queue_each(
+        core, index, [(req(f"w{i}", prompt_len=16000), {"l0": 250}) for i in range(50)]
+    )
+    assert core.queue_depth == 50
+    clock.t += 1.9
+    decisions = count_decisions(core)
+    await core.scrape_once()  # an event: a pass
+    assert len(decisions) == 1
+    assert core.queue_depth == 50
+    await cancel_all(waiters.values())
+
+
+async def test_a_pass_that_took_the_last_slot_still_lets_a_cached_prefix_in() -> None:
+    # R is backlogged (a 30k-token prefill, ~1.5 s), S has one slot left. W's whole 16k
+    # prompt is cached on R (~0.7 s saved): less than the excess at first. Once the backlog has
+    # run down to ~0.5 s, a pass (S frees one): L1 finds no room, B1 takes S's slot, L2 is of
+    # L1's kind, and no replica has room, lifting no cap; W's prefix lifts R's: W is still
+    # decided for, as it would be were every waiter decided for in turn, and granted R.
+    clock = ManualClock()
     index = FixedPrefix(PrefixMatches(250, {}))
     specs = [
         ReplicaSpec(id="R", grpc_address="a:1", model_version="a"),
         ReplicaSpec(id="S", grpc_address="a:2", model_version="b"),
     ]
-    core, _ = await ready_core(cap=2, queue=100, specs=specs, prefix=index, policy=BACKLOG_BOUND)
-    await core.admit(req("r", prompt_len=8000, version="a"), 5.0)
+    core, _ = await ready_core(
+        cap=2, queue=100, specs=specs, prefix=index, policy=BACKLOG_BOUND, clock=clock
+    )
+    await core.admit(req("r", prompt_len=30000, version="a"), 5.0)
     s1 = await core.admit(req("s1", version="b"), 5.0)
     await core.admit(req("s2", version="b"), 5.0)
     waiters = await queue_each(
@@ -1101,17 +1167,20 @@ async def test_a_pass_that_took_the_last_slot_decides_for_no_one_after_a_failure
         ],
     )
     assert core.queue_depth == 4
+    clock.t += 1.0
     assert core.complete(s1.lease_id, Outcome.SUCCESS)  # a pass
-    assert core.queue_depth == 3
+    assert core.queue_depth == 2
     assert (await waiters["B1"]).replica.id == "S"
-    assert not any(waiters[n].done() for n in ("L1", "L2", "W"))
+    assert (await waiters["W"]).replica.id == "R"
+    assert not any(waiters[n].done() for n in ("L1", "L2"))
     await cancel_all(waiters.values())
 
 
 async def test_a_grant_in_a_pass_that_backlogs_a_replica_still_lets_a_cached_prefix_in() -> None:
-    # R's backlog has drained; P stays backlogged; Q (idle) keeps room. In one pass: X1 finds
-    # no room, X2 (a prefix elsewhere) neither; Y takes R and backlogs it again; Z finds no
-    # room; W (its whole prompt cached on R) is still decided for and granted there.
+    # R's backlog (a 20k-token prefill, ~0.9 s: more than W's whole cached 16k prompt saves,
+    # so W waits too) has drained; P stays backlogged; Q (idle) keeps room. In one pass: X1
+    # finds no room, X2 (a prefix elsewhere) neither; Y takes R and backlogs it again (~0.3 s);
+    # Z finds no room; W (its prefix saving ~0.7 s on R) is still decided for and granted there.
     clock = ManualClock()
     index = FixedPrefix(PrefixMatches(250, {}))
     specs = [
@@ -1122,7 +1191,7 @@ async def test_a_grant_in_a_pass_that_backlogs_a_replica_still_lets_a_cached_pre
     core, _ = await ready_core(
         cap=8, queue=100, specs=specs, prefix=index, policy=BACKLOG_BOUND, clock=clock
     )
-    await core.admit(req("r", prompt_len=8000, version="a"), 5.0)
+    await core.admit(req("r", prompt_len=20000, version="a"), 5.0)
     await core.admit(req("p", prompt_len=60000, version="c"), 5.0)
     waiters = await queue_each(
         core,
@@ -1136,7 +1205,7 @@ async def test_a_grant_in_a_pass_that_backlogs_a_replica_still_lets_a_cached_pre
         ],
     )
     assert core.queue_depth == 5
-    clock.t += 0.3  # R's backlog (one 8k-token prefill, ~0.1 s) has run down; P's has not
+    clock.t += 0.9  # R's backlog has run down; P's (a 60k-token prefill) has not
     await core.scrape_once()  # a pass
     assert core.queue_depth == 3
     assert (await waiters["Y"]).replica.id == "R"
@@ -1187,10 +1256,11 @@ async def test_the_affinity_pass_judges_a_pool_as_busy_only_as_a_decision_would(
 
 
 async def test_a_kind_that_failed_only_with_a_cached_prefix_is_still_lent_a_larger_pool() -> None:
-    # s1 (short pool) is backlogged and nearly out of KV; l1 (long) is idle. w0 (cached on s1)
-    # fails: lifting s1's backlog cap for it makes the short pool look free (no lending), and
-    # the KV watermark then drops s1. w, of its kind and uncached, sees s1 capped: the long
-    # pool lends, and w is granted there in the same pass.
+    # s1 (short pool) is backlogged and nearly out of KV; l1 (long) is capped by a long
+    # request's backlog, so it lends nothing and both short requests queue. It ends: a pass.
+    # w0 (cached on s1) fails: lifting s1's backlog cap for it makes the short pool look free
+    # (no lending), and the KV watermark then drops s1. w, of its kind and uncached, sees s1
+    # capped: the long pool lends, and w is granted there in the same pass.
     index = FixedPrefix(PrefixMatches(250, {}))
     specs = [
         ReplicaSpec(id="s1", grpc_address="a:1", pool="short"),
@@ -1209,11 +1279,13 @@ async def test_a_kind_that_failed_only_with_a_cached_prefix_is_still_lent_a_larg
     assert (await core.admit(req("r", prompt_len=8000), 5.0)).replica.id == "s1"
     sample = EngineSample(active=1, waiting=0, kv_used=95, kv_max=100)
     core._sampler._store(state(core, "s1"), sample, 1)
+    long = await core.admit(req("long", prompt_len=30000), 5.0)
+    assert long.replica.id == "l1"
     waiters = await queue_each(
         core, index, [(req("w0", prompt_len=16000), {"s1": 250}), (req("w", prompt_len=100), {})]
     )
     assert core.queue_depth == 2
-    await core.scrape_once()  # a pass
+    assert core.complete(long.lease_id, Outcome.SUCCESS)  # a pass
     assert (await waiters["w"]).replica.id == "l1"
     assert not waiters["w0"].done()
     await cancel_all(waiters.values())
@@ -1243,6 +1315,9 @@ async def test_an_engine_sample_applied_by_a_decision_in_a_pass_is_seen_by_later
     for i in range(3):
         assert (await core.admit(req(f"q{i}", version="b"), 5.0)).replica.id == "Q"
     not_r = frozenset({"R"})
+    # R is out of the ready set while they arrive, so all four queue (C's prefix lifts R's
+    # backlog cap: ready, R would take it at once).
+    state(core, "R").ready = False
     waiters = await queue_each(
         core,
         index,
@@ -1254,6 +1329,7 @@ async def test_an_engine_sample_applied_by_a_decision_in_a_pass_is_seen_by_later
         ],
     )
     assert core.queue_depth == 4
+    state(core, "R").ready = True
     clock.t += 0.3  # R's modelled backlog has run down in the ledger
     sample = EngineSample(active=0, waiting=2, kv_used=10, kv_max=1000)
     core._sampler._store(state(core, "R"), sample, 2)
