@@ -92,6 +92,29 @@ class AdmissionQueue:
         """The waiters still queued, in no particular order."""
         return (w for w in self._heap if w.queued and not w.future.done())
 
+    def rank(self, req: AdmissionRequest) -> tuple[int, float]:
+        """(priority, finish tag) `req` would be queued with now (`push`), changing nothing:
+        it would leave after every waiter that sorts at or below it and before the rest."""
+        prio, _, finish_tag = self._tags(req)
+        return prio, finish_tag
+
+    def _tags(self, req: AdmissionRequest) -> tuple[int, float, float]:
+        """`req`'s class, and its start and finish tags were it queued now."""
+        prio = int(req.priority)
+        start_tag = max(
+            self._vtime.get(prio, 0.0), self._tenant_finish.get((prio, req.tenant), 0.0)
+        )
+        finish_tag = start_tag + (req.prompt_tokens + req.max_tokens) / self._weight(req.tenant)
+        return prio, start_tag, finish_tag
+
+    def first(self) -> Waiter | None:
+        """The waiter that leaves next in service order (None when empty): the heap's top,
+        unless taken out, then the least live one (O(queue))."""
+        heap = self._heap
+        if heap and heap[0].queued and not heap[0].future.done():
+            return heap[0]
+        return min(self.waiting(), key=_SERVICE_ORDER, default=None)
+
     def push(
         self,
         req: AdmissionRequest,
@@ -105,11 +128,7 @@ class AdmissionQueue:
     ) -> Waiter:
         if self.full:
             raise OverflowError(f"admission queue holds {len(self)} of {self._max}")
-        prio = int(req.priority)
-        start_tag = max(
-            self._vtime.get(prio, 0.0), self._tenant_finish.get((prio, req.tenant), 0.0)
-        )
-        finish_tag = start_tag + (req.prompt_tokens + req.max_tokens) / self._weight(req.tenant)
+        prio, start_tag, finish_tag = self._tags(req)
         self._tenant_finish[(prio, req.tenant)] = finish_tag
         waiter = Waiter(
             prio,

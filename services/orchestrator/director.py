@@ -114,6 +114,17 @@ def _others(st: ReplicaState, sample: EngineSample | None) -> int:
     return max(0, round(sample.active + sample.waiting) - st.sample_in_flight)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Arrival:
+    """A request a pass decides for at its place in service order, not queued (`_grant_now`)."""
+
+    request: AdmissionRequest
+    prefix: PrefixMatches
+    start: float
+    kind: tuple[object, ...]
+    rank: tuple[int, float]  # (priority, finish tag): `AdmissionQueue.rank`
+
+
 class Orchestrator:
     def __init__(
         self,
@@ -262,19 +273,24 @@ class Orchestrator:
     def _grant_now(
         self, req: AdmissionRequest, prefix: PrefixMatches, start: float
     ) -> Lease | None:
-        """The request's lease now, if its decision finds room once the queued requests had
-        theirs: with a queue, and room for it (`_room_for`), a pass decides for each waiter in
-        service order first (each waiter it leaves queued found no room, or shares a kind and
-        lifted caps with one that found none), then the request is decided for. A request the
-        waiters cannot use the room of is granted now, not at the next unrelated event; one
-        they can waits in line. Without room for it, no pass and no decision: it waits in
-        line, and the waiters for the next event. With a long queue the pass costs O(queue)
-        per such Admit (`make bench-backlog`)."""
-        if len(self._queue):
-            if not self._room_for(req, prefix):
-                return None
-            self._dispatch()
-        return self._try_grant(req, prefix, start)
+        """The request's lease now, if a decision for it at its place in service order finds
+        room: with a queue, and room for it (`_room_for`), a pass decides for each waiter in
+        service order, and for the request where it would sort among them (`AdmissionQueue.rank`;
+        at once when it sorts before all). So a waiter ahead of it takes room it can use first,
+        and one behind it does not; a request the waiters ahead cannot use the room of is
+        granted now, not at the next unrelated event. Without room for it, no pass: it waits in
+        line, and the waiters for the next event (room the waiters' grants would open to it,
+        a larger pool lending once they fill the preferred one, waits for that event too). With
+        a long queue the pass costs O(queue) per such Admit (`make bench-backlog`)."""
+        if not len(self._queue):
+            return self._try_grant(req, prefix, start)
+        if not self._room_for(req, prefix):
+            return None
+        rank = self._queue.rank(req)
+        head = self._queue.first()
+        if head is None or rank < (head.priority, head.finish_tag):
+            return self._try_grant(req, prefix, start)
+        return self._pass(_Arrival(req, prefix, start, self._kind(req), rank))
 
     def _room_for(self, req: AdmissionRequest, prefix: PrefixMatches) -> bool:
         """Some replica the profile's filters keep for the request (`_kept`) has room."""
@@ -757,10 +773,15 @@ class Orchestrator:
 
     def _dispatch(self) -> None:
         """Grant queued requests, highest priority first, while replicas have room."""
+        self._pass(None)
+
+    def _pass(self, arrival: _Arrival | None) -> Lease | None:
+        """`_dispatch`, with `arrival` (not queued) decided for at its place among the
+        waiters: its lease, if granted."""
         waiters = self._queue.drain_in_order()
         if not waiters:  # every completion comes here, mostly to an empty queue
             self._queue.prune()
-            return
+            return None if arrival is None else self._try_grant(*_arrival_args(arrival))
         blocked: list[Waiter] = []
         # Some of what the pass learns holds only while the load ledger is unchanged (a grant
         # changes it, and so may any view the pass builds, applying an engine sample stored
@@ -798,13 +819,13 @@ class Orchestrator:
             failed.clear()
             lifted.clear()
 
-        def lifts(w: Waiter) -> frozenset[str]:
-            """The backlog-capped replicas whose cap its cached prefix lifts (`_exempt`: ones
-            it does not exclude, where the prefill it saves covers the backlog's excess).
-            O(replicas it has cached)."""
+        def lifts(req: AdmissionRequest, prefix: PrefixMatches) -> frozenset[str]:
+            """The backlog-capped replicas whose cap the request's cached prefix lifts
+            (`_exempt`: ones it does not exclude, where the prefill it saves covers the
+            backlog's excess). O(the fewer of the capped replicas and those it has cached)."""
             nonlocal capped
-            prefix = w.prefix
-            if not prefix.matched_blocks or self._max_backlog_s <= 0:
+            matched = prefix.matched_blocks
+            if not matched or self._max_backlog_s <= 0:
                 return none
             if capped is None:
                 capped = {
@@ -812,12 +833,11 @@ class Orchestrator:
                 }
             if not capped:
                 return none
-            req = w.request
             prompt = req.prompt_tokens
             out: list[str] = []
-            for rid in prefix.matched_blocks:
+            for rid in capped if len(capped) < len(matched) else matched:
                 st = capped.get(rid)
-                if st is None or rid in req.exclude_replicas:
+                if st is None or rid not in matched or rid in req.exclude_replicas:
                     continue
                 cached = prefix.cached_tokens(rid, prompt)
                 if not cached:
@@ -831,23 +851,39 @@ class Orchestrator:
                     out.append(rid)
             return frozenset(out) if out else none
 
+        def decide(
+            req: AdmissionRequest,
+            prefix: PrefixMatches,
+            enqueued_at: float,
+            kind: tuple[object, ...],
+        ) -> Lease | None:
+            """A decision for the request, unless the pass knows it would find no room."""
+            if stamps.last != seen:
+                forget()
+            caps = lifts(req, prefix)
+            if not (room or caps) or (kind, caps) in failed:
+                return None
+            lease = self._try_grant(req, prefix, enqueued_at)
+            if lease is None:
+                if stamps.last != seen:
+                    forget()  # its views applied samples: it found no room with them
+                    caps = lifts(req, prefix)
+                failed.add((kind, caps))
+            return lease
+
+        arrived: Lease | None = None
         window = self._policy.admission.affinity_window
         if window > 0 and len(waiters) > 1 and self._scheduler.profile.queue_affinity:
             waiters = self._grant_affine(waiters, window)
         for waiter in waiters:
+            if arrival is not None and arrival.rank < (waiter.priority, waiter.finish_tag):
+                arrived = decide(*_arrival_args(arrival), arrival.kind)
+                arrival = None
+                if arrived is None and room and not room_known:
+                    room, room_known = self._has_room(), True
             req = waiter.request
-            lease = None
-            if stamps.last != seen:
-                forget()
             kind = waiter.kind
-            caps = lifts(waiter)
-            if (room or caps) and (kind, caps) not in failed:
-                lease = self._try_grant(req, waiter.prefix, waiter.enqueued_at)
-                if lease is None:
-                    if stamps.last != seen:
-                        forget()  # its views applied samples: it found no room with them
-                        caps = lifts(waiter)
-                    failed.add((kind, caps))
+            lease = decide(req, waiter.prefix, waiter.enqueued_at, kind)
             if lease is None:
                 # A waiter for a scale-from-zero pool stays until its activation timeout.
                 if waiter.activation is None:
@@ -867,10 +903,13 @@ class Orchestrator:
                     room, room_known = self._has_room(), True
                 continue
             self._hand_over(waiter, lease)
+        if arrival is not None:  # it sorts after every waiter
+            arrived = decide(*_arrival_args(arrival), arrival.kind)
         self._queue.prune()
         self._queue.restore(self._shed_late(blocked))
         if blocked:
             self._wake_for_backlog()
+        return arrived
 
     def _grant_affine(self, waiters: list[Waiter], window: int) -> list[Waiter]:
         """Grants, for each replica with room, the waiter with the longest cached prefix there
@@ -1191,3 +1230,7 @@ class Orchestrator:
     @property
     def drain_max_wait_s(self) -> float:
         return self._settings.drain_max_wait_s
+
+
+def _arrival_args(a: _Arrival) -> tuple[AdmissionRequest, PrefixMatches, float]:
+    return a.request, a.prefix, a.start

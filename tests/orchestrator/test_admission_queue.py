@@ -82,8 +82,9 @@ async def test_waiting_lists_the_waiters_still_queued() -> None:
 )
 def test_the_queue_agrees_with_a_list_of_its_live_waiters(ops: list[tuple[object, ...]]) -> None:
     """Any mix of pushes, withdrawals, evictions and dispatch passes (drain, keep every k-th,
-    restore): the queue's length, counts, waiters and service order are those of the live
-    waiters, taken out ones left behind at once (their heap entries go lazily)."""
+    restore): the queue's length, counts, waiters, first waiter and service order are those of
+    the live waiters, taken out ones left behind at once (their heap entries go lazily); a
+    request's rank is the place a push gives it."""
 
     loop = asyncio.new_event_loop()  # the waiters' futures only: never run, never current
     try:
@@ -99,16 +100,12 @@ def test_the_queue_agrees_with_a_list_of_its_live_waiters(ops: list[tuple[object
                     with pytest.raises(OverflowError, match="12 of 12"):
                         q.push(_req("over"), NO_MATCHES, 0.0, loop.create_future(), ("", ""), None)
                     continue
-                live.append(
-                    q.push(
-                        _req(str(i), tenant, prio),
-                        NO_MATCHES,
-                        0.0,
-                        loop.create_future(),
-                        ("", ""),
-                        None,
-                    )
-                )
+                r = _req(str(i), tenant, prio)
+                rank = q.rank(r)  # where it would sort, changing nothing
+                assert q.rank(r) == rank
+                w = q.push(r, NO_MATCHES, 0.0, loop.create_future(), ("", ""), None)
+                assert (w.priority, w.finish_tag) == rank
+                live.append(w)
             elif op[0] == "withdraw" and live:
                 assert isinstance(op[1], int)
                 w = live.pop(op[1] % len(live))
@@ -138,6 +135,7 @@ def test_the_queue_agrees_with_a_list_of_its_live_waiters(ops: list[tuple[object
                 q.restore(kept)
                 live = kept
             assert len(q) == len(live)
+            assert q.first() is (min(live) if live else None)
             assert set(map(id, q.waiting())) == set(map(id, live))
             assert q.queued() == {p: sum(w.priority == p for w in live) for p in Priority}
         assert q.drain_in_order() == sorted(live)

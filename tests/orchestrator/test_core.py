@@ -329,21 +329,55 @@ async def test_a_free_replica_no_waiter_can_use_goes_to_a_new_request() -> None:
     assert (await queued).replica.id == first.replica.id
 
 
+def free_without_an_event(core: Orchestrator, lease: Lease) -> None:
+    """The lease's slot frees without an event that dispatches (as time-driven caps do)."""
+    core._leases.pop(lease.lease_id)
+    core._replicas.release(lease.replica.id, lease.granted_at)
+
+
 async def test_a_new_request_does_not_take_a_replica_a_waiter_can_use() -> None:
     core, _ = await ready_core(n=1, cap=1)
     first = await core.admit(req("a"), 1.0)
     queued = asyncio.create_task(core.admit(req("w"), 5.0))
     await assert_queued(core, 1)
     st = core.replicas()[0]
-    # Room appears without an event that dispatches (as time-driven caps do).
-    core._leases.pop(first.lease_id)
-    core._replicas.release(st.spec.id, first.granted_at)
+    free_without_an_event(core, first)
     later = asyncio.create_task(core.admit(req("c"), 5.0))
     await assert_queued(core, 1)  # c's arrival decides for w first: w takes the room
     assert (await queued).replica.id == st.spec.id
     assert st.in_flight == 1
     assert not later.done()  # c waits in line
     later.cancel()
+
+
+async def test_a_request_that_sorts_first_takes_the_room_before_the_waiters() -> None:
+    # A batch request waits; room frees with no event; an interactive request arrives: it
+    # leaves the queue first in service order, so it takes the room, and the waiter waits on.
+    core, _ = await ready_core(n=1, cap=1)
+    first = await core.admit(req("a"), 1.0)
+    low = asyncio.create_task(core.admit(req("low", Priority.BATCH), 5.0))
+    await assert_queued(core, 1)
+    free_without_an_event(core, first)
+    assert (await core.admit(req("high", Priority.INTERACTIVE), 1.0)).replica.id == "r0"
+    assert core.queue_depth == 1
+    assert not low.done()
+    await cancel_all([low])
+
+
+async def test_a_request_is_decided_for_at_its_place_among_the_waiters() -> None:
+    # Tenant a's five requests wait; two slots free with no event; tenant b's request arrives.
+    # Fair queuing puts it after a's first and before a's second: a0 and b take the slots.
+    core, _ = await ready_core(n=1, cap=2, queue=16)
+    held = [await core.admit(req(f"h{i}"), 1.0) for i in range(2)]
+    heavy = [asyncio.create_task(core.admit(tenant_req(f"a{i}", "a"), 5.0)) for i in range(5)]
+    await assert_queued(core, 5)
+    for lease in held:
+        free_without_an_event(core, lease)
+    assert (await core.admit(tenant_req("b0", "b"), 1.0)).replica.id == "r0"
+    assert (await heavy[0]).replica.id == "r0"
+    assert core.queue_depth == 4
+    assert not any(t.done() for t in heavy[1:])
+    await cancel_all(heavy[1:])
 
 
 class _SlowLookup(FixedPrefix):
