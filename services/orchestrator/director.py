@@ -56,6 +56,7 @@ until the next sample.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import logging
@@ -66,7 +67,7 @@ from collections.abc import Iterable, Sequence
 from llmmesh.accelerators import DEFAULT_PROFILE
 from llmmesh.common.engine_metrics import EngineSample
 from services.orchestrator import capacity, metrics
-from services.orchestrator.admission_queue import Activation, AdmissionQueue, Waiter
+from services.orchestrator.admission_queue import Activation, AdmissionQueue, Tags, Waiter
 from services.orchestrator.domain import (
     AdmissionRequest,
     Clock,
@@ -122,7 +123,7 @@ class _Arrival:
     prefix: PrefixMatches
     start: float
     kind: tuple[object, ...]
-    rank: tuple[int, float]  # (priority, finish tag): `AdmissionQueue.rank`
+    tags: Tags  # where it sorts among the waiters (`AdmissionQueue.tags`)
 
 
 class Orchestrator:
@@ -221,7 +222,7 @@ class Orchestrator:
         prefix = await self._feedback.lookup(
             req.prompt_token_ids, self._replicas.ids(), req.prompt_hashes
         )
-        lease = self._grant_now(req, prefix, start)
+        lease, tags = self._grant_now(req, prefix, start)
         if lease is not None:
             return lease
         # Only a request that cannot be granted now pays for the servability check.
@@ -234,7 +235,7 @@ class Orchestrator:
             # Just started: wait for the first health round rather than refuse (bounded).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._probed.wait(), self._settings.health_timeout_s)
-            lease = self._grant_now(req, prefix, start)
+            lease, tags = self._grant_now(req, prefix, start)
             if lease is not None:
                 return lease
             candidates = self._candidates(req)
@@ -265,6 +266,7 @@ class Orchestrator:
             activation,
             self._clock() + wait_s,
             kind=self._kind(req),
+            tags=tags,
         )
         metrics.record_enqueued(req.model, waiter.pool_key)
         self._wake_for_backlog()
@@ -272,25 +274,29 @@ class Orchestrator:
 
     def _grant_now(
         self, req: AdmissionRequest, prefix: PrefixMatches, start: float
-    ) -> Lease | None:
+    ) -> tuple[Lease | None, Tags | None]:
         """The request's lease now, if a decision for it at its place in service order finds
-        room: with a queue, and room for it (`_room_for`), a pass decides for each waiter in
-        service order, and for the request where it would sort among them (`AdmissionQueue.rank`;
-        at once when it sorts before all). So a waiter ahead of it takes room it can use first,
-        and one behind it does not; a request the waiters ahead cannot use the room of is
-        granted now, not at the next unrelated event. Without room for it, no pass: it waits in
-        line, and the waiters for the next event (room the waiters' grants would open to it,
-        a larger pool lending once they fill the preferred one, waits for that event too). With
-        a long queue the pass costs O(queue) per such Admit (`make bench-backlog`)."""
+        room, and the tags it sorts with among the waiters (None with none queued).
+
+        With a queue, and room for it (`_room_for`), a pass decides for the waiters that sort
+        before it (`AdmissionQueue.tags`), then for it, then for the rest: a waiter ahead of it
+        takes room it can use first, one behind it does not, and a request the waiters ahead
+        cannot use the room of is granted now, not at the next unrelated event. The affinity
+        pass reorders only the waiters ahead of it (the request is no candidate of that pass).
+        Granted, its tenant and class are charged as if it had queued
+        (`AdmissionQueue.charge`). Without room for it, no pass: it waits in line with the tags
+        it arrived with, and the waiters wait for the next event (so does room the waiters'
+        own grants would open to it: a larger pool lending once they fill the preferred one).
+        With a long queue the pass costs O(queue) per such Admit (`make bench-backlog`)."""
         if not len(self._queue):
-            return self._try_grant(req, prefix, start)
+            return self._try_grant(req, prefix, start), None
+        tags = self._queue.tags(req)
         if not self._room_for(req, prefix):
-            return None
-        rank = self._queue.rank(req)
-        head = self._queue.first()
-        if head is None or rank < (head.priority, head.finish_tag):
-            return self._try_grant(req, prefix, start)
-        return self._pass(_Arrival(req, prefix, start, self._kind(req), rank))
+            return None, tags
+        lease = self._pass(_Arrival(req, prefix, start, self._kind(req), tags))
+        if lease is not None:
+            self._queue.charge(req, tags)
+        return lease, tags
 
     def _room_for(self, req: AdmissionRequest, prefix: PrefixMatches) -> bool:
         """Some replica the profile's filters keep for the request (`_kept`) has room."""
@@ -781,7 +787,9 @@ class Orchestrator:
         waiters = self._queue.drain_in_order()
         if not waiters:  # every completion comes here, mostly to an empty queue
             self._queue.prune()
-            return None if arrival is None else self._try_grant(*_arrival_args(arrival))
+            if arrival is None:
+                return None
+            return self._try_grant(arrival.request, arrival.prefix, arrival.start)
         blocked: list[Waiter] = []
         # Some of what the pass learns holds only while the load ledger is unchanged (a grant
         # changes it, and so may any view the pass builds, applying an engine sample stored
@@ -871,42 +879,60 @@ class Orchestrator:
                 failed.add((kind, caps))
             return lease
 
-        arrived: Lease | None = None
-        window = self._policy.admission.affinity_window
-        if window > 0 and len(waiters) > 1 and self._scheduler.profile.queue_affinity:
-            waiters = self._grant_affine(waiters, window)
-        for waiter in waiters:
-            if arrival is not None and arrival.rank < (waiter.priority, waiter.finish_tag):
-                arrived = decide(*_arrival_args(arrival), arrival.kind)
-                arrival = None
-                if arrived is None and room and not room_known:
-                    room, room_known = self._has_room(), True
+        def settle(waiter: Waiter) -> None:
+            """Decide for a waiter: granted, refused (no replica will serve it) or blocked."""
+            nonlocal room, room_known
             req = waiter.request
             kind = waiter.kind
             lease = decide(req, waiter.prefix, waiter.enqueued_at, kind)
-            if lease is None:
-                # A waiter for a scale-from-zero pool stays until its activation timeout.
-                if waiter.activation is None:
-                    ok = servable.get(kind)
-                    if ok is None:
-                        ok = servable[kind] = self._servable(req)
-                        if stamps.last != seen:
-                            forget()  # its views applied samples
-                    if not ok:
-                        metrics.record_dequeued(req.model, waiter.pool_key)
-                        metrics.record_rejection(req.model, "no_replica")
-                        waiter.future.set_exception(NoReplicaReady(self._unavailable_reason(req)))
-                        continue
-                blocked.append(waiter)
-                # `seen` is current here: nothing since the last check changes the ledger.
-                if room and not room_known:
+            if lease is not None:
+                self._hand_over(waiter, lease)
+                return
+            # A waiter for a scale-from-zero pool stays until its activation timeout.
+            if waiter.activation is None:
+                ok = servable.get(kind)
+                if ok is None:
+                    ok = servable[kind] = self._servable(req)
+                    if stamps.last != seen:
+                        forget()  # its views applied samples
+                if not ok:
+                    metrics.record_dequeued(req.model, waiter.pool_key)
+                    metrics.record_rejection(req.model, "no_replica")
+                    waiter.future.set_exception(NoReplicaReady(self._unavailable_reason(req)))
+                    return
+            blocked.append(waiter)
+            # `seen` is current here: nothing since the last check changes the ledger.
+            if room and not room_known:
+                room, room_known = self._has_room(), True
+
+        # The waiters that sort before the arrival (at its rank or below: an equal tag is an
+        # earlier arrival), and the rest; the affinity pass reorders only those ahead of it.
+        split = len(waiters)
+        if arrival is not None:
+            split = bisect.bisect_right(
+                waiters, arrival.tags.rank, key=lambda w: (w.priority, w.finish_tag)
+            )
+        ahead, behind = waiters[:split], waiters[split:]
+        arrived: Lease | None = None
+        restored = False
+        try:
+            window = self._policy.admission.affinity_window
+            if window > 0 and len(ahead) > 1 and self._scheduler.profile.queue_affinity:
+                ahead = self._grant_affine(ahead, window)
+            for waiter in ahead:
+                settle(waiter)
+            if arrival is not None:
+                arrived = decide(arrival.request, arrival.prefix, arrival.start, arrival.kind)
+                if arrived is None and room and not room_known:
                     room, room_known = self._has_room(), True
-                continue
-            self._hand_over(waiter, lease)
-        if arrival is not None:  # it sorts after every waiter
-            arrived = decide(*_arrival_args(arrival), arrival.kind)
-        self._queue.prune()
-        self._queue.restore(self._shed_late(blocked))
+            for waiter in behind:
+                settle(waiter)
+            self._queue.prune()
+            self._queue.restore(self._shed_late(blocked))
+            restored = True
+        finally:
+            if not restored:  # a decision raised: the waiters not yet served stay queued
+                self._queue.restore([w for w in waiters if not w.future.done()])
         if blocked:
             self._wake_for_backlog()
         return arrived
@@ -1230,7 +1256,3 @@ class Orchestrator:
     @property
     def drain_max_wait_s(self) -> float:
         return self._settings.drain_max_wait_s
-
-
-def _arrival_args(a: _Arrival) -> tuple[AdmissionRequest, PrefixMatches, float]:
-    return a.request, a.prefix, a.start

@@ -380,6 +380,65 @@ async def test_a_request_is_decided_for_at_its_place_among_the_waiters() -> None
     await cancel_all(heavy[1:])
 
 
+async def test_a_request_that_sorts_first_leaves_the_rest_of_the_room_to_the_waiters() -> None:
+    core, _ = await ready_core(n=1, cap=2)
+    held = [await core.admit(req(f"h{i}"), 1.0) for i in range(2)]
+    low = asyncio.create_task(core.admit(req("low", Priority.BATCH), 5.0))
+    await assert_queued(core, 1)
+    for lease in held:
+        free_without_an_event(core, lease)
+    await core.admit(req("high", Priority.INTERACTIVE), 1.0)
+    assert (await low).replica.id == "r0"  # the second slot, in the same pass
+    assert core.queue_depth == 0
+
+
+async def test_a_tenant_granted_past_the_queue_is_charged_for_it() -> None:
+    # Tenant a's five requests wait; b's requests arrive each time a slot frees with no event.
+    # b0 sorts between a0 and a1 and is granted; charged for it, b1 sorts after a1 and waits,
+    # rather than ranking as b's first request again and again, past all of a's.
+    core, _ = await ready_core(n=1, cap=2, queue=16)
+    held = [await core.admit(req(f"h{i}"), 1.0) for i in range(2)]
+    heavy = [asyncio.create_task(core.admit(tenant_req(f"a{i}", "a"), 5.0)) for i in range(5)]
+    await assert_queued(core, 5)
+    for lease in held:
+        free_without_an_event(core, lease)
+    b0 = await core.admit(tenant_req("b0", "b"), 1.0)
+    assert (await heavy[0]).replica.id == "r0"
+    free_without_an_event(core, b0)
+    b1 = asyncio.create_task(core.admit(tenant_req("b1", "b"), 5.0))
+    await assert_queued(core, 4)  # a1 took the slot; b1 waits behind it
+    assert (await heavy[1]).replica.id == "r0"
+    assert not b1.done()
+    await cancel_all([b1, *heavy[2:]])
+
+
+async def test_a_decision_that_raises_in_a_pass_leaves_the_waiters_queued() -> None:
+    core, _ = await ready_core(n=1, cap=2, queue=16)
+    held = [await core.admit(req(f"h{i}"), 1.0) for i in range(2)]
+    heavy = [asyncio.create_task(core.admit(tenant_req(f"a{i}", "a"), 5.0)) for i in range(3)]
+    await assert_queued(core, 3)
+    for lease in held:
+        free_without_an_event(core, lease)
+    decide = core._scheduler.decide
+    made: list[str] = []
+
+    def failing(request: RequestView, replicas: Sequence[ReplicaView]) -> Decision:
+        made.append(request.model)
+        if len(made) == 2:  # the arrival's, after a0's
+            raise RuntimeError("a plugin's bug")
+        return decide(request, replicas)
+
+    core._scheduler.decide = failing  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="plugin"):
+        await core.admit(tenant_req("b0", "b"), 1.0)
+    core._scheduler.decide = decide  # type: ignore[method-assign]
+    assert (await heavy[0]).replica.id == "r0"
+    assert core.queue_depth == 2  # a1 and a2 are still queued, and served at the next event
+    core._dispatch()
+    assert (await heavy[1]).replica.id == "r0"
+    await cancel_all(heavy[2:])
+
+
 class _SlowLookup(FixedPrefix):
     """A lookup that takes `took_s` of the core's clock."""
 
