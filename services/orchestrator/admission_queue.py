@@ -42,20 +42,6 @@ class Activation:
     timeout_s: float
 
 
-@dataclass(frozen=True, slots=True)
-class Tags:
-    """Where a request sorts in the queue: its class, and its start-time fair queuing tags."""
-
-    priority: int
-    start: float
-    finish: float
-
-    @property
-    def rank(self) -> tuple[int, float]:
-        """(priority, finish tag): a waiter with these sorts first, then by arrival."""
-        return self.priority, self.finish
-
-
 @dataclass(order=True)
 class Waiter:
     priority: int
@@ -106,25 +92,6 @@ class AdmissionQueue:
         """The waiters still queued, in no particular order."""
         return (w for w in self._heap if w.queued and not w.future.done())
 
-    def tags(self, req: AdmissionRequest) -> Tags:
-        """The tags `req` would be queued with now, changing nothing: it would leave after
-        every waiter that sorts at or below (priority, finish tag) and before the rest."""
-        prio = int(req.priority)
-        start_tag = max(
-            self._vtime.get(prio, 0.0), self._tenant_finish.get((prio, req.tenant), 0.0)
-        )
-        finish_tag = start_tag + (req.prompt_tokens + req.max_tokens) / self._weight(req.tenant)
-        return Tags(prio, start_tag, finish_tag)
-
-    def charge(self, req: AdmissionRequest, tags: Tags) -> None:
-        """`req`, given `tags` while others waited, was granted without queueing: its tenant
-        and class are charged as a push and a grant with those tags would (the tenant's next
-        request starts after it; the class clock reaches its start), so a tenant granted past
-        the queue does not rank as new each time."""
-        key = (tags.priority, req.tenant)
-        self._tenant_finish[key] = max(self._tenant_finish.get(key, 0.0), tags.finish)
-        self._vtime[tags.priority] = max(self._vtime.get(tags.priority, 0.0), tags.start)
-
     def push(
         self,
         req: AdmissionRequest,
@@ -135,16 +102,15 @@ class AdmissionQueue:
         activation: Activation | None,
         deadline: float = math.inf,
         kind: tuple[object, ...] = (),
-        tags: Tags | None = None,
     ) -> Waiter:
-        """Queue `req` with `tags` (`tags(req)` now when None: given, those it was ranked with
-        on arrival, before a pass it was decided for in moved the class clock)."""
         if self.full:
             raise OverflowError(f"admission queue holds {len(self)} of {self._max}")
-        t = self.tags(req) if tags is None else tags
-        prio, start_tag, finish_tag = t.priority, t.start, t.finish
-        key = (prio, req.tenant)
-        self._tenant_finish[key] = max(self._tenant_finish.get(key, 0.0), finish_tag)
+        prio = int(req.priority)
+        start_tag = max(
+            self._vtime.get(prio, 0.0), self._tenant_finish.get((prio, req.tenant), 0.0)
+        )
+        finish_tag = start_tag + (req.prompt_tokens + req.max_tokens) / self._weight(req.tenant)
+        self._tenant_finish[(prio, req.tenant)] = finish_tag
         waiter = Waiter(
             prio,
             finish_tag,

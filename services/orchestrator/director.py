@@ -56,7 +56,6 @@ until the next sample.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import dataclasses
 import logging
@@ -67,7 +66,7 @@ from collections.abc import Iterable, Sequence
 from llmmesh.accelerators import DEFAULT_PROFILE
 from llmmesh.common.engine_metrics import EngineSample
 from services.orchestrator import capacity, metrics
-from services.orchestrator.admission_queue import Activation, AdmissionQueue, Tags, Waiter
+from services.orchestrator.admission_queue import Activation, AdmissionQueue, Waiter
 from services.orchestrator.domain import (
     AdmissionRequest,
     Clock,
@@ -115,15 +114,50 @@ def _others(st: ReplicaState, sample: EngineSample | None) -> int:
     return max(0, round(sample.active + sample.waiting) - st.sample_in_flight)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Arrival:
-    """A request a pass decides for at its place in service order, not queued (`_grant_now`)."""
+class _Caps:
+    """The backlog caps requests' cached prefixes lift (`Orchestrator._exempt`), for one
+    state of the load ledger: the capped replicas found once, each (replica, prompt length,
+    cached tokens) judged once."""
 
-    request: AdmissionRequest
-    prefix: PrefixMatches
-    start: float
-    kind: tuple[object, ...]
-    tags: Tags  # where it sorts among the waiters (`AdmissionQueue.tags`)
+    NONE: frozenset[str] = frozenset()
+
+    def __init__(self, core: Orchestrator) -> None:
+        self._core = core
+        self._capped: dict[str, ReplicaState] | None = None
+        self._lifted: dict[tuple[str, int, int], bool] = {}
+
+    def of(self, req: AdmissionRequest, prefix: PrefixMatches) -> frozenset[str]:
+        """The backlog-capped replicas whose cap the request's cached prefix lifts (ones it
+        does not exclude, where the prefill it saves covers the backlog's excess). O(the
+        fewer of the capped replicas and those it has cached)."""
+        matched = prefix.matched_blocks
+        core = self._core
+        if not matched or core._max_backlog_s <= 0:
+            return self.NONE
+        capped = self._capped
+        if capped is None:
+            capped = self._capped = {
+                st.spec.id: st for st in core._replicas.assignable() if core._backlogged(st)
+            }
+        if not capped:
+            return self.NONE
+        prompt = req.prompt_tokens
+        out: list[str] = []
+        for rid in capped if len(capped) < len(matched) else matched:
+            st = capped.get(rid)
+            if st is None or rid not in matched or rid in req.exclude_replicas:
+                continue
+            cached = prefix.cached_tokens(rid, prompt)
+            if not cached:
+                continue
+            key = (rid, prompt, cached)
+            ok = self._lifted.get(key)
+            if ok is None:
+                saved = core._load.saved_s(rid, prompt, cached)
+                ok = self._lifted[key] = not core._backlogged(st, saved)
+            if ok:
+                out.append(rid)
+        return frozenset(out) if out else self.NONE
 
 
 class Orchestrator:
@@ -222,7 +256,7 @@ class Orchestrator:
         prefix = await self._feedback.lookup(
             req.prompt_token_ids, self._replicas.ids(), req.prompt_hashes
         )
-        lease, tags = self._grant_now(req, prefix, start)
+        lease = self._grant_now(req, prefix, start)
         if lease is not None:
             return lease
         # Only a request that cannot be granted now pays for the servability check.
@@ -235,7 +269,7 @@ class Orchestrator:
             # Just started: wait for the first health round rather than refuse (bounded).
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._probed.wait(), self._settings.health_timeout_s)
-            lease, tags = self._grant_now(req, prefix, start)
+            lease = self._grant_now(req, prefix, start)
             if lease is not None:
                 return lease
             candidates = self._candidates(req)
@@ -266,7 +300,6 @@ class Orchestrator:
             activation,
             self._clock() + wait_s,
             kind=self._kind(req),
-            tags=tags,
         )
         metrics.record_enqueued(req.model, waiter.pool_key)
         self._wake_for_backlog()
@@ -274,36 +307,46 @@ class Orchestrator:
 
     def _grant_now(
         self, req: AdmissionRequest, prefix: PrefixMatches, start: float
-    ) -> tuple[Lease | None, Tags | None]:
-        """The request's lease now, if a decision for it at its place in service order finds
-        room, and the tags it sorts with among the waiters (None with none queued).
-
-        With a queue, and room for it (`_room_for`), a pass decides for the waiters that sort
-        before it (`AdmissionQueue.tags`), then for it, then for the rest: a waiter ahead of it
-        takes room it can use first, one behind it does not, and a request the waiters ahead
-        cannot use the room of is granted now, not at the next unrelated event. The affinity
-        pass reorders only the waiters ahead of it (the request is no candidate of that pass).
-        Granted, its tenant and class are charged as if it had queued
-        (`AdmissionQueue.charge`). Without room for it, no pass: it waits in line with the tags
-        it arrived with, and the waiters wait for the next event (so does room the waiters'
-        own grants would open to it: a larger pool lending once they fill the preferred one).
-        With a long queue the pass costs O(queue) per such Admit (`make bench-backlog`)."""
+    ) -> Lease | None:
+        """The request's lease now, if a decision finds room for it and no queued request
+        could take that room. With a queue, it is decided for only where no waiter could be
+        granted a replica with room it can use (`_awaited`): a waiter that could takes the
+        room first, at the next event's pass in service order (where this request, queued,
+        takes its place too). So a request the waiters cannot use the room of (another model,
+        version or pool, replicas they exclude, a cap only its cached prefix lifts) is granted
+        now, not at the next unrelated event, nor refused for a queue it need not wait in."""
         if not len(self._queue):
-            return self._try_grant(req, prefix, start), None
-        tags = self._queue.tags(req)
-        if not self._room_for(req, prefix):
-            return None, tags
-        lease = self._pass(_Arrival(req, prefix, start, self._kind(req), tags))
-        if lease is not None:
-            self._queue.charge(req, tags)
-        return lease, tags
-
-    def _room_for(self, req: AdmissionRequest, prefix: PrefixMatches) -> bool:
-        """Some replica the profile's filters keep for the request (`_kept`) has room."""
+            return self._try_grant(req, prefix, start)
         now = self._clock()
         states = list(self._replicas.assignable())
         views = [self._view(st, now) for st in states]
-        return any(v.in_flight < v.cap for v in self._kept(req, prefix, states, views, now))
+        free = {v.id for v in self._kept(req, prefix, states, views, now) if v.in_flight < v.cap}
+        if not free or self._awaited(free, states, views, now):
+            return None
+        return self._try_grant(req, prefix, start)
+
+    def _awaited(
+        self,
+        free: set[str],
+        states: Sequence[ReplicaState],
+        views: Sequence[ReplicaView],
+        now: float,
+    ) -> bool:
+        """Whether a queued request could be granted one of the replicas `free` (ids): one
+        the profile's filters keep for it (`_kept`, judged over every assignable replica's
+        view) and that has room for it, the backlog caps its cached prefix lifts lifted. Judged
+        once per kind of waiter and set of caps lifted (what a decision's room depends on):
+        O(queue) to group them, O(groups x replicas) to judge."""
+        caps = _Caps(self)
+        groups: dict[tuple[tuple[object, ...], frozenset[str]], Waiter] = {}
+        for w in self._queue.waiting():
+            groups.setdefault((w.kind, caps.of(w.request, w.prefix)), w)
+        for (_, lifted), w in groups.items():
+            prefix = w.prefix if lifted else NO_MATCHES
+            for v in self._kept(w.request, prefix, states, views, now):
+                if v.id in free and v.in_flight < v.cap:
+                    return True
+        return False
 
     def _kept(
         self,
@@ -779,17 +822,10 @@ class Orchestrator:
 
     def _dispatch(self) -> None:
         """Grant queued requests, highest priority first, while replicas have room."""
-        self._pass(None)
-
-    def _pass(self, arrival: _Arrival | None) -> Lease | None:
-        """`_dispatch`, with `arrival` (not queued) decided for at its place among the
-        waiters: its lease, if granted."""
         waiters = self._queue.drain_in_order()
         if not waiters:  # every completion comes here, mostly to an empty queue
             self._queue.prune()
-            if arrival is None:
-                return None
-            return self._try_grant(arrival.request, arrival.prefix, arrival.start)
+            return
         blocked: list[Waiter] = []
         # Some of what the pass learns holds only while the load ledger is unchanged (a grant
         # changes it, and so may any view the pass builds, applying an engine sample stored
@@ -803,61 +839,26 @@ class Orchestrator:
         # each waiter in turn would. Each waiter not granted, but one waiting for a
         # scale-from-zero pool, is checked to still have a replica, once per kind. A long
         # queue costs the pass O(queue) plus a decision per kind, set of lifted caps and
-        # ledger change (and `lifts`, O(replicas it has cached), for each waiter with a cached
-        # prefix while a backlog caps some replica), not a decision per waiter: waiters for a
+        # ledger change (and `_Caps.of`, O(replicas it has cached), for each waiter with a
+        # cached prefix while a backlog caps some replica), not a decision per waiter: waiters for a
         # full pool would otherwise cost one each at every event while another pool has room.
         room = True
         room_known = False  # `room` computed with the ledger as it is
         # (kind, caps lifted) a decision found no room for
         failed: set[tuple[tuple[object, ...], frozenset[str]]] = set()
-        capped: dict[str, ReplicaState] | None = None  # replicas capped by their backlog
-        lifted: dict[tuple[str, int, int], bool] = {}  # (replica, prompt, cached) -> lifts
+        caps = _Caps(self)  # the caps prefixes lift, with the ledger as it is
         servable: dict[tuple[object, ...], bool] = {}
         stamps = self._load.stamps
         seen = stamps.last
-        none: frozenset[str] = frozenset()
 
         def forget() -> None:
             """The ledger changed: forget what depends on it (whether some replica has room,
             the capped replicas and the caps prefixes lift, the failed kinds). Servability
             (judged without load) and a False `room` stand."""
-            nonlocal seen, room_known, capped
+            nonlocal seen, room_known, caps
             seen = stamps.last
-            room_known, capped = False, None
+            room_known, caps = False, _Caps(self)
             failed.clear()
-            lifted.clear()
-
-        def lifts(req: AdmissionRequest, prefix: PrefixMatches) -> frozenset[str]:
-            """The backlog-capped replicas whose cap the request's cached prefix lifts
-            (`_exempt`: ones it does not exclude, where the prefill it saves covers the
-            backlog's excess). O(the fewer of the capped replicas and those it has cached)."""
-            nonlocal capped
-            matched = prefix.matched_blocks
-            if not matched or self._max_backlog_s <= 0:
-                return none
-            if capped is None:
-                capped = {
-                    st.spec.id: st for st in self._replicas.assignable() if self._backlogged(st)
-                }
-            if not capped:
-                return none
-            prompt = req.prompt_tokens
-            out: list[str] = []
-            for rid in capped if len(capped) < len(matched) else matched:
-                st = capped.get(rid)
-                if st is None or rid not in matched or rid in req.exclude_replicas:
-                    continue
-                cached = prefix.cached_tokens(rid, prompt)
-                if not cached:
-                    continue
-                key = (rid, prompt, cached)
-                ok = lifted.get(key)
-                if ok is None:
-                    saved = self._load.saved_s(rid, prompt, cached)
-                    ok = lifted[key] = not self._backlogged(st, saved)
-                if ok:
-                    out.append(rid)
-            return frozenset(out) if out else none
 
         def decide(
             req: AdmissionRequest,
@@ -868,15 +869,15 @@ class Orchestrator:
             """A decision for the request, unless the pass knows it would find no room."""
             if stamps.last != seen:
                 forget()
-            caps = lifts(req, prefix)
-            if not (room or caps) or (kind, caps) in failed:
+            lifted = caps.of(req, prefix)
+            if not (room or lifted) or (kind, lifted) in failed:
                 return None
             lease = self._try_grant(req, prefix, enqueued_at)
             if lease is None:
                 if stamps.last != seen:
                     forget()  # its views applied samples: it found no room with them
-                    caps = lifts(req, prefix)
-                failed.add((kind, caps))
+                    lifted = caps.of(req, prefix)
+                failed.add((kind, lifted))
             return lease
 
         def settle(waiter: Waiter) -> None:
@@ -905,27 +906,13 @@ class Orchestrator:
             if room and not room_known:
                 room, room_known = self._has_room(), True
 
-        # The waiters that sort before the arrival (at its rank or below: an equal tag is an
-        # earlier arrival), and the rest; the affinity pass reorders only those ahead of it.
-        split = len(waiters)
-        if arrival is not None:
-            split = bisect.bisect_right(
-                waiters, arrival.tags.rank, key=lambda w: (w.priority, w.finish_tag)
-            )
-        ahead, behind = waiters[:split], waiters[split:]
-        arrived: Lease | None = None
         restored = False
         try:
+            order = waiters
             window = self._policy.admission.affinity_window
-            if window > 0 and len(ahead) > 1 and self._scheduler.profile.queue_affinity:
-                ahead = self._grant_affine(ahead, window)
-            for waiter in ahead:
-                settle(waiter)
-            if arrival is not None:
-                arrived = decide(arrival.request, arrival.prefix, arrival.start, arrival.kind)
-                if arrived is None and room and not room_known:
-                    room, room_known = self._has_room(), True
-            for waiter in behind:
+            if window > 0 and len(waiters) > 1 and self._scheduler.profile.queue_affinity:
+                order = self._grant_affine(waiters, window)
+            for waiter in order:
                 settle(waiter)
             self._queue.prune()
             self._queue.restore(self._shed_late(blocked))
@@ -935,7 +922,6 @@ class Orchestrator:
                 self._queue.restore([w for w in waiters if not w.future.done()])
         if blocked:
             self._wake_for_backlog()
-        return arrived
 
     def _grant_affine(self, waiters: list[Waiter], window: int) -> list[Waiter]:
         """Grants, for each replica with room, the waiter with the longest cached prefix there
