@@ -314,7 +314,9 @@ class Orchestrator:
         room first, at the next event's pass in service order (where this request, queued,
         takes its place too). So a request the waiters cannot use the room of (another model,
         version or pool, replicas they exclude, a cap only its cached prefix lifts) is granted
-        now, not at the next unrelated event, nor refused for a queue it need not wait in."""
+        now, not at the next unrelated event, nor refused for a queue it need not wait in.
+        Each waiter is judged as things stand: room a waiter would get only once another's
+        grant makes a pool lend (room that opened with no event) can go to the request."""
         if not len(self._queue):
             return self._try_grant(req, prefix, start)
         now = self._clock()
@@ -334,14 +336,18 @@ class Orchestrator:
     ) -> bool:
         """Whether a queued request could be granted one of the replicas `free` (ids): one
         the profile's filters keep for it (`_kept`, judged over every assignable replica's
-        view) and that has room for it, the backlog caps its cached prefix lifts lifted. Judged
-        once per kind of waiter and set of caps lifted (what a decision's room depends on):
-        O(queue) to group them, O(groups x replicas) to judge."""
+        view) and that has room for it, the backlog caps its cached prefix lifts there lifted.
+        Judged once per kind of waiter and set of `free` replicas whose cap its prefix lifts,
+        stopping at the first that could: O(queue) plus O(replicas) per such group. (A cap it
+        lifts elsewhere, which could change whether a pool lends, is not told apart.)"""
         caps = _Caps(self)
-        groups: dict[tuple[tuple[object, ...], frozenset[str]], Waiter] = {}
+        judged: set[tuple[tuple[object, ...], frozenset[str]]] = set()
         for w in self._queue.waiting():
-            groups.setdefault((w.kind, caps.of(w.request, w.prefix)), w)
-        for (_, lifted), w in groups.items():
+            lifted = caps.of(w.request, w.prefix) & free
+            key = (w.kind, lifted)
+            if key in judged:
+                continue
+            judged.add(key)
             prefix = w.prefix if lifted else NO_MATCHES
             for v in self._kept(w.request, prefix, states, views, now):
                 if v.id in free and v.in_flight < v.cap:
@@ -839,9 +845,10 @@ class Orchestrator:
         # each waiter in turn would. Each waiter not granted, but one waiting for a
         # scale-from-zero pool, is checked to still have a replica, once per kind. A long
         # queue costs the pass O(queue) plus a decision per kind, set of lifted caps and
-        # ledger change (and `_Caps.of`, O(replicas it has cached), for each waiter with a
-        # cached prefix while a backlog caps some replica), not a decision per waiter: waiters for a
-        # full pool would otherwise cost one each at every event while another pool has room.
+        # ledger change (and `_Caps.of`, O(the fewer of the capped replicas and those it has
+        # cached), for each waiter with a cached prefix while a backlog caps some replica),
+        # not a decision per waiter: waiters for a full pool would otherwise cost one each at
+        # every event while another pool has room.
         room = True
         room_known = False  # `room` computed with the ledger as it is
         # (kind, caps lifted) a decision found no room for
@@ -929,7 +936,8 @@ class Orchestrator:
         replica as a decision does (`_kept`), keep that replica for it (readiness, model, pool
         and its lending, version, circuit, KV; not one it excludes).
         Each waiter it passes over counts the pass; none is passed more than `window` times:
-        the search stops at one that was. Returns the waiters not granted, in service order."""
+        the search stops at one that was. Returns the waiters not granted, in service order.
+        Judging a chosen waiter filters every replica: O(replicas) per replica with room."""
         now = self._clock()
         if not any(w.prefix.matched_blocks for w in waiters[:window]):
             # None of the next `window` waiters holds a cached prefix: nothing to grant out of
