@@ -1304,6 +1304,54 @@ async def test_the_affinity_pass_judges_a_pool_as_busy_only_as_a_decision_would(
     assert (await waiters["W"]).replica.id == "s1"  # as decisions in service order grant
 
 
+async def test_a_request_waits_for_a_waiter_whose_own_prefix_makes_a_pool_lend_to_it() -> None:
+    # s0 (short) is full; l0 (long) is capped by a 40k-token prefill's backlog, run down to
+    # ~0.3 s; l1 holds 3 of 8. W (short) holds its whole prompt on l0, which lifts l0's cap
+    # for it, and the long pool then lends to it (4 of 8 without: no lending). A (long, also
+    # cached on l0) arrives: W could take l0, so A waits; the next pass serves W first.
+    clock = ManualClock()
+    index = FixedPrefix(PrefixMatches(250, {}))
+    specs = [
+        ReplicaSpec(id="s0", grpc_address="a:1", pool="short"),
+        ReplicaSpec(id="l0", grpc_address="a:2", pool="long"),
+        ReplicaSpec(id="l1", grpc_address="a:3", pool="long"),
+    ]
+    policy = Policy(
+        pools={
+            "short": PoolPolicy(max_prompt_tokens=20000, max_in_flight_per_replica=2),
+            "long": PoolPolicy(max_prompt_tokens=100000),
+        },
+        plugins=[
+            PluginConfig(name="pool", type="pool-filter", params={"lend_below_utilization": 0.5})
+        ],
+        capacity=CapacityPolicy(max_prefill_backlog_s=0.01),
+    )
+    core, _ = await ready_core(
+        cap=8, queue=16, specs=specs, prefix=index, policy=policy, clock=clock
+    )
+    for i in range(2):
+        assert (await core.admit(req(f"s{i}", prompt_len=10), 5.0)).replica.id == "s0"
+    not_l0, not_l1 = frozenset({"l0"}), frozenset({"l1"})
+    for i in range(3):
+        lease = await core.admit(
+            dataclasses.replace(req(f"L{i}", prompt_len=30000), exclude_replicas=not_l0), 5.0
+        )
+        assert lease.replica.id == "l1"
+        clock.t += 3.0
+    clock.t += 3.0  # every prefill so far done
+    big = dataclasses.replace(req("big", prompt_len=40000), exclude_replicas=not_l1)
+    assert (await core.admit(big, 5.0)).replica.id == "l0"
+    waiters = await queue_each(core, index, [(req("W", prompt_len=16000), {"l0": 250})])
+    assert core.queue_depth == 1  # l0's backlog exceeds what W's prefix saves
+    clock.t += 1.9
+    index.matches = PrefixMatches(250, {"l0": 250})
+    a = asyncio.create_task(core.admit(req("A", prompt_len=30000), 5.0))
+    await assert_queued(core, 2)  # W could take l0: A waits in line
+    core._dispatch()  # the next event
+    assert (await waiters["W"]).replica.id == "l0"
+    await cancel_all([a])
+
+
 async def test_a_kind_that_failed_only_with_a_cached_prefix_is_still_lent_a_larger_pool() -> None:
     # s1 (short pool) is backlogged and nearly out of KV; l1 (long) is capped by a long
     # request's backlog, so it lends nothing and both short requests queue. It ends: a pass.
