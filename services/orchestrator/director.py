@@ -343,7 +343,9 @@ class Orchestrator:
         caps = _Caps(self)
         judged: set[tuple[tuple[object, ...], frozenset[str]]] = set()
         for w in self._queue.waiting():
-            lifted = caps.of(w.request, w.prefix) & free
+            lifted = caps.of(w.request, w.prefix)
+            if lifted:
+                lifted &= free
             key = (w.kind, lifted)
             if key in judged:
                 continue
