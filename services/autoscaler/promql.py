@@ -33,6 +33,7 @@ from services.autoscaler.signals import (
     EngineAggregate,
     ModelSignals,
     Observation,
+    PoolLabels,
     PoolSignals,
     assemble,
     call_deadline_s,
@@ -74,6 +75,10 @@ class PromQueries:
     ttft_p90: str
     itl_p90: str
     tokens: str
+    # The same percentiles per pool label (and model version, where Prometheus adds it).
+    queue_wait_p90_by_pool: str
+    ttft_p90_by_pool: str
+    itl_p90_by_pool: str
 
     @classmethod
     def build(cls, c: PromQLConfig) -> PromQueries:
@@ -94,11 +99,15 @@ class PromQueries:
             f'(last_over_time({req}{{request_type="active"}}[{age}])) * 0 + 1'
         )
 
-        def quantile(family: str, selector: str) -> str:
+        def quantile(family: str, selector: str, by: str = "model") -> str:
             return (
-                f"histogram_quantile({QUANTILE}, sum by (model, le) "
+                f"histogram_quantile({QUANTILE}, sum by ({by}, le) "
                 f"(rate({family}_bucket{{{selector}}}[{w}])))"
             )
+
+        def pool_quantile(family: str, selector: str) -> str:
+            pooled = f'{selector},pool!=""' if selector else 'pool!=""'
+            return quantile(family, pooled, "model, pool, model_version")
 
         return cls(
             engines_known=f"count by (pool, model_version) (up{{{c.engine_selector}}})",
@@ -130,6 +139,9 @@ class PromQueries:
             ttft_p90=quantile(names.GATEWAY_TTFT, c.gateway_selector),
             itl_p90=quantile(names.GATEWAY_ITL, c.gateway_selector),
             tokens=f"sum by (model, kind) (rate({names.GATEWAY_TOKENS}{{{c.gateway_selector}}}[{w}]))",
+            queue_wait_p90_by_pool=pool_quantile(names.ORCH_QUEUE_WAIT, c.orchestrator_selector),
+            ttft_p90_by_pool=pool_quantile(names.GATEWAY_TTFT, c.gateway_selector),
+            itl_p90_by_pool=pool_quantile(names.GATEWAY_ITL, c.gateway_selector),
         )
 
 
@@ -234,6 +246,9 @@ class PromQLSource:
             q.ttft_p90,
             q.itl_p90,
             q.tokens,
+            q.queue_wait_p90_by_pool,
+            q.ttft_p90_by_pool,
+            q.itl_p90_by_pool,
         ]
         (
             known,
@@ -251,6 +266,9 @@ class PromQLSource:
             ttft,
             itl,
             tok,
+            waits_by,
+            ttft_by,
+            itl_by,
         ) = await asyncio.gather(*(self.query(n) for n in names))
         obs = Observation()
         kn, rp = _by_pool(known), _by_pool(rep)
@@ -277,6 +295,11 @@ class PromQLSource:
                     obs.admissions[(labels.get("model", ""), key)] = value
         gw_alive = _scalar(gw_up) == 1.0
         w8, tt, it = _by_model(waits), _by_model(ttft), _by_model(itl)
+        w8_by, tt_by, it_by = (
+            _by_model_pool(waits_by),
+            _by_model_pool(ttft_by),
+            _by_model_pool(itl_by),
+        )
         tokens: dict[tuple[str, str], float] = {}
         for labels, value in tok or []:
             if value is not None:
@@ -288,6 +311,9 @@ class PromQLSource:
                 itl_p90_s=it.get(m),
                 prompt_tokens_rate=tokens.get((m, "prompt"), 0.0) if gw_alive else None,
                 completion_tokens_rate=tokens.get((m, "completion"), 0.0) if gw_alive else None,
+                queue_wait_by_pool=w8_by.get(m, {}),
+                ttft_by_pool=tt_by.get(m, {}),
+                itl_by_pool=it_by.get(m, {}),
             )
         return assemble(obs, self._pool_models, now)
 
@@ -305,6 +331,17 @@ def _by_pool(vector: Vector | None) -> dict[PoolKey, float]:
 
 def _by_model(vector: Vector | None) -> dict[str, float]:
     return {labels.get("model", ""): v for labels, v in vector or [] if v is not None}
+
+
+def _by_model_pool(vector: Vector | None) -> dict[str, dict[PoolLabels, float | None]]:
+    """Per model, per (pool, model version) label: the series' value (NaN: none observed)."""
+    out: dict[str, dict[PoolLabels, float | None]] = {}
+    for labels, v in vector or []:
+        pool = labels.get("pool", "")
+        if pool:
+            at = (pool, labels.get("model_version", ""))
+            out.setdefault(labels.get("model", ""), {})[at] = v
+    return out
 
 
 def _scalar(vector: Vector | None) -> float | None:

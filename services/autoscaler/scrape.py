@@ -39,6 +39,7 @@ from services.autoscaler.signals import (
     EngineAggregate,
     ModelSignals,
     Observation,
+    PoolLabels,
     PoolSignals,
     assemble,
     call_deadline_s,
@@ -233,16 +234,33 @@ class ScrapeSource:
                 out[k] = out.get(k, 0.0) + inc / seconds
         return out
 
-    def _quantiles(self, now: float, family: str) -> dict[str, float | None]:
+    def _quantiles(
+        self, now: float, family: str
+    ) -> tuple[dict[str, float | None], dict[str, dict[PoolLabels, float | None]]]:
+        """Per model, the histogram's `QUANTILE` over the window: over all its series, and per
+        (pool, model version) label of the series that carry a pool (`ModelSignals`)."""
         per_model: dict[str, dict[float, float]] = {}
+        per_pool: dict[str, dict[PoolLabels, dict[float, float]]] = {}
         for labels, inc, _ in self._increases(now, f"{family}_bucket"):
             try:
                 bound = float(labels.get("le", "nan"))
             except ValueError:
                 continue
-            buckets = per_model.setdefault(labels.get("model", ""), {})
+            model = labels.get("model", "")
+            buckets = per_model.setdefault(model, {})
             buckets[bound] = buckets.get(bound, 0.0) + inc
-        return {m: histogram_quantile(QUANTILE, b.items()) for m, b in per_model.items()}
+            pool = labels.get("pool", "")
+            if pool:
+                at = (pool, labels.get("model_version", ""))
+                buckets = per_pool.setdefault(model, {}).setdefault(at, {})
+                buckets[bound] = buckets.get(bound, 0.0) + inc
+        return (
+            {m: histogram_quantile(QUANTILE, b.items()) for m, b in per_model.items()},
+            {
+                m: {at: histogram_quantile(QUANTILE, b.items()) for at, b in pools.items()}
+                for m, pools in per_pool.items()
+            },
+        )
 
     def _prune(self, now: float) -> None:
         horizon = self._window_s + self._max_age_s
@@ -299,9 +317,11 @@ class ScrapeSource:
                 key = self._replica_keys.get(replica) or self._sole_version(pool)
                 if key is not None:
                     obs.admissions[(model, key)] = obs.admissions.get((model, key), 0.0) + rate
-        waits = self._quantiles(now, names.ORCH_QUEUE_WAIT) if orch_ok else {}
-        ttft = self._quantiles(now, names.GATEWAY_TTFT) if gw_ok else {}
-        itl = self._quantiles(now, names.GATEWAY_ITL) if gw_ok else {}
+        none: tuple[dict[str, float | None], dict[str, dict[PoolLabels, float | None]]]
+        none = ({}, {})
+        waits, waits_by = self._quantiles(now, names.ORCH_QUEUE_WAIT) if orch_ok else none
+        ttft, ttft_by = self._quantiles(now, names.GATEWAY_TTFT) if gw_ok else none
+        itl, itl_by = self._quantiles(now, names.GATEWAY_ITL) if gw_ok else none
         tokens = self._rates(now, names.GATEWAY_TOKENS, ("model", "kind")) if gw_ok else {}
         models = {*waits, *ttft, *itl, *(m for m, _ in tokens)}
         for m in models:
@@ -311,6 +331,9 @@ class ScrapeSource:
                 itl_p90_s=itl.get(m),
                 prompt_tokens_rate=tokens.get((m, "prompt"), 0.0) if gw_rates else None,
                 completion_tokens_rate=tokens.get((m, "completion"), 0.0) if gw_rates else None,
+                queue_wait_by_pool=waits_by.get(m, {}),
+                ttft_by_pool=ttft_by.get(m, {}),
+                itl_by_pool=itl_by.get(m, {}),
             )
         return assemble(obs, self._pool_models, now)
 

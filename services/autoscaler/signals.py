@@ -10,6 +10,10 @@ Invariants:
   labelled by served model and apply to every pool serving that model, its token rates split in
   proportion to the pool's share of the admissions of those pools (the orchestrator labels them
   by its Triton model, which may be named otherwise; its queue wait is read under that name).
+- Latency percentiles (queue wait, TTFT, ITL) are the pool's own where the series label pools
+  (`pool_p90`): a pool then never inherits another pool's latencies (a long-prompt pool's slow
+  first tokens), and one that served nothing in the window has none. Series without a pool
+  label (services older than the label) give the model's percentile to each of its pools.
 - Rates and percentiles come from counter/histogram increases over `rate_window_s`, reset-aware
   (a counter that goes down restarted from zero); percentiles are the `QUANTILE` of the window.
 """
@@ -105,15 +109,39 @@ class EngineAggregate:
         self.kv_max += sample.kv_max
 
 
+# A latency series' pool and model version labels ("" where it has none: gateways and the
+# orchestrator label the pool, Prometheus adds the version of a gateway pod).
+PoolLabels = tuple[str, str]
+
+
 @dataclass(frozen=True, slots=True)
 class ModelSignals:
-    """Signals the gateway and orchestrator label by served model only."""
+    """Signals the gateway and orchestrator label by served model: each percentile over every
+    series of the model, and (`*_by_pool`) over the series of each pool label (empty when no
+    series carries one)."""
 
     queue_wait_p90_s: float | None = None
     ttft_p90_s: float | None = None
     itl_p90_s: float | None = None
     prompt_tokens_rate: float | None = None
     completion_tokens_rate: float | None = None
+    queue_wait_by_pool: Mapping[PoolLabels, float | None] = field(default_factory=dict)
+    ttft_by_pool: Mapping[PoolLabels, float | None] = field(default_factory=dict)
+    itl_by_pool: Mapping[PoolLabels, float | None] = field(default_factory=dict)
+
+
+def pool_p90(
+    by_pool: Mapping[PoolLabels, float | None], model_p90: float | None, key: PoolKey
+) -> float | None:
+    """The pool's percentile: of its series (under its model version, else under none) where
+    the model's series label pools, None when none of them is the pool's; the model's
+    (`model_p90`) where no series labels a pool."""
+    if not by_pool:
+        return finite(model_p90)
+    for labels in ((key.pool, key.model_version), (key.pool, "")):
+        if labels in by_pool:
+            return finite(by_pool[labels])
+    return None
 
 
 @dataclass(slots=True)
@@ -177,19 +205,21 @@ def assemble(
         # be the gateway's served name: its queue wait is read under that label.
         queue = obs.models.get(orchestrator_models.get(key) or model or "")
         if queue is not None:
-            sig = replace(sig, queue_wait_p90_s=finite(queue.queue_wait_p90_s))
+            wait = pool_p90(queue.queue_wait_by_pool, queue.queue_wait_p90_s, key)
+            sig = replace(sig, queue_wait_p90_s=wait)
         if model is not None and model in obs.models:
             ms = obs.models[model]
             share = _share(obs.admissions, key, pools_of.get(model, [key]))
             sig = replace(
                 sig,
-                ttft_p90_s=finite(ms.ttft_p90_s),
-                itl_p90_s=finite(ms.itl_p90_s),
+                ttft_p90_s=pool_p90(ms.ttft_by_pool, ms.ttft_p90_s, key),
+                itl_p90_s=pool_p90(ms.itl_by_pool, ms.itl_p90_s, key),
                 prompt_tokens_rate=_scaled(ms.prompt_tokens_rate, share),
                 completion_tokens_rate=_scaled(ms.completion_tokens_rate, share),
             )
             if sig.queue_wait_p90_s is None:
-                sig = replace(sig, queue_wait_p90_s=finite(ms.queue_wait_p90_s))
+                wait = pool_p90(ms.queue_wait_by_pool, ms.queue_wait_p90_s, key)
+                sig = replace(sig, queue_wait_p90_s=wait)
         out[key] = sig
     return out
 

@@ -236,7 +236,7 @@ class Attempts:
         """One attempt on the leased replica, continuing `state`; its lease is reported once,
         however it ends. A replica failure is `AttemptFailed`."""
         replica = lease.replica
-        state.serve_on(replica.id)
+        state.serve_on(replica)
         stall = self._s.stall_timeout_s or None
         outcome = Outcome.REQUEST_ERROR
         error = ""

@@ -4,7 +4,8 @@ Modules call `record_*` (or, on the per-token path, the children `StreamMetrics`
 per attempt); none touches a metric object. Names come from `llmmesh.common.metric_names`.
 
 Label bounds: `model` is a served model name or "unknown"; `tenant` comes from the tenants file
-only ("" without authentication, never the client's `user` hint).
+only ("" without authentication, never the client's `user` hint); `pool` is the pool of the
+replica an attempt was leased (the orchestrator's policy names them; "" before a lease).
 """
 
 from __future__ import annotations
@@ -28,8 +29,15 @@ from services.gateway.errors import RateLimited, ReplicaFailed, RequestIdConflic
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 2.5, 5, 10, 30)
 
-_TTFT = Histogram(names.GATEWAY_TTFT, "Time to first token.", ["model"], buckets=_LATENCY_BUCKETS)
-_ITL = Histogram(names.GATEWAY_ITL, "Gap between tokens.", ["model"], buckets=_LATENCY_BUCKETS)
+# By the serving replica's pool too: the autoscaler judges each pool by its own latencies (a
+# long-prompt pool's first tokens are slow by design). The model version is not a label: each
+# gateway serves one, and Prometheus adds it from the pod (mesh/observability/prometheus).
+_TTFT = Histogram(
+    names.GATEWAY_TTFT, "Time to first token.", ["model", "pool"], buckets=_LATENCY_BUCKETS
+)
+_ITL = Histogram(
+    names.GATEWAY_ITL, "Gap between tokens.", ["model", "pool"], buckets=_LATENCY_BUCKETS
+)
 _DURATION = Histogram(names.GATEWAY_DURATION, "Whole request.", ["model"], buckets=_LATENCY_BUCKETS)
 # outcome: `outcome_label`'s bounded set.
 _REQUESTS = Counter(names.GATEWAY_REQUESTS, "Requests by outcome.", ["model", "outcome", "tenant"])
@@ -166,13 +174,14 @@ def record_completion_tokens(model: str, tokens: int) -> None:
 
 
 class StreamMetrics:
-    """One attempt's per-token metric updates, with their label children resolved once."""
+    """One attempt's per-token metric updates, with their label children resolved once;
+    `pool`: the pool of the replica serving the attempt."""
 
     __slots__ = ("observe_itl", "observe_ttft", "tenant_completion")
 
-    def __init__(self, model: str, tenant: str | None) -> None:
-        self.observe_ttft = _TTFT.labels(model).observe
-        self.observe_itl = _ITL.labels(model).observe
+    def __init__(self, model: str, pool: str, tenant: str | None) -> None:
+        self.observe_ttft = _TTFT.labels(model, pool).observe
+        self.observe_itl = _ITL.labels(model, pool).observe
         # A no-op without authentication (no tenant label).
         self.tenant_completion: Callable[[float], None] = (
             _ignore if tenant is None else _TENANT_TOKENS.labels(tenant, "completion").inc

@@ -14,7 +14,7 @@ reported (a continuation's reuse of its longer prompt only goes into its lease r
 
 It is on the per-token path: per chunk, `push` allocates only the `Delta` it returns, the text
 pieces, and a token list only when the chunk is cut (end id, max_tokens); metric label children
-are resolved once per request.
+are resolved once per attempt (`serve_on`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from llmmesh.common.topology import ReplicaAddress
 from services.gateway.admission import LeaseReport, Outcome
 from services.gateway.events import Completion, Delta, FinishReason
 from services.gateway.limits import TenantLimits
@@ -141,7 +142,6 @@ class StreamState:
         self._start = start  # perf_counter() when the request arrived
         self._progress = progress
         self._limits = limits
-        self._metrics = StreamMetrics(model.name, None if limits is None else limits.tenant)
         self._decoder = IncrementalDecoder(model, context)
         self._stops = StopMatcher(stop)
         self._last_at = start
@@ -185,9 +185,14 @@ class StreamState:
         self._restored = self.completion_tokens
         self.begin_attempt(self._attempt_start)
 
-    def serve_on(self, replica_id: str) -> None:
-        """The current attempt's replica (the usage record names the last one)."""
-        self._progress.replica = replica_id
+    def serve_on(self, replica: ReplicaAddress) -> None:
+        """The current attempt's replica (the usage record names the last one; its tokens are
+        timed under its pool): called before the attempt's first `push`."""
+        self._progress.replica = replica.id
+        limits = self._limits
+        self._metrics = StreamMetrics(
+            self._model_name, replica.pool, None if limits is None else limits.tenant
+        )
 
     @property
     def remaining(self) -> int:

@@ -14,10 +14,11 @@ from llmmesh.common import metric_names as names
 from llmmesh.common.telemetry import remove_series
 
 _QUEUE_DEPTH = Gauge(names.ORCH_QUEUE_DEPTH, "Requests waiting for admission.", ["model"])
+# By the granted replica's pool too: the autoscaler judges each pool by its own wait.
 _QUEUE_WAIT = Histogram(
     names.ORCH_QUEUE_WAIT,
     "Time from Admit to lease.",
-    ["model"],
+    ["model", "pool"],
     buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30),
 )
 _DECISIONS = Counter(names.ORCH_DECISIONS, "Leases granted.", ["model", "replica", "pool"])
@@ -173,7 +174,7 @@ def record_grant(
         for known, known_pool in _KNOWN_REPLICAS.items():
             _child(_DECISIONS, model, known, known_pool)
     _child(_DECISIONS, model, replica, pool).inc()
-    _child(_QUEUE_WAIT, model).observe(queue_s)
+    _child(_QUEUE_WAIT, model, pool).observe(queue_s)
     if prompt_blocks:
         _child(_PROMPT_BLOCKS, replica).inc(prompt_blocks)
         _child(_PREFIX_HIT, replica).inc(hit_blocks)

@@ -24,13 +24,22 @@ def engine_page(active: float, waiting: float, used: float, total: float) -> str
 """
 
 
-def histogram(name: str, model: str, buckets: Sequence[tuple[str, float]]) -> str:
+def histogram(
+    name: str,
+    model: str,
+    buckets: Sequence[tuple[str, float]],
+    by_pool: Mapping[str, Sequence[tuple[str, float]]] | None = None,
+) -> str:
+    """One model's histogram: a series without a pool label, or (`by_pool`) one per pool."""
     lines = [f"# HELP {name} h", f"# TYPE {name} histogram"]
-    for le, count in buckets:
-        lines.append(f'{name}_bucket{{le="{le}",model="{model}"}} {count}')
-    total = buckets[-1][1]
-    lines.append(f'{name}_count{{model="{model}"}} {total}')
-    lines.append(f'{name}_sum{{model="{model}"}} {total * 0.1}')
+    series = {"": buckets} if by_pool is None else by_pool
+    for pool, counts in series.items():
+        labels = f'model="{model}",pool="{pool}"' if pool else f'model="{model}"'
+        for le, count in counts:
+            lines.append(f'{name}_bucket{{le="{le}",{labels}}} {count}')
+        total = counts[-1][1]
+        lines.append(f"{name}_count{{{labels}}} {total}")
+        lines.append(f"{name}_sum{{{labels}}} {total * 0.1}")
     return "\n".join(lines) + "\n"
 
 
@@ -40,8 +49,10 @@ def orchestrator_page(
     waits: Sequence[tuple[str, float]] = (("0.1", 0), ("1.0", 0), ("+Inf", 0)),
     model: str = "m",
     leases: Mapping[tuple[str, str], float] | None = None,
+    waits_by_pool: Mapping[str, Sequence[tuple[str, float]]] | None = None,
 ) -> str:
-    """`decisions`, `leases`: (replica, pool) -> counter / gauge value."""
+    """`decisions`, `leases`: (replica, pool) -> counter / gauge value; queue waits `waits`,
+    or per pool `waits_by_pool`."""
     decided, leased, queued = (
         names.ORCH_DECISIONS,
         names.ORCH_REPLICA_IN_FLIGHT,
@@ -58,7 +69,7 @@ def orchestrator_page(
         out += [f"# HELP {queued} Queued per pool.", f"# TYPE {queued} gauge"]
         for key, v in pool_queue.items():
             out.append(f'{queued}{{model_version="{key.model_version}",pool="{key.pool}"}} {v}')
-    return "\n".join(out) + "\n" + histogram(names.ORCH_QUEUE_WAIT, model, waits)
+    return "\n".join(out) + "\n" + histogram(names.ORCH_QUEUE_WAIT, model, waits, waits_by_pool)
 
 
 def gateway_page(
@@ -66,6 +77,7 @@ def gateway_page(
     completion: float,
     ttft: Sequence[tuple[str, float]],
     model: str = "m",
+    ttft_by_pool: Mapping[str, Sequence[tuple[str, float]]] | None = None,
 ) -> str:
     tokens = names.GATEWAY_TOKENS
     return (
@@ -73,7 +85,7 @@ def gateway_page(
         f"# TYPE {tokens} counter\n"
         f'{tokens}{{kind="prompt",model="{model}"}} {prompt}\n'
         f'{tokens}{{kind="completion",model="{model}"}} {completion}\n'
-        + histogram(names.GATEWAY_TTFT, model, ttft)
+        + histogram(names.GATEWAY_TTFT, model, ttft, ttft_by_pool)
     )
 
 

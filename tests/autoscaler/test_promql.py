@@ -4,6 +4,8 @@ a fake HTTP API. The real-Prometheus test is in tests/integration."""
 from __future__ import annotations
 
 import json
+import urllib.parse
+from collections.abc import Callable
 
 import pytest
 
@@ -78,14 +80,11 @@ async def test_promql_source_answers_and_nan() -> None:
         q.ttft_p90: vector(({"model": "m"}, "NaN")),
         q.itl_p90: vector(),
         q.tokens: vector(({"model": "m", "kind": "prompt"}, "30")),
+        q.queue_wait_p90_by_pool: vector(),
+        q.ttft_p90_by_pool: vector(),
+        q.itl_p90_by_pool: vector(),
     }
-    import urllib.parse
-
-    def get(url: str, timeout: float) -> bytes:
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["query"][0]
-        return answers[query]
-
-    got = await PromQLSource(CONFIG, {}, get).collect(0.0)
+    got = await PromQLSource(CONFIG, {}, answering(answers)).collect(0.0)
     short = got[SHORT]
     assert (short.replicas_known, short.reporting_replicas) == (2, 2)
     assert (short.engine_active, short.engine_waiting, short.kv_utilization) == (4.0, 1.0, 0.2)
@@ -95,6 +94,45 @@ async def test_promql_source_answers_and_nan() -> None:
     assert (short.ttft_p90_s, short.queue_wait_p90_s, short.itl_p90_s) == (None, None, None)
     assert short.prompt_tokens_rate == 30.0
     assert short.completion_tokens_rate == 0.0
+
+
+def answering(answers: dict[str, bytes]) -> Callable[[str, float], bytes]:
+    """A fake HTTP GET that answers each query from `answers` (an empty vector otherwise)."""
+
+    def get(url: str, timeout: float) -> bytes:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["query"][0]
+        return answers.get(query, vector())
+
+    return get
+
+
+async def test_promql_source_gives_each_pool_its_own_latencies() -> None:
+    """Where the series label pools, a pool gets its own percentiles (under its version, else
+    under none: the orchestrator labels no version) and a pool none labels gets none; a model
+    whose series label no pool gives its percentile to each of its pools."""
+    long_, spare, other = PoolKey("long", "v1"), PoolKey("spare", "v1"), PoolKey("o", "v1")
+    q = PromQLSource(CONFIG, {}).queries
+    answers = {
+        q.orchestrator_up: vector(({}, "1")),
+        q.gateway_up: vector(({}, "1")),
+        q.ttft_p90: vector(({"model": "m"}, "3.0"), ({"model": "o"}, "0.7")),
+        q.queue_wait_p90: vector(({"model": "m"}, "0.9"), ({"model": "o"}, "0.2")),
+        q.ttft_p90_by_pool: vector(
+            ({"model": "m", "pool": "short", "model_version": "v1"}, "0.4"),
+            ({"model": "m", "pool": "short", "model_version": "v2"}, "0.6"),
+            ({"model": "m", "pool": "long", "model_version": "v1"}, "3.5"),
+        ),
+        q.queue_wait_p90_by_pool: vector(
+            ({"model": "m", "pool": "short"}, "0.05"),
+            ({"model": "m", "pool": "long"}, "NaN"),
+        ),
+    }
+    pools = {SHORT: "m", long_: "m", spare: "m", other: "o"}
+    got = await PromQLSource(CONFIG, pools, answering(answers)).collect(0.0)
+    assert (got[SHORT].ttft_p90_s, got[SHORT].queue_wait_p90_s) == (0.4, 0.05)
+    assert (got[long_].ttft_p90_s, got[long_].queue_wait_p90_s) == (3.5, None)
+    assert (got[spare].ttft_p90_s, got[spare].queue_wait_p90_s) == (None, None)
+    assert (got[other].ttft_p90_s, got[other].queue_wait_p90_s) == (0.7, 0.2)
 
 
 async def test_promql_source_unreachable_is_all_unknown() -> None:

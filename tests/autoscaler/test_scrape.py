@@ -153,6 +153,36 @@ async def test_scrape_source_rates_percentiles_and_attribution() -> None:
     assert short.ttft_p90_s == pytest.approx(0.09)  # all 10 new observations below 0.1 s
 
 
+async def test_scrape_source_gives_each_pool_its_own_latencies() -> None:
+    """Series labelled by pool: each pool's TTFT and queue wait come from its own series (a
+    long-prompt pool's slow first tokens are not the short pool's); a pool no series names
+    has none."""
+    pages = Pages()
+    spare = PoolKey("spare", "v1")
+    src = scrape_source(pages, {SHORT: "m", LONG: "m", spare: "m"})
+
+    def round_(n: float) -> None:
+        fast, slow = ttft(n, 0), ttft(0, n)
+        pages.pages["http://orch/metrics"] = orchestrator_page(
+            {("r0", "short"): n, ("r2", "long"): n},
+            {SHORT: 0.0},
+            waits_by_pool={"short": slow, "long": fast},
+        )
+        pages.pages["http://gw/metrics"] = gateway_page(
+            n, n, (), ttft_by_pool={"short": fast, "long": slow}
+        )
+
+    round_(5)
+    await src.collect(0.0)
+    round_(15)
+    got = await src.collect(10.0)
+    assert got[SHORT].ttft_p90_s == pytest.approx(0.09)
+    assert got[LONG].ttft_p90_s == pytest.approx(0.91)
+    assert got[SHORT].queue_wait_p90_s == pytest.approx(0.91)
+    assert got[LONG].queue_wait_p90_s == pytest.approx(0.09)
+    assert (got[spare].ttft_p90_s, got[spare].queue_wait_p90_s) == (None, None)
+
+
 async def test_scrape_source_unreachable_and_stale_are_unknown() -> None:
     pages = Pages()
     pages.pages["http://r0/metrics"] = engine_page(3, 1, 10, 100)

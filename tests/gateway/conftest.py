@@ -23,24 +23,31 @@ from services.gateway.usage import UsageRecord
 MODEL = "smollm2"
 
 
-def fake_replica(n: int) -> ReplicaAddress:
+def fake_replica(n: int, pool: str = "pool-a") -> ReplicaAddress:
     """The replica of the n-th lease (1-based)."""
     return ReplicaAddress(
         id=f"r{n}",
         grpc_address=f"127.0.0.1:{n}",
-        pool="pool-a",
+        pool=pool,
         model_version="v7",
         authority=f"replica-{n}.triton:8001",
     )
 
 
 class FakeAdmission:
-    """Grants lease `lease-n` on `fake_replica(n)` for the n-th Admit, or raises `reject`.
-    Records every request, the caller's trace id at the time, and every report."""
+    """Grants lease `lease-n` on `fake_replica(n)` (in pool `pools[n - 1]` when given) for the
+    n-th Admit, or raises `reject`. Records every request, the caller's trace id at the time,
+    and every report."""
 
-    def __init__(self, reject: ServiceError | None = None, queue_ms: float = 0.0) -> None:
+    def __init__(
+        self,
+        reject: ServiceError | None = None,
+        queue_ms: float = 0.0,
+        pools: Sequence[str] = (),
+    ) -> None:
         self.reject = reject
         self.queue_ms = queue_ms
+        self.pools = pools
         self.admits: list[AdmissionRequest] = []
         self.timeouts: list[float] = []
         self.admit_trace_ids: list[str] = []  # 32 hex digits; all zeros outside a span
@@ -61,7 +68,8 @@ class FakeAdmission:
         if self.reject is not None:
             raise self.reject
         n = len(self.admits)
-        return Lease(lease_id=f"lease-{n}", replica=fake_replica(n), queue_ms=self.queue_ms)
+        replica = fake_replica(n, *self.pools[n - 1 : n])
+        return Lease(lease_id=f"lease-{n}", replica=replica, queue_ms=self.queue_ms)
 
     def complete(self, report: LeaseReport) -> None:
         self.reports.append(report)

@@ -108,6 +108,36 @@ def assert_one_contiguous_stream(events: list[Event], ids: list[int]) -> None:
     assert sum(isinstance(e, Completion) for e in events) == 1
 
 
+def latency_counts(family: str, pool: str) -> float:
+    value = REGISTRY.get_sample_value(f"{family}_count", {"model": MODEL, "pool": pool})
+    return value or 0.0
+
+
+async def test_latencies_are_observed_under_the_pool_of_the_replica_that_served_them(
+    model: ServedModel,
+) -> None:
+    """The autoscaler judges each pool by its own latencies: the first token and the gaps of
+    an attempt count under its replica's pool, also when the request moves to another pool."""
+    ids = model.encode(" alpha beta gamma delta epsilon")
+    k = 2
+    engine = FakeEngine([[*tokens(*ids[:k]), fault()], [*tokens(*ids[k:]), chunk(final=True)]])
+    admission, usage = FakeAdmission(pools=("pool-x", "pool-y")), Usage()
+    core = GatewayCore(
+        GatewaySettings(models=[model.settings]), [model], admission, engine, 32, usage=usage
+    )
+    ttft, itl = names.GATEWAY_TTFT, names.GATEWAY_ITL
+    before = {(f, p): latency_counts(f, p) for f in (ttft, itl) for p in ("pool-x", "pool-y")}
+    events = await collect(core, request(max_tokens=len(ids)))
+    assert_one_contiguous_stream(events, ids)
+
+    def added(family: str, pool: str) -> float:
+        return latency_counts(family, pool) - before[(family, pool)]
+
+    assert (added(ttft, "pool-x"), added(ttft, "pool-y")) == (1, 0)
+    # Gaps: after the first token on pool-x; every token of the second attempt on pool-y.
+    assert (added(itl, "pool-x"), added(itl, "pool-y")) == (k - 1, len(ids) - k)
+
+
 async def test_mid_stream_fault_continues_on_another_replica(model: ServedModel) -> None:
     # Text held back for a stop string and an unfinished character cross the boundary too.
     ids = model.encode(" alpha beta 🦙 gamma delta")

@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY
 
 from llmmesh.common import metric_names as names
 from llmmesh.common.telemetry import setup_tracing
-from llmmesh.common.topology import Priority
+from llmmesh.common.topology import DEFAULT_POOL, Priority, ReplicaAddress
 from services.gateway.admission import Outcome
 from services.gateway.core import (
     Completion,
@@ -319,6 +319,7 @@ def test_a_continued_generation_times_only_its_own_tokens(model: ServedModel) ->
         limits=None,
     )
     state.restore([Delta(model.decode(ids[:1]), ids[:1], 0), Delta("", ids[1:2], 1)])
+    state.serve_on(ReplicaAddress("replica-b", "replica-b:8001", pool=DEFAULT_POOL))
     ttft_before = _ttft_count()
     for t in ids[2:]:
         state.push(chunk(t))
@@ -333,4 +334,10 @@ def test_a_continued_generation_times_only_its_own_tokens(model: ServedModel) ->
 
 
 def _ttft_count() -> float:
-    return REGISTRY.get_sample_value(f"{names.GATEWAY_TTFT}_count", {"model": MODEL}) or 0.0
+    """TTFT observations for MODEL, whatever the pool."""
+    return sum(
+        s.value
+        for family in REGISTRY.collect()
+        for s in family.samples
+        if s.name == f"{names.GATEWAY_TTFT}_count" and s.labels.get("model") == MODEL
+    )
