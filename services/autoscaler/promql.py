@@ -311,9 +311,9 @@ class PromQLSource:
                 itl_p90_s=it.get(m),
                 prompt_tokens_rate=tokens.get((m, "prompt"), 0.0) if gw_alive else None,
                 completion_tokens_rate=tokens.get((m, "completion"), 0.0) if gw_alive else None,
-                queue_wait_by_pool=w8_by.get(m, {}),
-                ttft_by_pool=tt_by.get(m, {}),
-                itl_by_pool=it_by.get(m, {}),
+                queue_wait_by_pool=None if w8_by is None else w8_by.get(m, {}),
+                ttft_by_pool=None if tt_by is None else tt_by.get(m, {}),
+                itl_by_pool=None if it_by is None else it_by.get(m, {}),
             )
         return assemble(obs, self._pool_models, now)
 
@@ -333,10 +333,13 @@ def _by_model(vector: Vector | None) -> dict[str, float]:
     return {labels.get("model", ""): v for labels, v in vector or [] if v is not None}
 
 
-def _by_model_pool(vector: Vector | None) -> dict[str, dict[PoolLabels, float | None]]:
-    """Per model, per (pool, model version) label: the series' value (NaN: none observed)."""
+def _by_model_pool(vector: Vector | None) -> dict[str, dict[PoolLabels, float | None]] | None:
+    """Per model, per (pool, model version) label: the series' value (NaN: none observed);
+    None when the query failed (unknown, not "no series labels a pool")."""
+    if vector is None:
+        return None
     out: dict[str, dict[PoolLabels, float | None]] = {}
-    for labels, v in vector or []:
+    for labels, v in vector:
         pool = labels.get("pool", "")
         if pool:
             at = (pool, labels.get("model_version", ""))

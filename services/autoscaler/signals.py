@@ -118,24 +118,27 @@ PoolLabels = tuple[str, str]
 class ModelSignals:
     """Signals the gateway and orchestrator label by served model: each percentile over every
     series of the model, and (`*_by_pool`) over the series of each pool label (empty when no
-    series carries one)."""
+    series carries one; None when they could not be read)."""
 
     queue_wait_p90_s: float | None = None
     ttft_p90_s: float | None = None
     itl_p90_s: float | None = None
     prompt_tokens_rate: float | None = None
     completion_tokens_rate: float | None = None
-    queue_wait_by_pool: Mapping[PoolLabels, float | None] = field(default_factory=dict)
-    ttft_by_pool: Mapping[PoolLabels, float | None] = field(default_factory=dict)
-    itl_by_pool: Mapping[PoolLabels, float | None] = field(default_factory=dict)
+    queue_wait_by_pool: Mapping[PoolLabels, float | None] | None = field(default_factory=dict)
+    ttft_by_pool: Mapping[PoolLabels, float | None] | None = field(default_factory=dict)
+    itl_by_pool: Mapping[PoolLabels, float | None] | None = field(default_factory=dict)
 
 
 def pool_p90(
-    by_pool: Mapping[PoolLabels, float | None], model_p90: float | None, key: PoolKey
+    by_pool: Mapping[PoolLabels, float | None] | None, model_p90: float | None, key: PoolKey
 ) -> float | None:
     """The pool's percentile: of its series (under its model version, else under none) where
     the model's series label pools, None when none of them is the pool's; the model's
-    (`model_p90`) where no series labels a pool."""
+    (`model_p90`) where no series labels a pool; None when the pools' series could not be
+    read (`by_pool` None: the model's would be another pool's as likely as this one's)."""
+    if by_pool is None:
+        return None
     if not by_pool:
         return finite(model_p90)
     for labels in ((key.pool, key.model_version), (key.pool, "")):

@@ -10,7 +10,7 @@ replica an attempt was leased (the orchestrator's policy names them; "" before a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -171,6 +171,38 @@ def record_prompt_tokens(model: str, tenant: str | None, tokens: int) -> None:
 def record_completion_tokens(model: str, tokens: int) -> None:
     """What one attempt streamed, when it ends."""
     _TOKENS.labels(model, "completion").inc(tokens)
+
+
+# A histogram series that appears with its first observation loses it to a rate over the
+# scrapes (the direct scrape and PromQL's `rate()` alike: no earlier sample to rise from). Each
+# (served model, pool) latency series is therefore exported from 0 once both are known: the
+# models at start (`declare_models`), the pools from the orchestrators' replica view
+# (`record_pools_known`). Bounded by the models served and the policy's pools.
+_SERVED_MODELS: set[str] = set()
+_KNOWN_POOLS: set[str] = set()
+
+
+def declare_models(models: Iterable[str]) -> None:
+    """The served model names: their latency series start at 0 for every known pool."""
+    for model in models:
+        if model not in _SERVED_MODELS:
+            _SERVED_MODELS.add(model)
+            for pool in _KNOWN_POOLS:
+                _zero_latencies(model, pool)
+
+
+def record_pools_known(pools: Iterable[str]) -> None:
+    """Pools of the replicas an orchestrator listed: their latency series start at 0."""
+    for pool in pools:
+        if pool not in _KNOWN_POOLS:
+            _KNOWN_POOLS.add(pool)
+            for model in _SERVED_MODELS:
+                _zero_latencies(model, pool)
+
+
+def _zero_latencies(model: str, pool: str) -> None:
+    _TTFT.labels(model, pool)
+    _ITL.labels(model, pool)
 
 
 class StreamMetrics:

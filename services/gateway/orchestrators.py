@@ -482,6 +482,7 @@ class OrchestratorSet:
                     answered = answered or call.result()
             if answered is not None:
                 self._view, self._view_at = answered.known, self._clock()
+                metrics.record_pools_known({k.replica.pool for k in answered.known})
                 return answered
         if not self._usable_view():
             raise last or OrchestratorUnavailable("no orchestrator known")

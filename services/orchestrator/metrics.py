@@ -86,8 +86,9 @@ _CHILDREN: dict[tuple[object, tuple[str, ...]], Any] = {}
 
 # A counter series that appears with its first increment loses that increment to PromQL's
 # `rate()` (it has no earlier sample to rise from). Every (model, replica) pair the orchestrator
-# knows of therefore exports its decision count from 0: a model's series for all known replicas
-# are created at its first grant, a replica's for all granted models when it becomes known.
+# knows of therefore exports its decision count, and every (model, pool) pair its queue wait,
+# from 0: a model's series for all known replicas and their pools are created at its first
+# grant, a replica's (and its pool's) for all granted models when it becomes known.
 _KNOWN_REPLICAS: dict[str, str] = {}
 _GRANTED_MODELS: set[str] = set()
 
@@ -107,6 +108,7 @@ def record_replica_known(replica: str, pool: str) -> None:
     _KNOWN_REPLICAS[replica] = pool
     for model in _GRANTED_MODELS:
         _child(_DECISIONS, model, replica, pool)
+        _child(_QUEUE_WAIT, model, pool)
 
 
 def record_replica_forgotten(replica: str, pool: str) -> None:
@@ -173,6 +175,7 @@ def record_grant(
         _GRANTED_MODELS.add(model)
         for known, known_pool in _KNOWN_REPLICAS.items():
             _child(_DECISIONS, model, known, known_pool)
+            _child(_QUEUE_WAIT, model, known_pool)
     _child(_DECISIONS, model, replica, pool).inc()
     _child(_QUEUE_WAIT, model, pool).observe(queue_s)
     if prompt_blocks:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Set
 
 import pytest
 
@@ -96,11 +96,16 @@ async def test_promql_source_answers_and_nan() -> None:
     assert short.completion_tokens_rate == 0.0
 
 
-def answering(answers: dict[str, bytes]) -> Callable[[str, float], bytes]:
-    """A fake HTTP GET that answers each query from `answers` (an empty vector otherwise)."""
+def answering(
+    answers: dict[str, bytes], failing: Set[str] = frozenset()
+) -> Callable[[str, float], bytes]:
+    """A fake HTTP GET that answers each query from `answers` (an empty vector otherwise), and
+    fails the `failing` ones like a refused connection."""
 
     def get(url: str, timeout: float) -> bytes:
         query = urllib.parse.parse_qs(urllib.parse.urlsplit(url).query)["query"][0]
+        if query in failing:
+            raise ConnectionRefusedError(url)
         return answers.get(query, vector())
 
     return get
@@ -133,6 +138,21 @@ async def test_promql_source_gives_each_pool_its_own_latencies() -> None:
     assert (got[long_].ttft_p90_s, got[long_].queue_wait_p90_s) == (3.5, None)
     assert (got[spare].ttft_p90_s, got[spare].queue_wait_p90_s) == (None, None)
     assert (got[other].ttft_p90_s, got[other].queue_wait_p90_s) == (0.7, 0.2)
+
+
+async def test_a_failed_pool_query_leaves_the_pools_latency_unknown() -> None:
+    """The per-pool query failing is no sign that no series labels a pool: the pool's TTFT is
+    unknown that round, not the model's (which would be the long pool's slow first tokens)."""
+    q = PromQLSource(CONFIG, {}).queries
+    answers = {
+        q.gateway_up: vector(({}, "1")),
+        q.ttft_p90: vector(({"model": "m"}, "3.0")),
+        q.ttft_p90_by_pool: vector(({"model": "m", "pool": "short"}, "0.4")),
+    }
+    source = PromQLSource(CONFIG, {SHORT: "m"}, answering(answers))
+    assert (await source.collect(0.0))[SHORT].ttft_p90_s == 0.4
+    source = PromQLSource(CONFIG, {SHORT: "m"}, answering(answers, failing={q.ttft_p90_by_pool}))
+    assert (await source.collect(0.0))[SHORT].ttft_p90_s is None
 
 
 async def test_promql_source_unreachable_is_all_unknown() -> None:

@@ -7,9 +7,12 @@ import asyncio
 import itertools
 
 import pytest
+from prometheus_client import REGISTRY
 
+from llmmesh.common import metric_names as names
 from llmmesh.common.errors import DeadlineExceeded, Reason, ResourceExhausted
 from llmmesh.common.topology import Priority, ReplicaAddress
+from services.gateway import metrics as gateway_metrics
 from services.gateway.admission import (
     AdmissionRequest,
     AdmissionStatus,
@@ -54,6 +57,7 @@ class FakeOrchestrator:
         self.status_error: BaseException | None = None
         self.status_timeouts: list[float] = []
         self.admit_tasks: list[asyncio.Task[object] | None] = []  # the task each admit ran in
+        self.view: tuple[KnownReplica, ...] = VIEW  # the replicas status() lists
 
     async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
         self.admits += 1
@@ -81,7 +85,7 @@ class FakeOrchestrator:
             raise OrchestratorUnavailable(f"orchestrator {self.address}: DEADLINE_EXCEEDED")
         if not self.up:
             raise OrchestratorUnavailable(f"orchestrator {self.address}: connection refused")
-        return AdmissionStatus(3, 2, 0, known=VIEW)
+        return AdmissionStatus(3, 2, 0, known=self.view)
 
     async def close(self) -> None:
         self.closed = True
@@ -519,3 +523,17 @@ async def test_a_removed_orchestrator_closes_once_its_last_admit_in_flight_ends(
     assert lease.lease_id.startswith("o1-")
 
     await until_closed(fakes["o0"], "o0 closed once its Admit ended")
+
+
+async def test_the_pools_an_orchestrator_lists_get_latency_series_from_zero() -> None:
+    """Each served model's TTFT series for a pool the orchestrators list exists (at 0) before
+    its first observation, which a rate over the scrapes would otherwise lose."""
+    gateway_metrics.declare_models(["model-of-listed-pools"])
+    orchs, fakes, _ = make(1)
+    listed = ReplicaAddress(id="q0", grpc_address="q0:8001", pool="pool-only-listed-here")
+    fakes["o0"].view = (KnownReplica(listed, routable=True, in_flight=0),)
+    labels = {"model": "model-of-listed-pools", "pool": "pool-only-listed-here"}
+    count = f"{names.GATEWAY_TTFT}_count"
+    assert REGISTRY.get_sample_value(count, labels) is None
+    await orchs.status(timeout_s=1.0)
+    assert REGISTRY.get_sample_value(count, labels) == 0.0
