@@ -115,9 +115,9 @@ def _others(st: ReplicaState, sample: EngineSample | None) -> int:
 
 
 class _Caps:
-    """The backlog caps requests' cached prefixes lift (`Orchestrator._exempt`), for one
-    state of the load ledger: the capped replicas found once, each (replica, prompt length,
-    cached tokens) judged once."""
+    """The backlog caps requests' cached prefixes lift (`Orchestrator._lifts`, as `_exempt`
+    judges them), for one state of the load ledger: the capped replicas found once, each
+    (replica, prompt length, cached tokens) judged once."""
 
     NONE: frozenset[str] = frozenset()
 
@@ -153,8 +153,7 @@ class _Caps:
             key = (rid, prompt, cached)
             ok = self._lifted.get(key)
             if ok is None:
-                saved = core._load.saved_s(rid, prompt, cached)
-                ok = self._lifted[key] = not core._backlogged(st, saved)
+                ok = self._lifted[key] = core._lifts(st, prompt, cached)
             if ok:
                 out.append(rid)
         return frozenset(out) if out else self.NONE
@@ -322,10 +321,12 @@ class Orchestrator:
         now = self._clock()
         states = list(self._replicas.assignable())
         views = [self._view(st, now) for st in states]
-        free = {v.id for v in self._kept(req, prefix, states, views, now) if v.in_flight < v.cap}
+        kept = self._kept(req, prefix, states, views, now)
+        free = {v.id for v in kept if v.in_flight < v.cap}
         if not free or self._awaited(free, states, views, now):
             return None
-        return self._try_grant(req, prefix, start)
+        # Judging the waiters changed nothing: the decision is among the replicas kept.
+        return self._try_grant(req, prefix, start, kept)
 
     def _awaited(
         self,
@@ -583,6 +584,13 @@ class Orchestrator:
             load = self._load.load(st.spec.id)
         return load.prefill_s > bound + saved_s
 
+    def _lifts(
+        self, st: ReplicaState, prompt: int, cached: int, *, load: ReplicaLoad | None = None
+    ) -> bool:
+        """The prefill that `cached` of a `prompt`-token prompt's tokens save on the replica
+        covers its backlog's excess over the bound: its backlog cap lets that request go."""
+        return not self._backlogged(st, self._load.saved_s(st.spec.id, prompt, cached), load=load)
+
     def _exempt(
         self,
         req: AdmissionRequest,
@@ -603,7 +611,7 @@ class Orchestrator:
             load = views[i].load
             if not cached or views[i].cap > 0 or not self._backlogged(st, load=load):
                 continue
-            if self._backlogged(st, self._load.saved_s(st.spec.id, prompt, cached), load=load):
+            if not self._lifts(st, prompt, cached, load=load):
                 continue
             cap = self._cap_of(st, self._sampler.fresh(st, now), now, bounded=False)
             if out is views:
@@ -786,19 +794,33 @@ class Orchestrator:
     def _servable(self, req: AdmissionRequest) -> bool:
         return bool(self._candidates(req))
 
-    def _pick(self, req: AdmissionRequest, prefix: PrefixMatches) -> ReplicaState | None:
-        now = self._clock()
-        states = self._assignable(req)
-        views = [self._view(st, now) for st in states]
-        if prefix.matched_blocks and self._max_backlog_s > 0:
-            views = self._exempt(req, prefix, states, views, now)
-        decision = self._scheduler.decide(self._request_view(req, prefix), views)
+    def _pick(
+        self,
+        req: AdmissionRequest,
+        prefix: PrefixMatches,
+        kept: Sequence[ReplicaView] | None = None,
+    ) -> ReplicaState | None:
+        """The scheduler's choice for the request among the assignable replicas; `kept`: the
+        replicas the profile's filters keep for it (`_kept`), when the caller judged them now."""
+        if kept is None:
+            now = self._clock()
+            states = self._assignable(req)
+            views = [self._view(st, now) for st in states]
+            if prefix.matched_blocks and self._max_backlog_s > 0:
+                views = self._exempt(req, prefix, states, views, now)
+            decision = self._scheduler.decide(self._request_view(req, prefix), views)
+        else:
+            decision = self._scheduler.choose(self._request_view(req, prefix), kept)
         return None if decision.replica is None else self._replicas.get(decision.replica.id)
 
     def _try_grant(
-        self, req: AdmissionRequest, prefix: PrefixMatches, enqueued_at: float
+        self,
+        req: AdmissionRequest,
+        prefix: PrefixMatches,
+        enqueued_at: float,
+        kept: Sequence[ReplicaView] | None = None,
     ) -> Lease | None:
-        st = self._pick(req, prefix)
+        st = self._pick(req, prefix, kept)
         return None if st is None else self._grant(req, prefix, enqueued_at, st)
 
     def _grant(

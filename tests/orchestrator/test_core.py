@@ -3,7 +3,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import pytest
 
@@ -93,16 +93,26 @@ def state(core: Orchestrator, rid: str) -> ReplicaState:
 
 
 def count_decisions(core: Orchestrator) -> list[str]:
-    """From now on, each of `core`'s scheduling decisions appends its request's model here."""
+    """From now on, each of `core`'s scheduling decisions appends its request's model here
+    (`Scheduler.choose`, which every decision ends in)."""
     made: list[str] = []
-    decide = core._scheduler.decide
+    choose = core._scheduler.choose
 
-    def counted(request: RequestView, replicas: Sequence[ReplicaView]) -> Decision:
+    def counted(request: RequestView, eligible: Sequence[ReplicaView]) -> Decision:
         made.append(request.model)
-        return decide(request, replicas)
+        return choose(request, eligible)
 
-    core._scheduler.decide = counted  # type: ignore[method-assign]
+    core._scheduler.choose = counted  # type: ignore[method-assign]
     return made
+
+
+async def assert_one_decision(core: Orchestrator, event: Callable[[], Awaitable[object]]) -> None:
+    """`event`'s pass over the queue makes one scheduling decision and grants no waiter."""
+    depth = core.queue_depth
+    decisions = count_decisions(core)
+    await event()
+    assert len(decisions) == 1
+    assert core.queue_depth == depth
 
 
 async def ready_core(
@@ -559,10 +569,18 @@ POOLS = Policy(
         "long": PoolPolicy(max_prompt_tokens=1000),
     }
 )
-POOL_SPECS = [
-    ReplicaSpec(id="s0", grpc_address="a:1", pool="short"),
-    ReplicaSpec(id="l0", grpc_address="a:2", pool="long"),
-]
+
+
+def pool_replicas(short: Iterable[str], long: Iterable[str]) -> list[ReplicaSpec]:
+    """Replicas of the short pool, then of the long one (ids as given, an address each)."""
+    ids = [(rid, "short") for rid in short] + [(rid, "long") for rid in long]
+    return [
+        ReplicaSpec(id=rid, grpc_address=f"a:{i}", pool=pool)
+        for i, (rid, pool) in enumerate(ids, 1)
+    ]
+
+
+POOL_SPECS = pool_replicas(["s0"], ["l0"])
 
 
 @pytest.mark.parametrize(
@@ -583,6 +601,39 @@ NO_LENDING = Policy(
     pools=POOLS.pools,
     plugins=[PluginConfig(name="pool", type="pool-filter", params={"lend_below_utilization": 0})],
 )
+
+
+def backlogged_pools(
+    short_tokens: int,
+    *,
+    short_cap: int | None = None,
+    long_cap: int | None = None,
+    lend_below: float | None = None,
+    admission: AdmissionPolicy | None = None,
+) -> Policy:
+    """A short pool (prompts up to `short_tokens`) and a long one (100k), each replica at most
+    `*_cap` leases, under a 0.01 s prefill backlog bound; `lend_below`: the pool filter's
+    lending threshold (its default without)."""
+    plugins = (
+        []
+        if lend_below is None
+        else [
+            PluginConfig(
+                name="pool", type="pool-filter", params={"lend_below_utilization": lend_below}
+            )
+        ]
+    )
+    return Policy(
+        pools={
+            "short": PoolPolicy(
+                max_prompt_tokens=short_tokens, max_in_flight_per_replica=short_cap
+            ),
+            "long": PoolPolicy(max_prompt_tokens=100000, max_in_flight_per_replica=long_cap),
+        },
+        plugins=plugins,
+        capacity=CapacityPolicy(max_prefill_backlog_s=0.01),
+        admission=admission or AdmissionPolicy(),
+    )
 
 
 @pytest.mark.parametrize(("policy", "third"), [(POOLS, "l0"), (NO_LENDING, None)])
@@ -621,10 +672,10 @@ async def test_waiters_for_a_full_pool_cost_one_decision_per_event_not_one_each(
     short = await core.admit(req("short", prompt_len=10), 1.0)
     assert short.replica.id == "s0"  # granted now: no waiter could use the short pool
 
-    decisions = count_decisions(core)
-    assert core.complete(short.lease_id, Outcome.SUCCESS)
-    assert len(decisions) == 1
-    assert core.queue_depth == 30
+    async def complete_short() -> None:
+        assert core.complete(short.lease_id, Outcome.SUCCESS)
+
+    await assert_one_decision(core, complete_short)
 
     assert core.complete(held.lease_id, Outcome.SUCCESS)
     first = await waiters[0]
@@ -1141,10 +1192,7 @@ async def test_waiters_whose_cached_prefix_cannot_lift_a_cap_cost_no_decision_ea
         core, index, [(req(f"w{i}", prompt_len=8000, version="a"), {"R": 25}) for i in range(20)]
     )
     assert core.queue_depth == 20
-    decisions = count_decisions(core)
-    await core.scrape_once()  # an event: a pass
-    assert len(decisions) == 1
-    assert core.queue_depth == 20
+    await assert_one_decision(core, core.scrape_once)  # an event: a pass
     await cancel_all(waiters.values())
 
 
@@ -1155,20 +1203,8 @@ async def test_waiters_whose_prefix_lifts_a_cap_their_pool_cannot_use_cost_one_d
     # for their kind with that cap lifted stands for them all.
     clock = ManualClock()
     index = FixedPrefix(PrefixMatches(250, {}))
-    specs = [
-        ReplicaSpec(id="s0", grpc_address="a:1", pool="short"),
-        ReplicaSpec(id="l0", grpc_address="a:2", pool="long"),
-        ReplicaSpec(id="l1", grpc_address="a:3", pool="long"),
-    ]
-    policy = NO_LENDING.model_copy(
-        update={
-            "pools": {
-                "short": PoolPolicy(max_prompt_tokens=20000, max_in_flight_per_replica=1),
-                "long": PoolPolicy(max_prompt_tokens=100000),
-            },
-            "capacity": CapacityPolicy(max_prefill_backlog_s=0.01),
-        }
-    )
+    specs = pool_replicas(["s0"], ["l0", "l1"])
+    policy = backlogged_pools(20000, short_cap=1, lend_below=0)
     core, _ = await ready_core(
         cap=8, queue=100, specs=specs, prefix=index, policy=policy, clock=clock
     )
@@ -1180,10 +1216,7 @@ async def test_waiters_whose_prefix_lifts_a_cap_their_pool_cannot_use_cost_one_d
     )
     assert core.queue_depth == 50
     clock.t += 1.9
-    decisions = count_decisions(core)
-    await core.scrape_once()  # an event: a pass
-    assert len(decisions) == 1
-    assert core.queue_depth == 50
+    await assert_one_decision(core, core.scrape_once)  # an event: a pass
     await cancel_all(waiters.values())
 
 
@@ -1271,20 +1304,9 @@ async def test_the_affinity_pass_judges_a_pool_as_busy_only_as_a_decision_would(
     # W's own decision then lets it onto s1.
     clock = ManualClock()
     index = FixedPrefix(PrefixMatches(250, {}))
-    specs = [
-        ReplicaSpec(id="s1", grpc_address="a:1", pool="short"),
-        ReplicaSpec(id="l1", grpc_address="a:2", pool="long"),
-    ]
-    policy = Policy(
-        pools={
-            "short": PoolPolicy(max_prompt_tokens=40000),
-            "long": PoolPolicy(max_prompt_tokens=100000, max_in_flight_per_replica=2),
-        },
-        plugins=[
-            PluginConfig(name="pool", type="pool-filter", params={"lend_below_utilization": 0.9})
-        ],
-        capacity=CapacityPolicy(max_prefill_backlog_s=0.01),
-        admission=AdmissionPolicy(affinity_window=16),
+    specs = pool_replicas(["s1"], ["l1"])
+    policy = backlogged_pools(
+        40000, long_cap=2, lend_below=0.9, admission=AdmissionPolicy(affinity_window=16)
     )
     core, _ = await ready_core(
         cap=8, queue=16, specs=specs, prefix=index, policy=policy, clock=clock
@@ -1311,21 +1333,8 @@ async def test_a_request_waits_for_a_waiter_whose_own_prefix_makes_a_pool_lend_t
     # cached on l0) arrives: W could take l0, so A waits; the next pass serves W first.
     clock = ManualClock()
     index = FixedPrefix(PrefixMatches(250, {}))
-    specs = [
-        ReplicaSpec(id="s0", grpc_address="a:1", pool="short"),
-        ReplicaSpec(id="l0", grpc_address="a:2", pool="long"),
-        ReplicaSpec(id="l1", grpc_address="a:3", pool="long"),
-    ]
-    policy = Policy(
-        pools={
-            "short": PoolPolicy(max_prompt_tokens=20000, max_in_flight_per_replica=2),
-            "long": PoolPolicy(max_prompt_tokens=100000),
-        },
-        plugins=[
-            PluginConfig(name="pool", type="pool-filter", params={"lend_below_utilization": 0.5})
-        ],
-        capacity=CapacityPolicy(max_prefill_backlog_s=0.01),
-    )
+    specs = pool_replicas(["s0"], ["l0", "l1"])
+    policy = backlogged_pools(20000, short_cap=2, lend_below=0.5)
     core, _ = await ready_core(
         cap=8, queue=16, specs=specs, prefix=index, policy=policy, clock=clock
     )
@@ -1359,17 +1368,8 @@ async def test_a_kind_that_failed_only_with_a_cached_prefix_is_still_lent_a_larg
     # (no lending), and the KV watermark then drops s1. w, of its kind and uncached, sees s1
     # capped: the long pool lends, and w is granted there in the same pass.
     index = FixedPrefix(PrefixMatches(250, {}))
-    specs = [
-        ReplicaSpec(id="s1", grpc_address="a:1", pool="short"),
-        ReplicaSpec(id="l1", grpc_address="a:2", pool="long"),
-    ]
-    policy = Policy(
-        pools={
-            "short": PoolPolicy(max_prompt_tokens=20000),
-            "long": PoolPolicy(max_prompt_tokens=100000),
-        },
-        capacity=CapacityPolicy(max_prefill_backlog_s=0.01),
-    )
+    specs = pool_replicas(["s1"], ["l1"])
+    policy = backlogged_pools(20000)
     core, _ = await ready_core(
         cap=8, queue=100, specs=specs, prefix=index, policy=policy, clock=ManualClock()
     )

@@ -104,7 +104,10 @@ class Scheduler:
     def decide(self, request: RequestView, replicas: Sequence[ReplicaView]) -> Decision:
         """Filters, then drops replicas at their cap (a request waits rather than spilling over),
         then scores and picks."""
-        eligible = self.filter(request, replicas)
+        return self.choose(request, self.filter(request, replicas))
+
+    def choose(self, request: RequestView, eligible: Sequence[ReplicaView]) -> Decision:
+        """`decide` among the replicas the filters kept (`filter`'s answer for the request)."""
         candidates = [r for r in eligible if r.in_flight < r.cap]
         if not candidates:
             return Decision(None, len(eligible))
