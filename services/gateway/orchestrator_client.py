@@ -20,7 +20,7 @@ previous one (the first, after the report that found none queued) and carrying w
 meanwhile, up to `COMPLETE_BATCH`: under load one call releases many leases instead of a call
 per request (each costs both processes a gRPC call's CPU). An orchestrator that refuses
 CompleteBatch (`errors.NOT_OFFERED`: an older version, or a mesh policy without it) gets one Complete
-per report, all of a batch at once. The queue is bounded (`COMPLETE_QUEUE`).
+per report, all of a batch at once, for `NOT_OFFERED_RETRY_S`; then a batch tries it again. The queue is bounded (`COMPLETE_QUEUE`).
 
 Admits travel on one AdmitStream call per orchestrator (`_AdmitStream`): a message each way
 instead of a call, each Admit with its own deadline, trace context and send time, its refusal as
@@ -34,7 +34,10 @@ call), or sooner when this process's streams to that orchestrator stay gone for 
 `orphan_lease_grace_s` (the orchestrator then releases every lease it granted over them): so
 while it holds leases granted over a stream, a stream that ended is opened again at once. An Admit given up on (its caller's cancel, its deadline) is withdrawn by a cancel message,
 and a lease answered for it all the same is released at once. An orchestrator that refuses the
-method (`errors.NOT_OFFERED`) gets unary Admits from then on, the refused ones included.
+method (`errors.NOT_OFFERED`) gets unary Admits, the refused ones included, for
+`NOT_OFFERED_RETRY_S`; then an Admit tries the stream again (a policy that allows it later, or
+an orchestrator upgraded in place, gets streams back; one refusal in a policy's rollout does
+not cost every later Admit a call for the process's life).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import random
 import time
 import uuid
@@ -87,6 +91,9 @@ COMPLETE_TIMEOUT_S: Final = 5.0
 # How long a report call is tried again while its orchestrator does not take it, and the first
 # and longest pause between tries (doubling, each drawn from its upper half).
 COMPLETE_RETRY_S: Final = 60.0
+# How long a method refused as such (`NOT_OFFERED`) goes unasked before it is tried again: a
+# refused try costs the call it falls back to one round trip more.
+NOT_OFFERED_RETRY_S: Final = 60.0
 COMPLETE_BACKOFF_S: Final = (0.05, 2.0)
 # Failures that pass: the orchestrator (or its sidecar) restarting, overloaded or slow.
 _TRANSIENT: Final = frozenset(
@@ -437,12 +444,18 @@ class OrchestratorClient:
         admit_stream: bool = True,
         hasher: ChunkedHashes | None = None,
         complete_retry_s: float = COMPLETE_RETRY_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`clock`: when a refused method is tried again (`NOT_OFFERED_RETRY_S`)."""
         self._stub = stub
+        self._clock = clock
         self._complete_retry_s = complete_retry_s
         self._draining = False  # the last reports: each tried COMPLETE_ATTEMPTS times
         self._gave_up = False  # a report call was given up on, and none succeeded since
-        self._streams_admits = admit_stream  # False: unary Admits (configured, or refused)
+        self._streams_admits = admit_stream  # False: unary Admits (configured)
+        # Until when AdmitStream, and CompleteBatch, go unasked after a refusal (`NOT_OFFERED`).
+        self._stream_refused_until = -math.inf
+        self._batch_refused_until = -math.inf
         self._stream: _AdmitStream | None = None
         # Hashes prompts for the stream's Admits (None: the prompt itself is sent).
         self._hasher = hasher
@@ -456,7 +469,6 @@ class OrchestratorClient:
             on_drop=_dropped,
             name="lease reports",
         )
-        self._batches = True  # False once CompleteBatch was refused (`NOT_OFFERED`)
         # Leases granted over the stream and not yet reported: while any is held, a stream
         # that ended is opened again (`_stream_ended`), as the orchestrator releases the
         # leases of a caller with no stream open for its `orphan_lease_grace_s`.
@@ -477,6 +489,7 @@ class OrchestratorClient:
         admit_stream: bool = True,
         hasher: ChunkedHashes | None = None,
         complete_retry_s: float = COMPLETE_RETRY_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> OrchestratorClient:
         """A client on a channel of its own to `address`; `authority` (a headless Service's
         host:port when `address` is one of its pod IPs) is the :authority sent, so a mesh
@@ -496,6 +509,7 @@ class OrchestratorClient:
             admit_stream=admit_stream,
             hasher=hasher,
             complete_retry_s=complete_retry_s,
+            clock=clock,
         )
 
     @property
@@ -505,7 +519,7 @@ class OrchestratorClient:
 
     async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
         timeout_s = max(timeout_s, _MIN_TIMEOUT_S)
-        if self._streams_admits and not self._closing:
+        if self._streams() and not self._closing:
             stream = self._open_stream()
             loop = asyncio.get_running_loop()
             start = loop.time()
@@ -516,14 +530,22 @@ class OrchestratorClient:
             except StreamEnded as ended:
                 if not ended.not_offered:
                     raise ended.as_admission_error() from ended
-                if self._streams_admits:
+                if self._streams():
                     log.warning(
-                        "AdmitStream refused; one Admit call each",
-                        extra={"orchestrator": self.address, "error": repr(ended.error)},
+                        "AdmitStream refused; one Admit call each for a while",
+                        extra={
+                            "orchestrator": self.address,
+                            "error": repr(ended.error),
+                            "retry_s": NOT_OFFERED_RETRY_S,
+                        },
                     )
-                    self._streams_admits = False
+                    self._stream_refused_until = self._clock() + NOT_OFFERED_RETRY_S
                 timeout_s = max(timeout_s - (loop.time() - start), _MIN_TIMEOUT_S)
         return await self._admit_call(request, timeout_s)
+
+    def _streams(self) -> bool:
+        """Admits go on the stream: configured so, and not refused lately."""
+        return self._streams_admits and self._clock() >= self._stream_refused_until
 
     def _open_stream(self) -> _AdmitStream:
         """The open AdmitStream, opened (again) when there is none."""
@@ -552,7 +574,7 @@ class OrchestratorClient:
 
     def _holds_stream_leases(self) -> bool:
         """Leases granted over the stream are held and streams are still in use."""
-        return bool(self._held) and not self._closing and self._streams_admits
+        return bool(self._held) and not self._closing and self._streams()
 
     def _release(self, lease: pb.AdmitResponse) -> None:
         """A lease granted for an Admit given up on: its capacity back at once."""
@@ -596,12 +618,13 @@ class OrchestratorClient:
 
     async def _deliver(self, batch: list[pb.CompleteRequest]) -> None:
         """One batch: a CompleteBatch call, or one Complete per report where it is refused."""
-        if not (self._batches and await self._send_batch(batch)):
+        batches = self._clock() >= self._batch_refused_until
+        if not (batches and await self._send_batch(batch)):
             await asyncio.gather(*(self._send(req) for req in batch))
 
     async def _send_batch(self, batch: list[pb.CompleteRequest]) -> bool:
         """False: the orchestrator (or the mesh's policy in front of it) does not take
-        CompleteBatch: the reports go one Complete each, from now on."""
+        CompleteBatch: the reports go one Complete each, for `NOT_OFFERED_RETRY_S`."""
         req = pb.CompleteBatchRequest(reports=batch)
 
         async def call() -> None:
@@ -613,10 +636,14 @@ class OrchestratorClient:
             await self._retried(call, len(batch))
         except grpc.aio.AioRpcError as err:  # refused: not offered
             log.warning(
-                "CompleteBatch refused; one Complete per report",
-                extra={"orchestrator": self.address, "error": err.code().name},
+                "CompleteBatch refused; one Complete per report for a while",
+                extra={
+                    "orchestrator": self.address,
+                    "error": err.code().name,
+                    "retry_s": NOT_OFFERED_RETRY_S,
+                },
             )
-            self._batches = False
+            self._batch_refused_until = self._clock() + NOT_OFFERED_RETRY_S
             return False
         return True  # delivered, or given up on
 

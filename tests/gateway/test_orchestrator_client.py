@@ -45,11 +45,12 @@ from services.gateway.errors import NoReplica, OrchestratorUnavailable
 from services.gateway.orchestrator_client import (
     CALLER_ID,
     COMPLETE_ATTEMPTS,
+    NOT_OFFERED_RETRY_S,
     OrchestratorClient,
     StreamEnded,
     replica_from_pb,
 )
-from tests.helpers import eventually
+from tests.helpers import ManualClock, eventually
 
 Ctx = grpc.aio.ServicerContext[object, object]
 
@@ -214,6 +215,7 @@ class FakeOrchestratorService(pb_grpc.OrchestratorServiceServicer):
 class Served:
     service: FakeOrchestratorService
     client: OrchestratorClient
+    clock: ManualClock  # when the client tries a refused method again
 
 
 @contextlib.asynccontextmanager
@@ -227,14 +229,16 @@ async def serve(
     pb_grpc.add_OrchestratorServiceServicer_to_server(service, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
+    clock = ManualClock()
     client = OrchestratorClient.connect(
         f"127.0.0.1:{port}",
         admit_stream=admit_stream,
         hasher=hasher,
         complete_retry_s=complete_retry_s,
+        clock=clock,
     )
     try:
-        yield Served(service, client)
+        yield Served(service, client, clock)
     finally:
         await client.close()
         await server.stop(None)
@@ -497,7 +501,7 @@ async def test_reports_that_come_together_share_one_call_in_order(served: Served
 
 
 @pytest.mark.parametrize("refusal", sorted(NOT_OFFERED, key=str))
-async def test_an_orchestrator_refusing_complete_batch_gets_a_call_per_report(
+async def test_an_orchestrator_refusing_complete_batch_gets_a_call_per_report_for_a_while(
     served: Served, refusal: grpc.StatusCode
 ) -> None:
     served.service.batches = False
@@ -505,11 +509,15 @@ async def test_an_orchestrator_refusing_complete_batch_gets_a_call_per_report(
     for i in range(3):
         served.client.complete(LeaseReport(f"lease-{i}", Outcome.SUCCESS, 1, 1, 0, 1.0))
     await served.client.drain()
-    served.service.batches = True  # not asked again: the client remembers the refusal
+    served.service.batches = True  # not asked again yet: the client remembers the refusal
     served.client.complete(LeaseReport("lease-3", Outcome.SUCCESS, 1, 1, 0, 1.0))
     await served.client.drain()
     assert served.service.complete_calls == [("Complete", 1)] * 4
     assert sorted(c.lease_id for c in served.service.completes) == [f"lease-{i}" for i in range(4)]
+    served.clock.t += NOT_OFFERED_RETRY_S  # then it is asked again (the mesh now allows it)
+    served.client.complete(LeaseReport("lease-4", Outcome.SUCCESS, 1, 1, 0, 1.0))
+    await served.client.drain()
+    assert served.service.complete_calls[4:] == [("CompleteBatch", 1)]
 
 
 async def test_a_batch_that_raises_does_not_strand_the_next(
@@ -597,7 +605,7 @@ async def test_admits_share_one_stream_and_are_answered_by_call_id(streamed: Ser
 
 
 @pytest.mark.parametrize("refusal", sorted(NOT_OFFERED, key=str))
-async def test_an_orchestrator_refusing_the_stream_gets_admit_calls_from_then_on(
+async def test_an_orchestrator_refusing_the_stream_gets_admit_calls_for_a_while(
     streamed: Served, refusal: grpc.StatusCode
 ) -> None:
     streamed.service.streams = False
@@ -605,8 +613,17 @@ async def test_an_orchestrator_refusing_the_stream_gets_admit_calls_from_then_on
     first = await streamed.client.admit(admission(request_id="a"), timeout_s=5.0)
     second = await streamed.client.admit(admission(request_id="b"), timeout_s=5.0)
     assert (first.lease_id, second.lease_id) == ("lease-9", "lease-10")
-    assert streamed.service.stream_calls == 1  # refused once, never tried again
+    assert streamed.service.stream_calls == 1  # refused once, not tried again yet
     assert [a.request_id for a in streamed.service.admits] == ["a", "b"]
+    streamed.service.streams = True  # e.g. the mesh's policy now allows it
+    streamed.clock.t += NOT_OFFERED_RETRY_S
+    third = await streamed.client.admit(admission(request_id="c"), timeout_s=5.0)
+    assert third.lease_id == "lease-11"
+    assert streamed.service.stream_calls == 2  # tried again, and answered on the stream
+    stream = streamed.client._stream
+    assert stream is not None
+    assert stream.ended is None
+    assert [a.request_id for a in streamed.service.admits] == ["a", "b", "c"]
 
 
 async def test_a_cancelled_admit_is_withdrawn(streamed: Served) -> None:
