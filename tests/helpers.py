@@ -9,6 +9,16 @@ from collections.abc import Awaitable, Callable, Sequence
 import pytest
 
 
+class ManualClock:
+    """A clock that moves only when a test moves it (`t`)."""
+
+    def __init__(self, t: float = 10.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
 async def eventually(
     check: Callable[[], Awaitable[bool]], timeout_s: float = 15.0, what: str = ""
 ) -> None:

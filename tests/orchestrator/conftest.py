@@ -57,13 +57,3 @@ class FixedPrefix:
         while len(self.calls) + len(self.reports) < n:
             self.called.clear()
             await self.called.wait()
-
-
-class ManualClock:
-    """A clock that moves only when a test moves it (`t`)."""
-
-    def __init__(self, t: float = 10.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t

@@ -10,15 +10,8 @@ import asyncio
 from services.orchestrator.director import Orchestrator
 from services.orchestrator.policy import Policy
 from services.orchestrator.settings import OrchestratorSettings, ReplicaSpec
+from tests.helpers import ManualClock
 from tests.orchestrator.test_core import FakeProbe, assert_queued, metrics_text, req
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def engine(active: int, waiting: int = 0) -> str:
@@ -27,7 +20,7 @@ def engine(active: int, waiting: int = 0) -> str:
 
 
 async def core_on_one_replica(
-    texts: dict[str, str], clock: Clock, max_age_s: float = 5.0
+    texts: dict[str, str], clock: ManualClock, max_age_s: float = 5.0
 ) -> Orchestrator:
     settings = OrchestratorSettings(
         replicas=[ReplicaSpec(id="r0", grpc_address="a:1", metrics_url="http://r0")],
@@ -48,7 +41,7 @@ async def core_on_one_replica(
 
 async def test_other_orchestrators_load_counts_against_the_cap() -> None:
     texts = {"http://r0": engine(active=3)}  # 3 requests another orchestrator admitted
-    core = await core_on_one_replica(texts, Clock())
+    core = await core_on_one_replica(texts, ManualClock(1000.0))
     await core.scrape_once()
     await core.admit(req("a"), 1.0)  # the 4th slot
     waiter = asyncio.create_task(core.admit(req("b"), 5.0))
@@ -60,7 +53,7 @@ async def test_other_orchestrators_load_counts_against_the_cap() -> None:
 
 async def test_own_leases_are_not_counted_twice() -> None:
     texts = {"http://r0": engine(active=0)}
-    core = await core_on_one_replica(texts, Clock())
+    core = await core_on_one_replica(texts, ManualClock(1000.0))
     for i in range(2):
         await core.admit(req(str(i)), 1.0)
     texts["http://r0"] = engine(active=1, waiting=1)  # exactly our 2 leases
@@ -72,14 +65,14 @@ async def test_own_leases_are_not_counted_twice() -> None:
 
 async def test_without_a_fresh_sample_only_own_leases_count() -> None:
     texts = {"http://r0": engine(active=4)}
-    clock = Clock()
+    clock = ManualClock(1000.0)
     core = await core_on_one_replica(texts, clock, max_age_s=5.0)
     await core.scrape_once()
     waiter = asyncio.create_task(core.admit(req("w"), 5.0))
     await assert_queued(core, 1)  # full: 4 others
     waiter.cancel()
     await asyncio.gather(waiter, return_exceptions=True)
-    clock.now += 6.0  # the sample is stale: others' load unknown (the N x cap bound)
+    clock.t += 6.0  # the sample is stale: others' load unknown (the N x cap bound)
     assert (await core.admit(req("x"), 1.0)).replica.id == "r0"
 
 

@@ -21,6 +21,7 @@ from services.orchestrator.capacity import (
 from services.orchestrator.director import Orchestrator
 from services.orchestrator.domain import Outcome, Priority
 from services.orchestrator.errors import QueueFull
+from tests.helpers import ManualClock
 from tests.orchestrator.test_core import FakeProbe, assert_queued, req, settings
 
 IN, S, B = Priority.INTERACTIVE, Priority.STANDARD, Priority.BATCH
@@ -200,15 +201,7 @@ def test_queue_limits_fall_with_priority() -> None:
     assert QueueLimits.of(10, 0.1, 0.9).batch == 1  # batch never above standard
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.t = 500.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-async def _full_core(clock: Clock, max_queue: int) -> Orchestrator:
+async def _full_core(clock: ManualClock, max_queue: int) -> Orchestrator:
     """One replica with one slot, taken; the service time learned as 1 s (drain 1/s)."""
     cfg = settings(n=1, cap=1, queue=max_queue)
     cfg.queue_share_standard = 0.5
@@ -225,7 +218,7 @@ async def _full_core(clock: Clock, max_queue: int) -> Orchestrator:
 
 
 async def test_shedding_order_batch_then_standard_interactive_kept() -> None:
-    clock = Clock()
+    clock = ManualClock(500.0)
     core = await _full_core(clock, max_queue=8)
     tasks = {
         rid: asyncio.create_task(core.admit(req(rid, prio), 60.0))
@@ -260,7 +253,7 @@ async def test_shedding_order_batch_then_standard_interactive_kept() -> None:
 
 
 async def test_work_that_would_miss_its_deadline_is_refused_at_once() -> None:
-    clock = Clock()
+    clock = ManualClock(500.0)
     core = await _full_core(clock, max_queue=64)
     assert core.drain_rate() == 1.0  # one slot, 1 s per request
     waiting = [asyncio.create_task(core.admit(req(f"w{i}"), 60.0)) for i in range(3)]
@@ -276,7 +269,7 @@ async def test_work_that_would_miss_its_deadline_is_refused_at_once() -> None:
 
 
 async def test_a_waiter_the_queue_cannot_reach_in_time_is_refused_before_its_deadline() -> None:
-    clock = Clock()
+    clock = ManualClock(500.0)
     core = await _full_core(clock, max_queue=64)  # drain 1/s
     patient = [asyncio.create_task(core.admit(req(f"p{i}"), 60.0)) for i in range(2)]
     await assert_queued(core, 2)

@@ -7,20 +7,13 @@ from services.orchestrator.director import Orchestrator
 from services.orchestrator.domain import Outcome
 from services.orchestrator.policy import HealthPolicy, Policy
 from services.orchestrator.settings import OrchestratorSettings
+from tests.helpers import ManualClock
 from tests.orchestrator.test_core import FakeProbe, req, settings
-
-
-class ManualClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 async def ready_on_manual_clock(cfg: OrchestratorSettings) -> tuple[Orchestrator, ManualClock]:
     """A core on a manual clock, every replica of `cfg` probed ready."""
-    clock, probe = ManualClock(), FakeProbe()
+    clock, probe = ManualClock(1000.0), FakeProbe()
     core = Orchestrator(cfg, probe, clock=clock)
     probe.ready_ids = {r.id for r in cfg.replicas}
     await core.probe_once()
@@ -43,7 +36,7 @@ async def test_leases_are_reclaimed_when_the_virtual_clock_passes_the_timeout() 
 
 
 async def test_ejection_lasts_exactly_its_virtual_duration() -> None:
-    clock, probe = ManualClock(), FakeProbe()
+    clock, probe = ManualClock(1000.0), FakeProbe()
     policy = Policy(
         health=HealthPolicy(
             consecutive_errors=1, base_ejection_seconds=30.0, max_ejection_percent=50

@@ -24,7 +24,8 @@ from services.orchestrator.scheduling.config import PluginConfig
 from services.orchestrator.scheduling.contracts import ReplicaView, RequestView
 from services.orchestrator.scheduling.framework import Decision
 from services.orchestrator.settings import OrchestratorSettings, ReplicaSpec
-from tests.orchestrator.conftest import FixedPrefix, ManualClock
+from tests.helpers import ManualClock
+from tests.orchestrator.conftest import FixedPrefix
 
 
 class FakeProbe:

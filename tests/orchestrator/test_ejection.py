@@ -13,7 +13,7 @@ from services.orchestrator.health import Health
 from services.orchestrator.policy import HealthPolicy, Policy
 from services.orchestrator.replicas import ReplicaSet
 from services.orchestrator.settings import ReplicaSpec
-from tests.orchestrator.test_clock import ManualClock
+from tests.helpers import ManualClock
 from tests.orchestrator.test_core import FakeProbe, req, settings
 
 POLICY = HealthPolicy(
@@ -54,7 +54,7 @@ CASES: list[tuple[str, Sequence[tuple[float, bool]], bool]] = [
 def test_failure_share_ejects(
     name: str, outcomes: Sequence[tuple[float, bool]], ejected: bool
 ) -> None:
-    clock = ManualClock()
+    clock = ManualClock(1000.0)
     replicas = ReplicaSet(
         [ReplicaSpec(id=f"r{i}", grpc_address=f"127.0.0.1:{i + 1}") for i in range(2)]
     )
@@ -74,7 +74,7 @@ def test_failure_share_ejects(
 
 
 def test_recent_failures_expire_with_the_virtual_clock() -> None:
-    clock = ManualClock()
+    clock = ManualClock(1000.0)
     replicas = ReplicaSet([ReplicaSpec(id="r0", grpc_address="127.0.0.1:1")])
     health = Health(POLICY, replicas, FakeProbe(), 1.0, clock)
     st = replicas.known("r0")
@@ -91,7 +91,7 @@ def test_recent_failures_expire_with_the_virtual_clock() -> None:
 def test_a_passed_probe_does_not_erase_request_failures() -> None:
     """Triton answers ready while its backend stub is dead: the re-probe after each failed
     request passes, and must not reset the count that would eject the replica."""
-    clock = ManualClock()
+    clock = ManualClock(1000.0)
     replicas = ReplicaSet(
         [ReplicaSpec(id=f"r{i}", grpc_address=f"127.0.0.1:{i + 1}") for i in range(2)]
     )
@@ -106,7 +106,7 @@ def test_a_passed_probe_does_not_erase_request_failures() -> None:
 
 
 def test_a_replica_back_to_ready_starts_over() -> None:
-    clock = ManualClock()
+    clock = ManualClock(1000.0)
     replicas = ReplicaSet(
         [ReplicaSpec(id=f"r{i}", grpc_address=f"127.0.0.1:{i + 1}") for i in range(2)]
     )
@@ -123,7 +123,7 @@ def test_a_replica_back_to_ready_starts_over() -> None:
 async def test_a_replica_failing_fast_stops_attracting_traffic_before_ejection() -> None:
     """Its failures count as load: with no leases on either replica, the one that just failed
     loses to the one that did not, long before any ejection."""
-    clock, probe = ManualClock(), FakeProbe()
+    clock, probe = ManualClock(1000.0), FakeProbe()
     policy = Policy(
         health=HealthPolicy(
             consecutive_errors=100, failure_min_requests=100, max_ejection_percent=50
@@ -150,7 +150,7 @@ async def test_a_replica_failing_fast_stops_attracting_traffic_before_ejection()
 def test_a_replica_back_from_not_ready_is_routable_at_once() -> None:
     """A restarted replica fails its probes (and is ejected for them), then passes one: its
     ejection ends there, as Envoy un-ejects a host that passes an active health check."""
-    clock = ManualClock()
+    clock = ManualClock(1000.0)
     replicas = ReplicaSet(
         [ReplicaSpec(id=f"r{i}", grpc_address=f"127.0.0.1:{i + 1}") for i in range(2)]
     )

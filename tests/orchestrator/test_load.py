@@ -11,16 +11,9 @@ import pytest
 from services.orchestrator.load import LoadLedger
 from services.orchestrator.scheduling.contracts import ReplicaLoad
 from services.orchestrator.scheduling.work import WorkModel
+from tests.helpers import ManualClock
 
 WORK = WorkModel.named("llama-3.1-8b-h100-bf16")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 100.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @dataclass(frozen=True)
@@ -47,8 +40,8 @@ def granted(led: LoadLedger, grants: tuple[Grant, ...]) -> None:
         )
 
 
-def ledger(*grants: Grant) -> tuple[LoadLedger, Clock]:
-    clock = Clock()
+def ledger(*grants: Grant) -> tuple[LoadLedger, ManualClock]:
+    clock = ManualClock(100.0)
     led = LoadLedger(clock, WORK)
     granted(led, grants)
     return led, clock
@@ -187,7 +180,7 @@ def test_saved_time_is_a_query_that_keeps_no_replica() -> None:
 
 
 def test_unique_share_is_the_uncached_part_of_the_leased_tokens() -> None:
-    clock = Clock()
+    clock = ManualClock(100.0)
     led = LoadLedger(clock, WORK)
     assert led.unique_share("r0") == 1.0
     led.grant("a", "r0", 1000, 900, 100)  # 100 uncached + 100 output of 1100
@@ -223,7 +216,7 @@ def test_an_estimate_stands_for_one_engine_step_unless_the_replica_changes() -> 
 
 
 def test_the_ledger_stamp_changes_with_each_event_and_an_estimate_stands_one_step() -> None:
-    clock = Clock()
+    clock = ManualClock(100.0)
     led = LoadLedger(clock, WorkModel.named("llama-3.1-8b-h100-bf16"))
     assert (led.stamp("r"), led.stands_until("r")) == (-1, math.inf)  # never accounted
     stamps = [led.stamp("r")]
@@ -252,10 +245,10 @@ def test_the_ledger_stamp_changes_with_each_event_and_an_estimate_stands_one_ste
     assert led.stamp("r") not in stamps  # accounted again: a stamp never seen before
 
 
-def kv_ledger(capacity_blocks: int, *grants: Grant) -> tuple[LoadLedger, Clock]:
+def kv_ledger(capacity_blocks: int, *grants: Grant) -> tuple[LoadLedger, ManualClock]:
     """A ledger modelling KV admission at 32 tokens a block, its replica "r" sampled with
     `capacity_blocks` KV blocks, then `grants`."""
-    clock = Clock()
+    clock = ManualClock(100.0)
     led = LoadLedger(clock, WORK, kv_block_size=32)
     led.observe("r", 0, 0, 0, sample_at=clock.t, kv_max_blocks=capacity_blocks)
     granted(led, grants)

@@ -26,10 +26,10 @@ from services.orchestrator.errors import (
 from services.orchestrator.policy import Policy, PoolPolicy, ScaleFromZeroPolicy
 from services.orchestrator.scheduling.contracts import ReplicaLoad
 from services.orchestrator.settings import ReplicaSpec
-from tests.helpers import eventually
+from tests.helpers import ManualClock, eventually
 from tests.orchestrator.serving import serve
 from tests.orchestrator.test_core import FakeProbe, assert_queued, req, settings
-from tests.orchestrator.test_views import Clock, view
+from tests.orchestrator.test_views import view
 
 
 def spec(rid: str, pool: str = "default", version: str = "v1") -> ReplicaSpec:
@@ -203,7 +203,7 @@ async def test_a_replicas_load_accounting_lives_as_long_as_its_state(leave: str)
     # back after they ended starts with nothing of its old accounting.
     probe = FakeProbe()
     probe.ready_ids = {"a0"}
-    core = Orchestrator(settings(n=0), probe, clock=Clock())
+    core = Orchestrator(settings(n=0), probe, clock=ManualClock())
 
     async def join() -> None:
         if leave == "deregister":

@@ -21,7 +21,7 @@ from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc as pb_grpc
 from llmmesh.kvblocks import BlockConfig
 from services.orchestrator.prefix import RegistryPrefixIndex, registry_index
 from services.orchestrator.settings import OrchestratorSettings
-from tests.helpers import eventually
+from tests.helpers import ManualClock, eventually
 
 CFG = BlockConfig(block_size=4, hash_seed=1)
 PROMPT = list(range(12))  # three blocks
@@ -134,16 +134,8 @@ async def registries(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Serv
     await b.stop()
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def index(
-    *served: Served, clock: Clock | None = None, timeout_s: float = 5.0
+    *served: Served, clock: ManualClock | None = None, timeout_s: float = 5.0
 ) -> RegistryPrefixIndex:
     """The client over `served`; `timeout_s` is each lookup's budget (only the tests of a
     registry that hangs or is slow give a short one: on two busy cores a stream opened and
@@ -211,14 +203,14 @@ async def test_a_lookup_that_gave_up_does_not_take_the_next_ones_answer(
     """On a stream, answers match requests by order: one that comes after its lookup timed out
     is dropped, not handed to the lookup behind it."""
     a, b = registries
-    clock = Clock()
+    clock = ManualClock(1000.0)
     idx = index(a, b, clock=clock, timeout_s=0.25)
     try:
         a.fake.delay_s = 0.3
         assert await matched_by(idx) == {"b"}  # a timed out; b answered the same lookup
         a.fake.delay_s = 0.0
         await b.stop()
-        clock.now += 5  # past retry_s: a is tried again, its late answer still on the way
+        clock.t += 5  # past retry_s: a is tried again, its late answer still on the way
         got = await idx.lookup(list(range(8)))
         assert (got.prompt_blocks, got.matched_blocks) == (2, {"a": 2})
     finally:
@@ -253,7 +245,7 @@ async def test_a_dead_registry_fails_over_within_the_lookup_and_comes_back(
     registries: tuple[Served, Served],
 ) -> None:
     a, b = registries
-    clock = Clock()
+    clock = ManualClock(1000.0)
     idx = index(a, b, clock=clock)
     try:
         assert await matched_by(idx) == {"a"}
@@ -264,7 +256,7 @@ async def test_a_dead_registry_fails_over_within_the_lookup_and_comes_back(
         await a.start()  # restarted on its address
         await asyncio.sleep(0.5)  # > the channel's reconnect backoff after one failure (~0.1 s)
         assert await matched_by(idx) == {"b"}  # sticky: the survivor keeps serving
-        clock.now += 5  # past retry_s: a is eligible again, used once b fails
+        clock.t += 5  # past retry_s: a is eligible again, used once b fails
         await b.stop()
         assert await matched_by(idx) == {"a"}
         assert a.fake.lookups == lookups_a + 1

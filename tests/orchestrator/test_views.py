@@ -26,17 +26,9 @@ from services.orchestrator.scheduling.config import PluginConfig, ProfileConfig,
 from services.orchestrator.scheduling.contracts import ReplicaView
 from services.orchestrator.scheduling.work import WorkModel
 from services.orchestrator.settings import ReplicaSpec
-from tests.helpers import eventually
+from tests.helpers import ManualClock, eventually
 from tests.orchestrator.conftest import FixedPrefix
 from tests.orchestrator.test_core import FakeProbe, metrics_text, req, settings, state
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 10.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def view(core: Orchestrator, rid: str) -> ReplicaView:
@@ -47,7 +39,7 @@ def view(core: Orchestrator, rid: str) -> ReplicaView:
 async def test_an_unchanged_replica_keeps_its_view_and_each_change_makes_a_new_one() -> None:
     probe = FakeProbe()
     probe.ready_ids = {"r0"}
-    core = Orchestrator(settings(n=1, cap=8), probe, clock=Clock())  # time stands still
+    core = Orchestrator(settings(n=1, cap=8), probe, clock=ManualClock())  # time stands still
     await core.probe_once()
     first = view(core, "r0")
     assert view(core, "r0") is first  # nothing changed: the same snapshot
@@ -80,7 +72,7 @@ async def test_a_view_stands_until_the_first_change_time_can_bring() -> None:
     """Between events a view is reused, but never past the time something it shows changes
     without one: its leases' progress (one engine step), its sample going stale, its ejection
     ending, its failures leaving the window."""
-    clock = Clock()
+    clock = ManualClock()
     probe = FakeProbe()
     probe.ready_ids = {"r0"}
     s = settings(n=1, cap=8)
@@ -122,7 +114,7 @@ async def test_a_view_stands_until_the_first_change_time_can_bring() -> None:
 
 
 def test_an_idle_replica_load_is_computed_once_and_reset_by_any_change() -> None:
-    clock = Clock()
+    clock = ManualClock()
     led = LoadLedger(clock, WorkModel.named("llama-3.1-8b-h100-bf16"))
     led.grant("a", "r", 1000, 0, 16)
     busy = led.load("r")
@@ -145,7 +137,7 @@ async def test_a_standing_view_follows_the_cap_the_mean_service_time_gives() -> 
     """The leases expected to end soon raise a replica's cap, and the first completion anywhere
     (the mean service time becomes known) changes how many: a replica with no event of its own
     shows the cap a fresh computation gives."""
-    clock = Clock()
+    clock = ManualClock()
     probe = FakeProbe()
     probe.ready_ids = {"r0", "r1"}
     core = Orchestrator(settings(n=2, cap=8), probe, clock=clock)
@@ -181,7 +173,7 @@ async def test_an_inline_sampler_calls_fetch_on_the_loop_thread_and_skips_failur
             raise OSError("unreachable")
         return EngineSample(1, 0, 5, 10)
 
-    clock = Clock()
+    clock = ManualClock()
     sampler = EngineSampler(fetch, 1.0, 5.0, clock)
     states = scraped("up", "down")
     states[0].in_flight = 2
@@ -208,7 +200,7 @@ async def test_a_spread_round_starts_each_fetch_in_turn_and_samples_every_replic
             raise OSError("unreachable")
         return EngineSample(1, 0, 5, 10)
 
-    clock = Clock()
+    clock = ManualClock()
     sampler = EngineSampler(fetch, 1.0, 5.0, clock)
     states = scraped("slow", "down", "up")
     sampled: list[int] = []
@@ -238,7 +230,7 @@ async def test_a_bad_page_or_a_failing_call_ends_nothing_else() -> None:
             return 'nv_trt_llm_request_metrics{request_type="active"} not-a-number\n'
         return metrics_text(active=1, waiting=0, used=5, total=10, max_batch=4)
 
-    clock = Clock()
+    clock = ManualClock()
     sampler = EngineSampler(fetch, 1.0, 5.0, clock)
     bad, good = scraped("bad", "good")
     await sampler.scrape([bad, good])
@@ -300,7 +292,7 @@ async def test_http_metrics_reuse_one_connection_and_send_the_host() -> None:
 
 
 async def test_the_cap_follows_the_sample_and_the_mean_service_time() -> None:
-    clock = Clock()
+    clock = ManualClock()
     probe = FakeProbe()
     probe.ready_ids = {"r0", "r1"}
     core = Orchestrator(settings(n=2, cap=64), probe, clock=clock)
@@ -333,7 +325,7 @@ async def test_the_cap_follows_the_sample_and_the_mean_service_time() -> None:
 
 
 async def test_a_batch_that_started_together_is_leased_beyond_its_slots_only_near_its_end() -> None:
-    clock = Clock()
+    clock = ManualClock()
     probe = FakeProbe()
     probe.ready_ids = {"r0"}
     soon = settings(n=1, cap=64).model_copy(update={"start_soon_s": 1.0})
@@ -377,7 +369,7 @@ async def test_the_load_ledger_models_the_profiles_engine_at_the_engine_time_sca
         s = settings(n=1, cap=8).model_copy(update={"profile": "a100", "engine_time_scale": scale})
         probe = FakeProbe()
         probe.ready_ids = {"r0"}
-        core = Orchestrator(s, probe, policy, clock=Clock())
+        core = Orchestrator(s, probe, policy, clock=ManualClock())
         await core.probe_once()
         await core.admit(req("a", prompt_len=4000), 1.0)
         load = view(core, "r0").load
@@ -405,7 +397,13 @@ async def kv_free_after_one_grant(
     probe = FakeProbe()
     probe.ready_ids = {"r0"}
     core = Orchestrator(
-        s, probe, Policy(), index, fetch_metrics=fetch, clock=Clock(), kv_block_size=block_size
+        s,
+        probe,
+        Policy(),
+        index,
+        fetch_metrics=fetch,
+        clock=ManualClock(),
+        kv_block_size=block_size,
     )
     await core.probe_once()
     await core.scrape_once()
