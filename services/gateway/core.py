@@ -151,7 +151,6 @@ class GatewayCore:
         self._usage = usage
         self._block_size = block_size
         self._models = {m.name: m for m in models}
-        metrics.declare_models(self._models)
         self._admission = admission
         self._resume: ResumeBackend = (
             ResumeStore(

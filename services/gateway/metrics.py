@@ -175,20 +175,20 @@ def record_completion_tokens(model: str, tokens: int) -> None:
 
 # A histogram series that appears with its first observation loses it to a rate over the
 # scrapes (the direct scrape and PromQL's `rate()` alike: no earlier sample to rise from). Each
-# (served model, pool) latency series is therefore exported from 0 once both are known: the
-# models at start (`declare_models`), the pools from the orchestrators' replica view
+# (model, pool) latency series is therefore exported from 0 once both are known: a model once
+# a request for it is served (`StreamMetrics`: a model no request used exports nothing, so the
+# autoscaler does not count it as one in use), the pools from the orchestrators' replica view
 # (`record_pools_known`). Bounded by the models served and the policy's pools.
 _SERVED_MODELS: set[str] = set()
 _KNOWN_POOLS: set[str] = set()
 
 
-def declare_models(models: Iterable[str]) -> None:
-    """The served model names: their latency series start at 0 for every known pool."""
-    for model in models:
-        if model not in _SERVED_MODELS:
-            _SERVED_MODELS.add(model)
-            for pool in _KNOWN_POOLS:
-                _zero_latencies(model, pool)
+def _served(model: str) -> None:
+    """A request for `model` is served: its latency series start at 0 for every known pool."""
+    if model not in _SERVED_MODELS:
+        _SERVED_MODELS.add(model)
+        for pool in _KNOWN_POOLS:
+            _zero_latencies(model, pool)
 
 
 def record_pools_known(pools: Iterable[str]) -> None:
@@ -212,6 +212,7 @@ class StreamMetrics:
     __slots__ = ("observe_itl", "observe_ttft", "tenant_completion")
 
     def __init__(self, model: str, pool: str, tenant: str | None) -> None:
+        _served(model)
         self.observe_ttft = _TTFT.labels(model, pool).observe
         self.observe_itl = _ITL.labels(model, pool).observe
         # A no-op without authentication (no tenant label).

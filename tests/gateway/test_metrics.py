@@ -1,4 +1,5 @@
-"""The gateway's metrics: latency series exported from 0 for every served model and known pool."""
+"""The gateway's metrics: latency series exported from 0 for every model served and pool known,
+and none for a model no request used."""
 
 from __future__ import annotations
 
@@ -18,17 +19,18 @@ def itl_count(model: str, pool: str) -> float | None:
     return REGISTRY.get_sample_value(f"{names.GATEWAY_ITL}_count", labels)
 
 
-def test_a_pool_learned_after_the_models_gets_their_series_at_zero() -> None:
-    metrics.declare_models(["model-first"])
+def test_a_pool_learned_after_a_model_was_served_gets_its_series_at_zero() -> None:
+    metrics.StreamMetrics("model-first", "pool-served", None)
     assert ttft_count("model-first", "pool-later") is None
     metrics.record_pools_known(["pool-later"])
     assert ttft_count("model-first", "pool-later") == 0.0
     assert itl_count("model-first", "pool-later") == 0.0
 
 
-def test_a_model_declared_after_the_pools_gets_their_series_at_zero() -> None:
-    metrics.record_pools_known(["pool-first"])
-    assert ttft_count("model-later", "pool-first") is None
-    metrics.declare_models(["model-later"])
+def test_a_model_served_after_the_pools_were_learned_gets_their_series_at_zero() -> None:
+    metrics.record_pools_known(["pool-first", "pool-other"])
+    assert ttft_count("model-later", "pool-other") is None  # no request for it yet: none
+    metrics.StreamMetrics("model-later", "pool-first", None)
     assert ttft_count("model-later", "pool-first") == 0.0
-    assert itl_count("model-later", "pool-first") == 0.0
+    assert ttft_count("model-later", "pool-other") == 0.0
+    assert itl_count("model-later", "pool-other") == 0.0

@@ -528,7 +528,7 @@ async def test_a_removed_orchestrator_closes_once_its_last_admit_in_flight_ends(
 async def test_the_pools_an_orchestrator_lists_get_latency_series_from_zero() -> None:
     """Each served model's TTFT series for a pool the orchestrators list exists (at 0) before
     its first observation, which a rate over the scrapes would otherwise lose."""
-    gateway_metrics.declare_models(["model-of-listed-pools"])
+    gateway_metrics.StreamMetrics("model-of-listed-pools", "another-pool", None)  # served
     orchs, fakes, _ = make(1)
     listed = ReplicaAddress(id="q0", grpc_address="q0:8001", pool="pool-only-listed-here")
     fakes["o0"].view = (KnownReplica(listed, routable=True, in_flight=0),)
