@@ -530,16 +530,7 @@ class OrchestratorClient:
             except StreamEnded as ended:
                 if not ended.not_offered:
                     raise ended.as_admission_error() from ended
-                if self._streams():
-                    log.warning(
-                        "AdmitStream refused; one Admit call each for a while",
-                        extra={
-                            "orchestrator": self.address,
-                            "error": repr(ended.error),
-                            "retry_s": NOT_OFFERED_RETRY_S,
-                        },
-                    )
-                    self._stream_refused_until = self._clock() + NOT_OFFERED_RETRY_S
+                # Refused: `_stream_ended` stopped streams for a while; this one goes as a call.
                 timeout_s = max(timeout_s - (loop.time() - start), _MIN_TIMEOUT_S)
         return await self._admit_call(request, timeout_s)
 
@@ -559,7 +550,21 @@ class OrchestratorClient:
     def _stream_ended(self, ended: StreamEnded) -> None:
         """While leases granted over it are held, a stream that ended is opened again soon
         (`STREAM_REOPEN_S`, again each time it fails): the orchestrator keeps a caller's
-        leases while the caller holds a stream open."""
+        leases while the caller holds a stream open. One refused as such (`NOT_OFFERED`,
+        whether an Admit was waiting on it or not) stops streams for `NOT_OFFERED_RETRY_S`:
+        Admits go as calls, and nothing is opened again meanwhile."""
+        if ended.not_offered:
+            if self._streams():
+                log.warning(
+                    "AdmitStream refused; one Admit call each for a while",
+                    extra={
+                        "orchestrator": self.address,
+                        "error": repr(ended.error),
+                        "retry_s": NOT_OFFERED_RETRY_S,
+                    },
+                )
+            self._stream_refused_until = self._clock() + NOT_OFFERED_RETRY_S
+            return
         if ended.error is None:
             return  # the orchestrator ended it (it drains): its leases end with it
         if self._holds_stream_leases() and self._reopen is None:

@@ -626,6 +626,27 @@ async def test_an_orchestrator_refusing_the_stream_gets_admit_calls_for_a_while(
     assert [a.request_id for a in streamed.service.admits] == ["a", "b", "c"]
 
 
+async def test_a_stream_reopened_for_a_held_lease_and_refused_is_not_opened_again(
+    streamed: Served,
+) -> None:
+    """A stream opened again for a held lease, refused as such with no Admit on it, stops
+    streams for a while too: no reopening every `STREAM_REOPEN_S`, Admits go as calls."""
+    client, service = streamed.client, streamed.service
+    lease = await client.admit(admission(request_id="a"), timeout_s=5.0)
+    service.streams = False  # e.g. a mesh policy rolled out without AdmitStream
+    service.end_status = grpc.StatusCode.UNAVAILABLE
+    service.end_streams.set()
+    await wait_for(lambda: service.stream_calls == 2)  # opened again for the held lease
+    await wait_for(lambda: client._stream is not None and client._stream.ended is not None)
+    assert client._reopen is None  # refused: not opened again
+    service.end_streams.clear()
+    second = await client.admit(admission(request_id="b"), timeout_s=5.0)
+    assert service.stream_calls == 2  # a call, not a stream
+    assert [a.request_id for a in service.admits] == ["a", "b"]
+    client.complete(LeaseReport.unused(lease.lease_id))
+    client.complete(LeaseReport.unused(second.lease_id))
+
+
 async def test_a_cancelled_admit_is_withdrawn(streamed: Served) -> None:
     streamed.service.hold = asyncio.Event()
     call = asyncio.ensure_future(streamed.client.admit(admission(), timeout_s=5.0))
