@@ -210,8 +210,8 @@ def admit_requests(
     w: Workload, prompt_tokens: int, count: int, seed: int
 ) -> list[AdmissionRequest]:
     """Admits as the gateway makes them: a family's first tokens and a unique tail, held as a
-    view of their packed bytes (the gateway's client sends `prompt_tokens_le32` from it with one
-    copy, as from the tokenizer's ids; the load generator's CPU is not what is measured)."""
+    view of their packed bytes, as the gateway holds a validated prompt (`Validated.prompt_le32`,
+    converted once before its first Admit); the load generator's CPU is not what is measured."""
     rng = random.Random(seed)
     out = []
     for i in range(count):

@@ -46,6 +46,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from llmmesh.common.errors import ServiceError, Unavailable
+from llmmesh.kvblocks import token_bytes
 from services.gateway import metrics
 from services.gateway.admission import AdmissionClient, Lease
 from services.gateway.attempts import Attempts, Validated
@@ -372,7 +373,9 @@ class GatewayCore:
             )
         if sp.seed is not None and not 0 <= sp.seed < 2**64:
             raise InvalidRequest("must fit in 64 unsigned bits", field="sampling.seed")
-        return Validated(model, ids, max_tokens, temperature, top_p, top_k, sp.stop, sp.seed)
+        return Validated(
+            model, ids, token_bytes(ids), max_tokens, temperature, top_p, top_k, sp.stop, sp.seed
+        )
 
     def _render_chat(self, template: ChatTemplate, messages: Sequence[ChatMessage]) -> str:
         """The chat prompt, its messages checked (`_check_messages`)."""

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from llmmesh.common.topology import ReplicaAddress
+from llmmesh.kvblocks import token_bytes, tokens_from_bytes
 from services.gateway.admission import LeaseReport, Outcome
 from services.gateway.events import Completion, Delta, FinishReason
 from services.gateway.limits import TenantLimits
@@ -199,9 +200,14 @@ class StreamState:
         """Completion tokens still allowed (the continuation's max_tokens)."""
         return self._max_tokens - self.completion_tokens
 
-    def continuation(self, prompt_ids: list[int]) -> list[int]:
-        """The next attempt's input: the prompt plus every token generated so far."""
-        return prompt_ids + self.generated if self.generated else prompt_ids
+    def continuation(self, prompt_le32: bytes) -> Sequence[int]:
+        """The next attempt's input: the prompt (its ids as `kvblocks.token_bytes`) plus every
+        token generated so far, as a uint32 view of those bytes (`kvblocks.tokens_from_bytes`):
+        the Admit's hashing and the engine request take the bytes as they are, no conversion
+        of a long prompt per use."""
+        if self.generated:
+            prompt_le32 += token_bytes(self.generated)
+        return tokens_from_bytes(prompt_le32)
 
     def push(self, chunk: EngineChunk) -> Delta | None:
         """The delta for one engine chunk (None when it brings no token). Sets `finish` at an

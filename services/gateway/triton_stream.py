@@ -97,17 +97,27 @@ def _scalar(
     req.raw_input_contents.append(struct.pack(kind[1], value))
 
 
+def _int32_bytes(ids: Sequence[int]) -> bytes:
+    """Token ids as the INT32 tensor's little-endian bytes. Ids held as uint32 bytes already
+    (`kvblocks.tokens_from_bytes`' view) are those bytes: an id is below the vocabulary size,
+    far under 2**31, so its uint32 and int32 encodings are the same."""
+    if isinstance(ids, memoryview) and ids.format == "I" and sys.byteorder == "little":
+        return ids.tobytes()
+    arr = array.array("i", ids)
+    if sys.byteorder != "little":
+        arr.byteswap()
+    return arr.tobytes()
+
+
 def build_request(er: EngineRequest) -> service_pb2.ModelInferRequest:
     req = service_pb2.ModelInferRequest(model_name=er.model, id=er.request_id)
-    ids = array.array("i", er.input_ids)
-    if sys.byteorder != "little":
-        ids.byteswap()
+    n = len(er.input_ids)
     t = req.inputs.add()
     t.name = "input_ids"
     t.datatype = "INT32"
-    t.shape.extend((1, len(ids)))
-    req.raw_input_contents.append(ids.tobytes())
-    _scalar(req, "input_lengths", _INT32, len(ids))
+    t.shape.extend((1, n))
+    req.raw_input_contents.append(_int32_bytes(er.input_ids))
+    _scalar(req, "input_lengths", _INT32, n)
     _scalar(req, "request_output_len", _INT32, er.max_tokens)
     _scalar(req, "streaming", _BOOL, True)
     _scalar(req, "end_id", _INT32, er.end_id)

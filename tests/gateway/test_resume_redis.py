@@ -465,7 +465,7 @@ async def test_a_client_whose_gateway_died_resumes_through_another(
     assert resume_requests("taken_over") == before + 1
     # B continued the generation: the prompt plus what Redis held, the rest of max_tokens.
     (continuation,) = b_engine.requests
-    assert continuation.input_ids == PROMPT + out[:3]
+    assert list(continuation.input_ids) == PROMPT + out[:3]
     assert continuation.max_tokens == n - 3
     # A died before writing its usage record: B's one record bills the whole generation.
     billed = await record_of(b_usage, request_id)
@@ -521,7 +521,7 @@ async def test_a_generation_a_draining_gateway_released_is_neither_charged_nor_b
     assert ids_of(got + rest) == out
     assert isinstance(rest[-1], Completion)
     (continuation,) = b_engine.requests[1:]
-    assert continuation.input_ids == PROMPT + out[:4]
+    assert list(continuation.input_ids) == PROMPT + out[:4]
     (first,) = a_usage.records
     assert (first.prompt_tokens, first.completion_tokens) == (len(PROMPT), 4)
     second = await record_of(b_usage, request_id)

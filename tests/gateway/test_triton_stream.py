@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from llmmesh.kvblocks import token_bytes, tokens_from_bytes
 from llmmesh.netutil import free_port
 from services.gateway.faults import FaultKind
 from services.gateway.triton_stream import (
@@ -50,6 +51,17 @@ def test_build_request_encodes_every_input_little_endian() -> None:
     }
     assert [o.name for o in req.outputs] == ["output_ids", "kv_cache_reused_blocks"]
     assert req.parameters["triton_enable_empty_final_response"].bool_param
+
+
+def test_ids_held_as_uint32_bytes_are_sent_as_the_same_tensor() -> None:
+    """A prompt the gateway holds as uint32 bytes (`kvblocks.tokens_from_bytes`' view) goes
+    as those bytes: the tensor a list of the same ids makes."""
+    ids = [0, 1, 70000, 2**31 - 1]
+    as_list = build_request(EngineRequest("r", "m", ids, 1, 2, 1.0, 1.0, 0, None))
+    held = tokens_from_bytes(token_bytes(ids))
+    as_bytes = build_request(EngineRequest("r", "m", held, 1, 2, 1.0, 1.0, 0, None))
+    assert as_bytes == as_list
+    assert _inputs(as_bytes)["input_ids"] == ("INT32", [1, 4], ids)
 
 
 @pytest.mark.parametrize(("temperature", "top_p", "top_k"), [(0.0, 0.9, 40), (0.7, 0.5, 1)])
