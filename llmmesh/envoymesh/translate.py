@@ -41,6 +41,11 @@ ISTIO_DEFAULT_RETRIES: Doc = {
 }
 # Istio's connect timeout when a DestinationRule sets none.
 ISTIO_DEFAULT_CONNECT_TIMEOUT = "10s"
+# Istio's circuit breaker thresholds on every cluster where a DestinationRule sets none (or 0,
+# which it cannot tell from unset): unlimited (2**32 - 1; pilot's
+# `getDefaultCircuitBreakerThresholds`), not Envoy's own 1024 connections, pending and active
+# requests and 3 retries, which would refuse a local mesh's 1,025th stream to one destination.
+ISTIO_DEFAULT_THRESHOLD = 2**32 - 1
 
 _ROUTE_FIELDS = {"name", "match", "route", "timeout", "retries", "mirror", "mirrorPercentage"}
 _MATCH_FIELDS = {"uri", "headers", "port"}
@@ -202,7 +207,13 @@ def routes(
         if len(dests) > 1:
             # Istio leaves weight-0 destinations out of the weighted clusters.
             dests = [d for d in dests if int(d.get("weight", 0)) > 0]
-        action: Doc = {"timeout": _duration(http.get("timeout", "0s"))}
+        timeout = _duration(http.get("timeout", "0s"))
+        # As Istio: a gRPC call's own deadline (its grpc-timeout header) bounds the stream,
+        # capped at the route's timeout (0: uncapped).
+        action: Doc = {
+            "timeout": timeout,
+            "max_stream_duration": {"grpc_timeout_header_max": timeout},
+        }
         targets = [_destination(d, port) for d in dests]
         if len(targets) == 1:
             action["cluster"] = namer(*targets[0])
@@ -368,14 +379,14 @@ def cluster(
     pool = policy.get("connectionPool", {})
     tcp, http = pool.get("tcp", {}), pool.get("http", {})
     thresholds: Doc = {}
-    for src, dst in (
+    for src, (field, threshold) in (
         (tcp, ("maxConnections", "max_connections")),
         (http, ("http1MaxPendingRequests", "max_pending_requests")),
         (http, ("http2MaxRequests", "max_requests")),
         (http, ("maxRetries", "max_retries")),
     ):
-        if dst[0] in src:
-            thresholds[dst[1]] = int(src[dst[0]])
+        value = int(src.get(field, 0))
+        thresholds[threshold] = value if value > 0 else ISTIO_DEFAULT_THRESHOLD
     common: Doc = {}
     if "idleTimeout" in http:
         common["idle_timeout"] = _duration(http["idleTimeout"])

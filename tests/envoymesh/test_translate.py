@@ -163,6 +163,42 @@ def test_gateway_destination_rule_as_circuit_breakers_and_outlier_detection(
     assert t["outlier_detection"]["consecutive_5xx"] == 3
 
 
+def test_a_connection_pool_left_unset_or_zero_is_unlimited_as_in_istio() -> None:
+    """Istio sets every threshold a DestinationRule leaves unset (or 0, which it cannot tell
+    apart) to 2**32 - 1: without that, Envoy's defaults would refuse a 1,025th concurrent
+    request to one destination and a fourth concurrent retry."""
+    unlimited = 2**32 - 1
+    bare = cluster("c", {}, True, [("127.0.0.1", 1)], None)
+    assert bare["circuit_breakers"]["thresholds"] == [
+        {
+            "max_connections": unlimited,
+            "max_pending_requests": unlimited,
+            "max_requests": unlimited,
+            "max_retries": unlimited,
+        }
+    ]
+    policy = {"connectionPool": {"http": {"http2MaxRequests": 0, "maxRetries": 5}}}
+    (thresholds,) = cluster("c", policy, True, [("127.0.0.1", 1)], None)["circuit_breakers"][
+        "thresholds"
+    ]
+    assert (thresholds["max_requests"], thresholds["max_retries"]) == (unlimited, 5)
+
+
+def test_a_calls_own_deadline_bounds_its_stream_up_to_the_route_timeout(
+    overlays: dict[str, Manifests],
+) -> None:
+    """As Istio: every route honours a gRPC call's grpc-timeout header, capped at the route's
+    timeout (0s: uncapped, where the VirtualService sets none)."""
+    vs = overlays["dev"].virtual_service_for(TRITON_V1)
+    stream, unary = routes(vs, port=8001)
+    assert stream["route"]["max_stream_duration"] == {"grpc_timeout_header_max": "660s"}
+    assert unary["route"]["max_stream_duration"] == {"grpc_timeout_header_max": "5s"}
+    bare = {"spec": {"http": [{"name": "r", "route": [{"destination": {"host": "h"}}]}]}}
+    (action,) = (r["route"] for r in routes(bare, port=1))
+    assert action["timeout"] == "0s"
+    assert action["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
+
+
 def test_triton_routes_per_port(overlays: dict[str, Manifests]) -> None:
     vs = overlays["dev"].virtual_service_for(TRITON_V1)
     grpc = routes(vs, port=8001)
