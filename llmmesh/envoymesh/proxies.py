@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Final
 
 from llmmesh.envoymesh.ca import Identity, LocalCA, spiffe_id
 from llmmesh.envoymesh.translate import (
@@ -82,6 +83,13 @@ class Pinned:
     pod: Pod
     port: int
     listen_port: int
+
+
+# Istio's inbound route action, less its cluster.
+INBOUND_ROUTE: Final[Doc] = {
+    "timeout": "0s",
+    "max_stream_duration": {"max_stream_duration": "0s", "grpc_timeout_header_max": "0s"},
+}
 
 
 def listener(
@@ -204,8 +212,9 @@ def sidecar_inbound(
         vhost = {
             "name": f"inbound|{port}",
             "domains": ["*"],
-            # Istio's inbound route: no timeout (the caller's sidecar holds the route's).
-            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": name, "timeout": "0s"}}],
+            # Istio's inbound route: no timeout (the caller's sidecar holds the route's), a
+            # gRPC call's own deadline honoured uncapped.
+            "routes": [{"match": {"prefix": "/"}, "route": INBOUND_ROUTE | {"cluster": name}}],
         }
         listeners.append(
             listener(

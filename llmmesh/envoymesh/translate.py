@@ -208,12 +208,10 @@ def routes(
             # Istio leaves weight-0 destinations out of the weighted clusters.
             dests = [d for d in dests if int(d.get("weight", 0)) > 0]
         timeout = _duration(http.get("timeout", "0s"))
-        # As Istio: a gRPC call's own deadline (its grpc-timeout header) bounds the stream,
-        # capped at the route's timeout (0: uncapped).
-        action: Doc = {
-            "timeout": timeout,
-            "max_stream_duration": {"grpc_timeout_header_max": timeout},
-        }
+        # As pilot's setTimeout: a gRPC call's own deadline (its grpc-timeout header) bounds
+        # it, capped at the route's timeout (0s: uncapped), in the deprecated field pilot sets:
+        # a route with `max_stream_duration` no longer applies its `timeout` at all.
+        action: Doc = {"timeout": timeout, "max_grpc_timeout": timeout}
         targets = [_destination(d, port) for d in dests]
         if len(targets) == 1:
             action["cluster"] = namer(*targets[0])

@@ -14,6 +14,7 @@ import pytest
 from llmmesh.envoymesh.ca import LocalCA, spiffe_id
 from llmmesh.envoymesh.envoy import envoy_binary
 from llmmesh.envoymesh.proxies import (
+    INBOUND_ROUTE,
     Pinned,
     Pod,
     bootstrap,
@@ -184,19 +185,26 @@ def test_a_connection_pool_left_unset_or_zero_is_unlimited_as_in_istio() -> None
     assert (thresholds["max_requests"], thresholds["max_retries"]) == (unlimited, 5)
 
 
-def test_a_calls_own_deadline_bounds_its_stream_up_to_the_route_timeout(
+def test_a_calls_own_deadline_bounds_it_up_to_the_route_timeout(
     overlays: dict[str, Manifests],
 ) -> None:
-    """As Istio: every route honours a gRPC call's grpc-timeout header, capped at the route's
-    timeout (0s: uncapped, where the VirtualService sets none)."""
+    """As pilot's setTimeout: every route honours a gRPC call's grpc-timeout header, capped at
+    the route's timeout (0s: uncapped, where the VirtualService sets none), in the deprecated
+    `max_grpc_timeout`; no `max_stream_duration`, with which Envoy would drop the route's
+    timeout (test_route_timeouts.py). The sidecar's inbound route, as Istio's, has no timeout
+    and honours the header uncapped."""
     vs = overlays["dev"].virtual_service_for(TRITON_V1)
-    stream, unary = routes(vs, port=8001)
-    assert stream["route"]["max_stream_duration"] == {"grpc_timeout_header_max": "660s"}
-    assert unary["route"]["max_stream_duration"] == {"grpc_timeout_header_max": "5s"}
+    stream, unary = (r["route"] for r in routes(vs, port=8001))
+    assert (stream["timeout"], stream["max_grpc_timeout"]) == ("660s", "660s")
+    assert (unary["timeout"], unary["max_grpc_timeout"]) == ("5s", "5s")
     bare = {"spec": {"http": [{"name": "r", "route": [{"destination": {"host": "h"}}]}]}}
     (action,) = (r["route"] for r in routes(bare, port=1))
-    assert action["timeout"] == "0s"
-    assert action["max_stream_duration"] == {"grpc_timeout_header_max": "0s"}
+    assert (action["timeout"], action["max_grpc_timeout"]) == ("0s", "0s")
+    assert not any("max_stream_duration" in a for a in (stream, unary, action))
+    assert INBOUND_ROUTE == {
+        "timeout": "0s",
+        "max_stream_duration": {"max_stream_duration": "0s", "grpc_timeout_header_max": "0s"},
+    }
 
 
 def test_triton_routes_per_port(overlays: dict[str, Manifests]) -> None:
