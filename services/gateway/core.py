@@ -276,7 +276,7 @@ class GatewayCore:
         prompt_field = self._check_prompt(req, model)
         known = req.prompt_ids is not None
         ids = list(req.prompt_ids) if req.prompt_ids is not None else [0]
-        self._sampled(req, model, ids, prompt_field, prompt_known=known)
+        self._sampled(req, model, ids, prompt_field, prompt_known=known, packed=False)
 
     def _check_prompt(self, req: GenerationRequest, model: ServedModel) -> str:
         """The prompt's checks that need no tokenizer; the field it is in."""
@@ -321,9 +321,11 @@ class GatewayCore:
         prompt_field: str,
         *,
         prompt_known: bool = True,
+        packed: bool = True,
     ) -> Validated:
         """The prompt `ids` and the sampling parameters checked; `prompt_known` False: `ids`
-        stand in for a prompt not tokenized, its length checks left out."""
+        stand in for a prompt not tokenized, its length checks left out; `packed` False: the
+        answer is only checked, not served (its `prompt_le32` left empty)."""
         s = self._settings
         ms = model.settings
         if not ids:
@@ -373,9 +375,8 @@ class GatewayCore:
             )
         if sp.seed is not None and not 0 <= sp.seed < 2**64:
             raise InvalidRequest("must fit in 64 unsigned bits", field="sampling.seed")
-        return Validated(
-            model, ids, token_bytes(ids), max_tokens, temperature, top_p, top_k, sp.stop, sp.seed
-        )
+        le32 = token_bytes(ids) if packed else b""
+        return Validated(model, ids, le32, max_tokens, temperature, top_p, top_k, sp.stop, sp.seed)
 
     def _render_chat(self, template: ChatTemplate, messages: Sequence[ChatMessage]) -> str:
         """The chat prompt, its messages checked (`_check_messages`)."""
