@@ -202,13 +202,18 @@ def sidecar_inbound(
     stream_idle_timeout_s: float = ENVOY_STREAM_IDLE_TIMEOUT_S,
 ) -> tuple[list[Doc], list[Doc]]:
     """The listeners and clusters of `pod`'s sidecar for inbound traffic (PeerAuthentication
-    STRICT: mTLS required on every Service port)."""
+    STRICT: mTLS required on every Service port). As pilot does, the inbound clusters take the
+    connection pool of the DestinationRule for the pod's Service (its top-level policy: the
+    server side needs the capacity its callers are allowed), and nothing else of it."""
     me = ca.identity(pod.namespace, pod.service_account)
+    pool = traffic_policy(manifests.destination_rule(pod.host)).get("connectionPool")
+    inbound_policy: Doc = {} if pool is None else {"connectionPool": pool}
     listeners, clusters = [], []
     for port, inbound in sorted(pod.inbound_ports.items()):
         name = f"inbound|{port}||"
         http2 = manifests.http2(pod.host, port)
-        clusters.append(cluster(name, {}, http2, [(LOCALHOST, pod.app_ports[port])], None))
+        endpoints = [(LOCALHOST, pod.app_ports[port])]
+        clusters.append(cluster(name, inbound_policy, http2, endpoints, None))
         vhost = {
             "name": f"inbound|{port}",
             "domains": ["*"],

@@ -290,6 +290,10 @@ def test_bootstraps_envoy_accepts(overlays: dict[str, Manifests], tmp_path: Path
     listeners, inbound = sidecar_inbound(m, pods[0], ca)
     downstream = listeners[0]["filter_chains"][0]["transport_socket"]["typed_config"]
     assert downstream["require_client_certificate"] is True
+    # The server side takes the Service's DestinationRule connection pool, as pilot does.
+    (thresholds,) = inbound[0]["circuit_breakers"]["thresholds"]
+    assert (thresholds["max_requests"], thresholds["max_connections"]) == (8192, 4096)
+    assert "outlier_detection" not in inbound[0]
     _validate(bootstrap("gw", listeners, inbound), tmp_path, "sidecar")
 
     triton = Pod(
