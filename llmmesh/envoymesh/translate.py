@@ -376,7 +376,8 @@ def cluster(
     detection; LEAST_REQUEST balancing (Istio's default)."""
     pool = policy.get("connectionPool", {})
     tcp, http = pool.get("tcp", {}), pool.get("http", {})
-    thresholds: Doc = {}
+    # Istio tracks what remains of each (the `remaining_*` gauges).
+    thresholds: Doc = {"track_remaining": True}
     for src, (field, threshold) in (
         (tcp, ("maxConnections", "max_connections")),
         (http, ("http1MaxPendingRequests", "max_pending_requests")),

@@ -131,6 +131,7 @@ def test_gateway_destination_rule_as_circuit_breakers_and_outlier_detection(
     assert c["connect_timeout"] == "2s"
     assert c["circuit_breakers"]["thresholds"] == [
         {
+            "track_remaining": True,
             "max_connections": 4096,
             "max_pending_requests": 1024,
             "max_requests": 8192,
@@ -172,6 +173,7 @@ def test_a_connection_pool_left_unset_or_zero_is_unlimited_as_in_istio() -> None
     bare = cluster("c", {}, True, [("127.0.0.1", 1)], None)
     assert bare["circuit_breakers"]["thresholds"] == [
         {
+            "track_remaining": True,
             "max_connections": unlimited,
             "max_pending_requests": unlimited,
             "max_requests": unlimited,
