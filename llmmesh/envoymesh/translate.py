@@ -50,6 +50,15 @@ ISTIO_DEFAULT_THRESHOLD = 2**32 - 1
 _ROUTE_FIELDS = {"name", "match", "route", "timeout", "retries", "mirror", "mirrorPercentage"}
 _MATCH_FIELDS = {"uri", "headers", "port"}
 _POLICY_FIELDS = {"tls", "connectionPool", "outlierDetection"}
+_POOL_TCP_FIELDS = {"maxConnections", "connectTimeout", "tcpKeepalive", "maxConnectionDuration"}
+_POOL_HTTP_FIELDS = {
+    "http1MaxPendingRequests",
+    "http2MaxRequests",
+    "maxRetries",
+    "idleTimeout",
+    "maxRequestsPerConnection",
+    "maxConcurrentStreams",
+}
 
 
 class Unsupported(ValueError):
@@ -376,6 +385,10 @@ def cluster(
     detection; LEAST_REQUEST balancing (Istio's default)."""
     pool = policy.get("connectionPool", {})
     tcp, http = pool.get("tcp", {}), pool.get("http", {})
+    for part, fields, known in (("tcp", tcp, _POOL_TCP_FIELDS), ("http", http, _POOL_HTTP_FIELDS)):
+        extra = set(fields) - known
+        if extra:
+            raise Unsupported(f"{name}: connectionPool.{part} fields {sorted(extra)}")
     # Istio tracks what remains of each (the `remaining_*` gauges).
     thresholds: Doc = {"track_remaining": True}
     for src, (field, threshold) in (
@@ -389,7 +402,15 @@ def cluster(
     common: Doc = {}
     if "idleTimeout" in http:
         common["idle_timeout"] = _duration(http["idleTimeout"])
-    protocol: Doc = {"http2_protocol_options": {}} if http2 else {"http_protocol_options": {}}
+    if "maxConnectionDuration" in tcp:
+        common["max_connection_duration"] = _duration(tcp["maxConnectionDuration"])
+    # As pilot: a count applies only when positive (0 cannot be told from unset).
+    if int(http.get("maxRequestsPerConnection", 0)) > 0:
+        common["max_requests_per_connection"] = int(http["maxRequestsPerConnection"])
+    h2: Doc = {}
+    if int(http.get("maxConcurrentStreams", 0)) > 0:
+        h2["max_concurrent_streams"] = int(http["maxConcurrentStreams"])
+    protocol: Doc = {"http2_protocol_options": h2} if http2 else {"http_protocol_options": {}}
     out: Doc = {
         "name": name,
         "type": "STATIC",

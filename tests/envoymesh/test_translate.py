@@ -187,6 +187,29 @@ def test_a_connection_pool_left_unset_or_zero_is_unlimited_as_in_istio() -> None
     assert (thresholds["max_requests"], thresholds["max_retries"]) == (unlimited, 5)
 
 
+def test_every_connection_pool_field_is_applied_or_refused(tmp_path: Path) -> None:
+    """The connection-pool fields Istio applies to a cluster are applied (and Envoy takes the
+    result); any other is refused, not silently dropped from the rehearsal."""
+    policy = {
+        "connectionPool": {
+            "tcp": {"maxConnectionDuration": "3600s"},
+            "http": {"maxRequestsPerConnection": 100, "maxConcurrentStreams": 64},
+        }
+    }
+    c = cluster("c", policy, True, [("127.0.0.1", 1)], None)
+    options = next(iter(c["typed_extension_protocol_options"].values()))
+    assert options["common_http_protocol_options"] == {
+        "max_connection_duration": "3600s",
+        "max_requests_per_connection": 100,
+    }
+    assert options["explicit_http_config"] == {
+        "http2_protocol_options": {"max_concurrent_streams": 64}
+    }
+    _validate(bootstrap("pool", [], [c]), tmp_path, "pool")
+    with pytest.raises(Unsupported, match="h2UpgradePolicy"):
+        cluster("c", {"connectionPool": {"http": {"h2UpgradePolicy": "UPGRADE"}}}, True, [], None)
+
+
 def test_a_calls_own_deadline_bounds_it_up_to_the_route_timeout(
     overlays: dict[str, Manifests],
 ) -> None:
