@@ -763,11 +763,16 @@ async def _run(args: argparse.Namespace) -> int:
     if args.mesh == "envoy":
         # Imported here: it renders the overlay with kubectl, which only this mode needs.
         from llmmesh.envoymesh.plane import EnvoyDataPlane, EnvoyOptions
+        from llmmesh.envoymesh.translate import Unsupported
 
-        data_plane = EnvoyDataPlane(
-            EnvoyOptions(ingress_port=0 if args.any_ports else args.ingress_port),
-            datetime.datetime.now(datetime.UTC),
-        )
+        try:
+            data_plane = EnvoyDataPlane(
+                EnvoyOptions(ingress_port=0 if args.any_ports else args.ingress_port),
+                datetime.datetime.now(datetime.UTC),
+            )
+        except Unsupported as exc:
+            print(f"the local Envoy mesh cannot rehearse the manifests: {exc}", file=sys.stderr)
+            return 2
     mesh = LocalMesh(
         MeshOptions(
             replicas=args.replicas,

@@ -46,7 +46,7 @@ from llmmesh.envoymesh.proxies import (
     outbound_pinned,
     sidecar_inbound,
 )
-from llmmesh.envoymesh.translate import Doc, Manifests, subset_labels
+from llmmesh.envoymesh.translate import Doc, Manifests, check_destination_rules, subset_labels
 from llmmesh.netutil import free_port
 from llmmesh.tools.meshcheck.render import render
 from services.gateway.settings import GatewaySettings
@@ -153,6 +153,8 @@ class EnvoyDataPlane:
         self._replica_ports: dict[int, tuple[int, int]] = {}  # outbound (grpc, metrics)
         vs = self.manifests.virtual_service(GATEWAY_VIRTUAL_SERVICE)
         self.gateway_host = str(vs["spec"]["http"][0]["route"][0]["destination"]["host"])
+        # What the translation cannot rehearse fails here, before anything starts.
+        check_destination_rules(self.manifests)
 
     @property
     def ca(self) -> LocalCA:

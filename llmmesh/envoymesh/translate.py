@@ -50,7 +50,13 @@ ISTIO_DEFAULT_THRESHOLD = 2**32 - 1
 _ROUTE_FIELDS = {"name", "match", "route", "timeout", "retries", "mirror", "mirrorPercentage"}
 _MATCH_FIELDS = {"uri", "headers", "port"}
 _POLICY_FIELDS = {"tls", "connectionPool", "outlierDetection"}
-_POOL_TCP_FIELDS = {"maxConnections", "connectTimeout", "tcpKeepalive", "maxConnectionDuration"}
+_POOL_TCP_FIELDS = {
+    "maxConnections",
+    "connectTimeout",
+    "tcpKeepalive",
+    "maxConnectionDuration",
+    "idleTimeout",
+}
 _POOL_HTTP_FIELDS = {
     "http1MaxPendingRequests",
     "http2MaxRequests",
@@ -58,7 +64,9 @@ _POOL_HTTP_FIELDS = {
     "idleTimeout",
     "maxRequestsPerConnection",
     "maxConcurrentStreams",
+    "h2UpgradePolicy",
 }
+_H2_UPGRADE = {"DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"}
 
 
 class Unsupported(ValueError):
@@ -373,6 +381,16 @@ def outlier_detection(od: Mapping[str, Any]) -> Doc:
     return out
 
 
+def check_destination_rules(manifests: Manifests) -> None:
+    """Translate every DestinationRule's policy, for each subset: `Unsupported` names the first
+    field the local mesh cannot rehearse (raised before anything starts, not when the proxy of
+    a pod that uses it is built)."""
+    for dr in manifests.of_kind("DestinationRule"):
+        for subset in ["", *(s["name"] for s in dr["spec"].get("subsets", []))]:
+            policy = traffic_policy(dr, subset)
+            cluster(f"{dr['metadata']['name']}/{subset}", policy, True, [], None)
+
+
 def cluster(
     name: str,
     policy: Mapping[str, Any],
@@ -399,9 +417,16 @@ def cluster(
     ):
         value = int(src.get(field, 0))
         thresholds[threshold] = value if value > 0 else ISTIO_DEFAULT_THRESHOLD
+    upgrade = http.get("h2UpgradePolicy", "DEFAULT")
+    if upgrade not in _H2_UPGRADE:
+        raise Unsupported(f"{name}: h2UpgradePolicy {upgrade!r}")
+    # UPGRADE: HTTP/2 to an HTTP/1.1 port (the mesh's default, as Istio's, upgrades nothing).
+    http2 = http2 or upgrade == "UPGRADE"
     common: Doc = {}
-    if "idleTimeout" in http:
-        common["idle_timeout"] = _duration(http["idleTimeout"])
+    # As pilot: the HTTP idle timeout, else the TCP one.
+    idle = http.get("idleTimeout", tcp.get("idleTimeout"))
+    if idle is not None:
+        common["idle_timeout"] = _duration(idle)
     if "maxConnectionDuration" in tcp:
         common["max_connection_duration"] = _duration(tcp["maxConnectionDuration"])
     # As pilot: a count applies only when positive (0 cannot be told from unset).

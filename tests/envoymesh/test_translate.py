@@ -26,6 +26,7 @@ from llmmesh.envoymesh.translate import (
     Doc,
     Manifests,
     Unsupported,
+    check_destination_rules,
     cluster,
     cluster_name,
     routes,
@@ -206,8 +207,36 @@ def test_every_connection_pool_field_is_applied_or_refused(tmp_path: Path) -> No
         "http2_protocol_options": {"max_concurrent_streams": 64}
     }
     _validate(bootstrap("pool", [], [c]), tmp_path, "pool")
-    with pytest.raises(Unsupported, match="h2UpgradePolicy"):
-        cluster("c", {"connectionPool": {"http": {"h2UpgradePolicy": "UPGRADE"}}}, True, [], None)
+    # UPGRADE makes an HTTP/1.1 port's cluster HTTP/2; the TCP idle timeout stands in for an
+    # HTTP one left unset, as pilot has it.
+    upgraded = cluster(
+        "u",
+        {"connectionPool": {"http": {"h2UpgradePolicy": "UPGRADE"}, "tcp": {"idleTimeout": "60s"}}},
+        False,
+        [("127.0.0.1", 1)],
+        None,
+    )
+    options = next(iter(upgraded["typed_extension_protocol_options"].values()))
+    assert options["explicit_http_config"] == {"http2_protocol_options": {}}
+    assert options["common_http_protocol_options"] == {"idle_timeout": "60s"}
+    with pytest.raises(Unsupported, match="useClientProtocol"):
+        cluster("c", {"connectionPool": {"http": {"useClientProtocol": True}}}, True, [], None)
+
+
+def test_every_destination_rule_of_the_overlays_is_rehearsed(
+    overlays: dict[str, Manifests],
+) -> None:
+    """The check the local Envoy mesh makes before it starts anything passes on what ships;
+    a rule with a field it cannot rehearse fails it, naming the field."""
+    for m in overlays.values():
+        check_destination_rules(m)
+    docs = copy.deepcopy(list(overlays["dev"].docs))
+    rule = next(d for d in docs if d.get("kind") == "DestinationRule")
+    rule["spec"].setdefault("trafficPolicy", {}).setdefault("connectionPool", {})["http"] = {
+        "useClientProtocol": True
+    }
+    with pytest.raises(Unsupported, match="useClientProtocol"):
+        check_destination_rules(Manifests(docs))
 
 
 def test_a_calls_own_deadline_bounds_it_up_to_the_route_timeout(
