@@ -23,6 +23,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from llmmesh.common.channels import RECONNECT_OPTIONS
 from llmmesh.common.errors import ServiceError, from_rpc_error
 from llmmesh.common.server import MAX_MESSAGE_BYTES
+from llmmesh.kvblocks import token_bytes
 from services.gateway.faults import (
     REPLICA_FAULT,
     REQUEST_FAULT,
@@ -97,18 +98,6 @@ def _scalar(
     req.raw_input_contents.append(struct.pack(kind[1], value))
 
 
-def _int32_bytes(ids: Sequence[int]) -> bytes:
-    """Token ids as the INT32 tensor's little-endian bytes. Ids held as uint32 bytes already
-    (`kvblocks.tokens_from_bytes`' view) are those bytes: an id is below the vocabulary size,
-    far under 2**31, so its uint32 and int32 encodings are the same."""
-    if isinstance(ids, memoryview) and ids.format == "I" and sys.byteorder == "little":
-        return ids.tobytes()
-    arr = array.array("i", ids)
-    if sys.byteorder != "little":
-        arr.byteswap()
-    return arr.tobytes()
-
-
 def build_request(er: EngineRequest) -> service_pb2.ModelInferRequest:
     req = service_pb2.ModelInferRequest(model_name=er.model, id=er.request_id)
     n = len(er.input_ids)
@@ -116,7 +105,9 @@ def build_request(er: EngineRequest) -> service_pb2.ModelInferRequest:
     t.name = "input_ids"
     t.datatype = "INT32"
     t.shape.extend((1, n))
-    req.raw_input_contents.append(_int32_bytes(er.input_ids))
+    # `token_bytes`' uint32 encoding is the INT32 tensor's: an id is below the vocabulary
+    # size, far under 2**31 (a view of packed ids, `Validated.prompt_le32`'s, is its bytes).
+    req.raw_input_contents.append(token_bytes(er.input_ids))
     _scalar(req, "input_lengths", _INT32, n)
     _scalar(req, "request_output_len", _INT32, er.max_tokens)
     _scalar(req, "streaming", _BOOL, True)
