@@ -367,17 +367,29 @@ class Orchestrator:
     ) -> Sequence[ReplicaView]:
         """The replicas the profile's filters keep for the request, at capacity or not, judged
         among every assignable replica (`states`, their `views`) as a decision (`_pick`)
-        judges them: less those it excludes, with the backlog caps its cached prefix lifts
-        lifted (`_exempt`). Filters judge a replica among the others (the pool filter lends by
-        the pools' utilization), so one is never judged alone."""
+        judges them (`_judged`). Filters judge a replica among the others (the pool filter
+        lends by the pools' utilization), so one is never judged alone."""
+        judged = self._judged(req, prefix, states, views, now)
+        return self._scheduler.filter(self._request_view(req, prefix), judged)
+
+    def _judged(
+        self,
+        req: AdmissionRequest,
+        prefix: PrefixMatches,
+        states: Sequence[ReplicaState],
+        views: Sequence[ReplicaView],
+        now: float,
+    ) -> Sequence[ReplicaView]:
+        """The `views` the profile's filters judge for the request: less the replicas it
+        excludes, with the backlog caps its cached prefix lifts lifted (`_exempt`)."""
         excluded = req.exclude_replicas
         if excluded:
             kept = [i for i, st in enumerate(states) if st.spec.id not in excluded]
             states = [states[i] for i in kept]
             views = [views[i] for i in kept]
         if prefix.matched_blocks and self._max_backlog_s > 0:
-            views = self._exempt(req, prefix, states, list(views), now)
-        return self._scheduler.filter(self._request_view(req, prefix), views)
+            views = self._exempt(req, prefix, states, views, now)
+        return views
 
     def _kind(self, req: AdmissionRequest) -> tuple[object, ...]:
         """What decides which replicas may serve a request: what the profile's filters judge it
@@ -596,15 +608,16 @@ class Orchestrator:
         req: AdmissionRequest,
         prefix: PrefixMatches,
         states: Sequence[ReplicaState],
-        views: list[ReplicaView],
+        views: Sequence[ReplicaView],
         now: float,
-    ) -> list[ReplicaView]:
-        """The views with each backlog-capped replica's cap restored for this request where its
+    ) -> Sequence[ReplicaView]:
+        """The views (`views` itself when none changes) with each backlog-capped replica's cap
+        restored for this request where its
         cached prefix there saves at least the backlog's excess over the bound: the request
         reaches its first token there no later than behind a backlog at the bound with no
         cache, so the bound (which stops pile-ups of work any replica could do) lets go."""
         prompt = req.prompt_tokens
-        out = views
+        out: list[ReplicaView] | None = None  # a copy, once a view changes
         for i, st in enumerate(states):
             cached = prefix.cached_tokens(st.spec.id, prompt)
             # Only a replica capped by its backlog alone (another cap is not the bound's).
@@ -614,10 +627,10 @@ class Orchestrator:
             if not self._lifts(st, prompt, cached, load=load):
                 continue
             cap = self._cap_of(st, self._sampler.fresh(st, now), now, bounded=False)
-            if out is views:
+            if out is None:
                 out = list(views)
             out[i] = dataclasses.replace(views[i], cap=cap)
-        return out
+        return views if out is None else out
 
     def _wake_for_backlog(self) -> None:
         """With waiters queued, dispatch again when the soonest backlog-capped replica's backlog
@@ -802,15 +815,14 @@ class Orchestrator:
     ) -> ReplicaState | None:
         """The scheduler's choice for the request among the assignable replicas; `kept`: the
         replicas the profile's filters keep for it (`_kept`), when the caller judged them now."""
+        rv = self._request_view(req, prefix)
         if kept is None:
             now = self._clock()
             states = self._assignable(req)
             views = [self._view(st, now) for st in states]
-            if prefix.matched_blocks and self._max_backlog_s > 0:
-                views = self._exempt(req, prefix, states, views, now)
-            decision = self._scheduler.decide(self._request_view(req, prefix), views)
+            decision = self._scheduler.decide(rv, self._judged(req, prefix, states, views, now))
         else:
-            decision = self._scheduler.choose(self._request_view(req, prefix), kept)
+            decision = self._scheduler.choose(rv, kept)
         return None if decision.replica is None else self._replicas.get(decision.replica.id)
 
     def _try_grant(
