@@ -73,6 +73,13 @@ class Unsupported(ValueError):
     """A manifest field this translation does not rehearse."""
 
 
+def _only(doc: Mapping[str, Any], known: set[str], what: str) -> None:
+    """Unsupported, naming them, when `doc` has fields outside `known`."""
+    extra = set(doc) - known
+    if extra:
+        raise Unsupported(f"{what} fields {sorted(extra)}")
+
+
 def cluster_name(host: str, port: int, subset: str = "") -> str:
     """Istio's name for the outbound cluster of `host`:`port` (subset `subset`)."""
     return f"outbound|{port}|{subset}|{host}"
@@ -159,9 +166,7 @@ def _string_match(spec: Mapping[str, str]) -> Doc:
 
 
 def _route_match(match: Mapping[str, Any]) -> Doc:
-    extra = set(match) - _MATCH_FIELDS
-    if extra:
-        raise Unsupported(f"route match fields {sorted(extra)}")
+    _only(match, _MATCH_FIELDS, "route match")
     out: Doc = {"prefix": "/"}
     uri = match.get("uri")
     if uri is not None:
@@ -217,9 +222,7 @@ def routes(
     is the route's stream idle timeout (None: the listener's)."""
     out: list[Doc] = []
     for http in vs["spec"]["http"]:
-        extra = set(http) - _ROUTE_FIELDS
-        if extra:
-            raise Unsupported(f"route {http.get('name')}: fields {sorted(extra)}")
+        _only(http, _ROUTE_FIELDS, f"route {http.get('name')}:")
         dests = http["route"]
         if len(dests) > 1:
             # Istio leaves weight-0 destinations out of the weighted clusters.
@@ -335,9 +338,7 @@ def traffic_policy(dr: Doc | None, subset: str = "") -> Doc:
     for s in dr["spec"].get("subsets", []):
         if s["name"] == subset:
             policy.update(s.get("trafficPolicy", {}))
-    extra = set(policy) - _POLICY_FIELDS
-    if extra:
-        raise Unsupported(f"{dr['metadata']['name']}: trafficPolicy fields {sorted(extra)}")
+    _only(policy, _POLICY_FIELDS, f"{dr['metadata']['name']}: trafficPolicy")
     return policy
 
 
@@ -403,10 +404,8 @@ def cluster(
     detection; LEAST_REQUEST balancing (Istio's default)."""
     pool = policy.get("connectionPool", {})
     tcp, http = pool.get("tcp", {}), pool.get("http", {})
-    for part, fields, known in (("tcp", tcp, _POOL_TCP_FIELDS), ("http", http, _POOL_HTTP_FIELDS)):
-        extra = set(fields) - known
-        if extra:
-            raise Unsupported(f"{name}: connectionPool.{part} fields {sorted(extra)}")
+    _only(tcp, _POOL_TCP_FIELDS, f"{name}: connectionPool.tcp")
+    _only(http, _POOL_HTTP_FIELDS, f"{name}: connectionPool.http")
     # Istio tracks what remains of each (the `remaining_*` gauges).
     thresholds: Doc = {"track_remaining": True}
     for src, (field, threshold) in (
