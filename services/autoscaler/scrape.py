@@ -317,11 +317,9 @@ class ScrapeSource:
                 key = self._replica_keys.get(replica) or self._sole_version(pool)
                 if key is not None:
                     obs.admissions[(model, key)] = obs.admissions.get((model, key), 0.0) + rate
-        none: tuple[dict[str, float | None], dict[str, dict[PoolLabels, float | None]]]
-        none = ({}, {})
-        waits, waits_by = self._quantiles(now, names.ORCH_QUEUE_WAIT) if orch_ok else none
-        ttft, ttft_by = self._quantiles(now, names.GATEWAY_TTFT) if gw_ok else none
-        itl, itl_by = self._quantiles(now, names.GATEWAY_ITL) if gw_ok else none
+        waits, waits_by = self._quantiles(now, names.ORCH_QUEUE_WAIT) if orch_ok else ({}, {})
+        ttft, ttft_by = self._quantiles(now, names.GATEWAY_TTFT) if gw_ok else ({}, {})
+        itl, itl_by = self._quantiles(now, names.GATEWAY_ITL) if gw_ok else ({}, {})
         tokens = self._rates(now, names.GATEWAY_TOKENS, ("model", "kind")) if gw_ok else {}
         models = {*waits, *ttft, *itl, *(m for m, _ in tokens)}
         for m in models:
