@@ -210,7 +210,7 @@ def admit_requests(
     w: Workload, prompt_tokens: int, count: int, seed: int
 ) -> list[AdmissionRequest]:
     """Admits as the gateway makes them: a family's first tokens and a unique tail, held as a
-    view of their packed bytes, as the gateway holds a validated prompt (`Validated.prompt_le32`,
+    view of their packed bytes, as the gateway holds a prompt (`StreamState.continuation`,
     converted once before its first Admit); the load generator's CPU is not what is measured."""
     rng = random.Random(seed)
     out = []

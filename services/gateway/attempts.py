@@ -69,9 +69,6 @@ class Validated:
 
     model: ServedModel
     prompt_ids: list[int]
-    # The prompt as little-endian uint32 ids (`kvblocks.token_bytes`), converted once: each
-    # attempt's Admit hashes it and its engine request sends it from these bytes.
-    prompt_le32: bytes
     max_tokens: int
     temperature: float
     top_p: float
@@ -217,7 +214,7 @@ class Attempts:
             AdmissionRequest(
                 request_id=req.request_id,
                 model=v.model.settings.triton_model,
-                prompt_token_ids=state.continuation(v.prompt_le32),
+                prompt_token_ids=state.continuation(),
                 max_tokens=state.remaining,
                 priority=Priority.BATCH if self._s.shadow else req.priority,
                 tenant=req.tenant,
@@ -315,7 +312,7 @@ class Attempts:
         return EngineRequest(
             request_id=req.request_id,
             model=v.model.settings.triton_model,
-            input_ids=state.continuation(v.prompt_le32),
+            input_ids=state.continuation(),
             max_tokens=state.remaining,
             end_id=v.model.end_id,
             temperature=v.temperature,

@@ -46,7 +46,6 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
 from llmmesh.common.errors import ServiceError, Unavailable
-from llmmesh.kvblocks import token_bytes
 from services.gateway import metrics
 from services.gateway.admission import AdmissionClient, Lease
 from services.gateway.attempts import Attempts, Validated
@@ -276,7 +275,7 @@ class GatewayCore:
         prompt_field = self._check_prompt(req, model)
         known = req.prompt_ids is not None
         ids = list(req.prompt_ids) if req.prompt_ids is not None else [0]
-        self._sampled(req, model, ids, prompt_field, prompt_known=known, packed=False)
+        self._sampled(req, model, ids, prompt_field, prompt_known=known)
 
     def _check_prompt(self, req: GenerationRequest, model: ServedModel) -> str:
         """The prompt's checks that need no tokenizer; the field it is in."""
@@ -321,11 +320,9 @@ class GatewayCore:
         prompt_field: str,
         *,
         prompt_known: bool = True,
-        packed: bool = True,
     ) -> Validated:
         """The prompt `ids` and the sampling parameters checked; `prompt_known` False: `ids`
-        stand in for a prompt not tokenized, its length checks left out; `packed` False: the
-        answer is only checked, not served (its `prompt_le32` left empty)."""
+        stand in for a prompt not tokenized, its length checks left out."""
         s = self._settings
         ms = model.settings
         if not ids:
@@ -375,8 +372,7 @@ class GatewayCore:
             )
         if sp.seed is not None and not 0 <= sp.seed < 2**64:
             raise InvalidRequest("must fit in 64 unsigned bits", field="sampling.seed")
-        le32 = token_bytes(ids) if packed else b""
-        return Validated(model, ids, le32, max_tokens, temperature, top_p, top_k, sp.stop, sp.seed)
+        return Validated(model, ids, max_tokens, temperature, top_p, top_k, sp.stop, sp.seed)
 
     def _render_chat(self, template: ChatTemplate, messages: Sequence[ChatMessage]) -> str:
         """The chat prompt, its messages checked (`_check_messages`)."""

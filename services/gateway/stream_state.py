@@ -111,6 +111,7 @@ class StreamState:
         "_metrics",
         "_model_name",
         "_progress",
+        "_prompt_le32",
         "_restored",
         "_start",
         "_stops",
@@ -135,7 +136,8 @@ class StreamState:
         limits: TenantLimits | None,
         context: Sequence[int] = (),
     ) -> None:
-        """`context`: the prompt's ids, the completion's text is decoded after (`IncrementalDecoder`)."""
+        """`context`: the prompt's ids, the completion's text is decoded after (`IncrementalDecoder`);
+        packed once here (`kvblocks.token_bytes`) as every attempt's input begins."""
         self._model_name = model.name
         self._end_ids = model.end_ids
         self._max_tokens = max_tokens
@@ -144,6 +146,7 @@ class StreamState:
         self._progress = progress
         self._limits = limits
         self._decoder = IncrementalDecoder(model, context)
+        self._prompt_le32 = token_bytes(context)
         self._stops = StopMatcher(stop)
         self._last_at = start
         self._itl_sum = 0.0
@@ -200,14 +203,14 @@ class StreamState:
         """Completion tokens still allowed (the continuation's max_tokens)."""
         return self._max_tokens - self.completion_tokens
 
-    def continuation(self, prompt_le32: bytes) -> Sequence[int]:
-        """The next attempt's input: the prompt (its ids as `kvblocks.token_bytes`) plus every
-        token generated so far, as a uint32 view of those bytes (`kvblocks.tokens_from_bytes`):
-        the Admit's hashing and the engine request take the bytes as they are, no conversion
-        of a long prompt per use."""
+    def continuation(self) -> Sequence[int]:
+        """The next attempt's input: the prompt plus every token generated so far, as a uint32
+        view of their packed bytes (`kvblocks.tokens_from_bytes`): the Admit's hashing and the
+        engine request take the bytes as they are, no conversion of a long prompt per use."""
+        body = self._prompt_le32
         if self.generated:
-            prompt_le32 += token_bytes(self.generated)
-        return tokens_from_bytes(prompt_le32)
+            body += token_bytes(self.generated)
+        return tokens_from_bytes(body)
 
     def push(self, chunk: EngineChunk) -> Delta | None:
         """The delta for one engine chunk (None when it brings no token). Sets `finish` at an

@@ -106,7 +106,7 @@ def build_request(er: EngineRequest) -> service_pb2.ModelInferRequest:
     t.datatype = "INT32"
     t.shape.extend((1, n))
     # `token_bytes`' uint32 encoding is the INT32 tensor's: an id is below the vocabulary
-    # size, far under 2**31 (a view of packed ids, `Validated.prompt_le32`'s, is its bytes).
+    # size, far under 2**31 (a view of packed ids, `StreamState.continuation`'s, is its bytes).
     req.raw_input_contents.append(token_bytes(er.input_ids))
     _scalar(req, "input_lengths", _INT32, n)
     _scalar(req, "request_output_len", _INT32, er.max_tokens)
