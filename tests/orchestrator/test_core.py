@@ -637,6 +637,20 @@ def backlogged_pools(
     )
 
 
+async def pools_core(
+    short: Iterable[str], long: Iterable[str], policy: Policy, queue: int
+) -> tuple[Orchestrator, FixedPrefix, ManualClock]:
+    """Ready replicas of the short and long pools (`pool_replicas`, 8 leases each) under
+    `policy`, with a prefix index the test sets and a clock only the test moves."""
+    clock = ManualClock()
+    index = FixedPrefix(PrefixMatches(250, {}))
+    specs = pool_replicas(short, long)
+    core, _ = await ready_core(
+        cap=8, queue=queue, specs=specs, prefix=index, policy=policy, clock=clock
+    )
+    return core, index, clock
+
+
 @pytest.mark.parametrize(("policy", "third"), [(POOLS, "l0"), (NO_LENDING, None)])
 async def test_full_short_pool_borrows_idle_long_pool_or_waits(
     policy: Policy, third: str | None
@@ -1202,13 +1216,8 @@ async def test_waiters_whose_prefix_lifts_a_cap_their_pool_cannot_use_cost_one_d
     # prefill's backlog, run down to ~0.3 s. 50 short waiters each hold their whole prompt on
     # l0 (~0.7 s saved: it lifts l0's cap), a replica their pool may not use: one decision
     # for their kind with that cap lifted stands for them all.
-    clock = ManualClock()
-    index = FixedPrefix(PrefixMatches(250, {}))
-    specs = pool_replicas(["s0"], ["l0", "l1"])
     policy = backlogged_pools(20000, short_cap=1, lend_below=0)
-    core, _ = await ready_core(
-        cap=8, queue=100, specs=specs, prefix=index, policy=policy, clock=clock
-    )
+    core, index, clock = await pools_core(["s0"], ["l0", "l1"], policy, queue=100)
     await core.admit(req("s", prompt_len=10), 5.0)
     big = dataclasses.replace(req("big", prompt_len=40000), exclude_replicas=frozenset({"l1"}))
     assert (await core.admit(big, 5.0)).replica.id == "l0"
@@ -1303,15 +1312,10 @@ async def test_the_affinity_pass_judges_a_pool_as_busy_only_as_a_decision_would(
     # s1's cap, a pass with room on l1: a decision for W sees the short pool with room (the
     # cap lifted) and lends it nothing, so the affinity pass leaves l1 to L at the head, and
     # W's own decision then lets it onto s1.
-    clock = ManualClock()
-    index = FixedPrefix(PrefixMatches(250, {}))
-    specs = pool_replicas(["s1"], ["l1"])
     policy = backlogged_pools(
         40000, long_cap=2, lend_below=0.9, admission=AdmissionPolicy(affinity_window=16)
     )
-    core, _ = await ready_core(
-        cap=8, queue=16, specs=specs, prefix=index, policy=policy, clock=clock
-    )
+    core, index, clock = await pools_core(["s1"], ["l1"], policy, queue=16)
     assert (await core.admit(req("r", prompt_len=40000), 5.0)).replica.id == "s1"
     held = [await core.admit(req(f"h{i}", prompt_len=100), 5.0) for i in range(2)]
     assert [h.replica.id for h in held] == ["l1", "l1"]  # lent: s1 is capped
@@ -1332,13 +1336,8 @@ async def test_a_request_waits_for_a_waiter_whose_own_prefix_makes_a_pool_lend_t
     # ~0.3 s; l1 holds 3 of 8. W (short) holds its whole prompt on l0, which lifts l0's cap
     # for it, and the long pool then lends to it (4 of 8 without: no lending). A (long, also
     # cached on l0) arrives: W could take l0, so A waits; the next pass serves W first.
-    clock = ManualClock()
-    index = FixedPrefix(PrefixMatches(250, {}))
-    specs = pool_replicas(["s0"], ["l0", "l1"])
     policy = backlogged_pools(20000, short_cap=2, lend_below=0.5)
-    core, _ = await ready_core(
-        cap=8, queue=16, specs=specs, prefix=index, policy=policy, clock=clock
-    )
+    core, index, clock = await pools_core(["s0"], ["l0", "l1"], policy, queue=16)
     for i in range(2):
         assert (await core.admit(req(f"s{i}", prompt_len=10), 5.0)).replica.id == "s0"
     not_l0, not_l1 = frozenset({"l0"}), frozenset({"l1"})
@@ -1368,12 +1367,7 @@ async def test_a_kind_that_failed_only_with_a_cached_prefix_is_still_lent_a_larg
     # w0 (cached on s1) fails: lifting s1's backlog cap for it makes the short pool look free
     # (no lending), and the KV watermark then drops s1. w, of its kind and uncached, sees s1
     # capped: the long pool lends, and w is granted there in the same pass.
-    index = FixedPrefix(PrefixMatches(250, {}))
-    specs = pool_replicas(["s1"], ["l1"])
-    policy = backlogged_pools(20000)
-    core, _ = await ready_core(
-        cap=8, queue=100, specs=specs, prefix=index, policy=policy, clock=ManualClock()
-    )
+    core, index, _ = await pools_core(["s1"], ["l1"], backlogged_pools(20000), queue=100)
     assert (await core.admit(req("r", prompt_len=8000), 5.0)).replica.id == "s1"
     sample = EngineSample(active=1, waiting=0, kv_used=95, kv_max=100)
     core._sampler._store(state(core, "s1"), sample, 1)
