@@ -38,6 +38,11 @@ class OrchestratorUnavailable(Unavailable):
     """The orchestrator was not reached (UNAVAILABLE without a typed reason)."""
 
 
+class OrchestratorTimedOut(OrchestratorUnavailable):
+    """A call to the orchestrator had no answer within its deadline: the process is hung, or
+    behind on its work (which its other answers tell apart: `OrchestratorSet`)."""
+
+
 class NoReplica(Unavailable):
     """The orchestrator has no ready replica for the request (reason NO_REPLICA), or a
     scale-from-zero pool did not become ready in time (ACTIVATION_TIMEOUT)."""

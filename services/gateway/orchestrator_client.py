@@ -82,7 +82,7 @@ from services.gateway.admission import (
     LeaseReport,
     Outcome,
 )
-from services.gateway.errors import NoReplica, OrchestratorUnavailable
+from services.gateway.errors import NoReplica, OrchestratorTimedOut, OrchestratorUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -710,9 +710,12 @@ class OrchestratorClient:
                 pb.ListReplicasRequest(), timeout=max(timeout_s, _MIN_TIMEOUT_S)
             )
         except grpc.aio.AioRpcError as err:
-            raise OrchestratorUnavailable(
-                f"orchestrator: {err.code().name}: {err.details()}"
-            ) from err
+            unanswered = (
+                OrchestratorTimedOut
+                if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                else OrchestratorUnavailable
+            )
+            raise unanswered(f"orchestrator: {err.code().name}: {err.details()}") from err
         return status_from_pb(response)
 
     async def drain(self) -> None:

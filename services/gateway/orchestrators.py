@@ -34,7 +34,10 @@ balances only its own requests; the engines queue what exceeds their batch), no 
 (only the gateway's own failures). The mode is entered when an Admit or a view refresh reaches
 no orchestrator and left as soon as one answers anything; both are logged, and
 `llmmesh_gateway_degraded` is 1 meanwhile (`llmmesh_gateway_degraded_admissions_total` counts its
-leases).
+leases). A listing that times out (`OrchestratorTimedOut`) at an orchestrator that answered
+anything within the status timeout is no such sign: that process is behind on its work, not
+hung, and its waiting Admits stay with it (abandoned, they would be leased here, past admission,
+exactly while it is overloaded).
 
 Membership: a fixed list of addresses, or `discover` (a headless Service's A records, resolved
 each refresh). An orchestrator that leaves the list keeps receiving the reports of the leases it
@@ -72,7 +75,7 @@ from services.gateway.admission import (
     LeaseReport,
     Outcome,
 )
-from services.gateway.errors import NoReplica, OrchestratorUnavailable
+from services.gateway.errors import NoReplica, OrchestratorTimedOut, OrchestratorUnavailable
 
 __all__ = ["LOCAL_EJECTION_S", "LOCAL_LEASE_PREFIX", "Member", "OrchestratorSet"]
 
@@ -165,6 +168,8 @@ class OrchestratorSet:
         self._members: dict[str, Member] = {}
         self._retired: dict[str, Member] = {}  # left the list, still owning leases
         self._down_until: dict[str, float] = {}
+        # When each last answered anything (an Admit, a typed refusal of one, a listing).
+        self._heard_at: dict[str, float] = {}
         # Per orchestrator, per class it refused BUSY (or dropped a call of): until when. It
         # sheds that class and the less urgent ones first: for those it is tried after the
         # others meanwhile; more urgent requests still go to it in turn.
@@ -214,6 +219,7 @@ class OrchestratorSet:
             member = self._members.pop(addr)
             self._down_until.pop(addr, None)
             self._busy_until.pop(addr, None)
+            self._heard_at.pop(addr, None)
             log.info("orchestrator removed", extra={"orchestrator": addr})
             if self._owned.get(addr, 0) or self._admitting.get(addr):
                 # Leases to report, or Admits it may still grant: kept until they are done.
@@ -247,7 +253,14 @@ class OrchestratorSet:
         err = call.exception()  # read even when unused: no "exception never retrieved" log
         if self._members.get(addr) is not member:
             return  # it left the list (its client closed) meanwhile
-        if isinstance(err, OrchestratorUnavailable):
+        if isinstance(err, OrchestratorTimedOut) and self._answering(addr):
+            # Behind on its work, not gone: its Admits stay with it (abandoning them would send
+            # them to degraded mode, past admission, exactly while it is overloaded).
+            log.warning(
+                "ListReplicas not answered in time; its Admits are",
+                extra={"orchestrator": addr, "error": str(err)},
+            )
+        elif isinstance(err, OrchestratorUnavailable):
             self._unreached(addr, err)
         elif err is not None:  # no answer, and not a sign it is down
             log.warning("ListReplicas failed", extra={"orchestrator": addr, "error": repr(err)})
@@ -302,8 +315,16 @@ class OrchestratorSet:
         for waiting in self._admitting.get(addr, ()):
             waiting.abandon()
 
+    def _answering(self, addr: str) -> bool:
+        """It answered something within the last status timeout: a listing it did not answer in
+        time finds it behind on its work, not hung (a hung process answers nothing)."""
+        heard = self._heard_at.get(addr)
+        return heard is not None and self._clock() - heard <= self._status_timeout_s
+
     def _answered(self, addr: str) -> None:
         self._down_until.pop(addr, None)
+        if addr in self._members:
+            self._heard_at[addr] = self._clock()
         if self._degraded:
             self._degraded = False
             metrics.record_degraded(False)
@@ -463,11 +484,13 @@ class OrchestratorSet:
         (`_status_call`), whether or not another answered first. `timeout_s` bounds the calls
         this one starts; a joined call keeps the deadline it was started with."""
         last: ServiceError | None = None
-        pending = {
-            self._status_call(addr, member, timeout_s)
+        calls = {
+            self._status_call(addr, member, timeout_s): addr
             for addr in self._order()
             if (member := self._members.get(addr)) is not None
         }
+        pending = set(calls)
+        behind = False  # one did not list in time, and answers Admits
         while pending:
             # The calls go on when this returns or is cancelled (wait() never cancels them).
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -478,21 +501,27 @@ class OrchestratorSet:
                 err = call.exception()
                 if isinstance(err, OrchestratorUnavailable):
                     last = err
+                    behind |= isinstance(err, OrchestratorTimedOut) and self._answering(calls[call])
                 elif err is None:
                     answered = answered or call.result()
             if answered is not None:
                 self._view, self._view_at = answered.known, self._clock()
                 metrics.record_pools_known({k.replica.pool for k in answered.known})
                 return answered
+        if behind and self._view_at is not None:
+            return self._last_view(degraded=False)  # admitting, only slow to list
         if not self._usable_view():
             raise last or OrchestratorUnavailable("no orchestrator known")
         self._enter_degraded("no orchestrator answered ListReplicas")
+        return self._last_view(degraded=True)
+
+    def _last_view(self, *, degraded: bool) -> AdmissionStatus:
         return AdmissionStatus(
             replicas=len(self._view),
             ready_replicas=sum(1 for k in self._view if k.routable),
             queue_depth=0,
             known=self._view,
-            degraded=True,
+            degraded=degraded,
         )
 
     # -- degraded mode ------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from llmmesh.kvblocks import (
 )
 from services.gateway import orchestrator_client
 from services.gateway.admission import AdmissionRequest, LeaseReport, Outcome
-from services.gateway.errors import NoReplica, OrchestratorUnavailable
+from services.gateway.errors import NoReplica, OrchestratorTimedOut, OrchestratorUnavailable
 from services.gateway.orchestrator_client import (
     CALLER_ID,
     COMPLETE_ATTEMPTS,
@@ -81,6 +81,7 @@ class FakeOrchestratorService(pb_grpc.OrchestratorServiceServicer):
         self.batch_refusal = grpc.StatusCode.UNIMPLEMENTED  # while `batches` is False
         self.replicas = pb.ListReplicasResponse()
         self.hold: asyncio.Event | None = None  # Admit waits for it, once `holding` is set
+        self.list_hold: asyncio.Event | None = None  # ListReplicas waits for it
         self.holding = asyncio.Event()
         self.streams = True  # AdmitStream refused with `stream_refusal` while False
         self.stream_refusal = grpc.StatusCode.UNIMPLEMENTED
@@ -193,6 +194,8 @@ class FakeOrchestratorService(pb_grpc.OrchestratorServiceServicer):
     async def ListReplicas(
         self, request: pb.ListReplicasRequest, context: Ctx
     ) -> pb.ListReplicasResponse:
+        if self.list_hold is not None:
+            await self.list_hold.wait()
         return self.replicas
 
     async def RegisterReplica(
@@ -586,6 +589,12 @@ async def test_status_of_an_unreachable_orchestrator_is_orchestrator_unavailable
             await client.status(timeout_s=5.0)
     finally:
         await client.close()
+
+
+async def test_status_not_answered_in_time_is_told_apart_from_unreached(served: Served) -> None:
+    served.service.list_hold = asyncio.Event()  # never set: the call times out
+    with pytest.raises(OrchestratorTimedOut):
+        await served.client.status(timeout_s=0.05)
 
 
 # -- AdmitStream ------------------------------------------------------------------------------

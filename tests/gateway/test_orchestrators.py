@@ -21,7 +21,7 @@ from services.gateway.admission import (
     LeaseReport,
     Outcome,
 )
-from services.gateway.errors import NoReplica, OrchestratorUnavailable
+from services.gateway.errors import NoReplica, OrchestratorTimedOut, OrchestratorUnavailable
 from services.gateway.orchestrators import LOCAL_EJECTION_S, LOCAL_LEASE_PREFIX, OrchestratorSet
 from tests.helpers import eventually
 
@@ -499,6 +499,32 @@ async def test_a_request_cancelled_as_its_orchestrator_is_abandoned_stays_cancel
     with pytest.raises(asyncio.CancelledError):
         await admitting
     assert fakes["o1"].admits == 0  # not sent on to another orchestrator
+
+
+@pytest.mark.parametrize("since_answer_s", [0.5, 1.5])
+async def test_a_listing_not_answered_in_time_abandons_admits_only_of_a_silent_orchestrator(
+    since_answer_s: float,
+) -> None:
+    """An orchestrator that answered anything within the status timeout (1 s) and does not list
+    in time is behind on its work: its waiting Admits stay with it (abandoned, they would be
+    leased in degraded mode, past admission, while it is overloaded); one silent for longer is
+    hung: they are abandoned, as before."""
+    orchs, fakes, clock = make(1, status_timeout_s=1.0)
+    await orchs.status(timeout_s=1.0)  # a view for degraded mode
+    await orchs.admit(request(), timeout_s=1.0)  # answered
+    admitting, hold = await admit_held_at_o0(orchs, fakes)
+    clock.now += since_answer_s
+    fakes["o0"].status_error = OrchestratorTimedOut("orchestrator o0: DEADLINE_EXCEEDED")
+    status = await orchs.status(timeout_s=1.0)
+    assert status.known == VIEW
+    behind = since_answer_s < 1.0
+    assert status.degraded is not behind
+    assert degraded(orchs) is not behind
+    hold.set()
+    lease = await admitting
+    assert lease.lease_id.startswith("o0-" if behind else LOCAL_LEASE_PREFIX)
+    assert ("o0" in orchs._down_until) is not behind
+    await orchs.close()
 
 
 @pytest.mark.parametrize("error", [RuntimeError("a bug"), asyncio.CancelledError()])
