@@ -113,7 +113,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self._waited(read_call(metadata, wall_now), wall_now)
         try:
             lease = await self._admit(
-                request, context.time_remaining(), extract_trace_context(metadata)
+                request, _answer_by(context.time_remaining()), extract_trace_context(metadata)
             )
         except ServiceError as err:
             await abort(context, err)
@@ -320,13 +320,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     async def DrainReplica(
         self, request: pb.DrainReplicaRequest, context: Ctx
     ) -> pb.DrainReplicaResponse:
-        remaining = context.time_remaining()
-        # Answer a moment before the deadline so the caller gets the result, not an expiry.
-        wait_s = (
-            self._core.drain_max_wait_s
-            if remaining is None
-            else max(remaining - min(1.0, remaining * 0.1), 0.0)
-        )
+        wait_s = _answer_by(context.time_remaining())
+        if wait_s is None:
+            wait_s = self._core.drain_max_wait_s
         try:
             result = await self._core.drain_replica(request.replica_id, wait_s)
         except ServiceError as err:
@@ -343,6 +339,14 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             await abort(context, err)
             raise
         return pb.DeregisterReplicaResponse(in_flight=in_flight)
+
+
+def _answer_by(remaining_s: float | None) -> float | None:
+    """How long a call may wait with `remaining_s` left before its deadline (None: none): until a
+    moment before it (a tenth, at most 1 s), so the caller gets the answer, not an expiry. An
+    Admit granted after its caller gave up would hold a lease no one knows of until the lease
+    timeout (a unary call's answer carries the only copy of its id)."""
+    return None if remaining_s is None else max(remaining_s - min(1.0, remaining_s * 0.1), 0.0)
 
 
 def _refused(call_id: int, err: ServiceError) -> pb.AdmitStreamResponse:
