@@ -51,7 +51,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Final
 
 import grpc
@@ -133,8 +133,10 @@ _OUTCOME: Final = {
     Outcome.REQUEST_ERROR: pb.OUTCOME_REQUEST_ERROR,
 }
 # This process, to the orchestrators' sojourn reading (`llmmesh.common.sojourn`): its clock's
-# offset from theirs is learnt per caller.
+# offset from theirs is learnt per caller. Each client is a caller of its own (`CALLER_ID`.n):
+# an orchestrator takes a caller's new stream as the end of its earlier ones (`_AdmitStream`).
 CALLER_ID: Final = f"gateway-{uuid.uuid4().hex[:12]}"
+_CLIENTS = itertools.count(1)
 _NO_REPLICA_REASONS: Final = frozenset({Reason.NO_REPLICA, Reason.ACTIVATION_TIMEOUT})
 # Statuses that end an AdmitStream and are read as a unary Admit's would be (`admit_error`).
 _STREAM_STATUS_AS_IS: Final = frozenset(
@@ -223,11 +225,6 @@ def status_from_pb(response: pb.ListReplicasResponse) -> AdmissionStatus:
     )
 
 
-def _dropped(report: pb.CompleteRequest) -> None:
-    """The queue was full: its lease is reclaimed by the orchestrator's lease timeout."""
-    log.warning("complete queue full: oldest dropped", extra={"lease_id": report.lease_id})
-
-
 def admission_error(code: grpc.StatusCode, details: str, mapped: ServiceError) -> ServiceError:
     """A refused Admit as a gateway error, from its status (a unary call's) or its refusal
     fields (a stream answer's): `mapped` is the status as the common mapping reads it.
@@ -295,6 +292,9 @@ class StreamEnded(Exception):
 class _AdmitStream:
     """Admits multiplexed on one AdmitStream call. One writer task sends the messages in order
     (a gRPC call takes one write at a time); one reader task hands each answer to its Admit.
+    The first message lists the leases the caller holds from this orchestrator (`held`): it
+    opens one stream at a time, so the orchestrator releases the leases answered over earlier
+    ones that are not listed (their answers were lost with the connection).
 
     Invariants: an Admit is in `_pending` from its send until its answer, deadline, caller's
     cancel or the stream's end, whichever is first; one that leaves before its message was
@@ -309,6 +309,7 @@ class _AdmitStream:
         release: Callable[[pb.AdmitResponse], None],
         hasher: ChunkedHashes | None,
         on_end: Callable[[StreamEnded], None],
+        held: Iterable[str],
     ) -> None:
         self._call = stub.AdmitStream(None, metadata=((CALLER_KEY, caller),))
         self._release = release
@@ -316,8 +317,11 @@ class _AdmitStream:
         self._hasher = hasher
         self._pending: dict[int, asyncio.Future[pb.AdmitStreamResponse]] = {}
         self._unsent: set[int] = set()
-        self._outbox: deque[pb.AdmitStreamRequest] = deque()
+        self._outbox: deque[pb.AdmitStreamRequest] = deque(
+            [pb.AdmitStreamRequest(held=pb.HeldLeases(lease_ids=held))]
+        )
         self._wake = asyncio.Event()
+        self._wake.set()  # `held` to write
         self._ids = itertools.count(1)
         self.ended: StreamEnded | None = None
         self._reader = asyncio.ensure_future(self._read())
@@ -466,13 +470,17 @@ class OrchestratorClient:
             max_batch=COMPLETE_BATCH,
             max_queue=COMPLETE_QUEUE,
             linger_s=COMPLETE_LINGER_S,
-            on_drop=_dropped,
+            on_drop=self._dropped,
             name="lease reports",
         )
         # Leases granted over the stream and not yet reported: while any is held, a stream
         # that ended is opened again (`_stream_ended`), as the orchestrator releases the
         # leases of a caller with no stream open for its `orphan_lease_grace_s`.
         self._held: set[str] = set()
+        # Leases whose report is queued or being sent: still held, to a stream opened meanwhile
+        # (its `held`; bounded by the report queue).
+        self._reporting: set[str] = set()
+        self.caller = f"{CALLER_ID}.{next(_CLIENTS)}"
         self._reopen: asyncio.TimerHandle | None = None
         self._releasing: set[asyncio.Task[None]] = set()  # `_release_answer`s running
         self._closing = False  # no stream opens once `close` began
@@ -543,7 +551,12 @@ class OrchestratorClient:
         stream = self._stream
         if stream is None or stream.ended is not None:
             stream = self._stream = _AdmitStream(
-                self._stub, CALLER_ID, self._release, self._hasher, self._stream_ended
+                self._stub,
+                self.caller,
+                self._release,
+                self._hasher,
+                self._stream_ended,
+                self._held | self._reporting,
             )
         return stream
 
@@ -590,7 +603,9 @@ class OrchestratorClient:
             admit_request_to_pb(request),
             timeout=timeout_s,
             # The orchestrator reads how long the call waited for it from the time sent.
-            metadata=tuple(inject_trace_metadata([*call_metadata(CALLER_ID, self._wall_clock())])),
+            metadata=tuple(
+                inject_trace_metadata([*call_metadata(self.caller, self._wall_clock())])
+            ),
         )
         try:
             response = await call
@@ -619,13 +634,23 @@ class OrchestratorClient:
         if self._closed:
             log.warning("complete after close: not sent", extra={"lease_id": report.lease_id})
             return
+        self._reporting.add(report.lease_id)
         self._reports.put(complete_request_to_pb(report))
+
+    def _dropped(self, report: pb.CompleteRequest) -> None:
+        """The queue was full: its lease is reclaimed by the orchestrator (the next stream's
+        `held` leaves it out, else its lease timeout)."""
+        self._reporting.discard(report.lease_id)
+        log.warning("complete queue full: oldest dropped", extra={"lease_id": report.lease_id})
 
     async def _deliver(self, batch: list[pb.CompleteRequest]) -> None:
         """One batch: a CompleteBatch call, or one Complete per report where it is refused."""
-        batches = self._clock() >= self._batch_refused_until
-        if not (batches and await self._send_batch(batch)):
-            await asyncio.gather(*(self._send(req) for req in batch))
+        try:
+            batches = self._clock() >= self._batch_refused_until
+            if not (batches and await self._send_batch(batch)):
+                await asyncio.gather(*(self._send(req) for req in batch))
+        finally:  # delivered, or given up on
+            self._reporting.difference_update(req.lease_id for req in batch)
 
     async def _send_batch(self, batch: list[pb.CompleteRequest]) -> bool:
         """False: the orchestrator (or the mesh's policy in front of it) does not take

@@ -61,7 +61,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 
 from llmmesh.accelerators import DEFAULT_PROFILE
 from llmmesh.common.engine_metrics import EngineSample
@@ -1123,12 +1123,12 @@ class Orchestrator:
         """The lease was handed to caller process `owner` (over its AdmitStream)."""
         self._leases.own(lease_id, owner)
 
-    def release_owned(self, owner: str) -> int:
-        """End every lease `owner` still holds (its process is gone: no Complete will come);
-        returns how many."""
-        held = self._leases.owned_by(owner)
-        self.complete_many((lease_id, Outcome.CANCELLED, None) for lease_id in held)
-        return len(held)
+    def release_owned(self, owner: str, keep: Collection[str] = ()) -> int:
+        """End every lease `owner` still holds but those in `keep` (its process is gone, or
+        their answers were lost: no Complete will come); returns how many."""
+        lost = [lease_id for lease_id in self._leases.owned_by(owner) if lease_id not in keep]
+        self.complete_many((lease_id, Outcome.CANCELLED, None) for lease_id in lost)
+        return len(lost)
 
     def _release(self, lease_id: str, outcome: Outcome, reused_blocks: int | None) -> bool:
         """`complete` less the dispatch."""

@@ -54,9 +54,10 @@ STREAM_MAX_OPEN: Final = 4096
 class _Stream:
     """One AdmitStream call: its Admits being decided and the answers waiting to be written."""
 
-    __slots__ = ("answers", "closed", "open", "reading", "room", "wake")
+    __slots__ = ("answers", "caller", "closed", "open", "reading", "room", "wake")
 
-    def __init__(self) -> None:
+    def __init__(self, caller: str | None) -> None:
+        self.caller = caller
         self.open: dict[int, asyncio.Task[None]] = {}
         self.answers: deque[pb.AdmitStreamResponse] = deque()
         self.reading = True  # False once the caller half-closed or the orchestrator drains
@@ -128,9 +129,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     ) -> None:
         # A coroutine, not an async generator: its `finally` runs when the call ends however
         # it ends (a generator left at a failed write would wait for the collector).
-        stream = _Stream()
-        stream.reading = not self._draining
         caller = caller_of(context.invocation_metadata())
+        stream = _Stream(caller)
+        stream.reading = not self._draining
         self._streams.add(stream)
         if caller is not None:
             self._callers[caller] = self._callers.get(caller, 0) + 1
@@ -140,12 +141,12 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         reader = asyncio.create_task(self._read(request_iterator, stream, caller))
         try:
             while True:
-                while stream.answers:
+                while stream.answers and not stream.closed:
                     # Popped once written: an answer the write failed on stays to be released.
                     await context.write(stream.answers[0])
                     stream.answers.popleft()
                     stream.room.set()
-                if not (stream.reading or stream.open or stream.answers):
+                if stream.closed or not (stream.reading or stream.open or stream.answers):
                     return
                 stream.wake.clear()
                 await stream.wake.wait()
@@ -182,6 +183,27 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                 "leases of a caller gone released", extra={"caller": caller, "leases": released}
             )
 
+    def _supersede(self, stream: _Stream, caller: str, held: frozenset[str]) -> None:
+        """`caller` opened `stream` and holds `held`: its other streams are gone (it keeps one
+        open here; one this process has not seen end yet may lie behind a dead connection).
+        Their Admits are no longer decided, and every lease granted over them that is not
+        held ends now: its answer was lost with the connection (its Admit was sent to another
+        orchestrator), and no Complete will come. Otherwise it would hold its replica's slot
+        until the lease timeout: the orphan release does not apply while the caller keeps a
+        stream open."""
+        for old in [s for s in self._streams if s.caller == caller and s is not stream]:
+            old.closed = True  # a lease granted meanwhile is released (`_admit_one`)
+            old.reading = False
+            for task in old.open.values():
+                task.cancel()
+            old.wake.set()
+        released = self._core.release_owned(caller, keep=held)
+        if released:
+            log.warning(
+                "leases answered over a caller's lost stream released",
+                extra={"caller": caller, "leases": released},
+            )
+
     def _release(self, answer: pb.AdmitStreamResponse) -> None:
         """An answer that will not be written: its lease, if any, ends now."""
         if answer.HasField("lease"):
@@ -194,8 +216,17 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         caller: str | None,
     ) -> None:
         try:
+            first = True
             async for msg in requests:
                 kind = msg.WhichOneof("kind")
+                if kind == "held":
+                    # Only first: later, leases answered over this stream and not yet read by
+                    # the caller would be listed nowhere.
+                    if first and caller is not None:
+                        self._supersede(stream, caller, frozenset(msg.held.lease_ids))
+                    first = False
+                    continue
+                first = False
                 if kind == "cancel":
                     task = stream.open.pop(msg.call_id, None)
                     if task is not None:

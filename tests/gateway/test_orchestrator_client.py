@@ -43,7 +43,6 @@ from services.gateway import orchestrator_client
 from services.gateway.admission import AdmissionRequest, LeaseReport, Outcome
 from services.gateway.errors import NoReplica, OrchestratorTimedOut, OrchestratorUnavailable
 from services.gateway.orchestrator_client import (
-    CALLER_ID,
     COMPLETE_ATTEMPTS,
     NOT_OFFERED_RETRY_S,
     OrchestratorClient,
@@ -82,6 +81,7 @@ class FakeOrchestratorService(pb_grpc.OrchestratorServiceServicer):
         self.replicas = pb.ListReplicasResponse()
         self.hold: asyncio.Event | None = None  # Admit waits for it, once `holding` is set
         self.list_hold: asyncio.Event | None = None  # ListReplicas waits for it
+        self.held: list[list[str]] = []  # each stream's `held` message, in order
         self.holding = asyncio.Event()
         self.streams = True  # AdmitStream refused with `stream_refusal` while False
         self.stream_refusal = grpc.StatusCode.UNIMPLEMENTED
@@ -146,7 +146,9 @@ class FakeOrchestratorService(pb_grpc.OrchestratorServiceServicer):
 
         async def read() -> None:
             async for msg in request_iterator:
-                if msg.HasField("admit"):
+                if msg.HasField("held"):
+                    self.held.append(sorted(msg.held.lease_ids))
+                elif msg.HasField("admit"):
                     tasks[msg.call_id] = asyncio.create_task(one(msg))
                 else:
                     self.cancels.append(msg.call_id)
@@ -302,7 +304,7 @@ async def test_admit_round_trip_carries_every_field(served: Served) -> None:
     traceparent = served.service.admit_metadata[0]["traceparent"]
     assert traceparent.split("-")[1] == format(span.get_span_context().trace_id, "032x")
     # Who sent it and when, from which the orchestrator reads how long the call waited.
-    assert served.service.admit_metadata[0][CALLER_KEY] == CALLER_ID
+    assert served.service.admit_metadata[0][CALLER_KEY] == served.client.caller
     assert abs(float(served.service.admit_metadata[0][SENT_AT_KEY]) - time.time()) < 60
 
 
@@ -748,6 +750,28 @@ async def test_a_stream_that_ends_while_a_lease_is_held_is_opened_again(streamed
     await wait_for(lambda: client._stream is not None and client._stream.ended is not None)
     assert client._reopen is None  # nothing held: it opens with the next Admit
     service.end_streams.clear()
+
+
+async def test_each_stream_lists_first_the_leases_held_and_those_being_reported(
+    streamed: Served,
+) -> None:
+    """The orchestrator releases the leases answered over a caller's earlier streams that its
+    new one does not list: a lease whose report is still being sent is listed (released, its
+    report's outcome would be lost), one whose answer never arrived is not."""
+    client, service = streamed.client, streamed.service
+    a = await client.admit(admission(request_id="a"), timeout_s=5.0)
+    b = await client.admit(admission(request_id="b"), timeout_s=5.0)
+    service.complete_failure_code = grpc.StatusCode.UNAVAILABLE
+    service.complete_failures = 10**6  # b's report is being tried meanwhile
+    client.complete(LeaseReport.unused(b.lease_id))
+    await wait_for(lambda: bool(service.complete_calls))
+    service.end_status = grpc.StatusCode.UNAVAILABLE
+    service.end_streams.set()
+    await wait_for(lambda: client._stream is not None and client._stream.ended is not None)
+    service.end_streams.clear()
+    await wait_for(lambda: service.stream_calls == 2)  # opened again: a is held
+    assert service.held == [[], sorted([a.lease_id, b.lease_id])]
+    service.complete_failures = 0
 
 
 async def test_a_stream_the_orchestrator_ended_is_not_opened_again(streamed: Served) -> None:

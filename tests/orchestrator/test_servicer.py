@@ -525,3 +525,58 @@ async def test_a_caller_back_within_the_grace_keeps_its_leases() -> None:
         assert await in_flight_is(stub, 2)
         again.cancel()
         other.cancel()
+
+
+def held(*lease_ids: str) -> pb.AdmitStreamRequest:
+    return pb.AdmitStreamRequest(held=pb.HeldLeases(lease_ids=lease_ids))
+
+
+async def test_a_caller_s_new_stream_releases_the_leases_it_does_not_hold() -> None:
+    """A lease answered over a stream whose connection broke before the caller read it: the
+    caller is back at once (its Admit went to another orchestrator), so the orphan release
+    never comes; the leases its new stream does not list end then, not at the lease timeout."""
+    core, _ = await ready_core(n=1, cap=3)
+    async with serve(core) as stub:
+        call, read = await _granted_over_a_stream(stub, "gateway-1")
+        lost = stub.AdmitStream(None, metadata=((CALLER_KEY, "gateway-1"),))
+        await lost.write(held(read.lease_id))  # supersedes `call`: `read` is held
+        await lost.write(streamed(1, "b"))
+        await answers(lost, 1)  # granted, and its answer lost with the connection
+        assert await in_flight_is(stub, 2)
+        lost.cancel()
+        again = stub.AdmitStream(None, metadata=((CALLER_KEY, "gateway-1"),))
+        await again.write(held(read.lease_id))
+        await eventually(lambda: in_flight_is(stub, 1), what="the lost lease released")
+        # The held one stays the caller's: ended by its Complete.
+        await stub.Complete(pb.CompleteRequest(lease_id=read.lease_id), timeout=5)
+        assert await in_flight_is(stub, 0)
+        again.cancel()
+        call.cancel()
+
+
+async def test_a_caller_s_new_stream_ends_the_admits_of_its_earlier_one() -> None:
+    """An earlier stream this process has not seen end (behind a dead connection) decides no
+    more of its Admits: one queued there is withdrawn, not granted to an answer no one reads."""
+    core, _ = await ready_core(n=1, cap=1)
+    async with serve(core) as stub:
+        first, lease = await _granted_over_a_stream(stub, "gateway-1")
+        await first.write(streamed(2, "queued"))
+        await eventually(lambda: queue_depth_is(stub, 1), what="an Admit queued on the first")
+        second = stub.AdmitStream(None, metadata=((CALLER_KEY, "gateway-1"),))
+        await second.write(held(lease.lease_id))
+        await eventually(lambda: queue_depth_is(stub, 0), what="the first stream's Admit withdrawn")
+        assert await in_flight_is(stub, 1)  # the held lease, and nothing granted meanwhile
+        assert await asyncio.wait_for(first.read(), 10) is EOF  # and the first ended
+        first.cancel()
+        second.cancel()
+
+
+async def test_held_later_than_first_on_a_stream_releases_nothing() -> None:
+    core, _ = await ready_core(n=1, cap=2)
+    async with serve(core) as stub:
+        call, _lease = await _granted_over_a_stream(stub, "gateway-1")
+        await call.write(held())  # not first: the lease answered over this stream stays
+        await call.write(streamed(2, "b"))
+        await answers(call, 1)
+        assert await in_flight_is(stub, 2)
+        call.cancel()
