@@ -310,15 +310,18 @@ class _AdmitStream:
         hasher: ChunkedHashes | None,
         on_end: Callable[[StreamEnded], None],
         held: Iterable[str],
+        number: int,
+        on_lease: Callable[[str], None],
     ) -> None:
         self._call = stub.AdmitStream(None, metadata=((CALLER_KEY, caller),))
         self._release = release
         self._on_end = on_end
+        self._on_lease = on_lease
         self._hasher = hasher
         self._pending: dict[int, asyncio.Future[pb.AdmitStreamResponse]] = {}
         self._unsent: set[int] = set()
         self._outbox: deque[pb.AdmitStreamRequest] = deque(
-            [pb.AdmitStreamRequest(held=pb.HeldLeases(lease_ids=held))]
+            [pb.AdmitStreamRequest(held=pb.HeldLeases(lease_ids=held, stream=number))]
         )
         self._wake = asyncio.Event()
         self._wake.set()  # `held` to write
@@ -404,6 +407,9 @@ class _AdmitStream:
             async for answer in self._call:
                 fut = self._pending.pop(answer.call_id, None)
                 if fut is not None and not fut.done():
+                    if answer.HasField("lease"):
+                        # Held from now: a stream opened before its Admit resumes lists it.
+                        self._on_lease(answer.lease.lease_id)
                     fut.set_result(answer)
                 elif answer.HasField("lease"):
                     self._release(answer.lease)  # its Admit was given up on meanwhile
@@ -481,6 +487,7 @@ class OrchestratorClient:
         # (its `held`; bounded by the report queue).
         self._reporting: set[str] = set()
         self.caller = f"{CALLER_ID}.{next(_CLIENTS)}"
+        self._streams_opened = 0
         self._reopen: asyncio.TimerHandle | None = None
         self._releasing: set[asyncio.Task[None]] = set()  # `_release_answer`s running
         self._closing = False  # no stream opens once `close` began
@@ -532,9 +539,8 @@ class OrchestratorClient:
             loop = asyncio.get_running_loop()
             start = loop.time()
             try:
-                lease = lease_from_pb(await stream.admit(request, timeout_s, self._wall_clock()))
-                self._held.add(lease.lease_id)
-                return lease
+                # Held from its answer on (`_AdmitStream`'s on_lease).
+                return lease_from_pb(await stream.admit(request, timeout_s, self._wall_clock()))
             except StreamEnded as ended:
                 if not ended.not_offered:
                     raise ended.as_admission_error() from ended
@@ -557,7 +563,10 @@ class OrchestratorClient:
                 self._hasher,
                 self._stream_ended,
                 self._held | self._reporting,
+                self._streams_opened + 1,
+                self._held.add,
             )
+            self._streams_opened += 1
         return stream
 
     def _stream_ended(self, ended: StreamEnded) -> None:

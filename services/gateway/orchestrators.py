@@ -35,9 +35,10 @@ balances only its own requests; the engines queue what exceeds their batch), no 
 no orchestrator and left as soon as one answers anything; both are logged, and
 `llmmesh_gateway_degraded` is 1 meanwhile (`llmmesh_gateway_degraded_admissions_total` counts its
 leases). A listing that times out (`OrchestratorTimedOut`) at an orchestrator that answered
-anything within the status timeout is no such sign: that process is behind on its work, not
-hung, and its waiting Admits stay with it (abandoned, they would be leased here, past admission,
-exactly while it is overloaded).
+anything itself since it was sent (a lease, a typed refusal) is no such sign: that process is
+behind on its work, not hung, and its waiting Admits stay with it (abandoned, they would be
+leased here, past admission, exactly while it is overloaded); the listing answers with the
+last view then, not degraded.
 
 Membership: a fixed list of addresses, or `discover` (a headless Service's A records, resolved
 each refresh). An orchestrator that leaves the list keeps receiving the reports of the leases it
@@ -59,6 +60,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -168,8 +170,11 @@ class OrchestratorSet:
         self._members: dict[str, Member] = {}
         self._retired: dict[str, Member] = {}  # left the list, still owning leases
         self._down_until: dict[str, float] = {}
-        # When each last answered anything (an Admit, a typed refusal of one, a listing).
+        # When each last answered anything itself (a lease, a refusal with a typed reason, a
+        # listing; not a proxy's refusal in its name).
         self._heard_at: dict[str, float] = {}
+        # Those whose last listing timed out while they answered Admits (`_status_ended`).
+        self._behind: set[str] = set()
         # Per orchestrator, per class it refused BUSY (or dropped a call of): until when. It
         # sheds that class and the less urgent ones first: for those it is tried after the
         # others meanwhile; more urgent requests still go to it in turn.
@@ -220,6 +225,7 @@ class OrchestratorSet:
             self._down_until.pop(addr, None)
             self._busy_until.pop(addr, None)
             self._heard_at.pop(addr, None)
+            self._behind.discard(addr)
             log.info("orchestrator removed", extra={"orchestrator": addr})
             if self._owned.get(addr, 0) or self._admitting.get(addr):
                 # Leases to report, or Admits it may still grant: kept until they are done.
@@ -240,11 +246,12 @@ class OrchestratorSet:
             return out[1]
         call = asyncio.ensure_future(member.status(timeout_s=timeout_s))
         self._status_calls[addr] = (member, call)
-        call.add_done_callback(functools.partial(self._status_ended, addr, member))
+        # Run before any waiter's own callback (added later): status() reads `_behind`.
+        call.add_done_callback(functools.partial(self._status_ended, addr, member, self._clock()))
         return call
 
     def _status_ended(
-        self, addr: str, member: Member, call: asyncio.Future[AdmissionStatus]
+        self, addr: str, member: Member, sent_at: float, call: asyncio.Future[AdmissionStatus]
     ) -> None:
         if self._status_calls.get(addr, (None, None))[1] is call:
             del self._status_calls[addr]
@@ -253,11 +260,14 @@ class OrchestratorSet:
         err = call.exception()  # read even when unused: no "exception never retrieved" log
         if self._members.get(addr) is not member:
             return  # it left the list (its client closed) meanwhile
-        if isinstance(err, OrchestratorTimedOut) and self._answering(addr):
-            # Behind on its work, not gone: its Admits stay with it (abandoning them would send
-            # them to degraded mode, past admission, exactly while it is overloaded).
+        self._behind.discard(addr)
+        if isinstance(err, OrchestratorTimedOut) and self._heard_at.get(addr, -math.inf) > sent_at:
+            # It answered since the listing was sent: behind on its work, not hung (a hung
+            # process answers nothing). Its Admits stay with it: abandoned, they would go to
+            # degraded mode, past admission, exactly while it is overloaded.
+            self._behind.add(addr)
             log.warning(
-                "ListReplicas not answered in time; its Admits are",
+                "ListReplicas not answered in time by an orchestrator still answering Admits",
                 extra={"orchestrator": addr, "error": str(err)},
             )
         elif isinstance(err, OrchestratorUnavailable):
@@ -315,15 +325,10 @@ class OrchestratorSet:
         for waiting in self._admitting.get(addr, ()):
             waiting.abandon()
 
-    def _answering(self, addr: str) -> bool:
-        """It answered something within the last status timeout: a listing it did not answer in
-        time finds it behind on its work, not hung (a hung process answers nothing)."""
-        heard = self._heard_at.get(addr)
-        return heard is not None and self._clock() - heard <= self._status_timeout_s
-
-    def _answered(self, addr: str) -> None:
+    def _answered(self, addr: str, *, itself: bool = True) -> None:
+        """`addr` answered; `itself`: the orchestrator did, not a proxy in its name."""
         self._down_until.pop(addr, None)
-        if addr in self._members:
+        if itself and addr in self._members:
             self._heard_at[addr] = self._clock()
         if self._degraded:
             self._degraded = False
@@ -379,7 +384,7 @@ class OrchestratorSet:
                 continue
             except ServiceError as err:
                 if _sign_of_life(err):
-                    self._answered(addr)
+                    self._answered(addr, itself=err.reason is not None)
                 if err.reason not in _ANOTHER_MAY_ANSWER:
                     raise  # any other typed refusal is an answer: not retried elsewhere
                 # That process is behind on its calls (or stopping): another may not be. One
@@ -490,7 +495,7 @@ class OrchestratorSet:
             if (member := self._members.get(addr)) is not None
         }
         pending = set(calls)
-        behind = False  # one did not list in time, and answers Admits
+        behind = False  # one did not list in time, and answers Admits (`_status_ended`)
         while pending:
             # The calls go on when this returns or is cancelled (wait() never cancels them).
             done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -501,14 +506,14 @@ class OrchestratorSet:
                 err = call.exception()
                 if isinstance(err, OrchestratorUnavailable):
                     last = err
-                    behind |= isinstance(err, OrchestratorTimedOut) and self._answering(calls[call])
+                    behind |= calls[call] in self._behind
                 elif err is None:
                     answered = answered or call.result()
             if answered is not None:
                 self._view, self._view_at = answered.known, self._clock()
                 metrics.record_pools_known({k.replica.pool for k in answered.known})
                 return answered
-        if behind and self._view_at is not None:
+        if behind and self._view_fresh():
             return self._last_view(degraded=False)  # admitting, only slow to list
         if not self._usable_view():
             raise last or OrchestratorUnavailable("no orchestrator known")
@@ -525,12 +530,11 @@ class OrchestratorSet:
         )
 
     # -- degraded mode ------------------------------------------------------------------------
+    def _view_fresh(self) -> bool:
+        return self._view_at is not None and self._clock() - self._view_at <= self._view_max_age_s
+
     def _usable_view(self) -> bool:
-        return (
-            self._degraded_mode
-            and self._view_at is not None
-            and self._clock() - self._view_at <= self._view_max_age_s
-        )
+        return self._degraded_mode and self._view_fresh()
 
     def _admit_degraded(self, request: AdmissionRequest, last: ServiceError | None) -> Lease:
         if not self._usable_view():

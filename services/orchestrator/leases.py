@@ -39,7 +39,7 @@ class LeaseTable:
             self._owner.setdefault(lease_id, owner)
 
     def owned_by(self, owner: str) -> list[str]:
-        """The live leases `owner` holds (a scan: asked only when a caller is gone)."""
+        """The live leases `owner` holds (a scan: asked when a caller is gone or opens a stream)."""
         return [lid for lid, o in self._owner.items() if o == owner]
 
     def pop(self, lease_id: str) -> Lease | None:

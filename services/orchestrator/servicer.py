@@ -80,6 +80,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         # Open AdmitStreams per caller process, and the pending release of the leases of a
         # caller whose last stream ended (`_orphaned`).
         self._callers: dict[str, int] = {}
+        # Per caller with a stream open or within its orphan grace: the highest `held.stream`
+        # read (an older stream's `held` read later is stale).
+        self._stream_numbers: dict[str, int] = {}
         self._orphan_timers: dict[str, asyncio.TimerHandle] = {}
 
     def _waited(self, call: tuple[str, float] | None, wall_now: float) -> float:
@@ -146,7 +149,11 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                     await context.write(stream.answers[0])
                     stream.answers.popleft()
                     stream.room.set()
-                if stream.closed or not (stream.reading or stream.open or stream.answers):
+                if stream.closed:
+                    await context.abort(
+                        grpc.StatusCode.ABORTED, "a newer stream of this caller replaced this one"
+                    )
+                if not (stream.reading or stream.open or stream.answers):
                     return
                 stream.wake.clear()
                 await stream.wake.wait()
@@ -177,27 +184,30 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         process is gone (a gateway holding leases opens a stream again at once), so the leases
         it held will never be completed; they end now, not at `lease_timeout_s`."""
         self._orphan_timers.pop(caller, None)  # a stream opened since would have cancelled it
+        self._stream_numbers.pop(caller, None)
         released = self._core.release_owned(caller)
         if released:
             log.warning(
                 "leases of a caller gone released", extra={"caller": caller, "leases": released}
             )
 
-    def _supersede(self, stream: _Stream, caller: str, held: frozenset[str]) -> None:
+    def _supersede(self, stream: _Stream, caller: str, held: pb.HeldLeases) -> None:
         """`caller` opened `stream` and holds `held`: its other streams are gone (it keeps one
         open here; one this process has not seen end yet may lie behind a dead connection).
         Their Admits are no longer decided, and every lease granted over them that is not
         held ends now: its answer was lost with the connection (its Admit was sent to another
         orchestrator), and no Complete will come. Otherwise it would hold its replica's slot
         until the lease timeout: the orphan release does not apply while the caller keeps a
-        stream open."""
+        stream open. A stale `held` (an older stream's, read after a newer one's) ends its own
+        stream instead."""
+        if held.stream:
+            if held.stream <= self._stream_numbers.get(caller, 0):
+                _end(stream)
+                return
+            self._stream_numbers[caller] = held.stream
         for old in [s for s in self._streams if s.caller == caller and s is not stream]:
-            old.closed = True  # a lease granted meanwhile is released (`_admit_one`)
-            old.reading = False
-            for task in old.open.values():
-                task.cancel()
-            old.wake.set()
-        released = self._core.release_owned(caller, keep=held)
+            _end(old)
+        released = self._core.release_owned(caller, keep=frozenset(held.lease_ids))
         if released:
             log.warning(
                 "leases answered over a caller's lost stream released",
@@ -223,7 +233,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                     # Only first: later, leases answered over this stream and not yet read by
                     # the caller would be listed nowhere.
                     if first and caller is not None:
-                        self._supersede(stream, caller, frozenset(msg.held.lease_ids))
+                        self._supersede(stream, caller, msg.held)
                     first = False
                     continue
                 first = False
@@ -370,6 +380,16 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             await abort(context, err)
             raise
         return pb.DeregisterReplicaResponse(in_flight=in_flight)
+
+
+def _end(stream: _Stream) -> None:
+    """A stream its caller replaced: no Admit of it is decided any more (a lease granted
+    meanwhile is released, `_admit_one`), and it ends ABORTED once no answer is being written."""
+    stream.closed = True
+    stream.reading = False
+    for task in stream.open.values():
+        task.cancel()
+    stream.wake.set()
 
 
 def _answer_by(remaining_s: float | None) -> float | None:

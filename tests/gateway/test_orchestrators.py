@@ -82,7 +82,7 @@ class FakeOrchestrator:
             raise self.status_error
         if self.hung:
             await self.times_out.wait()  # as a call not answered, until its deadline
-            raise OrchestratorUnavailable(f"orchestrator {self.address}: DEADLINE_EXCEEDED")
+            raise OrchestratorTimedOut(f"orchestrator {self.address}: DEADLINE_EXCEEDED")
         if not self.up:
             raise OrchestratorUnavailable(f"orchestrator {self.address}: connection refused")
         return AdmissionStatus(3, 2, 0, known=self.view)
@@ -501,29 +501,55 @@ async def test_a_request_cancelled_as_its_orchestrator_is_abandoned_stays_cancel
     assert fakes["o1"].admits == 0  # not sent on to another orchestrator
 
 
-@pytest.mark.parametrize("since_answer_s", [0.5, 1.5])
+@pytest.mark.parametrize("answers_meanwhile", [True, False])
 async def test_a_listing_not_answered_in_time_abandons_admits_only_of_a_silent_orchestrator(
-    since_answer_s: float,
+    answers_meanwhile: bool,
 ) -> None:
-    """An orchestrator that answered anything within the status timeout (1 s) and does not list
-    in time is behind on its work: its waiting Admits stay with it (abandoned, they would be
-    leased in degraded mode, past admission, while it is overloaded); one silent for longer is
-    hung: they are abandoned, as before."""
-    orchs, fakes, clock = make(1, status_timeout_s=1.0)
+    """An orchestrator that answered anything itself after a listing was sent, and does not
+    answer the listing in time, is behind on its work: its waiting Admits stay with it
+    (abandoned, they would be leased in degraded mode, past admission, while it is overloaded)
+    and the listing gives the last view; one silent meanwhile is hung: they are abandoned."""
+    orchs, fakes, clock = make(1)
     await orchs.status(timeout_s=1.0)  # a view for degraded mode
-    await orchs.admit(request(), timeout_s=1.0)  # answered
     admitting, hold = await admit_held_at_o0(orchs, fakes)
-    clock.now += since_answer_s
-    fakes["o0"].status_error = OrchestratorTimedOut("orchestrator o0: DEADLINE_EXCEEDED")
-    status = await orchs.status(timeout_s=1.0)
+    fakes["o0"].hung = True
+    listing = asyncio.ensure_future(orchs.status(timeout_s=1.0))
+
+    async def listing_sent() -> bool:
+        return len(fakes["o0"].status_timeouts) == 2
+
+    await eventually(listing_sent, what="the listing sent")
+    clock.now += 0.5
+    if answers_meanwhile:
+        fakes["o0"].hold = None  # the held Admit still waits on its own event
+        await orchs.admit(request(), timeout_s=1.0)
+    fakes["o0"].times_out.set()  # the listing's deadline passes unanswered
+    status = await listing
     assert status.known == VIEW
-    behind = since_answer_s < 1.0
-    assert status.degraded is not behind
-    assert degraded(orchs) is not behind
+    assert status.degraded is not answers_meanwhile
+    assert degraded(orchs) is not answers_meanwhile
     hold.set()
     lease = await admitting
-    assert lease.lease_id.startswith("o0-" if behind else LOCAL_LEASE_PREFIX)
-    assert ("o0" in orchs._down_until) is not behind
+    assert lease.lease_id.startswith("o0-" if answers_meanwhile else LOCAL_LEASE_PREFIX)
+    assert ("o0" in orchs._down_until) is not answers_meanwhile
+    await orchs.close()
+
+
+async def test_an_orchestrator_behind_with_a_view_too_old_is_not_ready() -> None:
+    orchs, fakes, clock = make(1, view_max_age_s=60.0)
+    await orchs.status(timeout_s=1.0)
+    clock.now += 61.0
+    fakes["o0"].hung = True
+    listing = asyncio.ensure_future(orchs.status(timeout_s=1.0))
+
+    async def listing_sent() -> bool:
+        return len(fakes["o0"].status_timeouts) == 2
+
+    await eventually(listing_sent, what="the listing sent")
+    await orchs.admit(request(), timeout_s=1.0)  # answered meanwhile
+    fakes["o0"].times_out.set()
+    with pytest.raises(OrchestratorTimedOut):
+        await listing
     await orchs.close()
 
 
