@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import math
 import time
@@ -85,6 +84,12 @@ log = logging.getLogger(__name__)
 
 # Refusals that speak for one orchestrator process only: the call goes on to another.
 _ANOTHER_MAY_ANSWER = frozenset({Reason.BUSY, Reason.DROPPED})
+
+
+def _retrieved(call: asyncio.Future[AdmissionStatus]) -> None:
+    """A listing's failure is read even when no one awaits it (no "never retrieved" log)."""
+    if not call.cancelled():
+        call.exception()
 
 
 def _sign_of_life(err: ServiceError) -> bool:
@@ -238,26 +243,37 @@ class OrchestratorSet:
         self, addr: str, member: Member, timeout_s: float
     ) -> asyncio.Future[AdmissionStatus]:
         """The member's ListReplicas call: the one still out, or a new one. Its outcome marks
-        the member (answered, or down) once, when it ends, whoever awaits it: one that does
-        not answer within its timeout is marked down even after another answered the
-        status() that asked it."""
+        the member (answered, behind, or down) once, before the call counts as done, whoever
+        awaits it: one that does not answer within its timeout is marked down even after
+        another answered the status() that asked it."""
         out = self._status_calls.get(addr)
         if out is not None and out[0] is member:
             return out[1]
-        call = asyncio.ensure_future(member.status(timeout_s=timeout_s))
+        call = asyncio.ensure_future(self._listed(addr, member, timeout_s))
         self._status_calls[addr] = (member, call)
-        # Run before any waiter's own callback (added later): status() reads `_behind`.
-        call.add_done_callback(functools.partial(self._status_ended, addr, member, self._clock()))
+        call.add_done_callback(_retrieved)
         return call
 
+    async def _listed(self, addr: str, member: Member, timeout_s: float) -> AdmissionStatus:
+        sent_at = self._clock()
+        try:
+            status = await member.status(timeout_s=timeout_s)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as err:
+            self._status_ended(addr, member, sent_at, err)
+            raise
+        else:
+            self._status_ended(addr, member, sent_at, None)
+            return status
+        finally:
+            out = self._status_calls.get(addr)
+            if out is not None and out[1] is asyncio.current_task():
+                del self._status_calls[addr]
+
     def _status_ended(
-        self, addr: str, member: Member, sent_at: float, call: asyncio.Future[AdmissionStatus]
+        self, addr: str, member: Member, sent_at: float, err: BaseException | None
     ) -> None:
-        if self._status_calls.get(addr, (None, None))[1] is call:
-            del self._status_calls[addr]
-        if call.cancelled():
-            return
-        err = call.exception()  # read even when unused: no "exception never retrieved" log
         if self._members.get(addr) is not member:
             return  # it left the list (its client closed) meanwhile
         self._behind.discard(addr)

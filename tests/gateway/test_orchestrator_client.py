@@ -868,3 +868,66 @@ async def test_a_unary_admit_answered_in_the_tick_it_was_cancelled_releases_its_
 
     await eventually(released, what="the lease given back")
     await client.close()
+
+
+class BreakingStream:
+    """An AdmitStream call: records what is written; the first answers Admit 1 (`lease`),
+    then breaks in the same read, after letting `go` run; later ones never answer."""
+
+    def __init__(self, answers: bool, lease: pb.AdmitResponse, go: asyncio.Event) -> None:
+        self.written: list[pb.AdmitStreamRequest] = []
+        self._answers, self._lease, self._go = answers, lease, go
+        self._ended = False
+        self._admitted = asyncio.Event()
+
+    async def write(self, msg: pb.AdmitStreamRequest) -> None:
+        self.written.append(msg)
+        if msg.HasField("admit"):
+            self._admitted.set()
+
+    def __aiter__(self) -> AsyncIterator[pb.AdmitStreamResponse]:
+        return self._read()
+
+    async def _read(self) -> AsyncIterator[pb.AdmitStreamResponse]:
+        if not self._answers:
+            await asyncio.Event().wait()
+        await self._admitted.wait()
+        self._go.set()  # the next request's task runs before the Admit answered here resumes
+        yield pb.AdmitStreamResponse(call_id=1, lease=self._lease)
+        raise RuntimeError("connection reset")  # read at once: no turn in between
+
+    def cancel(self) -> bool:
+        self._ended = True
+        return True
+
+    def done(self) -> bool:
+        return self._ended
+
+
+async def test_a_stream_opened_before_an_answered_admit_resumes_lists_its_lease() -> None:
+    """A lease is held from its answer on: a stream opened in between (by another request)
+    lists it, else the orchestrator would release a lease in use."""
+    go = asyncio.Event()
+    lease = pb.AdmitResponse(lease_id="x", replica=REPLICA)
+    calls: list[BreakingStream] = []
+
+    class Stub:
+        def AdmitStream(self, _: None, **kw: object) -> BreakingStream:
+            calls.append(BreakingStream(not calls, lease, go))
+            return calls[-1]
+
+    client = OrchestratorClient(Stub(), complete_retry_s=0.0)  # type: ignore[arg-type]
+
+    async def next_request() -> None:
+        await go.wait()
+        with contextlib.suppress(Exception):
+            await client.admit(admission(request_id="next"), timeout_s=0.01)
+
+    other = asyncio.ensure_future(next_request())
+    granted = await client.admit(admission(), timeout_s=5.0)
+    await other
+    assert granted.lease_id == "x"
+    assert len(calls) == 2
+    assert calls[1].written[0].held.lease_ids == ["x"]
+    client._held.clear()  # no report to send on close
+    await client.close()

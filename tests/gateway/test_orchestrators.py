@@ -501,14 +501,15 @@ async def test_a_request_cancelled_as_its_orchestrator_is_abandoned_stays_cancel
     assert fakes["o1"].admits == 0  # not sent on to another orchestrator
 
 
-@pytest.mark.parametrize("answers_meanwhile", [True, False])
+@pytest.mark.parametrize("meanwhile", ["lease", "untyped refusal", None])
 async def test_a_listing_not_answered_in_time_abandons_admits_only_of_a_silent_orchestrator(
-    answers_meanwhile: bool,
+    meanwhile: str | None,
 ) -> None:
     """An orchestrator that answered anything itself after a listing was sent, and does not
     answer the listing in time, is behind on its work: its waiting Admits stay with it
     (abandoned, they would be leased in degraded mode, past admission, while it is overloaded)
-    and the listing gives the last view; one silent meanwhile is hung: they are abandoned."""
+    and the listing gives the last view; one silent meanwhile is hung: they are abandoned. A
+    refusal without a typed reason may be a proxy's in its name: no answer of its own."""
     orchs, fakes, clock = make(1)
     await orchs.status(timeout_s=1.0)  # a view for degraded mode
     admitting, hold = await admit_held_at_o0(orchs, fakes)
@@ -520,9 +521,15 @@ async def test_a_listing_not_answered_in_time_abandons_admits_only_of_a_silent_o
 
     await eventually(listing_sent, what="the listing sent")
     clock.now += 0.5
-    if answers_meanwhile:
-        fakes["o0"].hold = None  # the held Admit still waits on its own event
+    fakes["o0"].hold = None  # the held Admit still waits on its own event
+    if meanwhile == "lease":
         await orchs.admit(request(), timeout_s=1.0)
+    elif meanwhile == "untyped refusal":
+        fakes["o0"].refusal = ResourceExhausted("upstream overflow")
+        with pytest.raises(ResourceExhausted):
+            await orchs.admit(request(), timeout_s=1.0)
+        fakes["o0"].refusal = None
+    answers_meanwhile = meanwhile == "lease"
     fakes["o0"].times_out.set()  # the listing's deadline passes unanswered
     status = await listing
     assert status.known == VIEW
@@ -546,10 +553,12 @@ async def test_an_orchestrator_behind_with_a_view_too_old_is_not_ready() -> None
         return len(fakes["o0"].status_timeouts) == 2
 
     await eventually(listing_sent, what="the listing sent")
+    clock.now += 0.5
     await orchs.admit(request(), timeout_s=1.0)  # answered meanwhile
     fakes["o0"].times_out.set()
     with pytest.raises(OrchestratorTimedOut):
         await listing
+    assert "o0" in orchs._behind  # behind, not hung: but its view is too old to answer
     await orchs.close()
 
 
