@@ -292,9 +292,12 @@ class StreamEnded(Exception):
 class _AdmitStream:
     """Admits multiplexed on one AdmitStream call. One writer task sends the messages in order
     (a gRPC call takes one write at a time); one reader task hands each answer to its Admit.
-    The first message lists the leases the caller holds from this orchestrator (`held`): it
-    opens one stream at a time, so the orchestrator releases the leases answered over earlier
-    ones that are not listed (their answers were lost with the connection).
+    The first message of each but the caller's first stream lists the leases it holds from
+    this orchestrator (`held`): it opens one stream at a time, so the orchestrator releases the
+    leases answered over earlier ones that are not listed (their answers were lost with the
+    connection). The first stream has none to list (a caller id is a client's own) and sends
+    nothing more before its first Admit (a write racing a refusal of the method can end the
+    call INTERNAL, hiding the refusal).
 
     Invariants: an Admit is in `_pending` from its send until its answer, deadline, caller's
     cancel or the stream's end, whichever is first; one that leaves before its message was
@@ -320,11 +323,10 @@ class _AdmitStream:
         self._hasher = hasher
         self._pending: dict[int, asyncio.Future[pb.AdmitStreamResponse]] = {}
         self._unsent: set[int] = set()
-        self._outbox: deque[pb.AdmitStreamRequest] = deque(
-            [pb.AdmitStreamRequest(held=pb.HeldLeases(lease_ids=held, stream=number))]
-        )
+        self._outbox: deque[pb.AdmitStreamRequest] = deque()
         self._wake = asyncio.Event()
-        self._wake.set()  # `held` to write
+        if number > 1:
+            self._put(pb.AdmitStreamRequest(held=pb.HeldLeases(lease_ids=held, stream=number)))
         self._ids = itertools.count(1)
         self.ended: StreamEnded | None = None
         self._reader = asyncio.ensure_future(self._read())
