@@ -27,7 +27,7 @@ from services.gateway import metrics
 from services.gateway.admission import AdmissionClient, AdmissionRequest, Lease, Outcome
 from services.gateway.errors import ReplicaFailed
 from services.gateway.events import Event
-from services.gateway.faults import Fault, attempt_error
+from services.gateway.faults import Fault, FaultKind, attempt_error
 from services.gateway.generation import GenerationRequest
 from services.gateway.models import ServedModel
 from services.gateway.replica_watch import STALLED, ReplicaWatch
@@ -55,12 +55,13 @@ def _tripped(fault: Fault) -> TritonStreamError:
 
 
 class AttemptFailed(Exception):
-    """One attempt's replica failed; `error` is what the client gets if it is not retried."""
+    """One attempt's engine call failed; `error` is what the client gets if it is not retried,
+    `fault` whose fault it was (`services.gateway.faults`)."""
 
-    def __init__(self, error: ServiceError, *, replica_fault: bool):
+    def __init__(self, error: ServiceError, fault: Fault):
         super().__init__(str(error))
         self.error = error
-        self.replica_fault = replica_fault
+        self.fault = fault
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +108,8 @@ class Attempts:
             try:
                 lease = await self._admit(req, v, state, deadline, excluded)
             except ServiceError as err:
-                if failed is None:
+                if failed is None or isinstance(err, DeadlineExceeded):
+                    # The request's own deadline passed: that, not the replica's failure.
                     raise
                 metrics.record_migration(phase, "admission_failed")
                 log.warning(
@@ -144,16 +146,20 @@ class Attempts:
                 return
             except AttemptFailed as err:
                 failed = err
+                kind = err.fault.kind
                 if state.completion_tokens == 0:
-                    # Nothing reached the client yet: any engine failure is retried elsewhere.
+                    # Nothing reached the client yet: any engine failure is retried elsewhere
+                    # (a refusal no rule names may be a replica's all the same).
                     phase, allowed = _BEFORE_FIRST_TOKEN, retries < s.retries_before_first_token
                     retries += 1
                 else:
-                    if not err.replica_fault:
-                        raise err.error from err.__cause__
+                    if kind is FaultKind.REQUEST:
+                        raise err.error from err.__cause__  # another replica would refuse it too
+                    # A replica failed, or the one a continuation was given was full: the
+                    # stream goes on elsewhere (a refusal would end a stream already started).
                     phase, allowed = _MID_STREAM, migrations < s.max_migrations
                     migrations += 1
-                if err.replica_fault:
+                if err.fault.replica_fault or phase == _MID_STREAM:
                     excluded.add(lease.replica.id)
                 span.add_event(
                     "migration",
@@ -189,6 +195,8 @@ class Attempts:
         excluded: set[str],
     ) -> Lease:
         remaining = deadline - time.perf_counter()
+        if remaining <= 0:  # a lease now could only be wasted
+            raise DeadlineExceeded("the request's deadline passed before it was admitted")
         cap = self._s.admission_max_wait_s
         if cap is None or cap >= remaining:
             return await self._admit_once(req, v, state, remaining, excluded)
@@ -290,8 +298,7 @@ class Attempts:
             error = str(err)
             outcome = Outcome.REPLICA_ERROR if err.replica_fault else Outcome.REQUEST_ERROR
             raise AttemptFailed(
-                attempt_error(err.fault, f"replica {replica.id} failed: {err}"),
-                replica_fault=err.replica_fault,
+                attempt_error(err.fault, f"replica {replica.id} failed: {err}"), err.fault
             ) from err
         except EngineCallStopped as err:
             outcome = Outcome.CANCELLED

@@ -3,6 +3,7 @@ the client's stream uninterrupted (in-process fakes of admission and the engine)
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from pathlib import Path
@@ -15,6 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import REGISTRY
 
 from llmmesh.common import metric_names as names
+from llmmesh.common.errors import DeadlineExceeded, Reason
 from services.gateway import core as gateway_core
 from services.gateway.admission import Outcome
 from services.gateway.core import (
@@ -25,7 +27,7 @@ from services.gateway.core import (
     GenerationRequest,
     Sampling,
 )
-from services.gateway.errors import NoReplica, ReplicaFailed
+from services.gateway.errors import InvalidRequest, NoReplica, ReplicaFailed
 from services.gateway.faults import classify_message
 from services.gateway.models import ServedModel
 from services.gateway.settings import GatewaySettings, ModelSettings
@@ -245,9 +247,76 @@ async def test_request_errors_are_not_migrated(model: ServedModel) -> None:
         [[chunk(ids[0]), TritonStreamError("bad sampling parameter", replica_fault=False)]]
     )
     core, orch, _ = make(model, engine)
-    with pytest.raises(ReplicaFailed, match="bad sampling parameter"):
+    # The request the engine refused: INVALID_ARGUMENT, which a client does not retry.
+    with pytest.raises(InvalidRequest, match="bad sampling parameter"):
         await collect(core, request())
     assert len(orch.admits) == 1
+
+
+async def test_a_request_the_engines_refuse_before_any_token_is_invalid_not_unavailable(
+    model: ServedModel,
+) -> None:
+    """Tried again elsewhere (a refusal no rule names may be a replica's), then refused as
+    the request's fault: a 503 would have clients send it again and again."""
+    refused = "top_k 100000 exceeds the engine's limit"
+    engine = FakeEngine([[TritonStreamError(refused, classify_message(refused))]] * 2)
+    core, orch, _ = make(model, engine, retries_before_first_token=1)
+    with pytest.raises(InvalidRequest, match="exceeds the engine's limit"):
+        await collect(core, request())
+    assert len(orch.admits) == 2
+    reports = await orch.wait_reports(2)
+    assert {r.outcome for r in reports} == {Outcome.REQUEST_ERROR}  # no replica's health
+
+
+async def test_a_continuation_given_a_full_engine_goes_on_elsewhere(model: ServedModel) -> None:
+    """A stream already started is not ended by back-pressure on the replica its continuation
+    was given: it is admitted again, not there."""
+    ids = model.encode(" one two three four")
+    busy = "RESOURCE_EXHAUSTED: maximum queue size of 4 reached"
+    engine = FakeEngine(
+        [
+            [*tokens(*ids[:2]), fault()],
+            [TritonStreamError(busy, classify_message(busy))],
+            [*tokens(*ids[2:]), chunk(final=True)],
+        ]
+    )
+    core, orch, _ = make(model, engine, max_migrations=2)
+    events = await collect(core, request(max_tokens=len(ids)))
+    assert_one_contiguous_stream(events, ids)
+    assert [set(a.exclude_replicas) for a in orch.admits] == [set(), {"r1"}, {"r1", "r2"}]
+    reports = await orch.wait_reports(3)
+    assert [r.outcome for r in reports] == [
+        Outcome.REPLICA_ERROR,
+        Outcome.REQUEST_ERROR,  # full, not failed: nothing against its health
+        Outcome.SUCCESS,
+    ]
+
+
+async def test_a_continuation_not_admitted_before_the_deadline_is_a_deadline(
+    model: ServedModel,
+) -> None:
+    ids = model.encode(" one two")
+    engine = FakeEngine([[chunk(ids[0]), fault()]])
+    core, orch, _ = make(model, engine)
+    events = core.generate(request(max_tokens=len(ids)), 10.0)
+    assert isinstance(await anext(events), Delta)
+    orch.reject = DeadlineExceeded("admission: Deadline Exceeded", reason=Reason.QUEUE_TIMEOUT)
+    with pytest.raises(DeadlineExceeded):  # 504: not "unavailable, retry"
+        await anext(events)
+
+
+async def test_no_continuation_is_admitted_once_the_deadline_passed(model: ServedModel) -> None:
+    ids = model.encode(" one two")
+    hang = Hang()
+    engine = FakeEngine([[chunk(ids[0]), hang, fault()]])
+    core, orch, _ = make(model, engine)
+    events = core.generate(request(max_tokens=len(ids)), 0.05)
+    assert isinstance(await anext(events), Delta)
+    await asyncio.sleep(0.1)  # the request's deadline passes while its replica hangs
+    hang.release.set()  # then the replica fails
+    with pytest.raises(DeadlineExceeded):
+        await anext(events)
+    assert len(orch.admits) == 1  # no lease that could only be wasted
 
 
 async def test_partially_matched_stop_string_still_stops_after_migration(
