@@ -40,7 +40,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import Protocol
+from typing import Final, Protocol
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
@@ -95,6 +95,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("llmmesh.gateway")
+# How long after a request's deadline a front waits for its client to take the events (the
+# generation ends at the deadline itself; a client that stops reading would otherwise hold its
+# lease and slots for as long as it keeps the connection open).
+STALLED_CLIENT_GRACE_S: Final = 1.0
 
 
 class UsageSink(Protocol):
@@ -424,6 +428,16 @@ class GatewayCore:
                 )
 
     # -- generation -------------------------------------------------------------------------
+    def deadline(self, timeout_s: float | None, start: float) -> float:
+        """When (`time.perf_counter`) a request that began at `start` with the client's
+        `timeout_s` (None: none) ends: that, else `request_timeout_s`, at most
+        `max_request_timeout_s`. A front that writes a generation's events stops waiting for
+        its client `STALLED_CLIENT_GRACE_S` after it (the generation ends itself at it)."""
+        s = self._settings
+        return start + min(
+            timeout_s if timeout_s is not None else s.request_timeout_s, s.max_request_timeout_s
+        )
+
     def generate(
         self, req: GenerationRequest, timeout_s: float | None, opened: Opened | None = None
     ) -> AsyncGenerator[Event, None]:
@@ -497,10 +511,7 @@ class GatewayCore:
         charged nor refused by the tenant's limits again, its usage record billing only what
         the earlier gateways' did not."""
         start = time.perf_counter()
-        s = self._settings
-        deadline = start + min(
-            timeout_s if timeout_s is not None else s.request_timeout_s, s.max_request_timeout_s
-        )
+        deadline = self.deadline(timeout_s, start)
         outcome = "error"
         progress = Progress(unbilled=takeover is not None)
         model_label = req.model if req.model in self._models else "unknown"

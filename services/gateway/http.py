@@ -61,7 +61,14 @@ from opentelemetry import context as otel_context
 from llmmesh.common.errors import Internal, ServiceError, Unavailable
 from llmmesh.common.telemetry import extract_trace_context, request_id_var
 from services.gateway.auth import bearer_token
-from services.gateway.core import Completion, Delta, Event, GatewayCore, Opened
+from services.gateway.core import (
+    STALLED_CLIENT_GRACE_S,
+    Completion,
+    Delta,
+    Event,
+    GatewayCore,
+    Opened,
+)
 from services.gateway.errors import InvalidRequest, ModelNotFound
 from services.gateway.openai_request import (
     Kind,
@@ -385,7 +392,10 @@ class OpenAIHttpFront:
                 created = arrived if opened.created is None else opened.created
                 shapes = Shapes(oreq, int(created))
                 if oreq.stream:
-                    return await self._stream(request, oreq, shapes, first, events, resume_at)
+                    stalled_at = self._core.deadline(timeout_s, started) + STALLED_CLIENT_GRACE_S
+                    return await self._stream(
+                        request, oreq, shapes, first, events, resume_at, stalled_at
+                    )
                 return await self._collect(oreq, shapes, first, events)
         finally:
             otel_context.detach(token)
@@ -425,7 +435,11 @@ class OpenAIHttpFront:
         first: Event,
         events: AsyncIterator[Event],
         resume_at: ResumeAt | None,
+        stalled_at: float,
     ) -> web.StreamResponse:
+        """`stalled_at` (`time.perf_counter`): when a client that takes no more events is given
+        up on (`STALLED_CLIENT_GRACE_S` past the deadline): the connection is closed, and the
+        caller's leaving closes the generation (its lease and slots freed)."""
         resp = web.StreamResponse(
             status=200,
             headers={
@@ -438,32 +452,42 @@ class OpenAIHttpFront:
         await resp.prepare(request)
         gen = oreq.generation
         ids = EventIds(resume_at) if gen.keyed else None
+        stall = asyncio.timeout(stalled_at - time.perf_counter())
         try:
-            if gen.resume_from is None:
-                for chunk in shapes.opening_chunks():
-                    await resp.write(sse(chunk, "0" if ids else None))
-            try:
-                await self._write_event(resp, shapes, first, ids)
-                async for ev in events:
-                    await self._write_event(resp, shapes, ev, ids)
-            except ServiceError as err:
-                _, body = error_body(err, oreq)
-                await resp.write(sse(body))
-            except ConnectionError:
-                raise  # the client went away (a write to its closing transport): below
-            except Exception:
-                # A bug, not a refusal: the headers are sent, so the stream ends with an error
-                # event (the middleware's 500 would be a second response inside this body).
-                log.exception("generation failed mid-stream")
-                _, body = error_body(Internal("internal error"), oreq)
-                await resp.write(sse(body))
-            else:
-                await resp.write(SSE_DONE)
-            await resp.write_eof()
+            async with stall:
+                if gen.resume_from is None:
+                    for chunk in shapes.opening_chunks():
+                        await resp.write(sse(chunk, "0" if ids else None))
+                try:
+                    await self._write_event(resp, shapes, first, ids)
+                    async for ev in events:
+                        await self._write_event(resp, shapes, ev, ids)
+                except ServiceError as err:
+                    _, body = error_body(err, oreq)
+                    await resp.write(sse(body))
+                except ConnectionError:
+                    raise  # the client went away (a write to its closing transport): below
+                except Exception:
+                    # A bug, not a refusal: the headers are sent, so the stream ends with an error
+                    # event (the middleware's 500 would be a second response inside this body).
+                    log.exception("generation failed mid-stream")
+                    _, body = error_body(Internal("internal error"), oreq)
+                    await resp.write(sse(body))
+                else:
+                    await resp.write(SSE_DONE)
+                await resp.write_eof()
         except ConnectionError:
             # The client went away: leaving closes the event stream (aclosing), which cancels
             # the generation.
             log.info("client disconnected mid-stream")
+        except TimeoutError:
+            if not stall.expired():
+                raise
+            # No event taken since the deadline (the generation ended there): the connection
+            # is closed; leaving closes the generation (aclosing), freeing its lease and slots.
+            log.warning("client did not read its stream by its deadline: closed")
+            if request.transport is not None:
+                request.transport.close()
         return resp
 
     @staticmethod

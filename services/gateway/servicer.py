@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -12,13 +14,14 @@ import grpc
 from google.protobuf.message import DecodeError, Message
 from opentelemetry import context as otel_context
 
-from llmmesh.common.errors import ServiceError, abort
+from llmmesh.common.errors import DeadlineExceeded, ServiceError, abort
 from llmmesh.common.telemetry import extract_trace_context, request_id_var
 from llmmesh.common.topology import Priority
 from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
 from llmmesh.generated.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from services.gateway.auth import bearer_token
 from services.gateway.core import (
+    STALLED_CLIENT_GRACE_S,
     ChatMessage,
     Completion,
     Delta,
@@ -29,6 +32,7 @@ from services.gateway.core import (
 )
 from services.gateway.errors import InvalidRequest
 
+log = logging.getLogger(__name__)
 Ctx = grpc.aio.ServicerContext[object, object]
 M = TypeVar("M", bound=Message)
 SERVICE = pb.DESCRIPTOR.services_by_name["GatewayService"].full_name
@@ -175,10 +179,11 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             return
         request_id_var.set(req.request_id)
         token = otel_context.attach(extract_trace_context(context.invocation_metadata()))
+        timeout_s = context.time_remaining()
+        stalled_at = self._core.deadline(timeout_s, started) + STALLED_CLIENT_GRACE_S
+        stall = asyncio.timeout(stalled_at - time.perf_counter())
         try:
-            async with contextlib.aclosing(
-                self._core.generate(req, context.time_remaining())
-            ) as events:
+            async with contextlib.aclosing(self._core.generate(req, timeout_s)) as events, stall:
                 async for ev in events:
                     if skip:
                         # The deltas without tokens at the resume point the client has.
@@ -189,6 +194,14 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                     await context.write(_response(req.request_id, ev))
         except ServiceError as err:
             await abort(context, err)
+        except TimeoutError:
+            if not stall.expired():
+                raise
+            # Its client took no event since the deadline (the generation ended there): the
+            # generation is closed, its lease and slots freed; the call ends (after the
+            # events the client has not read, if it ever does).
+            log.warning("client did not read its stream by its deadline: ended")
+            await abort(context, DeadlineExceeded("the client did not read the stream in time"))
         finally:
             otel_context.detach(token)
 

@@ -5,6 +5,7 @@ the first token, deadlines, and client disconnects."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -14,6 +15,7 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+from aiohttp import web
 from prometheus_client import REGISTRY
 
 from llmmesh.common import metric_names as names
@@ -737,5 +739,39 @@ async def test_an_unkeyed_completion_is_stamped_by_the_injected_wall_clock(
             assert r.status == 200
             answer = await r.json()
         assert answer["created"] == 1_600_000_000
+    finally:
+        await f.front.stop()
+
+
+async def test_a_client_that_stops_reading_is_given_up_on_after_its_deadline(
+    model: ServedModel, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its connection open, its socket full: without a bound, its generation's lease and slots
+    would stay held for as long as the client keeps the connection."""
+    written = 0
+    original = web.StreamResponse.write
+
+    async def stuck(self: web.StreamResponse, data: bytes) -> None:
+        nonlocal written
+        written += 1
+        if written > 1:
+            await asyncio.Event().wait()  # as a write to a client that reads no more
+        await original(self, data)
+
+    monkeypatch.setattr(web.StreamResponse, "write", stuck)
+    ids = model.encode(" one two three four")
+    f = await serve(model, ScriptedEngine(ids, hold=True))
+    try:
+        async with session.post(
+            f"{f.url}/v1/completions",
+            json=body(max_tokens=len(ids), stream=True),
+            headers={"x-request-timeout": "0.2"},
+        ) as r:
+            assert r.status == 200
+            # The deadline (0.2 s) plus STALLED_CLIENT_GRACE_S (1 s): well within 10 s.
+            [report] = await asyncio.wait_for(f.orch.wait_reports(1), 10)
+            assert report.outcome is Outcome.CANCELLED
+            with contextlib.suppress(aiohttp.ClientError):
+                await r.read()  # the connection was closed
     finally:
         await f.front.stop()

@@ -195,15 +195,24 @@ class BlockedWrites:
     """A ServicerContext whose client reads two messages, then stops reading: later writes
     wait (a full flow-control window) until the call is cancelled."""
 
-    def __init__(self) -> None:
+    def __init__(self, time_remaining: float = 10.0) -> None:
         self.written: list[pb.GenerateResponse] = []
         self.blocked = asyncio.Event()
+        self.aborted: grpc.StatusCode | None = None
+        self._time_remaining = time_remaining
 
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return ()
 
     def time_remaining(self) -> float:
-        return 10.0
+        return self._time_remaining
+
+    def set_trailing_metadata(self, metadata: object) -> None:
+        pass
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted = code
+        raise grpc.aio.AbortError()
 
     async def write(self, message: pb.GenerateResponse) -> None:
         if len(self.written) == 2:
@@ -281,3 +290,28 @@ async def test_a_resume_leaves_out_the_deltas_without_tokens_the_client_has(
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "resume_events" in (info.value.details() or "")
         assert len(front.engine.requests) == 1  # replayed, never generated again
+
+
+async def test_a_client_that_stops_reading_is_given_up_on_after_its_deadline(
+    models: tuple[ServedModel, ServedModel],
+) -> None:
+    """The request's deadline (here the client's; without one `request_timeout_s`, which grpc
+    does not enforce) ends its generation and frees its lease even if the client keeps the
+    call open without reading."""
+    engine = FakeEngine([[chunk(10 + i) for i in range(30)] + [chunk(2, final=True)]])
+    admission = FakeAdmission()
+    bare = models[1]
+    core = GatewayCore(
+        GatewaySettings(models=[bare.settings]), [bare], admission, engine, BLOCK_SIZE
+    )
+    context = BlockedWrites(time_remaining=0.2)
+    request = pb.GenerateRequest(
+        model=BARE_MODEL, token_ids=pb.TokenIds(ids=[5, 6, 7]), sampling=pb.SamplingParams()
+    )
+    call = GatewayServicer(core).Generate(request, context)  # type: ignore[arg-type]
+    with pytest.raises(grpc.aio.AbortError):
+        # The deadline (0.2 s) plus STALLED_CLIENT_GRACE_S (1 s): well within 10 s.
+        await asyncio.wait_for(call, 10)
+    assert context.aborted == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert [r.outcome for r in admission.reports] == [Outcome.CANCELLED]
+    await core.close()
