@@ -100,24 +100,28 @@ class Attempts:
         and continue (module docstring: request migration). Every granted lease is appended to
         `leases`."""
         s = self._s
-        excluded: set[str] = set()
+        excluded: set[str] = set()  # the replicas that failed the request
+        full: str | None = None  # the one a continuation found full: not the next one
         retries = migrations = 0
         failed: AttemptFailed | None = None  # the last attempt's failure, being recovered from
         phase = ""
         while True:
             try:
-                lease = await self._admit(req, v, state, deadline, excluded)
+                lease = await self._admit(
+                    req, v, state, deadline, excluded if full is None else excluded | {full}
+                )
             except ServiceError as err:
-                if failed is None or isinstance(err, DeadlineExceeded):
-                    # The request's own deadline passed: that, not the replica's failure.
+                if failed is None:
                     raise
                 metrics.record_migration(phase, "admission_failed")
                 log.warning(
                     "no replica to continue on",
                     extra={"request_id": req.request_id, "phase": phase, "error": str(err)},
                 )
-                if phase == _BEFORE_FIRST_TOKEN:
-                    raise  # as if it were the first admission: nothing was sent yet
+                if phase == _BEFORE_FIRST_TOKEN or isinstance(err, DeadlineExceeded):
+                    # Nothing was sent yet (as if it were the first admission), or the
+                    # request's own deadline passed: that, not the replica's failure.
+                    raise
                 raise ReplicaFailed(
                     f"{failed.error}; no other replica could continue it: {err}"
                 ) from err
@@ -159,8 +163,11 @@ class Attempts:
                     # stream goes on elsewhere (a refusal would end a stream already started).
                     phase, allowed = _MID_STREAM, migrations < s.max_migrations
                     migrations += 1
-                if err.fault.replica_fault or phase == _MID_STREAM:
+                full = None
+                if err.fault.replica_fault:
                     excluded.add(lease.replica.id)
+                elif phase == _MID_STREAM:
+                    full = lease.replica.id
                 span.add_event(
                     "migration",
                     {

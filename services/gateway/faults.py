@@ -20,7 +20,7 @@ from enum import StrEnum
 import grpc
 
 from llmmesh.common.errors import Reason, ResourceExhausted, ServiceError
-from services.gateway.errors import InvalidRequest, ReplicaFailed
+from services.gateway.errors import ReplicaFailed
 
 # retry-after of an engine's queue-full refusal passed on to the client: the engine reports no
 # drain rate; about one decode pass of a full batch frees its head.
@@ -149,12 +149,9 @@ def classify_message(message: str) -> Fault:
 def attempt_error(fault: Fault, message: str) -> ServiceError:
     """What the client gets for a failed attempt that is not retried: back-pressure (a full
     engine queue) is RESOURCE_EXHAUSTED with a retry-after, like the orchestrator's own queue,
-    never UNAVAILABLE (the replica is healthy, only full); a request the engine refused is
-    INVALID_ARGUMENT (a client must not retry it); a replica fault `ReplicaFailed`."""
+    never UNAVAILABLE (the replica is healthy, only full); anything else `ReplicaFailed`."""
     if fault.kind is FaultKind.BACK_PRESSURE:
         return ResourceExhausted(
             message, retry_after_s=ENGINE_BUSY_RETRY_AFTER_S, reason=Reason.QUEUE_FULL
         )
-    if fault.kind is FaultKind.REQUEST:
-        return InvalidRequest(message)
     return ReplicaFailed(message)

@@ -27,7 +27,7 @@ from services.gateway.core import (
     GenerationRequest,
     Sampling,
 )
-from services.gateway.errors import InvalidRequest, NoReplica, ReplicaFailed
+from services.gateway.errors import NoReplica, ReplicaFailed
 from services.gateway.faults import classify_message
 from services.gateway.models import ServedModel
 from services.gateway.settings import GatewaySettings, ModelSettings
@@ -247,25 +247,9 @@ async def test_request_errors_are_not_migrated(model: ServedModel) -> None:
         [[chunk(ids[0]), TritonStreamError("bad sampling parameter", replica_fault=False)]]
     )
     core, orch, _ = make(model, engine)
-    # The request the engine refused: INVALID_ARGUMENT, which a client does not retry.
-    with pytest.raises(InvalidRequest, match="bad sampling parameter"):
+    with pytest.raises(ReplicaFailed, match="bad sampling parameter"):
         await collect(core, request())
     assert len(orch.admits) == 1
-
-
-async def test_a_request_the_engines_refuse_before_any_token_is_invalid_not_unavailable(
-    model: ServedModel,
-) -> None:
-    """Tried again elsewhere (a refusal no rule names may be a replica's), then refused as
-    the request's fault: a 503 would have clients send it again and again."""
-    refused = "top_k 100000 exceeds the engine's limit"
-    engine = FakeEngine([[TritonStreamError(refused, classify_message(refused))]] * 2)
-    core, orch, _ = make(model, engine, retries_before_first_token=1)
-    with pytest.raises(InvalidRequest, match="exceeds the engine's limit"):
-        await collect(core, request())
-    assert len(orch.admits) == 2
-    reports = await orch.wait_reports(2)
-    assert {r.outcome for r in reports} == {Outcome.REQUEST_ERROR}  # no replica's health
 
 
 async def test_a_continuation_given_a_full_engine_goes_on_elsewhere(model: ServedModel) -> None:
@@ -289,6 +273,31 @@ async def test_a_continuation_given_a_full_engine_goes_on_elsewhere(model: Serve
         Outcome.REPLICA_ERROR,
         Outcome.REQUEST_ERROR,  # full, not failed: nothing against its health
         Outcome.SUCCESS,
+    ]
+
+
+async def test_a_full_replica_is_passed_over_for_the_next_admission_only(
+    model: ServedModel,
+) -> None:
+    """Full is not failing: later in the same request it may take the stream again."""
+    ids = model.encode(" one two three four")
+    busy = "RESOURCE_EXHAUSTED: maximum queue size of 4 reached"
+    engine = FakeEngine(
+        [
+            [*tokens(*ids[:1]), fault()],
+            [TritonStreamError(busy, classify_message(busy))],
+            [*tokens(*ids[1:2]), fault()],
+            [*tokens(*ids[2:]), chunk(final=True)],
+        ]
+    )
+    core, orch, _ = make(model, engine, max_migrations=3)
+    events = await collect(core, request(max_tokens=len(ids)))
+    assert_one_contiguous_stream(events, ids)
+    assert [set(a.exclude_replicas) for a in orch.admits] == [
+        set(),
+        {"r1"},
+        {"r1", "r2"},  # r2 was full
+        {"r1", "r3"},  # r3 failed; r2 may be given again
     ]
 
 
