@@ -51,7 +51,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import grpc
@@ -292,12 +292,12 @@ class StreamEnded(Exception):
 class _AdmitStream:
     """Admits multiplexed on one AdmitStream call. One writer task sends the messages in order
     (a gRPC call takes one write at a time); one reader task hands each answer to its Admit.
-    The first message of each but the caller's first stream lists the leases it holds from
-    this orchestrator (`held`): it opens one stream at a time, so the orchestrator releases the
-    leases answered over earlier ones that are not listed (their answers were lost with the
-    connection). The first stream has none to list (a caller id is a client's own) and sends
-    nothing more before its first Admit (a write racing a refusal of the method can end the
-    call INTERNAL, hiding the refusal).
+    The first message of a stream after one the orchestrator took lists the leases the caller
+    holds from it (`held`): a caller opens one stream at a time, so the orchestrator releases
+    the leases answered over earlier ones that are not listed (their answers were lost with the
+    connection). Before that (a caller id is a client's own) there is nothing to list, and a
+    stream sends nothing before its first Admit: a write racing a refusal of the method can end
+    the call INTERNAL, hiding the refusal.
 
     Invariants: an Admit is in `_pending` from its send until its answer, deadline, caller's
     cancel or the stream's end, whichever is first; one that leaves before its message was
@@ -312,8 +312,7 @@ class _AdmitStream:
         release: Callable[[pb.AdmitResponse], None],
         hasher: ChunkedHashes | None,
         on_end: Callable[[StreamEnded], None],
-        held: Iterable[str],
-        number: int,
+        held: pb.HeldLeases | None,
         on_lease: Callable[[str], None],
     ) -> None:
         self._call = stub.AdmitStream(None, metadata=((CALLER_KEY, caller),))
@@ -325,8 +324,8 @@ class _AdmitStream:
         self._unsent: set[int] = set()
         self._outbox: deque[pb.AdmitStreamRequest] = deque()
         self._wake = asyncio.Event()
-        if number > 1:
-            self._put(pb.AdmitStreamRequest(held=pb.HeldLeases(lease_ids=held, stream=number)))
+        if held is not None:
+            self._put(pb.AdmitStreamRequest(held=held))
         self._ids = itertools.count(1)
         self.ended: StreamEnded | None = None
         self._reader = asyncio.ensure_future(self._read())
@@ -490,6 +489,9 @@ class OrchestratorClient:
         self._reporting: set[str] = set()
         self.caller = f"{CALLER_ID}.{next(_CLIENTS)}"
         self._streams_opened = 0
+        # Whether an orchestrator took one of its streams (answered a lease over it, or ended
+        # it otherwise than by refusing the method): from then on each stream sends `held`.
+        self._accepted = False
         self._reopen: asyncio.TimerHandle | None = None
         self._releasing: set[asyncio.Task[None]] = set()  # `_release_answer`s running
         self._closing = False  # no stream opens once `close` began
@@ -564,12 +566,20 @@ class OrchestratorClient:
                 self._release,
                 self._hasher,
                 self._stream_ended,
-                self._held | self._reporting,
-                self._streams_opened + 1,
-                self._held.add,
+                pb.HeldLeases(
+                    lease_ids=self._held | self._reporting, stream=self._streams_opened + 1
+                )
+                if self._accepted
+                else None,
+                self._leased,
             )
             self._streams_opened += 1
         return stream
+
+    def _leased(self, lease_id: str) -> None:
+        """A lease answered over the stream: held from now on."""
+        self._held.add(lease_id)
+        self._accepted = True
 
     def _stream_ended(self, ended: StreamEnded) -> None:
         """While leases granted over it are held, a stream that ended is opened again soon
@@ -577,6 +587,7 @@ class OrchestratorClient:
         leases while the caller holds a stream open. One refused as such (`NOT_OFFERED`,
         whether an Admit was waiting on it or not) stops streams for `NOT_OFFERED_RETRY_S`:
         Admits go as calls, and nothing is opened again meanwhile."""
+        self._accepted = self._accepted or not ended.not_offered
         if ended.not_offered:
             if self._streams():
                 log.warning(

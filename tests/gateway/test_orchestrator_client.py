@@ -632,6 +632,7 @@ async def test_an_orchestrator_refusing_the_stream_gets_admit_calls_for_a_while(
     third = await streamed.client.admit(admission(request_id="c"), timeout_s=5.0)
     assert third.lease_id == "lease-11"
     assert streamed.service.stream_calls == 2  # tried again, and answered on the stream
+    assert streamed.service.held == []  # no stream was taken before: nothing to list
     stream = streamed.client._stream
     assert stream is not None
     assert stream.ended is None
