@@ -40,7 +40,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import Final, Protocol
+from typing import Protocol
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
@@ -95,10 +95,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("llmmesh.gateway")
-# How long after a request's deadline a front waits for its client to take the events (the
-# generation ends at the deadline itself; a client that stops reading would otherwise hold its
-# lease and slots for as long as it keeps the connection open).
-STALLED_CLIENT_GRACE_S: Final = 1.0
 
 
 class UsageSink(Protocol):
@@ -431,8 +427,8 @@ class GatewayCore:
     def deadline(self, timeout_s: float | None, start: float) -> float:
         """When (`time.perf_counter`) a request that began at `start` with the client's
         `timeout_s` (None: none) ends: that, else `request_timeout_s`, at most
-        `max_request_timeout_s`. A front that writes a generation's events stops waiting for
-        its client `STALLED_CLIENT_GRACE_S` after it (the generation ends itself at it)."""
+        `max_request_timeout_s`. A front passes the time left until it to `generate` (one
+        deadline from the request's arrival) and bounds its client by it (`stall.py`)."""
         s = self._settings
         return start + min(
             timeout_s if timeout_s is not None else s.request_timeout_s, s.max_request_timeout_s

@@ -61,14 +61,7 @@ from opentelemetry import context as otel_context
 from llmmesh.common.errors import Internal, ServiceError, Unavailable
 from llmmesh.common.telemetry import extract_trace_context, request_id_var
 from services.gateway.auth import bearer_token
-from services.gateway.core import (
-    STALLED_CLIENT_GRACE_S,
-    Completion,
-    Delta,
-    Event,
-    GatewayCore,
-    Opened,
-)
+from services.gateway.core import Completion, Delta, Event, GatewayCore, Opened
 from services.gateway.errors import InvalidRequest, ModelNotFound
 from services.gateway.openai_request import (
     Kind,
@@ -88,6 +81,7 @@ from services.gateway.openai_response import (
     sse,
 )
 from services.gateway.settings import GatewaySettings
+from services.gateway.stall import ClientStall
 
 log = logging.getLogger(__name__)
 
@@ -381,7 +375,8 @@ class OpenAIHttpFront:
         )
         try:
             opened = Opened()
-            events = self._core.generate(oreq.generation, timeout_s, opened)
+            deadline = self._core.deadline(timeout_s, started)
+            events = self._core.generate(oreq.generation, deadline - time.perf_counter(), opened)
             async with contextlib.aclosing(events):
                 try:
                     first = await anext(events)
@@ -392,9 +387,8 @@ class OpenAIHttpFront:
                 created = arrived if opened.created is None else opened.created
                 shapes = Shapes(oreq, int(created))
                 if oreq.stream:
-                    stalled_at = self._core.deadline(timeout_s, started) + STALLED_CLIENT_GRACE_S
                     return await self._stream(
-                        request, oreq, shapes, first, events, resume_at, stalled_at
+                        request, oreq, shapes, first, events, resume_at, deadline
                     )
                 return await self._collect(oreq, shapes, first, events)
         finally:
@@ -435,11 +429,11 @@ class OpenAIHttpFront:
         first: Event,
         events: AsyncIterator[Event],
         resume_at: ResumeAt | None,
-        stalled_at: float,
+        deadline: float,
     ) -> web.StreamResponse:
-        """`stalled_at` (`time.perf_counter`): when a client that takes no more events is given
-        up on (`STALLED_CLIENT_GRACE_S` past the deadline): the connection is closed, and the
-        caller's leaving closes the generation (its lease and slots freed)."""
+        """A client that takes no event for a grace past the request's `deadline` is given up
+        on (`stall.py`): its connection is dropped, and the caller's leaving closes the
+        generation (its lease and slots freed)."""
         resp = web.StreamResponse(
             status=200,
             headers={
@@ -452,7 +446,7 @@ class OpenAIHttpFront:
         await resp.prepare(request)
         gen = oreq.generation
         ids = EventIds(resume_at) if gen.keyed else None
-        stall = asyncio.timeout(stalled_at - time.perf_counter())
+        stall = ClientStall(deadline)
         try:
             async with stall:
                 if gen.resume_from is None:
@@ -462,6 +456,7 @@ class OpenAIHttpFront:
                     await self._write_event(resp, shapes, first, ids)
                     async for ev in events:
                         await self._write_event(resp, shapes, ev, ids)
+                        stall.taken()
                 except ServiceError as err:
                     _, body = error_body(err, oreq)
                     await resp.write(sse(body))
@@ -483,11 +478,12 @@ class OpenAIHttpFront:
         except TimeoutError:
             if not stall.expired():
                 raise
-            # No event taken since the deadline (the generation ended there): the connection
-            # is closed; leaving closes the generation (aclosing), freeing its lease and slots.
-            log.warning("client did not read its stream by its deadline: closed")
+            # Nothing taken for the grace past the deadline: the connection is dropped (a close
+            # would wait for the unread bytes to flush); leaving closes the generation
+            # (aclosing), freeing its lease and slots.
+            log.warning("client did not read its stream by its deadline: dropped")
             if request.transport is not None:
-                request.transport.close()
+                request.transport.abort()
         return resp
 
     @staticmethod

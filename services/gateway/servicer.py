@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -21,7 +20,6 @@ from llmmesh.generated.gateway.v1 import gateway_pb2 as pb
 from llmmesh.generated.gateway.v1 import gateway_pb2_grpc as pb_grpc
 from services.gateway.auth import bearer_token
 from services.gateway.core import (
-    STALLED_CLIENT_GRACE_S,
     ChatMessage,
     Completion,
     Delta,
@@ -31,6 +29,7 @@ from services.gateway.core import (
     Sampling,
 )
 from services.gateway.errors import InvalidRequest
+from services.gateway.stall import ClientStall
 
 log = logging.getLogger(__name__)
 Ctx = grpc.aio.ServicerContext[object, object]
@@ -179,11 +178,15 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             return
         request_id_var.set(req.request_id)
         token = otel_context.attach(extract_trace_context(context.invocation_metadata()))
-        timeout_s = context.time_remaining()
-        stalled_at = self._core.deadline(timeout_s, started) + STALLED_CLIENT_GRACE_S
-        stall = asyncio.timeout(stalled_at - time.perf_counter())
+        deadline = self._core.deadline(context.time_remaining(), started)
+        stall = ClientStall(deadline)
         try:
-            async with contextlib.aclosing(self._core.generate(req, timeout_s)) as events, stall:
+            async with (
+                contextlib.aclosing(
+                    self._core.generate(req, deadline - time.perf_counter())
+                ) as events,
+                stall,
+            ):
                 async for ev in events:
                     if skip:
                         # The deltas without tokens at the resume point the client has.
@@ -192,12 +195,13 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                             continue
                         skip = 0
                     await context.write(_response(req.request_id, ev))
+                    stall.taken()
         except ServiceError as err:
             await abort(context, err)
         except TimeoutError:
             if not stall.expired():
                 raise
-            # Its client took no event since the deadline (the generation ended there): the
+            # Its client took no event for the grace past the deadline (stall.py): the
             # generation is closed, its lease and slots freed; the call ends (after the
             # events the client has not read, if it ever does).
             log.warning("client did not read its stream by its deadline: ended")

@@ -768,7 +768,7 @@ async def test_a_client_that_stops_reading_is_given_up_on_after_its_deadline(
             headers={"x-request-timeout": "0.2"},
         ) as r:
             assert r.status == 200
-            # The deadline (0.2 s) plus STALLED_CLIENT_GRACE_S (1 s): well within 10 s.
+            # The deadline (0.2 s) plus the grace (stall.py, 1 s): well within 10 s.
             [report] = await asyncio.wait_for(f.orch.wait_reports(1), 10)
             assert report.outcome is Outcome.CANCELLED
             with contextlib.suppress(aiohttp.ClientError):

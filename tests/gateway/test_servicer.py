@@ -310,7 +310,7 @@ async def test_a_client_that_stops_reading_is_given_up_on_after_its_deadline(
     )
     call = GatewayServicer(core).Generate(request, context)  # type: ignore[arg-type]
     with pytest.raises(grpc.aio.AbortError):
-        # The deadline (0.2 s) plus STALLED_CLIENT_GRACE_S (1 s): well within 10 s.
+        # The deadline (0.2 s) plus the grace (stall.py, 1 s): well within 10 s.
         await asyncio.wait_for(call, 10)
     assert context.aborted == grpc.StatusCode.DEADLINE_EXCEEDED
     assert [r.outcome for r in admission.reports] == [Outcome.CANCELLED]
