@@ -58,7 +58,7 @@ from typing import Any
 from aiohttp import web
 from opentelemetry import context as otel_context
 
-from llmmesh.common.errors import Internal, ServiceError, Unavailable
+from llmmesh.common.errors import DeadlineExceeded, Internal, ServiceError, Unavailable
 from llmmesh.common.telemetry import extract_trace_context, request_id_var
 from services.gateway.auth import bearer_token
 from services.gateway.core import Completion, Delta, Event, GatewayCore, Opened
@@ -370,12 +370,16 @@ class OpenAIHttpFront:
         except ServiceError as err:
             self._core.refused(err, started)
             return error_response(err, None, request_id)
+        deadline = self._core.deadline(timeout_s, started)
+        if deadline <= time.perf_counter():  # the body's upload took it all
+            late = DeadlineExceeded("the request's deadline passed while it was read")
+            self._core.refused(late, started)
+            return error_response(late, None, request_id)
         token = otel_context.attach(
             extract_trace_context((k.lower(), v) for k, v in request.headers.items())
         )
         try:
             opened = Opened()
-            deadline = self._core.deadline(timeout_s, started)
             events = self._core.generate(oreq.generation, deadline - time.perf_counter(), opened)
             async with contextlib.aclosing(events):
                 try:
@@ -454,6 +458,7 @@ class OpenAIHttpFront:
                         await resp.write(sse(chunk, "0" if ids else None))
                 try:
                     await self._write_event(resp, shapes, first, ids)
+                    stall.taken()
                     async for ev in events:
                         await self._write_event(resp, shapes, ev, ids)
                         stall.taken()

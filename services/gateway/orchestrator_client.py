@@ -261,11 +261,13 @@ def refusal_error(refusal: pb.AdmitRefusal) -> ServiceError:
 
 class StreamEnded(Exception):
     """The Admit's stream ended before its answer; `error`: how (None: the orchestrator ended
-    it, draining, after answering what it had read)."""
+    it, draining, after answering what it had read); `admitted`: whether an Admit was written
+    on it (else the orchestrator granted nothing over it)."""
 
-    def __init__(self, error: BaseException | None) -> None:
+    def __init__(self, error: BaseException | None, *, admitted: bool = False) -> None:
         super().__init__(repr(error))
         self.error = error
+        self.admitted = admitted
 
     @property
     def not_offered(self) -> bool:
@@ -327,6 +329,7 @@ class _AdmitStream:
         if held is not None:
             self._put(pb.AdmitStreamRequest(held=held))
         self._ids = itertools.count(1)
+        self._admitted = False  # an Admit was written
         self.ended: StreamEnded | None = None
         self._reader = asyncio.ensure_future(self._read())
         self._writer = asyncio.ensure_future(self._write())
@@ -392,6 +395,9 @@ class _AdmitStream:
                         if msg.call_id not in self._unsent:
                             continue  # withdrawn before it was written
                         self._unsent.discard(msg.call_id)
+                        await self._call.write(msg)
+                        self._admitted = True
+                        continue
                     await self._call.write(msg)
                 self._wake.clear()
                 await self._wake.wait()
@@ -423,7 +429,7 @@ class _AdmitStream:
     def _end(self, error: BaseException | None) -> None:
         if self.ended is not None:
             return
-        self.ended = ended = StreamEnded(error)
+        self.ended = ended = StreamEnded(error, admitted=self._admitted)
         pending, self._pending = self._pending, {}
         self._unsent.clear()
         self._outbox.clear()
@@ -490,7 +496,8 @@ class OrchestratorClient:
         self.caller = f"{CALLER_ID}.{next(_CLIENTS)}"
         self._streams_opened = 0
         # Whether an orchestrator took one of its streams (answered a lease over it, or ended
-        # it otherwise than by refusing the method): from then on each stream sends `held`.
+        # it, after an Admit was written, otherwise than by refusing the method): from then on
+        # each stream sends `held`.
         self._accepted = False
         self._reopen: asyncio.TimerHandle | None = None
         self._releasing: set[asyncio.Task[None]] = set()  # `_release_answer`s running
@@ -587,7 +594,9 @@ class OrchestratorClient:
         leases while the caller holds a stream open. One refused as such (`NOT_OFFERED`,
         whether an Admit was waiting on it or not) stops streams for `NOT_OFFERED_RETRY_S`:
         Admits go as calls, and nothing is opened again meanwhile."""
-        self._accepted = self._accepted or not ended.not_offered
+        # Taken: it may have granted what was lost with it (not one that failed before any
+        # Admit reached it: an orchestrator not up yet, a dropped call).
+        self._accepted = self._accepted or (ended.admitted and not ended.not_offered)
         if ended.not_offered:
             if self._streams():
                 log.warning(

@@ -21,8 +21,8 @@ STALLED_CLIENT_GRACE_S: Final = 1.0
 class ClientStall:
     """`async with ClientStall(deadline):` around a front's writes (`deadline` in
     `time.perf_counter` time, `GatewayCore.deadline`), `taken()` after each: raises TimeoutError
-    at the block's exit once no event was taken for `STALLED_CLIENT_GRACE_S` past the deadline;
-    `expired()` tells that TimeoutError from any other."""
+    at the block's exit once no event was taken for `STALLED_CLIENT_GRACE_S` past the deadline
+    (half of it at least); `expired()` tells that TimeoutError from any other."""
 
     def __init__(self, deadline: float) -> None:
         self._loop = asyncio.get_running_loop()
@@ -42,10 +42,13 @@ class ClientStall:
         await self._timeout.__aexit__(exc_type, exc, tb)
 
     def taken(self) -> None:
-        """The client took an event: past the deadline, it has the grace again from now."""
+        """The client took an event: past the deadline, it has the grace again from now (once
+        less than half of it is left: a timer each event would cost a replay's catch-up)."""
         now = self._loop.time()
-        if now > self._deadline:
-            self._timeout.reschedule(now + STALLED_CLIENT_GRACE_S)
+        if now > self._deadline and not self._timeout.expired():
+            when = self._timeout.when()
+            if when is not None and when - now < STALLED_CLIENT_GRACE_S / 2:
+                self._timeout.reschedule(now + STALLED_CLIENT_GRACE_S)
 
     def expired(self) -> bool:
         return self._timeout.expired()

@@ -310,8 +310,10 @@ async def test_a_continuation_not_admitted_before_the_deadline_is_a_deadline(
     events = core.generate(request(max_tokens=len(ids)), 10.0)
     assert isinstance(await anext(events), Delta)
     orch.reject = DeadlineExceeded("admission: Deadline Exceeded", reason=Reason.QUEUE_TIMEOUT)
+    before = migrations("mid_stream", "admission_failed")
     with pytest.raises(DeadlineExceeded):  # 504: not "unavailable, retry"
         await anext(events)
+    assert migrations("mid_stream", "admission_failed") == before + 1
 
 
 async def test_no_continuation_is_admitted_once_the_deadline_passed(model: ServedModel) -> None:
@@ -319,13 +321,28 @@ async def test_no_continuation_is_admitted_once_the_deadline_passed(model: Serve
     hang = Hang()
     engine = FakeEngine([[chunk(ids[0]), hang, fault()]])
     core, orch, _ = make(model, engine)
-    events = core.generate(request(max_tokens=len(ids)), 0.05)
+    events = core.generate(request(max_tokens=len(ids)), 0.5)
     assert isinstance(await anext(events), Delta)
-    await asyncio.sleep(0.1)  # the request's deadline passes while its replica hangs
+    await asyncio.sleep(0.6)  # the request's deadline passes while its replica hangs
     hang.release.set()  # then the replica fails
     with pytest.raises(DeadlineExceeded):
         await anext(events)
     assert len(orch.admits) == 1  # no lease that could only be wasted
+
+
+async def test_a_request_the_engines_refuse_before_any_token_counts_against_no_replica(
+    model: ServedModel,
+) -> None:
+    """Tried again elsewhere (a refusal no rule names may be a replica's), then unavailable;
+    neither report counts against a replica's health."""
+    refused = "top_k 100000 exceeds the engine's limit"
+    engine = FakeEngine([[TritonStreamError(refused, classify_message(refused))]] * 2)
+    core, orch, _ = make(model, engine, retries_before_first_token=1)
+    with pytest.raises(ReplicaFailed, match="exceeds the engine's limit"):
+        await collect(core, request())
+    assert len(orch.admits) == 2
+    reports = await orch.wait_reports(2)
+    assert [r.outcome for r in reports] == [Outcome.REQUEST_ERROR] * 2
 
 
 async def test_partially_matched_stop_string_still_stops_after_migration(

@@ -932,3 +932,33 @@ async def test_a_stream_opened_before_an_answered_admit_resumes_lists_its_lease(
     assert calls[1].written[0].held.lease_ids == ["x"]
     client._held.clear()  # no report to send on close
     await client.close()
+
+
+async def test_only_a_stream_an_admit_was_written_on_makes_the_next_ones_list_held() -> None:
+    """One that failed before any Admit reached the orchestrator (not up yet, the call dropped)
+    got nothing granted: the next stream sends nothing before its first Admit (a write racing
+    a refusal of the method would hide the refusal)."""
+    calls: list[BreakingStream] = []
+
+    class Stub:
+        def AdmitStream(self, _: None, **kw: object) -> BreakingStream:
+            calls.append(BreakingStream(False, pb.AdmitResponse(), asyncio.Event()))
+            return calls[-1]
+
+    client = OrchestratorClient(Stub())  # type: ignore[arg-type]
+    unavailable = StreamEnded(RuntimeError("connection refused"), admitted=False)
+    for admitted in (False, True, False):
+        stream = client._open_stream()
+        await asyncio.sleep(0)  # one turn: the writer writes what it has
+        stream._end(unavailable.error)
+        client._stream_ended(StreamEnded(unavailable.error, admitted=admitted))
+    client._open_stream()
+    await asyncio.sleep(0)
+    # Nothing on the first two; `held` first on each after the second (an Admit written).
+    assert [c.written[0].HasField("held") if c.written else None for c in calls] == [
+        None,
+        None,
+        True,
+        True,
+    ]
+    await client.close()
