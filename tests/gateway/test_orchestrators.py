@@ -148,6 +148,21 @@ async def admit_held_at_o0(
     return admitting, hold
 
 
+async def listing_to_a_hung_o0(
+    orchs: OrchestratorSet, fakes: dict[str, FakeOrchestrator]
+) -> asyncio.Future[AdmissionStatus]:
+    """A second listing sent to o0, which answers it only once `times_out` is set (then as
+    a call whose deadline passed)."""
+    fakes["o0"].hung = True
+    listing = asyncio.ensure_future(orchs.status(timeout_s=1.0))
+
+    async def listing_sent() -> bool:
+        return len(fakes["o0"].status_timeouts) == 2
+
+    await eventually(listing_sent, what="the listing sent")
+    return listing
+
+
 async def until_closed(fake: FakeOrchestrator, what: str) -> None:
     async def closed() -> bool:
         return fake.closed
@@ -513,13 +528,7 @@ async def test_a_listing_not_answered_in_time_abandons_admits_only_of_a_silent_o
     orchs, fakes, clock = make(1)
     await orchs.status(timeout_s=1.0)  # a view for degraded mode
     admitting, hold = await admit_held_at_o0(orchs, fakes)
-    fakes["o0"].hung = True
-    listing = asyncio.ensure_future(orchs.status(timeout_s=1.0))
-
-    async def listing_sent() -> bool:
-        return len(fakes["o0"].status_timeouts) == 2
-
-    await eventually(listing_sent, what="the listing sent")
+    listing = await listing_to_a_hung_o0(orchs, fakes)
     clock.now += 0.5
     fakes["o0"].hold = None  # the held Admit still waits on its own event
     if meanwhile == "lease":
@@ -546,13 +555,7 @@ async def test_an_orchestrator_behind_with_a_view_too_old_is_not_ready() -> None
     orchs, fakes, clock = make(1, view_max_age_s=60.0)
     await orchs.status(timeout_s=1.0)
     clock.now += 61.0
-    fakes["o0"].hung = True
-    listing = asyncio.ensure_future(orchs.status(timeout_s=1.0))
-
-    async def listing_sent() -> bool:
-        return len(fakes["o0"].status_timeouts) == 2
-
-    await eventually(listing_sent, what="the listing sent")
+    listing = await listing_to_a_hung_o0(orchs, fakes)
     clock.now += 0.5
     await orchs.admit(request(), timeout_s=1.0)  # answered meanwhile
     fakes["o0"].times_out.set()
