@@ -13,10 +13,12 @@ import asyncio
 import gc
 import json
 import logging
+import math
 import signal
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import grpc
 from grpc_health.v1 import _async as health_aio
@@ -46,6 +48,10 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
 )
 
 
+# gRPC core's bound on a call's wait for the application to take it (whole seconds; 30 unset).
+MAX_UNACCEPTED_OPTION: Final = "grpc.server_max_unrequested_time_in_server"
+
+
 @dataclass(frozen=True)
 class ServiceRegistration:
     """One gRPC service: its full name (for health and reflection) and how to add it."""
@@ -63,15 +69,28 @@ class ManagedServer:
         services: Sequence[ServiceRegistration],
         drain_seconds: float,
         max_receive_bytes: int = MAX_MESSAGE_BYTES,
+        max_unaccepted_s: float | None = None,
     ) -> None:
         """`max_receive_bytes`: the largest request message; a larger one is refused with
         RESOURCE_EXHAUSTED before it is parsed (a public port sets it to what a request may
-        need; internal ports carry long prompts' token ids)."""
+        need; internal ports carry long prompts' token ids).
+
+        `max_unaccepted_s` (whole seconds, rounded up; None: gRPC's default): how long a call
+        may wait in gRPC for this server's event loop to take it; gRPC ends one still untaken
+        then CANCELLED, unseen by the service (no refusal, no retry-after). grpc.aio takes one
+        call per turn or two of the loop, so a loop busy relaying streams takes a burst's calls
+        slowly. The public port sets it to the longest deadline it allows, so such a call is
+        taken and admitted or refused like any other, or ends at its own deadline (one with
+        none waits up to the bound). Internal ports keep the default: their callers set short
+        deadlines, and a call dropped so is a shed signal the gateway acts on
+        (`services.gateway.orchestrator_client.admission_error`)."""
         self._host = host
         self._requested_port = port
         self._services = services
         self._drain_seconds = drain_seconds
         options = dict(SERVER_OPTIONS) | {"grpc.max_receive_message_length": max_receive_bytes}
+        if max_unaccepted_s is not None:
+            options[MAX_UNACCEPTED_OPTION] = max(1, math.ceil(max_unaccepted_s))
         self._server = grpc.aio.server(options=tuple(options.items()))
         self._health = health_aio.HealthServicer()
         self.port = 0

@@ -73,6 +73,8 @@ async def main(settings: GatewaySettings, blocks: KvBlockSettings) -> None:
         ],
         drain_seconds=settings.drain_seconds,
         max_receive_bytes=settings.grpc_max_request_bytes,
+        # A call waiting for a busy loop to take it waits as long as its deadline may be.
+        max_unaccepted_s=settings.max_request_timeout_s,
     )
     http = OpenAIHttpFront(core, settings)
     metrics_port = start_metrics_server(settings.host, settings.metrics_port)

@@ -1,11 +1,13 @@
 """ManagedServer (llmmesh.common.server) over a real channel on port 0: the request size bound;
-run_until_signal's drain."""
+the bound on a call's wait for the loop to take it; run_until_signal's drain."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -108,3 +110,43 @@ async def read_to_the_end(call: Any) -> None:
     """Reads until the call ends: raises its error, or returns at its clean end."""
     while await call.read() is not grpc.aio.EOF:  # type: ignore[attr-defined]
         pass
+
+
+@pytest.mark.parametrize(("max_unaccepted_s", "cancelled"), [(1, True), (10, False)])
+async def test_a_call_the_busy_loop_takes_late_is_cancelled_only_past_max_unaccepted(
+    max_unaccepted_s: float, cancelled: bool
+) -> None:
+    """Calls sent while the loop is busy wait in gRPC until the loop takes them; gRPC ends
+    those still waiting after the bound CANCELLED, unseen by the service. The loop is held busy
+    here (`time.sleep` in it: the condition, not a synchronisation) past the 1 s bound and
+    within the 10 s one while another thread's client sends calls: the 1 s case shows the
+    option reaches gRPC (one it did not know would leave gRPC's 30 s)."""
+    server = ManagedServer(
+        host="127.0.0.1",
+        port=0,
+        services=[],
+        drain_seconds=0,
+        max_unaccepted_s=max_unaccepted_s,
+    )
+    port = await server.start()
+    sent = threading.Event()
+
+    def client() -> list[grpc.StatusCode]:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=10)
+            check = health_pb2_grpc.HealthStub(channel).Check
+            calls = [check.future(health_pb2.HealthCheckRequest(), timeout=30) for _ in range(4)]
+            sent.set()
+            return [call.code() for call in calls]
+
+    codes = asyncio.get_running_loop().run_in_executor(None, client)
+    try:
+        assert sent.wait(timeout=10)
+        time.sleep(3)  # the loop busy: no call is taken meanwhile  # noqa: ASYNC251
+        result = await codes
+    finally:
+        await server.stop()
+        await asyncio.wait([codes])  # the client's thread ended (its calls too)
+    # The first call may be matched to the take already waiting in gRPC: the others wait.
+    assert (grpc.StatusCode.CANCELLED in result) is cancelled, result
+    assert set(result) <= {grpc.StatusCode.OK, grpc.StatusCode.CANCELLED}
