@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Final
 
 import grpc
@@ -141,7 +141,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             timer = self._orphan_timers.pop(caller, None)
             if timer is not None:
                 timer.cancel()  # back within the grace: its leases stand
-        reader = asyncio.create_task(self._read(request_iterator, stream, caller))
+        reader = asyncio.create_task(self._read(request_iterator, stream))
         try:
             while True:
                 while stream.answers and not stream.closed:
@@ -185,11 +185,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         it held will never be completed; they end now, not at `lease_timeout_s`."""
         self._orphan_timers.pop(caller, None)  # a stream opened since would have cancelled it
         self._stream_numbers.pop(caller, None)
-        released = self._core.release_owned(caller)
-        if released:
-            log.warning(
-                "leases of a caller gone released", extra={"caller": caller, "leases": released}
-            )
+        self._release_owned(caller, frozenset(), "leases of a caller gone released")
 
     def _supersede(self, stream: _Stream, caller: str, held: pb.HeldLeases) -> None:
         """`caller` opened `stream` and holds `held`: its other streams are gone (it keeps one
@@ -207,12 +203,17 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             self._stream_numbers[caller] = held.stream
         for old in [s for s in self._streams if s.caller == caller and s is not stream]:
             _end(old)
-        released = self._core.release_owned(caller, keep=frozenset(held.lease_ids))
+        self._release_owned(
+            caller,
+            frozenset(held.lease_ids),
+            "leases answered over a caller's lost stream released",
+        )
+
+    def _release_owned(self, caller: str, keep: Collection[str], why: str) -> None:
+        """End the leases granted to `caller` but those in `keep`; logged when there were some."""
+        released = self._core.release_owned(caller, keep=keep)
         if released:
-            log.warning(
-                "leases answered over a caller's lost stream released",
-                extra={"caller": caller, "leases": released},
-            )
+            log.warning(why, extra={"caller": caller, "leases": released})
 
     def _release(self, answer: pb.AdmitStreamResponse) -> None:
         """An answer that will not be written: its lease, if any, ends now."""
@@ -223,20 +224,19 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self,
         requests: AsyncIterator[pb.AdmitStreamRequest],
         stream: _Stream,
-        caller: str | None,
     ) -> None:
+        caller = stream.caller
         try:
             first = True
             async for msg in requests:
                 kind = msg.WhichOneof("kind")
+                # `held` counts only first: later, leases answered over this stream and not yet
+                # read by the caller would be listed nowhere.
+                held, first = first and kind == "held", False
                 if kind == "held":
-                    # Only first: later, leases answered over this stream and not yet read by
-                    # the caller would be listed nowhere.
-                    if first and caller is not None:
+                    if held and caller is not None:
                         self._supersede(stream, caller, msg.held)
-                    first = False
                     continue
-                first = False
                 if kind == "cancel":
                     task = stream.open.pop(msg.call_id, None)
                     if task is not None:
@@ -245,9 +245,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                     continue
                 refusal = self._refusal(stream, msg, kind)
                 if refusal is None:
-                    stream.open[msg.call_id] = asyncio.create_task(
-                        self._admit_one(stream, msg, caller)
-                    )
+                    stream.open[msg.call_id] = asyncio.create_task(self._admit_one(stream, msg))
                 else:
                     stream.answer(_refused(msg.call_id, refusal))
                 # A caller that sends without reading its answers is not read either: the
@@ -287,10 +285,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             )
         return None
 
-    async def _admit_one(
-        self, stream: _Stream, msg: pb.AdmitStreamRequest, caller: str | None
-    ) -> None:
-        call_id = msg.call_id
+    async def _admit_one(self, stream: _Stream, msg: pb.AdmitStreamRequest) -> None:
+        call_id, caller = msg.call_id, stream.caller
         try:
             wall_now = self._wall_clock()
             waited = self._waited(read_sent(caller, msg.sent_at_unix_s, wall_now), wall_now)
