@@ -196,6 +196,7 @@ class Authenticator:
                 timeout_s=settings.limits_redis_timeout_s,
                 retry_s=settings.limits_redis_retry_s,
                 flush_s=settings.limits_redis_flush_s,
+                max_connections=settings.redis_max_connections,
             )
         )
         return cls(

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from services.gateway import metrics
+from services.gateway import metrics, redis_pool
 from services.gateway.errors import RateLimited
 from services.gateway.limits import Clock, LimitState, RateLimitSnapshot
 
@@ -125,11 +125,9 @@ class RedisLimiter:
 
     @classmethod
     def from_url(
-        cls, url: str, *, timeout_s: float, retry_s: float, flush_s: float
+        cls, url: str, *, timeout_s: float, retry_s: float, flush_s: float, max_connections: int
     ) -> RedisLimiter:
-        client = aioredis.Redis.from_url(
-            url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
-        )
+        client = redis_pool.client(url, max_connections=max_connections, timeout_s=timeout_s)
         return cls(client, retry_s=retry_s, flush_s=flush_s)
 
     def quota(

@@ -100,7 +100,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from llmmesh.common.errors import Cancelled, NotFound, ServiceError, Unavailable
-from services.gateway import metrics
+from services.gateway import metrics, redis_pool
 from services.gateway.errors import InvalidRequest, RequestIdConflict, ResumeStoreFull
 from services.gateway.events import Completion, Delta, Event, FinishReason
 from services.gateway.resume import (
@@ -458,17 +458,19 @@ class RedisResumeStore:
         assert s.resume_redis_url is not None
         timeout = s.resume_redis_timeout_s
 
-        def client(read_timeout: float) -> aioredis.Redis:
-            return aioredis.Redis.from_url(
+        def client(read_timeout: float, max_connections: int) -> aioredis.Redis:
+            return redis_pool.client(
                 s.resume_redis_url or "",
-                socket_connect_timeout=timeout,
-                socket_timeout=read_timeout,
-                health_check_interval=30,
+                max_connections=max_connections,
+                timeout_s=timeout,
+                read_timeout_s=read_timeout,
+                health_check_interval_s=30,
             )
 
         return cls(
-            client(timeout),
-            client(timeout + s.resume_redis_lease_s),
+            client(timeout, s.redis_max_connections),
+            # One blocking read per client following a generation of another gateway.
+            client(timeout + s.resume_redis_lease_s, s.max_concurrent_streams),
             retention_s=s.resume_retention_s,
             grace_s=s.resume_grace_s,
             max_entries=s.resume_max_entries,

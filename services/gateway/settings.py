@@ -247,6 +247,16 @@ class GatewaySettings(ServiceSettings):
         gt=0,
         description="Connect and reply timeout of each Redis call.",
     )
+    redis_max_connections: int = Field(
+        default=128,
+        gt=0,
+        description=(
+            "Most connections the shared rate limiter's Redis client holds, and the resume "
+            "store's for its calls (its blocking reads, one per client following another "
+            "gateway's generation, are bounded by `max_concurrent_streams`); a call beyond waits "
+            "for a free one up to its timeout (services/gateway/redis_pool.py)."
+        ),
+    )
     max_concurrent_streams: int = Field(
         default=2048,
         gt=0,

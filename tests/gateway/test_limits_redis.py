@@ -22,6 +22,7 @@ from llmmesh.redis_server import RedisServer
 from services.gateway.auth import Authenticator, hash_key
 from services.gateway.core import Completion, GatewayCore, GenerationRequest, Sampling
 from services.gateway.errors import RateLimited
+from services.gateway.limits_redis import RedisLimiter
 from services.gateway.models import ServedModel
 from services.gateway.settings import GatewaySettings, ModelSettings
 from tests.gateway.conftest import MODEL, FakeAdmission, FakeEngine, chunk
@@ -192,3 +193,25 @@ async def test_closing_mid_flush_loses_no_charge(gateways: tuple[Gateway, Gatewa
     refused = await b.generate()  # 4 prompt tokens no longer fit on the other gateway
     assert isinstance(refused, RateLimited)
     assert refused.limit == "tokens"
+
+
+async def test_a_burst_of_admissions_beyond_the_pool_waits_for_connections(
+    redis_server: RedisServer,
+) -> None:
+    """More admissions at once than the client's pool holds wait for a connection instead of
+    failing: redis-py's default pool failed every call past 100 in use, and the limiter then
+    fell back to its local share as if Redis were down. The connections stay within the bound."""
+    limiter = RedisLimiter.from_url(
+        redis_server.url, timeout_s=5.0, retry_s=60.0, flush_s=0.01, max_connections=4
+    )
+    quota = limiter.quota("burst", 1_000_000, 1_000_000_000)
+    try:
+        admitted = await asyncio.gather(*(quota.admit(1) for _ in range(300)))
+        assert all(admitted)
+        assert limiter.errors == 0
+        async with aioredis.Redis.from_url(redis_server.url) as r:
+            clients = await r.client_list()
+        # This probe's connection and the limiter's, at most 4.
+        assert 2 <= len(clients) <= 5, clients
+    finally:
+        await limiter.close()

@@ -1041,3 +1041,20 @@ async def test_a_finished_generation_whose_log_lost_its_start_is_generated_again
     again = await collect(b, request(request_id, len(out)))
     assert ids_of(again) == out
     assert contiguous(again)
+
+
+async def test_keyed_generations_beyond_the_pool_wait_for_connections(
+    cores: Cores, redis: aioredis.Redis
+) -> None:
+    """More keyed generations opening and writing at once than the store's pool holds wait for
+    a connection: redis-py's default pool failed every call past 100 in use, which refused the
+    generations as if Redis were down. The store's connections stay within the bound."""
+    n, out = 40, TOKENS[:8]
+    core = cores.make(FakeEngine([[*tokens(*out), chunk(final=True)]] * n), redis_max_connections=2)
+    results = await asyncio.gather(
+        *(collect(core, request(f"pool-{i}-{next(_ids)}", 8)) for i in range(n))
+    )
+    assert all(ids_of(events) == out for events in results)
+    await ended_here(core, "every generation's end written to Redis")
+    # The store's command connections (at most 2) and this test's own client.
+    assert len(await redis.client_list()) <= 3
