@@ -2,9 +2,13 @@
 
 Invariants:
 - One evaluation decides every pool known from the configuration, the signals or the actuator; a
-  pool without signals gets all-unknown signals (the policy holds it).
+  pool without signals gets all-unknown signals (the policy holds it). Except a pool never decided
+  of which nothing is known (no count, no signal: the process started during a metrics outage):
+  it stays undecided, and `desired` answers Unavailable (KEDA's HPA keeps its count), rather than
+  a count made up from its minimum.
 - `current` is what the actuator reports provisioned (ready + starting); without an actuator (KEDA
-  or an HPA act on `desired`) it is the engine replicas known to the source, else the last desired.
+  or an HPA act on `desired`) it is the engine replicas known to the source, else the last desired,
+  else (something read of the pool, no engine: a pool at zero) the policy's minimum.
 - The history is bounded (`decision_history`); sequence numbers increase by one per decision.
 - A pool no one configures, manages or asks for (KEDA), unread for FORGET_AFTER x
   `signal_max_age_s` while its source reads others, is forgotten with its gauges: pools seen
@@ -28,6 +32,7 @@ from typing import Final
 from prometheus_client import Counter, Gauge
 
 from llmmesh.common import metric_names as names
+from llmmesh.common.errors import Unavailable
 from llmmesh.common.telemetry import remove_series
 from llmmesh.common.topology import PoolKey
 from services.autoscaler.actuators.contracts import Actuator, ReplicaCounts
@@ -118,13 +123,18 @@ class Autoscaler:
 
     def _current(
         self, key: PoolKey, sig: PoolSignals, counts: Mapping[PoolKey, ReplicaCounts] | None
-    ) -> int:
+    ) -> int | None:
+        """The pool's replica count to decide from; None while nothing is known of a pool never
+        decided (a process started during a metrics outage): its minimum would be served as a
+        decision, and KEDA's HPA would scale a busy pool down to it."""
         if counts is not None and key in counts:
             return counts[key].provisioned
         if self._actuator is None and sig.replicas_known is not None:
             return sig.replicas_known
         last = self._latest.get(key)
-        return last.decision.desired if last is not None else self.policy_for(key).min_replicas
+        if last is not None:
+            return last.decision.desired
+        return self.policy_for(key).min_replicas if sig.known() else None
 
     async def evaluate(self) -> list[Recorded]:
         """One round over every pool; returns this round's decisions."""
@@ -142,6 +152,8 @@ class Autoscaler:
                 # Unread this round: keep the last sample time so it turns stale, not fresh.
                 sig = PoolSignals(sampled_at=self._latest[key].decision.signals.sampled_at)
             current = self._current(key, sig, counts)
+            if current is None:
+                continue  # not decided: `desired` answers Unavailable
             state = self._states.setdefault(key, PoolState())
             policy = self.policy_for(key)
             try:
@@ -243,12 +255,17 @@ class Autoscaler:
         return [self._latest[k] for k in sorted(self._latest)]
 
     def desired(self, key: PoolKey) -> int:
-        """The latest desired count; a pool never decided yet holds its policy's minimum. A
-        pool asked for (KEDA) is not forgotten while it is asked for."""
+        """The latest desired count. A pool asked for (KEDA) is not forgotten while it is asked
+        for. Unavailable for a pool not decided yet (before the first evaluation, or nothing
+        known of it since the process started): no count is made up."""
         rec = self._latest.get(key)
-        if rec is not None:  # a key that was never decided is not kept for anything
-            self._asked[key] = self._clock()
-        return rec.decision.desired if rec is not None else self.policy_for(key).min_replicas
+        if rec is None:  # a key that was never decided is not kept for anything
+            raise Unavailable(
+                f"pool {key.pool} model version {key.model_version}: not decided yet "
+                "(nothing known of it since the autoscaler started)"
+            )
+        self._asked[key] = self._clock()
+        return rec.decision.desired
 
     def decisions(
         self,

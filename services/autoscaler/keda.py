@@ -3,19 +3,21 @@
 A ScaledObject's trigger metadata names the pool and model version. The metric is the core's
 desired replica count with a per-replica target of 1 (KEDA's default metric type AverageValue), so
 the HPA that KEDA drives computes desired = ceil(value / 1) = the core's decision; IsActive is true
-while it is above zero (KEDA scales 0 <-> 1 on it). A pool not decided yet holds its policy's
-`min_replicas`. StreamIsActive pushes a change after the evaluation that made it, until the
+while it is above zero (KEDA scales 0 <-> 1 on it). A pool not decided yet (`Autoscaler.desired`)
+is answered UNAVAILABLE: the HPA keeps its count, and past the ScaledObject's `failureThreshold`
+KEDA applies its `fallback`. StreamIsActive pushes a change after the evaluation that made it, until the
 autoscaler drains: then it ends UNAVAILABLE (KEDA opens it again, on a replica that serves).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
 
-from llmmesh.common.errors import InvalidArgument, ServiceError, abort
+from llmmesh.common.errors import InvalidArgument, ServiceError, Unavailable, abort
 from llmmesh.common.topology import PoolKey
 from llmmesh.generated.keda import externalscaler_pb2 as pb
 from llmmesh.generated.keda import externalscaler_pb2_grpc as pb_grpc
@@ -70,10 +72,11 @@ class KedaScalerServicer(pb_grpc.ExternalScalerServicer):
             raise
         last: bool | None = None
         while not self._draining.is_set():
-            active = self._desired(key) > 0
-            if active != last:
-                yield pb.IsActiveResponse(result=active)
-                last = active
+            with contextlib.suppress(Unavailable):  # not decided yet: nothing to push
+                active = self._desired(key) > 0
+                if active != last:
+                    yield pb.IsActiveResponse(result=active)
+                    last = active
             update = asyncio.ensure_future(self._core.wait_for_update())
             drained = asyncio.ensure_future(self._draining.wait())
             try:
@@ -106,10 +109,10 @@ class KedaScalerServicer(pb_grpc.ExternalScalerServicer):
     ) -> pb.GetMetricsResponse:
         try:
             key = pool_key(request.scaledObjectRef)
+            desired = self._desired(key)
         except ServiceError as err:
             await abort(context, err)
             raise
-        desired = self._desired(key)
         return pb.GetMetricsResponse(
             metricValues=[
                 pb.MetricValue(

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Protocol
 
 from llmmesh.common.engine_metrics import EngineSample, read_deadline_s
@@ -58,6 +58,12 @@ class PoolSignals:
 
     def age_s(self, now: float) -> float:
         return max(0.0, now - self.sampled_at)
+
+    def known(self) -> bool:
+        """Whether a source read anything of the pool."""
+        return any(
+            getattr(self, f.name) is not None for f in fields(self) if f.name != "sampled_at"
+        )
 
     @property
     def in_flight(self) -> float | None:

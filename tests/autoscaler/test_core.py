@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from llmmesh.common import metric_names as names
 from llmmesh.common.discovery import DnsTarget
+from llmmesh.common.errors import Unavailable
 from llmmesh.common.server import ManagedServer, ServiceRegistration
 from llmmesh.common.topology import PoolKey
 from llmmesh.generated.autoscaler.v1 import autoscaler_pb2 as pb
@@ -30,6 +31,7 @@ from services.autoscaler.promql import PromQLSource
 from services.autoscaler.scrape import ScrapeSource, target_discovery
 from services.autoscaler.servicer import AutoscalerServicer
 from services.autoscaler.settings import AutoscalerSettings
+from services.autoscaler.signals import PoolSignals
 from tests.autoscaler.fakes import FakeActuator, FakeClock, FakeSource, engine_page
 from tests.autoscaler.test_policy import BASE, sig
 
@@ -99,14 +101,48 @@ async def test_a_failing_source_holds_every_pool_then_turns_stale() -> None:
     assert (rec.decision.desired, rec.decision.cause) == (3, Cause.STALE_HOLD)
 
 
-async def test_configured_pool_without_signals_holds_its_minimum() -> None:
+async def test_a_pool_nothing_is_known_of_is_not_decided_from_its_minimum() -> None:
+    """Started during a metrics outage: a configured pool's minimum served as its decision had
+    KEDA's HPA scale a busy pool down to it. Undecided, it is answered Unavailable (the HPA
+    keeps its count) until the source reads it, and then decided from what it reads."""
+    clock, source = FakeClock(), FakeSource()
+    long = PoolKey("long", "v2")
     s = settings(
         pools=[{"pool": "long", "model_version": "v2", "policy": {**POLICY, "min_replicas": 2}}]
     )
-    core = Autoscaler(s, FakeSource(), clock=FakeClock())
-    assert core.desired(PoolKey("long", "v2")) == 2
+    core = Autoscaler(s, source, clock=clock)
+    with pytest.raises(Unavailable):
+        core.desired(long)  # before the first evaluation
+    assert await core.evaluate() == []
+    with pytest.raises(Unavailable):
+        core.desired(long)
+    clock.t += 1
+    source.signals[long] = sig(clock.t, 6, load=60)  # back: 6 replicas, busy
     (rec,) = await core.evaluate()
-    assert (rec.decision.desired, rec.decision.cause) == (2, Cause.UNKNOWN_HOLD)
+    assert rec.decision.current == 6
+    assert core.desired(long) == rec.decision.desired >= 6
+    clock.t += 1
+    source.signals.clear()  # down again: the decision stands, held from the last one
+    (held,) = await core.evaluate()
+    assert (held.decision.desired, held.decision.cause) == (
+        rec.decision.desired,
+        Cause.UNKNOWN_HOLD,
+    )
+
+
+async def test_a_pool_read_without_engines_is_decided_from_its_minimum() -> None:
+    """A pool at zero has no engine to read, but the source read it (the orchestrator's queue):
+    decided from its minimum, so a queue there wakes it (scale from zero)."""
+    clock, source = FakeClock(), FakeSource()
+    zero = PoolKey("long", "v2")
+    s = settings(
+        pools=[{"pool": "long", "model_version": "v2", "policy": {**POLICY, "min_replicas": 0}}]
+    )
+    core = Autoscaler(s, source, clock=clock)
+    source.signals[zero] = PoolSignals(sampled_at=clock.t, queue_depth=3.0)
+    (rec,) = await core.evaluate()
+    assert (rec.decision.current, rec.decision.cause) == (0, Cause.FROM_ZERO)
+    assert core.desired(zero) >= 1
 
 
 async def test_history_is_bounded_and_filterable() -> None:

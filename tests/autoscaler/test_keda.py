@@ -71,9 +71,7 @@ async def test_metric_spec_targets_one_per_replica(stub: pb_grpc.ExternalScalerA
     ]
 
 
-@pytest.mark.parametrize(
-    ("pool", "desired", "active"), [("short", 4, True), ("long", 0, False), ("unknown", 0, False)]
-)
+@pytest.mark.parametrize(("pool", "desired", "active"), [("short", 4, True), ("long", 0, False)])
 async def test_metrics_and_activity(
     stub: pb_grpc.ExternalScalerAsyncStub, pool: str, desired: int, active: bool
 ) -> None:
@@ -84,6 +82,30 @@ async def test_metrics_and_activity(
         (desired, float(desired))
     ]
     assert (await stub.IsActive(ref(pool))).result is active
+
+
+async def test_a_pool_not_decided_is_answered_unavailable(
+    stub: pb_grpc.ExternalScalerAsyncStub,
+) -> None:
+    """A pool the autoscaler knows nothing of (not decided yet, or a trigger naming a pool no
+    source reads): no count is made up (a 0 would scale it to its ScaledObject's minimum). KEDA
+    counts the failure, the HPA keeps its count, and past `failureThreshold` KEDA applies the
+    ScaledObject's fallback; StreamIsActive sends nothing until the pool is decided."""
+    unknown = ref("unknown")
+    for call in (
+        stub.GetMetrics(
+            pb.GetMetricsRequest(scaledObjectRef=unknown, metricName=metric_name("unknown", "v1"))
+        ),
+        stub.IsActive(unknown),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    stream = stub.StreamIsActive(unknown)
+    SOURCE.signals[PoolKey("unknown", "v1")] = sig(CLOCK.t, 1, load=35)
+    await CORE[0].evaluate()  # now decided: its state is pushed
+    assert (await stream.read()).result is True
+    stream.cancel()
 
 
 async def test_stream_is_active_sends_current_state(stub: pb_grpc.ExternalScalerAsyncStub) -> None:
