@@ -104,7 +104,9 @@ async def test_a_pool_not_decided_is_answered_unavailable(
     stream = stub.StreamIsActive(unknown)
     SOURCE.signals[PoolKey("unknown", "v1")] = sig(CLOCK.t, 1, load=35)
     await CORE[0].evaluate()  # now decided: its state is pushed
-    assert (await stream.read()).result is True
+    pushed = await stream.read()
+    assert isinstance(pushed, pb.IsActiveResponse)
+    assert pushed.result is True
     stream.cancel()
 
 
