@@ -38,7 +38,7 @@ from llmmesh.common.topology import PoolKey
 from services.autoscaler.actuators.contracts import Actuator, ReplicaCounts
 from services.autoscaler.policy import Cause, PolicyConfig, PoolState, ScaleDecision, decide, hold
 from services.autoscaler.settings import AutoscalerSettings
-from services.autoscaler.signals import PoolSignals, SignalSource
+from services.autoscaler.signals import PoolSignals, SignalSource, SourceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,10 @@ _DECISIONS = Counter(
     "Evaluations by direction and cause.",
     [*_LABELS, "direction", "cause"],
 )
-_ERRORS = Counter(
-    names.AS_ERRORS, "Failures by stage (source, observe, decide, apply, evaluate).", ["stage"]
-)
+_STAGES: Final = ("source", "observe", "decide", "apply", "evaluate")
+_ERRORS = Counter(names.AS_ERRORS, f"Failures by stage ({', '.join(_STAGES)}).", ["stage"])
+for _stage in _STAGES:
+    _ERRORS.labels(_stage)  # each series exported from the start (a rate over none is empty)
 
 
 # In units of signal_max_age_s: how long a pool unread, unconfigured and unmanaged is kept.
@@ -106,6 +107,10 @@ class Autoscaler:
     async def _signals(self, now: float) -> Mapping[PoolKey, PoolSignals]:
         try:
             return await self._source.collect(now)
+        except SourceUnavailable as err:  # every pool holds; counted, for the alert
+            log.warning("signal source read nothing", extra={"error": str(err)})
+            _ERRORS.labels("source").inc()
+            return {}
         except Exception:  # a source bug must not stop the loop: every pool holds
             log.exception("signal source failed")
             _ERRORS.labels("source").inc()

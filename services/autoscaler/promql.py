@@ -35,6 +35,7 @@ from services.autoscaler.signals import (
     Observation,
     PoolLabels,
     PoolSignals,
+    SourceUnavailable,
     assemble,
     call_deadline_s,
     finite,
@@ -269,7 +270,11 @@ class PromQLSource:
             waits_by,
             ttft_by,
             itl_by,
-        ) = await asyncio.gather(*(self.query(n) for n in names))
+        ) = results = await asyncio.gather(*(self.query(n) for n in names))
+        if all(r is None for r in results):
+            raise SourceUnavailable(
+                f"Prometheus at {self._config.base_url}: all {len(names)} queries failed"
+            )
         obs = Observation()
         kn, rp = _by_pool(known), _by_pool(rep)
         act, wai, use, mx = _by_pool(active), _by_pool(waiting), _by_pool(used), _by_pool(kmax)

@@ -73,9 +73,14 @@ class PoolSignals:
         return self.engine_active + self.engine_waiting
 
 
+class SourceUnavailable(Exception):
+    """The source read nothing this round: every query or page it asks for failed."""
+
+
 class SignalSource(Protocol):
-    """Reads every pool's signals. `collect` never raises for an unreachable or malformed
-    endpoint: what could not be read is `None`."""
+    """Reads every pool's signals. `collect` raises for an unreachable or malformed endpoint
+    only when nothing at all was read (`SourceUnavailable`): otherwise what could not be read is
+    `None`."""
 
     async def collect(self, now: float) -> Mapping[PoolKey, PoolSignals]: ...
 

@@ -8,9 +8,14 @@ import urllib.parse
 from collections.abc import Callable, Set
 
 import pytest
+from prometheus_client import REGISTRY
 
+from llmmesh.common import metric_names as names
 from llmmesh.common.topology import PoolKey
+from services.autoscaler.core import Autoscaler
 from services.autoscaler.promql import PromQLConfig, PromQLError, PromQLSource, parse_vector
+from services.autoscaler.settings import AutoscalerSettings
+from services.autoscaler.signals import SourceUnavailable
 
 SHORT = PoolKey("short", "v1")
 WINDOW, MAX_AGE = 60.0, 30.0
@@ -155,11 +160,16 @@ async def test_a_failed_pool_query_leaves_the_pools_latency_unknown() -> None:
     assert (await source.collect(0.0))[SHORT].ttft_p90_s is None
 
 
-async def test_promql_source_unreachable_is_all_unknown() -> None:
+async def test_promql_source_unreachable_raises_and_the_pools_hold() -> None:
+    """Every query failed: the source says so (the core counts it as a source error, for the
+    alert, and every pool holds), rather than all-unknown signals read as fresh."""
+
     def get(url: str, timeout: float) -> bytes:
         raise ConnectionRefusedError(url)
 
-    got = await PromQLSource(CONFIG, {SHORT: "m"}, get).collect(0.0)
-    assert set(got) == {SHORT}
-    s = got[SHORT]
-    assert (s.arrival_rate, s.engine_active, s.queue_depth) == (None, None, None)
+    with pytest.raises(SourceUnavailable, match="all 18 queries failed"):
+        await PromQLSource(CONFIG, {SHORT: "m"}, get).collect(0.0)
+    errors = REGISTRY.get_sample_value(names.AS_ERRORS, {"stage": "source"}) or 0.0
+    core = Autoscaler(AutoscalerSettings(), PromQLSource(CONFIG, {SHORT: "m"}, get))
+    assert await core.evaluate() == []  # nothing known of SHORT: not decided
+    assert REGISTRY.get_sample_value(names.AS_ERRORS, {"stage": "source"}) == errors + 1

@@ -77,6 +77,7 @@ REQUIRED_ALERTS = (
     "LlmmeshKvRegistryResyncing",
     "LlmmeshAutoscalerStuck",
     "LlmmeshAutoscalerDown",
+    "LlmmeshAutoscalerBlind",
 )
 SEVERITIES = ("page", "ticket", "warning")
 # Labels the llmmesh scrape job must add, and the ones the canary panels and SLO rules split by.
