@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from llmmesh.common.engine_metrics import EngineSample, read_deadline_s
@@ -60,9 +60,21 @@ class PoolSignals:
         return max(0.0, now - self.sampled_at)
 
     def known(self) -> bool:
-        """Whether a source read anything of the pool."""
+        """Whether a source read anything of the pool itself: its engines, or the orchestrator's
+        queue, leases or admissions for it (not the model-wide latencies and token rates a
+        source gives every pool of the model)."""
         return any(
-            getattr(self, f.name) is not None for f in fields(self) if f.name != "sampled_at"
+            v is not None
+            for v in (
+                self.replicas_known,
+                self.reporting_replicas,
+                self.engine_active,
+                self.engine_waiting,
+                self.kv_utilization,
+                self.queue_depth,
+                self.leases_in_flight,
+                self.arrival_rate,
+            )
         )
 
     @property

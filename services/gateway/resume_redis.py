@@ -458,19 +458,20 @@ class RedisResumeStore:
         assert s.resume_redis_url is not None
         timeout = s.resume_redis_timeout_s
 
-        def client(read_timeout: float, max_connections: int) -> aioredis.Redis:
+        def client(read_timeout: float) -> aioredis.Redis:
             return redis_pool.client(
                 s.resume_redis_url or "",
-                max_connections=max_connections,
+                max_connections=s.redis_max_connections,
                 timeout_s=timeout,
                 read_timeout_s=read_timeout,
                 health_check_interval_s=30,
             )
 
         return cls(
-            client(timeout, s.redis_max_connections),
-            # One blocking read per client following a generation of another gateway.
-            client(timeout + s.resume_redis_lease_s, s.max_concurrent_streams),
+            client(timeout),
+            # One blocking read (up to a third of the lease) per client following a generation
+            # of another gateway: past the pool, a follower waits for one to end.
+            client(timeout + s.resume_redis_lease_s),
             retention_s=s.resume_retention_s,
             grace_s=s.resume_grace_s,
             max_entries=s.resume_max_entries,

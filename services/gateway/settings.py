@@ -251,10 +251,11 @@ class GatewaySettings(ServiceSettings):
         default=128,
         gt=0,
         description=(
-            "Most connections the shared rate limiter's Redis client holds, and the resume "
-            "store's for its calls (its blocking reads, one per client following another "
-            "gateway's generation, are bounded by `max_concurrent_streams`); a call beyond waits "
-            "for a free one up to its timeout (services/gateway/redis_pool.py)."
+            "Most connections each of the gateway's three Redis clients holds (the shared rate "
+            "limiter's; the resume store's calls; its blocking reads, one per client following "
+            "another gateway's generation); a call beyond waits for a free one up to its "
+            "timeout (services/gateway/redis_pool.py). Three times it stays within the Redis "
+            "DestinationRule's maxConnections per gateway sidecar (512)."
         ),
     )
     max_concurrent_streams: int = Field(

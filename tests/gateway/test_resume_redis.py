@@ -1050,11 +1050,16 @@ async def test_keyed_generations_beyond_the_pool_wait_for_connections(
     a connection: redis-py's default pool failed every call past 100 in use, which refused the
     generations as if Redis were down. The store's connections stay within the bound."""
     n, out = 40, TOKENS[:8]
-    core = cores.make(FakeEngine([[*tokens(*out), chunk(final=True)]] * n), redis_max_connections=2)
+    core = cores.make(
+        FakeEngine([[*tokens(*out), chunk(final=True)]] * n),
+        redis_max_connections=2,
+        resume_redis_timeout_s=5.0,  # the wait for a connection on a loaded machine
+    )
     results = await asyncio.gather(
         *(collect(core, request(f"pool-{i}-{next(_ids)}", 8)) for i in range(n))
     )
     assert all(ids_of(events) == out for events in results)
     await ended_here(core, "every generation's end written to Redis")
-    # The store's command connections (at most 2) and this test's own client.
+    # The store's command connections (at most 2; its blocking reads', none: no follower) and
+    # this test's own client.
     assert len(await redis.client_list()) <= 3

@@ -9,9 +9,12 @@ from typing import Any
 
 import pytest
 
+from llmmesh.common.components import GATEWAY
 from llmmesh.tools.meshcheck.common import Doc
 from llmmesh.tools.meshcheck.index import Mesh, principal
 from llmmesh.tools.meshcheck.rules import readme, redis, security
+from llmmesh.tools.meshcheck.rules.helpers import component_deployments
+from services.gateway.settings import GatewaySettings
 from tests.mesh.helpers import doc, mesh_of
 
 REDIS_LABELS = {"app": "llmmesh-redis", "app.kubernetes.io/component": "redis"}
@@ -236,3 +239,21 @@ def test_sizes(value: str, redis_size: int | None, k8s_size: int | None) -> None
         "save": "",
         "maxmemory": value,
     }
+
+
+@pytest.mark.parametrize("overlay", ["prod", "dev"])
+def test_a_gateways_redis_pools_fit_its_sidecars_connection_limit(
+    rendered: dict[str, list[Doc]], overlay: str
+) -> None:
+    """Each gateway holds up to three pools of `redis_max_connections` (services/gateway/
+    redis_pool.py): past the DestinationRule's maxConnections its sidecar refuses connections,
+    which the limiter and the resume store read as Redis down."""
+    mesh = mesh_of(rendered, overlay)
+    limit = doc(mesh, "DestinationRule", "llmmesh-redis")["spec"]["trafficPolicy"][
+        "connectionPool"
+    ]["tcp"]["maxConnections"]
+    default = GatewaySettings.model_fields["redis_max_connections"].default
+    for dep in component_deployments(mesh, GATEWAY):
+        env = mesh.container_env(dep, mesh.main_container(dep))
+        pools = int(env.get("LLMMESH_GATEWAY_REDIS_MAX_CONNECTIONS", default))
+        assert 3 * pools <= limit, (dep["metadata"]["name"], pools, limit)
