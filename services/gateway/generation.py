@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -54,6 +55,16 @@ class GenerationRequest:
     resume_from: int | None = None
 
 
+def _fp32(value: float | None) -> float | None:
+    """`value` as an FP32 holds it; one beyond FP32's range as it is (validation refuses it)."""
+    if value is None:
+        return None
+    try:
+        return float(struct.unpack("<f", struct.pack("<f", value))[0])
+    except OverflowError:
+        return value
+
+
 def request_digest(req: GenerationRequest) -> str:
     """Identity of a request body for idempotency: what decides the generated tokens (model,
     prompt, sampling), not how they are delivered (stream, priority, deadline)."""
@@ -63,7 +74,16 @@ def request_digest(req: GenerationRequest) -> str:
         "prompt_text": req.prompt_text,
         "prompt_ids": None if req.prompt_ids is None else list(req.prompt_ids),
         "messages": None if req.messages is None else [[m.role, m.content] for m in req.messages],
-        "sampling": [sp.max_tokens, sp.temperature, sp.top_p, sp.top_k, list(sp.stop), sp.seed],
+        # As the engine gets them (FP32 tensors): gRPC's float fields widened 0.7 to
+        # 0.699999988..., so one body sent over both fronts was two different requests.
+        "sampling": [
+            sp.max_tokens,
+            _fp32(sp.temperature),
+            _fp32(sp.top_p),
+            sp.top_k,
+            list(sp.stop),
+            sp.seed,
+        ],
     }
     data = json.dumps(canonical, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
     return hashlib.sha256(data.encode("utf-8", "surrogatepass")).hexdigest()
