@@ -7,9 +7,12 @@ import struct
 from services.gateway.generation import GenerationRequest, Sampling, request_digest
 
 
-def body(**sampling: float) -> GenerationRequest:
+def body(temperature: float | None = None, top_p: float | None = None) -> GenerationRequest:
     return GenerationRequest(
-        model="m", request_id="k", prompt_ids=[1, 2, 3], sampling=Sampling(**sampling)
+        model="m",
+        request_id="k",
+        prompt_ids=[1, 2, 3],
+        sampling=Sampling(temperature=temperature, top_p=top_p),
     )
 
 
