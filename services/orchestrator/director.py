@@ -253,7 +253,7 @@ class Orchestrator:
             )
         start = self._clock()
         prefix = await self._feedback.lookup(
-            req.prompt_token_ids, self._replicas.ids(), req.prompt_hashes
+            req.prompt_token_ids, self._choosable(start), req.prompt_hashes
         )
         lease = self._grant_now(req, prefix, start)
         if lease is not None:
@@ -303,6 +303,13 @@ class Orchestrator:
         metrics.record_enqueued(req.model, waiter.pool_key)
         self._wake_for_backlog()
         return await self._wait(waiter, wait_s)
+
+    def _choosable(self, now: float) -> list[str]:
+        """The replicas a decision may choose now: the prefix index answers from its copy of
+        the registry's exact index only when it holds the whole truth for each. One removed,
+        draining, ejected or not ready (its blocks dropped from the registry: no longer exact
+        there) would send every lookup to the registry while it stays in the set."""
+        return [st.spec.id for st in self._replicas.live() if st.routable(now)]
 
     def _grant_now(
         self, req: AdmissionRequest, prefix: PrefixMatches, start: float

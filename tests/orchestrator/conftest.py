@@ -18,6 +18,7 @@ class FixedPrefix:
         self.reports: list[tuple[str, int, int, int]] = []
         self.report_hashes: list[tuple[int, ...]] = []
         self.called = asyncio.Event()
+        self.looked_up_for: list[frozenset[str]] = []  # each lookup's replicas
 
     async def lookup(
         self,
@@ -25,6 +26,7 @@ class FixedPrefix:
         replica_ids: Collection[str] = (),
         hashes: PromptHashes | None = None,
     ) -> PrefixMatches:
+        self.looked_up_for.append(frozenset(replica_ids))
         return self.matches_for(token_ids)
 
     def matches_for(self, token_ids: Sequence[int]) -> PrefixMatches:

@@ -1440,3 +1440,19 @@ async def test_without_a_backlog_bound_the_replica_takes_every_lease_it_has_room
     await assert_queued(core, 0)
     assert granted.done()  # at once, not after a wait in the queue
     assert (await granted).replica.id == "r0"
+
+
+async def test_the_prefix_lookup_is_for_the_replicas_a_decision_may_choose() -> None:
+    """The index answers from its copy of the registry's exact index only when it holds the
+    whole truth for every replica named: a replica not ready (dropped from the registry) or
+    draining, named with the others, sent every lookup to the registry while it stayed."""
+    probe = FakeProbe()
+    index = FixedPrefix(PrefixMatches(4, {}))
+    core = Orchestrator(settings(n=3, cap=8), probe, Policy(), index)
+    probe.ready_ids = {"r0", "r1"}
+    await core.probe_once()
+    await core.admit(req("a"), 1.0)
+    assert index.looked_up_for[-1] == {"r0", "r1"}
+    await core.drain_replica("r1", 0.0)
+    await core.admit(req("b"), 1.0)
+    assert index.looked_up_for[-1] == {"r0"}
