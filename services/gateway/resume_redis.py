@@ -14,8 +14,9 @@ Redis layout per key (tenant, request id), under one hash tag (one cluster slot)
   that its writes renew.
 - `<prefix>{h}:log:<gen>`: a Stream, one entry per batch of events (JSON); the last entry holds
   the `Completion`, or the error the generation ended with.
-- `<prefix>{h}:watch`: set by gateways that follow the generation from Redis (TTL lease + grace):
-  a client attached elsewhere keeps the running gateway from abandoning the generation.
+- `<prefix>{h}:watch`: set by gateways that follow the generation from Redis (TTL lease + grace),
+  from the attach on and every third of a lease while the client stays (reading or not): a
+  client attached elsewhere keeps the running gateway from abandoning the generation.
 
 The gateway that runs a generation (the key was new there, or it took it over) runs it as a
 `resume.Generation`; its own clients follow it in process, with no Redis on their path. The
@@ -501,6 +502,12 @@ class RedisResumeStore:
     def _ms(self, seconds: float) -> int:
         return max(1, int(seconds * 1000))
 
+    @property
+    def _watch_ms(self) -> int:
+        """A follower's watch lasts a lease (its refresh period, thrice) plus the grace a
+        client leaving the owner's gateway would have."""
+        return self._ms(self.lease_s + self.grace_s)
+
     def _running_ttl_ms(self) -> int:
         return self._ms(self.lease_s + self.grace_s)
 
@@ -538,14 +545,6 @@ class RedisResumeStore:
             return await step
         except RedisError as err:
             raise self._lost_midway(op) from err
-
-    async def _beat_and_read(
-        self, watch: str, log_key: str, last_id: str, watch_ms: int, block_ms: int, beat: bool
-    ) -> Any:
-        """Refresh the follower's watch (when `beat`), then XREAD BLOCK the log after `last_id`."""
-        if beat:
-            await self._redis.set(watch, self.owner, px=watch_ms)
-        return await self._blocking.xread({log_key: last_id}, block=block_ms)
 
     async def _gen_state(self, keys: _Keys) -> Any:
         """(generation id, done) of the key and whether a gateway claims it."""
@@ -687,6 +686,12 @@ class RedisResumeStore:
                 own, index = taken
                 metrics.record_resume_request("taken_over")
                 return Subscription(self._follow_owned(own, index, gate, ready), created)
+        try:
+            # Watched from now, not from the follower's first read: its owner's grace may end
+            # while the client here takes the replay (`_abandon_unless_watched`).
+            await self._redis.set(keys.watch, self.owner, px=self._watch_ms)
+        except RedisError as err:
+            raise self._unavailable("attach", err) from err
         metrics.record_resume_request("attached")
         return Subscription(
             self._follow_remote(
@@ -834,22 +839,61 @@ class RedisResumeStore:
     ) -> AsyncGenerator[Event, None]:
         """A generation another gateway runs: what it logged, then XREAD BLOCK; when its
         claim expires without a completion, take it over and follow it here."""
+        # Watched while it lives, reading or not (a client taking its events slowly).
+        heartbeat = asyncio.get_running_loop().create_task(self._keep_watched(keys.watch))
+        try:
+            async with contextlib.aclosing(
+                self._follow_remote_events(
+                    key,
+                    keys,
+                    digest,
+                    reserve_tokens,
+                    created,
+                    gen_id,
+                    seen,
+                    last_id,
+                    gate,
+                    ready,
+                    source,
+                )
+            ) as events:
+                async for ev in events:
+                    yield ev
+        finally:
+            heartbeat.cancel()
+
+    async def _keep_watched(self, watch: str) -> None:
+        """Refresh `watch` every third of the lease until cancelled (set at the attach)."""
+        while True:
+            await asyncio.sleep(self.lease_s / 3)  # the refresh period, not a synchronisation
+            try:
+                await self._redis.set(watch, self.owner, px=self._watch_ms)
+            except RedisError:
+                metrics.record_resume_redis_error("watch")  # the follower's reads notice
+
+    async def _follow_remote_events(
+        self,
+        key: Key,
+        keys: _Keys,
+        digest: str,
+        reserve_tokens: int,
+        created: float,
+        gen_id: str,
+        seen: list[Event],
+        last_id: str,
+        gate: _Gate,
+        ready: list[Event],
+        source: ContinuableSource,
+    ) -> AsyncGenerator[Event, None]:
         for ev in ready:
             yield ev
             if isinstance(ev, Completion):
                 return
         log_key = keys.log(gen_id)
         block_ms = max(10, self._ms(self.lease_s / 3))
-        watch_ms = self._ms(self.lease_s + self.grace_s)
-        loop = asyncio.get_running_loop()
-        next_beat = 0.0
         while True:
-            beat = loop.time() >= next_beat
-            if beat:
-                next_beat = loop.time() + self.lease_s / 3
             resp: Any = await self._or_lost(
-                "follow",
-                self._beat_and_read(keys.watch, log_key, last_id, watch_ms, block_ms, beat),
+                "follow", self._blocking.xread({log_key: last_id}, block=block_ms)
             )
             if resp:
                 for _, entries in resp:

@@ -6,6 +6,7 @@ creation time every gateway answers with, and what a keyed request gets while Re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import time
@@ -1063,3 +1064,29 @@ async def test_keyed_generations_beyond_the_pool_wait_for_connections(
     # The store's command connections (at most 2; its blocking reads', none: no follower) and
     # this test's own client.
     assert len(await redis.client_list()) <= 3
+
+
+async def test_a_follower_taking_its_events_slowly_keeps_the_generation_alive(
+    cores: Cores, request_id: str
+) -> None:
+    """The owner's client left; a client on another gateway attached and takes the replay
+    slowly (nothing for five times the owner's grace): the generation runs on for it. The watch
+    was set only between the follower's reads of the log, so a follower paused on a replayed
+    event let the owner abandon the generation under it."""
+    hang = Hang()
+    out = TOKENS[:10]
+    a_engine = FakeEngine([[*tokens(*out[:5]), hang, *tokens(*out[5:]), chunk(final=True)]])
+    a = cores.make(a_engine, resume_grace_s=0.2)
+    b = cores.make(FakeEngine([]), resume_grace_s=0.2)
+    client_a = a.generate(request(request_id, 10), 10.0)
+    got_a = [await anext(client_a) for _ in range(5)]
+    async with contextlib.aclosing(b.generate(request(request_id, 10), 10.0)) as follower:
+        first = await anext(follower)  # attached: the replay begins
+        await client_a.aclose()  # the owner's client leaves: its grace runs
+        await asyncio.sleep(1.0)  # the follower's client takes nothing meanwhile (the condition)
+        hang.release.set()
+        rest = [ev async for ev in follower]
+    assert ids_of([first, *rest]) == out
+    assert ids_of(got_a) == out[:5]
+    assert isinstance(rest[-1], Completion)
+    assert a_engine.cancelled == 0
