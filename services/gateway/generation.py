@@ -56,13 +56,20 @@ class GenerationRequest:
 
 
 def _fp32(value: float | None) -> float | None:
-    """`value` as an FP32 holds it; one beyond FP32's range as it is (validation refuses it)."""
+    """The shortest decimal the engine's FP32 of `value` reads back as (0.7 for both 0.7 and
+    gRPC's 0.699999988...: a body digested before this normalisation keeps its digest when sent
+    over HTTP with such a value); one beyond FP32's range as it is (validation refuses it)."""
     if value is None:
         return None
     try:
-        return float(struct.unpack("<f", struct.pack("<f", value))[0])
+        fp32 = struct.pack("<f", value)
     except OverflowError:
         return value
+    for digits in range(1, 10):  # 9 significant digits tell every FP32 apart
+        shortest = float(f"{value:.{digits}g}")
+        if struct.pack("<f", shortest) == fp32:
+            return shortest
+    return value  # not reached
 
 
 def request_digest(req: GenerationRequest) -> str:
@@ -74,8 +81,8 @@ def request_digest(req: GenerationRequest) -> str:
         "prompt_text": req.prompt_text,
         "prompt_ids": None if req.prompt_ids is None else list(req.prompt_ids),
         "messages": None if req.messages is None else [[m.role, m.content] for m in req.messages],
-        # As the engine gets them (FP32 tensors): gRPC's float fields widened 0.7 to
-        # 0.699999988..., so one body sent over both fronts was two different requests.
+        # As the engine gets them (FP32 tensors): gRPC's float fields widen 0.7 to
+        # 0.699999988..., HTTP's JSON keeps 0.7: one body over both fronts is one request.
         "sampling": [
             sp.max_tokens,
             _fp32(sp.temperature),

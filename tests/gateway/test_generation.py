@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import struct
 
 from services.gateway.generation import GenerationRequest, Sampling, request_digest
@@ -35,3 +37,18 @@ def test_the_same_sampling_over_both_fronts_is_one_body() -> None:
 def test_a_value_beyond_fp32_is_digested_as_it_is() -> None:
     """Digested before validation refuses it: no OverflowError (an internal error)."""
     assert request_digest(body(temperature=1e300)) != request_digest(body(temperature=3e300))
+
+
+def test_an_http_body_keeps_its_digest_from_before_the_normalisation() -> None:
+    """A gateway of the previous version, sharing the Redis store in a rolling upgrade, digested
+    HTTP's 0.7 as it is: the same body's retry on this version must not be a conflict."""
+    legacy = body(temperature=0.7, top_p=0.95)
+    canonical = {
+        "model": "m",
+        "prompt_text": None,
+        "prompt_ids": [1, 2, 3],
+        "messages": None,
+        "sampling": [None, 0.7, 0.95, None, [], None],
+    }
+    data = json.dumps(canonical, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+    assert request_digest(legacy) == hashlib.sha256(data.encode()).hexdigest()
