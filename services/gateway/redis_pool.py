@@ -20,15 +20,16 @@ def client(
     max_connections: int,
     timeout_s: float,
     read_timeout_s: float | None = None,
+    wait_s: float | None = None,
     health_check_interval_s: float = 0,
 ) -> aioredis.Redis:
-    """A client of `url` on its own pool of at most `max_connections`: connecting, and waiting
-    for a free connection, take up to `timeout_s` each; a reply up to `read_timeout_s`
-    (default `timeout_s`). Closing the client closes its pool."""
+    """A client of `url` on its own pool of at most `max_connections`: connecting takes up to
+    `timeout_s`, a reply up to `read_timeout_s`, waiting for a free connection up to `wait_s`
+    (both default `timeout_s`). Closing the client closes its pool."""
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
-        timeout=timeout_s,
+        timeout=timeout_s if wait_s is None else wait_s,
         socket_connect_timeout=timeout_s,
         socket_timeout=timeout_s if read_timeout_s is None else read_timeout_s,
         health_check_interval=health_check_interval_s,

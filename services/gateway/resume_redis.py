@@ -93,7 +93,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -465,13 +465,14 @@ class RedisResumeStore:
                 max_connections=s.redis_max_connections,
                 timeout_s=timeout,
                 read_timeout_s=read_timeout,
+                wait_s=read_timeout,
                 health_check_interval_s=30,
             )
 
         return cls(
             client(timeout),
             # One blocking read (up to a third of the lease) per client following a generation
-            # of another gateway: past the pool, a follower waits for one to end.
+            # of another gateway: past the pool, a follower waits up to a lease for one to end.
             client(timeout + s.resume_redis_lease_s),
             retention_s=s.resume_retention_s,
             grace_s=s.resume_grace_s,
@@ -844,6 +845,7 @@ class RedisResumeStore:
         try:
             async with contextlib.aclosing(
                 self._follow_remote_events(
+                    heartbeat.cancel,
                     key,
                     keys,
                     digest,
@@ -873,6 +875,7 @@ class RedisResumeStore:
 
     async def _follow_remote_events(
         self,
+        stop_watching: Callable[[], object],
         key: Key,
         keys: _Keys,
         digest: str,
@@ -941,6 +944,7 @@ class RedisResumeStore:
                 continue
             metrics.record_resume_request("taken_over")
             own, index = taken
+            stop_watching()  # run here now: its own grace applies when the client leaves
             async with contextlib.aclosing(self._follow_owned(own, index, gate, [])) as events:
                 async for ev in events:
                     yield ev

@@ -254,7 +254,7 @@ class GatewaySettings(ServiceSettings):
             "Most connections each of the gateway's three Redis clients holds (the shared rate "
             "limiter's; the resume store's calls; its blocking reads, one per client following "
             "another gateway's generation); a call beyond waits for a free one up to its "
-            "timeout (services/gateway/redis_pool.py). Three times it stays within the Redis "
+            "timeout (a blocking read: up to a lease) (services/gateway/redis_pool.py). Three times it stays within the Redis "
             "DestinationRule's maxConnections per gateway sidecar (512)."
         ),
     )
