@@ -43,7 +43,7 @@ def test_an_http_body_keeps_its_digest_from_before_the_normalisation() -> None:
     """A gateway of the previous version, sharing the Redis store in a rolling upgrade, digested
     HTTP's 0.7 as it is: the same body's retry on this version must not be a conflict."""
     legacy = body(temperature=0.7, top_p=0.95)
-    canonical = {
+    canonical: dict[str, object] = {
         "model": "m",
         "prompt_text": None,
         "prompt_ids": [1, 2, 3],
