@@ -134,6 +134,16 @@ class PolicyConfig(BaseModel):
     scale_to_zero_idle_s: float = Field(
         default=300.0, ge=0, description="Idle time before a min-0 pool goes to zero."
     )
+    not_reporting_hold_s: float = Field(
+        default=1800.0,
+        ge=0,
+        description=(
+            "How long replicas known but not reporting (starting) hold the pool's scale-down; "
+            "past it (a pod crash-looping, an image that does not pull), the pool is decided "
+            "from the replicas that report (a scale-down removes pods not ready first). "
+            "Default: an engine's startup bound."
+        ),
+    )
     cooldown_s: float = Field(
         default=30.0, ge=0, description="No scale-down this soon after any change."
     )
@@ -234,6 +244,8 @@ class PoolState:
     panic_until: float | None = None
     panic_floor: int = 0
     idle_since: float | None = None
+    # Since when some of the pool's known replicas do not report (None: all report).
+    partial_since: float | None = None
     holt: Holt | None = None
     # The last decided count (None before the first decision): what a hold keeps, and what a
     # change is measured from (the observed count lags it while replicas start).
@@ -447,7 +459,18 @@ def decide(
     unknown = [name for name, value in _required(cfg, sig, current) if value is None]
     partial = sig.reporting_replicas is not None and sig.reporting_replicas < current
     if partial:
-        unknown.append(f"{current - (sig.reporting_replicas or 0)} replica(s) not reporting")
+        since = state.partial_since = now if state.partial_since is None else state.partial_since
+        missing = current - (sig.reporting_replicas or 0)
+        if now - since <= cfg.not_reporting_hold_s:
+            unknown.append(f"{missing} replica(s) not reporting")
+        else:  # stuck, not starting: they hold nothing any more
+            partial = False
+            notes.append(
+                f"{missing} replica(s) not reporting for {now - since:.0f}s "
+                f"> {cfg.not_reporting_hold_s:g}s: decided from those reporting"
+            )
+    else:
+        state.partial_since = None
 
     # From zero: queued requests wait in the orchestrator for a replica (activator); no window.
     queued = sig.queue_depth or 0.0

@@ -168,6 +168,21 @@ CASES: dict[str, tuple[dict[str, Any], list[Step]]] = {
         {},
         [Step(0, 3, 3, Cause.UNKNOWN_HOLD, {"reporting_replicas": 2})],
     ),
+    # A pod crash-looping (or whose image does not pull) never reports: past the hold it no
+    # longer keeps the pool at its peak. Once every replica reported, a later one not
+    # reporting holds for the whole hold again.
+    "a replica not reporting past the hold no longer blocks scale-down": (
+        {"not_reporting_hold_s": 60, "cooldown_s": 0, "scale_down_window_s": 0},
+        [
+            Step(0, 3, 3, Cause.UNKNOWN_HOLD, {"reporting_replicas": 2}),
+            Step(30, 3, 3, Cause.UNKNOWN_HOLD, {"reporting_replicas": 2}),
+            Step(61, 3, 1, Cause.SCALE_DOWN, {"reporting_replicas": 2}),
+            Step(62, 1, 4, Cause.SCALE_UP, {"reporting_replicas": 1, "load": 40}),
+            Step(63, 4, 4, Cause.STEADY, {"reporting_replicas": 4, "load": 40}),
+            Step(64, 4, 4, Cause.UNKNOWN_HOLD, {"reporting_replicas": 3}),
+            Step(125, 4, 1, Cause.SCALE_DOWN, {"reporting_replicas": 3}),
+        ],
+    ),
     "stale signals hold": (
         {},
         [Step(100, 3, 3, Cause.STALE_HOLD, {"sampled_at": 100 - MAX_AGE - 1})],
