@@ -32,7 +32,8 @@ blocks being a run, that is no more than the engine holds, as far as the listing
 Storage: block hash -> bitmask of the replicas holding it (a bit per replica, reused after the
 replica is gone), and per replica the set of hashes it holds, so clearing one costs its own
 blocks. The copy holds at most `max_blocks` block hashes; a snapshot or change beyond that raises
-`MirrorFull` and the owner stops mirroring (lookups go to the registry).
+`MirrorFull` and the owner drops the copy (lookups go to the registry) and tries again later,
+twice as late each time it outgrows the bound again.
 
 Invariants:
 - bit b is set in `index[h]` exactly when the replica in slot b holds h (`held[slot]` has h);

@@ -343,6 +343,10 @@ class RegistryPrefixIndex:
     MAX_BATCH = 256  # updates in one UpdateBatch call
     MAX_STREAM_WAITING = 1024  # lookups awaiting answers on one stream; beyond, unary calls
     WATCH_REFUSED_RETRY_S = 60.0  # a refused watch, or a copy over its bound, is tried again
+    # A copy that keeps falling behind or outgrowing its bound is tried again after twice as
+    # long each time, up to this: each try costs the registry a snapshot and this loop its
+    # application, exactly while it is loaded.
+    WATCH_BACKOFF_MAX_S = 600.0
 
     def __init__(
         self,
@@ -368,6 +372,7 @@ class RegistryPrefixIndex:
         self._config = block_config
         self._timeout_s = timeout_s
         self._retry_s = retry_s
+        self.watch_wait_s = 0.0  # how long the watch loop waits before its next watch
         self._update_timeout_s = update_timeout_s
         self._stream_lookups = stream_lookups
         self._updates: LingerBatcher[_Update] = LingerBatcher(
@@ -535,10 +540,12 @@ class RegistryPrefixIndex:
         first registry up; when the watch ends, the copy is dropped and a watch starts again from
         a fresh snapshot `retry_s` later (the registry that failed is skipped for as long), or
         `WATCH_REFUSED_RETRY_S` later when a registry refused it or the copy outgrew its
-        bound."""
+        bound; a copy that ends so (fell behind, outgrew its bound) again before it was in sync
+        waits twice as long each time (`WATCH_BACKOFF_MAX_S` at most)."""
         request = pb.WatchExactRequest(
             block_size=self._config.block_size, hash_seed=self._config.hash_seed
         )
+        lapses = 0  # copies in a row that fell behind or outgrew the bound before in sync
         while not self._closed:
             wait = self._retry_s
             up = self._up()
@@ -548,6 +555,8 @@ class RegistryPrefixIndex:
                     async for update in reg.stub.WatchExact(request):
                         apply_update(mirror, update)
                         metrics.set_kv_mirror(mirror.synced, mirror.blocks)
+                        if mirror.synced:
+                            lapses = 0
                     self._failed(
                         reg, _ended(grpc.StatusCode.UNAVAILABLE, "watch ended"), "WatchExact"
                     )
@@ -562,18 +571,21 @@ class RegistryPrefixIndex:
                         # This copy fell behind the registry's changes (the registry cancels a
                         # watch it could not write to); the registry is fine (lookups and
                         # updates go on to it): a fresh snapshot `retry_s` later.
+                        lapses += 1
+                        wait = self._lapse_wait(self._retry_s, lapses)
                         log.warning(
                             "copy of kv_registry's exact index fell behind; watching again",
-                            extra={"registry": reg.address},
+                            extra={"registry": reg.address, "in_s": wait},
                         )
                     else:
                         self._failed(reg, err, "WatchExact")
                 except (MirrorFull, UnknownChange) as exc:
+                    lapses += 1
+                    wait = self._lapse_wait(self.WATCH_REFUSED_RETRY_S, lapses)
                     log.error(
                         "copy of kv_registry's exact index dropped; lookups go to kv_registry",
-                        extra={"registry": reg.address, "error": str(exc)},
+                        extra={"registry": reg.address, "error": str(exc), "retry_in_s": wait},
                     )
-                    wait = self.WATCH_REFUSED_RETRY_S
                 except grpc.aio.UsageError:
                     pass  # its channel closed: `refresh` removed it
                 except asyncio.CancelledError:
@@ -584,7 +596,11 @@ class RegistryPrefixIndex:
                 finally:
                     mirror.reset()
                     metrics.set_kv_mirror(False, 0)
+            self.watch_wait_s = wait
             await asyncio.sleep(wait)
+
+    def _lapse_wait(self, first_s: float, lapses: int) -> float:
+        return min(first_s * 2 ** min(lapses - 1, 32), max(first_s, self.WATCH_BACKOFF_MAX_S))
 
     async def _lookup(
         self, reg: _Registry, hashes: Sequence[int], trace_context: dict[str, str]

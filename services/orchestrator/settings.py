@@ -99,7 +99,8 @@ class OrchestratorSettings(ServiceSettings):
         default=4_000_000,
         gt=0,
         description="Block hashes the copy may hold (about 150 bytes each); beyond, the "
-        "orchestrator stops mirroring and looks up in kv_registry.",
+        "orchestrator drops it and looks up in kv_registry (a new copy is tried later, twice "
+        "as late each time it outgrows the bound again).",
     )
     policy_file: Path | None = Field(
         default=None,

@@ -203,3 +203,32 @@ async def test_sent_hashes_are_used_only_when_hashed_with_this_config() -> None:
         assert (blind.prompt_blocks, blind.matched_blocks) == (0, {})
         rehashed = await idx.lookup(PROMPT, ["r1"], other)  # the prompt came too: hashed here
         assert rehashed.matched_blocks == {"r1": 2}
+
+
+class LaggingRegistry(WatchedRegistry):
+    """Ends every watch RESOURCE_EXHAUSTED before its snapshot is through: a copy that cannot
+    keep up with the registry's changes."""
+
+    async def WatchExact(
+        self, request: pb.WatchExactRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[pb.ExactIndexUpdate]:
+        self.watches += 1
+        yield pb.ExactIndexUpdate(
+            changes=[pb.ExactChange(replica_id="r1", kind=KIND.KIND_CLEARED)], synced=False
+        )
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "behind")
+
+
+async def test_a_copy_that_keeps_falling_behind_is_watched_again_twice_as_late() -> None:
+    """Each watch costs the registry a snapshot and the orchestrator its application, while
+    both are loaded: a copy that never got in sync was watched again every `retry_s`."""
+    fake = LaggingRegistry("a")  # type: ignore[abstract]
+    async with watched(fake) as idx:  # retry_s 0.05
+        assert (await idx.lookup(PROMPT, ["r1"])).matched_blocks == {"a": 2}  # starts the watch
+
+        async def fourth_lapse() -> bool:
+            return idx.watch_wait_s >= 0.05 * 2**3
+
+        await eventually(fourth_lapse, 10, "the fourth lapse's wait")
+        assert 4 <= fake.watches <= 5
+        assert (await idx.lookup(PROMPT, ["r1"])).matched_blocks == {"a": 2}  # the registry's
