@@ -600,7 +600,7 @@ class RegistryPrefixIndex:
             await asyncio.sleep(wait)
 
     def _lapse_wait(self, first_s: float, lapses: int) -> float:
-        return min(first_s * 2 ** min(lapses - 1, 32), max(first_s, self.WATCH_BACKOFF_MAX_S))
+        return min(first_s * (1 << min(lapses - 1, 32)), max(first_s, self.WATCH_BACKOFF_MAX_S))
 
     async def _lookup(
         self, reg: _Registry, hashes: Sequence[int], trace_context: dict[str, str]
