@@ -318,6 +318,7 @@ class _Registry:
     channel: grpc.aio.Channel
     stub: pb_grpc.KvRegistryServiceAsyncStub
     down_until: float = 0.0  # monotonic; skipped until then after a failure
+    no_watch_until: float = 0.0  # monotonic; refused WatchExact: another is watched until then
     down: bool = False  # the last call failed (logged once per outage)
     batches: bool = True  # answers UpdateBatch (False once it said UNIMPLEMENTED, until down)
     streams: bool = True  # answers LookupStream (False once it said UNIMPLEMENTED, until down)
@@ -538,9 +539,9 @@ class RegistryPrefixIndex:
     async def _watch(self, mirror: ExactMirror) -> None:
         """Keep `mirror` equal to a registry's exact index, until closed: WatchExact on the
         first registry up; when the watch ends, the copy is dropped and a watch starts again from
-        a fresh snapshot `retry_s` later (the registry that failed is skipped for as long), or
-        `WATCH_REFUSED_RETRY_S` later when a registry refused it or the copy outgrew its
-        bound; a copy that ends so (fell behind, outgrew its bound) again before it was in sync
+        a fresh snapshot `retry_s` later (the registry that failed is skipped for as long; one
+        that refused WatchExact is not watched for `WATCH_REFUSED_RETRY_S`, another is), or
+        `WATCH_REFUSED_RETRY_S` later when the copy outgrew its bound; a copy that ends so (fell behind, outgrew its bound) again before it was in sync
         waits twice as long each time (`WATCH_BACKOFF_MAX_S` at most)."""
         request = pb.WatchExactRequest(
             block_size=self._config.block_size, hash_seed=self._config.hash_seed
@@ -548,7 +549,8 @@ class RegistryPrefixIndex:
         lapses = 0  # copies in a row that fell behind or outgrew the bound before in sync
         while not self._closed:
             wait = self._retry_s
-            up = self._up()
+            now = self._clock()
+            up = [r for r in self._up() if r.no_watch_until <= now]
             if up:
                 reg = up[0]
                 try:
@@ -562,11 +564,12 @@ class RegistryPrefixIndex:
                     )
                 except grpc.aio.AioRpcError as err:
                     if err.code() in _NO_WATCH:
+                        # Another registry (a newer version, other mesh policy) may serve it.
                         log.warning(
-                            "kv_registry refuses WatchExact; lookups go to kv_registry",
+                            "kv_registry refuses WatchExact; watching another, if any",
                             extra={"registry": reg.address, "error": err.code().name},
                         )
-                        wait = self.WATCH_REFUSED_RETRY_S
+                        reg.no_watch_until = self._clock() + self.WATCH_REFUSED_RETRY_S
                     elif err.code() in _FELL_BEHIND:
                         # This copy fell behind the registry's changes (the registry cancels a
                         # watch it could not write to); the registry is fine (lookups and

@@ -232,3 +232,24 @@ async def test_a_copy_that_keeps_falling_behind_is_watched_again_twice_as_late()
         await eventually(fourth_lapse, 10, "the fourth lapse's wait")
         assert 4 <= fake.watches <= 5
         assert (await idx.lookup(PROMPT, ["r1"])).matched_blocks == {"a": 2}  # the registry's
+
+
+async def test_a_registry_refusing_the_watch_leaves_it_to_another() -> None:
+    """The first registry refuses WatchExact (an older version mid-upgrade, a mesh policy): the
+    copy is taken from the next one, not left off for as long as the first one refuses."""
+    refusing = WatchedRegistry("a", refuse=True)  # type: ignore[abstract]
+    serving = WatchedRegistry("b")  # type: ignore[abstract]
+    a, b = await served(refusing), await served(serving)
+    idx = mirrored(a, b)
+    try:
+        await idx.lookup(PROMPT, ["r1"])  # starts the watch
+
+        async def copied() -> bool:
+            return await from_copy(idx, serving) and await from_copy(idx, refusing)
+
+        await eventually(copied, 5, "lookups from a copy of the second registry's index")
+        assert (refusing.watches, serving.watches) == (1, 1)
+    finally:
+        await idx.close()
+        await a.stop()
+        await b.stop()
