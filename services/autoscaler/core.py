@@ -204,6 +204,13 @@ class Autoscaler:
                 (gauge, labels)
                 for gauge in (_DESIRED, _CURRENT, _READY, _STARTING, _DRAINING, _PANIC)
             )
+            # Its decision counters too (their rates would read 0 forever: alert rules divide
+            # them, LlmmeshAutoscalerBlind).
+            remove_series(
+                (_DECISIONS, (*labels, direction, cause.value))
+                for direction in ("up", "down", "hold")
+                for cause in Cause
+            )
             log.info("pool forgotten", extra={"pool": key.pool, "model_version": key.model_version})
 
     def _record(

@@ -324,6 +324,15 @@ async def test_a_pool_gone_from_every_source_is_forgotten_with_its_gauges() -> N
     assert {rec.key for rec in await core.evaluate()} == {KEY}
     assert [rec.key for rec in core.latest()] == [KEY]
     assert metric(names.AS_DESIRED_REPLICAS, **labels) is None
+    # Its decision counters too: a rate over them would read 0 forever.
+    exported = [
+        s.labels
+        for family in REGISTRY.collect()
+        if family.name == names.AS_DECISIONS.removesuffix("_total")
+        for s in family.samples
+    ]
+    assert exported
+    assert not [s for s in exported if s.get("model_version") == "v0"]
 
 
 async def test_a_pool_is_not_forgotten_in_a_source_outage_or_while_keda_asks_for_it() -> None:
