@@ -93,7 +93,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -503,12 +503,6 @@ class RedisResumeStore:
     def _ms(self, seconds: float) -> int:
         return max(1, int(seconds * 1000))
 
-    @property
-    def _watch_ms(self) -> int:
-        """A follower's watch lasts a lease (its refresh period, thrice) plus the grace a
-        client leaving the owner's gateway would have."""
-        return self._ms(self.lease_s + self.grace_s)
-
     def _running_ttl_ms(self) -> int:
         return self._ms(self.lease_s + self.grace_s)
 
@@ -690,7 +684,7 @@ class RedisResumeStore:
         try:
             # Watched from now, not from the follower's first read: its owner's grace may end
             # while the client here takes the replay (`_abandon_unless_watched`).
-            await self._redis.set(keys.watch, self.owner, px=self._watch_ms)
+            await self._redis.set(keys.watch, self.owner, px=self._running_ttl_ms())
         except RedisError as err:
             raise self._unavailable("attach", err) from err
         metrics.record_resume_request("attached")
@@ -843,24 +837,67 @@ class RedisResumeStore:
         # Watched while it lives, reading or not (a client taking its events slowly).
         heartbeat = asyncio.get_running_loop().create_task(self._keep_watched(keys.watch))
         try:
-            async with contextlib.aclosing(
-                self._follow_remote_events(
-                    heartbeat.cancel,
-                    key,
-                    keys,
-                    digest,
-                    reserve_tokens,
-                    created,
-                    gen_id,
-                    seen,
-                    last_id,
-                    gate,
-                    ready,
-                    source,
+            for ev in ready:
+                yield ev
+                if isinstance(ev, Completion):
+                    return
+            log_key = keys.log(gen_id)
+            block_ms = max(10, self._ms(self.lease_s / 3))
+            while True:
+                resp: Any = await self._or_lost(
+                    "follow", self._blocking.xread({log_key: last_id}, block=block_ms)
                 )
-            ) as events:
-                async for ev in events:
-                    yield ev
+                if resp:
+                    for _, entries in resp:
+                        for entry_id, payload in _entries(entries):
+                            last_id = entry_id
+                            evs, error = decode_batch(payload)
+                            for ev in evs:
+                                seen.append(ev)
+                                if gate.admit(ev):
+                                    yield ev
+                                if isinstance(ev, Completion):
+                                    return
+                            if error is not None:
+                                raise error
+                    continue
+                # Nothing new within the block: is its gateway still there?
+                (gen_now, done), claimed = await self._or_lost("follow", self._gen_state(keys))
+                if gen_now is None or _s(gen_now) != gen_id:
+                    # Forgotten: its error entry, if written, comes with the next read.
+                    more, error, _ = await self._or_lost("follow", self._read_log(log_key, last_id))
+                    if more or error is not None:
+                        continue
+                    raise Unavailable(
+                        "the generation was lost with its gateway; send the request again",
+                        retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
+                    )
+                if _s(done) == "1":
+                    # Its end was written with its last batch: the next read has it, unless the
+                    # log is gone (evicted, or expired).
+                    more, error, _ = await self._or_lost("follow", self._read_log(log_key, last_id))
+                    if more or error is not None:
+                        continue
+                    raise _not_found()
+                if claimed:
+                    continue
+                if not self._fits(reserve_tokens):
+                    continue  # no room to run it here; another gateway may
+                taken = await self._or_lost(
+                    "takeover",
+                    self._try_takeover(
+                        key, keys, digest, reserve_tokens, created, gen_id, seen, last_id, source
+                    ),
+                )
+                if taken is None:
+                    continue
+                metrics.record_resume_request("taken_over")
+                own, index = taken
+                heartbeat.cancel()  # run here now: its own grace applies when the client leaves
+                async with contextlib.aclosing(self._follow_owned(own, index, gate, [])) as events:
+                    async for ev in events:
+                        yield ev
+                return
         finally:
             heartbeat.cancel()
 
@@ -869,86 +906,9 @@ class RedisResumeStore:
         while True:
             await asyncio.sleep(self.lease_s / 3)  # the refresh period, not a synchronisation
             try:
-                await self._redis.set(watch, self.owner, px=self._watch_ms)
+                await self._redis.set(watch, self.owner, px=self._running_ttl_ms())
             except RedisError:
                 metrics.record_resume_redis_error("watch")  # the follower's reads notice
-
-    async def _follow_remote_events(
-        self,
-        stop_watching: Callable[[], object],
-        key: Key,
-        keys: _Keys,
-        digest: str,
-        reserve_tokens: int,
-        created: float,
-        gen_id: str,
-        seen: list[Event],
-        last_id: str,
-        gate: _Gate,
-        ready: list[Event],
-        source: ContinuableSource,
-    ) -> AsyncGenerator[Event, None]:
-        for ev in ready:
-            yield ev
-            if isinstance(ev, Completion):
-                return
-        log_key = keys.log(gen_id)
-        block_ms = max(10, self._ms(self.lease_s / 3))
-        while True:
-            resp: Any = await self._or_lost(
-                "follow", self._blocking.xread({log_key: last_id}, block=block_ms)
-            )
-            if resp:
-                for _, entries in resp:
-                    for entry_id, payload in _entries(entries):
-                        last_id = entry_id
-                        evs, error = decode_batch(payload)
-                        for ev in evs:
-                            seen.append(ev)
-                            if gate.admit(ev):
-                                yield ev
-                            if isinstance(ev, Completion):
-                                return
-                        if error is not None:
-                            raise error
-                continue
-            # Nothing new within the block: is its gateway still there?
-            (gen_now, done), claimed = await self._or_lost("follow", self._gen_state(keys))
-            if gen_now is None or _s(gen_now) != gen_id:
-                # Forgotten: its error entry, if written, comes with the next read.
-                more, error, _ = await self._or_lost("follow", self._read_log(log_key, last_id))
-                if more or error is not None:
-                    continue
-                raise Unavailable(
-                    "the generation was lost with its gateway; send the request again",
-                    retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
-                )
-            if _s(done) == "1":
-                # Its end was written with its last batch: the next read has it, unless the
-                # log is gone (evicted, or expired).
-                more, error, _ = await self._or_lost("follow", self._read_log(log_key, last_id))
-                if more or error is not None:
-                    continue
-                raise _not_found()
-            if claimed:
-                continue
-            if not self._fits(reserve_tokens):
-                continue  # no room to run it here; another gateway may
-            taken = await self._or_lost(
-                "takeover",
-                self._try_takeover(
-                    key, keys, digest, reserve_tokens, created, gen_id, seen, last_id, source
-                ),
-            )
-            if taken is None:
-                continue
-            metrics.record_resume_request("taken_over")
-            own, index = taken
-            stop_watching()  # run here now: its own grace applies when the client leaves
-            async with contextlib.aclosing(self._follow_owned(own, index, gate, [])) as events:
-                async for ev in events:
-                    yield ev
-            return
 
     # -- writing --------------------------------------------------------------------------------
     async def _write(
