@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, get_args
 
 from prometheus_client import Counter, Gauge
 
@@ -36,7 +36,15 @@ from llmmesh.common.errors import Unavailable
 from llmmesh.common.telemetry import remove_series
 from llmmesh.common.topology import PoolKey
 from services.autoscaler.actuators.contracts import Actuator, ReplicaCounts
-from services.autoscaler.policy import Cause, PolicyConfig, PoolState, ScaleDecision, decide, hold
+from services.autoscaler.policy import (
+    Cause,
+    Direction,
+    PolicyConfig,
+    PoolState,
+    ScaleDecision,
+    decide,
+    hold,
+)
 from services.autoscaler.settings import AutoscalerSettings
 from services.autoscaler.signals import PoolSignals, SignalSource, SourceUnavailable
 
@@ -208,7 +216,7 @@ class Autoscaler:
             # them, LlmmeshAutoscalerBlind).
             remove_series(
                 (_DECISIONS, (*labels, direction, cause.value))
-                for direction in ("up", "down", "hold")
+                for direction in get_args(Direction)
                 for cause in Cause
             )
             log.info("pool forgotten", extra={"pool": key.pool, "model_version": key.model_version})

@@ -5,8 +5,9 @@ desired replica count with a per-replica target of 1 (KEDA's default metric type
 the HPA that KEDA drives computes desired = ceil(value / 1) = the core's decision; IsActive is true
 while it is above zero (KEDA scales 0 <-> 1 on it). A pool not decided yet (`Autoscaler.desired`)
 is answered UNAVAILABLE: the HPA keeps its count until, past the ScaledObject's
-`failureThreshold`, KEDA applies its `fallback` replicas. StreamIsActive pushes a change after the evaluation that made it, until the
-autoscaler drains: then it ends UNAVAILABLE (KEDA opens it again, on a replica that serves).
+`failureThreshold`, KEDA applies its `fallback` replicas. StreamIsActive pushes a change after
+the evaluation that made it, until the autoscaler drains: then it ends UNAVAILABLE (KEDA opens it
+again, on a replica that serves).
 """
 
 from __future__ import annotations

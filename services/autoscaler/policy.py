@@ -256,6 +256,9 @@ class PoolState:
         return current if self.desired is None else self.desired
 
 
+Direction = Literal["up", "down", "hold"]  # a decision against the current count (a metric label)
+
+
 class Cause(StrEnum):
     """Why the decision is what it is (bounded: a metric label)."""
 
@@ -296,7 +299,7 @@ class ScaleDecision:
     panic: bool = False
 
     @property
-    def direction(self) -> Literal["up", "down", "hold"]:
+    def direction(self) -> Direction:
         if self.desired > self.current:
             return "up"
         return "down" if self.desired < self.current else "hold"

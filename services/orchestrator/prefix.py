@@ -541,8 +541,9 @@ class RegistryPrefixIndex:
         first registry up; when the watch ends, the copy is dropped and a watch starts again from
         a fresh snapshot `retry_s` later (the registry that failed is skipped for as long; one
         that refused WatchExact is not watched for `WATCH_REFUSED_RETRY_S`, another is), or
-        `WATCH_REFUSED_RETRY_S` later when the copy outgrew its bound; a copy that ends so (fell behind, outgrew its bound) again before it was in sync
-        waits twice as long each time (`WATCH_BACKOFF_MAX_S` at most)."""
+        `WATCH_REFUSED_RETRY_S` later when the copy outgrew its bound; a copy that ends so
+        (fell behind, outgrew its bound) again before it was in sync waits twice as long each
+        time (`WATCH_BACKOFF_MAX_S` at most)."""
         request = pb.WatchExactRequest(
             block_size=self._config.block_size, hash_seed=self._config.hash_seed
         )
