@@ -268,18 +268,18 @@ async def test_a_dead_registry_fails_over_within_the_lookup_and_comes_back(
 async def test_a_hanging_registry_costs_one_timeout_then_is_skipped(
     registries: tuple[Served, Served],
 ) -> None:
+    """Judged by the calls each registry got, not by wall time: the budget is long enough for
+    b to answer on a loaded machine (a 0.1 s budget let b's own call time out there too)."""
     a, b = registries
     a.fake.hang = True
-    idx = index(a, b, timeout_s=0.1)
+    idx = index(a, b, timeout_s=0.5)
     try:
-        t = time.monotonic()
-        assert await matched_by(idx) == {"b"}
-        assert time.monotonic() - t < 1.0
-        t = time.monotonic()
+        assert await matched_by(idx) == {"b"}  # a's call timed out (it never answers): b's
+        assert a.fake.lookups == 1
         for _ in range(5):
             assert await matched_by(idx) == {"b"}
-        assert time.monotonic() - t < 0.5  # no more waiting on a
-        assert a.fake.lookups == 1
+        assert a.fake.lookups == 1  # no more waiting on a
+        assert b.fake.lookups == 6
     finally:
         await idx.close()
 
