@@ -113,7 +113,7 @@ ALLOWED = [
     # readiness, and the replica view the gateway's degraded mode routes over
     (GATEWAY, ORCH_LABELS, 50052, ORCH + "ListReplicas", "POST"),
     (GATEWAY, TRITON_LABELS, 8001, TRI + "ModelStreamInfer", "POST"),
-    (ORCHESTRATOR, TRITON_LABELS, 8001, TRI + "ServerReady", "POST"),
+    (ORCHESTRATOR, TRITON_LABELS, 8001, TRI + "ModelReady", "POST"),
     (ORCHESTRATOR, TRITON_LABELS, 8002, "/metrics", "GET"),
     (ORCHESTRATOR, KV_LABELS, 50053, KV + "Lookup", "POST"),
     (ORCHESTRATOR, KV_LABELS, 50053, KV + "LookupStream", "POST"),

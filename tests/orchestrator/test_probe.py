@@ -1,0 +1,94 @@
+"""TritonProbe against a fake Triton health API on an ephemeral port: one ModelReady call per
+model and round, and Triton's refusals while its server is not ready read as not ready."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from services.orchestrator.probe import TritonProbe
+from services.orchestrator.settings import ReplicaSpec
+
+
+class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """Triton's readiness answers: `server_ready` False answers ModelReady as Triton does while
+    starting or exiting (UNAVAILABLE "Server not ready"); `unready` models answer not ready."""
+
+    def __init__(self) -> None:
+        self.server_ready = True
+        self.unready: set[str] = set()
+        self.calls: list[str] = []
+
+    async def ServerReady(
+        self,
+        request: service_pb2.ServerReadyRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> service_pb2.ServerReadyResponse:
+        self.calls.append("ServerReady")
+        return service_pb2.ServerReadyResponse(ready=self.server_ready)
+
+    async def ModelReady(
+        self,
+        request: service_pb2.ModelReadyRequest,
+        context: grpc.aio.ServicerContext[object, object],
+    ) -> service_pb2.ModelReadyResponse:
+        self.calls.append(f"ModelReady:{request.name}")
+        if not self.server_ready:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "Server not ready")
+        return service_pb2.ModelReadyResponse(ready=request.name not in self.unready)
+
+
+@contextlib.asynccontextmanager
+async def triton() -> AsyncIterator[tuple[FakeTriton, str]]:
+    fake = FakeTriton()
+    server = grpc.aio.server()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(fake, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield fake, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
+@pytest.fixture
+async def probe() -> AsyncIterator[TritonProbe]:
+    p = TritonProbe()
+    yield p
+    await p.close()
+
+
+async def test_a_ready_replica_costs_one_call_per_model(probe: TritonProbe) -> None:
+    async with triton() as (fake, address):
+        spec = ReplicaSpec(id="r0", grpc_address=address, models=["a", "b"])
+        assert await probe.ready(spec, spec.models, 5.0)
+        assert fake.calls == ["ModelReady:a", "ModelReady:b"]
+
+
+async def test_a_model_not_ready_is_not_ready(probe: TritonProbe) -> None:
+    async with triton() as (fake, address):
+        fake.unready = {"b"}
+        spec = ReplicaSpec(id="r0", grpc_address=address, models=["a", "b"])
+        assert not await probe.ready(spec, spec.models, 5.0)
+
+
+async def test_a_server_not_ready_fails_the_probe(probe: TritonProbe) -> None:
+    """Triton refuses ModelReady while the server starts or exits: the probe raises, which
+    `Health.probe` counts as not ready."""
+    async with triton() as (fake, address):
+        fake.server_ready = False
+        spec = ReplicaSpec(id="r0", grpc_address=address)
+        with pytest.raises(Exception, match="Server not ready"):
+            await probe.ready(spec, spec.models, 5.0)
+
+
+async def test_no_models_asks_the_server(probe: TritonProbe) -> None:
+    async with triton() as (fake, address):
+        spec = ReplicaSpec(id="r0", grpc_address=address)
+        fake.server_ready = False
+        assert not await probe.ready(spec, (), 5.0)
+        assert fake.calls == ["ServerReady"]
