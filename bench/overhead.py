@@ -36,6 +36,11 @@ The targets (issue 14) are checked at the end: added TTFT p50 <= 1.5 ms and p99 
 stream, p50 <= 5 ms at 32; gateway CPU per token <= 1.5x the bare relay's; tokens/s >= 0.8x the
 bare relay's at 32 and 128 streams.
 
+After the arms, with the services stopped, `bench.hopfloor` measures one round trip to a Python
+grpc.aio server on this machine, back to back and after idle (printed before the targets, and
+in the JSON as `hop_floor`): at 1 stream the orchestrator idles between Admits, so each Admit
+is such a round trip after idle, on the critical path of its request's first token.
+
 `--compare before.json` prints the figures of an earlier run beside this one's.
 """
 
@@ -540,8 +545,13 @@ async def main_async(args: argparse.Namespace) -> int:
             await relay.wait()
         await mesh.stop()
 
+    # The floor under the hops the mesh adds, on this machine now (the services are stopped).
+    from bench import hopfloor  # imports this module
+
+    floor = await hopfloor.measure(cores=cores)
     summary = summarize(rows, args.concurrency)
     print_tables(rows, summary)
+    hopfloor.print_ways(floor)
     print_targets(summary)
     if args.compare is not None:
         print_comparison(args.compare["summary"], summary, args.compare_path)
@@ -552,6 +562,7 @@ async def main_async(args: argparse.Namespace) -> int:
             "pinned": None if cores is None else [sorted(c) for c in cores],
             "rows": [asdict(r) for r in rows],
             "summary": summary,
+            "hop_floor": hopfloor.as_json(floor),
         },
     )
     print(f"\nwrote {out}")
