@@ -10,6 +10,8 @@ Invariants:
 - A waiter leaves the queue for good once: granted or refused after `drain_in_order` (those
   neither are `restore`d), or taken out by `withdraw` or `evict_newest`; a drained waiter
   (not `queued`) cannot be withdrawn.
+- The class clock is the finish tag of the last waiter served (`served`): a request waits
+  behind others' only until their finish tags pass its own, however many new tenants arrive.
 - The per-tenant finish-tag map stays bounded by the active tenants (`prune`).
 - `queued(p)` is the number of waiters of class p in the queue; the queue never holds more than
   `max_size` (the director checks `capacity.decide` before `push`, which refuses beyond it).
@@ -183,14 +185,24 @@ class AdmissionQueue:
             self._counts[w.priority] += 1
 
     def served(self, waiter: Waiter) -> None:
-        """The waiter was granted: its class clock advances to its start tag."""
-        self._vtime[waiter.priority] = max(self._vtime.get(waiter.priority, 0.0), waiter.start_tag)
+        """The waiter was granted: its class clock advances to its finish tag (self-clocked
+        fair queuing). Advanced only to its start tag, the clock would stand still while every
+        waiter is a tenant's first (each starts at the clock): a long request would be passed
+        by every short one from a new tenant (the order is by finish tag) until its deadline,
+        and no tenant would ever be forgotten (`prune`)."""
+        prio = waiter.priority
+        self._vtime[prio] = max(self._vtime.get(prio, 0.0), waiter.finish_tag)
 
     def prune(self) -> None:
-        """Forget tenants whose last finish tag the class clock passed: they are idle and would
-        start at the class clock anyway."""
+        """Past `_TENANT_MEMORY` tenants, forget those whose last finish tag the class clock
+        reached (they are idle and would start at the class clock anyway), and every tenant of
+        a class with no waiter queued (the rest: withdrawn or evicted, never served). Not
+        between `drain_in_order` and `restore`: the drained waiters count as gone."""
         if len(self._tenant_finish) > _TENANT_MEMORY:
+            vtime, counts = self._vtime, self._counts
             for key in [
-                k for k, f in self._tenant_finish.items() if f <= self._vtime.get(k[0], 0.0)
+                k
+                for k, f in self._tenant_finish.items()
+                if f <= vtime.get(k[0], 0.0) or not counts[k[0]]
             ]:
                 del self._tenant_finish[key]

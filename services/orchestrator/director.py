@@ -964,9 +964,9 @@ class Orchestrator:
                 order = self._grant_affine(waiters, window)
             for waiter in order:
                 settle(waiter)
-            self._queue.prune()
             self._queue.restore(self._shed_late(blocked))
             restored = True
+            self._queue.prune()  # after the restore: it reads which classes still wait
         finally:
             if not restored:  # a decision raised: the waiters not yet served stay queued
                 self._queue.restore([w for w in waiters if not w.future.done()])

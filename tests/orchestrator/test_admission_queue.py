@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.orchestrator.admission_queue import AdmissionQueue, Waiter
+from services.orchestrator.admission_queue import _TENANT_MEMORY, AdmissionQueue, Waiter
 from services.orchestrator.domain import AdmissionRequest, Lease, Priority
 from services.orchestrator.prefix import NO_MATCHES
 
@@ -143,3 +143,54 @@ def test_the_queue_agrees_with_a_list_of_its_live_waiters(ops: list[tuple[object
         assert q.drain_in_order() == sorted(live)
     finally:
         loop.close()
+
+
+def _serve_head(q: AdmissionQueue) -> Waiter:
+    """A dispatch pass that grants the head waiter and keeps the rest."""
+    order = q.drain_in_order()
+    q.served(order[0])
+    q.restore(order[1:])
+    q.prune()
+    return order[0]
+
+
+async def test_a_long_request_is_not_passed_forever_by_new_tenants_short_ones() -> None:
+    """The class clock follows the served finish tags: once the short requests' finish tags
+    pass the long one's, it is served (each of 400 tenants arrives once, as end users behind
+    one gateway key may) after about as many as its cost is theirs."""
+    q = AdmissionQueue(64, lambda _t: 1.0)
+    loop = asyncio.get_running_loop()
+    long = AdmissionRequest("long", "m", list(range(3000)), 7, tenant="big")
+    q.push(long, NO_MATCHES, 0.0, loop.create_future(), ("", ""), None)
+    served = []
+    for i in range(400):
+        q.push(_req(f"s{i}", f"user-{i}"), NO_MATCHES, 0.0, loop.create_future(), ("", ""), None)
+        served.append(_serve_head(q).request.request_id)
+    # Its cost (3007) is about 300 short ones' (10 each): it waits for about that many.
+    assert "long" in served
+    assert served.index("long") <= 1 + 3007 // 10
+
+
+async def test_tenants_served_once_are_forgotten() -> None:
+    q = AdmissionQueue(64, lambda _t: 1.0)
+    loop = asyncio.get_running_loop()
+    for i in range(_TENANT_MEMORY + 1000):
+        q.push(_req(f"r{i}", f"user-{i}"), NO_MATCHES, 0.0, loop.create_future(), ("", ""), None)
+        _serve_head(q)
+    assert len(q._tenant_finish) <= _TENANT_MEMORY + 1
+
+
+async def test_tenants_of_an_emptied_class_are_forgotten() -> None:
+    """Waiters withdrawn (callers gone), never served: the clock never passes their tags."""
+    q = AdmissionQueue(_TENANT_MEMORY + 10, lambda _t: 1.0)
+    loop = asyncio.get_running_loop()
+    waiters = [
+        q.push(_req(f"r{i}", f"user-{i}"), NO_MATCHES, 0.0, loop.create_future(), ("", ""), None)
+        for i in range(_TENANT_MEMORY + 5)
+    ]
+    q.prune()
+    assert len(q._tenant_finish) == _TENANT_MEMORY + 5  # all still waiting: all remembered
+    for w in waiters:
+        q.withdraw(w)
+    q.prune()
+    assert not q._tenant_finish
