@@ -27,7 +27,7 @@ from services.gateway import metrics
 from services.gateway.admission import AdmissionClient, AdmissionRequest, Lease, Outcome
 from services.gateway.errors import ReplicaFailed
 from services.gateway.events import Event
-from services.gateway.faults import Fault, FaultKind, attempt_error
+from services.gateway.faults import Fault, FaultKind, FaultReason, attempt_error
 from services.gateway.generation import GenerationRequest
 from services.gateway.models import ServedModel
 from services.gateway.replica_watch import STALLED, ReplicaWatch
@@ -151,6 +151,8 @@ class Attempts:
             except AttemptFailed as err:
                 failed = err
                 kind = err.fault.kind
+                if err.fault.reason is FaultReason.INVALID_REQUEST:
+                    raise err.error from err.__cause__  # the input: every replica refuses it
                 if state.completion_tokens == 0:
                     # Nothing reached the client yet: any engine failure is retried elsewhere
                     # (a refusal no rule names may be a replica's all the same).
@@ -304,9 +306,7 @@ class Attempts:
         except TritonStreamError as err:
             error = str(err)
             outcome = Outcome.REPLICA_ERROR if err.replica_fault else Outcome.REQUEST_ERROR
-            raise AttemptFailed(
-                attempt_error(err.fault, f"replica {replica.id} failed: {err}"), err.fault
-            ) from err
+            raise AttemptFailed(attempt_error(err.fault, replica.id, str(err)), err.fault) from err
         except EngineCallStopped as err:
             outcome = Outcome.CANCELLED
             error = str(err.error)

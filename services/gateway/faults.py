@@ -20,7 +20,7 @@ from enum import StrEnum
 import grpc
 
 from llmmesh.common.errors import Reason, ResourceExhausted, ServiceError
-from services.gateway.errors import ReplicaFailed
+from services.gateway.errors import InvalidRequest, ReplicaFailed
 
 # retry-after of an engine's queue-full refusal passed on to the client: the engine reports no
 # drain rate; about one decode pass of a full batch frees its head.
@@ -41,8 +41,10 @@ class FaultReason(StrEnum):
     ENGINE_STOPPING = "engine_stopping"  # the engine or server is shutting down
     ENGINE_INTERNAL = "engine_internal"  # the engine failed on its own side
     QUEUE_FULL = "queue_full"  # the engine's waiting queue is full
-    INVALID_REQUEST = "invalid_request"  # a gRPC status that blames the request
-    REQUEST_REFUSED = "request_refused"  # an in-stream error no rule names a replica fault
+    # The client's own input: INVALID_ARGUMENT / OUT_OF_RANGE, or an engine's validation text.
+    INVALID_REQUEST = "invalid_request"
+    # A refusal that names no cause: an in-stream error no rule matches, another gRPC status.
+    REQUEST_REFUSED = "request_refused"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +68,12 @@ _REPLICA_WIDE = frozenset(
 )
 
 # Status codes of a failed ModelStreamInfer call (DEADLINE_EXCEEDED, and a CANCELLED from this
-# side, are ours and never get here). Any code not listed is a request error (INVALID_ARGUMENT,
-# NOT_FOUND, ...).
+# side, are ours and never get here). Any code not listed is a request error: the client's own
+# input for INVALID_ARGUMENT and OUT_OF_RANGE, else a refusal that names no cause (NOT_FOUND,
+# PERMISSION_DENIED or UNIMPLEMENTED from a proxy, ...): the client is not told its input was bad.
 _STATUS: dict[grpc.StatusCode, Fault] = {
+    grpc.StatusCode.INVALID_ARGUMENT: Fault(FaultKind.REQUEST, FaultReason.INVALID_REQUEST),
+    grpc.StatusCode.OUT_OF_RANGE: Fault(FaultKind.REQUEST, FaultReason.INVALID_REQUEST),
     grpc.StatusCode.UNAVAILABLE: Fault(FaultKind.REPLICA, FaultReason.TRANSPORT),
     grpc.StatusCode.INTERNAL: Fault(FaultKind.REPLICA, FaultReason.TRANSPORT),
     grpc.StatusCode.UNKNOWN: Fault(FaultKind.REPLICA, FaultReason.TRANSPORT),
@@ -121,6 +126,15 @@ _MESSAGES: tuple[tuple[re.Pattern[str], Fault], ...] = tuple(
             FaultReason.ENGINE_INTERNAL,
         ),
         (r"executor worker\b.*\b(died|exited|failed)", FaultKind.REPLICA, FaultReason.BACKEND_DEAD),
+        # The client's own input, which no replica of this deployment would take: our engines'
+        # validation ("input_ids must hold at least one token"; "prompt of N tokens exceeds
+        # max_num_tokens=M (chunked context is not enabled)"; "prompt (P) + request_output_len
+        # (O) tokens need B KV blocks of 32 tokens, the cache holds C") and Triton's ("unexpected
+        # shape for input 'input_ids' ...").
+        (r"must hold at least one token", FaultKind.REQUEST, FaultReason.INVALID_REQUEST),
+        (r"\bexceeds max_num_tokens\b", FaultKind.REQUEST, FaultReason.INVALID_REQUEST),
+        (r"\btokens need \d+ KV blocks\b", FaultKind.REQUEST, FaultReason.INVALID_REQUEST),
+        (r"\bunexpected shape for input\b", FaultKind.REQUEST, FaultReason.INVALID_REQUEST),
     )
 )
 
@@ -129,13 +143,12 @@ _REFUSED = Fault(FaultKind.REQUEST, FaultReason.REQUEST_REFUSED)
 # For callers that only know whose fault it is (e.g. the gateway's stall timeout).
 REPLICA_FAULT = Fault(FaultKind.REPLICA, FaultReason.STREAM_BROKEN)
 REQUEST_FAULT = _REFUSED
-_INVALID = Fault(FaultKind.REQUEST, FaultReason.INVALID_REQUEST)
 
 
 def classify_status(code: grpc.StatusCode) -> Fault:
     """The fault a ModelStreamInfer call that ended with `code` (not DEADLINE_EXCEEDED, nor a
     CANCELLED from this side: those are our own) stands for."""
-    return _STATUS.get(code, _INVALID)
+    return _STATUS.get(code, _REFUSED)
 
 
 def classify_message(message: str) -> Fault:
@@ -146,10 +159,16 @@ def classify_message(message: str) -> Fault:
     return _REFUSED
 
 
-def attempt_error(fault: Fault, message: str) -> ServiceError:
+def attempt_error(fault: Fault, replica_id: str, detail: str) -> ServiceError:
     """What the client gets for a failed attempt that is not retried: back-pressure (a full
     engine queue) is RESOURCE_EXHAUSTED with a retry-after, like the orchestrator's own queue,
-    never UNAVAILABLE (the replica is healthy, only full); anything else `ReplicaFailed`."""
+    never UNAVAILABLE (the replica is healthy, only full); the engine refusing the client's own
+    input (`INVALID_REQUEST`) INVALID_ARGUMENT (HTTP 400: a client retrying it, as SDKs retry
+    a 503, would only be refused again); anything else `ReplicaFailed` (a refusal no rule
+    names may be a replica's)."""
+    if fault.reason is FaultReason.INVALID_REQUEST:
+        return InvalidRequest(f"replica {replica_id} refused the request: {detail}")
+    message = f"replica {replica_id} failed: {detail}"
     if fault.kind is FaultKind.BACK_PRESSURE:
         return ResourceExhausted(
             message, retry_after_s=ENGINE_BUSY_RETRY_AFTER_S, reason=Reason.QUEUE_FULL

@@ -9,8 +9,9 @@ import grpc
 import pytest
 
 from llmmesh.common.errors import ResourceExhausted
-from services.gateway.errors import ReplicaFailed
+from services.gateway.errors import InvalidRequest, ReplicaFailed
 from services.gateway.faults import (
+    Fault,
     FaultKind,
     FaultReason,
     attempt_error,
@@ -61,22 +62,22 @@ MESSAGES = [
     # Triton's own scheduler queue, bounded by the same max_queue_size
     ("Exceeds maximum queue size", B, FaultReason.QUEUE_FULL),
     # the client's bad input: observed from the emulator behind Triton 2.51
-    ("input_ids must hold at least one token", Q, FaultReason.REQUEST_REFUSED),
+    ("input_ids must hold at least one token", Q, FaultReason.INVALID_REQUEST),
     (
         "prompt (3) + request_output_len (1000000000) tokens need 31250001 KV blocks of 32 "
         "tokens, the cache holds 12800",
         Q,
-        FaultReason.REQUEST_REFUSED,
+        FaultReason.INVALID_REQUEST,
     ),
     (
         "prompt of 9000 tokens exceeds max_num_tokens=8192 (chunked context is not enabled)",
         Q,
-        FaultReason.REQUEST_REFUSED,
+        FaultReason.INVALID_REQUEST,
     ),
     (
         "unexpected shape for input 'input_ids' for model 'tensorrt_llm'",
         Q,
-        FaultReason.REQUEST_REFUSED,
+        FaultReason.INVALID_REQUEST,
     ),
     ("something nobody listed", Q, FaultReason.REQUEST_REFUSED),
 ]
@@ -115,9 +116,36 @@ def test_callers_that_only_know_whose_fault_it_is() -> None:
 
 
 def test_a_full_engine_reaches_the_client_as_resource_exhausted_with_retry_after() -> None:
-    busy = attempt_error(classify_message("Exceeds maximum queue size"), "replica r0 failed")
+    busy = attempt_error(classify_message("Exceeds maximum queue size"), "r0", "full")
     assert isinstance(busy, ResourceExhausted)
     assert busy.retry_after_s is not None
     assert busy.retry_after_s > 0
-    dead = attempt_error(classify_message("Stub process 'm_0_0' is not healthy."), "r0 failed")
+    dead = attempt_error(classify_message("Stub process 'm_0_0' is not healthy."), "r0", "dead")
     assert isinstance(dead, ReplicaFailed)
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, FaultReason.INVALID_REQUEST),
+        (grpc.StatusCode.OUT_OF_RANGE, FaultReason.INVALID_REQUEST),
+        # a proxy's refusal (mesh policy, an older server) says nothing of the input
+        (grpc.StatusCode.PERMISSION_DENIED, FaultReason.REQUEST_REFUSED),
+        (grpc.StatusCode.UNIMPLEMENTED, FaultReason.REQUEST_REFUSED),
+        (grpc.StatusCode.NOT_FOUND, FaultReason.REQUEST_REFUSED),
+    ],
+)
+def test_only_statuses_that_blame_the_input_say_so(
+    code: grpc.StatusCode, reason: FaultReason
+) -> None:
+    assert classify_status(code) == Fault(FaultKind.REQUEST, reason)
+
+
+def test_the_engine_refusing_the_clients_input_is_invalid_argument_not_unavailable() -> None:
+    """A 503 would be retried by the client (OpenAI SDKs retry twice), each retry refused."""
+    text = "prompt of 9000 tokens exceeds max_num_tokens=8192 (chunked context is not enabled)"
+    bad = attempt_error(classify_message(text), "r0", text)
+    assert isinstance(bad, InvalidRequest)
+    assert (bad.code, bad.http_status) == (grpc.StatusCode.INVALID_ARGUMENT, 400)
+    unnamed = attempt_error(classify_message("something nobody listed"), "r0", "?")
+    assert isinstance(unnamed, ReplicaFailed)  # may be the replica's: not blamed on the input

@@ -27,7 +27,7 @@ from services.gateway.core import (
     GenerationRequest,
     Sampling,
 )
-from services.gateway.errors import NoReplica, ReplicaFailed
+from services.gateway.errors import InvalidRequest, NoReplica, ReplicaFailed
 from services.gateway.faults import classify_message
 from services.gateway.models import ServedModel
 from services.gateway.settings import GatewaySettings, ModelSettings
@@ -250,6 +250,21 @@ async def test_request_errors_are_not_migrated(model: ServedModel) -> None:
     with pytest.raises(ReplicaFailed, match="bad sampling parameter"):
         await collect(core, request())
     assert len(orch.admits) == 1
+
+
+async def test_an_engine_refusing_the_clients_input_is_invalid_argument_at_once(
+    model: ServedModel,
+) -> None:
+    """Not tried on another replica (each would refuse it), not UNAVAILABLE (a client would
+    retry it); the report counts against no replica."""
+    refused = "prompt of 9000 tokens exceeds max_num_tokens=8192 (chunked context is not enabled)"
+    engine = FakeEngine([[TritonStreamError(refused, classify_message(refused))]] * 2)
+    core, orch, _ = make(model, engine, retries_before_first_token=1)
+    with pytest.raises(InvalidRequest, match="exceeds max_num_tokens"):
+        await collect(core, request())
+    assert len(orch.admits) == 1
+    reports = await orch.wait_reports(1)
+    assert [r.outcome for r in reports] == [Outcome.REQUEST_ERROR]
 
 
 async def test_a_continuation_given_a_full_engine_goes_on_elsewhere(model: ServedModel) -> None:
