@@ -25,7 +25,7 @@ from llmmesh.common.telemetry import inject_trace_metadata
 from llmmesh.common.topology import Priority
 from services.gateway import metrics
 from services.gateway.admission import AdmissionClient, AdmissionRequest, Lease, Outcome
-from services.gateway.errors import ReplicaFailed
+from services.gateway.errors import NoReplica, ReplicaFailed
 from services.gateway.events import Event
 from services.gateway.faults import Fault, FaultKind, FaultReason, attempt_error
 from services.gateway.generation import GenerationRequest
@@ -118,6 +118,10 @@ class Attempts:
                     "no replica to continue on",
                     extra={"request_id": req.request_id, "phase": phase, "error": str(err)},
                 )
+                if phase == _BEFORE_FIRST_TOKEN and full is not None and isinstance(err, NoReplica):
+                    # The only replica was the one passed over (full, or refusing): its
+                    # answer (RESOURCE_EXHAUSTED with a retry-after, ...), not "no replica".
+                    raise failed.error from failed.__cause__
                 if phase == _BEFORE_FIRST_TOKEN or isinstance(err, DeadlineExceeded):
                     # Nothing was sent yet (as if it were the first admission), or the
                     # request's own deadline passed: that, not the replica's failure.
@@ -165,10 +169,13 @@ class Attempts:
                     # stream goes on elsewhere (a refusal would end a stream already started).
                     phase, allowed = _MID_STREAM, migrations < s.max_migrations
                     migrations += 1
+                # A failed replica is not asked again; one that was full or refused is passed
+                # over for the next admission only (the orchestrator, blind to the engine's
+                # queue and keen on its cached prefix, would likely choose it again).
                 full = None
                 if err.fault.replica_fault:
                     excluded.add(lease.replica.id)
-                elif phase == _MID_STREAM:
+                else:
                     full = lease.replica.id
                 span.add_event(
                     "migration",

@@ -16,9 +16,9 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import REGISTRY
 
 from llmmesh.common import metric_names as names
-from llmmesh.common.errors import DeadlineExceeded, Reason
+from llmmesh.common.errors import DeadlineExceeded, Reason, ResourceExhausted
 from services.gateway import core as gateway_core
-from services.gateway.admission import Outcome
+from services.gateway.admission import AdmissionRequest, Lease, Outcome
 from services.gateway.core import (
     Completion,
     Delta,
@@ -348,16 +348,30 @@ async def test_no_continuation_is_admitted_once_the_deadline_passed(model: Serve
 async def test_a_request_the_engines_refuse_before_any_token_counts_against_no_replica(
     model: ServedModel,
 ) -> None:
-    """Tried again elsewhere (a refusal no rule names may be a replica's), then unavailable;
-    neither report counts against a replica's health."""
+    """Tried again elsewhere (a refusal no rule names may be a replica's: the retry passes
+    over the replica that refused), then unavailable; neither report counts against a
+    replica's health."""
     refused = "top_k 100000 exceeds the engine's limit"
     engine = FakeEngine([[TritonStreamError(refused, classify_message(refused))]] * 2)
     core, orch, _ = make(model, engine, retries_before_first_token=1)
     with pytest.raises(ReplicaFailed, match="exceeds the engine's limit"):
         await collect(core, request())
-    assert len(orch.admits) == 2
+    assert [set(a.exclude_replicas) for a in orch.admits] == [set(), {"r1"}]
     reports = await orch.wait_reports(2)
     assert [r.outcome for r in reports] == [Outcome.REQUEST_ERROR] * 2
+
+
+async def test_a_full_engine_before_any_token_is_retried_on_another_replica(
+    model: ServedModel,
+) -> None:
+    busy = "RESOURCE_EXHAUSTED: maximum queue size of 4 reached"
+    ids = model.encode(" ok")
+    engine = FakeEngine(
+        [[TritonStreamError(busy, classify_message(busy))], [chunk(ids[0], final=True)]]
+    )
+    core, orch, _ = make(model, engine, retries_before_first_token=1)
+    await collect(core, request())
+    assert [set(a.exclude_replicas) for a in orch.admits] == [set(), {"r1"}]
 
 
 async def test_partially_matched_stop_string_still_stops_after_migration(
@@ -401,6 +415,37 @@ async def test_failure_before_first_token_excludes_the_replica(model: ServedMode
     assert orch.admits[1].exclude_replicas == {"r1"}
     assert list(orch.admits[1].prompt_token_ids) == PROMPT
     assert migrations("before_first_token", "migrated") == before + 1
+
+
+class OneReplica(FakeAdmission):
+    """A cluster of one replica: an Admit that excludes it finds none."""
+
+    async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
+        if request.exclude_replicas:
+            self.admits.append(request)
+            raise NoReplica(f"no ready replica (excluding {sorted(request.exclude_replicas)})")
+        return await super().admit(request, timeout_s=timeout_s)
+
+
+async def test_the_only_replica_full_before_any_token_is_its_back_pressure_not_no_replica(
+    model: ServedModel,
+) -> None:
+    """The retry passes over the full replica; with none other, the client gets the engine's
+    answer (RESOURCE_EXHAUSTED with a retry-after: come back later), not UNAVAILABLE."""
+    busy = "RESOURCE_EXHAUSTED: maximum queue size of 4 reached"
+    engine = FakeEngine([[TritonStreamError(busy, classify_message(busy))]])
+    orch = OneReplica()
+    core = GatewayCore(
+        GatewaySettings(models=[model.settings], retries_before_first_token=1),
+        [model],
+        orch,
+        engine,
+        32,
+    )
+    with pytest.raises(ResourceExhausted) as caught:
+        await collect(core, request())
+    assert caught.value.retry_after_s is not None
+    assert len(orch.admits) == 2
 
 
 async def test_no_replica_left_to_continue_on_is_unavailable(model: ServedModel) -> None:
