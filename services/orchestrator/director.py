@@ -216,6 +216,7 @@ class Orchestrator:
             settings.shed_sojourn_s, settings.shed_window_s, settings.shed_after_s
         )
         self._reprobes: set[asyncio.Task[None]] = set()
+        self._reprobing: set[str] = set()  # ids of the replicas `_reprobes` probe
         self._max_backlog_s = (
             self._policy.capacity.max_prefill_backlog_s * settings.engine_time_scale
         )
@@ -1214,10 +1215,21 @@ class Orchestrator:
         self._dispatch()
 
     def _reprobe(self, st: ReplicaState) -> None:
-        """Probe a replica that just failed a request now, not at the next health round."""
+        """Probe a replica that just failed a request now, not at the next health round; one
+        probe of it at a time (a crashed replica's leases, reported in one batch, would each
+        start one: as many probe calls, dispatch passes and probe failures counted)."""
+        rid = st.spec.id
+        if rid in self._reprobing:
+            return
         task = asyncio.get_running_loop().create_task(self._probe_replica(st))
         self._reprobes.add(task)
-        task.add_done_callback(self._reprobes.discard)
+        self._reprobing.add(rid)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._reprobes.discard(t)
+            self._reprobing.discard(rid)
+
+        task.add_done_callback(done)
 
     async def probe_once(self, spread_s: float = 0.0) -> None:
         """One health round: probe every replica due (`_probe_due`; the probes started over

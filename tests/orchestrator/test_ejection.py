@@ -3,6 +3,7 @@ recent failures, table-driven on a virtual clock: outcomes are (seconds later, f
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import pytest
@@ -172,3 +173,38 @@ def test_a_replica_back_from_not_ready_is_routable_at_once() -> None:
     assert st.ejected(clock.t)
     health.set_ready(st, True)
     assert st.ejected(clock.t)
+
+
+class HeldProbe(FakeProbe):
+    """Counts the probes; each waits for `release` once `hold` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+        self.hold = False
+        self.release = asyncio.Event()
+
+    async def ready(self, replica: ReplicaSpec, models: Sequence[str], timeout_s: float) -> bool:
+        self.calls += 1
+        if self.hold:
+            await self.release.wait()
+        return await super().ready(replica, models, timeout_s)
+
+
+async def test_a_replica_failing_many_requests_at_once_is_probed_once_at_a_time() -> None:
+    """A crashed replica's leases come back in one CompleteBatch: one probe of it, not one per
+    lease; a failure after that probe ended starts the next."""
+    probe = HeldProbe()
+    core = Orchestrator(settings(n=1, cap=8, queue=8), probe)
+    probe.ready_ids = {"r0"}
+    await core.probe_once()
+    leases = [await core.admit(req(f"x{i}"), 1.0) for i in range(8)]
+    probe.calls, probe.hold = 0, True
+    core.complete_many((lease.lease_id, Outcome.REPLICA_ERROR, None) for lease in leases[:6])
+    await asyncio.sleep(0)  # the probe task starts
+    assert probe.calls == 1
+    probe.release.set()
+    await asyncio.wait(core._reprobes)
+    core.complete(leases[6].lease_id, Outcome.REPLICA_ERROR)
+    await asyncio.wait(core._reprobes)
+    assert probe.calls == 2
