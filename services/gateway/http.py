@@ -28,7 +28,7 @@ for gRPC.
   tokens after them: text held back to the end, the closing chunks), so a reconnecting client
   resumes with the standard `Last-Event-ID` header (or `x-resume-from`, same meaning): the
   stream continues after that event, without the opening role chunk. A resume the gateway can no longer serve
-  is 404. Every response and chunk of a keyed completion (the original, a retry, a resume, on
+  is 404; one on a non-streaming request, 400. Every response and chunk of a keyed completion (the original, a retry, a resume, on
   any gateway) carries the same `id` and `created` (the time its generation was first opened);
   an unkeyed one's `created` is the time its request arrived.
 - Streaming (`"stream": true`): Server-Sent Events, `data: {chunk}\\n\\n` ... `data: [DONE]\\n\\n`.
@@ -358,6 +358,12 @@ class OpenAIHttpFront:
             parse = parse_chat_request if kind is Kind.CHAT else parse_completion_request
             sizes = functools.partial(self._core.check_sizes, api_key=api_key)
             oreq = parse(body, request_id=request_id, api_key=api_key, sizes=sizes)
+            if resume_at is not None and not oreq.stream:
+                # A completion is whole: its events are the stream's (a non-streaming retry
+                # with the same key gets it all).
+                raise InvalidRequest(
+                    "resumes a stream: not with a non-streaming request", field="resume_from"
+                )
             if supplied_id or resume_at is not None:
                 oreq = dataclasses.replace(
                     oreq,

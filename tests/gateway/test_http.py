@@ -656,6 +656,29 @@ async def test_x_request_id_is_no_key_when_the_setting_is_off(
         await f.front.stop()
 
 
+async def test_a_resume_of_a_non_streaming_request_is_400(
+    model: ServedModel, session: aiohttp.ClientSession
+) -> None:
+    """Not a completion cut at the resume point, its usage counting what it left out."""
+    ids = model.encode(" one two three")
+    engine = ScriptedEngine(ids)
+    f = await serve_with(model, engine)
+    try:
+        url = f"{f.url}/v1/completions"
+        headers = {"Idempotency-Key": "k-r"}
+        async with session.post(url, json=body(max_tokens=len(ids)), headers=headers) as r:
+            assert r.status == 200
+        for header in ("Last-Event-ID", "x-resume-from"):
+            async with session.post(
+                url, json=body(max_tokens=len(ids)), headers={**headers, header: "1"}
+            ) as r:
+                assert r.status == 400
+                assert (await r.json())["error"]["param"] == "last-event-id"
+        assert len(engine.requests) == 1
+    finally:
+        await f.front.stop()
+
+
 async def test_conflicting_body_is_409(model: ServedModel, session: aiohttp.ClientSession) -> None:
     ids = model.encode(" one")
     f = await serve_with(model, ScriptedEngine(ids))
