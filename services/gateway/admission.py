@@ -78,6 +78,11 @@ class KnownReplica:
     replica: ReplicaAddress
     routable: bool  # healthy (probed ready, not ejected) and not draining
     in_flight: int  # that orchestrator's leases on it
+    # The Triton models it serves; empty: not said (an older orchestrator): any.
+    models: frozenset[str] = frozenset()
+
+    def serves(self, model: str) -> bool:
+        return not self.models or model in self.models
 
 
 @dataclass(frozen=True, slots=True)

@@ -212,6 +212,7 @@ def known_replica_from_pb(status: pb.ReplicaStatus) -> KnownReplica:
         replica=replica_from_pb(status.replica),
         routable=status.healthy and not status.draining,
         in_flight=status.in_flight,
+        models=frozenset(status.models),
     )
 
 

@@ -563,14 +563,15 @@ class OrchestratorSet:
             k.replica
             for k in self._view
             if k.routable
+            and k.serves(request.model)
             and (not request.model_version or k.replica.model_version == request.model_version)
             and k.replica.id not in request.exclude_replicas
             and self._local_failed.get(k.replica.id, 0.0) <= now
         ]
         if not candidates:
             raise NoReplica(
-                "degraded mode (no orchestrator answers): no last-known healthy replica for "
-                f"version {request.model_version!r}",
+                "degraded mode (no orchestrator answers): no last-known healthy replica of "
+                f"model {request.model!r} for version {request.model_version!r}",
                 reason=Reason.NO_REPLICA,
             )
         start = self._local_turn % len(candidates)

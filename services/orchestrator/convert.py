@@ -148,6 +148,7 @@ def status_to_pb(st: ReplicaState, now: float) -> pb.ReplicaStatus:
         consecutive_errors=st.consecutive_errors,
         draining=st.draining,
         registered=st.registered,
+        models=st.spec.models,
     )
     if st.ejected(now):
         status.ejected_for_s = st.ejected_until - now

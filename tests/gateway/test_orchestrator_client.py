@@ -568,7 +568,7 @@ async def test_the_queue_is_bounded_and_reports_after_close_are_not_sent(
 async def test_status_counts_replicas_that_can_take_a_lease(served: Served) -> None:
     served.service.replicas = pb.ListReplicasResponse(
         replicas=[
-            pb.ReplicaStatus(replica=REPLICA, healthy=True),
+            pb.ReplicaStatus(replica=REPLICA, healthy=True, models=["a", "b"]),
             pb.ReplicaStatus(replica=REPLICA, healthy=True, draining=True),
             pb.ReplicaStatus(replica=REPLICA, healthy=False, ejected_for_s=3.0),
         ],
@@ -579,6 +579,7 @@ async def test_status_counts_replicas_that_can_take_a_lease(served: Served) -> N
     # Every replica is kept, with its address (degraded mode routes over them).
     assert [k.routable for k in status.known] == [True, False, False]
     assert status.known[0].replica == replica_from_pb(REPLICA)
+    assert [k.models for k in status.known[:2]] == [frozenset({"a", "b"}), frozenset()]
     assert not status.degraded
 
 

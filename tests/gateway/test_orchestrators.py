@@ -372,6 +372,24 @@ async def test_degraded_mode_respects_version_exclusions_and_local_failures() ->
     assert (await orchs.admit(request(), timeout_s=1.0)).replica.id == "r1"
 
 
+async def test_degraded_mode_sends_a_model_only_to_replicas_that_serve_it() -> None:
+    """A replica asked for a model it does not serve answers "unknown model", a fault that
+    would trip every stream on it; one listed without models (an older orchestrator's) may
+    serve any."""
+    orchs, fakes, _ = make(1)
+    fakes["o0"].view = (
+        KnownReplica(replica("r0"), routable=True, in_flight=0, models=frozenset({"a"})),
+        KnownReplica(replica("r1"), routable=True, in_flight=0, models=frozenset({"b"})),
+    )
+    await orchs.refresh()
+    fakes["o0"].up = False
+    for _ in range(6):
+        assert (await orchs.admit(request(model="b"), timeout_s=1.0)).replica.id == "r1"
+    with pytest.raises(NoReplica, match="'c'"):
+        await orchs.admit(request(model="c"), timeout_s=1.0)
+    assert KnownReplica(replica("r2"), routable=True, in_flight=0).serves("c")
+
+
 async def test_degraded_mode_needs_a_fresh_view_and_can_be_off() -> None:
     orchs, fakes, clock = make(1, view_max_age_s=60.0)
     await orchs.refresh()

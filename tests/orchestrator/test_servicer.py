@@ -80,6 +80,7 @@ async def test_complete_batch_releases_each_lease_in_order() -> None:
         await queued  # a's slot went to c
         [status] = (await stub.ListReplicas(pb.ListReplicasRequest(), timeout=5)).replicas
         assert (status.in_flight, status.completed, status.failures) == (1, 2, 1)
+        assert list(status.models) == ["tensorrt_llm"]  # what degraded gateways route by
 
 
 async def test_deadline_in_queue_and_cancellation(
