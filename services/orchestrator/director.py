@@ -278,7 +278,7 @@ class Orchestrator:
         activation = self._activation(req)
         if not candidates and activation is None:
             metrics.record_rejection(req.model, "no_replica")
-            raise NoReplicaReady(self._unavailable_reason(req))
+            raise self._no_replica(req)
         # The caller's deadline counts from the Admit's start (the lookup, the first health
         # round's wait); the default wait counts from here.
         wait_s = (
@@ -304,6 +304,13 @@ class Orchestrator:
         metrics.record_enqueued(req.model, waiter.pool_key)
         self._wake_for_backlog()
         return await self._wait(waiter, wait_s)
+
+    def _no_replica(self, req: AdmissionRequest) -> NoReplicaReady:
+        """UNAVAILABLE for a request no replica can serve, with a retry-after of one health
+        round: the next may find one back (restarted, out of ejection) or newly registered."""
+        return NoReplicaReady(
+            self._unavailable_reason(req), retry_after_s=self._settings.health_interval_s
+        )
 
     def _choosable(self, now: float) -> list[str]:
         """The replicas a decision may choose now: the prefix index answers from its copy of
@@ -950,7 +957,7 @@ class Orchestrator:
                 if not ok:
                     metrics.record_dequeued(req.model, waiter.pool_key)
                     metrics.record_rejection(req.model, "no_replica")
-                    waiter.future.set_exception(NoReplicaReady(self._unavailable_reason(req)))
+                    waiter.future.set_exception(self._no_replica(req))
                     return
             blocked.append(waiter)
             # `seen` is current here: nothing since the last check changes the ledger.

@@ -136,10 +136,13 @@ async def ready_core(
 
 
 async def test_no_ready_replica_is_unavailable() -> None:
-    core = Orchestrator(settings(), FakeProbe())
+    """With a retry-after of one health round (an HTTP client's 503 gets Retry-After)."""
+    s = settings()
+    core = Orchestrator(s, FakeProbe())
     await core.probe_once()
-    with pytest.raises(NoReplicaReady):
+    with pytest.raises(NoReplicaReady) as info:
         await core.admit(req(), 1.0)
+    assert info.value.retry_after_s == s.health_interval_s
 
 
 @pytest.mark.parametrize(
