@@ -45,7 +45,7 @@ from typing import Protocol
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
-from llmmesh.common.errors import ServiceError, Unavailable
+from llmmesh.common.errors import DeadlineExceeded, ServiceError, Unavailable
 from services.gateway import metrics
 from services.gateway.admission import AdmissionClient, Lease
 from services.gateway.attempts import Attempts, Validated
@@ -490,8 +490,26 @@ class GatewayCore:
             raise
         if opened is not None:
             opened.created = sub.created
+        # This caller's own deadline, whoever started the generation: one that re-attached
+        # with a shorter one (an HTTP retry's x-request-timeout) gets DEADLINE_EXCEEDED then,
+        # and the generation goes on for the others and for a resume.
+        loop = asyncio.get_running_loop()
+        until = None if timeout_s is None else loop.time() + timeout_s
         async with contextlib.aclosing(sub.events) as events:
-            async for ev in events:
+            while True:
+                bound = asyncio.timeout_at(until)
+                try:
+                    async with bound:
+                        ev = await anext(events)
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    if not bound.expired():
+                        raise
+                    raise DeadlineExceeded(
+                        "the request's deadline passed (its generation goes on: resume it "
+                        "with the same id)"
+                    ) from None
                 yield ev
 
     async def _generate_once(

@@ -462,6 +462,31 @@ async def test_no_replica_left_to_continue_on_is_unavailable(model: ServedModel)
     assert migrations("mid_stream", "admission_failed") == before + 1
 
 
+async def test_a_caller_re_attached_to_a_running_generation_gets_its_own_deadline(
+    model: ServedModel,
+) -> None:
+    """A retry with the same key and a shorter deadline ends at that deadline (the first
+    caller's generation goes on), not when the generation ends."""
+    ids = model.encode(" one two")
+    hang = Hang()
+    engine = FakeEngine([[chunk(ids[0]), hang, chunk(ids[1], final=True)]])
+    core, _, _ = make(model, engine)
+    req = GenerationRequest(
+        model=MODEL, request_id="key-d", prompt_ids=PROMPT, sampling=Sampling(), keyed=True
+    )
+    first = core.generate(req, 30.0)
+    assert isinstance(await anext(first), Delta)
+    retry = core.generate(req, 0.2)
+    assert isinstance(await anext(retry), Delta)  # the log so far
+    with pytest.raises(DeadlineExceeded):
+        await asyncio.wait_for(anext(retry), 10)
+    await retry.aclose()
+    hang.release.set()
+    rest = [ev async for ev in first]
+    assert isinstance(rest[-1], Completion)
+    assert rest[-1].completion_tokens == len(ids)
+
+
 async def test_resume_store_across_a_migration(model: ServedModel) -> None:
     ids = model.encode(" one two three four five")
     engine = FakeEngine([[*tokens(*ids[:2]), fault()], [*tokens(*ids[2:]), chunk(final=True)]])
