@@ -767,12 +767,14 @@ class OrchestratorClient:
                 pb.ListReplicasRequest(), timeout=max(timeout_s, _MIN_TIMEOUT_S)
             )
         except grpc.aio.AioRpcError as err:
-            unanswered = (
-                OrchestratorTimedOut
-                if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                else OrchestratorUnavailable
-            )
-            raise unanswered(f"orchestrator: {err.code().name}: {err.details()}") from err
+            message = f"orchestrator: {err.code().name}: {err.details()}"
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise OrchestratorTimedOut(message) from err
+            if err.code() == grpc.StatusCode.UNAVAILABLE:
+                raise OrchestratorUnavailable(message) from err
+            # An answer (a mesh policy's PERMISSION_DENIED, an older orchestrator's
+            # UNIMPLEMENTED, ...): the orchestrator is up, and its Admits are not abandoned.
+            raise from_rpc_error(err, "orchestrator") from err
         return status_from_pb(response)
 
     async def drain(self) -> None:

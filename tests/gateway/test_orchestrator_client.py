@@ -81,6 +81,7 @@ class FakeOrchestratorService(pb_grpc.OrchestratorServiceServicer):
         self.replicas = pb.ListReplicasResponse()
         self.hold: asyncio.Event | None = None  # Admit waits for it, once `holding` is set
         self.list_hold: asyncio.Event | None = None  # ListReplicas waits for it
+        self.list_refusal: grpc.StatusCode | None = None  # ListReplicas answers it
         self.held: list[tuple[int, list[str]]] = []  # each stream's `held`: number, leases
         self.holding = asyncio.Event()
         self.streams = True  # AdmitStream refused with `stream_refusal` while False
@@ -198,6 +199,8 @@ class FakeOrchestratorService(pb_grpc.OrchestratorServiceServicer):
     ) -> pb.ListReplicasResponse:
         if self.list_hold is not None:
             await self.list_hold.wait()
+        if self.list_refusal is not None:
+            await context.abort(self.list_refusal, "refused")
         return self.replicas
 
     async def RegisterReplica(
@@ -593,6 +596,18 @@ async def test_status_of_an_unreachable_orchestrator_is_orchestrator_unavailable
         assert not isinstance(info.value, OrchestratorTimedOut)  # not reached, not slow
     finally:
         await client.close()
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED])
+async def test_a_listing_refused_is_no_sign_the_orchestrator_is_down(
+    served: Served, code: grpc.StatusCode
+) -> None:
+    """An answer (a mesh policy, an older version): not OrchestratorUnavailable, which marks
+    the orchestrator down and abandons its Admits to degraded mode."""
+    served.service.list_refusal = code
+    with pytest.raises(ServiceError) as info:
+        await served.client.status(timeout_s=5.0)
+    assert not isinstance(info.value, OrchestratorUnavailable)
 
 
 async def test_status_not_answered_in_time_is_told_apart_from_unreached(served: Served) -> None:
