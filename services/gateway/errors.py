@@ -65,6 +65,15 @@ class RateLimited(ResourceExhausted):
         self.snapshot = snapshot
 
 
+class PromptOverTokenLimit(RateLimited):
+    """A prompt larger than the tenant's whole tokens-per-minute limit: no wait makes it fit
+    (no retry-after; HTTP says `x-should-retry: false`, or OpenAI's clients would send it
+    again)."""
+
+    def __init__(self, message: str, *, snapshot: RateLimitSnapshot | None = None):
+        super().__init__(message, limit="tokens", snapshot=snapshot)
+
+
 class GatewayOverloaded(ResourceExhausted):
     """This gateway process holds `max_concurrent_streams` generations (limits.py)."""
 

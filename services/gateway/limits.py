@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from services.gateway.errors import GatewayOverloaded, RateLimited
+from services.gateway.errors import GatewayOverloaded, PromptOverTokenLimit, RateLimited
 
 Clock = Callable[[], float]
 
@@ -183,10 +183,9 @@ class TenantLimits:
         wait_requests = 0.0 if self.requests is None else self.requests.wait_s(1)
         wait_tokens = 0.0 if self.tokens is None else self.tokens.wait_s(prompt_tokens)
         if self.tokens is not None and math.isinf(wait_tokens):
-            raise RateLimited(
+            raise PromptOverTokenLimit(
                 f"tenant {self.tenant!r}: the prompt ({prompt_tokens} tokens) exceeds the "
                 f"tokens-per-minute limit of {self.tokens.limit:.0f}",
-                limit="tokens",
                 snapshot=self.snapshot(),
             )
         if wait_requests > 0 or wait_tokens > 0:

@@ -42,7 +42,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from services.gateway import metrics, redis_pool
-from services.gateway.errors import RateLimited
+from services.gateway.errors import PromptOverTokenLimit, RateLimited
 from services.gateway.limits import Clock, LimitState, RateLimitSnapshot
 
 log = logging.getLogger(__name__)
@@ -237,10 +237,9 @@ class RedisQuota:
     async def admit(self, prompt_tokens: int) -> bool:
         tpm = self.tokens_per_minute
         if tpm is not None and prompt_tokens > tpm:
-            raise RateLimited(
+            raise PromptOverTokenLimit(
                 f"tenant {self.tenant!r}: the prompt ({prompt_tokens} tokens) exceeds the "
-                f"tokens-per-minute limit of {tpm}",
-                limit="tokens",
+                f"tokens-per-minute limit of {tpm}"
             )
         reply = await self._limiter.admit(self, prompt_tokens)
         if reply is None:

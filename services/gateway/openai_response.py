@@ -25,6 +25,7 @@ from services.gateway.core import Completion, FinishReason
 from services.gateway.errors import (
     ContextLengthExceeded,
     ModelNotFound,
+    PromptOverTokenLimit,
     RateLimited,
     RequestIdConflict,
 )
@@ -127,10 +128,11 @@ def ratelimit_headers(snapshot: RateLimitSnapshot) -> dict[str, str]:
 def error_headers(err: ServiceError) -> dict[str, str]:
     """Retry-After / retry-after-ms (when the error says), x-ratelimit-* for tenant limits,
     WWW-Authenticate for 401, `x-should-retry: false` for a request id taken by another body
-    (OpenAI's clients retry every 409 otherwise: the same conflict again)."""
+    and for a prompt over the tenant's whole tokens-per-minute limit (OpenAI's clients retry
+    every 409 and 429 otherwise: the same refusal again)."""
     out: dict[str, str] = {}
-    if isinstance(err, RequestIdConflict):
-        out["x-should-retry"] = "false"
+    if isinstance(err, RequestIdConflict | PromptOverTokenLimit):
+        out["x-should-retry"] = "false"  # the same answer again
     if err.retry_after_s is not None:
         seconds = max(err.retry_after_s, 0.0)
         out["Retry-After"] = str(max(1, math.ceil(seconds)))

@@ -499,6 +499,26 @@ async def test_tenant_over_its_limit_gets_429_with_ratelimit_headers(
         await f.front.stop()
 
 
+async def test_a_prompt_over_the_whole_tokens_per_minute_limit_is_not_to_be_retried(
+    model: ServedModel, session: aiohttp.ClientSession
+) -> None:
+    """No wait makes it fit: no Retry-After, and x-should-retry: false (OpenAI's clients
+    retry every other 429)."""
+    engine = ScriptedEngine(model.encode(" x"))
+    f = await serve(model, engine, auth=acme_auth(tokens_per_minute=3))
+    headers = {"Authorization": "Bearer sk-acme"}
+    try:
+        req = body(prompt=" one two three four five six", max_tokens=1)
+        async with session.post(f"{f.url}/v1/completions", json=req, headers=headers) as r:
+            assert r.status == 429
+            assert r.headers["x-should-retry"] == "false"
+            assert "Retry-After" not in r.headers
+            assert "exceeds the tokens-per-minute limit" in (await r.json())["error"]["message"]
+        assert not engine.requests
+    finally:
+        await f.front.stop()
+
+
 # -- idempotency keys and SSE resume --------------------------------------------------------
 
 
