@@ -25,9 +25,9 @@ from llmmesh.common.telemetry import inject_trace_metadata
 from llmmesh.common.topology import Priority
 from services.gateway import metrics
 from services.gateway.admission import AdmissionClient, AdmissionRequest, Lease, Outcome
-from services.gateway.errors import NoReplica, ReplicaFailed
+from services.gateway.errors import InvalidRequest, NoReplica, ReplicaFailed
 from services.gateway.events import Event
-from services.gateway.faults import Fault, FaultKind, FaultReason, attempt_error
+from services.gateway.faults import Fault, FaultKind, attempt_error
 from services.gateway.generation import GenerationRequest
 from services.gateway.models import ServedModel
 from services.gateway.replica_watch import STALLED, ReplicaWatch
@@ -155,8 +155,9 @@ class Attempts:
             except AttemptFailed as err:
                 failed = err
                 kind = err.fault.kind
-                if err.fault.reason is FaultReason.INVALID_REQUEST:
-                    raise err.error from err.__cause__  # the input: every replica refuses it
+                if isinstance(err.error, InvalidRequest):
+                    # The client's own input: every replica of the deployment refuses it.
+                    raise err.error from err.__cause__
                 if state.completion_tokens == 0:
                     # Nothing reached the client yet: any engine failure is retried elsewhere
                     # (a refusal no rule names may be a replica's all the same).
@@ -260,6 +261,7 @@ class Attempts:
         """One attempt on the leased replica, continuing `state`; its lease is reported once,
         however it ends. A replica failure is `AttemptFailed`."""
         replica = lease.replica
+        continued = state.completion_tokens > 0  # a continuation: prompt + generated tokens
         state.serve_on(replica)
         stall = self._s.stall_timeout_s or None
         outcome = Outcome.REQUEST_ERROR
@@ -313,7 +315,8 @@ class Attempts:
         except TritonStreamError as err:
             error = str(err)
             outcome = Outcome.REPLICA_ERROR if err.replica_fault else Outcome.REQUEST_ERROR
-            raise AttemptFailed(attempt_error(err.fault, replica.id, str(err)), err.fault) from err
+            refusal = attempt_error(err.fault, replica.id, str(err), clients_input=not continued)
+            raise AttemptFailed(refusal, err.fault) from err
         except EngineCallStopped as err:
             outcome = Outcome.CANCELLED
             error = str(err.error)

@@ -126,15 +126,20 @@ _MESSAGES: tuple[tuple[re.Pattern[str], Fault], ...] = tuple(
             FaultReason.ENGINE_INTERNAL,
         ),
         (r"executor worker\b.*\b(died|exited|failed)", FaultKind.REPLICA, FaultReason.BACKEND_DEAD),
-        # The client's own input, which no replica of this deployment would take: our engines'
-        # validation ("input_ids must hold at least one token"; "prompt of N tokens exceeds
-        # max_num_tokens=M (chunked context is not enabled)"; "prompt (P) + request_output_len
-        # (O) tokens need B KV blocks of 32 tokens, the cache holds C") and Triton's ("unexpected
-        # shape for input 'input_ids' ...").
-        (r"must hold at least one token", FaultKind.REQUEST, FaultReason.INVALID_REQUEST),
-        (r"\bexceeds max_num_tokens\b", FaultKind.REQUEST, FaultReason.INVALID_REQUEST),
+        # The request's size, which no replica of this deployment takes: our engines' limits
+        # on prompt and output lengths (emulator: "prompt of N tokens exceeds max_num_tokens=M
+        # (chunked context is not enabled)", "prompt (P) + request_output_len (O) tokens need B
+        # KV blocks of 32 tokens, the cache holds C"; CPU engine: "... exceeds
+        # max_prefill_tokens=M", "... exceeds max_seq_len=M", "... exceeds kv_token_budget=M").
+        # Not what the gateway builds itself (an empty prompt, a tensor's shape: the gateway
+        # refuses the one and sends the other; a replica refusing them does not match this
+        # gateway, and the request is retried elsewhere).
+        (
+            r"\bexceeds (max_num_tokens|max_prefill_tokens|max_seq_len|kv_token_budget)=",
+            FaultKind.REQUEST,
+            FaultReason.INVALID_REQUEST,
+        ),
         (r"\btokens need \d+ KV blocks\b", FaultKind.REQUEST, FaultReason.INVALID_REQUEST),
-        (r"\bunexpected shape for input\b", FaultKind.REQUEST, FaultReason.INVALID_REQUEST),
     )
 )
 
@@ -159,14 +164,17 @@ def classify_message(message: str) -> Fault:
     return _REFUSED
 
 
-def attempt_error(fault: Fault, replica_id: str, detail: str) -> ServiceError:
+def attempt_error(
+    fault: Fault, replica_id: str, detail: str, *, clients_input: bool = True
+) -> ServiceError:
     """What the client gets for a failed attempt that is not retried: back-pressure (a full
     engine queue) is RESOURCE_EXHAUSTED with a retry-after, like the orchestrator's own queue,
     never UNAVAILABLE (the replica is healthy, only full); the engine refusing the client's own
-    input (`INVALID_REQUEST`) INVALID_ARGUMENT (HTTP 400: a client retrying it, as SDKs retry
-    a 503, would only be refused again); anything else `ReplicaFailed` (a refusal no rule
-    names may be a replica's)."""
-    if fault.reason is FaultReason.INVALID_REQUEST:
+    input (`INVALID_REQUEST`, the attempt's input being the client's prompt: `clients_input`,
+    not a continuation the gateway built after tokens were generated) INVALID_ARGUMENT (HTTP
+    400: a client retrying it, as SDKs retry a 503, would only be refused again); anything
+    else `ReplicaFailed` (a refusal no rule names may be a replica's)."""
+    if fault.reason is FaultReason.INVALID_REQUEST and clients_input:
         return InvalidRequest(f"replica {replica_id} refused the request: {detail}")
     message = f"replica {replica_id} failed: {detail}"
     if fault.kind is FaultKind.BACK_PRESSURE:

@@ -62,7 +62,7 @@ MESSAGES = [
     # Triton's own scheduler queue, bounded by the same max_queue_size
     ("Exceeds maximum queue size", B, FaultReason.QUEUE_FULL),
     # the client's bad input: observed from the emulator behind Triton 2.51
-    ("input_ids must hold at least one token", Q, FaultReason.INVALID_REQUEST),
+    ("input_ids must hold at least one token", Q, FaultReason.REQUEST_REFUSED),
     (
         "prompt (3) + request_output_len (1000000000) tokens need 31250001 KV blocks of 32 "
         "tokens, the cache holds 12800",
@@ -76,6 +76,18 @@ MESSAGES = [
     ),
     (
         "unexpected shape for input 'input_ids' for model 'tensorrt_llm'",
+        Q,
+        FaultReason.REQUEST_REFUSED,
+    ),
+    # the CPU engine's limits
+    ("prompt of 9000 tokens exceeds max_prefill_tokens=4096", Q, FaultReason.INVALID_REQUEST),
+    (
+        "prompt (100) + request_output_len (9000) exceeds max_seq_len=8192",
+        Q,
+        FaultReason.INVALID_REQUEST,
+    ),
+    (
+        "prompt + request_output_len (9100 tokens) exceeds kv_token_budget=8192",
         Q,
         FaultReason.INVALID_REQUEST,
     ),
@@ -149,3 +161,6 @@ def test_the_engine_refusing_the_clients_input_is_invalid_argument_not_unavailab
     assert (bad.code, bad.http_status) == (grpc.StatusCode.INVALID_ARGUMENT, 400)
     unnamed = attempt_error(classify_message("something nobody listed"), "r0", "?")
     assert isinstance(unnamed, ReplicaFailed)  # may be the replica's: not blamed on the input
+    # A continuation's input is the prompt and what was generated: not the client's to fix.
+    continued = attempt_error(classify_message(text), "r0", text, clients_input=False)
+    assert isinstance(continued, ReplicaFailed)

@@ -267,6 +267,22 @@ async def test_an_engine_refusing_the_clients_input_is_invalid_argument_at_once(
     assert [r.outcome for r in reports] == [Outcome.REQUEST_ERROR]
 
 
+async def test_a_continuation_refused_for_its_size_is_not_blamed_on_the_client(
+    model: ServedModel,
+) -> None:
+    """A continuation is the prompt and the tokens generated, built by the gateway: a refusal
+    of its size is the replica failure's consequence, not the client's bad input (no 400)."""
+    ids = model.encode(" one two")
+    refused = "prompt of 9000 tokens exceeds max_num_tokens=8192 (chunked context is not enabled)"
+    engine = FakeEngine(
+        [[chunk(ids[0]), fault()], [TritonStreamError(refused, classify_message(refused))]]
+    )
+    core, orch, _ = make(model, engine)
+    with pytest.raises(ReplicaFailed, match="exceeds max_num_tokens"):
+        await collect(core, request(max_tokens=len(ids)))
+    assert len(orch.admits) == 2
+
+
 async def test_a_continuation_given_a_full_engine_goes_on_elsewhere(model: ServedModel) -> None:
     """A stream already started is not ended by back-pressure on the replica its continuation
     was given: it is admitted again, not there."""
