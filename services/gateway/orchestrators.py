@@ -505,6 +505,7 @@ class OrchestratorSet:
         (`_status_call`), whether or not another answered first. `timeout_s` bounds the calls
         this one starts; a joined call keeps the deadline it was started with."""
         last: ServiceError | None = None
+        refused: ServiceError | None = None  # an answer refusing the listing: it is up
         calls = {
             self._status_call(addr, member, timeout_s): addr
             for addr in self._order()
@@ -523,14 +524,20 @@ class OrchestratorSet:
                 if isinstance(err, OrchestratorUnavailable):
                     last = err
                     behind |= calls[call] in self._behind
+                elif isinstance(err, ServiceError):
+                    refused = refused or err
                 elif err is None:
                     answered = answered or call.result()
             if answered is not None:
                 self._view, self._view_at = answered.known, self._clock()
                 metrics.record_pools_known({k.replica.pool for k in answered.known})
                 return answered
-        if behind and self._view_fresh():
-            return self._last_view(degraded=False)  # admitting, only slow to list
+        if (behind or refused is not None) and self._view_fresh():
+            # Admitting, only slow to list, or refusing the listing (a mesh policy, an older
+            # version): no degraded mode while an orchestrator answers.
+            return self._last_view(degraded=False)
+        if refused is not None:
+            raise refused
         if not self._usable_view():
             raise last or OrchestratorUnavailable("no orchestrator known")
         self._enter_degraded("no orchestrator answered ListReplicas")

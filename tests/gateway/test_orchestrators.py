@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from llmmesh.common import metric_names as names
-from llmmesh.common.errors import DeadlineExceeded, Reason, ResourceExhausted
+from llmmesh.common.errors import DeadlineExceeded, Reason, ResourceExhausted, ServiceError
 from llmmesh.common.topology import Priority, ReplicaAddress
 from services.gateway import metrics as gateway_metrics
 from services.gateway.admission import (
@@ -591,6 +591,22 @@ async def test_a_member_failing_status_otherwise_than_unreached_is_no_answer(
     fakes["o0"].status_error = error
     status = await orchs.status(timeout_s=1.0)
     assert status.known == VIEW  # o1's answer
+    assert not degraded(orchs)
+
+
+async def test_a_listing_refused_by_every_orchestrator_is_no_degraded_mode() -> None:
+    """A refusal (a mesh policy without ListReplicas) is an answer: the last view stands, not
+    degraded; with none fresh, the refusal is what readiness reports."""
+    orchs, fakes, clock = make(1, view_max_age_s=60.0)
+    await orchs.refresh()
+    refusal = ServiceError("orchestrator: PERMISSION_DENIED: RBAC: access denied")
+    fakes["o0"].status_error = refusal
+    status = await orchs.status(timeout_s=1.0)
+    assert (status.known, status.degraded) == (VIEW, False)
+    assert not degraded(orchs)
+    clock.now += 61.0
+    with pytest.raises(ServiceError, match="PERMISSION_DENIED"):
+        await orchs.status(timeout_s=1.0)
     assert not degraded(orchs)
 
 
