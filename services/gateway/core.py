@@ -461,6 +461,15 @@ class GatewayCore:
     ) -> AsyncGenerator[Event, None]:
         start = time.perf_counter()
         progress = Progress()
+        # Whether the store ran this caller's generation (new, or taken over): its deadline is
+        # then the generation's own.
+        ran = False
+
+        def source(takeover: Takeover | None, billing: Billing) -> AsyncGenerator[Event, None]:
+            nonlocal ran
+            ran = True
+            return self._generate_once(req, timeout_s, takeover, billing)
+
         try:
             if not req.keyed:
                 raise InvalidRequest("needs a client-chosen request id", field="resume_from")
@@ -474,9 +483,7 @@ class GatewayCore:
                     request_digest(req),
                     req.resume_from,
                     self._reserve(req),
-                    lambda takeover, billing: self._generate_once(
-                        req, timeout_s, takeover, billing
-                    ),
+                    source,
                 )
             except (ResumeStoreFull, Unavailable):
                 # A request that can never be served is told why (INVALID_ARGUMENT,
@@ -490,14 +497,17 @@ class GatewayCore:
             raise
         if opened is not None:
             opened.created = sub.created
-        # This caller's own deadline, whoever started the generation: one that re-attached
-        # with a shorter one (an HTTP retry's x-request-timeout) gets DEADLINE_EXCEEDED then,
-        # and the generation goes on for the others and for a resume.
+        # A caller that attached to a generation another caller started keeps its own
+        # deadline (from its arrival): one with a shorter one (an HTTP retry's
+        # x-request-timeout) gets DEADLINE_EXCEEDED then, and the generation goes on for the
+        # others and for a resume. One whose generation this is ends with it (no timer).
         loop = asyncio.get_running_loop()
-        until = None if timeout_s is None else loop.time() + timeout_s
+        until = (
+            None if timeout_s is None else loop.time() + timeout_s - (time.perf_counter() - start)
+        )
         async with contextlib.aclosing(sub.events) as events:
             while True:
-                bound = asyncio.timeout_at(until)
+                bound = asyncio.timeout_at(None if ran else until)
                 try:
                     async with bound:
                         ev = await anext(events)
