@@ -27,7 +27,9 @@ usage continue as if nothing happened. Before the first token this is bounded by
 the request's span as a `migration` event. A greedy continuation equals the uninterrupted
 output (the engine's next token is a function of its context); at temperature > 0 it is a
 continuation sampled given the context so far, not a replay (a seeded request is reproducible
-only when no migration happened).
+only when no migration happened). Not retried anywhere: a refusal of the client's own prompt
+for its size (INVALID_ARGUMENT, `faults.attempt_error`); a replica that was full or refused
+otherwise is passed over for the next admission only.
 """
 
 from __future__ import annotations

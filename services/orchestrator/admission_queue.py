@@ -1,5 +1,5 @@
-"""The bounded admission queue: priority classes, start-time fair queuing across tenants within a
-class, scale-from-zero activation waits. Pure data structure: no clock, no I/O; the director
+"""The bounded admission queue: priority classes, self-clocked fair queuing across tenants
+within a class, scale-from-zero activation waits. Pure data structure: no clock, no I/O; the director
 stamps times and resolves the waiters' futures.
 
 Invariants:
@@ -47,7 +47,7 @@ class Activation:
 @dataclass(order=True)
 class Waiter:
     priority: int
-    finish_tag: float  # start-time fair queuing across tenants within the class
+    finish_tag: float  # self-clocked fair queuing across tenants within the class
     seq: int
     request: AdmissionRequest = field(compare=False)
     start_tag: float = field(compare=False)

@@ -74,8 +74,8 @@ class CapacityPolicy(BaseModel):
 
 
 class AdmissionPolicy(BaseModel):
-    """Inside a priority class, tenants share by weighted fair queuing (start-time fair queuing
-    over request cost = prompt tokens + max tokens)."""
+    """Inside a priority class, tenants share by weighted fair queuing (self-clocked fair
+    queuing over request cost = prompt tokens + max tokens)."""
 
     model_config = ConfigDict(extra="forbid")
 
