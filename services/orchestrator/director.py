@@ -217,6 +217,7 @@ class Orchestrator:
         )
         self._reprobes: set[asyncio.Task[None]] = set()
         self._reprobing: set[str] = set()  # ids of the replicas `_reprobes` probe
+        self._reprobe_again: set[str] = set()  # of those, failed again meanwhile
         self._max_backlog_s = (
             self._policy.capacity.max_prefill_backlog_s * settings.engine_time_scale
         )
@@ -1224,9 +1225,11 @@ class Orchestrator:
     def _reprobe(self, st: ReplicaState) -> None:
         """Probe a replica that just failed a request now, not at the next health round; one
         probe of it at a time (a crashed replica's leases, reported in one batch, would each
-        start one: as many probe calls, dispatch passes and probe failures counted)."""
+        start one: as many probe calls, dispatch passes and probe failures counted). Failures
+        reported while one runs get one more after it (its answer may predate them)."""
         rid = st.spec.id
         if rid in self._reprobing:
+            self._reprobe_again.add(rid)
             return
         task = asyncio.get_running_loop().create_task(self._probe_replica(st))
         self._reprobes.add(task)
@@ -1235,6 +1238,10 @@ class Orchestrator:
         def done(t: asyncio.Task[None]) -> None:
             self._reprobes.discard(t)
             self._reprobing.discard(rid)
+            if rid in self._reprobe_again:
+                self._reprobe_again.discard(rid)
+                if not st.removed and not t.cancelled():
+                    self._reprobe(st)
 
         task.add_done_callback(done)
 
