@@ -215,9 +215,9 @@ class Orchestrator:
         self._shedder = AdmitShedder(
             settings.shed_sojourn_s, settings.shed_window_s, settings.shed_after_s
         )
-        self._reprobes: set[asyncio.Task[None]] = set()
-        self._reprobing: set[str] = set()  # ids of the replicas `_reprobes` probe
-        self._reprobe_again: set[str] = set()  # of those, failed again meanwhile
+        # The re-probe running per replica id, and those of them failed again meanwhile.
+        self._reprobes: dict[str, asyncio.Task[None]] = {}
+        self._reprobe_again: set[str] = set()
         self._max_backlog_s = (
             self._policy.capacity.max_prefill_backlog_s * settings.engine_time_scale
         )
@@ -1228,16 +1228,13 @@ class Orchestrator:
         start one: as many probe calls, dispatch passes and probe failures counted). Failures
         reported while one runs get one more after it (its answer may predate them)."""
         rid = st.spec.id
-        if rid in self._reprobing:
+        if rid in self._reprobes:
             self._reprobe_again.add(rid)
             return
-        task = asyncio.get_running_loop().create_task(self._probe_replica(st))
-        self._reprobes.add(task)
-        self._reprobing.add(rid)
+        task = self._reprobes[rid] = asyncio.get_running_loop().create_task(self._probe_replica(st))
 
         def done(t: asyncio.Task[None]) -> None:
-            self._reprobes.discard(t)
-            self._reprobing.discard(rid)
+            del self._reprobes[rid]
             if rid in self._reprobe_again:
                 self._reprobe_again.discard(rid)
                 if not st.removed and not t.cancelled():

@@ -206,9 +206,9 @@ async def test_a_replica_failing_many_requests_at_once_is_probed_once_at_a_time(
     assert probe.calls == 1
     probe.release.set()
     while core._reprobes:
-        await asyncio.wait(core._reprobes)
+        await asyncio.wait(core._reprobes.values())
     assert probe.calls == 2
     core.complete(leases[6].lease_id, Outcome.REPLICA_ERROR)
     while core._reprobes:
-        await asyncio.wait(core._reprobes)
+        await asyncio.wait(core._reprobes.values())
     assert probe.calls == 3

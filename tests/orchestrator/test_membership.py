@@ -176,7 +176,7 @@ async def test_a_replica_whose_last_lease_failed_as_it_left_exports_nothing() ->
     core.sync_replicas([])
     assert core.complete(lease.lease_id, Outcome.REPLICA_ERROR)
     if core._reprobes:  # a probe of it, had one been started, has ended
-        await asyncio.wait(core._reprobes)
+        await asyncio.wait(core._reprobes.values())
     labels = {"replica": "gone1", "pool": "default"}
     assert REGISTRY.get_sample_value(names.ORCH_REPLICA_HEALTHY, labels) is None
     assert REGISTRY.get_sample_value(names.ORCH_REPLICA_IN_FLIGHT, labels) is None
