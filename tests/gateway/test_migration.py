@@ -52,9 +52,13 @@ class Usage:
 
 
 def make(
-    model: ServedModel, engine: FakeEngine, **settings: Any
+    model: ServedModel,
+    engine: FakeEngine,
+    admission: FakeAdmission | None = None,
+    **settings: Any,
 ) -> tuple[GatewayCore, FakeAdmission, Usage]:
-    admission, usage = FakeAdmission(), Usage()
+    """A core over `engine` and `admission` (default: a FakeAdmission), with a usage sink."""
+    admission, usage = admission or FakeAdmission(), Usage()
     core = GatewayCore(
         GatewaySettings(models=[model.settings], **settings),
         [model],
@@ -123,10 +127,7 @@ async def test_latencies_are_observed_under_the_pool_of_the_replica_that_served_
     ids = model.encode(" alpha beta gamma delta epsilon")
     k = 2
     engine = FakeEngine([[*tokens(*ids[:k]), fault()], [*tokens(*ids[k:]), chunk(final=True)]])
-    admission, usage = FakeAdmission(pools=("pool-x", "pool-y")), Usage()
-    core = GatewayCore(
-        GatewaySettings(models=[model.settings]), [model], admission, engine, 32, usage=usage
-    )
+    core, _, _ = make(model, engine, FakeAdmission(pools=("pool-x", "pool-y")))
     ttft, itl = names.GATEWAY_TTFT, names.GATEWAY_ITL
     before = {(f, p): latency_counts(f, p) for f in (ttft, itl) for p in ("pool-x", "pool-y")}
     events = await collect(core, request(max_tokens=len(ids)))
@@ -450,14 +451,7 @@ async def test_the_only_replica_full_before_any_token_is_its_back_pressure_not_n
     answer (RESOURCE_EXHAUSTED with a retry-after: come back later), not UNAVAILABLE."""
     busy = "RESOURCE_EXHAUSTED: maximum queue size of 4 reached"
     engine = FakeEngine([[TritonStreamError(busy, classify_message(busy))]])
-    orch = OneReplica()
-    core = GatewayCore(
-        GatewaySettings(models=[model.settings], retries_before_first_token=1),
-        [model],
-        orch,
-        engine,
-        32,
-    )
+    core, orch, _ = make(model, engine, OneReplica(), retries_before_first_token=1)
     with pytest.raises(ResourceExhausted) as caught:
         await collect(core, request())
     assert caught.value.retry_after_s is not None
@@ -552,14 +546,7 @@ async def test_a_dead_backend_seen_by_one_stream_moves_the_others_on_at_once(
             [chunk(b), chunk(final=True)],  # request 1's continuation
         ]
     )
-    orch = SharedReplicaAdmission()
-    core = GatewayCore(
-        GatewaySettings(models=[model.settings], stall_timeout_s=0),
-        [model],
-        orch,
-        engine,
-        32,
-    )
+    core, orch, _ = make(model, engine, SharedReplicaAdmission(), stall_timeout_s=0)
     first = core.generate(
         GenerationRequest(
             model=MODEL, request_id="one", prompt_ids=PROMPT, sampling=Sampling(max_tokens=2)
