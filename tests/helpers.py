@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
+import grpc
 import pytest
 
 
@@ -39,3 +41,17 @@ def shared_head(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
+
+
+@contextlib.asynccontextmanager
+async def grpc_served(register: Callable[[grpc.aio.Server], None]) -> AsyncIterator[str]:
+    """A grpc.aio server with the servicers `register` adds, on an ephemeral port of
+    127.0.0.1; yields its address, stops it (no grace) on exit."""
+    server = grpc.aio.server()
+    register(server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)

@@ -12,6 +12,7 @@ never unloaded, so finalize() is never called.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from llmmesh.emulator.settings import EmulatorSettings
 from llmmesh.generated.kvregistry.v1 import kvregistry_pb2_grpc
 from llmmesh.triton.launcher import TritonPorts, TritonServer
 from tests.emulator.test_triton_emulator import REPO, RecordingRegistry, build
+from tests.helpers import grpc_served
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
@@ -32,14 +34,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")
 @pytest_asyncio.fixture(loop_scope="session")
 async def registry() -> AsyncIterator[tuple[RecordingRegistry, str]]:
     reg = RecordingRegistry()  # type: ignore[abstract]  # PublishEvents and Lookup only
-    server = grpc.aio.server()
-    kvregistry_pb2_grpc.add_KvRegistryServiceServicer_to_server(reg, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield reg, f"127.0.0.1:{port}"
-    finally:
-        await server.stop(None)
+    register = functools.partial(kvregistry_pb2_grpc.add_KvRegistryServiceServicer_to_server, reg)
+    async with grpc_served(register) as address:
+        yield reg, address
 
 
 def replica(log: Path, registry_address: str) -> TritonServer:

@@ -4,6 +4,7 @@ model and round, and Triton's refusals while its server is not ready read as not
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 
 import grpc
@@ -12,6 +13,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from services.orchestrator.probe import TritonProbe
 from services.orchestrator.settings import ReplicaSpec
+from tests.helpers import grpc_served
 
 
 class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
@@ -45,14 +47,9 @@ class FakeTriton(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore
 @contextlib.asynccontextmanager
 async def triton() -> AsyncIterator[tuple[FakeTriton, str]]:
     fake = FakeTriton()
-    server = grpc.aio.server()
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(fake, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield fake, f"127.0.0.1:{port}"
-    finally:
-        await server.stop(None)
+    register = functools.partial(service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server, fake)
+    async with grpc_served(register) as address:
+        yield fake, address
 
 
 @pytest.fixture
