@@ -57,7 +57,7 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from bench.overhead import cpu_seconds, pct, pin, pinning, py_spy_record
+from bench.overhead import announced, cpu_seconds, pct, pin, pinning, py_spy_record
 from bench.report import write_json
 from llmmesh.common import metric_names as names
 from llmmesh.common.components import KV_REGISTRY, ORCHESTRATOR
@@ -400,11 +400,7 @@ async def run_config(args: argparse.Namespace, replicas: int, w: Workload) -> li
     orchestrator: ServiceProcess | None = None
     rows: list[Row] = []
     try:
-        assert fakes.stdout is not None
-        line = await asyncio.wait_for(fakes.stdout.readline(), 60)
-        if not line:
-            raise RuntimeError("fake engines exited")
-        fake = json.loads(line)
+        fake = json.loads(await announced(fakes, "fake engines"))
         await registry.start()
         rids = [f"replica-{i}" for i in range(replicas)]
         entries = await publish_index(registry.address, w, rids, cfg)

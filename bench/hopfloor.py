@@ -30,7 +30,7 @@ from typing import Any
 
 import grpc
 
-from bench.overhead import pct, pin, pinning
+from bench.overhead import announced, pct, pin, pinning
 from bench.report import write_json
 from llmmesh.common.process import tied_to_parent
 
@@ -100,11 +100,7 @@ async def measure(
         stdout=asyncio.subprocess.PIPE,
     )
     try:
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 60)
-        if not line:
-            raise RuntimeError("hop-floor server exited")
-        ports = json.loads(line)
+        ports = json.loads(await announced(proc, "hop-floor server"))
         if cores is not None:
             pin([os.getpid()], cores[0])
             pin([proc.pid], cores[1])

@@ -274,6 +274,16 @@ async def serve_bare_relay(addresses: list[str]) -> None:
     await server.wait_for_termination()
 
 
+async def announced(proc: asyncio.subprocess.Process, what: str) -> bytes:
+    """The first line a helper process started with a stdout pipe prints once it serves (its
+    ports), within 60 s; RuntimeError when it exits first."""
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 60)
+    if not line:
+        raise RuntimeError(f"{what} exited with {await proc.wait()}")
+    return line
+
+
 async def start_bare_relay(addresses: list[str]) -> tuple[asyncio.subprocess.Process, int]:
     proc = await asyncio.create_subprocess_exec(
         *tied_to_parent(
@@ -281,11 +291,7 @@ async def start_bare_relay(addresses: list[str]) -> tuple[asyncio.subprocess.Pro
         ),
         stdout=asyncio.subprocess.PIPE,
     )
-    assert proc.stdout is not None
-    line = await asyncio.wait_for(proc.stdout.readline(), 60)
-    if not line:
-        raise RuntimeError(f"bare relay exited with {await proc.wait()}")
-    return proc, int(line)
+    return proc, int(await announced(proc, "bare relay"))
 
 
 # -- profiles (py-spy) ------------------------------------------------------------------------
