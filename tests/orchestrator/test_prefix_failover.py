@@ -257,7 +257,14 @@ async def test_a_dead_registry_fails_over_within_the_lookup_and_comes_back(
         assert idx.preferred == b.address
         lookups_a = a.fake.lookups
         await a.start()  # restarted on its address
-        await asyncio.sleep(0.5)  # > the channel's reconnect backoff after one failure (~0.1 s)
+        channel_a = next(r.channel for r in idx._registries if r.address == a.address)
+
+        async def reconnected() -> bool:
+            state = channel_a.get_state(try_to_connect=True)
+            return state is grpc.ChannelConnectivity.READY
+
+        # The index's channel to a is back (its reconnect backoff grows with the failures).
+        await eventually(reconnected, what="the index's channel to the restarted a is ready")
         assert await matched_by(idx) == {"b"}  # sticky: the survivor keeps serving
         clock.t += 5  # past retry_s: a is eligible again, used once b fails
         await b.stop()
