@@ -103,7 +103,12 @@ class SharedQuota(Protocol):
         ...
 
     def charge(self, tokens: int) -> bool:
-        """Completion tokens, written in the background."""
+        """Completion tokens, written in the background (to the buckets bound by
+        `fall_back_to` when that write fails)."""
+        ...
+
+    def fall_back_to(self, charge: Callable[[int], None]) -> None:
+        """Where completion tokens go that were queued but could not be written."""
         ...
 
     def refund(self, prompt_tokens: int) -> bool:
@@ -142,6 +147,8 @@ class TenantLimits:
             if tokens_per_minute is None
             else TokenBucket(tokens_per_minute / share, clock, limit=tokens_per_minute)
         )
+        if shared is not None:
+            shared.fall_back_to(self._charge_locally)
         self.concurrency = (
             None
             if max_concurrent is None
@@ -205,6 +212,9 @@ class TenantLimits:
         """Completion tokens, as they stream (never refused)."""
         if not tokens or (self.shared is not None and self.shared.charge(tokens)):
             return
+        self._charge_locally(tokens)
+
+    def _charge_locally(self, tokens: int) -> None:
         if self.tokens is not None:
             self.tokens.take(tokens)
 

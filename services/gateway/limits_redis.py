@@ -24,9 +24,10 @@ most the tenant's limit (fewer gateways: less), on top of what Redis admitted be
 down (the local buckets are full then, so in the minute an outage begins a tenant may get up to
 twice its limit). It never fails closed (refusing everyone because the limiter is down: a share
 below one request lets one through whenever it is full) and never fails open (no limit at
-all). Charges that could not be written are
-dropped (Redis lost them too); they are charged to the local buckets when the limiter is down at
-charge time.
+all). Completion tokens go to the tenant's local buckets whenever Redis does not take them:
+while the limiter is down at charge time, and when the write of a queued charge fails (the
+charges a flush held when Redis went down) or finds the limiter down. Refunds that could not be
+written are dropped (the buckets they would fill refill anyway).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -118,7 +120,7 @@ class RedisLimiter:
         self._prefix = prefix
         self._clock = clock
         self._down_until = -math.inf
-        self._pending: dict[str, tuple[RedisQuota, int, int]] = {}  # tenant -> (quota, req, tok)
+        self._pending: dict[str, _Charge] = {}  # by tenant
         self._flusher: asyncio.Task[None] | None = None
         self._writing: asyncio.Future[None] | None = None  # the flusher's flush in progress
         self.errors = 0  # failed calls (tests, logs)
@@ -185,18 +187,32 @@ class RedisLimiter:
         if not self.available:
             metrics.record_rate_limit_fallback("charge")
             return False
-        _, req, tok = self._pending.get(quota.tenant, (quota, 0, 0))
-        self._pending[quota.tenant] = (quota, req + requests, tok + tokens)
+        pending = self._pending.get(quota.tenant)
+        if pending is None:
+            pending = self._pending[quota.tenant] = _Charge(quota)
+        pending.requests += requests
+        pending.tokens += tokens
+        if tokens > 0:
+            pending.charged += tokens
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.get_running_loop().create_task(self._flush_loop())
         return True
 
     async def flush(self) -> None:
-        """Write every queued charge now."""
+        """Write every queued charge now; the completion tokens of one that is not written (the
+        write failed, or the limiter is down) go to its tenant's local buckets."""
         pending, self._pending = self._pending, {}
-        for quota, requests, tokens in pending.values():
-            if (requests or tokens) and self.available:
-                await self._run(quota, requests, tokens, check=False)
+        for c in pending.values():
+            if not (c.requests or c.tokens):
+                continue
+            written = self.available and (
+                await self._run(c.quota, c.requests, c.tokens, check=False) is not None
+            )
+            if written:
+                continue
+            if c.charged:
+                metrics.record_rate_limit_fallback("charge")
+                c.quota.unwritten(c.charged)
 
     async def _flush_loop(self) -> None:
         """Runs while there are charges to write; exits once a period passed with none."""
@@ -219,6 +235,21 @@ class RedisLimiter:
         await self._client.aclose()
 
 
+@dataclass(slots=True)
+class _Charge:
+    """What is queued for one tenant: net requests and tokens (refunds negative), and the
+    completion tokens among them."""
+
+    quota: RedisQuota
+    requests: int = 0
+    tokens: int = 0
+    charged: int = 0
+
+
+def _unbound(tokens: int) -> None:
+    """A quota no local buckets were bound to (`RedisQuota.fall_back_to`)."""
+
+
 class RedisQuota:
     """One tenant's shared buckets (limits.SharedQuota)."""
 
@@ -233,6 +264,10 @@ class RedisQuota:
         self.tenant = tenant
         self.requests_per_minute = requests_per_minute
         self.tokens_per_minute = tokens_per_minute
+        self.unwritten: Callable[[int], None] = _unbound
+
+    def fall_back_to(self, charge: Callable[[int], None]) -> None:
+        self.unwritten = charge
 
     async def admit(self, prompt_tokens: int) -> bool:
         tpm = self.tokens_per_minute

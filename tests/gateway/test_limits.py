@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 
 import pytest
 
@@ -135,6 +136,9 @@ class FakeShared:
 
     def refund(self, prompt_tokens: int) -> bool:
         return self.charge(-prompt_tokens)
+
+    def fall_back_to(self, charge: Callable[[int], None]) -> None:
+        self.unwritten = charge
 
 
 async def test_a_refund_goes_back_to_the_buckets_that_were_charged() -> None:

@@ -195,6 +195,35 @@ async def test_closing_mid_flush_loses_no_charge(gateways: tuple[Gateway, Gatewa
     assert refused.limit == "tokens"
 
 
+async def test_completion_tokens_a_failed_write_held_go_to_the_local_buckets(
+    gateways: tuple[Gateway, Gateway], redis_server: RedisServer
+) -> None:
+    """Charges queued while Redis was up and written after it went down are not lost: the
+    write fails, and its completion tokens go to the tenant's local share (30 tokens/min);
+    its refunds are dropped."""
+    a, _ = gateways
+    limiter = a.auth.shared
+    assert limiter is not None
+    tenant = a.auth.tenants["acme"].limits
+    assert tenant.tokens is not None
+    limiter._flush_s = 3600  # the test writes the queue itself
+    assert tenant.shared is not None
+    assert tenant.shared.refund(4)  # queued while Redis is up
+    tenant.charge(27)
+    tenant.charge(2)
+    local = tenant.tokens.level()
+    redis_server.kill()
+    try:
+        await limiter.flush()
+        assert limiter.errors == 1
+        assert local - tenant.tokens.level() == pytest.approx(29, abs=0.1)
+        refused = await a.generate()  # 4 prompt tokens: 1 of 30 left locally
+        assert isinstance(refused, RateLimited)
+        assert refused.limit == "tokens"
+    finally:
+        await redis_server.start()
+
+
 async def test_a_burst_of_admissions_beyond_the_pool_waits_for_connections(
     redis_server: RedisServer,
 ) -> None:
