@@ -17,9 +17,10 @@ Invariants:
   (leases beyond their replica's slots: granted, not started). Its expected time to first token
   is that line and itself over the drain rate, plus the predicted prefill backlog (`Outlook`).
 - A class-c arrival enters the queue only while the queue holds fewer than `limit(c)` waiters
-  (limits fall with priority: batch is refused first, then standard), or by evicting the newest
-  waiter of the lowest class below c when the queue holds at most `limit(c)`; the queue never
-  exceeds `limit(interactive)` = `max_queue`.
+  (limits fall with priority: batch is refused first, then standard), or otherwise by evicting
+  the newest waiter of the lowest class below c, if any (whatever the queue holds beyond
+  `limit(c)`: the eviction does not grow it, and a lower class never keeps a place a higher one
+  is refused); the queue never exceeds `limit(interactive)` = `max_queue`.
 - An arrival whose expected time to first token exceeds `DEADLINE_SHARE` of its Admit deadline
   is refused at once (the rest is headroom for the estimate's error and the hops to the engine);
   a waiter whose expected first token, re-estimated at each dispatch, lies beyond that share of
@@ -227,7 +228,7 @@ def decide(
     limit = limits.limit(priority)
     victim = None
     if total >= limit:
-        victim = _lowest_below(priority, queued) if total <= limit else None
+        victim = _lowest_below(priority, queued)
         if victim is None:
             return Decision(Verdict.QUEUE_FULL, outlook.retry_after_s(ahead + 1), None, wait)
     budget = deadline_s * share

@@ -50,8 +50,10 @@ def q(i: int = 0, s: int = 0, b: int = 0) -> dict[Priority, int]:
         (IN, q(i=4, s=4), 10.0, 30.0, Decision(Verdict.EVICT_AND_ENQUEUE, None, S, 0.5)),
         # interactive with a full queue of interactive waiters: refused
         (IN, q(i=8), 10.0, 30.0, Decision(Verdict.QUEUE_FULL, 0.9, None, 0.9)),
-        # above the standard limit (interactive filled it): standard is refused, not shedding
-        (S, q(i=5, b=1), 10.0, 30.0, Decision(Verdict.QUEUE_FULL, 0.6, None, 0.6)),
+        # above the standard limit (interactive filled it): a standard arrival still takes a
+        # batch waiter's place (the queue does not grow), and is refused with none left
+        (S, q(i=5, b=1), 10.0, 30.0, Decision(Verdict.EVICT_AND_ENQUEUE, None, B, 0.6)),
+        (S, q(i=5, s=1), 10.0, 30.0, Decision(Verdict.QUEUE_FULL, 0.7, None, 0.7)),
         # expected first token (3 ahead + itself at 2/s = 2 s) beyond 85% of a 2 s deadline:
         # refused at once; retry-after = time for that line to drain = 2 s
         (S, q(s=3), 2.0, 2.0, Decision(Verdict.DEADLINE, 2.0, None, 2.0)),
