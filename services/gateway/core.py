@@ -614,7 +614,9 @@ class GatewayCore:
                     # Never served (no lease: queue full, no replica, the caller gone while it
                     # waited for admission, a fault of this gateway's; or its replica failed
                     # before any token and no other took it): the tenant keeps its budget.
-                    failed = isinstance(exc, ServiceError)
+                    # As the usage record judges it: whatever ends it but the caller's leaving
+                    # is a failure (a ServiceError or a fault of this gateway's).
+                    failed = not isinstance(exc, (asyncio.CancelledError, GeneratorExit))
                     if (
                         refund is not None
                         and not was_served(takeover, progress, leases, failed=failed)

@@ -21,7 +21,8 @@ from services.gateway.limits import TenantLimits, TokenBucket
 from services.gateway.models import ServedModel
 from services.gateway.settings import GatewaySettings, ModelSettings
 from services.gateway.triton_stream import EngineChunk, EngineRequest
-from tests.gateway.conftest import MODEL, FakeAdmission
+from services.gateway.usage import UsageRecord
+from tests.gateway.conftest import MODEL, FakeAdmission, FakeEngine
 
 
 class Clock:
@@ -335,6 +336,39 @@ async def test_a_fault_of_the_gateways_own_refunds_the_tenant(model: ServedModel
     limits = auth.authenticate("sk-a").limits
     assert limits.requests is not None
     assert limits.requests.level() == 1.0
+
+
+async def test_a_fault_of_the_gateways_own_after_the_lease_refunds_what_usage_does_not_bill(
+    model: ServedModel,
+) -> None:
+    """A bug after the lease, before any token (the stream raising what no ServiceError is):
+    the request was not served, so the tenant gets its budget back, as its usage record bills
+    no prompt (the refund and the record judged it differently)."""
+    auth = Authenticator(tenants(tenant("a", "sk-a", requests_per_minute=1)), clock=Clock())
+    records: list[UsageRecord] = []
+
+    class Usage:
+        def submit(self, record: UsageRecord) -> None:
+            records.append(record)
+
+    engine = FakeEngine([[RuntimeError("a bug")]] * 3)
+    core = GatewayCore(
+        GatewaySettings(models=[model.settings]),
+        [model],
+        FakeAdmission(),
+        engine,
+        32,
+        auth,
+        usage=Usage(),
+    )
+    for _ in range(3):
+        with pytest.raises(RuntimeError):
+            await run(core, "sk-a")
+    assert len(engine.requests) == 3  # each was leased and sent
+    limits = auth.authenticate("sk-a").limits
+    assert limits.requests is not None
+    assert limits.requests.level() == 1.0
+    assert [r.prompt_tokens for r in records] == [0, 0, 0]
 
 
 async def test_requests_refused_in_their_slot_do_not_hasten_the_concurrency_retry_after(
