@@ -261,6 +261,7 @@ class Attempts:
         """One attempt on the leased replica, continuing `state`; its lease is reported once,
         however it ends. A replica failure is `AttemptFailed`."""
         replica = lease.replica
+        model = v.model.settings.triton_model
         continued = state.completion_tokens > 0  # a continuation: prompt + generated tokens
         state.serve_on(replica)
         stall = self._s.stall_timeout_s or None
@@ -277,7 +278,7 @@ class Attempts:
                     metadata=inject_trace_metadata([]),
                 )
                 async with contextlib.aclosing(chunks):
-                    with self._watch.attempt(replica.id) as wait:
+                    with self._watch.attempt(replica.id, model) as wait:
                         while True:
                             if wait.tripped is not None:  # tripped between reads
                                 raise _tripped(wait.tripped)
@@ -299,7 +300,7 @@ class Attempts:
                                 raise _tripped(why) from None
                             except TritonStreamError as err:
                                 if err.fault.replica_wide:
-                                    self._watch.trip(replica.id, err.fault, source=wait)
+                                    self._watch.trip(replica.id, model, err.fault, source=wait)
                                 raise
                             finally:
                                 wait.idle()

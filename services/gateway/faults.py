@@ -58,14 +58,20 @@ class Fault:
 
     @property
     def replica_wide(self) -> bool:
-        """The whole replica cannot serve (not just this stream): every other stream on it is
-        waiting for tokens that will not come, and should move on now."""
+        """The replica cannot serve the stream's model (not just this stream): every other
+        stream on it for that model (`model_scoped`), or for any (the server stops), is waiting
+        for tokens that will not come, and should move on now."""
         return self.kind is FaultKind.REPLICA and self.reason in _REPLICA_WIDE
 
+    @property
+    def model_scoped(self) -> bool:
+        """The fault is one model's on its replica (its backend stub died, it is unloaded):
+        the replica's other models still serve."""
+        return self.reason in _MODEL_SCOPED
 
-_REPLICA_WIDE = frozenset(
-    {FaultReason.BACKEND_DEAD, FaultReason.MODEL_UNAVAILABLE, FaultReason.ENGINE_STOPPING}
-)
+
+_MODEL_SCOPED = frozenset({FaultReason.BACKEND_DEAD, FaultReason.MODEL_UNAVAILABLE})
+_REPLICA_WIDE = _MODEL_SCOPED | {FaultReason.ENGINE_STOPPING}
 
 # Status codes of a failed ModelStreamInfer call (DEADLINE_EXCEEDED, and a CANCELLED from this
 # side, are ours and never get here). Any code not listed is a request error: the client's own

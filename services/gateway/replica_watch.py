@@ -5,7 +5,8 @@ A replica whose backend died (a dead Python-backend stub, an unloaded model, a s
 answers new requests with an error at once, but the streams already running on it just stop
 receiving tokens: without this they would wait out the stall timeout (or, before their first
 token, their whole deadline). When one attempt sees such a replica-wide fault, `trip` ends every
-other wait on that replica at once; those attempts fail as replica faults and migrate.
+other wait on that replica at once (of the attempt's model only, when the fault is that model's:
+its stub died, it was unloaded); those attempts fail as replica faults and migrate.
 
 Each attempt registers one `Wait` for its lifetime and brackets every read with `reading` and
 `idle`. The stall bound is one timer per attempt, not one per read: it fires at the earliest time
@@ -47,11 +48,13 @@ class Wait:
         "_stall",
         "_task",
         "_timer",
+        "model",
         "tripped",
     )
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, model: str) -> None:
         self._loop = loop
+        self.model = model  # the Triton model the attempt streams from
         self.tripped: Fault | None = None  # set when another stream saw the replica fail
         self._stall: float | None = None  # the bound on one read (None: unbounded)
         self._timer: asyncio.TimerHandle | None = None
@@ -139,8 +142,8 @@ class ReplicaWatch:
         self._waits: dict[str, set[Wait]] = {}
 
     @contextlib.contextmanager
-    def attempt(self, replica_id: str) -> Iterator[Wait]:
-        wait = Wait(asyncio.get_running_loop())
+    def attempt(self, replica_id: str, model: str) -> Iterator[Wait]:
+        wait = Wait(asyncio.get_running_loop(), model)
         waits = self._waits.setdefault(replica_id, set())
         waits.add(wait)
         try:
@@ -151,10 +154,14 @@ class ReplicaWatch:
             if not waits:
                 del self._waits[replica_id]
 
-    def trip(self, replica_id: str, fault: Fault, source: Wait | None = None) -> int:
-        """End every other wait on the replica now; how many were ended."""
+    def trip(self, replica_id: str, model: str, fault: Fault, source: Wait | None = None) -> int:
+        """End every other wait on the replica now (for `model` only, when the fault is that
+        model's); how many were ended."""
+        scoped = fault.model_scoped
         return sum(
-            wait.trip(fault) for wait in list(self._waits.get(replica_id, ())) if wait is not source
+            wait.trip(fault)
+            for wait in list(self._waits.get(replica_id, ()))
+            if wait is not source and not (scoped and wait.model != model)
         )
 
     def in_flight(self, replica_id: str) -> int:

@@ -46,7 +46,7 @@ async def suspended_read(
 
 async def test_a_read_longer_than_the_stall_bound_is_interrupted() -> None:
     watch = ReplicaWatch()
-    with watch.attempt("r1") as wait:
+    with watch.attempt("r1", "m") as wait:
         never: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         assert await guarded_read(wait, never, 0.02) == STALLED
         assert never.cancelled()
@@ -59,7 +59,7 @@ async def test_the_stall_bound_counts_each_read_not_the_stream() -> None:
     and the time the stream spends outside a read (its client being slow) never counts."""
     loop = asyncio.get_running_loop()
     stall = 0.2
-    with ReplicaWatch().attempt("r1") as wait:
+    with ReplicaWatch().attempt("r1", "m") as wait:
         for i in range(4):
             read: asyncio.Future[int] = loop.create_future()
             loop.call_later(stall * 0.2, read.set_result, i)
@@ -70,7 +70,7 @@ async def test_the_stall_bound_counts_each_read_not_the_stream() -> None:
 async def test_the_timer_re_arms_from_the_current_reads_start() -> None:
     """The one timer was set for the first read; when it fires during a later read it moves to
     that read's start plus the bound, not to the time it fired."""
-    with ReplicaWatch().attempt("r1") as wait:
+    with ReplicaWatch().attempt("r1", "m") as wait:
         assert await answered_read(wait, 0, 30.0) == 0
         timer = wait._timer
         assert timer is not None
@@ -89,11 +89,15 @@ async def test_the_timer_re_arms_from_the_current_reads_start() -> None:
 
 async def test_a_trip_ends_the_current_read_and_no_other_attempt() -> None:
     watch = ReplicaWatch()
-    with watch.attempt("r1") as a, watch.attempt("r1") as b, watch.attempt("r2") as c:
+    with (
+        watch.attempt("r1", "m") as a,
+        watch.attempt("r1", "m") as b,
+        watch.attempt("r2", "m") as c,
+    ):
         (read_a, task_a), (_, task_b), (read_c, task_c) = [
             await suspended_read(w, None) for w in (a, b, c)
         ]
-        assert watch.trip("r1", DEAD, source=a) == 1
+        assert watch.trip("r1", "m", DEAD, source=a) == 1
         assert await task_b == DEAD
         assert b.tripped == DEAD
         assert a.tripped is None
@@ -101,24 +105,43 @@ async def test_a_trip_ends_the_current_read_and_no_other_attempt() -> None:
         read_a.set_result(1)
         read_c.set_result(3)
         assert [await task_a, await task_c] == [1, 3]
-        assert watch.trip("r1", DEAD) == 1  # a; b was tripped already
+        assert watch.trip("r1", "m", DEAD) == 1  # a; b was tripped already
         assert watch.in_flight("r1") == 2
+
+
+async def test_a_trip_for_one_models_fault_spares_the_replicas_other_models() -> None:
+    """A model's stub died, or it was unloaded: its streams move on; another model's on the
+    same replica keep streaming. A server stopping ends them all."""
+    watch = ReplicaWatch()
+    with (
+        watch.attempt("r1", "m") as a,
+        watch.attempt("r1", "m") as b,
+        watch.attempt("r1", "other") as c,
+    ):
+        unloaded = Fault(FaultKind.REPLICA, FaultReason.MODEL_UNAVAILABLE)
+        for fault in (DEAD, unloaded):
+            assert watch.trip("r1", "m", fault, source=a) == 1
+            assert (b.tripped, c.tripped) == (fault, None)
+            b.tripped = None
+        stopping = Fault(FaultKind.REPLICA, FaultReason.ENGINE_STOPPING)
+        assert watch.trip("r1", "m", stopping, source=a) == 2
+        assert (b.tripped, c.tripped) == (stopping, stopping)
 
 
 async def test_a_trip_between_reads_cancels_nothing() -> None:
     """A wait tripped after a read, while its stream is outside a read, is only marked: the
     caller checks `tripped` before its next read; nothing is cancelled in the meantime."""
     watch = ReplicaWatch()
-    with watch.attempt("r1") as wait:
+    with watch.attempt("r1", "m") as wait:
         assert await answered_read(wait, 7, 30.0) == 7
-        assert watch.trip("r1", DEAD) == 1
+        assert watch.trip("r1", "m", DEAD) == 1
         await asyncio.sleep(0)  # would raise CancelledError if the task had been cancelled
         assert wait.tripped == DEAD
         assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
 
 
 async def test_the_callers_own_cancellation_propagates() -> None:
-    with ReplicaWatch().attempt("r1") as wait:
+    with ReplicaWatch().attempt("r1", "m") as wait:
         _, task = await suspended_read(wait, 10.0)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -129,9 +152,9 @@ async def test_a_caller_cancellation_racing_a_trip_still_propagates() -> None:
     """Both fired before the read resumed: the caller's cancellation wins, as with
     `asyncio.timeout`."""
     watch = ReplicaWatch()
-    with watch.attempt("r1") as wait:
+    with watch.attempt("r1", "m") as wait:
         _, task = await suspended_read(wait, None)
-        watch.trip("r1", DEAD)
+        watch.trip("r1", "m", DEAD)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -139,7 +162,7 @@ async def test_a_caller_cancellation_racing_a_trip_still_propagates() -> None:
 
 async def test_the_timer_ends_with_the_attempt() -> None:
     watch = ReplicaWatch()
-    with watch.attempt("r1") as wait:
+    with watch.attempt("r1", "m") as wait:
         assert await answered_read(wait, 1, 30.0) == 1
         timer = wait._timer
         assert timer is not None
