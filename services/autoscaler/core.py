@@ -15,11 +15,17 @@ Invariants:
   come and go with model versions; a source outage forgets nothing.
 - A failing source or actuator is logged and the loop goes on: the last decisions stay served.
   A policy that fails on a pool's inputs holds that pool (`error_hold`); the others are decided.
+- Two clocks: samples are stamped, aged and recorded on the wall clock (`clock`: Prometheus's
+  and the engines' timestamps are Unix time); the policy's windows, periods and holds run on
+  `timer` (monotonic), so a step of the wall clock (NTP, a VM resumed) neither freezes a
+  scale-down period nor ends one early. The policy sees each sample as old as the wall clock
+  says, on the timer's clock.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import math
@@ -95,11 +101,13 @@ class Autoscaler:
         source: SignalSource,
         actuator: Actuator | None = None,
         clock: Callable[[], float] = time.time,
+        timer: Callable[[], float] = time.monotonic,
     ):
         self._settings = settings
         self._source = source
         self._actuator = actuator
         self._clock = clock
+        self._timer = timer
         self._states: dict[PoolKey, PoolState] = {}
         self._latest: dict[PoolKey, Recorded] = {}
         # When `desired` was last asked for each decided pool (its keys are within `_latest`'s).
@@ -151,7 +159,7 @@ class Autoscaler:
 
     async def evaluate(self) -> list[Recorded]:
         """One round over every pool; returns this round's decisions."""
-        now = self._clock()
+        now, at = self._clock(), self._timer()
         signals = await self._signals(now)
         counts = await self._counts()
         present = {p.key for p in self._settings.pools} | set(signals) | set(counts or {})
@@ -170,7 +178,11 @@ class Autoscaler:
             state = self._states.setdefault(key, PoolState())
             policy = self.policy_for(key)
             try:
-                decision = decide(policy, state, sig, current, now, self._settings.signal_max_age_s)
+                timed = dataclasses.replace(sig, sampled_at=at - sig.age_s(now))
+                decision = decide(
+                    policy, state, timed, current, at, self._settings.signal_max_age_s
+                )
+                decision = dataclasses.replace(decision, signals=sig)
             except Exception as err:  # one pool's inputs must not stop the others or the loop
                 log.exception("policy failed", extra={"pool": key.pool})
                 _ERRORS.labels("decide").inc()

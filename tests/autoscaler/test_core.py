@@ -49,7 +49,7 @@ def metric(name: str, **labels: str) -> float | None:
 
 async def test_without_actuator_current_is_the_known_replicas() -> None:
     clock, source = FakeClock(), FakeSource()
-    core = Autoscaler(settings(), source, clock=clock)
+    core = Autoscaler(settings(), source, clock=clock, timer=clock)
     source.signals[KEY] = sig(clock.t, 2, load=40)
     (rec,) = await core.evaluate()
     assert (rec.key, rec.decision.current, rec.decision.desired) == (KEY, 2, 4)
@@ -63,7 +63,7 @@ async def test_without_actuator_current_is_the_known_replicas() -> None:
 async def test_actuator_drives_and_starting_replicas_block_scale_down() -> None:
     clock, source = FakeClock(), FakeSource()
     actuator = FakeActuator({KEY: ReplicaCounts(ready=1)})
-    core = Autoscaler(settings(), source, actuator, clock=clock)
+    core = Autoscaler(settings(), source, actuator, clock=clock, timer=clock)
     source.signals[KEY] = sig(clock.t, 1, load=30)
     (rec,) = await core.evaluate()
     assert rec.decision.desired == 3
@@ -89,7 +89,7 @@ async def test_actuator_drives_and_starting_replicas_block_scale_down() -> None:
 
 async def test_a_failing_source_holds_every_pool_then_turns_stale() -> None:
     clock, source = FakeClock(), FakeSource()
-    core = Autoscaler(settings(), source, clock=clock)
+    core = Autoscaler(settings(), source, clock=clock, timer=clock)
     source.signals[KEY] = sig(clock.t, 3, load=30)
     await core.evaluate()
     source.fail = True
@@ -110,7 +110,7 @@ async def test_a_pool_nothing_is_known_of_is_not_decided_from_its_minimum() -> N
     s = settings(
         pools=[{"pool": "long", "model_version": "v2", "policy": {**POLICY, "min_replicas": 2}}]
     )
-    core = Autoscaler(s, source, clock=clock)
+    core = Autoscaler(s, source, clock=clock, timer=clock)
     with pytest.raises(Unavailable):
         core.desired(long)  # before the first evaluation
     assert await core.evaluate() == []
@@ -138,7 +138,7 @@ async def test_a_pool_read_without_engines_is_decided_from_its_minimum() -> None
     s = settings(
         pools=[{"pool": "long", "model_version": "v2", "policy": {**POLICY, "min_replicas": 0}}]
     )
-    core = Autoscaler(s, source, clock=clock)
+    core = Autoscaler(s, source, clock=clock, timer=clock)
     source.signals[zero] = PoolSignals(sampled_at=clock.t, queue_depth=3.0)
     (rec,) = await core.evaluate()
     assert (rec.decision.current, rec.decision.cause) == (0, Cause.FROM_ZERO)
@@ -147,7 +147,7 @@ async def test_a_pool_read_without_engines_is_decided_from_its_minimum() -> None
 
 async def test_history_is_bounded_and_filterable() -> None:
     clock, source = FakeClock(), FakeSource()
-    core = Autoscaler(settings(decision_history=3), source, clock=clock)
+    core = Autoscaler(settings(decision_history=3), source, clock=clock, timer=clock)
     other = PoolKey("long", "v1")
     for i in range(3):
         clock.t += 1
@@ -205,7 +205,9 @@ def test_invalid_settings_are_clear_errors(env: dict[str, Any], message: str) ->
 @pytest_asyncio.fixture
 async def api() -> AsyncIterator[tuple[pb_grpc.AutoscalerServiceAsyncStub, FakeSource, Autoscaler]]:
     clock, source = FakeClock(), FakeSource()
-    core = Autoscaler(settings(), source, FakeActuator({KEY: ReplicaCounts(2)}), clock=clock)
+    core = Autoscaler(
+        settings(), source, FakeActuator({KEY: ReplicaCounts(2)}), clock=clock, timer=clock
+    )
     servicer = AutoscalerServicer(core)
     server = ManagedServer(
         host="127.0.0.1",
@@ -257,14 +259,14 @@ async def test_a_policy_failing_on_one_pool_holds_it_and_decides_the_others(
 ) -> None:
     clock, source = FakeClock(), FakeSource()
     bad = PoolKey("long", "v1")
-    core = Autoscaler(settings(), source, clock=clock)
+    core = Autoscaler(settings(), source, clock=clock, timer=clock)
     source.signals[KEY] = sig(clock.t, 2, load=20)
     source.signals[bad] = sig(clock.t, 2, load=20)
     await core.evaluate()
     real = policy.decide
 
     def failing(cfg: Any, state: Any, s: Any, current: int, now: float, age: float) -> Any:
-        if s is source.signals[bad]:
+        if s == source.signals[bad]:  # as sampled (the core restamps it on its timer)
             raise ValueError("cannot convert float NaN to integer")
         return real(cfg, state, s, current, now, age)
 
@@ -281,7 +283,7 @@ async def test_a_policy_failing_on_one_pool_holds_it_and_decides_the_others(
 
 async def test_the_run_loop_outlives_a_failed_round(monkeypatch: pytest.MonkeyPatch) -> None:
     clock, source = FakeClock(), FakeSource()
-    core = Autoscaler(settings(), source, clock=clock)
+    core = Autoscaler(settings(), source, clock=clock, timer=clock)
     source.signals[KEY] = sig(clock.t, 2, load=20)
     rounds = 0
     evaluate = core.evaluate
@@ -308,7 +310,7 @@ async def test_the_run_loop_outlives_a_failed_round(monkeypatch: pytest.MonkeyPa
 async def test_a_pool_gone_from_every_source_is_forgotten_with_its_gauges() -> None:
     clock, source = FakeClock(), FakeSource()
     old = PoolKey("short", "v0")  # a rolled-out version: neither configured nor managed
-    core = Autoscaler(settings(), source, clock=clock)
+    core = Autoscaler(settings(), source, clock=clock, timer=clock)
     source.signals[KEY] = sig(clock.t, 2, load=20)
     source.signals[old] = sig(clock.t, 1, load=10)
     await core.evaluate()
@@ -338,7 +340,7 @@ async def test_a_pool_gone_from_every_source_is_forgotten_with_its_gauges() -> N
 async def test_a_pool_is_not_forgotten_in_a_source_outage_or_while_keda_asks_for_it() -> None:
     clock, source = FakeClock(), FakeSource()
     scaled = PoolKey("long", "v2")  # scaled by KEDA, not in the configuration
-    core = Autoscaler(settings(), source, clock=clock)
+    core = Autoscaler(settings(), source, clock=clock, timer=clock)
     source.signals[KEY] = sig(clock.t, 2, load=20)
     source.signals[scaled] = sig(clock.t, 6, load=60)
     await core.evaluate()
@@ -357,3 +359,29 @@ async def test_a_pool_is_not_forgotten_in_a_source_outage_or_while_keda_asks_for
     clock.t += horizon + 1
     source.signals[KEY] = sig(clock.t, 2, load=20)
     assert {rec.key for rec in await core.evaluate()} == {KEY}
+
+
+async def test_a_wall_clock_step_neither_freezes_nor_ends_a_window() -> None:
+    """Samples carry wall-clock times; the scale-down window runs on the monotonic timer. The
+    wall clock stepping back an hour (NTP) froze the window for that hour; stepping forward it
+    ended it at once."""
+    s = AutoscalerSettings(
+        default_policy={**POLICY, "scale_down_window_s": 60}, signal_max_age_s=30, interval_s=0.01
+    )
+    for step in (-3600.0, 3600.0):
+        wall, timer, source = FakeClock(), FakeClock(), FakeSource()
+        core = Autoscaler(s, source, clock=wall, timer=timer)
+        source.signals[KEY] = sig(wall.t, 2, load=40)
+        (rec,) = await core.evaluate()
+        assert rec.decision.desired == 4
+        wall.t += step
+        timer.t += 30  # within the window: its high point holds
+        source.signals[KEY] = sig(wall.t, 4, load=0)
+        (rec,) = await core.evaluate()
+        assert rec.decision.desired == 4, step
+        assert rec.decision.signals.sampled_at == wall.t  # recorded as sampled
+        wall.t += 31
+        timer.t += 31  # past it
+        source.signals[KEY] = sig(wall.t, 4, load=0)
+        (rec,) = await core.evaluate()
+        assert rec.decision.desired == 1, step

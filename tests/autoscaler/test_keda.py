@@ -36,7 +36,7 @@ async def stub() -> AsyncIterator[pb_grpc.ExternalScalerAsyncStub]:
         PoolKey("short", "v1"): sig(CLOCK.t, 1, load=35, engine_waiting=5.0),
         PoolKey("long", "v1"): sig(CLOCK.t, 1),
     }
-    core = Autoscaler(settings, SOURCE, clock=CLOCK)
+    core = Autoscaler(settings, SOURCE, clock=CLOCK, timer=CLOCK)
     await core.evaluate()
     CORE[:] = [core]
     servicer = KedaScalerServicer(core)
