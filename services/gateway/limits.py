@@ -209,8 +209,11 @@ class TenantLimits:
             self.tokens.take(prompt_tokens)
 
     def charge(self, tokens: int) -> None:
-        """Completion tokens, as they stream (never refused)."""
-        if not tokens or (self.shared is not None and self.shared.charge(tokens)):
+        """Completion tokens, as they stream (never refused); nothing for a tenant without a
+        token limit (no write to the shared store either)."""
+        if not tokens or self.tokens is None:
+            return
+        if self.shared is not None and self.shared.charge(tokens):
             return
         self._charge_locally(tokens)
 

@@ -123,6 +123,7 @@ class FakeShared:
         self.up = True
         self.admitted = 0
         self.charged = 0
+        self.calls = 0  # charges and refunds
 
     async def admit(self, prompt_tokens: int) -> bool:
         if self.up:
@@ -130,6 +131,7 @@ class FakeShared:
         return self.up
 
     def charge(self, tokens: int) -> bool:
+        self.calls += 1
         if self.up:
             self.charged += tokens
         return self.up
@@ -156,6 +158,15 @@ async def test_a_refund_goes_back_to_the_buckets_that_were_charged() -> None:
     shared.up = False
     refund()  # the shared store is down again: the local share was never charged
     assert lim.requests.level() == full
+
+
+def test_completion_tokens_of_a_tenant_without_a_token_limit_are_not_written() -> None:
+    """Nothing to charge them to: no write to the shared store (a Redis call per flush)."""
+    shared = FakeShared()
+    TenantLimits("acme", 60, None, Clock(), shared=shared).charge(100)
+    assert shared.calls == 0
+    TenantLimits("acme", 60, 6000, Clock(), shared=shared).charge(100)
+    assert (shared.calls, shared.charged) == (1, 100)
 
 
 @pytest.mark.parametrize("handed_off", [False, True])
