@@ -322,7 +322,7 @@ async def test_updates_go_to_every_registry_that_is_up(
     registries: tuple[Served, Served],
 ) -> None:
     a, b = registries
-    idx = index(a, b)
+    idx = index(a, b, clock=ManualClock(1000.0))  # no time passes: a stays down once failed
     try:
         assert await idx.record_routing("r1", [1, 2]) == 1  # the preferred (a)'s prediction
         await idx.report_reuse("r1", [1, 2], 1, 8, 1)
@@ -331,10 +331,18 @@ async def test_updates_go_to_every_registry_that_is_up(
         assert a.fake.updates == expected
         assert b.fake.updates == expected
         await a.stop()
+        failed = idx._failed
+        tried_down: list[str] = []
+
+        def counted(reg: Any, err: grpc.aio.AioRpcError, call: str) -> None:
+            tried_down.append(reg.address)
+            failed(reg, err, call)
+
+        idx._failed = counted  # type: ignore[method-assign]
         assert await idx.record_routing("r3", [1]) == 1  # b's answer; a marked down
-        t = time.monotonic()
-        await idx.drop_replica("r4")  # a is skipped, not waited on
-        assert time.monotonic() - t < 0.5
+        assert tried_down == [a.address]
+        await idx.drop_replica("r4")  # a is skipped, not tried (and waited on) again
+        assert tried_down == [a.address]
         assert b.fake.updates[-2:] == ["record:r3", "drop:r4"]
         assert await matched_by(idx) == {"b"}  # lookups skip a without trying it
         assert a.fake.lookups == 0
