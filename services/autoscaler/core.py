@@ -195,8 +195,10 @@ class Autoscaler:
         self._updated = asyncio.Event()
         if self._actuator is not None:
             for rec in out:
-                if counts is not None and rec.key not in counts:
-                    continue  # a pool the actuator does not manage
+                if counts is None or rec.key not in counts:
+                    # A pool the actuator does not manage, or a round it could not report
+                    # (its `apply` refuses pools it does not manage): nothing to apply.
+                    continue
                 try:
                     await self._actuator.apply(rec.key, rec.decision.desired, rec.decision.reason)
                 except Exception:

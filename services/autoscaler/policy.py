@@ -250,6 +250,9 @@ class PoolState:
     # The last decided count (None before the first decision): what a hold keeps, and what a
     # change is measured from (the observed count lags it while replicas start).
     desired: int | None = None
+    # The first decision's time and observed count: the recommendations before it are unknown
+    # (the process started), so until a whole down-window has passed that count stands for them.
+    first: tuple[float, int] | None = None
 
     def decided(self, current: int) -> int:
         """The last decided count; the observed `current` before any decision."""
@@ -527,7 +530,7 @@ def decide(
         in_panic = True
     elif in_panic is False:
         state.panic_until = None
-    if in_panic:
+    if in_panic and state.panic_until is not None:
         recent = _window(state.recommendations, now - cfg.panic_window_s) or [rec]
         want = max(max(recent), running, state.panic_floor)
         want = min(want, cfg.max_replicas)
@@ -535,7 +538,7 @@ def decide(
         return done(
             want,
             Cause.PANIC,
-            f"panic until {state.panic_until:.0f} (recommended {rec} >= "
+            f"panic for {state.panic_until - now:.0f}s more (recommended {rec} >= "
             f"{cfg.panic_threshold:g} x {current} at trigger); {reason}",
             extra,
         )
@@ -545,6 +548,12 @@ def decide(
     # from the decided count (the observed one lags it both ways while pods start or drain).
     lower = min(_window(state.recommendations, now - cfg.scale_up_window_s) or [rec])
     upper = max(_window(state.recommendations, now - cfg.scale_down_window_s) or [rec])
+    if state.first is None:
+        state.first = (now, current)
+    if state.first[0] > now - cfg.scale_down_window_s:
+        # The window began before this process knew the pool: the count it found then is the
+        # least its max was (a restarted autoscaler does not scale down at once).
+        upper = max(upper, state.first[1])
     desired = min(max(decided, lower), upper)
     cause = Cause.SCALE_UP if desired > decided else Cause.STEADY
     if desired < decided:

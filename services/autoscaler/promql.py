@@ -86,12 +86,13 @@ class PromQueries:
         age = f"{max(1, math.ceil(c.max_age_s))}s"
         w = f"{max(1, math.ceil(c.rate_window_s))}s"
 
+        def engine_sel(label: str, kind: str) -> str:
+            """The engine selector and one more matcher (the selector may be empty)."""
+            matcher = f'{label}="{kind}"'
+            return f"{c.engine_selector},{matcher}" if c.engine_selector else matcher
+
         def engine(kind: str, family: str, label: str) -> str:
-            sel = (
-                f'{c.engine_selector},{label}="{kind}"'
-                if c.engine_selector
-                else f'{label}="{kind}"'
-            )
+            sel = engine_sel(label, kind)
             return f"sum by (pool, model_version) (last_over_time({family}{{{sel}}}[{age}]))"
 
         req, kv = names.TRTLLM_REQUEST_METRICS, names.TRTLLM_KV_CACHE_BLOCK_METRICS
@@ -114,7 +115,7 @@ class PromQueries:
             engines_known=f"count by (pool, model_version) (up{{{c.engine_selector}}})",
             engines_reporting=(
                 "count by (pool, model_version) "
-                f'(last_over_time({req}{{{c.engine_selector},request_type="active"}}[{age}]))'
+                f"(last_over_time({req}{{{engine_sel('request_type', 'active')}}}[{age}]))"
             ),
             engine_active=engine("active", req, "request_type"),
             engine_waiting=engine("waiting", req, "request_type"),

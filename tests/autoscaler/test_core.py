@@ -385,3 +385,20 @@ async def test_a_wall_clock_step_neither_freezes_nor_ends_a_window() -> None:
         source.signals[KEY] = sig(wall.t, 4, load=0)
         (rec,) = await core.evaluate()
         assert rec.decision.desired == 1, step
+
+
+async def test_a_round_the_actuator_could_not_report_applies_nothing() -> None:
+    """Its `observe` failed: the pools it manages are unknown this round, and `apply` is not
+    asked for pools it may not manage (the local actuator refuses them, every round)."""
+    clock, source = FakeClock(), FakeSource()
+
+    class Failing(FakeActuator):
+        async def observe(self) -> Any:
+            raise RuntimeError("kubelet unreachable")
+
+    actuator = Failing({})
+    core = Autoscaler(settings(), source, actuator, clock=clock, timer=clock)
+    source.signals[KEY] = sig(clock.t, 2, load=40)
+    (rec,) = await core.evaluate()
+    assert rec.decision.desired == 4
+    assert actuator.applied == []

@@ -389,3 +389,19 @@ def test_forecast_leads_a_rising_arrival_rate() -> None:
 def test_invalid_config_is_a_clear_error(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         PolicyConfig(**fields)
+
+
+def test_a_fresh_state_does_not_scale_down_before_a_down_window_passed() -> None:
+    """A restarted autoscaler knows no recommendation before its first decision: the count it
+    found stands for them until a whole down-window passed; then the pool scales down."""
+    cfg = PolicyConfig(**{**BASE, "scale_down_window_s": 300}, max_replicas=16)
+    state = PoolState()
+    d = decide(cfg, state, sig(0, 8, load=20), 8, 0, MAX_AGE)  # 2 replicas' worth of load
+    assert (d.desired, d.cause) == (8, Cause.STABILIZING)
+    d = decide(cfg, state, sig(299, 8, load=20), 8, 299, MAX_AGE)
+    assert d.desired == 8
+    d = decide(cfg, state, sig(301, 8, load=20), 8, 301, MAX_AGE)
+    assert (d.desired, d.cause) == (2, Cause.SCALE_DOWN)
+    # Up is never held back by it.
+    d = decide(cfg, PoolState(), sig(0, 2, load=80), 2, 0, MAX_AGE)
+    assert (d.desired, d.cause) == (8, Cause.SCALE_UP)

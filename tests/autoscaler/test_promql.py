@@ -3,6 +3,7 @@ a fake HTTP API. The real-Prometheus test is in tests/integration."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import urllib.parse
 from collections.abc import Callable, Set
@@ -13,7 +14,13 @@ from prometheus_client import REGISTRY
 from llmmesh.common import metric_names as names
 from llmmesh.common.topology import PoolKey
 from services.autoscaler.core import Autoscaler
-from services.autoscaler.promql import PromQLConfig, PromQLError, PromQLSource, parse_vector
+from services.autoscaler.promql import (
+    PromQLConfig,
+    PromQLError,
+    PromQLSource,
+    PromQueries,
+    parse_vector,
+)
 from services.autoscaler.settings import AutoscalerSettings
 from services.autoscaler.signals import SourceUnavailable
 
@@ -173,3 +180,10 @@ async def test_promql_source_unreachable_raises_and_the_pools_hold() -> None:
     core = Autoscaler(AutoscalerSettings(), PromQLSource(CONFIG, {SHORT: "m"}, get))
     assert await core.evaluate() == []  # nothing known of SHORT: not decided
     assert REGISTRY.get_sample_value(names.AS_ERRORS, {"stage": "source"}) == errors + 1
+
+
+def test_an_empty_engine_selector_still_builds_valid_queries() -> None:
+    queries = PromQueries.build(dataclasses.replace(CONFIG, engine_selector=""))
+    for q in dataclasses.astuple(queries):
+        assert "{," not in q, q
+    assert '{request_type="active"}' in queries.engines_reporting
