@@ -96,9 +96,13 @@ class PromQueries:
             return f"sum by (pool, model_version) (last_over_time({family}{{{sel}}}[{age}]))"
 
         req, kv = names.TRTLLM_REQUEST_METRICS, names.TRTLLM_KV_CACHE_BLOCK_METRICS
+        # Each engine replica's model version, from its scrape target's labels (`up`): the
+        # orchestrator's per-replica series join it `on (replica)`. Not from the engines' own
+        # series: while those are missing (renamed, blocked) the join would be empty, and the
+        # pool's leases and arrivals would read as none, scaling a busy pool down.
+        replicas = f'{c.engine_selector},replica!=""' if c.engine_selector else 'replica!=""'
         replica_version = (
-            "max by (replica, model_version) "
-            f'(last_over_time({req}{{request_type="active"}}[{age}])) * 0 + 1'
+            f"max by (replica, model_version) (last_over_time(up{{{replicas}}}[{age}])) * 0 + 1"
         )
 
         def quantile(family: str, selector: str, by: str = "model") -> str:
