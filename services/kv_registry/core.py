@@ -128,10 +128,13 @@ class KvRegistry:
         # comes after the drop (a lease that outlived its replica's removal) does not bring one
         # back, where it would stay for good (nothing drops it again), nor its metrics' series.
         self._dropped: OrderedDict[str, None] = OrderedDict()
-        # xxh3-128 of a prompt's token bytes -> its block hashes: the orchestrator sends the
-        # same prompt to Lookup, RecordRouting and ReportReuse; it is hashed once.
+        # xxh3-128 of a prompt's token bytes -> its block hashes: a client that sends the same
+        # prompt as token ids to Lookup, RecordRouting and ReportReuse has it hashed once (the
+        # orchestrator sends block hashes). Bounded by prompts and by the hashes they hold.
         self._hash_cache: OrderedDict[int, tuple[int, ...]] = OrderedDict()
         self._hash_cache_size = settings.hash_cache_size
+        self._hash_cache_blocks = settings.hash_cache_blocks
+        self._cached_blocks = 0
         self._on_changes: Callable[[list[ExactChange]], None] | None = None
 
     # -- watching the exact index -----------------------------------------------------------
@@ -180,10 +183,13 @@ class KvRegistry:
         hashes = cache.get(key)
         if hashes is None:
             hashes = tuple(hashes_from_bytes(body, self.block_config))
-            if self._hash_cache_size:
+            if self._hash_cache_size and len(hashes) <= self._hash_cache_blocks:
                 cache[key] = hashes
-                if len(cache) > self._hash_cache_size:
-                    cache.popitem(last=False)
+                self._cached_blocks += len(hashes)
+                while len(cache) > self._hash_cache_size or (
+                    self._cached_blocks > self._hash_cache_blocks
+                ):
+                    self._cached_blocks -= len(cache.popitem(last=False)[1])
         else:
             cache.move_to_end(key)
         return hashes
@@ -287,7 +293,12 @@ class KvRegistry:
             raise InvalidArgument("must be non-empty", field="replica_id")
         if reported_reused_blocks < 0:
             raise InvalidArgument("must not be negative", field="reported_reused_blocks")
-        if not hashes and (prompt_tokens is None or predicted_blocks is None):
+        # Without the prompt's hashes the belief cannot be read: the caller gives it, unless
+        # the prompt holds no block that could be reused (a prompt shorter than one block).
+        if not hashes and (
+            prompt_tokens is None
+            or (predicted_blocks is None and (prompt_tokens - 1) // self.block_config.block_size)
+        ):
             raise InvalidArgument(
                 "without the prompt, set prompt_tokens and predicted_blocks", field="block_hashes"
             )

@@ -88,6 +88,17 @@ CHANGE_KIND_PB = {
     ChangeKind.GONE: pb.ExactChange.KIND_GONE,
 }
 UPDATE_BLOCKS = 32_768  # block hashes per WatchExact message (~300 KB on the wire)
+# Block hashes an UpdateBatch applies between two yields to the event loop (~10 ms of work).
+YIELD_BLOCKS = 8192
+
+
+def _blocks(update: pb.RegistryUpdate, kind: str | None) -> int:
+    """The prompt size an update carries, in blocks or tokens (a bound on its work)."""
+    if kind == "routing":
+        return len(update.routing.block_hashes) + len(update.routing.token_ids)
+    if kind == "reuse":
+        return len(update.reuse.block_hashes) + len(update.reuse.token_ids)
+    return 0
 
 
 def change_to_pb(c: ExactChange, hashes: Sequence[int]) -> pb.ExactChange:
@@ -430,11 +441,18 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
     async def UpdateBatch(
         self, request: pb.UpdateBatchRequest, context: Ctx
     ) -> pb.UpdateBatchResponse:
-        """Each update in order, as its own RPC would apply it; refused ones are counted."""
+        """Each update in order, as its own RPC would apply it; refused ones are counted. The
+        loop is yielded to every `YIELD_BLOCKS` hashes applied: a batch of long prompts does not
+        hold up the lookups beside it (their budget is tens of milliseconds)."""
         predicted: list[int] = []
         rejected = 0
+        applied = 0
         for update in request.updates:
+            if applied >= YIELD_BLOCKS:
+                applied = 0
+                await asyncio.sleep(0)
             kind = update.WhichOneof("kind")
+            applied += _blocks(update, kind)
             try:
                 if kind == "routing":
                     predicted.append(self._record_routing(update.routing).predicted_blocks)

@@ -66,6 +66,11 @@ class KvRegistrySettings(ServiceSettings):
         ge=0,
         description="Prompts whose block hashes are kept (LRU): Lookup, RecordRouting and ReportReuse of one request hash it once.",
     )
+    hash_cache_blocks: int = Field(
+        default=1 << 20,
+        ge=0,
+        description="Block hashes the prompt cache holds in all (LRU; ~40 bytes each): a few long prompts sent as token ids cannot fill memory.",
+    )
     maintenance_interval_s: float = Field(
         default=0.05,
         gt=0,

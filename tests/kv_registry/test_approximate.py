@@ -354,3 +354,17 @@ def test_invalid_arguments(call: object, field: str) -> None:
     with pytest.raises(InvalidArgument) as err:
         call(reg)  # type: ignore[operator]
     assert err.value.field == field
+
+
+def test_a_report_of_a_prompt_shorter_than_a_block_needs_no_prediction() -> None:
+    """Sent whole (token ids), it hashes to no block: nothing could be reused, and the report
+    is counted, not refused for a missing `predicted_blocks`."""
+    reg = make()
+    short = reg.hash_tokens([1, 2, 3])
+    assert short == ()
+    res = reg.report_reuse("p0", short, 0, prompt_tokens=3)
+    assert (res.reusable_blocks, res.predicted_blocks) == (0, 0)
+    with pytest.raises(InvalidArgument, match="predicted_blocks"):
+        reg.report_reuse("p0", (), 0, prompt_tokens=40)  # blocks it does not name
+    with pytest.raises(InvalidArgument, match="prompt_tokens"):
+        reg.report_reuse("p0", (), 0)

@@ -89,6 +89,23 @@ def test_registry_hashes_a_prompt_once() -> None:
     assert reg.hash_tokens(a) == first
 
 
+def test_the_prompt_cache_is_bounded_by_the_hashes_it_holds() -> None:
+    """A few long prompts sent as token ids must not fill memory: past `hash_cache_blocks`
+    the oldest prompts go, and a prompt longer than the bound is not kept at all."""
+    config = BlockConfig(4, 2)
+    settings = KvRegistrySettings(hash_cache_size=100, hash_cache_blocks=15)
+    reg = make_registry(config, settings)
+    a, b, c = (list(range(k * 1000, k * 1000 + 40)) for k in range(3))  # 10 blocks each
+    first = reg.hash_tokens(a)
+    assert reg.hash_tokens(a) is first  # kept
+    reg.hash_tokens(b)  # 20 blocks in all: a goes
+    assert reg.hash_tokens(a) is not first
+    assert sum(len(h) for h in reg._hash_cache.values()) <= 15
+    huge = list(range(80))  # 20 blocks: never kept
+    assert reg.hash_tokens(huge) is not reg.hash_tokens(huge)
+    assert len(reg.hash_tokens(c)) == 10
+
+
 @given(
     st.lists(
         st.tuples(st.integers(0, 3), st.lists(st.integers(0, 2**32 - 1), max_size=300)),

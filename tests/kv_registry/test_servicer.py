@@ -8,6 +8,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -26,6 +27,7 @@ from services.kv_registry.core import KvRegistry
 from services.kv_registry.metrics import PrometheusMetrics
 from services.kv_registry.servicer import (
     UPDATE_BLOCKS,
+    YIELD_BLOCKS,
     KvRegistryServicer,
     Watcher,
     broadcast,
@@ -407,6 +409,47 @@ async def test_approximate_mode_round_trip(registry: Registry) -> None:
     assert dropped.dropped
     assert not (await stub.DropReplica(pb.DropReplicaRequest(replica_id="p0"))).dropped
     assert not (await stub.Lookup(pb.LookupRequest(token_ids=PROMPT))).matches
+
+
+async def test_a_batch_of_long_prompts_lets_a_lookup_through_between_its_updates(
+    registry: Registry,
+) -> None:
+    """Applying a batch yields to the loop every YIELD_BLOCKS hashes: a lookup that arrives
+    meanwhile is answered between two updates, not after the whole batch."""
+    order: list[str] = []
+    record, lookup = registry.core.record_routing, registry.core.lookup_hashes
+
+    def recorded(*args: Any, **kw: Any) -> Any:
+        order.append("route")
+        return record(*args, **kw)
+
+    def looked_up(*args: Any, **kw: Any) -> Any:
+        order.append("lookup")
+        return lookup(*args, **kw)
+
+    registry.core.record_routing = recorded  # type: ignore[method-assign]
+    registry.core.lookup_hashes = looked_up  # type: ignore[method-assign]
+    long = list(range(1, YIELD_BLOCKS + 1))
+    batch = pb.UpdateBatchRequest(
+        updates=[
+            pb.RegistryUpdate(
+                routing=pb.RecordRoutingRequest(replica_id=f"p{i}", block_hashes=long)
+            )
+            for i in range(2)
+        ]
+    )
+
+    class Call:  # the servicer's handlers called directly, as the server would
+        def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+            return ()
+
+    call: Any = Call()
+    applying = asyncio.ensure_future(registry.servicer.UpdateBatch(batch, call))
+    await asyncio.sleep(0)  # the first update is applied; the batch yields
+    await registry.servicer.Lookup(pb.LookupRequest(block_hashes=HASHES), call)
+    resp = await applying
+    assert list(resp.predicted_blocks) == [0, 0]
+    assert order == ["route", "lookup", "route"]
 
 
 async def test_update_batch_applies_in_order_and_skips_refused_updates(
