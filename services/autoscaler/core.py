@@ -155,6 +155,10 @@ class Autoscaler:
         last = self._latest.get(key)
         if last is not None:
             return last.decision.desired
+        if self._actuator is None:
+            # KEDA or an HPA act on `desired`: a count made up here (the minimum) would be
+            # served while the pool runs more (its engines not counted this round).
+            return None
         return self.policy_for(key).min_replicas if sig.known() else None
 
     async def evaluate(self) -> list[Recorded]:

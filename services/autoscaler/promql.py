@@ -280,7 +280,7 @@ class PromQLSource:
             raise SourceUnavailable(
                 f"Prometheus at {self._config.base_url}: all {len(names)} queries failed"
             )
-        obs = Observation()
+        obs = Observation(engines_read=known is not None)
         kn, rp = _by_pool(known), _by_pool(rep)
         act, wai, use, mx = _by_pool(active), _by_pool(waiting), _by_pool(used), _by_pool(kmax)
         for key in set(kn) | set(rp):

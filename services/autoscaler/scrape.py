@@ -284,7 +284,7 @@ class ScrapeSource:
             self._orchestrator_pages(),
             self._get(self._gateway_url) if self._gateway_url else _none(),
         )
-        obs = Observation()
+        obs = Observation(engines_read=True)  # discovery keeps its last pods when it fails
         for target, text in zip(targets, engine_pages, strict=True):
             obs.engines.setdefault(target.key, EngineAggregate()).add(_engine_sample(text))
         orch_read = [

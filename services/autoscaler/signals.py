@@ -175,6 +175,9 @@ class Observation:
     """One round of raw readings, before attribution to pools."""
 
     engines: dict[PoolKey, EngineAggregate] = field(default_factory=dict)
+    engines_read: bool = False
+    """The engines were counted (discovery answered, the count query did): a pool absent from
+    `engines` has none (a pool at zero), not an unknown count."""
     queue_depth: dict[PoolKey, float] | None = None
     """None: the orchestrator gauge could not be read (a pool absent from a read gauge: 0)."""
     admissions: dict[tuple[str, PoolKey], float] | None = None
@@ -210,6 +213,8 @@ def assemble(
     for key in sorted(keys):
         eng = obs.engines.get(key)
         sig = PoolSignals(sampled_at=now)
+        if eng is None and obs.engines_read:
+            sig = replace(sig, replicas_known=0, reporting_replicas=0)
         if eng is not None:
             sig = replace(sig, replicas_known=eng.known, reporting_replicas=eng.reporting)
             if eng.reporting:

@@ -130,19 +130,35 @@ async def test_a_pool_nothing_is_known_of_is_not_decided_from_its_minimum() -> N
     )
 
 
-async def test_a_pool_read_without_engines_is_decided_from_its_minimum() -> None:
-    """A pool at zero has no engine to read, but the source read it (the orchestrator's queue):
-    decided from its minimum, so a queue there wakes it (scale from zero)."""
+async def test_a_pool_whose_engines_were_counted_as_none_is_decided_from_zero() -> None:
+    """A pool at zero: the source counted its engines and found none, and read its queue (the
+    orchestrator's): a queue there wakes it (scale from zero)."""
     clock, source = FakeClock(), FakeSource()
     zero = PoolKey("long", "v2")
     s = settings(
         pools=[{"pool": "long", "model_version": "v2", "policy": {**POLICY, "min_replicas": 0}}]
     )
     core = Autoscaler(s, source, clock=clock, timer=clock)
-    source.signals[zero] = PoolSignals(sampled_at=clock.t, queue_depth=3.0)
+    source.signals[zero] = PoolSignals(sampled_at=clock.t, replicas_known=0, queue_depth=3.0)
     (rec,) = await core.evaluate()
     assert (rec.decision.current, rec.decision.cause) == (0, Cause.FROM_ZERO)
     assert core.desired(zero) >= 1
+
+
+async def test_a_pool_whose_engines_were_not_counted_is_not_decided_from_its_minimum() -> None:
+    """Restarted while the engine count could not be read (the query timed out), the
+    orchestrator's queue read: under KEDA the minimum served as `desired` had the HPA scale a
+    busy pool down to it. Undecided until its engines are counted."""
+    clock, source = FakeClock(), FakeSource()
+    core = Autoscaler(settings(), source, clock=clock, timer=clock)
+    source.signals[KEY] = PoolSignals(sampled_at=clock.t, queue_depth=0.0)
+    assert await core.evaluate() == []
+    with pytest.raises(Unavailable):
+        core.desired(KEY)
+    clock.t += 1
+    source.signals[KEY] = sig(clock.t, 8, load=80)
+    (rec,) = await core.evaluate()
+    assert (rec.decision.current, rec.decision.desired) == (8, 8)
 
 
 async def test_history_is_bounded_and_filterable() -> None:

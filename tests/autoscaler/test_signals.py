@@ -48,3 +48,11 @@ def test_orchestrator_series_named_by_the_triton_model_reach_the_served_models_p
     assert got[LONG].prompt_tokens_rate == pytest.approx(1_000.0)
     assert got[SHORT].queue_wait_p90_s == got[LONG].queue_wait_p90_s == 1.5
     assert got[SHORT].ttft_p90_s == 0.5
+
+
+@pytest.mark.parametrize("read", [True, False])
+def test_a_pool_without_engines_has_none_only_when_they_were_counted(read: bool) -> None:
+    obs = Observation(queue_depth={SHORT: 2.0}, engines_read=read)
+    got = assemble(obs, {SHORT: "a"}, 0.0)[SHORT]
+    assert got.replicas_known == (0 if read else None)
+    assert got.queue_depth == 2.0
