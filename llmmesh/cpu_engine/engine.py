@@ -156,9 +156,21 @@ class CpuEngine:
                     break
             try:
                 self.run_once()
-            except Exception:  # keep serving; the failing iteration is logged
+            except Exception as exc:
                 log.exception("engine iteration failed")
+                self._fail_in_flight(exc)
         self._end_left()
+
+    def _fail_in_flight(self, exc: Exception) -> None:
+        """An iteration raised: the requests in flight end with an error, their slots freed
+        (what it did to them is unknown: one it finished may have lost its final output). The
+        engine goes on with the requests that come next, rather than failing the same
+        iteration again and again, or leaving a stream with no final response."""
+        left = list(self._sinks.items())
+        self._sinks.clear()
+        for rid, sink in left:
+            self.scheduler.cancel(rid)
+            call_sink(sink.on_error, f"internal error: engine iteration failed: {exc!r}")
 
     def _intake(self) -> None:
         with self._lock:

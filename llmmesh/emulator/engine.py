@@ -222,8 +222,22 @@ class Engine:
                     return
             try:
                 self.run_step()
-            except Exception:  # keep serving other requests; the failing step is logged
+            except Exception as exc:
                 log.exception("engine step failed")
+                self._fail_in_flight(exc)
+
+    def _fail_in_flight(self, exc: Exception) -> None:
+        """A step raised: the requests in flight end with an error, their slots and KV blocks
+        freed (what the step did to them is unknown: one it finished may have lost its final
+        output). The engine goes on with the requests that come next, rather than failing
+        the same step again and again, or leaving a stream with no final response."""
+        with self._lock:
+            left = list(self._sinks.items())
+            self._sinks.clear()
+            for rid, _ in left:
+                self.scheduler.cancel(rid)
+        for _, sink in left:
+            call_sink(sink.on_error, f"internal error: engine step failed: {exc!r}")
 
     def _deliver(self, result: StepResult) -> None:
         with self._lock:

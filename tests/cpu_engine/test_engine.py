@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from llmmesh.cpu_engine.engine import CpuEngine, EngineStoppedError, QueueFullError
-from llmmesh.cpu_engine.scheduler import CpuRequest, RequestRejectedError, TokenOutput
+from llmmesh.cpu_engine.scheduler import (
+    CpuRequest,
+    RequestRejectedError,
+    StepResult,
+    TokenOutput,
+)
 from llmmesh.cpu_engine.settings import CpuEngineSettings
 from tests.cpu_engine.fakes import FakeBatchModel, expected, req
 
@@ -162,6 +167,39 @@ def test_the_engine_thread_serves_and_stop_ends_what_is_left() -> None:
     e.stop()
     with pytest.raises(EngineStoppedError):
         e.submit(req("b", [1], 2), RecordingSink())
+
+
+def test_an_iteration_that_raises_ends_its_requests_and_the_engine_goes_on() -> None:
+    """What the failed iteration did to its requests is unknown: they end with an error, their
+    slots freed, and the next request is served (not the same failure again and again)."""
+    e, _ = engine()
+    step = e.scheduler.step
+    calls = 0
+
+    def failing_step() -> StepResult:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # a decodes, b is prefilled
+            raise RuntimeError("CUDA error: an illegal memory access")
+        return step()
+
+    e.scheduler.step = failing_step  # type: ignore[method-assign]
+    a, b = RecordingSink(), RecordingSink()
+    e.submit(req("a", [1, 2], 50), a)
+    e.run_once()
+    e.submit(req("b", [3], 50), b)
+    e.start()
+    try:
+        for sink in (a, b):
+            assert sink.done.wait(30), "a request was left without an ending"
+            assert len(sink.errors) == 1
+            assert "engine iteration failed" in sink.errors[0]
+        c = RecordingSink()
+        e.submit(req("c", [4, 5], 3), c)
+        assert c.done.wait(30)
+        assert (c.tokens, c.errors) == (expected([4, 5], 3), [])
+    finally:
+        e.stop()
 
 
 def test_stop_errors_requests_in_flight() -> None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -330,6 +331,40 @@ def test_engine_cancel_from_another_thread_and_stop() -> None:
     assert waiting.errors == ["engine stopped"]
     with pytest.raises(RequestRejectedError, match="stopping"):
         e.submit(req("late", [1], 1), Sink())
+
+
+def test_a_step_that_raises_ends_its_requests_with_an_error_and_the_engine_goes_on() -> None:
+    """What the failed step did to its requests is unknown (one it finished may have lost its
+    final output): they end with an error, their KV blocks freed, and the next request is
+    served; the failing step is not run again and again."""
+    e = Engine(EmulatorSettings(replica_id="t", time_scale=0.001), CFG)
+    step = e.scheduler.step
+    calls = 0
+
+    def failing(now_ns: int) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # a's first token came; b is in the batch too
+            raise OverflowError("int too big to convert")
+        return step(now_ns)
+
+    e.scheduler.step = failing  # type: ignore[method-assign, assignment]
+    a, b = Sink(), Sink()
+    e.submit(req("a", [1, 2, 3], 50), a)
+    e.submit(req("b", [4, 5, 6], 50), b)
+    e.start()
+    try:
+        for sink in (a, b):
+            assert sink.done.wait(10), "a request was left without an ending"
+        why = "internal error: engine step failed: OverflowError('int too big to convert')"
+        assert a.errors == b.errors == [why]
+        assert (e.metrics().active, e.metrics().kv_used_blocks) == (0, 0)
+        c = Sink()
+        e.submit(req("c", [7, 8], 3), c)
+        assert c.done.wait(10)
+        assert (len(c.tokens), c.errors) == (3, [])
+    finally:
+        e.stop()
 
 
 def test_a_failing_sink_ends_only_its_request() -> None:
