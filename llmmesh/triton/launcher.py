@@ -112,6 +112,13 @@ PROBE_ALIVE_MARKERS = ("RESOURCE_EXHAUSTED", "maximum queue size")
 PROBE_DEAD_MARKERS = ("is not healthy",)
 # The pool manifest's exec probes (readiness and liveness) run exactly this program
 # (`python3 -c`; meshcheck's workloads rule checks it), `generate_probe` applies the same rule.
+# A request that gets no answer within the probe's time waits in the engine's queue behind a
+# full batch (a saturated engine admits one as a slot frees, which may take longer than a probe
+# at peak): alive. Failing it would take a busy pool's replicas out of their Service one after
+# another, and restart them (every stream lost, the engine loaded again) at peak load. An
+# engine that hangs is left to the mesh: the gateway's stall timeout ends its streams and the
+# orchestrator ejects it on their failures. A refused connection (the server is gone) and an
+# error answer (a dead backend stub's) still fail.
 GENERATE_PROBE_SCRIPT = f"""import sys, urllib.error as e, urllib.request as u
 try:
     u.urlopen(u.Request("http://127.0.0.1:{TRITON_HTTP_PORT}{GENERATE_PROBE_PATH}",
@@ -120,6 +127,8 @@ try:
 except e.HTTPError as x:
     body = x.read().decode(errors="replace")
     sys.exit(0 if any(m in body for m in {PROBE_ALIVE_MARKERS!r}) else 1)
+except TimeoutError:
+    pass
 """
 
 # The group watchdog (argv: the process group to guard, the launcher's pid). Its parent-death
@@ -372,10 +381,11 @@ class TritonServer:
 
     async def generate_probe(self, probe: LivenessProbe = TRITON_LIVENESS) -> bool:
         """One liveness probe: POST `GENERATE_PROBE_BODY` to the model's generate route, as the
-        pool's exec probe does. True on a 2xx answer or a full queue's refusal
-        (`PROBE_ALIVE_MARKERS`); raises with the reason otherwise (HTTP status and Triton's
-        error, a timeout, a refused connection): `BackendDead` for a dead backend stub's answer
-        ("Stub process 'tensorrt_llm_0_0' is not healthy.")."""
+        pool's exec probe does. True on a 2xx answer, a full queue's refusal
+        (`PROBE_ALIVE_MARKERS`) or no answer within the probe's time (queued in a saturated
+        engine); raises with the reason otherwise (HTTP status and Triton's error, a refused
+        connection): `BackendDead` for a dead backend stub's answer ("Stub process
+        'tensorrt_llm_0_0' is not healthy.")."""
         import aiohttp  # here: the launcher's CLI and watchdog do without it
 
         timeout = aiohttp.ClientTimeout(total=min(probe.request_timeout_s, probe.timeout_s))
@@ -397,8 +407,8 @@ class TritonServer:
                 if any(m in body for m in PROBE_DEAD_MARKERS):
                     raise BackendDead(f"HTTP {r.status}: {body[:500]}")
                 raise RuntimeError(f"HTTP {r.status}: {body[:500]}")
-        except TimeoutError as exc:
-            raise RuntimeError(f"no answer within {timeout.total:g} s") from exc
+        except TimeoutError:
+            return True  # waiting in a saturated engine's queue (see GENERATE_PROBE_SCRIPT)
         except aiohttp.ClientError as exc:
             raise RuntimeError(f"{type(exc).__name__}: {exc}") from exc
 

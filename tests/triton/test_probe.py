@@ -6,6 +6,7 @@ small HTTP server that answers what Triton would."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from llmmesh.localmesh import EMULATOR_REPOSITORY
 from llmmesh.triton.launcher import (
     GENERATE_PROBE_PATH,
     GENERATE_PROBE_SCRIPT,
+    TRITON_LIVENESS,
     BackendDead,
     LivenessProbe,
     TritonPorts,
@@ -42,6 +44,7 @@ ANSWERS = [
 class Fake:
     port: int
     answer: tuple[int, str] = (200, "{}")
+    hold: asyncio.Event | None = None  # set: the answer waits for it (a queued request)
 
 
 @pytest_asyncio.fixture
@@ -50,6 +53,8 @@ async def fake() -> AsyncIterator[Fake]:
 
     async def generate(request: web.Request) -> web.Response:
         await request.read()
+        if state.hold is not None:
+            await state.hold.wait()
         status, body = state.answer
         return web.Response(status=status, text=body, content_type="application/json")
 
@@ -61,6 +66,8 @@ async def fake() -> AsyncIterator[Fake]:
     await site.start()
     state.port = runner.addresses[0][1]
     yield state
+    if state.hold is not None:
+        state.hold.set()  # a request still held would hold the cleanup too
     await runner.cleanup()
 
 
@@ -88,3 +95,22 @@ async def test_the_manifest_probe_program_and_the_local_probe_agree(
             await server.generate_probe(PROBE)
         # Only a dead stub's answer is fatal at once (it does not heal).
         assert isinstance(raised.value, BackendDead) is ("is not healthy" in body)
+
+
+async def test_a_probe_request_still_queued_at_its_timeout_is_alive(fake: Fake) -> None:
+    """A saturated engine admits the probe's request only as a batch slot frees: no answer
+    within the probe's time is a busy engine, not a dead one (both programs pass it)."""
+    fake.hold = asyncio.Event()  # never answered while the probes run
+    timeout = f"timeout={TRITON_LIVENESS.request_timeout_s:g})"
+    script = GENERATE_PROBE_SCRIPT.replace(
+        f"127.0.0.1:{TRITON_HTTP_PORT}", f"127.0.0.1:{fake.port}"
+    ).replace(timeout, "timeout=0.3)")
+    assert timeout in GENERATE_PROBE_SCRIPT
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()[-500:]
+    server = TritonServer(EMULATOR_REPOSITORY, TritonPorts(grpc=0, http=fake.port, metrics=0))
+    quick = dataclasses.replace(PROBE, request_timeout_s=0.3)
+    assert await server.generate_probe(quick)
