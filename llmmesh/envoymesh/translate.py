@@ -477,8 +477,9 @@ def cluster(
     od = policy.get("outlierDetection")
     if od:
         out["outlier_detection"] = outlier_detection(od)
-        # Istio: minHealthPercent (default 0) is the panic threshold, so ejected hosts stay out.
-        out["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
+        # Istio: minHealthPercent (default 0: ejected hosts stay out) is the panic threshold.
+        panic = float(od.get("minHealthPercent", 0))
+        out["common_lb_config"] = {"healthy_panic_threshold": {"value": panic}}
     if transport_socket is not None:
         out["transport_socket"] = transport_socket
     return out

@@ -160,6 +160,10 @@ def test_gateway_destination_rule_as_circuit_breakers_and_outlier_detection(
     assert c["common_lb_config"] == {"healthy_panic_threshold": {"value": 0}}
     # The OpenAI port is HTTP/1.1 (Service port name http-openai).
     assert not m.http2(GATEWAY, 8080)
+    # A single-endpoint service keeps its one host when ejected (minHealthPercent 50).
+    redis = traffic_policy(m.destination_rule("llmmesh-redis.llmmesh.svc.cluster.local"))
+    r = cluster("r", redis, False, [("127.0.0.1", 1)], None)
+    assert r["common_lb_config"] == {"healthy_panic_threshold": {"value": 50.0}}
     triton = traffic_policy(m.destination_rule(TRITON_V1))
     t = cluster("t", triton, True, [("127.0.0.1", 1)], None)
     assert t["outlier_detection"]["enforcing_consecutive_5xx"] == 100
