@@ -56,7 +56,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import IO, Literal, Self
 
 from llmmesh.common.process import prepend_path, tied_to_parent, wait_for_exit
 from llmmesh.common.topology import (
@@ -76,24 +76,32 @@ _server_numbers = itertools.count()
 
 @dataclass(frozen=True)
 class LivenessProbe:
-    """A Triton replica's liveness probe: POST one token through the model (Triton 2.51 keeps
-    answering its health and model-ready routes with 200 after the model's backend stub died).
-    The defaults are the Kubernetes pool's livenessProbe (mesh/base/triton/pool/triton-pool.yaml;
-    meshcheck's workloads rule checks the manifest against `TRITON_LIVENESS`), which the local
-    mesh's supervisor applies too. `request_timeout_s` is the request's own timeout inside the
-    probe, `timeout_s` the probe's (kubelet's timeoutSeconds): generous, so a saturated but healthy
-    engine (the probe waits for a batch slot) is not restarted."""
+    """A Triton replica's probe: POST one token through the model (Triton 2.51 keeps answering
+    its health and model-ready routes with 200 after the model's backend stub died). The
+    Kubernetes pool's probes are `TRITON_LIVENESS` and `TRITON_READINESS`
+    (mesh/base/triton/pool/triton-pool.yaml; meshcheck's workloads rule checks the manifest
+    against them); the local supervisors apply the liveness one. `request_timeout_s` is the
+    request's own timeout inside the probe, `timeout_s` the probe's (kubelet's timeoutSeconds)."""
 
-    period_s: float = 15.0
-    timeout_s: float = 10.0
-    request_timeout_s: float = 9.0
-    failure_threshold: int = 4
+    period_s: float
+    timeout_s: float
+    request_timeout_s: float
+    failure_threshold: int
 
 
-TRITON_LIVENESS = LivenessProbe()
+# Liveness waits long for its request: a saturated engine admits it within a queue's drain
+# (a full batch and a full waiting queue ahead of it), a hung one never answers.
+TRITON_LIVENESS = LivenessProbe(
+    period_s=30.0, timeout_s=60.0, request_timeout_s=55.0, failure_threshold=4
+)
+# Readiness answers fast (the pool's Service follows it), so its request may still be queued
+# behind a full batch when its time runs out: that passes (`generate_probe_command`).
+TRITON_READINESS = LivenessProbe(
+    period_s=5.0, timeout_s=10.0, request_timeout_s=9.0, failure_threshold=3
+)
 # The local supervisors' probe (the local mesh's and the local actuator's): the pool manifest's
-# per-probe timeouts (a saturated but healthy engine answering within them is never restarted),
-# a shorter period and threshold than the manifest's 15 s x 4, so a replica whose backend stub
+# liveness timeouts (a saturated but healthy engine answering within them is never restarted),
+# a shorter period and threshold than the manifest's 30 s x 4, so a replica whose backend stub
 # died is replaced within seconds: locally nothing else replaces it, and a restart costs seconds.
 # A probe that times out takes its full timeout, so the period only speeds up catching definite
 # failures (a dead stub's error answer).
@@ -111,25 +119,31 @@ PROBE_ALIVE_MARKERS = ("RESOURCE_EXHAUSTED", "maximum queue size")
 # supervisor replaces the server at the first such answer (`BackendDead`).
 PROBE_DEAD_MARKERS = ("is not healthy",)
 # The pool manifest's exec probes (readiness and liveness) run exactly this program
-# (`python3 -c`; meshcheck's workloads rule checks it), `generate_probe` applies the same rule.
-# A request that gets no answer within the probe's time waits in the engine's queue behind a
-# full batch (a saturated engine admits one as a slot frees, which may take longer than a probe
-# at peak): alive. Failing it would take a busy pool's replicas out of their Service one after
-# another, and restart them (every stream lost, the engine loaded again) at peak load. An
-# engine that hangs is left to the mesh: the gateway's stall timeout ends its streams and the
-# orchestrator ejects it on their failures. A refused connection (the server is gone) and an
-# error answer (a dead backend stub's) still fail.
+# (`python3 -c`, arguments from `generate_probe_command`; meshcheck's workloads rule checks
+# them), `generate_probe` applies the liveness rule. Arguments: the request's timeout (s), and
+# what a request with no answer by then means: `pass` (readiness: it waits in a saturated
+# engine's queue behind a full batch, which at peak may outlast a readiness probe; failing it
+# would take busy replicas out of their Service one after another) or `fail` (liveness, whose
+# timeout outlasts a queue's drain: a hung engine). A refused connection (the server is gone)
+# and an error answer (a dead backend stub's) fail either way.
 GENERATE_PROBE_SCRIPT = f"""import sys, urllib.error as e, urllib.request as u
 try:
     u.urlopen(u.Request("http://127.0.0.1:{TRITON_HTTP_PORT}{GENERATE_PROBE_PATH}",
         data={GENERATE_PROBE_BODY!r}, headers={{"Content-Type": "application/json"}}),
-        timeout={TRITON_LIVENESS.request_timeout_s:g})
+        timeout=float(sys.argv[1]))
 except e.HTTPError as x:
     body = x.read().decode(errors="replace")
     sys.exit(0 if any(m in body for m in {PROBE_ALIVE_MARKERS!r}) else 1)
 except TimeoutError:
-    pass
+    sys.exit(0 if sys.argv[2] == "pass" else 1)
 """
+
+
+def generate_probe_command(probe: LivenessProbe, queued: Literal["pass", "fail"]) -> list[str]:
+    """The exec probe's command: `GENERATE_PROBE_SCRIPT` with `probe`'s request timeout, and
+    what a request still queued when it runs out means."""
+    return ["python3", "-c", GENERATE_PROBE_SCRIPT, f"{probe.request_timeout_s:g}", queued]
+
 
 # The group watchdog (argv: the process group to guard, the launcher's pid). Its parent-death
 # signal is SIGURG (set by `setpriv` before exec), whose default action is to be ignored: one that
@@ -381,11 +395,10 @@ class TritonServer:
 
     async def generate_probe(self, probe: LivenessProbe = TRITON_LIVENESS) -> bool:
         """One liveness probe: POST `GENERATE_PROBE_BODY` to the model's generate route, as the
-        pool's exec probe does. True on a 2xx answer, a full queue's refusal
-        (`PROBE_ALIVE_MARKERS`) or no answer within the probe's time (queued in a saturated
-        engine); raises with the reason otherwise (HTTP status and Triton's error, a refused
-        connection): `BackendDead` for a dead backend stub's answer ("Stub process
-        'tensorrt_llm_0_0' is not healthy.")."""
+        pool's livenessProbe does. True on a 2xx answer or a full queue's refusal
+        (`PROBE_ALIVE_MARKERS`); raises with the reason otherwise (HTTP status and Triton's
+        error, no answer in time, a refused connection): `BackendDead` for a dead backend
+        stub's answer ("Stub process 'tensorrt_llm_0_0' is not healthy.")."""
         import aiohttp  # here: the launcher's CLI and watchdog do without it
 
         timeout = aiohttp.ClientTimeout(total=min(probe.request_timeout_s, probe.timeout_s))
@@ -407,8 +420,8 @@ class TritonServer:
                 if any(m in body for m in PROBE_DEAD_MARKERS):
                     raise BackendDead(f"HTTP {r.status}: {body[:500]}")
                 raise RuntimeError(f"HTTP {r.status}: {body[:500]}")
-        except TimeoutError:
-            return True  # waiting in a saturated engine's queue (see GENERATE_PROBE_SCRIPT)
+        except TimeoutError as exc:  # liveness: longer than a queue's drain (TRITON_LIVENESS)
+            raise RuntimeError(f"no answer within {timeout.total:g} s") from exc
         except aiohttp.ClientError as exc:
             raise RuntimeError(f"{type(exc).__name__}: {exc}") from exc
 

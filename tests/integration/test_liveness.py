@@ -8,6 +8,7 @@ holding an interprocess mutex, tritonserver aborts by itself first; the restart 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -18,15 +19,15 @@ import pytest
 import pytest_asyncio
 
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as orch_pb
-from llmmesh.triton.launcher import LivenessProbe
+from llmmesh.triton.launcher import TRITON_LIVENESS
 from tests.integration.conftest import Mesh, eventually, start_mesh
 from tests.integration.test_black_hole import backend_stubs, generate
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="session")]
 
-# The manifest's numbers (period 15 s, 4 failures) would take a minute to notice the fault: a
+# The manifest's numbers (period 30 s, 4 failures) would take minutes to notice the fault: a
 # shorter period, same semantics (and the production timeouts).
-PROBE = LivenessProbe(period_s=1.0, failure_threshold=3)
+PROBE = dataclasses.replace(TRITON_LIVENESS, period_s=1.0, failure_threshold=3)
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

@@ -1,7 +1,8 @@
 """The Triton replica probe's verdicts (llmmesh/triton/launcher.py): the pool manifest's exec
-program (`GENERATE_PROBE_SCRIPT`) and the local supervisors' `generate_probe` agree on one rule:
-a 2xx answer or a full queue's refusal is alive; a dead backend's error is not. Driven against a
-small HTTP server that answers what Triton would."""
+program (`generate_probe_command`, readiness and liveness) and the local supervisors'
+`generate_probe` agree on one rule: a 2xx answer or a full queue's refusal is alive; a dead
+backend's error is not; no answer in time passes readiness only. Driven against a small HTTP
+server that answers what Triton would."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import dataclasses
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Literal
 
 import pytest
 import pytest_asyncio
@@ -19,12 +21,13 @@ from llmmesh.common.topology import TRITON_HTTP_PORT
 from llmmesh.localmesh import EMULATOR_REPOSITORY
 from llmmesh.triton.launcher import (
     GENERATE_PROBE_PATH,
-    GENERATE_PROBE_SCRIPT,
     TRITON_LIVENESS,
+    TRITON_READINESS,
     BackendDead,
     LivenessProbe,
     TritonPorts,
     TritonServer,
+    generate_probe_command,
 )
 
 PROBE = LivenessProbe(period_s=1.0, timeout_s=5.0, request_timeout_s=4.0, failure_threshold=1)
@@ -71,20 +74,26 @@ async def fake() -> AsyncIterator[Fake]:
     await runner.cleanup()
 
 
+async def run_probe(fake: Fake, probe: LivenessProbe, queued: Literal["pass", "fail"]) -> bool:
+    """The manifest's exec probe (`generate_probe_command`) against the fake: passed?"""
+    _, c, script, *args = generate_probe_command(probe, queued)
+    local = script.replace(f"127.0.0.1:{TRITON_HTTP_PORT}", f"127.0.0.1:{fake.port}")
+    assert local != script
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, c, local, *args, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 90)
+    assert proc.returncode in (0, 1), err.decode()[-500:]  # an exit, not a crash
+    return proc.returncode == 0
+
+
 @pytest.mark.parametrize(("status", "body", "alive"), ANSWERS)
 async def test_the_manifest_probe_program_and_the_local_probe_agree(
     fake: Fake, status: int, body: str, alive: bool
 ) -> None:
     fake.answer = (status, body)
-    script = GENERATE_PROBE_SCRIPT.replace(
-        f"127.0.0.1:{TRITON_HTTP_PORT}", f"127.0.0.1:{fake.port}"
-    )
-    assert script != GENERATE_PROBE_SCRIPT
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", script, stderr=asyncio.subprocess.PIPE
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert (proc.returncode == 0) is alive, err.decode()[-500:]
+    assert await run_probe(fake, TRITON_READINESS, "pass") is alive
+    assert await run_probe(fake, TRITON_LIVENESS, "fail") is alive
 
     # Never started: only its probe, against the fake's port.
     server = TritonServer(EMULATOR_REPOSITORY, TritonPorts(grpc=0, http=fake.port, metrics=0))
@@ -97,20 +106,18 @@ async def test_the_manifest_probe_program_and_the_local_probe_agree(
         assert isinstance(raised.value, BackendDead) is ("is not healthy" in body)
 
 
-async def test_a_probe_request_still_queued_at_its_timeout_is_alive(fake: Fake) -> None:
-    """A saturated engine admits the probe's request only as a batch slot frees: no answer
-    within the probe's time is a busy engine, not a dead one (both programs pass it)."""
+async def test_a_request_still_queued_passes_readiness_and_fails_liveness(fake: Fake) -> None:
+    """A saturated engine admits the probe's request only as a batch slot frees: readiness
+    (9 s) passes one still queued then; liveness waits longer than a queue's drain, so no
+    answer by then is a hung engine (the local supervisors' probe too)."""
     fake.hold = asyncio.Event()  # never answered while the probes run
-    timeout = f"timeout={TRITON_LIVENESS.request_timeout_s:g})"
-    script = GENERATE_PROBE_SCRIPT.replace(
-        f"127.0.0.1:{TRITON_HTTP_PORT}", f"127.0.0.1:{fake.port}"
-    ).replace(timeout, "timeout=0.3)")
-    assert timeout in GENERATE_PROBE_SCRIPT
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", script, stderr=asyncio.subprocess.PIPE
-    )
-    _, err = await asyncio.wait_for(proc.communicate(), 30)
-    assert proc.returncode == 0, err.decode()[-500:]
+    quick = {
+        "pass": dataclasses.replace(TRITON_READINESS, request_timeout_s=0.3),
+        "fail": dataclasses.replace(TRITON_LIVENESS, request_timeout_s=0.3),
+    }
+    assert await run_probe(fake, quick["pass"], "pass")
+    assert not await run_probe(fake, quick["fail"], "fail")
     server = TritonServer(EMULATOR_REPOSITORY, TritonPorts(grpc=0, http=fake.port, metrics=0))
-    quick = dataclasses.replace(PROBE, request_timeout_s=0.3)
-    assert await server.generate_probe(quick)
+    with pytest.raises(RuntimeError, match="no answer within"):
+        await server.generate_probe(dataclasses.replace(PROBE, request_timeout_s=0.3))
+    assert TRITON_LIVENESS.request_timeout_s > TRITON_READINESS.request_timeout_s

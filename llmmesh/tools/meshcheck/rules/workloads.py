@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from llmmesh.common.components import GATEWAY, KV_REGISTRY, ORCHESTRATOR, Component
 from llmmesh.tools.meshcheck.common import REPO, doc_id, go_duration_ms, require
@@ -26,6 +26,9 @@ from llmmesh.triton.launcher import (
     GENERATE_PROBE_PATH,
     GENERATE_PROBE_SCRIPT,
     TRITON_LIVENESS,
+    TRITON_READINESS,
+    LivenessProbe,
+    generate_probe_command,
 )
 
 
@@ -284,31 +287,35 @@ def check_workloads(mesh: Mesh) -> list[str]:
             # backend is dead: readiness and liveness must run a request through the model, the
             # program the local supervisors' probe applies too (a full queue passes).
             generate = f"127.0.0.1:{TRITON_PORTS['http']}{GENERATE_PROBE_PATH}"
-            for probe in ("readinessProbe", "livenessProbe"):
+            # The local mesh's supervisor probes its replicas with the liveness numbers
+            # (llmmesh.triton.launcher.TRITON_LIVENESS): one home for them.
+            probes: tuple[tuple[str, str, LivenessProbe, Literal["pass", "fail"]], ...] = (
+                ("readinessProbe", "TRITON_READINESS", TRITON_READINESS, "pass"),
+                ("livenessProbe", "TRITON_LIVENESS", TRITON_LIVENESS, "fail"),
+            )
+            for probe, name, numbers, queued in probes:
                 command = c.get(probe, {}).get("exec", {}).get("command", [])
-                if command != ["python3", "-c", GENERATE_PROBE_SCRIPT] or generate not in (
+                if command != generate_probe_command(numbers, queued) or generate not in (
                     GENERATE_PROBE_SCRIPT
                 ):
                     problems.append(
-                        f"{where}: {probe} must run a request through the model: exec python3 -c "
-                        "llmmesh.triton.launcher.GENERATE_PROBE_SCRIPT (POST "
-                        f"http://{generate} {GENERATE_PROBE_BODY.decode()})"
+                        f"{where}: {probe} must run a request through the model: exec "
+                        f"llmmesh.triton.launcher.generate_probe_command({name}, {queued!r}) "
+                        f"(POST http://{generate} {GENERATE_PROBE_BODY.decode()})"
                     )
-            # The local mesh's supervisor probes its replicas with the same numbers
-            # (llmmesh.triton.launcher.TRITON_LIVENESS): one home for them.
-            live = c.get("livenessProbe", {})
-            want = {
-                "periodSeconds": TRITON_LIVENESS.period_s,
-                "timeoutSeconds": TRITON_LIVENESS.timeout_s,
-                "failureThreshold": TRITON_LIVENESS.failure_threshold,
-            }
-            got = {k: float(live.get(k, -1)) for k in want}
-            if got != want:
-                problems.append(
-                    f"{where}: livenessProbe must be llmmesh.triton.launcher.TRITON_LIVENESS "
-                    f"({', '.join(f'{k} {v:g}' for k, v in want.items())}, request "
-                    f"timeout={TRITON_LIVENESS.request_timeout_s:g}), which the local mesh uses"
-                )
+                got_probe = c.get(probe, {})
+                want = {
+                    "periodSeconds": numbers.period_s,
+                    "timeoutSeconds": numbers.timeout_s,
+                    "failureThreshold": numbers.failure_threshold,
+                }
+                got = {k: float(got_probe.get(k, -1)) for k in want}
+                if got != want:
+                    problems.append(
+                        f"{where}: {probe} must be llmmesh.triton.launcher.{name} "
+                        f"({', '.join(f'{k} {v:g}' for k, v in want.items())}, request "
+                        f"timeout={numbers.request_timeout_s:g})"
+                    )
             startup = c.get("startupProbe", {})
             if (
                 int(startup.get("periodSeconds", 10)) * int(startup.get("failureThreshold", 3))
