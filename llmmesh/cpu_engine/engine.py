@@ -169,7 +169,10 @@ class CpuEngine:
         left = list(self._sinks.items())
         self._sinks.clear()
         for rid, sink in left:
-            self.scheduler.cancel(rid)
+            try:
+                self.scheduler.cancel(rid)
+            except Exception:  # the failed iteration may have left it half-done: end it anyway
+                log.exception("cancelling request %s after a failed iteration failed", rid)
             call_sink(sink.on_error, f"internal error: engine iteration failed: {exc!r}")
 
     def _intake(self) -> None:
@@ -184,6 +187,10 @@ class CpuEngine:
                 self.scheduler.submit(request, arrival)
             except RequestRejectedError as exc:  # e.g. a duplicate request id
                 call_sink(sink.on_error, str(exc))
+                continue
+            except Exception as exc:  # out of the inbox, in no table: it must be ended here
+                log.exception("submitting request %s failed", request.request_id)
+                call_sink(sink.on_error, f"internal error: {exc!r}")
                 continue
             self._sinks[request.request_id] = sink
         with self._lock:

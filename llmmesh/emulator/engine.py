@@ -235,7 +235,10 @@ class Engine:
             left = list(self._sinks.items())
             self._sinks.clear()
             for rid, _ in left:
-                self.scheduler.cancel(rid)
+                try:
+                    self.scheduler.cancel(rid)
+                except Exception:  # the failed step may have left it half-done: end it anyway
+                    log.exception("cancelling request %s after a failed step failed", rid)
         for _, sink in left:
             call_sink(sink.on_error, f"internal error: engine step failed: {exc!r}")
 

@@ -202,6 +202,25 @@ def test_an_iteration_that_raises_ends_its_requests_and_the_engine_goes_on() -> 
         e.stop()
 
 
+def test_a_request_the_scheduler_fails_to_take_ends_alone() -> None:
+    """Taken from the inbox with others: its failure ends it with an error, the others run."""
+    e, _ = engine()
+    submit = e.scheduler.submit
+
+    def failing(request: CpuRequest, arrival_ns: int | None = None) -> None:
+        if request.request_id == "b":
+            raise RuntimeError("a bug")
+        submit(request, arrival_ns)
+
+    e.scheduler.submit = failing  # type: ignore[method-assign]
+    sinks = {rid: RecordingSink() for rid in "abc"}
+    for i, (rid, sink) in enumerate(sinks.items()):
+        e.submit(req(rid, [i + 1], 3), sink)
+    drain(e)
+    assert sinks["b"].errors == ["internal error: RuntimeError('a bug')"]
+    assert (sinks["a"].tokens, sinks["c"].tokens) == (expected([1], 3), expected([3], 3))
+
+
 def test_stop_errors_requests_in_flight() -> None:
     e, _ = engine()
     a = RecordingSink()
