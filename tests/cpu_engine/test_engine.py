@@ -212,7 +212,7 @@ def test_a_request_the_scheduler_fails_to_take_ends_alone() -> None:
             raise RuntimeError("a bug")
         submit(request, arrival_ns)
 
-    e.scheduler.submit = failing  # type: ignore[method-assign]
+    e.scheduler.submit = failing  # type: ignore[method-assign, assignment]
     sinks = {rid: RecordingSink() for rid in "abc"}
     for i, (rid, sink) in enumerate(sinks.items()):
         e.submit(req(rid, [i + 1], 3), sink)
