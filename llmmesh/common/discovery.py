@@ -106,6 +106,13 @@ class PodDiscovery:
     def __init__(self, targets: Sequence[DnsTarget]) -> None:
         self.targets = list(targets)
         self._last: list[list[DiscoveredPod]] = [[] for _ in self.targets]
+        self._answered = [False] * len(self.targets)
+
+    @property
+    def complete(self) -> bool:
+        """Every target's resolution has answered once (its pods, or that it has none): before,
+        a target that failed lists no pods for want of an answer, not because it has none."""
+        return all(self._answered)
 
     async def __call__(self) -> list[DiscoveredPod]:
         out: list[DiscoveredPod] = []
@@ -125,6 +132,7 @@ class PodDiscovery:
                 continue
             pods = [DiscoveredPod(target, ip) for ip in ips]
             self._last[i] = pods
+            self._answered[i] = True
             out.extend(pods)
         return out
 

@@ -64,6 +64,7 @@ def build_source(
     targets = target_discovery(static, settings.replica_dns)
     return ScrapeSource(
         targets=targets if actuator is None else with_managed_replicas(targets, actuator),
+        counted=lambda: targets.complete,
         orchestrator_urls=settings.orchestrator_metrics_urls,
         gateway_url=settings.gateway_metrics_url,
         pool_models=settings.pool_models(),

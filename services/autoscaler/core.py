@@ -155,10 +155,12 @@ class Autoscaler:
         last = self._latest.get(key)
         if last is not None:
             return last.decision.desired
-        if self._actuator is None:
-            # KEDA or an HPA act on `desired`: a count made up here (the minimum) would be
-            # served while the pool runs more (its engines not counted this round).
+        if self._actuator is None or counts is None:
+            # Its count is unknown (KEDA or an HPA act on `desired`, its engines not counted;
+            # or the actuator could not report): a count made up here (the minimum) would be
+            # decided from, and a pool running more scaled down to it.
             return None
+        # A pool the actuator does not manage (nothing is applied to it).
         return self.policy_for(key).min_replicas if sig.known() else None
 
     async def evaluate(self) -> list[Recorded]:

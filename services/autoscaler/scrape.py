@@ -165,8 +165,13 @@ class ScrapeSource:
         fetch: Fetch = fetch_metrics_text,
         resolve: Resolve = resolve_ipv4,
         max_points: int = 512,
+        counted: Callable[[], bool] = lambda: True,
     ):
+        """`counted`: whether the targets `targets` answers are every engine there is (a pool
+        without one has none), e.g. `TargetDiscovery.complete`; until then an absent pool's
+        count is unknown."""
         self._targets = targets
+        self._counted = counted
         self._orchestrator_urls = list(orchestrator_urls)
         self._resolve = resolve
         self._gateway_url = gateway_url
@@ -284,7 +289,7 @@ class ScrapeSource:
             self._orchestrator_pages(),
             self._get(self._gateway_url) if self._gateway_url else _none(),
         )
-        obs = Observation(engines_read=True)  # discovery keeps its last pods when it fails
+        obs = Observation(engines_read=self._counted())
         for target, text in zip(targets, engine_pages, strict=True):
             obs.engines.setdefault(target.key, EngineAggregate()).add(_engine_sample(text))
         orch_read = [
@@ -417,15 +422,23 @@ def _pool_gauge(text: str, name: str) -> dict[PoolKey, float] | None:
     return None
 
 
-def target_discovery(static: Sequence[EngineTarget], dns: Sequence[DnsTarget]) -> Discover:
-    """Engine targets: the static list plus every pod behind the headless Services."""
+class TargetDiscovery:
+    """Engine targets: the static list plus every pod behind the headless Services (a Service
+    that fails to resolve keeps its last pods)."""
 
-    discover_pods = PodDiscovery(dns)  # a Service that fails to resolve keeps its last pods
+    def __init__(self, static: Sequence[EngineTarget], dns: Sequence[DnsTarget]) -> None:
+        self._static = list(static)
+        self._pods = PodDiscovery(dns)
 
-    async def discover() -> list[EngineTarget]:
-        pods = await discover_pods()
+    @property
+    def complete(self) -> bool:
+        """Every Service has answered once: a pool without targets has no engines."""
+        return self._pods.complete
+
+    async def __call__(self) -> list[EngineTarget]:
+        pods = await self._pods()
         return [
-            *static,
+            *self._static,
             *(
                 EngineTarget(
                     replica_id=p.replica_id,
@@ -437,4 +450,6 @@ def target_discovery(static: Sequence[EngineTarget], dns: Sequence[DnsTarget]) -
             ),
         ]
 
-    return discover
+
+def target_discovery(static: Sequence[EngineTarget], dns: Sequence[DnsTarget]) -> TargetDiscovery:
+    return TargetDiscovery(static, dns)

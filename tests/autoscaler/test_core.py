@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest_asyncio
 from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
+from llmmesh.common import discovery
 from llmmesh.common import metric_names as names
 from llmmesh.common.discovery import DnsTarget
 from llmmesh.common.errors import Unavailable
@@ -404,17 +406,66 @@ async def test_a_wall_clock_step_neither_freezes_nor_ends_a_window() -> None:
 
 
 async def test_a_round_the_actuator_could_not_report_applies_nothing() -> None:
-    """Its `observe` failed: the pools it manages are unknown this round, and `apply` is not
-    asked for pools it may not manage (the local actuator refuses them, every round)."""
+    """Its `observe` failed: the pools it manages are unknown this round. A pool never decided
+    stays undecided (its minimum, decided from, would scale a pool running more down to it);
+    one decided before is decided from its last count; `apply` is asked for none (the local
+    actuator refuses pools it does not manage, every round)."""
     clock, source = FakeClock(), FakeSource()
 
     class Failing(FakeActuator):
-        async def observe(self) -> Any:
-            raise RuntimeError("kubelet unreachable")
+        failing = True
 
-    actuator = Failing({})
+        async def observe(self) -> Any:
+            if self.failing:
+                raise RuntimeError("kubelet unreachable")
+            return await super().observe()
+
+    actuator = Failing({KEY: ReplicaCounts(ready=8)})
     core = Autoscaler(settings(), source, actuator, clock=clock, timer=clock)
-    source.signals[KEY] = sig(clock.t, 2, load=40)
+    source.signals[KEY] = sig(clock.t, 8, load=80)
+    assert await core.evaluate() == []
+    actuator.failing = False
+    clock.t += 1
     (rec,) = await core.evaluate()
-    assert rec.decision.desired == 4
-    assert actuator.applied == []
+    assert (rec.decision.current, rec.decision.desired) == (8, 8)
+    actuator.failing = True
+    clock.t += 1
+    source.signals[KEY] = sig(clock.t, 8, load=40)
+    (rec,) = await core.evaluate()
+    assert (rec.decision.current, rec.decision.desired) == (8, 4)  # from the last count
+    assert [a[:2] for a in actuator.applied] == [(KEY, 8)]
+
+
+async def test_engines_are_counted_once_every_service_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Started while the DNS fails: a pool's Service lists no pods for want of an answer, not
+    because it has none; its engine count is unknown, not 0, until it answers."""
+    answers: list[Exception | list[str]] = [
+        socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"),
+        ["127.0.0.1"],
+    ]
+
+    async def resolve(host: str, port: int) -> list[str]:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr(discovery, "resolve_ipv4", resolve)
+    key = PoolKey("short", "v2")
+    dns = [DnsTarget(host="triton-short", pool="short", model_version="v2", metrics_port=8002)]
+    targets = target_discovery([], dns)
+    source = ScrapeSource(
+        targets=targets,
+        counted=lambda: targets.complete,
+        orchestrator_urls=[],
+        gateway_url=None,
+        pool_models={key: "m"},
+        timeout_s=1,
+        rate_window_s=60,
+        max_age_s=30,
+        fetch=lambda url, host, timeout: engine_page(3, 0, 1, 100),
+    )
+    assert (await source.collect(0.0))[key].replicas_known is None
+    assert (await source.collect(1.0))[key].replicas_known == 1
