@@ -27,7 +27,9 @@ below one request lets one through whenever it is full) and never fails open (no
 all). Completion tokens go to the tenant's local buckets whenever Redis does not take them:
 while the limiter is down at charge time, and when the write of a queued charge fails (the
 charges a flush held when Redis went down) or finds the limiter down. Refunds that could not be
-written are dropped (the buckets they would fill refill anyway).
+written are dropped (the buckets they would fill refill anyway). A write whose answer was lost
+(Redis ran it, the reply timed out) is charged locally too: the tenant is over-limited for the
+fallback window, never under-charged.
 """
 
 from __future__ import annotations

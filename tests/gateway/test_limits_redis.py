@@ -216,7 +216,8 @@ async def test_completion_tokens_a_failed_write_held_go_to_the_local_buckets(
     try:
         await limiter.flush()
         assert limiter.errors == 1
-        assert local - tenant.tokens.level() == pytest.approx(29, abs=0.1)
+        # 29 taken; the share refills 0.5 tokens/s meanwhile (up to 2 s of a busy machine)
+        assert local - tenant.tokens.level() == pytest.approx(29, abs=1.0)
         refused = await a.generate()  # 4 prompt tokens: 1 of 30 left locally
         assert isinstance(refused, RateLimited)
         assert refused.limit == "tokens"
