@@ -253,6 +253,13 @@ class Autoscaler:
         self._latest[key] = rec
         self._history.append(rec)
         labels = (key.pool, key.model_version)
+        if prev is None:
+            # Every (direction, cause) series of a pool from its first decision, at 0: rate()
+            # sees the first increase of each, and rules over a cause (LlmmeshAutoscalerBlind)
+            # have their series while the pool is decided otherwise (`_forget_gone` removes them).
+            for direction in get_args(Direction):
+                for cause in Cause:
+                    _DECISIONS.labels(*labels, direction, cause.value)
         _DESIRED.labels(*labels).set(d.desired)
         _CURRENT.labels(*labels).set(d.current)
         _PANIC.labels(*labels).set(1 if d.panic else 0)

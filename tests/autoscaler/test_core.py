@@ -62,6 +62,20 @@ async def test_without_actuator_current_is_the_known_replicas() -> None:
     assert (metric(names.AS_DECISIONS, **labels, direction="up", cause="scale_up") or 0) >= 1
 
 
+async def test_a_decided_pool_exports_every_cause_from_its_first_decision() -> None:
+    """Its decision counters exist at 0 for every cause (alert rules over a cause find their
+    series, and rate() sees a first increase), not only for the causes it was decided by."""
+    clock, source = FakeClock(), FakeSource()
+    key = PoolKey("fresh", "v9")
+    core = Autoscaler(settings(), source, clock=clock, timer=clock)
+    source.signals[key] = sig(clock.t, 2, load=20)
+    (rec,) = await core.evaluate()
+    assert rec.decision.cause is not Cause.UNKNOWN_HOLD
+    labels = {"pool": "fresh", "model_version": "v9"}
+    for cause in (Cause.UNKNOWN_HOLD, Cause.STALE_HOLD):
+        assert metric(names.AS_DECISIONS, **labels, direction="hold", cause=cause.value) == 0
+
+
 async def test_actuator_drives_and_starting_replicas_block_scale_down() -> None:
     clock, source = FakeClock(), FakeSource()
     actuator = FakeActuator({KEY: ReplicaCounts(ready=1)})
