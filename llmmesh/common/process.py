@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -67,10 +68,22 @@ async def wait_for_exit(proc: subprocess.Popen[bytes]) -> int:
     rc = proc.poll()
     if rc is not None:
         return rc
+    await until_exited(proc)
+    with contextlib.suppress(ChildProcessError):
+        return proc.wait()
+    return proc.returncode if proc.returncode is not None else -1
+
+
+async def until_exited(proc: subprocess.Popen[bytes]) -> None:
+    """Wait until `proc` exits, leaving it unreaped where this system has pidfds (a zombie
+    keeps its pid, and the process group it leads, from being reused until it is reaped)."""
+    if proc.returncode is not None:
+        return
     try:
         fd = os.pidfd_open(proc.pid)
     except (AttributeError, OSError):  # no pidfd here (or already reaped): a waiting thread
-        return await asyncio.to_thread(proc.wait)
+        await asyncio.to_thread(proc.wait)
+        return
     loop = asyncio.get_running_loop()
     exited: asyncio.Future[None] = loop.create_future()
 
@@ -84,6 +97,23 @@ async def wait_for_exit(proc: subprocess.Popen[bytes]) -> int:
     finally:
         loop.remove_reader(fd)
         os.close(fd)
-    with contextlib.suppress(ChildProcessError):
-        return proc.wait()
-    return proc.returncode if proc.returncode is not None else -1
+
+
+def exited_within(proc: subprocess.Popen[bytes], timeout_s: float) -> bool:
+    """Wait up to `timeout_s` for `proc` to exit without reaping it (blocking): whether it
+    did. A zombie keeps its pid, and the process group it leads, from being reused."""
+    if proc.returncode is not None:
+        return True
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):  # no pidfd here (or already reaped): reaped by waiting
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+    try:
+        readable, _, _ = select.select([fd], [], [], timeout_s)
+    finally:
+        os.close(fd)
+    return bool(readable)

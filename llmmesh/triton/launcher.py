@@ -58,7 +58,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Literal, Self
 
-from llmmesh.common.process import prepend_path, tied_to_parent, wait_for_exit
+from llmmesh.common.process import exited_within, prepend_path, tied_to_parent, until_exited
 from llmmesh.common.topology import (
     TRITON_GRPC_PORT,
     TRITON_HTTP_PORT,
@@ -176,6 +176,21 @@ while True:
 """
 
 
+def _group_has_members(pgid: int) -> bool:
+    """Whether a live process is in process group `pgid` (read from /proc)."""
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
 def pytriton_tritonserver_dir() -> Path:
     """`<site-packages>/pytriton/tritonserver` (found without importing pytriton)."""
     spec = importlib.util.find_spec("pytriton")
@@ -270,6 +285,7 @@ class TritonServer:
         self.extra_args = tuple(extra_args)
         self._proc: subprocess.Popen[bytes] | None = None
         self._watchdog: subprocess.Popen[bytes] | None = None
+        self._finished: int | None = None  # the exit status once `_finish` ended the server
         self._log: IO[bytes] | None = None
         self._log_mode = "wb"
         # This server's Python backend shared-memory regions: /dev/shm/<prefix><uuid>.
@@ -352,6 +368,7 @@ class TritonServer:
             os.close(fd)
             self.log_path = Path(name)
         self._log = self.log_path.open(self._log_mode)
+        self._finished = None
         self._proc = subprocess.Popen(
             tied_to_parent(self.command()),  # no tritonserver outlives the thread that started it
             env=self.env,
@@ -462,7 +479,7 @@ class TritonServer:
         exit status."""
         if self._proc is None:
             raise RuntimeError("tritonserver not started")
-        await wait_for_exit(self._proc)
+        await until_exited(self._proc)
         return self._finish()
 
     async def stop(self, grace_s: float = 15.0) -> int:
@@ -474,8 +491,7 @@ class TritonServer:
         if self._proc is None:
             return 0
         self._signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            await asyncio.to_thread(self._proc.wait, grace_s)
+        await asyncio.to_thread(exited_within, self._proc, grace_s)
         return self._finish()
 
     def stop_sync(self, grace_s: float = 15.0) -> int:
@@ -483,8 +499,7 @@ class TritonServer:
         if self._proc is None:
             return 0
         self._signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._proc.wait(grace_s)
+        exited_within(self._proc, grace_s)
         return self._finish()
 
     def kill(self) -> int:
@@ -494,22 +509,35 @@ class TritonServer:
         return self._finish()
 
     def _signal(self, sig: signal.Signals) -> None:
+        """`sig` to the server's process group while its leader is unreaped (running, or a
+        zombie: either way the group id is still its own). Never reaps it."""
         assert self._proc is not None
-        if self._proc.poll() is None:
+        if self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._proc.pid, sig)
 
     def _finish(self) -> int:
         assert self._proc is not None
+        if self._finished is not None:  # its group may be another's by now: no signal again
+            return self._finished
+        pid = self._proc.pid
         # Still running after the grace period: kill the whole group (server and backend stubs)
         # while the leader is unreaped, so the group id cannot have been reused.
         self._signal(signal.SIGKILL)
-        rc = self._proc.wait()
+        leader_unreaped = self._proc.returncode is None
+        if leader_unreaped:
+            # Wait for the leader's exit without reaping it: its zombie keeps the group id.
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
         # The server may have exited without stopping its backend stubs (tritonserver's exit
-        # timeout, "Exiting immediately", does that): kill what is left of its group. Members
-        # left alive keep the group id from being reused; with none, this finds no process.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._proc.pid, signal.SIGKILL)
+        # timeout, "Exiting immediately", does that): kill what is left of its group. Its id is
+        # the server's own while the leader's zombie holds it, or, the leader reaped already (a
+        # poll saw it exit), while members are left: with none, the number may be another
+        # group's by now.
+        if leader_unreaped or _group_has_members(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        rc = self._proc.wait()
         _remove_shm(f"{self.shm_prefix}*")
         if self._watchdog is not None:
             self._watchdog.kill()
@@ -518,6 +546,7 @@ class TritonServer:
         if self._log is not None:
             self._log.close()
             self._log = None
+        self._finished = rc
         return rc
 
     def log_tail(self, max_bytes: int = 8000) -> str:

@@ -277,3 +277,41 @@ def test_the_servers_whole_group_dies_with_its_launcher(tmp_path: Path, at_once:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
         launcher_proc.stdout.close()
+
+
+class _Sleeps(TritonServer):
+    """A "server" that runs until killed, alone in its process group."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        super().__init__(tmp_path, TritonPorts(grpc=1, http=2, metrics=3))
+
+    def command(self) -> list[str]:
+        return ["/bin/sh", "-c", "exec sleep 3600"]
+
+
+async def test_a_server_ended_once_is_never_signalled_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill() then stop() (a liveness kill, then the mesh's stop): once reaped, the group id
+    may be another process group's, so the second call reports the status and signals
+    nothing. The first signals the group only while the leader is unreaped or members hold
+    it."""
+    server = _Sleeps(tmp_path)
+    server._spawn()
+    assert server._proc is not None
+    pid = server._proc.pid
+    signalled: list[tuple[int, int]] = []
+    killpg = os.killpg
+
+    def spy(pgid: int, sig: int) -> None:
+        signalled.append((pgid, sig))
+        killpg(pgid, sig)
+
+    monkeypatch.setattr(os, "killpg", spy)
+    assert server.kill() == -9
+    assert signalled
+    assert all(pgid == pid for pgid, _ in signalled)
+    signalled.clear()
+    assert await server.stop() == -9
+    assert server.kill() == -9
+    assert signalled == []
