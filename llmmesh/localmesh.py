@@ -171,6 +171,10 @@ class ServiceProcess:
             stdout=log,
             stderr=log,
             cwd=ROOT,
+            # Not in the terminal's process group: Ctrl-C reaches the mesh alone, which stops
+            # the services in order (front to back); each would otherwise stop at once, and
+            # take the mesh's own stop signal as a second one (its drain cut short).
+            start_new_session=True,
         )
         log.close()
         deadline = time.monotonic() + timeout_s
@@ -437,7 +441,15 @@ class LocalMesh:
             self._configure(KvRegistrySettings(grpc_port=o.kv_registry_port, metrics_port=0)),
         )
         await kv.start()
-        await asyncio.gather(*(self.add_replica() for _ in range(o.replicas)))
+        # A task group: one replica that fails to start cancels the others' starts, rather
+        # than leaving them running (and respawning) after the mesh's stop. Its first error is
+        # the mesh's.
+        try:
+            async with asyncio.TaskGroup() as replicas:
+                for _ in range(o.replicas):
+                    replicas.create_task(self.add_replica())
+        except ExceptionGroup as failed:
+            raise failed.exceptions[0] from failed
         if o.data_plane is not None:
             await o.data_plane.replicas_started(self)
         orch_settings = self._configure(

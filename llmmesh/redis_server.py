@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from llmmesh.common.process import prepend_path, tied_to_parent
+from llmmesh.common.process import prepend_path, tied_to_parent, wait_for_exit
 from llmmesh.netutil import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,13 @@ class RedisServer:
             *("--logfile", str(self.log_path)),
         ]
         self.proc = subprocess.Popen(
-            tied_to_parent(argv), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+            tied_to_parent(argv),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            # Not in the terminal's process group: Ctrl-C reaches its owner alone, which stops
+            # it after the gateways that use it (they drain against it).
+            start_new_session=True,
         )
 
     def _pong(self) -> bool:
@@ -133,7 +139,9 @@ class RedisServer:
         proc = self.proc
         if proc is None:
             return 0
-        return await asyncio.to_thread(proc.wait)
+        # No thread blocked in wait(): one left there would hold the loop's shutdown (its
+        # default executor is joined without a timeout) if the stop never came.
+        return await wait_for_exit(proc)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import os
 import signal
 import sys
@@ -207,6 +208,17 @@ async def test_children_die_when_the_mesh_process_is_sigkilled(
     )
 
 
+def _logged_at(log: Path, text: str) -> datetime.datetime:
+    """When the first line of `log` holding `text` was logged (its leading timestamp)."""
+    line = next(line for line in log.read_text(errors="replace").splitlines() if text in line)
+    return datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+
+
+def _logs_saying(workdir: Path, text: str) -> list[str]:
+    """The mesh's logs (`<name>.log`) that hold `text`."""
+    return [p.name for p in workdir.glob("*.log") if text in p.read_text(errors="replace")]
+
+
 @pytest.mark.parametrize("ctrl_c", [False, True], ids=["sigterm", "ctrl-c"])
 async def test_a_signal_stops_the_mesh_gracefully(tmp_path: Path, ctrl_c: bool) -> None:
     """SIGTERM to the mesh's process, or SIGINT to its whole process group as Ctrl-C in a
@@ -232,6 +244,13 @@ async def test_a_signal_stops_the_mesh_gracefully(tmp_path: Path, ctrl_c: bool) 
     # Drained, not killed: Triton unloaded its model.
     triton_log = (tmp_path / "replica-0.triton.log").read_text(errors="replace")
     assert "successfully unloaded" in triton_log
+    # The mesh stops its services front to back, Ctrl-C too (it reaches the mesh alone): the
+    # registry starts draining only once the gateway has stopped (one that saw Ctrl-C itself
+    # drained at the same moment as the gateway, and Redis was gone under a draining gateway).
+    assert _logs_saying(tmp_path, "second signal") == []
+    gateway_stopped = _logged_at(tmp_path / "gateway.log", "llmmesh.common.server: stopped")
+    registry_draining = _logged_at(tmp_path / "kv_registry.log", "llmmesh.common.server: draining")
+    assert registry_draining >= gateway_stopped
 
 
 async def test_the_local_actuators_replicas_die_with_the_autoscaler(tokenizer_path: Path) -> None:
