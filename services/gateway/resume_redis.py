@@ -399,7 +399,9 @@ class _Owned(Generation):
             ttl_ms = await self._rstore._watch_ttl_ms(self.keys)
         except RedisError:
             metrics.record_resume_redis_error("watch")
-            ttl_ms = int(self._rstore.lease_s * 1000)  # unknown: keep it, look again
+            # Redis unreachable from here: no gateway can be following what this one cannot
+            # write there, and kept, it would hold its lease and slots with nobody reading.
+            ttl_ms = 0
         if self.subscribers or self.done or self._grace is not None:
             return
         if ttl_ms > 0:

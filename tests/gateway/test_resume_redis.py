@@ -549,6 +549,38 @@ async def test_a_takeover_whose_client_leaves_during_the_replay_is_abandoned_aft
     await eventually(abandoned, what="the continuation abandoned after the grace")
 
 
+async def test_a_generation_nobody_reads_is_abandoned_while_redis_is_unreachable(
+    cores: Cores, request_id: str
+) -> None:
+    """Its client left; whether a gateway follows it cannot be read (Redis unreachable from
+    here): nobody can be following what this gateway cannot write there, so it is abandoned
+    after the grace, not kept (with its lease and slots) for as long as Redis stays away."""
+    engine = FakeEngine([[Hang()]])
+    a = cores.make(engine, resume_grace_s=0.05)
+    st = store(a)
+
+    async def unreachable(keys: Any) -> int:
+        raise RedisConnectionError("Connection refused")
+
+    st._watch_ttl_ms = unreachable  # type: ignore[method-assign]
+    client = a.generate(request(request_id, 10), 10.0)
+    task = asyncio.ensure_future(anext(client))
+    await eventually(lambda: _requested(engine), what="the generation reached its engine")
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await client.aclose()
+
+    async def abandoned() -> bool:
+        return Key("", request_id) not in st._owned
+
+    await eventually(abandoned, what="the generation abandoned after the grace")
+
+
+async def _requested(engine: FakeEngine) -> bool:
+    return bool(engine.requests)
+
+
 async def test_a_retry_while_an_abandoned_generation_is_forgotten_starts_afresh(
     cores: Cores, request_id: str
 ) -> None:
