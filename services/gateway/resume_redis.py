@@ -97,10 +97,11 @@ from collections.abc import AsyncGenerator, Awaitable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
+import grpc
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from llmmesh.common.errors import Cancelled, NotFound, ServiceError, Unavailable
+from llmmesh.common.errors import Cancelled, NotFound, ServiceError, Unavailable, from_fields
 from services.gateway import metrics, redis_pool
 from services.gateway.errors import InvalidRequest, RequestIdConflict, ResumeStoreFull
 from services.gateway.events import Completion, Delta, Event, FinishReason
@@ -267,7 +268,8 @@ def encode_items(events: Sequence[Event], error: ServiceError | None = None) -> 
                 )
             )
     if error is not None:
-        out.append(_item({"x": [error.code.name, str(error)]}))
+        reason = "" if error.reason is None else error.reason.value
+        out.append(_item({"x": [error.code.name, str(error), reason, error.retry_after_s]}))
     return out
 
 
@@ -286,16 +288,36 @@ def decode_batch(data: bytes) -> tuple[list[Event], ServiceError | None]:
                 )
             )
         else:
-            code, message = item["x"]
-            error = (
-                Cancelled(message)
-                if code == "CANCELLED"
-                else Unavailable(
+            code, message, *refusal = item["x"]  # (reason, retry-after): newer writers
+            if code == "CANCELLED":
+                error = Cancelled(message)
+            elif code in _PASSED_ON and refusal:
+                # The request's own failure (its input, its tenant's limits, its deadline): a
+                # follower gets it as the caller there did, not a retry that fails again.
+                reason, retry_after_s = refusal
+                error = from_fields(grpc.StatusCode[code], message, reason, retry_after_s)
+            else:
+                error = Unavailable(
                     f"the generation failed on the gateway running it: {message}",
                     retry_after_s=UNAVAILABLE_RETRY_AFTER_S,
                 )
-            )
     return events, error
+
+
+# Statuses of a generation's failure that are the request's own, passed on as such to callers
+# following it from another gateway; any other reads UNAVAILABLE there (the gateway running it,
+# or its replica, failed: a retry may succeed).
+_PASSED_ON: Final = frozenset(
+    code.name
+    for code in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+)
 
 
 def _tokens(events: Sequence[Event]) -> int:

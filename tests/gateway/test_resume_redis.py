@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ from prometheus_client import REGISTRY
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from llmmesh.common import metric_names as names
-from llmmesh.common.errors import NotFound, ServiceError, Unavailable
+from llmmesh.common.errors import DeadlineExceeded, NotFound, ServiceError, Unavailable
 from llmmesh.netutil import free_port
 from llmmesh.redis_server import RedisServer
 from services.gateway.auth import Authenticator, TenantsFile, hash_key
@@ -44,7 +45,7 @@ from services.gateway.errors import (
 )
 from services.gateway.models import ServedModel
 from services.gateway.resume import Clock, Key, ResumeStore
-from services.gateway.resume_redis import RedisResumeStore, _Keys, encode_items
+from services.gateway.resume_redis import RedisResumeStore, _Keys, decode_batch, encode_items
 from services.gateway.settings import GatewaySettings, ModelSettings
 from services.gateway.triton_stream import EngineChunk
 from services.gateway.usage import UsageRecord
@@ -1122,3 +1123,34 @@ async def test_a_follower_taking_its_events_slowly_keeps_the_generation_alive(
     assert ids_of(got_a) == out[:5]
     assert isinstance(rest[-1], Completion)
     assert a_engine.cancelled == 0
+
+
+@pytest.mark.parametrize(
+    ("failure", "code", "retry_after_s"),
+    [
+        (InvalidRequest("prompt_ids: 9000 tokens exceed the context"), "INVALID_ARGUMENT", None),
+        (
+            RateLimited("tenant 'a': tokens per minute", limit="tokens", retry_after_s=7.5),
+            "RESOURCE_EXHAUSTED",
+            7.5,
+        ),
+        (DeadlineExceeded("the request's deadline passed"), "DEADLINE_EXCEEDED", None),
+        (Unavailable("the replica failed", retry_after_s=30.0), "UNAVAILABLE", 1.0),
+        (ServiceError("a bug"), "UNAVAILABLE", 1.0),
+    ],
+)
+def test_a_generations_failure_reaches_its_followers_as_the_requests_own(
+    failure: ServiceError, code: str, retry_after_s: float | None
+) -> None:
+    """A caller following the generation from another gateway gets the request's own failure
+    (its input, its limits, its deadline) as the caller on the gateway running it did, not a
+    retry that fails again; a failure of that gateway or its replica reads UNAVAILABLE."""
+    batch = b"[" + b",".join(encode_items([], failure)) + b"]"
+    _, error = decode_batch(batch)
+    assert error is not None
+    assert (error.code.name, error.retry_after_s) == (code, retry_after_s)
+    if code != "UNAVAILABLE":
+        assert str(failure) in str(error)
+    # An older writer's item (code and message only) still reads UNAVAILABLE.
+    old = json.dumps([{"x": [failure.code.name, str(failure)]}]).encode()
+    assert decode_batch(old)[1].code.name in ("UNAVAILABLE", "CANCELLED")  # type: ignore[union-attr]
