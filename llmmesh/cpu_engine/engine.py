@@ -32,7 +32,9 @@ from llmmesh.triton.inflight import (
     call_sink,
     cancelled_requests,
     check_queue_room,
+    fail_all,
     fail_sink,
+    withdraw_all,
 )
 from llmmesh.triton.inflight import QueueFullError as QueueFullError
 from llmmesh.triton.inflight import RequestSink as _RequestSink
@@ -109,8 +111,7 @@ class CpuEngine:
             self._inbox.clear()
         left.extend(self._sinks.values())
         self._sinks.clear()
-        for sink in left:
-            call_sink(sink.on_error, "engine stopped")
+        fail_all(left, "engine stopped")
 
     # ----------------------------------------------------------------- requests
     def submit(self, request: CpuRequest, sink: RequestSink) -> None:
@@ -166,14 +167,8 @@ class CpuEngine:
         (what it did to them is unknown: one it finished may have lost its final output). The
         engine goes on with the requests that come next, rather than failing the same
         iteration again and again, or leaving a stream with no final response."""
-        left = list(self._sinks.items())
-        self._sinks.clear()
-        for rid, sink in left:
-            try:
-                self.scheduler.cancel(rid)
-            except Exception:  # the failed iteration may have left it half-done: end it anyway
-                log.exception("cancelling request %s after a failed iteration failed", rid)
-            call_sink(sink.on_error, f"internal error: engine iteration failed: {exc!r}")
+        left = withdraw_all(self._sinks, self.scheduler.cancel)
+        fail_all(left, f"internal error: engine iteration failed: {exc!r}")
 
     def _intake(self) -> None:
         with self._lock:

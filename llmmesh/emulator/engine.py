@@ -40,7 +40,9 @@ from llmmesh.triton.inflight import (
     call_sink,
     cancelled_requests,
     check_queue_room,
+    fail_all,
     fail_sink,
+    withdraw_all,
 )
 from llmmesh.triton.inflight import RequestSink as _RequestSink
 
@@ -138,13 +140,9 @@ class Engine:
             if not ended:
                 log.warning("engine thread did not stop within %.1fs", timeout_s)
         with self._lock:
-            left = list(self._sinks.items())
-            self._sinks.clear()
-            for rid, _ in left:
-                self.scheduler.cancel(rid)
+            left = withdraw_all(self._sinks, self.scheduler.cancel)
         self._notify_cancelled()
-        for _, sink in left:
-            call_sink(sink.on_error, "engine stopped")
+        fail_all(left, "engine stopped")
         return ended
 
     # ----------------------------------------------------------------- requests
@@ -232,15 +230,8 @@ class Engine:
         output). The engine goes on with the requests that come next, rather than failing
         the same step again and again, or leaving a stream with no final response."""
         with self._lock:
-            left = list(self._sinks.items())
-            self._sinks.clear()
-            for rid, _ in left:
-                try:
-                    self.scheduler.cancel(rid)
-                except Exception:  # the failed step may have left it half-done: end it anyway
-                    log.exception("cancelling request %s after a failed step failed", rid)
-        for _, sink in left:
-            call_sink(sink.on_error, f"internal error: engine step failed: {exc!r}")
+            left = withdraw_all(self._sinks, self.scheduler.cancel)
+        fail_all(left, f"internal error: engine step failed: {exc!r}")
 
     def _deliver(self, result: StepResult) -> None:
         with self._lock:

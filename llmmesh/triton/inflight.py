@@ -72,6 +72,28 @@ def fail_sink(sink: RequestSink[Any], request_id: str, exc: Exception) -> None:
     call_sink(sink.on_error, f"internal error: {exc}")
 
 
+def withdraw_all(
+    sinks: dict[str, RequestSink[Any]], cancel: Callable[[str], object]
+) -> list[RequestSink[Any]]:
+    """Take every request in flight out (the engine stops, or a step raised): `sinks` emptied,
+    each request's slot freed by `cancel` (one that raises is logged: a failed step may have
+    left it half-done, and it ends anyway). The sinks, for `fail_all` (outside the lock)."""
+    left = list(sinks.items())
+    sinks.clear()
+    for rid, _ in left:
+        try:
+            cancel(rid)
+        except Exception:
+            log.exception("cancelling request %s failed; it ends anyway", rid)
+    return [sink for _, sink in left]
+
+
+def fail_all(sinks: Iterable[RequestSink[Any]], message: str) -> None:
+    """End each request with `message` as its error."""
+    for sink in sinks:
+        call_sink(sink.on_error, message)
+
+
 class CancellationPoll:
     """Paces cancellation checks: `due()` is true at most once per `period_ms`."""
 
