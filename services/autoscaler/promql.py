@@ -86,13 +86,12 @@ class PromQueries:
         age = f"{max(1, math.ceil(c.max_age_s))}s"
         w = f"{max(1, math.ceil(c.rate_window_s))}s"
 
-        def engine_sel(label: str, kind: str) -> str:
+        def engine_sel(matcher: str) -> str:
             """The engine selector and one more matcher (the selector may be empty)."""
-            matcher = f'{label}="{kind}"'
             return f"{c.engine_selector},{matcher}" if c.engine_selector else matcher
 
         def engine(kind: str, family: str, label: str) -> str:
-            sel = engine_sel(label, kind)
+            sel = engine_sel(f'{label}="{kind}"')
             return f"sum by (pool, model_version) (last_over_time({family}{{{sel}}}[{age}]))"
 
         req, kv = names.TRTLLM_REQUEST_METRICS, names.TRTLLM_KV_CACHE_BLOCK_METRICS
@@ -100,7 +99,7 @@ class PromQueries:
         # orchestrator's per-replica series join it `on (replica)`. Not from the engines' own
         # series: while those are missing (renamed, blocked) the join would be empty, and the
         # pool's leases and arrivals would read as none, scaling a busy pool down.
-        replicas = f'{c.engine_selector},replica!=""' if c.engine_selector else 'replica!=""'
+        replicas, active = engine_sel('replica!=""'), engine_sel('request_type="active"')
         replica_version = (
             f"max by (replica, model_version) (last_over_time(up{{{replicas}}}[{age}])) * 0 + 1"
         )
@@ -118,8 +117,7 @@ class PromQueries:
         return cls(
             engines_known=f"count by (pool, model_version) (up{{{c.engine_selector}}})",
             engines_reporting=(
-                "count by (pool, model_version) "
-                f"(last_over_time({req}{{{engine_sel('request_type', 'active')}}}[{age}]))"
+                f"count by (pool, model_version) (last_over_time({req}{{{active}}}[{age}]))"
             ),
             engine_active=engine("active", req, "request_type"),
             engine_waiting=engine("waiting", req, "request_type"),
