@@ -176,19 +176,24 @@ while True:
 """
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state first, process group
+    third) of a live process (None: gone, or a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else fields
+
+
 def _group_has_members(pgid: int) -> bool:
     """Whether a live process is in process group `pgid` (read from /proc)."""
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:  # gone meanwhile
-            continue
-        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            return True
-    return False
+    return any(
+        (fields := _stat(name)) is not None and int(fields[2]) == pgid
+        for name in os.listdir("/proc")
+        if name.isdigit()
+    )
 
 
 def pytriton_tritonserver_dir() -> Path:
@@ -593,11 +598,7 @@ def _remove_shm(pattern: str) -> None:
 
 def _alive(pid: int) -> bool:
     """The process exists and is not a zombie (a dead launcher nobody has reaped yet)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    return _stat(pid) is not None
 
 
 def remove_stale_shm_regions() -> None:
