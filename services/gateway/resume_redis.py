@@ -65,15 +65,17 @@ record bills what the records before it did not: a release writes what they bill
 on; a gateway that lost its claim bills nothing (the taker bills from the last release on): a
 record is held until the generation's last write answered (`resume.Billing.settle`), so this
 holds when its engine finished before the refused write told it so. A drain whose release never
-reached Redis, or a generation whose writes were given up on (Redis down for the lease), leaves
-a taker an older `billed`: what was billed since is billed twice.
+reached Redis, or an end given up on (Redis away past the keys' TTL) when another gateway
+continued the generation meanwhile, leaves a taker an older `billed`: what was billed since is
+billed twice.
 
 Redis unreachable: a keyed request is refused with UNAVAILABLE and a retry-after. It is never
 served unkeyed, and there is no per-process fallback: a retry landing on another gateway would
 generate a second time, which is what the client's id is there to prevent. Counted in
 `llmmesh_gateway_resume_redis_errors_total{op}` and `..._resume_requests_total{result=
 "unavailable"}`, logged. A generation already running keeps serving its clients from memory and
-retries its writes until its keys would have expired.
+retries its writes (backing off up to a third of the lease) until it ends; its end is given up
+on once its keys would have expired.
 
 Bounds: in this process, as resume.py's, over the generations it runs (`ResumeStoreFull` beyond
 `max_entries` / `max_tokens`; finished ones are not held in process). In Redis: one entry per
@@ -93,7 +95,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -476,6 +478,9 @@ class RedisResumeStore:
         # `_flushing` (drain and kill stop each).
         self._writers: set[_Owned] = set()
         self._tokens = 0
+        # Room taken by opens and takeovers still awaiting Redis (`_room`).
+        self._held_entries = 0
+        self._held_tokens = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     @classmethod
@@ -531,7 +536,26 @@ class RedisResumeStore:
         return self._ms(self.lease_s + self.grace_s)
 
     def _fits(self, tokens: int) -> bool:
-        return len(self._owned) < self.max_entries and self._tokens + tokens <= self.max_tokens
+        return (
+            len(self._owned) + self._held_entries < self.max_entries
+            and self._tokens + self._held_tokens + tokens <= self.max_tokens
+        )
+
+    @contextlib.contextmanager
+    def _room(self, tokens: int) -> Iterator[bool]:
+        """Whether a generation reserving `tokens` fits (`_fits`); if so, its room stays taken
+        until the block ends, so the opens awaiting Redis meanwhile cannot all take the same
+        room. A generation started within the block (`_start`) holds its own reservation."""
+        if not self._fits(tokens):
+            yield False
+            return
+        self._held_entries += 1
+        self._held_tokens += tokens
+        try:
+            yield True
+        finally:
+            self._held_entries -= 1
+            self._held_tokens -= tokens
 
     def _publish(self) -> None:
         metrics.record_resume_store(len(self._owned), self._tokens)
@@ -619,31 +643,32 @@ class RedisResumeStore:
             return self._attach_local(own, digest, resume_from)
         keys = self._keys(key)
         now = self._wall_clock()  # the creation time if the key is new
-        try:
-            r = await self._open(
-                keys=[keys.meta, keys.claim],
-                args=[
-                    digest,
-                    self.owner,
-                    self._ms(self.lease_s),
-                    self._running_ttl_ms(),
-                    "1" if resume_from else "0",
-                    uuid.uuid4().hex,
-                    "1" if self._fits(reserve_tokens) else "0",
-                    repr(now),
-                ],
-            )
-        except RedisError as err:
-            raise self._unavailable("open", err) from err
-        kind = _s(r[0])
+        with self._room(reserve_tokens) as fits:
+            try:
+                r = await self._open(
+                    keys=[keys.meta, keys.claim],
+                    args=[
+                        digest,
+                        self.owner,
+                        self._ms(self.lease_s),
+                        self._running_ttl_ms(),
+                        "1" if resume_from else "0",
+                        uuid.uuid4().hex,
+                        "1" if fits else "0",
+                        repr(now),
+                    ],
+                )
+            except RedisError as err:
+                raise self._unavailable("open", err) from err
+            kind = _s(r[0])
+            if kind == "new":
+                new = self._start(key, keys, digest, reserve_tokens, now, _s(r[1]), None, source)
+                metrics.record_resume_request("new")
+                return Subscription(new.follow(0), new.created)
         if kind == "not_found":
             raise _not_found()
         if kind == "full":
             raise self._full()
-        if kind == "new":
-            own = self._start(key, keys, digest, reserve_tokens, now, _s(r[1]), None, source)
-            metrics.record_resume_request("new")
-            return Subscription(own.follow(0), own.created)
         stored, gen_id, done, claimed = _s(r[1]), _s(r[2]), _s(r[3]) == "1", int(r[4]) == 1
         created = float(_s(r[5]))
         if not hmac.compare_digest(stored, digest):
@@ -692,15 +717,17 @@ class RedisResumeStore:
                 )
             return Subscription(_replay(ready, error), created)
         if not claimed:
-            if not self._fits(reserve_tokens):
-                raise self._full()
-            try:
-                taken = await self._try_takeover(
-                    key, keys, digest, reserve_tokens, created, gen_id, seen, last_id, source
-                )
-            except RedisError as err:
-                # A claim won before the failure lapses after `lease_s`: another try takes over.
-                raise self._unavailable("takeover", err) from err
+            with self._room(reserve_tokens) as fits:
+                if not fits:
+                    raise self._full()
+                try:
+                    taken = await self._try_takeover(
+                        key, keys, digest, reserve_tokens, created, gen_id, seen, last_id, source
+                    )
+                except RedisError as err:
+                    # A claim won before the failure lapses after `lease_s`: another try
+                    # takes over.
+                    raise self._unavailable("takeover", err) from err
             if taken is not None:
                 own, index = taken
                 metrics.record_resume_request("taken_over")
@@ -905,14 +932,23 @@ class RedisResumeStore:
                     raise _not_found()
                 if claimed:
                     continue
-                if not self._fits(reserve_tokens):
-                    continue  # no room to run it here; another gateway may
-                taken = await self._or_lost(
-                    "takeover",
-                    self._try_takeover(
-                        key, keys, digest, reserve_tokens, created, gen_id, seen, last_id, source
-                    ),
-                )
+                with self._room(reserve_tokens) as fits:
+                    if not fits:
+                        continue  # no room to run it here; another gateway may
+                    taken = await self._or_lost(
+                        "takeover",
+                        self._try_takeover(
+                            key,
+                            keys,
+                            digest,
+                            reserve_tokens,
+                            created,
+                            gen_id,
+                            seen,
+                            last_id,
+                            source,
+                        ),
+                    )
                 if taken is None:
                     continue
                 metrics.record_resume_request("taken_over")
@@ -965,6 +1001,7 @@ class RedisResumeStore:
         when `flush_tokens` tokens wait or the oldest waited `flush_interval_s`, a bare claim
         renewal when nothing was written for a third of the lease."""
         failing_since: float | None = None
+        failures = 0  # writes failed in a row: the retries back off up to `renew_every`
         renew_every = self.lease_s / 3
         last_write = time.monotonic()
         try:
@@ -1014,17 +1051,25 @@ class RedisResumeStore:
                             "cannot write a keyed generation to Redis; retrying",
                             extra={"request_id": own.key.request_id, "error": str(err)},
                         )
-                    if now - failing_since > self.lease_s + self.grace_s:
+                    if done and now - failing_since > self.lease_s + self.grace_s:
+                        # Its keys have expired there: nothing is left to end. A generation
+                        # still running keeps trying (it stays this gateway's: counted in
+                        # the bounds, ended by `close`), served from memory meanwhile; once
+                        # Redis answers, its write finds the keys gone (`_ORPHANED`) or
+                        # another gateway's claim (`_TAKEN`), or takes the claim again.
                         log.error(
-                            "gave up writing a keyed generation to Redis",
+                            "gave up writing a keyed generation's end to Redis",
                             extra={"request_id": own.key.request_id},
                         )
                         return
-                    await asyncio.sleep(min(self.flush_interval_s, renew_every))
+                    failures += 1
+                    await asyncio.sleep(
+                        min(self.flush_interval_s * 2 ** min(failures - 1, 16), renew_every)
+                    )
                     if done:
                         own.wake.set()
                     continue
-                failing_since = None
+                failing_since, failures = None, 0
                 last_write = time.monotonic()
                 own.flushed = n
                 own.flushed_tokens += _tokens(batch)
@@ -1061,9 +1106,9 @@ class RedisResumeStore:
             if self._flushing.get(own.key) is own:
                 del self._flushing[own.key]
             self._writers.discard(own)
-            # Its record goes out once the end was written, the claim found lost, the writes
-            # given up on (Redis away longer than the lease: billed here, and by a taker too if
-            # one continues it), or the flusher stopped (drain, kill).
+            # Its record goes out once the end was written, the claim found lost, the end
+            # given up on (Redis away past its keys' TTL: billed here, and by a taker too if
+            # one continued it), or the flusher stopped (drain, kill).
             own.billing.settle()
 
     async def _watch_ttl_ms(self, keys: _Keys) -> int:

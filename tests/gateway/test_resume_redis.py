@@ -582,6 +582,90 @@ async def _requested(engine: FakeEngine) -> bool:
     return bool(engine.requests)
 
 
+async def test_a_running_generation_stays_this_gateways_while_redis_is_away_past_its_keys_ttl(
+    cores: Cores, request_id: str
+) -> None:
+    """Redis unreachable for longer than the generation's keys live (lease + grace): it goes on
+    here, serving its client from memory, still counted in the store's bounds (a drain ends
+    it) and still writing (backing off): its writes are not given up while it runs. Once Redis
+    answers, its end is written and its client gets every token."""
+    hang = Hang()
+    out = TOKENS[:3]
+    a = cores.make(
+        FakeEngine([[*tokens(out[0]), hang, *tokens(*out[1:]), chunk(final=True)]]),
+        resume_grace_s=0.05,
+    )
+    st = store(a)
+    real = st._write_script
+    failed: list[float] = []
+
+    async def unreachable(keys: list[str], args: list[Any]) -> Any:
+        failed.append(time.monotonic())
+        raise RedisConnectionError("Connection refused")
+
+    client = a.generate(request(request_id, 3), 10.0)
+    first = await anext(client)
+    st._write_script = unreachable  # type: ignore[assignment]
+    ttl = st.lease_s + st.grace_s
+
+    async def retried_past_ttl() -> bool:
+        return sum(1 for t in failed if t - failed[0] > ttl) >= 2
+
+    await eventually(retried_past_ttl, what="its writes retried after its keys expired")
+    assert Key("", request_id) in st._owned
+    assert st.entries == 1 and st.tokens > 0
+    ended: list[float] = []
+
+    async def answering(keys: list[str], args: list[Any]) -> Any:
+        if args[1] != "run":
+            ended.append(time.monotonic())
+        return await real(keys=keys, args=args)
+
+    st._write_script = answering  # type: ignore[assignment]
+    hang.release.set()
+    rest = [ev async for ev in client]
+    assert ids_of([first, *rest]) == out
+    assert isinstance(rest[-1], Completion)
+
+    async def forgotten() -> bool:
+        return st.entries == 0 and st.tokens == 0
+
+    await eventually(forgotten, what="the ended generation's room given back")
+    assert ended  # its end was written, not given up on
+
+
+async def test_concurrent_opens_do_not_overfill_the_store(cores: Cores, request_id: str) -> None:
+    """Two keyed requests open at once on a store with room for one: the room one takes while
+    its open awaits Redis is not given to the other (which is told the store is full)."""
+    a = cores.make(
+        FakeEngine([[*tokens(*TOKENS[:2]), Hang()], [*tokens(*TOKENS[:2]), Hang()]]),
+        resume_max_entries=1,
+    )
+    st = store(a)
+    real = st._open
+    asked = 0
+    both_asked = asyncio.Event()
+
+    async def together(keys: list[str], args: list[Any]) -> Any:
+        nonlocal asked
+        asked += 1
+        if asked == 2:
+            both_asked.set()
+        await both_asked.wait()  # each asks (one without room: only to join an existing key)
+        return await real(keys=keys, args=args)
+
+    st._open = together  # type: ignore[assignment]
+    one = a.generate(request(request_id, 10), 10.0)
+    two = a.generate(request(request_id + "-other", 10), 10.0)
+    results = await asyncio.gather(anext(one), anext(two), return_exceptions=True)
+    refused = [r for r in results if isinstance(r, ResumeStoreFull)]
+    started = [r for r in results if isinstance(r, Delta)]
+    assert len(refused) == 1 and len(started) == 1, results
+    assert st.entries == 1
+    await one.aclose()
+    await two.aclose()
+
+
 async def test_a_retry_while_an_abandoned_generation_is_forgotten_starts_afresh(
     cores: Cores, request_id: str
 ) -> None:
