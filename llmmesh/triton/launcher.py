@@ -466,17 +466,25 @@ class TritonServer:
             await self.stop(grace_s=5.0)
             raise
 
-    def start_sync(self, ready_timeout_s: float = 120.0) -> None:
+    def start_sync(
+        self, ready_timeout_s: float = 120.0, *, cancelled: Callable[[], bool] = lambda: False
+    ) -> bool:
+        """`start()`, blocking; False (the server stopped) once `cancelled()` holds before it
+        is ready (a signal handler's flag: an engine load can take minutes)."""
         self._spawn()
         deadline = time.monotonic() + ready_timeout_s
         try:
             while not self._check_ready():
+                if cancelled():
+                    self.stop_sync(grace_s=5.0)
+                    return False
                 if time.monotonic() > deadline:
                     raise self._timeout_error(ready_timeout_s)
                 time.sleep(_POLL_INTERVAL_S)
         except BaseException:
             self.stop_sync(grace_s=5.0)
             raise
+        return True
 
     async def wait(self) -> int:
         """Wait until the process exits on its own (it is not stopped here), then clean up after
@@ -656,7 +664,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    server.start_sync(args.ready_timeout)
+    if not server.start_sync(args.ready_timeout, cancelled=lambda: stop_requested):
+        print("stopped while starting", file=sys.stderr, flush=True)
+        return 130
     print(
         f"tritonserver ready (pid {server.pid}): grpc {server.grpc_address}, "
         f"http {server.http_url}, metrics {server.metrics_url}; log {server.log_path}",

@@ -315,3 +315,63 @@ async def test_a_server_ended_once_is_never_signalled_again(
     assert await server.stop() == -9
     assert server.kill() == -9
     assert signalled == []
+
+
+# `python -m llmmesh.triton.launcher serve` with a "server" that never becomes ready (an engine
+# still loading): it prints the server's pid once spawned.
+_SERVE_NEVER_READY = """
+import sys
+from llmmesh.triton import launcher
+class Loading(launcher.TritonServer):
+    def command(self):
+        return ["/bin/sh", "-c", "exec sleep 3600"]
+    def _spawn(self):
+        super()._spawn()
+        print(self.pid, flush=True)
+launcher.TritonServer = Loading
+sys.exit(launcher.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_stops_at_a_signal_while_the_server_is_starting(
+    tmp_path: Path, sig: signal.Signals
+) -> None:
+    """Ctrl-C (or SIGTERM) while the server loads stops it and exits, instead of waiting for
+    the server to become ready (up to `--ready-timeout`)."""
+    ports = [str(free_port()) for _ in range(3)]
+    proc = subprocess.Popen(
+        tied_to_parent(
+            [
+                sys.executable,
+                "-c",
+                _SERVE_NEVER_READY,
+                "serve",
+                "--model-repository",
+                str(tmp_path),
+                "--grpc-port",
+                ports[0],
+                "--http-port",
+                ports[1],
+                "--metrics-port",
+                ports[2],
+                "--ready-timeout",
+                "600",
+            ]
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO_ROOT,
+    )
+    assert proc.stdout is not None
+    try:
+        server = int(proc.stdout.readline())
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert b"stopped while starting" in err
+        assert not _alive(server)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
