@@ -613,7 +613,8 @@ async def test_a_running_generation_stays_this_gateways_while_redis_is_away_past
 
     await eventually(retried_past_ttl, what="its writes retried after its keys expired")
     assert Key("", request_id) in st._owned
-    assert st.entries == 1 and st.tokens > 0
+    assert st.entries == 1
+    assert st.tokens > 0
     ended: list[float] = []
 
     async def answering(keys: list[str], args: list[Any]) -> Any:
@@ -660,7 +661,8 @@ async def test_concurrent_opens_do_not_overfill_the_store(cores: Cores, request_
     results = await asyncio.gather(anext(one), anext(two), return_exceptions=True)
     refused = [r for r in results if isinstance(r, ResumeStoreFull)]
     started = [r for r in results if isinstance(r, Delta)]
-    assert len(refused) == 1 and len(started) == 1, results
+    assert len(refused) == 1, results
+    assert len(started) == 1, results
     assert st.entries == 1
     await one.aclose()
     await two.aclose()
