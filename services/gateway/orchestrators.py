@@ -561,9 +561,12 @@ class OrchestratorSet:
 
     def _admit_degraded(self, request: AdmissionRequest, last: ServiceError | None) -> Lease:
         if not self._usable_view():
-            if last is not None:
-                raise last
-            raise OrchestratorUnavailable("orchestrator: none known")
+            # No orchestrator reached: the client tries again when this gateway tries the
+            # first of them again (an HTTP client's 503 gets a Retry-After).
+            err = last or OrchestratorUnavailable("orchestrator: none known")
+            if err.retry_after_s is None:
+                err.retry_after_s = self._retry_after_s
+            raise err
         self._enter_degraded(str(last) if last is not None else "no orchestrator known")
         now = self._clock()
         candidates = [

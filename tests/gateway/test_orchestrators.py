@@ -317,12 +317,18 @@ async def test_complete_of_a_gone_orchestrator_is_delivered_then_its_channel_clo
 
 
 async def test_no_orchestrator_and_no_view_is_unavailable() -> None:
-    orchs, fakes, _ = make(2)
+    """With the set's retry-after (an HTTP client's 503 gets a Retry-After)."""
+    orchs, fakes, _ = make(2, retry_after_s=3.0)
     for f in fakes.values():
         f.up = False
-    with pytest.raises(OrchestratorUnavailable):
+    with pytest.raises(OrchestratorUnavailable) as info:
         await orchs.admit(request(), timeout_s=1.0)
+    assert info.value.retry_after_s == 3.0
     assert not degraded(orchs)
+    none = make(0, retry_after_s=3.0)[0]
+    with pytest.raises(OrchestratorUnavailable) as info:
+        await none.admit(request(), timeout_s=1.0)
+    assert info.value.retry_after_s == 3.0
 
 
 async def test_degraded_mode_enter_serve_and_leave() -> None:
