@@ -199,6 +199,8 @@ async def _errors_as_openai(request: web.Request, handler: Handler) -> web.Strea
 
 # A generation asked of a draining gateway: retried on another at once.
 DRAINING_RETRY_AFTER_S = 1.0
+# How long a stream the drain cut may take to write its error event (its client may be slow).
+CUT_WRITE_TIMEOUT_S = 1.0
 
 
 class OpenAIHttpFront:
@@ -208,6 +210,7 @@ class OpenAIHttpFront:
         self._created = int(core.wall_time())
         self._runner: web.AppRunner | None = None
         self._draining = False
+        self._cut = False  # the drain's time ran out: `stop_now` cancels the generations
         self._generating: set[asyncio.Task[Any]] = set()  # handlers of the generation routes
         self.port = 0
 
@@ -259,6 +262,7 @@ class OpenAIHttpFront:
     async def stop_now(self) -> None:
         """Cancel every generation still running and wait for their handlers, which end their
         streams and account for them as cancelled (a `stop` in progress then ends too)."""
+        self._cut = True
         running = list(self._generating)
         for task in running:
             task.cancel()
@@ -471,6 +475,10 @@ class OpenAIHttpFront:
                 except ServiceError as err:
                     _, body = error_body(err, oreq)
                     await resp.write(sse(body))
+                except asyncio.CancelledError:
+                    if self._cut:
+                        await self._tell_cut(resp, oreq)
+                    raise
                 except ConnectionError:
                     raise  # the client went away (a write to its closing transport): below
                 except Exception:
@@ -496,6 +504,21 @@ class OpenAIHttpFront:
             if request.transport is not None:
                 request.transport.abort()
         return resp
+
+    @staticmethod
+    async def _tell_cut(resp: web.StreamResponse, oreq: OpenAIRequest) -> None:
+        """A stream the drain cut ends with an error event (a client sees why, and when to
+        send it again: to another gateway, with its id to continue a keyed one), not a
+        truncated body. Bounded: the client may not be reading."""
+        cut = Unavailable(
+            "the gateway stopped before the generation ended; send the request again",
+            retry_after_s=DRAINING_RETRY_AFTER_S,
+        )
+        _, body = error_body(cut, oreq)
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(CUT_WRITE_TIMEOUT_S):
+                await resp.write(sse(body))
+                await resp.write_eof()
 
     @staticmethod
     async def _write_event(

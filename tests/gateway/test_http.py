@@ -336,7 +336,8 @@ async def test_stop_now_cuts_an_in_flight_stream_and_accounts_for_it(
     model: ServedModel, session: aiohttp.ClientSession
 ) -> None:
     """A second signal during the drain: the streams still running end now, reported as
-    cancelled, before the gateway closes its clients (the drain would wait drain_seconds)."""
+    cancelled, before the gateway closes its clients (the drain would wait drain_seconds).
+    The client reads why in an error event (UNAVAILABLE: send it again), not a body cut off."""
     ids = model.encode(" one two three four")
     gate = asyncio.Event()  # never set: the stream waits for ever after its first token
 
@@ -349,7 +350,11 @@ async def test_stop_now_cuts_an_in_flight_stream_and_accounts_for_it(
         await asyncio.wait_for(f.front.stop_now(), 10)
         [report] = await asyncio.wait_for(f.orch.wait_reports(1), 10)
         assert report.outcome is Outcome.CANCELLED
+        events = await asyncio.wait_for(sse_events(r), 10)
     await asyncio.wait_for(stopping, 10)
+    error = json.loads(events[-1])["error"]
+    assert error["type"] == "server_error"
+    assert "send the request again" in error["message"]
 
 
 async def test_a_stream_outlasting_the_drain_is_cut_and_accounted_for(
