@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
@@ -78,6 +78,21 @@ class Validated:
     seed: int | None
 
 
+@dataclass(slots=True)
+class Tries:
+    """The request's leases, each appended when granted (its attempt failed or not), and
+    whether the last one's attempt failed: no replica serves the request then, while it waits
+    to be admitted again."""
+
+    leases: list[Lease] = field(default_factory=list)
+    last_failed: bool = False
+
+    @property
+    def serving(self) -> bool:
+        """A replica holds the request now: its last lease's attempt has not failed."""
+        return bool(self.leases) and not self.last_failed
+
+
 class Attempts:
     def __init__(
         self, settings: GatewaySettings, admission: AdmissionClient, triton: EngineClient
@@ -94,11 +109,11 @@ class Attempts:
         state: StreamState,
         deadline: float,
         span: trace.Span,
-        leases: list[Lease],
+        tries: Tries,
     ) -> AsyncGenerator[Event, None]:
         """The request's attempts: admit, stream, and on a replica failure admit again elsewhere
         and continue (module docstring: request migration). Every granted lease is appended to
-        `leases`."""
+        `tries`, which says whether the last attempt failed."""
         s = self._s
         excluded: set[str] = set()  # the replicas that failed the request
         full: str | None = None  # the one a continuation found full: not the next one
@@ -144,16 +159,18 @@ class Attempts:
                     "migration.admitted",
                     {"llmmesh.replica": lease.replica.id, "llmmesh.phase": phase},
                 )
-            leases.append(lease)
+            tries.leases.append(lease)
+            tries.last_failed = False
             span.set_attribute("llmmesh.replica", lease.replica.id)
             try:
-                attempt = self._stream(req, v, lease, state, deadline, leases)
+                attempt = self._stream(req, v, lease, state, deadline, tries.leases)
                 async with contextlib.aclosing(attempt) as events:  # closed in this task
                     async for ev in events:
                         yield ev
                 return
             except AttemptFailed as err:
                 failed = err
+                tries.last_failed = True
                 kind = err.fault.kind
                 if isinstance(err.error, InvalidRequest):
                     # The client's own input: every replica of the deployment refuses it.

@@ -49,8 +49,8 @@ from opentelemetry.trace import SpanKind
 
 from llmmesh.common.errors import DeadlineExceeded, ServiceError, Unavailable
 from services.gateway import metrics
-from services.gateway.admission import AdmissionClient, Lease
-from services.gateway.attempts import Attempts, Validated
+from services.gateway.admission import AdmissionClient
+from services.gateway.attempts import Attempts, Tries, Validated
 from services.gateway.auth import Authenticator, Tenant
 from services.gateway.chat_template import ChatTemplate, ChatTemplateError
 from services.gateway.errors import (
@@ -126,12 +126,13 @@ def produced(takeover: Takeover | None, progress: Progress) -> bool:
 
 
 def was_served(
-    takeover: Takeover | None, progress: Progress, leases: Sequence[Lease], *, failed: bool
+    takeover: Takeover | None, progress: Progress, tries: Tries, *, failed: bool
 ) -> bool:
     """A replica served the request: tokens came (`produced`), or a replica took it and it did
-    not fail (a caller that left after its lease used the replica's work). One that was not
+    not fail (a caller that left after its lease used the replica's work; not one that left
+    while the request waited to be admitted again after its replica failed). One that was not
     keeps its tenant's budget (refund) and bills no prompt."""
-    return produced(takeover, progress) or (bool(leases) and not failed)
+    return produced(takeover, progress) or (tries.serving and not failed)
 
 
 class GatewayCore:
@@ -468,9 +469,13 @@ class GatewayCore:
         ran = False
 
         def source(takeover: Takeover | None, billing: Billing) -> AsyncGenerator[Event, None]:
+            # At once for a new generation; for a takeover, whenever the generation's gateway
+            # is found gone (the caller may have followed it for a while): the caller's
+            # deadline still counts from its arrival.
             nonlocal ran
             ran = True
-            return self._generate_once(req, timeout_s, takeover, billing)
+            left = None if timeout_s is None else timeout_s - (time.perf_counter() - start)
+            return self._generate_once(req, left, takeover, billing)
 
         try:
             if not req.keyed:
@@ -543,7 +548,7 @@ class GatewayCore:
         model_label = req.model if req.model in self._models else "unknown"
         metrics.record_in_flight(model_label, 1)
         slot: Slot | None = None
-        leases: list[Lease] = []  # the attempts' (none: no generation ran)
+        tries = Tries()  # the attempts' leases (none: no generation ran)
         try:
             with _tracer.start_as_current_span("gateway.generate", kind=SpanKind.SERVER) as span:
                 span.set_attribute("llmmesh.request_id", req.request_id)
@@ -606,7 +611,7 @@ class GatewayCore:
                     else:
                         # Closed here, not left to the collector (in another task and context),
                         # when this generator is closed (cancellation arrives as GeneratorExit).
-                        attempts = self._attempts.run(req, v, state, deadline, span, leases)
+                        attempts = self._attempts.run(req, v, state, deadline, span, tries)
                         async with contextlib.aclosing(attempts) as events:
                             async for ev in events:
                                 yield ev
@@ -619,7 +624,7 @@ class GatewayCore:
                     failed = not isinstance(exc, (asyncio.CancelledError, GeneratorExit))
                     if (
                         refund is not None
-                        and not was_served(takeover, progress, leases, failed=failed)
+                        and not was_served(takeover, progress, tries, failed=failed)
                         and refundable()
                     ):
                         refund()
@@ -636,7 +641,7 @@ class GatewayCore:
                 # A slot counts as freed (for the concurrency retry-after) only when a
                 # generation ran in it: requests refused at once would make slots look like
                 # they free up fast, and send refused callers back too soon.
-                slot.release(freed=bool(leases))
+                slot.release(freed=bool(tries.leases))
             metrics.record_in_flight(model_label, -1)
             self._account(
                 req,
@@ -645,7 +650,7 @@ class GatewayCore:
                 start,
                 billing,
                 served=outcome == "success"
-                or was_served(takeover, progress, leases, failed=outcome != "cancelled"),
+                or was_served(takeover, progress, tries, failed=outcome != "cancelled"),
             )
 
     def _account(

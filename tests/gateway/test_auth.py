@@ -13,14 +13,14 @@ import pytest
 
 from llmmesh.common.errors import Reason, ResourceExhausted, Unauthenticated
 from llmmesh.common.topology import Priority
-from services.gateway.admission import AdmissionRequest, Lease
+from services.gateway.admission import AdmissionRequest, Lease, Outcome
 from services.gateway.auth import Authenticator, PriorityClass, TenantsFile, bearer_token, hash_key
 from services.gateway.core import Completion, GatewayCore, GenerationRequest, Sampling
 from services.gateway.errors import RateLimited
 from services.gateway.limits import TenantLimits, TokenBucket
 from services.gateway.models import ServedModel
 from services.gateway.settings import GatewaySettings, ModelSettings
-from services.gateway.triton_stream import EngineChunk, EngineRequest
+from services.gateway.triton_stream import EngineChunk, EngineRequest, TritonStreamError
 from services.gateway.usage import UsageRecord
 from tests.gateway.conftest import MODEL, FakeAdmission, FakeEngine
 
@@ -416,3 +416,50 @@ async def test_a_caller_gone_while_queued_keeps_its_budget(model: ServedModel) -
         await queued
     # Its one request a minute was given back: the next request is served.
     assert (await run(core, "sk-a")).completion_tokens == 4
+
+
+class HangingSecond(FakeAdmission):
+    """The first Admit is granted; the second (the request admitted again after its replica
+    failed) waits until cancelled."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = asyncio.Event()
+
+    async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
+        if self.admits:
+            self.admits.append(request)
+            self.waiting.set()
+            await asyncio.Event().wait()
+        return await super().admit(request, timeout_s=timeout_s)
+
+
+async def test_a_caller_gone_while_admitted_again_after_its_replica_failed_keeps_its_budget(
+    model: ServedModel,
+) -> None:
+    """Its replica failed before any token, and the caller left while the request waited to be
+    admitted elsewhere: no replica served it (the only lease failed), so the tenant gets its
+    budget back and the usage record bills no prompt, as when the caller leaves during its
+    first admission."""
+    auth = Authenticator(tenants(tenant("a", "sk-a", requests_per_minute=1)), clock=Clock())
+    records: list[UsageRecord] = []
+
+    class Usage:
+        def submit(self, record: UsageRecord) -> None:
+            records.append(record)
+
+    orch = HangingSecond()
+    engine = FakeEngine([[TritonStreamError("reset", replica_fault=True)]])
+    core = GatewayCore(
+        GatewaySettings(models=[model.settings]), [model], orch, engine, 32, auth, usage=Usage()
+    )
+    failing = asyncio.create_task(run(core, "sk-a"))
+    await orch.waiting.wait()
+    failing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await failing
+    assert [r.outcome for r in orch.reports] == [Outcome.REPLICA_ERROR]
+    assert [r.prompt_tokens for r in records] == [0]
+    limits = auth.authenticate("sk-a").limits
+    assert limits.requests is not None
+    assert limits.requests.level() == 1.0

@@ -83,6 +83,7 @@ class Cores:
         usage: UsageSink | None = None,
         wall_clock: Clock = time.time,
         auth: Authenticator | None = None,
+        admission: FakeAdmission | None = None,
         **settings: Any,
     ) -> GatewayCore:
         fields: dict[str, Any] = {
@@ -95,7 +96,7 @@ class Cores:
         core = GatewayCore(
             GatewaySettings(models=[self.model.settings], **fields),
             [self.model],
-            FakeAdmission(),
+            admission or FakeAdmission(),
             engine,
             32,
             auth,
@@ -528,6 +529,29 @@ async def test_a_generation_a_draining_gateway_released_is_neither_charged_nor_b
     assert (first.prompt_tokens, first.completion_tokens) == (len(PROMPT), 4)
     second = await record_of(b_usage, request_id)
     assert (second.prompt_tokens, second.completion_tokens) == (0, n - 4)
+
+
+async def test_a_follower_that_takes_over_keeps_its_callers_deadline(
+    cores: Cores, redis: aioredis.Redis, request_id: str
+) -> None:
+    """B's client follows A's generation; A dies and B, a lease later, takes it over: the
+    continuation runs within what is left of B's caller's deadline (counted from its arrival),
+    not a whole new one."""
+    a = cores.make(FakeEngine([[*tokens(*TOKENS[:2]), Hang()]]))
+    client_a = a.generate(request(request_id, 5), 10.0)
+    [await anext(client_a) for _ in range(2)]
+    admission = FakeAdmission()
+    b = cores.make(FakeEngine([[*tokens(*TOKENS[2:5]), chunk(final=True)]]), admission=admission)
+    timeout_s = 30.0
+    client_b = b.generate(request(request_id, 5), timeout_s)
+    await anext(client_b)  # following A's generation
+    await store(a).kill()
+    with pytest.raises(Unavailable):
+        await anext(client_a)
+    rest = [ev async for ev in client_b]
+    assert isinstance(rest[-1], Completion)
+    [admitted] = admission.timeouts
+    assert admitted <= timeout_s - store(b).lease_s  # A's claim had to expire first
 
 
 async def test_a_takeover_whose_client_leaves_during_the_replay_is_abandoned_after_the_grace(
