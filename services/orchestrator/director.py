@@ -267,9 +267,16 @@ class Orchestrator:
             and not self._probed.is_set()
             and any(not st.probed for st in self._assignable(req))
         ):
-            # Just started: wait for the first health round rather than refuse (bounded).
+            # Just started: wait for the first health round rather than refuse (bounded, and
+            # within the call's deadline).
+            wait_s = self._settings.health_timeout_s
+            if timeout_s is not None:
+                wait_s = min(wait_s, timeout_s - (self._clock() - start))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._probed.wait(), self._settings.health_timeout_s)
+                await asyncio.wait_for(self._probed.wait(), max(wait_s, 0.0))
+            if timeout_s is not None and self._clock() - start >= timeout_s:
+                metrics.record_rejection(req.model, "queue_timeout")
+                raise QueueTimeout("the call's deadline passed waiting for the first health round")
             lease = self._grant_now(req, prefix, start)
             if lease is not None:
                 return lease
@@ -471,7 +478,9 @@ class Orchestrator:
                         metrics.record_rejection(req.model, "activation_timeout")
                         raise ActivationTimeout(
                             f"pool {activation.pool!r} has no ready replica; none became ready "
-                            f"within {activation.timeout_s:g} s"
+                            f"within {activation.timeout_s:g} s",
+                            # One health round: the next may find one of its replicas ready.
+                            retry_after_s=self._settings.health_interval_s,
                         ) from None
                     if fut.done():
                         lease = fut.result()

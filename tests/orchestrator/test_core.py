@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -143,6 +144,33 @@ async def test_no_ready_replica_is_unavailable() -> None:
     with pytest.raises(NoReplicaReady) as info:
         await core.admit(req(), 1.0)
     assert info.value.retry_after_s == s.health_interval_s
+
+
+async def test_waiting_for_the_first_health_round_keeps_the_calls_deadline() -> None:
+    """A just-started orchestrator waits for its first health round (up to `health_timeout_s`)
+    before refusing a request no replica serves yet, but not past the request's own deadline:
+    a lease granted after it would reach no one."""
+    started = asyncio.Event()
+
+    class SlowProbe(FakeProbe):
+        async def ready(
+            self, replica: ReplicaSpec, models: Sequence[str], timeout_s: float
+        ) -> bool:
+            started.set()
+            await asyncio.Event().wait()  # a round that has not ended
+            return True
+
+    s = settings().model_copy(update={"health_timeout_s": 30.0})
+    core = Orchestrator(s, SlowProbe())
+    round_ = asyncio.create_task(core.probe_once())
+    await started.wait()
+    begun = time.monotonic()
+    with pytest.raises(QueueTimeout):
+        await core.admit(req(), 0.05)
+    assert time.monotonic() - begun < s.health_timeout_s / 2  # not the whole round's wait
+    round_.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await round_
 
 
 @pytest.mark.parametrize(

@@ -293,10 +293,13 @@ async def test_request_waits_for_a_scale_from_zero_pool_then_is_granted() -> Non
 async def test_activation_gives_up_at_the_earlier_of_timeout_and_deadline(
     activation_s: float, deadline_s: float, error: type[Exception], message: str
 ) -> None:
-    core = Orchestrator(settings(n=0), FakeProbe(), sfz_policy(activation_s))
+    s = settings(n=0)
+    core = Orchestrator(s, FakeProbe(), sfz_policy(activation_s))
     queued_before = gauge("llmmesh_orchestrator_pool_queue_depth", "auto")
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as info:
         await core.admit(req(), deadline_s)
+    if error is NoReplicaReady:  # an HTTP client's 503 gets a Retry-After: one health round
+        assert info.value.retry_after_s == s.health_interval_s
     assert core.queue_depth == 0
     assert gauge("llmmesh_orchestrator_pool_queue_depth", "auto") == queued_before
 
