@@ -16,6 +16,10 @@ Two modes:
        wall seconds. A p99 of 90-130 requests is their second-worst request:
        `--live-sample` and `--duration` raised together give more at the same rate.
 
+The engines' gauges are exact at every scrape unless `--gauge-period-s` (Triton's
+`--metrics-interval-ms`, 2 s by default) makes them that stale, as production's are; the
+orchestrator is told the same period (`engine_gauge_period_s`).
+
 Per workload: KV blocks per replica are `--cache-fraction` of the workload's shared working set
 (blocks in two or more prompts; at least four of the longest request), so one replica cannot
 hold every shared prefix and the cluster can. The load is `--load` (0.8) times the capacity of a
@@ -125,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.1,
         help="Share of the Azure hour (time windows) in sim mode (19k requests in full).",
+    )
+    g.add_argument(
+        "--gauge-period-s",
+        type=float,
+        default=0.0,
+        help="How often the engines' gauges are refreshed (0: exact at every scrape; Triton's "
+        "--metrics-interval-ms is 2 s by default): the orchestrator is told the same.",
     )
     g.add_argument("--slo-p99-s", type=float, default=1.0, help="p99 TTFT the rate must keep.")
     g.add_argument(
@@ -408,6 +419,7 @@ def run_sim_seed(name: str, args: argparse.Namespace, block_size: int, seed: int
                 max_batch_size=shape.max_batch_size,
                 max_num_tokens=shape.max_num_tokens,
                 num_kv_blocks=shape.num_kv_blocks,
+                gauge_period_s=args.gauge_period_s or None,
             ),
         ),
         block_size=block_size,

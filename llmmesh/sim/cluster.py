@@ -361,6 +361,8 @@ class Cluster:
                 max_in_flight_per_replica=spec.max_in_flight_per_replica,
                 metrics_interval_s=spec.metrics_interval_s,
                 metrics_max_age_s=spec.metrics_max_age_s,
+                # As old as the engines' gauges may be (exact when not modelled).
+                engine_gauge_period_s=max((p.gauge_period_s or 0.0) for p in spec.pools),
                 engine_time_scale=_engine_time_scale(spec.pools),
             ),
             _Probe(self),

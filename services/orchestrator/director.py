@@ -208,6 +208,7 @@ class Orchestrator:
             settings.health_timeout_s,
             settings.metrics_max_age_s,
             clock,
+            gauge_period_s=settings.engine_gauge_period_s,
         )
         self._leases = LeaseTable(settings.lease_timeout_s, clock)
         self._feedback = PrefixFeedback(prefix_index)
@@ -1164,7 +1165,7 @@ class Orchestrator:
             self._service.record(self._clock() - lease.granted_at)
         self._load.complete(lease_id)
         self._feedback.completed(lease_id, lease.replica.id, reused_blocks)
-        st = self._replicas.release(lease.replica.id, lease.granted_at)
+        st = self._replicas.release(lease.replica.id, lease.granted_at, self._clock())
         if st is not None:
             if outcome is Outcome.REPLICA_ERROR:
                 st.failures += 1

@@ -209,11 +209,16 @@ class EngineSampler:
         timeout_s: float,
         max_age_s: float,
         clock: Clock,
+        *,
+        gauge_period_s: float = 0.0,
     ) -> None:
+        """`gauge_period_s`: how old a replica's gauges may be when fetched (the backend copies
+        its statistics into them that often)."""
         self._fetch = fetch
         self._timeout_s = timeout_s
         self._max_age_s = max_age_s
         self._clock = clock
+        self._gauge_period_s = gauge_period_s
 
     def fresh(self, st: ReplicaState, now: float) -> EngineSample | None:
         if st.sample is None or now - st.sample_at > self._max_age_s:
@@ -247,18 +252,19 @@ class EngineSampler:
 
     async def _scrape_one(self, st: ReplicaState) -> bool:
         """Whether a sample was stored."""
-        before = st.in_flight
+        start = self._clock()
         try:
             text = await self._fetch(st.spec.metrics_url, st.spec.metrics_host, self._timeout_s)
-            return self._store(st, text, before)
+            return self._store(st, text, start - self._gauge_period_s)
         except Exception as exc:  # no sample, whatever the cause (unreachable, a bad page)
             log.debug("metrics scrape failed", extra={"replica": st.spec.id, "error": repr(exc)})
             return False
 
-    def _store(self, st: ReplicaState, text: str | EngineSample, before: int) -> bool:
+    def _store(self, st: ReplicaState, text: str | EngineSample, taken_since: float) -> bool:
+        """`taken_since`: the earliest time the sample's gauges may have been taken."""
         sample = text if isinstance(text, EngineSample) else parse_engine_metrics(text)
         if sample is None:
             return False
         st.sample, st.sample_at = sample, self._clock()
-        st.sample_in_flight = max(before, st.in_flight)
+        st.sample_in_flight = st.in_flight_peak(taken_since)
         return True

@@ -53,11 +53,15 @@ class ReplicaState:
     # failure-share window of `Health`.
     outcomes: deque[tuple[float, bool]] = field(default_factory=deque)
     failed_outcomes: int = 0  # the failed entries of `outcomes`
+    # Earlier values of `in_flight` that some later value is not at least, each with when it
+    # ended: (end time, value), both decreasing front to back (`in_flight_peak`).
+    ended_peaks: deque[tuple[float, int]] = field(default_factory=deque)
     sample: EngineSample | None = None
     sample_at: float = 0.0
-    # This orchestrator's leases on the replica when `sample` was taken (the larger of the
-    # counts before and after the scrape): the sample's requests beyond them are other
-    # orchestrators' (or leases lost with an orchestrator that died).
+    # This orchestrator's leases on the replica when `sample` was taken: the most it held
+    # from the gauges' oldest possible time to the scrape's end (`EngineSampler`). The
+    # sample's requests beyond them are other orchestrators' (or leases lost with an
+    # orchestrator that died), never one of its own leases that ended since the gauges.
     sample_in_flight: int = 0
     # The last scheduling view of the replica and the spec and sample it was built from (the
     # director reuses it while nothing it shows changed).
@@ -81,6 +85,25 @@ class ReplicaState:
 
     def ejected(self, now: float) -> bool:
         return now < self.ejected_until
+
+    def set_in_flight(self, value: int, now: float) -> None:
+        """`in_flight` becomes `value` at `now`; the value it had is kept while it may be a
+        peak of a window still asked about (`in_flight_peak`). Kept: at most one per distinct
+        value, so no more than the replica's most leases at once."""
+        peaks = self.ended_peaks
+        old = self.in_flight
+        while peaks and peaks[-1][1] <= old:
+            peaks.pop()  # ended no later and was no higher: never the peak again
+        peaks.append((now, old))
+        self.in_flight = value
+
+    def in_flight_peak(self, since: float) -> int:
+        """The most leases this orchestrator held on the replica at any time from `since` to
+        now (an engine's gauges taken then count them)."""
+        peaks = self.ended_peaks
+        while peaks and peaks[0][0] <= since:
+            peaks.popleft()  # ended by the window's start
+        return max(self.in_flight, peaks[0][1]) if peaks else self.in_flight
 
     def healthy(self, now: float) -> bool:
         return self.ready and not self.removed and not self.ejected(now)
@@ -238,17 +261,17 @@ class ReplicaSet:
         return st
 
     def acquire(self, st: ReplicaState, granted_at: float) -> None:
-        st.in_flight += 1
+        st.set_in_flight(st.in_flight + 1, granted_at)
         bisect.insort(st.lease_starts, granted_at)
         metrics.record_in_flight(st.spec.id, st.spec.pool, st.in_flight)
 
-    def release(self, replica_id: str, granted_at: float) -> ReplicaState | None:
-        """A lease on the replica (granted at `granted_at`) ended; wakes drain waiters at zero.
-        Returns the replica, or None when it was already forgotten."""
+    def release(self, replica_id: str, granted_at: float, now: float) -> ReplicaState | None:
+        """A lease on the replica (granted at `granted_at`) ended at `now`; wakes drain waiters
+        at zero. Returns the replica, or None when it was already forgotten."""
         st = self._replicas.get(replica_id)
         if st is None:
             return None
-        st.in_flight -= 1
+        st.set_in_flight(st.in_flight - 1, now)
         starts = st.lease_starts
         i = bisect.bisect_left(starts, granted_at)
         if i < len(starts) and starts[i] == granted_at:

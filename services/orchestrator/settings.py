@@ -118,6 +118,17 @@ class OrchestratorSettings(ServiceSettings):
         gt=0,
         description="Engine metrics older than this are ignored (treated as unknown).",
     )
+    engine_gauge_period_s: float = Field(
+        default=2.0,
+        ge=0,
+        description=(
+            "How old an engine's gauges may be when scraped: the period at which its backend "
+            "refreshes them (tritonserver --metrics-interval-ms, 2000 by default and in "
+            "mesh/base/triton). The engine's requests beyond this orchestrator's leases are "
+            "counted against the most leases it held over that span, so a lease that ended "
+            "after the gauges counted it is not taken for another orchestrator's request."
+        ),
+    )
     dns_interval_s: float = Field(default=5.0, gt=0, description="Seconds between DNS resolutions.")
     max_queue: int = Field(
         default=1024,

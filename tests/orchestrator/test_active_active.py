@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from services.orchestrator.director import Orchestrator
+from services.orchestrator.domain import Outcome
 from services.orchestrator.policy import Policy
+from services.orchestrator.replicas import ReplicaState
 from services.orchestrator.settings import OrchestratorSettings, ReplicaSpec
 from tests.helpers import ManualClock
 from tests.orchestrator.test_core import FakeProbe, assert_queued, metrics_text, req
@@ -20,13 +24,14 @@ def engine(active: int, waiting: int = 0) -> str:
 
 
 async def core_on_one_replica(
-    texts: dict[str, str], clock: ManualClock, max_age_s: float = 5.0
+    texts: dict[str, str], clock: ManualClock, max_age_s: float = 5.0, gauge_period_s: float = 2.0
 ) -> Orchestrator:
     settings = OrchestratorSettings(
         replicas=[ReplicaSpec(id="r0", grpc_address="a:1", metrics_url="http://r0")],
         max_in_flight_per_replica=4,
         max_queue=8,
         metrics_max_age_s=max_age_s,
+        engine_gauge_period_s=gauge_period_s,
     )
     probe = FakeProbe()
     probe.ready_ids = {"r0"}
@@ -88,3 +93,47 @@ async def test_a_fresh_orchestrator_waits_for_its_first_probe_round() -> None:
     assert not admit.done()
     await core.probe_once()
     assert (await admit).replica.id == "r0"
+
+
+@pytest.mark.parametrize("gauge_period_s", [0.0, 2.0])
+async def test_leases_that_ended_after_the_gauges_were_taken_are_not_others(
+    gauge_period_s: float,
+) -> None:
+    """The engine refreshes its gauges every `engine_gauge_period_s`: a scrape may read counts
+    taken before this orchestrator's latest completions. Leases that ended within that span
+    are not taken for other orchestrators' requests (which would hold the replica's slots for
+    nobody). With gauges refreshed at every scrape (0), the same counts are others' load."""
+    texts = {"http://r0": engine(active=0)}
+    clock = ManualClock(1000.0)
+    core = await core_on_one_replica(texts, clock, gauge_period_s=gauge_period_s)
+    leases = [await core.admit(req(str(i)), 1.0) for i in range(4)]
+    texts["http://r0"] = engine(active=4)  # the gauges, taken while our 4 ran
+    clock.t += 0.5
+    for lease in leases[:3]:
+        core.complete(lease.lease_id, Outcome.SUCCESS)
+    await core.scrape_once()
+    if gauge_period_s:
+        for i in range(3):  # nobody else's load: the 3 slots are free
+            assert (await core.admit(req(f"n{i}"), 1.0)).replica.id == "r0"
+    else:
+        waiter = asyncio.create_task(core.admit(req("w"), 5.0))
+        await assert_queued(core, 1)  # 3 others' and our 1: full
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+
+
+def test_the_in_flight_peak_is_the_most_held_since_a_time() -> None:
+    st = ReplicaState(ReplicaSpec(id="r0", grpc_address="a:1"))
+    for value, at in [(1, 1.0), (3, 2.0), (2, 3.0), (0, 4.0), (1, 5.0)]:
+        st.set_in_flight(value, at)
+    # Held: 0 until 1, 1 until 2, 3 until 3, 2 until 4, 0 until 5, 1 since.
+    assert [st.in_flight_peak(t) for t in (1.5, 2.5, 3.0, 3.5, 4.5, 5.0, 6.0)] == [
+        3,
+        3,
+        2,
+        2,
+        1,
+        1,
+        1,
+    ]
+    assert len(st.ended_peaks) <= 4  # one per distinct value at most

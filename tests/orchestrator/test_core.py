@@ -374,7 +374,7 @@ async def test_a_free_replica_no_waiter_can_use_goes_to_a_new_request() -> None:
 def free_without_an_event(core: Orchestrator, lease: Lease) -> None:
     """The lease's slot frees without an event that dispatches (as time-driven caps do)."""
     core._leases.pop(lease.lease_id)
-    core._replicas.release(lease.replica.id, lease.granted_at)
+    core._replicas.release(lease.replica.id, lease.granted_at, core._clock())
 
 
 async def test_a_new_request_does_not_take_a_replica_a_waiter_can_use() -> None:
@@ -1401,7 +1401,7 @@ async def test_a_kind_that_failed_only_with_a_cached_prefix_is_still_lent_a_larg
     core, index, _ = await pools_core(["s1"], ["l1"], backlogged_pools(20000), queue=100)
     assert (await core.admit(req("r", prompt_len=8000), 5.0)).replica.id == "s1"
     sample = EngineSample(active=1, waiting=0, kv_used=95, kv_max=100)
-    core._sampler._store(state(core, "s1"), sample, 1)
+    core._sampler._store(state(core, "s1"), sample, core._clock())
     long = await core.admit(req("long", prompt_len=30000), 5.0)
     assert long.replica.id == "l1"
     waiters = await queue_each(
@@ -1455,7 +1455,7 @@ async def test_an_engine_sample_applied_by_a_decision_in_a_pass_is_seen_by_later
     state(core, "R").ready = True
     clock.t += 0.3  # R's modelled backlog has run down in the ledger
     sample = EngineSample(active=0, waiting=2, kv_used=10, kv_max=1000)
-    core._sampler._store(state(core, "R"), sample, 2)
+    core._sampler._store(state(core, "R"), sample, core._clock())
     core._dispatch()  # a pass, as a scrape that stored the sample starts
     assert core.queue_depth == 3
     assert (await waiters["C"]).replica.id == "R"
