@@ -284,7 +284,12 @@ class TritonPool:
                     # `_read_to_end`), or every refusal by a full engine queue leaks a stream.
                     await _read_to_end(call)
                     raise TritonStreamError(msg.error_message, classify_message(msg.error_message))
-                chunk = parse_response(msg.infer_response)
+                try:
+                    chunk = parse_response(msg.infer_response)
+                except ValueError as err:  # not whole INT32 tensors: the replica is broken
+                    raise TritonStreamError(
+                        f"replica {address}: malformed response: {err}", STREAM_BROKEN
+                    ) from err
                 if chunk.final:
                     await _read_to_end(call)
                     yield chunk

@@ -241,3 +241,33 @@ async def test_a_cancelled_status_from_the_peer_is_a_broken_stream_not_ours() ->
     finally:
         await pool.close()
         await server.stop(None)
+
+
+class Malformed(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """A replica that answers with an output_ids tensor of 3 bytes (no whole INT32)."""
+
+    async def ModelStreamInfer(self, request_iterator: Any, context: Any) -> Any:
+        async for _ in request_iterator:
+            resp = service_pb2.ModelStreamInferResponse()
+            resp.infer_response.outputs.add().name = "output_ids"
+            resp.infer_response.raw_output_contents.append(b"\x01\x02\x03")
+            yield resp
+
+
+async def test_a_malformed_response_is_the_replicas_fault_not_an_unknown_error() -> None:
+    """A replica sending what no INT32 tensor is fails its stream as broken (the request is
+    migrated), not with a ValueError that would reach the client as UNKNOWN."""
+    server = grpc.aio.server()
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Malformed(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    pool = TritonPool()
+    try:
+        with pytest.raises(TritonStreamError) as info:
+            async for _ in pool.stream(f"127.0.0.1:{port}", "", REQUEST, timeout_s=30.0):
+                pass
+        assert info.value.fault.kind is FaultKind.REPLICA
+        assert "malformed response" in str(info.value)
+    finally:
+        await pool.close()
+        await server.stop(None)
