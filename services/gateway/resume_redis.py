@@ -322,6 +322,10 @@ _PASSED_ON: Final = frozenset(
 )
 
 
+class _NoRoom(Exception):
+    """A takeover that does not fit this gateway's bounds (`RedisResumeStore._try_takeover`)."""
+
+
 def _tokens(events: Sequence[Event]) -> int:
     return sum(len(e.token_ids) for e in events if isinstance(e, Delta))
 
@@ -717,17 +721,15 @@ class RedisResumeStore:
                 )
             return Subscription(_replay(ready, error), created)
         if not claimed:
-            with self._room(reserve_tokens) as fits:
-                if not fits:
-                    raise self._full()
-                try:
-                    taken = await self._try_takeover(
-                        key, keys, digest, reserve_tokens, created, gen_id, seen, last_id, source
-                    )
-                except RedisError as err:
-                    # A claim won before the failure lapses after `lease_s`: another try
-                    # takes over.
-                    raise self._unavailable("takeover", err) from err
+            try:
+                taken = await self._try_takeover(
+                    key, keys, digest, reserve_tokens, created, gen_id, seen, last_id, source
+                )
+            except _NoRoom:
+                raise self._full() from None
+            except RedisError as err:
+                # A claim won before the failure lapses after `lease_s`: another try takes over.
+                raise self._unavailable("takeover", err) from err
             if taken is not None:
                 own, index = taken
                 metrics.record_resume_request("taken_over")
@@ -824,26 +826,30 @@ class RedisResumeStore:
     ) -> tuple[_Owned, int] | None:
         """Claim a generation whose gateway is gone and continue it here; the new generation
         and the log index its follower continues from (after `seen`). None: another gateway
-        has it, or it finished."""
-        log_key = keys.log(gen_id)
-        won = await self._takeover(
-            keys=[keys.meta, keys.claim, log_key],
-            args=[self.owner, self._ms(self.lease_s), self._running_ttl_ms(), gen_id],
-        )
-        if int(won[0]) != 1:
-            return None
-        metrics.record_resume_redis_write()
-        billed = _s(won[1])
-        # Entries the old owner wrote after `seen` was read (before its claim expired).
-        more, _, _ = await self._read_log(log_key, last_id)
-        prior = [ev for ev in [*seen, *more] if isinstance(ev, Delta)]
-        log.warning(
-            "taking over a generation whose gateway is gone",
-            extra={"request_id": key.request_id, "tokens": _tokens(prior)},
-        )
-        takeover = Takeover(prior, int(billed) if billed else None)
-        own = self._start(key, keys, digest, reserve_tokens, created, gen_id, takeover, source)
-        return own, len(seen)
+        has it, or it finished. `_NoRoom` when it does not fit this gateway's bounds; the
+        room it fits is held from the check to its start."""
+        with self._room(reserve_tokens) as fits:
+            if not fits:
+                raise _NoRoom
+            log_key = keys.log(gen_id)
+            won = await self._takeover(
+                keys=[keys.meta, keys.claim, log_key],
+                args=[self.owner, self._ms(self.lease_s), self._running_ttl_ms(), gen_id],
+            )
+            if int(won[0]) != 1:
+                return None
+            metrics.record_resume_redis_write()
+            billed = _s(won[1])
+            # Entries the old owner wrote after `seen` was read (before its claim expired).
+            more, _, _ = await self._read_log(log_key, last_id)
+            prior = [ev for ev in [*seen, *more] if isinstance(ev, Delta)]
+            log.warning(
+                "taking over a generation whose gateway is gone",
+                extra={"request_id": key.request_id, "tokens": _tokens(prior)},
+            )
+            takeover = Takeover(prior, int(billed) if billed else None)
+            own = self._start(key, keys, digest, reserve_tokens, created, gen_id, takeover, source)
+            return own, len(seen)
 
     def _start(
         self,
@@ -932,23 +938,13 @@ class RedisResumeStore:
                     raise _not_found()
                 if claimed:
                     continue
-                with self._room(reserve_tokens) as fits:
-                    if not fits:
-                        continue  # no room to run it here; another gateway may
-                    taken = await self._or_lost(
-                        "takeover",
-                        self._try_takeover(
-                            key,
-                            keys,
-                            digest,
-                            reserve_tokens,
-                            created,
-                            gen_id,
-                            seen,
-                            last_id,
-                            source,
-                        ),
-                    )
+                takeover = self._try_takeover(
+                    key, keys, digest, reserve_tokens, created, gen_id, seen, last_id, source
+                )
+                try:
+                    taken = await self._or_lost("takeover", takeover)
+                except _NoRoom:
+                    continue  # no room to run it here; another gateway may
                 if taken is None:
                     continue
                 metrics.record_resume_request("taken_over")
