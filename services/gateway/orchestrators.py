@@ -421,9 +421,7 @@ class OrchestratorSet:
                     del marks[p]
             return lease
         if busy is not None:  # reached, and behind: degraded mode would skip admission then
-            if busy.retry_after_s is None:
-                busy.retry_after_s = self._retry_after_s
-            raise busy
+            raise self._retry_later(busy)
         return self._admit_degraded(request, last)
 
     async def _admit_on(
@@ -559,14 +557,17 @@ class OrchestratorSet:
     def _usable_view(self) -> bool:
         return self._degraded_mode and self._view_fresh()
 
+    def _retry_later(self, err: ServiceError) -> ServiceError:
+        """`err`, with the set's retry-after where it carries none."""
+        if err.retry_after_s is None:
+            err.retry_after_s = self._retry_after_s
+        return err
+
     def _admit_degraded(self, request: AdmissionRequest, last: ServiceError | None) -> Lease:
         if not self._usable_view():
             # No orchestrator reached: the client tries again when this gateway tries the
             # first of them again (an HTTP client's 503 gets a Retry-After).
-            err = last or OrchestratorUnavailable("orchestrator: none known")
-            if err.retry_after_s is None:
-                err.retry_after_s = self._retry_after_s
-            raise err
+            raise self._retry_later(last or OrchestratorUnavailable("orchestrator: none known"))
         self._enter_degraded(str(last) if last is not None else "no orchestrator known")
         now = self._clock()
         candidates = [
