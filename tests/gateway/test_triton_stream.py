@@ -227,9 +227,10 @@ class ResetByPeer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignor
         yield  # an async generator, as the streaming handler must be
 
 
-async def test_a_cancelled_status_from_the_peer_is_a_broken_stream_not_ours() -> None:
+async def stream_error(triton: service_pb2_grpc.GRPCInferenceServiceServicer) -> TritonStreamError:
+    """The error a pool's stream to a replica served by `triton` ends with."""
     server = grpc.aio.server()
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(ResetByPeer(), server)
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(triton, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     pool = TritonPool()
@@ -237,10 +238,15 @@ async def test_a_cancelled_status_from_the_peer_is_a_broken_stream_not_ours() ->
         with pytest.raises(TritonStreamError) as info:
             async for _ in pool.stream(f"127.0.0.1:{port}", "", REQUEST, timeout_s=30.0):
                 pass
-        assert info.value.fault.kind is FaultKind.REPLICA  # migrated, not passed on as CANCELLED
+        return info.value
     finally:
         await pool.close()
         await server.stop(None)
+
+
+async def test_a_cancelled_status_from_the_peer_is_a_broken_stream_not_ours() -> None:
+    err = await stream_error(ResetByPeer())
+    assert err.fault.kind is FaultKind.REPLICA  # migrated, not passed on as CANCELLED
 
 
 class Malformed(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
@@ -257,17 +263,6 @@ class Malformed(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[
 async def test_a_malformed_response_is_the_replicas_fault_not_an_unknown_error() -> None:
     """A replica sending what no INT32 tensor is fails its stream as broken (the request is
     migrated), not with a ValueError that would reach the client as UNKNOWN."""
-    server = grpc.aio.server()
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Malformed(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    pool = TritonPool()
-    try:
-        with pytest.raises(TritonStreamError) as info:
-            async for _ in pool.stream(f"127.0.0.1:{port}", "", REQUEST, timeout_s=30.0):
-                pass
-        assert info.value.fault.kind is FaultKind.REPLICA
-        assert "malformed response" in str(info.value)
-    finally:
-        await pool.close()
-        await server.stop(None)
+    err = await stream_error(Malformed())
+    assert err.fault.kind is FaultKind.REPLICA
+    assert "malformed response" in str(err)
