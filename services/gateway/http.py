@@ -16,14 +16,16 @@ for gRPC.
 - Status codes come from the error hierarchy (`ServiceError.http_status`), bodies are OpenAI's
   `{"error": {"message", "type", "param", "code"}}`; 429s carry `Retry-After` (seconds) and
   `retry-after-ms`.
-- Request headers: `x-request-id` (echoed; generated when absent), `x-request-timeout` (seconds,
+- Request headers: `x-request-id` (echoed on every answer to a generation request, refusals
+  included; the request's id when absent or not printable ASCII), `x-request-timeout` (seconds,
   the request's deadline, as `grpc-timeout` is for gRPC; the gateway default otherwise),
   `traceparent`/`tracestate` (W3C trace context).
 - `Idempotency-Key`, or a client-sent `x-request-id` (unless `http_request_id_is_key` is off:
   behind Envoy, which stamps x-request-id on every request), is the request id and an
   idempotency key (`resume.py`): resending the request re-attaches to the same generation (a
   non-streaming retry gets the same completion); the same key with a different body is 409
-  `request_id_conflict`. Streams of keyed requests carry
+  `request_id_conflict` (errors about the id name the header it came from). Streams of keyed
+  requests carry
   `id: <completion tokens sent so far>` on every event (`<tokens>.k` on the k-th event without
   tokens after them: text held back to the end, the closing chunks), so a reconnecting client
   resumes with the standard `Last-Event-ID` header (or `x-resume-from`, same meaning): the
@@ -51,7 +53,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +72,7 @@ from services.gateway.openai_request import (
     parse_completion_request,
 )
 from services.gateway.openai_response import (
+    REQUEST_ID_PARAM,
     SSE_DONE,
     Shapes,
     dumps,
@@ -101,13 +104,41 @@ def _json_response(
     return web.Response(status=status, body=dumps(body), content_type=_JSON, headers=headers)
 
 
+@dataclass(frozen=True, slots=True)
+class RequestIds:
+    """A generation request's ids as HTTP carries them: `id` the generation's (its idempotency
+    key when keyed), `echo` the `x-request-id` every answer carries (the client's when it sent a
+    usable one: a client or proxy correlates by its own id, whatever the key), `param` the
+    header an error about the id names (the one it came from)."""
+
+    id: str
+    echo: str
+    param: str = REQUEST_ID_PARAM
+
+    @classmethod
+    def of(cls, headers: Mapping[str, str], id_is_key: bool) -> tuple[RequestIds, bool]:
+        """The ids of a request with these headers, and whether its id is a client's key
+        (`Idempotency-Key`, or `x-request-id` when `id_is_key`)."""
+        sent = headers.get(REQUEST_ID_HEADER)
+        key, param = headers.get(IDEMPOTENCY_HEADER), IDEMPOTENCY_HEADER.lower()
+        if not key and id_is_key:
+            key, param = sent, REQUEST_ID_PARAM
+        rid = key or sent or uuid.uuid4().hex
+        echo = sent if sent and _usable(sent) else rid if _usable(rid) else uuid.uuid4().hex
+        return cls(rid, echo, param if key else REQUEST_ID_PARAM), bool(key)
+
+
+def _usable(value: str) -> bool:
+    return value.isascii() and value.isprintable()
+
+
 def error_response(
-    err: ServiceError, request: OpenAIRequest | None = None, request_id: str | None = None
+    err: ServiceError, request: OpenAIRequest | None = None, ids: RequestIds | None = None
 ) -> web.Response:
-    status, body = error_body(err, request)
+    status, body = error_body(err, request, REQUEST_ID_PARAM if ids is None else ids.param)
     headers = error_headers(err)
-    if request_id:
-        headers[REQUEST_ID_HEADER] = request_id
+    if ids is not None:
+        headers[REQUEST_ID_HEADER] = ids.echo
     return _json_response(status, body, headers)
 
 
@@ -313,9 +344,8 @@ class OpenAIHttpFront:
         if self._draining:
             draining = Unavailable("gateway is draining", retry_after_s=DRAINING_RETRY_AFTER_S)
             self._core.refused(draining, time.perf_counter())
-            refused = error_response(
-                draining, request_id=request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
-            )
+            ids, _ = RequestIds.of(request.headers, self._settings.http_request_id_is_key)
+            refused = error_response(draining, ids=ids)
             refused.force_close()
             return refused
         task = asyncio.current_task()
@@ -331,10 +361,8 @@ class OpenAIHttpFront:
     async def _generate(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         arrived = self._core.wall_time()
         started = time.perf_counter()
-        supplied_id = request.headers.get(IDEMPOTENCY_HEADER)
-        if not supplied_id and self._settings.http_request_id_is_key:
-            supplied_id = request.headers.get(REQUEST_ID_HEADER)
-        request_id = supplied_id or request.headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        ids, keyed = RequestIds.of(request.headers, self._settings.http_request_id_is_key)
+        request_id = ids.id
         api_key = bearer_token(request.headers.get("Authorization"))
         try:
             # First: a caller without a valid key learns nothing else, and costs no read or
@@ -343,10 +371,10 @@ class OpenAIHttpFront:
         except ServiceError as unauthenticated:
             self._core.refused(unauthenticated, started)
             return error_response(unauthenticated)
-        if not (request_id.isascii() and request_id.isprintable()):
+        if not _usable(request_id):
             bad_id = InvalidRequest("must be printable ASCII", field="request_id")
             self._core.refused(bad_id, started)
-            return error_response(bad_id)
+            return error_response(bad_id, ids=ids)
         request_id_var.set(request_id)
         try:
             timeout_s = parse_timeout(request.headers.get(TIMEOUT_HEADER))
@@ -358,7 +386,11 @@ class OpenAIHttpFront:
             except web.HTTPRequestEntityTooLarge:
                 message = f"request body larger than {self._settings.http_max_body_bytes} bytes"
                 self._core.refused(InvalidRequest(message), started)
-                return _json_response(413, plain_error(message, "invalid_request_error"))
+                return _json_response(
+                    413,
+                    plain_error(message, "invalid_request_error"),
+                    {REQUEST_ID_HEADER: ids.echo},
+                )
             parse = parse_chat_request if kind is Kind.CHAT else parse_completion_request
             sizes = functools.partial(self._core.check_sizes, api_key=api_key)
             oreq = parse(body, request_id=request_id, api_key=api_key, sizes=sizes)
@@ -368,23 +400,23 @@ class OpenAIHttpFront:
                 raise InvalidRequest(
                     "resumes a stream: not with a non-streaming request", field="resume_from"
                 )
-            if supplied_id or resume_at is not None:
+            if keyed or resume_at is not None:
                 oreq = dataclasses.replace(
                     oreq,
                     generation=dataclasses.replace(
                         oreq.generation,
-                        keyed=bool(supplied_id),
+                        keyed=keyed,
                         resume_from=None if resume_at is None else resume_at.offset,
                     ),
                 )
         except ServiceError as err:
             self._core.refused(err, started)
-            return error_response(err, None, request_id)
+            return error_response(err, None, ids)
         deadline = self._core.deadline(timeout_s, started)
         if deadline <= time.perf_counter():  # the body's upload took it all
             late = DeadlineExceeded("the request's deadline passed while it was read")
             self._core.refused(late, started)
-            return error_response(late, None, request_id)
+            return error_response(late, None, ids)
         token = otel_context.attach(
             extract_trace_context((k.lower(), v) for k, v in request.headers.items())
         )
@@ -395,21 +427,26 @@ class OpenAIHttpFront:
                 try:
                     first = await anext(events)
                 except ServiceError as err:
-                    return error_response(err, oreq, request_id)
+                    return error_response(err, oreq, ids)
                 except StopAsyncIteration:
-                    return error_response(Internal("empty generation"), oreq, request_id)
+                    return error_response(Internal("empty generation"), oreq, ids)
                 created = arrived if opened.created is None else opened.created
                 shapes = Shapes(oreq, int(created))
                 if oreq.stream:
                     return await self._stream(
-                        request, oreq, shapes, first, events, resume_at, deadline
+                        request, oreq, ids, shapes, first, events, resume_at, deadline
                     )
-                return await self._collect(oreq, shapes, first, events)
+                return await self._collect(oreq, ids, shapes, first, events)
         finally:
             otel_context.detach(token)
 
     async def _collect(
-        self, oreq: OpenAIRequest, shapes: Shapes, first: Event, events: AsyncIterator[Event]
+        self,
+        oreq: OpenAIRequest,
+        ids: RequestIds,
+        shapes: Shapes,
+        first: Event,
+        events: AsyncIterator[Event],
     ) -> web.Response:
         parts: list[str] = []
         done: Completion | None = None
@@ -426,19 +463,18 @@ class OpenAIHttpFront:
             async for ev in events:
                 take(ev)
         except ServiceError as err:
-            return error_response(err, oreq, oreq.generation.request_id)
+            return error_response(err, oreq, ids)
         if done is None:
-            return error_response(Internal("generation ended without completion"), oreq)
+            return error_response(Internal("generation ended without completion"), oreq, ids)
         return _json_response(
-            200,
-            shapes.response("".join(parts), done),
-            {REQUEST_ID_HEADER: oreq.generation.request_id},
+            200, shapes.response("".join(parts), done), {REQUEST_ID_HEADER: ids.echo}
         )
 
     async def _stream(
         self,
         request: web.Request,
         oreq: OpenAIRequest,
+        ids: RequestIds,
         shapes: Shapes,
         first: Event,
         events: AsyncIterator[Event],
@@ -454,26 +490,26 @@ class OpenAIHttpFront:
                 "Content-Type": "text/event-stream; charset=utf-8",
                 "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no",
-                REQUEST_ID_HEADER: oreq.generation.request_id,
+                REQUEST_ID_HEADER: ids.echo,
             },
         )
         await resp.prepare(request)
         gen = oreq.generation
-        ids = EventIds(resume_at) if gen.keyed else None
+        event_ids = EventIds(resume_at) if gen.keyed else None
         stall = ClientStall(deadline)
         try:
             async with stall:
                 if gen.resume_from is None:
                     for chunk in shapes.opening_chunks():
-                        await resp.write(sse(chunk, "0" if ids else None))
+                        await resp.write(sse(chunk, "0" if event_ids else None))
                 try:
-                    await self._write_event(resp, shapes, first, ids)
+                    await self._write_event(resp, shapes, first, event_ids)
                     stall.taken()
                     async for ev in events:
-                        await self._write_event(resp, shapes, ev, ids)
+                        await self._write_event(resp, shapes, ev, event_ids)
                         stall.taken()
                 except ServiceError as err:
-                    _, body = error_body(err, oreq)
+                    _, body = error_body(err, oreq, ids.param)
                     await resp.write(sse(body))
                 except asyncio.CancelledError:
                     if self._cut:

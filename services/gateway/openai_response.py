@@ -36,12 +36,19 @@ from services.gateway.openai_request import Kind, OpenAIRequest
 # -- errors ---------------------------------------------------------------------------------
 
 
-def openai_param(field: str | None, request: OpenAIRequest | None) -> str | None:
+# The header an error about the request id names by default (`id_param` otherwise: the header
+# the id came from).
+REQUEST_ID_PARAM = "x-request-id"
+
+
+def openai_param(
+    field: str | None, request: OpenAIRequest | None, id_param: str = REQUEST_ID_PARAM
+) -> str | None:
     """The OpenAI parameter a core error field refers to."""
     if field is None:
         return None
     if field == "request_id":
-        return "x-request-id"
+        return id_param
     if field == "resume_from":
         return "last-event-id"
     if field == "prompt" or field.startswith("prompt."):
@@ -82,10 +89,11 @@ def error_type(err: ServiceError) -> str:
 
 
 def error_body(
-    err: ServiceError, request: OpenAIRequest | None = None
+    err: ServiceError, request: OpenAIRequest | None = None, id_param: str = REQUEST_ID_PARAM
 ) -> tuple[int, dict[str, Any]]:
-    """HTTP status and OpenAI error JSON for a domain error."""
-    param = openai_param(err.field, request)
+    """HTTP status and OpenAI error JSON for a domain error (`id_param`: the header the
+    request's id came from)."""
+    param = openai_param(err.field, request, id_param)
     message = str(err)
     if err.field and message.startswith(f"{err.field}: "):
         message = message[len(err.field) + 2 :]

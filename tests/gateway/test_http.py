@@ -722,6 +722,38 @@ async def test_conflicting_body_is_409(model: ServedModel, session: aiohttp.Clie
         await f.front.stop()
 
 
+async def test_a_keyed_request_answers_with_the_clients_own_request_id(
+    model: ServedModel, session: aiohttp.ClientSession
+) -> None:
+    """The idempotency key is the generation's id; the x-request-id a client (or its proxy)
+    sent is what it correlates by, on success and refusal alike, and an error about the key
+    names the header the key came in."""
+    ids = model.encode(" one")
+    f = await serve_with(model, ScriptedEngine(ids))
+    try:
+        url = f"{f.url}/v1/completions"
+        headers = {"Idempotency-Key": "k-3", "x-request-id": "trace-1"}
+        for stream in (False, True):
+            req = body(max_tokens=1, stream=stream)
+            async with session.post(url, json=req, headers=headers) as r:
+                assert r.status == 200
+                assert r.headers["x-request-id"] == "trace-1"
+        async with session.post(url, json=body(max_tokens=1, seed=3), headers=headers) as r:
+            assert r.status == 409
+            assert r.headers["x-request-id"] == "trace-1"
+            err = (await r.json())["error"]
+        assert err["param"] == "idempotency-key"
+        async with session.post(url, json=body(max_tokens=1), headers={"x-request-id": "k-4"}) as r:
+            assert r.status == 200
+        async with session.post(
+            url, json=body(max_tokens=1, seed=3), headers={"x-request-id": "k-4"}
+        ) as r:
+            assert r.status == 409
+            assert (await r.json())["error"]["param"] == "x-request-id"
+    finally:
+        await f.front.stop()
+
+
 def _requests_counted(model: str, outcome: str) -> float:
     labels = {"model": model, "outcome": outcome, "tenant": ""}
     return REGISTRY.get_sample_value(names.GATEWAY_REQUESTS, labels) or 0.0
@@ -756,6 +788,7 @@ async def test_a_request_refused_before_generation_is_counted_once(
             headers={"Content-Type": "application/json", **headers},
         ) as r:
             assert r.status == status
+            assert r.headers["x-request-id"].isprintable()
     finally:
         await front.stop()
     assert _requests_counted("unknown", "invalid") == before + 1
@@ -772,7 +805,7 @@ async def test_an_unauthenticated_caller_learns_nothing_about_its_request_id(
         headers["Authorization"] = "Bearer sk-acme"
         async with session.post(f"{f.url}/v1/completions", json=body(), headers=headers) as r:
             assert r.status == 400
-            assert (await r.json())["error"]["param"] == "x-request-id"
+            assert (await r.json())["error"]["param"] == "idempotency-key"
     finally:
         await f.front.stop()
 
