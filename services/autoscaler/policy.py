@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal, Self
@@ -253,6 +254,9 @@ class PoolState:
     # The first decision's time and observed count: the recommendations before it are unknown
     # (the process started), so until a whole down-window has passed that count stands for them.
     first: tuple[float, int] | None = None
+    # The capacity model's traffic inputs (`TRAFFIC_SIGNALS`) this pool has had known: once
+    # known, one unknown while requests arrive means a source failing, not one not deployed.
+    traffic_seen: set[str] = field(default_factory=set)
 
     def decided(self, current: int) -> int:
         """The last decided count; the observed `current` before any decision."""
@@ -387,12 +391,32 @@ def _target(cfg: PolicyConfig, sig: PoolSignals, current: int, notes: list[str])
     return raw
 
 
-def _required(cfg: PolicyConfig, sig: PoolSignals, current: int) -> list[tuple[str, float | None]]:
-    """Inputs that must be known before the count may go down."""
+# The capacity model's inputs from the gateways (request shape and latency correction), by name.
+TRAFFIC_SIGNALS: tuple[tuple[str, Callable[[PoolSignals], float | None]], ...] = (
+    ("prompt token rate", lambda s: s.prompt_tokens_rate),
+    ("completion token rate", lambda s: s.completion_tokens_rate),
+    ("TTFT p90", lambda s: s.ttft_p90_s),
+    ("ITL p90", lambda s: s.itl_p90_s),
+)
+
+
+def _required(
+    cfg: PolicyConfig, sig: PoolSignals, current: int, state: PoolState
+) -> list[tuple[str, float | None]]:
+    """Inputs that must be known before the count may go down: arrival rate, orchestrator
+    queue, the target signal, and, while requests arrive, each of the capacity model's traffic
+    inputs the pool has had known (without them it plans for the configured request shape and
+    no latency correction: losing a loaded gateway's metrics would read as less load)."""
     out: list[tuple[str, float | None]] = [
         ("arrival rate", sig.arrival_rate),
         ("orchestrator queue", sig.queue_depth),
     ]
+    for name, read in TRAFFIC_SIGNALS:
+        value = read(sig)
+        if value is not None:
+            state.traffic_seen.add(name)
+        elif name in state.traffic_seen and sig.arrival_rate:
+            out.append((name, None))
     if current > 0:
         if cfg.target_signal == "kv_utilization":
             out.append(("KV use", sig.kv_utilization))
@@ -462,7 +486,8 @@ def decide(
     cap_replicas, correction, forecast = _capacity(cfg, sig, state, now, notes)
     tgt_replicas = _target(cfg, sig, current, notes)
     extra = Estimates(cap_replicas, tgt_replicas, correction, forecast)
-    unknown = [name for name, value in _required(cfg, sig, current) if value is None]
+    unknown = [name for name, value in _required(cfg, sig, current, state) if value is None]
+    unknown.extend(sig.unread)
     partial = sig.reporting_replicas is not None and sig.reporting_replicas < current
     if partial:
         since = state.partial_since = now if state.partial_since is None else state.partial_since
@@ -482,7 +507,7 @@ def decide(
     queued = sig.queue_depth or 0.0
     if current == 0 and queued > 0:
         state.idle_since = None
-        want = max(1, math.ceil(max(cap_replicas or 0.0, tgt_replicas or 0.0)))
+        want = max(1, cfg.min_replicas, math.ceil(max(cap_replicas or 0.0, tgt_replicas or 0.0)))
         # Only ever up while none runs yet: pods still pending are not re-decided each round
         # from a queue that moves (10, 3, 6, 2 would each be a change).
         want = min(max(want, decided), cfg.max_replicas)
@@ -507,6 +532,7 @@ def decide(
         and sig.queue_depth == 0
         and (sig.in_flight == 0 or (sig.in_flight is None and current == 0))
         and not partial
+        and not sig.unread
     )
     if idle:
         state.idle_since = now if state.idle_since is None else state.idle_since
@@ -552,8 +578,9 @@ def decide(
         state.first = (now, current)
     if state.first[0] > now - cfg.scale_down_window_s:
         # The window began before this process knew the pool: the count it found then is the
-        # least its max was (a restarted autoscaler does not scale down at once).
-        upper = max(upper, state.first[1])
+        # least its max was (a restarted autoscaler does not scale down at once), within the
+        # bounds (one lowered since is honoured at once).
+        upper = max(upper, min(state.first[1], cfg.max_replicas))
     desired = min(max(decided, lower), upper)
     cause = Cause.SCALE_UP if desired > decided else Cause.STEADY
     if desired < decided:

@@ -6,9 +6,10 @@ Invariants:
   body) is logged and read as no answer; a NaN or infinite sample is unknown.
 - Gauges are read with last_over_time over the staleness limit, so older samples are absent;
   rates and percentiles come from `rate` over the rate window, at `QUANTILE`.
-- The orchestrator's queue depth, leases and admission rate count only while its `up` is 1, the
-  gateway's token rates only while the gateway's is. Prometheus cannot tell an unexported gauge
-  from one without series: both read 0 for the pool.
+- The orchestrators' queue depth, leases and admission rate count only while one's `up` is 1,
+  the gateways' token rates only while one gateway's is; while some instance's `up` is 0 those
+  sums undercount, and the pools' signals say so (`PoolSignals.unread`). Prometheus cannot tell
+  an unexported gauge from one without series: both read 0 for the pool.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from services.autoscaler.signals import (
     assemble,
     call_deadline_s,
     finite,
+    unread,
 )
 
 log = logging.getLogger(__name__)
@@ -132,14 +134,14 @@ class PromQueries:
                 f"(last_over_time({names.ORCH_REPLICA_IN_FLIGHT}{{{c.orchestrator_selector}}}[{age}]) "
                 f"* on (replica) group_left (model_version) ({replica_version}))"
             ),
-            orchestrator_up=f"max(last_over_time(up{{{c.orchestrator_selector}}}[{age}]))",
+            orchestrator_up=f"last_over_time(up{{{c.orchestrator_selector}}}[{age}])",
             admissions=(
                 f"sum by (model, pool, model_version) "
                 f"(rate({names.ORCH_DECISIONS}{{{c.orchestrator_selector}}}[{w}]) "
                 f"* on (replica) group_left (model_version) ({replica_version}))"
             ),
             queue_wait_p90=quantile(names.ORCH_QUEUE_WAIT, c.orchestrator_selector),
-            gateway_up=f"max(last_over_time(up{{{c.gateway_selector}}}[{age}]))",
+            gateway_up=f"last_over_time(up{{{c.gateway_selector}}}[{age}])",
             ttft_p90=quantile(names.GATEWAY_TTFT, c.gateway_selector),
             itl_p90=quantile(names.GATEWAY_ITL, c.gateway_selector),
             tokens=f"sum by (model, kind) (rate({names.GATEWAY_TOKENS}{{{c.gateway_selector}}}[{w}]))",
@@ -289,7 +291,8 @@ class PromQLSource:
                 agg.active, agg.waiting = act[key], wai[key]
                 agg.kv_used, agg.kv_max = use[key], mx[key]
             obs.engines[key] = agg
-        orch_alive = _scalar(orch_up) == 1.0
+        orch_alive = _any_up(orch_up)
+        obs.unread = [*_unread("orchestrators", orch_up), *_unread("gateways", gw_up)]
         if orch_alive and queue is not None:
             # Prometheus cannot tell an unexported gauge from one without series: both read 0.
             obs.queue_depth = _by_pool(queue)
@@ -301,7 +304,7 @@ class PromQLSource:
                 if value is not None:
                     key = PoolKey(labels.get("pool", ""), labels.get("model_version", ""))
                     obs.admissions[(labels.get("model", ""), key)] = value
-        gw_alive = _scalar(gw_up) == 1.0
+        gw_alive = _any_up(gw_up)
         w8, tt, it = _by_model(waits), _by_model(ttft), _by_model(itl)
         w8_by, tt_by, it_by = (
             _by_model_pool(waits_by),
@@ -355,7 +358,12 @@ def _by_model_pool(vector: Vector | None) -> dict[str, dict[PoolLabels, float | 
     return out
 
 
-def _scalar(vector: Vector | None) -> float | None:
-    if not vector:
-        return None
-    return vector[0][1]
+def _any_up(up: Vector | None) -> bool:
+    """Whether some instance's `up` is 1."""
+    return any(v == 1.0 for _, v in up or [])
+
+
+def _unread(service: str, up: Vector | None) -> list[str]:
+    """`unread` for the instances whose `up` is not 1 among those with one."""
+    values = [v for _, v in up or []]
+    return unread(service, sum(1 for v in values if v != 1.0), len(values))

@@ -44,6 +44,7 @@ from services.autoscaler.signals import (
     assemble,
     call_deadline_s,
     finite,
+    unread,
 )
 
 log = logging.getLogger(__name__)
@@ -272,19 +273,21 @@ class ScrapeSource:
         for key in [k for k, t in self._counters.items() if now - t.last_seen > horizon]:
             del self._counters[key]
 
-    async def _orchestrator_pages(self) -> list[tuple[str, str]]:
-        """(instance URL, page) of every orchestrator read this round."""
+    async def _orchestrator_pages(self) -> tuple[list[tuple[str, str]], int]:
+        """(instance URL, page) of every orchestrator read this round, and how many there
+        are."""
         found = await asyncio.gather(
             *(instances(u, self._resolve) for u in self._orchestrator_urls)
         )
         endpoints = list(dict.fromkeys(e for group in found for e in group))
         pages = await asyncio.gather(*(self._get(url, host) for url, host in endpoints))
-        return [(url, text) for (url, _), text in zip(endpoints, pages, strict=True) if text]
+        read = [(url, text) for (url, _), text in zip(endpoints, pages, strict=True) if text]
+        return read, len(endpoints)
 
     async def collect(self, now: float) -> Mapping[PoolKey, PoolSignals]:
         targets = await self._targets()
         self._replica_keys = {t.replica_id: t.key for t in targets}
-        engine_pages, orch_pages, gw_text = await asyncio.gather(
+        engine_pages, (orch_pages, orchestrators), gw_text = await asyncio.gather(
             asyncio.gather(*(self._get(t.metrics_url, t.host_header) for t in targets)),
             self._orchestrator_pages(),
             self._get(self._gateway_url) if self._gateway_url else _none(),
@@ -300,6 +303,7 @@ class ScrapeSource:
             )
         ]
         orch_ok = bool(orch_read)
+        obs.unread = unread("orchestrators", orchestrators - len(orch_read), orchestrators)
         gw_ok = gw_text is not None and self._track(
             now, gw_text, (names.GATEWAY_TTFT, names.GATEWAY_ITL, family(names.GATEWAY_TOKENS))
         )

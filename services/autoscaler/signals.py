@@ -55,6 +55,9 @@ class PoolSignals:
     """Requests per second admitted to this pool."""
     prompt_tokens_rate: float | None = None
     completion_tokens_rate: float | None = None
+    unread: tuple[str, ...] = ()
+    """Instances of a service read this round only in part (e.g. "1 of 2 orchestrators"): the
+    signals summed over that service's instances count only those read, a lower bound."""
 
     def age_s(self, now: float) -> float:
         return max(0.0, now - self.sampled_at)
@@ -185,6 +188,16 @@ class Observation:
     leases: dict[PoolKey, float] | None = None
     """Live leases per pool; None: unknown (a pool absent from a known map: 0)."""
     models: dict[str, ModelSignals] = field(default_factory=dict)
+    unread: list[str] = field(default_factory=list)
+    """Services some of whose instances could not be read (`PoolSignals.unread`)."""
+
+
+def unread(service: str, missed: int, instances: int) -> list[str]:
+    """`Observation.unread`'s entry for a service of which `missed` of `instances` were not
+    read: none when all or none were (none read: its signals are unknown, not lower bounds)."""
+    if 0 < missed < instances:
+        return [f"{missed} of {instances} {service} not read"]
+    return []
 
 
 def assemble(
@@ -212,7 +225,7 @@ def assemble(
     out: dict[PoolKey, PoolSignals] = {}
     for key in sorted(keys):
         eng = obs.engines.get(key)
-        sig = PoolSignals(sampled_at=now)
+        sig = PoolSignals(sampled_at=now, unread=tuple(obs.unread))
         if eng is None and obs.engines_read:
             sig = replace(sig, replicas_known=0, reporting_replicas=0)
         if eng is not None:

@@ -51,6 +51,35 @@ def sig(t: float, current: int, **kw: Any) -> PoolSignals:
     return PoolSignals(**values)
 
 
+def _loaded(replicas: int) -> dict[str, Any]:
+    """Traffic signals whose capacity model needs about `replicas` replicas (default cost
+    profile): 6000-token prompts, TTFT over the SLO."""
+    cfg = PolicyConfig(**BASE)
+    cap = replica_capacity(cfg.cost, cfg.slo_ttft_s, cfg.slo_itl_s, 6000.0, 256.0)
+    rate = replicas * cap.requests_per_s * cfg.cost.utilization / 2.0  # correction 2
+    return {
+        "arrival_rate": rate,
+        "prompt_tokens_rate": rate * 6000.0,
+        "completion_tokens_rate": rate * 256.0,
+        "ttft_p90_s": 10.0,
+        "itl_p90_s": 0.01,
+    }
+
+
+def _traffic_lost(loaded: dict[str, Any]) -> dict[str, Any]:
+    """The same arrivals with the gateways' signals unknown."""
+    return {
+        **loaded,
+        "prompt_tokens_rate": None,
+        "completion_tokens_rate": None,
+        "ttft_p90_s": None,
+        "itl_p90_s": None,
+    }
+
+
+LOADED = _loaded(8)
+
+
 @dataclass
 class Step:
     t: float
@@ -283,6 +312,35 @@ CASES: dict[str, tuple[dict[str, Any], list[Step]]] = {
                 {"engine_active": None, "engine_waiting": None, "arrival_rate": None},
             ),
         ],
+    ),
+    # The gateways' metrics lost under load: the capacity model would fall back to the
+    # configured request shape and no latency correction, far less than the load it had.
+    "losing the traffic signals under load holds": (
+        {"target_value": 1000},
+        [
+            Step(0, 8, 8, Cause.STEADY, {"load": 8, **LOADED}),
+            Step(10, 8, 8, Cause.UNKNOWN_HOLD, {"load": 8, **_traffic_lost(LOADED)}),
+        ],
+    ),
+    "traffic signals never known are not waited for": (
+        {"target_value": 1000},
+        [Step(0, 8, 1, Cause.SCALE_DOWN, {"load": 8, **_traffic_lost(LOADED)})],
+    ),
+    "one of two orchestrators unread holds": (
+        {},
+        [
+            Step(0, 4, 4, Cause.STEADY, {"load": 40}),
+            Step(10, 4, 4, Cause.UNKNOWN_HOLD, {"load": 20, "unread": ("1 of 2 orchestrators",)}),
+            Step(20, 4, 6, Cause.SCALE_UP, {"load": 60, "unread": ("1 of 2 orchestrators",)}),
+        ],
+    ),
+    "a restart above a lowered max honours the max": (
+        {"scale_down_window_s": 300, "max_replicas": 8},
+        [Step(0, 12, 8, Cause.SCALE_DOWN, {"load": 120})],
+    ),
+    "from zero honours the min": (
+        {"min_replicas": 2},
+        [Step(0, 0, 2, Cause.FROM_ZERO, {"queue_depth": 3.0, "reporting_replicas": 0})],
     ),
     "KV use target": (
         {"target_signal": "kv_utilization", "target_value": 0.5},

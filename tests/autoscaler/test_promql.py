@@ -106,6 +106,26 @@ async def test_promql_source_answers_and_nan() -> None:
     assert (short.ttft_p90_s, short.queue_wait_p90_s, short.itl_p90_s) == (None, None, None)
     assert short.prompt_tokens_rate == 30.0
     assert short.completion_tokens_rate == 0.0
+    assert short.unread == ()
+
+
+async def test_an_instance_down_makes_the_sums_lower_bounds() -> None:
+    """Of two orchestrators (active-active) one is down: the queue and admissions read are the
+    other's alone, and the pools say that they undercount; a gateway down, likewise."""
+    q = PromQLSource(CONFIG, {}).queries
+    up = {"job": "x"}
+    answers = {
+        q.queue_depth: vector(({"pool": "short", "model_version": "v1"}, "4")),
+        q.orchestrator_up: vector(({**up, "instance": "a"}, "1"), ({**up, "instance": "b"}, "0")),
+        q.gateway_up: vector(({**up, "instance": "g"}, "1")),
+    }
+    got = await PromQLSource(CONFIG, {}, answering(answers)).collect(0.0)
+    assert got[SHORT].queue_depth == 4.0
+    assert got[SHORT].unread == ("1 of 2 orchestrators not read",)
+    answers[q.gateway_up] = vector(({**up, "instance": "g"}, "0"), ({**up, "instance": "h"}, "1"))
+    answers[q.orchestrator_up] = vector(({**up, "instance": "a"}, "1"))
+    got = await PromQLSource(CONFIG, {}, answering(answers)).collect(0.0)
+    assert got[SHORT].unread == ("1 of 2 gateways not read",)
 
 
 def answering(

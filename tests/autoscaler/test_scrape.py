@@ -232,7 +232,8 @@ async def test_leases_count_replicas_the_targets_do_not_list() -> None:
 async def test_every_orchestrator_behind_the_url_is_read_and_summed() -> None:
     """Two orchestrators (active-active) behind one name: each is read with the name as Host,
     their admissions are rates of their own counters (one restarting does not look like a reset
-    of the other's), their queue depths add up; one of them down leaves the other's signals."""
+    of the other's), their queue depths add up; one of them down leaves the other's signals, which the pools say
+    undercount (the policy does not scale down on them)."""
     pages = Pages()
 
     async def two(host: str, port: int) -> list[str]:
@@ -250,10 +251,12 @@ async def test_every_orchestrator_behind_the_url_is_read_and_summed() -> None:
     got = await src.collect(10.0)
     assert got[SHORT].arrival_rate == pytest.approx((20 + 10) / 10)
     assert got[SHORT].queue_depth == 5.0
+    assert got[SHORT].unread == ()
     del pages.pages[b]
     pages.pages[a] = orchestrator_page({("r0", "short"): 140}, {SHORT: 2.0})
     got = await src.collect(20.0)
     assert got[SHORT].queue_depth == 2.0
+    assert got[SHORT].unread == ("1 of 2 orchestrators not read",)  # 2.0 is a lower bound
 
 
 class Broken(Pages):
