@@ -50,6 +50,7 @@ async def main(settings: KvRegistrySettings, blocks: KvBlockSettings) -> None:
         maintenance.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await maintenance
+        await servicer.applied()  # batches whose calls ended with the server
         provider.shutdown()
 
     await run_until_signal(

@@ -206,6 +206,7 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
         self._ending = False  # end_streams was called: streams end UNAVAILABLE
         self._watchers: set[Watcher] = set()
         self._watch_backlog = watch_backlog
+        self._batches: set[asyncio.Future[pb.UpdateBatchResponse]] = set()  # being applied
 
     async def PublishEvents(
         self, request: pb.PublishEventsRequest, context: Ctx
@@ -443,7 +444,27 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
     ) -> pb.UpdateBatchResponse:
         """Each update in order, as its own RPC would apply it; refused ones are counted. The
         loop is yielded to every `YIELD_BLOCKS` hashes applied: a batch of long prompts does not
-        hold up the lookups beside it (their budget is tens of milliseconds)."""
+        hold up the lookups beside it (their budget is tens of milliseconds). A batch begun is
+        applied whole, whatever becomes of its call (a deadline passing at a yield, the caller
+        cancelling): its sender does not send it again, and a batch cut short would leave this
+        registry without its tail (a replica's drop, the reuse reports that correct
+        predictions), behind the other registries that applied it all."""
+        batch = asyncio.ensure_future(self._update_batch(request))
+        self._batches.add(batch)
+        batch.add_done_callback(self._batch_done)
+        return await asyncio.shield(batch)
+
+    async def applied(self) -> None:
+        """Return once every update batch begun is applied (those whose calls ended too)."""
+        while self._batches:
+            await asyncio.wait(list(self._batches))
+
+    def _batch_done(self, batch: asyncio.Future[pb.UpdateBatchResponse]) -> None:
+        self._batches.discard(batch)
+        if not batch.cancelled() and batch.exception() is not None:  # its call may be gone
+            log.error("update batch failed", exc_info=batch.exception())
+
+    async def _update_batch(self, request: pb.UpdateBatchRequest) -> pb.UpdateBatchResponse:
         predicted: list[int] = []
         rejected = 0
         applied = 0

@@ -417,10 +417,12 @@ async def test_a_batch_of_long_prompts_lets_a_lookup_through_between_its_updates
     """Applying a batch yields to the loop every YIELD_BLOCKS hashes: a lookup that arrives
     meanwhile is answered between two updates, not after the whole batch."""
     order: list[str] = []
+    routed = asyncio.Event()
     record, lookup = registry.core.record_routing, registry.core.lookup_hashes
 
     def recorded(*args: Any, **kw: Any) -> Any:
         order.append("route")
+        routed.set()
         return record(*args, **kw)
 
     def looked_up(*args: Any, **kw: Any) -> Any:
@@ -445,11 +447,46 @@ async def test_a_batch_of_long_prompts_lets_a_lookup_through_between_its_updates
 
     call: Any = Call()
     applying = asyncio.ensure_future(registry.servicer.UpdateBatch(batch, call))
-    await asyncio.sleep(0)  # the first update is applied; the batch yields
+    await routed.wait()  # the first update is applied; the batch yields
     await registry.servicer.Lookup(pb.LookupRequest(block_hashes=HASHES), call)
     resp = await applying
     assert list(resp.predicted_blocks) == [0, 0]
     assert order == ["route", "lookup", "route"]
+
+
+async def test_a_batch_begun_is_applied_whole_when_its_call_ends(registry: Registry) -> None:
+    """Its deadline passes (or its caller cancels) at a yield between two updates: the rest of
+    the batch, the drop at its end included, is still applied (its sender does not resend)."""
+    await registry.stub.RecordRouting(
+        pb.RecordRoutingRequest(replica_id="victim", block_hashes=HASHES)
+    )
+    routed: list[str] = []
+    first = asyncio.Event()
+    record = registry.core.record_routing
+
+    def recorded(replica_id: str, *args: Any, **kw: Any) -> Any:
+        routed.append(replica_id)
+        first.set()
+        return record(replica_id, *args, **kw)
+
+    registry.core.record_routing = recorded  # type: ignore[method-assign]
+    long = list(range(1, YIELD_BLOCKS + 1))
+    updates = [
+        pb.RegistryUpdate(routing=pb.RecordRoutingRequest(replica_id=f"p{i}", block_hashes=long))
+        for i in range(3)
+    ]
+    updates.append(pb.RegistryUpdate(drop=pb.DropReplicaRequest(replica_id="victim")))
+    call: Any = object()
+    applying = asyncio.ensure_future(
+        registry.servicer.UpdateBatch(pb.UpdateBatchRequest(updates=updates), call)
+    )
+    await first.wait()  # the first update is applied; the batch yields
+    applying.cancel()  # as gRPC cancels the handler of a call whose deadline passed
+    with pytest.raises(asyncio.CancelledError):
+        await applying
+    await registry.servicer.applied()
+    assert routed == ["p0", "p1", "p2"]
+    assert "victim" not in registry.core.replica_ids()
 
 
 async def test_update_batch_applies_in_order_and_skips_refused_updates(
