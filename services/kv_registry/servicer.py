@@ -90,6 +90,11 @@ CHANGE_KIND_PB = {
 UPDATE_BLOCKS = 32_768  # block hashes per WatchExact message (~300 KB on the wire)
 # Block hashes an UpdateBatch applies between two yields to the event loop (~10 ms of work).
 YIELD_BLOCKS = 8192
+# How long a watcher that overflowed while its handler was in a write may take to finish that
+# write before the handler is cancelled: a caller reading finishes it in a moment and is told
+# why its watch ends (RESOURCE_EXHAUSTED); only a caller that stopped reading, whose write
+# waits on flow control for ever, is cut without a status.
+WRITE_GRACE_S = 1.0
 
 
 def _blocks(update: pb.RegistryUpdate, kind: str | None) -> int:
@@ -140,7 +145,10 @@ class Watcher:
         self.overflowed = False
         self.ready = asyncio.Event()
         # The task writing to this caller, and whether it is in a write: a write to a caller
-        # that stopped reading waits on flow control forever, so an overflow then cancels it.
+        # that stopped reading waits on flow control forever, so an overflow then cancels it
+        # once the write has had `WRITE_GRACE_S` to end (cancelled in a write whose message the
+        # caller already took, the handler would end the call with no status: the caller waits
+        # for one for ever).
         self.writer: asyncio.Task[object] | None = None
         self.writing = False
 
@@ -163,7 +171,12 @@ class Watcher:
         self._weights.clear()
         self.ready.set()
         if self.writing and self.writer is not None:
-            self.writer.cancel()
+            asyncio.get_running_loop().call_later(WRITE_GRACE_S, self._cut, self.writer)
+
+    def _cut(self, writer: asyncio.Task[object]) -> None:
+        """Cancel the handler still in a write it began before the overflow."""
+        if self.writing and self.writer is writer:
+            writer.cancel()
 
     def take(self) -> pb.ExactIndexUpdate:
         self._weight -= self._weights.popleft()
@@ -309,8 +322,11 @@ class KvRegistryServicer(pb_grpc.KvRegistryServiceServicer):
                 snapshot = self._core.exact_snapshot(rid)
                 watcher.pending.discard(rid)
                 for msg, _ in update_messages(snapshot):
+                    if watcher.overflowed:
+                        break
                     await _write(context, watcher, msg)
-            await _write(context, watcher, pb.ExactIndexUpdate(synced=True))
+            if not watcher.overflowed:
+                await _write(context, watcher, pb.ExactIndexUpdate(synced=True))
             while True:
                 await watcher.ready.wait()
                 if watcher.overflowed:

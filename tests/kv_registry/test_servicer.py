@@ -282,6 +282,42 @@ async def test_a_watcher_that_falls_behind_is_ended(registry: Registry) -> None:
     await eventually(lambda: registry.servicer.watchers == 0, "the watch to end")
 
 
+@pytest.mark.parametrize("registry", [1], indirect=True)
+async def test_a_watcher_that_falls_behind_during_a_write_it_takes_is_told_why(
+    registry: Registry,
+) -> None:
+    """The overflow comes while the handler is in a write the caller takes: the write ends and
+    the call ends RESOURCE_EXHAUSTED, not cancelled with no status (the caller would wait for
+    one for ever)."""
+    gate = asyncio.Event()
+    in_write = asyncio.Event()
+
+    class Aborted(Exception):
+        pass
+
+    class Call:  # the handler called directly, as the server would; its writes wait at `gate`
+        async def write(self, msg: pb.ExactIndexUpdate) -> None:
+            in_write.set()
+            await gate.wait()
+
+        async def abort(self, code: grpc.StatusCode, details: str) -> None:
+            raise Aborted(code)
+
+    call: Any = Call()
+    handler = asyncio.ensure_future(
+        registry.servicer.WatchExact(
+            pb.WatchExactRequest(block_size=CFG.block_size, hash_seed=CFG.hash_seed), call
+        )
+    )
+    await in_write.wait()  # the snapshot's end (synced), not taken yet
+    for seq in range(3):
+        registry.core.ingest("r0", "e", CFG, [Stored(seq, (HASHES[seq],))])
+    gate.set()  # the caller takes it
+    with pytest.raises(Aborted) as err:
+        await handler
+    assert err.value.args == (grpc.StatusCode.RESOURCE_EXHAUSTED,)
+
+
 @pytest.mark.parametrize("registry", [50_000], indirect=True)
 async def test_a_watcher_that_stops_reading_is_ended_in_the_middle_of_a_write(
     registry: Registry,
