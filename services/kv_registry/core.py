@@ -107,6 +107,9 @@ class KvRegistry:
         # last looked for (`maintain`, every tenth of the silence bound).
         self._heard: dict[str, float] = {}
         self._silence_checked = -math.inf
+        # Since when no replica was heard within the bound, as seen by checks that ran on
+        # time (None: one was heard, or a check came late).
+        self._all_silent_since: float | None = None
         # Until when each predicted replica may hold entries (its last routing or report plus
         # the longest TTL it was given): one that nothing routed to or reported on since is
         # forgotten (`_drop_idle`), where a lost DropReplica would leave it listed for good.
@@ -416,14 +419,22 @@ class KvRegistry:
         """Drop the replicas that published (events or heartbeats) and then nothing for
         `exact_silence_s`: an engine that died after its orchestrators dropped it (a
         terminating pod publishes until it exits), or whose orchestrators are gone, would
-        otherwise be listed for ever. Not when no replica was heard within the bound: then this
-        process, not every engine, was away (a stall), and their calls are still queued."""
+        otherwise be listed for ever. When no replica was heard within the bound, this process
+        may have been away (a stall: their calls are still queued), not every engine: they are
+        dropped only once checks that ran on time (every tenth of the bound, none more than
+        half the bound after the one before) found none heard for a further bound."""
         now = self._clock()
         if now - self._silence_checked < self._silence_s / 10 or not self._heard:
             return
+        late = now - self._silence_checked > self._silence_s / 2
         self._silence_checked = now
         if now - max(self._heard.values()) > self._silence_s:
-            return
+            if late or self._all_silent_since is None:
+                self._all_silent_since = now
+            if now - self._all_silent_since <= self._silence_s:
+                return
+        else:
+            self._all_silent_since = None
         silent = [rid for rid, heard in self._heard.items() if now - heard > self._silence_s]
         for rid in silent:
             log.warning(

@@ -162,6 +162,40 @@ def test_an_exact_replica_silent_for_the_bound_is_dropped() -> None:
     assert list(reg.replica_ids()) == ["gone"]  # "alive" silent 74 s while "gone" was heard
 
 
+def test_every_replica_silent_while_this_registry_runs_is_dropped() -> None:
+    """No engine heard for the bound is a stall of this process only while its checks came
+    late: checks on time that find every engine silent for a further bound drop them all (a
+    one-engine pool, or every engine gone, is not listed for ever)."""
+    clock = ManualClock(0.0)
+    reg = make_registry(CFG, KvRegistrySettings(exact_silence_s=60.0), clock=clock)
+    reg.ingest("r0", "e", CFG, [Stored(0, tuple(HASHES))])
+    for t in range(1, 200):  # maintenance on time, every second
+        clock.now = float(t)
+        reg.maintain(100)
+        if t <= 120:
+            assert list(reg.replica_ids()) == ["r0"], t
+    assert list(reg.replica_ids()) == []
+
+
+def test_a_stalled_registry_keeps_the_replicas_it_did_not_hear_meanwhile() -> None:
+    clock = ManualClock(0.0)
+    reg = make_registry(CFG, KvRegistrySettings(exact_silence_s=60.0), clock=clock)
+    reg.ingest("r0", "e", CFG, [Stored(0, tuple(HASHES))])
+    clock.now = 10.0
+    reg.maintain(100)
+    clock.now = 500.0  # no check ran for 490 s: this process was away
+    reg.maintain(100)
+    assert list(reg.replica_ids()) == ["r0"]
+    clock.now = 501.0
+    reg.ingest("r0", "e", CFG, [], next_sequence=1)  # its queued heartbeat
+    for t in range(502, 700, 6):  # checks on time, a heartbeat every 30 s
+        clock.now = float(t)
+        if (t - 502) % 30 == 0:
+            reg.ingest("r0", "e", CFG, [], next_sequence=1)
+        reg.maintain(100)
+    assert list(reg.replica_ids()) == ["r0"]
+
+
 def test_a_predicted_replica_nothing_routes_to_is_forgotten_once_its_predictions_expire() -> None:
     clock = ManualClock(0.0)
     reg = make_registry(CFG, KvRegistrySettings(predicted_ttl_s=600.0), clock=clock)
