@@ -144,7 +144,10 @@ class PromQueries:
             gateway_up=f"last_over_time(up{{{c.gateway_selector}}}[{age}])",
             ttft_p90=quantile(names.GATEWAY_TTFT, c.gateway_selector),
             itl_p90=quantile(names.GATEWAY_ITL, c.gateway_selector),
-            tokens=f"sum by (model, kind) (rate({names.GATEWAY_TOKENS}{{{c.gateway_selector}}}[{w}]))",
+            tokens=(
+                f"sum by (model, kind, pool, model_version) "
+                f"(rate({names.GATEWAY_TOKENS}{{{c.gateway_selector}}}[{w}]))"
+            ),
             queue_wait_p90_by_pool=pool_quantile(names.ORCH_QUEUE_WAIT, c.orchestrator_selector),
             ttft_p90_by_pool=pool_quantile(names.GATEWAY_TTFT, c.gateway_selector),
             itl_p90_by_pool=pool_quantile(names.GATEWAY_ITL, c.gateway_selector),
@@ -312,9 +315,13 @@ class PromQLSource:
             _by_model_pool(itl_by),
         )
         tokens: dict[tuple[str, str], float] = {}
+        tokens_by: dict[tuple[str, str], dict[PoolLabels, float | None]] = {}
         for labels, value in tok or []:
             if value is not None:
-                tokens[(labels.get("model", ""), labels.get("kind", ""))] = value
+                at = (labels.get("model", ""), labels.get("kind", ""))
+                tokens[at] = tokens.get(at, 0.0) + value
+                if pool := labels.get("pool", ""):
+                    tokens_by.setdefault(at, {})[(pool, labels.get("model_version", ""))] = value
         for m in {*w8, *tt, *it, *(m for m, _ in tokens)}:
             obs.models[m] = ModelSignals(
                 queue_wait_p90_s=w8.get(m),
@@ -322,6 +329,10 @@ class PromQLSource:
                 itl_p90_s=it.get(m),
                 prompt_tokens_rate=tokens.get((m, "prompt"), 0.0) if gw_alive else None,
                 completion_tokens_rate=tokens.get((m, "completion"), 0.0) if gw_alive else None,
+                prompt_tokens_by_pool=tokens_by.get((m, "prompt"), {}) if gw_alive else None,
+                completion_tokens_by_pool=(
+                    tokens_by.get((m, "completion"), {}) if gw_alive else None
+                ),
                 queue_wait_by_pool=None if w8_by is None else w8_by.get(m, {}),
                 ttft_by_pool=None if tt_by is None else tt_by.get(m, {}),
                 itl_by_pool=None if it_by is None else it_by.get(m, {}),

@@ -329,15 +329,28 @@ class ScrapeSource:
         waits, waits_by = self._quantiles(now, names.ORCH_QUEUE_WAIT) if orch_ok else ({}, {})
         ttft, ttft_by = self._quantiles(now, names.GATEWAY_TTFT) if gw_ok else ({}, {})
         itl, itl_by = self._quantiles(now, names.GATEWAY_ITL) if gw_ok else ({}, {})
-        tokens = self._rates(now, names.GATEWAY_TOKENS, ("model", "kind")) if gw_ok else {}
-        models = {*waits, *ttft, *itl, *(m for m, _ in tokens)}
+        tokens = (
+            self._rates(now, names.GATEWAY_TOKENS, ("model", "kind", "pool", "model_version"))
+            if gw_ok
+            else {}
+        )
+        by_model: dict[tuple[str, str], float] = {}
+        by_pool: dict[tuple[str, str], dict[PoolLabels, float | None]] = {}
+        for (m, kind, pool, version), rate in tokens.items():
+            by_model[(m, kind)] = by_model.get((m, kind), 0.0) + rate
+            if pool:
+                pools = by_pool.setdefault((m, kind), {})
+                pools[(pool, version)] = (pools.get((pool, version)) or 0.0) + rate
+        models = {*waits, *ttft, *itl, *(m for m, _ in by_model)}
         for m in models:
             obs.models[m] = ModelSignals(
                 queue_wait_p90_s=waits.get(m),
                 ttft_p90_s=ttft.get(m),
                 itl_p90_s=itl.get(m),
-                prompt_tokens_rate=tokens.get((m, "prompt"), 0.0) if gw_rates else None,
-                completion_tokens_rate=tokens.get((m, "completion"), 0.0) if gw_rates else None,
+                prompt_tokens_rate=by_model.get((m, "prompt"), 0.0) if gw_rates else None,
+                completion_tokens_rate=by_model.get((m, "completion"), 0.0) if gw_rates else None,
+                prompt_tokens_by_pool=by_pool.get((m, "prompt"), {}) if gw_rates else None,
+                completion_tokens_by_pool=by_pool.get((m, "completion"), {}) if gw_rates else None,
                 queue_wait_by_pool=waits_by.get(m, {}),
                 ttft_by_pool=ttft_by.get(m, {}),
                 itl_by_pool=itl_by.get(m, {}),

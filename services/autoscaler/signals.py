@@ -7,9 +7,10 @@ Invariants:
   `max_age_s`. A source never substitutes a guess; the policy decides what unknown means.
 - A pool is a `PoolKey` (orchestrator pool, model version). Engine gauges carry both; orchestrator
   admissions are attributed to a pool through the replica that served them; gateway signals are
-  labelled by served model and apply to every pool serving that model, its token rates split in
-  proportion to the pool's share of the admissions of those pools (the orchestrator labels them
-  by its Triton model, which may be named otherwise; its queue wait is read under that name).
+  labelled by served model and apply to every pool serving that model; its token rates are the
+  pool's own where the series label pools (as the latencies below), else split in proportion to
+  the pool's share of the admissions of those pools (the orchestrator labels them by its Triton
+  model, which may be named otherwise; its queue wait is read under that name).
 - Latency percentiles (queue wait, TTFT, ITL) are the pool's own where the series label pools
   (`pool_p90`): a pool then never inherits another pool's latencies (a long-prompt pool's slow
   first tokens), and one that served nothing in the window has none. Series without a pool
@@ -154,6 +155,10 @@ class ModelSignals:
     queue_wait_by_pool: Mapping[PoolLabels, float | None] | None = field(default_factory=dict)
     ttft_by_pool: Mapping[PoolLabels, float | None] | None = field(default_factory=dict)
     itl_by_pool: Mapping[PoolLabels, float | None] | None = field(default_factory=dict)
+    prompt_tokens_by_pool: Mapping[PoolLabels, float | None] | None = field(default_factory=dict)
+    completion_tokens_by_pool: Mapping[PoolLabels, float | None] | None = field(
+        default_factory=dict
+    )
 
 
 def pool_p90(
@@ -167,6 +172,26 @@ def pool_p90(
         return None
     if not by_pool:
         return finite(model_p90)
+    for labels in ((key.pool, key.model_version), (key.pool, "")):
+        if labels in by_pool:
+            return finite(by_pool[labels])
+    return None
+
+
+def pool_rate(
+    by_pool: Mapping[PoolLabels, float | None] | None,
+    model_rate: float | None,
+    share: float | None,
+    key: PoolKey,
+) -> float | None:
+    """The pool's token rate: of its series (under its model version, else under none) where
+    the model's series label pools, None when none of them is the pool's; the model's rate times
+    the pool's `share` of the model's admissions where no series labels a pool (gateways older
+    than the label); None when the pools' series could not be read."""
+    if by_pool is None:
+        return None
+    if not by_pool:
+        return _scaled(model_rate, share)
     for labels in ((key.pool, key.model_version), (key.pool, "")):
         if labels in by_pool:
             return finite(by_pool[labels])
@@ -258,8 +283,12 @@ def assemble(
                 sig,
                 ttft_p90_s=pool_p90(ms.ttft_by_pool, ms.ttft_p90_s, key),
                 itl_p90_s=pool_p90(ms.itl_by_pool, ms.itl_p90_s, key),
-                prompt_tokens_rate=_scaled(ms.prompt_tokens_rate, share),
-                completion_tokens_rate=_scaled(ms.completion_tokens_rate, share),
+                prompt_tokens_rate=pool_rate(
+                    ms.prompt_tokens_by_pool, ms.prompt_tokens_rate, share, key
+                ),
+                completion_tokens_rate=pool_rate(
+                    ms.completion_tokens_by_pool, ms.completion_tokens_rate, share, key
+                ),
             )
             if sig.queue_wait_p90_s is None:
                 wait = pool_p90(ms.queue_wait_by_pool, ms.queue_wait_p90_s, key)

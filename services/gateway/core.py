@@ -586,10 +586,8 @@ class GatewayCore:
                     except RateLimited as err:
                         metrics.record_rate_limited(limits.tenant, err.limit)
                         raise
-                if takeover is None:
-                    metrics.record_prompt_tokens(
-                        v.model.name, None if limits is None else limits.tenant, len(v.prompt_ids)
-                    )
+                if takeover is None and limits is not None:
+                    metrics.record_tenant_prompt_tokens(limits.tenant, len(v.prompt_ids))
                 state = StreamState(
                     v.model,
                     prompt_tokens=len(v.prompt_ids),

@@ -41,7 +41,12 @@ _ITL = Histogram(
 _DURATION = Histogram(names.GATEWAY_DURATION, "Whole request.", ["model"], buckets=_LATENCY_BUCKETS)
 # outcome: `outcome_label`'s bounded set.
 _REQUESTS = Counter(names.GATEWAY_REQUESTS, "Requests by outcome.", ["model", "outcome", "tenant"])
-_TOKENS = Counter(names.GATEWAY_TOKENS, "Tokens processed.", ["model", "kind"])
+# Per attempt, by the serving replica's pool: what its engines processed (an attempt's prompt
+# is the request's prompt plus what earlier attempts generated), so the autoscaler plans each
+# pool for its own request shape (a long-prompt pool's are not the model's average).
+_TOKENS = Counter(
+    names.GATEWAY_TOKENS, "Tokens processed by the engines.", ["model", "pool", "kind"]
+)
 _IN_FLIGHT = Gauge(names.GATEWAY_IN_FLIGHT, "Requests being served.", ["model"])
 # Only with authentication (a tenant from the tenants file).
 _TENANT_TOKENS = Counter(names.GATEWAY_TENANT_TOKENS, "Tokens per tenant.", ["tenant", "kind"])
@@ -161,21 +166,14 @@ def record_rate_limit_fallback(op: str) -> None:
     _RATE_LIMIT_FALLBACK.labels(op).inc()
 
 
-def record_prompt_tokens(model: str, tenant: str | None, tokens: int) -> None:
-    """A validated prompt; `tenant` only with authentication."""
-    _TOKENS.labels(model, "prompt").inc(tokens)
-    if tenant is not None:
-        _TENANT_TOKENS.labels(tenant, "prompt").inc(tokens)
+def record_tenant_prompt_tokens(tenant: str, tokens: int) -> None:
+    """A validated prompt of an authenticated tenant."""
+    _TENANT_TOKENS.labels(tenant, "prompt").inc(tokens)
 
 
-def record_completion_tokens(model: str, tokens: int) -> None:
-    """What one attempt streamed, when it ends."""
-    _TOKENS.labels(model, "completion").inc(tokens)
-
-
-# A histogram series that appears with its first observation loses it to a rate over the
-# scrapes (the direct scrape and PromQL's `rate()` alike: no earlier sample to rise from). Each
-# (model, pool) latency series is therefore exported from 0 once both are known: a model once
+# A histogram or counter series that appears with its first observation loses it to a rate over
+# the scrapes (the direct scrape and PromQL's `rate()` alike: no earlier sample to rise from).
+# Each (model, pool) latency and token series is therefore exported from 0 once both are known: a model once
 # a request for it is served (`StreamMetrics`: a model no request used exports nothing, so the
 # autoscaler does not count it as one in use), the pools from the orchestrators' replica view
 # (`record_pools_known`). Bounded by the models served and the policy's pools.
@@ -188,7 +186,7 @@ def _served(model: str) -> None:
     if model not in _SERVED_MODELS:
         _SERVED_MODELS.add(model)
         for pool in _KNOWN_POOLS:
-            _zero_latencies(model, pool)
+            _zero_series(model, pool)
 
 
 def record_pools_known(pools: Iterable[str]) -> None:
@@ -197,24 +195,28 @@ def record_pools_known(pools: Iterable[str]) -> None:
         if pool not in _KNOWN_POOLS:
             _KNOWN_POOLS.add(pool)
             for model in _SERVED_MODELS:
-                _zero_latencies(model, pool)
+                _zero_series(model, pool)
 
 
-def _zero_latencies(model: str, pool: str) -> None:
+def _zero_series(model: str, pool: str) -> None:
     _TTFT.labels(model, pool)
     _ITL.labels(model, pool)
+    _TOKENS.labels(model, pool, "prompt")
+    _TOKENS.labels(model, pool, "completion")
 
 
 class StreamMetrics:
     """One attempt's per-token metric updates, with their label children resolved once;
     `pool`: the pool of the replica serving the attempt."""
 
-    __slots__ = ("observe_itl", "observe_ttft", "tenant_completion")
+    __slots__ = ("completion", "observe_itl", "observe_ttft", "prompt", "tenant_completion")
 
     def __init__(self, model: str, pool: str, tenant: str | None) -> None:
         _served(model)
         self.observe_ttft = _TTFT.labels(model, pool).observe
         self.observe_itl = _ITL.labels(model, pool).observe
+        self.prompt = _TOKENS.labels(model, pool, "prompt").inc
+        self.completion = _TOKENS.labels(model, pool, "completion").inc
         # A no-op without authentication (no tenant label).
         self.tenant_completion: Callable[[float], None] = (
             _ignore if tenant is None else _TENANT_TOKENS.labels(tenant, "completion").inc

@@ -28,7 +28,7 @@ from llmmesh.kvblocks import token_bytes, tokens_from_bytes
 from services.gateway.admission import LeaseReport, Outcome
 from services.gateway.events import Completion, Delta, FinishReason
 from services.gateway.limits import TenantLimits
-from services.gateway.metrics import StreamMetrics, record_completion_tokens
+from services.gateway.metrics import StreamMetrics
 from services.gateway.models import IncrementalDecoder, ServedModel
 from services.gateway.triton_stream import EngineChunk
 
@@ -191,12 +191,14 @@ class StreamState:
 
     def serve_on(self, replica: ReplicaAddress) -> None:
         """The current attempt's replica (the usage record names the last one; its tokens are
-        timed under its pool): called before the attempt's first `push`."""
+        timed and counted under its pool, its prompt now): called before the attempt's first
+        `push`."""
         self._progress.replica = replica.id
         limits = self._limits
         self._metrics = StreamMetrics(
             self._model_name, replica.pool, None if limits is None else limits.tenant
         )
+        self._metrics.prompt(self.prompt_tokens + self._attempt_tokens0)
 
     @property
     def remaining(self) -> int:
@@ -313,7 +315,7 @@ class StreamState:
 
     def end_attempt(self) -> None:
         """The attempt ended (any way): count its completion tokens, settle the progress."""
-        record_completion_tokens(self._model_name, self.completion_tokens - self._attempt_tokens0)
+        self._metrics.completion(self.completion_tokens - self._attempt_tokens0)
         self._progress.cached_prompt_tokens = self.cached_prompt_tokens
 
     def completion(self, queue_ms: float, replica_id: str) -> Completion:

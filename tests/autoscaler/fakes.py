@@ -78,15 +78,20 @@ def gateway_page(
     ttft: Sequence[tuple[str, float]],
     model: str = "m",
     ttft_by_pool: Mapping[str, Sequence[tuple[str, float]]] | None = None,
+    tokens_by_pool: Mapping[str, tuple[float, float]] | None = None,
 ) -> str:
+    """`prompt`, `completion`: the model's token counters, without a pool label; or, with
+    `tokens_by_pool` (pool: (prompt, completion)), one pair of series per pool instead."""
     tokens = names.GATEWAY_TOKENS
-    return (
-        f"# HELP {tokens} Tokens.\n"
-        f"# TYPE {tokens} counter\n"
-        f'{tokens}{{kind="prompt",model="{model}"}} {prompt}\n'
-        f'{tokens}{{kind="completion",model="{model}"}} {completion}\n'
-        + histogram(names.GATEWAY_TTFT, model, ttft, ttft_by_pool)
-    )
+    lines = [f"# HELP {tokens} Tokens.", f"# TYPE {tokens} counter"]
+    if tokens_by_pool is None:
+        lines.append(f'{tokens}{{kind="prompt",model="{model}"}} {prompt}')
+        lines.append(f'{tokens}{{kind="completion",model="{model}"}} {completion}')
+    else:
+        for pool, (p, c) in tokens_by_pool.items():
+            lines.append(f'{tokens}{{kind="prompt",model="{model}",pool="{pool}"}} {p}')
+            lines.append(f'{tokens}{{kind="completion",model="{model}",pool="{pool}"}} {c}')
+    return "\n".join(lines) + "\n" + histogram(names.GATEWAY_TTFT, model, ttft, ttft_by_pool)
 
 
 class FakeClock:

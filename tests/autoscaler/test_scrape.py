@@ -183,6 +183,33 @@ async def test_scrape_source_gives_each_pool_its_own_latencies() -> None:
     assert (got[spare].ttft_p90_s, got[spare].queue_wait_p90_s) == (None, None)
 
 
+async def test_scrape_source_gives_each_pool_its_own_token_rates() -> None:
+    """Token series labelled by pool: each pool's rates are its own (the long pool's 8000-token
+    prompts are not averaged with the short pool's), whatever the admissions' split."""
+    pages = Pages()
+    src = scrape_source(pages, {SHORT: "m", LONG: "m"})
+
+    def round_(n: float) -> None:
+        pages.pages["http://orch/metrics"] = orchestrator_page(
+            {("r0", "short"): 9 * n, ("r2", "long"): n}, {SHORT: 0.0}
+        )
+        pages.pages["http://gw/metrics"] = gateway_page(
+            0,
+            0,
+            ttft(n, 0),
+            tokens_by_pool={"short": (500 * 9 * n, 0), "long": (8000 * n, 100 * n)},
+        )
+
+    round_(1)
+    await src.collect(0.0)
+    round_(11)
+    got = await src.collect(10.0)
+    assert got[LONG].arrival_rate == pytest.approx(1.0)
+    assert got[LONG].prompt_tokens_rate == pytest.approx(8000.0)
+    assert got[SHORT].prompt_tokens_rate == pytest.approx(9 * 500.0)
+    assert got[LONG].completion_tokens_rate == pytest.approx(100.0)
+
+
 async def test_scrape_source_unreachable_and_stale_are_unknown() -> None:
     pages = Pages()
     pages.pages["http://r0/metrics"] = engine_page(3, 1, 10, 100)

@@ -50,6 +50,28 @@ def test_orchestrator_series_named_by_the_triton_model_reach_the_served_models_p
     assert got[SHORT].ttft_p90_s == 0.5
 
 
+def test_token_rates_labelled_by_pool_are_each_pools_own() -> None:
+    """A long-prompt pool and a short one of one model: each is planned for its own request
+    shape, not the model's blend (9 in 10 requests short: the blend is 1250 tokens each)."""
+    obs = Observation(
+        admissions={("m", SHORT): 9.0, ("m", LONG): 1.0},
+        queue_depth={},
+        models={
+            "m": ModelSignals(
+                prompt_tokens_rate=12_500.0,
+                completion_tokens_rate=2_000.0,
+                prompt_tokens_by_pool={("short", ""): 4_500.0, ("long", "v1"): 8_000.0},
+                completion_tokens_by_pool={("short", ""): 1_800.0, ("long", "v1"): 200.0},
+            )
+        },
+    )
+    got = assemble(obs, {SHORT: "m", LONG: "m", PoolKey("spare", "v1"): "m"}, 0.0)
+    assert got[LONG].prompt_tokens_rate == 8_000.0  # 8000 per request at 1 req/s
+    assert got[SHORT].prompt_tokens_rate == 4_500.0  # 500 per request at 9 req/s
+    assert got[LONG].completion_tokens_rate == 200.0
+    assert got[PoolKey("spare", "v1")].prompt_tokens_rate is None  # no series of its own
+
+
 @pytest.mark.parametrize("read", [True, False])
 def test_a_pool_without_engines_has_none_only_when_they_were_counted(read: bool) -> None:
     obs = Observation(queue_depth={SHORT: 2.0}, engines_read=read)

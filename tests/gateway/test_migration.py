@@ -141,6 +141,30 @@ async def test_latencies_are_observed_under_the_pool_of_the_replica_that_served_
     assert (added(itl, "pool-x"), added(itl, "pool-y")) == (k - 1, len(ids) - k)
 
 
+def tokens_counted(pool: str, kind: str) -> float:
+    labels = {"model": MODEL, "pool": pool, "kind": kind}
+    return REGISTRY.get_sample_value(names.GATEWAY_TOKENS, labels) or 0.0
+
+
+async def test_tokens_are_counted_per_attempt_under_the_pool_that_processed_them(
+    model: ServedModel,
+) -> None:
+    """The autoscaler plans each pool for its own request shape: an attempt's prompt (the
+    request's, plus the tokens generated before it: the engine processes them again) and its
+    completion tokens count under its replica's pool."""
+    ids = model.encode(" alpha beta gamma delta epsilon")
+    k = 2
+    engine = FakeEngine([[*tokens(*ids[:k]), fault()], [*tokens(*ids[k:]), chunk(final=True)]])
+    core, _, _ = make(model, engine, FakeAdmission(pools=("pool-p", "pool-q")))
+    events = await collect(core, request(max_tokens=len(ids)))
+    assert_one_contiguous_stream(events, ids)
+    prompt = len(PROMPT)
+    assert tokens_counted("pool-p", "prompt") == prompt
+    assert tokens_counted("pool-p", "completion") == k
+    assert tokens_counted("pool-q", "prompt") == prompt + k
+    assert tokens_counted("pool-q", "completion") == len(ids) - k
+
+
 async def test_mid_stream_fault_continues_on_another_replica(model: ServedModel) -> None:
     # Text held back for a stop string and an unfinished character cross the boundary too.
     ids = model.encode(" alpha beta 🦙 gamma delta")
