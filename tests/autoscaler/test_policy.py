@@ -463,3 +463,47 @@ def test_a_fresh_state_does_not_scale_down_before_a_down_window_passed() -> None
     # Up is never held back by it.
     d = decide(cfg, PoolState(), sig(0, 2, load=80), 2, 0, MAX_AGE)
     assert (d.desired, d.cause) == (8, Cause.SCALE_UP)
+
+
+def test_a_latency_correction_does_not_flap_at_constant_load() -> None:
+    """The cost model is 1.6x optimistic: the correction adds the replicas it lacks, which
+    bring the latency under the SLO. The correction is kept (decaying only well under the SLO),
+    so the pool does not scale back to the model's count and up again every down-window, and the
+    SLO holds once it settled. Closed loop: TTFT from an M/M/1-like curve of the utilization,
+    new replicas ready 60 s after they are decided."""
+    cfg = PolicyConfig(
+        min_replicas=1, max_replicas=32, target_value=1000, scale_down_window_s=300, cooldown_s=60
+    )
+    per_replica = replica_capacity(cfg.cost, 2.0, 0.05, 512, 256).requests_per_s / 1.6
+    rate, ready, state = 100.0, 7, PoolState()
+    starting: list[tuple[float, int]] = []
+    recent: list[float] = []
+    changes: list[tuple[float, int, int, float]] = []
+    for step in range(1440):  # 2 h, every 5 s
+        t = step * 5.0
+        ready += sum(n for at, n in starting if at <= t)
+        starting = [(at, n) for at, n in starting if at > t]
+        rho = min(rate / (max(ready, 1) * per_replica), 0.99)
+        recent = [*recent[-11:], 0.5 / (1 - rho)]
+        ttft = sum(recent) / len(recent)
+        current = ready + sum(n for _, n in starting)
+        s = sig(
+            t,
+            current,
+            load=rate * (ttft + 3.0),
+            arrival_rate=rate,
+            prompt_tokens_rate=rate * 512,
+            completion_tokens_rate=rate * 256,
+            ttft_p90_s=ttft,
+            reporting_replicas=ready,
+        )
+        d = decide(cfg, state, s, current, t, MAX_AGE)
+        if d.desired > current:
+            starting.append((t + 60.0, d.desired - current))
+        elif d.desired < current:
+            ready -= current - d.desired
+        if d.desired != current:
+            changes.append((t, current, d.desired, ttft))
+    late = [c for c in changes if c[0] >= 900]
+    assert len(late) <= 2, changes
+    assert ttft <= cfg.slo_ttft_s
