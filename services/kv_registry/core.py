@@ -32,6 +32,7 @@ import xxhash
 from llmmesh.common.errors import InvalidArgument
 from llmmesh.kvblocks import BlockConfig, epoch_precedes, hashes_from_bytes, token_bytes
 from services.kv_registry.contracts import (
+    Cleared,
     Event,
     ExactChange,
     IngestResult,
@@ -98,6 +99,7 @@ class KvRegistry:
         self.block_config = block_config
         self._max_entries = settings.max_entries
         self._max_events = settings.max_events_per_request
+        self._max_blocks = settings.max_blocks_per_request
         self._max_prompt_blocks = settings.max_prompt_blocks
         self._silence_s = settings.exact_silence_s
         # A kept engine lifetime heard from within this refuses one that started before it
@@ -216,6 +218,12 @@ class KvRegistry:
                 field="block_size",
             )
         self.check_batch(len(events))
+        blocks = sum(len(ev.block_hashes) for ev in events if not isinstance(ev, Cleared))
+        if blocks > self._max_blocks:
+            raise BatchTooLarge(
+                f"{blocks} block hashes > max_blocks_per_request={self._max_blocks}",
+                field="events",
+            )
         if any(ev.sequence >= LAST_SEQUENCE for ev in events):
             # Its successor (the next expected sequence, answered back) would not fit a uint64.
             raise InvalidArgument(f"a sequence must be below {LAST_SEQUENCE}", field="events")

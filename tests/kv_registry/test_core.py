@@ -126,6 +126,17 @@ def test_batch_bound() -> None:
         reg.ingest("r0", "e", CFG, [Cleared(0), Cleared(1)])
 
 
+def test_a_batch_of_few_events_carrying_too_many_blocks_is_refused_whole() -> None:
+    """One event may carry any number of hashes: the bound is on the blocks a batch carries
+    (applied without yielding, it would hold every lookup meanwhile)."""
+    settings = KvRegistrySettings(max_blocks_per_request=8)
+    reg = make_registry(CFG, settings)
+    reg.ingest("r0", "e", CFG, [Stored(0, tuple(range(1, 9)))])  # 8: within the bound
+    with pytest.raises(BatchTooLarge, match="max_blocks_per_request"):
+        reg.ingest("r0", "e", CFG, [Stored(1, (20, 21)), Removed(2, tuple(range(1, 8)))])
+    assert reg.block_count("r0") == 8  # nothing of the refused batch applied
+
+
 def test_entry_bound_drops_oldest_of_fullest_replica() -> None:
     reg = make(max_entries=3)
     reg.ingest("r0", "e", CFG, [Stored(0, tuple(HASHES))])
