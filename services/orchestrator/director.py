@@ -968,6 +968,7 @@ class Orchestrator:
                 if not ok:
                     metrics.record_dequeued(req.model, waiter.pool_key)
                     metrics.record_rejection(req.model, "no_replica")
+                    self._queue.unserved(waiter)
                     waiter.future.set_exception(self._no_replica(req))
                     return
             blocked.append(waiter)
@@ -1082,6 +1083,7 @@ class Orchestrator:
             ):
                 metrics.record_dequeued(w.request.model, w.pool_key)
                 metrics.record_rejection(w.request.model, "expected_wait")
+                self._queue.unserved(w)
                 w.future.set_exception(
                     QueueFull(
                         f"expected time to first token {first_token:.3f}s exceeds "

@@ -194,3 +194,43 @@ async def test_tenants_of_an_emptied_class_are_forgotten() -> None:
         q.withdraw(w)
     q.prune()
     assert not q._tenant_finish
+
+
+def _push(q: AdmissionQueue, rid: str, tenant: str, tokens: int) -> Waiter:
+    req = AdmissionRequest(rid, "m", list(range(tokens)), 0, tenant=tenant)
+    return q.push(req, NO_MATCHES, 0.0, asyncio.get_running_loop().create_future(), ("", ""), None)
+
+
+async def test_a_tenant_whose_waiters_left_unserved_is_not_charged_for_them() -> None:
+    """A's ten waiters time out (withdrawn, never served); A's next request, sent before B's
+    five, is served first: A got no service to be charged for."""
+    q = AdmissionQueue(64, lambda _t: 1.0)
+    gone = [_push(q, f"a-old-{i}", "a", 10) for i in range(10)]
+    for w in gone:
+        assert q.withdraw(w)
+    _push(q, "a-new", "a", 10)
+    for i in range(5):
+        _push(q, f"b{i}", "b", 10)
+    assert q.drain_in_order()[0].request.request_id == "a-new"
+
+
+async def test_a_tenants_queued_waiters_move_up_when_an_earlier_one_leaves_unserved() -> None:
+    """A queued a1 then a2 (tags 0-100, 100-200), B b1 (0-150). a1 is evicted, refused or
+    withdrawn: a2 takes its place (0-100) and goes before b1; a request A sends afterwards
+    starts from the tag given back, not twice from it."""
+    q = AdmissionQueue(64, lambda _t: 1.0)
+    a1 = _push(q, "a1", "a", 100)
+    _push(q, "a2", "a", 100)
+    _push(q, "b1", "b", 150)
+    assert q.withdraw(a1)
+    _push(q, "a3", "a", 100)
+    order = q.drain_in_order()
+    assert [w.request.request_id for w in order] == ["a2", "b1", "a3"]
+    assert [w.finish_tag for w in order] == [100.0, 150.0, 200.0]
+    q.restore(order)
+    drained = q.drain_in_order()
+    for w in drained:  # refused after a drain (no replica, expected wait): given back too
+        if w.request.request_id == "a2":
+            q.unserved(w)
+    q.restore([w for w in drained if w.request.request_id != "a2"])
+    assert [w.finish_tag for w in q.drain_in_order()] == [100.0, 150.0]
