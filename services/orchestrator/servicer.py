@@ -290,7 +290,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         try:
             wall_now = self._wall_clock()
             waited = self._waited(read_sent(caller, msg.sent_at_unix_s, wall_now), wall_now)
-            timeout_s = max(msg.timeout_s - waited, 0.0) if msg.timeout_s > 0 else None
+            # As a unary Admit's: answered a moment before the caller's own expiry.
+            timeout_s = _answer_by(max(msg.timeout_s - waited, 0.0)) if msg.timeout_s > 0 else None
             lease = await self._admit(
                 msg.admit, timeout_s, extract_trace_context(msg.trace_context.items())
             )

@@ -19,6 +19,7 @@ from llmmesh.generated.orchestrator.v1 import orchestrator_pb2 as pb
 from llmmesh.generated.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from llmmesh.kvblocks import BlockConfig, hash_bytes, token_bytes
 from services.orchestrator.convert import MAX_PROMPT_TOKENS, admission_from_pb
+from services.orchestrator.domain import AdmissionRequest, Lease
 from services.orchestrator.errors import BadAdmission
 from services.orchestrator.servicer import OrchestratorServicer
 from tests.helpers import eventually
@@ -274,6 +275,28 @@ async def test_a_stream_admit_with_a_timeout_that_is_no_duration_is_refused(
     assert refusal.code == code_number(grpc.StatusCode.INVALID_ARGUMENT)
     assert "timeout_s" in refusal.message
     call.cancel()
+
+
+async def test_a_stream_admit_is_answered_a_moment_before_its_callers_expiry() -> None:
+    """As a unary Admit: the director gets the timeout less a margin (a tenth, at most 1 s),
+    so a QUEUE_TIMEOUT reaches the gateway before its own expiry gives up on the call."""
+    core, _ = await ready_core(n=1, cap=1, queue=4)
+    given: list[float | None] = []
+    admit_once = core.admit
+
+    async def recorded(req: AdmissionRequest, timeout_s: float | None) -> Lease:
+        given.append(timeout_s)
+        return await admit_once(req, timeout_s)
+
+    core.admit = recorded  # type: ignore[method-assign]
+    async with serve(core) as stub:
+        call = stub.AdmitStream(None)
+        await call.write(streamed(1, "a", timeout_s=2.0))
+        await answers(call, 1)
+        call.cancel()
+    [timeout_s] = given
+    assert timeout_s is not None
+    assert timeout_s <= 1.8
 
 
 async def test_a_stream_admit_waits_for_its_timeout_and_a_cancel_withdraws_it(
