@@ -11,7 +11,7 @@ import grpc
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from services.orchestrator.probe import TritonProbe
+from services.orchestrator.probe import IDLE_CLOSE_S, TritonProbe
 from services.orchestrator.settings import ReplicaSpec
 from tests.helpers import grpc_served
 
@@ -89,3 +89,25 @@ async def test_no_models_asks_the_server(probe: TritonProbe) -> None:
         fake.server_ready = False
         assert not await probe.ready(spec, (), 5.0)
         assert fake.calls == ["ServerReady"]
+
+
+async def test_the_clients_of_replicas_gone_are_closed() -> None:
+    """Pods come and go, each at its own address: the probe keeps a client for the replicas
+    probed lately, not for every address it ever probed."""
+    now = [0.0]
+    probe = TritonProbe(clock=lambda: now[0])
+    try:
+        async with triton() as (_, address):
+            for i in range(20):  # replicas gone since: their addresses refuse (no server)
+                spec = ReplicaSpec(id=f"gone-{i}", grpc_address=f"127.0.0.1:{i + 1}")
+                with contextlib.suppress(Exception):
+                    await probe.ready(spec, (), 0.05)
+            assert probe.clients == 20
+            live = ReplicaSpec(id="r0", grpc_address=address, models=["a"])
+            now[0] = IDLE_CLOSE_S / 2
+            assert await probe.ready(live, live.models, 5.0)
+            now[0] = IDLE_CLOSE_S + 1
+            assert await probe.ready(live, live.models, 5.0)
+            assert probe.clients == 1
+    finally:
+        await probe.close()
