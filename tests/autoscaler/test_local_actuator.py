@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -100,3 +101,43 @@ async def test_lease_counts_are_asked_of_every_orchestrator_at_once(tmp_path: Pa
         await actuator.close()
         for server in servers:
             await server.stop(None)
+
+
+class _Crashed:
+    """A tritonserver that passed readiness and registration, then died (SIGABRT)."""
+
+    grpc_address = "127.0.0.1:1"
+    metrics_url = "http://127.0.0.1:1/metrics"
+    pid = None
+    is_running = False
+    returncode = -6
+
+    async def stop(self, grace_s: float = 0.0) -> int:
+        return -6
+
+
+async def test_a_replica_that_crashes_once_ready_is_not_replaced_in_a_loop(
+    tmp_path: Path,
+) -> None:
+    """Each replacement passes readiness and dies: its pool waits before the next start (the
+    autoscaler asks for the count every round), and says why."""
+    actuator = LocalActuator(settings(tmp_path).model_copy(update={"retry_backoff_s": 30.0}))
+    launches: list[str] = []
+
+    async def launch(pool: object, r: Any) -> None:
+        launches.append(r.id)
+        r.server = _Crashed()
+
+    actuator._launch = launch  # type: ignore[method-assign]
+    try:
+        for _ in range(6):  # autoscaler rounds, their interval skipped
+            await actuator.observe()
+            await actuator.apply(KEY, 1, "min_replicas")
+            for _ in range(5):
+                await asyncio.sleep(0)
+        assert len(launches) == 1  # its replacement waits (30 s, twice that after the next)
+        error = actuator.last_error(KEY)
+        assert error is not None
+        assert "exited with -6" in error
+    finally:
+        await actuator.close()

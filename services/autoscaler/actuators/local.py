@@ -67,6 +67,10 @@ _IN_FLIGHT_TIMEOUT_S = 1.0
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 _POLL_S = 0.2  # between RegisterReplica attempts while the orchestrator's probe has not passed
 _MAX_BACKOFF_S = 60.0
+# A replica that exits within this of becoming ready crashed "quickly": its pool's replacements
+# wait, twice as long after each such crash in a row (from `retry_backoff_s`, up to
+# `_MAX_BACKOFF_S`); one that stayed up longer is replaced at once.
+_STABLE_S = 60.0
 _HISTORY = 256  # stopped replicas kept for `replicas()`
 
 
@@ -109,6 +113,7 @@ class _Replica:
         self.spec: orch_pb.ReplicaSpec | None = None  # as registered
         self.lock = asyncio.Lock()  # a re-registration vs the drain
         self.exit_code: int | None = None
+        self.ready_at: float | None = None  # monotonic
 
     def snapshot(self) -> ManagedReplica:
         return ManagedReplica(
@@ -129,6 +134,19 @@ class _Pool:
         self.replicas: list[_Replica] = []
         self.lock = asyncio.Lock()
         self.last_error: str | None = None
+        # After quick crashes (`_STABLE_S`): the wait before a replacement's start, and the
+        # monotonic time before which none starts.
+        self.crash_delay_s = 0.0
+        self.start_after = 0.0
+
+    def crashed(self, up_s: float, first_delay_s: float) -> float:
+        """A ready replica exited after `up_s` ready: the wait before its replacement starts."""
+        if up_s >= _STABLE_S:
+            self.crash_delay_s = 0.0
+        else:
+            self.crash_delay_s = min(max(self.crash_delay_s * 2, first_delay_s), _MAX_BACKOFF_S)
+        self.start_after = time.monotonic() + self.crash_delay_s
+        return self.crash_delay_s
 
     def counts(self) -> ReplicaCounts:
         by = [r.phase for r in self.replicas]
@@ -169,7 +187,15 @@ class LocalActuator:
                 if r.phase is not ReplicaPhase.READY or r.server is None:
                     continue
                 if not r.server.is_running:
-                    log.warning("replica process exited", extra={"replica": r.id})
+                    up_s = time.monotonic() - (r.ready_at or time.monotonic())
+                    wait = pool.crashed(up_s, self._settings.retry_backoff_s)
+                    pool.last_error = (
+                        f"{r.id}: exited with {r.server.returncode} after {up_s:.0f} s ready"
+                    )
+                    log.warning(
+                        "replica process exited",
+                        extra={"replica": r.id, "up_s": round(up_s, 1), "replace_in_s": wait},
+                    )
                     r.phase = ReplicaPhase.STOPPING
                     r.task = self._track(self._lost(pool, r))
                 elif self._liveness is not None and self._liveness.due(r.id):
@@ -281,6 +307,10 @@ class LocalActuator:
     async def _run_start(self, pool: _Pool, r: _Replica) -> None:
         backoff = self._settings.retry_backoff_s
         try:
+            wait = pool.start_after - time.monotonic()
+            if wait > 0:  # replacing replicas that crashed quickly: not in a loop
+                log.info("replica start waits", extra={"replica": r.id, "wait_s": round(wait, 1)})
+                await asyncio.sleep(wait)
             while True:
                 try:
                     await self._launch(pool, r)
@@ -297,6 +327,7 @@ class LocalActuator:
                     continue
                 pool.last_error = None
                 r.phase = ReplicaPhase.READY
+                r.ready_at = time.monotonic()
                 log.info("replica ready", extra={"replica": r.id})
                 return
         except asyncio.CancelledError:
