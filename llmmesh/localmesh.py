@@ -319,7 +319,7 @@ class MeshOptions:
 class DataPlane(Protocol):
     """What stands between the mesh's processes, called at three points of `LocalMesh.start`
     (after the replicas, for each replica's entry in the orchestrator's list, after the
-    gateway) and first in `stop`."""
+    gateway) and first in `stop` (its gateways with the mesh's, then its proxies)."""
 
     async def replicas_started(self, mesh: LocalMesh) -> None: ...
 
@@ -330,6 +330,14 @@ class DataPlane(Protocol):
     async def gateway_started(self, mesh: LocalMesh) -> None: ...
 
     async def stop(self) -> None: ...
+
+    async def stop_gateways(self) -> None:
+        """The gateways it started, draining through its proxies."""
+        ...
+
+    async def stop_proxies(self) -> None:
+        """Its proxies, once every gateway drained."""
+        ...
 
     def endpoints(self) -> dict[str, str]: ...
 
@@ -720,16 +728,22 @@ class LocalMesh:
         )
 
     async def stop(self) -> None:
-        """Front to back: no new requests, then engines (which flush their last KV events to
-        the registry while it still runs), then the registry. Supervision ends first: these
-        exits are not failures."""
+        """Front to back: the gateways drain (every one at once; their streams still flow
+        through the data plane's proxies, which stop after them), then the engines (which flush
+        their last KV events to the registry while it still runs), then the registry.
+        Supervision ends first: these exits are not failures."""
         await self.supervisor.close()
-        if self.options.data_plane is not None:
-            await self.options.data_plane.stop()
-        for name in ("gateway", "autoscaler"):
-            svc = self.services.get(name)
-            if svc is not None:
-                await svc.stop()
+        plane = self.options.data_plane
+        gateway = self.services.get("gateway")
+        await asyncio.gather(
+            *([] if gateway is None else [gateway.stop()]),
+            *([] if plane is None else [plane.stop_gateways()]),
+        )
+        if plane is not None:
+            await plane.stop_proxies()
+        autoscaler = self.services.get("autoscaler")
+        if autoscaler is not None:
+            await autoscaler.stop()
         await asyncio.gather(*(svc.stop() for svc in self.orchestrators))
         await asyncio.gather(
             *(t.stop() for t in self.tritons if t.is_running), return_exceptions=True

@@ -76,7 +76,12 @@ class EnvoyProcess:
         ]
         with self.log_path.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
-                *tied_to_parent(argv), stdout=log, stderr=log
+                *tied_to_parent(argv),
+                stdout=log,
+                stderr=log,
+                # Out of the terminal's process group: a Ctrl-C reaches the mesh, which stops the
+                # proxies after the gateways drained their streams through them.
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout_s
         # One probe never outlasts the poll: a hung /ready is asked again, within the deadline.

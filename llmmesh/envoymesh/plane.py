@@ -329,11 +329,21 @@ class EnvoyDataPlane:
         return [p for p in out if p is not None]
 
     async def stop(self) -> None:
-        """Envoys and the gateway pods this plane started (the mesh stops its own gateway)."""
-        await asyncio.gather(*(p.stop() for p in self.processes()))
+        """The gateway pods this plane started (the mesh stops its own gateway), then the
+        Envoys (`stop_gateways`, `stop_proxies`)."""
+        await self.stop_gateways()
+        await self.stop_proxies()
+
+    async def stop_gateways(self) -> None:
+        """The gateway pods this plane started, draining: their streams still flow through the
+        proxies (the ingress, their sidecars, the outbound Envoy to the engines)."""
         await asyncio.gather(
             *(svc.stop() for name, svc in self.gateways.items() if svc.name != GATEWAY.name)
         )
+
+    async def stop_proxies(self) -> None:
+        """Every Envoy of the plane (once the gateways drained: nothing flows through them)."""
+        await asyncio.gather(*(p.stop() for p in self.processes()))
 
     def endpoints(self) -> dict[str, str]:
         out = {

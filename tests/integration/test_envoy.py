@@ -370,3 +370,16 @@ async def test_a_killed_envoy_is_restarted_on_its_ports(em: EnvoyMesh) -> None:
     # The same listener port: clients keep their address.
     msgs = [m async for m in em.stub.Generate(request(2), timeout=30)]
     assert msgs[-1].complete.usage.completion_tokens == 2
+
+
+async def test_stopping_the_mesh_lets_a_stream_through_the_ingress_finish(em: EnvoyMesh) -> None:
+    """Last (it stops the mesh): the gateways drain first, their streams still flowing through
+    the ingress, their sidecars and the outbound Envoy; the proxies stop after them."""
+    stream = em.stub.Generate(request(300), timeout=60)
+    messages = aiter(stream)
+    first = await anext(messages)
+    assert first.HasField("delta")
+    stopping = asyncio.ensure_future(em.mesh.stop())
+    rest = [m async for m in messages]
+    await stopping
+    assert rest[-1].complete.usage.completion_tokens == 300
