@@ -745,9 +745,9 @@ class LocalMesh:
         if autoscaler is not None:
             await autoscaler.stop()
         await asyncio.gather(*(svc.stop() for svc in self.orchestrators))
-        await asyncio.gather(
-            *(t.stop() for t in self.tritons if t.is_running), return_exceptions=True
-        )
+        # Every one (`stop` is idempotent): one whose restart a signal cut, or that died
+        # unsupervised, still has its log, watchdog and shared memory to release.
+        await asyncio.gather(*(t.stop() for t in self.tritons), return_exceptions=True)
         kv = self.services.get("kv_registry")
         if kv is not None:
             await kv.stop()

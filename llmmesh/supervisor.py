@@ -179,7 +179,9 @@ class Supervisor:
         children themselves see the signal (Ctrl-C reaches the whole process group)."""
         self._closed = True
         for u in self._units.values():
-            if u.task is not None:
+            # Once: a second cancel would cut short the cleanup the first one started (a
+            # restart tearing its half-started child down).
+            if u.task is not None and not u.task.cancelling():
                 u.task.cancel()
 
     async def close(self) -> None:

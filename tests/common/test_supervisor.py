@@ -191,6 +191,36 @@ async def test_halt_stops_supervision_at_once() -> None:
     await sup.close()
 
 
+async def test_close_after_halt_lets_a_cancelled_restart_clean_up() -> None:
+    """A signal halts supervision during a restart, then the mesh closes it: the restart's
+    cleanup (tearing its half-started child down) is cancelled once, and finishes."""
+    clock = Clock()
+    sup = Supervisor(POLICY, clock=clock, sleep=clock.sleep)
+    unit = Unit(clock)
+    starting, release = asyncio.Event(), asyncio.Event()
+    cleaned: list[bool] = []
+
+    async def restart() -> None:
+        starting.set()
+        try:
+            await asyncio.Event().wait()  # a replica that takes its time to start
+        except asyncio.CancelledError:
+            await release.wait()  # its teardown, awaited
+            cleaned.append(True)
+            raise
+
+    sup.watch("triton r0", unit.wait, restart)
+    unit.crash()
+    await starting.wait()
+    sup.halt()
+    await settle()
+    closing = asyncio.ensure_future(sup.close())
+    await settle()
+    release.set()
+    await closing
+    assert cleaned == [True]
+
+
 async def test_close_cancels_a_restart_waiting_out_its_backoff() -> None:
     clock = Clock()
     stalled = asyncio.Event()
