@@ -95,6 +95,10 @@ __all__ = [
     "request_digest",
 ]
 
+# A temperature or top-p below this samples the most likely token alone: greedy (vLLM's sampling
+# epsilon); the engines would get 0 or an FP32 subnormal.
+GREEDY_BELOW = 1e-5
+
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("llmmesh.gateway")
 
@@ -359,9 +363,14 @@ class GatewayCore:
         top_k = 0 if sp.top_k is None else sp.top_k
         if not 0 <= top_k <= model.vocab_size:
             raise InvalidRequest(f"must be in [0, {model.vocab_size}]", field="sampling.top_k")
-        if top_p == 0.0:
+        if temperature < GREEDY_BELOW:
+            # Greedy. A smaller non-zero temperature reaches the engine as an FP32 that is 0
+            # (not documented as greedy there) or subnormal (the logits over it overflow).
+            temperature = 0.0
+        if top_p < GREEDY_BELOW:
             # The smallest nucleus holds the most likely token alone (OpenAI accepts 0):
-            # the engines' top-k of 1, which needs no top-p.
+            # the engines' top-k of 1, which needs no top-p (a top-p that is 0 as an FP32 is
+            # refused by the engines, which take it only in (0, 1]).
             top_p, top_k = 1.0, 1
         if len(sp.stop) > s.max_stop_strings:
             raise InvalidRequest(

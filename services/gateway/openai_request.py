@@ -357,6 +357,8 @@ def _parse_content(value: object, param: str) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, list):
+        if not value:
+            raise InvalidRequest("must not be an empty array", field=param)
         texts: list[str] = []
         for j, part in enumerate(value):
             p = _object(part, f"{param}[{j}]")
@@ -431,12 +433,16 @@ def _parse_messages(value: object, model: str, sizes: SizeCheck) -> list[ChatMes
     return out
 
 
-def _ids(value: list[Any], model: str, sizes: SizeCheck) -> bool:
-    """Whether a non-empty array is token ids; their count is checked before they are read."""
+def _ids(value: list[Any], model: str, sizes: SizeCheck, param: str) -> bool:
+    """Whether a non-empty array is token ids (its first element an integer); their count is
+    checked before they are read, and an element that is no integer is named (`param[i]`)."""
     if not (isinstance(value[0], int) and not isinstance(value[0], bool)):
         return False
     sizes(model, prompt_ids=len(value))
-    return all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    for i, t in enumerate(value):
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise _bad_type(f"{param}[{i}]", "an integer (a token id)", t)
+    return True
 
 
 def _parse_prompt(
@@ -451,14 +457,14 @@ def _parse_prompt(
         raise _bad_type("prompt", "a string or an array", value)
     if not value:
         raise InvalidRequest("must not be empty", field="prompt")
-    if _ids(value, model, sizes):
+    if _ids(value, model, sizes, "prompt"):
         return None, list(value)
     if len(value) > 1:
         raise InvalidRequest("batched prompts (more than one) are not supported", field="prompt")
     only = value[0]
     if isinstance(only, str):
         return only, None
-    if isinstance(only, list) and (not only or _ids(only, model, sizes)):
+    if isinstance(only, list) and (not only or _ids(only, model, sizes, "prompt[0]")):
         return None, list(only)
     raise _bad_type("prompt[0]", "a string or an array of token ids", only)
 

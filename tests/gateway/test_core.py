@@ -84,6 +84,24 @@ async def test_bad_input_names_the_field(
     assert str(info.value).startswith(field)
 
 
+@pytest.mark.parametrize(
+    ("sampling", "expected"),
+    [
+        # 0 as an FP32: the engines refuse it (top-p in (0, 1]); the most likely token alone.
+        (Sampling(top_p=1e-46, temperature=0.7), (1.0, 1, 0.7)),
+        # Subnormal or 0 as an FP32 (the logits over it overflow): greedy.
+        (Sampling(temperature=1e-40), (1.0, 0, 0.0)),
+        (Sampling(temperature=1e-6, top_p=0.5), (0.5, 0, 0.0)),
+        (Sampling(temperature=1e-4, top_p=1e-4), (1e-4, 0, 1e-4)),  # as sent
+    ],
+)
+async def test_a_temperature_or_top_p_too_small_for_the_engines_is_greedy(
+    core: GatewayCore, sampling: Sampling, expected: tuple[float, int, float]
+) -> None:
+    v = await core.validate(gen(sampling=sampling))
+    assert (v.top_p, v.top_k, v.temperature) == expected
+
+
 async def test_top_p_zero_keeps_the_most_likely_token(core: GatewayCore) -> None:
     v = await core.validate(gen(sampling=Sampling(top_p=0.0, temperature=0.7)))
     assert (v.top_p, v.top_k, v.temperature) == (1.0, 1, 0.7)

@@ -227,6 +227,7 @@ def raw(text: str | bytes) -> bytes:
         (chat(messages="hi"), "messages"),
         (chat(messages=[]), "messages"),
         (chat(messages=["hi"]), "messages[0]"),
+        (chat(messages=[{"role": "user", "content": []}]), "messages[0].content"),
         (chat(messages=[{"content": "x"}]), "messages[0].role"),
         (chat(messages=[{"role": 1, "content": "x"}]), "messages[0].role"),
         (chat(messages=[{"role": "robot", "content": "x"}]), "messages[0].role"),
@@ -323,6 +324,8 @@ def test_invalid_chat_requests_name_the_param(body: bytes, param: str | None) ->
         (completion(prompt=[[1], [2]]), "prompt"),
         (completion(prompt=[True]), "prompt[0]"),
         (completion(prompt=[{"a": 1}]), "prompt[0]"),
+        (completion(prompt=[1, 2.5]), "prompt[1]"),  # token ids, one of them not: no "batch"
+        (completion(prompt=[[1, 2, "a"]]), "prompt[0][2]"),
         (completion(echo=True), "echo"),
         (completion(ignore_eos=True), "ignore_eos"),
         (completion(continue_final_message=False), "continue_final_message"),
