@@ -193,3 +193,20 @@ def test_missing_kubectl_fails_clearly(monkeypatch: pytest.MonkeyPatch, tmp_path
 def test_missing_shared_fails_clearly(tmp_path: Path) -> None:
     with pytest.raises(MeshSetupError, match="schemas not found"):
         shared_dir(tmp_path)
+
+
+@pytest.mark.parametrize("target", ["base", "prod"])
+def test_every_long_pool_survives_a_node_drain(rendered: dict[str, list[Doc]], target: str) -> None:
+    """A long pool's PDB lets a drain evict one replica and no other pool of its version takes
+    the long prompts: KEDA keeps two at least, also while the scaler fails (its fallback). The
+    dev overlay runs one GPU per pool on purpose."""
+    mesh = mesh_of(rendered, target)
+    long_pools = []
+    for so in mesh.in_namespace("ScaledObject"):
+        dep = doc(mesh, "Deployment", so["spec"]["scaleTargetRef"]["name"])
+        if dep["spec"]["template"]["metadata"]["labels"].get("llmmesh.io/pool") != "long":
+            continue
+        long_pools.append(so["metadata"]["name"])
+        assert so["spec"]["minReplicaCount"] >= 2, so["metadata"]["name"]
+        assert so["spec"]["fallback"]["replicas"] >= 2, so["metadata"]["name"]
+    assert len(long_pools) >= 2  # v1 and v2

@@ -78,6 +78,8 @@ REQUIRED_ALERTS = (
     "LlmmeshAutoscalerStuck",
     "LlmmeshAutoscalerDown",
     "LlmmeshAutoscalerBlind",
+    "LlmmeshUsageRecordsLost",
+    "LlmmeshRateLimiterFallback",
 )
 SEVERITIES = ("page", "ticket", "warning")
 # Labels the llmmesh scrape job must add, and the ones the canary panels and SLO rules split by.

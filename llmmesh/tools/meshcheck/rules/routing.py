@@ -286,14 +286,19 @@ def check_retries_and_timeouts(mesh: Mesh) -> list[str]:
             f"Admit route timeout {admit} ms must exceed DEFAULT_QUEUE_TIMEOUT_S ({max_wait} ms)"
         )
     generate = timeouts.get("/llmmesh.gateway.v1.GatewayService/Generate")
-    request_timeout = (
-        float(gateway_env(mesh).get("LLMMESH_GATEWAY_REQUEST_TIMEOUT_S", "inf")) * 1000
+    env = gateway_env(mesh)
+    # The longest deadline a request gets: the default, or what a client asks for (the HTTP
+    # x-request-timeout; unset, the gateway's bound is a day).
+    request_timeout = 1000 * max(
+        float(env.get("LLMMESH_GATEWAY_REQUEST_TIMEOUT_S", "inf")),
+        float(env.get("LLMMESH_GATEWAY_MAX_REQUEST_TIMEOUT_S", "inf")),
     )
     if generate is None or generate < request_timeout + ROUTE_TIMEOUT_MARGIN_MS:
         problems.append(
-            f"Generate route timeout {generate} ms must exceed the gateway's request timeout "
-            f"{request_timeout} ms by {ROUTE_TIMEOUT_MARGIN_MS} ms (the gateway, not Envoy, "
-            "ends a stream that ran out of time)"
+            f"Generate route timeout {generate} ms must exceed the longest request timeout of "
+            f"the gateway {request_timeout} ms (REQUEST_TIMEOUT_S, MAX_REQUEST_TIMEOUT_S) by "
+            f"{ROUTE_TIMEOUT_MARGIN_MS} ms (the gateway, not Envoy, ends a stream that ran out "
+            "of time)"
         )
     stream = timeouts.get("/inference.GRPCInferenceService/ModelStreamInfer")
     if generate is None or stream is None or stream < generate:
