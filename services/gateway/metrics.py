@@ -113,6 +113,16 @@ _USAGE_RECORDS = Counter(
     "Usage records by what happened to them in the usage log (written, dropped, write_error).",
     ["result"],
 )
+# Exported from 0 (every bounded label value): the alerts on a failure's rate
+# (LlmmeshUsageRecordsLost, LlmmeshRateLimiterFallback) select series that exist before the first
+# failure, and a rate sees that failure (no earlier sample to rise from, it would be lost).
+USAGE_RESULTS = ("written", "dropped", "write_error")
+RATE_LIMIT_OPS = ("admit", "charge")
+for _result in USAGE_RESULTS:
+    _USAGE_RECORDS.labels(_result)
+for _op in RATE_LIMIT_OPS:
+    _RATE_LIMIT_FALLBACK.labels(_op)
+    _RATE_LIMIT_REDIS_ERRORS.labels(_op)
 
 
 # -- requests -------------------------------------------------------------------------------

@@ -19,12 +19,13 @@ class FakeAdmitter:
 
     async def admit(self, request: AdmissionRequest, *, timeout_s: float) -> Lease:
         self.calls += 1
+        n = self.calls  # this call's number (others may come in while it yields)
         await asyncio.sleep(0)
-        if self.calls == 3:
+        if n == 3:
             raise ResourceExhausted("shed", retry_after_s=1.0)
-        if self.calls == 5:
+        if n == 5:
             raise KeyError("boom")
-        return Lease(f"l{self.calls}", ReplicaAddress("r", "127.0.0.1:1"), queue_ms=0.5)
+        return Lease(f"l{n}", ReplicaAddress("r", "127.0.0.1:1"), queue_ms=0.5)
 
     def complete(self, report: LeaseReport) -> None:
         self.completed.append(report)
