@@ -192,10 +192,7 @@ def pool_rate(
         return None
     if not by_pool:
         return _scaled(model_rate, share)
-    for labels in ((key.pool, key.model_version), (key.pool, "")):
-        if labels in by_pool:
-            return finite(by_pool[labels])
-    return None
+    return pool_p90(by_pool, None, key)  # the same lookup as a pool's percentile
 
 
 @dataclass(slots=True)
